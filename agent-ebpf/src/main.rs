@@ -1,0 +1,369 @@
+//! tollgate kernel programs, attached by `agent/src/intercept` to a cgroup v2
+//! directory.
+//!
+//! Owns: redirecting TCP connects to provider addresses to the agent's
+//! loopback listener, remembering who dialed what (by socket cookie, then by
+//! the client's local address and port), answering `getpeername()` with the
+//! dialed address, refusing UDP connects to provider addresses (QUIC falls
+//! back to TCP), and forgetting origins when sockets are released.
+//!
+//! Must never: block or slow a connect that is not to a provider address
+//! (one `CONFIG` and one `PROVIDER_TARGETS` lookup is all it costs), or grow a
+//! map without bound (origins live in LRU maps and are deleted on release).
+//!
+//! Every entry point is a thin wrapper around `try_x(ctx)`; an `Err` maps to
+//! the safe verdict (allow the connect, untouched).
+#![no_std]
+#![no_main]
+
+use agent_common::{
+    AddrPort, Config, MAX_ORIGINS, MAX_TARGETS, Origin, config_flags, stat, target_flags,
+};
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::{BPF_ANY, BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock_addr, bpf_sock_ops},
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+        bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_get_socket_cookie,
+    },
+    macros::{cgroup_sock, cgroup_sock_addr, map, sock_ops},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    programs::{SockAddrContext, SockContext, SockOpsContext},
+};
+use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
+
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+const SOCK_STREAM: u32 = 1;
+const IPPROTO_TCP: u32 = 6;
+const IPPROTO_UDP: u32 = 17;
+
+/// cgroup_sock_addr verdicts.
+const ALLOW: i32 = 1;
+const REFUSE: i32 = 0;
+
+/// Provider (address, port) pairs to redirect; value: `target_flags`.
+#[map]
+static PROVIDER_TARGETS: HashMap<AddrPort, u32> = HashMap::with_max_entries(MAX_TARGETS, 0);
+
+/// Agent settings, one entry, filled by user space before attaching.
+#[map]
+static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+
+/// Origin of each redirected socket, by socket cookie (until sock_release).
+#[map]
+static ORIGIN_BY_COOKIE: LruHashMap<u64, Origin> = LruHashMap::with_max_entries(MAX_ORIGINS, 0);
+
+/// Origin of each redirected connection, by the client's local address and
+/// port (what the proxy sees as the peer); the proxy removes entries it reads.
+#[map]
+static ORIGINS: LruHashMap<AddrPort, Origin> = LruHashMap::with_max_entries(MAX_ORIGINS, 0);
+
+/// Per-CPU counters, indexed by `stat::*`.
+#[map]
+static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
+
+#[inline(always)]
+fn count(index: u32) {
+    if let Some(counter) = STATS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, programs do not preempt each other on one CPU.
+        unsafe { *counter += 1 };
+    }
+}
+
+// Context fields are read and written one 4-byte word at a time through
+// volatile accesses, so LLVM cannot merge them into wider accesses the
+// verifier refuses.
+
+#[inline(always)]
+fn rd(field: *const u32) -> u32 {
+    // SAFETY: `field` points into the context the kernel handed us.
+    unsafe { read_volatile(field) }
+}
+
+#[inline(always)]
+fn wr(field: *mut u32, value: u32) {
+    // SAFETY: as above; the fields written are writable in these hooks.
+    unsafe { write_volatile(field, value) }
+}
+
+/// 16 address bytes (network order) from four context words.
+#[inline(always)]
+fn words_to_addr(w: [u32; 4]) -> [u8; 16] {
+    let [a, b, c, d] = [
+        w[0].to_ne_bytes(),
+        w[1].to_ne_bytes(),
+        w[2].to_ne_bytes(),
+        w[3].to_ne_bytes(),
+    ];
+    [
+        a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2],
+        d[3],
+    ]
+}
+
+/// Four context words from 16 address bytes (network order).
+#[inline(always)]
+fn addr_to_words(a: &[u8; 16]) -> [u32; 4] {
+    [
+        u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
+        u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
+        u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
+        u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
+    ]
+}
+
+#[inline(always)]
+fn is_v4_mapped_words(w: &[u32; 4]) -> bool {
+    w[0] == 0 && w[1] == 0 && w[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff])
+}
+
+/// `user_port` holds the port in network order in its low 16 bits.
+#[inline(always)]
+fn port_from_user(user_port: u32) -> u16 {
+    u16::from_be(user_port as u16)
+}
+
+#[inline(always)]
+fn port_to_user(port: u16) -> u32 {
+    u32::from(port.to_be())
+}
+
+#[inline(always)]
+fn config() -> Option<&'static Config> {
+    CONFIG.get(0)
+}
+
+// ---- connect4 / connect6 -------------------------------------------------
+
+#[cgroup_sock_addr(connect4)]
+pub fn tollgate_connect4(ctx: SockAddrContext) -> i32 {
+    try_connect(&ctx, false).unwrap_or(ALLOW)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn tollgate_connect6(ctx: SockAddrContext) -> i32 {
+    try_connect(&ctx, true).unwrap_or(ALLOW)
+}
+
+#[inline(always)]
+fn try_connect(ctx: &SockAddrContext, v6: bool) -> Result<i32, i64> {
+    let sa: *mut bpf_sock_addr = ctx.sock_addr;
+    let Some(cfg) = config() else {
+        return Ok(ALLOW);
+    };
+    if cfg.flags & config_flags::ENABLED == 0 {
+        return Ok(ALLOW);
+    }
+
+    // SAFETY (all raw field projections below): `sa` is the kernel's context.
+    let port = port_from_user(rd(unsafe { addr_of!((*sa).user_port) }));
+    let dst_words = if v6 {
+        let ip6 = unsafe { addr_of!((*sa).user_ip6) }.cast::<u32>();
+        [
+            rd(ip6),
+            rd(ip6.wrapping_add(1)),
+            rd(ip6.wrapping_add(2)),
+            rd(ip6.wrapping_add(3)),
+        ]
+    } else {
+        let ip4 = rd(unsafe { addr_of!((*sa).user_ip4) });
+        [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), ip4]
+    };
+    let dst = AddrPort::v6(words_to_addr(dst_words), port);
+
+    // The only cost every other connect pays.
+    // SAFETY: the value is copied out at once.
+    let Some(flags) = (unsafe { PROVIDER_TARGETS.get(dst) }).copied() else {
+        return Ok(ALLOW);
+    };
+    if flags & target_flags::REDIRECT == 0 {
+        return Ok(ALLOW);
+    }
+
+    let protocol = rd(unsafe { addr_of!((*sa).protocol) });
+    if protocol == IPPROTO_UDP {
+        count(stat::UDP_REFUSED);
+        return Ok(REFUSE);
+    }
+    let sock_type = rd(unsafe { addr_of!((*sa).type_) });
+    if protocol != IPPROTO_TCP || sock_type != SOCK_STREAM {
+        return Ok(ALLOW);
+    }
+
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    if tgid == cfg.agent_tgid {
+        count(stat::AGENT_SELF);
+        return Ok(ALLOW);
+    }
+    // SAFETY: helper call with the program's own context.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    if netns != cfg.netns_cookie {
+        count(stat::OTHER_NETNS);
+        return Ok(ALLOW);
+    }
+
+    let uid_gid = bpf_get_current_uid_gid();
+    let origin = Origin {
+        // SAFETY: helper calls valid in cgroup_sock_addr programs.
+        cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        tgid,
+        pid: pid_tgid as u32,
+        uid: uid_gid as u32,
+        gid: (uid_gid >> 32) as u32,
+        dst_addr: dst.addr,
+        dst_port: port,
+        family: if v6 { AF_INET6 as u16 } else { AF_INET as u16 },
+        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+        flags: 0,
+    };
+    if ORIGIN_BY_COOKIE
+        .insert(origin.cookie, origin, u64::from(BPF_ANY))
+        .is_err()
+    {
+        count(stat::MAP_ERRORS);
+        return Ok(ALLOW);
+    }
+
+    let listen_port = port_to_user(cfg.listen_port);
+    if v6 {
+        let listen = if is_v4_mapped_words(&dst_words) {
+            let [a, b, c, d] = cfg.listen_addr4;
+            AddrPort::v4([a, b, c, d], 0).addr
+        } else {
+            cfg.listen_addr6
+        };
+        let w = addr_to_words(&listen);
+        let ip6 = unsafe { addr_of_mut!((*sa).user_ip6) }.cast::<u32>();
+        wr(ip6, w[0]);
+        wr(ip6.wrapping_add(1), w[1]);
+        wr(ip6.wrapping_add(2), w[2]);
+        wr(ip6.wrapping_add(3), w[3]);
+    } else {
+        wr(
+            unsafe { addr_of_mut!((*sa).user_ip4) },
+            u32::from_ne_bytes(cfg.listen_addr4),
+        );
+    }
+    wr(unsafe { addr_of_mut!((*sa).user_port) }, listen_port);
+    count(stat::REDIRECTED);
+    Ok(ALLOW)
+}
+
+// ---- sock_ops: re-key by the client's local address ----------------------
+
+#[sock_ops]
+pub fn tollgate_sockops(ctx: SockOpsContext) -> u32 {
+    // sock_ops verdicts are ignored for this op; 1 is "ok".
+    try_sockops(&ctx).unwrap_or(1)
+}
+
+#[inline(always)]
+fn try_sockops(ctx: &SockOpsContext) -> Result<u32, i64> {
+    let ops: *mut bpf_sock_ops = ctx.ops;
+    // SAFETY (field projections): `ops` is the kernel's context.
+    if rd(unsafe { addr_of!((*ops).op) }) != BPF_SOCK_OPS_TCP_CONNECT_CB {
+        return Ok(1);
+    }
+    // SAFETY: helper valid in sock_ops programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: copied out at once.
+    let Some(origin) = (unsafe { ORIGIN_BY_COOKIE.get(cookie) }).copied() else {
+        return Ok(1);
+    };
+    let family = rd(unsafe { addr_of!((*ops).family) });
+    // local_port is in host order in bpf_sock_ops (remote_port is not).
+    let local_port = rd(unsafe { addr_of!((*ops).local_port) }) as u16;
+    // Both address forms are read unconditionally and the values chosen
+    // afterwards: choosing between two context pointers would let LLVM emit
+    // a load through a computed context pointer, which the verifier refuses.
+    let ip6 = unsafe { addr_of!((*ops).local_ip6) }.cast::<u32>();
+    let v6_words = [
+        rd(ip6),
+        rd(ip6.wrapping_add(1)),
+        rd(ip6.wrapping_add(2)),
+        rd(ip6.wrapping_add(3)),
+    ];
+    let ip4 = rd(unsafe { addr_of!((*ops).local_ip4) });
+    let words = if family == AF_INET6 {
+        v6_words
+    } else {
+        [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), ip4]
+    };
+    let key = AddrPort::v6(words_to_addr(words), local_port);
+    if ORIGINS.insert(key, origin, u64::from(BPF_ANY)).is_err() {
+        count(stat::MAP_ERRORS);
+    } else {
+        count(stat::REKEYED);
+    }
+    Ok(1)
+}
+
+// ---- getpeername4 / getpeername6 ------------------------------------------
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn tollgate_getpeername4(ctx: SockAddrContext) -> i32 {
+    // getpeername hooks must return 1.
+    try_getpeername(&ctx, false).unwrap_or(ALLOW)
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn tollgate_getpeername6(ctx: SockAddrContext) -> i32 {
+    try_getpeername(&ctx, true).unwrap_or(ALLOW)
+}
+
+#[inline(always)]
+fn try_getpeername(ctx: &SockAddrContext, v6: bool) -> Result<i32, i64> {
+    let sa: *mut bpf_sock_addr = ctx.sock_addr;
+    // SAFETY: helper valid in cgroup_sock_addr programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: copied out at once.
+    let Some(origin) = (unsafe { ORIGIN_BY_COOKIE.get(cookie) }).copied() else {
+        return Ok(ALLOW);
+    };
+    let w = addr_to_words(&origin.dst_addr);
+    // SAFETY (field projections): `sa` is the kernel's context.
+    if v6 {
+        let ip6 = unsafe { addr_of_mut!((*sa).user_ip6) }.cast::<u32>();
+        wr(ip6, w[0]);
+        wr(ip6.wrapping_add(1), w[1]);
+        wr(ip6.wrapping_add(2), w[2]);
+        wr(ip6.wrapping_add(3), w[3]);
+    } else {
+        wr(unsafe { addr_of_mut!((*sa).user_ip4) }, w[3]);
+    }
+    wr(
+        unsafe { addr_of_mut!((*sa).user_port) },
+        port_to_user(origin.dst_port),
+    );
+    count(stat::PEERNAME_RESTORED);
+    Ok(ALLOW)
+}
+
+// ---- sock_release: forget the socket --------------------------------------
+
+#[cgroup_sock(sock_release)]
+pub fn tollgate_sock_release(ctx: SockContext) -> i32 {
+    try_sock_release(&ctx).unwrap_or(ALLOW)
+}
+
+#[inline(always)]
+fn try_sock_release(ctx: &SockContext) -> Result<i32, i64> {
+    // SAFETY: helper valid in cgroup_sock programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // Absent for every socket that was not redirected: that is fine.
+    let _ = ORIGIN_BY_COOKIE.remove(cookie);
+    Ok(ALLOW)
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 11] = *b"Apache-2.0\0";
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}

@@ -1,0 +1,270 @@
+//! `tollgate run`: assembles the agent (CA, ledger, listeners, kernel
+//! programs, resolver, proxy), reports readiness, and shuts down in order.
+//!
+//! Owns: start-up order and shutdown order. Must never: hold request state
+//! or do per-request work.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{info, warn};
+
+use crate::attribution::Attributor;
+use crate::ca::{CaStatus, LocalCa};
+use crate::config::{Config, parse_override_addr};
+use crate::intercept::{self, Intercept, InterceptSettings, resolver};
+use crate::ledger::LedgerWriter;
+use crate::meter::{RecordSink, UsageRecord};
+use crate::providers::catalogue::provider_hosts;
+use crate::proxy::{self, ProxyState, upstream::Upstream};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error(
+        "`tollgate run` needs root (CAP_BPF, CAP_NET_ADMIN and the state directory); run it with sudo or as a systemd service"
+    )]
+    NotRoot,
+    #[error("cannot create state directory {path}: {source}")]
+    StateDir {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(
+        "cannot listen on {addr}: {source} (is another tollgate running? set [proxy] listen to a free port)"
+    )]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Ca(#[from] crate::ca::CaError),
+    #[error(transparent)]
+    Ledger(#[from] crate::ledger::LedgerError),
+    #[error(transparent)]
+    Intercept(#[from] crate::intercept::InterceptError),
+    #[error("upstream TLS: {0} (check [upstream] extra_ca)")]
+    Upstream(#[from] crate::proxy::upstream::UpstreamError),
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+impl AppError {
+    pub fn exit_code(&self) -> u8 {
+        use crate::exit::*;
+        match self {
+            AppError::NotRoot => NOPERM,
+            AppError::StateDir { source, .. }
+                if source.kind() == std::io::ErrorKind::PermissionDenied =>
+            {
+                NOPERM
+            }
+            AppError::StateDir { .. } => UNAVAILABLE,
+            AppError::Listen { .. } => UNAVAILABLE,
+            AppError::Ca(e) => e.exit_code(),
+            AppError::Ledger(e) => e.exit_code(),
+            AppError::Intercept(e) => e.exit_code(),
+            AppError::Upstream(_) => USAGE,
+            AppError::Runtime(_) => SOFTWARE,
+        }
+    }
+}
+
+/// Logs what loading the CA did.
+pub fn log_ca_status(status: &CaStatus) {
+    match status {
+        CaStatus::Loaded => {}
+        CaStatus::Created => info!("created the local CA"),
+        CaStatus::Regenerated { added_hosts } => warn!(
+            hosts = ?added_hosts,
+            "the provider hosts changed beyond what the CA's name constraints allow: created a new CA. Run `tollgate trust install` (and refresh `tollgate trust env`) again"
+        ),
+    }
+}
+
+impl RecordSink for crate::ledger::LedgerHandle {
+    fn submit(&self, rec: UsageRecord) {
+        crate::ledger::LedgerHandle::submit(self, rec)
+    }
+}
+
+/// Runs the agent on a multi-threaded runtime until SIGTERM or SIGINT.
+pub fn run_blocking(cfg: Config) -> Result<(), AppError> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("tollgate")
+        .build()
+        .map_err(AppError::Runtime)?;
+    rt.block_on(run(cfg))
+}
+
+fn raise_nofile_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let want = hard.min(1 << 20);
+        if soft < want && setrlimit(Resource::RLIMIT_NOFILE, want, hard).is_err() {
+            warn!(soft, hard, "could not raise the open-file limit");
+        }
+    }
+}
+
+/// Tells systemd (Type=notify) about a state change, when NOTIFY_SOCKET is set.
+pub fn sd_notify(state: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sock = match std::os::unix::net::UnixDatagram::unbound() {
+        Ok(s) => s,
+        Err(_) => return,
+    };
+    let bytes = path.as_encoded_bytes();
+    let r = if let Some(name) = bytes.strip_prefix(b"@") {
+        use std::os::linux::net::SocketAddrExt;
+        std::os::unix::net::SocketAddr::from_abstract_name(name)
+            .and_then(|a| sock.send_to_addr(state.as_bytes(), &a))
+    } else {
+        sock.send_to(state.as_bytes(), &path)
+    };
+    if let Err(e) = r {
+        warn!(error = %e, "sd_notify failed");
+    }
+}
+
+fn parse_overrides(cfg: &Config) -> BTreeMap<String, Vec<SocketAddr>> {
+    cfg.resolver
+        .overrides
+        .iter()
+        .map(|(h, addrs)| {
+            (
+                h.to_ascii_lowercase(),
+                // Validated already: parse errors cannot happen here.
+                addrs
+                    .iter()
+                    .filter_map(|a| parse_override_addr(a).ok())
+                    .collect(),
+            )
+        })
+        .collect()
+}
+
+fn union(m: &BTreeMap<String, Vec<SocketAddr>>) -> BTreeSet<SocketAddr> {
+    m.values().flatten().copied().collect()
+}
+
+pub async fn run(cfg: Config) -> Result<(), AppError> {
+    if !nix::unistd::geteuid().is_root() {
+        return Err(AppError::NotRoot);
+    }
+    raise_nofile_limit();
+    std::fs::create_dir_all(&cfg.state_dir).map_err(|source| AppError::StateDir {
+        path: cfg.state_dir.display().to_string(),
+        source,
+    })?;
+
+    let hosts = provider_hosts(&cfg);
+    let host_names: Vec<String> = hosts.iter().map(|h| h.host.clone()).collect();
+    let (ca, status) = LocalCa::load_or_create(&cfg.state_dir, &host_names)?;
+    log_ca_status(&status);
+    let upstream = Upstream::new(cfg.upstream.extra_ca.as_deref())?;
+    let (ledger_writer, ledger) =
+        LedgerWriter::start(&crate::cli::ledger_path(&cfg.state_dir), cfg.ledger.queue)?;
+
+    // Listeners before programs: a redirected connect must find someone home.
+    let v4 = TcpListener::bind(cfg.proxy.listen)
+        .await
+        .map_err(|source| AppError::Listen {
+            addr: cfg.proxy.listen,
+            source,
+        })?;
+    let port = v4
+        .local_addr()
+        .map(|a| a.port())
+        .unwrap_or(cfg.proxy.listen.port());
+    let mut listeners = vec![v4];
+    let v6_addr = SocketAddr::from((Ipv6Addr::LOCALHOST, port));
+    match bind_v6_only(v6_addr) {
+        Ok(l) => listeners.push(l),
+        Err(e) => {
+            warn!(addr = %v6_addr, error = %e, "no IPv6 loopback listener: IPv6 connections to providers will fail while intercepted")
+        }
+    }
+
+    let cgroup = match &cfg.intercept.cgroup {
+        Some(c) => c.clone(),
+        None => intercept::cgroup2_root()?,
+    };
+    let intercept = Arc::new(Intercept::attach(&InterceptSettings {
+        cgroup: cgroup.clone(),
+        listen_v4: Ipv4Addr::LOCALHOST,
+        listen_port: port,
+    })?);
+
+    let overrides = parse_overrides(&cfg);
+    let initial = resolver::resolve_targets(&host_names, &overrides, &BTreeMap::new()).await;
+    let targets = union(&initial);
+    intercept.set_targets(&targets)?;
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    let refresh = resolver::spawn_refresh(
+        intercept.clone(),
+        host_names.clone(),
+        overrides,
+        Duration::from_secs(cfg.resolver.refresh_secs),
+        initial,
+        shutdown_rx.clone(),
+    );
+
+    let state = Arc::new(ProxyState::new(
+        intercept.clone(),
+        Arc::new(ca),
+        upstream,
+        hosts,
+        Attributor::new("/proc".into()),
+        Arc::new(ledger.clone()),
+        cfg.proxy.max_request_body,
+    ));
+    let drain = Duration::from_secs(cfg.proxy.drain_secs);
+    let proxy_task = tokio::spawn(proxy::serve(listeners, state.clone(), shutdown_rx, drain));
+
+    info!(
+        listen = %SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+        cgroup = %cgroup.display(),
+        provider_addresses = targets.len(),
+        state_dir = %cfg.state_dir.display(),
+        "ready"
+    );
+    sd_notify("READY=1");
+
+    let mut term = signal(SignalKind::terminate()).map_err(AppError::Runtime)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(AppError::Runtime)?;
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: shutting down"),
+        _ = int.recv() => info!("SIGINT: shutting down"),
+    }
+    sd_notify("STOPPING=1");
+    // Stop redirecting first, so new connections go direct while in-flight
+    // ones drain; then stop the resolver, drain, and flush the ledger.
+    let _ = shutdown_tx.send(true);
+    let _ = refresh.await;
+    if let Err(e) = intercept.set_targets(&BTreeSet::new()) {
+        warn!(error = %e, "could not clear the provider map before draining");
+    }
+    let _ = proxy_task.await;
+    drop(state);
+    let written = ledger_writer.shutdown(Duration::from_secs(30))?;
+    info!(records = written, "ledger flushed; bye");
+    Ok(())
+}
+
+fn bind_v6_only(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let sock = tokio::net::TcpSocket::new_v6()?;
+    sock.set_reuseaddr(true)?;
+    // Only [::1]: IPv4 clients are sent to the IPv4 listener.
+    let fd = std::os::fd::AsFd::as_fd(&sock);
+    nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::Ipv6V6Only, &true)
+        .map_err(std::io::Error::from)?;
+    sock.bind(addr)?;
+    sock.listen(1024)
+}

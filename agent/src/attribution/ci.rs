@@ -1,0 +1,221 @@
+//! CI job identity from a process environment: GitHub Actions first, then
+//! GitLab CI, then Buildkite. Only the variables named here are kept.
+
+/// Every variable read; anything else in `environ` is skipped unread.
+const KNOWN: &[&str] = &[
+    "GITHUB_ACTIONS",
+    "GITHUB_REPOSITORY",
+    "GITHUB_WORKFLOW",
+    "GITHUB_JOB",
+    "GITHUB_RUN_ID",
+    "GITHUB_RUN_ATTEMPT",
+    "GITHUB_REF_NAME",
+    "RUNNER_NAME",
+    "GITLAB_CI",
+    "CI_PROJECT_PATH",
+    "CI_PIPELINE_NAME",
+    "CI_PIPELINE_SOURCE",
+    "CI_PIPELINE_ID",
+    "CI_JOB_NAME",
+    "CI_JOB_ID",
+    "CI_COMMIT_REF_NAME",
+    "CI_RUNNER_DESCRIPTION",
+    "BUILDKITE",
+    "BUILDKITE_REPO",
+    "BUILDKITE_PIPELINE_SLUG",
+    "BUILDKITE_LABEL",
+    "BUILDKITE_BUILD_ID",
+    "BUILDKITE_BRANCH",
+    "BUILDKITE_AGENT_NAME",
+];
+
+/// Longest value kept (a variable is not a place for an essay).
+const VALUE_MAX: usize = 512;
+
+/// The CI variables of one environment.
+#[derive(Debug, Default)]
+pub(super) struct CiVars {
+    vars: Vec<(&'static str, String)>,
+}
+
+impl CiVars {
+    /// Keeps `name=value` if `name` is one of the known variables.
+    pub(super) fn offer(&mut self, name: &str, value: &str) {
+        if let Some(k) = KNOWN.iter().find(|k| **k == name) {
+            let mut v: String = value.chars().take(VALUE_MAX).collect();
+            v.retain(|c| !c.is_control());
+            if !v.is_empty() {
+                self.vars.push((k, v));
+            }
+        }
+    }
+
+    fn get(&self, name: &str) -> Option<String> {
+        self.vars
+            .iter()
+            .rev()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.clone())
+    }
+
+    fn is(&self, name: &str, value: &str) -> bool {
+        self.get(name)
+            .is_some_and(|v| v.eq_ignore_ascii_case(value))
+    }
+
+    /// The job identity, if these variables name a CI system.
+    pub(super) fn identify(&self) -> Option<CiJob> {
+        if self.is("GITHUB_ACTIONS", "true") || self.get("GITHUB_REPOSITORY").is_some() {
+            return Some(CiJob {
+                system: "github-actions",
+                repository: self.get("GITHUB_REPOSITORY"),
+                workflow: self.get("GITHUB_WORKFLOW"),
+                job: self.get("GITHUB_JOB"),
+                run_id: self.get("GITHUB_RUN_ID"),
+                run_attempt: self.get("GITHUB_RUN_ATTEMPT"),
+                ref_name: self.get("GITHUB_REF_NAME"),
+                runner: self.get("RUNNER_NAME"),
+            });
+        }
+        if self.is("GITLAB_CI", "true") || self.get("CI_PROJECT_PATH").is_some() {
+            return Some(CiJob {
+                system: "gitlab",
+                repository: self.get("CI_PROJECT_PATH"),
+                workflow: self
+                    .get("CI_PIPELINE_NAME")
+                    .or_else(|| self.get("CI_PIPELINE_SOURCE")),
+                job: self.get("CI_JOB_NAME"),
+                run_id: self.get("CI_PIPELINE_ID"),
+                run_attempt: None,
+                ref_name: self.get("CI_COMMIT_REF_NAME"),
+                runner: self.get("CI_RUNNER_DESCRIPTION"),
+            });
+        }
+        if self.is("BUILDKITE", "true") || self.get("BUILDKITE_BUILD_ID").is_some() {
+            return Some(CiJob {
+                system: "buildkite",
+                repository: self
+                    .get("BUILDKITE_REPO")
+                    .and_then(|r| repo_path(&r))
+                    .or_else(|| self.get("BUILDKITE_PIPELINE_SLUG")),
+                workflow: self.get("BUILDKITE_PIPELINE_SLUG"),
+                job: self.get("BUILDKITE_LABEL"),
+                run_id: self.get("BUILDKITE_BUILD_ID"),
+                run_attempt: None,
+                ref_name: self.get("BUILDKITE_BRANCH"),
+                runner: self.get("BUILDKITE_AGENT_NAME"),
+            });
+        }
+        None
+    }
+}
+
+/// `owner/name` from a git remote (`https://user:token@host/owner/name.git`,
+/// `git@host:owner/name.git`); credentials never survive.
+fn repo_path(url: &str) -> Option<String> {
+    let rest = match url.split_once("://") {
+        Some((_, r)) => r.split_once('/')?.1,
+        None => url.split_once(':')?.1,
+    };
+    let p = rest.trim_matches('/').trim_end_matches(".git");
+    (!p.is_empty() && !p.contains('@')).then(|| p.to_string())
+}
+
+/// A CI job, as recorded in `Attribution`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct CiJob {
+    pub system: &'static str,
+    pub repository: Option<String>,
+    pub workflow: Option<String>,
+    pub job: Option<String>,
+    pub run_id: Option<String>,
+    pub run_attempt: Option<String>,
+    pub ref_name: Option<String>,
+    pub runner: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(list: &[(&str, &str)]) -> CiVars {
+        let mut v = CiVars::default();
+        for (k, val) in list {
+            v.offer(k, val);
+        }
+        v
+    }
+
+    #[test]
+    fn keeps_only_known_names() {
+        let v = vars(&[
+            ("OPENAI_API_KEY", "sk-secret"),
+            ("GITHUB_TOKEN", "ghs_x"),
+            ("HOME", "/root"),
+        ]);
+        assert!(v.vars.is_empty());
+        assert!(v.identify().is_none());
+    }
+
+    #[test]
+    fn github_first() {
+        let v = vars(&[
+            ("CI_PROJECT_PATH", "g/p"),
+            ("GITHUB_ACTIONS", "true"),
+            ("GITHUB_REPOSITORY", "acme/app"),
+            ("GITHUB_JOB", "test"),
+        ]);
+        let j = v.identify().expect("github");
+        assert_eq!(j.system, "github-actions");
+        assert_eq!(j.repository.as_deref(), Some("acme/app"));
+    }
+
+    #[test]
+    fn gitlab_and_buildkite() {
+        let j = vars(&[
+            ("GITLAB_CI", "true"),
+            ("CI_PROJECT_PATH", "group/proj"),
+            ("CI_PIPELINE_SOURCE", "push"),
+            ("CI_PIPELINE_ID", "77"),
+            ("CI_JOB_NAME", "lint"),
+            ("CI_COMMIT_REF_NAME", "main"),
+            ("CI_RUNNER_DESCRIPTION", "r1"),
+        ])
+        .identify()
+        .expect("gitlab");
+        assert_eq!(
+            (
+                j.system,
+                j.repository.as_deref(),
+                j.workflow.as_deref(),
+                j.run_id.as_deref(),
+                j.job.as_deref()
+            ),
+            (
+                "gitlab",
+                Some("group/proj"),
+                Some("push"),
+                Some("77"),
+                Some("lint")
+            )
+        );
+        let j = vars(&[
+            ("BUILDKITE", "true"),
+            (
+                "BUILDKITE_REPO",
+                "https://x-access-token:ghs_SECRET@github.com/acme/app.git",
+            ),
+            ("BUILDKITE_PIPELINE_SLUG", "app"),
+            ("BUILDKITE_LABEL", ":rust: test"),
+            ("BUILDKITE_BUILD_ID", "0190"),
+        ])
+        .identify()
+        .expect("buildkite");
+        assert_eq!(j.repository.as_deref(), Some("acme/app"));
+        assert_eq!(j.job.as_deref(), Some(":rust: test"));
+        assert_eq!(
+            repo_path("git@github.com:acme/lib.git").as_deref(),
+            Some("acme/lib")
+        );
+    }
+}

@@ -1,0 +1,218 @@
+//! Attribution: which process, CI job and repository made a request.
+//!
+//! Owns: turning the kernel's origin record (pid, uid, cgroup id, comm) into
+//! an `Attribution`, from `/proc/PID/{stat,status,exe,cmdline,environ}` of
+//! the process and, for the CI variables, of its ancestors; a bounded cache
+//! keyed by (pid, start time) so a reused pid is never confused with the
+//! process that had it before.
+//!
+//! Must never: keep, log or return any environment variable but the CI
+//! variables it names (`ci`), store a command line before redacting it
+//! (`redact`), read more of /proc than those files, or fail: a process that
+//! is gone gives a record with what the kernel said.
+
+mod ci;
+mod procfs;
+mod redact;
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::Hash;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::meter::Attribution;
+use ci::{CiJob, CiVars};
+use procfs::Proc;
+
+pub use redact::{REDACTED, redact_cmdline};
+
+/// Ancestors searched for CI variables.
+const MAX_DEPTH: usize = 32;
+/// Entries kept in each cache.
+const CACHE_ENTRIES: usize = 4096;
+/// Longest command line stored (bytes, after redaction).
+const CMDLINE_KEEP: usize = 4096;
+
+/// A process, across pid reuse: (pid, start time in ticks since boot).
+type ProcKey = (u32, u64);
+
+/// A map that forgets its oldest entries beyond `cap`.
+struct Bounded<K, V> {
+    map: HashMap<K, V>,
+    order: VecDeque<K>,
+    cap: usize,
+}
+
+impl<K: Hash + Eq + Copy, V: Clone> Bounded<K, V> {
+    fn new(cap: usize) -> Self {
+        Bounded {
+            map: HashMap::new(),
+            order: VecDeque::new(),
+            cap: cap.max(1),
+        }
+    }
+
+    fn get(&self, k: &K) -> Option<V> {
+        self.map.get(k).cloned()
+    }
+
+    fn insert(&mut self, k: K, v: V) {
+        if self.map.insert(k, v).is_none() {
+            self.order.push_back(k);
+            while self.order.len() > self.cap {
+                if let Some(old) = self.order.pop_front() {
+                    self.map.remove(&old);
+                }
+            }
+        }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.map.len()
+    }
+}
+
+/// What /proc said about one process.
+#[derive(Debug, Clone)]
+struct ProcInfo {
+    exe: Option<String>,
+    cmdline: Option<String>,
+}
+
+struct Caches {
+    procs: Bounded<ProcKey, Arc<ProcInfo>>,
+    /// The CI job a process belongs to (its own variables or an ancestor's);
+    /// `None` when none was found.
+    ci: Bounded<ProcKey, Option<Arc<CiJob>>>,
+}
+
+/// Fills `Attribution`s from /proc, with a cache.
+pub struct Attributor {
+    proc_root: PathBuf,
+    caches: Mutex<Caches>,
+}
+
+impl std::fmt::Debug for Attributor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Attributor")
+            .field("proc_root", &self.proc_root)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Attributor {
+    /// `proc_root` is `/proc` in production; tests pass a fake tree.
+    pub fn new(proc_root: PathBuf) -> Self {
+        Self::with_capacity(proc_root, CACHE_ENTRIES)
+    }
+
+    fn with_capacity(proc_root: PathBuf, cap: usize) -> Self {
+        Attributor {
+            proc_root,
+            caches: Mutex::new(Caches {
+                procs: Bounded::new(cap),
+                ci: Bounded::new(cap),
+            }),
+        }
+    }
+
+    fn caches(&self) -> MutexGuard<'_, Caches> {
+        self.caches.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Who made a connection: the kernel's fields plus what /proc says about
+    /// `pid` and its ancestors. Never fails; missing data stays `None`.
+    pub fn attribute(&self, pid: u32, uid: u32, cgroup_id: u64, comm: &str) -> Attribution {
+        let mut a = Attribution {
+            pid,
+            uid,
+            cgroup_id,
+            comm: comm.to_string(),
+            ..Attribution::default()
+        };
+        let Some(start) = Proc::new(&self.proc_root, pid).start_time() else {
+            return a;
+        };
+        let key = (pid, start);
+        let info = self.proc_info(key);
+        a.exe = info.exe.clone();
+        a.cmdline = info.cmdline.clone();
+        if let Some(job) = self.ci_job(key) {
+            a.ci_system = Some(job.system.to_string());
+            a.repository = job.repository.clone();
+            a.workflow = job.workflow.clone();
+            a.job = job.job.clone();
+            a.run_id = job.run_id.clone();
+            a.run_attempt = job.run_attempt.clone();
+            a.ref_name = job.ref_name.clone();
+            a.runner = job.runner.clone();
+        }
+        a
+    }
+
+    fn proc_info(&self, key: ProcKey) -> Arc<ProcInfo> {
+        if let Some(hit) = self.caches().procs.get(&key) {
+            return hit;
+        }
+        let p = Proc::new(&self.proc_root, key.0);
+        let info = Arc::new(ProcInfo {
+            exe: p.exe(),
+            cmdline: p
+                .cmdline()
+                .map(|c| truncate(redact_cmdline(&c), CMDLINE_KEEP)),
+        });
+        self.caches().procs.insert(key, Arc::clone(&info));
+        info
+    }
+
+    /// Walks from `key` up the parent chain (at most `MAX_DEPTH` processes,
+    /// never pid 1) to the first environment naming a CI job.
+    fn ci_job(&self, key: ProcKey) -> Option<Arc<CiJob>> {
+        let mut walked: Vec<ProcKey> = Vec::new();
+        let mut cur = key;
+        let mut found: Option<Arc<CiJob>> = None;
+        for _ in 0..MAX_DEPTH {
+            if let Some(hit) = self.caches().ci.get(&cur) {
+                found = hit;
+                break;
+            }
+            walked.push(cur);
+            let p = Proc::new(&self.proc_root, cur.0);
+            let mut vars = CiVars::default();
+            p.environ(|name, value| vars.offer(name, value));
+            if let Some(job) = vars.identify() {
+                found = Some(Arc::new(job));
+                break;
+            }
+            let Some(ppid) = p.ppid().filter(|pp| *pp > 1 && *pp != cur.0) else {
+                break;
+            };
+            let Some(pstart) = Proc::new(&self.proc_root, ppid).start_time() else {
+                break;
+            };
+            cur = (ppid, pstart);
+        }
+        let mut caches = self.caches();
+        for k in walked {
+            caches.ci.insert(k, found.clone());
+        }
+        found
+    }
+}
+
+/// Cuts `s` to at most `max` bytes at a character boundary, marking the cut.
+fn truncate(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+        s.push('…');
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests;

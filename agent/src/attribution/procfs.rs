@@ -1,0 +1,112 @@
+//! The few /proc files attribution reads, each bounded in size.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+/// Largest `cmdline` read (the rest is cut before redaction).
+const CMDLINE_MAX: u64 = 256 << 10;
+/// Largest `environ` read (Linux caps the initial environment near this).
+const ENVIRON_MAX: u64 = 4 << 20;
+/// Largest `stat` / `status` read.
+const SMALL_MAX: u64 = 16 << 10;
+
+/// A view of one process under a proc root.
+pub(super) struct Proc {
+    dir: PathBuf,
+}
+
+impl Proc {
+    pub(super) fn new(proc_root: &Path, pid: u32) -> Proc {
+        Proc {
+            dir: proc_root.join(pid.to_string()),
+        }
+    }
+
+    fn read(&self, name: &str, max: u64) -> Option<Vec<u8>> {
+        let f = std::fs::File::open(self.dir.join(name)).ok()?;
+        let mut buf = Vec::new();
+        f.take(max).read_to_end(&mut buf).ok()?;
+        Some(buf)
+    }
+
+    /// Start time in clock ticks since boot (`stat` field 22), which with
+    /// the pid identifies a process across pid reuse.
+    pub(super) fn start_time(&self) -> Option<u64> {
+        let stat = self.read("stat", SMALL_MAX)?;
+        parse_start_time(&stat)
+    }
+
+    /// Parent pid (`PPid:` in `status`).
+    pub(super) fn ppid(&self) -> Option<u32> {
+        let status = self.read("status", SMALL_MAX)?;
+        String::from_utf8_lossy(&status)
+            .lines()
+            .find_map(|l| l.strip_prefix("PPid:"))
+            .and_then(|v| v.trim().parse().ok())
+    }
+
+    /// Target of the `exe` link.
+    pub(super) fn exe(&self) -> Option<String> {
+        std::fs::read_link(self.dir.join("exe"))
+            .ok()
+            .map(|p| p.to_string_lossy().into_owned())
+    }
+
+    /// Arguments, NUL-separated in the file, joined by spaces (not redacted).
+    pub(super) fn cmdline(&self) -> Option<String> {
+        let raw = self.read("cmdline", CMDLINE_MAX)?;
+        let args: Vec<String> = raw
+            .split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if args.is_empty() {
+            None
+        } else {
+            Some(args.join(" "))
+        }
+    }
+
+    /// Calls `keep(name, value)` for each `NAME=VALUE` of the initial
+    /// environment; the buffer is zeroed before it is freed, since the rest
+    /// of the environment may hold secrets.
+    pub(super) fn environ(&self, mut keep: impl FnMut(&str, &str)) -> bool {
+        let Some(mut raw) = self.read("environ", ENVIRON_MAX) else {
+            return false;
+        };
+        for entry in raw.split(|b| *b == 0) {
+            let Some(eq) = entry.iter().position(|b| *b == b'=') else {
+                continue;
+            };
+            let (name, value) = (&entry[..eq], &entry[eq + 1..]);
+            if let (Ok(name), Ok(value)) = (std::str::from_utf8(name), std::str::from_utf8(value)) {
+                keep(name, value);
+            }
+        }
+        raw.fill(0);
+        std::hint::black_box(&raw);
+        true
+    }
+}
+
+/// Field 22 of `/proc/PID/stat`. `comm` (field 2) may hold spaces and
+/// parentheses, so fields are counted after its last `)`.
+pub(super) fn parse_start_time(stat: &[u8]) -> Option<u64> {
+    let close = stat.iter().rposition(|b| *b == b')')?;
+    let rest = std::str::from_utf8(&stat[close + 1..]).ok()?;
+    // After ")": field 3 (state) is index 0, so field 22 is index 19.
+    rest.split_ascii_whitespace().nth(19)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_time_survives_odd_comm() {
+        let stat = b"1234 (we ird) (x) S 1 1234 1234 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 10";
+        assert_eq!(parse_start_time(stat), Some(987654));
+        assert_eq!(parse_start_time(b"1234 (x) S 1"), None);
+        assert_eq!(parse_start_time(b"garbage"), None);
+    }
+}

@@ -1,0 +1,891 @@
+//! The local certificate authority that signs the leaves the proxy shows to
+//! intercepted clients.
+//!
+//! Owns: `STATE/ca/` (the CA key and certificate, the record of the hosts it
+//! covers, the trust bundle `bundle.pem`), minting and caching leaf
+//! certificates (through hudsucker's `RcgenAuthority`), and the rustls server
+//! configuration built on them.
+//!
+//! The CA is generated on this host and never leaves it; its key file is
+//! mode 0600. It carries critical X.509 name constraints: the permitted DNS
+//! subtrees are exactly the provider hosts, and every IPv4 and IPv6 address
+//! is excluded (a DNS-only constraint leaves IP names unconstrained), so a
+//! stolen key cannot mint a certificate that clients accept for any other site.
+//!
+//! Must never: create a CA without name constraints, mint a leaf for a host
+//! outside them, write the key anywhere but `ca.key`, log key material, or
+//! leave a half-written file behind (every write is temp file, fsync, rename).
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::io::{self, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use hudsucker::certificate_authority::{CertificateAuthority, RcgenAuthority};
+use rcgen::{
+    BasicConstraints, CertificateParams, CidrSubnet, DistinguishedName, DnType, GeneralSubtree,
+    IsCa, Issuer, KeyPair, KeyUsagePurpose, NameConstraints,
+};
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+
+/// CA validity.
+const CA_VALIDITY_DAYS: i64 = 3650;
+/// A CA expiring sooner than this is replaced: leaves minted by hudsucker
+/// live 365 days and must not outlive it.
+const CA_MIN_REMAINING_DAYS: i64 = 400;
+/// System trust bundles, first existing wins.
+pub const SYSTEM_BUNDLES: &[&str] = &[
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/cert.pem",
+];
+
+const KEY_FILE: &str = "ca.key";
+const CERT_FILE: &str = "ca.crt";
+const OLD_CERT_FILE: &str = "ca.crt.old";
+const HOSTS_FILE: &str = "hosts.json";
+const BUNDLE_FILE: &str = "bundle.pem";
+const LOCK_FILE: &str = ".lock";
+
+/// What `load_or_create` found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CaStatus {
+    /// An existing CA covering every host was loaded.
+    Loaded,
+    /// No CA existed; a new one was created.
+    Created,
+    /// The existing CA did not cover every host (or was unusable) and was
+    /// replaced; the old certificate is kept as `ca.crt.old`. Clients must
+    /// trust the new one: run `tollgate trust install` again.
+    Regenerated { added_hosts: Vec<String> },
+}
+
+/// Errors of the CA. Each says what failed, where, and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    #[error(
+        "no provider hosts to put in the local CA's name constraints; a CA without them is never created"
+    )]
+    NoHosts,
+    #[error("`{host}` cannot be put in the local CA's name constraints: {reason}")]
+    InvalidHost { host: String, reason: String },
+    #[error(
+        "permission denied: cannot {action} {}: {source}; run tollgate as root (the CA key is readable by root only)",
+        path.display()
+    )]
+    Permission {
+        action: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error("cannot {action} {}: {source}", path.display())]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error("cannot generate the local CA: {0}")]
+    Generate(#[from] rcgen::Error),
+    #[error("`{host}` is outside the local CA's name constraints; no certificate is minted for it")]
+    NotCovered { host: String },
+}
+
+impl CaError {
+    /// Process exit code (see `crate::exit`).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CaError::Permission { .. } => crate::exit::NOPERM,
+            CaError::NoHosts | CaError::InvalidHost { .. } => crate::exit::USAGE,
+            CaError::Io { .. } => crate::exit::UNAVAILABLE,
+            CaError::Generate(_) | CaError::NotCovered { .. } => crate::exit::SOFTWARE,
+        }
+    }
+
+    pub(crate) fn io(action: &'static str, path: &Path, source: io::Error) -> CaError {
+        let path = path.to_path_buf();
+        if source.kind() == io::ErrorKind::PermissionDenied {
+            CaError::Permission {
+                action,
+                path,
+                source,
+            }
+        } else {
+            CaError::Io {
+                action,
+                path,
+                source,
+            }
+        }
+    }
+}
+
+/// The loaded CA and the authority that mints leaves with it.
+pub struct LocalCa {
+    cert_path: PathBuf,
+    bundle_path: PathBuf,
+    cert_pem: String,
+    cert_der: CertificateDer<'static>,
+    /// Hosts in the certificate's permitted DNS subtrees.
+    covered: BTreeSet<String>,
+    authority: RcgenAuthority,
+}
+
+impl std::fmt::Debug for LocalCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalCa")
+            .field("cert_path", &self.cert_path)
+            .field("covered", &self.covered.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl LocalCa {
+    /// Loads the CA from `state_dir/ca/`, or creates it, so that it covers
+    /// every host in `hosts`; then rewrites `bundle.pem`. See [`CaStatus`].
+    pub fn load_or_create(
+        state_dir: &Path,
+        hosts: &[String],
+    ) -> Result<(LocalCa, CaStatus), CaError> {
+        let wanted = normalize_hosts(hosts)?;
+        let dir = state_dir.join("ca");
+        fs::create_dir_all(&dir).map_err(|e| CaError::io("create directory", &dir, e))?;
+        let mode = fs::metadata(&dir)
+            .map_err(|e| CaError::io("inspect", &dir, e))?
+            .permissions()
+            .mode();
+        if mode & 0o777 != 0o755 {
+            fs::set_permissions(&dir, fs::Permissions::from_mode(0o755))
+                .map_err(|e| CaError::io("set permissions of", &dir, e))?;
+        }
+
+        // Two tollgate processes (`run` and `trust install`) must not both
+        // generate a CA: hold an exclusive lock while deciding.
+        let lock_path = dir.join(LOCK_FILE);
+        let lock = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&lock_path)
+            .map_err(|e| CaError::io("open", &lock_path, e))?;
+        lock.lock()
+            .map_err(|e| CaError::io("lock", &lock_path, e))?;
+
+        let (cert_pem, key, status) = match load_existing(&dir)? {
+            Existing::Usable {
+                cert_pem,
+                key,
+                covered,
+            } if wanted.is_subset(&covered) => (cert_pem, key, CaStatus::Loaded),
+            Existing::Usable { covered, .. } => {
+                let added: Vec<String> = wanted.difference(&covered).cloned().collect();
+                tracing::warn!(
+                    added = added.len(),
+                    "the local CA does not cover every provider host; generating a new one"
+                );
+                let (pem, key) = create(&dir, &wanted, true)?;
+                (pem, key, CaStatus::Regenerated { added_hosts: added })
+            }
+            Existing::Unusable(reason) => {
+                tracing::warn!(%reason, dir = %dir.display(), "the local CA is unusable; generating a new one");
+                let (pem, key) = create(&dir, &wanted, true)?;
+                let added_hosts = wanted.iter().cloned().collect();
+                (pem, key, CaStatus::Regenerated { added_hosts })
+            }
+            Existing::Absent => {
+                let (pem, key) = create(&dir, &wanted, false)?;
+                (pem, key, CaStatus::Created)
+            }
+        };
+        drop(lock);
+
+        let ca = LocalCa::build(&dir, cert_pem, key)?;
+        ca.write_bundle()?;
+        Ok((ca, status))
+    }
+
+    fn build(dir: &Path, cert_pem: String, key: KeyPair) -> Result<LocalCa, CaError> {
+        let cert_path = dir.join(CERT_FILE);
+        let parsed = parse_cert(&cert_pem).map_err(|reason| CaError::Io {
+            action: "parse",
+            path: cert_path.clone(),
+            source: io::Error::new(io::ErrorKind::InvalidData, reason),
+        })?;
+        let issuer = Issuer::from_ca_cert_pem(&cert_pem, key)?;
+        let cache = u64::try_from(parsed.covered.len())
+            .unwrap_or(u64::MAX / 4)
+            .saturating_mul(2)
+            .saturating_add(16);
+        let authority =
+            RcgenAuthority::new(issuer, cache, rustls::crypto::aws_lc_rs::default_provider());
+        Ok(LocalCa {
+            cert_path,
+            bundle_path: dir.join(BUNDLE_FILE),
+            cert_pem,
+            cert_der: parsed.der,
+            covered: parsed.covered,
+            authority,
+        })
+    }
+
+    /// `state_dir/ca/ca.crt`.
+    pub fn cert_path(&self) -> &Path {
+        &self.cert_path
+    }
+
+    /// `state_dir/ca/bundle.pem`: the system roots plus this CA.
+    pub fn bundle_path(&self) -> &Path {
+        &self.bundle_path
+    }
+
+    /// The CA certificate, PEM.
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// The CA certificate, DER.
+    pub fn cert_der(&self) -> &CertificateDer<'static> {
+        &self.cert_der
+    }
+
+    /// Host names inside the CA's name constraints.
+    pub fn covered_hosts(&self) -> impl Iterator<Item = &str> {
+        self.covered.iter().map(String::as_str)
+    }
+
+    /// A rustls server configuration presenting a leaf for `sni` (minted
+    /// once, then cached), ALPN `h2` and `http/1.1`.
+    pub async fn server_config(&self, sni: &str) -> Result<Arc<rustls::ServerConfig>, CaError> {
+        let host = sni.trim_end_matches('.').to_ascii_lowercase();
+        if !self.covered.contains(&host) {
+            return Err(CaError::NotCovered { host });
+        }
+        let authority =
+            http::uri::Authority::try_from(host.as_str()).map_err(|e| CaError::InvalidHost {
+                host: host.clone(),
+                reason: e.to_string(),
+            })?;
+        Ok(self.authority.gen_server_config(&authority).await)
+    }
+
+    /// (Re)writes `bundle.pem` atomically: the first system bundle that
+    /// exists (unless it already holds this CA) followed by this CA.
+    pub fn write_bundle(&self) -> Result<&Path, CaError> {
+        let mut out = String::new();
+        let mut has_ca = false;
+        for sys in SYSTEM_BUNDLES {
+            match fs::read(sys) {
+                Ok(bytes) => {
+                    has_ca = CertificateDer::pem_slice_iter(&bytes)
+                        .filter_map(Result::ok)
+                        .any(|c| c.as_ref() == self.cert_der.as_ref());
+                    out.push_str(&String::from_utf8_lossy(&bytes));
+                    if !out.is_empty() && !out.ends_with('\n') {
+                        out.push('\n');
+                    }
+                    break;
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => {
+                    tracing::warn!(path = sys, error = %e, "cannot read the system trust bundle; bundle.pem holds the local CA only");
+                    break;
+                }
+            }
+        }
+        if !has_ca {
+            out.push_str(&self.cert_pem);
+            if !out.ends_with('\n') {
+                out.push('\n');
+            }
+        }
+        write_atomic(&self.bundle_path, out.as_bytes(), 0o644)?;
+        Ok(&self.bundle_path)
+    }
+}
+
+/// Lower-cases, strips a trailing dot, validates and de-duplicates.
+fn normalize_hosts(hosts: &[String]) -> Result<BTreeSet<String>, CaError> {
+    let mut out = BTreeSet::new();
+    for h in hosts {
+        let n = h.trim_end_matches('.').to_ascii_lowercase();
+        crate::config::validate_host(&n).map_err(|reason| CaError::InvalidHost {
+            host: h.clone(),
+            reason,
+        })?;
+        out.insert(n);
+    }
+    if out.is_empty() {
+        return Err(CaError::NoHosts);
+    }
+    Ok(out)
+}
+
+enum Existing {
+    Absent,
+    Unusable(String),
+    Usable {
+        cert_pem: String,
+        key: KeyPair,
+        covered: BTreeSet<String>,
+    },
+}
+
+fn read_opt(path: &Path) -> Result<Option<String>, CaError> {
+    match fs::read_to_string(path) {
+        Ok(s) => Ok(Some(s)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) if e.kind() == io::ErrorKind::InvalidData => Ok(Some(String::new())),
+        Err(e) => Err(CaError::io("read", path, e)),
+    }
+}
+
+fn load_existing(dir: &Path) -> Result<Existing, CaError> {
+    let cert_path = dir.join(CERT_FILE);
+    let key_path = dir.join(KEY_FILE);
+    let Some(cert_pem) = read_opt(&cert_path)? else {
+        return Ok(Existing::Absent);
+    };
+    let Some(key_pem) = read_opt(&key_path)? else {
+        return Ok(Existing::Unusable(format!(
+            "{} is missing",
+            key_path.display()
+        )));
+    };
+    tighten_key_mode(&key_path);
+    let parsed = match parse_cert(&cert_pem) {
+        Ok(p) => p,
+        Err(reason) => {
+            return Ok(Existing::Unusable(format!(
+                "{}: {reason}",
+                cert_path.display()
+            )));
+        }
+    };
+    let key = match KeyPair::from_pem(&key_pem) {
+        Ok(k) => k,
+        Err(e) => return Ok(Existing::Unusable(format!("{}: {e}", key_path.display()))),
+    };
+    if key.public_key_raw() != parsed.public_key.as_slice() {
+        return Ok(Existing::Unusable(
+            "the key does not match the certificate".into(),
+        ));
+    }
+    let remaining = parsed.not_after - time::OffsetDateTime::now_utc().unix_timestamp();
+    if remaining < CA_MIN_REMAINING_DAYS * 86_400 {
+        return Ok(Existing::Unusable("the CA expires within 400 days".into()));
+    }
+    if !parsed.is_ca || !parsed.ip_excluded {
+        return Ok(Existing::Unusable(
+            "the certificate is not a name-constrained CA made by tollgate".into(),
+        ));
+    }
+    Ok(Existing::Usable {
+        cert_pem,
+        key,
+        covered: parsed.covered,
+    })
+}
+
+/// A key file readable by others is made 0600 again (warned, not fatal).
+fn tighten_key_mode(key_path: &Path) {
+    if let Ok(meta) = fs::metadata(key_path) {
+        let mode = meta.permissions().mode();
+        if mode & 0o077 != 0 {
+            tracing::warn!(path = %key_path.display(), mode = format!("{:o}", mode & 0o777), "the CA key was readable by others; setting mode 0600");
+            if let Err(e) = fs::set_permissions(key_path, fs::Permissions::from_mode(0o600)) {
+                tracing::warn!(path = %key_path.display(), error = %e, "cannot set mode 0600 on the CA key");
+            }
+        }
+    }
+}
+
+/// What tollgate needs to know about its CA certificate.
+struct ParsedCa {
+    der: CertificateDer<'static>,
+    covered: BTreeSet<String>,
+    public_key: Vec<u8>,
+    not_after: i64,
+    is_ca: bool,
+    ip_excluded: bool,
+}
+
+fn parse_cert(pem: &str) -> Result<ParsedCa, String> {
+    use x509_parser::extensions::GeneralName;
+    let der = CertificateDer::from_pem_slice(pem.as_bytes())
+        .map_err(|e| format!("not a PEM certificate: {e}"))?;
+    let (_, x509) = x509_parser::parse_x509_certificate(der.as_ref())
+        .map_err(|e| format!("not an X.509 certificate: {e}"))?;
+    let is_ca = matches!(x509.basic_constraints(), Ok(Some(bc)) if bc.value.ca);
+    let mut covered = BTreeSet::new();
+    let mut ip_excluded = false;
+    if let Ok(Some(nc)) = x509.name_constraints() {
+        for s in nc.value.permitted_subtrees.iter().flatten() {
+            if let GeneralName::DNSName(d) = s.base {
+                covered.insert(d.to_ascii_lowercase());
+            }
+        }
+        ip_excluded = nc
+            .value
+            .excluded_subtrees
+            .iter()
+            .flatten()
+            .any(|s| matches!(s.base, GeneralName::IPAddress(_)));
+    }
+    Ok(ParsedCa {
+        public_key: x509.public_key().subject_public_key.data.to_vec(),
+        not_after: x509.validity().not_after.timestamp(),
+        der: der.clone(),
+        covered,
+        is_ca,
+        ip_excluded,
+    })
+}
+
+fn hostname() -> String {
+    fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown host".into())
+}
+
+/// The CA parameters: critical name constraints, CA with pathlen 0,
+/// keyCertSign + cRLSign, ten years.
+fn ca_params(hosts: &BTreeSet<String>) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(
+        DnType::CommonName,
+        format!("tollgate local CA ({})", hostname()),
+    );
+    dn.push(DnType::OrganizationName, "tollgate");
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::hours(1);
+    params.not_after = now + time::Duration::days(CA_VALIDITY_DAYS);
+    params.name_constraints = Some(NameConstraints {
+        permitted_subtrees: hosts.iter().cloned().map(GeneralSubtree::DnsName).collect(),
+        excluded_subtrees: vec![
+            GeneralSubtree::IpAddress(CidrSubnet::V4([0; 4], [0; 4])),
+            GeneralSubtree::IpAddress(CidrSubnet::V6([0; 16], [0; 16])),
+        ],
+    });
+    params
+}
+
+/// Generates and writes a new CA: key, then certificate, then hosts.json.
+/// A crash in between leaves a key that does not match the certificate,
+/// which the next load detects and replaces.
+fn create(
+    dir: &Path,
+    hosts: &BTreeSet<String>,
+    keep_old: bool,
+) -> Result<(String, KeyPair), CaError> {
+    let key = KeyPair::generate()?;
+    let cert = ca_params(hosts).self_signed(&key)?;
+    let cert_pem = cert.pem();
+    if keep_old {
+        let cur = dir.join(CERT_FILE);
+        if let Some(old) = read_opt(&cur)?.filter(|s| !s.is_empty()) {
+            write_atomic(&dir.join(OLD_CERT_FILE), old.as_bytes(), 0o644)?;
+        }
+    }
+    write_atomic(&dir.join(KEY_FILE), key.serialize_pem().as_bytes(), 0o600)?;
+    write_atomic(&dir.join(CERT_FILE), cert_pem.as_bytes(), 0o644)?;
+    let record = serde_json::json!({ "hosts": hosts });
+    let text = serde_json::to_string_pretty(&record).unwrap_or_else(|_| "{}".into());
+    write_atomic(&dir.join(HOSTS_FILE), format!("{text}\n").as_bytes(), 0o644)?;
+    tracing::info!(dir = %dir.display(), hosts = hosts.len(), "created the local CA");
+    Ok((cert_pem, key))
+}
+
+/// Writes `path` atomically: a temp file in the same directory created with
+/// `mode`, fsync, rename over `path`, fsync the directory.
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), CaError> {
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "file".into());
+    let tmp = dir.join(format!(
+        ".{name}.tmp.{}.{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
+    let result = (|| {
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)
+            .map_err(|e| CaError::io("create", &tmp, e))?;
+        // The umask may have removed bits from `mode` (never added any).
+        f.set_permissions(fs::Permissions::from_mode(mode))
+            .map_err(|e| CaError::io("set permissions of", &tmp, e))?;
+        f.write_all(bytes)
+            .map_err(|e| CaError::io("write", &tmp, e))?;
+        f.sync_all().map_err(|e| CaError::io("sync", &tmp, e))?;
+        fs::rename(&tmp, path).map_err(|e| CaError::io("rename into", path, e))
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+        return result;
+    }
+    if let Ok(d) = fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::client::danger::ServerCertVerifier;
+    use rustls_pki_types::{ServerName, UnixTime};
+
+    fn hosts(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+        Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+    }
+
+    fn verifier(ca: &LocalCa) -> Arc<rustls::client::WebPkiServerVerifier> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(ca.cert_der().clone())
+            .expect("CA is a valid trust anchor");
+        rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()
+            .expect("verifier builds")
+    }
+
+    fn verify(ca: &LocalCa, leaf: &CertificateDer<'_>, name: &str) -> Result<(), rustls::Error> {
+        let name = ServerName::try_from(name.to_string()).expect("valid server name");
+        verifier(ca)
+            .verify_server_cert(leaf, &[], &name, &[], UnixTime::now())
+            .map(|_| ())
+    }
+
+    /// Mints a leaf by hand with the CA's key, bypassing `server_config`'s check.
+    fn mint(state: &Path, san: rcgen::SanType) -> CertificateDer<'static> {
+        let key = KeyPair::from_pem(&fs::read_to_string(state.join("ca/ca.key")).expect("key"))
+            .expect("key parses");
+        let cert = fs::read_to_string(state.join("ca/ca.crt")).expect("cert");
+        let issuer = Issuer::from_ca_cert_pem(&cert, key).expect("issuer");
+        let leaf_key = KeyPair::generate().expect("leaf key");
+        let mut p = CertificateParams::default();
+        p.subject_alt_names = vec![san];
+        p.not_before = time::OffsetDateTime::now_utc() - time::Duration::hours(1);
+        p.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(30);
+        p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        p.use_authority_key_identifier_extension = true;
+        p.signed_by(&leaf_key, &issuer)
+            .expect("signs")
+            .der()
+            .clone()
+    }
+
+    fn dns(s: &str) -> rcgen::SanType {
+        rcgen::SanType::DnsName(s.to_string().try_into().expect("ia5"))
+    }
+
+    /// Runs a real in-memory TLS handshake; returns the leaf the client saw
+    /// and the negotiated ALPN.
+    fn handshake(
+        ca: &LocalCa,
+        server: Arc<rustls::ServerConfig>,
+        sni: &str,
+    ) -> (CertificateDer<'static>, Option<Vec<u8>>) {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.cert_der().clone()).expect("anchor");
+        let mut cc = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        cc.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let name = ServerName::try_from(sni.to_string()).expect("name");
+        let mut client = rustls::ClientConnection::new(Arc::new(cc), name).expect("client");
+        let mut srv = rustls::ServerConnection::new(server).expect("server");
+        for _ in 0..20 {
+            let mut buf = Vec::new();
+            client.write_tls(&mut buf).expect("client writes");
+            if !buf.is_empty() {
+                srv.read_tls(&mut buf.as_slice()).expect("server reads");
+                srv.process_new_packets()
+                    .expect("server accepts the client");
+            }
+            let mut buf = Vec::new();
+            srv.write_tls(&mut buf).expect("server writes");
+            if !buf.is_empty() {
+                client.read_tls(&mut buf.as_slice()).expect("client reads");
+                client
+                    .process_new_packets()
+                    .expect("client verifies the minted leaf against the local CA");
+            }
+            if !client.is_handshaking() && !srv.is_handshaking() {
+                break;
+            }
+        }
+        assert!(!client.is_handshaking(), "handshake did not finish");
+        let leaf = client.peer_certificates().expect("peer certs")[0]
+            .clone()
+            .into_owned();
+        (leaf, client.alpn_protocol().map(<[u8]>::to_vec))
+    }
+
+    #[test]
+    fn creates_then_loads_with_modes_and_bundle() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let h = hosts(&["api.openai.com", "API.Anthropic.com."]);
+        let (ca, st) = LocalCa::load_or_create(t.path(), &h).expect("create");
+        assert_eq!(st, CaStatus::Created);
+        let dir = t.path().join("ca");
+        let mode = |f: &str| fs::metadata(dir.join(f)).expect(f).permissions().mode() & 0o777;
+        assert_eq!(mode("ca.key"), 0o600);
+        assert_eq!(mode("ca.crt"), 0o644);
+        assert_eq!(mode("bundle.pem"), 0o644);
+        assert_eq!(
+            fs::metadata(&dir).expect("dir").permissions().mode() & 0o777,
+            0o755
+        );
+        assert_eq!(ca.cert_path(), dir.join("ca.crt"));
+        assert_eq!(ca.bundle_path(), dir.join("bundle.pem"));
+        assert_eq!(
+            fs::read_to_string(ca.cert_path()).expect("crt"),
+            ca.cert_pem()
+        );
+        let bundle = fs::read_to_string(ca.bundle_path()).expect("bundle");
+        assert!(
+            bundle.trim_end().ends_with(ca.cert_pem().trim_end()),
+            "bundle must end with the CA"
+        );
+        if Path::new(SYSTEM_BUNDLES[0]).exists() {
+            assert!(
+                bundle.matches("BEGIN CERTIFICATE").count() > 10,
+                "system roots missing from the bundle"
+            );
+        }
+        let record: serde_json::Value =
+            serde_json::from_str(&fs::read_to_string(dir.join("hosts.json")).expect("hosts.json"))
+                .expect("json");
+        assert_eq!(
+            record["hosts"],
+            serde_json::json!(["api.anthropic.com", "api.openai.com"])
+        );
+        assert!(!fs::read_dir(&dir).expect("ls").any(|e| {
+            e.expect("entry")
+                .file_name()
+                .to_string_lossy()
+                .contains(".tmp.")
+        }));
+
+        let (ca2, st) =
+            LocalCa::load_or_create(t.path(), &hosts(&["api.openai.com"])).expect("load");
+        assert_eq!(
+            st,
+            CaStatus::Loaded,
+            "a subset of the covered hosts reuses the CA"
+        );
+        assert_eq!(ca2.cert_pem(), ca.cert_pem());
+    }
+
+    #[test]
+    fn new_host_regenerates_and_keeps_old_cert() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let (ca, _) =
+            LocalCa::load_or_create(t.path(), &hosts(&["api.openai.com"])).expect("create");
+        let (ca2, st) = LocalCa::load_or_create(t.path(), &hosts(&["api.openai.com", "api.x.ai"]))
+            .expect("regen");
+        assert_eq!(
+            st,
+            CaStatus::Regenerated {
+                added_hosts: hosts(&["api.x.ai"])
+            }
+        );
+        assert_ne!(ca.cert_pem(), ca2.cert_pem());
+        assert_eq!(
+            fs::read_to_string(t.path().join("ca/ca.crt.old")).expect("old"),
+            ca.cert_pem()
+        );
+        assert_eq!(
+            ca2.covered_hosts().collect::<Vec<_>>(),
+            vec!["api.openai.com", "api.x.ai"]
+        );
+    }
+
+    #[test]
+    fn corrupt_or_mismatched_key_regenerates() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let h = hosts(&["api.openai.com"]);
+        LocalCa::load_or_create(t.path(), &h).expect("create");
+        fs::write(t.path().join("ca/ca.key"), "garbage").expect("write");
+        let (_, st) = LocalCa::load_or_create(t.path(), &h).expect("regen");
+        assert!(matches!(st, CaStatus::Regenerated { .. }), "{st:?}");
+        // A key from another CA (crash between the key and cert renames).
+        fs::write(
+            t.path().join("ca/ca.key"),
+            KeyPair::generate().expect("k").serialize_pem(),
+        )
+        .expect("write");
+        let (ca, st) = LocalCa::load_or_create(t.path(), &h).expect("regen");
+        assert!(matches!(st, CaStatus::Regenerated { .. }), "{st:?}");
+        let (_, st) = LocalCa::load_or_create(t.path(), &h).expect("load");
+        assert_eq!(st, CaStatus::Loaded);
+        assert!(
+            verify(
+                &ca,
+                &mint(t.path(), dns("api.openai.com")),
+                "api.openai.com"
+            )
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn refuses_empty_or_invalid_hosts() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let e = LocalCa::load_or_create(t.path(), &[]).expect_err("no hosts");
+        assert!(matches!(e, CaError::NoHosts));
+        assert_eq!(e.exit_code(), crate::exit::USAGE);
+        let e = LocalCa::load_or_create(t.path(), &hosts(&["*.openai.com"])).expect_err("wildcard");
+        assert!(e.to_string().contains("*.openai.com"), "{e}");
+        let perm = CaError::io(
+            "read",
+            Path::new("/x"),
+            io::Error::from(io::ErrorKind::PermissionDenied),
+        );
+        assert_eq!(perm.exit_code(), crate::exit::NOPERM);
+        assert!(perm.to_string().contains("root"), "{perm}");
+    }
+
+    #[test]
+    fn encodes_critical_name_constraints_and_ca_extensions() {
+        use x509_parser::extensions::{GeneralName, ParsedExtension};
+        let t = tempfile::tempdir().expect("tempdir");
+        let h = hosts(&["api.openai.com", "bedrock-runtime.us-east-1.amazonaws.com"]);
+        let (ca, _) = LocalCa::load_or_create(t.path(), &h).expect("create");
+        let (_, x) = x509_parser::parse_x509_certificate(ca.cert_der().as_ref()).expect("parses");
+        let nc = x
+            .name_constraints()
+            .expect("one extension")
+            .expect("name constraints present");
+        assert!(nc.critical, "name constraints must be critical");
+        let permitted: Vec<String> = nc
+            .value
+            .permitted_subtrees
+            .as_ref()
+            .expect("permitted")
+            .iter()
+            .map(|s| match s.base {
+                GeneralName::DNSName(d) => d.to_string(),
+                ref other => panic!("unexpected permitted subtree {other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            permitted,
+            vec!["api.openai.com", "bedrock-runtime.us-east-1.amazonaws.com"]
+        );
+        let excluded = nc
+            .value
+            .excluded_subtrees
+            .as_ref()
+            .expect("excluded IP ranges");
+        assert_eq!(excluded.len(), 2);
+        let bc = x.basic_constraints().expect("bc").expect("bc present");
+        assert!(bc.critical && bc.value.ca);
+        assert_eq!(bc.value.path_len_constraint, Some(0));
+        let ku = x.key_usage().expect("ku").expect("ku present");
+        assert!(ku.value.key_cert_sign() && ku.value.crl_sign() && !ku.value.digital_signature());
+        let cn = x
+            .subject()
+            .iter_common_name()
+            .next()
+            .expect("cn")
+            .as_str()
+            .expect("utf8");
+        assert!(cn.starts_with("tollgate local CA ("), "{cn}");
+        let years = (x.validity().not_after.timestamp() - x.validity().not_before.timestamp())
+            / 86_400
+            / 365;
+        assert!((9..=10).contains(&years), "validity {years} years");
+        assert!(x.extensions().iter().all(|e| !matches!(
+            e.parsed_extension(),
+            ParsedExtension::UnsupportedExtension { .. }
+        )));
+    }
+
+    #[tokio::test]
+    async fn minted_leaf_verifies_and_others_are_refused() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let all: Vec<String> =
+            crate::providers::catalogue::provider_hosts(&crate::config::Config::default())
+                .into_iter()
+                .map(|p| p.host)
+                .collect();
+        assert!(all.len() > 60, "the catalogue has many hosts");
+        let (ca, _) = LocalCa::load_or_create(t.path(), &all).expect("create");
+        for sni in ["api.openai.com", "bedrock-runtime.eu-west-1.amazonaws.com"] {
+            let cfg = ca.server_config(sni).await.expect("server config");
+            assert_eq!(
+                cfg.alpn_protocols,
+                vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+            );
+            let again = ca.server_config(&sni.to_uppercase()).await.expect("cached");
+            assert!(Arc::ptr_eq(&cfg, &again), "leaf configs are cached");
+            let (leaf, alpn) = handshake(&ca, cfg, sni);
+            assert_eq!(alpn.as_deref(), Some(&b"h2"[..]));
+            verify(&ca, &leaf, sni).expect("minted leaf verifies with WebPkiServerVerifier");
+        }
+        let e = ca
+            .server_config("example.com")
+            .await
+            .expect_err("not covered");
+        assert!(matches!(e, CaError::NotCovered { .. }), "{e}");
+
+        // Hand-minted leaves: inside the constraints accepted, outside refused.
+        verify(
+            &ca,
+            &mint(t.path(), dns("api.anthropic.com")),
+            "api.anthropic.com",
+        )
+        .expect("covered host accepted");
+        let evil = verify(
+            &ca,
+            &mint(t.path(), dns("www.example.com")),
+            "www.example.com",
+        )
+        .expect_err("webpki must refuse a host outside the name constraints");
+        assert!(format!("{evil:?}").contains("NameConstraint"), "{evil:?}");
+        let ip = rcgen::SanType::IpAddress("93.184.216.34".parse().expect("ip"));
+        let e = verify(&ca, &mint(t.path(), ip), "93.184.216.34")
+            .expect_err("webpki must refuse an IP address leaf");
+        assert!(format!("{e:?}").contains("NameConstraint"), "{e:?}");
+        // A subdomain of a permitted host is inside its subtree (RFC 5280).
+        verify(
+            &ca,
+            &mint(t.path(), dns("eu.api.openai.com")),
+            "eu.api.openai.com",
+        )
+        .expect("subtree");
+        // But a look-alike suffix is not.
+        verify(
+            &ca,
+            &mint(t.path(), dns("evilapi.openai.com")),
+            "evilapi.openai.com",
+        )
+        .expect_err("label boundary");
+    }
+}

@@ -1,0 +1,409 @@
+//! The configuration tree: one serde struct per TOML table, defaults that
+//! work on a runner with no file at all, and a pure `validate()`.
+//!
+//! Owns: parsing, defaults and validation of `tollgate.toml`.
+//! Must never: do I/O while validating (loading reads the one file, nothing
+//! else), or silently ignore a key it does not know.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Where `--config` points when it is not given; used only when it exists.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/tollgate/tollgate.toml";
+/// Default state directory: CA, ledger, trust bundle.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/tollgate";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid config{where_}: {key}: {message}")]
+    Invalid {
+        where_: String,
+        key: String,
+        message: String,
+    },
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Directory for the CA, the trust bundle and the ledger.
+    pub state_dir: PathBuf,
+    /// Logging.
+    pub log: LogConfig,
+    /// Kernel interception.
+    pub intercept: InterceptConfig,
+    /// The local listener that redirected connections land on.
+    pub proxy: ProxyConfig,
+    /// Connections from the agent to the providers.
+    pub upstream: UpstreamConfig,
+    /// Resolution of provider host names to the addresses that are redirected.
+    pub resolver: ResolverConfig,
+    /// Extra provider hosts (Azure OpenAI resources, private gateways,
+    /// OpenAI-compatible services not in the built-in catalogue).
+    pub providers: Vec<CustomProvider>,
+    /// The ledger of completed requests.
+    pub ledger: LedgerConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            state_dir: PathBuf::from(DEFAULT_STATE_DIR),
+            log: LogConfig::default(),
+            intercept: InterceptConfig::default(),
+            proxy: ProxyConfig::default(),
+            upstream: UpstreamConfig::default(),
+            resolver: ResolverConfig::default(),
+            providers: Vec::new(),
+            ledger: LedgerConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A tracing filter: `error`, `warn`, `info`, `debug`, `trace`, or a
+    /// directive list such as `tollgate=debug,hyper=warn`. `RUST_LOG`
+    /// overrides it.
+    pub level: String,
+    /// `text` (human readable) or `json` (one object per line).
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct InterceptConfig {
+    /// cgroup v2 directory whose processes (and descendants) are
+    /// intercepted. Default: the root of the cgroup v2 hierarchy, found in
+    /// /proc/mounts (so hybrid hosts work).
+    pub cgroup: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyConfig {
+    /// Loopback address and port of the listener. IPv6 clients are sent to
+    /// `[::1]` on the same port.
+    pub listen: SocketAddr,
+    /// How long SIGTERM waits for in-flight requests and streams to end.
+    pub drain_secs: u64,
+    /// Largest request body the agent reads to find the model (bytes).
+    /// Larger bodies are forwarded unchanged and recorded as unparsed.
+    pub max_request_body: usize,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 15443)),
+            drain_secs: 30,
+            max_request_body: 32 << 20,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    /// PEM file with extra CA certificates trusted for provider connections,
+    /// in addition to the webpki roots (tests, private gateways). There is
+    /// no setting that turns verification off.
+    pub extra_ca: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ResolverConfig {
+    /// Seconds between re-resolutions of the provider host names.
+    pub refresh_secs: u64,
+    /// Host name → addresses (`"10.0.0.5"`, `"10.0.0.5:8443"`,
+    /// `"[2001:db8::5]:443"`). A host listed here is not looked up in DNS.
+    pub overrides: BTreeMap<String, Vec<String>>,
+}
+
+impl Default for ResolverConfig {
+    fn default() -> Self {
+        ResolverConfig {
+            refresh_secs: 300,
+            overrides: BTreeMap::new(),
+        }
+    }
+}
+
+/// A provider host that is not in the built-in catalogue.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CustomProvider {
+    /// Exact host names (`myresource.openai.azure.com`).
+    pub hosts: Vec<String>,
+    /// Which API the host speaks.
+    pub api: ApiKind,
+}
+
+/// The wire API a host speaks.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum ApiKind {
+    Openai,
+    AzureOpenai,
+    Anthropic,
+    Gemini,
+    Bedrock,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LedgerConfig {
+    /// Records waiting for the ledger writer before the request path starts
+    /// handing them over asynchronously (never dropped).
+    pub queue: usize,
+}
+
+impl Default for LedgerConfig {
+    fn default() -> Self {
+        LedgerConfig { queue: 65_536 }
+    }
+}
+
+/// An address with an optional port, as written in `resolver.overrides`.
+pub fn parse_override_addr(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(sa) = s.parse::<SocketAddr>() {
+        return Ok(sa);
+    }
+    let trimmed = s.trim_start_matches('[').trim_end_matches(']');
+    trimmed
+        .parse::<IpAddr>()
+        .map(|ip| SocketAddr::new(ip, 443))
+        .map_err(|_| format!("`{s}` is not an IP address or IP:port"))
+}
+
+impl Config {
+    /// Loads `path` if given, else the default path if it exists, else the
+    /// defaults. Returns the config and the file it came from.
+    pub fn load(path: Option<&Path>) -> Result<(Config, Option<PathBuf>), ConfigError> {
+        let (path, required) = match path {
+            Some(p) => (p.to_path_buf(), true),
+            None => (PathBuf::from(DEFAULT_CONFIG_PATH), false),
+        };
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok((Config::default(), None));
+            }
+            Err(source) => return Err(ConfigError::Read { path, source }),
+        };
+        let cfg = Self::parse(&text).map_err(|message| ConfigError::Parse {
+            path: path.clone(),
+            message,
+        })?;
+        cfg.validate().map_err(|e| match e {
+            ConfigError::Invalid { key, message, .. } => ConfigError::Invalid {
+                where_: format!(" file {}", path.display()),
+                key,
+                message,
+            },
+            other => other,
+        })?;
+        Ok((cfg, Some(path)))
+    }
+
+    /// Parses TOML text; the error names the line, column and key.
+    pub fn parse(text: &str) -> Result<Config, String> {
+        toml::from_str::<Config>(text).map_err(|e| e.to_string().trim_end().to_string())
+    }
+
+    /// Checks what serde cannot. Pure: no I/O.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &str, message: String| ConfigError::Invalid {
+            where_: String::new(),
+            key: key.into(),
+            message,
+        };
+        if !self.proxy.listen.ip().is_loopback() {
+            return Err(invalid(
+                "proxy.listen",
+                format!(
+                    "{} is not a loopback address; the listener must not be reachable from the network (use 127.0.0.1:PORT)",
+                    self.proxy.listen
+                ),
+            ));
+        }
+        if !self.proxy.listen.is_ipv4() {
+            return Err(invalid(
+                "proxy.listen",
+                "give the IPv4 loopback address (127.0.0.1:PORT); IPv6 clients are sent to [::1] on the same port".into(),
+            ));
+        }
+        if self.resolver.refresh_secs == 0 {
+            return Err(invalid(
+                "resolver.refresh_secs",
+                "must be at least 1".into(),
+            ));
+        }
+        if self.ledger.queue == 0 {
+            return Err(invalid("ledger.queue", "must be at least 1".into()));
+        }
+        if self.state_dir.as_os_str().is_empty() || !self.state_dir.is_absolute() {
+            return Err(invalid(
+                "state_dir",
+                format!("`{}` must be an absolute path", self.state_dir.display()),
+            ));
+        }
+        for (host, addrs) in &self.resolver.overrides {
+            validate_host(host)
+                .map_err(|m| invalid(&format!("resolver.overrides.\"{host}\""), m))?;
+            if addrs.is_empty() {
+                return Err(invalid(
+                    &format!("resolver.overrides.\"{host}\""),
+                    "needs at least one address".into(),
+                ));
+            }
+            for a in addrs {
+                parse_override_addr(a)
+                    .map_err(|m| invalid(&format!("resolver.overrides.\"{host}\""), m))?;
+            }
+        }
+        for (i, p) in self.providers.iter().enumerate() {
+            if p.hosts.is_empty() {
+                return Err(invalid(
+                    &format!("providers[{i}].hosts"),
+                    "needs at least one host".into(),
+                ));
+            }
+            for h in &p.hosts {
+                validate_host(h).map_err(|m| invalid(&format!("providers[{i}].hosts"), m))?;
+            }
+        }
+        if let Err(e) = self.log.level.parse::<tracing_subscriber::EnvFilter>() {
+            return Err(invalid("log.level", format!("`{}`: {e}", self.log.level)));
+        }
+        Ok(())
+    }
+}
+
+/// An exact DNS host name: no wildcard, no scheme, no port.
+pub fn validate_host(h: &str) -> Result<(), String> {
+    let ok = !h.is_empty()
+        && h.len() <= 253
+        && h.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{h}` is not an exact host name (wildcards, schemes and ports are not allowed)"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_working_defaults() {
+        let c = Config::parse("").unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.proxy.listen, "127.0.0.1:15443".parse().unwrap());
+        assert_eq!(c.state_dir, PathBuf::from("/var/lib/tollgate"));
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_key() {
+        let e = Config::parse("[proxy]\nlisten = \"127.0.0.1:1\"\nlisen = 3\n").unwrap_err();
+        assert!(e.contains("line 3"), "{e}");
+        assert!(e.contains("lisen"), "{e}");
+    }
+
+    #[test]
+    fn full_example_parses() {
+        let c = Config::parse(
+            r#"
+state_dir = "/tmp/tg"
+[log]
+level = "debug"
+format = "json"
+[intercept]
+cgroup = "/sys/fs/cgroup/unified/ci"
+[proxy]
+listen = "127.0.0.1:16000"
+[upstream]
+extra_ca = "/tmp/ca.pem"
+[resolver]
+refresh_secs = 60
+[resolver.overrides]
+"api.openai.com" = ["127.0.0.9", "[::1]:8443"]
+[[providers]]
+hosts = ["myres.openai.azure.com"]
+api = "azure-openai"
+"#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.log.format, LogFormat::Json);
+        assert_eq!(c.providers[0].api, ApiKind::AzureOpenai);
+        assert_eq!(
+            parse_override_addr("[::1]:8443").unwrap(),
+            "[::1]:8443".parse().unwrap()
+        );
+        assert_eq!(
+            parse_override_addr("127.0.0.9").unwrap(),
+            "127.0.0.9:443".parse().unwrap()
+        );
+    }
+
+    #[test]
+    fn rejects_bad_values() {
+        let mut c = Config::default();
+        c.proxy.listen = "0.0.0.0:15443".parse().unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("loopback"));
+        let mut c = Config::default();
+        c.resolver
+            .overrides
+            .insert("*.openai.com".into(), vec!["127.0.0.1".into()]);
+        assert!(c.validate().unwrap_err().to_string().contains("exact host"));
+        let mut c = Config::default();
+        c.resolver
+            .overrides
+            .insert("api.openai.com".into(), vec!["localhost".into()]);
+        assert!(c.validate().is_err());
+        let c = Config {
+            state_dir: "relative".into(),
+            ..Config::default()
+        };
+        assert!(c.validate().is_err());
+    }
+}

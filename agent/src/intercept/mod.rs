@@ -1,0 +1,260 @@
+//! Kernel interception: loads and attaches the `agent-ebpf` programs to a
+//! cgroup v2 directory, keeps the provider address map current, and hands the
+//! proxy the origin of each redirected connection.
+//!
+//! Owns: the eBPF object, its links and maps, the resolver refresh
+//! (`resolver`). Must never: hold request state (an origin is removed from
+//! the kernel map as it is handed out), or hold a lock across anything but
+//! one map syscall.
+//!
+//! Dropping [`Intercept`] detaches every program (bpf_link, not pinned), so a
+//! dead agent fails open: connects go straight to the provider again.
+
+mod cgroup;
+mod error;
+mod keys;
+mod programs;
+pub mod resolver;
+
+use std::{
+    collections::{BTreeSet, HashSet},
+    net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    sync::{Mutex, MutexGuard, PoisonError},
+};
+
+use agent_common::{AddrPort, Origin, stat, target_flags};
+use aya::{
+    Ebpf,
+    maps::{HashMap, MapData, PerCpuArray},
+};
+
+pub use cgroup::cgroup2_root;
+pub use error::InterceptError;
+
+/// Where and how to attach.
+#[derive(Debug, Clone)]
+pub struct InterceptSettings {
+    /// cgroup v2 directory whose processes (and descendants) are intercepted.
+    pub cgroup: PathBuf,
+    /// IPv4 address of the agent's listener (IPv6 clients go to `[::1]`).
+    pub listen_v4: Ipv4Addr,
+    /// Port of the agent's listeners (the same on 127.0.0.1 and ::1).
+    pub listen_port: u16,
+}
+
+/// Who dialed a redirected connection, and where to.
+#[derive(Debug, Clone)]
+pub struct ConnOrigin {
+    /// Process id (thread group id) of the caller.
+    pub tgid: u32,
+    /// Thread id of the caller.
+    pub pid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// cgroup v2 id of the caller (the inode number of its cgroup directory).
+    pub cgroup_id: u64,
+    /// `comm` of the calling thread.
+    pub comm: String,
+    /// The address the client dialed; IPv4 (also v4-mapped) as `SocketAddr::V4`.
+    pub dst: SocketAddr,
+    /// Socket cookie of the client's socket.
+    pub cookie: u64,
+}
+
+/// Sums of the per-CPU counters of the kernel programs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct InterceptStats {
+    /// Connects rewritten to the agent.
+    pub redirected: u64,
+    /// Provider connects from another network namespace, left untouched.
+    pub other_netns: u64,
+    /// The agent's own provider connects, left untouched.
+    pub agent_self: u64,
+    /// UDP connects to provider addresses refused (QUIC falls back to TCP).
+    pub udp_refused: u64,
+    /// Origins re-keyed by the client's local address in sock_ops.
+    pub rekeyed: u64,
+    /// Kernel map updates that failed (the connect was left untouched).
+    pub map_errors: u64,
+    /// `getpeername()` calls answered with the dialed address.
+    pub peername_restored: u64,
+}
+
+/// The provider map and what user space last put in it.
+struct Targets {
+    map: HashMap<MapData, AddrPort, u32>,
+    current: HashSet<AddrPort>,
+}
+
+/// The loaded, attached programs. Dropping it detaches everything (bpf_link),
+/// so a dead agent fails open.
+pub struct Intercept {
+    cgroup: PathBuf,
+    targets: Mutex<Targets>,
+    origins: Mutex<HashMap<MapData, AddrPort, Origin>>,
+    stats: PerCpuArray<MapData, u64>,
+    /// Owns the programs and their links: dropping it detaches them all (the
+    /// kernel keeps the maps alive for as long as a program uses them).
+    _ebpf: Mutex<Ebpf>,
+}
+
+impl std::fmt::Debug for Intercept {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Intercept")
+            .field("cgroup", &self.cgroup)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Intercept {
+    /// Loads the embedded object, fills CONFIG (agent tgid, its netns cookie,
+    /// listeners 127.0.0.1/`listen_v4` and ::1 on `listen_port`, ENABLED)
+    /// and attaches every program to `settings.cgroup`. Several agents may
+    /// attach to different cgroups (or the same one) at once.
+    pub fn attach(settings: &InterceptSettings) -> Result<Intercept, InterceptError> {
+        if !Path::new("/sys/kernel/btf/vmlinux").exists() {
+            return Err(InterceptError::NoBtf);
+        }
+        cgroup::check_cgroup_dir(&settings.cgroup)?;
+        let netns_cookie = cgroup::own_netns_cookie()?;
+        let config = programs::config(
+            settings.listen_v4,
+            settings.listen_port,
+            std::process::id(),
+            netns_cookie,
+        );
+
+        let mut ebpf = programs::load_object()?;
+        programs::write_config(&mut ebpf, &config)?;
+        let targets = take_map(&mut ebpf, "PROVIDER_TARGETS", HashMap::try_from)?;
+        let origins = take_map(&mut ebpf, "ORIGINS", HashMap::try_from)?;
+        let stats = take_map(&mut ebpf, "STATS", PerCpuArray::try_from)?;
+        programs::attach_all(&mut ebpf, &settings.cgroup)?;
+        tracing::info!(
+            cgroup = %settings.cgroup.display(),
+            listen_v4 = %settings.listen_v4,
+            listen_port = settings.listen_port,
+            "interception attached"
+        );
+        Ok(Intercept {
+            cgroup: settings.cgroup.clone(),
+            targets: Mutex::new(Targets {
+                map: targets,
+                current: HashSet::new(),
+            }),
+            origins: Mutex::new(origins),
+            stats,
+            _ebpf: Mutex::new(ebpf),
+        })
+    }
+
+    /// Replaces the set of redirected provider addresses (diff: insert new,
+    /// delete stale), live.
+    pub fn set_targets(&self, targets: &BTreeSet<SocketAddr>) -> Result<(), InterceptError> {
+        let wanted: HashSet<AddrPort> = targets.iter().map(|a| keys::key_of(*a)).collect();
+        let mut t = lock(&self.targets);
+        let stale: Vec<AddrPort> = t.current.difference(&wanted).copied().collect();
+        let new: Vec<AddrPort> = wanted.difference(&t.current).copied().collect();
+        for key in &new {
+            t.map.insert(key, target_flags::REDIRECT, 0).map_err(|e| {
+                InterceptError::bpf("adding a provider address to PROVIDER_TARGETS", &e)
+            })?;
+            t.current.insert(*key);
+        }
+        for key in &stale {
+            match t.map.remove(key) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) if is_enoent(&e) => {}
+                Err(e) => {
+                    return Err(InterceptError::bpf(
+                        "removing a provider address from PROVIDER_TARGETS",
+                        &e,
+                    ));
+                }
+            }
+            t.current.remove(key);
+        }
+        if !new.is_empty() || !stale.is_empty() {
+            tracing::debug!(
+                added = new.len(),
+                removed = stale.len(),
+                total = t.current.len(),
+                "provider targets updated"
+            );
+        }
+        Ok(())
+    }
+
+    /// Looks up and removes the origin of an accepted connection by the
+    /// client's address as the proxy sees it (the accepted socket's peer;
+    /// IPv4 and v4-mapped IPv6 are the same key).
+    pub fn take_origin(&self, client: SocketAddr) -> Option<ConnOrigin> {
+        let key = keys::key_of(client);
+        let mut origins = lock(&self.origins);
+        let origin = origins.get(&key, 0).ok()?;
+        if let Err(e) = origins.remove(&key) {
+            tracing::debug!(error = %e, %client, "could not remove a taken origin (the LRU will)");
+        }
+        drop(origins);
+        Some(ConnOrigin::from(&origin))
+    }
+
+    /// Sums of the per-CPU STATS counters.
+    pub fn stats(&self) -> InterceptStats {
+        let get = |index: u32| -> u64 {
+            self.stats
+                .get(&index, 0)
+                .map(|values| values.iter().copied().fold(0u64, u64::wrapping_add))
+                .unwrap_or(0)
+        };
+        InterceptStats {
+            redirected: get(stat::REDIRECTED),
+            other_netns: get(stat::OTHER_NETNS),
+            agent_self: get(stat::AGENT_SELF),
+            udp_refused: get(stat::UDP_REFUSED),
+            rekeyed: get(stat::REKEYED),
+            map_errors: get(stat::MAP_ERRORS),
+            peername_restored: get(stat::PEERNAME_RESTORED),
+        }
+    }
+
+    /// The cgroup the programs are attached to.
+    pub fn cgroup(&self) -> &Path {
+        &self.cgroup
+    }
+}
+
+fn take_map<M>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    convert: impl FnOnce(aya::maps::Map) -> Result<M, aya::maps::MapError>,
+) -> Result<M, InterceptError> {
+    let map = ebpf.take_map(name).ok_or_else(|| InterceptError::Bpf {
+        action: format!("finding map {name} in the embedded eBPF object"),
+        detail: "not present (agent and agent-ebpf are out of step)".to_owned(),
+    })?;
+    convert(map).map_err(|e| InterceptError::bpf(format!("opening map {name}"), &e))
+}
+
+fn is_enoent(e: &aya::maps::MapError) -> bool {
+    matches!(e, aya::maps::MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::ENOENT))
+}
+
+/// Locks for one map syscall; a poisoned lock only means another thread
+/// panicked between syscalls, and the map is still consistent.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assert_send_sync<T: Send + Sync>() {}
+
+    #[test]
+    fn intercept_can_be_shared() {
+        assert_send_sync::<Intercept>();
+    }
+}

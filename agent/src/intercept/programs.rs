@@ -1,0 +1,173 @@
+//! Loading the embedded eBPF object, filling `CONFIG`, and attaching every
+//! program to the cgroup through bpf_link (so a dead agent fails open).
+
+use std::{fs::File, net::Ipv4Addr, path::Path};
+
+use agent_common::{Config, config_flags};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, MapData},
+    programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, SockOps},
+};
+
+use super::InterceptError;
+
+/// The object aya-build leaves in `OUT_DIR` (empty with `AYA_BUILD_SKIP=1`).
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-ebpf"));
+
+/// How each program attaches.
+#[derive(Clone, Copy)]
+enum Kind {
+    SockAddr,
+    SockOps,
+    Sock,
+}
+
+/// Attach order: the bookkeeping programs first, so no redirected socket
+/// exists before sock_ops can re-key it and sock_release can forget it;
+/// connect4/6 last.
+const PROGRAMS: [(&str, Kind); 6] = [
+    ("tollgate_sock_release", Kind::Sock),
+    ("tollgate_sockops", Kind::SockOps),
+    ("tollgate_getpeername4", Kind::SockAddr),
+    ("tollgate_getpeername6", Kind::SockAddr),
+    ("tollgate_connect4", Kind::SockAddr),
+    ("tollgate_connect6", Kind::SockAddr),
+];
+
+/// What the kernel programs are told, in `CONFIG[0]`.
+pub(crate) fn config(
+    listen_v4: Ipv4Addr,
+    listen_port: u16,
+    agent_tgid: u32,
+    netns_cookie: u64,
+) -> Config {
+    Config {
+        netns_cookie,
+        listen_addr6: std::net::Ipv6Addr::LOCALHOST.octets(),
+        listen_addr4: listen_v4.octets(),
+        agent_tgid,
+        listen_port,
+        _pad: 0,
+        flags: config_flags::ENABLED,
+    }
+}
+
+/// Loads the object (creating its maps) without loading any program.
+pub(crate) fn load_object() -> Result<Ebpf, InterceptError> {
+    if OBJECT.is_empty() {
+        return Err(InterceptError::NoObject);
+    }
+    raise_memlock();
+    EbpfLoader::new()
+        .load(OBJECT)
+        .map_err(|e| InterceptError::bpf("loading the eBPF object (creating its maps)", &e))
+}
+
+/// Writes `CONFIG[0]`; must happen before any program is attached.
+pub(crate) fn write_config(ebpf: &mut Ebpf, config: &Config) -> Result<(), InterceptError> {
+    let map = ebpf
+        .map_mut("CONFIG")
+        .ok_or_else(|| missing("map CONFIG"))?;
+    let mut array: Array<&mut MapData, Config> =
+        Array::try_from(map).map_err(|e| InterceptError::bpf("opening map CONFIG", &e))?;
+    array
+        .set(0, config, 0)
+        .map_err(|e| InterceptError::bpf("writing map CONFIG", &e))
+}
+
+/// Loads every program and attaches it to `cgroup`. The links live in
+/// `ebpf`; dropping it detaches them all.
+pub(crate) fn attach_all(ebpf: &mut Ebpf, cgroup: &Path) -> Result<(), InterceptError> {
+    let dir = File::open(cgroup).map_err(|source| InterceptError::Io {
+        what: "cannot open the cgroup directory",
+        path: cgroup.to_path_buf(),
+        source,
+    })?;
+    for (name, kind) in PROGRAMS {
+        let program = ebpf
+            .program_mut(name)
+            .ok_or_else(|| missing(&format!("program {name}")))?;
+        let loading = || format!("loading program {name}");
+        let attaching = || format!("attaching program {name} to {}", cgroup.display());
+        // Links are always "multi" in the kernel: CgroupAttachMode::Single
+        // (flags 0) is what bpf_link_create accepts, and it does not stop
+        // other agents from attaching to this or other cgroups.
+        let mode = CgroupAttachMode::Single;
+        match kind {
+            Kind::SockAddr => {
+                let p: &mut CgroupSockAddr = program
+                    .try_into()
+                    .map_err(|e| InterceptError::bpf(loading(), &e))?;
+                p.load().map_err(|e| InterceptError::bpf(loading(), &e))?;
+                p.attach(&dir, mode)
+                    .map_err(|e| InterceptError::bpf(attaching(), &e))?;
+            }
+            Kind::SockOps => {
+                let p: &mut SockOps = program
+                    .try_into()
+                    .map_err(|e| InterceptError::bpf(loading(), &e))?;
+                p.load().map_err(|e| InterceptError::bpf(loading(), &e))?;
+                p.attach(&dir, mode)
+                    .map_err(|e| InterceptError::bpf(attaching(), &e))?;
+            }
+            Kind::Sock => {
+                let p: &mut CgroupSock = program
+                    .try_into()
+                    .map_err(|e| InterceptError::bpf(loading(), &e))?;
+                p.load().map_err(|e| InterceptError::bpf(loading(), &e))?;
+                p.attach(&dir, mode)
+                    .map_err(|e| InterceptError::bpf(attaching(), &e))?;
+            }
+        }
+        tracing::debug!(program = name, cgroup = %cgroup.display(), "attached");
+    }
+    Ok(())
+}
+
+fn missing(what: &str) -> InterceptError {
+    InterceptError::Bpf {
+        action: format!("finding {what} in the embedded eBPF object"),
+        detail: "not present (agent and agent-ebpf are out of step)".to_owned(),
+    }
+}
+
+/// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; newer ones use
+/// memcg accounting and ignore it. Raising it is harmless either way.
+fn raise_memlock() {
+    use nix::sys::resource::{RLIM_INFINITY, Resource, setrlimit};
+    if let Err(e) = setrlimit(Resource::RLIMIT_MEMLOCK, RLIM_INFINITY, RLIM_INFINITY) {
+        tracing::debug!(error = %e, "could not raise RLIMIT_MEMLOCK (fine on Linux >= 5.11)");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_layout() {
+        let c = config(Ipv4Addr::LOCALHOST, 15443, 42, 7);
+        assert_eq!(c.listen_addr4, [127, 0, 0, 1], "network order");
+        assert_eq!(c.listen_addr6[15], 1);
+        assert!(c.listen_addr6[..15].iter().all(|b| *b == 0));
+        assert_eq!(c.listen_port, 15443, "host order");
+        assert_eq!((c.agent_tgid, c.netns_cookie), (42, 7));
+        assert_eq!(c.flags & config_flags::ENABLED, config_flags::ENABLED);
+    }
+
+    #[test]
+    fn every_program_is_in_the_object() {
+        if OBJECT.is_empty() {
+            eprintln!("built with AYA_BUILD_SKIP: no object to inspect");
+            return;
+        }
+        // Symbol names appear verbatim in the ELF string table.
+        for (name, _) in PROGRAMS {
+            assert!(
+                OBJECT.windows(name.len()).any(|w| w == name.as_bytes()),
+                "program {name} missing from the object"
+            );
+        }
+    }
+}

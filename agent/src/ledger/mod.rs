@@ -1,0 +1,264 @@
+//! The ledger: one durable row per request that reached a provider.
+//!
+//! Owns: `STATE/ledger.sqlite` (SQLite, WAL, `synchronous=NORMAL`: a process
+//! crash loses nothing committed), its schema and migrations (`schema`), and
+//! the writer thread the request path hands records to (`writer`).
+//!
+//! Must never: lose a settled record (a full queue spills to an unbounded
+//! overflow list, a failed write is retried), make the request path wait on
+//! disk, or store a secret (the record types carry no headers, keys or query
+//! strings; do not add any).
+
+mod schema;
+mod writer;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::{Connection, ErrorCode, OpenFlags};
+
+use crate::meter::UsageRecord;
+
+pub use schema::SCHEMA_VERSION;
+pub use writer::{LedgerHandle, LedgerStats, LedgerWriter};
+
+/// How long a writer waits for another process's lock (e.g. `sqlite3`).
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error(
+        "permission denied: cannot open the ledger {}: {source}; run tollgate as root or fix the permissions of its directory",
+        path.display()
+    )]
+    Permission {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error(
+        "{} is not a tollgate ledger (not an SQLite database, or corrupt): {source}; move it away and tollgate will start a new one",
+        path.display()
+    )]
+    NotADatabase {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error(
+        "the ledger {} has schema version {found}, newer than this tollgate understands ({SCHEMA_VERSION}); upgrade tollgate",
+        path.display()
+    )]
+    TooNew { path: PathBuf, found: i64 },
+    #[error("cannot create the directory {}: {source}", path.display())]
+    Directory {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot start the ledger writer thread: {0}")]
+    Thread(std::io::Error),
+    #[error("ledger {}: {source}", path.display())]
+    Sqlite {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error(
+        "the ledger writer did not finish within {waited:?}; {unwritten} records were not written"
+    )]
+    ShutdownTimeout { waited: Duration, unwritten: u64 },
+    #[error("the ledger writer stopped with {unwritten} records unwritten: {reason}")]
+    Unwritten { unwritten: u64, reason: String },
+}
+
+impl LedgerError {
+    /// Process exit code (see `crate::exit`).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            LedgerError::Permission { .. } => crate::exit::NOPERM,
+            LedgerError::Directory { source, .. }
+                if source.kind() == std::io::ErrorKind::PermissionDenied =>
+            {
+                crate::exit::NOPERM
+            }
+            LedgerError::NotADatabase { .. }
+            | LedgerError::TooNew { .. }
+            | LedgerError::Directory { .. } => crate::exit::UNAVAILABLE,
+            LedgerError::Sqlite { source, .. }
+                if matches!(
+                    source.sqlite_error_code(),
+                    Some(
+                        ErrorCode::DiskFull
+                            | ErrorCode::SystemIoFailure
+                            | ErrorCode::ReadOnly
+                            | ErrorCode::DatabaseBusy
+                    )
+                ) =>
+            {
+                crate::exit::UNAVAILABLE
+            }
+            _ => crate::exit::SOFTWARE,
+        }
+    }
+
+    fn classify(path: &Path, source: rusqlite::Error) -> LedgerError {
+        let path = path.to_path_buf();
+        match source.sqlite_error_code() {
+            Some(ErrorCode::NotADatabase | ErrorCode::DatabaseCorrupt) => {
+                LedgerError::NotADatabase { path, source }
+            }
+            Some(ErrorCode::PermissionDenied) => LedgerError::Permission { path, source },
+            Some(ErrorCode::CannotOpen | ErrorCode::ReadOnly) if permission_denied(&path) => {
+                LedgerError::Permission { path, source }
+            }
+            _ => LedgerError::Sqlite { path, source },
+        }
+    }
+}
+
+/// Whether opening `path` (or creating a file beside it) is refused.
+fn permission_denied(path: &Path) -> bool {
+    let denied = |r: std::io::Result<std::fs::File>| matches!(r, Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied);
+    if path.exists() {
+        denied(
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(path),
+        )
+    } else {
+        let probe = path.with_extension("sqlite.probe");
+        let r = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&probe);
+        if r.is_ok() {
+            let _ = std::fs::remove_file(&probe);
+        }
+        denied(r)
+    }
+}
+
+/// Which rows `query` returns. Empty filter: all rows.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    /// Requests started at or after this Unix millisecond.
+    pub since_ms: Option<i64>,
+    /// Exact repository (`owner/name`).
+    pub repository: Option<String>,
+    /// Exact job name.
+    pub job: Option<String>,
+}
+
+/// An open ledger file.
+pub struct Ledger {
+    conn: Connection,
+    path: PathBuf,
+    insert_sql: String,
+}
+
+impl std::fmt::Debug for Ledger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ledger")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Ledger {
+    /// Opens (creating it and its directory) the ledger at `path`, sets WAL,
+    /// `synchronous=NORMAL` and a busy timeout, and migrates the schema.
+    pub fn open(path: &Path) -> Result<Ledger, LedgerError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| LedgerError::Directory {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        }
+        let err = |e| LedgerError::classify(path, e);
+        let mut conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+                | OpenFlags::SQLITE_OPEN_CREATE
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(err)?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(err)?;
+        // The first statement that reads the file: a non-SQLite file fails here.
+        let mode: String = conn
+            .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
+            .map_err(err)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            tracing::warn!(path = %path.display(), %mode, "the ledger could not switch to WAL mode");
+        }
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(err)?;
+        schema::migrate(&mut conn).map_err(|e| match e {
+            schema::MigrateError::TooNew(found) => LedgerError::TooNew {
+                path: path.to_path_buf(),
+                found,
+            },
+            schema::MigrateError::Sqlite(e) => err(e),
+        })?;
+        Ok(Ledger {
+            conn,
+            path: path.to_path_buf(),
+            insert_sql: schema::insert_sql(),
+        })
+    }
+
+    /// The file this ledger writes.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Inserts `records` in one transaction: all or none.
+    pub fn insert_batch(&mut self, records: &[UsageRecord]) -> Result<(), LedgerError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let path = self.path.clone();
+        let err = |e| LedgerError::classify(&path, e);
+        let tx = self.conn.transaction().map_err(err)?;
+        {
+            let mut stmt = tx.prepare_cached(&self.insert_sql).map_err(err)?;
+            for r in records {
+                let values = schema::bind(r);
+                let params: Vec<&dyn rusqlite::ToSql> = values.iter().map(|b| b.as_ref()).collect();
+                stmt.execute(params.as_slice()).map_err(err)?;
+            }
+        }
+        tx.commit().map_err(err)
+    }
+
+    /// Records matching `filter`, oldest first, with `id` filled.
+    pub fn query(&self, filter: &Filter) -> Result<Vec<UsageRecord>, LedgerError> {
+        let err = |e| LedgerError::classify(&self.path, e);
+        let mut sql = schema::select_sql();
+        let mut clauses = Vec::new();
+        let mut params: Vec<Box<dyn rusqlite::ToSql>> = Vec::new();
+        if let Some(since) = filter.since_ms {
+            params.push(Box::new(since));
+            clauses.push(format!("started_at_ms >= ?{}", params.len()));
+        }
+        if let Some(repo) = &filter.repository {
+            params.push(Box::new(repo.clone()));
+            clauses.push(format!("repository = ?{}", params.len()));
+        }
+        if let Some(job) = &filter.job {
+            params.push(Box::new(job.clone()));
+            clauses.push(format!("job = ?{}", params.len()));
+        }
+        if !clauses.is_empty() {
+            sql.push_str(" WHERE ");
+            sql.push_str(&clauses.join(" AND "));
+        }
+        sql.push_str(" ORDER BY started_at_ms, id");
+        let mut stmt = self.conn.prepare(&sql).map_err(err)?;
+        let refs: Vec<&dyn rusqlite::ToSql> = params.iter().map(|b| b.as_ref()).collect();
+        let rows = stmt
+            .query_map(refs.as_slice(), schema::from_row)
+            .map_err(err)?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(err)
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests;

@@ -1,0 +1,271 @@
+//! The ledger's schema, its migrations, and the mapping between a
+//! `UsageRecord` and a row of `requests`.
+//!
+//! Counts are `u64` in the record and `INTEGER` (i64) in SQLite: they are
+//! stored saturated at `i64::MAX` (no real count comes near it); `cgroup_id`
+//! is an identifier, so it is stored bit for bit (`as i64`) and read back
+//! the same way.
+
+use rusqlite::{Connection, Row, ToSql};
+
+use crate::meter::{Attribution, Usage, UsageRecord};
+
+/// The schema version this build writes (SQLite `user_version`).
+pub const SCHEMA_VERSION: i64 = 1;
+
+/// Migration `i` brings the schema from version `i` to `i + 1`.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE requests (
+    id                       INTEGER PRIMARY KEY,
+    started_at_ms            INTEGER NOT NULL,
+    started_at               TEXT    NOT NULL,
+    duration_ms              INTEGER NOT NULL,
+    provider                 TEXT    NOT NULL,
+    host                     TEXT    NOT NULL,
+    operation                TEXT    NOT NULL,
+    method                   TEXT    NOT NULL,
+    path                     TEXT    NOT NULL,
+    model                    TEXT,
+    response_model           TEXT,
+    status                   INTEGER NOT NULL,
+    streaming                INTEGER NOT NULL CHECK (streaming IN (0, 1)),
+    input_tokens             INTEGER NOT NULL,
+    output_tokens            INTEGER NOT NULL,
+    cached_input_tokens      INTEGER NOT NULL,
+    cache_write_input_tokens INTEGER NOT NULL,
+    reasoning_tokens         INTEGER NOT NULL,
+    estimated                INTEGER NOT NULL CHECK (estimated IN (0, 1)),
+    cost_usd                 REAL,
+    pid                      INTEGER NOT NULL,
+    uid                      INTEGER NOT NULL,
+    cgroup_id                INTEGER NOT NULL,
+    comm                     TEXT    NOT NULL,
+    exe                      TEXT,
+    cmdline                  TEXT,
+    ci_system                TEXT,
+    repository               TEXT,
+    workflow                 TEXT,
+    job                      TEXT,
+    run_id                   TEXT,
+    run_attempt              TEXT,
+    ref_name                 TEXT,
+    runner                   TEXT,
+    error                    TEXT
+);
+CREATE INDEX requests_started_at_ms ON requests (started_at_ms);
+CREATE INDEX requests_repository ON requests (repository, started_at_ms);
+"#];
+
+/// Every column but `id`, in the order `bind` writes and `from_row` reads.
+pub const COLUMNS: &[&str] = &[
+    "started_at_ms",
+    "started_at",
+    "duration_ms",
+    "provider",
+    "host",
+    "operation",
+    "method",
+    "path",
+    "model",
+    "response_model",
+    "status",
+    "streaming",
+    "input_tokens",
+    "output_tokens",
+    "cached_input_tokens",
+    "cache_write_input_tokens",
+    "reasoning_tokens",
+    "estimated",
+    "cost_usd",
+    "pid",
+    "uid",
+    "cgroup_id",
+    "comm",
+    "exe",
+    "cmdline",
+    "ci_system",
+    "repository",
+    "workflow",
+    "job",
+    "run_id",
+    "run_attempt",
+    "ref_name",
+    "runner",
+    "error",
+];
+
+/// What `migrate` found.
+#[derive(Debug)]
+pub enum MigrateError {
+    /// The file was written by a newer tollgate.
+    TooNew(i64),
+    Sqlite(rusqlite::Error),
+}
+
+impl From<rusqlite::Error> for MigrateError {
+    fn from(e: rusqlite::Error) -> Self {
+        MigrateError::Sqlite(e)
+    }
+}
+
+/// Brings the schema to `SCHEMA_VERSION`, one transaction per step.
+pub fn migrate(conn: &mut Connection) -> Result<(), MigrateError> {
+    let mut version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if version > SCHEMA_VERSION {
+        return Err(MigrateError::TooNew(version));
+    }
+    while version < SCHEMA_VERSION {
+        let step = usize::try_from(version).unwrap_or(usize::MAX);
+        let Some(sql) = MIGRATIONS.get(step) else {
+            return Err(MigrateError::TooNew(version));
+        };
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", version + 1)?;
+        tx.commit()?;
+        version += 1;
+    }
+    Ok(())
+}
+
+/// `INSERT INTO requests (...) VALUES (?1, ...)`.
+pub fn insert_sql() -> String {
+    let marks: Vec<String> = (1..=COLUMNS.len()).map(|i| format!("?{i}")).collect();
+    format!(
+        "INSERT INTO requests ({}) VALUES ({})",
+        COLUMNS.join(", "),
+        marks.join(", ")
+    )
+}
+
+/// `SELECT id, ... FROM requests`.
+pub fn select_sql() -> String {
+    format!("SELECT id, {} FROM requests", COLUMNS.join(", "))
+}
+
+fn count(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn uncount(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+/// The values of a record in `COLUMNS` order.
+pub fn bind(r: &UsageRecord) -> Vec<Box<dyn ToSql + '_>> {
+    let w = &r.who;
+    let u = &r.usage;
+    vec![
+        Box::new(r.started_at_ms),
+        Box::new(&r.started_at),
+        Box::new(count(r.duration_ms)),
+        Box::new(&r.provider),
+        Box::new(&r.host),
+        Box::new(&r.operation),
+        Box::new(&r.method),
+        Box::new(&r.path),
+        Box::new(&r.model),
+        Box::new(&r.response_model),
+        Box::new(r.status),
+        Box::new(r.streaming),
+        Box::new(count(u.input_tokens)),
+        Box::new(count(u.output_tokens)),
+        Box::new(count(u.cached_input_tokens)),
+        Box::new(count(u.cache_write_input_tokens)),
+        Box::new(count(u.reasoning_tokens)),
+        Box::new(r.estimated),
+        Box::new(r.cost_usd),
+        Box::new(w.pid),
+        Box::new(w.uid),
+        Box::new(w.cgroup_id as i64),
+        Box::new(&w.comm),
+        Box::new(&w.exe),
+        Box::new(&w.cmdline),
+        Box::new(&w.ci_system),
+        Box::new(&w.repository),
+        Box::new(&w.workflow),
+        Box::new(&w.job),
+        Box::new(&w.run_id),
+        Box::new(&w.run_attempt),
+        Box::new(&w.ref_name),
+        Box::new(&w.runner),
+        Box::new(&r.error),
+    ]
+}
+
+/// A row of `select_sql()` back into a record.
+pub fn from_row(row: &Row<'_>) -> rusqlite::Result<UsageRecord> {
+    let c = |i: usize| i + 1; // column 0 is id
+    Ok(UsageRecord {
+        id: Some(row.get(0)?),
+        started_at_ms: row.get(c(0))?,
+        started_at: row.get(c(1))?,
+        duration_ms: uncount(row.get(c(2))?),
+        provider: row.get(c(3))?,
+        host: row.get(c(4))?,
+        operation: row.get(c(5))?,
+        method: row.get(c(6))?,
+        path: row.get(c(7))?,
+        model: row.get(c(8))?,
+        response_model: row.get(c(9))?,
+        status: row.get(c(10))?,
+        streaming: row.get(c(11))?,
+        usage: Usage {
+            input_tokens: uncount(row.get(c(12))?),
+            output_tokens: uncount(row.get(c(13))?),
+            cached_input_tokens: uncount(row.get(c(14))?),
+            cache_write_input_tokens: uncount(row.get(c(15))?),
+            reasoning_tokens: uncount(row.get(c(16))?),
+        },
+        estimated: row.get(c(17))?,
+        cost_usd: row.get(c(18))?,
+        who: Attribution {
+            pid: row.get(c(19))?,
+            uid: row.get(c(20))?,
+            cgroup_id: row.get::<_, i64>(c(21))? as u64,
+            comm: row.get(c(22))?,
+            exe: row.get(c(23))?,
+            cmdline: row.get(c(24))?,
+            ci_system: row.get(c(25))?,
+            repository: row.get(c(26))?,
+            workflow: row.get(c(27))?,
+            job: row.get(c(28))?,
+            run_id: row.get(c(29))?,
+            run_attempt: row.get(c(30))?,
+            ref_name: row.get(c(31))?,
+            runner: row.get(c(32))?,
+        },
+        error: row.get(c(33))?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn columns_match_the_table() {
+        let mut conn = Connection::open_in_memory().expect("memory db");
+        migrate(&mut conn).expect("migrates");
+        let stmt = conn.prepare(&select_sql()).expect("select prepares");
+        assert_eq!(stmt.column_count(), COLUMNS.len() + 1);
+        drop(stmt);
+        conn.prepare(&insert_sql()).expect("insert prepares");
+        assert_eq!(bind(&UsageRecord::default()).len(), COLUMNS.len());
+        let v: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .expect("version");
+        assert_eq!(v, SCHEMA_VERSION);
+        migrate(&mut conn).expect("migrating twice is a no-op");
+    }
+
+    #[test]
+    fn refuses_a_newer_schema() {
+        let mut conn = Connection::open_in_memory().expect("memory db");
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+            .expect("set");
+        assert!(
+            matches!(migrate(&mut conn), Err(MigrateError::TooNew(v)) if v == SCHEMA_VERSION + 1)
+        );
+    }
+}

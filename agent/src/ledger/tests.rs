@@ -1,0 +1,352 @@
+//! Ledger tests: round trips, the writer under load, crash safety, bad files.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::meter::{Attribution, Usage, UsageRecord};
+
+pub(crate) fn sample(i: u64) -> UsageRecord {
+    UsageRecord {
+        id: None,
+        started_at_ms: 1_700_000_000_000 + i as i64,
+        started_at: "2023-11-14T22:13:20Z".into(),
+        duration_ms: 1234 + i,
+        provider: "openai".into(),
+        host: "api.openai.com".into(),
+        operation: "chat".into(),
+        method: "POST".into(),
+        path: "/v1/chat/completions".into(),
+        model: Some("gpt-4o-mini".into()),
+        response_model: Some("gpt-4o-mini-2024-07-18".into()),
+        status: 200,
+        streaming: i.is_multiple_of(2),
+        usage: Usage {
+            input_tokens: 100 + i,
+            output_tokens: 20,
+            cached_input_tokens: 64,
+            cache_write_input_tokens: 3,
+            reasoning_tokens: 7,
+        },
+        estimated: i.is_multiple_of(3),
+        cost_usd: if i.is_multiple_of(5) {
+            None
+        } else {
+            Some(0.000_125 * i as f64)
+        },
+        who: Attribution {
+            pid: 4242,
+            uid: 1001,
+            cgroup_id: u64::MAX - i,
+            comm: "python3".into(),
+            exe: Some("/usr/bin/python3.11".into()),
+            cmdline: Some("python3 eval.py --model gpt-4o-mini".into()),
+            ci_system: Some("github-actions".into()),
+            repository: Some(
+                if i.is_multiple_of(2) {
+                    "acme/app"
+                } else {
+                    "acme/lib"
+                }
+                .into(),
+            ),
+            workflow: Some("CI".into()),
+            job: Some("test".into()),
+            run_id: Some("987654321".into()),
+            run_attempt: Some("1".into()),
+            ref_name: Some("main".into()),
+            runner: Some("runner-7".into()),
+        },
+        error: None,
+    }
+}
+
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    // A bound only so a broken writer fails the test instead of hanging it.
+    let end = Instant::now() + Duration::from_secs(60);
+    while !cond() {
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn strip_id(mut r: UsageRecord) -> UsageRecord {
+    assert!(r.id.is_some(), "query fills the id");
+    r.id = None;
+    r
+}
+
+#[test]
+fn round_trips_every_field_and_filters() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let path = t.path().join("sub/ledger.sqlite");
+    let mut l = Ledger::open(&path).expect("opens and creates its directory");
+    let mut full = sample(1);
+    full.error = Some("client hung up".into());
+    let empty = UsageRecord {
+        started_at_ms: 5,
+        ..UsageRecord::default()
+    };
+    let records = vec![sample(4), full.clone(), sample(2), empty.clone()];
+    l.insert_batch(&records).expect("insert");
+    let got = l.query(&Filter::default()).expect("query");
+    assert_eq!(got.len(), 4);
+    // Oldest first.
+    assert_eq!(strip_id(got[0].clone()), empty);
+    assert_eq!(strip_id(got[1].clone()), full);
+    assert_eq!(strip_id(got[2].clone()), sample(2));
+    assert_eq!(strip_id(got[3].clone()), sample(4));
+    let ids: Vec<i64> = got.iter().filter_map(|r| r.id).collect();
+    assert_eq!(ids.len(), 4);
+
+    let f = Filter {
+        repository: Some("acme/app".into()),
+        ..Filter::default()
+    };
+    assert_eq!(l.query(&f).expect("q").len(), 2);
+    let f = Filter {
+        since_ms: Some(1_700_000_000_002),
+        job: Some("test".into()),
+        repository: None,
+    };
+    assert_eq!(l.query(&f).expect("q").len(), 2);
+    let f = Filter {
+        job: Some("nope".into()),
+        ..Filter::default()
+    };
+    assert!(l.query(&f).expect("q").is_empty());
+
+    // Reopening sees the same rows, and the pragmas are set.
+    drop(l);
+    let l = Ledger::open(&path).expect("reopen");
+    assert_eq!(l.query(&Filter::default()).expect("q").len(), 4);
+    let mode: String = l
+        .conn
+        .pragma_query_value(None, "journal_mode", |r| r.get(0))
+        .expect("mode");
+    assert_eq!(mode, "wal");
+    let sync: i64 = l
+        .conn
+        .pragma_query_value(None, "synchronous", |r| r.get(0))
+        .expect("sync");
+    assert_eq!(sync, 1, "synchronous=NORMAL");
+}
+
+#[test]
+fn writer_writes_ten_thousand_records() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let path = t.path().join("ledger.sqlite");
+    // A small queue forces the overflow path as well.
+    let (w, h) = LedgerWriter::start(&path, 64).expect("start");
+    let threads: Vec<_> = (0..4)
+        .map(|k| {
+            let h = h.clone();
+            std::thread::spawn(move || {
+                for i in 0..2_500u64 {
+                    h.submit(sample(k * 2_500 + i));
+                }
+            })
+        })
+        .collect();
+    for th in threads {
+        th.join().expect("submitter");
+    }
+    let total = w.shutdown(Duration::from_secs(60)).expect("shutdown");
+    assert_eq!(total, 10_000);
+    let s = h.stats();
+    assert_eq!(
+        (s.written, s.queued, s.errors, s.rejected),
+        (10_000, 0, 0, 0),
+        "{s:?}"
+    );
+    let rows = Ledger::open(&path)
+        .expect("open")
+        .query(&Filter::default())
+        .expect("q");
+    assert_eq!(rows.len(), 10_000);
+    let mut starts: Vec<i64> = rows.iter().map(|r| r.started_at_ms).collect();
+    starts.dedup();
+    assert_eq!(starts.len(), 10_000, "every record exactly once");
+
+    h.submit(sample(1));
+    assert_eq!(
+        h.stats().rejected,
+        1,
+        "after shutdown, submits are counted as rejected"
+    );
+}
+
+#[test]
+fn committed_rows_survive_a_crash() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let path = t.path().join("ledger.sqlite");
+    let (w, h) = LedgerWriter::start(&path, 16).expect("start");
+    for i in 0..100 {
+        h.submit(sample(i));
+    }
+    wait_for("the flush", || h.stats().written == 100);
+    // What is on disk now is what a crash would leave: copy the database
+    // and its WAL while the writer still holds them open, uncheckpointed.
+    let crash = t.path().join("crash");
+    std::fs::create_dir(&crash).expect("dir");
+    for suffix in ["", "-wal"] {
+        let from = format!("{}{suffix}", path.display());
+        if Path::new(&from).exists() {
+            std::fs::copy(&from, crash.join(format!("ledger.sqlite{suffix}"))).expect("copy");
+        }
+    }
+    let rows = Ledger::open(&crash.join("ledger.sqlite"))
+        .expect("open the crash copy")
+        .query(&Filter::default())
+        .expect("q");
+    assert_eq!(rows.len(), 100);
+    // Dropping the writer without shutdown still drains in the background.
+    drop(w);
+    let rows = Ledger::open(&path)
+        .expect("reopen")
+        .query(&Filter::default())
+        .expect("q");
+    assert_eq!(rows.len(), 100);
+}
+
+#[test]
+fn failed_writes_are_retried_not_dropped() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let path = t.path().join("ledger.sqlite");
+    let (w, h) = LedgerWriter::start(&path, 1024).expect("start");
+    // Make inserts fail from outside until the flag row is removed.
+    let other = rusqlite::Connection::open(&path).expect("second connection");
+    other
+        .execute_batch(
+            "CREATE TABLE fail_flag (x INTEGER);
+             INSERT INTO fail_flag VALUES (1);
+             CREATE TRIGGER inject BEFORE INSERT ON requests
+             WHEN (SELECT count(*) FROM fail_flag) > 0
+             BEGIN SELECT RAISE(ABORT, 'injected failure'); END;",
+        )
+        .expect("trigger");
+    for i in 0..10 {
+        h.submit(sample(i));
+    }
+    wait_for("a failed write", || h.stats().errors >= 1);
+    assert_eq!(h.stats().written, 0);
+    other
+        .execute("DELETE FROM fail_flag", [])
+        .expect("clear flag");
+    wait_for("the retry", || h.stats().written == 10);
+    assert_eq!(w.shutdown(Duration::from_secs(30)).expect("shutdown"), 10);
+}
+
+#[test]
+fn shutdown_gives_up_at_its_deadline_and_says_so() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let path = t.path().join("ledger.sqlite");
+    let (w, h) = LedgerWriter::start(&path, 1024).expect("start");
+    let other = rusqlite::Connection::open(&path).expect("second connection");
+    other
+        .execute_batch(
+            "CREATE TRIGGER inject BEFORE INSERT ON requests
+             BEGIN SELECT RAISE(ABORT, 'injected failure'); END;",
+        )
+        .expect("trigger");
+    for i in 0..3 {
+        h.submit(sample(i));
+    }
+    let e = w
+        .shutdown(Duration::from_millis(300))
+        .expect_err("cannot write");
+    assert!(e.to_string().contains("3 records"), "{e}");
+}
+
+#[test]
+fn a_file_that_is_not_sqlite_is_a_clear_error() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let path = t.path().join("ledger.sqlite");
+    std::fs::write(&path, vec![0x42u8; 8192]).expect("write junk");
+    let e = Ledger::open(&path).expect_err("not a database");
+    assert!(matches!(e, LedgerError::NotADatabase { .. }), "{e:?}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("ledger.sqlite") && msg.contains("move it away"),
+        "{msg}"
+    );
+    assert_eq!(e.exit_code(), crate::exit::UNAVAILABLE);
+    assert!(LedgerWriter::start(&path, 8).is_err());
+}
+
+#[test]
+fn a_newer_schema_is_refused() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let path = t.path().join("ledger.sqlite");
+    Ledger::open(&path).expect("create");
+    rusqlite::Connection::open(&path)
+        .expect("open")
+        .pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+        .expect("bump");
+    let e = Ledger::open(&path).expect_err("too new");
+    assert!(matches!(e, LedgerError::TooNew { .. }), "{e:?}");
+    assert!(e.to_string().contains("upgrade tollgate"), "{e}");
+}
+
+fn opt_string() -> impl Strategy<Value = Option<String>> {
+    proptest::option::of(any::<String>())
+}
+
+fn count() -> impl Strategy<Value = u64> {
+    0..=i64::MAX as u64
+}
+
+prop_compose! {
+    fn attribution()(
+        ids in (any::<u32>(), any::<u32>(), any::<u64>(), any::<String>()),
+        a in (opt_string(), opt_string(), opt_string(), opt_string(), opt_string()),
+        b in (opt_string(), opt_string(), opt_string(), opt_string(), opt_string()),
+    ) -> Attribution {
+        Attribution {
+            pid: ids.0, uid: ids.1, cgroup_id: ids.2, comm: ids.3,
+            exe: a.0, cmdline: a.1, ci_system: a.2, repository: a.3, workflow: a.4,
+            job: b.0, run_id: b.1, run_attempt: b.2, ref_name: b.3, runner: b.4,
+        }
+    }
+}
+
+prop_compose! {
+    fn record()(
+        head in (any::<i64>(), any::<String>(), count(), any::<String>(), any::<String>(), any::<String>()),
+        req in (any::<String>(), any::<String>(), opt_string(), opt_string(), any::<u16>(), any::<bool>()),
+        usage in (count(), count(), count(), count(), count()),
+        tail in (any::<bool>(), proptest::option::of(-1e12f64..1e12), opt_string()),
+        who in attribution(),
+    ) -> UsageRecord {
+        UsageRecord {
+            id: None,
+            started_at_ms: head.0, started_at: head.1, duration_ms: head.2,
+            provider: head.3, host: head.4, operation: head.5,
+            method: req.0, path: req.1, model: req.2, response_model: req.3,
+            status: req.4, streaming: req.5,
+            usage: Usage {
+                input_tokens: usage.0, output_tokens: usage.1, cached_input_tokens: usage.2,
+                cache_write_input_tokens: usage.3, reasoning_tokens: usage.4,
+            },
+            estimated: tail.0, cost_usd: tail.1, error: tail.2, who,
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+    #[test]
+    fn any_record_survives_a_round_trip(recs in proptest::collection::vec(record(), 1..8)) {
+        let mut l = Ledger::open(Path::new(":memory:")).expect("memory ledger");
+        l.insert_batch(&recs).expect("insert");
+        let mut got: Vec<UsageRecord> = l.query(&Filter::default()).expect("q")
+            .into_iter().map(strip_id).collect();
+        let mut want = recs.clone();
+        let key = |r: &UsageRecord| (r.started_at_ms, format!("{r:?}"));
+        got.sort_by_key(key);
+        want.sort_by_key(key);
+        prop_assert_eq!(got, want);
+    }
+}

@@ -1,0 +1,273 @@
+//! The ledger writer: a dedicated thread that owns the `Ledger` and writes
+//! what the request path hands it, in batches of one transaction each.
+//!
+//! `LedgerHandle::submit` never blocks on disk: it tries the bounded
+//! channel, and when that is full appends to an overflow list (a `Vec`
+//! behind a mutex held for one push) that the writer drains. A failed write
+//! keeps its records and is retried with backoff; nothing is dropped until
+//! `shutdown` gives up at its deadline (and says how many were left).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::{Ledger, LedgerError};
+use crate::meter::UsageRecord;
+
+/// Most records gathered before a write starts (overflow can add more).
+const BATCH: usize = 512;
+/// Longest wait for more records once one has arrived.
+const BATCH_WINDOW: Duration = Duration::from_millis(50);
+/// Idle poll: how often the writer looks at the overflow list and the
+/// shutdown flag when nothing arrives.
+const IDLE_POLL: Duration = Duration::from_millis(50);
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Counters of the writer, for `/metrics` and logs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LedgerStats {
+    /// Records committed to the ledger.
+    pub written: u64,
+    /// Records accepted but not yet committed.
+    pub queued: u64,
+    /// Records that found the channel full and took the overflow path
+    /// (delivered all the same).
+    pub overflowed: u64,
+    /// Failed write attempts (each retried).
+    pub errors: u64,
+    /// Records submitted after shutdown began (not written).
+    pub rejected: u64,
+}
+
+struct Shared {
+    closed: AtomicBool,
+    /// Submits between their `closed` check and their hand-over.
+    inflight: AtomicUsize,
+    overflow: Mutex<Vec<UsageRecord>>,
+    deadline: Mutex<Option<Instant>>,
+    submitted: AtomicU64,
+    written: AtomicU64,
+    overflowed: AtomicU64,
+    errors: AtomicU64,
+    rejected: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Owns the writer thread; `shutdown` flushes and joins it.
+pub struct LedgerWriter {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+    done: Receiver<Result<u64, (u64, String)>>,
+}
+
+/// Cheap to clone; what the request path holds.
+#[derive(Clone)]
+pub struct LedgerHandle {
+    tx: SyncSender<Box<UsageRecord>>,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for LedgerHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LedgerHandle")
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+impl LedgerWriter {
+    /// Opens the ledger at `path` (errors are returned here, not later) and
+    /// starts the writer thread with a channel of `queue` records.
+    pub fn start(
+        path: &std::path::Path,
+        queue: usize,
+    ) -> Result<(LedgerWriter, LedgerHandle), LedgerError> {
+        let ledger = Ledger::open(path)?;
+        let (tx, rx) = mpsc::sync_channel::<Box<UsageRecord>>(queue.max(1));
+        let (done_tx, done) = mpsc::channel();
+        let shared = Arc::new(Shared {
+            closed: AtomicBool::new(false),
+            inflight: AtomicUsize::new(0),
+            overflow: Mutex::new(Vec::new()),
+            deadline: Mutex::new(None),
+            submitted: AtomicU64::new(0),
+            written: AtomicU64::new(0),
+            overflowed: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            rejected: AtomicU64::new(0),
+        });
+        let thread_shared = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name("tollgate-ledger".into())
+            .spawn(move || {
+                let outcome = run(ledger, rx, &thread_shared);
+                let _ = done_tx.send(outcome);
+            })
+            .map_err(LedgerError::Thread)?;
+        Ok((
+            LedgerWriter {
+                shared: Arc::clone(&shared),
+                thread: Some(thread),
+                done,
+            },
+            LedgerHandle { tx, shared },
+        ))
+    }
+
+    /// Stops accepting records, writes everything accepted, and joins the
+    /// thread, waiting at most `timeout`. Returns the records written in
+    /// total over the writer's life.
+    pub fn shutdown(mut self, timeout: Duration) -> Result<u64, LedgerError> {
+        *lock(&self.shared.deadline) = Some(Instant::now() + timeout);
+        self.shared.closed.store(true, Ordering::SeqCst);
+        // The thread honours the deadline itself; the margin covers one write.
+        match self.done.recv_timeout(timeout + Duration::from_secs(1)) {
+            Ok(Ok(total)) => {
+                if let Some(t) = self.thread.take() {
+                    let _ = t.join();
+                }
+                Ok(total)
+            }
+            Ok(Err((unwritten, reason))) => Err(LedgerError::Unwritten { unwritten, reason }),
+            Err(_) => {
+                let s = stats(&self.shared);
+                Err(LedgerError::ShutdownTimeout {
+                    waited: timeout,
+                    unwritten: s.queued,
+                })
+            }
+        }
+    }
+}
+
+impl Drop for LedgerWriter {
+    /// Without `shutdown`, the thread still drains what it has and exits.
+    fn drop(&mut self) {
+        self.shared.closed.store(true, Ordering::SeqCst);
+    }
+}
+
+impl LedgerHandle {
+    /// Hands `rec` to the writer without blocking on I/O. Never drops it
+    /// while the writer runs; after shutdown began it is counted as rejected.
+    pub fn submit(&self, rec: UsageRecord) {
+        let s = &self.shared;
+        s.inflight.fetch_add(1, Ordering::SeqCst);
+        if s.closed.load(Ordering::SeqCst) {
+            s.inflight.fetch_sub(1, Ordering::SeqCst);
+            let n = s.rejected.fetch_add(1, Ordering::Relaxed);
+            if n == 0 {
+                tracing::warn!(
+                    "a usage record arrived after the ledger writer shut down; it is not written"
+                );
+            }
+            return;
+        }
+        s.submitted.fetch_add(1, Ordering::Relaxed);
+        match self.tx.try_send(Box::new(rec)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(rec)) | Err(TrySendError::Disconnected(rec)) => {
+                lock(&s.overflow).push(*rec);
+                s.overflowed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        s.inflight.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Current counters.
+    pub fn stats(&self) -> LedgerStats {
+        stats(&self.shared)
+    }
+}
+
+fn stats(s: &Shared) -> LedgerStats {
+    let written = s.written.load(Ordering::Relaxed);
+    LedgerStats {
+        written,
+        queued: s.submitted.load(Ordering::Relaxed).saturating_sub(written),
+        overflowed: s.overflowed.load(Ordering::Relaxed),
+        errors: s.errors.load(Ordering::Relaxed),
+        rejected: s.rejected.load(Ordering::Relaxed),
+    }
+}
+
+/// The writer thread's loop. Returns the total written, or what was left
+/// when the shutdown deadline passed during failing writes.
+fn run(
+    mut ledger: Ledger,
+    rx: Receiver<Box<UsageRecord>>,
+    s: &Shared,
+) -> Result<u64, (u64, String)> {
+    let mut pending: Vec<UsageRecord> = Vec::new();
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let closing = s.closed.load(Ordering::SeqCst);
+        if closing {
+            // Every submit that saw `closed == false` finishes its hand-over.
+            while s.inflight.load(Ordering::SeqCst) != 0 {
+                std::thread::yield_now();
+            }
+        } else if pending.is_empty()
+            && let Ok(r) = rx.recv_timeout(IDLE_POLL)
+        {
+            pending.push(*r);
+            let start = Instant::now();
+            while pending.len() < BATCH {
+                let left = BATCH_WINDOW.saturating_sub(start.elapsed());
+                match rx.recv_timeout(left) {
+                    Ok(r) => pending.push(*r),
+                    Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
+                }
+            }
+        }
+        while let Ok(r) = rx.try_recv() {
+            pending.push(*r);
+            if !closing && pending.len() >= BATCH {
+                break;
+            }
+        }
+        {
+            let mut overflow = lock(&s.overflow);
+            if !overflow.is_empty() {
+                pending.append(&mut overflow);
+            }
+        }
+        if pending.is_empty() {
+            if closing {
+                return Ok(s.written.load(Ordering::Relaxed));
+            }
+            continue;
+        }
+        match ledger.insert_batch(&pending) {
+            Ok(()) => {
+                s.written.fetch_add(pending.len() as u64, Ordering::Relaxed);
+                pending.clear();
+                backoff = BACKOFF_MIN;
+            }
+            Err(e) => {
+                s.errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, records = pending.len(), retry_in = ?backoff, "ledger write failed; keeping the records and retrying");
+                let mut sleep = backoff;
+                if closing {
+                    let deadline = *lock(&s.deadline);
+                    let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+                    if left.is_some_and(|l| l.is_zero()) {
+                        let unwritten = pending.len() as u64 + rx.try_iter().count() as u64;
+                        return Err((unwritten, e.to_string()));
+                    }
+                    if let Some(l) = left {
+                        sleep = sleep.min(l);
+                    }
+                }
+                std::thread::sleep(sleep);
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+        }
+    }
+}

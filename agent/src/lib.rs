@@ -1,0 +1,30 @@
+//! tollgate: a host agent for self-hosted CI runners that makes LLM API spend
+//! visible and bounded, with zero changes to the jobs.
+//!
+//! The binary (`main.rs`) only wires these modules together; see DESIGN.md
+//! for what each one owns.
+
+pub mod app;
+pub mod attribution;
+pub mod ca;
+pub mod cli;
+pub mod config;
+pub mod intercept;
+pub mod ledger;
+pub mod meter;
+pub mod providers;
+pub mod proxy;
+pub mod report;
+pub mod trust;
+
+/// Exit codes (sysexits.h), chosen by what the user has to do.
+pub mod exit {
+    /// Bad command line or config: fix the input.
+    pub const USAGE: u8 = 64;
+    /// Something the agent needs is missing (cgroup v2, BTF, a port).
+    pub const UNAVAILABLE: u8 = 69;
+    /// An internal error.
+    pub const SOFTWARE: u8 = 70;
+    /// Not enough privilege: run as root.
+    pub const NOPERM: u8 = 77;
+}

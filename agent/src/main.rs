@@ -1,0 +1,47 @@
+//! `tollgate`: parse the command line, read the config, start logging, run
+//! the command, map its error to an exit code. The work lives in the library.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tollgate::cli::{self, Cli, Command};
+use tollgate::config::{Config, LogFormat};
+use tollgate::{app, exit};
+use tracing_subscriber::EnvFilter;
+
+fn init_logging(cfg: &Config) {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&cfg.log.level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cfg.log.format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let (cfg, _path) = match Config::load(cli.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("tollgate: {e}");
+            return ExitCode::from(exit::USAGE);
+        }
+    };
+    init_logging(&cfg);
+    let result = match &cli.command {
+        Command::Run => app::run_blocking(cfg).map_err(cli::CmdError::from),
+        Command::Report(args) => cli::report(&cfg, args),
+        Command::Trust(cmd) => cli::trust(&cfg, cmd),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tollgate: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}

@@ -1,0 +1,79 @@
+//! The usage record: one row per request that reached a provider.
+
+use serde::{Deserialize, Serialize};
+
+/// Token counts, normalised across providers: `input_tokens` is every input
+/// token billed at any rate, with the subsets `cached_input_tokens` and
+/// `cache_write_input_tokens`; `output_tokens` is every output token, with
+/// the subset `reasoning_tokens`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cached_input_tokens: u64,
+    pub cache_write_input_tokens: u64,
+    pub reasoning_tokens: u64,
+}
+
+/// Who made the request: from the kernel's origin record and /proc.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attribution {
+    pub pid: u32,
+    pub uid: u32,
+    pub cgroup_id: u64,
+    /// `comm` of the thread that connected.
+    pub comm: String,
+    /// Path of the executable (`/proc/PID/exe`).
+    pub exe: Option<String>,
+    /// Command line with secrets redacted.
+    pub cmdline: Option<String>,
+    /// `github-actions`, `gitlab`, ... when a CI system's variables were found.
+    pub ci_system: Option<String>,
+    pub repository: Option<String>,
+    pub workflow: Option<String>,
+    pub job: Option<String>,
+    pub run_id: Option<String>,
+    pub run_attempt: Option<String>,
+    #[serde(rename = "ref")]
+    pub ref_name: Option<String>,
+    pub runner: Option<String>,
+}
+
+/// One completed request (the ledger row, the report's JSON object).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct UsageRecord {
+    /// Ledger row id (absent until stored).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub id: Option<i64>,
+    /// Start of the request, Unix milliseconds.
+    pub started_at_ms: i64,
+    /// Start of the request, RFC 3339 UTC.
+    pub started_at: String,
+    pub duration_ms: u64,
+    /// Provider name (`openai`, `anthropic`, ...).
+    pub provider: String,
+    /// The provider host name (the TLS SNI).
+    pub host: String,
+    /// `chat`, `text_completion`, `embeddings`, ...
+    pub operation: String,
+    pub method: String,
+    /// Request path without the query string.
+    pub path: String,
+    /// Model named in the request.
+    pub model: Option<String>,
+    /// Model named in the response.
+    pub response_model: Option<String>,
+    /// HTTP status from the provider (0 when none was received).
+    pub status: u16,
+    pub streaming: bool,
+    #[serde(flatten)]
+    pub usage: Usage,
+    /// True when the counts are local estimates, not the provider's.
+    pub estimated: bool,
+    /// Cost in USD; null until pricing knows the model.
+    pub cost_usd: Option<f64>,
+    #[serde(flatten)]
+    pub who: Attribution,
+    /// What went wrong, if anything (never contains secrets).
+    pub error: Option<String>,
+}

@@ -1,0 +1,273 @@
+//! Anthropic Messages API: `/v1/messages` (JSON and SSE), count_tokens
+//! (free), message batches (recorded as such).
+//!
+//! Normalisation: `input_tokens` = input + cache read + cache creation, with
+//! `cached_input_tokens` = cache read and `cache_write_input_tokens` = cache
+//! creation, so sums mean the same across providers.
+
+use serde_json::Value;
+
+use super::sse::SseReader;
+use super::{JsonBody, ParsedUsage, Provider, RequestInfo, RequestView, UsageParser, str_at, u64_at};
+use crate::meter::Usage;
+
+pub struct Anthropic;
+
+impl Provider for Anthropic {
+    fn name(&self) -> &'static str {
+        "anthropic"
+    }
+
+    fn request(&self, req: &RequestView<'_>) -> RequestInfo {
+        let path = req.path.trim_end_matches('/');
+        let op = if req.method != http::Method::POST {
+            None
+        } else if path.ends_with("/messages/count_tokens") {
+            Some("count_tokens")
+        } else if path.ends_with("/messages/batches") {
+            Some("batch")
+        } else if path.ends_with("/messages") {
+            Some("chat")
+        } else if path.ends_with("/complete") {
+            Some("text_completion")
+        } else {
+            None
+        };
+        let Some(op) = op else {
+            return RequestInfo {
+                operation: "other",
+                ..Default::default()
+            };
+        };
+        let body: Option<Value> = req.body.and_then(|b| serde_json::from_slice(b).ok());
+        RequestInfo {
+            operation: op,
+            metered: true,
+            model: body.as_ref().and_then(|v| str_at(v, &["model"])),
+            streaming: body
+                .as_ref()
+                .and_then(|v| v.get("stream"))
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+            max_output_tokens: body.as_ref().and_then(|v| {
+                u64_at(v, &["max_tokens"]).or_else(|| u64_at(v, &["max_tokens_to_sample"]))
+            }),
+        }
+    }
+
+    fn response_parser(
+        &self,
+        info: &RequestInfo,
+        _status: u16,
+        content_type: &str,
+    ) -> Box<dyn UsageParser> {
+        if content_type.starts_with("text/event-stream") {
+            Box::new(StreamParser::default())
+        } else {
+            Box::new(JsonParser {
+                body: JsonBody::new(JsonBody::DEFAULT_LIMIT),
+                free: info.operation == "count_tokens" || info.operation == "batch",
+            })
+        }
+    }
+}
+
+/// Usage fields seen so far in a stream (message_delta values are
+/// cumulative and may repeat or extend what message_start said).
+#[derive(Default, Clone, Copy)]
+struct Raw {
+    input: Option<u64>,
+    cache_read: Option<u64>,
+    cache_creation: Option<u64>,
+    output: Option<u64>,
+}
+
+impl Raw {
+    fn merge(&mut self, u: &Value) {
+        let f = |k: &str| u.get(k).and_then(Value::as_u64);
+        self.input = f("input_tokens").or(self.input);
+        self.cache_read = f("cache_read_input_tokens").or(self.cache_read);
+        self.cache_creation = f("cache_creation_input_tokens").or(self.cache_creation);
+        self.output = f("output_tokens").or(self.output);
+    }
+
+    fn usage(&self) -> Option<Usage> {
+        if self.input.is_none() && self.output.is_none() {
+            return None;
+        }
+        let read = self.cache_read.unwrap_or(0);
+        let write = self.cache_creation.unwrap_or(0);
+        Some(Usage {
+            input_tokens: self.input.unwrap_or(0) + read + write,
+            output_tokens: self.output.unwrap_or(0),
+            cached_input_tokens: read,
+            cache_write_input_tokens: write,
+            reasoning_tokens: 0,
+        })
+    }
+}
+
+struct JsonParser {
+    body: JsonBody,
+    /// count_tokens and batch submissions bill nothing themselves.
+    free: bool,
+}
+
+impl UsageParser for JsonParser {
+    fn feed(&mut self, chunk: &[u8]) {
+        self.body.feed(chunk);
+    }
+
+    fn finish(&mut self) -> ParsedUsage {
+        let Some(v) = self.body.take() else {
+            return ParsedUsage::default();
+        };
+        if self.free {
+            return ParsedUsage {
+                usage: Some(Usage::default()),
+                response_model: None,
+            };
+        }
+        let mut raw = Raw::default();
+        if let Some(u) = v.get("usage") {
+            raw.merge(u);
+        }
+        ParsedUsage {
+            usage: raw.usage(),
+            response_model: str_at(&v, &["model"]),
+        }
+    }
+}
+
+#[derive(Default)]
+struct StreamParser {
+    sse: SseReader,
+    raw: Raw,
+    model: Option<String>,
+}
+
+impl StreamParser {
+    fn on_event(raw: &mut Raw, model: &mut Option<String>, data: &str) {
+        let Ok(v) = serde_json::from_str::<Value>(data) else {
+            return;
+        };
+        match v.get("type").and_then(Value::as_str) {
+            Some("message_start") => {
+                if let Some(m) = v.get("message") {
+                    if let Some(u) = m.get("usage") {
+                        raw.merge(u);
+                    }
+                    if let Some(name) = str_at(m, &["model"]) {
+                        *model = Some(name);
+                    }
+                }
+            }
+            Some("message_delta") => {
+                if let Some(u) = v.get("usage") {
+                    raw.merge(u);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+impl UsageParser for StreamParser {
+    fn feed(&mut self, chunk: &[u8]) {
+        let (raw, model) = (&mut self.raw, &mut self.model);
+        self.sse.feed(chunk, &mut |e| Self::on_event(raw, model, &e.data));
+    }
+
+    fn finish(&mut self) -> ParsedUsage {
+        let (raw, model) = (&mut self.raw, &mut self.model);
+        self.sse.finish(&mut |e| Self::on_event(raw, model, &e.data));
+        ParsedUsage {
+            usage: self.raw.usage(),
+            response_model: self.model.take(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::providers::testing::{parse_split, request};
+    use proptest::prelude::*;
+
+    const MSG_JSON: &[u8] = include_bytes!("fixtures/anthropic/message.json");
+    const MSG_SSE: &[u8] = include_bytes!("fixtures/anthropic/message_stream.sse");
+    const ERR_JSON: &[u8] = include_bytes!("fixtures/anthropic/error_overloaded.json");
+
+    fn info(op: &'static str) -> RequestInfo {
+        RequestInfo {
+            operation: op,
+            metered: true,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn classifies_requests() {
+        let i = Anthropic.request(&request(
+            "POST",
+            "/v1/messages",
+            br#"{"model":"claude-sonnet-4-5","max_tokens":1024,"stream":true}"#,
+        ));
+        assert_eq!((i.operation, i.streaming, i.max_output_tokens), ("chat", true, Some(1024)));
+        assert_eq!(i.model.as_deref(), Some("claude-sonnet-4-5"));
+        let c = Anthropic.request(&request("POST", "/v1/messages/count_tokens", b"{}"));
+        assert_eq!(c.operation, "count_tokens");
+        assert!(!Anthropic.request(&request("GET", "/v1/models", b"")).metered);
+    }
+
+    #[test]
+    fn json_usage_with_cache() {
+        let p = parse_split(&Anthropic, &info("chat"), "application/json", MSG_JSON, &[]);
+        assert_eq!(
+            p.usage.unwrap(),
+            Usage {
+                input_tokens: 2095 + 1500 + 200,
+                output_tokens: 503,
+                cached_input_tokens: 1500,
+                cache_write_input_tokens: 200,
+                reasoning_tokens: 0
+            }
+        );
+        assert_eq!(p.response_model.as_deref(), Some("claude-sonnet-4-5-20250929"));
+    }
+
+    #[test]
+    fn stream_usage_start_plus_delta() {
+        let p = parse_split(&Anthropic, &info("chat"), "text/event-stream", MSG_SSE, &[]);
+        let u = p.usage.unwrap();
+        assert_eq!(u.input_tokens, 472 + 10 + 0);
+        assert_eq!(u.cached_input_tokens, 10);
+        assert_eq!(u.output_tokens, 89);
+        assert_eq!(p.response_model.as_deref(), Some("claude-sonnet-4-5-20250929"));
+    }
+
+    #[test]
+    fn count_tokens_is_free_and_errors_have_no_usage() {
+        let p = parse_split(
+            &Anthropic,
+            &info("count_tokens"),
+            "application/json",
+            br#"{"input_tokens":2095}"#,
+            &[],
+        );
+        assert_eq!(p.usage, Some(Usage::default()));
+        let e = parse_split(&Anthropic, &info("chat"), "application/json", ERR_JSON, &[]);
+        assert_eq!(e.usage, None);
+    }
+
+    proptest! {
+        #[test]
+        fn any_split_same_usage(mut splits in proptest::collection::vec(0usize..MSG_SSE.len(), 0..12)) {
+            splits.sort();
+            prop_assert_eq!(
+                parse_split(&Anthropic, &info("chat"), "text/event-stream", MSG_SSE, &splits),
+                parse_split(&Anthropic, &info("chat"), "text/event-stream", MSG_SSE, &[])
+            );
+        }
+    }
+}

@@ -1,0 +1,141 @@
+//! The built-in catalogue of provider hosts and the API each speaks.
+//!
+//! Owns: which host names are LLM providers. Must never: do I/O (resolution
+//! lives in `intercept::resolver`).
+
+use crate::config::{ApiKind, Config};
+
+/// AWS regions with a Bedrock runtime endpoint, listed explicitly because a
+/// wildcard cannot be resolved or name-constrained.
+pub const BEDROCK_REGIONS: &[&str] = &[
+    "us-east-1",
+    "us-east-2",
+    "us-west-1",
+    "us-west-2",
+    "us-gov-east-1",
+    "us-gov-west-1",
+    "ca-central-1",
+    "ca-west-1",
+    "mx-central-1",
+    "sa-east-1",
+    "eu-central-1",
+    "eu-central-2",
+    "eu-north-1",
+    "eu-south-1",
+    "eu-south-2",
+    "eu-west-1",
+    "eu-west-2",
+    "eu-west-3",
+    "il-central-1",
+    "me-central-1",
+    "me-south-1",
+    "af-south-1",
+    "ap-east-2",
+    "ap-northeast-1",
+    "ap-northeast-2",
+    "ap-northeast-3",
+    "ap-south-1",
+    "ap-south-2",
+    "ap-southeast-1",
+    "ap-southeast-2",
+    "ap-southeast-3",
+    "ap-southeast-4",
+    "ap-southeast-5",
+    "ap-southeast-7",
+];
+
+/// Fixed hosts of the catalogue (Bedrock hosts come from `BEDROCK_REGIONS`).
+pub const FIXED_HOSTS: &[(&str, ApiKind)] = &[
+    ("api.openai.com", ApiKind::Openai),
+    ("api.anthropic.com", ApiKind::Anthropic),
+    ("generativelanguage.googleapis.com", ApiKind::Gemini),
+    ("api.mistral.ai", ApiKind::Openai),
+    ("api.groq.com", ApiKind::Openai),
+    ("api.deepseek.com", ApiKind::Openai),
+    ("api.x.ai", ApiKind::Openai),
+    ("openrouter.ai", ApiKind::Openai),
+    ("api.together.xyz", ApiKind::Openai),
+    ("api.fireworks.ai", ApiKind::Openai),
+];
+
+/// One provider host and its API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProviderHost {
+    pub host: String,
+    pub api: ApiKind,
+}
+
+/// Every provider host: the built-in catalogue plus `[[providers]]` from
+/// the config, de-duplicated (the config wins), sorted by host.
+pub fn provider_hosts(cfg: &Config) -> Vec<ProviderHost> {
+    let mut out: std::collections::BTreeMap<String, ApiKind> = FIXED_HOSTS
+        .iter()
+        .map(|(h, k)| (h.to_string(), *k))
+        .collect();
+    for r in BEDROCK_REGIONS {
+        out.insert(
+            format!("bedrock-runtime.{r}.amazonaws.com"),
+            ApiKind::Bedrock,
+        );
+        out.insert(
+            format!("bedrock-runtime-fips.{r}.amazonaws.com"),
+            ApiKind::Bedrock,
+        );
+    }
+    for p in &cfg.providers {
+        for h in &p.hosts {
+            out.insert(h.to_ascii_lowercase(), p.api);
+        }
+    }
+    out.into_iter()
+        .map(|(host, api)| ProviderHost { host, api })
+        .collect()
+}
+
+/// The API spoken by `host`, if it is a provider host.
+pub fn lookup<'a>(hosts: &'a [ProviderHost], host: &str) -> Option<&'a ProviderHost> {
+    let host = host.trim_end_matches('.');
+    hosts
+        .binary_search_by(|p| p.host.as_str().cmp(host))
+        .ok()
+        .map(|i| &hosts[i])
+        .or_else(|| hosts.iter().find(|p| p.host.eq_ignore_ascii_case(host)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn catalogue_covers_design_hosts() {
+        let hosts = provider_hosts(&Config::default());
+        for h in [
+            "api.openai.com",
+            "api.anthropic.com",
+            "generativelanguage.googleapis.com",
+            "bedrock-runtime.eu-west-1.amazonaws.com",
+            "openrouter.ai",
+        ] {
+            assert!(lookup(&hosts, h).is_some(), "{h} missing");
+        }
+        assert!(lookup(&hosts, "example.com").is_none());
+        assert!(lookup(&hosts, "API.OpenAI.com.").is_some());
+        for h in &hosts {
+            crate::config::validate_host(&h.host).unwrap();
+        }
+    }
+
+    #[test]
+    fn config_adds_hosts() {
+        let mut cfg = Config::default();
+        cfg.providers.push(crate::config::CustomProvider {
+            hosts: vec!["myres.openai.azure.com".into()],
+            api: ApiKind::AzureOpenai,
+        });
+        let hosts = provider_hosts(&cfg);
+        assert_eq!(
+            lookup(&hosts, "myres.openai.azure.com").unwrap().api,
+            ApiKind::AzureOpenai
+        );
+    }
+}

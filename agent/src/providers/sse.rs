@@ -1,0 +1,207 @@
+//! An incremental Server-Sent Events reader: bytes in, events out, with any
+//! chunk boundary (inside a line, inside a CRLF, inside a UTF-8 sequence).
+//!
+//! Keeps only the current partial line and the current event's data, both
+//! bounded: an event larger than the bound is dropped and counted.
+
+/// One dispatched event.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Event {
+    pub event: Option<String>,
+    pub data: String,
+}
+
+pub struct SseReader {
+    line: Vec<u8>,
+    event: Option<String>,
+    data: Vec<u8>,
+    has_data: bool,
+    last_was_cr: bool,
+    limit: usize,
+    /// Events dropped because they exceeded the bound.
+    pub oversized: u64,
+    skipping: bool,
+}
+
+impl Default for SseReader {
+    fn default() -> Self {
+        Self::new(4 << 20)
+    }
+}
+
+impl SseReader {
+    pub fn new(limit: usize) -> Self {
+        SseReader {
+            line: Vec::new(),
+            event: None,
+            data: Vec::new(),
+            has_data: false,
+            last_was_cr: false,
+            limit,
+            oversized: 0,
+            skipping: false,
+        }
+    }
+
+    /// Feeds bytes; calls `on_event` for each complete event.
+    pub fn feed(&mut self, mut chunk: &[u8], on_event: &mut dyn FnMut(Event)) {
+        while !chunk.is_empty() {
+            if self.last_was_cr && chunk[0] == b'\n' {
+                // The LF of a CRLF split across chunks.
+                chunk = &chunk[1..];
+                self.last_was_cr = false;
+                continue;
+            }
+            self.last_was_cr = false;
+            match chunk.iter().position(|b| *b == b'\n' || *b == b'\r') {
+                Some(i) => {
+                    self.push_line_bytes(&chunk[..i]);
+                    let cr = chunk[i] == b'\r';
+                    chunk = &chunk[i + 1..];
+                    if cr {
+                        if chunk.first() == Some(&b'\n') {
+                            chunk = &chunk[1..];
+                        } else if chunk.is_empty() {
+                            self.last_was_cr = true;
+                        }
+                    }
+                    self.end_line(on_event);
+                }
+                None => {
+                    self.push_line_bytes(chunk);
+                    chunk = &[];
+                }
+            }
+        }
+    }
+
+    /// Dispatches a final event that was not followed by a blank line.
+    pub fn finish(&mut self, on_event: &mut dyn FnMut(Event)) {
+        if !self.line.is_empty() {
+            self.end_line(on_event);
+        }
+        self.dispatch(on_event);
+    }
+
+    fn push_line_bytes(&mut self, b: &[u8]) {
+        if self.skipping {
+            return;
+        }
+        if self.line.len() + b.len() > self.limit {
+            self.skipping = true;
+            self.line.clear();
+            return;
+        }
+        self.line.extend_from_slice(b);
+    }
+
+    fn end_line(&mut self, on_event: &mut dyn FnMut(Event)) {
+        if self.skipping {
+            self.skipping = false;
+            self.oversized += 1;
+            self.data.clear();
+            self.has_data = false;
+            self.event = None;
+            return;
+        }
+        let line = std::mem::take(&mut self.line);
+        if line.is_empty() {
+            self.dispatch(on_event);
+            return;
+        }
+        if line[0] == b':' {
+            return;
+        }
+        let (field, value) = match line.iter().position(|b| *b == b':') {
+            Some(i) => {
+                let v = &line[i + 1..];
+                (&line[..i], v.strip_prefix(b" ").unwrap_or(v))
+            }
+            None => (&line[..], &b""[..]),
+        };
+        match field {
+            b"data" => {
+                if self.data.len() + value.len() + 1 > self.limit {
+                    self.skipping = false;
+                    self.oversized += 1;
+                    self.data.clear();
+                    self.has_data = false;
+                    return;
+                }
+                if self.has_data {
+                    self.data.push(b'\n');
+                }
+                self.data.extend_from_slice(value);
+                self.has_data = true;
+            }
+            b"event" => self.event = Some(String::from_utf8_lossy(value).into_owned()),
+            _ => {}
+        }
+    }
+
+    fn dispatch(&mut self, on_event: &mut dyn FnMut(Event)) {
+        if self.has_data {
+            let data = String::from_utf8_lossy(&self.data).into_owned();
+            on_event(Event {
+                event: self.event.take(),
+                data,
+            });
+        }
+        self.event = None;
+        self.data.clear();
+        self.has_data = false;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn all(input: &[u8], splits: &[usize]) -> Vec<Event> {
+        let mut r = SseReader::default();
+        let mut out = Vec::new();
+        let mut last = 0;
+        for &s in splits {
+            let s = s.min(input.len()).max(last);
+            r.feed(&input[last..s], &mut |e| out.push(e));
+            last = s;
+        }
+        r.feed(&input[last..], &mut |e| out.push(e));
+        r.finish(&mut |e| out.push(e));
+        out
+    }
+
+    const SAMPLE: &[u8] = b"event: message_start\r\ndata: {\"a\":1}\r\n\r\n: comment\n\ndata: x\ndata: y\n\nid: 3\ndata:[DONE]\n\n";
+
+    #[test]
+    fn parses_events() {
+        let ev = all(SAMPLE, &[]);
+        assert_eq!(ev.len(), 3);
+        assert_eq!(ev[0].event.as_deref(), Some("message_start"));
+        assert_eq!(ev[0].data, "{\"a\":1}");
+        assert_eq!(ev[1].data, "x\ny");
+        assert_eq!(ev[2].data, "[DONE]");
+    }
+
+    #[test]
+    fn oversized_event_is_dropped_not_kept() {
+        let mut r = SseReader::new(16);
+        let mut out = Vec::new();
+        r.feed(
+            b"data: 0123456789012345678901234\n\ndata: ok\n\n",
+            &mut |e| out.push(e),
+        );
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].data, "ok");
+        assert_eq!(r.oversized, 1);
+    }
+
+    proptest! {
+        #[test]
+        fn any_split_gives_same_events(mut splits in proptest::collection::vec(0usize..SAMPLE.len(), 0..8)) {
+            splits.sort();
+            prop_assert_eq!(all(SAMPLE, &splits), all(SAMPLE, &[]));
+        }
+    }
+}

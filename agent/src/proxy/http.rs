@@ -1,0 +1,375 @@
+//! The HTTP side of an intercepted connection: read the request (bounded),
+//! let the adapter classify it, forward it upstream, and meter the response
+//! as it streams back.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http::{HeaderValue, Request, Response, StatusCode, header};
+use http_body::{Body, Frame};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::Incoming;
+use tracing::{debug, warn};
+
+use super::{BoxError, ProxyBody, ProxyState};
+use crate::intercept::ConnOrigin;
+use crate::meter::{Attribution, UsageRecord};
+use crate::providers::catalogue::ProviderHost;
+use crate::providers::{ParsedUsage, RequestInfo, RequestView, UsageParser, adapter_for};
+
+/// After a client hangs up mid-response, how long and how much more of the
+/// upstream response is read to learn the provider's count.
+const DRAIN_AFTER_HANGUP: Duration = Duration::from_secs(60);
+const DRAIN_MAX_BYTES: usize = 64 << 20;
+
+/// Per-connection context.
+pub(super) struct ConnCtx {
+    pub state: Arc<ProxyState>,
+    pub origin: ConnOrigin,
+    pub who: Attribution,
+    pub provider: ProviderHost,
+}
+
+fn boxed<B>(b: B) -> ProxyBody
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    b.map_err(Into::into).boxed_unsync()
+}
+
+/// An error response in the OpenAI error shape (what most SDKs parse), with
+/// `x-should-retry: false` when retrying cannot help.
+fn error_response(
+    status: StatusCode,
+    kind: &str,
+    message: &str,
+    retry: bool,
+) -> Response<ProxyBody> {
+    let body = serde_json::json!({
+        "error": { "message": format!("tollgate: {message}"), "type": kind, "code": kind }
+    });
+    let mut r = Response::new(boxed(Full::new(Bytes::from(body.to_string()))));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r.headers_mut().insert(
+        "x-should-retry",
+        HeaderValue::from_static(if retry { "true" } else { "false" }),
+    );
+    r.headers_mut().insert(
+        "x-tollgate-error",
+        HeaderValue::from_str(kind).unwrap_or(HeaderValue::from_static("error")),
+    );
+    r
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn rfc3339(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
+}
+
+/// Reads up to `limit` bytes of a body. Returns the frames read and, when
+/// the body was longer, the rest still to stream.
+async fn read_bounded(
+    mut body: Incoming,
+    limit: usize,
+) -> Result<(Vec<Bytes>, Option<Incoming>), hyper::Error> {
+    let mut chunks = Vec::new();
+    let mut size = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame?;
+        if let Ok(data) = frame.into_data() {
+            size += data.len();
+            chunks.push(data);
+            if size > limit {
+                return Ok((chunks, Some(body)));
+            }
+        }
+    }
+    Ok((chunks, None))
+}
+
+pub(super) async fn handle(
+    ctx: Arc<ConnCtx>,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    let state = &ctx.state;
+    state.stats.requests.fetch_add(1, Ordering::Relaxed);
+    let started = Instant::now();
+    let started_ms = now_ms();
+    let (parts, body) = req.into_parts();
+    let (chunks, rest) = match read_bounded(body, state.max_request_body).await {
+        Ok(x) => x,
+        Err(e) => {
+            debug!(error = %e, "client request body failed");
+            return Ok(error_response(
+                StatusCode::BAD_REQUEST,
+                "tollgate_bad_request",
+                "the request body could not be read",
+                false,
+            ));
+        }
+    };
+    let adapter = adapter_for(ctx.provider.api);
+    let whole = if rest.is_none() {
+        Some(match chunks.len() {
+            1 => chunks[0].clone(),
+            _ => Bytes::from(chunks.concat()),
+        })
+    } else {
+        None
+    };
+    let info = adapter.request(&RequestView {
+        method: &parts.method,
+        path: parts.uri.path(),
+        query: parts.uri.query(),
+        headers: &parts.headers,
+        body: whole.as_deref(),
+    });
+    let up_body: ProxyBody = match (whole, rest) {
+        (Some(b), _) => boxed(Full::new(b)),
+        (None, Some(rest)) => {
+            let head = futures_util::stream::iter(
+                chunks
+                    .into_iter()
+                    .map(|c| Ok::<_, BoxError>(Frame::data(c))),
+            );
+            let tail = rest
+                .into_data_stream()
+                .map(|r| r.map(Frame::data).map_err(|e| Box::new(e) as BoxError));
+            StreamBody::new(head.chain(tail)).boxed_unsync()
+        }
+        (None, None) => boxed(Full::new(Bytes::new())),
+    };
+    let authority = parts
+        .uri
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| {
+            parts
+                .headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| ctx.provider.host.clone());
+    let draft = Draft {
+        ctx: ctx.clone(),
+        started,
+        started_ms,
+        method: parts.method.to_string(),
+        path: parts.uri.path().to_string(),
+        info: info.clone(),
+        status: 0,
+    };
+    let up_req = Request::from_parts(parts, up_body);
+    let resp = match state
+        .upstream
+        .send(ctx.origin.dst, &ctx.provider.host, &authority, up_req)
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            state.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
+            warn!(error = %e, "upstream request failed");
+            if info.metered {
+                draft.emit(ParsedUsage::default(), Some(e.kind().to_string()));
+            }
+            return Ok(error_response(
+                StatusCode::BAD_GATEWAY,
+                "tollgate_upstream_error",
+                &e.to_string(),
+                true,
+            ));
+        }
+    };
+    let (mut rparts, rbody) = resp.into_parts();
+    super::upstream::strip_hop_by_hop(&mut rparts.headers);
+    if !info.metered {
+        return Ok(Response::from_parts(rparts, boxed(rbody)));
+    }
+    let content_type = rparts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let status = rparts.status.as_u16();
+    let parser = adapter.response_parser(&info, status, &content_type);
+    let metered = MeteredBody {
+        inner: Some(rbody),
+        parser: Some(parser),
+        draft: Some(Draft { status, ..draft }),
+    };
+    Ok(Response::from_parts(rparts, boxed(metered)))
+}
+
+/// Everything of the record but the usage, known before the response ends.
+struct Draft {
+    ctx: Arc<ConnCtx>,
+    started: Instant,
+    started_ms: i64,
+    method: String,
+    path: String,
+    info: RequestInfo,
+    status: u16,
+}
+
+impl Draft {
+    fn emit(self, parsed: ParsedUsage, error: Option<String>) {
+        let ok = (200..300).contains(&self.status);
+        let error = error.or_else(|| {
+            (ok && parsed.usage.is_none()).then(|| "no usage in the response".to_string())
+        });
+        let rec = UsageRecord {
+            id: None,
+            started_at_ms: self.started_ms,
+            started_at: rfc3339(self.started_ms),
+            duration_ms: self.started.elapsed().as_millis() as u64,
+            provider: adapter_for(self.ctx.provider.api).name().to_string(),
+            host: self.ctx.provider.host.clone(),
+            operation: self.info.operation.to_string(),
+            method: self.method,
+            path: self.path,
+            model: self.info.model,
+            response_model: parsed.response_model,
+            status: self.status,
+            streaming: self.info.streaming,
+            usage: parsed.usage.unwrap_or_default(),
+            estimated: false,
+            cost_usd: None,
+            who: self.ctx.who.clone(),
+            error,
+        };
+        self.ctx.state.sink.submit(rec);
+    }
+}
+
+/// The response body on its way to the client: every chunk is handed to
+/// the adapter's parser as it passes; the record is emitted exactly once,
+/// when the body ends, fails, or the client hangs up (then the rest of the
+/// upstream response is read, bounded, to get the provider's count).
+struct MeteredBody {
+    inner: Option<Incoming>,
+    parser: Option<Box<dyn UsageParser>>,
+    draft: Option<Draft>,
+}
+
+impl MeteredBody {
+    fn finish(&mut self, error: Option<String>) {
+        if let (Some(mut p), Some(d)) = (self.parser.take(), self.draft.take()) {
+            d.emit(p.finish(), error);
+        }
+    }
+}
+
+impl Body for MeteredBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match Pin::new(inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(data), Some(p)) = (frame.data_ref(), this.parser.as_mut()) {
+                    p.feed(data);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.inner = None;
+                this.finish(Some("upstream_body_error".into()));
+                Poll::Ready(Some(Err(e)))
+            }
+            Poll::Ready(None) => {
+                this.inner = None;
+                this.finish(None);
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner
+            .as_ref()
+            .map(|b| b.size_hint())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for MeteredBody {
+    fn drop(&mut self) {
+        let (Some(mut inner), Some(mut parser), Some(draft)) =
+            (self.inner.take(), self.parser.take(), self.draft.take())
+        else {
+            return;
+        };
+        // The client went away before the end: keep reading upstream so
+        // the record gets the provider's own count.
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            draft.emit(parser.finish(), Some("client_disconnected".into()));
+            return;
+        };
+        rt.spawn(async move {
+            let mut read = 0usize;
+            let deadline = tokio::time::Instant::now() + DRAIN_AFTER_HANGUP;
+            let mut error = Some("client_disconnected".to_string());
+            loop {
+                match tokio::time::timeout_at(deadline, inner.frame()).await {
+                    Ok(Some(Ok(f))) => {
+                        if let Some(d) = f.data_ref() {
+                            read += d.len();
+                            parser.feed(d);
+                            if read > DRAIN_MAX_BYTES {
+                                error = Some("client_disconnected_drain_limit".into());
+                                break;
+                            }
+                        }
+                    }
+                    Ok(Some(Err(_))) => {
+                        error = Some("client_disconnected_upstream_error".into());
+                        break;
+                    }
+                    Ok(None) => break,
+                    Err(_) => {
+                        error = Some("client_disconnected_drain_timeout".into());
+                        break;
+                    }
+                }
+            }
+            draft.emit(parser.finish(), error);
+        });
+    }
+}

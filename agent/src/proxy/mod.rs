@@ -1,0 +1,392 @@
+//! The transparent proxy: accepts redirected connections, finds their
+//! origin, peeks the ClientHello, splices non-provider traffic untouched and
+//! terminates provider TLS with a leaf from the local CA.
+//!
+//! Owns: connections, TLS termination, the upstream pool, draining.
+//! Must never: parse provider payloads (adapters do), serve a connection
+//! that has no origin record (it would be an open proxy), or await disk or
+//! exporter I/O before forwarding bytes.
+
+pub mod clienthello;
+mod http;
+pub mod rewind;
+pub mod upstream;
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::combinators::UnsyncBoxBody;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use serde::Serialize;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::attribution::Attributor;
+use crate::ca::LocalCa;
+use crate::intercept::ConnOrigin;
+use crate::meter::RecordSink;
+use crate::providers::catalogue::{self, ProviderHost};
+use clienthello::HelloError;
+use rewind::Rewind;
+use upstream::Upstream;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// The body type on both sides of the proxy.
+pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// How long a client may take to send its ClientHello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where the proxy learns who opened an accepted connection.
+pub trait OriginSource: Send + Sync {
+    /// Looks up (and forgets) the origin of the connection whose client
+    /// address is `peer`.
+    fn take_origin(&self, peer: SocketAddr) -> Option<ConnOrigin>;
+}
+
+impl OriginSource for crate::intercept::Intercept {
+    fn take_origin(&self, peer: SocketAddr) -> Option<ConnOrigin> {
+        crate::intercept::Intercept::take_origin(self, peer)
+    }
+}
+
+/// Counters of the proxy, read by `top`, export and tests.
+#[derive(Debug, Default)]
+pub struct ProxyStats {
+    pub accepted: AtomicU64,
+    /// Connections closed because no origin record existed.
+    pub refused_no_origin: AtomicU64,
+    /// Non-provider TLS (or non-TLS) spliced untouched.
+    pub passthrough: AtomicU64,
+    /// Provider connections passed through because the client does not
+    /// trust the local CA.
+    pub passthrough_untrusted: AtomicU64,
+    /// Clients that rejected the agent's certificate.
+    pub client_rejected_ca: AtomicU64,
+    /// Provider connections terminated and metered.
+    pub intercepted: AtomicU64,
+    /// Malformed or missing ClientHellos.
+    pub bad_hello: AtomicU64,
+    pub requests: AtomicU64,
+    pub upstream_errors: AtomicU64,
+}
+
+/// A copy of [`ProxyStats`] at one instant.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub struct ProxyStatsSnapshot {
+    pub accepted: u64,
+    pub refused_no_origin: u64,
+    pub passthrough: u64,
+    pub passthrough_untrusted: u64,
+    pub client_rejected_ca: u64,
+    pub intercepted: u64,
+    pub bad_hello: u64,
+    pub requests: u64,
+    pub upstream_errors: u64,
+}
+
+impl ProxyStats {
+    pub fn snapshot(&self) -> ProxyStatsSnapshot {
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        ProxyStatsSnapshot {
+            accepted: l(&self.accepted),
+            refused_no_origin: l(&self.refused_no_origin),
+            passthrough: l(&self.passthrough),
+            passthrough_untrusted: l(&self.passthrough_untrusted),
+            client_rejected_ca: l(&self.client_rejected_ca),
+            intercepted: l(&self.intercepted),
+            bad_hello: l(&self.bad_hello),
+            requests: l(&self.requests),
+            upstream_errors: l(&self.upstream_errors),
+        }
+    }
+}
+
+fn inc(a: &AtomicU64) {
+    a.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Everything a connection needs, shared by all of them.
+pub struct ProxyState {
+    pub origins: Arc<dyn OriginSource>,
+    pub ca: Arc<LocalCa>,
+    pub upstream: Upstream,
+    pub hosts: Arc<Vec<ProviderHost>>,
+    pub attributor: Attributor,
+    pub sink: Arc<dyn RecordSink>,
+    pub stats: ProxyStats,
+    pub max_request_body: usize,
+    /// (executable, host) pairs whose client rejected the local CA.
+    untrusted: Mutex<HashSet<(String, String)>>,
+    http: auto::Builder<TokioExecutor>,
+}
+
+impl ProxyState {
+    pub fn new(
+        origins: Arc<dyn OriginSource>,
+        ca: Arc<LocalCa>,
+        upstream: Upstream,
+        hosts: Vec<ProviderHost>,
+        attributor: Attributor,
+        sink: Arc<dyn RecordSink>,
+        max_request_body: usize,
+    ) -> Self {
+        let mut http = auto::Builder::new(TokioExecutor::new());
+        http.http1().timer(hyper_util::rt::TokioTimer::new());
+        http.http2().timer(hyper_util::rt::TokioTimer::new());
+        ProxyState {
+            origins,
+            ca,
+            upstream,
+            hosts: Arc::new(hosts),
+            attributor,
+            sink,
+            stats: ProxyStats::default(),
+            max_request_body,
+            untrusted: Mutex::new(HashSet::new()),
+            http,
+        }
+    }
+}
+
+/// Accepts on every listener until `shutdown` turns true, then drains:
+/// in-flight requests and streams get up to `drain` to finish.
+pub async fn serve(
+    listeners: Vec<TcpListener>,
+    state: Arc<ProxyState>,
+    mut shutdown: watch::Receiver<bool>,
+    drain: Duration,
+) {
+    let graceful = Arc::new(GracefulShutdown::new());
+    let tracker = TaskTracker::new();
+    let (stop_tx, _) = tokio::sync::broadcast::channel::<()>(1);
+    let mut accept_tasks = Vec::new();
+    for l in listeners {
+        let state = state.clone();
+        let tracker = tracker.clone();
+        let graceful = graceful.clone();
+        let mut stop = stop_tx.subscribe();
+        accept_tasks.push(tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.recv() => break,
+                    r = l.accept() => match r {
+                        Ok((tcp, peer)) => {
+                            let state = state.clone();
+                            let watcher = graceful.watcher();
+                            tracker.spawn(handle_conn(state, tcp, peer, watcher));
+                        }
+                        Err(e) => {
+                            // EMFILE and friends: back off instead of spinning.
+                            warn!(error = %e, "accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
+                }
+            }
+        }));
+    }
+    while !*shutdown.borrow() {
+        if shutdown.changed().await.is_err() {
+            break;
+        }
+    }
+    let _ = stop_tx.send(());
+    for t in accept_tasks {
+        let _ = t.await;
+    }
+    tracker.close();
+    let in_flight = tracker.len();
+    if in_flight > 0 {
+        info!(
+            connections = in_flight,
+            drain_secs = drain.as_secs(),
+            "draining"
+        );
+    }
+    let deadline = tokio::time::Instant::now() + drain;
+    // The accept tasks are done, so this is the last reference.
+    let graceful = Arc::try_unwrap(graceful).unwrap_or_else(|_| GracefulShutdown::new());
+    if tokio::time::timeout_at(deadline, graceful.shutdown())
+        .await
+        .is_err()
+        || tokio::time::timeout_at(deadline, tracker.wait())
+            .await
+            .is_err()
+    {
+        warn!(
+            connections = tracker.len(),
+            "drain time over; closing the remaining connections"
+        );
+    }
+}
+
+/// Cloneable handle to register a connection for graceful shutdown.
+type Watcher = hyper_util::server::graceful::Watcher;
+
+async fn handle_conn(state: Arc<ProxyState>, tcp: TcpStream, peer: SocketAddr, watcher: Watcher) {
+    inc(&state.stats.accepted);
+    let Some(origin) = state.origins.take_origin(peer) else {
+        inc(&state.stats.refused_no_origin);
+        debug!(%peer, "connection without an origin record: closed");
+        return;
+    };
+    let span = info_span!("conn", pid = origin.tgid, comm = %origin.comm, dst = %origin.dst);
+    async move {
+        let _ = tcp.set_nodelay(true);
+        let who = state
+            .attributor
+            .attribute(origin.tgid, origin.uid, origin.cgroup_id, &origin.comm);
+        let mut tcp = tcp;
+        // Anything that is not a TLS handshake is spliced untouched.
+        let mut first = [0u8; 1];
+        match tokio::time::timeout(HELLO_TIMEOUT, tcp.peek(&mut first)).await {
+            Ok(Ok(1)) if first[0] == 22 => {}
+            Ok(Ok(1)) => {
+                inc(&state.stats.passthrough);
+                return splice(tcp, Vec::new(), origin.dst).await;
+            }
+            _ => return,
+        }
+        let (hello, prefix) =
+            match tokio::time::timeout(HELLO_TIMEOUT, clienthello::read_client_hello(&mut tcp)).await
+            {
+                Ok(Ok(h)) => h,
+                Ok(Err(HelloError::Eof)) => return,
+                Ok(Err(e)) => {
+                    inc(&state.stats.bad_hello);
+                    debug!(error = %e, "bad ClientHello: closing");
+                    return;
+                }
+                Err(_) => {
+                    inc(&state.stats.bad_hello);
+                    debug!("no ClientHello in time: closing");
+                    return;
+                }
+            };
+        let provider = hello
+            .sni
+            .as_deref()
+            .and_then(|s| catalogue::lookup(&state.hosts, s))
+            .cloned();
+        let Some(provider) = provider else {
+            inc(&state.stats.passthrough);
+            debug!(sni = ?hello.sni, "not a provider host: passthrough");
+            return splice(tcp, prefix, origin.dst).await;
+        };
+        let exe = who.exe.clone().unwrap_or_else(|| origin.comm.clone());
+        let key = (exe, provider.host.clone());
+        if state
+            .untrusted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&key)
+        {
+            inc(&state.stats.passthrough_untrusted);
+            return splice(tcp, prefix, origin.dst).await;
+        }
+        let server_config = match state.ca.server_config(&provider.host).await {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, host = %provider.host, "cannot mint a certificate; passing through");
+                inc(&state.stats.passthrough);
+                return splice(tcp, prefix, origin.dst).await;
+            }
+        };
+        let acceptor = tokio_rustls::TlsAcceptor::from(server_config);
+        let tls = match acceptor.accept(Rewind::new(prefix, tcp)).await {
+            Ok(t) => t,
+            Err(e) => {
+                if client_rejected_certificate(&e) {
+                    inc(&state.stats.client_rejected_ca);
+                    let first_time = state
+                        .untrusted
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(key.clone());
+                    if first_time {
+                        warn!(
+                            exe = %key.0, host = %key.1, error = %e,
+                            "the client does not trust the tollgate CA (pinned or bundled roots?); its later connections to this host pass through uncounted. See `tollgate trust env`"
+                        );
+                    }
+                } else {
+                    debug!(error = %e, "client TLS handshake failed");
+                }
+                return;
+            }
+        };
+        inc(&state.stats.intercepted);
+        let ctx = Arc::new(http::ConnCtx {
+            state: state.clone(),
+            origin,
+            who,
+            provider,
+        });
+        let service = hyper::service::service_fn(move |req| http::handle(ctx.clone(), req));
+        let conn = state
+            .http
+            .serve_connection_with_upgrades(TokioIo::new(tls), service)
+            .into_owned();
+        if let Err(e) = watcher.watch(conn).await {
+            debug!(error = %e, "client connection ended with an error");
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// True when a failed handshake means the client refused our certificate
+/// (an alert about the certificate, or a hang-up right after it).
+fn client_rejected_certificate(e: &std::io::Error) -> bool {
+    use rustls::AlertDescription as A;
+    if let Some(inner) = e.get_ref()
+        && let Some(tls) = inner.downcast_ref::<rustls::Error>()
+    {
+        return matches!(
+            tls,
+            rustls::Error::AlertReceived(
+                A::UnknownCA
+                    | A::BadCertificate
+                    | A::CertificateUnknown
+                    | A::UnsupportedCertificate
+                    | A::CertificateExpired
+                    | A::AccessDenied
+                    | A::DecryptError
+            )
+        );
+    }
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
+    )
+}
+
+/// Copies bytes both ways between the client and the address it dialed,
+/// after replaying what was already read. The agent's own connects are
+/// never redirected, so this reaches the real destination.
+async fn splice(mut client: TcpStream, prefix: Vec<u8>, dst: SocketAddr) {
+    let mut server = match TcpStream::connect(dst).await {
+        Ok(s) => s,
+        Err(e) => {
+            debug!(%dst, error = %e, "passthrough connect failed");
+            return;
+        }
+    };
+    let _ = server.set_nodelay(true);
+    if !prefix.is_empty() && server.write_all(&prefix).await.is_err() {
+        return;
+    }
+    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut server).await {
+        debug!(error = %e, "passthrough ended");
+    }
+}

@@ -1,0 +1,341 @@
+//! Connections from the agent to the providers: verified TLS (webpki roots
+//! plus an optional extra CA, never anything weaker) and a small pool of
+//! HTTP/1.1 and HTTP/2 connections per (dialed address, host name).
+//!
+//! Must never: connect anywhere but the address the client dialed, or
+//! accept a certificate that does not verify for the client's SNI.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::header::{self, HeaderName};
+use http::{HeaderValue, Request, Response, Uri, Version};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls_pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+use super::ProxyBody;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const MAX_IDLE_PER_KEY: usize = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("cannot read extra CA file {path}: {message}")]
+    ExtraCa { path: String, message: String },
+    #[error("connect to {addr}: {message}")]
+    Connect { addr: SocketAddr, message: String },
+    #[error("TLS to {host} ({addr}): {message}")]
+    Tls {
+        host: String,
+        addr: SocketAddr,
+        message: String,
+    },
+    #[error("HTTP to {host}: {message}")]
+    Http { host: String, message: String },
+}
+
+impl UpstreamError {
+    /// A short, bounded label for metrics and the ledger.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            UpstreamError::ExtraCa { .. } => "config",
+            UpstreamError::Connect { .. } => "upstream_connect",
+            UpstreamError::Tls { .. } => "upstream_tls",
+            UpstreamError::Http { .. } => "upstream_http",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct PoolKey {
+    addr: SocketAddr,
+    host: String,
+}
+
+enum Sender {
+    H1(http1::SendRequest<ProxyBody>),
+    H2(http2::SendRequest<ProxyBody>),
+}
+
+/// The upstream client. Cheap to share behind an `Arc`.
+pub struct Upstream {
+    connector: TlsConnector,
+    idle: Mutex<HashMap<PoolKey, Vec<Sender>>>,
+}
+
+/// Builds the client TLS config: webpki roots plus `extra_ca`.
+pub fn client_config(extra_ca: Option<&Path>) -> Result<rustls::ClientConfig, UpstreamError> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = extra_ca {
+        let err = |message: String| UpstreamError::ExtraCa {
+            path: path.display().to_string(),
+            message,
+        };
+        let pem = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+        let mut n = 0;
+        for cert in rustls_pemfile::certs(&mut &pem[..]) {
+            let cert = cert.map_err(|e| err(format!("bad PEM: {e}")))?;
+            roots
+                .add(cert)
+                .map_err(|e| err(format!("not a usable CA certificate: {e}")))?;
+            n += 1;
+        }
+        if n == 0 {
+            return Err(err("no CERTIFICATE block found".into()));
+        }
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| UpstreamError::ExtraCa {
+        path: String::new(),
+        message: e.to_string(),
+    })?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(cfg)
+}
+
+impl Upstream {
+    pub fn new(extra_ca: Option<&Path>) -> Result<Self, UpstreamError> {
+        Ok(Upstream {
+            connector: TlsConnector::from(Arc::new(client_config(extra_ca)?)),
+            idle: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Sends `req` to `host` at `addr`, reusing a pooled connection when one
+    /// is idle. `authority` is the `Host` the client asked for.
+    pub async fn send(
+        &self,
+        addr: SocketAddr,
+        host: &str,
+        authority: &str,
+        mut req: Request<ProxyBody>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let key = PoolKey {
+            addr,
+            host: host.to_string(),
+        };
+        let sender = match self.checkout(&key) {
+            Some(s) => s,
+            None => self.connect(&key).await?,
+        };
+        let http_err = |e: hyper::Error| UpstreamError::Http {
+            host: host.to_string(),
+            message: e.to_string(),
+        };
+        match sender {
+            Sender::H1(mut s) => {
+                adapt_h1(&mut req, authority);
+                let fut = s.send_request(req);
+                let resp = fut.await.map_err(http_err)?;
+                self.checkin(key, Sender::H1(s));
+                Ok(resp)
+            }
+            Sender::H2(mut s) => {
+                adapt_h2(&mut req, authority);
+                let fut = s.send_request(req);
+                self.checkin(key, Sender::H2(s));
+                fut.await.map_err(http_err)
+            }
+        }
+    }
+
+    fn checkout(&self, key: &PoolKey) -> Option<Sender> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let list = idle.get_mut(key)?;
+        let mut busy = Vec::new();
+        let mut found = None;
+        while let Some(s) = list.pop() {
+            match s {
+                Sender::H2(h) if !h.is_closed() && h.is_ready() => {
+                    // HTTP/2 multiplexes: the connection stays in the pool.
+                    busy.push(Sender::H2(h.clone()));
+                    found = Some(Sender::H2(h));
+                    break;
+                }
+                Sender::H1(h) if !h.is_closed() && h.is_ready() => {
+                    found = Some(Sender::H1(h));
+                    break;
+                }
+                Sender::H1(h) if !h.is_closed() => busy.push(Sender::H1(h)),
+                Sender::H2(h) if !h.is_closed() => busy.push(Sender::H2(h)),
+                _ => {}
+            }
+        }
+        list.extend(busy);
+        found
+    }
+
+    fn checkin(&self, key: PoolKey, s: Sender) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let list = idle.entry(key).or_default();
+        if let Sender::H2(_) = s
+            && list
+                .iter()
+                .any(|x| matches!(x, Sender::H2(h) if !h.is_closed()))
+        {
+            return;
+        }
+        if list.len() < MAX_IDLE_PER_KEY {
+            list.push(s);
+        }
+    }
+
+    async fn connect(&self, key: &PoolKey) -> Result<Sender, UpstreamError> {
+        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(key.addr))
+            .await
+            .map_err(|_| UpstreamError::Connect {
+                addr: key.addr,
+                message: "timed out".into(),
+            })?
+            .map_err(|e| UpstreamError::Connect {
+                addr: key.addr,
+                message: e.to_string(),
+            })?;
+        let _ = tcp.set_nodelay(true);
+        let tls_err = |message: String| UpstreamError::Tls {
+            host: key.host.clone(),
+            addr: key.addr,
+            message,
+        };
+        let name = ServerName::try_from(key.host.clone())
+            .map_err(|e| tls_err(format!("bad server name: {e}")))?;
+        let tls = tokio::time::timeout(CONNECT_TIMEOUT, self.connector.connect(name, tcp))
+            .await
+            .map_err(|_| tls_err("handshake timed out".into()))?
+            .map_err(|e| tls_err(e.to_string()))?;
+        let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+        let io = TokioIo::new(tls);
+        let http_err = |e: hyper::Error| UpstreamError::Http {
+            host: key.host.clone(),
+            message: e.to_string(),
+        };
+        if h2 {
+            let (s, conn) = http2::Builder::new(TokioExecutor::new())
+                .timer(hyper_util::rt::TokioTimer::new())
+                .keep_alive_interval(Duration::from_secs(30))
+                .handshake(io)
+                .await
+                .map_err(http_err)?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "upstream h2 connection ended");
+                }
+            });
+            Ok(Sender::H2(s))
+        } else {
+            let (s, conn) = http1::Builder::new()
+                .handshake(io)
+                .await
+                .map_err(http_err)?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "upstream h1 connection ended");
+                }
+            });
+            Ok(Sender::H1(s))
+        }
+    }
+}
+
+/// Hop-by-hop headers that belong to one connection, not the request.
+const HOP_BY_HOP: &[HeaderName] = &[
+    header::CONNECTION,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+pub fn strip_hop_by_hop(h: &mut http::HeaderMap) {
+    // Headers named in Connection are hop-by-hop too.
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named.iter().chain(HOP_BY_HOP) {
+        h.remove(n);
+    }
+    h.remove("keep-alive");
+    h.remove("proxy-connection");
+}
+
+fn adapt_h1(req: &mut Request<ProxyBody>, authority: &str) {
+    strip_hop_by_hop(req.headers_mut());
+    let pq = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".into());
+    if let Ok(u) = pq.parse::<Uri>() {
+        *req.uri_mut() = u;
+    }
+    if !req.headers().contains_key(header::HOST)
+        && let Ok(v) = HeaderValue::from_str(authority)
+    {
+        req.headers_mut().insert(header::HOST, v);
+    }
+    *req.version_mut() = Version::HTTP_11;
+}
+
+fn adapt_h2(req: &mut Request<ProxyBody>, authority: &str) {
+    strip_hop_by_hop(req.headers_mut());
+    req.headers_mut().remove(header::HOST);
+    let pq = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".into());
+    if let Ok(u) = format!("https://{authority}{pq}").parse::<Uri>() {
+        *req.uri_mut() = u;
+    }
+    *req.version_mut() = Version::HTTP_2;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_connection_named_headers() {
+        let mut h = http::HeaderMap::new();
+        h.insert(header::CONNECTION, "keep-alive, x-foo".parse().unwrap());
+        h.insert("x-foo", "1".parse().unwrap());
+        h.insert("x-bar", "2".parse().unwrap());
+        h.insert(header::TRANSFER_ENCODING, "chunked".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert!(h.get("x-foo").is_none());
+        assert!(h.get(header::TRANSFER_ENCODING).is_none());
+        assert_eq!(h.get("x-bar").unwrap(), "2");
+    }
+
+    #[test]
+    fn extra_ca_errors_are_clear() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("ca.pem");
+        std::fs::write(&p, "not a pem").unwrap();
+        let e = client_config(Some(&p)).unwrap_err().to_string();
+        assert!(e.contains("no CERTIFICATE"), "{e}");
+        let e = client_config(Some(&dir.path().join("missing.pem")))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("missing.pem"), "{e}");
+    }
+}

@@ -1,0 +1,482 @@
+//! `tollgate report`: the ledger's records as a table or as JSON.
+//!
+//! Owns: the presentation of records. Must never: read the ledger itself
+//! (the caller queries it) or show anything the record does not hold.
+//!
+//! Cost in the table: the sum of the known costs of a group. When some
+//! requests of the group have no known price, the sum is marked `*` (a
+//! lower bound) and a footnote says so; when none has a price it is `-`.
+//! Groups are sorted by that sum, then by tokens, both descending.
+
+use std::collections::BTreeMap;
+
+use crate::meter::UsageRecord;
+
+/// Output format of `report`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReportFormat {
+    /// A plain-text table grouped by repository, job, executable and model.
+    Table,
+    /// A JSON array of the records, as serde writes `UsageRecord`.
+    Json,
+}
+
+/// Longest text cell before it is shortened with `…`.
+const CELL_MAX: usize = 40;
+
+#[derive(Default)]
+struct Group {
+    requests: u64,
+    input: u64,
+    output: u64,
+    cost: f64,
+    priced: u64,
+}
+
+impl Group {
+    fn add(&mut self, r: &UsageRecord) {
+        self.requests += 1;
+        self.input = self.input.saturating_add(r.usage.input_tokens);
+        self.output = self.output.saturating_add(r.usage.output_tokens);
+        if let Some(c) = r.cost_usd.filter(|c| c.is_finite()) {
+            self.cost += c;
+            self.priced += 1;
+        }
+    }
+
+    fn merge(&mut self, g: &Group) {
+        self.requests += g.requests;
+        self.input = self.input.saturating_add(g.input);
+        self.output = self.output.saturating_add(g.output);
+        self.cost += g.cost;
+        self.priced += g.priced;
+    }
+
+    fn cost_cell(&self) -> String {
+        if self.priced == 0 {
+            "-".into()
+        } else if self.priced < self.requests {
+            format!("{}*", money(self.cost))
+        } else {
+            money(self.cost)
+        }
+    }
+}
+
+fn money(v: f64) -> String {
+    if v > 0.0 && v < 0.00005 {
+        "<0.0001".into()
+    } else {
+        format!("{v:.4}")
+    }
+}
+
+/// `1234567` → `1,234,567`.
+fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn cell(s: Option<&str>) -> String {
+    match s.map(str::trim).filter(|s| !s.is_empty()) {
+        None => "-".into(),
+        Some(s) => {
+            let clean: String = s
+                .chars()
+                .map(|c| if c.is_control() { ' ' } else { c })
+                .collect();
+            if clean.chars().count() > CELL_MAX {
+                let mut t: String = clean.chars().take(CELL_MAX - 1).collect();
+                t.push('…');
+                t
+            } else {
+                clean
+            }
+        }
+    }
+}
+
+fn exe_name(r: &UsageRecord) -> String {
+    let base = r
+        .who
+        .exe
+        .as_deref()
+        .map(|e| e.trim_end_matches(" (deleted)"))
+        .and_then(|e| e.rsplit('/').next())
+        .filter(|b| !b.is_empty());
+    cell(base.or(Some(r.who.comm.as_str())))
+}
+
+/// Renders `records` (see the module docs for the table's rules).
+pub fn render(records: &[UsageRecord], format: ReportFormat) -> String {
+    match format {
+        ReportFormat::Json => match serde_json::to_string_pretty(records) {
+            Ok(s) => s + "\n",
+            Err(e) => format!("{{\"error\": {:?}}}\n", e.to_string()),
+        },
+        ReportFormat::Table => table(records),
+    }
+}
+
+fn table(records: &[UsageRecord]) -> String {
+    if records.is_empty() {
+        return "no requests recorded yet\n".into();
+    }
+    let mut groups: BTreeMap<[String; 4], Group> = BTreeMap::new();
+    for r in records {
+        let key = [
+            cell(r.who.repository.as_deref()),
+            cell(r.who.job.as_deref()),
+            exe_name(r),
+            cell(r.model.as_deref().or(r.response_model.as_deref())),
+        ];
+        groups.entry(key).or_default().add(r);
+    }
+    let mut rows: Vec<([String; 4], Group)> = groups.into_iter().collect();
+    rows.sort_by(|(ka, a), (kb, b)| {
+        b.cost
+            .total_cmp(&a.cost)
+            .then((b.input.saturating_add(b.output)).cmp(&a.input.saturating_add(a.output)))
+            .then(ka.cmp(kb))
+    });
+    let mut total = Group::default();
+    for (_, g) in &rows {
+        total.merge(g);
+    }
+
+    let header = [
+        "REPOSITORY",
+        "JOB",
+        "EXECUTABLE",
+        "MODEL",
+        "REQUESTS",
+        "INPUT",
+        "OUTPUT",
+        "COST (USD)",
+    ];
+    let mut lines: Vec<[String; 8]> = rows
+        .iter()
+        .map(|(k, g)| {
+            [
+                k[0].clone(),
+                k[1].clone(),
+                k[2].clone(),
+                k[3].clone(),
+                thousands(g.requests),
+                thousands(g.input),
+                thousands(g.output),
+                g.cost_cell(),
+            ]
+        })
+        .collect();
+    lines.push([
+        "TOTAL".into(),
+        String::new(),
+        String::new(),
+        String::new(),
+        thousands(total.requests),
+        thousands(total.input),
+        thousands(total.output),
+        total.cost_cell(),
+    ]);
+
+    let mut width = header.map(|h| h.chars().count());
+    for l in &lines {
+        for (w, c) in width.iter_mut().zip(l.iter()) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let fmt_line = |cells: [&str; 8]| -> String {
+        let mut s = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            let pad = width[i].saturating_sub(c.chars().count());
+            if i > 0 {
+                s.push_str("  ");
+            }
+            if i >= 4 {
+                s.push_str(&" ".repeat(pad));
+                s.push_str(c);
+            } else {
+                s.push_str(c);
+                s.push_str(&" ".repeat(pad));
+            }
+        }
+        s.trim_end().to_string() + "\n"
+    };
+
+    let mut out = fmt_line(header);
+    let n = lines.len();
+    for (i, l) in lines.iter().enumerate() {
+        if i + 1 == n {
+            let rule: usize = width.iter().sum::<usize>() + 2 * (width.len() - 1);
+            out.push_str(&"-".repeat(rule));
+            out.push('\n');
+        }
+        out.push_str(&fmt_line([
+            &l[0], &l[1], &l[2], &l[3], &l[4], &l[5], &l[6], &l[7],
+        ]));
+    }
+    if total.priced < total.requests && total.priced > 0 {
+        out.push_str(&format!(
+            "* {} of {} requests have no known price; costs marked * count the priced ones only\n",
+            total.requests - total.priced,
+            total.requests
+        ));
+    } else if total.priced == 0 {
+        out.push_str("no request has a known price yet\n");
+    }
+    let estimated = records.iter().filter(|r| r.estimated).count();
+    if estimated > 0 {
+        out.push_str(&format!("({estimated} requests estimated locally)\n"));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::meter::{Attribution, Usage};
+
+    fn rec(
+        repo: &str,
+        job: &str,
+        exe: &str,
+        model: &str,
+        input: u64,
+        output: u64,
+        cost: Option<f64>,
+    ) -> UsageRecord {
+        UsageRecord {
+            model: Some(model.into()),
+            usage: Usage {
+                input_tokens: input,
+                output_tokens: output,
+                ..Usage::default()
+            },
+            cost_usd: cost,
+            who: Attribution {
+                comm: "comm".into(),
+                exe: Some(exe.into()),
+                repository: Some(repo.into()),
+                job: Some(job.into()),
+                ..Attribution::default()
+            },
+            ..UsageRecord::default()
+        }
+    }
+
+    /// The cells of the first line whose leading cells are `starts`.
+    fn row<'a>(out: &'a str, starts: &str) -> Vec<&'a str> {
+        let want: Vec<&str> = starts.split_whitespace().collect();
+        out.lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .find(|cells| cells.starts_with(&want))
+            .unwrap_or_else(|| panic!("no line starting with {starts} in\n{out}"))
+    }
+
+    #[test]
+    fn empty_ledger() {
+        assert_eq!(
+            render(&[], ReportFormat::Table),
+            "no requests recorded yet\n"
+        );
+        assert_eq!(render(&[], ReportFormat::Json).trim(), "[]");
+    }
+
+    #[test]
+    fn table_groups_sorts_and_totals() {
+        let mut est = rec(
+            "acme/app",
+            "test",
+            "/usr/bin/python3.11",
+            "gpt-4o",
+            1000,
+            10,
+            Some(0.5),
+        );
+        est.estimated = true;
+        let records = vec![
+            rec(
+                "acme/app",
+                "test",
+                "/usr/bin/python3.11",
+                "gpt-4o",
+                1000,
+                100,
+                Some(1.25),
+            ),
+            est,
+            rec(
+                "acme/lib",
+                "lint",
+                "/usr/bin/node",
+                "claude-sonnet-4",
+                5_000_000,
+                20,
+                None,
+            ),
+            rec(
+                "acme/lib",
+                "lint",
+                "/usr/bin/node",
+                "claude-sonnet-4",
+                10,
+                20,
+                Some(0.25),
+            ),
+            rec(
+                "acme/app",
+                "build",
+                "/usr/bin/curl",
+                "gpt-4o-mini",
+                7,
+                3,
+                None,
+            ),
+        ];
+        let out = render(&records, ReportFormat::Table);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(
+            lines[0].split_whitespace().collect::<Vec<_>>(),
+            [
+                "REPOSITORY",
+                "JOB",
+                "EXECUTABLE",
+                "MODEL",
+                "REQUESTS",
+                "INPUT",
+                "OUTPUT",
+                "COST",
+                "(USD)"
+            ]
+        );
+        // Sorted by cost: the python group (1.75) before node (0.25*) before curl (-).
+        assert!(lines[1].starts_with("acme/app"), "{out}");
+        assert_eq!(
+            row(&out, "acme/app  test"),
+            [
+                "acme/app",
+                "test",
+                "python3.11",
+                "gpt-4o",
+                "2",
+                "2,000",
+                "110",
+                "1.7500"
+            ]
+        );
+        assert_eq!(
+            row(&out, "acme/lib"),
+            [
+                "acme/lib",
+                "lint",
+                "node",
+                "claude-sonnet-4",
+                "2",
+                "5,000,010",
+                "40",
+                "0.2500*"
+            ]
+        );
+        assert_eq!(
+            row(&out, "acme/app  build"),
+            [
+                "acme/app",
+                "build",
+                "curl",
+                "gpt-4o-mini",
+                "1",
+                "7",
+                "3",
+                "-"
+            ]
+        );
+        assert!(
+            lines[3].contains("curl"),
+            "unpriced, fewest tokens last: {out}"
+        );
+        assert_eq!(
+            row(&out, "TOTAL"),
+            ["TOTAL", "5", "5,002,017", "153", "2.0000*"]
+        );
+        assert!(out.contains("2 of 5 requests have no known price"), "{out}");
+        assert!(out.contains("(1 requests estimated locally)"), "{out}");
+        // Numbers are right-aligned under their header.
+        let end = lines[0].find("REQUESTS").expect("header") + "REQUESTS".len();
+        for l in &lines[1..4] {
+            let b = l.as_bytes();
+            assert!(
+                b[end - 1].is_ascii_digit() && b[end] == b' ',
+                "misaligned: {l}"
+            );
+        }
+    }
+
+    #[test]
+    fn missing_fields_and_long_names() {
+        let mut r = rec("x", "y", "", "m", 1, 1, None);
+        r.who.repository = None;
+        r.who.job = None;
+        r.who.exe = None;
+        r.who.comm = "curl".into();
+        r.model = None;
+        r.response_model = Some("gpt-4o-2024-08-06".into());
+        let mut long = rec(
+            &"a/".repeat(60),
+            "j",
+            "/x/tool (deleted)",
+            "m",
+            1,
+            1,
+            Some(0.00001),
+        );
+        long.who.job = Some("line\nbreak".into());
+        let out = render(&[r, long], ReportFormat::Table);
+        assert_eq!(
+            row(&out, "-"),
+            ["-", "-", "curl", "gpt-4o-2024-08-06", "1", "1", "1", "-"]
+        );
+        assert!(
+            out.contains('…') && out.contains("tool") && !out.contains("(deleted)"),
+            "{out}"
+        );
+        assert!(
+            out.contains("line break") && out.contains("<0.0001"),
+            "{out}"
+        );
+        assert!(!out.contains("estimated"), "{out}");
+    }
+
+    #[test]
+    fn json_is_the_records_serde_form() {
+        let mut r = rec(
+            "acme/app",
+            "test",
+            "/usr/bin/python3",
+            "gpt-4o",
+            3,
+            4,
+            Some(0.5),
+        );
+        r.id = Some(9);
+        r.estimated = true;
+        let out = render(std::slice::from_ref(&r), ReportFormat::Json);
+        let v: serde_json::Value = serde_json::from_str(&out).expect("valid JSON");
+        let arr = v.as_array().expect("an array");
+        assert_eq!(arr.len(), 1);
+        assert_eq!(arr[0]["id"], 9);
+        assert_eq!(arr[0]["repository"], "acme/app");
+        assert_eq!(arr[0]["input_tokens"], 3);
+        assert_eq!(arr[0]["cost_usd"], 0.5);
+        assert_eq!(arr[0]["estimated"], true);
+        let back: Vec<UsageRecord> = serde_json::from_str(&out).expect("round trips");
+        assert_eq!(back, vec![r]);
+    }
+}

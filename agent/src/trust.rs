@@ -1,0 +1,545 @@
+//! `tollgate trust install|uninstall|env`: making clients trust the local CA.
+//!
+//! Owns: the CA's copies in system trust stores (the Debian/Ubuntu anchor
+//! directory, the RHEL anchor directory when present, Java's `cacerts`
+//! under the alias `tollgate-local-ca`) and the environment lines that point
+//! SDKs at the CA or at `bundle.pem`.
+//!
+//! Must never: copy the CA key anywhere, touch a trust store entry it did not
+//! create, or run system tools against the host's store when asked to work
+//! under another `--root` (then it writes files only and says so).
+
+use std::path::{Component, Path, PathBuf};
+use std::process::Command;
+
+use crate::ca::{CaError, LocalCa, write_atomic};
+
+/// File name of the CA in the system anchor directories.
+pub const ANCHOR_NAME: &str = "tollgate-local-ca.crt";
+/// Alias of the CA in Java keystores.
+pub const JAVA_ALIAS: &str = "tollgate-local-ca";
+/// Alias Debian's `ca-certificates-java` hook gives the same certificate.
+const DEBIAN_JAVA_ALIAS: &str = "debian:tollgate-local-ca.pem";
+/// Debian/Ubuntu anchor directory, relative to the root.
+const DEBIAN_ANCHORS: &str = "usr/local/share/ca-certificates";
+/// Link `update-ca-certificates` makes for the anchor, relative to the root.
+const DEBIAN_LINK: &str = "etc/ssl/certs/tollgate-local-ca.pem";
+/// RHEL/Fedora anchor directory, used only when it exists.
+const RHEL_ANCHORS: &str = "etc/pki/ca-trust/source/anchors";
+/// Java cacerts on Debian/Ubuntu (ca-certificates-java).
+const DEBIAN_CACERTS: &str = "etc/ssl/certs/java/cacerts";
+/// Default store password of Java cacerts (it protects integrity, not secrecy).
+const CACERTS_PASSWORD: &str = "changeit";
+
+/// Output format of `trust env`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EnvFormat {
+    /// `export NAME=VALUE`, quoted for a POSIX shell (`eval "$(tollgate trust env)"`).
+    Shell,
+    /// `NAME=VALUE`, unquoted, as `$GITHUB_ENV` and systemd `EnvironmentFile=` read it.
+    Dotenv,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrustError {
+    #[error(transparent)]
+    Ca(#[from] CaError),
+    #[error(
+        "permission denied: cannot {action} {}: {source}; run `tollgate trust` as root",
+        path.display()
+    )]
+    Permission {
+        action: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot {action} {}: {source}", path.display())]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "`{command}` failed ({status}): {stderr}; the CA file is in place, fix the error and run `tollgate trust install` again"
+    )]
+    Command {
+        command: String,
+        status: String,
+        stderr: String,
+    },
+}
+
+impl TrustError {
+    /// Process exit code (see `crate::exit`).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            TrustError::Ca(e) => e.exit_code(),
+            TrustError::Permission { .. } => crate::exit::NOPERM,
+            TrustError::Io { .. } | TrustError::Command { .. } => crate::exit::UNAVAILABLE,
+        }
+    }
+
+    fn io(action: &'static str, path: &Path, source: std::io::Error) -> TrustError {
+        let path = path.to_path_buf();
+        if source.kind() == std::io::ErrorKind::PermissionDenied {
+            TrustError::Permission {
+                action,
+                path,
+                source,
+            }
+        } else {
+            TrustError::Io {
+                action,
+                path,
+                source,
+            }
+        }
+    }
+}
+
+/// Environment lines for clients that read their trust from variables:
+/// Node gets the CA alone (it adds it to its own roots); Python, curl and
+/// botocore get `bundle.pem` (system roots plus the CA), since they replace
+/// their roots with the file they are given.
+pub fn env_lines(ca: &LocalCa, format: EnvFormat) -> String {
+    let ca_path = ca.cert_path().to_string_lossy();
+    let bundle = ca.bundle_path().to_string_lossy();
+    let vars: [(&str, &str); 5] = [
+        ("NODE_EXTRA_CA_CERTS", &ca_path),
+        ("SSL_CERT_FILE", &bundle),
+        ("REQUESTS_CA_BUNDLE", &bundle),
+        ("CURL_CA_BUNDLE", &bundle),
+        ("AWS_CA_BUNDLE", &bundle),
+    ];
+    let mut out = String::new();
+    for (name, value) in vars {
+        match format {
+            EnvFormat::Shell => out.push_str(&format!("export {name}={}\n", shell_quote(value))),
+            EnvFormat::Dotenv => out.push_str(&format!("{name}={value}\n")),
+        }
+    }
+    out
+}
+
+/// Quotes `s` for a POSIX shell when it holds anything but safe characters.
+fn shell_quote(s: &str) -> String {
+    let safe = !s.is_empty()
+        && s.bytes().all(|b| {
+            b.is_ascii_alphanumeric()
+                || matches!(
+                    b,
+                    b'/' | b'.' | b'_' | b'-' | b',' | b':' | b'+' | b'=' | b'@' | b'%'
+                )
+        });
+    if safe {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
+fn is_host_root(root: &Path) -> bool {
+    let mut c = root.components();
+    matches!((c.next(), c.next()), (Some(Component::RootDir), None))
+}
+
+/// `root` joined with a path relative to it.
+fn under(root: &Path, rel: &str) -> PathBuf {
+    root.join(rel)
+}
+
+/// Finds `name` on PATH or in the usual sbin directories.
+fn find_program(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/local/sbin", "/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from))
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+struct Output {
+    ok: bool,
+    status: String,
+    text: String,
+}
+
+fn run(program: &Path, args: &[&str]) -> Result<Output, TrustError> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .map_err(|e| TrustError::io("run", program, e))?;
+    let mut text = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    if text.is_empty() {
+        text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    }
+    // Keep the message short: the last few lines say what went wrong.
+    let lines: Vec<&str> = text.lines().collect();
+    let text = lines[lines.len().saturating_sub(4)..].join(" / ");
+    Ok(Output {
+        ok: out.status.success(),
+        status: out.status.to_string(),
+        text,
+    })
+}
+
+fn command_line(program: &Path, args: &[&str]) -> String {
+    let mut s = program.display().to_string();
+    for a in args {
+        s.push(' ');
+        s.push_str(if *a == CACERTS_PASSWORD { "***" } else { a });
+    }
+    s
+}
+
+fn run_checked(program: &Path, args: &[&str]) -> Result<String, TrustError> {
+    let out = run(program, args)?;
+    if out.ok {
+        Ok(out.text)
+    } else {
+        Err(TrustError::Command {
+            command: command_line(program, args),
+            status: out.status,
+            stderr: out.text,
+        })
+    }
+}
+
+/// The keytool arguments that select the keystore, or why there is none.
+fn java_store(root: &Path) -> Result<Vec<String>, String> {
+    if is_host_root(root) {
+        Ok(vec!["-cacerts".into()])
+    } else {
+        let ks = under(root, DEBIAN_CACERTS);
+        if ks.is_file() {
+            Ok(vec!["-keystore".into(), ks.to_string_lossy().into_owned()])
+        } else {
+            Err(format!("no Java cacerts at {}", ks.display()))
+        }
+    }
+}
+
+fn keytool_delete(keytool: &Path, store: &[String], alias: &str) -> Result<bool, TrustError> {
+    let mut args: Vec<&str> = vec!["-delete", "-noprompt", "-alias", alias];
+    args.extend(store.iter().map(String::as_str));
+    args.extend(["-storepass", CACERTS_PASSWORD]);
+    Ok(run(keytool, &args)?.ok)
+}
+
+/// Adds the CA to the trust stores under `root` ("/" for this host) and
+/// rewrites `bundle.pem`. Returns what was done, one line each.
+pub fn install(ca: &LocalCa, root: &Path) -> Result<Vec<String>, TrustError> {
+    let mut lines = Vec::new();
+    let host = is_host_root(root);
+
+    let dir = under(root, DEBIAN_ANCHORS);
+    std::fs::create_dir_all(&dir).map_err(|e| TrustError::io("create directory", &dir, e))?;
+    let anchor = dir.join(ANCHOR_NAME);
+    write_atomic(&anchor, ca.cert_pem().as_bytes(), 0o644)?;
+    lines.push(format!("copied the CA certificate to {}", anchor.display()));
+
+    let rhel_dir = under(root, RHEL_ANCHORS);
+    let rhel = rhel_dir.is_dir();
+    if rhel {
+        let p = rhel_dir.join(ANCHOR_NAME);
+        write_atomic(&p, ca.cert_pem().as_bytes(), 0o644)?;
+        lines.push(format!("copied the CA certificate to {}", p.display()));
+    }
+
+    if host {
+        match find_program("update-ca-certificates") {
+            Some(p) => {
+                run_checked(&p, &[])?;
+                lines.push("ran update-ca-certificates: the system store trusts the CA".into());
+            }
+            None if !rhel => lines.push(
+                "update-ca-certificates not found: install the ca-certificates package and run it"
+                    .into(),
+            ),
+            None => {}
+        }
+        if rhel {
+            match find_program("update-ca-trust") {
+                Some(p) => {
+                    run_checked(&p, &["extract"])?;
+                    lines.push("ran update-ca-trust extract".into());
+                }
+                None => {
+                    lines.push("update-ca-trust not found: run it to refresh the RHEL store".into())
+                }
+            }
+        }
+    } else {
+        lines.push(format!(
+            "root is {}: wrote files only; run `update-ca-certificates` inside that root to refresh its store",
+            root.display()
+        ));
+    }
+
+    match (find_program("keytool"), java_store(root)) {
+        (None, _) => lines.push("keytool not found: Java trust store left alone".into()),
+        (Some(_), Err(why)) => lines.push(format!("{why}: Java trust store left alone")),
+        (Some(keytool), Ok(store)) => {
+            // Replace an older tollgate CA under the same alias.
+            keytool_delete(&keytool, &store, JAVA_ALIAS)?;
+            let cert = ca.cert_path().to_string_lossy().into_owned();
+            let mut args: Vec<&str> = vec![
+                "-importcert",
+                "-noprompt",
+                "-trustcacerts",
+                "-alias",
+                JAVA_ALIAS,
+                "-file",
+                &cert,
+            ];
+            args.extend(store.iter().map(String::as_str));
+            args.extend(["-storepass", CACERTS_PASSWORD]);
+            let out = run(&keytool, &args)?;
+            if out.ok {
+                lines.push(format!(
+                    "imported the CA into Java cacerts as `{JAVA_ALIAS}`"
+                ));
+            } else if out.text.contains("already exists") {
+                lines.push(
+                    "Java cacerts already trusts the CA (added by the system store's hook)".into(),
+                );
+            } else {
+                lines.push(format!(
+                    "warning: could not import the CA into Java cacerts ({}): {}",
+                    out.status, out.text
+                ));
+            }
+        }
+    }
+
+    let bundle = ca.write_bundle()?;
+    lines.push(format!(
+        "wrote {} (system roots + the CA); `tollgate trust env` prints the variables for Node, Python, curl and AWS SDKs",
+        bundle.display()
+    ));
+    Ok(lines)
+}
+
+fn remove_if_present(path: &Path) -> Result<bool, TrustError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(TrustError::io("remove", path, e)),
+    }
+}
+
+/// Removes what `install` added under `root`; running it twice is harmless.
+/// The CA itself stays in `state_dir/ca`.
+pub fn uninstall(state_dir: &Path, root: &Path) -> Result<Vec<String>, TrustError> {
+    let mut lines = Vec::new();
+    let host = is_host_root(root);
+
+    let debian = under(root, DEBIAN_ANCHORS).join(ANCHOR_NAME);
+    let removed_debian = remove_if_present(&debian)?;
+    lines.push(if removed_debian {
+        format!("removed {}", debian.display())
+    } else {
+        format!("{} was not present", debian.display())
+    });
+    let rhel = under(root, RHEL_ANCHORS).join(ANCHOR_NAME);
+    let removed_rhel = remove_if_present(&rhel)?;
+    if removed_rhel {
+        lines.push(format!("removed {}", rhel.display()));
+    }
+
+    let stale_link = under(root, DEBIAN_LINK).symlink_metadata().is_ok();
+    if host {
+        if removed_debian || stale_link {
+            match find_program("update-ca-certificates") {
+                Some(p) => {
+                    run_checked(&p, &["--fresh"])?;
+                    lines.push("ran update-ca-certificates --fresh".into());
+                }
+                None => lines.push(
+                    "update-ca-certificates not found: the system store was not refreshed".into(),
+                ),
+            }
+        }
+        if removed_rhel && let Some(p) = find_program("update-ca-trust") {
+            run_checked(&p, &["extract"])?;
+            lines.push("ran update-ca-trust extract".into());
+        }
+    } else if removed_debian || removed_rhel || stale_link {
+        lines.push(format!(
+            "root is {}: removed files only; run `update-ca-certificates --fresh` inside that root",
+            root.display()
+        ));
+    }
+
+    if let (Some(keytool), Ok(store)) = (find_program("keytool"), java_store(root)) {
+        let ours = keytool_delete(&keytool, &store, JAVA_ALIAS)?;
+        let hooks = keytool_delete(&keytool, &store, DEBIAN_JAVA_ALIAS)?;
+        lines.push(if ours || hooks {
+            "removed the CA from Java cacerts".into()
+        } else {
+            "the CA was not in Java cacerts".into()
+        });
+    }
+
+    lines.push(format!(
+        "the CA stays in {}; delete that directory to discard its key",
+        state_dir.join("ca").display()
+    ));
+    Ok(lines)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ca(dir: &Path) -> LocalCa {
+        LocalCa::load_or_create(dir, &["api.openai.com".to_string()])
+            .expect("CA")
+            .0
+    }
+
+    #[test]
+    fn env_lines_in_both_formats() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let state = t.path().join("state dir's");
+        let ca = ca(&state);
+        let shell = env_lines(&ca, EnvFormat::Shell);
+        let dotenv = env_lines(&ca, EnvFormat::Dotenv);
+        let crt = ca.cert_path().display().to_string();
+        let bundle = ca.bundle_path().display().to_string();
+        assert!(
+            dotenv.contains(&format!("NODE_EXTRA_CA_CERTS={crt}\n")),
+            "{dotenv}"
+        );
+        for v in [
+            "SSL_CERT_FILE",
+            "REQUESTS_CA_BUNDLE",
+            "CURL_CA_BUNDLE",
+            "AWS_CA_BUNDLE",
+        ] {
+            assert!(
+                dotenv.contains(&format!("{v}={bundle}\n")),
+                "{v} in {dotenv}"
+            );
+            assert!(
+                shell.contains(&format!("export {v}='")),
+                "{v} quoted in {shell}"
+            );
+        }
+        assert_eq!(shell.lines().count(), 5);
+        assert!(shell.contains(r"state dir'\''s/ca/bundle.pem'"), "{shell}");
+        // A shell reads the quoted value back unchanged.
+        if Path::new("/bin/sh").exists() {
+            let out = Command::new("/bin/sh")
+                .arg("-c")
+                .arg(format!("{shell}printf %s \"$AWS_CA_BUNDLE\""))
+                .output()
+                .expect("sh runs");
+            assert_eq!(String::from_utf8_lossy(&out.stdout), bundle);
+        }
+        assert_eq!(
+            shell_quote("/var/lib/tollgate/ca/ca.crt"),
+            "/var/lib/tollgate/ca/ca.crt"
+        );
+    }
+
+    fn keytool_list(keytool: &Path, ks: &Path, alias: &str) -> bool {
+        Command::new(keytool)
+            .args(["-list", "-alias", alias, "-keystore"])
+            .arg(ks)
+            .args(["-storepass", CACERTS_PASSWORD])
+            .output()
+            .expect("keytool runs")
+            .status
+            .success()
+    }
+
+    #[test]
+    fn install_and_uninstall_under_a_temp_root() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let ca = ca(&t.path().join("state"));
+        let root = t.path().join("root");
+        std::fs::create_dir_all(&root).expect("root");
+        assert!(!is_host_root(&root));
+        assert!(is_host_root(Path::new("/")));
+
+        // A Java cacerts under the root with one unrelated entry.
+        let keytool = find_program("keytool");
+        let ks = root.join(DEBIAN_CACERTS);
+        if let Some(kt) = &keytool {
+            std::fs::create_dir_all(ks.parent().expect("parent")).expect("java dir");
+            let other = t.path().join("other.crt");
+            let other_ca = ca_other(t.path());
+            std::fs::write(&other, other_ca).expect("write");
+            let ok = Command::new(kt)
+                .args(["-importcert", "-noprompt", "-alias", "other", "-file"])
+                .arg(&other)
+                .arg("-keystore")
+                .arg(&ks)
+                .args(["-storepass", CACERTS_PASSWORD])
+                .output()
+                .expect("keytool runs");
+            assert!(
+                ok.status.success(),
+                "{}",
+                String::from_utf8_lossy(&ok.stderr)
+            );
+        } else {
+            eprintln!("keytool not installed: Java part of the test not exercised");
+        }
+
+        let lines = install(&ca, &root).expect("install");
+        let text = lines.join("\n");
+        let anchor = root.join(DEBIAN_ANCHORS).join(ANCHOR_NAME);
+        assert_eq!(
+            std::fs::read_to_string(&anchor).expect("anchor"),
+            ca.cert_pem()
+        );
+        assert!(text.contains("wrote files only"), "{text}");
+        assert!(!text.contains(CACERTS_PASSWORD), "{text}");
+        if let Some(kt) = &keytool {
+            assert!(text.contains("imported the CA into Java"), "{text}");
+            assert!(keytool_list(kt, &ks, JAVA_ALIAS));
+            // Again: replaces, does not fail.
+            install(&ca, &root).expect("second install");
+            assert!(keytool_list(kt, &ks, JAVA_ALIAS));
+        }
+
+        let lines = uninstall(&t.path().join("state"), &root).expect("uninstall");
+        let text = lines.join("\n");
+        assert!(!anchor.exists());
+        assert!(text.contains("removed"), "{text}");
+        if let Some(kt) = &keytool {
+            assert!(!keytool_list(kt, &ks, JAVA_ALIAS), "alias removed");
+            assert!(keytool_list(kt, &ks, "other"), "unrelated entry kept");
+        }
+        let text = uninstall(&t.path().join("state"), &root)
+            .expect("idempotent")
+            .join("\n");
+        assert!(text.contains("was not present"), "{text}");
+    }
+
+    fn ca_other(dir: &Path) -> String {
+        LocalCa::load_or_create(&dir.join("other"), &["example.org".to_string()])
+            .expect("other CA")
+            .0
+            .cert_pem()
+            .to_string()
+    }
+
+    #[test]
+    fn errors_map_to_exit_codes() {
+        let e = TrustError::io(
+            "remove",
+            Path::new("/x"),
+            std::io::ErrorKind::PermissionDenied.into(),
+        );
+        assert_eq!(e.exit_code(), crate::exit::NOPERM);
+        let e = TrustError::Command {
+            command: "update-ca-certificates".into(),
+            status: "exit status: 1".into(),
+            stderr: "boom".into(),
+        };
+        assert_eq!(e.exit_code(), crate::exit::UNAVAILABLE);
+        assert!(e.to_string().contains("boom"));
+    }
+}

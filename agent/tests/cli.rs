@@ -1,0 +1,158 @@
+//! The command line as a user meets it: help, version, config errors and
+//! their exit codes, report on an empty state directory. No kernel needed.
+
+use std::process::Command;
+
+fn tollgate() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_tollgate"))
+}
+
+fn text(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[test]
+fn version_and_help() {
+    let o = tollgate().arg("--version").output().unwrap();
+    assert!(o.status.success());
+    assert!(text(&o).starts_with("tollgate "), "{}", text(&o));
+    let o = tollgate().arg("--help").output().unwrap();
+    assert!(o.status.success());
+    for cmd in ["run", "report", "trust", "--config"] {
+        assert!(text(&o).contains(cmd), "help lacks {cmd}: {}", text(&o));
+    }
+    let o = tollgate().args(["trust", "--help"]).output().unwrap();
+    for cmd in ["install", "uninstall", "env"] {
+        assert!(text(&o).contains(cmd), "{}", text(&o));
+    }
+}
+
+#[test]
+fn unknown_config_key_is_a_usage_error_with_line_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("t.toml");
+    std::fs::write(&cfg, "[proxy]\nlisten = \"127.0.0.1:1\"\nlisen = 3\n").unwrap();
+    let o = tollgate()
+        .arg("--config")
+        .arg(&cfg)
+        .arg("report")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(64), "{}", text(&o));
+    let t = text(&o);
+    assert!(
+        t.contains("t.toml") && t.contains("line 3") && t.contains("lisen"),
+        "{t}"
+    );
+}
+
+#[test]
+fn invalid_value_is_a_usage_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("t.toml");
+    std::fs::write(&cfg, "[proxy]\nlisten = \"0.0.0.0:15443\"\n").unwrap();
+    let o = tollgate()
+        .arg("--config")
+        .arg(&cfg)
+        .arg("run")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(64), "{}", text(&o));
+    assert!(text(&o).contains("loopback"), "{}", text(&o));
+}
+
+#[test]
+fn missing_explicit_config_is_a_usage_error() {
+    let o = tollgate()
+        .args(["--config", "/nonexistent/tollgate.toml", "report"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(64));
+    assert!(
+        text(&o).contains("/nonexistent/tollgate.toml"),
+        "{}",
+        text(&o)
+    );
+}
+
+#[test]
+fn report_on_an_empty_state_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("t.toml");
+    std::fs::write(
+        &cfg,
+        format!("state_dir = {:?}\n", dir.path().join("state")),
+    )
+    .unwrap();
+    let o = tollgate()
+        .arg("--config")
+        .arg(&cfg)
+        .arg("report")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("no requests recorded"), "{}", text(&o));
+    let o = tollgate()
+        .arg("--config")
+        .arg(&cfg)
+        .args(["report", "--json"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v, serde_json::json!([]));
+}
+
+#[test]
+fn trust_env_creates_the_ca_and_prints_both_formats() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("t.toml");
+    std::fs::write(
+        &cfg,
+        format!("state_dir = {:?}\n", dir.path().join("state")),
+    )
+    .unwrap();
+    let o = tollgate()
+        .arg("--config")
+        .arg(&cfg)
+        .args(["trust", "env"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let shell = String::from_utf8_lossy(&o.stdout).into_owned();
+    for var in [
+        "NODE_EXTRA_CA_CERTS",
+        "SSL_CERT_FILE",
+        "REQUESTS_CA_BUNDLE",
+        "CURL_CA_BUNDLE",
+        "AWS_CA_BUNDLE",
+    ] {
+        assert!(shell.contains(&format!("export {var}=")), "{shell}");
+    }
+    let o = tollgate()
+        .arg("--config")
+        .arg(&cfg)
+        .args(["trust", "env", "--format", "dotenv"])
+        .output()
+        .unwrap();
+    let dotenv = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(!dotenv.contains("export "), "{dotenv}");
+    let ca_line = dotenv
+        .lines()
+        .find(|l| l.starts_with("NODE_EXTRA_CA_CERTS="))
+        .unwrap();
+    let ca_path = ca_line.split_once('=').unwrap().1.trim_matches('"');
+    let pem = std::fs::read_to_string(ca_path).unwrap();
+    assert_eq!(pem.matches("BEGIN CERTIFICATE").count(), 1, "the CA alone");
+    let bundle_line = dotenv
+        .lines()
+        .find(|l| l.starts_with("SSL_CERT_FILE="))
+        .unwrap();
+    let bundle =
+        std::fs::read_to_string(bundle_line.split_once('=').unwrap().1.trim_matches('"')).unwrap();
+    assert!(bundle.contains(pem.trim()), "the bundle holds the CA");
+}

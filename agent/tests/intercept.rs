@@ -1,0 +1,413 @@
+//! The kernel programs, for real: each test creates a child cgroup, attaches
+//! `Intercept` to it, and runs Python clients inside it against loopback
+//! listeners playing "the agent" and "the provider". Nothing outside the
+//! child cgroup is affected, and only loopback addresses are used.
+//!
+//! Needs root, cgroup v2 and BPF: run with `--include-ignored` as root.
+
+use std::{
+    collections::BTreeSet,
+    fs,
+    io::{ErrorKind, Read as _},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    thread,
+    time::{Duration, Instant},
+};
+
+use tollgate::intercept::{ConnOrigin, Intercept, InterceptSettings, cgroup2_root};
+
+const NEEDS: &str = "needs root, cgroup v2 and BPF";
+
+/// Connects as told and reports what it saw on stdout:
+/// `peer <addr> <port>` after a TCP connect, `EPERM` / `udp-connected` for UDP,
+/// `error <errno>` when the connect failed. A TCP client then waits for the
+/// server to close, so the test can inspect the connection while it lives.
+const CLIENT: &str = r#"
+import errno, socket, sys
+fam = socket.AF_INET6 if sys.argv[1] == "6" else socket.AF_INET
+host, port, proto = sys.argv[2], int(sys.argv[3]), sys.argv[4]
+kind = socket.SOCK_DGRAM if proto == "udp" else socket.SOCK_STREAM
+s = socket.socket(fam, kind)
+s.settimeout(30)
+try:
+    s.connect((host, port))
+except OSError as e:
+    print("EPERM" if e.errno == errno.EPERM else "error %s" % errno.errorcode.get(e.errno, e.errno), flush=True)
+    sys.exit(0)
+if proto == "udp":
+    print("udp-connected", flush=True)
+    sys.exit(0)
+p = s.getpeername()
+print("peer", p[0], p[1], flush=True)
+s.sendall(b"hello")
+s.recv(1)
+"#;
+
+/// A child cgroup under the cgroup v2 root, removed on drop (its processes
+/// are killed first), even when the test fails.
+struct ChildCgroup {
+    path: PathBuf,
+}
+
+impl ChildCgroup {
+    fn create(tag: &str) -> ChildCgroup {
+        static SEQ: AtomicU32 = AtomicU32::new(0);
+        let root = cgroup2_root().unwrap_or_else(|e| panic!("{NEEDS}: {e}"));
+        let path = root.join(format!(
+            "tollgate-test-{}-{tag}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        fs::create_dir(&path)
+            .unwrap_or_else(|e| panic!("{NEEDS}: cannot create {}: {e}", path.display()));
+        ChildCgroup { path }
+    }
+
+    /// The cgroup id, as `bpf_get_current_cgroup_id()` reports it.
+    fn id(&self) -> u64 {
+        fs::metadata(&self.path).expect("cgroup dir").ino()
+    }
+
+    fn procs(&self) -> PathBuf {
+        self.path.join("cgroup.procs")
+    }
+}
+
+impl Drop for ChildCgroup {
+    fn drop(&mut self) {
+        for _ in 0..100 {
+            let procs = fs::read_to_string(self.procs()).unwrap_or_default();
+            if procs.trim().is_empty() && fs::remove_dir(&self.path).is_ok() {
+                return;
+            }
+            for pid in procs
+                .split_whitespace()
+                .filter_map(|p| p.parse::<i32>().ok())
+            {
+                // SAFETY: plain kill(2) of a process this test started.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!("warning: could not remove {}", self.path.display());
+    }
+}
+
+/// "The agent": listeners on 127.0.0.1:PORT and [::1]:PORT.
+struct Agent {
+    v4: TcpListener,
+    v6: TcpListener,
+    port: u16,
+}
+
+impl Agent {
+    fn bind() -> Agent {
+        for _ in 0..50 {
+            let v4 = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+            let port = v4.local_addr().unwrap().port();
+            if let Ok(v6) = TcpListener::bind(("::1", port)) {
+                return Agent { v4, v6, port };
+            }
+        }
+        panic!("no port free on both 127.0.0.1 and ::1");
+    }
+}
+
+/// The system Python when there is one (a pyenv shim adds start-up time).
+fn python() -> &'static str {
+    if Path::new("/usr/bin/python3").exists() {
+        "/usr/bin/python3"
+    } else {
+        "python3"
+    }
+}
+
+/// A client process inside `cg`, dialing `host:port`.
+fn spawn_client(cg: &ChildCgroup, family: &str, host: &str, port: u16, proto: &str) -> Child {
+    let python = python();
+    Command::new("sh")
+        .arg("-c")
+        .arg(r#"echo $$ > "$1" && exec "$2" -c "$3" "$4" "$5" "$6" "$7""#)
+        .arg("sh")
+        .arg(cg.procs())
+        .arg(python)
+        .arg(CLIENT)
+        .args([family, host, &port.to_string(), proto])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn sh")
+}
+
+/// The client's stdout after it exits.
+fn finish(mut child: Child) -> String {
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "client failed ({status}): {out}{err}");
+    out.trim().to_owned()
+}
+
+/// Accepts one connection, or panics naming `what` after a generous wait
+/// (this bounds a broken redirect; it does not measure speed).
+fn accept(listener: &TcpListener, what: &str) -> (TcpStream, SocketAddr) {
+    listener.set_nonblocking(true).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match listener.accept() {
+            Ok((s, peer)) => {
+                s.set_nonblocking(false).unwrap();
+                return (s, peer);
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock && Instant::now() < deadline => {
+                thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => panic!("expected a connection on {what}: {e}"),
+        }
+    }
+}
+
+fn assert_nothing_pending(listener: &TcpListener, what: &str) {
+    listener.set_nonblocking(true).unwrap();
+    match listener.accept() {
+        Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+        Ok((_, peer)) => panic!("{what} got a connection from {peer} it should not have"),
+        Err(e) => panic!("{what}: {e}"),
+    }
+}
+
+/// Reads the client's greeting, so the connection is known to carry data.
+fn read_hello(stream: &mut TcpStream) {
+    let mut buf = [0u8; 5];
+    stream.read_exact(&mut buf).expect("client greeting");
+    assert_eq!(&buf, b"hello");
+}
+
+fn attach(cg: &ChildCgroup, agent: &Agent, targets: &[SocketAddr]) -> Intercept {
+    let intercept = Intercept::attach(&InterceptSettings {
+        cgroup: cg.path.clone(),
+        listen_v4: Ipv4Addr::LOCALHOST,
+        listen_port: agent.port,
+    })
+    .unwrap_or_else(|e| panic!("{NEEDS}: attach failed: {e}"));
+    let set: BTreeSet<SocketAddr> = targets.iter().copied().collect();
+    intercept.set_targets(&set).expect("set_targets");
+    intercept
+}
+
+/// What a client dials and what it should see.
+struct Dial<'a> {
+    family: &'a str,
+    host: &'a str,
+    port: u16,
+    /// `ConnOrigin::dst` expected.
+    dst: SocketAddr,
+    /// The address `getpeername()` should print.
+    peername: &'a str,
+}
+
+/// One redirected connection: accepted by the agent listener, with the
+/// origin and the restored peer name checked.
+fn check_redirect(
+    cg: &ChildCgroup,
+    intercept: &Intercept,
+    agent_listener: &TcpListener,
+    dial: &Dial<'_>,
+    lookup_as: impl Fn(SocketAddr) -> SocketAddr,
+) -> ConnOrigin {
+    let child = spawn_client(cg, dial.family, dial.host, dial.port, "tcp");
+    let pid = child.id();
+    let (mut stream, peer) = accept(agent_listener, "the agent listener");
+    read_hello(&mut stream);
+    let origin = intercept
+        .take_origin(lookup_as(peer))
+        .unwrap_or_else(|| panic!("no origin recorded for client {peer}"));
+    assert!(
+        intercept.take_origin(peer).is_none(),
+        "take_origin must remove the entry"
+    );
+    drop(stream);
+    let out = finish(child);
+
+    assert_eq!(origin.tgid, pid, "tgid is the client process: {origin:?}");
+    assert_eq!(
+        origin.pid, pid,
+        "pid is the client's (main) thread: {origin:?}"
+    );
+    assert_eq!(
+        origin.dst, dial.dst,
+        "dst is the dialed address: {origin:?}"
+    );
+    assert_eq!(
+        origin.cgroup_id,
+        cg.id(),
+        "cgroup id is the child cgroup's inode: {origin:?}"
+    );
+    assert!(origin.comm.starts_with("python3"), "comm: {origin:?}");
+    assert_eq!(origin.uid, nix::unistd::getuid().as_raw(), "{origin:?}");
+    assert_eq!(origin.gid, nix::unistd::getgid().as_raw(), "{origin:?}");
+    assert_ne!(origin.cookie, 0, "{origin:?}");
+    assert_eq!(
+        out,
+        format!("peer {} {}", dial.peername, dial.port),
+        "getpeername shows the dialed address"
+    );
+    origin
+}
+
+#[test]
+#[ignore = "needs root, cgroup v2 and BPF"]
+fn redirects_v4_restores_peername_refuses_udp_and_fails_open() {
+    let cg = ChildCgroup::create("v4");
+    let agent = Agent::bind();
+    let provider = TcpListener::bind("127.0.0.77:0").expect("bind 127.0.0.77");
+    let provider_addr = provider.local_addr().unwrap();
+    let other = TcpListener::bind("127.0.0.78:0").expect("bind 127.0.0.78");
+    let other_addr = other.local_addr().unwrap();
+    let port = provider_addr.port();
+
+    let intercept = attach(&cg, &agent, &[provider_addr]);
+    let before = intercept.stats();
+
+    let dial = Dial {
+        family: "4",
+        host: "127.0.0.77",
+        port,
+        dst: provider_addr,
+        peername: "127.0.0.77",
+    };
+    check_redirect(&cg, &intercept, &agent.v4, &dial, |p| p);
+    assert_nothing_pending(&provider, "the provider listener (while redirected)");
+
+    // A connect to an address that is not a provider is untouched.
+    let child = spawn_client(&cg, "4", "127.0.0.78", other_addr.port(), "tcp");
+    let (mut s, _) = accept(&other, "the non-provider listener");
+    read_hello(&mut s);
+    drop(s);
+    assert_eq!(
+        finish(child),
+        format!("peer 127.0.0.78 {}", other_addr.port())
+    );
+    assert_nothing_pending(&agent.v4, "the agent listener (non-provider connect)");
+
+    // UDP to a provider address is refused (QUIC falls back to TCP).
+    let udp = finish(spawn_client(&cg, "4", "127.0.0.77", port, "udp"));
+    assert_eq!(udp, "EPERM", "UDP connect to a provider address");
+
+    // A client in another network namespace is left alone (the connect then
+    // fails there: its loopback is down, and the provider is not in it).
+    let netns = Command::new("sh")
+        .arg("-c")
+        .arg(r#"echo $$ > "$1" && exec unshare -n "$2" -c "$3" 4 127.0.0.77 "$4" tcp"#)
+        .arg("sh")
+        .arg(cg.procs())
+        .arg(python())
+        .arg(CLIENT)
+        .arg(port.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn unshare");
+    let netns_out = finish(netns);
+    assert!(
+        netns_out.starts_with("error"),
+        "connect from another netns: {netns_out}"
+    );
+
+    let after = intercept.stats();
+    assert_eq!(after.redirected - before.redirected, 1, "{after:?}");
+    assert_eq!(after.rekeyed - before.rekeyed, 1, "{after:?}");
+    assert_eq!(after.udp_refused - before.udp_refused, 1, "{after:?}");
+    assert_eq!(after.other_netns - before.other_netns, 1, "{after:?}");
+    assert!(
+        after.peername_restored > before.peername_restored,
+        "{after:?}"
+    );
+    assert_eq!(after.map_errors, 0, "{after:?}");
+
+    // Targets can be replaced live: with the provider removed, connects go direct.
+    intercept
+        .set_targets(&BTreeSet::new())
+        .expect("set_targets(empty)");
+    let child = spawn_client(&cg, "4", "127.0.0.77", port, "tcp");
+    let (mut s, _) = accept(&provider, "the provider listener (no longer a target)");
+    read_hello(&mut s);
+    drop(s);
+    assert_eq!(finish(child), format!("peer 127.0.0.77 {port}"));
+
+    // Fail-open: once the agent's Intercept is gone, connects go direct.
+    intercept
+        .set_targets(&BTreeSet::from([provider_addr]))
+        .expect("set_targets");
+    drop(intercept);
+    let child = spawn_client(&cg, "4", "127.0.0.77", port, "tcp");
+    let (mut s, _) = accept(&provider, "the provider listener (after detach)");
+    read_hello(&mut s);
+    drop(s);
+    assert_eq!(finish(child), format!("peer 127.0.0.77 {port}"));
+    assert_nothing_pending(&agent.v4, "the agent listener (after detach)");
+}
+
+#[test]
+#[ignore = "needs root, cgroup v2 and BPF"]
+fn redirects_v6() {
+    let cg = ChildCgroup::create("v6");
+    let agent = Agent::bind();
+    let provider = TcpListener::bind("[::1]:0").expect("bind [::1]");
+    let provider_addr = provider.local_addr().unwrap();
+    let intercept = attach(&cg, &agent, &[provider_addr]);
+
+    let dial = Dial {
+        family: "6",
+        host: "::1",
+        port: provider_addr.port(),
+        dst: provider_addr,
+        peername: "::1",
+    };
+    check_redirect(&cg, &intercept, &agent.v6, &dial, |p| p);
+    assert_nothing_pending(&provider, "the provider listener");
+    assert_nothing_pending(&agent.v4, "the IPv4 agent listener");
+}
+
+#[test]
+#[ignore = "needs root, cgroup v2 and BPF"]
+fn redirects_v4_mapped_from_a_v6_socket() {
+    let cg = ChildCgroup::create("mapped");
+    let agent = Agent::bind();
+    let provider = TcpListener::bind("127.0.0.77:0").expect("bind 127.0.0.77");
+    let provider_addr = provider.local_addr().unwrap();
+    let intercept = attach(&cg, &agent, &[provider_addr]);
+
+    // An AF_INET6 socket dials ::ffff:127.0.0.77; it lands on the IPv4
+    // listener, and the proxy may look it up in either form.
+    let as_mapped = |p: SocketAddr| match p {
+        SocketAddr::V4(v4) => SocketAddr::from((v4.ip().to_ipv6_mapped(), v4.port())),
+        v6 => v6,
+    };
+    let dial = Dial {
+        family: "6",
+        host: "::ffff:127.0.0.77",
+        port: provider_addr.port(),
+        dst: provider_addr,
+        peername: "::ffff:127.0.0.77",
+    };
+    check_redirect(&cg, &intercept, &agent.v4, &dial, as_mapped);
+    assert_nothing_pending(&provider, "the provider listener");
+    assert_nothing_pending(&agent.v6, "the IPv6 agent listener");
+}

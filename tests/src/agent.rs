@@ -1,0 +1,215 @@
+//! The real `tollgate` binary, started for one test with its own state
+//! directory, config and child cgroup; stopped (by pid) on drop.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+#[derive(Default)]
+pub struct AgentOptions {
+    pub cgroup: PathBuf,
+    /// host → addresses, for `[resolver.overrides]`.
+    pub overrides: Vec<(String, Vec<String>)>,
+    pub extra_ca: Option<PathBuf>,
+    /// More TOML appended to the generated config.
+    pub extra_toml: String,
+}
+
+pub struct Agent {
+    child: Option<Child>,
+    pub state_dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+    pub port: u16,
+    log: Arc<Mutex<String>>,
+}
+
+impl Agent {
+    pub fn start(opts: AgentOptions) -> Agent {
+        let state_dir = tempfile::tempdir().expect("tempdir");
+        let config_path = state_dir.path().join("tollgate.toml");
+        let mut toml = format!(
+            "state_dir = {:?}\n[log]\nlevel = \"info,tollgate=debug\"\nformat = \"json\"\n[intercept]\ncgroup = {:?}\n[proxy]\nlisten = \"127.0.0.1:0\"\ndrain_secs = 5\n",
+            state_dir.path().join("state"),
+            opts.cgroup
+        );
+        if let Some(ca) = &opts.extra_ca {
+            toml += &format!("[upstream]\nextra_ca = {ca:?}\n");
+        }
+        toml += "[resolver]\nrefresh_secs = 3600\n[resolver.overrides]\n";
+        for (h, addrs) in &opts.overrides {
+            toml += &format!("{h:?} = {addrs:?}\n");
+        }
+        toml += &opts.extra_toml;
+        std::fs::write(&config_path, toml).expect("write config");
+        let mut child = Command::new(crate::tollgate_bin())
+            .arg("--config")
+            .arg(&config_path)
+            .arg("run")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start {} (build it with `cargo build -p tollgate`): {e}",
+                    crate::tollgate_bin().display()
+                )
+            });
+        let stderr = child.stderr.take().expect("stderr");
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = mpsc::channel();
+        let log2 = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Ok(v) = serde_json::from_str::<Value>(&line)
+                    && v.get("message").and_then(Value::as_str) == Some("ready")
+                {
+                    let _ = tx.send(v);
+                }
+                let mut l = log2.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        let mut agent = Agent {
+            child: Some(child),
+            state_dir,
+            config_path,
+            port: 0,
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(v) = rx.recv_timeout(Duration::from_millis(100)) {
+                let listen = v
+                    .get("listen")
+                    .and_then(Value::as_str)
+                    .expect("listen in ready line");
+                agent.port = listen.rsplit(':').next().unwrap().parse().expect("port");
+                return agent;
+            }
+            if let Some(status) = agent.child.as_mut().unwrap().try_wait().expect("try_wait") {
+                panic!(
+                    "agent exited before ready ({status}); log:\n{}",
+                    agent.log()
+                );
+            }
+            if Instant::now() > deadline {
+                panic!("agent not ready after 60 s; log:\n{}", agent.log());
+            }
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Runs another `tollgate` command against this agent's config.
+    pub fn command(&self, args: &[&str]) -> Output {
+        Command::new(crate::tollgate_bin())
+            .arg("--config")
+            .arg(&self.config_path)
+            .args(args)
+            .output()
+            .expect("run tollgate")
+    }
+
+    /// `tollgate trust env --format dotenv`, parsed.
+    pub fn trust_env(&self) -> Vec<(String, String)> {
+        let out = self.command(&["trust", "env", "--format", "dotenv"]);
+        assert!(
+            out.status.success(),
+            "trust env failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout)
+            .expect("utf8")
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| {
+                (
+                    k.to_string(),
+                    v.trim_matches('"').trim_matches('\'').to_string(),
+                )
+            })
+            .collect()
+    }
+
+    /// `tollgate report --json`.
+    pub fn report_json(&self) -> Vec<Value> {
+        let out = self.command(&["report", "--json"]);
+        assert!(
+            out.status.success(),
+            "report failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<Value>(&out.stdout)
+            .unwrap_or_else(|e| {
+                panic!(
+                    "report --json is not JSON ({e}): {}",
+                    String::from_utf8_lossy(&out.stdout)
+                )
+            })
+            .as_array()
+            .cloned()
+            .expect("an array")
+    }
+
+    /// Waits (bounded) until the ledger holds at least `n` records; the
+    /// writer batches in the background.
+    pub fn wait_for_records(&self, n: usize) -> Vec<Value> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let r = self.report_json();
+            if r.len() >= n || Instant::now() > deadline {
+                return r;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// SIGKILL, then wait for the process to be gone.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            unsafe {
+                libc::kill(c.id() as i32, libc::SIGKILL);
+            }
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then wait (bounded, SIGKILL after 30 s).
+    pub fn terminate(&mut self) -> Option<ExitStatus> {
+        let mut c = self.child.take()?;
+        unsafe {
+            libc::kill(c.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(s)) = c.try_wait() {
+                return Some(s);
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                return c.wait().ok();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.terminate();
+    }
+}

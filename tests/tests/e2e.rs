@@ -1,0 +1,365 @@
+//! End to end, as root: the real agent attached to a child cgroup, a TLS
+//! fake provider on a loopback address, and real clients (curl, the
+//! official `openai` Python SDK) inside the cgroup.
+//!
+//! These tests are `#[ignore]`d for plain `cargo test` because they need
+//! root, cgroup v2 and BPF; `cargo xtask test` runs them with
+//! `--include-ignored` when it runs as root, and says so.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use serde_json::Value;
+use tollgate_e2e::client::ok;
+use tollgate_e2e::{Agent, AgentOptions, Client, FakeProvider, TestCgroup, TestPki};
+
+const IGNORE: &str = "needs root, cgroup v2 and BPF";
+
+const GITHUB_ENV: &[(&str, &str)] = &[
+    ("GITHUB_ACTIONS", "true"),
+    ("GITHUB_REPOSITORY", "acme/widgets"),
+    ("GITHUB_WORKFLOW", "CI"),
+    ("GITHUB_JOB", "lint"),
+    ("GITHUB_RUN_ID", "4242"),
+    ("GITHUB_REF_NAME", "main"),
+];
+
+/// One test's world. Fields drop in order: agent, fake, cgroup.
+struct World {
+    agent: Agent,
+    fake: FakeProvider,
+    pki: TestPki,
+    ip: IpAddr,
+    cg: TestCgroup,
+}
+
+fn world(label: &str, n: u8) -> World {
+    if let Some(why) = tollgate_e2e::kernel_test_unavailable() {
+        panic!("{IGNORE}: {why}");
+    }
+    let cg = TestCgroup::create(label);
+    let pki = TestPki::new();
+    let ip = IpAddr::V4(tollgate_e2e::provider_ip(n));
+    let fake = FakeProvider::start(
+        SocketAddr::new(ip, 443),
+        &pki,
+        &["api.openai.com", "example.test"],
+    );
+    let agent = Agent::start(AgentOptions {
+        cgroup: cg.path().to_path_buf(),
+        overrides: vec![("api.openai.com".into(), vec![ip.to_string()])],
+        extra_ca: Some(pki.ca_path()),
+        extra_toml: String::new(),
+    });
+    World {
+        agent,
+        fake,
+        pki,
+        ip,
+        cg,
+    }
+}
+
+impl World {
+    fn client(&self, extra: &[(&str, &str)]) -> Client {
+        let mut env = self.agent.trust_env();
+        env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        Client::new(
+            &self.cg,
+            &[("api.openai.com", self.ip), ("example.test", self.ip)],
+            env,
+        )
+    }
+}
+
+fn u(v: &Value, k: &str) -> u64 {
+    v.get(k)
+        .and_then(Value::as_u64)
+        .unwrap_or_else(|| panic!("{k} missing in {v}"))
+}
+
+fn s<'a>(v: &'a Value, k: &str) -> &'a str {
+    v.get(k)
+        .and_then(Value::as_str)
+        .unwrap_or_else(|| panic!("{k} missing in {v}"))
+}
+
+const PY_SDK: &str = r#"
+import json, socket, openai
+c = openai.OpenAI(api_key="sk-test-PYSECRET-0123456789", max_retries=0, timeout=30)
+out = {}
+r = c.chat.completions.create(model="gpt-4o-mini",
+    messages=[{"role": "user", "content": "say hello to the test suite"}], max_tokens=9)
+out["ns"] = [r.usage.prompt_tokens, r.usage.completion_tokens]
+s = c.chat.completions.create(model="gpt-4o-mini",
+    messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": "one two three"}],
+    max_tokens=12, stream=True, stream_options={"include_usage": True})
+text, usage = "", None
+for ch in s:
+    if ch.choices:
+        text += ch.choices[0].delta.content or ""
+    if ch.usage:
+        usage = [ch.usage.prompt_tokens, ch.usage.completion_tokens]
+out["s"] = usage
+out["text"] = text
+sock = socket.create_connection(("api.openai.com", 443))
+out["peer"] = list(sock.getpeername()[:2])
+sock.close()
+print(json.dumps(out))
+"#;
+
+#[test]
+#[ignore = "needs root, cgroup v2 and BPF"]
+fn openai_python_sdk_is_counted_streaming_and_not() {
+    let w = world("pysdk", 1);
+    let client = w.client(GITHUB_ENV);
+    let out = ok(&client.python(PY_SDK), "python openai SDK");
+    let got: Value = serde_json::from_str(out.trim()).expect("client JSON");
+    assert_eq!(
+        got["text"],
+        "tok tok tok tok tok tok tok tok tok tok tok tok"
+    );
+    assert_eq!(
+        got["peer"],
+        serde_json::json!([w.ip.to_string(), 443]),
+        "getpeername returns the dialed address"
+    );
+
+    let reported = w.fake.reported();
+    assert_eq!(reported.len(), 2, "fake provider saw both requests");
+    let rows = w.agent.wait_for_records(2);
+    assert_eq!(rows.len(), 2, "one ledger row per request: {rows:#?}");
+    for (row, rep) in rows.iter().zip(&reported) {
+        assert_eq!(u(row, "input_tokens"), rep.prompt_tokens, "{row}");
+        assert_eq!(u(row, "output_tokens"), rep.completion_tokens, "{row}");
+        assert_eq!(row["streaming"], rep.stream);
+        assert_eq!(row["estimated"], false);
+        assert_eq!(s(row, "provider"), "openai");
+        assert_eq!(s(row, "model"), "gpt-4o-mini");
+        assert_eq!(s(row, "response_model"), "gpt-4o-mini-2024-07-18");
+        assert_eq!(s(row, "operation"), "chat");
+        assert_eq!(u(row, "status"), 200);
+        assert!(row["cost_usd"].is_null());
+        assert_eq!(s(row, "repository"), "acme/widgets");
+        assert_eq!(s(row, "job"), "lint");
+        assert_eq!(s(row, "workflow"), "CI");
+        assert_eq!(s(row, "run_id"), "4242");
+        assert_eq!(s(row, "ref"), "main");
+        assert!(u(row, "pid") > 1);
+        assert!(s(row, "exe").contains("python"), "{row}");
+    }
+    assert_eq!(
+        got["ns"],
+        serde_json::json!([reported[0].prompt_tokens, reported[0].completion_tokens])
+    );
+    assert_eq!(
+        got["s"],
+        serde_json::json!([reported[1].prompt_tokens, reported[1].completion_tokens])
+    );
+
+    // The API key never reaches the ledger, the report or the log.
+    let report = w.agent.command(&["report", "--json"]);
+    let table = w.agent.command(&["report"]);
+    for text in [
+        String::from_utf8_lossy(&report.stdout).into_owned(),
+        String::from_utf8_lossy(&table.stdout).into_owned(),
+        w.agent.log(),
+        String::from_utf8_lossy(
+            &std::fs::read(w.agent.state_dir.path().join("state/ledger.sqlite")).unwrap(),
+        )
+        .into_owned(),
+    ] {
+        assert!(!text.contains("PYSECRET"), "secret leaked: {text}");
+    }
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.contains("acme/widgets") && table.contains("gpt-4o-mini"),
+        "{table}"
+    );
+}
+
+#[test]
+#[ignore = "needs root, cgroup v2 and BPF"]
+fn curl_is_counted_and_attributed_through_a_parent() {
+    let w = world("curl", 2);
+    let client = w.client(GITHUB_ENV);
+    // curl runs with an empty environment: the CI variables are found on
+    // its parent shell.
+    let script = r#"env -i CURL_CA_BUNDLE="$CURL_CA_BUNDLE" curl -sS --fail-with-body \
+        -H 'Authorization: Bearer sk-test-CURLSECRET-99' -H 'Content-Type: application/json' \
+        -d '{"model":"gpt-4o","messages":[{"role":"user","content":"a b c d"}],"max_tokens":4}' \
+        https://api.openai.com/v1/chat/completions; rc=$?; exit $rc"#;
+    let out = ok(&client.run(&["sh", "-c", script]), "curl");
+    let body: Value = serde_json::from_str(&out).expect("JSON from curl");
+    let rows = w.agent.wait_for_records(1);
+    assert_eq!(rows.len(), 1, "{rows:#?}");
+    let row = &rows[0];
+    assert_eq!(u(row, "input_tokens"), u(&body["usage"], "prompt_tokens"));
+    assert_eq!(u(row, "output_tokens"), 4);
+    assert_eq!(row["streaming"], false);
+    assert!(s(row, "exe").ends_with("curl"), "{row}");
+    assert_eq!(s(row, "repository"), "acme/widgets");
+    assert_eq!(s(row, "ci_system"), "github-actions");
+    assert!(!w.agent.log().contains("CURLSECRET"));
+}
+
+#[test]
+#[ignore = "needs root, cgroup v2 and BPF"]
+fn non_provider_sni_is_passed_through_undecrypted() {
+    let w = world("passthru", 3);
+    let client = w.client(&[]);
+    let ca = w.pki.ca_path();
+    let ca = ca.to_str().unwrap();
+    // Trusting only the upstream's test CA: example.test reaches the fake
+    // provider untouched, so its certificate verifies...
+    let out = client.run(&[
+        "curl",
+        "-sS",
+        "--cacert",
+        ca,
+        "https://example.test/v1/models",
+    ]);
+    let body = ok(&out, "curl example.test");
+    assert!(body.contains("\"sni\":\"example.test\""), "{body}");
+    // ...while api.openai.com on the same address is intercepted, so the
+    // same trust fails (the leaf comes from the tollgate CA).
+    let out = client.run(&[
+        "curl",
+        "-sS",
+        "--cacert",
+        ca,
+        "https://api.openai.com/v1/models",
+    ]);
+    assert!(!out.status.success(), "provider SNI must be intercepted");
+    // Nothing was metered.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(w.agent.report_json().is_empty());
+}
+
+#[test]
+#[ignore = "needs root, cgroup v2 and BPF"]
+fn connection_without_origin_is_refused() {
+    let w = world("noorigin", 4);
+    // This test process is not in the cgroup: its connection to the
+    // listener has no origin record.
+    let ca_pem =
+        std::fs::read(w.agent.state_dir.path().join("state/ca/ca.crt")).expect("CA written by run");
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pemfile::certs(&mut &ca_pem[..]) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let res = rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", w.agent.port))
+            .await
+            .expect("connect");
+        let conn = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg));
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            conn.connect("api.openai.com".try_into().unwrap(), tcp),
+        )
+        .await
+    });
+    match res {
+        Ok(Ok(_)) => panic!("the agent served a connection without an origin record"),
+        Ok(Err(_)) => {}
+        Err(_) => panic!("the agent neither served nor closed the connection"),
+    }
+    assert!(w.fake.reported().is_empty());
+}
+
+#[test]
+#[ignore = "needs root, cgroup v2 and BPF"]
+fn sigkill_fails_open() {
+    let mut w = world("sigkill", 5);
+    let env = w.agent.trust_env();
+    let tollgate_ca = env
+        .iter()
+        .find(|(k, _)| k == "NODE_EXTRA_CA_CERTS")
+        .map(|(_, v)| v.clone())
+        .expect("NODE_EXTRA_CA_CERTS");
+    let client = w.client(&[]);
+    let upstream_ca = w.pki.ca_path().to_str().unwrap().to_string();
+    let get = |ca: &str| {
+        client.run(&[
+            "curl",
+            "-sS",
+            "--cacert",
+            ca,
+            "https://api.openai.com/v1/models",
+        ])
+    };
+    ok(
+        &get(&tollgate_ca),
+        "intercepted curl trusting the tollgate CA",
+    );
+    assert!(
+        !get(&upstream_ca).status.success(),
+        "intercepted while the agent runs"
+    );
+
+    w.agent.kill9();
+    // The kernel dropped the links with the process: connections go direct.
+    ok(&get(&upstream_ca), "direct curl after SIGKILL");
+    assert!(
+        !get(&tollgate_ca).status.success(),
+        "no interception after SIGKILL"
+    );
+}
+
+#[test]
+#[ignore = "needs root, cgroup v2 and BPF"]
+fn sigterm_flushes_every_record() {
+    let mut w = world("sigterm", 6);
+    let client = w.client(&[]);
+    let script = r#"
+import openai
+c = openai.OpenAI(api_key="sk-test", max_retries=0)
+for i in range(20):
+    c.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "x " * i}], max_tokens=i + 1)
+"#;
+    ok(&client.python(script), "python loop");
+    let status = w.agent.terminate().expect("agent was running");
+    assert!(
+        status.success(),
+        "clean exit on SIGTERM: {status}; log:\n{}",
+        w.agent.log()
+    );
+    let rows = w.agent.report_json();
+    assert_eq!(rows.len(), 20, "every record flushed before exit");
+    let total: u64 = rows.iter().map(|r| u(r, "output_tokens")).sum();
+    assert_eq!(total, (1..=20).sum::<u64>());
+}
+
+#[test]
+#[ignore = "needs root, cgroup v2 and BPF"]
+fn client_hangup_mid_stream_still_gets_the_provider_count() {
+    let w = world("hangup", 7);
+    let client = w.client(&[]);
+    let script = r#"
+import openai
+c = openai.OpenAI(api_key="sk-test", max_retries=0)
+s = c.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "count"}],
+    max_tokens=40, stream=True, stream_options={"include_usage": True},
+    extra_headers={"x-fake-chunk-delay-ms": "20"})
+for i, ch in enumerate(s):
+    if i == 3:
+        break
+s.close()
+"#;
+    ok(&client.python(script), "python hang-up");
+    let rows = w.agent.wait_for_records(1);
+    assert_eq!(rows.len(), 1, "{rows:#?}");
+    assert_eq!(u(&rows[0], "output_tokens"), 40, "{}", rows[0]);
+    assert_eq!(s(&rows[0], "error"), "client_disconnected", "{}", rows[0]);
+}

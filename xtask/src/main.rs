@@ -1,0 +1,207 @@
+//! `cargo xtask`: make a fresh machine ready, build, test, demo.
+//!
+//! Owns: everything the build and the tests need that cargo does not bring
+//! (the nightly rust-src, bpf-linker, Debian packages, the SDK virtualenv).
+//! Must never: be needed by the agent at run time; install what is already
+//! there (every step checks first, so a second `setup` takes seconds).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "tollgate's developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what the build and the tests need (idempotent).
+    Setup,
+    /// Set up, check formatting and lints, and run every test (the kernel
+    /// end-to-end tests too when run as root).
+    Test {
+        /// Skip fmt and clippy.
+        #[arg(long)]
+        no_lint: bool,
+        /// Extra arguments for `cargo test` (a filter, ...).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Set up, build, and run the agent against a local simulated provider
+    /// with real clients, then print the spend report (needs root).
+    Demo,
+}
+
+/// Versions of the Python SDKs the end-to-end tests drive.
+const PY_REQUIREMENTS: &[&str] = &["openai==3.57.0"];
+/// Debian packages the tests use, by the command that proves them present.
+const APT: &[(&str, &str)] = &[
+    ("curl", "curl"),
+    ("unshare", "util-linux"),
+    ("mount", "mount"),
+    ("sqlite3", "sqlite3"),
+];
+const BPF_LINKER_VERSION: &str = "0.10.4";
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("xtask: {cmd:?}");
+    let st = cmd
+        .status()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    if !st.success() {
+        bail!("{cmd:?} failed: {st}");
+    }
+    Ok(())
+}
+
+fn quiet_ok(cmd: &mut Command) -> bool {
+    cmd.stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+fn have(bin: &str) -> bool {
+    quiet_ok(Command::new("sh").args(["-c", &format!("command -v {bin}")]))
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+fn setup() -> Result<()> {
+    // 1. rust-src for the nightly toolchain (the eBPF build uses build-std).
+    let installed = Command::new("rustup")
+        .args(["component", "list", "--toolchain", "nightly", "--installed"])
+        .output()
+        .context("rustup is needed")?;
+    if !String::from_utf8_lossy(&installed.stdout).contains("rust-src") {
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
+    }
+    // 2. bpf-linker (links the eBPF object; 0.10.4 uses rustc's own LLVM).
+    let ok = Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION))
+        .unwrap_or(false);
+    if !ok {
+        run(Command::new("cargo").args([
+            "install",
+            "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--locked",
+        ]))?;
+    }
+    // 3. Debian packages.
+    let missing: Vec<&str> = APT
+        .iter()
+        .filter(|(b, _)| !have(b))
+        .map(|(_, p)| *p)
+        .collect();
+    if !missing.is_empty() {
+        if !is_root() {
+            bail!(
+                "missing packages {missing:?}: run `sudo apt-get install -y {}`",
+                missing.join(" ")
+            );
+        }
+        run(Command::new("apt-get").arg("update"))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y"])
+            .args(&missing))?;
+    }
+    // 4. The SDK virtualenv for the end-to-end tests.
+    let venv = root().join("target/e2e-venv");
+    let marker = venv.join(".tollgate-requirements");
+    let want = PY_REQUIREMENTS.join("\n");
+    if std::fs::read_to_string(&marker).ok().as_deref() != Some(want.as_str()) {
+        if !venv.join("bin/python").exists() {
+            run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+        }
+        run(Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet", "--disable-pip-version-check"])
+            .args(PY_REQUIREMENTS))?;
+        std::fs::write(&marker, want)?;
+    }
+    eprintln!("xtask: setup complete");
+    Ok(())
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+fn test(no_lint: bool, args: &[String]) -> Result<()> {
+    setup()?;
+    if !no_lint {
+        run(cargo().args(["fmt", "--all", "--check"]))?;
+        run(cargo().args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]))?;
+    }
+    run(cargo().args(["build", "-p", "tollgate"]))?;
+    let mut t = cargo();
+    t.args(["test", "--workspace"])
+        .env("TOLLGATE_BIN", root().join("target/debug/tollgate"))
+        .env("TOLLGATE_PYTHON", root().join("target/e2e-venv/bin/python"));
+    t.arg("--");
+    if is_root() {
+        eprintln!(
+            "xtask: running as root: the kernel end-to-end tests (#[ignore]d for plain cargo test) run too"
+        );
+        t.arg("--include-ignored");
+    } else {
+        eprintln!(
+            "xtask: not root: the kernel end-to-end tests are reported as ignored (they need root, cgroup v2 and BPF)"
+        );
+    }
+    t.args(args);
+    run(&mut t)
+}
+
+fn demo() -> Result<()> {
+    setup()?;
+    if !is_root() {
+        bail!("the demo loads eBPF programs: run it as root (sudo -E cargo xtask demo)");
+    }
+    run(cargo().args(["build", "-p", "tollgate", "-p", "tollgate-e2e", "--bins"]))?;
+    run(Command::new(root().join("target/debug/tollgate-demo"))
+        .env("TOLLGATE_BIN", root().join("target/debug/tollgate"))
+        .env("TOLLGATE_PYTHON", root().join("target/e2e-venv/bin/python")))
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Setup => setup(),
+        Cmd::Test { no_lint, args } => test(no_lint, &args),
+        Cmd::Demo => demo(),
+    }
+}
