@@ -34,7 +34,7 @@ pub fn kernel_test_unavailable() -> Option<String> {
 }
 
 /// A loopback address unique to this process and `n`, used as a provider
-/// address (127.77.0.0/16 is not used by anything else on a runner).
+/// address (inside 127.77.0.0-127.140.255.255, loopback only).
 pub fn provider_ip(n: u8) -> std::net::Ipv4Addr {
     let pid = std::process::id();
     std::net::Ipv4Addr::new(127, 77 + (pid % 64) as u8, n, ((pid / 64) % 250) as u8 + 2)
