@@ -54,6 +54,12 @@ pub struct Config {
     pub providers: Vec<CustomProvider>,
     /// The ledger of completed requests.
     pub ledger: LedgerConfig,
+    /// Price overrides and additions.
+    pub pricing: crate::meter::pricing::PricingConfig,
+    /// Repository patterns → team names.
+    pub teams: Vec<crate::attribution::teams::TeamRule>,
+    /// OTLP export, audit log.
+    pub export: crate::export::ExportConfig,
 }
 
 impl Default for Config {
@@ -67,6 +73,9 @@ impl Default for Config {
             resolver: ResolverConfig::default(),
             providers: Vec::new(),
             ledger: LedgerConfig::default(),
+            pricing: Default::default(),
+            teams: Vec::new(),
+            export: Default::default(),
         }
     }
 }
@@ -302,6 +311,10 @@ impl Config {
                 validate_host(h).map_err(|m| invalid(&format!("providers[{i}].hosts"), m))?;
             }
         }
+        let sub = |r: Result<(), (String, String)>| r.map_err(|(k, m)| invalid(&k, m));
+        sub(self.pricing.validate())?;
+        sub(self.export.validate())?;
+        sub(crate::attribution::teams::validate(&self.teams))?;
         if let Err(e) = self.log.level.parse::<tracing_subscriber::EnvFilter>() {
             return Err(invalid("log.level", format!("`{}`: {e}", self.log.level)));
         }

@@ -14,6 +14,7 @@
 mod ci;
 mod procfs;
 mod redact;
+pub mod teams;
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::Hash;

@@ -11,10 +11,11 @@ use rusqlite::{Connection, Row, ToSql};
 use crate::meter::{Attribution, Usage, UsageRecord};
 
 /// The schema version this build writes (SQLite `user_version`).
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// Migration `i` brings the schema from version `i` to `i + 1`.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE requests (
     id                       INTEGER PRIMARY KEY,
     started_at_ms            INTEGER NOT NULL,
@@ -54,7 +55,15 @@ CREATE TABLE requests (
 );
 CREATE INDEX requests_started_at_ms ON requests (started_at_ms);
 CREATE INDEX requests_repository ON requests (repository, started_at_ms);
-"#];
+"#,
+    r#"
+ALTER TABLE requests ADD COLUMN ttfb_ms INTEGER;
+ALTER TABLE requests ADD COLUMN job_id TEXT;
+ALTER TABLE requests ADD COLUMN cgroup_path TEXT;
+ALTER TABLE requests ADD COLUMN container_id TEXT;
+ALTER TABLE requests ADD COLUMN team TEXT;
+"#,
+];
 
 /// Every column but `id`, in the order `bind` writes and `from_row` reads.
 pub const COLUMNS: &[&str] = &[
@@ -92,6 +101,11 @@ pub const COLUMNS: &[&str] = &[
     "ref_name",
     "runner",
     "error",
+    "ttfb_ms",
+    "job_id",
+    "cgroup_path",
+    "container_id",
+    "team",
 ];
 
 /// What `migrate` found.
@@ -190,6 +204,11 @@ pub fn bind(r: &UsageRecord) -> Vec<Box<dyn ToSql + '_>> {
         Box::new(&w.ref_name),
         Box::new(&w.runner),
         Box::new(&r.error),
+        Box::new(r.ttfb_ms.map(count)),
+        Box::new(&w.job_id),
+        Box::new(&w.cgroup_path),
+        Box::new(&w.container_id),
+        Box::new(&w.team),
     ]
 }
 
@@ -234,8 +253,13 @@ pub fn from_row(row: &Row<'_>) -> rusqlite::Result<UsageRecord> {
             run_attempt: row.get(c(30))?,
             ref_name: row.get(c(31))?,
             runner: row.get(c(32))?,
+            job_id: row.get(c(35))?,
+            cgroup_path: row.get(c(36))?,
+            container_id: row.get(c(37))?,
+            team: row.get(c(38))?,
         },
         error: row.get(c(33))?,
+        ttfb_ms: row.get::<_, Option<i64>>(c(34))?.map(uncount),
     })
 }
 

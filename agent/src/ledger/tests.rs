@@ -14,6 +14,7 @@ pub(crate) fn sample(i: u64) -> UsageRecord {
         started_at_ms: 1_700_000_000_000 + i as i64,
         started_at: "2023-11-14T22:13:20Z".into(),
         duration_ms: 1234 + i,
+        ttfb_ms: Some(17 + i),
         provider: "openai".into(),
         host: "api.openai.com".into(),
         operation: "chat".into(),
@@ -58,6 +59,10 @@ pub(crate) fn sample(i: u64) -> UsageRecord {
             run_attempt: Some("1".into()),
             ref_name: Some("main".into()),
             runner: Some("runner-7".into()),
+            job_id: Some("55".into()),
+            cgroup_path: Some("/system.slice/runner.service".into()),
+            container_id: None,
+            team: Some("platform".into()),
         },
         error: None,
     }
@@ -303,11 +308,13 @@ prop_compose! {
         ids in (any::<u32>(), any::<u32>(), any::<u64>(), any::<String>()),
         a in (opt_string(), opt_string(), opt_string(), opt_string(), opt_string()),
         b in (opt_string(), opt_string(), opt_string(), opt_string(), opt_string()),
+        c in (opt_string(), opt_string(), opt_string(), opt_string()),
     ) -> Attribution {
         Attribution {
             pid: ids.0, uid: ids.1, cgroup_id: ids.2, comm: ids.3,
             exe: a.0, cmdline: a.1, ci_system: a.2, repository: a.3, workflow: a.4,
             job: b.0, run_id: b.1, run_attempt: b.2, ref_name: b.3, runner: b.4,
+            job_id: c.0, cgroup_path: c.1, container_id: c.2, team: c.3,
         }
     }
 }
@@ -318,11 +325,12 @@ prop_compose! {
         req in (any::<String>(), any::<String>(), opt_string(), opt_string(), any::<u16>(), any::<bool>()),
         usage in (count(), count(), count(), count(), count()),
         tail in (any::<bool>(), proptest::option::of(-1e12f64..1e12), opt_string()),
+        ttfb in proptest::option::of(count()),
         who in attribution(),
     ) -> UsageRecord {
         UsageRecord {
             id: None,
-            started_at_ms: head.0, started_at: head.1, duration_ms: head.2,
+            started_at_ms: head.0, started_at: head.1, duration_ms: head.2, ttfb_ms: ttfb,
             provider: head.3, host: head.4, operation: head.5,
             method: req.0, path: req.1, model: req.2, response_model: req.3,
             status: req.4, streaming: req.5,

@@ -37,6 +37,15 @@ pub struct Attribution {
     #[serde(rename = "ref")]
     pub ref_name: Option<String>,
     pub runner: Option<String>,
+    /// Job id within the run, where the CI system has one (GitLab CI_JOB_ID,
+    /// Buildkite BUILDKITE_JOB_ID, ...).
+    pub job_id: Option<String>,
+    /// cgroup v2 path of the process (`/system.slice/actions.runner...`).
+    pub cgroup_path: Option<String>,
+    /// Container id when the process runs in a container.
+    pub container_id: Option<String>,
+    /// Team from the `[[teams]]` table of the config, by repository.
+    pub team: Option<String>,
 }
 
 /// One completed request (the ledger row, the report's JSON object).
@@ -50,6 +59,9 @@ pub struct UsageRecord {
     /// Start of the request, RFC 3339 UTC.
     pub started_at: String,
     pub duration_ms: u64,
+    /// Time from sending the request to the first response body byte
+    /// (streams: the first chunk), when a body arrived.
+    pub ttfb_ms: Option<u64>,
     /// Provider name (`openai`, `anthropic`, ...).
     pub provider: String,
     /// The provider host name (the TLS SNI).

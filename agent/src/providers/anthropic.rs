@@ -8,7 +8,9 @@
 use serde_json::Value;
 
 use super::sse::SseReader;
-use super::{JsonBody, ParsedUsage, Provider, RequestInfo, RequestView, UsageParser, str_at, u64_at};
+use super::{
+    JsonBody, ParsedUsage, Provider, RequestInfo, RequestView, UsageParser, str_at, u64_at,
+};
 use crate::meter::Usage;
 
 pub struct Anthropic;
@@ -59,9 +61,9 @@ impl Provider for Anthropic {
         &self,
         info: &RequestInfo,
         _status: u16,
-        content_type: &str,
+        headers: &http::HeaderMap,
     ) -> Box<dyn UsageParser> {
-        if content_type.starts_with("text/event-stream") {
+        if super::content_type(headers) == "text/event-stream" {
             Box::new(StreamParser::default())
         } else {
             Box::new(JsonParser {
@@ -125,7 +127,7 @@ impl UsageParser for JsonParser {
         if self.free {
             return ParsedUsage {
                 usage: Some(Usage::default()),
-                response_model: None,
+                ..Default::default()
             };
         }
         let mut raw = Raw::default();
@@ -135,6 +137,7 @@ impl UsageParser for JsonParser {
         ParsedUsage {
             usage: raw.usage(),
             response_model: str_at(&v, &["model"]),
+            output_text: String::new(),
         }
     }
 }
@@ -144,10 +147,11 @@ struct StreamParser {
     sse: SseReader,
     raw: Raw,
     model: Option<String>,
+    text: String,
 }
 
 impl StreamParser {
-    fn on_event(raw: &mut Raw, model: &mut Option<String>, data: &str) {
+    fn on_event(raw: &mut Raw, model: &mut Option<String>, text: &mut String, data: &str) {
         let Ok(v) = serde_json::from_str::<Value>(data) else {
             return;
         };
@@ -167,6 +171,14 @@ impl StreamParser {
                     raw.merge(u);
                 }
             }
+            Some("content_block_delta") => {
+                let d = v.get("delta");
+                for k in ["text", "thinking", "partial_json"] {
+                    if let Some(t) = d.and_then(|d| d.get(k)).and_then(Value::as_str) {
+                        super::push_text(text, t);
+                    }
+                }
+            }
             _ => {}
         }
     }
@@ -174,16 +186,19 @@ impl StreamParser {
 
 impl UsageParser for StreamParser {
     fn feed(&mut self, chunk: &[u8]) {
-        let (raw, model) = (&mut self.raw, &mut self.model);
-        self.sse.feed(chunk, &mut |e| Self::on_event(raw, model, &e.data));
+        let (raw, model, text) = (&mut self.raw, &mut self.model, &mut self.text);
+        self.sse
+            .feed(chunk, &mut |e| Self::on_event(raw, model, text, &e.data));
     }
 
     fn finish(&mut self) -> ParsedUsage {
-        let (raw, model) = (&mut self.raw, &mut self.model);
-        self.sse.finish(&mut |e| Self::on_event(raw, model, &e.data));
+        let (raw, model, text) = (&mut self.raw, &mut self.model, &mut self.text);
+        self.sse
+            .finish(&mut |e| Self::on_event(raw, model, text, &e.data));
         ParsedUsage {
             usage: self.raw.usage(),
             response_model: self.model.take(),
+            output_text: std::mem::take(&mut self.text),
         }
     }
 }
@@ -213,11 +228,18 @@ mod tests {
             "/v1/messages",
             br#"{"model":"claude-sonnet-4-5","max_tokens":1024,"stream":true}"#,
         ));
-        assert_eq!((i.operation, i.streaming, i.max_output_tokens), ("chat", true, Some(1024)));
+        assert_eq!(
+            (i.operation, i.streaming, i.max_output_tokens),
+            ("chat", true, Some(1024))
+        );
         assert_eq!(i.model.as_deref(), Some("claude-sonnet-4-5"));
         let c = Anthropic.request(&request("POST", "/v1/messages/count_tokens", b"{}"));
         assert_eq!(c.operation, "count_tokens");
-        assert!(!Anthropic.request(&request("GET", "/v1/models", b"")).metered);
+        assert!(
+            !Anthropic
+                .request(&request("GET", "/v1/models", b""))
+                .metered
+        );
     }
 
     #[test]
@@ -233,7 +255,10 @@ mod tests {
                 reasoning_tokens: 0
             }
         );
-        assert_eq!(p.response_model.as_deref(), Some("claude-sonnet-4-5-20250929"));
+        assert_eq!(
+            p.response_model.as_deref(),
+            Some("claude-sonnet-4-5-20250929")
+        );
     }
 
     #[test]
@@ -243,7 +268,10 @@ mod tests {
         assert_eq!(u.input_tokens, 472 + 10 + 0);
         assert_eq!(u.cached_input_tokens, 10);
         assert_eq!(u.output_tokens, 89);
-        assert_eq!(p.response_model.as_deref(), Some("claude-sonnet-4-5-20250929"));
+        assert_eq!(
+            p.response_model.as_deref(),
+            Some("claude-sonnet-4-5-20250929")
+        );
     }
 
     #[test]

@@ -8,9 +8,12 @@
 //! Adding a provider is one file implementing [`Provider`] plus one line in
 //! [`adapter_for`].
 
+pub mod anthropic;
 pub mod catalogue;
 pub mod openai;
 pub mod sse;
+#[cfg(test)]
+pub(crate) mod testing;
 
 use http::{HeaderMap, Method};
 
@@ -49,6 +52,19 @@ pub struct ParsedUsage {
     /// Provider-reported usage; `None` when the response carried none.
     pub usage: Option<Usage>,
     pub response_model: Option<String>,
+    /// Generated text as far as the adapter could extract it (bounded by
+    /// [`MAX_OUTPUT_TEXT`]), for a local estimate when usage is missing.
+    pub output_text: String,
+}
+
+/// Bound on [`ParsedUsage::output_text`].
+pub const MAX_OUTPUT_TEXT: usize = 4 << 20;
+
+/// Appends to a bounded output-text buffer.
+pub fn push_text(buf: &mut String, s: &str) {
+    if buf.len() + s.len() <= MAX_OUTPUT_TEXT {
+        buf.push_str(s);
+    }
 }
 
 /// Reads usage out of a response body as it streams past.
@@ -66,11 +82,13 @@ pub trait Provider: Send + Sync {
     /// Classifies a request.
     fn request(&self, req: &RequestView<'_>) -> RequestInfo;
     /// A parser for the response to a request classified as `info`.
+    /// `headers` are the response headers; the body the parser is fed is
+    /// already decoded (no Content-Encoding).
     fn response_parser(
         &self,
         info: &RequestInfo,
         status: u16,
-        content_type: &str,
+        headers: &HeaderMap,
     ) -> Box<dyn UsageParser>;
 }
 
@@ -80,11 +98,10 @@ pub fn adapter_for(api: ApiKind) -> &'static dyn Provider {
         // Until their own adapters land, the other kinds are recorded with
         // the OpenAI shape, which reads nothing from bodies it does not
         // recognise (usage stays absent and the record says so).
-        ApiKind::Openai
-        | ApiKind::AzureOpenai
-        | ApiKind::Anthropic
-        | ApiKind::Gemini
-        | ApiKind::Bedrock => &openai::OpenAi,
+        ApiKind::Anthropic => &anthropic::Anthropic,
+        ApiKind::Openai | ApiKind::AzureOpenai | ApiKind::Gemini | ApiKind::Bedrock => {
+            &openai::OpenAi
+        }
     }
 }
 
@@ -128,6 +145,21 @@ impl JsonBody {
         self.buf = Vec::new();
         v
     }
+}
+
+/// The response's media type, lower-cased, without parameters.
+pub fn content_type(headers: &HeaderMap) -> String {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        })
+        .unwrap_or_default()
 }
 
 /// Reads a non-negative integer field.

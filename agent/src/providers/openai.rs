@@ -68,9 +68,9 @@ impl Provider for OpenAi {
         &self,
         _info: &RequestInfo,
         _status: u16,
-        content_type: &str,
+        headers: &http::HeaderMap,
     ) -> Box<dyn UsageParser> {
-        if content_type.starts_with("text/event-stream") {
+        if super::content_type(headers) == "text/event-stream" {
             Box::new(StreamParser::default())
         } else {
             Box::new(JsonParser(JsonBody::new(JsonBody::DEFAULT_LIMIT)))
@@ -119,6 +119,7 @@ impl UsageParser for JsonParser {
         ParsedUsage {
             usage: v.get("usage").and_then(usage_from),
             response_model: str_at(&v, &["model"]),
+            output_text: String::new(),
         }
     }
 }
@@ -177,15 +178,7 @@ mod tests {
     const ERROR_JSON: &[u8] = include_bytes!("fixtures/openai/error_429.json");
 
     fn parse(ct: &str, body: &[u8], splits: &[usize]) -> ParsedUsage {
-        let mut p = OpenAi.response_parser(&RequestInfo::default(), 200, ct);
-        let mut last = 0;
-        for &s in splits {
-            let s = s.clamp(last, body.len());
-            p.feed(&body[last..s]);
-            last = s;
-        }
-        p.feed(&body[last..]);
-        p.finish()
+        crate::providers::testing::parse_split(&OpenAi, &RequestInfo::default(), ct, body, splits)
     }
 
     #[test]

@@ -182,6 +182,7 @@ pub(super) async fn handle(
         path: parts.uri.path().to_string(),
         info: info.clone(),
         status: 0,
+        ttfb_ms: None,
     };
     let up_req = Request::from_parts(parts, up_body);
     let resp = match state
@@ -209,14 +210,8 @@ pub(super) async fn handle(
     if !info.metered {
         return Ok(Response::from_parts(rparts, boxed(rbody)));
     }
-    let content_type = rparts
-        .headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_ascii_lowercase();
     let status = rparts.status.as_u16();
-    let parser = adapter.response_parser(&info, status, &content_type);
+    let parser = adapter.response_parser(&info, status, &rparts.headers);
     let metered = MeteredBody {
         inner: Some(rbody),
         parser: Some(parser),
@@ -234,6 +229,7 @@ struct Draft {
     path: String,
     info: RequestInfo,
     status: u16,
+    ttfb_ms: Option<u64>,
 }
 
 impl Draft {
@@ -247,6 +243,7 @@ impl Draft {
             started_at_ms: self.started_ms,
             started_at: rfc3339(self.started_ms),
             duration_ms: self.started.elapsed().as_millis() as u64,
+            ttfb_ms: self.ttfb_ms,
             provider: adapter_for(self.ctx.provider.api).name().to_string(),
             host: self.ctx.provider.host.clone(),
             operation: self.info.operation.to_string(),
@@ -299,6 +296,12 @@ impl Body for MeteredBody {
         match Pin::new(inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let (Some(data), Some(p)) = (frame.data_ref(), this.parser.as_mut()) {
+                    if let Some(d) = this.draft.as_mut()
+                        && d.ttfb_ms.is_none()
+                        && !data.is_empty()
+                    {
+                        d.ttfb_ms = Some(d.started.elapsed().as_millis() as u64);
+                    }
                     p.feed(data);
                 }
                 Poll::Ready(Some(Ok(frame)))
