@@ -106,6 +106,23 @@ impl Client {
     }
 }
 
+impl Client {
+    /// Runs a CommonJS script with the machine's Node and the SDKs that
+    /// `cargo xtask setup` installs under target/e2e-node.
+    pub fn node(&self, script: &str) -> Output {
+        let path = self.dir.path().join("client.cjs");
+        std::fs::write(&path, script).expect("script");
+        let modules = crate::node_modules();
+        assert!(
+            modules.join("openai").exists(),
+            "{} lacks the SDKs: run `cargo xtask setup`",
+            modules.display()
+        );
+        let node_path = format!("NODE_PATH={}", modules.display());
+        self.run(&["env", &node_path, "node", path.to_str().unwrap()])
+    }
+}
+
 /// Asserts success and returns stdout, showing stderr on failure.
 pub fn ok(out: &Output, what: &str) -> String {
     assert!(

@@ -11,13 +11,16 @@ pub mod agent;
 pub mod cgroup;
 pub mod client;
 pub mod fake_provider;
+pub mod otlp_receiver;
 pub mod pki;
+pub mod world;
 
 pub use agent::{Agent, AgentOptions};
 pub use cgroup::TestCgroup;
 pub use client::Client;
 pub use fake_provider::{FakeProvider, Reported};
 pub use pki::TestPki;
+pub use world::World;
 
 /// Why a kernel test cannot run here, or `None` when it can.
 pub fn kernel_test_unavailable() -> Option<String> {
@@ -56,4 +59,13 @@ pub fn python() -> std::path::PathBuf {
         return p.into();
     }
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/e2e-venv/bin/python")
+}
+
+/// Node modules with the SDKs (`TOLLGATE_NODE_MODULES`, else the folder
+/// `cargo xtask setup` fills).
+pub fn node_modules() -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os("TOLLGATE_NODE_MODULES") {
+        return p.into();
+    }
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/e2e-node/node_modules")
 }

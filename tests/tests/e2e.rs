@@ -6,71 +6,12 @@
 //! root, cgroup v2 and BPF; `cargo xtask test` runs them with
 //! `--include-ignored` when it runs as root, and says so.
 
-use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use serde_json::Value;
+use tollgate_e2e::World;
 use tollgate_e2e::client::ok;
-use tollgate_e2e::{Agent, AgentOptions, Client, FakeProvider, TestCgroup, TestPki};
-
-const IGNORE: &str = "needs root, cgroup v2 and BPF";
-
-const GITHUB_ENV: &[(&str, &str)] = &[
-    ("GITHUB_ACTIONS", "true"),
-    ("GITHUB_REPOSITORY", "acme/widgets"),
-    ("GITHUB_WORKFLOW", "CI"),
-    ("GITHUB_JOB", "lint"),
-    ("GITHUB_RUN_ID", "4242"),
-    ("GITHUB_REF_NAME", "main"),
-];
-
-/// One test's world. Fields drop in order: agent, fake, cgroup.
-struct World {
-    agent: Agent,
-    fake: FakeProvider,
-    pki: TestPki,
-    ip: IpAddr,
-    cg: TestCgroup,
-}
-
-fn world(label: &str, n: u8) -> World {
-    if let Some(why) = tollgate_e2e::kernel_test_unavailable() {
-        panic!("{IGNORE}: {why}");
-    }
-    let cg = TestCgroup::create(label);
-    let pki = TestPki::new();
-    let ip = IpAddr::V4(tollgate_e2e::provider_ip(n));
-    let fake = FakeProvider::start(
-        SocketAddr::new(ip, 443),
-        &pki,
-        &["api.openai.com", "example.test"],
-    );
-    let agent = Agent::start(AgentOptions {
-        cgroup: cg.path().to_path_buf(),
-        overrides: vec![("api.openai.com".into(), vec![ip.to_string()])],
-        extra_ca: Some(pki.ca_path()),
-        extra_toml: String::new(),
-    });
-    World {
-        agent,
-        fake,
-        pki,
-        ip,
-        cg,
-    }
-}
-
-impl World {
-    fn client(&self, extra: &[(&str, &str)]) -> Client {
-        let mut env = self.agent.trust_env();
-        env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-        Client::new(
-            &self.cg,
-            &[("api.openai.com", self.ip), ("example.test", self.ip)],
-            env,
-        )
-    }
-}
+use tollgate_e2e::world::GITHUB_ENV;
 
 fn u(v: &Value, k: &str) -> u64 {
     v.get(k)
@@ -111,7 +52,7 @@ print(json.dumps(out))
 #[test]
 #[ignore = "needs root, cgroup v2 and BPF"]
 fn openai_python_sdk_is_counted_streaming_and_not() {
-    let w = world("pysdk", 1);
+    let w = World::start("pysdk", 1);
     let client = w.client(GITHUB_ENV);
     let out = ok(&client.python(PY_SDK), "python openai SDK");
     let got: Value = serde_json::from_str(out.trim()).expect("client JSON");
@@ -126,14 +67,8 @@ fn openai_python_sdk_is_counted_streaming_and_not() {
     );
 
     let reported = w.fake.reported();
-    assert_eq!(reported.len(), 2, "fake provider saw both requests");
-    let rows = w.agent.wait_for_records(2);
-    assert_eq!(rows.len(), 2, "one ledger row per request: {rows:#?}");
-    for (row, rep) in rows.iter().zip(&reported) {
-        assert_eq!(u(row, "input_tokens"), rep.prompt_tokens, "{row}");
-        assert_eq!(u(row, "output_tokens"), rep.completion_tokens, "{row}");
-        assert_eq!(row["streaming"], rep.stream);
-        assert_eq!(row["estimated"], false);
+    let rows = w.assert_ledger_matches_provider(2);
+    for row in &rows {
         assert_eq!(s(row, "provider"), "openai");
         assert_eq!(s(row, "model"), "gpt-4o-mini");
         assert_eq!(s(row, "response_model"), "gpt-4o-mini-2024-07-18");
@@ -150,11 +85,11 @@ fn openai_python_sdk_is_counted_streaming_and_not() {
     }
     assert_eq!(
         got["ns"],
-        serde_json::json!([reported[0].prompt_tokens, reported[0].completion_tokens])
+        serde_json::json!([reported[0].input_tokens, reported[0].output_tokens])
     );
     assert_eq!(
         got["s"],
-        serde_json::json!([reported[1].prompt_tokens, reported[1].completion_tokens])
+        serde_json::json!([reported[1].input_tokens, reported[1].output_tokens])
     );
 
     // The API key never reaches the ledger, the report or the log.
@@ -181,7 +116,7 @@ fn openai_python_sdk_is_counted_streaming_and_not() {
 #[test]
 #[ignore = "needs root, cgroup v2 and BPF"]
 fn curl_is_counted_and_attributed_through_a_parent() {
-    let w = world("curl", 2);
+    let w = World::start("curl", 2);
     let client = w.client(GITHUB_ENV);
     // curl runs with an empty environment: the CI variables are found on
     // its parent shell.
@@ -206,7 +141,7 @@ fn curl_is_counted_and_attributed_through_a_parent() {
 #[test]
 #[ignore = "needs root, cgroup v2 and BPF"]
 fn non_provider_sni_is_passed_through_undecrypted() {
-    let w = world("passthru", 3);
+    let w = World::start("passthru", 3);
     let client = w.client(&[]);
     let ca = w.pki.ca_path();
     let ca = ca.to_str().unwrap();
@@ -239,7 +174,7 @@ fn non_provider_sni_is_passed_through_undecrypted() {
 #[test]
 #[ignore = "needs root, cgroup v2 and BPF"]
 fn connection_without_origin_is_refused() {
-    let w = world("noorigin", 4);
+    let w = World::start("noorigin", 4);
     // This test process is not in the cgroup: its connection to the
     // listener has no origin record.
     let ca_pem =
@@ -281,7 +216,7 @@ fn connection_without_origin_is_refused() {
 #[test]
 #[ignore = "needs root, cgroup v2 and BPF"]
 fn sigkill_fails_open() {
-    let mut w = world("sigkill", 5);
+    let mut w = World::start("sigkill", 5);
     let env = w.agent.trust_env();
     let tollgate_ca = env
         .iter()
@@ -320,7 +255,7 @@ fn sigkill_fails_open() {
 #[test]
 #[ignore = "needs root, cgroup v2 and BPF"]
 fn sigterm_flushes_every_record() {
-    let mut w = world("sigterm", 6);
+    let mut w = World::start("sigterm", 6);
     let client = w.client(&[]);
     let script = r#"
 import openai
@@ -344,7 +279,7 @@ for i in range(20):
 #[test]
 #[ignore = "needs root, cgroup v2 and BPF"]
 fn client_hangup_mid_stream_still_gets_the_provider_count() {
-    let w = world("hangup", 7);
+    let w = World::start("hangup", 7);
     let client = w.client(&[]);
     let script = r#"
 import openai

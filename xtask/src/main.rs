@@ -38,7 +38,14 @@ enum Cmd {
 }
 
 /// Versions of the Python SDKs the end-to-end tests drive.
-const PY_REQUIREMENTS: &[&str] = &["openai==3.57.0"];
+const PY_REQUIREMENTS: &[&str] = &[
+    "openai==3.57.0",
+    "anthropic==2.14.0",
+    "google-genai==3.6.1",
+    "boto3==1.44.8",
+];
+/// Versions of the Node SDKs, installed under target/e2e-node.
+const NODE_REQUIREMENTS: &[&str] = &["openai@7.59.0", "@anthropic-ai/sdk@1.14.0"];
 /// Debian packages the tests use, by the command that proves them present.
 const APT: &[(&str, &str)] = &[
     ("curl", "curl"),
@@ -144,6 +151,32 @@ fn setup() -> Result<()> {
             .args(PY_REQUIREMENTS))?;
         std::fs::write(&marker, want)?;
     }
+    // 5. The Node SDKs (Node and npm come with the machine image; install
+    // them from Debian when missing).
+    if !have("node") || !have("npm") {
+        if !is_root() {
+            bail!("node and npm are missing: run `sudo apt-get install -y nodejs npm`");
+        }
+        run(Command::new("apt-get").arg("update"))?;
+        run(Command::new("apt-get").args(["install", "-y", "nodejs", "npm"]))?;
+    }
+    let node = root().join("target/e2e-node");
+    let marker = node.join(".tollgate-requirements");
+    let want = NODE_REQUIREMENTS.join("\n");
+    if std::fs::read_to_string(&marker).ok().as_deref() != Some(want.as_str()) {
+        std::fs::create_dir_all(&node)?;
+        if !node.join("package.json").exists() {
+            std::fs::write(
+                node.join("package.json"),
+                "{\"name\":\"tollgate-e2e-node\",\"private\":true}\n",
+            )?;
+        }
+        run(Command::new("npm")
+            .current_dir(&node)
+            .args(["install", "--no-audit", "--no-fund", "--loglevel=error"])
+            .args(NODE_REQUIREMENTS))?;
+        std::fs::write(&marker, want)?;
+    }
     eprintln!("xtask: setup complete");
     Ok(())
 }
@@ -171,7 +204,11 @@ fn test(no_lint: bool, args: &[String]) -> Result<()> {
     let mut t = cargo();
     t.args(["test", "--workspace"])
         .env("TOLLGATE_BIN", root().join("target/debug/tollgate"))
-        .env("TOLLGATE_PYTHON", root().join("target/e2e-venv/bin/python"));
+        .env("TOLLGATE_PYTHON", root().join("target/e2e-venv/bin/python"))
+        .env(
+            "TOLLGATE_NODE_MODULES",
+            root().join("target/e2e-node/node_modules"),
+        );
     t.arg("--");
     if is_root() {
         eprintln!(

@@ -1,16 +1,664 @@
 //! Export of usage and agent health: OTLP metrics on the OpenTelemetry
-//! GenAI conventions. (Being written: see the export task.)
+//! GenAI semantic conventions (and optionally one span per request), and a
+//! rotated JSONL audit log of usage records.
+//!
+//! Owns: `[export]` (`config`), the names and attributes of what is
+//! exported (`semconv`), the instruments (`metrics`), the OTLP pipeline
+//! (`otlp`) and the audit log (`audit`).
+//!
+//! Must never: let exporter I/O slow a request. The request path calls
+//! [`RecordSink::submit`], which only offers the record to a bounded queue
+//! per pipeline (a full queue drops the record for that pipeline and counts
+//! it; the ledger has its own lossless path). A worker thread per pipeline
+//! records instruments or writes the audit log; the OpenTelemetry SDK's
+//! reader thread exports on its interval, with retries and backoff bounded
+//! by the export timeout. Memory stays bounded: queues are bounded, and the
+//! SDK caps the series per instrument (2000, then an overflow series).
 
-use serde::Deserialize;
+mod audit;
+mod config;
+mod metrics;
+mod otlp;
+pub mod semconv;
+#[cfg(test)]
+mod tests;
 
-/// `[export]` in the config.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ExportConfig {}
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
-impl ExportConfig {
-    /// Pure validation; the error names the key.
-    pub fn validate(&self) -> Result<(), (String, String)> {
+use opentelemetry::KeyValue;
+use opentelemetry::metrics::MeterProvider as _;
+use opentelemetry::trace::{Span as _, SpanKind, Status, Tracer as _, TracerProvider as _};
+use opentelemetry_sdk::metrics::SdkMeterProvider;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing::{info, warn};
+
+pub use audit::rotated as rotated_audit_path;
+pub use config::{
+    AuditLogConfig, ExportConfig, Headers, OtlpConfig, OtlpProtocol, OtlpTemporality, ResolvedOtlp,
+    Semconv, parse_env_headers,
+};
+
+use crate::meter::{RecordSink, UsageRecord};
+
+/// tollgate's own counters at one instant, for the health metrics. The
+/// caller (app.rs) fills it from `ProxyStats`, the ledger's stats and
+/// whatever else it owns; it is called on the SDK's reader thread at each
+/// collection and must be cheap and non-blocking.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HealthSnapshot {
+    /// Provider connections terminated and metered.
+    pub connections_intercepted: u64,
+    /// Redirected connections spliced through untouched (not a provider
+    /// host, or a client that does not trust the local CA).
+    pub connections_passthrough: u64,
+    /// Connections closed because no origin record existed.
+    pub connections_refused: u64,
+    /// Records committed to the ledger.
+    pub ledger_written: u64,
+    /// Records accepted by the ledger but not yet committed.
+    pub ledger_queued: u64,
+    /// Failed ledger write attempts (each retried).
+    pub ledger_errors: u64,
+    /// The agent is running and intercepting.
+    pub up: bool,
+}
+
+/// The health callback.
+pub type HealthFn = Arc<dyn Fn() -> HealthSnapshot + Send + Sync>;
+
+/// What the resource says about this host.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ResourceInfo {
+    /// `host.name`.
+    pub host_name: String,
+    /// `cicd.worker.name`: the CI runner this host is, when known.
+    pub runner_name: Option<String>,
+}
+
+impl ResourceInfo {
+    /// The host name from the kernel; no runner name.
+    pub fn from_host() -> ResourceInfo {
+        ResourceInfo {
+            host_name: hostname().unwrap_or_default(),
+            runner_name: None,
+        }
+    }
+}
+
+fn hostname() -> Option<String> {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname writes at most
+    // that many bytes.
+    let r = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if r != 0 {
+        return None;
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8(buf[..end].to_vec()).ok()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error("invalid export setting {key}: {message}")]
+    Config { key: String, message: String },
+    #[error(
+        "OTLP over gRPC needs a Tokio runtime: start the exporter from inside the agent's runtime"
+    )]
+    NoRuntime,
+    #[error("cannot build the OTLP exporter: {0}")]
+    Build(String),
+    #[error(
+        "cannot open the audit log {}: {source} (check [export.audit_log] path and its directory's permissions)",
+        path.display()
+    )]
+    AuditLog {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot start an export thread: {0}")]
+    Thread(std::io::Error),
+    #[error("export did not finish within {0:?}")]
+    Timeout(Duration),
+    #[error("OTLP flush or shutdown failed: {0}")]
+    Sdk(String),
+}
+
+impl ExportError {
+    /// Process exit code (see `crate::exit`).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            ExportError::Config { .. } => crate::exit::USAGE,
+            ExportError::AuditLog { source, .. }
+                if source.kind() == std::io::ErrorKind::PermissionDenied =>
+            {
+                crate::exit::NOPERM
+            }
+            ExportError::AuditLog { .. } => crate::exit::UNAVAILABLE,
+            _ => crate::exit::SOFTWARE,
+        }
+    }
+}
+
+/// Counters shared by the sink, the workers and the health callback.
+#[derive(Default)]
+pub(crate) struct Shared {
+    closed: AtomicBool,
+    metrics_accepted: AtomicU64,
+    metrics_done: AtomicU64,
+    pub(crate) metrics_dropped: AtomicU64,
+    audit_accepted: AtomicU64,
+    audit_done: AtomicU64,
+    pub(crate) audit_dropped: AtomicU64,
+    audit_errors: AtomicU64,
+}
+
+/// Counters of the export pipelines.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ExportStats {
+    /// Records handed to the metrics pipeline / recorded.
+    pub metrics_accepted: u64,
+    pub metrics_recorded: u64,
+    /// Records the metrics pipeline dropped (queue full or shut down).
+    pub metrics_dropped: u64,
+    /// Records handed to the audit log / written.
+    pub audit_accepted: u64,
+    pub audit_written: u64,
+    /// Records the audit log dropped (queue full or shut down).
+    pub audit_dropped: u64,
+    /// Failed audit log writes (the record is lost for the audit log).
+    pub audit_errors: u64,
+}
+
+type Queue = SyncSender<Arc<UsageRecord>>;
+
+/// The request path's handle: offers each record to the pipelines.
+struct Sink {
+    metrics: Option<Queue>,
+    audit: Option<Queue>,
+    shared: Arc<Shared>,
+}
+
+impl Sink {
+    fn offer(&self, q: &Queue, rec: &Arc<UsageRecord>, accepted: &AtomicU64, dropped: &AtomicU64) {
+        if self.shared.closed.load(Ordering::Acquire) {
+            dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        match q.try_send(rec.clone()) {
+            Ok(()) => {
+                accepted.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+impl RecordSink for Sink {
+    fn submit(&self, rec: UsageRecord) {
+        let rec = Arc::new(rec);
+        let s = &self.shared;
+        if let Some(q) = &self.metrics {
+            self.offer(q, &rec, &s.metrics_accepted, &s.metrics_dropped);
+        }
+        if let Some(q) = &self.audit {
+            self.offer(q, &rec, &s.audit_accepted, &s.audit_dropped);
+        }
+    }
+}
+
+/// The running export pipelines. Stop them with [`Exporter::shutdown`].
+pub struct Exporter {
+    shared: Arc<Shared>,
+    meter_provider: Option<SdkMeterProvider>,
+    tracer_provider: Option<SdkTracerProvider>,
+    workers: Vec<JoinHandle<()>>,
+    otlp: Option<ResolvedOtlp>,
+}
+
+impl std::fmt::Debug for Exporter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Exporter")
+            .field("otlp", &self.otlp)
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+/// Starts the pipelines `cfg` asks for, with the standard OTEL_* variables
+/// of the process environment applied. Returns the exporter (keep it to
+/// shut down) and the sink to add to the proxy's [`crate::meter::FanOut`].
+/// With nothing configured, the sink does nothing.
+///
+/// OTLP over gRPC must be started inside a Tokio runtime (the channel lives
+/// on it); everything else runs on threads of its own.
+pub fn start(
+    cfg: &ExportConfig,
+    resource: ResourceInfo,
+    health: HealthFn,
+) -> Result<(Exporter, Arc<dyn RecordSink>), ExportError> {
+    start_with_env(cfg, resource, health, &|k| std::env::var(k).ok())
+}
+
+/// [`start`] with the environment given as a lookup function (tests).
+pub fn start_with_env(
+    cfg: &ExportConfig,
+    resource: ResourceInfo,
+    health: HealthFn,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<(Exporter, Arc<dyn RecordSink>), ExportError> {
+    let otlp = cfg
+        .resolve(env)
+        .map_err(|(key, message)| ExportError::Config { key, message })?;
+    let shared = Arc::new(Shared::default());
+    let mut workers = Vec::new();
+    let mut meter_provider = None;
+    let mut tracer_provider = None;
+
+    // The audit log first: an error there is the user's to fix.
+    let audit_q = match &cfg.audit_log.path {
+        None => None,
+        Some(path) => {
+            let log = audit::AuditLog::open(path, cfg.audit_log.max_bytes, cfg.audit_log.keep)
+                .map_err(|source| ExportError::AuditLog {
+                    path: path.clone(),
+                    source,
+                })?;
+            let (tx, rx) = sync_channel(cfg.queue);
+            let sh = shared.clone();
+            workers.push(
+                std::thread::Builder::new()
+                    .name("tollgate-audit".into())
+                    .spawn(move || audit_worker(log, rx, sh))
+                    .map_err(ExportError::Thread)?,
+            );
+            Some(tx)
+        }
+    };
+
+    let metrics_q = match &otlp {
+        None => None,
+        Some(r) => {
+            let res = otlp::resource(&resource, &r.service_name);
+            let mp = otlp::meter_provider(r, res.clone())?;
+            let meter = mp.meter("tollgate");
+            metrics::register_health(&meter, health, shared.clone());
+            let instruments =
+                metrics::Instruments::new(&meter, r.semconv, r.include_high_cardinality);
+            let spans = if r.traces {
+                let tp = otlp::tracer_provider(r, res)?;
+                let tracer = tp.tracer("tollgate");
+                tracer_provider = Some(tp);
+                Some(SpanMaker {
+                    tracer,
+                    semconv: r.semconv,
+                    high_cardinality: r.include_high_cardinality,
+                })
+            } else {
+                None
+            };
+            meter_provider = Some(mp);
+            let (tx, rx) = sync_channel(cfg.queue);
+            let sh = shared.clone();
+            workers.push(
+                std::thread::Builder::new()
+                    .name("tollgate-metrics".into())
+                    .spawn(move || metrics_worker(instruments, spans, rx, sh))
+                    .map_err(ExportError::Thread)?,
+            );
+            info!(
+                endpoint = %r.endpoint,
+                protocol = ?r.protocol,
+                interval = ?r.interval,
+                semconv = ?r.semconv,
+                traces = r.traces,
+                headers = ?r.headers.keys().collect::<Vec<_>>(),
+                "OTLP export on"
+            );
+            Some(tx)
+        }
+    };
+
+    let sink = Sink {
+        metrics: metrics_q,
+        audit: audit_q,
+        shared: shared.clone(),
+    };
+    Ok((
+        Exporter {
+            shared,
+            meter_provider,
+            tracer_provider,
+            workers,
+            otlp,
+        },
+        Arc::new(sink),
+    ))
+}
+
+/// Waits for `pred`, polling, until `deadline`.
+async fn wait_for(deadline: Instant, pred: impl Fn() -> bool) -> bool {
+    loop {
+        if pred() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Runs a blocking SDK call on a thread of its own and waits for it, at
+/// most until `deadline` (the thread is left to finish on its own).
+async fn blocking_until<T: Send + 'static>(
+    deadline: Instant,
+    what: &'static str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ExportError> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name(format!("tollgate-otlp-{what}"))
+        .spawn(move || {
+            let _ = tx.send(f());
+        })
+        .map_err(ExportError::Thread)?;
+    let left = deadline.saturating_duration_since(Instant::now());
+    match tokio::time::timeout(left, rx).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(_)) => Err(ExportError::Sdk(format!("the {what} thread panicked"))),
+        Err(_) => Err(ExportError::Timeout(left)),
+    }
+}
+
+impl Exporter {
+    /// The OTLP settings in force (after the environment), if OTLP is on.
+    pub fn otlp(&self) -> Option<&ResolvedOtlp> {
+        self.otlp.as_ref()
+    }
+
+    /// Current pipeline counters.
+    pub fn stats(&self) -> ExportStats {
+        let s = &self.shared;
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        ExportStats {
+            metrics_accepted: l(&s.metrics_accepted),
+            metrics_recorded: l(&s.metrics_done),
+            metrics_dropped: l(&s.metrics_dropped),
+            audit_accepted: l(&s.audit_accepted),
+            audit_written: l(&s.audit_done),
+            audit_dropped: l(&s.audit_dropped),
+            audit_errors: l(&s.audit_errors),
+        }
+    }
+
+    /// Waits until every record accepted so far is recorded (and written to
+    /// the audit log), then exports now. Returns within `timeout`.
+    pub async fn flush(&self, timeout: Duration) -> Result<(), ExportError> {
+        let deadline = Instant::now() + timeout;
+        let s = self.shared.clone();
+        let drained = wait_for(deadline, || {
+            let l = |a: &AtomicU64| a.load(Ordering::Acquire);
+            l(&s.metrics_done) >= l(&s.metrics_accepted) && l(&s.audit_done) >= l(&s.audit_accepted)
+        })
+        .await;
+        if !drained {
+            return Err(ExportError::Timeout(timeout));
+        }
+        if let Some(mp) = self.meter_provider.clone() {
+            blocking_until(deadline, "flush", move || mp.force_flush())
+                .await?
+                .map_err(|e| ExportError::Sdk(e.to_string()))?;
+        }
+        if let Some(tp) = self.tracer_provider.clone() {
+            blocking_until(deadline, "flush", move || tp.force_flush())
+                .await?
+                .map_err(|e| ExportError::Sdk(e.to_string()))?;
+        }
         Ok(())
+    }
+
+    /// Stops accepting records, drains the queues, exports what is left and
+    /// shuts the SDK down, returning within `timeout` whatever the
+    /// collector does (records still queued then are lost for export; the
+    /// ledger has them).
+    pub async fn shutdown(mut self, timeout: Duration) -> Result<ExportStats, ExportError> {
+        let deadline = Instant::now() + timeout;
+        self.shared.closed.store(true, Ordering::Release);
+        let workers = std::mem::take(&mut self.workers);
+        let joined = wait_for(deadline, || workers.iter().all(|w| w.is_finished())).await;
+        for w in workers {
+            if w.is_finished() {
+                let _ = w.join();
+            }
+        }
+        let mut result = if joined {
+            Ok(())
+        } else {
+            Err(ExportError::Timeout(timeout))
+        };
+        let mp = self.meter_provider.take();
+        let tp = self.tracer_provider.take();
+        if mp.is_some() || tp.is_some() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let r = blocking_until(deadline, "shutdown", move || {
+                let mut errs = Vec::new();
+                if let Some(tp) = tp
+                    && let Err(e) = tp.shutdown_with_timeout(left)
+                {
+                    errs.push(e.to_string());
+                }
+                if let Some(mp) = mp
+                    && let Err(e) = mp.shutdown_with_timeout(left)
+                {
+                    errs.push(e.to_string());
+                }
+                errs
+            })
+            .await;
+            match r {
+                Ok(errs) if errs.is_empty() => {}
+                Ok(errs) => {
+                    if result.is_ok() {
+                        result = Err(ExportError::Sdk(errs.join("; ")));
+                    }
+                }
+                Err(e) => {
+                    if result.is_ok() {
+                        result = Err(e);
+                    }
+                }
+            }
+        }
+        let stats = self.stats();
+        if stats.metrics_dropped > 0 || stats.audit_dropped > 0 {
+            warn!(
+                metrics = stats.metrics_dropped,
+                audit_log = stats.audit_dropped,
+                "export pipelines dropped records (the ledger has them)"
+            );
+        }
+        result.map(|()| stats)
+    }
+}
+
+impl Drop for Exporter {
+    fn drop(&mut self) {
+        // Let the workers end; the SDK providers shut down on their own drop.
+        self.shared.closed.store(true, Ordering::Release);
+    }
+}
+
+/// How often an idle worker looks at the shutdown flag.
+const IDLE_POLL: Duration = Duration::from_millis(50);
+
+/// Receives until shutdown, then drains what is queued.
+fn drain_loop(
+    rx: Receiver<Arc<UsageRecord>>,
+    shared: &Shared,
+    mut f: impl FnMut(Option<&UsageRecord>),
+) {
+    loop {
+        match rx.recv_timeout(IDLE_POLL) {
+            Ok(rec) => f(Some(&rec)),
+            Err(RecvTimeoutError::Timeout) => {
+                f(None);
+                if shared.closed.load(Ordering::Acquire) {
+                    break;
+                }
+            }
+            Err(RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    while let Ok(rec) = rx.try_recv() {
+        f(Some(&rec));
+    }
+    f(None);
+}
+
+fn metrics_worker(
+    instruments: metrics::Instruments,
+    spans: Option<SpanMaker>,
+    rx: Receiver<Arc<UsageRecord>>,
+    shared: Arc<Shared>,
+) {
+    drain_loop(rx, &shared, |rec| {
+        if let Some(rec) = rec {
+            instruments.record(rec);
+            if let Some(s) = &spans {
+                s.span(rec);
+            }
+            shared.metrics_done.fetch_add(1, Ordering::Release);
+        }
+    });
+}
+
+fn audit_worker(mut log: audit::AuditLog, rx: Receiver<Arc<UsageRecord>>, shared: Arc<Shared>) {
+    // One warning per failure streak, not one per record.
+    let failing = Mutex::new(false);
+    let report = |r: std::io::Result<()>| {
+        let mut f = failing.lock().unwrap_or_else(|p| p.into_inner());
+        match r {
+            Ok(()) => *f = false,
+            Err(e) => {
+                shared.audit_errors.fetch_add(1, Ordering::Relaxed);
+                if !*f {
+                    warn!(error = %e, "audit log write failed");
+                }
+                *f = true;
+            }
+        }
+    };
+    drain_loop(rx, &shared, |rec| match rec {
+        Some(rec) => {
+            report(log.append(rec));
+            shared.audit_done.fetch_add(1, Ordering::Release);
+        }
+        // Idle: make what was written visible to readers of the file.
+        None => report(log.flush()),
+    });
+}
+
+/// One `CLIENT` span per request, with the GenAI span attributes of the
+/// generation in force. Never prompt or completion content (records have
+/// none).
+struct SpanMaker {
+    tracer: opentelemetry_sdk::trace::SdkTracer,
+    semconv: Semconv,
+    high_cardinality: bool,
+}
+
+impl SpanMaker {
+    fn span(&self, rec: &UsageRecord) {
+        use semconv as sc;
+        let (op, _) = sc::operation(&rec.operation);
+        let name = match rec.model.as_deref() {
+            Some(m) if !m.is_empty() => format!("{op} {m}"),
+            _ => op.into_owned(),
+        };
+        let mut attrs = sc::request_attributes(rec, false);
+        let who = &rec.who;
+        if who.pid != 0 {
+            attrs.push(KeyValue::new(sc::PROCESS_PID, i64::from(who.pid)));
+        }
+        for (k, v) in [
+            (sc::CICD_PIPELINE_RUN_ID, &who.run_id),
+            (sc::CICD_PIPELINE_TASK_RUN_ID, &who.job_id),
+        ] {
+            if let Some(v) = v.as_deref().filter(|v| !v.is_empty()) {
+                attrs.push(KeyValue::new(k, v.to_string()));
+            }
+        }
+        if self.high_cardinality
+            && let Some(c) = who.cmdline.as_deref().filter(|c| !c.is_empty())
+        {
+            attrs.push(KeyValue::new(sc::PROCESS_COMMAND_LINE, c.to_string()));
+        }
+        let u = &rec.usage;
+        let int = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        attrs.push(KeyValue::new(
+            "gen_ai.usage.input_tokens",
+            int(u.input_tokens),
+        ));
+        attrs.push(KeyValue::new(
+            "gen_ai.usage.output_tokens",
+            int(u.output_tokens),
+        ));
+        if u.cached_input_tokens > 0 {
+            attrs.push(KeyValue::new(
+                "gen_ai.usage.cache_read.input_tokens",
+                int(u.cached_input_tokens),
+            ));
+        }
+        if u.cache_write_input_tokens > 0 {
+            let key = match self.semconv {
+                Semconv::Default => "gen_ai.usage.cache_creation.input_tokens",
+                Semconv::LatestExperimental => "gen_ai.usage.cache_write.input_tokens",
+            };
+            attrs.push(KeyValue::new(key, int(u.cache_write_input_tokens)));
+        }
+        if self.semconv == Semconv::LatestExperimental {
+            if u.reasoning_tokens > 0 {
+                attrs.push(KeyValue::new(
+                    "gen_ai.usage.reasoning.output_tokens",
+                    int(u.reasoning_tokens),
+                ));
+            }
+            attrs.push(KeyValue::new("gen_ai.request.stream", rec.streaming));
+            if rec.streaming
+                && let Some(t) = rec.ttfb_ms
+            {
+                attrs.push(KeyValue::new(
+                    "gen_ai.response.time_to_first_chunk",
+                    t as f64 / 1000.0,
+                ));
+            }
+        }
+        if let Some(c) = rec.cost_usd {
+            attrs.push(KeyValue::new("tollgate.cost_usd", c));
+        }
+        let error = sc::error_type(rec);
+        if let Some(e) = &error {
+            attrs.push(KeyValue::new(sc::ERROR_TYPE, e.to_string()));
+        }
+        let start =
+            UNIX_EPOCH + Duration::from_millis(u64::try_from(rec.started_at_ms).unwrap_or(0));
+        let end = start + Duration::from_millis(rec.duration_ms);
+        let mut span = self
+            .tracer
+            .span_builder(name)
+            .with_kind(SpanKind::Client)
+            .with_start_time(start)
+            .with_attributes(attrs)
+            .start(&self.tracer);
+        if let Some(e) = error {
+            span.set_status(Status::error(e.into_owned()));
+        }
+        span.end_with_timestamp(end);
     }
 }

@@ -1,17 +1,879 @@
-//! Prices: USD per million tokens per model and token kind, versioned by
-//! the date each price took effect. (Being written: see the pricing task.)
+//! Prices: USD per million tokens per (provider, model) and token kind,
+//! versioned by the date each price took effect.
+//!
+//! Owns: the built-in catalogue (`agent/prices/prices.toml`, embedded), the
+//! `[pricing]` config table that overrides and extends it, model-name
+//! resolution (dated snapshots, aliases, Bedrock ids → a priced family) and
+//! the cost of one usage. Must never: do I/O (the catalogue is compiled in),
+//! or price a model it does not know (the cost is then `None`, not a guess).
+
+use std::collections::HashMap;
 
 use serde::Deserialize;
+
+use crate::meter::Usage;
+
+/// The embedded catalogue.
+const BUILTIN: &str = include_str!("../../prices/prices.toml");
+/// The catalogue schema this code reads.
+const FORMAT: u32 = 1;
+
+/// Provider names as recorded in the ledger; a price for any other name
+/// could never apply, so the config rejects it. Extend when an adapter with
+/// a new name lands.
+pub const PROVIDERS: &[&str] = &["openai", "azure-openai", "anthropic", "gemini", "bedrock"];
+
+/// Words that, after a known family name, make a different (differently
+/// priced) model: `gpt-4o-mini` is not `gpt-4o`, `o3-pro` is not `o3`.
+const VARIANT_WORDS: &[&str] = &[
+    "mini",
+    "nano",
+    "pro",
+    "lite",
+    "turbo",
+    "realtime",
+    "audio",
+    "transcribe",
+    "tts",
+    "search",
+    "image",
+    "instruct",
+    "vision",
+    "16k",
+    "32k",
+    "deep",
+    "computer",
+    "live",
+    "embedding",
+];
+
+/// Bedrock model-id prefixes: cross-region inference profiles and vendors.
+const BEDROCK_PREFIXES: &[&str] = &[
+    "us",
+    "us-gov",
+    "eu",
+    "apac",
+    "jp",
+    "au",
+    "ca",
+    "global",
+    "anthropic",
+    "amazon",
+    "meta",
+    "mistral",
+    "cohere",
+    "ai21",
+    "deepseek",
+    "openai",
+    "qwen",
+    "writer",
+];
 
 /// `[pricing]` in the config: overrides and additions to the built-in
 /// price catalogue.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct PricingConfig {}
+pub struct PricingConfig {
+    /// `[[pricing.models]]`: prices that override or extend the built-in
+    /// catalogue. An entry without `effective` replaces every built-in
+    /// price of that (provider, model); an entry with `effective` adds a
+    /// version (or replaces the built-in one of the same date).
+    pub models: Vec<ModelPrice>,
+}
+
+/// One price: a `[[pricing.models]]` entry, and the shape of each entry of
+/// the built-in catalogue. Prices are USD per million tokens.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelPrice {
+    /// Provider name as in the ledger: `openai`, `azure-openai`,
+    /// `anthropic`, `gemini`, `bedrock`. OpenAI-compatible hosts are
+    /// recorded as `openai`.
+    pub provider: String,
+    /// Model family (`gpt-4o`) or exact id (`gpt-4o-2024-05-13`, an Azure
+    /// deployment name, a Bedrock model id). Case-insensitive.
+    pub model: String,
+    /// Input tokens that are neither read from nor written to a cache.
+    pub input: f64,
+    /// Output tokens (and reasoning tokens unless `reasoning` is given).
+    pub output: f64,
+    /// Input tokens read from a prompt cache (default: `input`).
+    #[serde(default)]
+    pub cached_input: Option<f64>,
+    /// Input tokens written to a prompt cache (default: `input`).
+    #[serde(default)]
+    pub cache_write: Option<f64>,
+    /// Reasoning ("thinking") output tokens (default: `output`).
+    #[serde(default)]
+    pub reasoning: Option<f64>,
+    /// Date the price took effect, `YYYY-MM-DD` (UTC). Absent: always.
+    #[serde(default)]
+    pub effective: Option<String>,
+}
 
 impl PricingConfig {
     /// Pure validation; the error names the key.
     pub fn validate(&self) -> Result<(), (String, String)> {
-        Ok(())
+        validate_entries("pricing.models", &self.models)
+    }
+}
+
+fn validate_entries(prefix: &str, entries: &[ModelPrice]) -> Result<(), (String, String)> {
+    let mut seen: Vec<(String, String, Option<i64>)> = Vec::new();
+    for (i, m) in entries.iter().enumerate() {
+        let key = |field: &str| format!("{prefix}[{i}].{field}");
+        if !PROVIDERS.contains(&m.provider.as_str()) {
+            return Err((
+                key("provider"),
+                format!(
+                    "`{}` is not a provider name; use one of {}",
+                    m.provider,
+                    PROVIDERS.join(", ")
+                ),
+            ));
+        }
+        if m.model.trim().is_empty() {
+            return Err((key("model"), "must not be empty".into()));
+        }
+        let prices = [
+            ("input", Some(m.input)),
+            ("output", Some(m.output)),
+            ("cached_input", m.cached_input),
+            ("cache_write", m.cache_write),
+            ("reasoning", m.reasoning),
+        ];
+        for (field, v) in prices {
+            if let Some(v) = v
+                && !(v.is_finite() && v >= 0.0)
+            {
+                return Err((
+                    key(field),
+                    format!(
+                        "{v} is not a price: give a finite, non-negative number of USD per million tokens"
+                    ),
+                ));
+            }
+        }
+        let effective = match &m.effective {
+            None => None,
+            Some(d) => Some(parse_date_ms(d).ok_or_else(|| {
+                (
+                    key("effective"),
+                    format!("`{d}` is not a date; write YYYY-MM-DD"),
+                )
+            })?),
+        };
+        let id = (m.provider.clone(), canonical(&m.model), effective);
+        if seen.contains(&id) {
+            return Err((
+                key("model"),
+                format!(
+                    "a second price for {} `{}` with the same `effective`; keep one",
+                    m.provider, m.model
+                ),
+            ));
+        }
+        seen.push(id);
+    }
+    Ok(())
+}
+
+/// Midnight UTC of a `YYYY-MM-DD` date, in Unix milliseconds.
+fn parse_date_ms(s: &str) -> Option<i64> {
+    let mut it = s.split('-');
+    let (y, m, d) = (it.next()?, it.next()?, it.next()?);
+    if it.next().is_some() || y.len() != 4 || m.len() != 2 || d.len() != 2 {
+        return None;
+    }
+    let month = time::Month::try_from(m.parse::<u8>().ok()?).ok()?;
+    let date = time::Date::from_calendar_date(y.parse().ok()?, month, d.parse().ok()?).ok()?;
+    Some(date.midnight().assume_utc().unix_timestamp() * 1000)
+}
+
+/// The rates of one price version, USD per million tokens, defaults filled.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Price {
+    /// When this price took effect (Unix ms; `i64::MIN` for "always").
+    pub effective_ms: i64,
+    pub input: f64,
+    pub cached_input: f64,
+    pub cache_write: f64,
+    pub output: f64,
+    pub reasoning: f64,
+}
+
+impl Price {
+    fn from_entry(m: &ModelPrice) -> Price {
+        Price {
+            effective_ms: m
+                .effective
+                .as_deref()
+                .and_then(parse_date_ms)
+                .unwrap_or(i64::MIN),
+            input: m.input,
+            cached_input: m.cached_input.unwrap_or(m.input),
+            cache_write: m.cache_write.unwrap_or(m.input),
+            output: m.output,
+            reasoning: m.reasoning.unwrap_or(m.output),
+        }
+    }
+
+    /// USD for `u`. The subsets (cached, cache write, reasoning) are capped
+    /// at their totals, so an inconsistent count never yields a negative
+    /// term:
+    /// `((in − cached − write)·input + cached·cached_input + write·cache_write
+    ///  + (out − reasoning)·output + reasoning·reasoning) / 1e6`.
+    pub fn cost(&self, u: &Usage) -> f64 {
+        let cached = u.cached_input_tokens.min(u.input_tokens);
+        let write = u.cache_write_input_tokens.min(u.input_tokens - cached);
+        let plain_in = u.input_tokens - cached - write;
+        let reasoning = u.reasoning_tokens.min(u.output_tokens);
+        let plain_out = u.output_tokens - reasoning;
+        (plain_in as f64 * self.input
+            + cached as f64 * self.cached_input
+            + write as f64 * self.cache_write
+            + plain_out as f64 * self.output
+            + reasoning as f64 * self.reasoning)
+            / 1e6
+    }
+}
+
+/// The built-in catalogue file.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Catalogue {
+    format: u32,
+    recorded: String,
+    models: Vec<ModelPrice>,
+}
+
+/// Versions of one model's price, sorted by `effective_ms`.
+type Versions = Vec<Price>;
+
+/// Prices by provider, then by canonical model name.
+#[derive(Debug, Clone, Default)]
+pub struct PriceBook {
+    tables: HashMap<String, HashMap<String, Versions>>,
+    recorded: String,
+}
+
+impl PriceBook {
+    /// The embedded catalogue alone.
+    pub fn builtin() -> PriceBook {
+        // The file is compiled in and a unit test parses it, so a failure
+        // here is a build defect, not a run-time condition.
+        let cat: Catalogue =
+            toml::from_str(BUILTIN).expect("the embedded prices.toml parses (unit-tested)");
+        debug_assert_eq!(cat.format, FORMAT);
+        let mut book = PriceBook {
+            tables: HashMap::new(),
+            recorded: cat.recorded,
+        };
+        for m in &cat.models {
+            book.insert(m);
+        }
+        book
+    }
+
+    /// The built-in catalogue with the config's overrides applied (call
+    /// after `PricingConfig::validate`).
+    pub fn new(cfg: &PricingConfig) -> PriceBook {
+        let mut book = Self::builtin();
+        for m in &cfg.models {
+            if m.effective.is_none() {
+                book.tables
+                    .entry(m.provider.clone())
+                    .or_default()
+                    .remove(&canonical(&m.model));
+            }
+            book.insert(m);
+        }
+        book
+    }
+
+    /// The date the built-in prices were recorded (`YYYY-MM-DD`).
+    pub fn recorded(&self) -> &str {
+        &self.recorded
+    }
+
+    fn insert(&mut self, m: &ModelPrice) {
+        let price = Price::from_entry(m);
+        let versions = self
+            .tables
+            .entry(m.provider.clone())
+            .or_default()
+            .entry(canonical(&m.model))
+            .or_default();
+        versions.retain(|p| p.effective_ms != price.effective_ms);
+        versions.push(price);
+        versions.sort_by_key(|p| p.effective_ms);
+    }
+
+    /// The price versions for a model, after resolution.
+    fn versions(&self, provider: &str, model: &str) -> Option<&Versions> {
+        let provider = provider.trim().to_ascii_lowercase();
+        // Azure serves OpenAI's models at OpenAI's prices; Bedrock's
+        // Anthropic models cost what Anthropic charges.
+        let fallback = match provider.as_str() {
+            "azure-openai" => Some("openai"),
+            "bedrock" => Some("anthropic"),
+            _ => None,
+        };
+        let canon = canonical(model);
+        if canon.is_empty() {
+            return None;
+        }
+        [Some(provider.as_str()), fallback]
+            .into_iter()
+            .flatten()
+            .filter_map(|p| self.tables.get(p))
+            .find_map(|t| resolve(t, &canon))
+    }
+
+    /// True when `model` of `provider` resolves to a priced model.
+    pub fn knows(&self, provider: &str, model: &str) -> bool {
+        self.versions(provider, model).is_some()
+    }
+
+    /// The price in effect at `at_ms` (the latest version not after it; the
+    /// earliest when the request predates every version).
+    pub fn price_at(&self, provider: &str, model: &str, at_ms: i64) -> Option<Price> {
+        let v = self.versions(provider, model)?;
+        v.iter()
+            .rev()
+            .find(|p| p.effective_ms <= at_ms)
+            .or_else(|| v.first())
+            .copied()
+    }
+
+    /// Cost in USD of `usage` for a request to `model` of `provider` that
+    /// started at `started_at_ms`; `None` for an unknown model.
+    pub fn cost(
+        &self,
+        provider: &str,
+        model: &str,
+        started_at_ms: i64,
+        usage: &Usage,
+    ) -> Option<f64> {
+        self.price_at(provider, model, started_at_ms)
+            .map(|p| p.cost(usage))
+    }
+}
+
+/// The lookup key of a model name, for catalogue keys and queries alike:
+/// lower case, percent-escapes of `:` and `/` decoded, the last path
+/// segment (`models/gemini-2.5-flash`, ARNs, `openai/gpt-4o`), no `@date`
+/// (Vertex), and for Bedrock ids no `-vN:M` version and no region/vendor
+/// prefix (`us.anthropic.claude-...-v1:0` → `claude-...`).
+fn canonical(model: &str) -> String {
+    let lower = model
+        .trim()
+        .to_ascii_lowercase()
+        .replace("%3a", ":")
+        .replace("%2f", "/");
+    let mut s = lower.rsplit('/').next().unwrap_or("");
+    if let Some((head, _)) = s.split_once('@') {
+        s = head;
+    }
+    if let Some((head, _)) = s.split_once(':') {
+        s = head;
+        if let Some(i) = s.rfind("-v")
+            && s.len() > i + 2
+            && s[i + 2..].bytes().all(|b| b.is_ascii_digit())
+        {
+            s = &s[..i];
+        }
+    }
+    while let Some((head, rest)) = s.split_once('.') {
+        if BEDROCK_PREFIXES.contains(&head) {
+            s = rest;
+        } else {
+            break;
+        }
+    }
+    s.to_string()
+}
+
+/// `name` without one trailing snapshot or alias marker: `-latest`,
+/// `-YYYY-MM-DD`, `-YYYYMMDD`, `-MMDD`, `-NNN`.
+fn strip_snapshot(name: &str) -> Option<&str> {
+    if let Some(head) = name.strip_suffix("-latest") {
+        return Some(head);
+    }
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let (head, last) = name.rsplit_once('-')?;
+    if !digits(last) {
+        return None;
+    }
+    if last.len() == 2 {
+        // -YYYY-MM-DD
+        let (h2, month) = head.rsplit_once('-')?;
+        let (h3, year) = h2.rsplit_once('-')?;
+        return (month.len() == 2 && digits(month) && year.len() == 4 && digits(year))
+            .then_some(h3);
+    }
+    matches!(last.len(), 3 | 4 | 8).then_some(head)
+}
+
+/// The versions `canon` resolves to in one provider's table: exact name,
+/// then with snapshot markers stripped, then the longest known family that
+/// is a prefix at a `-` boundary and is not followed by a variant word.
+fn resolve<'a>(table: &'a HashMap<String, Versions>, canon: &str) -> Option<&'a Versions> {
+    let mut name = canon;
+    loop {
+        if let Some(v) = table.get(name) {
+            return Some(v);
+        }
+        match strip_snapshot(name) {
+            Some(n) => name = n,
+            None => break,
+        }
+    }
+    let dashes = name.match_indices('-').map(|(i, _)| i).collect::<Vec<_>>();
+    for &i in dashes.iter().rev() {
+        let (family, rest) = (&name[..i], &name[i + 1..]);
+        if let Some(v) = table.get(family)
+            && variant_ok(rest)
+        {
+            return Some(v);
+        }
+    }
+    None
+}
+
+/// Whether `rest` (what follows a family name) names the same model: not
+/// a version number (`claude-opus-4` + `6`) and no variant word.
+fn variant_ok(rest: &str) -> bool {
+    let first = rest.split('-').next().unwrap_or("");
+    if first.is_empty() || (first.len() <= 2 && first.bytes().all(|b| b.is_ascii_digit())) {
+        return false;
+    }
+    !rest.split('-').any(|w| VARIANT_WORDS.contains(&w))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// 2025-12-01T00:00:00Z.
+    const NOW: i64 = 1_764_547_200_000;
+
+    fn usage(input: u64, cached: u64, write: u64, output: u64, reasoning: u64) -> Usage {
+        Usage {
+            input_tokens: input,
+            output_tokens: output,
+            cached_input_tokens: cached,
+            cache_write_input_tokens: write,
+            reasoning_tokens: reasoning,
+        }
+    }
+
+    fn close(a: f64, b: f64) -> bool {
+        (a - b).abs() <= 1e-9 * a.abs().max(b.abs()).max(1.0)
+    }
+
+    #[test]
+    fn builtin_catalogue_parses_and_is_valid() {
+        let cat: Catalogue = toml::from_str(BUILTIN).expect("prices.toml parses");
+        assert_eq!(cat.format, FORMAT, "catalogue format");
+        assert!(parse_date_ms(&cat.recorded).is_some(), "recorded date");
+        validate_entries("models", &cat.models).expect("catalogue entries are valid");
+        for (i, m) in cat.models.iter().enumerate() {
+            assert!(
+                m.effective.is_some(),
+                "catalogue entry {i} ({}) needs `effective`",
+                m.model
+            );
+            assert_eq!(
+                canonical(&m.model),
+                m.model,
+                "catalogue entry {i} should be written in canonical form"
+            );
+        }
+        assert!(BUILTIN.contains("source: https://"), "a source URL comment");
+        let book = PriceBook::builtin();
+        assert_eq!(book.recorded(), cat.recorded);
+    }
+
+    #[test]
+    fn main_models_are_covered() {
+        let book = PriceBook::builtin();
+        let cases: &[(&str, &str)] = &[
+            ("openai", "gpt-4o"),
+            ("openai", "gpt-4o-mini"),
+            ("openai", "gpt-4.1"),
+            ("openai", "gpt-4.1-mini"),
+            ("openai", "gpt-4.1-nano"),
+            ("openai", "o1"),
+            ("openai", "o3"),
+            ("openai", "o3-mini"),
+            ("openai", "o4-mini"),
+            ("openai", "gpt-5"),
+            ("openai", "gpt-5-mini"),
+            ("openai", "gpt-5-nano"),
+            ("openai", "text-embedding-3-small"),
+            ("openai", "text-embedding-3-large"),
+            ("azure-openai", "gpt-4o"),
+            ("anthropic", "claude-3-5-sonnet-20241022"),
+            ("anthropic", "claude-3-5-haiku-20241022"),
+            ("anthropic", "claude-3-7-sonnet-20250219"),
+            ("anthropic", "claude-sonnet-4-20250514"),
+            ("anthropic", "claude-opus-4-20250514"),
+            ("anthropic", "claude-opus-4-1-20250805"),
+            ("anthropic", "claude-sonnet-4-5-20250929"),
+            ("anthropic", "claude-haiku-4-5-20251001"),
+            ("anthropic", "claude-opus-4-5-20251101"),
+            ("gemini", "gemini-2.0-flash"),
+            ("gemini", "gemini-2.0-flash-lite"),
+            ("gemini", "gemini-2.5-pro"),
+            ("gemini", "gemini-2.5-flash"),
+            ("gemini", "gemini-2.5-flash-lite"),
+            ("bedrock", "anthropic.claude-3-5-sonnet-20240620-v1:0"),
+            ("bedrock", "us.anthropic.claude-sonnet-4-5-20250929-v1:0"),
+        ];
+        for (p, m) in cases {
+            assert!(book.knows(p, m), "{p} {m} should be priced");
+        }
+    }
+
+    #[test]
+    fn snapshots_and_aliases_resolve_to_their_family() {
+        let book = PriceBook::builtin();
+        let same = |p: &str, a: &str, b: &str| {
+            let (x, y) = (book.price_at(p, a, NOW), book.price_at(p, b, NOW));
+            assert!(x.is_some(), "{p} {a} should be priced");
+            assert_eq!(x, y, "{p}: {a} should price as {b}");
+        };
+        same("openai", "gpt-4o-2024-08-06", "gpt-4o");
+        same("openai", "gpt-4o-2024-11-20", "gpt-4o");
+        same("openai", "gpt-4o-mini-2024-07-18", "gpt-4o-mini");
+        same("openai", "GPT-4.1-2025-04-14", "gpt-4.1");
+        same("openai", "o3-mini-2025-01-31", "o3-mini");
+        same("openai", "gpt-5-2025-08-07", "gpt-5");
+        same("openai", "gpt-5-chat-latest", "gpt-5");
+        same("openai", "gpt-4-0613", "gpt-4");
+        same("openai", "gpt-3.5-turbo-0125", "gpt-3.5-turbo");
+        same("openai", "openai/gpt-4o", "gpt-4o");
+        same("azure-openai", "gpt-4o-2024-08-06", "gpt-4o");
+        same(
+            "anthropic",
+            "claude-sonnet-4-5-20250929",
+            "claude-sonnet-4-5",
+        );
+        same("anthropic", "claude-3-5-sonnet-latest", "claude-3-5-sonnet");
+        same("gemini", "models/gemini-2.5-flash-001", "gemini-2.5-flash");
+        same("gemini", "models/gemini-2.5-flash", "gemini-2.5-flash");
+        same(
+            "gemini",
+            "gemini-2.5-flash-lite-preview-06-17",
+            "gemini-2.5-flash-lite",
+        );
+        let anthropic = |m: &str| book.price_at("anthropic", m, NOW);
+        for id in [
+            "anthropic.claude-3-5-sonnet-20240620-v1:0",
+            "anthropic.claude-3-5-sonnet-20241022-v2:0",
+            "us.anthropic.claude-3-5-sonnet-20241022-v2:0",
+            "anthropic.claude-3-5-sonnet-20240620-v1%3A0",
+            "arn:aws:bedrock:us-east-1:123456789012:inference-profile/us.anthropic.claude-3-5-sonnet-20241022-v2:0",
+            "arn:aws:bedrock:us-east-1::foundation-model/anthropic.claude-3-5-sonnet-20240620-v1:0",
+        ] {
+            assert_eq!(
+                book.price_at("bedrock", id, NOW),
+                anthropic("claude-3-5-sonnet"),
+                "{id}"
+            );
+        }
+        assert_eq!(
+            book.price_at(
+                "bedrock",
+                "global.anthropic.claude-haiku-4-5-20251001-v1:0",
+                NOW
+            ),
+            anthropic("claude-haiku-4-5")
+        );
+    }
+
+    #[test]
+    fn different_models_never_share_a_family() {
+        let book = PriceBook::builtin();
+        let p = |m: &str| book.price_at("openai", m, NOW).map(|p| p.input);
+        assert_eq!(p("gpt-4o-mini"), Some(0.15));
+        assert_eq!(p("gpt-4o"), Some(2.50));
+        assert_eq!(p("gpt-4o-2024-05-13"), Some(5.00), "exact snapshot first");
+        assert_ne!(p("gpt-4o-mini-2024-07-18"), p("gpt-4o"));
+        assert_eq!(p("gpt-5.1-codex-mini"), Some(0.25));
+        for unknown in [
+            "gpt-4o-mini-search-preview",
+            "gpt-4o-realtime-preview",
+            "gpt-5.9",
+            "gpt-3.5-turbo-16k",
+            "o3-deep-research",
+            "ft:gpt-4o-mini-2024-07-18:acme::abc",
+            "llama-3.1-70b-versatile",
+            "",
+        ] {
+            assert_eq!(p(unknown), None, "{unknown} must not be priced");
+        }
+        assert!(!book.knows("anthropic", "claude-opus-4-6"), "a new version");
+        assert!(!book.knows("openai", "claude-sonnet-4-5"), "wrong provider");
+        assert!(!book.knows("bedrock", "amazon.nova-pro-v1:0"));
+        assert!(!book.knows("mistral", "gpt-4o"));
+    }
+
+    #[test]
+    fn the_price_in_effect_at_the_start_applies() {
+        let book = PriceBook::builtin();
+        let day = |d: &str| parse_date_ms(d).expect("date");
+        let input = |at| book.price_at("openai", "gpt-4o", at).map(|p| p.input);
+        assert_eq!(input(day("2024-06-01")), Some(5.00));
+        assert_eq!(input(day("2024-10-02") - 1), Some(5.00));
+        assert_eq!(input(day("2024-10-02")), Some(2.50));
+        assert_eq!(input(NOW), Some(2.50));
+        assert_eq!(input(0), Some(5.00), "before every version: the first");
+        let o3 = |at| book.price_at("openai", "o3", at).map(|p| p.output);
+        assert_eq!(o3(day("2025-05-01")), Some(40.0));
+        assert_eq!(o3(day("2025-07-01")), Some(8.0));
+    }
+
+    #[test]
+    fn cost_follows_the_formula() {
+        let book = PriceBook::builtin();
+        // claude-sonnet-4-5: 3 in, 3.75 write, 0.30 read, 15 out.
+        let u = usage(1_000_000, 200_000, 100_000, 500_000, 0);
+        let c = book
+            .cost("anthropic", "claude-sonnet-4-5-20250929", NOW, &u)
+            .expect("priced");
+        let want = 0.7 * 3.0 + 0.2 * 0.30 + 0.1 * 3.75 + 0.5 * 15.0;
+        assert!(close(c, want), "{c} != {want}");
+        // Reasoning defaults to the output price.
+        let r = book
+            .cost("openai", "o4-mini", NOW, &usage(0, 0, 0, 1000, 800))
+            .expect("priced");
+        assert!(close(r, 1000.0 * 4.40 / 1e6), "{r}");
+        // An inconsistent count is capped, never negative.
+        let odd = book
+            .cost("openai", "gpt-4o", NOW, &usage(10, 50, 50, 5, 9))
+            .expect("priced");
+        assert!(odd >= 0.0);
+        assert_eq!(book.cost("openai", "nope", NOW, &u), None);
+    }
+
+    #[test]
+    fn config_overrides_and_extends() {
+        let cfg: PricingConfig = toml::from_str(
+            r#"
+[[models]]
+provider = "openai"
+model = "gpt-4o"
+input = 1.0
+output = 2.0
+
+[[models]]
+provider = "azure-openai"
+model = "My-Deployment"
+input = 3.0
+output = 4.0
+cached_input = 0.5
+
+[[models]]
+provider = "anthropic"
+model = "claude-sonnet-4-5"
+effective = "2026-01-01"
+input = 2.0
+output = 10.0
+"#,
+        )
+        .expect("config parses");
+        cfg.validate().expect("valid");
+        let book = PriceBook::new(&cfg);
+        let p = book
+            .price_at("openai", "gpt-4o-2024-08-06", 0)
+            .expect("gpt-4o");
+        assert_eq!((p.input, p.output, p.cached_input), (1.0, 2.0, 1.0));
+        assert_eq!(
+            book.price_at("azure-openai", "my-deployment", NOW)
+                .map(|p| p.cached_input),
+            Some(0.5)
+        );
+        assert_eq!(
+            book.price_at("azure-openai", "gpt-4o", NOW)
+                .map(|p| p.input),
+            Some(1.0),
+            "azure falls back to the (overridden) openai price"
+        );
+        let jan = parse_date_ms("2026-01-01").expect("date");
+        let s = |at| {
+            book.price_at("anthropic", "claude-sonnet-4-5", at)
+                .map(|p| p.input)
+        };
+        assert_eq!((s(NOW), s(jan)), (Some(3.0), Some(2.0)));
+    }
+
+    #[test]
+    fn validation_names_the_key() {
+        let base = ModelPrice {
+            provider: "openai".into(),
+            model: "x".into(),
+            input: 1.0,
+            output: 1.0,
+            cached_input: None,
+            cache_write: None,
+            reasoning: None,
+            effective: None,
+        };
+        let check = |m: ModelPrice| {
+            PricingConfig {
+                models: vec![base.clone(), m],
+            }
+            .validate()
+            .expect_err("invalid")
+        };
+        let e = check(ModelPrice {
+            input: -1.0,
+            ..base.clone()
+        });
+        assert_eq!(e.0, "pricing.models[1].input", "{e:?}");
+        let e = check(ModelPrice {
+            reasoning: Some(f64::NAN),
+            model: "y".into(),
+            ..base.clone()
+        });
+        assert_eq!(e.0, "pricing.models[1].reasoning", "{e:?}");
+        let e = check(ModelPrice {
+            cache_write: Some(f64::INFINITY),
+            model: "y".into(),
+            ..base.clone()
+        });
+        assert_eq!(e.0, "pricing.models[1].cache_write", "{e:?}");
+        for bad in ["2025-13-01", "2025-02-30", "25-01-01", "2025/01/01", "x"] {
+            let e = check(ModelPrice {
+                effective: Some(bad.into()),
+                model: "y".into(),
+                ..base.clone()
+            });
+            assert_eq!(e.0, "pricing.models[1].effective", "{bad}: {e:?}");
+        }
+        let e = check(ModelPrice {
+            provider: "mistral".into(),
+            ..base.clone()
+        });
+        assert_eq!(e.0, "pricing.models[1].provider", "{e:?}");
+        let e = check(base.clone());
+        assert_eq!(e.0, "pricing.models[1].model", "duplicate: {e:?}");
+        let e = check(ModelPrice {
+            model: " ".into(),
+            ..base.clone()
+        });
+        assert_eq!(e.0, "pricing.models[1].model", "{e:?}");
+        assert!(
+            toml::from_str::<PricingConfig>(
+                "[[models]]\nprovider=\"openai\"\nmodel=\"x\"\ninput=1\noutput=1\nimput=2\n"
+            )
+            .is_err(),
+            "unknown keys are rejected"
+        );
+    }
+
+    fn arb_usage() -> impl Strategy<Value = Usage> {
+        (0u64..1 << 30, 0u64..1 << 30)
+            .prop_flat_map(|(input, output)| {
+                (
+                    Just(input),
+                    0..=input,
+                    Just(output),
+                    0..=output,
+                    0u64..=u64::MAX,
+                )
+            })
+            .prop_map(|(input, cached, output, reasoning, w)| Usage {
+                input_tokens: input,
+                cached_input_tokens: cached,
+                cache_write_input_tokens: if input == cached {
+                    0
+                } else {
+                    w % (input - cached + 1)
+                },
+                output_tokens: output,
+                reasoning_tokens: reasoning,
+            })
+    }
+
+    fn arb_price() -> impl Strategy<Value = Price> {
+        let p = || 0.0f64..1000.0;
+        (p(), p(), p(), p(), p()).prop_map(|(i, c, w, o, r)| Price {
+            effective_ms: 0,
+            input: i,
+            cached_input: c,
+            cache_write: w,
+            output: o,
+            reasoning: r,
+        })
+    }
+
+    fn add(a: &Usage, b: &Usage) -> Usage {
+        Usage {
+            input_tokens: a.input_tokens + b.input_tokens,
+            output_tokens: a.output_tokens + b.output_tokens,
+            cached_input_tokens: a.cached_input_tokens + b.cached_input_tokens,
+            cache_write_input_tokens: a.cache_write_input_tokens + b.cache_write_input_tokens,
+            reasoning_tokens: a.reasoning_tokens + b.reasoning_tokens,
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn cost_is_never_negative(
+            p in arb_price(),
+            raw in proptest::array::uniform5(0u64..1 << 40),
+        ) {
+            // Any counts at all, consistent or not.
+            let u = usage(raw[0], raw[1], raw[2], raw[3], raw[4]);
+            let c = p.cost(&u);
+            prop_assert!(c >= 0.0 && c.is_finite(), "{c}");
+        }
+
+        #[test]
+        fn cost_is_monotone_in_every_token_kind(
+            p in arb_price(),
+            u in arb_usage(),
+            k in 1u64..1 << 20,
+        ) {
+            let base = p.cost(&u);
+            // k more tokens of one kind (a subset kind also grows its total).
+            let more = [
+                usage(k, 0, 0, 0, 0),
+                usage(k, k, 0, 0, 0),
+                usage(k, 0, k, 0, 0),
+                usage(0, 0, 0, k, 0),
+                usage(0, 0, 0, k, k),
+            ];
+            for d in more {
+                let after = p.cost(&add(&u, &d));
+                prop_assert!(after >= base, "{d:?}: {after} < {base}");
+            }
+        }
+
+        #[test]
+        fn cost_is_additive(p in arb_price(), a in arb_usage(), b in arb_usage()) {
+            let (ca, cb, cab) = (p.cost(&a), p.cost(&b), p.cost(&add(&a, &b)));
+            prop_assert!(close(cab, ca + cb), "{cab} != {ca} + {cb}");
+        }
+
+        #[test]
+        fn catalogue_costs_are_additive(a in arb_usage(), b in arb_usage()) {
+            let book = PriceBook::builtin();
+            for (pr, m) in [("anthropic", "claude-opus-4-5"), ("openai", "gpt-5"), ("gemini", "gemini-2.5-pro")] {
+                let c = |u: &Usage| book.cost(pr, m, NOW, u).expect("priced");
+                prop_assert!(close(c(&add(&a, &b)), c(&a) + c(&b)));
+            }
+        }
+
+        #[test]
+        fn resolution_never_panics(s in "\\PC{0,40}") {
+            let book = PriceBook::builtin();
+            let _ = book.cost("openai", &s, NOW, &Usage::default());
+            let _ = book.cost("bedrock", &s, NOW, &Usage::default());
+        }
     }
 }

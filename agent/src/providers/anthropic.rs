@@ -54,6 +54,7 @@ impl Provider for Anthropic {
             max_output_tokens: body.as_ref().and_then(|v| {
                 u64_at(v, &["max_tokens"]).or_else(|| u64_at(v, &["max_tokens_to_sample"]))
             }),
+            injected_usage: false,
         }
     }
 
@@ -265,7 +266,7 @@ mod tests {
     fn stream_usage_start_plus_delta() {
         let p = parse_split(&Anthropic, &info("chat"), "text/event-stream", MSG_SSE, &[]);
         let u = p.usage.unwrap();
-        assert_eq!(u.input_tokens, 472 + 10 + 0);
+        assert_eq!(u.input_tokens, 472 + 10);
         assert_eq!(u.cached_input_tokens, 10);
         assert_eq!(u.output_tokens, 89);
         assert_eq!(

@@ -9,7 +9,12 @@
 //! [`adapter_for`].
 
 pub mod anthropic;
+pub mod azure;
+pub mod bedrock;
 pub mod catalogue;
+pub mod decode;
+pub mod eventstream;
+pub mod gemini;
 pub mod openai;
 pub mod sse;
 #[cfg(test)]
@@ -44,6 +49,20 @@ pub struct RequestInfo {
     pub streaming: bool,
     /// The output cap the request asked for, if any (budget reservations).
     pub max_output_tokens: Option<u64>,
+    /// The agent asked the provider for usage the client did not ask for
+    /// (OpenAI `stream_options.include_usage`): the response filter removes
+    /// what the client would not otherwise have received.
+    pub injected_usage: bool,
+}
+
+/// Changes a response body on its way to the client. Used only to undo
+/// what the agent itself added to a request; never to alter provider data.
+pub trait BodyFilter: Send {
+    /// Appends to `out` the bytes of `chunk` (plus any held back) that are
+    /// ready to go to the client.
+    fn filter(&mut self, chunk: &[u8], out: &mut Vec<u8>);
+    /// Appends whatever is still held back at the end of the body.
+    fn finish(&mut self, out: &mut Vec<u8>);
 }
 
 /// What a response parser found.
@@ -81,6 +100,18 @@ pub trait Provider: Send + Sync {
     fn name(&self) -> &'static str;
     /// Classifies a request.
     fn request(&self, req: &RequestView<'_>) -> RequestInfo;
+    /// Optionally rewrites the request body before it is forwarded, and
+    /// records what it did in `info`. Returns the new body.
+    fn rewrite_request(&self, _info: &mut RequestInfo, _body: &[u8]) -> Option<bytes::Bytes> {
+        None
+    }
+
+    /// A filter for the response body the client receives, when the
+    /// request was rewritten.
+    fn response_filter(&self, _info: &RequestInfo) -> Option<Box<dyn BodyFilter>> {
+        None
+    }
+
     /// A parser for the response to a request classified as `info`.
     /// `headers` are the response headers; the body the parser is fed is
     /// already decoded (no Content-Encoding).
@@ -95,13 +126,11 @@ pub trait Provider: Send + Sync {
 /// The adapter for an API kind.
 pub fn adapter_for(api: ApiKind) -> &'static dyn Provider {
     match api {
-        // Until their own adapters land, the other kinds are recorded with
-        // the OpenAI shape, which reads nothing from bodies it does not
-        // recognise (usage stays absent and the record says so).
         ApiKind::Anthropic => &anthropic::Anthropic,
-        ApiKind::Openai | ApiKind::AzureOpenai | ApiKind::Gemini | ApiKind::Bedrock => {
-            &openai::OpenAi
-        }
+        ApiKind::Openai => &openai::OpenAi,
+        ApiKind::AzureOpenai => &azure::AzureOpenAi,
+        ApiKind::Gemini => &gemini::Gemini,
+        ApiKind::Bedrock => &bedrock::Bedrock,
     }
 }
 

@@ -11,21 +11,38 @@ use crate::meter::Usage;
 
 pub struct OpenAi;
 
-/// The operation a path names. Paths are matched by suffix so that hosts
-/// that mount the API under a prefix (`/openai/v1/...`, `/api/v1/...`) work.
-fn operation(path: &str) -> Option<&'static str> {
+/// The operation a POST path names. Paths are matched by suffix so that
+/// hosts that mount the API under a prefix (`/openai/v1/...`, `/api/v1/...`)
+/// work. Batch submissions and file uploads are recorded as such with no
+/// tokens (their usage is billed later, by the batch).
+pub fn operation(path: &str) -> &'static str {
     let p = path.trim_end_matches('/');
     if p.ends_with("/chat/completions") {
-        Some("chat")
+        "chat"
     } else if p.ends_with("/completions") {
-        Some("text_completion")
+        "text_completion"
     } else if p.ends_with("/embeddings") {
-        Some("embeddings")
+        "embeddings"
     } else if p.ends_with("/responses") {
-        Some("responses")
+        "responses"
+    } else if p.ends_with("/batches") || p.contains("/batches/") {
+        "batch"
+    } else if p.ends_with("/files") || p.ends_with("/uploads") || p.contains("/uploads/") {
+        "file_upload"
+    } else if p.ends_with("/moderations") {
+        "moderation"
+    } else if p.contains("/audio/") {
+        "audio"
+    } else if p.contains("/images/") {
+        "image"
     } else {
-        None
+        "other"
     }
+}
+
+/// Operations whose responses carry token usage.
+fn has_usage(op: &str) -> bool {
+    matches!(op, "chat" | "text_completion" | "embeddings" | "responses")
 }
 
 impl Provider for OpenAi {
@@ -34,16 +51,21 @@ impl Provider for OpenAi {
     }
 
     fn request(&self, req: &RequestView<'_>) -> RequestInfo {
-        let op = match (req.method == http::Method::POST, operation(req.path)) {
-            (true, Some(op)) => op,
-            _ => {
-                return RequestInfo {
-                    operation: "other",
-                    metered: false,
-                    ..Default::default()
-                };
-            }
-        };
+        if req.method != http::Method::POST {
+            return RequestInfo {
+                operation: "other",
+                metered: false,
+                ..Default::default()
+            };
+        }
+        let op = operation(req.path);
+        if !has_usage(op) {
+            return RequestInfo {
+                operation: op,
+                metered: true,
+                ..Default::default()
+            };
+        }
         let body: Option<Value> = req.body.and_then(|b| serde_json::from_slice(b).ok());
         let (model, streaming, max_out) = match &body {
             Some(v) => (
@@ -61,16 +83,42 @@ impl Provider for OpenAi {
             model,
             streaming,
             max_output_tokens: max_out,
+            injected_usage: false,
         }
+    }
+
+    fn rewrite_request(&self, info: &mut RequestInfo, body: &[u8]) -> Option<bytes::Bytes> {
+        if !info.streaming || !matches!(info.operation, "chat" | "text_completion") {
+            return None;
+        }
+        let mut v: Value = serde_json::from_slice(body).ok()?;
+        let obj = v.as_object_mut()?;
+        let opts = obj
+            .entry("stream_options")
+            .or_insert_with(|| Value::Object(Default::default()));
+        let opts = opts.as_object_mut()?;
+        if opts.get("include_usage").and_then(Value::as_bool) == Some(true) {
+            return None;
+        }
+        opts.insert("include_usage".into(), Value::Bool(true));
+        info.injected_usage = true;
+        serde_json::to_vec(&v).ok().map(bytes::Bytes::from)
+    }
+
+    fn response_filter(&self, info: &RequestInfo) -> Option<Box<dyn super::BodyFilter>> {
+        info.injected_usage
+            .then(|| Box::new(UsageChunkFilter::default()) as Box<dyn super::BodyFilter>)
     }
 
     fn response_parser(
         &self,
-        _info: &RequestInfo,
+        info: &RequestInfo,
         _status: u16,
         headers: &http::HeaderMap,
     ) -> Box<dyn UsageParser> {
-        if super::content_type(headers) == "text/event-stream" {
+        if !has_usage(info.operation) {
+            Box::new(NoUsage)
+        } else if super::content_type(headers) == "text/event-stream" {
             Box::new(StreamParser::default())
         } else {
             Box::new(JsonParser(JsonBody::new(JsonBody::DEFAULT_LIMIT)))
@@ -101,6 +149,137 @@ pub fn usage_from(u: &Value) -> Option<Usage> {
         cache_write_input_tokens: 0,
         reasoning_tokens: reasoning.min(output),
     })
+}
+
+/// Calls that bill no tokens themselves: recorded with zero usage.
+struct NoUsage;
+
+impl UsageParser for NoUsage {
+    fn feed(&mut self, _: &[u8]) {}
+    fn finish(&mut self) -> ParsedUsage {
+        ParsedUsage {
+            usage: Some(Usage::default()),
+            ..Default::default()
+        }
+    }
+}
+
+/// Removes what `stream_options.include_usage` adds to a stream when the
+/// client did not ask for it: the final usage chunk (`choices: []` with a
+/// usage object) and the `"usage":null` member of every other chunk. Whole
+/// events pass through as soon as they are complete; only a partial event
+/// is held back.
+#[derive(Default)]
+pub struct UsageChunkFilter {
+    held: Vec<u8>,
+}
+
+/// End of the first complete SSE event in `b` (after its blank line).
+fn event_end(b: &[u8]) -> Option<usize> {
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'\n' => {
+                if b.get(i + 1) == Some(&b'\n') {
+                    return Some(i + 2);
+                }
+                if b.get(i + 1) == Some(&b'\r') && b.get(i + 2) == Some(&b'\n') {
+                    return Some(i + 3);
+                }
+            }
+            b'\r' => {
+                if b.get(i + 1) == Some(&b'\n') {
+                    if b.get(i + 2) == Some(&b'\r') && b.get(i + 3) == Some(&b'\n') {
+                        return Some(i + 4);
+                    }
+                } else if b.get(i + 1) == Some(&b'\r') {
+                    return Some(i + 2);
+                }
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    None
+}
+
+/// Rewrites one complete event; `None` drops it.
+fn rewrite_event(ev: &[u8]) -> Option<std::borrow::Cow<'_, [u8]>> {
+    use std::borrow::Cow;
+    let Ok(text) = std::str::from_utf8(ev) else {
+        return Some(Cow::Borrowed(ev));
+    };
+    let Some(start) = text.find("data:") else {
+        return Some(Cow::Borrowed(ev));
+    };
+    let line_end = text[start..]
+        .find(['\r', '\n'])
+        .map(|e| start + e)
+        .unwrap_or(text.len());
+    let data = text[start + 5..line_end].trim_start();
+    let Ok(v) = serde_json::from_str::<Value>(data) else {
+        return Some(Cow::Borrowed(ev));
+    };
+    match v.get("usage") {
+        Some(u) if u.is_object() => {
+            if v.get("choices")
+                .and_then(Value::as_array)
+                .is_some_and(|c| c.is_empty())
+            {
+                return None;
+            }
+            Some(Cow::Borrowed(ev))
+        }
+        Some(Value::Null) => {
+            // Remove the member textually (the rest of the bytes stay as
+            // the provider sent them), and check the result.
+            for pat in [
+                ",\"usage\":null",
+                "\"usage\":null,",
+                ", \"usage\": null",
+                "\"usage\": null, ",
+            ] {
+                if data.matches(pat).count() == 1 {
+                    let new_data = data.replacen(pat, "", 1);
+                    let mut expect = v.clone();
+                    if let Some(o) = expect.as_object_mut() {
+                        o.remove("usage");
+                    }
+                    if serde_json::from_str::<Value>(&new_data).ok() == Some(expect) {
+                        let data_start = line_end - data.len();
+                        let mut out = String::with_capacity(ev.len());
+                        out.push_str(&text[..data_start]);
+                        out.push_str(&new_data);
+                        out.push_str(&text[line_end..]);
+                        return Some(Cow::Owned(out.into_bytes()));
+                    }
+                }
+            }
+            Some(Cow::Borrowed(ev))
+        }
+        _ => Some(Cow::Borrowed(ev)),
+    }
+}
+
+impl super::BodyFilter for UsageChunkFilter {
+    fn filter(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
+        self.held.extend_from_slice(chunk);
+        let mut pos = 0;
+        while let Some(end) = event_end(&self.held[pos..]) {
+            if let Some(ev) = rewrite_event(&self.held[pos..pos + end]) {
+                out.extend_from_slice(&ev);
+            }
+            pos += end;
+        }
+        self.held.drain(..pos);
+    }
+
+    fn finish(&mut self, out: &mut Vec<u8>) {
+        let rest = std::mem::take(&mut self.held);
+        if let Some(ev) = rewrite_event(&rest) {
+            out.extend_from_slice(&ev);
+        }
+    }
 }
 
 /// Reads a whole (bounded) JSON body.
@@ -141,9 +320,24 @@ impl StreamParser {
         let Ok(v) = serde_json::from_str::<Value>(data) else {
             return;
         };
+        if let Some(choices) = v.get("choices").and_then(Value::as_array) {
+            for c in choices {
+                for k in ["content", "reasoning_content", "refusal"] {
+                    if let Some(t) = c.pointer(&format!("/delta/{k}")).and_then(Value::as_str) {
+                        super::push_text(&mut found.output_text, t);
+                    }
+                }
+                if let Some(t) = c.get("text").and_then(Value::as_str) {
+                    super::push_text(&mut found.output_text, t);
+                }
+            }
+        }
+        if let Some(t) = v.get("delta").and_then(Value::as_str) {
+            super::push_text(&mut found.output_text, t);
+        }
         let obj = v.get("response").filter(|r| r.is_object()).unwrap_or(&v);
         if found.response_model.is_none()
-            && let Some(m) = str_at(obj, &["model"])
+            && let Some(m) = str_at(obj, &["model"]).filter(|m| !m.is_empty())
         {
             found.response_model = Some(m);
         }
@@ -178,7 +372,12 @@ mod tests {
     const ERROR_JSON: &[u8] = include_bytes!("fixtures/openai/error_429.json");
 
     fn parse(ct: &str, body: &[u8], splits: &[usize]) -> ParsedUsage {
-        crate::providers::testing::parse_split(&OpenAi, &RequestInfo::default(), ct, body, splits)
+        let info = RequestInfo {
+            operation: "chat",
+            metered: true,
+            ..Default::default()
+        };
+        crate::providers::testing::parse_split(&OpenAi, &info, ct, body, splits)
     }
 
     #[test]
@@ -234,7 +433,7 @@ mod tests {
     #[test]
     fn stream_usage_from_final_chunk() {
         let p = parse("text/event-stream; charset=utf-8", CHAT_SSE, &[]);
-        let u = p.usage.expect("usage chunk");
+        let u = p.clone().usage.expect("usage chunk");
         assert_eq!((u.input_tokens, u.output_tokens), (13, 7));
         assert_eq!(p.response_model.as_deref(), Some("gpt-4o-mini-2024-07-18"));
     }
@@ -278,7 +477,131 @@ mod tests {
         }
     }
 
+    fn filtered(input: &[u8], splits: &[usize]) -> Vec<u8> {
+        use crate::providers::BodyFilter;
+        let mut f = UsageChunkFilter::default();
+        let mut out = Vec::new();
+        let mut last = 0;
+        for &s in splits {
+            let s = s.clamp(last, input.len());
+            f.filter(&input[last..s], &mut out);
+            last = s;
+        }
+        f.filter(&input[last..], &mut out);
+        f.finish(&mut out);
+        out
+    }
+
+    #[test]
+    fn injects_include_usage_only_when_missing() {
+        let mut info = RequestInfo {
+            operation: "chat",
+            streaming: true,
+            metered: true,
+            ..Default::default()
+        };
+        let body = OpenAi
+            .rewrite_request(&mut info, br#"{"model":"m","stream":true,"messages":[]}"#)
+            .expect("rewritten");
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        assert_eq!(v["model"], "m");
+        assert!(info.injected_usage);
+        assert!(OpenAi.response_filter(&info).is_some());
+
+        let mut asked = RequestInfo {
+            injected_usage: false,
+            ..info.clone()
+        };
+        assert!(
+            OpenAi
+                .rewrite_request(
+                    &mut asked,
+                    br#"{"stream":true,"stream_options":{"include_usage":true}}"#
+                )
+                .is_none()
+        );
+        assert!(!asked.injected_usage && OpenAi.response_filter(&asked).is_none());
+        let mut plain = RequestInfo {
+            streaming: false,
+            injected_usage: false,
+            ..info
+        };
+        assert!(OpenAi.rewrite_request(&mut plain, b"{}").is_none());
+    }
+
+    #[test]
+    fn filter_removes_exactly_what_include_usage_added() {
+        let out = filtered(CHAT_SSE, &[]);
+        let text = String::from_utf8(out).unwrap();
+        assert!(!text.contains("usage"), "{text}");
+        let expect = String::from_utf8(CHAT_SSE.to_vec())
+            .unwrap()
+            .replace(",\"usage\":null", "");
+        // Every event but the usage chunk, byte for byte.
+        let expect: String = expect
+            .split_inclusive("\n\n")
+            .filter(|e| !e.contains("\"usage\":{"))
+            .collect();
+        assert_eq!(text, expect);
+        // The parser still sees the provider's count in the original bytes.
+        assert_eq!(
+            parse("text/event-stream", CHAT_SSE, &[])
+                .usage
+                .unwrap()
+                .output_tokens,
+            7
+        );
+    }
+
+    #[test]
+    fn filter_leaves_unrelated_streams_alone() {
+        let other =
+            b"event: x\r\ndata: not json\r\n\r\ndata: {\"a\":1}\n\n: comment\n\ndata: [DONE]\n\n";
+        assert_eq!(filtered(other, &[3, 17]), other.to_vec());
+    }
+
+    #[test]
+    fn batch_and_files_are_recorded_without_tokens() {
+        let h = HeaderMap::new();
+        for (path, op) in [
+            ("/v1/batches", "batch"),
+            ("/v1/files", "file_upload"),
+            ("/v1/uploads/u1/parts", "file_upload"),
+        ] {
+            let info = OpenAi.request(&RequestView {
+                method: &Method::POST,
+                path,
+                query: None,
+                headers: &h,
+                body: Some(b"{}"),
+            });
+            assert_eq!(info.operation, op);
+            assert!(info.metered);
+            let p = crate::providers::testing::parse_split(
+                &OpenAi,
+                &info,
+                "application/json",
+                br#"{"id":"batch_1"}"#,
+                &[],
+            );
+            assert_eq!(p.usage, Some(Usage::default()));
+        }
+    }
+
+    #[test]
+    fn stream_collects_output_text() {
+        let p = parse("text/event-stream", CHAT_SSE, &[]);
+        assert_eq!(p.output_text, "Hello there, ünïcødé");
+    }
+
     proptest! {
+        #[test]
+        fn any_split_filters_the_same(mut splits in proptest::collection::vec(0usize..CHAT_SSE.len(), 0..12)) {
+            splits.sort();
+            prop_assert_eq!(filtered(CHAT_SSE, &splits), filtered(CHAT_SSE, &[]));
+        }
+
         #[test]
         fn any_split_of_stream_gives_same_usage(mut splits in proptest::collection::vec(0usize..CHAT_SSE.len(), 0..12)) {
             splits.sort();

@@ -21,7 +21,9 @@ use super::{BoxError, ProxyBody, ProxyState};
 use crate::intercept::ConnOrigin;
 use crate::meter::{Attribution, UsageRecord};
 use crate::providers::catalogue::ProviderHost;
-use crate::providers::{ParsedUsage, RequestInfo, RequestView, UsageParser, adapter_for};
+use crate::providers::{
+    BodyFilter, ParsedUsage, RequestInfo, RequestView, UsageParser, adapter_for,
+};
 
 /// After a client hangs up mid-response, how long and how much more of the
 /// upstream response is read to learn the provider's count.
@@ -118,7 +120,7 @@ pub(super) async fn handle(
     state.stats.requests.fetch_add(1, Ordering::Relaxed);
     let started = Instant::now();
     let started_ms = now_ms();
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
     let (chunks, rest) = match read_bounded(body, state.max_request_body).await {
         Ok(x) => x,
         Err(e) => {
@@ -132,7 +134,7 @@ pub(super) async fn handle(
         }
     };
     let adapter = adapter_for(ctx.provider.api);
-    let whole = if rest.is_none() {
+    let mut whole = if rest.is_none() {
         Some(match chunks.len() {
             1 => chunks[0].clone(),
             _ => Bytes::from(chunks.concat()),
@@ -140,13 +142,25 @@ pub(super) async fn handle(
     } else {
         None
     };
-    let info = adapter.request(&RequestView {
+    let mut info = adapter.request(&RequestView {
         method: &parts.method,
         path: parts.uri.path(),
         query: parts.uri.query(),
         headers: &parts.headers,
         body: whole.as_deref(),
     });
+    if let Some(new) = whole
+        .as_deref()
+        .and_then(|b| adapter.rewrite_request(&mut info, b))
+    {
+        whole = Some(new);
+        parts.headers.remove(header::CONTENT_LENGTH);
+    }
+    if info.injected_usage {
+        // The response filter works on plain bytes; the client gets the
+        // same content, uncompressed.
+        parts.headers.remove(header::ACCEPT_ENCODING);
+    }
     let up_body: ProxyBody = match (whole, rest) {
         (Some(b), _) => boxed(Full::new(b)),
         (None, Some(rest)) => {
@@ -211,10 +225,23 @@ pub(super) async fn handle(
         return Ok(Response::from_parts(rparts, boxed(rbody)));
     }
     let status = rparts.status.as_u16();
-    let parser = adapter.response_parser(&info, status, &rparts.headers);
+    let encoding = rparts
+        .headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let parser = crate::providers::decode::decoding(
+        encoding.as_deref(),
+        adapter.response_parser(&info, status, &rparts.headers),
+    );
+    let filter = adapter.response_filter(&info);
+    if filter.is_some() {
+        rparts.headers.remove(header::CONTENT_LENGTH);
+    }
     let metered = MeteredBody {
         inner: Some(rbody),
         parser: Some(parser),
+        filter,
         draft: Some(Draft { status, ..draft }),
     };
     Ok(Response::from_parts(rparts, boxed(metered)))
@@ -270,6 +297,8 @@ impl Draft {
 struct MeteredBody {
     inner: Option<Incoming>,
     parser: Option<Box<dyn UsageParser>>,
+    /// Undoes what the agent added to the request (see `BodyFilter`).
+    filter: Option<Box<dyn BodyFilter>>,
     draft: Option<Draft>,
 }
 
@@ -290,41 +319,69 @@ impl Body for MeteredBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = &mut *self;
-        let Some(inner) = this.inner.as_mut() else {
-            return Poll::Ready(None);
-        };
-        match Pin::new(inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let (Some(data), Some(p)) = (frame.data_ref(), this.parser.as_mut()) {
+        loop {
+            let Some(inner) = this.inner.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match Pin::new(inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    let Some(data) = frame.data_ref() else {
+                        return Poll::Ready(Some(Ok(frame)));
+                    };
                     if let Some(d) = this.draft.as_mut()
                         && d.ttfb_ms.is_none()
                         && !data.is_empty()
                     {
                         d.ttfb_ms = Some(d.started.elapsed().as_millis() as u64);
                     }
-                    p.feed(data);
+                    if let Some(p) = this.parser.as_mut() {
+                        p.feed(data);
+                    }
+                    let Some(f) = this.filter.as_mut() else {
+                        return Poll::Ready(Some(Ok(frame)));
+                    };
+                    let mut out = Vec::new();
+                    f.filter(data, &mut out);
+                    if !out.is_empty() {
+                        return Poll::Ready(Some(Ok(Frame::data(Bytes::from(out)))));
+                    }
+                    // Everything was held back or removed: read on.
                 }
-                Poll::Ready(Some(Ok(frame)))
+                Poll::Ready(Some(Err(e))) => {
+                    this.inner = None;
+                    this.finish(Some("upstream_body_error".into()));
+                    return Poll::Ready(Some(Err(e)));
+                }
+                Poll::Ready(None) => {
+                    this.inner = None;
+                    this.finish(None);
+                    if let Some(mut f) = this.filter.take() {
+                        let mut out = Vec::new();
+                        f.finish(&mut out);
+                        if !out.is_empty() {
+                            return Poll::Ready(Some(Ok(Frame::data(Bytes::from(out)))));
+                        }
+                    }
+                    return Poll::Ready(None);
+                }
+                Poll::Pending => return Poll::Pending,
             }
-            Poll::Ready(Some(Err(e))) => {
-                this.inner = None;
-                this.finish(Some("upstream_body_error".into()));
-                Poll::Ready(Some(Err(e)))
-            }
-            Poll::Ready(None) => {
-                this.inner = None;
-                this.finish(None);
-                Poll::Ready(None)
-            }
-            Poll::Pending => Poll::Pending,
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
+        match &self.inner {
+            None => true,
+            // A filter may still hold bytes back: only the next poll knows.
+            Some(_) if self.filter.is_some() => false,
+            Some(b) => b.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
+        if self.filter.is_some() {
+            return http_body::SizeHint::default();
+        }
         self.inner
             .as_ref()
             .map(|b| b.size_hint())

@@ -1,0 +1,461 @@
+//! `[export]` in the config, and how it combines with the standard
+//! `OTEL_*` environment variables.
+//!
+//! Precedence, as the OpenTelemetry specification has it for SDK
+//! configuration: a key set in the config file wins over the environment;
+//! a signal-specific variable (`OTEL_EXPORTER_OTLP_METRICS_*`) wins over the
+//! generic one (`OTEL_EXPORTER_OTLP_*`); built-in defaults come last.
+//! `validate()` looks at the file only; the environment is read once, by
+//! [`ExportConfig::resolve`], at start-up.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Default OTLP/gRPC endpoint (the collector's default port).
+pub const DEFAULT_GRPC_ENDPOINT: &str = "http://localhost:4317";
+/// Default OTLP/HTTP metrics endpoint.
+pub const DEFAULT_HTTP_ENDPOINT: &str = "http://localhost:4318/v1/metrics";
+/// Default export timeout (OTEL_EXPORTER_OTLP_TIMEOUT's default).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default collection interval (OTEL_METRIC_EXPORT_INTERVAL's default).
+pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(60);
+/// The `OTEL_SEMCONV_STABILITY_OPT_IN` token for the newest GenAI conventions.
+pub const GEN_AI_LATEST: &str = "gen_ai_latest_experimental";
+
+/// `[export]`: where usage records go besides the ledger.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExportConfig {
+    /// OTLP metrics (and optionally spans) to an OpenTelemetry collector.
+    pub otlp: OtlpConfig,
+    /// A rotated JSONL file with one line per usage record.
+    pub audit_log: AuditLogConfig,
+    /// Records waiting for each export pipeline (metrics, audit log). When a
+    /// pipeline falls this far behind, further records are dropped for it
+    /// (never for the ledger) and counted in `tollgate.export.dropped`.
+    pub queue: usize,
+}
+
+impl Default for ExportConfig {
+    fn default() -> Self {
+        ExportConfig {
+            otlp: OtlpConfig::default(),
+            audit_log: AuditLogConfig::default(),
+            queue: 8192,
+        }
+    }
+}
+
+/// `[export.otlp]`. Every key but `include_high_cardinality`, `traces` and
+/// `headers` falls back to the standard OTEL_* variable named beside it.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OtlpConfig {
+    /// Export OTLP. Default: on when an endpoint is configured, here or by
+    /// `OTEL_EXPORTER_OTLP_METRICS_ENDPOINT` / `OTEL_EXPORTER_OTLP_ENDPOINT`,
+    /// unless `OTEL_SDK_DISABLED=true` or `OTEL_METRICS_EXPORTER=none`.
+    /// `true` exports even then (to the default endpoint if none is set).
+    pub enabled: Option<bool>,
+    /// Collector URL, `http://` or `https://`. gRPC: used as is
+    /// (`http://collector:4317`). HTTP: a URL without a path gets
+    /// `/v1/metrics` appended (`http://collector:4318`), one with a path is
+    /// used as is. Env: `OTEL_EXPORTER_OTLP_METRICS_ENDPOINT` (as is),
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` (a base URL).
+    pub endpoint: Option<String>,
+    /// `grpc` or `http/protobuf` (the default). Env:
+    /// `OTEL_EXPORTER_OTLP_METRICS_PROTOCOL`, `OTEL_EXPORTER_OTLP_PROTOCOL`.
+    pub protocol: Option<OtlpProtocol>,
+    /// Extra request headers or gRPC metadata (authentication tokens, tenant
+    /// ids). Merged over `OTEL_EXPORTER_OTLP_METRICS_HEADERS` /
+    /// `OTEL_EXPORTER_OTLP_HEADERS`; a key set here wins. Values are never
+    /// logged.
+    pub headers: Headers,
+    /// `cumulative` (the default), `delta` or `lowmemory`. Env:
+    /// `OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE`.
+    pub temporality: Option<OtlpTemporality>,
+    /// Seconds one export may take, retries included. Env (milliseconds):
+    /// `OTEL_EXPORTER_OTLP_METRICS_TIMEOUT`, `OTEL_EXPORTER_OTLP_TIMEOUT`.
+    /// Default 10.
+    pub timeout_secs: Option<u64>,
+    /// Seconds between exports. Env (milliseconds):
+    /// `OTEL_METRIC_EXPORT_INTERVAL`. Default 60.
+    pub interval_secs: Option<u64>,
+    /// Add per-process and per-run attributes (`process.pid`,
+    /// `process.command_line`, `cicd.pipeline.run.id`,
+    /// `cicd.pipeline.task.run.id`) to every request metric. Off by
+    /// default: each run then makes new time series.
+    pub include_high_cardinality: bool,
+    /// Which generation of the GenAI semantic conventions to emit:
+    /// `default` (`gen_ai.client.token.usage`, ...) or
+    /// `gen_ai_latest_experimental` (`gen_ai.client.inference.*`). Env:
+    /// `OTEL_SEMCONV_STABILITY_OPT_IN` containing `gen_ai_latest_experimental`.
+    pub semconv: Option<Semconv>,
+    /// Also export one span per request with the GenAI span attributes
+    /// (never prompt or completion content).
+    pub traces: bool,
+}
+
+/// Header map whose values never appear in logs or `Debug` output.
+#[derive(Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Headers(pub BTreeMap<String, String>);
+
+impl std::fmt::Debug for Headers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map()
+            .entries(self.0.keys().map(|k| (k, "<redacted>")))
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+pub enum OtlpProtocol {
+    #[serde(rename = "grpc")]
+    Grpc,
+    #[serde(rename = "http/protobuf")]
+    HttpProtobuf,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum OtlpTemporality {
+    Cumulative,
+    Delta,
+    LowMemory,
+}
+
+/// Generation of the GenAI semantic conventions.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+pub enum Semconv {
+    /// The conventions up to semantic-conventions v1.41 (what GenAI
+    /// instrumentations emit by default).
+    #[serde(rename = "default")]
+    Default,
+    /// The latest experimental conventions (`OTEL_SEMCONV_STABILITY_OPT_IN=
+    /// gen_ai_latest_experimental`).
+    #[serde(rename = "gen_ai_latest_experimental")]
+    LatestExperimental,
+}
+
+/// `[export.audit_log]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditLogConfig {
+    /// JSONL file to append one line per usage record to (the record's JSON
+    /// form, as `tollgate report --json` prints it). Absent: no audit log.
+    pub path: Option<PathBuf>,
+    /// Rotate when the file would grow past this many bytes.
+    pub max_bytes: u64,
+    /// Rotated files kept beside the current one (`PATH.1` newest ...
+    /// `PATH.KEEP` oldest); 0 keeps none.
+    pub keep: u32,
+}
+
+impl Default for AuditLogConfig {
+    fn default() -> Self {
+        AuditLogConfig {
+            path: None,
+            max_bytes: 64 * 1024 * 1024,
+            keep: 5,
+        }
+    }
+}
+
+impl ExportConfig {
+    /// Pure validation; the error names the key.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        let bad = |k: &str, m: String| -> Result<(), (String, String)> {
+            Err((format!("export.{k}"), m))
+        };
+        if self.queue == 0 {
+            return bad("queue", "must be at least 1".into());
+        }
+        let o = &self.otlp;
+        if let Some(e) = &o.endpoint
+            && let Err(m) = check_endpoint(e)
+        {
+            return bad("otlp.endpoint", m);
+        }
+        for (k, v) in &o.headers.0 {
+            if http::HeaderName::from_bytes(k.as_bytes()).is_err() {
+                return bad("otlp.headers", format!("`{k}` is not a valid header name"));
+            }
+            if http::HeaderValue::from_str(v).is_err() {
+                // Never echo the value: it is usually a secret.
+                return bad(
+                    "otlp.headers",
+                    format!("the value of `{k}` is not a valid header value"),
+                );
+            }
+        }
+        if o.timeout_secs == Some(0) {
+            return bad("otlp.timeout_secs", "must be at least 1".into());
+        }
+        if o.interval_secs == Some(0) {
+            return bad("otlp.interval_secs", "must be at least 1".into());
+        }
+        let a = &self.audit_log;
+        if let Some(p) = &a.path
+            && (!p.is_absolute() || p.file_name().is_none())
+        {
+            return bad(
+                "audit_log.path",
+                format!("`{}` must be an absolute file path", p.display()),
+            );
+        }
+        if a.max_bytes < 4096 {
+            return bad("audit_log.max_bytes", "must be at least 4096".into());
+        }
+        if a.keep > 1000 {
+            return bad("audit_log.keep", "must be at most 1000".into());
+        }
+        Ok(())
+    }
+
+    /// The OTLP settings after the environment is applied (`env` looks a
+    /// variable up), or `None` when OTLP export is off. Invalid values in
+    /// the environment are errors naming the variable.
+    pub fn resolve(
+        &self,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Option<ResolvedOtlp>, (String, String)> {
+        let o = &self.otlp;
+        let env = |k: &str| env(k).filter(|v| !v.trim().is_empty());
+        let metrics_ep = env("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT");
+        let generic_ep = env("OTEL_EXPORTER_OTLP_ENDPOINT");
+        let disabled_by_env = env("OTEL_SDK_DISABLED")
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
+            || env("OTEL_METRICS_EXPORTER").is_some_and(|v| v.trim().eq_ignore_ascii_case("none"));
+        let enabled = match o.enabled {
+            Some(e) => e,
+            None => {
+                (o.endpoint.is_some() || metrics_ep.is_some() || generic_ep.is_some())
+                    && !disabled_by_env
+            }
+        };
+        if !enabled {
+            return Ok(None);
+        }
+        let protocol = match o.protocol {
+            Some(p) => p,
+            None => match env("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL")
+                .map(|v| ("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", v))
+                .or_else(|| {
+                    env("OTEL_EXPORTER_OTLP_PROTOCOL").map(|v| ("OTEL_EXPORTER_OTLP_PROTOCOL", v))
+                }) {
+                None => OtlpProtocol::HttpProtobuf,
+                Some((k, v)) => match v.trim() {
+                    "grpc" => OtlpProtocol::Grpc,
+                    "http/protobuf" => OtlpProtocol::HttpProtobuf,
+                    other => {
+                        return Err((
+                            k.into(),
+                            format!("`{other}` is not supported: use `grpc` or `http/protobuf`"),
+                        ));
+                    }
+                },
+            },
+        };
+        let endpoint = if let Some(e) = &o.endpoint {
+            match protocol {
+                OtlpProtocol::Grpc => e.clone(),
+                OtlpProtocol::HttpProtobuf => with_metrics_path(e),
+            }
+        } else if let Some(e) = metrics_ep {
+            check_endpoint(&e).map_err(|m| ("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT".into(), m))?;
+            e
+        } else if let Some(e) = generic_ep {
+            check_endpoint(&e).map_err(|m| ("OTEL_EXPORTER_OTLP_ENDPOINT".into(), m))?;
+            match protocol {
+                OtlpProtocol::Grpc => e,
+                OtlpProtocol::HttpProtobuf => format!("{}/v1/metrics", e.trim_end_matches('/')),
+            }
+        } else {
+            match protocol {
+                OtlpProtocol::Grpc => DEFAULT_GRPC_ENDPOINT.into(),
+                OtlpProtocol::HttpProtobuf => DEFAULT_HTTP_ENDPOINT.into(),
+            }
+        };
+        let mut headers = BTreeMap::new();
+        let env_headers = env("OTEL_EXPORTER_OTLP_METRICS_HEADERS")
+            .map(|v| ("OTEL_EXPORTER_OTLP_METRICS_HEADERS", v))
+            .or_else(|| {
+                env("OTEL_EXPORTER_OTLP_HEADERS").map(|v| ("OTEL_EXPORTER_OTLP_HEADERS", v))
+            });
+        if let Some((var, v)) = env_headers {
+            for (k, v) in parse_env_headers(&v).map_err(|m| (var.to_string(), m))? {
+                headers.insert(k, v);
+            }
+        }
+        for (k, v) in &o.headers.0 {
+            headers.insert(k.to_ascii_lowercase(), v.clone());
+        }
+        let temporality = match o.temporality {
+            Some(t) => t,
+            None => match env("OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE") {
+                None => OtlpTemporality::Cumulative,
+                Some(v) => match v.trim().to_ascii_lowercase().as_str() {
+                    "cumulative" => OtlpTemporality::Cumulative,
+                    "delta" => OtlpTemporality::Delta,
+                    "lowmemory" => OtlpTemporality::LowMemory,
+                    other => {
+                        return Err((
+                            "OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE".into(),
+                            format!("`{other}`: use cumulative, delta or lowmemory"),
+                        ));
+                    }
+                },
+            },
+        };
+        let millis = |k: &str| -> Result<Option<Duration>, (String, String)> {
+            match env(k) {
+                None => Ok(None),
+                Some(v) => match v.trim().parse::<u64>() {
+                    Ok(n) if n > 0 => Ok(Some(Duration::from_millis(n))),
+                    _ => Err((
+                        k.into(),
+                        format!("`{v}` is not a positive number of milliseconds"),
+                    )),
+                },
+            }
+        };
+        let timeout = match o.timeout_secs {
+            Some(s) => Duration::from_secs(s),
+            None => match millis("OTEL_EXPORTER_OTLP_METRICS_TIMEOUT")? {
+                Some(d) => d,
+                None => millis("OTEL_EXPORTER_OTLP_TIMEOUT")?.unwrap_or(DEFAULT_TIMEOUT),
+            },
+        };
+        let interval = match o.interval_secs {
+            Some(s) => Duration::from_secs(s),
+            None => millis("OTEL_METRIC_EXPORT_INTERVAL")?.unwrap_or(DEFAULT_INTERVAL),
+        };
+        let semconv = o.semconv.unwrap_or_else(|| {
+            let opted_in = env("OTEL_SEMCONV_STABILITY_OPT_IN")
+                .is_some_and(|v| v.split(',').any(|t| t.trim() == GEN_AI_LATEST));
+            if opted_in {
+                Semconv::LatestExperimental
+            } else {
+                Semconv::Default
+            }
+        });
+        Ok(Some(ResolvedOtlp {
+            endpoint,
+            protocol,
+            headers,
+            temporality,
+            timeout,
+            interval,
+            semconv,
+            include_high_cardinality: o.include_high_cardinality,
+            traces: o.traces,
+            service_name: env("OTEL_SERVICE_NAME").unwrap_or_else(|| "tollgate".into()),
+        }))
+    }
+}
+
+/// OTLP settings with config and environment combined.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ResolvedOtlp {
+    pub endpoint: String,
+    pub protocol: OtlpProtocol,
+    /// Lower-case keys; values are secrets.
+    pub headers: BTreeMap<String, String>,
+    pub temporality: OtlpTemporality,
+    pub timeout: Duration,
+    pub interval: Duration,
+    pub semconv: Semconv,
+    pub include_high_cardinality: bool,
+    pub traces: bool,
+    /// `OTEL_SERVICE_NAME`, else `tollgate`.
+    pub service_name: String,
+}
+
+impl std::fmt::Debug for ResolvedOtlp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResolvedOtlp")
+            .field("endpoint", &self.endpoint)
+            .field("protocol", &self.protocol)
+            .field("headers", &self.headers.keys().collect::<Vec<_>>())
+            .field("temporality", &self.temporality)
+            .field("timeout", &self.timeout)
+            .field("interval", &self.interval)
+            .field("semconv", &self.semconv)
+            .field("include_high_cardinality", &self.include_high_cardinality)
+            .field("traces", &self.traces)
+            .field("service_name", &self.service_name)
+            .finish()
+    }
+}
+
+fn check_endpoint(e: &str) -> Result<(), String> {
+    let uri: http::Uri = e
+        .parse()
+        .map_err(|err| format!("`{e}` is not a URL: {err}"))?;
+    match uri.scheme_str() {
+        Some("http" | "https") => {}
+        _ => return Err(format!("`{e}` must start with http:// or https://")),
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(format!("`{e}` has no host"));
+    }
+    if uri.query().is_some() {
+        return Err(format!("`{e}` must not have a query string"));
+    }
+    Ok(())
+}
+
+/// An OTLP/HTTP URL from the config: a bare base URL gets `/v1/metrics`.
+fn with_metrics_path(e: &str) -> String {
+    match e.parse::<http::Uri>() {
+        Ok(u) if matches!(u.path(), "" | "/") => {
+            format!("{}/v1/metrics", e.trim_end_matches('/'))
+        }
+        _ => e.to_string(),
+    }
+}
+
+/// `OTEL_EXPORTER_OTLP_HEADERS`: `key1=value1,key2=value2`, values
+/// percent-decoded (W3C baggage format, as the specification says).
+pub fn parse_env_headers(s: &str) -> Result<Vec<(String, String)>, String> {
+    let mut out = Vec::new();
+    for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        let Some((k, v)) = item.split_once('=') else {
+            return Err(format!(
+                "an entry without `=` (key `{}`)",
+                item.chars().take(40).collect::<String>()
+            ));
+        };
+        let k = k.trim().to_ascii_lowercase();
+        let v = percent_decode(v.trim())
+            .ok_or_else(|| format!("the value of `{k}` is not valid percent-encoded UTF-8"))?;
+        if http::HeaderName::from_bytes(k.as_bytes()).is_err() {
+            return Err(format!("`{k}` is not a valid header name"));
+        }
+        if http::HeaderValue::from_str(&v).is_err() {
+            return Err(format!("the value of `{k}` is not a valid header value"));
+        }
+        out.push((k, v));
+    }
+    Ok(out)
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}

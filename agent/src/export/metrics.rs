@@ -1,0 +1,342 @@
+//! The metric instruments, and what one usage record adds to them.
+//!
+//! Owns: instrument names, units, kinds and bucket boundaries (see
+//! `semconv` for the names), and the agent-health observables. Runs on the
+//! metrics worker thread, never on the request path.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use opentelemetry::KeyValue;
+use opentelemetry::metrics::{Counter, Histogram, Meter};
+
+use super::config::Semconv;
+use super::semconv::{self as sc, OpClass};
+use super::{HealthFn, Shared};
+use crate::meter::UsageRecord;
+
+/// The instruments of one semantic-conventions generation plus tollgate's.
+pub(crate) struct Instruments {
+    generation: Generation,
+    high_cardinality: bool,
+    cost: Counter<f64>,
+    requests: Counter<u64>,
+}
+
+enum Generation {
+    Default {
+        token_usage: Histogram<u64>,
+        duration: Histogram<f64>,
+        ttfc: Histogram<f64>,
+    },
+    Latest {
+        inference_duration: Histogram<f64>,
+        inference_ttfc: Histogram<f64>,
+        embeddings_duration: Histogram<f64>,
+        other_duration: Histogram<f64>,
+        usage_input: Counter<u64>,
+        usage_output: Counter<u64>,
+        usage_cache_read: Counter<u64>,
+        usage_cache_write: Counter<u64>,
+        usage_reasoning: Counter<u64>,
+        op_input: Histogram<u64>,
+        op_output: Histogram<u64>,
+        embeddings_input: Histogram<u64>,
+    },
+}
+
+fn duration(meter: &Meter, name: &'static str, description: &'static str) -> Histogram<f64> {
+    meter
+        .f64_histogram(name)
+        .with_unit("s")
+        .with_description(description)
+        .with_boundaries(sc::DURATION_BUCKETS.to_vec())
+        .build()
+}
+
+fn tokens(meter: &Meter, name: &'static str, description: &'static str) -> Histogram<u64> {
+    meter
+        .u64_histogram(name)
+        .with_unit("{token}")
+        .with_description(description)
+        .with_boundaries(sc::TOKEN_BUCKETS.to_vec())
+        .build()
+}
+
+fn token_counter(meter: &Meter, name: &'static str, description: &'static str) -> Counter<u64> {
+    meter
+        .u64_counter(name)
+        .with_unit("{token}")
+        .with_description(description)
+        .build()
+}
+
+impl Instruments {
+    pub(crate) fn new(meter: &Meter, semconv: Semconv, high_cardinality: bool) -> Instruments {
+        let generation = match semconv {
+            Semconv::Default => Generation::Default {
+                token_usage: tokens(
+                    meter,
+                    sc::M_TOKEN_USAGE,
+                    "Number of input and output tokens used.",
+                ),
+                duration: duration(meter, sc::M_OPERATION_DURATION, "GenAI operation duration."),
+                ttfc: duration(
+                    meter,
+                    sc::M_TIME_TO_FIRST_CHUNK,
+                    "Time to receive the first chunk of a streamed response.",
+                ),
+            },
+            Semconv::LatestExperimental => Generation::Latest {
+                inference_duration: duration(
+                    meter,
+                    sc::M_INFERENCE_DURATION,
+                    "GenAI client inference operation duration.",
+                ),
+                inference_ttfc: duration(
+                    meter,
+                    sc::M_INFERENCE_TTFC,
+                    "Time to receive the first chunk of a streamed response.",
+                ),
+                embeddings_duration: duration(
+                    meter,
+                    sc::M_EMBEDDINGS_DURATION,
+                    "GenAI client embeddings operation duration.",
+                ),
+                other_duration: duration(
+                    meter,
+                    sc::M_OPERATION_DURATION,
+                    "GenAI operation duration.",
+                ),
+                usage_input: token_counter(
+                    meter,
+                    sc::M_USAGE_INPUT,
+                    "Input tokens used, including cached tokens.",
+                ),
+                usage_output: token_counter(
+                    meter,
+                    sc::M_USAGE_OUTPUT,
+                    "Output tokens used, including reasoning tokens.",
+                ),
+                usage_cache_read: token_counter(
+                    meter,
+                    sc::M_USAGE_CACHE_READ,
+                    "Input tokens served from a provider-managed cache.",
+                ),
+                usage_cache_write: token_counter(
+                    meter,
+                    sc::M_USAGE_CACHE_WRITE,
+                    "Input tokens written to a provider-managed cache.",
+                ),
+                usage_reasoning: token_counter(
+                    meter,
+                    sc::M_USAGE_REASONING,
+                    "Output tokens used for reasoning.",
+                ),
+                op_input: tokens(
+                    meter,
+                    sc::M_OP_INPUT_TOKENS,
+                    "Input tokens used per inference operation.",
+                ),
+                op_output: tokens(
+                    meter,
+                    sc::M_OP_OUTPUT_TOKENS,
+                    "Output tokens used per inference operation.",
+                ),
+                embeddings_input: tokens(
+                    meter,
+                    sc::M_EMBEDDINGS_INPUT_TOKENS,
+                    "Input tokens used per embeddings operation.",
+                ),
+            },
+        };
+        Instruments {
+            generation,
+            high_cardinality,
+            cost: meter
+                .f64_counter(sc::M_COST)
+                .with_unit("USD")
+                .with_description("Cost of the requests in US dollars, where the price is known.")
+                .build(),
+            requests: meter
+                .u64_counter(sc::M_REQUESTS)
+                .with_unit("{request}")
+                .with_description("Requests to LLM providers that tollgate metered.")
+                .build(),
+        }
+    }
+
+    /// Adds one record to the instruments.
+    pub(crate) fn record(&self, rec: &UsageRecord) {
+        let attrs = sc::request_attributes(rec, self.high_cardinality);
+        let (_, class) = sc::operation(&rec.operation);
+        let error = sc::error_type(rec).map(|e| KeyValue::new(sc::ERROR_TYPE, e.into_owned()));
+        let with_error = match &error {
+            Some(e) => sc::with(&attrs, e.clone()),
+            None => attrs.clone(),
+        };
+        let seconds = rec.duration_ms as f64 / 1000.0;
+        let ttfc = rec
+            .ttfb_ms
+            .filter(|_| rec.streaming)
+            .map(|ms| ms as f64 / 1000.0);
+        let u = &rec.usage;
+        let any_tokens = u.input_tokens > 0 || u.output_tokens > 0;
+        // Token counts exist for operations that carry usage, and for any
+        // other operation that reported some (never invented for a batch
+        // submission or an upload).
+        let has_usage = match class {
+            OpClass::Inference | OpClass::Embeddings => error.is_none() || any_tokens,
+            OpClass::Other => any_tokens,
+        };
+
+        match &self.generation {
+            Generation::Default {
+                token_usage,
+                duration,
+                ttfc: ttfc_h,
+            } => {
+                duration.record(seconds, &with_error);
+                if let Some(t) = ttfc {
+                    ttfc_h.record(t, &attrs);
+                }
+                if has_usage {
+                    token_usage.record(
+                        u.input_tokens,
+                        &sc::with(&attrs, KeyValue::new(sc::GEN_AI_TOKEN_TYPE, "input")),
+                    );
+                    if class != OpClass::Embeddings {
+                        token_usage.record(
+                            u.output_tokens,
+                            &sc::with(&attrs, KeyValue::new(sc::GEN_AI_TOKEN_TYPE, "output")),
+                        );
+                    }
+                }
+            }
+            Generation::Latest {
+                inference_duration,
+                inference_ttfc,
+                embeddings_duration,
+                other_duration,
+                usage_input,
+                usage_output,
+                usage_cache_read,
+                usage_cache_write,
+                usage_reasoning,
+                op_input,
+                op_output,
+                embeddings_input,
+            } => {
+                match class {
+                    OpClass::Inference => {
+                        inference_duration.record(seconds, &with_error);
+                        if let Some(t) = ttfc {
+                            inference_ttfc.record(t, &attrs);
+                        }
+                    }
+                    OpClass::Embeddings => embeddings_duration.record(seconds, &with_error),
+                    OpClass::Other => other_duration.record(seconds, &with_error),
+                }
+                match class {
+                    OpClass::Embeddings => {
+                        if has_usage {
+                            embeddings_input.record(u.input_tokens, &attrs);
+                        }
+                    }
+                    // The conventions ask for every inference operation,
+                    // failed ones included (0 when no usage arrived).
+                    OpClass::Inference | OpClass::Other
+                        if class == OpClass::Inference || any_tokens =>
+                    {
+                        // tollgate's counts are not broken down by modality.
+                        let m =
+                            sc::with(&attrs, KeyValue::new(sc::GEN_AI_TOKEN_MODALITY, "unknown"));
+                        usage_input.add(u.input_tokens, &m);
+                        usage_output.add(u.output_tokens, &m);
+                        usage_cache_read.add(u.cached_input_tokens, &m);
+                        usage_cache_write.add(u.cache_write_input_tokens, &m);
+                        usage_reasoning.add(u.reasoning_tokens, &m);
+                        op_input.record(u.input_tokens, &with_error);
+                        op_output.record(u.output_tokens, &with_error);
+                    }
+                    _ => {}
+                }
+            }
+        }
+
+        self.requests.add(1, &with_error);
+        if let Some(c) = rec.cost_usd.filter(|c| c.is_finite() && *c >= 0.0) {
+            self.cost.add(c, &attrs);
+        }
+    }
+}
+
+/// Registers the observable instruments of agent health. The callbacks run
+/// on the SDK's reader thread at each collection.
+pub(crate) fn register_health(meter: &Meter, health: HealthFn, shared: Arc<Shared>) {
+    let h = health.clone();
+    let _ = meter
+        .u64_observable_counter(sc::M_CONN_INTERCEPTED)
+        .with_unit("{connection}")
+        .with_description("Provider connections terminated and metered.")
+        .with_callback(move |o| o.observe(h().connections_intercepted, &[]))
+        .build();
+    let h = health.clone();
+    let _ = meter
+        .u64_observable_counter(sc::M_CONN_PASSTHROUGH)
+        .with_unit("{connection}")
+        .with_description("Redirected connections passed through untouched.")
+        .with_callback(move |o| o.observe(h().connections_passthrough, &[]))
+        .build();
+    let h = health.clone();
+    let _ = meter
+        .u64_observable_counter(sc::M_CONN_REFUSED)
+        .with_unit("{connection}")
+        .with_description("Connections closed because no origin record existed.")
+        .with_callback(move |o| o.observe(h().connections_refused, &[]))
+        .build();
+    let h = health.clone();
+    let _ = meter
+        .u64_observable_counter(sc::M_LEDGER_RECORDS)
+        .with_unit("{record}")
+        .with_description("Usage records written to the ledger.")
+        .with_callback(move |o| o.observe(h().ledger_written, &[]))
+        .build();
+    let h = health.clone();
+    let _ = meter
+        .u64_observable_gauge(sc::M_LEDGER_QUEUED)
+        .with_unit("{record}")
+        .with_description("Usage records accepted but not yet written to the ledger.")
+        .with_callback(move |o| o.observe(h().ledger_queued, &[]))
+        .build();
+    let h = health.clone();
+    let _ = meter
+        .u64_observable_counter(sc::M_LEDGER_ERRORS)
+        .with_unit("{error}")
+        .with_description("Failed ledger write attempts (each retried).")
+        .with_callback(move |o| o.observe(h().ledger_errors, &[]))
+        .build();
+    let h = health;
+    let _ = meter
+        .u64_observable_gauge(sc::M_UP)
+        .with_unit("1")
+        .with_description("1 while the agent runs and intercepts.")
+        .with_callback(move |o| o.observe(u64::from(h().up), &[]))
+        .build();
+    let _ = meter
+        .u64_observable_counter(sc::M_EXPORT_DROPPED)
+        .with_unit("{record}")
+        .with_description("Usage records an export pipeline dropped because its queue was full.")
+        .with_callback(move |o| {
+            for (name, n) in [
+                ("metrics", &shared.metrics_dropped),
+                ("audit_log", &shared.audit_dropped),
+            ] {
+                o.observe(
+                    n.load(Ordering::Relaxed),
+                    &[KeyValue::new(sc::TOLLGATE_EXPORT_PIPELINE, name)],
+                );
+            }
+        })
+        .build();
+}

@@ -1,0 +1,242 @@
+//! Building the OTLP pipeline: exporters (gRPC with tonic, HTTP/protobuf
+//! with a blocking reqwest client on the SDK's own threads), the resource,
+//! the periodic reader, and the optional span pipeline.
+//!
+//! Export never runs on the request path: the SDK's periodic reader thread
+//! collects and exports, with the exporter's retry and backoff bounded by
+//! the export timeout. Header values are secrets: they go into requests
+//! and nowhere else.
+
+use std::sync::Arc;
+
+use opentelemetry::KeyValue;
+use opentelemetry_http::{Bytes, HttpClient, HttpError, Request, Response};
+use opentelemetry_otlp::{
+    MetricExporter, Protocol, SpanExporter, WithExportConfig, WithHttpConfig, WithTonicConfig,
+};
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider, Temporality};
+use opentelemetry_sdk::trace::SdkTracerProvider;
+
+use super::config::{OtlpProtocol, OtlpTemporality, ResolvedOtlp};
+use super::{ExportError, ResourceInfo, semconv as sc};
+
+/// The resource every metric and span carries.
+pub(crate) fn resource(info: &ResourceInfo, service_name: &str) -> Resource {
+    let mut attrs = vec![
+        KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
+        KeyValue::new("host.name", info.host_name.clone()),
+    ];
+    if let Some(r) = info.runner_name.as_deref().filter(|r| !r.is_empty()) {
+        attrs.push(KeyValue::new(sc::CICD_WORKER_NAME, r.to_string()));
+    }
+    // builder(): the SDK's telemetry.sdk.* and OTEL_RESOURCE_ATTRIBUTES,
+    // then ours on top.
+    Resource::builder()
+        .with_service_name(service_name.to_string())
+        .with_attributes(attrs)
+        .build()
+}
+
+/// gRPC metadata set last, over what the exporter took from the
+/// environment, so that config headers win.
+#[derive(Clone)]
+struct MetadataInterceptor(
+    Arc<
+        Vec<(
+            tonic::metadata::MetadataKey<tonic::metadata::Ascii>,
+            tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
+        )>,
+    >,
+);
+
+impl tonic::service::Interceptor for MetadataInterceptor {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        for (k, v) in self.0.iter() {
+            req.metadata_mut().insert(k.clone(), v.clone());
+        }
+        Ok(req)
+    }
+}
+
+fn interceptor(r: &ResolvedOtlp) -> Result<MetadataInterceptor, ExportError> {
+    let mut out = Vec::new();
+    for (k, v) in &r.headers {
+        let key = tonic::metadata::MetadataKey::from_bytes(k.as_bytes()).map_err(|_| {
+            ExportError::Config {
+                key: "export.otlp.headers".into(),
+                message: format!("`{k}` is not a valid gRPC metadata key"),
+            }
+        })?;
+        let mut val = tonic::metadata::MetadataValue::try_from(v.as_str()).map_err(|_| {
+            ExportError::Config {
+                key: "export.otlp.headers".into(),
+                message: format!("the value of `{k}` is not valid gRPC metadata"),
+            }
+        })?;
+        val.set_sensitive(true);
+        out.push((key, val));
+    }
+    Ok(MetadataInterceptor(Arc::new(out)))
+}
+
+/// The blocking reqwest client the SDK's threads use, setting our headers
+/// last (over the environment's, so that config headers win).
+struct HeaderClient {
+    inner: Option<reqwest::blocking::Client>,
+    headers: http::HeaderMap,
+}
+
+impl std::fmt::Debug for HeaderClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HeaderClient")
+            .field("headers", &self.headers.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl Drop for HeaderClient {
+    fn drop(&mut self) {
+        // reqwest's blocking client owns a runtime that must not be dropped
+        // inside another runtime's worker.
+        if let Some(c) = self.inner.take()
+            && tokio::runtime::Handle::try_current().is_ok()
+        {
+            let _ = std::thread::Builder::new()
+                .name("tollgate-otlp-drop".into())
+                .spawn(move || drop(c));
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl HttpClient for HeaderClient {
+    async fn send_bytes(&self, mut request: Request<Bytes>) -> Result<Response<Bytes>, HttpError> {
+        for (k, v) in &self.headers {
+            request.headers_mut().insert(k.clone(), v.clone());
+        }
+        match &self.inner {
+            Some(c) => c.send_bytes(request).await,
+            None => Err("the OTLP HTTP client is shut down".into()),
+        }
+    }
+}
+
+fn http_client(r: &ResolvedOtlp) -> Result<HeaderClient, ExportError> {
+    let mut headers = http::HeaderMap::new();
+    for (k, v) in &r.headers {
+        let name = http::HeaderName::from_bytes(k.as_bytes()).map_err(|_| ExportError::Config {
+            key: "export.otlp.headers".into(),
+            message: format!("`{k}` is not a valid header name"),
+        })?;
+        let mut val = http::HeaderValue::from_str(v).map_err(|_| ExportError::Config {
+            key: "export.otlp.headers".into(),
+            message: format!("the value of `{k}` is not a valid header value"),
+        })?;
+        val.set_sensitive(true);
+        headers.insert(name, val);
+    }
+    let timeout = r.timeout;
+    // Built on a thread of its own: reqwest's blocking client may not be
+    // created inside an async runtime.
+    let inner = std::thread::Builder::new()
+        .name("tollgate-otlp-client".into())
+        .spawn(move || {
+            reqwest::blocking::Client::builder()
+                .timeout(timeout)
+                .connect_timeout(timeout)
+                .build()
+        })
+        .map_err(ExportError::Thread)?
+        .join()
+        .map_err(|_| ExportError::Build("building the HTTP client panicked".into()))?
+        .map_err(|e| ExportError::Build(format!("HTTP client: {e}")))?;
+    Ok(HeaderClient {
+        inner: Some(inner),
+        headers,
+    })
+}
+
+fn need_runtime(r: &ResolvedOtlp) -> Result<(), ExportError> {
+    if r.protocol == OtlpProtocol::Grpc && tokio::runtime::Handle::try_current().is_err() {
+        return Err(ExportError::NoRuntime);
+    }
+    Ok(())
+}
+
+/// The meter provider exporting to the collector every `interval`.
+pub(crate) fn meter_provider(
+    r: &ResolvedOtlp,
+    resource: Resource,
+) -> Result<SdkMeterProvider, ExportError> {
+    need_runtime(r)?;
+    let temporality = match r.temporality {
+        OtlpTemporality::Cumulative => Temporality::Cumulative,
+        OtlpTemporality::Delta => Temporality::Delta,
+        OtlpTemporality::LowMemory => Temporality::LowMemory,
+    };
+    let exporter = match r.protocol {
+        OtlpProtocol::Grpc => MetricExporter::builder()
+            .with_tonic()
+            .with_protocol(Protocol::Grpc)
+            .with_endpoint(r.endpoint.clone())
+            .with_timeout(r.timeout)
+            .with_interceptor(interceptor(r)?)
+            .with_temporality(temporality)
+            .build(),
+        OtlpProtocol::HttpProtobuf => MetricExporter::builder()
+            .with_http()
+            .with_protocol(Protocol::HttpBinary)
+            .with_endpoint(r.endpoint.clone())
+            .with_timeout(r.timeout)
+            .with_http_client(http_client(r)?)
+            .with_temporality(temporality)
+            .build(),
+    }
+    .map_err(|e| ExportError::Build(e.to_string()))?;
+    let reader = PeriodicReader::builder(exporter)
+        .with_interval(r.interval)
+        .build();
+    Ok(SdkMeterProvider::builder()
+        .with_resource(resource)
+        .with_reader(reader)
+        .build())
+}
+
+/// The tracer provider for one span per request (`traces = true`), to the
+/// same collector: `/v1/traces` instead of `/v1/metrics` over HTTP.
+pub(crate) fn tracer_provider(
+    r: &ResolvedOtlp,
+    resource: Resource,
+) -> Result<SdkTracerProvider, ExportError> {
+    need_runtime(r)?;
+    let exporter = match r.protocol {
+        OtlpProtocol::Grpc => SpanExporter::builder()
+            .with_tonic()
+            .with_protocol(Protocol::Grpc)
+            .with_endpoint(r.endpoint.clone())
+            .with_timeout(r.timeout)
+            .with_interceptor(interceptor(r)?)
+            .build(),
+        OtlpProtocol::HttpProtobuf => SpanExporter::builder()
+            .with_http()
+            .with_protocol(Protocol::HttpBinary)
+            .with_endpoint(traces_endpoint(&r.endpoint))
+            .with_timeout(r.timeout)
+            .with_http_client(http_client(r)?)
+            .build(),
+    }
+    .map_err(|e| ExportError::Build(e.to_string()))?;
+    Ok(SdkTracerProvider::builder()
+        .with_resource(resource)
+        .with_batch_exporter(exporter)
+        .build())
+}
+
+/// The OTLP/HTTP traces URL beside a metrics URL.
+pub(crate) fn traces_endpoint(metrics: &str) -> String {
+    match metrics.strip_suffix("/v1/metrics") {
+        Some(base) => format!("{base}/v1/traces"),
+        None => metrics.to_string(),
+    }
+}

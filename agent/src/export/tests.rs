@@ -1,0 +1,482 @@
+//! Unit tests: configuration (parsing, validation, precedence over the
+//! environment), the semantic-conventions mappings, and the audit log.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use super::config::*;
+use super::semconv::{self as sc, OpClass};
+use crate::meter::{Attribution, UsageRecord};
+
+fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> + use<> {
+    let m: BTreeMap<String, String> = pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    move |k| m.get(k).cloned()
+}
+
+fn parse(toml: &str) -> ExportConfig {
+    toml::from_str(toml).unwrap_or_else(|e| panic!("parse {toml}: {e}"))
+}
+
+fn resolve(c: &ExportConfig, env: &[(&str, &str)]) -> Option<ResolvedOtlp> {
+    c.resolve(&env_of(env)).expect("resolves")
+}
+
+#[test]
+fn the_whole_table_parses_and_unknown_keys_are_errors() {
+    let c = parse(
+        r#"
+        queue = 100
+        [otlp]
+        enabled = true
+        endpoint = "https://otel.example.com:4317"
+        protocol = "grpc"
+        headers = { "x-honeycomb-team" = "abc" }
+        temporality = "delta"
+        timeout_secs = 3
+        interval_secs = 15
+        include_high_cardinality = true
+        semconv = "gen_ai_latest_experimental"
+        traces = true
+        [audit_log]
+        path = "/var/log/tollgate/usage.jsonl"
+        max_bytes = 1048576
+        keep = 3
+    "#,
+    );
+    c.validate().expect("valid");
+    assert_eq!(c.queue, 100);
+    assert_eq!(c.otlp.protocol, Some(OtlpProtocol::Grpc));
+    assert_eq!(c.otlp.temporality, Some(OtlpTemporality::Delta));
+    assert_eq!(c.otlp.semconv, Some(Semconv::LatestExperimental));
+    assert_eq!(c.audit_log.keep, 3);
+    for bad in [
+        "[otlp]\nendpont = \"http://x\"",
+        "[audit_log]\nsize = 1",
+        "bogus = 1",
+        "[otlp]\nprotocol = \"http/json\"",
+        "[otlp]\ntemporality = \"sometimes\"",
+    ] {
+        assert!(
+            toml::from_str::<ExportConfig>(bad).is_err(),
+            "accepted: {bad}"
+        );
+    }
+}
+
+#[test]
+fn validate_names_the_key_and_never_echoes_a_header_value() {
+    let cases: &[(&str, &str)] = &[
+        ("queue = 0", "export.queue"),
+        (
+            "[otlp]\nendpoint = \"collector:4317\"",
+            "export.otlp.endpoint",
+        ),
+        ("[otlp]\nendpoint = \"ftp://c\"", "export.otlp.endpoint"),
+        ("[otlp]\ntimeout_secs = 0", "export.otlp.timeout_secs"),
+        ("[otlp]\ninterval_secs = 0", "export.otlp.interval_secs"),
+        (
+            "[otlp]\nheaders = { \"bad key\" = \"v\" }",
+            "export.otlp.headers",
+        ),
+        (
+            "[audit_log]\npath = \"relative.jsonl\"",
+            "export.audit_log.path",
+        ),
+        ("[audit_log]\nmax_bytes = 10", "export.audit_log.max_bytes"),
+    ];
+    for (toml, key) in cases {
+        let err = parse(toml).validate().expect_err(toml);
+        assert_eq!(err.0, *key, "{toml}");
+    }
+    let c = parse("[otlp]\nheaders = { \"authorization\" = \"Bearer top\\nsecret\" }");
+    let (k, m) = c.validate().expect_err("newline in a header value");
+    assert_eq!(k, "export.otlp.headers");
+    assert!(!m.contains("secret"), "{m}");
+    assert!(!format!("{c:?}").contains("secret"));
+}
+
+#[test]
+fn otlp_is_off_without_an_endpoint_and_on_with_one() {
+    let none = ExportConfig::default();
+    assert_eq!(resolve(&none, &[]), None);
+    let r = resolve(&none, &[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318")]).expect("on");
+    assert_eq!(r.endpoint, "http://c:4318/v1/metrics");
+    assert_eq!(r.protocol, OtlpProtocol::HttpProtobuf);
+    assert_eq!(r.timeout, DEFAULT_TIMEOUT);
+    assert_eq!(r.interval, DEFAULT_INTERVAL);
+    assert_eq!(r.temporality, OtlpTemporality::Cumulative);
+    assert_eq!(r.semconv, Semconv::Default);
+    assert_eq!(r.service_name, "tollgate");
+    assert!(
+        resolve(
+            &none,
+            &[("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "http://c:1/x")]
+        )
+        .is_some()
+    );
+    // Disabled by the environment unless the config insists.
+    for off in [
+        ("OTEL_SDK_DISABLED", "true"),
+        ("OTEL_METRICS_EXPORTER", "none"),
+    ] {
+        assert_eq!(
+            resolve(
+                &none,
+                &[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318"), off]
+            ),
+            None
+        );
+    }
+    let mut on = ExportConfig::default();
+    on.otlp.enabled = Some(true);
+    let r = resolve(&on, &[("OTEL_SDK_DISABLED", "true")]).expect("forced on");
+    assert_eq!(r.endpoint, DEFAULT_HTTP_ENDPOINT);
+    on.otlp.protocol = Some(OtlpProtocol::Grpc);
+    assert_eq!(
+        resolve(&on, &[]).expect("on").endpoint,
+        DEFAULT_GRPC_ENDPOINT
+    );
+    let mut off = ExportConfig::default();
+    off.otlp.enabled = Some(false);
+    off.otlp.endpoint = Some("http://c:4318".into());
+    assert_eq!(resolve(&off, &[]), None);
+}
+
+#[test]
+fn config_beats_signal_specific_env_beats_generic_env() {
+    let env = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://generic:4318"),
+        (
+            "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
+            "http://metrics:4318/custom",
+        ),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+        ("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", "http/protobuf"),
+        ("OTEL_EXPORTER_OTLP_TIMEOUT", "2000"),
+        ("OTEL_EXPORTER_OTLP_METRICS_TIMEOUT", "3000"),
+        ("OTEL_METRIC_EXPORT_INTERVAL", "5000"),
+        ("OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE", "Delta"),
+        ("OTEL_EXPORTER_OTLP_HEADERS", "x-generic=1"),
+        (
+            "OTEL_EXPORTER_OTLP_METRICS_HEADERS",
+            "x-tenant=env%20value,authorization=Bearer%20e",
+        ),
+        ("OTEL_SERVICE_NAME", "tollgate-fleet"),
+    ];
+    let c = ExportConfig::default();
+    let r = resolve(&c, &env).expect("on");
+    assert_eq!(
+        r.endpoint, "http://metrics:4318/custom",
+        "signal endpoint as is"
+    );
+    assert_eq!(r.protocol, OtlpProtocol::HttpProtobuf);
+    assert_eq!(r.timeout, Duration::from_millis(3000));
+    assert_eq!(r.interval, Duration::from_millis(5000));
+    assert_eq!(r.temporality, OtlpTemporality::Delta);
+    assert_eq!(r.service_name, "tollgate-fleet");
+    assert_eq!(
+        r.headers,
+        BTreeMap::from([
+            ("authorization".into(), "Bearer e".into()),
+            ("x-tenant".into(), "env value".into()),
+        ]),
+        "the signal-specific variable replaces the generic one"
+    );
+
+    let mut c = ExportConfig::default();
+    c.otlp.endpoint = Some("https://cfg.example.com".into());
+    c.otlp.protocol = Some(OtlpProtocol::Grpc);
+    c.otlp.timeout_secs = Some(7);
+    c.otlp.interval_secs = Some(30);
+    c.otlp.temporality = Some(OtlpTemporality::Cumulative);
+    c.otlp.headers.0.insert("X-Tenant".into(), "cfg".into());
+    let r = resolve(&c, &env).expect("on");
+    assert_eq!(r.endpoint, "https://cfg.example.com", "gRPC: as is");
+    assert_eq!(r.protocol, OtlpProtocol::Grpc);
+    assert_eq!(r.timeout, Duration::from_secs(7));
+    assert_eq!(r.interval, Duration::from_secs(30));
+    assert_eq!(r.temporality, OtlpTemporality::Cumulative);
+    assert_eq!(r.headers.get("x-tenant").map(String::as_str), Some("cfg"));
+    assert_eq!(
+        r.headers.get("authorization").map(String::as_str),
+        Some("Bearer e"),
+        "env headers the config does not set stay"
+    );
+    assert!(!format!("{r:?}").contains("Bearer"), "{r:?}");
+}
+
+#[test]
+fn http_endpoints_get_the_metrics_path_only_when_they_have_none() {
+    let mut c = ExportConfig::default();
+    for (given, want) in [
+        ("http://c:4318", "http://c:4318/v1/metrics"),
+        ("http://c:4318/", "http://c:4318/v1/metrics"),
+        ("https://c/otlp/v1/metrics", "https://c/otlp/v1/metrics"),
+        (
+            "https://gw.example.com/custom",
+            "https://gw.example.com/custom",
+        ),
+    ] {
+        c.otlp.endpoint = Some(given.into());
+        assert_eq!(resolve(&c, &[]).expect("on").endpoint, want, "{given}");
+    }
+    let r = resolve(
+        &ExportConfig::default(),
+        &[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318/prefix/")],
+    )
+    .expect("on");
+    assert_eq!(r.endpoint, "http://c:4318/prefix/v1/metrics");
+    assert_eq!(
+        super::otlp::traces_endpoint("http://c:4318/prefix/v1/metrics"),
+        "http://c:4318/prefix/v1/traces"
+    );
+}
+
+#[test]
+fn invalid_environment_values_are_errors_naming_the_variable() {
+    let c = ExportConfig::default();
+    for (var, val) in [
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),
+        ("OTEL_EXPORTER_OTLP_TIMEOUT", "soon"),
+        ("OTEL_METRIC_EXPORT_INTERVAL", "0"),
+        (
+            "OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE",
+            "sometimes",
+        ),
+        ("OTEL_EXPORTER_OTLP_HEADERS", "novalue"),
+        ("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "collector:4317"),
+    ] {
+        let env = env_of(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318"), (var, val)]);
+        let env = |k: &str| {
+            if k == "OTEL_EXPORTER_OTLP_ENDPOINT" && var == "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT" {
+                None
+            } else {
+                env(k)
+            }
+        };
+        let err = c.resolve(&env).expect_err(var);
+        assert_eq!(err.0, var, "{val}");
+    }
+}
+
+#[test]
+fn the_semconv_opt_in_is_one_token_of_a_list() {
+    let mut c = ExportConfig::default();
+    c.otlp.enabled = Some(true);
+    let with = |c: &ExportConfig, v: &str| {
+        resolve(c, &[("OTEL_SEMCONV_STABILITY_OPT_IN", v)])
+            .unwrap()
+            .semconv
+    };
+    assert_eq!(
+        with(&c, "gen_ai_latest_experimental"),
+        Semconv::LatestExperimental
+    );
+    assert_eq!(
+        with(&c, "http, gen_ai_latest_experimental"),
+        Semconv::LatestExperimental
+    );
+    assert_eq!(with(&c, "http"), Semconv::Default);
+    assert_eq!(with(&c, "gen_ai_latest_experimental_x"), Semconv::Default);
+    c.otlp.semconv = Some(Semconv::Default);
+    assert_eq!(
+        with(&c, "gen_ai_latest_experimental"),
+        Semconv::Default,
+        "config wins"
+    );
+}
+
+#[test]
+fn env_headers_are_percent_decoded() {
+    assert_eq!(
+        parse_env_headers("a=1, B=x%3Dy%2Cz ,c=%E2%9C%93").unwrap(),
+        vec![
+            ("a".to_string(), "1".to_string()),
+            ("b".to_string(), "x=y,z".to_string()),
+            ("c".to_string(), "\u{2713}".to_string()),
+        ]
+    );
+    assert!(parse_env_headers("a=%zz").is_err());
+    assert!(parse_env_headers("bad key=1").is_err());
+}
+
+#[test]
+fn operations_map_to_the_well_known_names() {
+    for (ours, name, class) in [
+        ("chat", "chat", OpClass::Inference),
+        ("responses", "chat", OpClass::Inference),
+        ("converse", "chat", OpClass::Inference),
+        ("text_completion", "text_completion", OpClass::Inference),
+        ("generate_content", "generate_content", OpClass::Inference),
+        ("embeddings", "embeddings", OpClass::Embeddings),
+        ("embed_content", "embeddings", OpClass::Embeddings),
+        ("batch", "batch", OpClass::Other),
+        ("count_tokens", "count_tokens", OpClass::Other),
+    ] {
+        let (n, c) = sc::operation(ours);
+        assert_eq!((n.as_ref(), c), (name, class), "{ours}");
+    }
+}
+
+#[test]
+fn providers_map_to_the_registry_values() {
+    for (provider, host, want) in [
+        ("openai", "api.openai.com", "openai"),
+        ("anthropic", "api.anthropic.com", "anthropic"),
+        ("gemini", "generativelanguage.googleapis.com", "gcp.gemini"),
+        (
+            "bedrock",
+            "bedrock-runtime.eu-west-1.amazonaws.com",
+            "aws.bedrock",
+        ),
+        ("azure-openai", "acme.openai.azure.com", "azure.ai.openai"),
+        ("openai", "api.mistral.ai", "mistral_ai"),
+        ("openai", "api.groq.com", "groq"),
+        ("openai", "api.deepseek.com", "deepseek"),
+        ("openai", "API.X.AI.", "x_ai"),
+        ("openai", "openrouter.ai", "openai"),
+        ("openai", "llm-gateway.internal", "openai"),
+        ("cohere", "api.cohere.com", "cohere"),
+    ] {
+        assert_eq!(sc::provider_name(provider, host), want, "{provider} {host}");
+    }
+}
+
+fn record(status: u16, error: Option<&str>) -> UsageRecord {
+    UsageRecord {
+        status,
+        error: error.map(str::to_string),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn error_type_is_low_cardinality() {
+    assert_eq!(sc::error_type(&record(200, None)), None);
+    assert_eq!(sc::error_type(&record(429, None)).as_deref(), Some("429"));
+    assert_eq!(
+        sc::error_type(&record(500, Some("client_disconnected"))).as_deref(),
+        Some("500"),
+        "the status wins"
+    );
+    assert_eq!(
+        sc::error_type(&record(200, Some("client_disconnected"))).as_deref(),
+        Some("client_disconnected")
+    );
+    assert_eq!(
+        sc::error_type(&record(0, Some("connect"))).as_deref(),
+        Some("connect")
+    );
+    assert_eq!(
+        sc::error_type(&record(200, Some("no usage in the response"))).as_deref(),
+        Some("_OTHER"),
+        "prose is not an error type"
+    );
+    assert_eq!(sc::error_type(&record(0, None)).as_deref(), Some("_OTHER"));
+}
+
+#[test]
+fn attribution_attributes() {
+    let mut who = Attribution {
+        pid: 7,
+        comm: "node".into(),
+        repository: Some("group/sub/project".into()),
+        job: Some(String::new()),
+        ..Default::default()
+    };
+    let mut out = Vec::new();
+    sc::scope_attributes(&who, &mut out);
+    let got: Vec<(String, String)> = out
+        .iter()
+        .map(|kv| (kv.key.to_string(), kv.value.to_string()))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("vcs.owner.name".to_string(), "group/sub".to_string()),
+            ("vcs.repository.name".to_string(), "project".to_string()),
+            ("process.executable.name".to_string(), "node".to_string()),
+        ],
+        "empty values are left out; comm stands in for a missing exe"
+    );
+    who.exe = Some("/opt/bin/claude".into());
+    assert_eq!(sc::executable_name(&who), Some("claude"));
+    let rec = UsageRecord {
+        who,
+        ..Default::default()
+    };
+    let keys = |hc| -> Vec<String> {
+        sc::request_attributes(&rec, hc)
+            .iter()
+            .map(|kv| kv.key.to_string())
+            .collect()
+    };
+    assert!(!keys(false).iter().any(|k| k == "process.pid"));
+    assert!(keys(true).iter().any(|k| k == "process.pid"));
+}
+
+mod audit_log {
+    use super::super::audit::{AuditLog, rotated};
+    use crate::meter::UsageRecord;
+
+    fn rec(i: i64) -> UsageRecord {
+        UsageRecord {
+            started_at_ms: i,
+            provider: "openai".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn keep_zero_truncates_and_reopen_appends() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.jsonl");
+        let line = serde_json::to_vec(&rec(0)).unwrap().len() as u64 + 1;
+        let mut log = AuditLog::open(&path, line * 3, 0).unwrap();
+        for i in 0..7 {
+            log.append(&rec(i)).unwrap();
+        }
+        log.flush().unwrap();
+        drop(log);
+        assert!(!rotated(&path, 1).exists());
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.lines().count(), 1, "7 = 3 + 3 + 1");
+        // Reopening continues the file and its size accounting.
+        let mut log = AuditLog::open(&path, line * 3, 0).unwrap();
+        log.append(&rec(7)).unwrap();
+        log.append(&rec(8)).unwrap();
+        log.append(&rec(9)).unwrap();
+        log.flush().unwrap();
+        let seqs: Vec<i64> = std::fs::read_to_string(&path)
+            .unwrap()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<UsageRecord>(l)
+                    .unwrap()
+                    .started_at_ms
+            })
+            .collect();
+        assert_eq!(seqs, vec![9]);
+    }
+
+    #[test]
+    fn a_record_larger_than_max_bytes_still_gets_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.jsonl");
+        let mut log = AuditLog::open(&path, 10, 1).unwrap();
+        log.append(&rec(1)).unwrap();
+        log.append(&rec(2)).unwrap();
+        log.flush().unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 1);
+        assert_eq!(
+            std::fs::read_to_string(rotated(&path, 1))
+                .unwrap()
+                .lines()
+                .count(),
+            1
+        );
+    }
+}

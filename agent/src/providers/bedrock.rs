@@ -1,0 +1,733 @@
+//! AWS Bedrock runtime: `/model/{modelId}/converse`, `converse-stream`,
+//! `invoke`, `invoke-with-response-stream` and `count-tokens` (recorded,
+//! free). The model id is the percent-decoded path segment (a model id,
+//! an inference profile or an ARN).
+//!
+//! Usage, normalised as everywhere: `input_tokens` includes cache reads and
+//! writes. Bedrock reports them apart (Converse `inputTokens` and the
+//! invocation metrics' `inputTokenCount` exclude both), so they are added.
+//! - Converse: the body's `usage`; ConverseStream: the `metadata` event.
+//! - InvokeModel: an Anthropic Messages body is read by the Anthropic
+//!   adapter; otherwise the `x-amzn-bedrock-*-token-count` response headers.
+//! - InvokeModelWithResponseStream: each `chunk` event carries a base64
+//!   model event; Anthropic events go to the Anthropic adapter, and the last
+//!   chunk's `amazon-bedrock-invocationMetrics` is the fallback.
+//!
+//! A stream whose framing is corrupt (bad CRC, impossible length) yields no
+//! usage at all: nothing after the damage can be trusted.
+
+use base64::Engine as _;
+use http::HeaderMap;
+use serde_json::Value;
+
+use super::anthropic::Anthropic;
+use super::eventstream::{DecodeError, Decoder, Message};
+use super::{JsonBody, ParsedUsage, Provider, RequestInfo, RequestView, UsageParser, u64_at};
+use crate::meter::Usage;
+
+pub struct Bedrock;
+
+/// The media type of Bedrock's streaming responses.
+pub const EVENTSTREAM: &str = "application/vnd.amazon.eventstream";
+
+/// Splits `/model/{modelId}/{action}`; the model id is percent-decoded and
+/// may itself contain `/` when a client did not encode an ARN.
+fn model_path(path: &str) -> Option<(String, &str)> {
+    let rest = path.trim_end_matches('/').strip_prefix("/model/")?;
+    let (model, action) = rest.rsplit_once('/')?;
+    if model.is_empty() {
+        return None;
+    }
+    let model = percent_encoding::percent_decode_str(model)
+        .decode_utf8_lossy()
+        .into_owned();
+    Some((model, action))
+}
+
+/// The output cap, in whichever shape the model family spells it.
+fn max_output(body: &Value) -> Option<u64> {
+    [
+        &["inferenceConfig", "maxTokens"][..],
+        &["max_tokens"],
+        &["max_completion_tokens"],
+        &["max_gen_len"],
+        &["textGenerationConfig", "maxTokenCount"],
+        &["inferenceConfig", "max_new_tokens"],
+        &["maxTokens"],
+    ]
+    .iter()
+    .find_map(|p| u64_at(body, p))
+}
+
+impl Provider for Bedrock {
+    fn name(&self) -> &'static str {
+        "bedrock"
+    }
+
+    fn request(&self, req: &RequestView<'_>) -> RequestInfo {
+        let unmetered = RequestInfo {
+            operation: "other",
+            ..Default::default()
+        };
+        if req.method != http::Method::POST {
+            return unmetered;
+        }
+        let Some((model, action)) = model_path(req.path) else {
+            return unmetered;
+        };
+        let (operation, streaming) = match action {
+            "converse" => ("chat", false),
+            "converse-stream" => ("chat", true),
+            "invoke" | "invoke-with-response-stream" => {
+                let op = if model.to_ascii_lowercase().contains("embed") {
+                    "embeddings"
+                } else {
+                    "chat"
+                };
+                (op, action != "invoke")
+            }
+            "count-tokens" => ("count_tokens", false),
+            _ => return unmetered,
+        };
+        let max_output_tokens = match operation {
+            "chat" => req
+                .body
+                .and_then(|b| serde_json::from_slice::<Value>(b).ok())
+                .and_then(|v| max_output(&v)),
+            _ => None,
+        };
+        RequestInfo {
+            operation,
+            metered: true,
+            model: Some(model),
+            streaming,
+            max_output_tokens,
+            ..Default::default()
+        }
+    }
+
+    fn response_parser(
+        &self,
+        info: &RequestInfo,
+        status: u16,
+        headers: &HeaderMap,
+    ) -> Box<dyn UsageParser> {
+        if super::content_type(headers) == EVENTSTREAM {
+            Box::new(StreamParser::new(status))
+        } else {
+            Box::new(JsonParser {
+                body: Vec::new(),
+                overflowed: false,
+                free: info.operation == "count_tokens",
+                status,
+                from_headers: header_usage(headers),
+            })
+        }
+    }
+}
+
+/// Usage with Bedrock's split of input: `input` excludes cache reads and
+/// writes, which are added to make the normalised total.
+fn usage(input: u64, output: u64, cache_read: u64, cache_write: u64) -> Usage {
+    Usage {
+        input_tokens: input.saturating_add(cache_read).saturating_add(cache_write),
+        output_tokens: output,
+        cached_input_tokens: cache_read,
+        cache_write_input_tokens: cache_write,
+        reasoning_tokens: 0,
+    }
+}
+
+/// Usage from a Converse `usage` object (JSON body or `metadata` event).
+pub fn converse_usage(u: &Value) -> Option<Usage> {
+    let f = |k: &str| u.get(k).and_then(Value::as_u64);
+    let (input, output) = (f("inputTokens"), f("outputTokens"));
+    if input.is_none() && output.is_none() {
+        return None;
+    }
+    Some(usage(
+        input.unwrap_or(0),
+        output.unwrap_or(0),
+        f("cacheReadInputTokens").unwrap_or(0),
+        f("cacheWriteInputTokens").unwrap_or(0),
+    ))
+}
+
+/// Usage from `amazon-bedrock-invocationMetrics`.
+fn metrics_usage(m: &Value) -> Option<Usage> {
+    let f = |k: &str| m.get(k).and_then(Value::as_u64);
+    let (input, output) = (f("inputTokenCount"), f("outputTokenCount"));
+    if input.is_none() && output.is_none() {
+        return None;
+    }
+    Some(usage(
+        input.unwrap_or(0),
+        output.unwrap_or(0),
+        f("cacheReadInputTokenCount").unwrap_or(0),
+        f("cacheWriteInputTokenCount").unwrap_or(0),
+    ))
+}
+
+/// Usage from InvokeModel's `x-amzn-bedrock-*-token-count` headers.
+fn header_usage(h: &HeaderMap) -> Option<Usage> {
+    let f = |k: &str| {
+        h.get(k)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
+    let input = f("x-amzn-bedrock-input-token-count");
+    let output = f("x-amzn-bedrock-output-token-count");
+    if input.is_none() && output.is_none() {
+        return None;
+    }
+    Some(usage(
+        input.unwrap_or(0),
+        output.unwrap_or(0),
+        f("x-amzn-bedrock-cache-read-input-token-count").unwrap_or(0),
+        f("x-amzn-bedrock-cache-write-input-token-count").unwrap_or(0),
+    ))
+}
+
+/// What the Anthropic adapter reads out of an Anthropic-shaped body.
+fn anthropic_json(status: u16, body: &[u8]) -> ParsedUsage {
+    let info = RequestInfo {
+        operation: "chat",
+        metered: true,
+        ..Default::default()
+    };
+    let mut p = Anthropic.response_parser(&info, status, &HeaderMap::new());
+    p.feed(body);
+    p.finish()
+}
+
+/// Converse, InvokeModel and CountTokens JSON bodies.
+struct JsonParser {
+    body: Vec<u8>,
+    overflowed: bool,
+    free: bool,
+    status: u16,
+    from_headers: Option<Usage>,
+}
+
+impl UsageParser for JsonParser {
+    fn feed(&mut self, chunk: &[u8]) {
+        if self.overflowed {
+            return;
+        }
+        if self.body.len() + chunk.len() > JsonBody::DEFAULT_LIMIT {
+            self.overflowed = true;
+            self.body = Vec::new();
+            return;
+        }
+        self.body.extend_from_slice(chunk);
+    }
+
+    fn finish(&mut self) -> ParsedUsage {
+        let body = std::mem::take(&mut self.body);
+        let v: Option<Value> = if self.overflowed {
+            None
+        } else {
+            serde_json::from_slice(&body).ok()
+        };
+        if self.free && v.is_some() {
+            return ParsedUsage {
+                usage: Some(Usage::default()),
+                ..Default::default()
+            };
+        }
+        if let Some(u) = v
+            .as_ref()
+            .and_then(|v| v.get("usage"))
+            .and_then(converse_usage)
+        {
+            return ParsedUsage {
+                usage: Some(u),
+                ..Default::default()
+            };
+        }
+        let mut found = if v.is_some() {
+            anthropic_json(self.status, &body)
+        } else {
+            ParsedUsage::default()
+        };
+        if found.usage.is_none() {
+            found.usage = self.from_headers;
+        }
+        found
+    }
+}
+
+/// ConverseStream and InvokeModelWithResponseStream bodies.
+struct StreamParser {
+    decoder: Decoder,
+    /// From the Converse `metadata` event.
+    converse: Option<Usage>,
+    /// From the last chunk's invocation metrics.
+    metrics: Option<Usage>,
+    /// The Anthropic adapter's stream parser, fed the decoded chunk events.
+    anthropic: Box<dyn UsageParser>,
+    text: String,
+}
+
+impl StreamParser {
+    fn new(status: u16) -> Self {
+        let mut sse = HeaderMap::new();
+        sse.insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("text/event-stream"),
+        );
+        let info = RequestInfo {
+            operation: "chat",
+            metered: true,
+            streaming: true,
+            ..Default::default()
+        };
+        StreamParser {
+            decoder: Decoder::default(),
+            converse: None,
+            metrics: None,
+            anthropic: Anthropic.response_parser(&info, status, &sse),
+            text: String::new(),
+        }
+    }
+
+    fn on_message(&mut self, m: Message) {
+        if matches!(m.header_str(":message-type"), Some("exception" | "error")) {
+            let kind = m
+                .header_str(":exception-type")
+                .or_else(|| m.header_str(":error-code"))
+                .unwrap_or("unknown");
+            // The stream ends here; usage stays what the frames before said.
+            tracing::debug!(exception = kind, "bedrock stream carried an exception");
+            return;
+        }
+        let Ok(v) = serde_json::from_slice::<Value>(&m.payload) else {
+            return;
+        };
+        match m.header_str(":event-type") {
+            Some("metadata") => {
+                if let Some(u) = v.get("usage").and_then(converse_usage) {
+                    self.converse = Some(u);
+                }
+            }
+            Some("contentBlockDelta") => {
+                for p in [
+                    "/delta/text",
+                    "/delta/reasoningContent/text",
+                    "/delta/toolUse/input",
+                ] {
+                    if let Some(t) = v.pointer(p).and_then(Value::as_str) {
+                        super::push_text(&mut self.text, t);
+                    }
+                }
+            }
+            Some("chunk") => self.on_chunk(&v),
+            _ => {}
+        }
+    }
+
+    /// One InvokeModelWithResponseStream chunk: `{"bytes":"<base64>"}`.
+    fn on_chunk(&mut self, v: &Value) {
+        let Some(b64) = v.get("bytes").and_then(Value::as_str) else {
+            return;
+        };
+        let Ok(raw) = base64::engine::general_purpose::STANDARD.decode(b64) else {
+            return;
+        };
+        let Ok(ev) = serde_json::from_slice::<Value>(&raw) else {
+            return;
+        };
+        if let Some(u) = ev
+            .get("amazon-bedrock-invocationMetrics")
+            .and_then(metrics_usage)
+        {
+            self.metrics = Some(u);
+        }
+        // Other model families' text, for an estimate if usage is missing
+        // (Anthropic text is collected by the Anthropic parser).
+        for p in [
+            "/generation",
+            "/outputText",
+            "/completion",
+            "/outputs/0/text",
+        ] {
+            if let Some(t) = ev.pointer(p).and_then(Value::as_str) {
+                super::push_text(&mut self.text, t);
+            }
+        }
+        // As one SSE event: raw CR and LF are JSON whitespace here (inside
+        // strings they are escaped), so turning them into spaces keeps it.
+        let mut sse = Vec::with_capacity(raw.len() + 8);
+        sse.extend_from_slice(b"data: ");
+        sse.extend(
+            raw.iter()
+                .map(|&b| if b == b'\r' || b == b'\n' { b' ' } else { b }),
+        );
+        sse.extend_from_slice(b"\n\n");
+        self.anthropic.feed(&sse);
+    }
+}
+
+impl UsageParser for StreamParser {
+    fn feed(&mut self, chunk: &[u8]) {
+        let mut msgs = Vec::new();
+        self.decoder.feed(chunk, &mut |m| msgs.push(m));
+        for m in msgs {
+            self.on_message(m);
+        }
+    }
+
+    fn finish(&mut self) -> ParsedUsage {
+        let corrupt = match self.decoder.finish() {
+            Ok(()) | Err(DecodeError::Truncated) => false,
+            Err(e) => {
+                tracing::debug!(error = %e, "bedrock event stream is corrupt; usage not read");
+                true
+            }
+        };
+        let mut a = self.anthropic.finish();
+        let mut text = std::mem::take(&mut a.output_text);
+        super::push_text(&mut text, &self.text);
+        let usage = self.converse.or(a.usage).or(self.metrics);
+        ParsedUsage {
+            usage: if corrupt { None } else { usage },
+            response_model: a.response_model,
+            output_text: text,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::providers::eventstream::encode_frame;
+    use crate::providers::testing::{parse_split, parse_split_with, request};
+    use proptest::prelude::*;
+
+    const CONVERSE_JSON: &[u8] = include_bytes!("fixtures/bedrock/converse.json");
+    const CONVERSE_STREAM: &[u8] = include_bytes!("fixtures/bedrock/converse_stream.bin");
+    const THROTTLED_STREAM: &[u8] =
+        include_bytes!("fixtures/bedrock/converse_stream_throttled.bin");
+    const INVOKE_JSON: &[u8] = include_bytes!("fixtures/bedrock/invoke_anthropic.json");
+    const INVOKE_STREAM: &[u8] = include_bytes!("fixtures/bedrock/invoke_stream.bin");
+    const ERR_JSON: &[u8] = include_bytes!("fixtures/bedrock/error_throttling.json");
+
+    fn info(op: &'static str) -> RequestInfo {
+        RequestInfo {
+            operation: op,
+            metered: true,
+            ..Default::default()
+        }
+    }
+
+    fn stream(body: &[u8], splits: &[usize]) -> ParsedUsage {
+        parse_split(&Bedrock, &info("chat"), EVENTSTREAM, body, splits)
+    }
+
+    fn json(body: &[u8]) -> ParsedUsage {
+        parse_split(&Bedrock, &info("chat"), "application/json", body, &[])
+    }
+
+    fn chunk(event: &str) -> Vec<u8> {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(event);
+        encode_frame(
+            &[
+                (":event-type", "chunk"),
+                (":content-type", "application/json"),
+                (":message-type", "event"),
+            ],
+            format!(r#"{{"bytes":"{b64}","p":"abc"}}"#).as_bytes(),
+        )
+    }
+
+    #[test]
+    fn classifies_requests() {
+        let i = Bedrock.request(&request(
+            "POST",
+            "/model/anthropic.claude-3-5-sonnet-20240620-v1%3A0/converse-stream",
+            br#"{"messages":[],"inferenceConfig":{"maxTokens":512}}"#,
+        ));
+        assert_eq!(
+            (i.operation, i.metered, i.streaming, i.max_output_tokens),
+            ("chat", true, true, Some(512))
+        );
+        assert_eq!(
+            i.model.as_deref(),
+            Some("anthropic.claude-3-5-sonnet-20240620-v1:0")
+        );
+        let arn = "arn:aws:bedrock:us-east-1:123456789012:inference-profile/us.anthropic.claude-3-7-sonnet-20250219-v1:0";
+        for path in [
+            "/model/arn%3Aaws%3Abedrock%3Aus-east-1%3A123456789012%3Ainference-profile%2Fus.anthropic.claude-3-7-sonnet-20250219-v1%3A0/invoke",
+            "/model/arn:aws:bedrock:us-east-1:123456789012:inference-profile/us.anthropic.claude-3-7-sonnet-20250219-v1:0/invoke",
+        ] {
+            let i = Bedrock.request(&request("POST", path, br#"{"max_tokens":100}"#));
+            assert_eq!((i.operation, i.streaming), ("chat", false), "{path}");
+            assert_eq!(i.model.as_deref(), Some(arn), "{path}");
+            assert_eq!(i.max_output_tokens, Some(100));
+        }
+        let s = Bedrock.request(&request(
+            "POST",
+            "/model/meta.llama3-8b-instruct-v1%3A0/invoke-with-response-stream",
+            br#"{"prompt":"hi","max_gen_len":64}"#,
+        ));
+        assert_eq!((s.streaming, s.max_output_tokens), (true, Some(64)));
+        let e = Bedrock.request(&request(
+            "POST",
+            "/model/amazon.titan-embed-text-v2%3A0/invoke",
+            br#"{"inputText":"hi"}"#,
+        ));
+        assert_eq!(e.operation, "embeddings");
+        let c = Bedrock.request(&request(
+            "POST",
+            "/model/anthropic.claude-3-5-haiku-20241022-v1%3A0/count-tokens",
+            b"{}",
+        ));
+        assert_eq!(c.operation, "count_tokens");
+        for (m, p) in [
+            ("GET", "/model/x/converse"),
+            ("POST", "/async-invoke"),
+            ("POST", "/guardrail/g1/version/1/apply"),
+            ("POST", "/model//converse"),
+        ] {
+            assert!(!Bedrock.request(&request(m, p, b"{}")).metered, "{m} {p}");
+        }
+    }
+
+    #[test]
+    fn converse_json_usage_adds_cache_to_input() {
+        let p = json(CONVERSE_JSON);
+        assert_eq!(
+            p.usage,
+            Some(Usage {
+                input_tokens: 25 + 1024 + 200,
+                output_tokens: 48,
+                cached_input_tokens: 1024,
+                cache_write_input_tokens: 200,
+                reasoning_tokens: 0,
+            })
+        );
+    }
+
+    #[test]
+    fn converse_stream_usage_from_metadata() {
+        let p = stream(CONVERSE_STREAM, &[]);
+        assert_eq!(
+            p.usage,
+            Some(Usage {
+                input_tokens: 21 + 1024,
+                output_tokens: 35,
+                cached_input_tokens: 1024,
+                cache_write_input_tokens: 0,
+                reasoning_tokens: 0,
+            })
+        );
+        assert_eq!(p.output_text, "Hello, ünïcødé world.");
+    }
+
+    #[test]
+    fn invoke_anthropic_json_reuses_anthropic_normalisation() {
+        let p = json(INVOKE_JSON);
+        assert_eq!(
+            p.usage,
+            Some(Usage {
+                input_tokens: 12 + 2048,
+                output_tokens: 12,
+                cached_input_tokens: 2048,
+                cache_write_input_tokens: 0,
+                reasoning_tokens: 0,
+            })
+        );
+        assert_eq!(
+            p.response_model.as_deref(),
+            Some("claude-3-5-sonnet-20240620")
+        );
+    }
+
+    #[test]
+    fn invoke_other_models_use_token_count_headers() {
+        let mut h = HeaderMap::new();
+        h.insert("content-type", "application/json".parse().unwrap());
+        h.insert("x-amzn-bedrock-input-token-count", "17".parse().unwrap());
+        h.insert("x-amzn-bedrock-output-token-count", "5".parse().unwrap());
+        h.insert("x-amzn-bedrock-invocation-latency", "301".parse().unwrap());
+        let llama = br#"{"generation":"Hi there.","prompt_token_count":17,"generation_token_count":5,"stop_reason":"stop"}"#;
+        let p = parse_split_with(&Bedrock, &info("chat"), &h, llama, &[3]);
+        assert_eq!(
+            p.usage.map(|u| (u.input_tokens, u.output_tokens)),
+            Some((17, 5))
+        );
+        // The body's usage wins over the headers when it has one.
+        let a = parse_split_with(&Bedrock, &info("chat"), &h, INVOKE_JSON, &[]);
+        assert_eq!(a.usage.map(|u| u.input_tokens), Some(12 + 2048));
+        // Embeddings: no usage in the body at all.
+        let e = parse_split_with(
+            &Bedrock,
+            &info("embeddings"),
+            &h,
+            br#"{"embedding":[0.1,0.2],"inputTextTokenCount":17}"#,
+            &[],
+        );
+        assert_eq!(e.usage.map(|u| u.input_tokens), Some(17));
+    }
+
+    #[test]
+    fn invoke_stream_anthropic_events() {
+        let p = stream(INVOKE_STREAM, &[]);
+        assert_eq!(
+            p.usage,
+            Some(Usage {
+                input_tokens: 18 + 300,
+                output_tokens: 42,
+                cached_input_tokens: 0,
+                cache_write_input_tokens: 300,
+                reasoning_tokens: 0,
+            })
+        );
+        assert_eq!(
+            p.response_model.as_deref(),
+            Some("claude-3-5-sonnet-20240620")
+        );
+        assert_eq!(p.output_text, "Bonjour à tous.");
+    }
+
+    #[test]
+    fn invoke_stream_invocation_metrics_fallback() {
+        let mut body = chunk(
+            r#"{"generation":"Hello","prompt_token_count":10,"generation_token_count":1,"stop_reason":null}"#,
+        );
+        body.extend(chunk(
+            "{\"generation\":\" world\",\"prompt_token_count\":null,\"generation_token_count\":12,\"stop_reason\":\"stop\",\n\"amazon-bedrock-invocationMetrics\":{\"inputTokenCount\":10,\"outputTokenCount\":12,\"invocationLatency\":600,\"firstByteLatency\":200,\"cacheReadInputTokenCount\":4}}",
+        ));
+        let p = stream(&body, &[]);
+        assert_eq!(
+            p.usage,
+            Some(Usage {
+                input_tokens: 14,
+                output_tokens: 12,
+                cached_input_tokens: 4,
+                cache_write_input_tokens: 0,
+                reasoning_tokens: 0,
+            })
+        );
+        assert_eq!(p.output_text, "Hello world");
+    }
+
+    #[test]
+    fn errors_have_no_usage() {
+        let e = parse_split(&Bedrock, &info("chat"), "application/json", ERR_JSON, &[]);
+        assert_eq!(e, ParsedUsage::default());
+        let t = stream(THROTTLED_STREAM, &[]);
+        assert_eq!(t.usage, None);
+        assert_eq!(t.output_text, "Hello");
+        let c = parse_split(
+            &Bedrock,
+            &info("count_tokens"),
+            "application/json",
+            br#"{"inputTokens":123}"#,
+            &[],
+        );
+        assert_eq!(c.usage, Some(Usage::default()));
+    }
+
+    #[test]
+    fn corrupt_or_cut_streams_give_no_usage() {
+        // The metadata frame is the last one; damage each part of it.
+        let mut starts = Vec::new();
+        let mut i = 0;
+        while i + 4 <= CONVERSE_STREAM.len() {
+            starts.push(i);
+            i += u32::from_be_bytes(CONVERSE_STREAM[i..i + 4].try_into().unwrap()) as usize;
+        }
+        let metadata_start = *starts.last().unwrap();
+        for at in [
+            metadata_start + 8,         // prelude CRC
+            metadata_start + 2,         // total length
+            CONVERSE_STREAM.len() - 10, // payload
+            CONVERSE_STREAM.len() - 1,  // message CRC
+        ] {
+            let mut s = CONVERSE_STREAM.to_vec();
+            s[at] ^= 0x10;
+            assert_eq!(stream(&s, &[]).usage, None, "flip at {at}");
+        }
+        // Damage early in the stream also stops everything after it.
+        let mut early = CONVERSE_STREAM.to_vec();
+        early[20] ^= 1;
+        assert_eq!(stream(&early, &[]), ParsedUsage::default());
+        // Truncated inside the metadata frame.
+        let cut = stream(&CONVERSE_STREAM[..CONVERSE_STREAM.len() - 5], &[]);
+        assert_eq!(cut.usage, None);
+        // An impossible length.
+        let mut huge = Vec::new();
+        huge.extend_from_slice(&u32::MAX.to_be_bytes());
+        huge.extend_from_slice(&0u32.to_be_bytes());
+        let crc = crc32fast::hash(&huge);
+        huge.extend_from_slice(&crc.to_be_bytes());
+        let mut s = CONVERSE_STREAM.to_vec();
+        s.splice(0..0, huge);
+        assert_eq!(stream(&s, &[]).usage, None);
+    }
+
+    #[test]
+    fn every_byte_boundary_of_a_stream() {
+        let whole = stream(CONVERSE_STREAM, &[]);
+        assert!(whole.usage.is_some());
+        for i in 0..=CONVERSE_STREAM.len() {
+            assert_eq!(stream(CONVERSE_STREAM, &[i]), whole, "split at {i}");
+        }
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        for body in [
+            &b""[..],
+            b"\0\0\0\x10",
+            b"{",
+            b"\xff\xfe",
+            br#"{"usage":{"inputTokens":-1}}"#,
+        ] {
+            let _ = json(body);
+            let _ = stream(body, &[]);
+        }
+        let _ = stream(&chunk("not json"), &[]);
+        let _ = stream(
+            &encode_frame(&[(":event-type", "chunk")], br#"{"bytes":"!!notbase64"}"#),
+            &[],
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn any_split_of_converse_stream_same_usage(mut splits in proptest::collection::vec(0usize..CONVERSE_STREAM.len(), 0..12)) {
+            splits.sort();
+            prop_assert_eq!(stream(CONVERSE_STREAM, &splits), stream(CONVERSE_STREAM, &[]));
+        }
+
+        #[test]
+        fn any_split_of_invoke_stream_same_usage(mut splits in proptest::collection::vec(0usize..INVOKE_STREAM.len(), 0..12)) {
+            splits.sort();
+            prop_assert_eq!(stream(INVOKE_STREAM, &splits), stream(INVOKE_STREAM, &[]));
+        }
+
+        #[test]
+        fn any_split_of_json_same_usage(mut splits in proptest::collection::vec(0usize..CONVERSE_JSON.len(), 0..12)) {
+            splits.sort();
+            prop_assert_eq!(
+                parse_split(&Bedrock, &info("chat"), "application/json", CONVERSE_JSON, &splits),
+                json(CONVERSE_JSON)
+            );
+        }
+
+        #[test]
+        fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512), mut splits in proptest::collection::vec(0usize..512, 0..6)) {
+            splits.sort();
+            let _ = stream(&bytes, &splits);
+            let _ = parse_split(&Bedrock, &info("chat"), "application/json", &bytes, &splits);
+        }
+
+        #[test]
+        fn random_payloads_in_valid_frames_never_panic(payload in proptest::collection::vec(any::<u8>(), 0..256), kind in prop::sample::select(vec!["chunk", "metadata", "contentBlockDelta", "messageStart"])) {
+            let f = encode_frame(&[(":event-type", kind), (":message-type", "event")], &payload);
+            let _ = stream(&f, &[]);
+        }
+    }
+}

@@ -1,0 +1,771 @@
+//! Google Gemini API (generativelanguage.googleapis.com): generateContent,
+//! streamGenerateContent (SSE with `alt=sse`, otherwise a JSON array sent
+//! element by element), countTokens (recorded, free), embedContent and
+//! batchEmbedContents, on `models/` and `tunedModels/`, under `/v1beta/`,
+//! `/v1/` or `/v1alpha/`. The OpenAI-compatible endpoint on the same host
+//! (`/v1beta/openai/...`) is handed to the OpenAI adapter.
+//!
+//! Normalisation of `usageMetadata`: `input_tokens` = promptTokenCount +
+//! toolUsePromptTokenCount, `cached_input_tokens` = cachedContentTokenCount
+//! (a subset of the prompt), `output_tokens` = candidatesTokenCount +
+//! thoughtsTokenCount (thoughts are billed as output), `reasoning_tokens` =
+//! thoughtsTokenCount. In streams each chunk repeats the cumulative usage:
+//! the last one wins.
+//!
+//! The API key may travel in a `key=` query parameter: nothing here reads
+//! the query, and nothing derived from it is returned.
+
+use serde_json::Value;
+
+use super::openai::{self, OpenAi};
+use super::sse::SseReader;
+use super::{
+    JsonBody, ParsedUsage, Provider, RequestInfo, RequestView, UsageParser, str_at, u64_at,
+};
+use crate::meter::Usage;
+
+pub struct Gemini;
+
+/// Operations this adapter reads itself; anything else that is metered
+/// came from the OpenAI-compatible endpoint.
+const OWN_OPERATIONS: &[&str] = &["generate_content", "count_tokens", "embeddings", "batch"];
+
+/// A native API path: `/{version}/{models|tunedModels}/{name}:{method}`,
+/// percent-decoded. Returns the model and the method.
+fn native_path(path: &str) -> Option<(String, String)> {
+    let path = percent_encoding::percent_decode_str(path).decode_utf8_lossy();
+    let (version, rest) = path.trim_start_matches('/').split_once('/')?;
+    if !version.starts_with('v') {
+        return None;
+    }
+    let (collection, name) = rest.split_once('/')?;
+    let (model, method) = name.rsplit_once(':')?;
+    if model.is_empty() || model.contains('/') {
+        return None;
+    }
+    let model = match collection {
+        "models" => model.to_owned(),
+        "tunedModels" => format!("tunedModels/{model}"),
+        _ => return None,
+    };
+    Some((model, method.trim_end_matches('/').to_owned()))
+}
+
+/// True for the OpenAI-compatible endpoint (`/v1beta/openai/...`).
+fn is_openai_compat(path: &str) -> bool {
+    path.trim_start_matches('/')
+        .split_once('/')
+        .is_some_and(|(_, rest)| rest.starts_with("openai/"))
+}
+
+/// The output cap a generateContent body asks for (per candidate, times
+/// the number of candidates), in either JSON field spelling.
+fn max_output(body: &Value) -> Option<u64> {
+    let cfg = body
+        .get("generationConfig")
+        .or_else(|| body.get("generation_config"))?;
+    let per = u64_at(cfg, &["maxOutputTokens"]).or_else(|| u64_at(cfg, &["max_output_tokens"]))?;
+    let n = u64_at(cfg, &["candidateCount"])
+        .or_else(|| u64_at(cfg, &["candidate_count"]))
+        .unwrap_or(1)
+        .max(1);
+    Some(per.saturating_mul(n))
+}
+
+impl Provider for Gemini {
+    fn name(&self) -> &'static str {
+        "gemini"
+    }
+
+    fn request(&self, req: &RequestView<'_>) -> RequestInfo {
+        if is_openai_compat(req.path) {
+            return OpenAi.request(req);
+        }
+        let unmetered = RequestInfo {
+            operation: "other",
+            ..Default::default()
+        };
+        if req.method != http::Method::POST {
+            return unmetered;
+        }
+        let Some((model, method)) = native_path(req.path) else {
+            return unmetered;
+        };
+        let (operation, streaming) = match method.as_str() {
+            "generateContent" => ("generate_content", false),
+            "streamGenerateContent" => ("generate_content", true),
+            "countTokens" => ("count_tokens", false),
+            "embedContent" | "batchEmbedContents" => ("embeddings", false),
+            "batchGenerateContent" | "asyncBatchEmbedContent" => ("batch", false),
+            _ => return unmetered,
+        };
+        let max_output_tokens = if operation == "generate_content" {
+            req.body
+                .and_then(|b| serde_json::from_slice::<Value>(b).ok())
+                .and_then(|v| max_output(&v))
+        } else {
+            None
+        };
+        RequestInfo {
+            operation,
+            metered: true,
+            model: Some(model),
+            streaming,
+            max_output_tokens,
+            ..Default::default()
+        }
+    }
+
+    fn response_parser(
+        &self,
+        info: &RequestInfo,
+        status: u16,
+        headers: &http::HeaderMap,
+    ) -> Box<dyn UsageParser> {
+        if !OWN_OPERATIONS.contains(&info.operation) {
+            return OpenAi.response_parser(info, status, headers);
+        }
+        let free = matches!(info.operation, "count_tokens" | "batch");
+        if super::content_type(headers) == "text/event-stream" {
+            Box::new(SseParser {
+                sse: SseReader::new(JsonBody::DEFAULT_LIMIT),
+                found: Found::new(free),
+            })
+        } else {
+            Box::new(JsonParser {
+                split: ArraySplitter::new(JsonBody::DEFAULT_LIMIT),
+                found: Found::new(free),
+            })
+        }
+    }
+}
+
+/// Usage from a `usageMetadata` object, or `None` when it has no counts.
+pub fn usage_from(m: &Value) -> Option<Usage> {
+    let f = |k: &str| m.get(k).and_then(Value::as_u64);
+    let prompt = f("promptTokenCount");
+    let candidates = f("candidatesTokenCount");
+    if prompt.is_none() && candidates.is_none() && f("totalTokenCount").is_none() {
+        return None;
+    }
+    let input = prompt
+        .unwrap_or(0)
+        .saturating_add(f("toolUsePromptTokenCount").unwrap_or(0));
+    let thoughts = f("thoughtsTokenCount").unwrap_or(0);
+    let output = candidates.unwrap_or(0).saturating_add(thoughts);
+    Some(Usage {
+        input_tokens: input,
+        output_tokens: output,
+        cached_input_tokens: f("cachedContentTokenCount").unwrap_or(0).min(input),
+        cache_write_input_tokens: 0,
+        reasoning_tokens: thoughts,
+    })
+}
+
+/// What the responses of one body said so far.
+#[derive(Default)]
+struct Found {
+    /// countTokens and batch submissions bill nothing themselves.
+    free: bool,
+    /// At least one JSON response object was read.
+    any: bool,
+    usage: Option<Usage>,
+    model: Option<String>,
+    text: String,
+}
+
+impl Found {
+    fn new(free: bool) -> Self {
+        Found {
+            free,
+            ..Default::default()
+        }
+    }
+
+    /// One GenerateContentResponse (or embed/count response) object.
+    fn on_response(&mut self, v: &Value) {
+        if !v.is_object() {
+            return;
+        }
+        self.any = true;
+        if let Some(u) = v.get("usageMetadata").and_then(usage_from) {
+            self.usage = Some(u);
+        } else if let Some(u) = v.get("usage").and_then(openai::usage_from) {
+            // Embeddings through the OpenAI-compatible endpoint.
+            self.usage = Some(u);
+        }
+        if let Some(m) = str_at(v, &["modelVersion"]).filter(|m| !m.is_empty()) {
+            let m = m.strip_prefix("models/").map(str::to_owned).unwrap_or(m);
+            self.model = Some(m);
+        }
+        let candidates = v.get("candidates").and_then(Value::as_array);
+        for c in candidates.into_iter().flatten() {
+            let parts = c.pointer("/content/parts").and_then(Value::as_array);
+            for p in parts.into_iter().flatten() {
+                if let Some(t) = p.get("text").and_then(Value::as_str) {
+                    super::push_text(&mut self.text, t);
+                }
+            }
+        }
+    }
+
+    fn on_bytes(&mut self, b: &[u8]) {
+        if let Ok(v) = serde_json::from_slice::<Value>(b) {
+            self.on_response(&v);
+        }
+    }
+
+    fn take(&mut self) -> ParsedUsage {
+        let usage = if self.free && self.any {
+            Some(Usage::default())
+        } else {
+            self.usage
+        };
+        ParsedUsage {
+            usage,
+            response_model: self.model.take(),
+            output_text: std::mem::take(&mut self.text),
+        }
+    }
+}
+
+/// `alt=sse`: one response object per event.
+struct SseParser {
+    sse: SseReader,
+    found: Found,
+}
+
+impl UsageParser for SseParser {
+    fn feed(&mut self, chunk: &[u8]) {
+        let found = &mut self.found;
+        self.sse
+            .feed(chunk, &mut |e| found.on_bytes(e.data.as_bytes()));
+    }
+
+    fn finish(&mut self) -> ParsedUsage {
+        let found = &mut self.found;
+        self.sse.finish(&mut |e| found.on_bytes(e.data.as_bytes()));
+        self.found.take()
+    }
+}
+
+/// A plain JSON body: one object, or (streamGenerateContent without
+/// `alt=sse`) an array whose elements arrive one by one.
+struct JsonParser {
+    split: ArraySplitter,
+    found: Found,
+}
+
+impl UsageParser for JsonParser {
+    fn feed(&mut self, chunk: &[u8]) {
+        let found = &mut self.found;
+        self.split.feed(chunk, &mut |b| found.on_bytes(b));
+    }
+
+    fn finish(&mut self) -> ParsedUsage {
+        let found = &mut self.found;
+        self.split.finish(&mut |b| found.on_bytes(b));
+        self.found.take()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Top {
+    /// Before the first value.
+    Start,
+    /// Inside a top-level array, between elements.
+    Array,
+    /// The top-level value is not an array: it is the single element.
+    Single,
+    /// After the top-level value (or on input that cannot be a JSON value).
+    Done,
+}
+
+/// Splits a JSON text into its top-level array's elements as they arrive,
+/// across any chunk boundary. A top-level value that is not an array is
+/// passed on whole, as one element. Keeps only the current element, up to
+/// `limit` bytes: a larger one is skipped (and counted) while the scan
+/// stays in step with the structure.
+pub struct ArraySplitter {
+    top: Top,
+    in_elem: bool,
+    depth: u32,
+    in_string: bool,
+    escape: bool,
+    elem: Vec<u8>,
+    limit: usize,
+    skipping: bool,
+    /// Elements dropped because they exceeded the bound.
+    pub oversized: u64,
+}
+
+impl ArraySplitter {
+    pub fn new(limit: usize) -> Self {
+        ArraySplitter {
+            top: Top::Start,
+            in_elem: false,
+            depth: 0,
+            in_string: false,
+            escape: false,
+            elem: Vec::new(),
+            limit,
+            skipping: false,
+            oversized: 0,
+        }
+    }
+
+    /// Feeds bytes; calls `on_elem` with each complete element's bytes.
+    pub fn feed(&mut self, chunk: &[u8], on_elem: &mut dyn FnMut(&[u8])) {
+        let mut start = 0;
+        let mut i = 0;
+        while i < chunk.len() {
+            let b = chunk[i];
+            if !self.in_elem {
+                match (self.top, b) {
+                    (Top::Done | Top::Single, _) => return,
+                    (_, b' ' | b'\t' | b'\r' | b'\n') => {}
+                    (Top::Start, b'[') => self.top = Top::Array,
+                    (Top::Start, 0xEF | 0xBB | 0xBF) => {} // a UTF-8 BOM
+                    (Top::Start, b']' | b'}' | b',' | b':') => self.top = Top::Done,
+                    (Top::Array, b',') => {}
+                    (Top::Array, b']') => self.top = Top::Done,
+                    (Top::Array, b'}' | b':') => {} // not JSON; stay in step
+                    (top, _) => {
+                        if top == Top::Start {
+                            self.top = Top::Single;
+                        }
+                        // `b` is not a terminator, so the element is never
+                        // empty: the scan always moves on.
+                        self.in_elem = true;
+                        start = i;
+                        continue;
+                    }
+                }
+                i += 1;
+                continue;
+            }
+            if self.in_string {
+                if self.escape {
+                    self.escape = false;
+                } else if b == b'\\' {
+                    self.escape = true;
+                } else if b == b'"' {
+                    self.in_string = false;
+                    if self.depth == 0 {
+                        self.end(&chunk[start..=i], on_elem);
+                    }
+                }
+                i += 1;
+                continue;
+            }
+            match b {
+                b'"' => self.in_string = true,
+                b'{' | b'[' => self.depth = self.depth.saturating_add(1),
+                b'}' | b']' if self.depth > 0 => {
+                    self.depth -= 1;
+                    if self.depth == 0 {
+                        self.end(&chunk[start..=i], on_elem);
+                    }
+                }
+                b'}' | b']' | b',' | b' ' | b'\t' | b'\r' | b'\n' if self.depth == 0 => {
+                    // The end of a scalar element: `b` belongs to the array.
+                    self.end(&chunk[start..i], on_elem);
+                    continue;
+                }
+                _ => {}
+            }
+            i += 1;
+        }
+        if self.in_elem {
+            self.append(&chunk[start..]);
+        }
+    }
+
+    /// Ends the body: a scalar element cut by the end is complete; a
+    /// partial object or string is dropped.
+    pub fn finish(&mut self, on_elem: &mut dyn FnMut(&[u8])) {
+        if self.in_elem && self.depth == 0 && !self.in_string {
+            self.end(&[], on_elem);
+        }
+        self.elem = Vec::new();
+        self.in_elem = false;
+        self.top = Top::Done;
+    }
+
+    fn append(&mut self, b: &[u8]) {
+        if self.skipping {
+            return;
+        }
+        if self.elem.len() + b.len() > self.limit {
+            self.skipping = true;
+            self.oversized += 1;
+            self.elem = Vec::new();
+            return;
+        }
+        self.elem.extend_from_slice(b);
+    }
+
+    fn end(&mut self, tail: &[u8], on_elem: &mut dyn FnMut(&[u8])) {
+        self.append(tail);
+        if !self.skipping {
+            on_elem(&self.elem);
+        }
+        if self.elem.capacity() > 1 << 20 {
+            self.elem = Vec::new();
+        } else {
+            self.elem.clear();
+        }
+        self.skipping = false;
+        self.in_elem = false;
+        self.depth = 0;
+        if self.top == Top::Single {
+            self.top = Top::Done;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::providers::testing::{parse_split, request};
+    use http::{HeaderMap, Method};
+    use proptest::prelude::*;
+
+    const GEN_JSON: &[u8] = include_bytes!("fixtures/gemini/generate.json");
+    const GEN_SSE: &[u8] = include_bytes!("fixtures/gemini/stream.sse");
+    const GEN_ARRAY: &[u8] = include_bytes!("fixtures/gemini/stream_array.json");
+    const ERR_JSON: &[u8] = include_bytes!("fixtures/gemini/error_429.json");
+
+    fn info(op: &'static str) -> RequestInfo {
+        RequestInfo {
+            operation: op,
+            metered: true,
+            ..Default::default()
+        }
+    }
+
+    fn parse(op: &'static str, ct: &str, body: &[u8], splits: &[usize]) -> ParsedUsage {
+        parse_split(&Gemini, &info(op), ct, body, splits)
+    }
+
+    fn elements(input: &[u8], splits: &[usize]) -> Vec<Vec<u8>> {
+        let mut s = ArraySplitter::new(1 << 20);
+        let mut out = Vec::new();
+        let mut last = 0;
+        for &at in splits {
+            let at = at.clamp(last, input.len());
+            s.feed(&input[last..at], &mut |e| out.push(e.to_vec()));
+            last = at;
+        }
+        s.feed(&input[last..], &mut |e| out.push(e.to_vec()));
+        s.finish(&mut |e| out.push(e.to_vec()));
+        out
+    }
+
+    #[test]
+    fn classifies_requests() {
+        let body =
+            br#"{"contents":[],"generationConfig":{"maxOutputTokens":256,"candidateCount":2}}"#;
+        let i = Gemini.request(&request(
+            "POST",
+            "/v1beta/models/gemini-2.5-flash:generateContent",
+            body,
+        ));
+        assert_eq!(
+            (i.operation, i.metered, i.streaming, i.max_output_tokens),
+            ("generate_content", true, false, Some(512))
+        );
+        assert_eq!(i.model.as_deref(), Some("gemini-2.5-flash"));
+
+        let s = Gemini.request(&request(
+            "POST",
+            "/v1/models/gemini-2.0-flash%3AstreamGenerateContent",
+            br#"{"generation_config":{"max_output_tokens":64}}"#,
+        ));
+        assert_eq!(
+            (s.operation, s.streaming, s.max_output_tokens),
+            ("generate_content", true, Some(64))
+        );
+        assert_eq!(s.model.as_deref(), Some("gemini-2.0-flash"));
+
+        for (path, op, model) in [
+            (
+                "/v1beta/models/gemini-2.5-pro:countTokens",
+                "count_tokens",
+                "gemini-2.5-pro",
+            ),
+            (
+                "/v1beta/models/gemini-embedding-001:embedContent",
+                "embeddings",
+                "gemini-embedding-001",
+            ),
+            (
+                "/v1beta/models/text-embedding-004:batchEmbedContents",
+                "embeddings",
+                "text-embedding-004",
+            ),
+            (
+                "/v1beta/tunedModels/my-model-x1y2%2Dz:generateContent",
+                "generate_content",
+                "tunedModels/my-model-x1y2-z",
+            ),
+        ] {
+            let i = Gemini.request(&request("POST", path, b"{}"));
+            assert_eq!((i.operation, i.metered), (op, true), "{path}");
+            assert_eq!(i.model.as_deref(), Some(model), "{path}");
+        }
+        for (method, path) in [
+            ("GET", "/v1beta/models"),
+            ("GET", "/v1beta/models/gemini-2.5-flash"),
+            ("POST", "/v1beta/models/gemini-2.5-flash:unknownMethod"),
+            ("POST", "/upload/v1beta/files"),
+            ("POST", "/v1beta/cachedContents"),
+        ] {
+            let i = Gemini.request(&request(method, path, b"{}"));
+            assert!(!i.metered, "{method} {path}");
+        }
+    }
+
+    #[test]
+    fn api_key_in_query_is_never_returned() {
+        let h = HeaderMap::new();
+        let i = Gemini.request(&RequestView {
+            method: &Method::POST,
+            path: "/v1beta/models/gemini-2.5-flash:streamGenerateContent",
+            query: Some("alt=sse&key=AIzaSyTOPSECRET"),
+            headers: &h,
+            body: Some(b"{}"),
+        });
+        assert!(i.streaming);
+        assert!(!format!("{i:?}").contains("TOPSECRET"));
+    }
+
+    #[test]
+    fn openai_compatible_endpoint_is_delegated() {
+        let i = Gemini.request(&request(
+            "POST",
+            "/v1beta/openai/chat/completions",
+            br#"{"model":"gemini-2.5-flash","messages":[]}"#,
+        ));
+        assert_eq!(i.operation, "chat");
+        assert_eq!(i.model.as_deref(), Some("gemini-2.5-flash"));
+        let p = parse(
+            "chat",
+            "application/json",
+            br#"{"model":"gemini-2.5-flash","choices":[],"usage":{"prompt_tokens":8,"completion_tokens":3,"total_tokens":11}}"#,
+            &[],
+        );
+        assert_eq!(
+            p.usage.map(|u| (u.input_tokens, u.output_tokens)),
+            Some((8, 3))
+        );
+        let e = parse(
+            "embeddings",
+            "application/json",
+            br#"{"object":"list","data":[],"model":"gemini-embedding-001","usage":{"prompt_tokens":4,"total_tokens":4}}"#,
+            &[],
+        );
+        assert_eq!(e.usage.map(|u| u.input_tokens), Some(4));
+    }
+
+    #[test]
+    fn json_usage_with_cache_tools_and_thoughts() {
+        let p = parse(
+            "generate_content",
+            "application/json; charset=UTF-8",
+            GEN_JSON,
+            &[],
+        );
+        assert_eq!(
+            p.usage,
+            Some(Usage {
+                input_tokens: 1210 + 50,
+                output_tokens: 13 + 482,
+                cached_input_tokens: 1024,
+                cache_write_input_tokens: 0,
+                reasoning_tokens: 482,
+            })
+        );
+        assert_eq!(p.response_model.as_deref(), Some("gemini-2.5-flash"));
+        assert!(p.output_text.contains("**Weighing the options**"));
+        assert!(p.output_text.ends_with("make predictions."));
+    }
+
+    #[test]
+    fn sse_stream_last_usage_wins() {
+        let p = parse("generate_content", "text/event-stream", GEN_SSE, &[]);
+        assert_eq!(
+            p.usage,
+            Some(Usage {
+                input_tokens: 5,
+                output_tokens: 39 + 186,
+                cached_input_tokens: 0,
+                cache_write_input_tokens: 0,
+                reasoning_tokens: 186,
+            })
+        );
+        assert_eq!(p.response_model.as_deref(), Some("gemini-2.5-flash"));
+        assert!(p.output_text.starts_with("Here you go!\n\n1."));
+        assert!(p.output_text.contains("Bonjour — ünïcødé"));
+        assert!(p.output_text.ends_with("Hallo"));
+    }
+
+    #[test]
+    fn array_stream_last_usage_wins() {
+        let p = parse(
+            "generate_content",
+            "application/json; charset=UTF-8",
+            GEN_ARRAY,
+            &[],
+        );
+        assert_eq!(
+            p.usage
+                .map(|u| (u.input_tokens, u.output_tokens, u.reasoning_tokens)),
+            Some((9, 24, 0))
+        );
+        assert_eq!(p.response_model.as_deref(), Some("gemini-2.0-flash"));
+        assert_eq!(
+            p.output_text,
+            "He said \"{not json]\" and \\ left, then [ran] {away}, ünïcødé 🚀."
+        );
+    }
+
+    #[test]
+    fn array_splitter_elements() {
+        let els = elements(GEN_ARRAY, &[]);
+        assert_eq!(els.len(), 3);
+        for e in &els {
+            assert!(serde_json::from_slice::<Value>(e).is_ok());
+        }
+        assert_eq!(
+            elements(br#" [1, "a]\"", {"b":[2,{}]} ,true,[],null] trailing"#, &[]),
+            vec![
+                b"1".to_vec(),
+                br#""a]\"""#.to_vec(),
+                br#"{"b":[2,{}]}"#.to_vec(),
+                b"true".to_vec(),
+                b"[]".to_vec(),
+                b"null".to_vec()
+            ]
+        );
+        assert_eq!(
+            elements(b"{\"a\":1} {\"b\":2}", &[]),
+            vec![b"{\"a\":1}".to_vec()]
+        );
+        assert_eq!(elements(b"[]", &[]), Vec::<Vec<u8>>::new());
+        assert_eq!(
+            elements(b"[{\"a\":1},{\"b\"", &[]),
+            vec![b"{\"a\":1}".to_vec()]
+        );
+    }
+
+    #[test]
+    fn array_splitter_skips_oversized_elements_and_stays_in_step() {
+        let mut s = ArraySplitter::new(16);
+        let mut out = Vec::new();
+        s.feed(br#"[{"big":"0123456789abcdef[{"},{"ok":1}]"#, &mut |e| {
+            out.push(e.to_vec())
+        });
+        s.finish(&mut |e| out.push(e.to_vec()));
+        assert_eq!(out, vec![br#"{"ok":1}"#.to_vec()]);
+        assert_eq!(s.oversized, 1);
+    }
+
+    #[test]
+    fn every_split_of_array_stream_gives_same_elements() {
+        let whole = elements(GEN_ARRAY, &[]);
+        for i in 0..=GEN_ARRAY.len() {
+            assert_eq!(elements(GEN_ARRAY, &[i]), whole, "split at {i}");
+        }
+    }
+
+    #[test]
+    fn count_tokens_is_free_embeddings_have_no_usage_errors_none() {
+        let c = parse(
+            "count_tokens",
+            "application/json",
+            br#"{"totalTokens":31,"promptTokensDetails":[{"modality":"TEXT","tokenCount":31}]}"#,
+            &[],
+        );
+        assert_eq!(c.usage, Some(Usage::default()));
+        let e = parse(
+            "embeddings",
+            "application/json",
+            br#"{"embedding":{"values":[0.013168523,-0.008711934,-0.046782676]}}"#,
+            &[],
+        );
+        assert_eq!(e.usage, None);
+        for op in ["generate_content", "embeddings"] {
+            let p = parse(op, "application/json; charset=UTF-8", ERR_JSON, &[]);
+            assert_eq!(p, ParsedUsage::default(), "{op}");
+        }
+        // An error in the middle of an array stream keeps what came before.
+        let mid = br#"[{"usageMetadata":{"promptTokenCount":3,"candidatesTokenCount":1}},
+{"error":{"code":503,"message":"The model is overloaded.","status":"UNAVAILABLE"}}]"#;
+        let m = parse("generate_content", "application/json", mid, &[]);
+        assert_eq!(m.usage.map(|u| u.output_tokens), Some(1));
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        for body in [
+            &b""[..],
+            b"[",
+            b"]",
+            b"}",
+            b"[}]",
+            b"[\"\\",
+            b"\xff\xfe",
+            b"data: {\n\n",
+            b"[[[[[[[[",
+            b"{\"usageMetadata\":{\"promptTokenCount\":-1}}",
+        ] {
+            for ct in ["application/json", "text/event-stream"] {
+                let _ = parse("generate_content", ct, body, &[]);
+            }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn any_split_of_sse_same_usage(mut splits in proptest::collection::vec(0usize..GEN_SSE.len(), 0..12)) {
+            splits.sort();
+            prop_assert_eq!(
+                parse("generate_content", "text/event-stream", GEN_SSE, &splits),
+                parse("generate_content", "text/event-stream", GEN_SSE, &[])
+            );
+        }
+
+        #[test]
+        fn any_split_of_array_same_usage(mut splits in proptest::collection::vec(0usize..GEN_ARRAY.len(), 0..12)) {
+            splits.sort();
+            prop_assert_eq!(
+                parse("generate_content", "application/json", GEN_ARRAY, &splits),
+                parse("generate_content", "application/json", GEN_ARRAY, &[])
+            );
+        }
+
+        #[test]
+        fn any_split_of_json_same_usage(mut splits in proptest::collection::vec(0usize..GEN_JSON.len(), 0..12)) {
+            splits.sort();
+            prop_assert_eq!(
+                parse("generate_content", "application/json", GEN_JSON, &splits),
+                parse("generate_content", "application/json", GEN_JSON, &[])
+            );
+        }
+
+        #[test]
+        fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512), mut splits in proptest::collection::vec(0usize..512, 0..6)) {
+            splits.sort();
+            for ct in ["application/json", "text/event-stream"] {
+                let _ = parse("generate_content", ct, &bytes, &splits);
+            }
+            let _ = elements(&bytes, &splits);
+        }
+
+        #[test]
+        fn random_json_ish_bytes_split_the_same(bytes in proptest::collection::vec(prop::sample::select(b"[]{},:\"\\ a1\n".to_vec()), 0..64), at in 0usize..64) {
+            prop_assert_eq!(elements(&bytes, &[at]), elements(&bytes, &[]));
+        }
+    }
+}

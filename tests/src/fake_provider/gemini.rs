@@ -1,0 +1,97 @@
+//! The fake's Gemini API: generateContent and streamGenerateContent
+//! (`alt=sse`, and the JSON-array stream), with thoughts tokens.
+
+use serde_json::{Value, json};
+
+use super::{Body, Call, Reported, json_for, json_response, sse, stream_response, text_words};
+
+const THOUGHTS: u64 = 3;
+
+pub(crate) async fn handle(call: Call) -> hyper::Response<Body> {
+    let Some((model, method)) = call
+        .path
+        .rsplit_once("/models/")
+        .and_then(|(_, rest)| rest.split_once(':'))
+        .map(|(m, x)| (m.to_string(), x.to_string()))
+    else {
+        return json_response(
+            404,
+            json!({"error":{"code":404,"message":"unknown path","status":"NOT_FOUND"}}),
+        );
+    };
+    let v = &call.body;
+    let prompt = (text_words(v.get("contents").unwrap_or(&Value::Null))
+        + text_words(v.get("systemInstruction").unwrap_or(&Value::Null)))
+    .max(1);
+    let out = v
+        .pointer("/generationConfig/maxOutputTokens")
+        .and_then(Value::as_u64)
+        .unwrap_or(5)
+        .clamp(1, 2000);
+    let stream = method == "streamGenerateContent";
+    if method != "generateContent" && !stream {
+        return json_response(
+            404,
+            json!({"error":{"code":404,"message":"unknown method","status":"NOT_FOUND"}}),
+        );
+    }
+    call.record(Reported {
+        api: "gemini",
+        model: model.clone(),
+        stream,
+        input_tokens: prompt,
+        output_tokens: out + THOUGHTS,
+        reasoning_tokens: THOUGHTS,
+        usage_sent: true,
+        ..Default::default()
+    });
+    let usage = |cand: u64| {
+        json!({"promptTokenCount": prompt, "candidatesTokenCount": cand, "thoughtsTokenCount": THOUGHTS,
+            "totalTokenCount": prompt + cand + THOUGHTS})
+    };
+    let part = |text: String, usage: Value, finish: Option<&str>| {
+        let mut c = json!({"content":{"parts":[{"text":text}],"role":"model"},"index":0});
+        if let Some(f) = finish {
+            c["finishReason"] = json!(f);
+        }
+        json!({"candidates":[c],"usageMetadata":usage,"modelVersion":model,"responseId":"fake"})
+    };
+    if !stream {
+        let text: Vec<&str> = std::iter::repeat_n("tok", out as usize).collect();
+        return json_for(&call, part(text.join(" "), usage(out), Some("STOP")));
+    }
+    // Usage metadata is cumulative in streams; the last one is final.
+    let chunks: Vec<Value> = (0..out)
+        .map(|i| {
+            let last = i + 1 == out;
+            part(
+                if i == 0 { "tok".into() } else { " tok".into() },
+                usage(i + 1),
+                last.then_some("STOP"),
+            )
+        })
+        .collect();
+    let delay = call.delay();
+    if call.query.contains("alt=sse") {
+        let ev = chunks.into_iter().map(|c| (None, c.to_string())).collect();
+        return stream_response("text/event-stream", sse(ev), delay);
+    }
+    // The JSON-array stream: "[{...}\r\n,{...}\r\n]".
+    let mut pieces = Vec::new();
+    let n = chunks.len();
+    for (i, c) in chunks.into_iter().enumerate() {
+        let mut s = if i == 0 {
+            String::from("[")
+        } else {
+            String::from(",")
+        };
+        s += &serde_json::to_string_pretty(&c).expect("json");
+        if i + 1 == n {
+            s += "]";
+        } else {
+            s += "\r\n";
+        }
+        pieces.push(s.into_bytes());
+    }
+    stream_response("application/json; charset=UTF-8", pieces, delay)
+}

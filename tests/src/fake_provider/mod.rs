@@ -1,0 +1,293 @@
+//! A TLS fake of the provider APIs (OpenAI, Anthropic, Gemini, Bedrock) on a
+//! loopback address: it answers with deterministic usage, in each API's wire
+//! format (JSON, SSE, AWS eventstream), and remembers every usage it
+//! reported, so tests can compare the agent's ledger against it.
+//! It serves a certificate from the test PKI for whichever SNI it is asked
+//! (provider hosts and non-provider hosts alike), over HTTP/1.1 and HTTP/2.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::ResolvesServerCertUsingSni;
+use rustls::sign::CertifiedKey;
+use serde_json::{Value, json};
+
+mod anthropic;
+mod bedrock;
+mod gemini;
+mod openai;
+
+use crate::pki::TestPki;
+
+/// One usage the fake provider reported, normalised the way tollgate's
+/// ledger records it (input includes cache reads and writes; output
+/// includes reasoning), so tests compare the two directly.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Reported {
+    pub api: &'static str,
+    pub sni: String,
+    pub path: String,
+    pub model: String,
+    pub stream: bool,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cached_input_tokens: u64,
+    pub cache_write_input_tokens: u64,
+    pub reasoning_tokens: u64,
+    /// False when a stream was sent without usage.
+    pub usage_sent: bool,
+}
+
+pub struct FakeProvider {
+    pub addr: SocketAddr,
+    pub reported: Arc<Mutex<Vec<Reported>>>,
+    rt: Option<tokio::runtime::Runtime>,
+}
+
+pub(crate) type Body = BoxBody<Bytes, Infallible>;
+pub(crate) type Log = Arc<Mutex<Vec<Reported>>>;
+
+/// What every API handler gets.
+pub(crate) struct Call {
+    pub sni: String,
+    pub path: String,
+    pub query: String,
+    pub headers: hyper::HeaderMap,
+    pub body: Value,
+    pub log: Log,
+}
+
+impl Call {
+    /// Delay between stream chunks (`x-fake-chunk-delay-ms`).
+    pub fn delay(&self) -> Duration {
+        Duration::from_millis(
+            self.headers
+                .get("x-fake-chunk-delay-ms")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
+        )
+    }
+
+    /// Whether to gzip a JSON response (`x-fake-gzip: 1`, if the client accepts gzip).
+    pub fn gzip(&self) -> bool {
+        self.headers.get("x-fake-gzip").is_some()
+            && self
+                .headers
+                .get("accept-encoding")
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.contains("gzip"))
+    }
+
+    pub fn record(&self, r: Reported) {
+        self.log.lock().unwrap().push(Reported {
+            sni: self.sni.clone(),
+            path: self.path.clone(),
+            ..r
+        });
+    }
+}
+
+/// Deterministic size of a text: its whitespace-separated words.
+pub(crate) fn words(s: &str) -> u64 {
+    s.split_whitespace().count() as u64
+}
+
+/// Sum of words in every string under `v` whose key is `text` or `content`.
+pub(crate) fn text_words(v: &Value) -> u64 {
+    match v {
+        Value::Object(m) => m
+            .iter()
+            .map(|(k, x)| match x {
+                Value::String(s) if k == "text" || k == "content" => words(s),
+                _ => text_words(x),
+            })
+            .sum(),
+        Value::Array(a) => a.iter().map(text_words).sum(),
+        _ => 0,
+    }
+}
+
+pub(crate) fn json_response(status: u16, v: Value) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(v.to_string())).boxed())
+        .expect("response")
+}
+
+/// A JSON response, gzip-compressed when the call asks for it.
+pub(crate) fn json_for(call: &Call, v: Value) -> Response<Body> {
+    if !call.gzip() {
+        return json_response(200, v);
+    }
+    use std::io::Write;
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    e.write_all(v.to_string().as_bytes()).expect("gzip");
+    Response::builder()
+        .status(200)
+        .header("content-type", "application/json")
+        .header("content-encoding", "gzip")
+        .body(Full::new(Bytes::from(e.finish().expect("gzip"))).boxed())
+        .expect("response")
+}
+
+/// A streamed response of `chunks`, one frame each, `delay` apart.
+pub(crate) fn stream_response(
+    content_type: &str,
+    chunks: Vec<Vec<u8>>,
+    delay: Duration,
+) -> Response<Body> {
+    let stream = futures_util::stream::unfold(chunks.into_iter(), move |mut it| async move {
+        let c = it.next()?;
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        Some((Ok::<_, Infallible>(Frame::data(Bytes::from(c))), it))
+    });
+    Response::builder()
+        .status(200)
+        .header("content-type", content_type)
+        .body(BodyExt::boxed(StreamBody::new(stream)))
+        .expect("response")
+}
+
+/// SSE frames from (event name, JSON data) pairs.
+pub(crate) fn sse(events: Vec<(Option<&str>, String)>) -> Vec<Vec<u8>> {
+    events
+        .into_iter()
+        .map(|(name, data)| match name {
+            Some(n) => format!("event: {n}\ndata: {data}\n\n").into_bytes(),
+            None => format!("data: {data}\n\n").into_bytes(),
+        })
+        .collect()
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    sni: String,
+    log: Log,
+) -> Result<Response<Body>, Infallible> {
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().unwrap_or("").to_string();
+    let headers = req.headers().clone();
+    if req.method() == hyper::Method::GET {
+        return Ok(json_response(
+            200,
+            json!({"object":"list","data":[{"id":"gpt-4o-mini","object":"model"}],"sni":sni}),
+        ));
+    }
+    let body = match req.into_body().collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return Ok(json_response(400, json!({"error":{"message":"bad body"}}))),
+    };
+    let Ok(body) = serde_json::from_slice::<Value>(&body) else {
+        return Ok(json_response(
+            400,
+            json!({"error":{"message":"body is not JSON","type":"invalid_request_error"}}),
+        ));
+    };
+    let call = Call {
+        sni: sni.clone(),
+        path,
+        query,
+        headers,
+        body,
+        log,
+    };
+    let host = sni.as_str();
+    Ok(if host == "api.anthropic.com" {
+        anthropic::handle(call).await
+    } else if host == "generativelanguage.googleapis.com" {
+        gemini::handle(call).await
+    } else if host.starts_with("bedrock-runtime.") {
+        bedrock::handle(call).await
+    } else {
+        openai::handle(call).await
+    })
+}
+
+impl FakeProvider {
+    /// Starts the fake on `addr`, with certificates for `hosts` from `pki`.
+    pub fn start(addr: SocketAddr, pki: &TestPki, hosts: &[&str]) -> FakeProvider {
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let mut resolver = ResolvesServerCertUsingSni::new();
+        for h in hosts {
+            let leaf = pki.leaf(h);
+            let certs: Vec<CertificateDer<'static>> =
+                rustls_pemfile::certs(&mut leaf.cert_pem.as_bytes())
+                    .collect::<Result<_, _>>()
+                    .expect("leaf pem");
+            let key: PrivateKeyDer<'static> =
+                rustls_pemfile::private_key(&mut leaf.key_pem.as_bytes())
+                    .expect("key pem")
+                    .expect("a key");
+            let ck = CertifiedKey::from_der(certs, key, &provider).expect("certified key");
+            resolver.add(h, ck).expect("add cert");
+        }
+        let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(resolver));
+        cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind(addr))
+            .unwrap_or_else(|e| panic!("fake provider cannot listen on {addr}: {e}"));
+        let addr = listener.local_addr().expect("addr");
+        let reported = Arc::new(Mutex::new(Vec::new()));
+        let rep = reported.clone();
+        rt.spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                let acceptor = acceptor.clone();
+                let rep = rep.clone();
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let sni = tls.get_ref().1.server_name().unwrap_or("").to_string();
+                    let svc = hyper::service::service_fn(move |req| {
+                        handle(req, sni.clone(), rep.clone())
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tls), svc)
+                        .await;
+                });
+            }
+        });
+        FakeProvider {
+            addr,
+            reported,
+            rt: Some(rt),
+        }
+    }
+
+    pub fn reported(&self) -> Vec<Reported> {
+        self.reported.lock().unwrap().clone()
+    }
+}
+
+impl Drop for FakeProvider {
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_timeout(Duration::from_secs(1));
+        }
+    }
+}

@@ -1,0 +1,96 @@
+//! The fake's OpenAI chat completions (JSON and SSE, with and without
+//! `stream_options.include_usage`).
+
+use serde_json::{Value, json};
+
+use super::{Body, Call, Reported, json_for, json_response, sse, stream_response, text_words};
+
+pub(crate) async fn handle(call: Call) -> hyper::Response<Body> {
+    if !call.path.ends_with("/chat/completions") {
+        return json_response(
+            404,
+            json!({"error":{"message":"unknown path","type":"invalid_request_error"}}),
+        );
+    }
+    let v = &call.body;
+    let model = v
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or("gpt-4o-mini")
+        .to_string();
+    let stream = v.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    let include_usage = v
+        .pointer("/stream_options/include_usage")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let n_msgs = v
+        .get("messages")
+        .and_then(Value::as_array)
+        .map_or(0, |a| a.len() as u64);
+    let pt = (text_words(v.get("messages").unwrap_or(&Value::Null)) + 3 * n_msgs).max(1);
+    let ct = v
+        .get("max_tokens")
+        .or_else(|| v.get("max_completion_tokens"))
+        .and_then(Value::as_u64)
+        .unwrap_or(5)
+        .clamp(1, 2000);
+    let resp_model = format!("{model}-2024-07-18");
+    let usage = json!({"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct,
+        "prompt_tokens_details": {"cached_tokens": 0}, "completion_tokens_details": {"reasoning_tokens": 0}});
+    call.record(Reported {
+        api: "openai",
+        model: model.clone(),
+        stream,
+        input_tokens: pt,
+        output_tokens: ct,
+        usage_sent: !stream || include_usage,
+        ..Default::default()
+    });
+    if !stream {
+        let words: Vec<&str> = std::iter::repeat_n("tok", ct as usize).collect();
+        return json_for(
+            &call,
+            json!({"id":"chatcmpl-fake","object":"chat.completion","created":1,"model":resp_model,
+                "choices":[{"index":0,"message":{"role":"assistant","content":words.join(" ")},"finish_reason":"stop"}],
+                "usage": usage}),
+        );
+    }
+    // As the real API does: with include_usage every chunk carries
+    // "usage":null and a last chunk with empty choices carries the usage.
+    let chunk = |delta: Value, finish: Value| {
+        let mut c = json!({"id":"chatcmpl-fake","object":"chat.completion.chunk","created":1,"model":resp_model,
+            "system_fingerprint":"fp_fake","choices":[{"index":0,"delta":delta,"logprobs":null,"finish_reason":finish}]});
+        if include_usage {
+            c["usage"] = Value::Null;
+        }
+        c.to_string()
+    };
+    let mut events = vec![(
+        None,
+        chunk(json!({"role":"assistant","content":""}), Value::Null),
+    )];
+    for i in 0..ct {
+        events.push((
+            None,
+            chunk(
+                json!({"content": if i == 0 { "tok" } else { " tok" }}),
+                Value::Null,
+            ),
+        ));
+    }
+    events.push((None, chunk(json!({}), json!("stop"))));
+    if include_usage {
+        events.push((
+            None,
+            json!({"id":"chatcmpl-fake","object":"chat.completion.chunk","created":1,"model":resp_model,
+                "system_fingerprint":"fp_fake","choices":[],"usage":usage})
+            .to_string(),
+        ));
+    }
+    events.push((None, "[DONE]".into()));
+    stream_response(
+        "text/event-stream; charset=utf-8",
+        sse(events),
+        call.delay(),
+    )
+}

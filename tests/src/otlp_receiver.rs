@@ -1,0 +1,594 @@
+//! OTLP test receivers built on the official `opentelemetry-proto` types: a
+//! tonic gRPC `MetricsService` + `TraceService` and an OTLP/HTTP endpoint
+//! (`POST /v1/metrics`, `POST /v1/traces`, protobuf bodies decoded with
+//! prost). Both listen on 127.0.0.1 with a port
+//! of the kernel's choosing, keep every request as received (resource
+//! attributes and typed attribute values included), and offer a flattened
+//! view of the data points for assertions.
+//!
+//! Must never: listen on anything but loopback, or interpret what it
+//! receives beyond decoding it (tests assert on the raw structure).
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Request, Response, StatusCode};
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
+    MetricsService, MetricsServiceServer,
+};
+use opentelemetry_proto::tonic::collector::metrics::v1::{
+    ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
+use opentelemetry_proto::tonic::metrics::v1::{metric, number_data_point};
+use prost::Message;
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, oneshot};
+
+/// A typed attribute value, as it arrived.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    Str(String),
+    Int(i64),
+    Double(f64),
+    Bool(bool),
+    /// Arrays, maps, bytes: not used by tollgate, kept as their debug form.
+    Other(String),
+}
+
+impl Value {
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Value::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+/// The attributes of a resource, scope or data point, sorted by key.
+pub type Attributes = BTreeMap<String, Value>;
+
+/// What kind of instrument produced a metric, as the wire says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A sum; `monotonic` true for counters.
+    Sum {
+        monotonic: bool,
+        cumulative: bool,
+    },
+    Gauge,
+    Histogram {
+        cumulative: bool,
+    },
+    ExponentialHistogram,
+    Summary,
+}
+
+/// The value of one data point.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PointValue {
+    Int(i64),
+    Double(f64),
+    Histogram {
+        count: u64,
+        sum: Option<f64>,
+        bounds: Vec<f64>,
+        bucket_counts: Vec<u64>,
+    },
+    Other,
+}
+
+impl PointValue {
+    /// A number point as f64 (ints converted); the sum of a histogram.
+    pub fn number(&self) -> Option<f64> {
+        match self {
+            PointValue::Int(i) => Some(*i as f64),
+            PointValue::Double(d) => Some(*d),
+            PointValue::Histogram { sum, .. } => *sum,
+            PointValue::Other => None,
+        }
+    }
+}
+
+/// One data point with everything that identifies it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Point {
+    /// Index of the export request it arrived in.
+    pub request: usize,
+    pub resource: Attributes,
+    pub scope: String,
+    pub name: String,
+    pub unit: String,
+    pub description: String,
+    pub kind: Kind,
+    pub attributes: Attributes,
+    pub value: PointValue,
+}
+
+/// One export request as received, with the transport's headers
+/// (gRPC metadata or HTTP headers, lower-case keys).
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub headers: Vec<(String, String)>,
+    pub request: ExportMetricsServiceRequest,
+}
+
+/// One span as received, with its resource.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpanPoint {
+    pub resource: Attributes,
+    pub scope: String,
+    pub name: String,
+    /// OTLP `SpanKind` (3 = CLIENT).
+    pub kind: i32,
+    pub start_unix_nano: u64,
+    pub end_unix_nano: u64,
+    pub attributes: Attributes,
+    /// OTLP status code (0 unset, 1 ok, 2 error) and message.
+    pub status: (i32, String),
+}
+
+#[derive(Default)]
+struct Store {
+    received: Mutex<Vec<Received>>,
+    traces: Mutex<Vec<ExportTraceServiceRequest>>,
+    notify: Notify,
+}
+
+impl Store {
+    fn push(&self, r: Received) {
+        self.received
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(r);
+        self.notify.notify_waiters();
+    }
+
+    fn push_traces(&self, r: ExportTraceServiceRequest) {
+        self.traces
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(r);
+        self.notify.notify_waiters();
+    }
+}
+
+/// Which transport a receiver speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Grpc,
+    Http,
+}
+
+/// A running receiver; stopped on drop.
+pub struct OtlpReceiver {
+    transport: Transport,
+    addr: SocketAddr,
+    store: Arc<Store>,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+impl Drop for OtlpReceiver {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+struct GrpcService(Arc<Store>);
+
+#[tonic::async_trait]
+impl MetricsService for GrpcService {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportMetricsServiceRequest>,
+    ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+        let headers = request
+            .metadata()
+            .clone()
+            .into_headers()
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str().to_string(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect();
+        self.0.push(Received {
+            headers,
+            request: request.into_inner(),
+        });
+        Ok(tonic::Response::new(ExportMetricsServiceResponse {
+            partial_success: None,
+        }))
+    }
+}
+
+struct GrpcTraces(Arc<Store>);
+
+#[tonic::async_trait]
+impl TraceService for GrpcTraces {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        self.0.push_traces(request.into_inner());
+        Ok(tonic::Response::new(ExportTraceServiceResponse {
+            partial_success: None,
+        }))
+    }
+}
+
+impl OtlpReceiver {
+    /// A gRPC `MetricsService` and `TraceService` on 127.0.0.1:0.
+    pub async fn grpc() -> OtlpReceiver {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the gRPC receiver on 127.0.0.1:0");
+        let addr = listener.local_addr().expect("receiver address");
+        let store = Arc::new(Store::default());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let svc = MetricsServiceServer::new(GrpcService(store.clone()));
+        let traces = TraceServiceServer::new(GrpcTraces(store.clone()));
+        let incoming = tokio_stream_from(listener);
+        tokio::spawn(async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(svc)
+                .add_service(traces)
+                .serve_with_incoming_shutdown(incoming, async {
+                    let _ = stopped.await;
+                })
+                .await;
+        });
+        OtlpReceiver {
+            transport: Transport::Grpc,
+            addr,
+            store,
+            stop: Some(stop),
+        }
+    }
+
+    /// An OTLP/HTTP endpoint (`POST /v1/metrics` and `/v1/traces`,
+    /// `application/x-protobuf`) on 127.0.0.1:0. Other paths answer 404,
+    /// other content types 415.
+    pub async fn http() -> OtlpReceiver {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the OTLP/HTTP receiver on 127.0.0.1:0");
+        let addr = listener.local_addr().expect("receiver address");
+        let store = Arc::new(Store::default());
+        let (stop, mut stopped) = oneshot::channel::<()>();
+        let st = store.clone();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = tokio::select! {
+                    _ = &mut stopped => break,
+                    r = listener.accept() => match r {
+                        Ok(s) => s,
+                        Err(_) => continue,
+                    },
+                };
+                let st = st.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| {
+                        let st = st.clone();
+                        async move { Ok::<_, Infallible>(http_export(&st, req).await) }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+                });
+            }
+        });
+        OtlpReceiver {
+            transport: Transport::Http,
+            addr,
+            store,
+            stop: Some(stop),
+        }
+    }
+
+    pub fn transport(&self) -> Transport {
+        self.transport
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The endpoint to configure an exporter with: `http://127.0.0.1:PORT`
+    /// for gRPC, `http://127.0.0.1:PORT/v1/metrics` for OTLP/HTTP.
+    pub fn endpoint(&self) -> String {
+        match self.transport {
+            Transport::Grpc => format!("http://{}", self.addr),
+            Transport::Http => format!("http://{}/v1/metrics", self.addr),
+        }
+    }
+
+    /// Every export request so far, in arrival order.
+    pub fn received(&self) -> Vec<Received> {
+        self.store
+            .received
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Every data point of every request, in arrival order.
+    pub fn points(&self) -> Vec<Point> {
+        self.received()
+            .iter()
+            .enumerate()
+            .flat_map(|(i, r)| flatten(i, &r.request))
+            .collect()
+    }
+
+    /// The most recent point of each series (metric name + attributes):
+    /// with cumulative temporality, the totals.
+    pub fn latest(&self) -> Vec<Point> {
+        let mut by_series: BTreeMap<(String, String), Point> = BTreeMap::new();
+        for p in self.points() {
+            by_series.insert((p.name.clone(), format!("{:?}", p.attributes)), p);
+        }
+        by_series.into_values().collect()
+    }
+
+    /// Every span received so far, in arrival order.
+    pub fn spans(&self) -> Vec<SpanPoint> {
+        let reqs = self
+            .store
+            .traces
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let mut out = Vec::new();
+        for req in &reqs {
+            for rs in &req.resource_spans {
+                let resource = rs
+                    .resource
+                    .as_ref()
+                    .map(|r| attributes(&r.attributes))
+                    .unwrap_or_default();
+                for ss in &rs.scope_spans {
+                    let scope = ss
+                        .scope
+                        .as_ref()
+                        .map(|s| s.name.clone())
+                        .unwrap_or_default();
+                    for sp in &ss.spans {
+                        out.push(SpanPoint {
+                            resource: resource.clone(),
+                            scope: scope.clone(),
+                            name: sp.name.clone(),
+                            kind: sp.kind,
+                            start_unix_nano: sp.start_time_unix_nano,
+                            end_unix_nano: sp.end_time_unix_nano,
+                            attributes: attributes(&sp.attributes),
+                            status: sp
+                                .status
+                                .as_ref()
+                                .map(|s| (s.code, s.message.clone()))
+                                .unwrap_or_default(),
+                        });
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Waits until `pred` holds for the received requests, or `timeout`.
+    pub async fn wait_until(&self, timeout: Duration, pred: impl Fn(&[Received]) -> bool) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.store.notify.notified();
+            if pred(&self.received()) {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return pred(&self.received());
+            }
+        }
+    }
+}
+
+fn tokio_stream_from(
+    listener: TcpListener,
+) -> impl futures_util::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    futures_util::stream::unfold(listener, |l| async move {
+        let r = l.accept().await.map(|(s, _)| s);
+        Some((r, l))
+    })
+}
+
+async fn http_export(store: &Store, req: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+    let reply = |status: StatusCode, body: &'static str| {
+        Response::builder()
+            .status(status)
+            .body(Full::new(Bytes::from_static(body.as_bytes())))
+            .expect("static response")
+    };
+    let traces = match (req.method(), req.uri().path()) {
+        (&hyper::Method::POST, "/v1/metrics") => false,
+        (&hyper::Method::POST, "/v1/traces") => true,
+        _ => return reply(StatusCode::NOT_FOUND, "not found"),
+    };
+    let ct = req
+        .headers()
+        .get(hyper::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if ct != "application/x-protobuf" {
+        return reply(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "want application/x-protobuf",
+        );
+    }
+    let headers = req
+        .headers()
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.as_str().to_string(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
+    let body = match req.into_body().collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return reply(StatusCode::BAD_REQUEST, "body"),
+    };
+    if traces {
+        return match ExportTraceServiceRequest::decode(body) {
+            Ok(r) => {
+                store.push_traces(r);
+                Response::builder()
+                    .status(StatusCode::OK)
+                    .header(hyper::header::CONTENT_TYPE, "application/x-protobuf")
+                    .body(Full::new(Bytes::from(
+                        ExportTraceServiceResponse {
+                            partial_success: None,
+                        }
+                        .encode_to_vec(),
+                    )))
+                    .expect("response")
+            }
+            Err(_) => reply(StatusCode::BAD_REQUEST, "not an ExportTraceServiceRequest"),
+        };
+    }
+    let request = match ExportMetricsServiceRequest::decode(body) {
+        Ok(r) => r,
+        Err(_) => {
+            return reply(
+                StatusCode::BAD_REQUEST,
+                "not an ExportMetricsServiceRequest",
+            );
+        }
+    };
+    store.push(Received { headers, request });
+    let resp = ExportMetricsServiceResponse {
+        partial_success: None,
+    };
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(hyper::header::CONTENT_TYPE, "application/x-protobuf")
+        .body(Full::new(Bytes::from(resp.encode_to_vec())))
+        .expect("response")
+}
+
+/// Converts OTLP attributes to the typed map.
+pub fn attributes(kvs: &[KeyValue]) -> Attributes {
+    kvs.iter()
+        .map(|kv| (kv.key.clone(), value(kv.value.as_ref())))
+        .collect()
+}
+
+fn value(v: Option<&AnyValue>) -> Value {
+    match v.and_then(|v| v.value.as_ref()) {
+        Some(any_value::Value::StringValue(s)) => Value::Str(s.clone()),
+        Some(any_value::Value::IntValue(i)) => Value::Int(*i),
+        Some(any_value::Value::DoubleValue(d)) => Value::Double(*d),
+        Some(any_value::Value::BoolValue(b)) => Value::Bool(*b),
+        other => Value::Other(format!("{other:?}")),
+    }
+}
+
+const CUMULATIVE: i32 = 2;
+
+fn flatten(index: usize, req: &ExportMetricsServiceRequest) -> Vec<Point> {
+    let mut out = Vec::new();
+    for rm in &req.resource_metrics {
+        let resource = rm
+            .resource
+            .as_ref()
+            .map(|r| attributes(&r.attributes))
+            .unwrap_or_default();
+        for sm in &rm.scope_metrics {
+            let scope = sm
+                .scope
+                .as_ref()
+                .map(|s| s.name.clone())
+                .unwrap_or_default();
+            for m in &sm.metrics {
+                let base = |kind: Kind, attributes: Attributes, value: PointValue| Point {
+                    request: index,
+                    resource: resource.clone(),
+                    scope: scope.clone(),
+                    name: m.name.clone(),
+                    unit: m.unit.clone(),
+                    description: m.description.clone(),
+                    kind,
+                    attributes,
+                    value,
+                };
+                let number = |v: &Option<number_data_point::Value>| match v {
+                    Some(number_data_point::Value::AsInt(i)) => PointValue::Int(*i),
+                    Some(number_data_point::Value::AsDouble(d)) => PointValue::Double(*d),
+                    None => PointValue::Other,
+                };
+                match &m.data {
+                    Some(metric::Data::Sum(s)) => {
+                        let kind = Kind::Sum {
+                            monotonic: s.is_monotonic,
+                            cumulative: s.aggregation_temporality == CUMULATIVE,
+                        };
+                        for dp in &s.data_points {
+                            out.push(base(kind, attributes(&dp.attributes), number(&dp.value)));
+                        }
+                    }
+                    Some(metric::Data::Gauge(g)) => {
+                        for dp in &g.data_points {
+                            out.push(base(
+                                Kind::Gauge,
+                                attributes(&dp.attributes),
+                                number(&dp.value),
+                            ));
+                        }
+                    }
+                    Some(metric::Data::Histogram(h)) => {
+                        let kind = Kind::Histogram {
+                            cumulative: h.aggregation_temporality == CUMULATIVE,
+                        };
+                        for dp in &h.data_points {
+                            out.push(base(
+                                kind,
+                                attributes(&dp.attributes),
+                                PointValue::Histogram {
+                                    count: dp.count,
+                                    sum: dp.sum,
+                                    bounds: dp.explicit_bounds.clone(),
+                                    bucket_counts: dp.bucket_counts.clone(),
+                                },
+                            ));
+                        }
+                    }
+                    Some(metric::Data::ExponentialHistogram(_)) => out.push(base(
+                        Kind::ExponentialHistogram,
+                        Attributes::new(),
+                        PointValue::Other,
+                    )),
+                    Some(metric::Data::Summary(_)) => {
+                        out.push(base(Kind::Summary, Attributes::new(), PointValue::Other))
+                    }
+                    None => {}
+                }
+            }
+        }
+    }
+    out
+}

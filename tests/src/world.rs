@@ -1,0 +1,133 @@
+//! One test's world: a child cgroup, the fake provider on a loopback
+//! address answering for every provider host the SDK tests use, and the
+//! agent attached to the cgroup with a resolver override pointing those
+//! hosts at the fake. Fields drop in order: agent, fake, cgroup.
+
+use std::net::{IpAddr, SocketAddr};
+
+use serde_json::Value;
+
+use crate::{Agent, AgentOptions, Client, FakeProvider, Reported, TestCgroup, TestPki};
+
+/// Hosts the fake provider answers for (and the agent intercepts).
+pub const PROVIDER_HOSTS: &[&str] = &[
+    "api.openai.com",
+    "api.anthropic.com",
+    "generativelanguage.googleapis.com",
+    "bedrock-runtime.us-east-1.amazonaws.com",
+];
+
+/// Hosts that resolve to the fake but are not provider hosts.
+pub const OTHER_HOSTS: &[&str] = &["example.test"];
+
+pub const GITHUB_ENV: &[(&str, &str)] = &[
+    ("GITHUB_ACTIONS", "true"),
+    ("GITHUB_REPOSITORY", "acme/widgets"),
+    ("GITHUB_WORKFLOW", "CI"),
+    ("GITHUB_JOB", "lint"),
+    ("GITHUB_RUN_ID", "4242"),
+    ("GITHUB_REF_NAME", "main"),
+];
+
+pub struct World {
+    pub agent: Agent,
+    pub fake: FakeProvider,
+    pub pki: TestPki,
+    pub ip: IpAddr,
+    pub cg: TestCgroup,
+}
+
+impl World {
+    /// Starts everything; `n` picks this test's loopback address.
+    pub fn start(label: &str, n: u8) -> World {
+        Self::start_with(label, n, String::new())
+    }
+
+    pub fn start_with(label: &str, n: u8, extra_toml: String) -> World {
+        if let Some(why) = crate::kernel_test_unavailable() {
+            panic!("needs root, cgroup v2 and BPF: {why}");
+        }
+        let cg = TestCgroup::create(label);
+        let pki = TestPki::new();
+        let ip = IpAddr::V4(crate::provider_ip(n));
+        let mut names: Vec<&str> = PROVIDER_HOSTS.to_vec();
+        names.extend_from_slice(OTHER_HOSTS);
+        let fake = FakeProvider::start(SocketAddr::new(ip, 443), &pki, &names);
+        let agent = Agent::start(AgentOptions {
+            cgroup: cg.path().to_path_buf(),
+            overrides: PROVIDER_HOSTS
+                .iter()
+                .map(|h| (h.to_string(), vec![ip.to_string()]))
+                .collect(),
+            extra_ca: Some(pki.ca_path()),
+            extra_toml,
+        });
+        World {
+            agent,
+            fake,
+            pki,
+            ip,
+            cg,
+        }
+    }
+
+    /// A client in the cgroup that trusts the CA through `tollgate trust env`.
+    pub fn client(&self, extra: &[(&str, &str)]) -> Client {
+        let mut env = self.agent.trust_env();
+        env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let hosts: Vec<(&str, IpAddr)> = PROVIDER_HOSTS
+            .iter()
+            .chain(OTHER_HOSTS)
+            .map(|h| (*h, self.ip))
+            .collect();
+        Client::new(&self.cg, &hosts, env)
+    }
+
+    /// Waits for `n` ledger rows and checks each against what the fake
+    /// provider reported, in order. Returns the rows.
+    pub fn assert_ledger_matches_provider(&self, n: usize) -> Vec<Value> {
+        let reported = self.fake.reported();
+        assert_eq!(reported.len(), n, "fake provider calls: {reported:#?}");
+        let rows = self.agent.wait_for_records(n);
+        assert_eq!(rows.len(), n, "one ledger row per request: {rows:#?}");
+        for (row, rep) in rows.iter().zip(&reported) {
+            assert_row_matches(row, rep);
+        }
+        rows
+    }
+}
+
+fn u(v: &Value, k: &str) -> u64 {
+    v.get(k)
+        .and_then(Value::as_u64)
+        .unwrap_or_else(|| panic!("{k} missing in {v}"))
+}
+
+/// Token kinds, stream flag and model of a ledger row equal the provider's.
+pub fn assert_row_matches(row: &Value, rep: &Reported) {
+    let ctx = format!("\nrow: {row}\nprovider reported: {rep:?}");
+    assert_eq!(u(row, "input_tokens"), rep.input_tokens, "input{ctx}");
+    assert_eq!(u(row, "output_tokens"), rep.output_tokens, "output{ctx}");
+    assert_eq!(
+        u(row, "cached_input_tokens"),
+        rep.cached_input_tokens,
+        "cached{ctx}"
+    );
+    assert_eq!(
+        u(row, "cache_write_input_tokens"),
+        rep.cache_write_input_tokens,
+        "cache write{ctx}"
+    );
+    assert_eq!(
+        u(row, "reasoning_tokens"),
+        rep.reasoning_tokens,
+        "reasoning{ctx}"
+    );
+    assert_eq!(row["streaming"], rep.stream, "streaming{ctx}");
+    assert_eq!(row["estimated"], false, "estimated{ctx}");
+    assert_eq!(
+        row["model"].as_str(),
+        Some(rep.model.as_str()),
+        "model{ctx}"
+    );
+}

@@ -1,0 +1,266 @@
+//! Every official SDK the issue names, end to end through the agent against
+//! the fake provider: the ledger equals the provider's count for every
+//! request. Root only (see e2e.rs for how they are run).
+
+use serde_json::Value;
+use tollgate_e2e::World;
+use tollgate_e2e::client::ok;
+
+fn s<'a>(v: &'a Value, k: &str) -> &'a str {
+    v.get(k)
+        .and_then(Value::as_str)
+        .unwrap_or_else(|| panic!("{k} missing in {v}"))
+}
+
+/// No secret given to a client appears in the ledger file, the report or
+/// the agent's log.
+fn assert_no_secret(w: &World, secret: &str) {
+    let report = w.agent.command(&["report", "--json"]);
+    let ledger = std::fs::read(w.agent.state_dir.path().join("state/ledger.sqlite")).unwrap();
+    for (what, text) in [
+        (
+            "report",
+            String::from_utf8_lossy(&report.stdout).into_owned(),
+        ),
+        ("ledger", String::from_utf8_lossy(&ledger).into_owned()),
+        ("log", w.agent.log()),
+    ] {
+        assert!(!text.contains(secret), "{secret} leaked into the {what}");
+    }
+}
+
+#[test]
+#[ignore = "needs root, cgroup v2 and BPF"]
+fn openai_stream_without_include_usage_is_counted_and_the_client_sees_no_change() {
+    let w = World::start("inject", 11);
+    let client = w.client(&[]);
+    let out = ok(
+        &client.python(
+            r#"
+import json, openai
+c = openai.OpenAI(api_key="sk-test", max_retries=0)
+with c.chat.completions.with_streaming_response.create(model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "one two three four"}], max_tokens=6, stream=True) as r:
+    raw = [l for l in r.iter_lines() if l]
+print(json.dumps(raw))
+"#,
+        ),
+        "python openai stream",
+    );
+    let raw: Vec<String> = serde_json::from_str(out.trim()).unwrap();
+    assert!(
+        raw.iter().all(|l| !l.contains("usage")),
+        "client saw usage: {raw:#?}"
+    );
+    assert_eq!(raw.last().map(String::as_str), Some("data: [DONE]"));
+    assert_eq!(
+        raw.len(),
+        1 + 6 + 1 + 1,
+        "role chunk, 6 tokens, stop chunk, [DONE]: {raw:#?}"
+    );
+    assert!(
+        w.fake.reported()[0].usage_sent,
+        "the agent asked for usage upstream"
+    );
+    w.assert_ledger_matches_provider(1);
+}
+
+#[test]
+#[ignore = "needs root, cgroup v2 and BPF"]
+fn openai_gzip_response_is_decoded_for_accounting() {
+    let w = World::start("gzip", 12);
+    let client = w.client(&[]);
+    ok(
+        &client.python(
+            r#"
+import openai
+c = openai.OpenAI(api_key="sk-test", max_retries=0)
+r = c.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "zip it"}],
+    max_tokens=11, extra_headers={"x-fake-gzip": "1"})
+assert r.usage.completion_tokens == 11, r.usage
+"#,
+        ),
+        "python openai gzip",
+    );
+    w.assert_ledger_matches_provider(1);
+}
+
+#[test]
+#[ignore = "needs root, cgroup v2 and BPF"]
+fn anthropic_python_sdk_messages_stream_and_count_tokens() {
+    let w = World::start("anthropic", 13);
+    let client = w.client(&[]);
+    ok(
+        &client.python(
+            r#"
+import anthropic
+c = anthropic.Anthropic(api_key="sk-ant-api03-SECRETANT", max_retries=0)
+m = c.messages.create(model="claude-sonnet-4-5", max_tokens=7, system="be terse",
+    messages=[{"role": "user", "content": "hello claude"}])
+assert m.usage.output_tokens == 7, m.usage
+with c.messages.stream(model="claude-sonnet-4-5", max_tokens=9,
+        messages=[{"role": "user", "content": [{"type": "text", "text": "stream me please"}]}]) as s:
+    text = "".join(s.text_stream)
+assert text.count("tok") == 9, text
+t = c.messages.count_tokens(model="claude-sonnet-4-5", messages=[{"role": "user", "content": "a b c"}])
+assert t.input_tokens > 0
+"#,
+        ),
+        "python anthropic",
+    );
+    let rows = w.assert_ledger_matches_provider(3);
+    assert_eq!(s(&rows[0], "provider"), "anthropic");
+    assert_eq!(s(&rows[1], "response_model"), "claude-sonnet-4-5-20250929");
+    assert_eq!(s(&rows[2], "operation"), "count_tokens");
+    assert_no_secret(&w, "SECRETANT");
+}
+
+#[test]
+#[ignore = "needs root, cgroup v2 and BPF"]
+fn google_genai_python_sdk_generate_and_stream() {
+    let w = World::start("gemini", 14);
+    let client = w.client(&[]);
+    ok(
+        &client.python(
+            r#"
+from google import genai
+from google.genai import types
+c = genai.Client(api_key="AIzaSyFAKE-GEMINI-SECRET")
+r = c.models.generate_content(model="gemini-2.5-flash", contents="why is the sky blue",
+    config=types.GenerateContentConfig(max_output_tokens=8))
+assert r.usage_metadata.candidates_token_count == 8, r.usage_metadata
+n = 0
+for ch in c.models.generate_content_stream(model="gemini-2.5-flash", contents="count to five",
+        config=types.GenerateContentConfig(max_output_tokens=5)):
+    n += 1
+assert n == 5, n
+"#,
+        ),
+        "python google-genai",
+    );
+    let rows = w.assert_ledger_matches_provider(2);
+    assert_eq!(s(&rows[0], "provider"), "gemini");
+    assert_no_secret(&w, "FAKE-GEMINI-SECRET");
+}
+
+#[test]
+#[ignore = "needs root, cgroup v2 and BPF"]
+fn gemini_key_query_parameter_and_json_array_stream_via_curl() {
+    let w = World::start("gemkey", 15);
+    let client = w.client(&[]);
+    let body = r#"{"contents":[{"parts":[{"text":"a b c d e"}]}],"generationConfig":{"maxOutputTokens":4}}"#;
+    for path in [
+        "v1beta/models/gemini-2.0-flash:generateContent?key=AIzaQUERYSECRET",
+        "v1beta/models/gemini-2.0-flash:streamGenerateContent?key=AIzaQUERYSECRET",
+    ] {
+        ok(
+            &client.run(&[
+                "curl",
+                "-sS",
+                "--fail-with-body",
+                "-H",
+                "Content-Type: application/json",
+                "-d",
+                body,
+                &format!("https://generativelanguage.googleapis.com/{path}"),
+            ]),
+            "curl gemini",
+        );
+    }
+    w.assert_ledger_matches_provider(2);
+    assert_no_secret(&w, "QUERYSECRET");
+}
+
+#[test]
+#[ignore = "needs root, cgroup v2 and BPF"]
+fn boto3_bedrock_converse_stream_and_invoke() {
+    let w = World::start("bedrock", 16);
+    let client = w.client(&[
+        ("AWS_ACCESS_KEY_ID", "AKIAFAKEFAKEFAKEFAKE"),
+        ("AWS_SECRET_ACCESS_KEY", "fake/BEDROCKSECRET/key"),
+        ("AWS_EC2_METADATA_DISABLED", "true"),
+    ]);
+    ok(
+        &client.python(
+            r#"
+import json, boto3
+b = boto3.client("bedrock-runtime", region_name="us-east-1")
+mid = "anthropic.claude-3-5-sonnet-20240620-v1:0"
+r = b.converse(modelId=mid, messages=[{"role": "user", "content": [{"text": "hi there bedrock"}]}],
+    inferenceConfig={"maxTokens": 6})
+assert r["usage"]["outputTokens"] == 6, r["usage"]
+s = b.converse_stream(modelId=mid, messages=[{"role": "user", "content": [{"text": "stream it"}]}],
+    inferenceConfig={"maxTokens": 4})
+usage = None
+for ev in s["stream"]:
+    if "metadata" in ev:
+        usage = ev["metadata"]["usage"]
+assert usage and usage["outputTokens"] == 4, usage
+r = b.invoke_model(modelId=mid, body=json.dumps({"anthropic_version": "bedrock-2023-05-31", "max_tokens": 3,
+    "messages": [{"role": "user", "content": "invoke me"}]}))
+assert json.loads(r["body"].read())["usage"]["output_tokens"] == 3
+"#,
+        ),
+        "python boto3",
+    );
+    let rows = w.assert_ledger_matches_provider(3);
+    assert_eq!(s(&rows[0], "provider"), "bedrock");
+    assert_eq!(rows[1]["streaming"], true);
+    assert_no_secret(&w, "BEDROCKSECRET");
+}
+
+#[test]
+#[ignore = "needs root, cgroup v2 and BPF"]
+fn node_openai_and_anthropic_sdks() {
+    let w = World::start("node", 17);
+    let client = w.client(&[]);
+    let out = ok(
+        &client.node(
+            r#"
+const OpenAI = require("openai");
+const Anthropic = require("@anthropic-ai/sdk");
+(async () => {
+  const o = new OpenAI({ apiKey: "sk-node-SECRET", maxRetries: 0 });
+  const r = await o.chat.completions.create({ model: "gpt-4o-mini", max_tokens: 5,
+    messages: [{ role: "user", content: "node says hi" }] });
+  if (r.usage.completion_tokens !== 5) throw new Error(JSON.stringify(r.usage));
+  const s = await o.chat.completions.create({ model: "gpt-4o-mini", max_tokens: 4, stream: true,
+    messages: [{ role: "user", content: "stream from node" }] });
+  let n = 0;
+  for await (const ch of s) { if ("usage" in ch) throw new Error("client saw usage"); n++; }
+  const a = new Anthropic({ apiKey: "sk-ant-node-SECRET", maxRetries: 0 });
+  const st = await a.messages.create({ model: "claude-haiku-4-5", max_tokens: 6, stream: true,
+    messages: [{ role: "user", content: "anthropic from node" }] });
+  let text = "";
+  for await (const ev of st) { if (ev.type === "content_block_delta") text += ev.delta.text; }
+  console.log(JSON.stringify({ chunks: n, text }));
+})().catch((e) => { console.error(e); process.exit(1); });
+"#,
+        ),
+        "node SDKs",
+    );
+    let got: Value = serde_json::from_str(out.trim()).expect("node output");
+    assert_eq!(got["chunks"], 1 + 4 + 1, "{got}");
+    assert_eq!(got["text"], "tok tok tok tok tok tok");
+    let rows = w.assert_ledger_matches_provider(3);
+    assert!(s(&rows[0], "exe").contains("node"), "{}", rows[0]);
+    assert_no_secret(&w, "node-SECRET");
+}
+
+#[test]
+#[ignore = "needs root, cgroup v2 and BPF"]
+fn http2_client_through_the_agent() {
+    let w = World::start("h2", 18);
+    let client = w.client(&[]);
+    let out = ok(
+        &client.run(&[
+            "curl", "-sS", "--http2", "-o", "/dev/null", "-w", "%{http_version}",
+            "-H", "Content-Type: application/json",
+            "-d", r#"{"model":"gpt-4o","messages":[{"role":"user","content":"h2 please"}],"max_tokens":3,"stream":true}"#,
+            "https://api.openai.com/v1/chat/completions",
+        ]),
+        "curl --http2",
+    );
+    assert_eq!(out.trim(), "2", "HTTP/2 between client and agent");
+    w.assert_ledger_matches_provider(1);
+}
