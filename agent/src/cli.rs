@@ -9,7 +9,7 @@ use crate::ca::LocalCa;
 use crate::config::Config;
 use crate::ledger::{Filter, Ledger};
 use crate::providers::catalogue::provider_hosts;
-use crate::report::{self, ReportFormat};
+use crate::report::{self, GroupBy, ReportFormat};
 use crate::trust::{self, EnvFormat};
 
 #[derive(Debug, Parser)]
@@ -42,9 +42,91 @@ pub enum Command {
 
 #[derive(Debug, clap::Args)]
 pub struct ReportArgs {
-    /// Print a JSON array of records instead of a table.
-    #[arg(long)]
+    /// Print a JSON array of the matching records instead of a table.
+    #[arg(long, conflicts_with = "csv")]
     pub json: bool,
+    /// Print the table's groups as CSV.
+    #[arg(long)]
+    pub csv: bool,
+    /// Only requests since a time: a duration back from now (`90m`, `24h`,
+    /// `7d`) or a date/time (`2026-11-01`, `2026-11-01T12:00:00Z`).
+    #[arg(long, value_name = "WHEN", value_parser = parse_since)]
+    pub since: Option<i64>,
+    /// Only this repository (`owner/name`).
+    #[arg(long)]
+    pub repository: Option<String>,
+    /// Only this job.
+    #[arg(long)]
+    pub job: Option<String>,
+    /// Group the table by these keys, in order (comma-separated or repeated).
+    /// Default: repository,job,exe,model.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub by: Vec<ByArg>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ByArg {
+    Repository,
+    Job,
+    Exe,
+    Model,
+    Team,
+    Provider,
+}
+
+impl From<ByArg> for GroupBy {
+    fn from(b: ByArg) -> GroupBy {
+        match b {
+            ByArg::Repository => GroupBy::Repository,
+            ByArg::Job => GroupBy::Job,
+            ByArg::Exe => GroupBy::Exe,
+            ByArg::Model => GroupBy::Model,
+            ByArg::Team => GroupBy::Team,
+            ByArg::Provider => GroupBy::Provider,
+        }
+    }
+}
+
+/// `--since`: a duration back from now, or an RFC 3339 date or date-time.
+/// Returns Unix milliseconds.
+pub fn parse_since(s: &str) -> Result<i64, String> {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    parse_since_at(s, now_ms)
+}
+
+fn parse_since_at(s: &str, now_ms: i64) -> Result<i64, String> {
+    let s = s.trim();
+    let unit = |c: char| -> Option<i64> {
+        Some(match c {
+            's' => 1_000,
+            'm' => 60_000,
+            'h' => 3_600_000,
+            'd' => 86_400_000,
+            'w' => 7 * 86_400_000,
+            _ => return None,
+        })
+    };
+    if let Some(last) = s.chars().last()
+        && let Some(ms) = unit(last)
+        && let Ok(n) = s[..s.len() - 1].parse::<i64>()
+        && n >= 0
+    {
+        return Ok(now_ms - n.saturating_mul(ms));
+    }
+    use time::format_description::well_known::Rfc3339;
+    if let Ok(t) = time::OffsetDateTime::parse(s, &Rfc3339) {
+        return Ok((t.unix_timestamp_nanos() / 1_000_000) as i64);
+    }
+    let fmt = time::macros::format_description!("[year]-[month]-[day]");
+    if let Ok(d) = time::Date::parse(s, &fmt) {
+        return Ok(d.midnight().assume_utc().unix_timestamp() * 1000);
+    }
+    Err(format!(
+        "`{s}` is neither a duration (90m, 24h, 7d) nor a date (2026-11-01) or RFC 3339 time"
+    ))
 }
 
 #[derive(Debug, Subcommand)]
@@ -113,17 +195,25 @@ fn load_ca(cfg: &Config) -> Result<LocalCa, CmdError> {
 
 pub fn report(cfg: &Config, args: &ReportArgs) -> Result<(), CmdError> {
     let path = ledger_path(&cfg.state_dir);
+    let filter = Filter {
+        since_ms: args.since,
+        repository: args.repository.clone(),
+        job: args.job.clone(),
+    };
     let records = if path.exists() {
-        Ledger::open(&path)?.query(&Filter::default())?
+        Ledger::open(&path)?.query(&filter)?
     } else {
         Vec::new()
     };
     let format = if args.json {
         ReportFormat::Json
+    } else if args.csv {
+        ReportFormat::Csv
     } else {
         ReportFormat::Table
     };
-    print!("{}", report::render(&records, format));
+    let by: Vec<GroupBy> = args.by.iter().map(|b| (*b).into()).collect();
+    print!("{}", report::render_by(&records, format, &by));
     Ok(())
 }
 
@@ -150,4 +240,28 @@ pub fn trust(cfg: &Config, cmd: &TrustCommand) -> Result<(), CmdError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn since_accepts_durations_and_dates() {
+        let now = 1_800_000_000_000;
+        assert_eq!(parse_since_at("90m", now).unwrap(), now - 90 * 60_000);
+        assert_eq!(parse_since_at("24h", now).unwrap(), now - 86_400_000);
+        assert_eq!(parse_since_at("7d", now).unwrap(), now - 7 * 86_400_000);
+        assert_eq!(
+            parse_since_at("2026-11-01", now).unwrap(),
+            1_793_491_200_000
+        );
+        assert_eq!(
+            parse_since_at("2026-11-01T12:00:00Z", now).unwrap(),
+            1_793_491_200_000 + 12 * 3_600_000
+        );
+        for bad in ["yesterday", "-5h", "5y", "", "2026-13-01"] {
+            assert!(parse_since_at(bad, now).is_err(), "{bad}");
+        }
+    }
 }

@@ -15,10 +15,55 @@ use crate::meter::UsageRecord;
 /// Output format of `report`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReportFormat {
-    /// A plain-text table grouped by repository, job, executable and model.
+    /// A plain-text table of groups (see [`GroupBy`]) with a total.
     Table,
     /// A JSON array of the records, as serde writes `UsageRecord`.
     Json,
+    /// The table's groups as CSV (RFC 4180), one header line, no total.
+    Csv,
+}
+
+/// A grouping key of the table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupBy {
+    Repository,
+    Job,
+    Exe,
+    Model,
+    Team,
+    Provider,
+}
+
+impl GroupBy {
+    /// The default grouping: repository, job, executable, model.
+    pub const DEFAULT: &'static [GroupBy] = &[
+        GroupBy::Repository,
+        GroupBy::Job,
+        GroupBy::Exe,
+        GroupBy::Model,
+    ];
+
+    fn header(self) -> &'static str {
+        match self {
+            GroupBy::Repository => "REPOSITORY",
+            GroupBy::Job => "JOB",
+            GroupBy::Exe => "EXECUTABLE",
+            GroupBy::Model => "MODEL",
+            GroupBy::Team => "TEAM",
+            GroupBy::Provider => "PROVIDER",
+        }
+    }
+
+    fn key(self, r: &UsageRecord) -> String {
+        match self {
+            GroupBy::Repository => cell(r.who.repository.as_deref()),
+            GroupBy::Job => cell(r.who.job.as_deref()),
+            GroupBy::Exe => exe_name(r),
+            GroupBy::Model => cell(r.model.as_deref().or(r.response_model.as_deref())),
+            GroupBy::Team => cell(r.who.team.as_deref()),
+            GroupBy::Provider => cell(Some(r.provider.as_str())),
+        }
+    }
 }
 
 /// Longest text cell before it is shortened with `…`.
@@ -114,93 +159,129 @@ fn exe_name(r: &UsageRecord) -> String {
     cell(base.or(Some(r.who.comm.as_str())))
 }
 
-/// Renders `records` (see the module docs for the table's rules).
+/// Renders `records` grouped by repository, job, executable and model
+/// (see the module docs for the table's rules).
 pub fn render(records: &[UsageRecord], format: ReportFormat) -> String {
+    render_by(records, format, GroupBy::DEFAULT)
+}
+
+/// Renders `records` grouped by `by` (JSON ignores the grouping).
+pub fn render_by(records: &[UsageRecord], format: ReportFormat, by: &[GroupBy]) -> String {
+    let by = if by.is_empty() { GroupBy::DEFAULT } else { by };
     match format {
         ReportFormat::Json => match serde_json::to_string_pretty(records) {
             Ok(s) => s + "\n",
             Err(e) => format!("{{\"error\": {:?}}}\n", e.to_string()),
         },
-        ReportFormat::Table => table(records),
+        ReportFormat::Table => table(records, by),
+        ReportFormat::Csv => csv(records, by),
     }
 }
 
-fn table(records: &[UsageRecord]) -> String {
-    if records.is_empty() {
-        return "no requests recorded yet\n".into();
-    }
-    let mut groups: BTreeMap<[String; 4], Group> = BTreeMap::new();
+fn grouped(records: &[UsageRecord], by: &[GroupBy]) -> Vec<(Vec<String>, Group)> {
+    let mut groups: BTreeMap<Vec<String>, Group> = BTreeMap::new();
     for r in records {
-        let key = [
-            cell(r.who.repository.as_deref()),
-            cell(r.who.job.as_deref()),
-            exe_name(r),
-            cell(r.model.as_deref().or(r.response_model.as_deref())),
-        ];
+        let key: Vec<String> = by.iter().map(|b| b.key(r)).collect();
         groups.entry(key).or_default().add(r);
     }
-    let mut rows: Vec<([String; 4], Group)> = groups.into_iter().collect();
+    let mut rows: Vec<(Vec<String>, Group)> = groups.into_iter().collect();
     rows.sort_by(|(ka, a), (kb, b)| {
         b.cost
             .total_cmp(&a.cost)
             .then((b.input.saturating_add(b.output)).cmp(&a.input.saturating_add(a.output)))
             .then(ka.cmp(kb))
     });
+    rows
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+fn csv(records: &[UsageRecord], by: &[GroupBy]) -> String {
+    let mut out: Vec<String> = by.iter().map(|b| b.header().to_ascii_lowercase()).collect();
+    out.extend(
+        [
+            "requests",
+            "input_tokens",
+            "output_tokens",
+            "cost_usd",
+            "priced_requests",
+        ]
+        .map(String::from),
+    );
+    let mut text = out.join(",") + "\n";
+    for (k, g) in grouped(records, by) {
+        let mut f: Vec<String> = k
+            .iter()
+            .map(|c| csv_field(if c == "-" { "" } else { c }))
+            .collect();
+        f.push(g.requests.to_string());
+        f.push(g.input.to_string());
+        f.push(g.output.to_string());
+        f.push(if g.priced == 0 {
+            String::new()
+        } else {
+            format!("{:.6}", g.cost)
+        });
+        f.push(g.priced.to_string());
+        text += &(f.join(",") + "\n");
+    }
+    text
+}
+
+fn table(records: &[UsageRecord], by: &[GroupBy]) -> String {
+    if records.is_empty() {
+        return "no requests recorded yet\n".into();
+    }
+    let mut rows = grouped(records, by);
     let mut total = Group::default();
     for (_, g) in &rows {
         total.merge(g);
     }
 
-    let header = [
-        "REPOSITORY",
-        "JOB",
-        "EXECUTABLE",
-        "MODEL",
-        "REQUESTS",
-        "INPUT",
-        "OUTPUT",
-        "COST (USD)",
-    ];
-    let mut lines: Vec<[String; 8]> = rows
-        .iter()
+    let nk = by.len();
+    let mut header: Vec<&str> = by.iter().map(|b| b.header()).collect();
+    header.extend(["REQUESTS", "INPUT", "OUTPUT", "COST (USD)"]);
+    let numbers = |g: &Group| {
+        [
+            thousands(g.requests),
+            thousands(g.input),
+            thousands(g.output),
+            g.cost_cell(),
+        ]
+    };
+    let mut lines: Vec<Vec<String>> = rows
+        .iter_mut()
         .map(|(k, g)| {
-            [
-                k[0].clone(),
-                k[1].clone(),
-                k[2].clone(),
-                k[3].clone(),
-                thousands(g.requests),
-                thousands(g.input),
-                thousands(g.output),
-                g.cost_cell(),
-            ]
+            let mut l = std::mem::take(k);
+            l.extend(numbers(g));
+            l
         })
         .collect();
-    lines.push([
-        "TOTAL".into(),
-        String::new(),
-        String::new(),
-        String::new(),
-        thousands(total.requests),
-        thousands(total.input),
-        thousands(total.output),
-        total.cost_cell(),
-    ]);
+    let mut last = vec![String::new(); nk];
+    last[0] = "TOTAL".into();
+    last.extend(numbers(&total));
+    lines.push(last);
 
-    let mut width = header.map(|h| h.chars().count());
+    let mut width: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
     for l in &lines {
         for (w, c) in width.iter_mut().zip(l.iter()) {
             *w = (*w).max(c.chars().count());
         }
     }
-    let fmt_line = |cells: [&str; 8]| -> String {
+    let fmt_line = |cells: &[&str]| -> String {
         let mut s = String::new();
         for (i, c) in cells.iter().enumerate() {
             let pad = width[i].saturating_sub(c.chars().count());
             if i > 0 {
                 s.push_str("  ");
             }
-            if i >= 4 {
+            if i >= nk {
                 s.push_str(&" ".repeat(pad));
                 s.push_str(c);
             } else {
@@ -211,7 +292,7 @@ fn table(records: &[UsageRecord]) -> String {
         s.trim_end().to_string() + "\n"
     };
 
-    let mut out = fmt_line(header);
+    let mut out = fmt_line(&header);
     let n = lines.len();
     for (i, l) in lines.iter().enumerate() {
         if i + 1 == n {
@@ -219,9 +300,8 @@ fn table(records: &[UsageRecord]) -> String {
             out.push_str(&"-".repeat(rule));
             out.push('\n');
         }
-        out.push_str(&fmt_line([
-            &l[0], &l[1], &l[2], &l[3], &l[4], &l[5], &l[6], &l[7],
-        ]));
+        let cells: Vec<&str> = l.iter().map(String::as_str).collect();
+        out.push_str(&fmt_line(&cells));
     }
     if total.priced < total.requests && total.priced > 0 {
         out.push_str(&format!(
@@ -478,5 +558,56 @@ mod tests {
         assert_eq!(arr[0]["estimated"], true);
         let back: Vec<UsageRecord> = serde_json::from_str(&out).expect("round trips");
         assert_eq!(back, vec![r]);
+    }
+
+    #[test]
+    fn group_by_model_and_csv() {
+        let recs = vec![
+            rec(
+                "acme/app",
+                "lint",
+                "/usr/bin/python3",
+                "gpt-4o",
+                10,
+                1,
+                Some(0.25),
+            ),
+            rec("acme/lib", "test", "/usr/bin/node", "gpt-4o", 5, 2, None),
+            rec(
+                "acme/app",
+                "lint",
+                "/usr/bin/curl",
+                "claude, \"x\"",
+                1,
+                1,
+                Some(0.5),
+            ),
+        ];
+        let t = render_by(&recs, ReportFormat::Table, &[GroupBy::Model]);
+        let first = t.lines().next().unwrap();
+        assert!(
+            first.starts_with("MODEL") && !first.contains("REPOSITORY"),
+            "{t}"
+        );
+        let gpt = row(&t, "gpt-4o");
+        assert_eq!(gpt[1..4], ["2", "15", "3"], "{t}");
+        assert_eq!(gpt[4], "0.2500*", "{t}");
+
+        let c = render_by(
+            &recs,
+            ReportFormat::Csv,
+            &[GroupBy::Repository, GroupBy::Model],
+        );
+        let lines: Vec<&str> = c.lines().collect();
+        assert_eq!(
+            lines[0],
+            "repository,model,requests,input_tokens,output_tokens,cost_usd,priced_requests"
+        );
+        assert_eq!(lines.len(), 4, "{c}");
+        assert!(
+            lines.contains(&"acme/app,\"claude, \"\"x\"\"\",1,1,1,0.500000,1"),
+            "{c}"
+        );
+        assert!(lines.contains(&"acme/lib,gpt-4o,1,5,2,,0"), "{c}");
     }
 }
