@@ -18,6 +18,7 @@ use crate::ca::{CaStatus, LocalCa};
 use crate::config::{Config, parse_override_addr};
 use crate::intercept::{self, Intercept, InterceptSettings, resolver};
 use crate::ledger::LedgerWriter;
+use crate::meter::pricing::PriceBook;
 use crate::meter::{RecordSink, UsageRecord};
 use crate::providers::catalogue::provider_hosts;
 use crate::proxy::{self, ProxyState, upstream::Upstream};
@@ -50,6 +51,8 @@ pub enum AppError {
     Upstream(#[from] crate::proxy::upstream::UpstreamError),
     #[error("cannot start the async runtime: {0}")]
     Runtime(std::io::Error),
+    #[error(transparent)]
+    Export(#[from] crate::export::ExportError),
 }
 
 impl AppError {
@@ -69,6 +72,7 @@ impl AppError {
             AppError::Intercept(e) => e.exit_code(),
             AppError::Upstream(_) => USAGE,
             AppError::Runtime(_) => SOFTWARE,
+            AppError::Export(e) => e.exit_code(),
         }
     }
 }
@@ -172,6 +176,43 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     let (ledger_writer, ledger) =
         LedgerWriter::start(&crate::cli::ledger_path(&cfg.state_dir), cfg.ledger.queue)?;
 
+    // Exporters get the records through the same sink as the ledger; their
+    // health view reads the proxy's counters once the proxy exists.
+    let proxy_slot = Arc::new(std::sync::OnceLock::<std::sync::Weak<ProxyState>>::new());
+    let health: crate::export::HealthFn = {
+        let slot = proxy_slot.clone();
+        let ledger = ledger.clone();
+        // The last counters seen, so the final export after the proxy is
+        // gone still reports them.
+        let last = std::sync::Mutex::new(crate::proxy::ProxyStatsSnapshot::default());
+        Arc::new(move || {
+            let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(s) = slot.get().and_then(std::sync::Weak::upgrade) {
+                *last = s.stats.snapshot();
+            }
+            let p = *last;
+            let l = ledger.stats();
+            crate::export::HealthSnapshot {
+                connections_intercepted: p.intercepted,
+                connections_passthrough: p.passthrough + p.passthrough_untrusted,
+                connections_refused: p.refused_no_origin,
+                ledger_written: l.written,
+                ledger_queued: l.queued,
+                ledger_errors: l.errors,
+                up: true,
+            }
+        })
+    };
+    let mut resource = crate::export::ResourceInfo::from_host();
+    resource.runner_name = std::env::var("RUNNER_NAME").ok().filter(|s| !s.is_empty());
+    let (exporter, export_sink) = crate::export::start(&cfg.export, resource, health)?;
+    let live = Arc::new(crate::control::LiveState::new());
+    let sink: Arc<dyn RecordSink> = Arc::new(crate::meter::FanOut(vec![
+        Arc::new(ledger.clone()),
+        export_sink,
+        live.clone(),
+    ]));
+
     // Listeners before programs: a redirected connect must find someone home.
     let v4 = TcpListener::bind(cfg.proxy.listen)
         .await
@@ -216,15 +257,27 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         shutdown_rx.clone(),
     );
 
-    let state = Arc::new(ProxyState::new(
-        intercept.clone(),
-        Arc::new(ca),
-        upstream,
-        hosts,
-        Attributor::new("/proc".into()),
-        Arc::new(ledger.clone()),
-        cfg.proxy.max_request_body,
-    ));
+    let state = Arc::new(
+        ProxyState::new(
+            intercept.clone(),
+            Arc::new(ca),
+            upstream,
+            hosts,
+            Attributor::new("/proc".into()).with_teams(cfg.teams.clone()),
+            sink,
+            cfg.proxy.max_request_body,
+        )
+        .with_prices(Arc::new(PriceBook::new(&cfg.pricing)))
+        .with_live(live.handle()),
+    );
+    let _ = proxy_slot.set(Arc::downgrade(&state));
+    let control_task = match crate::control::ControlServer::bind(&cfg.control) {
+        Ok(server) => Some(tokio::spawn(server.run(live.clone(), shutdown_rx.clone()))),
+        Err(e) => {
+            warn!(error = %e, "no control socket: `tollgate top` will not work");
+            None
+        }
+    };
     let drain = Duration::from_secs(cfg.proxy.drain_secs);
     let proxy_task = tokio::spawn(proxy::serve(listeners, state.clone(), shutdown_rx, drain));
 
@@ -252,8 +305,14 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         warn!(error = %e, "could not clear the provider map before draining");
     }
     let _ = proxy_task.await;
+    if let Some(t) = control_task {
+        let _ = t.await;
+    }
     drop(state);
     let written = ledger_writer.shutdown(Duration::from_secs(30))?;
+    if let Err(e) = exporter.shutdown(Duration::from_secs(10)).await {
+        warn!(error = %e, "export shutdown");
+    }
     info!(records = written, "ledger flushed; bye");
     Ok(())
 }

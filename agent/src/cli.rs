@@ -38,16 +38,32 @@ pub enum Command {
     /// Manage trust in the local CA.
     #[command(subcommand)]
     Trust(TrustCommand),
+    /// Live view of the running agent: spend by process and job (root).
+    Top(TopArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct TopArgs {
+    /// The agent's control socket. Default: [control] socket of the config
+    /// (/run/tollgate/control.sock).
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Print one plain-text snapshot and exit (for scripts).
+    #[arg(long)]
+    pub once: bool,
 }
 
 #[derive(Debug, clap::Args)]
 pub struct ReportArgs {
     /// Print a JSON array of the matching records instead of a table.
-    #[arg(long, conflicts_with = "csv")]
+    #[arg(long, conflicts_with_all = ["csv", "markdown"])]
     pub json: bool,
     /// Print the table's groups as CSV.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "markdown")]
     pub csv: bool,
+    /// Print the table as GitHub-flavoured Markdown (job summaries).
+    #[arg(long)]
+    pub markdown: bool,
     /// Only requests since a time: a duration back from now (`90m`, `24h`,
     /// `7d`) or a date/time (`2026-11-01`, `2026-11-01T12:00:00Z`).
     #[arg(long, value_name = "WHEN", value_parser = parse_since)]
@@ -58,6 +74,9 @@ pub struct ReportArgs {
     /// Only this job.
     #[arg(long)]
     pub job: Option<String>,
+    /// Only this CI run (`GITHUB_RUN_ID`, `CI_PIPELINE_ID`, ...).
+    #[arg(long)]
+    pub run_id: Option<String>,
     /// Group the table by these keys, in order (comma-separated or repeated).
     /// Default: repository,job,exe,model.
     #[arg(long, value_enum, value_delimiter = ',')]
@@ -168,6 +187,8 @@ pub enum CmdError {
     Ledger(#[from] crate::ledger::LedgerError),
     #[error(transparent)]
     App(#[from] crate::app::AppError),
+    #[error(transparent)]
+    Top(#[from] crate::control::top::TopError),
 }
 
 impl CmdError {
@@ -177,6 +198,7 @@ impl CmdError {
             CmdError::Trust(e) => e.exit_code(),
             CmdError::Ledger(e) => e.exit_code(),
             CmdError::App(e) => e.exit_code(),
+            CmdError::Top(e) => e.exit_code(),
         }
     }
 }
@@ -199,22 +221,42 @@ pub fn report(cfg: &Config, args: &ReportArgs) -> Result<(), CmdError> {
         since_ms: args.since,
         repository: args.repository.clone(),
         job: args.job.clone(),
+        run_id: args.run_id.clone(),
     };
-    let records = if path.exists() {
-        Ledger::open(&path)?.query(&filter)?
-    } else {
-        Vec::new()
+    // A missing ledger is an empty one; an unreadable directory is an error.
+    let records = match std::fs::metadata(&path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        // Not root: read the root-owned ledger without writing it.
+        _ => match Ledger::open(&path) {
+            Err(crate::ledger::LedgerError::Permission { .. }) => Ledger::open_read_only(&path)?,
+            other => other?,
+        }
+        .query(&filter)?,
     };
     let format = if args.json {
         ReportFormat::Json
     } else if args.csv {
         ReportFormat::Csv
+    } else if args.markdown {
+        ReportFormat::Markdown
     } else {
         ReportFormat::Table
     };
     let by: Vec<GroupBy> = args.by.iter().map(|b| (*b).into()).collect();
     print!("{}", report::render_by(&records, format, &by));
     Ok(())
+}
+
+/// `tollgate top`: the live view, or one plain snapshot with `--once`.
+pub fn top(cfg: &Config, args: &TopArgs) -> Result<(), CmdError> {
+    let socket = args.socket.as_deref().unwrap_or(&cfg.control.socket);
+    if args.once {
+        let text =
+            crate::control::top::once(socket).map_err(crate::control::top::TopError::from)?;
+        print!("{text}");
+        return Ok(());
+    }
+    Ok(crate::control::top::run(socket)?)
 }
 
 pub fn trust(cfg: &Config, cmd: &TrustCommand) -> Result<(), CmdError> {

@@ -60,6 +60,8 @@ pub struct Config {
     pub teams: Vec<crate::attribution::teams::TeamRule>,
     /// OTLP export, audit log.
     pub export: crate::export::ExportConfig,
+    /// The local control socket (`tollgate top`).
+    pub control: crate::control::ControlConfig,
 }
 
 impl Default for Config {
@@ -76,6 +78,7 @@ impl Default for Config {
             pricing: Default::default(),
             teams: Vec::new(),
             export: Default::default(),
+            control: Default::default(),
         }
     }
 }
@@ -314,6 +317,7 @@ impl Config {
         let sub = |r: Result<(), (String, String)>| r.map_err(|(k, m)| invalid(&k, m));
         sub(self.pricing.validate())?;
         sub(self.export.validate())?;
+        sub(self.control.validate())?;
         sub(crate::attribution::teams::validate(&self.teams))?;
         if let Err(e) = self.log.level.parse::<tracing_subscriber::EnvFilter>() {
             return Err(invalid("log.level", format!("`{}`: {e}", self.log.level)));
@@ -396,6 +400,13 @@ api = "azure-openai"
             parse_override_addr("127.0.0.9").unwrap(),
             "127.0.0.9:443".parse().unwrap()
         );
+    }
+
+    #[test]
+    fn the_shipped_example_parses_and_validates() {
+        let c = Config::parse(include_str!("../../deploy/tollgate.toml.example"))
+            .expect("deploy/tollgate.toml.example parses");
+        c.validate().expect("and validates");
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod attribution;
 pub mod ca;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod export;
 pub mod intercept;
 pub mod ledger;

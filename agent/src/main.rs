@@ -36,6 +36,7 @@ fn main() -> ExitCode {
         Command::Run => app::run_blocking(cfg).map_err(cli::CmdError::from),
         Command::Report(args) => cli::report(&cfg, args),
         Command::Trust(cmd) => cli::trust(&cfg, cmd),
+        Command::Top(args) => cli::top(&cfg, args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

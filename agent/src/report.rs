@@ -21,6 +21,9 @@ pub enum ReportFormat {
     Json,
     /// The table's groups as CSV (RFC 4180), one header line, no total.
     Csv,
+    /// The table as a GitHub-flavoured Markdown table with a total row
+    /// and the same footnotes (job summaries, merge request notes).
+    Markdown,
 }
 
 /// A grouping key of the table.
@@ -51,6 +54,18 @@ impl GroupBy {
             GroupBy::Model => "MODEL",
             GroupBy::Team => "TEAM",
             GroupBy::Provider => "PROVIDER",
+        }
+    }
+
+    /// The column title in Markdown.
+    fn title(self) -> &'static str {
+        match self {
+            GroupBy::Repository => "Repository",
+            GroupBy::Job => "Job",
+            GroupBy::Exe => "Executable",
+            GroupBy::Model => "Model",
+            GroupBy::Team => "Team",
+            GroupBy::Provider => "Provider",
         }
     }
 
@@ -175,7 +190,72 @@ pub fn render_by(records: &[UsageRecord], format: ReportFormat, by: &[GroupBy]) 
         },
         ReportFormat::Table => table(records, by),
         ReportFormat::Csv => csv(records, by),
+        ReportFormat::Markdown => markdown(records, by),
     }
+}
+
+/// A Markdown table cell: pipes, backslashes and emphasis characters
+/// escaped, so a model or job name cannot break or style the table.
+fn md_cell(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '|' | '\\' | '*' | '_' | '`' | '<' | '>' | '[' | ']') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn markdown(records: &[UsageRecord], by: &[GroupBy]) -> String {
+    if records.is_empty() {
+        return "no requests recorded yet\n".into();
+    }
+    let rows = grouped(records, by);
+    let mut total = Group::default();
+    for (_, g) in &rows {
+        total.merge(g);
+    }
+    let numbers = |g: &Group| {
+        [
+            thousands(g.requests),
+            thousands(g.input),
+            thousands(g.output),
+            md_cell(&g.cost_cell()),
+        ]
+    };
+    let line = |cells: Vec<String>| format!("| {} |\n", cells.join(" | "));
+    let mut head: Vec<String> = by.iter().map(|b| b.title().to_string()).collect();
+    head.extend(["Requests", "Input tokens", "Output tokens", "Cost (USD)"].map(String::from));
+    let mut out = line(head);
+    let mut rule: Vec<String> = by.iter().map(|_| "---".to_string()).collect();
+    rule.extend(["---:"; 4].map(String::from));
+    out.push_str(&line(rule));
+    for (k, g) in &rows {
+        let mut cells: Vec<String> = k.iter().map(|c| md_cell(c)).collect();
+        cells.extend(numbers(g));
+        out.push_str(&line(cells));
+    }
+    let mut last = vec![String::new(); by.len()];
+    last[0] = "**Total**".into();
+    last.extend(numbers(&total).map(|n| format!("**{n}**")));
+    out.push_str(&line(last));
+    if total.priced < total.requests && total.priced > 0 {
+        out.push_str(&format!(
+            "\n\\* {} of {} requests have no known price; costs marked \\* count the priced ones only.\n",
+            total.requests - total.priced,
+            total.requests
+        ));
+    } else if total.priced == 0 {
+        out.push_str("\nNo request has a known price yet.\n");
+    }
+    let estimated = records.iter().filter(|r| r.estimated).count();
+    if estimated > 0 {
+        out.push_str(&format!(
+            "\n{estimated} requests were estimated locally (the provider sent no count).\n"
+        ));
+    }
+    out
 }
 
 fn grouped(records: &[UsageRecord], by: &[GroupBy]) -> Vec<(Vec<String>, Group)> {
@@ -558,6 +638,60 @@ mod tests {
         assert_eq!(arr[0]["estimated"], true);
         let back: Vec<UsageRecord> = serde_json::from_str(&out).expect("round trips");
         assert_eq!(back, vec![r]);
+    }
+
+    #[test]
+    fn markdown_table() {
+        let mut est = rec(
+            "acme/app",
+            "test",
+            "/usr/bin/python3",
+            "gpt-4o",
+            1000,
+            10,
+            Some(0.5),
+        );
+        est.estimated = true;
+        let recs = vec![
+            rec(
+                "acme/app",
+                "test",
+                "/usr/bin/python3",
+                "gpt-4o",
+                1000,
+                100,
+                Some(1.25),
+            ),
+            est,
+            rec(
+                "acme/app",
+                "test",
+                "/usr/bin/node",
+                "claude|x_y",
+                7,
+                3,
+                None,
+            ),
+        ];
+        let md = render_by(
+            &recs,
+            ReportFormat::Markdown,
+            &[GroupBy::Model, GroupBy::Exe],
+        );
+        assert_eq!(
+            md,
+            "| Model | Executable | Requests | Input tokens | Output tokens | Cost (USD) |\n\
+             | --- | --- | ---: | ---: | ---: | ---: |\n\
+             | gpt-4o | python3 | 2 | 2,000 | 110 | 1.7500 |\n\
+             | claude\\|x\\_y | node | 1 | 7 | 3 | - |\n\
+             | **Total** |  | **3** | **2,007** | **113** | **1.7500\\*** |\n\
+             \n\\* 1 of 3 requests have no known price; costs marked \\* count the priced ones only.\n\
+             \n1 requests were estimated locally (the provider sent no count).\n"
+        );
+        assert_eq!(
+            render(&[], ReportFormat::Markdown),
+            "no requests recorded yet\n"
+        );
     }
 
     #[test]

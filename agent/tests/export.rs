@@ -830,7 +830,7 @@ async fn a_full_queue_drops_and_counts_instead_of_waiting() {
             1,
         ));
         let st = exporter.stats();
-        max_backlog = max_backlog.max(st.metrics_accepted - st.metrics_recorded);
+        max_backlog = max_backlog.max(st.metrics_accepted.saturating_sub(st.metrics_recorded));
     }
     exporter.flush(FLUSH).await.expect("flush");
     let st = exporter.stats();
@@ -885,7 +885,7 @@ async fn unreachable(p: OtlpProtocol) {
             1,
         ));
         let s = exporter.stats();
-        max_backlog = max_backlog.max(s.metrics_accepted - s.metrics_recorded);
+        max_backlog = max_backlog.max(s.metrics_accepted.saturating_sub(s.metrics_recorded));
     }
     assert!(max_backlog <= cfg.queue as u64 + 1, "backlog {max_backlog}");
     // Let a few export attempts fail against the closed port.
@@ -984,4 +984,93 @@ async fn audit_log_appends_json_lines_and_rotates() {
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(&path).expect("meta").permissions().mode() & 0o777;
     assert_eq!(mode & 0o007, 0, "not world-readable: {mode:o}");
+}
+
+async fn spans(t: Transport) {
+    let rx = receiver(t).await;
+    let mut cfg = config(&rx.endpoint(), protocol(t));
+    cfg.otlp.traces = true;
+    cfg.otlp.semconv = Some(Semconv::LatestExperimental);
+    let (exporter, sink) = start(&cfg).await;
+    let mut a = rec(
+        1,
+        "anthropic",
+        "api.anthropic.com",
+        "chat",
+        "claude-sonnet-4",
+        1200,
+        340,
+    );
+    a.usage.cached_input_tokens = 1000;
+    a.usage.cache_write_input_tokens = 100;
+    a.streaming = true;
+    a.ttfb_ms = Some(250);
+    a.cost_usd = Some(0.02);
+    let mut b = rec(2, "openai", "api.openai.com", "chat", "gpt-4o", 0, 0);
+    b.status = 500;
+    b.response_model = None;
+    sink.submit(a);
+    sink.submit(b);
+    exporter.flush(FLUSH).await.expect("flush");
+    let spans = rx.spans();
+    assert_eq!(spans.len(), 2, "{spans:?}");
+    let ok = spans
+        .iter()
+        .find(|s| s.name == "chat claude-sonnet-4")
+        .expect("span named {operation} {model}");
+    assert_eq!(ok.kind, 3, "CLIENT");
+    assert_eq!(ok.resource.get("service.name"), Some(&s("tollgate")));
+    let start_ns = (1_700_000_000_000u64 + 1) * 1_000_000;
+    assert_eq!(ok.start_unix_nano, start_ns);
+    assert_eq!(ok.end_unix_nano, start_ns + 1_200_000_000);
+    let a = &ok.attributes;
+    assert_eq!(a.get("gen_ai.usage.input_tokens"), Some(&Value::Int(1200)));
+    assert_eq!(a.get("gen_ai.usage.output_tokens"), Some(&Value::Int(340)));
+    assert_eq!(
+        a.get("gen_ai.usage.cache_read.input_tokens"),
+        Some(&Value::Int(1000))
+    );
+    assert_eq!(
+        a.get("gen_ai.usage.cache_write.input_tokens"),
+        Some(&Value::Int(100))
+    );
+    assert_eq!(a.get("gen_ai.request.stream"), Some(&Value::Bool(true)));
+    assert_eq!(
+        a.get("gen_ai.response.time_to_first_chunk"),
+        Some(&Value::Double(0.25))
+    );
+    assert_eq!(a.get("gen_ai.provider.name"), Some(&s("anthropic")));
+    assert_eq!(a.get("gen_ai.request.model"), Some(&s("claude-sonnet-4")));
+    assert_eq!(a.get("process.pid"), Some(&Value::Int(4242)));
+    assert_eq!(a.get("cicd.pipeline.run.id"), Some(&s("987654")));
+    assert!(
+        a.get("process.command_line").is_none(),
+        "only with the switch"
+    );
+    assert!(
+        !a.keys()
+            .any(|k| k.contains("messages") || k.contains("prompt") || k.contains("completion")),
+        "no content attributes: {a:?}"
+    );
+    assert_eq!(ok.status.0, 0, "unset on success");
+    let failed = spans
+        .iter()
+        .find(|s| s.name == "chat gpt-4o")
+        .expect("failed span");
+    assert_eq!(failed.attributes.get("error.type"), Some(&s("500")));
+    assert_eq!(failed.status, (2, "500".to_string()));
+    exporter
+        .shutdown(Duration::from_secs(10))
+        .await
+        .expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_one_span_per_request_with_genai_attributes() {
+    spans(Transport::Grpc).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_one_span_per_request_with_genai_attributes() {
+    spans(Transport::Http).await;
 }

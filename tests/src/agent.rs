@@ -40,6 +40,10 @@ impl Agent {
         if let Some(ca) = &opts.extra_ca {
             toml += &format!("[upstream]\nextra_ca = {ca:?}\n");
         }
+        toml += &format!(
+            "[control]\nsocket = {:?}\n",
+            state_dir.path().join("control.sock")
+        );
         toml += "[resolver]\nrefresh_secs = 3600\n[resolver.overrides]\n";
         for (h, addrs) in &opts.overrides {
             toml += &format!("{h:?} = {addrs:?}\n");
@@ -104,6 +108,11 @@ impl Agent {
                 panic!("agent not ready after 60 s; log:\n{}", agent.log());
             }
         }
+    }
+
+    /// The agent's control socket (for `tollgate top`).
+    pub fn control_socket(&self) -> PathBuf {
+        self.state_dir.path().join("control.sock")
     }
 
     pub fn pid(&self) -> Option<u32> {

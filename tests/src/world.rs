@@ -125,6 +125,10 @@ pub fn assert_row_matches(row: &Value, rep: &Reported) {
     );
     assert_eq!(row["streaming"], rep.stream, "streaming{ctx}");
     assert_eq!(row["estimated"], false, "estimated{ctx}");
+    assert!(
+        row["error"].is_null(),
+        "no error on a complete request{ctx}"
+    );
     assert_eq!(
         row["model"].as_str(),
         Some(rep.model.as_str()),

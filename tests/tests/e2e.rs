@@ -74,7 +74,8 @@ fn openai_python_sdk_is_counted_streaming_and_not() {
         assert_eq!(s(row, "response_model"), "gpt-4o-mini-2024-07-18");
         assert_eq!(s(row, "operation"), "chat");
         assert_eq!(u(row, "status"), 200);
-        assert!(row["cost_usd"].is_null());
+        let cost = row["cost_usd"].as_f64().expect("gpt-4o-mini has a price");
+        assert!(cost > 0.0 && cost < 0.01, "{row}");
         assert_eq!(s(row, "repository"), "acme/widgets");
         assert_eq!(s(row, "job"), "lint");
         assert_eq!(s(row, "workflow"), "CI");
@@ -297,4 +298,35 @@ s.close()
     assert_eq!(rows.len(), 1, "{rows:#?}");
     assert_eq!(u(&rows[0], "output_tokens"), 40, "{}", rows[0]);
     assert_eq!(s(&rows[0], "error"), "client_disconnected", "{}", rows[0]);
+}
+
+#[test]
+#[ignore = "needs root, cgroup v2 and BPF"]
+fn top_shows_the_live_spend_of_the_running_agent() {
+    let w = World::start("top", 8);
+    let client = w.client(GITHUB_ENV);
+    ok(
+        &client.python(
+            r#"
+import openai
+c = openai.OpenAI(api_key="sk-test", max_retries=0)
+for _ in range(3):
+    c.chat.completions.create(model="gpt-4o-mini", max_tokens=4, messages=[{"role": "user", "content": "hi"}])
+"#,
+        ),
+        "python",
+    );
+    w.agent.wait_for_records(3);
+    let sock = w.agent.control_socket();
+    let out = w
+        .agent
+        .command(&["top", "--once", "--socket", sock.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("python"), "{text}");
+    assert!(text.contains("acme/widgets"), "{text}");
 }

@@ -264,3 +264,52 @@ fn http2_client_through_the_agent() {
     assert_eq!(out.trim(), "2", "HTTP/2 between client and agent");
     w.assert_ledger_matches_provider(1);
 }
+
+#[test]
+#[ignore = "needs root, cgroup v2 and BPF"]
+fn missing_usage_is_estimated_locally_and_unknown_models_cost_null() {
+    let w = World::start("estimate", 19);
+    let client = w.client(&[]);
+    ok(
+        &client.python(
+            r#"
+import openai
+c = openai.OpenAI(api_key="sk-test", max_retries=0)
+r = c.chat.completions.create(model="gpt-4o", max_tokens=8, extra_headers={"x-fake-no-usage": "1"},
+    messages=[{"role": "user", "content": "the quick brown fox jumps over the lazy dog"}])
+assert r.usage is None
+c.chat.completions.create(model="my-private-finetune", max_tokens=3,
+    messages=[{"role": "user", "content": "hello"}])
+"#,
+        ),
+        "python openai",
+    );
+    let rows = w.agent.wait_for_records(2);
+    assert_eq!(rows.len(), 2, "{rows:#?}");
+    // The estimate is computed off the async workers, so rows may land in
+    // either order.
+    let by_model = |m: &str| {
+        rows.iter()
+            .find(|r| r["model"] == m)
+            .unwrap_or_else(|| panic!("no row for {m}: {rows:#?}"))
+    };
+    let est = by_model("gpt-4o");
+    assert_eq!(est["estimated"], true, "{est}");
+    // "tok tok ... tok" (8 words) is 8 tokens in o200k_base; the prompt is
+    // 9 words plus the chat framing.
+    assert_eq!(est["output_tokens"], 8, "{est}");
+    let input = est["input_tokens"].as_u64().unwrap();
+    assert!((9..=20).contains(&input), "{est}");
+    assert!(
+        est["cost_usd"].as_f64().unwrap() > 0.0,
+        "estimated counts are priced: {est}"
+    );
+    assert!(est["error"].is_null(), "{est}");
+    let unknown = by_model("my-private-finetune");
+    assert_eq!(unknown["estimated"], false);
+    assert!(
+        unknown["cost_usd"].is_null(),
+        "unknown model has no cost: {unknown}"
+    );
+    assert_eq!(unknown["output_tokens"], 3);
+}

@@ -1,7 +1,8 @@
-//! `cargo xtask`: make a fresh machine ready, build, test, demo.
+//! `cargo xtask`: make a fresh machine ready, build, test, demo, bench.
 //!
 //! Owns: everything the build and the tests need that cargo does not bring
-//! (the nightly rust-src, bpf-linker, Debian packages, the SDK virtualenv).
+//! (the nightly rust-src, bpf-linker, Debian packages, the SDK virtualenv,
+//! the benchmark's peer gateways).
 //! Must never: be needed by the agent at run time; install what is already
 //! there (every step checks first, so a second `setup` takes seconds).
 
@@ -35,6 +36,17 @@ enum Cmd {
     /// Set up, build, and run the agent against a local simulated provider
     /// with real clients, then print the spend report (needs root).
     Demo,
+    /// Build in release mode, install the peer gateways (LiteLLM,
+    /// mitmproxy, tiktoken) under target/bench-venv, and run the benchmark
+    /// suite: prints a table, writes target/bench/results.json (needs root).
+    Bench {
+        /// A smaller version of every row (under 2 minutes).
+        #[arg(long)]
+        quick: bool,
+        /// Extra arguments for tollgate-bench (`--rows latency,tokens`, ...).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
 }
 
 /// Versions of the Python SDKs the end-to-end tests drive.
@@ -52,8 +64,18 @@ const APT: &[(&str, &str)] = &[
     ("unshare", "util-linux"),
     ("mount", "mount"),
     ("sqlite3", "sqlite3"),
+    // `tollgate top` is checked by reading its screen in tmux.
+    ("tmux", "tmux"),
 ];
 const BPF_LINKER_VERSION: &str = "0.10.4";
+/// The benchmark's peers, one virtualenv each under target/bench-venv
+/// (their pins conflict). litellm 1.106.12 is the newest whose `[proxy]`
+/// extra resolves from PyPI here (newer ones pin packages that are not
+/// published); tiktoken goes with it (litellm needs it anyway).
+const BENCH_VENVS: &[(&str, &[&str])] = &[
+    ("litellm", &["litellm[proxy]==1.106.12", "tiktoken==0.14.0"]),
+    ("mitmproxy", &["mitmproxy==11.0.2"]),
+];
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -91,6 +113,14 @@ fn is_root() -> bool {
 }
 
 fn setup() -> Result<()> {
+    setup_build()?;
+    setup_sdks()?;
+    eprintln!("xtask: setup complete");
+    Ok(())
+}
+
+/// What building the agent needs: the eBPF toolchain and Debian packages.
+fn setup_build() -> Result<()> {
     // 1. rust-src for the nightly toolchain (the eBPF build uses build-std).
     let installed = Command::new("rustup")
         .args(["component", "list", "--toolchain", "nightly", "--installed"])
@@ -138,6 +168,11 @@ fn setup() -> Result<()> {
             .args(["install", "-y"])
             .args(&missing))?;
     }
+    Ok(())
+}
+
+/// The SDKs the end-to-end tests drive.
+fn setup_sdks() -> Result<()> {
     // 4. The SDK virtualenv for the end-to-end tests.
     let venv = root().join("target/e2e-venv");
     let marker = venv.join(".tollgate-requirements");
@@ -177,7 +212,6 @@ fn setup() -> Result<()> {
             .args(NODE_REQUIREMENTS))?;
         std::fs::write(&marker, want)?;
     }
-    eprintln!("xtask: setup complete");
     Ok(())
 }
 
@@ -235,10 +269,62 @@ fn demo() -> Result<()> {
         .env("TOLLGATE_PYTHON", root().join("target/e2e-venv/bin/python")))
 }
 
+/// A virtualenv under target/ with `reqs`, made or updated only when its
+/// marker file does not list exactly `reqs`.
+fn venv(dir: &Path, reqs: &[&str]) -> Result<()> {
+    let marker = dir.join(".tollgate-requirements");
+    let want = reqs.join("\n");
+    if std::fs::read_to_string(&marker).ok().as_deref() == Some(want.as_str()) {
+        return Ok(());
+    }
+    if !dir.join("bin/python").exists() {
+        run(Command::new("python3").args(["-m", "venv"]).arg(dir))?;
+    }
+    run(Command::new(dir.join("bin/pip"))
+        .args(["install", "--quiet", "--disable-pip-version-check"])
+        .args(reqs))?;
+    std::fs::write(&marker, want)?;
+    Ok(())
+}
+
+fn bench(quick: bool, args: &[String]) -> Result<()> {
+    if !is_root() {
+        bail!("the benchmark loads eBPF programs: run it as root (sudo -E cargo xtask bench)");
+    }
+    setup_build()?;
+    // A peer that cannot be installed is reported as SKIP by its rows,
+    // with the reason, rather than stopping the whole suite.
+    let venvs = root().join("target/bench-venv");
+    for (name, reqs) in BENCH_VENVS {
+        if let Err(e) = venv(&venvs.join(name), reqs) {
+            eprintln!("xtask: warning: cannot install {reqs:?}: {e:#}; its rows will say SKIP");
+        }
+    }
+    run(cargo().args(["build", "--release", "-p", "tollgate", "--bin", "tollgate"]))?;
+    run(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "tollgate-e2e",
+        "--bin",
+        "tollgate-bench",
+    ]))?;
+    let mut b = Command::new(root().join("target/release/tollgate-bench"));
+    b.env("TOLLGATE_BIN", root().join("target/release/tollgate"))
+        .env("TOLLGATE_BENCH_VENV", &venvs)
+        .arg("--out")
+        .arg(root().join("target/bench/results.json"));
+    if quick {
+        b.arg("--quick");
+    }
+    run(b.args(args))
+}
+
 fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Setup => setup(),
         Cmd::Test { no_lint, args } => test(no_lint, &args),
         Cmd::Demo => demo(),
+        Cmd::Bench { quick, args } => bench(quick, &args),
     }
 }

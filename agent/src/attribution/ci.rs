@@ -1,5 +1,7 @@
 //! CI job identity from a process environment: GitHub Actions first, then
-//! GitLab CI, then Buildkite. Only the variables named here are kept.
+//! GitLab CI, Buildkite, Azure Pipelines, CircleCI and Jenkins (last: a job
+//! of another system may set `JENKINS_URL` to talk to a Jenkins). Only the
+//! variables named here are kept.
 
 /// Every variable read; anything else in `environ` is skipped unread.
 const KNOWN: &[&str] = &[
@@ -25,8 +27,40 @@ const KNOWN: &[&str] = &[
     "BUILDKITE_PIPELINE_SLUG",
     "BUILDKITE_LABEL",
     "BUILDKITE_BUILD_ID",
+    "BUILDKITE_JOB_ID",
     "BUILDKITE_BRANCH",
     "BUILDKITE_AGENT_NAME",
+    "TF_BUILD",
+    "BUILD_REPOSITORY_NAME",
+    "BUILD_DEFINITIONNAME",
+    "SYSTEM_JOBDISPLAYNAME",
+    "AGENT_JOBNAME",
+    "SYSTEM_JOBID",
+    "BUILD_BUILDID",
+    "SYSTEM_JOBATTEMPT",
+    "BUILD_SOURCEBRANCH",
+    "BUILD_SOURCEBRANCHNAME",
+    "AGENT_NAME",
+    "CIRCLECI",
+    "CIRCLE_PROJECT_USERNAME",
+    "CIRCLE_PROJECT_REPONAME",
+    "CIRCLE_REPOSITORY_URL",
+    "CIRCLE_WORKFLOW_ID",
+    "CIRCLE_JOB",
+    "CIRCLE_BUILD_NUM",
+    "CIRCLE_BRANCH",
+    "CIRCLE_TAG",
+    "CIRCLE_NODE_INDEX",
+    "JENKINS_URL",
+    "BUILD_ID",
+    "BUILD_NUMBER",
+    "BUILD_TAG",
+    "JOB_NAME",
+    "STAGE_NAME",
+    "GIT_URL",
+    "GIT_BRANCH",
+    "BRANCH_NAME",
+    "NODE_NAME",
 ];
 
 /// Longest value kept (a variable is not a place for an essay).
@@ -71,6 +105,8 @@ impl CiVars {
                 repository: self.get("GITHUB_REPOSITORY"),
                 workflow: self.get("GITHUB_WORKFLOW"),
                 job: self.get("GITHUB_JOB"),
+                // GitHub exposes no id of the job within the run.
+                job_id: None,
                 run_id: self.get("GITHUB_RUN_ID"),
                 run_attempt: self.get("GITHUB_RUN_ATTEMPT"),
                 ref_name: self.get("GITHUB_REF_NAME"),
@@ -85,6 +121,7 @@ impl CiVars {
                     .get("CI_PIPELINE_NAME")
                     .or_else(|| self.get("CI_PIPELINE_SOURCE")),
                 job: self.get("CI_JOB_NAME"),
+                job_id: self.get("CI_JOB_ID"),
                 run_id: self.get("CI_PIPELINE_ID"),
                 run_attempt: None,
                 ref_name: self.get("CI_COMMIT_REF_NAME"),
@@ -100,14 +137,94 @@ impl CiVars {
                     .or_else(|| self.get("BUILDKITE_PIPELINE_SLUG")),
                 workflow: self.get("BUILDKITE_PIPELINE_SLUG"),
                 job: self.get("BUILDKITE_LABEL"),
+                job_id: self.get("BUILDKITE_JOB_ID"),
                 run_id: self.get("BUILDKITE_BUILD_ID"),
                 run_attempt: None,
                 ref_name: self.get("BUILDKITE_BRANCH"),
                 runner: self.get("BUILDKITE_AGENT_NAME"),
             });
         }
+        if self.is("TF_BUILD", "true") {
+            return Some(CiJob {
+                system: "azure-pipelines",
+                // `owner/name` for GitHub repositories, the repository name
+                // for Azure Repos.
+                repository: self.get("BUILD_REPOSITORY_NAME"),
+                workflow: self.get("BUILD_DEFINITIONNAME"),
+                job: self
+                    .get("SYSTEM_JOBDISPLAYNAME")
+                    .or_else(|| self.get("AGENT_JOBNAME")),
+                job_id: self.get("SYSTEM_JOBID"),
+                run_id: self.get("BUILD_BUILDID"),
+                run_attempt: self.get("SYSTEM_JOBATTEMPT"),
+                // The full branch (`feature/x`), not the last segment that
+                // BUILD_SOURCEBRANCHNAME gives.
+                ref_name: self
+                    .get("BUILD_SOURCEBRANCH")
+                    .map(|r| short_ref(&r))
+                    .or_else(|| self.get("BUILD_SOURCEBRANCHNAME")),
+                runner: self.get("AGENT_NAME"),
+            });
+        }
+        if self.is("CIRCLECI", "true") {
+            let repository = match (
+                self.get("CIRCLE_PROJECT_USERNAME"),
+                self.get("CIRCLE_PROJECT_REPONAME"),
+            ) {
+                (Some(owner), Some(name)) => Some(format!("{owner}/{name}")),
+                _ => self
+                    .get("CIRCLE_REPOSITORY_URL")
+                    .and_then(|r| repo_path(&r)),
+            };
+            return Some(CiJob {
+                system: "circleci",
+                repository,
+                // CircleCI exposes no workflow name to the job, only the
+                // id of the workflow run (below, as the run id).
+                workflow: None,
+                job: self.get("CIRCLE_JOB"),
+                job_id: self.get("CIRCLE_BUILD_NUM"),
+                run_id: self.get("CIRCLE_WORKFLOW_ID"),
+                run_attempt: None,
+                ref_name: self.get("CIRCLE_BRANCH").or_else(|| self.get("CIRCLE_TAG")),
+                // The executor's index within a parallel job: the nearest
+                // thing to a runner name CircleCI gives.
+                runner: self.get("CIRCLE_NODE_INDEX"),
+            });
+        }
+        let jenkins_tag = self
+            .get("BUILD_TAG")
+            .is_some_and(|t| t.starts_with("jenkins-"));
+        let jenkins_build = self.get("BUILD_ID").is_some() || self.get("BUILD_NUMBER").is_some();
+        if jenkins_tag || (self.get("JENKINS_URL").is_some() && jenkins_build) {
+            return Some(CiJob {
+                system: "jenkins",
+                repository: self.get("GIT_URL").and_then(|r| repo_path(&r)),
+                // The pipeline (`folder/pipeline/branch` for multibranch).
+                workflow: self.get("JOB_NAME"),
+                job: self.get("STAGE_NAME"),
+                job_id: None,
+                run_id: self.get("BUILD_NUMBER").or_else(|| self.get("BUILD_ID")),
+                run_attempt: None,
+                ref_name: self
+                    .get("BRANCH_NAME")
+                    .or_else(|| self.get("GIT_BRANCH"))
+                    .map(|r| short_ref(&r)),
+                runner: self.get("NODE_NAME"),
+            });
+        }
         None
     }
+}
+
+/// A branch or tag without `refs/heads/`, `refs/tags/`, `refs/` or a
+/// remote's `origin/` in front.
+fn short_ref(r: &str) -> String {
+    ["refs/heads/", "refs/tags/", "refs/", "origin/"]
+        .iter()
+        .find_map(|p| r.strip_prefix(p))
+        .unwrap_or(r)
+        .to_string()
 }
 
 /// `owner/name` from a git remote (`https://user:token@host/owner/name.git`,
@@ -128,6 +245,7 @@ pub(super) struct CiJob {
     pub repository: Option<String>,
     pub workflow: Option<String>,
     pub job: Option<String>,
+    pub job_id: Option<String>,
     pub run_id: Option<String>,
     pub run_attempt: Option<String>,
     pub ref_name: Option<String>,

@@ -1,16 +1,18 @@
 //! Attribution: which process, CI job and repository made a request.
 //!
 //! Owns: turning the kernel's origin record (pid, uid, cgroup id, comm) into
-//! an `Attribution`, from `/proc/PID/{stat,status,exe,cmdline,environ}` of
-//! the process and, for the CI variables, of its ancestors; a bounded cache
-//! keyed by (pid, start time) so a reused pid is never confused with the
-//! process that had it before.
+//! an `Attribution`, from `/proc/PID/{stat,status,exe,cmdline,environ,
+//! cgroup,cpuset}` of the process and, for the CI variables, of its
+//! ancestors; the team, from the config's `[[teams]]` rules and the
+//! repository; a bounded cache keyed by (pid, start time) so a reused pid
+//! is never confused with the process that had it before.
 //!
 //! Must never: keep, log or return any environment variable but the CI
 //! variables it names (`ci`), store a command line before redacting it
 //! (`redact`), read more of /proc than those files, or fail: a process that
 //! is gone gives a record with what the kernel said.
 
+mod cgroup;
 mod ci;
 mod procfs;
 mod redact;
@@ -24,6 +26,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use crate::meter::Attribution;
 use ci::{CiJob, CiVars};
 use procfs::Proc;
+use teams::TeamRule;
 
 pub use redact::{REDACTED, redact_cmdline};
 
@@ -79,6 +82,8 @@ impl<K: Hash + Eq + Copy, V: Clone> Bounded<K, V> {
 struct ProcInfo {
     exe: Option<String>,
     cmdline: Option<String>,
+    cgroup_path: Option<String>,
+    container_id: Option<String>,
 }
 
 struct Caches {
@@ -91,6 +96,7 @@ struct Caches {
 /// Fills `Attribution`s from /proc, with a cache.
 pub struct Attributor {
     proc_root: PathBuf,
+    teams: Vec<TeamRule>,
     caches: Mutex<Caches>,
 }
 
@@ -98,6 +104,7 @@ impl std::fmt::Debug for Attributor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Attributor")
             .field("proc_root", &self.proc_root)
+            .field("teams", &self.teams.len())
             .finish_non_exhaustive()
     }
 }
@@ -111,11 +118,19 @@ impl Attributor {
     fn with_capacity(proc_root: PathBuf, cap: usize) -> Self {
         Attributor {
             proc_root,
+            teams: Vec::new(),
             caches: Mutex::new(Caches {
                 procs: Bounded::new(cap),
                 ci: Bounded::new(cap),
             }),
         }
+    }
+
+    /// Fills `team` from these rules (the config's `[[teams]]`, already
+    /// validated): the first rule with a pattern matching the repository.
+    pub fn with_teams(mut self, rules: Vec<TeamRule>) -> Self {
+        self.teams = rules;
+        self
     }
 
     fn caches(&self) -> MutexGuard<'_, Caches> {
@@ -139,16 +154,24 @@ impl Attributor {
         let info = self.proc_info(key);
         a.exe = info.exe.clone();
         a.cmdline = info.cmdline.clone();
+        a.cgroup_path = info.cgroup_path.clone();
+        a.container_id = info.container_id.clone();
         if let Some(job) = self.ci_job(key) {
             a.ci_system = Some(job.system.to_string());
             a.repository = job.repository.clone();
             a.workflow = job.workflow.clone();
             a.job = job.job.clone();
+            a.job_id = job.job_id.clone();
             a.run_id = job.run_id.clone();
             a.run_attempt = job.run_attempt.clone();
             a.ref_name = job.ref_name.clone();
             a.runner = job.runner.clone();
         }
+        a.team = a
+            .repository
+            .as_deref()
+            .and_then(|r| teams::team_for(&self.teams, r))
+            .map(str::to_string);
         a
     }
 
@@ -157,11 +180,17 @@ impl Attributor {
             return hit;
         }
         let p = Proc::new(&self.proc_root, key.0);
+        let cg = p.cgroup();
         let info = Arc::new(ProcInfo {
             exe: p.exe(),
             cmdline: p
                 .cmdline()
                 .map(|c| truncate(redact_cmdline(&c), CMDLINE_KEEP)),
+            cgroup_path: cg.as_deref().and_then(cgroup::unified_path),
+            container_id: cg
+                .as_deref()
+                .and_then(cgroup::container_in_cgroup_file)
+                .or_else(|| p.cpuset().and_then(|c| cgroup::container_id(&c))),
         });
         self.caches().procs.insert(key, Arc::clone(&info));
         info

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 const CMDLINE_MAX: u64 = 256 << 10;
 /// Largest `environ` read (Linux caps the initial environment near this).
 const ENVIRON_MAX: u64 = 4 << 20;
-/// Largest `stat` / `status` read.
+/// Largest `stat` / `status` / `cgroup` / `cpuset` read.
 const SMALL_MAX: u64 = 16 << 10;
 
 /// A view of one process under a proc root.
@@ -50,6 +50,19 @@ impl Proc {
         std::fs::read_link(self.dir.join("exe"))
             .ok()
             .map(|p| p.to_string_lossy().into_owned())
+    }
+
+    /// `/proc/PID/cgroup`: one `ID:CONTROLLERS:PATH` line per hierarchy.
+    pub(super) fn cgroup(&self) -> Option<String> {
+        self.read("cgroup", SMALL_MAX)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+    }
+
+    /// `/proc/PID/cpuset`: the path of the process's cpuset cgroup.
+    pub(super) fn cpuset(&self) -> Option<String> {
+        self.read("cpuset", SMALL_MAX)
+            .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+            .filter(|s| !s.is_empty())
     }
 
     /// Arguments, NUL-separated in the file, joined by spaces (not redacted).

@@ -375,3 +375,401 @@ fn long_command_lines_are_cut_after_redaction() {
     assert!(c.len() <= CMDLINE_KEEP + '…'.len_utf8(), "{}", c.len());
     assert!(c.starts_with("x [REDACTED] é") && c.ends_with('…'));
 }
+
+/// A process with `env`, alone under `root`, attributed.
+fn attribute_env(env: &[(&str, &str)]) -> Attribution {
+    let t = tempfile::tempdir().expect("tempdir");
+    write_proc(
+        t.path(),
+        &FakeProc {
+            pid: 40,
+            ppid: 1,
+            start: 1,
+            env,
+            args: &["x"],
+            exe: "/x",
+        },
+    );
+    let a = Attributor::new(t.path().to_path_buf()).attribute(40, 0, 0, "x");
+    let all = format!("{a:?}");
+    assert!(!all.contains("SECRET"), "a secret leaked: {all}");
+    a
+}
+
+/// The CI fields, in `Attribution` order.
+fn ci_fields(a: &Attribution) -> [Option<&str>; 9] {
+    [
+        a.ci_system.as_deref(),
+        a.repository.as_deref(),
+        a.workflow.as_deref(),
+        a.job.as_deref(),
+        a.job_id.as_deref(),
+        a.run_id.as_deref(),
+        a.run_attempt.as_deref(),
+        a.ref_name.as_deref(),
+        a.runner.as_deref(),
+    ]
+}
+
+#[test]
+fn each_ci_system_fills_the_same_fields() {
+    let gh = attribute_env(GITHUB);
+    assert_eq!(
+        ci_fields(&gh),
+        [
+            Some("github-actions"),
+            Some("acme/app"),
+            Some("CI"),
+            Some("test"),
+            None,
+            Some("123456"),
+            Some("2"),
+            Some("main"),
+            Some("runner-1")
+        ]
+    );
+
+    let gl = attribute_env(&[
+        ("GITLAB_CI", "true"),
+        ("CI_PROJECT_PATH", "group/sub/project"),
+        ("CI_PIPELINE_NAME", "nightly"),
+        ("CI_PIPELINE_ID", "9"),
+        ("CI_JOB_NAME", "build"),
+        ("CI_JOB_ID", "4242"),
+        ("CI_COMMIT_REF_NAME", "dev"),
+        ("CI_RUNNER_DESCRIPTION", "shared-1"),
+        ("CI_JOB_TOKEN", "glcbt-SECRET"),
+    ]);
+    assert_eq!(
+        ci_fields(&gl),
+        [
+            Some("gitlab"),
+            Some("group/sub/project"),
+            Some("nightly"),
+            Some("build"),
+            Some("4242"),
+            Some("9"),
+            None,
+            Some("dev"),
+            Some("shared-1")
+        ]
+    );
+
+    let bk = attribute_env(&[
+        ("BUILDKITE", "true"),
+        ("BUILDKITE_REPO", "git@github.com:acme/app.git"),
+        ("BUILDKITE_PIPELINE_SLUG", "app"),
+        ("BUILDKITE_LABEL", ":rust: test"),
+        ("BUILDKITE_BUILD_ID", "0190-aa"),
+        ("BUILDKITE_JOB_ID", "0190-bb"),
+        ("BUILDKITE_BRANCH", "main"),
+        ("BUILDKITE_AGENT_NAME", "agent-7"),
+        ("BUILDKITE_AGENT_ACCESS_TOKEN", "SECRET"),
+    ]);
+    assert_eq!(
+        ci_fields(&bk),
+        [
+            Some("buildkite"),
+            Some("acme/app"),
+            Some("app"),
+            Some(":rust: test"),
+            Some("0190-bb"),
+            Some("0190-aa"),
+            None,
+            Some("main"),
+            Some("agent-7")
+        ]
+    );
+
+    let jk = attribute_env(&[
+        ("JENKINS_URL", "https://ci.acme.dev/"),
+        ("BUILD_ID", "57"),
+        ("BUILD_NUMBER", "57"),
+        ("BUILD_TAG", "jenkins-acme-app-main-57"),
+        ("JOB_NAME", "acme/app/main"),
+        ("STAGE_NAME", "Evaluate"),
+        (
+            "GIT_URL",
+            "https://jenkins-bot:ghp_SECRETSECRET@github.com/acme/app.git",
+        ),
+        ("GIT_BRANCH", "origin/main"),
+        ("NODE_NAME", "linux-agent-3"),
+    ]);
+    assert_eq!(
+        ci_fields(&jk),
+        [
+            Some("jenkins"),
+            Some("acme/app"),
+            Some("acme/app/main"),
+            Some("Evaluate"),
+            None,
+            Some("57"),
+            None,
+            Some("main"),
+            Some("linux-agent-3")
+        ]
+    );
+
+    let cc = attribute_env(&[
+        ("CIRCLECI", "true"),
+        ("CIRCLE_PROJECT_USERNAME", "acme"),
+        ("CIRCLE_PROJECT_REPONAME", "app"),
+        ("CIRCLE_WORKFLOW_ID", "6f1c-wf"),
+        ("CIRCLE_JOB", "eval"),
+        ("CIRCLE_BUILD_NUM", "881"),
+        ("CIRCLE_BRANCH", "feature/x"),
+        ("CIRCLE_NODE_INDEX", "1"),
+        ("CIRCLE_TOKEN", "SECRET"),
+    ]);
+    assert_eq!(
+        ci_fields(&cc),
+        [
+            Some("circleci"),
+            Some("acme/app"),
+            None,
+            Some("eval"),
+            Some("881"),
+            Some("6f1c-wf"),
+            None,
+            Some("feature/x"),
+            Some("1")
+        ]
+    );
+
+    let az = attribute_env(&[
+        ("TF_BUILD", "True"),
+        ("BUILD_REPOSITORY_NAME", "acme/app"),
+        ("BUILD_DEFINITIONNAME", "app-ci"),
+        ("SYSTEM_JOBDISPLAYNAME", "Run evals"),
+        ("AGENT_JOBNAME", "Job"),
+        ("SYSTEM_JOBID", "12f1170f-54f2-53f3-20dd-22fc7dff55f9"),
+        ("BUILD_BUILDID", "1234"),
+        ("SYSTEM_JOBATTEMPT", "3"),
+        ("BUILD_SOURCEBRANCH", "refs/heads/feature/x"),
+        ("BUILD_SOURCEBRANCHNAME", "x"),
+        ("AGENT_NAME", "pool-agent-2"),
+        ("SYSTEM_ACCESSTOKEN", "SECRET"),
+    ]);
+    assert_eq!(
+        ci_fields(&az),
+        [
+            Some("azure-pipelines"),
+            Some("acme/app"),
+            Some("app-ci"),
+            Some("Run evals"),
+            Some("12f1170f-54f2-53f3-20dd-22fc7dff55f9"),
+            Some("1234"),
+            Some("3"),
+            Some("feature/x"),
+            Some("pool-agent-2")
+        ]
+    );
+}
+
+#[test]
+fn ci_detection_needs_the_system_marker() {
+    // A job that merely talks to Jenkins, or a bare BUILD_ID, is not Jenkins.
+    assert_eq!(
+        attribute_env(&[("JENKINS_URL", "https://ci/"), ("HOME", "/root")]).ci_system,
+        None
+    );
+    assert_eq!(attribute_env(&[("BUILD_ID", "7")]).ci_system, None);
+    assert_eq!(
+        attribute_env(&[("BUILD_TAG", "jenkins-x-1"), ("BUILD_NUMBER", "1")])
+            .ci_system
+            .as_deref(),
+        Some("jenkins")
+    );
+    assert_eq!(attribute_env(&[("TF_BUILD", "false")]).ci_system, None);
+    assert_eq!(attribute_env(&[("CIRCLECI", "false")]).ci_system, None);
+    // A GitHub job that calls Jenkins is a GitHub job.
+    let mut env = GITHUB.to_vec();
+    env.extend([("JENKINS_URL", "https://ci/"), ("BUILD_NUMBER", "3")]);
+    assert_eq!(
+        attribute_env(&env).ci_system.as_deref(),
+        Some("github-actions")
+    );
+    // CircleCI without the project variables falls back to the remote URL.
+    let cc = attribute_env(&[
+        ("CIRCLECI", "true"),
+        ("CIRCLE_REPOSITORY_URL", "git@github.com:acme/lib.git"),
+        ("CIRCLE_TAG", "v1.2"),
+    ]);
+    assert_eq!(
+        (cc.repository.as_deref(), cc.ref_name.as_deref()),
+        (Some("acme/lib"), Some("v1.2"))
+    );
+}
+
+const CONTAINER: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+fn proc_in_cgroup(root: &Path, pid: u32, cgroup: Option<&str>, cpuset: Option<&str>) {
+    write_proc(
+        root,
+        &FakeProc {
+            pid,
+            ppid: 1,
+            start: 1,
+            env: &[],
+            args: &["x"],
+            exe: "/x",
+        },
+    );
+    let dir = root.join(pid.to_string());
+    if let Some(c) = cgroup {
+        std::fs::write(dir.join("cgroup"), c).expect("cgroup");
+    }
+    if let Some(c) = cpuset {
+        std::fs::write(dir.join("cpuset"), c).expect("cpuset");
+    }
+}
+
+/// (cgroup file, cpuset file, expected cgroup_path, expected container_id).
+type CgroupCase<'a> = (
+    Option<&'a str>,
+    Option<&'a str>,
+    Option<&'a str>,
+    Option<&'a str>,
+);
+
+#[test]
+fn cgroup_path_and_container_id() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let root = t.path();
+    let at = Attributor::new(root.to_path_buf());
+    let cases: &[CgroupCase<'_>] = &[
+        (
+            Some("0::/system.slice/actions.runner.acme.runner-1.service\n"),
+            None,
+            Some("/system.slice/actions.runner.acme.runner-1.service"),
+            None,
+        ),
+        (
+            Some(&format!("0::/system.slice/docker-{CONTAINER}.scope\n")),
+            None,
+            Some(&format!("/system.slice/docker-{CONTAINER}.scope")),
+            Some(CONTAINER),
+        ),
+        (
+            Some(&format!("0::/actions_job/{CONTAINER}\n")),
+            None,
+            Some(&format!("/actions_job/{CONTAINER}")),
+            Some(CONTAINER),
+        ),
+        (
+            Some(&format!(
+                "0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1.slice/cri-containerd-{CONTAINER}.scope\n"
+            )),
+            None,
+            Some(&format!(
+                "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1.slice/cri-containerd-{CONTAINER}.scope"
+            )),
+            Some(CONTAINER),
+        ),
+        (
+            Some(&format!("0::/kubepods/pod1/crio-{CONTAINER}\n")),
+            None,
+            Some(&format!("/kubepods/pod1/crio-{CONTAINER}")),
+            Some(CONTAINER),
+        ),
+        (
+            Some(&format!(
+                "0::/user.slice/user-1000.slice/user@1000.service/user.slice/libpod-{CONTAINER}.scope/container\n"
+            )),
+            None,
+            Some(&format!(
+                "/user.slice/user-1000.slice/user@1000.service/user.slice/libpod-{CONTAINER}.scope/container"
+            )),
+            Some(CONTAINER),
+        ),
+        // Hybrid host: the container shows in the v1 hierarchies only.
+        (
+            Some(&format!(
+                "12:memory:/docker/{CONTAINER}\n1:name=systemd:/docker/{CONTAINER}\n0::/\n"
+            )),
+            None,
+            Some("/"),
+            Some(CONTAINER),
+        ),
+        // Only cpuset tells (a cgroup namespace hides the path).
+        (
+            Some("0::/\n"),
+            Some(&format!("/docker/{CONTAINER}\n")),
+            Some("/"),
+            Some(CONTAINER),
+        ),
+        (None, None, None, None),
+    ];
+    for (i, (cg, cs, path, id)) in cases.iter().enumerate() {
+        let pid = 500 + i as u32;
+        proc_in_cgroup(root, pid, *cg, *cs);
+        let a = at.attribute(pid, 0, 0, "x");
+        assert_eq!(
+            (a.cgroup_path.as_deref(), a.container_id.as_deref()),
+            (*path, *id),
+            "case {i}: {cg:?} {cs:?}"
+        );
+    }
+}
+
+#[test]
+fn team_comes_from_the_repository() {
+    use teams::TeamRule;
+    let t = tempfile::tempdir().expect("tempdir");
+    let root = t.path();
+    let repos = [
+        (80, "acme/app"),
+        (81, "acme/infra-tf"),
+        (82, "other/x"),
+        (83, "Acme/Web"),
+    ];
+    for (pid, repo) in repos {
+        let env = [("GITHUB_ACTIONS", "true"), ("GITHUB_REPOSITORY", repo)];
+        write_proc(
+            root,
+            &FakeProc {
+                pid,
+                ppid: 1,
+                start: 1,
+                env: &env,
+                args: &["x"],
+                exe: "/x",
+            },
+        );
+    }
+    write_proc(
+        root,
+        &FakeProc {
+            pid: 90,
+            ppid: 1,
+            start: 1,
+            env: &[],
+            args: &["x"],
+            exe: "/x",
+        },
+    );
+    let rules = vec![
+        TeamRule {
+            name: "platform".into(),
+            repositories: vec!["acme/infra*".into()],
+        },
+        TeamRule {
+            name: "web".into(),
+            repositories: vec!["acme/web".into(), "acme/*".into()],
+        },
+    ];
+    let at = Attributor::new(root.to_path_buf()).with_teams(rules);
+    let team = |pid| at.attribute(pid, 0, 0, "x").team;
+    assert_eq!(team(80).as_deref(), Some("web"));
+    assert_eq!(team(81).as_deref(), Some("platform"));
+    assert_eq!(team(82), None);
+    assert_eq!(team(83).as_deref(), Some("web"), "case-insensitive");
+    assert_eq!(team(90), None, "no repository, no team");
+    assert_eq!(
+        Attributor::new(root.to_path_buf())
+            .attribute(80, 0, 0, "x")
+            .team,
+        None,
+        "no rules, no team"
+    );
+}

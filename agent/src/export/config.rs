@@ -402,6 +402,10 @@ fn check_endpoint(e: &str) -> Result<(), String> {
     if uri.host().is_none_or(str::is_empty) {
         return Err(format!("`{e}` has no host"));
     }
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        // It would end up in logs: credentials belong in `headers`.
+        return Err("the URL must not contain credentials: put them in headers".into());
+    }
     if uri.query().is_some() {
         return Err(format!("`{e}` must not have a query string"));
     }

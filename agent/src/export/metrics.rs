@@ -10,9 +10,10 @@ use std::sync::atomic::Ordering;
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Counter, Histogram, Meter};
 
+use super::HealthFn;
 use super::config::Semconv;
+use super::pipeline::Shared;
 use super::semconv::{self as sc, OpClass};
-use super::{HealthFn, Shared};
 use crate::meter::UsageRecord;
 
 /// The instruments of one semantic-conventions generation plus tollgate's.
@@ -238,10 +239,8 @@ impl Instruments {
                     OpClass::Other => other_duration.record(seconds, &with_error),
                 }
                 match class {
-                    OpClass::Embeddings => {
-                        if has_usage {
-                            embeddings_input.record(u.input_tokens, &attrs);
-                        }
+                    OpClass::Embeddings if has_usage => {
+                        embeddings_input.record(u.input_tokens, &attrs);
                     }
                     // The conventions ask for every inference operation,
                     // failed ones included (0 when no usage arrived).

@@ -3,8 +3,9 @@
 //! rotated JSONL audit log of usage records.
 //!
 //! Owns: `[export]` (`config`), the names and attributes of what is
-//! exported (`semconv`), the instruments (`metrics`), the OTLP pipeline
-//! (`otlp`) and the audit log (`audit`).
+//! exported (`semconv`), the instruments (`metrics`), the spans (`spans`),
+//! the OTLP pipeline (`otlp`), the queues and workers between the request
+//! path and all of these (`pipeline`), and the audit log (`audit`).
 //!
 //! Must never: let exporter I/O slow a request. The request path calls
 //! [`RecordSink::submit`], which only offers the record to a bounded queue
@@ -19,22 +20,26 @@ mod audit;
 mod config;
 mod metrics;
 mod otlp;
+mod pipeline;
 pub mod semconv;
+mod spans;
 #[cfg(test)]
 mod tests;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::sync_channel;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use opentelemetry::KeyValue;
 use opentelemetry::metrics::MeterProvider as _;
-use opentelemetry::trace::{Span as _, SpanKind, Status, Tracer as _, TracerProvider as _};
+use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::metrics::SdkMeterProvider;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing::{info, warn};
+
+use pipeline::{Shared, Sink, audit_worker, metrics_worker};
+use spans::SpanMaker;
 
 pub use audit::rotated as rotated_audit_path;
 pub use config::{
@@ -42,7 +47,7 @@ pub use config::{
     Semconv, parse_env_headers,
 };
 
-use crate::meter::{RecordSink, UsageRecord};
+use crate::meter::RecordSink;
 
 /// tollgate's own counters at one instant, for the health metrics. The
 /// caller (app.rs) fills it from `ProxyStats`, the ledger's stats and
@@ -142,20 +147,6 @@ impl ExportError {
         }
     }
 }
-
-/// Counters shared by the sink, the workers and the health callback.
-#[derive(Default)]
-pub(crate) struct Shared {
-    closed: AtomicBool,
-    metrics_accepted: AtomicU64,
-    metrics_done: AtomicU64,
-    pub(crate) metrics_dropped: AtomicU64,
-    audit_accepted: AtomicU64,
-    audit_done: AtomicU64,
-    pub(crate) audit_dropped: AtomicU64,
-    audit_errors: AtomicU64,
-}
-
 /// Counters of the export pipelines.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ExportStats {
@@ -171,45 +162,6 @@ pub struct ExportStats {
     pub audit_dropped: u64,
     /// Failed audit log writes (the record is lost for the audit log).
     pub audit_errors: u64,
-}
-
-type Queue = SyncSender<Arc<UsageRecord>>;
-
-/// The request path's handle: offers each record to the pipelines.
-struct Sink {
-    metrics: Option<Queue>,
-    audit: Option<Queue>,
-    shared: Arc<Shared>,
-}
-
-impl Sink {
-    fn offer(&self, q: &Queue, rec: &Arc<UsageRecord>, accepted: &AtomicU64, dropped: &AtomicU64) {
-        if self.shared.closed.load(Ordering::Acquire) {
-            dropped.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-        match q.try_send(rec.clone()) {
-            Ok(()) => {
-                accepted.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                dropped.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-    }
-}
-
-impl RecordSink for Sink {
-    fn submit(&self, rec: UsageRecord) {
-        let rec = Arc::new(rec);
-        let s = &self.shared;
-        if let Some(q) = &self.metrics {
-            self.offer(q, &rec, &s.metrics_accepted, &s.metrics_dropped);
-        }
-        if let Some(q) = &self.audit {
-            self.offer(q, &rec, &s.audit_accepted, &s.audit_dropped);
-        }
-    }
 }
 
 /// The running export pipelines. Stop them with [`Exporter::shutdown`].
@@ -491,174 +443,5 @@ impl Drop for Exporter {
     fn drop(&mut self) {
         // Let the workers end; the SDK providers shut down on their own drop.
         self.shared.closed.store(true, Ordering::Release);
-    }
-}
-
-/// How often an idle worker looks at the shutdown flag.
-const IDLE_POLL: Duration = Duration::from_millis(50);
-
-/// Receives until shutdown, then drains what is queued.
-fn drain_loop(
-    rx: Receiver<Arc<UsageRecord>>,
-    shared: &Shared,
-    mut f: impl FnMut(Option<&UsageRecord>),
-) {
-    loop {
-        match rx.recv_timeout(IDLE_POLL) {
-            Ok(rec) => f(Some(&rec)),
-            Err(RecvTimeoutError::Timeout) => {
-                f(None);
-                if shared.closed.load(Ordering::Acquire) {
-                    break;
-                }
-            }
-            Err(RecvTimeoutError::Disconnected) => break,
-        }
-    }
-    while let Ok(rec) = rx.try_recv() {
-        f(Some(&rec));
-    }
-    f(None);
-}
-
-fn metrics_worker(
-    instruments: metrics::Instruments,
-    spans: Option<SpanMaker>,
-    rx: Receiver<Arc<UsageRecord>>,
-    shared: Arc<Shared>,
-) {
-    drain_loop(rx, &shared, |rec| {
-        if let Some(rec) = rec {
-            instruments.record(rec);
-            if let Some(s) = &spans {
-                s.span(rec);
-            }
-            shared.metrics_done.fetch_add(1, Ordering::Release);
-        }
-    });
-}
-
-fn audit_worker(mut log: audit::AuditLog, rx: Receiver<Arc<UsageRecord>>, shared: Arc<Shared>) {
-    // One warning per failure streak, not one per record.
-    let failing = Mutex::new(false);
-    let report = |r: std::io::Result<()>| {
-        let mut f = failing.lock().unwrap_or_else(|p| p.into_inner());
-        match r {
-            Ok(()) => *f = false,
-            Err(e) => {
-                shared.audit_errors.fetch_add(1, Ordering::Relaxed);
-                if !*f {
-                    warn!(error = %e, "audit log write failed");
-                }
-                *f = true;
-            }
-        }
-    };
-    drain_loop(rx, &shared, |rec| match rec {
-        Some(rec) => {
-            report(log.append(rec));
-            shared.audit_done.fetch_add(1, Ordering::Release);
-        }
-        // Idle: make what was written visible to readers of the file.
-        None => report(log.flush()),
-    });
-}
-
-/// One `CLIENT` span per request, with the GenAI span attributes of the
-/// generation in force. Never prompt or completion content (records have
-/// none).
-struct SpanMaker {
-    tracer: opentelemetry_sdk::trace::SdkTracer,
-    semconv: Semconv,
-    high_cardinality: bool,
-}
-
-impl SpanMaker {
-    fn span(&self, rec: &UsageRecord) {
-        use semconv as sc;
-        let (op, _) = sc::operation(&rec.operation);
-        let name = match rec.model.as_deref() {
-            Some(m) if !m.is_empty() => format!("{op} {m}"),
-            _ => op.into_owned(),
-        };
-        let mut attrs = sc::request_attributes(rec, false);
-        let who = &rec.who;
-        if who.pid != 0 {
-            attrs.push(KeyValue::new(sc::PROCESS_PID, i64::from(who.pid)));
-        }
-        for (k, v) in [
-            (sc::CICD_PIPELINE_RUN_ID, &who.run_id),
-            (sc::CICD_PIPELINE_TASK_RUN_ID, &who.job_id),
-        ] {
-            if let Some(v) = v.as_deref().filter(|v| !v.is_empty()) {
-                attrs.push(KeyValue::new(k, v.to_string()));
-            }
-        }
-        if self.high_cardinality
-            && let Some(c) = who.cmdline.as_deref().filter(|c| !c.is_empty())
-        {
-            attrs.push(KeyValue::new(sc::PROCESS_COMMAND_LINE, c.to_string()));
-        }
-        let u = &rec.usage;
-        let int = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
-        attrs.push(KeyValue::new(
-            "gen_ai.usage.input_tokens",
-            int(u.input_tokens),
-        ));
-        attrs.push(KeyValue::new(
-            "gen_ai.usage.output_tokens",
-            int(u.output_tokens),
-        ));
-        if u.cached_input_tokens > 0 {
-            attrs.push(KeyValue::new(
-                "gen_ai.usage.cache_read.input_tokens",
-                int(u.cached_input_tokens),
-            ));
-        }
-        if u.cache_write_input_tokens > 0 {
-            let key = match self.semconv {
-                Semconv::Default => "gen_ai.usage.cache_creation.input_tokens",
-                Semconv::LatestExperimental => "gen_ai.usage.cache_write.input_tokens",
-            };
-            attrs.push(KeyValue::new(key, int(u.cache_write_input_tokens)));
-        }
-        if self.semconv == Semconv::LatestExperimental {
-            if u.reasoning_tokens > 0 {
-                attrs.push(KeyValue::new(
-                    "gen_ai.usage.reasoning.output_tokens",
-                    int(u.reasoning_tokens),
-                ));
-            }
-            attrs.push(KeyValue::new("gen_ai.request.stream", rec.streaming));
-            if rec.streaming
-                && let Some(t) = rec.ttfb_ms
-            {
-                attrs.push(KeyValue::new(
-                    "gen_ai.response.time_to_first_chunk",
-                    t as f64 / 1000.0,
-                ));
-            }
-        }
-        if let Some(c) = rec.cost_usd {
-            attrs.push(KeyValue::new("tollgate.cost_usd", c));
-        }
-        let error = sc::error_type(rec);
-        if let Some(e) = &error {
-            attrs.push(KeyValue::new(sc::ERROR_TYPE, e.to_string()));
-        }
-        let start =
-            UNIX_EPOCH + Duration::from_millis(u64::try_from(rec.started_at_ms).unwrap_or(0));
-        let end = start + Duration::from_millis(rec.duration_ms);
-        let mut span = self
-            .tracer
-            .span_builder(name)
-            .with_kind(SpanKind::Client)
-            .with_start_time(start)
-            .with_attributes(attrs)
-            .start(&self.tracer);
-        if let Some(e) = error {
-            span.set_status(Status::error(e.into_owned()));
-        }
-        span.end_with_timestamp(end);
     }
 }

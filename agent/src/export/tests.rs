@@ -75,6 +75,10 @@ fn validate_names_the_key_and_never_echoes_a_header_value() {
             "export.otlp.endpoint",
         ),
         ("[otlp]\nendpoint = \"ftp://c\"", "export.otlp.endpoint"),
+        (
+            "[otlp]\nendpoint = \"https://u:pw@c\"",
+            "export.otlp.endpoint",
+        ),
         ("[otlp]\ntimeout_secs = 0", "export.otlp.timeout_secs"),
         ("[otlp]\ninterval_secs = 0", "export.otlp.interval_secs"),
         (

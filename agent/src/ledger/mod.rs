@@ -48,6 +48,11 @@ pub enum LedgerError {
         path.display()
     )]
     TooNew { path: PathBuf, found: i64 },
+    #[error(
+        "the ledger {} has schema version {found}, older than this tollgate's ({SCHEMA_VERSION}), and it is opened read-only; start the agent (or run this as root) once to migrate it",
+        path.display()
+    )]
+    Outdated { path: PathBuf, found: i64 },
     #[error("cannot create the directory {}: {source}", path.display())]
     Directory {
         path: PathBuf,
@@ -80,6 +85,7 @@ impl LedgerError {
             }
             LedgerError::NotADatabase { .. }
             | LedgerError::TooNew { .. }
+            | LedgerError::Outdated { .. }
             | LedgerError::Directory { .. } => crate::exit::UNAVAILABLE,
             LedgerError::Sqlite { source, .. }
                 if matches!(
@@ -136,6 +142,13 @@ fn permission_denied(path: &Path) -> bool {
     }
 }
 
+/// The WAL file SQLite keeps beside `path`.
+fn wal_path(path: &Path) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push("-wal");
+    PathBuf::from(p)
+}
+
 /// Which rows `query` returns. Empty filter: all rows.
 #[derive(Debug, Clone, Default)]
 pub struct Filter {
@@ -145,6 +158,8 @@ pub struct Filter {
     pub repository: Option<String>,
     /// Exact job name.
     pub job: Option<String>,
+    /// Exact CI run id (`GITHUB_RUN_ID`, `CI_PIPELINE_ID`, ...).
+    pub run_id: Option<String>,
 }
 
 /// An open ledger file.
@@ -204,6 +219,60 @@ impl Ledger {
         })
     }
 
+    /// Opens an existing ledger for reading only (`report` by a user who
+    /// may read but not write the root-owned ledger): nothing is created,
+    /// switched or migrated, so the schema must be this build's. When the
+    /// agent is stopped (no `-wal` file) and the directory is not writable,
+    /// the file is opened as immutable.
+    pub fn open_read_only(path: &Path) -> Result<Ledger, LedgerError> {
+        let err = |e| LedgerError::classify(path, e);
+        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let version = |conn: &Connection| -> rusqlite::Result<i64> {
+            conn.busy_timeout(BUSY_TIMEOUT)?;
+            conn.pragma_query_value(None, "user_version", |r| r.get(0))
+        };
+        let mut conn = Connection::open_with_flags(path, flags).map_err(err)?;
+        let found = match version(&conn) {
+            Ok(v) => v,
+            Err(e)
+                if matches!(
+                    e.sqlite_error_code(),
+                    Some(ErrorCode::CannotOpen | ErrorCode::ReadOnly)
+                ) && !wal_path(path).exists() =>
+            {
+                let escaped = path
+                    .to_string_lossy()
+                    .replace('%', "%25")
+                    .replace('?', "%3f")
+                    .replace('#', "%23");
+                conn = Connection::open_with_flags(
+                    format!("file:{escaped}?immutable=1"),
+                    flags | OpenFlags::SQLITE_OPEN_URI,
+                )
+                .map_err(err)?;
+                version(&conn).map_err(err)?
+            }
+            Err(e) => return Err(err(e)),
+        };
+        if found > SCHEMA_VERSION {
+            return Err(LedgerError::TooNew {
+                path: path.to_path_buf(),
+                found,
+            });
+        }
+        if found < SCHEMA_VERSION {
+            return Err(LedgerError::Outdated {
+                path: path.to_path_buf(),
+                found,
+            });
+        }
+        Ok(Ledger {
+            conn,
+            path: path.to_path_buf(),
+            insert_sql: schema::insert_sql(),
+        })
+    }
+
     /// The file this ledger writes.
     pub fn path(&self) -> &Path {
         &self.path
@@ -245,6 +314,10 @@ impl Ledger {
         if let Some(job) = &filter.job {
             params.push(Box::new(job.clone()));
             clauses.push(format!("job = ?{}", params.len()));
+        }
+        if let Some(run_id) = &filter.run_id {
+            params.push(Box::new(run_id.clone()));
+            clauses.push(format!("run_id = ?{}", params.len()));
         }
         if !clauses.is_empty() {
             sql.push_str(" WHERE ");

@@ -114,7 +114,7 @@ fn round_trips_every_field_and_filters() {
     let f = Filter {
         since_ms: Some(1_700_000_000_002),
         job: Some("test".into()),
-        repository: None,
+        ..Filter::default()
     };
     assert_eq!(l.query(&f).expect("q").len(), 2);
     let f = Filter {

@@ -594,7 +594,8 @@ mod tests {
             + REPLY_PRIMING;
         assert_eq!(estimate_input(ApiKind::Openai, body), Some(want));
         // gpt-4 counts with cl100k.
-        let old = br#"{"model":"gpt-4","messages":[{"role":"user","content":"tiktoken is great!"}]}"#;
+        let old =
+            br#"{"model":"gpt-4","messages":[{"role":"user","content":"tiktoken is great!"}]}"#;
         assert_eq!(
             estimate_input(ApiKind::Openai, old),
             Some(6 + TOKENS_PER_MESSAGE + REPLY_PRIMING)
@@ -649,7 +650,8 @@ mod tests {
             + 4 * TOKENS_PER_MESSAGE
             + REPLY_PRIMING;
         assert_eq!(estimate_input(ApiKind::Anthropic, body), Some(want));
-        let plain = br#"{"system":"hello world","messages":[{"role":"user","content":"hello world"}]}"#;
+        let plain =
+            br#"{"system":"hello world","messages":[{"role":"user","content":"hello world"}]}"#;
         assert_eq!(
             estimate_input(ApiKind::Anthropic, plain),
             Some(4 + 2 * TOKENS_PER_MESSAGE + REPLY_PRIMING)

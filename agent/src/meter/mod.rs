@@ -3,6 +3,7 @@
 //! Owns: the usage record and its token kinds. Must never: block the data
 //! path (records leave through the ledger's bounded channel).
 
+pub mod estimate;
 pub mod pricing;
 pub mod record;
 

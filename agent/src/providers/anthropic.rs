@@ -135,10 +135,23 @@ impl UsageParser for JsonParser {
         if let Some(u) = v.get("usage") {
             raw.merge(u);
         }
+        let mut text = String::new();
+        for block in v
+            .get("content")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            for k in ["text", "thinking"] {
+                if let Some(t) = block.get(k).and_then(Value::as_str) {
+                    super::push_text(&mut text, t);
+                }
+            }
+        }
         ParsedUsage {
             usage: raw.usage(),
             response_model: str_at(&v, &["model"]),
-            output_text: String::new(),
+            output_text: text,
         }
     }
 }

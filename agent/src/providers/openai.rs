@@ -295,10 +295,34 @@ impl UsageParser for JsonParser {
             return ParsedUsage::default();
         };
         // Responses API objects carry usage at the top level too.
+        let mut text = String::new();
+        if let Some(choices) = v.get("choices").and_then(Value::as_array) {
+            for c in choices {
+                for p in ["/message/content", "/message/reasoning_content", "/text"] {
+                    if let Some(t) = c.pointer(p).and_then(Value::as_str) {
+                        super::push_text(&mut text, t);
+                    }
+                }
+            }
+        }
+        if let Some(out) = v.get("output").and_then(Value::as_array) {
+            for item in out {
+                for part in item
+                    .get("content")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
+                    if let Some(t) = part.get("text").and_then(Value::as_str) {
+                        super::push_text(&mut text, t);
+                    }
+                }
+            }
+        }
         ParsedUsage {
             usage: v.get("usage").and_then(usage_from),
             response_model: str_at(&v, &["model"]),
-            output_text: String::new(),
+            output_text: text,
         }
     }
 }
@@ -587,6 +611,12 @@ mod tests {
             );
             assert_eq!(p.usage, Some(Usage::default()));
         }
+    }
+
+    #[test]
+    fn json_collects_output_text() {
+        let p = parse("application/json", CHAT_JSON, &[]);
+        assert_eq!(p.output_text, "The image shows a wooden boardwalk path.");
     }
 
     #[test]

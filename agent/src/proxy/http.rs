@@ -19,7 +19,7 @@ use tracing::{debug, warn};
 
 use super::{BoxError, ProxyBody, ProxyState};
 use crate::intercept::ConnOrigin;
-use crate::meter::{Attribution, UsageRecord};
+use crate::meter::{Attribution, UsageRecord, estimate};
 use crate::providers::catalogue::ProviderHost;
 use crate::providers::{
     BodyFilter, ParsedUsage, RequestInfo, RequestView, UsageParser, adapter_for,
@@ -161,6 +161,7 @@ pub(super) async fn handle(
         // same content, uncompressed.
         parts.headers.remove(header::ACCEPT_ENCODING);
     }
+    let kept_body = if info.metered { whole.clone() } else { None };
     let up_body: ProxyBody = match (whole, rest) {
         (Some(b), _) => boxed(Full::new(b)),
         (None, Some(rest)) => {
@@ -190,6 +191,7 @@ pub(super) async fn handle(
         .unwrap_or_else(|| ctx.provider.host.clone());
     let draft = Draft {
         ctx: ctx.clone(),
+        body: kept_body,
         started,
         started_ms,
         method: parts.method.to_string(),
@@ -197,6 +199,11 @@ pub(super) async fn handle(
         info: info.clone(),
         status: 0,
         ttfb_ms: None,
+        _live: if info.metered {
+            state.live.request_started(&ctx.who)
+        } else {
+            crate::control::InFlight::none()
+        },
     };
     let up_req = Request::from_parts(parts, up_body);
     let resp = match state
@@ -250,6 +257,9 @@ pub(super) async fn handle(
 /// Everything of the record but the usage, known before the response ends.
 struct Draft {
     ctx: Arc<ConnCtx>,
+    /// The request body as forwarded (when it was read whole), for a local
+    /// estimate if the provider reports no usage.
+    body: Option<Bytes>,
     started: Instant,
     started_ms: i64,
     method: String,
@@ -257,21 +267,73 @@ struct Draft {
     info: RequestInfo,
     status: u16,
     ttfb_ms: Option<u64>,
+    /// In flight for `tollgate top` until the draft is emitted or dropped.
+    _live: crate::control::InFlight,
 }
 
 impl Draft {
+    /// Finishes the record and hands it to the sinks. When a successful
+    /// response carried no usage, the counts are estimated locally (CPU
+    /// work, so off the async workers) and the record says `estimated`.
     fn emit(self, parsed: ParsedUsage, error: Option<String>) {
         let ok = (200..300).contains(&self.status);
+        let needs_estimate = ok && parsed.usage.is_none();
+        if needs_estimate && let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn_blocking(move || self.finish(parsed, error));
+        } else {
+            self.finish(parsed, error);
+        }
+    }
+
+    fn finish(self, parsed: ParsedUsage, error: Option<String>) {
+        let ok = (200..300).contains(&self.status);
+        let api = self.ctx.provider.api;
+        let provider = adapter_for(api).name();
+        let mut usage = parsed.usage.unwrap_or_default();
+        let estimated = ok
+            && parsed.usage.is_none()
+            && estimate::fill_estimate(
+                &mut usage,
+                api,
+                self.info.model.as_deref(),
+                self.body.as_deref(),
+                &parsed.output_text,
+            );
         let error = error.or_else(|| {
-            (ok && parsed.usage.is_none()).then(|| "no usage in the response".to_string())
+            (ok && parsed.usage.is_none() && !estimated).then(|| "usage_missing".to_string())
         });
+        // The response model first: for Azure the request names only the
+        // deployment.
+        let priced = parsed
+            .response_model
+            .as_deref()
+            .or(self.info.model.as_deref());
+        let prices = &self.ctx.state.prices;
+        let cost_usd = priced.and_then(|m| {
+            prices
+                .cost(provider, m, self.started_ms, &usage)
+                .or_else(|| {
+                    self.info
+                        .model
+                        .as_deref()
+                        .and_then(|m| prices.cost(provider, m, self.started_ms, &usage))
+                })
+        });
+        if cost_usd.is_none() && (usage.input_tokens > 0 || usage.output_tokens > 0) {
+            self.ctx
+                .state
+                .stats
+                .unpriced
+                .fetch_add(1, Ordering::Relaxed);
+            debug!(provider, model = ?priced, "no price for this model");
+        }
         let rec = UsageRecord {
             id: None,
             started_at_ms: self.started_ms,
             started_at: rfc3339(self.started_ms),
             duration_ms: self.started.elapsed().as_millis() as u64,
             ttfb_ms: self.ttfb_ms,
-            provider: adapter_for(self.ctx.provider.api).name().to_string(),
+            provider: provider.to_string(),
             host: self.ctx.provider.host.clone(),
             operation: self.info.operation.to_string(),
             method: self.method,
@@ -280,9 +342,9 @@ impl Draft {
             response_model: parsed.response_model,
             status: self.status,
             streaming: self.info.streaming,
-            usage: parsed.usage.unwrap_or_default(),
-            estimated: false,
-            cost_usd: None,
+            usage,
+            estimated,
+            cost_usd,
             who: self.ctx.who.clone(),
             error,
         };
@@ -405,11 +467,17 @@ impl Drop for MeteredBody {
         rt.spawn(async move {
             let mut read = 0usize;
             let deadline = tokio::time::Instant::now() + DRAIN_AFTER_HANGUP;
-            let mut error = Some("client_disconnected".to_string());
+            // hyper drops a body it has read to its Content-Length without
+            // polling it to the end: that is not a hang-up. Only a body
+            // that still had data when the client left is one.
+            let mut error = None;
             loop {
                 match tokio::time::timeout_at(deadline, inner.frame()).await {
                     Ok(Some(Ok(f))) => {
                         if let Some(d) = f.data_ref() {
+                            if !d.is_empty() {
+                                error = Some("client_disconnected".to_string());
+                            }
                             read += d.len();
                             parser.feed(d);
                             if read > DRAIN_MAX_BYTES {

@@ -78,6 +78,8 @@ pub struct ProxyStats {
     pub bad_hello: AtomicU64,
     pub requests: AtomicU64,
     pub upstream_errors: AtomicU64,
+    /// Records with tokens but no known price.
+    pub unpriced: AtomicU64,
 }
 
 /// A copy of [`ProxyStats`] at one instant.
@@ -92,6 +94,7 @@ pub struct ProxyStatsSnapshot {
     pub bad_hello: u64,
     pub requests: u64,
     pub upstream_errors: u64,
+    pub unpriced: u64,
 }
 
 impl ProxyStats {
@@ -107,6 +110,7 @@ impl ProxyStats {
             bad_hello: l(&self.bad_hello),
             requests: l(&self.requests),
             upstream_errors: l(&self.upstream_errors),
+            unpriced: l(&self.unpriced),
         }
     }
 }
@@ -125,6 +129,10 @@ pub struct ProxyState {
     pub sink: Arc<dyn RecordSink>,
     pub stats: ProxyStats,
     pub max_request_body: usize,
+    /// Prices for `cost_usd`.
+    pub prices: Arc<crate::meter::pricing::PriceBook>,
+    /// In-flight counting for `tollgate top` (a no-op unless set).
+    pub live: crate::control::LiveHandle,
     /// (executable, host) pairs whose client rejected the local CA.
     untrusted: Mutex<HashSet<(String, String)>>,
     http: auto::Builder<TokioExecutor>,
@@ -152,9 +160,25 @@ impl ProxyState {
             sink,
             stats: ProxyStats::default(),
             max_request_body,
+            prices: Arc::new(crate::meter::pricing::PriceBook::builtin()),
+            live: crate::control::LiveHandle::default(),
             untrusted: Mutex::new(HashSet::new()),
             http,
         }
+    }
+}
+
+impl ProxyState {
+    /// Replaces the price book (default: the built-in catalogue).
+    pub fn with_prices(mut self, prices: Arc<crate::meter::pricing::PriceBook>) -> Self {
+        self.prices = prices;
+        self
+    }
+
+    /// Counts in-flight requests for `tollgate top`.
+    pub fn with_live(mut self, live: crate::control::LiveHandle) -> Self {
+        self.live = live;
+        self
     }
 }
 

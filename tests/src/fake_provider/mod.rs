@@ -22,6 +22,7 @@ use serde_json::{Value, json};
 
 mod anthropic;
 mod bedrock;
+mod canned;
 mod gemini;
 mod openai;
 
@@ -50,6 +51,7 @@ pub struct FakeProvider {
     pub addr: SocketAddr,
     pub reported: Arc<Mutex<Vec<Reported>>>,
     rt: Option<tokio::runtime::Runtime>,
+    acceptor: tokio_rustls::TlsAcceptor,
 }
 
 pub(crate) type Body = BoxBody<Bytes, Infallible>;
@@ -176,6 +178,9 @@ async fn handle(
     sni: String,
     log: Log,
 ) -> Result<Response<Body>, Infallible> {
+    if canned::wanted(&req) {
+        return Ok(canned::answer(req.into_body()).await);
+    }
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or("").to_string();
     let headers = req.headers().clone();
@@ -215,6 +220,27 @@ async fn handle(
     })
 }
 
+/// Accepts TLS connections on `listener` and serves them until the runtime stops.
+async fn serve(listener: tokio::net::TcpListener, acceptor: tokio_rustls::TlsAcceptor, rep: Log) {
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            continue;
+        };
+        let acceptor = acceptor.clone();
+        let rep = rep.clone();
+        tokio::spawn(async move {
+            let Ok(tls) = acceptor.accept(tcp).await else {
+                return;
+            };
+            let sni = tls.get_ref().1.server_name().unwrap_or("").to_string();
+            let svc = hyper::service::service_fn(move |req| handle(req, sni.clone(), rep.clone()));
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(tls), svc)
+                .await;
+        });
+    }
+}
+
 impl FakeProvider {
     /// Starts the fake on `addr`, with certificates for `hosts` from `pki`.
     pub fn start(addr: SocketAddr, pki: &TestPki, hosts: &[&str]) -> FakeProvider {
@@ -250,33 +276,30 @@ impl FakeProvider {
             .unwrap_or_else(|e| panic!("fake provider cannot listen on {addr}: {e}"));
         let addr = listener.local_addr().expect("addr");
         let reported = Arc::new(Mutex::new(Vec::new()));
-        let rep = reported.clone();
-        rt.spawn(async move {
-            loop {
-                let Ok((tcp, _)) = listener.accept().await else {
-                    continue;
-                };
-                let acceptor = acceptor.clone();
-                let rep = rep.clone();
-                tokio::spawn(async move {
-                    let Ok(tls) = acceptor.accept(tcp).await else {
-                        return;
-                    };
-                    let sni = tls.get_ref().1.server_name().unwrap_or("").to_string();
-                    let svc = hyper::service::service_fn(move |req| {
-                        handle(req, sni.clone(), rep.clone())
-                    });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(tls), svc)
-                        .await;
-                });
-            }
-        });
+        rt.spawn(serve(listener, acceptor.clone(), reported.clone()));
         FakeProvider {
             addr,
             reported,
             rt: Some(rt),
+            acceptor,
         }
+    }
+
+    /// Serves the same fake (same certificates, same log, same runtime) on
+    /// one more address too, e.g. one that is not a provider address, as the
+    /// benchmark's "direct" baseline. Returns the bound address.
+    pub fn listen_also(&self, addr: SocketAddr) -> SocketAddr {
+        let rt = self.rt.as_ref().expect("running");
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind(addr))
+            .unwrap_or_else(|e| panic!("fake provider cannot listen on {addr}: {e}"));
+        let bound = listener.local_addr().expect("addr");
+        rt.spawn(serve(
+            listener,
+            self.acceptor.clone(),
+            self.reported.clone(),
+        ));
+        bound
     }
 
     pub fn reported(&self) -> Vec<Reported> {

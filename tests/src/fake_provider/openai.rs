@@ -48,12 +48,20 @@ pub(crate) async fn handle(call: Call) -> hyper::Response<Body> {
     });
     if !stream {
         let words: Vec<&str> = std::iter::repeat_n("tok", ct as usize).collect();
-        return json_for(
-            &call,
-            json!({"id":"chatcmpl-fake","object":"chat.completion","created":1,"model":resp_model,
-                "choices":[{"index":0,"message":{"role":"assistant","content":words.join(" ")},"finish_reason":"stop"}],
-                "usage": usage}),
-        );
+        let mut body = json!({"id":"chatcmpl-fake","object":"chat.completion","created":1,"model":resp_model,
+            "choices":[{"index":0,"message":{"role":"assistant","content":words.join(" ")},"finish_reason":"stop"}],
+            "usage": usage});
+        // Some OpenAI-compatible servers omit usage.
+        if call.headers.contains_key("x-fake-no-usage") {
+            body.as_object_mut().expect("object").remove("usage");
+            call.log
+                .lock()
+                .unwrap()
+                .last_mut()
+                .expect("recorded")
+                .usage_sent = false;
+        }
+        return json_for(&call, body);
     }
     // As the real API does: with include_usage every chunk carries
     // "usage":null and a last chunk with empty choices carries the usage.

@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# tollgate: write the job's LLM API spend as a Markdown file the job can
+# upload as an artifact (GitLab CI, and any CI system with the same idea).
+#
+# Use it in the job's after_script, on a runner host where the tollgate agent
+# runs (shell executor; for the Docker executor, mount the tollgate binary and
+# /var/lib/tollgate read-only into the job's container):
+#
+#   my-job:
+#     after_script:
+#       - /opt/tollgate/spend-summary.sh
+#     artifacts:
+#       when: always
+#       paths: [tollgate-spend.md]
+#
+# It runs `tollgate report --repository "$CI_PROJECT_PATH" --run-id
+# "$CI_PIPELINE_ID" --job "$CI_JOB_NAME" --by model,exe --markdown` and writes
+# the table to the output file (first argument, else $TOLLGATE_SPEND_FILE,
+# else tollgate-spend.md in $CI_PROJECT_DIR or the current directory); when the
+# job made no LLM API calls the file holds one short line. It never fails the
+# job: every path exits 0.
+#
+# Other CI systems: set TOLLGATE_REPOSITORY, TOLLGATE_RUN_ID and TOLLGATE_JOB
+# (they win over the CI_ variables).
+#
+# Reading the ledger as a non-root user: see deploy/github/job-completed.sh
+# (group read access, or a sudoers rule for `tollgate report`; on exit 77 this
+# script retries with `sudo -n`).
+#
+# Environment:
+#   CI_PROJECT_PATH, CI_PIPELINE_ID, CI_JOB_NAME, CI_PROJECT_DIR (GitLab)
+#   TOLLGATE              the tollgate binary (default: `tollgate` on PATH)
+#   TOLLGATE_CONFIG       a config file for --config (default: tollgate's own)
+#   TOLLGATE_SETTLE_SECS  seconds to let the agent write the last records
+#                         (default 1)
+
+set -u
+
+log() { echo "tollgate spend summary: $*" >&2; }
+
+main() {
+    local out="${1:-${TOLLGATE_SPEND_FILE:-${CI_PROJECT_DIR:-.}/tollgate-spend.md}}"
+    local repo="${TOLLGATE_REPOSITORY:-${CI_PROJECT_PATH:-}}"
+    local run="${TOLLGATE_RUN_ID:-${CI_PIPELINE_ID:-}}"
+    local job="${TOLLGATE_JOB:-${CI_JOB_NAME:-}}"
+    if [ -z "$repo" ] || [ -z "$run" ] || [ -z "$job" ]; then
+        log "CI_PROJECT_PATH, CI_PIPELINE_ID or CI_JOB_NAME is not set; cannot tell which job to summarise"
+        return 0
+    fi
+    local bin
+    if ! bin="$(command -v "${TOLLGATE:-tollgate}")"; then
+        log "${TOLLGATE:-tollgate} is not installed; no spend summary"
+        return 0
+    fi
+    sleep "${TOLLGATE_SETTLE_SECS:-1}" 2>/dev/null || true
+
+    local args=()
+    if [ -n "${TOLLGATE_CONFIG:-}" ]; then
+        args+=(--config "$TOLLGATE_CONFIG")
+    fi
+    args+=(report --repository "$repo" --run-id "$run" --job "$job"
+        --by "model,exe" --markdown)
+
+    local table rc
+    table="$("$bin" "${args[@]}")"
+    rc=$?
+    if [ "$rc" -eq 77 ] && command -v sudo >/dev/null 2>&1; then
+        log "the ledger is not readable by $(id -un); trying sudo -n"
+        table="$(sudo -n "$bin" "${args[@]}")"
+        rc=$?
+    fi
+    if [ "$rc" -ne 0 ]; then
+        log "tollgate report failed (exit $rc); see the message above"
+        return 0
+    fi
+
+    local written=yes
+    case "$table" in
+    '|'*)
+        {
+            printf '### LLM API spend (tollgate)\n\n'
+            printf '%s\n' "$table"
+        } >"$out" || written=no
+        ;;
+    *)
+        printf 'tollgate: no LLM API calls in this job.\n' >"$out" || written=no
+        ;;
+    esac
+    if [ "$written" = yes ]; then log "wrote $out"; else log "cannot write $out"; fi
+    return 0
+}
+
+main "$@"
+exit 0

@@ -1,0 +1,183 @@
+//! Row 1: latency added per non-streaming request on a kept-alive
+//! connection. One client process (in the clients cgroup) keeps one
+//! HTTP/1.1 connection open to each target and sends the same chat request
+//! to each in turn, round after round (the order rotates every round), so
+//! drift on a shared machine hits every target alike. The fake answers a
+//! canned completion (`/canned/` path) without parsing, like a static file.
+//!
+//! Added latency is the difference of quantiles: p50(through) − p50(direct)
+//! and p99(through) − p99(direct).
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use serde_json::{Value, json};
+
+use super::Row;
+use crate::env::Env;
+use crate::load::{self, Connector, Target};
+use crate::peers::PeerKind;
+use crate::report::{Figure, Goal};
+use crate::stats::{floats, quantile};
+
+pub struct Latency;
+
+const PATH: &str = "/canned/v1/chat/completions";
+/// Added p50 and p99 targets (ms).
+const P50_MAX: f64 = 0.15;
+const P99_MAX: f64 = 0.5;
+/// How many times less latency than each peer tollgate must add.
+const VS_LITELLM: f64 = 50.0;
+const VS_MITMPROXY: f64 = 10.0;
+
+impl Row for Latency {
+    fn id(&self) -> &'static str {
+        "latency"
+    }
+
+    fn title(&self) -> &'static str {
+        "added latency, non-streaming, kept-alive"
+    }
+
+    fn run(&self, env: &mut Env) -> Result<Vec<Figure>> {
+        env.ensure_agent()?;
+        let mut targets = vec![env.direct_target(PATH), env.tollgate_target(PATH)?];
+        let mut missing = Vec::new();
+        for kind in [PeerKind::Mitmproxy, PeerKind::Litellm] {
+            match env.peer(kind) {
+                Ok(t) => targets.push(t),
+                Err(e) => {
+                    eprintln!("bench: {kind} unavailable: {e:#}");
+                    missing.push((kind, format!("{e:#}")));
+                }
+            }
+        }
+        let (rounds, max_secs) = if env.quick { (300, 40) } else { (3000, 240) };
+        let spec =
+            json!({"targets": targets, "rounds": rounds, "max_secs": max_secs, "warmup": 50});
+        let out = env
+            .spawn_client(self.id(), &spec)?
+            .finish(Duration::from_secs(max_secs + 120))?;
+        let samples = |name: &str| floats(&out["samples_us"][name]);
+        let ms = |us: f64| us / 1000.0;
+        let direct = samples("direct");
+        let (d50, d99) = (quantile(&direct, 0.5), quantile(&direct, 0.99));
+        let n = direct.len();
+        let mut figs = vec![
+            Figure::info("direct: p50 per request", ms(d50), "ms")
+                .note(format!("p99 {:.3} ms; {n} requests per target", ms(d99))),
+        ];
+        let added = |name: &str| {
+            let s = samples(name);
+            (
+                ms(quantile(&s, 0.5) - d50),
+                ms(quantile(&s, 0.99) - d99),
+                ms(quantile(&s, 0.5)),
+            )
+        };
+        let (t50, t99, tabs) = added("tollgate");
+        figs.push(
+            Figure::goal("tollgate: added p50", t50, "ms", Goal::AtMost(P50_MAX))
+                .note(format!("p50 {tabs:.3} ms through tollgate")),
+        );
+        figs.push(Figure::goal(
+            "tollgate: added p99",
+            t99,
+            "ms",
+            Goal::AtMost(P99_MAX),
+        ));
+        // A ratio needs a positive denominator: below 1 µs counts as 1 µs.
+        let floor = t50.max(0.001);
+        for (kind, want) in [
+            (PeerKind::Litellm, VS_LITELLM),
+            (PeerKind::Mitmproxy, VS_MITMPROXY),
+        ] {
+            let name = kind.name();
+            if let Some((_, why)) = missing.iter().find(|(k, _)| *k == kind) {
+                let why: String = why
+                    .split_whitespace()
+                    .collect::<Vec<_>>()
+                    .join(" ")
+                    .chars()
+                    .take(240)
+                    .collect();
+                figs.push(Figure::skipped(
+                    format!("{name}: added p50"),
+                    "ms",
+                    None,
+                    why.clone(),
+                ));
+                figs.push(Figure::skipped(
+                    format!("{name} added ÷ tollgate added (p50)"),
+                    "x",
+                    Some(Goal::AtLeast(want)),
+                    why,
+                ));
+                continue;
+            }
+            let (p50, p99, abs) = added(name);
+            figs.push(
+                Figure::info(format!("{name}: added p50"), p50, "ms").note(format!(
+                    "p99 added {p99:.3} ms; p50 {abs:.3} ms through {name}"
+                )),
+            );
+            figs.push(Figure::goal(
+                format!("{name} added ÷ tollgate added (p50)"),
+                p50 / floor,
+                "x",
+                Goal::AtLeast(want),
+            ));
+        }
+        env.note("latency: LiteLLM proxy (1 worker) serves TLS with a test-CA leaf and forwards to the fake over TLS verified against the test CA (ssl_verify + SSL_CERT_FILE); mitmproxy runs as `mitmdump --mode reverse:https://api.openai.com:443`, verifying the fake with ssl_verify_upstream_trusted_ca");
+        env.note(format!("peers: {}", crate::peers::versions()));
+        Ok(figs)
+    }
+
+    fn client(&self, spec: Value, emit: &mut dyn FnMut(Value)) -> Result<()> {
+        let targets: Vec<Target> = serde_json::from_value(spec["targets"].clone())?;
+        let rounds = spec["rounds"].as_u64().unwrap_or(100) as usize;
+        let warmup = spec["warmup"].as_u64().unwrap_or(20) as usize;
+        let max = Duration::from_secs(spec["max_secs"].as_u64().unwrap_or(60));
+        let rt = load::current_thread()?;
+        let (samples, done) = rt.block_on(async {
+            let body = load::chat_body("gpt-4o-mini");
+            let mut conns = Vec::new();
+            for t in &targets {
+                let c = Connector::new(t)?;
+                let conn = c.connect().await?;
+                conns.push((c, conn));
+            }
+            for (c, conn) in conns.iter_mut() {
+                for _ in 0..warmup {
+                    load::roundtrip(conn, c.request(&body, &[]))
+                        .await
+                        .with_context(|| format!("{}: warm-up request", c.target.name))?;
+                }
+            }
+            let mut samples = vec![Vec::with_capacity(rounds); conns.len()];
+            let deadline = Instant::now() + max;
+            let mut done = 0;
+            for r in 0..rounds {
+                if Instant::now() > deadline {
+                    break;
+                }
+                for k in 0..conns.len() {
+                    let i = (r + k) % conns.len();
+                    let (c, conn) = &mut conns[i];
+                    let dt = load::roundtrip(conn, c.request(&body, &[]))
+                        .await
+                        .with_context(|| format!("{}: request {r}", c.target.name))?;
+                    samples[i].push(dt.as_nanos() as f64 / 1000.0);
+                }
+                done += 1;
+            }
+            Ok::<_, anyhow::Error>((samples, done))
+        })?;
+        let mut by_name = serde_json::Map::new();
+        for (t, s) in targets.iter().zip(samples) {
+            by_name.insert(t.name.clone(), json!(s));
+        }
+        emit(json!({"rounds": done, "samples_us": by_name}));
+        Ok(())
+    }
+}

@@ -1,0 +1,112 @@
+//! Row 3: throughput at saturation. A fixed number of kept-alive client
+//! connections (16), each sending canned chat requests back to back, for
+//! a fixed time; phases alternate direct / tollgate so drift hits both.
+//! On a 2-core machine the client, the fake and the agent share the CPUs,
+//! so the ratio shows what the agent's work costs the whole machine.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use serde_json::{Value, json};
+
+use super::Row;
+use crate::env::Env;
+use crate::load::{self, Connector, Target};
+use crate::report::{Figure, Goal};
+
+pub struct Throughput;
+
+const PATH: &str = "/canned/v1/chat/completions";
+const CONCURRENCY: usize = 16;
+/// Throughput through tollgate relative to direct, at least (%).
+const MIN_PERCENT: f64 = 50.0;
+
+impl Row for Throughput {
+    fn id(&self) -> &'static str {
+        "throughput"
+    }
+
+    fn title(&self) -> &'static str {
+        "throughput at saturation (16 connections)"
+    }
+
+    fn run(&self, env: &mut Env) -> Result<Vec<Figure>> {
+        env.ensure_agent()?;
+        let targets = vec![env.direct_target(PATH), env.tollgate_target(PATH)?];
+        let (pairs, phase_secs) = if env.quick { (2, 1.5) } else { (4, 3.0) };
+        // d t t d d t t d ...: each target goes first as often as second.
+        let schedule: Vec<usize> = (0..pairs)
+            .flat_map(|p| if p % 2 == 0 { [0, 1] } else { [1, 0] })
+            .collect();
+        let spec = json!({"targets": targets, "schedule": schedule, "phase_secs": phase_secs, "concurrency": CONCURRENCY});
+        let budget = Duration::from_secs_f64(schedule.len() as f64 * (phase_secs + 20.0) + 30.0);
+        let out = env.spawn_client(self.id(), &spec)?.finish(budget)?;
+        let mut req = [0f64; 2];
+        let mut secs = [0f64; 2];
+        for p in out["phases"].as_array().context("no phases")? {
+            let i = usize::from(p["target"].as_str() == Some("tollgate"));
+            req[i] += p["requests"].as_f64().unwrap_or(0.0);
+            secs[i] += p["secs"].as_f64().unwrap_or(0.0);
+        }
+        let rps = [req[0] / secs[0], req[1] / secs[1]];
+        Ok(vec![
+            Figure::info("direct: requests/s", rps[0], "req/s").note(format!(
+                "{CONCURRENCY} connections, {pairs} phases of {phase_secs} s each"
+            )),
+            Figure::info("tollgate: requests/s", rps[1], "req/s"),
+            Figure::goal(
+                "tollgate throughput, % of direct",
+                100.0 * rps[1] / rps[0],
+                "%",
+                Goal::AtLeast(MIN_PERCENT),
+            ),
+        ])
+    }
+
+    fn client(&self, spec: Value, emit: &mut dyn FnMut(Value)) -> Result<()> {
+        let targets: Vec<Target> = serde_json::from_value(spec["targets"].clone())?;
+        let schedule: Vec<usize> = serde_json::from_value(spec["schedule"].clone())?;
+        let phase = Duration::from_secs_f64(spec["phase_secs"].as_f64().unwrap_or(1.0));
+        let conc = spec["concurrency"].as_u64().unwrap_or(16) as usize;
+        let rt = load::multi_thread()?;
+        let phases = rt.block_on(async {
+            let body = load::chat_body("gpt-4o-mini");
+            let mut phases = Vec::new();
+            for &i in &schedule {
+                let c = Connector::new(&targets[i])?;
+                let mut conns = Vec::new();
+                for _ in 0..conc {
+                    let mut conn = c.connect().await?;
+                    load::roundtrip(&mut conn, c.request(&body, &[]))
+                        .await
+                        .with_context(|| format!("{}: warm-up", c.target.name))?;
+                    conns.push(conn);
+                }
+                let count = Arc::new(AtomicU64::new(0));
+                let start = Instant::now();
+                let deadline = start + phase;
+                let mut tasks = Vec::new();
+                for mut conn in conns {
+                    let (c, body, count) = (c.clone(), body.clone(), count.clone());
+                    tasks.push(tokio::spawn(async move {
+                        while Instant::now() < deadline {
+                            load::roundtrip(&mut conn, c.request(&body, &[])).await?;
+                            count.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok::<_, anyhow::Error>(())
+                    }));
+                }
+                for t in tasks {
+                    t.await?.with_context(|| format!("{}: request", c.target.name))?;
+                }
+                let secs = start.elapsed().as_secs_f64();
+                phases.push(json!({"target": c.target.name, "requests": count.load(Ordering::Relaxed), "secs": secs}));
+            }
+            Ok::<_, anyhow::Error>(phases)
+        })?;
+        emit(json!({"phases": phases}));
+        Ok(())
+    }
+}

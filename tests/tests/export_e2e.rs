@@ -1,0 +1,180 @@
+//! OTLP end to end: real clients through the real agent, metrics into
+//! receivers built on the official opentelemetry-proto types (gRPC and
+//! OTLP/HTTP). Names, units, kinds, attributes and token sums are checked
+//! against the ledger. Root only (see e2e.rs).
+
+use std::collections::BTreeMap;
+
+use tollgate_e2e::World;
+use tollgate_e2e::client::ok;
+use tollgate_e2e::otlp_receiver::{Kind, OtlpReceiver, Point, Value};
+use tollgate_e2e::world::GITHUB_ENV;
+
+fn run(protocol: &str, n: u8) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let receiver = rt.block_on(async {
+        if protocol == "grpc" {
+            OtlpReceiver::grpc().await
+        } else {
+            OtlpReceiver::http().await
+        }
+    });
+    let toml = format!(
+        "[export.otlp]\nendpoint = {:?}\nprotocol = {:?}\ninterval_secs = 1\n",
+        receiver.endpoint(),
+        protocol
+    );
+    let mut w = World::start_with(&format!("otlp{n}"), n, toml);
+    let client = w.client(GITHUB_ENV);
+    ok(
+        &client.python(
+            r#"
+import openai, anthropic
+o = openai.OpenAI(api_key="sk-test", max_retries=0)
+o.chat.completions.create(model="gpt-4o-mini", max_tokens=5, messages=[{"role": "user", "content": "a b c"}])
+for _ in o.chat.completions.create(model="gpt-4o-mini", max_tokens=7, stream=True,
+        messages=[{"role": "user", "content": "d e f g"}]):
+    pass
+a = anthropic.Anthropic(api_key="sk-ant-test", max_retries=0)
+a.messages.create(model="claude-sonnet-4-5", max_tokens=4, messages=[{"role": "user", "content": "h i"}])
+"#,
+        ),
+        "python clients",
+    );
+    let rows = w.agent.wait_for_records(3);
+    assert_eq!(rows.len(), 3);
+    // SIGTERM flushes the exporter before exit.
+    let status = w.agent.terminate().expect("running");
+    assert!(status.success(), "agent exit: {status}\n{}", w.agent.log());
+
+    let points = receiver.latest();
+    assert!(
+        !points.is_empty(),
+        "no metrics received; log:\n{}",
+        w.agent.log()
+    );
+    let resource = &points[0].resource;
+    assert_eq!(
+        resource.get("service.name"),
+        Some(&Value::Str("tollgate".into()))
+    );
+    assert!(resource.contains_key("host.name"), "{resource:?}");
+
+    let usage: Vec<&Point> = points
+        .iter()
+        .filter(|p| p.name == "gen_ai.client.token.usage")
+        .collect();
+    assert!(
+        !usage.is_empty(),
+        "gen_ai.client.token.usage missing: {points:#?}"
+    );
+    let mut sums: BTreeMap<String, f64> = BTreeMap::new();
+    for p in &usage {
+        assert_eq!(p.unit, "{token}");
+        assert!(matches!(p.kind, Kind::Histogram { .. }), "{p:?}");
+        let a = &p.attributes;
+        for key in [
+            "gen_ai.operation.name",
+            "gen_ai.provider.name",
+            "gen_ai.request.model",
+            "gen_ai.response.model",
+            "server.address",
+            "vcs.repository.name",
+            "cicd.pipeline.name",
+            "cicd.pipeline.task.name",
+            "process.executable.name",
+        ] {
+            assert!(a.contains_key(key), "{key} missing in {a:?}");
+        }
+        assert!(
+            !a.contains_key("process.pid"),
+            "high-cardinality attribute by default: {a:?}"
+        );
+        assert_eq!(a["gen_ai.operation.name"].as_str(), Some("chat"));
+        assert_eq!(a["cicd.pipeline.task.name"].as_str(), Some("lint"));
+        assert_eq!(a["vcs.repository.name"].as_str(), Some("widgets"));
+        let provider = a["gen_ai.provider.name"].as_str().unwrap().to_string();
+        assert!(
+            provider == "openai" || provider == "anthropic",
+            "{provider}"
+        );
+        let ty = a["gen_ai.token.type"]
+            .as_str()
+            .expect("gen_ai.token.type")
+            .to_string();
+        *sums.entry(ty).or_default() += p.value.number().expect("histogram sum");
+    }
+    let ledger_sum = |k: &str| rows.iter().map(|r| r[k].as_u64().unwrap()).sum::<u64>() as f64;
+    assert_eq!(
+        sums.get("input"),
+        Some(&ledger_sum("input_tokens")),
+        "{sums:?}"
+    );
+    assert_eq!(
+        sums.get("output"),
+        Some(&ledger_sum("output_tokens")),
+        "{sums:?}"
+    );
+
+    let duration: Vec<&Point> = points
+        .iter()
+        .filter(|p| p.name == "gen_ai.client.operation.duration")
+        .collect();
+    assert!(!duration.is_empty() && duration.iter().all(|p| p.unit == "s"));
+    assert!(
+        points
+            .iter()
+            .any(|p| p.name == "gen_ai.client.operation.time_to_first_chunk"),
+        "streams report time to first chunk"
+    );
+    let cost: f64 = points
+        .iter()
+        .filter(|p| p.name == "tollgate.cost")
+        .inspect(|p| {
+            assert_eq!(p.unit, "USD");
+            assert!(
+                matches!(
+                    p.kind,
+                    Kind::Sum {
+                        monotonic: true,
+                        ..
+                    }
+                ),
+                "{p:?}"
+            );
+        })
+        .map(|p| p.value.number().unwrap())
+        .sum();
+    let ledger_cost: f64 = rows.iter().filter_map(|r| r["cost_usd"].as_f64()).sum();
+    assert!(ledger_cost > 0.0);
+    assert!(
+        (cost - ledger_cost).abs() < 1e-9,
+        "exported {cost} vs ledger {ledger_cost}"
+    );
+    assert!(
+        points
+            .iter()
+            .any(|p| p.name == "tollgate.connections.intercepted"
+                && p.value.number().unwrap_or(0.0) >= 1.0),
+        "own metrics: {:?}",
+        points.iter().map(|p| &p.name).collect::<Vec<_>>()
+    );
+    drop(w);
+    drop(rt);
+}
+
+#[test]
+#[ignore = "needs root, cgroup v2 and BPF"]
+fn otlp_grpc_metrics_match_the_ledger() {
+    run("grpc", 21);
+}
+
+#[test]
+#[ignore = "needs root, cgroup v2 and BPF"]
+fn otlp_http_metrics_match_the_ledger() {
+    run("http/protobuf", 22);
+}
