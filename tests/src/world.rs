@@ -44,6 +44,11 @@ impl World {
     }
 
     pub fn start_with(label: &str, n: u8, extra_toml: String) -> World {
+        Self::start_opts(label, n, extra_toml, &[b"h2", b"http/1.1"])
+    }
+
+    /// As [`World::start_with`], with the fake provider offering only `alpn`.
+    pub fn start_opts(label: &str, n: u8, extra_toml: String, alpn: &[&[u8]]) -> World {
         if let Some(why) = crate::kernel_test_unavailable() {
             panic!("needs root, cgroup v2 and BPF: {why}");
         }
@@ -52,7 +57,7 @@ impl World {
         let ip = IpAddr::V4(crate::provider_ip(n));
         let mut names: Vec<&str> = PROVIDER_HOSTS.to_vec();
         names.extend_from_slice(OTHER_HOSTS);
-        let fake = FakeProvider::start(SocketAddr::new(ip, 443), &pki, &names);
+        let fake = FakeProvider::start_alpn(SocketAddr::new(ip, 443), &pki, &names, alpn);
         let agent = Agent::start(AgentOptions {
             cgroup: cg.path().to_path_buf(),
             overrides: PROVIDER_HOSTS

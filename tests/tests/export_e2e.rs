@@ -178,3 +178,29 @@ fn otlp_grpc_metrics_match_the_ledger() {
 fn otlp_http_metrics_match_the_ledger() {
     run("http/protobuf", 22);
 }
+
+#[test]
+#[ignore = "needs root, cgroup v2 and BPF"]
+fn unreachable_collector_loses_no_ledger_row() {
+    // Nothing listens on 127.0.0.1:1; exports fail and retry in the
+    // background while requests flow.
+    let toml = "[export.otlp]\nendpoint = \"http://127.0.0.1:1\"\nprotocol = \"grpc\"\ninterval_secs = 1\ntimeout_secs = 1\n";
+    let mut w = World::start_with("otlpdown", 23, toml.to_string());
+    let client = w.client(&[]);
+    ok(
+        &client.python(
+            r#"
+import openai
+c = openai.OpenAI(api_key="sk-test", max_retries=0)
+for i in range(30):
+    c.chat.completions.create(model="gpt-4o-mini", max_tokens=2, messages=[{"role": "user", "content": "x"}])
+"#,
+        ),
+        "python loop",
+    );
+    let status = w.agent.terminate().expect("running");
+    assert!(status.success(), "clean exit: {status}\n{}", w.agent.log());
+    let rows = w.agent.report_json();
+    assert_eq!(rows.len(), 30, "every request is in the ledger");
+    assert_eq!(w.fake.reported().len(), 30);
+}

@@ -313,3 +313,25 @@ c.chat.completions.create(model="my-private-finetune", max_tokens=3,
     );
     assert_eq!(unknown["output_tokens"], 3);
 }
+
+#[test]
+#[ignore = "needs root, cgroup v2 and BPF"]
+fn http1_only_upstream_keeps_working_with_a_pool() {
+    let w = World::start_opts("h1up", 20, String::new(), &[b"http/1.1"]);
+    let client = w.client(&[]);
+    ok(
+        &client.python(
+            r#"
+import openai
+c = openai.OpenAI(api_key="sk-test", max_retries=0)
+for i in range(5):
+    c.chat.completions.create(model="gpt-4o-mini", max_tokens=i + 1, messages=[{"role": "user", "content": "h1"}])
+for _ in c.chat.completions.create(model="gpt-4o-mini", max_tokens=3, stream=True,
+        messages=[{"role": "user", "content": "h1 stream"}]):
+    pass
+"#,
+        ),
+        "python over an HTTP/1.1 upstream",
+    );
+    w.assert_ledger_matches_provider(6);
+}

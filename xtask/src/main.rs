@@ -36,6 +36,14 @@ enum Cmd {
     /// Set up, build, and run the agent against a local simulated provider
     /// with real clients, then print the spend report (needs root).
     Demo,
+    /// Fuzz the parsers that read bytes from the network (cargo-fuzz,
+    /// nightly). Each target runs for `--seconds`.
+    Fuzz {
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// One target (client_hello, response_parsers, usage_filter); all when absent.
+        target: Option<String>,
+    },
     /// Build in release mode, install the peer gateways (LiteLLM,
     /// mitmproxy, tiktoken) under target/bench-venv, and run the benchmark
     /// suite: prints a table, writes target/bench/results.json (needs root).
@@ -320,9 +328,47 @@ fn bench(quick: bool, args: &[String]) -> Result<()> {
     run(b.args(args))
 }
 
+const FUZZ_TARGETS: &[&str] = &["client_hello", "response_parsers", "usage_filter"];
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
+fn fuzz(seconds: u64, target: Option<String>) -> Result<()> {
+    setup()?;
+    let ok = Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !ok {
+        run(Command::new("cargo").args([
+            "install",
+            "cargo-fuzz",
+            "--locked",
+            "--version",
+            CARGO_FUZZ_VERSION,
+        ]))?;
+    }
+    let targets: Vec<String> = match target {
+        Some(t) if FUZZ_TARGETS.contains(&t.as_str()) => vec![t],
+        Some(t) => bail!(
+            "unknown fuzz target {t}; targets: {}",
+            FUZZ_TARGETS.join(", ")
+        ),
+        None => FUZZ_TARGETS.iter().map(|s| s.to_string()).collect(),
+    };
+    for t in targets {
+        // The kernel object is not needed to fuzz parsers.
+        run(cargo()
+            .env("AYA_BUILD_SKIP", "1")
+            .args(["+nightly", "fuzz", "run", "--fuzz-dir", "fuzz", &t, "--"])
+            .arg(format!("-max_total_time={seconds}")))?;
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Setup => setup(),
+        Cmd::Fuzz { seconds, target } => fuzz(seconds, target),
         Cmd::Test { no_lint, args } => test(no_lint, &args),
         Cmd::Demo => demo(),
         Cmd::Bench { quick, args } => bench(quick, &args),

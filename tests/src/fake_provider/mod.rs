@@ -244,6 +244,17 @@ async fn serve(listener: tokio::net::TcpListener, acceptor: tokio_rustls::TlsAcc
 impl FakeProvider {
     /// Starts the fake on `addr`, with certificates for `hosts` from `pki`.
     pub fn start(addr: SocketAddr, pki: &TestPki, hosts: &[&str]) -> FakeProvider {
+        Self::start_alpn(addr, pki, hosts, &[b"h2", b"http/1.1"])
+    }
+
+    /// As [`FakeProvider::start`], offering only the given ALPN protocols
+    /// (`&[b"http/1.1"]` makes upstream connections HTTP/1.1).
+    pub fn start_alpn(
+        addr: SocketAddr,
+        pki: &TestPki,
+        hosts: &[&str],
+        alpn: &[&[u8]],
+    ) -> FakeProvider {
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let mut resolver = ResolvesServerCertUsingSni::new();
         for h in hosts {
@@ -264,7 +275,7 @@ impl FakeProvider {
             .expect("versions")
             .with_no_client_auth()
             .with_cert_resolver(Arc::new(resolver));
-        cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
