@@ -18,6 +18,10 @@ pub struct AgentOptions {
     pub extra_ca: Option<PathBuf>,
     /// More TOML appended to the generated config.
     pub extra_toml: String,
+    /// Start the agent inside the intercepted cgroup itself, as in
+    /// production where it attaches to the root cgroup: its own upstream
+    /// connections must not be redirected to itself.
+    pub join_cgroup: bool,
 }
 
 pub struct Agent {
@@ -50,7 +54,17 @@ impl Agent {
         }
         toml += &opts.extra_toml;
         std::fs::write(&config_path, toml).expect("write config");
-        let mut child = Command::new(crate::tollgate_bin())
+        let mut cmd = if opts.join_cgroup {
+            let mut c = Command::new("sh");
+            c.arg("-c")
+                .arg("echo $$ > \"$0\" && exec \"$@\"")
+                .arg(opts.cgroup.join("cgroup.procs"))
+                .arg(crate::tollgate_bin());
+            c
+        } else {
+            Command::new(crate::tollgate_bin())
+        };
+        let mut child = cmd
             .arg("--config")
             .arg(&config_path)
             .arg("run")

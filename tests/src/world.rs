@@ -49,6 +49,18 @@ impl World {
 
     /// As [`World::start_with`], with the fake provider offering only `alpn`.
     pub fn start_opts(label: &str, n: u8, extra_toml: String, alpn: &[&[u8]]) -> World {
+        Self::start_full(label, n, extra_toml, alpn, false)
+    }
+
+    /// Everything configurable: `agent_in_cgroup` starts the agent inside
+    /// the cgroup it intercepts.
+    pub fn start_full(
+        label: &str,
+        n: u8,
+        extra_toml: String,
+        alpn: &[&[u8]],
+        agent_in_cgroup: bool,
+    ) -> World {
         if let Some(why) = crate::kernel_test_unavailable() {
             panic!("needs root, cgroup v2 and BPF: {why}");
         }
@@ -66,6 +78,7 @@ impl World {
                 .collect(),
             extra_ca: Some(pki.ca_path()),
             extra_toml,
+            join_cgroup: agent_in_cgroup,
         });
         World {
             agent,

@@ -330,3 +330,27 @@ for _ in range(3):
     assert!(text.contains("python"), "{text}");
     assert!(text.contains("acme/widgets"), "{text}");
 }
+
+#[test]
+#[ignore = "needs root, cgroup v2 and BPF"]
+fn the_agent_inside_its_own_cgroup_is_not_redirected_to_itself() {
+    let w = World::start_full("self", 9, String::new(), &[b"h2", b"http/1.1"], true);
+    let procs = std::fs::read_to_string(w.cg.procs_file()).unwrap();
+    let pid = w.agent.pid().expect("running").to_string();
+    assert!(
+        procs.lines().any(|l| l == pid),
+        "agent {pid} is in the cgroup: {procs}"
+    );
+    let client = w.client(&[]);
+    ok(
+        &client.python(
+            r#"
+import openai
+c = openai.OpenAI(api_key="sk-test", max_retries=0)
+c.chat.completions.create(model="gpt-4o-mini", max_tokens=3, messages=[{"role": "user", "content": "self"}])
+"#,
+        ),
+        "python",
+    );
+    w.assert_ledger_matches_provider(1);
+}

@@ -357,7 +357,10 @@ fn fuzz(seconds: u64, target: Option<String>) -> Result<()> {
     };
     for t in targets {
         // The kernel object is not needed to fuzz parsers.
-        run(cargo()
+        // `+nightly` needs rustup's cargo proxy, not the cargo running xtask.
+        run(Command::new("cargo")
+            .current_dir(root())
+            .env_remove("RUSTUP_TOOLCHAIN")
             .env("AYA_BUILD_SKIP", "1")
             .args(["+nightly", "fuzz", "run", "--fuzz-dir", "fuzz", &t, "--"])
             .arg(format!("-max_total_time={seconds}")))?;

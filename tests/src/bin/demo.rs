@@ -25,6 +25,7 @@ fn main() {
         overrides: vec![("api.openai.com".into(), vec![ip.to_string()])],
         extra_ca: Some(pki.ca_path()),
         extra_toml: String::new(),
+        join_cgroup: false,
     });
     let mut env = agent.trust_env();
     for (k, v) in [

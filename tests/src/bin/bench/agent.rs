@@ -21,6 +21,8 @@ pub struct BenchAgent {
     pub state_dir: PathBuf,
     pub log_path: PathBuf,
     pub started: Instant,
+    /// From spawn to the "ready" log line.
+    pub ready_after: Duration,
 }
 
 /// What the agent is started with.
@@ -90,13 +92,15 @@ impl BenchAgent {
                 let _ = writeln!(log, "{line}");
             }
         });
+        let spawned = Instant::now();
         let mut agent = BenchAgent {
             child: Some(child),
             pid,
             port: 0,
             state_dir: spec.state_dir.join("state"),
             log_path: spec.log_path,
-            started: Instant::now(),
+            started: spawned,
+            ready_after: Duration::ZERO,
         };
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
@@ -108,6 +112,7 @@ impl BenchAgent {
                     .context("no listen address in the ready line")?;
                 agent.port = listen.rsplit(':').next().unwrap_or("0").parse()?;
                 agent.started = Instant::now();
+                agent.ready_after = spawned.elapsed();
                 return Ok(agent);
             }
             if let Some(st) = agent

@@ -55,7 +55,8 @@ pub struct Env {
 }
 
 impl Env {
-    pub fn new(quick: bool) -> Result<Env> {
+    /// `upstream_h1`: the fake offers only HTTP/1.1 (a diagnostic).
+    pub fn new(quick: bool, upstream_h1: bool) -> Result<Env> {
         let clients = TestCgroup::create("bench-clients");
         crate::cleanup::register_cgroup(clients.path().to_path_buf());
         let procs = TestCgroup::create("bench-procs");
@@ -63,7 +64,12 @@ impl Env {
         let pki = TestPki::new();
         let provider = SocketAddr::new(IpAddr::V4(tollgate_e2e::provider_ip(1)), 443);
         let direct = SocketAddr::new(IpAddr::V4(tollgate_e2e::provider_ip(2)), 443);
-        let fake = FakeProvider::start(provider, &pki, &[HOST]);
+        let alpn: &[&[u8]] = if upstream_h1 {
+            &[b"http/1.1"]
+        } else {
+            &[b"h2", b"http/1.1"]
+        };
+        let fake = FakeProvider::start_alpn(provider, &pki, &[HOST], alpn);
         let direct = fake.listen_also(direct);
         let work = tempfile::Builder::new()
             .prefix("tollgate-bench-")

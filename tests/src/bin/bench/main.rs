@@ -49,6 +49,10 @@ struct Cli {
     /// Where to write the results (default: target/bench/results.json).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Diagnostic: the fake offers only HTTP/1.1 (ALPN), so the agent's
+    /// upstream connections are HTTP/1.1 instead of HTTP/2.
+    #[arg(long)]
+    upstream_h1: bool,
 }
 
 #[derive(Subcommand)]
@@ -88,7 +92,7 @@ fn main() -> ExitCode {
         .unwrap_or_else(|| env::repo_root().join("target/bench/results.json"));
     cleanup::install_signal_handler();
     let started = std::time::Instant::now();
-    let mut env = match env::Env::new(cli.quick) {
+    let mut env = match env::Env::new(cli.quick, cli.upstream_h1) {
         Ok(e) => e,
         Err(e) => {
             eprintln!("bench: cannot set up: {e:#}");
@@ -111,6 +115,7 @@ fn main() -> ExitCode {
     drop(env);
     let report = report::Report {
         quick: cli.quick,
+        upstream_h1: cli.upstream_h1,
         wall_secs: started.elapsed().as_secs_f64(),
         rows: results,
         notes,

@@ -150,6 +150,7 @@ impl RowResult {
 
 pub struct Report {
     pub quick: bool,
+    pub upstream_h1: bool,
     pub wall_secs: f64,
     pub rows: Vec<RowResult>,
     pub notes: Vec<String>,
@@ -160,8 +161,13 @@ impl Report {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "\ntollgate bench ({}; {:.0} s; every figure against a baseline from the same run)\n",
+            "\ntollgate bench ({}{}; {:.0} s; every figure against a baseline from the same run)\n",
             if self.quick { "quick" } else { "full" },
+            if self.upstream_h1 {
+                ", fake offers HTTP/1.1 only"
+            } else {
+                ""
+            },
             self.wall_secs
         );
         let _ = writeln!(
@@ -250,6 +256,7 @@ impl Report {
         json!({
             "suite": "tollgate-bench",
             "quick": self.quick,
+            "upstream_h1": self.upstream_h1,
             "wall_secs": self.wall_secs,
             "unix_time": std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)

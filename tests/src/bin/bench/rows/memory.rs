@@ -41,10 +41,11 @@ impl Row for Memory {
         std::thread::sleep(Duration::from_secs(1));
         let agent = env.agent.as_ref().context("agent")?;
         let idle = agent.rss_kib().context("no VmRSS for the agent")? as f64 / 1024.0;
+        let ready_ms = agent.ready_after.as_secs_f64() * 1000.0;
         let target = env.tollgate_target("/v1/chat/completions")?;
         // Streams last 100 ms × 400 chunks = 40 s: longer than opening
         // them all (bounded by open_secs) plus the hold.
-        let open_secs = if env.quick { 20 } else { 30 };
+        let open_secs = if env.quick { 10 } else { 30 };
         let spec = json!({
             "target": target, "streams": STREAMS, "open_parallel": 32,
             "open_secs": open_secs, "hold_ms": HOLD_MS, "delay_ms": 100, "max_tokens": 400,
@@ -89,7 +90,10 @@ impl Row for Memory {
                 idle,
                 "MiB",
                 Goal::AtMost(IDLE_MAX_MIB),
-            ),
+            )
+            .note(format!(
+                "start to ready: {ready_ms:.0} ms (CA loaded, programs attached)"
+            )),
             Figure::goal(
                 format!("agent RSS peak, {STREAMS} open streams"),
                 peak,
@@ -196,12 +200,12 @@ impl Row for Memory {
         std::thread::sleep(hold);
         let still = live.load(Ordering::Relaxed);
         let _ = stop_tx.send(true);
-        rt.block_on(async {
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-            for t in tasks {
-                let _ = tokio::time::timeout_at(deadline, t).await;
-            }
-        });
+        // Streams still queued (no response yet) do not watch `stop`: end
+        // every task; dropping the runtime closes the connections.
+        std::thread::sleep(Duration::from_millis(200));
+        for t in &tasks {
+            t.abort();
+        }
         emit(json!({"still_open": still, "errors": errors.load(Ordering::Relaxed)}));
         rt.shutdown_timeout(Duration::from_secs(2));
         Ok(())

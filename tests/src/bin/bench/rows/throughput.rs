@@ -40,22 +40,54 @@ impl Row for Throughput {
         let schedule: Vec<usize> = (0..pairs)
             .flat_map(|p| if p % 2 == 0 { [0, 1] } else { [1, 0] })
             .collect();
-        let spec = json!({"targets": targets, "schedule": schedule, "phase_secs": phase_secs, "concurrency": CONCURRENCY});
+        // The client samples the CPU time of the agent and of the fake (this
+        // process) at its phase boundaries.
+        let agent_pid = env.agent.as_ref().map(|a| a.pid);
+        let pids = json!({"agent": agent_pid, "fake": std::process::id()});
+        let spec = json!({"targets": targets, "schedule": schedule, "phase_secs": phase_secs,
+            "concurrency": CONCURRENCY, "pids": pids});
         let budget = Duration::from_secs_f64(schedule.len() as f64 * (phase_secs + 20.0) + 30.0);
         let out = env.spawn_client(self.id(), &spec)?.finish(budget)?;
         let mut req = [0f64; 2];
         let mut secs = [0f64; 2];
+        // CPU seconds of [client, fake, agent] per target.
+        let mut cpu = [[0f64; 3]; 2];
         for p in out["phases"].as_array().context("no phases")? {
             let i = usize::from(p["target"].as_str() == Some("tollgate"));
             req[i] += p["requests"].as_f64().unwrap_or(0.0);
             secs[i] += p["secs"].as_f64().unwrap_or(0.0);
+            for (k, who) in ["client", "fake", "agent"].iter().enumerate() {
+                cpu[i][k] += p["cpu_secs"][who].as_f64().unwrap_or(0.0);
+            }
         }
         let rps = [req[0] / secs[0], req[1] / secs[1]];
+        let us = |i: usize, k: usize| 1e6 * cpu[i][k] / req[i];
         Ok(vec![
             Figure::info("direct: requests/s", rps[0], "req/s").note(format!(
                 "{CONCURRENCY} connections, {pairs} phases of {phase_secs} s each"
             )),
             Figure::info("tollgate: requests/s", rps[1], "req/s"),
+            Figure::info(
+                "direct: CPU per request (client + fake)",
+                us(0, 0) + us(0, 1),
+                "us",
+            )
+            .note(format!(
+                "client {:.1} µs, fake {:.1} µs",
+                us(0, 0),
+                us(0, 1)
+            )),
+            Figure::info(
+                "tollgate: CPU per request (client + fake + agent)",
+                us(1, 0) + us(1, 1) + us(1, 2),
+                "us",
+            )
+            .note(format!(
+                "agent {:.1} µs, client {:.1} µs, fake {:.1} µs",
+                us(1, 2),
+                us(1, 0),
+                us(1, 1)
+            )),
             Figure::goal(
                 "tollgate throughput, % of direct",
                 100.0 * rps[1] / rps[0],
@@ -70,6 +102,13 @@ impl Row for Throughput {
         let schedule: Vec<usize> = serde_json::from_value(spec["schedule"].clone())?;
         let phase = Duration::from_secs_f64(spec["phase_secs"].as_f64().unwrap_or(1.0));
         let conc = spec["concurrency"].as_u64().unwrap_or(16) as usize;
+        let pids = [
+            ("client", Some(std::process::id() as u64)),
+            ("fake", spec["pids"]["fake"].as_u64()),
+            ("agent", spec["pids"]["agent"].as_u64()),
+        ];
+        let cpu_now =
+            || -> Vec<f64> { pids.iter().map(|(_, p)| p.map_or(0.0, cpu_secs)).collect() };
         let rt = load::multi_thread()?;
         let phases = rt.block_on(async {
             let body = load::chat_body("gpt-4o-mini");
@@ -85,6 +124,7 @@ impl Row for Throughput {
                     conns.push(conn);
                 }
                 let count = Arc::new(AtomicU64::new(0));
+                let cpu0 = cpu_now();
                 let start = Instant::now();
                 let deadline = start + phase;
                 let mut tasks = Vec::new();
@@ -99,14 +139,40 @@ impl Row for Throughput {
                     }));
                 }
                 for t in tasks {
-                    t.await?.with_context(|| format!("{}: request", c.target.name))?;
+                    t.await?
+                        .with_context(|| format!("{}: request", c.target.name))?;
                 }
                 let secs = start.elapsed().as_secs_f64();
-                phases.push(json!({"target": c.target.name, "requests": count.load(Ordering::Relaxed), "secs": secs}));
+                let cpu: serde_json::Map<String, Value> = pids
+                    .iter()
+                    .zip(cpu_now().iter().zip(&cpu0))
+                    .map(|((who, _), (b, a))| (who.to_string(), json!(b - a)))
+                    .collect();
+                phases.push(
+                    json!({"target": c.target.name, "requests": count.load(Ordering::Relaxed),
+                    "secs": secs, "cpu_secs": cpu}),
+                );
             }
             Ok::<_, anyhow::Error>(phases)
         })?;
         emit(json!({"phases": phases}));
         Ok(())
     }
+}
+
+/// User plus system CPU time of a process so far (all its threads), from
+/// /proc/PID/stat; 0 if it is gone.
+fn cpu_secs(pid: u64) -> f64 {
+    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name (which may hold spaces): state is 3rd.
+    let Some(rest) = s.rfind(')').map(|i| &s[i + 2..]) else {
+        return 0.0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    ticks / hz.max(1.0)
 }
