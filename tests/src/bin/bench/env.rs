@@ -37,6 +37,8 @@ pub fn repo_root() -> PathBuf {
 
 pub struct Env {
     pub quick: bool,
+    /// Peers are not started (`--no-peers`).
+    pub no_peers: bool,
     pub agent: Option<BenchAgent>,
     pub peers: Peers,
     /// Held for its `Drop`; rows may read what it reported.
@@ -76,6 +78,7 @@ impl Env {
             .tempdir()?;
         Ok(Env {
             quick,
+            no_peers: false,
             agent: None,
             peers: Peers::default(),
             fake,
@@ -170,6 +173,9 @@ impl Env {
 
     /// A peer gateway's target, starting the peer on first use.
     pub fn peer(&mut self, kind: PeerKind) -> Result<Target> {
+        if self.no_peers {
+            bail!("not started (--no-peers)");
+        }
         let dir = self.work.path().join(kind.name());
         self.peers.target(
             kind,

@@ -53,6 +53,9 @@ struct Cli {
     /// upstream connections are HTTP/1.1 instead of HTTP/2.
     #[arg(long)]
     upstream_h1: bool,
+    /// Diagnostic: do not start LiteLLM and mitmproxy (their figures say SKIP).
+    #[arg(long)]
+    no_peers: bool,
 }
 
 #[derive(Subcommand)]
@@ -93,7 +96,10 @@ fn main() -> ExitCode {
     cleanup::install_signal_handler();
     let started = std::time::Instant::now();
     let mut env = match env::Env::new(cli.quick, cli.upstream_h1) {
-        Ok(e) => e,
+        Ok(mut e) => {
+            e.no_peers = cli.no_peers;
+            e
+        }
         Err(e) => {
             eprintln!("bench: cannot set up: {e:#}");
             return ExitCode::from(69);

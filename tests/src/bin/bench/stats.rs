@@ -22,6 +22,23 @@ pub fn floats(v: &serde_json::Value) -> Vec<f64> {
         .unwrap_or_default()
 }
 
+/// User plus system CPU time of a process so far (all its threads), from
+/// /proc/PID/stat; 0 if it is gone.
+pub fn cpu_secs(pid: u64) -> f64 {
+    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name (which may hold spaces): state is 3rd.
+    let Some(rest) = s.rfind(')').map(|i| &s[i + 2..]) else {
+        return 0.0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    ticks / hz.max(1.0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

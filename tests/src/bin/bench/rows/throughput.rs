@@ -107,8 +107,11 @@ impl Row for Throughput {
             ("fake", spec["pids"]["fake"].as_u64()),
             ("agent", spec["pids"]["agent"].as_u64()),
         ];
-        let cpu_now =
-            || -> Vec<f64> { pids.iter().map(|(_, p)| p.map_or(0.0, cpu_secs)).collect() };
+        let cpu_now = || -> Vec<f64> {
+            pids.iter()
+                .map(|(_, p)| p.map_or(0.0, crate::stats::cpu_secs))
+                .collect()
+        };
         let rt = load::multi_thread()?;
         let phases = rt.block_on(async {
             let body = load::chat_body("gpt-4o-mini");
@@ -158,21 +161,4 @@ impl Row for Throughput {
         emit(json!({"phases": phases}));
         Ok(())
     }
-}
-
-/// User plus system CPU time of a process so far (all its threads), from
-/// /proc/PID/stat; 0 if it is gone.
-fn cpu_secs(pid: u64) -> f64 {
-    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    // Fields after the command name (which may hold spaces): state is 3rd.
-    let Some(rest) = s.rfind(')').map(|i| &s[i + 2..]) else {
-        return 0.0;
-    };
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
-        + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    ticks / hz.max(1.0)
 }

@@ -158,7 +158,6 @@ impl Row for Tokens {
                 )),
             );
         }
-        drop(ask);
         let _ = py.kill();
         let _ = py.wait();
         env.note(format!(
