@@ -334,4 +334,11 @@ for _ in c.chat.completions.create(model="gpt-4o-mini", max_tokens=3, stream=Tru
         "python over an HTTP/1.1 upstream",
     );
     w.assert_ledger_matches_provider(6);
+    // Six requests in turn on one client connection: the agent reuses its
+    // upstream connection instead of a handshake per request.
+    let conns = w.fake.connections();
+    assert!(
+        (1..=2).contains(&conns),
+        "{conns} upstream connections for 6 sequential requests"
+    );
 }

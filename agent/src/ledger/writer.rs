@@ -8,7 +8,7 @@
 //! `shutdown` gives up at its deadline (and says how many were left).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -18,7 +18,7 @@ use crate::meter::UsageRecord;
 
 /// Most records gathered before a write starts (overflow can add more).
 const BATCH: usize = 512;
-/// Longest wait for more records once one has arrived.
+/// How long records gather once one has arrived.
 const BATCH_WINDOW: Duration = Duration::from_millis(50);
 /// Idle poll: how often the writer looks at the overflow list and the
 /// shutdown flag when nothing arrives.
@@ -206,6 +206,7 @@ fn run(
 ) -> Result<u64, (u64, String)> {
     let mut pending: Vec<UsageRecord> = Vec::new();
     let mut backoff = BACKOFF_MIN;
+    let mut backlog = false;
     loop {
         let closing = s.closed.load(Ordering::SeqCst);
         if closing {
@@ -217,13 +218,13 @@ fn run(
             && let Ok(r) = rx.recv_timeout(IDLE_POLL)
         {
             pending.push(*r);
-            let start = Instant::now();
-            while pending.len() < BATCH {
-                let left = BATCH_WINDOW.saturating_sub(start.elapsed());
-                match rx.recv_timeout(left) {
-                    Ok(r) => pending.push(*r),
-                    Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
-                }
+            // Let the batch gather without waking per record: a sleeping
+            // receiver costs the senders nothing, a blocked one a futex wake
+            // each. What does not fit the channel meanwhile takes the
+            // overflow path, drained below.
+            // A full last batch means a backlog: write on without a pause.
+            if !backlog {
+                std::thread::sleep(BATCH_WINDOW);
             }
         }
         while let Ok(r) = rx.try_recv() {
@@ -244,6 +245,7 @@ fn run(
             }
             continue;
         }
+        backlog = pending.len() >= BATCH;
         match ledger.insert_batch(&pending) {
             Ok(()) => {
                 s.written.fetch_add(pending.len() as u64, Ordering::Relaxed);

@@ -21,6 +21,7 @@ pub mod sse;
 pub(crate) mod testing;
 
 use http::{HeaderMap, Method};
+use serde_json::Value;
 
 use crate::config::ApiKind;
 use crate::meter::Usage;
@@ -134,6 +135,51 @@ pub fn adapter_for(api: ApiKind) -> &'static dyn Provider {
     }
 }
 
+/// The top-level members of a request or response body that the adapters
+/// read, parsed without building the rest of the document: `messages`,
+/// `choices` and the like are scanned and skipped, not allocated. Each
+/// member is kept as a `Value` so that an unexpected type loses only that
+/// member, never the parse.
+#[derive(serde::Deserialize, Default, Debug)]
+#[serde(default)]
+pub struct Head {
+    pub model: Option<Value>,
+    pub usage: Option<Value>,
+    pub stream: Option<Value>,
+    pub max_completion_tokens: Option<Value>,
+    pub max_output_tokens: Option<Value>,
+    pub max_tokens: Option<Value>,
+}
+
+impl Head {
+    /// Parses `body`; `None` when it is not a JSON object. A body the
+    /// typed parse refuses (a repeated member) is read as a whole
+    /// document, whose last member wins, as everywhere else.
+    pub fn parse(body: &[u8]) -> Option<Head> {
+        // (A derived struct would also take an array, by position.)
+        let object = body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
+        if object && let Ok(h) = serde_json::from_slice::<Head>(body) {
+            return Some(h);
+        }
+        let Value::Object(mut o) = serde_json::from_slice::<Value>(body).ok()? else {
+            return None;
+        };
+        let mut take = |k: &str| o.remove(k).filter(|v| !v.is_null());
+        Some(Head {
+            model: take("model"),
+            usage: take("usage"),
+            stream: take("stream"),
+            max_completion_tokens: take("max_completion_tokens"),
+            max_output_tokens: take("max_output_tokens"),
+            max_tokens: take("max_tokens"),
+        })
+    }
+
+    pub fn model(&self) -> Option<String> {
+        self.model.as_ref()?.as_str().map(str::to_string)
+    }
+}
+
 /// Accumulates a JSON response body up to a bound and parses it at the end.
 pub struct JsonBody {
     buf: Vec<u8>,
@@ -163,6 +209,11 @@ impl JsonBody {
             return;
         }
         self.buf.extend_from_slice(chunk);
+    }
+
+    /// The bytes gathered, or `None` when the body was too large.
+    pub fn bytes(&self) -> Option<&[u8]> {
+        (!self.overflowed).then_some(&self.buf[..])
     }
 
     /// The parsed body, or `None` when it was not JSON or too large.

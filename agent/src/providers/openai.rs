@@ -66,14 +66,18 @@ impl Provider for OpenAi {
                 ..Default::default()
             };
         }
-        let body: Option<Value> = req.body.and_then(|b| serde_json::from_slice(b).ok());
-        let (model, streaming, max_out) = match &body {
-            Some(v) => (
-                str_at(v, &["model"]),
-                v.get("stream").and_then(Value::as_bool).unwrap_or(false),
-                u64_at(v, &["max_completion_tokens"])
-                    .or_else(|| u64_at(v, &["max_output_tokens"]))
-                    .or_else(|| u64_at(v, &["max_tokens"])),
+        let head = req.body.and_then(super::Head::parse);
+        let (model, streaming, max_out) = match &head {
+            Some(h) => (
+                h.model(),
+                h.stream.as_ref().and_then(Value::as_bool).unwrap_or(false),
+                [
+                    &h.max_completion_tokens,
+                    &h.max_output_tokens,
+                    &h.max_tokens,
+                ]
+                .into_iter()
+                .find_map(|v| v.as_ref().and_then(Value::as_u64)),
             ),
             None => (None, false, None),
         };
@@ -217,6 +221,9 @@ fn rewrite_event(ev: &[u8]) -> Option<std::borrow::Cow<'_, [u8]>> {
         .map(|e| start + e)
         .unwrap_or(text.len());
     let data = text[start + 5..line_end].trim_start();
+    if !data.contains("\"usage\"") {
+        return Some(Cow::Borrowed(ev));
+    }
     let Ok(v) = serde_json::from_str::<Value>(data) else {
         return Some(Cow::Borrowed(ev));
     };
@@ -291,6 +298,17 @@ impl UsageParser for JsonParser {
     }
 
     fn finish(&mut self) -> ParsedUsage {
+        // The usual case: usage and model, without building the choices.
+        if let Some(h) = self.0.bytes().and_then(super::Head::parse)
+            && let Some(usage) = h.usage.as_ref().and_then(usage_from)
+        {
+            return ParsedUsage {
+                usage: Some(usage),
+                response_model: h.model(),
+                output_text: String::new(),
+            };
+        }
+        // No usage: the whole document, for the text to estimate from.
         let Some(v) = self.0.take() else {
             return ParsedUsage::default();
         };
@@ -614,9 +632,36 @@ mod tests {
     }
 
     #[test]
-    fn json_collects_output_text() {
+    fn json_collects_output_text_only_when_usage_is_missing() {
+        // With usage, the text is not needed (it feeds local estimates only)
+        // and the choices are skipped, not built.
         let p = parse("application/json", CHAT_JSON, &[]);
+        assert!(p.usage.is_some());
+        assert_eq!(p.output_text, "");
+        let mut v: Value = serde_json::from_slice(CHAT_JSON).unwrap();
+        v.as_object_mut().unwrap().remove("usage");
+        let p = parse("application/json", v.to_string().as_bytes(), &[]);
+        assert_eq!(p.usage, None);
         assert_eq!(p.output_text, "The image shows a wooden boardwalk path.");
+        assert_eq!(p.response_model, str_at(&v, &["model"]));
+    }
+
+    #[test]
+    fn head_survives_odd_member_types_and_repeated_members() {
+        let h = crate::providers::Head::parse(
+            br#"{"model":"a","model":"b","max_tokens":"7","usage":{"prompt_tokens":3}}"#,
+        )
+        .unwrap();
+        assert_eq!(h.model().as_deref(), Some("b"), "last member wins");
+        assert_eq!(h.max_tokens.and_then(|v| v.as_u64()), None);
+        assert_eq!(
+            usage_from(h.usage.as_ref().unwrap()).unwrap().input_tokens,
+            3
+        );
+        let h = crate::providers::Head::parse(br#"{"model":5,"stream":"yes"}"#).unwrap();
+        assert_eq!(h.model(), None);
+        assert!(crate::providers::Head::parse(b"[1,2]").is_none());
+        assert!(crate::providers::Head::parse(b"not json").is_none());
     }
 
     #[test]

@@ -17,6 +17,7 @@ use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Incoming;
 use tracing::{debug, warn};
 
+use super::upstream::UpstreamBody;
 use super::{BoxError, ProxyBody, ProxyState};
 use crate::intercept::ConnOrigin;
 use crate::meter::{Attribution, UsageRecord, estimate};
@@ -357,7 +358,7 @@ impl Draft {
 /// when the body ends, fails, or the client hangs up (then the rest of the
 /// upstream response is read, bounded, to get the provider's count).
 struct MeteredBody {
-    inner: Option<Incoming>,
+    inner: Option<UpstreamBody>,
     parser: Option<Box<dyn UsageParser>>,
     /// Undoes what the agent added to the request (see `BodyFilter`).
     filter: Option<Box<dyn BodyFilter>>,
@@ -399,15 +400,26 @@ impl Body for MeteredBody {
                     if let Some(p) = this.parser.as_mut() {
                         p.feed(data);
                     }
+                    // hyper stops polling a body whose length is used up, so
+                    // the end is seen here, not as a `None` from the next poll
+                    // (which would come only as a drop).
+                    let ended = this.inner.as_ref().is_some_and(|b| b.is_end_stream());
+                    if ended {
+                        this.inner = None;
+                        this.finish(None);
+                    }
                     let Some(f) = this.filter.as_mut() else {
                         return Poll::Ready(Some(Ok(frame)));
                     };
                     let mut out = Vec::new();
                     f.filter(data, &mut out);
+                    if ended && let Some(mut f) = this.filter.take() {
+                        f.finish(&mut out);
+                    }
                     if !out.is_empty() {
                         return Poll::Ready(Some(Ok(Frame::data(Bytes::from(out)))));
                     }
-                    // Everything was held back or removed: read on.
+                    // Everything was held back or removed: read on (or end).
                 }
                 Poll::Ready(Some(Err(e))) => {
                     this.inner = None;
@@ -433,7 +445,7 @@ impl Body for MeteredBody {
 
     fn is_end_stream(&self) -> bool {
         match &self.inner {
-            None => true,
+            None => self.filter.is_none(),
             // A filter may still hold bytes back: only the next poll knows.
             Some(_) if self.filter.is_some() => false,
             Some(b) => b.is_end_stream(),

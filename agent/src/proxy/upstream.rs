@@ -1,6 +1,7 @@
 //! Connections from the agent to the providers: verified TLS (webpki roots
 //! plus an optional extra CA, never anything weaker) and a small pool of
-//! HTTP/1.1 and HTTP/2 connections per (dialed address, host name).
+//! HTTP/1.1 and HTTP/2 connections per (dialed address, host name, the
+//! client's protocol).
 //!
 //! Must never: connect anywhere but the address the client dialed, or
 //! accept a certificate that does not verify for the client's SNI.
@@ -8,6 +9,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -24,6 +26,11 @@ use super::ProxyBody;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_IDLE_PER_KEY: usize = 64;
+/// Streams one upstream HTTP/2 connection carries before the next request
+/// opens another connection (servers commonly allow 100-250; hyper would
+/// queue past the peer's limit instead of failing, which is what this
+/// avoids).
+const MAX_STREAMS_PER_H2: usize = 100;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -57,16 +64,85 @@ impl UpstreamError {
 struct PoolKey {
     addr: SocketAddr,
     host: String,
+    /// The client spoke HTTP/2, so HTTP/2 is offered upstream (ALPN); an
+    /// HTTP/1.1 client gets HTTP/1.1 upstream. Mirroring the client keeps
+    /// the provider's view of connections what it would be without the
+    /// agent, and HTTP/1.1 costs the agent less per request than
+    /// multiplexing one HTTP/2 connection.
+    h2: bool,
+}
+
+/// An HTTP/2 connection and the streams open on it.
+#[derive(Clone)]
+struct H2Conn {
+    send: http2::SendRequest<ProxyBody>,
+    streams: Arc<AtomicUsize>,
 }
 
 enum Sender {
     H1(http1::SendRequest<ProxyBody>),
-    H2(http2::SendRequest<ProxyBody>),
+    H2(H2Conn),
+}
+
+impl Sender {
+    fn is_closed(&self) -> bool {
+        match self {
+            Sender::H1(h) => h.is_closed(),
+            Sender::H2(c) => c.send.is_closed(),
+        }
+    }
+}
+
+/// Counts one open stream on an HTTP/2 connection until the response body
+/// is done with (ended or dropped).
+struct StreamGuard(Arc<AtomicUsize>);
+
+impl StreamGuard {
+    fn new(streams: &Arc<AtomicUsize>) -> Self {
+        streams.fetch_add(1, Ordering::Relaxed);
+        StreamGuard(streams.clone())
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A response body from upstream; on HTTP/2 it holds its stream's place
+/// in the connection's count until dropped.
+pub struct UpstreamBody {
+    inner: Incoming,
+    _stream: Option<StreamGuard>,
+}
+
+impl http_body::Body for UpstreamBody {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, hyper::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// The upstream client. Cheap to share behind an `Arc`.
 pub struct Upstream {
-    connector: TlsConnector,
+    /// Offers h2 and http/1.1.
+    connector_h2: TlsConnector,
+    /// Offers http/1.1 only.
+    connector_h1: TlsConnector,
     idle: Mutex<HashMap<PoolKey, Vec<Sender>>>,
 }
 
@@ -108,28 +184,41 @@ pub fn client_config(extra_ca: Option<&Path>) -> Result<rustls::ClientConfig, Up
 
 impl Upstream {
     pub fn new(extra_ca: Option<&Path>) -> Result<Self, UpstreamError> {
+        let h2 = client_config(extra_ca)?;
+        let mut h1 = h2.clone();
+        h1.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(Upstream {
-            connector: TlsConnector::from(Arc::new(client_config(extra_ca)?)),
+            connector_h2: TlsConnector::from(Arc::new(h2)),
+            connector_h1: TlsConnector::from(Arc::new(h1)),
             idle: Mutex::new(HashMap::new()),
         })
     }
 
     /// Sends `req` to `host` at `addr`, reusing a pooled connection when one
-    /// is idle. `authority` is the `Host` the client asked for.
+    /// has room. `authority` is the `Host` the client asked for; the
+    /// request's version (the client's) picks the upstream protocol.
     pub async fn send(
         &self,
         addr: SocketAddr,
         host: &str,
         authority: &str,
         mut req: Request<ProxyBody>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let key = PoolKey {
             addr,
             host: host.to_string(),
+            h2: req.version() == Version::HTTP_2,
         };
         let sender = match self.checkout(&key) {
             Some(s) => s,
-            None => self.connect(&key).await?,
+            None => {
+                let s = self.connect(&key).await?;
+                if let Sender::H2(c) = &s {
+                    // Shared from the start: concurrent requests join it.
+                    self.checkin(key.clone(), Sender::H2(c.clone()));
+                }
+                s
+            }
         };
         let http_err = |e: hyper::Error| UpstreamError::Http {
             host: host.to_string(),
@@ -138,56 +227,48 @@ impl Upstream {
         match sender {
             Sender::H1(mut s) => {
                 adapt_h1(&mut req, authority);
-                let fut = s.send_request(req);
-                let resp = fut.await.map_err(http_err)?;
+                let resp = s.send_request(req).await.map_err(http_err)?;
                 self.checkin(key, Sender::H1(s));
-                Ok(resp)
+                Ok(resp.map(|inner| UpstreamBody {
+                    inner,
+                    _stream: None,
+                }))
             }
-            Sender::H2(mut s) => {
+            Sender::H2(mut c) => {
                 adapt_h2(&mut req, authority);
-                let fut = s.send_request(req);
-                self.checkin(key, Sender::H2(s));
-                fut.await.map_err(http_err)
+                let guard = StreamGuard::new(&c.streams);
+                let resp = c.send.send_request(req).await.map_err(http_err)?;
+                Ok(resp.map(|inner| UpstreamBody {
+                    inner,
+                    _stream: Some(guard),
+                }))
             }
         }
     }
 
+    /// An HTTP/2 connection with room for another stream (it stays in the
+    /// pool), else an idle HTTP/1.1 connection (taken out until checkin).
     fn checkout(&self, key: &PoolKey) -> Option<Sender> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.get_mut(key)?;
-        let mut busy = Vec::new();
-        let mut found = None;
-        while let Some(s) = list.pop() {
-            match s {
-                Sender::H2(h) if !h.is_closed() && h.is_ready() => {
-                    // HTTP/2 multiplexes: the connection stays in the pool.
-                    busy.push(Sender::H2(h.clone()));
-                    found = Some(Sender::H2(h));
-                    break;
-                }
-                Sender::H1(h) if !h.is_closed() && h.is_ready() => {
-                    found = Some(Sender::H1(h));
-                    break;
-                }
-                Sender::H1(h) if !h.is_closed() => busy.push(Sender::H1(h)),
-                Sender::H2(h) if !h.is_closed() => busy.push(Sender::H2(h)),
-                _ => {}
+        list.retain(|s| !s.is_closed());
+        for s in list.iter() {
+            if let Sender::H2(c) = s
+                && c.send.is_ready()
+                && c.streams.load(Ordering::Relaxed) < MAX_STREAMS_PER_H2
+            {
+                return Some(Sender::H2(c.clone()));
             }
         }
-        list.extend(busy);
-        found
+        let i = list
+            .iter()
+            .position(|s| matches!(s, Sender::H1(h) if h.is_ready()))?;
+        Some(list.swap_remove(i))
     }
 
     fn checkin(&self, key: PoolKey, s: Sender) {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.entry(key).or_default();
-        if let Sender::H2(_) = s
-            && list
-                .iter()
-                .any(|x| matches!(x, Sender::H2(h) if !h.is_closed()))
-        {
-            return;
-        }
         if list.len() < MAX_IDLE_PER_KEY {
             list.push(s);
         }
@@ -212,7 +293,12 @@ impl Upstream {
         };
         let name = ServerName::try_from(key.host.clone())
             .map_err(|e| tls_err(format!("bad server name: {e}")))?;
-        let tls = tokio::time::timeout(CONNECT_TIMEOUT, self.connector.connect(name, tcp))
+        let connector = if key.h2 {
+            &self.connector_h2
+        } else {
+            &self.connector_h1
+        };
+        let tls = tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(name, tcp))
             .await
             .map_err(|_| tls_err("handshake timed out".into()))?
             .map_err(|e| tls_err(e.to_string()))?;
@@ -234,7 +320,10 @@ impl Upstream {
                     tracing::debug!(error = %e, "upstream h2 connection ended");
                 }
             });
-            Ok(Sender::H2(s))
+            Ok(Sender::H2(H2Conn {
+                send: s,
+                streams: Arc::new(AtomicUsize::new(0)),
+            }))
         } else {
             let (s, conn) = http1::Builder::new()
                 .handshake(io)

@@ -7,6 +7,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -50,6 +51,8 @@ pub struct Reported {
 pub struct FakeProvider {
     pub addr: SocketAddr,
     pub reported: Arc<Mutex<Vec<Reported>>>,
+    /// TLS connections accepted so far (on every address it serves).
+    connections: Arc<AtomicUsize>,
     rt: Option<tokio::runtime::Runtime>,
     acceptor: tokio_rustls::TlsAcceptor,
 }
@@ -148,13 +151,22 @@ pub(crate) fn stream_response(
     chunks: Vec<Vec<u8>>,
     delay: Duration,
 ) -> Response<Body> {
-    let stream = futures_util::stream::unfold(chunks.into_iter(), move |mut it| async move {
-        let c = it.next()?;
-        if !delay.is_zero() {
-            tokio::time::sleep(delay).await;
-        }
-        Some((Ok::<_, Infallible>(Frame::data(Bytes::from(c))), it))
-    });
+    // The first chunk goes out with the headers; `delay` is the gap
+    // between chunks (so time to first chunk measures the path, not the
+    // timer wheel's rounding of a sleep).
+    let stream = futures_util::stream::unfold(
+        (chunks.into_iter(), true),
+        move |(mut it, first)| async move {
+            let c = it.next()?;
+            if !first && !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            Some((
+                Ok::<_, Infallible>(Frame::data(Bytes::from(c))),
+                (it, false),
+            ))
+        },
+    );
     Response::builder()
         .status(200)
         .header("content-type", content_type)
@@ -221,17 +233,26 @@ async fn handle(
 }
 
 /// Accepts TLS connections on `listener` and serves them until the runtime stops.
-async fn serve(listener: tokio::net::TcpListener, acceptor: tokio_rustls::TlsAcceptor, rep: Log) {
+async fn serve(
+    listener: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    rep: Log,
+    connections: Arc<AtomicUsize>,
+) {
     loop {
         let Ok((tcp, _)) = listener.accept().await else {
             continue;
         };
+        // As any real server does: small SSE frames go out as written.
+        let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let rep = rep.clone();
+        let connections = connections.clone();
         tokio::spawn(async move {
             let Ok(tls) = acceptor.accept(tcp).await else {
                 return;
             };
+            connections.fetch_add(1, Ordering::SeqCst);
             let sni = tls.get_ref().1.server_name().unwrap_or("").to_string();
             let svc = hyper::service::service_fn(move |req| handle(req, sni.clone(), rep.clone()));
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
@@ -287,10 +308,17 @@ impl FakeProvider {
             .unwrap_or_else(|e| panic!("fake provider cannot listen on {addr}: {e}"));
         let addr = listener.local_addr().expect("addr");
         let reported = Arc::new(Mutex::new(Vec::new()));
-        rt.spawn(serve(listener, acceptor.clone(), reported.clone()));
+        let connections = Arc::new(AtomicUsize::new(0));
+        rt.spawn(serve(
+            listener,
+            acceptor.clone(),
+            reported.clone(),
+            connections.clone(),
+        ));
         FakeProvider {
             addr,
             reported,
+            connections,
             rt: Some(rt),
             acceptor,
         }
@@ -309,8 +337,14 @@ impl FakeProvider {
             listener,
             self.acceptor.clone(),
             self.reported.clone(),
+            self.connections.clone(),
         ));
         bound
+    }
+
+    /// TLS connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
     }
 
     pub fn reported(&self) -> Vec<Reported> {

@@ -12,6 +12,7 @@ use serde_json::Value;
 use crate::env::Env;
 use crate::report::Figure;
 
+mod collector;
 mod connect;
 mod latency;
 mod memory;
@@ -42,6 +43,7 @@ pub static ROWS: &[&dyn Row] = &[
     &memory::Memory,
     &connect::Connect,
     &tokens::Tokens,
+    &collector::Collector,
 ];
 
 pub fn find(id: &str) -> Option<&'static dyn Row> {

@@ -44,6 +44,7 @@ impl Row for Streaming {
         let (streams, max_secs) = if env.quick { (4, 40) } else { (16, 150) };
         let spec =
             json!({"targets": targets, "streams": streams, "delay_ms": 1, "max_secs": max_secs});
+        let conns0 = env.fake.connections();
         let out = env
             .spawn_client(self.id(), &spec)?
             .finish(Duration::from_secs(max_secs + 60))?;
@@ -51,7 +52,9 @@ impl Row for Streaming {
         let ms = |us: f64| us / 1000.0;
         let (d_ttfc, t_ttfc) = (get("direct", "ttfc_us"), get("tollgate", "ttfc_us"));
         let (d_gaps, t_gaps) = (get("direct", "gaps_us"), get("tollgate", "gaps_us"));
+        let (d_hdr, t_hdr) = (get("direct", "headers_us"), get("tollgate", "headers_us"));
         let n = t_ttfc.len();
+        let conns = env.fake.connections() - conns0;
         Ok(vec![
             Figure::goal(
                 "tollgate: added time to first chunk (p50)",
@@ -60,9 +63,11 @@ impl Row for Streaming {
                 Goal::AtMost(ADDED_MAX),
             )
             .note(format!(
-                "direct {:.3} ms, tollgate {:.3} ms; {n} streams each",
+                "direct {:.3} ms, tollgate {:.3} ms (response headers {:.3} / {:.3} ms); {n} streams each; {conns} TLS connections accepted by the fake",
                 ms(median(&d_ttfc)),
-                ms(median(&t_ttfc))
+                ms(median(&t_ttfc)),
+                ms(median(&d_hdr)),
+                ms(median(&t_hdr))
             )),
             Figure::goal(
                 "tollgate: added median inter-chunk gap",
@@ -101,7 +106,8 @@ impl Row for Streaming {
                 let conn = c.connect().await?;
                 conns.push((c, conn));
             }
-            let mut per: Vec<(Vec<f64>, Vec<f64>)> = vec![Default::default(); conns.len()];
+            let mut per: Vec<(Vec<f64>, Vec<f64>, Vec<f64>)> =
+                vec![Default::default(); conns.len()];
             let deadline = Instant::now() + max;
             // One warm-up stream each, not counted.
             for s in 0..=streams {
@@ -112,10 +118,11 @@ impl Row for Streaming {
                     let i = (s + k) % conns.len();
                     let (c, conn) = &mut conns[i];
                     let req = c.request(&body, &[("x-fake-chunk-delay-ms", &delay)]);
-                    let events = tokio::time::timeout(load::REQUEST_TIMEOUT, one_stream(conn, req))
-                        .await
-                        .context("stream timed out")?
-                        .with_context(|| format!("{}: stream {s}", c.target.name))?;
+                    let (headers_at, events) =
+                        tokio::time::timeout(load::REQUEST_TIMEOUT, one_stream(conn, req))
+                            .await
+                            .context("stream timed out")?
+                            .with_context(|| format!("{}: stream {s}", c.target.name))?;
                     if events.len() != EVENTS {
                         bail!(
                             "{}: {} SSE events, expected {EVENTS}",
@@ -128,28 +135,33 @@ impl Row for Streaming {
                     }
                     per[i].0.push(events[0]);
                     per[i].1.extend(events.windows(2).map(|w| w[1] - w[0]));
+                    per[i].2.push(headers_at);
                 }
             }
             Ok::<_, anyhow::Error>(per)
         })?;
         let mut by_name = serde_json::Map::new();
-        for (t, (ttfc, gaps)) in targets.iter().zip(per) {
-            by_name.insert(t.name.clone(), json!({"ttfc_us": ttfc, "gaps_us": gaps}));
+        for (t, (ttfc, gaps, headers)) in targets.iter().zip(per) {
+            by_name.insert(
+                t.name.clone(),
+                json!({"ttfc_us": ttfc, "gaps_us": gaps, "headers_us": headers}),
+            );
         }
         emit(json!({"per_target": by_name}));
         Ok(())
     }
 }
 
-/// Sends a streaming request; returns when each SSE event was complete
-/// (µs since the request was sent).
+/// Sends a streaming request; returns when the response headers came and
+/// when each SSE event was complete (µs since the request was sent).
 async fn one_stream(
     conn: &mut load::Conn,
     req: hyper::Request<http_body_util::Full<Bytes>>,
-) -> Result<Vec<f64>> {
+) -> Result<(f64, Vec<f64>)> {
     conn.ready().await?;
     let t0 = Instant::now();
     let resp = conn.send_request(req).await?;
+    let headers_at = t0.elapsed().as_nanos() as f64 / 1000.0;
     if !resp.status().is_success() {
         bail!("HTTP {}", resp.status());
     }
@@ -170,5 +182,5 @@ async fn one_stream(
             prev_nl = nl;
         }
     }
-    Ok(events)
+    Ok((headers_at, events))
 }
