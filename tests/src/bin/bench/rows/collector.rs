@@ -1,9 +1,9 @@
 //! Row 7: an unreachable OTLP collector does not change request latency.
 //! The latency row's client (direct and tollgate alternating on kept-alive
 //! connections, canned answers) runs in phases against two agents started
-//! in turn: one exporting nothing, one exporting metrics every second and
-//! a span per request to a collector that refuses every connection
-//! (`http://127.0.0.1:1`). Phases alternate (none, unreachable, none, ...)
+//! in turn: one exporting nothing, one exporting its metrics every second
+//! (the default configuration but for the interval) to a collector that
+//! refuses every connection (`http://127.0.0.1:1`). Phases alternate (none, unreachable, none, ...)
 //! so drift on a shared machine hits both alike; each configuration's
 //! added latency is p50(tollgate) − p50(direct) over all its phases.
 
@@ -30,7 +30,6 @@ const UNREACHABLE: &str = r#"
 endpoint = "http://127.0.0.1:1"
 interval_secs = 1
 timeout_secs = 2
-traces = true
 "#;
 
 /// Samples (µs) of one configuration, over its phases.
@@ -83,7 +82,7 @@ impl Row for Collector {
                 none.tollgate.len()
             )),
             Figure::info("collector unreachable: added p50", ms(d50), "ms").note(format!(
-                "p99 added {:.3} ms; metrics every 1 s and a span per request, to http://127.0.0.1:1 (connection refused)",
+                "p99 added {:.3} ms; metrics every 1 s to http://127.0.0.1:1 (connection refused)",
                 ms(d99),
             )),
             Figure::goal(
