@@ -6,7 +6,7 @@
 //! root, cgroup v2 and BPF; `cargo xtask test` runs them with
 //! `--include-ignored` when it runs as root, and says so.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tollgate_e2e::World;
@@ -275,6 +275,52 @@ for i in range(20):
     assert_eq!(rows.len(), 20, "every record flushed before exit");
     let total: u64 = rows.iter().map(|r| u(r, "output_tokens")).sum();
     assert_eq!(total, (1..=20).sum::<u64>());
+}
+
+#[test]
+#[ignore = "needs root, cgroup v2 and BPF"]
+fn sigterm_mid_stream_cuts_it_after_the_drain_and_keeps_its_record() {
+    let mut w = World::start("sigstream", 10);
+    let client = w.client(&[]);
+    let marker = client.dir().join("streaming");
+    // 400 chunks 50 ms apart: far longer than the agent's 5 s drain.
+    let script = format!(
+        r#"
+import openai, pathlib
+c = openai.OpenAI(api_key="sk-test", max_retries=0)
+s = c.chat.completions.create(model="gpt-4o-mini", messages=[{{"role": "user", "content": "long"}}],
+    max_tokens=400, stream=True, extra_headers={{"x-fake-chunk-delay-ms": "50"}})
+for i, ch in enumerate(s):
+    if i == 5:
+        pathlib.Path({marker:?}).write_text("yes")
+"#
+    );
+    std::thread::scope(|sc| {
+        let running = sc.spawn(|| client.python(&script));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !marker.exists() {
+            assert!(Instant::now() < deadline, "the stream never started");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let status = w.agent.terminate().expect("agent was running");
+        assert!(
+            status.success(),
+            "clean exit on SIGTERM: {status}; log:\n{}",
+            w.agent.log()
+        );
+        let out = running.join().expect("client thread");
+        assert!(
+            !out.status.success(),
+            "the stream outlived the drain, so the client sees it cut"
+        );
+    });
+    let rows = w.agent.report_json();
+    assert_eq!(rows.len(), 1, "{rows:#?}");
+    assert_eq!(s(&rows[0], "error"), "agent_stopped", "{}", rows[0]);
+    // No usage chunk came: what was streamed so far is counted locally.
+    assert_eq!(rows[0]["estimated"], true, "{}", rows[0]);
+    let out = u(&rows[0], "output_tokens");
+    assert!((5..400).contains(&out), "{out} output tokens: {}", rows[0]);
 }
 
 #[test]

@@ -200,6 +200,8 @@ pub(super) async fn handle(
         info: info.clone(),
         status: 0,
         ttfb_ms: None,
+        // Unmetered requests have no record to write.
+        emitted: !info.metered,
         _live: if info.metered {
             state.live.request_started(&ctx.who)
         } else {
@@ -246,11 +248,13 @@ pub(super) async fn handle(
     if filter.is_some() {
         rparts.headers.remove(header::CONTENT_LENGTH);
     }
+    let mut draft = draft;
+    draft.status = status;
     let metered = MeteredBody {
         inner: Some(rbody),
         parser: Some(parser),
         filter,
-        draft: Some(Draft { status, ..draft }),
+        draft: Some(draft),
     };
     Ok(Response::from_parts(rparts, boxed(metered)))
 }
@@ -268,25 +272,45 @@ struct Draft {
     info: RequestInfo,
     status: u16,
     ttfb_ms: Option<u64>,
+    /// The record was handed on (or there is none to write).
+    emitted: bool,
     /// In flight for `tollgate top` until the draft is emitted or dropped.
     _live: crate::control::InFlight,
+}
+
+impl Drop for Draft {
+    /// A request that ends without a response (the client left while it
+    /// was forwarded, or the agent stopped) still gets its record: the
+    /// provider may bill it.
+    fn drop(&mut self) {
+        if self.emitted {
+            return;
+        }
+        let error = hangup_error(&self.ctx.state);
+        self.record(ParsedUsage::default(), Some(error.into()));
+    }
 }
 
 impl Draft {
     /// Finishes the record and hands it to the sinks. When a successful
     /// response carried no usage, the counts are estimated locally (CPU
     /// work, so off the async workers) and the record says `estimated`.
-    fn emit(self, parsed: ParsedUsage, error: Option<String>) {
+    fn emit(mut self, parsed: ParsedUsage, error: Option<String>) {
         let ok = (200..300).contains(&self.status);
         let needs_estimate = ok && parsed.usage.is_none();
-        if needs_estimate && let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn_blocking(move || self.finish(parsed, error));
+        if needs_estimate && tokio::runtime::Handle::try_current().is_ok() {
+            let background = self.ctx.state.background.clone();
+            background.spawn_blocking(move || self.record(parsed, error));
         } else {
-            self.finish(parsed, error);
+            self.record(parsed, error);
         }
     }
 
-    fn finish(self, parsed: ParsedUsage, error: Option<String>) {
+    /// Builds the record and hands it to the sinks, once.
+    fn record(&mut self, parsed: ParsedUsage, error: Option<String>) {
+        if std::mem::replace(&mut self.emitted, true) {
+            return;
+        }
         let ok = (200..300).contains(&self.status);
         let api = self.ctx.provider.api;
         let provider = adapter_for(api).name();
@@ -297,7 +321,7 @@ impl Draft {
                 &mut usage,
                 api,
                 self.info.model.as_deref(),
-                self.body.as_deref(),
+                self.body.take().as_deref(),
                 &parsed.output_text,
             );
         let error = error.or_else(|| {
@@ -337,9 +361,9 @@ impl Draft {
             provider: provider.to_string(),
             host: self.ctx.provider.host.clone(),
             operation: self.info.operation.to_string(),
-            method: self.method,
-            path: self.path,
-            model: self.info.model,
+            method: std::mem::take(&mut self.method),
+            path: std::mem::take(&mut self.path),
+            model: self.info.model.take(),
             response_model: parsed.response_model,
             status: self.status,
             streaming: self.info.streaming,
@@ -470,13 +494,14 @@ impl Drop for MeteredBody {
         else {
             return;
         };
-        // The client went away before the end: keep reading upstream so
-        // the record gets the provider's own count.
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            draft.emit(parser.finish(), Some("client_disconnected".into()));
+        // The client went away (or the agent is stopping) before the end:
+        // keep reading upstream so the record gets the provider's own count.
+        let state = draft.ctx.state.clone();
+        if tokio::runtime::Handle::try_current().is_err() || state.stopping.is_cancelled() {
+            draft.emit(parser.finish(), Some(hangup_error(&state).into()));
             return;
-        };
-        rt.spawn(async move {
+        }
+        state.background.clone().spawn(async move {
             let mut read = 0usize;
             let deadline = tokio::time::Instant::now() + DRAIN_AFTER_HANGUP;
             // hyper drops a body it has read to its Content-Length without
@@ -484,7 +509,15 @@ impl Drop for MeteredBody {
             // that still had data when the client left is one.
             let mut error = None;
             loop {
-                match tokio::time::timeout_at(deadline, inner.frame()).await {
+                let frame = tokio::select! {
+                    biased;
+                    _ = state.stopping.cancelled() => {
+                        error = Some("agent_stopped".to_string());
+                        break;
+                    }
+                    f = tokio::time::timeout_at(deadline, inner.frame()) => f,
+                };
+                match frame {
                     Ok(Some(Ok(f))) => {
                         if let Some(d) = f.data_ref() {
                             if !d.is_empty() {
@@ -511,5 +544,14 @@ impl Drop for MeteredBody {
             }
             draft.emit(parser.finish(), error);
         });
+    }
+}
+
+/// Why a response ended early when it cannot be read on.
+fn hangup_error(state: &ProxyState) -> &'static str {
+    if state.stopping.is_cancelled() {
+        "agent_stopped"
+    } else {
+        "client_disconnected"
     }
 }

@@ -22,11 +22,11 @@ use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use serde::Serialize;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
@@ -136,6 +136,14 @@ pub struct ProxyState {
     /// (executable, host) pairs whose client rejected the local CA.
     untrusted: Mutex<HashSet<(String, String)>>,
     http: auto::Builder<TokioExecutor>,
+    /// Shutdown began: connections finish their request and close.
+    pub(crate) draining: CancellationToken,
+    /// The drain time is over: what is still open is cut, and its record
+    /// written with what was counted so far.
+    pub(crate) stopping: CancellationToken,
+    /// Work that outlives a connection (reading the rest of a response
+    /// after a hang-up, local estimates): awaited before the ledger closes.
+    pub(crate) background: TaskTracker,
 }
 
 impl ProxyState {
@@ -164,6 +172,9 @@ impl ProxyState {
             live: crate::control::LiveHandle::default(),
             untrusted: Mutex::new(HashSet::new()),
             http,
+            draining: CancellationToken::new(),
+            stopping: CancellationToken::new(),
+            background: TaskTracker::new(),
         }
     }
 }
@@ -182,22 +193,26 @@ impl ProxyState {
     }
 }
 
+/// How long cut connections and background work get to write their
+/// records once the drain time is over.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
 /// Accepts on every listener until `shutdown` turns true, then drains:
-/// in-flight requests and streams get up to `drain` to finish.
+/// in-flight requests and streams get up to `drain` to finish; what is
+/// still open then is cut, and every cut request still gets its record
+/// (with what was counted so far) before this returns.
 pub async fn serve(
     listeners: Vec<TcpListener>,
     state: Arc<ProxyState>,
     mut shutdown: watch::Receiver<bool>,
     drain: Duration,
 ) {
-    let graceful = Arc::new(GracefulShutdown::new());
     let tracker = TaskTracker::new();
     let (stop_tx, _) = tokio::sync::broadcast::channel::<()>(1);
     let mut accept_tasks = Vec::new();
     for l in listeners {
         let state = state.clone();
         let tracker = tracker.clone();
-        let graceful = graceful.clone();
         let mut stop = stop_tx.subscribe();
         accept_tasks.push(tokio::spawn(async move {
             loop {
@@ -205,9 +220,7 @@ pub async fn serve(
                     _ = stop.recv() => break,
                     r = l.accept() => match r {
                         Ok((tcp, peer)) => {
-                            let state = state.clone();
-                            let watcher = graceful.watcher();
-                            tracker.spawn(handle_conn(state, tcp, peer, watcher));
+                            tracker.spawn(handle_conn(state.clone(), tcp, peer));
                         }
                         Err(e) => {
                             // EMFILE and friends: back off instead of spinning.
@@ -238,26 +251,41 @@ pub async fn serve(
         );
     }
     let deadline = tokio::time::Instant::now() + drain;
-    // The accept tasks are done, so this is the last reference.
-    let graceful = Arc::try_unwrap(graceful).unwrap_or_else(|_| GracefulShutdown::new());
-    if tokio::time::timeout_at(deadline, graceful.shutdown())
+    state.draining.cancel();
+    let drained = tokio::time::timeout_at(deadline, tracker.wait())
+        .await
+        .is_ok();
+    state.background.close();
+    let settled = drained
+        && tokio::time::timeout_at(deadline, state.background.wait())
+            .await
+            .is_ok();
+    if !settled {
+        warn!(
+            connections = tracker.len(),
+            background = state.background.len(),
+            "drain time over; cutting what is still open (each record keeps what was counted)"
+        );
+    }
+    // Cut whatever is left; cut requests write their records on the way out.
+    state.stopping.cancel();
+    let grace = tokio::time::Instant::now() + STOP_GRACE;
+    if tokio::time::timeout_at(grace, tracker.wait())
         .await
         .is_err()
-        || tokio::time::timeout_at(deadline, tracker.wait())
+        || tokio::time::timeout_at(grace, state.background.wait())
             .await
             .is_err()
     {
         warn!(
             connections = tracker.len(),
-            "drain time over; closing the remaining connections"
+            background = state.background.len(),
+            "some connections did not stop in time"
         );
     }
 }
 
-/// Cloneable handle to register a connection for graceful shutdown.
-type Watcher = hyper_util::server::graceful::Watcher;
-
-async fn handle_conn(state: Arc<ProxyState>, tcp: TcpStream, peer: SocketAddr, watcher: Watcher) {
+async fn handle_conn(state: Arc<ProxyState>, tcp: TcpStream, peer: SocketAddr) {
     inc(&state.stats.accepted);
     let Some(origin) = state.origins.take_origin(peer) else {
         inc(&state.stats.refused_no_origin);
@@ -277,7 +305,7 @@ async fn handle_conn(state: Arc<ProxyState>, tcp: TcpStream, peer: SocketAddr, w
             Ok(Ok(1)) if first[0] == 22 => {}
             Ok(Ok(1)) => {
                 inc(&state.stats.passthrough);
-                return splice(tcp, Vec::new(), origin.dst).await;
+                return splice(tcp, Vec::new(), origin.dst, &state.stopping).await;
             }
             _ => return,
         }
@@ -305,7 +333,7 @@ async fn handle_conn(state: Arc<ProxyState>, tcp: TcpStream, peer: SocketAddr, w
         let Some(provider) = provider else {
             inc(&state.stats.passthrough);
             debug!(sni = ?hello.sni, "not a provider host: passthrough");
-            return splice(tcp, prefix, origin.dst).await;
+            return splice(tcp, prefix, origin.dst, &state.stopping).await;
         };
         let exe = who.exe.clone().unwrap_or_else(|| origin.comm.clone());
         let key = (exe, provider.host.clone());
@@ -316,14 +344,14 @@ async fn handle_conn(state: Arc<ProxyState>, tcp: TcpStream, peer: SocketAddr, w
             .contains(&key)
         {
             inc(&state.stats.passthrough_untrusted);
-            return splice(tcp, prefix, origin.dst).await;
+            return splice(tcp, prefix, origin.dst, &state.stopping).await;
         }
         let server_config = match state.ca.server_config(&provider.host).await {
             Ok(c) => c,
             Err(e) => {
                 warn!(error = %e, host = %provider.host, "cannot mint a certificate; passing through");
                 inc(&state.stats.passthrough);
-                return splice(tcp, prefix, origin.dst).await;
+                return splice(tcp, prefix, origin.dst, &state.stopping).await;
             }
         };
         let acceptor = tokio_rustls::TlsAcceptor::from(server_config);
@@ -361,7 +389,25 @@ async fn handle_conn(state: Arc<ProxyState>, tcp: TcpStream, peer: SocketAddr, w
             .http
             .serve_connection_with_upgrades(TokioIo::new(tls), service)
             .into_owned();
-        if let Err(e) = watcher.watch(conn).await {
+        let mut conn = std::pin::pin!(conn);
+        let ended = tokio::select! {
+            r = conn.as_mut() => Some(r),
+            _ = state.draining.cancelled() => None,
+        };
+        let ended = match ended {
+            Some(r) => r,
+            None => {
+                // Let the request in flight finish, then close.
+                conn.as_mut().graceful_shutdown();
+                tokio::select! {
+                    r = conn.as_mut() => r,
+                    // Dropping the connection drops its bodies, which write
+                    // their records (see `http::MeteredBody`).
+                    _ = state.stopping.cancelled() => Ok(()),
+                }
+            }
+        };
+        if let Err(e) = ended {
             debug!(error = %e, "client connection ended with an error");
         }
     }
@@ -398,7 +444,12 @@ fn client_rejected_certificate(e: &std::io::Error) -> bool {
 /// Copies bytes both ways between the client and the address it dialed,
 /// after replaying what was already read. The agent's own connects are
 /// never redirected, so this reaches the real destination.
-async fn splice(mut client: TcpStream, prefix: Vec<u8>, dst: SocketAddr) {
+async fn splice(
+    mut client: TcpStream,
+    prefix: Vec<u8>,
+    dst: SocketAddr,
+    stopping: &CancellationToken,
+) {
     let mut server = match TcpStream::connect(dst).await {
         Ok(s) => s,
         Err(e) => {
@@ -410,7 +461,13 @@ async fn splice(mut client: TcpStream, prefix: Vec<u8>, dst: SocketAddr) {
     if !prefix.is_empty() && server.write_all(&prefix).await.is_err() {
         return;
     }
-    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut server).await {
-        debug!(error = %e, "passthrough ended");
+    tokio::select! {
+        r = tokio::io::copy_bidirectional(&mut client, &mut server) => {
+            if let Err(e) = r {
+                debug!(error = %e, "passthrough ended");
+            }
+        }
+        // Nothing is metered here: at the end of the drain it just closes.
+        _ = stopping.cancelled() => {}
     }
 }
