@@ -354,9 +354,79 @@ struct StreamParser {
     found: ParsedUsage,
 }
 
+/// A stream event, typed: the text pieces are borrowed from the event and
+/// everything else is skipped without being built. An event this shape
+/// does not fit (a member of another type) is read as a whole `Value`.
+#[derive(serde::Deserialize)]
+struct StreamEvent<'a> {
+    #[serde(default, borrow)]
+    choices: Vec<StreamChoice<'a>>,
+    #[serde(default)]
+    model: Option<Value>,
+    #[serde(default)]
+    usage: Option<Value>,
+    /// Responses API: `response.output_text.delta` carries a string.
+    #[serde(default)]
+    delta: Option<Value>,
+    /// Responses API: `response.completed` carries the response.
+    #[serde(default)]
+    response: Option<Value>,
+}
+
+#[derive(serde::Deserialize)]
+struct StreamChoice<'a> {
+    #[serde(default, borrow)]
+    delta: Option<StreamDelta<'a>>,
+    #[serde(default, borrow)]
+    text: Option<std::borrow::Cow<'a, str>>,
+}
+
+#[derive(serde::Deserialize)]
+struct StreamDelta<'a> {
+    #[serde(default, borrow)]
+    content: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default, borrow)]
+    reasoning_content: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default, borrow)]
+    refusal: Option<std::borrow::Cow<'a, str>>,
+}
+
 impl StreamParser {
     fn on_event(found: &mut ParsedUsage, data: &str) {
         if data == "[DONE]" {
+            return;
+        }
+        if data.starts_with('{')
+            && let Ok(ev) = serde_json::from_str::<StreamEvent<'_>>(data)
+        {
+            for c in &ev.choices {
+                if let Some(d) = &c.delta {
+                    for t in [&d.content, &d.reasoning_content, &d.refusal]
+                        .into_iter()
+                        .flatten()
+                    {
+                        super::push_text(&mut found.output_text, t);
+                    }
+                }
+                if let Some(t) = &c.text {
+                    super::push_text(&mut found.output_text, t);
+                }
+            }
+            if let Some(Value::String(t)) = &ev.delta {
+                super::push_text(&mut found.output_text, t);
+            }
+            let (model, usage) = match &ev.response {
+                Some(r) if r.is_object() => (r.get("model"), r.get("usage")),
+                _ => (ev.model.as_ref(), ev.usage.as_ref()),
+            };
+            if found.response_model.is_none()
+                && let Some(m) = model.and_then(Value::as_str).filter(|m| !m.is_empty())
+            {
+                found.response_model = Some(m.to_string());
+            }
+            if let Some(u) = usage.and_then(usage_from) {
+                found.usage = Some(u);
+            }
             return;
         }
         let Ok(v) = serde_json::from_str::<Value>(data) else {
@@ -644,6 +714,26 @@ mod tests {
         assert_eq!(p.usage, None);
         assert_eq!(p.output_text, "The image shows a wooden boardwalk path.");
         assert_eq!(p.response_model, str_at(&v, &["model"]));
+    }
+
+    #[test]
+    fn stream_event_of_an_unexpected_shape_still_gives_its_usage() {
+        let mut found = ParsedUsage::default();
+        StreamParser::on_event(
+            &mut found,
+            r#"{"choices":[{"delta":{"content":[1]}}],"model":"m","usage":{"prompt_tokens":3,"completion_tokens":2}}"#,
+        );
+        assert_eq!(
+            found.usage.map(|u| (u.input_tokens, u.output_tokens)),
+            Some((3, 2))
+        );
+        assert_eq!(found.response_model.as_deref(), Some("m"));
+        let mut found = ParsedUsage::default();
+        StreamParser::on_event(
+            &mut found,
+            r#"{"type":"response.output_text.delta","delta":"hi \"x\""}"#,
+        );
+        assert_eq!(found.output_text, "hi \"x\"");
     }
 
     #[test]
