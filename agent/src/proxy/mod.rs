@@ -295,9 +295,6 @@ async fn handle_conn(state: Arc<ProxyState>, tcp: TcpStream, peer: SocketAddr) {
     let span = info_span!("conn", pid = origin.tgid, comm = %origin.comm, dst = %origin.dst);
     async move {
         let _ = tcp.set_nodelay(true);
-        let who = state
-            .attributor
-            .attribute(origin.tgid, origin.uid, origin.cgroup_id, &origin.comm);
         let mut tcp = tcp;
         // Anything that is not a TLS handshake is spliced untouched.
         let mut first = [0u8; 1];
@@ -334,6 +331,21 @@ async fn handle_conn(state: Arc<ProxyState>, tcp: TcpStream, peer: SocketAddr) {
             inc(&state.stats.passthrough);
             debug!(sni = ?hello.sni, "not a provider host: passthrough");
             return splice(tcp, prefix, origin.dst, &state.stopping).await;
+        };
+        // Only provider connections are attributed. /proc reads are
+        // blocking file I/O: they run off the async workers.
+        let who = {
+            let st = state.clone();
+            let (pid, uid, cg, comm) = (origin.tgid, origin.uid, origin.cgroup_id, origin.comm.clone());
+            tokio::task::spawn_blocking(move || st.attributor.attribute(pid, uid, cg, &comm))
+                .await
+                .unwrap_or_else(|_| crate::meter::Attribution {
+                    pid: origin.tgid,
+                    uid: origin.uid,
+                    cgroup_id: origin.cgroup_id,
+                    comm: origin.comm.clone(),
+                    ..Default::default()
+                })
         };
         let exe = who.exe.clone().unwrap_or_else(|| origin.comm.clone());
         let key = (exe, provider.host.clone());
