@@ -71,20 +71,39 @@ impl Client {
             cmd.env(k, v);
         }
         let mut child = cmd.spawn().expect("spawn client");
+        // Read both pipes while the client runs: a client that writes more
+        // than a pipe holds would otherwise block forever.
+        let drain = |r: Option<Box<dyn std::io::Read + Send>>| {
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                if let Some(mut r) = r {
+                    let _ = r.read_to_end(&mut buf);
+                }
+                buf
+            })
+        };
+        let stdout = drain(child.stdout.take().map(|r| Box::new(r) as _));
+        let stderr = drain(child.stderr.take().map(|r| Box::new(r) as _));
         let deadline = Instant::now() + timeout;
-        loop {
-            if child.try_wait().expect("try_wait").is_some() {
-                return child.wait_with_output().expect("output");
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                break status;
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
-                let out = child.wait_with_output().expect("output");
+                let _ = child.wait();
+                let err = stderr.join().unwrap_or_default();
                 panic!(
                     "client {argv:?} did not finish in {timeout:?}; stderr:\n{}",
-                    String::from_utf8_lossy(&out.stderr)
+                    String::from_utf8_lossy(&err)
                 );
             }
             std::thread::sleep(Duration::from_millis(20));
+        };
+        Output {
+            status,
+            stdout: stdout.join().unwrap_or_default(),
+            stderr: stderr.join().unwrap_or_default(),
         }
     }
 
