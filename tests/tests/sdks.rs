@@ -263,6 +263,33 @@ fn http2_client_through_the_agent() {
     );
     assert_eq!(out.trim(), "2", "HTTP/2 between client and agent");
     w.assert_ledger_matches_provider(1);
+
+    // 150 streams at once, from two client connections (curl opens at
+    // most 100 streams on one): the agent's upstream HTTP/2 connection
+    // carries 100, and the rest wait for one more connection instead of
+    // each opening their own.
+    let before = w.fake.connections();
+    const BURST: usize = 150;
+    let body = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"h2 burst"}],"max_tokens":40,"stream":true}"#;
+    let urls = " -o /dev/null https://api.openai.com/v1/chat/completions".repeat(BURST / 2);
+    let curl = format!(
+        "curl -sS --http2 --parallel --parallel-max 100 -w '%{{http_version}}\\n' \
+         -H 'Content-Type: application/json' -H 'x-fake-chunk-delay-ms: 25' -d '{body}'{urls}"
+    );
+    let script = format!("{curl} & a=$!; {curl} & b=$!; wait $a && wait $b");
+    let out = ok(
+        &client.run(&["sh", "-c", &script]),
+        "2 × curl --http2 --parallel",
+    );
+    let versions: Vec<&str> = out.lines().collect();
+    assert_eq!(versions.len(), BURST, "{out}");
+    assert!(versions.iter().all(|v| *v == "2"), "{out}");
+    let opened = w.fake.connections() - before;
+    assert!(
+        (1..=2).contains(&opened),
+        "{BURST} concurrent streams opened {opened} upstream connections (expected 1 more next to the pooled one)"
+    );
+    w.assert_ledger_matches_provider(1 + BURST);
 }
 
 #[test]

@@ -20,6 +20,7 @@ use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
+use tokio::sync::oneshot;
 use tokio_rustls::TlsConnector;
 
 use super::ProxyBody;
@@ -32,7 +33,7 @@ const MAX_IDLE_PER_KEY: usize = 64;
 /// avoids).
 const MAX_STREAMS_PER_H2: usize = 100;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum UpstreamError {
     #[error("cannot read extra CA file {path}: {message}")]
     ExtraCa { path: String, message: String },
@@ -143,7 +144,87 @@ pub struct Upstream {
     connector_h2: TlsConnector,
     /// Offers http/1.1 only.
     connector_h1: TlsConnector,
-    idle: Mutex<HashMap<PoolKey, Vec<Sender>>>,
+    pool: Mutex<Pool>,
+}
+
+#[derive(Default)]
+struct Pool {
+    /// Idle HTTP/1.1 connections, and every open HTTP/2 connection.
+    idle: HashMap<PoolKey, Vec<Sender>>,
+    /// Keys whose next HTTP/2 connection is being opened, with the requests
+    /// waiting for it: a burst past the streams one connection carries
+    /// opens one more connection, not one per request.
+    opening: HashMap<PoolKey, Vec<oneshot::Sender<Result<(), UpstreamError>>>>,
+}
+
+impl Pool {
+    /// An HTTP/2 connection of `key` with room, its stream counted before
+    /// the pool lock is released (so a burst cannot overfill it).
+    fn h2_with_room(&mut self, key: &PoolKey) -> Option<(H2Conn, StreamGuard)> {
+        let list = self.idle.get_mut(key)?;
+        list.retain(|s| !s.is_closed());
+        list.iter().find_map(|s| match s {
+            Sender::H2(c)
+                if c.send.is_ready() && c.streams.load(Ordering::Relaxed) < MAX_STREAMS_PER_H2 =>
+            {
+                Some((c.clone(), StreamGuard::new(&c.streams)))
+            }
+            _ => None,
+        })
+    }
+
+    /// An idle HTTP/1.1 connection of `key`, taken out until checkin.
+    fn h1_idle(&mut self, key: &PoolKey) -> Option<Sender> {
+        let list = self.idle.get_mut(key)?;
+        list.retain(|s| !s.is_closed());
+        let i = list
+            .iter()
+            .position(|s| matches!(s, Sender::H1(h) if h.is_ready()))?;
+        Some(list.swap_remove(i))
+    }
+
+    fn checkin(&mut self, key: PoolKey, s: Sender) {
+        let list = self.idle.entry(key).or_default();
+        if list.len() < MAX_IDLE_PER_KEY {
+            list.push(s);
+        }
+    }
+}
+
+/// Marks an HTTP/2 connection of a key as being opened. Dropped when the
+/// attempt ends, however it ends (done, failed, or the request that made it
+/// went away): the waiting requests are woken and look again.
+struct Opening<'a> {
+    pool: &'a Mutex<Pool>,
+    key: PoolKey,
+}
+
+impl Opening<'_> {
+    /// The connection could not be opened: the waiters fail with the same
+    /// error rather than each trying (and timing out) in turn.
+    fn fail(self, e: &UpstreamError) {
+        let waiters = {
+            let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+            pool.opening.remove(&self.key).unwrap_or_default()
+        };
+        for w in waiters {
+            let _ = w.send(Err(e.clone()));
+        }
+    }
+}
+
+impl Drop for Opening<'_> {
+    fn drop(&mut self) {
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        // Dropping the senders wakes every waiter, which looks again.
+        pool.opening.remove(&self.key);
+    }
+}
+
+/// What a request gets from the pool.
+enum Checkout {
+    H1(http1::SendRequest<ProxyBody>),
+    H2(H2Conn, StreamGuard),
 }
 
 /// Builds the client TLS config: webpki roots plus `extra_ca`.
@@ -190,7 +271,7 @@ impl Upstream {
         Ok(Upstream {
             connector_h2: TlsConnector::from(Arc::new(h2)),
             connector_h1: TlsConnector::from(Arc::new(h1)),
-            idle: Mutex::new(HashMap::new()),
+            pool: Mutex::new(Pool::default()),
         })
     }
 
@@ -209,34 +290,22 @@ impl Upstream {
             host: host.to_string(),
             h2: req.version() == Version::HTTP_2,
         };
-        let sender = match self.checkout(&key) {
-            Some(s) => s,
-            None => {
-                let s = self.connect(&key).await?;
-                if let Sender::H2(c) = &s {
-                    // Shared from the start: concurrent requests join it.
-                    self.checkin(key.clone(), Sender::H2(c.clone()));
-                }
-                s
-            }
-        };
         let http_err = |e: hyper::Error| UpstreamError::Http {
             host: host.to_string(),
             message: e.to_string(),
         };
-        match sender {
-            Sender::H1(mut s) => {
+        match self.checkout(&key).await? {
+            Checkout::H1(mut s) => {
                 adapt_h1(&mut req, authority);
                 let resp = s.send_request(req).await.map_err(http_err)?;
-                self.checkin(key, Sender::H1(s));
+                self.lock().checkin(key, Sender::H1(s));
                 Ok(resp.map(|inner| UpstreamBody {
                     inner,
                     _stream: None,
                 }))
             }
-            Sender::H2(mut c) => {
+            Checkout::H2(mut c, guard) => {
                 adapt_h2(&mut req, authority);
-                let guard = StreamGuard::new(&c.streams);
                 let resp = c.send.send_request(req).await.map_err(http_err)?;
                 Ok(resp.map(|inner| UpstreamBody {
                     inner,
@@ -246,31 +315,79 @@ impl Upstream {
         }
     }
 
-    /// An HTTP/2 connection with room for another stream (it stays in the
-    /// pool), else an idle HTTP/1.1 connection (taken out until checkin).
-    fn checkout(&self, key: &PoolKey) -> Option<Sender> {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let list = idle.get_mut(key)?;
-        list.retain(|s| !s.is_closed());
-        for s in list.iter() {
-            if let Sender::H2(c) = s
-                && c.send.is_ready()
-                && c.streams.load(Ordering::Relaxed) < MAX_STREAMS_PER_H2
-            {
-                return Some(Sender::H2(c.clone()));
-            }
-        }
-        let i = list
-            .iter()
-            .position(|s| matches!(s, Sender::H1(h) if h.is_ready()))?;
-        Some(list.swap_remove(i))
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pool> {
+        self.pool.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn checkin(&self, key: PoolKey, s: Sender) {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let list = idle.entry(key).or_default();
-        if list.len() < MAX_IDLE_PER_KEY {
-            list.push(s);
+    /// A connection for one request. HTTP/1.1: an idle one or a new one.
+    /// HTTP/2: a stream on a connection with room; when none has room, one
+    /// request opens the next connection while the others of its key wait
+    /// for it (then look again), so a burst of N requests opens
+    /// N / MAX_STREAMS_PER_H2 connections, not N.
+    async fn checkout(&self, key: &PoolKey) -> Result<Checkout, UpstreamError> {
+        if !key.h2 {
+            let idle = self.lock().h1_idle(key);
+            return Ok(match idle {
+                Some(Sender::H1(s)) => Checkout::H1(s),
+                _ => match self.connect(key).await? {
+                    Sender::H1(s) => Checkout::H1(s),
+                    // Offered http/1.1 only, so never h2; count it anyway.
+                    Sender::H2(c) => {
+                        let guard = StreamGuard::new(&c.streams);
+                        Checkout::H2(c, guard)
+                    }
+                },
+            });
+        }
+        loop {
+            let wait = {
+                let mut pool = self.lock();
+                if let Some((c, guard)) = pool.h2_with_room(key) {
+                    return Ok(Checkout::H2(c, guard));
+                }
+                match pool.opening.get_mut(key) {
+                    Some(waiters) => {
+                        let (tx, rx) = oneshot::channel();
+                        waiters.push(tx);
+                        Some(rx)
+                    }
+                    None => {
+                        pool.opening.insert(key.clone(), Vec::new());
+                        None
+                    }
+                }
+            };
+            if let Some(rx) = wait {
+                match rx.await {
+                    Ok(Err(e)) => return Err(e),
+                    // Opened, or its opener went away: look again.
+                    Ok(Ok(())) | Err(_) => continue,
+                }
+            }
+            let opening = Opening {
+                pool: &self.pool,
+                key: key.clone(),
+            };
+            let conn = match self.connect(key).await {
+                Ok(c) => c,
+                Err(e) => {
+                    opening.fail(&e);
+                    return Err(e);
+                }
+            };
+            let out = match conn {
+                Sender::H2(c) => {
+                    let guard = StreamGuard::new(&c.streams);
+                    // Shared from the start: the waiters join it.
+                    self.lock().checkin(key.clone(), Sender::H2(c.clone()));
+                    Checkout::H2(c, guard)
+                }
+                // The provider chose HTTP/1.1: this request uses it alone,
+                // and each waiter opens its own in turn.
+                Sender::H1(s) => Checkout::H1(s),
+            };
+            drop(opening);
+            return Ok(out);
         }
     }
 
@@ -426,5 +543,61 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("missing.pem"), "{e}");
+    }
+
+    /// A burst of HTTP/2 requests to a provider with no open connection
+    /// makes one connection attempt, and when it fails every request gets
+    /// its error (none retries in turn behind a timeout).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_h2_burst_opens_one_connection_and_shares_its_failure() {
+        use http_body_util::{BodyExt, Empty};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepts = Arc::new(AtomicUsize::new(0));
+        let counted = accepts.clone();
+        let server = tokio::spawn(async move {
+            loop {
+                let Ok((sock, _)) = listener.accept().await else {
+                    return;
+                };
+                counted.fetch_add(1, Ordering::SeqCst);
+                // Hold the handshake long enough for the burst to queue
+                // behind it, then hang up: the TLS handshake fails.
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(1000)).await;
+                    drop(sock);
+                });
+            }
+        });
+        let up = Arc::new(Upstream::new(None).unwrap());
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            let up = up.clone();
+            tasks.push(tokio::spawn(async move {
+                let req = Request::builder()
+                    .version(Version::HTTP_2)
+                    .uri("https://api.openai.com/v1/models")
+                    .body(Empty::new().map_err(|e| match e {}).boxed_unsync())
+                    .unwrap();
+                up.send(addr, "api.openai.com", "api.openai.com", req).await
+            }));
+        }
+        for t in tasks {
+            let err = match t.await.unwrap() {
+                Ok(_) => panic!("a request succeeded against a server that hangs up"),
+                Err(e) => e,
+            };
+            assert_eq!(err.kind(), "upstream_tls", "{err}");
+        }
+        assert_eq!(
+            accepts.load(Ordering::SeqCst),
+            1,
+            "one connection attempt for the burst"
+        );
+        assert!(
+            up.lock().opening.is_empty(),
+            "no key left marked as opening"
+        );
+        server.abort();
     }
 }
