@@ -11,6 +11,47 @@ use crate::meter::Usage;
 
 pub struct OpenAi;
 
+/// A request body's top-level `stream_options`, read by a typed scan that
+/// skips every other member without allocating. `None`: no such member
+/// (a `null` one is `Some(Value::Null)`).
+#[derive(serde::Deserialize)]
+struct StreamOptionsOnly {
+    #[serde(default, deserialize_with = "present")]
+    stream_options: Option<Value>,
+}
+
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+    <Value as serde::Deserialize>::deserialize(d).map(Some)
+}
+
+impl StreamOptionsOnly {
+    /// `None` unless `body` is one JSON object with at most one
+    /// `stream_options` member.
+    fn scan(body: &[u8]) -> Option<StreamOptionsOnly> {
+        // (A derived struct would also take an array, by position.)
+        if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            return None;
+        }
+        serde_json::from_slice(body).ok()
+    }
+}
+
+/// `body` (a JSON object) with `member` (`"key":value`) inserted as its
+/// first member.
+fn prepend_member(body: &[u8], member: &[u8]) -> Option<bytes::Bytes> {
+    let open = body.iter().position(|&b| b == b'{')?;
+    let rest = &body[open + 1..];
+    let empty = rest.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'}');
+    let mut out = Vec::with_capacity(body.len() + member.len() + 1);
+    out.extend_from_slice(&body[..=open]);
+    out.extend_from_slice(member);
+    if !empty {
+        out.push(b',');
+    }
+    out.extend_from_slice(rest);
+    Some(bytes::Bytes::from(out))
+}
+
 /// The operation a POST path names. Paths are matched by suffix so that
 /// hosts that mount the API under a prefix (`/openai/v1/...`, `/api/v1/...`)
 /// work. Batch submissions and file uploads are recorded as such with no
@@ -95,11 +136,32 @@ impl Provider for OpenAi {
         if !info.streaming || !matches!(info.operation, "chat" | "text_completion") {
             return None;
         }
+        // Usually the client names no `stream_options`: the member is
+        // spliced in front of the client's own bytes, which reach the
+        // provider unchanged (no re-serialising of a long prompt, no
+        // reordered keys or reformatted numbers).
+        match StreamOptionsOnly::scan(body) {
+            Some(StreamOptionsOnly {
+                stream_options: None,
+            }) => {
+                let out = prepend_member(body, br#""stream_options":{"include_usage":true}"#)?;
+                info.injected_usage = true;
+                return Some(out);
+            }
+            Some(StreamOptionsOnly {
+                stream_options: Some(Value::Object(o)),
+            }) if o.get("include_usage").and_then(Value::as_bool) == Some(true) => return None,
+            // Present without it (or a repeated member): the whole document.
+            _ => {}
+        }
         let mut v: Value = serde_json::from_slice(body).ok()?;
         let obj = v.as_object_mut()?;
         let opts = obj
             .entry("stream_options")
             .or_insert_with(|| Value::Object(Default::default()));
+        if opts.is_null() {
+            *opts = Value::Object(Default::default());
+        }
         let opts = opts.as_object_mut()?;
         if opts.get("include_usage").and_then(Value::as_bool) == Some(true) {
             return None;
@@ -640,6 +702,55 @@ mod tests {
             ..info
         };
         assert!(OpenAi.rewrite_request(&mut plain, b"{}").is_none());
+    }
+
+    #[test]
+    fn include_usage_is_spliced_in_and_the_clients_bytes_are_kept() {
+        let info = RequestInfo {
+            operation: "chat",
+            streaming: true,
+            metered: true,
+            ..Default::default()
+        };
+        let rewrite = |body: &[u8]| {
+            let mut i = info.clone();
+            let out = OpenAi.rewrite_request(&mut i, body);
+            (out, i.injected_usage)
+        };
+        // Spacing, key order and number formats survive byte for byte.
+        let body = b" {\"model\":\"gpt-4o\", \"temperature\": 0.70,\n \"seed\": 12345678901234567890123, \"stream\":true}";
+        let (out, injected) = rewrite(body);
+        assert_eq!(
+            std::str::from_utf8(&out.unwrap()).unwrap(),
+            " {\"stream_options\":{\"include_usage\":true},\"model\":\"gpt-4o\", \"temperature\": 0.70,\n \"seed\": 12345678901234567890123, \"stream\":true}"
+        );
+        assert!(injected);
+        // An empty object gets no stray comma.
+        let (out, _) = rewrite(b"{ }");
+        assert_eq!(
+            &out.unwrap()[..],
+            br#"{"stream_options":{"include_usage":true} }"#
+        );
+        // Options without include_usage, or null: set through the document.
+        for body in [
+            &br#"{"stream":true,"stream_options":{"include_usage":false,"x":1}}"#[..],
+            br#"{"stream":true,"stream_options":null}"#,
+        ] {
+            let (out, injected) = rewrite(body);
+            let v: Value = serde_json::from_slice(&out.expect("rewritten")).unwrap();
+            assert_eq!(v["stream_options"]["include_usage"], true, "{v}");
+            assert!(injected);
+        }
+        // A repeated member is read as the provider would (last wins) and
+        // rewritten as one document, never spliced in front of it.
+        let (out, _) = rewrite(
+            br#"{"stream_options":{"include_usage":true},"stream":true,"stream_options":{}}"#,
+        );
+        let v: Value = serde_json::from_slice(&out.expect("rewritten")).unwrap();
+        assert_eq!(v["stream_options"]["include_usage"], true, "{v}");
+        // Not an object: left alone.
+        assert_eq!(rewrite(br#"[{"stream":true}]"#), (None, false));
+        assert_eq!(rewrite(b"not json"), (None, false));
     }
 
     #[test]
