@@ -36,6 +36,9 @@ const CONTENT_CHUNKS: u64 = 497;
 /// Content chunks of a back-to-back stream: short, so that the first chunk
 /// is not raced by the rest of a 100 KB burst.
 const HOT_CONTENT_CHUNKS: u64 = 5;
+/// Messages in the long request of the back-to-back pass (an agent loop
+/// some way in: ≈100 KB of JSON).
+const HISTORY_TURNS: u64 = 80;
 /// Added time to first chunk and added median gap, at most (ms).
 const ADDED_MAX: f64 = 0.15;
 
@@ -69,8 +72,13 @@ impl Row for Streaming {
         let (d_ttfc, t_ttfc) = (get("direct", "ttfc_us"), get("tollgate", "ttfc_us"));
         let (d_gaps, t_gaps) = (get("direct", "gaps_us"), get("tollgate", "gaps_us"));
         let (d_hdr, t_hdr) = (get("direct", "headers_us"), get("tollgate", "headers_us"));
-        let hot_get = |name: &str| floats(&hot["per_target"][name]["ttfc_us"]);
-        let (d_hot, t_hot) = (hot_get("direct"), hot_get("tollgate"));
+        let long_spec = json!({"targets": targets, "streams": hot_streams, "delay_ms": 0, "content_chunks": HOT_CONTENT_CHUNKS, "history_turns": HISTORY_TURNS, "max_secs": hot_secs});
+        let long = env
+            .spawn_client(self.id(), &long_spec)?
+            .finish(Duration::from_secs(hot_secs + 60))?;
+        let ttfc = |out: &Value, name: &str| floats(&out["per_target"][name]["ttfc_us"]);
+        let (d_hot, t_hot) = (ttfc(&hot, "direct"), ttfc(&hot, "tollgate"));
+        let (d_long, t_long) = (ttfc(&long, "direct"), ttfc(&long, "tollgate"));
         let n = t_ttfc.len();
         Ok(vec![
             Figure::goal(
@@ -109,6 +117,16 @@ impl Row for Streaming {
                 ms(median(&t_hot)),
                 t_hot.len()
             )),
+            Figure::info(
+                "tollgate: the same with an 80-turn history (p50)",
+                ms(median(&t_long) - median(&d_long)),
+                "ms",
+            )
+            .note(format!(
+                "a {HISTORY_TURNS}-message, ≈100 KB request body, read whole before forwarding: direct {:.3} ms, tollgate {:.3} ms",
+                ms(median(&d_long)),
+                ms(median(&t_long)),
+            )),
         ])
     }
 
@@ -120,10 +138,14 @@ impl Row for Streaming {
         let chunks = spec["content_chunks"].as_u64().unwrap_or(CONTENT_CHUNKS);
         // The role chunk, the content chunks, the finish chunk and `[DONE]`.
         let expected = chunks as usize + 3;
+        let messages = match spec["history_turns"].as_u64().unwrap_or(0) {
+            0 => json!([{"role": "user", "content": "Explain the failing test in detail."}]),
+            turns => history(turns),
+        };
         let body = Bytes::from(
             json!({
                 "model": "gpt-4o-mini",
-                "messages": [{"role": "user", "content": "Explain the failing test in detail."}],
+                "messages": messages,
                 "max_tokens": chunks,
                 "stream": true
             })
@@ -181,6 +203,19 @@ impl Row for Streaming {
         emit(json!({"per_target": by_name}));
         Ok(())
     }
+}
+
+/// An agent loop's conversation: `turns` messages of about 1.2 KB each.
+fn history(turns: u64) -> Value {
+    let text = "Here is the failing test output and the diff so far; fix the test. ".repeat(18);
+    Value::Array(
+        (0..turns)
+            .map(|i| {
+                let role = if i % 2 == 0 { "user" } else { "assistant" };
+                json!({"role": role, "content": format!("{text}(turn {i})")})
+            })
+            .collect(),
+    )
 }
 
 /// Sends a streaming request; returns when the response headers came and
