@@ -884,6 +884,66 @@ mod tests {
             prop_assert_eq!(parse("text/event-stream", CHAT_SSE, &splits), parse("text/event-stream", CHAT_SSE, &[]));
         }
 
+        /// Whatever object a client sends (members repeated, spacing, nested
+        /// options), the rewritten body is JSON that asks for usage and
+        /// otherwise says what the client's said, read last-member-wins as
+        /// providers read it; no rewrite means the client already asked.
+        #[test]
+        fn include_usage_rewrite_keeps_the_rest_of_the_body(
+            members in proptest::collection::vec(
+                (
+                    prop_oneof![
+                        Just("stream_options"), Just("stream"), Just("model"),
+                        Just("messages"), Just("temperature"), Just("x"),
+                    ],
+                    prop_oneof![
+                        Just("null"), Just("true"), Just("0.70"), Just("12345678901234567890123"),
+                        Just(r#""gpt-4o""#), Just(r#"[{"role":"user","content":"hi \" there"}]"#),
+                        Just(r#"{"include_usage":true}"#), Just(r#"{"include_usage":false}"#),
+                        Just(r#"{ "x" : 1 }"#), Just("{}"),
+                    ],
+                    prop_oneof![Just(""), Just(" "), Just("\n  ")],
+                ),
+                0..8,
+            ),
+            lead in prop_oneof![Just(""), Just(" \n")],
+        ) {
+            let inner: Vec<String> = members
+                .iter()
+                .map(|(k, v, ws)| format!("{ws}\"{k}\"{ws}:{ws}{v}{ws}"))
+                .collect();
+            let body = format!("{lead}{{{}}}", inner.join(","));
+            let original: serde_json::Map<String, Value> = serde_json::from_str(&body).unwrap();
+            let mut info = RequestInfo {
+                operation: "chat",
+                streaming: true,
+                metered: true,
+                ..Default::default()
+            };
+            let asked = original.get("stream_options").and_then(|o| o.get("include_usage"))
+                == Some(&Value::Bool(true));
+            // Options that are not an object are the provider's to refuse.
+            let malformed = original
+                .get("stream_options")
+                .is_some_and(|o| !o.is_object() && !o.is_null());
+            match OpenAi.rewrite_request(&mut info, body.as_bytes()) {
+                None => prop_assert!(asked || malformed, "not rewritten: {}", body),
+                Some(out) => {
+                    let mut v: serde_json::Map<String, Value> = serde_json::from_slice(&out).unwrap();
+                    prop_assert!(info.injected_usage);
+                    let opts = v.remove("stream_options").unwrap();
+                    prop_assert_eq!(opts.get("include_usage"), Some(&Value::Bool(true)));
+                    let mut rest = original.clone();
+                    if let Some(Value::Object(o)) = rest.remove("stream_options") {
+                        for (k, x) in o.into_iter().filter(|(k, _)| k != "include_usage") {
+                            prop_assert_eq!(opts.get(&k), Some(&x), "{}", body);
+                        }
+                    }
+                    prop_assert_eq!(v, rest, "{}", body);
+                }
+            }
+        }
+
         #[test]
         fn any_split_of_json_gives_same_usage(mut splits in proptest::collection::vec(0usize..CHAT_JSON.len(), 0..12)) {
             splits.sort();
