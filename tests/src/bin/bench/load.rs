@@ -109,7 +109,19 @@ impl Connector {
 
     /// A POST of `body` to the target's path.
     pub fn request(&self, body: &Bytes, headers: &[(&str, &str)]) -> hyper::Request<Full<Bytes>> {
-        let mut b = hyper::Request::post(self.target.path.as_str())
+        self.request_as(hyper::Method::POST, body, headers)
+    }
+
+    /// A request of `method` with `body` to the target's path.
+    pub fn request_as(
+        &self,
+        method: hyper::Method,
+        body: &Bytes,
+        headers: &[(&str, &str)],
+    ) -> hyper::Request<Full<Bytes>> {
+        let mut b = hyper::Request::builder()
+            .method(method)
+            .uri(self.target.path.as_str())
             .header("host", self.target.sni.as_str())
             .header("content-type", "application/json")
             .header("authorization", format!("Bearer {API_KEY}"))
