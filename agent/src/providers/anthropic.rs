@@ -55,6 +55,7 @@ impl Provider for Anthropic {
                 u64_at(v, &["max_tokens"]).or_else(|| u64_at(v, &["max_tokens_to_sample"]))
             }),
             injected_usage: false,
+            ..Default::default()
         }
     }
 

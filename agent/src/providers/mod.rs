@@ -54,6 +54,47 @@ pub struct RequestInfo {
     /// (OpenAI `stream_options.include_usage`): the response filter removes
     /// what the client would not otherwise have received.
     pub injected_usage: bool,
+    /// The request body's top-level `stream_options` (OpenAI), as far as
+    /// the adapter read it: lets the usage request be spliced in without a
+    /// second scan of the body.
+    pub stream_options: StreamOptions,
+}
+
+/// What a request body's top-level `stream_options` member is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum StreamOptions {
+    /// The body was not read (or was not a JSON object).
+    #[default]
+    Unread,
+    /// No such member.
+    Absent,
+    /// An object with `include_usage: true`.
+    AsksForUsage,
+    /// Anything else, `null` included.
+    Other,
+}
+
+impl StreamOptions {
+    /// Classifies a member read with [`present_member`].
+    pub fn of(member: Option<&Value>) -> StreamOptions {
+        match member {
+            None => StreamOptions::Absent,
+            Some(Value::Object(o))
+                if o.get("include_usage").and_then(Value::as_bool) == Some(true) =>
+            {
+                StreamOptions::AsksForUsage
+            }
+            Some(_) => StreamOptions::Other,
+        }
+    }
+}
+
+/// Deserializes a member so that an explicit `null` is `Some(Value::Null)`
+/// and only a missing member (with `#[serde(default)]`) is `None`.
+pub(crate) fn present_member<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Value>, D::Error> {
+    <Value as serde::Deserialize>::deserialize(d).map(Some)
 }
 
 /// Changes a response body on its way to the client. Used only to undo
@@ -149,6 +190,9 @@ pub struct Head {
     pub max_completion_tokens: Option<Value>,
     pub max_output_tokens: Option<Value>,
     pub max_tokens: Option<Value>,
+    /// `Some(Value::Null)` for an explicit `null`, `None` when missing.
+    #[serde(deserialize_with = "present_member")]
+    pub stream_options: Option<Value>,
 }
 
 impl Head {
@@ -172,6 +216,7 @@ impl Head {
             max_completion_tokens: take("max_completion_tokens"),
             max_output_tokens: take("max_output_tokens"),
             max_tokens: take("max_tokens"),
+            stream_options: o.remove("stream_options"),
         })
     }
 

@@ -5,7 +5,8 @@ use serde_json::Value;
 
 use super::sse::SseReader;
 use super::{
-    JsonBody, ParsedUsage, Provider, RequestInfo, RequestView, UsageParser, str_at, u64_at,
+    JsonBody, ParsedUsage, Provider, RequestInfo, RequestView, StreamOptions, UsageParser, str_at,
+    u64_at,
 };
 use crate::meter::Usage;
 
@@ -16,23 +17,22 @@ pub struct OpenAi;
 /// (a `null` one is `Some(Value::Null)`).
 #[derive(serde::Deserialize)]
 struct StreamOptionsOnly {
-    #[serde(default, deserialize_with = "present")]
+    #[serde(default, deserialize_with = "super::present_member")]
     stream_options: Option<Value>,
 }
 
-fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
-    <Value as serde::Deserialize>::deserialize(d).map(Some)
-}
-
 impl StreamOptionsOnly {
-    /// `None` unless `body` is one JSON object with at most one
-    /// `stream_options` member.
-    fn scan(body: &[u8]) -> Option<StreamOptionsOnly> {
+    /// [`StreamOptions::Unread`] unless `body` is one JSON object with at
+    /// most one `stream_options` member.
+    fn scan(body: &[u8]) -> StreamOptions {
         // (A derived struct would also take an array, by position.)
         if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
-            return None;
+            return StreamOptions::Unread;
         }
-        serde_json::from_slice(body).ok()
+        match serde_json::from_slice::<StreamOptionsOnly>(body) {
+            Ok(s) => StreamOptions::of(s.stream_options.as_ref()),
+            Err(_) => StreamOptions::Unread,
+        }
     }
 }
 
@@ -108,6 +108,9 @@ impl Provider for OpenAi {
             };
         }
         let head = req.body.and_then(super::Head::parse);
+        let stream_options = head.as_ref().map_or(StreamOptions::Unread, |h| {
+            StreamOptions::of(h.stream_options.as_ref())
+        });
         let (model, streaming, max_out) = match &head {
             Some(h) => (
                 h.model(),
@@ -129,6 +132,7 @@ impl Provider for OpenAi {
             streaming,
             max_output_tokens: max_out,
             injected_usage: false,
+            stream_options,
         }
     }
 
@@ -140,19 +144,21 @@ impl Provider for OpenAi {
         // spliced in front of the client's own bytes, which reach the
         // provider unchanged (no re-serialising of a long prompt, no
         // reordered keys or reformatted numbers).
-        match StreamOptionsOnly::scan(body) {
-            Some(StreamOptionsOnly {
-                stream_options: None,
-            }) => {
+        // `request` read it with the rest of the body's head; a body it did
+        // not read is scanned here.
+        let known = match info.stream_options {
+            StreamOptions::Unread => StreamOptionsOnly::scan(body),
+            k => k,
+        };
+        match known {
+            StreamOptions::Absent => {
                 let out = prepend_member(body, br#""stream_options":{"include_usage":true}"#)?;
                 info.injected_usage = true;
                 return Some(out);
             }
-            Some(StreamOptionsOnly {
-                stream_options: Some(Value::Object(o)),
-            }) if o.get("include_usage").and_then(Value::as_bool) == Some(true) => return None,
+            StreamOptions::AsksForUsage => return None,
             // Present without it (or a repeated member): the whole document.
-            _ => {}
+            StreamOptions::Other | StreamOptions::Unread => {}
         }
         let mut v: Value = serde_json::from_slice(body).ok()?;
         let obj = v.as_object_mut()?;
@@ -926,6 +932,20 @@ mod tests {
             let malformed = original
                 .get("stream_options")
                 .is_some_and(|o| !o.is_object() && !o.is_null());
+            // The proxy's path: `request` reads the body's head first, and
+            // the rewrite uses what it found instead of scanning again.
+            let mut read = OpenAi.request(&RequestView {
+                method: &Method::POST,
+                path: "/v1/chat/completions",
+                query: None,
+                headers: &HeaderMap::new(),
+                body: Some(body.as_bytes()),
+            });
+            prop_assert!(read.stream_options != StreamOptions::Unread, "{}", body);
+            read.streaming = true;
+            let via_request = OpenAi.rewrite_request(&mut read, body.as_bytes());
+            let scanned = OpenAi.rewrite_request(&mut info.clone(), body.as_bytes());
+            prop_assert_eq!(&via_request, &scanned, "{}", body);
             match OpenAi.rewrite_request(&mut info, body.as_bytes()) {
                 None => prop_assert!(asked || malformed, "not rewritten: {}", body),
                 Some(out) => {
