@@ -368,4 +368,29 @@ for _ in c.chat.completions.create(model="gpt-4o-mini", max_tokens=3, stream=Tru
         (1..=2).contains(&conns),
         "{conns} upstream connections for 6 sequential requests"
     );
+
+    // An HTTP/2 client in front of the same HTTP/1.1-only provider: its
+    // requests in turn share one upstream connection too, and a burst of
+    // concurrent streams is served (one HTTP/1.1 connection each).
+    let body = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"h2 to h1"}],"max_tokens":3,"stream":true}"#;
+    let url = " -o /dev/null https://api.openai.com/v1/chat/completions";
+    let curl = |extra: &str, n: usize| {
+        let cmd = format!(
+            "curl -sS --http2 {extra} -w '%{{http_version}}\\n' -H 'Content-Type: application/json' -H 'x-fake-chunk-delay-ms: 20' -d '{body}'{}",
+            url.repeat(n)
+        );
+        let out = ok(&client.run(&["sh", "-c", &cmd]), "curl --http2");
+        let versions: Vec<String> = out.lines().map(str::to_string).collect();
+        assert_eq!(versions.len(), n, "{out}");
+        assert!(versions.iter().all(|v| v == "2"), "{out}");
+    };
+    let before = w.fake.connections();
+    curl("", 5);
+    let opened = w.fake.connections() - before;
+    assert!(
+        (1..=2).contains(&opened),
+        "{opened} upstream connections for 5 sequential HTTP/2 requests to an HTTP/1.1 provider"
+    );
+    curl("--parallel --parallel-max 20", 20);
+    w.assert_ledger_matches_provider(6 + 5 + 20);
 }

@@ -154,7 +154,18 @@ struct Pool {
     /// Keys whose next HTTP/2 connection is being opened, with the requests
     /// waiting for it: a burst past the streams one connection carries
     /// opens one more connection, not one per request.
-    opening: HashMap<PoolKey, Vec<oneshot::Sender<Result<(), UpstreamError>>>>,
+    opening: HashMap<PoolKey, Vec<oneshot::Sender<Opened>>>,
+}
+
+/// How an attempt to open a key's next HTTP/2 connection ended, as told
+/// to the requests waiting for it.
+#[derive(Clone)]
+enum Opened {
+    /// It is in the pool: look again.
+    H2,
+    /// The provider chose HTTP/1.1: open your own (one request each).
+    H1Only,
+    Failed(UpstreamError),
 }
 
 impl Pool {
@@ -200,15 +211,15 @@ struct Opening<'a> {
 }
 
 impl Opening<'_> {
-    /// The connection could not be opened: the waiters fail with the same
+    /// Tells the waiters how it ended. A failure fails them with the same
     /// error rather than each trying (and timing out) in turn.
-    fn fail(self, e: &UpstreamError) {
+    fn finish(self, outcome: Opened) {
         let waiters = {
             let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
             pool.opening.remove(&self.key).unwrap_or_default()
         };
         for w in waiters {
-            let _ = w.send(Err(e.clone()));
+            let _ = w.send(outcome.clone());
         }
     }
 }
@@ -345,6 +356,10 @@ impl Upstream {
                 if let Some((c, guard)) = pool.h2_with_room(key) {
                     return Ok(Checkout::H2(c, guard));
                 }
+                // A provider that answered an earlier request in HTTP/1.1.
+                if let Some(Sender::H1(s)) = pool.h1_idle(key) {
+                    return Ok(Checkout::H1(s));
+                }
                 match pool.opening.get_mut(key) {
                     Some(waiters) => {
                         let (tx, rx) = oneshot::channel();
@@ -359,9 +374,19 @@ impl Upstream {
             };
             if let Some(rx) = wait {
                 match rx.await {
-                    Ok(Err(e)) => return Err(e),
+                    Ok(Opened::Failed(e)) => return Err(e),
+                    Ok(Opened::H1Only) => {
+                        return Ok(match self.connect(key).await? {
+                            Sender::H1(s) => Checkout::H1(s),
+                            Sender::H2(c) => {
+                                let guard = StreamGuard::new(&c.streams);
+                                self.lock().checkin(key.clone(), Sender::H2(c.clone()));
+                                Checkout::H2(c, guard)
+                            }
+                        });
+                    }
                     // Opened, or its opener went away: look again.
-                    Ok(Ok(())) | Err(_) => continue,
+                    Ok(Opened::H2) | Err(_) => continue,
                 }
             }
             let opening = Opening {
@@ -371,23 +396,25 @@ impl Upstream {
             let conn = match self.connect(key).await {
                 Ok(c) => c,
                 Err(e) => {
-                    opening.fail(&e);
+                    opening.finish(Opened::Failed(e.clone()));
                     return Err(e);
                 }
             };
-            let out = match conn {
+            return Ok(match conn {
                 Sender::H2(c) => {
                     let guard = StreamGuard::new(&c.streams);
                     // Shared from the start: the waiters join it.
                     self.lock().checkin(key.clone(), Sender::H2(c.clone()));
+                    opening.finish(Opened::H2);
                     Checkout::H2(c, guard)
                 }
                 // The provider chose HTTP/1.1: this request uses it alone,
-                // and each waiter opens its own in turn.
-                Sender::H1(s) => Checkout::H1(s),
-            };
-            drop(opening);
-            return Ok(out);
+                // and each waiter opens its own.
+                Sender::H1(s) => {
+                    opening.finish(Opened::H1Only);
+                    Checkout::H1(s)
+                }
+            });
         }
     }
 
