@@ -62,23 +62,24 @@ impl Row for Streaming {
             .spawn_client(self.id(), &spec)?
             .finish(Duration::from_secs(max_secs + 60))?;
         let conns = env.fake.connections() - conns0;
+        // Short streams back to back: time to first chunk, [direct, tollgate].
         let (hot_streams, hot_secs) = if env.quick { (40, 20) } else { (200, 60) };
-        let hot_spec = json!({"targets": targets, "streams": hot_streams, "delay_ms": 0, "content_chunks": HOT_CONTENT_CHUNKS, "max_secs": hot_secs});
-        let hot = env
-            .spawn_client(self.id(), &hot_spec)?
-            .finish(Duration::from_secs(hot_secs + 60))?;
+        let mut back_to_back = |history_turns: u64| -> Result<[Vec<f64>; 2]> {
+            let spec = json!({"targets": targets, "streams": hot_streams, "delay_ms": 0,
+                "content_chunks": HOT_CONTENT_CHUNKS, "history_turns": history_turns,
+                "max_secs": hot_secs});
+            let out = env
+                .spawn_client(self.id(), &spec)?
+                .finish(Duration::from_secs(hot_secs + 60))?;
+            Ok(["direct", "tollgate"].map(|name| floats(&out["per_target"][name]["ttfc_us"])))
+        };
+        let [d_hot, t_hot] = back_to_back(0)?;
+        let [d_long, t_long] = back_to_back(HISTORY_TURNS)?;
         let get = |name: &str, k: &str| floats(&out["per_target"][name][k]);
         let ms = |us: f64| us / 1000.0;
         let (d_ttfc, t_ttfc) = (get("direct", "ttfc_us"), get("tollgate", "ttfc_us"));
         let (d_gaps, t_gaps) = (get("direct", "gaps_us"), get("tollgate", "gaps_us"));
         let (d_hdr, t_hdr) = (get("direct", "headers_us"), get("tollgate", "headers_us"));
-        let long_spec = json!({"targets": targets, "streams": hot_streams, "delay_ms": 0, "content_chunks": HOT_CONTENT_CHUNKS, "history_turns": HISTORY_TURNS, "max_secs": hot_secs});
-        let long = env
-            .spawn_client(self.id(), &long_spec)?
-            .finish(Duration::from_secs(hot_secs + 60))?;
-        let ttfc = |out: &Value, name: &str| floats(&out["per_target"][name]["ttfc_us"]);
-        let (d_hot, t_hot) = (ttfc(&hot, "direct"), ttfc(&hot, "tollgate"));
-        let (d_long, t_long) = (ttfc(&long, "direct"), ttfc(&long, "tollgate"));
         let n = t_ttfc.len();
         Ok(vec![
             Figure::goal(
