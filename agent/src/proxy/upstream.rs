@@ -202,33 +202,36 @@ impl Pool {
     }
 }
 
-/// Marks an HTTP/2 connection of a key as being opened. Dropped when the
-/// attempt ends, however it ends (done, failed, or the request that made it
-/// went away): the waiting requests are woken and look again.
+/// Marks an HTTP/2 connection of a key as being opened. When it is
+/// dropped, however the attempt ended, the key's entry is removed (once)
+/// and the waiters are told the outcome; with none (the request that made
+/// it went away) they are woken and look again.
 struct Opening<'a> {
     pool: &'a Mutex<Pool>,
     key: PoolKey,
+    outcome: Option<Opened>,
 }
 
 impl Opening<'_> {
-    /// Tells the waiters how it ended. A failure fails them with the same
-    /// error rather than each trying (and timing out) in turn.
-    fn finish(self, outcome: Opened) {
-        let waiters = {
-            let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
-            pool.opening.remove(&self.key).unwrap_or_default()
-        };
-        for w in waiters {
-            let _ = w.send(outcome.clone());
-        }
+    /// Ends the attempt with `outcome`. A failure fails the waiters with
+    /// the same error rather than each trying (and timing out) in turn.
+    fn finish(mut self, outcome: Opened) {
+        self.outcome = Some(outcome);
     }
 }
 
 impl Drop for Opening<'_> {
     fn drop(&mut self) {
-        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
-        // Dropping the senders wakes every waiter, which looks again.
-        pool.opening.remove(&self.key);
+        let waiters = {
+            let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+            pool.opening.remove(&self.key).unwrap_or_default()
+        };
+        // Without an outcome the senders are dropped: each waiter looks again.
+        if let Some(outcome) = self.outcome.take() {
+            for w in waiters {
+                let _ = w.send(outcome.clone());
+            }
+        }
     }
 }
 
@@ -340,14 +343,7 @@ impl Upstream {
             let idle = self.lock().h1_idle(key);
             return Ok(match idle {
                 Some(Sender::H1(s)) => Checkout::H1(s),
-                _ => match self.connect(key).await? {
-                    Sender::H1(s) => Checkout::H1(s),
-                    // Offered http/1.1 only, so never h2; count it anyway.
-                    Sender::H2(c) => {
-                        let guard = StreamGuard::new(&c.streams);
-                        Checkout::H2(c, guard)
-                    }
-                },
+                _ => self.adopt(key, self.connect(key).await?),
             });
         }
         loop {
@@ -375,16 +371,7 @@ impl Upstream {
             if let Some(rx) = wait {
                 match rx.await {
                     Ok(Opened::Failed(e)) => return Err(e),
-                    Ok(Opened::H1Only) => {
-                        return Ok(match self.connect(key).await? {
-                            Sender::H1(s) => Checkout::H1(s),
-                            Sender::H2(c) => {
-                                let guard = StreamGuard::new(&c.streams);
-                                self.lock().checkin(key.clone(), Sender::H2(c.clone()));
-                                Checkout::H2(c, guard)
-                            }
-                        });
-                    }
+                    Ok(Opened::H1Only) => return Ok(self.adopt(key, self.connect(key).await?)),
                     // Opened, or its opener went away: look again.
                     Ok(Opened::H2) | Err(_) => continue,
                 }
@@ -392,29 +379,35 @@ impl Upstream {
             let opening = Opening {
                 pool: &self.pool,
                 key: key.clone(),
+                outcome: None,
             };
-            let conn = match self.connect(key).await {
-                Ok(c) => c,
+            let out = match self.connect(key).await {
+                Ok(conn) => self.adopt(key, conn),
                 Err(e) => {
                     opening.finish(Opened::Failed(e.clone()));
                     return Err(e);
                 }
             };
-            return Ok(match conn {
-                Sender::H2(c) => {
-                    let guard = StreamGuard::new(&c.streams);
-                    // Shared from the start: the waiters join it.
-                    self.lock().checkin(key.clone(), Sender::H2(c.clone()));
-                    opening.finish(Opened::H2);
-                    Checkout::H2(c, guard)
-                }
-                // The provider chose HTTP/1.1: this request uses it alone,
-                // and each waiter opens its own.
-                Sender::H1(s) => {
-                    opening.finish(Opened::H1Only);
-                    Checkout::H1(s)
-                }
+            opening.finish(match out {
+                // In the pool already: the waiters join it.
+                Checkout::H2(..) => Opened::H2,
+                // The provider chose HTTP/1.1: each waiter opens its own.
+                Checkout::H1(_) => Opened::H1Only,
             });
+            return Ok(out);
+        }
+    }
+
+    /// A new connection for this request. An HTTP/2 one goes into the pool
+    /// at once, with this request's stream counted, for others to share.
+    fn adopt(&self, key: &PoolKey, conn: Sender) -> Checkout {
+        match conn {
+            Sender::H1(s) => Checkout::H1(s),
+            Sender::H2(c) => {
+                let guard = StreamGuard::new(&c.streams);
+                self.lock().checkin(key.clone(), Sender::H2(c.clone()));
+                Checkout::H2(c, guard)
+            }
         }
     }
 
