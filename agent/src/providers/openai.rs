@@ -12,30 +12,6 @@ use crate::meter::Usage;
 
 pub struct OpenAi;
 
-/// A request body's top-level `stream_options`, read by a typed scan that
-/// skips every other member without allocating. `None`: no such member
-/// (a `null` one is `Some(Value::Null)`).
-#[derive(serde::Deserialize)]
-struct StreamOptionsOnly {
-    #[serde(default, deserialize_with = "super::present_member")]
-    stream_options: Option<Value>,
-}
-
-impl StreamOptionsOnly {
-    /// [`StreamOptions::Unread`] unless `body` is one JSON object with at
-    /// most one `stream_options` member.
-    fn scan(body: &[u8]) -> StreamOptions {
-        // (A derived struct would also take an array, by position.)
-        if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
-            return StreamOptions::Unread;
-        }
-        match serde_json::from_slice::<StreamOptionsOnly>(body) {
-            Ok(s) => StreamOptions::of(s.stream_options.as_ref()),
-            Err(_) => StreamOptions::Unread,
-        }
-    }
-}
-
 /// `body` (a JSON object) with `member` (`"key":value`) inserted as its
 /// first member.
 fn prepend_member(body: &[u8], member: &[u8]) -> Option<bytes::Bytes> {
@@ -140,24 +116,19 @@ impl Provider for OpenAi {
         if !info.streaming || !matches!(info.operation, "chat" | "text_completion") {
             return None;
         }
-        // Usually the client names no `stream_options`: the member is
-        // spliced in front of the client's own bytes, which reach the
-        // provider unchanged (no re-serialising of a long prompt, no
-        // reordered keys or reformatted numbers).
-        // `request` read it with the rest of the body's head; a body it did
-        // not read is scanned here.
-        let known = match info.stream_options {
-            StreamOptions::Unread => StreamOptionsOnly::scan(body),
-            k => k,
-        };
-        match known {
+        // Usually the client names no `stream_options` (`request` read that
+        // with the rest of the body's head): the member is spliced in front
+        // of the client's own bytes, which reach the provider unchanged (no
+        // re-serialising of a long prompt, no reordered keys or reformatted
+        // numbers).
+        match info.stream_options {
             StreamOptions::Absent => {
                 let out = prepend_member(body, br#""stream_options":{"include_usage":true}"#)?;
                 info.injected_usage = true;
                 return Some(out);
             }
             StreamOptions::AsksForUsage => return None,
-            // Present without it (or a repeated member): the whole document.
+            // Present without it, or not read: the whole document.
             StreamOptions::Other | StreamOptions::Unread => {}
         }
         let mut v: Value = serde_json::from_slice(body).ok()?;
@@ -712,14 +683,8 @@ mod tests {
 
     #[test]
     fn include_usage_is_spliced_in_and_the_clients_bytes_are_kept() {
-        let info = RequestInfo {
-            operation: "chat",
-            streaming: true,
-            metered: true,
-            ..Default::default()
-        };
         let rewrite = |body: &[u8]| {
-            let mut i = info.clone();
+            let mut i = streaming_chat(body);
             let out = OpenAi.rewrite_request(&mut i, body);
             (out, i.injected_usage)
         };
@@ -757,6 +722,20 @@ mod tests {
         // Not an object: left alone.
         assert_eq!(rewrite(br#"[{"stream":true}]"#), (None, false));
         assert_eq!(rewrite(b"not json"), (None, false));
+    }
+
+    /// What the proxy has when it rewrites: the adapter's reading of
+    /// `body` as a chat request, streaming whatever the body says.
+    fn streaming_chat(body: &[u8]) -> RequestInfo {
+        let mut info = OpenAi.request(&RequestView {
+            method: &Method::POST,
+            path: "/v1/chat/completions",
+            query: None,
+            headers: &HeaderMap::new(),
+            body: Some(body),
+        });
+        info.streaming = true;
+        info
     }
 
     #[test]
@@ -920,12 +899,6 @@ mod tests {
                 .collect();
             let body = format!("{lead}{{{}}}", inner.join(","));
             let original: serde_json::Map<String, Value> = serde_json::from_str(&body).unwrap();
-            let mut info = RequestInfo {
-                operation: "chat",
-                streaming: true,
-                metered: true,
-                ..Default::default()
-            };
             let asked = original.get("stream_options").and_then(|o| o.get("include_usage"))
                 == Some(&Value::Bool(true));
             // Options that are not an object are the provider's to refuse.
@@ -933,19 +906,9 @@ mod tests {
                 .get("stream_options")
                 .is_some_and(|o| !o.is_object() && !o.is_null());
             // The proxy's path: `request` reads the body's head first, and
-            // the rewrite uses what it found instead of scanning again.
-            let mut read = OpenAi.request(&RequestView {
-                method: &Method::POST,
-                path: "/v1/chat/completions",
-                query: None,
-                headers: &HeaderMap::new(),
-                body: Some(body.as_bytes()),
-            });
-            prop_assert!(read.stream_options != StreamOptions::Unread, "{}", body);
-            read.streaming = true;
-            let via_request = OpenAi.rewrite_request(&mut read, body.as_bytes());
-            let scanned = OpenAi.rewrite_request(&mut info.clone(), body.as_bytes());
-            prop_assert_eq!(&via_request, &scanned, "{}", body);
+            // the rewrite uses what it found.
+            let mut info = streaming_chat(body.as_bytes());
+            prop_assert!(info.stream_options != StreamOptions::Unread, "{}", body);
             match OpenAi.rewrite_request(&mut info, body.as_bytes()) {
                 None => prop_assert!(asked || malformed, "not rewritten: {}", body),
                 Some(out) => {
