@@ -90,7 +90,7 @@ pub fn log_ca_status(status: &CaStatus) {
 }
 
 impl RecordSink for crate::ledger::LedgerHandle {
-    fn submit(&self, rec: UsageRecord) {
+    fn submit(&self, rec: Arc<UsageRecord>) {
         crate::ledger::LedgerHandle::submit(self, rec)
     }
 }

@@ -427,7 +427,8 @@ mod tests {
                 repository: Some(repo.into()),
                 job: Some(job.into()),
                 ..Attribution::default()
-            },
+            }
+            .into(),
             ..UsageRecord::default()
         }
     }
@@ -582,10 +583,11 @@ mod tests {
     #[test]
     fn missing_fields_and_long_names() {
         let mut r = rec("x", "y", "", "m", 1, 1, None);
-        r.who.repository = None;
-        r.who.job = None;
-        r.who.exe = None;
-        r.who.comm = "curl".into();
+        let w = std::sync::Arc::make_mut(&mut r.who);
+        w.repository = None;
+        w.job = None;
+        w.exe = None;
+        w.comm = "curl".into();
         r.model = None;
         r.response_model = Some("gpt-4o-2024-08-06".into());
         let mut long = rec(
@@ -597,7 +599,7 @@ mod tests {
             1,
             Some(0.00001),
         );
-        long.who.job = Some("line\nbreak".into());
+        std::sync::Arc::make_mut(&mut long.who).job = Some("line\nbreak".into());
         let out = render(&[r, long], ReportFormat::Table);
         assert_eq!(
             row(&out, "-"),

@@ -75,7 +75,7 @@ fn rec(
         },
         estimated: false,
         cost_usd: None,
-        who: who(),
+        who: who().into(),
         error: None,
     }
 }
@@ -305,7 +305,7 @@ async fn default_generation(t: Transport) {
     );
     d.cost_usd = Some(0.0001);
     for r in [a, b, c, d] {
-        sink.submit(r);
+        sink.submit(r.into());
     }
     exporter.flush(FLUSH).await.expect("flush");
     let pts = rx.latest();
@@ -547,7 +547,7 @@ async fn latest_generation(t: Transport) {
     let mut e = rec(5, "openai", "api.openai.com", "batch", "gpt-4o", 0, 0);
     e.response_model = None;
     for r in [a, b, c, d, e] {
-        sink.submit(r);
+        sink.submit(r.into());
     }
     exporter.flush(FLUSH).await.expect("flush");
     let pts = rx.latest();
@@ -700,7 +700,7 @@ async fn the_env_opt_in_selects_the_latest_generation_and_config_overrides_it() 
         exporter.otlp().map(|o| o.semconv),
         Some(Semconv::LatestExperimental)
     );
-    sink.submit(rec(1, "openai", "api.openai.com", "chat", "gpt-4o", 5, 6));
+    sink.submit(rec(1, "openai", "api.openai.com", "chat", "gpt-4o", 5, 6).into());
     exporter.flush(FLUSH).await.expect("flush");
     let pts = rx.latest();
     assert_eq!(
@@ -728,7 +728,7 @@ async fn high_cardinality(t: Transport) {
     let mut cfg = config(&rx.endpoint(), protocol(t));
     cfg.otlp.include_high_cardinality = true;
     let (exporter, sink) = start(&cfg).await;
-    sink.submit(rec(1, "openai", "api.openai.com", "chat", "gpt-4o", 3, 4));
+    sink.submit(rec(1, "openai", "api.openai.com", "chat", "gpt-4o", 3, 4).into());
     exporter.flush(FLUSH).await.expect("flush");
     let pts = rx.latest();
     let usage = named(&pts, "gen_ai.client.token.usage");
@@ -779,7 +779,7 @@ async fn headers_arrive(t: Transport) {
     // The configured value never shows in logs or Debug output.
     assert!(!format!("{cfg:?}").contains("s3cret-value"));
     assert!(!format!("{exporter:?}").contains("s3cret-value"));
-    sink.submit(rec(1, "openai", "api.openai.com", "chat", "gpt-4o", 1, 1));
+    sink.submit(rec(1, "openai", "api.openai.com", "chat", "gpt-4o", 1, 1).into());
     exporter.flush(FLUSH).await.expect("flush");
     let got = rx.received();
     assert!(!got.is_empty());
@@ -820,15 +820,7 @@ async fn a_full_queue_drops_and_counts_instead_of_waiting() {
     const N: u64 = 20_000;
     let mut max_backlog = 0;
     for i in 0..N {
-        sink.submit(rec(
-            i as i64,
-            "openai",
-            "api.openai.com",
-            "chat",
-            "gpt-4o",
-            1,
-            1,
-        ));
+        sink.submit(rec(i as i64, "openai", "api.openai.com", "chat", "gpt-4o", 1, 1).into());
         let st = exporter.stats();
         max_backlog = max_backlog.max(st.metrics_accepted.saturating_sub(st.metrics_recorded));
     }
@@ -875,15 +867,7 @@ async fn unreachable(p: OtlpProtocol) {
     for i in 0..N {
         // Distinct models: the SDK's per-instrument series cap bounds them.
         let model = format!("model-{}", i % 5000);
-        sink.submit(rec(
-            i as i64,
-            "openai",
-            "api.openai.com",
-            "chat",
-            &model,
-            10,
-            1,
-        ));
+        sink.submit(rec(i as i64, "openai", "api.openai.com", "chat", &model, 10, 1).into());
         let s = exporter.stats();
         max_backlog = max_backlog.max(s.metrics_accepted.saturating_sub(s.metrics_recorded));
     }
@@ -940,7 +924,7 @@ async fn audit_log_appends_json_lines_and_rotates() {
             2,
         );
         r.cost_usd = Some(0.001 * i as f64);
-        sink.submit(r);
+        sink.submit(r.into());
     }
     exporter.flush(FLUSH).await.expect("flush");
     let stats = exporter
@@ -971,7 +955,7 @@ async fn audit_log_appends_json_lines_and_rotates() {
         for line in text.lines() {
             let r: UsageRecord = serde_json::from_str(line).expect("a UsageRecord per line");
             assert_eq!(r.provider, "anthropic");
-            assert_eq!(r.who, who());
+            assert_eq!(*r.who, who());
             seqs.push(r.started_at_ms - 1_700_000_000_000);
         }
     }
@@ -1009,8 +993,8 @@ async fn spans(t: Transport) {
     let mut b = rec(2, "openai", "api.openai.com", "chat", "gpt-4o", 0, 0);
     b.status = 500;
     b.response_model = None;
-    sink.submit(a);
-    sink.submit(b);
+    sink.submit(a.into());
+    sink.submit(b.into());
     exporter.flush(FLUSH).await.expect("flush");
     let spans = rx.spans();
     assert_eq!(spans.len(), 2, "{spans:?}");

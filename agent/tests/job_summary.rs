@@ -54,7 +54,8 @@ fn rec(
             job: Some(job.into()),
             run_id: Some(run.into()),
             ..Attribution::default()
-        },
+        }
+        .into(),
         ..UsageRecord::default()
     }
 }

@@ -91,7 +91,7 @@ fn rec(w: &Attribution, input: u64, output: u64, cost: Option<f64>, status: u16)
             ..Usage::default()
         },
         cost_usd: cost,
-        who: w.clone(),
+        who: w.clone().into(),
         ..UsageRecord::default()
     }
 }
@@ -101,10 +101,10 @@ fn feed(live: &Arc<LiveState>) -> tollgate::control::InFlight {
     let py = who(4242, "/usr/bin/python3.12", "acme/app", "test");
     let node = who(4343, "/usr/local/bin/node", "acme/app", "test");
     let curl = who(4444, "/usr/bin/curl", "acme/lib", "lint");
-    live.submit(rec(&py, 1000, 200, Some(0.75), 200));
-    live.submit(rec(&py, 500, 100, Some(0.25), 200));
-    live.submit(rec(&node, 300, 0, None, 429));
-    live.submit(rec(&curl, 0, 0, None, 0));
+    live.submit(rec(&py, 1000, 200, Some(0.75), 200).into());
+    live.submit(rec(&py, 500, 100, Some(0.25), 200).into());
+    live.submit(rec(&node, 300, 0, None, 429).into());
+    live.submit(rec(&curl, 0, 0, None, 0).into());
     live.handle().request_started(&py)
 }
 

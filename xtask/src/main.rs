@@ -36,12 +36,14 @@ enum Cmd {
     /// Set up, build, and run the agent against a local simulated provider
     /// with real clients, then print the spend report (needs root).
     Demo,
-    /// Fuzz the parsers that read bytes from the network (cargo-fuzz,
-    /// nightly). Each target runs for `--seconds`.
+    /// Fuzz the parsers that read bytes from the network and the token
+    /// counter against tiktoken (cargo-fuzz, nightly). Each target runs for
+    /// `--seconds`.
     Fuzz {
         #[arg(long, default_value_t = 60)]
         seconds: u64,
-        /// One target (client_hello, response_parsers, usage_filter); all when absent.
+        /// One target (client_hello, response_parsers, usage_filter,
+        /// token_split); all when absent.
         target: Option<String>,
     },
     /// Build in release mode, install the peer gateways (LiteLLM,
@@ -328,7 +330,12 @@ fn bench(quick: bool, args: &[String]) -> Result<()> {
     run(b.args(args))
 }
 
-const FUZZ_TARGETS: &[&str] = &["client_hello", "response_parsers", "usage_filter"];
+const FUZZ_TARGETS: &[&str] = &[
+    "client_hello",
+    "response_parsers",
+    "usage_filter",
+    "token_split",
+];
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 fn fuzz(seconds: u64, target: Option<String>) -> Result<()> {

@@ -413,7 +413,7 @@ impl LiveState {
 }
 
 impl RecordSink for LiveState {
-    fn submit(&self, rec: UsageRecord) {
+    fn submit(&self, rec: Arc<UsageRecord>) {
         self.record_at(&rec, Instant::now());
     }
 }

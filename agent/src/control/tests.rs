@@ -28,7 +28,7 @@ fn rec(w: &Attribution, input: u64, output: u64, cost: Option<f64>, status: u16)
             ..Usage::default()
         },
         cost_usd: cost,
-        who: w.clone(),
+        who: w.clone().into(),
         ..UsageRecord::default()
     }
 }
@@ -122,7 +122,7 @@ fn in_flight_guard_counts_until_dropped() {
     assert_eq!(s.processes[0].agg.in_flight, 2);
     assert_eq!(s.processes[0].agg.requests, 0, "shown before it finishes");
     assert_eq!(s.jobs[0].agg.in_flight, 2);
-    live.submit(rec(&w, 1, 1, Some(0.1), 200));
+    live.submit(rec(&w, 1, 1, Some(0.1), 200).into());
     drop(a);
     b.finish();
     let s = live.snapshot();
@@ -144,7 +144,7 @@ fn in_flight_guard_counts_until_dropped() {
     // A process without an executable path is keyed by comm.
     let mut bare = w.clone();
     bare.exe = None;
-    live.submit(rec(&bare, 1, 1, None, 200));
+    live.submit(rec(&bare, 1, 1, None, 200).into());
     assert!(live.snapshot().processes.iter().any(|p| p.exe == "comm"));
 }
 
@@ -206,7 +206,7 @@ fn protocol_lines() {
     assert!(serde_json::from_str::<Request>("{\"cmd\":\"nope\"}").is_err());
 
     let live = LiveState::new();
-    live.submit(rec(&who(3, "/bin/a", "r", "j"), 1, 2, Some(0.5), 200));
+    live.submit(rec(&who(3, "/bin/a", "r", "j"), 1, 2, Some(0.5), 200).into());
     let line = serde_json::to_string(&live.snapshot()).unwrap();
     let v: serde_json::Value = serde_json::from_str(&line).unwrap();
     assert_eq!(v["version"], 1);

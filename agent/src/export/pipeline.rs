@@ -57,8 +57,7 @@ impl Sink {
 }
 
 impl RecordSink for Sink {
-    fn submit(&self, rec: UsageRecord) {
-        let rec = Arc::new(rec);
+    fn submit(&self, rec: Arc<UsageRecord>) {
         let s = &self.shared;
         if let Some(q) = &self.metrics {
             self.offer(q, &rec, &s.metrics_accepted, &s.metrics_dropped);

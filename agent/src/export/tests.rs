@@ -409,7 +409,7 @@ fn attribution_attributes() {
     who.exe = Some("/opt/bin/claude".into());
     assert_eq!(sc::executable_name(&who), Some("claude"));
     let rec = UsageRecord {
-        who,
+        who: who.into(),
         ..Default::default()
     };
     let keys = |hc| -> Vec<String> {

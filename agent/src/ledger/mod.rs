@@ -279,7 +279,10 @@ impl Ledger {
     }
 
     /// Inserts `records` in one transaction: all or none.
-    pub fn insert_batch(&mut self, records: &[UsageRecord]) -> Result<(), LedgerError> {
+    pub fn insert_batch(
+        &mut self,
+        records: &[impl std::borrow::Borrow<UsageRecord>],
+    ) -> Result<(), LedgerError> {
         if records.is_empty() {
             return Ok(());
         }
@@ -289,9 +292,7 @@ impl Ledger {
         {
             let mut stmt = tx.prepare_cached(&self.insert_sql).map_err(err)?;
             for r in records {
-                let values = schema::bind(r);
-                let params: Vec<&dyn rusqlite::ToSql> = values.iter().map(|b| b.as_ref()).collect();
-                stmt.execute(params.as_slice()).map_err(err)?;
+                schema::bind(r.borrow(), |values| stmt.execute(values)).map_err(err)?;
             }
         }
         tx.commit().map_err(err)

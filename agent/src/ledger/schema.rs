@@ -6,6 +6,8 @@
 //! is an identifier, so it is stored bit for bit (`as i64`) and read back
 //! the same way.
 
+use std::sync::Arc;
+
 use rusqlite::{Connection, Row, ToSql};
 
 use crate::meter::{Attribution, Usage, UsageRecord};
@@ -165,51 +167,61 @@ fn uncount(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
 
-/// The values of a record in `COLUMNS` order.
-pub fn bind(r: &UsageRecord) -> Vec<Box<dyn ToSql + '_>> {
-    let w = &r.who;
+/// Calls `f` with the values of a record in `COLUMNS` order (borrowed, so
+/// binding a row allocates nothing).
+pub fn bind<R>(r: &UsageRecord, f: impl FnOnce(&[&dyn ToSql]) -> R) -> R {
+    let w = &*r.who;
     let u = &r.usage;
-    vec![
-        Box::new(r.started_at_ms),
-        Box::new(&r.started_at),
-        Box::new(count(r.duration_ms)),
-        Box::new(&r.provider),
-        Box::new(&r.host),
-        Box::new(&r.operation),
-        Box::new(&r.method),
-        Box::new(&r.path),
-        Box::new(&r.model),
-        Box::new(&r.response_model),
-        Box::new(r.status),
-        Box::new(r.streaming),
-        Box::new(count(u.input_tokens)),
-        Box::new(count(u.output_tokens)),
-        Box::new(count(u.cached_input_tokens)),
-        Box::new(count(u.cache_write_input_tokens)),
-        Box::new(count(u.reasoning_tokens)),
-        Box::new(r.estimated),
-        Box::new(r.cost_usd),
-        Box::new(w.pid),
-        Box::new(w.uid),
-        Box::new(w.cgroup_id as i64),
-        Box::new(&w.comm),
-        Box::new(&w.exe),
-        Box::new(&w.cmdline),
-        Box::new(&w.ci_system),
-        Box::new(&w.repository),
-        Box::new(&w.workflow),
-        Box::new(&w.job),
-        Box::new(&w.run_id),
-        Box::new(&w.run_attempt),
-        Box::new(&w.ref_name),
-        Box::new(&w.runner),
-        Box::new(&r.error),
-        Box::new(r.ttfb_ms.map(count)),
-        Box::new(&w.job_id),
-        Box::new(&w.cgroup_path),
-        Box::new(&w.container_id),
-        Box::new(&w.team),
-    ]
+    let (duration, cgroup) = (count(r.duration_ms), w.cgroup_id as i64);
+    let tokens = [
+        count(u.input_tokens),
+        count(u.output_tokens),
+        count(u.cached_input_tokens),
+        count(u.cache_write_input_tokens),
+        count(u.reasoning_tokens),
+    ];
+    let ttfb = r.ttfb_ms.map(count);
+    f(&[
+        &r.started_at_ms,
+        &r.started_at,
+        &duration,
+        &r.provider,
+        &r.host,
+        &r.operation,
+        &r.method,
+        &r.path,
+        &r.model,
+        &r.response_model,
+        &r.status,
+        &r.streaming,
+        &tokens[0],
+        &tokens[1],
+        &tokens[2],
+        &tokens[3],
+        &tokens[4],
+        &r.estimated,
+        &r.cost_usd,
+        &w.pid,
+        &w.uid,
+        &cgroup,
+        &w.comm,
+        &w.exe,
+        &w.cmdline,
+        &w.ci_system,
+        &w.repository,
+        &w.workflow,
+        &w.job,
+        &w.run_id,
+        &w.run_attempt,
+        &w.ref_name,
+        &w.runner,
+        &r.error,
+        &ttfb,
+        &w.job_id,
+        &w.cgroup_path,
+        &w.container_id,
+        &w.team,
+    ])
 }
 
 /// A row of `select_sql()` back into a record.
@@ -238,7 +250,7 @@ pub fn from_row(row: &Row<'_>) -> rusqlite::Result<UsageRecord> {
         },
         estimated: row.get(c(17))?,
         cost_usd: row.get(c(18))?,
-        who: Attribution {
+        who: Arc::new(Attribution {
             pid: row.get(c(19))?,
             uid: row.get(c(20))?,
             cgroup_id: row.get::<_, i64>(c(21))? as u64,
@@ -257,7 +269,7 @@ pub fn from_row(row: &Row<'_>) -> rusqlite::Result<UsageRecord> {
             cgroup_path: row.get(c(36))?,
             container_id: row.get(c(37))?,
             team: row.get(c(38))?,
-        },
+        }),
         error: row.get(c(33))?,
         ttfb_ms: row.get::<_, Option<i64>>(c(34))?.map(uncount),
     })
@@ -275,7 +287,7 @@ mod tests {
         assert_eq!(stmt.column_count(), COLUMNS.len() + 1);
         drop(stmt);
         conn.prepare(&insert_sql()).expect("insert prepares");
-        assert_eq!(bind(&UsageRecord::default()).len(), COLUMNS.len());
+        assert_eq!(bind(&UsageRecord::default(), |v| v.len()), COLUMNS.len());
         let v: i64 = conn
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .expect("version");

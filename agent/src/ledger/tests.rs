@@ -63,7 +63,8 @@ pub(crate) fn sample(i: u64) -> UsageRecord {
             cgroup_path: Some("/system.slice/runner.service".into()),
             container_id: None,
             team: Some("platform".into()),
-        },
+        }
+        .into(),
         error: None,
     }
 }
@@ -338,7 +339,7 @@ prop_compose! {
                 input_tokens: usage.0, output_tokens: usage.1, cached_input_tokens: usage.2,
                 cache_write_input_tokens: usage.3, reasoning_tokens: usage.4,
             },
-            estimated: tail.0, cost_usd: tail.1, error: tail.2, who,
+            estimated: tail.0, cost_usd: tail.1, error: tail.2, who: who.into(),
         }
     }
 }

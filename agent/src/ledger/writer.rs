@@ -46,7 +46,7 @@ struct Shared {
     closed: AtomicBool,
     /// Submits between their `closed` check and their hand-over.
     inflight: AtomicUsize,
-    overflow: Mutex<Vec<UsageRecord>>,
+    overflow: Mutex<Vec<Arc<UsageRecord>>>,
     deadline: Mutex<Option<Instant>>,
     submitted: AtomicU64,
     written: AtomicU64,
@@ -69,7 +69,7 @@ pub struct LedgerWriter {
 /// Cheap to clone; what the request path holds.
 #[derive(Clone)]
 pub struct LedgerHandle {
-    tx: SyncSender<Box<UsageRecord>>,
+    tx: SyncSender<Arc<UsageRecord>>,
     shared: Arc<Shared>,
 }
 
@@ -89,7 +89,7 @@ impl LedgerWriter {
         queue: usize,
     ) -> Result<(LedgerWriter, LedgerHandle), LedgerError> {
         let ledger = Ledger::open(path)?;
-        let (tx, rx) = mpsc::sync_channel::<Box<UsageRecord>>(queue.max(1));
+        let (tx, rx) = mpsc::sync_channel::<Arc<UsageRecord>>(queue.max(1));
         let (done_tx, done) = mpsc::channel();
         let shared = Arc::new(Shared {
             closed: AtomicBool::new(false),
@@ -156,7 +156,8 @@ impl Drop for LedgerWriter {
 impl LedgerHandle {
     /// Hands `rec` to the writer without blocking on I/O. Never drops it
     /// while the writer runs; after shutdown began it is counted as rejected.
-    pub fn submit(&self, rec: UsageRecord) {
+    pub fn submit(&self, rec: impl Into<Arc<UsageRecord>>) {
+        let rec = rec.into();
         let s = &self.shared;
         s.inflight.fetch_add(1, Ordering::SeqCst);
         if s.closed.load(Ordering::SeqCst) {
@@ -170,10 +171,10 @@ impl LedgerHandle {
             return;
         }
         s.submitted.fetch_add(1, Ordering::Relaxed);
-        match self.tx.try_send(Box::new(rec)) {
+        match self.tx.try_send(rec) {
             Ok(()) => {}
             Err(TrySendError::Full(rec)) | Err(TrySendError::Disconnected(rec)) => {
-                lock(&s.overflow).push(*rec);
+                lock(&s.overflow).push(rec);
                 s.overflowed.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -201,10 +202,10 @@ fn stats(s: &Shared) -> LedgerStats {
 /// when the shutdown deadline passed during failing writes.
 fn run(
     mut ledger: Ledger,
-    rx: Receiver<Box<UsageRecord>>,
+    rx: Receiver<Arc<UsageRecord>>,
     s: &Shared,
 ) -> Result<u64, (u64, String)> {
-    let mut pending: Vec<UsageRecord> = Vec::new();
+    let mut pending: Vec<Arc<UsageRecord>> = Vec::new();
     let mut backoff = BACKOFF_MIN;
     let mut backlog = false;
     loop {
@@ -217,7 +218,7 @@ fn run(
         } else if pending.is_empty()
             && let Ok(r) = rx.recv_timeout(IDLE_POLL)
         {
-            pending.push(*r);
+            pending.push(r);
             // Let the batch gather without waking per record: a sleeping
             // receiver costs the senders nothing, a blocked one a futex wake
             // each. What does not fit the channel meanwhile takes the
@@ -228,7 +229,7 @@ fn run(
             }
         }
         while let Ok(r) = rx.try_recv() {
-            pending.push(*r);
+            pending.push(r);
             if !closing && pending.len() >= BATCH {
                 break;
             }

@@ -4,16 +4,18 @@
 //!
 //! Owns: choosing an encoding (the model's own for OpenAI models, o200k_base
 //! as the stated approximation for every other provider), pulling the prompt
-//! text out of a request body per API, and counting. Encoders are built on
-//! first use (`OnceLock`), never at start: each costs several MB.
+//! text out of a request body per API, and counting. o200k_base and
+//! cl100k_base are counted by [`crate::meter::bpe`] (no regex engine, same
+//! counts as tiktoken), the retired encodings by tiktoken-rs. Encoders are
+//! built on first use (`OnceLock`), never at start: each costs several MB.
 //!
 //! Must never: panic on a body it does not understand (it answers `None`),
 //! or spend unbounded CPU: at most [`EXACT_BYTES`] of text per call are
 //! tokenised, the rest is extrapolated at the rate measured on the counted
 //! part, and whitespace-free runs are cut so byte-pair merging (quadratic in
-//! the length of one piece) stays cheap. Counting is CPU work (about 20 MB/s
-//! in release builds); callers on an async runtime should not run it for
-//! every request, only when usage is missing.
+//! the length of one piece) stays cheap. Counting is CPU work (about
+//! 25-35 MB/s in release builds); callers on an async runtime should not run
+//! it for every request, only when usage is missing.
 
 use std::sync::OnceLock;
 
@@ -23,6 +25,7 @@ use tiktoken_rs::tokenizer::{Tokenizer, get_tokenizer};
 
 use crate::config::ApiKind;
 use crate::meter::Usage;
+use crate::meter::bpe::{Bpe, Pattern};
 
 /// Tokens added per message for the role and the separators around it
 /// (OpenAI's published formula for its chat models: 3 per message, 1 more
@@ -83,6 +86,35 @@ impl Encoding {
             Encoding::R50kBase => R50K.get_or_init(|| tiktoken_rs::r50k_base().ok()),
         }
         .as_ref()
+    }
+
+    /// The regex-free counter of [`crate::meter::bpe`], for the encodings
+    /// current models use; built on first use from tiktoken-rs's ranks,
+    /// whose encoder is then dropped.
+    fn fast(self) -> Option<&'static Bpe> {
+        static O200K: OnceLock<Option<Bpe>> = OnceLock::new();
+        static CL100K: OnceLock<Option<Bpe>> = OnceLock::new();
+        let (cell, pattern, core): (_, _, fn() -> anyhow::Result<CoreBPE>) = match self {
+            Encoding::O200kBase => (&O200K, Pattern::O200k, tiktoken_rs::o200k_base),
+            Encoding::Cl100kBase => (&CL100K, Pattern::Cl100k, tiktoken_rs::cl100k_base),
+            Encoding::P50kBase | Encoding::R50kBase => return None,
+        };
+        cell.get_or_init(|| {
+            let bpe = Bpe::from_core(pattern, &core().ok()?);
+            release_freed_memory();
+            bpe
+        })
+        .as_ref()
+    }
+}
+
+/// Hands memory freed by a dropped encoder back to the system (glibc keeps
+/// it otherwise, and the resident size would show the encoder for good).
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
@@ -463,6 +495,15 @@ impl Counter {
 
 /// Tokens in `text` (all of it) with `enc`.
 fn count_exact(enc: Encoding, text: &str) -> u64 {
+    if let Some(fast) = enc.fast() {
+        let mut n = 0u64;
+        segments(text, |seg| {
+            let counted =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| fast.count(seg)));
+            n += counted.unwrap_or_else(|_| (seg.len() as u64).div_ceil(4));
+        });
+        return n;
+    }
     let Some(bpe) = enc.bpe() else {
         return (text.len() as u64).div_ceil(4);
     };

@@ -85,7 +85,7 @@ pub struct UsageRecord {
     /// Cost in USD; null until pricing knows the model.
     pub cost_usd: Option<f64>,
     #[serde(flatten)]
-    pub who: Attribution,
+    pub who: std::sync::Arc<Attribution>,
     /// What went wrong, if anything (never contains secrets).
     pub error: Option<String>,
 }

@@ -35,7 +35,7 @@ const DRAIN_MAX_BYTES: usize = 64 << 20;
 pub(super) struct ConnCtx {
     pub state: Arc<ProxyState>,
     pub origin: ConnOrigin,
-    pub who: Attribution,
+    pub who: std::sync::Arc<Attribution>,
     pub provider: ProviderHost,
 }
 
@@ -373,7 +373,7 @@ impl Draft {
             who: self.ctx.who.clone(),
             error,
         };
-        self.ctx.state.sink.submit(rec);
+        self.ctx.state.sink.submit(Arc::new(rec));
     }
 }
 

@@ -393,7 +393,7 @@ async fn handle_conn(state: Arc<ProxyState>, tcp: TcpStream, peer: SocketAddr) {
         let ctx = Arc::new(http::ConnCtx {
             state: state.clone(),
             origin,
-            who,
+            who: who.into(),
             provider,
         });
         let service = hyper::service::service_fn(move |req| http::handle(ctx.clone(), req));

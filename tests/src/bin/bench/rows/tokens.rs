@@ -1,5 +1,6 @@
 //! Row 6: local token counting. tollgate's counter
-//! (`tollgate::meter::estimate::count_tokens`, tiktoken-rs inside) against
+//! (`tollgate::meter::estimate::count_tokens`: tollgate's regex-free
+//! pre-tokeniser and merge over tiktoken-rs's ranks) against
 //! Python `tiktoken` (`encode_ordinary`, the same no-special-tokens
 //! semantics) on the same text, o200k_base (gpt-4o) and cl100k_base
 //! (gpt-4). Python tiktoken would download its rank files at run time; it
