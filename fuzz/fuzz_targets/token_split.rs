@@ -8,9 +8,7 @@ use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 use tiktoken_rs::CoreBPE;
-use tollgate::meter::bpe::{Bpe, Pattern, Splitter};
-
-const CL100K_PAT: &str = "'(?i:[sdmt]|ll|ve|re)|[^\\r\\n\\p{L}\\p{N}]?+\\p{L}++|\\p{N}{1,3}+| ?[^\\s\\p{L}\\p{N}]++[\\r\\n]*+|\\s++$|\\s*[\\r\\n]|\\s+(?!\\S)|\\s";
+use tollgate::meter::bpe::{Bpe, CL100K_PATTERN, Pattern, Splitter};
 
 struct Reference {
     regex: fancy_regex::Regex,
@@ -22,7 +20,7 @@ fn reference(p: Pattern) -> &'static Reference {
     static CL: OnceLock<Reference> = OnceLock::new();
     static O2: OnceLock<Reference> = OnceLock::new();
     let (cell, pat, core): (_, _, fn() -> anyhow::Result<CoreBPE>) = match p {
-        Pattern::Cl100k => (&CL, CL100K_PAT, tiktoken_rs::cl100k_base),
+        Pattern::Cl100k => (&CL, CL100K_PATTERN, tiktoken_rs::cl100k_base),
         Pattern::O200k => (&O2, tiktoken_rs::O200K_BASE_PAT_STR, tiktoken_rs::o200k_base),
     };
     cell.get_or_init(|| {

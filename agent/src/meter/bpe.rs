@@ -26,13 +26,17 @@ use std::sync::OnceLock;
 use rustc_hash::FxHashMap;
 use tiktoken_rs::CoreBPE;
 
+/// cl100k_base's split pattern as tiktoken-rs builds its encoder (not
+/// exported there); what [`Pattern::Cl100k`] implements, and what the
+/// tests and the fuzz target compare it with.
+pub const CL100K_PATTERN: &str = "'(?i:[sdmt]|ll|ve|re)|[^\\r\\n\\p{L}\\p{N}]?+\\p{L}++|\\p{N}{1,3}+| ?[^\\s\\p{L}\\p{N}]++[\\r\\n]*+|\\s++$|\\s*[\\r\\n]|\\s+(?!\\S)|\\s";
+
 /// Which split pattern.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pattern {
-    /// `'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+|
-    /// ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s`
+    /// [`CL100K_PATTERN`].
     Cl100k,
-    /// tiktoken's `O200K_BASE_PAT_STR` (upper/lower-case letter runs with
+    /// tiktoken-rs's `O200K_BASE_PAT_STR` (upper/lower-case letter runs with
     /// optional contractions, 1-3 digits, punctuation runs, whitespace).
     O200k,
 }
@@ -123,6 +127,7 @@ struct Merge {
     bounds: Vec<usize>,
     next: Vec<usize>,
     prev: Vec<usize>,
+    pair: Vec<u32>,
     heap: BinaryHeap<Reverse<(u32, usize)>>,
 }
 
@@ -187,47 +192,45 @@ impl Merge {
     fn with_heap(&mut self, ranks: &FxHashMap<&'static [u8], u32>, piece: &[u8]) {
         let n = piece.len();
         let rank = |a: usize, b: usize| ranks.get(&piece[a..b]).copied().unwrap_or(u32::MAX);
-        // Parts are linked lists over their start offsets; `next[n]` ends.
+        // Parts are a linked list over their start offsets (`next[n]` is
+        // past the end); `pair[i]` is the rank of merging the part at i
+        // with the next one (MAX: none, or i no longer starts a part), so
+        // stale heap entries are told apart.
         self.next.clear();
         self.next.extend(1..=n + 1);
         self.prev.clear();
         self.prev.extend((0..=n).map(|i| i.wrapping_sub(1)));
-        // Current rank of merging the part at i with the next one, to tell
-        // stale heap entries apart.
-        self.parts.clear();
-        self.parts.extend((0..=n).map(|i| (i, u32::MAX)));
+        self.pair.clear();
+        self.pair
+            .extend((0..=n).map(|i| if i + 1 < n { rank(i, i + 2) } else { u32::MAX }));
         self.heap.clear();
-        for i in 0..n - 1 {
-            let r = rank(i, i + 2);
-            self.parts[i].1 = r;
-            if r != u32::MAX {
-                self.heap.push(Reverse((r, i)));
-            }
-        }
-        let (next, prev, cur) = (&mut self.next, &mut self.prev, &mut self.parts);
+        self.heap.extend(
+            (0..n)
+                .filter(|&i| self.pair[i] != u32::MAX)
+                .map(|i| Reverse((self.pair[i], i))),
+        );
+        let (next, prev, pair) = (&mut self.next, &mut self.prev, &mut self.pair);
         while let Some(Reverse((r, i))) = self.heap.pop() {
-            if cur[i].1 != r || r == u32::MAX {
+            if pair[i] != r {
                 continue;
             }
-            // Merge i with its next part.
+            // The part at i absorbs the next one, j; k follows.
             let j = next[i];
             let k = next[j];
             next[i] = k;
             if k <= n {
                 prev[k] = i;
             }
-            cur[j].1 = u32::MAX;
-            // New rank for (i, next of i).
-            cur[i].1 = if k < n { rank(i, next[k]) } else { u32::MAX };
-            if cur[i].1 != u32::MAX {
-                self.heap.push(Reverse((cur[i].1, i)));
+            pair[j] = u32::MAX;
+            pair[i] = if k < n { rank(i, next[k]) } else { u32::MAX };
+            if pair[i] != u32::MAX {
+                self.heap.push(Reverse((pair[i], i)));
             }
-            // New rank for (prev of i, i).
             if i > 0 {
                 let p = prev[i];
-                cur[p].1 = rank(p, k);
-                if cur[p].1 != u32::MAX {
-                    self.heap.push(Reverse((cur[p].1, p)));
+                pair[p] = rank(p, k);
+                if pair[p] != u32::MAX {
+                    self.heap.push(Reverse((pair[p], p)));
                 }
             }
         }
@@ -367,13 +370,13 @@ impl<'a> Splitter<'a> {
             return None;
         }
         let (c1, i2, _) = self.at(i1)?;
-        if ["s", "d", "m", "t"].iter().any(|l| folds_to(c1, l)) {
+        if b"sdmt".iter().any(|&l| folds_to(c1, l)) {
             return Some(i2);
         }
         let (c2, i3, _) = self.at(i2)?;
-        [("l", "l"), ("v", "e"), ("r", "e")]
+        [(b'l', b'l'), (b'v', b'e'), (b'r', b'e')]
             .iter()
-            .any(|(a, b)| folds_to(c1, a) && folds_to(c2, b))
+            .any(|&(a, b)| folds_to(c1, a) && folds_to(c2, b))
             .then_some(i3)
     }
 
@@ -519,8 +522,7 @@ impl<'a> Splitter<'a> {
 
 /// Whether `c` matches the ASCII letter `l` case-insensitively, as the
 /// regex engine's simple case folding does (`ſ` folds to `s`).
-fn folds_to(c: char, l: &str) -> bool {
-    let l = l.as_bytes()[0];
+fn folds_to(c: char, l: u8) -> bool {
     c.is_ascii() && c.to_ascii_lowercase() as u8 == l || (l == b's' && c == 'ſ')
 }
 
@@ -547,9 +549,6 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    /// tiktoken-rs's cl100k_base pattern, as it builds its encoder.
-    const CL100K_PAT: &str = "'(?i:[sdmt]|ll|ve|re)|[^\\r\\n\\p{L}\\p{N}]?+\\p{L}++|\\p{N}{1,3}+| ?[^\\s\\p{L}\\p{N}]++[\\r\\n]*+|\\s++$|\\s*[\\r\\n]|\\s+(?!\\S)|\\s";
-
     struct Reference {
         regex: fancy_regex::Regex,
         core: CoreBPE,
@@ -560,7 +559,7 @@ mod tests {
         static CL: OnceLock<Reference> = OnceLock::new();
         static O2: OnceLock<Reference> = OnceLock::new();
         let (cell, pat, core): (_, _, fn() -> anyhow::Result<CoreBPE>) = match pattern {
-            Pattern::Cl100k => (&CL, CL100K_PAT, tiktoken_rs::cl100k_base),
+            Pattern::Cl100k => (&CL, CL100K_PATTERN, tiktoken_rs::cl100k_base),
             Pattern::O200k => (
                 &O2,
                 tiktoken_rs::O200K_BASE_PAT_STR,
@@ -719,9 +718,7 @@ mod tests {
     fn contraction_folding_matches_the_regex() {
         let re = fancy_regex::Regex::new("^(?i:[sdmtlver])$").expect("regex");
         for c in (0..0x11_0000u32).filter_map(char::from_u32) {
-            let ours = ["s", "d", "m", "t", "l", "v", "e", "r"]
-                .iter()
-                .any(|l| folds_to(c, l));
+            let ours = b"sdmtlver".iter().any(|&l| folds_to(c, l));
             assert_eq!(
                 ours,
                 re.is_match(&c.to_string()).expect("regex"),

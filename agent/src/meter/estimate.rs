@@ -495,25 +495,21 @@ impl Counter {
 
 /// Tokens in `text` (all of it) with `enc`.
 fn count_exact(enc: Encoding, text: &str) -> u64 {
-    if let Some(fast) = enc.fast() {
-        let mut n = 0u64;
-        segments(text, |seg| {
-            let counted =
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| fast.count(seg)));
-            n += counted.unwrap_or_else(|_| (seg.len() as u64).div_ceil(4));
-        });
-        return n;
-    }
-    let Some(bpe) = enc.bpe() else {
+    let fast = enc.fast();
+    let slow = if fast.is_none() { enc.bpe() } else { None };
+    if fast.is_none() && slow.is_none() {
         return (text.len() as u64).div_ceil(4);
-    };
+    }
     let mut n = 0u64;
     segments(text, |seg| {
-        // The encoder unwraps its regex matches; a panic there must not
-        // take the request path with it.
-        let counted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            bpe.encode_ordinary(seg).len() as u64
-        }));
+        // tiktoken-rs unwraps its regex matches; a panic in either counter
+        // must not take the request path with it.
+        let counted =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match (fast, slow) {
+                (Some(f), _) => f.count(seg),
+                (None, Some(b)) => b.encode_ordinary(seg).len() as u64,
+                (None, None) => 0,
+            }));
         n += counted.unwrap_or_else(|_| (seg.len() as u64).div_ceil(4));
     });
     n
@@ -582,6 +578,23 @@ mod tests {
 
     fn exact(enc: Encoding, s: &str) -> u64 {
         enc.bpe().expect("encoder").encode_ordinary(s).len() as u64
+    }
+
+    #[test]
+    fn current_encodings_use_the_regex_free_counter() {
+        assert!(Encoding::O200kBase.fast().is_some());
+        assert!(Encoding::Cl100kBase.fast().is_some());
+        assert!(Encoding::P50kBase.fast().is_none());
+        // And it agrees with tiktoken-rs through the public entry point.
+        let text = "fn main() { println!(\"I'm here\"); }  \n\n  数据 1234567";
+        assert_eq!(
+            count_tokens(Some("gpt-4o"), text),
+            exact(Encoding::O200kBase, text)
+        );
+        assert_eq!(
+            count_tokens(Some("gpt-4"), text),
+            exact(Encoding::Cl100kBase, text)
+        );
     }
 
     #[test]

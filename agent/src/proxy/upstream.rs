@@ -571,27 +571,37 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_h2_burst_opens_one_connection_and_shares_its_failure() {
         use http_body_util::{BodyExt, Empty};
+        const BURST: usize = 8;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let up = Arc::new(Upstream::new(None).unwrap());
         let accepts = Arc::new(AtomicUsize::new(0));
-        let counted = accepts.clone();
+        let (counted, pool) = (accepts.clone(), up.clone());
         let server = tokio::spawn(async move {
             loop {
                 let Ok((sock, _)) = listener.accept().await else {
                     return;
                 };
                 counted.fetch_add(1, Ordering::SeqCst);
-                // Hold the handshake long enough for the burst to queue
-                // behind it, then hang up: the TLS handshake fails.
+                // Hold the handshake until the rest of the burst waits
+                // behind it (bounded, so a broken pool fails the asserts
+                // below instead of hanging), then hang up: the TLS
+                // handshake fails.
+                let pool = pool.clone();
                 tokio::spawn(async move {
-                    tokio::time::sleep(Duration::from_millis(1000)).await;
+                    for _ in 0..500 {
+                        let waiting: usize = pool.lock().opening.values().map(Vec::len).sum();
+                        if waiting >= BURST - 1 {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
                     drop(sock);
                 });
             }
         });
-        let up = Arc::new(Upstream::new(None).unwrap());
         let mut tasks = Vec::new();
-        for _ in 0..8 {
+        for _ in 0..BURST {
             let up = up.clone();
             tasks.push(tokio::spawn(async move {
                 let req = Request::builder()
