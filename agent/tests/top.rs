@@ -105,7 +105,8 @@ fn feed(live: &Arc<LiveState>) -> tollgate::control::InFlight {
     live.submit(rec(&py, 500, 100, Some(0.25), 200).into());
     live.submit(rec(&node, 300, 0, None, 429).into());
     live.submit(rec(&curl, 0, 0, None, 0).into());
-    live.handle().request_started(&py)
+    live.handle()
+        .request_started(&std::sync::Arc::new(py.clone()))
 }
 
 #[test]

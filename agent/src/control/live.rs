@@ -3,7 +3,8 @@
 //! Fed from the data path: [`LiveState`] is a [`RecordSink`] (one call per
 //! finished request) and [`LiveHandle::request_started`] hands the proxy an
 //! [`InFlight`] guard per request. Both only take a short `std` mutex over
-//! in-memory maps: no I/O, no await, no allocation beyond the row keys.
+//! in-memory maps: no I/O, no await, no allocation but a new row and its keys (rows are
+//! found with keys borrowed from the attribution).
 //!
 //! Bounded: a row that has nothing in flight and has not changed for
 //! [`IDLE_EVICT`] is dropped (checked at most every [`SWEEP_EVERY`]); when a
@@ -11,10 +12,12 @@
 //! row (idle ones first) makes room, and `evicted` counts it. The agent
 //! totals are never evicted.
 
-use std::collections::HashMap;
 use std::hash::Hash;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use hashbrown::{Equivalent, HashMap};
+use rustc_hash::FxBuildHasher;
 
 use super::protocol::{AgentInfo, Aggregate, JobRow, PROTOCOL_VERSION, ProcessRow, Snapshot};
 use crate::meter::{Attribution, RecordSink, UsageRecord};
@@ -30,6 +33,8 @@ pub const MAX_PROCESSES: usize = 1024;
 /// Most job rows kept.
 pub const MAX_JOBS: usize = 256;
 
+type Map<K, V> = HashMap<K, V, FxBuildHasher>;
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct ProcKey {
     pid: u32,
@@ -42,18 +47,63 @@ struct JobKey {
     job: Option<String>,
 }
 
-fn keys(who: &Attribution) -> (ProcKey, JobKey) {
+/// A [`ProcKey`] borrowed from an attribution: rows are looked up with it
+/// and the owned key is made only for a new row. Hashes like `ProcKey`
+/// (same fields, same order; `String` hashes as `str`).
+#[derive(Hash)]
+struct ProcRef<'a> {
+    pid: u32,
+    exe: &'a str,
+}
+
+/// A [`JobKey`] borrowed from an attribution; hashes like `JobKey`.
+#[derive(Hash)]
+struct JobRef<'a> {
+    repository: Option<&'a str>,
+    job: Option<&'a str>,
+}
+
+impl Equivalent<ProcKey> for ProcRef<'_> {
+    fn equivalent(&self, k: &ProcKey) -> bool {
+        self.pid == k.pid && self.exe == k.exe
+    }
+}
+
+impl Equivalent<JobKey> for JobRef<'_> {
+    fn equivalent(&self, k: &JobKey) -> bool {
+        self.repository == k.repository.as_deref() && self.job == k.job.as_deref()
+    }
+}
+
+impl ProcRef<'_> {
+    fn owned(&self) -> ProcKey {
+        ProcKey {
+            pid: self.pid,
+            exe: self.exe.to_string(),
+        }
+    }
+}
+
+impl JobRef<'_> {
+    fn owned(&self) -> JobKey {
+        JobKey {
+            repository: self.repository.map(str::to_string),
+            job: self.job.map(str::to_string),
+        }
+    }
+}
+
+fn keys(who: &Attribution) -> (ProcRef<'_>, JobRef<'_>) {
     let exe = who
         .exe
         .as_deref()
         .filter(|e| !e.is_empty())
-        .unwrap_or(who.comm.as_str())
-        .to_string();
+        .unwrap_or(who.comm.as_str());
     (
-        ProcKey { pid: who.pid, exe },
-        JobKey {
-            repository: who.repository.clone(),
-            job: who.job.clone(),
+        ProcRef { pid: who.pid, exe },
+        JobRef {
+            repository: who.repository.as_deref(),
+            job: who.job.as_deref(),
         },
     )
 }
@@ -169,30 +219,39 @@ impl HasCounters for JobEntry {
 }
 
 /// The row for `key`, made (and room made for it) when missing.
-fn row<'a, K: Hash + Eq + Clone, V: HasCounters + Default>(
-    map: &'a mut HashMap<K, V>,
-    key: &K,
+fn row<'a, K, Q, V>(
+    map: &'a mut Map<K, V>,
+    key: &Q,
+    owned: impl FnOnce() -> K,
     cap: usize,
     evicted: &mut u64,
-) -> &'a mut V {
-    if !map.contains_key(key) && map.len() >= cap {
-        // Idle rows first, then the least recently seen.
-        let victim = map
-            .iter()
-            .min_by_key(|(_, v)| (v.counters().in_flight > 0, v.counters().last_seen))
-            .map(|(k, _)| k.clone());
-        if let Some(k) = victim {
-            map.remove(&k);
-            *evicted += 1;
+) -> &'a mut V
+where
+    K: Hash + Eq + Clone,
+    Q: Hash + Equivalent<K>,
+    V: HasCounters + Default,
+{
+    if !map.contains_key(key) {
+        if map.len() >= cap {
+            // Idle rows first, then the least recently seen.
+            let victim = map
+                .iter()
+                .min_by_key(|(_, v)| (v.counters().in_flight > 0, v.counters().last_seen))
+                .map(|(k, _)| k.clone());
+            if let Some(k) = victim {
+                map.remove(&k);
+                *evicted += 1;
+            }
         }
+        map.insert(owned(), V::default());
     }
-    map.entry(key.clone()).or_default()
+    map.get_mut(key).expect("the row was just made")
 }
 
 #[derive(Debug, Default)]
 struct Inner {
-    procs: HashMap<ProcKey, ProcEntry>,
-    jobs: HashMap<JobKey, JobEntry>,
+    procs: Map<ProcKey, ProcEntry>,
+    jobs: Map<JobKey, JobEntry>,
     totals: Counters,
     evicted: u64,
     last_sweep: Duration,
@@ -209,12 +268,18 @@ impl Inner {
         self.jobs.retain(|_, v| keep(&v.c));
     }
 
-    fn proc_row(&mut self, k: &ProcKey) -> &mut ProcEntry {
-        row(&mut self.procs, k, MAX_PROCESSES, &mut self.evicted)
+    fn proc_row(&mut self, k: &ProcRef<'_>) -> &mut ProcEntry {
+        row(
+            &mut self.procs,
+            k,
+            || k.owned(),
+            MAX_PROCESSES,
+            &mut self.evicted,
+        )
     }
 
-    fn job_row(&mut self, k: &JobKey) -> &mut JobEntry {
-        row(&mut self.jobs, k, MAX_JOBS, &mut self.evicted)
+    fn job_row(&mut self, k: &JobRef<'_>) -> &mut JobEntry {
+        row(&mut self.jobs, k, || k.owned(), MAX_JOBS, &mut self.evicted)
     }
 }
 
@@ -281,7 +346,7 @@ impl LiveState {
         self.finished_keys(&p, &j, Instant::now());
     }
 
-    fn started_keys(&self, p: &ProcKey, j: &JobKey, who: &Attribution, now: Instant) {
+    fn started_keys(&self, p: &ProcRef<'_>, j: &JobRef<'_>, who: &Attribution, now: Instant) {
         let now = self.offset(now);
         let mut g = self.lock();
         g.sweep(now);
@@ -304,7 +369,7 @@ impl LiveState {
         }
     }
 
-    fn finished_keys(&self, p: &ProcKey, j: &JobKey, now: Instant) {
+    fn finished_keys(&self, p: &ProcRef<'_>, j: &JobRef<'_>, now: Instant) {
         let now = self.offset(now);
         let mut g = self.lock();
         g.totals.in_flight = g.totals.in_flight.saturating_sub(1);
@@ -431,16 +496,15 @@ impl LiveHandle {
 
     /// Counts a request of `who` as in flight until the returned guard is
     /// dropped (or [`InFlight::finish`]ed).
-    pub fn request_started(&self, who: &Attribution) -> InFlight {
+    pub fn request_started(&self, who: &Arc<Attribution>) -> InFlight {
         let Some(state) = &self.0 else {
             return InFlight(None);
         };
-        let (proc_key, job_key) = keys(who);
-        state.started_keys(&proc_key, &job_key, who, Instant::now());
+        let (p, j) = keys(who);
+        state.started_keys(&p, &j, who, Instant::now());
         InFlight(Some(Started {
             state: state.clone(),
-            proc_key,
-            job_key,
+            who: who.clone(),
         }))
     }
 }
@@ -448,8 +512,8 @@ impl LiveHandle {
 #[derive(Debug)]
 struct Started {
     state: Arc<LiveState>,
-    proc_key: ProcKey,
-    job_key: JobKey,
+    /// Shared with the connection; its row keys are borrowed from it.
+    who: Arc<Attribution>,
 }
 
 /// One request in flight; dropping it ends it.
@@ -470,8 +534,7 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         if let Some(s) = self.0.take() {
-            s.state
-                .finished_keys(&s.proc_key, &s.job_key, Instant::now());
+            s.state.request_finished(&s.who);
         }
     }
 }

@@ -115,8 +115,9 @@ fn in_flight_guard_counts_until_dropped() {
     let live = Arc::new(LiveState::new());
     let h = live.handle();
     let w = who(5, "/usr/bin/python3", "acme/app", "test");
-    let a = h.request_started(&w);
-    let b = h.clone().request_started(&w);
+    let shared = Arc::new(w.clone());
+    let a = h.request_started(&shared);
+    let b = h.clone().request_started(&shared);
     let s = live.snapshot();
     assert_eq!(s.totals.in_flight, 2);
     assert_eq!(s.processes[0].agg.in_flight, 2);
@@ -138,7 +139,7 @@ fn in_flight_guard_counts_until_dropped() {
     assert_eq!(live.snapshot().processes[0].agg.in_flight, 0);
 
     // A disabled handle counts nothing.
-    let g = LiveHandle::disabled().request_started(&w);
+    let g = LiveHandle::disabled().request_started(&shared);
     assert_eq!(live.snapshot().totals.in_flight, 0);
     drop(g);
     // A process without an executable path is keyed by comm.
@@ -155,7 +156,7 @@ fn idle_rows_are_evicted_but_in_flight_ones_stay() {
     let idle = who(1, "/bin/idle", "r", "idle-job");
     let busy = who(2, "/bin/busy", "r", "busy-job");
     live.record_at(&rec(&idle, 1, 1, None, 200), t0);
-    let _g = live.handle().request_started(&busy);
+    let _g = live.handle().request_started(&Arc::new(busy.clone()));
     let later = t0 + IDLE_EVICT + SWEEP_EVERY + Duration::from_secs(1);
     let s = live.snapshot_at(later);
     assert_eq!(s.processes.len(), 1, "{:?}", s.processes);

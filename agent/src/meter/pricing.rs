@@ -7,7 +7,8 @@
 //! the cost of one usage. Must never: do I/O (the catalogue is compiled in),
 //! or price a model it does not know (the cost is then `None`, not a guess).
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
+use std::borrow::Cow;
 
 use serde::Deserialize;
 
@@ -163,7 +164,11 @@ fn validate_entries(prefix: &str, entries: &[ModelPrice]) -> Result<(), (String,
                 )
             })?),
         };
-        let id = (m.provider.clone(), canonical(&m.model), effective);
+        let id = (
+            m.provider.clone(),
+            canonical(&m.model).into_owned(),
+            effective,
+        );
         if seen.contains(&id) {
             return Err((
                 key("model"),
@@ -266,7 +271,7 @@ impl PriceBook {
             toml::from_str(BUILTIN).expect("the embedded prices.toml parses (unit-tested)");
         debug_assert_eq!(cat.format, FORMAT);
         let mut book = PriceBook {
-            tables: HashMap::new(),
+            tables: HashMap::default(),
             recorded: cat.recorded,
         };
         for m in &cat.models {
@@ -284,7 +289,7 @@ impl PriceBook {
                 book.tables
                     .entry(m.provider.clone())
                     .or_default()
-                    .remove(&canonical(&m.model));
+                    .remove(canonical(&m.model).as_ref());
             }
             book.insert(m);
         }
@@ -302,7 +307,7 @@ impl PriceBook {
             .tables
             .entry(m.provider.clone())
             .or_default()
-            .entry(canonical(&m.model))
+            .entry(canonical(&m.model).into_owned())
             .or_default();
         versions.retain(|p| p.effective_ms != price.effective_ms);
         versions.push(price);
@@ -311,10 +316,15 @@ impl PriceBook {
 
     /// The price versions for a model, after resolution.
     fn versions(&self, provider: &str, model: &str) -> Option<&Versions> {
-        let provider = provider.trim().to_ascii_lowercase();
+        let provider = provider.trim();
+        let provider: Cow<'_, str> = if provider.bytes().any(|b| b.is_ascii_uppercase()) {
+            Cow::Owned(provider.to_ascii_lowercase())
+        } else {
+            Cow::Borrowed(provider)
+        };
         // Azure serves OpenAI's models at OpenAI's prices; Bedrock's
         // Anthropic models cost what Anthropic charges.
-        let fallback = match provider.as_str() {
+        let fallback = match provider.as_ref() {
             "azure-openai" => Some("openai"),
             "bedrock" => Some("anthropic"),
             _ => None,
@@ -323,7 +333,7 @@ impl PriceBook {
         if canon.is_empty() {
             return None;
         }
-        [Some(provider.as_str()), fallback]
+        [Some(provider.as_ref()), fallback]
             .into_iter()
             .flatten()
             .filter_map(|p| self.tables.get(p))
@@ -365,12 +375,23 @@ impl PriceBook {
 /// segment (`models/gemini-2.5-flash`, ARNs, `openai/gpt-4o`), no `@date`
 /// (Vertex), and for Bedrock ids no `-vN:M` version and no region/vendor
 /// prefix (`us.anthropic.claude-...-v1:0` → `claude-...`).
-fn canonical(model: &str) -> String {
-    let lower = model
-        .trim()
-        .to_ascii_lowercase()
-        .replace("%3a", ":")
-        .replace("%2f", "/");
+fn canonical(model: &str) -> Cow<'_, str> {
+    let t = model.trim();
+    // Borrowed unless there is something to lower-case or decode (the
+    // usual model name is used as it came, with no allocation).
+    if t.bytes().any(|b| b.is_ascii_uppercase() || b == b'%') {
+        let lower = t
+            .to_ascii_lowercase()
+            .replace("%3a", ":")
+            .replace("%2f", "/");
+        Cow::Owned(canonical_lower(&lower).to_string())
+    } else {
+        Cow::Borrowed(canonical_lower(t))
+    }
+}
+
+/// [`canonical`] of a trimmed, lower-case, decoded name: a sub-slice.
+fn canonical_lower(lower: &str) -> &str {
     let mut s = lower.rsplit('/').next().unwrap_or("");
     if let Some((head, _)) = s.split_once('@') {
         s = head;
@@ -391,7 +412,7 @@ fn canonical(model: &str) -> String {
             break;
         }
     }
-    s.to_string()
+    s
 }
 
 /// `name` without one trailing snapshot or alias marker: `-latest`,
@@ -429,8 +450,7 @@ fn resolve<'a>(table: &'a HashMap<String, Versions>, canon: &str) -> Option<&'a 
             None => break,
         }
     }
-    let dashes = name.match_indices('-').map(|(i, _)| i).collect::<Vec<_>>();
-    for &i in dashes.iter().rev() {
+    for (i, _) in name.rmatch_indices('-') {
         let (family, rest) = (&name[..i], &name[i + 1..]);
         if let Some(v) = table.get(family)
             && variant_ok(rest)
@@ -556,6 +576,15 @@ mod tests {
         same("openai", "gpt-3.5-turbo-0125", "gpt-3.5-turbo");
         same("openai", "openai/gpt-4o", "gpt-4o");
         same("azure-openai", "gpt-4o-2024-08-06", "gpt-4o");
+        // Provider and model names are compared trimmed, in lower case.
+        assert_eq!(
+            book.price_at(" OpenAI ", " gpt-4o\t", NOW),
+            book.price_at("openai", "gpt-4o", NOW)
+        );
+        assert_eq!(
+            book.price_at("Azure-OpenAI", "GPT-4o", NOW),
+            book.price_at("openai", "gpt-4o", NOW)
+        );
         same(
             "anthropic",
             "claude-sonnet-4-5-20250929",

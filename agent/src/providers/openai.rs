@@ -5,8 +5,8 @@ use serde_json::Value;
 
 use super::sse::SseReader;
 use super::{
-    JsonBody, ParsedUsage, Provider, RequestInfo, RequestView, StreamOptions, UsageParser, str_at,
-    u64_at,
+    Count, JsonBody, ObjectOr, ParsedUsage, Provider, RequestInfo, RequestView, StreamOptions,
+    UsageParser, str_at,
 };
 use crate::meter::Usage;
 
@@ -172,26 +172,60 @@ impl Provider for OpenAi {
 /// Usage from an OpenAI `usage` object, in either the chat/completions
 /// shape (`prompt_tokens`) or the Responses shape (`input_tokens`).
 pub fn usage_from(u: &Value) -> Option<Usage> {
-    if !u.is_object() {
-        return None;
+    serde::Deserialize::deserialize(u)
+        .ok()
+        .and_then(|w: ObjectOr<WireUsage>| w.0?.usage())
+}
+
+/// An OpenAI `usage` object as it arrives, in the chat/completions names
+/// or the Responses API names, read without building it; a member of an
+/// unexpected type reads as missing.
+#[derive(serde::Deserialize, Default, Debug)]
+#[serde(default)]
+pub struct WireUsage {
+    prompt_tokens: Count,
+    completion_tokens: Count,
+    input_tokens: Count,
+    output_tokens: Count,
+    prompt_tokens_details: ObjectOr<WireDetails>,
+    input_tokens_details: ObjectOr<WireDetails>,
+    completion_tokens_details: ObjectOr<WireDetails>,
+    output_tokens_details: ObjectOr<WireDetails>,
+}
+
+#[derive(serde::Deserialize, Default, Debug)]
+#[serde(default)]
+struct WireDetails {
+    cached_tokens: Count,
+    reasoning_tokens: Count,
+}
+
+impl WireUsage {
+    /// The usage, when the object names its input tokens.
+    pub fn usage(&self) -> Option<Usage> {
+        let detail = |d: &ObjectOr<WireDetails>, f: fn(&WireDetails) -> Count| {
+            d.0.as_ref().and_then(|d| f(d).0)
+        };
+        let input = self.prompt_tokens.0.or(self.input_tokens.0)?;
+        let output = self
+            .completion_tokens
+            .0
+            .or(self.output_tokens.0)
+            .unwrap_or(0);
+        let cached = detail(&self.prompt_tokens_details, |d| d.cached_tokens)
+            .or_else(|| detail(&self.input_tokens_details, |d| d.cached_tokens))
+            .unwrap_or(0);
+        let reasoning = detail(&self.completion_tokens_details, |d| d.reasoning_tokens)
+            .or_else(|| detail(&self.output_tokens_details, |d| d.reasoning_tokens))
+            .unwrap_or(0);
+        Some(Usage {
+            input_tokens: input,
+            output_tokens: output,
+            cached_input_tokens: cached.min(input),
+            cache_write_input_tokens: 0,
+            reasoning_tokens: reasoning.min(output),
+        })
     }
-    let input = u64_at(u, &["prompt_tokens"]).or_else(|| u64_at(u, &["input_tokens"]))?;
-    let output = u64_at(u, &["completion_tokens"])
-        .or_else(|| u64_at(u, &["output_tokens"]))
-        .unwrap_or(0);
-    let cached = u64_at(u, &["prompt_tokens_details", "cached_tokens"])
-        .or_else(|| u64_at(u, &["input_tokens_details", "cached_tokens"]))
-        .unwrap_or(0);
-    let reasoning = u64_at(u, &["completion_tokens_details", "reasoning_tokens"])
-        .or_else(|| u64_at(u, &["output_tokens_details", "reasoning_tokens"]))
-        .unwrap_or(0);
-    Some(Usage {
-        input_tokens: input,
-        output_tokens: output,
-        cached_input_tokens: cached.min(input),
-        cache_write_input_tokens: 0,
-        reasoning_tokens: reasoning.min(output),
-    })
 }
 
 /// Calls that bill no tokens themselves: recorded with zero usage.
@@ -339,7 +373,7 @@ impl UsageParser for JsonParser {
     fn finish(&mut self) -> ParsedUsage {
         // The usual case: usage and model, without building the choices.
         if let Some(h) = self.0.bytes().and_then(super::Head::parse)
-            && let Some(usage) = h.usage.as_ref().and_then(usage_from)
+            && let Some(usage) = h.usage.0.as_ref().and_then(WireUsage::usage)
         {
             return ParsedUsage {
                 usage: Some(usage),
@@ -403,7 +437,7 @@ struct StreamEvent<'a> {
     #[serde(default)]
     model: Option<Value>,
     #[serde(default)]
-    usage: Option<Value>,
+    usage: ObjectOr<WireUsage>,
     /// Responses API: `response.output_text.delta` carries a string.
     #[serde(default)]
     delta: Option<Value>,
@@ -455,15 +489,18 @@ impl StreamParser {
                 super::push_text(&mut found.output_text, t);
             }
             let (model, usage) = match &ev.response {
-                Some(r) if r.is_object() => (r.get("model"), r.get("usage")),
-                _ => (ev.model.as_ref(), ev.usage.as_ref()),
+                Some(r) if r.is_object() => (r.get("model"), r.get("usage").and_then(usage_from)),
+                _ => (
+                    ev.model.as_ref(),
+                    ev.usage.0.as_ref().and_then(WireUsage::usage),
+                ),
             };
             if found.response_model.is_none()
                 && let Some(m) = model.and_then(Value::as_str).filter(|m| !m.is_empty())
             {
                 found.response_model = Some(m.to_string());
             }
-            if let Some(u) = usage.and_then(usage_from) {
+            if let Some(u) = usage {
                 found.usage = Some(u);
             }
             return;
@@ -841,13 +878,85 @@ mod tests {
         assert_eq!(h.model().as_deref(), Some("b"), "last member wins");
         assert_eq!(h.max_tokens.and_then(|v| v.as_u64()), None);
         assert_eq!(
-            usage_from(h.usage.as_ref().unwrap()).unwrap().input_tokens,
+            h.usage
+                .0
+                .as_ref()
+                .and_then(WireUsage::usage)
+                .unwrap()
+                .input_tokens,
             3
         );
         let h = crate::providers::Head::parse(br#"{"model":5,"stream":"yes"}"#).unwrap();
         assert_eq!(h.model(), None);
         assert!(crate::providers::Head::parse(b"[1,2]").is_none());
         assert!(crate::providers::Head::parse(b"not json").is_none());
+    }
+
+    #[test]
+    fn usage_members_of_odd_types_lose_only_themselves() {
+        /// Input, output, cached input and reasoning tokens.
+        type Counts = (u64, u64, u64, u64);
+        let cases: &[(&str, Option<Counts>)] = &[
+            (
+                r#"{"prompt_tokens":9,"completion_tokens":4}"#,
+                Some((9, 4, 0, 0)),
+            ),
+            (
+                r#"{"prompt_tokens":"9","input_tokens":7}"#,
+                Some((7, 0, 0, 0)),
+            ),
+            (r#"{"prompt_tokens":9.0}"#, None),
+            (
+                r#"{"prompt_tokens":-1,"input_tokens":5}"#,
+                Some((5, 0, 0, 0)),
+            ),
+            (
+                r#"{"prompt_tokens":null,"completion_tokens":[1,{"a":2}]}"#,
+                None,
+            ),
+            (
+                r#"{"prompt_tokens":9,"completion_tokens":{"x":1},"prompt_tokens_details":[3]}"#,
+                Some((9, 0, 0, 0)),
+            ),
+            (
+                r#"{"input_tokens":10,"output_tokens":6,"input_tokens_details":{"cached_tokens":12},"output_tokens_details":{"reasoning_tokens":2,"x":{"y":[1]}}}"#,
+                Some((10, 6, 10, 2)),
+            ),
+            (
+                r#"{"prompt_tokens":10,"prompt_tokens_details":"7","input_tokens_details":{"cached_tokens":3}}"#,
+                Some((10, 0, 3, 0)),
+            ),
+            (r#"[9,4]"#, None),
+            (r#""9""#, None),
+            (r#"null"#, None),
+        ];
+        for (usage, want) in cases {
+            let got = |u: Option<Usage>| {
+                u.map(|u| {
+                    (
+                        u.input_tokens,
+                        u.output_tokens,
+                        u.cached_input_tokens,
+                        u.reasoning_tokens,
+                    )
+                })
+            };
+            // Read from a whole document, from the typed head of a body,
+            // and from a stream event: the same answer each way.
+            let v: Value = serde_json::from_str(usage).unwrap();
+            assert_eq!(got(usage_from(&v)), *want, "usage_from {usage}");
+            let body = format!(r#"{{"model":"m","usage":{usage},"choices":[]}}"#);
+            let h = crate::providers::Head::parse(body.as_bytes()).unwrap();
+            assert_eq!(
+                got(h.usage.0.as_ref().and_then(WireUsage::usage)),
+                *want,
+                "head {usage}"
+            );
+            assert_eq!(h.model().as_deref(), Some("m"), "the rest survives {usage}");
+            let mut found = ParsedUsage::default();
+            StreamParser::on_event(&mut found, &body);
+            assert_eq!(got(found.usage), *want, "stream event {usage}");
+        }
     }
 
     #[test]
