@@ -4,11 +4,13 @@
 //! Owns: redirecting TCP connects to provider addresses to the agent's
 //! loopback listener, remembering who dialed what (by socket cookie, then by
 //! the client's local address and port), answering `getpeername()` with the
-//! dialed address, refusing UDP connects to provider addresses (QUIC falls
-//! back to TCP), and forgetting origins when sockets are released.
+//! dialed address, refusing UDP to provider addresses (connected or sent
+//! to with `sendto`/`sendmsg`: QUIC falls back to TCP), and forgetting
+//! origins when sockets are released.
 //!
-//! Must never: block or slow a connect that is not to a provider address
-//! (one `CONFIG` and one `PROVIDER_TARGETS` lookup is all it costs), or grow a
+//! Must never: block or slow a connect or a UDP send that is not to a
+//! provider address (one `CONFIG` and one `PROVIDER_TARGETS` lookup is all
+//! it costs), or grow a
 //! map without bound (origins live in LRU maps and are deleted on release).
 //!
 //! Every entry point is a thin wrapper around `try_x(ctx)`; an `Err` maps to
@@ -146,16 +148,10 @@ pub fn tollgate_connect6(ctx: SockAddrContext) -> i32 {
     try_connect(&ctx, true).unwrap_or(ALLOW)
 }
 
+/// The destination a `bpf_sock_addr` context names, as an IPv6 (or
+/// v4-mapped) address and port, with the words it was read from.
 #[inline(always)]
-fn try_connect(ctx: &SockAddrContext, v6: bool) -> Result<i32, i64> {
-    let sa: *mut bpf_sock_addr = ctx.sock_addr;
-    let Some(cfg) = config() else {
-        return Ok(ALLOW);
-    };
-    if cfg.flags & config_flags::ENABLED == 0 {
-        return Ok(ALLOW);
-    }
-
+fn destination(sa: *mut bpf_sock_addr, v6: bool) -> (AddrPort, [u32; 4]) {
     // SAFETY (all raw field projections below): `sa` is the kernel's context.
     let port = port_from_user(rd(unsafe { addr_of!((*sa).user_port) }));
     let dst_words = if v6 {
@@ -170,17 +166,60 @@ fn try_connect(ctx: &SockAddrContext, v6: bool) -> Result<i32, i64> {
         let ip4 = rd(unsafe { addr_of!((*sa).user_ip4) });
         [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), ip4]
     };
-    let dst = AddrPort::v6(words_to_addr(dst_words), port);
+    (AddrPort::v6(words_to_addr(dst_words), port), dst_words)
+}
 
-    // The only cost every other connect pays.
+/// Whether `dst` is a provider address the agent intercepts. The only
+/// cost every other connect or send pays.
+#[inline(always)]
+fn intercepted(cfg: &Config, dst: &AddrPort) -> bool {
+    if cfg.flags & config_flags::ENABLED == 0 {
+        return false;
+    }
     // SAFETY: the value is copied out at once.
-    let Some(flags) = (unsafe { PROVIDER_TARGETS.get(dst) }).copied() else {
+    let flags = unsafe { PROVIDER_TARGETS.get(dst) }.copied().unwrap_or(0);
+    flags & target_flags::REDIRECT != 0
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn tollgate_sendmsg4(ctx: SockAddrContext) -> i32 {
+    try_sendmsg(&ctx, false).unwrap_or(ALLOW)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn tollgate_sendmsg6(ctx: SockAddrContext) -> i32 {
+    try_sendmsg(&ctx, true).unwrap_or(ALLOW)
+}
+
+/// A UDP datagram sent with an address (`sendto`/`sendmsg` on an
+/// unconnected socket; a connected one was seen by connect4/6): refused
+/// when it is for a provider address, as a UDP connect is.
+#[inline(always)]
+fn try_sendmsg(ctx: &SockAddrContext, v6: bool) -> Result<i32, i64> {
+    let Some(cfg) = config() else {
         return Ok(ALLOW);
     };
-    if flags & target_flags::REDIRECT == 0 {
+    let (dst, _) = destination(ctx.sock_addr, v6);
+    if !intercepted(cfg, &dst) {
+        return Ok(ALLOW);
+    }
+    count(stat::UDP_REFUSED);
+    Ok(REFUSE)
+}
+
+#[inline(always)]
+fn try_connect(ctx: &SockAddrContext, v6: bool) -> Result<i32, i64> {
+    let sa: *mut bpf_sock_addr = ctx.sock_addr;
+    let Some(cfg) = config() else {
+        return Ok(ALLOW);
+    };
+    let (dst, dst_words) = destination(sa, v6);
+    let port = dst.port;
+    if !intercepted(cfg, &dst) {
         return Ok(ALLOW);
     }
 
+    // SAFETY (all raw field projections below): `sa` is the kernel's context.
     let protocol = rd(unsafe { addr_of!((*sa).protocol) });
     if protocol == IPPROTO_UDP {
         count(stat::UDP_REFUSED);

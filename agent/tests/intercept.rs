@@ -24,15 +24,24 @@ const NEEDS: &str = "needs root, cgroup v2 and BPF";
 
 /// Connects as told and reports what it saw on stdout:
 /// `peer <addr> <port>` after a TCP connect, `EPERM` / `udp-connected` for UDP,
+/// `EPERM` / `udp-sent` for a datagram sent unconnected (`udp-sendto`),
 /// `error <errno>` when the connect failed. A TCP client then waits for the
 /// server to close, so the test can inspect the connection while it lives.
 const CLIENT: &str = r#"
 import errno, socket, sys
 fam = socket.AF_INET6 if sys.argv[1] == "6" else socket.AF_INET
 host, port, proto = sys.argv[2], int(sys.argv[3]), sys.argv[4]
-kind = socket.SOCK_DGRAM if proto == "udp" else socket.SOCK_STREAM
+kind = socket.SOCK_DGRAM if proto.startswith("udp") else socket.SOCK_STREAM
 s = socket.socket(fam, kind)
 s.settimeout(30)
+if proto == "udp-sendto":
+    try:
+        s.sendto(b"quic initial", (host, port))
+    except OSError as e:
+        print("EPERM" if e.errno == errno.EPERM else "error %s" % errno.errorcode.get(e.errno, e.errno), flush=True)
+        sys.exit(0)
+    print("udp-sent", flush=True)
+    sys.exit(0)
 try:
     s.connect((host, port))
 except OSError as e:
@@ -166,6 +175,15 @@ fn finish(mut child: Child) -> String {
 
 /// Accepts one connection, or panics naming `what` after a generous wait
 /// (this bounds a broken redirect; it does not measure speed).
+/// A UDP socket bound to `addr`, with a read timeout, and its port.
+fn bound_udp(addr: &str) -> (std::net::UdpSocket, u16) {
+    let s = std::net::UdpSocket::bind(addr).unwrap_or_else(|e| panic!("bind udp {addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("udp read timeout");
+    let port = s.local_addr().expect("udp local addr").port();
+    (s, port)
+}
+
 fn accept(listener: &TcpListener, what: &str) -> (TcpStream, SocketAddr) {
     listener.set_nonblocking(true).unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -306,9 +324,24 @@ fn redirects_v4_restores_peername_refuses_udp_and_fails_open() {
     );
     assert_nothing_pending(&agent.v4, "the agent listener (non-provider connect)");
 
-    // UDP to a provider address is refused (QUIC falls back to TCP).
+    // UDP to a provider address is refused (QUIC falls back to TCP),
+    // connected or sent to unconnected; UDP elsewhere is untouched.
     let udp = finish(spawn_client(&cg, "4", "127.0.0.77", port, "udp"));
     assert_eq!(udp, "EPERM", "UDP connect to a provider address");
+    let sendto = finish(spawn_client(&cg, "4", "127.0.0.77", port, "udp-sendto"));
+    assert_eq!(sendto, "EPERM", "UDP sendto a provider address");
+    let (other_udp, other_udp_port) = bound_udp("127.0.0.78:0");
+    let sent = finish(spawn_client(
+        &cg,
+        "4",
+        "127.0.0.78",
+        other_udp_port,
+        "udp-sendto",
+    ));
+    assert_eq!(sent, "udp-sent", "UDP sendto a non-provider address");
+    let mut buf = [0u8; 64];
+    let (n, _) = other_udp.recv_from(&mut buf).expect("the datagram arrives");
+    assert_eq!(&buf[..n], b"quic initial");
 
     // A client in another network namespace is left alone (the connect then
     // fails there: its loopback is down, and the provider is not in it).
@@ -333,7 +366,7 @@ fn redirects_v4_restores_peername_refuses_udp_and_fails_open() {
     let after = intercept.stats();
     assert_eq!(after.redirected - before.redirected, 1, "{after:?}");
     assert_eq!(after.rekeyed - before.rekeyed, 1, "{after:?}");
-    assert_eq!(after.udp_refused - before.udp_refused, 1, "{after:?}");
+    assert_eq!(after.udp_refused - before.udp_refused, 2, "{after:?}");
     assert_eq!(after.other_netns - before.other_netns, 1, "{after:?}");
     assert!(
         after.peername_restored > before.peername_restored,
@@ -383,6 +416,18 @@ fn redirects_v6() {
     check_redirect(&cg, &intercept, &agent.v6, &dial, |p| p);
     assert_nothing_pending(&provider, "the provider listener");
     assert_nothing_pending(&agent.v4, "the IPv4 agent listener");
+
+    let port = provider_addr.port().to_string();
+    let before = intercept.stats().udp_refused;
+    let sendto = finish(spawn_client(
+        &cg,
+        "6",
+        "::1",
+        provider_addr.port(),
+        "udp-sendto",
+    ));
+    assert_eq!(sendto, "EPERM", "UDP sendto [::1]:{port}");
+    assert_eq!(intercept.stats().udp_refused - before, 1);
 }
 
 #[test]
@@ -410,4 +455,14 @@ fn redirects_v4_mapped_from_a_v6_socket() {
     check_redirect(&cg, &intercept, &agent.v4, &dial, as_mapped);
     assert_nothing_pending(&provider, "the provider listener");
     assert_nothing_pending(&agent.v6, "the IPv6 agent listener");
+
+    // The same address in a datagram from an AF_INET6 socket is refused.
+    let sendto = finish(spawn_client(
+        &cg,
+        "6",
+        "::ffff:127.0.0.77",
+        provider_addr.port(),
+        "udp-sendto",
+    ));
+    assert_eq!(sendto, "EPERM", "UDP sendto ::ffff:127.0.0.77");
 }

@@ -71,7 +71,8 @@ pub struct InterceptStats {
     pub other_netns: u64,
     /// The agent's own provider connects, left untouched.
     pub agent_self: u64,
-    /// UDP connects to provider addresses refused (QUIC falls back to TCP).
+    /// UDP to provider addresses refused, connected or sent to with
+    /// `sendto` (QUIC falls back to TCP).
     pub udp_refused: u64,
     /// Origins re-keyed by the client's local address in sock_ops.
     pub rekeyed: u64,

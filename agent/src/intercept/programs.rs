@@ -26,11 +26,13 @@ enum Kind {
 /// Attach order: the bookkeeping programs first, so no redirected socket
 /// exists before sock_ops can re-key it and sock_release can forget it;
 /// connect4/6 last.
-const PROGRAMS: [(&str, Kind); 6] = [
+const PROGRAMS: [(&str, Kind); 8] = [
     ("tollgate_sock_release", Kind::Sock),
     ("tollgate_sockops", Kind::SockOps),
     ("tollgate_getpeername4", Kind::SockAddr),
     ("tollgate_getpeername6", Kind::SockAddr),
+    ("tollgate_sendmsg4", Kind::SockAddr),
+    ("tollgate_sendmsg6", Kind::SockAddr),
     ("tollgate_connect4", Kind::SockAddr),
     ("tollgate_connect6", Kind::SockAddr),
 ];
