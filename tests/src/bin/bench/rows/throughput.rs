@@ -49,7 +49,10 @@ impl Row for Throughput {
             Figure::info("direct: requests/s", rps[0], "req/s").note(format!(
                 "{CONCURRENCY} connections, {pairs} pairs of phases of {phase_secs} s each"
             )),
-            Figure::info("tollgate: requests/s", rps[1], "req/s"),
+            Figure::info("tollgate: requests/s", rps[1], "req/s").note(format!(
+                "the agent opened {} TLS connections to the fake over {} phases of {CONCURRENCY} client connections",
+                m.upstream_conns, m.agent_phases
+            )),
             Figure::info(
                 "direct: CPU per request (client + fake)",
                 us(0, 0) + us(0, 1),
@@ -171,6 +174,10 @@ struct Measured {
     rps: [f64; 2],
     req: [f64; 2],
     cpu: [[f64; 3]; 2],
+    /// TLS connections the agent opened to the fake over the run.
+    upstream_conns: usize,
+    /// Phases through tollgate.
+    agent_phases: usize,
 }
 
 impl Measured {
@@ -202,7 +209,12 @@ fn measure(
     let spec = json!({"targets": targets, "schedule": schedule, "phase_secs": phase_secs,
         "concurrency": CONCURRENCY, "pids": pids, "method": method});
     let budget = Duration::from_secs_f64(schedule.len() as f64 * (phase_secs + 20.0) + 30.0);
+    let conns0 = env.fake.connections();
     let out = env.spawn_client(id, &spec)?.finish(budget)?;
+    // The direct phases' own connections are the client's, one per slot.
+    let direct_phases = schedule.iter().filter(|&&i| i == 0).count();
+    let upstream_conns =
+        (env.fake.connections() - conns0).saturating_sub(direct_phases * CONCURRENCY);
     let mut req = [0f64; 2];
     let mut secs = [0f64; 2];
     let mut cpu = [[0f64; 3]; 2];
@@ -218,5 +230,7 @@ fn measure(
         rps: [req[0] / secs[0], req[1] / secs[1]],
         req,
         cpu,
+        upstream_conns,
+        agent_phases: schedule.len() - direct_phases,
     })
 }
