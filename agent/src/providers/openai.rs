@@ -294,50 +294,126 @@ fn rewrite_event(ev: &[u8]) -> Option<std::borrow::Cow<'_, [u8]>> {
         .map(|e| start + e)
         .unwrap_or(text.len());
     let data = text[start + 5..line_end].trim_start();
-    if !data.contains("\"usage\"") {
+    // (A key may be written with escapes: `"us\u0061ge"` is `usage` too.)
+    if !data.contains("\"usage\"") && !data.contains("\\u") {
         return Some(Cow::Borrowed(ev));
     }
-    let Ok(v) = serde_json::from_str::<Value>(data) else {
+    // One parse, which keeps each top-level value's place in `data`.
+    let Ok(members) = serde_json::from_str::<Members<'_>>(data) else {
         return Some(Cow::Borrowed(ev));
     };
-    match v.get("usage") {
-        Some(u) if u.is_object() => {
-            if v.get("choices")
-                .and_then(Value::as_array)
-                .is_some_and(|c| c.is_empty())
-            {
-                return None;
+    let mut usage = members
+        .0
+        .iter()
+        .enumerate()
+        .filter(|(_, m)| m.key == "usage");
+    let (Some((at, u)), None) = (usage.next(), usage.next()) else {
+        // None, or repeated: not something the agent added.
+        return Some(Cow::Borrowed(ev));
+    };
+    let value = u.value.get();
+    if value.starts_with('{') {
+        // The usage chunk itself: an object, and no choices.
+        let choices = members.0.iter().rev().find(|m| m.key == "choices");
+        return match choices.map(|c| c.value.get()) {
+            Some(c) if c.starts_with('[') && c[1..c.len() - 1].trim().is_empty() => None,
+            _ => Some(Cow::Borrowed(ev)),
+        };
+    }
+    if value != "null" {
+        return Some(Cow::Borrowed(ev));
+    }
+    // `"usage":null` on an ordinary chunk: cut the member out, with one of
+    // its commas; every other byte stays as the provider sent it.
+    let (cut_from, cut_to) = if at > 0 {
+        // From the end of the previous value through this one.
+        (members.end_in(data, at - 1), members.end_in(data, at))
+    } else if members.0.len() > 1 {
+        // First of several: from after `{` to the next member's key (past
+        // the comma and the blanks that follow the value).
+        let after = members.end_in(data, 0);
+        let rest = &data[after..];
+        let Some(comma) = rest.find(',') else {
+            return Some(Cow::Borrowed(ev));
+        };
+        let next = &rest[comma + 1..];
+        (1, data.len() - next.trim_start().len())
+    } else {
+        // The only member.
+        (1, members.end_in(data, 0))
+    };
+    let data_start = line_end - data.len();
+    let mut out = Vec::with_capacity(ev.len());
+    out.extend_from_slice(&ev[..data_start + cut_from]);
+    out.extend_from_slice(&ev[data_start + cut_to..]);
+    Some(Cow::Owned(out))
+}
+
+/// The top-level members of a JSON object, each value kept as its raw text
+/// (borrowed from the input, so where it sits is known). Keys are borrowed
+/// unless they contain escapes.
+#[derive(Debug)]
+struct Members<'a>(Vec<Member<'a>>);
+
+#[derive(Debug)]
+struct Member<'a> {
+    key: std::borrow::Cow<'a, str>,
+    value: &'a serde_json::value::RawValue,
+}
+
+impl Members<'_> {
+    /// Where member `i`'s value ends in `data` (the text it was parsed from).
+    fn end_in(&self, data: &str, i: usize) -> usize {
+        let v = self.0[i].value.get();
+        v.as_ptr() as usize - data.as_ptr() as usize + v.len()
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Members<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Members<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
             }
-            Some(Cow::Borrowed(ev))
-        }
-        Some(Value::Null) => {
-            // Remove the member textually (the rest of the bytes stay as
-            // the provider sent them), and check the result.
-            for pat in [
-                ",\"usage\":null",
-                "\"usage\":null,",
-                ", \"usage\": null",
-                "\"usage\": null, ",
-            ] {
-                if data.matches(pat).count() == 1 {
-                    let new_data = data.replacen(pat, "", 1);
-                    let mut expect = v.clone();
-                    if let Some(o) = expect.as_object_mut() {
-                        o.remove("usage");
-                    }
-                    if serde_json::from_str::<Value>(&new_data).ok() == Some(expect) {
-                        let data_start = line_end - data.len();
-                        let mut out = String::with_capacity(ev.len());
-                        out.push_str(&text[..data_start]);
-                        out.push_str(&new_data);
-                        out.push_str(&text[line_end..]);
-                        return Some(Cow::Owned(out.into_bytes()));
-                    }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut out = Vec::new();
+                while let Some(Key(key)) = a.next_key()? {
+                    out.push(Member {
+                        key,
+                        value: a.next_value()?,
+                    });
                 }
+                Ok(Members(out))
             }
-            Some(Cow::Borrowed(ev))
         }
-        _ => Some(Cow::Borrowed(ev)),
+        d.deserialize_map(V)
+    }
+}
+
+/// An object key, borrowed from the input when it has no escapes.
+struct Key<'a>(std::borrow::Cow<'a, str>);
+
+impl<'de> serde::Deserialize<'de> for Key<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(std::borrow::Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Key<'de>, E> {
+                Ok(Key(std::borrow::Cow::Owned(v.to_string())))
+            }
+        }
+        d.deserialize_str(V)
     }
 }
 
@@ -804,6 +880,9 @@ mod tests {
         let other =
             b"event: x\r\ndata: not json\r\n\r\ndata: {\"a\":1}\n\n: comment\n\ndata: [DONE]\n\n";
         assert_eq!(filtered(other, &[3, 17]), other.to_vec());
+        // A repeated usage member is not what include_usage adds.
+        let twice = b"data: {\"usage\":null,\"choices\":[],\"usage\":null}\n\n";
+        assert_eq!(filtered(twice, &[]), twice.to_vec());
     }
 
     #[test]
@@ -963,6 +1042,96 @@ mod tests {
     fn stream_collects_output_text() {
         let p = parse("text/event-stream", CHAT_SSE, &[]);
         assert_eq!(p.output_text, "Hello there, ünïcødé");
+    }
+
+    /// One chunk's data line (JSON on one line), built from members in any
+    /// order with any blanks between tokens.
+    fn chunk_data() -> impl Strategy<Value = String> {
+        let ws = || prop::sample::select(vec!["", " ", "\t", "  "]);
+        let usage = prop::sample::select(vec![
+            None,
+            Some(r#""usage""#.to_string() + "\u{0}null"),
+            Some(r#""us\u0061ge""#.to_string() + "\u{0}null"),
+            Some(r#""usage""#.to_string() + "\u{0}{\"prompt_tokens\":3,\"completion_tokens\":1}"),
+            Some(r#""usage""#.to_string() + "\u{0}0"),
+        ]);
+        let choices = prop::sample::select(vec![
+            None,
+            Some("[]"),
+            Some("[ ]"),
+            Some(r#"[{"index":0,"delta":{"content":"\"usage\":null, }"}}]"#),
+        ]);
+        let others = prop::sample::subsequence(
+            vec![
+                r#""id""#.to_string() + "\u{0}\"chatcmpl-1\"",
+                r#""model""#.to_string() + "\u{0}\"gpt-4o\"",
+                r#""created""#.to_string() + "\u{0}1764547200",
+                r#""x""#.to_string() + "\u{0}{\"usage\":null,\"a\":[1,{\"usage\":null}]}",
+                r#""note""#.to_string() + "\u{0}\",\\\"usage\\\":null,\"",
+                r#""k\"ey""#.to_string() + "\u{0}null",
+            ],
+            0..=6,
+        );
+        (usage, choices, others)
+            .prop_flat_map(move |(u, c, mut o)| {
+                o.extend(u);
+                o.extend(c.map(|c| r#""choices""#.to_string() + "\u{0}" + c));
+                let n = o.len();
+                (
+                    Just(o).prop_shuffle(),
+                    prop::collection::vec(ws(), 4 * n + 2),
+                )
+            })
+            .prop_map(|(members, blanks)| {
+                let mut b = blanks.into_iter();
+                let mut out = format!("{{{}", b.next().unwrap());
+                for (i, m) in members.iter().enumerate() {
+                    let (k, v) = m.split_once('\u{0}').unwrap();
+                    if i > 0 {
+                        out.push(',');
+                        out.push_str(b.next().unwrap());
+                    }
+                    out.push_str(k);
+                    out.push_str(b.next().unwrap());
+                    out.push(':');
+                    out.push_str(b.next().unwrap());
+                    out.push_str(v);
+                    out.push_str(b.next().unwrap());
+                }
+                out.push('}');
+                out
+            })
+    }
+
+    proptest! {
+        /// The filter against the document model: an injected usage chunk
+        /// (usage object, no choices) is dropped; a `usage: null` member is
+        /// cut out, leaving the document otherwise equal and every other
+        /// byte as it was; anything else passes unchanged.
+        #[test]
+        fn filter_cuts_exactly_the_usage_member(data in chunk_data()) {
+            let event = format!("data: {data}\n\n");
+            let out = filtered(event.as_bytes(), &[]);
+            let doc: Value = serde_json::from_str(&data).expect("generated JSON");
+            let usage = doc.get("usage");
+            let no_choices = doc.get("choices").and_then(Value::as_array).is_some_and(Vec::is_empty);
+            if usage.is_some_and(Value::is_object) && no_choices {
+                prop_assert!(out.is_empty(), "kept {event:?}");
+            } else if usage == Some(&Value::Null) {
+                let text = String::from_utf8(out).unwrap();
+                let new_data = text.strip_prefix("data: ").and_then(|t| t.strip_suffix("\n\n")).unwrap();
+                let mut want = doc.clone();
+                want.as_object_mut().unwrap().remove("usage");
+                let got: Value = serde_json::from_str(new_data)
+                    .map_err(|e| TestCaseError::fail(format!("{e}: {new_data:?}")))?;
+                prop_assert_eq!(got, want);
+                // One contiguous cut: a prefix and a suffix of the original.
+                let p = data.bytes().zip(new_data.bytes()).take_while(|(a, b)| a == b).count();
+                prop_assert!(data.ends_with(&new_data[p..]), "{data:?} -> {new_data:?}");
+            } else {
+                prop_assert_eq!(String::from_utf8(out).unwrap(), event);
+            }
+        }
     }
 
     proptest! {
