@@ -3,8 +3,8 @@
 //! Fed from the data path: [`LiveState`] is a [`RecordSink`] (one call per
 //! finished request) and [`LiveHandle::request_started`] hands the proxy an
 //! [`InFlight`] guard per request. Both only take a short `std` mutex over
-//! in-memory maps: no I/O, no await, no allocation but a new row and its keys (rows are
-//! found with keys borrowed from the attribution).
+//! in-memory maps: no I/O, no await, and no allocation except for a new row
+//! (rows are found with keys borrowed from the attribution).
 //!
 //! Bounded: a row that has nothing in flight and has not changed for
 //! [`IDLE_EVICT`] is dropped (checked at most every [`SWEEP_EVERY`]); when a

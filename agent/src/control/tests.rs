@@ -127,6 +127,9 @@ fn in_flight_guard_counts_until_dropped() {
     drop(a);
     b.finish();
     let s = live.snapshot();
+    // Started, recorded and finished on the same rows (the borrowed
+    // lookup keys hash like the owned ones).
+    assert_eq!((s.processes.len(), s.jobs.len()), (1, 1), "{s:?}");
     assert_eq!(s.totals.in_flight, 0);
     assert_eq!(s.processes[0].agg.in_flight, 0);
     assert_eq!(s.processes[0].agg.requests, 1);

@@ -97,6 +97,54 @@ pub(crate) fn present_member<'de, D: serde::Deserializer<'de>>(
     <Value as serde::Deserialize>::deserialize(d).map(Some)
 }
 
+/// The `Visitor` methods of a lenient member for the JSON values it does
+/// not take: each reads as `Default` (nothing), arrays and objects are
+/// skipped without being built.
+macro_rules! lenient_visits {
+    ($($kind:ident),*) => {
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("any JSON value")
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+            Ok(Default::default())
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+            Ok(Default::default())
+        }
+        fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+            Ok(Default::default())
+        }
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok(Default::default())
+        }
+        fn visit_none<E>(self) -> Result<Self::Value, E> {
+            Ok(Default::default())
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<Self::Value, A::Error> {
+            while a.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+            Ok(Default::default())
+        }
+        $(lenient_visits!(@ $kind);)*
+    };
+    (@ integers) => {
+        fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+            Ok(Default::default())
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+            Ok(Default::default())
+        }
+    };
+    (@ objects) => {
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut a: A) -> Result<Self::Value, A::Error> {
+            while a
+                .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+                .is_some()
+            {}
+            Ok(Default::default())
+        }
+    };
+}
+
 /// A JSON number member read leniently: a non-negative integer is
 /// `Some`, any other JSON value (a string, a float, an object...) is
 /// `None` and skipped without being built. An unexpected type loses only
@@ -109,43 +157,15 @@ impl<'de> serde::Deserialize<'de> for Count {
         struct V;
         impl<'de> serde::de::Visitor<'de> for V {
             type Value = Count;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("any JSON value")
-            }
+            lenient_visits!(objects);
             fn visit_u64<E>(self, v: u64) -> Result<Count, E> {
                 Ok(Count(Some(v)))
             }
             fn visit_i64<E>(self, v: i64) -> Result<Count, E> {
                 Ok(Count(u64::try_from(v).ok()))
             }
-            fn visit_f64<E>(self, _: f64) -> Result<Count, E> {
-                Ok(Count(None))
-            }
-            fn visit_bool<E>(self, _: bool) -> Result<Count, E> {
-                Ok(Count(None))
-            }
-            fn visit_str<E>(self, _: &str) -> Result<Count, E> {
-                Ok(Count(None))
-            }
-            fn visit_unit<E>(self) -> Result<Count, E> {
-                Ok(Count(None))
-            }
-            fn visit_none<E>(self) -> Result<Count, E> {
-                Ok(Count(None))
-            }
             fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Count, D::Error> {
                 <Count as serde::Deserialize>::deserialize(d)
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<Count, A::Error> {
-                while a.next_element::<serde::de::IgnoredAny>()?.is_some() {}
-                Ok(Count(None))
-            }
-            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut a: A) -> Result<Count, A::Error> {
-                while a
-                    .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
-                    .is_some()
-                {}
-                Ok(Count(None))
             }
         }
         d.deserialize_any(V)
@@ -169,9 +189,7 @@ impl<'de, T: serde::Deserialize<'de>> serde::Deserialize<'de> for ObjectOr<T> {
         struct V<T>(std::marker::PhantomData<T>);
         impl<'de, T: serde::Deserialize<'de>> serde::de::Visitor<'de> for V<T> {
             type Value = ObjectOr<T>;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("any JSON value")
-            }
+            lenient_visits!(integers);
             fn visit_map<A: serde::de::MapAccess<'de>>(
                 self,
                 a: A,
@@ -184,34 +202,6 @@ impl<'de, T: serde::Deserialize<'de>> serde::Deserialize<'de> for ObjectOr<T> {
                 d: D,
             ) -> Result<Self::Value, D::Error> {
                 <ObjectOr<T> as serde::Deserialize>::deserialize(d)
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(
-                self,
-                mut a: A,
-            ) -> Result<Self::Value, A::Error> {
-                while a.next_element::<serde::de::IgnoredAny>()?.is_some() {}
-                Ok(ObjectOr(None))
-            }
-            fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
-                Ok(ObjectOr(None))
-            }
-            fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
-                Ok(ObjectOr(None))
-            }
-            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
-                Ok(ObjectOr(None))
-            }
-            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
-                Ok(ObjectOr(None))
-            }
-            fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
-                Ok(ObjectOr(None))
-            }
-            fn visit_unit<E>(self) -> Result<Self::Value, E> {
-                Ok(ObjectOr(None))
-            }
-            fn visit_none<E>(self) -> Result<Self::Value, E> {
-                Ok(ObjectOr(None))
             }
         }
         d.deserialize_any(V(std::marker::PhantomData))
