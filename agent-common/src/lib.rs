@@ -119,7 +119,8 @@ pub mod stat {
     pub const OTHER_NETNS: u32 = 1;
     /// The agent's own connects to providers, left untouched.
     pub const AGENT_SELF: u32 = 2;
-    /// UDP connects to provider addresses refused (QUIC falls back to TCP).
+    /// UDP to provider addresses refused, connected or sent to (QUIC falls
+    /// back to TCP).
     pub const UDP_REFUSED: u32 = 3;
     /// Origins re-keyed by the client's local port in sock_ops.
     pub const REKEYED: u32 = 4;
@@ -127,6 +128,8 @@ pub mod stat {
     pub const MAP_ERRORS: u32 = 5;
     /// getpeername calls answered with the dialed address.
     pub const PEERNAME_RESTORED: u32 = 6;
+    /// Origins forgotten when their socket was released.
+    pub const FORGOTTEN: u32 = 7;
     pub const COUNT: u32 = 8;
 }
 

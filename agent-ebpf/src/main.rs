@@ -23,7 +23,7 @@ use agent_common::{
 };
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::{BPF_ANY, BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock_addr, bpf_sock_ops},
+    bindings::{BPF_ANY, BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock, bpf_sock_addr, bpf_sock_ops},
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
         bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_get_socket_cookie,
@@ -306,6 +306,16 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<u32, i64> {
     if rd(unsafe { addr_of!((*ops).op) }) != BPF_SOCK_OPS_TCP_CONNECT_CB {
         return Ok(1);
     }
+    // A redirected socket is connecting to the agent's port: every other
+    // connect leaves here, before the cookie and the map lookup.
+    let Some(cfg) = config() else {
+        return Ok(1);
+    };
+    // remote_port holds the network-order port in its upper 16 bits.
+    let remote_port = u16::from_be((rd(unsafe { addr_of!((*ops).remote_port) }) >> 16) as u16);
+    if remote_port != cfg.listen_port {
+        return Ok(1);
+    }
     // SAFETY: helper valid in sock_ops programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: copied out at once.
@@ -390,10 +400,24 @@ pub fn tollgate_sock_release(ctx: SockContext) -> i32 {
 
 #[inline(always)]
 fn try_sock_release(ctx: &SockContext) -> Result<i32, i64> {
+    // Only a socket connected to the agent's port can have been redirected;
+    // every other socket leaves here, before the cookie (which the helper
+    // would otherwise assign) and the map delete (a bucket lock).
+    let Some(cfg) = config() else {
+        return Ok(ALLOW);
+    };
+    let sk: *mut bpf_sock = ctx.sock;
+    // SAFETY: `sk` is the kernel's context; a 2-byte read of dst_port.
+    let dst_port = u16::from_be(unsafe { read_volatile(addr_of!((*sk).dst_port)) });
+    if dst_port != cfg.listen_port {
+        return Ok(ALLOW);
+    }
     // SAFETY: helper valid in cgroup_sock programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // Absent for every socket that was not redirected: that is fine.
-    let _ = ORIGIN_BY_COOKIE.remove(cookie);
+    // Absent for a socket that was not redirected: that is fine.
+    if ORIGIN_BY_COOKIE.remove(cookie).is_ok() {
+        count(stat::FORGOTTEN);
+    }
     Ok(ALLOW)
 }
 

@@ -366,6 +366,9 @@ fn redirects_v4_restores_peername_refuses_udp_and_fails_open() {
     let after = intercept.stats();
     assert_eq!(after.redirected - before.redirected, 1, "{after:?}");
     assert_eq!(after.rekeyed - before.rekeyed, 1, "{after:?}");
+    // The redirected socket's origin was forgotten when the client closed
+    // it (and no other socket's, none having been redirected).
+    assert_eq!(after.forgotten - before.forgotten, 1, "{after:?}");
     assert_eq!(after.udp_refused - before.udp_refused, 2, "{after:?}");
     assert_eq!(after.other_netns - before.other_netns, 1, "{after:?}");
     assert!(

@@ -80,6 +80,8 @@ pub struct InterceptStats {
     pub map_errors: u64,
     /// `getpeername()` calls answered with the dialed address.
     pub peername_restored: u64,
+    /// Origins forgotten when their socket was released.
+    pub forgotten: u64,
 }
 
 /// The provider map and what user space last put in it.
@@ -217,6 +219,7 @@ impl Intercept {
             rekeyed: get(stat::REKEYED),
             map_errors: get(stat::MAP_ERRORS),
             peername_restored: get(stat::PEERNAME_RESTORED),
+            forgotten: get(stat::FORGOTTEN),
         }
     }
 

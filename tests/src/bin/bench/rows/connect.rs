@@ -1,26 +1,49 @@
 //! Row 5: what the cgroup programs cost a connection that is not to a
 //! provider. A client in the clients cgroup runs a tight loop of
 //! socket / connect / close (SO_LINGER 0, so no TIME_WAIT piles up) against
-//! a loopback listener of its own, in batches; phases alternate between the
-//! agent running (programs attached to the cgroup: connect4, sock_ops,
-//! sock_release run on every connection) and the agent stopped (nothing
-//! attached). Figure: median time per connect over the batches.
+//! a loopback listener of its own, in batches, for the whole row. Meanwhile
+//! the bench attaches the agent's programs to that cgroup and detaches them
+//! again every [`WINDOW`], through the agent's own intercept module (the
+//! code `tollgate run` uses; connect4/6, sendmsg4/6, getpeername4/6,
+//! sock_ops and sock_release, with the provider address in the target
+//! map). Each batch is classed by the state it ran in from start to end
+//! (batches that straddle an attach or a detach are dropped); each pair of
+//! adjacent windows gives a ratio of median batches, and the figure is the
+//! median ratio. Windows a fraction of a second apart see the same host,
+//! so its drift, which swung phase-long comparisons by tens of percent,
+//! cancels out.
 
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
+use tollgate::intercept::{Intercept, InterceptSettings};
 
 use super::Row;
 use crate::env::Env;
 use crate::report::{Figure, Goal};
-use crate::stats::{floats, median, quantile};
+use crate::stats::{median, quantile};
 
 pub struct Connect;
 
 /// connect() at most this much slower with the programs attached (%).
 const MAX_OVERHEAD: f64 = 3.0;
-const BATCH: u64 = 1000;
+const BATCH: u64 = 200;
+/// How long the programs stay attached, then detached.
+const WINDOW: Duration = Duration::from_millis(400);
+
+/// CLOCK_MONOTONIC in ns: the same clock in the bench and the client.
+fn mono_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
 
 impl Row for Connect {
     fn id(&self) -> &'static str {
@@ -32,51 +55,95 @@ impl Row for Connect {
     }
 
     fn run(&self, env: &mut Env) -> Result<Vec<Figure>> {
-        let (pairs, iterations) = if env.quick { (3, 15_000) } else { (6, 30_000) };
-        let spec = json!({"iterations": iterations, "batch": BATCH, "max_secs": 60});
-        // Per pair of adjacent phases (order D A, A D, D A, ...): the
-        // median batch of each, and their ratio; drift between pairs
-        // cancels out of the ratios.
-        let mut medians = [Vec::new(), Vec::new()];
-        let mut ratios = Vec::new();
-        let mut batches = 0;
-        for p in 0..pairs {
-            let order = if p % 2 == 0 {
-                [false, true]
-            } else {
-                [true, false]
-            };
-            let mut m = [0f64; 2];
-            for attached in order {
-                if attached {
-                    env.ensure_agent()?;
-                } else {
-                    env.stop_agent();
-                }
-                let out = env
-                    .spawn_client(self.id(), &spec)?
-                    .finish(Duration::from_secs(120))?;
-                let b = floats(&out["ns_per_connect"]);
-                batches += b.len();
-                m[usize::from(attached)] = median(&b);
-            }
-            medians[0].push(m[0]);
-            medians[1].push(m[1]);
-            ratios.push(m[1] / m[0]);
-        }
+        let secs = if env.quick { 12 } else { 40 };
+        // Nothing else attached to the clients cgroup meanwhile.
         env.stop_agent();
-        let (d, a) = (median(&medians[0]), median(&medians[1]));
-        let spread = |v: &[f64]| {
-            format!(
-                "{:.1}..{:.1} %",
-                100.0 * (quantile(v, 0.0) - 1.0),
-                100.0 * (quantile(v, 1.0) - 1.0)
-            )
+        let settings = InterceptSettings {
+            cgroup: env.clients.path().to_path_buf(),
+            listen_v4: Ipv4Addr::LOCALHOST,
+            // Only provider connects would go there; the client makes none.
+            listen_port: 9,
         };
+        let targets = BTreeSet::from([env.provider]);
+        let spec = json!({"secs": secs, "batch": BATCH});
+        let mut client = env.spawn_client(self.id(), &spec)?;
+        // The client's first line: it is listening and about to loop.
+        client.next(Duration::from_secs(30))?;
+        // [begin, end) of each attached span, as the bench saw it: from
+        // before the first program is attached to after the last one is
+        // detached.
+        let mut attached: Vec<(u64, u64)> = Vec::new();
+        while !client.exited() {
+            let begin = mono_ns();
+            let intercept = Intercept::attach(&settings).context("attaching the programs")?;
+            intercept
+                .set_targets(&targets)
+                .context("writing the target map")?;
+            std::thread::sleep(WINDOW);
+            drop(intercept);
+            // Loading and attaching count as attached time for classing,
+            // so a batch that overlaps them is dropped, not misfiled.
+            attached.push((begin, mono_ns()));
+            std::thread::sleep(WINDOW);
+        }
+        let out = client.finish(Duration::from_secs(30))?;
+        let batches: Vec<[f64; 3]> =
+            serde_json::from_value(out["batches"].clone()).context("the client's batches")?;
+        // Windows in time order: (attached?, ns per connect of each batch).
+        let mut windows: Vec<(bool, Vec<f64>)> = Vec::new();
+        let state = |t: f64| attached.iter().any(|&(b, e)| t >= b as f64 && t < e as f64);
+        let mut dropped = 0;
+        for [t0, t1, ns] in &batches {
+            let (a, b) = (state(*t0), state(*t1));
+            // Straddles a change (or a whole short span).
+            let crossed = attached.iter().any(|&(b0, e0)| {
+                (*t0 < b0 as f64 && *t1 >= b0 as f64) || (*t0 < e0 as f64 && *t1 >= e0 as f64)
+            });
+            if a != b || crossed {
+                dropped += 1;
+                continue;
+            }
+            match windows.last_mut() {
+                Some((s, v)) if *s == a => v.push(*ns),
+                _ => windows.push((a, vec![*ns])),
+            }
+        }
+        let medians: Vec<(bool, f64)> = windows
+            .iter()
+            .filter(|(_, v)| !v.is_empty())
+            .map(|(s, v)| (*s, median(v)))
+            .collect();
+        // Each attached window against the detached window before it.
+        let ratios: Vec<f64> = medians
+            .windows(2)
+            .filter(|w| !w[0].0 && w[1].0)
+            .map(|w| w[1].1 / w[0].1)
+            .collect();
+        if ratios.len() < 3 {
+            bail!(
+                "only {} attached/detached window pairs in {} batches",
+                ratios.len(),
+                batches.len()
+            );
+        }
+        let of = |attached: bool| {
+            let v: Vec<f64> = medians
+                .iter()
+                .filter(|m| m.0 == attached)
+                .map(|m| m.1)
+                .collect();
+            median(&v)
+        };
+        let (d, a) = (of(false), of(true));
+        let spread = format!(
+            "{:.1}..{:.1} %",
+            100.0 * (quantile(&ratios, 0.0) - 1.0),
+            100.0 * (quantile(&ratios, 1.0) - 1.0)
+        );
         Ok(vec![
             Figure::info("detached: connect+close", d / 1000.0, "us").note(format!(
-                "{batches} batches of {BATCH} in {} phases",
-                2 * pairs
+                "{} batches of {BATCH} over {secs} s, {dropped} dropped across an attach or detach",
+                batches.len()
             )),
             Figure::info("attached: connect+close", a / 1000.0, "us"),
             Figure::goal(
@@ -86,16 +153,16 @@ impl Row for Connect {
                 Goal::AtMost(MAX_OVERHEAD),
             )
             .note(format!(
-                "median of {pairs} adjacent-phase pairs; pairs ranged {}",
-                spread(&ratios)
+                "median of {} pairs of adjacent {} ms windows; pairs ranged {spread}",
+                ratios.len(),
+                WINDOW.as_millis()
             )),
         ])
     }
 
     fn client(&self, spec: Value, emit: &mut dyn FnMut(Value)) -> Result<()> {
-        let iterations = spec["iterations"].as_u64().unwrap_or(10_000);
+        let secs = spec["secs"].as_u64().unwrap_or(10);
         let batch = spec["batch"].as_u64().unwrap_or(BATCH).max(1);
-        let max = Duration::from_secs(spec["max_secs"].as_u64().unwrap_or(30));
         let (listener, addr) = listen()?;
         // The accept side only drains the queue; it never blocks connect().
         std::thread::spawn(move || {
@@ -107,22 +174,22 @@ impl Row for Connect {
                 }
             }
         });
-        let deadline = Instant::now() + max;
-        // The first batch warms caches up and is not reported.
+        // Warm up, then tell the bench the loop starts.
+        for _ in 0..batch {
+            connect_close(&addr)?;
+        }
+        emit(json!({"ready": true}));
+        let deadline = Instant::now() + Duration::from_secs(secs);
         let mut out = Vec::new();
-        for b in 0..=(iterations / batch) {
-            if Instant::now() > deadline {
-                break;
-            }
-            let t = Instant::now();
+        while Instant::now() < deadline {
+            let t0 = mono_ns();
             for _ in 0..batch {
                 connect_close(&addr)?;
             }
-            if b > 0 {
-                out.push(t.elapsed().as_nanos() as f64 / batch as f64);
-            }
+            let t1 = mono_ns();
+            out.push([t0 as f64, t1 as f64, (t1 - t0) as f64 / batch as f64]);
         }
-        emit(json!({"ns_per_connect": out}));
+        emit(json!({"batches": out}));
         Ok(())
     }
 }
