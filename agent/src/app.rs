@@ -179,23 +179,33 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     // Exporters get the records through the same sink as the ledger; their
     // health view reads the proxy's counters once the proxy exists.
     let proxy_slot = Arc::new(std::sync::OnceLock::<std::sync::Weak<ProxyState>>::new());
+    let intercept_slot = Arc::new(std::sync::OnceLock::<std::sync::Weak<Intercept>>::new());
     let health: crate::export::HealthFn = {
         let slot = proxy_slot.clone();
+        let kernel = intercept_slot.clone();
         let ledger = ledger.clone();
-        // The last counters seen, so the final export after the proxy is
-        // gone still reports them.
-        let last = std::sync::Mutex::new(crate::proxy::ProxyStatsSnapshot::default());
+        // The last counters seen, so the final export after the proxy and
+        // the programs are gone still reports them.
+        let last = std::sync::Mutex::new((
+            crate::proxy::ProxyStatsSnapshot::default(),
+            crate::intercept::InterceptStats::default(),
+        ));
         Arc::new(move || {
             let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(s) = slot.get().and_then(std::sync::Weak::upgrade) {
-                *last = s.stats.snapshot();
+                last.0 = s.stats.snapshot();
             }
-            let p = *last;
+            if let Some(i) = kernel.get().and_then(std::sync::Weak::upgrade) {
+                last.1 = i.stats();
+            }
+            let (p, k) = *last;
             let l = ledger.stats();
             crate::export::HealthSnapshot {
                 connections_intercepted: p.intercepted,
                 connections_passthrough: p.passthrough + p.passthrough_untrusted,
                 connections_refused: p.refused_no_origin,
+                connections_other_netns: k.other_netns,
+                connections_udp_refused: k.udp_refused,
                 ledger_written: l.written,
                 ledger_queued: l.queued,
                 ledger_errors: l.errors,
@@ -242,6 +252,7 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         listen_v4: Ipv4Addr::LOCALHOST,
         listen_port: port,
     })?);
+    let _ = intercept_slot.set(Arc::downgrade(&intercept));
 
     let overrides = parse_overrides(&cfg);
     let initial = resolver::resolve_targets(&host_names, &overrides, &BTreeMap::new()).await;

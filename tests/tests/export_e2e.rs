@@ -41,6 +41,14 @@ for _ in o.chat.completions.create(model="gpt-4o-mini", max_tokens=7, stream=Tru
     pass
 a = anthropic.Anthropic(api_key="sk-ant-test", max_retries=0)
 a.messages.create(model="claude-sonnet-4-5", max_tokens=4, messages=[{"role": "user", "content": "h i"}])
+# QUIC's first datagram to the provider is refused (and counted).
+import socket
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+try:
+    u.sendto(b"quic initial", ("api.openai.com", 443))
+    raise SystemExit("UDP to the provider was not refused")
+except PermissionError:
+    pass
 "#,
         ),
         "python clients",
@@ -155,14 +163,22 @@ a.messages.create(model="claude-sonnet-4-5", max_tokens=4, messages=[{"role": "u
         (cost - ledger_cost).abs() < 1e-9,
         "exported {cost} vs ledger {ledger_cost}"
     );
-    assert!(
+    let own = |name: &str| {
         points
             .iter()
-            .any(|p| p.name == "tollgate.connections.intercepted"
-                && p.value.number().unwrap_or(0.0) >= 1.0),
-        "own metrics: {:?}",
-        points.iter().map(|p| &p.name).collect::<Vec<_>>()
-    );
+            .find(|p| p.name == name)
+            .and_then(|p| p.value.number())
+            .unwrap_or_else(|| {
+                panic!(
+                    "{name} missing: {:?}",
+                    points.iter().map(|p| &p.name).collect::<Vec<_>>()
+                )
+            })
+    };
+    assert!(own("tollgate.connections.intercepted") >= 1.0);
+    // The kernel programs' counts, read from the agent's own maps.
+    assert_eq!(own("tollgate.connections.udp_refused"), 1.0);
+    assert_eq!(own("tollgate.connections.other_netns"), 0.0);
     drop(w);
     drop(rt);
 }

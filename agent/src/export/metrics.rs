@@ -296,6 +296,22 @@ pub(crate) fn register_health(meter: &Meter, health: HealthFn, shared: Arc<Share
         .build();
     let h = health.clone();
     let _ = meter
+        .u64_observable_counter(sc::M_CONN_OTHER_NETNS)
+        .with_unit("{connection}")
+        .with_description(
+            "Provider connects from another network namespace, left untouched (not metered).",
+        )
+        .with_callback(move |o| o.observe(h().connections_other_netns, &[]))
+        .build();
+    let h = health.clone();
+    let _ = meter
+        .u64_observable_counter(sc::M_CONN_UDP_REFUSED)
+        .with_unit("{connection}")
+        .with_description("UDP to provider addresses refused (QUIC falls back to TCP).")
+        .with_callback(move |o| o.observe(h().connections_udp_refused, &[]))
+        .build();
+    let h = health.clone();
+    let _ = meter
         .u64_observable_counter(sc::M_LEDGER_RECORDS)
         .with_unit("{record}")
         .with_description("Usage records written to the ledger.")

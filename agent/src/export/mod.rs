@@ -62,6 +62,12 @@ pub struct HealthSnapshot {
     pub connections_passthrough: u64,
     /// Connections closed because no origin record existed.
     pub connections_refused: u64,
+    /// Provider connects from another network namespace (a container with
+    /// its own network), left untouched and so not metered (kernel count).
+    pub connections_other_netns: u64,
+    /// UDP to provider addresses refused, so that QUIC clients fall back
+    /// to TCP (kernel count).
+    pub connections_udp_refused: u64,
     /// Records committed to the ledger.
     pub ledger_written: u64,
     /// Records accepted by the ledger but not yet committed.
