@@ -67,6 +67,8 @@ fn exported() -> BTreeSet<String> {
         (sc::M_CONN_INTERCEPTED, "{connection}", Kind::Counter),
         (sc::M_CONN_PASSTHROUGH, "{connection}", Kind::Counter),
         (sc::M_CONN_REFUSED, "{connection}", Kind::Counter),
+        (sc::M_CONN_OTHER_NETNS, "{connection}", Kind::Counter),
+        (sc::M_CONN_UDP_REFUSED, "{connection}", Kind::Counter),
         (sc::M_EXPORT_DROPPED, "{record}", Kind::Counter),
         (sc::M_LEDGER_ERRORS, "{error}", Kind::Counter),
     ];
