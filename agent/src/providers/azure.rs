@@ -8,10 +8,11 @@
 //! the request model is the body's `model` when present, else the
 //! deployment name from the path.
 //!
-//! Requests are never rewritten (no injected `stream_options`): API
-//! versions before 2024-09-01-preview refuse the parameter, and the
-//! rewrite cannot see the `api-version` query. A stream whose client did
-//! not ask for usage is estimated.
+//! A stream whose client did not ask for usage gets
+//! `stream_options.include_usage` added, as with OpenAI, when the API can
+//! take it: the v1 API, and `api-version` 2024-09-01-preview or later.
+//! Older versions refuse the parameter, so those requests are forwarded
+//! unchanged and their streams' usage is estimated.
 
 use http::HeaderMap;
 
@@ -35,6 +36,32 @@ fn deployment(path: &str) -> Option<String> {
     )
 }
 
+/// The first API version that takes `stream_options` (as a date prefix).
+const STREAM_OPTIONS_SINCE: &str = "2024-09-01";
+
+/// Whether the API the request names takes `stream_options`: the v1 API
+/// does; a deployments path does from `api-version` 2024-09-01(-preview)
+/// on. A missing or unreadable version does not.
+fn takes_stream_options(path: &str, query: Option<&str>) -> bool {
+    if path.starts_with("/openai/v1/") {
+        return true;
+    }
+    let Some(version) = query
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .find_map(|kv| kv.strip_prefix("api-version="))
+    else {
+        return false;
+    };
+    let date = version.get(..10).unwrap_or("");
+    let well_formed = date.len() == 10
+        && date.bytes().enumerate().all(|(i, b)| match i {
+            4 | 7 => b == b'-',
+            _ => b.is_ascii_digit(),
+        });
+    well_formed && date >= STREAM_OPTIONS_SINCE
+}
+
 impl Provider for AzureOpenAi {
     fn name(&self) -> &'static str {
         "azure-openai"
@@ -45,7 +72,16 @@ impl Provider for AzureOpenAi {
         if info.metered && info.model.is_none() {
             info.model = deployment(req.path);
         }
+        info.refuses_stream_options = !takes_stream_options(req.path, req.query);
         info
+    }
+
+    fn rewrite_request(&self, info: &mut RequestInfo, body: &[u8]) -> Option<bytes::Bytes> {
+        OpenAi.rewrite_request(info, body)
+    }
+
+    fn response_filter(&self, info: &RequestInfo) -> Option<Box<dyn super::BodyFilter>> {
+        OpenAi.response_filter(info)
     }
 
     fn response_parser(
@@ -97,6 +133,51 @@ mod tests {
 
     fn parse(ct: &str, body: &[u8], splits: &[usize]) -> ParsedUsage {
         parse_split(&AzureOpenAi, &info("chat"), ct, body, splits)
+    }
+
+    #[test]
+    fn include_usage_is_added_only_where_the_api_version_takes_it() {
+        let body = br#"{"messages":[{"role":"user","content":"hi"}],"stream":true}"#;
+        let chat = "/openai/deployments/gpt-4o-prod/chat/completions";
+        for (path, query, takes) in [
+            (chat, Some("api-version=2024-10-21"), true),
+            (chat, Some("api-version=2024-09-01-preview"), true),
+            (chat, Some("x=1&api-version=2025-04-01-preview"), true),
+            (chat, Some("api-version=2024-08-01-preview"), false),
+            (chat, Some("api-version=2024-06-01"), false),
+            (chat, Some("api-version=latest"), false),
+            (chat, Some("api-version=2024-1x-21"), false),
+            (chat, None, false),
+            ("/openai/v1/chat/completions", None, true),
+            (
+                "/openai/v1/chat/completions",
+                Some("api-version=preview"),
+                true,
+            ),
+        ] {
+            let mut view = request("POST", path, body);
+            view.query = query;
+            let mut info = AzureOpenAi.request(&view);
+            assert_eq!(info.refuses_stream_options, !takes, "{path}?{query:?}");
+            let out = AzureOpenAi.rewrite_request(&mut info, body);
+            assert_eq!(out.is_some(), takes, "{path}?{query:?}");
+            assert_eq!(info.injected_usage, takes, "{path}?{query:?}");
+            assert_eq!(
+                AzureOpenAi.response_filter(&info).is_some(),
+                takes,
+                "{path}?{query:?}"
+            );
+            if let Some(out) = out {
+                let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+                assert_eq!(v["stream_options"]["include_usage"], true);
+                assert_eq!(v["messages"][0]["content"], "hi");
+            }
+        }
+        // Not streaming: never rewritten.
+        let mut view = request("POST", chat, br#"{"messages":[]}"#);
+        view.query = Some("api-version=2024-10-21");
+        let mut info = AzureOpenAi.request(&view);
+        assert!(AzureOpenAi.rewrite_request(&mut info, b"{}").is_none());
     }
 
     #[test]

@@ -58,6 +58,9 @@ pub struct RequestInfo {
     /// the adapter read it: lets the usage request be spliced in without a
     /// second scan of the body.
     pub stream_options: StreamOptions,
+    /// The API version the request names refuses `stream_options` (Azure
+    /// OpenAI before 2024-09-01-preview): usage must not be asked for.
+    pub refuses_stream_options: bool,
 }
 
 /// What a request body's top-level `stream_options` member is.

@@ -109,11 +109,15 @@ impl Provider for OpenAi {
             max_output_tokens: max_out,
             injected_usage: false,
             stream_options,
+            refuses_stream_options: false,
         }
     }
 
     fn rewrite_request(&self, info: &mut RequestInfo, body: &[u8]) -> Option<bytes::Bytes> {
-        if !info.streaming || !matches!(info.operation, "chat" | "text_completion") {
+        if !info.streaming
+            || !matches!(info.operation, "chat" | "text_completion")
+            || info.refuses_stream_options
+        {
             return None;
         }
         // Usually the client names no `stream_options` (`request` read that
