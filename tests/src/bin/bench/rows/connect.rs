@@ -91,28 +91,24 @@ impl Row for Connect {
             serde_json::from_value(out["batches"].clone()).context("the client's batches")?;
         // Windows in time order: (attached?, ns per connect of each batch).
         let mut windows: Vec<(bool, Vec<f64>)> = Vec::new();
-        let state = |t: f64| attached.iter().any(|&(b, e)| t >= b as f64 && t < e as f64);
         let mut dropped = 0;
-        for [t0, t1, ns] in &batches {
-            let (a, b) = (state(*t0), state(*t1));
-            // Straddles a change (or a whole short span).
-            let crossed = attached.iter().any(|&(b0, e0)| {
-                (*t0 < b0 as f64 && *t1 >= b0 as f64) || (*t0 < e0 as f64 && *t1 >= e0 as f64)
-            });
-            if a != b || crossed {
+        for &[t0, t1, ns] in &batches {
+            // A batch with an attach or a detach inside it is dropped; the
+            // others ran in one state throughout, the one at their start.
+            let mut changes = attached.iter().flat_map(|&(b, e)| [b as f64, e as f64]);
+            if changes.any(|c| t0 < c && c <= t1) {
                 dropped += 1;
                 continue;
             }
+            let on = attached
+                .iter()
+                .any(|&(b, e)| t0 >= b as f64 && t0 < e as f64);
             match windows.last_mut() {
-                Some((s, v)) if *s == a => v.push(*ns),
-                _ => windows.push((a, vec![*ns])),
+                Some((s, v)) if *s == on => v.push(ns),
+                _ => windows.push((on, vec![ns])),
             }
         }
-        let medians: Vec<(bool, f64)> = windows
-            .iter()
-            .filter(|(_, v)| !v.is_empty())
-            .map(|(s, v)| (*s, median(v)))
-            .collect();
+        let medians: Vec<(bool, f64)> = windows.iter().map(|(s, v)| (*s, median(v))).collect();
         // Each attached window against the detached window before it.
         let ratios: Vec<f64> = medians
             .windows(2)
