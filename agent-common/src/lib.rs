@@ -17,8 +17,7 @@ pub const MAX_TARGETS: u32 = 16_384;
 pub const MAX_ORIGINS: u32 = 65_536;
 
 /// An address and port as a socket sees it. Key of `PROVIDER_TARGETS` (the
-/// destination a client dials) and of `ORIGINS` (the client's own local
-/// address and port, which the proxy sees as the peer after `accept()`).
+/// destination a client dials).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct AddrPort {
@@ -60,8 +59,7 @@ pub mod target_flags {
 }
 
 /// What the connect hook learned about the process that dialed a provider.
-/// Value of `ORIGIN_BY_COOKIE` (by socket cookie) and of `ORIGINS` (by the
-/// client's local address, after the sock_ops program re-keys it).
+/// Value of `ORIGIN_BY_COOKIE` (by the client socket's cookie).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Origin {
@@ -122,15 +120,11 @@ pub mod stat {
     /// UDP to provider addresses refused, connected or sent to (QUIC falls
     /// back to TCP).
     pub const UDP_REFUSED: u32 = 3;
-    /// Origins re-keyed by the client's local port in sock_ops.
-    pub const REKEYED: u32 = 4;
     /// Map updates that failed (the connect was allowed untouched).
-    pub const MAP_ERRORS: u32 = 5;
+    pub const MAP_ERRORS: u32 = 4;
     /// getpeername calls answered with the dialed address.
-    pub const PEERNAME_RESTORED: u32 = 6;
-    /// Origins forgotten when their socket was released.
-    pub const FORGOTTEN: u32 = 7;
-    pub const COUNT: u32 = 8;
+    pub const PEERNAME_RESTORED: u32 = 5;
+    pub const COUNT: u32 = 6;
 }
 
 #[cfg(feature = "user")]

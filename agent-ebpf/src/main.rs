@@ -2,16 +2,18 @@
 //! directory.
 //!
 //! Owns: redirecting TCP connects to provider addresses to the agent's
-//! loopback listener, remembering who dialed what (by socket cookie, then by
-//! the client's local address and port), answering `getpeername()` with the
-//! dialed address, refusing UDP to provider addresses (connected or sent
-//! to with `sendto`/`sendmsg`: QUIC falls back to TCP), and forgetting
-//! origins when sockets are released.
+//! loopback listener, remembering who dialed what (by socket cookie: the
+//! agent finds the client socket's cookie from the accepted connection's
+//! four-tuple through sock_diag, and deletes the entry when the connection
+//! ends), answering `getpeername()` with the dialed address, and refusing
+//! UDP to provider addresses (connected or sent to with `sendto`/`sendmsg`:
+//! QUIC falls back to TCP).
 //!
 //! Must never: block or slow a connect or a UDP send that is not to a
 //! provider address (one `CONFIG` and one `PROVIDER_TARGETS` lookup is all
-//! it costs), or grow a
-//! map without bound (origins live in LRU maps and are deleted on release).
+//! it costs), run on other socket events (no sock_ops or sock_release
+//! program: the kernel would call them for every TCP socket in the cgroup),
+//! or grow a map without bound (origins live in an LRU map).
 //!
 //! Every entry point is a thin wrapper around `try_x(ctx)`; an `Err` maps to
 //! the safe verdict (allow the connect, untouched).
@@ -23,14 +25,14 @@ use agent_common::{
 };
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::{BPF_ANY, BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock, bpf_sock_addr, bpf_sock_ops},
+    bindings::{BPF_ANY, bpf_sock_addr},
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
         bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_get_socket_cookie,
     },
-    macros::{cgroup_sock, cgroup_sock_addr, map, sock_ops},
+    macros::{cgroup_sock_addr, map},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
-    programs::{SockAddrContext, SockContext, SockOpsContext},
+    programs::SockAddrContext,
 };
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 
@@ -52,14 +54,10 @@ static PROVIDER_TARGETS: HashMap<AddrPort, u32> = HashMap::with_max_entries(MAX_
 #[map]
 static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 
-/// Origin of each redirected socket, by socket cookie (until sock_release).
+/// Origin of each redirected socket, by socket cookie. The agent reads it
+/// at accept and deletes it when the connection ends; the LRU bounds it.
 #[map]
 static ORIGIN_BY_COOKIE: LruHashMap<u64, Origin> = LruHashMap::with_max_entries(MAX_ORIGINS, 0);
-
-/// Origin of each redirected connection, by the client's local address and
-/// port (what the proxy sees as the peer); the proxy removes entries it reads.
-#[map]
-static ORIGINS: LruHashMap<AddrPort, Origin> = LruHashMap::with_max_entries(MAX_ORIGINS, 0);
 
 /// Per-CPU counters, indexed by `stat::*`.
 #[map]
@@ -291,65 +289,6 @@ fn try_connect(ctx: &SockAddrContext, v6: bool) -> Result<i32, i64> {
     Ok(ALLOW)
 }
 
-// ---- sock_ops: re-key by the client's local address ----------------------
-
-#[sock_ops]
-pub fn tollgate_sockops(ctx: SockOpsContext) -> u32 {
-    // sock_ops verdicts are ignored for this op; 1 is "ok".
-    try_sockops(&ctx).unwrap_or(1)
-}
-
-#[inline(always)]
-fn try_sockops(ctx: &SockOpsContext) -> Result<u32, i64> {
-    let ops: *mut bpf_sock_ops = ctx.ops;
-    // SAFETY (field projections): `ops` is the kernel's context.
-    if rd(unsafe { addr_of!((*ops).op) }) != BPF_SOCK_OPS_TCP_CONNECT_CB {
-        return Ok(1);
-    }
-    // A redirected socket is connecting to the agent's port: every other
-    // connect leaves here, before the cookie and the map lookup.
-    let Some(cfg) = config() else {
-        return Ok(1);
-    };
-    // remote_port holds the network-order port in its upper 16 bits.
-    let remote_port = u16::from_be((rd(unsafe { addr_of!((*ops).remote_port) }) >> 16) as u16);
-    if remote_port != cfg.listen_port {
-        return Ok(1);
-    }
-    // SAFETY: helper valid in sock_ops programs.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // SAFETY: copied out at once.
-    let Some(origin) = (unsafe { ORIGIN_BY_COOKIE.get(cookie) }).copied() else {
-        return Ok(1);
-    };
-    let family = rd(unsafe { addr_of!((*ops).family) });
-    // local_port is in host order in bpf_sock_ops (remote_port is not).
-    let local_port = rd(unsafe { addr_of!((*ops).local_port) }) as u16;
-    // Both address forms are read unconditionally and the values chosen
-    // afterwards: choosing between two context pointers would let LLVM emit
-    // a load through a computed context pointer, which the verifier refuses.
-    let ip6 = unsafe { addr_of!((*ops).local_ip6) }.cast::<u32>();
-    let v6_words = [
-        rd(ip6),
-        rd(ip6.wrapping_add(1)),
-        rd(ip6.wrapping_add(2)),
-        rd(ip6.wrapping_add(3)),
-    ];
-    let ip4 = rd(unsafe { addr_of!((*ops).local_ip4) });
-    let words = if family == AF_INET6 {
-        v6_words
-    } else {
-        [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), ip4]
-    };
-    let key = AddrPort::v6(words_to_addr(words), local_port);
-    if ORIGINS.insert(key, origin, u64::from(BPF_ANY)).is_err() {
-        count(stat::MAP_ERRORS);
-    } else {
-        count(stat::REKEYED);
-    }
-    Ok(1)
-}
-
 // ---- getpeername4 / getpeername6 ------------------------------------------
 
 #[cgroup_sock_addr(getpeername4)]
@@ -388,36 +327,6 @@ fn try_getpeername(ctx: &SockAddrContext, v6: bool) -> Result<i32, i64> {
         port_to_user(origin.dst_port),
     );
     count(stat::PEERNAME_RESTORED);
-    Ok(ALLOW)
-}
-
-// ---- sock_release: forget the socket --------------------------------------
-
-#[cgroup_sock(sock_release)]
-pub fn tollgate_sock_release(ctx: SockContext) -> i32 {
-    try_sock_release(&ctx).unwrap_or(ALLOW)
-}
-
-#[inline(always)]
-fn try_sock_release(ctx: &SockContext) -> Result<i32, i64> {
-    // Only a socket connected to the agent's port can have been redirected;
-    // every other socket leaves here, before the cookie (which the helper
-    // would otherwise assign) and the map delete (a bucket lock).
-    let Some(cfg) = config() else {
-        return Ok(ALLOW);
-    };
-    let sk: *mut bpf_sock = ctx.sock;
-    // SAFETY: `sk` is the kernel's context; a 2-byte read of dst_port.
-    let dst_port = u16::from_be(unsafe { read_volatile(addr_of!((*sk).dst_port)) });
-    if dst_port != cfg.listen_port {
-        return Ok(ALLOW);
-    }
-    // SAFETY: helper valid in cgroup_sock programs.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // Absent for a socket that was not redirected: that is fine.
-    if ORIGIN_BY_COOKIE.remove(cookie).is_ok() {
-        count(stat::FORGOTTEN);
-    }
     Ok(ALLOW)
 }
 

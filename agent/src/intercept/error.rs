@@ -68,6 +68,14 @@ pub enum InterceptError {
     )]
     NetnsCookie(#[source] io::Error),
 
+    /// The kernel's socket diagnostics cannot find a loopback socket.
+    #[error(
+        "the kernel's TCP socket diagnostics do not work ({0}); tollgate finds each redirected \
+         client socket through them (as `ss` does): load the module (`modprobe tcp_diag`) or \
+         use a kernel with CONFIG_INET_DIAG and CONFIG_INET_TCP_DIAG"
+    )]
+    NoSockDiag(#[source] io::Error),
+
     /// A file the agent must read could not be read.
     #[error("{what} ({path}): {source}")]
     Io {
@@ -89,6 +97,7 @@ impl InterceptError {
             | InterceptError::NoBtf
             | InterceptError::Unsupported { .. }
             | InterceptError::NetnsCookie(_)
+            | InterceptError::NoSockDiag(_)
             | InterceptError::Io { .. } => exit::UNAVAILABLE,
             InterceptError::NoObject | InterceptError::Bpf { .. } => exit::SOFTWARE,
         }

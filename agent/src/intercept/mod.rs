@@ -3,14 +3,16 @@
 //! proxy the origin of each redirected connection.
 //!
 //! Owns: the eBPF object, its links and maps, the resolver refresh
-//! (`resolver`). Must never: hold request state (an origin is removed from
-//! the kernel map as it is handed out), or hold a lock across anything but
-//! one map syscall.
+//! (`resolver`), and finding the client socket of an accepted connection
+//! (`diag`). Must never: hold request state (the proxy forgets an origin
+//! when its connection ends; the kernel map is an LRU besides), or hold a
+//! lock across anything but one map syscall.
 //!
 //! Dropping [`Intercept`] detaches every program (bpf_link, not pinned), so a
 //! dead agent fails open: connects go straight to the provider again.
 
 mod cgroup;
+mod diag;
 mod error;
 mod keys;
 mod programs;
@@ -74,14 +76,10 @@ pub struct InterceptStats {
     /// UDP to provider addresses refused, connected or sent to with
     /// `sendto` (QUIC falls back to TCP).
     pub udp_refused: u64,
-    /// Origins re-keyed by the client's local address in sock_ops.
-    pub rekeyed: u64,
     /// Kernel map updates that failed (the connect was left untouched).
     pub map_errors: u64,
     /// `getpeername()` calls answered with the dialed address.
     pub peername_restored: u64,
-    /// Origins forgotten when their socket was released.
-    pub forgotten: u64,
 }
 
 /// The provider map and what user space last put in it.
@@ -95,7 +93,8 @@ struct Targets {
 pub struct Intercept {
     cgroup: PathBuf,
     targets: Mutex<Targets>,
-    origins: Mutex<HashMap<MapData, AddrPort, Origin>>,
+    /// ORIGIN_BY_COOKIE: the origin of each redirected socket by its cookie.
+    origins: Mutex<HashMap<MapData, u64, Origin>>,
     stats: PerCpuArray<MapData, u64>,
     /// Owns the programs and their links: dropping it detaches them all (the
     /// kernel keeps the maps alive for as long as a program uses them).
@@ -120,6 +119,7 @@ impl Intercept {
             return Err(InterceptError::NoBtf);
         }
         cgroup::check_cgroup_dir(&settings.cgroup)?;
+        diag::self_test().map_err(InterceptError::NoSockDiag)?;
         let netns_cookie = cgroup::own_netns_cookie()?;
         let config = programs::config(
             settings.listen_v4,
@@ -131,7 +131,7 @@ impl Intercept {
         let mut ebpf = programs::load_object()?;
         programs::write_config(&mut ebpf, &config)?;
         let targets = take_map(&mut ebpf, "PROVIDER_TARGETS", HashMap::try_from)?;
-        let origins = take_map(&mut ebpf, "ORIGINS", HashMap::try_from)?;
+        let origins = take_map(&mut ebpf, "ORIGIN_BY_COOKIE", HashMap::try_from)?;
         let stats = take_map(&mut ebpf, "STATS", PerCpuArray::try_from)?;
         programs::attach_all(&mut ebpf, &settings.cgroup)?;
         tracing::info!(
@@ -189,18 +189,36 @@ impl Intercept {
         Ok(())
     }
 
-    /// Looks up and removes the origin of an accepted connection by the
-    /// client's address as the proxy sees it (the accepted socket's peer;
-    /// IPv4 and v4-mapped IPv6 are the same key).
-    pub fn take_origin(&self, client: SocketAddr) -> Option<ConnOrigin> {
-        let key = keys::key_of(client);
-        let mut origins = lock(&self.origins);
-        let origin = origins.get(&key, 0).ok()?;
-        if let Err(e) = origins.remove(&key) {
-            tracing::debug!(error = %e, %client, "could not remove a taken origin (the LRU will)");
-        }
-        drop(origins);
+    /// The origin of an accepted connection: `peer` is the client's address
+    /// as the accepted socket sees it, `local` the listener address it
+    /// arrived on. The client socket's cookie comes from the kernel's socket
+    /// diagnostics (its four-tuple is known); the origin stays filed under it
+    /// (`getpeername()` in the client reads it) until [`Intercept::forget`]
+    /// or LRU eviction.
+    pub fn origin(&self, peer: SocketAddr, local: SocketAddr) -> Option<ConnOrigin> {
+        let cookie = match diag::socket_cookie(peer, local) {
+            Ok(Some(cookie)) => cookie,
+            Ok(None) => {
+                tracing::debug!(%peer, "client socket gone before its origin was read");
+                return None;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, %peer, "cannot ask the kernel for the client socket (sock_diag)");
+                return None;
+            }
+        };
+        let origin = lock(&self.origins).get(&cookie, 0).ok()?;
         Some(ConnOrigin::from(&origin))
+    }
+
+    /// Drops the origin filed under `cookie` (the proxied connection ended).
+    /// Absent entries are fine: the LRU may have evicted it.
+    pub fn forget(&self, cookie: u64) {
+        match lock(&self.origins).remove(&cookie) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(e) if is_enoent(&e) => {}
+            Err(e) => tracing::debug!(error = %e, "could not forget an origin (the LRU will)"),
+        }
     }
 
     /// Sums of the per-CPU STATS counters.
@@ -216,10 +234,8 @@ impl Intercept {
             other_netns: get(stat::OTHER_NETNS),
             agent_self: get(stat::AGENT_SELF),
             udp_refused: get(stat::UDP_REFUSED),
-            rekeyed: get(stat::REKEYED),
             map_errors: get(stat::MAP_ERRORS),
             peername_restored: get(stat::PEERNAME_RESTORED),
-            forgotten: get(stat::FORGOTTEN),
         }
     }
 

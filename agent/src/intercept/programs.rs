@@ -7,7 +7,7 @@ use agent_common::{Config, config_flags};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, MapData},
-    programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, SockOps},
+    programs::{CgroupAttachMode, CgroupSockAddr},
 };
 
 use super::InterceptError;
@@ -15,26 +15,16 @@ use super::InterceptError;
 /// The object aya-build leaves in `OUT_DIR` (empty with `AYA_BUILD_SKIP=1`).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-ebpf"));
 
-/// How each program attaches.
-#[derive(Clone, Copy)]
-enum Kind {
-    SockAddr,
-    SockOps,
-    Sock,
-}
-
-/// Attach order: the bookkeeping programs first, so no redirected socket
-/// exists before sock_ops can re-key it and sock_release can forget it;
-/// connect4/6 last.
-const PROGRAMS: [(&str, Kind); 8] = [
-    ("tollgate_sock_release", Kind::Sock),
-    ("tollgate_sockops", Kind::SockOps),
-    ("tollgate_getpeername4", Kind::SockAddr),
-    ("tollgate_getpeername6", Kind::SockAddr),
-    ("tollgate_sendmsg4", Kind::SockAddr),
-    ("tollgate_sendmsg6", Kind::SockAddr),
-    ("tollgate_connect4", Kind::SockAddr),
-    ("tollgate_connect6", Kind::SockAddr),
+/// Attach order: getpeername and the UDP refusals first, so no redirected
+/// socket exists before its peer name can be restored; connect4/6 last.
+/// All are cgroup_sock_addr programs.
+const PROGRAMS: [&str; 6] = [
+    "tollgate_getpeername4",
+    "tollgate_getpeername6",
+    "tollgate_sendmsg4",
+    "tollgate_sendmsg6",
+    "tollgate_connect4",
+    "tollgate_connect6",
 ];
 
 /// What the kernel programs are told, in `CONFIG[0]`.
@@ -86,7 +76,7 @@ pub(crate) fn attach_all(ebpf: &mut Ebpf, cgroup: &Path) -> Result<(), Intercept
         path: cgroup.to_path_buf(),
         source,
     })?;
-    for (name, kind) in PROGRAMS {
+    for name in PROGRAMS {
         let program = ebpf
             .program_mut(name)
             .ok_or_else(|| missing(&format!("program {name}")))?;
@@ -95,33 +85,12 @@ pub(crate) fn attach_all(ebpf: &mut Ebpf, cgroup: &Path) -> Result<(), Intercept
         // Links are always "multi" in the kernel: CgroupAttachMode::Single
         // (flags 0) is what bpf_link_create accepts, and it does not stop
         // other agents from attaching to this or other cgroups.
-        let mode = CgroupAttachMode::Single;
-        match kind {
-            Kind::SockAddr => {
-                let p: &mut CgroupSockAddr = program
-                    .try_into()
-                    .map_err(|e| InterceptError::bpf(loading(), &e))?;
-                p.load().map_err(|e| InterceptError::bpf(loading(), &e))?;
-                p.attach(&dir, mode)
-                    .map_err(|e| InterceptError::bpf(attaching(), &e))?;
-            }
-            Kind::SockOps => {
-                let p: &mut SockOps = program
-                    .try_into()
-                    .map_err(|e| InterceptError::bpf(loading(), &e))?;
-                p.load().map_err(|e| InterceptError::bpf(loading(), &e))?;
-                p.attach(&dir, mode)
-                    .map_err(|e| InterceptError::bpf(attaching(), &e))?;
-            }
-            Kind::Sock => {
-                let p: &mut CgroupSock = program
-                    .try_into()
-                    .map_err(|e| InterceptError::bpf(loading(), &e))?;
-                p.load().map_err(|e| InterceptError::bpf(loading(), &e))?;
-                p.attach(&dir, mode)
-                    .map_err(|e| InterceptError::bpf(attaching(), &e))?;
-            }
-        }
+        let p: &mut CgroupSockAddr = program
+            .try_into()
+            .map_err(|e| InterceptError::bpf(loading(), &e))?;
+        p.load().map_err(|e| InterceptError::bpf(loading(), &e))?;
+        p.attach(&dir, CgroupAttachMode::Single)
+            .map_err(|e| InterceptError::bpf(attaching(), &e))?;
         tracing::debug!(program = name, cgroup = %cgroup.display(), "attached");
     }
     Ok(())
@@ -165,7 +134,7 @@ mod tests {
             return;
         }
         // Symbol names appear verbatim in the ELF string table.
-        for (name, _) in PROGRAMS {
+        for name in PROGRAMS {
             assert!(
                 OBJECT.windows(name.len()).any(|w| w == name.as_bytes()),
                 "program {name} missing from the object"

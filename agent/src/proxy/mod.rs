@@ -48,14 +48,32 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where the proxy learns who opened an accepted connection.
 pub trait OriginSource: Send + Sync {
-    /// Looks up (and forgets) the origin of the connection whose client
-    /// address is `peer`.
-    fn take_origin(&self, peer: SocketAddr) -> Option<ConnOrigin>;
+    /// The origin of the connection whose client address is `peer`,
+    /// accepted on the listener address `local`.
+    fn origin(&self, peer: SocketAddr, local: SocketAddr) -> Option<ConnOrigin>;
+    /// The connection whose origin this was has ended.
+    fn forget(&self, origin: &ConnOrigin);
 }
 
 impl OriginSource for crate::intercept::Intercept {
-    fn take_origin(&self, peer: SocketAddr) -> Option<ConnOrigin> {
-        crate::intercept::Intercept::take_origin(self, peer)
+    fn origin(&self, peer: SocketAddr, local: SocketAddr) -> Option<ConnOrigin> {
+        crate::intercept::Intercept::origin(self, peer, local)
+    }
+
+    fn forget(&self, origin: &ConnOrigin) {
+        crate::intercept::Intercept::forget(self, origin.cookie);
+    }
+}
+
+/// Forgets an origin when the connection's task ends, however it ends.
+struct ForgetOnDrop {
+    source: Arc<dyn OriginSource>,
+    origin: ConnOrigin,
+}
+
+impl Drop for ForgetOnDrop {
+    fn drop(&mut self) {
+        self.source.forget(&self.origin);
     }
 }
 
@@ -287,10 +305,21 @@ pub async fn serve(
 
 async fn handle_conn(state: Arc<ProxyState>, tcp: TcpStream, peer: SocketAddr) {
     inc(&state.stats.accepted);
-    let Some(origin) = state.origins.take_origin(peer) else {
+    let found = match tcp.local_addr() {
+        Ok(local) => state.origins.origin(peer, local),
+        Err(e) => {
+            debug!(%peer, error = %e, "accepted socket without a local address");
+            None
+        }
+    };
+    let Some(origin) = found else {
         inc(&state.stats.refused_no_origin);
         debug!(%peer, "connection without an origin record: closed");
         return;
+    };
+    let _forget = ForgetOnDrop {
+        source: state.origins.clone(),
+        origin: origin.clone(),
     };
     let span = info_span!("conn", pid = origin.tgid, comm = %origin.comm, dst = %origin.dst);
     async move {
@@ -481,5 +510,119 @@ async fn splice(
         }
         // Nothing is metered here: at the end of the drain it just closes.
         _ = stopping.cancelled() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex as StdMutex;
+    use tokio::io::AsyncReadExt as _;
+
+    /// Hands out one origin (or none) and records what the proxy asked and
+    /// what it forgot.
+    struct Recorder {
+        dst: SocketAddr,
+        known: bool,
+        asked: StdMutex<Vec<(SocketAddr, SocketAddr)>>,
+        forgotten: StdMutex<Vec<u64>>,
+    }
+
+    impl OriginSource for Recorder {
+        fn origin(&self, peer: SocketAddr, local: SocketAddr) -> Option<ConnOrigin> {
+            self.asked.lock().unwrap().push((peer, local));
+            self.known.then(|| ConnOrigin {
+                tgid: 1,
+                pid: 1,
+                uid: 0,
+                gid: 0,
+                cgroup_id: 1,
+                comm: "client".into(),
+                dst: self.dst,
+                cookie: 4242,
+            })
+        }
+
+        fn forget(&self, origin: &ConnOrigin) {
+            self.forgotten.lock().unwrap().push(origin.cookie);
+        }
+    }
+
+    struct Discard;
+    impl RecordSink for Discard {
+        fn submit(&self, _rec: Arc<crate::meter::UsageRecord>) {}
+    }
+
+    async fn run_one(known: bool) -> (Arc<Recorder>, Arc<ProxyState>, Vec<u8>) {
+        // The "original destination": answers one line, then closes.
+        let dst_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dst = dst_listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            if let Ok((mut s, _)) = dst_listener.accept().await {
+                let mut buf = [0u8; 5];
+                if s.read_exact(&mut buf).await.is_ok() {
+                    let _ = s.write_all(b"world").await;
+                }
+            }
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let (ca, _) = LocalCa::load_or_create(dir.path(), &["api.openai.com".to_owned()]).unwrap();
+        let recorder = Arc::new(Recorder {
+            dst,
+            known,
+            asked: StdMutex::default(),
+            forgotten: StdMutex::default(),
+        });
+        let state = Arc::new(ProxyState::new(
+            recorder.clone(),
+            Arc::new(ca),
+            Upstream::new(None).unwrap(),
+            Vec::new(),
+            Attributor::new("/proc".into()),
+            Arc::new(Discard),
+            1 << 20,
+        ));
+        let agent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let agent_addr = agent.local_addr().unwrap();
+        let accept = tokio::spawn({
+            let state = state.clone();
+            async move {
+                let (tcp, peer) = agent.accept().await.unwrap();
+                handle_conn(state, tcp, peer).await;
+            }
+        });
+        let mut client = TcpStream::connect(agent_addr).await.unwrap();
+        let client_addr = client.local_addr().unwrap();
+        // Not TLS: spliced to the dialed address when the origin is known.
+        let _ = client.write_all(b"hello").await;
+        let mut got = Vec::new();
+        let _ = client.read_to_end(&mut got).await;
+        drop(client);
+        tokio::time::timeout(Duration::from_secs(30), accept)
+            .await
+            .expect("the connection task ends")
+            .unwrap();
+        assert_eq!(
+            *recorder.asked.lock().unwrap(),
+            vec![(client_addr, agent_addr)],
+            "asked by the client's address and the listener address"
+        );
+        (recorder, state, got)
+    }
+
+    #[tokio::test]
+    async fn origin_is_forgotten_when_the_connection_ends() {
+        let (recorder, state, got) = run_one(true).await;
+        assert_eq!(got, b"world", "spliced to the dialed address");
+        assert_eq!(*recorder.forgotten.lock().unwrap(), vec![4242]);
+        assert_eq!(state.stats.passthrough.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn connection_without_origin_is_closed_and_nothing_forgotten() {
+        let (recorder, state, got) = run_one(false).await;
+        assert!(got.is_empty(), "closed without an answer: {got:?}");
+        assert!(recorder.forgotten.lock().unwrap().is_empty());
+        assert_eq!(state.stats.refused_no_origin.load(Ordering::Relaxed), 1);
     }
 }

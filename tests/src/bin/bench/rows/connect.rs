@@ -4,9 +4,8 @@
 //! a loopback listener of its own, in batches, for the whole row. Meanwhile
 //! the bench attaches the agent's programs to that cgroup and detaches them
 //! again every [`WINDOW`], through the agent's own intercept module (the
-//! code `tollgate run` uses; connect4/6, sendmsg4/6, getpeername4/6,
-//! sock_ops and sock_release, with the provider address in the target
-//! map). Each batch is classed by the state it ran in from start to end
+//! code `tollgate run` uses; connect4/6, sendmsg4/6 and getpeername4/6,
+//! with the provider address in the target map). Each batch is classed by the state it ran in from start to end
 //! (batches that straddle an attach or a detach are dropped); each pair of
 //! adjacent windows gives a ratio of median batches, and the figure is the
 //! median ratio. Windows a fraction of a second apart see the same host,
