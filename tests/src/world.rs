@@ -15,7 +15,12 @@ pub const PROVIDER_HOSTS: &[&str] = &[
     "api.anthropic.com",
     "generativelanguage.googleapis.com",
     "bedrock-runtime.us-east-1.amazonaws.com",
+    AZURE_HOST,
 ];
+
+/// An Azure OpenAI resource: not in the built-in catalogue, so every
+/// world's agent is configured with it as a custom provider.
+pub const AZURE_HOST: &str = "myres.openai.azure.com";
 
 /// Hosts that resolve to the fake but are not provider hosts.
 pub const OTHER_HOSTS: &[&str] = &["example.test"];
@@ -77,7 +82,10 @@ impl World {
                 .map(|h| (h.to_string(), vec![ip.to_string()]))
                 .collect(),
             extra_ca: Some(pki.ca_path()),
-            extra_toml,
+            // Last: an array-of-tables header ends whatever table came before.
+            extra_toml: format!(
+                "{extra_toml}\n[[providers]]\nhosts = [{AZURE_HOST:?}]\napi = \"azure-openai\"\n"
+            ),
             join_cgroup: agent_in_cgroup,
         });
         World {

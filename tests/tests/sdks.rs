@@ -394,3 +394,77 @@ for _ in c.chat.completions.create(model="gpt-4o-mini", max_tokens=3, stream=Tru
     curl("--parallel --parallel-max 20", 20);
     w.assert_ledger_matches_provider(6 + 5 + 20);
 }
+
+#[test]
+#[ignore = "needs root, cgroup v2 and BPF"]
+fn azure_openai_python_sdk_deployments_and_stream_usage_by_api_version() {
+    let w = World::start("azure", 24);
+    let client = w.client(&[]);
+    let out = ok(
+        &client.python(
+            r#"
+import json, openai
+def azure(version):
+    return openai.AzureOpenAI(azure_endpoint="https://myres.openai.azure.com",
+        api_key="az-secret-9f3kq", api_version=version, max_retries=0)
+c = azure("2024-10-21")
+r = c.chat.completions.create(model="gpt-4o-mini", max_tokens=5,
+    messages=[{"role": "user", "content": "a b c"}])
+assert r.usage.completion_tokens == 5, r.usage
+chunks = list(c.chat.completions.create(model="gpt-4o-mini", max_tokens=6, stream=True,
+    messages=[{"role": "user", "content": "d e f g"}]))
+# 2024-06-01 refuses stream_options: the agent must not add it.
+old = list(azure("2024-06-01").chat.completions.create(model="gpt-4o-mini", max_tokens=4,
+    stream=True, messages=[{"role": "user", "content": "h i"}]))
+print(json.dumps([[ch.usage is not None for ch in chunks], len(chunks), len(old)]))
+"#,
+        ),
+        "python openai.AzureOpenAI",
+    );
+    let (usage_seen, n, n_old): (Vec<bool>, usize, usize) =
+        serde_json::from_str(out.trim()).expect("client output");
+    assert!(
+        usage_seen.iter().all(|u| !u),
+        "the client did not ask for usage and saw none"
+    );
+    assert_eq!(n, 1 + 6 + 1, "role chunk, 6 tokens, stop chunk");
+    assert_eq!(n_old, 1 + 4 + 1);
+
+    let reported = w.fake.reported();
+    assert_eq!(reported.len(), 3, "{reported:#?}");
+    for rep in &reported {
+        assert_eq!(rep.sni, "myres.openai.azure.com");
+        assert!(
+            rep.path
+                .starts_with("/openai/deployments/gpt-4o-mini/chat/completions"),
+            "{rep:?}"
+        );
+    }
+    assert!(reported[1].usage_sent, "include_usage added for 2024-10-21");
+    assert!(
+        !reported[2].usage_sent,
+        "stream_options not sent to 2024-06-01"
+    );
+
+    let rows = w.agent.wait_for_records(3);
+    assert_eq!(rows.len(), 3, "{rows:#?}");
+    // The estimate is computed off the async workers, so the old version's
+    // row may land before the others.
+    let (estimated, counted): (Vec<&Value>, Vec<&Value>) =
+        rows.iter().partition(|r| r["estimated"] == true);
+    assert_eq!(estimated.len(), 1, "{rows:#?}");
+    let mut counted = counted;
+    counted.sort_by_key(|r| r["streaming"] == true);
+    for (row, rep) in counted.iter().zip(&reported[..2]) {
+        tollgate_e2e::world::assert_row_matches(row, rep);
+        assert_eq!(s(row, "provider"), "azure-openai", "{row}");
+    }
+    let est = estimated[0];
+    assert_eq!(s(est, "provider"), "azure-openai", "{est}");
+    assert_eq!(est["streaming"], true, "{est}");
+    assert_eq!(
+        est["output_tokens"], reported[2].output_tokens,
+        "estimated from the streamed text: {est}"
+    );
+    assert_no_secret(&w, "az-secret-9f3kq");
+}
