@@ -339,6 +339,14 @@ c.chat.completions.create(model="my-private-finetune", max_tokens=3,
         "unknown model has no cost: {unknown}"
     );
     assert_eq!(unknown["output_tokens"], 3);
+    // The operator is told once, at warn, which model lacks a price.
+    let log = w.agent.log();
+    let warnings: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("no price for this model") && l.contains("\"WARN\""))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{log}");
+    assert!(warnings[0].contains("my-private-finetune"), "{}", warnings[0]);
 }
 
 #[test]

@@ -350,7 +350,9 @@ impl Draft {
                 .stats
                 .unpriced
                 .fetch_add(1, Ordering::Relaxed);
-            debug!(provider, model = ?priced, "no price for this model");
+            if !self.ctx.state.warn_unpriced(provider, priced) {
+                debug!(provider, model = ?priced, "no price for this model");
+            }
         }
         let rec = UsageRecord {
             id: None,

@@ -43,6 +43,10 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body type on both sides of the proxy.
 pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
 
+/// How many distinct unpriced (provider, model) pairs are warned about;
+/// past that (a job inventing model names) they are logged at debug only.
+const UNPRICED_WARNINGS: usize = 64;
+
 /// How long a client may take to send its ClientHello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -153,6 +157,8 @@ pub struct ProxyState {
     pub live: crate::control::LiveHandle,
     /// (executable, host) pairs whose client rejected the local CA.
     untrusted: Mutex<HashSet<(String, String)>>,
+    /// (provider, model) pairs already warned about as unpriced.
+    unpriced_seen: Mutex<HashSet<(String, String)>>,
     http: auto::Builder<TokioExecutor>,
     /// Shutdown began: connections finish their request and close.
     pub(crate) draining: CancellationToken,
@@ -189,6 +195,7 @@ impl ProxyState {
             prices: Arc::new(crate::meter::pricing::PriceBook::builtin()),
             live: crate::control::LiveHandle::default(),
             untrusted: Mutex::new(HashSet::new()),
+            unpriced_seen: Mutex::new(HashSet::new()),
             http,
             draining: CancellationToken::new(),
             stopping: CancellationToken::new(),
@@ -198,6 +205,33 @@ impl ProxyState {
 }
 
 impl ProxyState {
+    /// Says once per (provider, model), at warn, that a model has no price:
+    /// its requests are recorded with `cost_usd: null` until one is added.
+    /// True when this call warned.
+    pub(crate) fn warn_unpriced(&self, provider: &str, model: Option<&str>) -> bool {
+        let model = model.unwrap_or("");
+        let mut seen = self.unpriced_seen.lock().unwrap_or_else(|p| p.into_inner());
+        if seen.len() >= UNPRICED_WARNINGS
+            || seen.contains(&(provider.to_owned(), model.to_owned()))
+        {
+            return false;
+        }
+        seen.insert((provider.to_owned(), model.to_owned()));
+        let last = seen.len() == UNPRICED_WARNINGS;
+        drop(seen);
+        warn!(
+            provider,
+            model = ?model,
+            "no price for this model: its requests are recorded with cost_usd null; add it under [[pricing.models]] in the config"
+        );
+        if last {
+            warn!(
+                "{UNPRICED_WARNINGS} unpriced models warned about; further ones are logged at debug"
+            );
+        }
+        true
+    }
+
     /// Replaces the price book (default: the built-in catalogue).
     pub fn with_prices(mut self, prices: Arc<crate::meter::pricing::PriceBook>) -> Self {
         self.prices = prices;
@@ -553,6 +587,44 @@ mod tests {
         fn submit(&self, _rec: Arc<crate::meter::UsageRecord>) {}
     }
 
+    fn state_with(origins: Arc<dyn OriginSource>) -> ProxyState {
+        let dir = tempfile::tempdir().unwrap();
+        let (ca, _) = LocalCa::load_or_create(dir.path(), &["api.openai.com".to_owned()]).unwrap();
+        ProxyState::new(
+            origins,
+            Arc::new(ca),
+            Upstream::new(None).unwrap(),
+            Vec::new(),
+            Attributor::new("/proc".into()),
+            Arc::new(Discard),
+            1 << 20,
+        )
+    }
+
+    #[test]
+    fn unpriced_models_are_warned_about_once_each_up_to_a_cap() {
+        let state = state_with(Arc::new(Recorder {
+            dst: "127.0.0.1:1".parse().unwrap(),
+            known: false,
+            asked: StdMutex::default(),
+            forgotten: StdMutex::default(),
+        }));
+        assert!(state.warn_unpriced("openai", Some("gpt-9")));
+        assert!(!state.warn_unpriced("openai", Some("gpt-9")), "once");
+        assert!(
+            state.warn_unpriced("anthropic", Some("gpt-9")),
+            "per provider"
+        );
+        assert!(state.warn_unpriced("openai", None), "no model named");
+        let mut warned = 3;
+        for i in 0..2 * UNPRICED_WARNINGS {
+            if state.warn_unpriced("openai", Some(&format!("made-up-{i}"))) {
+                warned += 1;
+            }
+        }
+        assert_eq!(warned, UNPRICED_WARNINGS, "a job inventing names is capped");
+    }
+
     async fn run_one(known: bool) -> (Arc<Recorder>, Arc<ProxyState>, Vec<u8>) {
         // The "original destination": answers one line, then closes.
         let dst_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -565,23 +637,13 @@ mod tests {
                 }
             }
         });
-        let dir = tempfile::tempdir().unwrap();
-        let (ca, _) = LocalCa::load_or_create(dir.path(), &["api.openai.com".to_owned()]).unwrap();
         let recorder = Arc::new(Recorder {
             dst,
             known,
             asked: StdMutex::default(),
             forgotten: StdMutex::default(),
         });
-        let state = Arc::new(ProxyState::new(
-            recorder.clone(),
-            Arc::new(ca),
-            Upstream::new(None).unwrap(),
-            Vec::new(),
-            Attributor::new("/proc".into()),
-            Arc::new(Discard),
-            1 << 20,
-        ));
+        let state = Arc::new(state_with(recorder.clone()));
         let agent = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let agent_addr = agent.local_addr().unwrap();
         let accept = tokio::spawn({
