@@ -95,9 +95,16 @@ impl RecordSink for crate::ledger::LedgerHandle {
     }
 }
 
-/// Runs the agent on a multi-threaded runtime until SIGTERM or SIGINT.
+/// Runs the agent until SIGTERM or SIGINT on `proxy.worker_threads`
+/// threads (0: one per CPU). Blocking work (attribution's /proc reads,
+/// local token estimates) has its own pool either way; the ledger its own
+/// thread.
 pub fn run_blocking(cfg: Config) -> Result<(), AppError> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if cfg.proxy.worker_threads > 0 {
+        builder.worker_threads(cfg.proxy.worker_threads);
+    }
+    let rt = builder
         .enable_all()
         .thread_name("tollgate")
         .build()

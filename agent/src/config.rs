@@ -130,7 +130,15 @@ pub struct ProxyConfig {
     /// Largest request body the agent reads to find the model (bytes).
     /// Larger bodies are forwarded unchanged and recorded as unparsed.
     pub max_request_body: usize,
+    /// Threads that run connections; 0 = one per CPU. One keeps the
+    /// agent's share of a small runner bounded and costs the least CPU per
+    /// request (no wake-ups between threads); LLM request rates are far
+    /// below what one thread serves.
+    pub worker_threads: usize,
 }
+
+/// Upper bound of `proxy.worker_threads`.
+const MAX_WORKER_THREADS: usize = 256;
 
 impl Default for ProxyConfig {
     fn default() -> Self {
@@ -138,6 +146,7 @@ impl Default for ProxyConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 15443)),
             drain_secs: 30,
             max_request_body: 32 << 20,
+            worker_threads: 1,
         }
     }
 }
@@ -272,6 +281,15 @@ impl Config {
             return Err(invalid(
                 "proxy.listen",
                 "give the IPv4 loopback address (127.0.0.1:PORT); IPv6 clients are sent to [::1] on the same port".into(),
+            ));
+        }
+        if self.proxy.worker_threads > MAX_WORKER_THREADS {
+            return Err(invalid(
+                "proxy.worker_threads",
+                format!(
+                    "{} is more than {MAX_WORKER_THREADS}; use 0 for one per CPU",
+                    self.proxy.worker_threads
+                ),
             ));
         }
         if self.resolver.refresh_secs == 0 {
@@ -414,6 +432,16 @@ api = "azure-openai"
         let mut c = Config::default();
         c.proxy.listen = "0.0.0.0:15443".parse().unwrap();
         assert!(c.validate().unwrap_err().to_string().contains("loopback"));
+        let mut c = Config::default();
+        c.proxy.worker_threads = 100_000;
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("proxy.worker_threads")
+        );
+        c.proxy.worker_threads = 0;
+        c.validate().expect("0 = one per CPU");
         let mut c = Config::default();
         c.resolver
             .overrides

@@ -346,7 +346,11 @@ c.chat.completions.create(model="my-private-finetune", max_tokens=3,
         .filter(|l| l.contains("no price for this model") && l.contains("\"WARN\""))
         .collect();
     assert_eq!(warnings.len(), 1, "{log}");
-    assert!(warnings[0].contains("my-private-finetune"), "{}", warnings[0]);
+    assert!(
+        warnings[0].contains("my-private-finetune"),
+        "{}",
+        warnings[0]
+    );
 }
 
 #[test]

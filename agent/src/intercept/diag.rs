@@ -319,6 +319,15 @@ mod tests {
         assert!(parse(&header(16, 99, 3), 3).is_err(), "unknown type");
     }
 
+    proptest::proptest! {
+        /// Whatever comes back, parsing ends with an answer or an error,
+        /// never a panic or a loop.
+        #[test]
+        fn parse_never_panics(buf in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300), seq: u32) {
+            let _ = parse(&buf, seq);
+        }
+    }
+
     fn so_cookie(s: &TcpStream) -> u64 {
         use std::os::fd::AsRawFd as _;
         let mut cookie = 0u64;
