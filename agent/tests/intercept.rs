@@ -8,7 +8,7 @@
 use std::{
     collections::BTreeSet,
     fs,
-    io::{ErrorKind, Read as _},
+    io::{BufRead as _, BufReader, ErrorKind, Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
@@ -26,7 +26,9 @@ const NEEDS: &str = "needs root, cgroup v2 and BPF";
 /// `peer <addr> <port>` after a TCP connect, `EPERM` / `udp-connected` for UDP,
 /// `EPERM` / `udp-sent` for a datagram sent unconnected (`udp-sendto`),
 /// `error <errno>` when the connect failed. A TCP client then waits for the
-/// server to close, so the test can inspect the connection while it lives.
+/// server: if it sends a byte, the client prints `again <addr> <port>` from
+/// a second getpeername; then it waits for the close, so the test can
+/// inspect the connection while it lives.
 const CLIENT: &str = r#"
 import errno, socket, sys
 fam = socket.AF_INET6 if sys.argv[1] == "6" else socket.AF_INET
@@ -53,7 +55,11 @@ if proto == "udp":
 p = s.getpeername()
 print("peer", p[0], p[1], flush=True)
 s.sendall(b"hello")
-s.recv(1)
+if s.recv(1):
+    # The server said something: ask again, then wait for the close.
+    p = s.getpeername()
+    print("again", p[0], p[1], flush=True)
+    s.recv(1)
 "#;
 
 /// A child cgroup under the cgroup v2 root, removed on drop (its processes
@@ -249,7 +255,7 @@ fn check_redirect(
     dial: &Dial<'_>,
     lookup_as: impl Fn(SocketAddr) -> SocketAddr,
 ) -> ConnOrigin {
-    let child = spawn_client(cg, dial.family, dial.host, dial.port, "tcp");
+    let mut child = spawn_client(cg, dial.family, dial.host, dial.port, "tcp");
     let pid = child.id();
     let (mut stream, peer) = accept(agent_listener, "the agent listener");
     read_hello(&mut stream);
@@ -268,13 +274,28 @@ fn check_redirect(
         intercept.origin(local, peer).is_none(),
         "the agent's own end has no origin"
     );
+    // After the agent has read the origin, the client still sees the
+    // dialed address.
+    stream.write_all(b"k").expect("poke the client");
+    let mut lines = BufReader::new(child.stdout.as_mut().expect("client stdout")).lines();
+    let mut said = Vec::new();
+    for _ in 0..2 {
+        said.push(lines.next().expect("a line").expect("client stdout"));
+    }
+    drop(lines);
+    let want = |word: &str| format!("{word} {} {}", dial.peername, dial.port);
+    assert_eq!(
+        said,
+        [want("peer"), want("again")],
+        "getpeername shows the dialed address"
+    );
     intercept.forget(origin.cookie);
     assert!(
         intercept.origin(peer, local).is_none(),
         "forget removes the entry"
     );
     drop(stream);
-    let out = finish(child);
+    assert_eq!(finish(child), "", "nothing more from the client");
 
     assert_eq!(origin.tgid, pid, "tgid is the client process: {origin:?}");
     assert_eq!(
@@ -294,11 +315,7 @@ fn check_redirect(
     assert_eq!(origin.uid, nix::unistd::getuid().as_raw(), "{origin:?}");
     assert_eq!(origin.gid, nix::unistd::getgid().as_raw(), "{origin:?}");
     assert_ne!(origin.cookie, 0, "{origin:?}");
-    assert_eq!(
-        out,
-        format!("peer {} {}", dial.peername, dial.port),
-        "getpeername shows the dialed address"
-    );
+
     origin
 }
 
