@@ -10,10 +10,10 @@ use std::sync::atomic::Ordering;
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Counter, Histogram, Meter};
 
-use super::HealthFn;
 use super::config::Semconv;
 use super::pipeline::Shared;
 use super::semconv::{self as sc, OpClass};
+use super::{HealthFn, HealthSnapshot};
 use crate::meter::UsageRecord;
 
 /// The instruments of one semantic-conventions generation plus tollgate's.
@@ -270,74 +270,98 @@ impl Instruments {
     }
 }
 
+/// One health figure: instrument name, unit, description, and where its
+/// value is in a [`HealthSnapshot`].
+type HealthFigure = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&HealthSnapshot) -> u64,
+);
+
+/// Health counters (monotonic).
+const HEALTH_COUNTERS: [HealthFigure; 7] = [
+    (
+        sc::M_CONN_INTERCEPTED,
+        "{connection}",
+        "Provider connections terminated and metered.",
+        |h| h.connections_intercepted,
+    ),
+    (
+        sc::M_CONN_PASSTHROUGH,
+        "{connection}",
+        "Redirected connections passed through untouched.",
+        |h| h.connections_passthrough,
+    ),
+    (
+        sc::M_CONN_REFUSED,
+        "{connection}",
+        "Connections closed because no origin record existed.",
+        |h| h.connections_refused,
+    ),
+    (
+        sc::M_CONN_OTHER_NETNS,
+        "{connection}",
+        "Provider connects from another network namespace, left untouched (not metered).",
+        |h| h.connections_other_netns,
+    ),
+    (
+        sc::M_CONN_UDP_REFUSED,
+        "{connection}",
+        "UDP to provider addresses refused (QUIC falls back to TCP).",
+        |h| h.connections_udp_refused,
+    ),
+    (
+        sc::M_LEDGER_RECORDS,
+        "{record}",
+        "Usage records written to the ledger.",
+        |h| h.ledger_written,
+    ),
+    (
+        sc::M_LEDGER_ERRORS,
+        "{error}",
+        "Failed ledger write attempts (each retried).",
+        |h| h.ledger_errors,
+    ),
+];
+
+/// Health gauges (current values).
+const HEALTH_GAUGES: [HealthFigure; 2] = [
+    (
+        sc::M_LEDGER_QUEUED,
+        "{record}",
+        "Usage records accepted but not yet written to the ledger.",
+        |h| h.ledger_queued,
+    ),
+    (
+        sc::M_UP,
+        "1",
+        "1 while the agent runs and intercepts.",
+        |h| u64::from(h.up),
+    ),
+];
+
 /// Registers the observable instruments of agent health. The callbacks run
 /// on the SDK's reader thread at each collection.
 pub(crate) fn register_health(meter: &Meter, health: HealthFn, shared: Arc<Shared>) {
-    let h = health.clone();
-    let _ = meter
-        .u64_observable_counter(sc::M_CONN_INTERCEPTED)
-        .with_unit("{connection}")
-        .with_description("Provider connections terminated and metered.")
-        .with_callback(move |o| o.observe(h().connections_intercepted, &[]))
-        .build();
-    let h = health.clone();
-    let _ = meter
-        .u64_observable_counter(sc::M_CONN_PASSTHROUGH)
-        .with_unit("{connection}")
-        .with_description("Redirected connections passed through untouched.")
-        .with_callback(move |o| o.observe(h().connections_passthrough, &[]))
-        .build();
-    let h = health.clone();
-    let _ = meter
-        .u64_observable_counter(sc::M_CONN_REFUSED)
-        .with_unit("{connection}")
-        .with_description("Connections closed because no origin record existed.")
-        .with_callback(move |o| o.observe(h().connections_refused, &[]))
-        .build();
-    let h = health.clone();
-    let _ = meter
-        .u64_observable_counter(sc::M_CONN_OTHER_NETNS)
-        .with_unit("{connection}")
-        .with_description(
-            "Provider connects from another network namespace, left untouched (not metered).",
-        )
-        .with_callback(move |o| o.observe(h().connections_other_netns, &[]))
-        .build();
-    let h = health.clone();
-    let _ = meter
-        .u64_observable_counter(sc::M_CONN_UDP_REFUSED)
-        .with_unit("{connection}")
-        .with_description("UDP to provider addresses refused (QUIC falls back to TCP).")
-        .with_callback(move |o| o.observe(h().connections_udp_refused, &[]))
-        .build();
-    let h = health.clone();
-    let _ = meter
-        .u64_observable_counter(sc::M_LEDGER_RECORDS)
-        .with_unit("{record}")
-        .with_description("Usage records written to the ledger.")
-        .with_callback(move |o| o.observe(h().ledger_written, &[]))
-        .build();
-    let h = health.clone();
-    let _ = meter
-        .u64_observable_gauge(sc::M_LEDGER_QUEUED)
-        .with_unit("{record}")
-        .with_description("Usage records accepted but not yet written to the ledger.")
-        .with_callback(move |o| o.observe(h().ledger_queued, &[]))
-        .build();
-    let h = health.clone();
-    let _ = meter
-        .u64_observable_counter(sc::M_LEDGER_ERRORS)
-        .with_unit("{error}")
-        .with_description("Failed ledger write attempts (each retried).")
-        .with_callback(move |o| o.observe(h().ledger_errors, &[]))
-        .build();
-    let h = health;
-    let _ = meter
-        .u64_observable_gauge(sc::M_UP)
-        .with_unit("1")
-        .with_description("1 while the agent runs and intercepts.")
-        .with_callback(move |o| o.observe(u64::from(h().up), &[]))
-        .build();
+    for (name, unit, description, value) in HEALTH_COUNTERS {
+        let h = health.clone();
+        let _ = meter
+            .u64_observable_counter(name)
+            .with_unit(unit)
+            .with_description(description)
+            .with_callback(move |o| o.observe(value(&h()), &[]))
+            .build();
+    }
+    for (name, unit, description, value) in HEALTH_GAUGES {
+        let h = health.clone();
+        let _ = meter
+            .u64_observable_gauge(name)
+            .with_unit(unit)
+            .with_description(description)
+            .with_callback(move |o| o.observe(value(&h()), &[]))
+            .build();
+    }
     let _ = meter
         .u64_observable_counter(sc::M_EXPORT_DROPPED)
         .with_unit("{record}")

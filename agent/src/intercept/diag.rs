@@ -170,18 +170,18 @@ thread_local! {
 pub(crate) fn socket_cookie(local: SocketAddr, remote: SocketAddr) -> io::Result<Option<u64>> {
     SOCKET.with(|cell| {
         let mut slot = cell.borrow_mut();
-        if slot.is_none() {
-            let fd = socket(
-                AddressFamily::Netlink,
-                SockType::Raw,
-                SockFlag::SOCK_CLOEXEC,
-                SockProtocol::NetlinkSockDiag,
-            )
-            .map_err(io::Error::from)?;
-            *slot = Some(DiagSocket { fd, seq: 0 });
-        }
-        let Some(sock) = slot.as_mut() else {
-            unreachable!("filled above")
+        let sock = match slot.as_mut() {
+            Some(sock) => sock,
+            None => {
+                let fd = socket(
+                    AddressFamily::Netlink,
+                    SockType::Raw,
+                    SockFlag::SOCK_CLOEXEC,
+                    SockProtocol::NetlinkSockDiag,
+                )
+                .map_err(io::Error::from)?;
+                slot.insert(DiagSocket { fd, seq: 0 })
+            }
         };
         let result = ask(sock, local, remote);
         if result.is_err() {

@@ -211,12 +211,10 @@ impl ProxyState {
     pub(crate) fn warn_unpriced(&self, provider: &str, model: Option<&str>) -> bool {
         let model = model.unwrap_or("");
         let mut seen = self.unpriced_seen.lock().unwrap_or_else(|p| p.into_inner());
-        if seen.len() >= UNPRICED_WARNINGS
-            || seen.contains(&(provider.to_owned(), model.to_owned()))
+        if seen.len() >= UNPRICED_WARNINGS || !seen.insert((provider.to_owned(), model.to_owned()))
         {
             return false;
         }
-        seen.insert((provider.to_owned(), model.to_owned()));
         let last = seen.len() == UNPRICED_WARNINGS;
         drop(seen);
         warn!(
