@@ -283,6 +283,18 @@ impl Ledger {
         &mut self,
         records: &[impl std::borrow::Borrow<UsageRecord>],
     ) -> Result<(), LedgerError> {
+        self.insert_batch_pausing(records, usize::MAX, || {})
+    }
+
+    /// `insert_batch`, calling `pause` after every `every` records (not
+    /// after the last): the writer thread uses it to give the CPU back
+    /// between slices of a long batch.
+    pub fn insert_batch_pausing(
+        &mut self,
+        records: &[impl std::borrow::Borrow<UsageRecord>],
+        every: usize,
+        mut pause: impl FnMut(),
+    ) -> Result<(), LedgerError> {
         if records.is_empty() {
             return Ok(());
         }
@@ -291,7 +303,11 @@ impl Ledger {
         let tx = self.conn.transaction().map_err(err)?;
         {
             let mut stmt = tx.prepare_cached(&self.insert_sql).map_err(err)?;
-            for r in records {
+            let every = every.max(1);
+            for (i, r) in records.iter().enumerate() {
+                if i > 0 && i % every == 0 {
+                    pause();
+                }
                 schema::bind(r.borrow(), |values| stmt.execute(values)).map_err(err)?;
             }
         }

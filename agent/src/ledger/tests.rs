@@ -359,3 +359,22 @@ proptest! {
         prop_assert_eq!(got, want);
     }
 }
+
+#[test]
+fn a_batch_pauses_between_slices_and_is_still_one_whole_write() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let mut l = Ledger::open(&t.path().join("ledger.sqlite")).expect("open");
+    let recs: Vec<UsageRecord> = (0..17).map(sample).collect();
+    let mut pauses = 0;
+    l.insert_batch_pausing(&recs, 8, || pauses += 1)
+        .expect("insert");
+    // After records 8 and 16, never after the last one.
+    assert_eq!(pauses, 2);
+    assert_eq!(l.query(&Filter::default()).expect("query").len(), 17);
+    // A pause of zero records is taken as one, not a division by zero.
+    let mut pauses = 0;
+    l.insert_batch_pausing(&recs[..3], 0, || pauses += 1)
+        .expect("insert");
+    assert_eq!(pauses, 2);
+    assert_eq!(l.query(&Filter::default()).expect("query").len(), 20);
+}

@@ -39,6 +39,8 @@ pub struct Env {
     pub quick: bool,
     /// Peers are not started (`--no-peers`).
     pub no_peers: bool,
+    /// Row 1 writes its raw samples here (`--latency-samples`).
+    pub latency_samples: Option<PathBuf>,
     pub agent: Option<BenchAgent>,
     pub peers: Peers,
     /// Held for its `Drop`; rows may read what it reported.
@@ -79,6 +81,7 @@ impl Env {
         Ok(Env {
             quick,
             no_peers: false,
+            latency_samples: None,
             agent: None,
             peers: Peers::default(),
             fake,

@@ -56,6 +56,11 @@ struct Cli {
     /// Diagnostic: do not start LiteLLM and mitmproxy (their figures say SKIP).
     #[arg(long)]
     no_peers: bool,
+    /// Diagnostic: write row 1's per-request latencies of part A (µs,
+    /// direct and tollgate, in the order sent) to this JSON file, to look
+    /// at the tail.
+    #[arg(long)]
+    latency_samples: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -98,6 +103,7 @@ fn main() -> ExitCode {
     let mut env = match env::Env::new(cli.quick, cli.upstream_h1) {
         Ok(mut e) => {
             e.no_peers = cli.no_peers;
+            e.latency_samples = cli.latency_samples.clone();
             e
         }
         Err(e) => {

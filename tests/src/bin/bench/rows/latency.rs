@@ -97,6 +97,10 @@ impl Row for Latency {
         let cpu0 = cpu_secs(agent_pid);
         let a = self.measure(env, &pair, rounds, warmup)?;
         let agent_cpu = cpu_secs(agent_pid) - cpu0;
+        if let Some(p) = &env.latency_samples {
+            std::fs::write(p, a.by_target.to_string())
+                .with_context(|| format!("writing {}", p.display()))?;
+        }
         let served = a.rounds + warmup as f64;
         let (d50, d99) = (a.q("direct", 0.5), a.q("direct", 0.99));
         let (t50, t99) = (a.q("tollgate", 0.5) - d50, a.q("tollgate", 0.99) - d99);
