@@ -4,8 +4,9 @@
 //! `semconv` for the names), and the agent-health observables. Runs on the
 //! metrics worker thread, never on the request path.
 
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Counter, Histogram, Meter};
@@ -341,9 +342,34 @@ const HEALTH_GAUGES: [HealthFigure; 2] = [
     ),
 ];
 
+/// How long one health snapshot serves the instruments' callbacks. The SDK
+/// calls every observable's callback in turn at each collection (there is
+/// no batch callback), and a snapshot costs a bpf syscall per kernel
+/// counter: one read per collection instead of one per instrument. Far
+/// below any export interval, so no collection sees the previous one's.
+const HEALTH_SNAPSHOT_TTL: Duration = Duration::from_millis(200);
+
+/// `health`, read at most once per `ttl`: callers within `ttl` of a read
+/// get that read's snapshot.
+fn health_once_per(health: HealthFn, ttl: Duration) -> HealthFn {
+    let last: Mutex<Option<(Instant, HealthSnapshot)>> = Mutex::new(None);
+    Arc::new(move || {
+        let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
+        match &*last {
+            Some((at, snap)) if at.elapsed() < ttl => *snap,
+            _ => {
+                let snap = health();
+                *last = Some((Instant::now(), snap));
+                snap
+            }
+        }
+    })
+}
+
 /// Registers the observable instruments of agent health. The callbacks run
 /// on the SDK's reader thread at each collection.
 pub(crate) fn register_health(meter: &Meter, health: HealthFn, shared: Arc<Shared>) {
+    let health = health_once_per(health, HEALTH_SNAPSHOT_TTL);
     for (name, unit, description, value) in HEALTH_COUNTERS {
         let h = health.clone();
         let _ = meter
@@ -378,4 +404,40 @@ pub(crate) fn register_health(meter: &Meter, health: HealthFn, shared: Arc<Share
             }
         })
         .build();
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicU64;
+
+    use super::*;
+
+    /// A health function that counts its calls and reports the count.
+    fn counting() -> (HealthFn, Arc<AtomicU64>) {
+        let calls = Arc::new(AtomicU64::new(0));
+        let c = calls.clone();
+        let f: HealthFn = Arc::new(move || HealthSnapshot {
+            ledger_written: c.fetch_add(1, Ordering::SeqCst) + 1,
+            ..HealthSnapshot::default()
+        });
+        (f, calls)
+    }
+
+    #[test]
+    fn one_health_read_serves_every_instrument_of_a_collection() {
+        let (f, calls) = counting();
+        let h = health_once_per(f, Duration::from_secs(3600));
+        let seen: Vec<u64> = (0..9).map(|_| h().ledger_written).collect();
+        assert_eq!(seen, vec![1; 9]);
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn a_stale_health_snapshot_is_read_again() {
+        let (f, calls) = counting();
+        let h = health_once_per(f, Duration::ZERO);
+        assert_eq!(h().ledger_written, 1);
+        assert_eq!(h().ledger_written, 2);
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
 }
