@@ -1,5 +1,7 @@
 //! The ledger writer: a dedicated thread that owns the `Ledger` and writes
-//! what the request path hands it, in batches of one transaction each.
+//! what the request path hands it, in batches of one transaction each,
+//! giving the CPU back every few records so that a batch never holds a CPU
+//! that a request's next hop is waiting for.
 //!
 //! `LedgerHandle::submit` never blocks on disk: it tries the bounded
 //! channel, and when that is full appends to an overflow list (a `Vec`
@@ -23,11 +25,11 @@ const BATCH_WINDOW: Duration = Duration::from_millis(50);
 /// Idle poll: how often the writer looks at the overflow list and the
 /// shutdown flag when nothing arrives.
 const IDLE_POLL: Duration = Duration::from_millis(50);
-/// Records inserted between two `sched_yield`s. A batch of a busy minute
+/// Records inserted between two `sched_yield`s. Under load a 50 ms batch
 /// is a few milliseconds of CPU in one piece; on a small runner a request's
 /// next hop (the client, the provider, the agent's own worker) that the
 /// kernel queues on this CPU would wait for that piece to end. Yielding
-/// every few records bounds the wait at roughly a slice of ≈100 µs.
+/// every few records bounds the wait at roughly ≈100 µs of inserts.
 const YIELD_EVERY: usize = 8;
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
