@@ -342,11 +342,12 @@ const HEALTH_GAUGES: [HealthFigure; 2] = [
     ),
 ];
 
-/// How long one health snapshot serves the instruments' callbacks. The SDK
-/// calls every observable's callback in turn at each collection (there is
-/// no batch callback), and a snapshot costs a bpf syscall per kernel
-/// counter: one read per collection instead of one per instrument. Far
-/// below any export interval, so no collection sees the previous one's.
+/// How long one health snapshot serves the instruments' callbacks, at
+/// most. The SDK calls every observable's callback in turn at each
+/// collection (there is no batch callback), and a snapshot costs a bpf
+/// syscall per kernel counter: one read per collection instead of one per
+/// instrument. Capped at half the export interval, so that no collection
+/// reuses the previous one's snapshot.
 const HEALTH_SNAPSHOT_TTL: Duration = Duration::from_millis(200);
 
 /// `health`, read at most once per `ttl`: callers within `ttl` of a read
@@ -367,9 +368,14 @@ fn health_once_per(health: HealthFn, ttl: Duration) -> HealthFn {
 }
 
 /// Registers the observable instruments of agent health. The callbacks run
-/// on the SDK's reader thread at each collection.
-pub(crate) fn register_health(meter: &Meter, health: HealthFn, shared: Arc<Shared>) {
-    let health = health_once_per(health, HEALTH_SNAPSHOT_TTL);
+/// on the SDK's reader thread at each collection, every `interval`.
+pub(crate) fn register_health(
+    meter: &Meter,
+    health: HealthFn,
+    shared: Arc<Shared>,
+    interval: Duration,
+) {
+    let health = health_once_per(health, HEALTH_SNAPSHOT_TTL.min(interval / 2));
     for (name, unit, description, value) in HEALTH_COUNTERS {
         let h = health.clone();
         let _ = meter

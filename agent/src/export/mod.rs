@@ -245,7 +245,7 @@ pub fn start_with_env(
             let res = otlp::resource(&resource, &r.service_name);
             let mp = otlp::meter_provider(r, res.clone())?;
             let meter = mp.meter("tollgate");
-            metrics::register_health(&meter, health, shared.clone());
+            metrics::register_health(&meter, health, shared.clone(), r.interval);
             let instruments =
                 metrics::Instruments::new(&meter, r.semconv, r.include_high_cardinality);
             let spans = if r.traces {
