@@ -99,7 +99,36 @@ impl RecordSink for crate::ledger::LedgerHandle {
 /// threads (0: one per CPU). Blocking work (attribution's /proc reads,
 /// local token estimates) has its own pool either way; the ledger its own
 /// thread.
+/// The signals the agent shuts down on. A blocked signal mask survives
+/// fork and exec, so an agent started by a program that blocks these (to
+/// `sigwait` for them, as many supervisors and test harnesses do) would
+/// never see SIGTERM: it would run on until SIGKILL and lose what the
+/// ledger had not written. Unblocked here, before any thread starts, so
+/// every thread inherits the cleared mask.
+/// (SIGHUP is left as found: the agent does not handle it, and unblocking
+/// it would turn a pending hang-up into an abrupt exit.)
+const SHUTDOWN_SIGNALS: [libc::c_int; 2] = [libc::SIGTERM, libc::SIGINT];
+
+fn unblock_shutdown_signals() {
+    // SAFETY: sigset_t is plain data, initialised by sigemptyset before use.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in SHUTDOWN_SIGNALS {
+            libc::sigaddset(&mut set, s);
+        }
+        let rc = libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+        if rc != 0 {
+            warn!(
+                errno = rc,
+                "could not unblock SIGTERM and SIGINT; if the parent blocked them, the agent will not stop on them"
+            );
+        }
+    }
+}
+
 pub fn run_blocking(cfg: Config) -> Result<(), AppError> {
+    unblock_shutdown_signals();
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if cfg.proxy.worker_threads > 0 {
         builder.worker_threads(cfg.proxy.worker_threads);
@@ -344,4 +373,45 @@ fn bind_v6_only(addr: SocketAddr) -> std::io::Result<TcpListener> {
         .map_err(std::io::Error::from)?;
     sock.bind(addr)?;
     sock.listen(1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whether `sig` is blocked in the calling thread.
+    fn blocked(sig: libc::c_int) -> bool {
+        // SAFETY: sigset_t is plain data; pthread_sigmask only reads the
+        // (null) new set and fills `old`.
+        unsafe {
+            let mut old: libc::sigset_t = std::mem::zeroed();
+            libc::pthread_sigmask(libc::SIG_BLOCK, std::ptr::null(), &mut old);
+            libc::sigismember(&old, sig) == 1
+        }
+    }
+
+    #[test]
+    fn shutdown_signals_blocked_by_a_parent_are_unblocked() {
+        // A thread of its own: the mask is per thread, and the test
+        // harness's threads must keep theirs.
+        std::thread::spawn(|| {
+            // SAFETY: as above; blocks three signals in this thread only.
+            unsafe {
+                let mut set: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut set);
+                for s in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+                    libc::sigaddset(&mut set, s);
+                }
+                libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+            }
+            assert!(blocked(libc::SIGTERM) && blocked(libc::SIGINT));
+            unblock_shutdown_signals();
+            assert!(!blocked(libc::SIGTERM));
+            assert!(!blocked(libc::SIGINT));
+            // Not handled by the agent: left as the parent set it.
+            assert!(blocked(libc::SIGHUP));
+        })
+        .join()
+        .expect("the test thread");
+    }
 }
