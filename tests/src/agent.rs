@@ -2,6 +2,7 @@
 //! directory, config and child cgroup; stopped (by pid) on drop.
 
 use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::mpsc;
@@ -64,6 +65,20 @@ impl Agent {
         } else {
             Command::new(crate::tollgate_bin())
         };
+        // Every agent starts with SIGTERM and SIGINT blocked, as under a
+        // supervisor that waits for signals itself: the agent must unblock
+        // them, or the SIGTERM tests see a SIGKILL after 30 s.
+        // SAFETY: only pthread_sigmask (async-signal-safe) runs after fork.
+        unsafe {
+            cmd.pre_exec(|| {
+                let mut set: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut set);
+                libc::sigaddset(&mut set, libc::SIGTERM);
+                libc::sigaddset(&mut set, libc::SIGINT);
+                libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+                Ok(())
+            });
+        }
         let mut child = cmd
             .arg("--config")
             .arg(&config_path)
