@@ -95,10 +95,6 @@ impl RecordSink for crate::ledger::LedgerHandle {
     }
 }
 
-/// Runs the agent until SIGTERM or SIGINT on `proxy.worker_threads`
-/// threads (0: one per CPU). Blocking work (attribution's /proc reads,
-/// local token estimates) has its own pool either way; the ledger its own
-/// thread.
 /// The signals the agent shuts down on. A blocked signal mask survives
 /// fork and exec, so an agent started by a program that blocks these (to
 /// `sigwait` for them, as many supervisors and test harnesses do) would
@@ -109,24 +105,35 @@ impl RecordSink for crate::ledger::LedgerHandle {
 /// it would turn a pending hang-up into an abrupt exit.)
 const SHUTDOWN_SIGNALS: [libc::c_int; 2] = [libc::SIGTERM, libc::SIGINT];
 
-fn unblock_shutdown_signals() {
+/// A signal set holding `signals`.
+fn signal_set(signals: &[libc::c_int]) -> libc::sigset_t {
     // SAFETY: sigset_t is plain data, initialised by sigemptyset before use.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
-        for s in SHUTDOWN_SIGNALS {
+        for &s in signals {
             libc::sigaddset(&mut set, s);
         }
-        let rc = libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
-        if rc != 0 {
-            warn!(
-                errno = rc,
-                "could not unblock SIGTERM and SIGINT; if the parent blocked them, the agent will not stop on them"
-            );
-        }
+        set
     }
 }
 
+fn unblock_shutdown_signals() {
+    let set = signal_set(&SHUTDOWN_SIGNALS);
+    // SAFETY: `set` is initialised; the old mask is not asked for.
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut()) };
+    if rc != 0 {
+        warn!(
+            errno = rc,
+            "could not unblock SIGTERM and SIGINT; if the parent blocked them, the agent will not stop on them"
+        );
+    }
+}
+
+/// Runs the agent until SIGTERM or SIGINT on `proxy.worker_threads`
+/// threads (0: one per CPU). Blocking work (attribution's /proc reads,
+/// local token estimates) has its own pool either way; the ledger its own
+/// thread.
 pub fn run_blocking(cfg: Config) -> Result<(), AppError> {
     unblock_shutdown_signals();
     let mut builder = tokio::runtime::Builder::new_multi_thread();
@@ -395,15 +402,9 @@ mod tests {
         // A thread of its own: the mask is per thread, and the test
         // harness's threads must keep theirs.
         std::thread::spawn(|| {
-            // SAFETY: as above; blocks three signals in this thread only.
-            unsafe {
-                let mut set: libc::sigset_t = std::mem::zeroed();
-                libc::sigemptyset(&mut set);
-                for s in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
-                    libc::sigaddset(&mut set, s);
-                }
-                libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-            }
+            let set = signal_set(&[libc::SIGTERM, libc::SIGINT, libc::SIGHUP]);
+            // SAFETY: blocks three signals in this thread only.
+            unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
             assert!(blocked(libc::SIGTERM) && blocked(libc::SIGINT));
             unblock_shutdown_signals();
             assert!(!blocked(libc::SIGTERM));
