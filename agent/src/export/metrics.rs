@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use opentelemetry::KeyValue;
-use opentelemetry::metrics::{Counter, Histogram, Meter};
+use opentelemetry::metrics::{AsyncInstrumentBuilder, Counter, Histogram, Meter};
 
 use super::config::Semconv;
 use super::pipeline::Shared;
@@ -367,6 +367,19 @@ fn health_once_per(health: HealthFn, ttl: Duration) -> HealthFn {
     })
 }
 
+/// Unit, description and callback of one health figure, whatever the kind
+/// of instrument `b` builds.
+fn observing<'a, I>(
+    b: AsyncInstrumentBuilder<'a, I, u64>,
+    (_, unit, description, value): HealthFigure,
+    health: &HealthFn,
+) -> AsyncInstrumentBuilder<'a, I, u64> {
+    let h = health.clone();
+    b.with_unit(unit)
+        .with_description(description)
+        .with_callback(move |o| o.observe(value(&h()), &[]))
+}
+
 /// Registers the observable instruments of agent health. The callbacks run
 /// on the SDK's reader thread at each collection, every `interval`.
 pub(crate) fn register_health(
@@ -376,23 +389,11 @@ pub(crate) fn register_health(
     interval: Duration,
 ) {
     let health = health_once_per(health, HEALTH_SNAPSHOT_TTL.min(interval / 2));
-    for (name, unit, description, value) in HEALTH_COUNTERS {
-        let h = health.clone();
-        let _ = meter
-            .u64_observable_counter(name)
-            .with_unit(unit)
-            .with_description(description)
-            .with_callback(move |o| o.observe(value(&h()), &[]))
-            .build();
+    for f in HEALTH_COUNTERS {
+        let _ = observing(meter.u64_observable_counter(f.0), f, &health).build();
     }
-    for (name, unit, description, value) in HEALTH_GAUGES {
-        let h = health.clone();
-        let _ = meter
-            .u64_observable_gauge(name)
-            .with_unit(unit)
-            .with_description(description)
-            .with_callback(move |o| o.observe(value(&h()), &[]))
-            .build();
+    for f in HEALTH_GAUGES {
+        let _ = observing(meter.u64_observable_gauge(f.0), f, &health).build();
     }
     let _ = meter
         .u64_observable_counter(sc::M_EXPORT_DROPPED)
@@ -436,6 +437,61 @@ mod tests {
         let seen: Vec<u64> = (0..9).map(|_| h().ledger_written).collect();
         assert_eq!(seen, vec![1; 9]);
         assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn a_collection_reads_health_once_and_reports_every_figure() {
+        use opentelemetry::metrics::MeterProvider as _;
+        use opentelemetry_sdk::metrics::data::ResourceMetrics;
+        use opentelemetry_sdk::metrics::reader::MetricReader;
+        use opentelemetry_sdk::metrics::{ManualReader, SdkMeterProvider};
+
+        #[derive(Debug, Clone)]
+        struct Shared(Arc<ManualReader>);
+        impl MetricReader for Shared {
+            fn register_pipeline(&self, p: std::sync::Weak<opentelemetry_sdk::metrics::Pipeline>) {
+                self.0.register_pipeline(p)
+            }
+            fn collect(&self, rm: &mut ResourceMetrics) -> opentelemetry_sdk::error::OTelSdkResult {
+                self.0.collect(rm)
+            }
+            fn force_flush(&self) -> opentelemetry_sdk::error::OTelSdkResult {
+                self.0.force_flush()
+            }
+            fn shutdown_with_timeout(
+                &self,
+                t: Duration,
+            ) -> opentelemetry_sdk::error::OTelSdkResult {
+                self.0.shutdown_with_timeout(t)
+            }
+            fn temporality(
+                &self,
+                k: opentelemetry_sdk::metrics::InstrumentKind,
+            ) -> opentelemetry_sdk::metrics::Temporality {
+                self.0.temporality(k)
+            }
+        }
+        let reader = Shared(Arc::new(ManualReader::builder().build()));
+        let mp = SdkMeterProvider::builder()
+            .with_reader(reader.clone())
+            .build();
+        let (f, calls) = counting();
+        register_health(&mp.meter("t"), f, Arc::default(), Duration::from_secs(60));
+        let mut rm = ResourceMetrics::default();
+        reader.collect(&mut rm).expect("collect");
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            1,
+            "one health read per collection"
+        );
+        let names: Vec<&str> = rm
+            .scope_metrics()
+            .flat_map(|s| s.metrics())
+            .map(|m| m.name())
+            .collect();
+        for (name, ..) in HEALTH_COUNTERS.iter().chain(HEALTH_GAUGES.iter()) {
+            assert!(names.contains(name), "{name} missing from {names:?}");
+        }
     }
 
     #[test]
