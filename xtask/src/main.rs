@@ -122,6 +122,39 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
+/// Free space a clean `cargo xtask test` build needs under target/ (measured
+/// on a clean clone: ≈4 GiB, with margin).
+const TEST_BUILD_GIB: u64 = 6;
+
+/// Says so up front when the disk is nearly full: a build that runs out of
+/// space fails minutes later with a bare LLVM I/O error in the middle of
+/// the compiler's output.
+fn warn_if_disk_low() {
+    let target = root().join("target");
+    let _ = std::fs::create_dir_all(&target);
+    let Ok(out) = Command::new("df").args(["-Pk"]).arg(&target).output() else {
+        return;
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    let Some(avail_kib) = text
+        .lines()
+        .nth(1)
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|v| v.parse::<u64>().ok())
+    else {
+        return;
+    };
+    let avail_gib = avail_kib / (1024 * 1024);
+    if avail_gib < TEST_BUILD_GIB {
+        eprintln!(
+            "xtask: WARNING: {avail_gib} GiB free on the filesystem of {}; a clean test build \
+             needs about {TEST_BUILD_GIB} GiB. If the build fails with 'No space left on device', \
+             free space (cargo clean removes old builds) and run again.",
+            target.display()
+        );
+    }
+}
+
 fn setup() -> Result<()> {
     setup_build()?;
     setup_sdks()?;
@@ -233,6 +266,7 @@ fn cargo() -> Command {
 
 fn test(no_lint: bool, args: &[String]) -> Result<()> {
     setup()?;
+    warn_if_disk_low();
     if !no_lint {
         run(cargo().args(["fmt", "--all", "--check"]))?;
         run(cargo().args([
