@@ -123,7 +123,7 @@ fn is_root() -> bool {
 }
 
 /// Free space a clean `cargo xtask test` build needs under target/ (measured
-/// on a clean clone: ≈4 GiB, with margin).
+/// on a clean clone: 3.5 GiB, with margin).
 const TEST_BUILD_GIB: u64 = 6;
 
 /// Says so up front when the disk is nearly full: a build that runs out of
