@@ -158,7 +158,7 @@ pub struct ProxyState {
     /// (executable, host) pairs whose client rejected the local CA.
     untrusted: Mutex<HashSet<(String, String)>>,
     /// (provider, model) pairs already warned about as unpriced.
-    unpriced_seen: Mutex<HashSet<(String, String)>>,
+    unpriced_seen: Mutex<hashbrown::HashSet<(String, String), rustc_hash::FxBuildHasher>>,
     http: auto::Builder<TokioExecutor>,
     /// Shutdown began: connections finish their request and close.
     pub(crate) draining: CancellationToken,
@@ -168,6 +168,17 @@ pub struct ProxyState {
     /// Work that outlives a connection (reading the rest of a response
     /// after a hang-up, local estimates): awaited before the ledger closes.
     pub(crate) background: TaskTracker,
+}
+
+/// A `(String, String)` set key, borrowed: hashes as the tuple does (each
+/// field in turn).
+#[derive(Hash)]
+struct PairRef<'a>(&'a str, &'a str);
+
+impl hashbrown::Equivalent<(String, String)> for PairRef<'_> {
+    fn equivalent(&self, k: &(String, String)) -> bool {
+        self.0 == k.0 && self.1 == k.1
+    }
 }
 
 impl ProxyState {
@@ -195,7 +206,7 @@ impl ProxyState {
             prices: Arc::new(crate::meter::pricing::PriceBook::builtin()),
             live: crate::control::LiveHandle::default(),
             untrusted: Mutex::new(HashSet::new()),
-            unpriced_seen: Mutex::new(HashSet::new()),
+            unpriced_seen: Mutex::default(),
             http,
             draining: CancellationToken::new(),
             stopping: CancellationToken::new(),
@@ -211,10 +222,12 @@ impl ProxyState {
     pub(crate) fn warn_unpriced(&self, provider: &str, model: Option<&str>) -> bool {
         let model = model.unwrap_or("");
         let mut seen = self.unpriced_seen.lock().unwrap_or_else(|p| p.into_inner());
-        if seen.len() >= UNPRICED_WARNINGS || !seen.insert((provider.to_owned(), model.to_owned()))
-        {
+        // Probed with borrowed names: every response of an unpriced model
+        // comes here, and only the first of each pair is stored.
+        if seen.len() >= UNPRICED_WARNINGS || seen.contains(&PairRef(provider, model)) {
             return false;
         }
+        seen.insert((provider.to_owned(), model.to_owned()));
         let last = seen.len() == UNPRICED_WARNINGS;
         drop(seen);
         warn!(
