@@ -191,6 +191,11 @@ impl Env {
         )
     }
 
+    /// Stops the peers started so far (`peer` starts them again if asked).
+    pub fn stop_peers(&mut self) {
+        self.peers.stop_all();
+    }
+
     /// Runs `tollgate-bench client ROW` in the clients cgroup with `spec`.
     pub fn spawn_client(&mut self, row: &str, spec: &Value) -> Result<ClientProc> {
         let spec_path = self.scratch(&format!("{row}-spec.json"));

@@ -9,7 +9,8 @@
 //! and p99(through) − p99(direct). Two client runs: part A alternates
 //! direct and tollgate only (tollgate's targets); part B adds mitmproxy and
 //! LiteLLM to the rotation (the ratios), since a peer's own work after each
-//! answer (LiteLLM's logging callbacks) slows whatever runs next.
+//! answer (LiteLLM's logging callbacks) slows whatever runs next. The
+//! peers run only for part B.
 
 use std::time::{Duration, Instant};
 
@@ -79,17 +80,6 @@ impl Row for Latency {
     fn run(&self, env: &mut Env) -> Result<Vec<Figure>> {
         env.ensure_agent()?;
         let pair = vec![env.direct_target(PATH), env.tollgate_target(PATH)?];
-        let mut all = pair.clone();
-        let mut missing = Vec::new();
-        for kind in [PeerKind::Mitmproxy, PeerKind::Litellm] {
-            match env.peer(kind) {
-                Ok(t) => all.push(t),
-                Err(e) => {
-                    eprintln!("bench: {kind} unavailable: {e:#}");
-                    missing.push((kind, format!("{e:#}")));
-                }
-            }
-        }
         let ms = |us: f64| us / 1000.0;
         // Part A: direct and tollgate alone, interleaved request by request.
         let (rounds, warmup) = if env.quick { (1000, 50) } else { (5000, 100) };
@@ -123,6 +113,20 @@ impl Row for Latency {
         ];
         // Part B: all four interleaved, for the ratios (the peers' own
         // background work after each answer then weighs on everyone alike).
+        // The peers start only now and stop at the end of the row: idle,
+        // they still run timers and background tasks (LiteLLM's Python
+        // event loop), noise for part A and for every later row.
+        let mut all = pair.clone();
+        let mut missing = Vec::new();
+        for kind in [PeerKind::Mitmproxy, PeerKind::Litellm] {
+            match env.peer(kind) {
+                Ok(t) => all.push(t),
+                Err(e) => {
+                    eprintln!("bench: {kind} unavailable: {e:#}");
+                    missing.push((kind, format!("{e:#}")));
+                }
+            }
+        }
         if all.len() > pair.len() {
             let rounds = if env.quick { 200 } else { 1500 };
             let b = self.measure(env, &all, rounds, 20)?;
@@ -186,6 +190,7 @@ impl Row for Latency {
         }
         env.note("latency: LiteLLM proxy (1 worker) serves TLS with a test-CA leaf and forwards to the fake over TLS verified against the test CA (ssl_verify + SSL_CERT_FILE); mitmproxy runs as `mitmdump --mode reverse:https://api.openai.com:443`, verifying the fake with ssl_verify_upstream_trusted_ca");
         env.note(format!("peers: {}", crate::peers::versions()));
+        env.stop_peers();
         Ok(figs)
     }
 
