@@ -136,16 +136,9 @@ fn warn_if_disk_low() {
     let Ok(out) = Command::new("df").args(["-Pk"]).arg(&target).output() else {
         return;
     };
-    let text = String::from_utf8_lossy(&out.stdout);
-    let Some(avail_kib) = text
-        .lines()
-        .nth(1)
-        .and_then(|l| l.split_whitespace().nth(3))
-        .and_then(|v| v.parse::<u64>().ok())
-    else {
+    let Some(avail_gib) = available_gib(&String::from_utf8_lossy(&out.stdout)) else {
         return;
     };
-    let avail_gib = avail_kib / (1024 * 1024);
     if avail_gib < TEST_BUILD_WARN_GIB {
         eprintln!(
             "xtask: WARNING: only {avail_gib} GiB free on the filesystem of {}; a clean test \
@@ -154,6 +147,18 @@ fn warn_if_disk_low() {
             target.display()
         );
     }
+}
+
+/// Whole GiB available, from `df -Pk` output (POSIX format: one header
+/// line, then one line per filesystem, "Available" in KiB in column 4).
+fn available_gib(df: &str) -> Option<u64> {
+    df.lines()
+        .nth(1)?
+        .split_whitespace()
+        .nth(3)?
+        .parse::<u64>()
+        .ok()
+        .map(|kib| kib / (1024 * 1024))
 }
 
 fn setup() -> Result<()> {
@@ -417,5 +422,22 @@ fn main() -> Result<()> {
         Cmd::Test { no_lint, args } => test(no_lint, &args),
         Cmd::Demo => demo(),
         Cmd::Bench { quick, args } => bench(quick, &args),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::available_gib;
+
+    #[test]
+    fn df_available_space_is_read_from_the_posix_format() {
+        let df = "Filesystem     1024-blocks      Used Available Capacity Mounted on\n\
+                  /dev/vda         263174212  90177388   6083544      94% /\n";
+        assert_eq!(available_gib(df), Some(5));
+        assert_eq!(
+            available_gib("Filesystem 1024-blocks Used Available\n"),
+            None
+        );
+        assert_eq!(available_gib("header\n/dev/x 1 2 lots 3% /\n"), None);
     }
 }
