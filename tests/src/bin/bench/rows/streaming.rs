@@ -8,10 +8,10 @@
 //!
 //! A second pass sends the same streams back to back with no delay between
 //! chunks. Its time to first chunk is shown beside the goal figure, not as
-//! a goal: with 1 ms gaps every process on the path sleeps between events
-//! and pays a wake-up on the next one, and on these virtual machines the
-//! wake-up of an idle vCPU costs tens of microseconds. The pair separates
-//! that cost of an extra hop from the agent's own work.
+//! a goal: with 1 ms gaps every process on the path sleeps between events,
+//! and after each pause its code runs cold, several times slower on shared
+//! virtual machines (see the README's Performance section). The pair shows
+//! the agent's work at a stream start both ways.
 
 use std::time::{Duration, Instant};
 
