@@ -342,29 +342,49 @@ const HEALTH_GAUGES: [HealthFigure; 2] = [
     ),
 ];
 
-/// How long one health snapshot serves the instruments' callbacks, at
-/// most. The SDK calls every observable's callback in turn at each
-/// collection (there is no batch callback), and a snapshot costs a bpf
-/// syscall per kernel counter: one read per collection instead of one per
-/// instrument. Capped at half the export interval, so that no collection
-/// reuses the previous one's snapshot.
+/// How long one health snapshot may serve the instruments' callbacks, at
+/// most (see `HealthCache`).
 const HEALTH_SNAPSHOT_TTL: Duration = Duration::from_millis(200);
 
-/// `health`, read at most once per `ttl`: callers within `ttl` of a read
-/// get that read's snapshot.
-fn health_once_per(health: HealthFn, ttl: Duration) -> HealthFn {
-    let last: Mutex<Option<(Instant, HealthSnapshot)>> = Mutex::new(None);
-    Arc::new(move || {
-        let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
-        match &*last {
-            Some((at, snap)) if at.elapsed() < ttl => *snap,
-            _ => {
-                let snap = health();
-                *last = Some((Instant::now(), snap));
-                snap
-            }
+/// One health read per collection. The SDK calls every observable's
+/// callback in turn at each collection (there is no batch callback), and a
+/// snapshot costs a bpf syscall per kernel counter. The first figure asked
+/// for takes a snapshot and the other figures reuse it; a figure asked for
+/// again means a new collection, which takes a fresh one. So a snapshot
+/// never outlives its collection: the last export at shutdown, which can
+/// come right after a periodic one, reports the counters as they are then.
+/// `ttl` bounds a snapshot's age besides, should a collection skip a figure.
+struct HealthCache {
+    health: HealthFn,
+    ttl: Duration,
+    /// The snapshot, when it was taken, and a bit per figure served from it.
+    last: Mutex<Option<(HealthSnapshot, Instant, u64)>>,
+}
+
+impl HealthCache {
+    fn new(health: HealthFn, ttl: Duration) -> Arc<HealthCache> {
+        Arc::new(HealthCache {
+            health,
+            ttl,
+            last: Mutex::new(None),
+        })
+    }
+
+    /// The snapshot for `figure` (0..64) in the current collection.
+    fn read(&self, figure: usize) -> HealthSnapshot {
+        let bit = 1u64 << (figure % 64);
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((snap, at, served)) = last.as_mut()
+            && *served & bit == 0
+            && at.elapsed() < self.ttl
+        {
+            *served |= bit;
+            return *snap;
         }
-    })
+        let snap = (self.health)();
+        *last = Some((snap, Instant::now(), bit));
+        snap
+    }
 }
 
 /// Unit, description and callback of one health figure, whatever the kind
@@ -372,12 +392,13 @@ fn health_once_per(health: HealthFn, ttl: Duration) -> HealthFn {
 fn observing<'a, I>(
     b: AsyncInstrumentBuilder<'a, I, u64>,
     (_, unit, description, value): HealthFigure,
-    health: &HealthFn,
+    health: &Arc<HealthCache>,
+    figure: usize,
 ) -> AsyncInstrumentBuilder<'a, I, u64> {
     let h = health.clone();
     b.with_unit(unit)
         .with_description(description)
-        .with_callback(move |o| o.observe(value(&h()), &[]))
+        .with_callback(move |o| o.observe(value(&h.read(figure)), &[]))
 }
 
 /// Registers the observable instruments of agent health. The callbacks run
@@ -388,12 +409,13 @@ pub(crate) fn register_health(
     shared: Arc<Shared>,
     interval: Duration,
 ) {
-    let health = health_once_per(health, HEALTH_SNAPSHOT_TTL.min(interval / 2));
-    for f in HEALTH_COUNTERS {
-        let _ = observing(meter.u64_observable_counter(f.0), f, &health).build();
+    let health = HealthCache::new(health, HEALTH_SNAPSHOT_TTL.min(interval / 2));
+    for (i, f) in HEALTH_COUNTERS.into_iter().enumerate() {
+        let _ = observing(meter.u64_observable_counter(f.0), f, &health, i).build();
     }
-    for f in HEALTH_GAUGES {
-        let _ = observing(meter.u64_observable_gauge(f.0), f, &health).build();
+    let n = HEALTH_COUNTERS.len();
+    for (i, f) in HEALTH_GAUGES.into_iter().enumerate() {
+        let _ = observing(meter.u64_observable_gauge(f.0), f, &health, n + i).build();
     }
     let _ = meter
         .u64_observable_counter(sc::M_EXPORT_DROPPED)
@@ -433,10 +455,14 @@ mod tests {
     #[test]
     fn one_health_read_serves_every_instrument_of_a_collection() {
         let (f, calls) = counting();
-        let h = health_once_per(f, Duration::from_secs(3600));
-        let seen: Vec<u64> = (0..9).map(|_| h().ledger_written).collect();
+        let h = HealthCache::new(f, Duration::from_secs(3600));
+        let seen: Vec<u64> = (0..9).map(|i| h.read(i).ledger_written).collect();
         assert_eq!(seen, vec![1; 9]);
         assert_eq!(calls.load(Ordering::SeqCst), 1);
+        // The next collection, however soon, reads again.
+        let seen: Vec<u64> = (0..9).rev().map(|i| h.read(i).ledger_written).collect();
+        assert_eq!(seen, vec![2; 9]);
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
     }
 
     #[test]
@@ -484,6 +510,11 @@ mod tests {
             1,
             "one health read per collection"
         );
+        // A collection right after the last (as at shutdown) sees fresh
+        // figures, not the previous collection's snapshot.
+        let mut again = ResourceMetrics::default();
+        reader.collect(&mut again).expect("collect");
+        assert_eq!(calls.load(Ordering::SeqCst), 2, "a fresh read");
         let names: Vec<&str> = rm
             .scope_metrics()
             .flat_map(|s| s.metrics())
@@ -497,9 +528,9 @@ mod tests {
     #[test]
     fn a_stale_health_snapshot_is_read_again() {
         let (f, calls) = counting();
-        let h = health_once_per(f, Duration::ZERO);
-        assert_eq!(h().ledger_written, 1);
-        assert_eq!(h().ledger_written, 2);
+        let h = HealthCache::new(f, Duration::ZERO);
+        assert_eq!(h.read(0).ledger_written, 1);
+        assert_eq!(h.read(1).ledger_written, 2);
         assert_eq!(calls.load(Ordering::SeqCst), 2);
     }
 }
