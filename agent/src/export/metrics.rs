@@ -342,6 +342,9 @@ const HEALTH_GAUGES: [HealthFigure; 2] = [
     ),
 ];
 
+// `HealthCache` keeps one bit per health figure in a u64.
+const _: () = assert!(HEALTH_COUNTERS.len() + HEALTH_GAUGES.len() <= 64);
+
 /// How long one health snapshot may serve the instruments' callbacks, at
 /// most (see `HealthCache`).
 const HEALTH_SNAPSHOT_TTL: Duration = Duration::from_millis(200);
@@ -370,9 +373,10 @@ impl HealthCache {
         })
     }
 
-    /// The snapshot for `figure` (0..64) in the current collection.
+    /// The snapshot for `figure` (an index into the counters, then the
+    /// gauges) in the current collection.
     fn read(&self, figure: usize) -> HealthSnapshot {
-        let bit = 1u64 << (figure % 64);
+        let bit = 1u64 << figure;
         let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((snap, at, served)) = last.as_mut()
             && *served & bit == 0
