@@ -5,7 +5,7 @@
 //! or do per-request work.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -290,9 +290,15 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         Some(c) => c.clone(),
         None => intercept::cgroup2_root()?,
     };
+    // `validate` admits only IPv4 loopback addresses; any of 127.0.0.0/8
+    // works, and the kernel must send connections to the one we bound.
+    let listen_v4 = match cfg.proxy.listen.ip() {
+        IpAddr::V4(a) => a,
+        IpAddr::V6(_) => Ipv4Addr::LOCALHOST,
+    };
     let intercept = Arc::new(Intercept::attach(&InterceptSettings {
         cgroup: cgroup.clone(),
-        listen_v4: Ipv4Addr::LOCALHOST,
+        listen_v4,
         listen_port: port,
     })?);
     let _ = intercept_slot.set(Arc::downgrade(&intercept));
@@ -336,7 +342,7 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     let proxy_task = tokio::spawn(proxy::serve(listeners, state.clone(), shutdown_rx, drain));
 
     info!(
-        listen = %SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+        listen = %SocketAddr::from((listen_v4, port)),
         cgroup = %cgroup.display(),
         provider_addresses = targets.len(),
         state_dir = %cfg.state_dir.display(),

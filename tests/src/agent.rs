@@ -23,6 +23,8 @@ pub struct AgentOptions {
     /// production where it attaches to the root cgroup: its own upstream
     /// connections must not be redirected to itself.
     pub join_cgroup: bool,
+    /// `proxy.listen`; `127.0.0.1:0` when unset.
+    pub listen: Option<String>,
 }
 
 pub struct Agent {
@@ -38,9 +40,10 @@ impl Agent {
         let state_dir = tempfile::tempdir().expect("tempdir");
         let config_path = state_dir.path().join("tollgate.toml");
         let mut toml = format!(
-            "state_dir = {:?}\n[log]\nlevel = \"info,tollgate=debug\"\nformat = \"json\"\n[intercept]\ncgroup = {:?}\n[proxy]\nlisten = \"127.0.0.1:0\"\ndrain_secs = 5\n",
+            "state_dir = {:?}\n[log]\nlevel = \"info,tollgate=debug\"\nformat = \"json\"\n[intercept]\ncgroup = {:?}\n[proxy]\nlisten = {:?}\ndrain_secs = 5\n",
             state_dir.path().join("state"),
-            opts.cgroup
+            opts.cgroup,
+            opts.listen.as_deref().unwrap_or("127.0.0.1:0")
         );
         if let Some(ca) = &opts.extra_ca {
             toml += &format!("[upstream]\nextra_ca = {ca:?}\n");

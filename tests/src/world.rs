@@ -54,17 +54,18 @@ impl World {
 
     /// As [`World::start_with`], with the fake provider offering only `alpn`.
     pub fn start_opts(label: &str, n: u8, extra_toml: String, alpn: &[&[u8]]) -> World {
-        Self::start_full(label, n, extra_toml, alpn, false)
+        Self::start_full(label, n, extra_toml, alpn, false, None)
     }
 
     /// Everything configurable: `agent_in_cgroup` starts the agent inside
-    /// the cgroup it intercepts.
+    /// the cgroup it intercepts; `listen` is its `proxy.listen`.
     pub fn start_full(
         label: &str,
         n: u8,
         extra_toml: String,
         alpn: &[&[u8]],
         agent_in_cgroup: bool,
+        listen: Option<&str>,
     ) -> World {
         if let Some(why) = crate::kernel_test_unavailable() {
             panic!("needs root, cgroup v2 and BPF: {why}");
@@ -87,6 +88,7 @@ impl World {
                 "{extra_toml}\n[[providers]]\nhosts = [{AZURE_HOST:?}]\napi = \"azure-openai\"\n"
             ),
             join_cgroup: agent_in_cgroup,
+            listen: listen.map(str::to_owned),
         });
         World {
             agent,

@@ -141,6 +141,43 @@ fn curl_is_counted_and_attributed_through_a_parent() {
 
 #[test]
 #[ignore = "needs root, cgroup v2 and BPF"]
+fn a_listener_on_another_loopback_address_is_where_the_kernel_sends_jobs() {
+    // Any 127.0.0.0/8 address is a valid `proxy.listen`; the redirect must
+    // follow it (it once always pointed at 127.0.0.1).
+    let listen_ip = tollgate_e2e::provider_ip(200);
+    let listen = format!("{listen_ip}:0");
+    let w = World::start_full(
+        "listen",
+        11,
+        String::new(),
+        &[b"h2", b"http/1.1"],
+        false,
+        Some(&listen),
+    );
+    assert!(
+        w.agent
+            .log()
+            .contains(&format!("\"listen\":\"{listen_ip}:{}\"", w.agent.port)),
+        "ready line names the configured address: {}",
+        w.agent.log()
+    );
+    let client = w.client(GITHUB_ENV);
+    let script = r#"curl -sS --fail-with-body -H 'Authorization: Bearer sk-test-LISTEN-1' \
+        -H 'Content-Type: application/json' \
+        -d '{"model":"gpt-4o","messages":[{"role":"user","content":"a b c"}],"max_tokens":3}' \
+        https://api.openai.com/v1/chat/completions"#;
+    let out = ok(&client.run(&["sh", "-c", script]), "curl");
+    let body: Value = serde_json::from_str(&out).expect("JSON from curl");
+    let rows = w.agent.wait_for_records(1);
+    assert_eq!(rows.len(), 1, "{rows:#?}");
+    assert_eq!(
+        u(&rows[0], "input_tokens"),
+        u(&body["usage"], "prompt_tokens")
+    );
+}
+
+#[test]
+#[ignore = "needs root, cgroup v2 and BPF"]
 fn non_provider_sni_is_passed_through_undecrypted() {
     let w = World::start("passthru", 3);
     let client = w.client(&[]);
@@ -380,7 +417,7 @@ for _ in range(3):
 #[test]
 #[ignore = "needs root, cgroup v2 and BPF"]
 fn the_agent_inside_its_own_cgroup_is_not_redirected_to_itself() {
-    let w = World::start_full("self", 9, String::new(), &[b"h2", b"http/1.1"], true);
+    let w = World::start_full("self", 9, String::new(), &[b"h2", b"http/1.1"], true, None);
     let procs = std::fs::read_to_string(w.cg.procs_file()).unwrap();
     let pid = w.agent.pid().expect("running").to_string();
     assert!(

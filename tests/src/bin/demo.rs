@@ -26,6 +26,7 @@ fn main() {
         extra_ca: Some(pki.ca_path()),
         extra_toml: String::new(),
         join_cgroup: false,
+        listen: None,
     });
     let mut env = agent.trust_env();
     for (k, v) in [
