@@ -16,6 +16,7 @@ use crate::trust::{self, EnvFormat};
 #[command(
     name = "tollgate",
     version,
+    propagate_version = true,
     about = "LLM API spend for CI runners: intercept, count, export, enforce",
     long_about = "tollgate intercepts the connections CI jobs make to LLM providers (eBPF cgroup \
                   hooks), counts the tokens and dollars of every request, and keeps a ledger. \

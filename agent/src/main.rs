@@ -23,7 +23,15 @@ fn init_logging(cfg: &Config) {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // clap's own exit code for a bad command line is 2; ours is EX_USAGE,
+    // as for a bad config. Help and version still exit 0.
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { exit::USAGE } else { 0 });
+        }
+    };
     let (cfg, _path) = match Config::load(cli.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {

@@ -32,6 +32,26 @@ fn version_and_help() {
 }
 
 #[test]
+fn every_command_takes_version() {
+    for cmd in [&["report"][..], &["trust", "env"], &["top"], &["run"]] {
+        let o = tollgate().args(cmd).arg("--version").output().unwrap();
+        assert!(o.status.success(), "{cmd:?}: {}", text(&o));
+        assert!(text(&o).contains(env!("CARGO_PKG_VERSION")), "{}", text(&o));
+    }
+}
+
+#[test]
+fn bad_command_line_is_a_usage_error() {
+    for args in [&["frobnicate"][..], &["report", "--by", "colour"], &[]] {
+        let o = tollgate().args(args).output().unwrap();
+        assert_eq!(o.status.code(), Some(64), "{args:?}: {}", text(&o));
+        // clap's message, pointing at --help or showing the usage.
+        let t = text(&o);
+        assert!(t.contains("--help") || t.contains("Usage"), "{args:?}: {t}");
+    }
+}
+
+#[test]
 fn unknown_config_key_is_a_usage_error_with_line_and_key() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("t.toml");
