@@ -376,9 +376,21 @@ async fn handle_conn(state: Arc<ProxyState>, tcp: TcpStream, peer: SocketAddr) {
             Ok(Ok(1)) if first[0] == 22 => {}
             Ok(Ok(1)) => {
                 inc(&state.stats.passthrough);
+                debug!("not TLS: passthrough");
                 return splice(tcp, Vec::new(), origin.dst, &state.stopping).await;
             }
-            _ => return,
+            Ok(Ok(_)) => {
+                debug!("closed by the client before sending anything");
+                return;
+            }
+            Ok(Err(e)) => {
+                debug!(error = %e, "cannot read from the client: closing");
+                return;
+            }
+            Err(_) => {
+                debug!("nothing from the client in time: closing");
+                return;
+            }
         }
         let (hello, prefix) =
             match tokio::time::timeout(HELLO_TIMEOUT, clienthello::read_client_hello(&mut tcp)).await
@@ -430,6 +442,7 @@ async fn handle_conn(state: Arc<ProxyState>, tcp: TcpStream, peer: SocketAddr) {
             .contains(&key)
         {
             inc(&state.stats.passthrough_untrusted);
+            debug!(exe = %key.0, host = %key.1, "client does not trust the CA: passthrough");
             return splice(tcp, prefix, origin.dst, &state.stopping).await;
         }
         let server_config = match state.ca.server_config(&provider.host).await {
@@ -464,6 +477,7 @@ async fn handle_conn(state: Arc<ProxyState>, tcp: TcpStream, peer: SocketAddr) {
             }
         };
         inc(&state.stats.intercepted);
+        debug!(host = %provider.host, "intercepted");
         let ctx = Arc::new(http::ConnCtx {
             state: state.clone(),
             origin,
