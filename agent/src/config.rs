@@ -425,6 +425,9 @@ api = "azure-openai"
         let c = Config::parse(include_str!("../../deploy/tollgate.toml.example"))
             .expect("deploy/tollgate.toml.example parses");
         c.validate().expect("and validates");
+        // Its header says "these are the defaults": in particular it must
+        // leave unset what an OTEL_* variable would otherwise decide.
+        assert_eq!(format!("{c:#?}"), format!("{:#?}", Config::default()));
     }
 
     #[test]
