@@ -3,13 +3,17 @@
 //! Owns: resolving the catalogue's hosts (A and AAAA, port 443) off the
 //! request path, bounded in time, and the periodic refresh that keeps
 //! `PROVIDER_TARGETS` current. Must never: stall start-up on a broken DNS (a
-//! timeout per host, all hosts at once), or drop addresses that resolved
-//! before because one refresh failed.
+//! timeout per host, all hosts at once), drop addresses that resolved
+//! before because one refresh failed, or pile up blocked lookups: a
+//! getaddrinfo call cannot be cancelled, so a host whose last lookup is
+//! still blocked in its thread is not looked up again until it returns.
+//! Otherwise a silent DNS and a short refresh would fill the blocking pool
+//! that attribution shares.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
-    net::SocketAddr,
-    sync::Arc,
+    collections::{BTreeMap, BTreeSet, HashSet},
+    net::{SocketAddr, ToSocketAddrs as _},
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -52,8 +56,8 @@ pub async fn resolve_targets(
             .or_insert_with(|| normalise(addrs.iter().copied()));
     }
 
-    let results = look_up_all(to_look_up, PER_HOST_TIMEOUT, |host| {
-        tokio::net::lookup_host((host, HTTPS_PORT))
+    let results = look_up_all(to_look_up, PER_HOST_TIMEOUT, in_flight(), |host| {
+        (host, HTTPS_PORT).to_socket_addrs()
     })
     .await;
 
@@ -134,24 +138,63 @@ fn apply(intercept: &Intercept, resolved: &BTreeMap<String, Vec<SocketAddr>>) {
     }
 }
 
-/// Looks every host up at once (up to CONCURRENCY), each bounded by `timeout`.
-async fn look_up_all<F, Fut, I>(
+/// Hosts whose lookup thread has not returned yet, across refreshes.
+type InFlight = Arc<Mutex<HashSet<String>>>;
+
+/// The process's lookups in flight (getaddrinfo threads are the process's).
+fn in_flight() -> InFlight {
+    static SET: std::sync::OnceLock<InFlight> = std::sync::OnceLock::new();
+    SET.get_or_init(InFlight::default).clone()
+}
+
+/// Takes `host` out of the in-flight set when its lookup thread returns,
+/// whether or not anyone still waits for the answer.
+struct Landed(InFlight, String);
+
+impl Drop for Landed {
+    fn drop(&mut self) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.1);
+    }
+}
+
+/// Looks every host up at once (up to CONCURRENCY), each on a blocking
+/// thread and bounded by `timeout`. A host whose previous lookup (recorded
+/// in `busy`) has not returned is not looked up again: it fails at once.
+async fn look_up_all<F, I>(
     hosts: Vec<String>,
     timeout: Duration,
+    busy: InFlight,
     lookup: F,
 ) -> Vec<(String, Result<Vec<SocketAddr>, String>)>
 where
-    F: Fn(String) -> Fut,
-    Fut: Future<Output = std::io::Result<I>>,
+    F: Fn(&str) -> std::io::Result<I> + Send + Sync + 'static,
     I: Iterator<Item = SocketAddr>,
 {
+    let lookup = Arc::new(lookup);
     stream::iter(hosts)
         .map(|host| {
-            let lookup = lookup(host.clone());
+            let started = busy
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(host.clone());
+            let task = started.then(|| {
+                let (lookup, landed) = (lookup.clone(), Landed(busy.clone(), host.clone()));
+                tokio::task::spawn_blocking(move || lookup(&landed.1).map(normalise))
+            });
             async move {
-                let result = match tokio::time::timeout(timeout, lookup).await {
-                    Ok(Ok(addrs)) => Ok(normalise(addrs)),
-                    Ok(Err(e)) => Err(e.to_string()),
+                let Some(task) = task else {
+                    return (
+                        host,
+                        Err("the previous lookup has not returned yet".to_owned()),
+                    );
+                };
+                let result = match tokio::time::timeout(timeout, task).await {
+                    Ok(Ok(Ok(addrs))) => Ok(addrs),
+                    Ok(Ok(Err(e))) => Err(e.to_string()),
+                    Ok(Err(e)) => Err(format!("lookup failed: {e}")),
                     Err(_) => Err(format!("no answer within {timeout:?}")),
                 };
                 (host, result)
@@ -231,14 +274,36 @@ mod tests {
         assert!(out.is_empty());
     }
 
-    #[tokio::test]
+    type Lookup =
+        Arc<dyn Fn(&str) -> std::io::Result<std::vec::IntoIter<SocketAddr>> + Send + Sync>;
+
+    /// A lookup that blocks its thread until `release` is dropped, counting
+    /// its calls, as getaddrinfo does on a resolver that drops packets.
+    fn silent(
+        calls: &Arc<std::sync::atomic::AtomicUsize>,
+    ) -> (std::sync::mpsc::SyncSender<()>, Lookup) {
+        let (release, wait) = std::sync::mpsc::sync_channel::<()>(0);
+        let wait = Mutex::new(wait);
+        let calls = calls.clone();
+        let lookup = move |_: &str| {
+            calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            // Err once `release` is dropped.
+            let _ = wait.lock().unwrap().recv();
+            Err(std::io::Error::other("released"))
+        };
+        (release, Arc::new(lookup))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
     async fn silent_lookups_end_with_their_timeout() {
-        // 80 hosts whose lookups never answer, as on a closed network with a
-        // resolver that drops packets: each ends with its timeout, and all
-        // run at once (with one at a time this would take 80 timeouts).
+        // 80 hosts whose lookups never answer: each ends with its timeout,
+        // and they run at once (one at a time would take 80 timeouts).
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (release, lookup) = silent(&calls);
         let hosts: Vec<String> = (0..80).map(|i| format!("h{i}.example")).collect();
-        let out = look_up_all(hosts, Duration::from_millis(50), |_| {
-            std::future::pending::<std::io::Result<std::vec::IntoIter<SocketAddr>>>()
+        let busy = InFlight::default();
+        let out = look_up_all(hosts, Duration::from_millis(50), busy, move |h: &str| {
+            lookup(h)
         })
         .await;
         assert_eq!(out.len(), 80);
@@ -246,6 +311,59 @@ mod tests {
             let e = r.expect_err("a silent lookup cannot succeed");
             assert!(e.contains("no answer within"), "{host}: {e}");
         }
+        drop(release);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_blocked_lookup_is_not_started_again_until_it_returns() {
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (release, lookup) = silent(&calls);
+        let hosts = vec!["slow.example".to_owned()];
+        let busy = InFlight::default();
+        let run = |lookup: Lookup| {
+            look_up_all(
+                hosts.clone(),
+                Duration::from_millis(50),
+                busy.clone(),
+                move |h: &str| lookup(h),
+            )
+        };
+        let first = run(lookup.clone()).await;
+        assert!(
+            first[0]
+                .1
+                .as_ref()
+                .unwrap_err()
+                .contains("no answer within")
+        );
+        // A refresh while the first lookup still blocks its thread: no new
+        // thread, an error at once.
+        let second = run(lookup.clone()).await;
+        assert!(
+            second[0]
+                .1
+                .as_ref()
+                .unwrap_err()
+                .contains("has not returned"),
+            "{second:?}"
+        );
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+        // Once it returns, the host is looked up again.
+        drop(release);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !busy.lock().unwrap().is_empty() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the lookup never landed"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let third = run(lookup).await;
+        assert!(
+            third[0].1.as_ref().unwrap_err().contains("released"),
+            "{third:?}"
+        );
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 2);
     }
 
     #[test]
