@@ -42,8 +42,8 @@ enum Cmd {
     Fuzz {
         #[arg(long, default_value_t = 60)]
         seconds: u64,
-        /// One target (client_hello, response_parsers, usage_filter,
-        /// token_split); all when absent.
+        /// One target (client_hello, requests, response_parsers,
+        /// usage_filter, token_split); all when absent.
         target: Option<String>,
     },
     /// Build in release mode, install the peer gateways (LiteLLM,
@@ -372,6 +372,7 @@ fn bench(quick: bool, args: &[String]) -> Result<()> {
 
 const FUZZ_TARGETS: &[&str] = &[
     "client_hello",
+    "requests",
     "response_parsers",
     "usage_filter",
     "token_split",
@@ -405,12 +406,21 @@ fn fuzz(seconds: u64, target: Option<String>) -> Result<()> {
     for t in targets {
         // The kernel object is not needed to fuzz parsers.
         // `+nightly` needs rustup's cargo proxy, not the cargo running xtask.
-        run(Command::new("cargo")
-            .current_dir(root())
+        // New inputs go to the (untracked) corpus; the tracked seeds, when
+        // a target has them, start it on valid requests.
+        let corpus = root().join("fuzz/corpus").join(&t);
+        std::fs::create_dir_all(&corpus)?;
+        let seeds = root().join("fuzz/seeds").join(&t);
+        let mut cmd = Command::new("cargo");
+        cmd.current_dir(root())
             .env_remove("RUSTUP_TOOLCHAIN")
             .env("AYA_BUILD_SKIP", "1")
-            .args(["+nightly", "fuzz", "run", "--fuzz-dir", "fuzz", &t, "--"])
-            .arg(format!("-max_total_time={seconds}")))?;
+            .args(["+nightly", "fuzz", "run", "--fuzz-dir", "fuzz", &t])
+            .arg(&corpus);
+        if seeds.is_dir() {
+            cmd.arg(&seeds);
+        }
+        run(cmd.arg("--").arg(format!("-max_total_time={seconds}")))?;
     }
     Ok(())
 }
