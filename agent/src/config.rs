@@ -256,9 +256,21 @@ impl Config {
         Ok((cfg, Some(path)))
     }
 
-    /// Parses TOML text; the error names the line, column and key.
+    /// Parses TOML text; the error names the line, column and key, and
+    /// never quotes the line itself (it may hold a header value or a key).
     pub fn parse(text: &str) -> Result<Config, String> {
-        toml::from_str::<Config>(text).map_err(|e| e.to_string().trim_end().to_string())
+        toml::from_str::<Config>(text).map_err(|e| {
+            let message = e.message().trim_end();
+            match e.span() {
+                Some(span) => {
+                    let before = &text[..span.start.min(text.len())];
+                    let line = before.matches('\n').count() + 1;
+                    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+                    format!("TOML parse error at line {line}, column {column}: {message}")
+                }
+                None => format!("TOML parse error: {message}"),
+            }
+        })
     }
 
     /// Checks what serde cannot. Pure: no I/O.
@@ -418,6 +430,24 @@ api = "azure-openai"
             parse_override_addr("127.0.0.9").unwrap(),
             "127.0.0.9:443".parse().unwrap()
         );
+    }
+
+    #[test]
+    fn parse_errors_name_the_place_but_do_not_quote_the_line() {
+        for (text, line) in [
+            (
+                "[export.otlp.headers]\nauthorization = Bearer sk-SECRET\n",
+                2,
+            ),
+            ("[export.otlp]\napi_key = \"sk-SECRET\"\n", 2),
+            ("[proxy]\nlisten = \"127.0.0.1:1\"\nlisen = 3\n", 3),
+        ] {
+            let e = Config::parse(text).unwrap_err();
+            assert!(!e.contains("SECRET"), "{e}");
+            assert!(e.contains(&format!("line {line}")), "{e}");
+        }
+        let e = Config::parse("[export.otlp]\napi_key = \"sk-SECRET\"\n").unwrap_err();
+        assert!(e.contains("api_key"), "names the unknown key: {e}");
     }
 
     #[test]

@@ -391,23 +391,30 @@ impl std::fmt::Debug for ResolvedOtlp {
     }
 }
 
-fn check_endpoint(e: &str) -> Result<(), String> {
+/// Checks a collector URL. The messages never repeat the URL beyond its
+/// scheme, host, port and path: a query or user info may hold a key.
+pub(super) fn check_endpoint(e: &str) -> Result<(), String> {
     let uri: http::Uri = e
         .parse()
-        .map_err(|err| format!("`{e}` is not a URL: {err}"))?;
-    match uri.scheme_str() {
-        Some("http" | "https") => {}
-        _ => return Err(format!("`{e}` must start with http:// or https://")),
-    }
-    if uri.host().is_none_or(str::is_empty) {
-        return Err(format!("`{e}` has no host"));
-    }
+        .map_err(|err| format!("the value is not a URL ({err})"))?;
     if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
         // It would end up in logs: credentials belong in `headers`.
         return Err("the URL must not contain credentials: put them in headers".into());
     }
+    match uri.scheme_str() {
+        Some("http" | "https") => {}
+        _ => return Err("the URL must start with http:// or https://".into()),
+    }
+    let Some(host) = uri.host().filter(|h| !h.is_empty()) else {
+        return Err("the URL has no host".into());
+    };
     if uri.query().is_some() {
-        return Err(format!("`{e}` must not have a query string"));
+        let port = uri.port().map(|p| format!(":{p}")).unwrap_or_default();
+        return Err(format!(
+            "`{}://{host}{port}{}` must not have a query string (keys belong in headers)",
+            uri.scheme_str().unwrap_or_default(),
+            uri.path()
+        ));
     }
     Ok(())
 }
@@ -426,19 +433,30 @@ fn with_metrics_path(e: &str) -> String {
 /// percent-decoded (W3C baggage format, as the specification says).
 pub fn parse_env_headers(s: &str) -> Result<Vec<(String, String)>, String> {
     let mut out = Vec::new();
-    for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+    for (n, item) in s
+        .split(',')
+        .map(str::trim)
+        .filter(|i| !i.is_empty())
+        .enumerate()
+    {
         let Some((k, v)) = item.split_once('=') else {
+            // Not the entry itself: `Authorization: Bearer …` is the usual
+            // mistake, and it holds the key.
             return Err(format!(
-                "an entry without `=` (key `{}`)",
-                item.chars().take(40).collect::<String>()
+                "entry {} has no `=` (the format is key1=value1,key2=value2)",
+                n + 1
             ));
         };
         let k = k.trim().to_ascii_lowercase();
+        if http::HeaderName::from_bytes(k.as_bytes()).is_err() {
+            // Not echoed either: `Authorization: Basic dXNl…=` splits here.
+            return Err(format!(
+                "the key of entry {} is not a valid header name",
+                n + 1
+            ));
+        }
         let v = percent_decode(v.trim())
             .ok_or_else(|| format!("the value of `{k}` is not valid percent-encoded UTF-8"))?;
-        if http::HeaderName::from_bytes(k.as_bytes()).is_err() {
-            return Err(format!("`{k}` is not a valid header name"));
-        }
         if http::HeaderValue::from_str(&v).is_err() {
             return Err(format!("the value of `{k}` is not a valid header value"));
         }

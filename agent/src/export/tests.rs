@@ -308,6 +308,36 @@ fn env_headers_are_percent_decoded() {
 }
 
 #[test]
+fn header_and_endpoint_errors_do_not_repeat_secrets() {
+    // The usual mistakes: a header written as in HTTP, base64 padding, a
+    // key in the collector URL.
+    for bad in [
+        "Authorization: Bearer sk-SECRET123",
+        "x-team=1,Authorization: Basic c2VjcmV0SECRET=",
+    ] {
+        let e = parse_env_headers(bad).unwrap_err();
+        assert!(!e.contains("SECRET"), "{e}");
+        assert!(e.contains("entry"), "{e}");
+    }
+    for bad in [
+        "https://otlp.example/v1/metrics?api_key=SECRET",
+        "grpc://user:SECRET@collector:4317",
+        "https://user:SECRET@collector:4318",
+        "https://:SECRET@/",
+        "ftp://collector/SECRET?x=1",
+    ] {
+        let e = check_endpoint(bad).unwrap_err();
+        assert!(!e.contains("SECRET"), "{bad}: {e}");
+    }
+    assert!(
+        check_endpoint("https://otlp.example:4318/v1/metrics?k=1")
+            .unwrap_err()
+            .contains("https://otlp.example:4318/v1/metrics")
+    );
+    check_endpoint("https://otlp.example:4318/v1/metrics").unwrap();
+}
+
+#[test]
 fn operations_map_to_the_well_known_names() {
     for (ours, name, class) in [
         ("chat", "chat", OpClass::Inference),
