@@ -12,6 +12,31 @@ pub mod record;
 
 pub use record::{Attribution, Usage, UsageRecord};
 
+/// Longest model name kept (bytes). Names come from the client and the
+/// provider; no real one is near this (Bedrock ARNs are ≈100), and
+/// pricing, the ledger and metric attributes must not take megabytes.
+pub const MAX_MODEL_NAME: usize = 256;
+/// Longest request path kept in a record (bytes).
+pub const MAX_PATH: usize = 2048;
+
+/// `s` cut to at most `max` bytes, at a character boundary.
+pub fn cap(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// [`cap`] in place.
+pub fn cap_owned(s: &mut String, max: usize) {
+    let keep = cap(s, max).len();
+    s.truncate(keep);
+}
+
 /// Where finished records go (the ledger writer, the exporters, the live
 /// view). `submit` must not block or await I/O: it is called on the data
 /// path. Sinks share one record (no copy per sink).
@@ -30,5 +55,21 @@ impl RecordSink for FanOut {
             }
             last.submit(rec);
         }
+    }
+}
+
+#[cfg(test)]
+mod cap_tests {
+    use super::*;
+
+    #[test]
+    fn cap_cuts_at_a_character_boundary() {
+        assert_eq!(cap("gpt-4o", 256), "gpt-4o");
+        assert_eq!(cap("abcdef", 3), "abc");
+        // "é" is two bytes: a cut inside it backs off.
+        assert_eq!(cap("aé", 2), "a");
+        let mut s = "ééé".to_string();
+        cap_owned(&mut s, 5);
+        assert_eq!(s, "éé");
     }
 }

@@ -348,6 +348,11 @@ impl PriceBook {
     /// The price in effect at `at_ms` (the latest version not after it; the
     /// earliest when the request predates every version).
     pub fn price_at(&self, provider: &str, model: &str, at_ms: i64) -> Option<Price> {
+        // Resolving a name costs time quadratic in its dashes: a name no
+        // model has is not looked at.
+        if model.len() > super::MAX_MODEL_NAME {
+            return None;
+        }
         let v = self.versions(provider, model)?;
         v.iter()
             .rev()
@@ -491,6 +496,21 @@ mod tests {
 
     fn close(a: f64, b: f64) -> bool {
         (a - b).abs() <= 1e-9 * a.abs().max(b.abs()).max(1.0)
+    }
+
+    #[test]
+    fn names_longer_than_any_model_are_not_priced() {
+        let book = PriceBook::builtin();
+        assert!(
+            book.price_at("openai", "gpt-4o-mini-2024-07-18", NOW)
+                .is_some()
+        );
+        // Would resolve to the gpt-4o family by its prefix.
+        let long = format!("gpt-4o-{}", "x".repeat(crate::meter::MAX_MODEL_NAME));
+        assert!(book.price_at("openai", &long, NOW).is_none());
+        // Dashes everywhere: the name is refused before any lookup.
+        let dashed = "a-".repeat(500_000);
+        assert!(book.price_at("openai", &dashed, NOW).is_none());
     }
 
     #[test]

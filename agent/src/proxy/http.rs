@@ -150,6 +150,9 @@ pub(super) async fn handle(
         headers: &parts.headers,
         body: whole.as_deref(),
     });
+    if let Some(m) = info.model.as_mut() {
+        crate::meter::cap_owned(m, crate::meter::MAX_MODEL_NAME);
+    }
     if let Some(new) = whole
         .as_deref()
         .and_then(|b| adapter.rewrite_request(&mut info, b))
@@ -196,7 +199,7 @@ pub(super) async fn handle(
         started,
         started_ms,
         method: parts.method.to_string(),
-        path: parts.uri.path().to_string(),
+        path: crate::meter::cap(parts.uri.path(), crate::meter::MAX_PATH).to_string(),
         info: info.clone(),
         status: 0,
         ttfb_ms: None,
@@ -314,6 +317,10 @@ impl Draft {
         let ok = (200..300).contains(&self.status);
         let api = self.ctx.provider.api;
         let provider = adapter_for(api).name();
+        let mut parsed = parsed;
+        if let Some(m) = parsed.response_model.as_mut() {
+            crate::meter::cap_owned(m, crate::meter::MAX_MODEL_NAME);
+        }
         let mut usage = parsed.usage.unwrap_or_default();
         let estimated = ok
             && parsed.usage.is_none()
