@@ -155,6 +155,18 @@ impl Agent {
         self.log.lock().unwrap().clone()
     }
 
+    /// Waits up to 20 s for `text` to appear in the log; false if it did not.
+    pub fn wait_for_log(&self, text: &str) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.log().contains(text) {
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        true
+    }
+
     /// Runs another `tollgate` command against this agent's config.
     pub fn command(&self, args: &[&str]) -> Output {
         Command::new(crate::tollgate_bin())

@@ -111,6 +111,23 @@ impl World {
         Client::new(&self.cg, &hosts, env)
     }
 
+    /// A client in the cgroup that trusts the fake provider's CA only, not
+    /// the agent's: a client with its own root store.
+    pub fn client_without_agent_ca(&self, extra: &[(&str, &str)]) -> Client {
+        let ca = self.pki.ca_path().display().to_string();
+        let mut env: Vec<(String, String)> = ["SSL_CERT_FILE", "CURL_CA_BUNDLE"]
+            .iter()
+            .map(|k| (k.to_string(), ca.clone()))
+            .collect();
+        env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let hosts: Vec<(&str, IpAddr)> = PROVIDER_HOSTS
+            .iter()
+            .chain(OTHER_HOSTS)
+            .map(|h| (*h, self.ip))
+            .collect();
+        Client::new(&self.cg, &hosts, env)
+    }
+
     /// Waits for `n` ledger rows and checks each against what the fake
     /// provider reported, in order. Returns the rows.
     pub fn assert_ledger_matches_provider(&self, n: usize) -> Vec<Value> {

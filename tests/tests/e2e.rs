@@ -176,6 +176,105 @@ fn a_listener_on_another_loopback_address_is_where_the_kernel_sends_jobs() {
     );
 }
 
+const CURL_CHAT: &str = r#"curl -sS --fail-with-body -H 'Authorization: Bearer sk-test-UNTRUSTED-1' \
+    -H 'Content-Type: application/json' \
+    -d '{"model":"gpt-4o","messages":[{"role":"user","content":"a b"}],"max_tokens":2}' \
+    https://api.openai.com/v1/chat/completions"#;
+
+#[test]
+#[ignore = "needs root, cgroup v2 and BPF"]
+fn a_client_that_rejects_the_agent_ca_is_passed_through_after_its_first_try() {
+    let w = World::start("untrusted", 12);
+    // curl with a root store that has the provider's CA but not the agent's.
+    let own_roots = w.client_without_agent_ca(GITHUB_ENV);
+    let first = own_roots.run(&["sh", "-c", CURL_CHAT]);
+    assert!(
+        !first.status.success(),
+        "curl must refuse the agent's certificate"
+    );
+    assert!(
+        w.agent.wait_for_log("does not trust the tollgate CA"),
+        "{}",
+        w.agent.log()
+    );
+    // Its next connection goes to the provider untouched, and works.
+    let out = ok(
+        &own_roots.run(&["sh", "-c", CURL_CHAT]),
+        "curl, passed through",
+    );
+    let body: Value = serde_json::from_str(&out).expect("JSON from the provider");
+    assert_eq!(u(&body["usage"], "completion_tokens"), 2);
+    // Passed-through requests are not metered; a client that trusts the CA
+    // still is (another executable).
+    let trusting = w.client(GITHUB_ENV);
+    ok(
+        &trusting.python(
+            r#"
+import json, urllib.request
+req = urllib.request.Request("https://api.openai.com/v1/chat/completions",
+    data=json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}], "max_tokens": 3}).encode(),
+    headers={"Content-Type": "application/json", "Authorization": "Bearer sk-test-TRUSTING-1"})
+print(urllib.request.urlopen(req, timeout=30).read().decode())
+"#,
+        ),
+        "python",
+    );
+    let rows = w.agent.wait_for_records(1);
+    assert_eq!(rows.len(), 1, "{rows:#?}");
+    assert!(s(&rows[0], "exe").contains("python"), "{:#?}", rows[0]);
+    assert!(!w.agent.log().contains("UNTRUSTED-1"));
+}
+
+#[test]
+#[ignore = "needs root, cgroup v2 and BPF"]
+fn a_client_interrupted_in_the_handshake_is_still_metered_next_time() {
+    let w = World::start("hsabort", 13);
+    let client = w.client(GITHUB_ENV);
+    // A ClientHello, the first byte of the agent's answer, then a hang-up:
+    // what an interrupted client looks like to the agent.
+    ok(
+        &client.python(
+            r#"
+import socket, ssl
+ctx = ssl.create_default_context()
+inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+tls = ctx.wrap_bio(inc, out, server_hostname="api.openai.com")
+try:
+    tls.do_handshake()
+except ssl.SSLWantReadError:
+    pass
+s = socket.create_connection(("api.openai.com", 443))
+s.sendall(out.read())
+s.settimeout(10)
+assert s.recv(1)
+s.close()
+"#,
+        ),
+        "python hang-up",
+    );
+    assert!(
+        w.agent.wait_for_log("client hung up in the TLS handshake"),
+        "{}",
+        w.agent.log()
+    );
+    // The same executable, trusting the CA: intercepted and metered.
+    ok(
+        &client.python(
+            r#"
+import json, urllib.request
+req = urllib.request.Request("https://api.openai.com/v1/chat/completions",
+    data=json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}], "max_tokens": 3}).encode(),
+    headers={"Content-Type": "application/json", "Authorization": "Bearer sk-test-HANGUP-1"})
+print(urllib.request.urlopen(req, timeout=30).read().decode())
+"#,
+        ),
+        "python request",
+    );
+    let rows = w.agent.wait_for_records(1);
+    assert_eq!(rows.len(), 1, "{rows:#?}");
+    assert_eq!(u(&rows[0], "output_tokens"), 3);
+}
+
 #[test]
 #[ignore = "needs root, cgroup v2 and BPF"]
 fn non_provider_sni_is_passed_through_undecrypted() {

@@ -12,7 +12,7 @@ mod http;
 pub mod rewind;
 pub mod upstream;
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -49,6 +49,10 @@ const UNPRICED_WARNINGS: usize = 64;
 
 /// How long a client may take to send its ClientHello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Strikes after which an (executable, host) pair passes through.
+const UNTRUSTED: u8 = 2;
+/// Pairs remembered at most (the key holds a path a job chooses).
+const MAX_UNTRUSTED_PAIRS: usize = 4096;
 
 /// Where the proxy learns who opened an accepted connection.
 pub trait OriginSource: Send + Sync {
@@ -156,7 +160,10 @@ pub struct ProxyState {
     /// In-flight counting for `tollgate top` (a no-op unless set).
     pub live: crate::control::LiveHandle,
     /// (executable, host) pairs whose client rejected the local CA.
-    untrusted: Mutex<HashSet<(String, String)>>,
+    /// Strikes per pair: a certificate alert is [`UNTRUSTED`] at once, a
+    /// hang-up in the handshake one (an interrupted client must not turn
+    /// metering off for its executable); a completed handshake clears them.
+    untrusted: Mutex<HashMap<(String, String), u8>>,
     /// (provider, model) pairs already warned about as unpriced.
     unpriced_seen: Mutex<hashbrown::HashSet<(String, String), rustc_hash::FxBuildHasher>>,
     http: auto::Builder<TokioExecutor>,
@@ -205,7 +212,7 @@ impl ProxyState {
             max_request_body,
             prices: Arc::new(crate::meter::pricing::PriceBook::builtin()),
             live: crate::control::LiveHandle::default(),
-            untrusted: Mutex::new(HashSet::new()),
+            untrusted: Mutex::new(HashMap::new()),
             unpriced_seen: Mutex::default(),
             http,
             draining: CancellationToken::new(),
@@ -439,7 +446,8 @@ async fn handle_conn(state: Arc<ProxyState>, tcp: TcpStream, peer: SocketAddr) {
             .untrusted
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .contains(&key)
+            .get(&key)
+            .is_some_and(|&n| n >= UNTRUSTED)
         {
             inc(&state.stats.passthrough_untrusted);
             debug!(exe = %key.0, host = %key.1, "client does not trust the CA: passthrough");
@@ -454,28 +462,58 @@ async fn handle_conn(state: Arc<ProxyState>, tcp: TcpStream, peer: SocketAddr) {
             }
         };
         let acceptor = tokio_rustls::TlsAcceptor::from(server_config);
-        let tls = match acceptor.accept(Rewind::new(prefix, tcp)).await {
-            Ok(t) => t,
-            Err(e) => {
-                if client_rejected_certificate(&e) {
-                    inc(&state.stats.client_rejected_ca);
-                    let first_time = state
-                        .untrusted
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(key.clone());
-                    if first_time {
-                        warn!(
-                            exe = %key.0, host = %key.1, error = %e,
-                            "the client does not trust the tollgate CA (pinned or bundled roots?); its later connections to this host pass through uncounted. See `tollgate trust env`"
-                        );
+        // A client that stalls mid-handshake must not hold its task, its
+        // socket and its origin entry for ever.
+        let handshake = tokio::time::timeout(HELLO_TIMEOUT, acceptor.accept(Rewind::new(prefix, tcp)));
+        let tls = match handshake.await {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => {
+                let strikes = match rejection(&e) {
+                    Some(Rejection::Alert) => UNTRUSTED,
+                    Some(Rejection::HangUp) => 1,
+                    None => {
+                        debug!(error = %e, "client TLS handshake failed");
+                        return;
                     }
+                };
+                inc(&state.stats.client_rejected_ca);
+                let now_untrusted = {
+                    let mut map = state.untrusted.lock().unwrap_or_else(|p| p.into_inner());
+                    let full = map.len() >= MAX_UNTRUSTED_PAIRS;
+                    match map.get_mut(&key) {
+                        Some(n) => {
+                            let before = *n;
+                            *n = n.saturating_add(strikes).min(UNTRUSTED);
+                            before < UNTRUSTED && *n >= UNTRUSTED
+                        }
+                        None if full => false,
+                        None => {
+                            map.insert(key.clone(), strikes);
+                            strikes >= UNTRUSTED
+                        }
+                    }
+                };
+                if now_untrusted {
+                    warn!(
+                        exe = %key.0, host = %key.1, error = %e,
+                        "the client does not trust the tollgate CA (pinned or bundled roots?); its later connections to this host pass through uncounted. See `tollgate trust env`"
+                    );
                 } else {
-                    debug!(error = %e, "client TLS handshake failed");
+                    debug!(error = %e, "client hung up in the TLS handshake");
                 }
                 return;
             }
+            Err(_) => {
+                debug!("no TLS handshake in time: closing");
+                return;
+            }
         };
+        {
+            let mut map = state.untrusted.lock().unwrap_or_else(|p| p.into_inner());
+            if map.get(&key).is_some_and(|&n| n < UNTRUSTED) {
+                map.remove(&key);
+            }
+        }
         inc(&state.stats.intercepted);
         debug!(host = %provider.host, "intercepted");
         let ctx = Arc::new(http::ConnCtx {
@@ -515,9 +553,17 @@ async fn handle_conn(state: Arc<ProxyState>, tcp: TcpStream, peer: SocketAddr) {
     .await
 }
 
-/// True when a failed handshake means the client refused our certificate
-/// (an alert about the certificate, or a hang-up right after it).
-fn client_rejected_certificate(e: &std::io::Error) -> bool {
+/// How a client refused our certificate, by the handshake's error.
+#[derive(Debug, PartialEq, Eq)]
+enum Rejection {
+    /// An alert about the certificate: it does not trust the CA.
+    Alert,
+    /// A hang-up in the handshake: some clients reject this way, but so
+    /// does one that was interrupted.
+    HangUp,
+}
+
+fn rejection(e: &std::io::Error) -> Option<Rejection> {
     use rustls::AlertDescription as A;
     if let Some(inner) = e.get_ref()
         && let Some(tls) = inner.downcast_ref::<rustls::Error>()
@@ -533,12 +579,14 @@ fn client_rejected_certificate(e: &std::io::Error) -> bool {
                     | A::AccessDenied
                     | A::DecryptError
             )
-        );
+        )
+        .then_some(Rejection::Alert);
     }
     matches!(
         e.kind(),
         std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
     )
+    .then_some(Rejection::HangUp)
 }
 
 /// Copies bytes both ways between the client and the address it dialed,
@@ -575,6 +623,33 @@ async fn splice(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn certificate_alerts_and_hang_ups_are_told_apart() {
+        let alert = |a| std::io::Error::other(rustls::Error::AlertReceived(a));
+        assert_eq!(
+            rejection(&alert(rustls::AlertDescription::UnknownCA)),
+            Some(Rejection::Alert)
+        );
+        assert_eq!(
+            rejection(&alert(rustls::AlertDescription::HandshakeFailure)),
+            None,
+            "no common cipher suite is not about our certificate"
+        );
+        for kind in [
+            std::io::ErrorKind::UnexpectedEof,
+            std::io::ErrorKind::ConnectionReset,
+        ] {
+            assert_eq!(
+                rejection(&std::io::Error::from(kind)),
+                Some(Rejection::HangUp)
+            );
+        }
+        assert_eq!(
+            rejection(&std::io::Error::from(std::io::ErrorKind::TimedOut)),
+            None
+        );
+    }
     use std::sync::Mutex as StdMutex;
     use tokio::io::AsyncReadExt as _;
 
