@@ -369,10 +369,13 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         let _ = t.await;
     }
     drop(state);
-    let written = ledger_writer.shutdown(Duration::from_secs(30))?;
+    let written = ledger_writer.shutdown(Duration::from_secs(30));
+    // The exporters' last export and the audit log's flush happen whatever
+    // the ledger's outcome.
     if let Err(e) = exporter.shutdown(Duration::from_secs(10)).await {
         warn!(error = %e, "export shutdown");
     }
+    let written = written?;
     info!(records = written, "ledger flushed; bye");
     Ok(())
 }

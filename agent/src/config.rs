@@ -137,6 +137,10 @@ pub struct ProxyConfig {
     pub worker_threads: usize,
 }
 
+/// Upper bound of `proxy.drain_secs`.
+const MAX_DRAIN_SECS: u64 = 3600;
+/// Upper bound of `ledger.queue`.
+const MAX_LEDGER_QUEUE: usize = 1 << 20;
 /// Upper bound of `proxy.worker_threads`.
 const MAX_WORKER_THREADS: usize = 256;
 
@@ -310,6 +314,24 @@ impl Config {
                 "must be at least 1".into(),
             ));
         }
+        if self.proxy.drain_secs > MAX_DRAIN_SECS {
+            return Err(invalid(
+                "proxy.drain_secs",
+                format!(
+                    "{} is more than {MAX_DRAIN_SECS} (an hour)",
+                    self.proxy.drain_secs
+                ),
+            ));
+        }
+        if self.ledger.queue > MAX_LEDGER_QUEUE {
+            return Err(invalid(
+                "ledger.queue",
+                format!(
+                    "{} is more than {MAX_LEDGER_QUEUE}; the queue's slots are allocated at start (records beyond it still wait, they are never dropped)",
+                    self.ledger.queue
+                ),
+            ));
+        }
         if self.ledger.queue == 0 {
             return Err(invalid("ledger.queue", "must be at least 1".into()));
         }
@@ -475,6 +497,22 @@ api = "azure-openai"
         );
         c.proxy.worker_threads = 0;
         c.validate().expect("0 = one per CPU");
+        let mut c = Config::default();
+        c.proxy.drain_secs = u64::MAX;
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("proxy.drain_secs")
+        );
+        let mut c = Config::default();
+        c.ledger.queue = usize::MAX;
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("ledger.queue")
+        );
         let mut c = Config::default();
         c.resolver
             .overrides

@@ -53,6 +53,11 @@ pub enum LedgerError {
         path.display()
     )]
     Outdated { path: PathBuf, found: i64 },
+    #[error(
+        "the ledger {} can only be opened read-only (a read-only file or filesystem); the agent must be able to write it",
+        path.display()
+    )]
+    ReadOnly { path: PathBuf },
     #[error("cannot create the directory {}: {source}", path.display())]
     Directory {
         path: PathBuf,
@@ -84,6 +89,7 @@ impl LedgerError {
                 crate::exit::NOPERM
             }
             LedgerError::NotADatabase { .. }
+            | LedgerError::ReadOnly { .. }
             | LedgerError::TooNew { .. }
             | LedgerError::Outdated { .. }
             | LedgerError::Directory { .. } => crate::exit::UNAVAILABLE,
@@ -195,6 +201,13 @@ impl Ledger {
                 | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )
         .map_err(err)?;
+        // SQLite falls back to read-only when the OS refuses writes; every
+        // insert would then fail after "ready".
+        if conn.is_readonly(rusqlite::MAIN_DB).map_err(err)? {
+            return Err(LedgerError::ReadOnly {
+                path: path.to_path_buf(),
+            });
+        }
         conn.busy_timeout(BUSY_TIMEOUT).map_err(err)?;
         // The first statement that reads the file: a non-SQLite file fails here.
         let mode: String = conn

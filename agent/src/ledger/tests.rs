@@ -378,3 +378,35 @@ fn a_batch_pauses_between_slices_and_is_still_one_whole_write() {
     assert_eq!(pauses, 2);
     assert_eq!(l.query(&Filter::default()).expect("query").len(), 20);
 }
+
+/// An immutable file (`chattr +i`) refuses writes even to root, so SQLite
+/// opens it read-only; the agent must refuse to start on it rather than
+/// fail every insert after "ready". Skipped where chattr does not work.
+#[test]
+fn a_ledger_that_opens_read_only_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.sqlite");
+    drop(Ledger::open(&path).expect("create"));
+    let chattr = |flag: &str| {
+        std::process::Command::new("chattr")
+            .arg(flag)
+            .arg(&path)
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if !chattr("+i") {
+        eprintln!("SKIPPED: chattr +i does not work here (not root, or no ext2/3/4)");
+        return;
+    }
+    let result = Ledger::open(&path);
+    assert!(
+        chattr("-i"),
+        "could not undo chattr +i on {}",
+        path.display()
+    );
+    let Err(err) = result else {
+        panic!("an immutable ledger is refused")
+    };
+    assert!(matches!(err, LedgerError::ReadOnly { .. }), "{err}");
+    assert_eq!(err.exit_code(), crate::exit::UNAVAILABLE);
+}

@@ -102,7 +102,11 @@ impl Raw {
         let read = self.cache_read.unwrap_or(0);
         let write = self.cache_creation.unwrap_or(0);
         Some(Usage {
-            input_tokens: self.input.unwrap_or(0) + read + write,
+            input_tokens: self
+                .input
+                .unwrap_or(0)
+                .saturating_add(read)
+                .saturating_add(write),
             output_tokens: self.output.unwrap_or(0),
             cached_input_tokens: read,
             cache_write_input_tokens: write,
@@ -255,6 +259,23 @@ mod tests {
                 .request(&request("GET", "/v1/models", b""))
                 .metered
         );
+    }
+
+    #[test]
+    fn huge_counts_saturate_instead_of_wrapping() {
+        let body = format!(
+            r#"{{"type":"message","model":"m","usage":{{"input_tokens":{},"cache_read_input_tokens":{},"cache_creation_input_tokens":5,"output_tokens":1}}}}"#,
+            u64::MAX - 1,
+            u64::MAX
+        );
+        let p = parse_split(
+            &Anthropic,
+            &info("chat"),
+            "application/json",
+            body.as_bytes(),
+            &[],
+        );
+        assert_eq!(p.usage.unwrap().input_tokens, u64::MAX);
     }
 
     #[test]
