@@ -246,6 +246,55 @@ fn failed_writes_are_retried_not_dropped() {
 }
 
 #[test]
+fn a_record_that_cannot_be_written_holds_back_only_its_own_transaction() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let path = t.path().join("ledger.sqlite");
+    // A small queue: the rest overflows, and the writer takes the whole
+    // overflow at once, as it does after a long outage.
+    let (w, h) = LedgerWriter::start(&path, 16).expect("start");
+    let other = rusqlite::Connection::open(&path).expect("second connection");
+    // Every insert fails while the flag is set; the poisoned record always.
+    other
+        .execute_batch(
+            "CREATE TABLE fail_flag (x INTEGER);
+             INSERT INTO fail_flag VALUES (1);
+             CREATE TRIGGER inject BEFORE INSERT ON requests
+             WHEN (SELECT count(*) FROM fail_flag) > 0 OR NEW.model = 'poison'
+             BEGIN SELECT RAISE(ABORT, 'injected failure'); END;",
+        )
+        .expect("trigger");
+    let n = 1100;
+    for i in 0..n {
+        let mut r = sample(i);
+        if i == n - 1 {
+            r.model = Some("poison".into());
+        }
+        h.submit(r);
+    }
+    // A second failure: the retry took the overflow, so (bar the queue's
+    // 16) they are all pending together. Let the flag go.
+    wait_for("two failed writes", || h.stats().errors >= 2);
+    other
+        .execute("DELETE FROM fail_flag", [])
+        .expect("clear flag");
+    // The pieces before the poisoned one are written; its own is kept.
+    // With one transaction for the whole backlog none would be.
+    wait_for("the first pieces", || h.stats().written >= 1024);
+    std::thread::sleep(Duration::from_millis(300));
+    let written = h.stats().written;
+    assert!(written < n, "the poisoned record was written");
+    let e = w
+        .shutdown(Duration::from_millis(500))
+        .expect_err("the poisoned piece cannot be written");
+    // What is lost is the poisoned record's own piece, and it is named.
+    assert!(n - written <= 512, "{written} written");
+    assert!(
+        e.to_string().contains(&format!("{} records", n - written)),
+        "{e}"
+    );
+}
+
+#[test]
 fn shutdown_gives_up_at_its_deadline_and_says_so() {
     let t = tempfile::tempdir().expect("tempdir");
     let path = t.path().join("ledger.sqlite");

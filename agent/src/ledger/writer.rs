@@ -255,13 +255,28 @@ fn run(
             continue;
         }
         backlog = pending.len() >= BATCH;
-        match ledger.insert_batch_pausing(&pending, YIELD_EVERY, std::thread::yield_now) {
-            Ok(()) => {
-                s.written.fetch_add(pending.len() as u64, Ordering::Relaxed);
-                pending.clear();
-                backoff = BACKOFF_MIN;
+        // One transaction per BATCH records: a backlog after failures is
+        // written (and kept) piece by piece, so a record that cannot be
+        // written holds back only its own piece, and a shutdown deadline
+        // rolls back at most one piece.
+        let mut done = 0;
+        let mut failed = None;
+        for chunk in pending.chunks(BATCH) {
+            match ledger.insert_batch_pausing(chunk, YIELD_EVERY, std::thread::yield_now) {
+                Ok(()) => {
+                    done += chunk.len();
+                    s.written.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
             }
-            Err(e) => {
+        }
+        pending.drain(..done);
+        match failed {
+            None => backoff = BACKOFF_MIN,
+            Some(e) => {
                 s.errors.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(error = %e, records = pending.len(), retry_in = ?backoff, "ledger write failed; keeping the records and retrying");
                 let mut sleep = backoff;
