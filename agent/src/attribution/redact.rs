@@ -6,7 +6,10 @@
 //!    `?key=X&...`, `"api_key": "X"`, `Cookie: a=b; c=d`;
 //! 2. the password of a URL's user info (`https://user:X@host`);
 //! 3. anything shaped like a provider or forge key (`sk-…`, `AIza…`,
-//!    `AKIA…`, `ghp_…`, JWTs, …) wherever it appears.
+//!    `AKIA…`, `ghp_…`, JWTs, Google OAuth `ya29.…`, AWS session tokens
+//!    `IQoJ…`, …) wherever it appears, and a whole argument of 32 or more
+//!    hexadecimal digits (Azure keys; commit ids go too);
+//! 4. the password of `-u user:PASSWORD` / `--user user:PASSWORD` (curl).
 //!
 //! It errs towards redacting too much: a flag such as `--key-file PATH` loses
 //! its path. Counts such as `--max-tokens 100` are kept.
@@ -81,6 +84,8 @@ const KEY_SHAPES: &[(&str, usize)] = &[
     ("xoxb-", 20),
     ("xoxp-", 20),
     ("eyJ", 20),
+    ("ya29.", 20),
+    ("IQoJ", 20),
 ];
 
 /// Whether `name` (a flag, header, variable or parameter name) names a secret.
@@ -147,7 +152,7 @@ fn is_ident(c: char) -> bool {
 }
 
 fn is_value_end(c: char) -> bool {
-    matches!(c, '&' | ';' | ',' | '"' | '\'' | '}' | ')' | '>' | '#')
+    matches!(c, '&' | ';' | ',' | '"' | '\'' | '}' | ')' | '>')
 }
 
 /// Replaces a whole token, keeping surrounding quotes and closing
@@ -266,14 +271,17 @@ fn redact_key_shapes(s: &str) -> String {
                     if !bytes[i..].starts_with(prefix.as_bytes()) {
                         return None;
                     }
-                    let jwt = *prefix == "eyJ";
+                    let dotted = matches!(*prefix, "eyJ" | "ya29.");
+                    // AWS session tokens are base64: all of it goes.
+                    let base64 = *prefix == "IQoJ";
                     let tail = bytes[i + prefix.len()..]
                         .iter()
                         .take_while(|b| {
                             b.is_ascii_alphanumeric()
                                 || **b == b'_'
                                 || **b == b'-'
-                                || (jwt && **b == b'.')
+                                || (dotted && **b == b'.')
+                                || (base64 && matches!(**b, b'+' | b'/' | b'='))
                         })
                         .count();
                     (tail >= *min).then_some(prefix.len() + tail)
@@ -294,6 +302,16 @@ fn redact_key_shapes(s: &str) -> String {
     out
 }
 
+/// A whole argument of 32 or more hexadecimal digits with letters and
+/// digits both (an Azure key), quotes and closing punctuation aside.
+fn is_long_hex(tok: &str) -> bool {
+    let t = tok.trim_matches(|c: char| matches!(c, '"' | '\'' | ',' | ';' | ')' | '}' | ']'));
+    t.len() >= 32
+        && t.bytes().all(|b| b.is_ascii_hexdigit())
+        && t.bytes().any(|b| b.is_ascii_digit())
+        && t.bytes().any(|b| b.is_ascii_alphabetic())
+}
+
 fn is_flag(tok: &str) -> bool {
     tok.len() > 1 && tok.starts_with('-') && !tok[1..].starts_with(|c: char| c.is_ascii_digit())
 }
@@ -302,6 +320,8 @@ fn is_flag(tok: &str) -> bool {
 pub fn redact_cmdline(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 16);
     let mut pending = Pending::None;
+    // The previous token was curl's `-u`: this one is `user:password`.
+    let mut user_flag = false;
     let mut rest = s;
     while !rest.is_empty() {
         let ws = rest
@@ -339,6 +359,24 @@ pub fn redact_cmdline(s: &str) -> String {
         if is_flag(tok) && !tok.contains(['=', ':']) && is_sensitive_name(tok) {
             out.push_str(tok);
             pending = pending_for(tok);
+            continue;
+        }
+        if user_flag {
+            user_flag = false;
+            if let Some((user, _)) = tok.split_once(':') {
+                out.push_str(user);
+                out.push(':');
+                out.push_str(REDACTED);
+                continue;
+            }
+        }
+        if matches!(tok, "-u" | "--user" | "--proxy-user" | "-U") {
+            out.push_str(tok);
+            user_flag = true;
+            continue;
+        }
+        if is_long_hex(tok) {
+            out.push_str(&redact_whole(tok).unwrap_or_else(|| REDACTED.to_string()));
             continue;
         }
         let (scanned, next) = scan_token(tok);
@@ -471,7 +509,7 @@ mod tests {
         (
             "curl https://h/p?a=1&token=Zq9SECRETzq9#frag",
             &["Zq9SECRETzq9"],
-            &["#frag", "a=1"],
+            &["a=1"],
         ),
         (
             "curl https://h/p?access_token=Zq9SECRETzq9",
@@ -552,6 +590,36 @@ mod tests {
         ),
         ("x Bearer Zq9SECRETzq9", &["Zq9SECRETzq9"], &["Bearer"]),
         (
+            "gcloud x ya29.a0Zq9SECRETzq9abcdefghij-klmno.pq",
+            &["Zq9SECRETzq9", "klmno"],
+            &["gcloud x"],
+        ),
+        (
+            "aws x IQoJb3JpZ2luX2VjEZq9/SECRET+zq9abc=== y",
+            &["SECRET", "zq9abc"],
+            &["aws x", " y"],
+        ),
+        (
+            "az x 0123456789abcdef0123456789ABCDEF run",
+            &["0123456789abcdef"],
+            &["az x", "run"],
+        ),
+        (
+            "curl -u ci:Zq9SECRETzq9 https://h",
+            &["Zq9SECRETzq9"],
+            &["-u ci:", "https://h"],
+        ),
+        (
+            "curl --user ci:Zq9SECRETzq9",
+            &["Zq9SECRETzq9"],
+            &["--user ci:"],
+        ),
+        (
+            "tool --api-key=abc#Zq9SECRETzq9",
+            &["Zq9SECRETzq9"],
+            &["--api-key="],
+        ),
+        (
             "x --url=https://u:Zq9SECRETzq9@h/p?key=Zq9SECRETzq8",
             &["Zq9SECRETzq9", "Zq9SECRETzq8"],
             &["@h/p"],
@@ -596,6 +664,9 @@ mod tests {
             "ls -la /tmp/sk-",
             "kubectl --namespace=ci get pods",
             "python -m pytest -k test_author",
+            "head -c 1234567890123456789012345678901234 f",
+            "curl -u ci https://h",
+            "echo deadbeefdeadbeefdeadbeefdeadbeef",
             "",
             "   ",
         ] {
