@@ -247,7 +247,24 @@ pub(super) async fn handle(
         encoding.as_deref(),
         adapter.response_parser(&info, status, &rparts.headers),
     );
-    let filter = adapter.response_filter(&info);
+    // The injected usage chunk can only be in a successful, plain event
+    // stream; anything else (an error body, a compressed or JSON answer)
+    // passes as it came instead of being held until its end.
+    let event_stream = rparts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| {
+            t.trim_start()
+                .to_ascii_lowercase()
+                .starts_with("text/event-stream")
+        });
+    let plain = encoding
+        .as_deref()
+        .is_none_or(|e| e.trim().eq_ignore_ascii_case("identity"));
+    let filter = (rparts.status.is_success() && event_stream && plain)
+        .then(|| adapter.response_filter(&info))
+        .flatten();
     if filter.is_some() {
         rparts.headers.remove(header::CONTENT_LENGTH);
     }
