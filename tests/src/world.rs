@@ -103,12 +103,16 @@ impl World {
     pub fn client(&self, extra: &[(&str, &str)]) -> Client {
         let mut env = self.agent.trust_env();
         env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-        let hosts: Vec<(&str, IpAddr)> = PROVIDER_HOSTS
+        Client::new(&self.cg, &self.hosts(), env)
+    }
+
+    /// Every host name the fake answers for, at its address.
+    fn hosts(&self) -> Vec<(&'static str, IpAddr)> {
+        PROVIDER_HOSTS
             .iter()
             .chain(OTHER_HOSTS)
             .map(|h| (*h, self.ip))
-            .collect();
-        Client::new(&self.cg, &hosts, env)
+            .collect()
     }
 
     /// A client in the cgroup that trusts the fake provider's CA only, not
@@ -120,12 +124,7 @@ impl World {
             .map(|k| (k.to_string(), ca.clone()))
             .collect();
         env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-        let hosts: Vec<(&str, IpAddr)> = PROVIDER_HOSTS
-            .iter()
-            .chain(OTHER_HOSTS)
-            .map(|h| (*h, self.ip))
-            .collect();
-        Client::new(&self.cg, &hosts, env)
+        Client::new(&self.cg, &self.hosts(), env)
     }
 
     /// Waits for `n` ledger rows and checks each against what the fake

@@ -176,6 +176,20 @@ fn a_listener_on_another_loopback_address_is_where_the_kernel_sends_jobs() {
     );
 }
 
+/// Python's urllib (the bundle from `trust env`), one chat completion of 3
+/// tokens with `key`.
+fn urllib_chat(key: &str) -> String {
+    format!(
+        r#"
+import json, urllib.request
+req = urllib.request.Request("https://api.openai.com/v1/chat/completions",
+    data=json.dumps({{"model": "gpt-4o", "messages": [{{"role": "user", "content": "x"}}], "max_tokens": 3}}).encode(),
+    headers={{"Content-Type": "application/json", "Authorization": "Bearer {key}"}})
+print(urllib.request.urlopen(req, timeout=30).read().decode())
+"#
+    )
+}
+
 const CURL_CHAT: &str = r#"curl -sS --fail-with-body -H 'Authorization: Bearer sk-test-UNTRUSTED-1' \
     -H 'Content-Type: application/json' \
     -d '{"model":"gpt-4o","messages":[{"role":"user","content":"a b"}],"max_tokens":2}' \
@@ -208,15 +222,7 @@ fn a_client_that_rejects_the_agent_ca_is_passed_through_after_its_first_try() {
     // still is (another executable).
     let trusting = w.client(GITHUB_ENV);
     ok(
-        &trusting.python(
-            r#"
-import json, urllib.request
-req = urllib.request.Request("https://api.openai.com/v1/chat/completions",
-    data=json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}], "max_tokens": 3}).encode(),
-    headers={"Content-Type": "application/json", "Authorization": "Bearer sk-test-TRUSTING-1"})
-print(urllib.request.urlopen(req, timeout=30).read().decode())
-"#,
-        ),
+        &trusting.python(&urllib_chat("sk-test-TRUSTING-1")),
         "python",
     );
     let rows = w.agent.wait_for_records(1);
@@ -259,15 +265,7 @@ s.close()
     );
     // The same executable, trusting the CA: intercepted and metered.
     ok(
-        &client.python(
-            r#"
-import json, urllib.request
-req = urllib.request.Request("https://api.openai.com/v1/chat/completions",
-    data=json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}], "max_tokens": 3}).encode(),
-    headers={"Content-Type": "application/json", "Authorization": "Bearer sk-test-HANGUP-1"})
-print(urllib.request.urlopen(req, timeout=30).read().decode())
-"#,
-        ),
+        &client.python(&urllib_chat("sk-test-HANGUP-1")),
         "python request",
     );
     let rows = w.agent.wait_for_records(1);

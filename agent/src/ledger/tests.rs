@@ -78,6 +78,23 @@ fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// Makes inserts into the ledger at `path` fail, from a second connection,
+/// whenever `when` holds (SQL over `NEW` and the table `fail_flag`, which
+/// starts with one row). Returns that connection.
+fn inject_failures(path: &Path, when: &str) -> rusqlite::Connection {
+    let other = rusqlite::Connection::open(path).expect("second connection");
+    other
+        .execute_batch(&format!(
+            "CREATE TABLE fail_flag (x INTEGER);
+             INSERT INTO fail_flag VALUES (1);
+             CREATE TRIGGER inject BEFORE INSERT ON requests
+             WHEN {when}
+             BEGIN SELECT RAISE(ABORT, 'injected failure'); END;"
+        ))
+        .expect("trigger");
+    other
+}
+
 fn strip_id(mut r: UsageRecord) -> UsageRecord {
     assert!(r.id.is_some(), "query fills the id");
     r.id = None;
@@ -223,16 +240,7 @@ fn failed_writes_are_retried_not_dropped() {
     let path = t.path().join("ledger.sqlite");
     let (w, h) = LedgerWriter::start(&path, 1024).expect("start");
     // Make inserts fail from outside until the flag row is removed.
-    let other = rusqlite::Connection::open(&path).expect("second connection");
-    other
-        .execute_batch(
-            "CREATE TABLE fail_flag (x INTEGER);
-             INSERT INTO fail_flag VALUES (1);
-             CREATE TRIGGER inject BEFORE INSERT ON requests
-             WHEN (SELECT count(*) FROM fail_flag) > 0
-             BEGIN SELECT RAISE(ABORT, 'injected failure'); END;",
-        )
-        .expect("trigger");
+    let other = inject_failures(&path, "(SELECT count(*) FROM fail_flag) > 0");
     for i in 0..10 {
         h.submit(sample(i));
     }
@@ -252,17 +260,11 @@ fn a_record_that_cannot_be_written_holds_back_only_its_own_transaction() {
     // A small queue: the rest overflows, and the writer takes the whole
     // overflow at once, as it does after a long outage.
     let (w, h) = LedgerWriter::start(&path, 16).expect("start");
-    let other = rusqlite::Connection::open(&path).expect("second connection");
     // Every insert fails while the flag is set; the poisoned record always.
-    other
-        .execute_batch(
-            "CREATE TABLE fail_flag (x INTEGER);
-             INSERT INTO fail_flag VALUES (1);
-             CREATE TRIGGER inject BEFORE INSERT ON requests
-             WHEN (SELECT count(*) FROM fail_flag) > 0 OR NEW.model = 'poison'
-             BEGIN SELECT RAISE(ABORT, 'injected failure'); END;",
-        )
-        .expect("trigger");
+    let other = inject_failures(
+        &path,
+        "(SELECT count(*) FROM fail_flag) > 0 OR NEW.model = 'poison'",
+    );
     let n = 1100;
     for i in 0..n {
         let mut r = sample(i);
@@ -299,13 +301,7 @@ fn shutdown_gives_up_at_its_deadline_and_says_so() {
     let t = tempfile::tempdir().expect("tempdir");
     let path = t.path().join("ledger.sqlite");
     let (w, h) = LedgerWriter::start(&path, 1024).expect("start");
-    let other = rusqlite::Connection::open(&path).expect("second connection");
-    other
-        .execute_batch(
-            "CREATE TRIGGER inject BEFORE INSERT ON requests
-             BEGIN SELECT RAISE(ABORT, 'injected failure'); END;",
-        )
-        .expect("trigger");
+    let _other = inject_failures(&path, "1");
     for i in 0..3 {
         h.submit(sample(i));
     }
