@@ -229,7 +229,11 @@ pub fn report(cfg: &Config, args: &ReportArgs) -> Result<(), CmdError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
         // Not root: read the root-owned ledger without writing it.
         _ => match Ledger::open(&path) {
-            Err(crate::ledger::LedgerError::Permission { .. }) => Ledger::open_read_only(&path)?,
+            // (SQLite may also fall back to read-only by itself.)
+            Err(
+                crate::ledger::LedgerError::Permission { .. }
+                | crate::ledger::LedgerError::ReadOnly { .. },
+            ) => Ledger::open_read_only(&path)?,
             other => other?,
         }
         .query(&filter)?,
