@@ -35,6 +35,10 @@ pub enum AppError {
         source: std::io::Error,
     },
     #[error(
+        "the state directory {path} {why}: whoever can write it can replace the CA key and the ledger; make it owned by root and writable by root only (chmod 755)"
+    )]
+    StateDirUnsafe { path: String, why: String },
+    #[error(
         "cannot listen on {addr}: {source} (is another tollgate running? set [proxy] listen to a free port)"
     )]
     Listen {
@@ -66,6 +70,7 @@ impl AppError {
                 NOPERM
             }
             AppError::StateDir { .. } => UNAVAILABLE,
+            AppError::StateDirUnsafe { .. } => NOPERM,
             AppError::Listen { .. } => UNAVAILABLE,
             AppError::Ca(e) => e.exit_code(),
             AppError::Ledger(e) => e.exit_code(),
@@ -206,10 +211,15 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         return Err(AppError::NotRoot);
     }
     raise_nofile_limit();
-    std::fs::create_dir_all(&cfg.state_dir).map_err(|source| AppError::StateDir {
-        path: cfg.state_dir.display().to_string(),
-        source,
-    })?;
+    // At most 755 (the umask only takes bits away): a directory we create
+    // passes the check below.
+    std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o755)
+        .create(&cfg.state_dir)
+        .map_err(|source| AppError::StateDir {
+            path: cfg.state_dir.display().to_string(),
+            source,
+        })?;
+    check_state_dir(&cfg.state_dir, nix::unistd::geteuid().as_raw())?;
 
     let hosts = provider_hosts(&cfg);
     let host_names: Vec<String> = hosts.iter().map(|h| h.host.clone()).collect();
@@ -380,6 +390,30 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     Ok(())
 }
 
+/// Refuses a state directory that someone other than `owner` could write:
+/// it holds the CA's key and the ledger.
+fn check_state_dir(dir: &std::path::Path, owner: u32) -> Result<(), AppError> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = std::fs::metadata(dir).map_err(|source| AppError::StateDir {
+        path: dir.display().to_string(),
+        source,
+    })?;
+    let why = if meta.uid() != owner {
+        format!("is owned by uid {}, not {owner}", meta.uid())
+    } else if meta.mode() & 0o022 != 0 {
+        format!(
+            "is writable by other users (mode {:o})",
+            meta.mode() & 0o7777
+        )
+    } else {
+        return Ok(());
+    };
+    Err(AppError::StateDirUnsafe {
+        path: dir.display().to_string(),
+        why,
+    })
+}
+
 fn bind_v6_only(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let sock = tokio::net::TcpSocket::new_v6()?;
     sock.set_reuseaddr(true)?;
@@ -404,6 +438,27 @@ mod tests {
             libc::pthread_sigmask(libc::SIG_BLOCK, std::ptr::null(), &mut old);
             libc::sigismember(&old, sig) == 1
         }
+    }
+
+    #[test]
+    fn a_state_dir_others_can_write_is_refused() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let t = tempfile::tempdir().unwrap();
+        let me = nix::unistd::geteuid().as_raw();
+        let set = |mode| std::fs::set_permissions(t.path(), std::fs::Permissions::from_mode(mode));
+        set(0o755).unwrap();
+        check_state_dir(t.path(), me).expect("755, own: fine");
+        set(0o700).unwrap();
+        check_state_dir(t.path(), me).expect("700, own: fine");
+        for mode in [0o775, 0o757, 0o777] {
+            set(mode).unwrap();
+            let e = check_state_dir(t.path(), me).expect_err("writable by others");
+            assert!(e.to_string().contains("writable by other users"), "{e}");
+            assert_eq!(e.exit_code(), crate::exit::NOPERM);
+        }
+        set(0o755).unwrap();
+        let e = check_state_dir(t.path(), me.wrapping_add(1)).expect_err("someone else's");
+        assert!(e.to_string().contains("owned by uid"), "{e}");
     }
 
     #[test]
