@@ -250,15 +250,7 @@ pub(super) async fn handle(
     // The injected usage chunk can only be in a successful, plain event
     // stream; anything else (an error body, a compressed or JSON answer)
     // passes as it came instead of being held until its end.
-    let event_stream = rparts
-        .headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|t| {
-            t.trim_start()
-                .to_ascii_lowercase()
-                .starts_with("text/event-stream")
-        });
+    let event_stream = crate::providers::content_type(&rparts.headers) == "text/event-stream";
     let plain = encoding
         .as_deref()
         .is_none_or(|e| e.trim().eq_ignore_ascii_case("identity"));

@@ -163,7 +163,7 @@ pub struct ProxyState {
     /// Strikes per pair: a certificate alert is [`UNTRUSTED`] at once, a
     /// hang-up in the handshake one (an interrupted client must not turn
     /// metering off for its executable); a completed handshake clears them.
-    untrusted: Mutex<HashMap<(String, String), u8>>,
+    untrusted: Untrusted,
     /// (provider, model) pairs already warned about as unpriced.
     unpriced_seen: Mutex<hashbrown::HashSet<(String, String), rustc_hash::FxBuildHasher>>,
     http: auto::Builder<TokioExecutor>,
@@ -212,7 +212,7 @@ impl ProxyState {
             max_request_body,
             prices: Arc::new(crate::meter::pricing::PriceBook::builtin()),
             live: crate::control::LiveHandle::default(),
-            untrusted: Mutex::new(HashMap::new()),
+            untrusted: Untrusted::default(),
             unpriced_seen: Mutex::default(),
             http,
             draining: CancellationToken::new(),
@@ -442,13 +442,7 @@ async fn handle_conn(state: Arc<ProxyState>, tcp: TcpStream, peer: SocketAddr) {
         };
         let exe = who.exe.clone().unwrap_or_else(|| origin.comm.clone());
         let key = (exe, provider.host.clone());
-        if state
-            .untrusted
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&key)
-            .is_some_and(|&n| n >= UNTRUSTED)
-        {
+        if state.untrusted.passes_through(&key) {
             inc(&state.stats.passthrough_untrusted);
             debug!(exe = %key.0, host = %key.1, "client does not trust the CA: passthrough");
             return splice(tcp, prefix, origin.dst, &state.stopping).await;
@@ -477,23 +471,7 @@ async fn handle_conn(state: Arc<ProxyState>, tcp: TcpStream, peer: SocketAddr) {
                     }
                 };
                 inc(&state.stats.client_rejected_ca);
-                let now_untrusted = {
-                    let mut map = state.untrusted.lock().unwrap_or_else(|p| p.into_inner());
-                    let full = map.len() >= MAX_UNTRUSTED_PAIRS;
-                    match map.get_mut(&key) {
-                        Some(n) => {
-                            let before = *n;
-                            *n = n.saturating_add(strikes).min(UNTRUSTED);
-                            before < UNTRUSTED && *n >= UNTRUSTED
-                        }
-                        None if full => false,
-                        None => {
-                            map.insert(key.clone(), strikes);
-                            strikes >= UNTRUSTED
-                        }
-                    }
-                };
-                if now_untrusted {
+                if state.untrusted.strike(&key, strikes) {
                     warn!(
                         exe = %key.0, host = %key.1, error = %e,
                         "the client does not trust the tollgate CA (pinned or bundled roots?); its later connections to this host pass through uncounted. See `tollgate trust env`"
@@ -508,12 +486,7 @@ async fn handle_conn(state: Arc<ProxyState>, tcp: TcpStream, peer: SocketAddr) {
                 return;
             }
         };
-        {
-            let mut map = state.untrusted.lock().unwrap_or_else(|p| p.into_inner());
-            if map.get(&key).is_some_and(|&n| n < UNTRUSTED) {
-                map.remove(&key);
-            }
-        }
+        state.untrusted.clear(&key);
         inc(&state.stats.intercepted);
         debug!(host = %provider.host, "intercepted");
         let ctx = Arc::new(http::ConnCtx {
@@ -551,6 +524,46 @@ async fn handle_conn(state: Arc<ProxyState>, tcp: TcpStream, peer: SocketAddr) {
     }
     .instrument(span)
     .await
+}
+
+/// Strikes per (executable, host) pair: a certificate alert is
+/// [`UNTRUSTED`] at once, a hang-up in the handshake one (an interrupted
+/// client must not turn metering off for its executable); a completed
+/// handshake clears them. At most [`MAX_UNTRUSTED_PAIRS`] pairs.
+#[derive(Default)]
+struct Untrusted(Mutex<HashMap<(String, String), u8>>);
+
+impl Untrusted {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), u8>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether the pair's connections pass through unmetered.
+    fn passes_through(&self, key: &(String, String)) -> bool {
+        self.map().get(key).is_some_and(|&n| n >= UNTRUSTED)
+    }
+
+    /// Adds `strikes`; true when this makes the pair pass through.
+    fn strike(&self, key: &(String, String), strikes: u8) -> bool {
+        let mut map = self.map();
+        let full = map.len() >= MAX_UNTRUSTED_PAIRS;
+        let n = match map.get_mut(key) {
+            Some(n) => n,
+            None if full => return false,
+            None => map.entry(key.clone()).or_insert(0),
+        };
+        let before = *n;
+        *n = n.saturating_add(strikes).min(UNTRUSTED);
+        before < UNTRUSTED && *n >= UNTRUSTED
+    }
+
+    /// A completed handshake: strikes short of passing through are forgotten.
+    fn clear(&self, key: &(String, String)) {
+        let mut map = self.map();
+        if map.get(key).is_some_and(|&n| n < UNTRUSTED) {
+            map.remove(key);
+        }
+    }
 }
 
 /// How a client refused our certificate, by the handshake's error.
@@ -623,6 +636,33 @@ async fn splice(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn strikes_add_up_clear_on_success_and_are_bounded() {
+        let u = Untrusted::default();
+        let k = |i: usize| (format!("/bin/x{i}"), "api.openai.com".to_string());
+        assert!(!u.strike(&k(0), 1));
+        u.clear(&k(0));
+        assert!(
+            !u.strike(&k(0), 1),
+            "a success in between forgets the first"
+        );
+        assert!(u.strike(&k(0), 1), "the second hang-up in a row");
+        assert!(u.passes_through(&k(0)));
+        u.clear(&k(0));
+        assert!(u.passes_through(&k(0)), "a pair that passes through stays");
+        assert!(
+            !u.strike(&k(0), UNTRUSTED),
+            "already passing: no second warning"
+        );
+        assert!(u.strike(&k(1), UNTRUSTED), "an alert at once");
+        for i in 2..MAX_UNTRUSTED_PAIRS + 10 {
+            u.strike(&k(i), 1);
+        }
+        assert_eq!(u.map().len(), MAX_UNTRUSTED_PAIRS);
+        assert!(!u.strike(&k(MAX_UNTRUSTED_PAIRS + 20), UNTRUSTED));
+        assert!(!u.passes_through(&k(MAX_UNTRUSTED_PAIRS + 20)));
+    }
 
     #[test]
     fn certificate_alerts_and_hang_ups_are_told_apart() {
