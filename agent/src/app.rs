@@ -226,8 +226,11 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     let (ca, status) = LocalCa::load_or_create(&cfg.state_dir, &host_names)?;
     log_ca_status(&status);
     let upstream = Upstream::new(cfg.upstream.extra_ca.as_deref())?;
-    let (ledger_writer, ledger) =
-        LedgerWriter::start(&crate::cli::ledger_path(&cfg.state_dir), cfg.ledger.queue)?;
+    let (ledger_writer, ledger) = LedgerWriter::start(
+        &crate::cli::ledger_path(&cfg.state_dir),
+        cfg.ledger.queue,
+        cfg.ledger.max_backlog,
+    )?;
 
     // Exporters get the records through the same sink as the ledger; their
     // health view reads the proxy's counters once the proxy exists.
@@ -262,6 +265,7 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
                 ledger_written: l.written,
                 ledger_queued: l.queued,
                 ledger_errors: l.errors,
+                ledger_dropped: l.dropped + l.rejected,
                 up: true,
             }
         })

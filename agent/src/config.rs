@@ -141,6 +141,8 @@ pub struct ProxyConfig {
 const MAX_DRAIN_SECS: u64 = 3600;
 /// Upper bound of `ledger.queue`.
 const MAX_LEDGER_QUEUE: usize = 1 << 20;
+/// Upper bound of `ledger.max_backlog` (≈1 KiB of memory per record).
+const MAX_LEDGER_BACKLOG: usize = 1 << 22;
 /// Upper bound of `proxy.worker_threads`.
 const MAX_WORKER_THREADS: usize = 256;
 
@@ -208,13 +210,20 @@ pub enum ApiKind {
 #[serde(deny_unknown_fields, default)]
 pub struct LedgerConfig {
     /// Records waiting for the ledger writer before the request path starts
-    /// handing them over asynchronously (never dropped).
+    /// handing them over asynchronously (not dropped).
     pub queue: usize,
+    /// Most records waiting in memory, queue included, while the ledger
+    /// cannot be written (a full disk, a lock held from outside); records
+    /// beyond it are dropped and counted in `tollgate.ledger.dropped`.
+    pub max_backlog: usize,
 }
 
 impl Default for LedgerConfig {
     fn default() -> Self {
-        LedgerConfig { queue: 65_536 }
+        LedgerConfig {
+            queue: 65_536,
+            max_backlog: 100_000,
+        }
     }
 }
 
@@ -327,13 +336,24 @@ impl Config {
             return Err(invalid(
                 "ledger.queue",
                 format!(
-                    "{} is more than {MAX_LEDGER_QUEUE}; the queue's slots are allocated at start (records beyond it still wait, they are never dropped)",
+                    "{} is more than {MAX_LEDGER_QUEUE}; the queue's slots are allocated at start (records beyond it still wait, up to ledger.max_backlog)",
                     self.ledger.queue
                 ),
             ));
         }
         if self.ledger.queue == 0 {
             return Err(invalid("ledger.queue", "must be at least 1".into()));
+        }
+        if self.ledger.max_backlog > MAX_LEDGER_BACKLOG
+            || self.ledger.max_backlog < self.ledger.queue
+        {
+            return Err(invalid(
+                "ledger.max_backlog",
+                format!(
+                    "{} must be at least ledger.queue ({}) and at most {MAX_LEDGER_BACKLOG} (each waiting record holds about 1 KiB of memory)",
+                    self.ledger.max_backlog, self.ledger.queue
+                ),
+            ));
         }
         if self.state_dir.as_os_str().is_empty() || !self.state_dir.is_absolute() {
             return Err(invalid(
@@ -513,6 +533,12 @@ api = "azure-openai"
                 .to_string()
                 .contains("ledger.queue")
         );
+        for backlog in [usize::MAX, 1000] {
+            let mut c = Config::default();
+            c.ledger.max_backlog = backlog;
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains("ledger.max_backlog"), "{backlog}: {e}");
+        }
         let mut c = Config::default();
         c.resolver
             .overrides

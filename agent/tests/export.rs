@@ -90,6 +90,7 @@ fn health() -> Arc<dyn Fn() -> HealthSnapshot + Send + Sync> {
         ledger_written: 40,
         ledger_queued: 2,
         ledger_errors: 1,
+        ledger_dropped: 6,
         up: true,
     })
 }
@@ -242,6 +243,7 @@ fn assert_health(points: &[Point]) {
         ("tollgate.ledger.records", "{record}", "counter", 40.0),
         ("tollgate.ledger.queued", "{record}", "gauge", 2.0),
         ("tollgate.ledger.errors", "{error}", "counter", 1.0),
+        ("tollgate.ledger.dropped", "{record}", "counter", 6.0),
         ("tollgate.up", "1", "gauge", 1.0),
     ] {
         let ps = named(points, name);
@@ -343,6 +345,7 @@ async fn default_generation(t: Transport) {
             "tollgate.ledger.records",
             "tollgate.ledger.queued",
             "tollgate.ledger.errors",
+            "tollgate.ledger.dropped",
             "tollgate.up",
         ]),
         "exported metric names"

@@ -281,7 +281,7 @@ type HealthFigure = (
 );
 
 /// Health counters (monotonic).
-const HEALTH_COUNTERS: [HealthFigure; 7] = [
+const HEALTH_COUNTERS: [HealthFigure; 8] = [
     (
         sc::M_CONN_INTERCEPTED,
         "{connection}",
@@ -323,6 +323,12 @@ const HEALTH_COUNTERS: [HealthFigure; 7] = [
         "{error}",
         "Failed ledger write attempts (each retried).",
         |h| h.ledger_errors,
+    ),
+    (
+        sc::M_LEDGER_DROPPED,
+        "{record}",
+        "Usage records not written to the ledger: its backlog was full during an outage, or they arrived after shutdown began.",
+        |h| h.ledger_dropped,
     ),
 ];
 

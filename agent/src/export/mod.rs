@@ -74,6 +74,9 @@ pub struct HealthSnapshot {
     pub ledger_queued: u64,
     /// Failed ledger write attempts (each retried).
     pub ledger_errors: u64,
+    /// Usage records not written: the backlog was full during a ledger
+    /// outage, or they arrived after shutdown began.
+    pub ledger_dropped: u64,
     /// The agent is running and intercepting.
     pub up: bool,
 }

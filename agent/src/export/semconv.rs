@@ -72,6 +72,7 @@ pub const M_EXPORT_DROPPED: &str = "tollgate.export.dropped";
 pub const M_LEDGER_RECORDS: &str = "tollgate.ledger.records";
 pub const M_LEDGER_QUEUED: &str = "tollgate.ledger.queued";
 pub const M_LEDGER_ERRORS: &str = "tollgate.ledger.errors";
+pub const M_LEDGER_DROPPED: &str = "tollgate.ledger.dropped";
 pub const M_UP: &str = "tollgate.up";
 
 /// ExplicitBucketBoundaries the conventions give for token histograms.

@@ -4,8 +4,10 @@
 //! crash loses nothing committed), its schema and migrations (`schema`), and
 //! the writer thread the request path hands records to (`writer`).
 //!
-//! Must never: lose a settled record (a full queue spills to an unbounded
-//! overflow list, a failed write is retried), make the request path wait on
+//! Must never: lose a settled record while memory allows (a full queue
+//! spills to an overflow list, a failed write is retried; only past
+//! `ledger.max_backlog` unwritten records are new ones dropped, counted and
+//! logged), hold unbounded memory, make the request path wait on
 //! disk, or store a secret (the record types carry no headers, keys or query
 //! strings; do not add any).
 

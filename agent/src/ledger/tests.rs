@@ -162,7 +162,7 @@ fn writer_writes_ten_thousand_records() {
     let t = tempfile::tempdir().expect("tempdir");
     let path = t.path().join("ledger.sqlite");
     // A small queue forces the overflow path as well.
-    let (w, h) = LedgerWriter::start(&path, 64).expect("start");
+    let (w, h) = LedgerWriter::start(&path, 64, 1 << 20).expect("start");
     let threads: Vec<_> = (0..4)
         .map(|k| {
             let h = h.clone();
@@ -205,7 +205,7 @@ fn writer_writes_ten_thousand_records() {
 fn committed_rows_survive_a_crash() {
     let t = tempfile::tempdir().expect("tempdir");
     let path = t.path().join("ledger.sqlite");
-    let (w, h) = LedgerWriter::start(&path, 16).expect("start");
+    let (w, h) = LedgerWriter::start(&path, 16, 1 << 20).expect("start");
     for i in 0..100 {
         h.submit(sample(i));
     }
@@ -238,7 +238,7 @@ fn committed_rows_survive_a_crash() {
 fn failed_writes_are_retried_not_dropped() {
     let t = tempfile::tempdir().expect("tempdir");
     let path = t.path().join("ledger.sqlite");
-    let (w, h) = LedgerWriter::start(&path, 1024).expect("start");
+    let (w, h) = LedgerWriter::start(&path, 1024, 1 << 20).expect("start");
     // Make inserts fail from outside until the flag row is removed.
     let other = inject_failures(&path, "(SELECT count(*) FROM fail_flag) > 0");
     for i in 0..10 {
@@ -259,7 +259,7 @@ fn a_record_that_cannot_be_written_holds_back_only_its_own_transaction() {
     let path = t.path().join("ledger.sqlite");
     // A small queue: the rest overflows, and the writer takes the whole
     // overflow at once, as it does after a long outage.
-    let (w, h) = LedgerWriter::start(&path, 16).expect("start");
+    let (w, h) = LedgerWriter::start(&path, 16, 1 << 20).expect("start");
     // Every insert fails while the flag is set; the poisoned record always.
     let other = inject_failures(
         &path,
@@ -297,10 +297,71 @@ fn a_record_that_cannot_be_written_holds_back_only_its_own_transaction() {
 }
 
 #[test]
+fn an_outage_holds_at_most_the_backlog_and_counts_the_rest() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let path = t.path().join("ledger.sqlite");
+    let (w, h) = LedgerWriter::start(&path, 16, 100).expect("start");
+    let other = inject_failures(&path, "(SELECT count(*) FROM fail_flag) > 0");
+    for i in 0..250 {
+        h.submit(sample(i));
+    }
+    let s = h.stats();
+    assert_eq!((s.written, s.queued, s.dropped), (0, 100, 150), "{s:?}");
+    other
+        .execute("DELETE FROM fail_flag", [])
+        .expect("clear flag");
+    wait_for("the backlog", || h.stats().written == 100);
+    // Room again: later records are kept.
+    h.submit(sample(1000));
+    assert_eq!(w.shutdown(Duration::from_secs(30)).expect("shutdown"), 101);
+    let rows = Ledger::open(&path)
+        .expect("open")
+        .query(&Filter::default())
+        .expect("q");
+    let starts: Vec<i64> = rows.iter().map(|r| r.started_at_ms).collect();
+    let mut want: Vec<i64> = (0..100).map(|i| sample(i).started_at_ms).collect();
+    want.push(sample(1000).started_at_ms);
+    assert_eq!(starts, want, "the oldest 100 and the one after the outage");
+    assert_eq!(h.stats().dropped, 150);
+}
+
+#[test]
+fn a_panic_in_the_writer_loses_and_repeats_nothing() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let path = t.path().join("ledger.sqlite");
+    // A small queue: most of the 1100 take the overflow path and are
+    // written as one backlog of three transactions.
+    let (w, h) = LedgerWriter::start(&path, 16, 1 << 20).expect("start");
+    let other = inject_failures(&path, "(SELECT count(*) FROM fail_flag) > 0");
+    for i in 0..1100 {
+        h.submit(sample(i));
+    }
+    wait_for("a failed write", || h.stats().errors >= 1);
+    // The first piece (512 records, 63 pauses) commits, the second panics
+    // after 80 of its records.
+    h.plant_panic_at(63 + 10);
+    other
+        .execute("DELETE FROM fail_flag", [])
+        .expect("clear flag");
+    wait_for("the panic", || h.stats().errors >= 2);
+    wait_for("the rest", || h.stats().written >= 1100);
+    assert!(!h.panic_planted(), "the planted panic did not happen");
+    assert_eq!(w.shutdown(Duration::from_secs(30)).expect("shutdown"), 1100);
+    let rows = Ledger::open(&path)
+        .expect("open")
+        .query(&Filter::default())
+        .expect("q");
+    let mut starts: Vec<i64> = rows.iter().map(|r| r.started_at_ms).collect();
+    starts.sort();
+    starts.dedup();
+    assert_eq!((rows.len(), starts.len()), (1100, 1100), "each record once");
+}
+
+#[test]
 fn shutdown_gives_up_at_its_deadline_and_says_so() {
     let t = tempfile::tempdir().expect("tempdir");
     let path = t.path().join("ledger.sqlite");
-    let (w, h) = LedgerWriter::start(&path, 1024).expect("start");
+    let (w, h) = LedgerWriter::start(&path, 1024, 1 << 20).expect("start");
     let _other = inject_failures(&path, "1");
     for i in 0..3 {
         h.submit(sample(i));
@@ -324,7 +385,7 @@ fn a_file_that_is_not_sqlite_is_a_clear_error() {
         "{msg}"
     );
     assert_eq!(e.exit_code(), crate::exit::UNAVAILABLE);
-    assert!(LedgerWriter::start(&path, 8).is_err());
+    assert!(LedgerWriter::start(&path, 8, 1 << 20).is_err());
 }
 
 #[test]

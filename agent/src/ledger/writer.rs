@@ -7,7 +7,16 @@
 //! channel, and when that is full appends to an overflow list (a `Vec`
 //! behind a mutex held for one push) that the writer drains. A failed write
 //! keeps its records and is retried with backoff; nothing is dropped until
-//! `shutdown` gives up at its deadline (and says how many were left).
+//! `shutdown` gives up at its deadline (and says how many were left), except
+//! past the backlog bound: while the ledger cannot be written (a full disk,
+//! a lock held from outside) at most `max_backlog` records wait in memory,
+//! and what comes beyond is counted as dropped and logged, so that an
+//! outage costs records, counted, rather than the agent's memory. A panic
+//! in the writer (a bug) rolls back its transaction, is logged and counted
+//! as a write error, and the writer carries on with the records it held.
+//!
+//! Must never: block `submit` on the disk or on the writer; hold records
+//! in memory without bound.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
@@ -48,6 +57,9 @@ pub struct LedgerStats {
     pub errors: u64,
     /// Records submitted after shutdown began (not written).
     pub rejected: u64,
+    /// Records dropped because `max_backlog` records were already waiting
+    /// (the ledger could not be written for a while).
+    pub dropped: u64,
 }
 
 struct Shared {
@@ -61,6 +73,13 @@ struct Shared {
     overflowed: AtomicU64,
     errors: AtomicU64,
     rejected: AtomicU64,
+    dropped: AtomicU64,
+    /// Most records accepted and not yet written.
+    max_backlog: u64,
+    /// Tests: the writer panics at this pause between two inserts,
+    /// counting from 1 (0: never).
+    #[cfg(test)]
+    pub(super) panic_at: AtomicUsize,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -91,12 +110,14 @@ impl std::fmt::Debug for LedgerHandle {
 
 impl LedgerWriter {
     /// Opens the ledger at `path` (errors are returned here, not later) and
-    /// starts the writer thread with a channel of `queue` records.
+    /// starts the writer thread with a channel of `queue` records, holding
+    /// at most `max_backlog` unwritten records in all.
     pub fn start(
         path: &std::path::Path,
         queue: usize,
+        max_backlog: usize,
     ) -> Result<(LedgerWriter, LedgerHandle), LedgerError> {
-        let ledger = Ledger::open(path)?;
+        let mut ledger = Ledger::open(path)?;
         let (tx, rx) = mpsc::sync_channel::<Arc<UsageRecord>>(queue.max(1));
         let (done_tx, done) = mpsc::channel();
         let shared = Arc::new(Shared {
@@ -109,12 +130,16 @@ impl LedgerWriter {
             overflowed: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+            max_backlog: max_backlog.max(1) as u64,
+            #[cfg(test)]
+            panic_at: AtomicUsize::new(0),
         });
         let thread_shared = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name("tollgate-ledger".into())
             .spawn(move || {
-                let outcome = run(ledger, rx, &thread_shared);
+                let outcome = supervise(&mut ledger, &rx, &thread_shared);
                 let _ = done_tx.send(outcome);
             })
             .map_err(LedgerError::Thread)?;
@@ -178,6 +203,22 @@ impl LedgerHandle {
             }
             return;
         }
+        let waiting = s
+            .submitted
+            .load(Ordering::Relaxed)
+            .saturating_sub(s.written.load(Ordering::Relaxed));
+        if waiting >= s.max_backlog {
+            s.inflight.fetch_sub(1, Ordering::SeqCst);
+            let n = s.dropped.fetch_add(1, Ordering::Relaxed);
+            if n.is_multiple_of(10_000) {
+                tracing::error!(
+                    dropped = n + 1,
+                    waiting,
+                    "the ledger has not been written for a while and its backlog is full (ledger.max_backlog): usage records are being dropped; see the earlier ledger write errors"
+                );
+            }
+            return;
+        }
         s.submitted.fetch_add(1, Ordering::Relaxed);
         match self.tx.try_send(rec) {
             Ok(()) => {}
@@ -193,6 +234,19 @@ impl LedgerHandle {
     pub fn stats(&self) -> LedgerStats {
         stats(&self.shared)
     }
+
+    /// Tests: the writer panics at its `n`th pause between two inserts
+    /// from now (one every `YIELD_EVERY` records of a transaction).
+    #[cfg(test)]
+    pub(super) fn plant_panic_at(&self, n: usize) {
+        self.shared.panic_at.store(n, Ordering::SeqCst);
+    }
+
+    /// Tests: whether the planted panic is still to come.
+    #[cfg(test)]
+    pub(super) fn panic_planted(&self) -> bool {
+        self.shared.panic_at.load(Ordering::SeqCst) != 0
+    }
 }
 
 fn stats(s: &Shared) -> LedgerStats {
@@ -203,17 +257,60 @@ fn stats(s: &Shared) -> LedgerStats {
         overflowed: s.overflowed.load(Ordering::Relaxed),
         errors: s.errors.load(Ordering::Relaxed),
         rejected: s.rejected.load(Ordering::Relaxed),
+        dropped: s.dropped.load(Ordering::Relaxed),
+    }
+}
+
+/// Runs the writer loop, and again after a panic in it: the transaction
+/// it was in is rolled back (rusqlite's on unwind), the records stay in
+/// `pending`, and the failure counts as a write error, retried with the
+/// same backoff. At shutdown past the deadline it gives up as `run` does.
+fn supervise(
+    ledger: &mut Ledger,
+    rx: &Receiver<Arc<UsageRecord>>,
+    s: &Shared,
+) -> Result<u64, (u64, String)> {
+    let mut pending: Vec<Arc<UsageRecord>> = Vec::new();
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            run(ledger, rx, s, &mut pending)
+        }));
+        let panic = match outcome {
+            Ok(done) => return done,
+            Err(p) => p,
+        };
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|m| m.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic".into());
+        s.errors.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(panic = %what, records = pending.len(), retry_in = ?backoff, "the ledger writer failed (a bug: please report it); it keeps its records and carries on");
+        let mut sleep = backoff;
+        if s.closed.load(Ordering::SeqCst) {
+            let left = lock(&s.deadline).map(|d| d.saturating_duration_since(Instant::now()));
+            if left.is_some_and(|l| l.is_zero()) {
+                let unwritten = pending.len() as u64 + rx.try_iter().count() as u64;
+                return Err((unwritten, format!("the writer failed: {what}")));
+            }
+            if let Some(l) = left {
+                sleep = sleep.min(l);
+            }
+        }
+        std::thread::sleep(sleep);
+        backoff = (backoff * 2).min(BACKOFF_MAX);
     }
 }
 
 /// The writer thread's loop. Returns the total written, or what was left
 /// when the shutdown deadline passed during failing writes.
 fn run(
-    mut ledger: Ledger,
-    rx: Receiver<Arc<UsageRecord>>,
+    ledger: &mut Ledger,
+    rx: &Receiver<Arc<UsageRecord>>,
     s: &Shared,
+    pending: &mut Vec<Arc<UsageRecord>>,
 ) -> Result<u64, (u64, String)> {
-    let mut pending: Vec<Arc<UsageRecord>> = Vec::new();
     let mut backoff = BACKOFF_MIN;
     let mut backlog = false;
     loop {
@@ -259,13 +356,26 @@ fn run(
         // written (and kept) piece by piece, so a record that cannot be
         // written holds back only its own piece, and a shutdown deadline
         // rolls back at most one piece.
-        let mut done = 0;
+        // Committed pieces leave `pending` even when a later piece panics.
+        let mut w = Committed { pending, done: 0 };
         let mut failed = None;
-        for chunk in pending.chunks(BATCH) {
-            match ledger.insert_batch_pausing(chunk, YIELD_EVERY, std::thread::yield_now) {
+        while w.done < w.pending.len() {
+            let end = (w.done + BATCH).min(w.pending.len());
+            let pause = || {
+                #[cfg(test)]
+                if s.panic_at
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    == Ok(1)
+                {
+                    panic!("planted writer panic");
+                }
+                std::thread::yield_now()
+            };
+            match ledger.insert_batch_pausing(&w.pending[w.done..end], YIELD_EVERY, pause) {
                 Ok(()) => {
-                    done += chunk.len();
-                    s.written.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                    s.written
+                        .fetch_add((end - w.done) as u64, Ordering::Relaxed);
+                    w.done = end;
                 }
                 Err(e) => {
                     failed = Some(e);
@@ -273,7 +383,7 @@ fn run(
                 }
             }
         }
-        pending.drain(..done);
+        drop(w);
         match failed {
             None => backoff = BACKOFF_MIN,
             Some(e) => {
@@ -295,5 +405,18 @@ fn run(
                 backoff = (backoff * 2).min(BACKOFF_MAX);
             }
         }
+    }
+}
+
+/// The front of `pending` that is committed, removed from it on drop (on
+/// unwind too, so that a panic does not write those records twice).
+struct Committed<'a> {
+    pending: &'a mut Vec<Arc<UsageRecord>>,
+    done: usize,
+}
+
+impl Drop for Committed<'_> {
+    fn drop(&mut self) {
+        self.pending.drain(..self.done);
     }
 }
