@@ -342,6 +342,7 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
             cfg.proxy.max_request_body,
         )
         .with_prices(Arc::new(PriceBook::new(&cfg.pricing)))
+        .with_max_buffered(cfg.proxy.max_buffered_request_bytes)
         .with_live(live.handle()),
     );
     let _ = proxy_slot.set(Arc::downgrade(&state));

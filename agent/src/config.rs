@@ -130,6 +130,9 @@ pub struct ProxyConfig {
     /// Largest request body the agent reads to find the model (bytes).
     /// Larger bodies are forwarded unchanged and recorded as unparsed.
     pub max_request_body: usize,
+    /// Most bytes of request bodies the agent holds at once, across all
+    /// connections; a body that would pass it is forwarded unparsed.
+    pub max_buffered_request_bytes: usize,
     /// Threads that run connections; 0 = one per CPU. One keeps the
     /// agent's share of a small runner bounded and costs the least CPU per
     /// request (no wake-ups between threads); LLM request rates are far
@@ -152,6 +155,7 @@ impl Default for ProxyConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 15443)),
             drain_secs: 30,
             max_request_body: 32 << 20,
+            max_buffered_request_bytes: 128 << 20,
             worker_threads: 1,
         }
     }
@@ -338,6 +342,15 @@ impl Config {
                 format!(
                     "{} is more than {MAX_LEDGER_QUEUE}; the queue's slots are allocated at start (records beyond it still wait, up to ledger.max_backlog)",
                     self.ledger.queue
+                ),
+            ));
+        }
+        if self.proxy.max_buffered_request_bytes < self.proxy.max_request_body {
+            return Err(invalid(
+                "proxy.max_buffered_request_bytes",
+                format!(
+                    "{} is less than proxy.max_request_body ({}): no body that size could be read",
+                    self.proxy.max_buffered_request_bytes, self.proxy.max_request_body
                 ),
             ));
         }
@@ -533,6 +546,10 @@ api = "azure-openai"
                 .to_string()
                 .contains("ledger.queue")
         );
+        let mut c = Config::default();
+        c.proxy.max_buffered_request_bytes = 1 << 20;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("proxy.max_buffered_request_bytes"), "{e}");
         for backlog in [usize::MAX, 1000] {
             let mut c = Config::default();
             c.ledger.max_backlog = backlog;

@@ -17,7 +17,9 @@ pub struct AgentOptions {
     /// host → addresses, for `[resolver.overrides]`.
     pub overrides: Vec<(String, Vec<String>)>,
     pub extra_ca: Option<PathBuf>,
-    /// More TOML appended to the generated config.
+    /// More TOML appended to the generated config; its lines that start
+    /// with `proxy.` go into the generated `[proxy]` table instead (TOML
+    /// cannot open a table twice).
     pub extra_toml: String,
     /// Start the agent inside the intercepted cgroup itself, as in
     /// production where it attaches to the root cgroup: its own upstream
@@ -45,6 +47,14 @@ impl Agent {
             opts.cgroup,
             opts.listen.as_deref().unwrap_or("127.0.0.1:0")
         );
+        let (proxy_keys, extra): (Vec<&str>, Vec<&str>) = opts
+            .extra_toml
+            .lines()
+            .partition(|l| l.trim_start().starts_with("proxy."));
+        for l in proxy_keys {
+            toml += l.trim_start().trim_start_matches("proxy.");
+            toml.push('\n');
+        }
         if let Some(ca) = &opts.extra_ca {
             toml += &format!("[upstream]\nextra_ca = {ca:?}\n");
         }
@@ -56,7 +66,8 @@ impl Agent {
         for (h, addrs) in &opts.overrides {
             toml += &format!("{h:?} = {addrs:?}\n");
         }
-        toml += &opts.extra_toml;
+        toml += &extra.join("\n");
+        toml.push('\n');
         std::fs::write(&config_path, toml).expect("write config");
         let mut cmd = if opts.join_cgroup {
             let mut c = Command::new("sh");

@@ -534,3 +534,70 @@ c.chat.completions.create(model="gpt-4o-mini", max_tokens=3, messages=[{"role": 
     );
     w.assert_ledger_matches_provider(1);
 }
+
+#[test]
+#[ignore = "needs root, cgroup v2 and BPF"]
+fn a_request_past_the_body_budget_is_forwarded_unparsed_and_still_counted() {
+    // Room for one ≈5 KB body at a time: a stream holds its body until it
+    // ends (for a local estimate), so a second request meanwhile is over
+    // the agent's budget.
+    let w = World::start_with(
+        "budget",
+        25,
+        "proxy.max_request_body = 6000\nproxy.max_buffered_request_bytes = 8000\n".into(),
+    );
+    let client = w.client(&[]);
+    let script = r#"
+import json, threading, time, urllib.request
+def call(model, stream, delay=None):
+    body = {"model": model, "messages": [{"role": "user", "content": "word " * 1000}],
+            "max_tokens": 10, "stream": stream}
+    h = {"Content-Type": "application/json", "Authorization": "Bearer sk-test-BUDGET-1"}
+    if delay:
+        h["x-fake-chunk-delay-ms"] = str(delay)
+    req = urllib.request.Request("https://api.openai.com/v1/chat/completions",
+        data=json.dumps(body).encode(), headers=h)
+    return urllib.request.urlopen(req, timeout=60).read().decode()
+out = {}
+def a():
+    out["a"] = call("gpt-4o-mini", True, 300)
+t = threading.Thread(target=a)
+t.start()
+time.sleep(1.0)
+out["b"] = json.loads(call("gpt-4o", False))["usage"]
+t.join()
+out["c"] = json.loads(call("gpt-4.1", False))["usage"]
+out["a"] = "[DONE]" in out["a"]
+print(json.dumps(out))
+"#;
+    let out = ok(&client.python(script), "python urllib");
+    let got: Value = serde_json::from_str(out.trim()).expect("client JSON");
+    assert_eq!(got["a"], true, "{got}");
+    let rows = w.agent.wait_for_records(3);
+    assert_eq!(rows.len(), 3, "{rows:#?}");
+    let by = |resp: &str| {
+        rows.iter()
+            .find(|r| r["response_model"] == resp)
+            .unwrap_or_else(|| panic!("no record answered by {resp}: {rows:#?}"))
+    };
+    // The stream and the request after it were read whole: their model
+    // comes from the request.
+    assert_eq!(by("gpt-4o-mini-2024-07-18")["model"], "gpt-4o-mini");
+    let c = by("gpt-4.1-2024-07-18");
+    assert_eq!(c["model"], "gpt-4.1");
+    assert_eq!(u(c, "input_tokens"), u(&got["c"], "prompt_tokens"));
+    // The one in between was forwarded unparsed, and counted all the same
+    // from the response.
+    let b = by("gpt-4o-2024-07-18");
+    assert_eq!(b["model"], Value::Null, "{b}");
+    assert_eq!(u(b, "input_tokens"), u(&got["b"], "prompt_tokens"));
+    assert_eq!(u(b, "output_tokens"), 10);
+    let log = w.agent.log();
+    assert_eq!(
+        log.matches("this request's body is forwarded unparsed")
+            .count(),
+        1,
+        "{log}"
+    );
+    assert!(!log.contains("BUDGET-1"));
+}

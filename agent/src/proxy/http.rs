@@ -92,21 +92,36 @@ fn rfc3339(ms: i64) -> String {
         .unwrap_or_default()
 }
 
-/// Reads up to `limit` bytes of a body. Returns the frames read and, when
-/// the body was longer, the rest still to stream.
+/// Why a body was not read whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unread {
+    /// Longer than `proxy.max_request_body`.
+    TooLong,
+    /// The agent holds `proxy.max_buffered_request_bytes` of bodies.
+    OverBudget,
+}
+
+/// Reads up to `limit` bytes of a body, each taken from `lease` first.
+/// Returns the frames read and, when the body was longer or the budget
+/// spent, the rest still to stream and why.
 async fn read_bounded(
     mut body: Incoming,
     limit: usize,
-) -> Result<(Vec<Bytes>, Option<Incoming>), hyper::Error> {
+    lease: &mut super::budget::BodyLease,
+) -> Result<(Vec<Bytes>, Option<(Incoming, Unread)>), hyper::Error> {
     let mut chunks = Vec::new();
     let mut size = 0usize;
     while let Some(frame) = body.frame().await {
         let frame = frame?;
         if let Ok(data) = frame.into_data() {
             size += data.len();
+            let fits = lease.grow(data.len());
             chunks.push(data);
             if size > limit {
-                return Ok((chunks, Some(body)));
+                return Ok((chunks, Some((body, Unread::TooLong))));
+            }
+            if !fits {
+                return Ok((chunks, Some((body, Unread::OverBudget))));
             }
         }
     }
@@ -122,7 +137,8 @@ pub(super) async fn handle(
     let started = Instant::now();
     let started_ms = now_ms();
     let (mut parts, body) = req.into_parts();
-    let (chunks, rest) = match read_bounded(body, state.max_request_body).await {
+    let mut lease = state.body_budget.lease();
+    let (chunks, rest) = match read_bounded(body, state.max_request_body, &mut lease).await {
         Ok(x) => x,
         Err(e) => {
             debug!(error = %e, "client request body failed");
@@ -134,14 +150,39 @@ pub(super) async fn handle(
             ));
         }
     };
+    match rest.as_ref().map(|r| r.1) {
+        Some(Unread::TooLong) => {
+            debug!(
+                limit = state.max_request_body,
+                "request body longer than proxy.max_request_body: forwarded unparsed"
+            );
+        }
+        Some(Unread::OverBudget) => {
+            let n = state
+                .stats
+                .over_buffer_budget
+                .fetch_add(1, Ordering::Relaxed);
+            if n.is_multiple_of(1000) {
+                warn!(
+                    held = state.body_budget.used(),
+                    times = n + 1,
+                    "the agent holds proxy.max_buffered_request_bytes of request bodies: this request's body is forwarded unparsed (its model and usage come from the response)"
+                );
+            }
+        }
+        None => {}
+    }
+    let rest = rest.map(|r| r.0);
     let adapter = adapter_for(ctx.provider.api);
-    let mut whole = if rest.is_none() {
-        Some(match chunks.len() {
-            1 => chunks[0].clone(),
+    // A body read whole is joined into one buffer and its frames let go.
+    let (mut whole, chunks) = if rest.is_none() {
+        let whole = match chunks.len() {
+            1 => chunks.into_iter().next().unwrap_or_default(),
             _ => Bytes::from(chunks.concat()),
-        })
+        };
+        (Some(whole), Vec::new())
     } else {
-        None
+        (None, chunks)
     };
     let mut info = adapter.request(&RequestView {
         method: &parts.method,
@@ -196,6 +237,7 @@ pub(super) async fn handle(
     let draft = Draft {
         ctx: ctx.clone(),
         body: kept_body,
+        _lease: lease,
         started,
         started_ms,
         method: parts.method.to_string(),
@@ -277,6 +319,10 @@ struct Draft {
     /// The request body as forwarded (when it was read whole), for a local
     /// estimate if the provider reports no usage.
     body: Option<Bytes>,
+    /// The request body's share of the agent's body budget, held while the
+    /// body may be (the response's end, or the handler's for an unmetered
+    /// request).
+    _lease: super::budget::BodyLease,
     started: Instant,
     started_ms: i64,
     method: String,

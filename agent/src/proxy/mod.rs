@@ -7,6 +7,7 @@
 //! that has no origin record (it would be an open proxy), or await disk or
 //! exporter I/O before forwarding bytes.
 
+pub mod budget;
 pub mod clienthello;
 mod http;
 pub mod rewind;
@@ -106,6 +107,9 @@ pub struct ProxyStats {
     pub upstream_errors: AtomicU64,
     /// Records with tokens but no known price.
     pub unpriced: AtomicU64,
+    /// Request bodies forwarded unparsed because the agent already held
+    /// `proxy.max_buffered_request_bytes` of request bodies.
+    pub over_buffer_budget: AtomicU64,
 }
 
 /// A copy of [`ProxyStats`] at one instant.
@@ -121,6 +125,7 @@ pub struct ProxyStatsSnapshot {
     pub requests: u64,
     pub upstream_errors: u64,
     pub unpriced: u64,
+    pub over_buffer_budget: u64,
 }
 
 impl ProxyStats {
@@ -137,6 +142,7 @@ impl ProxyStats {
             requests: l(&self.requests),
             upstream_errors: l(&self.upstream_errors),
             unpriced: l(&self.unpriced),
+            over_buffer_budget: l(&self.over_buffer_budget),
         }
     }
 }
@@ -155,6 +161,8 @@ pub struct ProxyState {
     pub sink: Arc<dyn RecordSink>,
     pub stats: ProxyStats,
     pub max_request_body: usize,
+    /// Request bodies held across all connections.
+    pub body_budget: Arc<budget::BodyBudget>,
     /// Prices for `cost_usd`.
     pub prices: Arc<crate::meter::pricing::PriceBook>,
     /// In-flight counting for `tollgate top` (a no-op unless set).
@@ -210,6 +218,7 @@ impl ProxyState {
             sink,
             stats: ProxyStats::default(),
             max_request_body,
+            body_budget: budget::BodyBudget::new(max_request_body.saturating_mul(4)),
             prices: Arc::new(crate::meter::pricing::PriceBook::builtin()),
             live: crate::control::LiveHandle::default(),
             untrusted: Untrusted::default(),
@@ -253,6 +262,13 @@ impl ProxyState {
     /// Replaces the price book (default: the built-in catalogue).
     pub fn with_prices(mut self, prices: Arc<crate::meter::pricing::PriceBook>) -> Self {
         self.prices = prices;
+        self
+    }
+
+    /// Holds at most `bytes` of request bodies across all connections
+    /// (default: four times `max_request_body`).
+    pub fn with_max_buffered(mut self, bytes: usize) -> Self {
+        self.body_budget = budget::BodyBudget::new(bytes);
         self
     }
 
