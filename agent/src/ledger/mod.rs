@@ -14,6 +14,12 @@
 mod schema;
 mod writer;
 
+/// (device, inode) of the file at `path`.
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -175,6 +181,8 @@ pub struct Ledger {
     conn: Connection,
     path: PathBuf,
     insert_sql: String,
+    /// (device, inode) of the file when it was opened.
+    file_id: Option<(u64, u64)>,
 }
 
 impl std::fmt::Debug for Ledger {
@@ -231,7 +239,28 @@ impl Ledger {
             conn,
             path: path.to_path_buf(),
             insert_sql: schema::insert_sql(),
+            file_id: file_id(path),
         })
+    }
+
+    /// Whether the file at the ledger's path is no longer the one opened
+    /// (deleted, or another moved in its place): rows written now would go
+    /// to a file nobody can find.
+    pub fn file_replaced(&self) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        match std::fs::metadata(&self.path) {
+            Ok(m) => Some((m.dev(), m.ino())) != self.file_id,
+            Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+        }
+    }
+
+    /// Copies what the WAL holds into the database file and empties the
+    /// WAL. SQLite skips this when it closes a file that was moved, so a
+    /// ledger moved away without its WAL would miss its latest rows.
+    pub fn checkpoint(&self) -> Result<(), LedgerError> {
+        self.conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .map_err(|e| LedgerError::classify(&self.path, e))
     }
 
     /// Opens an existing ledger for reading only (`report` by a user who
@@ -285,6 +314,7 @@ impl Ledger {
             conn,
             path: path.to_path_buf(),
             insert_sql: schema::insert_sql(),
+            file_id: file_id(path),
         })
     }
 

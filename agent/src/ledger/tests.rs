@@ -358,6 +358,49 @@ fn a_panic_in_the_writer_loses_and_repeats_nothing() {
 }
 
 #[test]
+fn a_ledger_deleted_or_moved_away_while_running_is_started_anew() {
+    for moved in [false, true] {
+        let t = tempfile::tempdir().expect("tempdir");
+        let path = t.path().join("ledger.sqlite");
+        let (w, h) = LedgerWriter::start(&path, 64, 1 << 20).expect("start");
+        for i in 0..10 {
+            h.submit(sample(i));
+        }
+        wait_for("the first records", || h.stats().written == 10);
+        let aside = t.path().join("old.sqlite");
+        if moved {
+            // `mv ledger.sqlite old.sqlite`: the WAL stays behind.
+            std::fs::rename(&path, &aside).expect("mv");
+        } else {
+            // `rm ledger.sqlite*`
+            for suffix in ["", "-wal", "-shm"] {
+                let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+            }
+        }
+        for i in 10..15 {
+            h.submit(sample(i));
+        }
+        wait_for("the later records", || h.stats().written == 15);
+        assert_eq!(w.shutdown(Duration::from_secs(30)).expect("shutdown"), 15);
+        let starts = |p: &Path| -> Vec<i64> {
+            Ledger::open(p)
+                .expect("open")
+                .query(&Filter::default())
+                .expect("q")
+                .iter()
+                .map(|r| r.started_at_ms)
+                .collect()
+        };
+        let want =
+            |r: std::ops::Range<u64>| -> Vec<i64> { r.map(|i| sample(i).started_at_ms).collect() };
+        assert_eq!(starts(&path), want(10..15), "moved: {moved}");
+        if moved {
+            assert_eq!(starts(&aside), want(0..10), "the moved file keeps its rows");
+        }
+    }
+}
+
+#[test]
 fn shutdown_gives_up_at_its_deadline_and_says_so() {
     let t = tempfile::tempdir().expect("tempdir");
     let path = t.path().join("ledger.sqlite");

@@ -14,6 +14,8 @@
 //! outage costs records, counted, rather than the agent's memory. A panic
 //! in the writer (a bug) rolls back its transaction, is logged and counted
 //! as a write error, and the writer carries on with the records it held.
+//! A ledger file deleted or moved away while the agent runs is noticed
+//! before the next write, and a new one is created at the path.
 //!
 //! Must never: block `submit` on the disk or on the writer; hold records
 //! in memory without bound.
@@ -76,6 +78,8 @@ struct Shared {
     dropped: AtomicU64,
     /// Most records accepted and not yet written.
     max_backlog: u64,
+    /// The ledger file.
+    path: std::path::PathBuf,
     /// Tests: the writer panics at this pause between two inserts,
     /// counting from 1 (0: never).
     #[cfg(test)]
@@ -117,7 +121,7 @@ impl LedgerWriter {
         queue: usize,
         max_backlog: usize,
     ) -> Result<(LedgerWriter, LedgerHandle), LedgerError> {
-        let mut ledger = Ledger::open(path)?;
+        let mut ledger = Some(Ledger::open(path)?);
         let (tx, rx) = mpsc::sync_channel::<Arc<UsageRecord>>(queue.max(1));
         let (done_tx, done) = mpsc::channel();
         let shared = Arc::new(Shared {
@@ -132,6 +136,7 @@ impl LedgerWriter {
             rejected: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
             max_backlog: max_backlog.max(1) as u64,
+            path: path.to_path_buf(),
             #[cfg(test)]
             panic_at: AtomicUsize::new(0),
         });
@@ -266,7 +271,7 @@ fn stats(s: &Shared) -> LedgerStats {
 /// `pending`, and the failure counts as a write error, retried with the
 /// same backoff. At shutdown past the deadline it gives up as `run` does.
 fn supervise(
-    ledger: &mut Ledger,
+    ledger: &mut Option<Ledger>,
     rx: &Receiver<Arc<UsageRecord>>,
     s: &Shared,
 ) -> Result<u64, (u64, String)> {
@@ -306,7 +311,7 @@ fn supervise(
 /// The writer thread's loop. Returns the total written, or what was left
 /// when the shutdown deadline passed during failing writes.
 fn run(
-    ledger: &mut Ledger,
+    ledger: &mut Option<Ledger>,
     rx: &Receiver<Arc<UsageRecord>>,
     s: &Shared,
     pending: &mut Vec<Arc<UsageRecord>>,
@@ -356,10 +361,19 @@ fn run(
         // written (and kept) piece by piece, so a record that cannot be
         // written holds back only its own piece, and a shutdown deadline
         // rolls back at most one piece.
+        let mut failed = None;
+        let mut target = match current(ledger, s) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                failed = Some(e);
+                None
+            }
+        };
         // Committed pieces leave `pending` even when a later piece panics.
         let mut w = Committed { pending, done: 0 };
-        let mut failed = None;
-        while w.done < w.pending.len() {
+        while let Some(ledger) = target.as_deref_mut()
+            && w.done < w.pending.len()
+        {
             let end = (w.done + BATCH).min(w.pending.len());
             let pause = || {
                 #[cfg(test)]
@@ -405,6 +419,28 @@ fn run(
                 backoff = (backoff * 2).min(BACKOFF_MAX);
             }
         }
+    }
+}
+
+/// The ledger to write to: the open one, unless its file was deleted or
+/// replaced under the agent (then its WAL is checkpointed into the old
+/// file, the old connection closed, and a new ledger created at the path),
+/// or none is open after such a failure.
+fn current<'a>(ledger: &'a mut Option<Ledger>, s: &Shared) -> Result<&'a mut Ledger, LedgerError> {
+    if let Some(l) = ledger.as_ref()
+        && l.file_replaced()
+    {
+        tracing::error!(path = %s.path.display(), "the ledger file was deleted or replaced while the agent ran; writing to a new one at that path (earlier records are in the old file only)");
+        // Into the old file, wherever it went, before the WAL it left behind
+        // under the old name is let go.
+        if let Err(e) = l.checkpoint() {
+            tracing::warn!(error = %e, "could not write the WAL into the replaced ledger file");
+        }
+        *ledger = None;
+    }
+    match ledger {
+        Some(l) => Ok(l),
+        None => Ok(ledger.insert(Ledger::open(&s.path)?)),
     }
 }
 
