@@ -2,6 +2,11 @@
 //! appended by the audit worker thread and rotated by size
 //! (`PATH` → `PATH.1` → ... → `PATH.KEEP`, the oldest deleted).
 //!
+//! A rotation that fails (a full disk, a directory in the way) does not
+//! cost records: they go on into the current file, and the rotation is
+//! tried again a minute later (not on every record, which would shift and
+//! delete the kept files over and over).
+//!
 //! Must never: run on the request path, or write anything a record does not
 //! contain (records carry no secrets: no headers, keys or query strings).
 
@@ -9,6 +14,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use crate::meter::UsageRecord;
 
@@ -19,6 +25,18 @@ pub(crate) struct AuditLog {
     keep: u32,
     file: BufWriter<File>,
     size: u64,
+    /// (device, inode) of the open file when it was opened at `path`.
+    file_id: Option<(u64, u64)>,
+    /// After a failed rotation: no new try before this.
+    retry_at: Option<Instant>,
+}
+
+/// How long after a failed rotation the next is tried.
+const ROTATE_RETRY: Duration = Duration::from_secs(60);
+
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }
 
 fn open(path: &Path) -> std::io::Result<(BufWriter<File>, u64)> {
@@ -51,20 +69,29 @@ impl AuditLog {
             keep,
             file,
             size,
+            file_id: file_id(path),
+            retry_at: None,
         })
     }
 
-    /// Appends one record (buffered; see [`AuditLog::flush`]).
+    /// Appends one record (buffered; see [`AuditLog::flush`]). A failed
+    /// rotation is returned after the record was written to the current
+    /// file all the same.
     pub(crate) fn append(&mut self, rec: &UsageRecord) -> std::io::Result<()> {
         let mut line = serde_json::to_vec(rec).map_err(std::io::Error::other)?;
         line.push(b'\n');
         let len = line.len() as u64;
-        if self.size > 0 && self.size + len > self.max_bytes {
-            self.rotate()?;
+        let mut rotation = Ok(());
+        if self.size > 0
+            && self.size + len > self.max_bytes
+            && self.retry_at.is_none_or(|t| Instant::now() >= t)
+        {
+            rotation = self.rotate();
+            self.retry_at = rotation.is_err().then(|| Instant::now() + ROTATE_RETRY);
         }
         self.file.write_all(&line)?;
         self.size += len;
-        Ok(())
+        rotation
     }
 
     pub(crate) fn flush(&mut self) -> std::io::Result<()> {
@@ -73,26 +100,32 @@ impl AuditLog {
 
     fn rotate(&mut self) -> std::io::Result<()> {
         self.file.flush()?;
-        if self.keep == 0 {
-            std::fs::remove_file(&self.path)?;
-        } else {
-            match std::fs::remove_file(rotated(&self.path, self.keep)) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e),
-            }
-            for n in (1..self.keep).rev() {
-                match std::fs::rename(rotated(&self.path, n), rotated(&self.path, n + 1)) {
+        // Shift only while the open file is still the one at `path`: after
+        // a rotation that moved it away but could not open a new one, the
+        // next try only opens.
+        if file_id(&self.path).is_some_and(|id| Some(id) == self.file_id) {
+            if self.keep == 0 {
+                std::fs::remove_file(&self.path)?;
+            } else {
+                match std::fs::remove_file(rotated(&self.path, self.keep)) {
                     Ok(()) => {}
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                     Err(e) => return Err(e),
                 }
+                for n in (1..self.keep).rev() {
+                    match std::fs::rename(rotated(&self.path, n), rotated(&self.path, n + 1)) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                std::fs::rename(&self.path, rotated(&self.path, 1))?;
             }
-            std::fs::rename(&self.path, rotated(&self.path, 1))?;
         }
         let (file, size) = open(&self.path)?;
         self.file = file;
         self.size = size;
+        self.file_id = file_id(&self.path);
         Ok(())
     }
 }

@@ -497,6 +497,34 @@ mod audit_log {
     }
 
     #[test]
+    fn a_failed_rotation_loses_no_record_and_is_not_retried_per_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.jsonl");
+        // A non-empty directory where the oldest kept file goes: the
+        // rotation cannot delete it.
+        std::fs::create_dir_all(rotated(&path, 2).join("x")).unwrap();
+        let line = serde_json::to_vec(&rec(0)).unwrap().len() as u64 + 1;
+        let mut log = AuditLog::open(&path, line * 2, 2).unwrap();
+        let results: Vec<bool> = (0..10).map(|i| log.append(&rec(i)).is_ok()).collect();
+        log.flush().unwrap();
+        let mut want = vec![true; 10];
+        want[2] = false;
+        assert_eq!(results, want, "one failed rotation, reported once");
+        let seqs: Vec<i64> = std::fs::read_to_string(&path)
+            .unwrap()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<UsageRecord>(l)
+                    .unwrap()
+                    .started_at_ms
+            })
+            .collect();
+        assert_eq!(seqs, (0..10).collect::<Vec<_>>(), "every record kept");
+        assert!(!rotated(&path, 1).exists());
+        assert!(rotated(&path, 2).join("x").exists());
+    }
+
+    #[test]
     fn a_record_larger_than_max_bytes_still_gets_written() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("a.jsonl");
