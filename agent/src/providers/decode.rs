@@ -2,8 +2,10 @@
 //! gzip, deflate, br and zstd response bodies before the adapter sees them.
 //! The client still receives the bytes the provider sent.
 //!
-//! Must never: grow without bound (a decompression bomb stops feeding the
-//! parser at [`MAX_DECODED`]; the record then has no usage and says so).
+//! Must never: grow without bound (decoded bytes go to the parser as the
+//! decoder writes them, a piece at a time, never gathered per chunk; a
+//! decompression bomb stops feeding the parser at [`MAX_DECODED`]; the
+//! record then has no usage and says so).
 
 use std::io::Write;
 
@@ -12,19 +14,20 @@ use super::{ParsedUsage, UsageParser};
 /// Decoded bytes handed to a parser at most.
 pub const MAX_DECODED: usize = 256 << 20;
 
-/// Vec writer that refuses to grow past the bound.
-struct Capped {
-    buf: Vec<u8>,
+/// The decoder's output: fed to the parser as it is written, until the
+/// bound.
+struct Feed {
+    inner: Box<dyn UsageParser>,
     total: usize,
 }
 
-impl Write for Capped {
+impl Write for Feed {
     fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
         self.total += b.len();
         if self.total > MAX_DECODED {
             return Err(std::io::Error::other("decoded body over the bound"));
         }
-        self.buf.extend_from_slice(b);
+        self.inner.feed(b);
         Ok(b.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
@@ -33,11 +36,11 @@ impl Write for Capped {
 }
 
 enum Decoder {
-    Gzip(flate2::write::MultiGzDecoder<Capped>),
-    Deflate(flate2::write::ZlibDecoder<Capped>),
-    RawDeflate(flate2::write::DeflateDecoder<Capped>),
-    Br(Box<brotli_decompressor::DecompressorWriter<Capped>>),
-    Zstd(zstd::stream::write::Decoder<'static, Capped>),
+    Gzip(flate2::write::MultiGzDecoder<Feed>),
+    Deflate(flate2::write::ZlibDecoder<Feed>),
+    RawDeflate(flate2::write::DeflateDecoder<Feed>),
+    Br(Box<brotli_decompressor::DecompressorWriter<Feed>>),
+    Zstd(zstd::stream::write::Decoder<'static, Feed>),
 }
 
 impl Decoder {
@@ -50,7 +53,7 @@ impl Decoder {
             Decoder::Zstd(d) => d,
         }
     }
-    fn out(&mut self) -> &mut Capped {
+    fn out(&mut self) -> &mut Feed {
         match self {
             Decoder::Gzip(d) => d.get_mut(),
             Decoder::Deflate(d) => d.get_mut(),
@@ -66,37 +69,35 @@ impl Decoder {
 /// encoding it does not know.
 pub fn decoding(encoding: Option<&str>, inner: Box<dyn UsageParser>) -> Box<dyn UsageParser> {
     let enc = encoding.unwrap_or("").trim().to_ascii_lowercase();
-    let cap = || Capped {
-        buf: Vec::new(),
-        total: 0,
-    };
     let dec = match enc.as_str() {
         "" | "identity" => return inner,
-        "gzip" | "x-gzip" => Decoder::Gzip(flate2::write::MultiGzDecoder::new(cap())),
+        // HTTP "deflate" is zlib; some servers send raw deflate. The first
+        // byte tells (a zlib header has CM = 8 in its low nibble).
         "deflate" => {
-            // HTTP "deflate" is zlib; some servers send raw deflate. The
-            // first byte tells (a zlib header has CM = 8 in its low nibble).
             return Box::new(Decoding {
                 dec: None,
-                pending_deflate: true,
-                inner,
+                pending_deflate: Some(inner),
                 failed: false,
             });
         }
-        "br" => Decoder::Br(Box::new(brotli_decompressor::DecompressorWriter::new(
-            cap(),
-            4096,
-        ))),
-        "zstd" => match zstd::stream::write::Decoder::new(cap()) {
-            Ok(d) => Decoder::Zstd(d),
-            Err(_) => return Box::new(Nothing),
-        },
+        "gzip" | "x-gzip" | "br" | "zstd" => {
+            let out = Feed { inner, total: 0 };
+            match enc.as_str() {
+                "br" => Decoder::Br(Box::new(brotli_decompressor::DecompressorWriter::new(
+                    out, 4096,
+                ))),
+                "zstd" => match zstd::stream::write::Decoder::new(out) {
+                    Ok(d) => Decoder::Zstd(d),
+                    Err(_) => return Box::new(Nothing),
+                },
+                _ => Decoder::Gzip(flate2::write::MultiGzDecoder::new(out)),
+            }
+        }
         _ => return Box::new(Nothing),
     };
     Box::new(Decoding {
         dec: Some(dec),
-        pending_deflate: false,
-        inner,
+        pending_deflate: None,
         failed: false,
     })
 }
@@ -112,20 +113,10 @@ impl UsageParser for Nothing {
 
 struct Decoding {
     dec: Option<Decoder>,
-    pending_deflate: bool,
-    inner: Box<dyn UsageParser>,
+    /// "deflate" before its first byte: the parser, until it is known
+    /// whether zlib or raw deflate comes.
+    pending_deflate: Option<Box<dyn UsageParser>>,
     failed: bool,
-}
-
-impl Decoding {
-    fn pass_output(&mut self) {
-        if let Some(d) = self.dec.as_mut() {
-            let out = std::mem::take(&mut d.out().buf);
-            if !out.is_empty() {
-                self.inner.feed(&out);
-            }
-        }
-    }
 }
 
 impl UsageParser for Decoding {
@@ -133,36 +124,34 @@ impl UsageParser for Decoding {
         if self.failed || chunk.is_empty() {
             return;
         }
-        if self.pending_deflate {
-            self.pending_deflate = false;
-            let cap = Capped {
-                buf: Vec::new(),
-                total: 0,
-            };
+        if let Some(inner) = self.pending_deflate.take() {
+            let out = Feed { inner, total: 0 };
             self.dec = Some(if chunk[0] & 0x0f == 8 {
-                Decoder::Deflate(flate2::write::ZlibDecoder::new(cap))
+                Decoder::Deflate(flate2::write::ZlibDecoder::new(out))
             } else {
-                Decoder::RawDeflate(flate2::write::DeflateDecoder::new(cap))
+                Decoder::RawDeflate(flate2::write::DeflateDecoder::new(out))
             });
         }
         let Some(d) = self.dec.as_mut() else { return };
-        if d.writer().write_all(chunk).is_err() {
+        if d.writer().write_all(chunk).is_err() || d.writer().flush().is_err() {
             self.failed = true;
-            return;
         }
-        let _ = d.writer().flush();
-        self.pass_output();
     }
 
     fn finish(&mut self) -> ParsedUsage {
         if self.failed {
             return ParsedUsage::default();
         }
-        if let Some(d) = self.dec.as_mut() {
-            let _ = d.writer().flush();
+        match (self.dec.as_mut(), self.pending_deflate.as_mut()) {
+            (Some(d), _) => {
+                if d.writer().flush().is_err() {
+                    return ParsedUsage::default();
+                }
+                d.out().inner.finish()
+            }
+            (None, Some(inner)) => inner.finish(),
+            (None, None) => ParsedUsage::default(),
         }
-        self.pass_output();
-        self.inner.finish()
     }
 }
 
@@ -296,5 +285,38 @@ mod tests {
         assert_eq!(parse("zstd", b"garbage", 1).usage, None);
         assert_eq!(parse("br", b"\xff\xff\xff", 1).usage, None);
         assert_eq!(parse("compress", CHAT_SSE, 10).usage, None);
+    }
+
+    /// Records what reaches it.
+    struct Pieces(std::sync::Arc<std::sync::Mutex<(usize, usize)>>);
+
+    impl UsageParser for Pieces {
+        fn feed(&mut self, chunk: &[u8]) {
+            let mut g = self.0.lock().unwrap();
+            g.0 += chunk.len();
+            g.1 = g.1.max(chunk.len());
+        }
+        fn finish(&mut self) -> ParsedUsage {
+            ParsedUsage::default()
+        }
+    }
+
+    #[test]
+    fn decoded_bytes_reach_the_parser_a_piece_at_a_time() {
+        // 32 MiB of zeros: a few KB compressed, so one 16 KB chunk of it
+        // decodes to megabytes. They must not be gathered per chunk.
+        let zeros = vec![0u8; 32 << 20];
+        for enc in ["gzip", "zstd", "br", "deflate"] {
+            let body = encode(enc, &zeros);
+            let seen = std::sync::Arc::new(std::sync::Mutex::new((0, 0)));
+            let mut p = decoding(Some(enc), Box::new(Pieces(seen.clone())));
+            for c in body.chunks(16 << 10) {
+                p.feed(c);
+            }
+            p.finish();
+            let (total, largest) = *seen.lock().unwrap();
+            assert_eq!(total, zeros.len(), "{enc}");
+            assert!(largest <= 1 << 20, "{enc}: a {largest}-byte piece");
+        }
     }
 }
