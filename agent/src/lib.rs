@@ -11,6 +11,8 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod export;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod intercept;
 pub mod ledger;
 pub mod meter;
