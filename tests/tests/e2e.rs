@@ -549,8 +549,8 @@ fn a_request_past_the_body_budget_is_forwarded_unparsed_and_still_counted() {
     let client = w.client(&[]);
     let script = r#"
 import json, threading, time, urllib.request
-def call(model, stream, delay=None):
-    body = {"model": model, "messages": [{"role": "user", "content": "word " * 1000}],
+def call(model, stream, delay=None, words=1000):
+    body = {"model": model, "messages": [{"role": "user", "content": "word " * words}],
             "max_tokens": 10, "stream": stream}
     h = {"Content-Type": "application/json", "Authorization": "Bearer sk-test-BUDGET-1"}
     if delay:
@@ -568,13 +568,26 @@ out["b"] = json.loads(call("gpt-4o", False))["usage"]
 t.join()
 out["c"] = json.loads(call("gpt-4.1", False))["usage"]
 out["a"] = "[DONE]" in out["a"]
+# A body over max_request_body is forwarded as it arrives and not kept:
+# it does not hold the budget while its stream runs.
+def d():
+    out["d"] = "[DONE]" in call("gpt-4.1-nano", True, 300, words=1400)
+t = threading.Thread(target=d)
+t.start()
+time.sleep(1.0)
+out["e"] = json.loads(call("gpt-4.1-mini", False))["usage"]
+t.join()
 print(json.dumps(out))
 "#;
     let out = ok(&client.python(script), "python urllib");
     let got: Value = serde_json::from_str(out.trim()).expect("client JSON");
-    assert_eq!(got["a"], true, "{got}");
-    let rows = w.agent.wait_for_records(3);
-    assert_eq!(rows.len(), 3, "{rows:#?}");
+    assert_eq!(
+        (&got["a"], &got["d"]),
+        (&Value::Bool(true), &Value::Bool(true)),
+        "{got}"
+    );
+    let rows = w.agent.wait_for_records(5);
+    assert_eq!(rows.len(), 5, "{rows:#?}");
     let by = |resp: &str| {
         rows.iter()
             .find(|r| r["response_model"] == resp)
@@ -586,6 +599,9 @@ print(json.dumps(out))
     let c = by("gpt-4.1-2024-07-18");
     assert_eq!(c["model"], "gpt-4.1");
     assert_eq!(u(c, "input_tokens"), u(&got["c"], "prompt_tokens"));
+    // Read whole while an over-long body streamed: that one held nothing.
+    assert_eq!(by("gpt-4.1-nano-2024-07-18")["model"], Value::Null);
+    assert_eq!(by("gpt-4.1-mini-2024-07-18")["model"], "gpt-4.1-mini");
     // The one in between was forwarded unparsed, and counted all the same
     // from the response.
     let b = by("gpt-4o-2024-07-18");

@@ -72,13 +72,19 @@ impl BodyLease {
     pub fn bytes(&self) -> usize {
         self.bytes
     }
+
+    /// Gives the bytes back now (the body is on its way, not kept).
+    pub fn release(&mut self) {
+        if self.bytes > 0 {
+            self.budget.used.fetch_sub(self.bytes, Ordering::AcqRel);
+            self.bytes = 0;
+        }
+    }
 }
 
 impl Drop for BodyLease {
     fn drop(&mut self) {
-        if self.bytes > 0 {
-            self.budget.used.fetch_sub(self.bytes, Ordering::AcqRel);
-        }
+        self.release();
     }
 }
 
@@ -99,6 +105,9 @@ mod tests {
         assert_eq!(b.used(), 40);
         assert!(c.grow(60));
         assert!(!c.grow(usize::MAX), "no overflow");
+        c.release();
+        assert_eq!((b.used(), c.bytes()), (0, 0));
+        assert!(c.grow(5));
         drop(c);
         assert_eq!(b.used(), 0);
     }

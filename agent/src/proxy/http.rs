@@ -173,6 +173,12 @@ pub(super) async fn handle(
         None => {}
     }
     let rest = rest.map(|r| r.0);
+    if rest.is_some() {
+        // Forwarded as it arrives, not kept: what was read is on its way
+        // upstream, and holding its share until the response ends would
+        // leave the budget to bodies that are gone.
+        lease.release();
+    }
     let adapter = adapter_for(ctx.provider.api);
     // A body read whole is joined into one buffer and its frames let go.
     let (mut whole, chunks) = if rest.is_none() {
