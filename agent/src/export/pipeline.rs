@@ -2,6 +2,10 @@
 //! that offers each record to a bounded queue per pipeline (counting what a
 //! full queue drops), and the worker threads that drain the queues.
 //!
+//! A panic in a worker's handling of one record (a bug, here or in the
+//! OpenTelemetry SDK) costs that record only: it is logged, counted as
+//! dropped, and the worker goes on with the next.
+//!
 //! Must never: block in `submit` (`try_send` only) or let a queue grow past
 //! its bound.
 
@@ -10,7 +14,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tracing::warn;
+use tracing::{error, warn};
 
 use super::audit::AuditLog;
 use super::metrics::Instruments;
@@ -71,17 +75,46 @@ impl RecordSink for Sink {
 /// How often an idle worker looks at the shutdown flag.
 const IDLE_POLL: Duration = Duration::from_millis(50);
 
-/// Receives until shutdown, then drains what is queued.
+/// One worker's counters: records handled (`done`, which shutdown waits
+/// for) and records lost (`dropped`).
+struct Counters<'a> {
+    name: &'static str,
+    done: &'a AtomicU64,
+    dropped: &'a AtomicU64,
+}
+
+/// Receives until shutdown, then drains what is queued. `f` handles one
+/// record (`Some`) or an idle moment (`None`); a record it panics on is
+/// counted done and dropped, and the loop goes on.
 fn drain_loop(
     rx: Receiver<Arc<UsageRecord>>,
     shared: &Shared,
+    counters: Counters<'_>,
     mut f: impl FnMut(Option<&UsageRecord>),
 ) {
+    let mut panics = 0u64;
+    let mut call = |rec: Option<&UsageRecord>| {
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(rec)));
+        if outcome.is_err() {
+            if rec.is_some() {
+                counters.dropped.fetch_add(1, Ordering::Relaxed);
+                counters.done.fetch_add(1, Ordering::Release);
+            }
+            if panics.is_power_of_two() || panics == 0 {
+                error!(
+                    pipeline = counters.name,
+                    times = panics + 1,
+                    "an export worker failed on a record (a bug: please report it); the record is dropped and the worker goes on"
+                );
+            }
+            panics += 1;
+        }
+    };
     loop {
         match rx.recv_timeout(IDLE_POLL) {
-            Ok(rec) => f(Some(&rec)),
+            Ok(rec) => call(Some(&rec)),
             Err(RecvTimeoutError::Timeout) => {
-                f(None);
+                call(None);
                 if shared.closed.load(Ordering::Acquire) {
                     break;
                 }
@@ -90,9 +123,9 @@ fn drain_loop(
         }
     }
     while let Ok(rec) = rx.try_recv() {
-        f(Some(&rec));
+        call(Some(&rec));
     }
-    f(None);
+    call(None);
 }
 
 pub(crate) fn metrics_worker(
@@ -101,7 +134,12 @@ pub(crate) fn metrics_worker(
     rx: Receiver<Arc<UsageRecord>>,
     shared: Arc<Shared>,
 ) {
-    drain_loop(rx, &shared, |rec| {
+    let counters = Counters {
+        name: "metrics",
+        done: &shared.metrics_done,
+        dropped: &shared.metrics_dropped,
+    };
+    drain_loop(rx, &shared, counters, |rec| {
         if let Some(rec) = rec {
             instruments.record(rec);
             if let Some(s) = &spans {
@@ -128,7 +166,12 @@ pub(crate) fn audit_worker(mut log: AuditLog, rx: Receiver<Arc<UsageRecord>>, sh
             }
         }
     };
-    drain_loop(rx, &shared, |rec| match rec {
+    let counters = Counters {
+        name: "audit_log",
+        done: &shared.audit_done,
+        dropped: &shared.audit_dropped,
+    };
+    drain_loop(rx, &shared, counters, |rec| match rec {
         Some(rec) => {
             report(log.append(rec));
             shared.audit_done.fetch_add(1, Ordering::Release);
@@ -136,4 +179,46 @@ pub(crate) fn audit_worker(mut log: AuditLog, rx: Receiver<Arc<UsageRecord>>, sh
         // Idle: make what was written visible to readers of the file.
         None => report(log.flush()),
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_a_worker_panics_on_is_dropped_and_counted_and_the_rest_go_on() {
+        let shared = Shared::default();
+        let (tx, rx) = std::sync::mpsc::sync_channel(8);
+        for i in 0..4 {
+            tx.send(Arc::new(UsageRecord {
+                started_at_ms: i,
+                ..Default::default()
+            }))
+            .unwrap();
+        }
+        drop(tx);
+        let (done, dropped) = (AtomicU64::new(0), AtomicU64::new(0));
+        let mut handled = Vec::new();
+        let counters = Counters {
+            name: "test",
+            done: &done,
+            dropped: &dropped,
+        };
+        drain_loop(rx, &shared, counters, |rec| {
+            if let Some(rec) = rec {
+                assert_ne!(rec.started_at_ms, 1, "planted failure");
+                handled.push(rec.started_at_ms);
+                done.fetch_add(1, Ordering::Release);
+            }
+        });
+        assert_eq!(handled, vec![0, 2, 3]);
+        assert_eq!(
+            (
+                done.load(Ordering::Acquire),
+                dropped.load(Ordering::Relaxed)
+            ),
+            (4, 1),
+            "shutdown, which waits for done to reach accepted, does not wait for the lost one"
+        );
+    }
 }
