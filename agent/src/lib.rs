@@ -21,6 +21,14 @@ pub mod proxy;
 pub mod report;
 pub mod trust;
 
+/// (device, inode) of the file at `path`, or `None` if it cannot be read:
+/// tells whether the file at a path is still the one a handle was opened
+/// on (deleted, moved away, replaced).
+pub(crate) fn file_id(path: &std::path::Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
 /// Exit codes (sysexits.h), chosen by what the user has to do.
 pub mod exit {
     /// Bad command line or config: fix the input.

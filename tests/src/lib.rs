@@ -23,6 +23,18 @@ pub use pki::TestPki;
 pub use world::World;
 
 /// Why a kernel test cannot run here, or `None` when it can.
+/// The ledger row (from `report --json`) whose `key` is `value`; panics,
+/// listing the rows, when there is none.
+pub fn row_with<'a>(
+    rows: &'a [serde_json::Value],
+    key: &str,
+    value: &str,
+) -> &'a serde_json::Value {
+    rows.iter()
+        .find(|r| r[key] == value)
+        .unwrap_or_else(|| panic!("no row with {key} = {value}: {rows:#?}"))
+}
+
 pub fn kernel_test_unavailable() -> Option<String> {
     if unsafe { libc::geteuid() } != 0 {
         return Some("needs root".into());

@@ -588,11 +588,7 @@ print(json.dumps(out))
     );
     let rows = w.agent.wait_for_records(5);
     assert_eq!(rows.len(), 5, "{rows:#?}");
-    let by = |resp: &str| {
-        rows.iter()
-            .find(|r| r["response_model"] == resp)
-            .unwrap_or_else(|| panic!("no record answered by {resp}: {rows:#?}"))
-    };
+    let by = |resp| tollgate_e2e::row_with(&rows, "response_model", resp);
     // The stream and the request after it were read whole: their model
     // comes from the request.
     assert_eq!(by("gpt-4o-mini-2024-07-18")["model"], "gpt-4o-mini");

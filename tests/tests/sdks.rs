@@ -315,11 +315,7 @@ c.chat.completions.create(model="my-private-finetune", max_tokens=3,
     assert_eq!(rows.len(), 2, "{rows:#?}");
     // The estimate is computed off the async workers, so rows may land in
     // either order.
-    let by_model = |m: &str| {
-        rows.iter()
-            .find(|r| r["model"] == m)
-            .unwrap_or_else(|| panic!("no row for {m}: {rows:#?}"))
-    };
+    let by_model = |m| tollgate_e2e::row_with(&rows, "model", m);
     let est = by_model("gpt-4o");
     assert_eq!(est["estimated"], true, "{est}");
     // "tok tok ... tok" (8 words) is 8 tokens in o200k_base; the prompt is

@@ -34,11 +34,6 @@ pub(crate) struct AuditLog {
 /// How long after a failed rotation the next is tried.
 const ROTATE_RETRY: Duration = Duration::from_secs(60);
 
-fn file_id(path: &Path) -> Option<(u64, u64)> {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
-}
-
 fn open(path: &Path) -> std::io::Result<(BufWriter<File>, u64)> {
     let f = OpenOptions::new()
         .create(true)
@@ -69,7 +64,7 @@ impl AuditLog {
             keep,
             file,
             size,
-            file_id: file_id(path),
+            file_id: crate::file_id(path),
             retry_at: None,
         })
     }
@@ -103,7 +98,7 @@ impl AuditLog {
         // Shift only while the open file is still the one at `path`: after
         // a rotation that moved it away but could not open a new one, the
         // next try only opens.
-        if file_id(&self.path).is_some_and(|id| Some(id) == self.file_id) {
+        if crate::file_id(&self.path).is_some_and(|id| Some(id) == self.file_id) {
             if self.keep == 0 {
                 std::fs::remove_file(&self.path)?;
             } else {
@@ -125,7 +120,7 @@ impl AuditLog {
         let (file, size) = open(&self.path)?;
         self.file = file;
         self.size = size;
-        self.file_id = file_id(&self.path);
+        self.file_id = crate::file_id(&self.path);
         Ok(())
     }
 }

@@ -100,14 +100,14 @@ fn drain_loop(
                 counters.dropped.fetch_add(1, Ordering::Relaxed);
                 counters.done.fetch_add(1, Ordering::Release);
             }
-            if panics.is_power_of_two() || panics == 0 {
+            panics += 1;
+            if panics.is_power_of_two() {
                 error!(
                     pipeline = counters.name,
-                    times = panics + 1,
+                    times = panics,
                     "an export worker failed on a record (a bug: please report it); the record is dropped and the worker goes on"
                 );
             }
-            panics += 1;
         }
     };
     loop {

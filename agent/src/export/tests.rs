@@ -456,6 +456,19 @@ mod audit_log {
     use super::super::audit::{AuditLog, rotated};
     use crate::meter::UsageRecord;
 
+    /// `started_at_ms` of each line of the log at `path`.
+    fn seqs(path: &std::path::Path) -> Vec<i64> {
+        std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<UsageRecord>(l)
+                    .unwrap()
+                    .started_at_ms
+            })
+            .collect()
+    }
+
     fn rec(i: i64) -> UsageRecord {
         UsageRecord {
             started_at_ms: i,
@@ -484,15 +497,7 @@ mod audit_log {
         log.append(&rec(8)).unwrap();
         log.append(&rec(9)).unwrap();
         log.flush().unwrap();
-        let seqs: Vec<i64> = std::fs::read_to_string(&path)
-            .unwrap()
-            .lines()
-            .map(|l| {
-                serde_json::from_str::<UsageRecord>(l)
-                    .unwrap()
-                    .started_at_ms
-            })
-            .collect();
+        let seqs = seqs(&path);
         assert_eq!(seqs, vec![9]);
     }
 
@@ -510,15 +515,7 @@ mod audit_log {
         let mut want = vec![true; 10];
         want[2] = false;
         assert_eq!(results, want, "one failed rotation, reported once");
-        let seqs: Vec<i64> = std::fs::read_to_string(&path)
-            .unwrap()
-            .lines()
-            .map(|l| {
-                serde_json::from_str::<UsageRecord>(l)
-                    .unwrap()
-                    .started_at_ms
-            })
-            .collect();
+        let seqs = seqs(&path);
         assert_eq!(seqs, (0..10).collect::<Vec<_>>(), "every record kept");
         assert!(!rotated(&path, 1).exists());
         assert!(rotated(&path, 2).join("x").exists());

@@ -14,12 +14,6 @@
 mod schema;
 mod writer;
 
-/// (device, inode) of the file at `path`.
-fn file_id(path: &Path) -> Option<(u64, u64)> {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
-}
-
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -239,7 +233,7 @@ impl Ledger {
             conn,
             path: path.to_path_buf(),
             insert_sql: schema::insert_sql(),
-            file_id: file_id(path),
+            file_id: crate::file_id(path),
         })
     }
 
@@ -247,11 +241,7 @@ impl Ledger {
     /// (deleted, or another moved in its place): rows written now would go
     /// to a file nobody can find.
     pub fn file_replaced(&self) -> bool {
-        use std::os::unix::fs::MetadataExt;
-        match std::fs::metadata(&self.path) {
-            Ok(m) => Some((m.dev(), m.ino())) != self.file_id,
-            Err(e) => e.kind() == std::io::ErrorKind::NotFound,
-        }
+        crate::file_id(&self.path) != self.file_id
     }
 
     /// Copies what the WAL holds into the database file and empties the
@@ -314,7 +304,7 @@ impl Ledger {
             conn,
             path: path.to_path_buf(),
             insert_sql: schema::insert_sql(),
-            file_id: file_id(path),
+            file_id: crate::file_id(path),
         })
     }
 

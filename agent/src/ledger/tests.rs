@@ -78,6 +78,29 @@ fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// `started_at_ms` of every row in the ledger at `path`, in row order.
+fn starts_in(path: &Path) -> Vec<i64> {
+    Ledger::open(path)
+        .expect("open")
+        .query(&Filter::default())
+        .expect("query")
+        .iter()
+        .map(|r| r.started_at_ms)
+        .collect()
+}
+
+/// `started_at_ms` of the samples `r`.
+fn starts_of(r: std::ops::Range<u64>) -> Vec<i64> {
+    r.map(|i| sample(i).started_at_ms).collect()
+}
+
+/// Lets inserts succeed again (see `inject_failures`).
+fn clear_failures(other: &rusqlite::Connection) {
+    other
+        .execute("DELETE FROM fail_flag", [])
+        .expect("clear the flag");
+}
+
 /// Makes inserts into the ledger at `path` fail, from a second connection,
 /// whenever `when` holds (SQL over `NEW` and the table `fail_flag`, which
 /// starts with one row). Returns that connection.
@@ -246,9 +269,7 @@ fn failed_writes_are_retried_not_dropped() {
     }
     wait_for("a failed write", || h.stats().errors >= 1);
     assert_eq!(h.stats().written, 0);
-    other
-        .execute("DELETE FROM fail_flag", [])
-        .expect("clear flag");
+    clear_failures(&other);
     wait_for("the retry", || h.stats().written == 10);
     assert_eq!(w.shutdown(Duration::from_secs(30)).expect("shutdown"), 10);
 }
@@ -276,9 +297,7 @@ fn a_record_that_cannot_be_written_holds_back_only_its_own_transaction() {
     // A second failure: the retry took the overflow, so (bar the queue's
     // 16) they are all pending together. Let the flag go.
     wait_for("two failed writes", || h.stats().errors >= 2);
-    other
-        .execute("DELETE FROM fail_flag", [])
-        .expect("clear flag");
+    clear_failures(&other);
     // The pieces before the poisoned one are written; its own is kept.
     // With one transaction for the whole backlog none would be.
     wait_for("the first pieces", || h.stats().written >= 1024);
@@ -307,21 +326,18 @@ fn an_outage_holds_at_most_the_backlog_and_counts_the_rest() {
     }
     let s = h.stats();
     assert_eq!((s.written, s.queued, s.dropped), (0, 100, 150), "{s:?}");
-    other
-        .execute("DELETE FROM fail_flag", [])
-        .expect("clear flag");
+    clear_failures(&other);
     wait_for("the backlog", || h.stats().written == 100);
     // Room again: later records are kept.
     h.submit(sample(1000));
     assert_eq!(w.shutdown(Duration::from_secs(30)).expect("shutdown"), 101);
-    let rows = Ledger::open(&path)
-        .expect("open")
-        .query(&Filter::default())
-        .expect("q");
-    let starts: Vec<i64> = rows.iter().map(|r| r.started_at_ms).collect();
-    let mut want: Vec<i64> = (0..100).map(|i| sample(i).started_at_ms).collect();
-    want.push(sample(1000).started_at_ms);
-    assert_eq!(starts, want, "the oldest 100 and the one after the outage");
+    let mut want = starts_of(0..100);
+    want.extend(starts_of(1000..1001));
+    assert_eq!(
+        starts_in(&path),
+        want,
+        "the oldest 100 and the one after the outage"
+    );
     assert_eq!(h.stats().dropped, 150);
 }
 
@@ -340,21 +356,14 @@ fn a_panic_in_the_writer_loses_and_repeats_nothing() {
     // The first piece (512 records, 63 pauses) commits, the second panics
     // after 80 of its records.
     h.plant_panic_at(63 + 10);
-    other
-        .execute("DELETE FROM fail_flag", [])
-        .expect("clear flag");
+    clear_failures(&other);
     wait_for("the panic", || h.stats().errors >= 2);
     wait_for("the rest", || h.stats().written >= 1100);
     assert!(!h.panic_planted(), "the planted panic did not happen");
     assert_eq!(w.shutdown(Duration::from_secs(30)).expect("shutdown"), 1100);
-    let rows = Ledger::open(&path)
-        .expect("open")
-        .query(&Filter::default())
-        .expect("q");
-    let mut starts: Vec<i64> = rows.iter().map(|r| r.started_at_ms).collect();
+    let mut starts = starts_in(&path);
     starts.sort();
-    starts.dedup();
-    assert_eq!((rows.len(), starts.len()), (1100, 1100), "each record once");
+    assert_eq!(starts, starts_of(0..1100), "each record once");
 }
 
 #[test]
@@ -382,20 +391,13 @@ fn a_ledger_deleted_or_moved_away_while_running_is_started_anew() {
         }
         wait_for("the later records", || h.stats().written == 15);
         assert_eq!(w.shutdown(Duration::from_secs(30)).expect("shutdown"), 15);
-        let starts = |p: &Path| -> Vec<i64> {
-            Ledger::open(p)
-                .expect("open")
-                .query(&Filter::default())
-                .expect("q")
-                .iter()
-                .map(|r| r.started_at_ms)
-                .collect()
-        };
-        let want =
-            |r: std::ops::Range<u64>| -> Vec<i64> { r.map(|i| sample(i).started_at_ms).collect() };
-        assert_eq!(starts(&path), want(10..15), "moved: {moved}");
+        assert_eq!(starts_in(&path), starts_of(10..15), "moved: {moved}");
         if moved {
-            assert_eq!(starts(&aside), want(0..10), "the moved file keeps its rows");
+            assert_eq!(
+                starts_in(&aside),
+                starts_of(0..10),
+                "the moved file keeps its rows"
+            );
         }
     }
 }

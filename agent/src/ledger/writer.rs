@@ -292,20 +292,37 @@ fn supervise(
             .unwrap_or_else(|| "a panic".into());
         s.errors.fetch_add(1, Ordering::Relaxed);
         tracing::error!(panic = %what, records = pending.len(), retry_in = ?backoff, "the ledger writer failed (a bug: please report it); it keeps its records and carries on");
-        let mut sleep = backoff;
-        if s.closed.load(Ordering::SeqCst) {
-            let left = lock(&s.deadline).map(|d| d.saturating_duration_since(Instant::now()));
-            if left.is_some_and(|l| l.is_zero()) {
-                let unwritten = pending.len() as u64 + rx.try_iter().count() as u64;
-                return Err((unwritten, format!("the writer failed: {what}")));
-            }
-            if let Some(l) = left {
-                sleep = sleep.min(l);
-            }
+        if !wait_to_retry(s, &mut backoff) {
+            return Err((
+                unwritten(&pending, rx),
+                format!("the writer failed: {what}"),
+            ));
         }
-        std::thread::sleep(sleep);
-        backoff = (backoff * 2).min(BACKOFF_MAX);
     }
+}
+
+/// After a failure: sleeps `backoff` (at most what the shutdown deadline
+/// leaves) and doubles it. False, without sleeping, once shutdown's
+/// deadline has passed: give up.
+fn wait_to_retry(s: &Shared, backoff: &mut Duration) -> bool {
+    let mut sleep = *backoff;
+    if s.closed.load(Ordering::SeqCst) {
+        let left = lock(&s.deadline).map(|d| d.saturating_duration_since(Instant::now()));
+        if left.is_some_and(|l| l.is_zero()) {
+            return false;
+        }
+        if let Some(l) = left {
+            sleep = sleep.min(l);
+        }
+    }
+    std::thread::sleep(sleep);
+    *backoff = (*backoff * 2).min(BACKOFF_MAX);
+    true
+}
+
+/// Records held and queued, when the writer gives up.
+fn unwritten(pending: &[Arc<UsageRecord>], rx: &Receiver<Arc<UsageRecord>>) -> u64 {
+    pending.len() as u64 + rx.try_iter().count() as u64
 }
 
 /// The writer thread's loop. Returns the total written, or what was left
@@ -403,20 +420,9 @@ fn run(
             Some(e) => {
                 s.errors.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(error = %e, records = pending.len(), retry_in = ?backoff, "ledger write failed; keeping the records and retrying");
-                let mut sleep = backoff;
-                if closing {
-                    let deadline = *lock(&s.deadline);
-                    let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-                    if left.is_some_and(|l| l.is_zero()) {
-                        let unwritten = pending.len() as u64 + rx.try_iter().count() as u64;
-                        return Err((unwritten, e.to_string()));
-                    }
-                    if let Some(l) = left {
-                        sleep = sleep.min(l);
-                    }
+                if !wait_to_retry(s, &mut backoff) {
+                    return Err((unwritten(pending, rx), e.to_string()));
                 }
-                std::thread::sleep(sleep);
-                backoff = (backoff * 2).min(BACKOFF_MAX);
             }
         }
     }

@@ -21,6 +21,12 @@ struct Feed {
     total: usize,
 }
 
+impl Feed {
+    fn new(inner: Box<dyn UsageParser>) -> Feed {
+        Feed { inner, total: 0 }
+    }
+}
+
 impl Write for Feed {
     fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
         self.total += b.len();
@@ -80,19 +86,15 @@ pub fn decoding(encoding: Option<&str>, inner: Box<dyn UsageParser>) -> Box<dyn 
                 failed: false,
             });
         }
-        "gzip" | "x-gzip" | "br" | "zstd" => {
-            let out = Feed { inner, total: 0 };
-            match enc.as_str() {
-                "br" => Decoder::Br(Box::new(brotli_decompressor::DecompressorWriter::new(
-                    out, 4096,
-                ))),
-                "zstd" => match zstd::stream::write::Decoder::new(out) {
-                    Ok(d) => Decoder::Zstd(d),
-                    Err(_) => return Box::new(Nothing),
-                },
-                _ => Decoder::Gzip(flate2::write::MultiGzDecoder::new(out)),
-            }
-        }
+        "gzip" | "x-gzip" => Decoder::Gzip(flate2::write::MultiGzDecoder::new(Feed::new(inner))),
+        "br" => Decoder::Br(Box::new(brotli_decompressor::DecompressorWriter::new(
+            Feed::new(inner),
+            4096,
+        ))),
+        "zstd" => match zstd::stream::write::Decoder::new(Feed::new(inner)) {
+            Ok(d) => Decoder::Zstd(d),
+            Err(_) => return Box::new(Nothing),
+        },
         _ => return Box::new(Nothing),
     };
     Box::new(Decoding {
@@ -125,7 +127,7 @@ impl UsageParser for Decoding {
             return;
         }
         if let Some(inner) = self.pending_deflate.take() {
-            let out = Feed { inner, total: 0 };
+            let out = Feed::new(inner);
             self.dec = Some(if chunk[0] & 0x0f == 8 {
                 Decoder::Deflate(flate2::write::ZlibDecoder::new(out))
             } else {
