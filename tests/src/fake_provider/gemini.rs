@@ -73,7 +73,10 @@ pub(crate) async fn handle(call: Call) -> hyper::Response<Body> {
         .collect();
     let delay = call.delay();
     if call.query.contains("alt=sse") {
-        let ev = chunks.into_iter().map(|c| (None, c.to_string())).collect();
+        let ev = chunks
+            .into_iter()
+            .map(|c| (None, c.to_string()))
+            .collect::<Vec<_>>();
         return stream_response("text/event-stream", sse(ev), delay);
     }
     // The JSON-array stream: "[{...}\r\n,{...}\r\n]".

@@ -146,11 +146,16 @@ pub(crate) fn json_for(call: &Call, v: Value) -> Response<Body> {
 }
 
 /// A streamed response of `chunks`, one frame each, `delay` apart.
-pub(crate) fn stream_response(
-    content_type: &str,
-    chunks: Vec<Vec<u8>>,
-    delay: Duration,
-) -> Response<Body> {
+///
+/// Chunks are produced as they are sent, not before the first: a real
+/// provider sends its first event as soon as it has it, and a fake that
+/// built a whole 500-event stream first made time to first chunk grow
+/// with the stream's length (for the direct path and the agent alike).
+pub(crate) fn stream_response<I>(content_type: &str, chunks: I, delay: Duration) -> Response<Body>
+where
+    I: IntoIterator<Item = Vec<u8>>,
+    I::IntoIter: Send + Sync + 'static,
+{
     // The first chunk goes out with the headers; `delay` is the gap
     // between chunks (so time to first chunk measures the path, not the
     // timer wheel's rounding of a sleep).
@@ -174,15 +179,16 @@ pub(crate) fn stream_response(
         .expect("response")
 }
 
-/// SSE frames from (event name, JSON data) pairs.
-pub(crate) fn sse(events: Vec<(Option<&str>, String)>) -> Vec<Vec<u8>> {
-    events
-        .into_iter()
-        .map(|(name, data)| match name {
-            Some(n) => format!("event: {n}\ndata: {data}\n\n").into_bytes(),
-            None => format!("data: {data}\n\n").into_bytes(),
-        })
-        .collect()
+/// SSE frames from (event name, JSON data) pairs, formatted as they are sent.
+pub(crate) fn sse<I>(events: I) -> impl Iterator<Item = Vec<u8>> + Send + Sync + 'static
+where
+    I: IntoIterator<Item = (Option<&'static str>, String)>,
+    I::IntoIter: Send + Sync + 'static,
+{
+    events.into_iter().map(|(name, data)| match name {
+        Some(n) => format!("event: {n}\ndata: {data}\n\n").into_bytes(),
+        None => format!("data: {data}\n\n").into_bytes(),
+    })
 }
 
 async fn handle(

@@ -73,27 +73,22 @@ pub(crate) async fn handle(call: Call) -> hyper::Response<Body> {
         }
         c.to_string()
     };
-    let mut events = vec![(
-        None,
-        chunk(json!({"role":"assistant","content":""}), Value::Null),
-    )];
-    // Built once and copied: a long stream costs the fake little before
-    // its first chunk, so time to first chunk measures the path.
-    let first = chunk(json!({"content": "tok"}), Value::Null);
+    // Events are made as they are sent (see `stream_response`).
+    let first = chunk(json!({"role":"assistant","content":""}), Value::Null);
+    let tok = chunk(json!({"content": "tok"}), Value::Null);
     let rest = chunk(json!({"content": " tok"}), Value::Null);
-    for i in 0..ct {
-        events.push((None, if i == 0 { first.clone() } else { rest.clone() }));
-    }
-    events.push((None, chunk(json!({}), json!("stop"))));
-    if include_usage {
-        events.push((
-            None,
-            json!({"id":"chatcmpl-fake","object":"chat.completion.chunk","created":1,"model":resp_model,
-                "system_fingerprint":"fp_fake","choices":[],"usage":usage})
-            .to_string(),
-        ));
-    }
-    events.push((None, "[DONE]".into()));
+    let stop = chunk(json!({}), json!("stop"));
+    let last = include_usage.then(|| {
+        json!({"id":"chatcmpl-fake","object":"chat.completion.chunk","created":1,"model":resp_model,
+            "system_fingerprint":"fp_fake","choices":[],"usage":usage})
+        .to_string()
+    });
+    let events = std::iter::once(first)
+        .chain((0..ct).map(move |i| if i == 0 { tok.clone() } else { rest.clone() }))
+        .chain(std::iter::once(stop))
+        .chain(last)
+        .chain(std::iter::once("[DONE]".to_string()))
+        .map(|data| (None, data));
     stream_response(
         "text/event-stream; charset=utf-8",
         sse(events),
