@@ -123,10 +123,19 @@ pub fn response_parsers(data: &[u8]) {
     let parser = adapter_for(api).response_parser(&info, 200, &headers);
     let mut p = decode::decoding(Some(ENCODINGS[sel[3] as usize % ENCODINGS.len()]), parser);
     let step = 1 + sel[3] as usize % 97;
+    let mut seen = false;
     for chunk in body.chunks(step) {
         p.feed(chunk);
+        assert!(!seen || p.usage_seen(), "usage_seen went back to false");
+        seen = p.usage_seen();
     }
-    let _ = p.finish();
+    // The proxy lets the request body go once usage is seen: the usage
+    // must then come out of `finish`.
+    let parsed = p.finish();
+    assert!(
+        !seen || parsed.usage.is_some(),
+        "usage_seen, but finish gave none"
+    );
 }
 
 /// The filter that hides an injected usage chunk from the client: any

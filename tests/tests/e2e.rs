@@ -577,17 +577,32 @@ t.start()
 time.sleep(1.0)
 out["e"] = json.loads(call("gpt-4.1-mini", False))["usage"]
 t.join()
+# An Anthropic stream reports its input tokens in its first event: from
+# then on its body is not needed for an estimate and gives its share back.
+def f():
+    body = {"model": "claude-sonnet-4-5", "max_tokens": 10, "stream": True,
+            "messages": [{"role": "user", "content": "word " * 1000}]}
+    h = {"Content-Type": "application/json", "x-api-key": "sk-ant-BUDGET-2",
+         "anthropic-version": "2023-06-01", "x-fake-chunk-delay-ms": "300"}
+    req = urllib.request.Request("https://api.anthropic.com/v1/messages",
+        data=json.dumps(body).encode(), headers=h)
+    out["f"] = "message_stop" in urllib.request.urlopen(req, timeout=60).read().decode()
+t = threading.Thread(target=f)
+t.start()
+time.sleep(1.0)
+out["g"] = json.loads(call("gpt-4-turbo", False))["usage"]
+t.join()
 print(json.dumps(out))
 "#;
     let out = ok(&client.python(script), "python urllib");
     let got: Value = serde_json::from_str(out.trim()).expect("client JSON");
     assert_eq!(
-        (&got["a"], &got["d"]),
-        (&Value::Bool(true), &Value::Bool(true)),
+        (&got["a"], &got["d"], &got["f"]),
+        (&Value::Bool(true), &Value::Bool(true), &Value::Bool(true)),
         "{got}"
     );
-    let rows = w.agent.wait_for_records(5);
-    assert_eq!(rows.len(), 5, "{rows:#?}");
+    let rows = w.agent.wait_for_records(7);
+    assert_eq!(rows.len(), 7, "{rows:#?}");
     let by = |resp| tollgate_e2e::row_with(&rows, "response_model", resp);
     // The stream and the request after it were read whole: their model
     // comes from the request.
@@ -598,6 +613,14 @@ print(json.dumps(out))
     // Read whole while an over-long body streamed: that one held nothing.
     assert_eq!(by("gpt-4.1-nano-2024-07-18")["model"], Value::Null);
     assert_eq!(by("gpt-4.1-mini-2024-07-18")["model"], "gpt-4.1-mini");
+    // Read whole while an Anthropic stream ran on after its usage came.
+    let f = by("claude-sonnet-4-5-20250929");
+    assert_eq!(f["model"], "claude-sonnet-4-5");
+    assert!(
+        f["estimated"] == false && u(f, "input_tokens") > 1000,
+        "{f}"
+    );
+    assert_eq!(by("gpt-4-turbo-2024-07-18")["model"], "gpt-4-turbo");
     // The one in between was forwarded unparsed, and counted all the same
     // from the response.
     let b = by("gpt-4o-2024-07-18");
@@ -611,5 +634,5 @@ print(json.dumps(out))
         1,
         "{log}"
     );
-    assert!(!log.contains("BUDGET-1"));
+    assert!(!log.contains("BUDGET-1") && !log.contains("BUDGET-2"));
 }

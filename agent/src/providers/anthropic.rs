@@ -210,6 +210,10 @@ impl UsageParser for StreamParser {
             .feed(chunk, &mut |e| Self::on_event(raw, model, text, &e.data));
     }
 
+    fn usage_seen(&self) -> bool {
+        self.raw.usage().is_some()
+    }
+
     fn finish(&mut self) -> ParsedUsage {
         let (raw, model, text) = (&mut self.raw, &mut self.model, &mut self.text);
         self.sse
@@ -259,6 +263,25 @@ mod tests {
                 .request(&request("GET", "/v1/models", b""))
                 .metered
         );
+    }
+
+    #[test]
+    fn a_stream_has_its_usage_from_message_start_on() {
+        use crate::providers::testing::usage_seen_after;
+        let start_ends = MSG_SSE.windows(2).position(|w| w == b"\n\n").unwrap() + 2;
+        let seen =
+            |enc| usage_seen_after(&Anthropic, &info("chat"), "text/event-stream", MSG_SSE, enc);
+        assert_eq!(seen(None), Some(start_ends));
+        assert!(seen(Some("gzip")).is_some());
+        // A JSON answer's usage is read at its end only.
+        let json = usage_seen_after(
+            &Anthropic,
+            &info("chat"),
+            "application/json",
+            MSG_JSON,
+            None,
+        );
+        assert_eq!(json, None);
     }
 
     #[test]

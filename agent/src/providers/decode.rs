@@ -59,6 +59,15 @@ impl Decoder {
             Decoder::Zstd(d) => d,
         }
     }
+    fn out_ref(&self) -> &Feed {
+        match self {
+            Decoder::Gzip(d) => d.get_ref(),
+            Decoder::Deflate(d) => d.get_ref(),
+            Decoder::RawDeflate(d) => d.get_ref(),
+            Decoder::Br(d) => d.get_ref(),
+            Decoder::Zstd(d) => d.get_ref(),
+        }
+    }
     fn out(&mut self) -> &mut Feed {
         match self {
             Decoder::Gzip(d) => d.get_mut(),
@@ -140,19 +149,27 @@ impl UsageParser for Decoding {
         }
     }
 
+    /// What the parser read from the bytes that decoded, also when the
+    /// rest did not (a cut or corrupt stream, or one over the bound): the
+    /// usage in it is the provider's all the same.
     fn finish(&mut self) -> ParsedUsage {
-        if self.failed {
-            return ParsedUsage::default();
+        if let Some(d) = self.dec.as_mut()
+            && !self.failed
+        {
+            let _ = d.writer().flush();
         }
         match (self.dec.as_mut(), self.pending_deflate.as_mut()) {
-            (Some(d), _) => {
-                if d.writer().flush().is_err() {
-                    return ParsedUsage::default();
-                }
-                d.out().inner.finish()
-            }
+            (Some(d), _) => d.out().inner.finish(),
             (None, Some(inner)) => inner.finish(),
             (None, None) => ParsedUsage::default(),
+        }
+    }
+
+    fn usage_seen(&self) -> bool {
+        match (self.dec.as_ref(), self.pending_deflate.as_ref()) {
+            (Some(d), _) => d.out_ref().inner.usage_seen(),
+            (None, Some(inner)) => inner.usage_seen(),
+            (None, None) => false,
         }
     }
 }
@@ -287,6 +304,16 @@ mod tests {
         assert_eq!(parse("zstd", b"garbage", 1).usage, None);
         assert_eq!(parse("br", b"\xff\xff\xff", 1).usage, None);
         assert_eq!(parse("compress", CHAT_SSE, 10).usage, None);
+    }
+
+    #[test]
+    fn what_decoded_before_a_corrupt_tail_is_still_read() {
+        let want = parse("identity", CHAT_SSE, 7);
+        for enc in ["gzip", "zstd"] {
+            let mut body = encode(enc, CHAT_SSE);
+            body.extend_from_slice(b"\x00garbage after the compressed stream");
+            assert_eq!(parse(enc, &body, 5).usage, want.usage, "{enc}");
+        }
     }
 
     /// Records what reaches it.

@@ -215,6 +215,11 @@ impl Found {
         }
     }
 
+    /// `take` will give usage.
+    fn seen(&self) -> bool {
+        self.usage.is_some() || (self.free && self.any)
+    }
+
     fn take(&mut self) -> ParsedUsage {
         let usage = if self.free && self.any {
             Some(Usage::default())
@@ -247,6 +252,10 @@ impl UsageParser for SseParser {
         self.sse.finish(&mut |e| found.on_bytes(e.data.as_bytes()));
         self.found.take()
     }
+
+    fn usage_seen(&self) -> bool {
+        self.found.seen()
+    }
 }
 
 /// A plain JSON body: one object, or (streamGenerateContent without
@@ -266,6 +275,10 @@ impl UsageParser for JsonParser {
         let found = &mut self.found;
         self.split.finish(&mut |b| found.on_bytes(b));
         self.found.take()
+    }
+
+    fn usage_seen(&self) -> bool {
+        self.found.seen()
     }
 }
 
@@ -589,6 +602,23 @@ mod tests {
         assert_eq!(p.response_model.as_deref(), Some("gemini-2.5-flash"));
         assert!(p.output_text.contains("**Weighing the options**"));
         assert!(p.output_text.ends_with("make predictions."));
+    }
+
+    #[test]
+    fn a_stream_has_its_usage_from_the_first_usage_metadata_on() {
+        use crate::providers::testing::usage_seen_after;
+        // This fixture ends its lines with CRLF, as Google's servers do.
+        let first_ends = GEN_SSE.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+        let info = info("generate_content");
+        let at = usage_seen_after(&Gemini, &info, "text/event-stream", GEN_SSE, None);
+        // A lone CR ends a line in SSE: the event is complete at the
+        // blank line's CR, before its LF arrives.
+        assert_eq!(at, Some(first_ends + 3));
+        let no_usage = b"data: {\"candidates\": []}\n\n";
+        assert_eq!(
+            usage_seen_after(&Gemini, &info, "text/event-stream", no_usage, None),
+            None
+        );
     }
 
     #[test]

@@ -248,6 +248,15 @@ pub trait UsageParser: Send {
     fn feed(&mut self, chunk: &[u8]);
     /// Called once when the body has ended (or the read was abandoned).
     fn finish(&mut self) -> ParsedUsage;
+    /// The provider's usage has already been read (Anthropic's
+    /// `message_start`, Gemini's `usageMetadata`), so `finish` will return
+    /// some: the request body kept for a local estimate can go before the
+    /// stream ends. Once true, stays true. The default, `false`, is always
+    /// correct; a parser that may still drop what it read (Bedrock drops
+    /// usage from a corrupt stream) keeps it.
+    fn usage_seen(&self) -> bool {
+        false
+    }
 }
 
 /// One provider API.

@@ -56,3 +56,40 @@ pub fn parse_split_with(
     parser.feed(&body[last..]);
     parser.finish()
 }
+
+/// Feeds `body` a byte at a time, compressed with `encoding` first when one
+/// is given, and returns how many input bytes the parser had taken when it
+/// first said `usage_seen`.
+pub fn usage_seen_after(
+    p: &dyn Provider,
+    info: &RequestInfo,
+    content_type: &str,
+    body: &[u8],
+    encoding: Option<&str>,
+) -> Option<usize> {
+    let mut h = HeaderMap::new();
+    h.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_str(content_type).expect("content type"),
+    );
+    let body = match encoding {
+        Some("gzip") => {
+            use std::io::Write;
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            e.write_all(body).expect("gzip");
+            e.finish().expect("gzip")
+        }
+        None => body.to_vec(),
+        Some(other) => panic!("no encoder for {other} here"),
+    };
+    let mut parser = super::decode::decoding(encoding, p.response_parser(info, 200, &h));
+    for (i, b) in body.iter().enumerate() {
+        parser.feed(std::slice::from_ref(b));
+        if parser.usage_seen() {
+            let usage = parser.finish().usage;
+            assert!(usage.is_some(), "usage_seen but finish gave none");
+            return Some(i + 1);
+        }
+    }
+    None
+}

@@ -243,7 +243,7 @@ pub(super) async fn handle(
     let draft = Draft {
         ctx: ctx.clone(),
         body: kept_body,
-        _lease: lease,
+        lease,
         started,
         started_ms,
         method: parts.method.to_string(),
@@ -326,9 +326,10 @@ struct Draft {
     /// estimate if the provider reports no usage.
     body: Option<Bytes>,
     /// The request body's share of the agent's body budget, held while the
-    /// body may be (the response's end, or the handler's for an unmetered
-    /// request).
-    _lease: super::budget::BodyLease,
+    /// body is: to the response's end, or until the provider's usage is
+    /// read (then no estimate will need it), or the handler's end for an
+    /// unmetered request.
+    lease: super::budget::BodyLease,
     started: Instant,
     started_ms: i64,
     method: String,
@@ -493,6 +494,15 @@ impl Body for MeteredBody {
                     }
                     if let Some(p) = this.parser.as_mut() {
                         p.feed(data);
+                        if let Some(d) = this.draft.as_mut()
+                            && d.body.is_some()
+                            && p.usage_seen()
+                        {
+                            // The provider counted the request: a long
+                            // stream need not hold its body to the end.
+                            d.body = None;
+                            d.lease.release();
+                        }
                     }
                     // hyper stops polling a body whose length is used up, so
                     // the end is seen here, not as a `None` from the next poll
