@@ -266,6 +266,8 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
                 ledger_queued: l.queued,
                 ledger_errors: l.errors,
                 ledger_dropped: l.dropped + l.rejected,
+                bodies_too_long: p.body_too_long,
+                bodies_over_budget: p.over_buffer_budget,
                 up: true,
             }
         })

@@ -91,6 +91,8 @@ fn health() -> Arc<dyn Fn() -> HealthSnapshot + Send + Sync> {
         ledger_queued: 2,
         ledger_errors: 1,
         ledger_dropped: 6,
+        bodies_too_long: 7,
+        bodies_over_budget: 8,
         up: true,
     })
 }
@@ -244,6 +246,8 @@ fn assert_health(points: &[Point]) {
         ("tollgate.ledger.queued", "{record}", "gauge", 2.0),
         ("tollgate.ledger.errors", "{error}", "counter", 1.0),
         ("tollgate.ledger.dropped", "{record}", "counter", 6.0),
+        ("tollgate.requests.body_too_long", "{request}", "counter", 7.0),
+        ("tollgate.requests.body_over_budget", "{request}", "counter", 8.0),
         ("tollgate.up", "1", "gauge", 1.0),
     ] {
         let ps = named(points, name);
@@ -346,6 +350,8 @@ async fn default_generation(t: Transport) {
             "tollgate.ledger.queued",
             "tollgate.ledger.errors",
             "tollgate.ledger.dropped",
+            "tollgate.requests.body_too_long",
+            "tollgate.requests.body_over_budget",
             "tollgate.up",
         ]),
         "exported metric names"

@@ -541,10 +541,20 @@ fn a_request_past_the_body_budget_is_forwarded_unparsed_and_still_counted() {
     // Room for one ≈5 KB body at a time: a stream holds its body until it
     // ends (for a local estimate), so a second request meanwhile is over
     // the agent's budget.
-    let w = World::start_with(
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let receiver = rt.block_on(tollgate_e2e::otlp_receiver::OtlpReceiver::http());
+    let mut w = World::start_with(
         "budget",
         25,
-        "proxy.max_request_body = 6000\nproxy.max_buffered_request_bytes = 8000\n".into(),
+        format!(
+            "proxy.max_request_body = 6000\nproxy.max_buffered_request_bytes = 8000\n\
+             [export.otlp]\nendpoint = {:?}\nprotocol = \"http/protobuf\"\ninterval_secs = 1\n",
+            receiver.endpoint()
+        ),
     );
     let client = w.client(&[]);
     let script = r#"
@@ -635,4 +645,19 @@ print(json.dumps(out))
         "{log}"
     );
     assert!(!log.contains("BUDGET-1") && !log.contains("BUDGET-2"));
+    // Both kinds of unparsed body are counted in the agent's own metrics.
+    let status = w.agent.terminate().expect("running");
+    assert!(status.success(), "agent exit: {status}\n{}", w.agent.log());
+    let points = receiver.latest();
+    let own = |name: &str| {
+        points
+            .iter()
+            .find(|p| p.name == name)
+            .and_then(|p| p.value.number())
+            .unwrap_or_else(|| panic!("{name} missing: {points:#?}"))
+    };
+    assert_eq!(own("tollgate.requests.body_over_budget"), 1.0);
+    assert_eq!(own("tollgate.requests.body_too_long"), 1.0);
+    drop(w);
+    drop(rt);
 }

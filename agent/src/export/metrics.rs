@@ -281,7 +281,7 @@ type HealthFigure = (
 );
 
 /// Health counters (monotonic).
-const HEALTH_COUNTERS: [HealthFigure; 8] = [
+const HEALTH_COUNTERS: [HealthFigure; 10] = [
     (
         sc::M_CONN_INTERCEPTED,
         "{connection}",
@@ -329,6 +329,18 @@ const HEALTH_COUNTERS: [HealthFigure; 8] = [
         "{record}",
         "Usage records not written to the ledger: its backlog was full during an outage, or they arrived after shutdown began.",
         |h| h.ledger_dropped,
+    ),
+    (
+        sc::M_BODIES_TOO_LONG,
+        "{request}",
+        "Request bodies longer than proxy.max_request_body, forwarded unparsed (model and usage from the response).",
+        |h| h.bodies_too_long,
+    ),
+    (
+        sc::M_BODIES_OVER_BUDGET,
+        "{request}",
+        "Request bodies forwarded unparsed because proxy.max_buffered_request_bytes was held (model and usage from the response).",
+        |h| h.bodies_over_budget,
     ),
 ];
 

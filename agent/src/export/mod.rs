@@ -77,6 +77,12 @@ pub struct HealthSnapshot {
     /// Usage records not written: the backlog was full during a ledger
     /// outage, or they arrived after shutdown began.
     pub ledger_dropped: u64,
+    /// Request bodies forwarded unparsed because they were longer than
+    /// `proxy.max_request_body`.
+    pub bodies_too_long: u64,
+    /// Request bodies forwarded unparsed because the agent already held
+    /// `proxy.max_buffered_request_bytes` of request bodies.
+    pub bodies_over_budget: u64,
     /// The agent is running and intercepting.
     pub up: bool,
 }

@@ -152,6 +152,7 @@ pub(super) async fn handle(
     };
     match rest.as_ref().map(|r| r.1) {
         Some(Unread::TooLong) => {
+            state.stats.body_too_long.fetch_add(1, Ordering::Relaxed);
             debug!(
                 limit = state.max_request_body,
                 "request body longer than proxy.max_request_body: forwarded unparsed"

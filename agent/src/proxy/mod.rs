@@ -110,6 +110,9 @@ pub struct ProxyStats {
     /// Request bodies forwarded unparsed because the agent already held
     /// `proxy.max_buffered_request_bytes` of request bodies.
     pub over_buffer_budget: AtomicU64,
+    /// Request bodies forwarded unparsed because they were longer than
+    /// `proxy.max_request_body`.
+    pub body_too_long: AtomicU64,
 }
 
 /// A copy of [`ProxyStats`] at one instant.
@@ -126,6 +129,7 @@ pub struct ProxyStatsSnapshot {
     pub upstream_errors: u64,
     pub unpriced: u64,
     pub over_buffer_budget: u64,
+    pub body_too_long: u64,
 }
 
 impl ProxyStats {
@@ -143,6 +147,7 @@ impl ProxyStats {
             upstream_errors: l(&self.upstream_errors),
             unpriced: l(&self.unpriced),
             over_buffer_budget: l(&self.over_buffer_budget),
+            body_too_long: l(&self.body_too_long),
         }
     }
 }
