@@ -234,11 +234,7 @@ impl Attributor {
 /// Cuts `s` to at most `max` bytes at a character boundary, marking the cut.
 fn truncate(mut s: String, max: usize) -> String {
     if s.len() > max {
-        let mut end = max;
-        while !s.is_char_boundary(end) {
-            end -= 1;
-        }
-        s.truncate(end);
+        s.truncate(s.floor_char_boundary(max));
         s.push('…');
     }
     s

@@ -466,11 +466,7 @@ impl Counter {
         if s.is_empty() {
             return;
         }
-        let mut cut = s.len().min(self.exact_left);
-        while !s.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        let (head, tail) = s.split_at(cut);
+        let (head, tail) = s.split_at(s.floor_char_boundary(self.exact_left));
         if !head.is_empty() {
             let n = count_exact(self.enc, head);
             self.counted_bytes += head.len() as u64;

@@ -21,14 +21,7 @@ pub const MAX_PATH: usize = 2048;
 
 /// `s` cut to at most `max` bytes, at a character boundary.
 pub fn cap(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
+    &s[..s.floor_char_boundary(max)]
 }
 
 /// [`cap`] in place.
