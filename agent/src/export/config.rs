@@ -164,6 +164,9 @@ impl Default for AuditLogConfig {
     }
 }
 
+/// Most records an export pipeline may queue.
+const MAX_QUEUE: usize = 1 << 20;
+
 impl ExportConfig {
     /// Pure validation; the error names the key.
     pub fn validate(&self) -> Result<(), (String, String)> {
@@ -172,6 +175,16 @@ impl ExportConfig {
         };
         if self.queue == 0 {
             return bad("queue", "must be at least 1".into());
+        }
+        if self.queue > MAX_QUEUE {
+            // Each pipeline's channel allocates its slots at start.
+            return bad(
+                "queue",
+                format!(
+                    "{} is more than {MAX_QUEUE}; each pipeline's queue is allocated at start",
+                    self.queue
+                ),
+            );
         }
         let o = &self.otlp;
         if let Some(e) = &o.endpoint

@@ -70,6 +70,8 @@ fn the_whole_table_parses_and_unknown_keys_are_errors() {
 fn validate_names_the_key_and_never_echoes_a_header_value() {
     let cases: &[(&str, &str)] = &[
         ("queue = 0", "export.queue"),
+        ("queue = 1048577", "export.queue"),
+        ("queue = 18446744073709551615", "export.queue"),
         (
             "[otlp]\nendpoint = \"collector:4317\"",
             "export.otlp.endpoint",
