@@ -228,8 +228,10 @@ fn short_ref(r: &str) -> String {
 }
 
 /// `owner/name` from a git remote (`https://user:token@host/owner/name.git`,
-/// `git@host:owner/name.git`); credentials never survive.
+/// `git@host:owner/name.git`); credentials never survive, in the user part
+/// or in a query string (`...name.git?access_token=...`).
 fn repo_path(url: &str) -> Option<String> {
+    let url = url.split(['?', '#']).next().unwrap_or_default();
     let rest = match url.split_once("://") {
         Some((_, r)) => r.split_once('/')?.1,
         None => url.split_once(':')?.1,
@@ -335,5 +337,11 @@ mod tests {
             repo_path("git@github.com:acme/lib.git").as_deref(),
             Some("acme/lib")
         );
+        for url in [
+            "https://git.example.com/acme/lib.git?access_token=SECRET1",
+            "https://oauth2:SECRET1@git.example.com/acme/lib#SECRET1",
+        ] {
+            assert_eq!(repo_path(url).as_deref(), Some("acme/lib"), "{url}");
+        }
     }
 }
