@@ -100,7 +100,14 @@ impl Decoder {
     pub fn feed(&mut self, mut chunk: &[u8], on_message: &mut dyn FnMut(Message)) {
         while !chunk.is_empty() && self.error.is_none() {
             let want = self.frame_len.unwrap_or(PRELUDE);
-            let take = (want - self.buf.len()).min(chunk.len());
+            let need = want - self.buf.len();
+            let take = need.min(chunk.len());
+            if self.buf.capacity() - self.buf.len() < take {
+                // Grows with what arrives, never past the frame: a prelude
+                // alone does not get its claimed length (up to 16 MiB).
+                self.buf
+                    .reserve_exact(need.min(self.buf.len().max(64 << 10)));
+            }
             self.buf.extend_from_slice(&chunk[..take]);
             chunk = &chunk[take..];
             if self.buf.len() < want {
@@ -108,10 +115,7 @@ impl Decoder {
             }
             if self.frame_len.is_none() {
                 match self.check_prelude() {
-                    Ok(len) => {
-                        self.buf.reserve_exact(len - PRELUDE);
-                        self.frame_len = Some(len);
-                    }
+                    Ok(len) => self.frame_len = Some(len),
                     Err(e) => self.fail(e),
                 }
                 continue;
@@ -451,6 +455,30 @@ mod tests {
         p.extend_from_slice(&crc.to_be_bytes());
         let (_, r) = decode(&p, &[]);
         assert_eq!(r, Err(DecodeError::HeadersLength(1)));
+    }
+
+    #[test]
+    fn a_large_frame_is_buffered_as_it_arrives_not_as_its_prelude_claims() {
+        let total = 16u32 << 20;
+        let mut p = Vec::new();
+        p.extend_from_slice(&total.to_be_bytes());
+        p.extend_from_slice(&0u32.to_be_bytes());
+        let crc = crc32fast::hash(&p);
+        p.extend_from_slice(&crc.to_be_bytes());
+        let mut d = Decoder::default();
+        d.feed(&p, &mut |_| panic!("no frame yet"));
+        assert_eq!(d.error(), None);
+        assert!(d.buf.capacity() <= 128 << 10, "{}", d.buf.capacity());
+        // 1 MiB of it: the buffer grows with the data, not past the frame.
+        for _ in 0..64 {
+            d.feed(&[7u8; 16 << 10], &mut |_| panic!("no frame yet"));
+        }
+        assert!(d.buf.capacity() <= 4 << 20, "{}", d.buf.capacity());
+        while d.buf.len() < total as usize - 4 {
+            let n = (total as usize - 4 - d.buf.len()).min(1 << 20);
+            d.feed(&vec![7u8; n], &mut |_| panic!("no frame yet"));
+        }
+        assert!(d.buf.capacity() <= total as usize, "{}", d.buf.capacity());
     }
 
     #[test]
