@@ -246,8 +246,18 @@ fn assert_health(points: &[Point]) {
         ("tollgate.ledger.queued", "{record}", "gauge", 2.0),
         ("tollgate.ledger.errors", "{error}", "counter", 1.0),
         ("tollgate.ledger.dropped", "{record}", "counter", 6.0),
-        ("tollgate.requests.body_too_long", "{request}", "counter", 7.0),
-        ("tollgate.requests.body_over_budget", "{request}", "counter", 8.0),
+        (
+            "tollgate.requests.body_too_long",
+            "{request}",
+            "counter",
+            7.0,
+        ),
+        (
+            "tollgate.requests.body_over_budget",
+            "{request}",
+            "counter",
+            8.0,
+        ),
         ("tollgate.up", "1", "gauge", 1.0),
     ] {
         let ps = named(points, name);

@@ -117,6 +117,51 @@ assert t.input_tokens > 0
 
 #[test]
 #[ignore = "needs root, cgroup v2 and BPF"]
+fn an_anthropic_stream_ended_by_an_error_event_records_the_error_and_estimates_its_output() {
+    let w = World::start("anthropic-error", 26);
+    let client = w.client(&[]);
+    let out = ok(
+        &client.python(
+            r#"
+import anthropic
+c = anthropic.Anthropic(api_key="sk-ant-api03-SECRETERR", max_retries=0)
+text = ""
+try:
+    with c.messages.stream(model="claude-sonnet-4-5", max_tokens=500,
+            messages=[{"role": "user", "content": "write a long story"}],
+            extra_headers={"x-fake-error-after": "120"}) as s:
+        for t in s.text_stream:
+            text += t
+    raise SystemExit("the stream did not fail")
+except anthropic.APIError as e:
+    assert "Overloaded" in str(e), e
+print(text.count("tok"))
+"#,
+        ),
+        "python anthropic",
+    );
+    assert_eq!(
+        out.trim(),
+        "120",
+        "the client got 120 deltas before the error"
+    );
+    let rows = w.agent.wait_for_records(1);
+    let r = &rows[0];
+    let rep = &w.fake.reported()[0];
+    assert_eq!(r["status"], 200, "{r}");
+    assert_eq!(s(r, "error"), "overloaded_error", "{r}");
+    // The input is the provider's (message_start); the output, which it
+    // never gave, is estimated from the 120 deltas that streamed instead of
+    // message_start's placeholder of 1.
+    assert_eq!(r["input_tokens"], rep.input_tokens, "{r}");
+    assert_eq!(r["estimated"], true, "{r}");
+    let out = r["output_tokens"].as_u64().unwrap();
+    assert!((100..=250).contains(&out), "{r}");
+    assert_no_secret(&w, "SECRETERR");
+}
+
+#[test]
+#[ignore = "needs root, cgroup v2 and BPF"]
 fn google_genai_python_sdk_generate_and_stream() {
     let w = World::start("gemini", 14);
     let client = w.client(&[]);

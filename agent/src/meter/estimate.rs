@@ -212,6 +212,21 @@ pub fn fill_estimate(
     filled
 }
 
+/// Raises a provisional output count (a stream cut before the provider's
+/// final counts) to the local estimate of the text that did stream, when
+/// that is higher. Returns true when it changed the count.
+pub fn raise_output(usage: &mut Usage, model: Option<&str>, output_text: &str) -> bool {
+    if output_text.is_empty() {
+        return false;
+    }
+    let n = estimate_output(model, output_text);
+    if n <= usage.output_tokens {
+        return false;
+    }
+    usage.output_tokens = n;
+    true
+}
+
 /// OpenAI chat (`messages`), responses (`input`, `instructions`),
 /// embeddings (`input`) and legacy completions (`prompt`).
 fn openai(v: &Value, c: &mut Counter) -> bool {
@@ -574,6 +589,27 @@ mod tests {
 
     fn exact(enc: Encoding, s: &str) -> u64 {
         enc.bpe().expect("encoder").encode_ordinary(s).len() as u64
+    }
+
+    #[test]
+    fn a_provisional_output_count_is_raised_to_the_estimate_only() {
+        let text = "The quick brown fox jumps over the lazy dog. ".repeat(20);
+        let mut u = Usage {
+            input_tokens: 500,
+            output_tokens: 1,
+            ..Default::default()
+        };
+        assert!(raise_output(&mut u, Some("claude-sonnet-4-5"), &text));
+        assert!(u.output_tokens > 100, "{u:?}");
+        assert_eq!(u.input_tokens, 500);
+        // Never lowered, and nothing to estimate from changes nothing.
+        let mut high = Usage {
+            output_tokens: 100_000,
+            ..Default::default()
+        };
+        assert!(!raise_output(&mut high, None, &text));
+        assert_eq!(high.output_tokens, 100_000);
+        assert!(!raise_output(&mut u, None, ""));
     }
 
     #[test]

@@ -157,6 +157,7 @@ impl UsageParser for JsonParser {
             usage: raw.usage(),
             response_model: str_at(&v, &["model"]),
             output_text: text,
+            ..Default::default()
         }
     }
 }
@@ -164,13 +165,22 @@ impl UsageParser for JsonParser {
 #[derive(Default)]
 struct StreamParser {
     sse: SseReader,
+    state: StreamState,
+}
+
+#[derive(Default)]
+struct StreamState {
     raw: Raw,
     model: Option<String>,
     text: String,
+    /// A `message_delta` with usage came: the counts are final.
+    final_usage: bool,
+    /// The type of an `error` event.
+    error: Option<String>,
 }
 
-impl StreamParser {
-    fn on_event(raw: &mut Raw, model: &mut Option<String>, text: &mut String, data: &str) {
+impl StreamState {
+    fn on_event(&mut self, data: &str) {
         let Ok(v) = serde_json::from_str::<Value>(data) else {
             return;
         };
@@ -178,25 +188,33 @@ impl StreamParser {
             Some("message_start") => {
                 if let Some(m) = v.get("message") {
                     if let Some(u) = m.get("usage") {
-                        raw.merge(u);
+                        self.raw.merge(u);
                     }
                     if let Some(name) = str_at(m, &["model"]) {
-                        *model = Some(name);
+                        self.model = Some(name);
                     }
                 }
             }
             Some("message_delta") => {
                 if let Some(u) = v.get("usage") {
-                    raw.merge(u);
+                    self.raw.merge(u);
+                    self.final_usage = true;
                 }
             }
             Some("content_block_delta") => {
                 let d = v.get("delta");
                 for k in ["text", "thinking", "partial_json"] {
                     if let Some(t) = d.and_then(|d| d.get(k)).and_then(Value::as_str) {
-                        super::push_text(text, t);
+                        super::push_text(&mut self.text, t);
                     }
                 }
+            }
+            Some("error") => {
+                let kind = v.pointer("/error/type").and_then(Value::as_str);
+                self.error = Some(
+                    kind.and_then(super::error_type)
+                        .unwrap_or_else(|| "error".into()),
+                );
             }
             _ => {}
         }
@@ -205,23 +223,24 @@ impl StreamParser {
 
 impl UsageParser for StreamParser {
     fn feed(&mut self, chunk: &[u8]) {
-        let (raw, model, text) = (&mut self.raw, &mut self.model, &mut self.text);
-        self.sse
-            .feed(chunk, &mut |e| Self::on_event(raw, model, text, &e.data));
+        let state = &mut self.state;
+        self.sse.feed(chunk, &mut |e| state.on_event(&e.data));
     }
 
     fn usage_seen(&self) -> bool {
-        self.raw.usage().is_some()
+        self.state.raw.usage().is_some()
     }
 
     fn finish(&mut self) -> ParsedUsage {
-        let (raw, model, text) = (&mut self.raw, &mut self.model, &mut self.text);
-        self.sse
-            .finish(&mut |e| Self::on_event(raw, model, text, &e.data));
+        let state = &mut self.state;
+        self.sse.finish(&mut |e| state.on_event(&e.data));
+        let usage = state.raw.usage();
         ParsedUsage {
-            usage: self.raw.usage(),
-            response_model: self.model.take(),
-            output_text: std::mem::take(&mut self.text),
+            partial: usage.is_some() && !state.final_usage,
+            usage,
+            response_model: state.model.take(),
+            output_text: std::mem::take(&mut state.text),
+            error: state.error.take(),
         }
     }
 }
@@ -282,6 +301,53 @@ mod tests {
             None,
         );
         assert_eq!(json, None);
+    }
+
+    #[test]
+    fn a_stream_cut_before_its_final_counts_is_partial() {
+        let cut = MSG_SSE
+            .windows(20)
+            .position(|w| w == b"event: message_delta")
+            .unwrap();
+        let p = parse_split(
+            &Anthropic,
+            &info("chat"),
+            "text/event-stream",
+            &MSG_SSE[..cut],
+            &[],
+        );
+        assert!(p.partial);
+        // message_start's placeholder output, and the text that streamed.
+        assert_eq!(p.usage.unwrap().output_tokens, 2);
+        assert!(
+            p.output_text.starts_with("Okay, let's check"),
+            "{}",
+            p.output_text
+        );
+        let whole = parse_split(&Anthropic, &info("chat"), "text/event-stream", MSG_SSE, &[]);
+        assert!(!whole.partial);
+        assert_eq!(whole.usage.unwrap().output_tokens, 89);
+        assert_eq!((whole.error, p.error), (None, None));
+    }
+
+    #[test]
+    fn an_error_event_mid_stream_is_the_records_error() {
+        let cut = MSG_SSE
+            .windows(20)
+            .position(|w| w == b"event: message_delta")
+            .unwrap();
+        let mut body = MSG_SSE[..cut].to_vec();
+        body.extend_from_slice(
+            b"event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}\n\n",
+        );
+        let p = parse_split(&Anthropic, &info("chat"), "text/event-stream", &body, &[]);
+        assert_eq!(p.error.as_deref(), Some("overloaded_error"));
+        assert!(p.partial);
+        // A type that is not a plain identifier is not recorded as sent.
+        let odd =
+            b"event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"sk-ant-KEY x\"}}\n\n";
+        let p = parse_split(&Anthropic, &info("chat"), "text/event-stream", odd, &[]);
+        assert_eq!(p.error.as_deref(), Some("error"));
     }
 
     #[test]

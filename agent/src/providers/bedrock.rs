@@ -267,6 +267,8 @@ struct StreamParser {
     /// The Anthropic adapter's stream parser, fed the decoded chunk events.
     anthropic: Box<dyn UsageParser>,
     text: String,
+    /// The exception that ended the stream.
+    error: Option<String>,
 }
 
 impl StreamParser {
@@ -288,6 +290,7 @@ impl StreamParser {
             metrics: None,
             anthropic: Anthropic.response_parser(&info, status, &sse),
             text: String::new(),
+            error: None,
         }
     }
 
@@ -299,6 +302,7 @@ impl StreamParser {
                 .unwrap_or("unknown");
             // The stream ends here; usage stays what the frames before said.
             tracing::debug!(exception = kind, "bedrock stream carried an exception");
+            self.error = Some(super::error_type(kind).unwrap_or_else(|| "exception".into()));
             return;
         }
         let Ok(v) = serde_json::from_slice::<Value>(&m.payload) else {
@@ -388,11 +392,20 @@ impl UsageParser for StreamParser {
         let mut a = self.anthropic.finish();
         let mut text = std::mem::take(&mut a.output_text);
         super::push_text(&mut text, &self.text);
-        let usage = self.converse.or(a.usage).or(self.metrics);
+        // Anthropic's own counts first; when its stream was cut before its
+        // final counts, the invocation metrics (if they came) are final.
+        let (usage, partial) = match (self.converse, a.usage, self.metrics) {
+            (Some(c), ..) => (Some(c), false),
+            (None, Some(_), Some(m)) if a.partial => (Some(m), false),
+            (None, Some(u), _) => (Some(u), a.partial),
+            (None, None, m) => (m, false),
+        };
         ParsedUsage {
             usage: if corrupt { None } else { usage },
             response_model: a.response_model,
             output_text: text,
+            partial: partial && !corrupt,
+            error: self.error.take().or(a.error),
         }
     }
 }
@@ -619,6 +632,7 @@ mod tests {
         let t = stream(THROTTLED_STREAM, &[]);
         assert_eq!(t.usage, None);
         assert_eq!(t.output_text, "Hello");
+        assert_eq!(t.error.as_deref(), Some("throttlingException"));
         let c = parse_split(
             &Bedrock,
             &info("count_tokens"),

@@ -230,6 +230,7 @@ impl Found {
             usage,
             response_model: self.model.take(),
             output_text: std::mem::take(&mut self.text),
+            ..Default::default()
         }
     }
 }

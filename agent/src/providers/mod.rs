@@ -230,6 +230,25 @@ pub struct ParsedUsage {
     /// Generated text as far as the adapter could extract it (bounded by
     /// [`MAX_OUTPUT_TEXT`]), for a local estimate when usage is missing.
     pub output_text: String,
+    /// `usage` is what the provider said at the start of a stream that
+    /// ended before its final counts (Anthropic's `message_start` carries
+    /// the input and a placeholder output of 1): the output is provisional,
+    /// and the record estimates it from `output_text`.
+    pub partial: bool,
+    /// The provider's own error type, when it ended a stream with an error
+    /// event after a successful status (Anthropic's `overloaded_error`,
+    /// Bedrock's `throttlingException`). Sanitised: see [`error_type`].
+    pub error: Option<String>,
+}
+
+/// A provider's error type as it may be recorded: at most 64 characters of
+/// ASCII letters, digits, `_`, `-` and `.`; anything else gives `None`.
+pub fn error_type(s: &str) -> Option<String> {
+    let ok = !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+    ok.then(|| s.to_string())
 }
 
 /// Bound on [`ParsedUsage::output_text`].

@@ -458,7 +458,7 @@ impl UsageParser for JsonParser {
             return ParsedUsage {
                 usage: Some(usage),
                 response_model: h.model(),
-                output_text: String::new(),
+                ..Default::default()
             };
         }
         // No usage: the whole document, for the text to estimate from.
@@ -494,6 +494,7 @@ impl UsageParser for JsonParser {
             usage: v.get("usage").and_then(usage_from),
             response_model: str_at(&v, &["model"]),
             output_text: text,
+            ..Default::default()
         }
     }
 }

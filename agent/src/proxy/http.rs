@@ -363,7 +363,7 @@ impl Draft {
     /// work, so off the async workers) and the record says `estimated`.
     fn emit(mut self, parsed: ParsedUsage, error: Option<String>) {
         let ok = (200..300).contains(&self.status);
-        let needs_estimate = ok && parsed.usage.is_none();
+        let needs_estimate = ok && (parsed.usage.is_none() || parsed.partial);
         if needs_estimate && tokio::runtime::Handle::try_current().is_ok() {
             let background = self.ctx.state.background.clone();
             background.spawn_blocking(move || self.record(parsed, error));
@@ -385,16 +385,26 @@ impl Draft {
             crate::meter::cap_owned(m, crate::meter::MAX_MODEL_NAME);
         }
         let mut usage = parsed.usage.unwrap_or_default();
+        let model = parsed
+            .response_model
+            .as_deref()
+            .or(self.info.model.as_deref());
         let estimated = ok
-            && parsed.usage.is_none()
-            && estimate::fill_estimate(
-                &mut usage,
-                api,
-                self.info.model.as_deref(),
-                self.body.take().as_deref(),
-                &parsed.output_text,
-            );
-        let error = error.or_else(|| {
+            && match parsed.usage {
+                None => estimate::fill_estimate(
+                    &mut usage,
+                    api,
+                    self.info.model.as_deref(),
+                    self.body.take().as_deref(),
+                    &parsed.output_text,
+                ),
+                Some(_) if parsed.partial => {
+                    estimate::raise_output(&mut usage, model, &parsed.output_text)
+                }
+                Some(_) => false,
+            };
+        // The provider's own error first: it says why the stream ended.
+        let error = parsed.error.take().or(error).or_else(|| {
             (ok && parsed.usage.is_none() && !estimated).then(|| "usage_missing".to_string())
         });
         // The response model first: for Azure the request names only the

@@ -69,6 +69,29 @@ pub(crate) async fn handle(call: Call) -> hyper::Response<Body> {
         (Some("content_block_start"), json!({"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}).to_string()),
         (Some("ping"), json!({"type":"ping"}).to_string()),
     ];
+    // `x-fake-error-after: N`: an overloaded_error event after N deltas,
+    // and the stream ends there, as Anthropic's does when it gives up.
+    let error_after: Option<u64> = call
+        .headers
+        .get("x-fake-error-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
+    if let Some(n) = error_after {
+        for i in 0..n.min(out) {
+            ev.push((
+                Some("content_block_delta"),
+                json!({"type":"content_block_delta","index":0,
+                "delta":{"type":"text_delta","text": if i == 0 { "tok" } else { " tok" }}})
+                .to_string(),
+            ));
+        }
+        ev.push((
+            Some("error"),
+            json!({"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}})
+                .to_string(),
+        ));
+        return stream_response("text/event-stream; charset=utf-8", sse(ev), call.delay());
+    }
     for i in 0..out {
         ev.push((
             Some("content_block_delta"),
