@@ -283,24 +283,7 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     ]));
 
     // Listeners before programs: a redirected connect must find someone home.
-    let v4 = TcpListener::bind(cfg.proxy.listen)
-        .await
-        .map_err(|source| AppError::Listen {
-            addr: cfg.proxy.listen,
-            source,
-        })?;
-    let port = v4
-        .local_addr()
-        .map(|a| a.port())
-        .unwrap_or(cfg.proxy.listen.port());
-    let mut listeners = vec![v4];
-    let v6_addr = SocketAddr::from((Ipv6Addr::LOCALHOST, port));
-    match bind_v6_only(v6_addr) {
-        Ok(l) => listeners.push(l),
-        Err(e) => {
-            warn!(addr = %v6_addr, error = %e, "no IPv6 loopback listener: IPv6 connections to providers will fail while intercepted")
-        }
-    }
+    let (listeners, port) = bind_listeners(cfg.proxy.listen).await?;
 
     let cgroup = match &cfg.intercept.cgroup {
         Some(c) => c.clone(),
@@ -421,6 +404,47 @@ fn check_state_dir(dir: &std::path::Path, owner: u32) -> Result<(), AppError> {
     })
 }
 
+/// The IPv4 listener at `listen` and, when the host has IPv6 loopback, one
+/// on `[::1]` at the same port (the kernel programs send IPv6 provider
+/// connections there). Returns them and the port.
+///
+/// A port taken on `[::1]` by another process is an error, as it is on
+/// IPv4: the programs would send jobs' provider connections, API keys and
+/// all, to that process. With port 0 the kernel's pick is tried again.
+async fn bind_listeners(listen: SocketAddr) -> Result<(Vec<TcpListener>, u16), AppError> {
+    let mut attempts = 0;
+    loop {
+        let v4 = TcpListener::bind(listen)
+            .await
+            .map_err(|source| AppError::Listen {
+                addr: listen,
+                source,
+            })?;
+        let port = v4.local_addr().map(|a| a.port()).unwrap_or(listen.port());
+        let v6_addr = SocketAddr::from((Ipv6Addr::LOCALHOST, port));
+        match bind_v6_only(v6_addr) {
+            Ok(v6) => return Ok((vec![v4, v6], port)),
+            // No IPv6 loopback here: nobody else can have [::1] either.
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EADDRNOTAVAIL | libc::EAFNOSUPPORT | libc::EPROTONOSUPPORT)
+                ) =>
+            {
+                warn!(addr = %v6_addr, error = %e, "no IPv6 loopback: IPv6 connections to providers fail while intercepted (clients fall back to IPv4)");
+                return Ok((vec![v4], port));
+            }
+            Err(_) if listen.port() == 0 && attempts < 16 => attempts += 1,
+            Err(source) => {
+                return Err(AppError::Listen {
+                    addr: v6_addr,
+                    source,
+                });
+            }
+        }
+    }
+}
+
 fn bind_v6_only(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let sock = tokio::net::TcpSocket::new_v6()?;
     sock.set_reuseaddr(true)?;
@@ -435,6 +459,28 @@ fn bind_v6_only(addr: SocketAddr) -> std::io::Result<TcpListener> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_port_taken_on_ipv6_loopback_is_an_error_not_a_warning() {
+        let other = std::net::TcpListener::bind("[::1]:0").expect("IPv6 loopback");
+        let port = other.local_addr().unwrap().port();
+        let listen = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        match bind_listeners(listen).await {
+            Err(AppError::Listen { addr, .. }) => {
+                assert_eq!(addr, SocketAddr::from((Ipv6Addr::LOCALHOST, port)))
+            }
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("listened although [::1]:{port} belongs to someone else"),
+        }
+        // Port 0: another pick, with both families on the same port.
+        let (ls, port) = bind_listeners(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+            .await
+            .expect("bind");
+        assert_eq!(ls.len(), 2);
+        for l in &ls {
+            assert_eq!(l.local_addr().unwrap().port(), port);
+        }
+    }
 
     /// Whether `sig` is blocked in the calling thread.
     fn blocked(sig: libc::c_int) -> bool {
