@@ -307,13 +307,15 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     let targets = union(&initial);
     intercept.set_targets(&targets)?;
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    // The resolver stops first, on its own signal (see the shutdown below).
+    let (refresh_stop_tx, refresh_stop_rx) = tokio::sync::watch::channel(false);
     let refresh = resolver::spawn_refresh(
         intercept.clone(),
         host_names.clone(),
         overrides,
         Duration::from_secs(cfg.resolver.refresh_secs),
         initial,
-        shutdown_rx.clone(),
+        refresh_stop_rx,
     );
 
     let state = Arc::new(
@@ -357,13 +359,17 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         _ = int.recv() => info!("SIGINT: shutting down"),
     }
     sd_notify("STOPPING=1");
-    // Stop redirecting first, so new connections go direct while in-flight
-    // ones drain; then stop the resolver, drain, and flush the ledger.
-    let _ = shutdown_tx.send(true);
+    // Stop redirecting first, while the listeners still accept: new
+    // connections then go direct, and none is sent to a closed port. The
+    // resolver stops before the map is cleared, so it cannot fill it
+    // again. Then the proxy takes what is queued, drains, and the ledger
+    // is flushed.
+    let _ = refresh_stop_tx.send(true);
     let _ = refresh.await;
     if let Err(e) = intercept.set_targets(&BTreeSet::new()) {
         warn!(error = %e, "could not clear the provider map before draining");
     }
+    let _ = shutdown_tx.send(true);
     let _ = proxy_task.await;
     if let Some(t) = control_task {
         let _ = t.await;

@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::FutureExt as _;
 use http_body_util::combinators::UnsyncBoxBody;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
@@ -308,7 +309,14 @@ pub async fn serve(
         accept_tasks.push(tokio::spawn(async move {
             loop {
                 tokio::select! {
-                    _ = stop.recv() => break,
+                    _ = stop.recv() => {
+                        // Connections the kernel already queued were sent
+                        // here before the map was cleared: serve them too.
+                        while let Some(Ok((tcp, peer))) = l.accept().now_or_never() {
+                            tracker.spawn(handle_conn(state.clone(), tcp, peer));
+                        }
+                        break;
+                    }
                     r = l.accept() => match r {
                         Ok((tcp, peer)) => {
                             tracker.spawn(handle_conn(state.clone(), tcp, peer));
