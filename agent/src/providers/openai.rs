@@ -249,15 +249,26 @@ impl UsageParser for NoUsage {
 /// client did not ask for it: the final usage chunk (`choices: []` with a
 /// usage object) and the `"usage":null` member of every other chunk. Whole
 /// events pass through as soon as they are complete; only a partial event
-/// is held back.
+/// is held back, up to [`MAX_HELD_EVENT`].
 #[derive(Default)]
 pub struct UsageChunkFilter {
     held: Vec<u8>,
+    /// How much of `held` was searched for an event's end already.
+    scanned: usize,
+    /// An event outgrew [`MAX_HELD_EVENT`]: the rest passes unfiltered.
+    passthrough: bool,
 }
 
-/// End of the first complete SSE event in `b` (after its blank line).
-fn event_end(b: &[u8]) -> Option<usize> {
-    let mut i = 0;
+/// The longest partial event the filter holds back. A stream whose event
+/// is longer (or that never ends one) is passed on as it comes, unfiltered,
+/// instead of being held whole in memory: the client may then see the
+/// injected usage, which it ignores or reads as an extra chunk.
+pub const MAX_HELD_EVENT: usize = 4 << 20;
+
+/// End of the first complete SSE event in `b` (after its blank line),
+/// searching from `from` (a blank line can start up to 3 bytes before it).
+fn event_end(b: &[u8], from: usize) -> Option<usize> {
+    let mut i = from.saturating_sub(3);
     while i < b.len() {
         match b[i] {
             b'\n' => {
@@ -423,15 +434,30 @@ impl<'de> serde::Deserialize<'de> for Key<'de> {
 
 impl super::BodyFilter for UsageChunkFilter {
     fn filter(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
+        if self.passthrough {
+            out.extend_from_slice(chunk);
+            return;
+        }
         self.held.extend_from_slice(chunk);
         let mut pos = 0;
-        while let Some(end) = event_end(&self.held[pos..]) {
+        let mut from = self.scanned;
+        while let Some(end) = event_end(&self.held[pos..], from) {
             if let Some(ev) = rewrite_event(&self.held[pos..pos + end]) {
                 out.extend_from_slice(&ev);
             }
             pos += end;
+            from = 0;
         }
         self.held.drain(..pos);
+        self.scanned = self.held.len();
+        if self.held.len() > MAX_HELD_EVENT {
+            tracing::debug!(
+                held = self.held.len(),
+                "an event longer than the usage filter holds: the rest of the stream passes unfiltered"
+            );
+            out.extend_from_slice(&std::mem::take(&mut self.held));
+            self.passthrough = true;
+        }
     }
 
     fn finish(&mut self, out: &mut Vec<u8>) {
@@ -759,6 +785,45 @@ mod tests {
         f.filter(&input[last..], &mut out);
         f.finish(&mut out);
         out
+    }
+
+    #[test]
+    fn every_blank_line_style_filters_the_same_split_anywhere() {
+        let usage = r#"{"id":"c","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}"#;
+        let chunk = r#"{"id":"c","choices":[{"delta":{"content":"hi"}}],"usage":null}"#;
+        for eol in ["\n", "\r\n", "\r"] {
+            let ev = |d: &str| format!("data: {d}{eol}{eol}");
+            let input = [ev(chunk), ev(chunk), ev(usage), ev("[DONE]")].concat();
+            let whole = filtered(input.as_bytes(), &[]);
+            let text = String::from_utf8(whole.clone()).unwrap();
+            assert_eq!(text.matches("\"hi\"").count(), 2, "{eol:?}: {text}");
+            assert!(!text.contains("usage"), "{eol:?}: {text}");
+            assert!(text.contains("[DONE]"), "{eol:?}: {text}");
+            let every_byte: Vec<usize> = (1..input.len()).collect();
+            assert_eq!(filtered(input.as_bytes(), &every_byte), whole, "{eol:?}");
+        }
+    }
+
+    #[test]
+    fn an_event_longer_than_the_filter_holds_passes_unfiltered() {
+        use crate::providers::BodyFilter;
+        let mut f = UsageChunkFilter::default();
+        let mut out = Vec::new();
+        let piece = vec![b'x'; 64 << 10];
+        f.filter(b"data: {\"choices\":[{\"delta\":{\"content\":\"", &mut out);
+        let mut fed = 0;
+        while fed <= MAX_HELD_EVENT {
+            f.filter(&piece, &mut out);
+            fed += piece.len();
+        }
+        // Handed on, not held: the filter keeps no copy of it.
+        assert!(out.len() > MAX_HELD_EVENT, "{}", out.len());
+        assert_eq!(f.held.capacity(), 0);
+        let before = out.len();
+        let usage = b"\"}}]}\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":1}}\n\n";
+        f.filter(usage, &mut out);
+        f.finish(&mut out);
+        assert_eq!(&out[before..], usage, "the rest passes as it came");
     }
 
     #[test]
