@@ -459,6 +459,36 @@ for i, ch in enumerate(s):
 
 #[test]
 #[ignore = "needs root, cgroup v2 and BPF"]
+fn a_client_that_leaves_before_the_answer_still_has_its_input_counted() {
+    let w = World::start("early-hangup", 27);
+    let client = w.client(&[]);
+    let script = r#"
+import openai
+c = openai.OpenAI(api_key="sk-test", max_retries=0, timeout=1.0)
+try:
+    c.chat.completions.create(model="gpt-4o-mini", max_tokens=50,
+        messages=[{"role": "user", "content": "summarise this: " + "lorem ipsum dolor " * 300}],
+        extra_headers={"x-fake-head-delay-ms": "4000"})
+    raise SystemExit("answered before the timeout")
+except openai.APITimeoutError:
+    pass
+"#;
+    ok(&client.python(script), "python early hang-up");
+    let rows = w.agent.wait_for_records(1);
+    let r = &rows[0];
+    assert_eq!(s(r, "error"), "client_disconnected", "{r}");
+    assert_eq!(r["status"], 0, "{r}");
+    // The provider had the request: its input is estimated from the body
+    // (≈900 words), the output, never seen, is 0.
+    assert_eq!(r["estimated"], true, "{r}");
+    let input = u(r, "input_tokens");
+    assert!((600..=2000).contains(&input), "{r}");
+    assert_eq!(u(r, "output_tokens"), 0, "{r}");
+    assert!(r["cost_usd"].as_f64().is_some_and(|c| c > 0.0), "{r}");
+}
+
+#[test]
+#[ignore = "needs root, cgroup v2 and BPF"]
 fn client_hangup_mid_stream_still_gets_the_provider_count() {
     let w = World::start("hangup", 7);
     let client = w.client(&[]);

@@ -254,6 +254,7 @@ pub(super) async fn handle(
         ttfb_ms: None,
         // Unmetered requests have no record to write.
         emitted: !info.metered,
+        unanswered: false,
         _live: if info.metered {
             state.live.request_started(&ctx.who)
         } else {
@@ -340,6 +341,9 @@ struct Draft {
     ttfb_ms: Option<u64>,
     /// The record was handed on (or there is none to write).
     emitted: bool,
+    /// Sent upstream, and the client left (or the agent stopped) before
+    /// the response came: the provider has the request all the same.
+    unanswered: bool,
     /// In flight for `tollgate top` until the draft is emitted or dropped.
     _live: crate::control::InFlight,
 }
@@ -347,13 +351,40 @@ struct Draft {
 impl Drop for Draft {
     /// A request that ends without a response (the client left while it
     /// was forwarded, or the agent stopped) still gets its record: the
-    /// provider may bill it.
+    /// provider may bill it. It was sent, so the provider has its input (and
+    /// generates a non-streaming answer all the same): the input is
+    /// estimated from the body, when it was read.
     fn drop(&mut self) {
         if self.emitted {
             return;
         }
         let error = hangup_error(&self.ctx.state);
-        self.record(ParsedUsage::default(), Some(error.into()));
+        self.unanswered = true;
+        if self.body.is_none() || tokio::runtime::Handle::try_current().is_err() {
+            self.record(ParsedUsage::default(), Some(error.into()));
+            return;
+        }
+        // Counting is CPU work: off the async workers, as in `emit`.
+        let state = &self.ctx.state;
+        let mut owned = Draft {
+            ctx: self.ctx.clone(),
+            body: self.body.take(),
+            lease: std::mem::replace(&mut self.lease, state.body_budget.lease()),
+            started: self.started,
+            started_ms: self.started_ms,
+            method: std::mem::take(&mut self.method),
+            path: std::mem::take(&mut self.path),
+            info: std::mem::take(&mut self.info),
+            status: self.status,
+            ttfb_ms: self.ttfb_ms,
+            emitted: false,
+            unanswered: true,
+            _live: std::mem::replace(&mut self._live, crate::control::InFlight::none()),
+        };
+        self.emitted = true;
+        state
+            .background
+            .spawn_blocking(move || owned.record(ParsedUsage::default(), Some(error.into())));
     }
 }
 
@@ -389,8 +420,8 @@ impl Draft {
             .response_model
             .as_deref()
             .or(self.info.model.as_deref());
-        let estimated = ok
-            && match parsed.usage {
+        let estimated =
+            ok && match parsed.usage {
                 None => estimate::fill_estimate(
                     &mut usage,
                     api,
@@ -402,7 +433,14 @@ impl Draft {
                     estimate::raise_output(&mut usage, model, &parsed.output_text)
                 }
                 Some(_) => false,
-            };
+            } || (self.unanswered
+                && estimate::fill_estimate(
+                    &mut usage,
+                    api,
+                    self.info.model.as_deref(),
+                    self.body.take().as_deref(),
+                    "",
+                ));
         // The provider's own error first: it says why the stream ended.
         let error = parsed.error.take().or(error).or_else(|| {
             (ok && parsed.usage.is_none() && !estimated).then(|| "usage_missing".to_string())

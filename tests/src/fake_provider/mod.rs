@@ -218,6 +218,15 @@ async fn handle(
             json!({"error":{"message":"body is not JSON","type":"invalid_request_error"}}),
         ));
     };
+    // `x-fake-head-delay-ms`: the answer's head waits this long (a slow,
+    // non-streaming generation).
+    if let Some(ms) = headers
+        .get("x-fake-head-delay-ms")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+    {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
     let call = Call {
         sni: sni.clone(),
         path,
