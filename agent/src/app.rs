@@ -268,6 +268,7 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
                 ledger_dropped: l.dropped + l.rejected,
                 bodies_too_long: p.body_too_long,
                 bodies_over_budget: p.over_buffer_budget,
+                bodies_stalled: p.body_stalled,
                 up: true,
             }
         })
@@ -330,6 +331,7 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         )
         .with_prices(Arc::new(PriceBook::new(&cfg.pricing)))
         .with_max_buffered(cfg.proxy.max_buffered_request_bytes)
+        .with_body_stall(Duration::from_secs(cfg.proxy.request_body_stall_secs))
         .with_live(live.handle()),
     );
     let _ = proxy_slot.set(Arc::downgrade(&state));

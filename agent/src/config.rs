@@ -133,6 +133,10 @@ pub struct ProxyConfig {
     /// Most bytes of request bodies the agent holds at once, across all
     /// connections; a body that would pass it is forwarded unparsed.
     pub max_buffered_request_bytes: usize,
+    /// A request body that pauses this long mid-way (a stalled or slow
+    /// client) stops being held: it is forwarded as it arrives, unparsed,
+    /// so it does not keep its share of `max_buffered_request_bytes`.
+    pub request_body_stall_secs: u64,
     /// Threads that run connections; 0 = one per CPU. One keeps the
     /// agent's share of a small runner bounded and costs the least CPU per
     /// request (no wake-ups between threads); LLM request rates are far
@@ -156,6 +160,7 @@ impl Default for ProxyConfig {
             drain_secs: 30,
             max_request_body: 32 << 20,
             max_buffered_request_bytes: 128 << 20,
+            request_body_stall_secs: 10,
             worker_threads: 1,
         }
     }
@@ -333,6 +338,15 @@ impl Config {
                 format!(
                     "{} is more than {MAX_DRAIN_SECS} (an hour)",
                     self.proxy.drain_secs
+                ),
+            ));
+        }
+        if !(1..=MAX_DRAIN_SECS).contains(&self.proxy.request_body_stall_secs) {
+            return Err(invalid(
+                "proxy.request_body_stall_secs",
+                format!(
+                    "{} is not between 1 and {MAX_DRAIN_SECS}",
+                    self.proxy.request_body_stall_secs
                 ),
             ));
         }
@@ -538,6 +552,12 @@ api = "azure-openai"
                 .to_string()
                 .contains("proxy.drain_secs")
         );
+        for stall in [0, u64::MAX] {
+            let mut c = Config::default();
+            c.proxy.request_body_stall_secs = stall;
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains("proxy.request_body_stall_secs"), "{stall}: {e}");
+        }
         let mut c = Config::default();
         c.ledger.queue = usize::MAX;
         assert!(

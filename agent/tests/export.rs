@@ -93,6 +93,7 @@ fn health() -> Arc<dyn Fn() -> HealthSnapshot + Send + Sync> {
         ledger_dropped: 6,
         bodies_too_long: 7,
         bodies_over_budget: 8,
+        bodies_stalled: 9,
         up: true,
     })
 }
@@ -258,6 +259,12 @@ fn assert_health(points: &[Point]) {
             "counter",
             8.0,
         ),
+        (
+            "tollgate.requests.body_stalled",
+            "{request}",
+            "counter",
+            9.0,
+        ),
         ("tollgate.up", "1", "gauge", 1.0),
     ] {
         let ps = named(points, name);
@@ -362,6 +369,7 @@ async fn default_generation(t: Transport) {
             "tollgate.ledger.dropped",
             "tollgate.requests.body_too_long",
             "tollgate.requests.body_over_budget",
+            "tollgate.requests.body_stalled",
             "tollgate.up",
         ]),
         "exported metric names"

@@ -582,6 +582,7 @@ fn a_request_past_the_body_budget_is_forwarded_unparsed_and_still_counted() {
         25,
         format!(
             "proxy.max_request_body = 6000\nproxy.max_buffered_request_bytes = 8000\n\
+             proxy.request_body_stall_secs = 1\n\
              [export.otlp]\nendpoint = {:?}\nprotocol = \"http/protobuf\"\ninterval_secs = 1\n",
             receiver.endpoint()
         ),
@@ -632,6 +633,18 @@ t.start()
 time.sleep(1.0)
 out["g"] = json.loads(call("gpt-4-turbo", False))["usage"]
 t.join()
+# A body that pauses mid-way longer than request_body_stall_secs is
+# forwarded as it arrives instead of held.
+head = b'{"model": "o3-mini", "max_tokens": 10, "messages": [{"role": "user", "content": "'
+tail = b'slow body"}]}'
+def slow():
+    yield head
+    time.sleep(2.5)
+    yield tail
+req = urllib.request.Request("https://api.openai.com/v1/chat/completions", data=slow(),
+    headers={"Content-Type": "application/json", "Authorization": "Bearer sk-test-BUDGET-1",
+             "Content-Length": str(len(head) + len(tail))})
+out["h"] = json.loads(urllib.request.urlopen(req, timeout=60).read())["usage"]
 print(json.dumps(out))
 "#;
     let out = ok(&client.python(script), "python urllib");
@@ -641,8 +654,8 @@ print(json.dumps(out))
         (&Value::Bool(true), &Value::Bool(true), &Value::Bool(true)),
         "{got}"
     );
-    let rows = w.agent.wait_for_records(7);
-    assert_eq!(rows.len(), 7, "{rows:#?}");
+    let rows = w.agent.wait_for_records(8);
+    assert_eq!(rows.len(), 8, "{rows:#?}");
     let by = |resp| tollgate_e2e::row_with(&rows, "response_model", resp);
     // The stream and the request after it were read whole: their model
     // comes from the request.
@@ -661,6 +674,10 @@ print(json.dumps(out))
         "{f}"
     );
     assert_eq!(by("gpt-4-turbo-2024-07-18")["model"], "gpt-4-turbo");
+    // The stalled body: unparsed, counted from the response.
+    let h = by("o3-mini-2024-07-18");
+    assert_eq!(h["model"], Value::Null, "{h}");
+    assert_eq!(u(h, "input_tokens"), u(&got["h"], "prompt_tokens"));
     // The one in between was forwarded unparsed, and counted all the same
     // from the response.
     let b = by("gpt-4o-2024-07-18");
@@ -688,6 +705,7 @@ print(json.dumps(out))
     };
     assert_eq!(own("tollgate.requests.body_over_budget"), 1.0);
     assert_eq!(own("tollgate.requests.body_too_long"), 1.0);
+    assert_eq!(own("tollgate.requests.body_stalled"), 1.0);
     drop(w);
     drop(rt);
 }

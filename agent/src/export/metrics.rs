@@ -281,7 +281,7 @@ type HealthFigure = (
 );
 
 /// Health counters (monotonic).
-const HEALTH_COUNTERS: [HealthFigure; 10] = [
+const HEALTH_COUNTERS: [HealthFigure; 11] = [
     (
         sc::M_CONN_INTERCEPTED,
         "{connection}",
@@ -341,6 +341,12 @@ const HEALTH_COUNTERS: [HealthFigure; 10] = [
         "{request}",
         "Request bodies forwarded unparsed because proxy.max_buffered_request_bytes was held (model and usage from the response).",
         |h| h.bodies_over_budget,
+    ),
+    (
+        sc::M_BODIES_STALLED,
+        "{request}",
+        "Request bodies that paused longer than proxy.request_body_stall_secs, forwarded unparsed as they arrived.",
+        |h| h.bodies_stalled,
     ),
 ];
 

@@ -47,6 +47,36 @@ where
     b.map_err(Into::into).boxed_unsync()
 }
 
+/// The request body on its way upstream: notes when hyper first asks for
+/// it, which it does once a connection to the provider is up and the
+/// request head written. A request the client leaves before that never
+/// reached the provider, and is not billed.
+struct Sending {
+    inner: ProxyBody,
+    sent: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Body for Sending {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.sent.store(true, Ordering::Relaxed);
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// An error response in the OpenAI error shape (what most SDKs parse), with
 /// `x-should-retry: false` when retrying cannot help.
 fn error_response(
@@ -99,6 +129,8 @@ enum Unread {
     TooLong,
     /// The agent holds `proxy.max_buffered_request_bytes` of bodies.
     OverBudget,
+    /// The client paused longer than `proxy.request_body_stall_secs`.
+    Stalled,
 }
 
 /// Reads up to `limit` bytes of a body, each taken from `lease` first.
@@ -107,11 +139,18 @@ enum Unread {
 async fn read_bounded(
     mut body: Incoming,
     limit: usize,
+    stall: Duration,
     lease: &mut super::budget::BodyLease,
 ) -> Result<(Vec<Bytes>, Option<(Incoming, Unread)>), hyper::Error> {
     let mut chunks = Vec::new();
     let mut size = 0usize;
-    while let Some(frame) = body.frame().await {
+    loop {
+        // A client that stops mid-body must not keep its share of the
+        // budget for as long as it keeps the connection.
+        let Ok(next) = tokio::time::timeout(stall, body.frame()).await else {
+            return Ok((chunks, Some((body, Unread::Stalled))));
+        };
+        let Some(frame) = next else { break };
         let frame = frame?;
         if let Ok(data) = frame.into_data() {
             size += data.len();
@@ -138,7 +177,8 @@ pub(super) async fn handle(
     let started_ms = now_ms();
     let (mut parts, body) = req.into_parts();
     let mut lease = state.body_budget.lease();
-    let (chunks, rest) = match read_bounded(body, state.max_request_body, &mut lease).await {
+    let read = read_bounded(body, state.max_request_body, state.body_stall, &mut lease);
+    let (chunks, rest) = match read.await {
         Ok(x) => x,
         Err(e) => {
             debug!(error = %e, "client request body failed");
@@ -156,6 +196,13 @@ pub(super) async fn handle(
             debug!(
                 limit = state.max_request_body,
                 "request body longer than proxy.max_request_body: forwarded unparsed"
+            );
+        }
+        Some(Unread::Stalled) => {
+            state.stats.body_stalled.fetch_add(1, Ordering::Relaxed);
+            debug!(
+                stall_secs = state.body_stall.as_secs(),
+                "request body paused longer than proxy.request_body_stall_secs: forwarded unparsed as it arrives"
             );
         }
         Some(Unread::OverBudget) => {
@@ -229,6 +276,12 @@ pub(super) async fn handle(
         }
         (None, None) => boxed(Full::new(Bytes::new())),
     };
+    let sent = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let up_body: ProxyBody = Sending {
+        inner: up_body,
+        sent: sent.clone(),
+    }
+    .boxed_unsync();
     let authority = parts
         .uri
         .authority()
@@ -254,6 +307,7 @@ pub(super) async fn handle(
         ttfb_ms: None,
         // Unmetered requests have no record to write.
         emitted: !info.metered,
+        sent,
         unanswered: false,
         _live: if info.metered {
             state.live.request_started(&ctx.who)
@@ -341,6 +395,8 @@ struct Draft {
     ttfb_ms: Option<u64>,
     /// The record was handed on (or there is none to write).
     emitted: bool,
+    /// hyper took the request body to send it (see [`Sending`]).
+    sent: Arc<std::sync::atomic::AtomicBool>,
     /// Sent upstream, and the client left (or the agent stopped) before
     /// the response came: the provider has the request all the same.
     unanswered: bool,
@@ -351,25 +407,38 @@ struct Draft {
 impl Drop for Draft {
     /// A request that ends without a response (the client left while it
     /// was forwarded, or the agent stopped) still gets its record: the
-    /// provider may bill it. It was sent, so the provider has its input (and
-    /// generates a non-streaming answer all the same): the input is
-    /// estimated from the body, when it was read.
+    /// provider may bill it. Once it was sent, the provider has its input
+    /// (and generates a non-streaming answer all the same): the input is
+    /// then estimated from the body, when it was read.
     fn drop(&mut self) {
         if self.emitted {
             return;
         }
-        let error = hangup_error(&self.ctx.state);
-        self.unanswered = true;
-        if self.body.is_none() || tokio::runtime::Handle::try_current().is_err() {
-            self.record(ParsedUsage::default(), Some(error.into()));
+        let error = Some(hangup_error(&self.ctx.state).to_string());
+        let sent = self.status == 0 && self.sent.load(Ordering::Relaxed);
+        if self.unanswered || !sent || self.body.is_none() {
+            // Nothing to count, or already on the blocking pool (a task
+            // dropped unrun at shutdown comes back here: record, do not
+            // hand it on again).
+            self.unanswered |= sent;
+            self.record(ParsedUsage::default(), error);
             return;
         }
-        // Counting is CPU work: off the async workers, as in `emit`.
-        let state = &self.ctx.state;
-        let mut owned = Draft {
+        let mut owned = self.detach();
+        owned.unanswered = true;
+        owned.record_off_worker(ParsedUsage::default(), error, true);
+    }
+}
+
+impl Draft {
+    /// Moves everything into a new draft and leaves this one emitted.
+    fn detach(&mut self) -> Draft {
+        let lease = self.ctx.state.body_budget.lease();
+        self.emitted = true;
+        Draft {
             ctx: self.ctx.clone(),
             body: self.body.take(),
-            lease: std::mem::replace(&mut self.lease, state.body_budget.lease()),
+            lease: std::mem::replace(&mut self.lease, lease),
             started: self.started,
             started_ms: self.started_ms,
             method: std::mem::take(&mut self.method),
@@ -378,29 +447,31 @@ impl Drop for Draft {
             status: self.status,
             ttfb_ms: self.ttfb_ms,
             emitted: false,
-            unanswered: true,
+            sent: self.sent.clone(),
+            unanswered: self.unanswered,
             _live: std::mem::replace(&mut self._live, crate::control::InFlight::none()),
-        };
-        self.emitted = true;
-        state
-            .background
-            .spawn_blocking(move || owned.record(ParsedUsage::default(), Some(error.into())));
+        }
     }
-}
 
-impl Draft {
-    /// Finishes the record and hands it to the sinks. When a successful
-    /// response carried no usage, the counts are estimated locally (CPU
-    /// work, so off the async workers) and the record says `estimated`.
-    fn emit(mut self, parsed: ParsedUsage, error: Option<String>) {
-        let ok = (200..300).contains(&self.status);
-        let needs_estimate = ok && (parsed.usage.is_none() || parsed.partial);
-        if needs_estimate && tokio::runtime::Handle::try_current().is_ok() {
+    /// Records on the blocking pool when `counting` (local estimates are
+    /// CPU work, kept off the async workers) and a runtime is there, else
+    /// here.
+    fn record_off_worker(mut self, parsed: ParsedUsage, error: Option<String>, counting: bool) {
+        if counting && tokio::runtime::Handle::try_current().is_ok() {
             let background = self.ctx.state.background.clone();
             background.spawn_blocking(move || self.record(parsed, error));
         } else {
             self.record(parsed, error);
         }
+    }
+
+    /// Finishes the record and hands it to the sinks. When a successful
+    /// response carried no usage, the counts are estimated locally (off
+    /// the async workers) and the record says `estimated`.
+    fn emit(self, parsed: ParsedUsage, error: Option<String>) {
+        let ok = (200..300).contains(&self.status);
+        let counting = ok && (parsed.usage.is_none() || parsed.partial);
+        self.record_off_worker(parsed, error, counting);
     }
 
     /// Builds the record and hands it to the sinks, once.
@@ -420,8 +491,9 @@ impl Draft {
             .response_model
             .as_deref()
             .or(self.info.model.as_deref());
-        let estimated =
-            ok && match parsed.usage {
+        // An unanswered request has no usage: its input is estimated.
+        let estimated = (ok || self.unanswered)
+            && match parsed.usage {
                 None => estimate::fill_estimate(
                     &mut usage,
                     api,
@@ -433,14 +505,7 @@ impl Draft {
                     estimate::raise_output(&mut usage, model, &parsed.output_text)
                 }
                 Some(_) => false,
-            } || (self.unanswered
-                && estimate::fill_estimate(
-                    &mut usage,
-                    api,
-                    self.info.model.as_deref(),
-                    self.body.take().as_deref(),
-                    "",
-                ));
+            };
         // The provider's own error first: it says why the stream ended.
         let error = parsed.error.take().or(error).or_else(|| {
             (ok && parsed.usage.is_none() && !estimated).then(|| "usage_missing".to_string())

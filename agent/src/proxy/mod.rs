@@ -114,6 +114,9 @@ pub struct ProxyStats {
     /// Request bodies forwarded unparsed because they were longer than
     /// `proxy.max_request_body`.
     pub body_too_long: AtomicU64,
+    /// Request bodies forwarded unparsed because they paused longer than
+    /// `proxy.request_body_stall_secs`.
+    pub body_stalled: AtomicU64,
 }
 
 /// A copy of [`ProxyStats`] at one instant.
@@ -131,6 +134,7 @@ pub struct ProxyStatsSnapshot {
     pub unpriced: u64,
     pub over_buffer_budget: u64,
     pub body_too_long: u64,
+    pub body_stalled: u64,
 }
 
 impl ProxyStats {
@@ -149,6 +153,7 @@ impl ProxyStats {
             unpriced: l(&self.unpriced),
             over_buffer_budget: l(&self.over_buffer_budget),
             body_too_long: l(&self.body_too_long),
+            body_stalled: l(&self.body_stalled),
         }
     }
 }
@@ -167,6 +172,8 @@ pub struct ProxyState {
     pub sink: Arc<dyn RecordSink>,
     pub stats: ProxyStats,
     pub max_request_body: usize,
+    /// A body pausing this long mid-way is forwarded as it arrives.
+    pub body_stall: Duration,
     /// Request bodies held across all connections.
     pub body_budget: Arc<budget::BodyBudget>,
     /// Prices for `cost_usd`.
@@ -224,6 +231,7 @@ impl ProxyState {
             sink,
             stats: ProxyStats::default(),
             max_request_body,
+            body_stall: Duration::from_secs(10),
             body_budget: budget::BodyBudget::new(max_request_body.saturating_mul(4)),
             prices: Arc::new(crate::meter::pricing::PriceBook::builtin()),
             live: crate::control::LiveHandle::default(),
@@ -275,6 +283,13 @@ impl ProxyState {
     /// (default: four times `max_request_body`).
     pub fn with_max_buffered(mut self, bytes: usize) -> Self {
         self.body_budget = budget::BodyBudget::new(bytes);
+        self
+    }
+
+    /// Forwards a request body that pauses `stall` mid-way as it arrives
+    /// (default: 10 s).
+    pub fn with_body_stall(mut self, stall: Duration) -> Self {
+        self.body_stall = stall;
         self
     }
 
