@@ -619,7 +619,9 @@ time.sleep(1.0)
 out["e"] = json.loads(call("gpt-4.1-mini", False))["usage"]
 t.join()
 # An Anthropic stream reports its input tokens in its first event: from
-# then on its body is not needed for an estimate and gives its share back.
+# then on its body is not needed for an estimate and gives its share back
+# (the agent reads each event before the client gets it).
+started = threading.Event()
 def f():
     body = {"model": "claude-sonnet-4-5", "max_tokens": 10, "stream": True,
             "messages": [{"role": "user", "content": "word " * 1000}]}
@@ -627,10 +629,18 @@ def f():
          "anthropic-version": "2023-06-01", "x-fake-chunk-delay-ms": "300"}
     req = urllib.request.Request("https://api.anthropic.com/v1/messages",
         data=json.dumps(body).encode(), headers=h)
-    out["f"] = "message_stop" in urllib.request.urlopen(req, timeout=60).read().decode()
+    resp = urllib.request.urlopen(req, timeout=60)
+    got = b""
+    while b"message_start" not in got:
+        line = resp.readline()
+        if not line:
+            break
+        got += line
+    started.set()
+    out["f"] = "message_stop" in (got + resp.read()).decode()
 t = threading.Thread(target=f)
 t.start()
-time.sleep(1.0)
+assert started.wait(30), "no message_start"
 out["g"] = json.loads(call("gpt-4-turbo", False))["usage"]
 t.join()
 # A body that pauses mid-way longer than request_body_stall_secs is

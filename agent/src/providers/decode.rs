@@ -5,7 +5,8 @@
 //! Must never: grow without bound (decoded bytes go to the parser as the
 //! decoder writes them, a piece at a time, never gathered per chunk; a
 //! decompression bomb stops feeding the parser at [`MAX_DECODED`]; the
-//! record then has no usage and says so).
+//! record then has what the parser read from the bytes before it, which
+//! for a usage at the end is none, and says so).
 
 use std::io::Write;
 

@@ -105,8 +105,8 @@ impl Decoder {
             if self.buf.capacity() - self.buf.len() < take {
                 // Grows with what arrives, never past the frame: a prelude
                 // alone does not get its claimed length (up to 16 MiB).
-                self.buf
-                    .reserve_exact(need.min(self.buf.len().max(64 << 10)));
+                let step = need.min(self.buf.len().max(64 << 10)).max(take);
+                self.buf.reserve_exact(step);
             }
             self.buf.extend_from_slice(&chunk[..take]);
             chunk = &chunk[take..];
@@ -478,6 +478,13 @@ mod tests {
             let n = (total as usize - 4 - d.buf.len()).min(1 << 20);
             d.feed(&vec![7u8; n], &mut |_| panic!("no frame yet"));
         }
+        assert!(d.buf.capacity() <= total as usize, "{}", d.buf.capacity());
+        // One chunk larger than what is reserved: still not past the frame.
+        let mut d = Decoder::default();
+        d.feed(&p, &mut |_| panic!("no frame yet"));
+        d.feed(&vec![7u8; (total as usize) - 16], &mut |_| {
+            panic!("no frame yet")
+        });
         assert!(d.buf.capacity() <= total as usize, "{}", d.buf.capacity());
     }
 
