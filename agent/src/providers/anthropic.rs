@@ -303,12 +303,17 @@ mod tests {
         assert_eq!(json, None);
     }
 
-    #[test]
-    fn a_stream_cut_before_its_final_counts_is_partial() {
-        let cut = MSG_SSE
+    /// Where the fixture's final counts (message_delta) begin.
+    fn before_message_delta() -> usize {
+        MSG_SSE
             .windows(20)
             .position(|w| w == b"event: message_delta")
-            .unwrap();
+            .unwrap()
+    }
+
+    #[test]
+    fn a_stream_cut_before_its_final_counts_is_partial() {
+        let cut = before_message_delta();
         let p = parse_split(
             &Anthropic,
             &info("chat"),
@@ -332,10 +337,7 @@ mod tests {
 
     #[test]
     fn an_error_event_mid_stream_is_the_records_error() {
-        let cut = MSG_SSE
-            .windows(20)
-            .position(|w| w == b"event: message_delta")
-            .unwrap();
+        let cut = before_message_delta();
         let mut body = MSG_SSE[..cut].to_vec();
         body.extend_from_slice(
             b"event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}\n\n",

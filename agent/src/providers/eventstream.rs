@@ -434,37 +434,35 @@ mod tests {
         assert_eq!(r, Err(DecodeError::Truncated));
     }
 
+    /// A prelude (with a valid CRC) claiming `total` bytes of frame and
+    /// `headers` bytes of headers.
+    fn prelude(total: u32, headers: u32) -> Vec<u8> {
+        let mut p = Vec::new();
+        p.extend_from_slice(&total.to_be_bytes());
+        p.extend_from_slice(&headers.to_be_bytes());
+        let crc = crc32fast::hash(&p);
+        p.extend_from_slice(&crc.to_be_bytes());
+        p
+    }
+
     #[test]
     fn oversized_and_undersized_lengths_are_refused_before_buffering() {
         for total in [u32::MAX, (16 << 20) + 1, 15, 0] {
-            let mut p = Vec::new();
-            p.extend_from_slice(&total.to_be_bytes());
-            p.extend_from_slice(&0u32.to_be_bytes());
-            let crc = crc32fast::hash(&p);
-            p.extend_from_slice(&crc.to_be_bytes());
+            let p = prelude(total, 0);
             let mut d = Decoder::default();
             d.feed(&p, &mut |_| panic!("no frame expected"));
             assert_eq!(d.error(), Some(&DecodeError::FrameSize(total)));
             assert!(d.buf.capacity() < 1024, "buffered for a refused frame");
         }
         // Headers longer than the frame.
-        let mut p = Vec::new();
-        p.extend_from_slice(&16u32.to_be_bytes());
-        p.extend_from_slice(&1u32.to_be_bytes());
-        let crc = crc32fast::hash(&p);
-        p.extend_from_slice(&crc.to_be_bytes());
-        let (_, r) = decode(&p, &[]);
+        let (_, r) = decode(&prelude(16, 1), &[]);
         assert_eq!(r, Err(DecodeError::HeadersLength(1)));
     }
 
     #[test]
     fn a_large_frame_is_buffered_as_it_arrives_not_as_its_prelude_claims() {
         let total = 16u32 << 20;
-        let mut p = Vec::new();
-        p.extend_from_slice(&total.to_be_bytes());
-        p.extend_from_slice(&0u32.to_be_bytes());
-        let crc = crc32fast::hash(&p);
-        p.extend_from_slice(&crc.to_be_bytes());
+        let p = prelude(total, 0);
         let mut d = Decoder::default();
         d.feed(&p, &mut |_| panic!("no frame yet"));
         assert_eq!(d.error(), None);

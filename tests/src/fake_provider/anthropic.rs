@@ -76,15 +76,16 @@ pub(crate) async fn handle(call: Call) -> hyper::Response<Body> {
         .get("x-fake-error-after")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok());
+    let delta = |i: u64| {
+        (
+            Some("content_block_delta"),
+            json!({"type":"content_block_delta","index":0,
+            "delta":{"type":"text_delta","text": if i == 0 { "tok" } else { " tok" }}})
+            .to_string(),
+        )
+    };
     if let Some(n) = error_after {
-        for i in 0..n.min(out) {
-            ev.push((
-                Some("content_block_delta"),
-                json!({"type":"content_block_delta","index":0,
-                "delta":{"type":"text_delta","text": if i == 0 { "tok" } else { " tok" }}})
-                .to_string(),
-            ));
-        }
+        ev.extend((0..n.min(out)).map(delta));
         ev.push((
             Some("error"),
             json!({"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}})
@@ -92,14 +93,7 @@ pub(crate) async fn handle(call: Call) -> hyper::Response<Body> {
         ));
         return stream_response("text/event-stream; charset=utf-8", sse(ev), call.delay());
     }
-    for i in 0..out {
-        ev.push((
-            Some("content_block_delta"),
-            json!({"type":"content_block_delta","index":0,
-            "delta":{"type":"text_delta","text": if i == 0 { "tok" } else { " tok" }}})
-            .to_string(),
-        ));
-    }
+    ev.extend((0..out).map(delta));
     ev.push((
         Some("content_block_stop"),
         json!({"type":"content_block_stop","index":0}).to_string(),
