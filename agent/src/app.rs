@@ -210,6 +210,11 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     if !nix::unistd::geteuid().is_root() {
         return Err(AppError::NotRoot);
     }
+    // Caught from the start: a signal during start-up (CA, DNS, programs)
+    // waits until the agent is up, which then stops cleanly at once,
+    // instead of killing it half-started.
+    let mut term = signal(SignalKind::terminate()).map_err(AppError::Runtime)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(AppError::Runtime)?;
     raise_nofile_limit();
     // At most 755 (the umask only takes bits away): a directory we create
     // passes the check below.
@@ -354,8 +359,6 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     );
     sd_notify("READY=1");
 
-    let mut term = signal(SignalKind::terminate()).map_err(AppError::Runtime)?;
-    let mut int = signal(SignalKind::interrupt()).map_err(AppError::Runtime)?;
     tokio::select! {
         _ = term.recv() => info!("SIGTERM: shutting down"),
         _ = int.recv() => info!("SIGINT: shutting down"),
@@ -372,7 +375,15 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         warn!(error = %e, "could not clear the provider map before draining");
     }
     let _ = shutdown_tx.send(true);
-    let _ = proxy_task.await;
+    // A second signal ends the drain now (records are still written).
+    let mut proxy_task = proxy_task;
+    tokio::select! {
+        _ = &mut proxy_task => {}
+        _ = async { tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} } } => {
+            state.cut_drain.cancel();
+            let _ = proxy_task.await;
+        }
+    }
     if let Some(t) = control_task {
         let _ = t.await;
     }

@@ -382,6 +382,15 @@ impl Config {
                 ),
             ));
         }
+        if let Some(c) = self.intercept.cgroup.as_ref().filter(|c| !c.is_absolute()) {
+            return Err(invalid(
+                "intercept.cgroup",
+                format!(
+                    "`{}` must be an absolute path (a cgroup v2 directory under its mount, such as /sys/fs/cgroup/ci)",
+                    c.display()
+                ),
+            ));
+        }
         if self.state_dir.as_os_str().is_empty() || !self.state_dir.is_absolute() {
             return Err(invalid(
                 "state_dir",
@@ -552,6 +561,10 @@ api = "azure-openai"
                 .to_string()
                 .contains("proxy.drain_secs")
         );
+        let mut c = Config::default();
+        c.intercept.cgroup = Some("sys/fs/cgroup/ci".into());
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("intercept.cgroup"), "{e}");
         for stall in [0, u64::MAX] {
             let mut c = Config::default();
             c.proxy.request_body_stall_secs = stall;

@@ -489,6 +489,48 @@ except openai.APITimeoutError:
 
 #[test]
 #[ignore = "needs root, cgroup v2 and BPF"]
+fn a_second_sigterm_cuts_the_drain_short_and_keeps_the_record() {
+    let mut w = World::start("sigtwice", 28);
+    let client = w.client(&[]);
+    let marker = client.dir().join("streaming");
+    let script = format!(
+        r#"
+import openai, pathlib
+c = openai.OpenAI(api_key="sk-test", max_retries=0)
+s = c.chat.completions.create(model="gpt-4o-mini", messages=[{{"role": "user", "content": "long"}}],
+    max_tokens=400, stream=True, extra_headers={{"x-fake-chunk-delay-ms": "50"}})
+for i, ch in enumerate(s):
+    if i == 5:
+        pathlib.Path({marker:?}).write_text("yes")
+"#
+    );
+    std::thread::scope(|sc| {
+        let running = sc.spawn(|| client.python(&script));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !marker.exists() {
+            assert!(Instant::now() < deadline, "the stream never started");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let pid = w.agent.pid().expect("running") as i32;
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        assert!(w.agent.wait_for_log("draining"), "{}", w.agent.log());
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        assert!(
+            w.agent.wait_for_log("the drain is cut short"),
+            "{}",
+            w.agent.log()
+        );
+        let status = w.agent.terminate().expect("agent was running");
+        assert!(status.success(), "{status}; log:\n{}", w.agent.log());
+        let _ = running.join().expect("client thread");
+    });
+    let rows = w.agent.report_json();
+    assert_eq!(rows.len(), 1, "{rows:#?}");
+    assert_eq!(s(&rows[0], "error"), "agent_stopped", "{}", rows[0]);
+}
+
+#[test]
+#[ignore = "needs root, cgroup v2 and BPF"]
 fn client_hangup_mid_stream_still_gets_the_provider_count() {
     let w = World::start("hangup", 7);
     let client = w.client(&[]);

@@ -190,6 +190,8 @@ pub struct ProxyState {
     http: auto::Builder<TokioExecutor>,
     /// Shutdown began: connections finish their request and close.
     pub(crate) draining: CancellationToken,
+    /// A second signal: end the drain now instead of at its deadline.
+    pub cut_drain: CancellationToken,
     /// The drain time is over: what is still open is cut, and its record
     /// written with what was counted so far.
     pub(crate) stopping: CancellationToken,
@@ -239,6 +241,7 @@ impl ProxyState {
             unpriced_seen: Mutex::default(),
             http,
             draining: CancellationToken::new(),
+            cut_drain: CancellationToken::new(),
             stopping: CancellationToken::new(),
             background: TaskTracker::new(),
         }
@@ -366,9 +369,13 @@ pub async fn serve(
     }
     let deadline = tokio::time::Instant::now() + drain;
     state.draining.cancel();
-    let drained = tokio::time::timeout_at(deadline, tracker.wait())
-        .await
-        .is_ok();
+    let drained = tokio::select! {
+        r = tokio::time::timeout_at(deadline, tracker.wait()) => r.is_ok(),
+        _ = state.cut_drain.cancelled() => {
+            info!(connections = tracker.len(), "second signal: the drain is cut short");
+            false
+        }
+    };
     state.background.close();
     let settled = drained
         && tokio::time::timeout_at(deadline, state.background.wait())
