@@ -411,13 +411,12 @@ for i in range(20):
     assert_eq!(total, (1..=20).sum::<u64>());
 }
 
-#[test]
-#[ignore = "needs root, cgroup v2 and BPF"]
-fn sigterm_mid_stream_cuts_it_after_the_drain_and_keeps_its_record() {
-    let mut w = World::start("sigstream", 10);
+/// Runs a stream of 400 chunks 50 ms apart (far longer than the agent's
+/// 5 s drain) in a client in the cgroup, calls `during` once it is under
+/// way, and returns what the client printed and how it ended.
+fn during_a_long_stream(w: &mut World, during: impl FnOnce(&mut World)) -> std::process::Output {
     let client = w.client(&[]);
     let marker = client.dir().join("streaming");
-    // 400 chunks 50 ms apart: far longer than the agent's 5 s drain.
     let script = format!(
         r#"
 import openai, pathlib
@@ -436,18 +435,27 @@ for i, ch in enumerate(s):
             assert!(Instant::now() < deadline, "the stream never started");
             std::thread::sleep(Duration::from_millis(50));
         }
+        during(w);
+        running.join().expect("client thread")
+    })
+}
+
+#[test]
+#[ignore = "needs root, cgroup v2 and BPF"]
+fn sigterm_mid_stream_cuts_it_after_the_drain_and_keeps_its_record() {
+    let mut w = World::start("sigstream", 10);
+    let out = during_a_long_stream(&mut w, |w| {
         let status = w.agent.terminate().expect("agent was running");
         assert!(
             status.success(),
             "clean exit on SIGTERM: {status}; log:\n{}",
             w.agent.log()
         );
-        let out = running.join().expect("client thread");
-        assert!(
-            !out.status.success(),
-            "the stream outlived the drain, so the client sees it cut"
-        );
     });
+    assert!(
+        !out.status.success(),
+        "the stream outlived the drain, so the client sees it cut"
+    );
     let rows = w.agent.report_json();
     assert_eq!(rows.len(), 1, "{rows:#?}");
     assert_eq!(s(&rows[0], "error"), "agent_stopped", "{}", rows[0]);
@@ -491,26 +499,7 @@ except openai.APITimeoutError:
 #[ignore = "needs root, cgroup v2 and BPF"]
 fn a_second_sigterm_cuts_the_drain_short_and_keeps_the_record() {
     let mut w = World::start("sigtwice", 28);
-    let client = w.client(&[]);
-    let marker = client.dir().join("streaming");
-    let script = format!(
-        r#"
-import openai, pathlib
-c = openai.OpenAI(api_key="sk-test", max_retries=0)
-s = c.chat.completions.create(model="gpt-4o-mini", messages=[{{"role": "user", "content": "long"}}],
-    max_tokens=400, stream=True, extra_headers={{"x-fake-chunk-delay-ms": "50"}})
-for i, ch in enumerate(s):
-    if i == 5:
-        pathlib.Path({marker:?}).write_text("yes")
-"#
-    );
-    std::thread::scope(|sc| {
-        let running = sc.spawn(|| client.python(&script));
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !marker.exists() {
-            assert!(Instant::now() < deadline, "the stream never started");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+    during_a_long_stream(&mut w, |w| {
         let pid = w.agent.pid().expect("running") as i32;
         unsafe { libc::kill(pid, libc::SIGTERM) };
         assert!(w.agent.wait_for_log("draining"), "{}", w.agent.log());
@@ -522,7 +511,6 @@ for i, ch in enumerate(s):
         );
         let status = w.agent.terminate().expect("agent was running");
         assert!(status.success(), "{status}; log:\n{}", w.agent.log());
-        let _ = running.join().expect("client thread");
     });
     let rows = w.agent.report_json();
     assert_eq!(rows.len(), 1, "{rows:#?}");

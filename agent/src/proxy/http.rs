@@ -10,7 +10,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use futures_util::StreamExt;
+use futures_util::{FutureExt as _, StreamExt};
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body::{Body, Frame};
 use http_body_util::{BodyExt, Full, StreamBody};
@@ -146,9 +146,14 @@ async fn read_bounded(
     let mut size = 0usize;
     loop {
         // A client that stops mid-body must not keep its share of the
-        // budget for as long as it keeps the connection.
-        let Ok(next) = tokio::time::timeout(stall, body.frame()).await else {
-            return Ok((chunks, Some((body, Unread::Stalled))));
+        // budget for as long as it keeps the connection. A frame already
+        // there (most bodies arrive with their head) needs no timer.
+        let next = match body.frame().now_or_never() {
+            Some(next) => next,
+            None => match tokio::time::timeout(stall, body.frame()).await {
+                Ok(next) => next,
+                Err(_) => return Ok((chunks, Some((body, Unread::Stalled)))),
+            },
         };
         let Some(frame) = next else { break };
         let frame = frame?;
