@@ -115,7 +115,8 @@ pub enum LogFormat {
 pub struct InterceptConfig {
     /// cgroup v2 directory whose processes (and descendants) are
     /// intercepted. Default: the root of the cgroup v2 hierarchy, found in
-    /// /proc/mounts (so hybrid hosts work).
+    /// /proc/self/mountinfo (so hybrid hosts work; a mount that shows only a
+    /// subtree of the hierarchy is refused, not taken for its root).
     pub cgroup: Option<PathBuf>,
 }
 

@@ -14,27 +14,64 @@ const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 /// `SO_NETNS_COOKIE` (asm-generic/socket.h, Linux 5.14).
 const SO_NETNS_COOKIE: libc::c_int = 71;
 
-/// The cgroup v2 mount point from /proc/mounts (hybrid hosts mount it at
-/// /sys/fs/cgroup/unified; unified hosts at /sys/fs/cgroup).
+/// The mount point of the cgroup v2 hierarchy's root, from
+/// /proc/self/mountinfo (hybrid hosts mount it at /sys/fs/cgroup/unified;
+/// unified hosts at /sys/fs/cgroup). A mount that shows only a subtree
+/// (mountinfo's root field is not `/`) is never taken for the hierarchy:
+/// the agent would intercept that subtree and silently miss every job
+/// outside it.
 pub fn cgroup2_root() -> Result<PathBuf, InterceptError> {
-    let mounts = std::fs::read_to_string("/proc/mounts").map_err(|source| InterceptError::Io {
+    let path = PathBuf::from("/proc/self/mountinfo");
+    let mounts = std::fs::read_to_string(&path).map_err(|source| InterceptError::Io {
         what: "cannot read the mount table",
-        path: PathBuf::from("/proc/mounts"),
+        path,
         source,
     })?;
-    parse_cgroup2_mount(&mounts).ok_or(InterceptError::NoCgroup2)
+    match parse_cgroup2_mount(&mounts) {
+        Some(Cgroup2Mount { root, mount_point }) if root == "/" => Ok(mount_point),
+        Some(Cgroup2Mount { root, mount_point }) => Err(InterceptError::Cgroup2Subtree {
+            mount: mount_point,
+            root,
+        }),
+        None => Err(InterceptError::NoCgroup2),
+    }
 }
 
-/// The mount point of the first `cgroup2` line of a /proc/mounts text.
-pub(crate) fn parse_cgroup2_mount(mounts: &str) -> Option<PathBuf> {
-    mounts.lines().find_map(|line| {
+/// One `cgroup2` line of /proc/self/mountinfo.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Cgroup2Mount {
+    /// The directory of the hierarchy the mount shows (`/` for its root).
+    pub root: String,
+    pub mount_point: PathBuf,
+}
+
+/// The first `cgroup2` mount of a /proc/self/mountinfo text that shows the
+/// hierarchy's root, or else the first `cgroup2` mount.
+///
+/// A line is `ID PARENT MAJ:MIN ROOT MOUNT_POINT OPTIONS [OPTIONAL...] -
+/// FSTYPE SOURCE SUPER_OPTIONS`; the optional fields end at the `-`.
+pub(crate) fn parse_cgroup2_mount(mountinfo: &str) -> Option<Cgroup2Mount> {
+    let mounts = mountinfo.lines().filter_map(|line| {
         let mut fields = line.split_ascii_whitespace();
-        let (_source, target, fstype) = (fields.next()?, fields.next()?, fields.next()?);
-        (fstype == "cgroup2").then(|| PathBuf::from(unescape_mount_path(target)))
-    })
+        let root = fields.nth(3)?;
+        let mount_point = fields.next()?;
+        let fstype = fields.skip_while(|f| *f != "-").nth(1)?;
+        (fstype == "cgroup2").then(|| Cgroup2Mount {
+            root: unescape_mount_path(root),
+            mount_point: PathBuf::from(unescape_mount_path(mount_point)),
+        })
+    });
+    let mut first = None;
+    for m in mounts {
+        if m.root == "/" {
+            return Some(m);
+        }
+        first.get_or_insert(m);
+    }
+    first
 }
 
-/// /proc/mounts writes space, tab, newline and backslash as `\ooo` octal.
+/// The mount table writes space, tab, newline and backslash as `\ooo` octal.
 fn unescape_mount_path(field: &str) -> String {
     let bytes = field.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
@@ -126,50 +163,90 @@ mod tests {
     use super::*;
 
     const HYBRID: &str = "\
-sysfs /sys sysfs rw,nosuid,nodev,noexec,relatime 0 0
-tmpfs /sys/fs/cgroup tmpfs rw,relatime,mode=755 0 0
-cgroup /sys/fs/cgroup/cpu cgroup rw,relatime,cpu 0 0
-cgroup /sys/fs/cgroup/systemd cgroup rw,relatime,name=systemd 0 0
-cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
+22 1 0:21 / /sys rw,nosuid,nodev,noexec,relatime shared:7 - sysfs sysfs rw
+31 22 0:28 / /sys/fs/cgroup rw,relatime shared:9 - tmpfs tmpfs rw,mode=755
+32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime shared:10 - cgroup cgroup rw,cpu
+40 31 0:37 / /sys/fs/cgroup/systemd rw,relatime - cgroup cgroup rw,name=systemd
+41 31 0:38 / /sys/fs/cgroup/unified rw,relatime shared:11 master:3 - cgroup2 cgroup2 rw
 ";
+
+    fn mount(root: &str, mount_point: &str) -> Option<Cgroup2Mount> {
+        Some(Cgroup2Mount {
+            root: root.into(),
+            mount_point: PathBuf::from(mount_point),
+        })
+    }
 
     #[test]
     fn finds_hybrid_mount() {
         assert_eq!(
             parse_cgroup2_mount(HYBRID),
-            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+            mount("/", "/sys/fs/cgroup/unified")
         );
     }
 
     #[test]
     fn finds_unified_mount() {
-        let m = "proc /proc proc rw 0 0\ncgroup2 /sys/fs/cgroup cgroup2 rw,nsdelegate 0 0\n";
-        assert_eq!(
-            parse_cgroup2_mount(m),
-            Some(PathBuf::from("/sys/fs/cgroup"))
+        let m = "20 1 0:5 / /proc rw - proc proc rw\n\
+                 26 20 0:23 / /sys/fs/cgroup rw,nosuid shared:4 - cgroup2 cgroup2 rw,nsdelegate\n";
+        assert_eq!(parse_cgroup2_mount(m), mount("/", "/sys/fs/cgroup"));
+    }
+
+    #[test]
+    fn a_subtree_mount_is_not_the_root() {
+        // A subtree bind-mounted first, the hierarchy's root after it.
+        let m = "50 1 0:38 /ci.slice /mnt/ci rw - cgroup2 cgroup2 rw\n\
+                 51 1 0:38 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n";
+        assert_eq!(parse_cgroup2_mount(m), mount("/", "/sys/fs/cgroup"));
+        // Only a subtree: it is returned as such, and `cgroup2_root` refuses it.
+        let m = "50 1 0:38 /ci.slice /mnt/ci rw - cgroup2 cgroup2 rw\n";
+        assert_eq!(parse_cgroup2_mount(m), mount("/ci.slice", "/mnt/ci"));
+        let e = InterceptError::Cgroup2Subtree {
+            mount: PathBuf::from("/mnt/ci"),
+            root: "/ci.slice".into(),
+        };
+        let text = e.to_string();
+        assert!(
+            text.contains("/mnt/ci")
+                && text.contains("/ci.slice")
+                && text.contains("[intercept] cgroup"),
+            "{text}"
         );
+        assert_eq!(e.exit_code(), crate::exit::UNAVAILABLE);
     }
 
     #[test]
     fn v1_only_has_none() {
-        let m = "cgroup /sys/fs/cgroup/cpu cgroup rw,cpu 0 0\nnone /x tmpfs rw 0 0\n";
+        let m = "32 31 0:29 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n\
+                 33 1 0:40 / /x rw - tmpfs none rw\n";
         assert_eq!(parse_cgroup2_mount(m), None);
         assert_eq!(parse_cgroup2_mount(""), None);
         assert_eq!(parse_cgroup2_mount("garbage\n\n"), None);
+        // A line cut before its file system type.
+        assert_eq!(
+            parse_cgroup2_mount("41 31 0:38 / /sys/fs/cgroup/unified rw -\n"),
+            None
+        );
     }
 
     #[test]
     fn unescapes_octal() {
-        let m = "cgroup2 /mnt/my\\040cgroups\\134x cgroup2 rw 0 0\n";
-        assert_eq!(
-            parse_cgroup2_mount(m),
-            Some(PathBuf::from("/mnt/my cgroups\\x"))
-        );
+        let m = "41 1 0:38 / /mnt/my\\040cgroups\\134x rw - cgroup2 cgroup2 rw\n";
+        assert_eq!(parse_cgroup2_mount(m), mount("/", "/mnt/my cgroups\\x"));
         assert_eq!(
             unescape_mount_path("a\\0"),
             "a\\0",
             "short escapes stay as they are"
         );
+    }
+
+    #[test]
+    fn this_hosts_root_is_found() {
+        // Every machine the suite runs on has a cgroup v2 hierarchy (the
+        // kernel tests need one).
+        let root = cgroup2_root().expect("a cgroup v2 root");
+        check_cgroup_dir(&root).expect("the root is a cgroup v2 directory");
+        assert!(root.join("cgroup.procs").exists(), "{}", root.display());
     }
 
     #[test]

@@ -8,12 +8,20 @@ use crate::exit;
 /// Why interception could not be set up or updated.
 #[derive(Debug, thiserror::Error)]
 pub enum InterceptError {
-    /// /proc/mounts has no cgroup2 mount.
+    /// The mount table has no cgroup2 mount.
     #[error(
-        "no cgroup v2 hierarchy is mounted (no `cgroup2` line in /proc/mounts); mount one, e.g. \
+        "no cgroup v2 hierarchy is mounted (no `cgroup2` line in /proc/self/mountinfo); mount one, e.g. \
          `mount -t cgroup2 none /sys/fs/cgroup/unified`, or boot with systemd.unified_cgroup_hierarchy=1"
     )]
     NoCgroup2,
+
+    /// The only cgroup2 mount shows a subtree of the hierarchy, not its root.
+    #[error(
+        "the only cgroup v2 mount, {mount}, shows the subtree {root} of the hierarchy, not its \
+         root: jobs outside it would not be intercepted; mount the hierarchy's root, or set \
+         [intercept] cgroup to the directory whose processes should be intercepted"
+    )]
+    Cgroup2Subtree { mount: PathBuf, root: String },
 
     /// The configured cgroup directory does not exist.
     #[error(
@@ -93,6 +101,7 @@ impl InterceptError {
             InterceptError::Permission { .. } => exit::NOPERM,
             InterceptError::NotCgroup2 { .. } => exit::USAGE,
             InterceptError::NoCgroup2
+            | InterceptError::Cgroup2Subtree { .. }
             | InterceptError::CgroupMissing { .. }
             | InterceptError::NoBtf
             | InterceptError::Unsupported { .. }
