@@ -82,6 +82,11 @@ pub struct Origin {
     /// `comm` of the calling thread, NUL padded.
     pub comm: [u8; 16],
     pub flags: u32,
+    pub _pad: u32,
+    /// When the connect was made, in nanoseconds since boot
+    /// (`bpf_ktime_get_boot_ns`, the clock of a process's start time in
+    /// `/proc/PID/stat`): a process that started later has a reused pid.
+    pub connected_boot_ns: u64,
 }
 
 /// Agent settings the programs read, in `CONFIG[0]`.
@@ -143,7 +148,7 @@ mod tests {
     #[test]
     fn layouts_are_stable() {
         assert_eq!(size_of::<AddrPort>(), 20);
-        assert_eq!(size_of::<Origin>(), 72);
+        assert_eq!(size_of::<Origin>(), 80);
         assert_eq!(size_of::<Config>(), 40);
         assert_eq!(size_of::<Origin>() % 8, 0);
         assert_eq!(size_of::<Config>() % 8, 0);

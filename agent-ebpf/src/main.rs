@@ -2,10 +2,11 @@
 //! directory.
 //!
 //! Owns: redirecting TCP connects to provider addresses to the agent's
-//! loopback listener, remembering who dialed what (by socket cookie: the
-//! agent finds the client socket's cookie from the accepted connection's
-//! four-tuple through sock_diag, and deletes the entry when the connection
-//! ends), answering `getpeername()` with the dialed address, and refusing
+//! loopback listener, remembering who dialed what and when (by socket
+//! cookie: the agent finds the client socket's cookie from the accepted
+//! connection's four-tuple through sock_diag, and deletes the entry when
+//! the connection ends; the time lets attribution tell a reused pid from
+//! the caller), answering `getpeername()` with the dialed address, and refusing
 //! UDP to provider addresses (connected or sent to with `sendto`/`sendmsg`:
 //! QUIC falls back to TCP).
 //!
@@ -29,6 +30,7 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
         bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_get_socket_cookie,
+        bpf_ktime_get_boot_ns,
     },
     macros::{cgroup_sock_addr, map},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
@@ -255,6 +257,9 @@ fn try_connect(ctx: &SockAddrContext, v6: bool) -> Result<i32, i64> {
         family: if v6 { AF_INET6 as u16 } else { AF_INET as u16 },
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
         flags: 0,
+        _pad: 0,
+        // SAFETY: helper valid in every program type.
+        connected_boot_ns: unsafe { bpf_ktime_get_boot_ns() },
     };
     if ORIGIN_BY_COOKIE
         .insert(origin.cookie, origin, u64::from(BPF_ANY))

@@ -5,7 +5,12 @@
 //! cgroup,cpuset}` of the process and, for the CI variables, of its
 //! ancestors; the team, from the config's `[[teams]]` rules and the
 //! repository; a bounded cache keyed by (pid, start time) so a reused pid
-//! is never confused with the process that had it before.
+//! is never confused with the process that had it before, and checked
+//! against the process's `exe` link, which an exec changes.
+//!
+//! A process that started after the connect (its pid was reused between
+//! the connect and the attribution) is not read at all: the record keeps
+//! what the kernel said at connect time.
 //!
 //! Must never: keep, log or return any environment variable but the CI
 //! variables it names (`ci`), store a command line before redacting it
@@ -39,6 +44,20 @@ const CMDLINE_KEEP: usize = 4096;
 
 /// A process, across pid reuse: (pid, start time in ticks since boot).
 type ProcKey = (u32, u64);
+
+/// What the kernel said about the process that connected.
+#[derive(Debug, Clone, Default)]
+pub struct Caller {
+    /// Process id (thread group id).
+    pub pid: u32,
+    pub uid: u32,
+    /// cgroup v2 id.
+    pub cgroup_id: u64,
+    /// `comm` of the connecting thread.
+    pub comm: String,
+    /// When it connected, in nanoseconds since boot; 0 if unknown.
+    pub connected_boot_ns: u64,
+}
 
 /// A map that forgets its oldest entries beyond `cap`.
 struct Bounded<K, V> {
@@ -96,6 +115,8 @@ struct Caches {
 /// Fills `Attribution`s from /proc, with a cache.
 pub struct Attributor {
     proc_root: PathBuf,
+    /// Nanoseconds per clock tick of `/proc/PID/stat`'s start time.
+    tick_ns: u64,
     teams: Vec<TeamRule>,
     caches: Mutex<Caches>,
 }
@@ -118,6 +139,7 @@ impl Attributor {
     fn with_capacity(proc_root: PathBuf, cap: usize) -> Self {
         Attributor {
             proc_root,
+            tick_ns: tick_ns(),
             teams: Vec::new(),
             caches: Mutex::new(Caches {
                 procs: Bounded::new(cap),
@@ -138,25 +160,37 @@ impl Attributor {
     }
 
     /// Who made a connection: the kernel's fields plus what /proc says about
-    /// `pid` and its ancestors. Never fails; missing data stays `None`.
-    pub fn attribute(&self, pid: u32, uid: u32, cgroup_id: u64, comm: &str) -> Attribution {
+    /// the caller and its ancestors. Never fails; missing data stays `None`.
+    pub fn attribute(&self, caller: &Caller) -> Attribution {
+        let pid = caller.pid;
         let mut a = Attribution {
             pid,
-            uid,
-            cgroup_id,
-            comm: comm.to_string(),
+            uid: caller.uid,
+            cgroup_id: caller.cgroup_id,
+            comm: caller.comm.clone(),
             ..Attribution::default()
         };
         let Some(start) = Proc::new(&self.proc_root, pid).start_time() else {
             return a;
         };
+        // The start time is truncated to a tick, so a process that started
+        // at or before the connect never reads as later than it.
+        if caller.connected_boot_ns != 0
+            && start.saturating_mul(self.tick_ns) > caller.connected_boot_ns
+        {
+            tracing::debug!(
+                pid,
+                "the connecting process is gone and its pid reused: attributed from the kernel's fields"
+            );
+            return a;
+        }
         let key = (pid, start);
-        let info = self.proc_info(key);
+        let (info, exec_since) = self.proc_info(key);
         a.exe = info.exe.clone();
         a.cmdline = info.cmdline.clone();
         a.cgroup_path = info.cgroup_path.clone();
         a.container_id = info.container_id.clone();
-        if let Some(job) = self.ci_job(key) {
+        if let Some(job) = self.ci_job(key, exec_since) {
             a.ci_system = Some(job.system.to_string());
             a.repository = job.repository.clone();
             a.workflow = job.workflow.clone();
@@ -175,14 +209,19 @@ impl Attributor {
         a
     }
 
-    fn proc_info(&self, key: ProcKey) -> Arc<ProcInfo> {
-        if let Some(hit) = self.caches().procs.get(&key) {
-            return hit;
-        }
+    /// The process's /proc facts, from the cache while its `exe` link is
+    /// the one cached. The flag is true when the cached entry was stale:
+    /// the process exec'd since (same pid and start time, new program).
+    fn proc_info(&self, key: ProcKey) -> (Arc<ProcInfo>, bool) {
         let p = Proc::new(&self.proc_root, key.0);
+        let exe = p.exe();
+        let cached = self.caches().procs.get(&key);
+        if let Some(hit) = cached.as_ref().filter(|hit| hit.exe == exe) {
+            return (Arc::clone(hit), false);
+        }
         let cg = p.cgroup();
         let info = Arc::new(ProcInfo {
-            exe: p.exe(),
+            exe,
             cmdline: p
                 .cmdline()
                 .map(|c| truncate(redact_cmdline(&c), CMDLINE_KEEP)),
@@ -193,17 +232,20 @@ impl Attributor {
                 .or_else(|| p.cpuset().and_then(|c| cgroup::container_id(&c))),
         });
         self.caches().procs.insert(key, Arc::clone(&info));
-        info
+        (info, cached.is_some())
     }
 
     /// Walks from `key` up the parent chain (at most `MAX_DEPTH` processes,
-    /// never pid 1) to the first environment naming a CI job.
-    fn ci_job(&self, key: ProcKey) -> Option<Arc<CiJob>> {
+    /// never pid 1) to the first environment naming a CI job. With `exec`,
+    /// `key` itself exec'd since it was cached (an exec may change the
+    /// environment), so its cached answer is not used.
+    fn ci_job(&self, key: ProcKey, exec: bool) -> Option<Arc<CiJob>> {
         let mut walked: Vec<ProcKey> = Vec::new();
         let mut cur = key;
         let mut found: Option<Arc<CiJob>> = None;
         for _ in 0..MAX_DEPTH {
-            if let Some(hit) = self.caches().ci.get(&cur) {
+            let fresh = exec && cur == key;
+            if let Some(hit) = self.caches().ci.get(&cur).filter(|_| !fresh) {
                 found = hit;
                 break;
             }
@@ -229,6 +271,14 @@ impl Attributor {
         }
         found
     }
+}
+
+/// Nanoseconds per clock tick (`sysconf(_SC_CLK_TCK)`, 100 on Linux).
+fn tick_ns() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let hz = u64::try_from(hz).ok().filter(|hz| *hz > 0).unwrap_or(100);
+    1_000_000_000 / hz
 }
 
 /// Cuts `s` to at most `max` bytes at a character boundary, marking the cut.

@@ -103,7 +103,7 @@ fn child_without_vars_inherits_the_job_of_its_parent() {
         },
     );
     let at = Attributor::new(root.to_path_buf());
-    let a = at.attribute(70, 1001, 77, "python3");
+    let a = at.of(70, 1001, 77, "python3");
     assert_eq!(
         (a.pid, a.uid, a.cgroup_id, a.comm.as_str()),
         (70, 1001, 77, "python3")
@@ -129,75 +129,107 @@ fn child_without_vars_inherits_the_job_of_its_parent() {
     );
 }
 
+fn proc_200(root: &Path, start: u64, repo: &str, arg: &str, exe: &str) {
+    write_proc(
+        root,
+        &FakeProc {
+            pid: 200,
+            ppid: 1,
+            start,
+            env: &[("GITHUB_REPOSITORY", repo)],
+            args: &[arg],
+            exe,
+        },
+    );
+}
+
+fn who(a: &Attribution) -> (Option<&str>, Option<&str>, Option<&str>) {
+    (
+        a.repository.as_deref(),
+        a.exe.as_deref(),
+        a.cmdline.as_deref(),
+    )
+}
+
 #[test]
 fn a_reused_pid_is_a_new_process() {
     let t = tempfile::tempdir().expect("tempdir");
     let root = t.path();
-    let env_a = [("GITHUB_REPOSITORY", "acme/a")];
-    let env_b = [("GITHUB_REPOSITORY", "acme/b")];
-    write_proc(
-        root,
-        &FakeProc {
-            pid: 200,
-            ppid: 1,
-            start: 5,
-            env: &env_a,
-            args: &["a"],
-            exe: "/bin/a",
-        },
-    );
+    proc_200(root, 5, "acme/a", "a", "/bin/a");
     let at = Attributor::new(root.to_path_buf());
     assert_eq!(
-        at.attribute(200, 0, 0, "a").repository.as_deref(),
-        Some("acme/a")
+        who(&at.of(200, 0, 0, "a")),
+        (Some("acme/a"), Some("/bin/a"), Some("a"))
     );
 
-    // Same pid and start time: the cache answers (the files are not re-read).
-    write_proc(
-        root,
-        &FakeProc {
-            pid: 200,
-            ppid: 1,
-            start: 5,
-            env: &env_b,
-            args: &["b"],
-            exe: "/bin/b",
-        },
-    );
-    let a = at.attribute(200, 0, 0, "a");
+    // Same pid, start time and program: the cache answers (the files are
+    // not re-read).
+    proc_200(root, 5, "acme/b", "b", "/bin/a");
     assert_eq!(
-        (a.repository.as_deref(), a.exe.as_deref()),
-        (Some("acme/a"), Some("/bin/a"))
+        who(&at.of(200, 0, 0, "a")),
+        (Some("acme/a"), Some("/bin/a"), Some("a"))
+    );
+
+    // The process exec'd another program: read afresh, environment too.
+    proc_200(root, 5, "acme/b", "b", "/bin/b");
+    assert_eq!(
+        who(&at.of(200, 0, 0, "b")),
+        (Some("acme/b"), Some("/bin/b"), Some("b"))
     );
 
     // Same pid, new start time: a different process.
-    write_proc(
-        root,
-        &FakeProc {
-            pid: 200,
-            ppid: 1,
-            start: 6,
-            env: &env_b,
-            args: &["b"],
-            exe: "/bin/b",
-        },
-    );
-    let b = at.attribute(200, 0, 0, "b");
+    proc_200(root, 6, "acme/c", "c", "/bin/b");
     assert_eq!(
-        (
-            b.repository.as_deref(),
-            b.exe.as_deref(),
-            b.cmdline.as_deref()
-        ),
-        (Some("acme/b"), Some("/bin/b"), Some("b"))
+        who(&at.of(200, 0, 0, "c")),
+        (Some("acme/c"), Some("/bin/b"), Some("c"))
     );
+}
+
+#[test]
+fn a_process_that_started_after_the_connect_is_not_the_caller() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let root = t.path();
+    // Started 500 ticks after boot.
+    proc_200(root, 500, "acme/new", "new", "/bin/new");
+    let at = Attributor::new(root.to_path_buf());
+    let started = 500 * at.tick_ns;
+    let caller = |connected_boot_ns| Caller {
+        pid: 200,
+        uid: 1000,
+        cgroup_id: 9,
+        comm: "old".into(),
+        connected_boot_ns,
+    };
+    // The connect came before the process at pid 200 started: the pid was
+    // reused, and nothing of the new process is taken.
+    let a = at.attribute(&caller(started - 1));
+    assert_eq!(
+        a,
+        Attribution {
+            pid: 200,
+            uid: 1000,
+            cgroup_id: 9,
+            comm: "old".into(),
+            ..Attribution::default()
+        }
+    );
+    // A connect at or after its start is its own.
+    assert_eq!(
+        who(&at.attribute(&caller(started))),
+        (Some("acme/new"), Some("/bin/new"), Some("new"))
+    );
+    assert_eq!(
+        who(&at.attribute(&caller(started + 3_600_000_000_000))),
+        (Some("acme/new"), Some("/bin/new"), Some("new"))
+    );
+    assert_eq!(at.tick_ns, 10_000_000, "USER_HZ is 100 on Linux");
 }
 
 #[test]
 fn a_missing_process_gives_the_kernel_fields_only() {
     let t = tempfile::tempdir().expect("tempdir");
     let at = Attributor::new(t.path().to_path_buf());
-    let a = at.attribute(999, 1000, 42, "curl");
+    let a = at.of(999, 1000, 42, "curl");
     assert_eq!(
         a,
         Attribution {
@@ -216,7 +248,7 @@ fn a_missing_process_gives_the_kernel_fields_only() {
         "300 (x) S 1 1 1 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 77 0 0",
     )
     .expect("stat");
-    let a = at.attribute(300, 0, 0, "x");
+    let a = at.of(300, 0, 0, "x");
     assert_eq!((a.exe, a.cmdline, a.ci_system), (None, None, None));
 }
 
@@ -248,7 +280,7 @@ fn the_walk_stops_at_pid_1_and_at_its_depth() {
         },
     );
     let at = Attributor::new(root.to_path_buf());
-    assert_eq!(at.attribute(10, 0, 0, "sh").ci_system, None);
+    assert_eq!(at.of(10, 0, 0, "sh").ci_system, None);
 
     // A chain of 40 processes with the variables at the top.
     let top = 1000;
@@ -277,16 +309,16 @@ fn the_walk_stops_at_pid_1_and_at_its_depth() {
         );
     }
     assert!(
-        at.attribute(top + 10, 0, 0, "sh").repository.is_some(),
+        at.of(top + 10, 0, 0, "sh").repository.is_some(),
         "10 levels up is found"
     );
     let fresh = Attributor::new(root.to_path_buf());
     assert!(
-        fresh.attribute(top + 39, 0, 0, "sh").repository.is_none(),
+        fresh.of(top + 39, 0, 0, "sh").repository.is_none(),
         "39 levels up is beyond the limit"
     );
     // With the ancestors cached, a deep process finds the job through them.
-    assert!(at.attribute(top + 39, 0, 0, "sh").repository.is_some());
+    assert!(at.of(top + 39, 0, 0, "sh").repository.is_some());
 }
 
 #[test]
@@ -312,7 +344,7 @@ fn gitlab_job_is_recognised() {
             exe: "/x",
         },
     );
-    let a = Attributor::new(t.path().to_path_buf()).attribute(5, 0, 0, "x");
+    let a = Attributor::new(t.path().to_path_buf()).of(5, 0, 0, "x");
     assert_eq!(a.ci_system.as_deref(), Some("gitlab"));
     assert_eq!(a.repository.as_deref(), Some("group/project"));
     assert_eq!(a.job.as_deref(), Some("build"));
@@ -338,7 +370,7 @@ fn the_cache_is_bounded() {
     }
     let at = Attributor::with_capacity(t.path().to_path_buf(), 16);
     for pid in 2..60u32 {
-        at.attribute(pid, 0, 0, "x");
+        at.of(pid, 0, 0, "x");
     }
     let c = at.caches();
     assert!(
@@ -370,7 +402,7 @@ fn long_command_lines_are_cut_after_redaction() {
             exe: "/x",
         },
     );
-    let a = Attributor::new(t.path().to_path_buf()).attribute(7, 0, 0, "x");
+    let a = Attributor::new(t.path().to_path_buf()).of(7, 0, 0, "x");
     let c = a.cmdline.expect("cmdline");
     assert!(c.len() <= CMDLINE_KEEP + '…'.len_utf8(), "{}", c.len());
     assert!(c.starts_with("x [REDACTED] é") && c.ends_with('…'));
@@ -390,7 +422,7 @@ fn attribute_env(env: &[(&str, &str)]) -> Attribution {
             exe: "/x",
         },
     );
-    let a = Attributor::new(t.path().to_path_buf()).attribute(40, 0, 0, "x");
+    let a = Attributor::new(t.path().to_path_buf()).of(40, 0, 0, "x");
     let all = format!("{a:?}");
     assert!(!all.contains("SECRET"), "a secret leaked: {all}");
     a
@@ -703,7 +735,7 @@ fn cgroup_path_and_container_id() {
     for (i, (cg, cs, path, id)) in cases.iter().enumerate() {
         let pid = 500 + i as u32;
         proc_in_cgroup(root, pid, *cg, *cs);
-        let a = at.attribute(pid, 0, 0, "x");
+        let a = at.of(pid, 0, 0, "x");
         assert_eq!(
             (a.cgroup_path.as_deref(), a.container_id.as_deref()),
             (*path, *id),
@@ -759,17 +791,28 @@ fn team_comes_from_the_repository() {
         },
     ];
     let at = Attributor::new(root.to_path_buf()).with_teams(rules);
-    let team = |pid| at.attribute(pid, 0, 0, "x").team;
+    let team = |pid| at.of(pid, 0, 0, "x").team;
     assert_eq!(team(80).as_deref(), Some("web"));
     assert_eq!(team(81).as_deref(), Some("platform"));
     assert_eq!(team(82), None);
     assert_eq!(team(83).as_deref(), Some("web"), "case-insensitive");
     assert_eq!(team(90), None, "no repository, no team");
     assert_eq!(
-        Attributor::new(root.to_path_buf())
-            .attribute(80, 0, 0, "x")
-            .team,
+        Attributor::new(root.to_path_buf()).of(80, 0, 0, "x").team,
         None,
         "no rules, no team"
     );
+}
+
+impl Attributor {
+    /// `attribute` for a caller whose connect time is unknown.
+    fn of(&self, pid: u32, uid: u32, cgroup_id: u64, comm: &str) -> Attribution {
+        self.attribute(&Caller {
+            pid,
+            uid,
+            cgroup_id,
+            comm: comm.into(),
+            connected_boot_ns: 0,
+        })
+    }
 }

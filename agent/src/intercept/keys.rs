@@ -43,6 +43,7 @@ impl From<&Origin> for ConnOrigin {
             comm: comm_of(&o.comm),
             dst: addr_of(o.dst_addr, o.dst_port),
             cookie: o.cookie,
+            connected_boot_ns: o.connected_boot_ns,
         }
     }
 }
@@ -118,6 +119,8 @@ mod tests {
             family: 2,
             comm: *b"curl\0\0\0\0\0\0\0\0\0\0\0\0",
             flags: 0,
+            _pad: 0,
+            connected_boot_ns: 12_345,
         };
         let c = ConnOrigin::from(&o);
         assert_eq!(
@@ -125,6 +128,7 @@ mod tests {
             (100, 101, 1000, 1001, 9, 7)
         );
         assert_eq!(c.comm, "curl");
+        assert_eq!(c.connected_boot_ns, 12_345);
         assert_eq!(c.dst, "10.0.0.5:443".parse::<SocketAddr>().unwrap());
     }
 }

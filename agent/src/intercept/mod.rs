@@ -62,6 +62,8 @@ pub struct ConnOrigin {
     pub dst: SocketAddr,
     /// Socket cookie of the client's socket.
     pub cookie: u64,
+    /// When the client connected, in nanoseconds since boot; 0 if unknown.
+    pub connected_boot_ns: u64,
 }
 
 /// Sums of the per-CPU counters of the kernel programs.

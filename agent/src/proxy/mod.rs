@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::attribution::Attributor;
+use crate::attribution::{Attributor, Caller};
 use crate::ca::LocalCa;
 use crate::intercept::ConnOrigin;
 use crate::meter::RecordSink;
@@ -480,8 +480,14 @@ async fn handle_conn(state: Arc<ProxyState>, tcp: TcpStream, peer: SocketAddr) {
         // blocking file I/O: they run off the async workers.
         let who = {
             let st = state.clone();
-            let (pid, uid, cg, comm) = (origin.tgid, origin.uid, origin.cgroup_id, origin.comm.clone());
-            tokio::task::spawn_blocking(move || st.attributor.attribute(pid, uid, cg, &comm))
+            let caller = Caller {
+                pid: origin.tgid,
+                uid: origin.uid,
+                cgroup_id: origin.cgroup_id,
+                comm: origin.comm.clone(),
+                connected_boot_ns: origin.connected_boot_ns,
+            };
+            tokio::task::spawn_blocking(move || st.attributor.attribute(&caller))
                 .await
                 .unwrap_or_else(|_| crate::meter::Attribution {
                     pid: origin.tgid,
@@ -765,6 +771,7 @@ mod tests {
                 comm: "client".into(),
                 dst: self.dst,
                 cookie: 4242,
+                connected_boot_ns: 0,
             })
         }
 
