@@ -390,7 +390,7 @@ pub struct ResolvedOtlp {
 impl std::fmt::Debug for ResolvedOtlp {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ResolvedOtlp")
-            .field("endpoint", &self.endpoint)
+            .field("endpoint", &endpoint_for_logs(&self.endpoint))
             .field("protocol", &self.protocol)
             .field("headers", &self.headers.keys().collect::<Vec<_>>())
             .field("temporality", &self.temporality)
@@ -404,8 +404,32 @@ impl std::fmt::Debug for ResolvedOtlp {
     }
 }
 
-/// Checks a collector URL. The messages never repeat the URL beyond its
-/// scheme, host, port and path: a query or user info may hold a key.
+/// A collector URL as logs show it: scheme, host and port, and of the path
+/// only the segments that cannot be a key (at most 16 bytes, e.g. `otlp`,
+/// `v1`, `metrics`); longer ones, where some vendors put an ingest token,
+/// become `…`. Queries and user info are refused by `check_endpoint`.
+pub(crate) fn endpoint_for_logs(e: &str) -> String {
+    let Ok(uri) = e.parse::<http::Uri>() else {
+        return "(not a URL)".into();
+    };
+    let mut out = format!(
+        "{}://{}",
+        uri.scheme_str().unwrap_or("?"),
+        uri.host().unwrap_or("?")
+    );
+    if let Some(port) = uri.port_u16() {
+        out.push_str(&format!(":{port}"));
+    }
+    for seg in uri.path().split('/').skip(1) {
+        out.push('/');
+        out.push_str(if seg.len() <= 16 { seg } else { "…" });
+    }
+    out
+}
+
+/// Checks a collector URL. The messages never repeat the URL beyond what
+/// `endpoint_for_logs` shows: a query, user info or a long path segment may
+/// hold a key.
 pub(super) fn check_endpoint(e: &str) -> Result<(), String> {
     let uri: http::Uri = e
         .parse()
@@ -418,15 +442,13 @@ pub(super) fn check_endpoint(e: &str) -> Result<(), String> {
         Some("http" | "https") => {}
         _ => return Err("the URL must start with http:// or https://".into()),
     }
-    let Some(host) = uri.host().filter(|h| !h.is_empty()) else {
+    if uri.host().is_none_or(str::is_empty) {
         return Err("the URL has no host".into());
-    };
+    }
     if uri.query().is_some() {
-        let port = uri.port().map(|p| format!(":{p}")).unwrap_or_default();
         return Err(format!(
-            "`{}://{host}{port}{}` must not have a query string (keys belong in headers)",
-            uri.scheme_str().unwrap_or_default(),
-            uri.path()
+            "`{}` must not have a query string (keys belong in headers)",
+            endpoint_for_logs(e)
         ));
     }
     Ok(())

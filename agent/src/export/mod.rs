@@ -282,7 +282,7 @@ pub fn start_with_env(
                     .map_err(ExportError::Thread)?,
             );
             info!(
-                endpoint = %r.endpoint,
+                endpoint = %config::endpoint_for_logs(&r.endpoint),
                 protocol = ?r.protocol,
                 interval = ?r.interval,
                 semconv = ?r.semconv,

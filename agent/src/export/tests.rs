@@ -337,6 +337,43 @@ fn header_and_endpoint_errors_do_not_repeat_secrets() {
             .contains("https://otlp.example:4318/v1/metrics")
     );
     check_endpoint("https://otlp.example:4318/v1/metrics").unwrap();
+    // A token in the path (some vendors' ingest URLs) is not repeated either.
+    let e = check_endpoint("https://in.example/otlp/tok_SECRETSECRETSECRET/v1/metrics?x=1")
+        .unwrap_err();
+    assert!(!e.contains("SECRET"), "{e}");
+    assert!(e.contains("https://in.example/otlp/…/v1/metrics"), "{e}");
+}
+
+#[test]
+fn logs_show_the_endpoint_without_what_may_be_a_key() {
+    for (url, shown) in [
+        (
+            "https://otlp.example:4318/v1/metrics",
+            "https://otlp.example:4318/v1/metrics",
+        ),
+        ("http://127.0.0.1:4317", "http://127.0.0.1:4317/"),
+        (
+            "https://in.example/otlp/tok_SECRETSECRETSECRET/v1/metrics",
+            "https://in.example/otlp/…/v1/metrics",
+        ),
+        (
+            "https://in.example/v1/metrics?k=SECRET",
+            "https://in.example/v1/metrics",
+        ),
+        ("not a url", "(not a URL)"),
+    ] {
+        assert_eq!(endpoint_for_logs(url), shown, "{url}");
+    }
+    let r = resolve(
+        &parse("[otlp]\nendpoint = \"https://in.example/otlp/tok_SECRETSECRETSECRET\"\n"),
+        &[],
+    )
+    .expect("on");
+    let debug = format!("{r:?}");
+    assert!(
+        !debug.contains("SECRET") && debug.contains("in.example"),
+        "{debug}"
+    );
 }
 
 #[test]
