@@ -172,6 +172,15 @@ struct Found {
     usage: Option<Usage>,
     model: Option<String>,
     text: String,
+    /// A generate response was read (an object with `candidates`).
+    generating: bool,
+    /// A candidate gave its `finishReason`, or the prompt was blocked: the
+    /// usage read with it is final. A stream cut before that has only the
+    /// counts so far (cumulative, and some chunks carry only the prompt's).
+    finished: bool,
+    /// The provider's error status, from an error object that ended a
+    /// body after responses (a stream's mid-way `{"error": ...}`).
+    error: Option<String>,
 }
 
 impl Found {
@@ -187,7 +196,20 @@ impl Found {
         if !v.is_object() {
             return;
         }
+        let answered = self.usage.is_some() || self.generating;
         self.any = true;
+        if let Some(e) = v.get("error") {
+            if answered {
+                self.error = e
+                    .get("status")
+                    .and_then(Value::as_str)
+                    .and_then(super::error_type);
+            }
+            return;
+        }
+        if v.pointer("/promptFeedback/blockReason").is_some() {
+            self.finished = true;
+        }
         if let Some(u) = v.get("usageMetadata").and_then(usage_from) {
             self.usage = Some(u);
         } else if let Some(u) = v.get("usage").and_then(openai::usage_from) {
@@ -199,7 +221,14 @@ impl Found {
             self.model = Some(m);
         }
         let candidates = v.get("candidates").and_then(Value::as_array);
+        self.generating |= candidates.is_some();
         for c in candidates.into_iter().flatten() {
+            if c.get("finishReason")
+                .and_then(Value::as_str)
+                .is_some_and(|r| !r.is_empty())
+            {
+                self.finished = true;
+            }
             let parts = c.pointer("/content/parts").and_then(Value::as_array);
             for p in parts.into_iter().flatten() {
                 if let Some(t) = p.get("text").and_then(Value::as_str) {
@@ -226,11 +255,17 @@ impl Found {
         } else {
             self.usage
         };
+        // Usage without the final counts: a generate stream that ended
+        // before a finishReason, or with an error.
+        let partial = !self.free
+            && self.usage.is_some()
+            && ((self.generating && !self.finished) || self.error.is_some());
         ParsedUsage {
             usage,
             response_model: self.model.take(),
             output_text: std::mem::take(&mut self.text),
-            ..Default::default()
+            partial,
+            error: self.error.take(),
         }
     }
 }
@@ -735,6 +770,58 @@ mod tests {
 {"error":{"code":503,"message":"The model is overloaded.","status":"UNAVAILABLE"}}]"#;
         let m = parse("generate_content", "application/json", mid, &[]);
         assert_eq!(m.usage.map(|u| u.output_tokens), Some(1));
+        assert_eq!(
+            (m.partial, m.error.as_deref()),
+            (true, Some("UNAVAILABLE")),
+            "the error ended the stream before its final counts"
+        );
+    }
+
+    #[test]
+    fn a_stream_cut_before_its_finish_reason_is_partial() {
+        let whole = parse("generate_content", "text/event-stream", GEN_SSE, &[]);
+        assert!(!whole.partial);
+        assert_eq!(whole.error, None);
+        // The SSE fixture without its last event (the one with finishReason).
+        let text = std::str::from_utf8(GEN_SSE).expect("utf-8");
+        let last = text.trim_end().rfind("data: ").expect("events");
+        let cut = parse(
+            "generate_content",
+            "text/event-stream",
+            &GEN_SSE[..last],
+            &[],
+        );
+        assert!(cut.partial);
+        assert_eq!(cut.usage.map(|u| u.output_tokens), Some(30 + 186));
+        assert_eq!(cut.error, None);
+        // The array stream cut mid-way.
+        let whole = parse("generate_content", "application/json", GEN_ARRAY, &[]);
+        assert!(!whole.partial && whole.usage.is_some());
+        let cut = parse(
+            "generate_content",
+            "application/json",
+            &GEN_ARRAY[..GEN_ARRAY.len() * 2 / 3],
+            &[],
+        );
+        assert!(cut.usage.is_some(), "{cut:?}");
+        assert!(cut.partial, "{cut:?}");
+        // Whole answers are final: one with a finishReason, a blocked
+        // prompt (no candidates), embeddings (no candidates).
+        assert!(!parse("generate_content", "application/json", GEN_JSON, &[]).partial);
+        let blocked = br#"{"promptFeedback":{"blockReason":"SAFETY"},"usageMetadata":{"promptTokenCount":5,"totalTokenCount":5}}"#;
+        let b = parse("generate_content", "application/json", blocked, &[]);
+        assert_eq!(
+            (b.usage.map(|u| u.input_tokens), b.partial),
+            (Some(5), false)
+        );
+        let blocked_stream = br#"[{"candidates":[{"content":{"parts":[{"text":"a"}]}}],"usageMetadata":{"promptTokenCount":5}},
+{"promptFeedback":{"blockReason":"OTHER"},"usageMetadata":{"promptTokenCount":5,"candidatesTokenCount":1}}]"#;
+        assert!(!parse("generate_content", "application/json", blocked_stream, &[]).partial);
+        // An error status that is not an identifier is not recorded.
+        let odd = br#"[{"candidates":[],"usageMetadata":{"promptTokenCount":3}},
+{"error":{"code":500,"status":"a b <c>"}}]"#;
+        let o = parse("generate_content", "application/json", odd, &[]);
+        assert_eq!((o.partial, o.error), (true, None));
     }
 
     #[test]
