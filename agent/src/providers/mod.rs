@@ -230,10 +230,11 @@ pub struct ParsedUsage {
     /// Generated text as far as the adapter could extract it (bounded by
     /// [`MAX_OUTPUT_TEXT`]), for a local estimate when usage is missing.
     pub output_text: String,
-    /// `usage` is what the provider said at the start of a stream that
-    /// ended before its final counts (Anthropic's `message_start` carries
-    /// the input and a placeholder output of 1): the output is provisional,
-    /// and the record estimates it from `output_text`.
+    /// `usage` is what the provider said in a stream that ended before its
+    /// final counts (Anthropic's `message_start` carries the input and a
+    /// placeholder output of 1; Gemini's chunks before the `finishReason`
+    /// carry the counts so far): the output is provisional, and the record
+    /// raises it to the estimate from `output_text` when that is higher.
     pub partial: bool,
     /// The provider's own error type, when it ended a stream with an error
     /// event after a successful status (Anthropic's `overloaded_error`,
