@@ -27,10 +27,17 @@ pub struct AgentOptions {
     pub join_cgroup: bool,
     /// `proxy.listen`; `127.0.0.1:0` when unset.
     pub listen: Option<String>,
+    /// Sends SIGTERM during start-up, once the log has this message: the
+    /// agent is stopped (SIGSTOP) there, signalled, and continued, so the
+    /// signal lands at that point of start-up whatever the machine's speed.
+    pub sigterm_at: Option<&'static str>,
 }
 
 pub struct Agent {
     child: Option<Child>,
+    /// With `sigterm_at`: whether the log already said "ready" when the
+    /// signal was sent (then it did not land during start-up).
+    pub ready_before_sigterm: Option<bool>,
     pub state_dir: tempfile::TempDir,
     pub config_path: PathBuf,
     pub port: u16,
@@ -126,14 +133,39 @@ impl Agent {
         });
         let mut agent = Agent {
             child: Some(child),
+            ready_before_sigterm: None,
             state_dir,
             config_path,
             port: 0,
             log,
         };
         let deadline = Instant::now() + Duration::from_secs(60);
+        let mut sigterm_at = opts.sigterm_at;
         loop {
-            if let Ok(v) = rx.recv_timeout(Duration::from_millis(100)) {
+            if let Some(message) = sigterm_at
+                && agent.log().contains(&format!("\"message\":\"{message}\""))
+            {
+                sigterm_at = None;
+                let pid = agent.pid().expect("running") as i32;
+                // SAFETY: signals to our own child, by pid.
+                unsafe { libc::kill(pid, libc::SIGSTOP) };
+                // Let the log reader take what was written before the stop.
+                std::thread::sleep(Duration::from_millis(300));
+                agent.ready_before_sigterm = Some(agent.log().contains("\"message\":\"ready\""));
+                unsafe {
+                    libc::kill(pid, libc::SIGTERM);
+                    libc::kill(pid, libc::SIGCONT);
+                }
+            }
+            let wait = Duration::from_millis(if sigterm_at.is_some() { 5 } else { 100 });
+            let exited = agent.child.as_mut().unwrap().try_wait().expect("try_wait");
+            // After an exit, the reader may still hold the ready line.
+            let wait = if exited.is_some() {
+                Duration::from_secs(2)
+            } else {
+                wait
+            };
+            if let Ok(v) = rx.recv_timeout(wait) {
                 let listen = v
                     .get("listen")
                     .and_then(Value::as_str)
@@ -141,7 +173,7 @@ impl Agent {
                 agent.port = listen.rsplit(':').next().unwrap().parse().expect("port");
                 return agent;
             }
-            if let Some(status) = agent.child.as_mut().unwrap().try_wait().expect("try_wait") {
+            if let Some(status) = exited {
                 panic!(
                     "agent exited before ready ({status}); log:\n{}",
                     agent.log()
@@ -254,10 +286,17 @@ impl Agent {
 
     /// SIGTERM, then wait (bounded, SIGKILL after 30 s).
     pub fn terminate(&mut self) -> Option<ExitStatus> {
-        let mut c = self.child.take()?;
-        unsafe {
-            libc::kill(c.id() as i32, libc::SIGTERM);
+        if let Some(c) = &self.child {
+            unsafe {
+                libc::kill(c.id() as i32, libc::SIGTERM);
+            }
         }
+        self.wait_exit()
+    }
+
+    /// Waits for the agent to exit on its own (bounded: SIGKILL after 30 s).
+    pub fn wait_exit(&mut self) -> Option<ExitStatus> {
+        let mut c = self.child.take()?;
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(Some(s)) = c.try_wait() {

@@ -57,6 +57,20 @@ impl World {
         Self::start_full(label, n, extra_toml, alpn, false, None)
     }
 
+    /// As [`World::start`], with SIGTERM sent to the agent during its
+    /// start-up, at the log message `at` (see `AgentOptions::sigterm_at`).
+    pub fn start_sigterm_at(label: &str, n: u8, at: &'static str) -> World {
+        Self::start_inner(
+            label,
+            n,
+            String::new(),
+            &[b"h2", b"http/1.1"],
+            false,
+            None,
+            Some(at),
+        )
+    }
+
     /// Everything configurable: `agent_in_cgroup` starts the agent inside
     /// the cgroup it intercepts; `listen` is its `proxy.listen`.
     pub fn start_full(
@@ -66,6 +80,18 @@ impl World {
         alpn: &[&[u8]],
         agent_in_cgroup: bool,
         listen: Option<&str>,
+    ) -> World {
+        Self::start_inner(label, n, extra_toml, alpn, agent_in_cgroup, listen, None)
+    }
+
+    fn start_inner(
+        label: &str,
+        n: u8,
+        extra_toml: String,
+        alpn: &[&[u8]],
+        agent_in_cgroup: bool,
+        listen: Option<&str>,
+        sigterm_at: Option<&'static str>,
     ) -> World {
         if let Some(why) = crate::kernel_test_unavailable() {
             panic!("needs root, cgroup v2 and BPF: {why}");
@@ -89,6 +115,7 @@ impl World {
             ),
             join_cgroup: agent_in_cgroup,
             listen: listen.map(str::to_owned),
+            sigterm_at,
         });
         World {
             agent,

@@ -389,6 +389,44 @@ fn sigkill_fails_open() {
 
 #[test]
 #[ignore = "needs root, cgroup v2 and BPF"]
+fn a_sigterm_during_start_up_stops_the_agent_cleanly_once_it_is_up() {
+    // The signal lands after the CA is made, before the resolver, the
+    // programs and the listeners are up (the harness holds the agent there
+    // with SIGSTOP while it signals). An agent that handled signals only
+    // once up would die of it half-started.
+    let mut w = World::start_sigterm_at("startsig", 29, "created the local CA");
+    assert_eq!(
+        w.agent.ready_before_sigterm,
+        Some(false),
+        "the signal was to land during start-up; log:\n{}",
+        w.agent.log()
+    );
+    let status = w.agent.wait_exit().expect("agent was running");
+    let log = w.agent.log();
+    assert!(status.success(), "clean exit: {status}; log:\n{log}");
+    let ready = log.find("\"message\":\"ready\"").expect("it came up");
+    let stop = log
+        .find("SIGTERM: shutting down")
+        .expect("it saw the signal");
+    assert!(ready < stop, "up first, then stopped; log:\n{log}");
+    assert!(log.contains("ledger flushed; bye"), "{log}");
+    // Its programs went with it: the provider is reached directly.
+    let client = w.client(&[]);
+    let upstream_ca = w.pki.ca_path().to_str().unwrap().to_string();
+    ok(
+        &client.run(&[
+            "curl",
+            "-sS",
+            "--cacert",
+            &upstream_ca,
+            "https://api.openai.com/v1/models",
+        ]),
+        "direct curl after the agent stopped",
+    );
+}
+
+#[test]
+#[ignore = "needs root, cgroup v2 and BPF"]
 fn sigterm_flushes_every_record() {
     let mut w = World::start("sigterm", 6);
     let client = w.client(&[]);

@@ -27,6 +27,7 @@ fn main() {
         extra_toml: String::new(),
         join_cgroup: false,
         listen: None,
+        sigterm_at: None,
     });
     let mut env = agent.trust_env();
     for (k, v) in [
