@@ -535,6 +535,73 @@ except openai.APITimeoutError:
 
 #[test]
 #[ignore = "needs root, cgroup v2 and BPF"]
+fn a_client_that_leaves_while_the_agent_is_still_connecting_is_not_billed() {
+    // A provider host whose address accepts TCP and never answers TLS: the
+    // request cannot have reached the provider when the client gives up.
+    let silent_ip = tollgate_e2e::provider_ip(30);
+    let silent = std::net::TcpListener::bind((silent_ip, 443)).expect("silent listener");
+    silent.set_nonblocking(true).expect("nonblocking");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let holder = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match silent.accept() {
+                    Ok((conn, _)) => held.push(conn),
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+            held.len()
+        })
+    };
+    // A bare line lands in the harness's [resolver.overrides] table.
+    let w = World::start_with(
+        "silent-upstream",
+        31,
+        format!(
+            "\"silent.test\" = [\"{silent_ip}\"]\n[[providers]]\nhosts = [\"silent.test\"]\napi = \"openai\"\n"
+        ),
+    );
+    let client = tollgate_e2e::client::Client::new(
+        &w.cg,
+        &[("silent.test", std::net::IpAddr::V4(silent_ip))],
+        w.agent.trust_env(),
+    );
+    let body = format!(
+        r#"{{"model":"gpt-4o-mini","max_tokens":5,"messages":[{{"role":"user","content":"{}"}}]}}"#,
+        "lorem ipsum dolor ".repeat(300)
+    );
+    let out = client.run(&[
+        "curl",
+        "-sS",
+        "--max-time",
+        "2",
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        &body,
+        "https://silent.test/v1/chat/completions",
+    ]);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let held = holder.join().expect("holder thread");
+    assert_eq!(out.status.code(), Some(28), "curl timed out: {out:?}");
+    assert!(held >= 1, "the agent connected to the silent upstream");
+    let rows = w.agent.wait_for_records(1);
+    let r = &rows[0];
+    assert_eq!(s(r, "error"), "client_disconnected", "{r}");
+    assert_eq!(
+        (r["status"].as_u64(), s(r, "model")),
+        (Some(0), "gpt-4o-mini"),
+        "{r}"
+    );
+    // Never sent: nothing was billed, so nothing is estimated.
+    assert_eq!(r["estimated"], false, "{r}");
+    assert_eq!((u(r, "input_tokens"), u(r, "output_tokens")), (0, 0), "{r}");
+}
+
+#[test]
+#[ignore = "needs root, cgroup v2 and BPF"]
 fn a_second_sigterm_cuts_the_drain_short_and_keeps_the_record() {
     let mut w = World::start("sigtwice", 28);
     during_a_long_stream(&mut w, |w| {
