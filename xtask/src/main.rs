@@ -70,6 +70,10 @@ const PY_REQUIREMENTS: &[&str] = &[
 const NODE_REQUIREMENTS: &[&str] = &["openai@7.59.0", "@anthropic-ai/sdk@1.14.0"];
 /// Debian packages the tests use, by the command that proves them present.
 const APT: &[(&str, &str)] = &[
+    // The linker, and the C parts of the build (bundled SQLite, aws-lc,
+    // zstd, bpf-linker).
+    ("cc", "build-essential"),
+    ("python3", "python3"),
     ("curl", "curl"),
     ("unshare", "util-linux"),
     ("mount", "mount"),
@@ -168,14 +172,65 @@ fn setup() -> Result<()> {
     Ok(())
 }
 
+/// `apt-get ARGS`, never waiting at a prompt.
+fn apt_get(args: &[&str]) -> Result<()> {
+    run(Command::new("apt-get")
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .args(args))
+}
+
+/// The components rustup lists as installed for `toolchain` (the active
+/// one when `None`; empty when the toolchain itself is missing).
+fn rustup_components(toolchain: Option<&str>) -> Result<String> {
+    let mut cmd = Command::new("rustup");
+    cmd.current_dir(root())
+        .args(["component", "list", "--installed"]);
+    if let Some(t) = toolchain {
+        cmd.args(["--toolchain", t]);
+    }
+    let out = cmd
+        .output()
+        .context("rustup is needed (https://rustup.rs)")?;
+    Ok(if out.status.success() {
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    } else {
+        String::new()
+    })
+}
+
 /// What building the agent needs: the eBPF toolchain and Debian packages.
 fn setup_build() -> Result<()> {
-    // 1. rust-src for the nightly toolchain (the eBPF build uses build-std).
-    let installed = Command::new("rustup")
-        .args(["component", "list", "--toolchain", "nightly", "--installed"])
+    // 0. Debian packages first: the linker among them.
+    install_packages()?;
+    // 1. clippy and rustfmt for the active toolchain (`test` lints), and
+    // the nightly toolchain with rust-src (the eBPF build uses build-std).
+    let active = rustup_components(None)?;
+    let missing: Vec<&str> = ["clippy", "rustfmt"]
+        .into_iter()
+        .filter(|c| !active.contains(c))
+        .collect();
+    if !missing.is_empty() && !active.is_empty() {
+        run(Command::new("rustup")
+            .current_dir(root())
+            .args(["component", "add"])
+            .args(&missing))?;
+    }
+    let nightly = Command::new("rustup")
+        .args(["run", "nightly", "rustc", "--version"])
         .output()
-        .context("rustup is needed")?;
-    if !String::from_utf8_lossy(&installed.stdout).contains("rust-src") {
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !nightly {
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+            "--component",
+            "rust-src",
+        ]))?;
+    } else if !rustup_components(Some("nightly"))?.contains("rust-src") {
         run(Command::new("rustup").args([
             "component",
             "add",
@@ -199,12 +254,20 @@ fn setup_build() -> Result<()> {
             "--locked",
         ]))?;
     }
-    // 3. Debian packages.
-    let missing: Vec<&str> = APT
+    Ok(())
+}
+
+/// The Debian packages of `APT` whose command is missing, and python3-venv
+/// when `python3 -m venv` cannot make a virtualenv with pip.
+fn install_packages() -> Result<()> {
+    let mut missing: Vec<&str> = APT
         .iter()
         .filter(|(b, _)| !have(b))
         .map(|(_, p)| *p)
         .collect();
+    if !quiet_ok(Command::new("python3").args(["-c", "import ensurepip, venv"])) {
+        missing.push("python3-venv");
+    }
     if !missing.is_empty() {
         if !is_root() {
             bail!(
@@ -212,10 +275,10 @@ fn setup_build() -> Result<()> {
                 missing.join(" ")
             );
         }
-        run(Command::new("apt-get").arg("update"))?;
-        run(Command::new("apt-get")
-            .args(["install", "-y"])
-            .args(&missing))?;
+        apt_get(&["update"])?;
+        let mut args = vec!["install", "-y"];
+        args.extend(&missing);
+        apt_get(&args)?;
     }
     Ok(())
 }
@@ -227,9 +290,7 @@ fn setup_sdks() -> Result<()> {
     let marker = venv.join(".tollgate-requirements");
     let want = PY_REQUIREMENTS.join("\n");
     if std::fs::read_to_string(&marker).ok().as_deref() != Some(want.as_str()) {
-        if !venv.join("bin/python").exists() {
-            run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
-        }
+        make_venv(&venv)?;
         run(Command::new(venv.join("bin/pip"))
             .args(["install", "--quiet", "--disable-pip-version-check"])
             .args(PY_REQUIREMENTS))?;
@@ -241,8 +302,8 @@ fn setup_sdks() -> Result<()> {
         if !is_root() {
             bail!("node and npm are missing: run `sudo apt-get install -y nodejs npm`");
         }
-        run(Command::new("apt-get").arg("update"))?;
-        run(Command::new("apt-get").args(["install", "-y", "nodejs", "npm"]))?;
+        apt_get(&["update"])?;
+        apt_get(&["install", "-y", "nodejs", "npm"])?;
     }
     let node = root().join("target/e2e-node");
     let marker = node.join(".tollgate-requirements");
@@ -299,6 +360,11 @@ fn test(no_lint: bool, args: &[String]) -> Result<()> {
             "xtask: running as root: the kernel end-to-end tests (#[ignore]d for plain cargo test) run too"
         );
         t.arg("--include-ignored");
+    } else if std::env::var_os("TOLLGATE_REQUIRE_KERNEL_TESTS").is_some() {
+        bail!(
+            "TOLLGATE_REQUIRE_KERNEL_TESTS is set (as .ci/run sets it) but this is not root: \
+             the kernel end-to-end tests would only be reported as ignored; run as root"
+        );
     } else {
         eprintln!(
             "xtask: not root: the kernel end-to-end tests are reported as ignored (they need root, cgroup v2 and BPF)"
@@ -319,6 +385,25 @@ fn demo() -> Result<()> {
         .env("TOLLGATE_PYTHON", root().join("target/e2e-venv/bin/python")))
 }
 
+/// Makes the virtualenv `dir` unless it has pip. A half-made one (python3
+/// without ensurepip leaves `bin/python` and no pip) is made afresh, and
+/// one that fails to make is removed, so the next run starts clean.
+fn make_venv(dir: &Path) -> Result<()> {
+    if dir.join("bin/pip").exists() {
+        return Ok(());
+    }
+    let _ = std::fs::remove_dir_all(dir);
+    let made = run(Command::new("python3").args(["-m", "venv"]).arg(dir));
+    if made.is_err() || !dir.join("bin/pip").exists() {
+        let _ = std::fs::remove_dir_all(dir);
+        bail!(
+            "cannot make the virtualenv {} (on Debian: `apt-get install -y python3-venv`)",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
 /// A virtualenv under target/ with `reqs`, made or updated only when its
 /// marker file does not list exactly `reqs`.
 fn venv(dir: &Path, reqs: &[&str]) -> Result<()> {
@@ -327,9 +412,7 @@ fn venv(dir: &Path, reqs: &[&str]) -> Result<()> {
     if std::fs::read_to_string(&marker).ok().as_deref() == Some(want.as_str()) {
         return Ok(());
     }
-    if !dir.join("bin/python").exists() {
-        run(Command::new("python3").args(["-m", "venv"]).arg(dir))?;
-    }
+    make_venv(dir)?;
     run(Command::new(dir.join("bin/pip"))
         .args(["install", "--quiet", "--disable-pip-version-check"])
         .args(reqs))?;
@@ -437,7 +520,33 @@ fn main() -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::available_gib;
+    use super::{available_gib, make_venv};
+
+    #[test]
+    fn a_half_made_virtualenv_is_made_afresh() {
+        // python3 without ensurepip leaves bin/python and no pip; every
+        // later run used to skip the venv and fail on the missing pip.
+        let t = tempfile::tempdir().expect("tempdir");
+        let dir = t.path().join("venv");
+        std::fs::create_dir_all(dir.join("bin")).expect("bin");
+        std::fs::write(dir.join("bin/python"), "").expect("half-made");
+        match make_venv(&dir) {
+            Ok(()) => assert!(dir.join("bin/pip").exists(), "pip is there"),
+            // This machine cannot make virtualenvs at all: then the
+            // half-made one is gone, so the next run starts clean.
+            Err(e) => {
+                assert!(!dir.exists(), "{e:#}");
+                assert!(format!("{e:#}").contains("python3-venv"), "{e:#}");
+            }
+        }
+        // Made: kept as it is.
+        if dir.join("bin/pip").exists() {
+            let marker = dir.join("keep");
+            std::fs::write(&marker, "").expect("marker");
+            make_venv(&dir).expect("kept");
+            assert!(marker.exists());
+        }
+    }
 
     #[test]
     fn df_available_space_is_read_from_the_posix_format() {
