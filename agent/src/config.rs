@@ -33,6 +33,21 @@ pub enum ConfigError {
     },
 }
 
+impl ConfigError {
+    /// The process exit code: a file the user may not read is a privilege
+    /// problem (77, as `sudo` fixes it: hooks retry on it), the rest usage.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            ConfigError::Read { source, .. }
+                if source.kind() == std::io::ErrorKind::PermissionDenied =>
+            {
+                crate::exit::NOPERM
+            }
+            _ => crate::exit::USAGE,
+        }
+    }
+}
+
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -421,6 +436,18 @@ impl Config {
             }
             for h in &p.hosts {
                 validate_host(h).map_err(|m| invalid(&format!("providers[{i}].hosts"), m))?;
+                // The CA's name constraint for a host also covers every
+                // name under it: a one-label host (a typo such as "com")
+                // would let it sign for a whole top-level domain.
+                if !h.contains('.') {
+                    return Err(invalid(
+                        &format!("providers[{i}].hosts"),
+                        format!(
+                            "`{h}` has one label: give the full name (e.g. `{h}.corp.example`); \
+                             the local CA may sign for a provider host and every name under it"
+                        ),
+                    ));
+                }
             }
         }
         let sub = |r: Result<(), (String, String)>| r.map_err(|(k, m)| invalid(&k, m));
@@ -605,5 +632,46 @@ api = "azure-openai"
             ..Config::default()
         };
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn a_one_label_provider_host_is_refused() {
+        for (host, ok) in [("com", false), ("llm", false), ("llm.corp.example", true)] {
+            let c = Config::parse(&format!(
+                "[[providers]]\nhosts = [\"{host}\"]\napi = \"openai\"\n"
+            ))
+            .expect("parses");
+            match c.validate() {
+                Ok(()) => assert!(ok, "{host} accepted"),
+                Err(e) => {
+                    assert!(!ok, "{host}: {e}");
+                    let e = e.to_string();
+                    assert!(
+                        e.contains("providers[0].hosts") && e.contains("one label"),
+                        "{e}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn an_unreadable_config_is_a_privilege_error() {
+        let e = ConfigError::Read {
+            path: "/etc/tollgate/tollgate.toml".into(),
+            source: std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+        };
+        assert_eq!(e.exit_code(), crate::exit::NOPERM);
+        let e = ConfigError::Read {
+            path: "/nope.toml".into(),
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        };
+        assert_eq!(e.exit_code(), crate::exit::USAGE);
+        let e = Config::parse("x = 1").map(|_| ()).unwrap_err();
+        let e = ConfigError::Parse {
+            path: "/x.toml".into(),
+            message: e,
+        };
+        assert_eq!(e.exit_code(), crate::exit::USAGE);
     }
 }

@@ -36,7 +36,7 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             eprintln!("tollgate: {e}");
-            return ExitCode::from(exit::USAGE);
+            return ExitCode::from(e.exit_code());
         }
     };
     init_logging(&cfg);
