@@ -78,7 +78,12 @@ pub struct PricingConfig {
     /// `[[pricing.models]]`: prices that override or extend the built-in
     /// catalogue. An entry without `effective` replaces every built-in
     /// price of that (provider, model); an entry with `effective` adds a
-    /// version (or replaces the built-in one of the same date).
+    /// version (or replaces the built-in one of the same date). The order
+    /// of the entries does not matter. A rate an entry leaves out for a
+    /// model the catalogue knows keeps the catalogue's ratio (its latest
+    /// `cached_input` and `cache_write` to `input`, `reasoning` to
+    /// `output`): a discount written as `input` and `output` applies to
+    /// cache reads too.
     pub models: Vec<ModelPrice>,
 }
 
@@ -98,13 +103,15 @@ pub struct ModelPrice {
     pub input: f64,
     /// Output tokens (and reasoning tokens unless `reasoning` is given).
     pub output: f64,
-    /// Input tokens read from a prompt cache (default: `input`).
+    /// Input tokens read from a prompt cache (default: `input`, or for an
+    /// override of a catalogued model the catalogue's ratio to `input`).
     #[serde(default)]
     pub cached_input: Option<f64>,
-    /// Input tokens written to a prompt cache (default: `input`).
+    /// Input tokens written to a prompt cache (default: as `cached_input`).
     #[serde(default)]
     pub cache_write: Option<f64>,
-    /// Reasoning ("thinking") output tokens (default: `output`).
+    /// Reasoning ("thinking") output tokens (default: `output`, or the
+    /// catalogue's ratio to `output`).
     #[serde(default)]
     pub reasoning: Option<f64>,
     /// Date the price took effect, `YYYY-MM-DD` (UTC). Absent: always.
@@ -208,7 +215,24 @@ pub struct Price {
 }
 
 impl Price {
-    fn from_entry(m: &ModelPrice) -> Price {
+    /// The entry's rates; those it leaves out follow `base` (the
+    /// catalogue's price of the same model) in proportion, else equal
+    /// `input` / `output`.
+    fn from_entry(m: &ModelPrice, base: Option<&Price>) -> Price {
+        let ratio = |part: f64, whole: f64| {
+            if whole > 0.0 && part.is_finite() {
+                part / whole
+            } else {
+                1.0
+            }
+        };
+        let (cached, write, reasoning) = base.map_or((1.0, 1.0, 1.0), |b| {
+            (
+                ratio(b.cached_input, b.input),
+                ratio(b.cache_write, b.input),
+                ratio(b.reasoning, b.output),
+            )
+        });
         Price {
             effective_ms: m
                 .effective
@@ -216,10 +240,10 @@ impl Price {
                 .and_then(parse_date_ms)
                 .unwrap_or(i64::MIN),
             input: m.input,
-            cached_input: m.cached_input.unwrap_or(m.input),
-            cache_write: m.cache_write.unwrap_or(m.input),
+            cached_input: m.cached_input.unwrap_or(m.input * cached),
+            cache_write: m.cache_write.unwrap_or(m.input * write),
             output: m.output,
-            reasoning: m.reasoning.unwrap_or(m.output),
+            reasoning: m.reasoning.unwrap_or(m.output * reasoning),
         }
     }
 
@@ -275,23 +299,37 @@ impl PriceBook {
             recorded: cat.recorded,
         };
         for m in &cat.models {
-            book.insert(m);
+            book.insert(m, None);
         }
         book
     }
 
     /// The built-in catalogue with the config's overrides applied (call
-    /// after `PricingConfig::validate`).
+    /// after `PricingConfig::validate`). Every built-in price an undated
+    /// entry replaces is removed before any entry is added, so the order
+    /// of the entries does not matter.
     pub fn new(cfg: &PricingConfig) -> PriceBook {
         let mut book = Self::builtin();
-        for m in &cfg.models {
-            if m.effective.is_none() {
+        // The catalogue's latest price of each overridden model, for the
+        // rates an entry leaves out.
+        let bases: Vec<Option<Price>> = cfg
+            .models
+            .iter()
+            .map(|m| {
                 book.tables
-                    .entry(m.provider.clone())
-                    .or_default()
-                    .remove(canonical(&m.model).as_ref());
-            }
-            book.insert(m);
+                    .get(&m.provider)
+                    .and_then(|t| t.get(canonical(&m.model).as_ref()))
+                    .and_then(|v| v.last().copied())
+            })
+            .collect();
+        for m in cfg.models.iter().filter(|m| m.effective.is_none()) {
+            book.tables
+                .entry(m.provider.clone())
+                .or_default()
+                .remove(canonical(&m.model).as_ref());
+        }
+        for (m, base) in cfg.models.iter().zip(&bases) {
+            book.insert(m, base.as_ref());
         }
         book
     }
@@ -301,8 +339,8 @@ impl PriceBook {
         &self.recorded
     }
 
-    fn insert(&mut self, m: &ModelPrice) {
-        let price = Price::from_entry(m);
+    fn insert(&mut self, m: &ModelPrice, base: Option<&Price>) {
+        let price = Price::from_entry(m, base);
         let versions = self
             .tables
             .entry(m.provider.clone())
@@ -316,6 +354,14 @@ impl PriceBook {
 
     /// The price versions for a model, after resolution.
     fn versions(&self, provider: &str, model: &str) -> Option<&Versions> {
+        self.versions_of_any(provider, &[model])
+    }
+
+    /// The price versions of the first of `models` that the provider's own
+    /// table prices, else of the first the fallback table prices: an Azure
+    /// deployment priced in the config wins over the OpenAI model it
+    /// answers as.
+    fn versions_of_any(&self, provider: &str, models: &[&str]) -> Option<&Versions> {
         let provider = provider.trim();
         let provider: Cow<'_, str> = if provider.bytes().any(|b| b.is_ascii_uppercase()) {
             Cow::Owned(provider.to_ascii_lowercase())
@@ -329,15 +375,19 @@ impl PriceBook {
             "bedrock" => Some("anthropic"),
             _ => None,
         };
-        let canon = canonical(model);
-        if canon.is_empty() {
-            return None;
-        }
+        let canons: Vec<Cow<'_, str>> = models
+            .iter()
+            // Resolving a name costs time quadratic in its dashes: a name
+            // no model has is not looked at.
+            .filter(|m| m.len() <= super::MAX_MODEL_NAME)
+            .map(|m| canonical(m))
+            .filter(|c| !c.is_empty())
+            .collect();
         [Some(provider.as_ref()), fallback]
             .into_iter()
             .flatten()
             .filter_map(|p| self.tables.get(p))
-            .find_map(|t| resolve(t, &canon))
+            .find_map(|t| canons.iter().find_map(|c| resolve(t, c)))
     }
 
     /// True when `model` of `provider` resolves to a priced model.
@@ -348,12 +398,13 @@ impl PriceBook {
     /// The price in effect at `at_ms` (the latest version not after it; the
     /// earliest when the request predates every version).
     pub fn price_at(&self, provider: &str, model: &str, at_ms: i64) -> Option<Price> {
-        // Resolving a name costs time quadratic in its dashes: a name no
-        // model has is not looked at.
-        if model.len() > super::MAX_MODEL_NAME {
-            return None;
-        }
-        let v = self.versions(provider, model)?;
+        self.price_of_any_at(provider, &[model], at_ms)
+    }
+
+    /// As [`PriceBook::price_at`] for the first of `models` priced (see
+    /// `versions_of_any` for the order).
+    pub fn price_of_any_at(&self, provider: &str, models: &[&str], at_ms: i64) -> Option<Price> {
+        let v = self.versions_of_any(provider, models)?;
         v.iter()
             .rev()
             .find(|p| p.effective_ms <= at_ms)
@@ -371,6 +422,19 @@ impl PriceBook {
         usage: &Usage,
     ) -> Option<f64> {
         self.price_at(provider, model, started_at_ms)
+            .map(|p| p.cost(usage))
+    }
+
+    /// As [`PriceBook::cost`] for the first of `models` priced: the
+    /// response's model, then the request's.
+    pub fn cost_of_any(
+        &self,
+        provider: &str,
+        models: &[&str],
+        started_at_ms: i64,
+        usage: &Usage,
+    ) -> Option<f64> {
+        self.price_of_any_at(provider, models, started_at_ms)
             .map(|p| p.cost(usage))
     }
 }
@@ -400,6 +464,11 @@ fn canonical_lower(lower: &str) -> &str {
     let mut s = lower.rsplit('/').next().unwrap_or("");
     if let Some((head, _)) = s.split_once('@') {
         s = head;
+    }
+    // An OpenAI fine-tune (`ft:BASE:ORG:NAME:ID`) is priced by its whole
+    // name: fine-tunes of one base differ, and none costs its base's price.
+    if s.starts_with("ft:") {
+        return s;
     }
     if let Some((head, _)) = s.split_once(':') {
         s = head;
@@ -739,7 +808,9 @@ output = 10.0
         let p = book
             .price_at("openai", "gpt-4o-2024-08-06", 0)
             .expect("gpt-4o");
-        assert_eq!((p.input, p.output, p.cached_input), (1.0, 2.0, 1.0));
+        // The cache rate left out keeps the catalogue's ratio (gpt-4o:
+        // 1.25 of 2.50).
+        assert_eq!((p.input, p.output, p.cached_input), (1.0, 2.0, 0.5));
         assert_eq!(
             book.price_at("azure-openai", "my-deployment", NOW)
                 .map(|p| p.cached_input),
@@ -757,6 +828,105 @@ output = 10.0
                 .map(|p| p.input)
         };
         assert_eq!((s(NOW), s(jan)), (Some(3.0), Some(2.0)));
+    }
+
+    fn book_of(toml_text: &str) -> PriceBook {
+        let cfg: PricingConfig = toml::from_str(toml_text).expect("config parses");
+        cfg.validate().expect("valid");
+        PriceBook::new(&cfg)
+    }
+
+    #[test]
+    fn an_override_keeps_the_catalogues_cache_ratios() {
+        // A 10% discount written as input and output only.
+        let book = book_of(
+            "[[models]]\nprovider = \"anthropic\"\nmodel = \"claude-sonnet-4-5\"\ninput = 2.7\noutput = 13.5\n",
+        );
+        let p = book
+            .price_at("anthropic", "claude-sonnet-4-5", NOW)
+            .expect("priced");
+        assert!(close(p.cached_input, 0.27), "{p:?}");
+        assert!(close(p.cache_write, 3.375), "{p:?}");
+        assert!(close(p.reasoning, 13.5), "{p:?}");
+        // 1M input of which 900k cache reads: 0.1M at 2.7 + 0.9M at 0.27.
+        let c = book
+            .cost(
+                "anthropic",
+                "claude-sonnet-4-5",
+                NOW,
+                &usage(1_000_000, 900_000, 0, 0, 0),
+            )
+            .expect("priced");
+        assert!(close(c, 0.27 + 0.243), "{c}");
+        // A model the catalogue does not know: the rates left out are input's.
+        let book = book_of(
+            "[[models]]\nprovider = \"openai\"\nmodel = \"house-model\"\ninput = 1.0\noutput = 2.0\n",
+        );
+        let p = book.price_at("openai", "house-model", NOW).expect("priced");
+        assert_eq!(
+            (p.cached_input, p.cache_write, p.reasoning),
+            (1.0, 1.0, 2.0)
+        );
+    }
+
+    #[test]
+    fn the_order_of_overrides_does_not_matter() {
+        let dated = "[[models]]\nprovider = \"openai\"\nmodel = \"gpt-4o\"\neffective = \"2026-01-01\"\ninput = 2.0\noutput = 8.0\n";
+        let undated =
+            "[[models]]\nprovider = \"openai\"\nmodel = \"gpt-4o\"\ninput = 1.0\noutput = 4.0\n";
+        let jan = parse_date_ms("2026-01-01").expect("date");
+        for text in [format!("{dated}{undated}"), format!("{undated}{dated}")] {
+            let book = book_of(&text);
+            let at = |ms| book.price_at("openai", "gpt-4o", ms).map(|p| p.input);
+            assert_eq!((at(jan - 1), at(jan)), (Some(1.0), Some(2.0)), "{text}");
+        }
+    }
+
+    #[test]
+    fn fine_tunes_are_priced_by_their_whole_name() {
+        let book = book_of(
+            r#"
+[[models]]
+provider = "openai"
+model = "ft:gpt-4o-mini-2024-07-18:acme::abc123"
+input = 0.3
+output = 1.2
+
+[[models]]
+provider = "openai"
+model = "ft:gpt-4o-2024-08-06:acme::xyz789"
+input = 3.75
+output = 15.0
+"#,
+        );
+        let input = |m| book.price_at("openai", m, NOW).map(|p| p.input);
+        assert_eq!(input("ft:gpt-4o-mini-2024-07-18:acme::abc123"), Some(0.3));
+        assert_eq!(input("ft:gpt-4o-2024-08-06:acme::xyz789"), Some(3.75));
+        assert_eq!(input("ft:gpt-4o-2024-08-06:other::q1"), None, "not priced");
+        // Bedrock ids still lose their version suffix.
+        assert!(book.knows("bedrock", "anthropic.claude-sonnet-4-5-20250929-v1:0"));
+    }
+
+    #[test]
+    fn an_azure_deployment_priced_in_the_config_wins_over_its_model() {
+        let book = book_of(
+            "[[models]]\nprovider = \"azure-openai\"\nmodel = \"gpt4o-ptu\"\ninput = 0\noutput = 0\n",
+        );
+        let u = usage(1000, 0, 0, 1000, 0);
+        // The response names the model, the request the deployment.
+        let c = book.cost_of_any("azure-openai", &["gpt-4o-2024-11-20", "gpt4o-ptu"], NOW, &u);
+        assert_eq!(c, Some(0.0));
+        // Another deployment answers at OpenAI's price of its model.
+        let c = book
+            .cost_of_any("azure-openai", &["gpt-4o-2024-11-20", "other"], NOW, &u)
+            .expect("priced");
+        assert!(close(c, 1000.0 * 2.5 / 1e6 + 1000.0 * 10.0 / 1e6), "{c}");
+        // The response's model first within one table.
+        let book = book_of(
+            "[[models]]\nprovider = \"openai\"\nmodel = \"gpt-4o-mini\"\ninput = 9\noutput = 9\n",
+        );
+        let p = book.price_of_any_at("openai", &["gpt-4o", "gpt-4o-mini"], NOW);
+        assert_eq!(p.map(|p| p.input), Some(2.5));
     }
 
     #[test]

@@ -522,16 +522,16 @@ impl Draft {
             .as_deref()
             .or(self.info.model.as_deref());
         let prices = &self.ctx.state.prices;
-        let cost_usd = priced.and_then(|m| {
-            prices
-                .cost(provider, m, self.started_ms, &usage)
-                .or_else(|| {
-                    self.info
-                        .model
-                        .as_deref()
-                        .and_then(|m| prices.cost(provider, m, self.started_ms, &usage))
-                })
-        });
+        let models: Vec<&str> = [parsed.response_model.as_deref(), self.info.model.as_deref()]
+            .into_iter()
+            .flatten()
+            .collect();
+        // A successful answer whose counts are unknown (no usage, nothing
+        // to estimate from) has an unknown cost, not a cost of 0.
+        let counts_unknown = ok && parsed.usage.is_none() && !estimated;
+        let cost_usd = prices
+            .cost_of_any(provider, &models, self.started_ms, &usage)
+            .filter(|_| !counts_unknown);
         if cost_usd.is_none() && (usage.input_tokens > 0 || usage.output_tokens > 0) {
             self.ctx
                 .state
