@@ -401,7 +401,7 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
 
 /// Refuses a state directory that someone other than `owner` could write:
 /// it holds the CA's key and the ledger.
-fn check_state_dir(dir: &std::path::Path, owner: u32) -> Result<(), AppError> {
+pub(crate) fn check_state_dir(dir: &std::path::Path, owner: u32) -> Result<(), AppError> {
     use std::os::unix::fs::MetadataExt as _;
     let meta = std::fs::metadata(dir).map_err(|source| AppError::StateDir {
         path: dir.display().to_string(),

@@ -92,13 +92,18 @@ pub enum CaError {
     Generate(#[from] rcgen::Error),
     #[error("`{host}` is outside the local CA's name constraints; no certificate is minted for it")]
     NotCovered { host: String },
+    #[error(
+        "there is no local CA in {} yet, and only root can create it: start the agent, or run this command as root",
+        dir.display()
+    )]
+    NotCreated { dir: PathBuf },
 }
 
 impl CaError {
     /// Process exit code (see `crate::exit`).
     pub fn exit_code(&self) -> u8 {
         match self {
-            CaError::Permission { .. } => crate::exit::NOPERM,
+            CaError::Permission { .. } | CaError::NotCreated { .. } => crate::exit::NOPERM,
             CaError::NoHosts | CaError::InvalidHost { .. } => crate::exit::USAGE,
             CaError::Io { .. } => crate::exit::UNAVAILABLE,
             CaError::Generate(_) | CaError::NotCovered { .. } => crate::exit::SOFTWARE,
@@ -378,7 +383,7 @@ fn load_existing(dir: &Path) -> Result<Existing, CaError> {
     if remaining < CA_MIN_REMAINING_DAYS * 86_400 {
         return Ok(Existing::Unusable("the CA expires within 400 days".into()));
     }
-    if !parsed.is_ca || !parsed.ip_excluded {
+    if !parsed.is_ca || !parsed.constrained {
         return Ok(Existing::Unusable(
             "the certificate is not a name-constrained CA made by tollgate".into(),
         ));
@@ -410,7 +415,11 @@ struct ParsedCa {
     public_key: Vec<u8>,
     not_after: i64,
     is_ca: bool,
-    ip_excluded: bool,
+    /// Constrained as tollgate makes its CAs: critical name constraints,
+    /// every IPv4 and IPv6 address excluded, and only host names of two
+    /// labels or more permitted (a CA found on disk that would sign for
+    /// a whole top-level domain, or for IP addresses, is not used).
+    constrained: bool,
 }
 
 fn parse_cert(pem: &str) -> Result<ParsedCa, String> {
@@ -421,19 +430,29 @@ fn parse_cert(pem: &str) -> Result<ParsedCa, String> {
         .map_err(|e| format!("not an X.509 certificate: {e}"))?;
     let is_ca = matches!(x509.basic_constraints(), Ok(Some(bc)) if bc.value.ca);
     let mut covered = BTreeSet::new();
-    let mut ip_excluded = false;
+    let mut constrained = false;
     if let Ok(Some(nc)) = x509.name_constraints() {
+        let mut only_hosts = true;
         for s in nc.value.permitted_subtrees.iter().flatten() {
-            if let GeneralName::DNSName(d) = s.base {
-                covered.insert(d.to_ascii_lowercase());
+            match s.base {
+                GeneralName::DNSName(d) if d.contains('.') && !d.starts_with('.') => {
+                    covered.insert(d.to_ascii_lowercase());
+                }
+                _ => only_hosts = false,
             }
         }
-        ip_excluded = nc
-            .value
-            .excluded_subtrees
-            .iter()
-            .flatten()
-            .any(|s| matches!(s.base, GeneralName::IPAddress(_)));
+        let excluded = |all: &[u8]| {
+            nc.value
+                .excluded_subtrees
+                .iter()
+                .flatten()
+                .any(|s| matches!(s.base, GeneralName::IPAddress(a) if a == all))
+        };
+        constrained = nc.critical
+            && only_hosts
+            && !covered.is_empty()
+            && excluded(&[0; 8])
+            && excluded(&[0; 32]);
     }
     Ok(ParsedCa {
         public_key: x509.public_key().subject_public_key.data.to_vec(),
@@ -441,7 +460,7 @@ fn parse_cert(pem: &str) -> Result<ParsedCa, String> {
         der: der.clone(),
         covered,
         is_ca,
-        ip_excluded,
+        constrained,
     })
 }
 
@@ -752,6 +771,52 @@ mod tests {
             )
             .is_ok()
         );
+    }
+
+    /// Writes a CA made from `params` (and its key) where `load_or_create`
+    /// looks.
+    fn plant(state: &Path, params: CertificateParams) {
+        let key = KeyPair::generate().expect("key");
+        let cert = params.self_signed(&key).expect("cert");
+        let dir = state.join("ca");
+        fs::create_dir_all(&dir).expect("dir");
+        fs::write(dir.join(KEY_FILE), key.serialize_pem()).expect("key");
+        fs::write(dir.join(CERT_FILE), cert.pem()).expect("cert");
+    }
+
+    #[test]
+    fn a_ca_on_disk_that_is_not_constrained_as_ours_is_replaced() {
+        let h = hosts(&["api.openai.com"]);
+        let wanted: BTreeSet<String> = h.iter().cloned().collect();
+        // Ours, planted: used as it is.
+        let t = tempfile::tempdir().expect("tempdir");
+        plant(t.path(), ca_params(&wanted));
+        let (_, st) = LocalCa::load_or_create(t.path(), &h).expect("load");
+        assert_eq!(st, CaStatus::Loaded);
+        // One that also covers all of .com.
+        let t = tempfile::tempdir().expect("tempdir");
+        let mut wide = wanted.clone();
+        wide.insert("com".into());
+        plant(t.path(), ca_params(&wide));
+        let (ca, st) = LocalCa::load_or_create(t.path(), &h).expect("replaced");
+        assert!(matches!(st, CaStatus::Regenerated { .. }), "{st:?}");
+        assert_eq!(
+            ca.covered_hosts().collect::<Vec<_>>(),
+            vec!["api.openai.com"]
+        );
+        // One that excludes a single address instead of every one.
+        let t = tempfile::tempdir().expect("tempdir");
+        let mut p = ca_params(&wanted);
+        p.name_constraints = Some(NameConstraints {
+            permitted_subtrees: vec![GeneralSubtree::DnsName("api.openai.com".into())],
+            excluded_subtrees: vec![GeneralSubtree::IpAddress(CidrSubnet::V4(
+                [10, 0, 0, 1],
+                [255; 4],
+            ))],
+        });
+        plant(t.path(), p);
+        let (_, st) = LocalCa::load_or_create(t.path(), &h).expect("replaced");
+        assert!(matches!(st, CaStatus::Regenerated { .. }), "{st:?}");
     }
 
     #[test]

@@ -153,7 +153,10 @@ fn parse_since_at(s: &str, now_ms: i64) -> Result<i64, String> {
 pub enum TrustCommand {
     /// Add the local CA to the system trust store (and Java's cacerts).
     Install {
-        /// Operate on this root directory instead of / (images, tests).
+        /// Write the trust-store files under this root directory instead of
+        /// / (tests, chroots). The CA is always this host's own (from the
+        /// state directory): for a machine image, run `trust install` on
+        /// each runner after its first start, not at build time.
         #[arg(long, default_value = "/")]
         root: PathBuf,
     },
@@ -207,6 +210,15 @@ impl CmdError {
 /// The ledger file under a state directory.
 pub fn ledger_path(state_dir: &Path) -> PathBuf {
     state_dir.join("ledger.sqlite")
+}
+
+/// The state directory's owner and mode, as `run` checks them, when it
+/// exists: a CA found in a directory another user can write is not trusted.
+fn check_state_dir(cfg: &Config) -> Result<(), CmdError> {
+    if cfg.state_dir.exists() {
+        crate::app::check_state_dir(&cfg.state_dir, nix::unistd::geteuid().as_raw())?;
+    }
+    Ok(())
 }
 
 fn load_ca(cfg: &Config) -> Result<LocalCa, CmdError> {
@@ -267,6 +279,7 @@ pub fn top(cfg: &Config, args: &TopArgs) -> Result<(), CmdError> {
 pub fn trust(cfg: &Config, cmd: &TrustCommand) -> Result<(), CmdError> {
     match cmd {
         TrustCommand::Install { root } => {
+            check_state_dir(cfg)?;
             let ca = load_ca(cfg)?;
             for line in trust::install(&ca, root)? {
                 println!("{line}");
@@ -278,12 +291,30 @@ pub fn trust(cfg: &Config, cmd: &TrustCommand) -> Result<(), CmdError> {
             }
         }
         TrustCommand::Env { format } => {
-            let ca = load_ca(cfg)?;
+            // Only paths are printed: an existing CA is not opened (no key,
+            // no lock, no regeneration while an agent runs), so any user
+            // may ask. Without one, root creates it as `run` would.
+            let published = match trust::Published::existing(&cfg.state_dir) {
+                Some(p) => p,
+                None if !nix::unistd::geteuid().is_root() => {
+                    return Err(crate::ca::CaError::NotCreated {
+                        dir: cfg.state_dir.join("ca"),
+                    }
+                    .into());
+                }
+                None => {
+                    check_state_dir(cfg)?;
+                    trust::Published::of(&load_ca(cfg)?)
+                }
+            };
+            for w in published.unreadable_by_others() {
+                eprintln!("tollgate: {w}");
+            }
             let f = match format {
                 EnvFormatArg::Shell => EnvFormat::Shell,
                 EnvFormatArg::Dotenv => EnvFormat::Dotenv,
             };
-            print!("{}", trust::env_lines(&ca, f));
+            print!("{}", trust::env_lines(&published, f));
         }
     }
     Ok(())

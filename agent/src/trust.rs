@@ -101,9 +101,9 @@ impl TrustError {
 /// Node gets the CA alone (it adds it to its own roots); Python, curl and
 /// botocore get `bundle.pem` (system roots plus the CA), since they replace
 /// their roots with the file they are given.
-pub fn env_lines(ca: &LocalCa, format: EnvFormat) -> String {
-    let ca_path = ca.cert_path().to_string_lossy();
-    let bundle = ca.bundle_path().to_string_lossy();
+pub fn env_lines(published: &Published, format: EnvFormat) -> String {
+    let ca_path = published.cert.to_string_lossy();
+    let bundle = published.bundle.to_string_lossy();
     let vars: [(&str, &str); 5] = [
         ("NODE_EXTRA_CA_CERTS", &ca_path),
         ("SSL_CERT_FILE", &bundle),
@@ -119,6 +119,69 @@ pub fn env_lines(ca: &LocalCa, format: EnvFormat) -> String {
         }
     }
     out
+}
+
+/// The CA's public files, which clients are pointed at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Published {
+    /// `STATE/ca/ca.crt`.
+    pub cert: PathBuf,
+    /// `STATE/ca/bundle.pem`.
+    pub bundle: PathBuf,
+}
+
+impl Published {
+    pub fn of(ca: &LocalCa) -> Published {
+        Published {
+            cert: ca.cert_path().to_path_buf(),
+            bundle: ca.bundle_path().to_path_buf(),
+        }
+    }
+
+    /// The files of a CA that already exists under `state_dir`, found
+    /// without the key or the lock (so any user may ask), or `None`.
+    pub fn existing(state_dir: &Path) -> Option<Published> {
+        let dir = state_dir.join("ca");
+        let p = Published {
+            cert: dir.join("ca.crt"),
+            bundle: dir.join("bundle.pem"),
+        };
+        (p.cert.is_file() && p.bundle.is_file()).then_some(p)
+    }
+
+    /// Warnings for each file that users other than its owner cannot read
+    /// (a directory on the way without `o+x`, or the file without `o+r`):
+    /// a job running as another user with `SSL_CERT_FILE` pointing there
+    /// would fail every HTTPS call.
+    pub fn unreadable_by_others(&self) -> Vec<String> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mut out = Vec::new();
+        for file in [&self.cert, &self.bundle] {
+            let mut blocked: Option<(PathBuf, u32)> = None;
+            for dir in file.ancestors().skip(1) {
+                if let Ok(m) = std::fs::metadata(dir)
+                    && m.permissions().mode() & 0o001 == 0
+                {
+                    blocked = Some((dir.to_path_buf(), m.permissions().mode() & 0o7777));
+                }
+            }
+            if blocked.is_none()
+                && let Ok(m) = std::fs::metadata(file)
+                && m.permissions().mode() & 0o004 == 0
+            {
+                blocked = Some((file.clone(), m.permissions().mode() & 0o7777));
+            }
+            if let Some((path, mode)) = blocked {
+                out.push(format!(
+                    "warning: jobs running as other users cannot read {} ({} has mode {mode:o}); \
+                     clients pointed at it fail every HTTPS call: make the state directory 0755",
+                    file.display(),
+                    path.display()
+                ));
+            }
+        }
+        out
+    }
 }
 
 /// Quotes `s` for a POSIX shell when it holds anything but safe characters.
@@ -402,8 +465,9 @@ mod tests {
         let t = tempfile::tempdir().expect("tempdir");
         let state = t.path().join("state dir's");
         let ca = ca(&state);
-        let shell = env_lines(&ca, EnvFormat::Shell);
-        let dotenv = env_lines(&ca, EnvFormat::Dotenv);
+        let published = Published::of(&ca);
+        let shell = env_lines(&published, EnvFormat::Shell);
+        let dotenv = env_lines(&published, EnvFormat::Dotenv);
         let crt = ca.cert_path().display().to_string();
         let bundle = ca.bundle_path().display().to_string();
         assert!(

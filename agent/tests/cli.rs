@@ -176,3 +176,91 @@ fn trust_env_creates_the_ca_and_prints_both_formats() {
         std::fs::read_to_string(bundle_line.split_once('=').unwrap().1.trim_matches('"')).unwrap();
     assert!(bundle.contains(pem.trim()), "the bundle holds the CA");
 }
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// `tollgate ARGS` as user `nobody` (the binary copied where it can run it).
+fn as_nobody(bin: &std::path::Path, args: &[&str]) -> std::process::Output {
+    Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(bin)
+        .args(args)
+        .output()
+        .expect("setpriv")
+}
+
+#[test]
+#[ignore = "needs root (runs tollgate as another user)"]
+fn trust_env_is_read_only_and_any_user_may_ask() {
+    use std::os::unix::fs::PermissionsExt as _;
+    assert!(is_root(), "run as root (cargo xtask test does)");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bin = dir.path().join("tollgate");
+    std::fs::copy(env!("CARGO_BIN_EXE_tollgate"), &bin).unwrap();
+    let state = dir.path().join("state");
+    let cfg = dir.path().join("t.toml");
+    std::fs::write(&cfg, format!("state_dir = {state:?}\n")).unwrap();
+    let cfg_s = cfg.to_str().unwrap();
+    let env = |as_root: bool| {
+        let args = ["--config", cfg_s, "trust", "env", "--format", "dotenv"];
+        if as_root {
+            tollgate().args(args).output().unwrap()
+        } else {
+            as_nobody(&bin, &args)
+        }
+    };
+    // Before there is a CA, another user is told who can make it.
+    std::fs::create_dir_all(&state).unwrap();
+    let none = env(false);
+    assert_eq!(none.status.code(), Some(77), "{}", text(&none));
+    assert!(text(&none).contains("no local CA"), "{}", text(&none));
+    // Root makes the CA; then any user gets the same paths, with no key
+    // or lock opened and no warning (the files are world-readable).
+    let first = env(true);
+    assert!(first.status.success(), "{}", text(&first));
+    let theirs = env(false);
+    assert!(theirs.status.success(), "{}", text(&theirs));
+    assert_eq!(theirs.stdout, first.stdout);
+    assert!(theirs.stderr.is_empty(), "{}", text(&theirs));
+    // A config that adds a host does not rotate the CA under a running
+    // agent: `trust env` only prints paths.
+    let crt = state.join("ca/ca.crt");
+    let before = std::fs::read(&crt).unwrap();
+    std::fs::write(
+        &cfg,
+        format!(
+            "state_dir = {state:?}\n[[providers]]\nhosts = [\"llm.corp.example\"]\napi = \"openai\"\n"
+        ),
+    )
+    .unwrap();
+    assert!(env(true).status.success());
+    assert_eq!(
+        std::fs::read(&crt).unwrap(),
+        before,
+        "the CA was not replaced"
+    );
+    // A private state directory: jobs could not read the bundle, and the
+    // user is told so.
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let o = env(true);
+    assert!(o.status.success(), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("cannot read") && err.contains("bundle.pem"),
+        "{err}"
+    );
+    // `trust install` refuses a state directory other users can write.
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let root = dir.path().join("root");
+    std::fs::create_dir_all(&root).unwrap();
+    let o = tollgate()
+        .args(["--config", cfg_s, "trust", "install", "--root"])
+        .arg(&root)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(77), "{}", text(&o));
+    assert!(text(&o).contains("writable by other users"), "{}", text(&o));
+}
