@@ -78,6 +78,15 @@ pub struct ReportArgs {
     /// Only this CI run (`GITHUB_RUN_ID`, `CI_PIPELINE_ID`, ...).
     #[arg(long)]
     pub run_id: Option<String>,
+    /// Only this attempt of the run (`GITHUB_RUN_ATTEMPT`).
+    #[arg(long)]
+    pub run_attempt: Option<String>,
+    /// Only this CI job id (`CI_JOB_ID`, `BUILDKITE_JOB_ID`, ...).
+    #[arg(long)]
+    pub job_id: Option<String>,
+    /// Only requests made on this runner (`RUNNER_NAME`, ...).
+    #[arg(long)]
+    pub runner: Option<String>,
     /// Group the table by these keys, in order (comma-separated or repeated).
     /// Default: repository,job,exe,model.
     #[arg(long, value_enum, value_delimiter = ',')]
@@ -235,6 +244,9 @@ pub fn report(cfg: &Config, args: &ReportArgs) -> Result<(), CmdError> {
         repository: args.repository.clone(),
         job: args.job.clone(),
         run_id: args.run_id.clone(),
+        run_attempt: args.run_attempt.clone(),
+        job_id: args.job_id.clone(),
+        runner: args.runner.clone(),
     };
     // A missing ledger is an empty one; an unreadable directory is an error.
     let records = match std::fs::metadata(&path) {

@@ -144,22 +144,26 @@ fn thousands(n: u64) -> String {
     out
 }
 
+/// A group key's text: whole (groups are never merged by a shortened
+/// name), control characters blanked, `-` for none.
 fn cell(s: Option<&str>) -> String {
     match s.map(str::trim).filter(|s| !s.is_empty()) {
         None => "-".into(),
-        Some(s) => {
-            let clean: String = s
-                .chars()
-                .map(|c| if c.is_control() { ' ' } else { c })
-                .collect();
-            if clean.chars().count() > CELL_MAX {
-                let mut t: String = clean.chars().take(CELL_MAX - 1).collect();
-                t.push('…');
-                t
-            } else {
-                clean
-            }
-        }
+        Some(s) => s
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect(),
+    }
+}
+
+/// A key as the text table shows it: at most `CELL_MAX` characters.
+fn shorten(s: String) -> String {
+    if s.chars().count() > CELL_MAX {
+        let mut t: String = s.chars().take(CELL_MAX - 1).collect();
+        t.push('…');
+        t
+    } else {
+        s
     }
 }
 
@@ -338,7 +342,7 @@ fn table(records: &[UsageRecord], by: &[GroupBy]) -> String {
     let mut lines: Vec<Vec<String>> = rows
         .iter_mut()
         .map(|(k, g)| {
-            let mut l = std::mem::take(k);
+            let mut l: Vec<String> = std::mem::take(k).into_iter().map(shorten).collect();
             l.extend(numbers(g));
             l
         })
@@ -614,6 +618,23 @@ mod tests {
             "{out}"
         );
         assert!(!out.contains("estimated"), "{out}");
+    }
+
+    #[test]
+    fn long_names_that_share_a_prefix_stay_apart() {
+        // Bedrock ARN model ids share their first 39 characters.
+        let arn = "arn:aws:bedrock:us-east-1:123456789012:inference-profile/";
+        let a = rec("o/r", "j", "/bin/x", &format!("{arn}claude-a"), 1, 1, None);
+        let b = rec("o/r", "j", "/bin/x", &format!("{arn}claude-b"), 2, 2, None);
+        let by = [GroupBy::Model];
+        let csv = render_by(&[a.clone(), b.clone()], ReportFormat::Csv, &by);
+        assert!(csv.contains(&format!("{arn}claude-a,1,")), "{csv}");
+        assert!(csv.contains(&format!("{arn}claude-b,1,")), "{csv}");
+        let md = render_by(&[a.clone(), b.clone()], ReportFormat::Markdown, &by);
+        assert!(md.contains("claude-a") && md.contains("claude-b"), "{md}");
+        // The text table shortens what it shows, but keeps two rows.
+        let t = render_by(&[a, b], ReportFormat::Table, &by);
+        assert_eq!(t.matches('…').count(), 2, "{t}");
     }
 
     #[test]

@@ -371,3 +371,133 @@ fn github_hook_as_a_non_root_runner_user() {
         );
     }
 }
+
+/// A ledger of one job's matrix legs and retries, with a config: every
+/// record is run 100, job `test` of acme/app; they differ in runner,
+/// attempt, start and job id.
+fn matrix_run() -> Recorded {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let state = dir.path().join("state");
+    let mut ledger = Ledger::open(&state.join("ledger.sqlite")).expect("open ledger");
+    let leg = |runner: &str, attempt: &str, at_ms: i64, job_id: &str, model: &str| {
+        let mut r = rec(
+            "acme/app",
+            "100",
+            "test",
+            "/usr/bin/python3",
+            model,
+            100,
+            10,
+            None,
+        );
+        r.started_at_ms = at_ms;
+        let who = std::sync::Arc::make_mut(&mut r.who);
+        who.runner = Some(runner.into());
+        who.run_attempt = Some(attempt.into());
+        who.job_id = Some(job_id.into());
+        r
+    };
+    // 2027-01-15T08:00:00Z and ten minutes later.
+    let (earlier, later) = (1_800_000_000_000, 1_800_000_600_000);
+    let records = vec![
+        leg("runner-1", "2", later, "501", "this-leg"),
+        leg("runner-1", "2", earlier, "500", "earlier-leg-same-runner"),
+        leg("runner-2", "2", later, "502", "parallel-leg-other-runner"),
+        leg("runner-1", "1", later, "400", "first-attempt"),
+    ];
+    ledger.insert_batch(&records).expect("insert");
+    drop(ledger);
+    let config = dir.path().join("tollgate.toml");
+    std::fs::write(
+        &config,
+        format!("state_dir = {:?}\n", state.display().to_string()),
+    )
+    .expect("write config");
+    Recorded { dir, config }
+}
+
+#[test]
+fn github_hook_keeps_to_this_matrix_leg() {
+    let r = matrix_run();
+    let temp = r.dir.path().join("runner-temp");
+    std::fs::create_dir_all(&temp).expect("RUNNER_TEMP");
+    let (c, t) = (r.config.display().to_string(), temp.display().to_string());
+    let summarise = |name: &str| {
+        let summary = r.dir.path().join(name);
+        let s = summary.display().to_string();
+        let mut env = github_env(&s, &c, "100");
+        env.extend([
+            ("RUNNER_NAME", "runner-1"),
+            ("GITHUB_RUN_ATTEMPT", "2"),
+            ("RUNNER_TEMP", t.as_str()),
+        ]);
+        let o = run_script(GITHUB_HOOK, &[], &env);
+        assert!(o.status.success(), "{}", text(&o));
+        (
+            std::fs::read_to_string(&summary).expect("summary"),
+            text(&o),
+        )
+    };
+    // The job-started hook's note, five minutes into the run: between
+    // the two legs on this runner.
+    std::fs::write(temp.join("tollgate-job-started"), "2027-01-15T08:05:00Z\n").expect("note");
+    let (got, log) = summarise("one.md");
+    assert!(got.contains("this-leg"), "{got}{log}");
+    for other in ["earlier-leg", "parallel-leg", "first-attempt"] {
+        assert!(!got.contains(other), "{other} in:\n{got}");
+    }
+    // Without the note, this runner's legs of this attempt.
+    std::fs::remove_file(temp.join("tollgate-job-started")).expect("rm");
+    let (got, _) = summarise("two.md");
+    assert!(
+        got.contains("this-leg") && got.contains("earlier-leg"),
+        "{got}"
+    );
+    assert!(
+        !got.contains("parallel-leg") && !got.contains("first-attempt"),
+        "{got}"
+    );
+    // The real job-started hook writes a note the completed hook takes
+    // (now is before these 2027 records, so both legs count again).
+    let o = run_script(
+        "deploy/github/job-started.sh",
+        &[],
+        &[("RUNNER_TEMP", t.as_str())],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let (got, log) = summarise("three.md");
+    assert!(
+        got.contains("this-leg") && got.contains("earlier-leg"),
+        "{got}"
+    );
+    assert!(!log.contains("ignoring"), "{log}");
+    // A note that is not a time is ignored, not passed on.
+    std::fs::write(temp.join("tollgate-job-started"), "--json\n").expect("note");
+    let (got, log) = summarise("four.md");
+    assert!(
+        got.contains("this-leg") && log.contains("ignoring"),
+        "{got}{log}"
+    );
+}
+
+#[test]
+fn gitlab_script_keeps_to_this_job_id() {
+    let r = matrix_run();
+    let c = r.config.display().to_string();
+    let out = r.dir.path().join("spend.md");
+    let o = run_script(
+        GITLAB_SCRIPT,
+        &[&out.display().to_string()],
+        &[
+            ("CI_PROJECT_PATH", "acme/app"),
+            ("CI_PIPELINE_ID", "100"),
+            ("CI_JOB_NAME", "test"),
+            ("CI_JOB_ID", "501"),
+            ("TOLLGATE_CONFIG", c.as_str()),
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let got = std::fs::read_to_string(&out).expect("file");
+    assert!(got.contains("this-leg"), "{got}");
+    assert_eq!(got.matches("| 1 |").count(), 1, "one row: {got}");
+}

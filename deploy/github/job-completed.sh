@@ -6,8 +6,16 @@
 #
 #   ACTIONS_RUNNER_HOOK_JOB_COMPLETED=/opt/tollgate/job-completed.sh
 #
+# Install job-started.sh (next to this file) as well, so that the summary
+# starts at this job's start:
+#
+#   ACTIONS_RUNNER_HOOK_JOB_STARTED=/opt/tollgate/job-started.sh
+#
 # It runs `tollgate report --repository "$GITHUB_REPOSITORY" --run-id
-# "$GITHUB_RUN_ID" --job "$GITHUB_JOB" --by model,exe --markdown` and appends
+# "$GITHUB_RUN_ID" --job "$GITHUB_JOB" --runner "$RUNNER_NAME" --run-attempt
+# "$GITHUB_RUN_ATTEMPT" [--since JOB_START] --by model,exe --markdown` (matrix
+# legs share the run id and the job name; the runner and the start time tell
+# them apart) and appends
 # the table to "$GITHUB_STEP_SUMMARY"; when the job made no LLM API calls it
 # appends one short line instead. It never fails the job: every path exits 0
 # (no tollgate, no ledger, no permission: a note in the hook's log only).
@@ -27,14 +35,15 @@
 #     with `sudo -n`.
 #
 # Environment (the runner sets the GITHUB_ ones):
-#   GITHUB_STEP_SUMMARY, GITHUB_REPOSITORY, GITHUB_RUN_ID, GITHUB_JOB
+#   GITHUB_STEP_SUMMARY, GITHUB_REPOSITORY, GITHUB_RUN_ID, GITHUB_JOB,
+#   GITHUB_RUN_ATTEMPT, RUNNER_NAME, RUNNER_TEMP
 #   TOLLGATE              the tollgate binary (default: `tollgate` on PATH)
 #   TOLLGATE_CONFIG       a config file for --config (default: tollgate's own)
 #   TOLLGATE_SETTLE_SECS  seconds to let the agent write the last records
 #                         (default 1)
 #
-# Notes: the ledger has no run attempt filter, so a re-run attempt's summary
-# includes the earlier attempts of the same job on this host.
+# Without job-started.sh, matrix legs of one job that ran one after another
+# on this runner share one summary.
 
 set -u
 
@@ -60,12 +69,29 @@ main() {
     fi
     sleep "${TOLLGATE_SETTLE_SECS:-1}" 2>/dev/null || true
 
-    local args=()
+    # `report` first, so a sudoers rule for `tollgate report *` matches.
+    local args=(report --repository "$GITHUB_REPOSITORY" --run-id "$GITHUB_RUN_ID"
+        --job "$GITHUB_JOB" --by "model,exe" --markdown)
     if [ -n "${TOLLGATE_CONFIG:-}" ]; then
         args+=(--config "$TOLLGATE_CONFIG")
     fi
-    args+=(report --repository "$GITHUB_REPOSITORY" --run-id "$GITHUB_RUN_ID"
-        --job "$GITHUB_JOB" --by "model,exe" --markdown)
+    # Matrix legs share the run id and the job name: keep to this runner,
+    # this attempt and, with job-started.sh installed, this job's start.
+    if [ -n "${RUNNER_NAME:-}" ]; then
+        args+=(--runner "$RUNNER_NAME")
+    fi
+    if [ -n "${GITHUB_RUN_ATTEMPT:-}" ]; then
+        args+=(--run-attempt "$GITHUB_RUN_ATTEMPT")
+    fi
+    local started="${RUNNER_TEMP:-}/tollgate-job-started" since=""
+    if [ -n "${RUNNER_TEMP:-}" ] && [ -r "$started" ]; then
+        since="$(head -c 64 "$started")"
+        case "$since" in
+        [0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-9][0-9]:[0-9][0-9]:[0-9][0-9]Z)
+            args+=(--since "$since") ;;
+        *) log "ignoring $started: not a start time" ;;
+        esac
+    fi
 
     local table rc
     table="$("$bin" "${args[@]}")"

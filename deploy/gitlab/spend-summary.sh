@@ -14,21 +14,24 @@
 #       paths: [tollgate-spend.md]
 #
 # It runs `tollgate report --repository "$CI_PROJECT_PATH" --run-id
-# "$CI_PIPELINE_ID" --job "$CI_JOB_NAME" --by model,exe --markdown` and writes
+# "$CI_PIPELINE_ID" --job "$CI_JOB_NAME" --job-id "$CI_JOB_ID" --by model,exe
+# --markdown` and writes
 # the table to the output file (first argument, else $TOLLGATE_SPEND_FILE,
 # else tollgate-spend.md in $CI_PROJECT_DIR or the current directory); when the
 # job made no LLM API calls the file holds one short line. It never fails the
 # job: every path exits 0.
 #
-# Other CI systems: set TOLLGATE_REPOSITORY, TOLLGATE_RUN_ID and TOLLGATE_JOB
-# (they win over the CI_ variables).
+# Other CI systems: set TOLLGATE_REPOSITORY, TOLLGATE_RUN_ID and TOLLGATE_JOB,
+# and TOLLGATE_JOB_ID when the system has job ids (they win over the CI_
+# variables).
 #
 # Reading the ledger as a non-root user: see deploy/github/job-completed.sh
 # (group read access, or a sudoers rule for `tollgate report`; on exit 77 this
 # script retries with `sudo -n`).
 #
 # Environment:
-#   CI_PROJECT_PATH, CI_PIPELINE_ID, CI_JOB_NAME, CI_PROJECT_DIR (GitLab)
+#   CI_PROJECT_PATH, CI_PIPELINE_ID, CI_JOB_NAME, CI_JOB_ID, CI_PROJECT_DIR
+#                         (GitLab)
 #   TOLLGATE              the tollgate binary (default: `tollgate` on PATH)
 #   TOLLGATE_CONFIG       a config file for --config (default: tollgate's own)
 #   TOLLGATE_SETTLE_SECS  seconds to let the agent write the last records
@@ -54,12 +57,18 @@ main() {
     fi
     sleep "${TOLLGATE_SETTLE_SECS:-1}" 2>/dev/null || true
 
-    local args=()
+    # `report` first, so a sudoers rule for `tollgate report *` matches.
+    local args=(report --repository "$repo" --run-id "$run" --job "$job"
+        --by "model,exe" --markdown)
     if [ -n "${TOLLGATE_CONFIG:-}" ]; then
         args+=(--config "$TOLLGATE_CONFIG")
     fi
-    args+=(report --repository "$repo" --run-id "$run" --job "$job"
-        --by "model,exe" --markdown)
+    # The job's own id tells a retried job from the earlier try, and
+    # parallel jobs of one name apart.
+    local job_id="${TOLLGATE_JOB_ID:-${CI_JOB_ID:-}}"
+    if [ -n "$job_id" ]; then
+        args+=(--job-id "$job_id")
+    fi
 
     local table rc
     table="$("$bin" "${args[@]}")"

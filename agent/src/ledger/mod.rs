@@ -168,6 +168,12 @@ pub struct Filter {
     pub job: Option<String>,
     /// Exact CI run id (`GITHUB_RUN_ID`, `CI_PIPELINE_ID`, ...).
     pub run_id: Option<String>,
+    /// Exact run attempt (`GITHUB_RUN_ATTEMPT`).
+    pub run_attempt: Option<String>,
+    /// Exact CI job id (`CI_JOB_ID`, `BUILDKITE_JOB_ID`, ...).
+    pub job_id: Option<String>,
+    /// Exact runner name (`RUNNER_NAME`, `CI_RUNNER_DESCRIPTION`, ...).
+    pub runner: Option<String>,
 }
 
 /// An open ledger file.
@@ -367,9 +373,16 @@ impl Ledger {
             params.push(Box::new(job.clone()));
             clauses.push(format!("job = ?{}", params.len()));
         }
-        if let Some(run_id) = &filter.run_id {
-            params.push(Box::new(run_id.clone()));
-            clauses.push(format!("run_id = ?{}", params.len()));
+        for (column, value) in [
+            ("run_id", &filter.run_id),
+            ("run_attempt", &filter.run_attempt),
+            ("job_id", &filter.job_id),
+            ("runner", &filter.runner),
+        ] {
+            if let Some(v) = value {
+                params.push(Box::new(v.clone()));
+                clauses.push(format!("{column} = ?{}", params.len()));
+            }
         }
         if !clauses.is_empty() {
             sql.push_str(" WHERE ");

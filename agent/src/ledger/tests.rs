@@ -163,6 +163,30 @@ fn round_trips_every_field_and_filters() {
         ..Filter::default()
     };
     assert!(l.query(&f).expect("q").is_empty());
+    // Runner, attempt and job id: all of the samples' match, another not.
+    let f = Filter {
+        runner: Some("runner-7".into()),
+        run_attempt: Some("1".into()),
+        job_id: Some("55".into()),
+        ..Filter::default()
+    };
+    assert_eq!(l.query(&f).expect("q").len(), 3);
+    for f in [
+        Filter {
+            runner: Some("runner-8".into()),
+            ..Filter::default()
+        },
+        Filter {
+            run_attempt: Some("2".into()),
+            ..Filter::default()
+        },
+        Filter {
+            job_id: Some("56".into()),
+            ..Filter::default()
+        },
+    ] {
+        assert!(l.query(&f).expect("q").is_empty(), "{f:?}");
+    }
 
     // Reopening sees the same rows, and the pragmas are set.
     drop(l);

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# tollgate: note when a GitHub Actions job starts, so that job-completed.sh
+# summarises this job alone (matrix legs share the run id and the job name).
+#
+# A job-started hook for self-hosted runners, in the runner's .env file:
+#
+#   ACTIONS_RUNNER_HOOK_JOB_STARTED=/opt/tollgate/job-started.sh
+#
+# It writes the start time (UTC, to the second) to
+# "$RUNNER_TEMP/tollgate-job-started", which the runner empties between
+# jobs. It never fails the job: every path exits 0.
+
+set -u
+
+if [ -n "${RUNNER_TEMP:-}" ] && [ -d "${RUNNER_TEMP}" ]; then
+    date -u +%Y-%m-%dT%H:%M:%SZ >"$RUNNER_TEMP/tollgate-job-started" 2>/dev/null ||
+        echo "tollgate job start: cannot write $RUNNER_TEMP/tollgate-job-started" >&2
+else
+    echo "tollgate job start: RUNNER_TEMP is not a directory; summaries span the job's matrix legs" >&2
+fi
+exit 0
