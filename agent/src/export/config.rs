@@ -298,9 +298,16 @@ impl ExportConfig {
             .or_else(|| {
                 env("OTEL_EXPORTER_OTLP_HEADERS").map(|v| ("OTEL_EXPORTER_OTLP_HEADERS", v))
             });
+        // Headers from the environment go only to an endpoint from the
+        // environment (or the default): an API key meant for the collector
+        // the environment names must not reach the one the config names.
+        let mut env_headers_ignored = None;
         if let Some((var, v)) = env_headers {
-            for (k, v) in parse_env_headers(&v).map_err(|m| (var.to_string(), m))? {
-                headers.insert(k, v);
+            let parsed = parse_env_headers(&v).map_err(|m| (var.to_string(), m))?;
+            if o.endpoint.is_some() {
+                env_headers_ignored = Some(var);
+            } else {
+                headers.extend(parsed);
             }
         }
         for (k, v) in &o.headers.0 {
@@ -366,6 +373,7 @@ impl ExportConfig {
             include_high_cardinality: o.include_high_cardinality,
             traces: o.traces,
             service_name: env("OTEL_SERVICE_NAME").unwrap_or_else(|| "tollgate".into()),
+            env_headers_ignored,
         }))
     }
 }
@@ -385,6 +393,9 @@ pub struct ResolvedOtlp {
     pub traces: bool,
     /// `OTEL_SERVICE_NAME`, else `tollgate`.
     pub service_name: String,
+    /// The headers variable left unused because the endpoint comes from
+    /// the config (the start-up log says so).
+    pub env_headers_ignored: Option<&'static str>,
 }
 
 impl std::fmt::Debug for ResolvedOtlp {
@@ -400,6 +411,7 @@ impl std::fmt::Debug for ResolvedOtlp {
             .field("include_high_cardinality", &self.include_high_cardinality)
             .field("traces", &self.traces)
             .field("service_name", &self.service_name)
+            .field("env_headers_ignored", &self.env_headers_ignored)
             .finish()
     }
 }

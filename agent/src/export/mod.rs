@@ -281,6 +281,12 @@ pub fn start_with_env(
                     .spawn(move || metrics_worker(instruments, spans, rx, sh))
                     .map_err(ExportError::Thread)?,
             );
+            if let Some(var) = r.env_headers_ignored {
+                warn!(
+                    variable = var,
+                    "headers from the environment are not sent: export.otlp.endpoint is set in the config, and they may be meant for another collector; put them in export.otlp.headers"
+                );
+            }
             info!(
                 endpoint = %config::endpoint_for_logs(&r.endpoint),
                 protocol = ?r.protocol,

@@ -205,13 +205,23 @@ fn config_beats_signal_specific_env_beats_generic_env() {
     assert_eq!(r.timeout, Duration::from_secs(7));
     assert_eq!(r.interval, Duration::from_secs(30));
     assert_eq!(r.temporality, OtlpTemporality::Cumulative);
-    assert_eq!(r.headers.get("x-tenant").map(String::as_str), Some("cfg"));
     assert_eq!(
-        r.headers.get("authorization").map(String::as_str),
-        Some("Bearer e"),
-        "env headers the config does not set stay"
+        r.headers,
+        BTreeMap::from([("x-tenant".into(), "cfg".into())]),
+        "the environment's headers (for its collector) do not go to the config's"
+    );
+    assert_eq!(
+        r.env_headers_ignored,
+        Some("OTEL_EXPORTER_OTLP_METRICS_HEADERS")
     );
     assert!(!format!("{r:?}").contains("Bearer"), "{r:?}");
+    // Headers in the config add to the environment's when the endpoint
+    // comes from the environment.
+    let mut c = ExportConfig::default();
+    c.otlp.headers.0.insert("X-Extra".into(), "cfg".into());
+    let r = resolve(&c, &env).expect("on");
+    assert_eq!(r.headers.len(), 3, "{r:?}");
+    assert_eq!(r.env_headers_ignored, None);
 }
 
 #[test]
