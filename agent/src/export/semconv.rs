@@ -41,6 +41,10 @@ pub const PROCESS_EXECUTABLE_NAME: &str = "process.executable.name";
 pub const PROCESS_PID: &str = "process.pid";
 pub const PROCESS_COMMAND_LINE: &str = "process.command_line";
 pub const TOLLGATE_TEAM: &str = "tollgate.team";
+/// `true` on a request whose token counts are local estimates (absent when
+/// they are the provider's): estimates leave out hidden reasoning and are
+/// approximations for non-OpenAI models.
+pub const TOLLGATE_ESTIMATED: &str = "tollgate.estimated";
 pub const TOLLGATE_CI_SYSTEM: &str = "tollgate.ci.system";
 pub const TOLLGATE_EXPORT_PIPELINE: &str = "tollgate.export.pipeline";
 
@@ -246,6 +250,9 @@ pub fn request_attributes(rec: &UsageRecord, high_cardinality: bool) -> Vec<KeyV
     if !rec.host.is_empty() {
         out.push(KeyValue::new(SERVER_ADDRESS, rec.host.clone()));
         out.push(KeyValue::new(SERVER_PORT, PROVIDER_PORT));
+    }
+    if rec.estimated {
+        out.push(KeyValue::new(TOLLGATE_ESTIMATED, true));
     }
     scope_attributes(&rec.who, &mut out);
     if high_cardinality {

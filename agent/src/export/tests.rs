@@ -499,6 +499,18 @@ fn attribution_attributes() {
     };
     assert!(!keys(false).iter().any(|k| k == "process.pid"));
     assert!(keys(true).iter().any(|k| k == "process.pid"));
+    // Local estimates are marked; the provider's counts carry no mark.
+    assert!(!keys(false).iter().any(|k| k == "tollgate.estimated"));
+    let estimated = UsageRecord {
+        estimated: true,
+        ..rec.clone()
+    };
+    let attrs = sc::request_attributes(&estimated, false);
+    let mark = attrs
+        .iter()
+        .find(|kv| kv.key.as_str() == "tollgate.estimated")
+        .map(|kv| kv.value.to_string());
+    assert_eq!(mark.as_deref(), Some("true"));
 }
 
 mod audit_log {
