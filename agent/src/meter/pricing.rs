@@ -117,6 +117,28 @@ pub struct ModelPrice {
     /// Date the price took effect, `YYYY-MM-DD` (UTC). Absent: always.
     #[serde(default)]
     pub effective: Option<String>,
+    /// Rates for the whole request when its prompt is larger than a
+    /// threshold (Gemini 2.5 Pro and Anthropic's 1M context above 200k).
+    #[serde(default)]
+    pub long_context: Option<LongContext>,
+}
+
+/// `long_context = { above = 200000, input = ..., output = ... }`: the
+/// rates of a request whose prompt (input tokens, cache reads and writes
+/// included) is larger than `above` tokens. Rates left out follow the
+/// entry's own ratios.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LongContext {
+    pub above: u64,
+    pub input: f64,
+    pub output: f64,
+    #[serde(default)]
+    pub cached_input: Option<f64>,
+    #[serde(default)]
+    pub cache_write: Option<f64>,
+    #[serde(default)]
+    pub reasoning: Option<f64>,
 }
 
 impl PricingConfig {
@@ -143,12 +165,27 @@ fn validate_entries(prefix: &str, entries: &[ModelPrice]) -> Result<(), (String,
         if m.model.trim().is_empty() {
             return Err((key("model"), "must not be empty".into()));
         }
+        let long = m.long_context.as_ref();
+        if long.is_some_and(|l| l.above == 0) {
+            return Err((
+                key("long_context.above"),
+                "must be a prompt size of at least 1 token".into(),
+            ));
+        }
         let prices = [
             ("input", Some(m.input)),
             ("output", Some(m.output)),
             ("cached_input", m.cached_input),
             ("cache_write", m.cache_write),
             ("reasoning", m.reasoning),
+            ("long_context.input", long.map(|l| l.input)),
+            ("long_context.output", long.map(|l| l.output)),
+            (
+                "long_context.cached_input",
+                long.and_then(|l| l.cached_input),
+            ),
+            ("long_context.cache_write", long.and_then(|l| l.cache_write)),
+            ("long_context.reasoning", long.and_then(|l| l.reasoning)),
         ];
         for (field, v) in prices {
             if let Some(v) = v
@@ -212,6 +249,28 @@ pub struct Price {
     pub cache_write: f64,
     pub output: f64,
     pub reasoning: f64,
+    /// The rates above a prompt size, when the model has them.
+    pub long: Option<LongRates>,
+}
+
+/// `part / whole`, or 1 when that means nothing.
+fn ratio(part: f64, whole: f64) -> f64 {
+    if whole > 0.0 && part.is_finite() {
+        part / whole
+    } else {
+        1.0
+    }
+}
+
+/// The rates of a request whose prompt is larger than `above` tokens.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LongRates {
+    pub above: u64,
+    pub input: f64,
+    pub cached_input: f64,
+    pub cache_write: f64,
+    pub output: f64,
+    pub reasoning: f64,
 }
 
 impl Price {
@@ -219,13 +278,6 @@ impl Price {
     /// catalogue's price of the same model) in proportion, else equal
     /// `input` / `output`.
     fn from_entry(m: &ModelPrice, base: Option<&Price>) -> Price {
-        let ratio = |part: f64, whole: f64| {
-            if whole > 0.0 && part.is_finite() {
-                part / whole
-            } else {
-                1.0
-            }
-        };
         let (cached, write, reasoning) = base.map_or((1.0, 1.0, 1.0), |b| {
             (
                 ratio(b.cached_input, b.input),
@@ -233,7 +285,7 @@ impl Price {
                 ratio(b.reasoning, b.output),
             )
         });
-        Price {
+        let mut p = Price {
             effective_ms: m
                 .effective
                 .as_deref()
@@ -244,7 +296,40 @@ impl Price {
             cache_write: m.cache_write.unwrap_or(m.input * write),
             output: m.output,
             reasoning: m.reasoning.unwrap_or(m.output * reasoning),
-        }
+            long: None,
+        };
+        p.long = match (&m.long_context, base.and_then(|b| b.long.map(|l| (b, l)))) {
+            // The entry's own tier; rates it leaves out keep its ratios.
+            (Some(l), _) => Some(LongRates {
+                above: l.above,
+                input: l.input,
+                cached_input: l
+                    .cached_input
+                    .unwrap_or(l.input * ratio(p.cached_input, p.input)),
+                cache_write: l
+                    .cache_write
+                    .unwrap_or(l.input * ratio(p.cache_write, p.input)),
+                output: l.output,
+                reasoning: l
+                    .reasoning
+                    .unwrap_or(l.output * ratio(p.reasoning, p.output)),
+            }),
+            // An override of a catalogued model with a tier keeps the tier,
+            // scaled as the override scales input and output.
+            (None, Some((b, l))) => {
+                let (fin, fout) = (ratio(p.input, b.input), ratio(p.output, b.output));
+                Some(LongRates {
+                    above: l.above,
+                    input: l.input * fin,
+                    cached_input: l.cached_input * fin,
+                    cache_write: l.cache_write * fin,
+                    output: l.output * fout,
+                    reasoning: l.reasoning * fout,
+                })
+            }
+            (None, None) => None,
+        };
+        p
     }
 
     /// USD for `u`. The subsets (cached, cache write, reasoning) are capped
@@ -252,17 +337,37 @@ impl Price {
     /// term:
     /// `((in − cached − write)·input + cached·cached_input + write·cache_write
     ///  + (out − reasoning)·output + reasoning·reasoning) / 1e6`.
+    ///
+    /// A request whose prompt (`input_tokens`, which includes cache reads
+    /// and writes) is larger than the long-context threshold is priced
+    /// whole at the long-context rates.
     pub fn cost(&self, u: &Usage) -> f64 {
+        let r = match self.long {
+            Some(l) if u.input_tokens > l.above => [
+                l.input,
+                l.cached_input,
+                l.cache_write,
+                l.output,
+                l.reasoning,
+            ],
+            _ => [
+                self.input,
+                self.cached_input,
+                self.cache_write,
+                self.output,
+                self.reasoning,
+            ],
+        };
         let cached = u.cached_input_tokens.min(u.input_tokens);
         let write = u.cache_write_input_tokens.min(u.input_tokens - cached);
         let plain_in = u.input_tokens - cached - write;
         let reasoning = u.reasoning_tokens.min(u.output_tokens);
         let plain_out = u.output_tokens - reasoning;
-        (plain_in as f64 * self.input
-            + cached as f64 * self.cached_input
-            + write as f64 * self.cache_write
-            + plain_out as f64 * self.output
-            + reasoning as f64 * self.reasoning)
+        (plain_in as f64 * r[0]
+            + cached as f64 * r[1]
+            + write as f64 * r[2]
+            + plain_out as f64 * r[3]
+            + reasoning as f64 * r[4])
             / 1e6
     }
 }
@@ -757,12 +862,13 @@ mod tests {
     #[test]
     fn cost_follows_the_formula() {
         let book = PriceBook::builtin();
-        // claude-sonnet-4-5: 3 in, 3.75 write, 0.30 read, 15 out.
-        let u = usage(1_000_000, 200_000, 100_000, 500_000, 0);
+        // claude-sonnet-4-5: 3 in, 3.75 write, 0.30 read, 15 out (a prompt
+        // under its 200k long-context threshold).
+        let u = usage(100_000, 20_000, 10_000, 50_000, 0);
         let c = book
             .cost("anthropic", "claude-sonnet-4-5-20250929", NOW, &u)
             .expect("priced");
-        let want = 0.7 * 3.0 + 0.2 * 0.30 + 0.1 * 3.75 + 0.5 * 15.0;
+        let want = 0.07 * 3.0 + 0.02 * 0.30 + 0.01 * 3.75 + 0.05 * 15.0;
         assert!(close(c, want), "{c} != {want}");
         // Reasoning defaults to the output price.
         let r = book
@@ -848,16 +954,16 @@ output = 10.0
         assert!(close(p.cached_input, 0.27), "{p:?}");
         assert!(close(p.cache_write, 3.375), "{p:?}");
         assert!(close(p.reasoning, 13.5), "{p:?}");
-        // 1M input of which 900k cache reads: 0.1M at 2.7 + 0.9M at 0.27.
+        // 100k input of which 90k cache reads: 10k at 2.7 + 90k at 0.27.
         let c = book
             .cost(
                 "anthropic",
                 "claude-sonnet-4-5",
                 NOW,
-                &usage(1_000_000, 900_000, 0, 0, 0),
+                &usage(100_000, 90_000, 0, 0, 0),
             )
             .expect("priced");
-        assert!(close(c, 0.27 + 0.243), "{c}");
+        assert!(close(c, 0.027 + 0.0243), "{c}");
         // A model the catalogue does not know: the rates left out are input's.
         let book = book_of(
             "[[models]]\nprovider = \"openai\"\nmodel = \"house-model\"\ninput = 1.0\noutput = 2.0\n",
@@ -866,6 +972,87 @@ output = 10.0
         assert_eq!(
             (p.cached_input, p.cache_write, p.reasoning),
             (1.0, 1.0, 2.0)
+        );
+    }
+
+    #[test]
+    fn long_prompts_are_priced_at_the_long_context_rates() {
+        let book = PriceBook::builtin();
+        // Gemini 2.5 Pro: 500k prompt, 10k output: $2.50 and $15 per 1M.
+        let c = book
+            .cost(
+                "gemini",
+                "gemini-2.5-pro",
+                NOW,
+                &usage(500_000, 0, 0, 10_000, 0),
+            )
+            .expect("priced");
+        assert!(close(c, 0.5 * 2.5 + 0.01 * 15.0), "{c}");
+        // At the threshold itself, the standard rates.
+        let c = book
+            .cost("gemini", "gemini-2.5-pro", NOW, &usage(200_000, 0, 0, 0, 0))
+            .expect("priced");
+        assert!(close(c, 0.2 * 1.25), "{c}");
+        // Sonnet 4.5 with 1M context: cache reads and writes count toward
+        // the prompt and take the long rates too.
+        let c = book
+            .cost(
+                "anthropic",
+                "claude-sonnet-4-5-20250929",
+                NOW,
+                &usage(400_000, 300_000, 50_000, 5_000, 0),
+            )
+            .expect("priced");
+        let want = 0.05 * 6.0 + 0.3 * 0.60 + 0.05 * 7.50 + 0.005 * 22.50;
+        assert!(close(c, want), "{c} != {want}");
+        // Bedrock's Anthropic models fall back to the same tier.
+        assert!(
+            book.price_at(
+                "bedrock",
+                "us.anthropic.claude-sonnet-4-5-20250929-v1:0",
+                NOW
+            )
+            .and_then(|p| p.long)
+            .is_some()
+        );
+        // An override of a model with a tier keeps it, scaled; one can
+        // give its own, and it is validated.
+        let book = book_of(
+            "[[models]]\nprovider = \"gemini\"\nmodel = \"gemini-2.5-pro\"\ninput = 0.625\noutput = 5.0\n",
+        );
+        let l = book
+            .price_at("gemini", "gemini-2.5-pro", NOW)
+            .and_then(|p| p.long)
+            .expect("tier kept");
+        assert!(
+            close(l.input, 1.25) && close(l.output, 7.5) && l.above == 200_000,
+            "{l:?}"
+        );
+        let book = book_of(
+            "[[models]]\nprovider = \"openai\"\nmodel = \"house\"\ninput = 1.0\ncached_input = 0.1\noutput = 2.0\nlong_context = { above = 1000, input = 3.0, output = 4.0 }\n",
+        );
+        let p = book.price_at("openai", "house", NOW).expect("priced");
+        let l = p.long.expect("tier");
+        assert!(
+            close(l.cached_input, 0.3),
+            "the entry's own cache ratio: {l:?}"
+        );
+        assert!(close(p.cost(&usage(1001, 0, 0, 0, 0)), 1001.0 * 3.0 / 1e6));
+        let bad: PricingConfig = toml::from_str(
+            "[[models]]\nprovider = \"openai\"\nmodel = \"h\"\ninput = 1.0\noutput = 2.0\nlong_context = { above = 0, input = 3.0, output = 4.0 }\n",
+        )
+        .expect("parses");
+        assert_eq!(
+            bad.validate().unwrap_err().0,
+            "pricing.models[0].long_context.above"
+        );
+        let bad: PricingConfig = toml::from_str(
+            "[[models]]\nprovider = \"openai\"\nmodel = \"h\"\ninput = 1.0\noutput = 2.0\nlong_context = { above = 9, input = -3.0, output = 4.0 }\n",
+        )
+        .expect("parses");
+        assert_eq!(
+            bad.validate().unwrap_err().0,
+            "pricing.models[0].long_context.input"
         );
     }
 
@@ -940,6 +1127,7 @@ output = 15.0
             cache_write: None,
             reasoning: None,
             effective: None,
+            long_context: None,
         };
         let check = |m: ModelPrice| {
             PricingConfig {
@@ -1027,6 +1215,7 @@ output = 15.0
             cache_write: w,
             output: o,
             reasoning: r,
+            long: None,
         })
     }
 
