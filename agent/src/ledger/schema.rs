@@ -13,7 +13,7 @@ use rusqlite::{Connection, Row, ToSql};
 use crate::meter::{Attribution, Usage, UsageRecord};
 
 /// The schema version this build writes (SQLite `user_version`).
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// Migration `i` brings the schema from version `i` to `i + 1`.
 const MIGRATIONS: &[&str] = &[
@@ -65,6 +65,9 @@ ALTER TABLE requests ADD COLUMN cgroup_path TEXT;
 ALTER TABLE requests ADD COLUMN container_id TEXT;
 ALTER TABLE requests ADD COLUMN team TEXT;
 "#,
+    r#"
+ALTER TABLE requests ADD COLUMN cache_write_1h_input_tokens INTEGER NOT NULL DEFAULT 0;
+"#,
 ];
 
 /// Every column but `id`, in the order `bind` writes and `from_row` reads.
@@ -108,6 +111,7 @@ pub const COLUMNS: &[&str] = &[
     "cgroup_path",
     "container_id",
     "team",
+    "cache_write_1h_input_tokens",
 ];
 
 /// What `migrate` found.
@@ -179,6 +183,7 @@ pub fn bind<R>(r: &UsageRecord, f: impl FnOnce(&[&dyn ToSql]) -> R) -> R {
         count(u.cached_input_tokens),
         count(u.cache_write_input_tokens),
         count(u.reasoning_tokens),
+        count(u.cache_write_1h_input_tokens),
     ];
     let ttfb = r.ttfb_ms.map(count);
     f(&[
@@ -221,6 +226,7 @@ pub fn bind<R>(r: &UsageRecord, f: impl FnOnce(&[&dyn ToSql]) -> R) -> R {
         &w.cgroup_path,
         &w.container_id,
         &w.team,
+        &tokens[5],
     ])
 }
 
@@ -247,6 +253,7 @@ pub fn from_row(row: &Row<'_>) -> rusqlite::Result<UsageRecord> {
             cached_input_tokens: uncount(row.get(c(14))?),
             cache_write_input_tokens: uncount(row.get(c(15))?),
             reasoning_tokens: uncount(row.get(c(16))?),
+            cache_write_1h_input_tokens: uncount(row.get(c(39))?),
         },
         estimated: row.get(c(17))?,
         cost_usd: row.get(c(18))?,
@@ -293,6 +300,35 @@ mod tests {
             .expect("version");
         assert_eq!(v, SCHEMA_VERSION);
         migrate(&mut conn).expect("migrating twice is a no-op");
+    }
+
+    #[test]
+    fn a_version_2_ledger_keeps_its_rows_and_gains_the_hour_long_cache_writes() {
+        let mut conn = Connection::open_in_memory().expect("memory db");
+        for (v, step) in MIGRATIONS[..2].iter().enumerate() {
+            conn.execute_batch(step).expect("old step");
+            conn.pragma_update(None, "user_version", v as i64 + 1)
+                .expect("version");
+        }
+        conn.execute(
+            "INSERT INTO requests (started_at_ms, started_at, duration_ms, provider, host, \
+             operation, method, path, status, streaming, input_tokens, output_tokens, \
+             cached_input_tokens, cache_write_input_tokens, reasoning_tokens, estimated, \
+             pid, uid, cgroup_id, comm) VALUES (1, 't', 2, 'anthropic', 'h', 'chat', 'POST', \
+             '/v1/messages', 200, 0, 100, 10, 0, 40, 0, 0, 1, 0, 0, 'c')",
+            [],
+        )
+        .expect("old row");
+        migrate(&mut conn).expect("migrates");
+        let mut stmt = conn.prepare(&select_sql()).expect("select");
+        let rows: Vec<UsageRecord> = stmt
+            .query_map([], from_row)
+            .expect("query")
+            .collect::<Result<_, _>>()
+            .expect("rows");
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].usage.cache_write_input_tokens, 40);
+        assert_eq!(rows[0].usage.cache_write_1h_input_tokens, 0);
     }
 
     #[test]

@@ -110,6 +110,10 @@ pub struct ModelPrice {
     /// Input tokens written to a prompt cache (default: as `cached_input`).
     #[serde(default)]
     pub cache_write: Option<f64>,
+    /// Cache writes kept for an hour (Anthropic; default: `cache_write`,
+    /// or the catalogue's ratio to `input`).
+    #[serde(default)]
+    pub cache_write_1h: Option<f64>,
     /// Reasoning ("thinking") output tokens (default: `output`, or the
     /// catalogue's ratio to `output`).
     #[serde(default)]
@@ -137,6 +141,8 @@ pub struct LongContext {
     pub cached_input: Option<f64>,
     #[serde(default)]
     pub cache_write: Option<f64>,
+    #[serde(default)]
+    pub cache_write_1h: Option<f64>,
     #[serde(default)]
     pub reasoning: Option<f64>,
 }
@@ -177,6 +183,7 @@ fn validate_entries(prefix: &str, entries: &[ModelPrice]) -> Result<(), (String,
             ("output", Some(m.output)),
             ("cached_input", m.cached_input),
             ("cache_write", m.cache_write),
+            ("cache_write_1h", m.cache_write_1h),
             ("reasoning", m.reasoning),
             ("long_context.input", long.map(|l| l.input)),
             ("long_context.output", long.map(|l| l.output)),
@@ -185,6 +192,10 @@ fn validate_entries(prefix: &str, entries: &[ModelPrice]) -> Result<(), (String,
                 long.and_then(|l| l.cached_input),
             ),
             ("long_context.cache_write", long.and_then(|l| l.cache_write)),
+            (
+                "long_context.cache_write_1h",
+                long.and_then(|l| l.cache_write_1h),
+            ),
             ("long_context.reasoning", long.and_then(|l| l.reasoning)),
         ];
         for (field, v) in prices {
@@ -247,6 +258,7 @@ pub struct Price {
     pub input: f64,
     pub cached_input: f64,
     pub cache_write: f64,
+    pub cache_write_1h: f64,
     pub output: f64,
     pub reasoning: f64,
     /// The rates above a prompt size, when the model has them.
@@ -269,6 +281,7 @@ pub struct LongRates {
     pub input: f64,
     pub cached_input: f64,
     pub cache_write: f64,
+    pub cache_write_1h: f64,
     pub output: f64,
     pub reasoning: f64,
 }
@@ -285,6 +298,7 @@ impl Price {
                 ratio(b.reasoning, b.output),
             )
         });
+        let cache_write = m.cache_write.unwrap_or(m.input * write);
         let mut p = Price {
             effective_ms: m
                 .effective
@@ -293,7 +307,11 @@ impl Price {
                 .unwrap_or(i64::MIN),
             input: m.input,
             cached_input: m.cached_input.unwrap_or(m.input * cached),
-            cache_write: m.cache_write.unwrap_or(m.input * write),
+            cache_write,
+            cache_write_1h: m.cache_write_1h.unwrap_or(match base {
+                Some(b) => m.input * ratio(b.cache_write_1h, b.input),
+                None => cache_write,
+            }),
             output: m.output,
             reasoning: m.reasoning.unwrap_or(m.output * reasoning),
             long: None,
@@ -309,6 +327,9 @@ impl Price {
                 cache_write: l
                     .cache_write
                     .unwrap_or(l.input * ratio(p.cache_write, p.input)),
+                cache_write_1h: l
+                    .cache_write_1h
+                    .unwrap_or(l.input * ratio(p.cache_write_1h, p.input)),
                 output: l.output,
                 reasoning: l
                     .reasoning
@@ -323,6 +344,7 @@ impl Price {
                     input: l.input * fin,
                     cached_input: l.cached_input * fin,
                     cache_write: l.cache_write * fin,
+                    cache_write_1h: l.cache_write_1h * fin,
                     output: l.output * fout,
                     reasoning: l.reasoning * fout,
                 })
@@ -335,7 +357,8 @@ impl Price {
     /// USD for `u`. The subsets (cached, cache write, reasoning) are capped
     /// at their totals, so an inconsistent count never yields a negative
     /// term:
-    /// `((in − cached − write)·input + cached·cached_input + write·cache_write
+    /// `((in − cached − write)·input + cached·cached_input
+    ///  + (write − write_1h)·cache_write + write_1h·cache_write_1h
     ///  + (out − reasoning)·output + reasoning·reasoning) / 1e6`.
     ///
     /// A request whose prompt (`input_tokens`, which includes cache reads
@@ -347,6 +370,7 @@ impl Price {
                 l.input,
                 l.cached_input,
                 l.cache_write,
+                l.cache_write_1h,
                 l.output,
                 l.reasoning,
             ],
@@ -354,20 +378,23 @@ impl Price {
                 self.input,
                 self.cached_input,
                 self.cache_write,
+                self.cache_write_1h,
                 self.output,
                 self.reasoning,
             ],
         };
         let cached = u.cached_input_tokens.min(u.input_tokens);
         let write = u.cache_write_input_tokens.min(u.input_tokens - cached);
+        let write_1h = u.cache_write_1h_input_tokens.min(write);
         let plain_in = u.input_tokens - cached - write;
         let reasoning = u.reasoning_tokens.min(u.output_tokens);
         let plain_out = u.output_tokens - reasoning;
         (plain_in as f64 * r[0]
             + cached as f64 * r[1]
-            + write as f64 * r[2]
-            + plain_out as f64 * r[3]
-            + reasoning as f64 * r[4])
+            + (write - write_1h) as f64 * r[2]
+            + write_1h as f64 * r[3]
+            + plain_out as f64 * r[4]
+            + reasoning as f64 * r[5])
             / 1e6
     }
 }
@@ -665,6 +692,7 @@ mod tests {
             cached_input_tokens: cached,
             cache_write_input_tokens: write,
             reasoning_tokens: reasoning,
+            cache_write_1h_input_tokens: 0,
         }
     }
 
@@ -976,6 +1004,30 @@ output = 10.0
     }
 
     #[test]
+    fn hour_long_cache_writes_cost_twice_the_input_rate() {
+        let book = PriceBook::builtin();
+        // Sonnet 4.5: 100k prompt with 20k cache writes, 15k of them kept
+        // an hour: 80k at 3, 5k at 3.75, 15k at 6.
+        let mut u = usage(100_000, 0, 20_000, 0, 0);
+        u.cache_write_1h_input_tokens = 15_000;
+        let c = book
+            .cost("anthropic", "claude-sonnet-4-5", NOW, &u)
+            .expect("priced");
+        assert!(close(c, 0.08 * 3.0 + 0.005 * 3.75 + 0.015 * 6.0), "{c}");
+        // Elsewhere an hour-long write costs what a write costs.
+        let p = book.price_at("openai", "gpt-4o", NOW).expect("priced");
+        assert_eq!(p.cache_write_1h, p.cache_write);
+        // An override keeps Anthropic's 2x ratio.
+        let book = book_of(
+            "[[models]]\nprovider = \"anthropic\"\nmodel = \"claude-sonnet-4-5\"\ninput = 2.0\noutput = 10.0\n",
+        );
+        let p = book
+            .price_at("anthropic", "claude-sonnet-4-5", NOW)
+            .expect("priced");
+        assert!(close(p.cache_write_1h, 4.0), "{p:?}");
+    }
+
+    #[test]
     fn long_prompts_are_priced_at_the_long_context_rates() {
         let book = PriceBook::builtin();
         // Gemini 2.5 Pro: 500k prompt, 10k output: $2.50 and $15 per 1M.
@@ -1125,6 +1177,7 @@ output = 15.0
             output: 1.0,
             cached_input: None,
             cache_write: None,
+            cache_write_1h: None,
             reasoning: None,
             effective: None,
             long_context: None,
@@ -1193,26 +1246,31 @@ output = 15.0
                     0u64..=u64::MAX,
                 )
             })
-            .prop_map(|(input, cached, output, reasoning, w)| Usage {
-                input_tokens: input,
-                cached_input_tokens: cached,
-                cache_write_input_tokens: if input == cached {
+            .prop_map(|(input, cached, output, reasoning, w)| {
+                let write = if input == cached {
                     0
                 } else {
                     w % (input - cached + 1)
-                },
-                output_tokens: output,
-                reasoning_tokens: reasoning,
+                };
+                Usage {
+                    input_tokens: input,
+                    cached_input_tokens: cached,
+                    cache_write_input_tokens: write,
+                    output_tokens: output,
+                    reasoning_tokens: reasoning,
+                    cache_write_1h_input_tokens: write / 2,
+                }
             })
     }
 
     fn arb_price() -> impl Strategy<Value = Price> {
         let p = || 0.0f64..1000.0;
-        (p(), p(), p(), p(), p()).prop_map(|(i, c, w, o, r)| Price {
+        (p(), p(), p(), p(), p(), p()).prop_map(|(i, c, w, h, o, r)| Price {
             effective_ms: 0,
             input: i,
             cached_input: c,
             cache_write: w,
+            cache_write_1h: h,
             output: o,
             reasoning: r,
             long: None,
@@ -1226,6 +1284,8 @@ output = 15.0
             cached_input_tokens: a.cached_input_tokens + b.cached_input_tokens,
             cache_write_input_tokens: a.cache_write_input_tokens + b.cache_write_input_tokens,
             reasoning_tokens: a.reasoning_tokens + b.reasoning_tokens,
+            cache_write_1h_input_tokens: a.cache_write_1h_input_tokens
+                + b.cache_write_1h_input_tokens,
         }
     }
 

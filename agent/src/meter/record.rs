@@ -5,7 +5,8 @@ use serde::{Deserialize, Serialize};
 /// Token counts, normalised across providers: `input_tokens` is every input
 /// token billed at any rate, with the subsets `cached_input_tokens` and
 /// `cache_write_input_tokens`; `output_tokens` is every output token, with
-/// the subset `reasoning_tokens`.
+/// the subset `reasoning_tokens`. `cache_write_1h_input_tokens` is the
+/// part of the cache writes kept for an hour (Anthropic), priced higher.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Usage {
     pub input_tokens: u64,
@@ -13,6 +14,8 @@ pub struct Usage {
     pub cached_input_tokens: u64,
     pub cache_write_input_tokens: u64,
     pub reasoning_tokens: u64,
+    #[serde(default)]
+    pub cache_write_1h_input_tokens: u64,
 }
 
 /// Who made the request: from the kernel's origin record and /proc.

@@ -83,6 +83,8 @@ struct Raw {
     input: Option<u64>,
     cache_read: Option<u64>,
     cache_creation: Option<u64>,
+    /// `cache_creation.ephemeral_1h_input_tokens`: the hour-long part.
+    cache_creation_1h: Option<u64>,
     output: Option<u64>,
 }
 
@@ -92,6 +94,10 @@ impl Raw {
         self.input = f("input_tokens").or(self.input);
         self.cache_read = f("cache_read_input_tokens").or(self.cache_read);
         self.cache_creation = f("cache_creation_input_tokens").or(self.cache_creation);
+        self.cache_creation_1h = u
+            .pointer("/cache_creation/ephemeral_1h_input_tokens")
+            .and_then(Value::as_u64)
+            .or(self.cache_creation_1h);
         self.output = f("output_tokens").or(self.output);
     }
 
@@ -111,6 +117,7 @@ impl Raw {
             cached_input_tokens: read,
             cache_write_input_tokens: write,
             reasoning_tokens: 0,
+            cache_write_1h_input_tokens: self.cache_creation_1h.unwrap_or(0).min(write),
         })
     }
 }
@@ -370,6 +377,40 @@ mod tests {
     }
 
     #[test]
+    fn hour_long_cache_writes_are_read() {
+        let body = br#"{"type":"message","model":"claude-sonnet-4-5","usage":{"input_tokens":10,"cache_creation_input_tokens":300,"cache_read_input_tokens":0,"cache_creation":{"ephemeral_5m_input_tokens":100,"ephemeral_1h_input_tokens":200},"output_tokens":5}}"#;
+        let u = parse_split(&Anthropic, &info("chat"), "application/json", body, &[])
+            .usage
+            .expect("usage");
+        assert_eq!(
+            (
+                u.input_tokens,
+                u.cache_write_input_tokens,
+                u.cache_write_1h_input_tokens
+            ),
+            (310, 300, 200)
+        );
+        // A stream: message_start carries the split.
+        let sse = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"model\":\"m\",\"usage\":{\"input_tokens\":10,\"cache_creation_input_tokens\":300,\"cache_creation\":{\"ephemeral_5m_input_tokens\":0,\"ephemeral_1h_input_tokens\":300},\"output_tokens\":1}}}\n\nevent: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":7}}\n\n";
+        let u = parse_split(
+            &Anthropic,
+            &info("chat"),
+            "text/event-stream",
+            sse.as_bytes(),
+            &[],
+        )
+        .usage
+        .expect("usage");
+        assert_eq!((u.cache_write_1h_input_tokens, u.output_tokens), (300, 7));
+        // More than the writes is capped at them.
+        let odd = br#"{"usage":{"input_tokens":1,"cache_creation_input_tokens":5,"cache_creation":{"ephemeral_1h_input_tokens":9},"output_tokens":1}}"#;
+        let u = parse_split(&Anthropic, &info("chat"), "application/json", odd, &[])
+            .usage
+            .expect("usage");
+        assert_eq!(u.cache_write_1h_input_tokens, 5);
+    }
+
+    #[test]
     fn json_usage_with_cache() {
         let p = parse_split(&Anthropic, &info("chat"), "application/json", MSG_JSON, &[]);
         assert_eq!(
@@ -379,7 +420,8 @@ mod tests {
                 output_tokens: 503,
                 cached_input_tokens: 1500,
                 cache_write_input_tokens: 200,
-                reasoning_tokens: 0
+                reasoning_tokens: 0,
+                cache_write_1h_input_tokens: 0,
             }
         );
         assert_eq!(

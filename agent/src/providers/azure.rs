@@ -259,6 +259,7 @@ mod tests {
                 cached_input_tokens: 1280,
                 cache_write_input_tokens: 0,
                 reasoning_tokens: 0,
+                cache_write_1h_input_tokens: 0,
             })
         );
         assert_eq!(p.response_model.as_deref(), Some("gpt-4o-2024-11-20"));

@@ -135,6 +135,7 @@ fn usage(input: u64, output: u64, cache_read: u64, cache_write: u64) -> Usage {
         cached_input_tokens: cache_read,
         cache_write_input_tokens: cache_write,
         reasoning_tokens: 0,
+        cache_write_1h_input_tokens: 0,
     }
 }
 
@@ -517,6 +518,7 @@ mod tests {
                 cached_input_tokens: 1024,
                 cache_write_input_tokens: 200,
                 reasoning_tokens: 0,
+                cache_write_1h_input_tokens: 0,
             })
         );
     }
@@ -532,6 +534,7 @@ mod tests {
                 cached_input_tokens: 1024,
                 cache_write_input_tokens: 0,
                 reasoning_tokens: 0,
+                cache_write_1h_input_tokens: 0,
             })
         );
         assert_eq!(p.output_text, "Hello, ünïcødé world.");
@@ -548,6 +551,7 @@ mod tests {
                 cached_input_tokens: 2048,
                 cache_write_input_tokens: 0,
                 reasoning_tokens: 0,
+                cache_write_1h_input_tokens: 0,
             })
         );
         assert_eq!(
@@ -594,6 +598,7 @@ mod tests {
                 cached_input_tokens: 0,
                 cache_write_input_tokens: 300,
                 reasoning_tokens: 0,
+                cache_write_1h_input_tokens: 0,
             })
         );
         assert_eq!(
@@ -620,6 +625,7 @@ mod tests {
                 cached_input_tokens: 4,
                 cache_write_input_tokens: 0,
                 reasoning_tokens: 0,
+                cache_write_1h_input_tokens: 0,
             })
         );
         assert_eq!(p.output_text, "Hello world");

@@ -159,6 +159,7 @@ pub fn usage_from(m: &Value) -> Option<Usage> {
         cached_input_tokens: f("cachedContentTokenCount").unwrap_or(0).min(input),
         cache_write_input_tokens: 0,
         reasoning_tokens: thoughts,
+        cache_write_1h_input_tokens: 0,
     })
 }
 
@@ -633,6 +634,7 @@ mod tests {
                 cached_input_tokens: 1024,
                 cache_write_input_tokens: 0,
                 reasoning_tokens: 482,
+                cache_write_1h_input_tokens: 0,
             })
         );
         assert_eq!(p.response_model.as_deref(), Some("gemini-2.5-flash"));
@@ -668,6 +670,7 @@ mod tests {
                 cached_input_tokens: 0,
                 cache_write_input_tokens: 0,
                 reasoning_tokens: 186,
+                cache_write_1h_input_tokens: 0,
             })
         );
         assert_eq!(p.response_model.as_deref(), Some("gemini-2.5-flash"));

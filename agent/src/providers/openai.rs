@@ -228,6 +228,7 @@ impl WireUsage {
             cached_input_tokens: cached.min(input),
             cache_write_input_tokens: 0,
             reasoning_tokens: reasoning.min(output),
+            cache_write_1h_input_tokens: 0,
         })
     }
 }
@@ -720,6 +721,7 @@ mod tests {
                 cached_input_tokens: 4,
                 cache_write_input_tokens: 0,
                 reasoning_tokens: 2,
+                cache_write_1h_input_tokens: 0,
             })
         );
         assert_eq!(p.response_model.as_deref(), Some("gpt-4o-mini-2024-07-18"));
@@ -753,7 +755,8 @@ mod tests {
                 output_tokens: 12,
                 cached_input_tokens: 10,
                 cache_write_input_tokens: 0,
-                reasoning_tokens: 5
+                reasoning_tokens: 5,
+                cache_write_1h_input_tokens: 0,
             }
         );
         let s = parse(
