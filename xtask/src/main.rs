@@ -377,7 +377,10 @@ fn test(no_lint: bool, args: &[String]) -> Result<()> {
 fn demo() -> Result<()> {
     setup()?;
     if !is_root() {
-        bail!("the demo loads eBPF programs: run it as root (sudo -E cargo xtask demo)");
+        bail!(
+            "the demo loads eBPF programs: run it as root (e.g. `sudo -E env PATH=\"$PATH\" cargo xtask demo`; \
+             target/ then holds root's files: keep building as root, or `chown -R $USER target` after)"
+        );
     }
     run(cargo().args(["build", "-p", "tollgate", "-p", "tollgate-e2e", "--bins"]))?;
     run(Command::new(root().join("target/debug/tollgate-demo"))
@@ -422,7 +425,10 @@ fn venv(dir: &Path, reqs: &[&str]) -> Result<()> {
 
 fn bench(quick: bool, args: &[String]) -> Result<()> {
     if !is_root() {
-        bail!("the benchmark loads eBPF programs: run it as root (sudo -E cargo xtask bench)");
+        bail!(
+            "the benchmark loads eBPF programs: run it as root (e.g. `sudo -E env PATH=\"$PATH\" cargo xtask bench`; \
+             target/ then holds root's files: keep building as root, or `chown -R $USER target` after)"
+        );
     }
     setup_build()?;
     // A peer that cannot be installed is reported as SKIP by its rows,
