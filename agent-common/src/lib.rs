@@ -82,7 +82,6 @@ pub struct Origin {
     /// `comm` of the calling thread, NUL padded.
     pub comm: [u8; 16],
     pub flags: u32,
-    pub _pad: u32,
     /// When the connect was made, in nanoseconds since boot
     /// (`bpf_ktime_get_boot_ns`, the clock of a process's start time in
     /// `/proc/PID/stat`): a process that started later has a reused pid.

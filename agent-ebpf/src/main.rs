@@ -257,7 +257,6 @@ fn try_connect(ctx: &SockAddrContext, v6: bool) -> Result<i32, i64> {
         family: if v6 { AF_INET6 as u16 } else { AF_INET as u16 },
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
         flags: 0,
-        _pad: 0,
         // SAFETY: helper valid in every program type.
         connected_boot_ns: unsafe { bpf_ktime_get_boot_ns() },
     };

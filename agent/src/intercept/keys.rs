@@ -119,7 +119,6 @@ mod tests {
             family: 2,
             comm: *b"curl\0\0\0\0\0\0\0\0\0\0\0\0",
             flags: 0,
-            _pad: 0,
             connected_boot_ns: 12_345,
         };
         let c = ConnOrigin::from(&o);
