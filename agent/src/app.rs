@@ -293,7 +293,14 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
 
     let cgroup = match &cfg.intercept.cgroup {
         Some(c) => c.clone(),
-        None => intercept::cgroup2_root()?,
+        None => {
+            if intercept::in_own_cgroup_namespace() == Some(true) {
+                warn!(
+                    "the agent runs in a cgroup namespace of its own: the default cgroup is that namespace's root, and jobs outside it are not intercepted; run it in the host's cgroup namespace or set intercept.cgroup"
+                );
+            }
+            intercept::cgroup2_root()?
+        }
     };
     // `validate` admits only IPv4 loopback addresses; any of 127.0.0.0/8
     // works, and the kernel must send connections to the one we bound.

@@ -45,10 +45,12 @@ pub const SYSTEM_BUNDLES: &[&str] = &[
 ];
 
 const KEY_FILE: &str = "ca.key";
-const CERT_FILE: &str = "ca.crt";
+pub(crate) const CERT_FILE: &str = "ca.crt";
 const OLD_CERT_FILE: &str = "ca.crt.old";
 const HOSTS_FILE: &str = "hosts.json";
-const BUNDLE_FILE: &str = "bundle.pem";
+pub(crate) const BUNDLE_FILE: &str = "bundle.pem";
+/// The CA's directory under the state directory.
+pub(crate) const CA_DIR: &str = "ca";
 const LOCK_FILE: &str = ".lock";
 
 /// What `load_or_create` found.
@@ -97,13 +99,20 @@ pub enum CaError {
         dir.display()
     )]
     NotCreated { dir: PathBuf },
+    #[error(
+        "the local CA exists, but {} cannot be read by this user; make the state directory readable by all (chmod 755), or run this command as root",
+        path.display()
+    )]
+    Unreadable { path: PathBuf },
 }
 
 impl CaError {
     /// Process exit code (see `crate::exit`).
     pub fn exit_code(&self) -> u8 {
         match self {
-            CaError::Permission { .. } | CaError::NotCreated { .. } => crate::exit::NOPERM,
+            CaError::Permission { .. }
+            | CaError::NotCreated { .. }
+            | CaError::Unreadable { .. } => crate::exit::NOPERM,
             CaError::NoHosts | CaError::InvalidHost { .. } => crate::exit::USAGE,
             CaError::Io { .. } => crate::exit::UNAVAILABLE,
             CaError::Generate(_) | CaError::NotCovered { .. } => crate::exit::SOFTWARE,
@@ -156,7 +165,7 @@ impl LocalCa {
         hosts: &[String],
     ) -> Result<(LocalCa, CaStatus), CaError> {
         let wanted = normalize_hosts(hosts)?;
-        let dir = state_dir.join("ca");
+        let dir = state_dir.join(CA_DIR);
         fs::create_dir_all(&dir).map_err(|e| CaError::io("create directory", &dir, e))?;
         let mode = fs::metadata(&dir)
             .map_err(|e| CaError::io("inspect", &dir, e))?

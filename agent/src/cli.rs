@@ -306,7 +306,7 @@ pub fn trust(cfg: &Config, cmd: &TrustCommand) -> Result<(), CmdError> {
             // Only paths are printed: an existing CA is not opened (no key,
             // no lock, no regeneration while an agent runs), so any user
             // may ask. Without one, root creates it as `run` would.
-            let published = match trust::Published::existing(&cfg.state_dir) {
+            let published = match trust::Published::existing(&cfg.state_dir)? {
                 Some(p) => p,
                 None if !nix::unistd::geteuid().is_root() => {
                     return Err(crate::ca::CaError::NotCreated {

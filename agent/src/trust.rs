@@ -139,14 +139,26 @@ impl Published {
     }
 
     /// The files of a CA that already exists under `state_dir`, found
-    /// without the key or the lock (so any user may ask), or `None`.
-    pub fn existing(state_dir: &Path) -> Option<Published> {
-        let dir = state_dir.join("ca");
+    /// without the key or the lock (so any user may ask), or `None` when
+    /// there is none yet. A file this user may not reach is an error: the
+    /// CA is there, and root must make it readable.
+    pub fn existing(state_dir: &Path) -> Result<Option<Published>, CaError> {
+        let dir = state_dir.join(crate::ca::CA_DIR);
         let p = Published {
-            cert: dir.join("ca.crt"),
-            bundle: dir.join("bundle.pem"),
+            cert: dir.join(crate::ca::CERT_FILE),
+            bundle: dir.join(crate::ca::BUNDLE_FILE),
         };
-        (p.cert.is_file() && p.bundle.is_file()).then_some(p)
+        for f in [&p.cert, &p.bundle] {
+            match std::fs::File::open(f) {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                    return Err(CaError::Unreadable { path: f.clone() });
+                }
+                Err(e) => return Err(CaError::io("read", f, e)),
+            }
+        }
+        Ok(Some(p))
     }
 
     /// Warnings for each file that users other than its owner cannot read

@@ -252,6 +252,10 @@ fn trust_env_is_read_only_and_any_user_may_ask() {
         err.contains("cannot read") && err.contains("bundle.pem"),
         "{err}"
     );
+    // Another user is told the CA exists but is not readable to them.
+    let o = env(false);
+    assert_eq!(o.status.code(), Some(77), "{}", text(&o));
+    assert!(text(&o).contains("exists, but"), "{}", text(&o));
     // `trust install` refuses a state directory other users can write.
     std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o777)).unwrap();
     let root = dir.path().join("root");

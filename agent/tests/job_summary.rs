@@ -457,20 +457,22 @@ fn github_hook_keeps_to_this_matrix_leg() {
         !got.contains("parallel-leg") && !got.contains("first-attempt"),
         "{got}"
     );
-    // The real job-started hook writes a note the completed hook takes
-    // (now is before these 2027 records, so both legs count again).
+    // The real job-started hook writes a note the completed hook takes as
+    // a start time (which records it then shows depends on today's date,
+    // so only the note's acceptance is checked).
     let o = run_script(
         "deploy/github/job-started.sh",
         &[],
         &[("RUNNER_TEMP", t.as_str())],
     );
     assert!(o.status.success(), "{}", text(&o));
-    let (got, log) = summarise("three.md");
+    let note = std::fs::read_to_string(temp.join("tollgate-job-started")).expect("note");
+    assert_eq!(note.trim().len(), "2026-11-30T06:00:00Z".len(), "{note}");
+    let (_, log) = summarise("three.md");
     assert!(
-        got.contains("this-leg") && got.contains("earlier-leg"),
-        "{got}"
+        !log.contains("ignoring") && !log.contains("failed"),
+        "{log}"
     );
-    assert!(!log.contains("ignoring"), "{log}");
     // A note that is not a time is ignored, not passed on.
     std::fs::write(temp.join("tollgate-job-started"), "--json\n").expect("note");
     let (got, log) = summarise("four.md");

@@ -117,6 +117,9 @@ pub struct Attributor {
     proc_root: PathBuf,
     /// Nanoseconds per clock tick of `/proc/PID/stat`'s start time.
     tick_ns: u64,
+    /// This process's time namespace's boot-time offset: /proc shows start
+    /// times shifted by it, the kernel programs' clock is not.
+    boottime_offset_ns: i64,
     teams: Vec<TeamRule>,
     caches: Mutex<Caches>,
 }
@@ -140,6 +143,10 @@ impl Attributor {
         Attributor {
             proc_root,
             tick_ns: tick_ns(),
+            boottime_offset_ns: std::fs::read_to_string("/proc/self/timens_offsets")
+                .ok()
+                .and_then(|t| boottime_offset_ns(&t))
+                .unwrap_or(0),
             teams: Vec::new(),
             caches: Mutex::new(Caches {
                 procs: Bounded::new(cap),
@@ -175,9 +182,9 @@ impl Attributor {
         };
         // The start time is truncated to a tick, so a process that started
         // at or before the connect never reads as later than it.
-        if caller.connected_boot_ns != 0
-            && start.saturating_mul(self.tick_ns) > caller.connected_boot_ns
-        {
+        let started_ns =
+            i128::from(start) * i128::from(self.tick_ns) - i128::from(self.boottime_offset_ns);
+        if caller.connected_boot_ns != 0 && started_ns > i128::from(caller.connected_boot_ns) {
             tracing::debug!(
                 pid,
                 "the connecting process is gone and its pid reused: attributed from the kernel's fields"
@@ -216,7 +223,12 @@ impl Attributor {
         let p = Proc::new(&self.proc_root, key.0);
         let exe = p.exe();
         let cached = self.caches().procs.get(&key);
-        if let Some(hit) = cached.as_ref().filter(|hit| hit.exe == exe) {
+        // An exe link that cannot be read (the process is exiting) is no
+        // sign of an exec: the cached facts stand.
+        if let Some(hit) = cached
+            .as_ref()
+            .filter(|hit| exe.is_none() || hit.exe == exe)
+        {
             return (Arc::clone(hit), false);
         }
         let cg = p.cgroup();
@@ -271,6 +283,18 @@ impl Attributor {
         }
         found
     }
+}
+
+/// The `boottime` offset of a `/proc/self/timens_offsets` text
+/// (`boottime SECS NANOS`), in nanoseconds.
+fn boottime_offset_ns(text: &str) -> Option<i64> {
+    let line = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("boottime"))?;
+    let mut f = line.split_whitespace().skip(1);
+    let secs: i64 = f.next()?.parse().ok()?;
+    let nanos: i64 = f.next()?.parse().ok()?;
+    secs.checked_mul(1_000_000_000)?.checked_add(nanos)
 }
 
 /// Nanoseconds per clock tick (`sysconf(_SC_CLK_TCK)`, 100 on Linux).

@@ -223,6 +223,44 @@ fn a_process_that_started_after_the_connect_is_not_the_caller() {
         (Some("acme/new"), Some("/bin/new"), Some("new"))
     );
     assert_eq!(at.tick_ns, 10_000_000, "USER_HZ is 100 on Linux");
+    // In a time namespace whose boot time is 1 s later, /proc shows every
+    // start 1 s later than the kernel's clock has it.
+    let mut shifted = Attributor::new(root.to_path_buf());
+    shifted.boottime_offset_ns = 1_000_000_000;
+    assert_eq!(
+        who(&shifted.attribute(&caller(started - 1_000_000_000))),
+        (Some("acme/new"), Some("/bin/new"), Some("new"))
+    );
+    assert_eq!(
+        shifted.attribute(&caller(started - 1_000_000_001)).exe,
+        None
+    );
+}
+
+#[test]
+fn time_namespace_offsets_are_read() {
+    let text = "monotonic           0         0\nboottime       -3600    500000000\n";
+    assert_eq!(
+        boottime_offset_ns(text),
+        Some(-3_600_000_000_000 + 500_000_000)
+    );
+    assert_eq!(boottime_offset_ns("monotonic 1 2\n"), None);
+    assert_eq!(boottime_offset_ns("boottime x y\n"), None);
+}
+
+#[test]
+fn an_exiting_process_keeps_its_cached_facts() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let root = t.path();
+    proc_200(root, 5, "acme/a", "a", "/bin/a");
+    let at = Attributor::new(root.to_path_buf());
+    assert_eq!(who(&at.of(200, 0, 0, "a")).1, Some("/bin/a"));
+    // Exiting: the exe link is gone, the rest of /proc still there.
+    std::fs::remove_file(root.join("200/exe")).expect("rm exe");
+    assert_eq!(
+        who(&at.of(200, 0, 0, "a")),
+        (Some("acme/a"), Some("/bin/a"), Some("a"))
+    );
 }
 
 #[test]

@@ -51,7 +51,7 @@ pub enum LedgerError {
     )]
     TooNew { path: PathBuf, found: i64 },
     #[error(
-        "the ledger {} has schema version {found}, older than this tollgate's ({SCHEMA_VERSION}), and it is opened read-only; start the agent (or run this as root) once to migrate it",
+        "the ledger {} has schema version {found}, which holds no table yet, and it is opened read-only; start the agent (or run this as root) once to create it",
         path.display()
     )]
     Outdated { path: PathBuf, found: i64 },
@@ -181,6 +181,8 @@ pub struct Ledger {
     conn: Connection,
     path: PathBuf,
     insert_sql: String,
+    /// The select for this file's schema.
+    select_sql: String,
     /// (device, inode) of the file when it was opened.
     file_id: Option<(u64, u64)>,
 }
@@ -239,6 +241,7 @@ impl Ledger {
             conn,
             path: path.to_path_buf(),
             insert_sql: schema::insert_sql(),
+            select_sql: schema::select_sql(),
             file_id: crate::file_id(path),
         })
     }
@@ -261,7 +264,9 @@ impl Ledger {
 
     /// Opens an existing ledger for reading only (`report` by a user who
     /// may read but not write the root-owned ledger): nothing is created,
-    /// switched or migrated, so the schema must be this build's. When the
+    /// switched or migrated. A file of an older schema (the agent not yet
+    /// restarted after an upgrade) is read as it is, the columns it lacks
+    /// as their defaults; an empty one (version 0) is refused. When the
     /// agent is stopped (no `-wal` file) and the directory is not writable,
     /// the file is opened as immutable.
     pub fn open_read_only(path: &Path) -> Result<Ledger, LedgerError> {
@@ -300,7 +305,7 @@ impl Ledger {
                 found,
             });
         }
-        if found < SCHEMA_VERSION {
+        if found < 1 {
             return Err(LedgerError::Outdated {
                 path: path.to_path_buf(),
                 found,
@@ -310,6 +315,7 @@ impl Ledger {
             conn,
             path: path.to_path_buf(),
             insert_sql: schema::insert_sql(),
+            select_sql: schema::select_sql_for(found),
             file_id: crate::file_id(path),
         })
     }
@@ -358,7 +364,7 @@ impl Ledger {
     /// Records matching `filter`, oldest first, with `id` filled.
     pub fn query(&self, filter: &Filter) -> Result<Vec<UsageRecord>, LedgerError> {
         let err = |e| LedgerError::classify(&self.path, e);
-        let mut sql = schema::select_sql();
+        let mut sql = self.select_sql.clone();
         let mut clauses = Vec::new();
         let mut params: Vec<Box<dyn rusqlite::ToSql>> = Vec::new();
         if let Some(since) = filter.since_ms {

@@ -16,7 +16,7 @@ use crate::meter::{Attribution, Usage, UsageRecord};
 pub const SCHEMA_VERSION: i64 = 3;
 
 /// Migration `i` brings the schema from version `i` to `i + 1`.
-const MIGRATIONS: &[&str] = &[
+pub(crate) const MIGRATIONS: &[&str] = &[
     r#"
 CREATE TABLE requests (
     id                       INTEGER PRIMARY KEY,
@@ -160,7 +160,32 @@ pub fn insert_sql() -> String {
 
 /// `SELECT id, ... FROM requests`.
 pub fn select_sql() -> String {
-    format!("SELECT id, {} FROM requests", COLUMNS.join(", "))
+    select_sql_for(SCHEMA_VERSION)
+}
+
+/// The columns later migrations added, with the schema version that added
+/// them and the value an older file stands for (what the migration's
+/// default would have given).
+const ADDED: &[(&str, i64, &str)] = &[
+    ("ttfb_ms", 2, "NULL"),
+    ("job_id", 2, "NULL"),
+    ("cgroup_path", 2, "NULL"),
+    ("container_id", 2, "NULL"),
+    ("team", 2, "NULL"),
+    ("cache_write_1h_input_tokens", 3, "0"),
+];
+
+/// The select of a file at schema `version` (read-only opens cannot
+/// migrate): columns it does not have yet read as their defaults.
+pub fn select_sql_for(version: i64) -> String {
+    let cols: Vec<String> = COLUMNS
+        .iter()
+        .map(|c| match ADDED.iter().find(|(name, _, _)| name == c) {
+            Some((_, added, default)) if *added > version => format!("{default} AS {c}"),
+            _ => (*c).to_string(),
+        })
+        .collect();
+    format!("SELECT id, {} FROM requests", cols.join(", "))
 }
 
 fn count(v: u64) -> i64 {
@@ -329,6 +354,35 @@ mod tests {
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].usage.cache_write_input_tokens, 40);
         assert_eq!(rows[0].usage.cache_write_1h_input_tokens, 0);
+    }
+
+    #[test]
+    fn every_added_column_is_known_to_the_old_selects() {
+        // Each column a migration after the first adds is in ADDED.
+        for (i, step) in MIGRATIONS.iter().enumerate().skip(1) {
+            for line in step.lines().filter(|l| l.contains("ADD COLUMN")) {
+                let col = line
+                    .split("ADD COLUMN ")
+                    .nth(1)
+                    .and_then(|r| r.split_whitespace().next())
+                    .expect("column");
+                assert!(
+                    ADDED
+                        .iter()
+                        .any(|(c, v, _)| *c == col && *v == i as i64 + 1),
+                    "{col} (migration {i}) is missing from ADDED"
+                );
+            }
+        }
+        // An old file answers the old select, with the defaults.
+        for version in 1..=SCHEMA_VERSION {
+            let conn = Connection::open_in_memory().expect("memory db");
+            for step in &MIGRATIONS[..version as usize] {
+                conn.execute_batch(step).expect("step");
+            }
+            conn.prepare(&select_sql_for(version))
+                .unwrap_or_else(|e| panic!("version {version}: {e}"));
+        }
     }
 
     #[test]

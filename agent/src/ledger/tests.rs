@@ -590,3 +590,40 @@ fn a_ledger_that_opens_read_only_is_refused() {
     assert!(matches!(err, LedgerError::ReadOnly { .. }), "{err}");
     assert_eq!(err.exit_code(), crate::exit::UNAVAILABLE);
 }
+
+#[test]
+fn an_older_ledger_is_read_without_migrating_it() {
+    // The agent not yet restarted after an upgrade: its ledger is still at
+    // schema 2 when a user runs `report`, which may not migrate it.
+    let t = tempfile::tempdir().expect("tempdir");
+    let path = t.path().join("ledger.sqlite");
+    {
+        let conn = rusqlite::Connection::open(&path).expect("create");
+        for (v, step) in super::schema::MIGRATIONS[..2].iter().enumerate() {
+            conn.execute_batch(step).expect("old step");
+            conn.pragma_update(None, "user_version", v as i64 + 1)
+                .expect("version");
+        }
+        conn.execute(
+            "INSERT INTO requests (started_at_ms, started_at, duration_ms, provider, host, \
+             operation, method, path, status, streaming, input_tokens, output_tokens, \
+             cached_input_tokens, cache_write_input_tokens, reasoning_tokens, estimated, \
+             pid, uid, cgroup_id, comm, team) VALUES (1, 't', 2, 'anthropic', 'h', 'chat', \
+             'POST', '/v1/messages', 200, 0, 100, 10, 0, 40, 0, 0, 1, 0, 0, 'c', 'infra')",
+            [],
+        )
+        .expect("old row");
+    }
+    let l = Ledger::open_read_only(&path).expect("opens read-only");
+    let rows = l.query(&Filter::default()).expect("query");
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].usage.cache_write_input_tokens, 40);
+    assert_eq!(rows[0].usage.cache_write_1h_input_tokens, 0);
+    assert_eq!(rows[0].who.team.as_deref(), Some("infra"));
+    drop(l);
+    let conn = rusqlite::Connection::open(&path).expect("reopen");
+    let v: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .expect("version");
+    assert_eq!(v, 2, "not migrated by a read");
+}

@@ -442,15 +442,14 @@ impl PriceBook {
     /// of the entries does not matter.
     pub fn new(cfg: &PricingConfig) -> PriceBook {
         let mut book = Self::builtin();
-        // The catalogue's latest price of each overridden model, for the
+        // The catalogue's latest price of each overridden model, found as a
+        // request for it would be (dated ids, the fallback table), for the
         // rates an entry leaves out.
         let bases: Vec<Option<Price>> = cfg
             .models
             .iter()
             .map(|m| {
-                book.tables
-                    .get(&m.provider)
-                    .and_then(|t| t.get(canonical(&m.model).as_ref()))
+                book.versions(&m.provider, &m.model)
                     .and_then(|v| v.last().copied())
             })
             .collect();
@@ -1106,6 +1105,22 @@ output = 10.0
             bad.validate().unwrap_err().0,
             "pricing.models[0].long_context.input"
         );
+    }
+
+    #[test]
+    fn an_override_of_a_dated_or_bedrock_id_finds_its_catalogue_ratios() {
+        for (provider, model) in [
+            ("anthropic", "claude-sonnet-4-5-20250929"),
+            ("bedrock", "us.anthropic.claude-sonnet-4-5-20250929-v1:0"),
+        ] {
+            let book = book_of(&format!(
+                "[[models]]\nprovider = \"{provider}\"\nmodel = \"{model}\"\ninput = 2.7\noutput = 13.5\n"
+            ));
+            let p = book.price_at(provider, model, NOW).expect("priced");
+            assert!(close(p.cached_input, 0.27), "{model}: {p:?}");
+            assert!(close(p.cache_write_1h, 5.4), "{model}: {p:?}");
+            assert!(p.long.is_some(), "{model}: the long-context tier is kept");
+        }
     }
 
     #[test]

@@ -515,17 +515,18 @@ impl Draft {
         let error = parsed.error.take().or(error).or_else(|| {
             (ok && parsed.usage.is_none() && !estimated).then(|| "usage_missing".to_string())
         });
-        // The response model first: for Azure the request names only the
-        // deployment.
-        let priced = parsed
-            .response_model
-            .as_deref()
-            .or(self.info.model.as_deref());
+        // Priced by the response's model (a dated snapshot) first, except
+        // on Azure, where the request names the deployment: a price given
+        // for a deployment is the more specific one.
+        let (response, request) = (parsed.response_model.as_deref(), self.info.model.as_deref());
+        let order = if provider == "azure-openai" {
+            [request, response]
+        } else {
+            [response, request]
+        };
+        let models: Vec<&str> = order.into_iter().flatten().collect();
+        let priced = models.first().copied();
         let prices = &self.ctx.state.prices;
-        let models: Vec<&str> = [parsed.response_model.as_deref(), self.info.model.as_deref()]
-            .into_iter()
-            .flatten()
-            .collect();
         // A successful answer whose counts are unknown (no usage, nothing
         // to estimate from) has an unknown cost, not a cost of 0.
         let counts_unknown = ok && parsed.usage.is_none() && !estimated;
