@@ -1,42 +1,56 @@
 //! The local certificate authority that signs the leaves the proxy shows to
 //! intercepted clients.
 //!
-//! Owns: `STATE/ca/` (the CA key and certificate, the record of the hosts it
-//! covers, the trust bundle `bundle.pem`), minting and caching leaf
-//! certificates (through hudsucker's `RcgenAuthority`), and the rustls server
-//! configuration built on them.
+//! Owns: `STATE/ca/` (the root certificate clients trust, the intermediate
+//! that signs leaves and its key, the record of the hosts they cover, the
+//! trust bundle `bundle.pem`), minting and caching leaf certificates, and
+//! the rustls server configuration built on them.
 //!
-//! The CA is generated on this host and never leaves it; its key file is
-//! mode 0600. It carries critical X.509 name constraints: the permitted DNS
-//! subtrees are exactly the provider hosts, and every IPv4 and IPv6 address
-//! is excluded (a DNS-only constraint leaves IP names unconstrained), so a
-//! stolen key cannot mint a certificate that clients accept for any other site.
+//! The CA is generated on this host and never leaves it. Both certificates
+//! carry critical X.509 name constraints: the permitted DNS subtrees are
+//! exactly the provider hosts, and every IPv4 and IPv6 address is excluded
+//! (a DNS-only constraint leaves IP names unconstrained). The root's key
+//! signs the intermediate and is then dropped, never written: the one key
+//! on disk (`ca.key`, mode 0600) is the intermediate's, and every verifier
+//! applies an intermediate's constraints, including Java's, which ignores
+//! those of a trusted root. So a stolen key cannot mint a certificate that
+//! clients accept for any other site. A CA made before intermediates (root
+//! key in `ca.key`, no `intermediate.crt`) is still used, with a warning.
+//!
+//! Leaves are minted here rather than by hudsucker's `RcgenAuthority`, which
+//! sends a leaf without its intermediate and uses the CA's own key as every
+//! leaf's key; here each process has one leaf key of its own, kept in memory.
 //!
 //! Must never: create a CA without name constraints, mint a leaf for a host
-//! outside them, write the key anywhere but `ca.key`, log key material, or
-//! leave a half-written file behind (every write is temp file, fsync, rename).
+//! outside them, write a key anywhere but `ca.key` (the root's nowhere), log
+//! key material, or leave a half-written file behind (every write is temp
+//! file, fsync, rename).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::fs;
 use std::io::{self, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use hudsucker::certificate_authority::{CertificateAuthority, RcgenAuthority};
 use rcgen::{
-    BasicConstraints, CertificateParams, CidrSubnet, DistinguishedName, DnType, GeneralSubtree,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose, NameConstraints,
+    BasicConstraints, CertificateParams, CidrSubnet, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, GeneralSubtree, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    NameConstraints, SanType,
 };
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 
 /// CA validity.
 const CA_VALIDITY_DAYS: i64 = 3650;
-/// A CA expiring sooner than this is replaced: leaves minted by hudsucker
+/// A CA expiring sooner than this is replaced: leaves it mints
 /// live 365 days and must not outlive it.
 const CA_MIN_REMAINING_DAYS: i64 = 400;
+/// Leaf validity; a cached leaf is minted again long before it ends.
+const LEAF_VALIDITY_DAYS: i64 = 365;
+const LEAF_REMINT: Duration = Duration::from_secs(30 * 86_400);
 /// System trust bundles, first existing wins.
 pub const SYSTEM_BUNDLES: &[&str] = &[
     "/etc/ssl/certs/ca-certificates.crt",
@@ -47,6 +61,8 @@ pub const SYSTEM_BUNDLES: &[&str] = &[
 const KEY_FILE: &str = "ca.key";
 pub(crate) const CERT_FILE: &str = "ca.crt";
 const OLD_CERT_FILE: &str = "ca.crt.old";
+/// The intermediate certificate, which `ca.key` belongs to.
+const INTERMEDIATE_FILE: &str = "intermediate.crt";
 const HOSTS_FILE: &str = "hosts.json";
 pub(crate) const BUNDLE_FILE: &str = "bundle.pem";
 /// The CA's directory under the state directory.
@@ -94,6 +110,8 @@ pub enum CaError {
     Generate(#[from] rcgen::Error),
     #[error("`{host}` is outside the local CA's name constraints; no certificate is minted for it")]
     NotCovered { host: String },
+    #[error("cannot build a TLS server configuration with the local CA: {0}")]
+    Tls(rustls::Error),
     #[error(
         "there is no local CA in {} yet, and only root can create it: start the agent, or run this command as root",
         dir.display()
@@ -115,7 +133,9 @@ impl CaError {
             | CaError::Unreadable { .. } => crate::exit::NOPERM,
             CaError::NoHosts | CaError::InvalidHost { .. } => crate::exit::USAGE,
             CaError::Io { .. } => crate::exit::UNAVAILABLE,
-            CaError::Generate(_) | CaError::NotCovered { .. } => crate::exit::SOFTWARE,
+            CaError::Generate(_) | CaError::NotCovered { .. } | CaError::Tls(_) => {
+                crate::exit::SOFTWARE
+            }
         }
     }
 
@@ -137,15 +157,100 @@ impl CaError {
     }
 }
 
-/// The loaded CA and the authority that mints leaves with it.
+/// The loaded CA and what mints leaves with it.
 pub struct LocalCa {
     cert_path: PathBuf,
     bundle_path: PathBuf,
+    /// The root certificate (what clients trust).
     cert_pem: String,
     cert_der: CertificateDer<'static>,
-    /// Hosts in the certificate's permitted DNS subtrees.
+    /// Hosts in the certificates' permitted DNS subtrees.
     covered: BTreeSet<String>,
-    authority: RcgenAuthority,
+    minter: Minter,
+}
+
+/// Mints leaves signed by the signing certificate (the intermediate, or
+/// the root of a CA made before intermediates) and caches their server
+/// configurations by host.
+struct Minter {
+    issuer: Issuer<'static, KeyPair>,
+    /// Sent after the leaf: the intermediate (empty for an older CA).
+    chain: Vec<CertificateDer<'static>>,
+    /// The key of every leaf this process mints; never written.
+    leaf_key: KeyPair,
+    cache: Mutex<HashMap<String, (Instant, Arc<rustls::ServerConfig>)>>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl Minter {
+    fn new(
+        issuer: Issuer<'static, KeyPair>,
+        chain: Vec<CertificateDer<'static>>,
+    ) -> Result<Minter, CaError> {
+        Ok(Minter {
+            issuer,
+            chain,
+            leaf_key: KeyPair::generate()?,
+            cache: Mutex::new(HashMap::new()),
+            provider: Arc::new(rustls::crypto::aws_lc_rs::default_provider()),
+        })
+    }
+
+    /// A leaf for `host` (which the caller checked is covered).
+    fn leaf(&self, host: &str) -> Result<CertificateDer<'static>, CaError> {
+        let mut params = CertificateParams::default();
+        let mut serial = [0u8; 16];
+        self.provider
+            .secure_random
+            .fill(&mut serial)
+            .map_err(|_| CaError::Generate(rcgen::Error::RingUnspecified))?;
+        serial[0] &= 0x7f;
+        params.serial_number = Some(serial.to_vec().into());
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::hours(1);
+        params.not_after = now + time::Duration::days(LEAF_VALIDITY_DAYS);
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, host);
+        params.distinguished_name = dn;
+        let name = host
+            .to_string()
+            .try_into()
+            .map_err(|_| CaError::InvalidHost {
+                host: host.to_string(),
+                reason: "not an IA5 string".into(),
+            })?;
+        params.subject_alt_names = vec![SanType::DnsName(name)];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        Ok(params.signed_by(&self.leaf_key, &self.issuer)?.into())
+    }
+
+    /// The server configuration for `host`: minted once, then cached (and
+    /// minted again after `LEAF_REMINT`).
+    fn server_config(&self, host: &str) -> Result<Arc<rustls::ServerConfig>, CaError> {
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((made, cfg)) = cache.get(host)
+            && made.elapsed() < LEAF_REMINT
+        {
+            return Ok(Arc::clone(cfg));
+        }
+        let mut certs = vec![self.leaf(host)?];
+        certs.extend(self.chain.iter().cloned());
+        let key = rustls_pki_types::PrivateKeyDer::from(
+            rustls_pki_types::PrivatePkcs8KeyDer::from(self.leaf_key.serialize_der()),
+        );
+        let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::clone(&self.provider))
+            .with_safe_default_protocol_versions()
+            .map_err(CaError::Tls)?
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .map_err(CaError::Tls)?;
+        cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let cfg = Arc::new(cfg);
+        cache.insert(host.to_string(), (Instant::now(), Arc::clone(&cfg)));
+        Ok(cfg)
+    }
 }
 
 impl std::fmt::Debug for LocalCa {
@@ -189,61 +294,109 @@ impl LocalCa {
         lock.lock()
             .map_err(|e| CaError::io("lock", &lock_path, e))?;
 
-        let (cert_pem, key, status) = match load_existing(&dir)? {
-            Existing::Usable {
-                cert_pem,
-                key,
-                covered,
-            } if wanted.is_subset(&covered) => (cert_pem, key, CaStatus::Loaded),
-            Existing::Usable { covered, .. } => {
-                let added: Vec<String> = wanted.difference(&covered).cloned().collect();
+        let existing = match load_existing(&dir)? {
+            Existing::Usable(files) => match LocalCa::build(&dir, files) {
+                // Checked whole: a leaf it mints must verify against the
+                // root (a crash between writing the files of a new CA
+                // leaves an intermediate that the root did not sign).
+                Ok(ca) => match ca.self_check() {
+                    Ok(()) => Existing::Built(Box::new(ca)),
+                    Err(reason) => Existing::Unusable(reason),
+                },
+                Err(e) => Existing::Unusable(e.to_string()),
+            },
+            other => other,
+        };
+        let (ca, status) = match existing {
+            Existing::Built(ca) if wanted.is_subset(&ca.covered) => (*ca, CaStatus::Loaded),
+            Existing::Built(ca) => {
+                let added: Vec<String> = wanted.difference(&ca.covered).cloned().collect();
                 tracing::warn!(
                     added = added.len(),
                     "the local CA does not cover every provider host; generating a new one"
                 );
-                let (pem, key) = create(&dir, &wanted, true)?;
-                (pem, key, CaStatus::Regenerated { added_hosts: added })
+                let ca = LocalCa::build(&dir, create(&dir, &wanted, true)?)?;
+                (ca, CaStatus::Regenerated { added_hosts: added })
             }
             Existing::Unusable(reason) => {
                 tracing::warn!(%reason, dir = %dir.display(), "the local CA is unusable; generating a new one");
-                let (pem, key) = create(&dir, &wanted, true)?;
+                let ca = LocalCa::build(&dir, create(&dir, &wanted, true)?)?;
                 let added_hosts = wanted.iter().cloned().collect();
-                (pem, key, CaStatus::Regenerated { added_hosts })
+                (ca, CaStatus::Regenerated { added_hosts })
             }
-            Existing::Absent => {
-                let (pem, key) = create(&dir, &wanted, false)?;
-                (pem, key, CaStatus::Created)
+            Existing::Absent | Existing::Usable(_) => {
+                let ca = LocalCa::build(&dir, create(&dir, &wanted, false)?)?;
+                (ca, CaStatus::Created)
             }
         };
         drop(lock);
-
-        let ca = LocalCa::build(&dir, cert_pem, key)?;
+        if ca.minter.chain.is_empty() {
+            tracing::warn!(
+                dir = %dir.display(),
+                "the local CA predates intermediate certificates: Java does not apply a trusted root's own name constraints, so for JVMs a stolen ca.key is unconstrained; to replace it, stop the agent, remove this directory, start the agent and run `tollgate trust install` again"
+            );
+        }
         ca.write_bundle()?;
         Ok((ca, status))
     }
 
-    fn build(dir: &Path, cert_pem: String, key: KeyPair) -> Result<LocalCa, CaError> {
+    fn build(dir: &Path, files: CaFiles) -> Result<LocalCa, CaError> {
         let cert_path = dir.join(CERT_FILE);
-        let parsed = parse_cert(&cert_pem).map_err(|reason| CaError::Io {
+        let unparsable = |path: PathBuf, reason: String| CaError::Io {
             action: "parse",
-            path: cert_path.clone(),
+            path,
             source: io::Error::new(io::ErrorKind::InvalidData, reason),
-        })?;
-        let issuer = Issuer::from_ca_cert_pem(&cert_pem, key)?;
-        let cache = u64::try_from(parsed.covered.len())
-            .unwrap_or(u64::MAX / 4)
-            .saturating_mul(2)
-            .saturating_add(16);
-        let authority =
-            RcgenAuthority::new(issuer, cache, rustls::crypto::aws_lc_rs::default_provider());
+        };
+        let root = parse_cert(&files.root_pem).map_err(|r| unparsable(cert_path.clone(), r))?;
+        let (issuer, chain) = match &files.intermediate_pem {
+            Some(pem) => {
+                let int =
+                    parse_cert(pem).map_err(|r| unparsable(dir.join(INTERMEDIATE_FILE), r))?;
+                (Issuer::from_ca_cert_pem(pem, files.key)?, vec![int.der])
+            }
+            None => (
+                Issuer::from_ca_cert_pem(&files.root_pem, files.key)?,
+                Vec::new(),
+            ),
+        };
         Ok(LocalCa {
             cert_path,
             bundle_path: dir.join(BUNDLE_FILE),
-            cert_pem,
-            cert_der: parsed.der,
-            covered: parsed.covered,
-            authority,
+            cert_pem: files.root_pem,
+            cert_der: root.der,
+            covered: root.covered,
+            minter: Minter::new(issuer, chain)?,
         })
+    }
+
+    /// Mints a leaf for one covered host and verifies it, with the chain
+    /// the proxy sends, against the root alone, as a client would.
+    fn self_check(&self) -> Result<(), String> {
+        let host = self.covered.iter().next().ok_or("no host is covered")?;
+        let leaf = self.minter.leaf(host).map_err(|e| e.to_string())?;
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(self.cert_der.clone())
+            .map_err(|e| format!("the root is not a trust anchor: {e}"))?;
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            Arc::clone(&self.minter.provider),
+        )
+        .build()
+        .map_err(|e| e.to_string())?;
+        let name =
+            rustls_pki_types::ServerName::try_from(host.clone()).map_err(|e| e.to_string())?;
+        use rustls::client::danger::ServerCertVerifier as _;
+        verifier
+            .verify_server_cert(
+                &leaf,
+                &self.minter.chain,
+                &name,
+                &[],
+                rustls_pki_types::UnixTime::now(),
+            )
+            .map(|_| ())
+            .map_err(|e| format!("a leaf it signs does not verify against its root: {e}"))
     }
 
     /// `state_dir/ca/ca.crt`.
@@ -271,19 +424,14 @@ impl LocalCa {
         self.covered.iter().map(String::as_str)
     }
 
-    /// A rustls server configuration presenting a leaf for `sni` (minted
-    /// once, then cached), ALPN `h2` and `http/1.1`.
+    /// A rustls server configuration presenting a leaf for `sni` and the
+    /// intermediate (minted once, then cached), ALPN `h2` and `http/1.1`.
     pub async fn server_config(&self, sni: &str) -> Result<Arc<rustls::ServerConfig>, CaError> {
         let host = sni.trim_end_matches('.').to_ascii_lowercase();
         if !self.covered.contains(&host) {
             return Err(CaError::NotCovered { host });
         }
-        let authority =
-            http::uri::Authority::try_from(host.as_str()).map_err(|e| CaError::InvalidHost {
-                host: host.clone(),
-                reason: e.to_string(),
-            })?;
-        Ok(self.authority.gen_server_config(&authority).await)
+        self.minter.server_config(&host)
     }
 
     /// (Re)writes `bundle.pem` atomically: the first system bundle that
@@ -338,14 +486,20 @@ fn normalize_hosts(hosts: &[String]) -> Result<BTreeSet<String>, CaError> {
     Ok(out)
 }
 
+/// A CA's files, each read and checked on its own.
+struct CaFiles {
+    root_pem: String,
+    /// `None` for a CA made before intermediates (`ca.key` is the root's).
+    intermediate_pem: Option<String>,
+    /// The signing key: the intermediate's (or the older root's).
+    key: KeyPair,
+}
+
 enum Existing {
     Absent,
     Unusable(String),
-    Usable {
-        cert_pem: String,
-        key: KeyPair,
-        covered: BTreeSet<String>,
-    },
+    Usable(CaFiles),
+    Built(Box<LocalCa>),
 }
 
 fn read_opt(path: &Path) -> Result<Option<String>, CaError> {
@@ -360,6 +514,7 @@ fn read_opt(path: &Path) -> Result<Option<String>, CaError> {
 fn load_existing(dir: &Path) -> Result<Existing, CaError> {
     let cert_path = dir.join(CERT_FILE);
     let key_path = dir.join(KEY_FILE);
+    let int_path = dir.join(INTERMEDIATE_FILE);
     let Some(cert_pem) = read_opt(&cert_path)? else {
         return Ok(Existing::Absent);
     };
@@ -370,7 +525,7 @@ fn load_existing(dir: &Path) -> Result<Existing, CaError> {
         )));
     };
     tighten_key_mode(&key_path);
-    let parsed = match parse_cert(&cert_pem) {
+    let root = match parse_cert(&cert_pem) {
         Ok(p) => p,
         Err(reason) => {
             return Ok(Existing::Unusable(format!(
@@ -379,29 +534,43 @@ fn load_existing(dir: &Path) -> Result<Existing, CaError> {
             )));
         }
     };
+    let intermediate_pem = read_opt(&int_path)?;
+    let intermediate = match intermediate_pem.as_deref().map(parse_cert) {
+        None => None,
+        Some(Ok(p)) => Some(p),
+        Some(Err(reason)) => {
+            return Ok(Existing::Unusable(format!(
+                "{}: {reason}",
+                int_path.display()
+            )));
+        }
+    };
     let key = match KeyPair::from_pem(&key_pem) {
         Ok(k) => k,
         Err(e) => return Ok(Existing::Unusable(format!("{}: {e}", key_path.display()))),
     };
-    if key.public_key_raw() != parsed.public_key.as_slice() {
+    let signing = intermediate.as_ref().unwrap_or(&root);
+    if key.public_key_raw() != signing.public_key.as_slice() {
         return Ok(Existing::Unusable(
-            "the key does not match the certificate".into(),
+            "the key does not match the certificate it signs with".into(),
         ));
     }
-    let remaining = parsed.not_after - time::OffsetDateTime::now_utc().unix_timestamp();
-    if remaining < CA_MIN_REMAINING_DAYS * 86_400 {
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let not_after = root.not_after.min(signing.not_after);
+    if not_after - now < CA_MIN_REMAINING_DAYS * 86_400 {
         return Ok(Existing::Unusable("the CA expires within 400 days".into()));
     }
-    if !parsed.is_ca || !parsed.constrained {
+    let ours = |p: &ParsedCa| p.is_ca && p.constrained;
+    if !ours(&root) || !ours(signing) || signing.covered != root.covered {
         return Ok(Existing::Unusable(
             "the certificate is not a name-constrained CA made by tollgate".into(),
         ));
     }
-    Ok(Existing::Usable {
-        cert_pem,
+    Ok(Existing::Usable(CaFiles {
+        root_pem: cert_pem,
+        intermediate_pem,
         key,
-        covered: parsed.covered,
-    })
+    }))
 }
 
 /// A key file readable by others is made 0600 again (warned, not fatal).
@@ -481,8 +650,9 @@ fn hostname() -> String {
         .unwrap_or_else(|| "unknown host".into())
 }
 
-/// The CA parameters: critical name constraints, CA with pathlen 0,
-/// keyCertSign + cRLSign, ten years.
+/// The CA parameters: critical name constraints, CA with pathlen 0 (the
+/// root raises it to 1 for its intermediate), keyCertSign + cRLSign, ten
+/// years.
 fn ca_params(hosts: &BTreeSet<String>) -> CertificateParams {
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
@@ -507,17 +677,30 @@ fn ca_params(hosts: &BTreeSet<String>) -> CertificateParams {
     params
 }
 
-/// Generates and writes a new CA: key, then certificate, then hosts.json.
-/// A crash in between leaves a key that does not match the certificate,
-/// which the next load detects and replaces.
-fn create(
-    dir: &Path,
-    hosts: &BTreeSet<String>,
-    keep_old: bool,
-) -> Result<(String, KeyPair), CaError> {
+/// Generates and writes a new CA: a root, and an intermediate the root
+/// signs, both constrained to `hosts`; the root's key is dropped once it
+/// has signed. Written key, then intermediate, then root, then
+/// hosts.json: a crash in between leaves a key that does not match the
+/// intermediate, or an intermediate the root did not sign, which the next
+/// load detects and replaces.
+fn create(dir: &Path, hosts: &BTreeSet<String>, keep_old: bool) -> Result<CaFiles, CaError> {
+    let root_key = KeyPair::generate()?;
+    let mut root_params = ca_params(hosts);
+    root_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
+    let root_pem = root_params.self_signed(&root_key)?.pem();
+    let root_issuer = Issuer::new(root_params, root_key);
     let key = KeyPair::generate()?;
-    let cert = ca_params(hosts).self_signed(&key)?;
-    let cert_pem = cert.pem();
+    let mut int_params = ca_params(hosts);
+    let mut dn = DistinguishedName::new();
+    dn.push(
+        DnType::CommonName,
+        format!("tollgate local CA intermediate ({})", hostname()),
+    );
+    dn.push(DnType::OrganizationName, "tollgate");
+    int_params.distinguished_name = dn;
+    int_params.use_authority_key_identifier_extension = true;
+    let intermediate_pem = int_params.signed_by(&key, &root_issuer)?.pem();
+    drop(root_issuer);
     if keep_old {
         let cur = dir.join(CERT_FILE);
         if let Some(old) = read_opt(&cur)?.filter(|s| !s.is_empty()) {
@@ -525,12 +708,21 @@ fn create(
         }
     }
     write_atomic(&dir.join(KEY_FILE), key.serialize_pem().as_bytes(), 0o600)?;
-    write_atomic(&dir.join(CERT_FILE), cert_pem.as_bytes(), 0o644)?;
+    write_atomic(
+        &dir.join(INTERMEDIATE_FILE),
+        intermediate_pem.as_bytes(),
+        0o644,
+    )?;
+    write_atomic(&dir.join(CERT_FILE), root_pem.as_bytes(), 0o644)?;
     let record = serde_json::json!({ "hosts": hosts });
     let text = serde_json::to_string_pretty(&record).unwrap_or_else(|_| "{}".into());
     write_atomic(&dir.join(HOSTS_FILE), format!("{text}\n").as_bytes(), 0o644)?;
     tracing::info!(dir = %dir.display(), hosts = hosts.len(), "created the local CA");
-    Ok((cert_pem, key))
+    Ok(CaFiles {
+        root_pem,
+        intermediate_pem: Some(intermediate_pem),
+        key,
+    })
 }
 
 /// Writes `path` atomically: a temp file in the same directory created with
@@ -602,15 +794,19 @@ mod tests {
     fn verify(ca: &LocalCa, leaf: &CertificateDer<'_>, name: &str) -> Result<(), rustls::Error> {
         let name = ServerName::try_from(name.to_string()).expect("valid server name");
         verifier(ca)
-            .verify_server_cert(leaf, &[], &name, &[], UnixTime::now())
+            .verify_server_cert(leaf, &ca.minter.chain, &name, &[], UnixTime::now())
             .map(|_| ())
     }
 
-    /// Mints a leaf by hand with the CA's key, bypassing `server_config`'s check.
+    /// Mints a leaf by hand with the key on disk (the intermediate's, or an
+    /// older CA's root key), bypassing `server_config`'s check: what a
+    /// stolen `ca.key` could sign.
     fn mint(state: &Path, san: rcgen::SanType) -> CertificateDer<'static> {
         let key = KeyPair::from_pem(&fs::read_to_string(state.join("ca/ca.key")).expect("key"))
             .expect("key parses");
-        let cert = fs::read_to_string(state.join("ca/ca.crt")).expect("cert");
+        let cert = fs::read_to_string(state.join("ca/intermediate.crt"))
+            .or_else(|_| fs::read_to_string(state.join("ca/ca.crt")))
+            .expect("cert");
         let issuer = Issuer::from_ca_cert_pem(&cert, key).expect("issuer");
         let leaf_key = KeyPair::generate().expect("leaf key");
         let mut p = CertificateParams::default();
@@ -648,17 +844,21 @@ mod tests {
         let mut client = rustls::ClientConnection::new(Arc::new(cc), name).expect("client");
         let mut srv = rustls::ServerConnection::new(server).expect("server");
         for _ in 0..20 {
+            // `read_tls` takes at most one buffer's worth per call: feed
+            // each side all the other wrote.
             let mut buf = Vec::new();
             client.write_tls(&mut buf).expect("client writes");
-            if !buf.is_empty() {
-                srv.read_tls(&mut buf.as_slice()).expect("server reads");
+            let mut rd = buf.as_slice();
+            while !rd.is_empty() {
+                srv.read_tls(&mut rd).expect("server reads");
                 srv.process_new_packets()
                     .expect("server accepts the client");
             }
             let mut buf = Vec::new();
             srv.write_tls(&mut buf).expect("server writes");
-            if !buf.is_empty() {
-                client.read_tls(&mut buf.as_slice()).expect("client reads");
+            let mut rd = buf.as_slice();
+            while !rd.is_empty() {
+                client.read_tls(&mut rd).expect("client reads");
                 client
                     .process_new_packets()
                     .expect("client verifies the minted leaf against the local CA");
@@ -880,7 +1080,11 @@ mod tests {
         assert_eq!(excluded.len(), 2);
         let bc = x.basic_constraints().expect("bc").expect("bc present");
         assert!(bc.critical && bc.value.ca);
-        assert_eq!(bc.value.path_len_constraint, Some(0));
+        assert_eq!(
+            bc.value.path_len_constraint,
+            Some(1),
+            "the root signs one intermediate"
+        );
         let ku = x.key_usage().expect("ku").expect("ku present");
         assert!(ku.value.key_cert_sign() && ku.value.crl_sign() && !ku.value.digital_signature());
         let cn = x
@@ -899,6 +1103,75 @@ mod tests {
             e.parsed_extension(),
             ParsedExtension::UnsupportedExtension { .. }
         )));
+
+        // The intermediate: the same constraints, issued by the root, the
+        // end of the path; the key on disk is its own, the root's is gone.
+        assert_eq!(ca.minter.chain.len(), 1, "the proxy sends the intermediate");
+        let (_, i) =
+            x509_parser::parse_x509_certificate(ca.minter.chain[0].as_ref()).expect("parses");
+        assert_eq!(i.issuer(), x.subject());
+        let inc = i.name_constraints().expect("one").expect("present");
+        assert!(inc.critical);
+        assert_eq!(inc.value.permitted_subtrees, nc.value.permitted_subtrees);
+        assert_eq!(inc.value.excluded_subtrees, nc.value.excluded_subtrees);
+        let ibc = i.basic_constraints().expect("bc").expect("bc present");
+        assert!(ibc.critical && ibc.value.ca);
+        assert_eq!(ibc.value.path_len_constraint, Some(0));
+        let on_disk =
+            KeyPair::from_pem(&fs::read_to_string(t.path().join("ca/ca.key")).expect("key"))
+                .expect("key parses");
+        assert_eq!(
+            on_disk.public_key_raw(),
+            i.public_key().subject_public_key.data.as_ref()
+        );
+        assert_ne!(
+            on_disk.public_key_raw(),
+            x.public_key().subject_public_key.data.as_ref()
+        );
+        let files: Vec<String> = fs::read_dir(t.path().join("ca"))
+            .expect("dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        for f in &files {
+            let text = fs::read_to_string(t.path().join("ca").join(f)).unwrap_or_default();
+            assert!(
+                !text.contains("PRIVATE KEY") || f == "ca.key",
+                "{f} holds a private key"
+            );
+        }
+    }
+
+    #[test]
+    fn a_ca_made_before_intermediates_is_still_used() {
+        // The older layout: a self-signed CA whose own key is in ca.key.
+        let t = tempfile::tempdir().expect("tempdir");
+        let h = hosts(&["api.openai.com"]);
+        let wanted: BTreeSet<String> = h.iter().cloned().collect();
+        plant(t.path(), ca_params(&wanted));
+        let before = fs::read(t.path().join("ca/ca.crt")).expect("crt");
+        let (ca, st) = LocalCa::load_or_create(t.path(), &h).expect("load");
+        assert_eq!(st, CaStatus::Loaded);
+        assert_eq!(fs::read(t.path().join("ca/ca.crt")).expect("crt"), before);
+        assert!(ca.minter.chain.is_empty(), "no intermediate to send");
+        assert!(ca.self_check().is_ok());
+    }
+
+    #[test]
+    fn an_intermediate_the_root_did_not_sign_is_replaced() {
+        // A crash between writing a new CA's intermediate and its root.
+        let t = tempfile::tempdir().expect("tempdir");
+        let h = hosts(&["api.openai.com"]);
+        LocalCa::load_or_create(t.path(), &h).expect("create");
+        let old_root = fs::read(t.path().join("ca/ca.crt")).expect("crt");
+        let other = tempfile::tempdir().expect("tempdir");
+        LocalCa::load_or_create(other.path(), &h).expect("create");
+        for f in ["ca.key", "intermediate.crt"] {
+            fs::copy(other.path().join("ca").join(f), t.path().join("ca").join(f)).expect("copy");
+        }
+        let (ca, st) = LocalCa::load_or_create(t.path(), &h).expect("replaced");
+        assert!(matches!(st, CaStatus::Regenerated { .. }), "{st:?}");
+        assert_ne!(ca.cert_der().as_ref(), old_root.as_slice());
+        assert!(ca.self_check().is_ok());
     }
 
     #[tokio::test]

@@ -80,6 +80,8 @@ const APT: &[(&str, &str)] = &[
     ("sqlite3", "sqlite3"),
     // `tollgate top` is checked by reading its screen in tmux.
     ("tmux", "tmux"),
+    // The local CA is checked with the JDK's own certificate path validator.
+    ("java", "default-jdk-headless"),
 ];
 const BPF_LINKER_VERSION: &str = "0.10.4";
 /// The benchmark's peers, one virtualenv each under target/bench-venv
