@@ -283,16 +283,7 @@ impl LocalCa {
 
         // Two tollgate processes (`run` and `trust install`) must not both
         // generate a CA: hold an exclusive lock while deciding.
-        let lock_path = dir.join(LOCK_FILE);
-        let lock = fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .open(&lock_path)
-            .map_err(|e| CaError::io("open", &lock_path, e))?;
-        lock.lock()
-            .map_err(|e| CaError::io("lock", &lock_path, e))?;
+        let lock = lock_dir(&dir)?;
 
         let existing = match load_existing(&dir)? {
             Existing::Usable(files) => match LocalCa::build(&dir, files) {
@@ -333,11 +324,26 @@ impl LocalCa {
         if ca.minter.chain.is_empty() {
             tracing::warn!(
                 dir = %dir.display(),
-                "the local CA predates intermediate certificates: Java does not apply a trusted root's own name constraints, so for JVMs a stolen ca.key is unconstrained; to replace it, stop the agent, remove this directory, start the agent and run `tollgate trust install` again"
+                "the local CA predates intermediate certificates: Java does not apply a trusted root's own name constraints, so for JVMs a stolen ca.key is unconstrained; replace it with `tollgate trust rotate`, then restart the agent"
             );
         }
         ca.write_bundle()?;
         Ok((ca, status))
+    }
+
+    /// Replaces the CA under `state_dir` with a new one covering `hosts`
+    /// (the old certificate is kept as `ca.crt.old`): for a CA made before
+    /// intermediates, or one to retire. Clients must trust the new root,
+    /// and a running agent keeps signing with the old CA until restarted.
+    pub fn rotate(state_dir: &Path, hosts: &[String]) -> Result<LocalCa, CaError> {
+        let wanted = normalize_hosts(hosts)?;
+        let dir = state_dir.join(CA_DIR);
+        fs::create_dir_all(&dir).map_err(|e| CaError::io("create directory", &dir, e))?;
+        let lock = lock_dir(&dir)?;
+        let ca = LocalCa::build(&dir, create(&dir, &wanted, true)?)?;
+        drop(lock);
+        ca.write_bundle()?;
+        Ok(ca)
     }
 
     fn build(dir: &Path, files: CaFiles) -> Result<LocalCa, CaError> {
@@ -500,6 +506,22 @@ enum Existing {
     Unusable(String),
     Usable(CaFiles),
     Built(Box<LocalCa>),
+}
+
+/// Holds `dir/.lock` exclusively (released when dropped): two tollgate
+/// processes (`run` and `trust install`) must not both make a CA.
+fn lock_dir(dir: &Path) -> Result<fs::File, CaError> {
+    let lock_path = dir.join(LOCK_FILE);
+    let lock = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&lock_path)
+        .map_err(|e| CaError::io("open", &lock_path, e))?;
+    lock.lock()
+        .map_err(|e| CaError::io("lock", &lock_path, e))?;
+    Ok(lock)
 }
 
 fn read_opt(path: &Path) -> Result<Option<String>, CaError> {

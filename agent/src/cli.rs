@@ -169,6 +169,13 @@ pub enum TrustCommand {
         #[arg(long, default_value = "/")]
         root: PathBuf,
     },
+    /// Replace the local CA with a new one (kept: the old certificate as
+    /// ca.crt.old) and install it; then restart the agent.
+    Rotate {
+        /// As for `install`.
+        #[arg(long, default_value = "/")]
+        root: PathBuf,
+    },
     /// Remove the local CA from the system trust store.
     Uninstall {
         #[arg(long, default_value = "/")]
@@ -296,6 +303,18 @@ pub fn trust(cfg: &Config, cmd: &TrustCommand) -> Result<(), CmdError> {
             for line in trust::install(&ca, root)? {
                 println!("{line}");
             }
+        }
+        TrustCommand::Rotate { root } => {
+            check_state_dir(cfg)?;
+            let hosts: Vec<String> = provider_hosts(cfg).into_iter().map(|h| h.host).collect();
+            let ca = LocalCa::rotate(&cfg.state_dir, &hosts)?;
+            println!("replaced the local CA in {}", ca.cert_path().display());
+            for line in trust::install(&ca, root)? {
+                println!("{line}");
+            }
+            println!(
+                "restart the agent now (systemctl restart tollgate): until then it signs with the old CA, which clients no longer trust"
+            );
         }
         TrustCommand::Uninstall { root } => {
             for line in trust::uninstall(&cfg.state_dir, root)? {

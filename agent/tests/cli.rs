@@ -268,3 +268,43 @@ fn trust_env_is_read_only_and_any_user_may_ask() {
     assert_eq!(o.status.code(), Some(77), "{}", text(&o));
     assert!(text(&o).contains("writable by other users"), "{}", text(&o));
 }
+
+#[test]
+fn trust_rotate_replaces_the_ca_and_installs_the_new_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let cfg = dir.path().join("t.toml");
+    std::fs::write(&cfg, format!("state_dir = {state:?}\n")).unwrap();
+    let root = dir.path().join("root");
+    std::fs::create_dir_all(&root).unwrap();
+    let run = |args: &[&str]| {
+        tollgate()
+            .arg("--config")
+            .arg(&cfg)
+            .args(args)
+            .arg("--root")
+            .arg(&root)
+            .output()
+            .unwrap()
+    };
+    let o = run(&["trust", "install"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let ca = state.join("ca");
+    let before = std::fs::read_to_string(ca.join("ca.crt")).unwrap();
+    let o = run(&["trust", "rotate"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("restart the agent"), "{}", text(&o));
+    let after = std::fs::read_to_string(ca.join("ca.crt")).unwrap();
+    assert_ne!(after, before, "a new root");
+    assert_eq!(
+        std::fs::read_to_string(ca.join("ca.crt.old")).unwrap(),
+        before
+    );
+    assert!(ca.join("intermediate.crt").is_file());
+    let anchor = root.join("usr/local/share/ca-certificates/tollgate-local-ca.crt");
+    assert_eq!(
+        std::fs::read_to_string(anchor).unwrap(),
+        after,
+        "the new root is installed"
+    );
+}
