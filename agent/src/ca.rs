@@ -672,19 +672,21 @@ fn hostname() -> String {
         .unwrap_or_else(|| "unknown host".into())
 }
 
-/// The CA parameters: critical name constraints, CA with pathlen 0 (the
-/// root raises it to 1 for its intermediate), keyCertSign + cRLSign, ten
-/// years.
+/// The parameters of a CA made before intermediates (tests plant them).
+#[cfg(test)]
 fn ca_params(hosts: &BTreeSet<String>) -> CertificateParams {
+    ca_params_named(hosts, "tollgate local CA", 0)
+}
+
+/// CA parameters: critical name constraints, CA with `path_len` (1 for the
+/// root, 0 for the intermediate), keyCertSign + cRLSign, ten years.
+fn ca_params_named(hosts: &BTreeSet<String>, name: &str, path_len: u8) -> CertificateParams {
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
-    dn.push(
-        DnType::CommonName,
-        format!("tollgate local CA ({})", hostname()),
-    );
+    dn.push(DnType::CommonName, format!("{name} ({})", hostname()));
     dn.push(DnType::OrganizationName, "tollgate");
     params.distinguished_name = dn;
-    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(path_len));
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     let now = time::OffsetDateTime::now_utc();
     params.not_before = now - time::Duration::hours(1);
@@ -707,19 +709,11 @@ fn ca_params(hosts: &BTreeSet<String>) -> CertificateParams {
 /// load detects and replaces.
 fn create(dir: &Path, hosts: &BTreeSet<String>, keep_old: bool) -> Result<CaFiles, CaError> {
     let root_key = KeyPair::generate()?;
-    let mut root_params = ca_params(hosts);
-    root_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
+    let root_params = ca_params_named(hosts, "tollgate local CA", 1);
     let root_pem = root_params.self_signed(&root_key)?.pem();
     let root_issuer = Issuer::new(root_params, root_key);
     let key = KeyPair::generate()?;
-    let mut int_params = ca_params(hosts);
-    let mut dn = DistinguishedName::new();
-    dn.push(
-        DnType::CommonName,
-        format!("tollgate local CA intermediate ({})", hostname()),
-    );
-    dn.push(DnType::OrganizationName, "tollgate");
-    int_params.distinguished_name = dn;
+    let mut int_params = ca_params_named(hosts, "tollgate local CA intermediate", 0);
     int_params.use_authority_key_identifier_extension = true;
     let intermediate_pem = int_params.signed_by(&key, &root_issuer)?.pem();
     drop(root_issuer);

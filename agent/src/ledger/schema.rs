@@ -16,7 +16,7 @@ use crate::meter::{Attribution, Usage, UsageRecord};
 pub const SCHEMA_VERSION: i64 = 3;
 
 /// Migration `i` brings the schema from version `i` to `i + 1`.
-pub(crate) const MIGRATIONS: &[&str] = &[
+const MIGRATIONS: &[&str] = &[
     r#"
 CREATE TABLE requests (
     id                       INTEGER PRIMARY KEY,
@@ -307,6 +307,26 @@ pub fn from_row(row: &Row<'_>) -> rusqlite::Result<UsageRecord> {
     })
 }
 
+/// A ledger at schema 2 (before the hour-long cache writes) holding one
+/// Anthropic row with 40 cache-write tokens and team `infra`.
+#[cfg(test)]
+pub(crate) fn version_2_with_one_row(conn: &Connection) {
+    for (v, step) in MIGRATIONS[..2].iter().enumerate() {
+        conn.execute_batch(step).expect("old step");
+        conn.pragma_update(None, "user_version", v as i64 + 1)
+            .expect("version");
+    }
+    conn.execute(
+        "INSERT INTO requests (started_at_ms, started_at, duration_ms, provider, host, \
+         operation, method, path, status, streaming, input_tokens, output_tokens, \
+         cached_input_tokens, cache_write_input_tokens, reasoning_tokens, estimated, \
+         pid, uid, cgroup_id, comm, team) VALUES (1, 't', 2, 'anthropic', 'h', 'chat', \
+         'POST', '/v1/messages', 200, 0, 100, 10, 0, 40, 0, 0, 1, 0, 0, 'c', 'infra')",
+        [],
+    )
+    .expect("old row");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -330,20 +350,7 @@ mod tests {
     #[test]
     fn a_version_2_ledger_keeps_its_rows_and_gains_the_hour_long_cache_writes() {
         let mut conn = Connection::open_in_memory().expect("memory db");
-        for (v, step) in MIGRATIONS[..2].iter().enumerate() {
-            conn.execute_batch(step).expect("old step");
-            conn.pragma_update(None, "user_version", v as i64 + 1)
-                .expect("version");
-        }
-        conn.execute(
-            "INSERT INTO requests (started_at_ms, started_at, duration_ms, provider, host, \
-             operation, method, path, status, streaming, input_tokens, output_tokens, \
-             cached_input_tokens, cache_write_input_tokens, reasoning_tokens, estimated, \
-             pid, uid, cgroup_id, comm) VALUES (1, 't', 2, 'anthropic', 'h', 'chat', 'POST', \
-             '/v1/messages', 200, 0, 100, 10, 0, 40, 0, 0, 1, 0, 0, 'c')",
-            [],
-        )
-        .expect("old row");
+        version_2_with_one_row(&conn);
         migrate(&mut conn).expect("migrates");
         let mut stmt = conn.prepare(&select_sql()).expect("select");
         let rows: Vec<UsageRecord> = stmt

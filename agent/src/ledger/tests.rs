@@ -599,20 +599,7 @@ fn an_older_ledger_is_read_without_migrating_it() {
     let path = t.path().join("ledger.sqlite");
     {
         let conn = rusqlite::Connection::open(&path).expect("create");
-        for (v, step) in super::schema::MIGRATIONS[..2].iter().enumerate() {
-            conn.execute_batch(step).expect("old step");
-            conn.pragma_update(None, "user_version", v as i64 + 1)
-                .expect("version");
-        }
-        conn.execute(
-            "INSERT INTO requests (started_at_ms, started_at, duration_ms, provider, host, \
-             operation, method, path, status, streaming, input_tokens, output_tokens, \
-             cached_input_tokens, cache_write_input_tokens, reasoning_tokens, estimated, \
-             pid, uid, cgroup_id, comm, team) VALUES (1, 't', 2, 'anthropic', 'h', 'chat', \
-             'POST', '/v1/messages', 200, 0, 100, 10, 0, 40, 0, 0, 1, 0, 0, 'c', 'infra')",
-            [],
-        )
-        .expect("old row");
+        super::schema::version_2_with_one_row(&conn);
     }
     let l = Ledger::open_read_only(&path).expect("opens read-only");
     let rows = l.query(&Filter::default()).expect("query");

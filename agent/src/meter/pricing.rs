@@ -570,6 +570,22 @@ impl PriceBook {
     }
 }
 
+/// The model names a request is priced by, in order: the response's (a
+/// dated snapshot) first, except on Azure, where the request names the
+/// deployment and a price given for a deployment is the more specific.
+pub fn price_order<'a>(
+    provider: &str,
+    response: Option<&'a str>,
+    request: Option<&'a str>,
+) -> Vec<&'a str> {
+    let order = if provider == "azure-openai" {
+        [request, response]
+    } else {
+        [response, request]
+    };
+    order.into_iter().flatten().collect()
+}
+
 /// The lookup key of a model name, for catalogue keys and queries alike:
 /// lower case, percent-escapes of `:` and `/` decoded, the last path
 /// segment (`models/gemini-2.5-flash`, ARNs, `openai/gpt-4o`), no `@date`
@@ -1167,8 +1183,15 @@ output = 15.0
             "[[models]]\nprovider = \"azure-openai\"\nmodel = \"gpt4o-ptu\"\ninput = 0\noutput = 0\n",
         );
         let u = usage(1000, 0, 0, 1000, 0);
-        // The response names the model, the request the deployment.
-        let c = book.cost_of_any("azure-openai", &["gpt-4o-2024-11-20", "gpt4o-ptu"], NOW, &u);
+        // The response names the model, the request the deployment; the
+        // deployment is looked up first on Azure, the model elsewhere.
+        let order = price_order("azure-openai", Some("gpt-4o-2024-11-20"), Some("gpt4o-ptu"));
+        assert_eq!(order, ["gpt4o-ptu", "gpt-4o-2024-11-20"]);
+        assert_eq!(
+            price_order("openai", Some("gpt-4o-2024-11-20"), Some("gpt-4o")),
+            ["gpt-4o-2024-11-20", "gpt-4o"]
+        );
+        let c = book.cost_of_any("azure-openai", &order, NOW, &u);
         assert_eq!(c, Some(0.0));
         // Another deployment answers at OpenAI's price of its model.
         let c = book

@@ -515,16 +515,11 @@ impl Draft {
         let error = parsed.error.take().or(error).or_else(|| {
             (ok && parsed.usage.is_none() && !estimated).then(|| "usage_missing".to_string())
         });
-        // Priced by the response's model (a dated snapshot) first, except
-        // on Azure, where the request names the deployment: a price given
-        // for a deployment is the more specific one.
-        let (response, request) = (parsed.response_model.as_deref(), self.info.model.as_deref());
-        let order = if provider == "azure-openai" {
-            [request, response]
-        } else {
-            [response, request]
-        };
-        let models: Vec<&str> = order.into_iter().flatten().collect();
+        let models = crate::meter::pricing::price_order(
+            provider,
+            parsed.response_model.as_deref(),
+            self.info.model.as_deref(),
+        );
         let priced = models.first().copied();
         let prices = &self.ctx.state.prices;
         // A successful answer whose counts are unknown (no usage, nothing
