@@ -1274,7 +1274,9 @@ output = 15.0
     }
 
     fn arb_usage() -> impl Strategy<Value = Usage> {
-        (0u64..1 << 30, 0u64..1 << 30)
+        // Prompts on both sides of the catalogue's 200k long-context
+        // thresholds, not only the huge ones a uniform draw gives.
+        (prop_oneof![0u64..1 << 30, 0u64..400_000], 0u64..1 << 30)
             .prop_flat_map(|(input, output)| {
                 (
                     Just(input),
@@ -1366,12 +1368,32 @@ output = 15.0
             prop_assert!(close(cab, ca + cb), "{cab} != {ca} + {cb}");
         }
 
+        /// Two requests cost what their sum costs, as long as all three
+        /// are priced at the same tier. A long-context tier prices a whole
+        /// request at its rates once the prompt passes the threshold, so a
+        /// sum that crosses it costs more than its parts, never less.
         #[test]
-        fn catalogue_costs_are_additive(a in arb_usage(), b in arb_usage()) {
+        fn catalogue_costs_are_additive_within_a_tier(a in arb_usage(), b in arb_usage()) {
             let book = PriceBook::builtin();
-            for (pr, m) in [("anthropic", "claude-opus-4-5"), ("openai", "gpt-5"), ("gemini", "gemini-2.5-pro")] {
+            for (pr, m) in [
+                ("anthropic", "claude-opus-4-5"),
+                ("openai", "gpt-5"),
+                ("gemini", "gemini-2.5-pro"),
+                ("anthropic", "claude-sonnet-4-5"),
+            ] {
                 let c = |u: &Usage| book.cost(pr, m, NOW, u).expect("priced");
-                prop_assert!(close(c(&add(&a, &b)), c(&a) + c(&b)));
+                let sum = add(&a, &b);
+                let (cab, ca, cb) = (c(&sum), c(&a), c(&b));
+                let tier = |u: &Usage| {
+                    book.price_at(pr, m, NOW)
+                        .and_then(|p| p.long)
+                        .is_some_and(|l| u.input_tokens > l.above)
+                };
+                if tier(&a) == tier(&sum) && tier(&b) == tier(&sum) {
+                    prop_assert!(close(cab, ca + cb), "{m}: {cab} != {ca} + {cb}");
+                } else {
+                    prop_assert!(cab >= ca + cb, "{m}: crossing the tier: {cab} < {ca} + {cb}");
+                }
             }
         }
 
