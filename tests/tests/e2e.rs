@@ -510,11 +510,13 @@ fn a_client_that_leaves_before_the_answer_still_has_its_input_counted() {
     let client = w.client(&[]);
     let script = r#"
 import openai
-c = openai.OpenAI(api_key="sk-test", max_retries=0, timeout=1.0)
+# Long enough for the handshake and the agent's first upstream connection
+# on a loaded machine; the answer's head comes far later.
+c = openai.OpenAI(api_key="sk-test", max_retries=0, timeout=3.0)
 try:
     c.chat.completions.create(model="gpt-4o-mini", max_tokens=50,
         messages=[{"role": "user", "content": "summarise this: " + "lorem ipsum dolor " * 300}],
-        extra_headers={"x-fake-head-delay-ms": "4000"})
+        extra_headers={"x-fake-head-delay-ms": "20000"})
     raise SystemExit("answered before the timeout")
 except openai.APITimeoutError:
     pass
@@ -552,6 +554,10 @@ fn a_client_that_leaves_while_the_agent_is_still_connecting_is_not_billed() {
                     Err(_) => std::thread::sleep(Duration::from_millis(20)),
                 }
             }
+            // And what the backlog still holds.
+            while let Ok((conn, _)) = silent.accept() {
+                held.push(conn);
+            }
             held.len()
         })
     };
@@ -576,7 +582,7 @@ fn a_client_that_leaves_while_the_agent_is_still_connecting_is_not_billed() {
         "curl",
         "-sS",
         "--max-time",
-        "2",
+        "5",
         "-H",
         "Content-Type: application/json",
         "-d",
@@ -725,7 +731,7 @@ fn a_request_past_the_body_budget_is_forwarded_unparsed_and_still_counted() {
     let client = w.client(&[]);
     let script = r#"
 import json, threading, time, urllib.request
-def call(model, stream, delay=None, words=1000):
+def call(model, stream, delay=None, words=1000, opened=None):
     body = {"model": model, "messages": [{"role": "user", "content": "word " * words}],
             "max_tokens": 10, "stream": stream}
     h = {"Content-Type": "application/json", "Authorization": "Bearer sk-test-BUDGET-1"}
@@ -733,24 +739,31 @@ def call(model, stream, delay=None, words=1000):
         h["x-fake-chunk-delay-ms"] = str(delay)
     req = urllib.request.Request("https://api.openai.com/v1/chat/completions",
         data=json.dumps(body).encode(), headers=h)
-    return urllib.request.urlopen(req, timeout=60).read().decode()
+    resp = urllib.request.urlopen(req, timeout=60)
+    # The response's head comes after the agent has read the whole body
+    # and sent it on: from here the stream holds (or not) its share.
+    if opened:
+        opened.set()
+    return resp.read().decode()
 out = {}
+a_open = threading.Event()
 def a():
-    out["a"] = call("gpt-4o-mini", True, 300)
+    out["a"] = call("gpt-4o-mini", True, 300, opened=a_open)
 t = threading.Thread(target=a)
 t.start()
-time.sleep(1.0)
+assert a_open.wait(30), "stream a never answered"
 out["b"] = json.loads(call("gpt-4o", False))["usage"]
 t.join()
 out["c"] = json.loads(call("gpt-4.1", False))["usage"]
 out["a"] = "[DONE]" in out["a"]
 # A body over max_request_body is forwarded as it arrives and not kept:
 # it does not hold the budget while its stream runs.
+d_open = threading.Event()
 def d():
-    out["d"] = "[DONE]" in call("gpt-4.1-nano", True, 300, words=1400)
+    out["d"] = "[DONE]" in call("gpt-4.1-nano", True, 300, words=1400, opened=d_open)
 t = threading.Thread(target=d)
 t.start()
-time.sleep(1.0)
+assert d_open.wait(30), "stream d never answered"
 out["e"] = json.loads(call("gpt-4.1-mini", False))["usage"]
 t.join()
 # An Anthropic stream reports its input tokens in its first event: from

@@ -356,6 +356,12 @@ fn test(no_lint: bool, args: &[String]) -> Result<()> {
             "TOLLGATE_NODE_MODULES",
             root().join("target/e2e-node/node_modules"),
         );
+    if let Some(seed) = proptest_seed() {
+        eprintln!(
+            "xtask: property tests draw from seed {seed} (set PROPTEST_RNG_SEED to choose another)"
+        );
+        t.env("PROPTEST_RNG_SEED", seed.to_string());
+    }
     t.arg("--");
     if is_root() {
         eprintln!(
@@ -374,6 +380,28 @@ fn test(no_lint: bool, args: &[String]) -> Result<()> {
     }
     t.args(args);
     run(&mut t)
+}
+
+/// The seed of the property tests' random inputs: `PROPTEST_RNG_SEED` when
+/// set, else one taken from the commit being tested, so that a commit's
+/// test run draws the same inputs every time (a run that passed before
+/// landing passes in CI) and each new commit draws new ones. `None` (a
+/// fresh seed per test) outside a git checkout.
+fn proptest_seed() -> Option<u64> {
+    if let Some(s) = std::env::var_os("PROPTEST_RNG_SEED") {
+        return s.to_str()?.parse().ok();
+    }
+    let out = Command::new("git")
+        .args(["rev-parse", "HEAD"])
+        .current_dir(root())
+        .output()
+        .ok()?;
+    commit_seed(std::str::from_utf8(&out.stdout).ok()?)
+}
+
+/// The first 16 hex digits of a commit id, as a number.
+fn commit_seed(commit: &str) -> Option<u64> {
+    u64::from_str_radix(commit.trim().get(..16)?, 16).ok()
 }
 
 fn demo() -> Result<()> {
@@ -528,7 +556,17 @@ fn main() -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::{available_gib, make_venv};
+    use super::{available_gib, commit_seed, make_venv};
+
+    #[test]
+    fn the_seed_comes_from_the_commit_id() {
+        assert_eq!(
+            commit_seed("c945058a1b2c3d4e5f60718293a4b5c6d7e8f901\n"),
+            Some(0xc945_058a_1b2c_3d4e)
+        );
+        assert_eq!(commit_seed("c945058"), None, "too short");
+        assert_eq!(commit_seed("not a commit id at all"), None);
+    }
 
     #[test]
     fn a_half_made_virtualenv_is_made_afresh() {

@@ -320,15 +320,13 @@ mod tests {
         let (release, lookup) = silent(&calls);
         let hosts = vec!["slow.example".to_owned()];
         let busy = InFlight::default();
-        let run = |lookup: Lookup| {
-            look_up_all(
-                hosts.clone(),
-                Duration::from_millis(50),
-                busy.clone(),
-                move |h: &str| lookup(h),
-            )
+        let run = |lookup: Lookup, timeout: Duration| {
+            look_up_all(hosts.clone(), timeout, busy.clone(), move |h: &str| {
+                lookup(h)
+            })
         };
-        let first = run(lookup.clone()).await;
+        let short = Duration::from_millis(50);
+        let first = run(lookup.clone(), short).await;
         assert!(
             first[0]
                 .1
@@ -338,7 +336,7 @@ mod tests {
         );
         // A refresh while the first lookup still blocks its thread: no new
         // thread, an error at once.
-        let second = run(lookup.clone()).await;
+        let second = run(lookup.clone(), short).await;
         assert!(
             second[0]
                 .1
@@ -347,6 +345,12 @@ mod tests {
                 .contains("has not returned"),
             "{second:?}"
         );
+        // (The first lookup's thread may start after its 50 ms are up.)
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while calls.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            assert!(std::time::Instant::now() < deadline, "never looked up");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
         // Once it returns, the host is looked up again.
         drop(release);
@@ -358,7 +362,9 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        let third = run(lookup).await;
+        // Time enough for a blocking thread to start on a loaded machine:
+        // this checks that it is looked up again, not how fast.
+        let third = run(lookup, Duration::from_secs(10)).await;
         assert!(
             third[0].1.as_ref().unwrap_err().contains("released"),
             "{third:?}"
