@@ -101,6 +101,8 @@ pub enum ByArg {
     Model,
     Team,
     Provider,
+    /// The service tier that served the request.
+    Tier,
 }
 
 impl From<ByArg> for GroupBy {
@@ -112,6 +114,7 @@ impl From<ByArg> for GroupBy {
             ByArg::Model => GroupBy::Model,
             ByArg::Team => GroupBy::Team,
             ByArg::Provider => GroupBy::Provider,
+            ByArg::Tier => GroupBy::Tier,
         }
     }
 }

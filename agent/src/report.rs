@@ -35,6 +35,8 @@ pub enum GroupBy {
     Model,
     Team,
     Provider,
+    /// The service tier that served the request (`default`, `flex`, ...).
+    Tier,
 }
 
 impl GroupBy {
@@ -54,6 +56,7 @@ impl GroupBy {
             GroupBy::Model => "MODEL",
             GroupBy::Team => "TEAM",
             GroupBy::Provider => "PROVIDER",
+            GroupBy::Tier => "TIER",
         }
     }
 
@@ -66,6 +69,7 @@ impl GroupBy {
             GroupBy::Model => "Model",
             GroupBy::Team => "Team",
             GroupBy::Provider => "Provider",
+            GroupBy::Tier => "Service tier",
         }
     }
 
@@ -77,6 +81,7 @@ impl GroupBy {
             GroupBy::Model => cell(r.model.as_deref().or(r.response_model.as_deref())),
             GroupBy::Team => cell(r.who.team.as_deref()),
             GroupBy::Provider => cell(Some(r.provider.as_str())),
+            GroupBy::Tier => cell(r.service_tier.as_deref()),
         }
     }
 }
@@ -766,5 +771,13 @@ mod tests {
             "{c}"
         );
         assert!(lines.contains(&"acme/lib,gpt-4o,1,5,2,,0"), "{c}");
+
+        // By service tier: records that name none are `-`.
+        let mut tiered = recs.clone();
+        tiered[0].service_tier = Some("flex".into());
+        let t = render_by(&tiered, ReportFormat::Table, &[GroupBy::Tier]);
+        assert!(t.lines().next().unwrap().starts_with("TIER"), "{t}");
+        assert_eq!(row(&t, "flex")[1], "1", "{t}");
+        assert_eq!(row(&t, "-")[1], "2", "{t}");
     }
 }

@@ -77,6 +77,7 @@ fn rec(
         cost_usd: None,
         who: who().into(),
         error: None,
+        service_tier: None,
     }
 }
 

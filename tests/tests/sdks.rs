@@ -87,6 +87,45 @@ assert r.usage.completion_tokens == 11, r.usage
 
 #[test]
 #[ignore = "needs root, cgroup v2 and BPF"]
+fn openai_service_tiers_are_recorded_and_priced_at_their_own_rates() {
+    let w = World::start("tiers", 32);
+    let client = w.client(&[]);
+    ok(
+        &client.python(
+            r#"
+import openai
+c = openai.OpenAI(api_key="sk-test", max_retries=0)
+r = c.chat.completions.create(model="gpt-5", service_tier="flex", max_tokens=40,
+    messages=[{"role": "user", "content": "cheap and slow is fine"}])
+assert r.service_tier == "flex", r.service_tier
+s = c.chat.completions.create(model="gpt-5", service_tier="priority", max_tokens=30, stream=True,
+    messages=[{"role": "user", "content": "fast please"}])
+assert "".join(ch.choices[0].delta.content or "" for ch in s if ch.choices).count("tok") == 30
+d = c.chat.completions.create(model="gpt-5", max_tokens=20,
+    messages=[{"role": "user", "content": "whatever is usual"}])
+assert d.service_tier == "default", d.service_tier
+"#,
+        ),
+        "python openai service tiers",
+    );
+    w.assert_ledger_matches_provider(3);
+    let rows = w.agent.wait_for_records(3);
+    // USD per million tokens of gpt-5 by tier: (input, output).
+    for (r, tier, (input, output)) in [
+        (&rows[0], "flex", (0.625, 5.0)),
+        (&rows[1], "priority", (2.5, 20.0)),
+        (&rows[2], "default", (1.25, 10.0)),
+    ] {
+        assert_eq!(s(r, "service_tier"), tier, "{r}");
+        let n = |k: &str| r[k].as_u64().unwrap() as f64;
+        let want = (n("input_tokens") * input + n("output_tokens") * output) / 1e6;
+        let got = r["cost_usd"].as_f64().expect("priced");
+        assert!((got - want).abs() < 1e-12, "{tier}: {got} != {want}: {r}");
+    }
+}
+
+#[test]
+#[ignore = "needs root, cgroup v2 and BPF"]
 fn anthropic_python_sdk_messages_stream_and_count_tokens() {
     let w = World::start("anthropic", 13);
     let client = w.client(&[]);

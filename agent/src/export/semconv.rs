@@ -28,6 +28,8 @@ pub const GEN_AI_TOKEN_MODALITY: &str = "gen_ai.token.modality";
 pub const SERVER_ADDRESS: &str = "server.address";
 pub const SERVER_PORT: &str = "server.port";
 pub const ERROR_TYPE: &str = "error.type";
+/// OpenAI (and Azure OpenAI): the service tier that served the request.
+pub const OPENAI_RESPONSE_SERVICE_TIER: &str = "openai.response.service_tier";
 
 // CI attribution.
 pub const CICD_PIPELINE_NAME: &str = "cicd.pipeline.name";
@@ -253,6 +255,11 @@ pub fn request_attributes(rec: &UsageRecord, high_cardinality: bool) -> Vec<KeyV
     }
     if rec.estimated {
         out.push(KeyValue::new(TOLLGATE_ESTIMATED, true));
+    }
+    if matches!(rec.provider.as_str(), "openai" | "azure-openai")
+        && let Some(t) = rec.service_tier.as_deref().filter(|t| !t.is_empty())
+    {
+        out.push(KeyValue::new(OPENAI_RESPONSE_SERVICE_TIER, t.to_string()));
     }
     scope_attributes(&rec.who, &mut out);
     if high_cardinality {

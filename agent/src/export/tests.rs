@@ -511,6 +511,26 @@ fn attribution_attributes() {
         .find(|kv| kv.key.as_str() == "tollgate.estimated")
         .map(|kv| kv.value.to_string());
     assert_eq!(mark.as_deref(), Some("true"));
+    // The OpenAI convention's service tier, on OpenAI-family records only.
+    let tier = |provider: &str| {
+        let r = UsageRecord {
+            provider: provider.into(),
+            service_tier: Some("flex".into()),
+            ..rec.clone()
+        };
+        sc::request_attributes(&r, false)
+            .iter()
+            .find(|kv| kv.key.as_str() == "openai.response.service_tier")
+            .map(|kv| kv.value.to_string())
+    };
+    assert_eq!(tier("openai").as_deref(), Some("flex"));
+    assert_eq!(tier("azure-openai").as_deref(), Some("flex"));
+    assert_eq!(tier("anthropic"), None);
+    assert!(
+        !keys(false)
+            .iter()
+            .any(|k| k == "openai.response.service_tier")
+    );
 }
 
 mod audit_log {

@@ -299,7 +299,13 @@ impl Ledger {
             }
             Err(e) => return Err(err(e)),
         };
-        if found > SCHEMA_VERSION {
+        let compatible = || {
+            schema::oldest_compatible(&conn)
+                .ok()
+                .flatten()
+                .is_some_and(|oldest| oldest <= SCHEMA_VERSION)
+        };
+        if found > SCHEMA_VERSION && !compatible() {
             return Err(LedgerError::TooNew {
                 path: path.to_path_buf(),
                 found,

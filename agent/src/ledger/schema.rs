@@ -13,7 +13,16 @@ use rusqlite::{Connection, Row, ToSql};
 use crate::meter::{Attribution, Usage, UsageRecord};
 
 /// The schema version this build writes (SQLite `user_version`).
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
+
+/// The oldest schema version whose builds may still read and write a file
+/// of this build's schema: every migration since only added columns with
+/// defaults, which an older build's inserts leave to their default and its
+/// selects do not name. A migration that changes what an older build
+/// relies on raises it. Kept in the file (`tollgate_meta`), so that a
+/// rolled-back agent at or above it keeps using a newer ledger instead of
+/// refusing it.
+pub const OLDEST_COMPATIBLE: i64 = 4;
 
 /// Migration `i` brings the schema from version `i` to `i + 1`.
 const MIGRATIONS: &[&str] = &[
@@ -68,6 +77,10 @@ ALTER TABLE requests ADD COLUMN team TEXT;
     r#"
 ALTER TABLE requests ADD COLUMN cache_write_1h_input_tokens INTEGER NOT NULL DEFAULT 0;
 "#,
+    r#"
+ALTER TABLE requests ADD COLUMN service_tier TEXT;
+CREATE TABLE tollgate_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+"#,
 ];
 
 /// Every column but `id`, in the order `bind` writes and `from_row` reads.
@@ -112,6 +125,7 @@ pub const COLUMNS: &[&str] = &[
     "container_id",
     "team",
     "cache_write_1h_input_tokens",
+    "service_tier",
 ];
 
 /// What `migrate` found.
@@ -132,7 +146,12 @@ impl From<rusqlite::Error> for MigrateError {
 pub fn migrate(conn: &mut Connection) -> Result<(), MigrateError> {
     let mut version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
     if version > SCHEMA_VERSION {
-        return Err(MigrateError::TooNew(version));
+        // A newer build's file: usable as it is when that build says this
+        // one is still compatible (its migrations since only added columns).
+        return match oldest_compatible(conn)? {
+            Some(oldest) if oldest <= SCHEMA_VERSION => Ok(()),
+            _ => Err(MigrateError::TooNew(version)),
+        };
     }
     while version < SCHEMA_VERSION {
         let step = usize::try_from(version).unwrap_or(usize::MAX);
@@ -141,11 +160,40 @@ pub fn migrate(conn: &mut Connection) -> Result<(), MigrateError> {
         };
         let tx = conn.transaction()?;
         tx.execute_batch(sql)?;
+        if version + 1 == SCHEMA_VERSION {
+            tx.execute(
+                "INSERT OR REPLACE INTO tollgate_meta (key, value) VALUES ('oldest_compatible', ?1)",
+                [OLDEST_COMPATIBLE],
+            )?;
+        }
         tx.pragma_update(None, "user_version", version + 1)?;
         tx.commit()?;
         version += 1;
     }
     Ok(())
+}
+
+/// The oldest schema version a file says it is compatible with (see
+/// [`OLDEST_COMPATIBLE`]); `None` for a file from before the
+/// `tollgate_meta` table.
+pub fn oldest_compatible(conn: &Connection) -> rusqlite::Result<Option<i64>> {
+    let has_meta: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'tollgate_meta')",
+        [],
+        |r| r.get(0),
+    )?;
+    if !has_meta {
+        return Ok(None);
+    }
+    match conn.query_row(
+        "SELECT value FROM tollgate_meta WHERE key = 'oldest_compatible'",
+        [],
+        |r| r.get(0),
+    ) {
+        Ok(v) => Ok(Some(v)),
+        Err(rusqlite::Error::QueryReturnedNoRows) => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 /// `INSERT INTO requests (...) VALUES (?1, ...)`.
@@ -173,6 +221,7 @@ const ADDED: &[(&str, i64, &str)] = &[
     ("container_id", 2, "NULL"),
     ("team", 2, "NULL"),
     ("cache_write_1h_input_tokens", 3, "0"),
+    ("service_tier", 4, "NULL"),
 ];
 
 /// The select of a file at schema `version` (read-only opens cannot
@@ -252,6 +301,7 @@ pub fn bind<R>(r: &UsageRecord, f: impl FnOnce(&[&dyn ToSql]) -> R) -> R {
         &w.container_id,
         &w.team,
         &tokens[5],
+        &r.service_tier,
     ])
 }
 
@@ -304,6 +354,7 @@ pub fn from_row(row: &Row<'_>) -> rusqlite::Result<UsageRecord> {
         }),
         error: row.get(c(33))?,
         ttfb_ms: row.get::<_, Option<i64>>(c(34))?.map(uncount),
+        service_tier: row.get(c(40))?,
     })
 }
 
@@ -344,7 +395,38 @@ mod tests {
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .expect("version");
         assert_eq!(v, SCHEMA_VERSION);
+        assert_eq!(
+            oldest_compatible(&conn).expect("meta"),
+            Some(OLDEST_COMPATIBLE)
+        );
         migrate(&mut conn).expect("migrating twice is a no-op");
+    }
+
+    #[test]
+    fn a_version_3_ledger_keeps_its_rows_and_gains_the_service_tier() {
+        let mut conn = Connection::open_in_memory().expect("memory db");
+        version_2_with_one_row(&conn);
+        conn.execute_batch(MIGRATIONS[2]).expect("step 3");
+        conn.pragma_update(None, "user_version", 3)
+            .expect("version");
+        conn.execute("UPDATE requests SET cache_write_1h_input_tokens = 30", [])
+            .expect("v3 value");
+        assert_eq!(oldest_compatible(&conn).expect("no meta yet"), None);
+        migrate(&mut conn).expect("migrates");
+        let rows: Vec<UsageRecord> = conn
+            .prepare(&select_sql())
+            .expect("select")
+            .query_map([], from_row)
+            .expect("query")
+            .collect::<Result<_, _>>()
+            .expect("rows");
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].usage.cache_write_1h_input_tokens, 30);
+        assert_eq!(rows[0].service_tier, None);
+        assert_eq!(
+            oldest_compatible(&conn).expect("meta"),
+            Some(OLDEST_COMPATIBLE)
+        );
     }
 
     #[test]

@@ -67,6 +67,7 @@ pub(crate) fn sample(i: u64) -> UsageRecord {
         }
         .into(),
         error: None,
+        service_tier: (i % 4 == 1).then(|| "flex".into()),
     }
 }
 
@@ -458,18 +459,71 @@ fn a_file_that_is_not_sqlite_is_a_clear_error() {
     assert!(LedgerWriter::start(&path, 8, 1 << 20).is_err());
 }
 
-#[test]
-fn a_newer_schema_is_refused() {
-    let t = tempfile::tempdir().expect("tempdir");
-    let path = t.path().join("ledger.sqlite");
-    Ledger::open(&path).expect("create");
-    rusqlite::Connection::open(&path)
-        .expect("open")
-        .pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+/// A ledger as a later tollgate would leave it: schema one newer, with a
+/// column this build does not know, saying it is compatible back to
+/// `oldest`.
+fn a_later_ledger(path: &Path, oldest: i64) {
+    Ledger::open(path).expect("create");
+    let conn = rusqlite::Connection::open(path).expect("open");
+    conn.execute_batch(
+        "ALTER TABLE requests ADD COLUMN from_the_future TEXT NOT NULL DEFAULT 'later';",
+    )
+    .expect("later column");
+    conn.execute(
+        "UPDATE tollgate_meta SET value = ?1 WHERE key = 'oldest_compatible'",
+        [oldest],
+    )
+    .expect("meta");
+    conn.pragma_update(None, "user_version", SCHEMA_VERSION + 1)
         .expect("bump");
+}
+
+#[test]
+fn a_newer_schema_is_refused_unless_it_says_this_build_is_compatible() {
+    let t = tempfile::tempdir().expect("tempdir");
+    // A later schema this build cannot write.
+    let path = t.path().join("incompatible.sqlite");
+    a_later_ledger(&path, SCHEMA_VERSION + 1);
     let e = Ledger::open(&path).expect_err("too new");
     assert!(matches!(e, LedgerError::TooNew { .. }), "{e:?}");
     assert!(e.to_string().contains("upgrade tollgate"), "{e}");
+    let e = Ledger::open_read_only(&path).expect_err("too new");
+    assert!(matches!(e, LedgerError::TooNew { .. }), "{e:?}");
+    // A file from before the compatibility mark is as incompatible.
+    let path = t.path().join("unmarked.sqlite");
+    a_later_ledger(&path, SCHEMA_VERSION);
+    rusqlite::Connection::open(&path)
+        .expect("open")
+        .execute_batch("DROP TABLE tollgate_meta")
+        .expect("unmark");
+    assert!(matches!(
+        Ledger::open(&path),
+        Err(LedgerError::TooNew { .. })
+    ));
+
+    // A later schema that only added a column: a rolled-back agent keeps
+    // writing it, and reads back what it wrote.
+    let path = t.path().join("compatible.sqlite");
+    a_later_ledger(&path, SCHEMA_VERSION);
+    let mut l = Ledger::open(&path).expect("a compatible later ledger opens");
+    l.insert_batch(&[sample(1)]).expect("insert");
+    let got = l.query(&Filter::default()).expect("query");
+    assert_eq!(
+        got.into_iter().map(strip_id).collect::<Vec<_>>(),
+        vec![sample(1)]
+    );
+    drop(l);
+    let conn = rusqlite::Connection::open(&path).expect("open");
+    let (version, later): (i64, String) = (
+        conn.pragma_query_value(None, "user_version", |r| r.get(0))
+            .expect("version"),
+        conn.query_row("SELECT from_the_future FROM requests", [], |r| r.get(0))
+            .expect("later column"),
+    );
+    assert_eq!(version, SCHEMA_VERSION + 1, "left at its own version");
+    assert_eq!(later, "later", "the later column takes its default");
+    let l = Ledger::open_read_only(&path).expect("read-only too");
+    assert_eq!(l.query(&Filter::default()).expect("query").len(), 1);
 }
 
 fn opt_string() -> impl Strategy<Value = Option<String>> {
@@ -501,7 +555,7 @@ prop_compose! {
         head in (any::<i64>(), any::<String>(), count(), any::<String>(), any::<String>(), any::<String>()),
         req in (any::<String>(), any::<String>(), opt_string(), opt_string(), any::<u16>(), any::<bool>()),
         usage in (count(), count(), count(), count(), count()),
-        tail in (any::<bool>(), proptest::option::of(-1e12f64..1e12), opt_string()),
+        tail in (any::<bool>(), proptest::option::of(-1e12f64..1e12), opt_string(), opt_string()),
         ttfb in proptest::option::of(count()),
         who in attribution(),
     ) -> UsageRecord {
@@ -517,6 +571,7 @@ prop_compose! {
                 cache_write_1h_input_tokens: 0,
             },
             estimated: tail.0, cost_usd: tail.1, error: tail.2, who: who.into(),
+            service_tier: tail.3,
         }
     }
 }

@@ -125,6 +125,33 @@ pub struct ModelPrice {
     /// threshold (Gemini 2.5 Pro and Anthropic's 1M context above 200k).
     #[serde(default)]
     pub long_context: Option<LongContext>,
+    /// Rates of a request the provider served in its flex tier (OpenAI
+    /// `service_tier: "flex"`). Absent: the catalogue's flex rates for an
+    /// override of a catalogued model (scaled as the override scales
+    /// input and output), else standard rates.
+    #[serde(default)]
+    pub flex: Option<TierPrice>,
+    /// Rates of a request served in the priority tier (OpenAI
+    /// `service_tier: "priority"`); absent as `flex`.
+    #[serde(default)]
+    pub priority: Option<TierPrice>,
+}
+
+/// `flex = { input = ..., output = ... }`: the rates of a request served
+/// in a service tier. Rates left out follow the entry's own ratios.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TierPrice {
+    pub input: f64,
+    pub output: f64,
+    #[serde(default)]
+    pub cached_input: Option<f64>,
+    #[serde(default)]
+    pub cache_write: Option<f64>,
+    #[serde(default)]
+    pub cache_write_1h: Option<f64>,
+    #[serde(default)]
+    pub reasoning: Option<f64>,
 }
 
 /// `long_context = { above = 200000, input = ..., output = ... }`: the
@@ -146,6 +173,33 @@ pub struct LongContext {
     #[serde(default)]
     pub reasoning: Option<f64>,
 }
+
+/// A set of rates as an entry gives them (`long_context`, `flex`,
+/// `priority`): input and output, the others optional.
+trait GivenRates {
+    /// `[input, output, cached_input, cache_write, cache_write_1h,
+    /// reasoning]`, by key name.
+    fn fields(&self) -> [(&'static str, Option<f64>); 6];
+}
+
+macro_rules! given_rates {
+    ($t:ty) => {
+        impl GivenRates for $t {
+            fn fields(&self) -> [(&'static str, Option<f64>); 6] {
+                [
+                    ("input", Some(self.input)),
+                    ("output", Some(self.output)),
+                    ("cached_input", self.cached_input),
+                    ("cache_write", self.cache_write),
+                    ("cache_write_1h", self.cache_write_1h),
+                    ("reasoning", self.reasoning),
+                ]
+            }
+        }
+    };
+}
+given_rates!(LongContext);
+given_rates!(TierPrice);
 
 impl PricingConfig {
     /// Pure validation; the error names the key.
@@ -178,32 +232,33 @@ fn validate_entries(prefix: &str, entries: &[ModelPrice]) -> Result<(), (String,
                 "must be a prompt size of at least 1 token".into(),
             ));
         }
-        let prices = [
-            ("input", Some(m.input)),
-            ("output", Some(m.output)),
-            ("cached_input", m.cached_input),
-            ("cache_write", m.cache_write),
-            ("cache_write_1h", m.cache_write_1h),
-            ("reasoning", m.reasoning),
-            ("long_context.input", long.map(|l| l.input)),
-            ("long_context.output", long.map(|l| l.output)),
-            (
-                "long_context.cached_input",
-                long.and_then(|l| l.cached_input),
-            ),
-            ("long_context.cache_write", long.and_then(|l| l.cache_write)),
-            (
-                "long_context.cache_write_1h",
-                long.and_then(|l| l.cache_write_1h),
-            ),
-            ("long_context.reasoning", long.and_then(|l| l.reasoning)),
+        let mut prices = vec![
+            ("input".to_string(), Some(m.input)),
+            ("output".into(), Some(m.output)),
+            ("cached_input".into(), m.cached_input),
+            ("cache_write".into(), m.cache_write),
+            ("cache_write_1h".into(), m.cache_write_1h),
+            ("reasoning".into(), m.reasoning),
         ];
+        let extra: [(&str, Option<&dyn GivenRates>); 3] = [
+            ("long_context", long.map(|l| l as &dyn GivenRates)),
+            ("flex", m.flex.as_ref().map(|t| t as &dyn GivenRates)),
+            (
+                "priority",
+                m.priority.as_ref().map(|t| t as &dyn GivenRates),
+            ),
+        ];
+        for (name, given) in extra {
+            for (field, v) in given.map(|g| g.fields()).into_iter().flatten() {
+                prices.push((format!("{name}.{field}"), v));
+            }
+        }
         for (field, v) in prices {
             if let Some(v) = v
                 && !(v.is_finite() && v >= 0.0)
             {
                 return Err((
-                    key(field),
+                    key(&field),
                     format!(
                         "{v} is not a price: give a finite, non-negative number of USD per million tokens"
                     ),
@@ -263,6 +318,70 @@ pub struct Price {
     pub reasoning: f64,
     /// The rates above a prompt size, when the model has them.
     pub long: Option<LongRates>,
+    /// The rates of the flex and priority service tiers, when the model
+    /// has them (see [`Price::in_tier`]).
+    pub tiers: [Option<Rates>; 2],
+}
+
+/// A second set of rates of a model: above a prompt size, or in a service
+/// tier.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rates {
+    pub input: f64,
+    pub cached_input: f64,
+    pub cache_write: f64,
+    pub cache_write_1h: f64,
+    pub output: f64,
+    pub reasoning: f64,
+}
+
+impl Rates {
+    /// The rates an entry gives; those it leaves out keep the ratios of
+    /// the entry's own standard rates `p`.
+    fn given(g: &dyn GivenRates, p: &Price) -> Rates {
+        let [input, output, cached, write, write_1h, reasoning] = g.fields().map(|(_, v)| v);
+        let (input, output) = (input.unwrap_or(p.input), output.unwrap_or(p.output));
+        Rates {
+            input,
+            cached_input: cached.unwrap_or(input * ratio(p.cached_input, p.input)),
+            cache_write: write.unwrap_or(input * ratio(p.cache_write, p.input)),
+            cache_write_1h: write_1h.unwrap_or(input * ratio(p.cache_write_1h, p.input)),
+            output,
+            reasoning: reasoning.unwrap_or(output * ratio(p.reasoning, p.output)),
+        }
+    }
+
+    /// These rates (of the catalogue's price `base`) for an override `p`
+    /// of the same model: scaled as `p` scales input and output.
+    fn scaled(self, base: &Price, p: &Price) -> Rates {
+        let (fin, fout) = (ratio(p.input, base.input), ratio(p.output, base.output));
+        Rates {
+            input: self.input * fin,
+            cached_input: self.cached_input * fin,
+            cache_write: self.cache_write * fin,
+            cache_write_1h: self.cache_write_1h * fin,
+            output: self.output * fout,
+            reasoning: self.reasoning * fout,
+        }
+    }
+}
+
+/// Index of a priced service tier in [`Price::tiers`]; `Ok(None)` for the
+/// standard rates, `Err(())` for a tier tollgate has no notion of.
+fn tier_index(tier: Option<&str>) -> Result<Option<usize>, ()> {
+    let Some(t) = tier else { return Ok(None) };
+    let is = |name: &str| t.eq_ignore_ascii_case(name);
+    if ["default", "auto", "standard", "scale"].into_iter().any(is) {
+        // Scale tier units are bought ahead; their list-price equivalent
+        // is the standard rate.
+        Ok(None)
+    } else if is("flex") {
+        Ok(Some(0))
+    } else if is("priority") {
+        Ok(Some(1))
+    } else {
+        Err(())
+    }
 }
 
 /// `part / whole`, or 1 when that means nothing.
@@ -278,12 +397,7 @@ fn ratio(part: f64, whole: f64) -> f64 {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LongRates {
     pub above: u64,
-    pub input: f64,
-    pub cached_input: f64,
-    pub cache_write: f64,
-    pub cache_write_1h: f64,
-    pub output: f64,
-    pub reasoning: f64,
+    pub rates: Rates,
 }
 
 impl Price {
@@ -315,43 +429,53 @@ impl Price {
             output: m.output,
             reasoning: m.reasoning.unwrap_or(m.output * reasoning),
             long: None,
+            tiers: [None, None],
         };
+        // An entry's own rates; else, for an override of a catalogued
+        // model, the catalogue's, scaled as the override scales input and
+        // output.
         p.long = match (&m.long_context, base.and_then(|b| b.long.map(|l| (b, l)))) {
-            // The entry's own tier; rates it leaves out keep its ratios.
             (Some(l), _) => Some(LongRates {
                 above: l.above,
-                input: l.input,
-                cached_input: l
-                    .cached_input
-                    .unwrap_or(l.input * ratio(p.cached_input, p.input)),
-                cache_write: l
-                    .cache_write
-                    .unwrap_or(l.input * ratio(p.cache_write, p.input)),
-                cache_write_1h: l
-                    .cache_write_1h
-                    .unwrap_or(l.input * ratio(p.cache_write_1h, p.input)),
-                output: l.output,
-                reasoning: l
-                    .reasoning
-                    .unwrap_or(l.output * ratio(p.reasoning, p.output)),
+                rates: Rates::given(l, &p),
             }),
-            // An override of a catalogued model with a tier keeps the tier,
-            // scaled as the override scales input and output.
-            (None, Some((b, l))) => {
-                let (fin, fout) = (ratio(p.input, b.input), ratio(p.output, b.output));
-                Some(LongRates {
-                    above: l.above,
-                    input: l.input * fin,
-                    cached_input: l.cached_input * fin,
-                    cache_write: l.cache_write * fin,
-                    cache_write_1h: l.cache_write_1h * fin,
-                    output: l.output * fout,
-                    reasoning: l.reasoning * fout,
-                })
-            }
+            (None, Some((b, l))) => Some(LongRates {
+                above: l.above,
+                rates: l.rates.scaled(b, &p),
+            }),
             (None, None) => None,
         };
+        for (i, own) in [&m.flex, &m.priority].into_iter().enumerate() {
+            p.tiers[i] = match (own, base.and_then(|b| b.tiers[i].map(|t| (b, t)))) {
+                (Some(t), _) => Some(Rates::given(t, &p)),
+                (None, Some((b, t))) => Some(t.scaled(b, &p)),
+                (None, None) => None,
+            };
+        }
         p
+    }
+
+    /// The price of a request served in service tier `tier` (as the
+    /// response names it): the tier's own rates for `flex` and
+    /// `priority`, the standard rates for no tier, `default`, `auto`,
+    /// `standard` and `scale`. `None` when the tier has no rates here
+    /// (a tier this model has no price for, or an unknown tier name).
+    pub fn in_tier(&self, tier: Option<&str>) -> Option<Price> {
+        let Some(i) = tier_index(tier).ok()? else {
+            return Some(*self);
+        };
+        let t = self.tiers[i]?;
+        Some(Price {
+            effective_ms: self.effective_ms,
+            input: t.input,
+            cached_input: t.cached_input,
+            cache_write: t.cache_write,
+            cache_write_1h: t.cache_write_1h,
+            output: t.output,
+            reasoning: t.reasoning,
+            long: None,
+            tiers: [None, None],
+        })
     }
 
     /// USD for `u`. The subsets (cached, cache write, reasoning) are capped
@@ -366,7 +490,7 @@ impl Price {
     /// whole at the long-context rates.
     pub fn cost(&self, u: &Usage) -> f64 {
         let r = match self.long {
-            Some(l) if u.input_tokens > l.above => [
+            Some(LongRates { above, rates: l }) if u.input_tokens > above => [
                 l.input,
                 l.cached_input,
                 l.cache_write,
@@ -556,18 +680,39 @@ impl PriceBook {
             .map(|p| p.cost(usage))
     }
 
-    /// As [`PriceBook::cost`] for the first of `models` priced: the
-    /// response's model, then the request's.
+    /// As [`PriceBook::cost`] for the first of `models` priced (see
+    /// [`price_order`]), served in service tier `tier`. A tier without
+    /// rates of its own for the model is priced at the standard rates,
+    /// and says so.
     pub fn cost_of_any(
         &self,
         provider: &str,
         models: &[&str],
         started_at_ms: i64,
         usage: &Usage,
-    ) -> Option<f64> {
-        self.price_of_any_at(provider, models, started_at_ms)
-            .map(|p| p.cost(usage))
+        tier: Option<&str>,
+    ) -> Option<Cost> {
+        let p = self.price_of_any_at(provider, models, started_at_ms)?;
+        Some(match p.in_tier(tier) {
+            Some(t) => Cost {
+                usd: t.cost(usage),
+                tier_unpriced: false,
+            },
+            None => Cost {
+                usd: p.cost(usage),
+                tier_unpriced: true,
+            },
+        })
     }
+}
+
+/// What [`PriceBook::cost_of_any`] found.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Cost {
+    pub usd: f64,
+    /// The request's service tier has no rates for this model: `usd` is
+    /// at the standard rates.
+    pub tier_unpriced: bool,
 }
 
 /// The model names a request is priced by, in order: the response's (a
@@ -986,6 +1131,88 @@ output = 10.0
     }
 
     #[test]
+    fn service_tiers_are_priced_by_their_own_rates() {
+        let book = PriceBook::builtin();
+        // 1M plain input, 1M cache reads, 1M output.
+        let u = usage(2_000_000, 1_000_000, 0, 1_000_000, 0);
+        let cost = |provider: &str, model: &str, tier: Option<&str>| {
+            book.cost_of_any(provider, &[model], NOW, &u, tier)
+                .expect("priced")
+        };
+        let standard = 1.25 + 0.125 + 10.0;
+        for tier in [
+            None,
+            Some("default"),
+            Some("auto"),
+            Some("scale"),
+            Some("DEFAULT"),
+        ] {
+            let c = cost("openai", "gpt-5-2025-08-07", tier);
+            assert!(
+                close(c.usd, standard) && !c.tier_unpriced,
+                "{tier:?}: {c:?}"
+            );
+        }
+        let flex = cost("openai", "gpt-5-2025-08-07", Some("flex"));
+        assert!(
+            close(flex.usd, standard / 2.0) && !flex.tier_unpriced,
+            "{flex:?}"
+        );
+        let priority = cost("openai", "gpt-5", Some("priority"));
+        assert!(close(priority.usd, standard * 2.0), "{priority:?}");
+        // Azure falls back to OpenAI's rates, tiers included.
+        let azure = cost("azure-openai", "gpt-5", Some("priority"));
+        assert!(close(azure.usd, standard * 2.0), "{azure:?}");
+        // A tier the model has no rates for, or a tier tollgate does not
+        // know: the standard rates, and it says so.
+        assert!(close(cost("openai", "gpt-4o", None).usd, 2.5 + 1.25 + 10.0));
+        for (provider, model, tier) in [
+            ("openai", "gpt-4o", "flex"),
+            ("openai", "gpt-5", "turbo"),
+            ("anthropic", "claude-sonnet-4-5", "priority"),
+        ] {
+            let (c, standard) = (
+                cost(provider, model, Some(tier)),
+                cost(provider, model, None),
+            );
+            assert!(
+                close(c.usd, standard.usd) && c.tier_unpriced,
+                "{model} {tier}: {c:?}"
+            );
+        }
+        // An unknown model stays unpriced in every tier.
+        assert!(
+            book.cost_of_any("openai", &["no-such-model"], NOW, &u, Some("flex"))
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn an_override_keeps_or_replaces_the_catalogues_tiers() {
+        let u = usage(1_000_000, 0, 0, 1_000_000, 0);
+        // Half price negotiated: the catalogue's tiers are halved too.
+        let book = book_of(
+            "[[models]]\nprovider = \"openai\"\nmodel = \"gpt-5-2025-08-07\"\ninput = 0.625\noutput = 5.0\n",
+        );
+        let c = book
+            .cost_of_any("openai", &["gpt-5-2025-08-07"], NOW, &u, Some("flex"))
+            .expect("priced");
+        assert!(close(c.usd, (0.625 + 5.0) / 2.0), "{c:?}");
+        // An entry's own tier; its cache rate follows the entry's ratio.
+        let book = book_of(
+            "[[models]]\nprovider = \"openai\"\nmodel = \"house\"\ninput = 1.0\ncached_input = 0.5\noutput = 2.0\nflex = { input = 0.4, output = 0.8 }\n",
+        );
+        let p = book.price_at("openai", "house", NOW).expect("priced");
+        let flex = p.in_tier(Some("flex")).expect("own flex rates");
+        assert_eq!(
+            (flex.input, flex.cached_input, flex.output),
+            (0.4, 0.2, 0.8)
+        );
+        assert_eq!(p.in_tier(Some("priority")), None, "no priority rates");
+        assert_eq!(p.in_tier(None), Some(p));
+    }
+
+    #[test]
     fn an_override_keeps_the_catalogues_cache_ratios() {
         // A 10% discount written as input and output only.
         let book = book_of(
@@ -1092,7 +1319,7 @@ output = 10.0
             .and_then(|p| p.long)
             .expect("tier kept");
         assert!(
-            close(l.input, 1.25) && close(l.output, 7.5) && l.above == 200_000,
+            close(l.rates.input, 1.25) && close(l.rates.output, 7.5) && l.above == 200_000,
             "{l:?}"
         );
         let book = book_of(
@@ -1101,7 +1328,7 @@ output = 10.0
         let p = book.price_at("openai", "house", NOW).expect("priced");
         let l = p.long.expect("tier");
         assert!(
-            close(l.cached_input, 0.3),
+            close(l.rates.cached_input, 0.3),
             "the entry's own cache ratio: {l:?}"
         );
         assert!(close(p.cost(&usage(1001, 0, 0, 0, 0)), 1001.0 * 3.0 / 1e6));
@@ -1191,12 +1418,19 @@ output = 15.0
             price_order("openai", Some("gpt-4o-2024-11-20"), Some("gpt-4o")),
             ["gpt-4o-2024-11-20", "gpt-4o"]
         );
-        let c = book.cost_of_any("azure-openai", &order, NOW, &u);
-        assert_eq!(c, Some(0.0));
+        let c = book.cost_of_any("azure-openai", &order, NOW, &u, None);
+        assert_eq!(c.map(|c| c.usd), Some(0.0));
         // Another deployment answers at OpenAI's price of its model.
         let c = book
-            .cost_of_any("azure-openai", &["gpt-4o-2024-11-20", "other"], NOW, &u)
-            .expect("priced");
+            .cost_of_any(
+                "azure-openai",
+                &["gpt-4o-2024-11-20", "other"],
+                NOW,
+                &u,
+                None,
+            )
+            .expect("priced")
+            .usd;
         assert!(close(c, 1000.0 * 2.5 / 1e6 + 1000.0 * 10.0 / 1e6), "{c}");
         // The response's model first within one table.
         let book = book_of(
@@ -1219,6 +1453,8 @@ output = 15.0
             reasoning: None,
             effective: None,
             long_context: None,
+            flex: None,
+            priority: None,
         };
         let check = |m: ModelPrice| {
             PricingConfig {
@@ -1252,6 +1488,19 @@ output = 15.0
             });
             assert_eq!(e.0, "pricing.models[1].effective", "{bad}: {e:?}");
         }
+        let e = check(ModelPrice {
+            model: "y".into(),
+            priority: Some(TierPrice {
+                input: 1.0,
+                output: 1.0,
+                cached_input: Some(-0.5),
+                cache_write: None,
+                cache_write_1h: None,
+                reasoning: None,
+            }),
+            ..base.clone()
+        });
+        assert_eq!(e.0, "pricing.models[1].priority.cached_input", "{e:?}");
         let e = check(ModelPrice {
             provider: "mistral".into(),
             ..base.clone()
@@ -1314,6 +1563,7 @@ output = 15.0
             output: o,
             reasoning: r,
             long: None,
+            tiers: [None, None],
         })
     }
 

@@ -122,6 +122,13 @@ impl Raw {
     }
 }
 
+/// `usage.service_tier` (`standard`, `priority`, `batch`), sanitised.
+fn usage_tier(u: &Value) -> Option<String> {
+    u.get("service_tier")
+        .and_then(Value::as_str)
+        .and_then(super::error_type)
+}
+
 struct JsonParser {
     body: JsonBody,
     /// count_tokens and batch submissions bill nothing themselves.
@@ -144,8 +151,10 @@ impl UsageParser for JsonParser {
             };
         }
         let mut raw = Raw::default();
+        let mut service_tier = None;
         if let Some(u) = v.get("usage") {
             raw.merge(u);
+            service_tier = usage_tier(u);
         }
         let mut text = String::new();
         for block in v
@@ -164,6 +173,7 @@ impl UsageParser for JsonParser {
             usage: raw.usage(),
             response_model: str_at(&v, &["model"]),
             output_text: text,
+            service_tier,
             ..Default::default()
         }
     }
@@ -184,6 +194,7 @@ struct StreamState {
     final_usage: bool,
     /// The type of an `error` event.
     error: Option<String>,
+    service_tier: Option<String>,
 }
 
 impl StreamState {
@@ -196,6 +207,7 @@ impl StreamState {
                 if let Some(m) = v.get("message") {
                     if let Some(u) = m.get("usage") {
                         self.raw.merge(u);
+                        self.service_tier = usage_tier(u).or(self.service_tier.take());
                     }
                     if let Some(name) = str_at(m, &["model"]) {
                         self.model = Some(name);
@@ -205,6 +217,7 @@ impl StreamState {
             Some("message_delta") => {
                 if let Some(u) = v.get("usage") {
                     self.raw.merge(u);
+                    self.service_tier = usage_tier(u).or(self.service_tier.take());
                     self.final_usage = true;
                 }
             }
@@ -248,6 +261,7 @@ impl UsageParser for StreamParser {
             response_model: state.model.take(),
             output_text: std::mem::take(&mut state.text),
             error: state.error.take(),
+            service_tier: state.service_tier.take(),
         }
     }
 }
@@ -288,6 +302,35 @@ mod tests {
             !Anthropic
                 .request(&request("GET", "/v1/models", b""))
                 .metered
+        );
+    }
+
+    #[test]
+    fn the_service_tier_is_read_from_the_usage() {
+        let json = crate::providers::testing::parse_split(
+            &Anthropic,
+            &info("chat"),
+            "application/json",
+            MSG_JSON,
+            &[],
+        );
+        assert_eq!(json.service_tier.as_deref(), Some("standard"));
+        let stream = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"model\":\"claude-sonnet-4-5\",\"usage\":{\"input_tokens\":9,\"output_tokens\":1,\"service_tier\":\"priority\"}}}\n\n\
+                      event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":12}}\n\n";
+        let mut i = info("chat");
+        i.streaming = true;
+        let p = crate::providers::testing::parse_split(
+            &Anthropic,
+            &i,
+            "text/event-stream",
+            stream.as_bytes(),
+            &[40],
+        );
+        assert_eq!(p.usage.map(|u| u.output_tokens), Some(12));
+        assert_eq!(
+            p.service_tier.as_deref(),
+            Some("priority"),
+            "kept past message_delta"
         );
     }
 

@@ -407,6 +407,7 @@ impl UsageParser for StreamParser {
             output_text: text,
             partial: partial && !corrupt,
             error: self.error.take().or(a.error),
+            service_tier: a.service_tier,
         }
     }
 }

@@ -267,6 +267,7 @@ impl Found {
             output_text: std::mem::take(&mut self.text),
             partial,
             error: self.error.take(),
+            service_tier: None,
         }
     }
 }

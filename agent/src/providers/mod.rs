@@ -61,6 +61,10 @@ pub struct RequestInfo {
     /// The API version the request names refuses `stream_options` (Azure
     /// OpenAI before 2024-09-01-preview): usage must not be asked for.
     pub refuses_stream_options: bool,
+    /// The service tier the request asked for (OpenAI `service_tier`:
+    /// `auto`, `default`, `flex`, `priority`), sanitised as
+    /// [`error_type`]; the response's, when it says, is what was served.
+    pub service_tier: Option<String>,
 }
 
 /// What a request body's top-level `stream_options` member is.
@@ -240,6 +244,10 @@ pub struct ParsedUsage {
     /// event after a successful status (Anthropic's `overloaded_error`,
     /// Bedrock's `throttlingException`). Sanitised: see [`error_type`].
     pub error: Option<String>,
+    /// The service tier that served the request, as the response says
+    /// (OpenAI `service_tier`: `default`, `flex`, `priority`, `scale`).
+    /// Sanitised: see [`error_type`].
+    pub service_tier: Option<String>,
 }
 
 /// A provider's error type as it may be recorded: at most 64 characters of
@@ -337,6 +345,8 @@ pub struct Head {
     /// `Some(Value::Null)` for an explicit `null`, `None` when missing.
     #[serde(deserialize_with = "present_member")]
     pub stream_options: Option<Value>,
+    /// OpenAI: the tier asked for (request) or served (response).
+    pub service_tier: Option<Value>,
 }
 
 impl Head {
@@ -353,7 +363,9 @@ impl Head {
             return None;
         };
         let mut take = |k: &str| o.remove(k).filter(|v| !v.is_null());
+        let service_tier = take("service_tier");
         Some(Head {
+            service_tier,
             model: take("model"),
             usage: take("usage")
                 .and_then(|u| serde::Deserialize::deserialize(&u).ok())
@@ -368,6 +380,11 @@ impl Head {
 
     pub fn model(&self) -> Option<String> {
         self.model.as_ref()?.as_str().map(str::to_string)
+    }
+
+    /// `service_tier`, when it is a string [`error_type`] accepts.
+    pub fn service_tier(&self) -> Option<String> {
+        self.service_tier.as_ref()?.as_str().and_then(error_type)
     }
 }
 

@@ -110,6 +110,7 @@ impl Provider for OpenAi {
             injected_usage: false,
             stream_options,
             refuses_stream_options: false,
+            service_tier: head.as_ref().and_then(super::Head::service_tier),
         }
     }
 
@@ -469,6 +470,13 @@ impl super::BodyFilter for UsageChunkFilter {
     }
 }
 
+/// A response object's `service_tier`, sanitised.
+fn tier_of(v: &Value) -> Option<String> {
+    v.get("service_tier")
+        .and_then(Value::as_str)
+        .and_then(super::error_type)
+}
+
 /// Reads a whole (bounded) JSON body.
 struct JsonParser(JsonBody);
 
@@ -485,6 +493,7 @@ impl UsageParser for JsonParser {
             return ParsedUsage {
                 usage: Some(usage),
                 response_model: h.model(),
+                service_tier: h.service_tier(),
                 ..Default::default()
             };
         }
@@ -521,6 +530,7 @@ impl UsageParser for JsonParser {
             usage: v.get("usage").and_then(usage_from),
             response_model: str_at(&v, &["model"]),
             output_text: text,
+            service_tier: tier_of(&v),
             ..Default::default()
         }
     }
@@ -552,6 +562,9 @@ struct StreamEvent<'a> {
     /// Responses API: `response.completed` carries the response.
     #[serde(default)]
     response: Option<Value>,
+    /// Chat completion chunks carry the tier that serves the stream.
+    #[serde(default)]
+    service_tier: Option<Value>,
 }
 
 #[derive(serde::Deserialize)]
@@ -596,13 +609,25 @@ impl StreamParser {
             if let Some(Value::String(t)) = &ev.delta {
                 super::push_text(&mut found.output_text, t);
             }
-            let (model, usage) = match &ev.response {
-                Some(r) if r.is_object() => (r.get("model"), r.get("usage").and_then(usage_from)),
+            let (model, usage, tier) = match &ev.response {
+                Some(r) if r.is_object() => (
+                    r.get("model"),
+                    r.get("usage").and_then(usage_from),
+                    tier_of(r),
+                ),
                 _ => (
                     ev.model.as_ref(),
                     ev.usage.0.as_ref().and_then(WireUsage::usage),
+                    ev.service_tier
+                        .as_ref()
+                        .and_then(Value::as_str)
+                        .and_then(super::error_type),
                 ),
             };
+            // The last event that names one says what served the stream.
+            if tier.is_some() {
+                found.service_tier = tier;
+            }
             if found.response_model.is_none()
                 && let Some(m) = model.and_then(Value::as_str).filter(|m| !m.is_empty())
             {
@@ -632,6 +657,9 @@ impl StreamParser {
             super::push_text(&mut found.output_text, t);
         }
         let obj = v.get("response").filter(|r| r.is_object()).unwrap_or(&v);
+        if let Some(t) = tier_of(obj) {
+            found.service_tier = Some(t);
+        }
         if found.response_model.is_none()
             && let Some(m) = str_at(obj, &["model"]).filter(|m| !m.is_empty())
         {
@@ -765,6 +793,77 @@ mod tests {
             &[],
         );
         assert_eq!(s.usage.unwrap().output_tokens, 4);
+    }
+
+    #[test]
+    fn the_service_tier_is_read_from_requests_and_every_response_shape() {
+        let h = HeaderMap::new();
+        let asked = |body: &[u8]| {
+            OpenAi
+                .request(&RequestView {
+                    method: &Method::POST,
+                    path: "/v1/chat/completions",
+                    query: None,
+                    headers: &h,
+                    body: Some(body),
+                })
+                .service_tier
+        };
+        assert_eq!(
+            asked(br#"{"model":"o3","service_tier":"flex","messages":[]}"#).as_deref(),
+            Some("flex")
+        );
+        assert_eq!(asked(br#"{"model":"o3","messages":[]}"#), None);
+        // Not an identifier, or not a string: not recorded.
+        assert_eq!(asked(br#"{"model":"o3","service_tier":"fl ex\n"}"#), None);
+        assert_eq!(asked(br#"{"model":"o3","service_tier":{"a":1}}"#), None);
+        // A repeated member: the whole-document read, last one wins.
+        assert_eq!(
+            asked(br#"{"model":"o3","service_tier":"flex","service_tier":"priority"}"#).as_deref(),
+            Some("priority")
+        );
+
+        let json = |body: &str| parse("application/json", body.as_bytes(), &[]).service_tier;
+        assert_eq!(
+            parse("application/json", CHAT_JSON, &[])
+                .service_tier
+                .as_deref(),
+            Some("default")
+        );
+        assert_eq!(
+            json(r#"{"model":"o3","service_tier":"flex","usage":{"prompt_tokens":3,"completion_tokens":2}}"#)
+                .as_deref(),
+            Some("flex")
+        );
+        // Without usage (the whole document is read).
+        assert_eq!(
+            json(r#"{"model":"o3","service_tier":"priority","choices":[]}"#).as_deref(),
+            Some("priority")
+        );
+        // Chat chunks: the last one that names a tier, split anywhere.
+        let chunks = "data: {\"model\":\"gpt-5\",\"service_tier\":\"auto\",\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\n\
+                      data: {\"model\":\"gpt-5\",\"service_tier\":\"flex\",\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":2}}\n\n\
+                      data: {\"model\":\"gpt-5\",\"service_tier\":null,\"choices\":[]}\n\ndata: [DONE]\n\n";
+        for split in [vec![], vec![7, 90], vec![130, 131]] {
+            let p = parse("text/event-stream", chunks.as_bytes(), &split);
+            assert_eq!(p.service_tier.as_deref(), Some("flex"), "{split:?}");
+        }
+        // A chunk that does not fit the typed event is read whole.
+        let odd = "data: {\"model\":5,\"service_tier\":\"priority\",\"choices\":[]}\n\n";
+        assert_eq!(
+            parse("text/event-stream", odd.as_bytes(), &[])
+                .service_tier
+                .as_deref(),
+            Some("priority")
+        );
+        // Responses API: in the response object of its events.
+        let responses = "event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"model\":\"gpt-5\",\"service_tier\":\"priority\",\"usage\":{\"input_tokens\":3,\"output_tokens\":4}}}\n\n";
+        assert_eq!(
+            parse("text/event-stream", responses.as_bytes(), &[])
+                .service_tier
+                .as_deref(),
+            Some("priority")
+        );
     }
 
     #[test]

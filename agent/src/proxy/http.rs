@@ -525,9 +525,28 @@ impl Draft {
         // A successful answer whose counts are unknown (no usage, nothing
         // to estimate from) has an unknown cost, not a cost of 0.
         let counts_unknown = ok && parsed.usage.is_none() && !estimated;
-        let cost_usd = prices
-            .cost_of_any(provider, &models, self.started_ms, &usage)
+        let service_tier = parsed.service_tier.take().or(self.info.service_tier.take());
+        let cost = prices
+            .cost_of_any(
+                provider,
+                &models,
+                self.started_ms,
+                &usage,
+                service_tier.as_deref(),
+            )
             .filter(|_| !counts_unknown);
+        if let (Some(c), Some(tier), Some(m)) = (cost, service_tier.as_deref(), priced)
+            && c.tier_unpriced
+            && !self.ctx.state.warn_tier_unpriced(provider, m, tier)
+        {
+            debug!(
+                provider,
+                model = m,
+                service_tier = tier,
+                "no price for this service tier"
+            );
+        }
+        let cost_usd = cost.map(|c| c.usd);
         if cost_usd.is_none() && (usage.input_tokens > 0 || usage.output_tokens > 0) {
             self.ctx
                 .state
@@ -558,6 +577,7 @@ impl Draft {
             cost_usd,
             who: self.ctx.who.clone(),
             error,
+            service_tier,
         };
         self.ctx.state.sink.submit(Arc::new(rec));
     }

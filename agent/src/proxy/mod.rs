@@ -253,21 +253,51 @@ impl ProxyState {
     /// its requests are recorded with `cost_usd: null` until one is added.
     /// True when this call warned.
     pub(crate) fn warn_unpriced(&self, provider: &str, model: Option<&str>) -> bool {
-        let model = model.unwrap_or("");
+        self.warn_once(provider, model.unwrap_or(""), None)
+    }
+
+    /// Says once per (provider, model, tier), at warn, that a model has a
+    /// price but none for the service tier that served a request: those
+    /// requests are priced at the standard rates. True when this call
+    /// warned.
+    pub(crate) fn warn_tier_unpriced(&self, provider: &str, model: &str, tier: &str) -> bool {
+        self.warn_once(provider, model, Some(tier))
+    }
+
+    fn warn_once(&self, provider: &str, model: &str, tier: Option<&str>) -> bool {
+        // A tier's key cannot be a model's: model names never hold a NUL
+        // as the adapters read them... and if one did, it would only
+        // share a warning.
+        let tiered;
+        let key = match tier {
+            Some(t) => {
+                tiered = format!("{model}\0{t}");
+                tiered.as_str()
+            }
+            None => model,
+        };
         let mut seen = self.unpriced_seen.lock().unwrap_or_else(|p| p.into_inner());
         // Probed with borrowed names: every response of an unpriced model
         // comes here, and only the first of each pair is stored.
-        if seen.len() >= UNPRICED_WARNINGS || seen.contains(&PairRef(provider, model)) {
+        if seen.len() >= UNPRICED_WARNINGS || seen.contains(&PairRef(provider, key)) {
             return false;
         }
-        seen.insert((provider.to_owned(), model.to_owned()));
+        seen.insert((provider.to_owned(), key.to_owned()));
         let last = seen.len() == UNPRICED_WARNINGS;
         drop(seen);
-        warn!(
-            provider,
-            model = ?model,
-            "no price for this model: its requests are recorded with cost_usd null; add it under [[pricing.models]] in the config"
-        );
+        match tier {
+            None => warn!(
+                provider,
+                model = ?model,
+                "no price for this model: its requests are recorded with cost_usd null; add it under [[pricing.models]] in the config"
+            ),
+            Some(tier) => warn!(
+                provider,
+                model = ?model,
+                service_tier = tier,
+                "no price for this model in this service tier: its requests are priced at the standard rates; add the tier's rates under [[pricing.models]] in the config"
+            ),
+        }
         if last {
             warn!(
                 "{UNPRICED_WARNINGS} unpriced models warned about; further ones are logged at debug"

@@ -35,6 +35,13 @@ pub(crate) async fn handle(call: Call) -> hyper::Response<Body> {
         .unwrap_or(5)
         .clamp(1, 2000);
     let resp_model = format!("{model}-2024-07-18");
+    // As the API does: the tier that served the request, in the body and
+    // in every chunk (a tier asked for is granted; `auto` is `default`).
+    let service_tier = v
+        .get("service_tier")
+        .and_then(Value::as_str)
+        .filter(|t| matches!(*t, "flex" | "priority"))
+        .unwrap_or("default");
     let usage = json!({"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct,
         "prompt_tokens_details": {"cached_tokens": 0}, "completion_tokens_details": {"reasoning_tokens": 0}});
     call.record(Reported {
@@ -50,7 +57,7 @@ pub(crate) async fn handle(call: Call) -> hyper::Response<Body> {
         let words: Vec<&str> = std::iter::repeat_n("tok", ct as usize).collect();
         let mut body = json!({"id":"chatcmpl-fake","object":"chat.completion","created":1,"model":resp_model,
             "choices":[{"index":0,"message":{"role":"assistant","content":words.join(" ")},"finish_reason":"stop"}],
-            "usage": usage});
+            "usage": usage, "service_tier": service_tier});
         // Some OpenAI-compatible servers omit usage.
         if call.headers.contains_key("x-fake-no-usage") {
             body.as_object_mut().expect("object").remove("usage");
@@ -67,7 +74,8 @@ pub(crate) async fn handle(call: Call) -> hyper::Response<Body> {
     // "usage":null and a last chunk with empty choices carries the usage.
     let chunk = |delta: Value, finish: Value| {
         let mut c = json!({"id":"chatcmpl-fake","object":"chat.completion.chunk","created":1,"model":resp_model,
-            "system_fingerprint":"fp_fake","choices":[{"index":0,"delta":delta,"logprobs":null,"finish_reason":finish}]});
+            "service_tier":service_tier,"system_fingerprint":"fp_fake",
+            "choices":[{"index":0,"delta":delta,"logprobs":null,"finish_reason":finish}]});
         if include_usage {
             c["usage"] = Value::Null;
         }
@@ -80,7 +88,7 @@ pub(crate) async fn handle(call: Call) -> hyper::Response<Body> {
     let stop = chunk(json!({}), json!("stop"));
     let last = include_usage.then(|| {
         json!({"id":"chatcmpl-fake","object":"chat.completion.chunk","created":1,"model":resp_model,
-            "system_fingerprint":"fp_fake","choices":[],"usage":usage})
+            "service_tier":service_tier,"system_fingerprint":"fp_fake","choices":[],"usage":usage})
         .to_string()
     });
     let events = std::iter::once(first)
