@@ -708,6 +708,77 @@ c.chat.completions.create(model="gpt-4o-mini", max_tokens=3, messages=[{"role": 
 
 #[test]
 #[ignore = "needs root, cgroup v2 and BPF"]
+fn a_stream_whose_client_left_gives_its_body_budget_back_once_counted() {
+    // Room for one ≈5 KB body at a time. An Anthropic stream's client
+    // leaves after the response's head, before the first event; the agent
+    // reads the rest (30 s of events) for the provider's count, and once
+    // the first event has counted the input, gives the body's share of the
+    // budget back.
+    let w = World::start_with(
+        "hangup-budget",
+        33,
+        "proxy.max_request_body = 6000\nproxy.max_buffered_request_bytes = 8000\n".to_string(),
+    );
+    let client = w.client(&[]);
+    ok(
+        &client.python(
+            r#"
+import json, urllib.request
+body = {"model": "claude-sonnet-4-5", "max_tokens": 100, "stream": True,
+        "messages": [{"role": "user", "content": "word " * 1000}]}
+h = {"Content-Type": "application/json", "x-api-key": "sk-ant-HANGUP-1",
+     "anthropic-version": "2023-06-01", "x-fake-chunk-delay-ms": "300",
+     "x-fake-first-chunk-delay-ms": "2000"}
+req = urllib.request.Request("https://api.anthropic.com/v1/messages",
+    data=json.dumps(body).encode(), headers=h)
+urllib.request.urlopen(req, timeout=60).close()
+"#,
+        ),
+        "python anthropic hang-up",
+    );
+    assert!(
+        w.agent
+            .wait_for_log("the client left before the response ended"),
+        "no drain after the hang-up: {}",
+        w.agent.log()
+    );
+    // The first event reaches the drain and counts the input.
+    assert!(
+        w.agent
+            .wait_for_log("the provider counted the request: its body is let go"),
+        "{}",
+        w.agent.log()
+    );
+    // The drain runs on for about 30 s; this body fits only if the
+    // stream's share was given back.
+    ok(
+        &client.python(
+            r#"
+import json, urllib.request
+body = {"model": "gpt-4o", "max_tokens": 10,
+        "messages": [{"role": "user", "content": "word " * 1000}]}
+req = urllib.request.Request("https://api.openai.com/v1/chat/completions",
+    data=json.dumps(body).encode(),
+    headers={"Content-Type": "application/json", "Authorization": "Bearer sk-test-HANGUP-2"})
+urllib.request.urlopen(req, timeout=60).read()
+"#,
+        ),
+        "python openai after the hang-up",
+    );
+    let rows = w.agent.wait_for_records(1);
+    let r = tollgate_e2e::row_with(&rows, "response_model", "gpt-4o-2024-07-18");
+    assert_eq!(r["model"], "gpt-4o", "read whole, not over budget: {r}");
+    assert!(
+        !w.agent
+            .log()
+            .contains("this request's body is forwarded unparsed"),
+        "{}",
+        w.agent.log()
+    );
+}
+
+#[test]
+#[ignore = "needs root, cgroup v2 and BPF"]
 fn a_request_past_the_body_budget_is_forwarded_unparsed_and_still_counted() {
     // Room for one ≈5 KB body at a time: a stream holds its body until it
     // ends (for a local estimate), so a second request meanwhile is over

@@ -458,6 +458,21 @@ impl Draft {
         }
     }
 
+    /// Drops the request body kept for a local estimate, and gives its
+    /// share of the body budget back, once the provider's usage has been
+    /// read: a long stream (or the drain after a hang-up) need not hold it
+    /// to the end.
+    fn release_body_once_counted(&mut self, parser: &dyn UsageParser) {
+        if self.body.is_some() && parser.usage_seen() {
+            self.body = None;
+            self.lease.release();
+            debug!(
+                host = self.ctx.provider.host.as_str(),
+                "the provider counted the request: its body is let go"
+            );
+        }
+    }
+
     /// Records on the blocking pool when `counting` (local estimates are
     /// CPU work, kept off the async workers) and a runtime is there, else
     /// here.
@@ -629,14 +644,8 @@ impl Body for MeteredBody {
                     }
                     if let Some(p) = this.parser.as_mut() {
                         p.feed(data);
-                        if let Some(d) = this.draft.as_mut()
-                            && d.body.is_some()
-                            && p.usage_seen()
-                        {
-                            // The provider counted the request: a long
-                            // stream need not hold its body to the end.
-                            d.body = None;
-                            d.lease.release();
+                        if let Some(d) = this.draft.as_mut() {
+                            d.release_body_once_counted(p.as_ref());
                         }
                     }
                     // hyper stops polling a body whose length is used up, so
@@ -716,6 +725,12 @@ impl Drop for MeteredBody {
             draft.emit(parser.finish(), Some(hangup_error(&state).into()));
             return;
         }
+        debug!(
+            host = draft.ctx.provider.host.as_str(),
+            "the client left before the response ended: reading the rest for the provider's count"
+        );
+        let mut draft = draft;
+        draft.release_body_once_counted(parser.as_ref());
         state.background.clone().spawn(async move {
             let mut read = 0usize;
             let deadline = tokio::time::Instant::now() + DRAIN_AFTER_HANGUP;
@@ -740,6 +755,7 @@ impl Drop for MeteredBody {
                             }
                             read += d.len();
                             parser.feed(d);
+                            draft.release_body_once_counted(parser.as_ref());
                             if read > DRAIN_MAX_BYTES {
                                 error = Some("client_disconnected_drain_limit".into());
                                 break;

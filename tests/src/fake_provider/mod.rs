@@ -71,15 +71,23 @@ pub(crate) struct Call {
 }
 
 impl Call {
-    /// Delay between stream chunks (`x-fake-chunk-delay-ms`).
-    pub fn delay(&self) -> Duration {
-        Duration::from_millis(
-            self.headers
-                .get("x-fake-chunk-delay-ms")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0),
-        )
+    /// How a stream is paced: the gap between chunks
+    /// (`x-fake-chunk-delay-ms`) and a wait before the first chunk, after
+    /// the head (`x-fake-first-chunk-delay-ms`).
+    pub fn delay(&self) -> Pacing {
+        let ms = |name: &str| {
+            Duration::from_millis(
+                self.headers
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0),
+            )
+        };
+        Pacing {
+            first: ms("x-fake-first-chunk-delay-ms"),
+            gap: ms("x-fake-chunk-delay-ms"),
+        }
     }
 
     /// Whether to gzip a JSON response (`x-fake-gzip: 1`, if the client accepts gzip).
@@ -151,20 +159,28 @@ pub(crate) fn json_for(call: &Call, v: Value) -> Response<Body> {
 /// provider sends its first event as soon as it has it, and a fake that
 /// built a whole 500-event stream first made time to first chunk grow
 /// with the stream's length (for the direct path and the agent alike).
-pub(crate) fn stream_response<I>(content_type: &str, chunks: I, delay: Duration) -> Response<Body>
+/// The pace of a streamed response (see [`Call::delay`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Pacing {
+    pub first: Duration,
+    pub gap: Duration,
+}
+
+pub(crate) fn stream_response<I>(content_type: &str, chunks: I, pace: Pacing) -> Response<Body>
 where
     I: IntoIterator<Item = Vec<u8>>,
     I::IntoIter: Send + Sync + 'static,
 {
-    // The first chunk goes out with the headers; `delay` is the gap
-    // between chunks (so time to first chunk measures the path, not the
-    // timer wheel's rounding of a sleep).
+    // The first chunk goes out with the headers unless `pace.first` holds
+    // it back; `pace.gap` is the gap between chunks (so time to first
+    // chunk measures the path, not the timer wheel's rounding of a sleep).
     let stream = futures_util::stream::unfold(
         (chunks.into_iter(), true),
         move |(mut it, first)| async move {
             let c = it.next()?;
-            if !first && !delay.is_zero() {
-                tokio::time::sleep(delay).await;
+            let wait = if first { pace.first } else { pace.gap };
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
             }
             Some((
                 Ok::<_, Infallible>(Frame::data(Bytes::from(c))),
