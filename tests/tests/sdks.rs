@@ -104,17 +104,23 @@ assert "".join(ch.choices[0].delta.content or "" for ch in s if ch.choices).coun
 d = c.chat.completions.create(model="gpt-5", max_tokens=20,
     messages=[{"role": "user", "content": "whatever is usual"}])
 assert d.service_tier == "default", d.service_tier
+# Asked for priority, served by the default tier: the response says so.
+e = c.chat.completions.create(model="gpt-5", service_tier="priority", max_tokens=20,
+    messages=[{"role": "user", "content": "not granted"}],
+    extra_headers={"x-fake-served-tier": "default"})
+assert e.service_tier == "default", e.service_tier
 "#,
         ),
         "python openai service tiers",
     );
-    w.assert_ledger_matches_provider(3);
-    let rows = w.agent.wait_for_records(3);
+    w.assert_ledger_matches_provider(4);
+    let rows = w.agent.wait_for_records(4);
     // USD per million tokens of gpt-5 by tier: (input, output).
     for (r, tier, (input, output)) in [
         (&rows[0], "flex", (0.625, 5.0)),
         (&rows[1], "priority", (2.5, 20.0)),
         (&rows[2], "default", (1.25, 10.0)),
+        (&rows[3], "default", (1.25, 10.0)),
     ] {
         assert_eq!(s(r, "service_tier"), tier, "{r}");
         let n = |k: &str| r[k].as_u64().unwrap() as f64;

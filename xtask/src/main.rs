@@ -356,11 +356,14 @@ fn test(no_lint: bool, args: &[String]) -> Result<()> {
             "TOLLGATE_NODE_MODULES",
             root().join("target/e2e-node/node_modules"),
         );
-    if let Some(seed) = proptest_seed() {
-        eprintln!(
-            "xtask: property tests draw from seed {seed} (set PROPTEST_RNG_SEED to choose another)"
-        );
-        t.env("PROPTEST_RNG_SEED", seed.to_string());
+    match proptest_seed() {
+        Ok(seed) => {
+            eprintln!(
+                "xtask: property tests draw from seed {seed} (set PROPTEST_RNG_SEED to choose another)"
+            );
+            t.env("PROPTEST_RNG_SEED", seed.to_string());
+        }
+        Err(why) => eprintln!("xtask: property tests draw from a fresh seed per test: {why}"),
     }
     t.arg("--");
     if is_root() {
@@ -383,20 +386,33 @@ fn test(no_lint: bool, args: &[String]) -> Result<()> {
 }
 
 /// The seed of the property tests' random inputs: `PROPTEST_RNG_SEED` when
-/// set, else one taken from the commit being tested, so that a commit's
-/// test run draws the same inputs every time (a run that passed before
-/// landing passes in CI) and each new commit draws new ones. `None` (a
-/// fresh seed per test) outside a git checkout.
-fn proptest_seed() -> Option<u64> {
+/// set, else one taken from the commit checked out, so that every run on
+/// one commit draws the same inputs (a clean clone of a commit whose run
+/// passed passes again; uncommitted changes draw the commit's inputs) and
+/// each new commit draws new ones. An error says why there is none (then
+/// each test draws a fresh seed).
+fn proptest_seed() -> Result<u64, String> {
     if let Some(s) = std::env::var_os("PROPTEST_RNG_SEED") {
-        return s.to_str()?.parse().ok();
+        return s
+            .to_str()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| format!("PROPTEST_RNG_SEED={s:?} is not a number"));
     }
     let out = Command::new("git")
         .args(["rev-parse", "HEAD"])
         .current_dir(root())
         .output()
-        .ok()?;
-    commit_seed(std::str::from_utf8(&out.stdout).ok()?)
+        .map_err(|e| format!("cannot run git: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "git rev-parse HEAD failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    std::str::from_utf8(&out.stdout)
+        .ok()
+        .and_then(commit_seed)
+        .ok_or_else(|| "git rev-parse HEAD gave no commit id".to_string())
 }
 
 /// The first 16 hex digits of a commit id, as a number.

@@ -299,13 +299,7 @@ impl Ledger {
             }
             Err(e) => return Err(err(e)),
         };
-        let compatible = || {
-            schema::oldest_compatible(&conn)
-                .ok()
-                .flatten()
-                .is_some_and(|oldest| oldest <= SCHEMA_VERSION)
-        };
-        if found > SCHEMA_VERSION && !compatible() {
+        if found > SCHEMA_VERSION && !schema::newer_but_compatible(&conn) {
             return Err(LedgerError::TooNew {
                 path: path.to_path_buf(),
                 found,

@@ -148,9 +148,10 @@ pub fn migrate(conn: &mut Connection) -> Result<(), MigrateError> {
     if version > SCHEMA_VERSION {
         // A newer build's file: usable as it is when that build says this
         // one is still compatible (its migrations since only added columns).
-        return match oldest_compatible(conn)? {
-            Some(oldest) if oldest <= SCHEMA_VERSION => Ok(()),
-            _ => Err(MigrateError::TooNew(version)),
+        return if newer_but_compatible(conn) {
+            Ok(())
+        } else {
+            Err(MigrateError::TooNew(version))
         };
     }
     while version < SCHEMA_VERSION {
@@ -194,6 +195,19 @@ pub fn oldest_compatible(conn: &Connection) -> rusqlite::Result<Option<i64>> {
         Err(rusqlite::Error::QueryReturnedNoRows) => Ok(None),
         Err(e) => Err(e),
     }
+}
+
+/// A file of a newer schema that this build may read and write: it says
+/// so (see [`OLDEST_COMPATIBLE`]) and has every column this build names.
+/// Anything unreadable about it answers no.
+pub fn newer_but_compatible(conn: &Connection) -> bool {
+    let marked = matches!(oldest_compatible(conn), Ok(Some(oldest)) if oldest <= SCHEMA_VERSION);
+    let columns = || -> rusqlite::Result<Vec<String>> {
+        conn.prepare("SELECT name FROM pragma_table_info('requests')")?
+            .query_map([], |r| r.get(0))?
+            .collect()
+    };
+    marked && columns().is_ok_and(|have| COLUMNS.iter().all(|c| have.iter().any(|h| h == c)))
 }
 
 /// `INSERT INTO requests (...) VALUES (?1, ...)`.

@@ -465,7 +465,7 @@ impl Price {
             return Some(*self);
         };
         let t = self.tiers[i]?;
-        Some(Price {
+        let mut p = Price {
             effective_ms: self.effective_ms,
             input: t.input,
             cached_input: t.cached_input,
@@ -475,7 +475,14 @@ impl Price {
             reasoning: t.reasoning,
             long: None,
             tiers: [None, None],
-        })
+        };
+        // A long prompt in a tier: the long-context rates, scaled as the
+        // tier scales input and output.
+        p.long = self.long.map(|l| LongRates {
+            above: l.above,
+            rates: l.rates.scaled(self, &p),
+        });
+        Some(p)
     }
 
     /// USD for `u`. The subsets (cached, cache write, reasoning) are capped
@@ -1208,6 +1215,15 @@ output = 10.0
             (flex.input, flex.cached_input, flex.output),
             (0.4, 0.2, 0.8)
         );
+        // A model with long-context rates keeps them in a tier, scaled.
+        let book = book_of(
+            "[[models]]\nprovider = \"openai\"\nmodel = \"long\"\ninput = 1.0\noutput = 2.0\nlong_context = { above = 1000, input = 2.0, output = 3.0 }\npriority = { input = 2.0, output = 6.0 }\n",
+        );
+        let u = usage(2000, 0, 0, 1000, 0);
+        let c = book
+            .cost_of_any("openai", &["long"], NOW, &u, Some("priority"))
+            .expect("priced");
+        assert!(close(c.usd, (2000.0 * 4.0 + 1000.0 * 9.0) / 1e6), "{c:?}");
         assert_eq!(p.in_tier(Some("priority")), None, "no priority rates");
         assert_eq!(p.in_tier(None), Some(p));
     }

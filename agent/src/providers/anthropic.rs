@@ -126,7 +126,7 @@ impl Raw {
 fn usage_tier(u: &Value) -> Option<String> {
     u.get("service_tier")
         .and_then(Value::as_str)
-        .and_then(super::error_type)
+        .and_then(super::service_tier)
 }
 
 struct JsonParser {

@@ -61,10 +61,6 @@ pub struct RequestInfo {
     /// The API version the request names refuses `stream_options` (Azure
     /// OpenAI before 2024-09-01-preview): usage must not be asked for.
     pub refuses_stream_options: bool,
-    /// The service tier the request asked for (OpenAI `service_tier`:
-    /// `auto`, `default`, `flex`, `priority`), sanitised as
-    /// [`error_type`]; the response's, when it says, is what was served.
-    pub service_tier: Option<String>,
 }
 
 /// What a request body's top-level `stream_options` member is.
@@ -245,9 +241,18 @@ pub struct ParsedUsage {
     /// Bedrock's `throttlingException`). Sanitised: see [`error_type`].
     pub error: Option<String>,
     /// The service tier that served the request, as the response says
-    /// (OpenAI `service_tier`: `default`, `flex`, `priority`, `scale`).
-    /// Sanitised: see [`error_type`].
+    /// (OpenAI `service_tier`: `default`, `flex`, `priority`, `scale`):
+    /// see [`service_tier`].
     pub service_tier: Option<String>,
+}
+
+/// A service tier as it may be recorded: as [`error_type`], lower case
+/// (one tier is one value in reports and metrics, however it was spelt).
+pub fn service_tier(s: &str) -> Option<String> {
+    error_type(s).map(|mut t| {
+        t.make_ascii_lowercase();
+        t
+    })
 }
 
 /// A provider's error type as it may be recorded: at most 64 characters of
@@ -345,7 +350,7 @@ pub struct Head {
     /// `Some(Value::Null)` for an explicit `null`, `None` when missing.
     #[serde(deserialize_with = "present_member")]
     pub stream_options: Option<Value>,
-    /// OpenAI: the tier asked for (request) or served (response).
+    /// OpenAI: the tier that served the response.
     pub service_tier: Option<Value>,
 }
 
@@ -382,9 +387,9 @@ impl Head {
         self.model.as_ref()?.as_str().map(str::to_string)
     }
 
-    /// `service_tier`, when it is a string [`error_type`] accepts.
+    /// `service_tier`, when it is a string [`service_tier`] accepts.
     pub fn service_tier(&self) -> Option<String> {
-        self.service_tier.as_ref()?.as_str().and_then(error_type)
+        self.service_tier.as_ref()?.as_str().and_then(service_tier)
     }
 }
 

@@ -110,7 +110,6 @@ impl Provider for OpenAi {
             injected_usage: false,
             stream_options,
             refuses_stream_options: false,
-            service_tier: head.as_ref().and_then(super::Head::service_tier),
         }
     }
 
@@ -474,7 +473,7 @@ impl super::BodyFilter for UsageChunkFilter {
 fn tier_of(v: &Value) -> Option<String> {
     v.get("service_tier")
         .and_then(Value::as_str)
-        .and_then(super::error_type)
+        .and_then(super::service_tier)
 }
 
 /// Reads a whole (bounded) JSON body.
@@ -621,7 +620,7 @@ impl StreamParser {
                     ev.service_tier
                         .as_ref()
                         .and_then(Value::as_str)
-                        .and_then(super::error_type),
+                        .and_then(super::service_tier),
                 ),
             };
             // The last event that names one says what served the stream.
@@ -796,33 +795,7 @@ mod tests {
     }
 
     #[test]
-    fn the_service_tier_is_read_from_requests_and_every_response_shape() {
-        let h = HeaderMap::new();
-        let asked = |body: &[u8]| {
-            OpenAi
-                .request(&RequestView {
-                    method: &Method::POST,
-                    path: "/v1/chat/completions",
-                    query: None,
-                    headers: &h,
-                    body: Some(body),
-                })
-                .service_tier
-        };
-        assert_eq!(
-            asked(br#"{"model":"o3","service_tier":"flex","messages":[]}"#).as_deref(),
-            Some("flex")
-        );
-        assert_eq!(asked(br#"{"model":"o3","messages":[]}"#), None);
-        // Not an identifier, or not a string: not recorded.
-        assert_eq!(asked(br#"{"model":"o3","service_tier":"fl ex\n"}"#), None);
-        assert_eq!(asked(br#"{"model":"o3","service_tier":{"a":1}}"#), None);
-        // A repeated member: the whole-document read, last one wins.
-        assert_eq!(
-            asked(br#"{"model":"o3","service_tier":"flex","service_tier":"priority"}"#).as_deref(),
-            Some("priority")
-        );
-
+    fn the_service_tier_is_read_from_every_response_shape() {
         let json = |body: &str| parse("application/json", body.as_bytes(), &[]).service_tier;
         assert_eq!(
             parse("application/json", CHAT_JSON, &[])
@@ -834,6 +807,27 @@ mod tests {
             json(r#"{"model":"o3","service_tier":"flex","usage":{"prompt_tokens":3,"completion_tokens":2}}"#)
                 .as_deref(),
             Some("flex")
+        );
+        // Lower case; not an identifier, or not a string: not recorded.
+        assert_eq!(
+            json(r#"{"service_tier":"Flex","usage":{"prompt_tokens":3}}"#).as_deref(),
+            Some("flex")
+        );
+        assert_eq!(
+            json(r#"{"service_tier":"fl ex\n","usage":{"prompt_tokens":3}}"#),
+            None
+        );
+        assert_eq!(
+            json(r#"{"service_tier":{"a":1},"usage":{"prompt_tokens":3}}"#),
+            None
+        );
+        // A repeated member: the whole-document read, last one wins.
+        assert_eq!(
+            json(
+                r#"{"service_tier":"flex","service_tier":"priority","usage":{"prompt_tokens":3}}"#
+            )
+            .as_deref(),
+            Some("priority")
         );
         // Without usage (the whole document is read).
         assert_eq!(

@@ -540,7 +540,10 @@ impl Draft {
         // A successful answer whose counts are unknown (no usage, nothing
         // to estimate from) has an unknown cost, not a cost of 0.
         let counts_unknown = ok && parsed.usage.is_none() && !estimated;
-        let service_tier = parsed.service_tier.take().or(self.info.service_tier.take());
+        // Only the response says which tier served the request: the one a
+        // request asks for is not always granted (Azure and
+        // OpenAI-compatible servers ignore it).
+        let service_tier = parsed.service_tier.take();
         let cost = prices
             .cost_of_any(
                 provider,
@@ -552,6 +555,7 @@ impl Draft {
             .filter(|_| !counts_unknown);
         if let (Some(c), Some(tier), Some(m)) = (cost, service_tier.as_deref(), priced)
             && c.tier_unpriced
+            && (usage.input_tokens > 0 || usage.output_tokens > 0)
             && !self.ctx.state.warn_tier_unpriced(provider, m, tier)
         {
             debug!(

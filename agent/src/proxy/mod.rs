@@ -186,7 +186,10 @@ pub struct ProxyState {
     /// metering off for its executable); a completed handshake clears them.
     untrusted: Untrusted,
     /// (provider, model) pairs already warned about as unpriced.
-    unpriced_seen: Mutex<hashbrown::HashSet<(String, String), rustc_hash::FxBuildHasher>>,
+    unpriced_seen: Mutex<Seen>,
+    /// (provider, model and tier) pairs already warned about as priced at
+    /// the standard rates.
+    tier_unpriced_seen: Mutex<Seen>,
     http: auto::Builder<TokioExecutor>,
     /// Shutdown began: connections finish their request and close.
     pub(crate) draining: CancellationToken,
@@ -199,6 +202,8 @@ pub struct ProxyState {
     /// after a hang-up, local estimates): awaited before the ledger closes.
     pub(crate) background: TaskTracker,
 }
+
+type Seen = hashbrown::HashSet<(String, String), rustc_hash::FxBuildHasher>;
 
 /// A `(String, String)` set key, borrowed: hashes as the tuple does (each
 /// field in turn).
@@ -239,6 +244,7 @@ impl ProxyState {
             live: crate::control::LiveHandle::default(),
             untrusted: Untrusted::default(),
             unpriced_seen: Mutex::default(),
+            tier_unpriced_seen: Mutex::default(),
             http,
             draining: CancellationToken::new(),
             cut_drain: CancellationToken::new(),
@@ -248,12 +254,37 @@ impl ProxyState {
     }
 }
 
+/// True the first time `(provider, key)` is asked about, up to
+/// [`UNPRICED_WARNINGS`] of them (the last one says so, naming `what`).
+fn first_time(seen: &Mutex<Seen>, provider: &str, key: &str, what: &str) -> bool {
+    let mut seen = seen.lock().unwrap_or_else(|p| p.into_inner());
+    // Probed with borrowed names: every response of an unpriced model
+    // comes here, and only the first of each pair is stored.
+    if seen.len() >= UNPRICED_WARNINGS || seen.contains(&PairRef(provider, key)) {
+        return false;
+    }
+    seen.insert((provider.to_owned(), key.to_owned()));
+    if seen.len() == UNPRICED_WARNINGS {
+        warn!("{UNPRICED_WARNINGS} {what} warned about; further ones are logged at debug");
+    }
+    true
+}
+
 impl ProxyState {
     /// Says once per (provider, model), at warn, that a model has no price:
     /// its requests are recorded with `cost_usd: null` until one is added.
     /// True when this call warned.
     pub(crate) fn warn_unpriced(&self, provider: &str, model: Option<&str>) -> bool {
-        self.warn_once(provider, model.unwrap_or(""), None)
+        let model = model.unwrap_or("");
+        if !first_time(&self.unpriced_seen, provider, model, "unpriced models") {
+            return false;
+        }
+        warn!(
+            provider,
+            model = ?model,
+            "no price for this model: its requests are recorded with cost_usd null; add it under [[pricing.models]] in the config"
+        );
+        true
     }
 
     /// Says once per (provider, model, tier), at warn, that a model has a
@@ -261,48 +292,21 @@ impl ProxyState {
     /// requests are priced at the standard rates. True when this call
     /// warned.
     pub(crate) fn warn_tier_unpriced(&self, provider: &str, model: &str, tier: &str) -> bool {
-        self.warn_once(provider, model, Some(tier))
-    }
-
-    fn warn_once(&self, provider: &str, model: &str, tier: Option<&str>) -> bool {
-        // A tier's key cannot be a model's: model names never hold a NUL
-        // as the adapters read them... and if one did, it would only
-        // share a warning.
-        let tiered;
-        let key = match tier {
-            Some(t) => {
-                tiered = format!("{model}\0{t}");
-                tiered.as_str()
-            }
-            None => model,
-        };
-        let mut seen = self.unpriced_seen.lock().unwrap_or_else(|p| p.into_inner());
-        // Probed with borrowed names: every response of an unpriced model
-        // comes here, and only the first of each pair is stored.
-        if seen.len() >= UNPRICED_WARNINGS || seen.contains(&PairRef(provider, key)) {
+        let key = format!("{model} {tier}");
+        if !first_time(
+            &self.tier_unpriced_seen,
+            provider,
+            &key,
+            "unpriced service tiers",
+        ) {
             return false;
         }
-        seen.insert((provider.to_owned(), key.to_owned()));
-        let last = seen.len() == UNPRICED_WARNINGS;
-        drop(seen);
-        match tier {
-            None => warn!(
-                provider,
-                model = ?model,
-                "no price for this model: its requests are recorded with cost_usd null; add it under [[pricing.models]] in the config"
-            ),
-            Some(tier) => warn!(
-                provider,
-                model = ?model,
-                service_tier = tier,
-                "no price for this model in this service tier: its requests are priced at the standard rates; add the tier's rates under [[pricing.models]] in the config"
-            ),
-        }
-        if last {
-            warn!(
-                "{UNPRICED_WARNINGS} unpriced models warned about; further ones are logged at debug"
-            );
-        }
+        warn!(
+            provider,
+            model,
+            service_tier = tier,
+            "no price for this model in this service tier: its requests are priced at the standard rates; add the tier's rates under [[pricing.models]] in the config"
+        );
         true
     }
 
@@ -851,6 +855,13 @@ mod tests {
             }
         }
         assert_eq!(warned, UNPRICED_WARNINGS, "a job inventing names is capped");
+        // Tiers without rates have their own warnings, once each.
+        assert!(state.warn_tier_unpriced("openai", "gpt-4o", "flex"));
+        assert!(
+            !state.warn_tier_unpriced("openai", "gpt-4o", "flex"),
+            "once"
+        );
+        assert!(state.warn_tier_unpriced("openai", "gpt-4o", "priority"));
     }
 
     async fn run_one(known: bool) -> (Arc<Recorder>, Arc<ProxyState>, Vec<u8>) {

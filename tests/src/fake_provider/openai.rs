@@ -36,12 +36,19 @@ pub(crate) async fn handle(call: Call) -> hyper::Response<Body> {
         .clamp(1, 2000);
     let resp_model = format!("{model}-2024-07-18");
     // As the API does: the tier that served the request, in the body and
-    // in every chunk (a tier asked for is granted; `auto` is `default`).
-    let service_tier = v
-        .get("service_tier")
-        .and_then(Value::as_str)
-        .filter(|t| matches!(*t, "flex" | "priority"))
-        .unwrap_or("default");
+    // in every chunk (a tier asked for is granted, `auto` is `default`,
+    // unless `x-fake-served-tier` says otherwise).
+    let service_tier = call
+        .headers
+        .get("x-fake-served-tier")
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| {
+            v.get("service_tier")
+                .and_then(Value::as_str)
+                .filter(|t| matches!(*t, "flex" | "priority"))
+        })
+        .unwrap_or("default")
+        .to_string();
     let usage = json!({"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct,
         "prompt_tokens_details": {"cached_tokens": 0}, "completion_tokens_details": {"reasoning_tokens": 0}});
     call.record(Reported {
