@@ -134,6 +134,21 @@ pub fn encoding_for(model: Option<&str>) -> Encoding {
     }
 }
 
+/// The model whose encoding counts a request: the response's when
+/// tiktoken knows it (an Azure deployment answers as the model it runs,
+/// `gpt-35-turbo`, where the request names only the deployment), else the
+/// request's, else the response's.
+pub fn tokenizer_model<'a>(response: Option<&'a str>, request: Option<&'a str>) -> Option<&'a str> {
+    let known = |m: &str| {
+        let m = m.trim().to_ascii_lowercase();
+        get_tokenizer(m.rsplit('/').next().unwrap_or("")).is_some()
+    };
+    match response {
+        Some(r) if known(r) => Some(r),
+        _ => request.or(response),
+    }
+}
+
 /// Tokens in `text` for `model` (no special tokens: text that looks like
 /// `<|endoftext|>` counts as ordinary text).
 pub fn count_tokens(model: Option<&str>, text: &str) -> u64 {
@@ -658,6 +673,26 @@ mod tests {
         assert_eq!(e("my-azure-deployment"), Encoding::O200kBase);
         assert_eq!(encoding_for(None), Encoding::O200kBase);
         assert_eq!(Encoding::Cl100kBase.name(), "cl100k_base");
+    }
+
+    #[test]
+    fn the_response_model_picks_the_encoding_when_tiktoken_knows_it() {
+        // An Azure deployment: the model it answers as picks the encoding.
+        assert_eq!(
+            encoding_for(tokenizer_model(Some("gpt-35-turbo"), Some("my-deployment"))),
+            Encoding::Cl100kBase
+        );
+        assert_eq!(
+            tokenizer_model(Some("gpt-4o-2024-08-06"), Some("gpt4o-ptu")),
+            Some("gpt-4o-2024-08-06")
+        );
+        // A response model tiktoken does not know: the request's.
+        assert_eq!(
+            tokenizer_model(Some("claude-x"), Some("gpt-4")),
+            Some("gpt-4")
+        );
+        assert_eq!(tokenizer_model(Some("claude-x"), None), Some("claude-x"));
+        assert_eq!(tokenizer_model(None, Some("gpt-4")), Some("gpt-4"));
     }
 
     #[test]

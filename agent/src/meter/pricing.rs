@@ -729,13 +729,37 @@ pub fn price_order<'a>(
     provider: &str,
     response: Option<&'a str>,
     request: Option<&'a str>,
-) -> Vec<&'a str> {
+) -> PriceOrder<'a> {
     let order = if provider == "azure-openai" {
         [request, response]
     } else {
         [response, request]
     };
-    order.into_iter().flatten().collect()
+    let mut out = PriceOrder {
+        names: [""; 2],
+        len: 0,
+    };
+    for name in order.into_iter().flatten() {
+        out.names[out.len] = name;
+        out.len += 1;
+    }
+    out
+}
+
+/// The names of [`price_order`], in order: a slice of at most two, kept on
+/// the stack (one is made per record).
+#[derive(Debug, Clone, Copy)]
+pub struct PriceOrder<'a> {
+    names: [&'a str; 2],
+    len: usize,
+}
+
+impl<'a> std::ops::Deref for PriceOrder<'a> {
+    type Target = [&'a str];
+
+    fn deref(&self) -> &[&'a str] {
+        &self.names[..self.len]
+    }
 }
 
 /// The lookup key of a model name, for catalogue keys and queries alike:
@@ -1429,11 +1453,13 @@ output = 15.0
         // The response names the model, the request the deployment; the
         // deployment is looked up first on Azure, the model elsewhere.
         let order = price_order("azure-openai", Some("gpt-4o-2024-11-20"), Some("gpt4o-ptu"));
-        assert_eq!(order, ["gpt4o-ptu", "gpt-4o-2024-11-20"]);
+        assert_eq!(*order, ["gpt4o-ptu", "gpt-4o-2024-11-20"]);
         assert_eq!(
-            price_order("openai", Some("gpt-4o-2024-11-20"), Some("gpt-4o")),
+            *price_order("openai", Some("gpt-4o-2024-11-20"), Some("gpt-4o")),
             ["gpt-4o-2024-11-20", "gpt-4o"]
         );
+        assert_eq!(*price_order("openai", None, Some("gpt-4o")), ["gpt-4o"]);
+        assert!(price_order("azure-openai", None, None).is_empty());
         let c = book.cost_of_any("azure-openai", &order, NOW, &u, None);
         assert_eq!(c.map(|c| c.usd), Some(0.0));
         // Another deployment answers at OpenAI's price of its model.

@@ -517,7 +517,10 @@ impl Draft {
                 None => estimate::fill_estimate(
                     &mut usage,
                     api,
-                    self.info.model.as_deref(),
+                    estimate::tokenizer_model(
+                        parsed.response_model.as_deref(),
+                        self.info.model.as_deref(),
+                    ),
                     self.body.take().as_deref(),
                     &parsed.output_text,
                 ),
