@@ -185,7 +185,7 @@ pub fn sd_notify(state: &str) {
     }
 }
 
-fn parse_overrides(cfg: &Config) -> BTreeMap<String, Vec<SocketAddr>> {
+pub(crate) fn parse_overrides(cfg: &Config) -> BTreeMap<String, Vec<SocketAddr>> {
     cfg.resolver
         .overrides
         .iter()

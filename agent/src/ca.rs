@@ -608,6 +608,56 @@ fn tighten_key_mode(key_path: &Path) {
     }
 }
 
+/// The CA under a state directory as `tollgate check` sees it, from its
+/// public files only: no key, no lock, nothing created.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaInspection {
+    /// Configured hosts the CA does not cover: the next start replaces it.
+    pub hosts_missing: Vec<String>,
+    /// Days until the CA expires; under [`CA_MIN_REMAINING_DAYS`] the next
+    /// start replaces it.
+    pub days_left: i64,
+    /// The next start replaces the CA (hosts missing, expiring, or not a
+    /// CA as tollgate makes them): clients must trust the new one.
+    pub replaced_at_start: bool,
+    /// Made before intermediates: `tollgate trust rotate` replaces it.
+    pub single_level: bool,
+    /// The certificate, PEM.
+    pub cert_pem: String,
+}
+
+/// Inspects the CA under `state_dir` for `hosts`; `None` when there is
+/// none yet.
+pub fn inspect(state_dir: &Path, hosts: &[String]) -> Result<Option<CaInspection>, CaError> {
+    let dir = state_dir.join(CA_DIR);
+    let cert = dir.join(CERT_FILE);
+    let pem = match fs::read_to_string(&cert) {
+        Ok(p) => p,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+            return Err(CaError::Unreadable { path: cert });
+        }
+        Err(e) => return Err(CaError::io("read", &cert, e)),
+    };
+    let wanted = normalize_hosts(hosts)?;
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let (missing, days_left, good) = match parse_cert(&pem) {
+        Ok(p) => (
+            wanted.difference(&p.covered).cloned().collect::<Vec<_>>(),
+            (p.not_after - now).div_euclid(86_400),
+            p.is_ca && p.constrained,
+        ),
+        Err(_) => (wanted.iter().cloned().collect(), 0, false),
+    };
+    Ok(Some(CaInspection {
+        replaced_at_start: !missing.is_empty() || days_left < CA_MIN_REMAINING_DAYS || !good,
+        hosts_missing: missing,
+        days_left,
+        single_level: !dir.join(INTERMEDIATE_FILE).exists(),
+        cert_pem: pem,
+    }))
+}
+
 /// What tollgate needs to know about its CA certificate.
 struct ParsedCa {
     der: CertificateDer<'static>,

@@ -41,6 +41,9 @@ pub enum Command {
     Trust(TrustCommand),
     /// Live view of the running agent: spend by process and job (root).
     Top(TopArgs),
+    /// Check whether `tollgate run` would work on this host, changing
+    /// nothing (as root, to check the kernel too).
+    Check,
 }
 
 #[derive(Debug, clap::Args)]
@@ -212,6 +215,8 @@ pub enum CmdError {
     App(#[from] crate::app::AppError),
     #[error(transparent)]
     Top(#[from] crate::control::top::TopError),
+    #[error("{0} checks failed")]
+    ChecksFailed(usize),
 }
 
 impl CmdError {
@@ -222,6 +227,7 @@ impl CmdError {
             CmdError::Ledger(e) => e.exit_code(),
             CmdError::App(e) => e.exit_code(),
             CmdError::Top(e) => e.exit_code(),
+            CmdError::ChecksFailed(_) => crate::exit::UNAVAILABLE,
         }
     }
 }
@@ -245,6 +251,28 @@ fn load_ca(cfg: &Config) -> Result<LocalCa, CmdError> {
     let (ca, status) = LocalCa::load_or_create(&cfg.state_dir, &hosts)?;
     crate::app::log_ca_status(&status);
     Ok(ca)
+}
+
+/// `tollgate check`: prints one line per check; an error when any failed.
+pub fn check(cfg: &Config, config_path: Option<&Path>) -> Result<(), CmdError> {
+    let outcomes = crate::check::run(
+        cfg,
+        &crate::check::Host {
+            config_path,
+            trust_root: Path::new("/"),
+            is_root: nix::unistd::geteuid().is_root(),
+            dns_timeout: std::time::Duration::from_secs(5),
+        },
+    );
+    print!("{}", crate::check::render(&outcomes));
+    match outcomes
+        .iter()
+        .filter(|o| o.level == crate::check::Level::Fail)
+        .count()
+    {
+        0 => Ok(()),
+        n => Err(CmdError::ChecksFailed(n)),
+    }
 }
 
 pub fn report(cfg: &Config, args: &ReportArgs) -> Result<(), CmdError> {

@@ -7,6 +7,7 @@
 pub mod app;
 pub mod attribution;
 pub mod ca;
+pub mod check;
 pub mod cli;
 pub mod config;
 pub mod control;

@@ -32,7 +32,7 @@ fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { exit::USAGE } else { 0 });
         }
     };
-    let (cfg, _path) = match Config::load(cli.config.as_deref()) {
+    let (cfg, path) = match Config::load(cli.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("tollgate: {e}");
@@ -45,6 +45,7 @@ fn main() -> ExitCode {
         Command::Report(args) => cli::report(&cfg, args),
         Command::Trust(cmd) => cli::trust(&cfg, cmd),
         Command::Top(args) => cli::top(&cfg, args),
+        Command::Check => cli::check(&cfg, path.as_deref()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

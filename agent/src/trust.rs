@@ -300,6 +300,64 @@ fn keytool_delete(keytool: &Path, store: &[String], alias: &str) -> Result<bool,
     Ok(run(keytool, &args)?.ok)
 }
 
+/// Whether the system trust store under `root` trusts a CA.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Installed {
+    /// The system bundle holds it.
+    Yes { bundle: PathBuf },
+    /// tollgate's anchor file holds another certificate (a CA replaced
+    /// since `trust install`).
+    Stale { anchor: PathBuf },
+    /// The anchor is there but no system bundle holds it (the store was
+    /// not rebuilt).
+    NotInBundle { anchor: PathBuf },
+    /// Not installed.
+    No,
+}
+
+/// Whether the system store under `root` trusts the CA whose certificate
+/// is `cert_pem`: its anchor file, then the first system bundle there is.
+pub fn installed(cert_pem: &str, root: &Path) -> Installed {
+    // The certificate's base64 body, as every bundle format keeps it.
+    let body: String = cert_pem
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .map(str::trim)
+        .collect();
+    if body.is_empty() {
+        return Installed::No;
+    }
+    let bundle_has_it = |text: &str| {
+        text.lines()
+            .filter(|l| !l.starts_with("-----"))
+            .map(str::trim)
+            .collect::<String>()
+            .contains(&body)
+    };
+    let anchors = [DEBIAN_ANCHORS, RHEL_ANCHORS].map(|d| under(root, d).join(ANCHOR_NAME));
+    let anchor = anchors
+        .iter()
+        .find_map(|a| std::fs::read_to_string(a).ok().map(|t| (a.clone(), t)));
+    if let Some((a, text)) = &anchor
+        && !bundle_has_it(text)
+    {
+        return Installed::Stale { anchor: a.clone() };
+    }
+    for b in crate::ca::SYSTEM_BUNDLES {
+        let path = under(root, b.trim_start_matches('/'));
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            if bundle_has_it(&text) {
+                return Installed::Yes { bundle: path };
+            }
+            break;
+        }
+    }
+    match anchor {
+        Some((anchor, _)) => Installed::NotInBundle { anchor },
+        None => Installed::No,
+    }
+}
+
 /// Adds the CA to the trust stores under `root` ("/" for this host) and
 /// rewrites `bundle.pem`. Returns what was done, one line each.
 pub fn install(ca: &LocalCa, root: &Path) -> Result<Vec<String>, TrustError> {
@@ -592,6 +650,35 @@ mod tests {
             .expect("idempotent")
             .join("\n");
         assert!(text.contains("was not present"), "{text}");
+    }
+
+    #[test]
+    fn whether_the_system_store_trusts_the_ca() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let mine = ca(&t.path().join("state"));
+        let pem = mine.cert_pem();
+        let root = t.path().join("root");
+        assert_eq!(installed(pem, &root), Installed::No);
+        // The anchor, before the bundle was rebuilt.
+        let anchor = root.join(DEBIAN_ANCHORS).join(ANCHOR_NAME);
+        std::fs::create_dir_all(anchor.parent().expect("dir")).expect("dirs");
+        std::fs::write(&anchor, pem).expect("anchor");
+        let bundle = root.join(crate::ca::SYSTEM_BUNDLES[0].trim_start_matches('/'));
+        std::fs::create_dir_all(bundle.parent().expect("dir")).expect("dirs");
+        let other = ca_other(t.path());
+        std::fs::write(&bundle, &other).expect("bundle");
+        assert_eq!(
+            installed(pem, &root),
+            Installed::NotInBundle {
+                anchor: anchor.clone()
+            }
+        );
+        // Rebuilt: the bundle holds it among others.
+        std::fs::write(&bundle, format!("{other}\n{pem}")).expect("bundle");
+        assert_eq!(installed(pem, &root), Installed::Yes { bundle });
+        // The CA replaced since: the anchor holds the old one.
+        std::fs::write(&anchor, &other).expect("anchor");
+        assert_eq!(installed(pem, &root), Installed::Stale { anchor });
     }
 
     fn ca_other(dir: &Path) -> String {

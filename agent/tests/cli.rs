@@ -181,6 +181,18 @@ fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
 
+/// A directory other users may enter, holding a copy of the binary they
+/// can run (root only).
+fn shared_dir_with_binary() -> (tempfile::TempDir, std::path::PathBuf) {
+    use std::os::unix::fs::PermissionsExt as _;
+    assert!(is_root(), "run as root (cargo xtask test does)");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bin = dir.path().join("tollgate");
+    std::fs::copy(env!("CARGO_BIN_EXE_tollgate"), &bin).unwrap();
+    (dir, bin)
+}
+
 /// `tollgate ARGS` as user `nobody` (the binary copied where it can run it).
 fn as_nobody(bin: &std::path::Path, args: &[&str]) -> std::process::Output {
     Command::new("setpriv")
@@ -195,11 +207,7 @@ fn as_nobody(bin: &std::path::Path, args: &[&str]) -> std::process::Output {
 #[ignore = "needs root (runs tollgate as another user)"]
 fn trust_env_is_read_only_and_any_user_may_ask() {
     use std::os::unix::fs::PermissionsExt as _;
-    assert!(is_root(), "run as root (cargo xtask test does)");
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let bin = dir.path().join("tollgate");
-    std::fs::copy(env!("CARGO_BIN_EXE_tollgate"), &bin).unwrap();
+    let (dir, bin) = shared_dir_with_binary();
     let state = dir.path().join("state");
     let cfg = dir.path().join("t.toml");
     std::fs::write(&cfg, format!("state_dir = {state:?}\n")).unwrap();
@@ -307,4 +315,170 @@ fn trust_rotate_replaces_the_ca_and_installs_the_new_one() {
         after,
         "the new root is installed"
     );
+}
+
+/// A config for `check` under `dir`: its own state directory, a free port,
+/// a control socket nobody answers, and no OTLP export.
+fn check_config(dir: &std::path::Path) -> std::path::PathBuf {
+    let cfg = dir.join("t.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "state_dir = {:?}\n[proxy]\nlisten = \"127.0.0.1:0\"\n[control]\nsocket = {:?}\n[export.otlp]\nenabled = false\n",
+            dir.join("state"),
+            dir.join("control.sock")
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
+/// `tollgate check`'s lines as (level, name), and its exit code.
+fn check(cfg: &std::path::Path) -> (Vec<(String, String)>, String, Option<i32>) {
+    let o = tollgate()
+        .arg("--config")
+        .arg(cfg)
+        .arg("check")
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .env_remove("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    let names = [
+        "config",
+        "root",
+        "cgroup",
+        "kernel",
+        "state directory",
+        "local CA",
+        "trust",
+        "ledger",
+        "listener",
+        "providers",
+        "collector",
+    ];
+    let lines = out
+        .lines()
+        .filter_map(|l| {
+            let (level, rest) = l.split_once("  ")?;
+            let rest = rest.trim_start();
+            let name = names.iter().find(|n| rest.starts_with(**n))?;
+            Some((level.trim().to_string(), name.to_string()))
+        })
+        .collect();
+    (lines, text(&o), o.status.code())
+}
+
+fn level_of<'a>(lines: &'a [(String, String)], name: &str) -> &'a str {
+    lines
+        .iter()
+        .find(|(_, n)| n == name)
+        .map(|(l, _)| l.as_str())
+        .unwrap_or_else(|| panic!("no {name} line: {lines:?}"))
+}
+
+#[test]
+fn check_reports_every_check_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = check_config(dir.path());
+    let (lines, out, code) = check(&cfg);
+    assert_eq!(lines.len(), 11, "{out}");
+    for (name, want) in [
+        ("config", "ok"),
+        ("state directory", "ok"),
+        ("local CA", "ok"),
+        ("trust", "skip"),
+        ("ledger", "ok"),
+        ("listener", "ok"),
+        ("collector", "skip"),
+    ] {
+        assert_eq!(level_of(&lines, name), want, "{name}: {out}");
+    }
+    assert!(out.contains("created at the first start"), "{out}");
+    if is_root() {
+        assert_eq!(level_of(&lines, "root"), "ok", "{out}");
+        // This machine runs the kernel tests: it can run the agent.
+        assert_eq!(level_of(&lines, "kernel"), "ok", "{out}");
+        assert_eq!(level_of(&lines, "cgroup"), "ok", "{out}");
+        assert_eq!(code, Some(0), "{out}");
+        assert!(out.contains("tollgate can run here"), "{out}");
+    } else {
+        assert_eq!(level_of(&lines, "root"), "FAIL", "{out}");
+        assert_eq!(level_of(&lines, "kernel"), "skip", "{out}");
+        assert_eq!(code, Some(69), "{out}");
+    }
+    assert!(
+        !dir.path().join("state").exists(),
+        "check created the state directory"
+    );
+}
+
+#[test]
+fn check_fails_on_an_unsafe_state_dir_and_a_taken_port_and_sees_an_existing_ca() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = check_config(dir.path());
+    // A CA and a ledger made as the agent makes them (`trust env` makes
+    // the CA; `report` does not make a ledger, so one is opened here).
+    let o = tollgate()
+        .arg("--config")
+        .arg(&cfg)
+        .args(["trust", "env"])
+        .output()
+        .unwrap();
+    if !o.status.success() {
+        // A user who may not create the CA: nothing more to see here.
+        assert!(!is_root(), "{}", text(&o));
+        return;
+    }
+    let (lines, out, _) = check(&cfg);
+    assert_eq!(level_of(&lines, "local CA"), "ok", "{out}");
+    assert!(out.contains("covers every provider host"), "{out}");
+    // The machine's own store does not trust a test's CA.
+    assert_eq!(level_of(&lines, "trust"), "warn", "{out}");
+    // A host added to the config: the next start replaces the CA.
+    let with_host = format!(
+        "{}[[providers]]\nhosts = [\"llm.internal.example\"]\napi = \"openai\"\n",
+        std::fs::read_to_string(&cfg).unwrap()
+    );
+    let cfg2 = dir.path().join("t2.toml");
+    std::fs::write(&cfg2, with_host).unwrap();
+    let (lines, out, _) = check(&cfg2);
+    assert_eq!(level_of(&lines, "local CA"), "warn", "{out}");
+    assert!(out.contains("does not cover llm.internal.example"), "{out}");
+    // A port in use, and a state directory anyone may write.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let text_cfg = std::fs::read_to_string(&cfg).unwrap().replace(
+        "listen = \"127.0.0.1:0\"",
+        &format!("listen = \"127.0.0.1:{port}\""),
+    );
+    std::fs::write(&cfg, text_cfg).unwrap();
+    let state = dir.path().join("state");
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let (lines, out, code) = check(&cfg);
+    assert_eq!(level_of(&lines, "listener"), "FAIL", "{out}");
+    assert_eq!(level_of(&lines, "state directory"), "FAIL", "{out}");
+    assert!(out.contains("writable by other users"), "{out}");
+    assert_eq!(code, Some(69), "{out}");
+    assert!(out.contains("checks failed"), "{out}");
+}
+
+#[test]
+#[ignore = "needs root (runs tollgate as another user)"]
+fn check_as_another_user_fails_on_root_and_skips_the_kernel() {
+    let (dir, bin) = shared_dir_with_binary();
+    let cfg = check_config(dir.path());
+    let o = as_nobody(&bin, &["--config", cfg.to_str().unwrap(), "check"]);
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(69), "{out}");
+    let line = |name: &str| {
+        out.lines()
+            .find(|l| l.get(6..).is_some_and(|rest| rest.starts_with(name)))
+            .unwrap_or_else(|| panic!("no {name} line: {out}"))
+            .to_string()
+    };
+    assert!(line("root").starts_with("FAIL"), "{out}");
+    assert!(line("kernel").starts_with("skip"), "{out}");
+    assert!(line("state directory").starts_with("ok"), "{out}");
 }

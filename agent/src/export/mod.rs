@@ -42,6 +42,7 @@ use pipeline::{Shared, Sink, audit_worker, metrics_worker};
 use spans::SpanMaker;
 
 pub use audit::rotated as rotated_audit_path;
+pub(crate) use config::endpoint_for_logs;
 pub use config::{
     AuditLogConfig, ExportConfig, Headers, OtlpConfig, OtlpProtocol, OtlpTemporality, ResolvedOtlp,
     Semconv, parse_env_headers,

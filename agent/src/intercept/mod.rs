@@ -111,6 +111,23 @@ impl std::fmt::Debug for Intercept {
     }
 }
 
+/// What `tollgate check` asks of the kernel, without attaching anything:
+/// BTF is there, the socket diagnostics answer, and the kernel's verifier
+/// accepts every program (loaded, then unloaded). Returns the number of
+/// programs. Needs root.
+pub fn verify_kernel() -> Result<usize, InterceptError> {
+    if !Path::new("/sys/kernel/btf/vmlinux").exists() {
+        return Err(InterceptError::NoBtf);
+    }
+    diag::self_test().map_err(InterceptError::NoSockDiag)?;
+    programs::verify_all()
+}
+
+/// `cgroup` can take the programs: a cgroup v2 directory.
+pub fn check_cgroup(cgroup: &Path) -> Result<(), InterceptError> {
+    cgroup::check_cgroup_dir(cgroup)
+}
+
 impl Intercept {
     /// Loads the embedded object, fills CONFIG (agent tgid, its netns cookie,
     /// listeners 127.0.0.1/`listen_v4` and ::1 on `listen_port`, ENABLED)

@@ -96,6 +96,24 @@ pub(crate) fn attach_all(ebpf: &mut Ebpf, cgroup: &Path) -> Result<(), Intercept
     Ok(())
 }
 
+/// Loads the object and every program into the kernel, which verifies
+/// them, and attaches nothing: dropping the object unloads them again.
+/// Returns how many programs loaded.
+pub(crate) fn verify_all() -> Result<usize, InterceptError> {
+    let mut ebpf = load_object()?;
+    for name in PROGRAMS {
+        let program = ebpf
+            .program_mut(name)
+            .ok_or_else(|| missing(&format!("program {name}")))?;
+        let loading = || format!("loading program {name}");
+        let p: &mut CgroupSockAddr = program
+            .try_into()
+            .map_err(|e| InterceptError::bpf(loading(), &e))?;
+        p.load().map_err(|e| InterceptError::bpf(loading(), &e))?;
+    }
+    Ok(PROGRAMS.len())
+}
+
 fn missing(what: &str) -> InterceptError {
     InterceptError::Bpf {
         action: format!("finding {what} in the embedded eBPF object"),

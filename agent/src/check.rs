@@ -1,0 +1,486 @@
+//! `tollgate check`: whether `tollgate run` would start on this host, and
+//! whether what it needs around it is in place (trust, provider DNS, the
+//! collector). One line per check; the exit code says whether any failed.
+//!
+//! Owns: the preflight checks and their wording. Must never: change the
+//! host. No CA, ledger, directory or trust store is created or written;
+//! the eBPF programs are loaded so that the kernel verifies them, and
+//! unloaded again, never attached; no secret (the CA key, OTLP headers) is
+//! read or printed.
+
+use std::fmt;
+use std::net::{TcpListener, ToSocketAddrs};
+use std::path::Path;
+use std::time::Duration;
+
+use crate::config::Config;
+use crate::providers::catalogue::provider_hosts;
+
+/// How a check came out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Level {
+    Ok,
+    /// Works, but something is off that the user should know.
+    Warn,
+    /// Not run (needs root, or what it checks is not configured).
+    Skip,
+    /// `tollgate run` would fail, or jobs would.
+    Fail,
+}
+
+impl fmt::Display for Level {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // `pad`, so that a width in the format string applies.
+        f.pad(match self {
+            Level::Ok => "ok",
+            Level::Warn => "warn",
+            Level::Skip => "skip",
+            Level::Fail => "FAIL",
+        })
+    }
+}
+
+/// One check's outcome.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    pub level: Level,
+    pub name: &'static str,
+    pub detail: String,
+}
+
+fn outcome(level: Level, name: &'static str, detail: impl Into<String>) -> Outcome {
+    Outcome {
+        level,
+        name,
+        detail: detail.into(),
+    }
+}
+
+/// What the checks look at besides the config: the host's root ("/", or a
+/// test's directory for the trust store) and whether to ask the kernel.
+pub struct Host<'a> {
+    pub config_path: Option<&'a Path>,
+    pub trust_root: &'a Path,
+    pub is_root: bool,
+    pub dns_timeout: Duration,
+}
+
+/// Runs every check, in the order `tollgate run` needs them.
+pub fn run(cfg: &Config, host: &Host<'_>) -> Vec<Outcome> {
+    let mut out = Vec::new();
+    let hosts: Vec<String> = provider_hosts(cfg).into_iter().map(|h| h.host).collect();
+    out.push(outcome(
+        Level::Ok,
+        "config",
+        match host.config_path {
+            Some(p) => format!("{} ({} provider hosts)", p.display(), hosts.len()),
+            None => format!(
+                "built-in defaults, no config file ({} provider hosts)",
+                hosts.len()
+            ),
+        },
+    ));
+    out.push(if host.is_root {
+        outcome(Level::Ok, "root", "running as root")
+    } else {
+        outcome(
+            Level::Fail,
+            "root",
+            "not root: `tollgate run` needs root; the kernel checks are skipped",
+        )
+    });
+    out.push(cgroup(cfg));
+    out.push(if host.is_root {
+        match crate::intercept::verify_kernel() {
+            Ok(n) => outcome(
+                Level::Ok,
+                "kernel",
+                format!("BTF, socket diagnostics, and the verifier accepts all {n} programs"),
+            ),
+            Err(e) => outcome(Level::Fail, "kernel", e.to_string()),
+        }
+    } else {
+        outcome(Level::Skip, "kernel", "needs root")
+    });
+    out.push(state_dir(cfg));
+    let (ca, cert) = local_ca(cfg, &hosts);
+    out.push(ca);
+    out.push(trust(cert.as_deref(), host.trust_root));
+    out.push(ledger(cfg));
+    out.push(listener(cfg));
+    out.push(providers(cfg, &hosts, host.dns_timeout));
+    out.push(collector(cfg));
+    out
+}
+
+fn cgroup(cfg: &Config) -> Outcome {
+    let path = match &cfg.intercept.cgroup {
+        Some(c) => c.clone(),
+        None => match crate::intercept::cgroup2_root() {
+            Ok(p) => p,
+            Err(e) => return outcome(Level::Fail, "cgroup", e.to_string()),
+        },
+    };
+    match crate::intercept::check_cgroup(&path) {
+        Ok(())
+            if cfg.intercept.cgroup.is_none()
+                && crate::intercept::in_own_cgroup_namespace() == Some(true) =>
+        {
+            outcome(
+                Level::Warn,
+                "cgroup",
+                format!(
+                    "{}: this runs in a cgroup namespace of its own, so jobs outside it would not be intercepted; run the agent in the host's cgroup namespace or set intercept.cgroup",
+                    path.display()
+                ),
+            )
+        }
+        Ok(()) => outcome(
+            Level::Ok,
+            "cgroup",
+            format!("jobs under {} are intercepted", path.display()),
+        ),
+        Err(e) => outcome(Level::Fail, "cgroup", e.to_string()),
+    }
+}
+
+fn state_dir(cfg: &Config) -> Outcome {
+    let dir = &cfg.state_dir;
+    if !dir.exists() {
+        return outcome(
+            Level::Ok,
+            "state directory",
+            format!("{} (created at the first start)", dir.display()),
+        );
+    }
+    match crate::app::check_state_dir(dir, nix::unistd::geteuid().as_raw()) {
+        Ok(()) => outcome(Level::Ok, "state directory", dir.display().to_string()),
+        Err(e) => outcome(Level::Fail, "state directory", e.to_string()),
+    }
+}
+
+/// The CA's outcome, and its certificate when there is one.
+fn local_ca(cfg: &Config, hosts: &[String]) -> (Outcome, Option<String>) {
+    match crate::ca::inspect(&cfg.state_dir, hosts) {
+        Ok(None) => (
+            outcome(
+                Level::Ok,
+                "local CA",
+                "none yet: made at the first start (then run `tollgate trust install`)",
+            ),
+            None,
+        ),
+        Ok(Some(ca)) => {
+            let o = if ca.replaced_at_start {
+                let why = if ca.hosts_missing.is_empty() {
+                    format!(
+                        "it expires in {} days, or is not as tollgate makes CAs",
+                        ca.days_left
+                    )
+                } else {
+                    format!("it does not cover {}", ca.hosts_missing.join(", "))
+                };
+                outcome(
+                    Level::Warn,
+                    "local CA",
+                    format!(
+                        "the next start replaces it ({why}): run `tollgate trust install` after it"
+                    ),
+                )
+            } else if ca.single_level {
+                outcome(
+                    Level::Warn,
+                    "local CA",
+                    "made before intermediates: a stolen key could sign for any site under Java's validator; run `tollgate trust rotate`",
+                )
+            } else {
+                outcome(
+                    Level::Ok,
+                    "local CA",
+                    format!("covers every provider host; {} days left", ca.days_left),
+                )
+            };
+            (o, Some(ca.cert_pem))
+        }
+        Err(e) => (outcome(Level::Fail, "local CA", e.to_string()), None),
+    }
+}
+
+fn trust(cert: Option<&str>, root: &Path) -> Outcome {
+    use crate::trust::Installed;
+    let Some(cert) = cert else {
+        return outcome(Level::Skip, "trust", "no CA yet");
+    };
+    match crate::trust::installed(cert, root) {
+        Installed::Yes { bundle } => outcome(
+            Level::Ok,
+            "trust",
+            format!("the system store trusts the CA ({})", bundle.display()),
+        ),
+        Installed::Stale { anchor } => outcome(
+            Level::Fail,
+            "trust",
+            format!(
+                "{} holds another CA: jobs' TLS clients will refuse the agent; run `tollgate trust install`",
+                anchor.display()
+            ),
+        ),
+        Installed::NotInBundle { anchor } => outcome(
+            Level::Warn,
+            "trust",
+            format!(
+                "{} is there but the system bundle lacks it: run `tollgate trust install` (or update-ca-certificates)",
+                anchor.display()
+            ),
+        ),
+        Installed::No => outcome(
+            Level::Warn,
+            "trust",
+            "the system store does not trust the CA: run `tollgate trust install`, or give jobs `tollgate trust env`",
+        ),
+    }
+}
+
+fn ledger(cfg: &Config) -> Outcome {
+    let path = crate::cli::ledger_path(&cfg.state_dir);
+    if !path.exists() {
+        return outcome(
+            Level::Ok,
+            "ledger",
+            format!("{} (created at the first start)", path.display()),
+        );
+    }
+    match crate::ledger::Ledger::open_read_only(&path) {
+        Ok(_) => outcome(Level::Ok, "ledger", path.display().to_string()),
+        Err(e) => outcome(Level::Fail, "ledger", e.to_string()),
+    }
+}
+
+/// The agent already running answers on its control socket; else the
+/// listen address must be free.
+fn listener(cfg: &Config) -> Outcome {
+    let socket = &cfg.control.socket;
+    if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+        return outcome(
+            Level::Ok,
+            "listener",
+            format!(
+                "an agent is running (it answers on {}); `tollgate top` shows it",
+                socket.display()
+            ),
+        );
+    }
+    let addr = cfg.proxy.listen;
+    if addr.port() == 0 {
+        return outcome(Level::Ok, "listener", "a free port is picked at start");
+    }
+    match TcpListener::bind(addr) {
+        Ok(_) => outcome(Level::Ok, "listener", format!("{addr} is free")),
+        Err(e) => outcome(
+            Level::Fail,
+            "listener",
+            format!("cannot listen on {addr}: {e} (another agent, or set [proxy] listen)"),
+        ),
+    }
+}
+
+fn providers(cfg: &Config, hosts: &[String], timeout: Duration) -> Outcome {
+    let overrides = crate::app::parse_overrides(cfg);
+    let names: Vec<&String> = hosts.iter().filter(|h| !h.starts_with("*.")).collect();
+    let looked_up = resolve_all(
+        names
+            .iter()
+            .filter(|h| !overrides.contains_key(h.as_str()))
+            .map(|h| h.to_string())
+            .collect(),
+        timeout,
+    );
+    let mut missing = Vec::new();
+    let mut addresses = 0usize;
+    for h in &names {
+        match overrides.get(h.as_str()) {
+            Some(a) => addresses += a.len(),
+            None => match looked_up.get(h.as_str()) {
+                Some(&n) if n > 0 => addresses += n,
+                _ => missing.push(h.as_str()),
+            },
+        }
+    }
+    if missing.is_empty() {
+        outcome(
+            Level::Ok,
+            "providers",
+            format!("{} hosts resolve to {addresses} addresses", names.len()),
+        )
+    } else {
+        let shown: Vec<&str> = missing.iter().take(5).copied().collect();
+        let more = missing.len().saturating_sub(shown.len());
+        outcome(
+            Level::Warn,
+            "providers",
+            format!(
+                "{} of {} hosts do not resolve ({}{}): jobs' calls to them are not intercepted until they do",
+                missing.len(),
+                names.len(),
+                shown.join(", "),
+                if more > 0 {
+                    format!(", and {more} more")
+                } else {
+                    String::new()
+                }
+            ),
+        )
+    }
+}
+
+/// How many addresses each host has on port 443, looked up at once; a
+/// host whose lookup failed or took longer than `timeout` is left out (its
+/// thread is left to finish).
+fn resolve_all(hosts: Vec<String>, timeout: Duration) -> std::collections::HashMap<String, usize> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    for host in hosts {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            let n = format!("{host}:443").to_socket_addrs().map(|a| a.count());
+            let _ = tx.send((host, n.ok()));
+        });
+    }
+    drop(tx);
+    let deadline = std::time::Instant::now() + timeout;
+    let mut out = std::collections::HashMap::new();
+    while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+        match rx.recv_timeout(left) {
+            Ok((host, Some(n))) => {
+                out.insert(host, n);
+            }
+            Ok((_, None)) => {}
+            Err(_) => break,
+        }
+    }
+    out
+}
+
+fn collector(cfg: &Config) -> Outcome {
+    let resolved = match cfg.export.resolve(&|k: &str| std::env::var(k).ok()) {
+        Ok(Some(r)) => r,
+        Ok(None) => return outcome(Level::Skip, "collector", "OTLP export is off"),
+        Err((key, why)) => return outcome(Level::Fail, "collector", format!("{key}: {why}")),
+    };
+    let shown = crate::export::endpoint_for_logs(&resolved.endpoint);
+    let Some(addr) = endpoint_addr(&resolved.endpoint) else {
+        return outcome(
+            Level::Warn,
+            "collector",
+            format!("cannot tell the host and port of {shown}"),
+        );
+    };
+    let reachable = addr
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .is_some_and(|a| std::net::TcpStream::connect_timeout(&a, Duration::from_secs(3)).is_ok());
+    if reachable {
+        outcome(
+            Level::Ok,
+            "collector",
+            format!("{shown} accepts connections"),
+        )
+    } else {
+        outcome(
+            Level::Warn,
+            "collector",
+            format!(
+                "{shown} does not accept connections: metrics wait and are retried, the ledger is unaffected"
+            ),
+        )
+    }
+}
+
+/// `host:port` of an `http(s)://host[:port]/...` URL (the scheme's port
+/// when none is given).
+fn endpoint_addr(url: &str) -> Option<String> {
+    let (scheme, rest) = url.split_once("://")?;
+    let authority = rest.split(['/', '?', '#']).next()?;
+    let authority = authority.rsplit('@').next()?;
+    if authority.is_empty() {
+        return None;
+    }
+    let has_port = match authority.strip_prefix('[') {
+        Some(v6) => v6.contains("]:"),
+        None => authority.contains(':'),
+    };
+    if has_port {
+        return Some(authority.to_string());
+    }
+    let port = match scheme.to_ascii_lowercase().as_str() {
+        "https" => 443,
+        "http" => 80,
+        _ => return None,
+    };
+    Some(format!("{authority}:{port}"))
+}
+
+/// The outcomes as aligned lines, then a summary line.
+pub fn render(outcomes: &[Outcome]) -> String {
+    let width = outcomes.iter().map(|o| o.name.len()).max().unwrap_or(0);
+    let mut s = String::new();
+    for o in outcomes {
+        s.push_str(&format!(
+            "{:<4}  {:<width$}  {}\n",
+            o.level, o.name, o.detail
+        ));
+    }
+    let failed = outcomes.iter().filter(|o| o.level == Level::Fail).count();
+    let warned = outcomes.iter().filter(|o| o.level == Level::Warn).count();
+    s.push_str(&match (failed, warned) {
+        (0, 0) => "tollgate can run here.\n".to_string(),
+        (0, w) => format!("tollgate can run here ({w} warnings).\n"),
+        (f, _) => format!("{f} checks failed: `tollgate run` would not work here as it is.\n"),
+    });
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_give_host_and_port() {
+        for (url, want) in [
+            ("http://collector:4318", Some("collector:4318")),
+            (
+                "https://otel.example.com/v1/metrics",
+                Some("otel.example.com:443"),
+            ),
+            ("http://user:pw@10.0.0.5/x", Some("10.0.0.5:80")),
+            ("http://[::1]:4317", Some("[::1]:4317")),
+            ("https://[2001:db8::1]/", Some("[2001:db8::1]:443")),
+            ("grpc://collector", None),
+            ("collector:4317", None),
+            ("http:///path", None),
+        ] {
+            assert_eq!(endpoint_addr(url).as_deref(), want, "{url}");
+        }
+    }
+
+    #[test]
+    fn the_summary_counts_failures_and_warnings() {
+        let ok = outcome(Level::Ok, "a", "fine");
+        let warn = outcome(Level::Warn, "bb", "hmm");
+        let fail = outcome(Level::Fail, "c", "broken");
+        let text = render(&[ok.clone(), warn.clone()]);
+        assert!(
+            text.starts_with("ok    a   fine\nwarn  bb  hmm\n"),
+            "{text}"
+        );
+        assert!(
+            text.ends_with("tollgate can run here (1 warnings).\n"),
+            "{text}"
+        );
+        assert!(render(std::slice::from_ref(&ok)).ends_with("tollgate can run here.\n"));
+        assert!(
+            render(&[ok, warn, fail])
+                .ends_with("1 checks failed: `tollgate run` would not work here as it is.\n")
+        );
+    }
+}
