@@ -451,12 +451,7 @@ async fn bind_listeners(listen: SocketAddr) -> Result<(Vec<TcpListener>, u16), A
         match bind_v6_only(v6_addr) {
             Ok(v6) => return Ok((vec![v4, v6], port)),
             // No IPv6 loopback here: nobody else can have [::1] either.
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::EADDRNOTAVAIL | libc::EAFNOSUPPORT | libc::EPROTONOSUPPORT)
-                ) =>
-            {
+            Err(e) if no_ipv6_loopback(&e) => {
                 warn!(addr = %v6_addr, error = %e, "no IPv6 loopback: IPv6 connections to providers fail while intercepted (clients fall back to IPv4)");
                 return Ok((vec![v4], port));
             }
@@ -471,7 +466,18 @@ async fn bind_listeners(listen: SocketAddr) -> Result<(Vec<TcpListener>, u16), A
     }
 }
 
-fn bind_v6_only(addr: SocketAddr) -> std::io::Result<TcpListener> {
+/// The errors of binding `[::1]` that mean the host has no IPv6 loopback
+/// (nobody else can have it either).
+pub(crate) fn no_ipv6_loopback(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EADDRNOTAVAIL | libc::EAFNOSUPPORT | libc::EPROTONOSUPPORT)
+    )
+}
+
+/// Binds `addr` ([::1]) as `run` does, IPv6 only, not yet listening: the
+/// bind fails as `run`'s would when the port is taken. Needs no runtime.
+pub(crate) fn bind_v6_only_socket(addr: SocketAddr) -> std::io::Result<tokio::net::TcpSocket> {
     let sock = tokio::net::TcpSocket::new_v6()?;
     sock.set_reuseaddr(true)?;
     // Only [::1]: IPv4 clients are sent to the IPv4 listener.
@@ -479,7 +485,11 @@ fn bind_v6_only(addr: SocketAddr) -> std::io::Result<TcpListener> {
     nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::Ipv6V6Only, &true)
         .map_err(std::io::Error::from)?;
     sock.bind(addr)?;
-    sock.listen(1024)
+    Ok(sock)
+}
+
+fn bind_v6_only(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    bind_v6_only_socket(addr)?.listen(1024)
 }
 
 #[cfg(test)]

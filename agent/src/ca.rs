@@ -609,52 +609,87 @@ fn tighten_key_mode(key_path: &Path) {
 }
 
 /// The CA under a state directory as `tollgate check` sees it, from its
-/// public files only: no key, no lock, nothing created.
+/// public files only: the key is looked for, never read; no lock is taken
+/// and nothing is created. The checks are `load_or_create`'s, but for
+/// whether the key matches the certificate.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CaInspection {
+    /// Why the next start cannot use the CA and makes a new one.
+    pub unusable: Option<String>,
     /// Configured hosts the CA does not cover: the next start replaces it.
     pub hosts_missing: Vec<String>,
-    /// Days until the CA expires; under [`CA_MIN_REMAINING_DAYS`] the next
-    /// start replaces it.
+    /// Days until the CA (or its intermediate) expires; under
+    /// [`CA_MIN_REMAINING_DAYS`] the next start replaces it.
     pub days_left: i64,
-    /// The next start replaces the CA (hosts missing, expiring, or not a
-    /// CA as tollgate makes them): clients must trust the new one.
-    pub replaced_at_start: bool,
     /// Made before intermediates: `tollgate trust rotate` replaces it.
     pub single_level: bool,
-    /// The certificate, PEM.
-    pub cert_pem: String,
+    /// The root certificate, PEM, when it parses.
+    pub cert_pem: Option<String>,
+}
+
+impl CaInspection {
+    /// The next start makes a new CA: clients must trust the new one.
+    pub fn replaced_at_start(&self) -> bool {
+        self.unusable.is_some()
+            || !self.hosts_missing.is_empty()
+            || self.days_left < CA_MIN_REMAINING_DAYS
+    }
 }
 
 /// Inspects the CA under `state_dir` for `hosts`; `None` when there is
 /// none yet.
 pub fn inspect(state_dir: &Path, hosts: &[String]) -> Result<Option<CaInspection>, CaError> {
     let dir = state_dir.join(CA_DIR);
-    let cert = dir.join(CERT_FILE);
-    let pem = match fs::read_to_string(&cert) {
-        Ok(p) => p,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
-            return Err(CaError::Unreadable { path: cert });
-        }
-        Err(e) => return Err(CaError::io("read", &cert, e)),
+    let cert_path = dir.join(CERT_FILE);
+    let int_path = dir.join(INTERMEDIATE_FILE);
+    let key_path = dir.join(KEY_FILE);
+    let readable = |p: &Path| match read_opt(p) {
+        Err(CaError::Permission { .. }) => Err(CaError::Unreadable {
+            path: p.to_path_buf(),
+        }),
+        other => other,
     };
+    let Some(cert_pem) = readable(&cert_path)? else {
+        return Ok(None);
+    };
+    let int_pem = readable(&int_path)?;
     let wanted = normalize_hosts(hosts)?;
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    let (missing, days_left, good) = match parse_cert(&pem) {
-        Ok(p) => (
-            wanted.difference(&p.covered).cloned().collect::<Vec<_>>(),
-            (p.not_after - now).div_euclid(86_400),
-            p.is_ca && p.constrained,
-        ),
-        Err(_) => (wanted.iter().cloned().collect(), 0, false),
-    };
-    Ok(Some(CaInspection {
-        replaced_at_start: !missing.is_empty() || days_left < CA_MIN_REMAINING_DAYS || !good,
-        hosts_missing: missing,
-        days_left,
-        single_level: !dir.join(INTERMEDIATE_FILE).exists(),
-        cert_pem: pem,
+    let parsed = parse_cert(&cert_pem);
+    let verdict = (|| {
+        if fs::symlink_metadata(&key_path).is_err() {
+            return Err(format!("{} is missing", key_path.display()));
+        }
+        let root = parsed
+            .as_ref()
+            .map_err(|r| format!("{}: {r}", cert_path.display()))?;
+        let intermediate = match int_pem.as_deref().map(parse_cert) {
+            None => None,
+            Some(Ok(p)) => Some(p),
+            Some(Err(r)) => return Err(format!("{}: {r}", int_path.display())),
+        };
+        let signing = intermediate.as_ref().unwrap_or(root);
+        let ours = |p: &ParsedCa| p.is_ca && p.constrained;
+        if !ours(root) || !ours(signing) || signing.covered != root.covered {
+            return Err("the certificate is not a name-constrained CA made by tollgate".into());
+        }
+        Ok((root.covered.clone(), root.not_after.min(signing.not_after)))
+    })();
+    Ok(Some(match verdict {
+        Ok((covered, not_after)) => CaInspection {
+            unusable: None,
+            hosts_missing: wanted.difference(&covered).cloned().collect(),
+            days_left: (not_after - now).div_euclid(86_400),
+            single_level: int_pem.is_none(),
+            cert_pem: Some(cert_pem),
+        },
+        Err(why) => CaInspection {
+            unusable: Some(why),
+            hosts_missing: Vec::new(),
+            days_left: 0,
+            single_level: int_pem.is_none(),
+            cert_pem: parsed.is_ok().then_some(cert_pem),
+        },
     }))
 }
 

@@ -5,8 +5,8 @@
 //! Owns: the preflight checks and their wording. Must never: change the
 //! host. No CA, ledger, directory or trust store is created or written;
 //! the eBPF programs are loaded so that the kernel verifies them, and
-//! unloaded again, never attached; no secret (the CA key, OTLP headers) is
-//! read or printed.
+//! unloaded again, never attached; the CA key is never read, and no
+//! secret (OTLP headers, credentials in an endpoint) is printed.
 
 use std::fmt;
 use std::net::{TcpListener, ToSocketAddrs};
@@ -105,8 +105,9 @@ pub fn run(cfg: &Config, host: &Host<'_>) -> Vec<Outcome> {
     out.push(state_dir(cfg));
     let (ca, cert) = local_ca(cfg, &hosts);
     out.push(ca);
-    out.push(trust(cert.as_deref(), host.trust_root));
+    out.push(trust(&cert, host.trust_root));
     out.push(ledger(cfg));
+    out.push(upstream(cfg));
     out.push(listener(cfg));
     out.push(providers(cfg, &hosts, host.dns_timeout));
     out.push(collector(cfg));
@@ -153,14 +154,17 @@ fn state_dir(cfg: &Config) -> Outcome {
             format!("{} (created at the first start)", dir.display()),
         );
     }
-    match crate::app::check_state_dir(dir, nix::unistd::geteuid().as_raw()) {
+    // `run` runs as root: the directory must be root's.
+    match crate::app::check_state_dir(dir, 0) {
         Ok(()) => outcome(Level::Ok, "state directory", dir.display().to_string()),
         Err(e) => outcome(Level::Fail, "state directory", e.to_string()),
     }
 }
 
-/// The CA's outcome, and its certificate when there is one.
-fn local_ca(cfg: &Config, hosts: &[String]) -> (Outcome, Option<String>) {
+/// The CA's outcome, and what the trust check should judge: the
+/// certificate, or `None` when there is none yet or the next start
+/// replaces it (the trust check then says so).
+fn local_ca(cfg: &Config, hosts: &[String]) -> (Outcome, CaForTrust) {
     match crate::ca::inspect(&cfg.state_dir, hosts) {
         Ok(None) => (
             outcome(
@@ -168,26 +172,25 @@ fn local_ca(cfg: &Config, hosts: &[String]) -> (Outcome, Option<String>) {
                 "local CA",
                 "none yet: made at the first start (then run `tollgate trust install`)",
             ),
-            None,
+            CaForTrust::None,
         ),
-        Ok(Some(ca)) => {
-            let o = if ca.replaced_at_start {
-                let why = if ca.hosts_missing.is_empty() {
-                    format!(
-                        "it expires in {} days, or is not as tollgate makes CAs",
-                        ca.days_left
-                    )
-                } else {
-                    format!("it does not cover {}", ca.hosts_missing.join(", "))
-                };
+        Ok(Some(ca)) if ca.replaced_at_start() => {
+            let why = match (&ca.unusable, ca.hosts_missing.is_empty()) {
+                (Some(why), _) => format!("it cannot be used: {why}"),
+                (None, false) => format!("it does not cover {}", ca.hosts_missing.join(", ")),
+                (None, true) => format!("it expires in {} days", ca.days_left),
+            };
+            (
                 outcome(
                     Level::Warn,
                     "local CA",
-                    format!(
-                        "the next start replaces it ({why}): run `tollgate trust install` after it"
-                    ),
-                )
-            } else if ca.single_level {
+                    format!("the next start replaces it ({why})"),
+                ),
+                CaForTrust::Replaced,
+            )
+        }
+        Ok(Some(ca)) => {
+            let o = if ca.single_level {
                 outcome(
                     Level::Warn,
                     "local CA",
@@ -200,16 +203,36 @@ fn local_ca(cfg: &Config, hosts: &[String]) -> (Outcome, Option<String>) {
                     format!("covers every provider host; {} days left", ca.days_left),
                 )
             };
-            (o, Some(ca.cert_pem))
+            let cert = ca.cert_pem.map_or(CaForTrust::None, CaForTrust::Cert);
+            (o, cert)
         }
-        Err(e) => (outcome(Level::Fail, "local CA", e.to_string()), None),
+        Err(e) => (
+            outcome(Level::Fail, "local CA", e.to_string()),
+            CaForTrust::None,
+        ),
     }
 }
 
-fn trust(cert: Option<&str>, root: &Path) -> Outcome {
+/// What the trust check judges.
+enum CaForTrust {
+    None,
+    /// The next start makes a new CA.
+    Replaced,
+    Cert(String),
+}
+
+fn trust(ca: &CaForTrust, root: &Path) -> Outcome {
     use crate::trust::Installed;
-    let Some(cert) = cert else {
-        return outcome(Level::Skip, "trust", "no CA yet");
+    let cert = match ca {
+        CaForTrust::None => return outcome(Level::Skip, "trust", "no usable CA yet"),
+        CaForTrust::Replaced => {
+            return outcome(
+                Level::Warn,
+                "trust",
+                "the CA is replaced at the next start: run `tollgate trust install` after it",
+            );
+        }
+        CaForTrust::Cert(c) => c,
     };
     match crate::trust::installed(cert, root) {
         Installed::Yes { bundle } => outcome(
@@ -242,6 +265,7 @@ fn trust(cert: Option<&str>, root: &Path) -> Outcome {
 }
 
 fn ledger(cfg: &Config) -> Outcome {
+    use crate::ledger::LedgerError;
     let path = crate::cli::ledger_path(&cfg.state_dir);
     if !path.exists() {
         return outcome(
@@ -250,8 +274,28 @@ fn ledger(cfg: &Config) -> Outcome {
             format!("{} (created at the first start)", path.display()),
         );
     }
+    // The agent writes it: a read-only filesystem or an immutable file
+    // stops it (as root, access(2) answers for both).
+    if nix::unistd::geteuid().is_root()
+        && let Err(e) = nix::unistd::access(&path, nix::unistd::AccessFlags::W_OK)
+    {
+        return outcome(
+            Level::Fail,
+            "ledger",
+            format!(
+                "{} cannot be written ({e}): a read-only filesystem or an immutable file (lsattr)",
+                path.display()
+            ),
+        );
+    }
     match crate::ledger::Ledger::open_read_only(&path) {
         Ok(_) => outcome(Level::Ok, "ledger", path.display().to_string()),
+        // An empty file: the first start sets it up.
+        Err(LedgerError::Outdated { .. }) => outcome(
+            Level::Ok,
+            "ledger",
+            format!("{} (empty: set up at the first start)", path.display()),
+        ),
         Err(e) => outcome(Level::Fail, "ledger", e.to_string()),
     }
 }
@@ -274,13 +318,27 @@ fn listener(cfg: &Config) -> Outcome {
     if addr.port() == 0 {
         return outcome(Level::Ok, "listener", "a free port is picked at start");
     }
-    match TcpListener::bind(addr) {
-        Ok(_) => outcome(Level::Ok, "listener", format!("{addr} is free")),
-        Err(e) => outcome(
+    let taken = |a: std::net::SocketAddr, e: std::io::Error| {
+        outcome(
             Level::Fail,
             "listener",
-            format!("cannot listen on {addr}: {e} (another agent, or set [proxy] listen)"),
+            format!("cannot listen on {a}: {e} (another agent, or set [proxy] listen)"),
+        )
+    };
+    let _v4 = match TcpListener::bind(addr) {
+        Ok(l) => l,
+        Err(e) => return taken(addr, e),
+    };
+    // `run` listens on [::1] at the same port too, where the host has it.
+    let v6 = std::net::SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, addr.port()));
+    match crate::app::bind_v6_only_socket(v6) {
+        Ok(_) => outcome(Level::Ok, "listener", format!("{addr} and {v6} are free")),
+        Err(e) if crate::app::no_ipv6_loopback(&e) => outcome(
+            Level::Ok,
+            "listener",
+            format!("{addr} is free (no IPv6 loopback)"),
         ),
+        Err(e) => taken(v6, e),
     }
 }
 
@@ -360,10 +418,39 @@ fn resolve_all(hosts: Vec<String>, timeout: Duration) -> std::collections::HashM
     out
 }
 
+/// `upstream.extra_ca` can be read and holds certificates (`run` stops
+/// on it otherwise).
+fn upstream(cfg: &Config) -> Outcome {
+    match cfg.upstream.extra_ca.as_deref() {
+        None => outcome(
+            Level::Ok,
+            "upstream",
+            "the public web roots verify providers",
+        ),
+        Some(path) => match crate::proxy::upstream::client_config(Some(path)) {
+            Ok(_) => outcome(
+                Level::Ok,
+                "upstream",
+                format!(
+                    "the public web roots and {} verify providers",
+                    path.display()
+                ),
+            ),
+            Err(e) => outcome(Level::Fail, "upstream", e.to_string()),
+        },
+    }
+}
+
 fn collector(cfg: &Config) -> Outcome {
     let resolved = match cfg.export.resolve(&|k: &str| std::env::var(k).ok()) {
         Ok(Some(r)) => r,
-        Ok(None) => return outcome(Level::Skip, "collector", "OTLP export is off"),
+        Ok(None) => {
+            return outcome(
+                Level::Skip,
+                "collector",
+                "OTLP export is off (by the config and this shell's OTEL_* variables; a service's own environment may differ)",
+            );
+        }
         Err((key, why)) => return outcome(Level::Fail, "collector", format!("{key}: {why}")),
     };
     let shown = crate::export::endpoint_for_logs(&resolved.endpoint);
@@ -374,11 +461,9 @@ fn collector(cfg: &Config) -> Outcome {
             format!("cannot tell the host and port of {shown}"),
         );
     };
-    let reachable = addr
-        .to_socket_addrs()
-        .ok()
-        .and_then(|mut a| a.next())
-        .is_some_and(|a| std::net::TcpStream::connect_timeout(&a, Duration::from_secs(3)).is_ok());
+    let reachable = lookup(&addr, Duration::from_secs(5))
+        .iter()
+        .any(|a| std::net::TcpStream::connect_timeout(a, Duration::from_secs(3)).is_ok());
     if reachable {
         outcome(
             Level::Ok,
@@ -394,6 +479,21 @@ fn collector(cfg: &Config) -> Outcome {
             ),
         )
     }
+}
+
+/// The addresses of `host:port`, looked up on a thread of its own and
+/// given up after `timeout` (the thread is left to finish).
+fn lookup(host_port: &str, timeout: Duration) -> Vec<std::net::SocketAddr> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let name = host_port.to_string();
+    std::thread::spawn(move || {
+        let _ = tx.send(
+            name.to_socket_addrs()
+                .map(Iterator::collect)
+                .unwrap_or_default(),
+        );
+    });
+    rx.recv_timeout(timeout).unwrap_or_default()
 }
 
 /// `host:port` of an `http(s)://host[:port]/...` URL (the scheme's port

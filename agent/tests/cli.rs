@@ -353,6 +353,7 @@ fn check(cfg: &std::path::Path) -> (Vec<(String, String)>, String, Option<i32>) 
         "local CA",
         "trust",
         "ledger",
+        "upstream",
         "listener",
         "providers",
         "collector",
@@ -382,13 +383,14 @@ fn check_reports_every_check_and_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = check_config(dir.path());
     let (lines, out, code) = check(&cfg);
-    assert_eq!(lines.len(), 11, "{out}");
+    assert_eq!(lines.len(), 12, "{out}");
     for (name, want) in [
         ("config", "ok"),
         ("state directory", "ok"),
         ("local CA", "ok"),
         ("trust", "skip"),
         ("ledger", "ok"),
+        ("upstream", "ok"),
         ("listener", "ok"),
         ("collector", "skip"),
     ] {
@@ -418,8 +420,8 @@ fn check_fails_on_an_unsafe_state_dir_and_a_taken_port_and_sees_an_existing_ca()
     use std::os::unix::fs::PermissionsExt as _;
     let dir = tempfile::tempdir().unwrap();
     let cfg = check_config(dir.path());
-    // A CA and a ledger made as the agent makes them (`trust env` makes
-    // the CA; `report` does not make a ledger, so one is opened here).
+    // A CA as the agent makes it (`trust env` makes one when there is
+    // none).
     let o = tollgate()
         .arg("--config")
         .arg(&cfg)
@@ -431,11 +433,16 @@ fn check_fails_on_an_unsafe_state_dir_and_a_taken_port_and_sees_an_existing_ca()
         assert!(!is_root(), "{}", text(&o));
         return;
     }
+    // And a ledger, as the agent opens it.
+    tollgate::ledger::Ledger::open(&dir.path().join("state/ledger.sqlite")).unwrap();
     let (lines, out, _) = check(&cfg);
     assert_eq!(level_of(&lines, "local CA"), "ok", "{out}");
     assert!(out.contains("covers every provider host"), "{out}");
+    assert_eq!(level_of(&lines, "ledger"), "ok", "{out}");
+    assert!(!out.contains("created at the first start"), "{out}");
     // The machine's own store does not trust a test's CA.
-    assert_eq!(level_of(&lines, "trust"), "warn", "{out}");
+    let trust = level_of(&lines, "trust");
+    assert!(trust == "warn" || trust == "FAIL", "{out}");
     // A host added to the config: the next start replaces the CA.
     let with_host = format!(
         "{}[[providers]]\nhosts = [\"llm.internal.example\"]\napi = \"openai\"\n",
@@ -446,6 +453,19 @@ fn check_fails_on_an_unsafe_state_dir_and_a_taken_port_and_sees_an_existing_ca()
     let (lines, out, _) = check(&cfg2);
     assert_eq!(level_of(&lines, "local CA"), "warn", "{out}");
     assert!(out.contains("does not cover llm.internal.example"), "{out}");
+    assert_eq!(level_of(&lines, "trust"), "warn", "{out}");
+    assert!(out.contains("replaced at the next start"), "{out}");
+    // A CA whose key is gone cannot be used: the next start replaces it.
+    let key = dir.path().join("state/ca/ca.key");
+    let kept = std::fs::read(&key).unwrap();
+    std::fs::remove_file(&key).unwrap();
+    let (lines, out, _) = check(&cfg);
+    assert_eq!(level_of(&lines, "local CA"), "warn", "{out}");
+    assert!(
+        out.contains("cannot be used") && out.contains("ca.key is missing"),
+        "{out}"
+    );
+    std::fs::write(&key, kept).unwrap();
     // A port in use, and a state directory anyone may write.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port();
@@ -469,6 +489,8 @@ fn check_fails_on_an_unsafe_state_dir_and_a_taken_port_and_sees_an_existing_ca()
 fn check_as_another_user_fails_on_root_and_skips_the_kernel() {
     let (dir, bin) = shared_dir_with_binary();
     let cfg = check_config(dir.path());
+    // A correct install: the state directory is root's.
+    std::fs::create_dir(dir.path().join("state")).unwrap();
     let o = as_nobody(&bin, &["--config", cfg.to_str().unwrap(), "check"]);
     let out = text(&o);
     assert_eq!(o.status.code(), Some(69), "{out}");

@@ -289,13 +289,31 @@ assert usage and usage["outputTokens"] == 4, usage
 r = b.invoke_model(modelId=mid, body=json.dumps({"anthropic_version": "bedrock-2023-05-31", "max_tokens": 3,
     "messages": [{"role": "user", "content": "invoke me"}]}))
 assert json.loads(r["body"].read())["usage"]["output_tokens"] == 3
+# Claude 4.5 through a geographic profile, then through global inference.
+for prefix in ["us", "global"]:
+    b.converse(modelId=prefix + ".anthropic.claude-sonnet-4-5-20250929-v1:0",
+        messages=[{"role": "user", "content": [{"text": "same words each time"}]}],
+        inferenceConfig={"maxTokens": 8})
 "#,
         ),
         "python boto3",
     );
-    let rows = w.assert_ledger_matches_provider(3);
+    let rows = w.assert_ledger_matches_provider(5);
     assert_eq!(s(&rows[0], "provider"), "bedrock");
     assert_eq!(rows[1]["streaming"], true);
+    // The same counts; the regional endpoint costs a tenth more.
+    let (us, global) = (&rows[3], &rows[4]);
+    assert_eq!(
+        (&us["input_tokens"], &us["output_tokens"]),
+        (&global["input_tokens"], &global["output_tokens"])
+    );
+    let cost = |r: &serde_json::Value| r["cost_usd"].as_f64().expect("priced");
+    assert!(
+        (cost(us) - 1.1 * cost(global)).abs() < 1e-12,
+        "{} vs {}",
+        cost(us),
+        cost(global)
+    );
     assert_no_secret(&w, "BEDROCKSECRET");
 }
 

@@ -112,14 +112,15 @@ impl std::fmt::Debug for Intercept {
 }
 
 /// What `tollgate check` asks of the kernel, without attaching anything:
-/// BTF is there, the socket diagnostics answer, and the kernel's verifier
-/// accepts every program (loaded, then unloaded). Returns the number of
-/// programs. Needs root.
+/// BTF is there, the socket diagnostics answer, the agent's network
+/// namespace has a cookie, and the kernel's verifier accepts every program
+/// (loaded, then unloaded). Returns the number of programs. Needs root.
 pub fn verify_kernel() -> Result<usize, InterceptError> {
     if !Path::new("/sys/kernel/btf/vmlinux").exists() {
         return Err(InterceptError::NoBtf);
     }
     diag::self_test().map_err(InterceptError::NoSockDiag)?;
+    cgroup::own_netns_cookie()?;
     programs::verify_all()
 }
 

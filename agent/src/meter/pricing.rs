@@ -135,6 +135,12 @@ pub struct ModelPrice {
     /// `service_tier: "priority"`); absent as `flex`.
     #[serde(default)]
     pub priority: Option<TierPrice>,
+    /// The share Bedrock adds to every rate of a request served through a
+    /// regional or geographic endpoint instead of `global.` cross-region
+    /// inference (0.1 for Claude 4.5 models). Absent: the catalogue's for
+    /// an override of a catalogued model, else none.
+    #[serde(default)]
+    pub bedrock_regional_premium: Option<f64>,
 }
 
 /// `flex = { input = ..., output = ... }`: the rates of a request served
@@ -248,6 +254,16 @@ fn validate_entries(prefix: &str, entries: &[ModelPrice]) -> Result<(), (String,
                 m.priority.as_ref().map(|t| t as &dyn GivenRates),
             ),
         ];
+        if let Some(p) = m.bedrock_regional_premium
+            && !(p.is_finite() && (0.0..=10.0).contains(&p))
+        {
+            return Err((
+                key("bedrock_regional_premium"),
+                format!(
+                    "{p} is not a premium: give a share of the price from 0 to 10 (0.1 is 10 %)"
+                ),
+            ));
+        }
         for (name, given) in extra {
             for (field, v) in given.map(|g| g.fields()).into_iter().flatten() {
                 prices.push((format!("{name}.{field}"), v));
@@ -321,6 +337,9 @@ pub struct Price {
     /// The rates of the flex and priority service tiers, when the model
     /// has them (see [`Price::in_tier`]).
     pub tiers: [Option<Rates>; 2],
+    /// What every rate is multiplied by on a Bedrock regional endpoint
+    /// (1 + the premium; 1 when there is none).
+    pub bedrock_regional: f64,
 }
 
 /// A second set of rates of a model: above a prompt size, or in a service
@@ -430,6 +449,11 @@ impl Price {
             reasoning: m.reasoning.unwrap_or(m.output * reasoning),
             long: None,
             tiers: [None, None],
+            bedrock_regional: m
+                .bedrock_regional_premium
+                .map(|p| 1.0 + p)
+                .or(base.map(|b| b.bedrock_regional))
+                .unwrap_or(1.0),
         };
         // An entry's own rates; else, for an override of a catalogued
         // model, the catalogue's, scaled as the override scales input and
@@ -475,6 +499,7 @@ impl Price {
             reasoning: t.reasoning,
             long: None,
             tiers: [None, None],
+            bedrock_regional: self.bedrock_regional,
         };
         // A long prompt in a tier: the long-context rates, scaled as the
         // tier scales input and output.
@@ -697,19 +722,64 @@ impl PriceBook {
         models: &[&str],
         started_at_ms: i64,
         usage: &Usage,
-        tier: Option<&str>,
+        serving: Serving<'_>,
     ) -> Option<Cost> {
         let p = self.price_of_any_at(provider, models, started_at_ms)?;
-        Some(match p.in_tier(tier) {
-            Some(t) => Cost {
-                usd: t.cost(usage),
-                tier_unpriced: false,
-            },
-            None => Cost {
-                usd: p.cost(usage),
-                tier_unpriced: true,
-            },
+        let (usd, tier_unpriced) = match p.in_tier(serving.tier) {
+            Some(t) => (t.cost(usage), false),
+            None => (p.cost(usage), true),
+        };
+        let regional = if serving.bedrock_regional {
+            p.bedrock_regional
+        } else {
+            1.0
+        };
+        Some(Cost {
+            usd: usd * regional,
+            tier_unpriced,
         })
+    }
+}
+
+/// How a request was served, as far as its price depends on it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Serving<'a> {
+    /// The service tier the response names.
+    pub tier: Option<&'a str>,
+    /// A Bedrock request to a regional or geographic endpoint (see
+    /// [`bedrock_regional`]).
+    pub bedrock_regional: bool,
+}
+
+impl<'a> Serving<'a> {
+    pub fn tier(tier: Option<&'a str>) -> Serving<'a> {
+        Serving {
+            tier,
+            ..Serving::default()
+        }
+    }
+}
+
+/// Whether a Bedrock model id (as the request's URL names it) is served
+/// by a regional endpoint: an in-region id (`anthropic.claude-...`), a
+/// foundation-model ARN, or a geographic cross-region profile (`us.`,
+/// `eu.`, `apac.`, `jp.`, `au.`, `ca.`, `us-gov.`), as against `global.`
+/// cross-region inference. An application inference profile's ARN does
+/// not say: not regional.
+pub fn bedrock_regional(model_id: &str) -> bool {
+    let lower = model_id
+        .trim()
+        .to_ascii_lowercase()
+        .replace("%3a", ":")
+        .replace("%2f", "/");
+    if lower.contains(":application-inference-profile/") {
+        return false;
+    }
+    let id = lower.rsplit('/').next().unwrap_or("");
+    match id.split_once('.') {
+        Some(("global", _)) => false,
+        Some((head, _)) => BEDROCK_PREFIXES.contains(&head),
+        None => false,
     }
 }
 
@@ -1167,7 +1237,7 @@ output = 10.0
         // 1M plain input, 1M cache reads, 1M output.
         let u = usage(2_000_000, 1_000_000, 0, 1_000_000, 0);
         let cost = |provider: &str, model: &str, tier: Option<&str>| {
-            book.cost_of_any(provider, &[model], NOW, &u, tier)
+            book.cost_of_any(provider, &[model], NOW, &u, Serving::tier(tier))
                 .expect("priced")
         };
         let standard = 1.25 + 0.125 + 10.0;
@@ -1213,9 +1283,74 @@ output = 10.0
         }
         // An unknown model stays unpriced in every tier.
         assert!(
-            book.cost_of_any("openai", &["no-such-model"], NOW, &u, Some("flex"))
-                .is_none()
+            book.cost_of_any(
+                "openai",
+                &["no-such-model"],
+                NOW,
+                &u,
+                Serving::tier(Some("flex"))
+            )
+            .is_none()
         );
+    }
+
+    #[test]
+    fn bedrock_regional_endpoints_of_claude_4_5_cost_a_tenth_more() {
+        for (id, regional) in [
+            ("us.anthropic.claude-sonnet-4-5-20250929-v1:0", true),
+            ("eu.anthropic.claude-haiku-4-5-20251001-v1:0", true),
+            ("anthropic.claude-sonnet-4-5-20250929-v1:0", true),
+            ("global.anthropic.claude-sonnet-4-5-20250929-v1:0", false),
+            ("GLOBAL.anthropic.claude-sonnet-4-5-20250929-v1%3A0", false),
+            (
+                "arn:aws:bedrock:us-east-1::foundation-model/anthropic.claude-sonnet-4-5-20250929-v1:0",
+                true,
+            ),
+            (
+                "arn:aws:bedrock:us-east-1:111122223333:inference-profile/us.anthropic.claude-sonnet-4-5-20250929-v1:0",
+                true,
+            ),
+            (
+                "arn:aws:bedrock:us-east-1:111122223333:application-inference-profile/abc123",
+                false,
+            ),
+            ("claude-sonnet-4-5", false),
+        ] {
+            assert_eq!(bedrock_regional(id), regional, "{id}");
+        }
+        let book = PriceBook::builtin();
+        let u = usage(1000, 0, 0, 1000, 0);
+        let cost = |model: &str, bedrock_regional: bool| {
+            book.cost_of_any(
+                "bedrock",
+                &[model],
+                NOW,
+                &u,
+                Serving {
+                    tier: None,
+                    bedrock_regional,
+                },
+            )
+            .expect("priced")
+            .usd
+        };
+        let sonnet = "us.anthropic.claude-sonnet-4-5-20250929-v1:0";
+        assert!(close(cost(sonnet, false), (3.0 + 15.0) * 1000.0 / 1e6));
+        assert!(close(cost(sonnet, true), 1.1 * cost(sonnet, false)));
+        // Older models have no premium.
+        let old = "us.anthropic.claude-3-5-sonnet-20240620-v1:0";
+        assert!(close(cost(old, true), cost(old, false)));
+        // An override keeps the catalogue's premium; an entry may set its own.
+        let book = book_of(
+            "[[models]]\nprovider = \"anthropic\"\nmodel = \"claude-sonnet-4-5\"\ninput = 2.7\noutput = 13.5\n\n[[models]]\nprovider = \"bedrock\"\nmodel = \"house-model\"\ninput = 1.0\noutput = 1.0\nbedrock_regional_premium = 0.5\n",
+        );
+        let p = |m: &str| {
+            book.price_at("bedrock", m, NOW)
+                .expect("priced")
+                .bedrock_regional
+        };
+        assert!(close(p(sonnet), 1.1));
+        assert!(close(p("house-model"), 1.5));
     }
 
     #[test]
@@ -1226,7 +1361,13 @@ output = 10.0
             "[[models]]\nprovider = \"openai\"\nmodel = \"gpt-5-2025-08-07\"\ninput = 0.625\noutput = 5.0\n",
         );
         let c = book
-            .cost_of_any("openai", &["gpt-5-2025-08-07"], NOW, &u, Some("flex"))
+            .cost_of_any(
+                "openai",
+                &["gpt-5-2025-08-07"],
+                NOW,
+                &u,
+                Serving::tier(Some("flex")),
+            )
             .expect("priced");
         assert!(close(c.usd, (0.625 + 5.0) / 2.0), "{c:?}");
         // An entry's own tier; its cache rate follows the entry's ratio.
@@ -1245,7 +1386,13 @@ output = 10.0
         );
         let u = usage(2000, 0, 0, 1000, 0);
         let c = book
-            .cost_of_any("openai", &["long"], NOW, &u, Some("priority"))
+            .cost_of_any(
+                "openai",
+                &["long"],
+                NOW,
+                &u,
+                Serving::tier(Some("priority")),
+            )
             .expect("priced");
         assert!(close(c.usd, (2000.0 * 4.0 + 1000.0 * 9.0) / 1e6), "{c:?}");
         assert_eq!(p.in_tier(Some("priority")), None, "no priority rates");
@@ -1460,7 +1607,7 @@ output = 15.0
         );
         assert_eq!(*price_order("openai", None, Some("gpt-4o")), ["gpt-4o"]);
         assert!(price_order("azure-openai", None, None).is_empty());
-        let c = book.cost_of_any("azure-openai", &order, NOW, &u, None);
+        let c = book.cost_of_any("azure-openai", &order, NOW, &u, Serving::default());
         assert_eq!(c.map(|c| c.usd), Some(0.0));
         // Another deployment answers at OpenAI's price of its model.
         let c = book
@@ -1469,7 +1616,7 @@ output = 15.0
                 &["gpt-4o-2024-11-20", "other"],
                 NOW,
                 &u,
-                None,
+                Serving::default(),
             )
             .expect("priced")
             .usd;
@@ -1497,6 +1644,7 @@ output = 15.0
             long_context: None,
             flex: None,
             priority: None,
+            bedrock_regional_premium: None,
         };
         let check = |m: ModelPrice| {
             PricingConfig {
@@ -1543,6 +1691,12 @@ output = 15.0
             ..base.clone()
         });
         assert_eq!(e.0, "pricing.models[1].priority.cached_input", "{e:?}");
+        let e = check(ModelPrice {
+            model: "y".into(),
+            bedrock_regional_premium: Some(-0.1),
+            ..base.clone()
+        });
+        assert_eq!(e.0, "pricing.models[1].bedrock_regional_premium", "{e:?}");
         let e = check(ModelPrice {
             provider: "mistral".into(),
             ..base.clone()
@@ -1606,6 +1760,7 @@ output = 15.0
             reasoning: r,
             long: None,
             tiers: [None, None],
+            bedrock_regional: 1.0,
         })
     }
 

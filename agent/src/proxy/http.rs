@@ -507,20 +507,16 @@ impl Draft {
             crate::meter::cap_owned(m, crate::meter::MAX_MODEL_NAME);
         }
         let mut usage = parsed.usage.unwrap_or_default();
-        let model = parsed
-            .response_model
-            .as_deref()
-            .or(self.info.model.as_deref());
+        // The model whose encoding counts an estimate.
+        let model =
+            estimate::tokenizer_model(parsed.response_model.as_deref(), self.info.model.as_deref());
         // An unanswered request has no usage: its input is estimated.
         let estimated = (ok || self.unanswered)
             && match parsed.usage {
                 None => estimate::fill_estimate(
                     &mut usage,
                     api,
-                    estimate::tokenizer_model(
-                        parsed.response_model.as_deref(),
-                        self.info.model.as_deref(),
-                    ),
+                    model,
                     self.body.take().as_deref(),
                     &parsed.output_text,
                 ),
@@ -547,14 +543,17 @@ impl Draft {
         // request asks for is not always granted (Azure and
         // OpenAI-compatible servers ignore it).
         let service_tier = parsed.service_tier.take();
+        let serving = crate::meter::pricing::Serving {
+            tier: service_tier.as_deref(),
+            bedrock_regional: provider == "bedrock"
+                && self
+                    .info
+                    .model
+                    .as_deref()
+                    .is_some_and(crate::meter::pricing::bedrock_regional),
+        };
         let cost = prices
-            .cost_of_any(
-                provider,
-                &models,
-                self.started_ms,
-                &usage,
-                service_tier.as_deref(),
-            )
+            .cost_of_any(provider, &models, self.started_ms, &usage, serving)
             .filter(|_| !counts_unknown);
         if let (Some(c), Some(tier), Some(m)) = (cost, service_tier.as_deref(), priced)
             && c.tier_unpriced
