@@ -611,7 +611,8 @@ fn tighten_key_mode(key_path: &Path) {
 /// The CA under a state directory as `tollgate check` sees it, from its
 /// public files only: the key is looked for, never read; no lock is taken
 /// and nothing is created. The checks are `load_or_create`'s, but for
-/// whether the key matches the certificate.
+/// whether the key matches the certificate and whether the intermediate's
+/// signature verifies (a crash between writing a new CA's files).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CaInspection {
     /// Why the next start cannot use the CA and makes a new one.
@@ -657,7 +658,7 @@ pub fn inspect(state_dir: &Path, hosts: &[String]) -> Result<Option<CaInspection
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     let parsed = parse_cert(&cert_pem);
     let verdict = (|| {
-        if fs::symlink_metadata(&key_path).is_err() {
+        if fs::metadata(&key_path).is_err() {
             return Err(format!("{} is missing", key_path.display()));
         }
         let root = parsed

@@ -155,10 +155,33 @@ fn state_dir(cfg: &Config) -> Outcome {
         );
     }
     // `run` runs as root: the directory must be root's.
-    match crate::app::check_state_dir(dir, 0) {
-        Ok(()) => outcome(Level::Ok, "state directory", dir.display().to_string()),
-        Err(e) => outcome(Level::Fail, "state directory", e.to_string()),
+    if let Err(e) = crate::app::check_state_dir(dir, 0) {
+        return outcome(Level::Fail, "state directory", e.to_string());
     }
+    // And writable: the CA and the ledger are written there.
+    if nix::unistd::geteuid().is_root()
+        && let Err(e) = writable(dir)
+    {
+        return outcome(
+            Level::Fail,
+            "state directory",
+            format!(
+                "{} cannot be written ({e}): a read-only filesystem or an immutable directory (lsattr)",
+                dir.display()
+            ),
+        );
+    }
+    outcome(Level::Ok, "state directory", dir.display().to_string())
+}
+
+/// Whether this process, by its effective ids, may write `path`.
+fn writable(path: &Path) -> nix::Result<()> {
+    nix::unistd::faccessat(
+        nix::fcntl::AT_FDCWD,
+        path,
+        nix::unistd::AccessFlags::W_OK,
+        nix::fcntl::AtFlags::AT_EACCESS,
+    )
 }
 
 /// The CA's outcome, and what the trust check should judge: the
@@ -277,7 +300,7 @@ fn ledger(cfg: &Config) -> Outcome {
     // The agent writes it: a read-only filesystem or an immutable file
     // stops it (as root, access(2) answers for both).
     if nix::unistd::geteuid().is_root()
-        && let Err(e) = nix::unistd::access(&path, nix::unistd::AccessFlags::W_OK)
+        && let Err(e) = writable(&path)
     {
         return outcome(
             Level::Fail,
@@ -290,11 +313,24 @@ fn ledger(cfg: &Config) -> Outcome {
     }
     match crate::ledger::Ledger::open_read_only(&path) {
         Ok(_) => outcome(Level::Ok, "ledger", path.display().to_string()),
-        // An empty file: the first start sets it up.
+        // An empty file: the first start sets it up. Another database
+        // with no schema version is not tollgate's to change.
+        Err(LedgerError::Outdated { .. })
+            if std::fs::metadata(&path).is_ok_and(|m| m.len() == 0) =>
+        {
+            outcome(
+                Level::Ok,
+                "ledger",
+                format!("{} (empty: set up at the first start)", path.display()),
+            )
+        }
         Err(LedgerError::Outdated { .. }) => outcome(
-            Level::Ok,
+            Level::Fail,
             "ledger",
-            format!("{} (empty: set up at the first start)", path.display()),
+            format!(
+                "{} is an SQLite database without a tollgate schema: move it away and tollgate starts a new ledger",
+                path.display()
+            ),
         ),
         Err(e) => outcome(Level::Fail, "ledger", e.to_string()),
     }

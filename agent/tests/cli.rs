@@ -489,8 +489,15 @@ fn check_fails_on_an_unsafe_state_dir_and_a_taken_port_and_sees_an_existing_ca()
 fn check_as_another_user_fails_on_root_and_skips_the_kernel() {
     let (dir, bin) = shared_dir_with_binary();
     let cfg = check_config(dir.path());
-    // A correct install: the state directory is root's.
-    std::fs::create_dir(dir.path().join("state")).unwrap();
+    // A correct install: the state directory is root's, mode 755.
+    std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o755)
+        .create(dir.path().join("state"))
+        .unwrap();
+    std::fs::set_permissions(
+        dir.path().join("state"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
     let o = as_nobody(&bin, &["--config", cfg.to_str().unwrap(), "check"]);
     let out = text(&o);
     assert_eq!(o.status.code(), Some(69), "{out}");
@@ -503,4 +510,26 @@ fn check_as_another_user_fails_on_root_and_skips_the_kernel() {
     assert!(line("root").starts_with("FAIL"), "{out}");
     assert!(line("kernel").starts_with("skip"), "{out}");
     assert!(line("state directory").starts_with("ok"), "{out}");
+}
+
+#[test]
+fn check_tells_an_empty_ledger_from_another_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = check_config(dir.path());
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    let ledger = state.join("ledger.sqlite");
+    std::fs::write(&ledger, b"").unwrap();
+    let (lines, out, _) = check(&cfg);
+    assert_eq!(level_of(&lines, "ledger"), "ok", "{out}");
+    assert!(out.contains("empty: set up at the first start"), "{out}");
+    std::fs::remove_file(&ledger).unwrap();
+    rusqlite::Connection::open(&ledger)
+        .unwrap()
+        .execute_batch("CREATE TABLE notes (body TEXT);")
+        .unwrap();
+    let (lines, out, code) = check(&cfg);
+    assert_eq!(level_of(&lines, "ledger"), "FAIL", "{out}");
+    assert!(out.contains("without a tollgate schema"), "{out}");
+    assert_eq!(code, Some(69), "{out}");
 }

@@ -276,29 +276,25 @@ impl Ledger {
             conn.busy_timeout(BUSY_TIMEOUT)?;
             conn.pragma_query_value(None, "user_version", |r| r.get(0))
         };
-        let mut conn = Connection::open_with_flags(path, flags).map_err(err)?;
-        let found = match version(&conn) {
-            Ok(v) => v,
-            Err(e)
-                if matches!(
-                    e.sqlite_error_code(),
-                    Some(ErrorCode::CannotOpen | ErrorCode::ReadOnly)
-                ) && !wal_path(path).exists() =>
-            {
-                let escaped = path
-                    .to_string_lossy()
-                    .replace('%', "%25")
-                    .replace('?', "%3f")
-                    .replace('#', "%23");
-                conn = Connection::open_with_flags(
-                    format!("file:{escaped}?immutable=1"),
-                    flags | OpenFlags::SQLITE_OPEN_URI,
-                )
-                .map_err(err)?;
-                version(&conn).map_err(err)?
-            }
-            Err(e) => return Err(err(e)),
+        // No `-wal` file: no agent has the ledger open, and it is read as
+        // an immutable file, which creates nothing (a read-only connection
+        // to a WAL database would leave `-wal` and `-shm` files behind,
+        // and cannot open one in a directory it may not write).
+        let conn = if wal_path(path).exists() {
+            Connection::open_with_flags(path, flags).map_err(err)?
+        } else {
+            let escaped = path
+                .to_string_lossy()
+                .replace('%', "%25")
+                .replace('?', "%3f")
+                .replace('#', "%23");
+            Connection::open_with_flags(
+                format!("file:{escaped}?immutable=1"),
+                flags | OpenFlags::SQLITE_OPEN_URI,
+            )
+            .map_err(err)?
         };
+        let found = version(&conn).map_err(err)?;
         if found > SCHEMA_VERSION && !schema::newer_but_compatible(&conn) {
             return Err(LedgerError::TooNew {
                 path: path.to_path_buf(),

@@ -669,6 +669,30 @@ fn a_ledger_that_opens_read_only_is_refused() {
 }
 
 #[test]
+fn reading_a_stopped_agents_ledger_leaves_no_files_behind() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let path = t.path().join("ledger.sqlite");
+    {
+        let mut l = Ledger::open(&path).expect("create");
+        l.insert_batch(&[sample(1)]).expect("insert");
+    }
+    let listing = || {
+        let mut names: Vec<String> = std::fs::read_dir(t.path())
+            .expect("dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    let before = listing();
+    assert_eq!(before, ["ledger.sqlite"], "the writer cleaned up on close");
+    let l = Ledger::open_read_only(&path).expect("read-only");
+    assert_eq!(l.query(&Filter::default()).expect("query").len(), 1);
+    drop(l);
+    assert_eq!(listing(), before, "no -wal or -shm left");
+}
+
+#[test]
 fn an_older_ledger_is_read_without_migrating_it() {
     // The agent not yet restarted after an upgrade: its ledger is still at
     // schema 2 when a user runs `report`, which may not migrate it.

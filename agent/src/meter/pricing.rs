@@ -254,6 +254,14 @@ fn validate_entries(prefix: &str, entries: &[ModelPrice]) -> Result<(), (String,
                 m.priority.as_ref().map(|t| t as &dyn GivenRates),
             ),
         ];
+        if m.bedrock_regional_premium.is_some()
+            && !matches!(m.provider.as_str(), "anthropic" | "bedrock")
+        {
+            return Err((
+                key("bedrock_regional_premium"),
+                "applies only to `anthropic` and `bedrock` entries (Bedrock prices Anthropic models by the anthropic entries)".into(),
+            ));
+        }
         if let Some(p) = m.bedrock_regional_premium
             && !(p.is_finite() && (0.0..=10.0).contains(&p))
         {
@@ -775,10 +783,11 @@ pub fn bedrock_regional(model_id: &str) -> bool {
     if lower.contains(":application-inference-profile/") {
         return false;
     }
+    // Every Bedrock id has a vendor (`anthropic.`) or a profile (`us.`)
+    // in front: anything but `global.` is served regionally.
     let id = lower.rsplit('/').next().unwrap_or("");
     match id.split_once('.') {
-        Some(("global", _)) => false,
-        Some((head, _)) => BEDROCK_PREFIXES.contains(&head),
+        Some((head, _)) => !head.is_empty() && head != "global",
         None => false,
     }
 }
@@ -1315,6 +1324,8 @@ output = 10.0
                 false,
             ),
             ("claude-sonnet-4-5", false),
+            // A vendor the table of prefixes does not list, in-region.
+            ("twelvelabs.marengo-embed-2-7-v1:0", true),
         ] {
             assert_eq!(bedrock_regional(id), regional, "{id}");
         }
@@ -1697,6 +1708,15 @@ output = 15.0
             ..base.clone()
         });
         assert_eq!(e.0, "pricing.models[1].bedrock_regional_premium", "{e:?}");
+        let e = check(ModelPrice {
+            model: "y".into(),
+            bedrock_regional_premium: Some(0.1),
+            ..base.clone()
+        });
+        assert_eq!(
+            e.0, "pricing.models[1].bedrock_regional_premium",
+            "an openai entry: {e:?}"
+        );
         let e = check(ModelPrice {
             provider: "mistral".into(),
             ..base.clone()
