@@ -357,6 +357,43 @@ const Anthropic = require("@anthropic-ai/sdk");
 
 #[test]
 #[ignore = "needs root, cgroup v2 and BPF"]
+fn an_answer_whose_counts_cannot_be_known_has_no_cost_not_a_cost_of_zero() {
+    // The body is longer than max_request_body (forwarded, not kept), the
+    // answer has no usage and no text: nothing to count or estimate from.
+    let w = World::start_with(
+        "no-counts",
+        34,
+        "proxy.max_request_body = 1000\n".to_string(),
+    );
+    let client = w.client(&[]);
+    ok(
+        &client.python(
+            r#"
+import openai
+c = openai.OpenAI(api_key="sk-test", max_retries=0)
+r = c.chat.completions.create(model="gpt-4o", max_tokens=5,
+    extra_headers={"x-fake-no-usage": "1", "x-fake-empty-answer": "1"},
+    messages=[{"role": "user", "content": "lorem ipsum " * 400}])
+assert r.usage is None and r.choices[0].message.content == ""
+"#,
+        ),
+        "python openai",
+    );
+    let rows = w.agent.wait_for_records(1);
+    let r = &rows[0];
+    assert_eq!(r["response_model"], "gpt-4o-2024-07-18", "{r}");
+    assert_eq!(
+        r["model"],
+        serde_json::Value::Null,
+        "the body was not read: {r}"
+    );
+    assert_eq!(r["error"], "usage_missing", "{r}");
+    assert_eq!(r["estimated"], false, "{r}");
+    assert!(r["cost_usd"].is_null(), "unknown counts, unknown cost: {r}");
+}
+
+#[test]
+#[ignore = "needs root, cgroup v2 and BPF"]
 fn http2_client_through_the_agent() {
     let w = World::start("h2", 18);
     let client = w.client(&[]);

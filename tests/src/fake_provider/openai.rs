@@ -62,8 +62,14 @@ pub(crate) async fn handle(call: Call) -> hyper::Response<Body> {
     });
     if !stream {
         let words: Vec<&str> = std::iter::repeat_n("tok", ct as usize).collect();
+        // `x-fake-empty-answer`: a completion with no text at all.
+        let answer = if call.headers.contains_key("x-fake-empty-answer") {
+            String::new()
+        } else {
+            words.join(" ")
+        };
         let mut body = json!({"id":"chatcmpl-fake","object":"chat.completion","created":1,"model":resp_model,
-            "choices":[{"index":0,"message":{"role":"assistant","content":words.join(" ")},"finish_reason":"stop"}],
+            "choices":[{"index":0,"message":{"role":"assistant","content":answer},"finish_reason":"stop"}],
             "usage": usage, "service_tier": service_tier});
         // Some OpenAI-compatible servers omit usage.
         if call.headers.contains_key("x-fake-no-usage") {
