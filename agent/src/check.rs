@@ -381,11 +381,11 @@ fn listener(cfg: &Config) -> Outcome {
 fn providers(cfg: &Config, hosts: &[String], timeout: Duration) -> Outcome {
     let overrides = crate::app::parse_overrides(cfg);
     let names: Vec<&String> = hosts.iter().filter(|h| !h.starts_with("*.")).collect();
-    let looked_up = resolve_all(
+    let looked_up = lookup_all(
         names
             .iter()
             .filter(|h| !overrides.contains_key(h.as_str()))
-            .map(|h| h.to_string())
+            .map(|h| format!("{h}:443"))
             .collect(),
         timeout,
     );
@@ -394,8 +394,8 @@ fn providers(cfg: &Config, hosts: &[String], timeout: Duration) -> Outcome {
     for h in &names {
         match overrides.get(h.as_str()) {
             Some(a) => addresses += a.len(),
-            None => match looked_up.get(h.as_str()) {
-                Some(&n) if n > 0 => addresses += n,
+            None => match looked_up.get(&format!("{h}:443")) {
+                Some(a) if !a.is_empty() => addresses += a.len(),
                 _ => missing.push(h.as_str()),
             },
         }
@@ -427,16 +427,19 @@ fn providers(cfg: &Config, hosts: &[String], timeout: Duration) -> Outcome {
     }
 }
 
-/// How many addresses each host has on port 443, looked up at once; a
-/// host whose lookup failed or took longer than `timeout` is left out (its
-/// thread is left to finish).
-fn resolve_all(hosts: Vec<String>, timeout: Duration) -> std::collections::HashMap<String, usize> {
+/// The addresses of each `host:port`, looked up at once; a name whose
+/// lookup failed or took longer than `timeout` is left out (its thread is
+/// left to finish).
+fn lookup_all(
+    names: Vec<String>,
+    timeout: Duration,
+) -> std::collections::HashMap<String, Vec<std::net::SocketAddr>> {
     let (tx, rx) = std::sync::mpsc::channel();
-    for host in hosts {
+    for name in names {
         let tx = tx.clone();
         std::thread::spawn(move || {
-            let n = format!("{host}:443").to_socket_addrs().map(|a| a.count());
-            let _ = tx.send((host, n.ok()));
+            let addrs = name.to_socket_addrs().map(Iterator::collect::<Vec<_>>);
+            let _ = tx.send((name, addrs.ok()));
         });
     }
     drop(tx);
@@ -444,8 +447,8 @@ fn resolve_all(hosts: Vec<String>, timeout: Duration) -> std::collections::HashM
     let mut out = std::collections::HashMap::new();
     while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
         match rx.recv_timeout(left) {
-            Ok((host, Some(n))) => {
-                out.insert(host, n);
+            Ok((name, Some(addrs))) => {
+                out.insert(name, addrs);
             }
             Ok((_, None)) => {}
             Err(_) => break,
@@ -497,7 +500,9 @@ fn collector(cfg: &Config) -> Outcome {
             format!("cannot tell the host and port of {shown}"),
         );
     };
-    let reachable = lookup(&addr, Duration::from_secs(5))
+    let reachable = lookup_all(vec![addr.clone()], Duration::from_secs(5))
+        .remove(&addr)
+        .unwrap_or_default()
         .iter()
         .any(|a| std::net::TcpStream::connect_timeout(a, Duration::from_secs(3)).is_ok());
     if reachable {
@@ -515,21 +520,6 @@ fn collector(cfg: &Config) -> Outcome {
             ),
         )
     }
-}
-
-/// The addresses of `host:port`, looked up on a thread of its own and
-/// given up after `timeout` (the thread is left to finish).
-fn lookup(host_port: &str, timeout: Duration) -> Vec<std::net::SocketAddr> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let name = host_port.to_string();
-    std::thread::spawn(move || {
-        let _ = tx.send(
-            name.to_socket_addrs()
-                .map(Iterator::collect)
-                .unwrap_or_default(),
-        );
-    });
-    rx.recv_timeout(timeout).unwrap_or_default()
 }
 
 /// `host:port` of an `http(s)://host[:port]/...` URL (the scheme's port

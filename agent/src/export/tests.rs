@@ -526,10 +526,15 @@ fn attribution_attributes() {
     assert_eq!(tier("openai").as_deref(), Some("flex"));
     assert_eq!(tier("azure-openai").as_deref(), Some("flex"));
     assert_eq!(tier("anthropic"), None);
+    let untiered = UsageRecord {
+        provider: "openai".into(),
+        ..rec.clone()
+    };
     assert!(
-        !keys(false)
+        !sc::request_attributes(&untiered, false)
             .iter()
-            .any(|k| k == "openai.response.service_tier")
+            .any(|kv| kv.key.as_str() == "openai.response.service_tier"),
+        "absent when the response names none"
     );
 }
 

@@ -489,39 +489,28 @@ fn a_newer_schema_is_refused_unless_it_says_this_build_is_compatible() {
     assert!(e.to_string().contains("upgrade tollgate"), "{e}");
     let e = Ledger::open_read_only(&path).expect_err("too new");
     assert!(matches!(e, LedgerError::TooNew { .. }), "{e:?}");
-    // One that says it is compatible but lacks a column this build writes.
-    let path = t.path().join("missing-column.sqlite");
-    a_later_ledger(&path, SCHEMA_VERSION);
-    rusqlite::Connection::open(&path)
-        .expect("open")
-        .execute_batch("ALTER TABLE requests DROP COLUMN service_tier")
-        .expect("drop a column");
-    assert!(matches!(
-        Ledger::open(&path),
-        Err(LedgerError::TooNew { .. })
-    ));
-    // A mark that is not a number.
-    let path = t.path().join("bad-mark.sqlite");
-    a_later_ledger(&path, SCHEMA_VERSION);
-    rusqlite::Connection::open(&path)
-        .expect("open")
-        .execute_batch("UPDATE tollgate_meta SET value = 'soon'")
-        .expect("bad mark");
-    assert!(matches!(
-        Ledger::open(&path),
-        Err(LedgerError::TooNew { .. })
-    ));
-    // A file from before the compatibility mark is as incompatible.
-    let path = t.path().join("unmarked.sqlite");
-    a_later_ledger(&path, SCHEMA_VERSION);
-    rusqlite::Connection::open(&path)
-        .expect("open")
-        .execute_batch("DROP TABLE tollgate_meta")
-        .expect("unmark");
-    assert!(matches!(
-        Ledger::open(&path),
-        Err(LedgerError::TooNew { .. })
-    ));
+    // Marked compatible, but then changed by `sql`: refused all the same.
+    let refused = |name: &str, sql: &str| {
+        let path = t.path().join(name);
+        a_later_ledger(&path, SCHEMA_VERSION);
+        rusqlite::Connection::open(&path)
+            .expect("open")
+            .execute_batch(sql)
+            .expect(name);
+        assert!(
+            matches!(Ledger::open(&path), Err(LedgerError::TooNew { .. })),
+            "{name}"
+        );
+    };
+    // Without a column this build writes.
+    refused(
+        "missing-column.sqlite",
+        "ALTER TABLE requests DROP COLUMN service_tier",
+    );
+    // With a mark that is not a number.
+    refused("bad-mark.sqlite", "UPDATE tollgate_meta SET value = 'soon'");
+    // From before the compatibility mark.
+    refused("unmarked.sqlite", "DROP TABLE tollgate_meta");
 
     // A later schema that only added a column: a rolled-back agent keeps
     // writing it, and reads back what it wrote.

@@ -775,19 +775,20 @@ impl<'a> Serving<'a> {
 /// cross-region inference. An application inference profile's ARN does
 /// not say: not regional.
 pub fn bedrock_regional(model_id: &str) -> bool {
-    let lower = model_id
-        .trim()
-        .to_ascii_lowercase()
-        .replace("%3a", ":")
-        .replace("%2f", "/");
-    if lower.contains(":application-inference-profile/") {
+    // The id as the Bedrock adapter read it from the URL: percent-decoded.
+    const APP_PROFILE: &[u8] = b":application-inference-profile/";
+    let id = model_id.trim();
+    if id
+        .as_bytes()
+        .windows(APP_PROFILE.len())
+        .any(|w| w.eq_ignore_ascii_case(APP_PROFILE))
+    {
         return false;
     }
     // Every Bedrock id has a vendor (`anthropic.`) or a profile (`us.`)
     // in front: anything but `global.` is served regionally.
-    let id = lower.rsplit('/').next().unwrap_or("");
-    match id.split_once('.') {
-        Some((head, _)) => !head.is_empty() && head != "global",
+    match id.rsplit('/').next().and_then(|last| last.split_once('.')) {
+        Some((head, _)) => !head.is_empty() && !head.eq_ignore_ascii_case("global"),
         None => false,
     }
 }
@@ -1310,7 +1311,7 @@ output = 10.0
             ("eu.anthropic.claude-haiku-4-5-20251001-v1:0", true),
             ("anthropic.claude-sonnet-4-5-20250929-v1:0", true),
             ("global.anthropic.claude-sonnet-4-5-20250929-v1:0", false),
-            ("GLOBAL.anthropic.claude-sonnet-4-5-20250929-v1%3A0", false),
+            ("GLOBAL.anthropic.claude-sonnet-4-5-20250929-v1:0", false),
             (
                 "arn:aws:bedrock:us-east-1::foundation-model/anthropic.claude-sonnet-4-5-20250929-v1:0",
                 true,

@@ -719,7 +719,7 @@ impl Body for MeteredBody {
 
 impl Drop for MeteredBody {
     fn drop(&mut self) {
-        let (Some(mut inner), Some(mut parser), Some(draft)) =
+        let (Some(mut inner), Some(mut parser), Some(mut draft)) =
             (self.inner.take(), self.parser.take(), self.draft.take())
         else {
             return;
@@ -735,7 +735,6 @@ impl Drop for MeteredBody {
             host = draft.ctx.provider.host.as_str(),
             "the client left before the response ended: reading the rest for the provider's count"
         );
-        let mut draft = draft;
         draft.release_body_once_counted(parser.as_ref());
         state.background.clone().spawn(async move {
             let mut read = 0usize;

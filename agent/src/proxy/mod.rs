@@ -187,8 +187,8 @@ pub struct ProxyState {
     untrusted: Untrusted,
     /// (provider, model) pairs already warned about as unpriced.
     unpriced_seen: Mutex<Seen>,
-    /// (provider, model and tier) pairs already warned about as priced at
-    /// the standard rates.
+    /// (model, tier) pairs already warned about as priced at the standard
+    /// rates.
     tier_unpriced_seen: Mutex<Seen>,
     http: auto::Builder<TokioExecutor>,
     /// Shutdown began: connections finish their request and close.
@@ -254,16 +254,16 @@ impl ProxyState {
     }
 }
 
-/// True the first time `(provider, key)` is asked about, up to
+/// True the first time the pair `(a, b)` is asked about, up to
 /// [`UNPRICED_WARNINGS`] of them (the last one says so, naming `what`).
-fn first_time(seen: &Mutex<Seen>, provider: &str, key: &str, what: &str) -> bool {
+fn first_time(seen: &Mutex<Seen>, a: &str, b: &str, what: &str) -> bool {
     let mut seen = seen.lock().unwrap_or_else(|p| p.into_inner());
     // Probed with borrowed names: every response of an unpriced model
     // comes here, and only the first of each pair is stored.
-    if seen.len() >= UNPRICED_WARNINGS || seen.contains(&PairRef(provider, key)) {
+    if seen.len() >= UNPRICED_WARNINGS || seen.contains(&PairRef(a, b)) {
         return false;
     }
-    seen.insert((provider.to_owned(), key.to_owned()));
+    seen.insert((a.to_owned(), b.to_owned()));
     if seen.len() == UNPRICED_WARNINGS {
         warn!("{UNPRICED_WARNINGS} {what} warned about; further ones are logged at debug");
     }
@@ -292,11 +292,11 @@ impl ProxyState {
     /// requests are priced at the standard rates. True when this call
     /// warned.
     pub(crate) fn warn_tier_unpriced(&self, provider: &str, model: &str, tier: &str) -> bool {
-        let key = format!("{model} {tier}");
+        // Keyed by (model, tier): a model name says its provider.
         if !first_time(
             &self.tier_unpriced_seen,
-            provider,
-            &key,
+            model,
+            tier,
             "unpriced service tiers",
         ) {
             return false;
