@@ -42,6 +42,14 @@ fn main() -> anyhow::Result<()> {
 
     std::env::set_current_dir(&ebpf_dir)
         .with_context(|| format!("cannot enter {}", ebpf_dir.display()))?;
+    // aya-build relays every line the nested cargo prints on stderr as a
+    // `cargo:warning`, so its progress ("Compiling core", ...) showed as
+    // some 35 warnings on every rebuild of the programs. Quiet, it prints
+    // only what matters: compiler diagnostics (relayed from its JSON
+    // messages) and errors.
+    // SAFETY: a build script is single-threaded here; nothing else reads
+    // or writes the environment concurrently.
+    unsafe { std::env::set_var("CARGO_TERM_QUIET", "true") };
     aya_build::build_ebpf(
         [aya_build::Package {
             name: "agent-ebpf",
