@@ -610,9 +610,10 @@ fn tighten_key_mode(key_path: &Path) {
 
 /// The CA under a state directory as `tollgate check` sees it, from its
 /// public files only: the key is looked for, never read; no lock is taken
-/// and nothing is created. The checks are `load_or_create`'s, but for
-/// whether the key matches the certificate and whether the intermediate's
-/// signature verifies (a crash between writing a new CA's files).
+/// and nothing is created. The checks are `load_or_create`'s (the
+/// intermediate's signature is checked against the root's key, as `run`'s
+/// self-check finds a crash between writing a new CA's files), but for
+/// whether the key matches the certificate.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CaInspection {
     /// Why the next start cannot use the CA and makes a new one.
@@ -673,6 +674,15 @@ pub fn inspect(state_dir: &Path, hosts: &[String]) -> Result<Option<CaInspection
         let ours = |p: &ParsedCa| p.is_ca && p.constrained;
         if !ours(root) || !ours(signing) || signing.covered != root.covered {
             return Err("the certificate is not a name-constrained CA made by tollgate".into());
+        }
+        if let Some(i) = &intermediate {
+            signed_by(i, root).map_err(|e| {
+                format!(
+                    "{} is not signed by {}: {e}",
+                    int_path.display(),
+                    cert_path.display()
+                )
+            })?;
         }
         Ok((root.covered.clone(), root.not_after.min(signing.not_after)))
     })();
@@ -748,6 +758,20 @@ fn parse_cert(pem: &str) -> Result<ParsedCa, String> {
         is_ca,
         constrained,
     })
+}
+
+/// Whether `child`'s signature verifies with `issuer`'s public key.
+fn signed_by(child: &ParsedCa, issuer: &ParsedCa) -> Result<(), String> {
+    fn parse<'a>(d: &'a CertificateDer<'_>) -> Result<X509Certificate<'a>, String> {
+        x509_parser::parse_x509_certificate(d.as_ref())
+            .map(|(_, c)| c)
+            .map_err(|e| format!("not an X.509 certificate: {e}"))
+    }
+    use x509_parser::certificate::X509Certificate;
+    let (child, issuer) = (parse(&child.der)?, parse(&issuer.der)?);
+    child
+        .verify_signature(Some(issuer.public_key()))
+        .map_err(|e| format!("the signature does not verify ({e})"))
 }
 
 fn hostname() -> String {
@@ -1274,6 +1298,27 @@ mod tests {
         assert!(matches!(st, CaStatus::Regenerated { .. }), "{st:?}");
         assert_ne!(ca.cert_der().as_ref(), old_root.as_slice());
         assert!(ca.self_check().is_ok());
+    }
+
+    #[test]
+    fn inspect_finds_an_intermediate_the_root_did_not_sign() {
+        // What `run` replaces at start (above), `check` must report as
+        // replaced, without the key.
+        let t = tempfile::tempdir().expect("tempdir");
+        let h = hosts(&["api.openai.com"]);
+        LocalCa::load_or_create(t.path(), &h).expect("create");
+        let seen = inspect(t.path(), &h).expect("inspect").expect("a CA");
+        assert_eq!(seen.unusable, None);
+        assert!(!seen.replaced_at_start(), "{seen:?}");
+        let other = tempfile::tempdir().expect("tempdir");
+        LocalCa::load_or_create(other.path(), &h).expect("create");
+        for f in ["ca.key", "intermediate.crt"] {
+            fs::copy(other.path().join("ca").join(f), t.path().join("ca").join(f)).expect("copy");
+        }
+        let seen = inspect(t.path(), &h).expect("inspect").expect("a CA");
+        let why = seen.unusable.as_deref().unwrap_or_default();
+        assert!(why.contains("is not signed by"), "{seen:?}");
+        assert!(seen.replaced_at_start());
     }
 
     #[tokio::test]
