@@ -229,12 +229,19 @@ impl Minter {
     /// The server configuration for `host`: minted once, then cached (and
     /// minted again after `LEAF_REMINT`).
     fn server_config(&self, host: &str) -> Result<Arc<rustls::ServerConfig>, CaError> {
-        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((made, cfg)) = cache.get(host)
-            && made.elapsed() < LEAF_REMINT
-        {
-            return Ok(Arc::clone(cfg));
+        let cached = |cache: &HashMap<String, (Instant, Arc<rustls::ServerConfig>)>| {
+            cache
+                .get(host)
+                .filter(|(made, _)| made.elapsed() < LEAF_REMINT)
+                .map(|(_, cfg)| Arc::clone(cfg))
+        };
+        if let Some(cfg) = cached(&self.cache.lock().unwrap_or_else(|p| p.into_inner())) {
+            return Ok(cfg);
         }
+        // Minted without the lock: connections to hosts already minted do
+        // not wait for a signature. Two first connections to one host may
+        // both mint; the first stored is kept, so every connection to a
+        // host presents one leaf.
         let mut certs = vec![self.leaf(host)?];
         certs.extend(self.chain.iter().cloned());
         let key = rustls_pki_types::PrivateKeyDer::from(
@@ -247,6 +254,10 @@ impl Minter {
             .with_single_cert(certs, key)
             .map_err(CaError::Tls)?;
         cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(cfg) = cached(&cache) {
+            return Ok(cfg);
+        }
         let cfg = Arc::new(cfg);
         cache.insert(host.to_string(), (Instant::now(), Arc::clone(&cfg)));
         Ok(cfg)
@@ -1319,6 +1330,38 @@ mod tests {
         let why = seen.unusable.as_deref().unwrap_or_default();
         assert!(why.contains("is not signed by"), "{seen:?}");
         assert!(seen.replaced_at_start());
+    }
+
+    #[test]
+    fn first_connections_to_a_host_at_once_share_one_leaf() {
+        // Leaves are minted outside the cache's lock; of two minted at
+        // once, the first stored is the one every connection presents.
+        let t = tempfile::tempdir().expect("tempdir");
+        let h = hosts(&["api.openai.com", "api.anthropic.com"]);
+        let (ca, _) = LocalCa::load_or_create(t.path(), &h).expect("create");
+        let barrier = std::sync::Barrier::new(8);
+        let configs: Vec<_> = std::thread::scope(|s| {
+            let workers: Vec<_> = (0..8)
+                .map(|_| {
+                    s.spawn(|| {
+                        barrier.wait();
+                        ca.minter.server_config("api.openai.com").expect("config")
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .map(|w| w.join().expect("join"))
+                .collect()
+        });
+        for c in &configs[1..] {
+            assert!(Arc::ptr_eq(&configs[0], c), "one leaf per host");
+        }
+        let other = ca
+            .minter
+            .server_config("api.anthropic.com")
+            .expect("config");
+        assert!(!Arc::ptr_eq(&configs[0], &other));
     }
 
     #[tokio::test]
