@@ -294,12 +294,14 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     let cgroup = match &cfg.intercept.cgroup {
         Some(c) => c.clone(),
         None => {
-            if intercept::in_own_cgroup_namespace() == Some(true) {
+            let root = intercept::cgroup2_root()?;
+            if intercept::is_hierarchy_root(&root).ok() == Some(false) {
                 warn!(
-                    "the agent runs in a cgroup namespace of its own: the default cgroup is that namespace's root, and jobs outside it are not intercepted; run it in the host's cgroup namespace or set intercept.cgroup"
+                    cgroup = %root.display(),
+                    "the cgroup v2 mount shows a cgroup namespace's root, not the hierarchy's: jobs outside this container are not intercepted; run the agent in the host's cgroup namespace or set intercept.cgroup"
                 );
             }
-            intercept::cgroup2_root()?
+            root
         }
     };
     // `validate` admits only IPv4 loopback addresses; any of 127.0.0.0/8

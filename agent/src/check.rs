@@ -125,13 +125,13 @@ fn cgroup(cfg: &Config) -> Outcome {
     match crate::intercept::check_cgroup(&path) {
         Ok(())
             if cfg.intercept.cgroup.is_none()
-                && crate::intercept::in_own_cgroup_namespace() == Some(true) =>
+                && crate::intercept::is_hierarchy_root(&path).ok() == Some(false) =>
         {
             outcome(
                 Level::Warn,
                 "cgroup",
                 format!(
-                    "{}: this runs in a cgroup namespace of its own, so jobs outside it would not be intercepted; run the agent in the host's cgroup namespace or set intercept.cgroup",
+                    "{}: the cgroup v2 mount shows a cgroup namespace's root, not the hierarchy's, so jobs outside this container would not be intercepted; run the agent in the host's cgroup namespace or set intercept.cgroup",
                     path.display()
                 ),
             )

@@ -512,6 +512,61 @@ fn check_as_another_user_fails_on_root_and_skips_the_kernel() {
     assert!(line("state directory").starts_with("ok"), "{out}");
 }
 
+/// A cgroup the test makes under the hierarchy's root and removes when
+/// dropped (its processes have exited by then).
+struct ChildCgroup(std::path::PathBuf);
+
+impl Drop for ChildCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+#[test]
+#[ignore = "needs root (runs tollgate in a cgroup namespace of its own)"]
+fn check_warns_in_a_container_cgroup_namespace() {
+    // What a containerised agent sees: a cgroup namespace rooted at a
+    // child cgroup, and a cgroup2 mount made inside it (here over the
+    // host's mount point, in a mount namespace of the test's own), which
+    // shows that child, so the default cgroup covers only the container.
+    let root = tollgate::intercept::cgroup2_root().expect("a cgroup v2 root");
+    let child = ChildCgroup(root.join(format!("tollgate-test-ns-{}", std::process::id())));
+    std::fs::create_dir(&child.0).expect("create a child cgroup");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = check_config(dir.path());
+    let run = |cfg: &std::path::Path| {
+        let o = Command::new("sh")
+            .arg("-c")
+            .arg(
+                r#"echo $$ > "$1/cgroup.procs" && exec unshare --cgroup --mount --propagation private sh -c 'umount -l "$1" && mount -t cgroup2 none "$1" && exec "$2" --config "$3" check' - "$4" "$2" "$3""#,
+            )
+            .arg("-")
+            .arg(&child.0)
+            .arg(env!("CARGO_BIN_EXE_tollgate"))
+            .arg(cfg)
+            .arg(&root)
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .env_remove("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")
+            .output()
+            .expect("sh runs");
+        let out = text(&o);
+        let line = out
+            .lines()
+            .find(|l| l.get(6..).is_some_and(|rest| rest.starts_with("cgroup")))
+            .unwrap_or_else(|| panic!("no cgroup line: {out}"))
+            .to_string();
+        (line, o.status.code(), out)
+    };
+    let (line, code, out) = run(&cfg);
+    assert!(line.starts_with("warn"), "{out}");
+    assert!(line.contains("cgroup namespace's root"), "{out}");
+    assert_eq!(code, Some(0), "a warning is not a failure: {out}");
+
+    // The host's own view (the same check outside the namespace) is ok.
+    let (lines, out, _) = check(&cfg);
+    assert_eq!(level_of(&lines, "cgroup"), "ok", "{out}");
+}
+
 #[test]
 fn check_tells_an_empty_ledger_from_another_database() {
     let dir = tempfile::tempdir().unwrap();

@@ -129,12 +129,20 @@ pub(crate) fn check_cgroup_dir(path: &Path) -> Result<(), InterceptError> {
     Ok(())
 }
 
-/// Whether this process runs in a cgroup namespace other than pid 1's:
-/// then its cgroup v2 mount shows that namespace's root, and the default
-/// cgroup covers only the processes inside it. `None` when it cannot tell.
-pub fn in_own_cgroup_namespace() -> Option<bool> {
-    let ns = |p: &str| std::fs::read_link(p).ok();
-    Some(ns("/proc/self/ns/cgroup")? != ns("/proc/1/ns/cgroup")?)
+/// Whether the cgroup v2 directory `dir` is the root of the whole
+/// hierarchy, which the kernel numbers 1 (the inode number of a cgroup
+/// directory is its id). In a container with a cgroup namespace of its
+/// own, the cgroup v2 mount shows the namespace's root, a cgroup further
+/// down with another id: attached there, the programs see only the
+/// container's processes.
+///
+/// Asked of the directory itself, this needs no access to other
+/// processes (comparing `/proc/1/ns/cgroup` does, which a sandboxed root
+/// may lack) and is right for a namespace rooted at the hierarchy's root,
+/// which covers every job.
+pub fn is_hierarchy_root(dir: &Path) -> io::Result<bool> {
+    use std::os::unix::fs::MetadataExt as _;
+    Ok(std::fs::metadata(dir)?.ino() == 1)
 }
 
 /// The cookie of the network namespace this process runs in, as
@@ -253,12 +261,11 @@ mod tests {
     fn this_hosts_root_is_found() {
         // Every machine the suite runs on has a cgroup v2 hierarchy (the
         // kernel tests need one).
-        assert_ne!(
-            in_own_cgroup_namespace(),
-            Some(true),
-            "the suite runs in the host's"
-        );
         let root = cgroup2_root().expect("a cgroup v2 root");
+        assert!(
+            is_hierarchy_root(&root).expect("stat"),
+            "the suite runs in the host's cgroup namespace"
+        );
         check_cgroup_dir(&root).expect("the root is a cgroup v2 directory");
         assert!(root.join("cgroup.procs").exists(), "{}", root.display());
     }
