@@ -8,7 +8,7 @@
 //! `validate()` looks at the file only; the environment is read once, by
 //! [`ExportConfig::resolve`], at start-up.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -313,6 +313,23 @@ impl ExportConfig {
         for (k, v) in &o.headers.0 {
             headers.insert(k.to_ascii_lowercase(), v.clone());
         }
+        // The exporter library reads these variables itself and adds their
+        // headers to every export, whatever the endpoint; the transports
+        // take those names out again and set `headers` alone.
+        let env_header_names = [
+            "OTEL_EXPORTER_OTLP_HEADERS",
+            "OTEL_EXPORTER_OTLP_METRICS_HEADERS",
+            "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
+        ]
+        .into_iter()
+        .filter_map(env)
+        .flat_map(|v| {
+            v.split(',')
+                .filter_map(|item| Some(item.split_once('=')?.0.trim().to_ascii_lowercase()))
+                .filter(|k| !k.is_empty())
+                .collect::<Vec<_>>()
+        })
+        .collect::<BTreeSet<_>>();
         let temporality = match o.temporality {
             Some(t) => t,
             None => match env("OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE") {
@@ -374,6 +391,7 @@ impl ExportConfig {
             traces: o.traces,
             service_name: env("OTEL_SERVICE_NAME").unwrap_or_else(|| "tollgate".into()),
             env_headers_ignored,
+            env_header_names,
         }))
     }
 }
@@ -396,6 +414,12 @@ pub struct ResolvedOtlp {
     /// The headers variable left unused because the endpoint comes from
     /// the config (the start-up log says so).
     pub env_headers_ignored: Option<&'static str>,
+    /// Lower-case names of every header in the `OTEL_EXPORTER_OTLP_*HEADERS`
+    /// variables, which the exporter library adds by itself: removed from
+    /// each export before `headers` are set, so that only `headers` are
+    /// sent (an API key meant for the environment's collector never
+    /// reaches the one the config names).
+    pub env_header_names: BTreeSet<String>,
 }
 
 impl std::fmt::Debug for ResolvedOtlp {
@@ -412,6 +436,7 @@ impl std::fmt::Debug for ResolvedOtlp {
             .field("traces", &self.traces)
             .field("service_name", &self.service_name)
             .field("env_headers_ignored", &self.env_headers_ignored)
+            .field("env_header_names", &self.env_header_names)
             .finish()
     }
 }

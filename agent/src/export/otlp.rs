@@ -38,21 +38,25 @@ pub(crate) fn resource(info: &ResourceInfo, service_name: &str) -> Resource {
         .build()
 }
 
-/// gRPC metadata set last, over what the exporter took from the
-/// environment, so that config headers win.
+/// gRPC metadata set last: what the exporter took from the environment by
+/// itself is removed, then the resolved headers are set.
 #[derive(Clone)]
-struct MetadataInterceptor(
-    Arc<
-        Vec<(
-            tonic::metadata::MetadataKey<tonic::metadata::Ascii>,
-            tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
-        )>,
-    >,
-);
+struct MetadataInterceptor(Arc<MetadataPlan>);
+
+struct MetadataPlan {
+    remove: Vec<tonic::metadata::MetadataKey<tonic::metadata::Ascii>>,
+    set: Vec<(
+        tonic::metadata::MetadataKey<tonic::metadata::Ascii>,
+        tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
+    )>,
+}
 
 impl tonic::service::Interceptor for MetadataInterceptor {
     fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        for (k, v) in self.0.iter() {
+        for k in &self.0.remove {
+            req.metadata_mut().remove(k);
+        }
+        for (k, v) in &self.0.set {
             req.metadata_mut().insert(k.clone(), v.clone());
         }
         Ok(req)
@@ -60,6 +64,11 @@ impl tonic::service::Interceptor for MetadataInterceptor {
 }
 
 fn interceptor(r: &ResolvedOtlp) -> Result<MetadataInterceptor, ExportError> {
+    let remove = r
+        .env_header_names
+        .iter()
+        .filter_map(|k| tonic::metadata::MetadataKey::from_bytes(k.as_bytes()).ok())
+        .collect();
     let mut out = Vec::new();
     for (k, v) in &r.headers {
         let key = tonic::metadata::MetadataKey::from_bytes(k.as_bytes()).map_err(|_| {
@@ -77,13 +86,18 @@ fn interceptor(r: &ResolvedOtlp) -> Result<MetadataInterceptor, ExportError> {
         val.set_sensitive(true);
         out.push((key, val));
     }
-    Ok(MetadataInterceptor(Arc::new(out)))
+    Ok(MetadataInterceptor(Arc::new(MetadataPlan {
+        remove,
+        set: out,
+    })))
 }
 
-/// The blocking reqwest client the SDK's threads use, setting our headers
-/// last (over the environment's, so that config headers win).
+/// The blocking reqwest client the SDK's threads use: it removes what the
+/// exporter took from the environment by itself, then sets the resolved
+/// headers.
 struct HeaderClient {
     inner: Option<reqwest::blocking::Client>,
+    remove: Vec<http::HeaderName>,
     headers: http::HeaderMap,
 }
 
@@ -112,6 +126,9 @@ impl Drop for HeaderClient {
 #[async_trait::async_trait]
 impl HttpClient for HeaderClient {
     async fn send_bytes(&self, mut request: Request<Bytes>) -> Result<Response<Bytes>, HttpError> {
+        for k in &self.remove {
+            request.headers_mut().remove(k);
+        }
         for (k, v) in &self.headers {
             request.headers_mut().insert(k.clone(), v.clone());
         }
@@ -153,6 +170,11 @@ fn http_client(r: &ResolvedOtlp) -> Result<HeaderClient, ExportError> {
         .map_err(|e| ExportError::Build(format!("HTTP client: {e}")))?;
     Ok(HeaderClient {
         inner: Some(inner),
+        remove: r
+            .env_header_names
+            .iter()
+            .filter_map(|k| http::HeaderName::from_bytes(k.as_bytes()).ok())
+            .collect(),
         headers,
     })
 }
