@@ -655,7 +655,10 @@ impl PriceBook {
     /// The price versions of the first of `models` that the provider's own
     /// table prices, else of the first the fallback table prices: an Azure
     /// deployment priced in the config wins over the OpenAI model it
-    /// answers as.
+    /// answers as. In the fallback table Azure's names are tried the other
+    /// way round, the model that answered first: a deployment is named by
+    /// its owner (`gpt-4` may serve gpt-4o), and OpenAI's table resolves
+    /// names by prefix.
     fn versions_of_any(&self, provider: &str, models: &[&str]) -> Option<&Versions> {
         let provider = provider.trim();
         let provider: Cow<'_, str> = if provider.bytes().any(|b| b.is_ascii_uppercase()) {
@@ -678,11 +681,18 @@ impl PriceBook {
             .map(|m| canonical(m))
             .filter(|c| !c.is_empty())
             .collect();
-        [Some(provider.as_ref()), fallback]
-            .into_iter()
-            .flatten()
-            .filter_map(|p| self.tables.get(p))
-            .find_map(|t| canons.iter().find_map(|c| resolve(t, c)))
+        let own = self
+            .tables
+            .get(provider.as_ref())
+            .and_then(|t| canons.iter().find_map(|c| resolve(t, c)));
+        own.or_else(|| {
+            let t = self.tables.get(fallback?)?;
+            if provider == "azure-openai" {
+                canons.iter().rev().find_map(|c| resolve(t, c))
+            } else {
+                canons.iter().find_map(|c| resolve(t, c))
+            }
+        })
     }
 
     /// True when `model` of `provider` resolves to a priced model.
@@ -1621,18 +1631,25 @@ output = 15.0
         assert!(price_order("azure-openai", None, None).is_empty());
         let c = book.cost_of_any("azure-openai", &order, NOW, &u, Serving::default());
         assert_eq!(c.map(|c| c.usd), Some(0.0));
-        // Another deployment answers at OpenAI's price of its model.
+        // Another deployment answers at OpenAI's price of its model, also
+        // when the deployment is named after another model.
+        let gpt_4o = 1000.0 * 2.5 / 1e6 + 1000.0 * 10.0 / 1e6;
+        for deployment in ["other", "gpt-4", "gpt-4-prod", "gpt-4o-mini"] {
+            let order = price_order("azure-openai", Some("gpt-4o-2024-11-20"), Some(deployment));
+            let c = book
+                .cost_of_any("azure-openai", &order, NOW, &u, Serving::default())
+                .expect("priced")
+                .usd;
+            assert!(close(c, gpt_4o), "{deployment}: {c}");
+        }
+        // With no model in the response, the deployment's name is all
+        // there is.
+        let order = price_order("azure-openai", None, Some("gpt-4o-mini"));
         let c = book
-            .cost_of_any(
-                "azure-openai",
-                &["gpt-4o-2024-11-20", "other"],
-                NOW,
-                &u,
-                Serving::default(),
-            )
+            .cost_of_any("azure-openai", &order, NOW, &u, Serving::default())
             .expect("priced")
             .usd;
-        assert!(close(c, 1000.0 * 2.5 / 1e6 + 1000.0 * 10.0 / 1e6), "{c}");
+        assert!(close(c, 1000.0 * 0.15 / 1e6 + 1000.0 * 0.6 / 1e6), "{c}");
         // The response's model first within one table.
         let book = book_of(
             "[[models]]\nprovider = \"openai\"\nmodel = \"gpt-4o-mini\"\ninput = 9\noutput = 9\n",
