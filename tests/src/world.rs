@@ -15,6 +15,7 @@ pub const PROVIDER_HOSTS: &[&str] = &[
     "api.anthropic.com",
     "generativelanguage.googleapis.com",
     "bedrock-runtime.us-east-1.amazonaws.com",
+    "api.mistral.ai",
     AZURE_HOST,
 ];
 

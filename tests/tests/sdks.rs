@@ -67,6 +67,41 @@ print(json.dumps(raw))
 
 #[test]
 #[ignore = "needs root, cgroup v2 and BPF"]
+fn mistral_streams_are_not_sent_stream_options_and_are_counted() {
+    // Mistral refuses `stream_options` (422) and reports a stream's usage
+    // in its last chunk unasked: the agent adds nothing there.
+    let w = World::start("mistral", 35);
+    let client = w.client(&[]);
+    ok(
+        &client.python(
+            r#"
+import openai
+c = openai.OpenAI(api_key="sk-test", base_url="https://api.mistral.ai/v1", max_retries=0)
+s = c.chat.completions.create(model="mistral-small-latest", max_tokens=7, stream=True,
+    messages=[{"role": "user", "content": "one two three"}])
+chunks = list(s)
+assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices).count("tok") == 7
+assert chunks[-1].usage.completion_tokens == 7, chunks[-1]
+r = c.chat.completions.create(model="mistral-small-latest", max_tokens=4,
+    messages=[{"role": "user", "content": "four five"}])
+assert r.usage.completion_tokens == 4, r.usage
+"#,
+        ),
+        "python openai against Mistral",
+    );
+    let reported = w.fake.reported();
+    assert_eq!(reported.len(), 2, "{reported:?}");
+    w.assert_ledger_matches_provider(2);
+    let rows = w.agent.wait_for_records(2);
+    assert!(
+        rows.iter()
+            .all(|r| r["host"] == "api.mistral.ai" && r["estimated"] == false),
+        "{rows:?}"
+    );
+}
+
+#[test]
+#[ignore = "needs root, cgroup v2 and BPF"]
 fn openai_gzip_response_is_decoded_for_accounting() {
     let w = World::start("gzip", 12);
     let client = w.client(&[]);

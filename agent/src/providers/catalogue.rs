@@ -58,6 +58,18 @@ pub const FIXED_HOSTS: &[(&str, ApiKind)] = &[
     ("api.fireworks.ai", ApiKind::Openai),
 ];
 
+/// OpenAI-compatible hosts of the catalogue that refuse a request naming
+/// `stream_options` (Mistral answers 422 `extra_forbidden`) and report a
+/// stream's usage in its last chunk without being asked: the agent does
+/// not add `include_usage` to their streams.
+const REFUSE_STREAM_OPTIONS: &[&str] = &["api.mistral.ai"];
+
+/// Whether streams to `host` must be sent without an added
+/// `stream_options` (see [`REFUSE_STREAM_OPTIONS`]).
+pub fn refuses_stream_options(host: &str) -> bool {
+    REFUSE_STREAM_OPTIONS.contains(&host)
+}
+
 /// One provider host and its API.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProviderHost {

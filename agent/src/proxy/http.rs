@@ -253,6 +253,9 @@ pub(super) async fn handle(
     if let Some(m) = info.model.as_mut() {
         crate::meter::cap_owned(m, crate::meter::MAX_MODEL_NAME);
     }
+    if crate::providers::catalogue::refuses_stream_options(&ctx.provider.host) {
+        info.refuses_stream_options = true;
+    }
     if let Some(new) = whole
         .as_deref()
         .and_then(|b| adapter.rewrite_request(&mut info, b))

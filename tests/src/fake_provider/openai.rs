@@ -13,6 +13,18 @@ pub(crate) async fn handle(call: Call) -> hyper::Response<Body> {
         );
     }
     let v = &call.body;
+    // As Mistral's OpenAI-compatible API does: a request naming
+    // `stream_options` is refused, and a stream's last chunk carries its
+    // usage unasked.
+    let mistral = call.sni.ends_with(".mistral.ai");
+    if mistral && v.get("stream_options").is_some() {
+        return json_response(
+            422,
+            json!({"object":"error","message":{"detail":[{"type":"extra_forbidden",
+                "loc":["body","stream_options"],"msg":"Extra inputs are not permitted"}]},
+                "type":"invalid_request_error","param":null,"code":null}),
+        );
+    }
     let model = v
         .get("model")
         .and_then(Value::as_str)
@@ -57,7 +69,7 @@ pub(crate) async fn handle(call: Call) -> hyper::Response<Body> {
         stream,
         input_tokens: pt,
         output_tokens: ct,
-        usage_sent: !stream || include_usage,
+        usage_sent: !stream || include_usage || mistral,
         ..Default::default()
     });
     if !stream {
@@ -98,7 +110,12 @@ pub(crate) async fn handle(call: Call) -> hyper::Response<Body> {
     let first = chunk(json!({"role":"assistant","content":""}), Value::Null);
     let tok = chunk(json!({"content": "tok"}), Value::Null);
     let rest = chunk(json!({"content": " tok"}), Value::Null);
-    let stop = chunk(json!({}), json!("stop"));
+    let mut stop = chunk(json!({}), json!("stop"));
+    if mistral {
+        let mut c: Value = serde_json::from_str(&stop).expect("chunk");
+        c["usage"] = usage.clone();
+        stop = c.to_string();
+    }
     let last = include_usage.then(|| {
         json!({"id":"chatcmpl-fake","object":"chat.completion.chunk","created":1,"model":resp_model,
             "service_tier":service_tier,"system_fingerprint":"fp_fake","choices":[],"usage":usage})
