@@ -505,6 +505,60 @@ fn sigterm_mid_stream_cuts_it_after_the_drain_and_keeps_its_record() {
 
 #[test]
 #[ignore = "needs root, cgroup v2 and BPF"]
+fn sigterm_mid_stream_keeps_the_record_of_an_http2_client() {
+    // hyper runs each HTTP/2 stream as a task of its own, outside the
+    // connection's: the agent must wait for those too before it closes
+    // the ledger.
+    let mut w = World::start("sigstream-h2", 36);
+    let client = w.client(&[]);
+    let out_file = client.dir().join("stream.txt");
+    let body = r#"{"model":"gpt-4o-mini","max_tokens":400,"stream":true,"messages":[{"role":"user","content":"long"}]}"#;
+    let out = std::thread::scope(|sc| {
+        let running = sc.spawn(|| {
+            client.run(&[
+                "curl",
+                "--http2",
+                "-sS",
+                "-N",
+                "-o",
+                out_file.to_str().expect("utf-8"),
+                "-w",
+                "%{http_version}",
+                "-H",
+                "Content-Type: application/json",
+                "-H",
+                "Authorization: Bearer sk-test",
+                "-H",
+                "x-fake-chunk-delay-ms: 50",
+                "-d",
+                body,
+                "https://api.openai.com/v1/chat/completions",
+            ])
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::fs::read_to_string(&out_file).map_or(0, |t| t.matches("data:").count()) < 6 {
+            assert!(Instant::now() < deadline, "the stream never started");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let status = w.agent.terminate().expect("agent was running");
+        assert!(status.success(), "{status}; log:\n{}", w.agent.log());
+        running.join().expect("client thread")
+    });
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "2",
+        "the client spoke HTTP/2: {out:?}"
+    );
+    let rows = w.agent.report_json();
+    assert_eq!(rows.len(), 1, "{rows:#?}\n{}", w.agent.log());
+    assert_eq!(s(&rows[0], "error"), "agent_stopped", "{}", rows[0]);
+    assert_eq!(rows[0]["estimated"], true, "{}", rows[0]);
+    let n = u(&rows[0], "output_tokens");
+    assert!((5..400).contains(&n), "{n} output tokens: {}", rows[0]);
+}
+
+#[test]
+#[ignore = "needs root, cgroup v2 and BPF"]
 fn a_client_that_leaves_before_the_answer_still_has_its_input_counted() {
     let w = World::start("early-hangup", 27);
     let client = w.client(&[]);

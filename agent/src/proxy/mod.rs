@@ -22,7 +22,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::FutureExt as _;
 use http_body_util::combinators::UnsyncBoxBody;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use hyper_util::server::conn::auto;
 use serde::Serialize;
 use tokio::io::AsyncWriteExt;
@@ -190,7 +190,7 @@ pub struct ProxyState {
     /// (model, tier) pairs already warned about as priced at the standard
     /// rates.
     tier_unpriced_seen: Mutex<Seen>,
-    http: auto::Builder<TokioExecutor>,
+    http: auto::Builder<TrackedExecutor>,
     /// Shutdown began: connections finish their request and close.
     pub(crate) draining: CancellationToken,
     /// A second signal: end the drain now instead of at its deadline.
@@ -226,7 +226,8 @@ impl ProxyState {
         sink: Arc<dyn RecordSink>,
         max_request_body: usize,
     ) -> Self {
-        let mut http = auto::Builder::new(TokioExecutor::new());
+        let background = TaskTracker::new();
+        let mut http = auto::Builder::new(TrackedExecutor(background.clone()));
         http.http1().timer(hyper_util::rt::TokioTimer::new());
         http.http2().timer(hyper_util::rt::TokioTimer::new());
         ProxyState {
@@ -249,8 +250,26 @@ impl ProxyState {
             draining: CancellationToken::new(),
             cut_drain: CancellationToken::new(),
             stopping: CancellationToken::new(),
-            background: TaskTracker::new(),
+            background,
         }
+    }
+}
+
+/// Spawns hyper's own tasks (one per HTTP/2 stream the server serves) on
+/// the background tracker. A stream's request and response bodies live
+/// in its task, not in the connection's, so when the agent stops and cuts
+/// a connection, the cut stream writes its record from there: the agent
+/// waits for these tasks before it closes the ledger.
+#[derive(Clone)]
+pub(crate) struct TrackedExecutor(TaskTracker);
+
+impl<F> hyper::rt::Executor<F> for TrackedExecutor
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        self.0.spawn(fut);
     }
 }
 
