@@ -591,6 +591,36 @@ except openai.APITimeoutError:
 
 #[test]
 #[ignore = "needs root, cgroup v2 and BPF"]
+fn a_request_the_provider_dropped_after_reading_has_its_input_counted() {
+    // The provider read the whole request, then the connection went away
+    // without an answer: it may bill the input, as when a client leaves.
+    let w = World::start("upstream-reset", 37);
+    let client = w.client(&[]);
+    let script = r#"
+import openai
+c = openai.OpenAI(api_key="sk-test", max_retries=0)
+try:
+    c.chat.completions.create(model="gpt-4o-mini", max_tokens=50,
+        messages=[{"role": "user", "content": "summarise this: " + "lorem ipsum dolor " * 300}],
+        extra_headers={"x-fake-reset": "1"})
+    raise SystemExit("answered")
+except openai.APIStatusError as e:
+    assert e.status_code == 502, e
+"#;
+    ok(&client.python(script), "python upstream reset");
+    let rows = w.agent.wait_for_records(1);
+    let r = &rows[0];
+    assert_eq!(r["status"], 0, "{r}");
+    assert!(!s(r, "error").is_empty(), "{r}");
+    assert_eq!(r["estimated"], true, "{r}");
+    let input = u(r, "input_tokens");
+    assert!((600..=2000).contains(&input), "{r}");
+    assert_eq!(u(r, "output_tokens"), 0, "{r}");
+    assert!(r["cost_usd"].as_f64().is_some_and(|c| c > 0.0), "{r}");
+}
+
+#[test]
+#[ignore = "needs root, cgroup v2 and BPF"]
 fn a_client_that_leaves_while_the_agent_is_still_connecting_is_not_billed() {
     // A provider host whose address accepts TCP and never answers TLS: the
     // request cannot have reached the provider when the client gives up.

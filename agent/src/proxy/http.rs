@@ -334,7 +334,17 @@ pub(super) async fn handle(
             state.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
             warn!(error = %e, "upstream request failed");
             if info.metered {
-                draft.emit(ParsedUsage::default(), Some(e.kind().to_string()));
+                let mut draft = draft;
+                // Sent (hyper took the body, so the head went out) and
+                // then lost: the provider may have read it and bill its
+                // input, as when the client leaves; it is estimated.
+                draft.unanswered = draft.sent.load(Ordering::Relaxed);
+                let counting = draft.unanswered && draft.body.is_some();
+                draft.record_off_worker(
+                    ParsedUsage::default(),
+                    Some(e.kind().to_string()),
+                    counting,
+                );
             }
             return Ok(error_response(
                 StatusCode::BAD_GATEWAY,

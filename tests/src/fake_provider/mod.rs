@@ -207,11 +207,11 @@ where
     })
 }
 
-async fn handle(
-    req: Request<Incoming>,
-    sni: String,
-    log: Log,
-) -> Result<Response<Body>, Infallible> {
+/// What the fake's service fails with: hyper then drops the connection
+/// (HTTP/1.1) or resets the stream (HTTP/2) without an answer.
+type Dropped = Box<dyn std::error::Error + Send + Sync>;
+
+async fn handle(req: Request<Incoming>, sni: String, log: Log) -> Result<Response<Body>, Dropped> {
     if canned::wanted(&req) {
         return Ok(canned::answer(req.into_body()).await);
     }
@@ -234,6 +234,11 @@ async fn handle(
             json!({"error":{"message":"body is not JSON","type":"invalid_request_error"}}),
         ));
     };
+    // `x-fake-reset`: the request was read whole, and the connection is
+    // dropped without an answer (a provider's connection reset mid-way).
+    if headers.contains_key("x-fake-reset") {
+        return Err("x-fake-reset: dropped without an answer".into());
+    }
     // `x-fake-head-delay-ms`: the answer's head waits this long (a slow,
     // non-streaming generation).
     if let Some(ms) = headers
