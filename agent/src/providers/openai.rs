@@ -191,6 +191,7 @@ pub struct WireUsage {
     completion_tokens: Count,
     input_tokens: Count,
     output_tokens: Count,
+    total_tokens: Count,
     prompt_tokens_details: ObjectOr<WireDetails>,
     input_tokens_details: ObjectOr<WireDetails>,
     completion_tokens_details: ObjectOr<WireDetails>,
@@ -211,7 +212,7 @@ impl WireUsage {
             d.0.as_ref().and_then(|d| f(d).0)
         };
         let input = self.prompt_tokens.0.or(self.input_tokens.0)?;
-        let output = self
+        let mut output = self
             .completion_tokens
             .0
             .or(self.output_tokens.0)
@@ -222,6 +223,15 @@ impl WireUsage {
         let reasoning = detail(&self.completion_tokens_details, |d| d.reasoning_tokens)
             .or_else(|| detail(&self.output_tokens_details, |d| d.reasoning_tokens))
             .unwrap_or(0);
+        // OpenAI counts reasoning inside the output (total = input +
+        // output). xAI counts it beside the output (total = input + output
+        // + reasoning) and bills it at the output rate: the total says
+        // which.
+        if reasoning > 0
+            && self.total_tokens.0 == Some(input.saturating_add(output).saturating_add(reasoning))
+        {
+            output = output.saturating_add(reasoning);
+        }
         Some(Usage {
             input_tokens: input,
             output_tokens: output,
@@ -1174,6 +1184,30 @@ mod tests {
             (r#"[9,4]"#, None),
             (r#""9""#, None),
             (r#"null"#, None),
+            // xAI: reasoning beside the output, in the total (its own
+            // documented example): billed as output.
+            (
+                r#"{"prompt_tokens":32,"completion_tokens":9,"total_tokens":135,"completion_tokens_details":{"reasoning_tokens":94}}"#,
+                Some((32, 103, 0, 94)),
+            ),
+            // OpenAI: reasoning inside the output.
+            (
+                r#"{"prompt_tokens":32,"completion_tokens":103,"total_tokens":135,"completion_tokens_details":{"reasoning_tokens":94}}"#,
+                Some((32, 103, 0, 94)),
+            ),
+            (
+                r#"{"input_tokens":30,"output_tokens":12,"total_tokens":42,"output_tokens_details":{"reasoning_tokens":5}}"#,
+                Some((30, 12, 0, 5)),
+            ),
+            // No total, or one that fits neither: the output as given.
+            (
+                r#"{"prompt_tokens":32,"completion_tokens":9,"completion_tokens_details":{"reasoning_tokens":94}}"#,
+                Some((32, 9, 0, 9)),
+            ),
+            (
+                r#"{"prompt_tokens":32,"completion_tokens":9,"total_tokens":500,"completion_tokens_details":{"reasoning_tokens":94}}"#,
+                Some((32, 9, 0, 9)),
+            ),
         ];
         for (usage, want) in cases {
             let got = |u: Option<Usage>| {
