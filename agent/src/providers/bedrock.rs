@@ -140,18 +140,30 @@ fn usage(input: u64, output: u64, cache_read: u64, cache_write: u64) -> Usage {
 }
 
 /// Usage from a Converse `usage` object (JSON body or `metadata` event).
+/// `cacheDetails` splits the cache writes by how long they are kept; the
+/// hour-long part is priced higher.
 pub fn converse_usage(u: &Value) -> Option<Usage> {
     let f = |k: &str| u.get(k).and_then(Value::as_u64);
     let (input, output) = (f("inputTokens"), f("outputTokens"));
     if input.is_none() && output.is_none() {
         return None;
     }
-    Some(usage(
+    let mut out = usage(
         input.unwrap_or(0),
         output.unwrap_or(0),
         f("cacheReadInputTokens").unwrap_or(0),
         f("cacheWriteInputTokens").unwrap_or(0),
-    ))
+    );
+    let hour: u64 = u
+        .get("cacheDetails")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter(|d| d.get("ttl").and_then(Value::as_str) == Some("1h"))
+        .filter_map(|d| d.get("inputTokens").and_then(Value::as_u64))
+        .fold(0, u64::saturating_add);
+    out.cache_write_1h_input_tokens = hour.min(out.cache_write_input_tokens);
+    Some(out)
 }
 
 /// Usage from `amazon-bedrock-invocationMetrics`.
@@ -522,6 +534,50 @@ mod tests {
                 cache_write_1h_input_tokens: 0,
             })
         );
+    }
+
+    #[test]
+    fn converse_cache_writes_kept_an_hour_are_told_apart() {
+        let u = |details: &str| {
+            converse_usage(
+                &serde_json::from_str(&format!(
+                    r#"{{"inputTokens":12,"outputTokens":300,"cacheReadInputTokens":0,
+                    "cacheWriteInputTokens":50000{details}}}"#
+                ))
+                .unwrap(),
+            )
+            .unwrap()
+        };
+        let both = u(
+            r#","cacheDetails":[{"ttl":"1h","inputTokens":30000},{"ttl":"5m","inputTokens":20000}]"#,
+        );
+        assert_eq!(both.cache_write_input_tokens, 50000);
+        assert_eq!(both.cache_write_1h_input_tokens, 30000);
+        assert_eq!(both.input_tokens, 50012);
+        assert_eq!(u("").cache_write_1h_input_tokens, 0, "no details");
+        assert_eq!(
+            u(r#","cacheDetails":[{"ttl":"5m","inputTokens":50000}]"#).cache_write_1h_input_tokens,
+            0
+        );
+        // Never more than the writes, whatever the details say.
+        assert_eq!(
+            u(r#","cacheDetails":[{"ttl":"1h","inputTokens":90000},{"ttl":"1h","inputTokens":"x"}]"#)
+                .cache_write_1h_input_tokens,
+            50000
+        );
+        let book = crate::meter::pricing::PriceBook::builtin();
+        let cost = |u: &Usage| {
+            book.cost_of_any(
+                "bedrock",
+                &["global.anthropic.claude-sonnet-4-5-20250929-v1:0"],
+                1_764_547_200_000, // 2025-12-01, the catalogue's date
+                u,
+                crate::meter::pricing::Serving::default(),
+            )
+            .expect("priced")
+            .usd
+        };
+        assert!(cost(&both) > cost(&u("")), "hour-long writes cost more");
     }
 
     #[test]
