@@ -548,10 +548,21 @@ impl UsageParser for JsonParser {
 /// Reads SSE chunks: chat completion chunks (usage in the last chunk when
 /// `stream_options.include_usage` is set) and Responses events
 /// (`response.completed` carries `response.usage`).
-#[derive(Default)]
 struct StreamParser {
     sse: SseReader,
     found: ParsedUsage,
+}
+
+impl Default for StreamParser {
+    /// Events up to 16 MiB, as for JSON bodies: the Responses API's last
+    /// event repeats the whole response (generated images as base64,
+    /// encrypted reasoning, the instructions and tools) beside its usage.
+    fn default() -> Self {
+        StreamParser {
+            sse: SseReader::new(JsonBody::DEFAULT_LIMIT),
+            found: ParsedUsage::default(),
+        }
+    }
 }
 
 /// A stream event, typed: the text pieces are borrowed from the event and
@@ -770,6 +781,30 @@ mod tests {
         let u = p.clone().usage.expect("usage chunk");
         assert_eq!((u.input_tokens, u.output_tokens), (13, 7));
         assert_eq!(p.response_model.as_deref(), Some("gpt-4o-mini-2024-07-18"));
+    }
+
+    #[test]
+    fn responses_usage_after_a_large_image_is_read() {
+        // A generated image repeated in `response.completed`: 6 MB of
+        // base64 in the one event that carries the usage.
+        let image = "A".repeat(6 << 20);
+        let body = format!(
+            "event: response.completed\ndata: {{\"type\":\"response.completed\",\"response\":{{\"model\":\"gpt-5\",\"output\":[{{\"type\":\"image_generation_call\",\"result\":\"{image}\"}}],\"usage\":{{\"input_tokens\":30,\"output_tokens\":1056}}}}}}\n\n"
+        );
+        let info = RequestInfo {
+            operation: "responses",
+            metered: true,
+            ..Default::default()
+        };
+        let p = crate::providers::testing::parse_split(
+            &OpenAi,
+            &info,
+            "text/event-stream",
+            body.as_bytes(),
+            &[100, 4 << 20],
+        );
+        let u = p.usage.expect("usage");
+        assert_eq!((u.input_tokens, u.output_tokens), (30, 1056));
     }
 
     #[test]
