@@ -91,10 +91,10 @@ pub struct UsageRecord {
     pub who: std::sync::Arc<Attribution>,
     /// What went wrong, if anything (never contains secrets).
     pub error: Option<String>,
-    /// The service tier that served the request, when the provider says
-    /// (OpenAI: `default`, `flex`, `priority`, `scale`); else the one the
-    /// request asked for. Priced by its own rates where the catalogue has
-    /// them.
+    /// The service tier that served the request, as the response says
+    /// (OpenAI: `default`, `flex`, `priority`, `scale`); `None` when it
+    /// does not say (the tier a request asked for is not recorded). Priced
+    /// by its own rates where the catalogue has them.
     #[serde(default)]
     pub service_tier: Option<String>,
 }
