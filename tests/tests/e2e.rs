@@ -591,6 +591,38 @@ except openai.APITimeoutError:
 
 #[test]
 #[ignore = "needs root, cgroup v2 and BPF"]
+fn websocket_apis_pass_through_the_agent() {
+    // A realtime API (OpenAI Realtime, Gemini Live) over WebSocket: the
+    // handshake goes upstream with its Upgrade headers, and after the 101
+    // the two connections are joined. The client trusts only the agent's
+    // CA, so a handshake that succeeds went through the agent.
+    let w = World::start("websocket", 38);
+    let client = w.client(&[]);
+    ok(
+        &client.python(
+            r#"
+from websockets.sync.client import connect
+with connect("wss://api.openai.com/v1/realtime?model=gpt-realtime",
+        additional_headers={"Authorization": "Bearer sk-test"}, open_timeout=10) as ws:
+    assert ws.recv(timeout=10) == "ready"
+    for text in ("hello realtime", "x" * 70000):
+        ws.send(text)
+        assert ws.recv(timeout=10) == text.upper()
+"#,
+        ),
+        "python websockets through the agent",
+    );
+    assert!(
+        w.agent.wait_for_log("upgraded connection"),
+        "{}",
+        w.agent.log()
+    );
+    // Not metered (yet): no record.
+    assert!(w.agent.report_json().is_empty());
+}
+
+#[test]
+#[ignore = "needs root, cgroup v2 and BPF"]
 fn a_request_the_provider_dropped_after_reading_has_its_input_counted() {
     // The provider read the whole request, then the connection went away
     // without an answer: it may bill the input, as when a client leaves.

@@ -172,12 +172,100 @@ async fn read_bounded(
     Ok((chunks, None))
 }
 
+/// An HTTP/1.1 request to switch protocols (a WebSocket handshake).
+fn is_upgrade(req: &Request<Incoming>) -> bool {
+    req.version() == http::Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && req
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// Passes a protocol switch through: the handshake goes upstream on a
+/// connection of its own, and after the provider's `101` the client's
+/// connection and the provider's are joined until either ends or the
+/// agent stops. Realtime APIs (OpenAI Realtime, Gemini Live) work this
+/// way; their traffic is not metered.
+async fn tunnel(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<ProxyBody> {
+    let state = &ctx.state;
+    let client_side = hyper::upgrade::on(&mut req);
+    let authority = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map_or_else(|| ctx.provider.host.clone(), str::to_string);
+    let (parts, body) = req.into_parts();
+    let up_req = Request::from_parts(parts, boxed(body));
+    let mut resp = match state
+        .upstream
+        .send_upgrade(ctx.origin.dst, &ctx.provider.host, &authority, up_req)
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            state.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
+            warn!(error = %e, "upstream upgrade request failed");
+            return error_response(
+                StatusCode::BAD_GATEWAY,
+                "tollgate_upstream_error",
+                &e.to_string(),
+                true,
+            );
+        }
+    };
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        let (mut rparts, rbody) = resp.into_parts();
+        super::upstream::strip_hop_by_hop(&mut rparts.headers);
+        return Response::from_parts(rparts, boxed(rbody));
+    }
+    let upstream_side = hyper::upgrade::on(&mut resp);
+    let stopping = state.stopping.clone();
+    let protocol = resp
+        .headers()
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let pid = ctx.who.pid;
+    state.background.spawn(async move {
+        let (client, upstream) = match tokio::join!(client_side, upstream_side) {
+            (Ok(c), Ok(u)) => (c, u),
+            (c, u) => {
+                debug!(client = ?c.err(), upstream = ?u.err(), "protocol switch failed");
+                return;
+            }
+        };
+        debug!(pid, protocol = %protocol, "upgraded connection: passed through, not metered");
+        let (mut client, mut upstream) = (
+            hyper_util::rt::TokioIo::new(client),
+            hyper_util::rt::TokioIo::new(upstream),
+        );
+        tokio::select! {
+            r = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
+                debug!(pid, result = ?r, "upgraded connection ended");
+            }
+            _ = stopping.cancelled() => {}
+        }
+    });
+    // The 101 as the provider sent it: its Upgrade and Connection headers
+    // belong to the switch.
+    let (rparts, _) = resp.into_parts();
+    Response::from_parts(rparts, boxed(http_body_util::Empty::<Bytes>::new()))
+}
+
 pub(super) async fn handle(
     ctx: Arc<ConnCtx>,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let state = &ctx.state;
     state.stats.requests.fetch_add(1, Ordering::Relaxed);
+    if is_upgrade(&req) {
+        return Ok(tunnel(ctx, req).await);
+    }
     let started = Instant::now();
     let started_ms = now_ms();
     let (mut parts, body) = req.into_parts();

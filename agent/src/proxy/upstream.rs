@@ -411,34 +411,48 @@ impl Upstream {
         }
     }
 
+    /// Sends an HTTP/1.1 upgrade request (a WebSocket handshake) on a
+    /// connection of its own, never pooled: after a `101` it carries the
+    /// upgraded protocol (`hyper::upgrade::on` the response). The
+    /// `Upgrade` header is kept, and `Connection` says `upgrade`.
+    pub async fn send_upgrade(
+        &self,
+        addr: SocketAddr,
+        host: &str,
+        authority: &str,
+        mut req: Request<ProxyBody>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let key = PoolKey {
+            addr,
+            host: host.to_string(),
+            h2: false,
+        };
+        let upgrade = req.headers().get(header::UPGRADE).cloned();
+        adapt_h1(&mut req, authority);
+        if let Some(u) = upgrade {
+            req.headers_mut().insert(header::UPGRADE, u);
+            req.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        }
+        let http_err = |e: hyper::Error| UpstreamError::Http {
+            host: host.to_string(),
+            message: e.to_string(),
+        };
+        let io = TokioIo::new(self.connect_tls(&key).await?);
+        let (mut s, conn) = http1::Builder::new()
+            .handshake(io)
+            .await
+            .map_err(http_err)?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "upstream upgrade connection ended");
+            }
+        });
+        s.send_request(req).await.map_err(http_err)
+    }
+
     async fn connect(&self, key: &PoolKey) -> Result<Sender, UpstreamError> {
-        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(key.addr))
-            .await
-            .map_err(|_| UpstreamError::Connect {
-                addr: key.addr,
-                message: "timed out".into(),
-            })?
-            .map_err(|e| UpstreamError::Connect {
-                addr: key.addr,
-                message: e.to_string(),
-            })?;
-        let _ = tcp.set_nodelay(true);
-        let tls_err = |message: String| UpstreamError::Tls {
-            host: key.host.clone(),
-            addr: key.addr,
-            message,
-        };
-        let name = ServerName::try_from(key.host.clone())
-            .map_err(|e| tls_err(format!("bad server name: {e}")))?;
-        let connector = if key.h2 {
-            &self.connector_h2
-        } else {
-            &self.connector_h1
-        };
-        let tls = tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(name, tcp))
-            .await
-            .map_err(|_| tls_err("handshake timed out".into()))?
-            .map_err(|e| tls_err(e.to_string()))?;
+        let tls = self.connect_tls(key).await?;
         let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
         let io = TokioIo::new(tls);
         let http_err = |e: hyper::Error| UpstreamError::Http {
@@ -473,6 +487,42 @@ impl Upstream {
             });
             Ok(Sender::H1(s))
         }
+    }
+
+    /// A TCP connection to `key.addr` and a TLS session for `key.host`
+    /// over it (ALPN `h2` and `http/1.1` for an HTTP/2 key, else
+    /// `http/1.1` alone).
+    async fn connect_tls(
+        &self,
+        key: &PoolKey,
+    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, UpstreamError> {
+        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(key.addr))
+            .await
+            .map_err(|_| UpstreamError::Connect {
+                addr: key.addr,
+                message: "timed out".into(),
+            })?
+            .map_err(|e| UpstreamError::Connect {
+                addr: key.addr,
+                message: e.to_string(),
+            })?;
+        let _ = tcp.set_nodelay(true);
+        let tls_err = |message: String| UpstreamError::Tls {
+            host: key.host.clone(),
+            addr: key.addr,
+            message,
+        };
+        let name = ServerName::try_from(key.host.clone())
+            .map_err(|e| tls_err(format!("bad server name: {e}")))?;
+        let connector = if key.h2 {
+            &self.connector_h2
+        } else {
+            &self.connector_h1
+        };
+        tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(name, tcp))
+            .await
+            .map_err(|_| tls_err("handshake timed out".into()))?
+            .map_err(|e| tls_err(e.to_string()))
     }
 }
 

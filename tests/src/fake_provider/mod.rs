@@ -26,6 +26,7 @@ mod bedrock;
 mod canned;
 mod gemini;
 mod openai;
+mod websocket;
 
 use crate::pki::TestPki;
 
@@ -215,6 +216,9 @@ async fn handle(req: Request<Incoming>, sni: String, log: Log) -> Result<Respons
     if canned::wanted(&req) {
         return Ok(canned::answer(req.into_body()).await);
     }
+    if websocket::wanted(&req) {
+        return Ok(websocket::accept(req));
+    }
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or("").to_string();
     let headers = req.headers().clone();
@@ -292,7 +296,7 @@ async fn serve(
             let sni = tls.get_ref().1.server_name().unwrap_or("").to_string();
             let svc = hyper::service::service_fn(move |req| handle(req, sni.clone(), rep.clone()));
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(tls), svc)
+                .serve_connection_with_upgrades(TokioIo::new(tls), svc)
                 .await;
         });
     }
