@@ -172,10 +172,18 @@ async fn read_bounded(
     Ok((chunks, None))
 }
 
-/// An HTTP/1.1 request to switch protocols (a WebSocket handshake).
+/// A WebSocket handshake: an HTTP/1.1 `GET` asking to switch to
+/// `websocket`. Nothing else is tunnelled: a request with other Upgrade
+/// headers takes the metered path, which drops them as hop-by-hop (so two
+/// headers cannot take a call out of metering).
 fn is_upgrade(req: &Request<Incoming>) -> bool {
     req.version() == http::Version::HTTP_11
-        && req.headers().contains_key(header::UPGRADE)
+        && req.method() == http::Method::GET
+        && req
+            .headers()
+            .get(header::UPGRADE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("websocket"))
         && req
             .headers()
             .get_all(header::CONNECTION)
