@@ -215,6 +215,21 @@ fn config_beats_signal_specific_env_beats_generic_env() {
         Some("OTEL_EXPORTER_OTLP_METRICS_HEADERS")
     );
     assert!(!format!("{r:?}").contains("Bearer"), "{r:?}");
+    // What the exporter library adds from these variables by itself is
+    // taken out again, but for the transport's own headers.
+    let mut with_traces = env.to_vec();
+    with_traces.push((
+        "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
+        "X-Traces=1, Content-Type=text/plain,user-agent=x",
+    ));
+    let r = resolve(&c, &with_traces).expect("on");
+    assert_eq!(
+        r.env_header_names
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+        ["authorization", "x-generic", "x-tenant", "x-traces"]
+    );
     // Headers in the config add to the environment's when the endpoint
     // comes from the environment.
     let mut c = ExportConfig::default();
