@@ -721,14 +721,14 @@ async fn splice(
     dst: SocketAddr,
     stopping: &CancellationToken,
 ) {
-    let mut server = match TcpStream::connect(dst).await {
+    // Bounded as the metered path's connects are, with keepalive probes.
+    let mut server = match upstream::connect_tcp(dst).await {
         Ok(s) => s,
         Err(e) => {
             debug!(%dst, error = %e, "passthrough connect failed");
             return;
         }
     };
-    let _ = server.set_nodelay(true);
     if !prefix.is_empty() && server.write_all(&prefix).await.is_err() {
         return;
     }

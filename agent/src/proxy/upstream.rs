@@ -496,17 +496,7 @@ impl Upstream {
         &self,
         key: &PoolKey,
     ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, UpstreamError> {
-        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(key.addr))
-            .await
-            .map_err(|_| UpstreamError::Connect {
-                addr: key.addr,
-                message: "timed out".into(),
-            })?
-            .map_err(|e| UpstreamError::Connect {
-                addr: key.addr,
-                message: e.to_string(),
-            })?;
-        let _ = tcp.set_nodelay(true);
+        let tcp = connect_tcp(key.addr).await?;
         let tls_err = |message: String| UpstreamError::Tls {
             host: key.host.clone(),
             addr: key.addr,
@@ -524,6 +514,38 @@ impl Upstream {
             .map_err(|_| tls_err("handshake timed out".into()))?
             .map_err(|e| tls_err(e.to_string()))
     }
+}
+
+/// Keepalive probes on upstream connections: after 60 s without traffic,
+/// every 15 s, 4 unanswered probes end the connection.
+const KEEPALIVE_IDLE_SECS: u32 = 60;
+const KEEPALIVE_INTERVAL_SECS: u32 = 15;
+const KEEPALIVE_PROBES: u32 = 4;
+
+/// A TCP connection to a provider (bounded by [`CONNECT_TIMEOUT`]), with
+/// no delay for small writes and keepalive probes, so that a path that
+/// died silently (a NAT that forgot a long stream or a WebSocket) ends
+/// the connection instead of leaving a read waiting for ever.
+pub(super) async fn connect_tcp(addr: SocketAddr) -> Result<TcpStream, UpstreamError> {
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .map_err(|_| UpstreamError::Connect {
+            addr,
+            message: "timed out".into(),
+        })?
+        .map_err(|e| UpstreamError::Connect {
+            addr,
+            message: e.to_string(),
+        })?;
+    let _ = tcp.set_nodelay(true);
+    {
+        use nix::sys::socket::{setsockopt, sockopt};
+        let _ = setsockopt(&tcp, sockopt::KeepAlive, &true);
+        let _ = setsockopt(&tcp, sockopt::TcpKeepIdle, &KEEPALIVE_IDLE_SECS);
+        let _ = setsockopt(&tcp, sockopt::TcpKeepInterval, &KEEPALIVE_INTERVAL_SECS);
+        let _ = setsockopt(&tcp, sockopt::TcpKeepCount, &KEEPALIVE_PROBES);
+    }
+    Ok(tcp)
 }
 
 /// Hop-by-hop headers that belong to one connection, not the request.
@@ -613,6 +635,27 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("missing.pem"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn upstream_sockets_probe_a_silent_path() {
+        use nix::sys::socket::{getsockopt, sockopt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let tcp = connect_tcp(listener.local_addr().unwrap()).await.unwrap();
+        assert!(getsockopt(&tcp, sockopt::KeepAlive).unwrap());
+        assert_eq!(
+            getsockopt(&tcp, sockopt::TcpKeepIdle).unwrap(),
+            KEEPALIVE_IDLE_SECS
+        );
+        assert_eq!(
+            getsockopt(&tcp, sockopt::TcpKeepInterval).unwrap(),
+            KEEPALIVE_INTERVAL_SECS
+        );
+        assert_eq!(
+            getsockopt(&tcp, sockopt::TcpKeepCount).unwrap(),
+            KEEPALIVE_PROBES
+        );
+        assert!(tcp.nodelay().unwrap());
     }
 
     /// A burst of HTTP/2 requests to a provider with no open connection
