@@ -17,11 +17,16 @@ pub const PROVIDER_HOSTS: &[&str] = &[
     "bedrock-runtime.us-east-1.amazonaws.com",
     "api.mistral.ai",
     AZURE_HOST,
+    VERTEX_HOST,
 ];
 
 /// An Azure OpenAI resource: not in the built-in catalogue, so every
 /// world's agent is configured with it as a custom provider.
 pub const AZURE_HOST: &str = "myres.openai.azure.com";
+
+/// A Vertex AI region: configured as a custom provider with the Gemini
+/// API, as the README says to.
+pub const VERTEX_HOST: &str = "us-central1-aiplatform.googleapis.com";
 
 /// Hosts that resolve to the fake but are not provider hosts.
 pub const OTHER_HOSTS: &[&str] = &["example.test"];
@@ -112,7 +117,7 @@ impl World {
             extra_ca: Some(pki.ca_path()),
             // Last: an array-of-tables header ends whatever table came before.
             extra_toml: format!(
-                "{extra_toml}\n[[providers]]\nhosts = [{AZURE_HOST:?}]\napi = \"azure-openai\"\n"
+                "{extra_toml}\n[[providers]]\nhosts = [{AZURE_HOST:?}]\napi = \"azure-openai\"\n[[providers]]\nhosts = [{VERTEX_HOST:?}]\napi = \"gemini\"\n"
             ),
             join_cgroup: agent_in_cgroup,
             listen: listen.map(str::to_owned),

@@ -270,6 +270,50 @@ assert n == 5, n
 
 #[test]
 #[ignore = "needs root, cgroup v2 and BPF"]
+fn google_genai_python_sdk_on_vertex_ai() {
+    // Gemini on Vertex AI, a region configured as a Gemini provider host
+    // (as the README says): the project/location/publisher paths are read.
+    let w = World::start("vertex", 39);
+    let client = w.client(&[]);
+    ok(
+        &client.python(
+            r#"
+from google import genai
+from google.genai import types
+from google.oauth2.credentials import Credentials
+c = genai.Client(vertexai=True, project="acme-ci", location="us-central1",
+    credentials=Credentials(token="ya29.FAKE-VERTEX-TOKEN"))
+r = c.models.generate_content(model="gemini-2.5-flash", contents="why is the sky blue",
+    config=types.GenerateContentConfig(max_output_tokens=8))
+assert r.usage_metadata.candidates_token_count == 8, r.usage_metadata
+n = 0
+for ch in c.models.generate_content_stream(model="gemini-2.5-pro", contents="count to five",
+        config=types.GenerateContentConfig(max_output_tokens=5)):
+    n += 1
+assert n == 5, n
+"#,
+        ),
+        "python google-genai on Vertex AI",
+    );
+    let rows = w.assert_ledger_matches_provider(2);
+    for r in &rows {
+        assert_eq!(s(r, "provider"), "gemini", "{r}");
+        assert_eq!(s(r, "host"), tollgate_e2e::world::VERTEX_HOST, "{r}");
+        assert!(r["cost_usd"].as_f64().is_some_and(|c| c > 0.0), "{r}");
+    }
+    let reported = w.fake.reported();
+    let paths: Vec<&str> = reported.iter().map(|r| r.path.as_str()).collect();
+    assert!(
+        paths.iter().all(
+            |p| p.contains("/projects/acme-ci/locations/us-central1/publishers/google/models/")
+        ),
+        "{paths:?}"
+    );
+    assert_no_secret(&w, "FAKE-VERTEX-TOKEN");
+}
+
+#[test]
+#[ignore = "needs root, cgroup v2 and BPF"]
 fn gemini_key_query_parameter_and_json_array_stream_via_curl() {
     let w = World::start("gemkey", 15);
     let client = w.client(&[]);

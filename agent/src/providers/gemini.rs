@@ -5,6 +5,13 @@
 //! `/v1/` or `/v1alpha/`. The OpenAI-compatible endpoint on the same host
 //! (`/v1beta/openai/...`) is handed to the OpenAI adapter.
 //!
+//! Gemini on Vertex AI (`{region}-aiplatform.googleapis.com`, configured
+//! as a `[[providers]]` host with `api = "gemini"`) speaks the same
+//! methods and `usageMetadata` on
+//! `/{version}/projects/{p}/locations/{l}/publishers/google/models/{model}`
+//! (and `/{version}/publishers/google/models/{model}` with an API key).
+//! Other publishers there (Anthropic's `rawPredict`) are not read.
+//!
 //! Normalisation of `usageMetadata`: `input_tokens` = promptTokenCount +
 //! toolUsePromptTokenCount, `cached_input_tokens` = cachedContentTokenCount
 //! (a subset of the prompt), `output_tokens` = candidatesTokenCount +
@@ -31,13 +38,15 @@ pub struct Gemini;
 const OWN_OPERATIONS: &[&str] = &["generate_content", "count_tokens", "embeddings", "batch"];
 
 /// A native API path: `/{version}/{models|tunedModels}/{name}:{method}`,
-/// percent-decoded. Returns the model and the method.
+/// or Vertex AI's Google models (see the module's doc), percent-decoded.
+/// Returns the model and the method.
 fn native_path(path: &str) -> Option<(String, String)> {
     let path = percent_encoding::percent_decode_str(path).decode_utf8_lossy();
     let (version, rest) = path.trim_start_matches('/').split_once('/')?;
     if !version.starts_with('v') {
         return None;
     }
+    let rest = vertex_google_model(rest).unwrap_or(rest);
     let (collection, name) = rest.split_once('/')?;
     let (model, method) = name.rsplit_once(':')?;
     if model.is_empty() || model.contains('/') {
@@ -49,6 +58,20 @@ fn native_path(path: &str) -> Option<(String, String)> {
         _ => return None,
     };
     Some((model, method.trim_end_matches('/').to_owned()))
+}
+
+/// What follows `publishers/google/` in a Vertex AI path (`models/...`):
+/// after `projects/{p}/locations/{l}/`, or at the start (express mode).
+fn vertex_google_model(rest: &str) -> Option<&str> {
+    let rest = match rest.strip_prefix("projects/") {
+        Some(r) => {
+            let (_project, r) = r.split_once('/')?;
+            let r = r.strip_prefix("locations/")?;
+            r.split_once('/')?.1
+        }
+        None => rest,
+    };
+    rest.strip_prefix("publishers/google/")
 }
 
 /// True for the OpenAI-compatible endpoint (`/v1beta/openai/...`).
@@ -560,6 +583,23 @@ mod tests {
                 "generate_content",
                 "tunedModels/my-model-x1y2-z",
             ),
+            // Vertex AI: a project's region, the global location, and
+            // express mode (an API key, no project).
+            (
+                "/v1/projects/acme-ci/locations/us-central1/publishers/google/models/gemini-2.5-pro:streamGenerateContent",
+                "generate_content",
+                "gemini-2.5-pro",
+            ),
+            (
+                "/v1beta1/projects/123456/locations/global/publishers/google/models/gemini-2.5-flash:countTokens",
+                "count_tokens",
+                "gemini-2.5-flash",
+            ),
+            (
+                "/v1/publishers/google/models/gemini-2.5-flash-lite:generateContent",
+                "generate_content",
+                "gemini-2.5-flash-lite",
+            ),
         ] {
             let i = Gemini.request(&request("POST", path, b"{}"));
             assert_eq!((i.operation, i.metered), (op, true), "{path}");
@@ -571,6 +611,19 @@ mod tests {
             ("POST", "/v1beta/models/gemini-2.5-flash:unknownMethod"),
             ("POST", "/upload/v1beta/files"),
             ("POST", "/v1beta/cachedContents"),
+            // Vertex AI paths that are not Google's models.
+            (
+                "POST",
+                "/v1/projects/p/locations/us-east5/publishers/anthropic/models/claude-sonnet-4-5@20250929:rawPredict",
+            ),
+            (
+                "POST",
+                "/v1/projects/p/locations/us-central1/endpoints/42:predict",
+            ),
+            (
+                "POST",
+                "/v1/projects/p/publishers/google/models/gemini-2.5-pro:generateContent",
+            ),
         ] {
             let i = Gemini.request(&request(method, path, b"{}"));
             assert!(!i.metered, "{method} {path}");

@@ -263,7 +263,9 @@ async fn handle(req: Request<Incoming>, sni: String, log: Log) -> Result<Respons
     let host = sni.as_str();
     Ok(if host == "api.anthropic.com" {
         anthropic::handle(call).await
-    } else if host == "generativelanguage.googleapis.com" {
+    } else if host == "generativelanguage.googleapis.com"
+        || host.ends_with("-aiplatform.googleapis.com")
+    {
         gemini::handle(call).await
     } else if host.starts_with("bedrock-runtime.") {
         bedrock::handle(call).await
