@@ -314,6 +314,49 @@ assert n == 5, n
 
 #[test]
 #[ignore = "needs root, cgroup v2 and BPF"]
+fn anthropic_python_sdk_on_vertex_ai() {
+    // Claude on Vertex AI (Claude Code's CLAUDE_CODE_USE_VERTEX): the
+    // Messages API on a Vertex region configured as a Gemini host, the
+    // model in the URL. Recorded as Anthropic's, at Anthropic's prices.
+    let w = World::start("vertex-claude", 40);
+    let client = w.client(&[]);
+    ok(
+        &client.python(
+            r#"
+from anthropic import AnthropicVertex
+c = AnthropicVertex(region="us-central1", project_id="acme-ci",
+    access_token="ya29.FAKE-VERTEX-CLAUDE-TOKEN", max_retries=0)
+m = c.messages.create(model="claude-sonnet-4-5@20250929", max_tokens=9,
+    messages=[{"role": "user", "content": "one two three"}])
+assert m.usage.output_tokens == 9, m.usage
+with c.messages.stream(model="claude-sonnet-4-5@20250929", max_tokens=6,
+        messages=[{"role": "user", "content": "four five"}]) as s:
+    text = "".join(s.text_stream)
+assert s.get_final_message().usage.output_tokens == 6
+"#,
+        ),
+        "python anthropic on Vertex AI",
+    );
+    let rows = w.assert_ledger_matches_provider(2);
+    for r in &rows {
+        assert_eq!(s(r, "provider"), "anthropic", "{r}");
+        assert_eq!(s(r, "host"), tollgate_e2e::world::VERTEX_HOST, "{r}");
+        assert!(s(r, "model").starts_with("claude-sonnet-4-5"), "{r}");
+        assert!(r["cost_usd"].as_f64().is_some_and(|c| c > 0.0), "{r}");
+    }
+    assert_eq!(rows.iter().filter(|r| r["streaming"] == true).count(), 1);
+    let reported = w.fake.reported();
+    assert!(
+        reported.iter().all(|r| r
+            .path
+            .contains("/publishers/anthropic/models/claude-sonnet-4-5@20250929:")),
+        "{reported:?}"
+    );
+    assert_no_secret(&w, "FAKE-VERTEX-CLAUDE-TOKEN");
+}
+
+#[test]
+#[ignore = "needs root, cgroup v2 and BPF"]
 fn gemini_key_query_parameter_and_json_array_stream_via_curl() {
     let w = World::start("gemkey", 15);
     let client = w.client(&[]);

@@ -15,6 +15,32 @@ use crate::meter::Usage;
 
 pub struct Anthropic;
 
+/// A Messages API request (`op`): the model named by the caller (Claude on
+/// Vertex AI names it in the URL) or the body's, whether it streams, and
+/// its output cap.
+pub(crate) fn messages_request(
+    op: &'static str,
+    model: Option<String>,
+    body: Option<&[u8]>,
+) -> RequestInfo {
+    let body: Option<Value> = body.and_then(|b| serde_json::from_slice(b).ok());
+    RequestInfo {
+        operation: op,
+        metered: true,
+        model: model.or_else(|| body.as_ref().and_then(|v| str_at(v, &["model"]))),
+        streaming: body
+            .as_ref()
+            .and_then(|v| v.get("stream"))
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
+        max_output_tokens: body.as_ref().and_then(|v| {
+            u64_at(v, &["max_tokens"]).or_else(|| u64_at(v, &["max_tokens_to_sample"]))
+        }),
+        injected_usage: false,
+        ..Default::default()
+    }
+}
+
 impl Provider for Anthropic {
     fn name(&self) -> &'static str {
         "anthropic"
@@ -41,22 +67,7 @@ impl Provider for Anthropic {
                 ..Default::default()
             };
         };
-        let body: Option<Value> = req.body.and_then(|b| serde_json::from_slice(b).ok());
-        RequestInfo {
-            operation: op,
-            metered: true,
-            model: body.as_ref().and_then(|v| str_at(v, &["model"])),
-            streaming: body
-                .as_ref()
-                .and_then(|v| v.get("stream"))
-                .and_then(Value::as_bool)
-                .unwrap_or(false),
-            max_output_tokens: body.as_ref().and_then(|v| {
-                u64_at(v, &["max_tokens"]).or_else(|| u64_at(v, &["max_tokens_to_sample"]))
-            }),
-            injected_usage: false,
-            ..Default::default()
-        }
+        messages_request(op, None, req.body)
     }
 
     fn response_parser(

@@ -10,7 +10,10 @@
 //! methods and `usageMetadata` on
 //! `/{version}/projects/{p}/locations/{l}/publishers/google/models/{model}`
 //! (and `/{version}/publishers/google/models/{model}` with an API key).
-//! Other publishers there (Anthropic's `rawPredict`) are not read.
+//! Claude there (`publishers/anthropic/models/{model}:rawPredict` and
+//! `:streamRawPredict`) is Anthropic's Messages API with the model in the
+//! URL: such a request is handed to the Anthropic adapter
+//! ([`RequestInfo::api`]) and recorded and priced as Anthropic's.
 //!
 //! Normalisation of `usageMetadata`: `input_tokens` = promptTokenCount +
 //! toolUsePromptTokenCount, `cached_input_tokens` = cachedContentTokenCount
@@ -24,11 +27,13 @@
 
 use serde_json::Value;
 
+use super::anthropic;
 use super::openai::{self, OpenAi};
 use super::sse::SseReader;
 use super::{
     JsonBody, ParsedUsage, Provider, RequestInfo, RequestView, UsageParser, str_at, u64_at,
 };
+use crate::config::ApiKind;
 use crate::meter::Usage;
 
 pub struct Gemini;
@@ -60,9 +65,15 @@ fn native_path(path: &str) -> Option<(String, String)> {
     Some((model, method.trim_end_matches('/').to_owned()))
 }
 
-/// What follows `publishers/google/` in a Vertex AI path (`models/...`):
-/// after `projects/{p}/locations/{l}/`, or at the start (express mode).
+/// What follows `publishers/google/` in a Vertex AI path (`models/...`).
 fn vertex_google_model(rest: &str) -> Option<&str> {
+    vertex_publisher(rest, "google")
+}
+
+/// What follows `publishers/{publisher}/` in a Vertex AI path (after the
+/// version): after `projects/{p}/locations/{l}/`, or at the start
+/// (express mode).
+fn vertex_publisher<'a>(rest: &'a str, publisher: &str) -> Option<&'a str> {
     let rest = match rest.strip_prefix("projects/") {
         Some(r) => {
             let (_project, r) = r.split_once('/')?;
@@ -71,7 +82,26 @@ fn vertex_google_model(rest: &str) -> Option<&str> {
         }
         None => rest,
     };
-    rest.strip_prefix("publishers/google/")
+    rest.strip_prefix("publishers/")?
+        .strip_prefix(publisher)?
+        .strip_prefix('/')
+}
+
+/// Claude on Vertex AI:
+/// `/{version}/projects/{p}/locations/{l}/publishers/anthropic/models/{model}:{method}`,
+/// percent-decoded. Returns the model and the method.
+fn vertex_anthropic(path: &str) -> Option<(String, String)> {
+    let path = percent_encoding::percent_decode_str(path).decode_utf8_lossy();
+    let (version, rest) = path.trim_start_matches('/').split_once('/')?;
+    if !version.starts_with('v') {
+        return None;
+    }
+    let name = vertex_publisher(rest, "anthropic")?.strip_prefix("models/")?;
+    let (model, method) = name.rsplit_once(':')?;
+    if model.is_empty() || model.contains('/') {
+        return None;
+    }
+    Some((model.to_owned(), method.trim_end_matches('/').to_owned()))
 }
 
 /// True for the OpenAI-compatible endpoint (`/v1beta/openai/...`).
@@ -110,6 +140,20 @@ impl Provider for Gemini {
         };
         if req.method != http::Method::POST {
             return unmetered;
+        }
+        if let Some((model, method)) = vertex_anthropic(req.path) {
+            // Claude's Messages API, the model in the URL (`count-tokens`
+            // names the free counting call, whose body names the model).
+            let op = match (method.as_str(), model.as_str()) {
+                ("rawPredict", "count-tokens") => "count_tokens",
+                ("rawPredict" | "streamRawPredict", _) => "chat",
+                _ => return unmetered,
+            };
+            let model = (op == "chat").then_some(model);
+            let mut info = anthropic::messages_request(op, model, req.body);
+            info.streaming |= method == "streamRawPredict";
+            info.api = Some(ApiKind::Anthropic);
+            return info;
         }
         let Some((model, method)) = native_path(req.path) else {
             return unmetered;
@@ -611,10 +655,14 @@ mod tests {
             ("POST", "/v1beta/models/gemini-2.5-flash:unknownMethod"),
             ("POST", "/upload/v1beta/files"),
             ("POST", "/v1beta/cachedContents"),
-            // Vertex AI paths that are not Google's models.
+            // Vertex AI paths that are not models it reads.
             (
                 "POST",
-                "/v1/projects/p/locations/us-east5/publishers/anthropic/models/claude-sonnet-4-5@20250929:rawPredict",
+                "/v1/projects/p/locations/us-east5/publishers/anthropic/models/claude-sonnet-4-5@20250929:predict",
+            ),
+            (
+                "POST",
+                "/v1/projects/p/locations/l/publishers/meta/models/llama:rawPredict",
             ),
             (
                 "POST",
@@ -628,6 +676,51 @@ mod tests {
             let i = Gemini.request(&request(method, path, b"{}"));
             assert!(!i.metered, "{method} {path}");
         }
+    }
+
+    #[test]
+    fn claude_on_vertex_is_handed_to_the_anthropic_adapter() {
+        let body = br#"{"anthropic_version":"vertex-2023-10-16","max_tokens":64,"messages":[]}"#;
+        let i = Gemini.request(&request(
+            "POST",
+            "/v1/projects/acme-ci/locations/us-east5/publishers/anthropic/models/claude-sonnet-4-5@20250929:rawPredict",
+            body,
+        ));
+        assert_eq!(
+            (
+                i.operation,
+                i.metered,
+                i.streaming,
+                i.max_output_tokens,
+                i.api
+            ),
+            ("chat", true, false, Some(64), Some(ApiKind::Anthropic))
+        );
+        assert_eq!(i.model.as_deref(), Some("claude-sonnet-4-5@20250929"));
+        let s = Gemini.request(&request(
+            "POST",
+            "/v1/projects/acme-ci/locations/global/publishers/anthropic/models/claude-opus-4-5%4020251101:streamRawPredict",
+            br#"{"stream":true,"max_tokens":5,"messages":[]}"#,
+        ));
+        assert_eq!((s.operation, s.streaming), ("chat", true));
+        assert_eq!(s.model.as_deref(), Some("claude-opus-4-5@20251101"));
+        let c = Gemini.request(&request(
+            "POST",
+            "/v1/projects/acme-ci/locations/us-east5/publishers/anthropic/models/count-tokens:rawPredict",
+            br#"{"model":"claude-sonnet-4-5@20250929","messages":[]}"#,
+        ));
+        assert_eq!(
+            (c.operation, c.api),
+            ("count_tokens", Some(ApiKind::Anthropic))
+        );
+        assert_eq!(c.model.as_deref(), Some("claude-sonnet-4-5@20250929"));
+        // Gemini's own paths name no other API.
+        let g = Gemini.request(&request(
+            "POST",
+            "/v1beta/models/gemini-2.5-flash:generateContent",
+            b"{}",
+        ));
+        assert_eq!(g.api, None);
     }
 
     #[test]

@@ -61,6 +61,10 @@ pub struct RequestInfo {
     /// The API version the request names refuses `stream_options` (Azure
     /// OpenAI before 2024-09-01-preview): usage must not be asked for.
     pub refuses_stream_options: bool,
+    /// The API that serves this request when it is not the host's (Claude
+    /// on a Vertex AI host configured as Gemini): its parsers, estimates,
+    /// name and prices are used from here on.
+    pub api: Option<crate::config::ApiKind>,
 }
 
 /// What a request body's top-level `stream_options` member is.

@@ -110,6 +110,7 @@ impl Provider for OpenAi {
             injected_usage: false,
             stream_options,
             refuses_stream_options: false,
+            api: None,
         }
     }
 

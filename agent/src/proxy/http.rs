@@ -349,6 +349,9 @@ pub(super) async fn handle(
     if let Some(m) = info.model.as_mut() {
         crate::meter::cap_owned(m, crate::meter::MAX_MODEL_NAME);
     }
+    // The API that serves the request from here on (Claude on a Vertex AI
+    // host is Anthropic's).
+    let adapter = info.api.map_or(adapter, adapter_for);
     if crate::providers::catalogue::refuses_stream_options(&ctx.provider.host) {
         info.refuses_stream_options = true;
     }
@@ -609,7 +612,7 @@ impl Draft {
             return;
         }
         let ok = (200..300).contains(&self.status);
-        let api = self.ctx.provider.api;
+        let api = self.info.api.unwrap_or(self.ctx.provider.api);
         let provider = adapter_for(api).name();
         let mut parsed = parsed;
         if let Some(m) = parsed.response_model.as_mut() {

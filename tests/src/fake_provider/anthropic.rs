@@ -24,24 +24,38 @@ pub(crate) async fn handle(call: Call) -> hyper::Response<Body> {
         });
         return json_response(200, json!({"input_tokens": input}));
     }
-    if !call.path.ends_with("/v1/messages") {
+    // Claude on Vertex AI: the model in the URL, with its version after an
+    // `@` (`.../publishers/anthropic/models/claude-sonnet-4-5@20250929:rawPredict`).
+    let vertex_model = call
+        .path
+        .split_once("/publishers/anthropic/models/")
+        .and_then(|(_, m)| m.split_once(':'))
+        .filter(|(_, method)| matches!(*method, "rawPredict" | "streamRawPredict"))
+        .map(|(m, _)| m.to_string());
+    if !call.path.ends_with("/v1/messages") && vertex_model.is_none() {
         return json_response(
             404,
             json!({"type":"error","error":{"type":"not_found_error","message":"unknown path"}}),
         );
     }
-    let model = v
-        .get("model")
-        .and_then(Value::as_str)
-        .unwrap_or("claude-sonnet-4-5")
-        .to_string();
+    let model = vertex_model.unwrap_or_else(|| {
+        v.get("model")
+            .and_then(Value::as_str)
+            .unwrap_or("claude-sonnet-4-5")
+            .to_string()
+    });
     let stream = v.get("stream").and_then(Value::as_bool).unwrap_or(false);
     let out = v
         .get("max_tokens")
         .and_then(Value::as_u64)
         .unwrap_or(5)
         .clamp(1, 2000);
-    let resp_model = format!("{model}-20250929");
+    // As Anthropic answers: the model's dated name (on Vertex AI its
+    // version follows an `@`).
+    let resp_model = match model.split_once('@') {
+        Some((base, version)) => format!("{base}-{version}"),
+        None => format!("{model}-20250929"),
+    };
     call.record(Reported {
         api: "anthropic",
         model: model.clone(),

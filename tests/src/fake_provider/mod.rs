@@ -261,17 +261,18 @@ async fn handle(req: Request<Incoming>, sni: String, log: Log) -> Result<Respons
         log,
     };
     let host = sni.as_str();
-    Ok(if host == "api.anthropic.com" {
-        anthropic::handle(call).await
-    } else if host == "generativelanguage.googleapis.com"
-        || host.ends_with("-aiplatform.googleapis.com")
-    {
-        gemini::handle(call).await
-    } else if host.starts_with("bedrock-runtime.") {
-        bedrock::handle(call).await
-    } else {
-        openai::handle(call).await
-    })
+    let vertex = host.ends_with("-aiplatform.googleapis.com");
+    Ok(
+        if host == "api.anthropic.com" || (vertex && call.path.contains("/publishers/anthropic/")) {
+            anthropic::handle(call).await
+        } else if host == "generativelanguage.googleapis.com" || vertex {
+            gemini::handle(call).await
+        } else if host.starts_with("bedrock-runtime.") {
+            bedrock::handle(call).await
+        } else {
+            openai::handle(call).await
+        },
+    )
 }
 
 /// Accepts TLS connections on `listener` and serves them until the runtime stops.
