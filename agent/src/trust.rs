@@ -412,8 +412,13 @@ pub fn install(ca: &LocalCa, root: &Path) -> Result<Vec<String>, TrustError> {
         (None, _) => lines.push("keytool not found: Java trust store left alone".into()),
         (Some(_), Err(why)) => lines.push(format!("{why}: Java trust store left alone")),
         (Some(keytool), Ok(store)) => {
-            // Replace an older tollgate CA under the same alias.
+            // Replace an older tollgate CA under the same alias, and under
+            // the alias Debian's ca-certificates-java hook gave it: after a
+            // rotation `update-ca-certificates` sees the anchor's name
+            // unchanged and does not call the hook, so JVMs would go on
+            // trusting the old CA.
             keytool_delete(&keytool, &store, JAVA_ALIAS)?;
+            keytool_delete(&keytool, &store, DEBIAN_JAVA_ALIAS)?;
             let cert = ca.cert_path().to_string_lossy().into_owned();
             let mut args: Vec<&str> = vec![
                 "-importcert",
@@ -604,19 +609,23 @@ mod tests {
             let other = t.path().join("other.crt");
             let other_ca = ca_other(t.path());
             std::fs::write(&other, other_ca).expect("write");
-            let ok = Command::new(kt)
-                .args(["-importcert", "-noprompt", "-alias", "other", "-file"])
-                .arg(&other)
-                .arg("-keystore")
-                .arg(&ks)
-                .args(["-storepass", CACERTS_PASSWORD])
-                .output()
-                .expect("keytool runs");
-            assert!(
-                ok.status.success(),
-                "{}",
-                String::from_utf8_lossy(&ok.stderr)
-            );
+            // An unrelated CA, and an older tollgate CA as Debian's Java
+            // hook imported it.
+            for alias in ["other", DEBIAN_JAVA_ALIAS] {
+                let ok = Command::new(kt)
+                    .args(["-importcert", "-noprompt", "-alias", alias, "-file"])
+                    .arg(&other)
+                    .arg("-keystore")
+                    .arg(&ks)
+                    .args(["-storepass", CACERTS_PASSWORD])
+                    .output()
+                    .expect("keytool runs");
+                assert!(
+                    ok.status.success(),
+                    "{}",
+                    String::from_utf8_lossy(&ok.stderr)
+                );
+            }
         } else {
             eprintln!("keytool not installed: Java part of the test not exercised");
         }
@@ -633,6 +642,10 @@ mod tests {
         if let Some(kt) = &keytool {
             assert!(text.contains("imported the CA into Java"), "{text}");
             assert!(keytool_list(kt, &ks, JAVA_ALIAS));
+            assert!(
+                !keytool_list(kt, &ks, DEBIAN_JAVA_ALIAS),
+                "the old CA under the hook's alias is no longer trusted"
+            );
             // Again: replaces, does not fail.
             install(&ca, &root).expect("second install");
             assert!(keytool_list(kt, &ks, JAVA_ALIAS));
