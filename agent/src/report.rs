@@ -283,11 +283,20 @@ fn grouped(records: &[UsageRecord], by: &[GroupBy]) -> Vec<(Vec<String>, Group)>
     rows
 }
 
+/// One CSV cell. Keys come from jobs (job names from their environment,
+/// model names from request bodies): a cell a spreadsheet would run as a
+/// formula (`=`, `+`, `-`, `@`, or a tab or carriage return first) is
+/// prefixed with `'`, as OWASP advises for CSV injection.
 fn csv_field(s: &str) -> String {
+    let s: std::borrow::Cow<'_, str> = if s.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+        format!("'{s}").into()
+    } else {
+        s.into()
+    };
     if s.contains([',', '"', '\n', '\r']) {
         format!("\"{}\"", s.replace('"', "\"\""))
     } else {
-        s.to_string()
+        s.into_owned()
     }
 }
 
@@ -771,6 +780,22 @@ mod tests {
             "{c}"
         );
         assert!(lines.contains(&"acme/lib,gpt-4o,1,5,2,,0"), "{c}");
+        // A cell a spreadsheet would run as a formula is not one.
+        let evil = vec![rec(
+            "acme/app",
+            "=HYPERLINK(\"http://x\")",
+            "/usr/bin/curl",
+            "@SUM(1)",
+            1,
+            1,
+            None,
+        )];
+        let c = render_by(&evil, ReportFormat::Csv, &[GroupBy::Job, GroupBy::Model]);
+        let line = c.lines().nth(1).expect("a row");
+        assert!(
+            line.starts_with("\"'=HYPERLINK(\"\"http://x\"\")\",'@SUM(1),"),
+            "{c}"
+        );
 
         // By service tier: records that name none are `-`.
         let mut tiered = recs.clone();
