@@ -35,6 +35,8 @@ const SENSITIVE_WORDS: &[&str] = &[
     "bearer",
     "cookie",
     "signature",
+    // Azure Storage SAS URLs: `...&sig=...`.
+    "sig",
 ];
 
 /// Endings that make a name sensitive once separators are removed
@@ -520,6 +522,11 @@ mod tests {
             "curl https://h/s3?X-Amz-Credential=AKIAZQ9/x&X-Amz-Signature=Zq9SECRETzq9",
             &["Zq9SECRETzq9", "AKIAZQ9"],
             &[],
+        ),
+        (
+            "azcopy copy x 'https://acct.blob.core.windows.net/c?sv=2022-11-02&se=2026-12-01&sp=rw&sig=Zq9SECRETzq9%3D'",
+            &["Zq9SECRETzq9"],
+            &["sv=2022-11-02", "sp=rw"],
         ),
         (
             "git clone https://oauth2:Zq9SECRETzq9@gitlab.com/g/p.git",
