@@ -291,6 +291,11 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     // Listeners before programs: a redirected connect must find someone home.
     let (listeners, port) = bind_listeners(cfg.proxy.listen).await?;
 
+    if crate::attribution::in_initial_pid_namespace() == Some(false) {
+        warn!(
+            "the agent runs in a pid namespace of its own: the kernel reports the host's pids, which this /proc does not show, so requests are recorded without their process, job and repository; run it with the host's pid namespace (docker run --pid=host)"
+        );
+    }
     let cgroup = match &cfg.intercept.cgroup {
         Some(c) => c.clone(),
         None => {

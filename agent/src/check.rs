@@ -114,7 +114,24 @@ pub fn run(cfg: &Config, host: &Host<'_>) -> Vec<Outcome> {
     out
 }
 
+/// The cgroup check, and whether the agent sees the host's pids (both say
+/// whether it runs in the host's namespaces).
 fn cgroup(cfg: &Config) -> Outcome {
+    let o = cgroup_only(cfg);
+    if crate::attribution::in_initial_pid_namespace() != Some(false) || o.level == Level::Fail {
+        return o;
+    }
+    outcome(
+        Level::Warn,
+        "cgroup",
+        format!(
+            "{}; this runs in a pid namespace of its own, so requests would be recorded without their process, job and repository: run the agent with the host's pid namespace (docker run --pid=host)",
+            o.detail
+        ),
+    )
+}
+
+fn cgroup_only(cfg: &Config) -> Outcome {
     let path = match &cfg.intercept.cgroup {
         Some(c) => c.clone(),
         None => match crate::intercept::cgroup2_root() {

@@ -568,6 +568,40 @@ fn check_warns_in_a_container_cgroup_namespace() {
 }
 
 #[test]
+#[ignore = "needs root (runs tollgate in a pid namespace of its own)"]
+fn check_warns_in_a_pid_namespace_of_its_own() {
+    // A container without the host's pids: the kernel's pids are not the
+    // ones its /proc shows.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = check_config(dir.path());
+    let o = Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc"])
+        .arg(env!("CARGO_BIN_EXE_tollgate"))
+        .arg("--config")
+        .arg(&cfg)
+        .arg("check")
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .env_remove("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")
+        .output()
+        .expect("unshare (util-linux) runs");
+    let out = text(&o);
+    let line = out
+        .lines()
+        .find(|l| l.get(6..).is_some_and(|rest| rest.starts_with("cgroup")))
+        .unwrap_or_else(|| panic!("no cgroup line: {out}"));
+    assert!(line.starts_with("warn"), "{out}");
+    assert!(line.contains("pid namespace of its own"), "{out}");
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "a warning is not a failure: {out}"
+    );
+    // Outside it, the same check is ok.
+    let (lines, out, _) = check(&cfg);
+    assert_eq!(level_of(&lines, "cgroup"), "ok", "{out}");
+}
+
+#[test]
 fn check_tells_an_empty_ledger_from_another_database() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = check_config(dir.path());

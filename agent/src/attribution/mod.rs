@@ -35,6 +35,21 @@ use teams::TeamRule;
 
 pub use redact::{REDACTED, redact_cmdline};
 
+/// The inode number of the initial pid namespace (the kernel's
+/// `PROC_PID_INIT_INO`).
+const INITIAL_PID_NS_INO: u64 = 0xEFFF_FFFC;
+
+/// Whether this process sees the host's pids. The kernel reports the pid
+/// of a connecting process in the initial pid namespace; in a container
+/// with a pid namespace of its own, `/proc` shows other numbers (or none
+/// of those processes), and requests would be recorded without their
+/// process, job and repository. `None` when it cannot tell.
+pub fn in_initial_pid_namespace() -> Option<bool> {
+    use std::os::unix::fs::MetadataExt as _;
+    let ino = std::fs::metadata("/proc/self/ns/pid").ok()?.ino();
+    Some(ino == INITIAL_PID_NS_INO)
+}
+
 /// Ancestors searched for CI variables.
 const MAX_DEPTH: usize = 32;
 /// Entries kept in each cache.
