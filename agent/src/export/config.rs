@@ -326,9 +326,7 @@ impl ExportConfig {
         .flat_map(|v| {
             v.split(',')
                 .filter_map(|item| Some(item.split_once('=')?.0.trim().to_ascii_lowercase()))
-                // Headers of the transport itself stay as the exporter
-                // sets them, whatever a variable names.
-                .filter(|k| !k.is_empty() && !TRANSPORT_HEADERS.contains(&k.as_str()))
+                .filter(|k| !k.is_empty())
                 .collect::<Vec<_>>()
         })
         .collect::<BTreeSet<_>>();
@@ -397,19 +395,6 @@ impl ExportConfig {
         }))
     }
 }
-
-/// Headers the OTLP transports set for themselves; never removed.
-const TRANSPORT_HEADERS: &[&str] = &[
-    "content-type",
-    "content-encoding",
-    "content-length",
-    "user-agent",
-    "te",
-    "host",
-    "grpc-timeout",
-    "grpc-encoding",
-    "grpc-accept-encoding",
-];
 
 /// OTLP settings with config and environment combined.
 #[derive(Clone, PartialEq, Eq)]

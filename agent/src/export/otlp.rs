@@ -9,6 +9,8 @@
 
 use std::sync::Arc;
 
+use http::header;
+
 use opentelemetry::KeyValue;
 use opentelemetry_http::{Bytes, HttpClient, HttpError, Request, Response};
 use opentelemetry_otlp::{
@@ -126,8 +128,20 @@ impl Drop for HeaderClient {
 #[async_trait::async_trait]
 impl HttpClient for HeaderClient {
     async fn send_bytes(&self, mut request: Request<Bytes>) -> Result<Response<Bytes>, HttpError> {
+        // The library sets its content type, then lets the variables'
+        // headers overwrite it: a variable's value for any name (Host,
+        // Content-Type, ...) must not reach a collector the config names.
+        // The content type is put back as the body is encoded.
+        let mut removed_content_type = false;
         for k in &self.remove {
-            request.headers_mut().remove(k);
+            removed_content_type |=
+                request.headers_mut().remove(k).is_some() && k == header::CONTENT_TYPE;
+        }
+        if removed_content_type {
+            request.headers_mut().insert(
+                header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/x-protobuf"),
+            );
         }
         for (k, v) in &self.headers {
             request.headers_mut().insert(k.clone(), v.clone());

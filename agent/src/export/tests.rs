@@ -216,11 +216,11 @@ fn config_beats_signal_specific_env_beats_generic_env() {
     );
     assert!(!format!("{r:?}").contains("Bearer"), "{r:?}");
     // What the exporter library adds from these variables by itself is
-    // taken out again, but for the transport's own headers.
+    // taken out again, whatever the name.
     let mut with_traces = env.to_vec();
     with_traces.push((
         "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
-        "X-Traces=1, Content-Type=text/plain,user-agent=x",
+        "X-Traces=1, Content-Type=text/plain,Host=elsewhere",
     ));
     let r = resolve(&c, &with_traces).expect("on");
     assert_eq!(
@@ -228,7 +228,14 @@ fn config_beats_signal_specific_env_beats_generic_env() {
             .iter()
             .map(String::as_str)
             .collect::<Vec<_>>(),
-        ["authorization", "x-generic", "x-tenant", "x-traces"]
+        [
+            "authorization",
+            "content-type",
+            "host",
+            "x-generic",
+            "x-tenant",
+            "x-traces"
+        ]
     );
     // Headers in the config add to the environment's when the endpoint
     // comes from the environment.
