@@ -35,9 +35,11 @@ const SENSITIVE_WORDS: &[&str] = &[
     "bearer",
     "cookie",
     "signature",
-    // Azure Storage SAS URLs: `...&sig=...`.
-    "sig",
 ];
+
+/// Names sensitive only as a whole: `sig` (Azure Storage SAS URLs,
+/// `...&sig=...`), not `--sig-proxy`.
+const SENSITIVE_NAMES: &[&str] = &["sig"];
 
 /// Endings that make a name sensitive once separators are removed
 /// (`OPENAIAPIKEY`, `hftoken`, `clientsecret`).
@@ -97,6 +99,9 @@ pub(super) fn is_sensitive_name(name: &str) -> bool {
         .to_ascii_lowercase();
     if lower.is_empty() {
         return false;
+    }
+    if SENSITIVE_NAMES.contains(&lower.as_str()) {
+        return true;
     }
     if lower
         .split(['-', '_', '.'])
@@ -664,6 +669,7 @@ mod tests {
     fn harmless_lines_are_unchanged() {
         for s in [
             "python train.py --max-tokens 100 --model gpt-4o-mini",
+            "docker run --sig-proxy ubuntu:22.04 echo hi",
             "curl -s https://api.openai.com/v1/models -o out.json",
             "git commit -m task-1234567890abcdefghijklmnop",
             "node ask.js --temperature=0.2 --max_tokens=256",
