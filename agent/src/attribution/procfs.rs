@@ -80,11 +80,47 @@ impl Proc {
         }
     }
 
+    /// Reads a file that may hold secrets, up to `max` bytes, so that no
+    /// copy of its contents is freed unzeroed: `read_to_end` grows its
+    /// buffer by reallocation, which frees the old contents as they are.
+    /// Here each growth copies into a new buffer and zeroes the old one,
+    /// and the read chunk is zeroed at the end.
+    fn read_wiped(&self, name: &str, max: u64) -> Option<Vec<u8>> {
+        let f = std::fs::File::open(self.dir.join(name)).ok()?;
+        let mut f = f.take(max);
+        let mut buf: Vec<u8> = Vec::with_capacity(64 << 10);
+        let mut chunk = [0u8; 8192];
+        let ok = loop {
+            match f.read(&mut chunk) {
+                Ok(0) => break true,
+                Ok(n) => {
+                    if buf.len() + n > buf.capacity() {
+                        let mut bigger =
+                            Vec::with_capacity((buf.capacity() * 2).max(buf.len() + n));
+                        bigger.extend_from_slice(&buf);
+                        wipe(&mut buf);
+                        buf = bigger;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => break false,
+            }
+        };
+        wipe(&mut chunk);
+        if ok {
+            Some(buf)
+        } else {
+            wipe(&mut buf);
+            None
+        }
+    }
+
     /// Calls `keep(name, value)` for each `NAME=VALUE` of the initial
     /// environment; the buffer is zeroed before it is freed, since the rest
     /// of the environment may hold secrets.
     pub(super) fn environ(&self, mut keep: impl FnMut(&str, &str)) -> bool {
-        let Some(mut raw) = self.read("environ", ENVIRON_MAX) else {
+        let Some(mut raw) = self.read_wiped("environ", ENVIRON_MAX) else {
             return false;
         };
         for entry in raw.split(|b| *b == 0) {
@@ -96,10 +132,15 @@ impl Proc {
                 keep(name, value);
             }
         }
-        raw.fill(0);
-        std::hint::black_box(&raw);
+        wipe(&mut raw);
         true
     }
+}
+
+/// Zeroes `b` in a way the optimiser keeps.
+fn wipe(b: &mut [u8]) {
+    b.fill(0);
+    std::hint::black_box(&*b);
 }
 
 /// Field 22 of `/proc/PID/stat`. `comm` (field 2) may hold spaces and
@@ -121,5 +162,42 @@ mod tests {
         assert_eq!(parse_start_time(stat), Some(987654));
         assert_eq!(parse_start_time(b"1234 (x) S 1"), None);
         assert_eq!(parse_start_time(b"garbage"), None);
+    }
+
+    /// An environment larger than the first buffer, and one past the
+    /// limit, read through the growth path. (That each old buffer is
+    /// zeroed before it is freed cannot be seen from a test.)
+    #[test]
+    fn environments_of_any_size_are_read_whole_up_to_the_limit() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let dir = t.path().join("42");
+        std::fs::create_dir(&dir).expect("dir");
+        let mut env = Vec::new();
+        for i in 0..20_000 {
+            env.extend_from_slice(format!("VAR_{i}=value-{i}\0").as_bytes());
+        }
+        env.extend_from_slice(b"GITHUB_REPOSITORY=acme/widgets\0");
+        assert!(env.len() > 3 * (64 << 10), "past two growths");
+        std::fs::write(dir.join("environ"), &env).expect("environ");
+        let p = Proc::new(t.path(), 42);
+        let mut seen = Vec::new();
+        assert!(p.environ(|k, v| {
+            if k == "GITHUB_REPOSITORY" || k == "VAR_0" || k == "VAR_19999" {
+                seen.push(format!("{k}={v}"));
+            }
+        }));
+        assert_eq!(
+            seen,
+            [
+                "VAR_0=value-0",
+                "VAR_19999=value-19999",
+                "GITHUB_REPOSITORY=acme/widgets"
+            ]
+        );
+        assert_eq!(
+            p.read_wiped("environ", 10).as_deref(),
+            Some(&b"VAR_0=valu"[..])
+        );
+        assert_eq!(p.read_wiped("missing", 10), None);
     }
 }
