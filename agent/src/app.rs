@@ -293,7 +293,7 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
 
     if crate::attribution::in_initial_pid_namespace() == Some(false) {
         warn!(
-            "the agent runs in a pid namespace of its own: the kernel reports the host's pids, which this /proc does not show, so requests are recorded without their process, job and repository; run it with the host's pid namespace (docker run --pid=host)"
+            "the agent runs in a pid namespace of its own: the kernel reports the host's pids, which this /proc does not show, so requests are recorded with the kernel's fields only (pid, uid, cgroup, comm), without their executable, job and repository; run it with the host's pid namespace (docker run --pid=host)"
         );
     }
     let cgroup = match &cfg.intercept.cgroup {
@@ -344,7 +344,9 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
             Arc::new(ca),
             upstream,
             hosts,
-            Attributor::new("/proc".into()).with_teams(cfg.teams.clone()),
+            Attributor::new("/proc".into())
+                .with_teams(cfg.teams.clone())
+                .kernel_fields_only(crate::attribution::in_initial_pid_namespace() == Some(false)),
             sink,
             cfg.proxy.max_request_body,
         )

@@ -137,6 +137,10 @@ pub struct Attributor {
     boottime_offset_ns: i64,
     teams: Vec<TeamRule>,
     caches: Mutex<Caches>,
+    /// The kernel's pids are not this /proc's (a pid namespace of the
+    /// agent's own): /proc is not read at all, since a process there with
+    /// the same number is another one.
+    kernel_fields_only: bool,
 }
 
 impl std::fmt::Debug for Attributor {
@@ -163,6 +167,7 @@ impl Attributor {
                 .and_then(|t| boottime_offset_ns(&t))
                 .unwrap_or(0),
             teams: Vec::new(),
+            kernel_fields_only: false,
             caches: Mutex::new(Caches {
                 procs: Bounded::new(cap),
                 ci: Bounded::new(cap),
@@ -174,6 +179,14 @@ impl Attributor {
     /// validated): the first rule with a pattern matching the repository.
     pub fn with_teams(mut self, rules: Vec<TeamRule>) -> Self {
         self.teams = rules;
+        self
+    }
+
+    /// With `true`, records keep only what the kernel said (pid, uid,
+    /// cgroup, comm): for an agent in a pid namespace of its own, whose
+    /// /proc does not show the kernel's pids.
+    pub fn kernel_fields_only(mut self, only: bool) -> Self {
+        self.kernel_fields_only = only;
         self
     }
 
@@ -192,6 +205,9 @@ impl Attributor {
             comm: caller.comm.clone(),
             ..Attribution::default()
         };
+        if self.kernel_fields_only {
+            return a;
+        }
         let Some(start) = Proc::new(&self.proc_root, pid).start_time() else {
             return a;
         };

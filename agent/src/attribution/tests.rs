@@ -121,6 +121,24 @@ fn child_without_vars_inherits_the_job_of_its_parent() {
     assert_eq!(a.run_attempt.as_deref(), Some("2"));
     assert_eq!(a.ref_name.as_deref(), Some("main"));
     assert_eq!(a.runner.as_deref(), Some("runner-1"));
+    // In a pid namespace of the agent's own, /proc is not read: a process
+    // there with the kernel's number would be another one.
+    let kernel = Attributor::new(root.to_path_buf())
+        .kernel_fields_only(true)
+        .of(70, 1001, 77, "python3");
+    assert_eq!(
+        (
+            kernel.pid,
+            kernel.uid,
+            kernel.cgroup_id,
+            kernel.comm.as_str()
+        ),
+        (70, 1001, 77, "python3")
+    );
+    assert_eq!(
+        (kernel.exe, kernel.repository, kernel.cmdline),
+        (None, None, None)
+    );
     let all = format!("{a:?} {}", serde_json::to_string(&a).expect("json"));
     assert!(!all.contains("SECRET"), "a secret leaked: {all}");
     assert!(
