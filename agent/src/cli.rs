@@ -247,10 +247,14 @@ fn check_state_dir(cfg: &Config) -> Result<(), CmdError> {
 }
 
 fn load_ca(cfg: &Config) -> Result<LocalCa, CmdError> {
+    Ok(load_ca_status(cfg)?.0)
+}
+
+fn load_ca_status(cfg: &Config) -> Result<(LocalCa, crate::ca::CaStatus), CmdError> {
     let hosts: Vec<String> = provider_hosts(cfg).into_iter().map(|h| h.host).collect();
     let (ca, status) = LocalCa::load_or_create(&cfg.state_dir, &hosts)?;
     crate::app::log_ca_status(&status);
-    Ok(ca)
+    Ok((ca, status))
 }
 
 /// `tollgate check`: prints one line per check; an error when any failed.
@@ -330,9 +334,22 @@ pub fn trust(cfg: &Config, cmd: &TrustCommand) -> Result<(), CmdError> {
     match cmd {
         TrustCommand::Install { root } => {
             check_state_dir(cfg)?;
-            let ca = load_ca(cfg)?;
+            let (ca, status) = load_ca_status(cfg)?;
+            let replaced = matches!(status, crate::ca::CaStatus::Regenerated { .. });
+            if replaced {
+                println!(
+                    "replaced the local CA in {} (it did not cover every provider host, or could not be used)",
+                    ca.cert_path().display()
+                );
+            }
             for line in trust::install(&ca, root)? {
                 println!("{line}");
+            }
+            if replaced {
+                // A running agent signs with the CA it loaded at start.
+                println!(
+                    "restart the agent now if it runs (systemctl restart tollgate): until then it signs with the old CA, which clients no longer trust"
+                );
             }
         }
         TrustCommand::Rotate { root } => {
