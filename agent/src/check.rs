@@ -111,7 +111,72 @@ pub fn run(cfg: &Config, host: &Host<'_>) -> Vec<Outcome> {
     out.push(listener(cfg));
     out.push(providers(cfg, &hosts, host.dns_timeout));
     out.push(collector(cfg));
+    out.push(audit_log(cfg));
     out
+}
+
+/// Directories the systemd unit makes read-only (`ProtectSystem=full`,
+/// `ProtectHome=read-only`).
+const UNIT_READ_ONLY: &[&str] = &[
+    "/usr",
+    "/boot",
+    "/efi",
+    "/etc",
+    "/home",
+    "/root",
+    "/run/user",
+];
+
+/// `[export.audit_log]`: whether `run` can open the file (or create it
+/// and its directory), creating nothing.
+fn audit_log(cfg: &Config) -> Outcome {
+    let Some(path) = cfg.export.audit_log.path.as_deref() else {
+        return outcome(Level::Skip, "audit log", "not configured");
+    };
+    // The file, or the nearest directory that exists above it.
+    let target = path
+        .ancestors()
+        .find(|p| std::fs::symlink_metadata(p).is_ok())
+        .unwrap_or(Path::new("/"));
+    if target == path && !path.is_file() {
+        return outcome(
+            Level::Fail,
+            "audit log",
+            format!("{} exists and is not a regular file", path.display()),
+        );
+    }
+    if target != path && !target.is_dir() {
+        return outcome(
+            Level::Fail,
+            "audit log",
+            format!("{} is not a directory", target.display()),
+        );
+    }
+    if let Err(e) = writable(target) {
+        return outcome(
+            Level::Fail,
+            "audit log",
+            format!(
+                "{} is not writable ({e}): `run` cannot open the audit log",
+                target.display()
+            ),
+        );
+    }
+    if let Some(ro) = UNIT_READ_ONLY.iter().find(|d| path.starts_with(d)) {
+        return outcome(
+            Level::Warn,
+            "audit log",
+            format!(
+                "{}: under {ro}, which the systemd unit makes read-only; put it under /var (e.g. /var/log/tollgate/)",
+                path.display()
+            ),
+        );
+    }
+    outcome(
+        Level::Ok,
+        "audit log",
+        format!("{} can be written", path.display()),
+    )
 }
 
 /// The cgroup check, and whether the agent sees the host's pids (both say
@@ -125,7 +190,7 @@ fn cgroup(cfg: &Config) -> Outcome {
         Level::Warn,
         "cgroup",
         format!(
-            "{}; this runs in a pid namespace of its own, so requests would be recorded without their process, job and repository: run the agent with the host's pid namespace (docker run --pid=host)",
+            "{}; this runs in a pid namespace of its own, so requests would be recorded with the kernel's fields only, without their executable, job and repository: run the agent with the host's pid namespace (docker run --pid=host)",
             o.detail
         ),
     )

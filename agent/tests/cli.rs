@@ -297,8 +297,25 @@ fn trust_rotate_replaces_the_ca_and_installs_the_new_one() {
     };
     let o = run(&["trust", "install"]);
     assert!(o.status.success(), "{}", text(&o));
+    assert!(!text(&o).contains("restart the agent"), "{}", text(&o));
     let ca = state.join("ca");
     let before = std::fs::read_to_string(ca.join("ca.crt")).unwrap();
+    // A new provider host: install replaces the CA, and says a running
+    // agent must be restarted.
+    std::fs::write(
+        &cfg,
+        format!("state_dir = {state:?}\n[[providers]]\nhosts = [\"llm.corp.example\"]\napi = \"openai\"\n"),
+    )
+    .unwrap();
+    let o = run(&["trust", "install"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("replaced the local CA"), "{}", text(&o));
+    assert!(text(&o).contains("restart the agent"), "{}", text(&o));
+    let before = {
+        let now = std::fs::read_to_string(ca.join("ca.crt")).unwrap();
+        assert_ne!(now, before, "a new root for the new host");
+        now
+    };
     let o = run(&["trust", "rotate"]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("restart the agent"), "{}", text(&o));
@@ -357,6 +374,7 @@ fn check(cfg: &std::path::Path) -> (Vec<(String, String)>, String, Option<i32>) 
         "listener",
         "providers",
         "collector",
+        "audit log",
     ];
     let lines = out
         .lines()
@@ -383,8 +401,9 @@ fn check_reports_every_check_and_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = check_config(dir.path());
     let (lines, out, code) = check(&cfg);
-    assert_eq!(lines.len(), 12, "{out}");
+    assert_eq!(lines.len(), 13, "{out}");
     for (name, want) in [
+        ("audit log", "skip"),
         ("config", "ok"),
         ("state directory", "ok"),
         ("local CA", "ok"),
@@ -599,6 +618,43 @@ fn check_warns_in_a_pid_namespace_of_its_own() {
     // Outside it, the same check is ok.
     let (lines, out, _) = check(&cfg);
     assert_eq!(level_of(&lines, "cgroup"), "ok", "{out}");
+}
+
+#[test]
+fn check_judges_the_audit_log_path_without_creating_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = check_config(dir.path());
+    let base = std::fs::read_to_string(&cfg).unwrap();
+    let with = |path: &std::path::Path| {
+        std::fs::write(&cfg, format!("{base}[export.audit_log]\npath = {path:?}\n")).unwrap();
+        let (lines, out, _) = check(&cfg);
+        (level_of(&lines, "audit log").to_string(), out)
+    };
+    // A directory still to be made under a writable one: ok, and not made.
+    let fresh = dir.path().join("logs/tollgate/audit.jsonl");
+    let (level, out) = with(&fresh);
+    assert_eq!(level, "ok", "{out}");
+    assert!(!dir.path().join("logs").exists(), "check created it");
+    // A directory where the file should be.
+    std::fs::create_dir_all(dir.path().join("taken.jsonl")).unwrap();
+    let (level, out) = with(&dir.path().join("taken.jsonl"));
+    assert_eq!(level, "FAIL", "{out}");
+    // A file where a directory should be.
+    std::fs::write(dir.path().join("plain"), "x").unwrap();
+    let (level, out) = with(&dir.path().join("plain/audit.jsonl"));
+    assert_eq!(level, "FAIL", "{out}");
+    assert!(out.contains("is not a directory"), "{out}");
+    // Under a directory the systemd unit makes read-only.
+    let (level, out) = with(std::path::Path::new(
+        "/etc/tollgate-test-nonexistent/audit.jsonl",
+    ));
+    if is_root() {
+        assert_eq!(level, "warn", "{out}");
+        assert!(out.contains("read-only"), "{out}");
+    } else {
+        assert_eq!(level, "FAIL", "{out}");
+    }
+    assert!(!std::path::Path::new("/etc/tollgate-test-nonexistent").exists());
 }
 
 #[test]
