@@ -388,6 +388,14 @@ fn check(cfg: &std::path::Path) -> (Vec<(String, String)>, String, Option<i32>) 
     (lines, text(&o), o.status.code())
 }
 
+/// The line of `tollgate check`'s output for the check `name`.
+fn check_line(out: &str, name: &str) -> String {
+    out.lines()
+        .find(|l| l.get(6..).is_some_and(|rest| rest.starts_with(name)))
+        .unwrap_or_else(|| panic!("no {name} line: {out}"))
+        .to_string()
+}
+
 fn level_of<'a>(lines: &'a [(String, String)], name: &str) -> &'a str {
     lines
         .iter()
@@ -520,12 +528,7 @@ fn check_as_another_user_fails_on_root_and_skips_the_kernel() {
     let o = as_nobody(&bin, &["--config", cfg.to_str().unwrap(), "check"]);
     let out = text(&o);
     assert_eq!(o.status.code(), Some(69), "{out}");
-    let line = |name: &str| {
-        out.lines()
-            .find(|l| l.get(6..).is_some_and(|rest| rest.starts_with(name)))
-            .unwrap_or_else(|| panic!("no {name} line: {out}"))
-            .to_string()
-    };
+    let line = |name: &str| check_line(&out, name);
     assert!(line("root").starts_with("FAIL"), "{out}");
     assert!(line("kernel").starts_with("skip"), "{out}");
     assert!(line("state directory").starts_with("ok"), "{out}");
@@ -569,12 +572,7 @@ fn check_warns_in_a_container_cgroup_namespace() {
             .output()
             .expect("sh runs");
         let out = text(&o);
-        let line = out
-            .lines()
-            .find(|l| l.get(6..).is_some_and(|rest| rest.starts_with("cgroup")))
-            .unwrap_or_else(|| panic!("no cgroup line: {out}"))
-            .to_string();
-        (line, o.status.code(), out)
+        (check_line(&out, "cgroup"), o.status.code(), out)
     };
     let (line, code, out) = run(&cfg);
     assert!(line.starts_with("warn"), "{out}");
@@ -604,10 +602,7 @@ fn check_warns_in_a_pid_namespace_of_its_own() {
         .output()
         .expect("unshare (util-linux) runs");
     let out = text(&o);
-    let line = out
-        .lines()
-        .find(|l| l.get(6..).is_some_and(|rest| rest.starts_with("cgroup")))
-        .unwrap_or_else(|| panic!("no cgroup line: {out}"));
+    let line = check_line(&out, "cgroup");
     assert!(line.starts_with("warn"), "{out}");
     assert!(line.contains("pid namespace of its own"), "{out}");
     assert_eq!(
