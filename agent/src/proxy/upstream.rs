@@ -521,6 +521,12 @@ impl Upstream {
 const KEEPALIVE_IDLE_SECS: u32 = 60;
 const KEEPALIVE_INTERVAL_SECS: u32 = 15;
 const KEEPALIVE_PROBES: u32 = 4;
+/// Data sent and not acknowledged for this long ends the connection
+/// (`TCP_USER_TIMEOUT`): keepalive does not probe while there is unsent
+/// or unacknowledged data, so a path that died mid-upload would otherwise
+/// retransmit for ~15 minutes. A long generation with nothing in flight
+/// is not affected.
+const USER_TIMEOUT_MS: u32 = 120_000;
 
 /// A TCP connection to a provider (bounded by [`CONNECT_TIMEOUT`]), with
 /// no delay for small writes and keepalive probes, so that a path that
@@ -544,6 +550,7 @@ pub(super) async fn connect_tcp(addr: SocketAddr) -> Result<TcpStream, UpstreamE
         let _ = setsockopt(&tcp, sockopt::TcpKeepIdle, &KEEPALIVE_IDLE_SECS);
         let _ = setsockopt(&tcp, sockopt::TcpKeepInterval, &KEEPALIVE_INTERVAL_SECS);
         let _ = setsockopt(&tcp, sockopt::TcpKeepCount, &KEEPALIVE_PROBES);
+        let _ = setsockopt(&tcp, sockopt::TcpUserTimeout, &USER_TIMEOUT_MS);
     }
     Ok(tcp)
 }
@@ -654,6 +661,10 @@ mod tests {
         assert_eq!(
             getsockopt(&tcp, sockopt::TcpKeepCount).unwrap(),
             KEEPALIVE_PROBES
+        );
+        assert_eq!(
+            getsockopt(&tcp, sockopt::TcpUserTimeout).unwrap(),
+            USER_TIMEOUT_MS
         );
         assert!(tcp.nodelay().unwrap());
     }
