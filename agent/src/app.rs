@@ -231,10 +231,11 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     let (ca, status) = LocalCa::load_or_create(&cfg.state_dir, &host_names)?;
     log_ca_status(&status);
     let upstream = Upstream::new(cfg.upstream.extra_ca.as_deref())?;
-    let (ledger_writer, ledger) = LedgerWriter::start(
+    let (ledger_writer, ledger) = LedgerWriter::start_with_retention(
         &crate::cli::ledger_path(&cfg.state_dir),
         cfg.ledger.queue,
         cfg.ledger.max_backlog,
+        cfg.ledger.retention(),
     )?;
 
     // Exporters get the records through the same sink as the ledger; their

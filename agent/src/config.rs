@@ -241,14 +241,29 @@ pub struct LedgerConfig {
     /// cannot be written (a full disk, a lock held from outside); records
     /// beyond it are dropped and counted in `tollgate.ledger.dropped`.
     pub max_backlog: usize,
+    /// Rows older than this many days are deleted (at start and hourly);
+    /// 0 keeps every row.
+    pub retention_days: u32,
 }
+
+/// Upper bound of `ledger.retention_days` (100 years).
+const MAX_RETENTION_DAYS: u32 = 36_500;
 
 impl Default for LedgerConfig {
     fn default() -> Self {
         LedgerConfig {
             queue: 65_536,
             max_backlog: 100_000,
+            retention_days: 400,
         }
+    }
+}
+
+impl LedgerConfig {
+    /// How long rows are kept; `None` for ever.
+    pub fn retention(&self) -> Option<std::time::Duration> {
+        (self.retention_days > 0)
+            .then(|| std::time::Duration::from_secs(u64::from(self.retention_days) * 86_400))
     }
 }
 
@@ -346,6 +361,15 @@ impl Config {
             return Err(invalid(
                 "resolver.refresh_secs",
                 "must be at least 1".into(),
+            ));
+        }
+        if self.ledger.retention_days > MAX_RETENTION_DAYS {
+            return Err(invalid(
+                "ledger.retention_days",
+                format!(
+                    "{} is more than {MAX_RETENTION_DAYS} (100 years); 0 keeps every row",
+                    self.ledger.retention_days
+                ),
             ));
         }
         if self.proxy.drain_secs > MAX_DRAIN_SECS {
@@ -492,6 +516,23 @@ mod tests {
         c.validate().unwrap();
         assert_eq!(c.proxy.listen, "127.0.0.1:15443".parse().unwrap());
         assert_eq!(c.state_dir, PathBuf::from("/var/lib/tollgate"));
+        assert_eq!(
+            c.ledger.retention(),
+            Some(std::time::Duration::from_secs(400 * 86_400))
+        );
+    }
+
+    #[test]
+    fn ledger_retention_zero_keeps_everything_and_is_bounded() {
+        let c = Config::parse("[ledger]\nretention_days = 0\n").unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.ledger.retention(), None);
+        let e = Config::parse("[ledger]\nretention_days = 36501\n")
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("ledger.retention_days"), "{e}");
     }
 
     #[test]

@@ -253,6 +253,19 @@ impl Ledger {
         crate::file_id(&self.path) != self.file_id
     }
 
+    /// Deletes up to `limit` of the oldest rows that started before
+    /// `cutoff_ms` (one transaction; the index on `started_at_ms` finds
+    /// them). Returns how many went.
+    pub fn prune_before(&self, cutoff_ms: i64, limit: usize) -> Result<usize, LedgerError> {
+        self.conn
+            .execute(
+                "DELETE FROM requests WHERE id IN \
+                 (SELECT id FROM requests WHERE started_at_ms < ?1 ORDER BY started_at_ms LIMIT ?2)",
+                rusqlite::params![cutoff_ms, limit as i64],
+            )
+            .map_err(|e| LedgerError::classify(&self.path, e))
+    }
+
     /// Copies what the WAL holds into the database file and empties the
     /// WAL. SQLite skips this when it closes a file that was moved, so a
     /// ledger moved away without its WAL would miss its latest rows.

@@ -1,6 +1,7 @@
 //! Ledger tests: round trips, the writer under load, crash safety, bad files.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
@@ -248,6 +249,64 @@ fn writer_writes_ten_thousand_records() {
         1,
         "after shutdown, submits are counted as rejected"
     );
+}
+
+#[test]
+fn rows_past_the_retention_are_deleted_in_pieces_and_newer_ones_kept() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let path = t.path().join("ledger.sqlite");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as i64;
+    let day = 86_400_000i64;
+    let at = |i: u64, ms: i64| {
+        let mut r = sample(i);
+        r.started_at_ms = ms;
+        r
+    };
+    {
+        let mut l = Ledger::open(&path).expect("open");
+        // 12,000 rows from 40 days ago (more than two pieces), 3 from
+        // 20 days ago, 2 from now.
+        let old: Vec<Arc<UsageRecord>> = (0..12_000)
+            .map(|i| Arc::new(at(i, now - 40 * day + i as i64)))
+            .collect();
+        let mid: Vec<Arc<UsageRecord>> = (0..3)
+            .map(|i| Arc::new(at(i, now - 20 * day + i as i64)))
+            .collect();
+        let new: Vec<Arc<UsageRecord>> = (0..2)
+            .map(|i| Arc::new(at(i, now - 1000 + i as i64)))
+            .collect();
+        for batch in [&old, &mid, &new] {
+            l.insert_batch_pausing(batch, 1000, || {}).expect("insert");
+        }
+        // The unit itself: a piece at a time, oldest first.
+        assert_eq!(l.prune_before(now - 30 * day, 10).expect("prune"), 10);
+        assert_eq!(l.query(&Filter::default()).expect("q").len(), 12_005 - 10);
+    }
+    // The writer deletes the rest past 30 days at start, and keeps 30
+    // days' worth.
+    let (w, h) =
+        LedgerWriter::start_with_retention(&path, 64, 1024, Some(Duration::from_secs(30 * 86_400)))
+            .expect("start");
+    wait_for("the prune at start", || starts_in(&path).len() == 5);
+    let kept = starts_in(&path);
+    assert!(kept.iter().all(|ms| *ms > now - 30 * day), "{kept:?}");
+    // Records go on being written.
+    h.submit(at(7, now));
+    w.shutdown(Duration::from_secs(60)).expect("shutdown");
+    assert_eq!(starts_in(&path).len(), 6);
+    // Without a retention nothing is deleted.
+    let (w, _h) = LedgerWriter::start(&path, 64, 1024).expect("start");
+    w.shutdown(Duration::from_secs(60)).expect("shutdown");
+    let mut l = Ledger::open(&path).expect("open");
+    l.insert_batch_pausing(&[Arc::new(at(8, now - 365 * day))], 1, || {})
+        .expect("insert");
+    drop(l);
+    let (w, _h) = LedgerWriter::start(&path, 64, 1024).expect("start");
+    w.shutdown(Duration::from_secs(60)).expect("shutdown");
+    assert_eq!(starts_in(&path).len(), 7, "no retention: the old row stays");
 }
 
 #[test]

@@ -80,6 +80,9 @@ struct Shared {
     max_backlog: u64,
     /// The ledger file.
     path: std::path::PathBuf,
+    /// Rows older than this are deleted (`ledger.retention_days`); `None`
+    /// keeps every row.
+    retention: Option<Duration>,
     /// Tests: the writer panics at this pause between two inserts,
     /// counting from 1 (0: never).
     #[cfg(test)]
@@ -121,6 +124,17 @@ impl LedgerWriter {
         queue: usize,
         max_backlog: usize,
     ) -> Result<(LedgerWriter, LedgerHandle), LedgerError> {
+        Self::start_with_retention(path, queue, max_backlog, None)
+    }
+
+    /// [`LedgerWriter::start`], deleting rows older than `retention` at
+    /// start and every [`PRUNE_EVERY`] after, between batches.
+    pub fn start_with_retention(
+        path: &std::path::Path,
+        queue: usize,
+        max_backlog: usize,
+        retention: Option<Duration>,
+    ) -> Result<(LedgerWriter, LedgerHandle), LedgerError> {
         let mut ledger = Some(Ledger::open(path)?);
         let (tx, rx) = mpsc::sync_channel::<Arc<UsageRecord>>(queue.max(1));
         let (done_tx, done) = mpsc::channel();
@@ -137,6 +151,7 @@ impl LedgerWriter {
             dropped: AtomicU64::new(0),
             max_backlog: max_backlog.max(1) as u64,
             path: path.to_path_buf(),
+            retention,
             #[cfg(test)]
             panic_at: AtomicUsize::new(0),
         });
@@ -335,8 +350,19 @@ fn run(
 ) -> Result<u64, (u64, String)> {
     let mut backoff = BACKOFF_MIN;
     let mut backlog = false;
+    let mut next_prune = Instant::now();
     loop {
         let closing = s.closed.load(Ordering::SeqCst);
+        if let Some(keep) = s.retention
+            && !closing
+            && !backlog
+            && Instant::now() >= next_prune
+        {
+            next_prune = Instant::now() + PRUNE_EVERY;
+            if let Ok(l) = current(ledger, s) {
+                prune(l, keep);
+            }
+        }
         if closing {
             // Every submit that saw `closed == false` finishes its hand-over.
             while s.inflight.load(Ordering::SeqCst) != 0 {
@@ -425,6 +451,44 @@ fn run(
                 }
             }
         }
+    }
+}
+
+/// How often rows past `ledger.retention_days` are deleted.
+pub const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+/// Rows deleted per transaction, so that records waiting to be written
+/// wait at most one such piece.
+const PRUNE_PIECE: usize = 5000;
+
+/// Deletes the rows that started more than `keep` ago, a piece at a time;
+/// an error is logged and left to the next round.
+fn prune(ledger: &Ledger, keep: Duration) {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    let cutoff = now_ms.saturating_sub(keep.as_millis().min(i64::MAX as u128) as i64);
+    let mut total = 0usize;
+    loop {
+        match ledger.prune_before(cutoff, PRUNE_PIECE) {
+            Ok(n) => {
+                total += n;
+                if n < PRUNE_PIECE {
+                    break;
+                }
+                std::thread::yield_now();
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not delete rows past ledger.retention_days; trying again later");
+                break;
+            }
+        }
+    }
+    if total > 0 {
+        tracing::info!(
+            rows = total,
+            retention_days = keep.as_secs() / 86_400,
+            "deleted ledger rows past the retention"
+        );
     }
 }
 
