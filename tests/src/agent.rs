@@ -121,14 +121,18 @@ impl Agent {
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
+                // Into the log first: a test that starts once the ready
+                // line is seen may read the log straight away.
+                {
+                    let mut l = log2.lock().unwrap();
+                    l.push_str(&line);
+                    l.push('\n');
+                }
                 if let Ok(v) = serde_json::from_str::<Value>(&line)
                     && v.get("message").and_then(Value::as_str) == Some("ready")
                 {
                     let _ = tx.send(v);
                 }
-                let mut l = log2.lock().unwrap();
-                l.push_str(&line);
-                l.push('\n');
             }
         });
         let mut agent = Agent {
