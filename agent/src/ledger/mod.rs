@@ -254,14 +254,23 @@ impl Ledger {
     }
 
     /// Deletes up to `limit` of the oldest rows that started before
-    /// `cutoff_ms` (one transaction; the index on `started_at_ms` finds
-    /// them). Returns how many went.
-    pub fn prune_before(&self, cutoff_ms: i64, limit: usize) -> Result<usize, LedgerError> {
+    /// `cutoff_ms`, and never a row within `keep_ms` of the newest row: a
+    /// clock far ahead at boot (not yet synced) would otherwise take rows
+    /// that are not yet past the retention. One transaction; the index on
+    /// `started_at_ms` finds them. Returns how many went.
+    pub fn prune_before(
+        &self,
+        cutoff_ms: i64,
+        keep_ms: i64,
+        limit: usize,
+    ) -> Result<usize, LedgerError> {
         self.conn
             .execute(
                 "DELETE FROM requests WHERE id IN \
-                 (SELECT id FROM requests WHERE started_at_ms < ?1 ORDER BY started_at_ms LIMIT ?2)",
-                rusqlite::params![cutoff_ms, limit as i64],
+                 (SELECT id FROM requests WHERE started_at_ms < \
+                    MIN(?1, (SELECT MAX(started_at_ms) FROM requests) - ?2) \
+                  ORDER BY started_at_ms LIMIT ?3)",
+                rusqlite::params![cutoff_ms, keep_ms, limit as i64],
             )
             .map_err(|e| LedgerError::classify(&self.path, e))
     }

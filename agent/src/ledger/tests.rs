@@ -282,8 +282,27 @@ fn rows_past_the_retention_are_deleted_in_pieces_and_newer_ones_kept() {
             l.insert_batch_pausing(batch, 1000, || {}).expect("insert");
         }
         // The unit itself: a piece at a time, oldest first.
-        assert_eq!(l.prune_before(now - 30 * day, 10).expect("prune"), 10);
-        assert_eq!(l.query(&Filter::default()).expect("q").len(), 12_005 - 10);
+        assert_eq!(
+            l.prune_before(now - 30 * day, 30 * day, 10).expect("prune"),
+            10
+        );
+        let rows = l.query(&Filter::default()).expect("q");
+        assert_eq!(rows.len(), 12_005 - 10);
+        let oldest = rows.iter().map(|r| r.started_at_ms).min().expect("rows");
+        assert_eq!(oldest, now - 40 * day + 10, "the ten oldest went");
+        // A clock far ahead (here: 2 years) takes nothing within the
+        // retention of the newest row.
+        let ahead = now + 730 * day;
+        let n = l
+            .prune_before(ahead - 30 * day, 30 * day, 100_000)
+            .expect("prune");
+        assert_eq!(n, 12_000 - 10);
+        assert_eq!(l.query(&Filter::default()).expect("q").len(), 5);
+        // The old rows again, for the writer's part.
+        let old: Vec<Arc<UsageRecord>> = (0..12_000)
+            .map(|i| Arc::new(at(i, now - 40 * day + i as i64)))
+            .collect();
+        l.insert_batch_pausing(&old, 1000, || {}).expect("insert");
     }
     // The writer deletes the rest past 30 days at start, and keeps 30
     // days' worth.

@@ -351,17 +351,25 @@ fn run(
     let mut backoff = BACKOFF_MIN;
     let mut backlog = false;
     let mut next_prune = Instant::now();
+    // Rows past the retention remain: one more piece each time round, so
+    // records never wait behind more than one piece, and a shutdown is
+    // not held up by a long prune.
+    let mut prune_more = false;
+    let mut pruned = 0usize;
     loop {
         let closing = s.closed.load(Ordering::SeqCst);
         if let Some(keep) = s.retention
             && !closing
             && !backlog
-            && Instant::now() >= next_prune
+            && (prune_more || Instant::now() >= next_prune)
         {
-            next_prune = Instant::now() + PRUNE_EVERY;
-            if let Ok(l) = current(ledger, s) {
-                prune(l, keep);
+            if !prune_more {
+                next_prune = Instant::now() + PRUNE_EVERY;
             }
+            prune_more = match current(ledger, s) {
+                Ok(l) => prune_piece(l, keep, &mut pruned),
+                Err(_) => false,
+            };
         }
         if closing {
             // Every submit that saw `closed == false` finishes its hand-over.
@@ -369,7 +377,11 @@ fn run(
                 std::thread::yield_now();
             }
         } else if pending.is_empty()
-            && let Ok(r) = rx.recv_timeout(IDLE_POLL)
+            && let Ok(r) = rx.recv_timeout(if prune_more {
+                Duration::ZERO
+            } else {
+                IDLE_POLL
+            })
         {
             pending.push(r);
             // Let the batch gather without waking per record: a sleeping
@@ -456,39 +468,39 @@ fn run(
 
 /// How often rows past `ledger.retention_days` are deleted.
 pub const PRUNE_EVERY: Duration = Duration::from_secs(3600);
-/// Rows deleted per transaction, so that records waiting to be written
-/// wait at most one such piece.
-const PRUNE_PIECE: usize = 5000;
+/// Rows deleted per transaction: records waiting to be written wait at
+/// most one such piece.
+const PRUNE_PIECE: usize = 1000;
 
-/// Deletes the rows that started more than `keep` ago, a piece at a time;
-/// an error is logged and left to the next round.
-fn prune(ledger: &Ledger, keep: Duration) {
+/// Deletes one piece of the rows that started more than `keep` ago;
+/// true when more may remain. `pruned` adds up a round's rows, logged when
+/// the round ends; an error is logged and left to the next round.
+fn prune_piece(ledger: &Ledger, keep: Duration, pruned: &mut usize) -> bool {
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64);
-    let cutoff = now_ms.saturating_sub(keep.as_millis().min(i64::MAX as u128) as i64);
-    let mut total = 0usize;
-    loop {
-        match ledger.prune_before(cutoff, PRUNE_PIECE) {
-            Ok(n) => {
-                total += n;
-                if n < PRUNE_PIECE {
-                    break;
-                }
-                std::thread::yield_now();
+    let keep_ms = keep.as_millis().min(i64::MAX as u128) as i64;
+    match ledger.prune_before(now_ms.saturating_sub(keep_ms), keep_ms, PRUNE_PIECE) {
+        Ok(n) => {
+            *pruned += n;
+            if n == PRUNE_PIECE {
+                return true;
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "could not delete rows past ledger.retention_days; trying again later");
-                break;
+            if *pruned > 0 {
+                tracing::info!(
+                    rows = *pruned,
+                    retention_days = keep.as_secs() / 86_400,
+                    "deleted ledger rows past the retention"
+                );
             }
+            *pruned = 0;
+            false
         }
-    }
-    if total > 0 {
-        tracing::info!(
-            rows = total,
-            retention_days = keep.as_secs() / 86_400,
-            "deleted ledger rows past the retention"
-        );
+        Err(e) => {
+            tracing::warn!(error = %e, "could not delete rows past ledger.retention_days; trying again later");
+            *pruned = 0;
+            false
+        }
     }
 }
 
