@@ -134,9 +134,10 @@ fn audit_log(cfg: &Config) -> Outcome {
         return outcome(Level::Skip, "audit log", "not configured");
     };
     // The file, or the nearest directory that exists above it.
+    // Symlinks followed, as `run` opens it (a dangling one is created).
     let target = path
         .ancestors()
-        .find(|p| std::fs::symlink_metadata(p).is_ok())
+        .find(|p| p.exists())
         .unwrap_or(Path::new("/"));
     if target == path && !path.is_file() {
         return outcome(
@@ -159,6 +160,16 @@ fn audit_log(cfg: &Config) -> Outcome {
             format!(
                 "{} is not writable ({e}): `run` cannot open the audit log",
                 target.display()
+            ),
+        );
+    }
+    if let Some(tmp) = ["/tmp", "/var/tmp"].iter().find(|d| path.starts_with(d)) {
+        return outcome(
+            Level::Warn,
+            "audit log",
+            format!(
+                "{}: under {tmp}, which the systemd unit makes private to the agent (PrivateTmp) and discards at stop; put it under /var/log/tollgate/",
+                path.display()
             ),
         );
     }

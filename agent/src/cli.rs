@@ -337,19 +337,15 @@ pub fn trust(cfg: &Config, cmd: &TrustCommand) -> Result<(), CmdError> {
             let (ca, status) = load_ca_status(cfg)?;
             let replaced = matches!(status, crate::ca::CaStatus::Regenerated { .. });
             if replaced {
+                // Said first: the new CA is on disk whatever happens next,
+                // and a running agent signs with the CA it loaded at start.
                 println!(
-                    "replaced the local CA in {} (it did not cover every provider host, or could not be used)",
+                    "replaced the local CA in {} (it did not cover every provider host, or could not be used); restart the agent now if it runs (systemctl restart tollgate): until then it signs with the old CA, which clients no longer trust",
                     ca.cert_path().display()
                 );
             }
             for line in trust::install(&ca, root)? {
                 println!("{line}");
-            }
-            if replaced {
-                // A running agent signs with the CA it loaded at start.
-                println!(
-                    "restart the agent now if it runs (systemctl restart tollgate): until then it signs with the old CA, which clients no longer trust"
-                );
             }
         }
         TrustCommand::Rotate { root } => {
