@@ -172,6 +172,36 @@ async fn read_bounded(
     Ok((chunks, None))
 }
 
+/// The authority the client asked for: the URI's (HTTP/2), else `Host`,
+/// else the provider host the connection was for.
+fn authority(parts: &http::request::Parts, provider_host: &str) -> String {
+    parts
+        .uri
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| {
+            parts
+                .headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+        })
+        .unwrap_or(provider_host)
+        .to_string()
+}
+
+/// The provider could not be reached or dropped the request: counted,
+/// logged, and answered 502 with `x-should-retry`.
+fn upstream_failed(state: &ProxyState, e: &super::upstream::UpstreamError) -> Response<ProxyBody> {
+    state.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
+    warn!(error = %e, "upstream request failed");
+    error_response(
+        StatusCode::BAD_GATEWAY,
+        "tollgate_upstream_error",
+        &e.to_string(),
+        true,
+    )
+}
+
 /// A WebSocket handshake: an HTTP/1.1 `GET` asking to switch to
 /// `websocket`. Nothing else is tunnelled: a request with other Upgrade
 /// headers takes the metered path, which drops them as hop-by-hop (so two
@@ -201,12 +231,8 @@ fn is_upgrade(req: &Request<Incoming>) -> bool {
 async fn tunnel(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<ProxyBody> {
     let state = &ctx.state;
     let client_side = hyper::upgrade::on(&mut req);
-    let authority = req
-        .headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .map_or_else(|| ctx.provider.host.clone(), str::to_string);
     let (parts, body) = req.into_parts();
+    let authority = authority(&parts, &ctx.provider.host);
     let up_req = Request::from_parts(parts, boxed(body));
     let mut resp = match state
         .upstream
@@ -214,16 +240,7 @@ async fn tunnel(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<Proxy
         .await
     {
         Ok(r) => r,
-        Err(e) => {
-            state.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
-            warn!(error = %e, "upstream upgrade request failed");
-            return error_response(
-                StatusCode::BAD_GATEWAY,
-                "tollgate_upstream_error",
-                &e.to_string(),
-                true,
-            );
-        }
+        Err(e) => return upstream_failed(state, &e),
     };
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         let (mut rparts, rbody) = resp.into_parts();
@@ -389,18 +406,7 @@ pub(super) async fn handle(
         sent: sent.clone(),
     }
     .boxed_unsync();
-    let authority = parts
-        .uri
-        .authority()
-        .map(|a| a.as_str().to_string())
-        .or_else(|| {
-            parts
-                .headers
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_string)
-        })
-        .unwrap_or_else(|| ctx.provider.host.clone());
+    let authority = authority(&parts, &ctx.provider.host);
     let draft = Draft {
         ctx: ctx.clone(),
         body: kept_body,
@@ -430,13 +436,14 @@ pub(super) async fn handle(
     {
         Ok(r) => r,
         Err(e) => {
-            state.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
-            warn!(error = %e, "upstream request failed");
             if info.metered {
                 let mut draft = draft;
-                // Sent (hyper took the body, so the head went out) and
-                // then lost: the provider may have read it and bill its
-                // input, as when the client leaves; it is estimated.
+                // Taken to be sent (hyper polled the body once the head
+                // was on its way) and then lost: the provider may have
+                // read it and bill its input, as when the client leaves;
+                // it is estimated. (A request written into a pooled
+                // connection the provider had just closed is estimated too:
+                // there is no retry on a fresh connection yet.)
                 draft.unanswered = draft.sent.load(Ordering::Relaxed);
                 let counting = draft.unanswered && draft.body.is_some();
                 draft.record_off_worker(
@@ -445,12 +452,7 @@ pub(super) async fn handle(
                     counting,
                 );
             }
-            return Ok(error_response(
-                StatusCode::BAD_GATEWAY,
-                "tollgate_upstream_error",
-                &e.to_string(),
-                true,
-            ));
+            return Ok(upstream_failed(state, &e));
         }
     };
     let (mut rparts, rbody) = resp.into_parts();
