@@ -218,6 +218,13 @@ pub struct CustomProvider {
     pub hosts: Vec<String>,
     /// Which API the host speaks.
     pub api: ApiKind,
+    /// Whether the agent adds `stream_options: {"include_usage": true}` to
+    /// OpenAI-style streams sent to these hosts, so that the last chunk
+    /// carries the usage. `false` for a server that refuses the field;
+    /// unset: the built-in catalogue's choice for the host (on, except
+    /// for hosts known to refuse it, such as `api.mistral.ai`).
+    #[serde(default)]
+    pub stream_usage: Option<bool>,
 }
 
 /// The wire API a host speaks.
@@ -452,6 +459,15 @@ impl Config {
             }
         }
         for (i, p) in self.providers.iter().enumerate() {
+            if p.stream_usage.is_some() && !matches!(p.api, ApiKind::Openai | ApiKind::AzureOpenai)
+            {
+                return Err(invalid(
+                    &format!("providers[{i}].stream_usage"),
+                    "applies only to api = \"openai\" or \"azure-openai\" \
+                     (other APIs report a stream's usage unasked)"
+                        .into(),
+                ));
+            }
             if p.hosts.is_empty() {
                 return Err(invalid(
                     &format!("providers[{i}].hosts"),
@@ -694,6 +710,36 @@ api = "azure-openai"
                 }
             }
         }
+    }
+
+    #[test]
+    fn stream_usage_is_only_for_openai_style_apis() {
+        for (api, ok) in [
+            ("openai", true),
+            ("azure-openai", true),
+            ("anthropic", false),
+            ("gemini", false),
+            ("bedrock", false),
+        ] {
+            let c = Config::parse(&format!(
+                "[[providers]]\nhosts = [\"llm.corp.example\"]\napi = \"{api}\"\nstream_usage = false\n"
+            ))
+            .expect("parses");
+            assert_eq!(c.providers[0].stream_usage, Some(false));
+            match c.validate() {
+                Ok(()) => assert!(ok, "{api} accepted"),
+                Err(e) => {
+                    assert!(!ok, "{api}: {e}");
+                    assert!(e.to_string().contains("providers[0].stream_usage"), "{e}");
+                }
+            }
+        }
+        let e = Config::parse(
+            "[[providers]]\nhosts = [\"a.b\"]\napi = \"openai\"\nstream_usage = \"no\"\n",
+        )
+        .unwrap_err();
+        let e = e.to_string();
+        assert!(e.contains("line 4") && e.contains("boolean"), "{e}");
     }
 
     #[test]

@@ -18,6 +18,7 @@ pub const PROVIDER_HOSTS: &[&str] = &[
     "api.mistral.ai",
     AZURE_HOST,
     VERTEX_HOST,
+    CODESTRAL_HOST,
 ];
 
 /// An Azure OpenAI resource: not in the built-in catalogue, so every
@@ -27,6 +28,11 @@ pub const AZURE_HOST: &str = "myres.openai.azure.com";
 /// A Vertex AI region: configured as a custom provider with the Gemini
 /// API, as the README says to.
 pub const VERTEX_HOST: &str = "us-central1-aiplatform.googleapis.com";
+
+/// Mistral's Codestral endpoint: not in the built-in catalogue, so it is
+/// configured with `stream_usage = false`, as the README says to (the fake
+/// refuses `stream_options` on every `*.mistral.ai` host, as Mistral does).
+pub const CODESTRAL_HOST: &str = "codestral.mistral.ai";
 
 /// Hosts that resolve to the fake but are not provider hosts.
 pub const OTHER_HOSTS: &[&str] = &["example.test"];
@@ -117,7 +123,8 @@ impl World {
             extra_ca: Some(pki.ca_path()),
             // Last: an array-of-tables header ends whatever table came before.
             extra_toml: format!(
-                "{extra_toml}\n[[providers]]\nhosts = [{AZURE_HOST:?}]\napi = \"azure-openai\"\n[[providers]]\nhosts = [{VERTEX_HOST:?}]\napi = \"gemini\"\n"
+                "{extra_toml}\n[[providers]]\nhosts = [{AZURE_HOST:?}]\napi = \"azure-openai\"\n[[providers]]\nhosts = [{VERTEX_HOST:?}]\napi = \"gemini\"\n\
+                 [[providers]]\nhosts = [{CODESTRAL_HOST:?}]\napi = \"openai\"\nstream_usage = false\n"
             ),
             join_cgroup: agent_in_cgroup,
             listen: listen.map(str::to_owned),

@@ -5,6 +5,7 @@
 use serde_json::Value;
 use tollgate_e2e::World;
 use tollgate_e2e::client::ok;
+use tollgate_e2e::world::CODESTRAL_HOST;
 
 fn s<'a>(v: &'a Value, k: &str) -> &'a str {
     v.get(k)
@@ -69,35 +70,46 @@ print(json.dumps(raw))
 #[ignore = "needs root, cgroup v2 and BPF"]
 fn mistral_streams_are_not_sent_stream_options_and_are_counted() {
     // Mistral refuses `stream_options` (422) and reports a stream's usage
-    // in its last chunk unasked: the agent adds nothing there.
+    // in its last chunk unasked: the agent adds nothing there. The built-in
+    // catalogue knows it of api.mistral.ai; codestral.mistral.ai is a
+    // `[[providers]]` entry with `stream_usage = false` (see World).
     let w = World::start("mistral", 35);
     let client = w.client(&[]);
     ok(
         &client.python(
             r#"
 import openai
-c = openai.OpenAI(api_key="sk-test", base_url="https://api.mistral.ai/v1", max_retries=0)
-s = c.chat.completions.create(model="mistral-small-latest", max_tokens=7, stream=True,
-    messages=[{"role": "user", "content": "one two three"}])
-chunks = list(s)
-assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices).count("tok") == 7
-assert chunks[-1].usage.completion_tokens == 7, chunks[-1]
-r = c.chat.completions.create(model="mistral-small-latest", max_tokens=4,
-    messages=[{"role": "user", "content": "four five"}])
-assert r.usage.completion_tokens == 4, r.usage
+for base in ("https://api.mistral.ai/v1", "https://codestral.mistral.ai/v1"):
+    c = openai.OpenAI(api_key="sk-test", base_url=base, max_retries=0)
+    s = c.chat.completions.create(model="mistral-small-latest", max_tokens=7, stream=True,
+        messages=[{"role": "user", "content": "one two three"}])
+    chunks = list(s)
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices).count("tok") == 7
+    assert chunks[-1].usage.completion_tokens == 7, chunks[-1]
+    r = c.chat.completions.create(model="mistral-small-latest", max_tokens=4,
+        messages=[{"role": "user", "content": "four five"}])
+    assert r.usage.completion_tokens == 4, r.usage
 "#,
         ),
         "python openai against Mistral",
     );
     let reported = w.fake.reported();
-    assert_eq!(reported.len(), 2, "{reported:?}");
-    w.assert_ledger_matches_provider(2);
-    let rows = w.agent.wait_for_records(2);
-    assert!(
-        rows.iter()
-            .all(|r| r["host"] == "api.mistral.ai" && r["estimated"] == false),
+    assert_eq!(reported.len(), 4, "{reported:?}");
+    w.assert_ledger_matches_provider(4);
+    let rows = w.agent.wait_for_records(4);
+    let mut hosts: Vec<&str> = rows.iter().map(|r| r["host"].as_str().unwrap()).collect();
+    hosts.sort();
+    assert_eq!(
+        hosts,
+        [
+            "api.mistral.ai",
+            "api.mistral.ai",
+            CODESTRAL_HOST,
+            CODESTRAL_HOST
+        ],
         "{rows:?}"
     );
+    assert!(rows.iter().all(|r| r["estimated"] == false), "{rows:?}");
 }
 
 #[test]

@@ -64,17 +64,15 @@ pub const FIXED_HOSTS: &[(&str, ApiKind)] = &[
 /// not add `include_usage` to their streams.
 const REFUSE_STREAM_OPTIONS: &[&str] = &["api.mistral.ai"];
 
-/// Whether streams to `host` must be sent without an added
-/// `stream_options` (see [`REFUSE_STREAM_OPTIONS`]).
-pub fn refuses_stream_options(host: &str) -> bool {
-    REFUSE_STREAM_OPTIONS.contains(&host)
-}
-
 /// One provider host and its API.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProviderHost {
     pub host: String,
     pub api: ApiKind,
+    /// Streams to this host are sent without an added `stream_options`:
+    /// the catalogue's [`REFUSE_STREAM_OPTIONS`], or `stream_usage = false`
+    /// on a `[[providers]]` entry.
+    pub refuses_stream_options: bool,
 }
 
 /// Every provider host: the built-in catalogue plus `[[providers]]` from
@@ -94,13 +92,28 @@ pub fn provider_hosts(cfg: &Config) -> Vec<ProviderHost> {
             ApiKind::Bedrock,
         );
     }
+    let mut stream_usage = std::collections::BTreeMap::new();
     for p in &cfg.providers {
         for h in &p.hosts {
-            out.insert(h.to_ascii_lowercase(), p.api);
+            let h = h.to_ascii_lowercase();
+            if let Some(ask) = p.stream_usage {
+                stream_usage.insert(h.clone(), ask);
+            }
+            out.insert(h, p.api);
         }
     }
     out.into_iter()
-        .map(|(host, api)| ProviderHost { host, api })
+        .map(|(host, api)| {
+            let refuses = match stream_usage.get(&host) {
+                Some(ask) => !ask,
+                None => REFUSE_STREAM_OPTIONS.contains(&host.as_str()),
+            };
+            ProviderHost {
+                host,
+                api,
+                refuses_stream_options: refuses,
+            }
+        })
         .collect()
 }
 
@@ -143,11 +156,41 @@ mod tests {
         cfg.providers.push(crate::config::CustomProvider {
             hosts: vec!["myres.openai.azure.com".into()],
             api: ApiKind::AzureOpenai,
+            stream_usage: None,
         });
         let hosts = provider_hosts(&cfg);
-        assert_eq!(
-            lookup(&hosts, "myres.openai.azure.com").unwrap().api,
-            ApiKind::AzureOpenai
-        );
+        let h = lookup(&hosts, "myres.openai.azure.com").unwrap();
+        assert_eq!(h.api, ApiKind::AzureOpenai);
+        assert!(!h.refuses_stream_options);
+    }
+
+    #[test]
+    fn stream_usage_comes_from_the_catalogue_unless_the_config_says() {
+        let refuses = |cfg: &Config, host: &str| {
+            lookup(&provider_hosts(cfg), host)
+                .unwrap()
+                .refuses_stream_options
+        };
+        let mut cfg = Config::default();
+        assert!(refuses(&cfg, "api.mistral.ai"));
+        assert!(!refuses(&cfg, "api.openai.com"));
+        let entry = |hosts: &[&str], ask: Option<bool>| crate::config::CustomProvider {
+            hosts: hosts.iter().map(|h| h.to_string()).collect(),
+            api: ApiKind::Openai,
+            stream_usage: ask,
+        };
+        // An entry that names a catalogue host without the switch keeps
+        // the catalogue's choice; with it, the entry wins.
+        cfg.providers = vec![
+            entry(&["API.Mistral.ai"], None),
+            entry(&["Codestral.mistral.ai", "api.openai.com"], Some(false)),
+            entry(&["llm.corp.example"], Some(true)),
+        ];
+        assert!(refuses(&cfg, "api.mistral.ai"));
+        assert!(refuses(&cfg, "codestral.mistral.ai"));
+        assert!(refuses(&cfg, "api.openai.com"));
+        assert!(!refuses(&cfg, "llm.corp.example"));
+        cfg.providers = vec![entry(&["api.mistral.ai"], Some(true))];
+        assert!(!refuses(&cfg, "api.mistral.ai"));
     }
 }

@@ -369,7 +369,7 @@ pub(super) async fn handle(
     // The API that serves the request from here on (Claude on a Vertex AI
     // host is Anthropic's).
     let adapter = info.api.map_or(adapter, adapter_for);
-    if crate::providers::catalogue::refuses_stream_options(&ctx.provider.host) {
+    if ctx.provider.refuses_stream_options {
         info.refuses_stream_options = true;
     }
     if let Some(new) = whole
