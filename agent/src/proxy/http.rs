@@ -441,9 +441,9 @@ pub(super) async fn handle(
                 // Taken to be sent (hyper polled the body once the head
                 // was on its way) and then lost: the provider may have
                 // read it and bill its input, as when the client leaves;
-                // it is estimated. (A request written into a pooled
-                // connection the provider had just closed is estimated too:
-                // there is no retry on a fresh connection yet.)
+                // it is estimated. (A request a closing pooled connection
+                // gave back unsent was sent again by `Upstream::send`; one
+                // hyper had begun to write is estimated too.)
                 draft.unanswered = draft.sent.load(Ordering::Relaxed);
                 let counting = draft.unanswered && draft.body.is_some();
                 draft.record_off_worker(

@@ -32,6 +32,9 @@ const MAX_IDLE_PER_KEY: usize = 64;
 /// queue past the peer's limit instead of failing, which is what this
 /// avoids).
 const MAX_STREAMS_PER_H2: usize = 100;
+/// Times a request that a closing connection gave back unsent is sent
+/// again (each time on a connection that is not closed, or a new one).
+const MAX_UNSENT_RETRIES: usize = 2;
 
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -292,6 +295,12 @@ impl Upstream {
     /// Sends `req` to `host` at `addr`, reusing a pooled connection when one
     /// has room. `authority` is the `Host` the client asked for; the
     /// request's version (the client's) picks the upstream protocol.
+    ///
+    /// A connection that closes between checkout and send (a provider
+    /// closing an idle keep-alive connection as it is reused) gives the
+    /// request back unsent: it is sent again, on another connection, up to
+    /// [`MAX_UNSENT_RETRIES`] times. A request hyper began to write is
+    /// never sent twice.
     pub async fn send(
         &self,
         addr: SocketAddr,
@@ -308,23 +317,41 @@ impl Upstream {
             host: host.to_string(),
             message: e.to_string(),
         };
-        match self.checkout(&key).await? {
-            Checkout::H1(mut s) => {
-                adapt_h1(&mut req, authority);
-                let resp = s.send_request(req).await.map_err(http_err)?;
-                self.lock().checkin(key, Sender::H1(s));
-                Ok(resp.map(|inner| UpstreamBody {
-                    inner,
-                    _stream: None,
-                }))
-            }
-            Checkout::H2(mut c, guard) => {
-                adapt_h2(&mut req, authority);
-                let resp = c.send.send_request(req).await.map_err(http_err)?;
-                Ok(resp.map(|inner| UpstreamBody {
-                    inner,
-                    _stream: Some(guard),
-                }))
+        let mut retries = 0;
+        loop {
+            let (sent, guard) = match self.checkout(&key).await? {
+                Checkout::H1(mut s) => {
+                    adapt_h1(&mut req, authority);
+                    let sent = s.try_send_request(req).await;
+                    if sent.is_ok() {
+                        self.lock().checkin(key.clone(), Sender::H1(s));
+                    }
+                    (sent, None)
+                }
+                Checkout::H2(mut c, guard) => {
+                    adapt_h2(&mut req, authority);
+                    (c.send.try_send_request(req).await, Some(guard))
+                }
+            };
+            match sent {
+                Ok(resp) => {
+                    return Ok(resp.map(|inner| UpstreamBody {
+                        inner,
+                        _stream: guard,
+                    }));
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) if retries < MAX_UNSENT_RETRIES => {
+                        retries += 1;
+                        tracing::debug!(
+                            host,
+                            error = %e.error(),
+                            "upstream connection closed before the request went out; sending it on another"
+                        );
+                        req = unsent;
+                    }
+                    _ => return Err(http_err(e.into_error())),
+                },
             }
         }
     }
@@ -667,6 +694,99 @@ mod tests {
             USER_TIMEOUT_MS
         );
         assert!(tcp.nodelay().unwrap());
+    }
+
+    /// A pooled HTTP/1.1 connection that closes between checkout and send
+    /// (a provider closing an idle keep-alive connection just as it is
+    /// reused) gives the request back unsent: it goes out once, on a new
+    /// connection, and the client gets the provider's answer, not a 502.
+    #[tokio::test]
+    async fn a_request_a_closing_pooled_connection_gave_back_goes_out_on_a_new_one() {
+        use http_body_util::{BodyExt, Full};
+        let dir = tempfile::tempdir().unwrap();
+        let host = "api.openai.com";
+        let (ca, _) = crate::ca::LocalCa::load_or_create(dir.path(), &[host.to_string()])
+            .expect("a CA for the test server");
+        let server_config = ca.server_config(host).await.unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let served = Arc::new(AtomicUsize::new(0));
+        let counted = served.clone();
+        let server = tokio::spawn(async move {
+            let acceptor = tokio_rustls::TlsAcceptor::from(server_config);
+            loop {
+                let Ok((sock, _)) = listener.accept().await else {
+                    return;
+                };
+                let (acceptor, counted) = (acceptor.clone(), counted.clone());
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(sock).await else {
+                        return;
+                    };
+                    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        let counted = counted.clone();
+                        async move {
+                            let body = req.into_body().collect().await?.to_bytes();
+                            counted.fetch_add(1, Ordering::SeqCst);
+                            Ok::<_, hyper::Error>(Response::new(Full::new(body)))
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tls), svc)
+                        .await;
+                });
+            }
+        });
+        let up = Upstream::new(Some(ca.cert_path())).unwrap();
+
+        // A pooled connection whose task ends (as on the provider's FIN)
+        // only once the request is queued on it: checkout sees it open and
+        // ready, and hyper hands the request back unsent.
+        let (io, _peer) = tokio::io::duplex(4096);
+        let (stale, conn) = http1::handshake::<_, ProxyBody>(TokioIo::new(io))
+            .await
+            .unwrap();
+        let (close, closed) = oneshot::channel::<()>();
+        tokio::spawn(async move {
+            tokio::select! {
+                biased;
+                _ = closed => {}
+                _ = conn => {}
+            }
+        });
+        for _ in 0..100 {
+            if stale.is_ready() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert!(stale.is_ready(), "the stale connection looks usable");
+        let key = PoolKey {
+            addr,
+            host: host.to_string(),
+            h2: false,
+        };
+        up.lock().checkin(key, Sender::H1(stale));
+        close.send(()).unwrap();
+
+        let req = Request::builder()
+            .method("POST")
+            .uri(format!("https://{host}/v1/chat/completions"))
+            .body(
+                Full::new(bytes::Bytes::from_static(b"{\"model\":\"m\"}"))
+                    .map_err(|e| match e {})
+                    .boxed_unsync(),
+            )
+            .unwrap();
+        let resp = up
+            .send(addr, host, host, req)
+            .await
+            .expect("sent again on a new connection");
+        assert_eq!(resp.status(), 200);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"{\"model\":\"m\"}", "the body went out whole");
+        assert_eq!(served.load(Ordering::SeqCst), 1, "sent once");
+        server.abort();
     }
 
     /// A burst of HTTP/2 requests to a provider with no open connection
