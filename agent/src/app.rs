@@ -202,10 +202,6 @@ pub(crate) fn parse_overrides(cfg: &Config) -> BTreeMap<String, Vec<SocketAddr>>
         .collect()
 }
 
-fn union(m: &BTreeMap<String, Vec<SocketAddr>>) -> BTreeSet<SocketAddr> {
-    m.values().flatten().copied().collect()
-}
-
 pub async fn run(cfg: Config) -> Result<(), AppError> {
     if !nix::unistd::geteuid().is_root() {
         return Err(AppError::NotRoot);
@@ -325,7 +321,7 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
 
     let overrides = parse_overrides(&cfg);
     let initial = resolver::resolve_targets(&host_names, &overrides, &BTreeMap::new()).await;
-    let targets = union(&initial);
+    let targets = resolver::redirected_addresses(&initial);
     intercept.set_targets(&targets)?;
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     // The resolver stops first, on its own signal (see the shutdown below).

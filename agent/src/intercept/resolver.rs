@@ -2,7 +2,8 @@
 //!
 //! Owns: resolving the catalogue's hosts (A and AAAA, port 443) off the
 //! request path, bounded in time, and the periodic refresh that keeps
-//! `PROVIDER_TARGETS` current. Must never: stall start-up on a broken DNS (a
+//! `PROVIDER_TARGETS` current. Must never: redirect an address this host
+//! has no route to (see [`redirected_addresses`]), stall start-up on a broken DNS (a
 //! timeout per host, all hosts at once), drop addresses that resolved
 //! before because one refresh failed, or pile up blocked lookups: a
 //! getaddrinfo call cannot be cancelled, so a host whose last lookup is
@@ -86,6 +87,85 @@ pub fn all_addresses(resolved: &BTreeMap<String, Vec<SocketAddr>>) -> BTreeSet<S
     resolved.values().flatten().copied().collect()
 }
 
+/// The addresses to redirect: every address of every host that this host
+/// has a route to (see [`has_route`]). A provider's IPv6 addresses on a
+/// runner without IPv6 egress are left out: a job's connect to one then
+/// fails at once, as it would without the agent, and the client goes on to
+/// the next address. Redirected, the connect would succeed (to the local
+/// listener), the client would not fall back, and the agent's own connect
+/// upstream would fail: a 502 for every request. It matters more than it
+/// seems, since the kernel refuses the UDP connects with which glibc ranks
+/// a name's addresses, so a client sees no difference between the families
+/// and tries IPv6 first. Which addresses are left out is logged when it
+/// changes.
+pub fn redirected_addresses(resolved: &BTreeMap<String, Vec<SocketAddr>>) -> BTreeSet<SocketAddr> {
+    let (kept, left_out) = split_by_route(all_addresses(resolved), has_route);
+    static LOGGED: Mutex<BTreeSet<SocketAddr>> = Mutex::new(BTreeSet::new());
+    let mut logged = LOGGED.lock().unwrap_or_else(|p| p.into_inner());
+    if *logged != left_out {
+        if left_out.is_empty() {
+            tracing::info!("every provider address has a route again: all are redirected");
+        } else {
+            let list: Vec<String> = left_out.iter().map(ToString::to_string).collect();
+            tracing::info!(
+                addresses = %list.join(" "),
+                "provider addresses this host has no route to are not redirected (connects to them fail as without the agent, and clients use the others)"
+            );
+        }
+        *logged = left_out;
+    }
+    kept
+}
+
+/// Splits `all` into the addresses `route` says are reachable and the rest.
+fn split_by_route(
+    all: BTreeSet<SocketAddr>,
+    route: impl Fn(&SocketAddr) -> bool,
+) -> (BTreeSet<SocketAddr>, BTreeSet<SocketAddr>) {
+    all.into_iter().partition(|a| route(a))
+}
+
+/// Port the route probe connects to: any port but a target's, so the
+/// kernel programs (which refuse UDP to a target) never see the probe.
+const PROBE_PORT: u16 = 9;
+
+/// Whether the kernel has a route to `addr`: a UDP connect, which sends
+/// nothing and only picks a route and a source address (glibc ranks a
+/// name's addresses the same way). Only a definite "no route" (or an
+/// address family the host lacks) counts as unreachable; any other error
+/// keeps the address, so a probe that fails for another reason never takes
+/// a provider out of interception.
+pub(crate) fn has_route(addr: &SocketAddr) -> bool {
+    use nix::errno::Errno;
+    let mut probe = *addr;
+    probe.set_port(if addr.port() == PROBE_PORT {
+        PROBE_PORT + 1
+    } else {
+        PROBE_PORT
+    });
+    let local: SocketAddr = if addr.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let reachable_despite = |e: std::io::Error| {
+        let errno = e.raw_os_error().map(Errno::from_raw);
+        !matches!(
+            errno,
+            Some(
+                Errno::ENETUNREACH
+                    | Errno::EHOSTUNREACH
+                    | Errno::EADDRNOTAVAIL
+                    | Errno::EAFNOSUPPORT
+            )
+        )
+    };
+    match std::net::UdpSocket::bind(local) {
+        Ok(s) => s.connect(probe).map_or_else(reachable_despite, |()| true),
+        Err(e) => reachable_despite(e),
+    }
+}
+
 /// Spawns the periodic refresh: it applies `initial` at once (a no-op when
 /// the caller already did), then every `refresh` re-resolves and calls
 /// `intercept.set_targets` with the union; it stops when `shutdown` turns
@@ -132,7 +212,7 @@ pub fn spawn_refresh(
 }
 
 fn apply(intercept: &Intercept, resolved: &BTreeMap<String, Vec<SocketAddr>>) {
-    let all = all_addresses(resolved);
+    let all = redirected_addresses(resolved);
     if let Err(e) = intercept.set_targets(&all) {
         tracing::warn!(error = %e, addresses = all.len(), "could not update the provider address map");
     }
@@ -230,6 +310,55 @@ mod tests {
 
     fn sa(s: &str) -> SocketAddr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn addresses_without_a_route_are_left_out() {
+        let all = BTreeSet::from([
+            sa("127.0.0.77:443"),
+            sa("[2001:db8::1]:443"),
+            sa("[::1]:443"),
+        ]);
+        let (kept, left) = split_by_route(all, |a| a.is_ipv4() || a.ip().is_loopback());
+        assert_eq!(
+            kept,
+            BTreeSet::from([sa("127.0.0.77:443"), sa("[::1]:443")])
+        );
+        assert_eq!(left, BTreeSet::from([sa("[2001:db8::1]:443")]));
+        // This host reaches its own loopback, on any port.
+        assert!(has_route(&sa("127.0.0.1:443")));
+        assert!(has_route(&sa("127.0.0.1:9")));
+    }
+
+    /// The probe asks the kernel: in a network namespace of its own, with
+    /// its loopback down and no routes, nothing is reachable (an IPv4-only
+    /// runner is the same for IPv6).
+    #[test]
+    #[ignore = "needs root (a network namespace of its own)"]
+    fn the_route_probe_sees_a_namespace_without_routes() {
+        let here = sa("127.0.0.1:443");
+        let unreachable = std::thread::spawn(move || {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+                .expect("unshare(CLONE_NEWNET) needs root");
+            [
+                here,
+                sa("[2001:db8::1]:443"),
+                sa("192.0.2.7:443"),
+                sa("[::1]:443"),
+            ]
+            .iter()
+            .filter(|a| has_route(a))
+            .copied()
+            .collect::<Vec<_>>()
+        })
+        .join()
+        .unwrap();
+        assert_eq!(
+            unreachable,
+            Vec::<SocketAddr>::new(),
+            "reachable in an empty namespace"
+        );
+        assert!(has_route(&here), "the test's own namespace is untouched");
     }
 
     #[tokio::test]
