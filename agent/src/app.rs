@@ -53,6 +53,10 @@ pub enum AppError {
     Intercept(#[from] crate::intercept::InterceptError),
     #[error("upstream TLS: {0} (check [upstream] extra_ca)")]
     Upstream(#[from] crate::proxy::upstream::UpstreamError),
+    #[error(
+        "the agent runs in a pid namespace of its own, inside the cgroup it would intercept ({cgroup}): the kernel would not know its connections to providers as its own and would send them back to it, so every request would fail; run it with the host's pid namespace (docker run --pid=host), or set intercept.cgroup to a cgroup that holds the jobs but not the agent"
+    )]
+    SelfInterceptedInPidNamespace { cgroup: String },
     #[error("cannot start the async runtime: {0}")]
     Runtime(std::io::Error),
     #[error(transparent)]
@@ -72,6 +76,7 @@ impl AppError {
             AppError::StateDir { .. } => UNAVAILABLE,
             AppError::StateDirUnsafe { .. } => NOPERM,
             AppError::Listen { .. } => UNAVAILABLE,
+            AppError::SelfInterceptedInPidNamespace { .. } => UNAVAILABLE,
             AppError::Ca(e) => e.exit_code(),
             AppError::Ledger(e) => e.exit_code(),
             AppError::Intercept(e) => e.exit_code(),
@@ -288,11 +293,6 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     // Listeners before programs: a redirected connect must find someone home.
     let (listeners, port) = bind_listeners(cfg.proxy.listen).await?;
 
-    if crate::attribution::in_initial_pid_namespace() == Some(false) {
-        warn!(
-            "the agent runs in a pid namespace of its own: the kernel reports the host's pids, which this /proc does not show, so requests are recorded with the kernel's fields only (pid, uid, cgroup, comm), without their executable, job and repository; run it with the host's pid namespace (docker run --pid=host)"
-        );
-    }
     let cgroup = match &cfg.intercept.cgroup {
         Some(c) => c.clone(),
         None => {
@@ -306,6 +306,19 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
             root
         }
     };
+    if crate::attribution::in_initial_pid_namespace() == Some(false) {
+        // The programs know the agent by the host's pid of it, which a pid
+        // namespace of its own hides: inside the cgroup, its upstream
+        // connects would come back to its own listener.
+        if intercept::holds_process(&cgroup, std::process::id()).unwrap_or(false) {
+            return Err(AppError::SelfInterceptedInPidNamespace {
+                cgroup: cgroup.display().to_string(),
+            });
+        }
+        warn!(
+            "the agent runs in a pid namespace of its own: the kernel reports the host's pids, which this /proc does not show, so requests are recorded with the kernel's fields only (pid, uid, cgroup, comm), without their executable, job and repository; run it with the host's pid namespace (docker run --pid=host)"
+        );
+    }
     // `validate` admits only IPv4 loopback addresses; any of 127.0.0.0/8
     // works, and the kernel must send connections to the one we bound.
     let listen_v4 = match cfg.proxy.listen.ip() {

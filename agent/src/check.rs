@@ -197,6 +197,25 @@ fn cgroup(cfg: &Config) -> Outcome {
     if crate::attribution::in_initial_pid_namespace() != Some(false) || o.level == Level::Fail {
         return o;
     }
+    let path = cfg
+        .intercept
+        .cgroup
+        .clone()
+        .or_else(|| crate::intercept::cgroup2_root().ok());
+    // This process stands for the agent: run in the same container, it
+    // shares its cgroup.
+    if let Some(path) = path
+        && crate::intercept::holds_process(&path, std::process::id()).unwrap_or(false)
+    {
+        return outcome(
+            Level::Fail,
+            "cgroup",
+            format!(
+                "{}: this runs in a pid namespace of its own, inside the cgroup it would intercept, so the agent's own connections to providers would be sent back to it and every request would fail: run it with the host's pid namespace (docker run --pid=host), or set intercept.cgroup to a cgroup that holds the jobs but not the agent",
+                path.display()
+            ),
+        );
+    }
     outcome(
         Level::Warn,
         "cgroup",

@@ -586,30 +586,59 @@ fn check_warns_in_a_container_cgroup_namespace() {
 
 #[test]
 #[ignore = "needs root (runs tollgate in a pid namespace of its own)"]
-fn check_warns_in_a_pid_namespace_of_its_own() {
+fn a_pid_namespace_of_its_own_warns_and_refuses_inside_the_intercepted_cgroup() {
     // A container without the host's pids: the kernel's pids are not the
-    // ones its /proc shows.
+    // ones its /proc shows, and the programs cannot tell the agent's own
+    // connections from a job's.
+    let root = tollgate::intercept::cgroup2_root().expect("a cgroup v2 root");
+    let child = ChildCgroup(root.join(format!("tollgate-test-pidns-{}", std::process::id())));
+    std::fs::create_dir(&child.0).expect("create a child cgroup");
     let dir = tempfile::tempdir().unwrap();
     let cfg = check_config(dir.path());
-    let o = Command::new("unshare")
-        .args(["--pid", "--fork", "--mount-proc"])
-        .arg(env!("CARGO_BIN_EXE_tollgate"))
-        .arg("--config")
-        .arg(&cfg)
-        .arg("check")
-        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-        .env_remove("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")
-        .output()
-        .expect("unshare (util-linux) runs");
-    let out = text(&o);
+    let base = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, format!("{base}[intercept]\ncgroup = {:?}\n", child.0)).unwrap();
+    // `inside`: the process joins the intercepted cgroup first.
+    let in_pid_ns = |inside: bool, command: &str| {
+        let o = Command::new("sh")
+            .arg("-c")
+            .arg(
+                r#"if [ "$1" = yes ]; then echo $$ > "$2/cgroup.procs" || exit 99; fi
+exec timeout -s KILL 60 unshare --pid --fork --kill-child --mount-proc "$3" --config "$4" "$5""#,
+            )
+            .arg("-")
+            .arg(if inside { "yes" } else { "no" })
+            .arg(&child.0)
+            .arg(env!("CARGO_BIN_EXE_tollgate"))
+            .arg(&cfg)
+            .arg(command)
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .env_remove("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")
+            .output()
+            .expect("sh runs");
+        (text(&o), o.status.code())
+    };
+
+    // Jobs elsewhere: it works, without process details; a warning.
+    let (out, code) = in_pid_ns(false, "check");
     let line = check_line(&out, "cgroup");
     assert!(line.starts_with("warn"), "{out}");
     assert!(line.contains("pid namespace of its own"), "{out}");
-    assert_eq!(
-        o.status.code(),
-        Some(0),
-        "a warning is not a failure: {out}"
+    assert_eq!(code, Some(0), "a warning is not a failure: {out}");
+
+    // Inside the cgroup it would intercept: its upstream connects would
+    // come back to it. `check` fails, and `run` refuses to start.
+    let (out, code) = in_pid_ns(true, "check");
+    let line = check_line(&out, "cgroup");
+    assert!(line.starts_with("FAIL"), "{out}");
+    assert!(line.contains("sent back to it"), "{out}");
+    assert_eq!(code, Some(69), "{out}");
+    let (out, code) = in_pid_ns(true, "run");
+    assert_eq!(code, Some(69), "{out}");
+    assert!(
+        out.contains("inside the cgroup it would intercept") && out.contains("--pid=host"),
+        "{out}"
     );
+
     // Outside it, the same check is ok.
     let (lines, out, _) = check(&cfg);
     assert_eq!(level_of(&lines, "cgroup"), "ok", "{out}");

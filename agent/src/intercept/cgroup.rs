@@ -145,6 +145,38 @@ pub fn is_hierarchy_root(dir: &Path) -> io::Result<bool> {
     Ok(std::fs::metadata(dir)?.ino() == 1)
 }
 
+/// Whether the process `pid` (as this process's pid namespace numbers it)
+/// is in the cgroup `dir` or one below it, read from each `cgroup.procs`
+/// (which shows pids in the reader's namespace). Subdirectories that cannot
+/// be read are skipped; at most `MAX_CGROUPS_WALKED` are read.
+pub fn holds_process(dir: &Path, pid: u32) -> io::Result<bool> {
+    const MAX_CGROUPS_WALKED: usize = 100_000;
+    let wanted = pid.to_string();
+    let mut stack = vec![dir.to_path_buf()];
+    let mut walked = 0;
+    while let Some(d) = stack.pop() {
+        walked += 1;
+        if walked > MAX_CGROUPS_WALKED {
+            break;
+        }
+        match std::fs::read_to_string(d.join("cgroup.procs")) {
+            Ok(procs) if procs.lines().any(|l| l.trim() == wanted) => return Ok(true),
+            Ok(_) => {}
+            Err(e) if d == dir => return Err(e),
+            Err(_) => continue,
+        }
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push(e.path());
+            }
+        }
+    }
+    Ok(false)
+}
+
 /// The cookie of the network namespace this process runs in, as
 /// `bpf_get_netns_cookie` reports it for sockets created here.
 pub(crate) fn own_netns_cookie() -> Result<u64, InterceptError> {

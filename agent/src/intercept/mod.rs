@@ -31,7 +31,7 @@ use aya::{
     maps::{HashMap, MapData, PerCpuArray},
 };
 
-pub use cgroup::{cgroup2_root, is_hierarchy_root};
+pub use cgroup::{cgroup2_root, holds_process, is_hierarchy_root};
 pub use error::InterceptError;
 
 /// Where and how to attach.
