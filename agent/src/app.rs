@@ -339,6 +339,11 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     // The resolver stops first, on its own signal (see the shutdown below).
     let (refresh_stop_tx, refresh_stop_rx) = tokio::sync::watch::channel(false);
+    let follow = intercept::spawn_cgroup_follow(
+        intercept.clone(),
+        intercept::CGROUP_FOLLOW_EVERY,
+        refresh_stop_rx.clone(),
+    );
     let refresh = resolver::spawn_refresh(
         intercept.clone(),
         host_names.clone(),
@@ -397,6 +402,7 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     // is flushed.
     let _ = refresh_stop_tx.send(true);
     let _ = refresh.await;
+    let _ = follow.await;
     if let Err(e) = intercept.set_targets(&BTreeSet::new()) {
         warn!(error = %e, "could not clear the provider map before draining");
     }

@@ -495,3 +495,51 @@ fn redirects_v4_mapped_from_a_v6_socket() {
     ));
     assert_eq!(sendto, "EPERM", "UDP sendto ::ffff:127.0.0.77");
 }
+
+/// systemd removes a service's cgroup when the service stops and makes a
+/// new one when it starts (an ephemeral runner's, after every job); the
+/// kernel drops the programs with the old cgroup. `follow_cgroup` attaches
+/// them to the new one at the same path.
+#[test]
+#[ignore = "needs root, cgroup v2 and BPF"]
+fn a_cgroup_removed_and_created_again_is_intercepted_again() {
+    use tollgate::intercept::CgroupChange;
+    let cg = ChildCgroup::create("recreated");
+    let agent = Agent::bind();
+    let provider = TcpListener::bind("127.0.0.77:0").expect("bind 127.0.0.77");
+    let provider_addr = provider.local_addr().unwrap();
+    let port = provider_addr.port();
+    let intercept = attach(&cg, &agent, &[provider_addr]);
+    let redirected = |what: &str| {
+        let child = spawn_client(&cg, "4", "127.0.0.77", port, "tcp");
+        let (mut s, _) = accept(&agent.v4, what);
+        read_hello(&mut s);
+        drop(s);
+        assert_eq!(finish(child), format!("peer 127.0.0.77 {port}"));
+        assert_nothing_pending(&provider, "the provider listener");
+    };
+    redirected("the agent listener (first cgroup)");
+    assert!(matches!(intercept.follow_cgroup(), CgroupChange::Unchanged));
+
+    let old_id = cg.id();
+    fs::remove_dir(&cg.path).expect("remove the (empty) cgroup");
+    assert!(matches!(intercept.follow_cgroup(), CgroupChange::Gone));
+    assert!(matches!(intercept.follow_cgroup(), CgroupChange::Unchanged));
+    fs::create_dir(&cg.path).expect("create the cgroup again");
+    assert_ne!(cg.id(), old_id, "a new cgroup");
+
+    // Before the agent looks, the new cgroup has no programs: connects go
+    // to the provider.
+    let child = spawn_client(&cg, "4", "127.0.0.77", port, "tcp");
+    let (mut s, _) = accept(&provider, "the provider (new cgroup, not yet attached)");
+    read_hello(&mut s);
+    drop(s);
+    assert_eq!(finish(child), format!("peer 127.0.0.77 {port}"));
+
+    match intercept.follow_cgroup() {
+        CgroupChange::Reattached => {}
+        other => panic!("expected the programs on the new cgroup: {other:?}"),
+    }
+    redirected("the agent listener (new cgroup)");
+    assert!(matches!(intercept.follow_cgroup(), CgroupChange::Unchanged));
+}

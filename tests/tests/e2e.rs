@@ -834,6 +834,41 @@ c.chat.completions.create(model="gpt-4o-mini", max_tokens=3, messages=[{"role": 
 
 #[test]
 #[ignore = "needs root, cgroup v2 and BPF"]
+fn a_cgroup_removed_and_created_again_is_followed_by_the_agent() {
+    // What systemd does to a runner service's cgroup at each restart.
+    let w = World::start("recreated", 41);
+    let call = r#"
+import openai
+c = openai.OpenAI(api_key="sk-test", max_retries=0)
+c.chat.completions.create(model="gpt-4o-mini", max_tokens=3, messages=[{"role": "user", "content": "again"}])
+"#;
+    ok(&w.client(&[]).python(call), "python, first cgroup");
+    w.agent.wait_for_records(1);
+    std::fs::remove_dir(w.cg.path()).expect("remove the (empty) cgroup");
+    assert!(
+        w.agent
+            .wait_for_log("the intercepted cgroup was removed: nothing is intercepted"),
+        "{}",
+        w.agent.log()
+    );
+    std::fs::create_dir(w.cg.path()).expect("create it again");
+    assert!(
+        w.agent
+            .wait_for_log("the intercepted cgroup was created anew: interception attached"),
+        "{}",
+        w.agent.log()
+    );
+    ok(&w.client(&[]).python(call), "python, new cgroup");
+    w.assert_ledger_matches_provider(2);
+    let rows = w.agent.wait_for_records(2);
+    assert!(
+        rows.iter().all(|r| r["host"] == "api.openai.com"),
+        "{rows:?}"
+    );
+}
+
+#[test]
+#[ignore = "needs root, cgroup v2 and BPF"]
 fn a_stream_whose_client_left_gives_its_body_budget_back_once_counted() {
     // Room for one ≈5 KB body at a time. An Anthropic stream's client
     // leaves after the response's head, before the first event; the agent

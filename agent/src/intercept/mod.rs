@@ -6,7 +6,7 @@
 //! (`resolver`), and finding the client socket of an accepted connection
 //! (`diag`). Must never: hold request state (the proxy forgets an origin
 //! when its connection ends; the kernel map is an LRU besides), or hold a
-//! lock across anything but one map syscall.
+//! lock the request path takes across anything but one map syscall.
 //!
 //! Dropping [`Intercept`] detaches every program (bpf_link, not pinned), so a
 //! dead agent fails open: connects go straight to the provider again.
@@ -100,7 +100,30 @@ pub struct Intercept {
     stats: PerCpuArray<MapData, u64>,
     /// Owns the programs and their links: dropping it detaches them all (the
     /// kernel keeps the maps alive for as long as a program uses them).
-    _ebpf: Mutex<Ebpf>,
+    ebpf: Mutex<Ebpf>,
+    /// The cgroup directory the links are on, by its id.
+    attached: Mutex<Attached>,
+}
+
+/// Which cgroup (by id: its directory's inode number) the programs are
+/// attached to, and their links; `None` once the directory is gone.
+struct Attached {
+    cgroup_id: Option<u64>,
+    links: programs::Links,
+}
+
+/// What [`Intercept::follow_cgroup`] found.
+#[derive(Debug)]
+pub enum CgroupChange {
+    /// Still the cgroup the programs are attached to (or still gone).
+    Unchanged,
+    /// The directory was removed: the kernel dropped the programs with it,
+    /// and nothing is intercepted until it is back.
+    Gone,
+    /// The directory is back (a new cgroup): the programs are attached to it.
+    Reattached,
+    /// It is back, and attaching to it failed.
+    Failed(InterceptError),
 }
 
 impl std::fmt::Debug for Intercept {
@@ -122,6 +145,61 @@ pub fn verify_kernel() -> Result<usize, InterceptError> {
     diag::self_test().map_err(InterceptError::NoSockDiag)?;
     cgroup::own_netns_cookie()?;
     programs::verify_all()
+}
+
+/// How often the agent looks whether its cgroup was replaced.
+pub const CGROUP_FOLLOW_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Calls [`Intercept::follow_cgroup`] every `every` and logs what changed,
+/// until `stop` turns true (or its sender is dropped).
+pub fn spawn_cgroup_follow(
+    intercept: std::sync::Arc<Intercept>,
+    every: std::time::Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut last_error = None;
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(every) => {}
+                changed = stop.changed() => {
+                    if changed.is_err() || *stop.borrow() {
+                        break;
+                    }
+                    continue;
+                }
+            }
+            let cgroup = intercept.cgroup.display().to_string();
+            match intercept.follow_cgroup() {
+                CgroupChange::Unchanged => {}
+                CgroupChange::Gone => {
+                    last_error = None;
+                    tracing::warn!(
+                        %cgroup,
+                        "the intercepted cgroup was removed: nothing is intercepted until a cgroup is created at that path again"
+                    );
+                }
+                CgroupChange::Reattached => {
+                    last_error = None;
+                    tracing::info!(%cgroup, "the intercepted cgroup was created anew: interception attached to it");
+                }
+                CgroupChange::Failed(e) => {
+                    let text = e.to_string();
+                    if last_error.as_ref() != Some(&text) {
+                        tracing::error!(%cgroup, error = %text, "the intercepted cgroup was created anew, and attaching to it failed (retrying)");
+                        last_error = Some(text);
+                    }
+                }
+            }
+        }
+    })
+}
+
+/// The id of the cgroup at `dir` (its directory's inode number), if the
+/// directory exists.
+fn cgroup_id(dir: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(dir).ok().map(|m| m.ino())
 }
 
 /// `cgroup` can take the programs: a cgroup v2 directory.
@@ -153,7 +231,8 @@ impl Intercept {
         let targets = take_map(&mut ebpf, "PROVIDER_TARGETS", HashMap::try_from)?;
         let origins = take_map(&mut ebpf, "ORIGIN_BY_COOKIE", HashMap::try_from)?;
         let stats = take_map(&mut ebpf, "STATS", PerCpuArray::try_from)?;
-        programs::attach_all(&mut ebpf, &settings.cgroup)?;
+        let links = programs::attach_all(&mut ebpf, &settings.cgroup)?;
+        let cgroup_id = cgroup_id(&settings.cgroup);
         tracing::info!(
             cgroup = %settings.cgroup.display(),
             listen_v4 = %settings.listen_v4,
@@ -168,8 +247,39 @@ impl Intercept {
             }),
             origins: Mutex::new(origins),
             stats,
-            _ebpf: Mutex::new(ebpf),
+            ebpf: Mutex::new(ebpf),
+            attached: Mutex::new(Attached { cgroup_id, links }),
         })
+    }
+
+    /// Follows the cgroup directory the programs are attached to. The
+    /// kernel drops them with the cgroup when it is removed, and systemd
+    /// removes a service's cgroup each time the service stops (an ephemeral
+    /// runner's, after every job) and creates a new one at its start: when
+    /// the path names a new cgroup, the programs are attached to it. Cheap
+    /// (one `stat`): the agent calls it every few seconds.
+    pub fn follow_cgroup(&self) -> CgroupChange {
+        let now = cgroup_id(&self.cgroup);
+        let mut attached = lock(&self.attached);
+        if now == attached.cgroup_id {
+            return CgroupChange::Unchanged;
+        }
+        let mut ebpf = lock(&self.ebpf);
+        programs::detach(&mut ebpf, std::mem::take(&mut attached.links));
+        attached.cgroup_id = None;
+        if now.is_none() {
+            return CgroupChange::Gone;
+        }
+        match programs::attach_loaded(&mut ebpf, &self.cgroup) {
+            Ok(links) => {
+                // Its id again: the directory may have changed meanwhile,
+                // and the next call then attaches to the newest.
+                attached.cgroup_id = now;
+                attached.links = links;
+                CgroupChange::Reattached
+            }
+            Err(e) => CgroupChange::Failed(e),
+        }
     }
 
     /// Replaces the set of redirected provider addresses (diff: insert new,

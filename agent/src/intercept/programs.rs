@@ -7,7 +7,7 @@ use agent_common::{Config, config_flags};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, MapData},
-    programs::{CgroupAttachMode, CgroupSockAddr},
+    programs::{CgroupAttachMode, CgroupSockAddr, cgroup_sock_addr::CgroupSockAddrLinkId},
 };
 
 use super::InterceptError;
@@ -68,32 +68,72 @@ pub(crate) fn write_config(ebpf: &mut Ebpf, config: &Config) -> Result<(), Inter
         .map_err(|e| InterceptError::bpf("writing map CONFIG", &e))
 }
 
+/// The links of one attachment, to detach them again.
+pub(crate) type Links = Vec<(&'static str, CgroupSockAddrLinkId)>;
+
 /// Loads every program and attaches it to `cgroup`. The links live in
 /// `ebpf`; dropping it detaches them all.
-pub(crate) fn attach_all(ebpf: &mut Ebpf, cgroup: &Path) -> Result<(), InterceptError> {
+pub(crate) fn attach_all(ebpf: &mut Ebpf, cgroup: &Path) -> Result<Links, InterceptError> {
+    for name in PROGRAMS {
+        program(ebpf, name)?
+            .load()
+            .map_err(|e| InterceptError::bpf(format!("loading program {name}"), &e))?;
+    }
+    attach_loaded(ebpf, cgroup)
+}
+
+/// Attaches every (loaded) program to `cgroup`: at start, and again when
+/// the cgroup was removed and created anew.
+pub(crate) fn attach_loaded(ebpf: &mut Ebpf, cgroup: &Path) -> Result<Links, InterceptError> {
     let dir = File::open(cgroup).map_err(|source| InterceptError::Io {
         what: "cannot open the cgroup directory",
         path: cgroup.to_path_buf(),
         source,
     })?;
+    let mut links = Links::new();
     for name in PROGRAMS {
-        let program = ebpf
-            .program_mut(name)
-            .ok_or_else(|| missing(&format!("program {name}")))?;
-        let loading = || format!("loading program {name}");
-        let attaching = || format!("attaching program {name} to {}", cgroup.display());
         // Links are always "multi" in the kernel: CgroupAttachMode::Single
         // (flags 0) is what bpf_link_create accepts, and it does not stop
         // other agents from attaching to this or other cgroups.
-        let p: &mut CgroupSockAddr = program
-            .try_into()
-            .map_err(|e| InterceptError::bpf(loading(), &e))?;
-        p.load().map_err(|e| InterceptError::bpf(loading(), &e))?;
-        p.attach(&dir, CgroupAttachMode::Single)
-            .map_err(|e| InterceptError::bpf(attaching(), &e))?;
+        let attached = program(ebpf, name)?
+            .attach(&dir, CgroupAttachMode::Single)
+            .map_err(|e| {
+                InterceptError::bpf(
+                    format!("attaching program {name} to {}", cgroup.display()),
+                    &e,
+                )
+            });
+        match attached {
+            Ok(id) => links.push((name, id)),
+            Err(e) => {
+                // All or nothing: a half-attached set would redirect
+                // without restoring peer names.
+                detach(ebpf, links);
+                return Err(e);
+            }
+        }
         tracing::debug!(program = name, cgroup = %cgroup.display(), "attached");
     }
-    Ok(())
+    Ok(links)
+}
+
+/// Detaches `links` (those of a cgroup that is gone: the kernel dropped
+/// the programs with it, and this frees the links).
+pub(crate) fn detach(ebpf: &mut Ebpf, links: Links) {
+    for (name, id) in links {
+        if let Ok(p) = program(ebpf, name)
+            && let Err(e) = p.detach(id)
+        {
+            tracing::debug!(program = name, error = %e, "detaching an old link");
+        }
+    }
+}
+
+fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut CgroupSockAddr, InterceptError> {
+    ebpf.program_mut(name)
+        .ok_or_else(|| missing(&format!("program {name}")))?
+        .try_into()
+        .map_err(|e| InterceptError::bpf(format!("loading program {name}"), &e))
 }
 
 /// Loads the object and every program into the kernel, which verifies
