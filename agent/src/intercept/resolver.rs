@@ -2,7 +2,8 @@
 //!
 //! Owns: resolving the catalogue's hosts (A and AAAA, port 443) off the
 //! request path, bounded in time, and the periodic refresh that keeps
-//! `PROVIDER_TARGETS` current. Must never: redirect an address this host
+//! `PROVIDER_TARGETS` current, redirecting every address a lookup gave in
+//! the last hour (rotating DNS, see [`Remembered`]). Must never: redirect an address this host
 //! has no route to (see [`redirected_addresses`]), stall start-up on a broken DNS (a
 //! timeout per host, all hosts at once), drop addresses that resolved
 //! before because one refresh failed, or pile up blocked lookups: a
@@ -15,7 +16,7 @@ use std::{
     collections::{BTreeMap, BTreeSet, HashSet},
     net::{SocketAddr, ToSocketAddrs as _},
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use futures_util::{StreamExt as _, stream};
@@ -80,6 +81,52 @@ pub async fn resolve_targets(
         }
     }
     out
+}
+
+/// How long an address stays redirected after a lookup last returned it:
+/// an hour, and at least three refreshes.
+fn remember_for(refresh: Duration) -> Duration {
+    (refresh * 3).max(Duration::from_secs(3600))
+}
+
+/// Addresses that earlier lookups returned, by host, with when each was
+/// last seen. Providers behind rotating DNS (Google's front ends, AWS
+/// endpoints) answer each query with another subset of a pool: a job's
+/// lookup may return an address the agent's last lookup did not, and a
+/// job keeps using what it looked up for its TTL. Redirecting every
+/// address seen in the last hour covers far more of what jobs dial. An
+/// address no longer the provider's costs nothing if kept: a connection
+/// whose TLS names no provider host is passed through untouched.
+#[derive(Default)]
+struct Remembered {
+    seen: BTreeMap<String, BTreeMap<SocketAddr, Instant>>,
+}
+
+impl Remembered {
+    /// Notes `resolved` as seen `now`, forgets what was last seen more
+    /// than `keep` ago, and returns every host's addresses still
+    /// remembered (a superset of `resolved`).
+    fn merge(
+        &mut self,
+        resolved: &BTreeMap<String, Vec<SocketAddr>>,
+        now: Instant,
+        keep: Duration,
+    ) -> BTreeMap<String, Vec<SocketAddr>> {
+        for (host, addrs) in resolved {
+            let seen = self.seen.entry(host.clone()).or_default();
+            for a in addrs {
+                seen.insert(*a, now);
+            }
+        }
+        self.seen.retain(|_, seen| {
+            seen.retain(|_, at| now.saturating_duration_since(*at) <= keep);
+            !seen.is_empty()
+        });
+        self.seen
+            .iter()
+            .map(|(host, seen)| (host.clone(), seen.keys().copied().collect()))
+            .collect()
+    }
 }
 
 /// Every address of every host, as `Intercept::set_targets` wants them.
@@ -179,7 +226,9 @@ pub fn spawn_refresh(
     mut shutdown: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
-        let mut current = initial;
+        let mut remembered = Remembered::default();
+        let keep = remember_for(refresh);
+        let mut current = remembered.merge(&initial, Instant::now(), keep);
         apply(&intercept, &current);
         let refresh = refresh.max(Duration::from_secs(1));
         loop {
@@ -204,7 +253,7 @@ pub fn spawn_refresh(
                     continue;
                 }
             };
-            current = next;
+            current = remembered.merge(&next, Instant::now(), keep);
             apply(&intercept, &current);
         }
         tracing::debug!("resolver refresh stopped");
@@ -310,6 +359,40 @@ mod tests {
 
     fn sa(s: &str) -> SocketAddr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn addresses_are_remembered_for_a_while_after_a_lookup_last_gave_them() {
+        let mut r = Remembered::default();
+        let keep = remember_for(Duration::from_secs(300));
+        assert_eq!(keep, Duration::from_secs(3600));
+        assert_eq!(
+            remember_for(Duration::from_secs(7200)),
+            Duration::from_secs(21600)
+        );
+        let t0 = Instant::now();
+        let at = |mins: u64| t0 + Duration::from_secs(mins * 60);
+        let one = |host: &str, addrs: &[&str]| {
+            BTreeMap::from([(host.to_owned(), addrs.iter().map(|a| sa(a)).collect())])
+        };
+        let host = "generativelanguage.googleapis.com";
+        let got = r.merge(&one(host, &["192.0.2.1:443"]), at(0), keep);
+        assert_eq!(got[host], [sa("192.0.2.1:443")]);
+        // A rotating answer: both are redirected.
+        let got = r.merge(&one(host, &["192.0.2.2:443"]), at(5), keep);
+        assert_eq!(got[host], [sa("192.0.2.1:443"), sa("192.0.2.2:443")]);
+        // Another host's lookup does not refresh this one's addresses.
+        let got = r.merge(&one("api.openai.com", &["192.0.2.9:443"]), at(50), keep);
+        assert_eq!(got[host].len(), 2);
+        assert_eq!(got["api.openai.com"], [sa("192.0.2.9:443")]);
+        // An hour after it was last seen, the first goes; the second,
+        // seen again, stays.
+        let got = r.merge(&one(host, &["192.0.2.2:443"]), at(61), keep);
+        assert_eq!(got[host], [sa("192.0.2.2:443")]);
+        // A host unseen for longer than that is forgotten whole.
+        let got = r.merge(&BTreeMap::new(), at(111), keep);
+        assert!(!got.contains_key("api.openai.com"), "{got:?}");
+        assert_eq!(got[host], [sa("192.0.2.2:443")]);
     }
 
     #[test]
