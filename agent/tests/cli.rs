@@ -645,6 +645,31 @@ exec timeout -s KILL 60 unshare --pid --fork --kill-child --mount-proc "$3" --co
 }
 
 #[test]
+#[ignore = "needs root (runs tollgate in a network namespace of its own)"]
+fn check_says_when_the_loopback_interface_is_down() {
+    // A fresh network namespace: `lo` is down, so the kernel check's own
+    // loopback connection fails, which is not the socket diagnostics' fault.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = check_config(dir.path());
+    let o = Command::new("unshare")
+        .arg("-n")
+        .arg(env!("CARGO_BIN_EXE_tollgate"))
+        .arg("--config")
+        .arg(&cfg)
+        .arg("check")
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .env_remove("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")
+        .output()
+        .expect("unshare (util-linux) runs");
+    let out = text(&o);
+    let line = check_line(&out, "kernel");
+    assert!(line.starts_with("FAIL"), "{out}");
+    assert!(line.contains("ip link set lo up"), "{out}");
+    assert!(!line.contains("tcp_diag"), "{out}");
+    assert_eq!(o.status.code(), Some(69), "{out}");
+}
+
+#[test]
 fn check_judges_the_audit_log_path_without_creating_it() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = check_config(dir.path());

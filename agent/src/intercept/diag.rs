@@ -195,18 +195,25 @@ pub(crate) fn socket_cookie(local: SocketAddr, remote: SocketAddr) -> io::Result
 /// Checks, before any program is attached, that the kernel answers: a
 /// loopback connection of our own must be found, with its own cookie.
 /// Without this every redirected connection would be refused.
-pub(crate) fn self_test() -> io::Result<()> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    let server = listener.local_addr()?;
-    let client = std::net::TcpStream::connect(server)?;
-    let local = client.local_addr()?;
-    let (_accepted, _) = listener.accept()?;
-    match socket_cookie(local, server)? {
+/// A loopback connection that cannot be made (`lo` down in a fresh network
+/// namespace) is its own error: the diagnostics were never asked.
+pub(crate) fn self_test() -> Result<(), super::InterceptError> {
+    use super::InterceptError::{NoLoopback, NoSockDiag};
+    let loopback = || -> io::Result<_> {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let server = listener.local_addr()?;
+        let client = std::net::TcpStream::connect(server)?;
+        let local = client.local_addr()?;
+        let accepted = listener.accept()?;
+        Ok((server, local, client, accepted))
+    };
+    let (server, local, _client, _accepted) = loopback().map_err(NoLoopback)?;
+    match socket_cookie(local, server).map_err(NoSockDiag)? {
         Some(_) => Ok(()),
-        None => Err(io::Error::new(
+        None => Err(NoSockDiag(io::Error::new(
             io::ErrorKind::NotFound,
             "a live loopback connection was not found",
-        )),
+        ))),
     }
 }
 

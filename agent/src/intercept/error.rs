@@ -84,6 +84,14 @@ pub enum InterceptError {
     )]
     NoSockDiag(#[source] io::Error),
 
+    /// The self-test's own loopback connection could not be made.
+    #[error(
+        "cannot make a TCP connection on 127.0.0.1 ({0}): the agent's listener and the jobs' \
+         redirected connections need the loopback interface; is `lo` up in this network \
+         namespace (`ip link set lo up`)?"
+    )]
+    NoLoopback(#[source] io::Error),
+
     /// A file the agent must read could not be read.
     #[error("{what} ({path}): {source}")]
     Io {
@@ -107,6 +115,7 @@ impl InterceptError {
             | InterceptError::Unsupported { .. }
             | InterceptError::NetnsCookie(_)
             | InterceptError::NoSockDiag(_)
+            | InterceptError::NoLoopback(_)
             | InterceptError::Io { .. } => exit::UNAVAILABLE,
             InterceptError::NoObject | InterceptError::Bpf { .. } => exit::SOFTWARE,
         }

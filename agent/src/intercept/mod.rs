@@ -142,7 +142,7 @@ pub fn verify_kernel() -> Result<usize, InterceptError> {
     if !Path::new("/sys/kernel/btf/vmlinux").exists() {
         return Err(InterceptError::NoBtf);
     }
-    diag::self_test().map_err(InterceptError::NoSockDiag)?;
+    diag::self_test()?;
     cgroup::own_netns_cookie()?;
     programs::verify_all()
 }
@@ -217,7 +217,7 @@ impl Intercept {
             return Err(InterceptError::NoBtf);
         }
         cgroup::check_cgroup_dir(&settings.cgroup)?;
-        diag::self_test().map_err(InterceptError::NoSockDiag)?;
+        diag::self_test()?;
         let netns_cookie = cgroup::own_netns_cookie()?;
         let config = programs::config(
             settings.listen_v4,
