@@ -69,7 +69,8 @@ pub struct ReportArgs {
     #[arg(long)]
     pub markdown: bool,
     /// Only requests since a time: a duration back from now (`90m`, `24h`,
-    /// `7d`) or a date/time (`2026-11-01`, `2026-11-01T12:00:00Z`).
+    /// `7d`), a date (`2026-11-01`, midnight UTC) or an RFC 3339 time
+    /// (`2026-11-01T12:00:00Z`).
     #[arg(long, value_name = "WHEN", value_parser = parse_since)]
     pub since: Option<i64>,
     /// Only this repository (`owner/name`).
@@ -246,15 +247,19 @@ fn check_state_dir(cfg: &Config) -> Result<(), CmdError> {
     Ok(())
 }
 
+/// Loads (or makes) the CA, logging what changed as `run` does.
 fn load_ca(cfg: &Config) -> Result<LocalCa, CmdError> {
-    Ok(load_ca_status(cfg)?.0)
+    let (ca, status) = load_ca_status(cfg)?;
+    crate::app::log_ca_status(&status);
+    Ok(ca)
 }
 
+/// Loads (or makes) the CA; the caller says what changed (`trust install`
+/// does, in its own words: the log's "run `tollgate trust install` again"
+/// would be wrong there).
 fn load_ca_status(cfg: &Config) -> Result<(LocalCa, crate::ca::CaStatus), CmdError> {
     let hosts: Vec<String> = provider_hosts(cfg).into_iter().map(|h| h.host).collect();
-    let (ca, status) = LocalCa::load_or_create(&cfg.state_dir, &hosts)?;
-    crate::app::log_ca_status(&status);
-    Ok((ca, status))
+    Ok(LocalCa::load_or_create(&cfg.state_dir, &hosts)?)
 }
 
 /// `tollgate check`: prints one line per check; an error when any failed.

@@ -311,6 +311,8 @@ fn trust_rotate_replaces_the_ca_and_installs_the_new_one() {
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("replaced the local CA"), "{}", text(&o));
     assert!(text(&o).contains("restart the agent"), "{}", text(&o));
+    // Not the agent's advice to run the command that is running.
+    assert!(!text(&o).contains("trust install` "), "{}", text(&o));
     let before = {
         let now = std::fs::read_to_string(ca.join("ca.crt")).unwrap();
         assert_ne!(now, before, "a new root for the new host");
