@@ -329,6 +329,45 @@ fn rows_past_the_retention_are_deleted_in_pieces_and_newer_ones_kept() {
 }
 
 #[test]
+fn a_running_writer_deletes_rows_past_the_retention_again_later() {
+    // The periodic prune, not only the one at start: a row that is past
+    // the retention when it is written (a clock put right, a backfill) goes
+    // at the next round.
+    let t = tempfile::tempdir().expect("tempdir");
+    let path = t.path().join("ledger.sqlite");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as i64;
+    let day = 86_400_000i64;
+    let at = |i: u64, ms: i64| {
+        let mut r = sample(i);
+        r.started_at_ms = ms;
+        r
+    };
+    let (w, h) = LedgerWriter::start_pruning_every(
+        &path,
+        64,
+        1024,
+        Some(Duration::from_secs(30 * 86_400)),
+        Duration::from_millis(100),
+    )
+    .expect("start");
+    h.submit(at(1, now));
+    h.submit(at(2, now - 40 * day));
+    wait_for("both rows written", || h.stats().written == 2);
+    wait_for("the next round's prune", || starts_in(&path) == [now]);
+    h.submit(at(3, now - 31 * day));
+    h.submit(at(4, now - 29 * day));
+    wait_for("written", || h.stats().written == 4);
+    wait_for("another round", || starts_in(&path).len() == 2);
+    w.shutdown(Duration::from_secs(60)).expect("shutdown");
+    let mut kept = starts_in(&path);
+    kept.sort_unstable();
+    assert_eq!(kept, [now - 29 * day, now]);
+}
+
+#[test]
 fn committed_rows_survive_a_crash() {
     let t = tempfile::tempdir().expect("tempdir");
     let path = t.path().join("ledger.sqlite");

@@ -83,6 +83,8 @@ struct Shared {
     /// Rows older than this are deleted (`ledger.retention_days`); `None`
     /// keeps every row.
     retention: Option<Duration>,
+    /// How often the rows past `retention` are looked for ([`PRUNE_EVERY`]).
+    prune_every: Duration,
     /// Tests: the writer panics at this pause between two inserts,
     /// counting from 1 (0: never).
     #[cfg(test)]
@@ -135,6 +137,18 @@ impl LedgerWriter {
         max_backlog: usize,
         retention: Option<Duration>,
     ) -> Result<(LedgerWriter, LedgerHandle), LedgerError> {
+        Self::start_pruning_every(path, queue, max_backlog, retention, PRUNE_EVERY)
+    }
+
+    /// [`LedgerWriter::start_with_retention`], looking for rows past the
+    /// retention every `prune_every` (tests).
+    pub(crate) fn start_pruning_every(
+        path: &std::path::Path,
+        queue: usize,
+        max_backlog: usize,
+        retention: Option<Duration>,
+        prune_every: Duration,
+    ) -> Result<(LedgerWriter, LedgerHandle), LedgerError> {
         let mut ledger = Some(Ledger::open(path)?);
         let (tx, rx) = mpsc::sync_channel::<Arc<UsageRecord>>(queue.max(1));
         let (done_tx, done) = mpsc::channel();
@@ -152,6 +166,7 @@ impl LedgerWriter {
             max_backlog: max_backlog.max(1) as u64,
             path: path.to_path_buf(),
             retention,
+            prune_every,
             #[cfg(test)]
             panic_at: AtomicUsize::new(0),
         });
@@ -364,7 +379,7 @@ fn run(
             && (prune_more || Instant::now() >= next_prune)
         {
             if !prune_more {
-                next_prune = Instant::now() + PRUNE_EVERY;
+                next_prune = Instant::now() + s.prune_every;
             }
             prune_more = match current(ledger, s) {
                 Ok(l) => prune_piece(l, keep, &mut pruned),
