@@ -221,7 +221,14 @@ fn try_connect(ctx: &SockAddrContext, v6: bool) -> Result<i32, i64> {
 
     // SAFETY (all raw field projections below): `sa` is the kernel's context.
     let protocol = rd(unsafe { addr_of!((*sa).protocol) });
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
     if protocol == IPPROTO_UDP {
+        // The agent's own UDP connects are glibc ranking the addresses of
+        // its lookups: they send nothing, and are not a job's QUIC.
+        if tgid == cfg.agent_tgid {
+            return Ok(ALLOW);
+        }
         count(stat::UDP_REFUSED);
         return Ok(REFUSE);
     }
@@ -230,8 +237,6 @@ fn try_connect(ctx: &SockAddrContext, v6: bool) -> Result<i32, i64> {
         return Ok(ALLOW);
     }
 
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let tgid = (pid_tgid >> 32) as u32;
     if tgid == cfg.agent_tgid {
         count(stat::AGENT_SELF);
         return Ok(ALLOW);

@@ -325,11 +325,11 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         IpAddr::V4(a) => a,
         IpAddr::V6(_) => Ipv4Addr::LOCALHOST,
     };
-    let intercept = Arc::new(Intercept::attach(&InterceptSettings {
-        cgroup: cgroup.clone(),
+    let intercept = Arc::new(Intercept::attach(&InterceptSettings::new(
+        cgroup.clone(),
         listen_v4,
-        listen_port: port,
-    })?);
+        port,
+    ))?);
     let _ = intercept_slot.set(Arc::downgrade(&intercept));
 
     let overrides = parse_overrides(&cfg);

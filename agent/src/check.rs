@@ -253,6 +253,18 @@ fn cgroup_only(cfg: &Config) -> Outcome {
             "cgroup",
             format!("jobs under {} are intercepted", path.display()),
         ),
+        Err(crate::intercept::InterceptError::CgroupMissing { .. })
+            if crate::intercept::cgroup_may_appear(&path) =>
+        {
+            outcome(
+                Level::Warn,
+                "cgroup",
+                format!(
+                    "{} does not exist yet: the agent starts without it and attaches when it is created (a service's cgroup, once the service starts)",
+                    path.display()
+                ),
+            )
+        }
         Err(e) => outcome(Level::Fail, "cgroup", e.to_string()),
     }
 }

@@ -672,6 +672,25 @@ fn check_says_when_the_loopback_interface_is_down() {
 }
 
 #[test]
+fn check_tells_a_cgroup_still_to_come_from_a_wrong_path() {
+    // A service's cgroup before the service starts: `run` waits for it.
+    let root = tollgate::intercept::cgroup2_root().expect("a cgroup v2 mount (tollgate needs one)");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = check_config(dir.path());
+    let base = std::fs::read_to_string(&cfg).unwrap();
+    let with = |cgroup: &std::path::Path| {
+        std::fs::write(&cfg, format!("{base}[intercept]\ncgroup = {cgroup:?}\n")).unwrap();
+        let (lines, out, _) = check(&cfg);
+        (level_of(&lines, "cgroup").to_string(), out)
+    };
+    let (level, out) = with(&root.join(format!("tollgate-test-later-{}", std::process::id())));
+    assert_eq!(level, "warn", "{out}");
+    assert!(out.contains("attaches when it is created"), "{out}");
+    let (level, out) = with(std::path::Path::new("/nonexistent/tollgate-test"));
+    assert_eq!(level, "FAIL", "{out}");
+}
+
+#[test]
 fn check_judges_the_audit_log_path_without_creating_it() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = check_config(dir.path());

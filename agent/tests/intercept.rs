@@ -90,6 +90,20 @@ impl ChildCgroup {
     fn procs(&self) -> PathBuf {
         self.path.join("cgroup.procs")
     }
+
+    /// Removes the (empty) directory, as systemd does when a service stops;
+    /// `rmdir` may fail briefly just after the last process was reaped.
+    fn remove_now(&self) {
+        for _ in 0..50 {
+            match fs::remove_dir(&self.path) {
+                Ok(()) => return,
+                Err(e) if e.kind() == ErrorKind::NotFound => return,
+                Err(_) => thread::sleep(Duration::from_millis(20)),
+            }
+        }
+        fs::remove_dir(&self.path)
+            .unwrap_or_else(|e| panic!("cannot remove {}: {e}", self.path.display()));
+    }
 }
 
 impl Drop for ChildCgroup {
@@ -224,11 +238,11 @@ fn read_hello(stream: &mut TcpStream) {
 }
 
 fn attach(cg: &ChildCgroup, agent: &Agent, targets: &[SocketAddr]) -> Intercept {
-    let intercept = Intercept::attach(&InterceptSettings {
-        cgroup: cg.path.clone(),
-        listen_v4: Ipv4Addr::LOCALHOST,
-        listen_port: agent.port,
-    })
+    let intercept = Intercept::attach(&InterceptSettings::new(
+        cg.path.clone(),
+        Ipv4Addr::LOCALHOST,
+        agent.port,
+    ))
     .unwrap_or_else(|e| panic!("{NEEDS}: attach failed: {e}"));
     let set: BTreeSet<SocketAddr> = targets.iter().copied().collect();
     intercept.set_targets(&set).expect("set_targets");
@@ -522,7 +536,7 @@ fn a_cgroup_removed_and_created_again_is_intercepted_again() {
     assert!(matches!(intercept.follow_cgroup(), CgroupChange::Unchanged));
 
     let old_id = cg.id();
-    fs::remove_dir(&cg.path).expect("remove the (empty) cgroup");
+    cg.remove_now();
     assert!(matches!(intercept.follow_cgroup(), CgroupChange::Gone));
     assert!(matches!(intercept.follow_cgroup(), CgroupChange::Unchanged));
     fs::create_dir(&cg.path).expect("create the cgroup again");
@@ -542,4 +556,108 @@ fn a_cgroup_removed_and_created_again_is_intercepted_again() {
     }
     redirected("the agent listener (new cgroup)");
     assert!(matches!(intercept.follow_cgroup(), CgroupChange::Unchanged));
+}
+
+/// A service's cgroup that does not exist when the agent starts (the
+/// runner has not started yet): attaching waits for it.
+#[test]
+#[ignore = "needs root, cgroup v2 and BPF"]
+fn a_cgroup_that_does_not_exist_yet_is_attached_once_created() {
+    use tollgate::intercept::CgroupChange;
+    let cg = ChildCgroup::create("not-yet");
+    cg.remove_now();
+    let agent = Agent::bind();
+    let provider = TcpListener::bind("127.0.0.77:0").expect("bind 127.0.0.77");
+    let provider_addr = provider.local_addr().unwrap();
+    let port = provider_addr.port();
+    let intercept = attach(&cg, &agent, &[provider_addr]);
+    assert!(matches!(intercept.follow_cgroup(), CgroupChange::Unchanged));
+    fs::create_dir(&cg.path).expect("create the cgroup");
+    match intercept.follow_cgroup() {
+        CgroupChange::Reattached => {}
+        other => panic!("expected the programs on the new cgroup: {other:?}"),
+    }
+    let child = spawn_client(&cg, "4", "127.0.0.77", port, "tcp");
+    let (mut s, _) = accept(&agent.v4, "the agent listener");
+    read_hello(&mut s);
+    drop(s);
+    assert_eq!(finish(child), format!("peer 127.0.0.77 {port}"));
+    assert_nothing_pending(&provider, "the provider listener");
+
+    // A path whose parent is no cgroup cannot become one: refused.
+    let err = Intercept::attach(&InterceptSettings::new(
+        PathBuf::from("/nonexistent/tollgate-test"),
+        Ipv4Addr::LOCALHOST,
+        agent.port,
+    ))
+    .expect_err("a path that cannot become a cgroup");
+    assert!(
+        err.to_string().contains("/nonexistent/tollgate-test"),
+        "{err}"
+    );
+}
+
+/// The agent's own connects are left alone, UDP included: glibc ranks the
+/// addresses of the agent's lookups with UDP connects (nothing is sent),
+/// which are not a job's QUIC and are not counted as refused.
+#[test]
+#[ignore = "needs root, cgroup v2 and BPF"]
+fn the_agents_own_connects_pass_udp_included() {
+    let cg = ChildCgroup::create("self");
+    let agent = Agent::bind();
+    let provider = TcpListener::bind("127.0.0.77:0").expect("bind 127.0.0.77");
+    let provider_addr = provider.local_addr().unwrap();
+    let port = provider_addr.port();
+    // "The agent": a process in the cgroup that waits for a line, then
+    // connects over UDP and TCP.
+    let script = r#"
+import socket, sys
+sys.stdin.readline()
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+try:
+    u.connect(("127.0.0.77", int(sys.argv[1])))
+    print("udp-connected", flush=True)
+except OSError as e:
+    print("udp", e.errno, flush=True)
+t = socket.create_connection(("127.0.0.77", int(sys.argv[1])), timeout=30)
+print("peer", *t.getpeername(), flush=True)
+t.sendall(b"hello")
+t.recv(1)
+"#;
+    let mut me = Command::new("sh")
+        .arg("-c")
+        .arg(r#"echo $$ > "$1" && exec "$2" -c "$3" "$4""#)
+        .arg("sh")
+        .arg(cg.procs())
+        .arg(python())
+        .arg(script)
+        .arg(port.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn sh");
+    let intercept = Intercept::attach(&InterceptSettings {
+        agent_pid: me.id(),
+        ..InterceptSettings::new(cg.path.clone(), Ipv4Addr::LOCALHOST, agent.port)
+    })
+    .unwrap_or_else(|e| panic!("{NEEDS}: attach failed: {e}"));
+    intercept
+        .set_targets(&BTreeSet::from([provider_addr]))
+        .expect("set_targets");
+    let before = intercept.stats();
+    me.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    let (mut s, _) = accept(&provider, "the provider (the agent's own connect)");
+    read_hello(&mut s);
+    drop(s);
+    assert_eq!(
+        finish(me),
+        format!("udp-connected\npeer 127.0.0.77 {port}"),
+        "the agent's UDP connect and TCP connect go where they were sent"
+    );
+    assert_nothing_pending(&agent.v4, "the agent listener");
+    let after = intercept.stats();
+    assert_eq!(after.udp_refused, before.udp_refused, "{after:?}");
+    assert_eq!(after.agent_self - before.agent_self, 1, "{after:?}");
+    assert_eq!(after.redirected, before.redirected, "{after:?}");
 }

@@ -58,6 +58,23 @@ impl TestCgroup {
     }
 }
 
+impl TestCgroup {
+    /// Removes the (empty) cgroup directory, as systemd does when a service
+    /// stops; `rmdir` may fail briefly (EBUSY) just after its last process
+    /// was reaped, so it is tried again for up to a second.
+    pub fn remove_now(&self) {
+        for _ in 0..50 {
+            match std::fs::remove_dir(&self.path) {
+                Ok(()) => return,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+        std::fs::remove_dir(&self.path)
+            .unwrap_or_else(|e| panic!("cannot remove {}: {e}", self.path.display()));
+    }
+}
+
 impl Drop for TestCgroup {
     fn drop(&mut self) {
         for _ in 0..50 {

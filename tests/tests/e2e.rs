@@ -844,7 +844,7 @@ c.chat.completions.create(model="gpt-4o-mini", max_tokens=3, messages=[{"role": 
 "#;
     ok(&w.client(&[]).python(call), "python, first cgroup");
     w.agent.wait_for_records(1);
-    std::fs::remove_dir(w.cg.path()).expect("remove the (empty) cgroup");
+    w.cg.remove_now();
     assert!(
         w.agent
             .wait_for_log("the intercepted cgroup was removed: nothing is intercepted"),

@@ -95,6 +95,12 @@ fn unescape_mount_path(field: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Whether a missing `path` may still become a cgroup: its parent is a
+/// cgroup v2 directory (a service's cgroup before the service starts).
+pub(crate) fn may_appear(path: &Path) -> bool {
+    path.parent().is_some_and(|p| check_cgroup_dir(p).is_ok())
+}
+
 /// Checks that `path` exists and is a directory of a cgroup v2 file system.
 pub(crate) fn check_cgroup_dir(path: &Path) -> Result<(), InterceptError> {
     let stat = match nix::sys::statfs::statfs(path) {

@@ -43,6 +43,21 @@ pub struct InterceptSettings {
     pub listen_v4: Ipv4Addr,
     /// Port of the agent's listeners (the same on 127.0.0.1 and ::1).
     pub listen_port: u16,
+    /// The process whose connects are left alone (the agent's own, to the
+    /// providers): `std::process::id()` (see [`InterceptSettings::new`]).
+    pub agent_pid: u32,
+}
+
+impl InterceptSettings {
+    /// Settings for this process as the agent.
+    pub fn new(cgroup: PathBuf, listen_v4: Ipv4Addr, listen_port: u16) -> Self {
+        InterceptSettings {
+            cgroup,
+            listen_v4,
+            listen_port,
+            agent_pid: std::process::id(),
+        }
+    }
 }
 
 /// Who dialed a redirected connection, and where to.
@@ -195,16 +210,26 @@ pub fn spawn_cgroup_follow(
     })
 }
 
-/// The id of the cgroup at `dir` (its directory's inode number), if the
-/// directory exists.
-fn cgroup_id(dir: &Path) -> Option<u64> {
+/// The id of the cgroup at `dir` (its directory's inode number); `None`
+/// if there is no such directory.
+fn cgroup_id(dir: &Path) -> std::io::Result<Option<u64>> {
     use std::os::unix::fs::MetadataExt as _;
-    std::fs::metadata(dir).ok().map(|m| m.ino())
+    match std::fs::metadata(dir) {
+        Ok(m) => Ok(Some(m.ino())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 /// `cgroup` can take the programs: a cgroup v2 directory.
 pub fn check_cgroup(cgroup: &Path) -> Result<(), InterceptError> {
     cgroup::check_cgroup_dir(cgroup)
+}
+
+/// A missing `cgroup` that `run` waits for: its parent is a cgroup v2
+/// directory.
+pub fn cgroup_may_appear(cgroup: &Path) -> bool {
+    cgroup::may_appear(cgroup)
 }
 
 impl Intercept {
@@ -216,13 +241,22 @@ impl Intercept {
         if !Path::new("/sys/kernel/btf/vmlinux").exists() {
             return Err(InterceptError::NoBtf);
         }
-        cgroup::check_cgroup_dir(&settings.cgroup)?;
+        let not_yet = match cgroup::check_cgroup_dir(&settings.cgroup) {
+            Ok(()) => false,
+            Err(e @ InterceptError::CgroupMissing { .. }) => {
+                if !cgroup::may_appear(&settings.cgroup) {
+                    return Err(e);
+                }
+                true
+            }
+            Err(e) => return Err(e),
+        };
         diag::self_test()?;
         let netns_cookie = cgroup::own_netns_cookie()?;
         let config = programs::config(
             settings.listen_v4,
             settings.listen_port,
-            std::process::id(),
+            settings.agent_pid,
             netns_cookie,
         );
 
@@ -231,8 +265,17 @@ impl Intercept {
         let targets = take_map(&mut ebpf, "PROVIDER_TARGETS", HashMap::try_from)?;
         let origins = take_map(&mut ebpf, "ORIGIN_BY_COOKIE", HashMap::try_from)?;
         let stats = take_map(&mut ebpf, "STATS", PerCpuArray::try_from)?;
-        let links = programs::attach_all(&mut ebpf, &settings.cgroup)?;
-        let cgroup_id = cgroup_id(&settings.cgroup);
+        programs::load_all(&mut ebpf)?;
+        let (links, cgroup_id) = if not_yet {
+            tracing::warn!(
+                cgroup = %settings.cgroup.display(),
+                "the cgroup to intercept does not exist yet (a service that has not started?): the programs are attached when it is created"
+            );
+            (programs::Links::new(), None)
+        } else {
+            let (links, id) = programs::attach_loaded(&mut ebpf, &settings.cgroup)?;
+            (links, Some(id))
+        };
         tracing::info!(
             cgroup = %settings.cgroup.display(),
             listen_v4 = %settings.listen_v4,
@@ -259,7 +302,14 @@ impl Intercept {
     /// the path names a new cgroup, the programs are attached to it. Cheap
     /// (one `stat`): the agent calls it every few seconds.
     pub fn follow_cgroup(&self) -> CgroupChange {
-        let now = cgroup_id(&self.cgroup);
+        let now = match cgroup_id(&self.cgroup) {
+            Ok(id) => id,
+            Err(e) => {
+                // Not an answer (EACCES, ENOMEM): nothing is changed.
+                tracing::debug!(error = %e, "cannot look at the intercepted cgroup");
+                return CgroupChange::Unchanged;
+            }
+        };
         let mut attached = lock(&self.attached);
         if now == attached.cgroup_id {
             return CgroupChange::Unchanged;
@@ -271,10 +321,10 @@ impl Intercept {
             return CgroupChange::Gone;
         }
         match programs::attach_loaded(&mut ebpf, &self.cgroup) {
-            Ok(links) => {
-                // Its id again: the directory may have changed meanwhile,
-                // and the next call then attaches to the newest.
-                attached.cgroup_id = now;
+            Ok((links, id)) => {
+                // The id of the directory attached to: if the path changed
+                // again meanwhile, the next call attaches to the newest.
+                attached.cgroup_id = Some(id);
                 attached.links = links;
                 CgroupChange::Reattached
             }

@@ -71,25 +71,36 @@ pub(crate) fn write_config(ebpf: &mut Ebpf, config: &Config) -> Result<(), Inter
 /// The links of one attachment, to detach them again.
 pub(crate) type Links = Vec<(&'static str, CgroupSockAddrLinkId)>;
 
-/// Loads every program and attaches it to `cgroup`. The links live in
-/// `ebpf`; dropping it detaches them all.
-pub(crate) fn attach_all(ebpf: &mut Ebpf, cgroup: &Path) -> Result<Links, InterceptError> {
+/// Loads every program into the kernel (which verifies it), attaching
+/// nothing yet.
+pub(crate) fn load_all(ebpf: &mut Ebpf) -> Result<(), InterceptError> {
     for name in PROGRAMS {
         program(ebpf, name)?
             .load()
             .map_err(|e| InterceptError::bpf(format!("loading program {name}"), &e))?;
     }
-    attach_loaded(ebpf, cgroup)
+    Ok(())
 }
 
 /// Attaches every (loaded) program to `cgroup`: at start, and again when
-/// the cgroup was removed and created anew.
-pub(crate) fn attach_loaded(ebpf: &mut Ebpf, cgroup: &Path) -> Result<Links, InterceptError> {
-    let dir = File::open(cgroup).map_err(|source| InterceptError::Io {
-        what: "cannot open the cgroup directory",
+/// the cgroup was removed and created anew. Returns the links and the id
+/// of the cgroup they are on (read from the directory opened to attach,
+/// so it is that cgroup's even if the path changes meanwhile).
+pub(crate) fn attach_loaded(
+    ebpf: &mut Ebpf,
+    cgroup: &Path,
+) -> Result<(Links, u64), InterceptError> {
+    use std::os::unix::fs::MetadataExt as _;
+    let io = |what, source| InterceptError::Io {
+        what,
         path: cgroup.to_path_buf(),
         source,
-    })?;
+    };
+    let dir = File::open(cgroup).map_err(|e| io("cannot open the cgroup directory", e))?;
+    let id = dir
+        .metadata()
+        .map_err(|e| io("cannot inspect the cgroup directory", e))?
+        .ino();
     let mut links = Links::new();
     for name in PROGRAMS {
         // Links are always "multi" in the kernel: CgroupAttachMode::Single
@@ -114,7 +125,7 @@ pub(crate) fn attach_loaded(ebpf: &mut Ebpf, cgroup: &Path) -> Result<Links, Int
         }
         tracing::debug!(program = name, cgroup = %cgroup.display(), "attached");
     }
-    Ok(links)
+    Ok((links, id))
 }
 
 /// Detaches `links` (those of a cgroup that is gone: the kernel dropped
@@ -141,16 +152,7 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut CgroupSockAddr,
 /// Returns how many programs loaded.
 pub(crate) fn verify_all() -> Result<usize, InterceptError> {
     let mut ebpf = load_object()?;
-    for name in PROGRAMS {
-        let program = ebpf
-            .program_mut(name)
-            .ok_or_else(|| missing(&format!("program {name}")))?;
-        let loading = || format!("loading program {name}");
-        let p: &mut CgroupSockAddr = program
-            .try_into()
-            .map_err(|e| InterceptError::bpf(loading(), &e))?;
-        p.load().map_err(|e| InterceptError::bpf(loading(), &e))?;
-    }
+    load_all(&mut ebpf)?;
     Ok(PROGRAMS.len())
 }
 

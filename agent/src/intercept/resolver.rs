@@ -100,19 +100,29 @@ fn remember_for(refresh: Duration) -> Duration {
 #[derive(Default)]
 struct Remembered {
     seen: BTreeMap<String, BTreeMap<SocketAddr, Instant>>,
+    /// The last answers, which the next lookups fall back on (a host whose
+    /// lookup fails keeps its last good answer while it fails). Not the
+    /// remembered addresses: a failing host would keep all of them for ever.
+    answers: BTreeMap<String, Vec<SocketAddr>>,
 }
 
 impl Remembered {
+    /// The last answers: `previous` for [`resolve_targets`].
+    fn answers(&self) -> &BTreeMap<String, Vec<SocketAddr>> {
+        &self.answers
+    }
+
     /// Notes `resolved` as seen `now`, forgets what was last seen more
     /// than `keep` ago, and returns every host's addresses still
     /// remembered (a superset of `resolved`).
     fn merge(
         &mut self,
-        resolved: &BTreeMap<String, Vec<SocketAddr>>,
+        resolved: BTreeMap<String, Vec<SocketAddr>>,
         now: Instant,
         keep: Duration,
     ) -> BTreeMap<String, Vec<SocketAddr>> {
-        for (host, addrs) in resolved {
+        self.answers = resolved;
+        for (host, addrs) in &self.answers {
             let seen = self.seen.entry(host.clone()).or_default();
             for a in addrs {
                 seen.insert(*a, now);
@@ -137,8 +147,9 @@ pub fn all_addresses(resolved: &BTreeMap<String, Vec<SocketAddr>>) -> BTreeSet<S
 /// The addresses to redirect: every address of every host that this host
 /// has a route to (see [`has_route`]). A provider's IPv6 addresses on a
 /// runner without IPv6 egress are left out: a job's connect to one then
-/// fails at once, as it would without the agent, and the client goes on to
-/// the next address. Redirected, the connect would succeed (to the local
+/// fails at once, and a client that tries a name's next address goes on to
+/// it (one that tries only the first fails, as IPv6 may rank first; see
+/// below). Redirected, the connect would succeed (to the local
 /// listener), the client would not fall back, and the agent's own connect
 /// upstream would fail: a 502 for every request. It matters more than it
 /// seems, since the kernel refuses the UDP connects with which glibc ranks
@@ -228,8 +239,7 @@ pub fn spawn_refresh(
     tokio::spawn(async move {
         let mut remembered = Remembered::default();
         let keep = remember_for(refresh);
-        let mut current = remembered.merge(&initial, Instant::now(), keep);
-        apply(&intercept, &current);
+        apply(&intercept, &remembered.merge(initial, Instant::now(), keep));
         let refresh = refresh.max(Duration::from_secs(1));
         loop {
             if *shutdown.borrow_and_update() {
@@ -245,7 +255,7 @@ pub fn spawn_refresh(
                 }
             }
             let next = tokio::select! {
-                next = resolve_targets(&hosts, &overrides, &current) => next,
+                next = resolve_targets(&hosts, &overrides, remembered.answers()) => next,
                 changed = shutdown.changed() => {
                     if changed.is_err() || *shutdown.borrow() {
                         break;
@@ -253,8 +263,7 @@ pub fn spawn_refresh(
                     continue;
                 }
             };
-            current = remembered.merge(&next, Instant::now(), keep);
-            apply(&intercept, &current);
+            apply(&intercept, &remembered.merge(next, Instant::now(), keep));
         }
         tracing::debug!("resolver refresh stopped");
     })
@@ -376,23 +385,51 @@ mod tests {
             BTreeMap::from([(host.to_owned(), addrs.iter().map(|a| sa(a)).collect())])
         };
         let host = "generativelanguage.googleapis.com";
-        let got = r.merge(&one(host, &["192.0.2.1:443"]), at(0), keep);
+        let got = r.merge(one(host, &["192.0.2.1:443"]), at(0), keep);
         assert_eq!(got[host], [sa("192.0.2.1:443")]);
         // A rotating answer: both are redirected.
-        let got = r.merge(&one(host, &["192.0.2.2:443"]), at(5), keep);
+        let got = r.merge(one(host, &["192.0.2.2:443"]), at(5), keep);
         assert_eq!(got[host], [sa("192.0.2.1:443"), sa("192.0.2.2:443")]);
         // Another host's lookup does not refresh this one's addresses.
-        let got = r.merge(&one("api.openai.com", &["192.0.2.9:443"]), at(50), keep);
+        let got = r.merge(one("api.openai.com", &["192.0.2.9:443"]), at(50), keep);
         assert_eq!(got[host].len(), 2);
         assert_eq!(got["api.openai.com"], [sa("192.0.2.9:443")]);
         // An hour after it was last seen, the first goes; the second,
         // seen again, stays.
-        let got = r.merge(&one(host, &["192.0.2.2:443"]), at(61), keep);
+        let got = r.merge(one(host, &["192.0.2.2:443"]), at(61), keep);
         assert_eq!(got[host], [sa("192.0.2.2:443")]);
         // A host unseen for longer than that is forgotten whole.
-        let got = r.merge(&BTreeMap::new(), at(111), keep);
+        let got = r.merge(BTreeMap::new(), at(111), keep);
         assert!(!got.contains_key("api.openai.com"), "{got:?}");
         assert_eq!(got[host], [sa("192.0.2.2:443")]);
+    }
+
+    #[tokio::test]
+    async fn a_host_whose_lookups_fail_keeps_its_last_answer_not_everything_remembered() {
+        // `.invalid` never resolves (RFC 6761).
+        let host = "gone.invalid".to_owned();
+        let keep = Duration::from_secs(3600);
+        let t0 = Instant::now();
+        let at = |mins: u64| t0 + Duration::from_secs(mins * 60);
+        let mut r = Remembered::default();
+        r.merge(
+            BTreeMap::from([(host.clone(), vec![sa("192.0.2.1:443")])]),
+            at(0),
+            keep,
+        );
+        r.merge(
+            BTreeMap::from([(host.clone(), vec![sa("192.0.2.2:443")])]),
+            at(5),
+            keep,
+        );
+        assert_eq!(r.answers()[&host], [sa("192.0.2.2:443")]);
+        // Now its lookups fail: the last answer is kept, and the address
+        // seen before it expires on time.
+        let next =
+            resolve_targets(std::slice::from_ref(&host), &BTreeMap::new(), r.answers()).await;
+        assert_eq!(next[&host], [sa("192.0.2.2:443")]);
+        let got = r.merge(next, at(70), keep);
+        assert_eq!(got[&host], [sa("192.0.2.2:443")]);
     }
 
     #[test]

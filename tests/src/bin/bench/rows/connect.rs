@@ -57,12 +57,9 @@ impl Row for Connect {
         let secs = if env.quick { 12 } else { 40 };
         // Nothing else attached to the clients cgroup meanwhile.
         env.stop_agent();
-        let settings = InterceptSettings {
-            cgroup: env.clients.path().to_path_buf(),
-            listen_v4: Ipv4Addr::LOCALHOST,
-            // Only provider connects would go there; the client makes none.
-            listen_port: 9,
-        };
+        // Only provider connects would go to port 9; the client makes none.
+        let settings =
+            InterceptSettings::new(env.clients.path().to_path_buf(), Ipv4Addr::LOCALHOST, 9);
         let targets = BTreeSet::from([env.provider]);
         let spec = json!({"secs": secs, "batch": BATCH});
         let mut client = env.spawn_client(self.id(), &spec)?;
