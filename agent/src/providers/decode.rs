@@ -15,6 +15,9 @@ use super::{ParsedUsage, UsageParser};
 /// Decoded bytes handed to a parser at most.
 pub const MAX_DECODED: usize = 256 << 20;
 
+/// The largest zstd window read: 8 MiB, as RFC 9659 sets for HTTP.
+const ZSTD_WINDOW_LOG_MAX: u32 = 23;
+
 /// The decoder's output: fed to the parser as it is written, until the
 /// bound.
 struct Feed {
@@ -88,7 +91,7 @@ pub fn decoding(encoding: Option<&str>, inner: Box<dyn UsageParser>) -> Box<dyn 
     let dec = match enc.as_str() {
         "" | "identity" => return inner,
         // HTTP "deflate" is zlib; some servers send raw deflate. The first
-        // byte tells (a zlib header has CM = 8 in its low nibble).
+        // two bytes tell (see `is_zlib_header`).
         "deflate" => {
             return Box::new(Decoding {
                 dec: None,
@@ -101,8 +104,14 @@ pub fn decoding(encoding: Option<&str>, inner: Box<dyn UsageParser>) -> Box<dyn 
             Feed::new(inner),
             4096,
         ))),
+        // A frame may ask for a window of up to 2 GiB, which the decoder
+        // then holds for the whole response: HTTP's zstd allows 8 MiB
+        // (RFC 9659), and a frame asking more is not read.
         "zstd" => match zstd::stream::write::Decoder::new(Feed::new(inner)) {
-            Ok(d) => Decoder::Zstd(d),
+            Ok(mut d) => match d.window_log_max(ZSTD_WINDOW_LOG_MAX) {
+                Ok(()) => Decoder::Zstd(d),
+                Err(_) => return Box::new(Nothing),
+            },
             Err(_) => return Box::new(Nothing),
         },
         _ => return Box::new(Nothing),
@@ -112,6 +121,19 @@ pub fn decoding(encoding: Option<&str>, inner: Box<dyn UsageParser>) -> Box<dyn 
         pending_deflate: None,
         failed: false,
     })
+}
+
+/// A zlib header (RFC 1950): CM = 8 in the first byte's low nibble, a
+/// window of at most 32 KiB, and the first two bytes, read as a big-endian
+/// number, a multiple of 31. A raw deflate stream rarely passes all three
+/// (one of its first byte's low nibble 8 alone is common). With a single
+/// byte in hand, the first two tests decide.
+fn is_zlib_header(b: &[u8]) -> bool {
+    let cm_cinfo = b[0] & 0x0f == 8 && b[0] >> 4 <= 7;
+    match b.get(1) {
+        Some(flg) => cm_cinfo && (u16::from(b[0]) << 8 | u16::from(*flg)) % 31 == 0,
+        None => cm_cinfo,
+    }
 }
 
 struct Nothing;
@@ -138,7 +160,7 @@ impl UsageParser for Decoding {
         }
         if let Some(inner) = self.pending_deflate.take() {
             let out = Feed::new(inner);
-            self.dec = Some(if chunk[0] & 0x0f == 8 {
+            self.dec = Some(if is_zlib_header(chunk) {
                 Decoder::Deflate(flate2::write::ZlibDecoder::new(out))
             } else {
                 Decoder::RawDeflate(flate2::write::DeflateDecoder::new(out))
@@ -305,6 +327,44 @@ mod tests {
         assert_eq!(parse("zstd", b"garbage", 1).usage, None);
         assert_eq!(parse("br", b"\xff\xff\xff", 1).usage, None);
         assert_eq!(parse("compress", CHAT_SSE, 10).usage, None);
+    }
+
+    #[test]
+    fn a_zstd_frame_asking_for_a_window_over_8_mib_is_not_read() {
+        use std::io::Write;
+        let frame = |window_log: u32| {
+            let mut e = zstd::stream::write::Encoder::new(Vec::new(), 3).unwrap();
+            e.include_contentsize(false).unwrap();
+            e.window_log(window_log).unwrap();
+            e.write_all(CHAT_SSE).unwrap();
+            e.finish().unwrap()
+        };
+        let want = parse("identity", CHAT_SSE, 7);
+        assert!(want.usage.is_some());
+        assert_eq!(parse("zstd", &frame(23), 5).usage, want.usage);
+        assert_eq!(parse("zstd", &frame(27), 5).usage, None);
+    }
+
+    #[test]
+    fn raw_deflate_whose_first_byte_looks_like_zlib_is_read_as_raw() {
+        // A non-final stored block whose padding bit 3 is set: first byte
+        // 0x08, as a zlib header's (CM = 8, a 256-byte window). Encoders
+        // leave padding zero; decoders ignore it. Then a final empty block.
+        let mut data = CHAT_SSE.to_vec();
+        while (0x0800 + usize::from(data.len() as u8)) % 31 == 0 {
+            data.push(b'\n');
+        }
+        let len = u16::try_from(data.len()).expect("one stored block");
+        let mut raw = vec![0x08];
+        raw.extend_from_slice(&len.to_le_bytes());
+        raw.extend_from_slice(&(!len).to_le_bytes());
+        raw.extend_from_slice(&data);
+        raw.extend_from_slice(&[0x01, 0x00, 0x00, 0xff, 0xff]);
+        assert!(!is_zlib_header(&raw));
+        let want = parse("identity", &data, 7);
+        assert!(want.usage.is_some());
+        assert_eq!(parse("deflate", &raw, 5).usage, want.usage);
+        assert!(is_zlib_header(&encode("deflate", CHAT_SSE)));
     }
 
     #[test]
