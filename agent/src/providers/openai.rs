@@ -277,34 +277,36 @@ pub struct UsageChunkFilter {
 /// injected usage, which it ignores or reads as an extra chunk.
 pub const MAX_HELD_EVENT: usize = 4 << 20;
 
-/// End of the first complete SSE event in `b` (after its blank line),
-/// searching from `from` (a blank line can start up to 3 bytes before it).
-fn event_end(b: &[u8], from: usize) -> Option<usize> {
-    let mut i = from.saturating_sub(3);
+/// End of the first complete SSE event in `b` (after its blank line), or,
+/// when there is none yet, the start of its last line (where to resume once
+/// more bytes came). `from` must be the start of a line that is not the
+/// event's first: a resume point this returned. A line ends with CRLF, LF
+/// or CR, as the SSE standard has it; a CR at the very end waits for the
+/// next byte, which may be its LF.
+fn event_end(b: &[u8], from: usize) -> Result<usize, usize> {
+    let mut line_start = from;
+    let mut i = from;
     while i < b.len() {
-        match b[i] {
-            b'\n' => {
-                if b.get(i + 1) == Some(&b'\n') {
-                    return Some(i + 2);
-                }
-                if b.get(i + 1) == Some(&b'\r') && b.get(i + 2) == Some(&b'\n') {
-                    return Some(i + 3);
-                }
+        let term = match b[i] {
+            b'\n' => 1,
+            b'\r' => match b.get(i + 1) {
+                Some(b'\n') => 2,
+                Some(_) => 1,
+                None => return Err(line_start),
+            },
+            _ => {
+                i += 1;
+                continue;
             }
-            b'\r' => {
-                if b.get(i + 1) == Some(&b'\n') {
-                    if b.get(i + 2) == Some(&b'\r') && b.get(i + 3) == Some(&b'\n') {
-                        return Some(i + 4);
-                    }
-                } else if b.get(i + 1) == Some(&b'\r') {
-                    return Some(i + 2);
-                }
-            }
-            _ => {}
+        };
+        let blank = i == line_start;
+        i += term;
+        if blank {
+            return Ok(i);
         }
-        i += 1;
+        line_start = i;
     }
-    None
+    Err(line_start)
 }
 
 /// Rewrites one complete event; `None` drops it.
@@ -320,6 +322,10 @@ fn rewrite_event(ev: &[u8]) -> Option<std::borrow::Cow<'_, [u8]>> {
         .find(['\r', '\n'])
         .map(|e| start + e)
         .unwrap_or(text.len());
+    if text[line_end..].contains("data:") {
+        // Data on several lines: not a chunk the agent's request added.
+        return Some(Cow::Borrowed(ev));
+    }
     let data = text[start + 5..line_end].trim_start();
     // (A key may be written with escapes: `"us\u0061ge"` is `usage` too.)
     if !data.contains("\"usage\"") && !data.contains("\\u") {
@@ -453,15 +459,22 @@ impl super::BodyFilter for UsageChunkFilter {
         self.held.extend_from_slice(chunk);
         let mut pos = 0;
         let mut from = self.scanned;
-        while let Some(end) = event_end(&self.held[pos..], from) {
-            if let Some(ev) = rewrite_event(&self.held[pos..pos + end]) {
-                out.extend_from_slice(&ev);
+        loop {
+            match event_end(&self.held[pos..], from) {
+                Ok(end) => {
+                    if let Some(ev) = rewrite_event(&self.held[pos..pos + end]) {
+                        out.extend_from_slice(&ev);
+                    }
+                    pos += end;
+                    from = 0;
+                }
+                Err(resume) => {
+                    self.held.drain(..pos);
+                    self.scanned = resume;
+                    break;
+                }
             }
-            pos += end;
-            from = 0;
         }
-        self.held.drain(..pos);
-        self.scanned = self.held.len();
         if self.held.len() > MAX_HELD_EVENT {
             tracing::debug!(
                 held = self.held.len(),
@@ -944,6 +957,34 @@ mod tests {
             let every_byte: Vec<usize> = (1..input.len()).collect();
             assert_eq!(filtered(input.as_bytes(), &every_byte), whole, "{eol:?}");
         }
+    }
+
+    #[test]
+    fn mixed_line_endings_end_events_where_sse_says() {
+        // A line ends with CRLF, LF or CR, each line as it likes: "\n\r"
+        // followed by the next event's first byte is a line end and a
+        // blank line (the usage event alone is removed, `[DONE]` kept).
+        let usage = r#"{"id":"c","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}"#;
+        let chunk = r#"{"id":"c","choices":[{"delta":{"content":"hi"}}],"usage":null}"#;
+        for line in ["\n", "\r\n", "\r"] {
+            for blank in ["\n", "\r\n", "\r"] {
+                if line == "\r" && blank == "\n" {
+                    // "\r\n" is one line end, not two: a different stream.
+                    continue;
+                }
+                let ev = |d: &str| format!("data: {d}{line}{blank}");
+                let input = [ev(chunk), ev(usage), ev("[DONE]")].concat();
+                let want = [ev(chunk).replace(",\"usage\":null", ""), ev("[DONE]")].concat();
+                let every_byte: Vec<usize> = (1..input.len()).collect();
+                for splits in [&[][..], &every_byte[..]] {
+                    let got = String::from_utf8(filtered(input.as_bytes(), splits)).unwrap();
+                    assert_eq!(got, want, "{line:?} {blank:?}");
+                }
+            }
+        }
+        // Data on two lines is left alone, whole.
+        let two = format!("data: {usage}\ndata: more\n\ndata: [DONE]\n\n");
+        assert_eq!(filtered(two.as_bytes(), &[]), two.as_bytes());
     }
 
     #[test]

@@ -20,7 +20,12 @@ pub struct SseReader {
     limit: usize,
     /// Events dropped because they exceeded the bound.
     pub oversized: u64,
+    /// The current line is over the bound: its bytes are not kept.
     skipping: bool,
+    /// The current event was dropped (a line or its data over the bound):
+    /// its other lines are ignored up to the blank line that ends it, so
+    /// no part of it is taken for the whole.
+    dropped: bool,
 }
 
 impl Default for SseReader {
@@ -40,6 +45,7 @@ impl SseReader {
             limit,
             oversized: 0,
             skipping: false,
+            dropped: false,
         }
     }
 
@@ -98,15 +104,19 @@ impl SseReader {
     fn end_line(&mut self, on_event: &mut dyn FnMut(Event)) {
         if self.skipping {
             self.skipping = false;
-            self.oversized += 1;
-            self.data.clear();
-            self.has_data = false;
-            self.event = None;
+            self.drop_event();
             return;
         }
         let line = std::mem::take(&mut self.line);
         if line.is_empty() {
-            self.dispatch(on_event);
+            if self.dropped {
+                self.dropped = false;
+            } else {
+                self.dispatch(on_event);
+            }
+            return;
+        }
+        if self.dropped {
             return;
         }
         if line[0] == b':' {
@@ -122,10 +132,7 @@ impl SseReader {
         match field {
             b"data" => {
                 if self.data.len() + value.len() + 1 > self.limit {
-                    self.skipping = false;
-                    self.oversized += 1;
-                    self.data.clear();
-                    self.has_data = false;
+                    self.drop_event();
                     return;
                 }
                 if self.has_data {
@@ -139,17 +146,36 @@ impl SseReader {
         }
     }
 
+    /// Drops the current event, counted, and ignores the rest of it.
+    fn drop_event(&mut self) {
+        if !self.dropped {
+            self.oversized += 1;
+        }
+        self.dropped = true;
+        self.clear_event();
+    }
+
+    fn clear_event(&mut self) {
+        self.event = None;
+        self.has_data = false;
+        // A large event's buffer is not kept for the rest of the stream.
+        if self.data.capacity() > 1 << 20 {
+            self.data = Vec::new();
+        } else {
+            self.data.clear();
+        }
+    }
+
     fn dispatch(&mut self, on_event: &mut dyn FnMut(Event)) {
-        if self.has_data {
+        if self.has_data && !self.dropped {
             let data = String::from_utf8_lossy(&self.data).into_owned();
             on_event(Event {
                 event: self.event.take(),
                 data,
             });
         }
-        self.event = None;
-        self.data.clear();
-        self.has_data = false;
+        self.dropped = false;
+        self.clear_event();
     }
 }
 
@@ -195,6 +221,48 @@ mod tests {
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].data, "ok");
         assert_eq!(r.oversized, 1);
+    }
+
+    #[test]
+    fn no_part_of_a_dropped_event_is_taken_for_the_whole() {
+        // An over-long line, then more lines of the same event: none of it
+        // is dispatched, at the blank line nor at the end of the stream;
+        // the next event is.
+        for input in [
+            &b"data: 0123456789012345678901234\ndata: tail\n\ndata: ok\n\n"[..],
+            &b"data: 0123456\ndata: 0123456789\ndata: tail\n\ndata: ok\n\n"[..],
+        ] {
+            let mut r = SseReader::new(16);
+            let mut out = Vec::new();
+            for b in input.chunks(3) {
+                r.feed(b, &mut |e| out.push(e));
+            }
+            r.finish(&mut |e| out.push(e));
+            assert_eq!(out.len(), 1, "{out:?}");
+            assert_eq!(out[0].data, "ok");
+            assert_eq!(r.oversized, 1);
+        }
+        let mut r = SseReader::new(16);
+        let mut out = Vec::new();
+        r.feed(
+            b"data: ok\n\ndata: 0123456789012345678901234\ndata: tail",
+            &mut |e| out.push(e),
+        );
+        r.finish(&mut |e| out.push(e));
+        assert_eq!(
+            out.iter().map(|e| e.data.as_str()).collect::<Vec<_>>(),
+            ["ok"]
+        );
+    }
+
+    #[test]
+    fn a_large_event_buffer_is_not_kept() {
+        let mut r = SseReader::new(4 << 20);
+        let big = format!("data: {}\n\n", "x".repeat(3 << 20));
+        let mut n = 0;
+        r.feed(big.as_bytes(), &mut |_| n += 1);
+        assert_eq!(n, 1);
+        assert!(r.data.capacity() <= 1 << 20, "{}", r.data.capacity());
     }
 
     proptest! {
