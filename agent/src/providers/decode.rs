@@ -141,9 +141,17 @@ struct Nothing;
 impl UsageParser for Nothing {
     fn feed(&mut self, _: &[u8]) {}
     fn finish(&mut self) -> ParsedUsage {
-        ParsedUsage::default()
+        ParsedUsage {
+            error: Some(UNDECODABLE.to_string()),
+            ..ParsedUsage::default()
+        }
     }
 }
+
+/// The record's `error` when the body could not be decoded (an encoding
+/// the agent does not read, or a corrupt, cut or over-long compressed
+/// body) and no usage was read from what did decode.
+pub const UNDECODABLE: &str = "content_decoding_failed";
 
 struct Decoding {
     dec: Option<Decoder>,
@@ -181,11 +189,15 @@ impl UsageParser for Decoding {
         {
             let _ = d.writer().flush();
         }
-        match (self.dec.as_mut(), self.pending_deflate.as_mut()) {
+        let mut parsed = match (self.dec.as_mut(), self.pending_deflate.as_mut()) {
             (Some(d), _) => d.out().inner.finish(),
             (None, Some(inner)) => inner.finish(),
             (None, None) => ParsedUsage::default(),
+        };
+        if self.failed && parsed.usage.is_none() && parsed.error.is_none() {
+            parsed.error = Some(UNDECODABLE.to_string());
         }
+        parsed
     }
 
     fn usage_seen(&self) -> bool {
@@ -323,10 +335,26 @@ mod tests {
 
     #[test]
     fn corrupt_or_unknown_encodings_give_no_usage_and_no_panic() {
-        assert_eq!(parse("gzip", b"\x1f\x8bnot gzip at all", 4).usage, None);
-        assert_eq!(parse("zstd", b"garbage", 1).usage, None);
-        assert_eq!(parse("br", b"\xff\xff\xff", 1).usage, None);
-        assert_eq!(parse("compress", CHAT_SSE, 10).usage, None);
+        for (enc, body) in [
+            ("gzip", &b"\x1f\x8bnot gzip at all"[..]),
+            ("zstd", b"garbage"),
+            ("br", b"\xff\xff\xff"),
+            ("compress", CHAT_SSE),
+        ] {
+            let p = parse(enc, body, 4);
+            assert_eq!(p.usage, None, "{enc}");
+            assert_eq!(
+                p.error.as_deref(),
+                Some(UNDECODABLE),
+                "{enc}: the record says why"
+            );
+        }
+        // A usage read before the damage stands, without the error.
+        let mut body = encode("gzip", CHAT_SSE);
+        body.extend_from_slice(b"\x00garbage");
+        let p = parse("gzip", &body, 5);
+        assert!(p.usage.is_some());
+        assert_eq!(p.error, None);
     }
 
     #[test]
