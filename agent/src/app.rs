@@ -335,6 +335,8 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     let overrides = parse_overrides(&cfg);
     let initial = resolver::resolve_targets(&host_names, &overrides, &BTreeMap::new()).await;
     let targets = resolver::redirected_addresses(&initial);
+    let known = upstream.known_addresses();
+    resolver::publish(&known, &initial, &targets);
     intercept.set_targets(&targets)?;
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     // The resolver stops first, on its own signal (see the shutdown below).
@@ -346,6 +348,7 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     );
     let refresh = resolver::spawn_refresh(
         intercept.clone(),
+        known,
         host_names.clone(),
         overrides,
         Duration::from_secs(cfg.resolver.refresh_secs),

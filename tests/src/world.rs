@@ -34,6 +34,12 @@ pub const VERTEX_HOST: &str = "us-central1-aiplatform.googleapis.com";
 /// refuses `stream_options` on every `*.mistral.ai` host, as Mistral does).
 pub const CODESTRAL_HOST: &str = "codestral.mistral.ai";
 
+/// A loopback address where nothing listens: connects to it are refused.
+/// Every world's agent has it as one of api.openai.com's addresses.
+pub fn refusing_ip() -> IpAddr {
+    IpAddr::V4(crate::provider_ip(250))
+}
+
 /// Hosts that resolve to the fake but are not provider hosts.
 pub const OTHER_HOSTS: &[&str] = &["example.test"];
 
@@ -116,9 +122,17 @@ impl World {
         let fake = FakeProvider::start_alpn(SocketAddr::new(ip, 443), &pki, &names, alpn);
         let agent = Agent::start(AgentOptions {
             cgroup: cg.path().to_path_buf(),
+            // api.openai.com also has an address where nothing listens:
+            // the agent falls back from it (see `World::client_dialing`).
             overrides: PROVIDER_HOSTS
                 .iter()
-                .map(|h| (h.to_string(), vec![ip.to_string()]))
+                .map(|h| {
+                    let mut addrs = vec![ip.to_string()];
+                    if *h == "api.openai.com" {
+                        addrs.push(refusing_ip().to_string());
+                    }
+                    (h.to_string(), addrs)
+                })
                 .collect(),
             extra_ca: Some(pki.ca_path()),
             // Last: an array-of-tables header ends whatever table came before.
@@ -144,6 +158,12 @@ impl World {
         let mut env = self.agent.trust_env();
         env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         Client::new(&self.cg, &self.hosts(), env)
+    }
+
+    /// A client in the cgroup, trusting the agent's CA, whose /etc/hosts
+    /// names only `hosts`.
+    pub fn client_dialing(&self, hosts: &[(&'static str, IpAddr)]) -> Client {
+        Client::new(&self.cg, hosts, self.agent.trust_env())
     }
 
     /// Every host name the fake answers for, at its address.

@@ -834,6 +834,29 @@ c.chat.completions.create(model="gpt-4o-mini", max_tokens=3, messages=[{"role": 
 
 #[test]
 #[ignore = "needs root, cgroup v2 and BPF"]
+fn a_provider_address_that_refuses_gives_way_to_another_the_agent_resolved() {
+    // The job dials an address of api.openai.com where nothing listens.
+    // Without the agent its connect would be refused and it would try the
+    // name's next address; redirected, its connect succeeded, so the agent
+    // tries the host's other addresses itself.
+    let w = World::start("refusing", 42);
+    let client = w.client_dialing(&[("api.openai.com", tollgate_e2e::world::refusing_ip())]);
+    ok(
+        &client.python(
+            r#"
+import openai
+c = openai.OpenAI(api_key="sk-test", max_retries=0)
+r = c.chat.completions.create(model="gpt-4o-mini", max_tokens=3, messages=[{"role": "user", "content": "next"}])
+assert r.usage.completion_tokens == 3, r.usage
+"#,
+        ),
+        "python openai via a refusing address",
+    );
+    w.assert_ledger_matches_provider(1);
+}
+
+#[test]
+#[ignore = "needs root, cgroup v2 and BPF"]
 fn a_cgroup_removed_and_created_again_is_followed_by_the_agent() {
     // What systemd does to a runner service's cgroup at each restart.
     let w = World::start("recreated", 41);

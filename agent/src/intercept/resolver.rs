@@ -24,6 +24,12 @@ use tokio::{sync::watch, task::JoinHandle};
 
 use super::Intercept;
 
+/// Provider host → the addresses the agent resolved for it and redirects,
+/// kept current by the refresh: where the proxy connects when the address
+/// a client dialed does not take the connection.
+pub type KnownAddresses =
+    Arc<std::sync::RwLock<std::collections::HashMap<String, Vec<SocketAddr>>>>;
+
 /// Port the provider APIs are dialed on.
 const HTTPS_PORT: u16 = 443;
 /// Longest wait for one host's answer. The system resolver can take
@@ -175,6 +181,23 @@ pub fn redirected_addresses(resolved: &BTreeMap<String, Vec<SocketAddr>>) -> BTr
     kept
 }
 
+/// Puts each host's redirected addresses (those of `resolved` in
+/// `redirected`) in `known`.
+pub fn publish(
+    known: &KnownAddresses,
+    resolved: &BTreeMap<String, Vec<SocketAddr>>,
+    redirected: &BTreeSet<SocketAddr>,
+) {
+    let by_host = resolved
+        .iter()
+        .map(|(host, addrs)| {
+            let kept = addrs.iter().filter(|a| redirected.contains(a)).copied();
+            (host.clone(), kept.collect())
+        })
+        .collect();
+    *known.write().unwrap_or_else(|p| p.into_inner()) = by_host;
+}
+
 /// Splits `all` into the addresses `route` says are reachable and the rest.
 fn split_by_route(
     all: BTreeSet<SocketAddr>,
@@ -230,6 +253,7 @@ pub(crate) fn has_route(addr: &SocketAddr) -> bool {
 /// true (or its sender is dropped).
 pub fn spawn_refresh(
     intercept: Arc<Intercept>,
+    known: KnownAddresses,
     hosts: Vec<String>,
     overrides: BTreeMap<String, Vec<SocketAddr>>,
     refresh: Duration,
@@ -239,7 +263,11 @@ pub fn spawn_refresh(
     tokio::spawn(async move {
         let mut remembered = Remembered::default();
         let keep = remember_for(refresh);
-        apply(&intercept, &remembered.merge(initial, Instant::now(), keep));
+        apply(
+            &intercept,
+            &known,
+            &remembered.merge(initial, Instant::now(), keep),
+        );
         let refresh = refresh.max(Duration::from_secs(1));
         loop {
             if *shutdown.borrow_and_update() {
@@ -263,14 +291,23 @@ pub fn spawn_refresh(
                     continue;
                 }
             };
-            apply(&intercept, &remembered.merge(next, Instant::now(), keep));
+            apply(
+                &intercept,
+                &known,
+                &remembered.merge(next, Instant::now(), keep),
+            );
         }
         tracing::debug!("resolver refresh stopped");
     })
 }
 
-fn apply(intercept: &Intercept, resolved: &BTreeMap<String, Vec<SocketAddr>>) {
+fn apply(
+    intercept: &Intercept,
+    known: &KnownAddresses,
+    resolved: &BTreeMap<String, Vec<SocketAddr>>,
+) {
     let all = redirected_addresses(resolved);
+    publish(known, resolved, &all);
     if let Err(e) = intercept.set_targets(&all) {
         tracing::warn!(error = %e, addresses = all.len(), "could not update the provider address map");
     }

@@ -3,8 +3,10 @@
 //! HTTP/1.1 and HTTP/2 connections per (dialed address, host name, the
 //! client's protocol).
 //!
-//! Must never: connect anywhere but the address the client dialed, or
-//! accept a certificate that does not verify for the client's SNI.
+//! Must never: connect anywhere but the address the client dialed (or,
+//! when that one does not take the connection, another address the agent
+//! itself resolved for the same provider host), or accept a certificate
+//! that does not verify for the client's SNI.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -148,7 +150,15 @@ pub struct Upstream {
     /// Offers http/1.1 only.
     connector_h1: TlsConnector,
     pool: Mutex<Pool>,
+    /// The addresses the agent resolved for each provider host: where a
+    /// connection goes when the address the client dialed refuses it.
+    known: KnownAddresses,
 }
+
+pub use crate::intercept::resolver::KnownAddresses;
+
+/// Other addresses tried after the dialed one fails to connect.
+const MAX_OTHER_ADDRESSES: usize = 2;
 
 #[derive(Default)]
 struct Pool {
@@ -289,7 +299,30 @@ impl Upstream {
             connector_h2: TlsConnector::from(Arc::new(h2)),
             connector_h1: TlsConnector::from(Arc::new(h1)),
             pool: Mutex::new(Pool::default()),
+            known: KnownAddresses::default(),
         })
+    }
+
+    /// The map of each provider host's addresses, for the resolver to keep
+    /// current (see [`Upstream::connect_tls`]).
+    pub fn known_addresses(&self) -> KnownAddresses {
+        self.known.clone()
+    }
+
+    /// Where to connect for `key`: the dialed address first, then up to
+    /// [`MAX_OTHER_ADDRESSES`] others the agent resolved for the host, of
+    /// the same family first.
+    fn candidates(&self, key: &PoolKey) -> Vec<SocketAddr> {
+        let mut out = vec![key.addr];
+        let known = self.known.read().unwrap_or_else(|p| p.into_inner());
+        if let Some(addrs) = known.get(&key.host) {
+            let mut others: Vec<SocketAddr> =
+                addrs.iter().copied().filter(|a| *a != key.addr).collect();
+            // Stable: the same family first, in the resolver's order.
+            others.sort_by_key(|a| a.is_ipv4() != key.addr.is_ipv4());
+            out.extend(others.into_iter().take(MAX_OTHER_ADDRESSES));
+        }
+        out
     }
 
     /// Sends `req` to `host` at `addr`, reusing a pooled connection when one
@@ -519,14 +552,47 @@ impl Upstream {
     /// A TCP connection to `key.addr` and a TLS session for `key.host`
     /// over it (ALPN `h2` and `http/1.1` for an HTTP/2 key, else
     /// `http/1.1` alone).
+    ///
+    /// When the dialed address does not take the connection (refused,
+    /// unreachable, timed out), another address the agent resolved for the
+    /// same host is tried, as the client would have tried the next address
+    /// of the name without the agent (its own connect went to the agent and
+    /// succeeded). The certificate is verified for `key.host` whichever
+    /// address answers; an address of another host is never used.
     async fn connect_tls(
         &self,
         key: &PoolKey,
     ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, UpstreamError> {
-        let tcp = connect_tcp(key.addr).await?;
+        let mut first_error = None;
+        let mut connected = None;
+        for addr in self.candidates(key) {
+            match connect_tcp(addr).await {
+                Ok(tcp) => {
+                    if addr != key.addr {
+                        tracing::debug!(
+                            host = %key.host,
+                            dialed = %key.addr,
+                            %addr,
+                            "the dialed provider address did not connect; another of the host's did"
+                        );
+                    }
+                    connected = Some((tcp, addr));
+                    break;
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        let Some((tcp, addr)) = connected else {
+            return Err(first_error.unwrap_or_else(|| UpstreamError::Connect {
+                addr: key.addr,
+                message: "no address to connect to".into(),
+            }));
+        };
         let tls_err = |message: String| UpstreamError::Tls {
             host: key.host.clone(),
-            addr: key.addr,
+            addr,
             message,
         };
         let name = ServerName::try_from(key.host.clone())
@@ -700,11 +766,25 @@ mod tests {
     /// (a provider closing an idle keep-alive connection just as it is
     /// reused) gives the request back unsent: it goes out once, on a new
     /// connection, and the client gets the provider's answer, not a 502.
-    #[tokio::test]
-    async fn a_request_a_closing_pooled_connection_gave_back_goes_out_on_a_new_one() {
+    /// A TLS server for `host` (a leaf from the agent's own CA) that
+    /// echoes each request's body with a 200, counting requests.
+    struct EchoServer {
+        addr: SocketAddr,
+        served: Arc<AtomicUsize>,
+        ca: crate::ca::LocalCa,
+        _dir: tempfile::TempDir,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl Drop for EchoServer {
+        fn drop(&mut self) {
+            self.task.abort();
+        }
+    }
+
+    async fn echo_server(host: &str) -> EchoServer {
         use http_body_util::{BodyExt, Full};
         let dir = tempfile::tempdir().unwrap();
-        let host = "api.openai.com";
         let (ca, _) = crate::ca::LocalCa::load_or_create(dir.path(), &[host.to_string()])
             .expect("a CA for the test server");
         let server_config = ca.server_config(host).await.unwrap();
@@ -712,7 +792,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let served = Arc::new(AtomicUsize::new(0));
         let counted = served.clone();
-        let server = tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             let acceptor = tokio_rustls::TlsAcceptor::from(server_config);
             loop {
                 let Ok((sock, _)) = listener.accept().await else {
@@ -737,7 +817,85 @@ mod tests {
                 });
             }
         });
-        let up = Upstream::new(Some(ca.cert_path())).unwrap();
+        EchoServer {
+            addr,
+            served,
+            ca,
+            _dir: dir,
+            task,
+        }
+    }
+
+    fn post(host: &str, body: &'static [u8]) -> Request<ProxyBody> {
+        use http_body_util::{BodyExt, Full};
+        Request::builder()
+            .method("POST")
+            .uri(format!("https://{host}/v1/chat/completions"))
+            .body(
+                Full::new(bytes::Bytes::from_static(body))
+                    .map_err(|e| match e {})
+                    .boxed_unsync(),
+            )
+            .unwrap()
+    }
+
+    /// The dialed address refuses the connection: another address the
+    /// agent resolved for the same host takes it (as the client would have
+    /// tried it without the agent). Another host's addresses are not used.
+    #[tokio::test]
+    async fn a_dialed_address_that_refuses_gives_way_to_another_of_the_host() {
+        use http_body_util::BodyExt;
+        let host = "api.openai.com";
+        let server = echo_server(host).await;
+        let up = Upstream::new(Some(server.ca.cert_path())).unwrap();
+        let refused = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        // Without other addresses: the dialed one's error.
+        let err = up
+            .send(refused, host, host, post(host, b"{}"))
+            .await
+            .err()
+            .expect("nothing listens there");
+        assert_eq!(err.kind(), "upstream_connect", "{err}");
+        // Another host's address is not this host's.
+        up.known_addresses()
+            .write()
+            .unwrap()
+            .insert("api.anthropic.com".into(), vec![server.addr]);
+        let err = up
+            .send(refused, host, host, post(host, b"{}"))
+            .await
+            .err()
+            .expect("only the host's own addresses");
+        assert_eq!(err.kind(), "upstream_connect", "{err}");
+        // The host's other address answers.
+        up.known_addresses()
+            .write()
+            .unwrap()
+            .insert(host.into(), vec![refused, server.addr]);
+        let resp = up
+            .send(refused, host, host, post(host, b"{\"ok\":1}"))
+            .await
+            .expect("sent to the host's other address");
+        assert_eq!(resp.status(), 200);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"{\"ok\":1}");
+        assert_eq!(server.served.load(Ordering::SeqCst), 1);
+    }
+
+    /// A pooled HTTP/1.1 connection that closes between checkout and send
+    /// (a provider closing an idle keep-alive connection just as it is
+    /// reused) gives the request back unsent: it goes out once, on a new
+    /// connection, and the client gets the provider's answer, not a 502.
+    #[tokio::test]
+    async fn a_request_a_closing_pooled_connection_gave_back_goes_out_on_a_new_one() {
+        use http_body_util::BodyExt;
+        let host = "api.openai.com";
+        let server = echo_server(host).await;
+        let (addr, served) = (server.addr, server.served.clone());
+        let up = Upstream::new(Some(server.ca.cert_path())).unwrap();
 
         // A pooled connection whose task ends (as on the provider's FIN)
         // only once the request is queued on it: checkout sees it open and
@@ -769,24 +927,14 @@ mod tests {
         up.lock().checkin(key, Sender::H1(stale));
         close.send(()).unwrap();
 
-        let req = Request::builder()
-            .method("POST")
-            .uri(format!("https://{host}/v1/chat/completions"))
-            .body(
-                Full::new(bytes::Bytes::from_static(b"{\"model\":\"m\"}"))
-                    .map_err(|e| match e {})
-                    .boxed_unsync(),
-            )
-            .unwrap();
         let resp = up
-            .send(addr, host, host, req)
+            .send(addr, host, host, post(host, b"{\"model\":\"m\"}"))
             .await
             .expect("sent again on a new connection");
         assert_eq!(resp.status(), 200);
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(&body[..], b"{\"model\":\"m\"}", "the body went out whole");
         assert_eq!(served.load(Ordering::SeqCst), 1, "sent once");
-        server.abort();
     }
 
     /// A burst of HTTP/2 requests to a provider with no open connection
