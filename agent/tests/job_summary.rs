@@ -182,8 +182,10 @@ fn run_script(script: &str, args: &[&str], env: &[(&str, &str)]) -> Output {
         bin_dir.display(),
         std::env::var("PATH").unwrap_or_else(|_| "/usr/bin:/bin".into())
     );
+    // `-e`, as the GitHub runner runs hooks (and GitLab its scripts).
     let mut c = Command::new("bash");
-    c.arg(repo_root().join(script))
+    c.arg("-e")
+        .arg(repo_root().join(script))
         .args(args)
         .env_clear()
         .env("PATH", path)
@@ -349,7 +351,7 @@ fn github_hook_as_a_non_root_runner_user() {
         let bin = env!("CARGO_BIN_EXE_tollgate");
         let o = Command::new("setpriv")
             .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
-            .arg("bash")
+            .args(["bash", "-e"])
             .arg(repo_root().join(GITHUB_HOOK))
             .env_clear()
             .env("PATH", "/usr/bin:/bin")

@@ -46,6 +46,9 @@
 # on this runner share one summary.
 
 set -u
+# The runner runs hooks as `bash -e HOOK`: every failure here is handled,
+# and none may end the script early (it must exit 0).
+set +e +o pipefail
 
 log() { echo "tollgate job summary: $*" >&2; }
 

@@ -11,6 +11,9 @@
 # jobs. It never fails the job: every path exits 0.
 
 set -u
+# The runner runs hooks as `bash -e HOOK`: every failure here is handled,
+# and none may end the script early (it must exit 0).
+set +e +o pipefail
 
 if [ -n "${RUNNER_TEMP:-}" ] && [ -d "${RUNNER_TEMP}" ]; then
     date -u +%Y-%m-%dT%H:%M:%SZ >"$RUNNER_TEMP/tollgate-job-started" 2>/dev/null ||

@@ -38,6 +38,9 @@
 #                         (default 1)
 
 set -u
+# GitLab runs job scripts with `set -eo pipefail`: every failure here is handled,
+# and none may end the script early (it must exit 0).
+set +e +o pipefail
 
 log() { echo "tollgate spend summary: $*" >&2; }
 

@@ -66,8 +66,14 @@ const PY_REQUIREMENTS: &[&str] = &[
     "google-genai==3.6.1",
     "boto3==1.44.8",
 ];
-/// Versions of the Node SDKs, installed under target/e2e-node.
-const NODE_REQUIREMENTS: &[&str] = &["openai@7.59.0", "@anthropic-ai/sdk@1.14.0"];
+/// Versions of the Node SDKs, installed under target/e2e-node. openai 7
+/// declares Node 22 or later; these machines have Node 20, so the newest 6
+/// (which declares no bound) is what a job on them would run.
+const NODE_REQUIREMENTS: &[&str] = &["openai@6.49.0", "@anthropic-ai/sdk@1.14.0"];
+/// The oldest Node the Node SDKs above run on.
+const NODE_MIN_MAJOR: u32 = 20;
+/// What the SDK virtualenv must import (PY_REQUIREMENTS' modules).
+const PY_IMPORTS: &str = "import openai, anthropic, google.genai, boto3";
 /// Debian packages the tests use, by the command that proves them present.
 const APT: &[(&str, &str)] = &[
     // The linker, and the C parts of the build (bundled SQLite, aws-lc,
@@ -80,8 +86,11 @@ const APT: &[(&str, &str)] = &[
     ("sqlite3", "sqlite3"),
     // `tollgate top` is checked by reading its screen in tmux.
     ("tmux", "tmux"),
-    // The local CA is checked with the JDK's own certificate path validator.
-    ("java", "default-jdk-headless"),
+    // The local CA is checked with the JDK's own certificate path validator
+    // (`java File.java` compiles the source: a JDK, not a JRE alone).
+    ("javac", "default-jdk-headless"),
+    // The ledger's test of an immutable file (`chattr +i`).
+    ("chattr", "e2fsprogs"),
 ];
 const BPF_LINKER_VERSION: &str = "0.10.4";
 /// The benchmark's peers, one virtualenv each under target/bench-venv
@@ -291,7 +300,12 @@ fn setup_sdks() -> Result<()> {
     let venv = root().join("target/e2e-venv");
     let marker = venv.join(".tollgate-requirements");
     let want = PY_REQUIREMENTS.join("\n");
-    if std::fs::read_to_string(&marker).ok().as_deref() != Some(want.as_str()) {
+    // The marker says which pins were installed; the import says they
+    // still work (an interpreter the venv points at may have gone).
+    if std::fs::read_to_string(&marker).ok().as_deref() != Some(want.as_str())
+        || !quiet_ok(Command::new(venv.join("bin/python")).args(["-c", PY_IMPORTS]))
+    {
+        let _ = std::fs::remove_file(&marker);
         make_venv(&venv)?;
         run(Command::new(venv.join("bin/pip"))
             .args(["install", "--quiet", "--disable-pip-version-check"])
@@ -307,10 +321,28 @@ fn setup_sdks() -> Result<()> {
         apt_get(&["update"])?;
         apt_get(&["install", "-y", "nodejs", "npm"])?;
     }
+    let major = Command::new("node")
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| node_major(&String::from_utf8_lossy(&o.stdout)));
+    match major {
+        Some(m) if m >= NODE_MIN_MAJOR => {}
+        other => bail!(
+            "the Node SDKs ({}) need Node {NODE_MIN_MAJOR} or later; `node --version` says {}: install a newer Node.js",
+            NODE_REQUIREMENTS.join(", "),
+            other.map_or("nothing readable".to_string(), |m| format!("{m}"))
+        ),
+    }
     let node = root().join("target/e2e-node");
     let marker = node.join(".tollgate-requirements");
     let want = NODE_REQUIREMENTS.join("\n");
-    if std::fs::read_to_string(&marker).ok().as_deref() != Some(want.as_str()) {
+    if std::fs::read_to_string(&marker).ok().as_deref() != Some(want.as_str())
+        || !NODE_REQUIREMENTS
+            .iter()
+            .all(|r| node_package_installed(&node, r))
+    {
+        let _ = std::fs::remove_file(&marker);
         std::fs::create_dir_all(&node)?;
         if !node.join("package.json").exists() {
             std::fs::write(
@@ -327,6 +359,30 @@ fn setup_sdks() -> Result<()> {
     Ok(())
 }
 
+/// `v20.20.2` → 20.
+fn node_major(version: &str) -> Option<u32> {
+    version
+        .trim()
+        .strip_prefix('v')?
+        .split('.')
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Whether `name@version` is what `dir/node_modules/name/package.json`
+/// says is installed.
+fn node_package_installed(dir: &Path, requirement: &str) -> bool {
+    let Some((name, version)) = requirement.rsplit_once('@') else {
+        return false;
+    };
+    let manifest = dir.join("node_modules").join(name).join("package.json");
+    std::fs::read_to_string(manifest).is_ok_and(|text| {
+        text.contains(&format!("\"version\": \"{version}\""))
+            || text.contains(&format!("\"version\":\"{version}\""))
+    })
+}
+
 fn cargo() -> Command {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     c.current_dir(root());
@@ -334,6 +390,12 @@ fn cargo() -> Command {
 }
 
 fn test(no_lint: bool, args: &[String]) -> Result<()> {
+    if !is_root() && std::env::var_os("TOLLGATE_REQUIRE_KERNEL_TESTS").is_some() {
+        bail!(
+            "TOLLGATE_REQUIRE_KERNEL_TESTS is set (as .ci/run sets it) but this is not root: \
+             the kernel end-to-end tests would only be reported as ignored; run as root"
+        );
+    }
     setup()?;
     warn_if_disk_low();
     if !no_lint {
@@ -421,13 +483,15 @@ fn commit_seed(commit: &str) -> Option<u64> {
 }
 
 fn demo() -> Result<()> {
-    setup()?;
+    // Before any set-up: a user's run would install for nothing.
     if !is_root() {
         bail!(
             "the demo loads eBPF programs: run it as root (e.g. `sudo -E env PATH=\"$PATH\" cargo xtask demo`; \
-             target/ then holds root's files: keep building as root, or `chown -R $USER target` after)"
+             root then writes target/ and, with your HOME kept, ~/.cargo and ~/.rustup: keep building as root, \
+             or `chown -R $USER target ~/.cargo ~/.rustup` after)"
         );
     }
+    setup()?;
     run(cargo().args(["build", "-p", "tollgate", "-p", "tollgate-e2e", "--bins"]))?;
     run(Command::new(root().join("target/debug/tollgate-demo"))
         .env("TOLLGATE_BIN", root().join("target/debug/tollgate"))
@@ -572,7 +636,7 @@ fn main() -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::{available_gib, commit_seed, make_venv};
+    use super::{available_gib, commit_seed, make_venv, node_major, node_package_installed};
 
     #[test]
     fn the_seed_comes_from_the_commit_id() {
@@ -608,6 +672,32 @@ mod tests {
             make_venv(&dir).expect("kept");
             assert!(marker.exists());
         }
+    }
+
+    #[test]
+    fn node_versions_and_installed_packages_are_read() {
+        assert_eq!(node_major("v20.20.2\n"), Some(20));
+        assert_eq!(node_major("v18.20.4"), Some(18));
+        assert_eq!(node_major("20.1.0"), None);
+        assert_eq!(node_major(""), None);
+        let t = tempfile::tempdir().expect("tempdir");
+        let pkg = t.path().join("node_modules/@anthropic-ai/sdk");
+        std::fs::create_dir_all(&pkg).expect("dir");
+        assert!(!node_package_installed(
+            t.path(),
+            "@anthropic-ai/sdk@1.14.0"
+        ));
+        std::fs::write(
+            pkg.join("package.json"),
+            "{\n  \"name\": \"@anthropic-ai/sdk\",\n  \"version\": \"1.14.0\"\n}",
+        )
+        .expect("manifest");
+        assert!(node_package_installed(t.path(), "@anthropic-ai/sdk@1.14.0"));
+        assert!(!node_package_installed(
+            t.path(),
+            "@anthropic-ai/sdk@1.15.0"
+        ));
+        assert!(!node_package_installed(t.path(), "openai@6.49.0"));
     }
 
     #[test]
