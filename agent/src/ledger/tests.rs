@@ -251,20 +251,28 @@ fn writer_writes_ten_thousand_records() {
     );
 }
 
+const DAY_MS: i64 = 86_400_000;
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as i64
+}
+
+/// Sample `i`, started at `ms`.
+fn at(i: u64, ms: i64) -> UsageRecord {
+    let mut r = sample(i);
+    r.started_at_ms = ms;
+    r
+}
+
 #[test]
 fn rows_past_the_retention_are_deleted_in_pieces_and_newer_ones_kept() {
     let t = tempfile::tempdir().expect("tempdir");
     let path = t.path().join("ledger.sqlite");
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_millis() as i64;
-    let day = 86_400_000i64;
-    let at = |i: u64, ms: i64| {
-        let mut r = sample(i);
-        r.started_at_ms = ms;
-        r
-    };
+    let now = now_ms();
+    let day = DAY_MS;
     {
         let mut l = Ledger::open(&path).expect("open");
         // 12,000 rows from 40 days ago (more than two pieces), 3 from
@@ -335,16 +343,8 @@ fn a_running_writer_deletes_rows_past_the_retention_again_later() {
     // at the next round.
     let t = tempfile::tempdir().expect("tempdir");
     let path = t.path().join("ledger.sqlite");
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_millis() as i64;
-    let day = 86_400_000i64;
-    let at = |i: u64, ms: i64| {
-        let mut r = sample(i);
-        r.started_at_ms = ms;
-        r
-    };
+    let now = now_ms();
+    let day = DAY_MS;
     let (w, h) = LedgerWriter::start_pruning_every(
         &path,
         64,
