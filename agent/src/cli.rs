@@ -296,18 +296,17 @@ pub fn report(cfg: &Config, args: &ReportArgs) -> Result<(), CmdError> {
         runner: args.runner.clone(),
     };
     // A missing ledger is an empty one; an unreadable directory is an error.
-    let records = match std::fs::metadata(&path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+    let ledger = match std::fs::metadata(&path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         // Not root: read the root-owned ledger without writing it.
-        _ => match Ledger::open(&path) {
+        _ => Some(match Ledger::open(&path) {
             // (SQLite may also fall back to read-only by itself.)
             Err(
                 crate::ledger::LedgerError::Permission { .. }
                 | crate::ledger::LedgerError::ReadOnly { .. },
             ) => Ledger::open_read_only(&path)?,
             other => other?,
-        }
-        .query(&filter)?,
+        }),
     };
     let format = if args.json {
         ReportFormat::Json
@@ -318,8 +317,29 @@ pub fn report(cfg: &Config, args: &ReportArgs) -> Result<(), CmdError> {
     } else {
         ReportFormat::Table
     };
+    let output = crate::ledger::LedgerError::Output;
+    // The records are read one at a time, never all held: JSON is written
+    // as they come, the other formats add them up per group.
+    if format == ReportFormat::Json {
+        let stdout = std::io::stdout();
+        let mut json = report::JsonWriter::new(std::io::BufWriter::new(stdout.lock()));
+        if let Some(l) = &ledger {
+            l.for_each(&filter, |r| json.add(&r))?;
+        }
+        return Ok(json.finish().map_err(output)?);
+    }
     let by: Vec<GroupBy> = args.by.iter().map(|b| (*b).into()).collect();
-    print!("{}", report::render_by(&records, format, &by));
+    let mut summary = report::Summary::new(&by);
+    if let Some(l) = &ledger {
+        l.for_each(&filter, |r| {
+            summary.add(&r);
+            Ok(())
+        })?;
+    }
+    use std::io::Write as _;
+    std::io::stdout()
+        .write_all(summary.render(format).as_bytes())
+        .map_err(output)?;
     Ok(())
 }
 

@@ -38,6 +38,8 @@ pub mod exit {
     pub const UNAVAILABLE: u8 = 69;
     /// An internal error.
     pub const SOFTWARE: u8 = 70;
+    /// Output could not be written (a closed pipe, a full disk).
+    pub const IOERR: u8 = 74;
     /// Not enough privilege: run as root.
     pub const NOPERM: u8 = 77;
 }

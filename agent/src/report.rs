@@ -1,7 +1,9 @@
 //! `tollgate report`: the ledger's records as a table or as JSON.
 //!
 //! Owns: the presentation of records. Must never: read the ledger itself
-//! (the caller queries it) or show anything the record does not hold.
+//! (the caller queries it), hold every record of a report in memory (a
+//! [`Summary`] adds them up as they come), or show anything the record does
+//! not hold.
 //!
 //! Cost in the table: the sum of the known costs of a group. When some
 //! requests of the group have no known price, the sum is marked `*` (a
@@ -89,7 +91,7 @@ impl GroupBy {
 /// Longest text cell before it is shortened with `…`.
 const CELL_MAX: usize = 40;
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct Group {
     requests: u64,
     input: u64,
@@ -183,6 +185,98 @@ fn exe_name(r: &UsageRecord) -> String {
     cell(base.or(Some(r.who.comm.as_str())))
 }
 
+/// The records of a report, added up one at a time: its groups and
+/// counts, never the records themselves, so a report over millions of
+/// rows holds one entry per group.
+pub struct Summary {
+    by: Vec<GroupBy>,
+    groups: BTreeMap<Vec<String>, Group>,
+    records: u64,
+    estimated: u64,
+}
+
+impl Summary {
+    /// An empty summary grouping by `by` (the default grouping if empty).
+    pub fn new(by: &[GroupBy]) -> Summary {
+        let by = if by.is_empty() { GroupBy::DEFAULT } else { by };
+        Summary {
+            by: by.to_vec(),
+            groups: BTreeMap::new(),
+            records: 0,
+            estimated: 0,
+        }
+    }
+
+    pub fn add(&mut self, r: &UsageRecord) {
+        let key: Vec<String> = self.by.iter().map(|b| b.key(r)).collect();
+        self.groups.entry(key).or_default().add(r);
+        self.records += 1;
+        self.estimated += u64::from(r.estimated);
+    }
+
+    /// Renders the summary as a table, CSV or Markdown (JSON is the
+    /// records themselves: see [`JsonWriter`]).
+    pub fn render(&self, format: ReportFormat) -> String {
+        match format {
+            ReportFormat::Table | ReportFormat::Json => table(self),
+            ReportFormat::Csv => csv(self),
+            ReportFormat::Markdown => markdown(self),
+        }
+    }
+
+    /// The groups, sorted by cost, then tokens (descending), then key.
+    fn rows(&self) -> Vec<(Vec<String>, Group)> {
+        let mut rows: Vec<(Vec<String>, Group)> = self
+            .groups
+            .iter()
+            .map(|(k, g)| (k.clone(), g.clone()))
+            .collect();
+        rows.sort_by(|(ka, a), (kb, b)| {
+            b.cost
+                .total_cmp(&a.cost)
+                .then((b.input.saturating_add(b.output)).cmp(&a.input.saturating_add(a.output)))
+                .then(ka.cmp(kb))
+        });
+        rows
+    }
+}
+
+/// Writes records as the JSON array serde writes for a `Vec<UsageRecord>`
+/// (pretty, byte for byte), one record at a time.
+pub struct JsonWriter<W: std::io::Write> {
+    out: W,
+    first: bool,
+}
+
+impl<W: std::io::Write> JsonWriter<W> {
+    pub fn new(out: W) -> Self {
+        JsonWriter { out, first: true }
+    }
+
+    pub fn add(&mut self, r: &UsageRecord) -> std::io::Result<()> {
+        let text = serde_json::to_string_pretty(r).map_err(std::io::Error::other)?;
+        self.out
+            .write_all(if self.first { b"[\n" } else { b",\n" })?;
+        self.first = false;
+        // An element of a pretty array is indented one level: every line
+        // of it (a string's newlines are escaped, so lines are structure).
+        for (i, line) in text.lines().enumerate() {
+            if i > 0 {
+                self.out.write_all(b"\n")?;
+            }
+            self.out.write_all(b"  ")?;
+            self.out.write_all(line.as_bytes())?;
+        }
+        Ok(())
+    }
+
+    pub fn finish(mut self) -> std::io::Result<()> {
+        self.out
+            .write_all(if self.first { b"[]\n" } else { b"\n]\n" })?;
+        self.out.flush()
+    }
+}
+
 /// Renders `records` grouped by repository, job, executable and model
 /// (see the module docs for the table's rules).
 pub fn render(records: &[UsageRecord], format: ReportFormat) -> String {
@@ -191,16 +285,17 @@ pub fn render(records: &[UsageRecord], format: ReportFormat) -> String {
 
 /// Renders `records` grouped by `by` (JSON ignores the grouping).
 pub fn render_by(records: &[UsageRecord], format: ReportFormat, by: &[GroupBy]) -> String {
-    let by = if by.is_empty() { GroupBy::DEFAULT } else { by };
-    match format {
-        ReportFormat::Json => match serde_json::to_string_pretty(records) {
+    if format == ReportFormat::Json {
+        return match serde_json::to_string_pretty(records) {
             Ok(s) => s + "\n",
             Err(e) => format!("{{\"error\": {:?}}}\n", e.to_string()),
-        },
-        ReportFormat::Table => table(records, by),
-        ReportFormat::Csv => csv(records, by),
-        ReportFormat::Markdown => markdown(records, by),
+        };
     }
+    let mut summary = Summary::new(by);
+    for r in records {
+        summary.add(r);
+    }
+    summary.render(format)
 }
 
 /// A Markdown table cell: pipes, backslashes and emphasis characters
@@ -216,11 +311,12 @@ fn md_cell(s: &str) -> String {
     out
 }
 
-fn markdown(records: &[UsageRecord], by: &[GroupBy]) -> String {
-    if records.is_empty() {
+fn markdown(summary: &Summary) -> String {
+    if summary.records == 0 {
         return "no requests recorded yet\n".into();
     }
-    let rows = grouped(records, by);
+    let by = &summary.by;
+    let rows = summary.rows();
     let mut total = Group::default();
     for (_, g) in &rows {
         total.merge(g);
@@ -258,29 +354,13 @@ fn markdown(records: &[UsageRecord], by: &[GroupBy]) -> String {
     } else if total.priced == 0 {
         out.push_str("\nNo request has a known price yet.\n");
     }
-    let estimated = records.iter().filter(|r| r.estimated).count();
+    let estimated = summary.estimated;
     if estimated > 0 {
         out.push_str(&format!(
             "\n{estimated} requests were estimated locally (the provider sent no count).\n"
         ));
     }
     out
-}
-
-fn grouped(records: &[UsageRecord], by: &[GroupBy]) -> Vec<(Vec<String>, Group)> {
-    let mut groups: BTreeMap<Vec<String>, Group> = BTreeMap::new();
-    for r in records {
-        let key: Vec<String> = by.iter().map(|b| b.key(r)).collect();
-        groups.entry(key).or_default().add(r);
-    }
-    let mut rows: Vec<(Vec<String>, Group)> = groups.into_iter().collect();
-    rows.sort_by(|(ka, a), (kb, b)| {
-        b.cost
-            .total_cmp(&a.cost)
-            .then((b.input.saturating_add(b.output)).cmp(&a.input.saturating_add(a.output)))
-            .then(ka.cmp(kb))
-    });
-    rows
 }
 
 /// One CSV cell. Keys come from jobs (job names from their environment,
@@ -300,8 +380,12 @@ fn csv_field(s: &str) -> String {
     }
 }
 
-fn csv(records: &[UsageRecord], by: &[GroupBy]) -> String {
-    let mut out: Vec<String> = by.iter().map(|b| b.header().to_ascii_lowercase()).collect();
+fn csv(summary: &Summary) -> String {
+    let mut out: Vec<String> = summary
+        .by
+        .iter()
+        .map(|b| b.header().to_ascii_lowercase())
+        .collect();
     out.extend(
         [
             "requests",
@@ -313,7 +397,7 @@ fn csv(records: &[UsageRecord], by: &[GroupBy]) -> String {
         .map(String::from),
     );
     let mut text = out.join(",") + "\n";
-    for (k, g) in grouped(records, by) {
+    for (k, g) in summary.rows() {
         let mut f: Vec<String> = k
             .iter()
             .map(|c| csv_field(if c == "-" { "" } else { c }))
@@ -332,11 +416,12 @@ fn csv(records: &[UsageRecord], by: &[GroupBy]) -> String {
     text
 }
 
-fn table(records: &[UsageRecord], by: &[GroupBy]) -> String {
-    if records.is_empty() {
+fn table(summary: &Summary) -> String {
+    if summary.records == 0 {
         return "no requests recorded yet\n".into();
     }
-    let mut rows = grouped(records, by);
+    let by = &summary.by;
+    let mut rows = summary.rows();
     let mut total = Group::default();
     for (_, g) in &rows {
         total.merge(g);
@@ -410,7 +495,7 @@ fn table(records: &[UsageRecord], by: &[GroupBy]) -> String {
     } else if total.priced == 0 {
         out.push_str("no request has a known price yet\n");
     }
-    let estimated = records.iter().filter(|r| r.estimated).count();
+    let estimated = summary.estimated;
     if estimated > 0 {
         out.push_str(&format!("({estimated} requests estimated locally)\n"));
     }
@@ -649,6 +734,31 @@ mod tests {
         // The text table shortens what it shows, but keeps two rows.
         let t = render_by(&[a, b], ReportFormat::Table, &by);
         assert_eq!(t.matches('…').count(), 2, "{t}");
+    }
+
+    #[test]
+    fn json_written_a_record_at_a_time_is_serdes_array_byte_for_byte() {
+        let mut a = rec(
+            "acme/app",
+            "test",
+            "/usr/bin/python3",
+            "gpt-4o",
+            3,
+            4,
+            Some(0.5),
+        );
+        a.path = "/v1/x\n\"y\"\t[z]".into();
+        let b = rec("acme/other", "lint", "/usr/bin/node", "claude", 1, 2, None);
+        for records in [vec![], vec![a.clone()], vec![a, b.clone(), b]] {
+            let mut out = Vec::new();
+            let mut w = JsonWriter::new(&mut out);
+            for r in &records {
+                w.add(r).unwrap();
+            }
+            w.finish().unwrap();
+            let want = serde_json::to_string_pretty(&records).unwrap() + "\n";
+            assert_eq!(String::from_utf8(out).unwrap(), want);
+        }
     }
 
     #[test]

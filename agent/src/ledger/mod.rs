@@ -78,6 +78,10 @@ pub enum LedgerError {
     ShutdownTimeout { waited: Duration, unwritten: u64 },
     #[error("the ledger writer stopped with {unwritten} records unwritten: {reason}")]
     Unwritten { unwritten: u64, reason: String },
+    /// What the records were read for could not take them (a report's
+    /// output closed early).
+    #[error("cannot write the records out: {0}")]
+    Output(std::io::Error),
 }
 
 impl LedgerError {
@@ -108,6 +112,7 @@ impl LedgerError {
             {
                 crate::exit::UNAVAILABLE
             }
+            LedgerError::Output(_) => crate::exit::IOERR,
             _ => crate::exit::SOFTWARE,
         }
     }
@@ -381,6 +386,22 @@ impl Ledger {
 
     /// Records matching `filter`, oldest first, with `id` filled.
     pub fn query(&self, filter: &Filter) -> Result<Vec<UsageRecord>, LedgerError> {
+        let mut out = Vec::new();
+        self.for_each(filter, |r| {
+            out.push(r);
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Calls `f` with each record `filter` matches, oldest first, one row
+    /// at a time (a report over millions of rows holds one). An error
+    /// from `f` (a closed stdout) ends the walk.
+    pub fn for_each(
+        &self,
+        filter: &Filter,
+        mut f: impl FnMut(UsageRecord) -> std::io::Result<()>,
+    ) -> Result<(), LedgerError> {
         let err = |e| LedgerError::classify(&self.path, e);
         let mut sql = self.select_sql.clone();
         let mut clauses = Vec::new();
@@ -415,10 +436,11 @@ impl Ledger {
         sql.push_str(" ORDER BY started_at_ms, id");
         let mut stmt = self.conn.prepare(&sql).map_err(err)?;
         let refs: Vec<&dyn rusqlite::ToSql> = params.iter().map(|b| b.as_ref()).collect();
-        let rows = stmt
-            .query_map(refs.as_slice(), schema::from_row)
-            .map_err(err)?;
-        rows.collect::<Result<Vec<_>, _>>().map_err(err)
+        let mut rows = stmt.query(refs.as_slice()).map_err(err)?;
+        while let Some(row) = rows.next().map_err(err)? {
+            f(schema::from_row(row).map_err(err)?).map_err(LedgerError::Output)?;
+        }
+        Ok(())
     }
 }
 
