@@ -218,6 +218,18 @@ fn a_client_that_rejects_the_agent_ca_is_passed_through_after_its_first_try() {
     );
     let body: Value = serde_json::from_str(&out).expect("JSON from the provider");
     assert_eq!(u(&body["usage"], "completion_tokens"), 2);
+    // The same program in another job is still intercepted (and, not
+    // trusting the CA either, fails its first try): one job cannot switch
+    // metering off for the others.
+    let other_job: Vec<(&str, &str)> = GITHUB_ENV
+        .iter()
+        .map(|&(k, v)| (k, if k == "GITHUB_RUN_ID" { "4343" } else { v }))
+        .collect();
+    let other = w.client_without_agent_ca(&other_job);
+    assert!(
+        !other.run(&["sh", "-c", CURL_CHAT]).status.success(),
+        "another job's curl is intercepted"
+    );
     // Passed-through requests are not metered; a client that trusts the CA
     // still is (another executable).
     let trusting = w.client(GITHUB_ENV);

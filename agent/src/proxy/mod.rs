@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::FutureExt as _;
@@ -51,10 +51,14 @@ const UNPRICED_WARNINGS: usize = 64;
 
 /// How long a client may take to send its ClientHello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
-/// Strikes after which an (executable, host) pair passes through.
+/// Strikes after which a client (see [`ClientKey`]) passes through.
 const UNTRUSTED: u8 = 2;
-/// Pairs remembered at most (the key holds a path a job chooses).
+/// Clients remembered at most (the key holds a path a job chooses).
 const MAX_UNTRUSTED_PAIRS: usize = 4096;
+/// How long a client that rejected the CA passes through, from its last
+/// strike: then it is intercepted again (a client that still rejects the
+/// CA fails one connection, which SDKs retry, and passes through again).
+const UNTRUSTED_FOR: Duration = Duration::from_secs(600);
 
 /// Where the proxy learns who opened an accepted connection.
 pub trait OriginSource: Send + Sync {
@@ -550,11 +554,10 @@ async fn handle_conn(state: Arc<ProxyState>, tcp: TcpStream, peer: SocketAddr) {
                     ..Default::default()
                 })
         };
-        let exe = who.exe.clone().unwrap_or_else(|| origin.comm.clone());
-        let key = (exe, provider.host.clone());
+        let key = ClientKey::of(&who, &origin.comm, &provider.host);
         if state.untrusted.passes_through(&key) {
             inc(&state.stats.passthrough_untrusted);
-            debug!(exe = %key.0, host = %key.1, "client does not trust the CA: passthrough");
+            debug!(exe = %key.exe, host = %key.host, "client does not trust the CA: passthrough");
             return splice(tcp, prefix, origin.dst, &state.stopping).await;
         }
         let server_config = match state.ca.server_config(&provider.host).await {
@@ -583,8 +586,8 @@ async fn handle_conn(state: Arc<ProxyState>, tcp: TcpStream, peer: SocketAddr) {
                 inc(&state.stats.client_rejected_ca);
                 if state.untrusted.strike(&key, strikes) {
                     warn!(
-                        exe = %key.0, host = %key.1, error = %e,
-                        "the client does not trust the tollgate CA (pinned or bundled roots?); its later connections to this host pass through uncounted. See `tollgate trust env`"
+                        exe = %key.exe, host = %key.host, error = %e,
+                        "the client does not trust the tollgate CA (pinned or bundled roots?); its later connections to this host from this job pass through uncounted for 10 minutes. See `tollgate trust env`"
                     );
                 } else {
                     debug!(error = %e, "client hung up in the TLS handshake");
@@ -636,41 +639,90 @@ async fn handle_conn(state: Arc<ProxyState>, tcp: TcpStream, peer: SocketAddr) {
     .await
 }
 
-/// Strikes per (executable, host) pair: a certificate alert is
+/// Whose connections a CA rejection concerns: one executable, talking to
+/// one provider host, in one job (its cgroup and CI run and job). Another
+/// job's clients, or the same program in another job, are not affected.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct ClientKey {
+    scope: String,
+    exe: String,
+    host: String,
+}
+
+impl ClientKey {
+    fn of(who: &crate::meter::Attribution, comm: &str, host: &str) -> ClientKey {
+        let part = |v: &Option<String>| v.clone().unwrap_or_default();
+        ClientKey {
+            scope: format!(
+                "{}/{}/{}/{}",
+                who.cgroup_id,
+                part(&who.run_id),
+                part(&who.job_id),
+                part(&who.job)
+            ),
+            exe: who.exe.clone().unwrap_or_else(|| comm.to_string()),
+            host: host.to_string(),
+        }
+    }
+}
+
+/// Strikes per client ([`ClientKey`]): a certificate alert is
 /// [`UNTRUSTED`] at once, a hang-up in the handshake one (an interrupted
 /// client must not turn metering off for its executable); a completed
-/// handshake clears them. At most [`MAX_UNTRUSTED_PAIRS`] pairs.
+/// handshake clears them. A client passes through for [`UNTRUSTED_FOR`]
+/// after its last strike. At most [`MAX_UNTRUSTED_PAIRS`] clients.
 #[derive(Default)]
-struct Untrusted(Mutex<HashMap<(String, String), u8>>);
+struct Untrusted(Mutex<HashMap<ClientKey, (u8, Instant)>>);
 
 impl Untrusted {
-    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), u8>> {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<ClientKey, (u8, Instant)>> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Whether the pair's connections pass through unmetered.
-    fn passes_through(&self, key: &(String, String)) -> bool {
-        self.map().get(key).is_some_and(|&n| n >= UNTRUSTED)
+    /// Whether the client's connections pass through unmetered.
+    fn passes_through(&self, key: &ClientKey) -> bool {
+        self.passes_through_at(key, Instant::now())
     }
 
-    /// Adds `strikes`; true when this makes the pair pass through.
-    fn strike(&self, key: &(String, String), strikes: u8) -> bool {
+    fn passes_through_at(&self, key: &ClientKey, now: Instant) -> bool {
         let mut map = self.map();
-        let full = map.len() >= MAX_UNTRUSTED_PAIRS;
-        let n = match map.get_mut(key) {
-            Some(n) => n,
-            None if full => return false,
-            None => map.entry(key.clone()).or_insert(0),
-        };
+        match map.get(key) {
+            Some(&(_, at)) if now.saturating_duration_since(at) >= UNTRUSTED_FOR => {
+                map.remove(key);
+                false
+            }
+            Some(&(n, _)) => n >= UNTRUSTED,
+            None => false,
+        }
+    }
+
+    /// Adds `strikes`; true when this makes the client pass through.
+    fn strike(&self, key: &ClientKey, strikes: u8) -> bool {
+        self.strike_at(key, strikes, Instant::now())
+    }
+
+    fn strike_at(&self, key: &ClientKey, strikes: u8, now: Instant) -> bool {
+        let mut map = self.map();
+        if map.len() >= MAX_UNTRUSTED_PAIRS && !map.contains_key(key) {
+            map.retain(|_, (_, at)| now.saturating_duration_since(*at) < UNTRUSTED_FOR);
+            if map.len() >= MAX_UNTRUSTED_PAIRS {
+                return false;
+            }
+        }
+        let (n, at) = map.entry(key.clone()).or_insert((0, now));
+        if now.saturating_duration_since(*at) >= UNTRUSTED_FOR {
+            *n = 0;
+        }
         let before = *n;
         *n = n.saturating_add(strikes).min(UNTRUSTED);
+        *at = now;
         before < UNTRUSTED && *n >= UNTRUSTED
     }
 
     /// A completed handshake: strikes short of passing through are forgotten.
-    fn clear(&self, key: &(String, String)) {
+    fn clear(&self, key: &ClientKey) {
         let mut map = self.map();
-        if map.get(key).is_some_and(|&n| n < UNTRUSTED) {
+        if map.get(key).is_some_and(|&(n, _)| n < UNTRUSTED) {
             map.remove(key);
         }
     }
@@ -747,10 +799,18 @@ async fn splice(
 mod tests {
     use super::*;
 
+    fn client(i: usize, scope: &str) -> ClientKey {
+        ClientKey {
+            scope: scope.to_string(),
+            exe: format!("/bin/x{i}"),
+            host: "api.openai.com".to_string(),
+        }
+    }
+
     #[test]
     fn strikes_add_up_clear_on_success_and_are_bounded() {
         let u = Untrusted::default();
-        let k = |i: usize| (format!("/bin/x{i}"), "api.openai.com".to_string());
+        let k = |i: usize| client(i, "7/4242/1/lint");
         assert!(!u.strike(&k(0), 1));
         u.clear(&k(0));
         assert!(
@@ -772,6 +832,31 @@ mod tests {
         assert_eq!(u.map().len(), MAX_UNTRUSTED_PAIRS);
         assert!(!u.strike(&k(MAX_UNTRUSTED_PAIRS + 20), UNTRUSTED));
         assert!(!u.passes_through(&k(MAX_UNTRUSTED_PAIRS + 20)));
+    }
+
+    #[test]
+    fn a_rejection_passes_one_jobs_client_through_for_a_while_only() {
+        let u = Untrusted::default();
+        let t0 = Instant::now();
+        let mine = client(0, "7/4242/1/lint");
+        assert!(u.strike_at(&mine, UNTRUSTED, t0));
+        assert!(u.passes_through_at(&mine, t0 + Duration::from_secs(60)));
+        // The same program in another job (another cgroup, another run) is
+        // still metered: one job cannot switch metering off for the host.
+        for other in ["8/4242/1/lint", "7/4243/2/lint", "7/4242/1/test"] {
+            assert!(!u.passes_through_at(&client(0, other), t0), "{other}");
+        }
+        // After UNTRUSTED_FOR without a strike it is intercepted again, and
+        // a new rejection starts afresh (a hang-up alone is not enough).
+        let later = t0 + UNTRUSTED_FOR;
+        assert!(!u.passes_through_at(&mine, later));
+        assert!(!u.strike_at(&mine, 1, later));
+        assert!(!u.passes_through_at(&mine, later));
+        // When full, expired entries make room.
+        for i in 1..MAX_UNTRUSTED_PAIRS {
+            u.strike_at(&client(i, "s"), 1, t0);
+        }
+        assert!(u.strike_at(&client(0, "new"), UNTRUSTED, later + Duration::from_secs(1)));
     }
 
     #[test]
