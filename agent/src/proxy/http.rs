@@ -282,12 +282,58 @@ async fn tunnel(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<Proxy
     Response::from_parts(rparts, boxed(http_body_util::Empty::<Bytes>::new()))
 }
 
+/// A request this connection must not carry: `CONNECT` (the agent is no
+/// proxy for other destinations), or one that names another host than the
+/// one its TLS handshake named (`Host`, an absolute URI, HTTP/2's
+/// `:authority`). Forwarded, it would be read as the handshake's provider
+/// while a front end shared by several (Google's, a CDN's) routed it by its
+/// own name. Answered 421 (Misdirected Request), which tells a client to
+/// use a connection of its own for that host.
+fn refused<B>(req: &Request<B>, provider_host: &str) -> Option<Response<ProxyBody>> {
+    if req.method() == http::Method::CONNECT {
+        return Some(error_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "tollgate_method_not_allowed",
+            "CONNECT is not forwarded",
+            false,
+        ));
+    }
+    let named = match req.uri().authority() {
+        Some(a) => a.host().to_string(),
+        None => {
+            let host = req.headers().get(header::HOST)?;
+            // One that does not parse names no host of ours either.
+            host.to_str()
+                .ok()
+                .and_then(|h| h.parse::<http::uri::Authority>().ok())
+                .map(|a| a.host().to_string())
+                .unwrap_or_default()
+        }
+    };
+    if named
+        .trim_end_matches('.')
+        .eq_ignore_ascii_case(provider_host)
+    {
+        return None;
+    }
+    debug!(%provider_host, "a request naming another host than its connection's: 421");
+    Some(error_response(
+        StatusCode::MISDIRECTED_REQUEST,
+        "tollgate_misdirected_request",
+        "the request names another host than the one this connection was opened for",
+        false,
+    ))
+}
+
 pub(super) async fn handle(
     ctx: Arc<ConnCtx>,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let state = &ctx.state;
     state.stats.requests.fetch_add(1, Ordering::Relaxed);
+    if let Some(resp) = refused(&req, &ctx.provider.host) {
+        return Ok(resp);
+    }
     if is_upgrade(&req) {
         return Ok(tunnel(ctx, req).await);
     }
@@ -903,5 +949,48 @@ fn hangup_error(state: &ProxyState) -> &'static str {
         "agent_stopped"
     } else {
         "client_disconnected"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(method: &str, uri: &str, host: Option<&str>) -> Request<()> {
+        let mut b = Request::builder().method(method).uri(uri);
+        if let Some(h) = host {
+            b = b.header(header::HOST, h);
+        }
+        b.body(()).unwrap()
+    }
+
+    #[test]
+    fn only_requests_for_the_connections_own_host_are_forwarded() {
+        let p = "api.openai.com";
+        let status = |r: &Request<()>| refused(r, p).map(|resp| resp.status().as_u16());
+        // Its own host, however written; no host at all (HTTP/1.0).
+        for ok in [
+            req("POST", "/v1/chat/completions", Some("api.openai.com")),
+            req("POST", "/v1/chat/completions", Some("API.OpenAI.com:443")),
+            req("POST", "/v1/chat/completions", Some("api.openai.com.")),
+            req("POST", "https://api.openai.com/v1/models", None),
+            req("GET", "/v1/models", None),
+        ] {
+            assert_eq!(status(&ok), None, "{ok:?}");
+        }
+        // Another host, by Host, absolute URI (HTTP/2's :authority) or a
+        // Host that does not parse; CONNECT.
+        for (bad, code) in [
+            (
+                req("POST", "/v1/chat/completions", Some("evil.example")),
+                421,
+            ),
+            (req("POST", "/v1/messages", Some("api.anthropic.com")), 421),
+            (req("POST", "https://evil.example/v1/x", Some(p)), 421),
+            (req("GET", "/", Some("a b")), 421),
+            (req("CONNECT", "evil.example:443", None), 405),
+        ] {
+            assert_eq!(status(&bad), Some(code), "{bad:?}");
+        }
     }
 }
