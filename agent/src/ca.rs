@@ -122,6 +122,11 @@ pub enum CaError {
         path.display()
     )]
     Unreadable { path: PathBuf },
+    #[error(
+        "{} {why}: whoever can write the local CA's files can put a CA of their own there (its key included), which `trust install` would make this host trust; make them root's alone (chown root: and chmod go-w), or remove the ca directory to start afresh",
+        path.display()
+    )]
+    Unsafe { path: PathBuf, why: String },
 }
 
 impl CaError {
@@ -130,7 +135,8 @@ impl CaError {
         match self {
             CaError::Permission { .. }
             | CaError::NotCreated { .. }
-            | CaError::Unreadable { .. } => crate::exit::NOPERM,
+            | CaError::Unreadable { .. }
+            | CaError::Unsafe { .. } => crate::exit::NOPERM,
             CaError::NoHosts | CaError::InvalidHost { .. } => crate::exit::USAGE,
             CaError::Io { .. } => crate::exit::UNAVAILABLE,
             CaError::Generate(_) | CaError::NotCovered { .. } | CaError::Tls(_) => {
@@ -283,6 +289,7 @@ impl LocalCa {
         let wanted = normalize_hosts(hosts)?;
         let dir = state_dir.join(CA_DIR);
         fs::create_dir_all(&dir).map_err(|e| CaError::io("create directory", &dir, e))?;
+        check_owned(&dir)?;
         let mode = fs::metadata(&dir)
             .map_err(|e| CaError::io("inspect", &dir, e))?
             .permissions()
@@ -607,6 +614,36 @@ fn load_existing(dir: &Path) -> Result<Existing, CaError> {
 }
 
 /// A key file readable by others is made 0600 again (warned, not fatal).
+/// The CA's directory and files must be this user's, not symbolic links,
+/// and writable by it alone: whoever else can write them can plant a CA of
+/// their own. (The state directory above is checked by `run` and `trust`.)
+fn check_owned(dir: &Path) -> Result<(), CaError> {
+    use std::os::unix::fs::MetadataExt as _;
+    let euid = nix::unistd::geteuid().as_raw();
+    let files = [KEY_FILE, CERT_FILE, INTERMEDIATE_FILE, HOSTS_FILE];
+    for path in std::iter::once(dir.to_path_buf()).chain(files.iter().map(|f| dir.join(f))) {
+        let meta = match fs::symlink_metadata(&path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(CaError::io("inspect", &path, e)),
+        };
+        let why = if meta.file_type().is_symlink() {
+            "is a symbolic link".to_string()
+        } else if meta.uid() != euid {
+            format!("is owned by uid {}, not {euid}", meta.uid())
+        } else if meta.mode() & 0o022 != 0 {
+            format!(
+                "is writable by other users (mode {:o})",
+                meta.mode() & 0o777
+            )
+        } else {
+            continue;
+        };
+        return Err(CaError::Unsafe { path, why });
+    }
+    Ok(())
+}
+
 fn tighten_key_mode(key_path: &Path) {
     if let Ok(meta) = fs::metadata(key_path) {
         let mode = meta.permissions().mode();
@@ -1009,6 +1046,54 @@ mod tests {
             .clone()
             .into_owned();
         (leaf, client.alpn_protocol().map(<[u8]>::to_vec))
+    }
+
+    #[test]
+    fn a_ca_directory_others_can_write_or_that_links_elsewhere_is_refused() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let t = tempfile::tempdir().expect("tempdir");
+        let h = hosts(&["api.openai.com"]);
+        LocalCa::load_or_create(t.path(), &h).expect("create");
+        let dir = t.path().join("ca");
+        let refused = |what: &str| match LocalCa::load_or_create(t.path(), &h) {
+            Err(e @ CaError::Unsafe { .. }) => {
+                assert_eq!(e.exit_code(), crate::exit::NOPERM);
+                e.to_string()
+            }
+            other => panic!("{what}: {other:?}"),
+        };
+        // A certificate others may write.
+        fs::set_permissions(dir.join("ca.crt"), fs::Permissions::from_mode(0o666)).unwrap();
+        assert!(refused("ca.crt 0666").contains("writable by other users"));
+        fs::set_permissions(dir.join("ca.crt"), fs::Permissions::from_mode(0o644)).unwrap();
+        LocalCa::load_or_create(t.path(), &h).expect("loads again");
+        // A key that is a link (chmod would follow it).
+        let elsewhere = t.path().join("elsewhere");
+        fs::rename(dir.join("ca.key"), &elsewhere).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, dir.join("ca.key")).unwrap();
+        assert!(refused("ca.key a link").contains("symbolic link"));
+        fs::remove_file(dir.join("ca.key")).unwrap();
+        fs::rename(&elsewhere, dir.join("ca.key")).unwrap();
+        // The directory itself.
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(refused("ca/ 0777").contains("writable by other users"));
+    }
+
+    #[test]
+    #[ignore = "needs root (gives a file to another user)"]
+    fn a_ca_file_of_another_user_is_refused() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let h = hosts(&["api.openai.com"]);
+        LocalCa::load_or_create(t.path(), &h).expect("create");
+        let crt = t.path().join("ca").join("ca.crt");
+        nix::unistd::chown(&crt, Some(nix::unistd::Uid::from_raw(65534)), None)
+            .expect("chown needs root");
+        match LocalCa::load_or_create(t.path(), &h) {
+            Err(CaError::Unsafe { why, .. }) => {
+                assert!(why.contains("owned by uid 65534"), "{why}")
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
