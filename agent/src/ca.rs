@@ -186,14 +186,19 @@ struct Minter {
     leaf_key: KeyPair,
     cache: Mutex<HashMap<String, (Instant, Arc<rustls::ServerConfig>)>>,
     provider: Arc<rustls::crypto::CryptoProvider>,
+    /// When the CA (root or intermediate, the earlier) ends, in Unix
+    /// seconds: no leaf outlives it, however long the agent runs.
+    ca_not_after: i64,
 }
 
 impl Minter {
     fn new(
         issuer: Issuer<'static, KeyPair>,
         chain: Vec<CertificateDer<'static>>,
+        ca_not_after: i64,
     ) -> Result<Minter, CaError> {
         Ok(Minter {
+            ca_not_after,
             issuer,
             chain,
             leaf_key: KeyPair::generate()?,
@@ -214,7 +219,8 @@ impl Minter {
         params.serial_number = Some(serial.to_vec().into());
         let now = time::OffsetDateTime::now_utc();
         params.not_before = now - time::Duration::hours(1);
-        params.not_after = now + time::Duration::days(LEAF_VALIDITY_DAYS);
+        params.not_after = (now + time::Duration::days(LEAF_VALIDITY_DAYS))
+            .min(time::OffsetDateTime::from_unix_timestamp(self.ca_not_after).unwrap_or(now));
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, host);
         params.distinguished_name = dn;
@@ -372,15 +378,20 @@ impl LocalCa {
             source: io::Error::new(io::ErrorKind::InvalidData, reason),
         };
         let root = parse_cert(&files.root_pem).map_err(|r| unparsable(cert_path.clone(), r))?;
-        let (issuer, chain) = match &files.intermediate_pem {
+        let (issuer, chain, not_after) = match &files.intermediate_pem {
             Some(pem) => {
                 let int =
                     parse_cert(pem).map_err(|r| unparsable(dir.join(INTERMEDIATE_FILE), r))?;
-                (Issuer::from_ca_cert_pem(pem, files.key)?, vec![int.der])
+                (
+                    Issuer::from_ca_cert_pem(pem, files.key)?,
+                    vec![int.der],
+                    root.not_after.min(int.not_after),
+                )
             }
             None => (
                 Issuer::from_ca_cert_pem(&files.root_pem, files.key)?,
                 Vec::new(),
+                root.not_after,
             ),
         };
         Ok(LocalCa {
@@ -389,7 +400,7 @@ impl LocalCa {
             cert_pem: files.root_pem,
             cert_der: root.der,
             covered: root.covered,
-            minter: Minter::new(issuer, chain)?,
+            minter: Minter::new(issuer, chain, not_after)?,
         })
     }
 
@@ -1046,6 +1057,28 @@ mod tests {
             .clone()
             .into_owned();
         (leaf, client.alpn_protocol().map(<[u8]>::to_vec))
+    }
+
+    #[test]
+    fn no_leaf_outlives_the_ca() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let (mut ca, _) =
+            LocalCa::load_or_create(t.path(), &hosts(&["api.openai.com"])).expect("create");
+        let leaf_end = |ca: &LocalCa| {
+            let der = ca.minter.leaf("api.openai.com").expect("leaf");
+            let (_, x) = x509_parser::parse_x509_certificate(&der).expect("parse");
+            x.validity().not_after.timestamp()
+        };
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        // A fresh CA: the leaf's own year.
+        let end = leaf_end(&ca);
+        assert!(
+            (end - now - LEAF_VALIDITY_DAYS * 86_400).abs() < 120,
+            "{end}"
+        );
+        // A CA ending in ten days (an agent running long after loading it).
+        ca.minter.ca_not_after = now + 10 * 86_400;
+        assert_eq!(leaf_end(&ca), now + 10 * 86_400);
     }
 
     #[test]
