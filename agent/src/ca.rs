@@ -295,15 +295,18 @@ impl LocalCa {
         let wanted = normalize_hosts(hosts)?;
         let dir = state_dir.join(CA_DIR);
         fs::create_dir_all(&dir).map_err(|e| CaError::io("create directory", &dir, e))?;
-        check_owned(&dir)?;
-        let mode = fs::metadata(&dir)
-            .map_err(|e| CaError::io("inspect", &dir, e))?
-            .permissions()
-            .mode();
-        if mode & 0o777 != 0o755 {
+        // Made under any umask, or left by an older version with other
+        // modes: set to 0755 when it is ours (a link or another user's
+        // directory is refused below, mode or not).
+        let meta = fs::symlink_metadata(&dir).map_err(|e| CaError::io("inspect", &dir, e))?;
+        if meta.is_dir()
+            && std::os::unix::fs::MetadataExt::uid(&meta) == nix::unistd::geteuid().as_raw()
+            && meta.permissions().mode() & 0o777 != 0o755
+        {
             fs::set_permissions(&dir, fs::Permissions::from_mode(0o755))
                 .map_err(|e| CaError::io("set permissions of", &dir, e))?;
         }
+        check_owned(&dir)?;
 
         // Two tollgate processes (`run` and `trust install`) must not both
         // generate a CA: hold an exclusive lock while deciding.
@@ -1107,9 +1110,19 @@ mod tests {
         assert!(refused("ca.key a link").contains("symbolic link"));
         fs::remove_file(dir.join("ca.key")).unwrap();
         fs::rename(&elsewhere, dir.join("ca.key")).unwrap();
-        // The directory itself.
+        // The directory itself, when it is ours, is set right (an umask of
+        // 002, an older version's modes), its files still checked.
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o777)).unwrap();
-        assert!(refused("ca/ 0777").contains("writable by other users"));
+        LocalCa::load_or_create(t.path(), &h).expect("set to 0755 and loaded");
+        assert_eq!(
+            fs::metadata(&dir).unwrap().permissions().mode() & 0o777,
+            0o755
+        );
+        // A link in its place is not.
+        let real = t.path().join("real-ca");
+        fs::rename(&dir, &real).unwrap();
+        std::os::unix::fs::symlink(&real, &dir).unwrap();
+        assert!(refused("ca/ a link").contains("symbolic link"));
     }
 
     #[test]

@@ -502,7 +502,11 @@ fn demo() -> Result<()> {
 /// without ensurepip leaves `bin/python` and no pip) is made afresh, and
 /// one that fails to make is removed, so the next run starts clean.
 fn make_venv(dir: &Path) -> Result<()> {
-    if dir.join("bin/pip").exists() {
+    // Kept when its interpreter still runs (the Python it was made from
+    // may have gone: a pyenv version removed, a distribution upgrade).
+    if dir.join("bin/pip").exists()
+        && quiet_ok(Command::new(dir.join("bin/python")).args(["-c", ""]))
+    {
         return Ok(());
     }
     let _ = std::fs::remove_dir_all(dir);
@@ -671,6 +675,19 @@ mod tests {
             std::fs::write(&marker, "").expect("marker");
             make_venv(&dir).expect("kept");
             assert!(marker.exists());
+            // Its interpreter gone (a dangling link): made afresh.
+            std::fs::remove_file(dir.join("bin/python")).expect("python");
+            std::os::unix::fs::symlink("/nonexistent/python3", dir.join("bin/python"))
+                .expect("dangling link");
+            make_venv(&dir).expect("made afresh");
+            assert!(!marker.exists(), "not the old one");
+            assert!(
+                std::process::Command::new(dir.join("bin/python"))
+                    .args(["-c", ""])
+                    .status()
+                    .expect("runs")
+                    .success()
+            );
         }
     }
 

@@ -149,8 +149,9 @@ impl UsageParser for Nothing {
 }
 
 /// The record's `error` when the body could not be decoded (an encoding
-/// the agent does not read, or a corrupt, cut or over-long compressed
-/// body) and no usage was read from what did decode.
+/// the agent does not read, or a corrupt or over-long compressed body; a
+/// cut one is read as far as it goes) and no usage was read from what did
+/// decode. Why the request ended (a client that left) comes first.
 pub const UNDECODABLE: &str = "content_decoding_failed";
 
 struct Decoding {

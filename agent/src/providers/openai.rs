@@ -265,8 +265,9 @@ impl UsageParser for NoUsage {
 #[derive(Default)]
 pub struct UsageChunkFilter {
     held: Vec<u8>,
-    /// How much of `held` was searched for an event's end already.
-    scanned: usize,
+    /// Where the search of `held` for an event's end resumes: the start
+    /// of its last line, and how far that line was read.
+    scanned: (usize, usize),
     /// An event outgrew [`MAX_HELD_EVENT`]: the rest passes unfiltered.
     passthrough: bool,
 }
@@ -278,13 +279,14 @@ pub struct UsageChunkFilter {
 pub const MAX_HELD_EVENT: usize = 4 << 20;
 
 /// End of the first complete SSE event in `b` (after its blank line), or,
-/// when there is none yet, the start of its last line (where to resume once
-/// more bytes came). `from` must be the start of a line that is not the
-/// event's first: a resume point this returned. A line ends with CRLF, LF
-/// or CR, as the SSE standard has it; a CR at the very end waits for the
-/// next byte, which may be its LF.
-fn event_end(b: &[u8], from: usize) -> Result<usize, usize> {
-    let mut line_start = from;
+/// when there is none yet, where to resume once more bytes came: the start
+/// of the last line and how far it was read. Scanning resumes at `from`,
+/// inside the line that starts at `line_start` (not the event's first
+/// line, unless both are 0). A line ends with CRLF, LF or CR, as the SSE
+/// standard has it; a CR at the very end waits for the next byte, which
+/// may be its LF.
+fn event_end(b: &[u8], line_start: usize, from: usize) -> Result<usize, (usize, usize)> {
+    let mut line_start = line_start;
     let mut i = from;
     while i < b.len() {
         let term = match b[i] {
@@ -292,7 +294,7 @@ fn event_end(b: &[u8], from: usize) -> Result<usize, usize> {
             b'\r' => match b.get(i + 1) {
                 Some(b'\n') => 2,
                 Some(_) => 1,
-                None => return Err(line_start),
+                None => return Err((line_start, i)),
             },
             _ => {
                 i += 1;
@@ -306,7 +308,7 @@ fn event_end(b: &[u8], from: usize) -> Result<usize, usize> {
         }
         line_start = i;
     }
-    Err(line_start)
+    Err((line_start, i))
 }
 
 /// Rewrites one complete event; `None` drops it.
@@ -458,15 +460,15 @@ impl super::BodyFilter for UsageChunkFilter {
         }
         self.held.extend_from_slice(chunk);
         let mut pos = 0;
-        let mut from = self.scanned;
+        let (mut line_start, mut from) = self.scanned;
         loop {
-            match event_end(&self.held[pos..], from) {
+            match event_end(&self.held[pos..], line_start, from) {
                 Ok(end) => {
                     if let Some(ev) = rewrite_event(&self.held[pos..pos + end]) {
                         out.extend_from_slice(&ev);
                     }
                     pos += end;
-                    from = 0;
+                    (line_start, from) = (0, 0);
                 }
                 Err(resume) => {
                     self.held.drain(..pos);

@@ -83,7 +83,11 @@ impl SseReader {
 
     /// Dispatches a final event that was not followed by a blank line.
     pub fn finish(&mut self, on_event: &mut dyn FnMut(Event)) {
-        if !self.line.is_empty() {
+        if self.skipping {
+            // The stream ended inside an over-long line: the event goes.
+            self.skipping = false;
+            self.drop_event();
+        } else if !self.line.is_empty() {
             self.end_line(on_event);
         }
         self.dispatch(on_event);
@@ -246,6 +250,18 @@ mod tests {
         let mut out = Vec::new();
         r.feed(
             b"data: ok\n\ndata: 0123456789012345678901234\ndata: tail",
+            &mut |e| out.push(e),
+        );
+        r.finish(&mut |e| out.push(e));
+        assert_eq!(
+            out.iter().map(|e| e.data.as_str()).collect::<Vec<_>>(),
+            ["ok"]
+        );
+        // Ended inside the over-long line, after a line of its own.
+        let mut r = SseReader::new(16);
+        let mut out = Vec::new();
+        r.feed(
+            b"data: ok\n\ndata: head\ndata: 0123456789012345678901234",
             &mut |e| out.push(e),
         );
         r.finish(&mut |e| out.push(e));

@@ -298,22 +298,22 @@ fn refused<B>(req: &Request<B>, provider_host: &str) -> Option<Response<ProxyBod
             false,
         ));
     }
-    let named = match req.uri().authority() {
-        Some(a) => a.host().to_string(),
-        None => {
-            let host = req.headers().get(header::HOST)?;
-            // One that does not parse names no host of ours either.
-            host.to_str()
-                .ok()
-                .and_then(|h| h.parse::<http::uri::Authority>().ok())
-                .map(|a| a.host().to_string())
-                .unwrap_or_default()
-        }
+    let ours = |host: &str| {
+        host.trim_end_matches('.')
+            .eq_ignore_ascii_case(provider_host)
     };
-    if named
-        .trim_end_matches('.')
-        .eq_ignore_ascii_case(provider_host)
-    {
+    // The URI's authority (absolute form, HTTP/2's `:authority`) and every
+    // `Host` header, each when present: the one upstream reads is kept as
+    // the client sent it.
+    let uri_ok = req.uri().authority().is_none_or(|a| ours(a.host()));
+    let hosts_ok = req.headers().get_all(header::HOST).iter().all(|h| {
+        // One that does not parse names no host of ours either.
+        h.to_str()
+            .ok()
+            .and_then(|h| h.parse::<http::uri::Authority>().ok())
+            .is_some_and(|a| ours(a.host()))
+    });
+    if uri_ok && hosts_ok {
         return None;
     }
     debug!(%provider_host, "a request naming another host than its connection's: 421");
@@ -685,8 +685,13 @@ impl Draft {
                 }
                 Some(_) => false,
             };
-        // The provider's own error first: it says why the stream ended.
-        let error = parsed.error.take().or(error).or_else(|| {
+        // The provider's own error first: it says why the stream ended;
+        // an undecodable body says less than why the request ended.
+        let error = match parsed.error.take() {
+            Some(e) if e == crate::providers::decode::UNDECODABLE => error.or(Some(e)),
+            own => own.or(error),
+        }
+        .or_else(|| {
             (ok && parsed.usage.is_none() && !estimated).then(|| "usage_missing".to_string())
         });
         let models = crate::meter::pricing::price_order(
@@ -987,6 +992,10 @@ mod tests {
             ),
             (req("POST", "/v1/messages", Some("api.anthropic.com")), 421),
             (req("POST", "https://evil.example/v1/x", Some(p)), 421),
+            (
+                req("POST", "https://api.openai.com/v1/x", Some("evil.example")),
+                421,
+            ),
             (req("GET", "/", Some("a b")), 421),
             (req("CONNECT", "evil.example:443", None), 405),
         ] {

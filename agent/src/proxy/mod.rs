@@ -55,9 +55,9 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 const UNTRUSTED: u8 = 2;
 /// Clients remembered at most (the key holds a path a job chooses).
 const MAX_UNTRUSTED_PAIRS: usize = 4096;
-/// How long a client that rejected the CA passes through, from its last
-/// strike: then it is intercepted again (a client that still rejects the
-/// CA fails one connection, which SDKs retry, and passes through again).
+/// How long a client that rejected the CA passes through after its last
+/// connection (or strike): then it is intercepted again (a client that
+/// still rejects the CA fails one connection, which SDKs retry).
 const UNTRUSTED_FOR: Duration = Duration::from_secs(600);
 
 /// Where the proxy learns who opened an accepted connection.
@@ -587,7 +587,7 @@ async fn handle_conn(state: Arc<ProxyState>, tcp: TcpStream, peer: SocketAddr) {
                 if state.untrusted.strike(&key, strikes) {
                     warn!(
                         exe = %key.exe, host = %key.host, error = %e,
-                        "the client does not trust the tollgate CA (pinned or bundled roots?); its later connections to this host from this job pass through uncounted for 10 minutes. See `tollgate trust env`"
+                        "the client does not trust the tollgate CA (pinned or bundled roots?); its later connections to this host from this job pass through uncounted (until it makes none for 10 minutes). See `tollgate trust env`"
                     );
                 } else {
                     debug!(error = %e, "client hung up in the TLS handshake");
@@ -669,8 +669,9 @@ impl ClientKey {
 /// Strikes per client ([`ClientKey`]): a certificate alert is
 /// [`UNTRUSTED`] at once, a hang-up in the handshake one (an interrupted
 /// client must not turn metering off for its executable); a completed
-/// handshake clears them. A client passes through for [`UNTRUSTED_FOR`]
-/// after its last strike. At most [`MAX_UNTRUSTED_PAIRS`] clients.
+/// handshake clears them. A client passes through until [`UNTRUSTED_FOR`]
+/// has gone by without a connection of its. At most [`MAX_UNTRUSTED_PAIRS`]
+/// clients.
 #[derive(Default)]
 struct Untrusted(Mutex<HashMap<ClientKey, (u8, Instant)>>);
 
@@ -686,13 +687,18 @@ impl Untrusted {
 
     fn passes_through_at(&self, key: &ClientKey, now: Instant) -> bool {
         let mut map = self.map();
-        match map.get(key) {
-            Some(&(_, at)) if now.saturating_duration_since(at) >= UNTRUSTED_FOR => {
+        match map.get_mut(key) {
+            Some(&mut (_, at)) if now.saturating_duration_since(at) >= UNTRUSTED_FOR => {
                 map.remove(key);
                 false
             }
-            Some(&(n, _)) => n >= UNTRUSTED,
-            None => false,
+            // In use: its time runs from its last connection, so a job's
+            // pinned client keeps working for as long as the job runs.
+            Some((n, at)) if *n >= UNTRUSTED => {
+                *at = now;
+                true
+            }
+            _ => false,
         }
     }
 
@@ -841,6 +847,12 @@ mod tests {
         let mine = client(0, "7/4242/1/lint");
         assert!(u.strike_at(&mine, UNTRUSTED, t0));
         assert!(u.passes_through_at(&mine, t0 + Duration::from_secs(60)));
+        // Each connection keeps it passing: a long job's pinned client
+        // keeps working.
+        let t1 = t0 + UNTRUSTED_FOR + Duration::from_secs(30);
+        assert!(u.passes_through_at(&mine, t0 + UNTRUSTED_FOR - Duration::from_secs(1)));
+        assert!(u.passes_through_at(&mine, t1));
+        let t0 = t1;
         // The same program in another job (another cgroup, another run) is
         // still metered: one job cannot switch metering off for the host.
         for other in ["8/4242/1/lint", "7/4243/2/lint", "7/4242/1/test"] {
