@@ -306,7 +306,7 @@ impl LocalCa {
             fs::set_permissions(&dir, fs::Permissions::from_mode(0o755))
                 .map_err(|e| CaError::io("set permissions of", &dir, e))?;
         }
-        check_owned(&dir)?;
+        check_owned(&dir, nix::unistd::geteuid().as_raw(), true)?;
 
         // Two tollgate processes (`run` and `trust install`) must not both
         // generate a CA: hold an exclusive lock while deciding.
@@ -366,6 +366,16 @@ impl LocalCa {
         let wanted = normalize_hosts(hosts)?;
         let dir = state_dir.join(CA_DIR);
         fs::create_dir_all(&dir).map_err(|e| CaError::io("create directory", &dir, e))?;
+        // Not into a directory someone else controls (its files are all
+        // replaced, so theirs are not judged).
+        let meta = fs::symlink_metadata(&dir).map_err(|e| CaError::io("inspect", &dir, e))?;
+        let euid = nix::unistd::geteuid().as_raw();
+        if meta.file_type().is_symlink() || std::os::unix::fs::MetadataExt::uid(&meta) != euid {
+            return Err(CaError::Unsafe {
+                path: dir,
+                why: "is a symbolic link or another user's".into(),
+            });
+        }
         let lock = lock_dir(&dir)?;
         let ca = LocalCa::build(&dir, create(&dir, &wanted, true)?)?;
         drop(lock);
@@ -628,12 +638,13 @@ fn load_existing(dir: &Path) -> Result<Existing, CaError> {
 }
 
 /// A key file readable by others is made 0600 again (warned, not fatal).
-/// The CA's directory and files must be this user's, not symbolic links,
+/// The CA's directory and files must be `owner`'s, not symbolic links,
 /// and writable by it alone: whoever else can write them can plant a CA of
 /// their own. (The state directory above is checked by `run` and `trust`.)
-fn check_owned(dir: &Path) -> Result<(), CaError> {
+/// The directory's own mode is not judged when `dir_mode` is false (`run`
+/// sets it right when it is the owner's).
+fn check_owned(dir: &Path, owner: u32, dir_mode: bool) -> Result<(), CaError> {
     use std::os::unix::fs::MetadataExt as _;
-    let euid = nix::unistd::geteuid().as_raw();
     let files = [KEY_FILE, CERT_FILE, INTERMEDIATE_FILE, HOSTS_FILE];
     for path in std::iter::once(dir.to_path_buf()).chain(files.iter().map(|f| dir.join(f))) {
         let meta = match fs::symlink_metadata(&path) {
@@ -643,9 +654,9 @@ fn check_owned(dir: &Path) -> Result<(), CaError> {
         };
         let why = if meta.file_type().is_symlink() {
             "is a symbolic link".to_string()
-        } else if meta.uid() != euid {
-            format!("is owned by uid {}, not {euid}", meta.uid())
-        } else if meta.mode() & 0o022 != 0 {
+        } else if meta.uid() != owner {
+            format!("is owned by uid {}, not {owner}", meta.uid())
+        } else if meta.mode() & 0o022 != 0 && (dir_mode || path != dir) {
             format!(
                 "is writable by other users (mode {:o})",
                 meta.mode() & 0o777
@@ -704,6 +715,11 @@ impl CaInspection {
 /// none yet.
 pub fn inspect(state_dir: &Path, hosts: &[String]) -> Result<Option<CaInspection>, CaError> {
     let dir = state_dir.join(CA_DIR);
+    // As `run` would judge them: the owner is the state directory's (which
+    // `check` judges on its own line: root's).
+    if let Ok(meta) = fs::metadata(state_dir) {
+        check_owned(&dir, std::os::unix::fs::MetadataExt::uid(&meta), false)?;
+    }
     let cert_path = dir.join(CERT_FILE);
     let int_path = dir.join(INTERMEDIATE_FILE);
     let key_path = dir.join(KEY_FILE);
@@ -1098,9 +1114,10 @@ mod tests {
             }
             other => panic!("{what}: {other:?}"),
         };
-        // A certificate others may write.
+        // A certificate others may write (`check`'s inspection says so too).
         fs::set_permissions(dir.join("ca.crt"), fs::Permissions::from_mode(0o666)).unwrap();
         assert!(refused("ca.crt 0666").contains("writable by other users"));
+        assert!(matches!(inspect(t.path(), &h), Err(CaError::Unsafe { .. })));
         fs::set_permissions(dir.join("ca.crt"), fs::Permissions::from_mode(0o644)).unwrap();
         LocalCa::load_or_create(t.path(), &h).expect("loads again");
         // A key that is a link (chmod would follow it).
@@ -1123,6 +1140,10 @@ mod tests {
         fs::rename(&dir, &real).unwrap();
         std::os::unix::fs::symlink(&real, &dir).unwrap();
         assert!(refused("ca/ a link").contains("symbolic link"));
+        assert!(matches!(
+            LocalCa::rotate(t.path(), &h),
+            Err(CaError::Unsafe { .. })
+        ));
     }
 
     #[test]
