@@ -174,16 +174,10 @@ pub fn spawn_cgroup_follow(
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut last_error = None;
-        loop {
-            tokio::select! {
-                () = tokio::time::sleep(every) => {}
-                changed = stop.changed() => {
-                    if changed.is_err() || *stop.borrow() {
-                        break;
-                    }
-                    continue;
-                }
-            }
+        while unless_stopped(tokio::time::sleep(every), &mut stop)
+            .await
+            .is_some()
+        {
             let cgroup = intercept.cgroup.display().to_string();
             match intercept.follow_cgroup() {
                 CgroupChange::Unchanged => {}
@@ -208,6 +202,28 @@ pub fn spawn_cgroup_follow(
             }
         }
     })
+}
+
+/// Runs `fut` to its end, unless `stop` turns true first (or its sender
+/// is dropped): `None` then. The background loops' way to end promptly.
+pub(crate) async fn unless_stopped<F: std::future::Future>(
+    fut: F,
+    stop: &mut tokio::sync::watch::Receiver<bool>,
+) -> Option<F::Output> {
+    tokio::pin!(fut);
+    loop {
+        if *stop.borrow_and_update() {
+            return None;
+        }
+        tokio::select! {
+            out = &mut fut => return Some(out),
+            changed = stop.changed() => {
+                if changed.is_err() {
+                    return None;
+                }
+            }
+        }
+    }
 }
 
 /// The id of the cgroup at `dir` (its directory's inode number); `None`
@@ -456,5 +472,38 @@ mod tests {
     #[test]
     fn intercept_can_be_shared() {
         assert_send_sync::<Intercept>();
+    }
+
+    #[tokio::test]
+    async fn a_background_step_ends_at_stop_and_not_before() {
+        let (tx, mut rx) = tokio::sync::watch::channel(false);
+        assert_eq!(unless_stopped(async { 7 }, &mut rx).await, Some(7));
+        // A change that is not a stop does not end it.
+        let step = unless_stopped(
+            tokio::time::sleep(std::time::Duration::from_millis(50)),
+            &mut rx,
+        );
+        tx.send(false).unwrap();
+        assert_eq!(step.await, Some(()));
+        // A stop during the step ends it (the step would never finish).
+        let stopper = tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            tx.send(true).unwrap();
+            tx
+        });
+        assert_eq!(
+            unless_stopped(std::future::pending::<()>(), &mut rx).await,
+            None
+        );
+        // Already stopped, or the sender gone: at once.
+        let tx = stopper.await.unwrap();
+        assert_eq!(unless_stopped(async { 1 }, &mut rx).await, None);
+        drop(tx);
+        let (tx2, mut rx2) = tokio::sync::watch::channel(false);
+        drop(tx2);
+        assert_eq!(
+            unless_stopped(std::future::pending::<()>(), &mut rx2).await,
+            None
+        );
     }
 }

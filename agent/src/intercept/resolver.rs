@@ -22,7 +22,7 @@ use std::{
 use futures_util::{StreamExt as _, stream};
 use tokio::{sync::watch, task::JoinHandle};
 
-use super::Intercept;
+use super::{Intercept, unless_stopped};
 
 /// Provider host → the addresses the agent resolved for it and redirects,
 /// kept current by the refresh: where the proxy connects when the address
@@ -269,27 +269,14 @@ pub fn spawn_refresh(
             &remembered.merge(initial, Instant::now(), keep),
         );
         let refresh = refresh.max(Duration::from_secs(1));
-        loop {
-            if *shutdown.borrow_and_update() {
+        let stop = &mut shutdown;
+        while unless_stopped(tokio::time::sleep(refresh), stop)
+            .await
+            .is_some()
+        {
+            let lookups = resolve_targets(&hosts, &overrides, remembered.answers());
+            let Some(next) = unless_stopped(lookups, stop).await else {
                 break;
-            }
-            tokio::select! {
-                () = tokio::time::sleep(refresh) => {}
-                changed = shutdown.changed() => {
-                    if changed.is_err() || *shutdown.borrow() {
-                        break;
-                    }
-                    continue;
-                }
-            }
-            let next = tokio::select! {
-                next = resolve_targets(&hosts, &overrides, remembered.answers()) => next,
-                changed = shutdown.changed() => {
-                    if changed.is_err() || *shutdown.borrow() {
-                        break;
-                    }
-                    continue;
-                }
             };
             apply(
                 &intercept,
