@@ -273,6 +273,7 @@ impl UsageParser for StreamParser {
             output_text: std::mem::take(&mut state.text),
             error: state.error.take(),
             service_tier: state.service_tier.take(),
+            ..ParsedUsage::default()
         }
     }
 }

@@ -420,6 +420,7 @@ impl UsageParser for StreamParser {
             partial: partial && !corrupt,
             error: self.error.take().or(a.error),
             service_tier: a.service_tier,
+            ..ParsedUsage::default()
         }
     }
 }

@@ -142,7 +142,7 @@ impl UsageParser for Nothing {
     fn feed(&mut self, _: &[u8]) {}
     fn finish(&mut self) -> ParsedUsage {
         ParsedUsage {
-            error: Some(UNDECODABLE.to_string()),
+            undecodable: true,
             ..ParsedUsage::default()
         }
     }
@@ -195,9 +195,7 @@ impl UsageParser for Decoding {
             (None, Some(inner)) => inner.finish(),
             (None, None) => ParsedUsage::default(),
         };
-        if self.failed && parsed.usage.is_none() && parsed.error.is_none() {
-            parsed.error = Some(UNDECODABLE.to_string());
-        }
+        parsed.undecodable = self.failed && parsed.usage.is_none();
         parsed
     }
 
@@ -344,18 +342,14 @@ mod tests {
         ] {
             let p = parse(enc, body, 4);
             assert_eq!(p.usage, None, "{enc}");
-            assert_eq!(
-                p.error.as_deref(),
-                Some(UNDECODABLE),
-                "{enc}: the record says why"
-            );
+            assert!(p.undecodable, "{enc}: the record says why");
         }
         // A usage read before the damage stands, without the error.
         let mut body = encode("gzip", CHAT_SSE);
         body.extend_from_slice(b"\x00garbage");
         let p = parse("gzip", &body, 5);
         assert!(p.usage.is_some());
-        assert_eq!(p.error, None);
+        assert!(!p.undecodable);
     }
 
     #[test]

@@ -335,6 +335,7 @@ impl Found {
             partial,
             error: self.error.take(),
             service_tier: None,
+            ..ParsedUsage::default()
         }
     }
 }

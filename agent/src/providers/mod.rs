@@ -248,6 +248,9 @@ pub struct ParsedUsage {
     /// (OpenAI `service_tier`: `default`, `flex`, `priority`, `scale`):
     /// see [`service_tier`].
     pub service_tier: Option<String>,
+    /// The body could not be decoded (see [`decode::UNDECODABLE`]) and no
+    /// usage was read from what did.
+    pub undecodable: bool,
 }
 
 /// A service tier as it may be recorded: as [`error_type`], lower case

@@ -686,14 +686,19 @@ impl Draft {
                 Some(_) => false,
             };
         // The provider's own error first: it says why the stream ended;
-        // an undecodable body says less than why the request ended.
-        let error = match parsed.error.take() {
-            Some(e) if e == crate::providers::decode::UNDECODABLE => error.or(Some(e)),
-            own => own.or(error),
-        }
-        .or_else(|| {
-            (ok && parsed.usage.is_none() && !estimated).then(|| "usage_missing".to_string())
-        });
+        // then why the request ended; then what is missing from the record.
+        let error = parsed
+            .error
+            .take()
+            .or(error)
+            .or_else(|| {
+                parsed
+                    .undecodable
+                    .then(|| crate::providers::decode::UNDECODABLE.to_string())
+            })
+            .or_else(|| {
+                (ok && parsed.usage.is_none() && !estimated).then(|| "usage_missing".to_string())
+            });
         let models = crate::meter::pricing::price_order(
             provider,
             parsed.response_model.as_deref(),
