@@ -848,28 +848,30 @@ mod tests {
         let host = "api.openai.com";
         let server = echo_server(host).await;
         let up = Upstream::new(Some(server.ca.cert_path())).unwrap();
-        let refused = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap()
+        // A port bound and never listened on refuses connections, and stays
+        // taken for the test (a port freed again could be anyone's).
+        let closed = tokio::net::TcpSocket::new_v4().unwrap();
+        closed.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let refused = closed.local_addr().unwrap();
+        let connect_error = |why: &'static str| {
+            let up = &up;
+            async move {
+                let err = up
+                    .send(refused, host, host, post(host, b"{}"))
+                    .await
+                    .err()
+                    .expect(why);
+                assert_eq!(err.kind(), "upstream_connect", "{why}: {err}");
+            }
         };
         // Without other addresses: the dialed one's error.
-        let err = up
-            .send(refused, host, host, post(host, b"{}"))
-            .await
-            .err()
-            .expect("nothing listens there");
-        assert_eq!(err.kind(), "upstream_connect", "{err}");
+        connect_error("nothing listens there").await;
         // Another host's address is not this host's.
         up.known_addresses()
             .write()
             .unwrap()
             .insert("api.anthropic.com".into(), vec![server.addr]);
-        let err = up
-            .send(refused, host, host, post(host, b"{}"))
-            .await
-            .err()
-            .expect("only the host's own addresses");
-        assert_eq!(err.kind(), "upstream_connect", "{err}");
+        connect_error("only the host's own addresses").await;
         // The host's other address answers.
         up.known_addresses()
             .write()
