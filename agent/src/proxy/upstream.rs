@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderName};
 use http::{HeaderValue, Request, Response, Uri, Version};
@@ -153,12 +153,26 @@ pub struct Upstream {
     /// The addresses the agent resolved for each provider host: where a
     /// connection goes when the address the client dialed refuses it.
     known: KnownAddresses,
+    /// Addresses that recently did not take a connection, and when: tried
+    /// last for [`FAILED_FOR`].
+    failed: Mutex<HashMap<SocketAddr, Instant>>,
+    /// [`CONNECT_TIMEOUT`]; tests set it longer.
+    connect_timeout: Duration,
 }
 
 pub use crate::intercept::resolver::KnownAddresses;
 
 /// Other addresses tried after the dialed one fails to connect.
 const MAX_OTHER_ADDRESSES: usize = 2;
+/// How long a connection attempt has alone before the next address is
+/// tried beside it. Linux sends its first SYN again after 1 s: an attempt
+/// not answered by then has lost a packet at least, and a blackholed
+/// address would otherwise hold the request for the whole
+/// [`CONNECT_TIMEOUT`].
+const NEXT_ATTEMPT_AFTER: Duration = Duration::from_secs(1);
+/// How long an address that did not take a connection (refused, timed out,
+/// or slower than another of the host's) is tried after the others.
+const FAILED_FOR: Duration = Duration::from_secs(300);
 
 #[derive(Default)]
 struct Pool {
@@ -300,6 +314,8 @@ impl Upstream {
             connector_h1: TlsConnector::from(Arc::new(h1)),
             pool: Mutex::new(Pool::default()),
             known: KnownAddresses::default(),
+            failed: Mutex::new(HashMap::new()),
+            connect_timeout: CONNECT_TIMEOUT,
         })
     }
 
@@ -311,18 +327,107 @@ impl Upstream {
 
     /// Where to connect for `key`: the dialed address first, then up to
     /// [`MAX_OTHER_ADDRESSES`] others the agent resolved for the host, of
-    /// the same family first.
+    /// the same family first; an address that did not take a connection
+    /// in the last [`FAILED_FOR`] goes after those that did not fail.
     fn candidates(&self, key: &PoolKey) -> Vec<SocketAddr> {
-        let mut out = vec![key.addr];
-        let known = self.known.read().unwrap_or_else(|p| p.into_inner());
-        if let Some(addrs) = known.get(&key.host) {
-            let mut others: Vec<SocketAddr> =
-                addrs.iter().copied().filter(|a| *a != key.addr).collect();
-            // Stable: the same family first, in the resolver's order.
-            others.sort_by_key(|a| a.is_ipv4() != key.addr.is_ipv4());
-            out.extend(others.into_iter().take(MAX_OTHER_ADDRESSES));
+        let failed = self.recently_failed();
+        let mut others = Vec::new();
+        {
+            let known = self.known.read().unwrap_or_else(|p| p.into_inner());
+            if let Some(addrs) = known.get(&key.host) {
+                others.extend(addrs.iter().copied().filter(|a| *a != key.addr));
+            }
         }
+        // Stable: in the resolver's order within each group.
+        others.sort_by_key(|a| (failed.contains(a), a.is_ipv4() != key.addr.is_ipv4()));
+        others.truncate(MAX_OTHER_ADDRESSES);
+        let mut out = Vec::with_capacity(others.len() + 1);
+        out.push(key.addr);
+        out.extend(others);
+        // The dialed address keeps its place unless it failed and another
+        // did not.
+        out.sort_by_key(|a| failed.contains(a));
         out
+    }
+
+    /// The addresses that did not take a connection in the last
+    /// [`FAILED_FOR`] (expired entries are dropped).
+    fn recently_failed(&self) -> Vec<SocketAddr> {
+        let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+        if failed.is_empty() {
+            return Vec::new();
+        }
+        let now = Instant::now();
+        failed.retain(|_, at| now.duration_since(*at) < FAILED_FOR);
+        failed.keys().copied().collect()
+    }
+
+    /// Notes whether `addr` took a connection.
+    fn note_attempt(&self, addr: SocketAddr, took: bool) {
+        let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+        if took {
+            failed.remove(&addr);
+        } else {
+            failed.insert(addr, Instant::now());
+        }
+    }
+
+    /// A TCP connection to the first of `candidates` that takes one. Each
+    /// attempt has [`NEXT_ATTEMPT_AFTER`] alone (or until it fails) before
+    /// the next address is tried beside it, as clients race the addresses
+    /// of a name (RFC 8305); the first to connect wins and the others are
+    /// dropped. Returns the first error when none connects.
+    async fn connect_first(
+        &self,
+        candidates: &[SocketAddr],
+    ) -> Result<(TcpStream, SocketAddr), UpstreamError> {
+        use futures_util::stream::{FuturesUnordered, StreamExt};
+        let timeout = self.connect_timeout;
+        let attempt =
+            |addr: SocketAddr| async move { (addr, connect_tcp_within(addr, timeout).await) };
+        let mut attempts = FuturesUnordered::new();
+        let mut started = 0;
+        let mut first_error = None;
+        loop {
+            if started < candidates.len() && attempts.is_empty() {
+                attempts.push(attempt(candidates[started]));
+                started += 1;
+            }
+            let next_after = tokio::time::sleep(NEXT_ATTEMPT_AFTER);
+            tokio::select! {
+                done = attempts.next() => match done {
+                    Some((addr, Ok(tcp))) => {
+                        self.note_attempt(addr, true);
+                        // Those started before it and still waiting were
+                        // slower than an address started after them.
+                        for slow in &candidates[..started] {
+                            if *slow != addr {
+                                self.note_attempt(*slow, false);
+                            }
+                        }
+                        return Ok((tcp, addr));
+                    }
+                    Some((addr, Err(e))) => {
+                        self.note_attempt(addr, false);
+                        first_error.get_or_insert(e);
+                    }
+                    None => {}
+                },
+                _ = next_after, if started < candidates.len() => {
+                    attempts.push(attempt(candidates[started]));
+                    started += 1;
+                }
+            }
+            if attempts.is_empty() && started == candidates.len() {
+                return Err(first_error.unwrap_or_else(|| UpstreamError::Connect {
+                    addr: candidates
+                        .first()
+                        .copied()
+                        .unwrap_or(([0, 0, 0, 0], 0).into()),
+                    message: "no address to connect to".into(),
+                }));
+            }
+        }
     }
 
     /// Sends `req` to `host` at `addr`, reusing a pooled connection when one
@@ -554,42 +659,25 @@ impl Upstream {
     /// `http/1.1` alone).
     ///
     /// When the dialed address does not take the connection (refused,
-    /// unreachable, timed out), another address the agent resolved for the
-    /// same host is tried, as the client would have tried the next address
-    /// of the name without the agent (its own connect went to the agent and
-    /// succeeded). The certificate is verified for `key.host` whichever
-    /// address answers; an address of another host is never used.
+    /// unreachable, not answering within [`NEXT_ATTEMPT_AFTER`]), another
+    /// address the agent resolved for the same host is tried, as the client
+    /// would have tried the next address of the name without the agent (its
+    /// own connect went to the agent and succeeded). The certificate is
+    /// verified for `key.host` whichever address answers; an address of
+    /// another host is never used.
     async fn connect_tls(
         &self,
         key: &PoolKey,
     ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, UpstreamError> {
-        let mut first_error = None;
-        let mut connected = None;
-        for addr in self.candidates(key) {
-            match connect_tcp(addr).await {
-                Ok(tcp) => {
-                    if addr != key.addr {
-                        tracing::debug!(
-                            host = %key.host,
-                            dialed = %key.addr,
-                            %addr,
-                            "the dialed provider address did not connect; another of the host's did"
-                        );
-                    }
-                    connected = Some((tcp, addr));
-                    break;
-                }
-                Err(e) => {
-                    first_error.get_or_insert(e);
-                }
-            }
+        let (tcp, addr) = self.connect_first(&self.candidates(key)).await?;
+        if addr != key.addr {
+            tracing::debug!(
+                host = %key.host,
+                dialed = %key.addr,
+                %addr,
+                "the dialed provider address did not connect; another of the host's did"
+            );
         }
-        let Some((tcp, addr)) = connected else {
-            return Err(first_error.unwrap_or_else(|| UpstreamError::Connect {
-                addr: key.addr,
-                message: "no address to connect to".into(),
-            }));
-        };
         let tls_err = |message: String| UpstreamError::Tls {
             host: key.host.clone(),
             addr,
@@ -626,7 +714,14 @@ const USER_TIMEOUT_MS: u32 = 120_000;
 /// died silently (a NAT that forgot a long stream or a WebSocket) ends
 /// the connection instead of leaving a read waiting for ever.
 pub(super) async fn connect_tcp(addr: SocketAddr) -> Result<TcpStream, UpstreamError> {
-    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+    connect_tcp_within(addr, CONNECT_TIMEOUT).await
+}
+
+async fn connect_tcp_within(
+    addr: SocketAddr,
+    timeout: Duration,
+) -> Result<TcpStream, UpstreamError> {
+    let tcp = tokio::time::timeout(timeout, TcpStream::connect(addr))
         .await
         .map_err(|_| UpstreamError::Connect {
             addr,
@@ -762,10 +857,6 @@ mod tests {
         assert!(tcp.nodelay().unwrap());
     }
 
-    /// A pooled HTTP/1.1 connection that closes between checkout and send
-    /// (a provider closing an idle keep-alive connection just as it is
-    /// reused) gives the request back unsent: it goes out once, on a new
-    /// connection, and the client gets the provider's answer, not a 502.
     /// A TLS server for `host` (a leaf from the agent's own CA) that
     /// echoes each request's body with a 200, counting requests.
     struct EchoServer {
@@ -885,6 +976,63 @@ mod tests {
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(&body[..], b"{\"ok\":1}");
         assert_eq!(server.served.load(Ordering::SeqCst), 1);
+    }
+
+    /// A dialed address that does not answer (a full accept queue drops
+    /// the SYN, as a blackholed address does) does not hold the request
+    /// for the connect timeout: the host's other address is tried beside
+    /// it and takes the request while the first attempt still waits, and
+    /// the silent address is tried last from then on.
+    #[tokio::test]
+    async fn a_dialed_address_that_does_not_answer_gives_way_without_waiting_out_the_timeout() {
+        let host = "api.openai.com";
+        let server = echo_server(host).await;
+        let mut up = Upstream::new(Some(server.ca.cert_path())).unwrap();
+        // Far longer than the guard below: only trying the next address
+        // while the first attempt still waits can pass.
+        up.connect_timeout = Duration::from_secs(3600);
+        let silent = tokio::net::TcpSocket::new_v4().unwrap();
+        silent.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let silent = silent.listen(0).unwrap();
+        let blackhole = silent.local_addr().unwrap();
+        // Fill the accept queue (never accepted): further SYNs are dropped.
+        let mut queued = Vec::new();
+        loop {
+            match tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(blackhole))
+                .await
+            {
+                Ok(Ok(s)) => queued.push(s),
+                Ok(Err(e)) => panic!("filling the accept queue: {e}"),
+                Err(_) => break,
+            }
+            assert!(queued.len() < 16, "the accept queue never filled");
+        }
+        up.known_addresses()
+            .write()
+            .unwrap()
+            .insert(host.into(), vec![blackhole, server.addr]);
+        let resp = tokio::time::timeout(
+            Duration::from_secs(60),
+            up.send(blackhole, host, host, post(host, b"{}")),
+        )
+        .await
+        .expect("the other address was not tried while the first waited")
+        .expect("sent to the host's other address");
+        assert_eq!(resp.status(), 200);
+        assert_eq!(server.served.load(Ordering::SeqCst), 1);
+        let key = PoolKey {
+            addr: blackhole,
+            host: host.to_string(),
+            h2: false,
+        };
+        assert_eq!(
+            up.candidates(&key),
+            vec![server.addr, blackhole],
+            "the silent address goes last"
+        );
+        up.note_attempt(blackhole, true);
+        assert_eq!(up.candidates(&key), vec![blackhole, server.addr]);
+        drop(queued);
     }
 
     /// A pooled HTTP/1.1 connection that closes between checkout and send
