@@ -46,6 +46,16 @@ const VARIANT_WORDS: &[&str] = &[
     "computer",
     "live",
     "embedding",
+    // OpenAI's model sizes since GPT-5.6 (`gpt-5.6-sol`, `gpt-6.1-terra`)
+    // and the speed variants resellers name (`gpt-6-sol-fast`): each its
+    // own price.
+    "sol",
+    "terra",
+    "luna",
+    "astra",
+    "fast",
+    "ultrafast",
+    "instant",
 ];
 
 /// Bedrock model-id prefixes: cross-region inference profiles and vendors.
@@ -878,6 +888,11 @@ fn canonical_lower(lower: &str) -> &str {
     if let Some((head, _)) = s.split_once('@') {
         s = head;
     }
+    // Claude Code's context-window alias (`claude-opus-4-6[1m]`): the
+    // same model.
+    if let Some((head, _)) = s.split_once('[') {
+        s = head;
+    }
     // An OpenAI fine-tune (`ft:BASE:ORG:NAME:ID`) is priced by its whole
     // name: fine-tunes of one base differ, and none costs its base's price.
     if s.starts_with("ft:") {
@@ -1147,10 +1162,79 @@ mod tests {
         ] {
             assert_eq!(p(unknown), None, "{unknown} must not be priced");
         }
-        assert!(!book.knows("anthropic", "claude-opus-4-6"), "a new version");
+        assert!(!book.knows("anthropic", "claude-opus-4-9"), "a new version");
+        assert!(!book.knows("anthropic", "claude-opus-5-6"), "a new version");
         assert!(!book.knows("openai", "claude-sonnet-4-5"), "wrong provider");
         assert!(!book.knows("bedrock", "amazon.nova-pro-v1:0"));
         assert!(!book.knows("mistral", "gpt-4o"));
+    }
+
+    /// The models released from 2025-12 to 2026-11, as their APIs name
+    /// them (no dated snapshots since Claude Opus 4.6 and GPT-6), priced
+    /// as the providers' pages give them; their siblings without a price
+    /// stay unpriced rather than take a neighbour's.
+    #[test]
+    fn models_of_2026_are_priced_and_their_unpriced_siblings_are_not() {
+        let book = PriceBook::builtin();
+        let day = |d: &str| parse_date_ms(d).expect("date");
+        let now = day("2026-11-30");
+        let rates = |p: &str, m: &str| {
+            book.price_at(p, m, now)
+                .map(|x| (x.input, x.cached_input, x.output))
+                .unwrap_or_else(|| panic!("{p} {m} should be priced"))
+        };
+        assert_eq!(rates("anthropic", "claude-opus-4-6"), (5.0, 0.5, 25.0));
+        assert_eq!(rates("anthropic", "claude-sonnet-4-6"), (3.0, 0.3, 15.0));
+        assert_eq!(rates("anthropic", "claude-opus-5-5"), (4.0, 0.2, 20.0));
+        assert_eq!(rates("anthropic", "claude-opus-5"), (5.0, 0.5, 25.0));
+        assert_eq!(rates("anthropic", "claude-fable-5-1"), (10.0, 0.25, 50.0));
+        assert_eq!(rates("openai", "gpt-5.4-2026-03-05"), (2.5, 0.25, 15.0));
+        assert_eq!(rates("openai", "gpt-6.1-terra"), (1.0, 0.05, 5.0));
+        assert_eq!(rates("azure-openai", "gpt-6-sol"), (2.0, 0.2, 10.0));
+        // Sonnet 5.5's cache reads halved on 2026-10-07.
+        let sonnet = |d| {
+            book.price_at("anthropic", "claude-sonnet-5-5", day(d))
+                .unwrap()
+        };
+        assert_eq!(sonnet("2026-10-06").cached_input, 0.20);
+        assert_eq!(sonnet("2026-10-07").cached_input, 0.10);
+        // Bedrock ids of the new Claude models (no `:0`, or none at all)
+        // and Claude Code's `[1m]` alias.
+        for id in [
+            "anthropic.claude-opus-4-6-v1",
+            "anthropic.claude-opus-4-6-v1:0",
+            "us.anthropic.claude-opus-4-6-v1",
+            "claude-opus-4-6[1m]",
+        ] {
+            assert_eq!(
+                book.price_at("bedrock", id, now),
+                book.price_at("anthropic", "claude-opus-4-6", now),
+                "{id}"
+            );
+        }
+        assert_eq!(
+            book.price_at("bedrock", "global.anthropic.claude-sonnet-5-5", now),
+            book.price_at("anthropic", "claude-sonnet-5-5", now)
+        );
+        // Tiers and long prompts of the new OpenAI models.
+        let terra = book.price_at("openai", "gpt-6.1-terra", now).unwrap();
+        assert_eq!(terra.in_tier(Some("flex")).map(|r| r.input), Some(0.5));
+        assert_eq!(
+            terra.in_tier(Some("priority")).map(|r| r.output),
+            Some(10.0)
+        );
+        assert_eq!(terra.cache_write, 1.25);
+        for unpriced in [
+            ("openai", "gpt-5.4-mini"),
+            ("openai", "gpt-5.4-pro"),
+            ("openai", "gpt-5.6-terra"),
+            ("openai", "gpt-6-astra"),
+            ("openai", "gpt-6-sol-fast"),
+            ("openai", "gpt-6.1-sol-ultrafast"),
+            ("anthropic", "claude-haiku-5-5"),
+        ] {
+            assert!(!book.knows(unpriced.0, unpriced.1), "{unpriced:?}");
+        }
     }
 
     #[test]
