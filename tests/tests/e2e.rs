@@ -652,6 +652,76 @@ assert r.usage.completion_tokens == 3, r.usage
 
 #[test]
 #[ignore = "needs root, cgroup v2 and BPF"]
+fn the_responses_api_over_a_websocket_is_metered_response_by_response() {
+    // The Responses API's WebSocket mode (Codex's default) with the
+    // official SDK: each response on the connection is a record, as over
+    // HTTP. The second connection offers permessage-deflate (the SDK does
+    // when given a message size limit), and the fake would compress
+    // everything it sends if the offer reached it: the agent takes the
+    // offer out so that it can read the messages.
+    let w = World::start("ws-responses", 43);
+    let client = w.client(&[]);
+    ok(
+        &client.python(
+            r#"
+import openai
+c = openai.OpenAI(api_key="sk-test-WSSECRET-0123456789", max_retries=0, timeout=30)
+usage = []
+def completed(conn):
+    for ev in conn:
+        if ev.type == "response.completed":
+            usage.append((ev.response.usage.input_tokens, ev.response.usage.output_tokens))
+            return
+with c.responses.connect() as conn:
+    conn.response.create(model="gpt-5.4", input="first turn over the socket")
+    completed(conn)
+    conn.response.create(model="bad-model", input="no such model")
+    for ev in conn:
+        if ev.type == "error":
+            break
+with c.responses.connect(websocket_connection_options={"max_size": 1 << 24}) as conn:
+    conn.response.create(model="gpt-6-sol", input="second")
+    completed(conn)
+    # Asked for and never answered (the fake ignores this model): the
+    # client leaves first.
+    conn.response.create(model="silent-model", input="left behind")
+assert usage == [(8, 6), (4, 6)], usage
+"#,
+        ),
+        "python openai responses websocket",
+    );
+    let reported = w.fake.reported();
+    assert_eq!(reported.len(), 2, "{reported:#?}");
+    let rows = w.agent.wait_for_records(4);
+    assert_eq!(rows.len(), 4, "{rows:#?}");
+    for (row, rep) in [&rows[0], &rows[2]].into_iter().zip(&reported) {
+        tollgate_e2e::world::assert_row_matches(row, rep);
+        assert_eq!(s(row, "operation"), "responses", "{row}");
+        assert_eq!(s(row, "path"), "/v1/responses", "{row}");
+        assert_eq!(u(row, "status"), 200, "{row}");
+        assert_eq!(s(row, "service_tier"), "default", "{row}");
+        assert!(row["cost_usd"].as_f64().is_some_and(|c| c > 0.0), "{row}");
+        assert!(row["error"].is_null(), "{row}");
+    }
+    assert_eq!(s(&rows[0], "model"), "gpt-5.4");
+    assert_eq!(s(&rows[2], "response_model"), "gpt-6-sol");
+    assert_eq!(u(&rows[1], "status"), 404, "{}", rows[1]);
+    assert_eq!(s(&rows[1], "error"), "model_not_found", "{}", rows[1]);
+    assert_eq!(s(&rows[1], "model"), "bad-model");
+    assert_eq!(s(&rows[3], "model"), "silent-model");
+    assert_eq!(s(&rows[3], "error"), "client_disconnected", "{}", rows[3]);
+    // The key stays out of the ledger and the log.
+    let report = w.agent.command(&["report", "--json"]);
+    for text in [
+        String::from_utf8_lossy(&report.stdout).into_owned(),
+        w.agent.log(),
+    ] {
+        assert!(!text.contains("WSSECRET"), "{text}");
+    }
+}
+
+#[test]
+#[ignore = "needs root, cgroup v2 and BPF"]
 fn a_request_the_provider_dropped_after_reading_has_its_input_counted() {
     // The provider read the whole request, then the connection went away
     // without an answer: it may bill the input, as when a client leaves.

@@ -707,6 +707,13 @@ impl StreamParser {
     }
 }
 
+/// Reads one event of a Responses API WebSocket (the same events as its
+/// SSE stream, one per text message) into `found`: the model, usage and
+/// service tier of `response.completed` and its kin.
+pub fn websocket_event(found: &mut ParsedUsage, data: &str) {
+    StreamParser::on_event(found, data);
+}
+
 impl UsageParser for StreamParser {
     fn feed(&mut self, chunk: &[u8]) {
         let found = &mut self.found;

@@ -223,15 +223,32 @@ fn is_upgrade(req: &Request<Incoming>) -> bool {
             .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
 }
 
+/// Whether a WebSocket handshake opens the OpenAI Responses API's
+/// WebSocket mode (`GET /v1/responses`, Azure's `/openai/v1/responses`),
+/// whose responses are metered as they pass.
+fn metered_websocket(api: crate::config::ApiKind, path: &str) -> bool {
+    use crate::config::ApiKind;
+    matches!(api, ApiKind::Openai | ApiKind::AzureOpenai)
+        && path.trim_end_matches('/').ends_with("/responses")
+}
+
 /// Passes a protocol switch through: the handshake goes upstream on a
 /// connection of its own, and after the provider's `101` the client's
 /// connection and the provider's are joined until either ends or the
-/// agent stops. Realtime APIs (OpenAI Realtime, Gemini Live) work this
-/// way; their traffic is not metered.
+/// agent stops. The Responses API's WebSocket mode is metered as it
+/// passes (see [`WsMeter`]); realtime APIs (OpenAI Realtime, Gemini Live)
+/// are not.
 async fn tunnel(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<ProxyBody> {
     let state = &ctx.state;
     let client_side = hyper::upgrade::on(&mut req);
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
+    let metered = metered_websocket(ctx.provider.api, parts.uri.path());
+    if metered {
+        // Messages compressed by `permessage-deflate` could not be read:
+        // the offer is not passed on, and the two ends talk uncompressed.
+        parts.headers.remove(header::SEC_WEBSOCKET_EXTENSIONS);
+    }
+    let path = crate::meter::cap(parts.uri.path(), crate::meter::MAX_PATH).to_string();
     let authority = authority(&parts, &ctx.provider.host);
     let up_req = Request::from_parts(parts, boxed(body));
     let mut resp = match state
@@ -256,6 +273,10 @@ async fn tunnel(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<Proxy
         .unwrap_or("")
         .to_string();
     let pid = ctx.who.pid;
+    // Extensions the provider accepted all the same (it was offered none)
+    // leave its messages unread: their responses are recorded without
+    // usage, when they end.
+    let meter = metered.then(|| WsMeter::new(ctx.clone(), path));
     state.background.spawn(async move {
         let (client, upstream) = match tokio::join!(client_side, upstream_side) {
             (Ok(c), Ok(u)) => (c, u),
@@ -264,6 +285,16 @@ async fn tunnel(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<Proxy
                 return;
             }
         };
+        if let Some(meter) = meter {
+            debug!(pid, "Responses API WebSocket: metered as it passes");
+            tokio::select! {
+                r = relay_metered(client, upstream, meter) => {
+                    debug!(pid, result = ?r, "upgraded connection ended");
+                }
+                _ = stopping.cancelled() => {}
+            }
+            return;
+        }
         debug!(pid, protocol = %protocol, "upgraded connection: passed through, not metered");
         let (mut client, mut upstream) = (
             hyper_util::rt::TokioIo::new(client),
@@ -280,6 +311,294 @@ async fn tunnel(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<Proxy
     // belong to the switch.
     let (rparts, _) = resp.into_parts();
     Response::from_parts(rparts, boxed(http_body_util::Empty::<Bytes>::new()))
+}
+
+/// Copies both directions of a metered WebSocket, each byte forwarded as
+/// it arrives and then shown to the meter, until both ends have closed
+/// (or either fails). The meter, dropped at the end, records what was
+/// left open.
+async fn relay_metered(
+    client: hyper::upgrade::Upgraded,
+    upstream: hyper::upgrade::Upgraded,
+    meter: WsMeter,
+) -> std::io::Result<()> {
+    let meter = std::sync::Mutex::new(meter);
+    let lock = || meter.lock().unwrap_or_else(|p| p.into_inner());
+    let (mut client_rd, mut client_wr) = tokio::io::split(hyper_util::rt::TokioIo::new(client));
+    let (mut up_rd, mut up_wr) = tokio::io::split(hyper_util::rt::TokioIo::new(upstream));
+    let asks = pump(&mut client_rd, &mut up_wr, |b| lock().client_sent(b));
+    let answers = pump(&mut up_rd, &mut client_wr, |b| lock().provider_sent(b));
+    tokio::try_join!(asks, answers).map(|_| ())
+}
+
+/// Copies `from` to `to` until `from` ends, then shuts `to` down;
+/// `observe` sees each piece once it is written.
+async fn pump<R, W>(from: &mut R, to: &mut W, mut observe: impl FnMut(&[u8])) -> std::io::Result<()>
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = from.read(&mut buf).await?;
+        if n == 0 {
+            return to.shutdown().await;
+        }
+        to.write_all(&buf[..n]).await?;
+        to.flush().await?;
+        observe(&buf[..n]);
+    }
+}
+
+/// The meter of one Responses API WebSocket: every response the provider
+/// reports (`response.created` to `response.completed`, `.incomplete` or
+/// `.failed`) is one record, as a request over HTTP would be, with the
+/// model, usage and service tier of its last event; an `error` event
+/// answering a `response.create` is one record with its status. A
+/// response still open, or a `response.create` still unanswered, when the
+/// connection ends is recorded as a request the client left.
+///
+/// Responses are told apart by their id, so parallel ones (stream ids)
+/// and the successors the provider starts by itself (steering) are each
+/// counted once.
+struct WsMeter {
+    ctx: Arc<ConnCtx>,
+    path: String,
+    client: super::websocket::FrameReader,
+    provider: super::websocket::FrameReader,
+    /// `response.create`s sent and not answered yet: when, and the model
+    /// they named.
+    asked: std::collections::VecDeque<(Instant, i64, Option<String>)>,
+    /// Responses the provider started and has not ended, by id.
+    open: std::collections::HashMap<String, Draft>,
+    /// A direction's framing was found broken (and said so).
+    unreadable: bool,
+}
+
+/// Past this many, the oldest unanswered `response.create` is let go
+/// (recorded as unanswered) and a response the provider starts is
+/// recorded only when it ends.
+const WS_MAX_OPEN: usize = 256;
+
+#[derive(serde::Deserialize)]
+struct WsClientEvent<'a> {
+    #[serde(default, borrow, rename = "type")]
+    kind: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default, borrow)]
+    model: Option<std::borrow::Cow<'a, str>>,
+}
+
+#[derive(serde::Deserialize)]
+struct WsProviderEvent<'a> {
+    #[serde(default, borrow, rename = "type")]
+    kind: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default, borrow)]
+    response: Option<WsResponseHead<'a>>,
+    #[serde(default)]
+    status: Option<serde_json::Value>,
+    #[serde(default)]
+    error: Option<serde_json::Value>,
+}
+
+#[derive(serde::Deserialize)]
+struct WsResponseHead<'a> {
+    #[serde(default, borrow)]
+    id: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default, borrow)]
+    model: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default)]
+    error: Option<serde_json::Value>,
+}
+
+/// The error type an `error` member names (`code`, else `type`).
+fn ws_error_type(error: Option<&serde_json::Value>) -> Option<String> {
+    let e = error?;
+    ["code", "type"]
+        .into_iter()
+        .find_map(|k| e.get(k).and_then(serde_json::Value::as_str))
+        .and_then(crate::providers::error_type)
+}
+
+impl WsMeter {
+    fn new(ctx: Arc<ConnCtx>, path: String) -> Self {
+        use super::websocket::{FrameReader, MAX_MESSAGE};
+        WsMeter {
+            ctx,
+            path,
+            client: FrameReader::new(MAX_MESSAGE),
+            provider: FrameReader::new(MAX_MESSAGE),
+            asked: Default::default(),
+            open: Default::default(),
+            unreadable: false,
+        }
+    }
+
+    /// A draft for a response asked for at `started`.
+    fn draft(&self, started: Instant, started_ms: i64, model: Option<String>) -> Draft {
+        let state = &self.ctx.state;
+        Draft {
+            ctx: self.ctx.clone(),
+            body: None,
+            lease: state.body_budget.lease(),
+            started,
+            started_ms,
+            method: "GET".to_string(),
+            path: self.path.clone(),
+            info: RequestInfo {
+                operation: "responses",
+                metered: true,
+                model,
+                streaming: true,
+                ..RequestInfo::default()
+            },
+            status: 0,
+            ttfb_ms: None,
+            emitted: false,
+            // Sent: the message went upstream before it was read here.
+            sent: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+            unanswered: false,
+            _live: state.live.request_started(&self.ctx.who),
+        }
+    }
+
+    fn client_sent(&mut self, bytes: &[u8]) {
+        let asked = &mut self.asked;
+        let mut let_go = Vec::new();
+        self.client.feed(bytes, &mut |msg| {
+            let Ok(ev) = serde_json::from_slice::<WsClientEvent<'_>>(msg) else {
+                return;
+            };
+            if ev.kind.as_deref() != Some("response.create") {
+                return;
+            }
+            if asked.len() >= WS_MAX_OPEN {
+                let_go.extend(asked.pop_front());
+            }
+            let model = ev.model.map(|m| {
+                let mut m = m.into_owned();
+                crate::meter::cap_owned(&mut m, crate::meter::MAX_MODEL_NAME);
+                m
+            });
+            asked.push_back((Instant::now(), now_ms(), model));
+        });
+        for (at, at_ms, model) in let_go {
+            drop(self.draft(at, at_ms, model));
+        }
+        self.note_unreadable();
+    }
+
+    fn provider_sent(&mut self, bytes: &[u8]) {
+        let mut events = Vec::new();
+        self.provider.feed(bytes, &mut |msg| {
+            if let Ok(text) = std::str::from_utf8(msg) {
+                events.push(text.to_string());
+            }
+        });
+        for text in events {
+            self.on_provider_event(&text);
+        }
+        self.note_unreadable();
+    }
+
+    /// Says once when either direction could not be read as WebSocket
+    /// frames: its responses are then recorded without usage.
+    fn note_unreadable(&mut self) {
+        if !self.unreadable && (self.client.broken() || self.provider.broken()) {
+            self.unreadable = true;
+            warn!(
+                host = self.ctx.provider.host.as_str(),
+                "a Responses API WebSocket broke the framing rules: its responses from here on are not metered"
+            );
+        }
+    }
+
+    fn on_provider_event(&mut self, text: &str) {
+        let Ok(ev) = serde_json::from_str::<WsProviderEvent<'_>>(text) else {
+            return;
+        };
+        let id = ev
+            .response
+            .as_ref()
+            .and_then(|r| r.id.as_deref())
+            .map(str::to_string);
+        match ev.kind.as_deref() {
+            Some("response.created") => {
+                let Some(id) = id else { return };
+                if self.open.contains_key(&id) || self.open.len() >= WS_MAX_OPEN {
+                    return;
+                }
+                let model = ev.response.as_ref().and_then(|r| r.model.as_deref());
+                // Its `response.create`, if the client sent one (a
+                // successor the provider starts by itself has none).
+                let (at, at_ms, asked_model) = self
+                    .asked
+                    .pop_front()
+                    .unwrap_or_else(|| (Instant::now(), now_ms(), None));
+                let model = asked_model.or_else(|| {
+                    model.map(|m| {
+                        let mut m = m.to_string();
+                        crate::meter::cap_owned(&mut m, crate::meter::MAX_MODEL_NAME);
+                        m
+                    })
+                });
+                let mut draft = self.draft(at, at_ms, model);
+                draft.ttfb_ms = Some(at.elapsed().as_millis() as u64);
+                self.open.insert(id, draft);
+            }
+            Some(kind @ ("response.completed" | "response.incomplete" | "response.failed")) => {
+                let mut draft = match id.as_ref().and_then(|id| self.open.remove(id)) {
+                    Some(d) => d,
+                    None => {
+                        let (at, at_ms, model) = self
+                            .asked
+                            .pop_front()
+                            .unwrap_or_else(|| (Instant::now(), now_ms(), None));
+                        self.draft(at, at_ms, model)
+                    }
+                };
+                draft.status = 200;
+                let mut parsed = ParsedUsage::default();
+                crate::providers::openai::websocket_event(&mut parsed, text);
+                if kind == "response.failed" && parsed.error.is_none() {
+                    parsed.error =
+                        ws_error_type(ev.response.as_ref().and_then(|r| r.error.as_ref()))
+                            .or_else(|| Some("response_failed".to_string()));
+                }
+                draft.emit(parsed, None);
+            }
+            Some("error") => {
+                // The answer to the oldest `response.create` not yet
+                // answered; an error about something else is not a request.
+                let Some((at, at_ms, model)) = self.asked.pop_front() else {
+                    return;
+                };
+                let mut draft = self.draft(at, at_ms, model);
+                draft.status = ev
+                    .status
+                    .as_ref()
+                    .and_then(serde_json::Value::as_u64)
+                    .and_then(|s| u16::try_from(s).ok())
+                    .filter(|s| (400..600).contains(s))
+                    .unwrap_or(400);
+                let error = ws_error_type(ev.error.as_ref()).or_else(|| Some("error".into()));
+                draft.emit(ParsedUsage::default(), error);
+            }
+            _ => {}
+        }
+    }
+}
+
+impl Drop for WsMeter {
+    /// What is still open when the connection ends is recorded as a
+    /// request the client left (each draft's own drop records it).
+    fn drop(&mut self) {
+        let asked: Vec<_> = self.asked.drain(..).collect();
+        for (at, at_ms, model) in asked {
+            drop(self.draft(at, at_ms, model));
+        }
+        self.open.clear();
+    }
 }
 
 /// A request this connection must not carry: `CONNECT` (the agent is no
@@ -965,6 +1284,155 @@ fn hangup_error(state: &ProxyState) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    struct Keep(std::sync::Mutex<Vec<Arc<UsageRecord>>>);
+    impl crate::meter::RecordSink for Keep {
+        fn submit(&self, rec: Arc<UsageRecord>) {
+            self.0.lock().unwrap().push(rec);
+        }
+    }
+
+    struct NoOrigins;
+    impl super::super::OriginSource for NoOrigins {
+        fn origin(&self, _: std::net::SocketAddr, _: std::net::SocketAddr) -> Option<ConnOrigin> {
+            None
+        }
+        fn forget(&self, _: &ConnOrigin) {}
+    }
+
+    /// A meter of a Responses API WebSocket on api.openai.com, and what it
+    /// records.
+    fn ws_meter() -> (WsMeter, Arc<Keep>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let (ca, _) =
+            crate::ca::LocalCa::load_or_create(dir.path(), &["api.openai.com".to_owned()]).unwrap();
+        let keep = Arc::new(Keep(Default::default()));
+        let state = Arc::new(ProxyState::new(
+            Arc::new(NoOrigins),
+            Arc::new(ca),
+            super::super::upstream::Upstream::new(None).unwrap(),
+            Vec::new(),
+            crate::attribution::Attributor::new("/proc".into()),
+            keep.clone(),
+            1 << 20,
+        ));
+        let ctx = Arc::new(ConnCtx {
+            state,
+            origin: ConnOrigin {
+                tgid: 1,
+                pid: 1,
+                uid: 0,
+                gid: 0,
+                cgroup_id: 1,
+                comm: "codex".into(),
+                dst: "127.0.0.1:443".parse().unwrap(),
+                cookie: 1,
+                connected_boot_ns: 0,
+            },
+            who: Arc::new(Attribution::default()),
+            provider: ProviderHost {
+                host: "api.openai.com".into(),
+                api: crate::config::ApiKind::Openai,
+                refuses_stream_options: false,
+            },
+        });
+        (WsMeter::new(ctx, "/v1/responses".into()), keep, dir)
+    }
+
+    fn ws_text(json: serde_json::Value, mask: Option<[u8; 4]>) -> Vec<u8> {
+        super::super::websocket::tests::frame(true, 0x1, json.to_string().as_bytes(), mask)
+    }
+
+    fn completed(id: &str, model: &str, input: u64, output: u64) -> serde_json::Value {
+        serde_json::json!({"type": "response.completed", "response": {
+            "id": id, "model": model, "status": "completed",
+            "usage": {"input_tokens": input, "output_tokens": output}}})
+    }
+
+    /// Responses are told apart by id: interleaved ones (stream ids) and a
+    /// successor the provider starts by itself (steering) are each one
+    /// record with their own usage; an error event with no request waiting
+    /// is not a record; what is open at the end is recorded as left.
+    #[test]
+    fn each_response_on_a_websocket_is_one_record() {
+        let (mut meter, keep, _dir) = ws_meter();
+        let key = Some([1, 2, 3, 4]);
+        let create = |model: &str| {
+            ws_text(
+                serde_json::json!({"type": "response.create", "model": model, "input": "hi"}),
+                key,
+            )
+        };
+        let created = |id: &str, model: &str| {
+            ws_text(
+                serde_json::json!({"type": "response.created", "response": {"id": id, "model": model}}),
+                None,
+            )
+        };
+        let mut client = create("gpt-5.4");
+        client.extend(create("gpt-6-sol"));
+        // Both asks in one piece, split across two reads.
+        let (a, b) = client.split_at(7);
+        meter.client_sent(a);
+        meter.client_sent(b);
+        let mut provider = created("resp_a", "gpt-5.4-2026-03-05");
+        provider.extend(created("resp_b", "gpt-6-sol"));
+        provider.extend(ws_text(completed("resp_b", "gpt-6-sol", 20, 2), None));
+        provider.extend(ws_text(
+            completed("resp_a", "gpt-5.4-2026-03-05", 10, 1),
+            None,
+        ));
+        // A successor nobody asked for, then an unrelated error event.
+        provider.extend(created("resp_c", "gpt-5.4-2026-03-05"));
+        provider.extend(ws_text(
+            completed("resp_c", "gpt-5.4-2026-03-05", 30, 3),
+            None,
+        ));
+        provider.extend(ws_text(
+            serde_json::json!({"type": "error", "error": {"code": "rate_limit_exceeded"}}),
+            None,
+        ));
+        for piece in provider.chunks(5) {
+            meter.provider_sent(piece);
+        }
+        // Asked for and started, never finished.
+        meter.client_sent(&create("gpt-5.4"));
+        meter.provider_sent(&created("resp_d", "gpt-5.4"));
+        drop(meter);
+        let recs = keep.0.lock().unwrap();
+        let got: Vec<_> = recs
+            .iter()
+            .map(|r| {
+                (
+                    r.model.clone().unwrap_or_default(),
+                    r.usage.input_tokens,
+                    r.usage.output_tokens,
+                    r.status,
+                    r.error.clone(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("gpt-6-sol".into(), 20, 2, 200, None),
+                ("gpt-5.4".into(), 10, 1, 200, None),
+                ("gpt-5.4-2026-03-05".into(), 30, 3, 200, None),
+                (
+                    "gpt-5.4".into(),
+                    0,
+                    0,
+                    0,
+                    Some("client_disconnected".into())
+                ),
+            ]
+        );
+        for r in recs.iter() {
+            assert_eq!(r.operation, "responses");
+            assert!(r.streaming);
+        }
+        assert!(recs[0].cost_usd.is_some_and(|c| c > 0.0), "{:?}", recs[0]);
+    }
 
     fn req(method: &str, uri: &str, host: Option<&str>) -> Request<()> {
         let mut b = Request::builder().method(method).uri(uri);

@@ -12,6 +12,7 @@ pub mod clienthello;
 mod http;
 pub mod rewind;
 pub mod upstream;
+mod websocket;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -217,7 +217,7 @@ async fn handle(req: Request<Incoming>, sni: String, log: Log) -> Result<Respons
         return Ok(canned::answer(req.into_body()).await);
     }
     if websocket::wanted(&req) {
-        return Ok(websocket::accept(req));
+        return Ok(websocket::accept(req, sni, log));
     }
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or("").to_string();

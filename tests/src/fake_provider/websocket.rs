@@ -1,7 +1,15 @@
-//! The fake's WebSocket endpoint, as realtime APIs use (OpenAI Realtime,
-//! Gemini Live): the handshake on any path, then a text frame `ready`
-//! from the server, then every text frame the client sends comes back
-//! upper-cased, until the client closes.
+//! The fake's WebSocket endpoints.
+//!
+//! - `/v1/responses` (and any path ending `/responses`): the OpenAI
+//!   Responses API's WebSocket mode. Each `response.create` is answered
+//!   with `response.created`, a text delta and `response.completed` with
+//!   usage (logged as reported); the model `bad-model` gets an `error`
+//!   event (404), and `silent-model` no answer at all. When the handshake offers `permessage-deflate`, the fake
+//!   accepts it and compresses every message it sends, as real servers
+//!   may.
+//! - Anything else, as realtime APIs use (OpenAI Realtime, Gemini Live): a
+//!   text frame `ready` from the server, then every text frame the client
+//!   sends comes back upper-cased, until the client closes.
 
 use base64::Engine as _;
 use http_body_util::BodyExt as _;
@@ -11,7 +19,7 @@ use hyper_util::rt::TokioIo;
 use serde_json::json;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::{Body, json_response};
+use super::{Body, Log, Reported, json_response};
 
 /// A WebSocket handshake.
 pub(crate) fn wanted(req: &Request<Incoming>) -> bool {
@@ -23,7 +31,7 @@ pub(crate) fn wanted(req: &Request<Incoming>) -> bool {
 
 /// Answers the handshake (101) and serves the connection once hyper has
 /// handed it over.
-pub(crate) fn accept(mut req: Request<Incoming>) -> Response<Body> {
+pub(crate) fn accept(mut req: Request<Incoming>, sni: String, log: Log) -> Response<Body> {
     let Some(key) = req.headers().get("sec-websocket-key").cloned() else {
         return json_response(400, json!({"error": {"message": "no Sec-WebSocket-Key"}}));
     };
@@ -31,12 +39,25 @@ pub(crate) fn accept(mut req: Request<Incoming>) -> Response<Body> {
     sha1.update(key.as_bytes());
     sha1.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
     let accept = base64::engine::general_purpose::STANDARD.encode(sha1.finish().as_ref());
+    let path = req.uri().path().to_string();
+    let responses = path.trim_end_matches('/').ends_with("/responses");
+    let deflate = responses
+        && req
+            .headers()
+            .get_all("sec-websocket-extensions")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| v.contains("permessage-deflate"));
     let upgrade = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
         let Ok(io) = upgrade.await else {
             return;
         };
         let mut io = TokioIo::new(io);
+        if responses {
+            serve_responses(&mut io, deflate, sni, path, log).await;
+            return;
+        }
         if send(&mut io, b"ready").await.is_err() {
             return;
         }
@@ -51,22 +72,126 @@ pub(crate) fn accept(mut req: Request<Incoming>) -> Response<Body> {
             }
         }
     });
-    Response::builder()
+    let mut resp = Response::builder()
         .status(101)
         .header(header::UPGRADE, "websocket")
         .header(header::CONNECTION, "Upgrade")
-        .header("sec-websocket-accept", accept)
-        .body(
-            http_body_util::Empty::new()
-                .map_err(|never| match never {})
-                .boxed(),
-        )
-        .expect("response")
+        .header("sec-websocket-accept", accept);
+    if deflate {
+        resp = resp.header(
+            "sec-websocket-extensions",
+            "permessage-deflate; server_no_context_takeover; client_no_context_takeover",
+        );
+    }
+    resp.body(
+        http_body_util::Empty::new()
+            .map_err(|never| match never {})
+            .boxed(),
+    )
+    .expect("response")
+}
+
+/// The Responses API's WebSocket mode (see the module's doc).
+async fn serve_responses<S: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut S,
+    deflate: bool,
+    sni: String,
+    path: String,
+    log: Log,
+) {
+    let mut turn = 0u64;
+    while let Ok(Some((opcode, payload))) = recv(io).await {
+        match opcode {
+            0x1 => {}
+            0x8 => {
+                let _ = io.write_all(&[0x88, 0]).await;
+                return;
+            }
+            _ => continue,
+        }
+        let Ok(ev) = serde_json::from_slice::<serde_json::Value>(&payload) else {
+            continue;
+        };
+        if ev["type"] != "response.create" {
+            continue;
+        }
+        let model = ev["model"].as_str().unwrap_or("").to_string();
+        let events = if model == "silent-model" {
+            Vec::new()
+        } else if model == "bad-model" {
+            vec![json!({"type": "error", "status": 404, "error": {
+                "type": "invalid_request_error", "code": "model_not_found",
+                "message": "The model `bad-model` does not exist"}})]
+        } else {
+            turn += 1;
+            let id = format!("resp_ws_{turn}");
+            let input = ev["input"]
+                .as_str()
+                .map_or(3, |t| t.split_whitespace().count() as u64 + 3);
+            let (output, cached) = (5 + turn, 2 * (turn - 1));
+            log.lock().unwrap().push(Reported {
+                api: "openai",
+                sni: sni.clone(),
+                path: path.clone(),
+                model: model.clone(),
+                stream: true,
+                input_tokens: input,
+                output_tokens: output,
+                cached_input_tokens: cached,
+                usage_sent: true,
+                ..Reported::default()
+            });
+            let head = json!({"id": id, "object": "response", "model": model, "status": "in_progress", "output": []});
+            vec![
+                json!({"type": "response.created", "response": head}),
+                json!({"type": "response.output_text.delta", "delta": "over the socket"}),
+                json!({"type": "response.completed", "response": {
+                    "id": id, "object": "response", "model": model, "status": "completed",
+                    "output": [], "service_tier": "default",
+                    "usage": {"input_tokens": input, "output_tokens": output,
+                        "input_tokens_details": {"cached_tokens": cached},
+                        "output_tokens_details": {"reasoning_tokens": 0},
+                        "total_tokens": input + output}}}),
+            ]
+        };
+        for e in events {
+            let text = e.to_string();
+            let sent = if deflate {
+                send_compressed(io, text.as_bytes()).await
+            } else {
+                send(io, text.as_bytes()).await
+            };
+            if sent.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// One text message compressed by `permessage-deflate` (RSV1 set; no
+/// context kept between messages).
+async fn send_compressed<W: AsyncWrite + Unpin>(io: &mut W, payload: &[u8]) -> std::io::Result<()> {
+    let mut c = flate2::Compress::new(flate2::Compression::default(), false);
+    let mut out = Vec::with_capacity(payload.len() + 64);
+    c.compress_vec(payload, &mut out, flate2::FlushCompress::Sync)
+        .map_err(std::io::Error::other)?;
+    if out.ends_with(&[0, 0, 0xff, 0xff]) {
+        out.truncate(out.len() - 4);
+    }
+    write_frame(io, 0xc1, &out).await
 }
 
 /// One unmasked text frame (as a server sends).
 async fn send<W: AsyncWrite + Unpin>(io: &mut W, payload: &[u8]) -> std::io::Result<()> {
-    let mut frame = vec![0x81];
+    write_frame(io, 0x81, payload).await
+}
+
+async fn write_frame<W: AsyncWrite + Unpin>(
+    io: &mut W,
+    first: u8,
+    payload: &[u8],
+) -> std::io::Result<()> {
+    let mut frame = vec![first];
     match u16::try_from(payload.len()) {
         Ok(n) if n < 126 => frame.push(n as u8),
         Ok(n) => {
@@ -90,6 +215,7 @@ async fn recv<R: AsyncRead + Unpin>(io: &mut R) -> std::io::Result<Option<(u8, V
         return Ok(None);
     }
     let opcode = head[0] & 0x0f;
+    let compressed = head[0] & 0x40 != 0;
     let masked = head[1] & 0x80 != 0;
     let len = match head[1] & 0x7f {
         126 => {
@@ -117,6 +243,25 @@ async fn recv<R: AsyncRead + Unpin>(io: &mut R) -> std::io::Result<Option<(u8, V
         for (i, b) in payload.iter_mut().enumerate() {
             *b ^= mask[i % 4];
         }
+    }
+    if compressed {
+        payload.extend_from_slice(&[0, 0, 0xff, 0xff]);
+        let mut d = flate2::Decompress::new(false);
+        let mut out = Vec::with_capacity(payload.len() * 4 + 1024);
+        loop {
+            let before = d.total_in();
+            d.decompress_vec(
+                &payload[before as usize..],
+                &mut out,
+                flate2::FlushDecompress::Sync,
+            )
+            .map_err(std::io::Error::other)?;
+            if d.total_in() as usize >= payload.len() || out.len() > 1 << 20 {
+                break;
+            }
+            out.reserve(out.capacity().max(1024));
+        }
+        return Ok(Some((opcode, out)));
     }
     Ok(Some((opcode, payload)))
 }

@@ -1,0 +1,339 @@
+//! WebSocket frames (RFC 6455) read as they pass through the agent, for
+//! metering the APIs that answer over a WebSocket (the OpenAI Responses
+//! API's WebSocket mode).
+//!
+//! Owns: splitting a byte stream (either direction, masked or not) into
+//! whole text messages. Must never: change, hold back or reorder a byte
+//! (the relay forwards every byte before it is read here), or keep more
+//! than [`MAX_MESSAGE`] of one message: a longer message, a compressed one
+//! (`permessage-deflate`, RSV1) and a binary one are passed over unread,
+//! and a stream that breaks the framing rules is no longer read at all.
+
+/// The longest text message read (the Responses API's last event repeats
+/// the whole response, as over HTTP).
+pub(super) const MAX_MESSAGE: usize = 16 << 20;
+
+/// Splits a WebSocket byte stream into messages as its bytes arrive, in
+/// pieces of any size.
+#[derive(Debug)]
+pub(super) struct FrameReader {
+    limit: usize,
+    /// The frame header read so far (2 to 14 bytes).
+    head: Vec<u8>,
+    /// The current frame's payload bytes still to come, once its header
+    /// is whole.
+    remaining: Option<u64>,
+    frame: Frame,
+    /// The message being put together from its frames.
+    message: Vec<u8>,
+    /// What the message being read is; `None` between messages.
+    kind: Option<Kind>,
+    /// The framing rules were broken: nothing more is read.
+    broken: bool,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Frame {
+    fin: bool,
+    control: bool,
+    mask: Option<[u8; 4]>,
+    /// Payload bytes of this frame already read (the mask's position).
+    read: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// A text message, kept.
+    Text,
+    /// Binary, compressed or too long: passed over.
+    Skipped,
+}
+
+impl FrameReader {
+    pub(super) fn new(limit: usize) -> Self {
+        FrameReader {
+            limit,
+            head: Vec::with_capacity(14),
+            remaining: None,
+            frame: Frame::default(),
+            message: Vec::new(),
+            kind: None,
+            broken: false,
+        }
+    }
+
+    /// Whether the stream broke the framing rules (then nothing more is
+    /// read from it).
+    pub(super) fn broken(&self) -> bool {
+        self.broken
+    }
+
+    /// Reads `data`, the next bytes of the stream, and calls `on_text`
+    /// with each text message it completes.
+    pub(super) fn feed(&mut self, mut data: &[u8], on_text: &mut dyn FnMut(&[u8])) {
+        while !data.is_empty() && !self.broken {
+            match self.remaining {
+                None => {
+                    let want = header_len(&self.head);
+                    let take = (want - self.head.len()).min(data.len());
+                    self.head.extend_from_slice(&data[..take]);
+                    data = &data[take..];
+                    if self.head.len() == header_len(&self.head) {
+                        self.start_frame(on_text);
+                    }
+                }
+                Some(left) => {
+                    let take = usize::try_from(left).unwrap_or(usize::MAX).min(data.len());
+                    self.payload(&data[..take]);
+                    data = &data[take..];
+                    let left = left - take as u64;
+                    self.remaining = Some(left);
+                    if left == 0 {
+                        self.end_frame(on_text);
+                    }
+                }
+            }
+        }
+    }
+
+    /// A frame's header is whole: checks it and starts its payload.
+    fn start_frame(&mut self, on_text: &mut dyn FnMut(&[u8])) {
+        let h = std::mem::take(&mut self.head);
+        let (b0, b1) = (h[0], h[1]);
+        let fin = b0 & 0x80 != 0;
+        let rsv1 = b0 & 0x40 != 0;
+        let opcode = b0 & 0x0f;
+        let masked = b1 & 0x80 != 0;
+        let (len, at) = match b1 & 0x7f {
+            126 => (u64::from(u16::from_be_bytes([h[2], h[3]])), 4),
+            127 => {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(&h[2..10]);
+                (u64::from_be_bytes(b), 10)
+            }
+            n => (u64::from(n), 2),
+        };
+        let mask = masked.then(|| [h[at], h[at + 1], h[at + 2], h[at + 3]]);
+        self.head = h;
+        self.head.clear();
+        let control = opcode & 0x08 != 0;
+        match opcode {
+            // Close, ping, pong: short, whole, and between any two frames.
+            0x8..=0xa if fin && len <= 125 => {}
+            // A text or binary message starts; none may be under way.
+            0x1 | 0x2 if self.kind.is_none() => {
+                self.kind = Some(if opcode == 0x1 && !rsv1 {
+                    Kind::Text
+                } else {
+                    Kind::Skipped
+                });
+                self.message.clear();
+            }
+            // The next piece of the message under way.
+            0x0 if self.kind.is_some() => {}
+            _ => {
+                self.broken = true;
+                self.message = Vec::new();
+                return;
+            }
+        }
+        self.frame = Frame {
+            fin,
+            control,
+            mask,
+            read: 0,
+        };
+        self.remaining = Some(len);
+        if len == 0 {
+            self.end_frame(on_text);
+        }
+    }
+
+    fn payload(&mut self, bytes: &[u8]) {
+        let frame = &mut self.frame;
+        let start = frame.read;
+        frame.read += bytes.len() as u64;
+        if frame.control || self.kind != Some(Kind::Text) {
+            return;
+        }
+        if self.message.len() + bytes.len() > self.limit {
+            self.kind = Some(Kind::Skipped);
+            self.message = Vec::new();
+            return;
+        }
+        let from = self.message.len();
+        self.message.extend_from_slice(bytes);
+        if let Some(mask) = frame.mask {
+            for (i, b) in self.message[from..].iter_mut().enumerate() {
+                *b ^= mask[((start + i as u64) % 4) as usize];
+            }
+        }
+    }
+
+    fn end_frame(&mut self, on_text: &mut dyn FnMut(&[u8])) {
+        self.remaining = None;
+        let frame = self.frame;
+        if frame.control || !frame.fin {
+            return;
+        }
+        if self.kind.take() == Some(Kind::Text) {
+            on_text(&self.message);
+        }
+        if self.message.capacity() > 1 << 20 {
+            self.message = Vec::new();
+        } else {
+            self.message.clear();
+        }
+    }
+}
+
+/// The length of the frame header that starts with `head` (2 until the
+/// second byte says more).
+fn header_len(head: &[u8]) -> usize {
+    if head.len() < 2 {
+        return 2;
+    }
+    let ext = match head[1] & 0x7f {
+        126 => 2,
+        127 => 8,
+        _ => 0,
+    };
+    let mask = if head[1] & 0x80 != 0 { 4 } else { 0 };
+    2 + ext + mask
+}
+
+#[cfg(test)]
+pub(super) mod tests {
+    use super::*;
+
+    /// One frame: `opcode` with FIN as given, masked with `mask` when set.
+    pub(in crate::proxy) fn frame(
+        fin: bool,
+        opcode: u8,
+        payload: &[u8],
+        mask: Option<[u8; 4]>,
+    ) -> Vec<u8> {
+        let mut f = vec![(if fin { 0x80 } else { 0 }) | opcode];
+        let m = if mask.is_some() { 0x80 } else { 0 };
+        match payload.len() {
+            n if n < 126 => f.push(m | n as u8),
+            n if n <= 0xffff => {
+                f.push(m | 126);
+                f.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                f.push(m | 127);
+                f.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        match mask {
+            Some(k) => {
+                f.extend_from_slice(&k);
+                f.extend(payload.iter().enumerate().map(|(i, b)| b ^ k[i % 4]));
+            }
+            None => f.extend_from_slice(payload),
+        }
+        f
+    }
+
+    /// The text messages read from `stream` fed in pieces of `piece`
+    /// bytes (0: whole).
+    fn read(stream: &[u8], piece: usize, limit: usize) -> (Vec<String>, bool) {
+        let mut r = FrameReader::new(limit);
+        let mut out = Vec::new();
+        let mut on = |m: &[u8]| out.push(String::from_utf8_lossy(m).into_owned());
+        if piece == 0 {
+            r.feed(stream, &mut on);
+        } else {
+            for c in stream.chunks(piece) {
+                r.feed(c, &mut on);
+            }
+        }
+        (out, r.broken())
+    }
+
+    #[test]
+    fn text_messages_are_read_whatever_the_pieces_they_arrive_in() {
+        let key = Some([0x12, 0x34, 0x56, 0x78]);
+        let long = "y".repeat(70_000);
+        let medium = "m".repeat(300);
+        let mut stream = Vec::new();
+        stream.extend(frame(true, 0x1, b"{\"type\":\"a\"}", None));
+        // Masked (as clients send), with a ping between two pieces of a
+        // fragmented message, and a binary message passed over.
+        stream.extend(frame(false, 0x1, b"frag", key));
+        stream.extend(frame(true, 0x9, b"ping", key));
+        stream.extend(frame(false, 0x0, b"men", key));
+        stream.extend(frame(true, 0x0, b"ted", key));
+        stream.extend(frame(true, 0x2, b"\x00\x01binary", None));
+        stream.extend(frame(true, 0x1, medium.as_bytes(), key));
+        stream.extend(frame(true, 0x1, long.as_bytes(), None));
+        stream.extend(frame(true, 0x1, b"", None));
+        // Compressed (permessage-deflate sets RSV1): passed over.
+        let mut compressed = frame(true, 0x1, b"\x4a\x4c\x04\x00", None);
+        compressed[0] |= 0x40;
+        stream.extend(compressed);
+        stream.extend(frame(true, 0x8, b"\x03\xe8", None));
+        let want = vec![
+            "{\"type\":\"a\"}".to_string(),
+            "fragmented".to_string(),
+            medium.clone(),
+            long.clone(),
+            String::new(),
+        ];
+        for piece in [0, 1, 2, 3, 7, 13, 4096] {
+            let (got, broken) = read(&stream, piece, MAX_MESSAGE);
+            assert!(!broken, "piece {piece}");
+            assert_eq!(got, want, "piece {piece}");
+        }
+    }
+
+    #[test]
+    fn a_message_over_the_limit_is_passed_over_and_the_next_is_read() {
+        let mut stream = frame(false, 0x1, &[b'x'; 60], None);
+        stream.extend(frame(true, 0x0, &[b'x'; 60], None));
+        stream.extend(frame(true, 0x1, b"next", None));
+        for piece in [0, 1, 50] {
+            let (got, broken) = read(&stream, piece, 100);
+            assert_eq!(got, vec!["next".to_string()], "piece {piece}");
+            assert!(!broken);
+        }
+    }
+
+    #[test]
+    fn a_stream_that_breaks_the_framing_rules_is_no_longer_read() {
+        let cases: &[(&str, Vec<u8>)] = &[
+            (
+                "continuation without a message",
+                frame(true, 0x0, b"x", None),
+            ),
+            ("a message inside a message", {
+                let mut s = frame(false, 0x1, b"a", None);
+                s.extend(frame(true, 0x1, b"b", None));
+                s
+            }),
+            ("a fragmented ping", frame(false, 0x9, b"p", None)),
+            ("a long ping", frame(true, 0x9, &[0; 126], None)),
+            ("a reserved opcode", frame(true, 0x3, b"x", None)),
+        ];
+        for (why, s) in cases {
+            let mut s = s.clone();
+            s.extend(frame(true, 0x1, b"after", None));
+            let (got, broken) = read(&s, 0, MAX_MESSAGE);
+            assert!(broken, "{why}");
+            assert!(got.is_empty(), "{why}: {got:?}");
+        }
+    }
+
+    #[test]
+    fn a_huge_announced_length_holds_nothing() {
+        // 2^63 bytes announced: read as it comes, never reserved.
+        let mut s = vec![0x81, 127];
+        s.extend_from_slice(&(1u64 << 63).to_be_bytes());
+        s.extend_from_slice(&[b'z'; 1000]);
+        let mut r = FrameReader::new(100);
+        r.feed(&s, &mut |_| panic!("no message ends"));
+        assert!(!r.broken());
+        assert!(r.message.capacity() <= 100);
+    }
+}
