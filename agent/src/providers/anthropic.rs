@@ -97,6 +97,14 @@ struct Raw {
     /// `cache_creation.ephemeral_1h_input_tokens`: the hour-long part.
     cache_creation_1h: Option<u64>,
     output: Option<u64>,
+    /// `output_tokens_details.thinking_tokens`: the thinking part of the
+    /// output.
+    thinking: Option<u64>,
+    /// The sums over `usage.iterations`, when the response has them: with
+    /// server-side compaction (and other passes the API makes within one
+    /// request) the top-level counts leave those passes out, and the
+    /// iterations add up to what is billed.
+    iterations: Option<Usage>,
 }
 
 impl Raw {
@@ -110,24 +118,72 @@ impl Raw {
             .and_then(Value::as_u64)
             .or(self.cache_creation_1h);
         self.output = f("output_tokens").or(self.output);
+        self.thinking = u
+            .pointer("/output_tokens_details/thinking_tokens")
+            .and_then(Value::as_u64)
+            .or(self.thinking);
+        if let Some(list) = u.get("iterations").and_then(Value::as_array)
+            && !list.is_empty()
+        {
+            let mut sum = Usage::default();
+            for it in list {
+                let mut one = Raw::default();
+                one.merge_counts(it);
+                if let Some(u) = one.usage() {
+                    sum.input_tokens = sum.input_tokens.saturating_add(u.input_tokens);
+                    sum.output_tokens = sum.output_tokens.saturating_add(u.output_tokens);
+                    sum.cached_input_tokens = sum
+                        .cached_input_tokens
+                        .saturating_add(u.cached_input_tokens);
+                    sum.cache_write_input_tokens = sum
+                        .cache_write_input_tokens
+                        .saturating_add(u.cache_write_input_tokens);
+                    sum.cache_write_1h_input_tokens = sum
+                        .cache_write_1h_input_tokens
+                        .saturating_add(u.cache_write_1h_input_tokens);
+                }
+            }
+            self.iterations = Some(sum);
+        }
+    }
+
+    /// The counts of one usage object (or one of its iterations), without
+    /// its own iterations.
+    fn merge_counts(&mut self, u: &Value) {
+        let f = |k: &str| u.get(k).and_then(Value::as_u64);
+        self.input = f("input_tokens");
+        self.cache_read = f("cache_read_input_tokens");
+        self.cache_creation = f("cache_creation_input_tokens");
+        self.cache_creation_1h = u
+            .pointer("/cache_creation/ephemeral_1h_input_tokens")
+            .and_then(Value::as_u64);
+        self.output = f("output_tokens");
     }
 
     fn usage(&self) -> Option<Usage> {
+        if let Some(mut sum) = self.iterations {
+            let top = self.output.unwrap_or(0);
+            // The top level's thinking is of its own passes, within the
+            // sum's output.
+            sum.reasoning_tokens = self.thinking.unwrap_or(0).min(top).min(sum.output_tokens);
+            return Some(sum);
+        }
         if self.input.is_none() && self.output.is_none() {
             return None;
         }
         let read = self.cache_read.unwrap_or(0);
         let write = self.cache_creation.unwrap_or(0);
+        let output = self.output.unwrap_or(0);
         Some(Usage {
             input_tokens: self
                 .input
                 .unwrap_or(0)
                 .saturating_add(read)
                 .saturating_add(write),
-            output_tokens: self.output.unwrap_or(0),
+            output_tokens: output,
             cached_input_tokens: read,
             cache_write_input_tokens: write,
-            reasoning_tokens: 0,
+            reasoning_tokens: self.thinking.unwrap_or(0).min(output),
             cache_write_1h_input_tokens: self.cache_creation_1h.unwrap_or(0).min(write),
         })
     }
@@ -314,6 +370,53 @@ mod tests {
             !Anthropic
                 .request(&request("GET", "/v1/models", b""))
                 .metered
+        );
+    }
+
+    /// With server-side compaction the top-level counts leave the
+    /// compaction pass out; `usage.iterations` adds up to what is billed
+    /// (Anthropic's own example: 23,000/1,000 at the top, 203,000/4,500
+    /// over the iterations), in a JSON answer and in a stream whose
+    /// `message_delta` brings them. Thinking tokens are the reasoning.
+    #[test]
+    fn iterations_are_summed_and_thinking_is_reasoning() {
+        let json = br#"{"model":"claude-opus-4-6","content":[],"usage":{"input_tokens":23000,"output_tokens":1000,
+            "output_tokens_details":{"thinking_tokens":400},
+            "iterations":[{"type":"compaction","input_tokens":180000,"output_tokens":3500},
+                          {"type":"message","input_tokens":22000,"cache_read_input_tokens":1000,"output_tokens":1000}]}}"#;
+        let p = parse_split(&Anthropic, &info("chat"), "application/json", json, &[17]);
+        let u = p.usage.expect("usage");
+        assert_eq!(
+            (
+                u.input_tokens,
+                u.output_tokens,
+                u.cached_input_tokens,
+                u.reasoning_tokens
+            ),
+            (203_000, 4_500, 1_000, 400)
+        );
+        let stream = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"model\":\"claude-opus-4-6\",\"usage\":{\"input_tokens\":23000,\"output_tokens\":1}}}\n\n\
+                      event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":1000,\"iterations\":[{\"type\":\"compaction\",\"input_tokens\":180000,\"output_tokens\":3500},{\"type\":\"message\",\"input_tokens\":23000,\"output_tokens\":1000}]}}\n\n";
+        let mut i = info("chat");
+        i.streaming = true;
+        let p = parse_split(
+            &Anthropic,
+            &i,
+            "text/event-stream",
+            stream.as_bytes(),
+            &[50],
+        );
+        let u = p.usage.expect("usage");
+        assert_eq!((u.input_tokens, u.output_tokens), (203_000, 4_500));
+        // Without iterations: the top level, thinking capped at the output.
+        let plain = br#"{"model":"m","content":[],"usage":{"input_tokens":5,"output_tokens":7,
+            "output_tokens_details":{"thinking_tokens":9}}}"#;
+        let u = parse_split(&Anthropic, &info("chat"), "application/json", plain, &[])
+            .usage
+            .expect("usage");
+        assert_eq!(
+            (u.input_tokens, u.output_tokens, u.reasoning_tokens),
+            (5, 7, 7)
         );
     }
 
