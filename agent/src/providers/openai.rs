@@ -40,7 +40,8 @@ pub fn operation(path: &str) -> &'static str {
         "text_completion"
     } else if p.ends_with("/embeddings") {
         "embeddings"
-    } else if p.ends_with("/responses") {
+    } else if p.ends_with("/responses") || p.ends_with("/responses/compact") {
+        // A compaction pass reads the whole conversation and bills it.
         "responses"
     } else if p.ends_with("/batches") || p.contains("/batches/") {
         "batch"
@@ -203,6 +204,8 @@ pub struct WireUsage {
 #[serde(default)]
 struct WireDetails {
     cached_tokens: Count,
+    /// Prompt tokens written to the cache (billed apart since GPT-5.6).
+    cache_write_tokens: Count,
     reasoning_tokens: Count,
 }
 
@@ -221,6 +224,9 @@ impl WireUsage {
         let cached = detail(&self.prompt_tokens_details, |d| d.cached_tokens)
             .or_else(|| detail(&self.input_tokens_details, |d| d.cached_tokens))
             .unwrap_or(0);
+        let written = detail(&self.prompt_tokens_details, |d| d.cache_write_tokens)
+            .or_else(|| detail(&self.input_tokens_details, |d| d.cache_write_tokens))
+            .unwrap_or(0);
         let reasoning = detail(&self.completion_tokens_details, |d| d.reasoning_tokens)
             .or_else(|| detail(&self.output_tokens_details, |d| d.reasoning_tokens))
             .unwrap_or(0);
@@ -237,7 +243,8 @@ impl WireUsage {
             input_tokens: input,
             output_tokens: output,
             cached_input_tokens: cached.min(input),
-            cache_write_input_tokens: 0,
+            // Part of the input, as cache reads are.
+            cache_write_input_tokens: written.min(input - cached.min(input)),
             reasoning_tokens: reasoning.min(output),
             cache_write_1h_input_tokens: 0,
         })
@@ -779,6 +786,44 @@ mod tests {
         });
         assert_eq!(prefixed.operation, "chat");
         assert_eq!(prefixed.model, None);
+    }
+
+    /// `/responses/compact` (Codex compacts its history with it) is a
+    /// metered Responses call whose answer has usage and no model: it is
+    /// priced by the request's. Cache writes (`cache_write_tokens`, billed
+    /// apart since GPT-5.6) are part of the input, as cache reads are.
+    #[test]
+    fn compaction_is_metered_and_cache_writes_are_read() {
+        use crate::providers::testing::{parse_split, request};
+        let info = OpenAi.request(&request(
+            "POST",
+            "/v1/responses/compact",
+            br#"{"model":"gpt-6-sol","input":[]}"#,
+        ));
+        assert_eq!(info.operation, "responses");
+        assert!(info.metered);
+        assert_eq!(info.model.as_deref(), Some("gpt-6-sol"));
+        let body = br#"{"object":"response.compaction","output":[],"usage":{"input_tokens":120000,
+            "input_tokens_details":{"cached_tokens":100000,"cache_write_tokens":15000},
+            "output_tokens":3000,"output_tokens_details":{"reasoning_tokens":0},"total_tokens":123000}}"#;
+        let p = parse_split(&OpenAi, &info, "application/json", body, &[33]);
+        let u = p.usage.expect("usage");
+        assert_eq!(
+            (
+                u.input_tokens,
+                u.cached_input_tokens,
+                u.cache_write_input_tokens,
+                u.output_tokens
+            ),
+            (120_000, 100_000, 15_000, 3_000)
+        );
+        // Chat's prompt details too; never more than the uncached input.
+        let chat = br#"{"model":"gpt-6-sol","choices":[],"usage":{"prompt_tokens":10,"completion_tokens":1,
+            "prompt_tokens_details":{"cached_tokens":4,"cache_write_tokens":9}}}"#;
+        let u = parse("application/json", chat, &[]).usage.expect("usage");
+        assert_eq!((u.cached_input_tokens, u.cache_write_input_tokens), (4, 6));
+        let free = OpenAi.request(&request("POST", "/v1/responses/input_tokens", b"{}"));
+        assert_eq!(free.operation, "other", "a count is not a compaction");
     }
 
     #[test]
