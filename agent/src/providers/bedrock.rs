@@ -44,6 +44,29 @@ fn model_path(path: &str) -> Option<(String, &str)> {
     Some((model, action))
 }
 
+/// Bedrock's other APIs on its hosts: Anthropic's Messages API under
+/// `/anthropic/`, OpenAI's (chat completions, Responses) under `/openai/`
+/// (bedrock-runtime) or `/v1/` (bedrock-mantle). Each is read by that
+/// API's adapter and recorded as its provider with the Bedrock host, as
+/// Claude on Vertex AI is. The agent does not add `stream_options` there
+/// (Bedrock does not document it): a stream without usage is estimated.
+fn other_api(req: &RequestView<'_>) -> Option<RequestInfo> {
+    use crate::config::ApiKind;
+    let path = req.path.trim_end_matches('/');
+    if path.starts_with("/anthropic/") {
+        let mut info = Anthropic.request(req);
+        info.api = Some(ApiKind::Anthropic);
+        return Some(info);
+    }
+    if path.starts_with("/openai/") || path.starts_with("/v1/") {
+        let mut info = super::openai::OpenAi.request(req);
+        info.api = Some(ApiKind::Openai);
+        info.refuses_stream_options = true;
+        return Some(info);
+    }
+    None
+}
+
 /// The output cap, in whichever shape the model family spells it.
 fn max_output(body: &Value) -> Option<u64> {
     [
@@ -73,7 +96,7 @@ impl Provider for Bedrock {
             return unmetered;
         }
         let Some((model, action)) = model_path(req.path) else {
-            return unmetered;
+            return other_api(req).unwrap_or(unmetered);
         };
         let (operation, streaming) = match action {
             "converse" => ("chat", false),
@@ -466,6 +489,49 @@ mod tests {
             ],
             format!(r#"{{"bytes":"{b64}","p":"abc"}}"#).as_bytes(),
         )
+    }
+
+    /// bedrock-runtime's (and bedrock-mantle's) OpenAI-compatible and
+    /// Anthropic Messages routes are read by those APIs' adapters; the
+    /// native routes stay Bedrock's.
+    #[test]
+    fn the_openai_and_anthropic_routes_are_read_by_their_adapters() {
+        use crate::config::ApiKind;
+        let body = br#"{"model":"openai.gpt-oss-120b-1:0","stream":true,"messages":[]}"#;
+        for path in ["/openai/v1/chat/completions", "/v1/chat/completions"] {
+            let i = Bedrock.request(&request("POST", path, body));
+            assert_eq!(i.api, Some(ApiKind::Openai), "{path}");
+            assert_eq!((i.operation, i.metered, i.streaming), ("chat", true, true));
+            assert_eq!(i.model.as_deref(), Some("openai.gpt-oss-120b-1:0"));
+            assert!(i.refuses_stream_options, "{path}");
+        }
+        let r = Bedrock.request(&request(
+            "POST",
+            "/openai/v1/responses",
+            br#"{"model":"m"}"#,
+        ));
+        assert_eq!((r.api, r.operation), (Some(ApiKind::Openai), "responses"));
+        let m = Bedrock.request(&request(
+            "POST",
+            "/anthropic/v1/messages",
+            br#"{"model":"anthropic.claude-opus-4-7","max_tokens":9}"#,
+        ));
+        assert_eq!(
+            (m.api, m.operation, m.metered),
+            (Some(ApiKind::Anthropic), "chat", true)
+        );
+        assert_eq!(m.model.as_deref(), Some("anthropic.claude-opus-4-7"));
+        let native = Bedrock.request(&request(
+            "POST",
+            "/model/anthropic.claude-3-haiku-20240307-v1:0/converse",
+            b"{}",
+        ));
+        assert_eq!((native.api, native.operation), (None, "chat"));
+        assert!(
+            !Bedrock
+                .request(&request("POST", "/elsewhere", b"{}"))
+                .metered
+        );
     }
 
     #[test]
