@@ -326,9 +326,15 @@ impl LocalCa {
             other => other,
         };
         let (ca, status) = match existing {
-            Existing::Built(ca) if wanted.is_subset(&ca.covered) => (*ca, CaStatus::Loaded),
+            Existing::Built(ca) if wanted.iter().all(|h| covers(&ca.covered, h)) => {
+                (*ca, CaStatus::Loaded)
+            }
             Existing::Built(ca) => {
-                let added: Vec<String> = wanted.difference(&ca.covered).cloned().collect();
+                let added: Vec<String> = wanted
+                    .iter()
+                    .filter(|h| !covers(&ca.covered, h))
+                    .cloned()
+                    .collect();
                 tracing::warn!(
                     added = added.len(),
                     "the local CA does not cover every provider host; generating a new one"
@@ -476,7 +482,7 @@ impl LocalCa {
     /// intermediate (minted once, then cached), ALPN `h2` and `http/1.1`.
     pub async fn server_config(&self, sni: &str) -> Result<Arc<rustls::ServerConfig>, CaError> {
         let host = sni.trim_end_matches('.').to_ascii_lowercase();
-        if !self.covered.contains(&host) {
+        if !covers(&self.covered, &host) {
             return Err(CaError::NotCovered { host });
         }
         self.minter.server_config(&host)
@@ -767,7 +773,11 @@ pub fn inspect(state_dir: &Path, hosts: &[String]) -> Result<Option<CaInspection
     Ok(Some(match verdict {
         Ok((covered, not_after)) => CaInspection {
             unusable: None,
-            hosts_missing: wanted.difference(&covered).cloned().collect(),
+            hosts_missing: wanted
+                .iter()
+                .filter(|h| !covers(&covered, h))
+                .cloned()
+                .collect(),
             days_left: (not_after - now).div_euclid(86_400),
             single_level: int_pem.is_none(),
             cert_pem: Some(cert_pem),
@@ -780,6 +790,19 @@ pub fn inspect(state_dir: &Path, hosts: &[String]) -> Result<Option<CaInspection
             cert_pem: parsed.is_ok().then_some(cert_pem),
         },
     }))
+}
+
+/// Whether a CA whose permitted DNS subtrees are `covered` may sign for
+/// `host`: the name itself or a name below it (RFC 5280 4.2.1.10: labels
+/// added on the left), so `eu.api.openai.com` needs no new CA where
+/// `api.openai.com` is permitted.
+fn covers(covered: &BTreeSet<String>, host: &str) -> bool {
+    covered.contains(host)
+        || covered.iter().any(|c| {
+            host.len() > c.len() + 1
+                && host.ends_with(c.as_str())
+                && host.as_bytes()[host.len() - c.len() - 1] == b'.'
+        })
 }
 
 /// What tollgate needs to know about its CA certificate.
@@ -1514,6 +1537,40 @@ mod tests {
             .server_config("api.anthropic.com")
             .expect("config");
         assert!(!Arc::ptr_eq(&configs[0], &other));
+    }
+
+    /// A host below a permitted name (`eu.api.openai.com` under
+    /// `api.openai.com`) is inside the name constraints: the CA is kept
+    /// (no new CA, so no `trust install` again) and its leaf verifies. A
+    /// name that only ends with the same letters is not below it.
+    #[tokio::test]
+    async fn hosts_below_a_covered_name_need_no_new_ca() {
+        let t = tempfile::tempdir().expect("tempdir");
+        LocalCa::load_or_create(t.path(), &hosts(&["api.openai.com"])).expect("create");
+        let (ca, st) = LocalCa::load_or_create(
+            t.path(),
+            &hosts(&["api.openai.com", "eu.api.openai.com", "us.api.openai.com"]),
+        )
+        .expect("load");
+        assert_eq!(st, CaStatus::Loaded);
+        let cfg = ca
+            .server_config("eu.api.openai.com")
+            .await
+            .expect("covered");
+        let (leaf, _) = handshake(&ca, cfg, "eu.api.openai.com");
+        verify(&ca, &leaf, "eu.api.openai.com").expect("the leaf verifies");
+        for outside in [
+            "evilapi.openai.com",
+            "openai.com",
+            "api.openai.com.evil.example",
+        ] {
+            let e = ca.server_config(outside).await.expect_err(outside);
+            assert!(matches!(e, CaError::NotCovered { .. }), "{outside}: {e}");
+        }
+        let (_, st) =
+            LocalCa::load_or_create(t.path(), &hosts(&["api.openai.com", "xapi.openai.com"]))
+                .expect("load");
+        assert!(matches!(st, CaStatus::Regenerated { .. }), "{st:?}");
     }
 
     #[tokio::test]

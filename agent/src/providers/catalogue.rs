@@ -47,12 +47,21 @@ pub const BEDROCK_REGIONS: &[&str] = &[
 /// Fixed hosts of the catalogue (Bedrock hosts come from `BEDROCK_REGIONS`).
 pub const FIXED_HOSTS: &[(&str, ApiKind)] = &[
     ("api.openai.com", ApiKind::Openai),
+    // OpenAI's data residency endpoints (`OpenAI(data_residency=...)`),
+    // below api.openai.com: inside an existing CA's name constraints.
+    ("us.api.openai.com", ApiKind::Openai),
+    ("eu.api.openai.com", ApiKind::Openai),
+    ("au.api.openai.com", ApiKind::Openai),
+    ("in.api.openai.com", ApiKind::Openai),
+    ("jp.api.openai.com", ApiKind::Openai),
+    ("ae.api.openai.com", ApiKind::Openai),
     ("api.anthropic.com", ApiKind::Anthropic),
     ("generativelanguage.googleapis.com", ApiKind::Gemini),
     ("api.mistral.ai", ApiKind::Openai),
     ("api.groq.com", ApiKind::Openai),
     ("api.deepseek.com", ApiKind::Openai),
     ("api.x.ai", ApiKind::Openai),
+    ("us.api.x.ai", ApiKind::Openai),
     ("openrouter.ai", ApiKind::Openai),
     ("api.together.xyz", ApiKind::Openai),
     ("api.fireworks.ai", ApiKind::Openai),
@@ -145,6 +154,22 @@ mod tests {
         }
         assert!(lookup(&hosts, "example.com").is_none());
         assert!(lookup(&hosts, "API.OpenAI.com.").is_some());
+        // Data residency endpoints are OpenAI's API; an upgrade that adds
+        // them keeps the CA (they are below api.openai.com).
+        assert_eq!(
+            lookup(&hosts, "eu.api.openai.com").map(|p| p.api),
+            Some(ApiKind::Openai)
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let before: Vec<String> = hosts
+            .iter()
+            .map(|p| p.host.clone())
+            .filter(|h| !h.ends_with(".api.openai.com") && h != "us.api.x.ai")
+            .collect();
+        crate::ca::LocalCa::load_or_create(dir.path(), &before).unwrap();
+        let all: Vec<String> = hosts.iter().map(|p| p.host.clone()).collect();
+        let (_, status) = crate::ca::LocalCa::load_or_create(dir.path(), &all).unwrap();
+        assert_eq!(status, crate::ca::CaStatus::Loaded);
         for h in &hosts {
             crate::config::validate_host(&h.host).unwrap();
         }
