@@ -408,13 +408,17 @@ impl Rates {
 fn tier_index(tier: Option<&str>) -> Result<Option<usize>, ()> {
     let Some(t) = tier else { return Ok(None) };
     let is = |name: &str| t.eq_ignore_ascii_case(name);
-    if ["default", "auto", "standard", "scale"].into_iter().any(is) {
-        // Scale tier units are bought ahead; their list-price equivalent
-        // is the standard rate.
+    if ["default", "auto", "standard", "scale", "reserved"]
+        .into_iter()
+        .any(is)
+    {
+        // Scale tier units (OpenAI) and reserved capacity (Bedrock) are
+        // bought ahead; their list-price equivalent is the standard rate.
         Ok(None)
     } else if is("flex") {
         Ok(Some(0))
-    } else if is("priority") {
+    } else if is("priority") || is("fast") {
+        // OpenAI renamed priority processing "fast mode" (2026-07-30).
         Ok(Some(1))
     } else {
         Err(())
@@ -1350,6 +1354,7 @@ output = 10.0
             Some("default"),
             Some("auto"),
             Some("scale"),
+            Some("reserved"),
             Some("DEFAULT"),
         ] {
             let c = cost("openai", "gpt-5-2025-08-07", tier);
@@ -1365,6 +1370,9 @@ output = 10.0
         );
         let priority = cost("openai", "gpt-5", Some("priority"));
         assert!(close(priority.usd, standard * 2.0), "{priority:?}");
+        // Priority processing's name since 2026-07-30.
+        let fast = cost("openai", "gpt-5", Some("fast"));
+        assert!(close(fast.usd, standard * 2.0), "{fast:?}");
         // Azure falls back to OpenAI's rates, tiers included.
         let azure = cost("azure-openai", "gpt-5", Some("priority"));
         assert!(close(azure.usd, standard * 2.0), "{azure:?}");

@@ -162,6 +162,15 @@ fn usage(input: u64, output: u64, cache_read: u64, cache_write: u64) -> Usage {
     }
 }
 
+/// The tier that served a Converse request (`serviceTier.type`:
+/// `default`, `priority`, `flex`, `reserved`), from its body or the
+/// stream's `metadata` event.
+fn converse_tier(v: &Value) -> Option<String> {
+    v.pointer("/serviceTier/type")
+        .and_then(Value::as_str)
+        .and_then(super::service_tier)
+}
+
 /// Usage from a Converse `usage` object (JSON body or `metadata` event).
 /// `cacheDetails` splits the cache writes by how long they are kept; the
 /// hour-long part is priced higher.
@@ -278,6 +287,7 @@ impl UsageParser for JsonParser {
         {
             return ParsedUsage {
                 usage: Some(u),
+                service_tier: v.as_ref().and_then(converse_tier),
                 ..Default::default()
             };
         }
@@ -298,6 +308,8 @@ struct StreamParser {
     decoder: Decoder,
     /// From the Converse `metadata` event.
     converse: Option<Usage>,
+    /// The metadata event's `serviceTier`.
+    tier: Option<String>,
     /// From the last chunk's invocation metrics.
     metrics: Option<Usage>,
     /// The Anthropic adapter's stream parser, fed the decoded chunk events.
@@ -323,6 +335,7 @@ impl StreamParser {
         StreamParser {
             decoder: Decoder::default(),
             converse: None,
+            tier: None,
             metrics: None,
             anthropic: Anthropic.response_parser(&info, status, &sse),
             text: String::new(),
@@ -348,6 +361,9 @@ impl StreamParser {
             Some("metadata") => {
                 if let Some(u) = v.get("usage").and_then(converse_usage) {
                     self.converse = Some(u);
+                }
+                if let Some(t) = converse_tier(&v) {
+                    self.tier = Some(t);
                 }
             }
             Some("contentBlockDelta") => {
@@ -442,7 +458,7 @@ impl UsageParser for StreamParser {
             output_text: text,
             partial: partial && !corrupt,
             error: self.error.take().or(a.error),
-            service_tier: a.service_tier,
+            service_tier: self.tier.take().or(a.service_tier),
             ..ParsedUsage::default()
         }
     }
@@ -532,6 +548,27 @@ mod tests {
                 .request(&request("POST", "/elsewhere", b"{}"))
                 .metered
         );
+    }
+
+    /// Converse says which tier served it (`serviceTier.type`), in its
+    /// body and in the stream's metadata event.
+    #[test]
+    fn the_converse_service_tier_is_read() {
+        let info = RequestInfo {
+            operation: "chat",
+            metered: true,
+            ..Default::default()
+        };
+        let body = br#"{"output":{},"usage":{"inputTokens":3,"outputTokens":4},"serviceTier":{"type":"flex"}}"#;
+        let p = parse_split(&Bedrock, &info, "application/json", body, &[11]);
+        assert_eq!(p.service_tier.as_deref(), Some("flex"));
+        let meta = encode_frame(
+            &[(":event-type", "metadata"), (":message-type", "event")],
+            br#"{"usage":{"inputTokens":3,"outputTokens":4},"serviceTier":{"type":"priority"}}"#,
+        );
+        let p = parse_split(&Bedrock, &info, EVENTSTREAM, &meta, &[20]);
+        assert_eq!(p.service_tier.as_deref(), Some("priority"));
+        assert_eq!(p.usage.map(|u| u.output_tokens), Some(4));
     }
 
     #[test]

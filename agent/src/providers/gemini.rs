@@ -193,17 +193,34 @@ impl Provider for Gemini {
             return OpenAi.response_parser(info, status, headers);
         }
         let free = matches!(info.operation, "count_tokens" | "batch");
+        let mut found = Found::new(free);
+        found.service_tier = headers
+            .get("x-gemini-service-tier")
+            .and_then(|v| v.to_str().ok())
+            .and_then(super::service_tier);
         if super::content_type(headers) == "text/event-stream" {
             Box::new(SseParser {
                 sse: SseReader::new(JsonBody::DEFAULT_LIMIT),
-                found: Found::new(free),
+                found,
             })
         } else {
             Box::new(JsonParser {
                 split: ArraySplitter::new(JsonBody::DEFAULT_LIMIT),
-                found: Found::new(free),
+                found,
             })
         }
+    }
+}
+
+/// The tier a Vertex AI `trafficType` names (`ON_DEMAND_FLEX` → `flex`,
+/// `ON_DEMAND_PRIORITY` → `priority`, plain `ON_DEMAND` → `standard`);
+/// provisioned throughput is bought ahead: no tier.
+fn traffic_tier(t: &str) -> Option<String> {
+    match t.to_ascii_uppercase().as_str() {
+        "ON_DEMAND" => Some("standard".into()),
+        "ON_DEMAND_FLEX" => Some("flex".into()),
+        "ON_DEMAND_PRIORITY" => Some("priority".into()),
+        _ => None,
     }
 }
 
@@ -249,6 +266,10 @@ struct Found {
     /// The provider's error status, from an error object that ended a
     /// body after responses (a stream's mid-way `{"error": ...}`).
     error: Option<String>,
+    /// The tier that served the request: the Gemini API's
+    /// `x-gemini-service-tier` header, or Vertex AI's
+    /// `usageMetadata.trafficType` (`ON_DEMAND_PRIORITY` → `priority`).
+    service_tier: Option<String>,
 }
 
 impl Found {
@@ -277,6 +298,13 @@ impl Found {
         }
         if v.pointer("/promptFeedback/blockReason").is_some() {
             self.finished = true;
+        }
+        if let Some(t) = v
+            .pointer("/usageMetadata/trafficType")
+            .and_then(Value::as_str)
+            .and_then(traffic_tier)
+        {
+            self.service_tier = Some(t);
         }
         if let Some(u) = v.get("usageMetadata").and_then(usage_from) {
             self.usage = Some(u);
@@ -334,7 +362,7 @@ impl Found {
             output_text: std::mem::take(&mut self.text),
             partial,
             error: self.error.take(),
-            service_tier: None,
+            service_tier: self.service_tier.take(),
             ..ParsedUsage::default()
         }
     }
@@ -545,6 +573,30 @@ impl ArraySplitter {
 
 #[cfg(test)]
 mod tests {
+    /// The tier that served a request: the Gemini API's
+    /// `x-gemini-service-tier` header, Vertex AI's `trafficType`.
+    #[test]
+    fn the_service_tier_is_read_from_the_header_or_the_traffic_type() {
+        let info = RequestInfo {
+            operation: "generate_content",
+            metered: true,
+            ..Default::default()
+        };
+        let body = br#"{"candidates":[{"finishReason":"STOP"}],"usageMetadata":{"promptTokenCount":3,"candidatesTokenCount":4}}"#;
+        let mut h = http::HeaderMap::new();
+        h.insert("content-type", "application/json".parse().unwrap());
+        h.insert("x-gemini-service-tier", "Priority".parse().unwrap());
+        let p = crate::providers::testing::parse_split_with(&Gemini, &info, &h, body, &[9]);
+        assert_eq!(p.service_tier.as_deref(), Some("priority"));
+        let vertex = br#"{"candidates":[{"finishReason":"STOP"}],"usageMetadata":{"promptTokenCount":3,"candidatesTokenCount":4,"trafficType":"ON_DEMAND_FLEX"}}"#;
+        let p =
+            crate::providers::testing::parse_split(&Gemini, &info, "application/json", vertex, &[]);
+        assert_eq!(p.service_tier.as_deref(), Some("flex"));
+        let none =
+            crate::providers::testing::parse_split(&Gemini, &info, "application/json", body, &[]);
+        assert_eq!(none.service_tier, None);
+    }
+
     use super::*;
     use crate::providers::testing::{parse_split, request};
     use http::{HeaderMap, Method};
