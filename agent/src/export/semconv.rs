@@ -117,6 +117,7 @@ pub fn operation(op: &str) -> (Cow<'_, str>, OpClass) {
         }
         "text_completion" | "completions" => ("text_completion", OpClass::Inference),
         "generate_content"
+        | "interaction"
         | "stream_generate_content"
         | "generateContent"
         | "streamGenerateContent" => ("generate_content", OpClass::Inference),

@@ -40,7 +40,22 @@ pub struct Gemini;
 
 /// Operations this adapter reads itself; anything else that is metered
 /// came from the OpenAI-compatible endpoint.
-const OWN_OPERATIONS: &[&str] = &["generate_content", "count_tokens", "embeddings", "batch"];
+const OWN_OPERATIONS: &[&str] = &[
+    "generate_content",
+    "count_tokens",
+    "embeddings",
+    "batch",
+    "interaction",
+];
+
+/// The Interactions API's create call: `POST /{version}/interactions`
+/// (not `/interactions/{id}/cancel`, nor a GET of one).
+fn is_interactions_create(path: &str) -> bool {
+    let p = path.trim_end_matches('/');
+    p.strip_suffix("/interactions").is_some_and(|v| {
+        v.trim_start_matches('/').starts_with('v') && !v.trim_start_matches('/').contains('/')
+    })
+}
 
 /// A native API path: `/{version}/{models|tunedModels}/{name}:{method}`,
 /// or Vertex AI's Google models (see the module's doc), percent-decoded.
@@ -155,6 +170,24 @@ impl Provider for Gemini {
             info.api = Some(ApiKind::Anthropic);
             return info;
         }
+        if is_interactions_create(req.path) {
+            // The model (or an agent, which names no model) and `stream`
+            // are in the body.
+            let body = req
+                .body
+                .and_then(|b| serde_json::from_slice::<Value>(b).ok());
+            let field = |k: &str| body.as_ref().and_then(|v| v.get(k));
+            return RequestInfo {
+                operation: "interaction",
+                metered: true,
+                model: field("model").and_then(Value::as_str).map(str::to_owned),
+                streaming: field("stream").and_then(Value::as_bool).unwrap_or(false),
+                max_output_tokens: field("generation_config")
+                    .and_then(|g| g.get("max_output_tokens"))
+                    .and_then(Value::as_u64),
+                ..Default::default()
+            };
+        }
         let Some((model, method)) = native_path(req.path) else {
             return unmetered;
         };
@@ -192,6 +225,14 @@ impl Provider for Gemini {
         if !OWN_OPERATIONS.contains(&info.operation) {
             return OpenAi.response_parser(info, status, headers);
         }
+        if info.operation == "interaction" {
+            return Box::new(InteractionParser {
+                sse: (super::content_type(headers) == "text/event-stream")
+                    .then(|| SseReader::new(JsonBody::DEFAULT_LIMIT)),
+                json: JsonBody::new(JsonBody::DEFAULT_LIMIT),
+                found: ParsedUsage::default(),
+            });
+        }
         let free = matches!(info.operation, "count_tokens" | "batch");
         let mut found = Found::new(free);
         found.service_tier = headers
@@ -221,6 +262,104 @@ fn traffic_tier(t: &str) -> Option<String> {
         "ON_DEMAND_FLEX" => Some("flex".into()),
         "ON_DEMAND_PRIORITY" => Some("priority".into()),
         _ => None,
+    }
+}
+
+/// Usage from an Interactions API `usage` object (the same counts as
+/// `usageMetadata` under other names), or `None` when it has none.
+fn interaction_usage(u: &Value) -> Option<Usage> {
+    let f = |k: &str| u.get(k).and_then(Value::as_u64);
+    let prompt = f("total_input_tokens");
+    let out = f("total_output_tokens");
+    if prompt.is_none() && out.is_none() {
+        return None;
+    }
+    let input = prompt
+        .unwrap_or(0)
+        .saturating_add(f("total_tool_use_tokens").unwrap_or(0));
+    let out = out.unwrap_or(0);
+    let thoughts = f("total_thought_tokens").unwrap_or(0);
+    // As in `usageMetadata`, thoughts are beside the output, unless the
+    // total says the output already holds them.
+    let output = if thoughts > 0 && f("total_tokens") == Some(input.saturating_add(out)) {
+        out
+    } else {
+        out.saturating_add(thoughts)
+    };
+    Some(Usage {
+        input_tokens: input,
+        output_tokens: output,
+        cached_input_tokens: f("total_cached_tokens").unwrap_or(0).min(input),
+        cache_write_input_tokens: 0,
+        reasoning_tokens: thoughts.min(output),
+        cache_write_1h_input_tokens: 0,
+    })
+}
+
+/// The Interactions API's answer: a JSON interaction (`model`, `usage`),
+/// or a stream whose lifecycle events (`interaction.completed`) carry the
+/// interaction.
+struct InteractionParser {
+    sse: Option<SseReader>,
+    json: JsonBody,
+    found: ParsedUsage,
+}
+
+impl InteractionParser {
+    fn on_interaction(found: &mut ParsedUsage, v: &Value) {
+        let i = v.get("interaction").filter(|i| i.is_object()).unwrap_or(v);
+        if let Some(u) = i.get("usage").and_then(interaction_usage) {
+            found.usage = Some(u);
+        }
+        if let Some(m) = i
+            .get("model")
+            .and_then(Value::as_str)
+            .filter(|m| !m.is_empty())
+        {
+            found.response_model = Some(m.strip_prefix("models/").unwrap_or(m).to_owned());
+        }
+        if let Some(e) = v.get("error").filter(|_| v.get("event_type").is_some()) {
+            found.error = e
+                .get("code")
+                .or_else(|| e.get("status"))
+                .and_then(Value::as_str)
+                .and_then(super::error_type);
+        }
+    }
+}
+
+impl UsageParser for InteractionParser {
+    fn feed(&mut self, chunk: &[u8]) {
+        let found = &mut self.found;
+        match self.sse.as_mut() {
+            Some(sse) => sse.feed(chunk, &mut |e| {
+                if let Ok(v) = serde_json::from_str::<Value>(&e.data) {
+                    Self::on_interaction(found, &v);
+                }
+            }),
+            None => self.json.feed(chunk),
+        }
+    }
+
+    fn usage_seen(&self) -> bool {
+        self.found.usage.is_some()
+    }
+
+    fn finish(&mut self) -> ParsedUsage {
+        let found = &mut self.found;
+        match self.sse.as_mut() {
+            Some(sse) => sse.finish(&mut |e| {
+                if let Ok(v) = serde_json::from_str::<Value>(&e.data) {
+                    Self::on_interaction(found, &v);
+                }
+            }),
+            None => {
+                if let Some(v) = self.json.take() {
+                    Self::on_interaction(found, &v);
+                }
+            }
+        }
+        std::mem::take(&mut self.found)
     }
 }
 
@@ -573,6 +712,58 @@ impl ArraySplitter {
 
 #[cfg(test)]
 mod tests {
+    /// The Interactions API (`POST /v1beta/interactions`): the model and
+    /// `stream` from the body, usage from the interaction, as JSON or from
+    /// the stream's lifecycle events; thoughts beside the output unless
+    /// the total says otherwise. Its cancel and GET calls are not metered.
+    #[test]
+    fn interactions_are_metered() {
+        let i = Gemini.request(&request(
+            "POST",
+            "/v1beta/interactions",
+            br#"{"model":"gemini-3-pro-preview","input":"hi","stream":true}"#,
+        ));
+        assert_eq!(
+            (i.operation, i.metered, i.streaming),
+            ("interaction", true, true)
+        );
+        assert_eq!(i.model.as_deref(), Some("gemini-3-pro-preview"));
+        for (method, path) in [
+            ("POST", "/v1beta/interactions/abc/cancel"),
+            ("GET", "/v1beta/interactions/abc"),
+            ("POST", "/v1beta/models/x/interactions"),
+        ] {
+            let other = Gemini.request(&request(method, path, b"{}"));
+            assert_ne!(other.operation, "interaction", "{method} {path}");
+        }
+        let json = br#"{"id":"i1","model":"gemini-3-pro-preview","status":"completed","outputs":[],
+            "usage":{"total_input_tokens":100,"total_tool_use_tokens":10,"total_cached_tokens":40,
+                     "total_output_tokens":20,"total_thought_tokens":5,"total_tokens":135}}"#;
+        let mut info = i.clone();
+        info.streaming = false;
+        let p = parse_split(&Gemini, &info, "application/json", json, &[31]);
+        let u = p.usage.expect("usage");
+        assert_eq!(
+            (
+                u.input_tokens,
+                u.cached_input_tokens,
+                u.output_tokens,
+                u.reasoning_tokens
+            ),
+            (110, 40, 25, 5)
+        );
+        assert_eq!(p.response_model.as_deref(), Some("gemini-3-pro-preview"));
+        let sse = "event: interaction.created\ndata: {\"event_type\":\"interaction.created\",\"interaction\":{\"id\":\"i1\",\"status\":\"in_progress\"}}\n\n\
+                   event: interaction.completed\ndata: {\"event_type\":\"interaction.completed\",\"interaction\":{\"id\":\"i1\",\"status\":\"completed\",\"model\":\"gemini-3-pro-preview\",\"usage\":{\"total_input_tokens\":7,\"total_output_tokens\":9,\"total_thought_tokens\":4,\"total_tokens\":16}}}\n\n";
+        let p = parse_split(&Gemini, &i, "text/event-stream", sse.as_bytes(), &[40, 90]);
+        let u = p.usage.expect("usage");
+        // total 16 = 7 + 9: the thoughts are inside the output.
+        assert_eq!(
+            (u.input_tokens, u.output_tokens, u.reasoning_tokens),
+            (7, 9, 4)
+        );
+    }
+
     /// The tier that served a request: the Gemini API's
     /// `x-gemini-service-tier` header, Vertex AI's `trafficType`.
     #[test]
