@@ -282,6 +282,40 @@ assert n == 5, n
 
 #[test]
 #[ignore = "needs root, cgroup v2 and BPF"]
+fn google_genai_python_sdk_interactions() {
+    // The Interactions API as the SDK calls it: one JSON interaction and
+    // one stream, each a record with the provider's counts.
+    let w = World::start("gemini-interactions", 44);
+    let client = w.client(&[]);
+    ok(
+        &client.python(
+            r#"
+from google import genai
+c = genai.Client(api_key="AIzaSyFAKE-GEMINI-SECRET")
+r = c.interactions.create(model="gemini-3-pro-preview", input="why is the sky blue",
+    generation_config={"max_output_tokens": 6})
+assert r.usage.total_output_tokens == 6, r.usage
+done = None
+for ev in c.interactions.create(model="gemini-3-pro-preview", input="count to five", stream=True):
+    if ev.event_type == "interaction.completed":
+        done = ev
+assert done is not None and done.interaction.usage.total_output_tokens == 5, done
+"#,
+        ),
+        "python google-genai interactions",
+    );
+    let rows = w.assert_ledger_matches_provider(2);
+    for r in &rows {
+        assert_eq!(s(r, "provider"), "gemini", "{r}");
+        assert_eq!(s(r, "operation"), "interaction", "{r}");
+        assert_eq!(s(r, "model"), "gemini-3-pro-preview", "{r}");
+        assert!(r["cost_usd"].as_f64().is_some_and(|c| c > 0.0), "{r}");
+    }
+    assert_no_secret(&w, "FAKE-GEMINI-SECRET");
+}
+
+#[test]
+#[ignore = "needs root, cgroup v2 and BPF"]
 fn google_genai_python_sdk_on_vertex_ai() {
     // Gemini on Vertex AI, a region configured as a Gemini provider host
     // (as the README says): the project/location/publisher paths are read.

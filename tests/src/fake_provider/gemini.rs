@@ -1,5 +1,6 @@
 //! The fake's Gemini API: generateContent and streamGenerateContent
-//! (`alt=sse`, and the JSON-array stream), with thoughts tokens.
+//! (`alt=sse`, and the JSON-array stream), with thoughts tokens; and the
+//! Interactions API (`POST /v1beta/interactions`, JSON or SSE).
 
 use serde_json::{Value, json};
 
@@ -8,6 +9,9 @@ use super::{Body, Call, Reported, json_for, json_response, sse, stream_response,
 const THOUGHTS: u64 = 3;
 
 pub(crate) async fn handle(call: Call) -> hyper::Response<Body> {
+    if call.path.trim_end_matches('/').ends_with("/interactions") {
+        return interaction(call);
+    }
     let Some((model, method)) = call
         .path
         .rsplit_once("/models/")
@@ -97,4 +101,48 @@ pub(crate) async fn handle(call: Call) -> hyper::Response<Body> {
         pieces.push(s.into_bytes());
     }
     stream_response("application/json; charset=UTF-8", pieces, delay)
+}
+
+/// `POST /{version}/interactions`: one model turn, its usage in the
+/// interaction (thoughts beside the output, as in `usageMetadata`).
+fn interaction(call: Call) -> hyper::Response<Body> {
+    let v = &call.body;
+    let model = v["model"].as_str().unwrap_or("").to_string();
+    let prompt = text_words(v.get("input").unwrap_or(&Value::Null)).max(1);
+    let out = v
+        .pointer("/generation_config/max_output_tokens")
+        .and_then(Value::as_u64)
+        .unwrap_or(5)
+        .clamp(1, 2000);
+    let stream = v["stream"].as_bool().unwrap_or(false);
+    call.record(Reported {
+        api: "gemini",
+        model: model.clone(),
+        stream,
+        input_tokens: prompt,
+        output_tokens: out + THOUGHTS,
+        reasoning_tokens: THOUGHTS,
+        usage_sent: true,
+        ..Default::default()
+    });
+    let text: Vec<&str> = std::iter::repeat_n("tok", out as usize).collect();
+    let usage = json!({"total_input_tokens": prompt, "total_output_tokens": out,
+        "total_thought_tokens": THOUGHTS, "total_tokens": prompt + out + THOUGHTS});
+    let done = json!({"id": "int_fake", "status": "completed", "model": model,
+        "created": "2026-11-30T00:00:00Z", "updated": "2026-11-30T00:00:01Z",
+        "outputs": [{"type": "text", "text": text.join(" ")}], "usage": usage});
+    if !stream {
+        return json_for(&call, done);
+    }
+    let events = vec![
+        (
+            Some("interaction.created"),
+            json!({"event_type": "interaction.created", "interaction": {"id": "int_fake", "status": "in_progress", "model": model}}).to_string(),
+        ),
+        (
+            Some("interaction.completed"),
+            json!({"event_type": "interaction.completed", "interaction": done}).to_string(),
+        ),
+    ];
+    stream_response("text/event-stream", sse(events), call.delay())
 }
