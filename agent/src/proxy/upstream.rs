@@ -165,11 +165,12 @@ pub use crate::intercept::resolver::KnownAddresses;
 /// Other addresses tried after the dialed one fails to connect.
 const MAX_OTHER_ADDRESSES: usize = 2;
 /// How long a connection attempt has alone before the next address is
-/// tried beside it. Linux sends its first SYN again after 1 s: an attempt
-/// not answered by then has lost a packet at least, and a blackholed
-/// address would otherwise hold the request for the whole
-/// [`CONNECT_TIMEOUT`].
-const NEXT_ATTEMPT_AFTER: Duration = Duration::from_secs(1);
+/// tried beside it. Linux sends a lost first SYN again after 1 s: an
+/// attempt not answered a quarter second after that has lost it twice or
+/// goes nowhere, and a blackholed address would otherwise hold the
+/// request for the whole [`CONNECT_TIMEOUT`]. (Not 1 s exactly: one lost
+/// SYN would then race the next address as a coin toss.)
+const NEXT_ATTEMPT_AFTER: Duration = Duration::from_millis(1250);
 /// How long an address that did not take a connection (refused, timed out,
 /// or slower than another of the host's) is tried after the others.
 const FAILED_FOR: Duration = Duration::from_secs(300);
@@ -376,9 +377,10 @@ impl Upstream {
     /// attempt has [`NEXT_ATTEMPT_AFTER`] alone (or until it fails) before
     /// the next address is tried beside it, as clients race the addresses
     /// of a name (RFC 8305); the first to connect wins and the others are
-    /// dropped. Returns the first error when none connects.
+    /// dropped. When none connects, the error is the dialed address's (else the first).
     async fn connect_first(
         &self,
+        dialed: SocketAddr,
         candidates: &[SocketAddr],
     ) -> Result<(TcpStream, SocketAddr), UpstreamError> {
         use futures_util::stream::{FuturesUnordered, StreamExt};
@@ -387,21 +389,30 @@ impl Upstream {
             |addr: SocketAddr| async move { (addr, connect_tcp_within(addr, timeout).await) };
         let mut attempts = FuturesUnordered::new();
         let mut started = 0;
-        let mut first_error = None;
+        // Each address's error, in the order they came.
+        let mut errors: Vec<(SocketAddr, UpstreamError)> = Vec::new();
+        let next_after = tokio::time::sleep(NEXT_ATTEMPT_AFTER);
+        tokio::pin!(next_after);
         loop {
+            // The next address starts when nothing is in flight (the last
+            // attempt failed) or when the wait for it is over.
             if started < candidates.len() && attempts.is_empty() {
                 attempts.push(attempt(candidates[started]));
                 started += 1;
+                next_after
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + NEXT_ATTEMPT_AFTER);
             }
-            let next_after = tokio::time::sleep(NEXT_ATTEMPT_AFTER);
             tokio::select! {
                 done = attempts.next() => match done {
                     Some((addr, Ok(tcp))) => {
                         self.note_attempt(addr, true);
-                        // Those started before it and still waiting were
-                        // slower than an address started after them.
-                        for slow in &candidates[..started] {
-                            if *slow != addr {
+                        // Those started before it and still waiting had
+                        // their head start and lost it: tried last for a
+                        // while. Those started after it lost nothing.
+                        let won_at = candidates.iter().position(|c| *c == addr).unwrap_or(0);
+                        for slow in &candidates[..won_at] {
+                            if !errors.iter().any(|(a, _)| a == slow) {
                                 self.note_attempt(*slow, false);
                             }
                         }
@@ -409,23 +420,39 @@ impl Upstream {
                     }
                     Some((addr, Err(e))) => {
                         self.note_attempt(addr, false);
-                        first_error.get_or_insert(e);
+                        errors.push((addr, e));
+                        // Another still in flight: the next starts now
+                        // rather than at the end of the wait.
+                        if started < candidates.len() {
+                            attempts.push(attempt(candidates[started]));
+                            started += 1;
+                            next_after
+                                .as_mut()
+                                .reset(tokio::time::Instant::now() + NEXT_ATTEMPT_AFTER);
+                        }
                     }
                     None => {}
                 },
-                _ = next_after, if started < candidates.len() => {
+                _ = &mut next_after, if started < candidates.len() && !attempts.is_empty() => {
                     attempts.push(attempt(candidates[started]));
                     started += 1;
+                    next_after
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + NEXT_ATTEMPT_AFTER);
                 }
             }
             if attempts.is_empty() && started == candidates.len() {
-                return Err(first_error.unwrap_or_else(|| UpstreamError::Connect {
-                    addr: candidates
-                        .first()
-                        .copied()
-                        .unwrap_or(([0, 0, 0, 0], 0).into()),
-                    message: "no address to connect to".into(),
-                }));
+                // The dialed address's error (the one the client asked
+                // for) before another's.
+                let pick = errors.iter().position(|(a, _)| *a == dialed).unwrap_or(0);
+                return Err(if errors.is_empty() {
+                    UpstreamError::Connect {
+                        addr: dialed,
+                        message: "no address to connect to".into(),
+                    }
+                } else {
+                    errors.swap_remove(pick).1
+                });
             }
         }
     }
@@ -669,7 +696,7 @@ impl Upstream {
         &self,
         key: &PoolKey,
     ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, UpstreamError> {
-        let (tcp, addr) = self.connect_first(&self.candidates(key)).await?;
+        let (tcp, addr) = self.connect_first(key.addr, &self.candidates(key)).await?;
         if addr != key.addr {
             tracing::debug!(
                 host = %key.host,
@@ -963,11 +990,20 @@ mod tests {
             .unwrap()
             .insert("api.anthropic.com".into(), vec![server.addr]);
         connect_error("only the host's own addresses").await;
-        // The host's other address answers.
+        // The host's other address answers. (The refusals above put the
+        // dialed address last for a while: forgotten here, so that the
+        // fallback after a refusal is what is tested.)
         up.known_addresses()
             .write()
             .unwrap()
             .insert(host.into(), vec![refused, server.addr]);
+        up.note_attempt(refused, true);
+        let key = PoolKey {
+            addr: refused,
+            host: host.to_string(),
+            h2: false,
+        };
+        assert_eq!(up.candidates(&key), vec![refused, server.addr]);
         let resp = up
             .send(refused, host, host, post(host, b"{\"ok\":1}"))
             .await
