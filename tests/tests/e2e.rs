@@ -655,10 +655,10 @@ assert r.usage.completion_tokens == 3, r.usage
 fn the_responses_api_over_a_websocket_is_metered_response_by_response() {
     // The Responses API's WebSocket mode (Codex's default) with the
     // official SDK: each response on the connection is a record, as over
-    // HTTP. The second connection offers permessage-deflate (the SDK does
-    // when given a message size limit), and the fake would compress
-    // everything it sends if the offer reached it: the agent takes the
-    // offer out so that it can read the messages.
+    // HTTP. The second connection offers permessage-deflate (the SDK turns
+    // compression off unless given a message size limit), and the fake
+    // would compress everything it sends if the offer reached it: the
+    // agent takes the offer out so that it can read the messages.
     let w = World::start("ws-responses", 43);
     let client = w.client(&[]);
     ok(
@@ -718,6 +718,40 @@ assert usage == [(8, 6), (4, 6)], usage
     ] {
         assert!(!text.contains("WSSECRET"), "{text}");
     }
+}
+
+#[test]
+#[ignore = "needs root, cgroup v2 and BPF"]
+fn a_job_that_leaves_a_websocket_response_early_still_has_the_providers_count() {
+    // The job reads the text of a Responses API WebSocket answer and resets
+    // the connection before `response.completed`: the provider bills the
+    // whole answer, and the agent reads on to record its count.
+    let w = World::start("ws-leave-early", 45);
+    let client = w.client(&[]);
+    ok(
+        &client.python(
+            r#"
+import json, socket, struct
+from websockets.sync.client import connect
+ws = connect("wss://api.openai.com/v1/responses",
+    additional_headers={"Authorization": "Bearer sk-test"}, open_timeout=10)
+ws.send(json.dumps({"type": "response.create", "model": "slow-finish",
+    "input": "answer and let me leave early"}))
+while json.loads(ws.recv(timeout=10))["type"] != "response.output_text.delta":
+    pass
+# Gone at once: a reset, no close frame.
+ws.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+ws.socket.close()
+"#,
+        ),
+        "python websocket leaving early",
+    );
+    let reported = w.fake.reported();
+    assert_eq!(reported.len(), 1, "{reported:#?}");
+    let rows = w.agent.wait_for_records(1);
+    assert_eq!(rows.len(), 1, "{rows:#?}");
+    tollgate_e2e::world::assert_row_matches(&rows[0], &reported[0]);
+    assert_eq!(u(&rows[0], "status"), 200, "{}", rows[0]);
 }
 
 #[test]

@@ -224,12 +224,18 @@ fn is_upgrade(req: &Request<Incoming>) -> bool {
 }
 
 /// Whether a WebSocket handshake opens the OpenAI Responses API's
-/// WebSocket mode (`GET /v1/responses`, Azure's `/openai/v1/responses`),
-/// whose responses are metered as they pass.
+/// WebSocket mode (`GET /v1/responses`, Azure's `/openai/v1/responses`,
+/// Bedrock's `/openai/v1/responses` and `/v1/responses`), whose responses
+/// are metered as they pass.
 fn metered_websocket(api: crate::config::ApiKind, path: &str) -> bool {
     use crate::config::ApiKind;
-    matches!(api, ApiKind::Openai | ApiKind::AzureOpenai)
-        && path.trim_end_matches('/').ends_with("/responses")
+    let path = path.trim_end_matches('/');
+    path.ends_with("/responses")
+        && match api {
+            ApiKind::Openai | ApiKind::AzureOpenai => true,
+            ApiKind::Bedrock => path.starts_with("/openai/") || path.starts_with("/v1/"),
+            ApiKind::Anthropic | ApiKind::Gemini => false,
+        }
 }
 
 /// Passes a protocol switch through: the handshake goes upstream on a
@@ -314,41 +320,87 @@ async fn tunnel(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<Proxy
 }
 
 /// Copies both directions of a metered WebSocket, each byte forwarded as
-/// it arrives and then shown to the meter, until both ends have closed
-/// (or either fails). The meter, dropped at the end, records what was
-/// left open.
+/// it arrives and then shown to the meter. The job's side ending (or
+/// failing) half-closes the provider's; the provider's side ending ends
+/// the relay. When the job is gone while responses are still open, the
+/// provider's side is read on, unsent, as an HTTP response is after a
+/// hang-up ([`DRAIN_AFTER_HANGUP`], [`DRAIN_MAX_BYTES`]), so that their
+/// usage is the provider's own. The meter then records what is left open.
 async fn relay_metered(
     client: hyper::upgrade::Upgraded,
     upstream: hyper::upgrade::Upgraded,
     meter: WsMeter,
 ) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let meter = std::sync::Mutex::new(meter);
     let lock = || meter.lock().unwrap_or_else(|p| p.into_inner());
     let (mut client_rd, mut client_wr) = tokio::io::split(hyper_util::rt::TokioIo::new(client));
     let (mut up_rd, mut up_wr) = tokio::io::split(hyper_util::rt::TokioIo::new(upstream));
-    let asks = pump(&mut client_rd, &mut up_wr, |b| lock().client_sent(b));
-    let answers = pump(&mut up_rd, &mut client_wr, |b| lock().provider_sent(b));
-    tokio::try_join!(asks, answers).map(|_| ())
-}
-
-/// Copies `from` to `to` until `from` ends, then shuts `to` down;
-/// `observe` sees each piece once it is written.
-async fn pump<R, W>(from: &mut R, to: &mut W, mut observe: impl FnMut(&[u8])) -> std::io::Result<()>
-where
-    R: tokio::io::AsyncRead + Unpin,
-    W: tokio::io::AsyncWrite + Unpin,
-{
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut buf = vec![0u8; 16 * 1024];
-    loop {
-        let n = from.read(&mut buf).await?;
-        if n == 0 {
-            return to.shutdown().await;
+    let asks = async {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = match client_rd.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            let sent = up_wr.write_all(&buf[..n]).await;
+            lock().client_sent(&buf[..n]);
+            if sent.is_err() || up_wr.flush().await.is_err() {
+                return;
+            }
         }
-        to.write_all(&buf[..n]).await?;
-        to.flush().await?;
-        observe(&buf[..n]);
+        let _ = up_wr.shutdown().await;
+    };
+    let answers = async {
+        let mut buf = vec![0u8; 16 * 1024];
+        // Once the job cannot be written to: until when, and how much
+        // more, the provider is read for the usage of what is open.
+        let mut draining: Option<(tokio::time::Instant, usize)> = None;
+        loop {
+            let read = match draining {
+                None => up_rd.read(&mut buf).await,
+                Some((deadline, _)) => {
+                    match tokio::time::timeout_at(deadline, up_rd.read(&mut buf)).await {
+                        Ok(r) => r,
+                        Err(_) => return,
+                    }
+                }
+            };
+            let n = match read {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            if draining.is_none() {
+                let sent = client_wr.write_all(&buf[..n]).await;
+                if sent.is_err() || client_wr.flush().await.is_err() {
+                    draining = Some((tokio::time::Instant::now() + DRAIN_AFTER_HANGUP, 0));
+                    lock().job_gone();
+                }
+            }
+            let mut m = lock();
+            m.provider_sent(&buf[..n]);
+            if let Some((_, read)) = draining.as_mut() {
+                *read += n;
+                if *read > DRAIN_MAX_BYTES || !m.waiting() {
+                    return;
+                }
+            }
+        }
+    };
+    tokio::pin!(asks, answers);
+    let mut asks_done = false;
+    loop {
+        tokio::select! {
+            _ = &mut asks, if !asks_done => {
+                // The provider's side goes on: its answer to the close,
+                // or what is still open.
+                asks_done = true;
+                lock().job_gone();
+            }
+            _ = &mut answers => break,
+        }
     }
+    Ok(())
 }
 
 /// The meter of one Responses API WebSocket: every response the provider
@@ -357,29 +409,47 @@ where
 /// model, usage and service tier of its last event; an `error` event
 /// answering a `response.create` is one record with its status. A
 /// response still open, or a `response.create` still unanswered, when the
-/// connection ends is recorded as a request the client left.
+/// connection ends is recorded with why it ended, its input estimated from
+/// the `response.create` and its output from the text that streamed.
 ///
-/// Responses are told apart by their id, so parallel ones (stream ids)
-/// and the successors the provider starts by itself (steering) are each
-/// counted once.
+/// Requests and responses are paired per lane (`stream_id`; requests in
+/// one lane are answered in order), responses told apart by their id, so
+/// parallel lanes and the successors the provider starts by itself
+/// (steering) are each counted once.
 struct WsMeter {
     ctx: Arc<ConnCtx>,
     path: String,
     client: super::websocket::FrameReader,
     provider: super::websocket::FrameReader,
-    /// `response.create`s sent and not answered yet: when, and the model
-    /// they named.
-    asked: std::collections::VecDeque<(Instant, i64, Option<String>)>,
+    /// `response.create`s sent and not answered yet, per lane.
+    asked: std::collections::HashMap<Option<String>, std::collections::VecDeque<Draft>>,
     /// Responses the provider started and has not ended, by id.
-    open: std::collections::HashMap<String, Draft>,
+    open: std::collections::HashMap<String, WsOpen>,
+    /// Which side sent a Close frame first, or could no longer be reached.
+    ended_by: Option<WsSide>,
     /// A direction's framing was found broken (and said so).
     unreadable: bool,
 }
 
-/// Past this many, the oldest unanswered `response.create` is let go
-/// (recorded as unanswered) and a response the provider starts is
-/// recorded only when it ends.
+struct WsOpen {
+    draft: Draft,
+    lane: Option<String>,
+    /// The text that streamed, for an estimate if the response never ends.
+    text: String,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum WsSide {
+    Job,
+    Provider,
+}
+
+/// Past this many open responses (or unanswered requests) on one socket,
+/// more are not tracked: their records would be guesses.
 const WS_MAX_OPEN: usize = 256;
+/// The longest `response.create` kept for an estimate (its share of the
+/// body budget permitting).
+const WS_MAX_KEPT_REQUEST: usize = 4 << 20;
 
 #[derive(serde::Deserialize)]
 struct WsClientEvent<'a> {
@@ -387,6 +457,8 @@ struct WsClientEvent<'a> {
     kind: Option<std::borrow::Cow<'a, str>>,
     #[serde(default, borrow)]
     model: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default, borrow)]
+    stream_id: Option<std::borrow::Cow<'a, str>>,
 }
 
 #[derive(serde::Deserialize)]
@@ -394,7 +466,13 @@ struct WsProviderEvent<'a> {
     #[serde(default, borrow, rename = "type")]
     kind: Option<std::borrow::Cow<'a, str>>,
     #[serde(default, borrow)]
+    stream_id: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default, borrow)]
+    response_id: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default, borrow)]
     response: Option<WsResponseHead<'a>>,
+    #[serde(default, borrow)]
+    delta: Option<std::borrow::Cow<'a, str>>,
     #[serde(default)]
     status: Option<serde_json::Value>,
     #[serde(default)]
@@ -420,29 +498,46 @@ fn ws_error_type(error: Option<&serde_json::Value>) -> Option<String> {
         .and_then(crate::providers::error_type)
 }
 
+fn capped_model(m: &str) -> String {
+    let mut m = m.to_string();
+    crate::meter::cap_owned(&mut m, crate::meter::MAX_MODEL_NAME);
+    m
+}
+
 impl WsMeter {
     fn new(ctx: Arc<ConnCtx>, path: String) -> Self {
         use super::websocket::{FrameReader, MAX_MESSAGE};
+        // The job's messages count against the body budget while they are
+        // read (the job controls their size and pace); the provider's are
+        // bounded as its HTTP answers are.
+        let lease = ctx.state.body_budget.lease();
         WsMeter {
+            client: FrameReader::new(MAX_MESSAGE.min(ctx.state.max_request_body), Some(lease)),
+            provider: FrameReader::new(MAX_MESSAGE, None),
             ctx,
             path,
-            client: FrameReader::new(MAX_MESSAGE),
-            provider: FrameReader::new(MAX_MESSAGE),
             asked: Default::default(),
             open: Default::default(),
+            ended_by: None,
             unreadable: false,
         }
     }
 
-    /// A draft for a response asked for at `started`.
-    fn draft(&self, started: Instant, started_ms: i64, model: Option<String>) -> Draft {
+    /// A draft for a response asked for now (or started by the provider
+    /// without a request), with the request kept for an estimate when its
+    /// share of the body budget permits.
+    fn draft(&self, model: Option<String>, body: Option<&[u8]>) -> Draft {
         let state = &self.ctx.state;
+        let mut lease = state.body_budget.lease();
+        let body = body
+            .filter(|b| b.len() <= WS_MAX_KEPT_REQUEST && lease.grow(b.len()))
+            .map(Bytes::copy_from_slice);
         Draft {
             ctx: self.ctx.clone(),
-            body: None,
-            lease: state.body_budget.lease(),
-            started,
-            started_ms,
+            body,
+            lease,
+            started: Instant::now(),
+            started_ms: now_ms(),
             method: "GET".to_string(),
             path: self.path.clone(),
             info: RequestInfo {
@@ -450,6 +545,10 @@ impl WsMeter {
                 metered: true,
                 model,
                 streaming: true,
+                // OpenAI's API on an OpenAI, Bedrock or custom host; Azure
+                // OpenAI keeps its own name and prices.
+                api: (self.ctx.provider.api != crate::config::ApiKind::AzureOpenai)
+                    .then_some(crate::config::ApiKind::Openai),
                 ..RequestInfo::default()
             },
             status: 0,
@@ -462,28 +561,53 @@ impl WsMeter {
         }
     }
 
+    /// Requests or responses are still open: their usage may yet come.
+    fn waiting(&self) -> bool {
+        !self.open.is_empty() || self.asked.values().any(|q| !q.is_empty())
+    }
+
+    fn asked_count(&self) -> usize {
+        self.asked
+            .values()
+            .map(std::collections::VecDeque::len)
+            .sum()
+    }
+
+    /// The job's side can no longer be read or written.
+    fn job_gone(&mut self) {
+        self.ended_by.get_or_insert(WsSide::Job);
+    }
+
     fn client_sent(&mut self, bytes: &[u8]) {
-        let asked = &mut self.asked;
-        let mut let_go = Vec::new();
-        self.client.feed(bytes, &mut |msg| {
-            let Ok(ev) = serde_json::from_slice::<WsClientEvent<'_>>(msg) else {
-                return;
-            };
-            if ev.kind.as_deref() != Some("response.create") {
-                return;
+        // (lane, model, the message) of each request read.
+        type Ask = (Option<String>, Option<String>, Option<Vec<u8>>);
+        let mut asks: Vec<Ask> = Vec::new();
+        self.client.feed(bytes, &mut |msg| match msg {
+            super::websocket::Message::Text(msg) => {
+                let Ok(ev) = serde_json::from_slice::<WsClientEvent<'_>>(msg) else {
+                    return;
+                };
+                if ev.kind.as_deref() == Some("response.create") {
+                    asks.push((
+                        ev.stream_id.map(|l| l.into_owned()),
+                        ev.model.as_deref().map(capped_model),
+                        Some(msg.to_vec()),
+                    ));
+                }
             }
-            if asked.len() >= WS_MAX_OPEN {
-                let_go.extend(asked.pop_front());
-            }
-            let model = ev.model.map(|m| {
-                let mut m = m.into_owned();
-                crate::meter::cap_owned(&mut m, crate::meter::MAX_MODEL_NAME);
-                m
-            });
-            asked.push_back((Instant::now(), now_ms(), model));
+            // Too long to read: a request all the same, of an unknown
+            // model (the lane unknown too).
+            super::websocket::Message::Unread => asks.push((None, None, None)),
         });
-        for (at, at_ms, model) in let_go {
-            drop(self.draft(at, at_ms, model));
+        if self.client.closed() {
+            self.ended_by.get_or_insert(WsSide::Job);
+        }
+        for (lane, model, body) in asks {
+            if self.asked_count() >= WS_MAX_OPEN {
+                break;
+            }
+            let draft = self.draft(model, body.as_deref());
+            self.asked.entry(lane).or_default().push_back(draft);
         }
         self.note_unreadable();
     }
@@ -491,10 +615,15 @@ impl WsMeter {
     fn provider_sent(&mut self, bytes: &[u8]) {
         let mut events = Vec::new();
         self.provider.feed(bytes, &mut |msg| {
-            if let Ok(text) = std::str::from_utf8(msg) {
+            if let super::websocket::Message::Text(m) = msg
+                && let Ok(text) = std::str::from_utf8(m)
+            {
                 events.push(text.to_string());
             }
         });
+        if self.provider.closed() {
+            self.ended_by.get_or_insert(WsSide::Provider);
+        }
         for text in events {
             self.on_provider_event(&text);
         }
@@ -502,25 +631,44 @@ impl WsMeter {
     }
 
     /// Says once when either direction could not be read as WebSocket
-    /// frames: its responses are then recorded without usage.
+    /// frames, and what that costs.
     fn note_unreadable(&mut self) {
-        if !self.unreadable && (self.client.broken() || self.provider.broken()) {
-            self.unreadable = true;
-            warn!(
-                host = self.ctx.provider.host.as_str(),
-                "a Responses API WebSocket broke the framing rules: its responses from here on are not metered"
-            );
+        if self.unreadable {
+            return;
         }
+        let side = if self.provider.broken() {
+            "the provider's messages: responses from here on are recorded when the socket ends, estimated"
+        } else if self.client.broken() {
+            "the job's messages: responses from here on are recorded without the model asked for"
+        } else {
+            return;
+        };
+        self.unreadable = true;
+        warn!(
+            host = self.ctx.provider.host.as_str(),
+            "a Responses API WebSocket broke the framing rules in {side}"
+        );
+    }
+
+    /// The open response of `lane` (the lane's requests are answered in
+    /// order: at most one is open), if any.
+    fn open_in_lane(&self, lane: &Option<String>) -> Option<String> {
+        self.open
+            .iter()
+            .find(|(_, o)| &o.lane == lane)
+            .map(|(id, _)| id.clone())
     }
 
     fn on_provider_event(&mut self, text: &str) {
         let Ok(ev) = serde_json::from_str::<WsProviderEvent<'_>>(text) else {
             return;
         };
+        let lane = ev.stream_id.as_deref().map(str::to_string);
         let id = ev
             .response
             .as_ref()
             .and_then(|r| r.id.as_deref())
+            .or(ev.response_id.as_deref())
             .map(str::to_string);
         match ev.kind.as_deref() {
             Some("response.created") => {
@@ -531,34 +679,41 @@ impl WsMeter {
                 let model = ev.response.as_ref().and_then(|r| r.model.as_deref());
                 // Its `response.create`, if the client sent one (a
                 // successor the provider starts by itself has none).
-                let (at, at_ms, asked_model) = self
-                    .asked
-                    .pop_front()
-                    .unwrap_or_else(|| (Instant::now(), now_ms(), None));
-                let model = asked_model.or_else(|| {
-                    model.map(|m| {
-                        let mut m = m.to_string();
-                        crate::meter::cap_owned(&mut m, crate::meter::MAX_MODEL_NAME);
-                        m
-                    })
-                });
-                let mut draft = self.draft(at, at_ms, model);
-                draft.ttfb_ms = Some(at.elapsed().as_millis() as u64);
-                self.open.insert(id, draft);
+                let asked = self.asked.get_mut(&lane).and_then(|q| q.pop_front());
+                let mut draft = asked.unwrap_or_else(|| self.draft(None, None));
+                if draft.info.model.is_none() {
+                    draft.info.model = model.map(capped_model);
+                }
+                draft.ttfb_ms = Some(draft.started.elapsed().as_millis() as u64);
+                self.open.insert(
+                    id,
+                    WsOpen {
+                        draft,
+                        lane,
+                        text: String::new(),
+                    },
+                );
             }
             Some(kind @ ("response.completed" | "response.incomplete" | "response.failed")) => {
-                let mut draft = match id.as_ref().and_then(|id| self.open.remove(id)) {
-                    Some(d) => d,
+                let found = id.as_ref().and_then(|id| self.open.remove(id)).or_else(|| {
+                    let id = self.open_in_lane(&lane)?;
+                    self.open.remove(&id)
+                });
+                let (mut draft, streamed) = match found {
+                    Some(o) => (o.draft, o.text),
                     None => {
-                        let (at, at_ms, model) = self
-                            .asked
-                            .pop_front()
-                            .unwrap_or_else(|| (Instant::now(), now_ms(), None));
-                        self.draft(at, at_ms, model)
+                        let asked = self.asked.get_mut(&lane).and_then(|q| q.pop_front());
+                        (
+                            asked.unwrap_or_else(|| self.draft(None, None)),
+                            String::new(),
+                        )
                     }
                 };
                 draft.status = 200;
-                let mut parsed = ParsedUsage::default();
+                let mut parsed = ParsedUsage {
+                    output_text: streamed,
+                    ..ParsedUsage::default()
+                };
                 crate::providers::openai::websocket_event(&mut parsed, text);
                 if kind == "response.failed" && parsed.error.is_none() {
                     parsed.error =
@@ -568,12 +723,15 @@ impl WsMeter {
                 draft.emit(parsed, None);
             }
             Some("error") => {
-                // The answer to the oldest `response.create` not yet
-                // answered; an error about something else is not a request.
-                let Some((at, at_ms, model)) = self.asked.pop_front() else {
+                // A response under way in this lane ends with its own
+                // event (or when the socket does): the error is about it.
+                // Otherwise it answers the lane's oldest request.
+                if self.open_in_lane(&lane).is_some() {
+                    return;
+                }
+                let Some(mut draft) = self.asked.get_mut(&lane).and_then(|q| q.pop_front()) else {
                     return;
                 };
-                let mut draft = self.draft(at, at_ms, model);
                 draft.status = ev
                     .status
                     .as_ref()
@@ -584,20 +742,52 @@ impl WsMeter {
                 let error = ws_error_type(ev.error.as_ref()).or_else(|| Some("error".into()));
                 draft.emit(ParsedUsage::default(), error);
             }
+            Some(k) if k.ends_with(".delta") => {
+                let Some(d) = ev.delta.as_deref() else { return };
+                let target = id
+                    .filter(|id| self.open.contains_key(id))
+                    .or_else(|| self.open_in_lane(&lane));
+                if let Some(o) = target.and_then(|id| self.open.get_mut(&id)) {
+                    crate::providers::push_text(&mut o.text, d);
+                }
+            }
             _ => {}
+        }
+    }
+
+    /// Records what is still open as the connection ends: why it ended,
+    /// and (off the async workers) estimates from the request and the
+    /// text that streamed.
+    fn finish(&mut self) {
+        let state = &self.ctx.state;
+        let why = if state.stopping.is_cancelled() {
+            "agent_stopped"
+        } else if self.ended_by == Some(WsSide::Provider) {
+            "upstream_closed"
+        } else {
+            "client_disconnected"
+        };
+        for (_, o) in self.open.drain() {
+            let mut draft = o.draft;
+            draft.unanswered = true;
+            let parsed = ParsedUsage {
+                output_text: o.text,
+                ..ParsedUsage::default()
+            };
+            draft.record_off_worker(parsed, Some(why.to_string()), true);
+        }
+        for (_, q) in self.asked.drain() {
+            for mut draft in q {
+                draft.unanswered = true;
+                draft.record_off_worker(ParsedUsage::default(), Some(why.to_string()), true);
+            }
         }
     }
 }
 
 impl Drop for WsMeter {
-    /// What is still open when the connection ends is recorded as a
-    /// request the client left (each draft's own drop records it).
     fn drop(&mut self) {
-        let asked: Vec<_> = self.asked.drain(..).collect();
-        for (at, at_ms, model) in asked {
-            drop(self.draft(at, at_ms, model));
-        }
-        self.open.clear();
+        self.finish();
     }
 }
 
@@ -1349,41 +1539,69 @@ mod tests {
             "usage": {"input_tokens": input, "output_tokens": output}}})
     }
 
-    /// Responses are told apart by id: interleaved ones (stream ids) and a
-    /// successor the provider starts by itself (steering) are each one
-    /// record with their own usage; an error event with no request waiting
-    /// is not a record; what is open at the end is recorded as left.
+    /// One meter's records, as (model, input, output, status, error,
+    /// estimated).
+    type Row = (String, u64, u64, u16, Option<String>, bool);
+    fn rows(keep: &Keep) -> Vec<Row> {
+        keep.0
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r.model.clone().unwrap_or_default(),
+                    r.usage.input_tokens,
+                    r.usage.output_tokens,
+                    r.status,
+                    r.error.clone(),
+                    r.estimated,
+                )
+            })
+            .collect()
+    }
+
+    fn ws_create(model: &str, lane: Option<&str>) -> Vec<u8> {
+        let mut ev = serde_json::json!({"type": "response.create", "model": model,
+            "input": "summarise the quarterly report for the board in three lines"});
+        if let Some(l) = lane {
+            ev["stream_id"] = l.into();
+        }
+        ws_text(ev, Some([1, 2, 3, 4]))
+    }
+
+    fn ws_created(id: &str, model: &str, lane: Option<&str>) -> Vec<u8> {
+        let mut ev =
+            serde_json::json!({"type": "response.created", "response": {"id": id, "model": model}});
+        if let Some(l) = lane {
+            ev["stream_id"] = l.into();
+        }
+        ws_text(ev, None)
+    }
+
+    /// Responses are told apart by id and paired with their requests by
+    /// lane (`stream_id`): lanes answered out of order, interleaved
+    /// responses, a successor the provider starts by itself (steering)
+    /// are each one record with their own usage and the model asked for;
+    /// an error event with no request waiting is not a record.
     #[test]
     fn each_response_on_a_websocket_is_one_record() {
         let (mut meter, keep, _dir) = ws_meter();
-        let key = Some([1, 2, 3, 4]);
-        let create = |model: &str| {
-            ws_text(
-                serde_json::json!({"type": "response.create", "model": model, "input": "hi"}),
-                key,
-            )
-        };
-        let created = |id: &str, model: &str| {
-            ws_text(
-                serde_json::json!({"type": "response.created", "response": {"id": id, "model": model}}),
-                None,
-            )
-        };
-        let mut client = create("gpt-5.4");
-        client.extend(create("gpt-6-sol"));
+        let mut client = ws_create("gpt-5.4", Some("a"));
+        client.extend(ws_create("gpt-6-sol", Some("b")));
         // Both asks in one piece, split across two reads.
         let (a, b) = client.split_at(7);
         meter.client_sent(a);
         meter.client_sent(b);
-        let mut provider = created("resp_a", "gpt-5.4-2026-03-05");
-        provider.extend(created("resp_b", "gpt-6-sol"));
+        // Lane b is answered first.
+        let mut provider = ws_created("resp_b", "gpt-6-sol", Some("b"));
+        provider.extend(ws_created("resp_a", "gpt-5.4-2026-03-05", Some("a")));
         provider.extend(ws_text(completed("resp_b", "gpt-6-sol", 20, 2), None));
         provider.extend(ws_text(
             completed("resp_a", "gpt-5.4-2026-03-05", 10, 1),
             None,
         ));
         // A successor nobody asked for, then an unrelated error event.
-        provider.extend(created("resp_c", "gpt-5.4-2026-03-05"));
+        provider.extend(ws_created("resp_c", "gpt-5.4-2026-03-05", Some("a")));
         provider.extend(ws_text(
             completed("resp_c", "gpt-5.4-2026-03-05", 30, 3),
             None,
@@ -1395,43 +1613,85 @@ mod tests {
         for piece in provider.chunks(5) {
             meter.provider_sent(piece);
         }
-        // Asked for and started, never finished.
-        meter.client_sent(&create("gpt-5.4"));
-        meter.provider_sent(&created("resp_d", "gpt-5.4"));
         drop(meter);
-        let recs = keep.0.lock().unwrap();
-        let got: Vec<_> = recs
-            .iter()
-            .map(|r| {
-                (
-                    r.model.clone().unwrap_or_default(),
-                    r.usage.input_tokens,
-                    r.usage.output_tokens,
-                    r.status,
-                    r.error.clone(),
-                )
-            })
-            .collect();
         assert_eq!(
-            got,
+            rows(&keep),
             vec![
-                ("gpt-6-sol".into(), 20, 2, 200, None),
-                ("gpt-5.4".into(), 10, 1, 200, None),
-                ("gpt-5.4-2026-03-05".into(), 30, 3, 200, None),
-                (
-                    "gpt-5.4".into(),
-                    0,
-                    0,
-                    0,
-                    Some("client_disconnected".into())
-                ),
+                ("gpt-6-sol".into(), 20, 2, 200, None, false),
+                ("gpt-5.4".into(), 10, 1, 200, None, false),
+                ("gpt-5.4-2026-03-05".into(), 30, 3, 200, None, false),
             ]
         );
-        for r in recs.iter() {
+        for r in keep.0.lock().unwrap().iter() {
             assert_eq!(r.operation, "responses");
+            assert_eq!(r.provider, "openai");
             assert!(r.streaming);
+            assert!(r.cost_usd.is_some_and(|c| c > 0.0), "{r:?}");
         }
-        assert!(recs[0].cost_usd.is_some_and(|c| c > 0.0), "{:?}", recs[0]);
+    }
+
+    /// An error event answers the lane's waiting request; an error while a
+    /// response of the lane is under way is about that response, which
+    /// still ends with its own event. A response the socket closes on (the
+    /// job read what streamed and left) and a request never answered are
+    /// recorded with why, estimated from the request and the text that
+    /// streamed: never a free row.
+    #[test]
+    fn errors_pair_with_their_lane_and_what_is_open_at_the_end_is_estimated() {
+        let (mut meter, keep, _dir) = ws_meter();
+        meter.client_sent(&ws_create("bad-model", None));
+        meter.provider_sent(&ws_text(
+            serde_json::json!({"type": "error", "status": 404,
+                "error": {"code": "model_not_found"}}),
+            None,
+        ));
+        meter.client_sent(&ws_create("gpt-5.4", None));
+        meter.provider_sent(&ws_created("resp_1", "gpt-5.4", None));
+        // Pipelined behind it: the next request.
+        meter.client_sent(&ws_create("gpt-6-sol", None));
+        let mut provider = ws_text(
+            serde_json::json!({"type": "error", "sequence_number": 4,
+                "error": {"code": "server_error"}}),
+            None,
+        );
+        for _ in 0..40 {
+            provider.extend(ws_text(
+                serde_json::json!({"type": "response.output_text.delta", "delta": "several words of answer "}),
+                None,
+            ));
+        }
+        meter.provider_sent(&provider);
+        meter.client_sent(&super::super::websocket::tests::frame(
+            true,
+            0x8,
+            b"",
+            Some([9, 9, 9, 9]),
+        ));
+        drop(meter);
+        let got = rows(&keep);
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert_eq!(
+            got[0],
+            (
+                "bad-model".into(),
+                0,
+                0,
+                404,
+                Some("model_not_found".into()),
+                false
+            )
+        );
+        let (model, input, output, status, error, estimated) = &got[1];
+        assert_eq!((model.as_str(), *status), ("gpt-5.4", 0));
+        assert_eq!(error.as_deref(), Some("client_disconnected"));
+        assert!(*estimated && *input > 5 && *output > 40, "{:?}", got[1]);
+        let (model, input, _, _, error, estimated) = &got[2];
+        assert_eq!(model, "gpt-6-sol");
+        assert_eq!(error.as_deref(), Some("client_disconnected"));
+        assert!(*estimated && *input > 5, "{:?}", got[2]);
+        for r in keep.0.lock().unwrap().iter().skip(1) {
+            assert!(r.cost_usd.is_some_and(|c| c > 0.0), "{r:?}");
+        }
     }
 
     fn req(method: &str, uri: &str, host: Option<&str>) -> Request<()> {

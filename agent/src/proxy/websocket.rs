@@ -5,19 +5,35 @@
 //! Owns: splitting a byte stream (either direction, masked or not) into
 //! whole text messages. Must never: change, hold back or reorder a byte
 //! (the relay forwards every byte before it is read here), or keep more
-//! than [`MAX_MESSAGE`] of one message: a longer message, a compressed one
-//! (`permessage-deflate`, RSV1) and a binary one are passed over unread,
-//! and a stream that breaks the framing rules is no longer read at all.
+//! of one message than its limit or its lease of the agent's body budget
+//! allows: a longer message, a compressed one (`permessage-deflate`,
+//! RSV1) and a binary one are passed over unread (a text one is reported
+//! as such), and a stream that breaks the framing rules is no longer read
+//! at all.
 
 /// The longest text message read (the Responses API's last event repeats
 /// the whole response, as over HTTP).
 pub(super) const MAX_MESSAGE: usize = 16 << 20;
 
+/// What [`FrameReader::feed`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Message<'a> {
+    /// A whole text message.
+    Text(&'a [u8]),
+    /// A text message passed over unread (too long, over the budget, or
+    /// compressed).
+    Unread,
+}
+
 /// Splits a WebSocket byte stream into messages as its bytes arrive, in
 /// pieces of any size.
-#[derive(Debug)]
 pub(super) struct FrameReader {
     limit: usize,
+    /// The share of the agent's body budget the message being read holds,
+    /// when its bytes count against the budget.
+    lease: Option<super::budget::BodyLease>,
+    /// A Close frame was seen.
+    closed: bool,
     /// The frame header read so far (2 to 14 bytes).
     head: Vec<u8>,
     /// The current frame's payload bytes still to come, once its header
@@ -45,14 +61,18 @@ struct Frame {
 enum Kind {
     /// A text message, kept.
     Text,
-    /// Binary, compressed or too long: passed over.
+    /// A text message passed over (compressed, too long, over budget).
+    TextSkipped,
+    /// Binary: passed over.
     Skipped,
 }
 
 impl FrameReader {
-    pub(super) fn new(limit: usize) -> Self {
+    pub(super) fn new(limit: usize, lease: Option<super::budget::BodyLease>) -> Self {
         FrameReader {
             limit,
+            lease,
+            closed: false,
             head: Vec::with_capacity(14),
             remaining: None,
             frame: Frame::default(),
@@ -68,9 +88,14 @@ impl FrameReader {
         self.broken
     }
 
+    /// Whether a Close frame was seen.
+    pub(super) fn closed(&self) -> bool {
+        self.closed
+    }
+
     /// Reads `data`, the next bytes of the stream, and calls `on_text`
-    /// with each text message it completes.
-    pub(super) fn feed(&mut self, mut data: &[u8], on_text: &mut dyn FnMut(&[u8])) {
+    /// with each text message it completes or passes over.
+    pub(super) fn feed(&mut self, mut data: &[u8], on_text: &mut dyn FnMut(Message<'_>)) {
         while !data.is_empty() && !self.broken {
             match self.remaining {
                 None => {
@@ -97,7 +122,7 @@ impl FrameReader {
     }
 
     /// A frame's header is whole: checks it and starts its payload.
-    fn start_frame(&mut self, on_text: &mut dyn FnMut(&[u8])) {
+    fn start_frame(&mut self, on_text: &mut dyn FnMut(Message<'_>)) {
         let h = std::mem::take(&mut self.head);
         let (b0, b1) = (h[0], h[1]);
         let fin = b0 & 0x80 != 0;
@@ -119,13 +144,13 @@ impl FrameReader {
         let control = opcode & 0x08 != 0;
         match opcode {
             // Close, ping, pong: short, whole, and between any two frames.
-            0x8..=0xa if fin && len <= 125 => {}
+            0x8..=0xa if fin && len <= 125 => self.closed |= opcode == 0x8,
             // A text or binary message starts; none may be under way.
             0x1 | 0x2 if self.kind.is_none() => {
-                self.kind = Some(if opcode == 0x1 && !rsv1 {
-                    Kind::Text
-                } else {
-                    Kind::Skipped
+                self.kind = Some(match (opcode, rsv1) {
+                    (0x1, false) => Kind::Text,
+                    (0x1, true) => Kind::TextSkipped,
+                    _ => Kind::Skipped,
                 });
                 self.message.clear();
             }
@@ -156,9 +181,13 @@ impl FrameReader {
         if frame.control || self.kind != Some(Kind::Text) {
             return;
         }
-        if self.message.len() + bytes.len() > self.limit {
-            self.kind = Some(Kind::Skipped);
+        let over_budget = self.lease.as_mut().is_some_and(|l| !l.grow(bytes.len()));
+        if over_budget || self.message.len() + bytes.len() > self.limit {
+            self.kind = Some(Kind::TextSkipped);
             self.message = Vec::new();
+            if let Some(l) = self.lease.as_mut() {
+                l.release();
+            }
             return;
         }
         let from = self.message.len();
@@ -170,14 +199,19 @@ impl FrameReader {
         }
     }
 
-    fn end_frame(&mut self, on_text: &mut dyn FnMut(&[u8])) {
+    fn end_frame(&mut self, on_text: &mut dyn FnMut(Message<'_>)) {
         self.remaining = None;
         let frame = self.frame;
         if frame.control || !frame.fin {
             return;
         }
-        if self.kind.take() == Some(Kind::Text) {
-            on_text(&self.message);
+        match self.kind.take() {
+            Some(Kind::Text) => on_text(Message::Text(&self.message)),
+            Some(Kind::TextSkipped) => on_text(Message::Unread),
+            _ => {}
+        }
+        if let Some(l) = self.lease.as_mut() {
+            l.release();
         }
         if self.message.capacity() > 1 << 20 {
             self.message = Vec::new();
@@ -239,9 +273,12 @@ pub(super) mod tests {
     /// The text messages read from `stream` fed in pieces of `piece`
     /// bytes (0: whole).
     fn read(stream: &[u8], piece: usize, limit: usize) -> (Vec<String>, bool) {
-        let mut r = FrameReader::new(limit);
+        let mut r = FrameReader::new(limit, None);
         let mut out = Vec::new();
-        let mut on = |m: &[u8]| out.push(String::from_utf8_lossy(m).into_owned());
+        let mut on = |m: Message<'_>| match m {
+            Message::Text(m) => out.push(String::from_utf8_lossy(m).into_owned()),
+            Message::Unread => out.push("<unread>".into()),
+        };
         if piece == 0 {
             r.feed(stream, &mut on);
         } else {
@@ -280,6 +317,7 @@ pub(super) mod tests {
             medium.clone(),
             long.clone(),
             String::new(),
+            "<unread>".to_string(),
         ];
         for piece in [0, 1, 2, 3, 7, 13, 4096] {
             let (got, broken) = read(&stream, piece, MAX_MESSAGE);
@@ -295,7 +333,11 @@ pub(super) mod tests {
         stream.extend(frame(true, 0x1, b"next", None));
         for piece in [0, 1, 50] {
             let (got, broken) = read(&stream, piece, 100);
-            assert_eq!(got, vec!["next".to_string()], "piece {piece}");
+            assert_eq!(
+                got,
+                vec!["<unread>".to_string(), "next".to_string()],
+                "piece {piece}"
+            );
             assert!(!broken);
         }
     }
@@ -325,13 +367,39 @@ pub(super) mod tests {
         }
     }
 
+    /// A message's bytes count against the agent's body budget while it
+    /// is read: past the budget it is passed over, and its share is given
+    /// back at its end either way. A Close frame is noted.
+    #[test]
+    fn a_message_past_the_body_budget_is_passed_over_and_its_share_given_back() {
+        let budget = super::super::budget::BodyBudget::new(100);
+        let mut r = FrameReader::new(MAX_MESSAGE, Some(budget.lease()));
+        let mut got = Vec::new();
+        let mut on = |m: Message<'_>| {
+            got.push(match m {
+                Message::Text(t) => String::from_utf8_lossy(t).into_owned(),
+                Message::Unread => "<unread>".into(),
+            })
+        };
+        r.feed(&frame(false, 0x1, &[b'a'; 60], None), &mut on);
+        assert_eq!(budget.used(), 60, "held while the message is read");
+        r.feed(&frame(true, 0x0, &[b'a'; 60], None), &mut on);
+        assert_eq!(budget.used(), 0);
+        r.feed(&frame(true, 0x1, b"fits", None), &mut on);
+        assert_eq!(budget.used(), 0);
+        assert!(!r.closed());
+        r.feed(&frame(true, 0x8, b"", None), &mut on);
+        assert!(r.closed());
+        assert_eq!(got, vec!["<unread>".to_string(), "fits".to_string()]);
+    }
+
     #[test]
     fn a_huge_announced_length_holds_nothing() {
         // 2^63 bytes announced: read as it comes, never reserved.
         let mut s = vec![0x81, 127];
         s.extend_from_slice(&(1u64 << 63).to_be_bytes());
         s.extend_from_slice(&[b'z'; 1000]);
-        let mut r = FrameReader::new(100);
+        let mut r = FrameReader::new(100, None);
         r.feed(&s, &mut |_| panic!("no message ends"));
         assert!(!r.broken());
         assert!(r.message.capacity() <= 100);

@@ -4,7 +4,8 @@
 //!   Responses API's WebSocket mode. Each `response.create` is answered
 //!   with `response.created`, a text delta and `response.completed` with
 //!   usage (logged as reported); the model `bad-model` gets an `error`
-//!   event (404), and `silent-model` no answer at all. When the handshake offers `permessage-deflate`, the fake
+//!   event (404), `silent-model` no answer at all, and `slow-finish` its
+//!   `response.completed` a second after the text. When the handshake offers `permessage-deflate`, the fake
 //!   accepts it and compresses every message it sends, as real servers
 //!   may.
 //! - Anything else, as realtime APIs use (OpenAI Realtime, Gemini Live): a
@@ -155,6 +156,9 @@ async fn serve_responses<S: AsyncRead + AsyncWrite + Unpin>(
             ]
         };
         for e in events {
+            if model == "slow-finish" && e["type"] == "response.completed" {
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
             let text = e.to_string();
             let sent = if deflate {
                 send_compressed(io, text.as_bytes()).await
