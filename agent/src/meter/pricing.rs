@@ -241,6 +241,17 @@ fn validate_entries(prefix: &str, entries: &[ModelPrice]) -> Result<(), (String,
         if m.model.trim().is_empty() {
             return Err((key("model"), "must not be empty".into()));
         }
+        if m.model.contains('[') {
+            // `claude-opus-4-6[1m]` is a client's alias of its model: a
+            // price for it would replace the model's own.
+            return Err((
+                key("model"),
+                format!(
+                    "{:?} names a client's alias (the part from `[` is not sent to the provider); price the model itself",
+                    m.model
+                ),
+            ));
+        }
         let long = m.long_context.as_ref();
         if long.is_some_and(|l| l.above == 0) {
             return Err((
@@ -1779,6 +1790,11 @@ output = 15.0
             ..base.clone()
         });
         assert_eq!(e.0, "pricing.models[1].input", "{e:?}");
+        let e = check(ModelPrice {
+            model: "claude-opus-4-6[1m]".into(),
+            ..base.clone()
+        });
+        assert_eq!(e.0, "pricing.models[1].model", "{e:?}");
         let e = check(ModelPrice {
             reasoning: Some(f64::NAN),
             model: "y".into(),

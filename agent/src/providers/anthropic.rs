@@ -126,6 +126,20 @@ impl Raw {
             && !list.is_empty()
         {
             let mut sum = Usage::default();
+            // A list without the message passes themselves (a stream's
+            // first event, before the answer) leaves them to the top level.
+            if !list
+                .iter()
+                .any(|it| it.get("type").and_then(Value::as_str) == Some("message"))
+            {
+                let top = Raw {
+                    iterations: None,
+                    ..*self
+                };
+                if let Some(t) = top.usage() {
+                    sum = t;
+                }
+            }
             for it in list {
                 let mut one = Raw::default();
                 one.merge_counts(it);
@@ -408,6 +422,13 @@ mod tests {
         );
         let u = p.usage.expect("usage");
         assert_eq!((u.input_tokens, u.output_tokens), (203_000, 4_500));
+        // Iterations without the message passes: the top level is theirs.
+        let partial = br#"{"model":"m","content":[],"usage":{"input_tokens":500,"output_tokens":20,
+            "iterations":[{"type":"compaction","input_tokens":9000,"output_tokens":300}]}}"#;
+        let u = parse_split(&Anthropic, &info("chat"), "application/json", partial, &[])
+            .usage
+            .expect("usage");
+        assert_eq!((u.input_tokens, u.output_tokens), (9_500, 320));
         // Without iterations: the top level, thinking capped at the output.
         let plain = br#"{"model":"m","content":[],"usage":{"input_tokens":5,"output_tokens":7,
             "output_tokens_details":{"thinking_tokens":9}}}"#;
