@@ -332,6 +332,7 @@ async fn relay_metered(
     meter: WsMeter,
 ) -> std::io::Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let stall = meter.ctx.state.body_stall;
     let meter = std::sync::Mutex::new(meter);
     let lock = || meter.lock().unwrap_or_else(|p| p.into_inner());
     let (mut client_rd, mut client_wr) = tokio::io::split(hyper_util::rt::TokioIo::new(client));
@@ -339,49 +340,80 @@ async fn relay_metered(
     let asks = async {
         let mut buf = vec![0u8; 16 * 1024];
         loop {
-            let n = match client_rd.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => n,
+            let n = match tokio::time::timeout(stall, client_rd.read(&mut buf)).await {
+                // A message left half-sent this long holds no more of the
+                // body budget.
+                Err(_) => {
+                    lock().client_stalled();
+                    continue;
+                }
+                Ok(Ok(0) | Err(_)) => break,
+                Ok(Ok(n)) => n,
             };
             let sent = up_wr.write_all(&buf[..n]).await;
             lock().client_sent(&buf[..n]);
             if sent.is_err() || up_wr.flush().await.is_err() {
+                lock().provider_gone();
                 return;
             }
         }
-        let _ = up_wr.shutdown().await;
+        // The job's side ended. After its Close frame (or with nothing
+        // open) the provider is told at once; a job that vanished with
+        // responses open leaves the provider's side open while the agent
+        // reads on for their counts (a provider takes a half-close as the
+        // client gone, and stops).
+        let drain = {
+            let mut m = lock();
+            let drain = !m.job_closed() && m.waiting();
+            if drain {
+                m.job_gone();
+            } else {
+                m.job_ended();
+            }
+            drain
+        };
+        if !drain {
+            let _ = tokio::time::timeout(Duration::from_secs(5), up_wr.shutdown()).await;
+        }
     };
     let answers = async {
         let mut buf = vec![0u8; 16 * 1024];
-        // Once the job cannot be written to: until when, and how much
-        // more, the provider is read for the usage of what is open.
-        let mut draining: Option<(tokio::time::Instant, usize)> = None;
+        // Once the job cannot be written to: until when, and how many
+        // bytes were read for nobody.
+        let mut deadline = None;
+        let mut drained = 0usize;
         loop {
-            let read = match draining {
+            if deadline.is_none() && lock().job_is_gone() {
+                deadline = Some(tokio::time::Instant::now() + DRAIN_AFTER_HANGUP);
+            }
+            let read = match deadline {
                 None => up_rd.read(&mut buf).await,
-                Some((deadline, _)) => {
-                    match tokio::time::timeout_at(deadline, up_rd.read(&mut buf)).await {
-                        Ok(r) => r,
-                        Err(_) => return,
-                    }
-                }
+                Some(at) => match tokio::time::timeout_at(at, up_rd.read(&mut buf)).await {
+                    Ok(r) => r,
+                    Err(_) => return,
+                },
             };
             let n = match read {
-                Ok(0) | Err(_) => return,
+                Ok(0) | Err(_) => {
+                    lock().provider_gone();
+                    let _ =
+                        tokio::time::timeout(Duration::from_secs(5), client_wr.shutdown()).await;
+                    return;
+                }
                 Ok(n) => n,
             };
-            if draining.is_none() {
+            let job_gone = lock().job_is_gone();
+            if !job_gone {
                 let sent = client_wr.write_all(&buf[..n]).await;
                 if sent.is_err() || client_wr.flush().await.is_err() {
-                    draining = Some((tokio::time::Instant::now() + DRAIN_AFTER_HANGUP, 0));
                     lock().job_gone();
                 }
             }
             let mut m = lock();
             m.provider_sent(&buf[..n]);
-            if let Some((_, read)) = draining.as_mut() {
-                *read += n;
-                if *read > DRAIN_MAX_BYTES || !m.waiting() {
+            if m.job_is_gone() {
+                drained += n;
+                if drained > DRAIN_MAX_BYTES || !m.waiting() {
                     return;
                 }
             }
@@ -390,13 +422,14 @@ async fn relay_metered(
     tokio::pin!(asks, answers);
     let mut asks_done = false;
     loop {
+        if asks_done || lock().job_is_gone() {
+            // The job is gone or closing: the provider's close, or the
+            // counts of what is open, for at most the hang-up drain.
+            let _ = tokio::time::timeout(DRAIN_AFTER_HANGUP, &mut answers).await;
+            break;
+        }
         tokio::select! {
-            _ = &mut asks, if !asks_done => {
-                // The provider's side goes on: its answer to the close,
-                // or what is still open.
-                asks_done = true;
-                lock().job_gone();
-            }
+            _ = &mut asks => asks_done = true,
             _ = &mut answers => break,
         }
     }
@@ -427,6 +460,10 @@ struct WsMeter {
     open: std::collections::HashMap<String, WsOpen>,
     /// Which side sent a Close frame first, or could no longer be reached.
     ended_by: Option<WsSide>,
+    /// The job can no longer be written to or read from.
+    job_gone: bool,
+    /// Requests not tracked (over [`WS_MAX_OPEN`]), said once.
+    dropped: u64,
     /// A direction's framing was found broken (and said so).
     unreadable: bool,
 }
@@ -474,6 +511,8 @@ struct WsProviderEvent<'a> {
     #[serde(default, borrow)]
     delta: Option<std::borrow::Cow<'a, str>>,
     #[serde(default)]
+    sequence_number: Option<serde_json::Value>,
+    #[serde(default)]
     status: Option<serde_json::Value>,
     #[serde(default)]
     error: Option<serde_json::Value>,
@@ -498,6 +537,41 @@ fn ws_error_type(error: Option<&serde_json::Value>) -> Option<String> {
         .and_then(crate::providers::error_type)
 }
 
+/// A lane's key: its `stream_id`, at most 128 bytes of it.
+fn lane_of(id: &str) -> String {
+    let mut end = id.len().min(128);
+    while !id.is_char_boundary(end) {
+        end -= 1;
+    }
+    id[..end].to_string()
+}
+
+/// Whether the first bytes of a message passed over unread say it is a
+/// `response.create` (the type is the first member the SDKs write).
+fn is_response_create(prefix: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(prefix);
+    let squeezed: String = text.chars().filter(|c| !c.is_whitespace()).collect();
+    squeezed.contains("\"type\":\"response.create\"")
+}
+
+/// The response id in the first bytes of a `response.completed`,
+/// `.incomplete` or `.failed` event.
+fn terminal_event_id(prefix: &[u8]) -> Option<String> {
+    let text = String::from_utf8_lossy(prefix);
+    let squeezed: String = text.chars().filter(|c| !c.is_whitespace()).collect();
+    let terminal = ["completed", "incomplete", "failed"]
+        .iter()
+        .any(|k| squeezed.contains(&format!("\"type\":\"response.{k}\"")));
+    if !terminal {
+        return None;
+    }
+    let at = squeezed.find("\"response\":{")?;
+    let rest = &squeezed[at..];
+    let id_at = rest.find("\"id\":\"")? + 6;
+    let id = &rest[id_at..];
+    Some(id[..id.find('"')?].to_string())
+}
+
 fn capped_model(m: &str) -> String {
     let mut m = m.to_string();
     crate::meter::cap_owned(&mut m, crate::meter::MAX_MODEL_NAME);
@@ -519,6 +593,8 @@ impl WsMeter {
             asked: Default::default(),
             open: Default::default(),
             ended_by: None,
+            job_gone: false,
+            dropped: 0,
             unreadable: false,
         }
     }
@@ -575,7 +651,37 @@ impl WsMeter {
 
     /// The job's side can no longer be read or written.
     fn job_gone(&mut self) {
+        self.job_gone = true;
+        self.job_ended();
+    }
+
+    /// The job's side ended first (for the records of what is open).
+    fn job_ended(&mut self) {
         self.ended_by.get_or_insert(WsSide::Job);
+    }
+
+    fn job_is_gone(&self) -> bool {
+        self.job_gone
+    }
+
+    /// The job sent a Close frame: it is closing, not vanishing.
+    fn job_closed(&self) -> bool {
+        self.client.closed()
+    }
+
+    /// The provider's side ended or failed.
+    fn provider_gone(&mut self) {
+        self.ended_by.get_or_insert(WsSide::Provider);
+    }
+
+    /// The job has left a message half-sent for `proxy.request_body_stall_secs`.
+    fn client_stalled(&mut self) {
+        if self.client.expire_partial() {
+            debug!(
+                host = self.ctx.provider.host.as_str(),
+                "a WebSocket message paused mid-way: passed over"
+            );
+        }
     }
 
     fn client_sent(&mut self, bytes: &[u8]) {
@@ -589,22 +695,33 @@ impl WsMeter {
                 };
                 if ev.kind.as_deref() == Some("response.create") {
                     asks.push((
-                        ev.stream_id.map(|l| l.into_owned()),
+                        ev.stream_id.as_deref().map(lane_of),
                         ev.model.as_deref().map(capped_model),
                         Some(msg.to_vec()),
                     ));
                 }
             }
-            // Too long to read: a request all the same, of an unknown
-            // model (the lane unknown too).
-            super::websocket::Message::Unread => asks.push((None, None, None)),
+            // Passed over (too long, over the budget, paused): a request
+            // if its first bytes say so, of an unknown model and lane.
+            super::websocket::Message::Unread(prefix) => {
+                if is_response_create(prefix) {
+                    asks.push((None, None, None));
+                }
+            }
         });
         if self.client.closed() {
             self.ended_by.get_or_insert(WsSide::Job);
         }
         for (lane, model, body) in asks {
             if self.asked_count() >= WS_MAX_OPEN {
-                break;
+                self.dropped += 1;
+                if self.dropped == 1 {
+                    warn!(
+                        host = self.ctx.provider.host.as_str(),
+                        "a Responses API WebSocket has {WS_MAX_OPEN} requests unanswered: further ones on it are not recorded"
+                    );
+                }
+                continue;
             }
             let draft = self.draft(model, body.as_deref());
             self.asked.entry(lane).or_default().push_back(draft);
@@ -612,15 +729,56 @@ impl WsMeter {
         self.note_unreadable();
     }
 
+    /// The oldest request waiting in `lane`, else (a provider that does
+    /// not repeat the lane) the oldest waiting in any lane.
+    fn take_ask(&mut self, lane: &Option<String>) -> Option<Draft> {
+        let key = if self.asked.get(lane).is_some_and(|q| !q.is_empty()) {
+            lane.clone()
+        } else {
+            self.asked
+                .iter()
+                .filter_map(|(k, q)| q.front().map(|d| (k, d.started)))
+                .min_by_key(|(_, at)| *at)
+                .map(|(k, _)| k.clone())?
+        };
+        let q = self.asked.get_mut(&key)?;
+        let d = q.pop_front();
+        if q.is_empty() {
+            self.asked.remove(&key);
+        }
+        d
+    }
+
     fn provider_sent(&mut self, bytes: &[u8]) {
         let mut events = Vec::new();
-        self.provider.feed(bytes, &mut |msg| {
-            if let super::websocket::Message::Text(m) = msg
-                && let Ok(text) = std::str::from_utf8(m)
-            {
-                events.push(text.to_string());
+        let mut unread_ends = Vec::new();
+        self.provider.feed(bytes, &mut |msg| match msg {
+            super::websocket::Message::Text(m) => {
+                if let Ok(text) = std::str::from_utf8(m) {
+                    events.push(text.to_string());
+                }
+            }
+            // A last event too long to read (a response repeating large
+            // generated images): the response it ends, if its first bytes
+            // say which.
+            super::websocket::Message::Unread(prefix) => {
+                if let Some(id) = terminal_event_id(prefix) {
+                    unread_ends.push(id);
+                }
             }
         });
+        for id in unread_ends {
+            if let Some(o) = self.open.remove(&id) {
+                let mut draft = o.draft;
+                draft.status = 200;
+                let parsed = ParsedUsage {
+                    output_text: o.text,
+                    ..ParsedUsage::default()
+                };
+                // No usage read: estimated, from the request and the text.
+                draft.emit(parsed, None);
+            }
+        }
         if self.provider.closed() {
             self.ended_by.get_or_insert(WsSide::Provider);
         }
@@ -650,8 +808,7 @@ impl WsMeter {
         );
     }
 
-    /// The open response of `lane` (the lane's requests are answered in
-    /// order: at most one is open), if any.
+    /// An open response of `lane`, if any.
     fn open_in_lane(&self, lane: &Option<String>) -> Option<String> {
         self.open
             .iter()
@@ -659,11 +816,20 @@ impl WsMeter {
             .map(|(id, _)| id.clone())
     }
 
+    /// The open response of `lane` when it is the only one there.
+    fn only_open_in_lane(&self, lane: &Option<String>) -> Option<String> {
+        let mut it = self.open.iter().filter(|(_, o)| &o.lane == lane);
+        match (it.next(), it.next()) {
+            (Some((id, _)), None) => Some(id.clone()),
+            _ => None,
+        }
+    }
+
     fn on_provider_event(&mut self, text: &str) {
         let Ok(ev) = serde_json::from_str::<WsProviderEvent<'_>>(text) else {
             return;
         };
-        let lane = ev.stream_id.as_deref().map(str::to_string);
+        let lane = ev.stream_id.as_deref().map(lane_of);
         let id = ev
             .response
             .as_ref()
@@ -679,7 +845,7 @@ impl WsMeter {
                 let model = ev.response.as_ref().and_then(|r| r.model.as_deref());
                 // Its `response.create`, if the client sent one (a
                 // successor the provider starts by itself has none).
-                let asked = self.asked.get_mut(&lane).and_then(|q| q.pop_front());
+                let asked = self.take_ask(&lane);
                 let mut draft = asked.unwrap_or_else(|| self.draft(None, None));
                 if draft.info.model.is_none() {
                     draft.info.model = model.map(capped_model);
@@ -695,14 +861,18 @@ impl WsMeter {
                 );
             }
             Some(kind @ ("response.completed" | "response.incomplete" | "response.failed")) => {
-                let found = id.as_ref().and_then(|id| self.open.remove(id)).or_else(|| {
-                    let id = self.open_in_lane(&lane)?;
-                    self.open.remove(&id)
-                });
+                // By its id; an event without one ends the lane's open
+                // response when there is exactly one.
+                let found = match &id {
+                    Some(id) => self.open.remove(id),
+                    None => self
+                        .only_open_in_lane(&lane)
+                        .and_then(|id| self.open.remove(&id)),
+                };
                 let (mut draft, streamed) = match found {
                     Some(o) => (o.draft, o.text),
                     None => {
-                        let asked = self.asked.get_mut(&lane).and_then(|q| q.pop_front());
+                        let asked = self.take_ask(&lane);
                         (
                             asked.unwrap_or_else(|| self.draft(None, None)),
                             String::new(),
@@ -723,13 +893,14 @@ impl WsMeter {
                 draft.emit(parsed, None);
             }
             Some("error") => {
-                // A response under way in this lane ends with its own
-                // event (or when the socket does): the error is about it.
-                // Otherwise it answers the lane's oldest request.
-                if self.open_in_lane(&lane).is_some() {
+                // An error within a response's stream (numbered among its
+                // events) is about that response, which ends with its own
+                // event or when the socket does. Any other answers the
+                // lane's oldest request.
+                if ev.sequence_number.is_some() && self.open_in_lane(&lane).is_some() {
                     return;
                 }
-                let Some(mut draft) = self.asked.get_mut(&lane).and_then(|q| q.pop_front()) else {
+                let Some(mut draft) = self.take_ask(&lane) else {
                     return;
                 };
                 draft.status = ev
@@ -746,7 +917,7 @@ impl WsMeter {
                 let Some(d) = ev.delta.as_deref() else { return };
                 let target = id
                     .filter(|id| self.open.contains_key(id))
-                    .or_else(|| self.open_in_lane(&lane));
+                    .or_else(|| self.only_open_in_lane(&lane));
                 if let Some(o) = target.and_then(|id| self.open.get_mut(&id)) {
                     crate::providers::push_text(&mut o.text, d);
                 }
@@ -1692,6 +1863,92 @@ mod tests {
         for r in keep.0.lock().unwrap().iter().skip(1) {
             assert!(r.cost_usd.is_some_and(|c| c > 0.0), "{r:?}");
         }
+    }
+
+    /// A provider that does not repeat the job's `stream_id` still pairs
+    /// each response with its request (the oldest waiting); a pipelined
+    /// request the provider rejects (an error with a status, not numbered
+    /// in a response's stream) is its own row and shifts nothing; a
+    /// message passed over unread is a request only if it says so; a last
+    /// event too long to read ends its response, estimated.
+    #[test]
+    fn pairing_holds_without_lanes_echoed_and_with_rejected_or_unread_messages() {
+        let (mut meter, keep, _dir) = ws_meter();
+        meter.client_sent(&ws_create("gpt-5.4", Some("main")));
+        meter.provider_sent(&ws_created("resp_1", "gpt-5.4", None));
+        meter.client_sent(&ws_create("gpt-6-sol", Some("main")));
+        meter.provider_sent(&ws_text(
+            serde_json::json!({"type": "error", "status": 429,
+                "error": {"code": "rate_limit_exceeded"}}),
+            None,
+        ));
+        meter.provider_sent(&ws_text(completed("resp_1", "gpt-5.4", 10, 1), None));
+        // An unread job message that is no request (a large steer).
+        let steer = format!(
+            "{{\"type\":\"response.steer\",\"input\":\"{}\"}}",
+            "x".repeat(2 << 20)
+        );
+        let limit = super::super::websocket::MAX_MESSAGE.min(1 << 20);
+        assert!(steer.len() > limit);
+        meter.client_sent(&super::super::websocket::tests::frame(
+            true,
+            0x1,
+            steer.as_bytes(),
+            Some([3, 1, 4, 1]),
+        ));
+        // A response whose last event is too long to read.
+        meter.client_sent(&ws_create("gpt-5.4", None));
+        meter.provider_sent(&ws_created("resp_2", "gpt-5.4", None));
+        let huge = format!(
+            "{{\"type\":\"response.completed\",\"response\":{{\"id\":\"resp_2\",\"output\":\"{}\"}}}}",
+            "i".repeat(super::super::websocket::MAX_MESSAGE)
+        );
+        meter.provider_sent(&super::super::websocket::tests::frame(
+            true,
+            0x1,
+            huge.as_bytes(),
+            None,
+        ));
+        assert!(!meter.waiting(), "nothing is left open");
+        drop(meter);
+        let got = rows(&keep);
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert_eq!(
+            got[0],
+            (
+                "gpt-6-sol".into(),
+                0,
+                0,
+                429,
+                Some("rate_limit_exceeded".into()),
+                false
+            )
+        );
+        assert_eq!(got[1], ("gpt-5.4".into(), 10, 1, 200, None, false));
+        let (model, input, _, status, error, estimated) = &got[2];
+        assert_eq!((model.as_str(), *status, error), ("gpt-5.4", 200, &None));
+        assert!(*estimated && *input > 5, "{:?}", got[2]);
+    }
+
+    #[test]
+    fn message_prefixes_and_lanes_are_read_as_said() {
+        assert!(is_response_create(
+            b"{ \"type\" : \"response.create\", \"model\""
+        ));
+        assert!(!is_response_create(b"{\"type\":\"response.steer\""));
+        assert_eq!(
+            terminal_event_id(b"{\"type\":\"response.completed\",\"sequence_number\":9,\"response\":{\"id\":\"resp_x\",\"object\""),
+            Some("resp_x".into())
+        );
+        assert_eq!(
+            terminal_event_id(b"{\"type\":\"response.created\",\"response\":{\"id\":\"r\"}"),
+            None
+        );
+        assert_eq!(
+            terminal_event_id(b"{\"type\":\"response.failed\",\"resp"),
+            None
+        );
+        assert_eq!(lane_of(&"é".repeat(100)).len(), 128);
     }
 
     fn req(method: &str, uri: &str, host: Option<&str>) -> Request<()> {

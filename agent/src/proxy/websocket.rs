@@ -20,10 +20,15 @@ pub(super) const MAX_MESSAGE: usize = 16 << 20;
 pub(super) enum Message<'a> {
     /// A whole text message.
     Text(&'a [u8]),
-    /// A text message passed over unread (too long, over the budget, or
-    /// compressed).
-    Unread,
+    /// A text message passed over unread (too long, over the budget,
+    /// paused mid-way, or compressed), with its first bytes (up to
+    /// [`PREFIX`]) as sent.
+    Unread(&'a [u8]),
 }
+
+/// The first bytes of every text message are kept (outside the budget)
+/// to tell what a message passed over was.
+pub(super) const PREFIX: usize = 256;
 
 /// Splits a WebSocket byte stream into messages as its bytes arrive, in
 /// pieces of any size.
@@ -42,6 +47,8 @@ pub(super) struct FrameReader {
     frame: Frame,
     /// The message being put together from its frames.
     message: Vec<u8>,
+    /// Its first [`PREFIX`] bytes, kept whether or not the rest is.
+    prefix: Vec<u8>,
     /// What the message being read is; `None` between messages.
     kind: Option<Kind>,
     /// The framing rules were broken: nothing more is read.
@@ -74,6 +81,7 @@ impl FrameReader {
             lease,
             closed: false,
             head: Vec::with_capacity(14),
+            prefix: Vec::new(),
             remaining: None,
             frame: Frame::default(),
             message: Vec::new(),
@@ -91,6 +99,26 @@ impl FrameReader {
     /// Whether a Close frame was seen.
     pub(super) fn closed(&self) -> bool {
         self.closed
+    }
+
+    /// Passes over the text message under way, if any (its sender paused
+    /// mid-way): its share of the budget is given back. True if there was
+    /// one.
+    pub(super) fn expire_partial(&mut self) -> bool {
+        if self.kind != Some(Kind::Text) || self.message.is_empty() {
+            return false;
+        }
+        self.skip_message();
+        true
+    }
+
+    /// The message under way is passed over from here on.
+    fn skip_message(&mut self) {
+        self.kind = Some(Kind::TextSkipped);
+        self.message = Vec::new();
+        if let Some(l) = self.lease.as_mut() {
+            l.release();
+        }
     }
 
     /// Reads `data`, the next bytes of the stream, and calls `on_text`
@@ -153,12 +181,16 @@ impl FrameReader {
                     _ => Kind::Skipped,
                 });
                 self.message.clear();
+                self.prefix.clear();
             }
             // The next piece of the message under way.
             0x0 if self.kind.is_some() => {}
             _ => {
                 self.broken = true;
                 self.message = Vec::new();
+                if let Some(l) = self.lease.as_mut() {
+                    l.release();
+                }
                 return;
             }
         }
@@ -175,19 +207,28 @@ impl FrameReader {
     }
 
     fn payload(&mut self, bytes: &[u8]) {
-        let frame = &mut self.frame;
-        let start = frame.read;
-        frame.read += bytes.len() as u64;
-        if frame.control || self.kind != Some(Kind::Text) {
+        let start = self.frame.read;
+        self.frame.read += bytes.len() as u64;
+        let frame = self.frame;
+        if frame.control || !matches!(self.kind, Some(Kind::Text | Kind::TextSkipped)) {
+            return;
+        }
+        if self.prefix.len() < PREFIX {
+            let from = self.prefix.len();
+            let take = (PREFIX - from).min(bytes.len());
+            self.prefix.extend_from_slice(&bytes[..take]);
+            if let Some(mask) = frame.mask {
+                for (i, b) in self.prefix[from..].iter_mut().enumerate() {
+                    *b ^= mask[((start + i as u64) % 4) as usize];
+                }
+            }
+        }
+        if self.kind != Some(Kind::Text) {
             return;
         }
         let over_budget = self.lease.as_mut().is_some_and(|l| !l.grow(bytes.len()));
         if over_budget || self.message.len() + bytes.len() > self.limit {
-            self.kind = Some(Kind::TextSkipped);
-            self.message = Vec::new();
-            if let Some(l) = self.lease.as_mut() {
-                l.release();
-            }
+            self.skip_message();
             return;
         }
         let from = self.message.len();
@@ -207,7 +248,7 @@ impl FrameReader {
         }
         match self.kind.take() {
             Some(Kind::Text) => on_text(Message::Text(&self.message)),
-            Some(Kind::TextSkipped) => on_text(Message::Unread),
+            Some(Kind::TextSkipped) => on_text(Message::Unread(&self.prefix)),
             _ => {}
         }
         if let Some(l) = self.lease.as_mut() {
@@ -277,7 +318,7 @@ pub(super) mod tests {
         let mut out = Vec::new();
         let mut on = |m: Message<'_>| match m {
             Message::Text(m) => out.push(String::from_utf8_lossy(m).into_owned()),
-            Message::Unread => out.push("<unread>".into()),
+            Message::Unread(_) => out.push("<unread>".into()),
         };
         if piece == 0 {
             r.feed(stream, &mut on);
@@ -378,7 +419,7 @@ pub(super) mod tests {
         let mut on = |m: Message<'_>| {
             got.push(match m {
                 Message::Text(t) => String::from_utf8_lossy(t).into_owned(),
-                Message::Unread => "<unread>".into(),
+                Message::Unread(p) => format!("<unread {}>", String::from_utf8_lossy(p)),
             })
         };
         r.feed(&frame(false, 0x1, &[b'a'; 60], None), &mut on);
@@ -390,7 +431,30 @@ pub(super) mod tests {
         assert!(!r.closed());
         r.feed(&frame(true, 0x8, b"", None), &mut on);
         assert!(r.closed());
-        assert_eq!(got, vec!["<unread>".to_string(), "fits".to_string()]);
+        // A message paused mid-way gives its share back.
+        r.feed(&frame(false, 0x1, b"paused", Some([7, 7, 7, 7])), &mut on);
+        assert_eq!(budget.used(), 6);
+        assert!(r.expire_partial());
+        assert_eq!(budget.used(), 0);
+        r.feed(
+            &frame(true, 0x0, b" and resumed", Some([7, 7, 7, 7])),
+            &mut on,
+        );
+        assert_eq!(
+            got,
+            vec![
+                format!("<unread {}>", "a".repeat(120)),
+                "fits".to_string(),
+                "<unread paused and resumed>".to_string()
+            ]
+        );
+        // A stream that breaks mid-message gives its share back too.
+        let mut r = FrameReader::new(MAX_MESSAGE, Some(budget.lease()));
+        r.feed(&frame(false, 0x1, &[b'b'; 50], None), &mut |_| {});
+        assert_eq!(budget.used(), 50);
+        r.feed(&frame(false, 0x9, b"", None), &mut |_| {});
+        assert!(r.broken());
+        assert_eq!(budget.used(), 0);
     }
 
     #[test]

@@ -157,7 +157,17 @@ async fn serve_responses<S: AsyncRead + AsyncWrite + Unpin>(
         };
         for e in events {
             if model == "slow-finish" && e["type"] == "response.completed" {
-                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                // Reading meanwhile, as real servers do: a client that
+                // half-closes is gone, and the response is abandoned.
+                let mut byte = [0u8; 1];
+                tokio::select! {
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                    r = io.read(&mut byte) => {
+                        if matches!(r, Ok(0) | Err(_)) {
+                            return;
+                        }
+                    }
+                }
             }
             let text = e.to_string();
             let sent = if deflate {
