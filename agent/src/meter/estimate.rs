@@ -428,7 +428,48 @@ fn gemini(v: &Value, c: &mut Counter) -> bool {
             }
         }
     }
+    // The Interactions API: `input` (text, content items, or turns) and
+    // `system_instruction`.
+    if v.get("contents").is_none()
+        && let Some(input) = v.get("input")
+    {
+        known = true;
+        if let Some(s) = v.get("system_instruction").and_then(Value::as_str) {
+            c.message();
+            c.text(s);
+        }
+        c.message();
+        interaction_input(input, c, 0);
+        c.tokens += REPLY_PRIMING;
+        tools(v, c);
+    }
     known
+}
+
+/// The text of an Interactions API `input`, however nested (bounded).
+fn interaction_input(v: &Value, c: &mut Counter, depth: usize) {
+    if depth > 8 {
+        return;
+    }
+    match v {
+        Value::String(s) => c.text(s),
+        Value::Array(items) => {
+            for i in items {
+                interaction_input(i, c, depth + 1);
+            }
+        }
+        Value::Object(o) => {
+            if let Some(Value::String(t)) = o.get("text") {
+                c.text(t);
+            }
+            for k in ["content", "parts"] {
+                if let Some(x) = o.get(k) {
+                    interaction_input(x, c, depth + 1);
+                }
+            }
+        }
+        _ => {}
+    }
 }
 
 /// A Gemini `Content` (`{role, parts: [...]}`), or a bare string.

@@ -105,6 +105,9 @@ struct Raw {
     /// request) the top-level counts leave those passes out, and the
     /// iterations add up to what is billed.
     iterations: Option<Usage>,
+    /// The iterations include the message passes (else the top level is
+    /// theirs).
+    iterations_have_message: bool,
 }
 
 impl Raw {
@@ -127,19 +130,11 @@ impl Raw {
         {
             let mut sum = Usage::default();
             // A list without the message passes themselves (a stream's
-            // first event, before the answer) leaves them to the top level.
-            if !list
+            // first event, before the answer) leaves them to the top
+            // level, added when the usage is taken (it may still grow).
+            self.iterations_have_message = list
                 .iter()
-                .any(|it| it.get("type").and_then(Value::as_str) == Some("message"))
-            {
-                let top = Raw {
-                    iterations: None,
-                    ..*self
-                };
-                if let Some(t) = top.usage() {
-                    sum = t;
-                }
-            }
+                .any(|it| it.get("type").and_then(Value::as_str) == Some("message"));
             for it in list {
                 let mut one = Raw::default();
                 one.merge_counts(it);
@@ -176,6 +171,25 @@ impl Raw {
 
     fn usage(&self) -> Option<Usage> {
         if let Some(mut sum) = self.iterations {
+            if !self.iterations_have_message {
+                let top = Raw {
+                    iterations: None,
+                    ..*self
+                };
+                if let Some(t) = top.usage() {
+                    sum.input_tokens = sum.input_tokens.saturating_add(t.input_tokens);
+                    sum.output_tokens = sum.output_tokens.saturating_add(t.output_tokens);
+                    sum.cached_input_tokens = sum
+                        .cached_input_tokens
+                        .saturating_add(t.cached_input_tokens);
+                    sum.cache_write_input_tokens = sum
+                        .cache_write_input_tokens
+                        .saturating_add(t.cache_write_input_tokens);
+                    sum.cache_write_1h_input_tokens = sum
+                        .cache_write_1h_input_tokens
+                        .saturating_add(t.cache_write_1h_input_tokens);
+                }
+            }
             let top = self.output.unwrap_or(0);
             // The top level's thinking is of its own passes, within the
             // sum's output.
@@ -203,8 +217,14 @@ impl Raw {
     }
 }
 
-/// `usage.service_tier` (`standard`, `priority`, `batch`), sanitised.
+/// `usage.service_tier` (`standard`, `priority`, `batch`), sanitised; or
+/// `fast` when `usage.speed` says fast mode served the request (billed at
+/// a multiple of the standard rates: priced by the model's `priority`
+/// rates when it has them, else at the standard ones with a warning).
 fn usage_tier(u: &Value) -> Option<String> {
+    if u.get("speed").and_then(Value::as_str) == Some("fast") {
+        return Some("fast".to_string());
+    }
     u.get("service_tier")
         .and_then(Value::as_str)
         .and_then(super::service_tier)
@@ -429,6 +449,22 @@ mod tests {
             .usage
             .expect("usage");
         assert_eq!((u.input_tokens, u.output_tokens), (9_500, 320));
+        // The same in a stream whose later event grows the output without
+        // repeating the iterations.
+        let stream = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"model\":\"m\",\"usage\":{\"input_tokens\":500,\"output_tokens\":1,\"iterations\":[{\"type\":\"compaction\",\"input_tokens\":9000,\"output_tokens\":300}]}}}\n\n\
+                      event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":20}}\n\n";
+        let mut si = info("chat");
+        si.streaming = true;
+        let u = parse_split(
+            &Anthropic,
+            &si,
+            "text/event-stream",
+            stream.as_bytes(),
+            &[60],
+        )
+        .usage
+        .expect("usage");
+        assert_eq!((u.input_tokens, u.output_tokens), (9_500, 320));
         // Without iterations: the top level, thinking capped at the output.
         let plain = br#"{"model":"m","content":[],"usage":{"input_tokens":5,"output_tokens":7,
             "output_tokens_details":{"thinking_tokens":9}}}"#;
@@ -451,6 +487,10 @@ mod tests {
             &[],
         );
         assert_eq!(json.service_tier.as_deref(), Some("standard"));
+        // Fast mode is what the bill depends on.
+        let fast = br#"{"model":"claude-opus-5-5","content":[],"usage":{"input_tokens":3,"output_tokens":4,"service_tier":"standard","speed":"fast"}}"#;
+        let p = parse_split(&Anthropic, &info("chat"), "application/json", fast, &[]);
+        assert_eq!(p.service_tier.as_deref(), Some("fast"));
         let stream = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"model\":\"claude-sonnet-4-5\",\"usage\":{\"input_tokens\":9,\"output_tokens\":1,\"service_tier\":\"priority\"}}}\n\n\
                       event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":12}}\n\n";
         let mut i = info("chat");

@@ -230,15 +230,16 @@ impl Provider for Gemini {
                 sse: (super::content_type(headers) == "text/event-stream")
                     .then(|| SseReader::new(JsonBody::DEFAULT_LIMIT)),
                 json: JsonBody::new(JsonBody::DEFAULT_LIMIT),
-                found: ParsedUsage::default(),
+                found: ParsedUsage {
+                    service_tier: header_tier(headers),
+                    ..ParsedUsage::default()
+                },
+                done: false,
             });
         }
         let free = matches!(info.operation, "count_tokens" | "batch");
         let mut found = Found::new(free);
-        found.service_tier = headers
-            .get("x-gemini-service-tier")
-            .and_then(|v| v.to_str().ok())
-            .and_then(super::service_tier);
+        found.service_tier = header_tier(headers);
         if super::content_type(headers) == "text/event-stream" {
             Box::new(SseParser {
                 sse: SseReader::new(JsonBody::DEFAULT_LIMIT),
@@ -263,6 +264,14 @@ fn traffic_tier(t: &str) -> Option<String> {
         "ON_DEMAND_PRIORITY" => Some("priority".into()),
         _ => None,
     }
+}
+
+/// The tier the Gemini API says served a request (`x-gemini-service-tier`).
+fn header_tier(headers: &http::HeaderMap) -> Option<String> {
+    headers
+        .get("x-gemini-service-tier")
+        .and_then(|v| v.to_str().ok())
+        .and_then(super::service_tier)
 }
 
 /// Usage from an Interactions API `usage` object (the same counts as
@@ -303,13 +312,25 @@ struct InteractionParser {
     sse: Option<SseReader>,
     json: JsonBody,
     found: ParsedUsage,
+    /// The interaction's final counts were read (a completed event, or a
+    /// JSON interaction).
+    done: bool,
 }
 
 impl InteractionParser {
-    fn on_interaction(found: &mut ParsedUsage, v: &Value) {
+    fn on_interaction(found: &mut ParsedUsage, done: &mut bool, v: &Value) {
+        let event = v.get("event_type").and_then(Value::as_str);
+        // The text that streams, for an estimate if the counts never come.
+        if let Some(t) = v.pointer("/delta/text").and_then(Value::as_str) {
+            super::push_text(&mut found.output_text, t);
+        }
         let i = v.get("interaction").filter(|i| i.is_object()).unwrap_or(v);
-        if let Some(u) = i.get("usage").and_then(interaction_usage) {
+        // Counts only from the end of the interaction: a stream's earlier
+        // events may carry some that are not final.
+        let last = event.is_none_or(|e| e == "interaction.completed");
+        if last && let Some(u) = i.get("usage").and_then(interaction_usage) {
             found.usage = Some(u);
+            *done = true;
         }
         if let Some(m) = i
             .get("model")
@@ -318,11 +339,17 @@ impl InteractionParser {
         {
             found.response_model = Some(m.strip_prefix("models/").unwrap_or(m).to_owned());
         }
-        if let Some(e) = v.get("error").filter(|_| v.get("event_type").is_some()) {
-            found.error = e
-                .get("code")
-                .or_else(|| e.get("status"))
-                .and_then(Value::as_str)
+        if let Some(t) = i
+            .get("service_tier")
+            .and_then(Value::as_str)
+            .and_then(super::service_tier)
+        {
+            found.service_tier = Some(t);
+        }
+        if let Some(e) = v.get("error").filter(|_| event.is_some()) {
+            found.error = ["status", "code"]
+                .into_iter()
+                .find_map(|k| e.get(k).and_then(Value::as_str))
                 .and_then(super::error_type);
         }
     }
@@ -330,11 +357,11 @@ impl InteractionParser {
 
 impl UsageParser for InteractionParser {
     fn feed(&mut self, chunk: &[u8]) {
-        let found = &mut self.found;
+        let (found, done) = (&mut self.found, &mut self.done);
         match self.sse.as_mut() {
             Some(sse) => sse.feed(chunk, &mut |e| {
                 if let Ok(v) = serde_json::from_str::<Value>(&e.data) {
-                    Self::on_interaction(found, &v);
+                    Self::on_interaction(found, done, &v);
                 }
             }),
             None => self.json.feed(chunk),
@@ -342,20 +369,20 @@ impl UsageParser for InteractionParser {
     }
 
     fn usage_seen(&self) -> bool {
-        self.found.usage.is_some()
+        self.done
     }
 
     fn finish(&mut self) -> ParsedUsage {
-        let found = &mut self.found;
+        let (found, done) = (&mut self.found, &mut self.done);
         match self.sse.as_mut() {
             Some(sse) => sse.finish(&mut |e| {
                 if let Ok(v) = serde_json::from_str::<Value>(&e.data) {
-                    Self::on_interaction(found, &v);
+                    Self::on_interaction(found, done, &v);
                 }
             }),
             None => {
                 if let Some(v) = self.json.take() {
-                    Self::on_interaction(found, &v);
+                    Self::on_interaction(found, done, &v);
                 }
             }
         }
@@ -762,6 +789,21 @@ mod tests {
             (u.input_tokens, u.output_tokens, u.reasoning_tokens),
             (7, 9, 4)
         );
+        // A stream cut before its end: no counts (an early event's are
+        // not final), the text that streamed for the estimate.
+        let cut = "event: interaction.created\ndata: {\"event_type\":\"interaction.created\",\"interaction\":{\"id\":\"i2\",\"status\":\"in_progress\",\"usage\":{\"total_input_tokens\":7,\"total_output_tokens\":0}}}\n\n\
+                   event: content.delta\ndata: {\"event_type\":\"content.delta\",\"delta\":{\"type\":\"text\",\"text\":\"the sky is blue because\"}}\n\n";
+        let p = parse_split(&Gemini, &i, "text/event-stream", cut.as_bytes(), &[]);
+        assert_eq!(p.usage, None);
+        assert_eq!(p.output_text, "the sky is blue because");
+        // The request's input can be estimated.
+        let body = br#"{"model":"gemini-3-pro-preview","system_instruction":"be brief","input":[{"role":"user","content":[{"type":"text","text":"why is the sky blue on a clear day"}]}]}"#;
+        let n = crate::meter::estimate::estimate_input_for(
+            ApiKind::Gemini,
+            Some("gemini-3-pro-preview"),
+            body,
+        );
+        assert!(n.is_some_and(|n| n > 8), "{n:?}");
     }
 
     /// The tier that served a request: the Gemini API's
