@@ -139,17 +139,7 @@ impl Raw {
                 let mut one = Raw::default();
                 one.merge_counts(it);
                 if let Some(u) = one.usage() {
-                    sum.input_tokens = sum.input_tokens.saturating_add(u.input_tokens);
-                    sum.output_tokens = sum.output_tokens.saturating_add(u.output_tokens);
-                    sum.cached_input_tokens = sum
-                        .cached_input_tokens
-                        .saturating_add(u.cached_input_tokens);
-                    sum.cache_write_input_tokens = sum
-                        .cache_write_input_tokens
-                        .saturating_add(u.cache_write_input_tokens);
-                    sum.cache_write_1h_input_tokens = sum
-                        .cache_write_1h_input_tokens
-                        .saturating_add(u.cache_write_1h_input_tokens);
+                    add_counts(&mut sum, &u);
                 }
             }
             self.iterations = Some(sum);
@@ -177,17 +167,7 @@ impl Raw {
                     ..*self
                 };
                 if let Some(t) = top.usage() {
-                    sum.input_tokens = sum.input_tokens.saturating_add(t.input_tokens);
-                    sum.output_tokens = sum.output_tokens.saturating_add(t.output_tokens);
-                    sum.cached_input_tokens = sum
-                        .cached_input_tokens
-                        .saturating_add(t.cached_input_tokens);
-                    sum.cache_write_input_tokens = sum
-                        .cache_write_input_tokens
-                        .saturating_add(t.cache_write_input_tokens);
-                    sum.cache_write_1h_input_tokens = sum
-                        .cache_write_1h_input_tokens
-                        .saturating_add(t.cache_write_1h_input_tokens);
+                    add_counts(&mut sum, &t);
                 }
             }
             let top = self.output.unwrap_or(0);
@@ -215,6 +195,21 @@ impl Raw {
             cache_write_1h_input_tokens: self.cache_creation_1h.unwrap_or(0).min(write),
         })
     }
+}
+
+/// Adds `u`'s token counts (not its reasoning) to `sum`.
+fn add_counts(sum: &mut Usage, u: &Usage) {
+    sum.input_tokens = sum.input_tokens.saturating_add(u.input_tokens);
+    sum.output_tokens = sum.output_tokens.saturating_add(u.output_tokens);
+    sum.cached_input_tokens = sum
+        .cached_input_tokens
+        .saturating_add(u.cached_input_tokens);
+    sum.cache_write_input_tokens = sum
+        .cache_write_input_tokens
+        .saturating_add(u.cache_write_input_tokens);
+    sum.cache_write_1h_input_tokens = sum
+        .cache_write_1h_input_tokens
+        .saturating_add(u.cache_write_1h_input_tokens);
 }
 
 /// `usage.service_tier` (`standard`, `priority`, `batch`), sanitised; or
