@@ -294,7 +294,11 @@ async fn tunnel(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<Proxy
         if let Some(meter) = meter {
             debug!(pid, "Responses API WebSocket: metered as it passes");
             tokio::select! {
-                r = relay_metered(client, upstream, meter) => {
+                r = relay_metered(
+                    hyper_util::rt::TokioIo::new(client),
+                    hyper_util::rt::TokioIo::new(upstream),
+                    meter,
+                ) => {
                     debug!(pid, result = ?r, "upgraded connection ended");
                 }
                 _ = stopping.cancelled() => {}
@@ -326,17 +330,17 @@ async fn tunnel(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<Proxy
 /// provider's side is read on, unsent, as an HTTP response is after a
 /// hang-up ([`DRAIN_AFTER_HANGUP`], [`DRAIN_MAX_BYTES`]), so that their
 /// usage is the provider's own. The meter then records what is left open.
-async fn relay_metered(
-    client: hyper::upgrade::Upgraded,
-    upstream: hyper::upgrade::Upgraded,
-    meter: WsMeter,
-) -> std::io::Result<()> {
+async fn relay_metered<C, U>(client: C, upstream: U, meter: WsMeter) -> std::io::Result<()>
+where
+    C: tokio::io::AsyncRead + tokio::io::AsyncWrite,
+    U: tokio::io::AsyncRead + tokio::io::AsyncWrite,
+{
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let stall = meter.ctx.state.body_stall;
     let meter = std::sync::Mutex::new(meter);
     let lock = || meter.lock().unwrap_or_else(|p| p.into_inner());
-    let (mut client_rd, mut client_wr) = tokio::io::split(hyper_util::rt::TokioIo::new(client));
-    let (mut up_rd, mut up_wr) = tokio::io::split(hyper_util::rt::TokioIo::new(upstream));
+    let (mut client_rd, mut client_wr) = tokio::io::split(client);
+    let (mut up_rd, mut up_wr) = tokio::io::split(upstream);
     let asks = async {
         let mut buf = vec![0u8; 16 * 1024];
         loop {
@@ -365,10 +369,9 @@ async fn relay_metered(
         let drain = {
             let mut m = lock();
             let drain = !m.job_closed() && m.waiting();
+            m.job_ended();
             if drain {
-                m.job_gone();
-            } else {
-                m.job_ended();
+                m.draining = true;
             }
             drain
         };
@@ -378,12 +381,13 @@ async fn relay_metered(
     };
     let answers = async {
         let mut buf = vec![0u8; 16 * 1024];
-        // Once the job cannot be written to: until when, and how many
-        // bytes were read for nobody.
+        // Once the job has left (its side ended without a close, or it
+        // cannot be written to): until when, and how many bytes were read
+        // since.
         let mut deadline = None;
         let mut drained = 0usize;
         loop {
-            if deadline.is_none() && lock().job_is_gone() {
+            if deadline.is_none() && lock().draining() {
                 deadline = Some(tokio::time::Instant::now() + DRAIN_AFTER_HANGUP);
             }
             let read = match deadline {
@@ -402,16 +406,28 @@ async fn relay_metered(
                 }
                 Ok(n) => n,
             };
+            // Written while the job takes it (one that only half-closed
+            // still reads); once a write fails or stalls while draining,
+            // read for nobody.
             let job_gone = lock().job_is_gone();
             if !job_gone {
-                let sent = client_wr.write_all(&buf[..n]).await;
-                if sent.is_err() || client_wr.flush().await.is_err() {
+                let write = async {
+                    client_wr.write_all(&buf[..n]).await?;
+                    client_wr.flush().await
+                };
+                let sent = match deadline {
+                    None => write.await,
+                    Some(_) => tokio::time::timeout(Duration::from_secs(5), write)
+                        .await
+                        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into())),
+                };
+                if sent.is_err() {
                     lock().job_gone();
                 }
             }
             let mut m = lock();
             m.provider_sent(&buf[..n]);
-            if m.job_is_gone() {
+            if m.draining() {
                 drained += n;
                 if drained > DRAIN_MAX_BYTES || !m.waiting() {
                     return;
@@ -422,7 +438,7 @@ async fn relay_metered(
     tokio::pin!(asks, answers);
     let mut asks_done = false;
     loop {
-        if asks_done || lock().job_is_gone() {
+        if asks_done || lock().draining() {
             // The job is gone or closing: the provider's close, or the
             // counts of what is open, for at most the hang-up drain.
             let _ = tokio::time::timeout(DRAIN_AFTER_HANGUP, &mut answers).await;
@@ -460,8 +476,11 @@ struct WsMeter {
     open: std::collections::HashMap<String, WsOpen>,
     /// Which side sent a Close frame first, or could no longer be reached.
     ended_by: Option<WsSide>,
-    /// The job can no longer be written to or read from.
+    /// The job can no longer be written to.
     job_gone: bool,
+    /// The job has left (its side ended without a Close frame, or cannot
+    /// be written to) with responses open.
+    draining: bool,
     /// Requests not tracked (over [`WS_MAX_OPEN`]), said once.
     dropped: u64,
     /// A direction's framing was found broken (and said so).
@@ -594,6 +613,7 @@ impl WsMeter {
             open: Default::default(),
             ended_by: None,
             job_gone: false,
+            draining: false,
             dropped: 0,
             unreadable: false,
         }
@@ -649,10 +669,17 @@ impl WsMeter {
             .sum()
     }
 
-    /// The job's side can no longer be read or written.
+    /// The job's side can no longer be written to.
     fn job_gone(&mut self) {
         self.job_gone = true;
+        self.draining = true;
         self.job_ended();
+    }
+
+    /// The job has left with responses open: the provider is read for
+    /// their counts, within the hang-up drain's bounds.
+    fn draining(&self) -> bool {
+        self.draining
     }
 
     /// The job's side ended first (for the records of what is open).
@@ -729,11 +756,15 @@ impl WsMeter {
         self.note_unreadable();
     }
 
-    /// The oldest request waiting in `lane`, else (a provider that does
-    /// not repeat the lane) the oldest waiting in any lane.
+    /// The oldest request waiting in `lane`; else, for an event without a
+    /// lane (a provider that does not repeat it), the oldest waiting in
+    /// any lane, and for one in a named lane, the oldest without a lane.
+    /// Never one of another named lane.
     fn take_ask(&mut self, lane: &Option<String>) -> Option<Draft> {
         let key = if self.asked.get(lane).is_some_and(|q| !q.is_empty()) {
             lane.clone()
+        } else if lane.is_some() {
+            None
         } else {
             self.asked
                 .iter()
@@ -869,6 +900,12 @@ impl WsMeter {
                         .only_open_in_lane(&lane)
                         .and_then(|id| self.open.remove(&id)),
                 };
+                if found.is_none() && !self.open.is_empty() {
+                    // Which of the open responses it ends cannot be told:
+                    // they are recorded when they end, or with the socket.
+                    debug!("a Responses API WebSocket event ended a response it did not name");
+                    return;
+                }
                 let (mut draft, streamed) = match found {
                     Some(o) => (o.draft, o.text),
                     None => {
@@ -1930,6 +1967,80 @@ mod tests {
         assert!(*estimated && *input > 5, "{:?}", got[2]);
     }
 
+    /// A `response.create` too long to read (inline images) is a request
+    /// all the same, of an unknown model; when the provider's side ends
+    /// first, what is open is `upstream_closed`.
+    #[test]
+    fn an_unread_request_counts_and_the_provider_closing_first_is_said() {
+        let (mut meter, keep, _dir) = ws_meter();
+        let big = format!(
+            "{{\"type\":\"response.create\",\"model\":\"gpt-5.4\",\"input\":\"{}\"}}",
+            "y".repeat(2 << 20)
+        );
+        meter.client_sent(&super::super::websocket::tests::frame(
+            true,
+            0x1,
+            big.as_bytes(),
+            Some([2, 7, 1, 8]),
+        ));
+        assert!(meter.waiting(), "the unread request waits for its answer");
+        meter.provider_sent(&ws_created("resp_1", "gpt-5.4", None));
+        meter.provider_gone();
+        drop(meter);
+        let got = rows(&keep);
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(got[0].0, "gpt-5.4", "the model from the response");
+        assert_eq!(got[0].4.as_deref(), Some("upstream_closed"));
+    }
+
+    /// The relay itself: a job that half-closes without a Close frame
+    /// while a response is open still gets the rest of it (it may still be
+    /// reading), the provider's side is not closed under the response, and
+    /// the record has the provider's count.
+    #[tokio::test]
+    async fn a_job_that_half_closes_still_gets_the_open_response() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (meter, keep, _dir) = ws_meter();
+        let (mut job, agent_job_side) = tokio::io::duplex(1 << 16);
+        let (agent_up_side, mut provider) = tokio::io::duplex(1 << 16);
+        let relay = tokio::spawn(relay_metered(agent_job_side, agent_up_side, meter));
+        job.write_all(&ws_create("gpt-5.4", None)).await.unwrap();
+        let mut got = vec![0u8; 4096];
+        let n = provider.read(&mut got).await.unwrap();
+        assert!(n > 0, "the request reached the provider");
+        provider
+            .write_all(&ws_created("resp_1", "gpt-5.4", None))
+            .await
+            .unwrap();
+        job.shutdown().await.unwrap();
+        // Let the relay (on this one-thread runtime) take the job's end in.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // The provider's side stays open: it finishes the response.
+        let completed_frame = ws_text(completed("resp_1", "gpt-5.4", 12, 34), None);
+        provider.write_all(&completed_frame).await.unwrap();
+        let mut seen = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while !seen.ends_with(&completed_frame) {
+            let mut buf = [0u8; 4096];
+            let n = tokio::time::timeout_at(deadline, job.read(&mut buf))
+                .await
+                .expect("the rest of the response reached the job")
+                .unwrap();
+            assert!(n > 0, "the job's side was closed under the response");
+            seen.extend_from_slice(&buf[..n]);
+        }
+        drop(provider);
+        tokio::time::timeout(Duration::from_secs(30), relay)
+            .await
+            .expect("the relay ends")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            rows(&keep),
+            vec![("gpt-5.4".into(), 12, 34, 200, None, false)]
+        );
+    }
+
     #[test]
     fn message_prefixes_and_lanes_are_read_as_said() {
         assert!(is_response_create(
@@ -1948,6 +2059,8 @@ mod tests {
             terminal_event_id(b"{\"type\":\"response.failed\",\"resp"),
             None
         );
+        // 127 bytes then a two-byte character: cut before it.
+        assert_eq!(lane_of(&format!("{}é", "a".repeat(127))).len(), 127);
         assert_eq!(lane_of(&"é".repeat(100)).len(), 128);
     }
 

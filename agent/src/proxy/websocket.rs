@@ -432,12 +432,13 @@ pub(super) mod tests {
         r.feed(&frame(true, 0x8, b"", None), &mut on);
         assert!(r.closed());
         // A message paused mid-way gives its share back.
-        r.feed(&frame(false, 0x1, b"paused", Some([7, 7, 7, 7])), &mut on);
+        r.feed(&frame(false, 0x1, b"pau", Some([1, 2, 3, 4])), &mut on);
+        r.feed(&frame(false, 0x0, b"sed", Some([5, 6, 7, 8])), &mut on);
         assert_eq!(budget.used(), 6);
         assert!(r.expire_partial());
         assert_eq!(budget.used(), 0);
         r.feed(
-            &frame(true, 0x0, b" and resumed", Some([7, 7, 7, 7])),
+            &frame(true, 0x0, b" and resumed", Some([9, 10, 11, 12])),
             &mut on,
         );
         assert_eq!(

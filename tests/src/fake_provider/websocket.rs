@@ -158,7 +158,9 @@ async fn serve_responses<S: AsyncRead + AsyncWrite + Unpin>(
         for e in events {
             if model == "slow-finish" && e["type"] == "response.completed" {
                 // Reading meanwhile, as real servers do: a client that
-                // half-closes is gone, and the response is abandoned.
+                // half-closes is gone, and the response is abandoned. (A
+                // byte the client sends meanwhile is lost to its next
+                // frame: the turn is for clients that only read.)
                 let mut byte = [0u8; 1];
                 tokio::select! {
                     _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
