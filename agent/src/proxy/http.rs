@@ -1432,7 +1432,11 @@ impl Draft {
         let service_tier = parsed.service_tier.take();
         let serving = crate::meter::pricing::Serving {
             tier: service_tier.as_deref(),
-            bedrock_regional: provider == "bedrock"
+            // Bedrock's native routes and its Anthropic Messages route: a
+            // regional endpoint's premium, by the model id the request
+            // names.
+            bedrock_regional: self.ctx.provider.api == crate::config::ApiKind::Bedrock
+                && matches!(provider, "bedrock" | "anthropic")
                 && self
                     .info
                     .model
@@ -1701,9 +1705,17 @@ mod tests {
     /// A meter of a Responses API WebSocket on api.openai.com, and what it
     /// records.
     fn ws_meter() -> (WsMeter, Arc<Keep>, tempfile::TempDir) {
+        let (ctx, keep, dir) = test_ctx("api.openai.com", crate::config::ApiKind::Openai);
+        (WsMeter::new(ctx, "/v1/responses".into()), keep, dir)
+    }
+
+    /// A connection's context for `host` of `api`, and what it records.
+    fn test_ctx(
+        host: &str,
+        api: crate::config::ApiKind,
+    ) -> (Arc<ConnCtx>, Arc<Keep>, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
-        let (ca, _) =
-            crate::ca::LocalCa::load_or_create(dir.path(), &["api.openai.com".to_owned()]).unwrap();
+        let (ca, _) = crate::ca::LocalCa::load_or_create(dir.path(), &[host.to_owned()]).unwrap();
         let keep = Arc::new(Keep(Default::default()));
         let state = Arc::new(ProxyState::new(
             Arc::new(NoOrigins),
@@ -1729,12 +1741,45 @@ mod tests {
             },
             who: Arc::new(Attribution::default()),
             provider: ProviderHost {
-                host: "api.openai.com".into(),
-                api: crate::config::ApiKind::Openai,
+                host: host.into(),
+                api,
                 refuses_stream_options: false,
             },
         });
-        (WsMeter::new(ctx, "/v1/responses".into()), keep, dir)
+        (ctx, keep, dir)
+    }
+
+    /// Bedrock's Anthropic Messages route is priced as Anthropic's, with
+    /// the regional premium its native routes have (an in-region or
+    /// geographic profile id, not `global.`).
+    #[test]
+    fn bedrocks_anthropic_route_pays_the_regional_premium() {
+        use crate::config::ApiKind;
+        let (ctx, keep, _dir) =
+            test_ctx("bedrock-runtime.us-east-1.amazonaws.com", ApiKind::Bedrock);
+        let cost = |model: &str| {
+            let mut d = WsMeter::new(ctx.clone(), "/anthropic/v1/messages".into())
+                .draft(Some(model.into()), None);
+            d.info.api = Some(ApiKind::Anthropic);
+            d.status = 200;
+            d.record(
+                ParsedUsage {
+                    usage: Some(crate::meter::Usage {
+                        input_tokens: 100_000,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+                None,
+            );
+            let r = keep.0.lock().unwrap().pop().expect("a record");
+            assert_eq!(r.provider, "anthropic");
+            r.cost_usd.expect("priced")
+        };
+        let regional = cost("us.anthropic.claude-sonnet-4-5-20250929-v1:0");
+        let global = cost("global.anthropic.claude-sonnet-4-5-20250929-v1:0");
+        assert!((global - 0.3).abs() < 1e-9, "{global}");
+        assert!((regional - 0.33).abs() < 1e-9, "{regional}");
     }
 
     fn ws_text(json: serde_json::Value, mask: Option<[u8; 4]>) -> Vec<u8> {
