@@ -108,6 +108,8 @@ struct Raw {
     /// The iterations include the message passes (else the top level is
     /// theirs).
     iterations_have_message: bool,
+    /// `inference_geo: "us"`: US-only inference, billed at 1.1 times.
+    us_only: bool,
 }
 
 impl Raw {
@@ -121,6 +123,9 @@ impl Raw {
             .and_then(Value::as_u64)
             .or(self.cache_creation_1h);
         self.output = f("output_tokens").or(self.output);
+        if let Some(geo) = u.get("inference_geo").and_then(Value::as_str) {
+            self.us_only = geo.eq_ignore_ascii_case("us");
+        }
         self.thinking = u
             .pointer("/output_tokens_details/thinking_tokens")
             .and_then(Value::as_u64)
@@ -144,6 +149,12 @@ impl Raw {
             }
             self.iterations = Some(sum);
         }
+    }
+
+    /// The percentage added to every rate for where the request ran:
+    /// US-only inference costs 1.1 times the list price.
+    fn uplift_percent(&self) -> u32 {
+        if self.us_only { 10 } else { 0 }
     }
 
     /// The counts of one usage object (or one of its iterations), without
@@ -270,6 +281,7 @@ impl UsageParser for JsonParser {
             response_model: str_at(&v, &["model"]),
             output_text: text,
             service_tier,
+            uplift_percent: raw.uplift_percent(),
             ..Default::default()
         }
     }
@@ -358,6 +370,7 @@ impl UsageParser for StreamParser {
             output_text: std::mem::take(&mut state.text),
             error: state.error.take(),
             service_tier: state.service_tier.take(),
+            uplift_percent: state.raw.uplift_percent(),
             ..ParsedUsage::default()
         }
     }
@@ -482,6 +495,13 @@ mod tests {
             &[],
         );
         assert_eq!(json.service_tier.as_deref(), Some("standard"));
+        // US-only inference: 10 % on every rate.
+        let us = br#"{"model":"claude-opus-5-5","content":[],"usage":{"input_tokens":3,"output_tokens":4,"inference_geo":"us"}}"#;
+        let p = parse_split(&Anthropic, &info("chat"), "application/json", us, &[]);
+        assert_eq!(p.uplift_percent, 10);
+        let global = br#"{"model":"claude-opus-5-5","content":[],"usage":{"input_tokens":3,"output_tokens":4,"inference_geo":"global"}}"#;
+        let p = parse_split(&Anthropic, &info("chat"), "application/json", global, &[]);
+        assert_eq!(p.uplift_percent, 0);
         // Fast mode is what the bill depends on.
         let fast = br#"{"model":"claude-opus-5-5","content":[],"usage":{"input_tokens":3,"output_tokens":4,"service_tier":"standard","speed":"fast"}}"#;
         let p = parse_split(&Anthropic, &info("chat"), "application/json", fast, &[]);

@@ -251,6 +251,10 @@ pub struct ParsedUsage {
     /// The body could not be decoded (see [`decode::UNDECODABLE`]) and no
     /// usage was read from what did.
     pub undecodable: bool,
+    /// The percentage the provider adds to every rate for where the
+    /// request ran (Anthropic's US-only inference, `inference_geo: "us"`:
+    /// 10).
+    pub uplift_percent: u32,
 }
 
 /// A service tier as it may be recorded: as [`error_type`], lower case

@@ -1458,7 +1458,8 @@ impl Draft {
                 "no price for this service tier"
             );
         }
-        let cost_usd = cost.map(|c| c.usd);
+        // Where the request ran may add to every rate (US-only inference).
+        let cost_usd = cost.map(|c| c.usd * (1.0 + f64::from(parsed.uplift_percent) / 100.0));
         if cost_usd.is_none() && (usage.input_tokens > 0 || usage.output_tokens > 0) {
             self.ctx
                 .state
@@ -1747,6 +1748,40 @@ mod tests {
             },
         });
         (ctx, keep, dir)
+    }
+
+    /// US-only inference (Anthropic's `inference_geo: "us"`) costs 1.1
+    /// times the list price.
+    #[test]
+    fn where_a_request_ran_can_add_to_its_price() {
+        use crate::config::ApiKind;
+        let (ctx, keep, _dir) = test_ctx("api.anthropic.com", ApiKind::Anthropic);
+        let cost = |uplift_percent: u32| {
+            let mut d = WsMeter::new(ctx.clone(), "/v1/messages".into())
+                .draft(Some("claude-opus-4-6".into()), None);
+            d.info.api = Some(ApiKind::Anthropic);
+            d.status = 200;
+            d.record(
+                ParsedUsage {
+                    usage: Some(crate::meter::Usage {
+                        input_tokens: 100_000,
+                        ..Default::default()
+                    }),
+                    uplift_percent,
+                    ..Default::default()
+                },
+                None,
+            );
+            keep.0
+                .lock()
+                .unwrap()
+                .pop()
+                .expect("a record")
+                .cost_usd
+                .expect("priced")
+        };
+        assert!((cost(0) - 0.5).abs() < 1e-9);
+        assert!((cost(10) - 0.55).abs() < 1e-9);
     }
 
     /// Bedrock's Anthropic Messages route is priced as Anthropic's, with
