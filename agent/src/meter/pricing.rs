@@ -777,8 +777,9 @@ impl PriceBook {
         } else {
             1.0
         };
+        let uplift = 1.0 + f64::from(serving.uplift_percent) / 100.0;
         Some(Cost {
-            usd: usd * regional,
+            usd: usd * regional * uplift,
             tier_unpriced,
         })
     }
@@ -792,6 +793,9 @@ pub struct Serving<'a> {
     /// A Bedrock request to a regional or geographic endpoint (see
     /// [`bedrock_regional`]).
     pub bedrock_regional: bool,
+    /// The percentage the provider adds to every rate for where the
+    /// request ran, as its response says (Anthropic's US-only inference).
+    pub uplift_percent: u32,
 }
 
 impl<'a> Serving<'a> {
@@ -1454,6 +1458,7 @@ output = 10.0
                 Serving {
                     tier: None,
                     bedrock_regional,
+                    ..Serving::default()
                 },
             )
             .expect("priced")

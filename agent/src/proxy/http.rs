@@ -558,11 +558,7 @@ fn ws_error_type(error: Option<&serde_json::Value>) -> Option<String> {
 
 /// A lane's key: its `stream_id`, at most 128 bytes of it.
 fn lane_of(id: &str) -> String {
-    let mut end = id.len().min(128);
-    while !id.is_char_boundary(end) {
-        end -= 1;
-    }
-    id[..end].to_string()
+    crate::meter::cap(id, 128).to_string()
 }
 
 /// Whether the first bytes of a message passed over unread say it is a
@@ -592,9 +588,7 @@ fn terminal_event_id(prefix: &[u8]) -> Option<String> {
 }
 
 fn capped_model(m: &str) -> String {
-    let mut m = m.to_string();
-    crate::meter::cap_owned(&mut m, crate::meter::MAX_MODEL_NAME);
-    m
+    crate::meter::cap(m, crate::meter::MAX_MODEL_NAME).to_string()
 }
 
 impl WsMeter {
@@ -1442,6 +1436,7 @@ impl Draft {
                     .model
                     .as_deref()
                     .is_some_and(crate::meter::pricing::bedrock_regional),
+            uplift_percent: parsed.uplift_percent,
         };
         let cost = prices
             .cost_of_any(provider, &models, self.started_ms, &usage, serving)
@@ -1459,7 +1454,7 @@ impl Draft {
             );
         }
         // Where the request ran may add to every rate (US-only inference).
-        let cost_usd = cost.map(|c| c.usd * (1.0 + f64::from(parsed.uplift_percent) / 100.0));
+        let cost_usd = cost.map(|c| c.usd);
         if cost_usd.is_none() && (usage.input_tokens > 0 || usage.output_tokens > 0) {
             self.ctx
                 .state
@@ -1750,38 +1745,39 @@ mod tests {
         (ctx, keep, dir)
     }
 
+    /// The record of an answered Anthropic request of 100,000 input tokens
+    /// to `model` on `ctx`'s host, with `uplift_percent` from the response.
+    fn anthropic_record(
+        ctx: &Arc<ConnCtx>,
+        keep: &Keep,
+        model: &str,
+        uplift_percent: u32,
+    ) -> Arc<UsageRecord> {
+        let mut d =
+            WsMeter::new(ctx.clone(), "/v1/messages".into()).draft(Some(model.into()), None);
+        d.info.api = Some(crate::config::ApiKind::Anthropic);
+        d.status = 200;
+        let usage = crate::meter::Usage {
+            input_tokens: 100_000,
+            ..Default::default()
+        };
+        let parsed = ParsedUsage {
+            usage: Some(usage),
+            uplift_percent,
+            ..Default::default()
+        };
+        d.record(parsed, None);
+        keep.0.lock().unwrap().pop().expect("a record")
+    }
+
     /// US-only inference (Anthropic's `inference_geo: "us"`) costs 1.1
     /// times the list price.
     #[test]
     fn where_a_request_ran_can_add_to_its_price() {
-        use crate::config::ApiKind;
-        let (ctx, keep, _dir) = test_ctx("api.anthropic.com", ApiKind::Anthropic);
-        let cost = |uplift_percent: u32| {
-            let mut d = WsMeter::new(ctx.clone(), "/v1/messages".into())
-                .draft(Some("claude-opus-4-6".into()), None);
-            d.info.api = Some(ApiKind::Anthropic);
-            d.status = 200;
-            d.record(
-                ParsedUsage {
-                    usage: Some(crate::meter::Usage {
-                        input_tokens: 100_000,
-                        ..Default::default()
-                    }),
-                    uplift_percent,
-                    ..Default::default()
-                },
-                None,
-            );
-            keep.0
-                .lock()
-                .unwrap()
-                .pop()
-                .expect("a record")
-                .cost_usd
-                .expect("priced")
-        };
-        assert!((cost(0) - 0.5).abs() < 1e-9);
-        assert!((cost(10) - 0.55).abs() < 1e-9);
+        let (ctx, keep, _dir) = test_ctx("api.anthropic.com", crate::config::ApiKind::Anthropic);
+        let cost = |uplift| anthropic_record(&ctx, &keep, "claude-opus-4-6", uplift).cost_usd;
+        assert!(cost(0).is_some_and(|c| (c - 0.5).abs() < 1e-9));
+        assert!(cost(10).is_some_and(|c| (c - 0.55).abs() < 1e-9));
     }
 
     /// Bedrock's Anthropic Messages route is priced as Anthropic's, with
@@ -1789,25 +1785,10 @@ mod tests {
     /// geographic profile id, not `global.`).
     #[test]
     fn bedrocks_anthropic_route_pays_the_regional_premium() {
-        use crate::config::ApiKind;
-        let (ctx, keep, _dir) =
-            test_ctx("bedrock-runtime.us-east-1.amazonaws.com", ApiKind::Bedrock);
+        let host = "bedrock-runtime.us-east-1.amazonaws.com";
+        let (ctx, keep, _dir) = test_ctx(host, crate::config::ApiKind::Bedrock);
         let cost = |model: &str| {
-            let mut d = WsMeter::new(ctx.clone(), "/anthropic/v1/messages".into())
-                .draft(Some(model.into()), None);
-            d.info.api = Some(ApiKind::Anthropic);
-            d.status = 200;
-            d.record(
-                ParsedUsage {
-                    usage: Some(crate::meter::Usage {
-                        input_tokens: 100_000,
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                },
-                None,
-            );
-            let r = keep.0.lock().unwrap().pop().expect("a record");
+            let r = anthropic_record(&ctx, &keep, model, 0);
             assert_eq!(r.provider, "anthropic");
             r.cost_usd.expect("priced")
         };
