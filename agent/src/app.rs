@@ -256,7 +256,7 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         Arc::new(move || {
             let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(s) = slot.get().and_then(std::sync::Weak::upgrade) {
-                last.0 = s.stats.snapshot();
+                last.0 = s.snapshot();
             }
             if let Some(i) = kernel.get().and_then(std::sync::Weak::upgrade) {
                 last.1 = i.stats();
@@ -276,6 +276,7 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
                 bodies_too_long: p.body_too_long,
                 bodies_over_budget: p.over_buffer_budget,
                 bodies_stalled: p.body_stalled,
+                background_waiting: p.background_waiting,
                 up: true,
             }
         })

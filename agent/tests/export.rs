@@ -95,6 +95,7 @@ fn health() -> Arc<dyn Fn() -> HealthSnapshot + Send + Sync> {
         bodies_too_long: 7,
         bodies_over_budget: 8,
         bodies_stalled: 9,
+        background_waiting: 12,
         up: true,
     })
 }
@@ -266,6 +267,12 @@ fn assert_health(points: &[Point]) {
             "counter",
             9.0,
         ),
+        (
+            "tollgate.requests.background_waiting",
+            "{request}",
+            "gauge",
+            12.0,
+        ),
         ("tollgate.up", "1", "gauge", 1.0),
     ] {
         let ps = named(points, name);
@@ -371,6 +378,7 @@ async fn default_generation(t: Transport) {
             "tollgate.requests.body_too_long",
             "tollgate.requests.body_over_budget",
             "tollgate.requests.body_stalled",
+            "tollgate.requests.background_waiting",
             "tollgate.up",
         ]),
         "exported metric names"

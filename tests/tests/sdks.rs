@@ -316,6 +316,69 @@ assert done is not None and done.interaction.usage.total_output_tokens == 5, don
 
 #[test]
 #[ignore = "needs root, cgroup v2 and BPF"]
+fn openai_background_responses_are_recorded_when_their_result_is_seen() {
+    // Background mode as the SDK drives it: the request is answered
+    // `queued`; the usage comes in a later poll, which settles the one
+    // row, with the provider's counts; a cancelled one is its own row.
+    let mut w = World::start("background", 46);
+    let client = w.client(&[]);
+    ok(
+        &client.python(
+            r#"
+import time, openai
+c = openai.OpenAI(api_key="sk-test-BACKGROUND-SECRET", max_retries=0)
+r = c.responses.create(model="gpt-5.4", input="write a long story about otters in space",
+    background=True, max_output_tokens=300)
+assert r.status == "queued", r.status
+polls = 0
+while r.status in ("queued", "in_progress"):
+    time.sleep(0.05)
+    r = c.responses.retrieve(r.id)
+    polls += 1
+assert polls == 2 and r.status == "completed" and r.usage.output_tokens == 300, (polls, r)
+again = c.responses.retrieve(r.id)
+assert again.status == "completed"
+x = c.responses.create(model="gpt-5.4", input="never mind this one", background=True)
+y = c.responses.cancel(x.id)
+assert y.status == "cancelled", y.status
+z = c.responses.create(model="gpt-5.4", input="fetched some other way", background=True)
+assert z.status == "queued"
+"#,
+        ),
+        "python openai background responses",
+    );
+    let reported = w.fake.reported();
+    assert_eq!(reported.len(), 1, "{reported:#?}");
+    let rows = w.agent.wait_for_records(2);
+    assert_eq!(
+        rows.len(),
+        2,
+        "one row per background request: {rows:#?}\n{}",
+        w.agent.log()
+    );
+    tollgate_e2e::world::assert_row_matches(&rows[0], &reported[0]);
+    assert_eq!(
+        (s(&rows[0], "operation"), s(&rows[0], "method")),
+        ("responses", "POST"),
+        "{}",
+        rows[0]
+    );
+    assert!(rows[0]["cost_usd"].as_f64().is_some_and(|c| c > 0.0));
+    assert_eq!(s(&rows[1], "error"), "response_cancelled", "{}", rows[1]);
+    assert_eq!(rows[1]["estimated"], true, "{}", rows[1]);
+    assert!(rows[1]["input_tokens"].as_u64().is_some_and(|n| n > 0));
+    // Never fetched: written, estimated, when the agent stops.
+    let status = w.agent.terminate().expect("agent was running");
+    assert!(status.success(), "{status}; log:\n{}", w.agent.log());
+    let rows = w.agent.report_json();
+    assert_eq!(rows.len(), 3, "{rows:#?}");
+    assert_eq!(s(&rows[2], "error"), "background_unobserved", "{}", rows[2]);
+    assert_eq!(rows[2]["estimated"], true, "{}", rows[2]);
+    assert_no_secret(&w, "BACKGROUND-SECRET");
+}
+
+#[test]
+#[ignore = "needs root, cgroup v2 and BPF"]
 fn google_genai_python_sdk_on_vertex_ai() {
     // Gemini on Vertex AI, a region configured as a Gemini provider host
     // (as the README says): the project/location/publisher paths are read.

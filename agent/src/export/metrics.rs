@@ -351,12 +351,18 @@ const HEALTH_COUNTERS: [HealthFigure; 11] = [
 ];
 
 /// Health gauges (current values).
-const HEALTH_GAUGES: [HealthFigure; 2] = [
+const HEALTH_GAUGES: [HealthFigure; 3] = [
     (
         sc::M_LEDGER_QUEUED,
         "{record}",
         "Usage records accepted but not yet written to the ledger.",
         |h| h.ledger_queued,
+    ),
+    (
+        sc::M_BACKGROUND_WAITING,
+        "{request}",
+        "Background responses whose record waits for a retrieval that shows their result.",
+        |h| h.background_waiting,
     ),
     (
         sc::M_UP,

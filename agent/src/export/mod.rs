@@ -87,6 +87,9 @@ pub struct HealthSnapshot {
     /// Request bodies forwarded unparsed because they paused longer than
     /// `proxy.request_body_stall_secs`.
     pub bodies_stalled: u64,
+    /// Background responses (the Responses API's `background: true`)
+    /// whose record waits for a retrieval that shows their result.
+    pub background_waiting: u64,
     /// The agent is running and intercepting.
     pub up: bool,
 }

@@ -65,6 +65,15 @@ pub struct RequestInfo {
     /// on a Vertex AI host configured as Gemini): its parsers, estimates,
     /// name and prices are used from here on.
     pub api: Option<crate::config::ApiKind>,
+    /// The request asked to run in the background (the Responses API's
+    /// `background: true`): its answer is usually the response `queued`,
+    /// whose usage comes later, in a retrieval of it.
+    pub background: bool,
+    /// The request reads the state of an earlier response (`GET
+    /// …/responses/{id}`, `POST …/responses/{id}/cancel`): it is never a
+    /// row of its own, only the settlement of a background response the
+    /// agent holds open.
+    pub retrieval: bool,
 }
 
 /// What a request body's top-level `stream_options` member is.
@@ -255,6 +264,27 @@ pub struct ParsedUsage {
     /// request ran (Anthropic's US-only inference, `inference_geo: "us"`:
     /// 10).
     pub uplift_percent: u32,
+    /// The response's own id (the Responses API's `resp_…`), sanitised as
+    /// [`error_type`].
+    pub response_id: Option<String>,
+    /// The response's `status` as last reported (`queued`, `in_progress`,
+    /// `completed`, `failed`, `cancelled`, `incomplete`), sanitised.
+    pub response_status: Option<String>,
+    /// The request's input, estimated earlier from its body (a parked
+    /// background request, whose body is not kept while it waits): used
+    /// as the body's estimate would be when the usage is missing.
+    pub estimated_input: Option<u64>,
+}
+
+impl ParsedUsage {
+    /// The response said it is still being generated (a background
+    /// response answered `queued` or `in_progress`).
+    pub fn unfinished(&self) -> bool {
+        matches!(
+            self.response_status.as_deref(),
+            Some("queued" | "in_progress")
+        )
+    }
 }
 
 /// A service tier as it may be recorded: as [`error_type`], lower case
@@ -363,6 +393,11 @@ pub struct Head {
     pub stream_options: Option<Value>,
     /// OpenAI: the tier that served the response.
     pub service_tier: Option<Value>,
+    /// The Responses API: a request's `background`, a response's `id`
+    /// and `status`.
+    pub background: Option<Value>,
+    pub id: Option<Value>,
+    pub status: Option<Value>,
 }
 
 impl Head {
@@ -390,6 +425,9 @@ impl Head {
             max_completion_tokens: take("max_completion_tokens"),
             max_output_tokens: take("max_output_tokens"),
             max_tokens: take("max_tokens"),
+            background: take("background"),
+            id: take("id"),
+            status: take("status"),
             stream_options: o.remove("stream_options"),
         })
     }
@@ -401,6 +439,12 @@ impl Head {
     /// `service_tier`, when it is a string [`service_tier`] accepts.
     pub fn service_tier(&self) -> Option<String> {
         self.service_tier.as_ref()?.as_str().and_then(service_tier)
+    }
+
+    /// `id` and `status`, when they are strings [`error_type`] accepts.
+    pub fn id_and_status(&self) -> (Option<String>, Option<String>) {
+        let s = |v: &Option<Value>| v.as_ref()?.as_str().and_then(error_type);
+        (s(&self.id), s(&self.status))
     }
 }
 

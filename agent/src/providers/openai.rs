@@ -58,6 +58,27 @@ pub fn operation(path: &str) -> &'static str {
     }
 }
 
+/// A request for the state of an earlier Responses API response: `GET
+/// …/responses/{id}` (polling a background response, or resuming its
+/// stream with `?stream=true`) and `POST …/responses/{id}/cancel`. Not
+/// `…/responses/{id}/input_items`, nor `/responses/compact`.
+fn is_retrieval(method: &http::Method, path: &str) -> bool {
+    let p = path.trim_end_matches('/');
+    let (p, cancel) = match p.strip_suffix("/cancel") {
+        Some(rest) => (rest, true),
+        None => (p, false),
+    };
+    let Some((parent, id)) = p.rsplit_once('/') else {
+        return false;
+    };
+    let method_fits = if cancel {
+        method == http::Method::POST
+    } else {
+        method == http::Method::GET
+    };
+    method_fits && parent.ends_with("/responses") && !id.is_empty() && id != "compact"
+}
+
 /// Operations whose responses carry token usage.
 fn has_usage(op: &str) -> bool {
     matches!(op, "chat" | "text_completion" | "embeddings" | "responses")
@@ -69,6 +90,17 @@ impl Provider for OpenAi {
     }
 
     fn request(&self, req: &RequestView<'_>) -> RequestInfo {
+        if is_retrieval(req.method, req.path) {
+            return RequestInfo {
+                operation: "responses",
+                metered: true,
+                retrieval: true,
+                streaming: req
+                    .query
+                    .is_some_and(|q| q.split('&').any(|kv| kv == "stream=true")),
+                ..Default::default()
+            };
+        }
         if req.method != http::Method::POST {
             return RequestInfo {
                 operation: "other",
@@ -102,6 +134,12 @@ impl Provider for OpenAi {
             ),
             None => (None, false, None),
         };
+        let background = op == "responses"
+            && head
+                .as_ref()
+                .and_then(|h| h.background.as_ref())
+                .and_then(Value::as_bool)
+                .unwrap_or(false);
         RequestInfo {
             operation: op,
             metered: true,
@@ -112,6 +150,8 @@ impl Provider for OpenAi {
             stream_options,
             refuses_stream_options: false,
             api: None,
+            background,
+            retrieval: false,
         }
     }
 
@@ -502,6 +542,22 @@ impl super::BodyFilter for UsageChunkFilter {
     }
 }
 
+/// A Responses API object's `id` and `status`, sanitised.
+fn id_and_status(v: &Value) -> (Option<String>, Option<String>) {
+    let s = |k: &str| v.get(k).and_then(Value::as_str).and_then(super::error_type);
+    (s("id"), s("status"))
+}
+
+/// Why a failed Responses API object failed: its `error.code` (else
+/// `error.type`), sanitised.
+fn failure_of(v: &Value) -> Option<String> {
+    let e = v.get("error")?;
+    ["code", "type"]
+        .into_iter()
+        .find_map(|k| e.get(k).and_then(Value::as_str))
+        .and_then(super::error_type)
+}
+
 /// A response object's `service_tier`, sanitised.
 fn tier_of(v: &Value) -> Option<String> {
     v.get("service_tier")
@@ -522,10 +578,13 @@ impl UsageParser for JsonParser {
         if let Some(h) = self.0.bytes().and_then(super::Head::parse)
             && let Some(usage) = h.usage.0.as_ref().and_then(WireUsage::usage)
         {
+            let (response_id, response_status) = h.id_and_status();
             return ParsedUsage {
                 usage: Some(usage),
                 response_model: h.model(),
                 service_tier: h.service_tier(),
+                response_id,
+                response_status,
                 ..Default::default()
             };
         }
@@ -558,11 +617,17 @@ impl UsageParser for JsonParser {
                 }
             }
         }
+        let (response_id, response_status) = id_and_status(&v);
         ParsedUsage {
             usage: v.get("usage").and_then(usage_from),
             response_model: str_at(&v, &["model"]),
             output_text: text,
             service_tier: tier_of(&v),
+            error: (response_status.as_deref() == Some("failed"))
+                .then(|| failure_of(&v))
+                .flatten(),
+            response_id,
+            response_status,
             ..Default::default()
         }
     }
@@ -651,6 +716,18 @@ impl StreamParser {
             }
             if let Some(Value::String(t)) = &ev.delta {
                 super::push_text(&mut found.output_text, t);
+            }
+            if let Some(r) = ev.response.as_ref().filter(|r| r.is_object()) {
+                let (id, status) = id_and_status(r);
+                if id.is_some() {
+                    found.response_id = id;
+                }
+                if status.is_some() {
+                    if status.as_deref() == Some("failed") {
+                        found.error = failure_of(r);
+                    }
+                    found.response_status = status;
+                }
             }
             let (model, usage, tier) = match &ev.response {
                 Some(r) if r.is_object() => (
@@ -824,6 +901,86 @@ mod tests {
         assert_eq!((u.cached_input_tokens, u.cache_write_input_tokens), (4, 6));
         let free = OpenAi.request(&request("POST", "/v1/responses/input_tokens", b"{}"));
         assert_eq!(free.operation, "other", "a count is not a compaction");
+    }
+
+    /// Background mode: the request says so; a retrieval (`GET
+    /// …/responses/{id}`, its stream resumed, a cancel) is told from the
+    /// calls around it; the answers name the response and its status.
+    #[test]
+    fn background_requests_and_their_retrievals_are_told_apart() {
+        use crate::providers::testing::{parse_split, request};
+        let post = OpenAi.request(&request(
+            "POST",
+            "/v1/responses",
+            br#"{"model":"gpt-5.2-pro","input":"hi","background":true}"#,
+        ));
+        assert!(post.background && !post.retrieval && post.metered);
+        let plain = OpenAi.request(&request("POST", "/v1/responses", br#"{"input":"hi"}"#));
+        assert!(!plain.background);
+        let chat = OpenAi.request(&request(
+            "POST",
+            "/v1/chat/completions",
+            br#"{"messages":[],"background":true}"#,
+        ));
+        assert!(!chat.background, "only the Responses API has it");
+        for (method, path) in [
+            ("GET", "/v1/responses/resp_123"),
+            ("GET", "/openai/v1/responses/resp_123/"),
+            ("POST", "/v1/responses/resp_123/cancel"),
+        ] {
+            let r = OpenAi.request(&request(method, path, b""));
+            assert!(r.retrieval && r.metered, "{method} {path}");
+            assert_eq!(r.operation, "responses");
+        }
+        for (method, path) in [
+            ("GET", "/v1/responses/resp_123/input_items"),
+            ("POST", "/v1/responses/compact"),
+            ("GET", "/v1/responses"),
+            ("POST", "/v1/responses/resp_123"),
+            ("GET", "/v1/responses/resp_123/cancel"),
+            ("GET", "/v1/chat/completions/chatcmpl_1"),
+        ] {
+            let r = OpenAi.request(&request(method, path, b"{}"));
+            assert!(!r.retrieval, "{method} {path}");
+        }
+        let mut resumed = request("GET", "/v1/responses/resp_123", b"");
+        resumed.query = Some("starting_after=7&stream=true");
+        assert!(OpenAi.request(&resumed).streaming);
+
+        let info = RequestInfo {
+            operation: "responses",
+            metered: true,
+            ..Default::default()
+        };
+        let queued = br#"{"id":"resp_123","object":"response","status":"queued","model":"gpt-5.2-pro","output":[],"usage":null}"#;
+        let p = parse_split(&OpenAi, &info, "application/json", queued, &[7]);
+        assert_eq!(
+            (p.response_id.as_deref(), p.response_status.as_deref()),
+            (Some("resp_123"), Some("queued"))
+        );
+        assert!(p.unfinished() && p.usage.is_none());
+        let done =
+            br#"{"id":"resp_123","object":"response","status":"completed","model":"gpt-5.2-pro",
+            "output":[],"usage":{"input_tokens":10,"output_tokens":900,"total_tokens":910}}"#;
+        let p = parse_split(&OpenAi, &info, "application/json", done, &[]);
+        assert!(!p.unfinished() && p.usage.is_some());
+        assert_eq!(p.response_status.as_deref(), Some("completed"));
+        let failed = br#"{"id":"resp_9","status":"failed","error":{"code":"server_error","message":"x"},"usage":null}"#;
+        let p = parse_split(&OpenAi, &info, "application/json", failed, &[]);
+        assert_eq!(p.error.as_deref(), Some("server_error"));
+        // A resumed stream: the status follows the events.
+        let sse = b"event: response.in_progress\ndata: {\"type\":\"response.in_progress\",\"response\":{\"id\":\"resp_123\",\"status\":\"in_progress\"}}\n\n\
+event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"id\":\"resp_123\",\"status\":\"completed\",\"usage\":{\"input_tokens\":10,\"output_tokens\":900}}}\n\n";
+        let p = parse_split(&OpenAi, &info, "text/event-stream", sse, &[60]);
+        assert_eq!(p.response_status.as_deref(), Some("completed"));
+        assert_eq!(p.usage.map(|u| u.output_tokens), Some(900));
+        let cut = &sse[..sse.iter().position(|&b| b == b'\n').unwrap() + 120];
+        let p = parse_split(&OpenAi, &info, "text/event-stream", cut, &[]);
+        assert!(p.unfinished() && p.usage.is_none(), "{p:?}");
+        // An id that is not a plain token is not kept.
+        let odd = br#"{"id":"resp 1\n","status":"queued"}"#;
+        let p = parse_split(&OpenAi, &info, "application/json", odd, &[]);
+        assert_eq!(p.response_id, None);
     }
 
     #[test]

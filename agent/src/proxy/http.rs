@@ -1141,7 +1141,12 @@ pub(super) async fn handle(
         // same content, uncompressed.
         parts.headers.remove(header::ACCEPT_ENCODING);
     }
-    let kept_body = if info.metered { whole.clone() } else { None };
+    // A retrieval only settles a parked record: nothing to estimate.
+    let kept_body = if info.metered && !info.retrieval {
+        whole.clone()
+    } else {
+        None
+    };
     let up_body: ProxyBody = match (whole, rest) {
         (Some(b), _) => boxed(Full::new(b)),
         (None, Some(rest)) => {
@@ -1179,7 +1184,7 @@ pub(super) async fn handle(
         emitted: !info.metered,
         sent,
         unanswered: false,
-        _live: if info.metered {
+        _live: if info.metered && !info.retrieval {
             state.live.request_started(&ctx.who)
         } else {
             crate::control::InFlight::none()
@@ -1361,19 +1366,38 @@ impl Draft {
     /// the async workers) and the record says `estimated`.
     fn emit(self, parsed: ParsedUsage, error: Option<String>) {
         let ok = (200..300).contains(&self.status);
-        let counting = ok && (parsed.usage.is_none() || parsed.partial);
+        // A retrieval counts nothing itself (what it settles counts on
+        // its own).
+        let counting = ok && (parsed.usage.is_none() || parsed.partial) && !self.info.retrieval;
         self.record_off_worker(parsed, error, counting);
     }
 
-    /// Builds the record and hands it to the sinks, once.
+    /// Builds the record and hands it to the sinks, once. A background
+    /// response still being generated is parked instead, and a retrieval
+    /// settles the parked record of the response it shows ended.
     fn record(&mut self, parsed: ParsedUsage, error: Option<String>) {
         if std::mem::replace(&mut self.emitted, true) {
             return;
         }
         let ok = (200..300).contains(&self.status);
+        if self.info.retrieval {
+            if ok {
+                settle(&self.ctx.state, parsed);
+            }
+            return;
+        }
+        let mut parsed = parsed;
+        if self.info.background
+            && ok
+            && parsed.usage.is_none()
+            && parsed.unfinished()
+            && let Some(id) = parsed.response_id.take()
+        {
+            self.park(id, parsed);
+            return;
+        }
         let api = self.info.api.unwrap_or(self.ctx.provider.api);
         let provider = adapter_for(api).name();
-        let mut parsed = parsed;
         if let Some(m) = parsed.response_model.as_mut() {
             crate::meter::cap_owned(m, crate::meter::MAX_MODEL_NAME);
         }
@@ -1384,13 +1408,18 @@ impl Draft {
         // An unanswered request has no usage: its input is estimated.
         let estimated = (ok || self.unanswered)
             && match parsed.usage {
-                None => estimate::fill_estimate(
-                    &mut usage,
-                    api,
-                    model,
-                    self.body.take().as_deref(),
-                    &parsed.output_text,
-                ),
+                None => {
+                    let earlier = parsed.estimated_input.unwrap_or(0);
+                    usage.input_tokens = earlier;
+                    let filled = estimate::fill_estimate(
+                        &mut usage,
+                        api,
+                        model,
+                        self.body.take().as_deref(),
+                        &parsed.output_text,
+                    );
+                    filled || earlier > 0
+                }
                 Some(_) if parsed.partial => {
                     estimate::raise_output(&mut usage, model, &parsed.output_text)
                 }
@@ -1488,6 +1517,126 @@ impl Draft {
             service_tier,
         };
         self.ctx.state.sink.submit(Arc::new(rec));
+    }
+}
+
+/// A background response's record, parked (see [`super::parked`]) until a
+/// retrieval shows the response ended.
+pub(super) struct ParkedResponse {
+    draft: Draft,
+    /// What the request's own answer said (the model, text that streamed).
+    first: ParsedUsage,
+}
+
+impl Draft {
+    /// Parks this record under the response id `id`; `first` is what the
+    /// request's answer said. The request body is then counted and let go
+    /// (a parked record holds no body; a retrieval that settles it first
+    /// uses the body as it is). A record the table has no room for is
+    /// written at once.
+    fn park(&mut self, id: String, first: ParsedUsage) {
+        let mut draft = self.detach();
+        // Settled or expired, it is written, never parked again.
+        draft.info.background = false;
+        let body = draft.body.clone();
+        let api = draft.info.api.unwrap_or(draft.ctx.provider.api);
+        let model =
+            estimate::tokenizer_model(first.response_model.as_deref(), draft.info.model.as_deref())
+                .map(str::to_string);
+        let state = draft.ctx.state.clone();
+        // Parked before the body is counted: the first poll may come
+        // sooner than the count (the tokenizer's tables load on first use).
+        match state
+            .parked
+            .park(id.clone(), ParkedResponse { draft, first })
+        {
+            Ok(None) => {}
+            Ok(Some(same_id)) => same_id.unobserved(),
+            Err(full) => {
+                warn!(
+                    parked = super::parked::MAX_PARKED,
+                    "too many background responses wait for their result: this one is recorded now, estimated"
+                );
+                full.unobserved();
+                return;
+            }
+        }
+        let counted = body
+            .as_deref()
+            .and_then(|b| estimate::estimate_input_for(api, model.as_deref(), b));
+        state.parked.update(&id, |p| {
+            p.first.estimated_input = counted;
+            p.draft.body = None;
+            p.draft.lease.release();
+        });
+    }
+}
+
+impl ParkedResponse {
+    /// Writes the record with what a retrieval showed of the ended
+    /// response: its counts, or, without them (cancelled before it
+    /// started), the estimate.
+    fn settle(self, mut later: ParsedUsage) {
+        let ParkedResponse { draft, first } = self;
+        if later.output_text.is_empty() {
+            later.output_text = first.output_text;
+        }
+        later.response_model = later.response_model.or(first.response_model);
+        later.service_tier = later.service_tier.or(first.service_tier);
+        later.estimated_input = first.estimated_input;
+        let error = match later.response_status.as_deref() {
+            Some("failed") => Some("response_failed".to_string()),
+            Some("cancelled") => Some("response_cancelled".to_string()),
+            _ => None,
+        };
+        draft.emit(later, error);
+    }
+
+    /// Writes the record without the response's end: estimated from the
+    /// request and what streamed.
+    fn unobserved(self) {
+        let ParkedResponse { draft, first } = self;
+        draft.emit(first, Some(BACKGROUND_UNOBSERVED.to_string()));
+    }
+}
+
+/// The error of a background response whose end the agent did not see.
+pub(super) const BACKGROUND_UNOBSERVED: &str = "background_unobserved";
+
+/// Settles the parked record of the response a retrieval shows ended.
+fn settle(state: &ProxyState, parsed: ParsedUsage) {
+    if parsed.unfinished() || parsed.response_status.is_none() {
+        return;
+    }
+    let Some(parked) = parsed
+        .response_id
+        .as_deref()
+        .and_then(|id| state.parked.take(id))
+    else {
+        return;
+    };
+    debug!("a background response ended: its record is written");
+    parked.settle(parsed);
+}
+
+/// Writes the records parked longer than [`super::parked::PARK_FOR`].
+pub(super) fn expire_parked(state: &ProxyState, now: Instant) {
+    for p in state.parked.expired(now) {
+        p.unobserved();
+    }
+}
+
+/// Writes every parked record (the agent is stopping).
+pub(super) fn unpark_all(state: &ProxyState) {
+    let all = state.parked.take_all();
+    if !all.is_empty() {
+        tracing::info!(
+            responses = all.len(),
+            "background responses whose result was not seen are recorded, estimated"
+        );
+    }
+    for p in all {
+        p.unobserved();
     }
 }
 
@@ -1768,6 +1917,119 @@ mod tests {
         };
         d.record(parsed, None);
         keep.0.lock().unwrap().pop().expect("a record")
+    }
+
+    /// A background Responses API request on `ctx` (answered `queued`
+    /// as `resp_id`), and a retrieval of it showing `status`.
+    fn background_post(ctx: &Arc<ConnCtx>, id: &str) {
+        let body = br#"{"model":"gpt-4o-mini","input":"write a long story about otters","background":true}"#;
+        let mut d = WsMeter::new(ctx.clone(), "/v1/responses".into())
+            .draft(Some("gpt-4o-mini".into()), Some(body));
+        d.method = "POST".into();
+        d.info.background = true;
+        d.info.streaming = false;
+        d.status = 200;
+        d.emit(answer(id, "queued", None), None);
+    }
+
+    fn retrieve(ctx: &Arc<ConnCtx>, answer: ParsedUsage) {
+        let mut d = WsMeter::new(ctx.clone(), "/v1/responses/x".into()).draft(None, None);
+        d.info.retrieval = true;
+        d.status = 200;
+        d.emit(answer, None);
+    }
+
+    fn answer(id: &str, status: &str, usage: Option<(u64, u64)>) -> ParsedUsage {
+        ParsedUsage {
+            response_id: Some(id.into()),
+            response_status: Some(status.into()),
+            response_model: Some("gpt-4o-mini-2024-07-18".into()),
+            usage: usage.map(|(i, o)| crate::meter::Usage {
+                input_tokens: i,
+                output_tokens: o,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// A background response is one row, written when a retrieval shows
+    /// it ended, with the provider's counts; polls before and after write
+    /// nothing.
+    #[test]
+    fn a_background_response_is_recorded_once_when_its_end_is_seen() {
+        let (ctx, keep, _dir) = test_ctx("api.openai.com", crate::config::ApiKind::Openai);
+        background_post(&ctx, "resp_1");
+        assert!(rows(&keep).is_empty(), "parked, not written");
+        assert_eq!(ctx.state.snapshot().background_waiting, 1);
+        retrieve(&ctx, answer("resp_1", "in_progress", None));
+        retrieve(&ctx, answer("resp_other", "completed", Some((5, 5))));
+        assert!(rows(&keep).is_empty(), "still running; another's end");
+        retrieve(&ctx, answer("resp_1", "completed", Some((1200, 3400))));
+        let got = rows(&keep);
+        assert_eq!(got.len(), 1, "{got:?}");
+        let r = &got[0];
+        assert_eq!((r.1, r.2, r.5, r.4.as_deref()), (1200, 3400, false, None));
+        let rec = keep.0.lock().unwrap()[0].clone();
+        assert_eq!((rec.method.as_str(), rec.status), ("POST", 200));
+        assert!(rec.cost_usd.is_some_and(|c| c > 0.0));
+        retrieve(&ctx, answer("resp_1", "completed", Some((1200, 3400))));
+        assert_eq!(rows(&keep).len(), 1, "a later poll writes nothing");
+        assert!(ctx.state.parked.is_empty());
+    }
+
+    /// What is not seen to end is written estimated when it expires or the
+    /// agent stops; a cancelled or failed one says so; a request that did
+    /// not ask for the background is not parked.
+    #[test]
+    fn unseen_cancelled_and_failed_background_responses_are_written_as_such() {
+        let (ctx, keep, _dir) = test_ctx("api.openai.com", crate::config::ApiKind::Openai);
+        for id in ["resp_a", "resp_b", "resp_c", "resp_d"] {
+            background_post(&ctx, id);
+        }
+        retrieve(&ctx, answer("resp_a", "cancelled", None));
+        let mut failed = answer("resp_b", "failed", Some((40, 0)));
+        failed.error = Some("server_error".into());
+        retrieve(&ctx, failed);
+        super::expire_parked(&ctx.state, Instant::now());
+        assert_eq!(rows(&keep).len(), 2, "not expired yet");
+        super::expire_parked(
+            &ctx.state,
+            Instant::now() + super::super::parked::PARK_FOR + Duration::from_secs(1),
+        );
+        assert_eq!(rows(&keep).len(), 4, "both expired");
+        assert!(ctx.state.parked.is_empty());
+        background_post(&ctx, "resp_e");
+        super::unpark_all(&ctx.state);
+        let got = rows(&keep);
+        assert_eq!(got.len(), 5);
+        let errors: Vec<_> = got.iter().map(|r| r.4.as_deref()).collect();
+        assert_eq!(
+            errors,
+            [
+                Some("response_cancelled"),
+                Some("server_error"),
+                Some(BACKGROUND_UNOBSERVED),
+                Some(BACKGROUND_UNOBSERVED),
+                Some(BACKGROUND_UNOBSERVED),
+            ]
+        );
+        // Without the provider's counts, the input is estimated from the
+        // request body, counted when it was parked.
+        for r in got
+            .iter()
+            .filter(|r| r.4.as_deref() != Some("server_error"))
+        {
+            assert!(r.5 && r.1 > 0, "{r:?}");
+        }
+        assert_eq!((got[1].1, got[1].5), (40, false));
+
+        // Not asked for the background: written as it is.
+        let mut d = WsMeter::new(ctx.clone(), "/v1/responses".into()).draft(None, None);
+        d.status = 200;
+        d.emit(answer("resp_f", "queued", None), None);
+        assert_eq!(rows(&keep).len(), 6);
+        assert!(ctx.state.parked.is_empty());
     }
 
     /// US-only inference (Anthropic's `inference_geo: "us"`) costs 1.1

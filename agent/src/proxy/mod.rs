@@ -10,6 +10,7 @@
 pub mod budget;
 pub mod clienthello;
 mod http;
+pub mod parked;
 pub mod rewind;
 pub mod upstream;
 mod websocket;
@@ -140,6 +141,9 @@ pub struct ProxyStatsSnapshot {
     pub over_buffer_budget: u64,
     pub body_too_long: u64,
     pub body_stalled: u64,
+    /// Background responses whose record waits for their result (a
+    /// gauge; see [`ProxyState::snapshot`]).
+    pub background_waiting: u64,
 }
 
 impl ProxyStats {
@@ -159,6 +163,7 @@ impl ProxyStats {
             over_buffer_budget: l(&self.over_buffer_budget),
             body_too_long: l(&self.body_too_long),
             body_stalled: l(&self.body_stalled),
+            background_waiting: 0,
         }
     }
 }
@@ -206,6 +211,8 @@ pub struct ProxyState {
     /// Work that outlives a connection (reading the rest of a response
     /// after a hang-up, local estimates): awaited before the ledger closes.
     pub(crate) background: TaskTracker,
+    /// Background responses' records, until their result is seen.
+    parked: parked::Parked<http::ParkedResponse>,
 }
 
 type Seen = hashbrown::HashSet<(String, String), rustc_hash::FxBuildHasher>;
@@ -222,6 +229,15 @@ impl hashbrown::Equivalent<(String, String)> for PairRef<'_> {
 }
 
 impl ProxyState {
+    /// The counters, and the background responses waiting for their
+    /// result.
+    pub fn snapshot(&self) -> ProxyStatsSnapshot {
+        ProxyStatsSnapshot {
+            background_waiting: self.parked.len() as u64,
+            ..self.stats.snapshot()
+        }
+    }
+
     pub fn new(
         origins: Arc<dyn OriginSource>,
         ca: Arc<LocalCa>,
@@ -256,6 +272,7 @@ impl ProxyState {
             cut_drain: CancellationToken::new(),
             stopping: CancellationToken::new(),
             background,
+            parked: parked::Parked::default(),
         }
     }
 }
@@ -407,6 +424,21 @@ pub async fn serve(
             }
         }));
     }
+    // Background responses whose result is not seen in time are recorded
+    // as they expire.
+    let sweeper = {
+        let state = state.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(parked::SWEEP_EVERY);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = every.tick() => http::expire_parked(&state, std::time::Instant::now()),
+                    _ = state.draining.cancelled() => break,
+                }
+            }
+        })
+    };
     while !*shutdown.borrow() {
         if shutdown.changed().await.is_err() {
             break;
@@ -434,6 +466,10 @@ pub async fn serve(
             false
         }
     };
+    let _ = sweeper.await;
+    // The drain is over: a background response still parked will not be
+    // retrieved through this agent.
+    http::unpark_all(&state);
     state.background.close();
     let settled = drained
         && tokio::time::timeout_at(deadline, state.background.wait())

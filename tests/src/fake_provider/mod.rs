@@ -222,6 +222,9 @@ async fn handle(req: Request<Incoming>, sni: String, log: Log) -> Result<Respons
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or("").to_string();
     let headers = req.headers().clone();
+    if let Some(answer) = openai::retrieval(req.method(), &path, &sni, &log) {
+        return Ok(answer);
+    }
     if req.method() == hyper::Method::GET {
         return Ok(json_response(
             200,
