@@ -379,6 +379,52 @@ assert z.status == "queued"
 
 #[test]
 #[ignore = "needs root, cgroup v2 and BPF"]
+fn google_genai_background_interactions_are_recorded_when_their_result_is_seen() {
+    // Deep Think and Deep Research run in the background: the interaction
+    // is answered running; a later poll that shows it completed settles
+    // its one row; a cancelled one is its own row.
+    let w = World::start("gemini-background", 47);
+    let client = w.client(&[]);
+    ok(
+        &client.python(
+            r#"
+import time
+from google import genai
+c = genai.Client(api_key="AIzaSyFAKE-GEMINI-BACKGROUND")
+i = c.interactions.create(model="gemini-3-pro-preview", input="think hard about the sky",
+    background=True, generation_config={"max_output_tokens": 40})
+assert i.status == "in_progress", i.status
+polls = 0
+while i.status == "in_progress":
+    time.sleep(0.05)
+    i = c.interactions.get(id=i.id)
+    polls += 1
+assert polls == 2 and i.status == "completed" and i.usage.total_output_tokens == 40, (polls, i)
+x = c.interactions.create(model="gemini-3-pro-preview", input="never mind", background=True)
+y = c.interactions.cancel(id=x.id)
+assert y.status == "cancelled", y.status
+"#,
+        ),
+        "python google-genai background interactions",
+    );
+    let reported = w.fake.reported();
+    assert_eq!(reported.len(), 1, "{reported:#?}");
+    let rows = w.agent.wait_for_records(2);
+    assert_eq!(
+        rows.len(),
+        2,
+        "one row per background interaction: {rows:#?}"
+    );
+    tollgate_e2e::world::assert_row_matches(&rows[0], &reported[0]);
+    assert_eq!(s(&rows[0], "operation"), "interaction", "{}", rows[0]);
+    assert!(rows[0]["cost_usd"].as_f64().is_some_and(|c| c > 0.0));
+    assert_eq!(s(&rows[1], "error"), "response_cancelled", "{}", rows[1]);
+    assert_eq!(rows[1]["estimated"], true, "{}", rows[1]);
+    assert_no_secret(&w, "FAKE-GEMINI-BACKGROUND");
+}
+
+#[test]
+#[ignore = "needs root, cgroup v2 and BPF"]
 fn google_genai_python_sdk_on_vertex_ai() {
     // Gemini on Vertex AI, a region configured as a Gemini provider host
     // (as the README says): the project/location/publisher paths are read.

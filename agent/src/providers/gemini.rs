@@ -57,6 +57,26 @@ fn is_interactions_create(path: &str) -> bool {
     })
 }
 
+/// A retrieval of an interaction: `GET /{version}/interactions/{id}`
+/// (polling a background interaction, or resuming its stream with
+/// `?stream=true`) and `POST /{version}/interactions/{id}/cancel`.
+fn is_interactions_retrieval(method: &http::Method, path: &str) -> bool {
+    let p = path.trim_end_matches('/');
+    let (p, cancel) = match p.strip_suffix("/cancel") {
+        Some(rest) => (rest, true),
+        None => (p, false),
+    };
+    let method_fits = if cancel {
+        method == http::Method::POST
+    } else {
+        method == http::Method::GET
+    };
+    let Some((parent, id)) = p.rsplit_once('/') else {
+        return false;
+    };
+    method_fits && !id.is_empty() && is_interactions_create(parent)
+}
+
 /// A native API path: `/{version}/{models|tunedModels}/{name}:{method}`,
 /// or Vertex AI's Google models (see the module's doc), percent-decoded.
 /// Returns the model and the method.
@@ -153,6 +173,17 @@ impl Provider for Gemini {
             operation: "other",
             ..Default::default()
         };
+        if is_interactions_retrieval(req.method, req.path) {
+            return RequestInfo {
+                operation: "interaction",
+                metered: true,
+                retrieval: true,
+                streaming: req
+                    .query
+                    .is_some_and(|q| q.split('&').any(|kv| kv == "stream=true")),
+                ..Default::default()
+            };
+        }
         if req.method != http::Method::POST {
             return unmetered;
         }
@@ -185,6 +216,9 @@ impl Provider for Gemini {
                 max_output_tokens: field("generation_config")
                     .and_then(|g| g.get("max_output_tokens"))
                     .and_then(Value::as_u64),
+                // Deep Think and Deep Research run so: answered at once,
+                // the usage in a later retrieval.
+                background: field("background").and_then(Value::as_bool) == Some(true),
                 ..Default::default()
             };
         }
@@ -325,9 +359,24 @@ impl InteractionParser {
             super::push_text(&mut found.output_text, t);
         }
         let i = v.get("interaction").filter(|i| i.is_object()).unwrap_or(v);
+        let text = |k: &str| i.get(k).and_then(Value::as_str);
+        if let Some(id) = text("id")
+            .filter(|_| i.get("status").is_some())
+            .and_then(super::response_id)
+        {
+            found.response_id = Some(id);
+        }
+        if let Some(status) = text("status").and_then(super::error_type) {
+            found.response_status = Some(status);
+        }
         // Counts only from the end of the interaction: a stream's earlier
-        // events may carry some that are not final.
-        let last = event.is_none_or(|e| e == "interaction.completed");
+        // events (and an interaction still running) may carry some that
+        // are not final.
+        let last = event.is_none_or(|e| e == "interaction.completed")
+            && !matches!(
+                i.get("status").and_then(Value::as_str),
+                Some("in_progress" | "queued")
+            );
         if last && let Some(u) = i.get("usage").and_then(interaction_usage) {
             found.usage = Some(u);
             *done = true;
@@ -755,14 +804,38 @@ mod tests {
             ("interaction", true, true)
         );
         assert_eq!(i.model.as_deref(), Some("gemini-3-pro-preview"));
+        assert!(!i.background && !i.retrieval);
+        let other = Gemini.request(&request("POST", "/v1beta/models/x/interactions", b"{}"));
+        assert_ne!(other.operation, "interaction");
+        // Background ones, and the retrievals that settle them.
+        let bg = Gemini.request(&request(
+            "POST",
+            "/v1beta/interactions",
+            br#"{"agent":"deep-research-pro-preview-12-2025","input":"hi","background":true}"#,
+        ));
+        assert!(bg.background && !bg.retrieval);
         for (method, path) in [
             ("POST", "/v1beta/interactions/abc/cancel"),
             ("GET", "/v1beta/interactions/abc"),
-            ("POST", "/v1beta/models/x/interactions"),
+            ("GET", "/v1/interactions/abc/"),
         ] {
-            let other = Gemini.request(&request(method, path, b"{}"));
-            assert_ne!(other.operation, "interaction", "{method} {path}");
+            let r = Gemini.request(&request(method, path, b""));
+            assert!(r.retrieval && r.metered, "{method} {path}");
+            assert_eq!(r.operation, "interaction");
         }
+        for (method, path) in [
+            ("GET", "/v1beta/interactions/abc/cancel"),
+            ("POST", "/v1beta/interactions/abc"),
+            ("GET", "/v1beta/models/x/interactions/abc"),
+            ("GET", "/v1beta/interactions"),
+        ] {
+            let r = Gemini.request(&request(method, path, b""));
+            assert!(!r.retrieval, "{method} {path}");
+        }
+        let running = br#"{"id":"v1_ChdHb29nbGUtSW50ZXJhY3Rpb24tSWQtVGhhdC1Jcy1Mb25nZXItVGhhbi02NC1DaGFycw","status":"in_progress","usage":{"total_input_tokens":7,"total_output_tokens":0}}"#;
+        let p = parse_split(&Gemini, &bg, "application/json", running, &[]);
+        assert!(p.unfinished() && p.usage.is_none(), "not final: {p:?}");
+        assert!(p.response_id.as_ref().is_some_and(|id| id.len() > 64));
         let json = br#"{"id":"i1","model":"gemini-3-pro-preview","status":"completed","outputs":[],
             "usage":{"total_input_tokens":100,"total_tool_use_tokens":10,"total_cached_tokens":40,
                      "total_output_tokens":20,"total_thought_tokens":5,"total_tokens":135}}"#;

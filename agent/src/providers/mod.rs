@@ -264,8 +264,8 @@ pub struct ParsedUsage {
     /// request ran (Anthropic's US-only inference, `inference_geo: "us"`:
     /// 10).
     pub uplift_percent: u32,
-    /// The response's own id (the Responses API's `resp_…`), sanitised as
-    /// [`error_type`].
+    /// The response's own id (the Responses API's `resp_…`, an
+    /// interaction's id), sanitised by [`response_id`].
     pub response_id: Option<String>,
     /// The response's `status` as last reported (`queued`, `in_progress`,
     /// `completed`, `failed`, `cancelled`, `incomplete`), sanitised.
@@ -303,6 +303,18 @@ pub fn error_type(s: &str) -> Option<String> {
         && s.len() <= 64
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+    ok.then(|| s.to_string())
+}
+
+/// A response's or interaction's id as it may be kept: at most 256
+/// characters of ASCII letters, digits and `_-.=~:` (OpenAI's `resp_…`,
+/// Gemini's longer base64url ids); anything else gives `None`.
+pub fn response_id(s: &str) -> Option<String> {
+    let ok = !s.is_empty()
+        && s.len() <= 256
+        && s.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b'=' | b'~' | b':')
+        });
     ok.then(|| s.to_string())
 }
 
@@ -441,10 +453,16 @@ impl Head {
         self.service_tier.as_ref()?.as_str().and_then(service_tier)
     }
 
-    /// `id` and `status`, when they are strings [`error_type`] accepts.
+    /// `id` and `status`, when they are strings [`response_id`] and
+    /// [`error_type`] accept.
     pub fn id_and_status(&self) -> (Option<String>, Option<String>) {
-        let s = |v: &Option<Value>| v.as_ref()?.as_str().and_then(error_type);
-        (s(&self.id), s(&self.status))
+        fn s(v: &Option<Value>) -> Option<&str> {
+            v.as_ref()?.as_str()
+        }
+        (
+            s(&self.id).and_then(response_id),
+            s(&self.status).and_then(error_type),
+        )
     }
 }
 

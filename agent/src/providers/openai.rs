@@ -544,8 +544,11 @@ impl super::BodyFilter for UsageChunkFilter {
 
 /// A Responses API object's `id` and `status`, sanitised.
 fn id_and_status(v: &Value) -> (Option<String>, Option<String>) {
-    let s = |k: &str| v.get(k).and_then(Value::as_str).and_then(super::error_type);
-    (s("id"), s("status"))
+    let s = |k: &str| v.get(k).and_then(Value::as_str);
+    (
+        s("id").and_then(super::response_id),
+        s("status").and_then(super::error_type),
+    )
 }
 
 /// Why a failed Responses API object failed: its `error.code` (else

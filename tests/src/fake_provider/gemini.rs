@@ -115,7 +115,7 @@ fn interaction(call: Call) -> hyper::Response<Body> {
         .unwrap_or(5)
         .clamp(1, 2000);
     let stream = v["stream"].as_bool().unwrap_or(false);
-    call.record(Reported {
+    let reported = Reported {
         api: "gemini",
         model: model.clone(),
         stream,
@@ -124,13 +124,38 @@ fn interaction(call: Call) -> hyper::Response<Body> {
         reasoning_tokens: THOUGHTS,
         usage_sent: true,
         ..Default::default()
-    });
+    };
     let text: Vec<&str> = std::iter::repeat_n("tok", out as usize).collect();
     let usage = json!({"total_input_tokens": prompt, "total_output_tokens": out,
         "total_thought_tokens": THOUGHTS, "total_tokens": prompt + out + THOUGHTS});
-    let done = json!({"id": "int_fake", "status": "completed", "model": model,
-        "created": "2026-11-30T00:00:00Z", "updated": "2026-11-30T00:00:01Z",
-        "outputs": [{"type": "text", "text": text.join(" ")}], "usage": usage});
+    let background = v["background"].as_bool().unwrap_or(false);
+    let id = if background {
+        super::background::next_id("int_fake")
+    } else {
+        "int_fake".to_string()
+    };
+    let state = |status: &str| {
+        json!({"id": id, "status": status, "model": model,
+            "created": "2026-11-30T00:00:00Z", "updated": "2026-11-30T00:00:01Z", "outputs": []})
+    };
+    let mut done = state("completed");
+    done["outputs"] = json!([{"type": "text", "text": text.join(" ")}]);
+    done["usage"] = usage;
+    if background && !stream {
+        let running = state("in_progress");
+        super::background::start(
+            &call,
+            &id,
+            super::background::Job {
+                running: running.clone(),
+                done,
+                cancelled: state("cancelled"),
+                reported,
+            },
+        );
+        return json_response(200, running);
+    }
+    call.record(reported);
     if !stream {
         return json_for(&call, done);
     }

@@ -22,6 +22,7 @@ use rustls::sign::CertifiedKey;
 use serde_json::{Value, json};
 
 mod anthropic;
+mod background;
 mod bedrock;
 mod canned;
 mod gemini;
@@ -222,7 +223,7 @@ async fn handle(req: Request<Incoming>, sni: String, log: Log) -> Result<Respons
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or("").to_string();
     let headers = req.headers().clone();
-    if let Some(answer) = openai::retrieval(req.method(), &path, &sni, &log) {
+    if let Some(answer) = background::retrieval(req.method(), &path, &sni, &log) {
         return Ok(answer);
     }
     if req.method() == hyper::Method::GET {

@@ -1,32 +1,14 @@
 //! The fake's OpenAI chat completions (JSON and SSE, with and without
 //! `stream_options.include_usage`), and the Responses API's background
-//! mode over HTTP (`POST …/responses` with `background: true`, polled with
-//! `GET …/responses/{id}`, cancelled with `POST …/responses/{id}/cancel`).
-
-use std::collections::HashMap;
-use std::sync::{LazyLock, Mutex};
+//! mode over HTTP (`POST …/responses` with `background: true`, then
+//! `background`'s retrievals).
 
 use serde_json::{Value, json};
 
 use super::{
-    Body, Call, Log, Reported, json_for, json_response, sse, stream_response, text_words, words,
+    Body, Call, Reported, background, json_for, json_response, sse, stream_response, text_words,
+    words,
 };
-
-/// A background response being "generated": polls answered `in_progress`
-/// before it completes.
-struct Background {
-    sni: String,
-    path: String,
-    model: String,
-    input_tokens: u64,
-    output_tokens: u64,
-    polls_left: u32,
-    /// Completed and reported.
-    done: bool,
-}
-
-static BACKGROUND: LazyLock<Mutex<HashMap<String, Background>>> = LazyLock::new(Default::default);
-static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 fn response_object(id: &str, model: &str, status: &str, usage: Value, text: &str) -> Value {
     let output = if text.is_empty() {
@@ -60,90 +42,30 @@ fn create_background(call: &Call) -> hyper::Response<Body> {
         .and_then(Value::as_u64)
         .unwrap_or(7)
         .clamp(1, 2000);
-    let n = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let id = format!("resp_fake{n:08x}");
-    BACKGROUND.lock().unwrap().insert(
-        id.clone(),
-        Background {
-            sni: call.sni.clone(),
-            path: call.path.clone(),
-            model: model.clone(),
-            input_tokens,
-            output_tokens,
-            polls_left: 1,
-            done: false,
+    let id = background::next_id("resp_fake");
+    let usage = json!({"input_tokens":input_tokens,"input_tokens_details":{"cached_tokens":0},
+        "output_tokens":output_tokens,"output_tokens_details":{"reasoning_tokens":0},
+        "total_tokens":input_tokens + output_tokens});
+    let text = vec!["tok"; output_tokens as usize].join(" ");
+    let running = response_object(&id, &model, "queued", Value::Null, "");
+    background::start(
+        call,
+        &id,
+        background::Job {
+            running: response_object(&id, &model, "in_progress", Value::Null, ""),
+            done: response_object(&id, &model, "completed", usage, &text),
+            cancelled: response_object(&id, &model, "cancelled", Value::Null, ""),
+            reported: Reported {
+                api: "openai",
+                model,
+                input_tokens,
+                output_tokens,
+                usage_sent: true,
+                ..Default::default()
+            },
         },
     );
-    json_response(200, response_object(&id, &model, "queued", Value::Null, ""))
-}
-
-/// `GET …/responses/{id}` and `POST …/responses/{id}/cancel` for a
-/// background response the fake made; `None` for any other call. A
-/// response completes on its second poll, and is then reported.
-pub(crate) fn retrieval(
-    method: &hyper::Method,
-    path: &str,
-    sni: &str,
-    log: &Log,
-) -> Option<hyper::Response<Body>> {
-    let p = path.trim_end_matches('/');
-    let (p, cancel) = match p.strip_suffix("/cancel") {
-        Some(rest) => (rest, true),
-        None => (p, false),
-    };
-    let (parent, id) = p.rsplit_once('/')?;
-    if !parent.ends_with("/responses") || !id.starts_with("resp_fake") {
-        return None;
-    }
-    if cancel != (method == hyper::Method::POST) {
-        return None;
-    }
-    let mut all = BACKGROUND.lock().unwrap();
-    let Some(b) = all.get_mut(id).filter(|b| b.sni == sni) else {
-        return Some(json_response(
-            404,
-            json!({"error":{"message":format!("No response found with id '{id}'."),
-                "type":"invalid_request_error","param":null,"code":null}}),
-        ));
-    };
-    if cancel {
-        let model = b.model.clone();
-        all.remove(id);
-        return Some(json_response(
-            200,
-            response_object(id, &model, "cancelled", Value::Null, ""),
-        ));
-    }
-    if !b.done && b.polls_left > 0 {
-        b.polls_left -= 1;
-        return Some(json_response(
-            200,
-            response_object(id, &b.model, "in_progress", Value::Null, ""),
-        ));
-    }
-    let usage = json!({"input_tokens":b.input_tokens,"input_tokens_details":{"cached_tokens":0},
-        "output_tokens":b.output_tokens,"output_tokens_details":{"reasoning_tokens":0},
-        "total_tokens":b.input_tokens + b.output_tokens});
-    let text = vec!["tok"; b.output_tokens as usize].join(" ");
-    // Reported once, when it first completes (later polls repeat it).
-    if !b.done {
-        b.done = true;
-        log.lock().unwrap().push(Reported {
-            api: "openai",
-            sni: b.sni.clone(),
-            path: b.path.clone(),
-            model: b.model.clone(),
-            stream: false,
-            input_tokens: b.input_tokens,
-            output_tokens: b.output_tokens,
-            usage_sent: true,
-            ..Default::default()
-        });
-    }
-    Some(json_response(
-        200,
-        response_object(id, &b.model, "completed", usage, &text),
-    ))
+    json_response(200, running)
 }
 
 pub(crate) async fn handle(call: Call) -> hyper::Response<Body> {
