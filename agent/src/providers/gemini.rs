@@ -59,8 +59,9 @@ fn is_interactions_create(path: &str) -> bool {
 
 /// A retrieval of an interaction: `GET /{version}/interactions/{id}`
 /// (polling a background interaction, or resuming its stream with
-/// `?stream=true`) and `POST /{version}/interactions/{id}/cancel`.
-fn is_interactions_retrieval(method: &http::Method, path: &str) -> bool {
+/// `?stream=true`) and `POST /{version}/interactions/{id}/cancel`. Gives
+/// the id.
+fn interaction_retrieved(method: &http::Method, path: &str) -> Option<String> {
     let p = path.trim_end_matches('/');
     let (p, cancel) = match p.strip_suffix("/cancel") {
         Some(rest) => (rest, true),
@@ -71,10 +72,10 @@ fn is_interactions_retrieval(method: &http::Method, path: &str) -> bool {
     } else {
         method == http::Method::GET
     };
-    let Some((parent, id)) = p.rsplit_once('/') else {
-        return false;
-    };
-    method_fits && !id.is_empty() && is_interactions_create(parent)
+    let (parent, id) = p.rsplit_once('/')?;
+    (method_fits && is_interactions_create(parent))
+        .then(|| super::response_id(id))
+        .flatten()
 }
 
 /// A native API path: `/{version}/{models|tunedModels}/{name}:{method}`,
@@ -173,11 +174,11 @@ impl Provider for Gemini {
             operation: "other",
             ..Default::default()
         };
-        if is_interactions_retrieval(req.method, req.path) {
+        if let Some(id) = interaction_retrieved(req.method, req.path) {
             return RequestInfo {
                 operation: "interaction",
                 metered: true,
-                retrieval: true,
+                retrieves: Some(id),
                 streaming: req
                     .query
                     .is_some_and(|q| q.split('&').any(|kv| kv == "stream=true")),
@@ -804,7 +805,7 @@ mod tests {
             ("interaction", true, true)
         );
         assert_eq!(i.model.as_deref(), Some("gemini-3-pro-preview"));
-        assert!(!i.background && !i.retrieval);
+        assert!(!i.background && i.retrieves.is_none());
         let other = Gemini.request(&request("POST", "/v1beta/models/x/interactions", b"{}"));
         assert_ne!(other.operation, "interaction");
         // Background ones, and the retrievals that settle them.
@@ -813,14 +814,15 @@ mod tests {
             "/v1beta/interactions",
             br#"{"agent":"deep-research-pro-preview-12-2025","input":"hi","background":true}"#,
         ));
-        assert!(bg.background && !bg.retrieval);
+        assert!(bg.background && bg.retrieves.is_none());
         for (method, path) in [
             ("POST", "/v1beta/interactions/abc/cancel"),
             ("GET", "/v1beta/interactions/abc"),
             ("GET", "/v1/interactions/abc/"),
         ] {
             let r = Gemini.request(&request(method, path, b""));
-            assert!(r.retrieval && r.metered, "{method} {path}");
+            assert_eq!(r.retrieves.as_deref(), Some("abc"), "{method} {path}");
+            assert!(r.metered);
             assert_eq!(r.operation, "interaction");
         }
         for (method, path) in [
@@ -830,7 +832,7 @@ mod tests {
             ("GET", "/v1beta/interactions"),
         ] {
             let r = Gemini.request(&request(method, path, b""));
-            assert!(!r.retrieval, "{method} {path}");
+            assert_eq!(r.retrieves, None, "{method} {path}");
         }
         let running = br#"{"id":"v1_ChdHb29nbGUtSW50ZXJhY3Rpb24tSWQtVGhhdC1Jcy1Mb25nZXItVGhhbi02NC1DaGFycw","status":"in_progress","usage":{"total_input_tokens":7,"total_output_tokens":0}}"#;
         let p = parse_split(&Gemini, &bg, "application/json", running, &[]);

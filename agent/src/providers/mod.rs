@@ -69,11 +69,11 @@ pub struct RequestInfo {
     /// `background: true`): its answer is usually the response `queued`,
     /// whose usage comes later, in a retrieval of it.
     pub background: bool,
-    /// The request reads the state of an earlier response (`GET
-    /// …/responses/{id}`, `POST …/responses/{id}/cancel`): it is never a
-    /// row of its own, only the settlement of a background response the
-    /// agent holds open.
-    pub retrieval: bool,
+    /// The request reads the state of an earlier response, the one with
+    /// this id (`GET …/responses/{id}`, `POST …/responses/{id}/cancel`):
+    /// it is never a row of its own; it settles the record of a background
+    /// response the agent holds open, and is forwarded unread otherwise.
+    pub retrieves: Option<String>,
 }
 
 /// What a request body's top-level `stream_options` member is.
@@ -270,10 +270,10 @@ pub struct ParsedUsage {
     /// The response's `status` as last reported (`queued`, `in_progress`,
     /// `completed`, `failed`, `cancelled`, `incomplete`), sanitised.
     pub response_status: Option<String>,
-    /// The request's input, estimated earlier from its body (a parked
-    /// background request, whose body is not kept while it waits): used
-    /// as the body's estimate would be when the usage is missing.
-    pub estimated_input: Option<u64>,
+    /// Input and output tokens estimated earlier (a parked background
+    /// request, whose body and streamed text are not kept while it
+    /// waits): used as those estimates would be when the usage is missing.
+    pub estimated: (u64, u64),
 }
 
 impl ParsedUsage {

@@ -61,22 +61,22 @@ pub fn operation(path: &str) -> &'static str {
 /// A request for the state of an earlier Responses API response: `GET
 /// …/responses/{id}` (polling a background response, or resuming its
 /// stream with `?stream=true`) and `POST …/responses/{id}/cancel`. Not
-/// `…/responses/{id}/input_items`, nor `/responses/compact`.
-fn is_retrieval(method: &http::Method, path: &str) -> bool {
+/// `…/responses/{id}/input_items`, nor `/responses/compact`. Gives the id.
+fn retrieved_id(method: &http::Method, path: &str) -> Option<String> {
     let p = path.trim_end_matches('/');
     let (p, cancel) = match p.strip_suffix("/cancel") {
         Some(rest) => (rest, true),
         None => (p, false),
     };
-    let Some((parent, id)) = p.rsplit_once('/') else {
-        return false;
-    };
+    let (parent, id) = p.rsplit_once('/')?;
     let method_fits = if cancel {
         method == http::Method::POST
     } else {
         method == http::Method::GET
     };
-    method_fits && parent.ends_with("/responses") && !id.is_empty() && id != "compact"
+    (method_fits && parent.ends_with("/responses") && id != "compact")
+        .then(|| super::response_id(id))
+        .flatten()
 }
 
 /// Operations whose responses carry token usage.
@@ -90,11 +90,11 @@ impl Provider for OpenAi {
     }
 
     fn request(&self, req: &RequestView<'_>) -> RequestInfo {
-        if is_retrieval(req.method, req.path) {
+        if let Some(id) = retrieved_id(req.method, req.path) {
             return RequestInfo {
                 operation: "responses",
                 metered: true,
-                retrieval: true,
+                retrieves: Some(id),
                 streaming: req
                     .query
                     .is_some_and(|q| q.split('&').any(|kv| kv == "stream=true")),
@@ -151,7 +151,7 @@ impl Provider for OpenAi {
             refuses_stream_options: false,
             api: None,
             background,
-            retrieval: false,
+            retrieves: None,
         }
     }
 
@@ -578,8 +578,10 @@ impl UsageParser for JsonParser {
 
     fn finish(&mut self) -> ParsedUsage {
         // The usual case: usage and model, without building the choices.
+        // (Not for a failed response, whose error the whole document says.)
         if let Some(h) = self.0.bytes().and_then(super::Head::parse)
             && let Some(usage) = h.usage.0.as_ref().and_then(WireUsage::usage)
+            && h.status.as_ref().and_then(Value::as_str) != Some("failed")
         {
             let (response_id, response_status) = h.id_and_status();
             return ParsedUsage {
@@ -917,7 +919,7 @@ mod tests {
             "/v1/responses",
             br#"{"model":"gpt-5.2-pro","input":"hi","background":true}"#,
         ));
-        assert!(post.background && !post.retrieval && post.metered);
+        assert!(post.background && post.retrieves.is_none() && post.metered);
         let plain = OpenAi.request(&request("POST", "/v1/responses", br#"{"input":"hi"}"#));
         assert!(!plain.background);
         let chat = OpenAi.request(&request(
@@ -932,7 +934,8 @@ mod tests {
             ("POST", "/v1/responses/resp_123/cancel"),
         ] {
             let r = OpenAi.request(&request(method, path, b""));
-            assert!(r.retrieval && r.metered, "{method} {path}");
+            assert_eq!(r.retrieves.as_deref(), Some("resp_123"), "{method} {path}");
+            assert!(r.metered);
             assert_eq!(r.operation, "responses");
         }
         for (method, path) in [
@@ -944,7 +947,7 @@ mod tests {
             ("GET", "/v1/chat/completions/chatcmpl_1"),
         ] {
             let r = OpenAi.request(&request(method, path, b"{}"));
-            assert!(!r.retrieval, "{method} {path}");
+            assert_eq!(r.retrieves, None, "{method} {path}");
         }
         let mut resumed = request("GET", "/v1/responses/resp_123", b"");
         resumed.query = Some("starting_after=7&stream=true");
@@ -971,6 +974,10 @@ mod tests {
         let failed = br#"{"id":"resp_9","status":"failed","error":{"code":"server_error","message":"x"},"usage":null}"#;
         let p = parse_split(&OpenAi, &info, "application/json", failed, &[]);
         assert_eq!(p.error.as_deref(), Some("server_error"));
+        let failed = br#"{"id":"resp_9","status":"failed","error":{"code":"server_error","message":"x"},"usage":{"input_tokens":3,"output_tokens":1}}"#;
+        let p = parse_split(&OpenAi, &info, "application/json", failed, &[]);
+        assert_eq!(p.error.as_deref(), Some("server_error"), "with usage too");
+        assert_eq!(p.usage.map(|u| u.input_tokens), Some(3));
         // A resumed stream: the status follows the events.
         let sse = b"event: response.in_progress\ndata: {\"type\":\"response.in_progress\",\"response\":{\"id\":\"resp_123\",\"status\":\"in_progress\"}}\n\n\
 event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"id\":\"resp_123\",\"status\":\"completed\",\"usage\":{\"input_tokens\":10,\"output_tokens\":900}}}\n\n";

@@ -1123,6 +1123,16 @@ pub(super) async fn handle(
     if let Some(m) = info.model.as_mut() {
         crate::meter::cap_owned(m, crate::meter::MAX_MODEL_NAME);
     }
+    // A retrieval is read only when it may settle a parked record; any
+    // other is forwarded unread, costing nothing, as a model list is.
+    if info
+        .retrieves
+        .as_deref()
+        .is_some_and(|id| !settles_something(state, &ctx.provider.host, id))
+    {
+        info.metered = false;
+        info.retrieves = None;
+    }
     // The API that serves the request from here on (Claude on a Vertex AI
     // host is Anthropic's).
     let adapter = info.api.map_or(adapter, adapter_for);
@@ -1142,7 +1152,7 @@ pub(super) async fn handle(
         parts.headers.remove(header::ACCEPT_ENCODING);
     }
     // A retrieval only settles a parked record: nothing to estimate.
-    let kept_body = if info.metered && !info.retrieval {
+    let kept_body = if info.metered && info.retrieves.is_none() {
         whole.clone()
     } else {
         None
@@ -1184,7 +1194,7 @@ pub(super) async fn handle(
         emitted: !info.metered,
         sent,
         unanswered: false,
-        _live: if info.metered && !info.retrieval {
+        _live: if info.metered && info.retrieves.is_none() {
             state.live.request_started(&ctx.who)
         } else {
             crate::control::InFlight::none()
@@ -1364,38 +1374,42 @@ impl Draft {
     /// Finishes the record and hands it to the sinks. When a successful
     /// response carried no usage, the counts are estimated locally (off
     /// the async workers) and the record says `estimated`.
+    ///
+    /// A background response still being generated is parked instead
+    /// (here, before the answer's last bytes reach the job, so that no
+    /// retrieval can come before it).
     fn emit(self, parsed: ParsedUsage, error: Option<String>) {
         let ok = (200..300).contains(&self.status);
-        // A retrieval counts nothing itself (what it settles counts on
-        // its own).
-        let counting = ok && (parsed.usage.is_none() || parsed.partial) && !self.info.retrieval;
-        self.record_off_worker(parsed, error, counting);
-    }
-
-    /// Builds the record and hands it to the sinks, once. A background
-    /// response still being generated is parked instead, and a retrieval
-    /// settles the parked record of the response it shows ended.
-    fn record(&mut self, parsed: ParsedUsage, error: Option<String>) {
-        if std::mem::replace(&mut self.emitted, true) {
-            return;
-        }
-        let ok = (200..300).contains(&self.status);
-        if self.info.retrieval {
-            if ok {
-                settle(&self.ctx.state, parsed);
-            }
-            return;
-        }
         let mut parsed = parsed;
         if self.info.background
             && ok
-            && parsed.usage.is_none()
             && parsed.unfinished()
             && let Some(id) = parsed.response_id.take()
         {
             self.park(id, parsed);
             return;
         }
+        // A retrieval counts nothing itself (what it settles counts on
+        // its own).
+        let counting =
+            ok && (parsed.usage.is_none() || parsed.partial) && self.info.retrieves.is_none();
+        self.record_off_worker(parsed, error, counting);
+    }
+
+    /// Builds the record and hands it to the sinks, once. A retrieval
+    /// instead settles the parked record of the response it shows ended.
+    fn record(&mut self, parsed: ParsedUsage, error: Option<String>) {
+        if std::mem::replace(&mut self.emitted, true) {
+            return;
+        }
+        let ok = (200..300).contains(&self.status);
+        if let Some(id) = self.info.retrieves.as_deref() {
+            if ok {
+                settle(&self.ctx.state, &self.ctx.provider.host, id, parsed);
+            }
+            return;
+        }
+        let mut parsed = parsed;
         let api = self.info.api.unwrap_or(self.ctx.provider.api);
         let provider = adapter_for(api).name();
         if let Some(m) = parsed.response_model.as_mut() {
@@ -1409,8 +1423,9 @@ impl Draft {
         let estimated = (ok || self.unanswered)
             && match parsed.usage {
                 None => {
-                    let earlier = parsed.estimated_input.unwrap_or(0);
-                    usage.input_tokens = earlier;
+                    let (input, output) = parsed.estimated;
+                    usage.input_tokens = input;
+                    usage.output_tokens = output;
                     let filled = estimate::fill_estimate(
                         &mut usage,
                         api,
@@ -1418,7 +1433,7 @@ impl Draft {
                         self.body.take().as_deref(),
                         &parsed.output_text,
                     );
-                    filled || earlier > 0
+                    filled || input > 0 || output > 0
                 }
                 Some(_) if parsed.partial => {
                     estimate::raise_output(&mut usage, model, &parsed.output_text)
@@ -1526,49 +1541,89 @@ pub(super) struct ParkedResponse {
     draft: Draft,
     /// What the request's own answer said (the model, text that streamed).
     first: ParsedUsage,
+    /// How long the request itself took: the duration of a record written
+    /// without the response's end.
+    answered: Duration,
 }
+
+/// A parked record's key: the provider host and the response's id.
+fn parked_key(host: &str, id: &str) -> String {
+    format!("{host} {id}")
+}
+
+/// Background responses refused a place (the table or the job's share
+/// full), for a warning now and then.
+static PARK_REFUSED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 impl Draft {
     /// Parks this record under the response id `id`; `first` is what the
-    /// request's answer said. The request body is then counted and let go
-    /// (a parked record holds no body; a retrieval that settles it first
-    /// uses the body as it is). A record the table has no room for is
-    /// written at once.
-    fn park(&mut self, id: String, first: ParsedUsage) {
-        let mut draft = self.detach();
+    /// request's answer said. What an estimate would need (the request
+    /// body, the text that streamed) is then counted off the async workers
+    /// and let go; a retrieval that settles the record first uses them as
+    /// they are. A record the table refuses is written at once.
+    fn park(mut self, id: String, first: ParsedUsage) {
         // Settled or expired, it is written, never parked again.
-        draft.info.background = false;
-        let body = draft.body.clone();
-        let api = draft.info.api.unwrap_or(draft.ctx.provider.api);
+        self.info.background = false;
+        let ctx = self.ctx.clone();
+        let state = &ctx.state;
+        let key = parked_key(&ctx.provider.host, &id);
+        let body = self.body.clone();
+        let text = first.output_text.clone();
+        let api = self.info.api.unwrap_or(ctx.provider.api);
         let model =
-            estimate::tokenizer_model(first.response_model.as_deref(), draft.info.model.as_deref())
+            estimate::tokenizer_model(first.response_model.as_deref(), self.info.model.as_deref())
                 .map(str::to_string);
-        let state = draft.ctx.state.clone();
-        // Parked before the body is counted: the first poll may come
-        // sooner than the count (the tokenizer's tables load on first use).
+        let answered = self.started.elapsed();
+        let entry = ParkedResponse {
+            draft: self,
+            first,
+            answered,
+        };
         match state
             .parked
-            .park(id.clone(), ParkedResponse { draft, first })
+            .park(key.clone(), super::job_scope(&ctx.who), entry)
         {
             Ok(None) => {}
             Ok(Some(same_id)) => same_id.unobserved(),
-            Err(full) => {
-                warn!(
-                    parked = super::parked::MAX_PARKED,
-                    "too many background responses wait for their result: this one is recorded now, estimated"
-                );
-                full.unobserved();
+            Err((why, entry)) => {
+                let n = PARK_REFUSED.fetch_add(1, Ordering::Relaxed);
+                if why != super::parked::Refused::Closed && n.is_multiple_of(1000) {
+                    warn!(
+                        reason = ?why,
+                        times = n + 1,
+                        "too many background responses wait for their result: this one is recorded now, estimated"
+                    );
+                }
+                entry.unobserved();
                 return;
             }
         }
-        let counted = body
-            .as_deref()
-            .and_then(|b| estimate::estimate_input_for(api, model.as_deref(), b));
-        state.parked.update(&id, |p| {
-            p.first.estimated_input = counted;
-            p.draft.body = None;
-            p.draft.lease.release();
-        });
+        if body.is_none() && text.is_empty() {
+            return;
+        }
+        let parked = ctx.clone();
+        let count = move || {
+            let input = body
+                .as_deref()
+                .and_then(|b| estimate::estimate_input_for(api, model.as_deref(), b))
+                .unwrap_or(0);
+            let output = if text.is_empty() {
+                0
+            } else {
+                estimate::estimate_output(model.as_deref(), &text)
+            };
+            parked.state.parked.update(&key, |p| {
+                p.first.estimated = (input, output);
+                p.first.output_text = String::new();
+                p.draft.body = None;
+                p.draft.lease.release();
+            });
+        };
+        if tokio::runtime::Handle::try_current().is_ok() {
+            state.background.spawn_blocking(count);
+        } else {
+            count();
+        }
     }
 }
 
@@ -1577,13 +1632,13 @@ impl ParkedResponse {
     /// response: its counts, or, without them (cancelled before it
     /// started), the estimate.
     fn settle(self, mut later: ParsedUsage) {
-        let ParkedResponse { draft, first } = self;
+        let ParkedResponse { draft, first, .. } = self;
         if later.output_text.is_empty() {
             later.output_text = first.output_text;
         }
         later.response_model = later.response_model.or(first.response_model);
         later.service_tier = later.service_tier.or(first.service_tier);
-        later.estimated_input = first.estimated_input;
+        later.estimated = first.estimated;
         let error = match later.response_status.as_deref() {
             Some("failed") => Some("response_failed".to_string()),
             Some("cancelled") => Some("response_cancelled".to_string()),
@@ -1593,9 +1648,19 @@ impl ParkedResponse {
     }
 
     /// Writes the record without the response's end: estimated from the
-    /// request and what streamed.
+    /// request and what streamed, timed as the request itself.
     fn unobserved(self) {
-        let ParkedResponse { draft, first } = self;
+        let ParkedResponse {
+            mut draft,
+            mut first,
+            answered,
+        } = self;
+        draft.started = Instant::now()
+            .checked_sub(answered)
+            .unwrap_or(draft.started);
+        // Counts in an answer that was not the end are not final.
+        first.usage = None;
+        first.response_status = None;
         draft.emit(first, Some(BACKGROUND_UNOBSERVED.to_string()));
     }
 }
@@ -1603,20 +1668,26 @@ impl ParkedResponse {
 /// The error of a background response whose end the agent did not see.
 pub(super) const BACKGROUND_UNOBSERVED: &str = "background_unobserved";
 
-/// Settles the parked record of the response a retrieval shows ended.
-fn settle(state: &ProxyState, parsed: ParsedUsage) {
-    if parsed.unfinished() || parsed.response_status.is_none() {
+/// Settles the parked record of response `id` on `host`, when the
+/// retrieval's answer shows it ended.
+fn settle(state: &ProxyState, host: &str, id: &str, parsed: ParsedUsage) {
+    if parsed.unfinished()
+        || parsed.response_status.is_none()
+        || parsed.response_id.as_deref().is_some_and(|r| r != id)
+    {
         return;
     }
-    let Some(parked) = parsed
-        .response_id
-        .as_deref()
-        .and_then(|id| state.parked.take(id))
-    else {
+    let Some(parked) = state.parked.take(&parked_key(host, id)) else {
         return;
     };
     debug!("a background response ended: its record is written");
     parked.settle(parsed);
+}
+
+/// Whether a retrieval of `id` on `host` may settle a parked record: only
+/// then is it read (others are forwarded unread, as before).
+pub(super) fn settles_something(state: &ProxyState, host: &str, id: &str) -> bool {
+    state.parked.contains(&parked_key(host, id))
 }
 
 /// Writes the records parked longer than [`super::parked::PARK_FOR`].
@@ -1626,9 +1697,11 @@ pub(super) fn expire_parked(state: &ProxyState, now: Instant) {
     }
 }
 
-/// Writes every parked record (the agent is stopping).
+/// Writes every parked record and closes the table (the agent is
+/// stopping): a background response that would park later is written at
+/// once.
 pub(super) fn unpark_all(state: &ProxyState) {
-    let all = state.parked.take_all();
+    let all = state.parked.close();
     if !all.is_empty() {
         tracing::info!(
             responses = all.len(),
@@ -1922,6 +1995,10 @@ mod tests {
     /// A background Responses API request on `ctx` (answered `queued`
     /// as `resp_id`), and a retrieval of it showing `status`.
     fn background_post(ctx: &Arc<ConnCtx>, id: &str) {
+        background_answered(ctx, answer(id, "queued", None));
+    }
+
+    fn background_answered(ctx: &Arc<ConnCtx>, answer: ParsedUsage) {
         let body = br#"{"model":"gpt-4o-mini","input":"write a long story about otters","background":true}"#;
         let mut d = WsMeter::new(ctx.clone(), "/v1/responses".into())
             .draft(Some("gpt-4o-mini".into()), Some(body));
@@ -1929,12 +2006,18 @@ mod tests {
         d.info.background = true;
         d.info.streaming = false;
         d.status = 200;
-        d.emit(answer(id, "queued", None), None);
+        d.emit(answer, None);
     }
 
+    /// A retrieval of `answer`'s response, as `handle` lets it through:
+    /// read only when it may settle a parked record.
     fn retrieve(ctx: &Arc<ConnCtx>, answer: ParsedUsage) {
+        let id = answer.response_id.clone().unwrap();
+        if !settles_something(&ctx.state, &ctx.provider.host, &id) {
+            return;
+        }
         let mut d = WsMeter::new(ctx.clone(), "/v1/responses/x".into()).draft(None, None);
-        d.info.retrieval = true;
+        d.info.retrieves = Some(id);
         d.status = 200;
         d.emit(answer, None);
     }
@@ -1975,6 +2058,53 @@ mod tests {
         assert!(rec.cost_usd.is_some_and(|c| c > 0.0));
         retrieve(&ctx, answer("resp_1", "completed", Some((1200, 3400))));
         assert_eq!(rows(&keep).len(), 1, "a later poll writes nothing");
+        assert!(ctx.state.parked.is_empty());
+        assert!(!settles_something(&ctx.state, "api.openai.com", "resp_1"));
+        // Only the host that answered can settle it.
+        background_post(&ctx, "resp_2");
+        assert!(settles_something(&ctx.state, "api.openai.com", "resp_2"));
+        assert!(!settles_something(&ctx.state, "api.x.ai", "resp_2"));
+        // A retrieval whose answer names another response settles nothing.
+        let mut d = WsMeter::new(ctx.clone(), "/v1/responses/x".into()).draft(None, None);
+        d.info.retrieves = Some("resp_2".into());
+        d.status = 200;
+        d.emit(answer("resp_3", "completed", Some((1, 1))), None);
+        assert_eq!(rows(&keep).len(), 1);
+        // Zeroed counts while queued are not the end.
+        background_answered(&ctx, answer("resp_4", "queued", Some((0, 0))));
+        assert_eq!(rows(&keep).len(), 1, "parked");
+        assert_eq!(ctx.state.parked.len(), 2);
+    }
+
+    /// Once the agent stops, a background response is written at once (a
+    /// stream cut at the end of the drain parks no record that nobody
+    /// would write); unseen ones are timed as the request itself, not as
+    /// their wait.
+    #[test]
+    fn after_the_stop_nothing_parks_and_unseen_rows_keep_the_requests_duration() {
+        let (ctx, keep, _dir) = test_ctx("api.openai.com", crate::config::ApiKind::Openai);
+        background_post(&ctx, "resp_a");
+        // As if it had waited ten hours.
+        ctx.state
+            .parked
+            .update(&parked_key("api.openai.com", "resp_a"), |p| {
+                p.draft.started -= Duration::from_secs(36_000);
+            });
+        super::expire_parked(
+            &ctx.state,
+            Instant::now() + super::super::parked::PARK_FOR + Duration::from_secs(1),
+        );
+        let rec = keep.0.lock().unwrap()[0].clone();
+        assert_eq!(rec.error.as_deref(), Some(BACKGROUND_UNOBSERVED));
+        assert!(rec.duration_ms < 3_600_000, "{}", rec.duration_ms);
+        background_post(&ctx, "resp_b");
+        super::unpark_all(&ctx.state);
+        assert_eq!(rows(&keep).len(), 2);
+        background_post(&ctx, "resp_c");
+        let got = rows(&keep);
+        assert_eq!(got.len(), 3, "written at once: {got:?}");
+        assert_eq!(got[2].4.as_deref(), Some(BACKGROUND_UNOBSERVED));
+        assert!(got[2].5 && got[2].1 > 0, "estimated: {:?}", got[2]);
         assert!(ctx.state.parked.is_empty());
     }
 

@@ -686,17 +686,25 @@ struct ClientKey {
     host: String,
 }
 
+/// One job, as far as the agent can tell jobs apart: its cgroup, CI run
+/// and job.
+fn job_scope(who: &crate::meter::Attribution) -> String {
+    fn part(v: &Option<String>) -> &str {
+        v.as_deref().unwrap_or_default()
+    }
+    format!(
+        "{}/{}/{}/{}",
+        who.cgroup_id,
+        part(&who.run_id),
+        part(&who.job_id),
+        part(&who.job)
+    )
+}
+
 impl ClientKey {
     fn of(who: &crate::meter::Attribution, comm: &str, host: &str) -> ClientKey {
-        let part = |v: &Option<String>| v.clone().unwrap_or_default();
         ClientKey {
-            scope: format!(
-                "{}/{}/{}/{}",
-                who.cgroup_id,
-                part(&who.run_id),
-                part(&who.job_id),
-                part(&who.job)
-            ),
+            scope: job_scope(who),
             exe: who.exe.clone().unwrap_or_else(|| comm.to_string()),
             host: host.to_string(),
         }

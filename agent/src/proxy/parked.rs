@@ -1,20 +1,23 @@
 //! Background responses the agent holds open until their result is seen.
 //!
-//! A Responses API request sent with `background: true` is answered at
-//! once with the response `queued`; the provider generates it afterwards
-//! and bills it when it ends. Its usage reaches the job through a later
-//! retrieval (`GET …/responses/{id}`, or that stream resumed, or a cancel).
-//! The request's record is parked here under the response id and settled
-//! by the first retrieval that shows the response ended: one row, with the
-//! provider's counts, attributed to the job that asked. A response whose
-//! end the agent does not see within [`PARK_FOR`] (the job fetched it
-//! elsewhere, or never), or that is still parked when the agent stops, is
-//! recorded then, estimated, so that no request goes unrecorded.
+//! A Responses API request sent with `background: true` (and a Gemini
+//! interaction sent so) is answered at once with the work `queued`; the
+//! provider generates it afterwards and bills it when it ends. Its usage
+//! reaches the job through a later retrieval (`GET …/responses/{id}`, or
+//! that stream resumed, or a cancel). The request's record is parked here
+//! under the provider host and response id and settled by the first
+//! retrieval that shows the response ended: one row, with the provider's
+//! counts, attributed to the job that asked. A response whose end the
+//! agent does not see within [`PARK_FOR`] (the job fetched it elsewhere,
+//! or never), or that is still parked when the agent stops, is recorded
+//! then, estimated, so that no request goes unrecorded.
 //!
 //! Owns: the table of parked records, its bounds and its expiry order.
-//! Must never: hold more than [`MAX_PARKED`] entries (a record that does
-//! not fit is handed back to be written at once), or settle a record
-//! twice (an entry leaves the table when it is taken).
+//! Must never: hold more than [`MAX_PARKED`] entries, or more than
+//! [`MAX_PARKED_PER_JOB`] of one job (so that one job cannot crowd out the
+//! others), or take an entry after it was closed (a record refused is
+//! handed back to be written at once); settle a record twice (an entry
+//! leaves the table when it is taken).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
@@ -26,22 +29,44 @@ use std::time::{Duration, Instant};
 pub const PARK_FOR: Duration = Duration::from_secs(2 * 3600);
 /// Most records parked at once.
 pub const MAX_PARKED: usize = 4096;
+/// Most records of one job parked at once.
+pub const MAX_PARKED_PER_JOB: usize = 256;
 /// How often expired entries are looked for.
 pub const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
-/// Parked records of type `T`, by response id.
+/// Why an entry was handed back instead of parked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// The agent is stopping: what is parked now would not be written.
+    Closed,
+    /// [`MAX_PARKED`] entries are parked.
+    Full,
+    /// [`MAX_PARKED_PER_JOB`] entries of this job are parked.
+    JobFull,
+}
+
+/// Parked records of type `T`, by key (provider host and response id).
 pub struct Parked<T> {
     inner: Mutex<Inner<T>>,
     park_for: Duration,
 }
 
 struct Inner<T> {
-    by_id: HashMap<String, (u64, T)>,
-    /// Park order: (when, id, serial). An entry taken early leaves its
+    by_key: HashMap<String, Slot<T>>,
+    /// Park order: (when, key, serial). An entry taken early leaves its
     /// place here behind; the serial tells it from a later entry that
-    /// reused the id.
+    /// reused the key.
     order: VecDeque<(Instant, String, u64)>,
+    /// Entries parked per job.
+    per_job: HashMap<String, usize>,
     serial: u64,
+    closed: bool,
+}
+
+struct Slot<T> {
+    serial: u64,
+    job: String,
+    entry: T,
 }
 
 impl<T> Default for Parked<T> {
@@ -50,13 +75,28 @@ impl<T> Default for Parked<T> {
     }
 }
 
+impl<T> Inner<T> {
+    fn remove(&mut self, key: &str) -> Option<T> {
+        let slot = self.by_key.remove(key)?;
+        if let Some(n) = self.per_job.get_mut(&slot.job) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_job.remove(&slot.job);
+            }
+        }
+        Some(slot.entry)
+    }
+}
+
 impl<T> Parked<T> {
     pub fn new(park_for: Duration) -> Self {
         Parked {
             inner: Mutex::new(Inner {
-                by_id: HashMap::new(),
+                by_key: HashMap::new(),
                 order: VecDeque::new(),
+                per_job: HashMap::new(),
                 serial: 0,
+                closed: false,
             }),
             park_for,
         }
@@ -66,37 +106,51 @@ impl<T> Parked<T> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Parks `entry` under `id`. Hands it back when the table is full; an
-    /// entry already parked under the same id is handed back instead (a
-    /// provider does not reuse ids: it is written at once, not lost).
-    pub fn park(&self, id: String, entry: T) -> Result<Option<T>, T> {
+    /// Parks `entry` of `job` under `key`. Hands it back when the table
+    /// is closed or full; an entry already parked under the same key is
+    /// handed back instead (a provider does not reuse ids: it is written
+    /// at once, not lost).
+    pub fn park(&self, key: String, job: String, entry: T) -> Result<Option<T>, (Refused, T)> {
         let mut g = self.lock();
-        if g.by_id.len() >= MAX_PARKED && !g.by_id.contains_key(&id) {
-            return Err(entry);
+        if g.closed {
+            return Err((Refused::Closed, entry));
+        }
+        let old = g.remove(&key);
+        if g.by_key.len() >= MAX_PARKED {
+            return Err((Refused::Full, entry));
+        }
+        if g.per_job.get(&job).copied().unwrap_or(0) >= MAX_PARKED_PER_JOB {
+            return Err((Refused::JobFull, entry));
         }
         g.serial += 1;
         let serial = g.serial;
-        g.order.push_back((Instant::now(), id.clone(), serial));
-        let old = g.by_id.insert(id, (serial, entry)).map(|(_, e)| e);
+        g.order.push_back((Instant::now(), key.clone(), serial));
+        *g.per_job.entry(job.clone()).or_insert(0) += 1;
+        g.by_key.insert(key, Slot { serial, job, entry });
         // Places of entries taken early are dropped as they reach the
         // front; bound them in between too.
         if g.order.len() > 2 * MAX_PARKED {
-            let Inner { by_id, order, .. } = &mut *g;
-            order.retain(|(_, id, s)| by_id.get(id).is_some_and(|(cur, _)| cur == s));
+            let Inner { by_key, order, .. } = &mut *g;
+            order.retain(|(_, k, s)| by_key.get(k).is_some_and(|slot| slot.serial == *s));
         }
         Ok(old)
     }
 
-    /// Changes the entry parked under `id`, if it is still there.
-    pub fn update(&self, id: &str, f: impl FnOnce(&mut T)) {
-        if let Some((_, e)) = self.lock().by_id.get_mut(id) {
-            f(e);
+    /// An entry is parked under `key`.
+    pub fn contains(&self, key: &str) -> bool {
+        self.lock().by_key.contains_key(key)
+    }
+
+    /// Changes the entry parked under `key`, if it is still there.
+    pub fn update(&self, key: &str, f: impl FnOnce(&mut T)) {
+        if let Some(slot) = self.lock().by_key.get_mut(key) {
+            f(&mut slot.entry);
         }
     }
 
-    /// Takes the entry parked under `id`, if any.
-    pub fn take(&self, id: &str) -> Option<T> {
-        self.lock().by_id.remove(id).map(|(_, e)| e)
+    /// Takes the entry parked under `key`, if any.
+    pub fn take(&self, key: &str) -> Option<T> {
+        self.lock().remove(key)
     }
 
     /// Takes the entries parked longer than the parking time.
@@ -107,11 +161,11 @@ impl<T> Parked<T> {
             if now.saturating_duration_since(*at) < self.park_for {
                 break;
             }
-            let Some((_, id, serial)) = g.order.pop_front() else {
+            let Some((_, key, serial)) = g.order.pop_front() else {
                 break;
             };
-            if g.by_id.get(&id).is_some_and(|(s, _)| *s == serial)
-                && let Some((_, e)) = g.by_id.remove(&id)
+            if g.by_key.get(&key).is_some_and(|s| s.serial == serial)
+                && let Some(e) = g.remove(&key)
             {
                 out.push(e);
             }
@@ -119,15 +173,18 @@ impl<T> Parked<T> {
         out
     }
 
-    /// Takes every entry (the agent is stopping).
-    pub fn take_all(&self) -> Vec<T> {
+    /// Takes every entry and closes the table (the agent is stopping):
+    /// what comes later is handed back by [`Parked::park`].
+    pub fn close(&self) -> Vec<T> {
         let mut g = self.lock();
+        g.closed = true;
         g.order.clear();
-        g.by_id.drain().map(|(_, (_, e))| e).collect()
+        g.per_job.clear();
+        g.by_key.drain().map(|(_, s)| s.entry).collect()
     }
 
     pub fn len(&self) -> usize {
-        self.lock().by_id.len()
+        self.lock().by_key.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -139,52 +196,83 @@ impl<T> Parked<T> {
 mod tests {
     use super::*;
 
+    fn park(
+        p: &Parked<usize>,
+        key: &str,
+        job: &str,
+        e: usize,
+    ) -> Result<Option<usize>, (Refused, usize)> {
+        p.park(key.into(), job.into(), e)
+    }
+
     #[test]
-    fn an_entry_is_taken_once_by_id_or_by_expiry() {
+    fn an_entry_is_taken_once_by_key_or_by_expiry() {
         let p = Parked::new(Duration::from_secs(60));
-        assert!(p.park("resp_a".into(), 1).unwrap().is_none());
-        assert!(p.park("resp_b".into(), 2).unwrap().is_none());
-        assert_eq!(p.take("resp_a"), Some(1));
-        assert_eq!(p.take("resp_a"), None, "settled once");
+        assert_eq!(park(&p, "h resp_a", "j", 1), Ok(None));
+        assert_eq!(park(&p, "h resp_b", "j", 2), Ok(None));
+        assert!(p.contains("h resp_a") && !p.contains("other resp_a"));
+        assert_eq!(p.take("h resp_a"), Some(1));
+        assert_eq!(p.take("h resp_a"), None, "settled once");
         let now = Instant::now();
         assert!(p.expired(now).is_empty(), "not yet");
         assert_eq!(p.expired(now + Duration::from_secs(61)), vec![2]);
         assert!(p.is_empty());
-        assert_eq!(p.take("resp_b"), None, "expired entries are gone");
+        assert_eq!(p.take("h resp_b"), None, "expired entries are gone");
     }
 
     #[test]
-    fn a_reused_id_keeps_its_own_expiry() {
+    fn a_reused_key_keeps_its_own_expiry() {
         let p = Parked::new(Duration::from_secs(60));
-        p.park("resp_a".into(), 1).unwrap();
-        assert_eq!(p.take("resp_a"), Some(1));
+        park(&p, "k", "j", 1).unwrap();
+        assert_eq!(p.take("k"), Some(1));
         std::thread::sleep(Duration::from_millis(20));
         let second = Instant::now();
-        p.park("resp_a".into(), 2).unwrap();
+        park(&p, "k", "j", 2).unwrap();
         // The first entry's place expires; the second, parked later, not.
         let at = second + Duration::from_secs(60) - Duration::from_millis(10);
         assert!(p.expired(at).is_empty());
-        assert_eq!(p.take("resp_a"), Some(2));
-        // The same id parked twice hands the first back.
-        p.park("resp_c".into(), 3).unwrap();
-        assert_eq!(p.park("resp_c".into(), 4).unwrap(), Some(3));
-        assert_eq!(p.take_all(), vec![4]);
+        assert_eq!(p.take("k"), Some(2));
+        // The same key parked twice hands the first back.
+        park(&p, "c", "j", 3).unwrap();
+        assert_eq!(park(&p, "c", "j", 4), Ok(Some(3)));
+        assert_eq!(p.close(), vec![4]);
+        assert_eq!(park(&p, "d", "j", 5), Err((Refused::Closed, 5)), "closed");
+        assert!(p.is_empty());
     }
 
     #[test]
-    fn a_full_table_hands_the_entry_back() {
+    fn one_job_cannot_fill_the_table_and_the_table_is_bounded() {
         let p = Parked::new(Duration::from_secs(60));
-        for i in 0..MAX_PARKED {
-            p.park(format!("resp_{i}"), i).unwrap();
+        for i in 0..MAX_PARKED_PER_JOB {
+            park(&p, &format!("greedy {i}"), "greedy", i).unwrap();
         }
-        assert_eq!(p.park("resp_more".into(), 7), Err(7));
+        assert_eq!(
+            park(&p, "greedy more", "greedy", 7),
+            Err((Refused::JobFull, 7))
+        );
+        // Taking one gives the job its place back.
+        p.take("greedy 0").unwrap();
+        park(&p, "greedy again", "greedy", 8).unwrap();
+        let mut i = 0;
+        while p.len() < MAX_PARKED {
+            park(
+                &p,
+                &format!("k {i}"),
+                &format!("job {}", i / MAX_PARKED_PER_JOB),
+                i,
+            )
+            .unwrap();
+            i += 1;
+        }
+        assert_eq!(park(&p, "one more", "fresh", 9), Err((Refused::Full, 9)));
         // Taken and parked again many times: the order list stays bounded.
-        for i in 0..3 * MAX_PARKED {
-            let id = format!("resp_{}", i % MAX_PARKED);
-            let e = p.take(&id).unwrap();
-            p.park(id, e).unwrap();
+        for n in 0..3 * MAX_PARKED {
+            let key = format!("k {}", n % i);
+            let e = p.take(&key).unwrap();
+            park(&p, &key, &format!("job {}", e / MAX_PARKED_PER_JOB), e).unwrap();
         }
         assert!(p.lock().order.len() <= 2 * MAX_PARKED + 1);
         assert_eq!(p.len(), MAX_PARKED);
+        assert!(p.lock().per_job.values().all(|&n| n <= MAX_PARKED_PER_JOB));
     }
 }
