@@ -425,6 +425,61 @@ assert y.status == "cancelled", y.status
 
 #[test]
 #[ignore = "needs root, cgroup v2 and BPF"]
+fn claude_managed_agents_sessions_are_recorded_as_they_grow() {
+    // The loop runs at Anthropic: what the job sees is each session's
+    // cumulative usage. Each growth the agent sees is one row; repeated
+    // polls add nothing; the rows add up to the session's own total.
+    let w = World::start("managed-agents", 48);
+    let client = w.client(&[]);
+    let out = ok(
+        &client.python(
+            r#"
+import json, anthropic
+c = anthropic.Anthropic(api_key="sk-ant-FAKE-SESSIONS-SECRET", max_retries=0)
+s = c.beta.sessions.create(agent="agent_fake", environment_id="env_fake")
+assert s.usage.input_tokens == 0, s.usage
+msg = lambda t: [{"type": "user.message", "content": [{"type": "text", "text": t}]}]
+c.beta.sessions.events.send(s.id, events=msg("review this diff please"))
+first = c.beta.sessions.retrieve(s.id)
+again = c.beta.sessions.retrieve(s.id)
+assert first.usage.output_tokens == again.usage.output_tokens == 250
+c.beta.sessions.events.send(s.id, events=msg("and the tests"))
+events = list(c.beta.sessions.events.list(s.id))
+assert any(e.type == "session.usage" for e in events), events
+final = c.beta.sessions.retrieve(s.id)
+print(json.dumps(final.usage.model_dump(mode="json")))
+"#,
+        ),
+        "python anthropic managed agents sessions",
+    );
+    let total: Value = serde_json::from_str(out.trim()).unwrap();
+    let rows = w.agent.wait_for_records(2);
+    assert_eq!(rows.len(), 2, "one row per growth seen: {rows:#?}");
+    let sum = |k: &str| rows.iter().map(|r| r[k].as_u64().unwrap()).sum::<u64>();
+    let n = |k: &str| total[k].as_u64().unwrap();
+    let written = total["cache_creation"]["ephemeral_5m_input_tokens"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(
+        sum("input_tokens"),
+        n("input_tokens") + n("cache_read_input_tokens") + written
+    );
+    assert_eq!(sum("output_tokens"), n("output_tokens"));
+    assert_eq!(sum("cached_input_tokens"), n("cache_read_input_tokens"));
+    assert_eq!(sum("cache_write_input_tokens"), written);
+    for r in &rows {
+        assert_eq!(s(r, "operation"), "agent_session", "{r}");
+        assert_eq!(s(r, "provider"), "anthropic", "{r}");
+        assert_eq!(s(r, "model"), "claude-opus-4-6", "{r}");
+        assert!(r["cost_usd"].as_f64().is_some_and(|c| c > 0.0), "{r}");
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(w.agent.report_json().len(), 2, "nothing more");
+    assert_no_secret(&w, "FAKE-SESSIONS-SECRET");
+}
+
+#[test]
+#[ignore = "needs root, cgroup v2 and BPF"]
 fn google_genai_python_sdk_on_vertex_ai() {
     // Gemini on Vertex AI, a region configured as a Gemini provider host
     // (as the README says): the project/location/publisher paths are read.

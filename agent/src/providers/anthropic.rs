@@ -47,6 +47,9 @@ impl Provider for Anthropic {
     }
 
     fn request(&self, req: &RequestView<'_>) -> RequestInfo {
+        if let Some(info) = super::managed_agents::call(req.method, req.path) {
+            return info;
+        }
         let path = req.path.trim_end_matches('/');
         let op = if req.method != http::Method::POST {
             None
@@ -76,7 +79,14 @@ impl Provider for Anthropic {
         _status: u16,
         headers: &http::HeaderMap,
     ) -> Box<dyn UsageParser> {
-        if super::content_type(headers) == "text/event-stream" {
+        let event_stream = super::content_type(headers) == "text/event-stream";
+        if info.sessions {
+            return Box::new(super::managed_agents::SessionParser::new(
+                info,
+                event_stream,
+            ));
+        }
+        if event_stream {
             Box::new(StreamParser::default())
         } else {
             Box::new(JsonParser {

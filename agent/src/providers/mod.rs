@@ -15,6 +15,7 @@ pub mod catalogue;
 pub mod decode;
 pub mod eventstream;
 pub mod gemini;
+pub mod managed_agents;
 pub mod openai;
 pub mod sse;
 #[cfg(test)]
@@ -74,6 +75,12 @@ pub struct RequestInfo {
     /// it is never a row of its own; it settles the record of a background
     /// response the agent holds open, and is forwarded unread otherwise.
     pub retrieves: Option<String>,
+    /// Claude Managed Agents: the answer shows sessions' cumulative usage
+    /// (a session, a list of them, a session's events): it is never a row
+    /// of its own; each session's growth since the agent last saw it is.
+    pub sessions: bool,
+    /// The session the path names, whose `session.usage` events name none.
+    pub session_id: Option<String>,
 }
 
 /// What a request body's top-level `stream_options` member is.
@@ -274,6 +281,20 @@ pub struct ParsedUsage {
     /// request, whose body and streamed text are not kept while it
     /// waits): used as those estimates would be when the usage is missing.
     pub estimated: (u64, u64),
+    /// Managed Agents sessions' cumulative usage, as the answer showed it
+    /// last, per session.
+    pub sessions: Vec<SessionSnapshot>,
+}
+
+/// A Claude Managed Agents session's cumulative usage at one moment.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SessionSnapshot {
+    /// The session's id, sanitised by [`response_id`].
+    pub id: String,
+    /// The model of the session's agent, when the answer names it.
+    pub model: Option<String>,
+    /// Cumulative since the session began, normalised as any usage.
+    pub usage: Usage,
 }
 
 impl ParsedUsage {

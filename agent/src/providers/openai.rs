@@ -151,7 +151,7 @@ impl Provider for OpenAi {
             refuses_stream_options: false,
             api: None,
             background,
-            retrieves: None,
+            ..Default::default()
         }
     }
 

@@ -1151,8 +1151,10 @@ pub(super) async fn handle(
         // same content, uncompressed.
         parts.headers.remove(header::ACCEPT_ENCODING);
     }
-    // A retrieval only settles a parked record: nothing to estimate.
-    let kept_body = if info.metered && info.retrieves.is_none() {
+    // A retrieval only settles a parked record, a Managed Agents call
+    // shows sessions' growth: nothing to estimate, nothing in flight.
+    let own_row = info.retrieves.is_none() && !info.sessions;
+    let kept_body = if info.metered && own_row {
         whole.clone()
     } else {
         None
@@ -1194,7 +1196,7 @@ pub(super) async fn handle(
         emitted: !info.metered,
         sent,
         unanswered: false,
-        _live: if info.metered && info.retrieves.is_none() {
+        _live: if info.metered && own_row {
             state.live.request_started(&ctx.who)
         } else {
             crate::control::InFlight::none()
@@ -1389,10 +1391,12 @@ impl Draft {
             self.park(id, parsed);
             return;
         }
-        // A retrieval counts nothing itself (what it settles counts on
-        // its own).
-        let counting =
-            ok && (parsed.usage.is_none() || parsed.partial) && self.info.retrieves.is_none();
+        // A retrieval, a Managed Agents call count nothing themselves
+        // (what they settle or show counts on its own).
+        let counting = ok
+            && (parsed.usage.is_none() || parsed.partial)
+            && self.info.retrieves.is_none()
+            && !self.info.sessions;
         self.record_off_worker(parsed, error, counting);
     }
 
@@ -1406,6 +1410,12 @@ impl Draft {
         if let Some(id) = self.info.retrieves.as_deref() {
             if ok {
                 settle(&self.ctx.state, &self.ctx.provider.host, id, parsed);
+            }
+            return;
+        }
+        if self.info.sessions {
+            if ok {
+                self.record_sessions(parsed.sessions);
             }
             return;
         }
@@ -1532,6 +1542,48 @@ impl Draft {
             service_tier,
         };
         self.ctx.state.sink.submit(Arc::new(rec));
+    }
+}
+
+impl Draft {
+    /// Writes one row per Managed Agents session that grew since the agent
+    /// last saw it (see [`super::sessions`]): its growth, attributed to the
+    /// job whose call showed it.
+    fn record_sessions(&self, sessions: Vec<crate::providers::SessionSnapshot>) {
+        let state = &self.ctx.state;
+        for s in sessions {
+            let key = format!("{} {}", self.ctx.provider.host, s.id);
+            let Some((grown, model)) = state.sessions.grew(key, s.usage, s.model) else {
+                continue;
+            };
+            let mut row = Draft {
+                ctx: self.ctx.clone(),
+                body: None,
+                lease: state.body_budget.lease(),
+                started: self.started,
+                started_ms: self.started_ms,
+                method: self.method.clone(),
+                path: self.path.clone(),
+                info: RequestInfo {
+                    sessions: false,
+                    model,
+                    ..self.info.clone()
+                },
+                status: self.status,
+                ttfb_ms: self.ttfb_ms,
+                emitted: false,
+                sent: self.sent.clone(),
+                unanswered: false,
+                _live: crate::control::InFlight::none(),
+            };
+            row.record(
+                ParsedUsage {
+                    usage: Some(grown),
+                    ..Default::default()
+                },
+                None,
+            );
+        }
     }
 }
 
@@ -2074,6 +2126,64 @@ mod tests {
         background_answered(&ctx, answer("resp_4", "queued", Some((0, 0))));
         assert_eq!(rows(&keep).len(), 1, "parked");
         assert_eq!(ctx.state.parked.len(), 2);
+    }
+
+    /// A Managed Agents call writes one row per session that grew since
+    /// the last call that showed it, with the growth; a first sight is a
+    /// baseline; repeated polls write nothing.
+    #[test]
+    fn managed_agents_sessions_are_rows_of_their_growth() {
+        let (ctx, keep, _dir) = test_ctx("api.anthropic.com", crate::config::ApiKind::Anthropic);
+        let show = |snaps: &[(&str, Option<&str>, u64, u64)]| {
+            let mut d = WsMeter::new(ctx.clone(), "/v1/sessions".into()).draft(None, None);
+            d.info =
+                crate::providers::managed_agents::call(&http::Method::GET, "/v1/sessions").unwrap();
+            d.status = 200;
+            let sessions = snaps
+                .iter()
+                .map(|(id, model, i, o)| crate::providers::SessionSnapshot {
+                    id: id.to_string(),
+                    model: model.map(str::to_string),
+                    usage: crate::meter::Usage {
+                        input_tokens: *i,
+                        output_tokens: *o,
+                        ..Default::default()
+                    },
+                })
+                .collect();
+            d.emit(
+                ParsedUsage {
+                    sessions,
+                    ..Default::default()
+                },
+                None,
+            );
+        };
+        show(&[("sesn_a", Some("claude-opus-4-6"), 0, 0)]);
+        show(&[("sesn_b", None, 5000, 100)]);
+        assert!(rows(&keep).is_empty(), "baselines");
+        show(&[("sesn_a", None, 1000, 200), ("sesn_b", None, 5000, 100)]);
+        show(&[("sesn_a", None, 1000, 200)]);
+        show(&[("sesn_a", None, 3000, 300), ("sesn_b", None, 5600, 150)]);
+        let got = rows(&keep);
+        assert_eq!(
+            got,
+            [
+                ("claude-opus-4-6".to_string(), 1000, 200, 200, None, false),
+                ("claude-opus-4-6".to_string(), 2000, 100, 200, None, false),
+                (String::new(), 600, 50, 200, None, false),
+            ]
+        );
+        let first = keep.0.lock().unwrap()[0].clone();
+        assert_eq!(
+            (first.operation.as_str(), first.provider.as_str()),
+            ("agent_session", "anthropic")
+        );
+        // Opus 4.6: $5 / $25 per million.
+        assert!(
+            first.cost_usd.is_some_and(|c| (c - 0.01).abs() < 1e-9),
+            "{first:?}"
+        );
     }
 
     /// Once the agent stops, a background response is written at once (a

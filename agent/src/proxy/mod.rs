@@ -12,6 +12,7 @@ pub mod clienthello;
 mod http;
 pub mod parked;
 pub mod rewind;
+pub mod sessions;
 pub mod upstream;
 mod websocket;
 
@@ -213,6 +214,8 @@ pub struct ProxyState {
     pub(crate) background: TaskTracker,
     /// Background responses' records, until their result is seen.
     parked: parked::Parked<http::ParkedResponse>,
+    /// Managed Agents sessions' last snapshots.
+    sessions: sessions::Sessions,
 }
 
 type Seen = hashbrown::HashSet<(String, String), rustc_hash::FxBuildHasher>;
@@ -273,6 +276,7 @@ impl ProxyState {
             stopping: CancellationToken::new(),
             background,
             parked: parked::Parked::default(),
+            sessions: sessions::Sessions::default(),
         }
     }
 }

@@ -27,6 +27,7 @@ mod bedrock;
 mod canned;
 mod gemini;
 mod openai;
+mod sessions;
 mod websocket;
 
 use crate::pki::TestPki;
@@ -226,6 +227,12 @@ async fn handle(req: Request<Incoming>, sni: String, log: Log) -> Result<Respons
     if let Some(answer) = background::retrieval(req.method(), &path, &sni, &log) {
         return Ok(answer);
     }
+    if sni == "api.anthropic.com"
+        && req.method() == hyper::Method::GET
+        && let Some(answer) = sessions::answer(req.method(), &path, None)
+    {
+        return Ok(answer);
+    }
     if req.method() == hyper::Method::GET {
         return Ok(json_response(
             200,
@@ -242,6 +249,11 @@ async fn handle(req: Request<Incoming>, sni: String, log: Log) -> Result<Respons
             json!({"error":{"message":"body is not JSON","type":"invalid_request_error"}}),
         ));
     };
+    if sni == "api.anthropic.com"
+        && let Some(answer) = sessions::answer(&hyper::Method::POST, &path, Some(&body))
+    {
+        return Ok(answer);
+    }
     // `x-fake-reset`: the request was read whole, and the connection is
     // dropped without an answer (a provider's connection reset mid-way).
     if headers.contains_key("x-fake-reset") {

@@ -1,0 +1,345 @@
+//! Claude Managed Agents (`/v1/sessions` on Anthropic's API): the agent
+//! loop runs at Anthropic, so no Messages API call of the job's carries its
+//! spend. What the job sees is each session's cumulative usage: in the
+//! session object (create, retrieve, update, archive, list) and in the
+//! `session.usage` events of its event list and stream. This module reads
+//! those snapshots; the proxy turns each session's growth between two of
+//! them into a row (see `proxy::sessions`).
+//!
+//! Must never: count a snapshot itself (only growth is spend), or take a
+//! session id from anything but the answer or the path.
+
+use serde_json::Value;
+
+use super::sse::SseReader;
+use super::{JsonBody, ParsedUsage, RequestInfo, SessionSnapshot, UsageParser};
+use crate::meter::Usage;
+
+/// The operation recorded for a session's growth.
+pub const OPERATION: &str = "agent_session";
+
+/// A Managed Agents call whose answer may show sessions' usage: the
+/// session the path names, if any, and whether the answer streams.
+/// `None` for any other path.
+pub fn call(method: &http::Method, path: &str) -> Option<RequestInfo> {
+    let rest = path.trim_end_matches('/').strip_prefix("/v1/sessions")?;
+    if !rest.is_empty() && !rest.starts_with('/') {
+        return None;
+    }
+    let segments: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
+    let get = method == http::Method::GET;
+    let post = method == http::Method::POST;
+    let (session, streaming) = match segments.as_slice() {
+        // Create, list.
+        [] if get || post => (None, false),
+        // Retrieve, update.
+        [id] if get || post => (Some(*id), false),
+        [id, "archive"] if post => (Some(*id), false),
+        [id, "events"] if get || post => (Some(*id), false),
+        [id, "events", "stream"] if get => (Some(*id), true),
+        _ => return None,
+    };
+    let session_id = match session {
+        Some(id) => Some(super::response_id(id)?),
+        None => None,
+    };
+    Some(RequestInfo {
+        operation: OPERATION,
+        metered: true,
+        streaming,
+        sessions: true,
+        session_id,
+        ..Default::default()
+    })
+}
+
+/// A session's `usage` (or a `session.usage` event's), normalised as the
+/// Messages API's: input includes cache reads and writes.
+fn usage_of(u: &Value) -> Option<Usage> {
+    let f = |k: &str| u.get(k).and_then(Value::as_u64);
+    let input = f("input_tokens");
+    let output = f("output_tokens");
+    if input.is_none() && output.is_none() {
+        return None;
+    }
+    let read = f("cache_read_input_tokens").unwrap_or(0);
+    let creation = |k: &str| {
+        u.get("cache_creation")
+            .and_then(|c| c.get(k))
+            .and_then(Value::as_u64)
+            .unwrap_or(0)
+    };
+    let (w5m, w1h) = (
+        creation("ephemeral_5m_input_tokens"),
+        creation("ephemeral_1h_input_tokens"),
+    );
+    let written = w5m.saturating_add(w1h);
+    Some(Usage {
+        input_tokens: input
+            .unwrap_or(0)
+            .saturating_add(read)
+            .saturating_add(written),
+        output_tokens: output.unwrap_or(0),
+        cached_input_tokens: read,
+        cache_write_input_tokens: written,
+        cache_write_1h_input_tokens: w1h,
+        reasoning_tokens: 0,
+    })
+}
+
+/// The model of a session object's agent (`agent.model.id`, or a plain
+/// string).
+fn model_of(session: &Value) -> Option<String> {
+    let m = session.get("agent")?.get("model")?;
+    let id = m.as_str().or_else(|| m.get("id").and_then(Value::as_str))?;
+    (!id.is_empty()).then(|| id.to_string())
+}
+
+/// Reads the snapshots an answer shows.
+pub struct SessionParser {
+    sse: Option<SseReader>,
+    json: JsonBody,
+    /// The path's session: `session.usage` events are its.
+    path_session: Option<String>,
+    found: Vec<SessionSnapshot>,
+}
+
+impl SessionParser {
+    pub fn new(info: &RequestInfo, event_stream: bool) -> SessionParser {
+        SessionParser {
+            sse: event_stream.then(|| SseReader::new(JsonBody::DEFAULT_LIMIT)),
+            json: JsonBody::new(JsonBody::DEFAULT_LIMIT),
+            path_session: info.session_id.clone(),
+            found: Vec::new(),
+        }
+    }
+
+    /// The latest snapshot of each session wins.
+    fn keep(found: &mut Vec<SessionSnapshot>, snap: SessionSnapshot) {
+        match found.iter_mut().find(|s| s.id == snap.id) {
+            Some(s) => {
+                s.usage = snap.usage;
+                if snap.model.is_some() {
+                    s.model = snap.model;
+                }
+            }
+            None => found.push(snap),
+        }
+    }
+
+    /// One object of an answer: a session, a `session.usage` event, or a
+    /// page of either.
+    fn on_value(found: &mut Vec<SessionSnapshot>, path_session: &Option<String>, v: &Value) {
+        match v.get("type").and_then(Value::as_str) {
+            Some("session") => {
+                let id = v
+                    .get("id")
+                    .and_then(Value::as_str)
+                    .and_then(super::response_id);
+                if let (Some(id), Some(usage)) = (id, v.get("usage").and_then(usage_of)) {
+                    let model = model_of(v);
+                    Self::keep(found, SessionSnapshot { id, model, usage });
+                }
+            }
+            Some("session.usage") => {
+                if let (Some(id), Some(usage)) =
+                    (path_session.clone(), v.get("usage").and_then(usage_of))
+                {
+                    Self::keep(
+                        found,
+                        SessionSnapshot {
+                            id,
+                            model: None,
+                            usage,
+                        },
+                    );
+                }
+            }
+            _ => {
+                if let Some(items) = v.get("data").and_then(Value::as_array) {
+                    for item in items {
+                        if item.get("data").is_none() {
+                            Self::on_value(found, path_session, item);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl UsageParser for SessionParser {
+    fn feed(&mut self, chunk: &[u8]) {
+        let (found, path) = (&mut self.found, &self.path_session);
+        match self.sse.as_mut() {
+            Some(sse) => sse.feed(chunk, &mut |e| {
+                if let Ok(v) = serde_json::from_str::<Value>(&e.data) {
+                    Self::on_value(found, path, &v);
+                }
+            }),
+            None => self.json.feed(chunk),
+        }
+    }
+
+    fn finish(&mut self) -> ParsedUsage {
+        let (found, path) = (&mut self.found, &self.path_session);
+        match self.sse.as_mut() {
+            Some(sse) => sse.finish(&mut |e| {
+                if let Ok(v) = serde_json::from_str::<Value>(&e.data) {
+                    Self::on_value(found, path, &v);
+                }
+            }),
+            None => {
+                if let Some(v) = self.json.take() {
+                    Self::on_value(found, path, &v);
+                }
+            }
+        }
+        ParsedUsage {
+            sessions: std::mem::take(&mut self.found),
+            ..Default::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::providers::testing::{parse_split, request};
+    use crate::providers::{Provider, anthropic::Anthropic};
+
+    #[test]
+    fn session_calls_are_told_apart() {
+        for (method, path, id, streaming) in [
+            ("POST", "/v1/sessions", None, false),
+            ("GET", "/v1/sessions", None, false),
+            ("GET", "/v1/sessions/sesn_01A", Some("sesn_01A"), false),
+            ("POST", "/v1/sessions/sesn_01A", Some("sesn_01A"), false),
+            (
+                "POST",
+                "/v1/sessions/sesn_01A/archive",
+                Some("sesn_01A"),
+                false,
+            ),
+            (
+                "GET",
+                "/v1/sessions/sesn_01A/events",
+                Some("sesn_01A"),
+                false,
+            ),
+            (
+                "POST",
+                "/v1/sessions/sesn_01A/events",
+                Some("sesn_01A"),
+                false,
+            ),
+            (
+                "GET",
+                "/v1/sessions/sesn_01A/events/stream",
+                Some("sesn_01A"),
+                true,
+            ),
+        ] {
+            let i = Anthropic.request(&request(method, path, b"{}"));
+            assert_eq!(
+                (
+                    i.operation,
+                    i.metered,
+                    i.sessions,
+                    i.session_id.as_deref(),
+                    i.streaming
+                ),
+                (OPERATION, true, true, id, streaming),
+                "{method} {path}"
+            );
+        }
+        for (method, path) in [
+            ("GET", "/v1/sessions/sesn_01A/threads"),
+            ("GET", "/v1/sessions/sesn_01A/resources"),
+            ("GET", "/v1/sessions/sesn%2F/events"),
+            ("POST", "/v1/messages"),
+            ("GET", "/v1/sessionsX"),
+        ] {
+            let i = Anthropic.request(&request(method, path, b"{}"));
+            assert!(!i.sessions, "{method} {path}");
+        }
+    }
+
+    #[test]
+    fn snapshots_are_read_from_sessions_pages_and_usage_events() {
+        let info = call(&http::Method::GET, "/v1/sessions/sesn_1/events").unwrap();
+        let session = br#"{"type":"session","id":"sesn_1","status":"idle",
+            "agent":{"type":"agent","model":{"id":"claude-opus-4-7","speed":"standard"}},
+            "usage":{"input_tokens":100,"output_tokens":40,"cache_read_input_tokens":1000,
+                     "cache_creation":{"ephemeral_5m_input_tokens":20,"ephemeral_1h_input_tokens":30}}}"#;
+        let p = parse_split(&Anthropic, &info, "application/json", session, &[17]);
+        assert_eq!(p.sessions.len(), 1);
+        let s = &p.sessions[0];
+        assert_eq!(
+            (s.id.as_str(), s.model.as_deref()),
+            ("sesn_1", Some("claude-opus-4-7"))
+        );
+        let u = s.usage;
+        assert_eq!(
+            (
+                u.input_tokens,
+                u.cached_input_tokens,
+                u.cache_write_input_tokens,
+                u.cache_write_1h_input_tokens,
+                u.output_tokens
+            ),
+            (1150, 1000, 50, 30, 40)
+        );
+        assert_eq!(p.usage, None, "a snapshot is not a request's usage");
+        // A page of events: the last `session.usage` is the path's session's.
+        let page = br#"{"data":[{"type":"session.usage","id":"e1","usage":{"input_tokens":5,"output_tokens":1}},
+            {"type":"agent.message","id":"e2","content":[{"type":"text","text":"hi"}]},
+            {"type":"session.usage","id":"e3","usage":{"input_tokens":9,"output_tokens":4}}],"next_page":null}"#;
+        let p = parse_split(&Anthropic, &info, "application/json", page, &[]);
+        assert_eq!(p.sessions.len(), 1);
+        assert_eq!(
+            (
+                p.sessions[0].usage.input_tokens,
+                p.sessions[0].usage.output_tokens
+            ),
+            (9, 4)
+        );
+        // A stream of them.
+        let stream = "event: message\ndata: {\"type\":\"session.usage\",\"usage\":{\"input_tokens\":3,\"output_tokens\":2}}\n\n\
+                      data: {\"type\":\"session.status_idle\"}\n\n\
+                      data: {\"type\":\"session.usage\",\"usage\":{\"input_tokens\":7,\"output_tokens\":6}}\n\n";
+        let live = call(&http::Method::GET, "/v1/sessions/sesn_1/events/stream").unwrap();
+        let p = parse_split(
+            &Anthropic,
+            &live,
+            "text/event-stream",
+            stream.as_bytes(),
+            &[30, 31],
+        );
+        assert_eq!(p.sessions.len(), 1);
+        assert_eq!(
+            (
+                p.sessions[0].usage.input_tokens,
+                p.sessions[0].usage.output_tokens
+            ),
+            (7, 6)
+        );
+        // A list of sessions, each its own; a session without usage, or an
+        // id that is not a plain token, is not a snapshot.
+        let list = call(&http::Method::GET, "/v1/sessions").unwrap();
+        let page = br#"{"data":[{"type":"session","id":"sesn_a","usage":{"input_tokens":1,"output_tokens":1}},
+            {"type":"session","id":"sesn_b","agent":{"model":"claude-sonnet-4-6"},"usage":{"input_tokens":2,"output_tokens":2}},
+            {"type":"session","id":"sesn_c"},{"type":"session","id":"a b","usage":{"input_tokens":2}},
+            {"type":"session.usage","usage":{"input_tokens":50}}]}"#;
+        let p = parse_split(&Anthropic, &list, "application/json", page, &[]);
+        let ids: Vec<_> = p
+            .sessions
+            .iter()
+            .map(|s| (s.id.as_str(), s.model.as_deref()))
+            .collect();
+        assert_eq!(
+            ids,
+            [("sesn_a", None), ("sesn_b", Some("claude-sonnet-4-6"))]
+        );
+    }
+}
