@@ -341,6 +341,22 @@ assert again.status == "completed"
 x = c.responses.create(model="gpt-5.4", input="never mind this one", background=True)
 y = c.responses.cancel(x.id)
 assert y.status == "cancelled", y.status
+# A background stream the client leaves, and resumes with a retrieval.
+s = c.responses.create(model="gpt-5.4", input="stream a long story", background=True, stream=True,
+    max_output_tokens=50, extra_headers={"x-fake-chunk-delay-ms": "50"})
+sid, seen = None, 0
+for ev in s:
+    seen = ev.sequence_number
+    if ev.type == "response.created":
+        sid = ev.response.id
+    if ev.type == "response.output_text.delta":
+        break
+s.close()
+done = None
+for ev in c.responses.retrieve(sid, stream=True, starting_after=seen):
+    if ev.type == "response.completed":
+        done = ev.response
+assert done is not None and done.usage.output_tokens == 50, done
 z = c.responses.create(model="gpt-5.4", input="fetched some other way", background=True)
 assert z.status == "queued"
 "#,
@@ -348,11 +364,11 @@ assert z.status == "queued"
         "python openai background responses",
     );
     let reported = w.fake.reported();
-    assert_eq!(reported.len(), 1, "{reported:#?}");
-    let rows = w.agent.wait_for_records(2);
+    assert_eq!(reported.len(), 2, "{reported:#?}");
+    let rows = w.agent.wait_for_records(3);
     assert_eq!(
         rows.len(),
-        2,
+        3,
         "one row per background request: {rows:#?}\n{}",
         w.agent.log()
     );
@@ -367,13 +383,16 @@ assert z.status == "queued"
     assert_eq!(s(&rows[1], "error"), "response_cancelled", "{}", rows[1]);
     assert_eq!(rows[1]["estimated"], true, "{}", rows[1]);
     assert!(rows[1]["input_tokens"].as_u64().is_some_and(|n| n > 0));
+    // The stream left and resumed: the provider's counts, from the resumed
+    // stream's end.
+    tollgate_e2e::world::assert_row_matches(&rows[2], &reported[1]);
     // Never fetched: written, estimated, when the agent stops.
     let status = w.agent.terminate().expect("agent was running");
     assert!(status.success(), "{status}; log:\n{}", w.agent.log());
     let rows = w.agent.report_json();
-    assert_eq!(rows.len(), 3, "{rows:#?}");
-    assert_eq!(s(&rows[2], "error"), "background_unobserved", "{}", rows[2]);
-    assert_eq!(rows[2]["estimated"], true, "{}", rows[2]);
+    assert_eq!(rows.len(), 4, "{rows:#?}");
+    assert_eq!(s(&rows[3], "error"), "background_unobserved", "{}", rows[3]);
+    assert_eq!(rows[3]["estimated"], true, "{}", rows[3]);
     assert_no_secret(&w, "BACKGROUND-SECRET");
 }
 

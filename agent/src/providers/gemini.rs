@@ -74,7 +74,7 @@ fn interaction_retrieved(method: &http::Method, path: &str) -> Option<String> {
     };
     let (parent, id) = p.rsplit_once('/')?;
     (method_fits && is_interactions_create(parent))
-        .then(|| super::response_id(id))
+        .then(|| super::path_id(id))
         .flatten()
 }
 

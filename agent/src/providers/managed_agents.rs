@@ -40,7 +40,7 @@ pub fn call(method: &http::Method, path: &str) -> Option<RequestInfo> {
         _ => return None,
     };
     let session_id = match session {
-        Some(id) => Some(super::response_id(id)?),
+        Some(id) => Some(super::path_id(id)?),
         None => None,
     };
     Some(RequestInfo {
@@ -239,6 +239,7 @@ mod tests {
                 Some("sesn_01A"),
                 true,
             ),
+            ("GET", "/v1/sessions/sesn_01A%3D", Some("sesn_01A="), false),
         ] {
             let i = Anthropic.request(&request(method, path, b"{}"));
             assert_eq!(
@@ -257,6 +258,7 @@ mod tests {
             ("GET", "/v1/sessions/sesn_01A/threads"),
             ("GET", "/v1/sessions/sesn_01A/resources"),
             ("GET", "/v1/sessions/sesn%2F/events"),
+            ("GET", "/v1/sessions/sesn%ZZ/events"),
             ("POST", "/v1/messages"),
             ("GET", "/v1/sessionsX"),
         ] {

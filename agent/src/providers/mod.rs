@@ -339,6 +339,15 @@ pub fn response_id(s: &str) -> Option<String> {
     ok.then(|| s.to_string())
 }
 
+/// An id as a URL path names it: percent-decoded (an SDK may escape `=`),
+/// then as [`response_id`] keeps it.
+pub fn path_id(segment: &str) -> Option<String> {
+    let decoded = percent_encoding::percent_decode_str(segment)
+        .decode_utf8()
+        .ok()?;
+    response_id(&decoded)
+}
+
 /// Bound on [`ParsedUsage::output_text`].
 pub const MAX_OUTPUT_TEXT: usize = 4 << 20;
 

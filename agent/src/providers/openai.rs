@@ -75,7 +75,7 @@ fn retrieved_id(method: &http::Method, path: &str) -> Option<String> {
         method == http::Method::GET
     };
     (method_fits && parent.ends_with("/responses") && id != "compact")
-        .then(|| super::response_id(id))
+        .then(|| super::path_id(id))
         .flatten()
 }
 

@@ -1123,16 +1123,7 @@ pub(super) async fn handle(
     if let Some(m) = info.model.as_mut() {
         crate::meter::cap_owned(m, crate::meter::MAX_MODEL_NAME);
     }
-    // A retrieval is read only when it may settle a parked record; any
-    // other is forwarded unread, costing nothing, as a model list is.
-    if info
-        .retrieves
-        .as_deref()
-        .is_some_and(|id| !settles_something(state, &ctx.provider.host, id))
-    {
-        info.metered = false;
-        info.retrieves = None;
-    }
+    read_retrieval_only_if_it_settles(state, &ctx.provider.host, &mut info);
     // The API that serves the request from here on (Claude on a Vertex AI
     // host is Anthropic's).
     let adapter = info.api.map_or(adapter, adapter_for);
@@ -1392,11 +1383,13 @@ impl Draft {
             return;
         }
         // A retrieval, a Managed Agents call count nothing themselves
-        // (what they settle or show counts on its own).
+        // (what they settle or show counts on its own); nor does a record
+        // with nothing left to count (a parked one, counted already).
         let counting = ok
             && (parsed.usage.is_none() || parsed.partial)
             && self.info.retrieves.is_none()
-            && !self.info.sessions;
+            && !self.info.sessions
+            && (self.body.is_some() || !parsed.output_text.is_empty());
         self.record_off_worker(parsed, error, counting);
     }
 
@@ -1433,9 +1426,11 @@ impl Draft {
         let estimated = (ok || self.unanswered)
             && match parsed.usage {
                 None => {
+                    // Counted earlier (a parked record's request, and the
+                    // text that streamed before it parked), plus what is
+                    // here (the text a resumed stream added).
                     let (input, output) = parsed.estimated;
                     usage.input_tokens = input;
-                    usage.output_tokens = output;
                     let filled = estimate::fill_estimate(
                         &mut usage,
                         api,
@@ -1443,6 +1438,7 @@ impl Draft {
                         self.body.take().as_deref(),
                         &parsed.output_text,
                     );
+                    usage.output_tokens = usage.output_tokens.saturating_add(output);
                     filled || input > 0 || output > 0
                 }
                 Some(_) if parsed.partial => {
@@ -1685,8 +1681,12 @@ impl ParkedResponse {
     /// started), the estimate.
     fn settle(self, mut later: ParsedUsage) {
         let ParkedResponse { draft, first, .. } = self;
+        // Both parts of the output: what streamed before it parked (unless
+        // counted into `estimated` already) and what the retrieval shows.
         if later.output_text.is_empty() {
             later.output_text = first.output_text;
+        } else if !first.output_text.is_empty() {
+            later.output_text = first.output_text + &later.output_text;
         }
         later.response_model = later.response_model.or(first.response_model);
         later.service_tier = later.service_tier.or(first.service_tier);
@@ -1736,10 +1736,22 @@ fn settle(state: &ProxyState, host: &str, id: &str, parsed: ParsedUsage) {
     parked.settle(parsed);
 }
 
-/// Whether a retrieval of `id` on `host` may settle a parked record: only
-/// then is it read (others are forwarded unread, as before).
+/// Whether a retrieval of `id` on `host` may settle a parked record.
 pub(super) fn settles_something(state: &ProxyState, host: &str, id: &str) -> bool {
     state.parked.contains(&parked_key(host, id))
+}
+
+/// A retrieval is read only when it may settle a parked record; any other
+/// is forwarded unread, costing nothing, as a model list is.
+fn read_retrieval_only_if_it_settles(state: &ProxyState, host: &str, info: &mut RequestInfo) {
+    if info
+        .retrieves
+        .as_deref()
+        .is_some_and(|id| !settles_something(state, host, id))
+    {
+        info.metered = false;
+        info.retrieves = None;
+    }
 }
 
 /// Writes the records parked longer than [`super::parked::PARK_FOR`].
@@ -1888,7 +1900,15 @@ impl Drop for MeteredBody {
         // The client went away (or the agent is stopping) before the end:
         // keep reading upstream so the record gets the provider's own count.
         let state = draft.ctx.state.clone();
-        if tokio::runtime::Handle::try_current().is_err() || state.stopping.is_cancelled() {
+        // A background stream goes on at the provider whatever the client
+        // does, and the client resumes it with a retrieval: its record
+        // parks now (with the id the stream named), for that retrieval to
+        // settle, instead of after a drain the retrieval would not wait for.
+        let background = draft.info.background;
+        if tokio::runtime::Handle::try_current().is_err()
+            || state.stopping.is_cancelled()
+            || background
+        {
             draft.emit(parser.finish(), Some(hangup_error(&state).into()));
             return;
         }
@@ -2065,11 +2085,19 @@ mod tests {
     /// read only when it may settle a parked record.
     fn retrieve(ctx: &Arc<ConnCtx>, answer: ParsedUsage) {
         let id = answer.response_id.clone().unwrap();
-        if !settles_something(&ctx.state, &ctx.provider.host, &id) {
+        let mut info = RequestInfo {
+            operation: "responses",
+            metered: true,
+            retrieves: Some(id),
+            ..Default::default()
+        };
+        read_retrieval_only_if_it_settles(&ctx.state, &ctx.provider.host, &mut info);
+        if !info.metered {
+            assert_eq!(info.retrieves, None);
             return;
         }
         let mut d = WsMeter::new(ctx.clone(), "/v1/responses/x".into()).draft(None, None);
-        d.info.retrieves = Some(id);
+        d.info = info;
         d.status = 200;
         d.emit(answer, None);
     }
@@ -2126,6 +2154,28 @@ mod tests {
         background_answered(&ctx, answer("resp_4", "queued", Some((0, 0))));
         assert_eq!(rows(&keep).len(), 1, "parked");
         assert_eq!(ctx.state.parked.len(), 2);
+    }
+
+    /// A background stream that parked with text, settled by a cancel
+    /// that shows more text and no counts: its output is estimated from
+    /// both parts, the first counted when it parked.
+    #[test]
+    fn both_parts_of_a_resumed_streams_text_are_estimated() {
+        let (ctx, keep, _dir) = test_ctx("api.openai.com", crate::config::ApiKind::Openai);
+        let first = "the first part of the story, streamed before the client left";
+        let later = "and the rest of it, shown by the retrieval that cancelled it";
+        let mut parked = answer("resp_s", "in_progress", None);
+        parked.output_text = first.into();
+        background_answered(&ctx, parked);
+        assert!(rows(&keep).is_empty());
+        let mut cancelled = answer("resp_s", "cancelled", None);
+        cancelled.output_text = later.into();
+        retrieve(&ctx, cancelled);
+        let got = rows(&keep);
+        assert_eq!(got.len(), 1);
+        let n = |t: &str| estimate::estimate_output(Some("gpt-4o-mini"), t);
+        assert_eq!(got[0].2, n(first) + n(later), "{got:?}");
+        assert!(got[0].5);
     }
 
     /// A Managed Agents call writes one row per session that grew since

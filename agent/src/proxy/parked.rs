@@ -115,13 +115,16 @@ impl<T> Parked<T> {
         if g.closed {
             return Err((Refused::Closed, entry));
         }
+        // (An entry that replaces one takes its place.)
+        if !g.by_key.contains_key(&key) {
+            if g.by_key.len() >= MAX_PARKED {
+                return Err((Refused::Full, entry));
+            }
+            if g.per_job.get(&job).copied().unwrap_or(0) >= MAX_PARKED_PER_JOB {
+                return Err((Refused::JobFull, entry));
+            }
+        }
         let old = g.remove(&key);
-        if g.by_key.len() >= MAX_PARKED {
-            return Err((Refused::Full, entry));
-        }
-        if g.per_job.get(&job).copied().unwrap_or(0) >= MAX_PARKED_PER_JOB {
-            return Err((Refused::JobFull, entry));
-        }
         g.serial += 1;
         let serial = g.serial;
         g.order.push_back((Instant::now(), key.clone(), serial));
@@ -250,6 +253,10 @@ mod tests {
             park(&p, "greedy more", "greedy", 7),
             Err((Refused::JobFull, 7))
         );
+        // One that replaces an entry is not refused for the job's share
+        // (and the one it replaces is handed back, not dropped).
+        assert_eq!(park(&p, "greedy 5", "other", 70), Ok(Some(5)));
+        assert_eq!(park(&p, "greedy 5", "greedy", 5), Ok(Some(70)));
         // Taking one gives the job its place back.
         p.take("greedy 0").unwrap();
         park(&p, "greedy again", "greedy", 8).unwrap();

@@ -9,6 +9,8 @@ use std::sync::{LazyLock, Mutex};
 
 use serde_json::{Value, json};
 
+use http_body_util::BodyExt;
+
 use super::{Body, Call, Log, Reported, json_response};
 
 /// A piece of background work: what each retrieval shows of it.
@@ -56,6 +58,7 @@ pub(crate) fn start(call: &Call, id: &str, mut job: Job) {
 pub(crate) fn retrieval(
     method: &hyper::Method,
     path: &str,
+    query: &str,
     sni: &str,
     log: &Log,
 ) -> Option<hyper::Response<Body>> {
@@ -83,13 +86,31 @@ pub(crate) fn retrieval(
         all.remove(id);
         return Some(json_response(200, answer));
     }
-    e.polls += 1;
+    // A Responses API stream resumed (`?stream=true`): its end, now.
+    let resumed = query.split('&').any(|kv| kv == "stream=true");
+    e.polls += if resumed { 2 } else { 1 };
     if e.polls < 2 {
         return Some(json_response(200, e.job.running.clone()));
     }
     if !e.done {
         e.done = true;
         log.lock().unwrap().push(e.job.reported.clone());
+    }
+    if resumed {
+        let data = json!({"type": "response.completed", "sequence_number": 999,
+            "response": e.job.done});
+        let event = format!("event: response.completed\ndata: {data}\n\n");
+        return Some(
+            hyper::Response::builder()
+                .status(200)
+                .header("content-type", "text/event-stream")
+                .body(
+                    http_body_util::Full::new(bytes::Bytes::from(event))
+                        .map_err(|never| match never {})
+                        .boxed(),
+                )
+                .expect("response"),
+        );
     }
     Some(json_response(200, e.job.done.clone()))
 }

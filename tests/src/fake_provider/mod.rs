@@ -224,7 +224,7 @@ async fn handle(req: Request<Incoming>, sni: String, log: Log) -> Result<Respons
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or("").to_string();
     let headers = req.headers().clone();
-    if let Some(answer) = background::retrieval(req.method(), &path, &sni, &log) {
+    if let Some(answer) = background::retrieval(req.method(), &path, &query, &sni, &log) {
         return Ok(answer);
     }
     if sni == "api.anthropic.com"

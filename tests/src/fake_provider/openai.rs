@@ -48,6 +48,33 @@ fn create_background(call: &Call) -> hyper::Response<Body> {
         "total_tokens":input_tokens + output_tokens});
     let text = vec!["tok"; output_tokens as usize].join(" ");
     let running = response_object(&id, &model, "queued", Value::Null, "");
+    let stream = v.get("stream").and_then(Value::as_bool) == Some(true);
+    let mut seq = 0u64;
+    let mut event = |kind: &str, mut data: Value| {
+        data["type"] = json!(kind);
+        data["sequence_number"] = json!(seq);
+        seq += 1;
+        (None, data.to_string())
+    };
+    // A background stream: the response's start, then its text slowly
+    // (`x-fake-chunk-delay-ms`); a client that leaves resumes it with a
+    // retrieval, which carries the end.
+    let events = stream.then(|| {
+        let mut out = vec![
+            event("response.created", json!({"response": running.clone()})),
+            event(
+                "response.in_progress",
+                json!({"response": response_object(&id, &model, "in_progress", Value::Null, "")}),
+            ),
+        ];
+        for _ in 0..output_tokens {
+            out.push(event(
+                "response.output_text.delta",
+                json!({"item_id":"msg_fake","output_index":0,"content_index":0,"delta":"tok "}),
+            ));
+        }
+        out
+    });
     background::start(
         call,
         &id,
@@ -58,6 +85,7 @@ fn create_background(call: &Call) -> hyper::Response<Body> {
             reported: Reported {
                 api: "openai",
                 model,
+                stream,
                 input_tokens,
                 output_tokens,
                 usage_sent: true,
@@ -65,7 +93,10 @@ fn create_background(call: &Call) -> hyper::Response<Body> {
             },
         },
     );
-    json_response(200, running)
+    match events {
+        Some(events) => stream_response("text/event-stream", sse(events), call.delay()),
+        None => json_response(200, running),
+    }
 }
 
 pub(crate) async fn handle(call: Call) -> hyper::Response<Body> {
