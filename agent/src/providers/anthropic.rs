@@ -80,7 +80,7 @@ impl Provider for Anthropic {
         headers: &http::HeaderMap,
     ) -> Box<dyn UsageParser> {
         let event_stream = super::content_type(headers) == "text/event-stream";
-        if info.sessions {
+        if info.sessions.is_some() {
             return Box::new(super::managed_agents::SessionParser::new(
                 info,
                 event_stream,

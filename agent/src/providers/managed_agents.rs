@@ -12,15 +12,14 @@
 use serde_json::Value;
 
 use super::sse::SseReader;
-use super::{JsonBody, ParsedUsage, RequestInfo, SessionSnapshot, UsageParser};
+use super::{JsonBody, ParsedUsage, RequestInfo, SessionSnapshot, SessionsCall, UsageParser};
 use crate::meter::Usage;
 
 /// The operation recorded for a session's growth.
 pub const OPERATION: &str = "agent_session";
 
-/// A Managed Agents call whose answer may show sessions' usage: the
-/// session the path names, if any, and whether the answer streams.
-/// `None` for any other path.
+/// A Managed Agents call whose answer may show sessions' usage: which
+/// call, and whether the answer streams. `None` for any other path.
 pub fn call(method: &http::Method, path: &str) -> Option<RequestInfo> {
     let rest = path.trim_end_matches('/').strip_prefix("/v1/sessions")?;
     if !rest.is_empty() && !rest.starts_with('/') {
@@ -30,25 +29,34 @@ pub fn call(method: &http::Method, path: &str) -> Option<RequestInfo> {
     let get = method == http::Method::GET;
     let post = method == http::Method::POST;
     let (session, streaming) = match segments.as_slice() {
-        // Create, list.
-        [] if get || post => (None, false),
+        [] if post => (None, false),
+        [] if get => {
+            return Some(RequestInfo {
+                operation: OPERATION,
+                metered: true,
+                sessions: SessionsCall::List,
+                ..Default::default()
+            });
+        }
         // Retrieve, update.
         [id] if get || post => (Some(*id), false),
         [id, "archive"] if post => (Some(*id), false),
         [id, "events"] if get || post => (Some(*id), false),
         [id, "events", "stream"] if get => (Some(*id), true),
+        // A thread's events carry the session's usage events too.
+        [id, "threads", _, "events"] if get => (Some(*id), false),
+        [id, "threads", _, "stream"] if get => (Some(*id), true),
         _ => return None,
     };
-    let session_id = match session {
-        Some(id) => Some(super::path_id(id)?),
-        None => None,
+    let sessions = match session {
+        Some(id) => SessionsCall::Of(super::path_id(id)?),
+        None => SessionsCall::Create,
     };
     Some(RequestInfo {
         operation: OPERATION,
         metered: true,
         streaming,
-        sessions: true,
-        session_id,
+        sessions,
         ..Default::default()
     })
 }
@@ -88,20 +96,49 @@ fn usage_of(u: &Value) -> Option<Usage> {
 }
 
 /// The model of a session object's agent (`agent.model.id`, or a plain
-/// string).
-fn model_of(session: &Value) -> Option<String> {
-    let m = session.get("agent")?.get("model")?;
-    let id = m.as_str().or_else(|| m.get("id").and_then(Value::as_str))?;
-    (!id.is_empty()).then(|| id.to_string())
+/// string), its tier (`speed: fast`) and its place uplift (`inference_geo:
+/// us`, 10 %).
+fn model_of(session: &Value) -> (Option<String>, Option<String>, u32) {
+    let Some(m) = session.get("agent").and_then(|a| a.get("model")) else {
+        return (None, None, 0);
+    };
+    let id = m
+        .as_str()
+        .or_else(|| m.get("id").and_then(Value::as_str))
+        .filter(|id| !id.is_empty())
+        .map(str::to_string);
+    let text = |k: &str| m.get(k).and_then(Value::as_str);
+    let tier = text("speed")
+        .filter(|s| s.eq_ignore_ascii_case("fast"))
+        .map(|_| "fast".to_string());
+    let uplift = if text("inference_geo").is_some_and(|g| g.eq_ignore_ascii_case("us")) {
+        10
+    } else {
+        0
+    };
+    (id, tier, uplift)
 }
 
 /// Reads the snapshots an answer shows.
 pub struct SessionParser {
     sse: Option<SseReader>,
     json: JsonBody,
-    /// The path's session: `session.usage` events are its.
-    path_session: Option<String>,
+    /// The call: its path's session owns `session.usage` events.
+    call: SessionsCall,
     found: Vec<SessionSnapshot>,
+}
+
+/// Field by field, the higher count: snapshots of one session only grow,
+/// whatever order a page lists them in.
+fn highest(a: &mut Usage, b: &Usage) {
+    a.input_tokens = a.input_tokens.max(b.input_tokens);
+    a.output_tokens = a.output_tokens.max(b.output_tokens);
+    a.cached_input_tokens = a.cached_input_tokens.max(b.cached_input_tokens);
+    a.cache_write_input_tokens = a.cache_write_input_tokens.max(b.cache_write_input_tokens);
+    a.cache_write_1h_input_tokens = a
+        .cache_write_1h_input_tokens
+        .max(b.cache_write_1h_input_tokens);
+    a.reasoning_tokens = a.reasoning_tokens.max(b.reasoning_tokens);
 }
 
 impl SessionParser {
@@ -109,18 +146,20 @@ impl SessionParser {
         SessionParser {
             sse: event_stream.then(|| SseReader::new(JsonBody::DEFAULT_LIMIT)),
             json: JsonBody::new(JsonBody::DEFAULT_LIMIT),
-            path_session: info.session_id.clone(),
+            call: info.sessions.clone(),
             found: Vec::new(),
         }
     }
 
-    /// The latest snapshot of each session wins.
+    /// One snapshot per session: the highest counts the answer shows.
     fn keep(found: &mut Vec<SessionSnapshot>, snap: SessionSnapshot) {
         match found.iter_mut().find(|s| s.id == snap.id) {
             Some(s) => {
-                s.usage = snap.usage;
+                highest(&mut s.usage, &snap.usage);
                 if snap.model.is_some() {
                     s.model = snap.model;
+                    s.tier = snap.tier;
+                    s.uplift_percent = snap.uplift_percent;
                 }
             }
             None => found.push(snap),
@@ -129,28 +168,44 @@ impl SessionParser {
 
     /// One object of an answer: a session, a `session.usage` event, or a
     /// page of either.
-    fn on_value(found: &mut Vec<SessionSnapshot>, path_session: &Option<String>, v: &Value) {
+    fn on_value(found: &mut Vec<SessionSnapshot>, call: &SessionsCall, v: &Value) {
         match v.get("type").and_then(Value::as_str) {
             Some("session") => {
                 let id = v
                     .get("id")
                     .and_then(Value::as_str)
                     .and_then(super::response_id);
-                if let (Some(id), Some(usage)) = (id, v.get("usage").and_then(usage_of)) {
-                    let model = model_of(v);
-                    Self::keep(found, SessionSnapshot { id, model, usage });
-                }
-            }
-            Some("session.usage") => {
-                if let (Some(id), Some(usage)) =
-                    (path_session.clone(), v.get("usage").and_then(usage_of))
-                {
+                // A new session is at zero whatever its answer says of it.
+                let usage = v
+                    .get("usage")
+                    .and_then(usage_of)
+                    .or_else(|| (*call == SessionsCall::Create).then(Usage::default));
+                if let (Some(id), Some(usage)) = (id, usage) {
+                    let (model, tier, uplift_percent) = model_of(v);
                     Self::keep(
                         found,
                         SessionSnapshot {
                             id,
-                            model: None,
+                            model,
+                            tier,
+                            uplift_percent,
                             usage,
+                            seen_by: call.clone(),
+                        },
+                    );
+                }
+            }
+            Some("session.usage") => {
+                if let (SessionsCall::Of(id), Some(usage)) =
+                    (call, v.get("usage").and_then(usage_of))
+                {
+                    Self::keep(
+                        found,
+                        SessionSnapshot {
+                            id: id.clone(),
+                            usage,
+                            seen_by: call.clone(),
+                            ..Default::default()
                         },
                     );
                 }
@@ -159,7 +214,7 @@ impl SessionParser {
                 if let Some(items) = v.get("data").and_then(Value::as_array) {
                     for item in items {
                         if item.get("data").is_none() {
-                            Self::on_value(found, path_session, item);
+                            Self::on_value(found, call, item);
                         }
                     }
                 }
@@ -170,11 +225,11 @@ impl SessionParser {
 
 impl UsageParser for SessionParser {
     fn feed(&mut self, chunk: &[u8]) {
-        let (found, path) = (&mut self.found, &self.path_session);
+        let (found, call) = (&mut self.found, &self.call);
         match self.sse.as_mut() {
             Some(sse) => sse.feed(chunk, &mut |e| {
                 if let Ok(v) = serde_json::from_str::<Value>(&e.data) {
-                    Self::on_value(found, path, &v);
+                    Self::on_value(found, call, &v);
                 }
             }),
             None => self.json.feed(chunk),
@@ -182,16 +237,16 @@ impl UsageParser for SessionParser {
     }
 
     fn finish(&mut self) -> ParsedUsage {
-        let (found, path) = (&mut self.found, &self.path_session);
+        let (found, call) = (&mut self.found, &self.call);
         match self.sse.as_mut() {
             Some(sse) => sse.finish(&mut |e| {
                 if let Ok(v) = serde_json::from_str::<Value>(&e.data) {
-                    Self::on_value(found, path, &v);
+                    Self::on_value(found, call, &v);
                 }
             }),
             None => {
                 if let Some(v) = self.json.take() {
-                    Self::on_value(found, path, &v);
+                    Self::on_value(found, call, &v);
                 }
             }
         }
@@ -210,47 +265,49 @@ mod tests {
 
     #[test]
     fn session_calls_are_told_apart() {
-        for (method, path, id, streaming) in [
-            ("POST", "/v1/sessions", None, false),
-            ("GET", "/v1/sessions", None, false),
-            ("GET", "/v1/sessions/sesn_01A", Some("sesn_01A"), false),
-            ("POST", "/v1/sessions/sesn_01A", Some("sesn_01A"), false),
+        let of = |id: &str| SessionsCall::Of(id.to_string());
+        for (method, path, want, streaming) in [
+            ("POST", "/v1/sessions", SessionsCall::Create, false),
+            ("GET", "/v1/sessions", SessionsCall::List, false),
+            ("GET", "/v1/sessions/sesn_01A", of("sesn_01A"), false),
+            ("POST", "/v1/sessions/sesn_01A", of("sesn_01A"), false),
             (
                 "POST",
                 "/v1/sessions/sesn_01A/archive",
-                Some("sesn_01A"),
+                of("sesn_01A"),
                 false,
             ),
-            (
-                "GET",
-                "/v1/sessions/sesn_01A/events",
-                Some("sesn_01A"),
-                false,
-            ),
+            ("GET", "/v1/sessions/sesn_01A/events", of("sesn_01A"), false),
             (
                 "POST",
                 "/v1/sessions/sesn_01A/events",
-                Some("sesn_01A"),
+                of("sesn_01A"),
                 false,
             ),
             (
                 "GET",
                 "/v1/sessions/sesn_01A/events/stream",
-                Some("sesn_01A"),
+                of("sesn_01A"),
                 true,
             ),
-            ("GET", "/v1/sessions/sesn_01A%3D", Some("sesn_01A="), false),
+            (
+                "GET",
+                "/v1/sessions/sesn_01A/threads/th_1/events",
+                of("sesn_01A"),
+                false,
+            ),
+            (
+                "GET",
+                "/v1/sessions/sesn_01A/threads/th_1/stream",
+                of("sesn_01A"),
+                true,
+            ),
+            ("GET", "/v1/sessions/sesn_01A%3D", of("sesn_01A="), false),
         ] {
             let i = Anthropic.request(&request(method, path, b"{}"));
             assert_eq!(
-                (
-                    i.operation,
-                    i.metered,
-                    i.sessions,
-                    i.session_id.as_deref(),
-                    i.streaming
-                ),
-                (OPERATION, true, true, id, streaming),
+                (i.operation, i.metered, &i.sessions, i.streaming),
+                (OPERATION, true, &want, streaming),
                 "{method} {path}"
             );
         }
@@ -263,23 +320,32 @@ mod tests {
             ("GET", "/v1/sessionsX"),
         ] {
             let i = Anthropic.request(&request(method, path, b"{}"));
-            assert!(!i.sessions, "{method} {path}");
+            assert!(!i.sessions.is_some(), "{method} {path}");
         }
+    }
+
+    fn counts(s: &SessionSnapshot) -> (u64, u64) {
+        (s.usage.input_tokens, s.usage.output_tokens)
     }
 
     #[test]
     fn snapshots_are_read_from_sessions_pages_and_usage_events() {
         let info = call(&http::Method::GET, "/v1/sessions/sesn_1/events").unwrap();
         let session = br#"{"type":"session","id":"sesn_1","status":"idle",
-            "agent":{"type":"agent","model":{"id":"claude-opus-4-7","speed":"standard"}},
+            "agent":{"type":"agent","model":{"id":"claude-opus-4-7","speed":"fast","inference_geo":"us"}},
             "usage":{"input_tokens":100,"output_tokens":40,"cache_read_input_tokens":1000,
                      "cache_creation":{"ephemeral_5m_input_tokens":20,"ephemeral_1h_input_tokens":30}}}"#;
         let p = parse_split(&Anthropic, &info, "application/json", session, &[17]);
         assert_eq!(p.sessions.len(), 1);
         let s = &p.sessions[0];
         assert_eq!(
-            (s.id.as_str(), s.model.as_deref()),
-            ("sesn_1", Some("claude-opus-4-7"))
+            (
+                s.id.as_str(),
+                s.model.as_deref(),
+                s.tier.as_deref(),
+                s.uplift_percent
+            ),
+            ("sesn_1", Some("claude-opus-4-7"), Some("fast"), 10)
         );
         let u = s.usage;
         assert_eq!(
@@ -293,19 +359,19 @@ mod tests {
             (1150, 1000, 50, 30, 40)
         );
         assert_eq!(p.usage, None, "a snapshot is not a request's usage");
-        // A page of events: the last `session.usage` is the path's session's.
+        // A page of events: the highest `session.usage` counts, in either
+        // order, are the path's session's; a count left out lowers nothing.
         let page = br#"{"data":[{"type":"session.usage","id":"e1","usage":{"input_tokens":5,"output_tokens":1}},
             {"type":"agent.message","id":"e2","content":[{"type":"text","text":"hi"}]},
             {"type":"session.usage","id":"e3","usage":{"input_tokens":9,"output_tokens":4}}],"next_page":null}"#;
         let p = parse_split(&Anthropic, &info, "application/json", page, &[]);
         assert_eq!(p.sessions.len(), 1);
-        assert_eq!(
-            (
-                p.sessions[0].usage.input_tokens,
-                p.sessions[0].usage.output_tokens
-            ),
-            (9, 4)
-        );
+        assert_eq!(counts(&p.sessions[0]), (9, 4));
+        let desc = br#"{"data":[{"type":"session.usage","id":"e3","usage":{"input_tokens":9,"output_tokens":4}},
+            {"type":"session.usage","id":"e2","usage":{"output_tokens":7}},
+            {"type":"session.usage","id":"e1","usage":{"input_tokens":5,"output_tokens":1}}]}"#;
+        let p = parse_split(&Anthropic, &info, "application/json", desc, &[]);
+        assert_eq!(counts(&p.sessions[0]), (9, 7));
         // A stream of them.
         let stream = "event: message\ndata: {\"type\":\"session.usage\",\"usage\":{\"input_tokens\":3,\"output_tokens\":2}}\n\n\
                       data: {\"type\":\"session.status_idle\"}\n\n\
@@ -319,13 +385,16 @@ mod tests {
             &[30, 31],
         );
         assert_eq!(p.sessions.len(), 1);
-        assert_eq!(
-            (
-                p.sessions[0].usage.input_tokens,
-                p.sessions[0].usage.output_tokens
-            ),
-            (7, 6)
-        );
+        assert_eq!(counts(&p.sessions[0]), (7, 6));
+        // A new session starts at zero, even when its answer shows none.
+        let create = call(&http::Method::POST, "/v1/sessions").unwrap();
+        let new = br#"{"type":"session","id":"sesn_n","usage":{}}"#;
+        let p = parse_split(&Anthropic, &create, "application/json", new, &[]);
+        assert_eq!(p.sessions.len(), 1);
+        assert_eq!(p.sessions[0].usage, Usage::default());
+        assert_eq!(p.sessions[0].seen_by, SessionsCall::Create);
+        let elsewhere = parse_split(&Anthropic, &info, "application/json", new, &[]);
+        assert!(elsewhere.sessions.is_empty(), "no counts: not a snapshot");
         // A list of sessions, each its own; a session without usage, or an
         // id that is not a plain token, is not a snapshot.
         let list = call(&http::Method::GET, "/v1/sessions").unwrap();
@@ -343,5 +412,6 @@ mod tests {
             ids,
             [("sesn_a", None), ("sesn_b", Some("claude-sonnet-4-6"))]
         );
+        assert!(p.sessions.iter().all(|s| s.seen_by == SessionsCall::List));
     }
 }

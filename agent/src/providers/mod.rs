@@ -78,9 +78,28 @@ pub struct RequestInfo {
     /// Claude Managed Agents: the answer shows sessions' cumulative usage
     /// (a session, a list of them, a session's events): it is never a row
     /// of its own; each session's growth since the agent last saw it is.
-    pub sessions: bool,
-    /// The session the path names, whose `session.usage` events name none.
-    pub session_id: Option<String>,
+    pub sessions: SessionsCall,
+}
+
+/// Which Claude Managed Agents call a request is.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum SessionsCall {
+    /// Not one.
+    #[default]
+    No,
+    /// `POST /v1/sessions`: the session it answers starts at zero.
+    Create,
+    /// `GET /v1/sessions`: the workspace's sessions, other jobs' included.
+    List,
+    /// A call on the session the path names (retrieve, update, archive,
+    /// its events and threads), whose `session.usage` events name none.
+    Of(String),
+}
+
+impl SessionsCall {
+    pub fn is_some(&self) -> bool {
+        *self != SessionsCall::No
+    }
 }
 
 /// What a request body's top-level `stream_options` member is.
@@ -291,10 +310,18 @@ pub struct ParsedUsage {
 pub struct SessionSnapshot {
     /// The session's id, sanitised by [`response_id`].
     pub id: String,
-    /// The model of the session's agent, when the answer names it.
+    /// The model of the session's agent, when the answer names it, with
+    /// its speed (`fast` is recorded as that tier) and whether it runs
+    /// US-only (10 % more).
     pub model: Option<String>,
-    /// Cumulative since the session began, normalised as any usage.
+    pub tier: Option<String>,
+    pub uplift_percent: u32,
+    /// Cumulative since the session began, normalised as any usage (a
+    /// count the answer leaves out reads 0, which never lowers one seen).
     pub usage: Usage,
+    /// How the answer showed it (a create starts at zero; a list shows
+    /// other jobs' sessions too).
+    pub seen_by: SessionsCall,
 }
 
 impl ParsedUsage {

@@ -1144,7 +1144,7 @@ pub(super) async fn handle(
     }
     // A retrieval only settles a parked record, a Managed Agents call
     // shows sessions' growth: nothing to estimate, nothing in flight.
-    let own_row = info.retrieves.is_none() && !info.sessions;
+    let own_row = info.retrieves.is_none() && !info.sessions.is_some();
     let kept_body = if info.metered && own_row {
         whole.clone()
     } else {
@@ -1388,7 +1388,7 @@ impl Draft {
         let counting = ok
             && (parsed.usage.is_none() || parsed.partial)
             && self.info.retrieves.is_none()
-            && !self.info.sessions
+            && !self.info.sessions.is_some()
             && (self.body.is_some() || !parsed.output_text.is_empty());
         self.record_off_worker(parsed, error, counting);
     }
@@ -1406,7 +1406,7 @@ impl Draft {
             }
             return;
         }
-        if self.info.sessions {
+        if self.info.sessions.is_some() {
             if ok {
                 self.record_sessions(parsed.sessions);
             }
@@ -1544,16 +1544,26 @@ impl Draft {
 impl Draft {
     /// Writes one row per Managed Agents session that grew since the agent
     /// last saw it (see [`super::sessions`]): its growth, attributed to the
-    /// job whose call showed it.
+    /// job that created the session through the agent, else to the job
+    /// whose call showed it.
     fn record_sessions(&self, sessions: Vec<crate::providers::SessionSnapshot>) {
         let state = &self.ctx.state;
         for s in sessions {
             let key = format!("{} {}", self.ctx.provider.host, s.id);
-            let Some((grown, model)) = state.sessions.grew(key, s.usage, s.model) else {
+            let Some(grown) = state.sessions.grew(key, s, &self.ctx.who) else {
                 continue;
             };
+            let ctx = match grown.owner {
+                Some(owner) if !Arc::ptr_eq(&owner, &self.ctx.who) => Arc::new(ConnCtx {
+                    state: self.ctx.state.clone(),
+                    origin: self.ctx.origin.clone(),
+                    who: owner,
+                    provider: self.ctx.provider.clone(),
+                }),
+                _ => self.ctx.clone(),
+            };
             let mut row = Draft {
-                ctx: self.ctx.clone(),
+                ctx,
                 body: None,
                 lease: state.body_budget.lease(),
                 started: self.started,
@@ -1561,8 +1571,8 @@ impl Draft {
                 method: self.method.clone(),
                 path: self.path.clone(),
                 info: RequestInfo {
-                    sessions: false,
-                    model,
+                    sessions: crate::providers::SessionsCall::No,
+                    model: grown.model,
                     ..self.info.clone()
                 },
                 status: self.status,
@@ -1574,7 +1584,9 @@ impl Draft {
             };
             row.record(
                 ParsedUsage {
-                    usage: Some(grown),
+                    usage: Some(grown.usage),
+                    service_tier: grown.tier,
+                    uplift_percent: grown.uplift_percent,
                     ..Default::default()
                 },
                 None,
@@ -1904,10 +1916,13 @@ impl Drop for MeteredBody {
         // does, and the client resumes it with a retrieval: its record
         // parks now (with the id the stream named), for that retrieval to
         // settle, instead of after a drain the retrieval would not wait for.
-        let background = draft.info.background;
+        // A Managed Agents event stream (a live tail, usually left when the
+        // session goes idle) shows cumulative counts: what it did not show
+        // the next call will; nothing to read on for.
+        let read_on = !draft.info.background && !draft.info.sessions.is_some();
         if tokio::runtime::Handle::try_current().is_err()
             || state.stopping.is_cancelled()
-            || background
+            || !read_on
         {
             draft.emit(parser.finish(), Some(hangup_error(&state).into()));
             return;
@@ -2179,42 +2194,69 @@ mod tests {
     }
 
     /// A Managed Agents call writes one row per session that grew since
-    /// the last call that showed it, with the growth; a first sight is a
-    /// baseline; repeated polls write nothing.
+    /// the last call that showed it, with the growth; a first sight by id
+    /// is a baseline; repeated polls write nothing; a session created
+    /// through the agent is its creator's, whoever's call shows it.
     #[test]
     fn managed_agents_sessions_are_rows_of_their_growth() {
+        use crate::providers::{SessionSnapshot, SessionsCall};
         let (ctx, keep, _dir) = test_ctx("api.anthropic.com", crate::config::ApiKind::Anthropic);
-        let show = |snaps: &[(&str, Option<&str>, u64, u64)]| {
-            let mut d = WsMeter::new(ctx.clone(), "/v1/sessions".into()).draft(None, None);
-            d.info =
-                crate::providers::managed_agents::call(&http::Method::GET, "/v1/sessions").unwrap();
-            d.status = 200;
-            let sessions = snaps
-                .iter()
-                .map(|(id, model, i, o)| crate::providers::SessionSnapshot {
-                    id: id.to_string(),
-                    model: model.map(str::to_string),
-                    usage: crate::meter::Usage {
-                        input_tokens: *i,
-                        output_tokens: *o,
+        let other = Arc::new(ConnCtx {
+            state: ctx.state.clone(),
+            origin: ctx.origin.clone(),
+            who: Arc::new(Attribution {
+                job: Some("lister".into()),
+                ..Default::default()
+            }),
+            provider: ctx.provider.clone(),
+        });
+        let show =
+            |by: &Arc<ConnCtx>, call: SessionsCall, snaps: &[(&str, Option<&str>, u64, u64)]| {
+                let mut d = WsMeter::new(by.clone(), "/v1/sessions".into()).draft(None, None);
+                d.info = crate::providers::managed_agents::call(&http::Method::GET, "/v1/sessions")
+                    .unwrap();
+                d.info.sessions = call.clone();
+                d.status = 200;
+                let sessions = snaps
+                    .iter()
+                    .map(|(id, model, i, o)| SessionSnapshot {
+                        id: id.to_string(),
+                        model: model.map(str::to_string),
+                        usage: crate::meter::Usage {
+                            input_tokens: *i,
+                            output_tokens: *o,
+                            ..Default::default()
+                        },
+                        seen_by: call.clone(),
+                        ..Default::default()
+                    })
+                    .collect();
+                d.emit(
+                    ParsedUsage {
+                        sessions,
                         ..Default::default()
                     },
-                })
-                .collect();
-            d.emit(
-                ParsedUsage {
-                    sessions,
-                    ..Default::default()
-                },
-                None,
-            );
-        };
-        show(&[("sesn_a", Some("claude-opus-4-6"), 0, 0)]);
-        show(&[("sesn_b", None, 5000, 100)]);
+                    None,
+                );
+            };
+        let of = |id: &str| SessionsCall::Of(id.into());
+        show(
+            &ctx,
+            SessionsCall::Create,
+            &[("sesn_a", Some("claude-opus-4-6"), 0, 0)],
+        );
+        show(&ctx, of("sesn_b"), &[("sesn_b", None, 5000, 100)]);
         assert!(rows(&keep).is_empty(), "baselines");
-        show(&[("sesn_a", None, 1000, 200), ("sesn_b", None, 5000, 100)]);
-        show(&[("sesn_a", None, 1000, 200)]);
-        show(&[("sesn_a", None, 3000, 300), ("sesn_b", None, 5600, 150)]);
+        show(&ctx, of("sesn_a"), &[("sesn_a", None, 1000, 200)]);
+        show(&ctx, of("sesn_a"), &[("sesn_a", None, 1000, 200)]);
+        // Another job lists the workspace: the creator's session moves and
+        // is the creator's; a session the agent does not follow is not.
+        show(
+            &other,
+            SessionsCall::List,
+            &[("sesn_a", None, 3000, 300), ("sesn_x", None, 77, 7)],
+        );
+        show(&ctx, of("sesn_b"), &[("sesn_b", None, 5600, 150)]);
         let got = rows(&keep);
         assert_eq!(
             got,
@@ -2224,15 +2266,17 @@ mod tests {
                 (String::new(), 600, 50, 200, None, false),
             ]
         );
-        let first = keep.0.lock().unwrap()[0].clone();
+        let recs = keep.0.lock().unwrap().clone();
         assert_eq!(
-            (first.operation.as_str(), first.provider.as_str()),
+            (recs[0].operation.as_str(), recs[0].provider.as_str()),
             ("agent_session", "anthropic")
         );
+        assert_eq!(recs[1].who.job, None, "the creator's, not the lister's");
         // Opus 4.6: $5 / $25 per million.
         assert!(
-            first.cost_usd.is_some_and(|c| (c - 0.01).abs() < 1e-9),
-            "{first:?}"
+            recs[0].cost_usd.is_some_and(|c| (c - 0.01).abs() < 1e-9),
+            "{:?}",
+            recs[0]
         );
     }
 

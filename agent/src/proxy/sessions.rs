@@ -3,20 +3,25 @@
 //! A session reports cumulative usage (see `providers::managed_agents`);
 //! its spend between two snapshots is their difference. The first snapshot
 //! of a session is its baseline, not spend: a session created through the
-//! agent starts at zero, and one first seen later (created before the
-//! agent started, or elsewhere) is counted from then on, so that a restart
-//! never counts a session's past twice.
+//! agent starts at zero, and one first seen later by its id (created before
+//! the agent started, or elsewhere) is counted from then on, so that a
+//! restart never counts a session's past twice. A session's growth belongs
+//! to the job that created it through the agent, whichever job's call
+//! shows it; a list of the workspace's sessions (other jobs' and other
+//! machines' among them) only moves sessions already known.
 //!
 //! Owns: the last snapshot per (provider host, session), bounded.
-//! Must never: give the same growth twice (the last snapshot is replaced
-//! under the lock that computes the difference), or hold more than
+//! Must never: give the same growth twice (the highest counts seen are
+//! kept, under the lock that computes the difference, so a snapshot that
+//! arrives late lowers nothing), or hold more than
 //! [`MAX_SESSIONS`] sessions (the one seen longest ago goes first).
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use crate::meter::Usage;
+use crate::meter::{Attribution, Usage};
+use crate::providers::{SessionSnapshot, SessionsCall};
 
 /// Most sessions remembered.
 pub const MAX_SESSIONS: usize = 4096;
@@ -24,69 +29,117 @@ pub const MAX_SESSIONS: usize = 4096;
 struct Seen {
     usage: Usage,
     model: Option<String>,
+    tier: Option<String>,
+    uplift_percent: u32,
+    /// The job that created it through the agent.
+    owner: Option<Arc<Attribution>>,
     at: Instant,
+}
+
+/// What a session used since the agent last saw it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Growth {
+    pub usage: Usage,
+    /// The session's model as last named, its tier and place uplift.
+    pub model: Option<String>,
+    pub tier: Option<String>,
+    pub uplift_percent: u32,
+    /// The job that created it through the agent, if one did.
+    pub owner: Option<Arc<Attribution>>,
 }
 
 #[derive(Default)]
 pub struct Sessions(Mutex<HashMap<String, Seen>>);
 
-/// Field by field `now - before`; `None` when a count went down (not the
-/// same session's history: its snapshot becomes the new baseline).
-fn growth(before: &Usage, now: &Usage) -> Option<Usage> {
-    Some(Usage {
-        input_tokens: now.input_tokens.checked_sub(before.input_tokens)?,
-        output_tokens: now.output_tokens.checked_sub(before.output_tokens)?,
-        cached_input_tokens: now
-            .cached_input_tokens
-            .checked_sub(before.cached_input_tokens)?,
-        cache_write_input_tokens: now
-            .cache_write_input_tokens
-            .checked_sub(before.cache_write_input_tokens)?,
-        cache_write_1h_input_tokens: now
-            .cache_write_1h_input_tokens
-            .checked_sub(before.cache_write_1h_input_tokens)?,
-        reasoning_tokens: now.reasoning_tokens.checked_sub(before.reasoning_tokens)?,
-    })
+/// Takes `now` into `seen` (field by field, the higher count: the counts
+/// only grow, and an older snapshot that arrives after a newer one, from
+/// two calls racing, must not lower them) and gives what grew.
+fn take_growth(seen: &mut Usage, now: &Usage) -> Usage {
+    fn step(seen: &mut u64, now: u64) -> u64 {
+        let grown = now.saturating_sub(*seen);
+        *seen = (*seen).max(now);
+        grown
+    }
+    Usage {
+        input_tokens: step(&mut seen.input_tokens, now.input_tokens),
+        output_tokens: step(&mut seen.output_tokens, now.output_tokens),
+        cached_input_tokens: step(&mut seen.cached_input_tokens, now.cached_input_tokens),
+        cache_write_input_tokens: step(
+            &mut seen.cache_write_input_tokens,
+            now.cache_write_input_tokens,
+        ),
+        cache_write_1h_input_tokens: step(
+            &mut seen.cache_write_1h_input_tokens,
+            now.cache_write_1h_input_tokens,
+        ),
+        reasoning_tokens: step(&mut seen.reasoning_tokens, now.reasoning_tokens),
+    }
 }
 
 impl Sessions {
-    /// Takes the snapshot `usage` of session `key` (naming `model`, if the
-    /// answer did) and gives what grew since the last one, with the model
-    /// the session is known by; `None` for a first snapshot, or when
-    /// nothing grew.
+    /// Takes snapshot `snap` of session `key`, shown by a call of job
+    /// `caller`, and gives what grew since the last one; `None` for a
+    /// first snapshot, or when nothing grew.
     pub fn grew(
         &self,
         key: String,
-        usage: Usage,
-        model: Option<String>,
-    ) -> Option<(Usage, Option<String>)> {
+        snap: SessionSnapshot,
+        caller: &Arc<Attribution>,
+    ) -> Option<Growth> {
         let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         if let Some(seen) = g.get_mut(&key) {
-            let grown = growth(&seen.usage, &usage);
-            seen.usage = usage;
+            let grown = take_growth(&mut seen.usage, &snap.usage);
             seen.at = now;
-            if model.is_some() {
-                seen.model = model;
+            if snap.model.is_some() {
+                seen.model = snap.model;
+                seen.tier = snap.tier;
+                seen.uplift_percent = snap.uplift_percent;
             }
-            return grown
-                .filter(|u| *u != Usage::default())
-                .map(|u| (u, seen.model.clone()));
+            return (grown != Usage::default()).then(|| Growth {
+                usage: grown,
+                model: seen.model.clone(),
+                tier: seen.tier.clone(),
+                uplift_percent: seen.uplift_percent,
+                owner: seen.owner.clone(),
+            });
         }
+        let created = match snap.seen_by {
+            // Not one of the sessions the agent follows.
+            SessionsCall::List | SessionsCall::No => return None,
+            SessionsCall::Create => true,
+            SessionsCall::Of(_) => false,
+        };
         if g.len() >= MAX_SESSIONS
             && let Some(oldest) = g.iter().min_by_key(|(_, s)| s.at).map(|(k, _)| k.clone())
         {
             g.remove(&oldest);
         }
-        g.insert(
-            key,
-            Seen {
-                usage,
-                model,
-                at: now,
-            },
-        );
-        None
+        // A new session is at zero (what its first answer shows already
+        // is its spend); one first seen by its id is a baseline.
+        let mut usage = if created {
+            Usage::default()
+        } else {
+            snap.usage
+        };
+        let grown = take_growth(&mut usage, &snap.usage);
+        let seen = Seen {
+            usage,
+            model: snap.model,
+            tier: snap.tier,
+            uplift_percent: snap.uplift_percent,
+            owner: created.then(|| caller.clone()),
+            at: now,
+        };
+        let growth = (grown != Usage::default()).then(|| Growth {
+            usage: grown,
+            model: seen.model.clone(),
+            tier: seen.tier.clone(),
+            uplift_percent: seen.uplift_percent,
+            owner: seen.owner.clone(),
+        });
+        g.insert(key, seen);
+        growth
     }
 
     pub fn len(&self) -> usize {
@@ -110,60 +163,104 @@ mod tests {
         }
     }
 
+    fn snap(usage: Usage, seen_by: SessionsCall, model: Option<&str>) -> SessionSnapshot {
+        SessionSnapshot {
+            id: "x".into(),
+            model: model.map(str::to_string),
+            usage,
+            seen_by,
+            ..Default::default()
+        }
+    }
+
+    fn of() -> SessionsCall {
+        SessionsCall::Of("x".into())
+    }
+
+    fn job(name: &str) -> Arc<Attribution> {
+        Arc::new(Attribution {
+            job: Some(name.into()),
+            ..Default::default()
+        })
+    }
+
     #[test]
     fn only_growth_is_given_and_only_once() {
         let s = Sessions::default();
+        let (a, b) = (job("a"), job("b"));
+        let grew = |key: &str, usage, by, model, caller: &Arc<Attribution>| {
+            s.grew(key.into(), snap(usage, by, model), caller)
+        };
         assert_eq!(
-            s.grew("h sesn_1".into(), u(0, 0), Some("claude-opus-4-7".into())),
+            grew(
+                "h sesn_1",
+                u(0, 0),
+                SessionsCall::Create,
+                Some("claude-opus-4-7"),
+                &a
+            ),
             None
         );
+        // Shown by another job's call: still the creator's.
+        let g = grew("h sesn_1", u(100, 40), of(), None, &b).unwrap();
         assert_eq!(
-            s.grew("h sesn_1".into(), u(100, 40), None),
-            Some((u(100, 40), Some("claude-opus-4-7".into())))
+            (g.usage, g.model.as_deref()),
+            (u(100, 40), Some("claude-opus-4-7"))
         );
+        assert_eq!(g.owner.and_then(|o| o.job.clone()).as_deref(), Some("a"));
         assert_eq!(
-            s.grew("h sesn_1".into(), u(100, 40), None),
+            grew("h sesn_1", u(100, 40), of(), None, &a),
             None,
             "a repeated poll"
         );
         assert_eq!(
-            s.grew("h sesn_1".into(), u(150, 41), None).map(|g| g.0),
-            Some(u(50, 1))
+            grew("h sesn_1", u(150, 41), SessionsCall::List, None, &b).map(|g| g.usage),
+            Some(u(50, 1)),
+            "a list moves a known session"
         );
-        // First seen with spend already: a baseline, not spend.
-        assert_eq!(s.grew("h sesn_2".into(), u(9000, 900), None), None);
+        // First seen by its id with spend already: a baseline, not spend,
+        // and no owner.
+        assert_eq!(grew("h sesn_2", u(9000, 900), of(), None, &b), None);
+        let g = grew("h sesn_2", u(9001, 900), of(), None, &b).unwrap();
+        assert_eq!((g.usage, g.owner), (u(1, 0), None));
+        // An older snapshot that comes after a newer one (two calls
+        // racing) changes nothing: what grew is counted once.
+        assert_eq!(grew("h sesn_2", u(9000, 900), of(), None, &b), None);
         assert_eq!(
-            s.grew("h sesn_2".into(), u(9001, 900), None).map(|g| g.0),
-            Some(u(1, 0))
+            grew("h sesn_2", u(9003, 905), of(), None, &b).map(|g| g.usage),
+            Some(u(2, 5))
         );
-        // A count that went down starts again from there.
-        assert_eq!(s.grew("h sesn_2".into(), u(10, 10), None), None);
+        // A list never adds a session: other jobs' and machines' are in it.
         assert_eq!(
-            s.grew("h sesn_2".into(), u(12, 10), None).map(|g| g.0),
-            Some(u(2, 0))
+            grew("h sesn_3", u(5, 5), SessionsCall::List, None, &b),
+            None
         );
+        assert_eq!(
+            grew("h sesn_3", u(6, 5), SessionsCall::List, None, &b),
+            None
+        );
+        assert_eq!(s.len(), 2);
+        // A create whose answer shows spend already (initial events): that
+        // is spend.
+        let g = grew("h sesn_4", u(30, 3), SessionsCall::Create, None, &a).unwrap();
+        assert_eq!(g.usage, u(30, 3));
     }
 
     #[test]
     fn the_table_is_bounded_and_forgets_the_longest_unseen() {
         let s = Sessions::default();
-        s.grew("h 1".into(), u(0, 0), None);
+        let a = job("a");
+        let see = |key: String, n| s.grew(key, snap(u(n, 0), of(), None), &a);
+        see("h 1".into(), 0);
         std::thread::sleep(std::time::Duration::from_millis(2));
         for i in (0..MAX_SESSIONS).filter(|&i| i != 1) {
-            s.grew(format!("h {i}"), u(0, 0), None);
+            see(format!("h {i}"), 0);
         }
         // Session 0 seen again: it stays; session 1 is the oldest.
-        s.grew("h 0".into(), u(1, 0), None);
-        s.grew("h new".into(), u(0, 0), None);
+        see("h 0".into(), 1);
+        see("h new".into(), 0);
         assert_eq!(s.len(), MAX_SESSIONS);
-        assert_eq!(
-            s.grew("h 0".into(), u(2, 0), None).map(|g| g.0),
-            Some(u(1, 0))
-        );
-        assert_eq!(
-            s.grew("h 1".into(), u(5, 0), None),
-            None,
-            "forgotten: a new baseline"
-        );
+        assert_eq!(see("h 0".into(), 2).map(|g| g.usage), Some(u(1, 0)));
+        assert_eq!(see("h 1".into(), 5), None, "forgotten: a new baseline");
     }
 }
