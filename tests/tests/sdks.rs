@@ -520,11 +520,19 @@ for ch in c.models.generate_content_stream(model="gemini-2.5-pro", contents="cou
         config=types.GenerateContentConfig(max_output_tokens=5)):
     n += 1
 assert n == 5, n
+# Vertex AI's OpenAI-compatible endpoint, as the OpenAI SDK (or LiteLLM)
+# calls it.
+import openai
+o = openai.OpenAI(api_key="ya29.FAKE-VERTEX-TOKEN", max_retries=0,
+    base_url="https://us-central1-aiplatform.googleapis.com/v1/projects/acme-ci/locations/us-central1/endpoints/openapi")
+r = o.chat.completions.create(model="google/gemini-2.5-flash", max_tokens=4,
+    messages=[{"role": "user", "content": "hello there"}])
+assert r.usage.completion_tokens == 4, r.usage
 "#,
         ),
         "python google-genai on Vertex AI",
     );
-    let rows = w.assert_ledger_matches_provider(2);
+    let rows = w.assert_ledger_matches_provider(3);
     for r in &rows {
         assert_eq!(s(r, "provider"), "gemini", "{r}");
         assert_eq!(s(r, "host"), tollgate_e2e::world::VERTEX_HOST, "{r}");
@@ -533,9 +541,13 @@ assert n == 5, n
     let reported = w.fake.reported();
     let paths: Vec<&str> = reported.iter().map(|r| r.path.as_str()).collect();
     assert!(
-        paths.iter().all(
+        paths[..2].iter().all(
             |p| p.contains("/projects/acme-ci/locations/us-central1/publishers/google/models/")
         ),
+        "{paths:?}"
+    );
+    assert!(
+        paths[2].ends_with("/endpoints/openapi/chat/completions"),
         "{paths:?}"
     );
     assert_no_secret(&w, "FAKE-VERTEX-TOKEN");

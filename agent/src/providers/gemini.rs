@@ -140,11 +140,23 @@ fn vertex_anthropic(path: &str) -> Option<(String, String)> {
     Some((model.to_owned(), method.trim_end_matches('/').to_owned()))
 }
 
-/// True for the OpenAI-compatible endpoint (`/v1beta/openai/...`).
+/// True for the OpenAI-compatible endpoints: the Gemini API's
+/// (`/v1beta/openai/...`) and Vertex AI's
+/// (`/v1/projects/P/locations/L/endpoints/openapi/...`, which serves
+/// Gemini as `google/gemini-…` and partner models such as
+/// `meta/llama-…-maas`).
 fn is_openai_compat(path: &str) -> bool {
-    path.trim_start_matches('/')
-        .split_once('/')
-        .is_some_and(|(_, rest)| rest.starts_with("openai/"))
+    let Some((_, rest)) = path.trim_start_matches('/').split_once('/') else {
+        return false;
+    };
+    if rest.starts_with("openai/") {
+        return true;
+    }
+    let parts: Vec<&str> = rest.split('/').collect();
+    matches!(
+        parts.as_slice(),
+        ["projects", _, "locations", _, "endpoints", "openapi", _, ..]
+    )
 }
 
 /// The output cap a generateContent body asks for (per candidate, times
@@ -1107,6 +1119,22 @@ mod tests {
         ));
         assert_eq!(i.operation, "chat");
         assert_eq!(i.model.as_deref(), Some("gemini-2.5-flash"));
+        // Vertex AI's, for Gemini and partner models.
+        let v = Gemini.request(&request(
+            "POST",
+            "/v1/projects/acme/locations/us-central1/endpoints/openapi/chat/completions",
+            br#"{"model":"google/gemini-2.5-flash","messages":[],"stream":true}"#,
+        ));
+        assert_eq!((v.operation, v.metered, v.streaming), ("chat", true, true));
+        assert_eq!(v.model.as_deref(), Some("google/gemini-2.5-flash"));
+        for other in [
+            "/v1/projects/acme/locations/us-central1/endpoints/openapi",
+            "/v1/projects/acme/locations/us-central1/endpoints/1234:predict",
+            "/v1/projects/acme/openapi/chat/completions",
+        ] {
+            let o = Gemini.request(&request("POST", other, b"{}"));
+            assert_ne!(o.operation, "chat", "{other}");
+        }
         let p = parse(
             "chat",
             "application/json",

@@ -278,17 +278,20 @@ async fn handle(req: Request<Incoming>, sni: String, log: Log) -> Result<Respons
     };
     let host = sni.as_str();
     let vertex = host.ends_with("-aiplatform.googleapis.com");
-    Ok(
-        if host == "api.anthropic.com" || (vertex && call.path.contains("/publishers/anthropic/")) {
-            anthropic::handle(call).await
-        } else if host == "generativelanguage.googleapis.com" || vertex {
-            gemini::handle(call).await
-        } else if host.starts_with("bedrock-runtime.") {
-            bedrock::handle(call).await
-        } else {
-            openai::handle(call).await
-        },
-    )
+    Ok(if vertex && call.path.contains("/endpoints/openapi/") {
+        // Vertex AI's OpenAI-compatible endpoint.
+        openai::handle(call).await
+    } else if host == "api.anthropic.com"
+        || (vertex && call.path.contains("/publishers/anthropic/"))
+    {
+        anthropic::handle(call).await
+    } else if host == "generativelanguage.googleapis.com" || vertex {
+        gemini::handle(call).await
+    } else if host.starts_with("bedrock-runtime.") {
+        bedrock::handle(call).await
+    } else {
+        openai::handle(call).await
+    })
 }
 
 /// Accepts TLS connections on `listener` and serves them until the runtime stops.
