@@ -550,6 +550,19 @@ assert r.usage.completion_tokens == 4, r.usage
         paths[2].ends_with("/endpoints/openapi/chat/completions"),
         "{paths:?}"
     );
+    // Priced (above) as the Gemini API's model; the names as sent.
+    assert_eq!(
+        s(&rows[2], "model"),
+        "google/gemini-2.5-flash",
+        "{}",
+        rows[2]
+    );
+    assert_eq!(
+        s(&rows[2], "response_model"),
+        "google/gemini-2.5-flash",
+        "{}",
+        rows[2]
+    );
     assert_no_secret(&w, "FAKE-VERTEX-TOKEN");
 }
 

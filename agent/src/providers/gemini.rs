@@ -2,8 +2,9 @@
 //! streamGenerateContent (SSE with `alt=sse`, otherwise a JSON array sent
 //! element by element), countTokens (recorded, free), embedContent and
 //! batchEmbedContents, on `models/` and `tunedModels/`, under `/v1beta/`,
-//! `/v1/` or `/v1alpha/`. The OpenAI-compatible endpoint on the same host
-//! (`/v1beta/openai/...`) is handed to the OpenAI adapter.
+//! `/v1/` or `/v1alpha/`. The OpenAI-compatible endpoints (`/v1beta/openai/...`
+//! on this host, Vertex AI's `…/endpoints/openapi/chat/completions`,
+//! `completions` and `embeddings`) are handed to the OpenAI adapter.
 //!
 //! Gemini on Vertex AI (`{region}-aiplatform.googleapis.com`, configured
 //! as a `[[providers]]` host with `api = "gemini"`) speaks the same
@@ -152,10 +153,27 @@ fn is_openai_compat(path: &str) -> bool {
     if rest.starts_with("openai/") {
         return true;
     }
-    let parts: Vec<&str> = rest.split('/').collect();
+    let parts: Vec<&str> = rest.split('/').filter(|p| !p.is_empty()).collect();
     matches!(
         parts.as_slice(),
-        ["projects", _, "locations", _, "endpoints", "openapi", _, ..]
+        [
+            "projects",
+            _,
+            "locations",
+            _,
+            "endpoints",
+            "openapi",
+            "chat",
+            "completions"
+        ] | [
+            "projects",
+            _,
+            "locations",
+            _,
+            "endpoints",
+            "openapi",
+            "completions" | "embeddings"
+        ]
     )
 }
 
@@ -1127,13 +1145,33 @@ mod tests {
         ));
         assert_eq!((v.operation, v.metered, v.streaming), ("chat", true, true));
         assert_eq!(v.model.as_deref(), Some("google/gemini-2.5-flash"));
-        for other in [
-            "/v1/projects/acme/locations/us-central1/endpoints/openapi",
-            "/v1/projects/acme/locations/us-central1/endpoints/1234:predict",
-            "/v1/projects/acme/openapi/chat/completions",
+        let e = Gemini.request(&request(
+            "POST",
+            "/v1/projects/acme/locations/us-central1/endpoints/openapi/embeddings",
+            br#"{"model":"google/gemini-embedding-001","input":"x"}"#,
+        ));
+        assert_eq!((e.operation, e.metered), ("embeddings", true));
+        for (method, other) in [
+            (
+                "POST",
+                "/v1/projects/acme/locations/us-central1/endpoints/openapi",
+            ),
+            (
+                "POST",
+                "/v1/projects/acme/locations/us-central1/endpoints/openapi/files",
+            ),
+            (
+                "GET",
+                "/v1/projects/acme/locations/us-central1/endpoints/openapi/models",
+            ),
+            (
+                "POST",
+                "/v1/projects/acme/locations/us-central1/endpoints/1234:predict",
+            ),
+            ("POST", "/v1/projects/acme/openapi/chat/completions"),
         ] {
-            let o = Gemini.request(&request("POST", other, b"{}"));
-            assert_ne!(o.operation, "chat", "{other}");
+            let o = Gemini.request(&request(method, other, b"{}"));
+            assert!(!o.metered, "{method} {other}");
         }
         let p = parse(
             "chat",

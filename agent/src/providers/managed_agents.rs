@@ -167,8 +167,11 @@ impl SessionParser {
     }
 
     /// One object of an answer: a session, a `session.usage` event, or a
-    /// page of either.
-    fn on_value(found: &mut Vec<SessionSnapshot>, call: &SessionsCall, v: &Value) {
+    /// page of either. A page of events may begin anywhere in the past
+    /// (oldest first by default): its snapshots move a session the agent
+    /// follows but never start following one (`List`); a stream's are
+    /// live.
+    fn on_value(found: &mut Vec<SessionSnapshot>, call: &SessionsCall, live: bool, v: &Value) {
         match v.get("type").and_then(Value::as_str) {
             Some("session") => {
                 let id = v
@@ -204,7 +207,11 @@ impl SessionParser {
                         SessionSnapshot {
                             id: id.clone(),
                             usage,
-                            seen_by: call.clone(),
+                            seen_by: if live {
+                                call.clone()
+                            } else {
+                                SessionsCall::List
+                            },
                             ..Default::default()
                         },
                     );
@@ -214,7 +221,7 @@ impl SessionParser {
                 if let Some(items) = v.get("data").and_then(Value::as_array) {
                     for item in items {
                         if item.get("data").is_none() {
-                            Self::on_value(found, call, item);
+                            Self::on_value(found, call, live, item);
                         }
                     }
                 }
@@ -229,7 +236,7 @@ impl UsageParser for SessionParser {
         match self.sse.as_mut() {
             Some(sse) => sse.feed(chunk, &mut |e| {
                 if let Ok(v) = serde_json::from_str::<Value>(&e.data) {
-                    Self::on_value(found, call, &v);
+                    Self::on_value(found, call, true, &v);
                 }
             }),
             None => self.json.feed(chunk),
@@ -241,12 +248,12 @@ impl UsageParser for SessionParser {
         match self.sse.as_mut() {
             Some(sse) => sse.finish(&mut |e| {
                 if let Ok(v) = serde_json::from_str::<Value>(&e.data) {
-                    Self::on_value(found, call, &v);
+                    Self::on_value(found, call, true, &v);
                 }
             }),
             None => {
                 if let Some(v) = self.json.take() {
-                    Self::on_value(found, call, &v);
+                    Self::on_value(found, call, false, &v);
                 }
             }
         }
@@ -367,6 +374,9 @@ mod tests {
         let p = parse_split(&Anthropic, &info, "application/json", page, &[]);
         assert_eq!(p.sessions.len(), 1);
         assert_eq!(counts(&p.sessions[0]), (9, 4));
+        // (A page may start anywhere in the past: it only moves a session
+        // already followed.)
+        assert_eq!(p.sessions[0].seen_by, SessionsCall::List);
         let desc = br#"{"data":[{"type":"session.usage","id":"e3","usage":{"input_tokens":9,"output_tokens":4}},
             {"type":"session.usage","id":"e2","usage":{"output_tokens":7}},
             {"type":"session.usage","id":"e1","usage":{"input_tokens":5,"output_tokens":1}}]}"#;
@@ -386,6 +396,7 @@ mod tests {
         );
         assert_eq!(p.sessions.len(), 1);
         assert_eq!(counts(&p.sessions[0]), (7, 6));
+        assert_eq!(p.sessions[0].seen_by, SessionsCall::Of("sesn_1".into()));
         // A new session starts at zero, even when its answer shows none.
         let create = call(&http::Method::POST, "/v1/sessions").unwrap();
         let new = br#"{"type":"session","id":"sesn_n","usage":{}}"#;

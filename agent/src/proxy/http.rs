@@ -1919,7 +1919,8 @@ impl Drop for MeteredBody {
         // A Managed Agents event stream (a live tail, usually left when the
         // session goes idle) shows cumulative counts: what it did not show
         // the next call will; nothing to read on for.
-        let read_on = !draft.info.background && !draft.info.sessions.is_some();
+        let read_on =
+            !(draft.info.background || (draft.info.sessions.is_some() && draft.info.streaming));
         if tokio::runtime::Handle::try_current().is_err()
             || state.stopping.is_cancelled()
             || !read_on
@@ -2271,7 +2272,10 @@ mod tests {
             (recs[0].operation.as_str(), recs[0].provider.as_str()),
             ("agent_session", "anthropic")
         );
-        assert_eq!(recs[1].who.job, None, "the creator's, not the lister's");
+        assert!(
+            Arc::ptr_eq(&recs[1].who, &ctx.who),
+            "the creator's, not the lister's"
+        );
         // Opus 4.6: $5 / $25 per million.
         assert!(
             recs[0].cost_usd.is_some_and(|c| (c - 0.01).abs() < 1e-9),

@@ -6,9 +6,12 @@
 //! agent starts at zero, and one first seen later by its id (created before
 //! the agent started, or elsewhere) is counted from then on, so that a
 //! restart never counts a session's past twice. A session's growth belongs
-//! to the job that created it through the agent, whichever job's call
-//! shows it; a list of the workspace's sessions (other jobs' and other
-//! machines' among them) only moves sessions already known.
+//! to the job that created it through the agent (or, one not created
+//! through it, to the first job whose call showed it by its id), whichever
+//! job's call shows it later; a list of the workspace's sessions (other
+//! jobs' and other machines' among them), or a page of a session's events
+//! (which may begin anywhere in its past), only moves sessions already
+//! followed.
 //!
 //! Owns: the last snapshot per (provider host, session), bounded.
 //! Must never: give the same growth twice (the highest counts seen are
@@ -128,7 +131,9 @@ impl Sessions {
             model: snap.model,
             tier: snap.tier,
             uplift_percent: snap.uplift_percent,
-            owner: created.then(|| caller.clone()),
+            // The job that created it, or the first that showed it by its
+            // id: a list by another job later moves it, as theirs.
+            owner: Some(caller.clone()),
             at: now,
         };
         let growth = (grown != Usage::default()).then(|| Growth {
@@ -218,11 +223,12 @@ mod tests {
             Some(u(50, 1)),
             "a list moves a known session"
         );
-        // First seen by its id with spend already: a baseline, not spend,
-        // and no owner.
+        // First seen by its id with spend already: a baseline, not spend;
+        // the job that showed it owns it, even when another lists it.
         assert_eq!(grew("h sesn_2", u(9000, 900), of(), None, &b), None);
-        let g = grew("h sesn_2", u(9001, 900), of(), None, &b).unwrap();
-        assert_eq!((g.usage, g.owner), (u(1, 0), None));
+        let g = grew("h sesn_2", u(9001, 900), SessionsCall::List, None, &a).unwrap();
+        assert_eq!(g.usage, u(1, 0));
+        assert!(g.owner.is_some_and(|o| Arc::ptr_eq(&o, &b)));
         // An older snapshot that comes after a newer one (two calls
         // racing) changes nothing: what grew is counted once.
         assert_eq!(grew("h sesn_2", u(9000, 900), of(), None, &b), None);

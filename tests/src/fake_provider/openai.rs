@@ -145,7 +145,13 @@ pub(crate) async fn handle(call: Call) -> hyper::Response<Body> {
         .and_then(Value::as_u64)
         .unwrap_or(5)
         .clamp(1, 2000);
-    let resp_model = format!("{model}-2024-07-18");
+    // (Vertex AI's OpenAI-compatible endpoint answers with the name as
+    // asked, `google/gemini-…`.)
+    let resp_model = if model.contains('/') {
+        model.clone()
+    } else {
+        format!("{model}-2024-07-18")
+    };
     // As the API does: the tier that served the request, in the body and
     // in every chunk (a tier asked for is granted, `auto` is `default`,
     // unless `x-fake-served-tier` says otherwise).
