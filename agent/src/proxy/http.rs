@@ -1735,6 +1735,12 @@ pub(super) const BACKGROUND_UNOBSERVED: &str = "background_unobserved";
 /// Settles the parked record of response `id` on `host`, when the
 /// retrieval's answer shows it ended.
 fn settle(state: &ProxyState, host: &str, id: &str, parsed: ParsedUsage) {
+    if parsed.response_status.is_none() {
+        debug!(
+            host,
+            "a retrieval of a background response the agent waits for showed no status (not JSON, over 16 MiB, or not decodable): it waits on"
+        );
+    }
     if parsed.unfinished()
         || parsed.response_status.is_none()
         || parsed.response_id.as_deref().is_some_and(|r| r != id)
@@ -2192,6 +2198,81 @@ mod tests {
         let n = |t: &str| estimate::estimate_output(Some("gpt-4o-mini"), t);
         assert_eq!(got[0].2, n(first) + n(later), "{got:?}");
         assert!(got[0].5);
+    }
+
+    /// A background answer's record is parked by the time its last bytes
+    /// are handed on to the job (before the body's end is polled), so no
+    /// poll the job makes once it has the answer can come first.
+    #[tokio::test]
+    async fn a_background_answer_parks_before_its_last_bytes_go_on() {
+        use http_body_util::BodyExt;
+        let (ctx, keep, _dir) = test_ctx("api.openai.com", crate::config::ApiKind::Openai);
+        let answer = r#"{"id":"resp_q","object":"response","status":"queued","model":"gpt-4o-mini","output":[],"usage":null}"#;
+        // A provider on one end of a pipe, the agent's upstream side on the
+        // other: a real hyper body with a Content-Length.
+        let (agent_io, provider_io) = tokio::io::duplex(1 << 16);
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |_req| async move {
+                Ok::<_, std::convert::Infallible>(
+                    Response::builder()
+                        .header("content-type", "application/json")
+                        .body(Full::new(Bytes::from(answer)))
+                        .unwrap(),
+                )
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(provider_io), svc)
+                .await;
+        });
+        let (mut send, conn) = hyper::client::conn::http1::handshake::<_, Full<Bytes>>(
+            hyper_util::rt::TokioIo::new(agent_io),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        let resp = send
+            .send_request(
+                Request::post("/v1/responses")
+                    .header("host", "api.openai.com")
+                    .body(Full::new(Bytes::new()))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        let (parts, body) = resp.into_parts();
+        let body = super::super::upstream::UpstreamBody::for_test(body);
+        let body_text = br#"{"model":"gpt-4o-mini","input":"a long story","background":true}"#;
+        let mut draft = WsMeter::new(ctx.clone(), "/v1/responses".into())
+            .draft(Some("gpt-4o-mini".into()), Some(body_text));
+        draft.method = "POST".into();
+        draft.info.background = true;
+        draft.info.streaming = false;
+        draft.status = 200;
+        let parser = adapter_for(crate::config::ApiKind::Openai).response_parser(
+            &draft.info,
+            200,
+            &parts.headers,
+        );
+        let mut metered = MeteredBody {
+            inner: Some(body),
+            parser: Some(parser),
+            filter: None,
+            draft: Some(draft),
+        };
+        let mut got = Vec::new();
+        while let Some(frame) = metered.frame().await {
+            let frame = frame.unwrap();
+            if let Some(d) = frame.data_ref() {
+                got.extend_from_slice(d);
+                if got.len() == answer.len() {
+                    // The job has the whole answer: the record waits already.
+                    assert_eq!(ctx.state.parked.len(), 1, "parked by now");
+                }
+            }
+        }
+        assert_eq!(got, answer.as_bytes());
+        assert_eq!(ctx.state.parked.len(), 1);
+        assert!(rows(&keep).is_empty());
     }
 
     /// A Managed Agents call writes one row per session that grew since

@@ -123,6 +123,17 @@ pub struct UpstreamBody {
     _stream: Option<StreamGuard>,
 }
 
+impl UpstreamBody {
+    /// A body read from a connection of a test's own.
+    #[cfg(test)]
+    pub(crate) fn for_test(inner: Incoming) -> UpstreamBody {
+        UpstreamBody {
+            inner,
+            _stream: None,
+        }
+    }
+}
+
 impl http_body::Body for UpstreamBody {
     type Data = bytes::Bytes;
     type Error = hyper::Error;
