@@ -127,6 +127,9 @@ pub fn operation(op: &str) -> (Cow<'_, str>, OpClass) {
         | "batch_embed_contents"
         | "embedContent"
         | "batchEmbedContents" => ("embeddings", OpClass::Embeddings),
+        // A Managed Agents session's growth: what an agent run used, timed
+        // as the call that showed it (not an inference of its own).
+        "agent_session" => ("invoke_agent", OpClass::Other),
         other => return (Cow::Borrowed(other), OpClass::Other),
     };
     (Cow::Borrowed(name), class)

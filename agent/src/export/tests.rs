@@ -420,6 +420,7 @@ fn operations_map_to_the_well_known_names() {
         ("embed_content", "embeddings", OpClass::Embeddings),
         ("batch", "batch", OpClass::Other),
         ("count_tokens", "count_tokens", OpClass::Other),
+        ("agent_session", "invoke_agent", OpClass::Other),
     ] {
         let (n, c) = sc::operation(ours);
         assert_eq!((n.as_ref(), c), (name, class), "{ours}");
