@@ -352,6 +352,9 @@ for ev in s:
     if ev.type == "response.output_text.delta":
         break
 s.close()
+# (The agent notices the job left, and the record waits, before a resume
+# on a new connection could; give it a moment on a loaded machine.)
+time.sleep(0.5)
 done = None
 for ev in c.responses.retrieve(sid, stream=True, starting_after=seen):
     if ev.type == "response.completed":

@@ -93,7 +93,12 @@ impl Provider for Bedrock {
             ..Default::default()
         };
         if req.method != http::Method::POST {
-            return unmetered;
+            // The OpenAI route's retrievals of background responses
+            // (bedrock-mantle runs them); nothing else that is not a POST
+            // is billed.
+            return other_api(req)
+                .filter(|i| i.retrieves.is_some())
+                .unwrap_or(unmetered);
         }
         let Some((model, action)) = model_path(req.path) else {
             return other_api(req).unwrap_or(unmetered);
@@ -527,6 +532,23 @@ mod tests {
             br#"{"model":"m"}"#,
         ));
         assert_eq!((r.api, r.operation), (Some(ApiKind::Openai), "responses"));
+        // bedrock-mantle runs background responses: their retrievals are
+        // the OpenAI route's; other GETs are not billed.
+        let g = Bedrock.request(&request("GET", "/v1/responses/resp_9", b""));
+        assert_eq!(
+            (g.api, g.retrieves.as_deref(), g.metered),
+            (Some(ApiKind::Openai), Some("resp_9"), true)
+        );
+        for path in [
+            "/v1/models",
+            "/openai/v1/responses/resp_9/input_items",
+            "/anthropic/v1/models",
+        ] {
+            assert!(
+                !Bedrock.request(&request("GET", path, b"")).metered,
+                "{path}"
+            );
+        }
         let m = Bedrock.request(&request(
             "POST",
             "/anthropic/v1/messages",

@@ -6,6 +6,8 @@
 //! those snapshots; the proxy turns each session's growth between two of
 //! them into a row (see `proxy::sessions`).
 //!
+//! Owns: which calls are Managed Agents calls, and reading the sessions'
+//! cumulative usage out of their answers.
 //! Must never: count a snapshot itself (only growth is spend), or take a
 //! session id from anything but the answer or the path.
 
@@ -43,9 +45,19 @@ pub fn call(method: &http::Method, path: &str) -> Option<RequestInfo> {
         [id, "archive"] if post => (Some(*id), false),
         [id, "events"] if get || post => (Some(*id), false),
         [id, "events", "stream"] if get => (Some(*id), true),
-        // A thread's events carry the session's usage events too.
-        [id, "threads", _, "events"] if get => (Some(*id), false),
-        [id, "threads", _, "stream"] if get => (Some(*id), true),
+        // A thread's events carry usage events too; whether they are the
+        // session's totals or the thread's is not documented: they only
+        // move a session already followed (a list's rule), never start
+        // following one.
+        [_, "threads", _, "events"] | [_, "threads", _, "stream"] if get => {
+            return Some(RequestInfo {
+                operation: OPERATION,
+                metered: true,
+                streaming: segments[3] == "stream",
+                sessions: SessionsCall::List,
+                ..Default::default()
+            });
+        }
         _ => return None,
     };
     let sessions = match session {
@@ -300,13 +312,13 @@ mod tests {
             (
                 "GET",
                 "/v1/sessions/sesn_01A/threads/th_1/events",
-                of("sesn_01A"),
+                SessionsCall::List,
                 false,
             ),
             (
                 "GET",
                 "/v1/sessions/sesn_01A/threads/th_1/stream",
-                of("sesn_01A"),
+                SessionsCall::List,
                 true,
             ),
             ("GET", "/v1/sessions/sesn_01A%3D", of("sesn_01A="), false),

@@ -1544,8 +1544,8 @@ impl Draft {
 impl Draft {
     /// Writes one row per Managed Agents session that grew since the agent
     /// last saw it (see [`super::sessions`]): its growth, attributed to the
-    /// job that created the session through the agent, else to the job
-    /// whose call showed it.
+    /// job that created the session through the agent, or to the first
+    /// job whose call showed it by its id.
     fn record_sessions(&self, sessions: Vec<crate::providers::SessionSnapshot>) {
         let state = &self.ctx.state;
         for s in sessions {

@@ -34,7 +34,8 @@ struct Seen {
     model: Option<String>,
     tier: Option<String>,
     uplift_percent: u32,
-    /// The job that created it through the agent.
+    /// The job that created it through the agent, or the first whose call
+    /// showed it by its id.
     owner: Option<Arc<Attribution>>,
     at: Instant,
 }
@@ -47,7 +48,7 @@ pub struct Growth {
     pub model: Option<String>,
     pub tier: Option<String>,
     pub uplift_percent: u32,
-    /// The job that created it through the agent, if one did.
+    /// The job the growth belongs to (see [`Seen`]'s owner).
     pub owner: Option<Arc<Attribution>>,
 }
 
