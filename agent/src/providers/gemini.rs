@@ -63,20 +63,8 @@ fn is_interactions_create(path: &str) -> bool {
 /// `?stream=true`) and `POST /{version}/interactions/{id}/cancel`. Gives
 /// the id.
 fn interaction_retrieved(method: &http::Method, path: &str) -> Option<String> {
-    let p = path.trim_end_matches('/');
-    let (p, cancel) = match p.strip_suffix("/cancel") {
-        Some(rest) => (rest, true),
-        None => (p, false),
-    };
-    let method_fits = if cancel {
-        method == http::Method::POST
-    } else {
-        method == http::Method::GET
-    };
-    let (parent, id) = p.rsplit_once('/')?;
-    (method_fits && is_interactions_create(parent))
-        .then(|| super::path_id(id))
-        .flatten()
+    let (parent, id) = super::retrieval_path(method, path)?;
+    is_interactions_create(parent).then_some(id)
 }
 
 /// A native API path: `/{version}/{models|tunedModels}/{name}:{method}`,

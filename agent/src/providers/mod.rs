@@ -366,6 +366,30 @@ pub fn response_id(s: &str) -> Option<String> {
     ok.then(|| s.to_string())
 }
 
+/// A retrieval of background work, as both APIs that have it spell one:
+/// `GET {parent}/{id}` or `POST {parent}/{id}/cancel`. Gives the parent
+/// path and the id (percent-decoded, kept as [`path_id`] keeps it).
+pub(crate) fn retrieval_path<'a>(
+    method: &http::Method,
+    path: &'a str,
+) -> Option<(&'a str, String)> {
+    let p = path.trim_end_matches('/');
+    let (p, cancel) = match p.strip_suffix("/cancel") {
+        Some(rest) => (rest, true),
+        None => (p, false),
+    };
+    let wanted = if cancel {
+        http::Method::POST
+    } else {
+        http::Method::GET
+    };
+    if *method != wanted {
+        return None;
+    }
+    let (parent, id) = p.rsplit_once('/')?;
+    Some((parent, path_id(id)?))
+}
+
 /// An id as a URL path names it: percent-decoded (an SDK may escape `=`),
 /// then as [`response_id`] keeps it.
 pub fn path_id(segment: &str) -> Option<String> {

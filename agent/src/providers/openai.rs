@@ -63,20 +63,8 @@ pub fn operation(path: &str) -> &'static str {
 /// stream with `?stream=true`) and `POST …/responses/{id}/cancel`. Not
 /// `…/responses/{id}/input_items`, nor `/responses/compact`. Gives the id.
 fn retrieved_id(method: &http::Method, path: &str) -> Option<String> {
-    let p = path.trim_end_matches('/');
-    let (p, cancel) = match p.strip_suffix("/cancel") {
-        Some(rest) => (rest, true),
-        None => (p, false),
-    };
-    let (parent, id) = p.rsplit_once('/')?;
-    let method_fits = if cancel {
-        method == http::Method::POST
-    } else {
-        method == http::Method::GET
-    };
-    (method_fits && parent.ends_with("/responses") && id != "compact")
-        .then(|| super::path_id(id))
-        .flatten()
+    let (parent, id) = super::retrieval_path(method, path)?;
+    (parent.ends_with("/responses") && id != "compact").then_some(id)
 }
 
 /// Operations whose responses carry token usage.
