@@ -18,6 +18,26 @@ pub struct Usage {
     pub cache_write_1h_input_tokens: u64,
 }
 
+impl Usage {
+    /// Each count of `self` and `other` combined by `f`, field by field.
+    pub fn zip_with(&self, other: &Usage, f: impl Fn(u64, u64) -> u64) -> Usage {
+        Usage {
+            input_tokens: f(self.input_tokens, other.input_tokens),
+            output_tokens: f(self.output_tokens, other.output_tokens),
+            cached_input_tokens: f(self.cached_input_tokens, other.cached_input_tokens),
+            cache_write_input_tokens: f(
+                self.cache_write_input_tokens,
+                other.cache_write_input_tokens,
+            ),
+            reasoning_tokens: f(self.reasoning_tokens, other.reasoning_tokens),
+            cache_write_1h_input_tokens: f(
+                self.cache_write_1h_input_tokens,
+                other.cache_write_1h_input_tokens,
+            ),
+        }
+    }
+}
+
 /// Who made the request: from the kernel's origin record and /proc.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Attribution {

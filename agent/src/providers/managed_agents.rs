@@ -143,14 +143,7 @@ pub struct SessionParser {
 /// Field by field, the higher count: snapshots of one session only grow,
 /// whatever order a page lists them in.
 fn highest(a: &mut Usage, b: &Usage) {
-    a.input_tokens = a.input_tokens.max(b.input_tokens);
-    a.output_tokens = a.output_tokens.max(b.output_tokens);
-    a.cached_input_tokens = a.cached_input_tokens.max(b.cached_input_tokens);
-    a.cache_write_input_tokens = a.cache_write_input_tokens.max(b.cache_write_input_tokens);
-    a.cache_write_1h_input_tokens = a
-        .cache_write_1h_input_tokens
-        .max(b.cache_write_1h_input_tokens);
-    a.reasoning_tokens = a.reasoning_tokens.max(b.reasoning_tokens);
+    *a = a.zip_with(b, u64::max);
 }
 
 impl SessionParser {

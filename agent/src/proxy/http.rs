@@ -2093,6 +2093,12 @@ mod tests {
     }
 
     fn background_answered(ctx: &Arc<ConnCtx>, answer: ParsedUsage) {
+        background_draft(ctx).emit(answer, None);
+    }
+
+    /// The record of a background Responses API request on `ctx`,
+    /// answered 200.
+    fn background_draft(ctx: &Arc<ConnCtx>) -> Draft {
         let body = br#"{"model":"gpt-4o-mini","input":"write a long story about otters","background":true}"#;
         let mut d = WsMeter::new(ctx.clone(), "/v1/responses".into())
             .draft(Some("gpt-4o-mini".into()), Some(body));
@@ -2100,7 +2106,7 @@ mod tests {
         d.info.background = true;
         d.info.streaming = false;
         d.status = 200;
-        d.emit(answer, None);
+        d
     }
 
     /// A retrieval of `answer`'s response, as `handle` lets it through:
@@ -2241,13 +2247,7 @@ mod tests {
             .unwrap();
         let (parts, body) = resp.into_parts();
         let body = super::super::upstream::UpstreamBody::for_test(body);
-        let body_text = br#"{"model":"gpt-4o-mini","input":"a long story","background":true}"#;
-        let mut draft = WsMeter::new(ctx.clone(), "/v1/responses".into())
-            .draft(Some("gpt-4o-mini".into()), Some(body_text));
-        draft.method = "POST".into();
-        draft.info.background = true;
-        draft.info.streaming = false;
-        draft.status = 200;
+        let draft = background_draft(&ctx);
         let parser = adapter_for(crate::config::ApiKind::Openai).response_parser(
             &draft.info,
             200,

@@ -59,25 +59,9 @@ pub struct Sessions(Mutex<HashMap<String, Seen>>);
 /// only grow, and an older snapshot that arrives after a newer one, from
 /// two calls racing, must not lower them) and gives what grew.
 fn take_growth(seen: &mut Usage, now: &Usage) -> Usage {
-    fn step(seen: &mut u64, now: u64) -> u64 {
-        let grown = now.saturating_sub(*seen);
-        *seen = (*seen).max(now);
-        grown
-    }
-    Usage {
-        input_tokens: step(&mut seen.input_tokens, now.input_tokens),
-        output_tokens: step(&mut seen.output_tokens, now.output_tokens),
-        cached_input_tokens: step(&mut seen.cached_input_tokens, now.cached_input_tokens),
-        cache_write_input_tokens: step(
-            &mut seen.cache_write_input_tokens,
-            now.cache_write_input_tokens,
-        ),
-        cache_write_1h_input_tokens: step(
-            &mut seen.cache_write_1h_input_tokens,
-            now.cache_write_1h_input_tokens,
-        ),
-        reasoning_tokens: step(&mut seen.reasoning_tokens, now.reasoning_tokens),
-    }
+    let grown = now.zip_with(seen, u64::saturating_sub);
+    *seen = seen.zip_with(now, u64::max);
+    grown
 }
 
 impl Sessions {
