@@ -357,23 +357,22 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         refresh_stop_rx,
     );
 
-    let state = Arc::new(
-        ProxyState::new(
-            intercept.clone(),
-            Arc::new(ca),
-            upstream,
-            hosts,
-            Attributor::new("/proc".into())
-                .with_teams(cfg.teams.clone())
-                .kernel_fields_only(crate::attribution::in_initial_pid_namespace() == Some(false)),
-            sink,
-            cfg.proxy.max_request_body,
-        )
-        .with_prices(Arc::new(PriceBook::new(&cfg.pricing)))
-        .with_max_buffered(cfg.proxy.max_buffered_request_bytes)
-        .with_body_stall(Duration::from_secs(cfg.proxy.request_body_stall_secs))
-        .with_live(live.handle()),
-    );
+    let state = ProxyState::new(
+        intercept.clone(),
+        Arc::new(ca),
+        upstream,
+        hosts,
+        Attributor::new("/proc".into())
+            .with_teams(cfg.teams.clone())
+            .kernel_fields_only(crate::attribution::in_initial_pid_namespace() == Some(false)),
+        sink,
+        cfg.proxy.max_request_body,
+    )
+    .with_prices(Arc::new(PriceBook::new(&cfg.pricing)))
+    .with_max_buffered(cfg.proxy.max_buffered_request_bytes)
+    .with_body_stall(Duration::from_secs(cfg.proxy.request_body_stall_secs))
+    .with_live(live.handle());
+    let state = Arc::new(seed_batches_read(state, &cfg));
     let _ = proxy_slot.set(Arc::downgrade(&state));
     let control_task = match crate::control::ControlServer::bind(&cfg.control) {
         Ok(server) => Some(tokio::spawn(server.run(live.clone(), shutdown_rx.clone()))),
@@ -433,6 +432,41 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     let written = written?;
     info!(records = written, "ledger flushed; bye");
     Ok(())
+}
+
+/// How far back the ledger is read for batch results already counted:
+/// the longest any provider keeps a batch's results (Anthropic: 29 days;
+/// OpenAI keeps output files until deleted, and older ones are rarely
+/// read again).
+const BATCHES_READ_WITHIN: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// Tells the proxy which batches' results the ledger says were read, so
+/// that reading them again after this restart counts nothing. A ledger
+/// that cannot be read for it costs only that (said at warn).
+fn seed_batches_read(state: ProxyState, cfg: &Config) -> ProxyState {
+    let path = crate::cli::ledger_path(&cfg.state_dir);
+    let since = std::time::SystemTime::now()
+        .checked_sub(BATCHES_READ_WITHIN)
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+    let reads = crate::ledger::Ledger::open_read_only(&path)
+        .and_then(|l| l.batch_reads_since(since, proxy::batches::MAX_BATCHES));
+    match reads {
+        Ok(reads) => {
+            let (state, n) = state.with_batches_read(&reads);
+            if n > 0 {
+                info!(
+                    batches = n,
+                    "batch results read before this start are counted already"
+                );
+            }
+            state
+        }
+        Err(e) => {
+            warn!(error = %e, "cannot read the ledger for batch results already counted: results read again before this start would count again");
+            state
+        }
+    }
 }
 
 /// Refuses a state directory that someone other than `owner` could write:

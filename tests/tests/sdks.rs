@@ -502,6 +502,131 @@ print(json.dumps(final.usage.model_dump(mode="json")))
 
 #[test]
 #[ignore = "needs root, cgroup v2 and BPF"]
+fn batch_results_are_recorded_once_per_model_at_the_batch_rates() {
+    // A batch's submission bills nothing; its results do, at half price.
+    // Each SDK submits a batch, waits for it, reads its results twice: the
+    // rows are the results' usage per model, once.
+    let w = World::start("batches", 49);
+    let client = w.client(&[]);
+    let out = ok(
+        &client.python(
+            r#"
+import io, json, openai, anthropic
+from google import genai
+from google.genai import types
+seen = {}
+def saw(provider, model, i, o):
+    k = provider + " " + model
+    a = seen.setdefault(k, [0, 0])
+    a[0] += i; a[1] += o
+
+o = openai.OpenAI(api_key="sk-FAKE-BATCH-SECRET-OPENAI", max_retries=0)
+lines = [json.dumps({"custom_id": cid, "method": "POST", "url": "/v1/chat/completions",
+    "body": {"model": m, "max_tokens": n, "messages": [{"role": "user", "content": "summarise item " + cid}]}})
+    for cid, m, n in [("r1", "gpt-4o-mini", 5), ("r2", "gpt-4o", 7), ("bad3", "gpt-4o", 9), ("r4", "gpt-4o-mini", 11)]]
+f = o.files.create(file=("in.jsonl", io.BytesIO("\n".join(lines).encode())), purpose="batch")
+b = o.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+b = o.batches.retrieve(b.id)
+assert b.status == "completed", b.status
+text = o.files.content(b.output_file_id).text
+assert o.files.content(b.output_file_id).text == text
+for line in text.splitlines():
+    r = json.loads(line)["response"]
+    if r["status_code"] == 200:
+        saw("openai", r["body"]["model"], r["body"]["usage"]["prompt_tokens"], r["body"]["usage"]["completion_tokens"])
+
+a = anthropic.Anthropic(api_key="sk-ant-FAKE-BATCH-SECRET-ANTHROPIC", max_retries=0)
+msg = lambda t: [{"role": "user", "content": t}]
+mb = a.messages.batches.create(requests=[
+    {"custom_id": "a1", "params": {"model": "claude-sonnet-4-5", "max_tokens": 6, "messages": msg("review this diff")}},
+    {"custom_id": "bad2", "params": {"model": "claude-sonnet-4-5", "max_tokens": 6, "messages": msg("x")}},
+    {"custom_id": "a3", "params": {"model": "claude-haiku-4-5", "max_tokens": 8, "messages": msg("and these tests please")}},
+])
+mb = a.messages.batches.retrieve(mb.id)
+assert mb.processing_status == "ended", mb
+results = list(a.messages.batches.results(mb.id))
+assert len(list(a.messages.batches.results(mb.id))) == len(results) == 3
+for r in results:
+    if r.result.type == "succeeded":
+        saw("anthropic", r.result.message.model, r.result.message.usage.input_tokens, r.result.message.usage.output_tokens)
+
+g = genai.Client(api_key="AIzaSyFAKE-BATCH-SECRET-GEMINI")
+job = g.batches.create(model="gemini-2.5-flash", src=[
+    {"contents": [{"parts": [{"text": "why is the sky blue"}], "role": "user"}],
+     "config": {"max_output_tokens": 12}, "metadata": {"key": "g1"}},
+    {"contents": [{"parts": [{"text": "nope"}], "role": "user"}], "metadata": {"key": "bad2"}},
+])
+job = g.batches.get(name=job.name)
+assert job.state == "JOB_STATE_SUCCEEDED", job.state
+for r in job.dest.inlined_responses:
+    if r.response is not None:
+        u = r.response.usage_metadata
+        saw("gemini", r.response.model_version, u.prompt_token_count, u.candidates_token_count)
+assert g.batches.get(name=job.name).state == "JOB_STATE_SUCCEEDED"
+print(json.dumps(seen))
+"#,
+        ),
+        "python batches with the openai, anthropic and google-genai SDKs",
+    );
+    let seen: Value = serde_json::from_str(out.trim()).unwrap();
+    let seen = seen.as_object().unwrap();
+    assert_eq!(seen.len(), 5, "{seen:?}");
+    // The submissions (zero-token rows) and the results' rows.
+    let want = seen.len();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let results = loop {
+        let rows: Vec<Value> = w
+            .agent
+            .report_json()
+            .into_iter()
+            .filter(|r| s(r, "operation") == "batch_results")
+            .collect();
+        if rows.len() >= want || std::time::Instant::now() > deadline {
+            break rows;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert_eq!(results.len(), want, "one row per model: {results:#?}");
+    for r in &results {
+        let key = format!("{} {}", s(r, "provider"), s(r, "model"));
+        let counts = &seen[&key];
+        assert_eq!(r["input_tokens"], counts[0], "{key}: {r}");
+        assert_eq!(r["output_tokens"], counts[1], "{key}: {r}");
+        assert_eq!(s(r, "service_tier"), "batch", "{r}");
+        assert_eq!(r["estimated"], false, "{r}");
+        assert!(r["cost_usd"].as_f64().is_some_and(|c| c > 0.0), "{r}");
+    }
+    // Half the standard rate: gpt-4o is $2.50 / $10 per million.
+    let gpt4o = results.iter().find(|r| s(r, "model") == "gpt-4o").unwrap();
+    let (i, o) = (
+        gpt4o["input_tokens"].as_f64().unwrap(),
+        gpt4o["output_tokens"].as_f64().unwrap(),
+    );
+    let half = (i * 2.5 + o * 10.0) / 2e6;
+    assert!(
+        (gpt4o["cost_usd"].as_f64().unwrap() - half).abs() < 1e-12,
+        "{gpt4o}"
+    );
+    let all = w.agent.report_json();
+    for op in ["file_upload", "batch"] {
+        assert!(
+            all.iter().any(|r| s(r, "operation") == op),
+            "the {op} row: {all:#?}"
+        );
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let again = w
+        .agent
+        .report_json()
+        .into_iter()
+        .filter(|r| s(r, "operation") == "batch_results")
+        .count();
+    assert_eq!(again, want, "the second reads added nothing");
+    assert_no_secret(&w, "FAKE-BATCH-SECRET");
+}
+
+#[test]
+#[ignore = "needs root, cgroup v2 and BPF"]
 fn google_genai_python_sdk_on_vertex_ai() {
     // Gemini on Vertex AI, a region configured as a Gemini provider host
     // (as the README says): the project/location/publisher paths are read.

@@ -394,6 +394,32 @@ impl Ledger {
         Ok(out)
     }
 
+    /// The provider hosts and paths of the batch results read since
+    /// `since_ms` (the rows of `operation = 'batch_results'`), the most
+    /// recently read first, at most `limit`.
+    pub fn batch_reads_since(
+        &self,
+        since_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<(String, String)>, LedgerError> {
+        let err = |e| LedgerError::classify(&self.path, e);
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT host, path FROM requests \
+                 WHERE started_at_ms >= ?1 AND operation = 'batch_results' \
+                 GROUP BY host, path ORDER BY MAX(started_at_ms) DESC LIMIT ?2",
+            )
+            .map_err(err)?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = stmt
+            .query_map(rusqlite::params![since_ms, limit], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+            })
+            .map_err(err)?;
+        rows.collect::<Result<_, _>>().map_err(err)
+    }
+
     /// Calls `f` with each record `filter` matches, oldest first, one row
     /// at a time (a report over millions of rows holds one). An error
     /// from `f` (a closed stdout) ends the walk.

@@ -821,3 +821,56 @@ fn an_older_ledger_is_read_without_migrating_it() {
         .expect("version");
     assert_eq!(v, 2, "not migrated by a read");
 }
+
+#[test]
+fn batch_reads_are_found_by_host_and_path_most_recent_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.sqlite");
+    let mut l = Ledger::open(&path).unwrap();
+    let read = |i: u64, host: &str, p: &str, op: &str| {
+        let mut r = sample(i);
+        r.host = host.into();
+        r.path = p.into();
+        r.operation = op.into();
+        r
+    };
+    l.insert_batch(&[
+        read(1, "api.openai.com", "/v1/files/f1/content", "batch_results"),
+        read(
+            2,
+            "api.anthropic.com",
+            "/v1/messages/batches/b1/results",
+            "batch_results",
+        ),
+        // A second model's row of the same read, and a later read.
+        read(
+            3,
+            "api.anthropic.com",
+            "/v1/messages/batches/b1/results",
+            "batch_results",
+        ),
+        read(9, "api.openai.com", "/v1/files/f1/content", "batch_results"),
+        read(4, "api.openai.com", "/v1/chat/completions", "chat"),
+        read(
+            0,
+            "api.openai.com",
+            "/v1/files/too-old/content",
+            "batch_results",
+        ),
+    ])
+    .unwrap();
+    let found = Ledger::open_read_only(&path)
+        .unwrap()
+        .batch_reads_since(1_700_000_000_001, 10)
+        .unwrap();
+    let s = |h: &str, p: &str| (h.to_string(), p.to_string());
+    assert_eq!(
+        found,
+        [
+            s("api.openai.com", "/v1/files/f1/content"),
+            s("api.anthropic.com", "/v1/messages/batches/b1/results"),
+        ]
+    );
+    let one = l.batch_reads_since(0, 1).unwrap();
+    assert_eq!(one, [s("api.openai.com", "/v1/files/f1/content")]);
+}

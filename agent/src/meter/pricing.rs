@@ -414,6 +414,47 @@ impl Rates {
     }
 }
 
+/// The tier of a batch's results (see `providers::batch`).
+pub const BATCH_TIER: &str = "batch";
+
+/// What a batch's requests cost against the standard rates: OpenAI,
+/// Anthropic and Google each bill them at half, every token type alike.
+pub const BATCH_DISCOUNT: f64 = 0.5;
+
+impl Rates {
+    fn times(&self, f: f64) -> Rates {
+        Rates {
+            input: self.input * f,
+            cached_input: self.cached_input * f,
+            cache_write: self.cache_write * f,
+            cache_write_1h: self.cache_write_1h * f,
+            output: self.output * f,
+            reasoning: self.reasoning * f,
+        }
+    }
+}
+
+impl Price {
+    /// Every rate (long-context ones included) times `f`; no tiers.
+    fn times(&self, f: f64) -> Price {
+        Price {
+            effective_ms: self.effective_ms,
+            input: self.input * f,
+            cached_input: self.cached_input * f,
+            cache_write: self.cache_write * f,
+            cache_write_1h: self.cache_write_1h * f,
+            output: self.output * f,
+            reasoning: self.reasoning * f,
+            long: self.long.map(|l| LongRates {
+                above: l.above,
+                rates: l.rates.times(f),
+            }),
+            tiers: [None, None],
+            bedrock_regional: self.bedrock_regional,
+        }
+    }
+}
+
 /// Index of a priced service tier in [`Price::tiers`]; `Ok(None)` for the
 /// standard rates, `Err(())` for a tier tollgate has no notion of.
 fn tier_index(tier: Option<&str>) -> Result<Option<usize>, ()> {
@@ -518,6 +559,9 @@ impl Price {
     /// `standard` and `scale`. `None` when the tier has no rates here
     /// (a tier this model has no price for, or an unknown tier name).
     pub fn in_tier(&self, tier: Option<&str>) -> Option<Price> {
+        if tier.is_some_and(|t| t.eq_ignore_ascii_case(BATCH_TIER)) {
+            return Some(self.times(BATCH_DISCOUNT));
+        }
         let Some(i) = tier_index(tier).ok()? else {
             return Some(*self);
         };
@@ -1408,6 +1452,40 @@ output = 10.0
                 "{model} {tier}: {c:?}"
             );
         }
+        // Batch results: half of every rate, every provider, a model's
+        // long-context rates included.
+        for (provider, model) in [
+            ("openai", "gpt-5"),
+            ("openai", "gpt-4o"),
+            ("anthropic", "claude-sonnet-4-5"),
+            ("gemini", "gemini-2.5-pro"),
+        ] {
+            let (b, standard) = (
+                cost(provider, model, Some("batch")),
+                cost(provider, model, None),
+            );
+            assert!(
+                close(b.usd, standard.usd / 2.0) && !b.tier_unpriced,
+                "{model}: {b:?} against {standard:?}"
+            );
+        }
+        let long = usage(300_000, 0, 0, 1_000, 0);
+        let long_cost = |tier| {
+            book.cost_of_any(
+                "gemini",
+                &["gemini-2.5-pro"],
+                NOW,
+                &long,
+                Serving::tier(tier),
+            )
+            .expect("priced")
+            .usd
+        };
+        assert!(close(long_cost(Some("batch")), long_cost(None) / 2.0));
+        assert!(
+            long_cost(None) > 300_000.0 * 1.25 / 1e6,
+            "long-context rates apply"
+        );
         // An unknown model stays unpriced in every tier.
         assert!(
             book.cost_of_any(

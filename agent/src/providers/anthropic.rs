@@ -51,6 +51,14 @@ impl Provider for Anthropic {
             return info;
         }
         let path = req.path.trim_end_matches('/');
+        if let Some(id) = batch_results_id(req.method, path) {
+            return RequestInfo {
+                operation: super::batch::OPERATION,
+                metered: true,
+                batch: Some(super::BatchResults { id, skip: 0 }),
+                ..Default::default()
+            };
+        }
         let op = if req.method != http::Method::POST {
             None
         } else if path.ends_with("/messages/count_tokens") {
@@ -79,6 +87,9 @@ impl Provider for Anthropic {
         _status: u16,
         headers: &http::HeaderMap,
     ) -> Box<dyn UsageParser> {
+        if let Some(b) = &info.batch {
+            return Box::new(super::batch::ResultsParser::new(batch_result_line, b.skip));
+        }
         let event_stream = super::content_type(headers) == "text/event-stream";
         if info.sessions.is_some() {
             return Box::new(super::managed_agents::SessionParser::new(
@@ -95,6 +106,38 @@ impl Provider for Anthropic {
             })
         }
     }
+}
+
+/// A read of a message batch's results, `GET …/messages/batches/{id}/results`
+/// (where a batch's `results_url` points). Gives the batch's id.
+fn batch_results_id(method: &http::Method, path: &str) -> Option<String> {
+    if method != http::Method::GET {
+        return None;
+    }
+    let rest = path.strip_suffix("/results")?;
+    let (parent, id) = rest.rsplit_once('/')?;
+    parent
+        .ends_with("/messages/batches")
+        .then(|| super::path_id(id))
+        .flatten()
+}
+
+/// A line of a message batch's results: `{"custom_id", "result": {"type":
+/// "succeeded", "message": {… "model", "usage"}}}`. Errored, cancelled and
+/// expired requests bill nothing.
+fn batch_result_line(v: &Value) -> Option<super::batch::LineUsage> {
+    let result = v.get("result")?;
+    if result.get("type").and_then(Value::as_str) != Some("succeeded") {
+        return None;
+    }
+    let message = result.get("message")?;
+    let mut raw = Raw::default();
+    raw.merge(message.get("usage")?);
+    Some(super::batch::LineUsage {
+        model: str_at(message, &["model"]),
+        usage: raw.usage()?,
+        uplift_percent: raw.uplift_percent(),
+    })
 }
 
 /// Usage fields seen so far in a stream (message_delta values are
@@ -402,6 +445,87 @@ mod tests {
             metered: true,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn message_batch_results_are_read_line_by_line_per_model() {
+        use crate::providers::testing::request;
+        let info = Anthropic.request(&request(
+            "GET",
+            "/v1/messages/batches/msgbatch_01HkcTjaV5uDC8jWR4ZsDV8d/results",
+            b"",
+        ));
+        assert_eq!(info.operation, "batch_results");
+        assert!(info.metered && !info.own_row());
+        assert_eq!(
+            info.batch.as_ref().map(|b| b.id.as_str()),
+            Some("msgbatch_01HkcTjaV5uDC8jWR4ZsDV8d")
+        );
+        for (m, path) in [
+            ("GET", "/v1/messages/batches/msgbatch_1"),
+            ("POST", "/v1/messages/batches/msgbatch_1/results"),
+            ("GET", "/v1/messages/batches"),
+        ] {
+            assert!(
+                Anthropic.request(&request(m, path, b"")).batch.is_none(),
+                "{m} {path}"
+            );
+        }
+        let body = concat!(
+            r#"{"custom_id":"a","result":{"type":"succeeded","message":{"id":"msg_1","type":"message","role":"assistant","model":"claude-sonnet-4-5-20250929","content":[{"type":"text","text":"Hello"}],"stop_reason":"end_turn","usage":{"input_tokens":11,"cache_read_input_tokens":100,"cache_creation_input_tokens":20,"output_tokens":36,"service_tier":"batch"}}}}"#,
+            "\n",
+            r#"{"custom_id":"b","result":{"type":"errored","error":{"type":"error","error":{"type":"invalid_request_error","message":"x"}}}}"#,
+            "\n",
+            r#"{"custom_id":"c","result":{"type":"expired"}}"#,
+            "\n",
+            r#"{"custom_id":"d","result":{"type":"succeeded","message":{"id":"msg_2","model":"claude-sonnet-4-5-20250929","content":[],"usage":{"input_tokens":5,"output_tokens":7,"inference_geo":"us"}}}}"#,
+            "\n",
+            r#"{"custom_id":"e","result":{"type":"succeeded","message":{"id":"msg_3","model":"claude-sonnet-4-5-20250929","content":[],"usage":{"input_tokens":1,"output_tokens":2}}}}"#,
+        );
+        let p = crate::providers::testing::parse_split(
+            &Anthropic,
+            &info,
+            "application/binary",
+            body.as_bytes(),
+            &[50, 400],
+        );
+        let t = p.batch.expect("a tally");
+        assert_eq!(t.lines, 5, "the last line needs no newline");
+        let got: Vec<_> = t
+            .models
+            .iter()
+            .map(|m| (m.uplift_percent, m.usage, m.results))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (
+                    0,
+                    Usage {
+                        input_tokens: 11 + 100 + 20 + 1,
+                        output_tokens: 36 + 2,
+                        cached_input_tokens: 100,
+                        cache_write_input_tokens: 20,
+                        ..Default::default()
+                    },
+                    2
+                ),
+                (
+                    10,
+                    Usage {
+                        input_tokens: 5,
+                        output_tokens: 7,
+                        ..Default::default()
+                    },
+                    1
+                ),
+            ]
+        );
+        assert!(
+            t.models
+                .iter()
+                .all(|m| m.model.as_deref() == Some("claude-sonnet-4-5-20250929"))
+        );
     }
 
     #[test]

@@ -203,6 +203,16 @@ impl Provider for Gemini {
                 ..Default::default()
             };
         }
+        if let Some(id) = batch_results_id(req.method, req.path) {
+            // A batch's state (its responses inlined once it has ended),
+            // or a file's content (a batch's responses file).
+            return RequestInfo {
+                operation: super::batch::OPERATION,
+                metered: true,
+                batch: Some(super::BatchResults { id, skip: 0 }),
+                ..Default::default()
+            };
+        }
         if req.method != http::Method::POST {
             return unmetered;
         }
@@ -275,6 +285,17 @@ impl Provider for Gemini {
         status: u16,
         headers: &http::HeaderMap,
     ) -> Box<dyn UsageParser> {
+        if let Some(b) = &info.batch {
+            return if b.id.starts_with("batches/") {
+                Box::new(super::batch::ItemsParser::new(
+                    inlined_responses,
+                    batch_result_line,
+                    b.skip,
+                ))
+            } else {
+                Box::new(super::batch::ResultsParser::new(batch_result_line, b.skip))
+            };
+        }
         if !OWN_OPERATIONS.contains(&info.operation) {
             return OpenAi.response_parser(info, status, headers);
         }
@@ -456,6 +477,56 @@ impl UsageParser for InteractionParser {
         }
         std::mem::take(&mut self.found)
     }
+}
+
+/// A read of a batch's results: `GET /{version}/batches/{id}` (the
+/// batch, whose responses are inlined in it once it has ended; the id is
+/// kept as `batches/{id}`), or `GET /download/{version}/files/{id}:download`
+/// (a file's content: a batch's responses file is one).
+fn batch_results_id(method: &http::Method, path: &str) -> Option<String> {
+    if method != http::Method::GET {
+        return None;
+    }
+    let p = path.trim_end_matches('/');
+    let segments: Vec<&str> = p.trim_start_matches('/').split('/').collect();
+    match segments.as_slice() {
+        [v, "batches", id] if v.starts_with('v') && !id.contains(':') => {
+            super::path_id(id).map(|id| format!("batches/{id}"))
+        }
+        ["download", v, "files", file] if v.starts_with('v') => {
+            super::path_id(file.strip_suffix(":download")?)
+        }
+        _ => None,
+    }
+}
+
+/// A finished batch's inlined responses: `metadata.output.inlinedResponses
+/// .inlinedResponses` (or the operation's `response`, which repeats the
+/// output), and the batch's model (`metadata.model`, `models/…`).
+fn inlined_responses(v: &Value) -> Option<(&Vec<Value>, Option<String>)> {
+    let items = ["/metadata/output", "/response"]
+        .into_iter()
+        .find_map(|at| {
+            v.pointer(at)?
+                .pointer("/inlinedResponses/inlinedResponses")?
+                .as_array()
+        })?;
+    let model = str_at(v, &["metadata", "model"])
+        .map(|m| m.strip_prefix("models/").map(str::to_string).unwrap_or(m));
+    Some((items, model))
+}
+
+/// A batch result, inlined (`{"response": {…}, "metadata"}`) or a line of
+/// a responses file (`{"key", "response": {…}}`): a GenerateContent
+/// response with its `usageMetadata` and `modelVersion`. One that failed
+/// (`error`, no response) bills nothing.
+fn batch_result_line(v: &Value) -> Option<super::batch::LineUsage> {
+    let r = v.get("response")?;
+    Some(super::batch::LineUsage {
+        model: str_at(r, &["modelVersion"]),
+        usage: usage_from(r.get("usageMetadata")?)?,
+        uplift_percent: 0,
+    })
 }
 
 /// Usage from a `usageMetadata` object, or `None` when it has no counts.
@@ -811,6 +882,94 @@ mod tests {
     /// `stream` from the body, usage from the interaction, as JSON or from
     /// the stream's lifecycle events; thoughts beside the output unless
     /// the total says otherwise. Its cancel and GET calls are not metered.
+    #[test]
+    fn batch_results_inlined_or_in_a_responses_file_are_read_per_model() {
+        use crate::providers::testing::{parse_split, request};
+        let id = |m: &str, path: &str| Gemini.request(&request(m, path, b"")).batch.map(|b| b.id);
+        assert_eq!(
+            id("GET", "/v1beta/batches/abc123").as_deref(),
+            Some("batches/abc123")
+        );
+        assert_eq!(
+            id("GET", "/download/v1beta/files/xyz:download").as_deref(),
+            Some("xyz")
+        );
+        for (m, path) in [
+            ("GET", "/v1beta/batches"),
+            ("POST", "/v1beta/batches/abc:cancel"),
+            ("GET", "/v1beta/files/xyz"),
+            ("GET", "/v1beta/models/gemini-2.5-flash"),
+        ] {
+            assert_eq!(id(m, path), None, "{m} {path}");
+        }
+        let info = Gemini.request(&request("GET", "/v1beta/batches/abc123", b""));
+        assert_eq!(info.operation, "batch_results");
+        // Still running: nothing.
+        let running = br#"{"name":"batches/abc123","metadata":{"@type":"type.googleapis.com/google.ai.generativelanguage.v1main.GenerateContentBatch","model":"models/gemini-2.5-flash","state":"BATCH_STATE_RUNNING"}}"#;
+        let t = parse_split(&Gemini, &info, "application/json", running, &[])
+            .batch
+            .unwrap();
+        assert_eq!((t.lines, t.models.len()), (0, 0));
+        let done = br#"{"name":"batches/abc123","metadata":{"model":"models/gemini-2.5-flash","state":"BATCH_STATE_SUCCEEDED","output":{"inlinedResponses":{"inlinedResponses":[
+            {"response":{"candidates":[{"content":{"parts":[{"text":"a"}]}}],"usageMetadata":{"promptTokenCount":10,"candidatesTokenCount":5,"thoughtsTokenCount":2,"totalTokenCount":17},"modelVersion":"gemini-2.5-flash"}},
+            {"error":{"code":400,"message":"bad"}},
+            {"response":{"usageMetadata":{"promptTokenCount":1,"candidatesTokenCount":1}}}
+        ]}}},"done":true}"#;
+        for skip in [0, 1, 3] {
+            let mut info = info.clone();
+            info.batch.as_mut().unwrap().skip = skip;
+            let t = parse_split(&Gemini, &info, "application/json", done, &[100])
+                .batch
+                .unwrap();
+            assert_eq!((t.lines, t.skipped), (3, skip));
+            let got: Vec<_> = t
+                .models
+                .iter()
+                .map(|m| {
+                    (
+                        m.model.as_deref(),
+                        m.usage.input_tokens,
+                        m.usage.output_tokens,
+                        m.results,
+                    )
+                })
+                .collect();
+            let want = match skip {
+                0 => vec![(Some("gemini-2.5-flash"), 11, 8, 2)],
+                1 => vec![(Some("gemini-2.5-flash"), 1, 1, 1)],
+                _ => vec![],
+            };
+            assert_eq!(got, want, "skip {skip}");
+        }
+        let info = Gemini.request(&request("GET", "/download/v1beta/files/xyz:download", b""));
+        let file = concat!(
+            r#"{"key":"r1","response":{"candidates":[],"usageMetadata":{"promptTokenCount":4,"candidatesTokenCount":6,"cachedContentTokenCount":2},"modelVersion":"gemini-2.5-pro"}}"#,
+            "\n",
+            r#"{"key":"r2","error":{"code":500}}"#,
+            "\n",
+        );
+        let t = parse_split(
+            &Gemini,
+            &info,
+            "application/octet-stream",
+            file.as_bytes(),
+            &[9],
+        )
+        .batch
+        .unwrap();
+        assert_eq!(t.lines, 2);
+        assert_eq!(t.models.len(), 1);
+        assert_eq!(t.models[0].model.as_deref(), Some("gemini-2.5-pro"));
+        assert_eq!(
+            (
+                t.models[0].usage.input_tokens,
+                t.models[0].usage.output_tokens,
+                t.models[0].usage.cached_input_tokens
+            ),
+            (4, 6, 2)
+        );
+    }
+
     #[test]
     fn interactions_are_metered() {
         let i = Gemini.request(&request(

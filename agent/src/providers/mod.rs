@@ -10,6 +10,7 @@
 
 pub mod anthropic;
 pub mod azure;
+pub mod batch;
 pub mod bedrock;
 pub mod catalogue;
 pub mod decode;
@@ -79,6 +80,30 @@ pub struct RequestInfo {
     /// (a session, a list of them, a session's events): it is never a row
     /// of its own; each session's growth since the agent last saw it is.
     pub sessions: SessionsCall,
+    /// The request reads a batch's results (see [`batch`]): it is never a
+    /// row of its own; the results it reads are, per model, from the line
+    /// after the last one counted.
+    pub batch: Option<BatchResults>,
+}
+
+impl RequestInfo {
+    /// The request is a row of its own (not a retrieval that settles a
+    /// parked record, a Managed Agents call that shows sessions' growth,
+    /// or a read of batch results): it is estimated when the provider
+    /// does not count it, and in flight while it runs.
+    pub fn own_row(&self) -> bool {
+        self.retrieves.is_none() && !self.sessions.is_some() && self.batch.is_none()
+    }
+}
+
+/// A read of a batch's results.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BatchResults {
+    /// The batch's id (Anthropic) or its output file's (OpenAI),
+    /// sanitised by [`path_id`].
+    pub id: String,
+    /// Lines counted by earlier reads of the same results: skipped.
+    pub skip: u64,
 }
 
 /// Which Claude Managed Agents call a request is.
@@ -303,6 +328,8 @@ pub struct ParsedUsage {
     /// Managed Agents sessions' cumulative usage, as the answer showed it
     /// last, per session.
     pub sessions: Vec<SessionSnapshot>,
+    /// Batch results: what the lines read billed, per model.
+    pub batch: Option<batch::BatchTally>,
 }
 
 /// A Claude Managed Agents session's cumulative usage at one moment.

@@ -67,6 +67,38 @@ fn retrieved_id(method: &http::Method, path: &str) -> Option<String> {
     (parent.ends_with("/responses") && id != "compact").then_some(id)
 }
 
+/// A download of a file's content, `GET …/files/{id}/content`: a batch's
+/// output file is one (its results, one per line). Gives the file's id.
+fn file_content_id(method: &http::Method, path: &str) -> Option<String> {
+    if method != http::Method::GET {
+        return None;
+    }
+    let rest = path.trim_end_matches('/').strip_suffix("/content")?;
+    let (parent, id) = rest.rsplit_once('/')?;
+    parent
+        .ends_with("/files")
+        .then(|| super::path_id(id))
+        .flatten()
+}
+
+/// A line of a batch's output file: `{"custom_id", "response":
+/// {"status_code", "body": {… "model", "usage"}}, "error"}`. A request the
+/// batch could not serve (an error status, no body) bills nothing.
+pub(crate) fn batch_result_line(v: &Value) -> Option<super::batch::LineUsage> {
+    let r = v.get("response")?;
+    if let Some(code) = r.get("status_code").and_then(Value::as_u64)
+        && !(200..300).contains(&code)
+    {
+        return None;
+    }
+    let body = r.get("body")?;
+    Some(super::batch::LineUsage {
+        model: super::str_at(body, &["model"]),
+        usage: usage_from(body.get("usage")?)?,
+        uplift_percent: 0,
+    })
+}
+
 /// Operations whose responses carry token usage.
 fn has_usage(op: &str) -> bool {
     matches!(op, "chat" | "text_completion" | "embeddings" | "responses")
@@ -78,6 +110,16 @@ impl Provider for OpenAi {
     }
 
     fn request(&self, req: &RequestView<'_>) -> RequestInfo {
+        if let Some(id) = file_content_id(req.method, req.path) {
+            // A batch's output file, or any other file: lines that bill
+            // nothing are rows of nothing.
+            return RequestInfo {
+                operation: super::batch::OPERATION,
+                metered: true,
+                batch: Some(super::BatchResults { id, skip: 0 }),
+                ..Default::default()
+            };
+        }
         if let Some(id) = retrieved_id(req.method, req.path) {
             return RequestInfo {
                 operation: "responses",
@@ -193,7 +235,9 @@ impl Provider for OpenAi {
         _status: u16,
         headers: &http::HeaderMap,
     ) -> Box<dyn UsageParser> {
-        if !has_usage(info.operation) {
+        if let Some(b) = &info.batch {
+            Box::new(super::batch::ResultsParser::new(batch_result_line, b.skip))
+        } else if !has_usage(info.operation) {
             Box::new(NoUsage)
         } else if super::content_type(headers) == "text/event-stream" {
             Box::new(StreamParser::default())
@@ -1373,6 +1417,103 @@ event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{
             );
             assert_eq!(p.usage, Some(Usage::default()));
         }
+    }
+
+    #[test]
+    fn a_batch_output_file_is_read_line_by_line_per_model() {
+        use crate::providers::testing::request;
+        let info = OpenAi.request(&request("GET", "/v1/files/file-abc%3D/content", b""));
+        assert_eq!(info.operation, "batch_results");
+        assert!(info.metered && !info.own_row());
+        assert_eq!(
+            info.batch.as_ref().map(|b| b.id.as_str()),
+            Some("file-abc=")
+        );
+        // Not downloads: the file's metadata, an upload, a POST.
+        for (m, path) in [
+            ("GET", "/v1/files/file-abc"),
+            ("POST", "/v1/files/file-abc/content"),
+            ("GET", "/v1/containers/c/files/f/contents"),
+        ] {
+            assert!(
+                OpenAi.request(&request(m, path, b"")).batch.is_none(),
+                "{m} {path}"
+            );
+        }
+        // On a prefixed mount (Azure, Bedrock's OpenAI route).
+        assert!(
+            OpenAi
+                .request(&request("GET", "/openai/files/file-1/content", b""))
+                .batch
+                .is_some()
+        );
+        let body = concat!(
+            r#"{"id":"batch_req_1","custom_id":"r1","response":{"status_code":200,"request_id":"req_1","body":{"id":"chatcmpl-1","object":"chat.completion","model":"gpt-4o-mini-2024-07-18","choices":[{"index":0,"message":{"role":"assistant","content":"Hi"}}],"usage":{"prompt_tokens":22,"completion_tokens":2,"total_tokens":24,"prompt_tokens_details":{"cached_tokens":10}}}},"error":null}"#,
+            "\n",
+            r#"{"id":"batch_req_2","custom_id":"r2","response":{"status_code":400,"request_id":"req_2","body":{"error":{"message":"bad","type":"invalid_request_error"}}},"error":null}"#,
+            "\n",
+            r#"{"id":"batch_req_3","custom_id":"r3","response":{"status_code":200,"request_id":"req_3","body":{"id":"resp_1","object":"response","model":"gpt-5-2025-08-07","status":"completed","usage":{"input_tokens":100,"output_tokens":50,"output_tokens_details":{"reasoning_tokens":30}}}},"error":null}"#,
+            "\n",
+            r#"{"id":"batch_req_4","custom_id":"r4","response":null,"error":{"code":"batch_expired","message":"expired"}}"#,
+            "\n",
+            r#"{"id":"batch_req_5","custom_id":"r5","response":{"status_code":200,"body":{"object":"chat.completion","model":"gpt-4o-mini-2024-07-18","usage":{"prompt_tokens":8,"completion_tokens":4}}},"error":null}"#,
+            "\n",
+        );
+        for split in [0, 7, 300, body.len() - 3] {
+            let p = crate::providers::testing::parse_split(
+                &OpenAi,
+                &info,
+                "application/octet-stream",
+                body.as_bytes(),
+                &[split],
+            );
+            let t = p.batch.expect("a tally");
+            assert_eq!(t.lines, 5);
+            let got: Vec<_> = t
+                .models
+                .iter()
+                .map(|m| (m.model.as_deref(), m.usage, m.results))
+                .collect();
+            assert_eq!(
+                got,
+                vec![
+                    (
+                        Some("gpt-4o-mini-2024-07-18"),
+                        Usage {
+                            input_tokens: 30,
+                            output_tokens: 6,
+                            cached_input_tokens: 10,
+                            ..Default::default()
+                        },
+                        2
+                    ),
+                    (
+                        Some("gpt-5-2025-08-07"),
+                        Usage {
+                            input_tokens: 100,
+                            output_tokens: 50,
+                            reasoning_tokens: 30,
+                            ..Default::default()
+                        },
+                        1
+                    ),
+                ],
+                "split at {split}"
+            );
+        }
+        // An input file (requests, no responses) bills nothing.
+        let input = concat!(
+            r#"{"custom_id":"r1","method":"POST","url":"/v1/chat/completions","body":{"model":"gpt-4o-mini","messages":[],"max_tokens":1000}}"#,
+            "\n"
+        );
+        let p = crate::providers::testing::parse_split(
+            &OpenAi,
+            &info,
+            "application/octet-stream",
+            input.as_bytes(),
+            &[],
+        );
+        assert!(p.batch.expect("a tally").models.is_empty());
     }
 
     #[test]

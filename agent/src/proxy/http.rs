@@ -1124,6 +1124,7 @@ pub(super) async fn handle(
         crate::meter::cap_owned(m, crate::meter::MAX_MODEL_NAME);
     }
     read_retrieval_only_if_it_settles(state, &ctx.provider.host, &mut info);
+    skip_counted_batch_lines(state, &ctx.provider.host, &mut info);
     // The API that serves the request from here on (Claude on a Vertex AI
     // host is Anthropic's).
     let adapter = info.api.map_or(adapter, adapter_for);
@@ -1143,8 +1144,9 @@ pub(super) async fn handle(
         parts.headers.remove(header::ACCEPT_ENCODING);
     }
     // A retrieval only settles a parked record, a Managed Agents call
-    // shows sessions' growth: nothing to estimate, nothing in flight.
-    let own_row = info.retrieves.is_none() && !info.sessions.is_some();
+    // shows sessions' growth, batch results are the batch's rows: nothing
+    // to estimate, nothing in flight.
+    let own_row = info.own_row();
     let kept_body = if info.metered && own_row {
         whole.clone()
     } else {
@@ -1387,8 +1389,7 @@ impl Draft {
         // with nothing left to count (a parked one, counted already).
         let counting = ok
             && (parsed.usage.is_none() || parsed.partial)
-            && self.info.retrieves.is_none()
-            && !self.info.sessions.is_some()
+            && self.info.own_row()
             && (self.body.is_some() || !parsed.output_text.is_empty());
         self.record_off_worker(parsed, error, counting);
     }
@@ -1409,6 +1410,12 @@ impl Draft {
         if self.info.sessions.is_some() {
             if ok {
                 self.record_sessions(parsed.sessions);
+            }
+            return;
+        }
+        if self.info.batch.is_some() {
+            if ok {
+                self.record_batch(parsed.batch);
             }
             return;
         }
@@ -1562,26 +1569,12 @@ impl Draft {
                 }),
                 _ => self.ctx.clone(),
             };
-            let mut row = Draft {
-                ctx,
-                body: None,
-                lease: state.body_budget.lease(),
-                started: self.started,
-                started_ms: self.started_ms,
-                method: self.method.clone(),
-                path: self.path.clone(),
-                info: RequestInfo {
-                    sessions: crate::providers::SessionsCall::No,
-                    model: grown.model,
-                    ..self.info.clone()
-                },
-                status: self.status,
-                ttfb_ms: self.ttfb_ms,
-                emitted: false,
-                sent: self.sent.clone(),
-                unanswered: false,
-                _live: crate::control::InFlight::none(),
-            };
+            let mut row = self.row(RequestInfo {
+                sessions: crate::providers::SessionsCall::No,
+                model: grown.model,
+                ..self.info.clone()
+            });
+            row.ctx = ctx;
             row.record(
                 ParsedUsage {
                     usage: Some(grown.usage),
@@ -1591,6 +1584,86 @@ impl Draft {
                 },
                 None,
             );
+        }
+    }
+}
+
+/// A batch's key in the table of counted results: the provider host and
+/// the batch's (or its output file's) id.
+pub(super) fn batch_key(host: &str, id: &str) -> String {
+    format!("{host} {id}")
+}
+
+/// A read of batch results starts counting after the lines counted so far.
+fn skip_counted_batch_lines(state: &ProxyState, host: &str, info: &mut RequestInfo) {
+    if let Some(b) = info.batch.as_mut() {
+        b.skip = state.batches.counted(&batch_key(host, &b.id));
+    }
+}
+
+impl Draft {
+    /// Writes the batch results this read counted (see
+    /// [`super::batches`]): one row per model, at the batch rates,
+    /// attributed to the job that read them.
+    fn record_batch(&self, tally: Option<crate::providers::batch::BatchTally>) {
+        let (Some(t), Some(b)) = (tally, self.info.batch.as_ref()) else {
+            return;
+        };
+        let key = batch_key(&self.ctx.provider.host, &b.id);
+        let bills = !t.models.is_empty();
+        match self.ctx.state.batches.advance(key, b.skip, t.lines, bills) {
+            super::batches::Advance::Count => {}
+            super::batches::Advance::Nothing => return,
+            super::batches::Advance::Raced => {
+                debug!(
+                    host = self.ctx.provider.host.as_str(),
+                    "batch results read twice at once: the read that ended first counted them"
+                );
+                return;
+            }
+        }
+        for m in t.models {
+            let mut model = m.model;
+            if let Some(name) = model.as_mut() {
+                crate::meter::cap_owned(name, crate::meter::MAX_MODEL_NAME);
+            }
+            let mut row = self.row(RequestInfo {
+                operation: crate::providers::batch::OPERATION,
+                batch: None,
+                model: model.clone(),
+                ..self.info.clone()
+            });
+            row.record(
+                ParsedUsage {
+                    usage: Some(m.usage),
+                    response_model: model,
+                    service_tier: Some(crate::providers::batch::TIER.to_string()),
+                    uplift_percent: m.uplift_percent,
+                    ..Default::default()
+                },
+                None,
+            );
+        }
+    }
+
+    /// A row of this request's own (a session's growth, a model's share of
+    /// batch results), written with `info` by the same job.
+    fn row(&self, info: RequestInfo) -> Draft {
+        Draft {
+            ctx: self.ctx.clone(),
+            body: None,
+            lease: self.ctx.state.body_budget.lease(),
+            started: self.started,
+            started_ms: self.started_ms,
+            method: self.method.clone(),
+            path: self.path.clone(),
+            info,
+            status: self.status,
+            ttfb_ms: self.ttfb_ms,
+            emitted: false,
+            sent: self.sent.clone(),
+            unanswered: false,
+            _live: crate::control::InFlight::none(),
         }
     }
 }
@@ -2026,18 +2099,34 @@ mod tests {
         host: &str,
         api: crate::config::ApiKind,
     ) -> (Arc<ConnCtx>, Arc<Keep>, tempfile::TempDir) {
+        test_ctx_after(host, api, &[])
+    }
+
+    /// As [`test_ctx`], on an agent started after a ledger whose batch
+    /// results rows are `batches_read` (host, path).
+    fn test_ctx_after(
+        host: &str,
+        api: crate::config::ApiKind,
+        batches_read: &[(String, String)],
+    ) -> (Arc<ConnCtx>, Arc<Keep>, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
         let (ca, _) = crate::ca::LocalCa::load_or_create(dir.path(), &[host.to_owned()]).unwrap();
         let keep = Arc::new(Keep(Default::default()));
-        let state = Arc::new(ProxyState::new(
+        let (state, _) = ProxyState::new(
             Arc::new(NoOrigins),
             Arc::new(ca),
             super::super::upstream::Upstream::new(None).unwrap(),
-            Vec::new(),
+            if batches_read.is_empty() {
+                Vec::new()
+            } else {
+                crate::providers::catalogue::provider_hosts(&crate::config::Config::default())
+            },
             crate::attribution::Attributor::new("/proc".into()),
             keep.clone(),
             1 << 20,
-        ));
+        )
+        .with_batches_read(batches_read);
+        let state = Arc::new(state);
         let ctx = Arc::new(ConnCtx {
             state,
             origin: ConnOrigin {
@@ -2362,6 +2451,137 @@ mod tests {
             recs[0].cost_usd.is_some_and(|c| (c - 0.01).abs() < 1e-9),
             "{:?}",
             recs[0]
+        );
+    }
+
+    /// Batch results are rows per model at the batch rates, by the job
+    /// that read them; a second read counts only lines the first did not
+    /// reach, a third nothing.
+    #[test]
+    fn batch_results_are_rows_per_model_and_each_line_counts_once() {
+        let (ctx, keep, _dir) = test_ctx("api.anthropic.com", crate::config::ApiKind::Anthropic);
+        let line = |model: &str, input: u64, output: u64| {
+            format!(
+                r#"{{"custom_id":"x","result":{{"type":"succeeded","message":{{"model":"{model}","usage":{{"input_tokens":{input},"output_tokens":{output}}}}}}}}}"#
+            )
+        };
+        let body = [
+            line("claude-sonnet-4-5", 100_000, 0),
+            line("claude-haiku-4-5", 100, 10),
+            line("claude-sonnet-4-5", 0, 1_000_000),
+            line("claude-sonnet-4-5", 7, 3),
+        ]
+        .join("\n");
+        let path = "/v1/messages/batches/msgbatch_1/results";
+        // Reads `upto` bytes of the results (all when `None`).
+        let read = |upto: Option<usize>| {
+            let adapter = crate::providers::adapter_for(crate::config::ApiKind::Anthropic);
+            let mut d = WsMeter::new(ctx.clone(), path.into()).draft(None, None);
+            d.info = adapter.request(&crate::providers::testing::request("GET", path, b""));
+            skip_counted_batch_lines(&ctx.state, "api.anthropic.com", &mut d.info);
+            d.status = 200;
+            let mut p = adapter.response_parser(&d.info, 200, &http::HeaderMap::new());
+            p.feed(&body.as_bytes()[..upto.unwrap_or(body.len())]);
+            let error = upto.map(|_| "client_disconnected".to_string());
+            d.emit(p.finish(), error);
+        };
+        // Cut inside the second line: only the first is whole.
+        read(Some(body.find('\n').unwrap() + 20));
+        assert_eq!(
+            rows(&keep),
+            [(
+                "claude-sonnet-4-5".to_string(),
+                100_000,
+                0,
+                200,
+                None,
+                false
+            )]
+        );
+        read(None);
+        read(None);
+        let got = rows(&keep);
+        assert_eq!(
+            got[1..],
+            [
+                ("claude-haiku-4-5".to_string(), 100, 10, 200, None, false),
+                (
+                    "claude-sonnet-4-5".to_string(),
+                    7,
+                    1_000_003,
+                    200,
+                    None,
+                    false
+                ),
+            ]
+        );
+        let recs = keep.0.lock().unwrap().clone();
+        assert!(recs.iter().all(|r| r.operation == "batch_results"
+            && r.service_tier.as_deref() == Some("batch")
+            && Arc::ptr_eq(&r.who, &ctx.who)));
+        // Sonnet 4.5: $3 / $15 per million, half in a batch.
+        assert!(
+            recs[0].cost_usd.is_some_and(|c| (c - 0.15).abs() < 1e-9),
+            "{:?}",
+            recs[0].cost_usd
+        );
+        assert!(
+            recs[2]
+                .cost_usd
+                .is_some_and(|c| (c - (7.0 * 3.0 + 1_000_003.0 * 15.0) / 2e6).abs() < 1e-9),
+            "{:?}",
+            recs[2].cost_usd
+        );
+        // Nothing in flight, nothing estimated.
+        assert!(recs.iter().all(|r| !r.estimated));
+    }
+
+    /// Batch results the ledger shows were read before the agent started
+    /// count nothing when read again; others count as ever.
+    #[test]
+    fn batch_results_read_before_a_restart_count_nothing_after_it() {
+        let read_before = [
+            (
+                "api.anthropic.com".to_string(),
+                "/v1/messages/batches/msgbatch_old/results".to_string(),
+            ),
+            (
+                "api.openai.com".to_string(),
+                "/v1/files/file-old/content".to_string(),
+            ),
+            (
+                "generativelanguage.googleapis.com".to_string(),
+                "/v1beta/batches/old".to_string(),
+            ),
+            // Not batch results, not a provider: nothing.
+            (
+                "api.openai.com".to_string(),
+                "/v1/chat/completions".to_string(),
+            ),
+            ("example.com".to_string(), "/v1/files/f/content".to_string()),
+        ];
+        let (ctx, keep, _dir) = test_ctx_after(
+            "api.anthropic.com",
+            crate::config::ApiKind::Anthropic,
+            &read_before,
+        );
+        assert_eq!(ctx.state.batches.len(), 3);
+        let body = r#"{"custom_id":"x","result":{"type":"succeeded","message":{"model":"claude-haiku-4-5","usage":{"input_tokens":5,"output_tokens":6}}}}"#;
+        for id in ["msgbatch_old", "msgbatch_new"] {
+            let path = format!("/v1/messages/batches/{id}/results");
+            let adapter = crate::providers::adapter_for(crate::config::ApiKind::Anthropic);
+            let mut d = WsMeter::new(ctx.clone(), path.clone()).draft(None, None);
+            d.info = adapter.request(&crate::providers::testing::request("GET", &path, b""));
+            skip_counted_batch_lines(&ctx.state, "api.anthropic.com", &mut d.info);
+            d.status = 200;
+            let mut p = adapter.response_parser(&d.info, 200, &http::HeaderMap::new());
+            p.feed(body.as_bytes());
+            d.emit(p.finish(), None);
+        }
+        assert_eq!(
+            rows(&keep),
+            [("claude-haiku-4-5".to_string(), 5, 6, 200, None, false)],
+            "only the batch not read before"
         );
     }
 

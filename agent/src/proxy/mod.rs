@@ -7,6 +7,7 @@
 //! that has no origin record (it would be an open proxy), or await disk or
 //! exporter I/O before forwarding bytes.
 
+pub mod batches;
 pub mod budget;
 pub mod clienthello;
 mod http;
@@ -216,6 +217,8 @@ pub struct ProxyState {
     parked: parked::Parked<http::ParkedResponse>,
     /// Managed Agents sessions' last snapshots.
     sessions: sessions::Sessions,
+    /// How many lines of each batch's results were counted.
+    batches: batches::Batches,
 }
 
 type Seen = hashbrown::HashSet<(String, String), rustc_hash::FxBuildHasher>;
@@ -277,6 +280,7 @@ impl ProxyState {
             background,
             parked: parked::Parked::default(),
             sessions: sessions::Sessions::default(),
+            batches: batches::Batches::default(),
         }
     }
 }
@@ -379,6 +383,32 @@ impl ProxyState {
     pub fn with_live(mut self, live: crate::control::LiveHandle) -> Self {
         self.live = live;
         self
+    }
+
+    /// Takes the batch results the ledger says were read (its
+    /// `batch_results` rows' hosts and paths) as counted whole, so that a
+    /// read after a restart does not count them again. Gives how many
+    /// batches that is.
+    pub fn with_batches_read(self, reads: &[(String, String)]) -> (Self, usize) {
+        let mut n = 0;
+        for (host, path) in reads {
+            let Some(p) = catalogue::lookup(&self.hosts, host) else {
+                continue;
+            };
+            let info =
+                crate::providers::adapter_for(p.api).request(&crate::providers::RequestView {
+                    method: &::http::Method::GET,
+                    path,
+                    query: None,
+                    headers: &::http::HeaderMap::new(),
+                    body: None,
+                });
+            if let Some(b) = info.batch {
+                self.batches.read_whole(http::batch_key(&p.host, &b.id));
+                n += 1;
+            }
+        }
+        (self, n)
     }
 }
 

@@ -23,6 +23,7 @@ use serde_json::{Value, json};
 
 mod anthropic;
 mod background;
+mod batches;
 mod bedrock;
 mod canned;
 mod gemini;
@@ -233,16 +234,26 @@ async fn handle(req: Request<Incoming>, sni: String, log: Log) -> Result<Respons
     {
         return Ok(answer);
     }
+    if req.method() == hyper::Method::GET
+        && let Some(answer) = batches::answer(req.method(), &path, &sni, None)
+    {
+        return Ok(answer);
+    }
     if req.method() == hyper::Method::GET {
         return Ok(json_response(
             200,
             json!({"object":"list","data":[{"id":"gpt-4o-mini","object":"model"}],"sni":sni}),
         ));
     }
+    let method = req.method().clone();
     let body = match req.into_body().collect().await {
         Ok(b) => b.to_bytes(),
         Err(_) => return Ok(json_response(400, json!({"error":{"message":"bad body"}}))),
     };
+    // (A file upload is multipart, not JSON.)
+    if let Some(answer) = batches::answer(&method, &path, &sni, Some(&body)) {
+        return Ok(answer);
+    }
     let Ok(body) = serde_json::from_slice::<Value>(&body) else {
         return Ok(json_response(
             400,
