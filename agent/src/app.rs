@@ -372,7 +372,12 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     .with_max_buffered(cfg.proxy.max_buffered_request_bytes)
     .with_body_stall(Duration::from_secs(cfg.proxy.request_body_stall_secs))
     .with_live(live.handle());
-    let state = Arc::new(seed_batches_read(state, &cfg));
+    let state = Arc::new(state);
+    {
+        // Off the way to ready: a long ledger takes a moment to search.
+        let (state, cfg) = (state.clone(), cfg.clone());
+        tokio::task::spawn_blocking(move || seed_batches_read(&state, &cfg));
+    }
     let _ = proxy_slot.set(Arc::downgrade(&state));
     let control_task = match crate::control::ControlServer::bind(&cfg.control) {
         Ok(server) => Some(tokio::spawn(server.run(live.clone(), shutdown_rx.clone()))),
@@ -443,7 +448,7 @@ const BATCHES_READ_WITHIN: Duration = Duration::from_secs(30 * 24 * 3600);
 /// Tells the proxy which batches' results the ledger says were read, so
 /// that reading them again after this restart counts nothing. A ledger
 /// that cannot be read for it costs only that (said at warn).
-fn seed_batches_read(state: ProxyState, cfg: &Config) -> ProxyState {
+fn seed_batches_read(state: &ProxyState, cfg: &Config) {
     let path = crate::cli::ledger_path(&cfg.state_dir);
     let since = std::time::SystemTime::now()
         .checked_sub(BATCHES_READ_WITHIN)
@@ -453,18 +458,16 @@ fn seed_batches_read(state: ProxyState, cfg: &Config) -> ProxyState {
         .and_then(|l| l.batch_reads_since(since, proxy::batches::MAX_BATCHES));
     match reads {
         Ok(reads) => {
-            let (state, n) = state.with_batches_read(&reads);
+            let n = state.batches_read(&reads);
             if n > 0 {
                 info!(
                     batches = n,
                     "batch results read before this start are counted already"
                 );
             }
-            state
         }
         Err(e) => {
-            warn!(error = %e, "cannot read the ledger for batch results already counted: results read again before this start would count again");
-            state
+            warn!(error = %e, "cannot read the ledger for batch results already counted: results read before this start would count again if read again");
         }
     }
 }

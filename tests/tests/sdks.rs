@@ -563,6 +563,18 @@ for r in job.dest.inlined_responses:
         u = r.response.usage_metadata
         saw("gemini", r.response.model_version, u.prompt_token_count, u.candidates_token_count)
 assert g.batches.get(name=job.name).state == "JOB_STATE_SUCCEEDED"
+# A batch whose responses go to a file, downloaded twice.
+fj = g.batches.create(model="gemini-2.5-pro", src=[
+    {"contents": [{"parts": [{"text": "explain the build failure"}], "role": "user"}],
+     "config": {"max_output_tokens": 9}, "metadata": {"key": "f1"}},
+], config={"display_name": "to-file"})
+fj = g.batches.get(name=fj.name)
+assert fj.dest.file_name, fj
+data = g.files.download(file=fj.dest.file_name)
+assert g.files.download(file=fj.dest.file_name) == data
+for line in data.decode().splitlines():
+    r = json.loads(line)["response"]
+    saw("gemini", r["modelVersion"], r["usageMetadata"]["promptTokenCount"], r["usageMetadata"]["candidatesTokenCount"])
 print(json.dumps(seen))
 "#,
         ),
@@ -570,7 +582,7 @@ print(json.dumps(seen))
     );
     let seen: Value = serde_json::from_str(out.trim()).unwrap();
     let seen = seen.as_object().unwrap();
-    assert_eq!(seen.len(), 5, "{seen:?}");
+    assert_eq!(seen.len(), 6, "{seen:?}");
     // The submissions (zero-token rows) and the results' rows.
     let want = seen.len();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);

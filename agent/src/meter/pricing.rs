@@ -632,6 +632,45 @@ impl Price {
     }
 }
 
+/// The largest prompt of a request priced with others in one sum (see
+/// [`ManyRequests`]): below every long-context threshold in the catalogue
+/// (the lowest is 200k tokens).
+pub const SHORT_PROMPT: u64 = 32_768;
+
+/// The usage of many requests recorded together (a batch's results):
+/// long-context rates apply request by request, never to a sum. `short`
+/// sums the requests whose prompts are at most [`SHORT_PROMPT`] tokens;
+/// `long` lists the others, each priced alone.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ManyRequests {
+    pub short: Usage,
+    pub long: Vec<Usage>,
+}
+
+impl ManyRequests {
+    pub fn add(&mut self, u: Usage) {
+        if u.input_tokens > SHORT_PROMPT {
+            self.long.push(u);
+        } else {
+            self.short = self.short.zip_with(&u, u64::saturating_add);
+        }
+    }
+}
+
+impl Price {
+    /// USD for many requests: the short ones at the standard rates (a
+    /// long-context threshold at or above [`SHORT_PROMPT`] is above each
+    /// of them; one set lower, in `[[pricing.models]]`, is not applied to
+    /// them), the long ones each as itself.
+    pub fn cost_of_many(&self, m: &ManyRequests) -> f64 {
+        let short = Price {
+            long: None,
+            ..*self
+        };
+        short.cost(&m.short) + m.long.iter().map(|u| self.cost(u)).sum::<f64>()
+    }
+}
+
 /// The built-in catalogue file.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -811,10 +850,36 @@ impl PriceBook {
         usage: &Usage,
         serving: Serving<'_>,
     ) -> Option<Cost> {
+        self.cost_with(provider, models, started_at_ms, serving, |p| p.cost(usage))
+    }
+
+    /// As [`PriceBook::cost_of_any`] for the usage of many requests
+    /// together (see [`ManyRequests`]).
+    pub fn cost_of_many(
+        &self,
+        provider: &str,
+        models: &[&str],
+        started_at_ms: i64,
+        many: &ManyRequests,
+        serving: Serving<'_>,
+    ) -> Option<Cost> {
+        self.cost_with(provider, models, started_at_ms, serving, |p| {
+            p.cost_of_many(many)
+        })
+    }
+
+    fn cost_with(
+        &self,
+        provider: &str,
+        models: &[&str],
+        started_at_ms: i64,
+        serving: Serving<'_>,
+        cost: impl Fn(&Price) -> f64,
+    ) -> Option<Cost> {
         let p = self.price_of_any_at(provider, models, started_at_ms)?;
         let (usd, tier_unpriced) = match p.in_tier(serving.tier) {
-            Some(t) => (t.cost(usage), false),
-            None => (p.cost(usage), true),
+            Some(t) => (cost(&t), false),
+            None => (cost(&p), true),
         };
         let regional = if serving.bedrock_regional {
             p.bedrock_regional

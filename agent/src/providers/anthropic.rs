@@ -55,7 +55,10 @@ impl Provider for Anthropic {
             return RequestInfo {
                 operation: super::batch::OPERATION,
                 metered: true,
-                batch: Some(super::BatchResults { id, skip: 0 }),
+                batch: Some(super::BatchResults::new(
+                    id,
+                    super::batch::Format::Anthropic,
+                )),
                 ..Default::default()
             };
         }
@@ -84,11 +87,11 @@ impl Provider for Anthropic {
     fn response_parser(
         &self,
         info: &RequestInfo,
-        _status: u16,
+        status: u16,
         headers: &http::HeaderMap,
     ) -> Box<dyn UsageParser> {
         if let Some(b) = &info.batch {
-            return Box::new(super::batch::ResultsParser::new(batch_result_line, b.skip));
+            return super::batch::parser(b, status);
         }
         let event_stream = super::content_type(headers) == "text/event-stream";
         if info.sessions.is_some() {
@@ -122,19 +125,47 @@ fn batch_results_id(method: &http::Method, path: &str) -> Option<String> {
         .flatten()
 }
 
+/// A line of a message batch's results, as far as it is read.
+#[derive(serde::Deserialize, Default)]
+#[serde(default)]
+struct WireBatchLine {
+    result: super::ObjectOr<WireBatchResult>,
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(default)]
+struct WireBatchResult {
+    #[serde(rename = "type")]
+    kind: Option<Value>,
+    message: super::ObjectOr<WireBatchMessage>,
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(default)]
+struct WireBatchMessage {
+    model: Option<Value>,
+    usage: Option<Value>,
+}
+
 /// A line of a message batch's results: `{"custom_id", "result": {"type":
-/// "succeeded", "message": {… "model", "usage"}}}`. Errored, cancelled and
-/// expired requests bill nothing.
-fn batch_result_line(v: &Value) -> Option<super::batch::LineUsage> {
-    let result = v.get("result")?;
-    if result.get("type").and_then(Value::as_str) != Some("succeeded") {
+/// "succeeded", "message": {… "model", "usage"}}}`, read without building
+/// the message's content. Errored, cancelled and expired requests bill
+/// nothing.
+pub(crate) fn batch_result_line(line: &[u8]) -> Option<super::batch::LineUsage> {
+    let l: WireBatchLine = serde_json::from_slice(line).ok()?;
+    let result = l.result.0?;
+    if result.kind.as_ref().and_then(Value::as_str) != Some("succeeded") {
         return None;
     }
-    let message = result.get("message")?;
+    let message = result.message.0?;
     let mut raw = Raw::default();
-    raw.merge(message.get("usage")?);
+    raw.merge(message.usage.as_ref()?);
     Some(super::batch::LineUsage {
-        model: str_at(message, &["model"]),
+        model: message
+            .model
+            .as_ref()
+            .and_then(Value::as_str)
+            .map(str::to_string),
         usage: raw.usage()?,
         uplift_percent: raw.uplift_percent(),
     })

@@ -1,24 +1,29 @@
-//! Batch results: the JSONL a provider serves once a batch has ended, one
-//! result per line, each with the usage of the request it answered (the
-//! OpenAI Batch API's output file, `GET …/files/{id}/content`; Anthropic's
-//! Message Batches results, `GET …/messages/batches/{id}/results`).
+//! Batch results: what a provider serves once a batch has ended, each
+//! result with the usage of the request it answered (OpenAI's output file,
+//! `GET …/files/{id}/content`, and Anthropic's results, `GET
+//! …/messages/batches/{id}/results`, one result per JSONL line; Gemini's
+//! responses file the same, or a finished batch with its responses
+//! inlined in one document).
 //!
 //! A batch's submission bills nothing itself; its spend is in these
 //! results, at the batch rates (half the standard ones at every provider
 //! that has batches). This module reads the results as they stream past,
-//! line by line, and sums each model's usage; the proxy writes the sums as
-//! rows and remembers how many lines of each batch it has counted, so that
-//! reading the same results again counts nothing twice (see
-//! `proxy::batches`).
+//! line by line, and sums each model's usage. Each result that bills is
+//! claimed, by its place in the results, in the proxy's table of what was
+//! counted (see `proxy::batches`) as it is read: a result is counted by
+//! the first read that reaches it, however many reads there are, at once
+//! or one after another, whole or cut short.
 //!
-//! Owns: reading result lines and summing their usage per model.
-//! Must never: hold more than one line of the results, count a line it
-//! was told to skip, or count a line that did not arrive whole.
+//! Owns: reading results and summing their usage per model.
+//! Must never: hold more than one line of the results (or one bounded
+//! document), count a result another read claimed, or count a line that
+//! did not arrive whole.
 
-use serde_json::Value;
+use std::sync::Arc;
 
 use super::{ParsedUsage, UsageParser};
 use crate::meter::Usage;
+use crate::meter::pricing::ManyRequests;
 
 /// The operation recorded for a batch's results.
 pub const OPERATION: &str = "batch_results";
@@ -31,7 +36,7 @@ pub const TIER: &str = crate::meter::pricing::BATCH_TIER;
 /// line, and its usage left out, logged at debug).
 pub const MAX_LINE: usize = 16 << 20;
 
-/// What one result line says was billed.
+/// What one result says was billed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LineUsage {
     pub model: Option<String>,
@@ -40,36 +45,103 @@ pub struct LineUsage {
     pub uplift_percent: u32,
 }
 
-/// Reads a result line (a whole JSON document); `None` for a line that
-/// bills nothing (an errored, cancelled or expired request, an input
-/// line).
-pub type LineReader = fn(&Value) -> Option<LineUsage>;
+/// Reads a result line (one JSON document, without its newline); `None`
+/// for a line that bills nothing (an errored, cancelled or expired
+/// request, a line of a file that is not results).
+pub type LineReader = fn(&[u8]) -> Option<LineUsage>;
+
+/// How a provider serves a batch's results.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Format {
+    /// OpenAI's output file: `{"custom_id", "response": {"status_code",
+    /// "body"}}` per line.
+    #[default]
+    OpenAi,
+    /// Anthropic's results: `{"custom_id", "result": {"type", "message"}}`
+    /// per line.
+    Anthropic,
+    /// Gemini's responses file: `{"key", "response"}` per line.
+    GeminiLines,
+    /// A finished Gemini batch, its responses inlined.
+    GeminiInlined,
+}
+
+/// The table of what was counted (the proxy's).
+pub trait Counted: Send + Sync {
+    /// Result `index` (its place in the results) of batch `key` bills:
+    /// whether this read is the first to reach it, and counts it.
+    fn claim(&self, key: &str, index: u64) -> bool;
+}
+
+/// Where a read claims its results: the table and the batch's key there.
+/// Without one (tests of a parser alone) every result counts. Compares
+/// equal to any other: a request is not told apart by its table.
+#[derive(Clone, Default)]
+pub struct Claims(Option<(Arc<dyn Counted>, String)>);
+
+impl Claims {
+    pub fn new(table: Arc<dyn Counted>, key: String) -> Claims {
+        Claims(Some((table, key)))
+    }
+
+    fn claim(&self, index: u64) -> bool {
+        self.0.as_ref().is_none_or(|(t, k)| t.claim(k, index))
+    }
+}
+
+impl std::fmt::Debug for Claims {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Some((_, key)) => write!(f, "Claims({key:?})"),
+            None => f.write_str("Claims(none)"),
+        }
+    }
+}
+
+impl PartialEq for Claims {
+    fn eq(&self, _: &Claims) -> bool {
+        true
+    }
+}
+
+impl Eq for Claims {}
 
 /// One model's share of the results read.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ModelTally {
     pub model: Option<String>,
     pub uplift_percent: u32,
+    /// The sums.
     pub usage: Usage,
-    /// Result lines summed here.
+    /// The same, request by request as far as prices depend on it (a
+    /// long prompt is priced alone).
+    pub requests: ManyRequests,
+    /// Results summed here.
     pub results: u64,
 }
 
 /// What a read of batch results found.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BatchTally {
-    /// Lines skipped at the start (counted by an earlier read).
-    pub skipped: u64,
-    /// Lines read whole, the skipped ones included: where the next read
-    /// of the same results starts counting.
+    /// Results read whole (lines, or inlined responses).
     pub lines: u64,
-    /// Lines too long to read (counted in `lines`, their usage left out).
+    /// Results that bill but were counted by another read.
+    pub counted_before: u64,
+    /// Lines too long to read (their usage left out).
     pub too_long: u64,
     pub models: Vec<ModelTally>,
 }
 
 impl BatchTally {
-    fn add(&mut self, line: LineUsage) {
+    /// Result `index`, read whole: what it bills, if anything, counts
+    /// when this read claims it.
+    pub(crate) fn result(&mut self, index: u64, bills: Option<LineUsage>, claims: &Claims) {
+        self.lines = self.lines.max(index + 1);
+        let Some(line) = bills else { return };
+        if !claims.claim(index) {
+            self.counted_before += 1;
+            return;
+        }
         let found = self
             .models
             .iter_mut()
@@ -86,27 +158,66 @@ impl BatchTally {
             }
         };
         m.usage = m.usage.zip_with(&line.usage, u64::saturating_add);
+        m.requests.add(line.usage);
         m.results += 1;
     }
 }
 
-/// Reads batch results line by line, skipping the first `skip` lines.
+/// The parser for a read of batch results answered `status`: only a
+/// whole answer (200) is read; a part of the results (206, a ranged
+/// download resumed) or an error counts nothing.
+pub fn parser(results: &super::BatchResults, status: u16) -> Box<dyn UsageParser> {
+    if status != 200 {
+        return Box::new(NotResults);
+    }
+    let claims = results.claims.clone();
+    match results.format {
+        Format::OpenAi => Box::new(ResultsParser::new(super::openai::batch_result_line, claims)),
+        Format::Anthropic => Box::new(ResultsParser::new(
+            super::anthropic::batch_result_line,
+            claims,
+        )),
+        Format::GeminiLines => {
+            Box::new(ResultsParser::new(super::gemini::batch_result_line, claims))
+        }
+        Format::GeminiInlined => Box::new(super::gemini::InlinedParser::new(claims)),
+    }
+}
+
+/// An answer that is not the batch's whole results.
+struct NotResults;
+
+impl UsageParser for NotResults {
+    fn feed(&mut self, _: &[u8]) {}
+
+    fn finish(&mut self) -> ParsedUsage {
+        ParsedUsage {
+            usage: Some(Usage::default()),
+            ..Default::default()
+        }
+    }
+}
+
+/// Reads JSONL batch results line by line.
 pub struct ResultsParser {
     read: LineReader,
-    skip: u64,
+    claims: Claims,
     buf: Vec<u8>,
     /// The line being read is over [`MAX_LINE`]: dropped up to its end.
     overlong: bool,
+    /// Lines read whole so far (blank ones aside).
+    index: u64,
     tally: BatchTally,
 }
 
 impl ResultsParser {
-    pub fn new(read: LineReader, skip: u64) -> ResultsParser {
+    pub fn new(read: LineReader, claims: Claims) -> ResultsParser {
         ResultsParser {
             read,
-            skip,
+            claims,
             buf: Vec::new(),
             overlong: false,
+            index: 0,
             tally: BatchTally::default(),
         }
     }
@@ -117,37 +228,28 @@ impl ResultsParser {
         if line.iter().all(u8::is_ascii_whitespace) {
             return;
         }
-        let index = self.tally.lines;
-        self.tally.lines += 1;
-        if index < self.skip {
-            self.tally.skipped += 1;
-            return;
-        }
+        let index = self.index;
+        self.index += 1;
         // A line that names no usage (`"usage"`, `"usageMetadata"`) bills
         // nothing, whatever it is: most lines of a file that is not batch
         // results are not parsed.
-        if !line.windows(6).any(|w| w == b"\"usage") {
-            return;
-        }
-        if let Ok(v) = serde_json::from_slice::<Value>(line)
-            && let Some(u) = (self.read)(&v)
-        {
-            self.tally.add(u);
-        }
+        let bills = if line.windows(6).any(|w| w == b"\"usage") {
+            (self.read)(line)
+        } else {
+            None
+        };
+        self.tally.result(index, bills, &self.claims);
     }
 
     fn overlong_line(&mut self) {
-        let index = self.tally.lines;
-        self.tally.lines += 1;
-        if index < self.skip {
-            self.tally.skipped += 1;
-        } else {
-            self.tally.too_long += 1;
-            tracing::debug!(
-                line = index,
-                "a batch result line is longer than 16 MiB: its usage is left out"
-            );
-        }
+        let index = self.index;
+        self.index += 1;
+        self.tally.lines = self.index;
+        self.tally.too_long += 1;
+        tracing::debug!(
+            line = index,
+            "a batch result line is longer than 16 MiB: its usage is left out"
+        );
     }
 }
 
@@ -200,69 +302,15 @@ impl UsageParser for ResultsParser {
     }
 }
 
-/// Finds a JSON document's list of results (a Gemini batch's inlined
-/// responses), if it has one yet, and the model a result that names none
-/// was served by.
-pub type ItemsOf = fn(&Value) -> Option<(&Vec<Value>, Option<String>)>;
-
-/// Reads batch results that come as one JSON document holding a list of
-/// them (a finished Gemini batch, with its responses inlined): each item
-/// is a "line", in the list's order.
-pub struct ItemsParser {
-    body: super::JsonBody,
-    items: ItemsOf,
-    read: LineReader,
-    skip: u64,
-}
-
-impl ItemsParser {
-    pub fn new(items: ItemsOf, read: LineReader, skip: u64) -> ItemsParser {
-        ItemsParser {
-            body: super::JsonBody::new(super::JsonBody::DEFAULT_LIMIT),
-            items,
-            read,
-            skip,
-        }
-    }
-}
-
-impl UsageParser for ItemsParser {
-    fn feed(&mut self, chunk: &[u8]) {
-        self.body.feed(chunk);
-    }
-
-    fn finish(&mut self) -> ParsedUsage {
-        let mut tally = BatchTally::default();
-        if let Some(v) = self.body.take()
-            && let Some((items, model)) = (self.items)(&v)
-        {
-            for (i, item) in items.iter().enumerate() {
-                tally.lines += 1;
-                if (i as u64) < self.skip {
-                    tally.skipped += 1;
-                } else if let Some(mut u) = (self.read)(item) {
-                    if u.model.is_none() {
-                        u.model.clone_from(&model);
-                    }
-                    tally.add(u);
-                }
-            }
-        }
-        ParsedUsage {
-            usage: Some(Usage::default()),
-            batch: Some(tally),
-            ..Default::default()
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value;
 
     /// `{"model": M, "usage": N}` bills N input tokens; `{"error": …}`
     /// nothing.
-    fn read(v: &Value) -> Option<LineUsage> {
+    fn read(line: &[u8]) -> Option<LineUsage> {
+        let v: Value = serde_json::from_slice(line).ok()?;
         let n = v.get("usage")?.as_u64()?;
         Some(LineUsage {
             model: v.get("model").and_then(Value::as_str).map(str::to_string),
@@ -303,11 +351,23 @@ mod tests {
             .collect()
     }
 
+    fn table() -> (Arc<crate::proxy::batches::Batches>, Claims) {
+        let t = Arc::new(crate::proxy::batches::Batches::default());
+        let claims = Claims::new(t.clone(), "h b".into());
+        (t, claims)
+    }
+
+    fn parse(claims: &Claims, body: &[u8]) -> BatchTally {
+        let mut p = ResultsParser::new(read, claims.clone());
+        p.feed(body);
+        p.finish().batch.unwrap()
+    }
+
     #[test]
     fn lines_are_summed_per_model_over_every_split() {
         let body = results();
         for split in 0..=body.len() {
-            let mut p = ResultsParser::new(read, 0);
+            let mut p = ResultsParser::new(read, Claims::default());
             p.feed(&body[..split]);
             p.feed(&body[split..]);
             let t = p.finish().batch.unwrap();
@@ -316,28 +376,25 @@ mod tests {
                 vec![(Some("a"), 10 + 30 + 40, 3, 3), (Some("b"), 20, 1, 1)],
                 "split at {split}"
             );
-            assert_eq!((t.lines, t.skipped), (5, 0), "the errored line is a line");
+            assert_eq!(t.lines, 5, "the errored line is a line");
         }
     }
 
     #[test]
-    fn skipped_lines_are_not_counted_and_the_next_read_starts_after_them() {
+    fn a_result_counts_once_however_often_it_is_read() {
         let body = results();
-        let mut p = ResultsParser::new(read, 3);
-        p.feed(&body);
-        let t = p.finish().batch.unwrap();
-        assert_eq!(sums(&t), vec![(Some("a"), 30 + 40, 2, 2)]);
-        assert_eq!((t.lines, t.skipped), (5, 3));
-        let mut p = ResultsParser::new(read, 5);
-        p.feed(&body);
-        let t = p.finish().batch.unwrap();
-        assert!(t.models.is_empty());
-        assert_eq!(t.lines, 5);
+        let (_t, claims) = table();
+        let first = parse(&claims, &body);
+        assert_eq!(first.models.len(), 2);
+        let again = parse(&claims, &body);
+        assert!(again.models.is_empty());
+        assert_eq!((again.lines, again.counted_before), (5, 4));
     }
 
     #[test]
-    fn a_line_cut_off_is_left_for_the_next_read_and_a_last_line_without_newline_counts() {
+    fn a_read_cut_short_is_completed_by_the_next_and_the_last_line_needs_no_newline() {
         let body = results();
+        let (_t, claims) = table();
         // Cut inside the fourth line.
         let cut = body
             .iter()
@@ -347,31 +404,57 @@ mod tests {
             .unwrap()
             .0
             + 8;
-        let mut p = ResultsParser::new(read, 0);
-        p.feed(&body[..cut]);
-        let first = p.finish().batch.unwrap();
+        let first = parse(&claims, &body[..cut]);
         assert_eq!(first.lines, 3);
-        let mut p = ResultsParser::new(read, first.lines);
-        p.feed(&body);
-        let second = p.finish().batch.unwrap();
+        let second = parse(&claims, &body);
         assert_eq!(sums(&second), vec![(Some("a"), 30 + 40, 2, 2)]);
-        // Together, every line once.
         let total: u64 = first
             .models
             .iter()
             .chain(&second.models)
             .map(|m| m.usage.input_tokens)
             .sum();
-        assert_eq!(total, 100);
+        assert_eq!(total, 100, "every result once");
         // No newline after the last line.
-        let mut p = ResultsParser::new(read, 0);
-        p.feed(body.strip_suffix(b"\n").unwrap());
-        assert_eq!(p.finish().batch.unwrap().lines, 5);
+        let t = parse(&Claims::default(), body.strip_suffix(b"\n").unwrap());
+        assert_eq!(t.lines, 5);
+    }
+
+    #[test]
+    fn two_reads_at_once_share_the_results_between_them() {
+        // A download that drained to its limit and a retry that started
+        // from the top, interleaved: each result is counted by one.
+        let body = results();
+        let (_t, claims) = table();
+        let mut a = ResultsParser::new(read, claims.clone());
+        let mut b = ResultsParser::new(read, claims.clone());
+        let lines: Vec<&[u8]> = body.split_inclusive(|c| *c == b'\n').collect();
+        a.feed(lines[0]);
+        a.feed(lines[1]);
+        for l in &lines {
+            b.feed(l);
+        }
+        for l in &lines[2..] {
+            a.feed(l);
+        }
+        let (a, b) = (a.finish().batch.unwrap(), b.finish().batch.unwrap());
+        assert_eq!(sums(&a), vec![(Some("a"), 10, 1, 1), (Some("b"), 20, 1, 1)]);
+        assert_eq!(sums(&b), vec![(Some("a"), 30 + 40, 2, 2)]);
+    }
+
+    #[test]
+    fn only_a_whole_answer_is_read() {
+        let info = crate::providers::BatchResults::default();
+        for status in [206, 404, 500] {
+            let mut p = parser(&info, status);
+            p.feed(&results());
+            assert_eq!(p.finish().batch, None, "{status}");
+        }
     }
 
     #[test]
     fn an_overlong_line_is_a_line_without_usage_and_is_not_held() {
-        let mut p = ResultsParser::new(read, 0);
+        let mut p = ResultsParser::new(read, Claims::default());
         p.feed(b"{\"model\":\"a\",\"usage\":1}\n{\"model\":\"a\",\"pad\":\"");
         let pad = vec![b'x'; 1 << 20];
         for _ in 0..17 {
@@ -386,10 +469,31 @@ mod tests {
 
     #[test]
     fn garbage_is_a_line_that_bills_nothing() {
-        let mut p = ResultsParser::new(read, 0);
-        p.feed(b"not json \"usage\"\n\n{\"model\":\"a\",\"usage\":\"7\"}\n[1,2]\n{\"model\":\"a\",\"usage\":7}\n");
-        let t = p.finish().batch.unwrap();
+        let t = parse(
+            &Claims::default(),
+            b"not json \"usage\"\n\n{\"model\":\"a\",\"usage\":\"7\"}\n[1,2]\n{\"model\":\"a\",\"usage\":7}\n",
+        );
         assert_eq!(sums(&t), vec![(Some("a"), 7, 1, 1)]);
         assert_eq!(t.lines, 4, "blank lines are not lines");
+    }
+
+    #[test]
+    fn long_prompts_are_kept_apart_for_their_prices() {
+        let mut body = String::new();
+        for n in [100, 150_000, 200, 150_000] {
+            body.push_str(&format!("{{\"model\":\"a\",\"usage\":{n}}}\n"));
+        }
+        let t = parse(&Claims::default(), body.as_bytes());
+        let m = &t.models[0];
+        assert_eq!(m.usage.input_tokens, 300_300);
+        assert_eq!(m.requests.short.input_tokens, 300);
+        assert_eq!(
+            m.requests
+                .long
+                .iter()
+                .map(|u| u.input_tokens)
+                .collect::<Vec<_>>(),
+            [150_000, 150_000]
+        );
     }
 }

@@ -203,13 +203,13 @@ impl Provider for Gemini {
                 ..Default::default()
             };
         }
-        if let Some(id) = batch_results_id(req.method, req.path) {
+        if let Some(results) = batch_results(req.method, req.path) {
             // A batch's state (its responses inlined once it has ended),
             // or a file's content (a batch's responses file).
             return RequestInfo {
                 operation: super::batch::OPERATION,
                 metered: true,
-                batch: Some(super::BatchResults { id, skip: 0 }),
+                batch: Some(results),
                 ..Default::default()
             };
         }
@@ -286,15 +286,8 @@ impl Provider for Gemini {
         headers: &http::HeaderMap,
     ) -> Box<dyn UsageParser> {
         if let Some(b) = &info.batch {
-            return if b.id.starts_with("batches/") {
-                Box::new(super::batch::ItemsParser::new(
-                    inlined_responses,
-                    batch_result_line,
-                    b.skip,
-                ))
-            } else {
-                Box::new(super::batch::ResultsParser::new(batch_result_line, b.skip))
-            };
+            // (OpenAI's format on the OpenAI-compatible endpoint.)
+            return super::batch::parser(b, status);
         }
         if !OWN_OPERATIONS.contains(&info.operation) {
             return OpenAi.response_parser(info, status, headers);
@@ -481,52 +474,164 @@ impl UsageParser for InteractionParser {
 
 /// A read of a batch's results: `GET /{version}/batches/{id}` (the
 /// batch, whose responses are inlined in it once it has ended; the id is
-/// kept as `batches/{id}`), or `GET /download/{version}/files/{id}:download`
-/// (a file's content: a batch's responses file is one).
-fn batch_results_id(method: &http::Method, path: &str) -> Option<String> {
+/// kept as `batches/{id}`), or a file's content, `GET
+/// /{version}/files/{id}:download` (what the SDK's `files.download` asks
+/// for) or `GET /download/{version}/files/{id}:download` (the file's
+/// `downloadUri`): a batch's responses file is one.
+fn batch_results(method: &http::Method, path: &str) -> Option<super::BatchResults> {
+    use super::batch::Format;
     if method != http::Method::GET {
         return None;
     }
     let p = path.trim_end_matches('/');
     let segments: Vec<&str> = p.trim_start_matches('/').split('/').collect();
-    match segments.as_slice() {
-        [v, "batches", id] if v.starts_with('v') && !id.contains(':') => {
-            super::path_id(id).map(|id| format!("batches/{id}"))
-        }
-        ["download", v, "files", file] if v.starts_with('v') => {
-            super::path_id(file.strip_suffix(":download")?)
-        }
-        _ => None,
-    }
+    let version = |v: &str| v.starts_with('v') && v[1..].starts_with(|c: char| c.is_ascii_digit());
+    let (id, format) = match segments.as_slice() {
+        [v, "batches", id] if version(v) && !id.contains(':') => (
+            format!("batches/{}", super::path_id(id)?),
+            Format::GeminiInlined,
+        ),
+        [v, "files", file] | ["download", v, "files", file] if version(v) => (
+            super::path_id(file.strip_suffix(":download")?)?,
+            Format::GeminiLines,
+        ),
+        _ => return None,
+    };
+    Some(super::BatchResults::new(id, format))
 }
 
-/// A finished batch's inlined responses: `metadata.output.inlinedResponses
-/// .inlinedResponses` (or the operation's `response`, which repeats the
-/// output), and the batch's model (`metadata.model`, `models/…`).
-fn inlined_responses(v: &Value) -> Option<(&Vec<Value>, Option<String>)> {
-    let items = ["/metadata/output", "/response"]
-        .into_iter()
-        .find_map(|at| {
-            v.pointer(at)?
-                .pointer("/inlinedResponses/inlinedResponses")?
-                .as_array()
-        })?;
-    let model = str_at(v, &["metadata", "model"])
-        .map(|m| m.strip_prefix("models/").map(str::to_string).unwrap_or(m));
-    Some((items, model))
+/// A GenerateContent response, as far as a batch result is read.
+#[derive(serde::Deserialize, Default)]
+#[serde(default, rename_all = "camelCase")]
+struct WireBatchResponse {
+    model_version: Option<Value>,
+    usage_metadata: Option<Value>,
 }
 
 /// A batch result, inlined (`{"response": {…}, "metadata"}`) or a line of
-/// a responses file (`{"key", "response": {…}}`): a GenerateContent
-/// response with its `usageMetadata` and `modelVersion`. One that failed
-/// (`error`, no response) bills nothing.
-fn batch_result_line(v: &Value) -> Option<super::batch::LineUsage> {
-    let r = v.get("response")?;
-    Some(super::batch::LineUsage {
-        model: str_at(r, &["modelVersion"]),
-        usage: usage_from(r.get("usageMetadata")?)?,
-        uplift_percent: 0,
-    })
+/// a responses file (`{"key", "response": {…}}`).
+#[derive(serde::Deserialize, Default)]
+#[serde(default)]
+struct WireBatchResult {
+    response: super::ObjectOr<WireBatchResponse>,
+}
+
+impl WireBatchResult {
+    /// What it bills: the response's `usageMetadata`, at its
+    /// `modelVersion`. One that failed (`error`, no response) bills
+    /// nothing.
+    fn bills(&self) -> Option<super::batch::LineUsage> {
+        let r = self.response.0.as_ref()?;
+        Some(super::batch::LineUsage {
+            model: r
+                .model_version
+                .as_ref()
+                .and_then(Value::as_str)
+                .map(str::to_string),
+            usage: usage_from(r.usage_metadata.as_ref()?)?,
+            uplift_percent: 0,
+        })
+    }
+}
+
+/// A line of a batch's responses file.
+pub(crate) fn batch_result_line(line: &[u8]) -> Option<super::batch::LineUsage> {
+    serde_json::from_slice::<WireBatchResult>(line)
+        .ok()?
+        .bills()
+}
+
+/// A batch's state, as far as its inlined responses are read:
+/// `metadata.output.inlinedResponses.inlinedResponses` (or the
+/// operation's `response`, which repeats the output), and the batch's
+/// model (`metadata.model`, `models/…`).
+#[derive(serde::Deserialize, Default)]
+#[serde(default)]
+struct WireBatch {
+    metadata: super::ObjectOr<WireBatchMetadata>,
+    response: super::ObjectOr<WireBatchOutput>,
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(default)]
+struct WireBatchMetadata {
+    model: Option<Value>,
+    output: super::ObjectOr<WireBatchOutput>,
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(default, rename_all = "camelCase")]
+struct WireBatchOutput {
+    inlined_responses: super::ObjectOr<WireInlined>,
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(default, rename_all = "camelCase")]
+struct WireInlined {
+    inlined_responses: Vec<WireBatchResult>,
+}
+
+/// Reads a finished batch's inlined responses (one bounded document, read
+/// at its end); each response is a result, by its place in the list.
+pub(crate) struct InlinedParser {
+    body: JsonBody,
+    claims: super::batch::Claims,
+}
+
+impl InlinedParser {
+    pub(crate) fn new(claims: super::batch::Claims) -> InlinedParser {
+        InlinedParser {
+            body: JsonBody::new(JsonBody::DEFAULT_LIMIT),
+            claims,
+        }
+    }
+}
+
+impl UsageParser for InlinedParser {
+    fn feed(&mut self, chunk: &[u8]) {
+        self.body.feed(chunk);
+    }
+
+    fn finish(&mut self) -> ParsedUsage {
+        let mut tally = super::batch::BatchTally::default();
+        let batch = self
+            .body
+            .bytes()
+            .and_then(|b| serde_json::from_slice::<WireBatch>(b).ok());
+        if let Some(b) = batch {
+            let model = b
+                .metadata
+                .0
+                .as_ref()
+                .and_then(|m| m.model.as_ref())
+                .and_then(Value::as_str)
+                .map(|m| m.strip_prefix("models/").unwrap_or(m).to_string());
+            let output = b
+                .metadata
+                .0
+                .and_then(|m| m.output.0)
+                .or(b.response.0)
+                .and_then(|o| o.inlined_responses.0);
+            for (i, r) in output
+                .into_iter()
+                .flat_map(|o| o.inlined_responses)
+                .enumerate()
+            {
+                let bills = r.bills().map(|mut u| {
+                    if u.model.is_none() {
+                        u.model.clone_from(&model);
+                    }
+                    u
+                });
+                tally.result(i as u64, bills, &self.claims);
+            }
+        }
+        ParsedUsage {
+            usage: Some(Usage::default()),
+            batch: Some(tally),
+            ..Default::default()
+        }
+    }
 }
 
 /// Usage from a `usageMetadata` object, or `None` when it has no counts.
@@ -878,10 +983,6 @@ impl ArraySplitter {
 
 #[cfg(test)]
 mod tests {
-    /// The Interactions API (`POST /v1beta/interactions`): the model and
-    /// `stream` from the body, usage from the interaction, as JSON or from
-    /// the stream's lifecycle events; thoughts beside the output unless
-    /// the total says otherwise. Its cancel and GET calls are not metered.
     #[test]
     fn batch_results_inlined_or_in_a_responses_file_are_read_per_model() {
         use crate::providers::testing::{parse_split, request};
@@ -890,15 +991,27 @@ mod tests {
             id("GET", "/v1beta/batches/abc123").as_deref(),
             Some("batches/abc123")
         );
+        // The file's downloadUri, and what the SDK's files.download asks.
+        for path in [
+            "/download/v1beta/files/xyz:download",
+            "/v1beta/files/xyz:download",
+        ] {
+            assert_eq!(id("GET", path).as_deref(), Some("xyz"), "{path}");
+            let b = Gemini.request(&request("GET", path, b"")).batch.unwrap();
+            assert_eq!(b.format, crate::providers::batch::Format::GeminiLines);
+        }
+        // The OpenAI-compatible endpoint's files are OpenAI's format.
+        let compat = Gemini.request(&request("GET", "/v1beta/openai/files/f1/content", b""));
         assert_eq!(
-            id("GET", "/download/v1beta/files/xyz:download").as_deref(),
-            Some("xyz")
+            compat.batch.map(|b| (b.id, b.format)),
+            Some(("f1".to_string(), crate::providers::batch::Format::OpenAi))
         );
         for (m, path) in [
             ("GET", "/v1beta/batches"),
             ("POST", "/v1beta/batches/abc:cancel"),
             ("GET", "/v1beta/files/xyz"),
             ("GET", "/v1beta/models/gemini-2.5-flash"),
+            ("GET", "/upload/v1beta/files/xyz:download"),
         ] {
             assert_eq!(id(m, path), None, "{m} {path}");
         }
@@ -915,13 +1028,18 @@ mod tests {
             {"error":{"code":400,"message":"bad"}},
             {"response":{"usageMetadata":{"promptTokenCount":1,"candidatesTokenCount":1}}}
         ]}}},"done":true}"#;
-        for skip in [0, 1, 3] {
-            let mut info = info.clone();
-            info.batch.as_mut().unwrap().skip = skip;
+        // Read three times, another read having reached the first result.
+        use crate::providers::batch::Counted;
+        let table = std::sync::Arc::new(crate::proxy::batches::Batches::default());
+        let mut info = info.clone();
+        info.batch.as_mut().unwrap().claims =
+            crate::providers::batch::Claims::new(table.clone(), "h batches/abc123".into());
+        assert!(table.claim("h batches/abc123", 0));
+        for want in [vec![(Some("gemini-2.5-flash"), 1, 1, 1)], vec![]] {
             let t = parse_split(&Gemini, &info, "application/json", done, &[100])
                 .batch
                 .unwrap();
-            assert_eq!((t.lines, t.skipped), (3, skip));
+            assert_eq!(t.lines, 3);
             let got: Vec<_> = t
                 .models
                 .iter()
@@ -934,13 +1052,25 @@ mod tests {
                     )
                 })
                 .collect();
-            let want = match skip {
-                0 => vec![(Some("gemini-2.5-flash"), 11, 8, 2)],
-                1 => vec![(Some("gemini-2.5-flash"), 1, 1, 1)],
-                _ => vec![],
-            };
-            assert_eq!(got, want, "skip {skip}");
+            assert_eq!(
+                got, want,
+                "the model named by the batch when the response does not"
+            );
         }
+        // Alone: both that bill.
+        let mut info = info.clone();
+        info.batch.as_mut().unwrap().claims = crate::providers::batch::Claims::default();
+        let t = parse_split(&Gemini, &info, "application/json", done, &[7])
+            .batch
+            .unwrap();
+        assert_eq!(
+            (
+                t.models[0].usage.input_tokens,
+                t.models[0].usage.output_tokens,
+                t.models[0].results
+            ),
+            (11, 8, 2)
+        );
         let info = Gemini.request(&request("GET", "/download/v1beta/files/xyz:download", b""));
         let file = concat!(
             r#"{"key":"r1","response":{"candidates":[],"usageMetadata":{"promptTokenCount":4,"candidatesTokenCount":6,"cachedContentTokenCount":2},"modelVersion":"gemini-2.5-pro"}}"#,
@@ -970,6 +1100,10 @@ mod tests {
         );
     }
 
+    /// The Interactions API (`POST /v1beta/interactions`): the model and
+    /// `stream` from the body, usage from the interaction, as JSON or from
+    /// the stream's lifecycle events; thoughts beside the output unless
+    /// the total says otherwise. Its cancel and GET calls are not metered.
     #[test]
     fn interactions_are_metered() {
         let i = Gemini.request(&request(

@@ -99,11 +99,23 @@ impl RequestInfo {
 /// A read of a batch's results.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BatchResults {
-    /// The batch's id (Anthropic) or its output file's (OpenAI),
-    /// sanitised by [`path_id`].
+    /// The batch's id (Anthropic, Gemini's `batches/…`) or its results
+    /// file's (OpenAI, Gemini), sanitised by [`path_id`].
     pub id: String,
-    /// Lines counted by earlier reads of the same results: skipped.
-    pub skip: u64,
+    /// How the results come.
+    pub format: batch::Format,
+    /// Where the read claims the results it counts (the proxy sets it).
+    pub claims: batch::Claims,
+}
+
+impl BatchResults {
+    pub fn new(id: String, format: batch::Format) -> BatchResults {
+        BatchResults {
+            id,
+            format,
+            claims: batch::Claims::default(),
+        }
+    }
 }
 
 /// Which Claude Managed Agents call a request is.
@@ -330,6 +342,9 @@ pub struct ParsedUsage {
     pub sessions: Vec<SessionSnapshot>,
     /// Batch results: what the lines read billed, per model.
     pub batch: Option<batch::BatchTally>,
+    /// `usage` is the sums of many requests (a model's share of batch
+    /// results), listed here as far as their prices depend on each.
+    pub requests: Option<crate::meter::pricing::ManyRequests>,
 }
 
 /// A Claude Managed Agents session's cumulative usage at one moment.

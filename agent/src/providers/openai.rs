@@ -67,34 +67,63 @@ fn retrieved_id(method: &http::Method, path: &str) -> Option<String> {
     (parent.ends_with("/responses") && id != "compact").then_some(id)
 }
 
-/// A download of a file's content, `GET …/files/{id}/content`: a batch's
-/// output file is one (its results, one per line). Gives the file's id.
+/// A download of a file's content, `GET {prefix}/files/{id}/content`
+/// where the prefix ends in an API version or `openai` (`/v1`, Azure's
+/// `/openai`, Gemini's `/v1beta/openai`): a batch's output file is one.
+/// Not a container's or a vector store's files. Gives the file's id.
 fn file_content_id(method: &http::Method, path: &str) -> Option<String> {
     if method != http::Method::GET {
         return None;
     }
     let rest = path.trim_end_matches('/').strip_suffix("/content")?;
     let (parent, id) = rest.rsplit_once('/')?;
-    parent
-        .ends_with("/files")
-        .then(|| super::path_id(id))
-        .flatten()
+    let above = parent.strip_suffix("/files")?.rsplit('/').next()?;
+    let versioned = above == "openai"
+        || (above.len() > 1
+            && above.starts_with('v')
+            && above[1..].starts_with(|c: char| c.is_ascii_digit()));
+    versioned.then(|| super::path_id(id)).flatten()
+}
+
+/// A line of a batch's output file, as far as it is read.
+#[derive(serde::Deserialize, Default)]
+#[serde(default)]
+struct WireBatchLine {
+    response: ObjectOr<WireBatchResponse>,
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(default)]
+struct WireBatchResponse {
+    status_code: Count,
+    body: ObjectOr<WireBatchBody>,
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(default)]
+struct WireBatchBody {
+    model: Option<Value>,
+    usage: ObjectOr<WireUsage>,
 }
 
 /// A line of a batch's output file: `{"custom_id", "response":
-/// {"status_code", "body": {… "model", "usage"}}, "error"}`. A request the
-/// batch could not serve (an error status, no body) bills nothing.
-pub(crate) fn batch_result_line(v: &Value) -> Option<super::batch::LineUsage> {
-    let r = v.get("response")?;
-    if let Some(code) = r.get("status_code").and_then(Value::as_u64)
-        && !(200..300).contains(&code)
-    {
+/// {"status_code", "body": {… "model", "usage"}}, "error"}`, read without
+/// building the answer's content. A request the batch could not serve (an
+/// error status, no body) bills nothing.
+pub(crate) fn batch_result_line(line: &[u8]) -> Option<super::batch::LineUsage> {
+    let l: WireBatchLine = serde_json::from_slice(line).ok()?;
+    let r = l.response.0?;
+    if r.status_code.0.is_some_and(|c| !(200..300).contains(&c)) {
         return None;
     }
-    let body = r.get("body")?;
+    let body = r.body.0?;
     Some(super::batch::LineUsage {
-        model: super::str_at(body, &["model"]),
-        usage: usage_from(body.get("usage")?)?,
+        model: body
+            .model
+            .as_ref()
+            .and_then(Value::as_str)
+            .map(str::to_string),
+        usage: body.usage.0?.usage()?,
         uplift_percent: 0,
     })
 }
@@ -116,7 +145,7 @@ impl Provider for OpenAi {
             return RequestInfo {
                 operation: super::batch::OPERATION,
                 metered: true,
-                batch: Some(super::BatchResults { id, skip: 0 }),
+                batch: Some(super::BatchResults::new(id, super::batch::Format::OpenAi)),
                 ..Default::default()
             };
         }
@@ -232,11 +261,11 @@ impl Provider for OpenAi {
     fn response_parser(
         &self,
         info: &RequestInfo,
-        _status: u16,
+        status: u16,
         headers: &http::HeaderMap,
     ) -> Box<dyn UsageParser> {
         if let Some(b) = &info.batch {
-            Box::new(super::batch::ResultsParser::new(batch_result_line, b.skip))
+            super::batch::parser(b, status)
         } else if !has_usage(info.operation) {
             Box::new(NoUsage)
         } else if super::content_type(headers) == "text/event-stream" {
@@ -1433,7 +1462,9 @@ event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{
         for (m, path) in [
             ("GET", "/v1/files/file-abc"),
             ("POST", "/v1/files/file-abc/content"),
-            ("GET", "/v1/containers/c/files/f/contents"),
+            ("GET", "/v1/containers/cntr_1/files/cfile_1/content"),
+            ("GET", "/v1/vector_stores/vs_1/files/file-abc/content"),
+            ("GET", "/files/file-abc/content"),
         ] {
             assert!(
                 OpenAi.request(&request(m, path, b"")).batch.is_none(),

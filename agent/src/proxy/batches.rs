@@ -1,90 +1,68 @@
-//! How much of each batch's results the agent has counted.
+//! Which results of each batch the agent has counted.
 //!
 //! A job may read a batch's results more than once (a retry, a second step
-//! of the same pipeline), or stop part way and read them again: each line
-//! is spend once. The results of a batch do not change once it has ended,
-//! so the agent keeps, per (provider host, batch or file id), how many
-//! lines it has counted; a later read skips those and counts the rest.
+//! of the same pipeline), stop part way and read them again, or read them
+//! twice at once: each result is spend once. A batch's results do not
+//! change once it has ended, and every read serves them in the same order,
+//! so a result is known by its place. Reads claim the results that bill as
+//! they reach them (see `providers::batch`); the table keeps, per (provider
+//! host, batch or file id), the place after the last one claimed: a read
+//! counts a result only if no read has reached it yet. Claimed results
+//! thus always run from the first without a gap, whichever read claimed
+//! them.
 //!
-//! Owns: the count of lines counted per batch, bounded.
-//! Must never: let two reads count the same lines (a read counts only if
-//! the count it started from still stands when it ends), or hold more
-//! than [`MAX_BATCHES`] batches (the one read longest ago goes first).
+//! Owns: the place reached per batch, bounded.
+//! Must never: let two reads count one result, or hold more than
+//! [`MAX_BATCHES`] batches (the one read longest ago goes first; reading
+//! it again after that counts it again).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Instant;
 
+use crate::providers::batch::Counted;
+
 /// Most batches remembered.
 pub const MAX_BATCHES: usize = 4096;
 
-struct Counted {
-    lines: u64,
+struct Reached {
+    /// The place after the last result claimed.
+    next: u64,
     at: Instant,
 }
 
 #[derive(Default)]
-pub struct Batches(Mutex<HashMap<String, Counted>>);
+pub struct Batches(Mutex<HashMap<String, Reached>>);
 
-/// What a read that ended may count.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Advance {
-    /// The lines it read past where it started: count them.
-    Count,
-    /// Nothing new (no line past the count, or a read that billed nothing
-    /// of a batch the agent does not follow).
-    Nothing,
-    /// Another read counted from the same place meanwhile: this one's
-    /// lines may be counted already; it counts nothing.
-    Raced,
-}
-
-impl Batches {
-    /// Lines of `key` counted so far: where a read starting now begins.
-    pub fn counted(&self, key: &str) -> u64 {
-        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        g.get_mut(key).map_or(0, |c| {
-            c.at = Instant::now();
-            c.lines
-        })
-    }
-
-    /// A read of `key` that started at line `from` has read `to` lines
-    /// whole; `bills` when the lines past `from` billed something. Moves
-    /// the count to `to` when the read may count them.
-    pub fn advance(&self, key: String, from: u64, to: u64, bills: bool) -> Advance {
+impl Counted for Batches {
+    fn claim(&self, key: &str, index: u64) -> bool {
         let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
-        if let Some(c) = g.get_mut(&key) {
-            c.at = now;
-            if c.lines != from {
-                // (A count below `from` is a batch forgotten and read
-                // again: nothing of it was counted since.)
-                return if c.lines > from {
-                    Advance::Raced
-                } else {
-                    c.lines = c.lines.max(to);
-                    Advance::Count
-                };
+        if let Some(r) = g.get_mut(key) {
+            r.at = now;
+            if index < r.next {
+                return false;
             }
-            if to <= from {
-                return Advance::Nothing;
-            }
-            c.lines = to;
-            return Advance::Count;
-        }
-        if !bills || to <= from {
-            return Advance::Nothing;
+            r.next = index + 1;
+            return true;
         }
         if g.len() >= MAX_BATCHES
-            && let Some(oldest) = g.iter().min_by_key(|(_, c)| c.at).map(|(k, _)| k.clone())
+            && let Some(oldest) = g.iter().min_by_key(|(_, r)| r.at).map(|(k, _)| k.clone())
         {
             g.remove(&oldest);
         }
-        g.insert(key, Counted { lines: to, at: now });
-        Advance::Count
+        g.insert(
+            key.to_string(),
+            Reached {
+                next: index.saturating_add(1),
+                at: now,
+            },
+        );
+        true
     }
+}
 
+impl Batches {
     /// Takes `key`'s results as counted whole (read before a restart):
     /// every later read of them counts nothing.
     pub fn read_whole(&self, key: String) {
@@ -92,8 +70,8 @@ impl Batches {
         if g.len() < MAX_BATCHES {
             g.insert(
                 key,
-                Counted {
-                    lines: u64::MAX,
+                Reached {
+                    next: u64::MAX,
                     at: Instant::now(),
                 },
             );
@@ -114,43 +92,43 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_read_counts_past_the_last_count_and_only_once() {
+    fn a_result_is_claimed_by_the_first_read_that_reaches_it() {
         let b = Batches::default();
-        assert_eq!(b.counted("h f"), 0);
-        // A file that bills nothing is not followed.
-        assert_eq!(b.advance("h f".into(), 0, 10, false), Advance::Nothing);
         assert!(b.is_empty());
-        // Part of the results, then all, then all again.
-        assert_eq!(b.advance("h f".into(), 0, 4, true), Advance::Count);
-        assert_eq!(b.counted("h f"), 4);
-        assert_eq!(b.advance("h f".into(), 4, 10, true), Advance::Count);
-        assert_eq!(b.advance("h f".into(), 10, 10, false), Advance::Nothing);
-        assert_eq!(b.counted("h f"), 10);
-        // Other hosts, other ids: their own counts.
-        assert_eq!(b.counted("h2 f"), 0);
+        // One read: results 0, 2, 3 bill (1 does not).
+        assert!(b.claim("h f", 0));
+        assert!(b.claim("h f", 2));
+        // A second read from the top, at once: behind the first.
+        assert!(!b.claim("h f", 0));
+        assert!(!b.claim("h f", 2));
+        // It overtakes: result 3 is its.
+        assert!(b.claim("h f", 3));
+        assert!(!b.claim("h f", 3), "and not the first read's too");
+        // Other hosts, other ids: their own places.
+        assert!(b.claim("h2 f", 0));
+        assert_eq!(b.len(), 2);
     }
 
     #[test]
-    fn of_two_reads_from_the_same_place_only_the_first_to_end_counts() {
+    fn results_read_before_a_restart_are_never_claimed_again() {
         let b = Batches::default();
-        let from = b.counted("h f");
-        let from2 = b.counted("h f");
-        assert_eq!(b.advance("h f".into(), from, 10, true), Advance::Count);
-        assert_eq!(b.advance("h f".into(), from2, 10, true), Advance::Raced);
-        assert_eq!(b.counted("h f"), 10);
+        b.read_whole("h f".into());
+        assert!(!b.claim("h f", 0));
+        assert!(!b.claim("h f", u64::MAX - 1));
+        assert!(b.claim("h g", 0));
     }
 
     #[test]
     fn the_table_is_bounded_and_forgets_the_batch_read_longest_ago() {
         let b = Batches::default();
         for i in 0..MAX_BATCHES {
-            assert_eq!(b.advance(format!("h {i}"), 0, 1, true), Advance::Count);
+            assert!(b.claim(&format!("h {i}"), 0));
         }
         // Read again: the most recent.
-        assert_eq!(b.counted("h 0"), 1);
-        assert_eq!(b.advance("h new".into(), 0, 1, true), Advance::Count);
+        assert!(!b.claim("h 0", 0));
+        assert!(b.claim("h new", 0));
         assert_eq!(b.len(), MAX_BATCHES);
-        assert_eq!(b.counted("h 0"), 1, "kept: read recently");
-        assert_eq!(b.counted("h 1"), 0, "forgotten: read longest ago");
+        assert!(!b.claim("h 0", 0), "kept: read recently");
+        assert!(b.claim("h 1", 0), "forgotten: read longest ago");
     }
 }

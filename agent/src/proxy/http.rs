@@ -1124,7 +1124,7 @@ pub(super) async fn handle(
         crate::meter::cap_owned(m, crate::meter::MAX_MODEL_NAME);
     }
     read_retrieval_only_if_it_settles(state, &ctx.provider.host, &mut info);
-    skip_counted_batch_lines(state, &ctx.provider.host, &mut info);
+    claim_batch_results(state, &ctx.provider.host, &parts.headers, &mut info);
     // The API that serves the request from here on (Claude on a Vertex AI
     // host is Anthropic's).
     let adapter = info.api.map_or(adapter, adapter_for);
@@ -1495,9 +1495,13 @@ impl Draft {
                     .is_some_and(crate::meter::pricing::bedrock_regional),
             uplift_percent: parsed.uplift_percent,
         };
-        let cost = prices
-            .cost_of_any(provider, &models, self.started_ms, &usage, serving)
-            .filter(|_| !counts_unknown);
+        let cost = match &parsed.requests {
+            // Many requests' sums (batch results): priced request by
+            // request where the rates depend on the prompt's size.
+            Some(many) => prices.cost_of_many(provider, &models, self.started_ms, many, serving),
+            None => prices.cost_of_any(provider, &models, self.started_ms, &usage, serving),
+        }
+        .filter(|_| !counts_unknown);
         if let (Some(c), Some(tier), Some(m)) = (cost, service_tier.as_deref(), priced)
             && c.tier_unpriced
             && (usage.input_tokens > 0 || usage.output_tokens > 0)
@@ -1594,11 +1598,24 @@ pub(super) fn batch_key(host: &str, id: &str) -> String {
     format!("{host} {id}")
 }
 
-/// A read of batch results starts counting after the lines counted so far.
-fn skip_counted_batch_lines(state: &ProxyState, host: &str, info: &mut RequestInfo) {
-    if let Some(b) = info.batch.as_mut() {
-        b.skip = state.batches.counted(&batch_key(host, &b.id));
+/// A read of batch results claims the results it counts in the agent's
+/// table (see [`super::batches`]). A ranged read (a part of the results,
+/// from anywhere in them: a download resumed) is forwarded unread.
+fn claim_batch_results(
+    state: &ProxyState,
+    host: &str,
+    headers: &http::HeaderMap,
+    info: &mut RequestInfo,
+) {
+    let Some(b) = info.batch.as_mut() else {
+        return;
+    };
+    if headers.contains_key(header::RANGE) {
+        info.batch = None;
+        info.metered = false;
+        return;
     }
+    b.claims = crate::providers::batch::Claims::new(state.batches.clone(), batch_key(host, &b.id));
 }
 
 impl Draft {
@@ -1606,21 +1623,15 @@ impl Draft {
     /// [`super::batches`]): one row per model, at the batch rates,
     /// attributed to the job that read them.
     fn record_batch(&self, tally: Option<crate::providers::batch::BatchTally>) {
-        let (Some(t), Some(b)) = (tally, self.info.batch.as_ref()) else {
+        let Some(t) = tally else {
             return;
         };
-        let key = batch_key(&self.ctx.provider.host, &b.id);
-        let bills = !t.models.is_empty();
-        match self.ctx.state.batches.advance(key, b.skip, t.lines, bills) {
-            super::batches::Advance::Count => {}
-            super::batches::Advance::Nothing => return,
-            super::batches::Advance::Raced => {
-                debug!(
-                    host = self.ctx.provider.host.as_str(),
-                    "batch results read twice at once: the read that ended first counted them"
-                );
-                return;
-            }
+        if t.counted_before > 0 {
+            debug!(
+                host = self.ctx.provider.host.as_str(),
+                results = t.counted_before,
+                "batch results read again: those counted before are not counted twice"
+            );
         }
         for m in t.models {
             let mut model = m.model;
@@ -1639,6 +1650,7 @@ impl Draft {
                     response_model: model,
                     service_tier: Some(crate::providers::batch::TIER.to_string()),
                     uplift_percent: m.uplift_percent,
+                    requests: Some(m.requests),
                     ..Default::default()
                 },
                 None,
@@ -2112,7 +2124,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (ca, _) = crate::ca::LocalCa::load_or_create(dir.path(), &[host.to_owned()]).unwrap();
         let keep = Arc::new(Keep(Default::default()));
-        let (state, _) = ProxyState::new(
+        let state = ProxyState::new(
             Arc::new(NoOrigins),
             Arc::new(ca),
             super::super::upstream::Upstream::new(None).unwrap(),
@@ -2124,8 +2136,8 @@ mod tests {
             crate::attribution::Attributor::new("/proc".into()),
             keep.clone(),
             1 << 20,
-        )
-        .with_batches_read(batches_read);
+        );
+        state.batches_read(batches_read);
         let state = Arc::new(state);
         let ctx = Arc::new(ConnCtx {
             state,
@@ -2478,7 +2490,12 @@ mod tests {
             let adapter = crate::providers::adapter_for(crate::config::ApiKind::Anthropic);
             let mut d = WsMeter::new(ctx.clone(), path.into()).draft(None, None);
             d.info = adapter.request(&crate::providers::testing::request("GET", path, b""));
-            skip_counted_batch_lines(&ctx.state, "api.anthropic.com", &mut d.info);
+            claim_batch_results(
+                &ctx.state,
+                "api.anthropic.com",
+                &http::HeaderMap::new(),
+                &mut d.info,
+            );
             d.status = 200;
             let mut p = adapter.response_parser(&d.info, 200, &http::HeaderMap::new());
             p.feed(&body.as_bytes()[..upto.unwrap_or(body.len())]);
@@ -2536,6 +2553,58 @@ mod tests {
         assert!(recs.iter().all(|r| !r.estimated));
     }
 
+    /// A batch's requests are priced one by one where the rates depend on
+    /// the prompt's size: two prompts of 150k tokens are not one of 300k.
+    #[test]
+    fn batch_results_get_long_context_rates_only_for_long_prompts() {
+        let (ctx, keep, _dir) = test_ctx("api.anthropic.com", crate::config::ApiKind::Anthropic);
+        let line = |input: u64| {
+            format!(
+                r#"{{"custom_id":"x","result":{{"type":"succeeded","message":{{"model":"claude-sonnet-4-5","usage":{{"input_tokens":{input},"output_tokens":1000}}}}}}}}"#
+            )
+        };
+        let body = [line(150_000), line(150_000), line(250_000)].join("\n");
+        let path = "/v1/messages/batches/msgbatch_long/results".to_string();
+        let adapter = crate::providers::adapter_for(crate::config::ApiKind::Anthropic);
+        let mut d = WsMeter::new(ctx.clone(), path.clone()).draft(None, None);
+        d.info = adapter.request(&crate::providers::testing::request("GET", &path, b""));
+        claim_batch_results(
+            &ctx.state,
+            "api.anthropic.com",
+            &http::HeaderMap::new(),
+            &mut d.info,
+        );
+        d.status = 200;
+        let mut p = adapter.response_parser(&d.info, 200, &http::HeaderMap::new());
+        p.feed(body.as_bytes());
+        d.emit(p.finish(), None);
+        let recs = keep.0.lock().unwrap().clone();
+        assert_eq!(recs.len(), 1);
+        assert_eq!(recs[0].usage.input_tokens, 550_000);
+        // Sonnet 4.5: $3 / $15 per million, above 200k $6 / $22.50; half
+        // in a batch.
+        let want = (300_000.0 * 3.0 + 2_000.0 * 15.0 + 250_000.0 * 6.0 + 1_000.0 * 22.5) / 2e6;
+        assert!(
+            recs[0].cost_usd.is_some_and(|c| (c - want).abs() < 1e-9),
+            "{:?} against {want}",
+            recs[0].cost_usd
+        );
+    }
+
+    /// A ranged read of batch results (a part, from anywhere) is
+    /// forwarded unread.
+    #[test]
+    fn a_ranged_read_of_batch_results_is_not_metered() {
+        let (ctx, _keep, _dir) = test_ctx("api.openai.com", crate::config::ApiKind::Openai);
+        let path = "/v1/files/file-1/content";
+        let mut info = crate::providers::adapter_for(crate::config::ApiKind::Openai)
+            .request(&crate::providers::testing::request("GET", path, b""));
+        let mut headers = http::HeaderMap::new();
+        headers.insert(header::RANGE, http::HeaderValue::from_static("bytes=100-"));
+        claim_batch_results(&ctx.state, "api.openai.com", &headers, &mut info);
+        assert!(info.batch.is_none() && !info.metered);
+    }
+
     /// Batch results the ledger shows were read before the agent started
     /// count nothing when read again; others count as ever.
     #[test]
@@ -2572,7 +2641,12 @@ mod tests {
             let adapter = crate::providers::adapter_for(crate::config::ApiKind::Anthropic);
             let mut d = WsMeter::new(ctx.clone(), path.clone()).draft(None, None);
             d.info = adapter.request(&crate::providers::testing::request("GET", &path, b""));
-            skip_counted_batch_lines(&ctx.state, "api.anthropic.com", &mut d.info);
+            claim_batch_results(
+                &ctx.state,
+                "api.anthropic.com",
+                &http::HeaderMap::new(),
+                &mut d.info,
+            );
             d.status = 200;
             let mut p = adapter.response_parser(&d.info, 200, &http::HeaderMap::new());
             p.feed(body.as_bytes());

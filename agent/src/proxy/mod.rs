@@ -218,7 +218,7 @@ pub struct ProxyState {
     /// Managed Agents sessions' last snapshots.
     sessions: sessions::Sessions,
     /// How many lines of each batch's results were counted.
-    batches: batches::Batches,
+    batches: Arc<batches::Batches>,
 }
 
 type Seen = hashbrown::HashSet<(String, String), rustc_hash::FxBuildHasher>;
@@ -280,7 +280,7 @@ impl ProxyState {
             background,
             parked: parked::Parked::default(),
             sessions: sessions::Sessions::default(),
-            batches: batches::Batches::default(),
+            batches: Arc::default(),
         }
     }
 }
@@ -389,7 +389,7 @@ impl ProxyState {
     /// `batch_results` rows' hosts and paths) as counted whole, so that a
     /// read after a restart does not count them again. Gives how many
     /// batches that is.
-    pub fn with_batches_read(self, reads: &[(String, String)]) -> (Self, usize) {
+    pub fn batches_read(&self, reads: &[(String, String)]) -> usize {
         let mut n = 0;
         for (host, path) in reads {
             let Some(p) = catalogue::lookup(&self.hosts, host) else {
@@ -408,7 +408,7 @@ impl ProxyState {
                 n += 1;
             }
         }
-        (self, n)
+        n
     }
 }
 

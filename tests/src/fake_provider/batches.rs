@@ -24,8 +24,9 @@ struct Store {
     openai: HashMap<String, (String, String)>,
     /// Anthropic batches by id: their requests.
     anthropic: HashMap<String, Vec<Value>>,
-    /// Gemini batches by id: (model, inlined requests).
-    gemini: HashMap<String, (String, Vec<Value>)>,
+    /// Gemini batches by id: (model, inlined requests, whether their
+    /// responses go to a file).
+    gemini: HashMap<String, (String, Vec<Value>, bool)>,
     next: u64,
 }
 
@@ -143,32 +144,42 @@ fn anthropic_results(requests: &[Value]) -> Vec<Value> {
         .collect()
 }
 
-fn gemini_batch(id: &str, model: &str, requests: Option<&[Value]>) -> Value {
+/// A Gemini batch's responses, in the order of its requests.
+fn gemini_responses(model: &str, requests: &[Value]) -> Vec<Value> {
+    requests
+        .iter()
+        .map(|r| {
+            let key = r["metadata"]["key"].as_str().unwrap_or("");
+            if key.starts_with("bad") {
+                return json!({"error": {"code": 400, "message": "bad"}, "metadata": r["metadata"]});
+            }
+            let req = &r["request"];
+            let (input, output) = usage_of(
+                &req["contents"],
+                req["generationConfig"]["maxOutputTokens"].as_u64(),
+            );
+            json!({"response": {"candidates": [{"content": {"role": "model",
+                    "parts": [{"text": "ok"}]}, "finishReason": "MAX_TOKENS"}],
+                "usageMetadata": {"promptTokenCount": input, "candidatesTokenCount": output,
+                    "totalTokenCount": input + output},
+                "modelVersion": model}, "metadata": r["metadata"]})
+        })
+        .collect()
+}
+
+/// A Gemini batch; ended when `requests` are given, its responses
+/// inlined, or in the file `files/out{id}` when `to_file`.
+fn gemini_batch(id: &str, model: &str, requests: Option<&[Value]>, to_file: bool) -> Value {
     let mut meta = json!({"@type": "type.googleapis.com/google.ai.generativelanguage.v1main.GenerateContentBatch",
         "model": format!("models/{model}"), "displayName": "fake",
         "createTime": "2026-11-30T00:00:00Z",
         "state": if requests.is_some() { "BATCH_STATE_SUCCEEDED" } else { "BATCH_STATE_PENDING" }});
     if let Some(requests) = requests {
-        let inlined: Vec<Value> = requests
-            .iter()
-            .map(|r| {
-                let key = r["metadata"]["key"].as_str().unwrap_or("");
-                if key.starts_with("bad") {
-                    return json!({"error": {"code": 400, "message": "bad"}, "metadata": r["metadata"]});
-                }
-                let req = &r["request"];
-                let (input, output) = usage_of(
-                    &req["contents"],
-                    req["generationConfig"]["maxOutputTokens"].as_u64(),
-                );
-                json!({"response": {"candidates": [{"content": {"role": "model",
-                        "parts": [{"text": "ok"}]}, "finishReason": "MAX_TOKENS"}],
-                    "usageMetadata": {"promptTokenCount": input, "candidatesTokenCount": output,
-                        "totalTokenCount": input + output},
-                    "modelVersion": model}, "metadata": r["metadata"]})
-            })
-            .collect();
-        meta["output"] = json!({"inlinedResponses": {"inlinedResponses": inlined}});
+        meta["output"] = if to_file {
+            json!({"responsesFile": format!("files/out{id}")})
+        } else {
+            json!({"inlinedResponses": {"inlinedResponses": gemini_responses(model, requests)}})
+        };
         meta["endTime"] = json!("2026-11-30T00:00:01Z");
     }
     json!({"name": format!("batches/{id}"), "metadata": meta, "done": requests.is_some()})
@@ -231,22 +242,39 @@ pub(crate) fn answer(
     if sni == "generativelanguage.googleapis.com" {
         if !get && let Some(model) = p.strip_suffix(":batchGenerateContent") {
             let model = model.rsplit('/').next()?.to_string();
-            let requests = gemini_requests(&json_body()?);
+            let body = json_body()?;
+            let requests = gemini_requests(&body);
+            // A batch whose display name is `to-file` answers in a file.
+            let to_file = body["batch"]["displayName"] == "to-file";
             let id = store.id("fakebatch");
-            let answer = gemini_batch(&id, &model, None);
-            store.gemini.insert(id, (model, requests));
+            let answer = gemini_batch(&id, &model, None, to_file);
+            store.gemini.insert(id, (model, requests, to_file));
             return Some(json_response(200, answer));
         }
-        let (version, id) = p.trim_start_matches('/').split_once("/batches/")?;
-        if !version.starts_with('v') || version.contains('/') {
+        let (version, rest) = p.trim_start_matches('/').split_once('/')?;
+        if !version.starts_with('v') {
             return None;
         }
-        return Some(match store.gemini.get(id) {
-            Some((model, requests)) if get => {
-                json_response(200, gemini_batch(id, model, Some(requests)))
-            }
-            _ => json_response(404, json!({"error": {"code": 404, "status": "NOT_FOUND"}})),
-        });
+        if let Some(id) = rest.strip_prefix("batches/") {
+            return Some(match store.gemini.get(id) {
+                Some((model, requests, to_file)) if get => {
+                    json_response(200, gemini_batch(id, model, Some(requests), *to_file))
+                }
+                _ => json_response(404, json!({"error": {"code": 404, "status": "NOT_FOUND"}})),
+            });
+        }
+        let file = rest.strip_prefix("files/out")?.strip_suffix(":download")?;
+        let (model, requests, _) = store.gemini.get(file)?;
+        let lines = gemini_responses(model, requests)
+            .into_iter()
+            .zip(requests)
+            .map(|(mut r, q)| {
+                r["key"] = q["metadata"]["key"].clone();
+                r.as_object_mut().map(|o| o.remove("metadata"));
+                r
+            })
+            .collect();
+        return Some(jsonl(200, lines, "application/octet-stream"));
     }
     // OpenAI.
     if !get && p == "/v1/files" {
