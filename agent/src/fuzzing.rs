@@ -99,7 +99,19 @@ const RESPONSE_TYPES: [&str; 3] = [
     "text/event-stream",
     "application/vnd.amazon.eventstream",
 ];
-const RESPONSE_OPS: [&str; 4] = ["chat", "embeddings", "count_tokens", "generate_content"];
+const RESPONSE_OPS: [&str; 5] = [
+    "chat",
+    "embeddings",
+    "count_tokens",
+    "generate_content",
+    crate::providers::batch::OPERATION,
+];
+const BATCH_FORMATS: [crate::providers::batch::Format; 4] = [
+    crate::providers::batch::Format::OpenAi,
+    crate::providers::batch::Format::Anthropic,
+    crate::providers::batch::Format::GeminiLines,
+    crate::providers::batch::Format::GeminiInlined,
+];
 const ENCODINGS: [&str; 5] = ["identity", "gzip", "deflate", "br", "zstd"];
 
 /// Bytes from a provider: every adapter's response parser, in every
@@ -115,11 +127,35 @@ pub fn response_parsers(data: &[u8]) {
         header::CONTENT_TYPE,
         HeaderValue::from_static(RESPONSE_TYPES[sel[1] as usize % RESPONSE_TYPES.len()]),
     );
+    let operation = RESPONSE_OPS[sel[2] as usize % RESPONSE_OPS.len()];
     let info = RequestInfo {
-        operation: RESPONSE_OPS[sel[2] as usize % RESPONSE_OPS.len()],
+        operation,
         metered: true,
+        batch: (operation == crate::providers::batch::OPERATION).then(|| {
+            crate::providers::BatchResults::new(
+                "f".into(),
+                BATCH_FORMATS[sel[2] as usize / RESPONSE_OPS.len() % BATCH_FORMATS.len()],
+            )
+        }),
         ..Default::default()
     };
+    if let Some(b) = &info.batch {
+        // Batch results: however the body is cut, the same results count.
+        let step = 1 + sel[3] as usize % 97;
+        let tally = |step: usize| {
+            let mut p = crate::providers::batch::parser(b, 200);
+            for chunk in body.chunks(step) {
+                p.feed(chunk);
+            }
+            p.finish().batch
+        };
+        assert_eq!(
+            tally(step),
+            tally(body.len().max(1)),
+            "cut every {step} bytes"
+        );
+        return;
+    }
     let parser = adapter_for(api).response_parser(&info, 200, &headers);
     let mut p = decode::decoding(Some(ENCODINGS[sel[3] as usize % ENCODINGS.len()]), parser);
     let step = 1 + sel[3] as usize % 97;

@@ -502,17 +502,8 @@ mod tests {
                 "{m} {path}"
             );
         }
-        let body = concat!(
-            r#"{"custom_id":"a","result":{"type":"succeeded","message":{"id":"msg_1","type":"message","role":"assistant","model":"claude-sonnet-4-5-20250929","content":[{"type":"text","text":"Hello"}],"stop_reason":"end_turn","usage":{"input_tokens":11,"cache_read_input_tokens":100,"cache_creation_input_tokens":20,"output_tokens":36,"service_tier":"batch"}}}}"#,
-            "\n",
-            r#"{"custom_id":"b","result":{"type":"errored","error":{"type":"error","error":{"type":"invalid_request_error","message":"x"}}}}"#,
-            "\n",
-            r#"{"custom_id":"c","result":{"type":"expired"}}"#,
-            "\n",
-            r#"{"custom_id":"d","result":{"type":"succeeded","message":{"id":"msg_2","model":"claude-sonnet-4-5-20250929","content":[],"usage":{"input_tokens":5,"output_tokens":7,"inference_geo":"us"}}}}"#,
-            "\n",
-            r#"{"custom_id":"e","result":{"type":"succeeded","message":{"id":"msg_3","model":"claude-sonnet-4-5-20250929","content":[],"usage":{"input_tokens":1,"output_tokens":2}}}}"#,
-        );
+        let body =
+            std::str::from_utf8(include_bytes!("fixtures/anthropic/batch_results.jsonl")).unwrap();
         let p = crate::providers::testing::parse_split(
             &Anthropic,
             &info,

@@ -1023,11 +1023,7 @@ mod tests {
             .batch
             .unwrap();
         assert_eq!((t.lines, t.models.len()), (0, 0));
-        let done = br#"{"name":"batches/abc123","metadata":{"model":"models/gemini-2.5-flash","state":"BATCH_STATE_SUCCEEDED","output":{"inlinedResponses":{"inlinedResponses":[
-            {"response":{"candidates":[{"content":{"parts":[{"text":"a"}]}}],"usageMetadata":{"promptTokenCount":10,"candidatesTokenCount":5,"thoughtsTokenCount":2,"totalTokenCount":17},"modelVersion":"gemini-2.5-flash"}},
-            {"error":{"code":400,"message":"bad"}},
-            {"response":{"usageMetadata":{"promptTokenCount":1,"candidatesTokenCount":1}}}
-        ]}}},"done":true}"#;
+        let done = include_bytes!("fixtures/gemini/batch_inlined.json");
         // Read three times, another read having reached the first result.
         use crate::providers::batch::Counted;
         let table = std::sync::Arc::new(crate::proxy::batches::Batches::default());
@@ -1072,12 +1068,8 @@ mod tests {
             (11, 8, 2)
         );
         let info = Gemini.request(&request("GET", "/download/v1beta/files/xyz:download", b""));
-        let file = concat!(
-            r#"{"key":"r1","response":{"candidates":[],"usageMetadata":{"promptTokenCount":4,"candidatesTokenCount":6,"cachedContentTokenCount":2},"modelVersion":"gemini-2.5-pro"}}"#,
-            "\n",
-            r#"{"key":"r2","error":{"code":500}}"#,
-            "\n",
-        );
+        let file =
+            std::str::from_utf8(include_bytes!("fixtures/gemini/batch_responses.jsonl")).unwrap();
         let t = parse_split(
             &Gemini,
             &info,

@@ -1478,18 +1478,8 @@ event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{
                 .batch
                 .is_some()
         );
-        let body = concat!(
-            r#"{"id":"batch_req_1","custom_id":"r1","response":{"status_code":200,"request_id":"req_1","body":{"id":"chatcmpl-1","object":"chat.completion","model":"gpt-4o-mini-2024-07-18","choices":[{"index":0,"message":{"role":"assistant","content":"Hi"}}],"usage":{"prompt_tokens":22,"completion_tokens":2,"total_tokens":24,"prompt_tokens_details":{"cached_tokens":10}}}},"error":null}"#,
-            "\n",
-            r#"{"id":"batch_req_2","custom_id":"r2","response":{"status_code":400,"request_id":"req_2","body":{"error":{"message":"bad","type":"invalid_request_error"}}},"error":null}"#,
-            "\n",
-            r#"{"id":"batch_req_3","custom_id":"r3","response":{"status_code":200,"request_id":"req_3","body":{"id":"resp_1","object":"response","model":"gpt-5-2025-08-07","status":"completed","usage":{"input_tokens":100,"output_tokens":50,"output_tokens_details":{"reasoning_tokens":30}}}},"error":null}"#,
-            "\n",
-            r#"{"id":"batch_req_4","custom_id":"r4","response":null,"error":{"code":"batch_expired","message":"expired"}}"#,
-            "\n",
-            r#"{"id":"batch_req_5","custom_id":"r5","response":{"status_code":200,"body":{"object":"chat.completion","model":"gpt-4o-mini-2024-07-18","usage":{"prompt_tokens":8,"completion_tokens":4}}},"error":null}"#,
-            "\n",
-        );
+        let body =
+            std::str::from_utf8(include_bytes!("fixtures/openai/batch_output.jsonl")).unwrap();
         for split in [0, 7, 300, body.len() - 3] {
             let p = crate::providers::testing::parse_split(
                 &OpenAi,
