@@ -372,12 +372,10 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     .with_max_buffered(cfg.proxy.max_buffered_request_bytes)
     .with_body_stall(Duration::from_secs(cfg.proxy.request_body_stall_secs))
     .with_live(live.handle());
+    // Before the first request: a read of results counted before this
+    // start must find them counted (an index makes it quick).
+    seed_batches_read(&state, &cfg);
     let state = Arc::new(state);
-    {
-        // Off the way to ready: a long ledger takes a moment to search.
-        let (state, cfg) = (state.clone(), cfg.clone());
-        tokio::task::spawn_blocking(move || seed_batches_read(&state, &cfg));
-    }
     let _ = proxy_slot.set(Arc::downgrade(&state));
     let control_task = match crate::control::ControlServer::bind(&cfg.control) {
         Ok(server) => Some(tokio::spawn(server.run(live.clone(), shutdown_rx.clone()))),

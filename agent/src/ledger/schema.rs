@@ -13,12 +13,12 @@ use rusqlite::{Connection, Row, ToSql};
 use crate::meter::{Attribution, Usage, UsageRecord};
 
 /// The schema version this build writes (SQLite `user_version`).
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 5;
 
 /// The oldest schema version whose builds may still read and write a file
 /// of this build's schema: every migration since only added columns with
 /// defaults, which an older build's inserts leave to their default and its
-/// selects do not name. A migration that changes what an older build
+/// selects do not name, or indexes. A migration that changes what an older build
 /// relies on raises it. Kept in the file (`tollgate_meta`), so that a
 /// rolled-back agent at or above it keeps using a newer ledger instead of
 /// refusing it.
@@ -80,6 +80,11 @@ ALTER TABLE requests ADD COLUMN cache_write_1h_input_tokens INTEGER NOT NULL DEF
     r#"
 ALTER TABLE requests ADD COLUMN service_tier TEXT;
 CREATE TABLE tollgate_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+"#,
+    // The batch results read (the agent looks them up at start): a few
+    // rows among many.
+    r#"
+CREATE INDEX requests_batch_results ON requests (started_at_ms) WHERE operation = 'batch_results';
 "#,
 ];
 

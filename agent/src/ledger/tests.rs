@@ -873,4 +873,20 @@ fn batch_reads_are_found_by_host_and_path_most_recent_first() {
     );
     let one = l.batch_reads_since(0, 1).unwrap();
     assert_eq!(one, [s("api.openai.com", "/v1/files/f1/content")]);
+    // Found through the batch results' own index, not every row's.
+    let plan: Vec<String> = l
+        .conn
+        .prepare(
+            "EXPLAIN QUERY PLAN SELECT host, path FROM requests \
+             WHERE started_at_ms >= 0 AND operation = 'batch_results' GROUP BY host, path",
+        )
+        .unwrap()
+        .query_map([], |r| r.get::<_, String>(3))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert!(
+        plan.iter().any(|p| p.contains("requests_batch_results")),
+        "{plan:?}"
+    );
 }

@@ -647,9 +647,14 @@ pub struct ManyRequests {
     pub long: Vec<Usage>,
 }
 
+/// Long prompts kept one by one at most (a batch has up to 100,000
+/// requests; past this many long ones, the rest are summed with the short
+/// ones, at the standard rates).
+pub const MAX_LONG_PROMPTS: usize = 100_000;
+
 impl ManyRequests {
     pub fn add(&mut self, u: Usage) {
-        if u.input_tokens > SHORT_PROMPT {
+        if u.input_tokens > SHORT_PROMPT && self.long.len() < MAX_LONG_PROMPTS {
             self.long.push(u);
         } else {
             self.short = self.short.zip_with(&u, u64::saturating_add);

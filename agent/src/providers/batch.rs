@@ -16,8 +16,9 @@
 //!
 //! Owns: reading results and summing their usage per model.
 //! Must never: hold more than one line of the results (or one bounded
-//! document), count a result another read claimed, or count a line that
-//! did not arrive whole.
+//! document) besides the sums (and the counts of each long prompt, see
+//! `ManyRequests`), count a result another read claimed, or count a line
+//! that did not arrive whole.
 
 use std::sync::Arc;
 
@@ -71,6 +72,8 @@ pub trait Counted: Send + Sync {
     /// Result `index` (its place in the results) of batch `key` bills:
     /// whether this read is the first to reach it, and counts it.
     fn claim(&self, key: &str, index: u64) -> bool;
+    /// Every result of batch `key` has been read (and claimed).
+    fn read_whole(&self, key: &str);
 }
 
 /// Where a read claims its results: the table and the batch's key there.
@@ -86,6 +89,13 @@ impl Claims {
 
     fn claim(&self, index: u64) -> bool {
         self.0.as_ref().is_none_or(|(t, k)| t.claim(k, index))
+    }
+
+    /// Every result has been read: later reads need not be.
+    pub(crate) fn read_whole(&self) {
+        if let Some((t, k)) = &self.0 {
+            t.read_whole(k);
+        }
     }
 }
 
@@ -261,7 +271,7 @@ impl UsageParser for ResultsParser {
             if self.overlong {
                 self.overlong = false;
                 self.overlong_line();
-            } else if self.buf.is_empty() {
+            } else if self.buf.is_empty() && head.len() <= MAX_LINE {
                 self.line(head);
             } else if self.buf.len() + head.len() > MAX_LINE {
                 self.buf = Vec::new();
@@ -283,6 +293,12 @@ impl UsageParser for ResultsParser {
         } else {
             self.buf.extend_from_slice(chunk);
         }
+    }
+
+    /// Once a result billed, these are batch results: worth reading on
+    /// for after the job leaves (a file that is not results is not).
+    fn usage_seen(&self) -> bool {
+        self.tally.counted_before > 0 || !self.tally.models.is_empty()
     }
 
     fn finish(&mut self) -> ParsedUsage {

@@ -594,10 +594,16 @@ impl UsageParser for InlinedParser {
 
     fn finish(&mut self) -> ParsedUsage {
         let mut tally = super::batch::BatchTally::default();
-        let batch = self
-            .body
-            .bytes()
-            .and_then(|b| serde_json::from_slice::<WireBatch>(b).ok());
+        let Some(bytes) = self.body.bytes() else {
+            tracing::debug!(
+                "a Gemini batch larger than 16 MiB: its inlined responses are not read"
+            );
+            return ParsedUsage {
+                usage: Some(Usage::default()),
+                ..Default::default()
+            };
+        };
+        let batch = serde_json::from_slice::<WireBatch>(bytes).ok();
         if let Some(b) = batch {
             let model = b
                 .metadata
@@ -612,6 +618,7 @@ impl UsageParser for InlinedParser {
                 .and_then(|m| m.output.0)
                 .or(b.response.0)
                 .and_then(|o| o.inlined_responses.0);
+            let mut whole = false;
             for (i, r) in output
                 .into_iter()
                 .flat_map(|o| o.inlined_responses)
@@ -624,6 +631,12 @@ impl UsageParser for InlinedParser {
                     u
                 });
                 tally.result(i as u64, bills, &self.claims);
+                whole = true;
+            }
+            // Read whole, every response claimed: later polls of the
+            // batch need not be read.
+            if whole {
+                self.claims.read_whole();
             }
         }
         ParsedUsage {

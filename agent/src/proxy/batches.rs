@@ -60,22 +60,39 @@ impl Counted for Batches {
         );
         true
     }
+
+    fn read_whole(&self, key: &str) {
+        self.mark_whole(key.to_string());
+    }
 }
 
 impl Batches {
-    /// Takes `key`'s results as counted whole (read before a restart):
-    /// every later read of them counts nothing.
-    pub fn read_whole(&self, key: String) {
+    /// Takes `key`'s results as counted whole (read before a restart, or
+    /// a Gemini batch's inlined responses read): every later read of them
+    /// counts nothing, and is not read at all.
+    pub fn mark_whole(&self, key: String) {
         let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if g.len() < MAX_BATCHES {
+        let now = Instant::now();
+        if let Some(r) = g.get_mut(&key) {
+            *r = Reached {
+                next: u64::MAX,
+                at: now,
+            };
+        } else if g.len() < MAX_BATCHES {
             g.insert(
                 key,
                 Reached {
                     next: u64::MAX,
-                    at: Instant::now(),
+                    at: now,
                 },
             );
         }
+    }
+
+    /// Every result of `key` has been counted.
+    pub fn is_whole(&self, key: &str) -> bool {
+        let g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        g.get(key).is_some_and(|r| r.next == u64::MAX)
     }
 
     pub fn len(&self) -> usize {
@@ -112,7 +129,8 @@ mod tests {
     #[test]
     fn results_read_before_a_restart_are_never_claimed_again() {
         let b = Batches::default();
-        b.read_whole("h f".into());
+        b.mark_whole("h f".into());
+        assert!(b.is_whole("h f") && !b.is_whole("h g"));
         assert!(!b.claim("h f", 0));
         assert!(!b.claim("h f", u64::MAX - 1));
         assert!(b.claim("h g", 0));

@@ -1138,9 +1138,10 @@ pub(super) async fn handle(
         whole = Some(new);
         parts.headers.remove(header::CONTENT_LENGTH);
     }
-    if info.injected_usage {
+    if info.injected_usage || info.batch.is_some() {
         // The response filter works on plain bytes; the client gets the
-        // same content, uncompressed.
+        // same content, uncompressed. Batch results are read whatever
+        // their size, which a decoder bounds.
         parts.headers.remove(header::ACCEPT_ENCODING);
     }
     // A retrieval only settles a parked record, a Managed Agents call
@@ -1610,12 +1611,15 @@ fn claim_batch_results(
     let Some(b) = info.batch.as_mut() else {
         return;
     };
-    if headers.contains_key(header::RANGE) {
+    let key = batch_key(host, &b.id);
+    // Counted whole already (read before a restart, a Gemini batch read
+    // once it ended): nothing to read.
+    if headers.contains_key(header::RANGE) || state.batches.is_whole(&key) {
         info.batch = None;
         info.metered = false;
         return;
     }
-    b.claims = crate::providers::batch::Claims::new(state.batches.clone(), batch_key(host, &b.id));
+    b.claims = crate::providers::batch::Claims::new(state.batches.clone(), key);
 }
 
 impl Draft {
@@ -2010,8 +2014,11 @@ impl Drop for MeteredBody {
         // A Managed Agents event stream (a live tail, usually left when the
         // session goes idle) shows cumulative counts: what it did not show
         // the next call will; nothing to read on for.
-        let read_on =
-            !(draft.info.background || (draft.info.sessions.is_some() && draft.info.streaming));
+        // Batch results are read on once they showed a result that bills
+        // (any other file is not worth the provider's bytes).
+        let read_on = !(draft.info.background
+            || (draft.info.sessions.is_some() && draft.info.streaming)
+            || (draft.info.batch.is_some() && !parser.usage_seen()));
         if tokio::runtime::Handle::try_current().is_err()
             || state.stopping.is_cancelled()
             || !read_on
@@ -2591,6 +2598,41 @@ mod tests {
         );
     }
 
+    /// A finished Gemini batch, its responses inlined, is read once: its
+    /// later polls are forwarded unread.
+    #[test]
+    fn a_gemini_batch_read_whole_is_not_read_again() {
+        let (ctx, keep, _dir) = test_ctx(
+            "generativelanguage.googleapis.com",
+            crate::config::ApiKind::Gemini,
+        );
+        let path = "/v1beta/batches/abc123";
+        let adapter = crate::providers::adapter_for(crate::config::ApiKind::Gemini);
+        let done = include_bytes!("../providers/fixtures/gemini/batch_inlined.json");
+        let poll = || {
+            let mut d = WsMeter::new(ctx.clone(), path.into()).draft(None, None);
+            d.info = adapter.request(&crate::providers::testing::request("GET", path, b""));
+            claim_batch_results(
+                &ctx.state,
+                "generativelanguage.googleapis.com",
+                &http::HeaderMap::new(),
+                &mut d.info,
+            );
+            if d.info.batch.is_none() {
+                d.emitted = true;
+                return false;
+            }
+            d.status = 200;
+            let mut p = adapter.response_parser(&d.info, 200, &http::HeaderMap::new());
+            p.feed(done);
+            d.emit(p.finish(), None);
+            true
+        };
+        assert!(poll(), "the first poll is read");
+        assert!(!poll(), "later ones are not");
+        assert_eq!(rows(&keep).len(), 1);
+    }
+
     /// A ranged read of batch results (a part, from anywhere) is
     /// forwarded unread.
     #[test]
@@ -2647,6 +2689,13 @@ mod tests {
                 &http::HeaderMap::new(),
                 &mut d.info,
             );
+            if id == "msgbatch_old" {
+                // Counted whole: forwarded unread.
+                assert!(d.info.batch.is_none() && !d.info.metered);
+                // (As the handler's draft of an unmetered request is.)
+                d.emitted = true;
+                continue;
+            }
             d.status = 200;
             let mut p = adapter.response_parser(&d.info, 200, &http::HeaderMap::new());
             p.feed(body.as_bytes());

@@ -404,7 +404,7 @@ impl ProxyState {
                     body: None,
                 });
             if let Some(b) = info.batch {
-                self.batches.read_whole(http::batch_key(&p.host, &b.id));
+                self.batches.mark_whole(http::batch_key(&p.host, &b.id));
                 n += 1;
             }
         }
