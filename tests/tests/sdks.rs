@@ -639,6 +639,58 @@ print(json.dumps(seen))
 
 #[test]
 #[ignore = "needs root, cgroup v2 and BPF"]
+fn openai_evals_runs_are_recorded_as_they_grow() {
+    // An Evals run samples and grades at OpenAI: what the job sees is the
+    // run's usage per model. Each growth the agent sees is a row; the rows
+    // add up to the run's own totals, per model.
+    let w = World::start("evals", 50);
+    let client = w.client(&[]);
+    let out = ok(
+        &client.python(
+            r#"
+import json, openai
+c = openai.OpenAI(api_key="sk-FAKE-EVALS-SECRET", max_retries=0)
+run = c.evals.runs.create("eval_fake", name="nightly",
+    data_source={"type": "jsonl", "source": {"type": "file_content", "content": [{"item": {"q": "2+2"}}]}})
+assert run.status == "queued", run.status
+first = c.evals.runs.retrieve(run.id, eval_id="eval_fake")
+assert first.status == "in_progress", first.status
+done = c.evals.runs.retrieve(run.id, eval_id="eval_fake")
+assert done.status == "completed", done.status
+again = c.evals.runs.retrieve(run.id, eval_id="eval_fake")
+listed = list(c.evals.runs.list("eval_fake"))
+assert any(r.id == run.id for r in listed), listed
+print(json.dumps({u.run_model_name: [u.prompt_tokens, u.completion_tokens, u.cached_tokens]
+    for u in again.per_model_usage}))
+"#,
+        ),
+        "python openai evals runs",
+    );
+    let totals: Value = serde_json::from_str(out.trim()).unwrap();
+    let totals = totals.as_object().unwrap();
+    assert_eq!(totals.len(), 2, "{totals:?}");
+    // gpt-4o-mini grew twice (in progress, completed), o3-mini once.
+    let rows = w.agent.wait_for_records(3);
+    assert_eq!(rows.len(), 3, "one row per growth seen: {rows:#?}");
+    for (model, t) in totals {
+        let mine: Vec<&Value> = rows.iter().filter(|r| s(r, "model") == model).collect();
+        let sum = |k: &str| mine.iter().map(|r| r[k].as_u64().unwrap()).sum::<u64>();
+        assert_eq!(sum("input_tokens"), t[0], "{model}");
+        assert_eq!(sum("output_tokens"), t[1], "{model}");
+        assert_eq!(sum("cached_input_tokens"), t[2], "{model}");
+    }
+    for r in &rows {
+        assert_eq!(s(r, "operation"), "eval_run", "{r}");
+        assert_eq!(s(r, "provider"), "openai", "{r}");
+        assert!(r["cost_usd"].as_f64().is_some_and(|c| c > 0.0), "{r}");
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(w.agent.report_json().len(), 3, "nothing more");
+    assert_no_secret(&w, "FAKE-EVALS-SECRET");
+}
+
+#[test]
+#[ignore = "needs root, cgroup v2 and BPF"]
 fn google_genai_python_sdk_on_vertex_ai() {
     // Gemini on Vertex AI, a region configured as a Gemini provider host
     // (as the README says): the project/location/publisher paths are read.

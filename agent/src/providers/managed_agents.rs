@@ -199,6 +199,7 @@ impl SessionParser {
                             uplift_percent,
                             usage,
                             seen_by: call.clone(),
+                            parent: None,
                         },
                     );
                 }

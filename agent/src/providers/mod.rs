@@ -14,6 +14,7 @@ pub mod batch;
 pub mod bedrock;
 pub mod catalogue;
 pub mod decode;
+pub mod evals;
 pub mod eventstream;
 pub mod gemini;
 pub mod managed_agents;
@@ -364,6 +365,10 @@ pub struct SessionSnapshot {
     /// How the answer showed it (a create starts at zero; a list shows
     /// other jobs' sessions too).
     pub seen_by: SessionsCall,
+    /// What this is a share of (an Evals run, of which this is one
+    /// model's usage): a share first seen while its whole is followed
+    /// starts at zero, and is its whole's owner's.
+    pub parent: Option<String>,
 }
 
 impl ParsedUsage {

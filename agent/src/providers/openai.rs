@@ -139,6 +139,9 @@ impl Provider for OpenAi {
     }
 
     fn request(&self, req: &RequestView<'_>) -> RequestInfo {
+        if let Some(info) = super::evals::call(req.method, req.path) {
+            return info;
+        }
         if let Some(id) = file_content_id(req.method, req.path) {
             // A batch's output file, or any other file: lines that bill
             // nothing are rows of nothing.
@@ -266,6 +269,8 @@ impl Provider for OpenAi {
     ) -> Box<dyn UsageParser> {
         if let Some(b) = &info.batch {
             super::batch::parser(b, status)
+        } else if info.sessions.is_some() {
+            Box::new(super::evals::RunParser::new(info))
         } else if !has_usage(info.operation) {
             Box::new(NoUsage)
         } else if super::content_type(headers) == "text/event-stream" {

@@ -1560,9 +1560,32 @@ impl Draft {
     /// job whose call showed it by its id.
     fn record_sessions(&self, sessions: Vec<crate::providers::SessionSnapshot>) {
         let state = &self.ctx.state;
-        for s in sessions {
-            let key = format!("{} {}", self.ctx.provider.host, s.id);
-            let Some(grown) = state.sessions.grew(key, s, &self.ctx.who) else {
+        let host = &self.ctx.provider.host;
+        // The wholes followed before this answer (an Evals run's models
+        // are its shares): a share first seen now, of a whole followed
+        // before, began after the agent last saw the whole, at zero; one
+        // first seen with its whole is a baseline, as the whole is.
+        let mut wholes = std::collections::HashMap::new();
+        for s in &sessions {
+            if let Some(parent) = &s.parent
+                && !wholes.contains_key(parent)
+            {
+                let followed = state.sessions.followed(&format!("{host} {parent}"));
+                wholes.insert(parent.clone(), followed);
+            }
+        }
+        for mut s in sessions {
+            let key = format!("{host} {}", s.id);
+            let mut caller = &self.ctx.who;
+            if let Some(Some(owner)) = s.parent.as_ref().and_then(|p| wholes.get(p))
+                && state.sessions.followed(&key).is_none()
+            {
+                s.seen_by = crate::providers::SessionsCall::Create;
+                if let Some(owner) = owner {
+                    caller = owner;
+                }
+            }
+            let Some(grown) = state.sessions.grew(key, s, caller) else {
                 continue;
             };
             let ctx = match grown.owner {
@@ -2706,6 +2729,100 @@ mod tests {
             [("claude-haiku-4-5".to_string(), 5, 6, 200, None, false)],
             "only the batch not read before"
         );
+    }
+
+    /// OpenAI Evals runs: each model's growth is a row, the run creator's;
+    /// a grader first seen after the run was followed counts from zero; a
+    /// run first seen by its id is a baseline, its models too.
+    #[test]
+    fn evals_runs_are_rows_of_each_models_growth() {
+        let (ctx, keep, _dir) = test_ctx("api.openai.com", crate::config::ApiKind::Openai);
+        let poller = Arc::new(ConnCtx {
+            state: ctx.state.clone(),
+            origin: ctx.origin.clone(),
+            who: Arc::new(Attribution {
+                job: Some("poller".into()),
+                ..Default::default()
+            }),
+            provider: ctx.provider.clone(),
+        });
+        let adapter = crate::providers::adapter_for(crate::config::ApiKind::Openai);
+        let show = |by: &Arc<ConnCtx>, method: &str, path: &str, run: &str, usage: &str| {
+            let mut d = WsMeter::new(by.clone(), path.into()).draft(None, None);
+            d.info = adapter.request(&crate::providers::testing::request(method, path, b"{}"));
+            d.status = 200;
+            let body = format!(
+                r#"{{"object":"eval.run","id":"{run}","status":"in_progress","per_model_usage":{usage}}}"#
+            );
+            let mut p = adapter.response_parser(&d.info, 200, &http::HeaderMap::new());
+            p.feed(body.as_bytes());
+            d.emit(p.finish(), None);
+        };
+        let m = |model: &str, i: u64, o: u64| {
+            format!(
+                r#"{{"model_name":"{model}","prompt_tokens":{i},"completion_tokens":{o},"cached_tokens":0}}"#
+            )
+        };
+        show(&ctx, "POST", "/v1/evals/eval_1/runs", "evalrun_a", "null");
+        let of_a = "/v1/evals/eval_1/runs/evalrun_a";
+        show(
+            &poller,
+            "GET",
+            of_a,
+            "evalrun_a",
+            &format!("[{}]", m("gpt-4o-mini", 100, 20)),
+        );
+        show(
+            &ctx,
+            "GET",
+            of_a,
+            "evalrun_a",
+            &format!("[{},{}]", m("gpt-4o-mini", 200, 40), m("o3-mini", 300, 50)),
+        );
+        show(
+            &ctx,
+            "GET",
+            of_a,
+            "evalrun_a",
+            &format!("[{},{}]", m("gpt-4o-mini", 200, 40), m("o3-mini", 300, 50)),
+        );
+        // Created elsewhere (or before the agent started): a baseline.
+        let of_b = "/v1/evals/eval_1/runs/evalrun_b";
+        show(
+            &poller,
+            "GET",
+            of_b,
+            "evalrun_b",
+            &format!("[{}]", m("gpt-4o", 1000, 100)),
+        );
+        show(
+            &poller,
+            "GET",
+            of_b,
+            "evalrun_b",
+            &format!("[{}]", m("gpt-4o", 1500, 150)),
+        );
+        let got = rows(&keep);
+        assert_eq!(
+            got,
+            [
+                ("gpt-4o-mini".to_string(), 100, 20, 200, None, false),
+                ("gpt-4o-mini".to_string(), 100, 20, 200, None, false),
+                ("o3-mini".to_string(), 300, 50, 200, None, false),
+                ("gpt-4o".to_string(), 500, 50, 200, None, false),
+            ]
+        );
+        let recs = keep.0.lock().unwrap().clone();
+        assert!(
+            recs.iter()
+                .all(|r| r.operation == "eval_run" && r.provider == "openai")
+        );
+        assert!(
+            recs[..3].iter().all(|r| Arc::ptr_eq(&r.who, &ctx.who)),
+            "the creator's, whoever polled"
+        );
+        assert_eq!(recs[3].who.job.as_deref(), Some("poller"));
+        assert!(recs.iter().all(|r| r.cost_usd.is_some_and(|c| c > 0.0)));
     }
 
     /// Once the agent stops, a background response is written at once (a

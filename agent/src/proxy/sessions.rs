@@ -132,6 +132,12 @@ impl Sessions {
         growth
     }
 
+    /// Whether `key` is followed, and by whose growth (its owner).
+    pub fn followed(&self, key: &str) -> Option<Option<Arc<Attribution>>> {
+        let g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        g.get(key).map(|s| s.owner.clone())
+    }
+
     pub fn len(&self) -> usize {
         self.0.lock().unwrap_or_else(|p| p.into_inner()).len()
     }

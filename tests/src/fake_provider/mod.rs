@@ -26,6 +26,7 @@ mod background;
 mod batches;
 mod bedrock;
 mod canned;
+mod evals;
 mod gemini;
 mod openai;
 mod sessions;
@@ -232,6 +233,9 @@ async fn handle(req: Request<Incoming>, sni: String, log: Log) -> Result<Respons
         && req.method() == hyper::Method::GET
         && let Some(answer) = sessions::answer(req.method(), &path, None)
     {
+        return Ok(answer);
+    }
+    if let Some(answer) = evals::answer(req.method(), &path, &sni) {
         return Ok(answer);
     }
     if req.method() == hyper::Method::GET
