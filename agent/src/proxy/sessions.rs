@@ -1,4 +1,6 @@
-//! What the agent last saw of each Claude Managed Agents session.
+//! What the agent last saw of each Claude Managed Agents session (and of
+//! each OpenAI Evals run and its models' shares, which are read the same
+//! way: see `providers::evals`).
 //!
 //! A session reports cumulative usage (see `providers::managed_agents`);
 //! its spend between two snapshots is their difference. The first snapshot
