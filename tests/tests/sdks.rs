@@ -660,6 +660,7 @@ assert done.status == "completed", done.status
 again = c.evals.runs.retrieve(run.id, eval_id="eval_fake")
 listed = list(c.evals.runs.list("eval_fake"))
 assert any(r.id == run.id for r in listed), listed
+assert c.evals.runs.cancel(run.id, eval_id="eval_fake").status == "canceled"
 print(json.dumps({u.run_model_name: [u.prompt_tokens, u.completion_tokens, u.cached_tokens]
     for u in again.per_model_usage}))
 "#,

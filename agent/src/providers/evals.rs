@@ -22,8 +22,8 @@ pub const OPERATION: &str = "eval_run";
 
 /// An Evals run call whose answer shows runs' usage; `None` for any other
 /// path. `POST …/evals/{eval}/runs` creates one (`Create`), `GET` of the
-/// same lists the eval's runs (`List`), `GET` or `POST` (cancel) of
-/// `…/runs/{run}` shows one (`Of`).
+/// same lists the eval's runs (`List`), `GET …/runs/{run}` and `POST
+/// …/runs/{run}/cancel` show one (`Of`).
 pub fn call(method: &http::Method, path: &str) -> Option<RequestInfo> {
     let p = path.trim_end_matches('/');
     let (head, tail) = p.split_once("/evals/")?;
@@ -36,7 +36,8 @@ pub fn call(method: &http::Method, path: &str) -> Option<RequestInfo> {
     let sessions = match segments.as_slice() {
         [_, "runs"] if post => SessionsCall::Create,
         [_, "runs"] if get => SessionsCall::List,
-        [_, "runs", run] if get || post => SessionsCall::Of(super::path_id(run)?),
+        [_, "runs", run] if get => SessionsCall::Of(super::path_id(run)?),
+        [_, "runs", run, "cancel"] if post => SessionsCall::Of(super::path_id(run)?),
         _ => return None,
     };
     Some(RequestInfo {
@@ -108,9 +109,10 @@ impl RunParser {
         let models = run.get("per_model_usage").and_then(Value::as_array);
         for (model, usage) in models.into_iter().flatten().filter_map(usage_of) {
             let key = format!("{id} {model}");
-            // The same model twice in a list: the higher counts.
+            // The same model twice in one run (a sampler and a grader, if
+            // the API ever lists them apart): both are its usage.
             if let Some(s) = found.iter_mut().find(|s| s.id == key) {
-                s.usage = s.usage.zip_with(&usage, u64::max);
+                s.usage = s.usage.zip_with(&usage, u64::saturating_add);
                 continue;
             }
             found.push(SessionSnapshot {
@@ -162,7 +164,13 @@ mod tests {
             ("POST", "/v1/evals/eval_1/runs", Some(SessionsCall::Create)),
             ("GET", "/v1/evals/eval_1/runs", Some(SessionsCall::List)),
             ("GET", "/v1/evals/eval_1/runs/evalrun_9", of("evalrun_9")),
-            ("POST", "/v1/evals/eval_1/runs/evalrun_9", of("evalrun_9")),
+            (
+                "POST",
+                "/v1/evals/eval_1/runs/evalrun_9/cancel",
+                of("evalrun_9"),
+            ),
+            ("POST", "/v1/evals/eval_1/runs/evalrun_9", None),
+            ("GET", "/v1/evals/eval_1/runs/evalrun_9/cancel", None),
             (
                 "GET",
                 "/openai/evals/eval_1/runs/evalrun_9",

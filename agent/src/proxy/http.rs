@@ -1559,35 +1559,14 @@ impl Draft {
     /// job that created the session through the agent, or to the first
     /// job whose call showed it by its id.
     fn record_sessions(&self, sessions: Vec<crate::providers::SessionSnapshot>) {
-        let state = &self.ctx.state;
-        let host = &self.ctx.provider.host;
-        // The wholes followed before this answer (an Evals run's models
-        // are its shares): a share first seen now, of a whole followed
-        // before, began after the agent last saw the whole, at zero; one
-        // first seen with its whole is a baseline, as the whole is.
-        let mut wholes = std::collections::HashMap::new();
-        for s in &sessions {
-            if let Some(parent) = &s.parent
-                && !wholes.contains_key(parent)
-            {
-                let followed = state.sessions.followed(&format!("{host} {parent}"));
-                wholes.insert(parent.clone(), followed);
-            }
-        }
-        for mut s in sessions {
-            let key = format!("{host} {}", s.id);
-            let mut caller = &self.ctx.who;
-            if let Some(Some(owner)) = s.parent.as_ref().and_then(|p| wholes.get(p))
-                && state.sessions.followed(&key).is_none()
-            {
-                s.seen_by = crate::providers::SessionsCall::Create;
-                if let Some(owner) = owner {
-                    caller = owner;
-                }
-            }
-            let Some(grown) = state.sessions.grew(key, s, caller) else {
-                continue;
-            };
+        // One answer's snapshots are taken together (see
+        // `Sessions::grew_all`: an Evals run's models are its shares).
+        let grown_all =
+            self.ctx
+                .state
+                .sessions
+                .grew_all(&self.ctx.provider.host, sessions, &self.ctx.who);
+        for grown in grown_all {
             let ctx = match grown.owner {
                 Some(owner) if !Arc::ptr_eq(&owner, &self.ctx.who) => Arc::new(ConnCtx {
                     state: self.ctx.state.clone(),

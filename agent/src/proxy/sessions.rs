@@ -23,7 +23,6 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 use crate::meter::{Attribution, Usage};
 use crate::providers::{SessionSnapshot, SessionsCall};
@@ -39,7 +38,9 @@ struct Seen {
     /// The job that created it through the agent, or the first whose call
     /// showed it by its id.
     owner: Option<Arc<Attribution>>,
-    at: Instant,
+    /// When it was last seen, in the table's own order (the one seen
+    /// longest ago goes first when the table is full).
+    at: u64,
 }
 
 /// What a session used since the agent last saw it.
@@ -55,7 +56,14 @@ pub struct Growth {
 }
 
 #[derive(Default)]
-pub struct Sessions(Mutex<HashMap<String, Seen>>);
+pub struct Sessions(Mutex<Table>);
+
+#[derive(Default)]
+struct Table {
+    seen: HashMap<String, Seen>,
+    /// The last `at` given.
+    tick: u64,
+}
 
 /// Takes `now` into `seen` (field by field, the higher count: the counts
 /// only grow, and an older snapshot that arrives after a newer one, from
@@ -66,19 +74,20 @@ fn take_growth(seen: &mut Usage, now: &Usage) -> Usage {
     grown
 }
 
-impl Sessions {
-    /// Takes snapshot `snap` of session `key`, shown by a call of job
-    /// `caller`, and gives what grew since the last one; `None` for a
-    /// first snapshot, or when nothing grew.
-    pub fn grew(
-        &self,
+impl Table {
+    fn tick(&mut self) -> u64 {
+        self.tick += 1;
+        self.tick
+    }
+
+    fn grew(
+        &mut self,
         key: String,
         snap: SessionSnapshot,
         caller: &Arc<Attribution>,
     ) -> Option<Growth> {
-        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        if let Some(seen) = g.get_mut(&key) {
+        let now = self.tick();
+        if let Some(seen) = self.seen.get_mut(&key) {
             let grown = take_growth(&mut seen.usage, &snap.usage);
             seen.at = now;
             if snap.model.is_some() {
@@ -100,10 +109,14 @@ impl Sessions {
             SessionsCall::Create => true,
             SessionsCall::Of(_) => false,
         };
-        if g.len() >= MAX_SESSIONS
-            && let Some(oldest) = g.iter().min_by_key(|(_, s)| s.at).map(|(k, _)| k.clone())
+        if self.seen.len() >= MAX_SESSIONS
+            && let Some(oldest) = self
+                .seen
+                .iter()
+                .min_by_key(|(_, s)| s.at)
+                .map(|(k, _)| k.clone())
         {
-            g.remove(&oldest);
+            self.seen.remove(&oldest);
         }
         // A new session is at zero (what its first answer shows already
         // is its spend); one first seen by its id is a baseline.
@@ -130,18 +143,77 @@ impl Sessions {
             uplift_percent: seen.uplift_percent,
             owner: seen.owner.clone(),
         });
-        g.insert(key, seen);
+        self.seen.insert(key, seen);
         growth
     }
+}
 
-    /// Whether `key` is followed, and by whose growth (its owner).
-    pub fn followed(&self, key: &str) -> Option<Option<Arc<Attribution>>> {
-        let g = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        g.get(key).map(|s| s.owner.clone())
+impl Sessions {
+    /// Takes snapshot `snap` of session `key`, shown by a call of job
+    /// `caller`, and gives what grew since the last one; `None` for a
+    /// first snapshot, or when nothing grew.
+    pub fn grew(
+        &self,
+        key: String,
+        snap: SessionSnapshot,
+        caller: &Arc<Attribution>,
+    ) -> Option<Growth> {
+        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        g.grew(key, snap, caller)
+    }
+
+    /// Takes every snapshot one answer of provider `host` showed, under
+    /// one lock, and gives what grew. A share (`parent` set: one model's
+    /// usage in an Evals run) first seen now, of a whole the agent
+    /// followed before this answer, began after the agent last saw the
+    /// whole: it starts at zero and is the whole's owner's. One first seen
+    /// with its whole is a baseline, as the whole is. A whole is kept seen
+    /// after its shares, so that a full table forgets the shares first.
+    pub fn grew_all(
+        &self,
+        host: &str,
+        snaps: Vec<SessionSnapshot>,
+        caller: &Arc<Attribution>,
+    ) -> Vec<Growth> {
+        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let key = |id: &str| format!("{host} {id}");
+        // The wholes followed before this answer, and their owners.
+        let mut wholes: HashMap<String, Option<Arc<Attribution>>> = HashMap::new();
+        for s in &snaps {
+            if let Some(parent) = &s.parent
+                && !wholes.contains_key(parent)
+                && let Some(seen) = g.seen.get(&key(parent))
+            {
+                wholes.insert(parent.clone(), seen.owner.clone());
+            }
+        }
+        let mut out = Vec::new();
+        for mut s in snaps {
+            let k = key(&s.id);
+            let mut by = caller;
+            if let Some(owner) = s.parent.as_ref().and_then(|p| wholes.get(p))
+                && !g.seen.contains_key(&k)
+            {
+                s.seen_by = SessionsCall::Create;
+                if let Some(owner) = owner {
+                    by = owner;
+                }
+            }
+            if let Some(grown) = g.grew(k, s, by) {
+                out.push(grown);
+            }
+        }
+        for parent in wholes.keys() {
+            let now = g.tick();
+            if let Some(seen) = g.seen.get_mut(&key(parent)) {
+                seen.at = now;
+            }
+        }
+        out
     }
 
     pub fn len(&self) -> usize {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).len()
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).seen.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -261,5 +333,86 @@ mod tests {
         assert_eq!(s.len(), MAX_SESSIONS);
         assert_eq!(see("h 0".into(), 2).map(|g| g.usage), Some(u(1, 0)));
         assert_eq!(see("h 1".into(), 5), None, "forgotten: a new baseline");
+    }
+
+    fn share(run: &str, model: &str, input: u64, seen_by: SessionsCall) -> SessionSnapshot {
+        SessionSnapshot {
+            id: format!("{run} {model}"),
+            model: Some(model.into()),
+            usage: u(input, 0),
+            seen_by,
+            parent: Some(run.into()),
+            ..Default::default()
+        }
+    }
+
+    fn whole(run: &str, seen_by: SessionsCall) -> SessionSnapshot {
+        SessionSnapshot {
+            id: run.into(),
+            seen_by,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_share_new_in_a_followed_whole_starts_at_zero_and_is_the_owners() {
+        let s = Sessions::default();
+        let (a, b) = (job("a"), job("b"));
+        let of = || SessionsCall::Of("r".into());
+        // Created by a: followed.
+        assert!(
+            s.grew_all("h", vec![whole("r", SessionsCall::Create)], &a)
+                .is_empty()
+        );
+        // b polls: the sampler's usage, new, from zero, a's.
+        let g = s.grew_all("h", vec![whole("r", of()), share("r", "m1", 100, of())], &b);
+        assert_eq!(g.len(), 1);
+        assert_eq!(
+            (g[0].usage, g[0].owner.as_ref().and_then(|o| o.job.clone())),
+            (u(100, 0), Some("a".into()))
+        );
+        // A run first seen by its id, a model with it: both baselines.
+        let g = s.grew_all("h", vec![whole("x", of()), share("x", "m1", 500, of())], &b);
+        assert!(g.is_empty());
+        let g = s.grew_all(
+            "h",
+            vec![
+                whole("x", of()),
+                share("x", "m1", 600, of()),
+                share("x", "m2", 7, of()),
+            ],
+            &b,
+        );
+        let got: Vec<_> = g
+            .iter()
+            .map(|g| (g.model.clone(), g.usage.input_tokens))
+            .collect();
+        assert_eq!(got, [(Some("m1".into()), 100), (Some("m2".into()), 7)]);
+    }
+
+    #[test]
+    fn a_full_table_forgets_a_wholes_shares_before_the_whole() {
+        let s = Sessions::default();
+        let a = job("a");
+        let of = || SessionsCall::Of("r".into());
+        assert!(
+            s.grew_all("h", vec![whole("r", SessionsCall::Create)], &a)
+                .is_empty()
+        );
+        s.grew_all("h", vec![whole("r", of()), share("r", "m1", 1, of())], &a);
+        // Fill the table with others.
+        for i in 0..MAX_SESSIONS - 1 {
+            s.grew(
+                format!("h s{i}"),
+                snap(u(0, 0), SessionsCall::Create, None),
+                &a,
+            );
+        }
+        assert_eq!(s.len(), MAX_SESSIONS);
+        // The share went first: the run is still followed, so a model
+        // new to it now still starts at zero.
+        let g = s.grew_all("h", vec![whole("r", of()), share("r", "m2", 9, of())], &a);
+        assert_eq!(g.len(), 1);
+        assert_eq!(g[0].usage, u(9, 0));
     }
 }

@@ -84,6 +84,17 @@ pub(crate) fn answer(
                 json!({"error": {"message": "no such run", "type": "invalid_request_error"}}),
             ),
         },
+        ([_, "runs", id, "cancel"], false) => match runs.get(*id) {
+            Some((eval, stage)) => {
+                let mut run = run_json(id, eval, *stage);
+                run["status"] = "canceled".into();
+                json_response(200, run)
+            }
+            None => json_response(
+                404,
+                json!({"error": {"message": "no such run", "type": "invalid_request_error"}}),
+            ),
+        },
         _ => return None,
     })
 }
