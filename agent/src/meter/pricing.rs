@@ -402,7 +402,11 @@ impl Rates {
     /// These rates (of the catalogue's price `base`) for an override `p`
     /// of the same model: scaled as `p` scales input and output.
     fn scaled(self, base: &Price, p: &Price) -> Rates {
-        let (fin, fout) = (ratio(p.input, base.input), ratio(p.output, base.output));
+        self.scale(ratio(p.input, base.input), ratio(p.output, base.output))
+    }
+
+    /// The input rates times `fin`, the output rates times `fout`.
+    fn scale(self, fin: f64, fout: f64) -> Rates {
         Rates {
             input: self.input * fin,
             cached_input: self.cached_input * fin,
@@ -421,19 +425,6 @@ pub const BATCH_TIER: &str = "batch";
 /// Anthropic and Google each bill them at half, every token type alike.
 pub const BATCH_DISCOUNT: f64 = 0.5;
 
-impl Rates {
-    fn times(&self, f: f64) -> Rates {
-        Rates {
-            input: self.input * f,
-            cached_input: self.cached_input * f,
-            cache_write: self.cache_write * f,
-            cache_write_1h: self.cache_write_1h * f,
-            output: self.output * f,
-            reasoning: self.reasoning * f,
-        }
-    }
-}
-
 impl Price {
     /// Every rate (long-context ones included) times `f`; no tiers.
     fn times(&self, f: f64) -> Price {
@@ -447,7 +438,7 @@ impl Price {
             reasoning: self.reasoning * f,
             long: self.long.map(|l| LongRates {
                 above: l.above,
-                rates: l.rates.times(f),
+                rates: l.rates.scale(f, f),
             }),
             tiers: [None, None],
             bedrock_regional: self.bedrock_regional,

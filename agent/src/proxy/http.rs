@@ -2171,6 +2171,19 @@ mod tests {
         (ctx, keep, dir)
     }
 
+    /// `ctx`'s connection, as another job's (`job` is its name).
+    fn another_job(ctx: &Arc<ConnCtx>, job: &str) -> Arc<ConnCtx> {
+        Arc::new(ConnCtx {
+            state: ctx.state.clone(),
+            origin: ctx.origin.clone(),
+            who: Arc::new(Attribution {
+                job: Some(job.into()),
+                ..Default::default()
+            }),
+            provider: ctx.provider.clone(),
+        })
+    }
+
     /// The record of an answered Anthropic request of 100,000 input tokens
     /// to `model` on `ctx`'s host, with `uplift_percent` from the response.
     fn anthropic_record(
@@ -2393,15 +2406,7 @@ mod tests {
     fn managed_agents_sessions_are_rows_of_their_growth() {
         use crate::providers::{SessionSnapshot, SessionsCall};
         let (ctx, keep, _dir) = test_ctx("api.anthropic.com", crate::config::ApiKind::Anthropic);
-        let other = Arc::new(ConnCtx {
-            state: ctx.state.clone(),
-            origin: ctx.origin.clone(),
-            who: Arc::new(Attribution {
-                job: Some("lister".into()),
-                ..Default::default()
-            }),
-            provider: ctx.provider.clone(),
-        });
+        let other = another_job(&ctx, "lister");
         let show =
             |by: &Arc<ConnCtx>, call: SessionsCall, snaps: &[(&str, Option<&str>, u64, u64)]| {
                 let mut d = WsMeter::new(by.clone(), "/v1/sessions".into()).draft(None, None);
@@ -2716,15 +2721,7 @@ mod tests {
     #[test]
     fn evals_runs_are_rows_of_each_models_growth() {
         let (ctx, keep, _dir) = test_ctx("api.openai.com", crate::config::ApiKind::Openai);
-        let poller = Arc::new(ConnCtx {
-            state: ctx.state.clone(),
-            origin: ctx.origin.clone(),
-            who: Arc::new(Attribution {
-                job: Some("poller".into()),
-                ..Default::default()
-            }),
-            provider: ctx.provider.clone(),
-        });
+        let poller = another_job(&ctx, "poller");
         let adapter = crate::providers::adapter_for(crate::config::ApiKind::Openai);
         let show = |by: &Arc<ConnCtx>, method: &str, path: &str, run: &str, usage: &str| {
             let mut d = WsMeter::new(by.clone(), path.into()).draft(None, None);
