@@ -664,7 +664,10 @@ fn the_responses_api_over_a_websocket_is_metered_response_by_response() {
     ok(
         &client.python(
             r#"
-import openai
+import faulthandler, openai
+# A hang shows where (once, in CI, a run waited out the harness's 120 s
+# with nothing on stderr).
+faulthandler.dump_traceback_later(60, exit=True)
 c = openai.OpenAI(api_key="sk-test-WSSECRET-0123456789", max_retries=0, timeout=30)
 usage = []
 def completed(conn):
