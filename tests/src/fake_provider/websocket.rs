@@ -67,6 +67,7 @@ pub(crate) fn accept(mut req: Request<Incoming>, sni: String, log: Log) -> Respo
                 0x1 if send(&mut io, &payload.to_ascii_uppercase()).await.is_err() => return,
                 0x8 => {
                     let _ = io.write_all(&[0x88, 0]).await;
+                    let _ = io.flush().await;
                     return;
                 }
                 _ => {}
@@ -106,6 +107,7 @@ async fn serve_responses<S: AsyncRead + AsyncWrite + Unpin>(
             0x1 => {}
             0x8 => {
                 let _ = io.write_all(&[0x88, 0]).await;
+                let _ = io.flush().await;
                 return;
             }
             _ => continue,
@@ -220,7 +222,10 @@ async fn write_frame<W: AsyncWrite + Unpin>(
         }
     }
     frame.extend_from_slice(payload);
-    io.write_all(&frame).await
+    io.write_all(&frame).await?;
+    // A TLS stream may keep what the socket would not take yet until the
+    // next write: the client would wait for this message for ever.
+    io.flush().await
 }
 
 /// One frame from the client: its opcode and unmasked payload; `None` at
