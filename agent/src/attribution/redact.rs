@@ -9,7 +9,12 @@
 //!    `AKIA…`, `ghp_…`, JWTs, Google OAuth `ya29.…`, AWS session tokens
 //!    `IQoJ…`, …) wherever it appears, and a whole argument of 32 or more
 //!    hexadecimal digits (Azure keys; commit ids go too);
-//! 4. the password of `-u user:PASSWORD` / `--user user:PASSWORD` (curl).
+//! 4. the password of `-u user:PASSWORD` / `--user user:PASSWORD` (curl);
+//! 5. a whole argument that looks random: 24 or more characters of
+//!    base64 or base64url, mixing upper and lower case and digits the way
+//!    random text does (a key passed positionally, as in `aws configure
+//!    set aws_secret_access_key X` or `deploy.sh $TOKEN`), where camelCase
+//!    names and versions change class only at word boundaries.
 //!
 //! It errs towards redacting too much: a flag such as `--key-file PATH` loses
 //! its path. Counts such as `--max-tokens 100` are kept.
@@ -319,6 +324,48 @@ fn is_long_hex(tok: &str) -> bool {
         && t.bytes().any(|b| b.is_ascii_alphabetic())
 }
 
+/// Rule 5: a whole argument (quotes and closing punctuation aside) of 24
+/// to 512 base64 or base64url characters (`=` only as trailing padding),
+/// not a path, with upper and lower case letters (two of each) and a
+/// digit, whose neighbouring characters change class (upper, lower, digit,
+/// other) at least 40 % of the time. Random base62 changes class about
+/// 62 % of the time (at 24 characters, 1 in 27 falls short; at 40, 1 in
+/// 200); identifiers such as `TestGenerateCompletionWithLongName123` and
+/// `HTTP2ConnectionPoolTests2` a third of the time or less.
+fn looks_random(tok: &str) -> bool {
+    let t = tok.trim_matches(|c: char| matches!(c, '"' | '\'' | ',' | ';' | ')' | '}' | ']'));
+    let body = t.trim_end_matches('=');
+    if !(24..=512).contains(&body.len())
+        || t.len() - body.len() > 2
+        || body.starts_with(['-', '/'])
+        || body.contains("//")
+        || !body
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'_' | b'-'))
+    {
+        return false;
+    }
+    let class = |b: u8| match b {
+        b'A'..=b'Z' => 0u8,
+        b'a'..=b'z' => 1,
+        b'0'..=b'9' => 2,
+        _ => 3,
+    };
+    let mut counts = [0usize; 4];
+    for b in body.bytes() {
+        counts[usize::from(class(b))] += 1;
+    }
+    if counts[0] < 2 || counts[1] < 2 || counts[2] < 1 {
+        return false;
+    }
+    let changes = body
+        .as_bytes()
+        .windows(2)
+        .filter(|w| class(w[0]) != class(w[1]))
+        .count();
+    changes * 100 >= (body.len() - 1) * 40
+}
+
 fn is_flag(tok: &str) -> bool {
     tok.len() > 1 && tok.starts_with('-') && !tok[1..].starts_with(|c: char| c.is_ascii_digit())
 }
@@ -382,7 +429,7 @@ pub fn redact_cmdline(s: &str) -> String {
             user_flag = true;
             continue;
         }
-        if is_long_hex(tok) {
+        if is_long_hex(tok) || looks_random(tok) {
             out.push_str(&redact_whole(tok).unwrap_or_else(|| REDACTED.to_string()));
             continue;
         }
@@ -641,6 +688,27 @@ mod tests {
             &["Zq9SECRETzq9"],
             &["   --token   "],
         ),
+        // Rule 5: keys with no known shape, passed positionally.
+        (
+            "aws configure set aws_secret_access_key k7Q2xRb9/Tn4Lw8PzV3mYc6HsJ1dFg5AeU0oZiXq",
+            &["k7Q2xRb9", "AeU0oZiXq"],
+            &["aws configure set aws_secret_access_key"],
+        ),
+        (
+            "./deploy.sh prod 'Xq7bT2mN9vLc4RzW8kPd3HsY6fJg' --verbose",
+            &["Xq7bT2mN9vLc4RzW8kPd3HsY6fJg"],
+            &["./deploy.sh prod '", "' --verbose"],
+        ),
+        (
+            "mistral-cli aB3dE5fG7hJ9kL1mN2pQ4rS6tU8vW0xY",
+            &["aB3dE5fG7hJ9kL1mN2pQ4rS6tU8vW0xY"],
+            &["mistral-cli"],
+        ),
+        (
+            "tool p9Xk2LmQ7vR4tN8wZc1Hy6Bf3Jd5Gs0A+eU/qW== x",
+            &["p9Xk2LmQ7vR4tN8wZc1Hy6Bf3Jd5Gs0A"],
+            &["tool", " x"],
+        ),
     ];
 
     #[test]
@@ -680,6 +748,14 @@ mod tests {
             "head -c 1234567890123456789012345678901234 f",
             "curl -u ci https://h",
             "echo deadbeefdeadbeefdeadbeefdeadbeef",
+            // Rule 5 leaves names, paths, versions and ids alone.
+            "pytest -k TestGenerateCompletionWithLongName123",
+            "python -m unittest tests.TestChatCompletionStreaming2Retries",
+            "cat src/providers/Fixtures2026/OpenAIBatchOutput3.jsonl",
+            "docker run ghcr.io/acme/ci-runner:2026.11.28-build4521",
+            "echo 550e8400-e29b-41d4-a716-446655440000",
+            "kubectl logs deploy/LlmReviewBot2 -c Sidecar1Container",
+            "make HTTP2ConnectionPoolTests2 GRPCv1alpha1Services",
             "",
             "   ",
         ] {
