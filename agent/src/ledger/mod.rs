@@ -27,6 +27,10 @@ pub use writer::{LedgerHandle, LedgerStats, LedgerWriter};
 /// How long a writer waits for another process's lock (e.g. `sqlite3`).
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Rows a walk over the ledger ([`Ledger::for_each`]) reads in one read
+/// transaction.
+const WALK_PAGE: usize = 256;
+
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
     #[error(
@@ -420,9 +424,15 @@ impl Ledger {
         rows.collect::<Result<_, _>>().map_err(err)
     }
 
-    /// Calls `f` with each record `filter` matches, oldest first, one row
-    /// at a time (a report over millions of rows holds one). An error
-    /// from `f` (a closed stdout) ends the walk.
+    /// Calls `f` with each record `filter` matches, oldest first, among
+    /// the rows there when the walk began. Rows are read [`WALK_PAGE`] at
+    /// a time (a report over millions of rows holds one page), each page
+    /// in its own read transaction, and `f` runs between them: a report
+    /// piped into a pager that waits for a key holds no snapshot of the
+    /// ledger meanwhile, so the agent's write-ahead log can still be
+    /// checkpointed (an open reader keeps it from being reset, and it
+    /// grows by every write until the reader ends). An error from `f` (a
+    /// closed stdout) ends the walk.
     pub fn for_each(
         &self,
         filter: &Filter,
@@ -455,18 +465,48 @@ impl Ledger {
                 clauses.push(format!("{column} = ?{}", params.len()));
             }
         }
-        if !clauses.is_empty() {
-            sql.push_str(" WHERE ");
-            sql.push_str(&clauses.join(" AND "));
+        // Rows written after the walk began are not part of it.
+        let last: Option<i64> = self
+            .conn
+            .query_row("SELECT max(id) FROM requests", [], |r| r.get(0))
+            .map_err(err)?;
+        let Some(last) = last else {
+            return Ok(());
+        };
+        params.push(Box::new(last));
+        clauses.push(format!("id <= ?{}", params.len()));
+        // Where the previous page ended (the index on `started_at_ms`
+        // holds the row id: each page starts with a seek).
+        let n = params.len();
+        clauses.push(format!("(started_at_ms, id) > (?{}, ?{})", n + 1, n + 2));
+        sql.push_str(" WHERE ");
+        sql.push_str(&clauses.join(" AND "));
+        sql.push_str(&format!(" ORDER BY started_at_ms, id LIMIT {WALK_PAGE}"));
+        let mut after = (i64::MIN, i64::MIN);
+        let mut page = Vec::with_capacity(WALK_PAGE);
+        loop {
+            {
+                let mut stmt = self.conn.prepare_cached(&sql).map_err(err)?;
+                let mut refs: Vec<&dyn rusqlite::ToSql> =
+                    params.iter().map(|b| b.as_ref()).collect();
+                refs.push(&after.0);
+                refs.push(&after.1);
+                let mut rows = stmt.query(refs.as_slice()).map_err(err)?;
+                while let Some(row) = rows.next().map_err(err)? {
+                    page.push(schema::from_row(row).map_err(err)?);
+                }
+                // The statement is reset here, which ends its read
+                // transaction before `f` runs.
+            }
+            let full = page.len() == WALK_PAGE;
+            for r in page.drain(..) {
+                after = (r.started_at_ms, r.id.unwrap_or(i64::MAX));
+                f(r).map_err(LedgerError::Output)?;
+            }
+            if !full {
+                return Ok(());
+            }
         }
-        sql.push_str(" ORDER BY started_at_ms, id");
-        let mut stmt = self.conn.prepare(&sql).map_err(err)?;
-        let refs: Vec<&dyn rusqlite::ToSql> = params.iter().map(|b| b.as_ref()).collect();
-        let mut rows = stmt.query(refs.as_slice()).map_err(err)?;
-        while let Some(row) = rows.next().map_err(err)? {
-            f(schema::from_row(row).map_err(err)?).map_err(LedgerError::Output)?;
-        }
-        Ok(())
     }
 }
 

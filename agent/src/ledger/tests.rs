@@ -890,3 +890,63 @@ fn batch_reads_are_found_by_host_and_path_most_recent_first() {
         "{plan:?}"
     );
 }
+
+#[test]
+fn a_walk_holds_no_snapshot_while_its_caller_works_and_skips_later_rows() {
+    // `report --json | less`: the caller blocks between rows. The agent's
+    // log must still be reset meanwhile, and what the walk returns is the
+    // rows there when it began, each once, in order, across pages.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.sqlite");
+    let mut l = Ledger::open(&path).unwrap();
+    let total = WALK_PAGE as u64 * 2 + 7;
+    // Inserted out of order, with ties on the start time across a page's
+    // end: order is (started_at_ms, id).
+    let recs: Vec<UsageRecord> = (0..total).rev().map(|i| at(i, (i / 3) as i64)).collect();
+    l.insert_batch(&recs).unwrap();
+    let agent = rusqlite::Connection::open(&path).unwrap();
+    let mut seen = Vec::new();
+    let mut resets = 0;
+    let reader = Ledger::open_read_only(&path).unwrap();
+    reader
+        .for_each(&Filter::default(), |r| {
+            if seen.len() % 100 == 1 {
+                // The agent writes one more row and resets its log.
+                l.insert_batch(&[at(total + seen.len() as u64, 0)]).unwrap();
+                let busy: i64 = agent
+                    .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |row| row.get(0))
+                    .unwrap();
+                assert_eq!(busy, 0, "a reader held the log at row {}", seen.len());
+                resets += 1;
+            }
+            seen.push((r.started_at_ms, r.id.unwrap()));
+            Ok(())
+        })
+        .unwrap();
+    assert!(resets >= 5, "{resets}");
+    assert_eq!(
+        seen.len(),
+        total as usize,
+        "rows written meanwhile are not in the walk"
+    );
+    let mut sorted = seen.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(seen, sorted, "in order, each once");
+    // A filter pages too.
+    let mut n = 0;
+    reader
+        .for_each(
+            &Filter {
+                since_ms: Some(100),
+                ..Filter::default()
+            },
+            |r| {
+                assert!(r.started_at_ms >= 100);
+                n += 1;
+                Ok(())
+            },
+        )
+        .unwrap();
+    assert_eq!(n, (0..total).filter(|i| (i / 3) >= 100).count());
+}
