@@ -283,7 +283,7 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     };
     let mut resource = crate::export::ResourceInfo::from_host();
     resource.runner_name = std::env::var("RUNNER_NAME").ok().filter(|s| !s.is_empty());
-    let (exporter, export_sink) = crate::export::start(&cfg.export, resource, health)?;
+    let (exporter, export_sink) = crate::export::start(&cfg.export, resource, health.clone())?;
     let live = Arc::new(crate::control::LiveState::new());
     let sink: Arc<dyn RecordSink> = Arc::new(crate::meter::FanOut(vec![
         Arc::new(ledger.clone()),
@@ -425,6 +425,10 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     if let Some(t) = control_task {
         let _ = t.await;
     }
+    // The health view keeps the proxy's last counters for the exporters'
+    // final export, which comes after the proxy is gone: read them now,
+    // or a run shorter than the export interval would end with none.
+    let _ = health();
     drop(state);
     let written = ledger_writer.shutdown(Duration::from_secs(30));
     // The exporters' last export and the audit log's flush happen whatever
