@@ -1361,6 +1361,56 @@ mod tests {
         }
     }
 
+    /// Gemini 3 after 3 Pro Preview: the Flash models' introductory
+    /// prices run to the end of 2026; their unpriced siblings stay unpriced.
+    #[test]
+    fn gemini_3_models_are_priced_by_date_and_their_siblings_are_not() {
+        let book = PriceBook::builtin();
+        let day = |d: &str| parse_date_ms(d).expect("date");
+        let rates = |m: &str, d: &str| {
+            book.price_at("gemini", m, day(d))
+                .map(|x| (x.input, x.cached_input, x.output))
+                .unwrap_or_else(|| panic!("{m} should be priced on {d}"))
+        };
+        assert_eq!(
+            rates("gemini-3-flash-preview", "2026-11-30"),
+            (0.5, 0.05, 3.0)
+        );
+        assert_eq!(
+            rates("models/gemini-3.1-pro-preview", "2026-11-30"),
+            (2.0, 0.2, 12.0)
+        );
+        let pro = book
+            .price_at("gemini", "gemini-3.1-pro-preview", day("2026-11-30"))
+            .unwrap();
+        let long = pro.long.expect("long-context rates");
+        assert_eq!((long.above, long.rates.output), (200_000, 18.0));
+        assert_eq!(
+            rates("gemini-3.5-flash-lite", "2026-11-30"),
+            (0.3, 0.03, 2.5)
+        );
+        // 3.6 Flash: launch, introductory, list.
+        assert_eq!(rates("gemini-3.6-flash", "2026-08-01"), (1.5, 0.15, 7.5));
+        assert_eq!(rates("gemini-3.6-flash", "2026-12-31"), (0.75, 0.075, 3.75));
+        assert_eq!(rates("gemini-3.6-flash", "2027-01-01"), (1.5, 0.15, 7.5));
+        assert_eq!(
+            rates("gemini-3.8-flash-preview-09-2026", "2026-11-30"),
+            (0.75, 0.075, 3.75)
+        );
+        assert_eq!(rates("gemini-3.8-flash", "2027-01-01"), (1.5, 0.15, 7.5));
+        assert_eq!(rates("gemini-embedding-2", "2026-11-30").0, 0.2);
+        for unpriced in [
+            "gemini-3.1-flash-lite",
+            "gemini-3.6-flash-lite",
+            "gemini-3.8-flash-image",
+            "gemini-3.8-flash-live",
+            "gemini-3.1-pro",
+            "gemini-3-flash",
+        ] {
+            assert!(!book.knows("gemini", unpriced), "{unpriced}");
+        }
+    }
+
     #[test]
     fn the_price_in_effect_at_the_start_applies() {
         let book = PriceBook::builtin();
