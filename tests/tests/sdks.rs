@@ -721,11 +721,25 @@ o = openai.OpenAI(api_key="ya29.FAKE-VERTEX-TOKEN", max_retries=0,
 r = o.chat.completions.create(model="google/gemini-2.5-flash", max_tokens=4,
     messages=[{"role": "user", "content": "hello there"}])
 assert r.usage.completion_tokens == 4, r.usage
+# A text embedding model: the SDK calls `:predict` with one instance per
+# text (Gemini embedding models take `:embedContent` there instead).
+e = c.models.embed_content(model="text-embedding-005",
+    contents=["why is the sky blue", "because of Rayleigh scattering"])
+assert len(e.embeddings) == 2, e
+assert [x.statistics.token_count for x in e.embeddings] == [11, 9], e
 "#,
         ),
         "python google-genai on Vertex AI",
     );
-    let rows = w.assert_ledger_matches_provider(3);
+    let mut rows = w.assert_ledger_matches_provider(4);
+    // The provider's own counts, summed over the instances; the model has
+    // no price (Vertex prices it per character).
+    let embed = rows.pop().unwrap();
+    assert_eq!(s(&embed, "operation"), "embeddings", "{embed}");
+    assert_eq!(s(&embed, "model"), "text-embedding-005", "{embed}");
+    assert_eq!(embed["input_tokens"], 20, "{embed}");
+    assert_eq!(embed["provider"], "gemini", "{embed}");
+    assert!(embed["cost_usd"].is_null(), "{embed}");
     for r in &rows {
         assert_eq!(s(r, "provider"), "gemini", "{r}");
         assert_eq!(s(r, "host"), tollgate_e2e::world::VERTEX_HOST, "{r}");

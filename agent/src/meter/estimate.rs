@@ -428,6 +428,18 @@ fn gemini(v: &Value, c: &mut Counter) -> bool {
             }
         }
     }
+    // Vertex AI's `:predict` for embedding models: each instance's
+    // `content` and optional `title`.
+    if let Some(instances) = v.get("instances").and_then(Value::as_array) {
+        known = true;
+        for i in instances {
+            for key in ["title", "content"] {
+                if let Some(s) = i.get(key).and_then(Value::as_str) {
+                    c.text(s);
+                }
+            }
+        }
+    }
     // The Interactions API: `input` (text, content items, or turns) and
     // `system_instruction`.
     if v.get("contents").is_none()
@@ -849,6 +861,14 @@ mod tests {
                 br#"{"system_instruction":{"parts":[{"text":"hello world"}]},"contents":[]}"#
             ),
             Some(2 + TOKENS_PER_MESSAGE + REPLY_PRIMING)
+        );
+        // Vertex AI's `:predict` for an embedding model.
+        assert_eq!(
+            estimate_input(
+                ApiKind::Gemini,
+                br#"{"instances":[{"task_type":"RETRIEVAL_DOCUMENT","title":"hello","content":"hello world"},{"content":"world"}],"parameters":{"autoTruncate":true}}"#
+            ),
+            Some(t("hello") + t("hello world") + t("world"))
         );
     }
 

@@ -90,6 +90,15 @@ fn native_path(path: &str) -> Option<(String, String)> {
     Some((model, method.trim_end_matches('/').to_owned()))
 }
 
+/// A text embedding model, by a whole `embedding` word in its name
+/// (`text-embedding-005`, `text-multilingual-embedding-002`,
+/// `gemini-embedding-001`; not `multimodalembedding`).
+fn is_embedding_model(model: &str) -> bool {
+    model
+        .split(['-', '@', '.', '_'])
+        .any(|w| w.eq_ignore_ascii_case("embedding"))
+}
+
 /// What follows `publishers/google/` in a Vertex AI path (`models/...`).
 fn vertex_google_model(rest: &str) -> Option<&str> {
     vertex_publisher(rest, "google")
@@ -259,6 +268,10 @@ impl Provider for Gemini {
             "streamGenerateContent" => ("generate_content", true),
             "countTokens" => ("count_tokens", false),
             "embedContent" | "batchEmbedContents" => ("embeddings", false),
+            // Vertex AI's embedding models (`text-embedding-005`,
+            // `gemini-embedding-001`); other models' `:predict` (Imagen,
+            // multimodal embeddings) are priced per image or character.
+            "predict" if is_embedding_model(&model) => ("embeddings", false),
             "batchGenerateContent" | "asyncBatchEmbedContent" => ("batch", false),
             _ => return unmetered,
         };
@@ -734,6 +747,15 @@ impl Found {
         } else if let Some(u) = v.get("usage").and_then(openai::usage_from) {
             // Embeddings through the OpenAI-compatible endpoint.
             self.usage = Some(u);
+        } else if let Some(n) = v
+            .get("predictions")
+            .and_then(Value::as_array)
+            .and_then(|p| prediction_tokens(p))
+        {
+            self.usage = Some(Usage {
+                input_tokens: n,
+                ..Usage::default()
+            });
         }
         if let Some(m) = str_at(v, &["modelVersion"]).filter(|m| !m.is_empty()) {
             let m = m.strip_prefix("models/").map(str::to_owned).unwrap_or(m);
@@ -789,6 +811,29 @@ impl Found {
             ..ParsedUsage::default()
         }
     }
+}
+
+/// More tokens than any one embedding instance could have (models take a
+/// few thousand): a count past it is not a count.
+const MAX_PREDICTION_TOKENS: f64 = 1e9;
+
+/// The input tokens of Vertex AI's `:predict` answer for an embedding
+/// model: the sum of each instance's `embeddings.statistics.token_count`
+/// (a number, which protobuf's JSON may write as `6.0`); `None` when no
+/// instance has one.
+fn prediction_tokens(predictions: &[Value]) -> Option<u64> {
+    let mut total: Option<u64> = None;
+    for p in predictions {
+        let Some(n) = p
+            .pointer("/embeddings/statistics/token_count")
+            .and_then(Value::as_f64)
+            .filter(|n| (0.0..=MAX_PREDICTION_TOKENS).contains(n))
+        else {
+            continue;
+        };
+        total = Some(total.unwrap_or(0).saturating_add(n.round() as u64));
+    }
+    total
 }
 
 /// `alt=sse`: one response object per event.
@@ -1321,6 +1366,22 @@ mod tests {
                 "generate_content",
                 "gemini-2.5-flash-lite",
             ),
+            // Vertex AI's embedding models answer `:predict`.
+            (
+                "/v1/projects/acme-ci/locations/us-central1/publishers/google/models/text-embedding-005:predict",
+                "embeddings",
+                "text-embedding-005",
+            ),
+            (
+                "/v1/projects/acme-ci/locations/us-central1/publishers/google/models/gemini-embedding-001:predict",
+                "embeddings",
+                "gemini-embedding-001",
+            ),
+            (
+                "/v1/projects/acme-ci/locations/europe-west4/publishers/google/models/text-multilingual-embedding-002:predict",
+                "embeddings",
+                "text-multilingual-embedding-002",
+            ),
         ] {
             let i = Gemini.request(&request("POST", path, b"{}"));
             assert_eq!((i.operation, i.metered), (op, true), "{path}");
@@ -1344,6 +1405,15 @@ mod tests {
             (
                 "POST",
                 "/v1/projects/p/locations/us-central1/endpoints/42:predict",
+            ),
+            // Priced per image or character, not token.
+            (
+                "POST",
+                "/v1/projects/p/locations/us-central1/publishers/google/models/imagen-4.0-generate-001:predict",
+            ),
+            (
+                "POST",
+                "/v1/projects/p/locations/us-central1/publishers/google/models/multimodalembedding@001:predict",
             ),
             (
                 "POST",
@@ -1606,6 +1676,48 @@ mod tests {
         for i in 0..=GEN_ARRAY.len() {
             assert_eq!(elements(GEN_ARRAY, &[i]), whole, "split at {i}");
         }
+    }
+
+    #[test]
+    fn vertex_embedding_predictions_count_each_instance() {
+        let body = br#"{"predictions":[
+{"embeddings":{"statistics":{"truncated":false,"token_count":6},"values":[0.0123,-0.0456]}},
+{"embeddings":{"statistics":{"truncated":true,"token_count":2048.0},"values":[0.5]}},
+{"embeddings":{"values":[0.1]}}],
+"metadata":{"billableCharacterCount":9001}}"#;
+        for splits in [&[][..], &[1, 40, 41, 120], &[body.len() / 2]] {
+            let p = parse(
+                "embeddings",
+                "application/json; charset=UTF-8",
+                body,
+                splits,
+            );
+            assert_eq!(
+                p.usage,
+                Some(Usage {
+                    input_tokens: 2054,
+                    ..Usage::default()
+                }),
+                "{splits:?}"
+            );
+            assert!(!p.partial);
+        }
+        // No statistics at all: no usage (the record is estimated).
+        let none = parse(
+            "embeddings",
+            "application/json",
+            br#"{"predictions":[{"embeddings":{"values":[0.1]}}]}"#,
+            &[],
+        );
+        assert_eq!(none.usage, None);
+        // Nonsense counts are skipped.
+        let odd = parse(
+            "embeddings",
+            "application/json",
+            br#"{"predictions":[{"embeddings":{"statistics":{"token_count":-3}}},{"embeddings":{"statistics":{"token_count":"7"}}},{"embeddings":{"statistics":{"token_count":1e300}}},{"embeddings":{"statistics":{"token_count":5}}}]}"#,
+            &[],
+        );
+        assert_eq!(odd.usage.map(|u| u.input_tokens), Some(5));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The fake's Gemini API: generateContent and streamGenerateContent
-//! (`alt=sse`, and the JSON-array stream), with thoughts tokens; and the
-//! Interactions API (`POST /v1beta/interactions`, JSON or SSE).
+//! (`alt=sse`, and the JSON-array stream), with thoughts tokens; the
+//! Interactions API (`POST /v1beta/interactions`, JSON or SSE); and Vertex
+//! AI's `:predict` for text embedding models.
 
 use serde_json::{Value, json};
 
@@ -24,6 +25,9 @@ pub(crate) async fn handle(call: Call) -> hyper::Response<Body> {
         );
     };
     let v = &call.body;
+    if method == "predict" {
+        return predict_embeddings(&call, model);
+    }
     let prompt = (text_words(v.get("contents").unwrap_or(&Value::Null))
         + text_words(v.get("systemInstruction").unwrap_or(&Value::Null)))
     .max(1);
@@ -101,6 +105,38 @@ pub(crate) async fn handle(call: Call) -> hyper::Response<Body> {
         pieces.push(s.into_bytes());
     }
     stream_response("application/json; charset=UTF-8", pieces, delay)
+}
+
+/// Vertex AI's `:predict` for a text embedding model: one prediction per
+/// instance, each with its token count in `statistics` (here twice its
+/// words plus one, so that no local estimate could match), as a float, as
+/// protobuf's JSON may write it.
+fn predict_embeddings(call: &Call, model: String) -> hyper::Response<Body> {
+    let instances = call
+        .body
+        .get("instances")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let counts: Vec<u64> = instances.iter().map(|i| 2 * text_words(i) + 1).collect();
+    call.record(Reported {
+        api: "gemini",
+        model,
+        input_tokens: counts.iter().sum(),
+        usage_sent: true,
+        ..Default::default()
+    });
+    let predictions: Vec<Value> = counts
+        .iter()
+        .map(|&n| {
+            json!({"embeddings": {"statistics": {"truncated": false, "token_count": n as f64},
+                "values": [0.0125, -0.0431, 0.0078]}})
+        })
+        .collect();
+    json_for(
+        call,
+        json!({"predictions": predictions, "metadata": {"billableCharacterCount": 42}}),
+    )
 }
 
 /// `POST /{version}/interactions`: one model turn, its usage in the
