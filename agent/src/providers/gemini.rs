@@ -1680,11 +1680,7 @@ mod tests {
 
     #[test]
     fn vertex_embedding_predictions_count_each_instance() {
-        let body = br#"{"predictions":[
-{"embeddings":{"statistics":{"truncated":false,"token_count":6},"values":[0.0123,-0.0456]}},
-{"embeddings":{"statistics":{"truncated":true,"token_count":2048.0},"values":[0.5]}},
-{"embeddings":{"values":[0.1]}}],
-"metadata":{"billableCharacterCount":9001}}"#;
+        let body: &[u8] = include_bytes!("fixtures/gemini/vertex_predict_embeddings.json");
         for splits in [&[][..], &[1, 40, 41, 120], &[body.len() / 2]] {
             let p = parse(
                 "embeddings",
