@@ -1348,14 +1348,37 @@ mod tests {
             Some(10.0)
         );
         assert_eq!(terra.cache_write, 1.25);
+        // Added 2026-12-01.
+        assert_eq!(rates("openai", "gpt-5.2"), (1.75, 0.175, 14.0));
+        assert_eq!(rates("openai", "gpt-5.2-2025-12-11"), (1.75, 0.175, 14.0));
+        assert_eq!(rates("openai", "gpt-5.2-pro"), (21.0, 21.0, 168.0));
+        assert_eq!(rates("openai", "gpt-5.4-mini"), (0.75, 0.075, 4.5));
+        assert_eq!(rates("openai", "gpt-5.5"), (5.0, 0.5, 30.0));
+        let gpt55 = book.price_at("openai", "gpt-5.5", now).unwrap();
+        assert_eq!(gpt55.long.map(|l| l.above), Some(272_000));
+        assert_eq!(gpt55.in_tier(Some("flex")).map(|r| r.output), Some(15.0));
+        assert_eq!(gpt55.in_tier(Some("priority")).map(|r| r.input), Some(12.5));
+        assert_eq!(rates("anthropic", "claude-haiku-5-5"), (0.1, 0.01, 0.5));
+        let haiku = book.price_at("anthropic", "claude-haiku-5-5", now).unwrap();
+        assert_eq!(
+            haiku.long.map(|l| (l.above, l.rates.input)),
+            Some((100_000, 0.5))
+        );
+        assert_eq!(rates("anthropic", "claude-fable-5-2"), (8.0, 0.2, 40.0));
+        assert!(
+            book.price_at("openai", "gpt-5.2", day("2025-12-10"))
+                .is_some(),
+            "before its first entry a model takes its first price"
+        );
         for unpriced in [
-            ("openai", "gpt-5.4-mini"),
             ("openai", "gpt-5.4-pro"),
+            ("openai", "gpt-5.5-pro"),
+            ("openai", "gpt-5.2-mini"),
             ("openai", "gpt-5.6-terra"),
             ("openai", "gpt-6-astra"),
             ("openai", "gpt-6-sol-fast"),
             ("openai", "gpt-6.1-sol-ultrafast"),
-            ("anthropic", "claude-haiku-5-5"),
+            ("anthropic", "claude-haiku-5-6"),
         ] {
             assert!(!book.knows(unpriced.0, unpriced.1), "{unpriced:?}");
         }
