@@ -163,31 +163,37 @@ fn audit_log(cfg: &Config) -> Outcome {
             ),
         );
     }
-    if let Some(tmp) = ["/tmp", "/var/tmp"].iter().find(|d| path.starts_with(d)) {
+    // Where the file really is: a symlink on the way (`/var/log/tollgate`
+    // pointing into /etc or /tmp) takes it where the unit's sandbox applies.
+    let resolved = std::fs::canonicalize(target)
+        .ok()
+        .map(|t| t.join(path.strip_prefix(target).unwrap_or(Path::new(""))))
+        .filter(|r| r != path);
+    let shown = match &resolved {
+        Some(r) => format!("{} (that is, {})", path.display(), r.display()),
+        None => path.display().to_string(),
+    };
+    let under =
+        |d: &&&str| path.starts_with(d) || resolved.as_ref().is_some_and(|r| r.starts_with(d));
+    let mut warnings = Vec::new();
+    if let Some(tmp) = ["/tmp", "/var/tmp"].iter().find(under) {
+        warnings.push(format!(
+            "under {tmp}, which the systemd unit makes private to the agent (PrivateTmp) and discards at stop; put it under /var/log/tollgate/"
+        ));
+    }
+    if let Some(ro) = UNIT_READ_ONLY.iter().find(under) {
+        warnings.push(format!(
+            "under {ro}, which the systemd unit makes read-only; put it under /var (e.g. /var/log/tollgate/)"
+        ));
+    }
+    if !warnings.is_empty() {
         return outcome(
             Level::Warn,
             "audit log",
-            format!(
-                "{}: under {tmp}, which the systemd unit makes private to the agent (PrivateTmp) and discards at stop; put it under /var/log/tollgate/",
-                path.display()
-            ),
+            format!("{shown}: {}", warnings.join("; ")),
         );
     }
-    if let Some(ro) = UNIT_READ_ONLY.iter().find(|d| path.starts_with(d)) {
-        return outcome(
-            Level::Warn,
-            "audit log",
-            format!(
-                "{}: under {ro}, which the systemd unit makes read-only; put it under /var (e.g. /var/log/tollgate/)",
-                path.display()
-            ),
-        );
-    }
-    outcome(
-        Level::Ok,
-        "audit log",
-        format!("{} can be written", path.display()),
-    )
+    outcome(Level::Ok, "audit log", format!("{shown} can be written"))
 }
 
 /// The cgroup check, and whether the agent sees the host's pids (both say

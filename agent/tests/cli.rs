@@ -732,6 +732,23 @@ fn check_judges_the_audit_log_path_without_creating_it() {
         assert_eq!(level, "FAIL", "{out}");
     }
     assert!(!std::path::Path::new("/etc/tollgate-test-nonexistent").exists());
+    // The same through a symlink: judged where the file would really be.
+    std::os::unix::fs::symlink("/etc", dir.path().join("etc-link")).unwrap();
+    let (level, out) = with(
+        &dir.path()
+            .join("etc-link/tollgate-test-nonexistent/audit.jsonl"),
+    );
+    if is_root() {
+        assert_eq!(level, "warn", "{out}");
+        assert!(out.contains("read-only"), "{out}");
+        assert!(
+            out.contains("that is, /etc/tollgate-test-nonexistent/audit.jsonl"),
+            "{out}"
+        );
+    } else {
+        assert_eq!(level, "FAIL", "{out}");
+    }
+    assert!(!std::path::Path::new("/etc/tollgate-test-nonexistent").exists());
 }
 
 #[test]
