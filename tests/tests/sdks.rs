@@ -794,11 +794,35 @@ with c.messages.stream(model="claude-sonnet-4-5@20250929", max_tokens=6,
         messages=[{"role": "user", "content": "four five"}]) as s:
     text = "".join(s.text_stream)
 assert s.get_final_message().usage.output_tokens == 6
+# The first request again, through the global location (here on the same
+# host: the location in the path is what Vertex prices by).
+g = AnthropicVertex(region="global", project_id="acme-ci", max_retries=0,
+    access_token="ya29.FAKE-VERTEX-CLAUDE-TOKEN",
+    base_url="https://us-central1-aiplatform.googleapis.com/v1")
+m = g.messages.create(model="claude-sonnet-4-5@20250929", max_tokens=9,
+    messages=[{"role": "user", "content": "one two three"}])
+assert m.usage.output_tokens == 9, m.usage
 "#,
         ),
         "python anthropic on Vertex AI",
     );
-    let rows = w.assert_ledger_matches_provider(2);
+    let rows = w.assert_ledger_matches_provider(3);
+    // Claude Sonnet 4.5 and later cost 10 % more through a regional
+    // location than through the global one, the same tokens otherwise.
+    let cost = |r: &Value| r["cost_usd"].as_f64().unwrap();
+    assert_eq!(rows[0]["input_tokens"], rows[2]["input_tokens"]);
+    assert_eq!(rows[0]["output_tokens"], rows[2]["output_tokens"]);
+    assert!(
+        (cost(&rows[0]) / cost(&rows[2]) - 1.1).abs() < 1e-9,
+        "regional {} vs global {}",
+        rows[0],
+        rows[2]
+    );
+    assert!(
+        s(&rows[2], "path").contains("/locations/global/"),
+        "{}",
+        rows[2]
+    );
     for r in &rows {
         assert_eq!(s(r, "provider"), "anthropic", "{r}");
         assert_eq!(s(r, "host"), tollgate_e2e::world::VERTEX_HOST, "{r}");

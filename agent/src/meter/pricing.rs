@@ -369,7 +369,21 @@ pub struct Price {
     /// What every rate is multiplied by on a Bedrock regional endpoint
     /// (1 + the premium; 1 when there is none).
     pub bedrock_regional: f64,
+    /// What every rate is multiplied by on a Vertex AI regional endpoint
+    /// (see [`VERTEX_REGIONAL_PREMIUM`]).
+    pub vertex_regional: f64,
 }
+
+/// The share Vertex AI adds to every rate of a Claude model released
+/// since Claude Sonnet 4.5 when it is served through a regional endpoint
+/// (`locations/us-east5`) rather than the global one (Anthropic's "Claude
+/// on Vertex AI": "starting with Claude Sonnet 4.5 and all future models",
+/// regional endpoints cost 10 % more; older models keep their prices).
+pub const VERTEX_REGIONAL_PREMIUM: f64 = 0.10;
+
+/// Claude Sonnet 4.5's release: Anthropic models first priced from this
+/// day carry [`VERTEX_REGIONAL_PREMIUM`].
+const VERTEX_REGIONAL_SINCE: &str = "2025-09-29";
 
 /// A second set of rates of a model: above a prompt size, or in a service
 /// tier.
@@ -442,6 +456,7 @@ impl Price {
             }),
             tiers: [None, None],
             bedrock_regional: self.bedrock_regional,
+            vertex_regional: self.vertex_regional,
         }
     }
 }
@@ -519,6 +534,24 @@ impl Price {
                 .map(|p| 1.0 + p)
                 .or(base.map(|b| b.bedrock_regional))
                 .unwrap_or(1.0),
+            // The catalogue's, for a model it has (an override does not
+            // make an older model newer); else by the entry's own date.
+            vertex_regional: match base {
+                Some(b) => b.vertex_regional,
+                None => {
+                    let since = parse_date_ms(VERTEX_REGIONAL_SINCE).unwrap_or(i64::MAX);
+                    let newer = m
+                        .effective
+                        .as_deref()
+                        .and_then(parse_date_ms)
+                        .is_some_and(|at| at >= since);
+                    if newer && m.provider.trim().eq_ignore_ascii_case("anthropic") {
+                        1.0 + VERTEX_REGIONAL_PREMIUM
+                    } else {
+                        1.0
+                    }
+                }
+            },
         };
         // An entry's own rates; else, for an override of a catalogued
         // model, the catalogue's, scaled as the override scales input and
@@ -568,6 +601,7 @@ impl Price {
             long: None,
             tiers: [None, None],
             bedrock_regional: self.bedrock_regional,
+            vertex_regional: self.vertex_regional,
         };
         // A long prompt in a tier: the long-context rates, scaled as the
         // tier scales input and output.
@@ -877,11 +911,13 @@ impl PriceBook {
             Some(t) => (cost(&t), false),
             None => (cost(&p), true),
         };
-        let regional = if serving.bedrock_regional {
-            p.bedrock_regional
-        } else {
-            1.0
-        };
+        let mut regional = 1.0;
+        if serving.bedrock_regional {
+            regional *= p.bedrock_regional;
+        }
+        if serving.vertex_regional {
+            regional *= p.vertex_regional;
+        }
         let uplift = 1.0 + f64::from(serving.uplift_percent) / 100.0;
         Some(Cost {
             usd: usd * regional * uplift,
@@ -898,6 +934,9 @@ pub struct Serving<'a> {
     /// A Bedrock request to a regional or geographic endpoint (see
     /// [`bedrock_regional`]).
     pub bedrock_regional: bool,
+    /// A request for a Claude model to a Vertex AI regional endpoint (see
+    /// [`VERTEX_REGIONAL_PREMIUM`]).
+    pub vertex_regional: bool,
     /// The percentage the provider adds to every rate for where the
     /// request ran, as its response says (Anthropic's US-only inference).
     pub uplift_percent: u32,
@@ -1696,6 +1735,59 @@ output = 10.0
     }
 
     #[test]
+    fn vertex_regional_endpoints_of_claude_since_sonnet_4_5_cost_a_tenth_more() {
+        let book = PriceBook::builtin();
+        let u = usage(1000, 0, 0, 1000, 0);
+        let cost = |book: &PriceBook, model: &str, vertex_regional: bool| {
+            book.cost_of_any(
+                "anthropic",
+                &[model],
+                NOW,
+                &u,
+                Serving {
+                    vertex_regional,
+                    ..Serving::default()
+                },
+            )
+            .expect("priced")
+            .usd
+        };
+        for newer in [
+            "claude-sonnet-4-5@20250929",
+            "claude-haiku-4-5@20251001",
+            "claude-opus-4-6",
+            "claude-sonnet-5-5",
+        ] {
+            assert!(
+                close(cost(&book, newer, true), 1.1 * cost(&book, newer, false)),
+                "{newer}"
+            );
+        }
+        for older in ["claude-opus-4-1@20250805", "claude-sonnet-4@20250514"] {
+            assert!(
+                close(cost(&book, older, true), cost(&book, older, false)),
+                "{older}"
+            );
+        }
+        // Bedrock's premium is its own: a Vertex request does not take it.
+        let p = book
+            .price_at("anthropic", "claude-opus-4-6", NOW)
+            .expect("priced");
+        assert!(close(p.bedrock_regional, 1.0) && close(p.vertex_regional, 1.1));
+        // An override keeps the catalogue's answer (an old model does not
+        // become new by a dated price); a model the catalogue lacks is
+        // judged by its own date; Gemini models have none.
+        let book = book_of(
+            "[[models]]\nprovider = \"anthropic\"\nmodel = \"claude-opus-4-1\"\neffective = \"2026-01-01\"\ninput = 1.0\noutput = 1.0\n\n[[models]]\nprovider = \"anthropic\"\nmodel = \"claude-house-1\"\neffective = \"2026-01-01\"\ninput = 1.0\noutput = 1.0\n\n[[models]]\nprovider = \"anthropic\"\nmodel = \"claude-sonnet-4-5\"\ninput = 2.7\noutput = 13.5\n",
+        );
+        let v = |p: &str, m: &str| book.price_at(p, m, NOW).expect("priced").vertex_regional;
+        assert!(close(v("anthropic", "claude-opus-4-1"), 1.0));
+        assert!(close(v("anthropic", "claude-house-1"), 1.1));
+        assert!(close(v("anthropic", "claude-sonnet-4-5"), 1.1));
+        assert!(close(v("gemini", "gemini-2.5-pro"), 1.0));
+    }
+
+    #[test]
     fn an_override_keeps_or_replaces_the_catalogues_tiers() {
         let u = usage(1_000_000, 0, 0, 1_000_000, 0);
         // Half price negotiated: the catalogue's tiers are halved too.
@@ -2124,6 +2216,7 @@ output = 15.0
             long: None,
             tiers: [None, None],
             bedrock_regional: 1.0,
+            vertex_regional: 1.0,
         })
     }
 

@@ -121,6 +121,25 @@ fn vertex_publisher<'a>(rest: &'a str, publisher: &str) -> Option<&'a str> {
         .strip_prefix('/')
 }
 
+/// Whether a Vertex AI path names a regional location
+/// (`/v1/projects/{p}/locations/us-east5/...`) rather than the global
+/// endpoint (`locations/global`) or none (express mode): Claude models
+/// cost more there (see `meter::pricing::VERTEX_REGIONAL_PREMIUM`).
+pub(crate) fn vertex_regional(path: &str) -> bool {
+    let mut parts = path.trim_start_matches('/').split('/');
+    let _version = parts.next();
+    if parts.next() != Some("projects") {
+        return false;
+    }
+    let _project = parts.next();
+    if parts.next() != Some("locations") {
+        return false;
+    }
+    parts
+        .next()
+        .is_some_and(|l| !l.is_empty() && !l.eq_ignore_ascii_case("global"))
+}
+
 /// Claude on Vertex AI:
 /// `/{version}/projects/{p}/locations/{l}/publishers/anthropic/models/{model}:{method}`,
 /// percent-decoded. Returns the model and the method.
@@ -1422,6 +1441,33 @@ mod tests {
         ] {
             let i = Gemini.request(&request(method, path, b"{}"));
             assert!(!i.metered, "{method} {path}");
+        }
+    }
+
+    #[test]
+    fn vertex_regional_locations_are_told_from_the_global_one() {
+        for (path, regional) in [
+            (
+                "/v1/projects/acme/locations/us-east5/publishers/anthropic/models/claude-opus-4-6:rawPredict",
+                true,
+            ),
+            (
+                "/v1beta1/projects/acme/locations/europe-west1/publishers/google/models/gemini-2.5-pro:generateContent",
+                true,
+            ),
+            (
+                "/v1/projects/acme/locations/global/publishers/anthropic/models/claude-opus-4-6:rawPredict",
+                false,
+            ),
+            (
+                "/v1/publishers/google/models/gemini-2.5-flash:generateContent",
+                false,
+            ),
+            ("/v1/projects/acme/locations//publishers", false),
+            ("/v1/projects/acme", false),
+            ("", false),
+        ] {
+            assert_eq!(vertex_regional(path), regional, "{path}");
         }
     }
 

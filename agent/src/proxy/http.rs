@@ -1494,6 +1494,10 @@ impl Draft {
                     .model
                     .as_deref()
                     .is_some_and(crate::meter::pricing::bedrock_regional),
+            // Claude on Vertex AI: a regional location's premium.
+            vertex_regional: self.ctx.provider.api == crate::config::ApiKind::Gemini
+                && provider == "anthropic"
+                && crate::providers::gemini::vertex_regional(&self.path),
             uplift_percent: parsed.uplift_percent,
         };
         let cost = match &parsed.requests {
