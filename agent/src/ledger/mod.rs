@@ -442,10 +442,9 @@ impl Ledger {
         let mut sql = self.select_sql.clone();
         let mut clauses = Vec::new();
         let mut params: Vec<Box<dyn rusqlite::ToSql>> = Vec::new();
-        if let Some(since) = filter.since_ms {
-            params.push(Box::new(since));
-            clauses.push(format!("started_at_ms >= ?{}", params.len()));
-        }
+        // `since` is where the walk starts (below): as a clause of its own
+        // it would be SQLite's seek for every page, each page then reading
+        // again from `since` to where the last one ended.
         if let Some(repo) = &filter.repository {
             params.push(Box::new(repo.clone()));
             clauses.push(format!("repository = ?{}", params.len()));
@@ -482,7 +481,8 @@ impl Ledger {
         sql.push_str(" WHERE ");
         sql.push_str(&clauses.join(" AND "));
         sql.push_str(&format!(" ORDER BY started_at_ms, id LIMIT {WALK_PAGE}"));
-        let mut after = (i64::MIN, i64::MIN);
+        // Every row id is above i64::MIN: the first page starts at `since`.
+        let mut after = (filter.since_ms.unwrap_or(i64::MIN), i64::MIN);
         let mut page = Vec::with_capacity(WALK_PAGE);
         loop {
             {
