@@ -14,7 +14,10 @@
 //!    base64 or base64url, mixing upper and lower case and digits the way
 //!    random text does (a key passed positionally, as in `aws configure
 //!    set aws_secret_access_key X` or `deploy.sh $TOKEN`), where camelCase
-//!    names and versions change class only at word boundaries.
+//!    names, model ids and branch names change class only at word
+//!    boundaries. Not caught: such keys in one case only (lower-case hex
+//!    under 32 digits, UUIDs), ones with `.` (Azure AD client secrets),
+//!    and about 1 in 30 random keys of 24 characters (1 in 300 at 40).
 //!
 //! It errs towards redacting too much: a flag such as `--key-file PATH` loses
 //! its path. Counts such as `--max-tokens 100` are kept.
@@ -90,6 +93,17 @@ const KEY_SHAPES: &[(&str, usize)] = &[
     ("ghr_", 20),
     ("github_pat_", 20),
     ("glpat-", 20),
+    ("sk_live_", 16),
+    ("sk_test_", 16),
+    ("rk_live_", 16),
+    ("rk_test_", 16),
+    ("csk-", 20),
+    ("pcsk_", 20),
+    ("dop_v1_", 20),
+    ("NRAK-", 20),
+    ("bkua_", 20),
+    ("npm_", 20),
+    ("GOCSPX-", 20),
     ("xoxb-", 20),
     ("xoxp-", 20),
     ("eyJ", 20),
@@ -173,7 +187,9 @@ fn redact_whole(tok: &str) -> Option<String> {
     if tok.contains(REDACTED) {
         return Some(tok.to_string());
     }
-    let lead_end = tok.find(|c| c != '"' && c != '\'').unwrap_or(tok.len());
+    let lead_end = tok
+        .find(|c: char| !matches!(c, '"' | '\'' | '[' | '(' | '{'))
+        .unwrap_or(tok.len());
     let trail_start = tok
         .rfind(|c: char| !matches!(c, '"' | '\'' | ',' | ';' | ')' | '}' | ']'))
         .map(|i| i + tok[i..].chars().next().map_or(1, char::len_utf8))
@@ -324,24 +340,32 @@ fn is_long_hex(tok: &str) -> bool {
         && t.bytes().any(|b| b.is_ascii_alphabetic())
 }
 
-/// Rule 5: a whole argument (quotes and closing punctuation aside) of 24
-/// to 512 base64 or base64url characters (`=` only as trailing padding),
-/// not a path, with upper and lower case letters (two of each) and a
-/// digit, whose neighbouring characters change class (upper, lower, digit,
-/// other) at least 40 % of the time. Random base62 changes class about
-/// 62 % of the time (at 24 characters, 1 in 27 falls short; at 40, 1 in
-/// 200); identifiers such as `TestGenerateCompletionWithLongName123` and
+/// Rule 5: a whole argument (quotes, brackets and closing punctuation
+/// aside) of 24 to 512 base64 or base64url characters (`~` too; `=` only
+/// as trailing padding), not a flag, with upper and lower case letters
+/// (two of each), a digit and at least 20 letters and digits in all, whose
+/// neighbouring letters and digits change class (upper, lower, digit) at
+/// least 40 % of the time. Pairs that touch a separator (`-`, `_`, `/`,
+/// `+`, `~`) are not counted: words joined by separators
+/// (`meta-llama/Meta-Llama-3-8B-Instruct`, a branch name) are not random
+/// text, however many words they have. Random base62 changes class about
+/// 62 % of the time (1 in 30 falls short at 24 characters, 1 in 300 at
+/// 40); names such as `TestGenerateCompletionWithLongName123` and
 /// `HTTP2ConnectionPoolTests2` a third of the time or less.
 fn looks_random(tok: &str) -> bool {
-    let t = tok.trim_matches(|c: char| matches!(c, '"' | '\'' | ',' | ';' | ')' | '}' | ']'));
+    let t = tok.trim_matches(|c: char| {
+        matches!(
+            c,
+            '"' | '\'' | ',' | ';' | '(' | ')' | '{' | '}' | '[' | ']'
+        )
+    });
     let body = t.trim_end_matches('=');
     if !(24..=512).contains(&body.len())
         || t.len() - body.len() > 2
-        || body.starts_with(['-', '/'])
-        || body.contains("//")
+        || body.starts_with('-')
         || !body
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'_' | b'-'))
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'_' | b'-' | b'~'))
     {
         return false;
     }
@@ -355,15 +379,18 @@ fn looks_random(tok: &str) -> bool {
     for b in body.bytes() {
         counts[usize::from(class(b))] += 1;
     }
-    if counts[0] < 2 || counts[1] < 2 || counts[2] < 1 {
+    if counts[0] < 2 || counts[1] < 2 || counts[2] < 1 || counts[..3].iter().sum::<usize>() < 20 {
         return false;
     }
-    let changes = body
-        .as_bytes()
-        .windows(2)
-        .filter(|w| class(w[0]) != class(w[1]))
-        .count();
-    changes * 100 >= (body.len() - 1) * 40
+    let (mut pairs, mut changes) = (0usize, 0usize);
+    for w in body.as_bytes().windows(2) {
+        let (a, b) = (class(w[0]), class(w[1]));
+        if a < 3 && b < 3 {
+            pairs += 1;
+            changes += usize::from(a != b);
+        }
+    }
+    pairs > 0 && changes * 100 >= pairs * 40
 }
 
 fn is_flag(tok: &str) -> bool {
@@ -704,6 +731,28 @@ mod tests {
             &["aB3dE5fG7hJ9kL1mN2pQ4rS6tU8vW0xY"],
             &["mistral-cli"],
         ),
+        // Starting with `/` (base64 keys do, one in 32).
+        (
+            "deploy.sh /k7Q2xRb9Tn4Lw8PzV3mYc6HsJ1dFg5AeU0oZ",
+            &["k7Q2xRb9Tn4Lw8PzV3mYc6HsJ1dFg5AeU0oZ"],
+            &["deploy.sh"],
+        ),
+        // In a list, as a script's argv might print it.
+        (
+            "x [\"Xq7bT2mN9vLc4RzW8kPd3HsY6fJg\"]",
+            &["Xq7bT2mN9vLc4RzW8kPd3HsY6fJg"],
+            &["x [\""],
+        ),
+        // Vendor prefixes.
+        (
+            "x sk_live_51Hq7bT2mN9vLc4RzW8kPd3Hs NRAK-ABCDEFGHIJ0123456789KLMNOPQ GOCSPX-aBcD3fGhIjKlMnOpQrStUvWxYz",
+            &[
+                "51Hq7bT2mN9vLc4RzW8",
+                "ABCDEFGHIJ0123456789",
+                "aBcD3fGhIjKlMnOpQrStUvWxYz",
+            ],
+            &["x "],
+        ),
         (
             "tool p9Xk2LmQ7vR4tN8wZc1Hy6Bf3Jd5Gs0A+eU/qW== x",
             &["p9Xk2LmQ7vR4tN8wZc1Hy6Bf3Jd5Gs0A"],
@@ -756,6 +805,16 @@ mod tests {
             "echo 550e8400-e29b-41d4-a716-446655440000",
             "kubectl logs deploy/LlmReviewBot2 -c Sidecar1Container",
             "make HTTP2ConnectionPoolTests2 GRPCv1alpha1Services",
+            // Model ids, branches, test selectors, repositories.
+            "vllm serve meta-llama/Meta-Llama-3-8B-Instruct",
+            "huggingface-cli download deepseek-ai/DeepSeek-R1-Distill-Qwen-7B",
+            "huggingface-cli download Qwen/Qwen2-VL-7B-Instruct-AWQ",
+            "git checkout feature/PROJ-1234-Add-OAuth2-Support",
+            "pytest -k test_OpenAI_v2_Streaming_Retries",
+            "make build-X86_64-Linux-GNU-Release",
+            "tollgate report --repository AcmeCorp/ML-Infra-Tools2",
+            "ls /home/runner/work/AcmeWidgets2/AcmeWidgets2",
+            "node scripts/runEval.js OpenAI_GPT4_Turbo_2024_04_09",
             "",
             "   ",
         ] {
