@@ -727,19 +727,31 @@ e = c.models.embed_content(model="text-embedding-005",
     contents=["why is the sky blue", "because of Rayleigh scattering"])
 assert len(e.embeddings) == 2, e
 assert [x.statistics.token_count for x in e.embeddings] == [11, 9], e
+# The Gemini API's text-embedding-004 is free there; on Vertex it is not.
+e = c.models.embed_content(model="text-embedding-004", contents=["hello there"])
+assert e.embeddings[0].statistics.token_count == 5, e
 "#,
         ),
         "python google-genai on Vertex AI",
     );
-    let mut rows = w.assert_ledger_matches_provider(4);
-    // The provider's own counts, summed over the instances; the model has
-    // no price (Vertex prices it per character).
+    let mut rows = w.assert_ledger_matches_provider(5);
+    // The provider's own counts, summed over the instances; no price
+    // (Vertex prices these models per character), not even the Gemini
+    // API's $0 for text-embedding-004.
+    let free_there = rows.pop().unwrap();
     let embed = rows.pop().unwrap();
     assert_eq!(s(&embed, "operation"), "embeddings", "{embed}");
     assert_eq!(s(&embed, "model"), "text-embedding-005", "{embed}");
     assert_eq!(embed["input_tokens"], 20, "{embed}");
     assert_eq!(embed["provider"], "gemini", "{embed}");
-    assert!(embed["cost_usd"].is_null(), "{embed}");
+    for r in [&embed, &free_there] {
+        assert!(r["cost_usd"].is_null(), "{r}");
+    }
+    assert_eq!(
+        s(&free_there, "model"),
+        "text-embedding-004",
+        "{free_there}"
+    );
     for r in &rows {
         assert_eq!(s(r, "provider"), "gemini", "{r}");
         assert_eq!(s(r, "host"), tollgate_e2e::world::VERTEX_HOST, "{r}");

@@ -301,12 +301,16 @@ impl Provider for Gemini {
         } else {
             None
         };
+        // Vertex AI prices its older text embedding models per character
+        // (Gemini embedding models per token).
+        let not_token_priced = method == "predict" && !model.starts_with("gemini-");
         RequestInfo {
             operation,
             metered: true,
             model: Some(model),
             streaming,
             max_output_tokens,
+            not_token_priced,
             ..Default::default()
         }
     }
@@ -1405,6 +1409,13 @@ mod tests {
             let i = Gemini.request(&request("POST", path, b"{}"));
             assert_eq!((i.operation, i.metered), (op, true), "{path}");
             assert_eq!(i.model.as_deref(), Some(model), "{path}");
+            // Only Vertex's per-character embedding models are never
+            // priced by the token.
+            assert_eq!(
+                i.not_token_priced,
+                path.ends_with(":predict") && !model.starts_with("gemini-"),
+                "{path}"
+            );
         }
         for (method, path) in [
             ("GET", "/v1beta/models"),

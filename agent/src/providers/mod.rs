@@ -85,6 +85,10 @@ pub struct RequestInfo {
     /// row of its own; the results it reads are, per model, from the line
     /// after the last one counted.
     pub batch: Option<BatchResults>,
+    /// The provider prices this call by something other than tokens
+    /// (Vertex AI's text embedding models, per character): recorded with
+    /// its counts and `cost_usd: null`, never at a token price.
+    pub not_token_priced: bool,
 }
 
 impl RequestInfo {
