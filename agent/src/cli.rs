@@ -107,6 +107,10 @@ pub enum ByArg {
     Provider,
     /// The service tier that served the request.
     Tier,
+    /// What was called (chat, embeddings, batch_results, ...).
+    Operation,
+    /// The UTC day the request started, in date order.
+    Day,
 }
 
 impl From<ByArg> for GroupBy {
@@ -119,6 +123,8 @@ impl From<ByArg> for GroupBy {
             ByArg::Team => GroupBy::Team,
             ByArg::Provider => GroupBy::Provider,
             ByArg::Tier => GroupBy::Tier,
+            ByArg::Operation => GroupBy::Operation,
+            ByArg::Day => GroupBy::Day,
         }
     }
 }

@@ -39,6 +39,11 @@ pub enum GroupBy {
     Provider,
     /// The service tier that served the request (`default`, `flex`, ...).
     Tier,
+    /// What was called (`chat`, `embeddings`, `batch_results`, ...).
+    Operation,
+    /// The UTC day the request started (`2026-12-01`); groups by day are
+    /// listed in date order.
+    Day,
 }
 
 impl GroupBy {
@@ -59,6 +64,8 @@ impl GroupBy {
             GroupBy::Team => "TEAM",
             GroupBy::Provider => "PROVIDER",
             GroupBy::Tier => "TIER",
+            GroupBy::Operation => "OPERATION",
+            GroupBy::Day => "DAY",
         }
     }
 
@@ -72,6 +79,8 @@ impl GroupBy {
             GroupBy::Team => "Team",
             GroupBy::Provider => "Provider",
             GroupBy::Tier => "Service tier",
+            GroupBy::Operation => "Operation",
+            GroupBy::Day => "Day (UTC)",
         }
     }
 
@@ -84,8 +93,26 @@ impl GroupBy {
             GroupBy::Team => cell(r.who.team.as_deref()),
             GroupBy::Provider => cell(Some(r.provider.as_str())),
             GroupBy::Tier => cell(r.service_tier.as_deref()),
+            GroupBy::Operation => cell(Some(r.operation.as_str())),
+            GroupBy::Day => day_of(r.started_at_ms),
         }
     }
+}
+
+/// The UTC date (`YYYY-MM-DD`) of a Unix time in milliseconds.
+fn day_of(ms: i64) -> String {
+    // Days since 1970-01-01, then the civil date (Howard Hinnant's
+    // days_from_civil inverse), valid for every i64 millisecond count.
+    let z = ms.div_euclid(86_400_000) + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}")
 }
 
 /// Longest text cell before it is shortened with `…`.
@@ -224,16 +251,18 @@ impl Summary {
         }
     }
 
-    /// The groups, sorted by cost, then tokens (descending), then key.
+    /// The groups, sorted by cost, then tokens (descending), then key;
+    /// by day first (oldest first) when grouped by day.
     fn rows(&self) -> Vec<(Vec<String>, Group)> {
         let mut rows: Vec<(Vec<String>, Group)> = self
             .groups
             .iter()
             .map(|(k, g)| (k.clone(), g.clone()))
             .collect();
+        let day = self.by.iter().position(|b| *b == GroupBy::Day);
         rows.sort_by(|(ka, a), (kb, b)| {
-            b.cost
-                .total_cmp(&a.cost)
+            day.map_or(std::cmp::Ordering::Equal, |i| ka[i].cmp(&kb[i]))
+                .then(b.cost.total_cmp(&a.cost))
                 .then((b.input.saturating_add(b.output)).cmp(&a.input.saturating_add(a.output)))
                 .then(ka.cmp(kb))
         });
@@ -839,6 +868,71 @@ mod tests {
             render(&[], ReportFormat::Markdown),
             "no requests recorded yet\n"
         );
+    }
+
+    #[test]
+    fn days_are_utc_dates_and_listed_in_date_order() {
+        for (ms, day) in [
+            (0, "1970-01-01"),
+            (86_399_999, "1970-01-01"),
+            (-1, "1969-12-31"),
+            (951_782_400_000, "2000-02-29"),
+            (1_796_083_200_000, "2026-12-01"),
+            (1_796_169_599_999, "2026-12-01"),
+            (4_102_444_800_000, "2100-01-01"),
+        ] {
+            assert_eq!(day_of(ms), day, "{ms}");
+        }
+        // Every day of four centuries round-trips through the civil date.
+        let mut prev = day_of(-1);
+        for d in 0..146_097i64 {
+            let next = day_of(d * 86_400_000);
+            assert!(next > prev, "{prev} then {next}");
+            prev = next;
+        }
+        assert!(day_of(i64::MIN).len() >= 10 && day_of(i64::MAX).len() >= 10);
+        let at = |ms: i64, op: &str, cost: f64| {
+            let mut r = rec(
+                "acme/app",
+                "lint",
+                "/usr/bin/python3",
+                "gpt-4o",
+                10,
+                1,
+                Some(cost),
+            );
+            r.started_at_ms = ms;
+            r.operation = op.into();
+            r
+        };
+        let recs = vec![
+            at(1_796_083_200_000, "chat", 0.5),
+            at(1_795_996_800_000, "chat", 0.25),
+            at(1_795_996_800_001, "embeddings", 1.0),
+            at(1_796_083_200_001, "chat", 0.5),
+        ];
+        let t = render_by(
+            &recs,
+            ReportFormat::Table,
+            &[GroupBy::Day, GroupBy::Operation],
+        );
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(
+            lines[0].starts_with("DAY") && lines[0].contains("OPERATION"),
+            "{t}"
+        );
+        // Oldest first, then by cost within a day.
+        assert!(
+            lines[1].starts_with("2026-11-30") && lines[1].contains("embeddings"),
+            "{t}"
+        );
+        assert!(
+            lines[2].starts_with("2026-11-30") && lines[2].contains("chat"),
+            "{t}"
+        );
+        assert_eq!(row(&t, "2026-12-01")[2..4], ["2", "20"], "{t}");
+        let c = render_by(&recs, ReportFormat::Csv, &[GroupBy::Day]);
+        assert!(c.starts_with("day,requests,"), "{c}");
     }
 
     #[test]
