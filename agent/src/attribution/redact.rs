@@ -17,7 +17,8 @@
 //!    names, model ids and branch names change class only at word
 //!    boundaries. Not caught: such keys in one case only (lower-case hex
 //!    under 32 digits, UUIDs), ones with `.` (Azure AD client secrets),
-//!    and about 1 in 30 random keys of 24 characters (1 in 300 at 40).
+//!    and about 1 in 26 random base62 keys of 24 characters (1 in 240 at
+//!    40; base64 with `+` and `/`: 1 in 10 and 1 in 200).
 //!
 //! It errs towards redacting too much: a flag such as `--key-file PATH` loses
 //! its path. Counts such as `--max-tokens 100` are kept.
@@ -109,6 +110,15 @@ const KEY_SHAPES: &[(&str, usize)] = &[
     ("eyJ", 20),
     ("ya29.", 20),
     ("IQoJ", 20),
+];
+
+/// Prefixes whose keys are letters and digits only: their tail stops at
+/// the first `_` or `-`, so that names that merely start with one
+/// (`npm_config_update_notifier`, `test_sk_test_key_is_masked`,
+/// `hf_hub_download_timeout`) are not keys.
+const ALNUM_TAILS: &[&str] = &[
+    "gsk_", "xai-", "pplx-", "fw_", "r8_", "hf_", "ghp_", "gho_", "ghu_", "ghs_", "ghr_",
+    "sk_live_", "sk_test_", "rk_live_", "rk_test_", "csk-", "dop_v1_", "NRAK-", "bkua_", "npm_",
 ];
 
 /// Whether `name` (a flag, header, variable or parameter name) names a secret.
@@ -302,12 +312,12 @@ fn redact_key_shapes(s: &str) -> String {
                     let dotted = matches!(*prefix, "eyJ" | "ya29.");
                     // AWS session tokens are base64: all of it goes.
                     let base64 = *prefix == "IQoJ";
+                    let words = !ALNUM_TAILS.contains(prefix);
                     let tail = bytes[i + prefix.len()..]
                         .iter()
                         .take_while(|b| {
                             b.is_ascii_alphanumeric()
-                                || **b == b'_'
-                                || **b == b'-'
+                                || (words && matches!(**b, b'_' | b'-'))
                                 || (dotted && **b == b'.')
                                 || (base64 && matches!(**b, b'+' | b'/' | b'='))
                         })
@@ -333,7 +343,7 @@ fn redact_key_shapes(s: &str) -> String {
 /// A whole argument of 32 or more hexadecimal digits with letters and
 /// digits both (an Azure key), quotes and closing punctuation aside.
 fn is_long_hex(tok: &str) -> bool {
-    let t = tok.trim_matches(|c: char| matches!(c, '"' | '\'' | ',' | ';' | ')' | '}' | ']'));
+    let t = tok.trim_matches(is_wrapper);
     t.len() >= 32
         && t.bytes().all(|b| b.is_ascii_hexdigit())
         && t.bytes().any(|b| b.is_ascii_digit())
@@ -343,54 +353,67 @@ fn is_long_hex(tok: &str) -> bool {
 /// Rule 5: a whole argument (quotes, brackets and closing punctuation
 /// aside) of 24 to 512 base64 or base64url characters (`~` too; `=` only
 /// as trailing padding), not a flag, with upper and lower case letters
-/// (two of each), a digit and at least 20 letters and digits in all, whose
-/// neighbouring letters and digits change class (upper, lower, digit) at
-/// least 40 % of the time. Pairs that touch a separator (`-`, `_`, `/`,
-/// `+`, `~`) are not counted: words joined by separators
-/// (`meta-llama/Meta-Llama-3-8B-Instruct`, a branch name) are not random
-/// text, however many words they have. Random base62 changes class about
-/// 62 % of the time (1 in 30 falls short at 24 characters, 1 in 300 at
-/// 40); names such as `TestGenerateCompletionWithLongName123` and
-/// `HTTP2ConnectionPoolTests2` a third of the time or less.
+/// (two of each) and a digit, whose mixed-case pieces look random: split
+/// at the separators (`-`, `_`, `/`, `+`, `~`), the pieces holding both
+/// upper and lower case letters must hold 20 characters in all, and their
+/// neighbouring characters change class (upper, lower, digit) at least
+/// 40 % of the time. Pieces in one case (hex, UUIDs, path words) and the
+/// pairs around separators do not count: model ids, branch names, paths
+/// with ids in them are words joined by separators, not random text.
+/// Random base62 changes class about 62 % of the time (1 in 26 falls
+/// short at 24 characters, 1 in 240 at 40; base64 with `+` and `/`, 1 in
+/// 10 and 1 in 200); names such as `TestGenerateCompletionWithLongName123`
+/// and `HTTP2ConnectionPoolTests2` a third of the time or less.
 fn looks_random(tok: &str) -> bool {
-    let t = tok.trim_matches(|c: char| {
-        matches!(
-            c,
-            '"' | '\'' | ',' | ';' | '(' | ')' | '{' | '}' | '[' | ']'
-        )
-    });
+    let t = tok.trim_matches(is_wrapper);
     let body = t.trim_end_matches('=');
     if !(24..=512).contains(&body.len())
         || t.len() - body.len() > 2
         || body.starts_with('-')
         || !body
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'_' | b'-' | b'~'))
+            .all(|b| b.is_ascii_alphanumeric() || is_key_separator(b))
     {
         return false;
     }
     let class = |b: u8| match b {
         b'A'..=b'Z' => 0u8,
         b'a'..=b'z' => 1,
-        b'0'..=b'9' => 2,
-        _ => 3,
+        _ => 2,
     };
-    let mut counts = [0usize; 4];
-    for b in body.bytes() {
+    let mut counts = [0usize; 3];
+    for b in body.bytes().filter(u8::is_ascii_alphanumeric) {
         counts[usize::from(class(b))] += 1;
     }
-    if counts[0] < 2 || counts[1] < 2 || counts[2] < 1 || counts[..3].iter().sum::<usize>() < 20 {
+    if counts[0] < 2 || counts[1] < 2 || counts[2] < 1 {
         return false;
     }
-    let (mut pairs, mut changes) = (0usize, 0usize);
-    for w in body.as_bytes().windows(2) {
-        let (a, b) = (class(w[0]), class(w[1]));
-        if a < 3 && b < 3 {
+    let (mut chars, mut pairs, mut changes) = (0usize, 0usize, 0usize);
+    for piece in body.split(|c: char| c.is_ascii() && is_key_separator(c as u8)) {
+        let p = piece.as_bytes();
+        if !(p.iter().any(u8::is_ascii_uppercase) && p.iter().any(u8::is_ascii_lowercase)) {
+            continue;
+        }
+        chars += p.len();
+        for w in p.windows(2) {
             pairs += 1;
-            changes += usize::from(a != b);
+            changes += usize::from(class(w[0]) != class(w[1]));
         }
     }
-    pairs > 0 && changes * 100 >= pairs * 40
+    chars >= 20 && pairs > 0 && changes * 100 >= pairs * 40
+}
+
+/// The separators of base64, base64url and the like, inside a key.
+fn is_key_separator(b: u8) -> bool {
+    matches!(b, b'+' | b'/' | b'_' | b'-' | b'~')
+}
+
+/// Quotes, brackets and closing punctuation around a whole argument.
+fn is_wrapper(c: char) -> bool {
+    matches!(
+        c,
+        '"' | '\'' | ',' | ';' | '(' | ')' | '{' | '}' | '[' | ']'
+    )
 }
 
 fn is_flag(tok: &str) -> bool {
@@ -743,6 +766,11 @@ mod tests {
             &["Xq7bT2mN9vLc4RzW8kPd3HsY6fJg"],
             &["x [\""],
         ),
+        (
+            "x [\"0123456789abcdef0123456789ABCDEF\"]",
+            &["0123456789abcdef"],
+            &["x [\""],
+        ),
         // Vendor prefixes.
         (
             "x sk_live_51Hq7bT2mN9vLc4RzW8kPd3Hs NRAK-ABCDEFGHIJ0123456789KLMNOPQ GOCSPX-aBcD3fGhIjKlMnOpQrStUvWxYz",
@@ -815,6 +843,15 @@ mod tests {
             "tollgate report --repository AcmeCorp/ML-Infra-Tools2",
             "ls /home/runner/work/AcmeWidgets2/AcmeWidgets2",
             "node scripts/runEval.js OpenAI_GPT4_Turbo_2024_04_09",
+            // Paths with ids in them, Azure scopes.
+            "az role assignment create --scope /subscriptions/550e8400-e29b-41d4-a716-446655440000/resourceGroups/MyResourceGroup",
+            "cat /home/runner/work/_temp/550e8400-e29b-41d4-a716-446655440000/Run1Ab",
+            "python train.py --output /runs/Llama3-8B/3f2a9b1c4d5e6f70",
+            // Names that start with a key's prefix.
+            "env npm_config_update_notifier=false npm ci",
+            "pytest tests/test_redact.py::test_sk_test_key_is_masked_in_logs",
+            "python -c import_hf_hub_download_timeout_settings",
+            "docker run csk-config-manager-service-v2",
             "",
             "   ",
         ] {
