@@ -8,7 +8,8 @@
 //! Cost in the table: the sum of the known costs of a group. When some
 //! requests of the group have no known price, the sum is marked `*` (a
 //! lower bound) and a footnote says so; when none has a price it is `-`.
-//! Groups are sorted by that sum, then by tokens, both descending.
+//! Groups are sorted by that sum, then by tokens, both descending; a table
+//! grouped by day first lists the days oldest first, each sorted so.
 
 use std::collections::BTreeMap;
 
@@ -252,19 +253,23 @@ impl Summary {
     }
 
     /// The groups, sorted by cost, then tokens (descending), then key;
-    /// by day first (oldest first) when grouped by day.
+    /// by day first (oldest first) when the first grouping is the day.
     fn rows(&self) -> Vec<(Vec<String>, Group)> {
         let mut rows: Vec<(Vec<String>, Group)> = self
             .groups
             .iter()
             .map(|(k, g)| (k.clone(), g.clone()))
             .collect();
-        let day = self.by.iter().position(|b| *b == GroupBy::Day);
+        let by_day = self.by.first() == Some(&GroupBy::Day);
         rows.sort_by(|(ka, a), (kb, b)| {
-            day.map_or(std::cmp::Ordering::Equal, |i| ka[i].cmp(&kb[i]))
-                .then(b.cost.total_cmp(&a.cost))
-                .then((b.input.saturating_add(b.output)).cmp(&a.input.saturating_add(a.output)))
-                .then(ka.cmp(kb))
+            (if by_day {
+                ka[0].cmp(&kb[0])
+            } else {
+                std::cmp::Ordering::Equal
+            })
+            .then(b.cost.total_cmp(&a.cost))
+            .then((b.input.saturating_add(b.output)).cmp(&a.input.saturating_add(a.output)))
+            .then(ka.cmp(kb))
         });
         rows
     }
@@ -931,6 +936,23 @@ mod tests {
             "{t}"
         );
         assert_eq!(row(&t, "2026-12-01")[2..4], ["2", "20"], "{t}");
+        // Day second: by cost, as any grouping.
+        let t = render_by(
+            &recs,
+            ReportFormat::Table,
+            &[GroupBy::Operation, GroupBy::Day],
+        );
+        let lines: Vec<&str> = t.lines().collect();
+        // (Equal costs: more tokens first.)
+        assert!(
+            lines[1].starts_with("chat") && lines[1].contains("2026-12-01"),
+            "{t}"
+        );
+        assert!(lines[2].starts_with("embeddings"), "{t}");
+        assert!(
+            lines[3].starts_with("chat") && lines[3].contains("2026-11-30"),
+            "{t}"
+        );
         let c = render_by(&recs, ReportFormat::Csv, &[GroupBy::Day]);
         assert!(c.starts_with("day,requests,"), "{c}");
     }
