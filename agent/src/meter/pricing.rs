@@ -728,12 +728,34 @@ impl PriceBook {
         let cat: Catalogue =
             toml::from_str(BUILTIN).expect("the embedded prices.toml parses (unit-tested)");
         debug_assert_eq!(cat.format, FORMAT);
+        Self::of_catalogue(cat)
+    }
+
+    fn of_catalogue(cat: Catalogue) -> PriceBook {
         let mut book = PriceBook {
             tables: HashMap::default(),
             recorded: cat.recorded,
         };
         for m in &cat.models {
             book.insert(m, None);
+        }
+        // Vertex's regional premium goes by when a model was first priced
+        // (its release), not by the date of a later price change.
+        let since = parse_date_ms(VERTEX_REGIONAL_SINCE).unwrap_or(i64::MAX);
+        for versions in book
+            .tables
+            .get_mut("anthropic")
+            .into_iter()
+            .flat_map(HashMap::values_mut)
+        {
+            let newer = versions.first().is_some_and(|p| p.effective_ms >= since);
+            for p in versions.iter_mut() {
+                p.vertex_regional = if newer {
+                    1.0 + VERTEX_REGIONAL_PREMIUM
+                } else {
+                    1.0
+                };
+            }
         }
         book
     }
@@ -1781,6 +1803,27 @@ output = 10.0
             "[[models]]\nprovider = \"anthropic\"\nmodel = \"claude-opus-4-1\"\neffective = \"2026-01-01\"\ninput = 1.0\noutput = 1.0\n\n[[models]]\nprovider = \"anthropic\"\nmodel = \"claude-house-1\"\neffective = \"2026-01-01\"\ninput = 1.0\noutput = 1.0\n\n[[models]]\nprovider = \"anthropic\"\nmodel = \"claude-sonnet-4-5\"\ninput = 2.7\noutput = 13.5\n",
         );
         let v = |p: &str, m: &str| book.price_at(p, m, NOW).expect("priced").vertex_regional;
+        // A catalogue whose older model changed its price after Sonnet
+        // 4.5's release: still no premium, in either version.
+        let cat: Catalogue = toml::from_str(
+            "format = 1\nrecorded = \"2026-12-01\"\n\
+             [[models]]\nprovider = \"anthropic\"\nmodel = \"claude-old-1\"\neffective = \"2025-01-01\"\ninput = 1.0\noutput = 1.0\n\
+             [[models]]\nprovider = \"anthropic\"\nmodel = \"claude-old-1\"\neffective = \"2026-01-01\"\ninput = 0.5\noutput = 0.5\n\
+             [[models]]\nprovider = \"anthropic\"\nmodel = \"claude-new-1\"\neffective = \"2026-01-01\"\ninput = 1.0\noutput = 1.0\n",
+        )
+        .expect("catalogue");
+        let old = PriceBook::of_catalogue(cat);
+        let day = |d: &str| parse_date_ms(d).expect("date");
+        for d in ["2025-06-01", "2026-06-01"] {
+            let p = old
+                .price_at("anthropic", "claude-old-1", day(d))
+                .expect("priced");
+            assert!(close(p.vertex_regional, 1.0), "{d}");
+        }
+        let p = old
+            .price_at("anthropic", "claude-new-1", NOW)
+            .expect("priced");
+        assert!(close(p.vertex_regional, 1.1));
         assert!(close(v("anthropic", "claude-opus-4-1"), 1.0));
         assert!(close(v("anthropic", "claude-house-1"), 1.1));
         assert!(close(v("anthropic", "claude-sonnet-4-5"), 1.1));
