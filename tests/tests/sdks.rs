@@ -695,7 +695,14 @@ print(json.dumps({u.run_model_name: [u.prompt_tokens, u.completion_tokens, u.cac
 fn google_genai_python_sdk_on_vertex_ai() {
     // Gemini on Vertex AI, a region configured as a Gemini provider host
     // (as the README says): the project/location/publisher paths are read.
-    let w = World::start("vertex", 39);
+    // A per-token price the config gives a per-character model is used
+    // (the catalogue's Gemini API prices are not).
+    let w = World::start_with(
+        "vertex",
+        39,
+        "[[pricing.models]]\nprovider = \"gemini\"\nmodel = \"text-embedding-005\"\ninput = 0.5\noutput = 0.0\n"
+            .to_string(),
+    );
     let client = w.client(&[]);
     ok(
         &client.python(
@@ -735,18 +742,20 @@ assert e.embeddings[0].statistics.token_count == 5, e
         "python google-genai on Vertex AI",
     );
     let mut rows = w.assert_ledger_matches_provider(5);
-    // The provider's own counts, summed over the instances; no price
-    // (Vertex prices these models per character), not even the Gemini
-    // API's $0 for text-embedding-004.
+    // The provider's own counts, summed over the instances; the config's
+    // price, and none from the catalogue (Vertex prices these models per
+    // character): not even the Gemini API's $0 for text-embedding-004.
     let free_there = rows.pop().unwrap();
     let embed = rows.pop().unwrap();
     assert_eq!(s(&embed, "operation"), "embeddings", "{embed}");
     assert_eq!(s(&embed, "model"), "text-embedding-005", "{embed}");
     assert_eq!(embed["input_tokens"], 20, "{embed}");
     assert_eq!(embed["provider"], "gemini", "{embed}");
-    for r in [&embed, &free_there] {
-        assert!(r["cost_usd"].is_null(), "{r}");
-    }
+    assert!(
+        (embed["cost_usd"].as_f64().unwrap() - 20.0 * 0.5 / 1e6).abs() < 1e-12,
+        "{embed}"
+    );
+    assert!(free_there["cost_usd"].is_null(), "{free_there}");
     assert_eq!(
         s(&free_there, "model"),
         "text-embedding-004",

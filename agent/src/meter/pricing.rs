@@ -372,6 +372,9 @@ pub struct Price {
     /// What every rate is multiplied by on a Vertex AI regional endpoint
     /// (see [`VERTEX_REGIONAL_PREMIUM`]).
     pub vertex_regional: f64,
+    /// The price is the config's (`[[pricing.models]]`), not the
+    /// catalogue's.
+    pub configured: bool,
 }
 
 /// The share Vertex AI adds to every rate of a Claude model released
@@ -457,6 +460,7 @@ impl Price {
             tiers: [None, None],
             bedrock_regional: self.bedrock_regional,
             vertex_regional: self.vertex_regional,
+            configured: self.configured,
         }
     }
 }
@@ -503,7 +507,7 @@ impl Price {
     /// The entry's rates; those it leaves out follow `base` (the
     /// catalogue's price of the same model) in proportion, else equal
     /// `input` / `output`.
-    fn from_entry(m: &ModelPrice, base: Option<&Price>) -> Price {
+    fn from_entry(m: &ModelPrice, base: Option<&Price>, configured: bool) -> Price {
         let (cached, write, reasoning) = base.map_or((1.0, 1.0, 1.0), |b| {
             (
                 ratio(b.cached_input, b.input),
@@ -552,6 +556,7 @@ impl Price {
                     }
                 }
             },
+            configured,
         };
         // An entry's own rates; else, for an override of a catalogued
         // model, the catalogue's, scaled as the override scales input and
@@ -602,6 +607,7 @@ impl Price {
             tiers: [None, None],
             bedrock_regional: self.bedrock_regional,
             vertex_regional: self.vertex_regional,
+            configured: self.configured,
         };
         // A long prompt in a tier: the long-context rates, scaled as the
         // tier scales input and output.
@@ -737,7 +743,7 @@ impl PriceBook {
             recorded: cat.recorded,
         };
         for m in &cat.models {
-            book.insert(m, None);
+            book.insert(m, None, false);
         }
         // Vertex's regional premium goes by when a model was first priced
         // (its release), not by the date of a later price change.
@@ -784,7 +790,7 @@ impl PriceBook {
                 .remove(canonical(&m.model).as_ref());
         }
         for (m, base) in cfg.models.iter().zip(&bases) {
-            book.insert(m, base.as_ref());
+            book.insert(m, base.as_ref(), true);
         }
         book
     }
@@ -794,8 +800,8 @@ impl PriceBook {
         &self.recorded
     }
 
-    fn insert(&mut self, m: &ModelPrice, base: Option<&Price>) {
-        let price = Price::from_entry(m, base);
+    fn insert(&mut self, m: &ModelPrice, base: Option<&Price>, configured: bool) {
+        let price = Price::from_entry(m, base, configured);
         let versions = self
             .tables
             .entry(m.provider.clone())
@@ -944,6 +950,7 @@ impl PriceBook {
         Some(Cost {
             usd: usd * regional * uplift,
             tier_unpriced,
+            configured: p.configured,
         })
     }
 }
@@ -1005,6 +1012,8 @@ pub struct Cost {
     /// The request's service tier has no rates for this model: `usd` is
     /// at the standard rates.
     pub tier_unpriced: bool,
+    /// The price is the config's, not the catalogue's.
+    pub configured: bool,
 }
 
 /// The model names a request is priced by, in order: the response's (a
@@ -1803,6 +1812,16 @@ output = 10.0
             "[[models]]\nprovider = \"anthropic\"\nmodel = \"claude-opus-4-1\"\neffective = \"2026-01-01\"\ninput = 1.0\noutput = 1.0\n\n[[models]]\nprovider = \"anthropic\"\nmodel = \"claude-house-1\"\neffective = \"2026-01-01\"\ninput = 1.0\noutput = 1.0\n\n[[models]]\nprovider = \"anthropic\"\nmodel = \"claude-sonnet-4-5\"\ninput = 2.7\noutput = 13.5\n",
         );
         let v = |p: &str, m: &str| book.price_at(p, m, NOW).expect("priced").vertex_regional;
+        // Which prices are the config's.
+        let configured = |p: &str, m: &str| book.price_at(p, m, NOW).expect("priced").configured;
+        assert!(configured("anthropic", "claude-sonnet-4-5"));
+        assert!(!configured("anthropic", "claude-opus-4-6"));
+        assert!(
+            !PriceBook::builtin()
+                .price_at("gemini", "text-embedding-004", NOW)
+                .expect("priced")
+                .configured
+        );
         // A catalogue whose older model changed its price after Sonnet
         // 4.5's release: still no premium, in either version.
         let cat: Catalogue = toml::from_str(
@@ -2260,6 +2279,7 @@ output = 15.0
             tiers: [None, None],
             bedrock_regional: 1.0,
             vertex_regional: 1.0,
+            configured: false,
         })
     }
 

@@ -303,7 +303,10 @@ impl Provider for Gemini {
         };
         // Vertex AI prices its older text embedding models per character
         // (Gemini embedding models per token).
-        let not_token_priced = method == "predict" && !model.starts_with("gemini-");
+        let not_token_priced = method == "predict"
+            && !model
+                .get(..7)
+                .is_some_and(|p| p.eq_ignore_ascii_case("gemini-"));
         RequestInfo {
             operation,
             metered: true,

@@ -1506,7 +1506,9 @@ impl Draft {
             Some(many) => prices.cost_of_many(provider, &models, self.started_ms, many, serving),
             None => prices.cost_of_any(provider, &models, self.started_ms, &usage, serving),
         }
-        .filter(|_| !counts_unknown && !self.info.not_token_priced);
+        // A call the provider prices by something else than tokens takes
+        // only a price the config gives it.
+        .filter(|c| !counts_unknown && (!self.info.not_token_priced || c.configured));
         if let (Some(c), Some(tier), Some(m)) = (cost, service_tier.as_deref(), priced)
             && c.tier_unpriced
             && (usage.input_tokens > 0 || usage.output_tokens > 0)
