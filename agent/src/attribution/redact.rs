@@ -195,7 +195,9 @@ fn is_value_end(c: char) -> bool {
 /// punctuation. `None` if nothing is left to replace.
 fn redact_whole(tok: &str) -> Option<String> {
     if tok.contains(REDACTED) {
-        return Some(tok.to_string());
+        // Redacted already (a second pass), or a value that holds the
+        // marker itself: what else is in it still goes by the other rules.
+        return Some(redact_key_shapes(&scan_token(tok).0));
     }
     let lead_end = tok
         .find(|c: char| !matches!(c, '"' | '\'' | '[' | '(' | '{'))
@@ -906,5 +908,9 @@ mod tests {
             let _ = redact_cmdline(s);
         }
         assert_eq!(redact_cmdline("--token \"\" x"), "--token \"\" x");
+        // A value holding the marker is still read by the other rules.
+        let out = redact_cmdline("--token [REDACTED]https://u:Zq9SECRETzq9@h x");
+        assert!(!out.contains("Zq9SECRETzq9"), "{out}");
+        assert_eq!(redact_cmdline(&out), out);
     }
 }
