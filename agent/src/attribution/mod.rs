@@ -6,7 +6,9 @@
 //! ancestors; the team, from the config's `[[teams]]` rules and the
 //! repository; a bounded cache keyed by (pid, start time) so a reused pid
 //! is never confused with the process that had it before, and checked
-//! against the process's `exe` link, which an exec changes.
+//! against the process's `exe` link and a hash of its command line, which
+//! an exec changes (the same program run again with other arguments
+//! changes only the second).
 //!
 //! A process that started after the connect (its pid was reused between
 //! the connect and the attribution) is not read at all: the record keeps
@@ -115,6 +117,8 @@ impl<K: Hash + Eq + Copy, V: Clone> Bounded<K, V> {
 #[derive(Debug, Clone)]
 struct ProcInfo {
     exe: Option<String>,
+    /// A hash of the raw command line (see `Proc::cmdline_hash`).
+    cmdline_hash: u64,
     cmdline: Option<String>,
     cgroup_path: Option<String>,
     container_id: Option<String>,
@@ -247,24 +251,27 @@ impl Attributor {
         a
     }
 
-    /// The process's /proc facts, from the cache while its `exe` link is
-    /// the one cached. The flag is true when the cached entry was stale:
-    /// the process exec'd since (same pid and start time, new program).
+    /// The process's /proc facts, from the cache while its `exe` link and
+    /// command line are the ones cached. The flag is true when the cached
+    /// entry was stale: the process exec'd since (same pid and start time,
+    /// another program or the same one with other arguments).
     fn proc_info(&self, key: ProcKey) -> (Arc<ProcInfo>, bool) {
         let p = Proc::new(&self.proc_root, key.0);
         let exe = p.exe();
+        let cmdline_hash = p.cmdline_hash();
         let cached = self.caches().procs.get(&key);
-        // An exe link that cannot be read (the process is exiting) is no
-        // sign of an exec: the cached facts stand.
-        if let Some(hit) = cached
-            .as_ref()
-            .filter(|hit| exe.is_none() || hit.exe == exe)
-        {
+        // An exe link or command line that cannot be read (the process is
+        // exiting) is no sign of an exec: the cached facts stand.
+        if let Some(hit) = cached.as_ref().filter(|hit| {
+            (exe.is_none() || hit.exe == exe)
+                && (cmdline_hash == 0 || hit.cmdline_hash == cmdline_hash)
+        }) {
             return (Arc::clone(hit), false);
         }
         let cg = p.cgroup();
         let info = Arc::new(ProcInfo {
             exe,
+            cmdline_hash,
             cmdline: p
                 .cmdline()
                 .map(|c| truncate(redact_cmdline(&c), CMDLINE_KEEP)),

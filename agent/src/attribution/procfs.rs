@@ -66,6 +66,19 @@ impl Proc {
     }
 
     /// Arguments, NUL-separated in the file, joined by spaces (not redacted).
+    /// A hash of the raw command line (0 when it cannot be read): an exec
+    /// of the same program with other arguments changes it. The bytes
+    /// themselves are not kept.
+    pub(super) fn cmdline_hash(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let Some(raw) = self.read("cmdline", CMDLINE_MAX) else {
+            return 0;
+        };
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        raw.as_slice().hash(&mut h);
+        h.finish()
+    }
+
     pub(super) fn cmdline(&self) -> Option<String> {
         let raw = self.read("cmdline", CMDLINE_MAX)?;
         let args: Vec<String> = raw

@@ -180,26 +180,34 @@ fn a_reused_pid_is_a_new_process() {
         (Some("acme/a"), Some("/bin/a"), Some("a"))
     );
 
-    // Same pid, start time and program: the cache answers (the files are
-    // not re-read).
-    proc_200(root, 5, "acme/b", "b", "/bin/a");
+    // Same pid, start time, program and arguments: the cache answers (the
+    // environment is not re-read).
+    proc_200(root, 5, "acme/b", "a", "/bin/a");
     assert_eq!(
         who(&at.of(200, 0, 0, "a")),
         (Some("acme/a"), Some("/bin/a"), Some("a"))
     );
 
-    // The process exec'd another program: read afresh, environment too.
-    proc_200(root, 5, "acme/b", "b", "/bin/b");
+    // The same program exec'd with other arguments: read afresh,
+    // environment too.
+    proc_200(root, 5, "acme/b", "a2", "/bin/a");
+    assert_eq!(
+        who(&at.of(200, 0, 0, "a")),
+        (Some("acme/b"), Some("/bin/a"), Some("a2"))
+    );
+
+    // The process exec'd another program: read afresh.
+    proc_200(root, 5, "acme/c", "b", "/bin/b");
     assert_eq!(
         who(&at.of(200, 0, 0, "b")),
-        (Some("acme/b"), Some("/bin/b"), Some("b"))
+        (Some("acme/c"), Some("/bin/b"), Some("b"))
     );
 
     // Same pid, new start time: a different process.
-    proc_200(root, 6, "acme/c", "c", "/bin/b");
+    proc_200(root, 6, "acme/d", "c", "/bin/b");
     assert_eq!(
         who(&at.of(200, 0, 0, "c")),
-        (Some("acme/c"), Some("/bin/b"), Some("c"))
+        (Some("acme/d"), Some("/bin/b"), Some("c"))
     );
 }
 
