@@ -143,6 +143,22 @@ pub struct BatchTally {
 }
 
 impl BatchTally {
+    /// Per model: name, input and output tokens, results (tests).
+    #[cfg(test)]
+    pub(crate) fn sums(&self) -> Vec<(Option<&str>, u64, u64, u64)> {
+        self.models
+            .iter()
+            .map(|m| {
+                (
+                    m.model.as_deref(),
+                    m.usage.input_tokens,
+                    m.usage.output_tokens,
+                    m.results,
+                )
+            })
+            .collect()
+    }
+
     /// Result `index`, read whole: what it bills, if anything, counts
     /// when this read claims it.
     pub(crate) fn result(&mut self, index: u64, bills: Option<LineUsage>, claims: &Claims) {
@@ -178,7 +194,8 @@ impl BatchTally {
 /// download resumed) or an error counts nothing.
 pub fn parser(results: &super::BatchResults, status: u16) -> Box<dyn UsageParser> {
     if status != 200 {
-        return Box::new(NotResults);
+        // Not the batch's whole results: nothing billed.
+        return Box::new(super::NoUsage);
     }
     let claims = results.claims.clone();
     match results.format {
@@ -191,20 +208,6 @@ pub fn parser(results: &super::BatchResults, status: u16) -> Box<dyn UsageParser
             Box::new(ResultsParser::new(super::gemini::batch_result_line, claims))
         }
         Format::GeminiInlined => Box::new(super::gemini::InlinedParser::new(claims)),
-    }
-}
-
-/// An answer that is not the batch's whole results.
-struct NotResults;
-
-impl UsageParser for NotResults {
-    fn feed(&mut self, _: &[u8]) {}
-
-    fn finish(&mut self) -> ParsedUsage {
-        ParsedUsage {
-            usage: Some(Usage::default()),
-            ..Default::default()
-        }
     }
 }
 
@@ -354,17 +357,7 @@ mod tests {
     }
 
     fn sums(t: &BatchTally) -> Vec<(Option<&str>, u64, u64, u64)> {
-        t.models
-            .iter()
-            .map(|m| {
-                (
-                    m.model.as_deref(),
-                    m.usage.input_tokens,
-                    m.usage.output_tokens,
-                    m.results,
-                )
-            })
-            .collect()
+        t.sums()
     }
 
     fn table() -> (Arc<crate::proxy::batches::Batches>, Claims) {

@@ -1120,20 +1120,9 @@ mod tests {
                 .batch
                 .unwrap();
             assert_eq!(t.lines, 3);
-            let got: Vec<_> = t
-                .models
-                .iter()
-                .map(|m| {
-                    (
-                        m.model.as_deref(),
-                        m.usage.input_tokens,
-                        m.usage.output_tokens,
-                        m.results,
-                    )
-                })
-                .collect();
             assert_eq!(
-                got, want,
+                t.sums(),
+                want,
                 "the model named by the batch when the response does not"
             );
         }

@@ -91,6 +91,22 @@ pub struct RequestInfo {
     pub not_token_priced: bool,
 }
 
+/// Calls that bill no tokens themselves (a batch submission, a file
+/// upload, an answer that is not a batch's results): recorded with zero
+/// usage.
+pub(crate) struct NoUsage;
+
+impl UsageParser for NoUsage {
+    fn feed(&mut self, _: &[u8]) {}
+
+    fn finish(&mut self) -> ParsedUsage {
+        ParsedUsage {
+            usage: Some(Usage::default()),
+            ..Default::default()
+        }
+    }
+}
+
 impl RequestInfo {
     /// The request is a row of its own (not a retrieval that settles a
     /// parked record, a Managed Agents call that shows sessions' growth,

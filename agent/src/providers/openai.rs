@@ -272,7 +272,7 @@ impl Provider for OpenAi {
         } else if info.sessions.is_some() {
             Box::new(super::evals::RunParser::new(info))
         } else if !has_usage(info.operation) {
-            Box::new(NoUsage)
+            Box::new(super::NoUsage)
         } else if super::content_type(headers) == "text/event-stream" {
             Box::new(StreamParser::default())
         } else {
@@ -354,19 +354,6 @@ impl WireUsage {
             reasoning_tokens: reasoning.min(output),
             cache_write_1h_input_tokens: 0,
         })
-    }
-}
-
-/// Calls that bill no tokens themselves: recorded with zero usage.
-struct NoUsage;
-
-impl UsageParser for NoUsage {
-    fn feed(&mut self, _: &[u8]) {}
-    fn finish(&mut self) -> ParsedUsage {
-        ParsedUsage {
-            usage: Some(Usage::default()),
-            ..Default::default()
-        }
     }
 }
 

@@ -2122,6 +2122,39 @@ mod tests {
     }
 
     /// A connection's context for `host` of `api`, and what it records.
+    /// A GET of batch results at `path` through `ctx`, answered `body`,
+    /// as the handler meters it: claimed, parsed and recorded, `error`
+    /// as the handler would give it. False when the read is forwarded
+    /// unread (counted whole before; nothing recorded).
+    fn read_batch(
+        ctx: &Arc<ConnCtx>,
+        api: crate::config::ApiKind,
+        path: &str,
+        body: &[u8],
+        error: Option<String>,
+    ) -> bool {
+        let adapter = crate::providers::adapter_for(api);
+        let mut d = WsMeter::new(ctx.clone(), path.into()).draft(None, None);
+        d.info = adapter.request(&crate::providers::testing::request("GET", path, b""));
+        claim_batch_results(
+            &ctx.state,
+            &ctx.provider.host,
+            &http::HeaderMap::new(),
+            &mut d.info,
+        );
+        if d.info.batch.is_none() {
+            assert!(!d.info.metered);
+            // (As the handler's draft of an unmetered request is.)
+            d.emitted = true;
+            return false;
+        }
+        d.status = 200;
+        let mut p = adapter.response_parser(&d.info, 200, &http::HeaderMap::new());
+        p.feed(body);
+        d.emit(p.finish(), error);
+        true
+    }
+
     fn test_ctx(
         host: &str,
         api: crate::config::ApiKind,
@@ -2507,20 +2540,15 @@ mod tests {
         let path = "/v1/messages/batches/msgbatch_1/results";
         // Reads `upto` bytes of the results (all when `None`).
         let read = |upto: Option<usize>| {
-            let adapter = crate::providers::adapter_for(crate::config::ApiKind::Anthropic);
-            let mut d = WsMeter::new(ctx.clone(), path.into()).draft(None, None);
-            d.info = adapter.request(&crate::providers::testing::request("GET", path, b""));
-            claim_batch_results(
-                &ctx.state,
-                "api.anthropic.com",
-                &http::HeaderMap::new(),
-                &mut d.info,
-            );
-            d.status = 200;
-            let mut p = adapter.response_parser(&d.info, 200, &http::HeaderMap::new());
-            p.feed(&body.as_bytes()[..upto.unwrap_or(body.len())]);
             let error = upto.map(|_| "client_disconnected".to_string());
-            d.emit(p.finish(), error);
+            let cut = &body.as_bytes()[..upto.unwrap_or(body.len())];
+            assert!(read_batch(
+                &ctx,
+                crate::config::ApiKind::Anthropic,
+                path,
+                cut,
+                error
+            ));
         };
         // Cut inside the second line: only the first is whole.
         read(Some(body.find('\n').unwrap() + 20));
@@ -2584,20 +2612,14 @@ mod tests {
             )
         };
         let body = [line(150_000), line(150_000), line(250_000)].join("\n");
-        let path = "/v1/messages/batches/msgbatch_long/results".to_string();
-        let adapter = crate::providers::adapter_for(crate::config::ApiKind::Anthropic);
-        let mut d = WsMeter::new(ctx.clone(), path.clone()).draft(None, None);
-        d.info = adapter.request(&crate::providers::testing::request("GET", &path, b""));
-        claim_batch_results(
-            &ctx.state,
-            "api.anthropic.com",
-            &http::HeaderMap::new(),
-            &mut d.info,
-        );
-        d.status = 200;
-        let mut p = adapter.response_parser(&d.info, 200, &http::HeaderMap::new());
-        p.feed(body.as_bytes());
-        d.emit(p.finish(), None);
+        let path = "/v1/messages/batches/msgbatch_long/results";
+        assert!(read_batch(
+            &ctx,
+            crate::config::ApiKind::Anthropic,
+            path,
+            body.as_bytes(),
+            None
+        ));
         let recs = keep.0.lock().unwrap().clone();
         assert_eq!(recs.len(), 1);
         assert_eq!(recs[0].usage.input_tokens, 550_000);
@@ -2620,27 +2642,8 @@ mod tests {
             crate::config::ApiKind::Gemini,
         );
         let path = "/v1beta/batches/abc123";
-        let adapter = crate::providers::adapter_for(crate::config::ApiKind::Gemini);
         let done = include_bytes!("../providers/fixtures/gemini/batch_inlined.json");
-        let poll = || {
-            let mut d = WsMeter::new(ctx.clone(), path.into()).draft(None, None);
-            d.info = adapter.request(&crate::providers::testing::request("GET", path, b""));
-            claim_batch_results(
-                &ctx.state,
-                "generativelanguage.googleapis.com",
-                &http::HeaderMap::new(),
-                &mut d.info,
-            );
-            if d.info.batch.is_none() {
-                d.emitted = true;
-                return false;
-            }
-            d.status = 200;
-            let mut p = adapter.response_parser(&d.info, 200, &http::HeaderMap::new());
-            p.feed(done);
-            d.emit(p.finish(), None);
-            true
-        };
+        let poll = || read_batch(&ctx, crate::config::ApiKind::Gemini, path, done, None);
         assert!(poll(), "the first poll is read");
         assert!(!poll(), "later ones are not");
         assert_eq!(rows(&keep).len(), 1);
@@ -2691,28 +2694,17 @@ mod tests {
         );
         assert_eq!(ctx.state.batches.len(), 3);
         let body = r#"{"custom_id":"x","result":{"type":"succeeded","message":{"model":"claude-haiku-4-5","usage":{"input_tokens":5,"output_tokens":6}}}}"#;
-        for id in ["msgbatch_old", "msgbatch_new"] {
+        for (id, counted_whole) in [("msgbatch_old", true), ("msgbatch_new", false)] {
             let path = format!("/v1/messages/batches/{id}/results");
-            let adapter = crate::providers::adapter_for(crate::config::ApiKind::Anthropic);
-            let mut d = WsMeter::new(ctx.clone(), path.clone()).draft(None, None);
-            d.info = adapter.request(&crate::providers::testing::request("GET", &path, b""));
-            claim_batch_results(
-                &ctx.state,
-                "api.anthropic.com",
-                &http::HeaderMap::new(),
-                &mut d.info,
+            let read = read_batch(
+                &ctx,
+                crate::config::ApiKind::Anthropic,
+                &path,
+                body.as_bytes(),
+                None,
             );
-            if id == "msgbatch_old" {
-                // Counted whole: forwarded unread.
-                assert!(d.info.batch.is_none() && !d.info.metered);
-                // (As the handler's draft of an unmetered request is.)
-                d.emitted = true;
-                continue;
-            }
-            d.status = 200;
-            let mut p = adapter.response_parser(&d.info, 200, &http::HeaderMap::new());
-            p.feed(body.as_bytes());
-            d.emit(p.finish(), None);
+            // Counted whole: forwarded unread.
+            assert_eq!(read, !counted_whole, "{id}");
         }
         assert_eq!(
             rows(&keep),
