@@ -286,6 +286,56 @@ pub fn parse_override_addr(s: &str) -> Result<SocketAddr, String> {
         .map_err(|_| format!("`{s}` is not an IP address or IP:port"))
 }
 
+/// serde's message without the value it could not take: `invalid type:
+/// string "Bearer sk-…", expected a map` quotes what the file held, which
+/// may be a header value or a key. Strings (`"…"`, with serde's escapes)
+/// and unknown variants (`` unknown variant `…` ``) become `…`; names of
+/// fields (`` unknown field `lisen` ``) and what was expected are kept.
+fn without_values(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(i) = rest.find(['"', '`']) {
+        let (head, tail) = rest.split_at(i);
+        out.push_str(head);
+        let quote = tail.as_bytes()[0];
+        let value = quote == b'"' || head.ends_with("unknown variant ");
+        // The closing quote: for strings, the first one not escaped.
+        let mut end = None;
+        let mut escaped = false;
+        for (j, b) in tail.bytes().enumerate().skip(1) {
+            if quote == b'"' && escaped {
+                escaped = false;
+            } else if quote == b'"' && b == b'\\' {
+                escaped = true;
+            } else if b == quote {
+                end = Some(j);
+                break;
+            }
+        }
+        match end {
+            Some(j) => {
+                if value {
+                    out.push(quote as char);
+                    out.push('…');
+                    out.push(quote as char);
+                } else {
+                    out.push_str(&tail[..=j]);
+                }
+                rest = &tail[j + 1..];
+            }
+            // Unclosed: drop the rest rather than risk showing a value.
+            None => {
+                if !value {
+                    out.push_str(tail);
+                }
+                rest = "";
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
 impl Config {
     /// Loads `path` if given, else the default path if it exists, else the
     /// defaults. Returns the config and the file it came from.
@@ -320,7 +370,8 @@ impl Config {
     /// never quotes the line itself (it may hold a header value or a key).
     pub fn parse(text: &str) -> Result<Config, String> {
         toml::from_str::<Config>(text).map_err(|e| {
-            let message = e.message().trim_end();
+            let message = without_values(e.message().trim_end());
+            let message = message.as_str();
             match e.span() {
                 Some(span) => {
                     let before = &text[..span.start.min(text.len())];
@@ -604,10 +655,38 @@ api = "azure-openai"
             ),
             ("[export.otlp]\napi_key = \"sk-SECRET\"\n", 2),
             ("[proxy]\nlisten = \"127.0.0.1:1\"\nlisen = 3\n", 3),
+            // serde's messages quote the value they could not take: the
+            // env-variable form of the headers where a table belongs, a
+            // string where a number or an enum belongs.
+            (
+                "[export.otlp]\nheaders = \"authorization=Bearer sk-SECRET\\\"x\"\n",
+                2,
+            ),
+            ("[export]\nsemconv = \"sk-SECRET\"\n", 2),
+            ("[proxy]\nworker_threads = \"sk-SECRET\"\n", 2),
         ] {
             let e = Config::parse(text).unwrap_err();
             assert!(!e.contains("SECRET"), "{e}");
             assert!(e.contains(&format!("line {line}")), "{e}");
+        }
+        let e = Config::parse("[export.otlp]\nheaders = \"a=b\"\n").unwrap_err();
+        assert!(e.contains("expected a map"), "says what was wrong: {e}");
+        for (message, shown) in [
+            (
+                r#"invalid type: string "k=\"v\" x", expected a map"#,
+                r#"invalid type: string "…", expected a map"#,
+            ),
+            (
+                "unknown variant `sk-1`, expected one of `default`, `x`",
+                "unknown variant `…`, expected one of `default`, `x`",
+            ),
+            (
+                "unknown field `lisen`, expected `listen`",
+                "unknown field `lisen`, expected `listen`",
+            ),
+            (r#"invalid type: string "unclosed"#, "invalid type: string "),
+        ] {
+            assert_eq!(without_values(message), shown);
         }
         let e = Config::parse("[export.otlp]\napi_key = \"sk-SECRET\"\n").unwrap_err();
         assert!(e.contains("api_key"), "names the unknown key: {e}");
