@@ -272,7 +272,7 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
                 ledger_written: l.written,
                 ledger_queued: l.queued,
                 ledger_errors: l.errors,
-                ledger_dropped: l.dropped + l.rejected,
+                ledger_dropped: l.dropped + l.rejected + l.refused,
                 bodies_too_long: p.body_too_long,
                 bodies_over_budget: p.over_buffer_budget,
                 bodies_stalled: p.body_stalled,

@@ -136,6 +136,18 @@ impl LedgerError {
     }
 }
 
+/// Whether `e` is about the record being written rather than the ledger:
+/// the same record would fail again, and another would not.
+fn refuses_the_record(e: &rusqlite::Error) -> bool {
+    match e {
+        rusqlite::Error::ToSqlConversionFailure(_) => true,
+        _ => matches!(
+            e.sqlite_error_code(),
+            Some(ErrorCode::ConstraintViolation | ErrorCode::TypeMismatch | ErrorCode::TooBig)
+        ),
+    }
+}
+
 /// Whether opening `path` (or creating a file beside it) is refused.
 fn permission_denied(path: &Path) -> bool {
     let denied = |r: std::io::Result<std::fs::File>| matches!(r, Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied);
@@ -386,6 +398,37 @@ impl Ledger {
             }
         }
         tx.commit().map_err(err)
+    }
+
+    /// Inserts `records` one statement each in one transaction, leaving out
+    /// those SQLite refuses for what they hold (a constraint, a type, a
+    /// size): the writer's fallback when a whole batch failed, so that one
+    /// such record does not hold back the others. Returns the refused ones'
+    /// indices with their errors; any other error (the disk, a lock) rolls
+    /// everything back and is returned.
+    pub fn insert_each(
+        &mut self,
+        records: &[impl std::borrow::Borrow<UsageRecord>],
+    ) -> Result<Vec<(usize, LedgerError)>, LedgerError> {
+        let path = self.path.clone();
+        let err = |e| LedgerError::classify(&path, e);
+        let tx = self.conn.transaction().map_err(err)?;
+        let mut refused = Vec::new();
+        {
+            let mut stmt = tx.prepare_cached(&self.insert_sql).map_err(err)?;
+            for (i, r) in records.iter().enumerate() {
+                // A failed statement undoes only itself (ABORT); the
+                // transaction goes on.
+                if let Err(e) = schema::bind(r.borrow(), |values| stmt.execute(values)) {
+                    if !refuses_the_record(&e) {
+                        return Err(err(e));
+                    }
+                    refused.push((i, err(e)));
+                }
+            }
+        }
+        tx.commit().map_err(err)?;
+        Ok(refused)
     }
 
     /// Records matching `filter`, oldest first, with `id` filled.

@@ -11,7 +11,10 @@
 //! past the backlog bound: while the ledger cannot be written (a full disk,
 //! a lock held from outside) at most `max_backlog` records wait in memory,
 //! and what comes beyond is counted as dropped and logged, so that an
-//! outage costs records, counted, rather than the agent's memory. A panic
+//! outage costs records, counted, rather than the agent's memory. A record
+//! that SQLite refuses for what it holds (a constraint, a type) while the
+//! others around it are written is set aside, counted as refused and
+//! logged whole, so that it cannot hold back every later record. A panic
 //! in the writer (a bug) rolls back its transaction, is logged and counted
 //! as a write error, and the writer carries on with the records it held.
 //! A ledger file deleted or moved away while the agent runs is noticed
@@ -62,6 +65,10 @@ pub struct LedgerStats {
     /// Records dropped because `max_backlog` records were already waiting
     /// (the ledger could not be written for a while).
     pub dropped: u64,
+    /// Records the ledger refused for what they held (a constraint or a
+    /// type SQLite would refuse every time), while other records were
+    /// written: each is logged whole, at error level, instead.
+    pub refused: u64,
 }
 
 struct Shared {
@@ -76,6 +83,7 @@ struct Shared {
     errors: AtomicU64,
     rejected: AtomicU64,
     dropped: AtomicU64,
+    refused: AtomicU64,
     /// Most records accepted and not yet written.
     max_backlog: u64,
     /// The ledger file.
@@ -163,6 +171,7 @@ impl LedgerWriter {
             errors: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
             max_backlog: max_backlog.max(1) as u64,
             path: path.to_path_buf(),
             retention,
@@ -241,7 +250,7 @@ impl LedgerHandle {
         let waiting = s
             .submitted
             .load(Ordering::Relaxed)
-            .saturating_sub(s.written.load(Ordering::Relaxed));
+            .saturating_sub(settled(s));
         if waiting >= s.max_backlog {
             s.inflight.fetch_sub(1, Ordering::SeqCst);
             let n = s.dropped.fetch_add(1, Ordering::Relaxed);
@@ -284,11 +293,19 @@ impl LedgerHandle {
     }
 }
 
+/// Records the writer is done with: written, or refused by the ledger.
+fn settled(s: &Shared) -> u64 {
+    s.written.load(Ordering::Relaxed) + s.refused.load(Ordering::Relaxed)
+}
+
 fn stats(s: &Shared) -> LedgerStats {
-    let written = s.written.load(Ordering::Relaxed);
     LedgerStats {
-        written,
-        queued: s.submitted.load(Ordering::Relaxed).saturating_sub(written),
+        written: s.written.load(Ordering::Relaxed),
+        queued: s
+            .submitted
+            .load(Ordering::Relaxed)
+            .saturating_sub(settled(s)),
+        refused: s.refused.load(Ordering::Relaxed),
         overflowed: s.overflowed.load(Ordering::Relaxed),
         errors: s.errors.load(Ordering::Relaxed),
         rejected: s.rejected.load(Ordering::Relaxed),
@@ -428,9 +445,9 @@ fn run(
         }
         backlog = pending.len() >= BATCH;
         // One transaction per BATCH records: a backlog after failures is
-        // written (and kept) piece by piece, so a record that cannot be
-        // written holds back only its own piece, and a shutdown deadline
-        // rolls back at most one piece.
+        // written (and kept) piece by piece, so a shutdown deadline rolls
+        // back at most one piece. A piece that fails is written again
+        // record by record, setting aside what the ledger refuses.
         let mut failed = None;
         let mut target = match current(ledger, s) {
             Ok(l) => Some(l),
@@ -461,10 +478,13 @@ fn run(
                         .fetch_add((end - w.done) as u64, Ordering::Relaxed);
                     w.done = end;
                 }
-                Err(e) => {
-                    failed = Some(e);
-                    break;
-                }
+                Err(e) => match set_aside_refused(ledger, &w.pending[w.done..end], s) {
+                    Ok(()) => w.done = end,
+                    Err(()) => {
+                        failed = Some(e);
+                        break;
+                    }
+                },
             }
         }
         drop(w);
@@ -479,6 +499,30 @@ fn run(
             }
         }
     }
+}
+
+/// After a piece failed as a whole: writes its records one statement each
+/// and sets aside those the ledger refuses for what they hold, logging each
+/// whole (what it would have stored: no secrets), so that one such record
+/// does not hold back every later one. `Err` when nothing could be written
+/// (the ledger, not a record, is the trouble): the piece waits for a retry.
+fn set_aside_refused(
+    ledger: &mut Ledger,
+    piece: &[Arc<UsageRecord>],
+    s: &Shared,
+) -> Result<(), ()> {
+    let refused = match ledger.insert_each(piece) {
+        Ok(refused) if refused.len() < piece.len() => refused,
+        _ => return Err(()),
+    };
+    s.written
+        .fetch_add((piece.len() - refused.len()) as u64, Ordering::Relaxed);
+    s.refused.fetch_add(refused.len() as u64, Ordering::Relaxed);
+    for (i, e) in refused {
+        let record = serde_json::to_string(&*piece[i]).unwrap_or_default();
+        tracing::error!(error = %e, %record, "the ledger refused a usage record (it would refuse it every time); it is not in the ledger and is logged here instead");
+    }
+    Ok(())
 }
 
 /// How often rows past `ledger.retention_days` are deleted.
