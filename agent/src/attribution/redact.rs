@@ -1,15 +1,24 @@
 //! Redaction of secrets in command lines, before they are stored or logged.
 //!
-//! Three rules, applied to each whitespace-separated token:
+//! Six rules, applied to each whitespace-separated token:
 //! 1. a value after a sensitive name: `--api-key X`, `--token=X`,
 //!    `Authorization: Bearer X`, `x-api-key:X`, `OPENAI_API_KEY=X`,
-//!    `?key=X&...`, `"api_key": "X"`, `Cookie: a=b; c=d`;
-//! 2. the password of a URL's user info (`https://user:X@host`);
+//!    `?key=X&...`, `"api_key": "X"`, `api_key = "X"`, `Cookie: a=b; c=d`.
+//!    `name=X` as a whole argument takes the rest of it (`;`, `,`, `)` and
+//!    `&` are the value's own once the shell's quoting is gone); a name
+//!    whose last word says it is about the secret rather than the secret
+//!    (`--token-limit`, `--key-id`, `--secret-name`, `--api-key-file`) is
+//!    not sensitive, and a flag is never taken as a value
+//!    (`--password-stdin -u me`);
+//! 2. the secret of a URL's user info (`https://user:X@host`, with a `/`
+//!    in it too; `https://TOKEN@host` for a user part of 20 or more
+//!    letters and digits);
 //! 3. anything shaped like a provider or forge key (`sk-…`, `AIza…`,
 //!    `AKIA…`, `ghp_…`, JWTs, Google OAuth `ya29.…`, AWS session tokens
 //!    `IQoJ…`, …) wherever it appears, and a whole argument of 32 or more
 //!    hexadecimal digits (Azure keys; commit ids go too);
-//! 4. the password of `-u user:PASSWORD` / `--user user:PASSWORD` (curl);
+//! 4. the password of `-u user:PASSWORD`, `-uuser:PASSWORD`,
+//!    `--user[=]user:PASSWORD` and `-x user:PASSWORD@proxy` (curl);
 //! 5. a whole argument that looks random: 24 or more characters of
 //!    base64 or base64url, mixing upper and lower case and digits the way
 //!    random text does (a key passed positionally, as in `aws configure
@@ -20,8 +29,15 @@
 //!    and about 1 in 26 random base62 keys of 24 characters (1 in 240 at
 //!    40; base64 with `+` and `/`: 1 in 10 and 1 in 200).
 //!
-//! It errs towards redacting too much: a flag such as `--key-file PATH` loses
-//! its path. Counts such as `--max-tokens 100` are kept.
+//! 6. the short flags of tools that take a secret: `-p X` of `docker`,
+//!    `podman`, `helm`, `az` (and other registry and cloud CLIs) after
+//!    `login`, of `sshpass` and `twine`; attached `-pX` of `sshpass`,
+//!    those logins and `mysql` (whose `-p db` prompts); `redis-cli -a X`;
+//!    `curl -b X`; `gh secret set NAME --body X`. Elsewhere `-p` is a port.
+//!
+//! It errs towards redacting too much: a value after a sensitive flag goes
+//! whatever it is (`--sort-key name`). Counts such as `--max-tokens 100`
+//! are kept.
 
 /// What replaces a secret.
 pub const REDACTED: &str = "[REDACTED]";
@@ -105,6 +121,7 @@ const KEY_SHAPES: &[(&str, usize)] = &[
     ("bkua_", 20),
     ("npm_", 20),
     ("GOCSPX-", 20),
+    ("pypi-", 20),
     ("xoxb-", 20),
     ("xoxp-", 20),
     ("eyJ", 20),
@@ -121,12 +138,28 @@ const ALNUM_TAILS: &[&str] = &[
     "sk_live_", "sk_test_", "rk_live_", "rk_test_", "csk-", "dop_v1_", "NRAK-", "bkua_", "npm_",
 ];
 
+/// Last words that make a sensitive name about something else: the
+/// secret's limit, id, name or file (`--token-limit 4096`, `--key-id 3`,
+/// `--secret-name prod/openai`, `--api-key-file PATH`).
+const NOT_THE_SECRET: &[&str] = &[
+    "id", "ids", "limit", "limits", "budget", "name", "names", "count", "size", "file", "files",
+    "path", "dir", "type", "length", "len", "ttl", "timeout", "env", "region", "version",
+];
+
 /// Whether `name` (a flag, header, variable or parameter name) names a secret.
 pub(super) fn is_sensitive_name(name: &str) -> bool {
     let lower = name
         .trim_matches(|c| c == '-' || c == '"' || c == '\'')
         .to_ascii_lowercase();
     if lower.is_empty() {
+        return false;
+    }
+    let mut words = lower.split(['-', '_', '.']);
+    if words.clone().count() > 1
+        && words
+            .next_back()
+            .is_some_and(|w| NOT_THE_SECRET.contains(&w))
+    {
         return false;
     }
     if SENSITIVE_NAMES.contains(&lower.as_str()) {
@@ -226,23 +259,17 @@ fn scan_token(tok: &str) -> (String, Pending) {
     let byte = |i: usize| chars.get(i).map_or(tok.len(), |(b, _)| *b);
     let mut i = 0;
     let mut copied = 0; // bytes of `tok` already in `out`
-    // Rule 2: https://user:PASSWORD@host
-    if let Some(scheme_end) = tok.find("://") {
-        let auth_start = scheme_end + 3;
-        let host_end = tok[auth_start..]
-            .find('/')
-            .map_or(tok.len(), |e| auth_start + e);
-        if let Some(at_rel) = tok[auth_start..host_end].rfind('@')
-            && let Some(colon_rel) = tok[auth_start..auth_start + at_rel].find(':')
-        {
-            out.push_str(&tok[..auth_start + colon_rel + 1]);
-            out.push_str(REDACTED);
-            copied = auth_start + at_rel;
-            i = chars
-                .iter()
-                .position(|(b, _)| *b >= copied)
-                .unwrap_or(chars.len());
-        }
+    // Rule 2: https://user:PASSWORD@host, https://TOKEN@host
+    if let Some(scheme_end) = tok.find("://")
+        && let Some((secret_start, secret_end)) = url_secret(tok, scheme_end + 3)
+    {
+        out.push_str(&tok[..secret_start]);
+        out.push_str(REDACTED);
+        copied = secret_end;
+        i = chars
+            .iter()
+            .position(|(b, _)| *b >= copied)
+            .unwrap_or(chars.len());
     }
     while i < chars.len() {
         let Some(c) = at(i) else { break };
@@ -268,11 +295,25 @@ fn scan_token(tok: &str) -> (String, Pending) {
             i = j;
             continue;
         }
-        if matches!(at(j), Some('"' | '\'')) {
+        let quoted = matches!(at(j), Some('"' | '\''));
+        if quoted {
             j += 1;
         }
         let value_start = j;
-        while at(j).is_some_and(|c| !is_value_end(c)) {
+        // `--password=X` or `API_KEY=X` as a whole argument: the shell's
+        // quoting is gone, so `;`, `,`, `)` and `&` are the value's own.
+        // Only a closing quote at the very end is kept (an argument that
+        // was one word of a longer quoted string).
+        let whole_argument = !quoted
+            && at(j - 1) == Some('=')
+            && tok[..byte(start)].chars().all(|c| c == '"' || c == '\'');
+        if whole_argument {
+            j = chars.len();
+            while j > value_start && matches!(at(j - 1), Some('"' | '\'')) {
+                j -= 1;
+            }
+        }
+        while !whole_argument && at(j).is_some_and(|c| !is_value_end(c)) {
             j += 1;
         }
         let value = &tok[byte(value_start)..byte(j)];
@@ -295,6 +336,36 @@ fn scan_token(tok: &str) -> (String, Pending) {
     }
     out.push_str(&tok[copied..]);
     (out, pending)
+}
+
+/// The byte range of the secret in a URL's user info, the authority
+/// starting at `auth_start`: the password of `user:PASSWORD@host` (a `/`
+/// in it too, as people write them unescaped: `postgres://u:pa/ss@db`,
+/// though not where what follows the colon is a port, `host:8080/a/@b`),
+/// or a user part that is a token by itself (`https://TOKEN@host`: 20
+/// characters or more with letters and digits).
+fn url_secret(tok: &str, auth_start: usize) -> Option<(usize, usize)> {
+    let rest = &tok[auth_start..];
+    let host_end = rest.find('/').unwrap_or(rest.len());
+    if let Some(at) = rest[..host_end].rfind('@') {
+        let info = &rest[..at];
+        return match info.find(':') {
+            Some(colon) => Some((auth_start + colon + 1, auth_start + at)),
+            None => (info.len() >= 20
+                && info.bytes().any(|b| b.is_ascii_digit())
+                && info.bytes().any(|b| b.is_ascii_alphabetic()))
+            .then_some((auth_start, auth_start + at)),
+        };
+    }
+    // An `@` past the first `/`: a password with a `/` in it, or a path.
+    let at = rest[..rest.find(['?', '#']).unwrap_or(rest.len())].rfind('@')?;
+    let info = &rest[..at];
+    let colon = info.find(':')?;
+    let password = &info[colon + 1..];
+    let first = password.split('/').next().unwrap_or("");
+    let port = !first.is_empty() && first.bytes().all(|b| b.is_ascii_digit());
+    (!info[..colon].contains('/') && !port && !password.is_empty())
+        .then_some((auth_start + colon + 1, auth_start + at))
 }
 
 /// Rule 3: replaces every key-shaped run in `s`.
@@ -422,12 +493,101 @@ fn is_flag(tok: &str) -> bool {
     tok.len() > 1 && tok.starts_with('-') && !tok[1..].starts_with(|c: char| c.is_ascii_digit())
 }
 
+/// Tools whose short flags carry a secret (rule 6), and what arms them.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Tool {
+    /// Registry and cloud logins: `-p PASSWORD` after `login`.
+    Login { armed: bool },
+    /// `sshpass -p PASSWORD`, `sshpass -pPASSWORD`.
+    Sshpass,
+    /// `twine upload -p PASSWORD`.
+    Twine,
+    /// `mysql -pPASSWORD` (attached only: `-p db` prompts).
+    Mysql,
+    /// `redis-cli -a PASSWORD`.
+    RedisCli,
+    /// `curl -b COOKIES`, `curl -x user:PASSWORD@proxy`.
+    Curl,
+    /// `gh secret set NAME --body VALUE` (`-b`), once `secret` is seen.
+    Gh { armed: bool },
+}
+
+impl Tool {
+    /// The tool an argument runs, by its file name.
+    fn named(tok: &str) -> Option<Tool> {
+        let name = tok.trim_matches(|c| c == '"' || c == '\'');
+        let name = name.rsplit('/').next().unwrap_or(name);
+        Some(match name {
+            "docker" | "podman" | "buildah" | "skopeo" | "nerdctl" | "helm" | "oras" | "crane"
+            | "regctl" | "az" | "cf" => Tool::Login { armed: false },
+            "sshpass" => Tool::Sshpass,
+            "twine" => Tool::Twine,
+            "mysql" | "mysqldump" | "mysqladmin" | "mysqlimport" | "mysqlcheck" | "mariadb"
+            | "mariadb-dump" => Tool::Mysql,
+            "redis-cli" | "valkey-cli" => Tool::RedisCli,
+            "curl" => Tool::Curl,
+            "gh" => Tool::Gh { armed: false },
+            _ => return None,
+        })
+    }
+
+    /// After `tok`, an argument of this tool that is not a flag's value:
+    /// `None` once the tool runs another program (`sshpass -p X ssh -p 22`).
+    fn after(self, tok: &str) -> Option<Tool> {
+        Some(match (self, tok) {
+            (Tool::Login { .. }, "login" | "auth") => Tool::Login { armed: true },
+            (Tool::Gh { .. }, "secret") => Tool::Gh { armed: true },
+            (Tool::Sshpass, _) => return None,
+            (t, _) => t,
+        })
+    }
+
+    /// Whether `flag`, given alone, takes a secret as the next argument.
+    fn takes_secret(self, flag: &str) -> Option<Pending> {
+        match (self, flag) {
+            (Tool::Login { armed: true } | Tool::Sshpass | Tool::Twine, "-p") => {
+                Some(Pending::Value)
+            }
+            (Tool::RedisCli, "-a") => Some(Pending::Value),
+            (Tool::Curl, "-b") => Some(Pending::Cookie),
+            (Tool::Gh { armed: true }, "-b" | "--body") => Some(Pending::Value),
+            _ => None,
+        }
+    }
+
+    /// The length of a flag that carries its secret attached (`-pX`).
+    fn attached_secret(self, tok: &str) -> Option<usize> {
+        let attached = matches!(
+            self,
+            Tool::Sshpass | Tool::Mysql | Tool::Login { armed: true }
+        );
+        (attached && tok.len() > 2 && tok.starts_with("-p") && !tok.contains('=')).then_some(2)
+    }
+}
+
+/// The trailing name of `tok` (`OpenAI(api_key` → `api_key`).
+fn trailing_name(tok: &str) -> &str {
+    let start = tok
+        .char_indices()
+        .rev()
+        .find(|(_, c)| !is_ident(*c))
+        .map_or(0, |(i, c)| i + c.len_utf8());
+    &tok[start..]
+}
+
 /// Redacts secrets in a command line (see the module docs for the rules).
 pub fn redact_cmdline(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 16);
     let mut pending = Pending::None;
     // The previous token was curl's `-u`: this one is `user:password`.
     let mut user_flag = false;
+    // The previous token was curl's `-x`: this one may be
+    // `user:password@proxy`.
+    let mut proxy_flag = false;
+    // The previous token ended with a sensitive name (`OpenAI(api_key`):
+    // a lone `=` or `:` makes the next token its value.
+    let mut named: Option<Pending> = None;
+    let mut tool: Option<Tool> = None;
     let mut rest = s;
     while !rest.is_empty() {
         let ws = rest
@@ -442,6 +602,10 @@ pub fn redact_cmdline(s: &str) -> String {
         let tok = &rest[..end];
         rest = &rest[end..];
 
+        // A flag is never a value: `--password-stdin -u me`.
+        if pending != Pending::None && is_flag(tok) {
+            pending = Pending::None;
+        }
         if pending != Pending::None {
             if pending == Pending::Auth && is_scheme(tok) {
                 out.push_str(tok);
@@ -462,9 +626,64 @@ pub fn redact_cmdline(s: &str) -> String {
             continue;
         }
 
+        if let Some(p) = named.take()
+            && matches!(tok, "=" | ":")
+        {
+            out.push_str(tok);
+            pending = p;
+            continue;
+        }
+        if let Some(t) = Tool::named(tok) {
+            tool = Some(t);
+        } else if let Some(t) = tool
+            && !is_flag(tok)
+        {
+            tool = t.after(tok);
+        }
+        if let Some(p) = tool.and_then(|t| t.takes_secret(tok)) {
+            out.push_str(tok);
+            pending = p;
+            continue;
+        }
+        if let Some(n) = tool.and_then(|t| t.attached_secret(tok)) {
+            out.push_str(&tok[..n]);
+            out.push_str(REDACTED);
+            continue;
+        }
         if is_flag(tok) && !tok.contains(['=', ':']) && is_sensitive_name(tok) {
             out.push_str(tok);
             pending = pending_for(tok);
+            continue;
+        }
+        // curl's `-uUSER:PASSWORD`, `--user=USER:PASSWORD`.
+        if let Some(value) = ["--user=", "--proxy-user=", "-u"]
+            .iter()
+            .find_map(|f| tok.strip_prefix(f).filter(|v| !v.is_empty()))
+            && let Some((user, _)) = value.split_once(':')
+        {
+            out.push_str(&tok[..tok.len() - value.len()]);
+            out.push_str(user);
+            out.push(':');
+            out.push_str(REDACTED);
+            continue;
+        }
+        if proxy_flag {
+            proxy_flag = false;
+            if let Some((info, host)) = tok.rsplit_once('@')
+                && let Some((user, _)) = info.split_once(':')
+                && !tok.contains("://")
+            {
+                out.push_str(user);
+                out.push(':');
+                out.push_str(REDACTED);
+                out.push('@');
+                out.push_str(host);
+                continue;
+            }
+        }
+        if matches!(tok, "-x" | "--proxy" | "--preproxy") {
+            out.push_str(tok);
+            proxy_flag = true;
             continue;
         }
         if user_flag {
@@ -488,6 +707,10 @@ pub fn redact_cmdline(s: &str) -> String {
         let (scanned, next) = scan_token(tok);
         out.push_str(&redact_key_shapes(&scanned));
         pending = next;
+        let name = trailing_name(tok);
+        if pending == Pending::None && is_sensitive_name(name) && !is_flag(tok) {
+            named = Some(pending_for(name));
+        }
         if pending == Pending::None
             && tok
                 .trim_matches(|c| c == '"' || c == '\'')
@@ -788,6 +1011,106 @@ mod tests {
             &["p9Xk2LmQ7vR4tN8wZc1Hy6Bf3Jd5Gs0A"],
             &["tool", " x"],
         ),
+        // `name=value` at the start of an argument: the shell's quoting is
+        // gone, so the value runs to the argument's end, `;`, `,`, `)` and
+        // all.
+        (
+            "mysql --password=Ab3;xY9)zQ!w db",
+            &["Ab3", "xY9", "zQ!w"],
+            &["--password=", " db"],
+        ),
+        (
+            "tool --api-key=k1,k2-secondkeypart run",
+            &["k1", "secondkeypart"],
+            &["--api-key=", " run"],
+        ),
+        (
+            "psql \"host=db password=Pa,ss&word\" -c x",
+            &["Pa,", "ss&word"],
+            &["\"host=db password=", "\" -c x"],
+        ),
+        // Short flags of tools that take a password with them.
+        (
+            "docker login -u me -p hunter2-correct-horse registry.example.com",
+            &["hunter2-correct-horse"],
+            &["-u me -p ", " registry.example.com"],
+        ),
+        (
+            "az login --service-principal -u app-id -p abc8Q~xyzSECRETpart --tenant t",
+            &["abc8Q~xyzSECRETpart"],
+            &["-p ", " --tenant t"],
+        ),
+        (
+            "sshpass -p Hunter2secret ssh -p 2222 host",
+            &["Hunter2secret"],
+            &["sshpass -p ", " ssh -p 2222 host"],
+        ),
+        (
+            "sshpass -pHunter2secret ssh host",
+            &["Hunter2secret"],
+            &["sshpass -p", " ssh host"],
+        ),
+        (
+            "redis-cli -a Hunter2secret ping",
+            &["Hunter2secret"],
+            &["redis-cli -a ", " ping"],
+        ),
+        (
+            "mysql -uroot -pHunter2secret db",
+            &["Hunter2secret"],
+            &["mysql -uroot -p", " db"],
+        ),
+        (
+            "twine upload -u __token__ -p pypi-AgEIcHlwaS5vcmcSECRETpart dist/x.whl",
+            &["AgEIcHlwaS5vcmcSECRETpart"],
+            &["-u __token__ -p ", " dist/x.whl"],
+        ),
+        (
+            "x pypi-AgEIcHlwaS5vcmcSECRETpart",
+            &["AgEIcHlwaS5vcmcSECRETpart"],
+            &["x "],
+        ),
+        (
+            "curl -uci:Hunter2secret https://h",
+            &["Hunter2secret"],
+            &["curl -uci:", " https://h"],
+        ),
+        (
+            "curl --user=ci:Hunter2secret --proxy-user=p:Hunter3secret https://h",
+            &["Hunter2secret", "Hunter3secret"],
+            &["--user=ci:", "--proxy-user=p:", " https://h"],
+        ),
+        (
+            "curl -x u:Hunter2secret@proxy.internal:8080 https://h",
+            &["Hunter2secret"],
+            &["-x u:", "@proxy.internal:8080 https://h"],
+        ),
+        (
+            "curl -b sid=Hunter2secret https://h",
+            &["Hunter2secret"],
+            &["curl -b ", " https://h"],
+        ),
+        (
+            "gh secret set DB_PASSWORD --body Hunter2secret --repo o/r",
+            &["Hunter2secret"],
+            &["gh secret set DB_PASSWORD --body ", " --repo o/r"],
+        ),
+        (
+            "python -c OpenAI(api_key = \"Hunter2secret\")",
+            &["Hunter2secret"],
+            &["OpenAI(api_key = \""],
+        ),
+        // A URL's user info: a token alone, a password with `/` in it.
+        (
+            "git clone https://h2xkqv7aalongpersonaltoken4z@dev.azure.com/org/p",
+            &["h2xkqv7aalongpersonaltoken4z"],
+            &["git clone https://", "@dev.azure.com/org/p"],
+        ),
+        (
+            "psql postgres://u:pa/ssHunter@db/x",
+            &["pa/ssHunter", "ssHunter"],
+            &["postgres://u:", "@db/x"],
+        ),
     ];
 
     #[test]
@@ -854,6 +1177,25 @@ mod tests {
             "pytest tests/test_redact.py::test_sk_test_key_is_masked_in_logs",
             "python -c import_hf_hub_download_timeout_settings",
             "docker run csk-config-manager-service-v2",
+            // A sensitive flag with no value does not take the next flag.
+            "docker login --password-stdin -u me registry.example.com",
+            "python train.py --use_auth_token --model_name_or_path bert",
+            "tool --no-auth --model gpt-4o",
+            // Names of a secret's limits, ids, names and files are not it.
+            "tool --token-limit 4096 --token-budget 50000 --key-id 3",
+            "aws secretsmanager get-secret-value --secret-name prod/openai",
+            "tool --api-key-file /etc/keys/openai --password-file pw.txt",
+            // `-p` is a port or a prompt for these.
+            "mysql -p db",
+            "psql -h db -p 5432 -U me",
+            "redis-cli -h cache -p 6379 ping",
+            "docker run -p 8080:80 -v /a:/b nginx",
+            "ssh -p 2222 runner@host",
+            // User info that is no secret, `@` in paths, ports.
+            "npm install https://registry.npmjs.org/@types/node",
+            "curl https://host.example.com:8443/api/@scope/pkg",
+            "git clone https://git@github.com/o/r",
+            "docker pull ubuntu:22.04@sha256:0123abcd",
             "",
             "   ",
         ] {
@@ -886,6 +1228,28 @@ mod tests {
             "--monkeys",
         ] {
             assert!(!is_sensitive_name(n), "{n}");
+        }
+    }
+
+    proptest::proptest! {
+        /// Any line of these words (tools, flags, names, separators,
+        /// secrets, URLs) redacts without a panic, and a second pass
+        /// changes nothing.
+        #[test]
+        fn any_mix_is_redacted_once_and_for_all(
+            words in proptest::collection::vec(proptest::sample::select(vec![
+                "docker", "login", "sshpass", "mysql", "redis-cli", "curl", "gh", "secret",
+                "twine", "ssh", "-p", "-pX9y", "-a", "-b", "-u", "-uci:pw", "-x", "--body",
+                "--user=ci:pw", "--password", "--password=a;b)c", "--token-limit", "--api-key",
+                "api_key", "OpenAI(api_key", "=", ":", "\"", "Bearer", "Authorization:",
+                "Cookie:", "a=b;", "https://u:p/w@h/x", "https://h2xkqv7aalongpersonaltoken4z@h",
+                "postgres://u:1/2@db", "u:pw@proxy", "sk-Zq9SECRETzq9abcdefgh", "[REDACTED]",
+                "Xq7bT2mN9vLc4RzW8kPd3HsY6fJg", "value", "4096", "é", "",
+            ]), 0..12)
+        ) {
+            let line = words.join(" ");
+            let once = redact_cmdline(&line);
+            proptest::prop_assert_eq!(redact_cmdline(&once), once.clone(), "from `{}`", line);
         }
     }
 
