@@ -441,19 +441,13 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     Ok(())
 }
 
-/// How far back the ledger is read for batch results already counted:
-/// the longest any provider keeps a batch's results (Anthropic: 29 days;
-/// OpenAI keeps output files until deleted, and older ones are rarely
-/// read again).
-const BATCHES_READ_WITHIN: Duration = Duration::from_secs(30 * 24 * 3600);
-
 /// Tells the proxy which batches' results the ledger says were read, so
 /// that reading them again after this restart counts nothing. A ledger
 /// that cannot be read for it costs only that (said at warn).
 fn seed_batches_read(state: &ProxyState, cfg: &Config) {
     let path = crate::cli::ledger_path(&cfg.state_dir);
     let since = std::time::SystemTime::now()
-        .checked_sub(BATCHES_READ_WITHIN)
+        .checked_sub(crate::ledger::BATCH_READS_KEPT)
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
     let reads = crate::ledger::Ledger::open_read_only(&path)

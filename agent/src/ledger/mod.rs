@@ -24,6 +24,14 @@ use crate::meter::UsageRecord;
 pub use schema::SCHEMA_VERSION;
 pub use writer::{LedgerHandle, LedgerStats, LedgerWriter};
 
+/// How long rows of batch reads (`operation = 'batch_results'`) are kept
+/// whatever `ledger.retention_days` says, and how far back the agent reads
+/// them at start: the longest any provider keeps a batch's results
+/// (Anthropic: 29 days; OpenAI keeps output files until deleted, and older
+/// ones are rarely read again). A shorter retention would count results
+/// read again after a restart a second time.
+pub const BATCH_READS_KEPT: Duration = Duration::from_secs(30 * 24 * 3600);
+
 /// How long a writer waits for another process's lock (e.g. `sqlite3`).
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -275,7 +283,8 @@ impl Ledger {
     }
 
     /// Deletes up to `limit` of the oldest rows that started before
-    /// `cutoff_ms`, and never a row within `keep_ms` of the newest row: a
+    /// `cutoff_ms` (batch reads: before [`BATCH_READS_KEPT`] ago, if that
+    /// is earlier), and never a row within `keep_ms` of the newest row: a
     /// clock far ahead at boot (not yet synced) would otherwise take rows
     /// that are not yet past the retention. One transaction; the index on
     /// `started_at_ms` finds them. Returns how many went.
@@ -285,13 +294,20 @@ impl Ledger {
         keep_ms: i64,
         limit: usize,
     ) -> Result<usize, LedgerError> {
+        // Batch reads stay for BATCH_READS_KEPT whatever the retention:
+        // the agent reads them at start so as not to count results again.
+        let kept_ms = BATCH_READS_KEPT.as_millis() as i64;
+        let batch_cutoff_ms = cutoff_ms
+            .saturating_add(keep_ms)
+            .saturating_sub(keep_ms.max(kept_ms));
         self.conn
             .execute(
                 "DELETE FROM requests WHERE id IN \
                  (SELECT id FROM requests WHERE started_at_ms < \
                     MIN(?1, (SELECT MAX(started_at_ms) FROM requests) - ?2) \
+                  AND (operation != 'batch_results' OR started_at_ms < ?4) \
                   ORDER BY started_at_ms LIMIT ?3)",
-                rusqlite::params![cutoff_ms, keep_ms, limit as i64],
+                rusqlite::params![cutoff_ms, keep_ms, limit as i64, batch_cutoff_ms],
             )
             .map_err(|e| LedgerError::classify(&self.path, e))
     }

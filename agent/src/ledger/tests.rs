@@ -268,6 +268,45 @@ fn at(i: u64, ms: i64) -> UsageRecord {
 }
 
 #[test]
+fn batch_reads_outlive_a_short_retention_for_thirty_days() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let path = t.path().join("ledger.sqlite");
+    let now = now_ms();
+    let day = DAY_MS;
+    let mut l = Ledger::open(&path).expect("open");
+    let batch = |i: u64, ms: i64| {
+        let mut r = at(i, ms);
+        r.operation = "batch_results".into();
+        Arc::new(r)
+    };
+    let rows = vec![
+        Arc::new(at(1, now - 10 * day)),
+        batch(2, now - 10 * day),
+        batch(3, now - 40 * day),
+        Arc::new(at(4, now - 1000)),
+    ];
+    l.insert_batch(&rows).expect("insert");
+    // A 7-day retention: the request of 10 days ago goes, the batch read
+    // of 10 days ago stays (the agent reads 30 days of them at start), the
+    // one of 40 days ago goes.
+    let week = 7 * day;
+    assert_eq!(l.prune_before(now - week, week, 100).expect("prune"), 2);
+    let left: Vec<i64> = l
+        .query(&Filter::default())
+        .expect("q")
+        .iter()
+        .map(|r| r.started_at_ms)
+        .collect();
+    assert_eq!(left, vec![now - 10 * day, now - 1000]);
+    assert_eq!(
+        l.batch_reads_since(now - 30 * day, 100)
+            .expect("reads")
+            .len(),
+        1
+    );
+}
+
+#[test]
 fn rows_past_the_retention_are_deleted_in_pieces_and_newer_ones_kept() {
     let t = tempfile::tempdir().expect("tempdir");
     let path = t.path().join("ledger.sqlite");
