@@ -443,24 +443,12 @@ fn ledger(cfg: &Config) -> Outcome {
     }
     match crate::ledger::Ledger::open_read_only(&path) {
         Ok(_) => outcome(Level::Ok, "ledger", path.display().to_string()),
-        // An empty file: the first start sets it up. Another database
-        // with no schema version is not tollgate's to change.
-        Err(LedgerError::Outdated { .. })
-            if std::fs::metadata(&path).is_ok_and(|m| m.len() == 0) =>
-        {
-            outcome(
-                Level::Ok,
-                "ledger",
-                format!("{} (empty: set up at the first start)", path.display()),
-            )
-        }
+        // Empty (no table yet): the first start sets it up. Another
+        // program's database is refused as `Foreign`, below.
         Err(LedgerError::Outdated { .. }) => outcome(
-            Level::Fail,
+            Level::Ok,
             "ledger",
-            format!(
-                "{} is an SQLite database without a tollgate schema: move it away and tollgate starts a new ledger",
-                path.display()
-            ),
+            format!("{} (empty: set up at the first start)", path.display()),
         ),
         Err(e) => outcome(Level::Fail, "ledger", e.to_string()),
     }

@@ -301,18 +301,15 @@ pub fn report(cfg: &Config, args: &ReportArgs) -> Result<(), CmdError> {
         job_id: args.job_id.clone(),
         runner: args.runner.clone(),
     };
-    // A missing ledger is an empty one; an unreadable directory is an error.
+    // Read only, as root too: a report never switches, migrates or
+    // creates the file. A missing ledger, or one with no table yet, is an
+    // empty one; an unreadable directory is an error.
     let ledger = match std::fs::metadata(&path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        // Not root: read the root-owned ledger without writing it.
-        _ => Some(match Ledger::open(&path) {
-            // (SQLite may also fall back to read-only by itself.)
-            Err(
-                crate::ledger::LedgerError::Permission { .. }
-                | crate::ledger::LedgerError::ReadOnly { .. },
-            ) => Ledger::open_read_only(&path)?,
-            other => other?,
-        }),
+        _ => match Ledger::open_read_only(&path) {
+            Err(crate::ledger::LedgerError::Outdated { .. }) => None,
+            other => Some(other?),
+        },
     };
     let format = if args.json {
         ReportFormat::Json

@@ -128,6 +128,46 @@ fn report_on_an_empty_state_dir() {
 }
 
 #[test]
+fn report_changes_no_file_even_as_root() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    let cfg = dir.path().join("t.toml");
+    std::fs::write(&cfg, format!("state_dir = {state:?}\n")).unwrap();
+    let ledger = state.join("ledger.sqlite");
+    let report = || {
+        tollgate()
+            .arg("--config")
+            .arg(&cfg)
+            .arg("report")
+            .output()
+            .unwrap()
+    };
+    // An empty file (no table yet) is an empty ledger, and stays empty.
+    std::fs::write(&ledger, b"").unwrap();
+    let o = report();
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("no requests recorded"), "{}", text(&o));
+    assert_eq!(std::fs::metadata(&ledger).unwrap().len(), 0);
+    // Another program's database is refused, not taken over.
+    std::fs::remove_file(&ledger).unwrap();
+    rusqlite::Connection::open(&ledger)
+        .unwrap()
+        .execute_batch("CREATE TABLE notes (body TEXT);")
+        .unwrap();
+    let before = std::fs::read(&ledger).unwrap();
+    let o = report();
+    assert_eq!(o.status.code(), Some(69), "{}", text(&o));
+    assert!(text(&o).contains("does not change it"), "{}", text(&o));
+    assert_eq!(std::fs::read(&ledger).unwrap(), before);
+    let names: Vec<String> = std::fs::read_dir(&state)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, ["ledger.sqlite"], "nothing created beside it");
+}
+
+#[test]
 fn trust_env_creates_the_ca_and_prints_both_formats() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("t.toml");

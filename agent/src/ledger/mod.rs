@@ -72,6 +72,11 @@ pub enum LedgerError {
         path.display()
     )]
     ReadOnly { path: PathBuf },
+    #[error(
+        "{} is an SQLite database without a tollgate schema (another program's tables, or a schema version below 0); tollgate does not change it: move it away and tollgate starts a new ledger",
+        path.display()
+    )]
+    Foreign { path: PathBuf },
     #[error("cannot create the directory {}: {source}", path.display())]
     Directory {
         path: PathBuf,
@@ -108,6 +113,7 @@ impl LedgerError {
             }
             LedgerError::NotADatabase { .. }
             | LedgerError::ReadOnly { .. }
+            | LedgerError::Foreign { .. }
             | LedgerError::TooNew { .. }
             | LedgerError::Outdated { .. }
             | LedgerError::Directory { .. } => crate::exit::UNAVAILABLE,
@@ -250,7 +256,13 @@ impl Ledger {
             });
         }
         conn.busy_timeout(BUSY_TIMEOUT).map_err(err)?;
-        // The first statement that reads the file: a non-SQLite file fails here.
+        // The first statement that reads the file: a non-SQLite file fails
+        // here; another program's database is left as it is.
+        if schema::foreign(&conn).map_err(err)? {
+            return Err(LedgerError::Foreign {
+                path: path.to_path_buf(),
+            });
+        }
         let mode: String = conn
             .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
             .map_err(err)?;
@@ -354,6 +366,11 @@ impl Ledger {
             .map_err(err)?
         };
         let found = version(&conn).map_err(err)?;
+        if schema::foreign(&conn).map_err(err)? {
+            return Err(LedgerError::Foreign {
+                path: path.to_path_buf(),
+            });
+        }
         if found > SCHEMA_VERSION && !schema::newer_but_compatible(&conn) {
             return Err(LedgerError::TooNew {
                 path: path.to_path_buf(),

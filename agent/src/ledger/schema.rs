@@ -147,6 +147,23 @@ impl From<rusqlite::Error> for MigrateError {
     }
 }
 
+/// Whether the file is another program's SQLite database: a schema
+/// version below 0, or version 0 with tables already in it (every
+/// migration step and its version are one transaction, so tollgate never
+/// leaves tables at version 0). Such a file is never changed.
+pub fn foreign(conn: &Connection) -> rusqlite::Result<bool> {
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if version != 0 {
+        return Ok(version < 0);
+    }
+    let tables: i64 = conn.query_row(
+        "SELECT count(*) FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'",
+        [],
+        |r| r.get(0),
+    )?;
+    Ok(tables > 0)
+}
+
 /// Brings the schema to `SCHEMA_VERSION`, one transaction per step.
 pub fn migrate(conn: &mut Connection) -> Result<(), MigrateError> {
     let mut version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;

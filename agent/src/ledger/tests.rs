@@ -614,6 +614,45 @@ fn a_file_that_is_not_sqlite_is_a_clear_error() {
     assert!(LedgerWriter::start(&path, 8, 1 << 20).is_err());
 }
 
+#[test]
+fn another_programs_database_is_refused_and_left_as_it_was() {
+    let t = tempfile::tempdir().expect("tempdir");
+    for (name, setup) in [
+        (
+            "tables",
+            "CREATE TABLE notes (body TEXT); INSERT INTO notes VALUES ('x');",
+        ),
+        ("negative", "PRAGMA user_version = -1;"),
+    ] {
+        let path = t.path().join(format!("{name}.sqlite"));
+        rusqlite::Connection::open(&path)
+            .expect("sqlite")
+            .execute_batch(setup)
+            .expect("setup");
+        let before = std::fs::read(&path).expect("read");
+        for e in [
+            Ledger::open(&path).err(),
+            Ledger::open_read_only(&path).err(),
+        ] {
+            let e = e.expect("refused");
+            assert!(matches!(e, LedgerError::Foreign { .. }), "{name}: {e:?}");
+            assert!(e.to_string().contains("does not change it"), "{e}");
+            assert_eq!(e.exit_code(), crate::exit::UNAVAILABLE);
+        }
+        assert!(LedgerWriter::start(&path, 8, 1 << 20).is_err());
+        // Not switched to WAL, not migrated: the same bytes.
+        assert_eq!(std::fs::read(&path).expect("read"), before, "{name}");
+        assert!(!t.path().join(format!("{name}.sqlite-wal")).exists());
+    }
+    // An SQLite file with no table yet is tollgate's to set up.
+    let path = t.path().join("empty.sqlite");
+    rusqlite::Connection::open(&path)
+        .expect("sqlite")
+        .execute_batch("CREATE TABLE t (x); DROP TABLE t;")
+        .expect("setup");
+    Ledger::open(&path).expect("set up");
+}
+
 /// A ledger as a later tollgate would leave it: schema one newer, with a
 /// column this build does not know, saying it is compatible back to
 /// `oldest`.
