@@ -55,6 +55,13 @@ const UNPRICED_WARNINGS: usize = 64;
 
 /// How long a client may take to send its ClientHello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a connection that has not sent its first request when the
+/// drain begins may take to send it (one request is then served).
+const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(2);
+/// Longest wait for a connection's attribution (/proc reads, which a
+/// process whose memory map is locked can hold up): past it the
+/// connection goes on with what the kernel said at connect time.
+const ATTRIBUTION_TIMEOUT: Duration = Duration::from_secs(2);
 /// Strikes after which a client (see [`ClientKey`]) passes through.
 const UNTRUSTED: u8 = 2;
 /// Clients remembered at most (the key holds a path a job chooses).
@@ -255,8 +262,17 @@ impl ProxyState {
     ) -> Self {
         let background = TaskTracker::new();
         let mut http = auto::Builder::new(TrackedExecutor(background.clone()));
-        http.http1().timer(hyper_util::rt::TokioTimer::new());
-        http.http2().timer(hyper_util::rt::TokioTimer::new());
+        // A client that sends its request and then shuts its writing side
+        // still gets its answer, as it would from the provider.
+        http.http1()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .half_close(true);
+        // An HTTP/2 client gone silent (a host that vanished) is found by
+        // pings and its connection closed, instead of held for ever.
+        http.http2()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .keep_alive_interval(Some(Duration::from_secs(60)))
+            .keep_alive_timeout(Duration::from_secs(20));
         ProxyState {
             origins,
             ca,
@@ -615,15 +631,22 @@ async fn handle_conn(state: Arc<ProxyState>, tcp: TcpStream, peer: SocketAddr) {
                 comm: origin.comm.clone(),
                 connected_boot_ns: origin.connected_boot_ns,
             };
-            tokio::task::spawn_blocking(move || st.attributor.attribute(&caller))
-                .await
-                .unwrap_or_else(|_| crate::meter::Attribution {
-                    pid: origin.tgid,
-                    uid: origin.uid,
-                    cgroup_id: origin.cgroup_id,
-                    comm: origin.comm.clone(),
-                    ..Default::default()
-                })
+            let read = tokio::task::spawn_blocking(move || st.attributor.attribute(&caller));
+            match tokio::time::timeout(ATTRIBUTION_TIMEOUT, read).await {
+                Ok(Ok(who)) => who,
+                outcome => {
+                    if outcome.is_err() {
+                        warn!(pid = origin.tgid, "reading the process's details took too long; the connection goes on with what the kernel saw at connect time");
+                    }
+                    crate::meter::Attribution {
+                        pid: origin.tgid,
+                        uid: origin.uid,
+                        cgroup_id: origin.cgroup_id,
+                        comm: origin.comm.clone(),
+                        ..Default::default()
+                    }
+                }
+            }
         };
         let key = ClientKey::of(&who, &origin.comm, &provider.host);
         if state.untrusted.passes_through(&key) {
@@ -679,7 +702,15 @@ async fn handle_conn(state: Arc<ProxyState>, tcp: TcpStream, peer: SocketAddr) {
             who: who.into(),
             provider,
         });
-        let service = hyper::service::service_fn(move |req| http::handle(ctx.clone(), req));
+        // Whether the connection's first request has come (see below).
+        let first = Arc::new(tokio::sync::Notify::new());
+        let service = {
+            let first = first.clone();
+            hyper::service::service_fn(move |req| {
+                first.notify_one();
+                http::handle(ctx.clone(), req)
+            })
+        };
         let conn = state
             .http
             .serve_connection_with_upgrades(TokioIo::new(tls), service)
@@ -688,6 +719,20 @@ async fn handle_conn(state: Arc<ProxyState>, tcp: TcpStream, peer: SocketAddr) {
         let ended = tokio::select! {
             r = conn.as_mut() => Some(r),
             _ = state.draining.cancelled() => None,
+        };
+        // A connection accepted as the drain began (queued, or in its
+        // handshake) has not sent its request yet, and a graceful shutdown
+        // now would close it unread (hyper cancels a connection still
+        // telling HTTP/1 from HTTP/2): the client, its handshake done,
+        // would see the connection close. It gets a moment to send it.
+        let ended = match ended {
+            None => tokio::select! {
+                r = conn.as_mut() => Some(r),
+                _ = first.notified() => None,
+                _ = tokio::time::sleep(FIRST_REQUEST_GRACE) => None,
+                _ = state.stopping.cancelled() => None,
+            },
+            ended => ended,
         };
         let ended = match ended {
             Some(r) => r,
@@ -1104,6 +1149,109 @@ mod tests {
             "asked by the client's address and the listener address"
         );
         (recorder, state, got)
+    }
+
+    /// A client of the agent for `host`, its connection taken by
+    /// `handle_conn` on `state`, with the TLS handshake done (HTTP/1.1).
+    async fn intercepted_client(
+        state: Arc<ProxyState>,
+        agent_ca: &LocalCa,
+        host: &str,
+    ) -> (
+        tokio_rustls::client::TlsStream<TcpStream>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let agent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = agent.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let (tcp, peer) = agent.accept().await.unwrap();
+            handle_conn(state, tcp, peer).await;
+        });
+        let mut config = upstream::client_config(Some(agent_ca.cert_path())).unwrap();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(
+                rustls::pki_types::ServerName::try_from(host.to_owned()).unwrap(),
+                TcpStream::connect(addr).await.unwrap(),
+            )
+            .await
+            .expect("the agent's handshake");
+        (tls, task)
+    }
+
+    /// An agent state whose one provider, `host`, answers at an echo
+    /// server: (state, the agent's CA, the server).
+    async fn intercepting(
+        host: &str,
+    ) -> (
+        Arc<ProxyState>,
+        LocalCa,
+        upstream::tests::EchoServer,
+        tempfile::TempDir,
+    ) {
+        let server = upstream::tests::echo_server(host).await;
+        let dir = tempfile::tempdir().unwrap();
+        let (ca, _) = LocalCa::load_or_create(dir.path(), &[host.to_owned()]).unwrap();
+        let (agent_ca, _) = LocalCa::load_or_create(dir.path(), &[host.to_owned()]).unwrap();
+        let state = ProxyState::new(
+            Arc::new(Recorder {
+                dst: server.addr,
+                known: true,
+                asked: StdMutex::default(),
+                forgotten: StdMutex::default(),
+            }),
+            Arc::new(ca),
+            Upstream::new(Some(server.ca.cert_path())).unwrap(),
+            vec![ProviderHost {
+                host: host.to_owned(),
+                api: crate::config::ApiKind::Openai,
+                refuses_stream_options: false,
+            }],
+            Attributor::new("/proc".into()),
+            Arc::new(Discard),
+            1 << 20,
+        );
+        (Arc::new(state), agent_ca, server, dir)
+    }
+
+    const GET_MODELS: &[u8] =
+        b"GET /v1/models HTTP/1.1\r\nhost: api.openai.com\r\nconnection: close\r\n\r\n";
+
+    #[tokio::test]
+    async fn a_connection_whose_request_comes_after_the_drain_began_is_served() {
+        let host = "api.openai.com";
+        let (state, agent_ca, server, _dir) = intercepting(host).await;
+        // The drain has begun by the time the client's request arrives (a
+        // connection queued, or in its handshake, at SIGTERM).
+        state.draining.cancel();
+        let (mut tls, task) = intercepted_client(state.clone(), &agent_ca, host).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        tls.write_all(GET_MODELS).await.unwrap();
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(30), tls.read_to_end(&mut got)).await;
+        let got = String::from_utf8_lossy(&got);
+        assert!(got.starts_with("HTTP/1.1 200"), "answered: {got:?}");
+        assert_eq!(server.served.load(Ordering::SeqCst), 1);
+        tokio::time::timeout(Duration::from_secs(30), task)
+            .await
+            .expect("then the connection ends")
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_client_that_shuts_its_writing_side_after_the_request_gets_the_answer() {
+        let host = "api.openai.com";
+        let (state, agent_ca, server, _dir) = intercepting(host).await;
+        let (mut tls, task) = intercepted_client(state.clone(), &agent_ca, host).await;
+        tls.write_all(GET_MODELS).await.unwrap();
+        // close_notify, then the TCP write side.
+        tls.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(30), tls.read_to_end(&mut got)).await;
+        let got = String::from_utf8_lossy(&got);
+        assert!(got.starts_with("HTTP/1.1 200"), "answered: {got:?}");
+        assert_eq!(server.served.load(Ordering::SeqCst), 1);
+        let _ = tokio::time::timeout(Duration::from_secs(30), task).await;
     }
 
     #[tokio::test]

@@ -827,7 +827,17 @@ fn adapt_h1(req: &mut Request<ProxyBody>, authority: &str) {
 }
 
 fn adapt_h2(req: &mut Request<ProxyBody>, authority: &str) {
+    // `te: trailers` is the one TE that HTTP/2 allows (RFC 9113 §8.2.2),
+    // and gRPC servers refuse a request without it.
+    let trailers = req
+        .headers()
+        .get(header::TE)
+        .is_some_and(|v| v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"trailers"));
     strip_hop_by_hop(req.headers_mut());
+    if trailers {
+        req.headers_mut()
+            .insert(header::TE, HeaderValue::from_static("trailers"));
+    }
     req.headers_mut().remove(header::HOST);
     let pq = req
         .uri()
@@ -841,7 +851,7 @@ fn adapt_h2(req: &mut Request<ProxyBody>, authority: &str) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -855,6 +865,24 @@ mod tests {
         assert!(h.get("x-foo").is_none());
         assert!(h.get(header::TRANSFER_ENCODING).is_none());
         assert_eq!(h.get("x-bar").unwrap(), "2");
+    }
+
+    #[test]
+    fn te_trailers_goes_on_to_an_http2_upstream_and_no_other_te() {
+        let req = |te: &str| {
+            let mut r = Request::new(ProxyBody::default());
+            r.headers_mut().insert(header::TE, te.parse().unwrap());
+            r
+        };
+        let mut r = req("trailers");
+        adapt_h2(&mut r, "api.example.com");
+        assert_eq!(r.headers().get(header::TE).unwrap(), "trailers");
+        let mut r = req("gzip, trailers");
+        adapt_h2(&mut r, "api.example.com");
+        assert!(r.headers().get(header::TE).is_none());
+        let mut r = req("trailers");
+        adapt_h1(&mut r, "api.example.com");
+        assert!(r.headers().get(header::TE).is_none());
     }
 
     #[test]
@@ -897,10 +925,10 @@ mod tests {
 
     /// A TLS server for `host` (a leaf from the agent's own CA) that
     /// echoes each request's body with a 200, counting requests.
-    struct EchoServer {
-        addr: SocketAddr,
-        served: Arc<AtomicUsize>,
-        ca: crate::ca::LocalCa,
+    pub(crate) struct EchoServer {
+        pub(crate) addr: SocketAddr,
+        pub(crate) served: Arc<AtomicUsize>,
+        pub(crate) ca: crate::ca::LocalCa,
         _dir: tempfile::TempDir,
         task: tokio::task::JoinHandle<()>,
     }
@@ -911,7 +939,7 @@ mod tests {
         }
     }
 
-    async fn echo_server(host: &str) -> EchoServer {
+    pub(crate) async fn echo_server(host: &str) -> EchoServer {
         use http_body_util::{BodyExt, Full};
         let dir = tempfile::tempdir().unwrap();
         let (ca, _) = crate::ca::LocalCa::load_or_create(dir.path(), &[host.to_string()])
