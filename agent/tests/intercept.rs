@@ -597,6 +597,29 @@ fn a_cgroup_that_does_not_exist_yet_is_attached_once_created() {
     );
 }
 
+/// A full set of addresses can be replaced by another full set (a
+/// refresh near the bound: the stale ones must go before the new come in).
+/// Map entries only: no connection is made to any of them.
+#[test]
+#[ignore = "needs root, cgroup v2 and BPF"]
+fn a_full_target_set_is_replaced_by_another() {
+    let cg = ChildCgroup::create("full");
+    let agent = Agent::bind();
+    let set = |base: u8| -> BTreeSet<SocketAddr> {
+        (0..agent_common::MAX_TARGETS)
+            .map(|i| {
+                let ip = Ipv4Addr::new(127, base, (i >> 8) as u8, i as u8);
+                SocketAddr::from((ip, 443))
+            })
+            .collect()
+    };
+    let intercept = attach(&cg, &agent, &[]);
+    intercept.set_targets(&set(201)).expect("a full set");
+    intercept
+        .set_targets(&set(202))
+        .expect("another full set in its place");
+}
+
 /// The agent's own connects are left alone, UDP included: glibc ranks the
 /// addresses of the agent's lookups with UDP connects (nothing is sent),
 /// which are not a job's QUIC and are not counted as refused.

@@ -348,19 +348,15 @@ impl Intercept {
         }
     }
 
-    /// Replaces the set of redirected provider addresses (diff: insert new,
-    /// delete stale), live.
+    /// Replaces the set of redirected provider addresses (diff: delete
+    /// stale, insert new), live.
     pub fn set_targets(&self, targets: &BTreeSet<SocketAddr>) -> Result<(), InterceptError> {
         let wanted: HashSet<AddrPort> = targets.iter().map(|a| keys::key_of(*a)).collect();
         let mut t = lock(&self.targets);
         let stale: Vec<AddrPort> = t.current.difference(&wanted).copied().collect();
         let new: Vec<AddrPort> = wanted.difference(&t.current).copied().collect();
-        for key in &new {
-            t.map.insert(key, target_flags::REDIRECT, 0).map_err(|e| {
-                InterceptError::bpf("adding a provider address to PROVIDER_TARGETS", &e)
-            })?;
-            t.current.insert(*key);
-        }
+        // Stale ones first: with the map near its bound (MAX_TARGETS), an
+        // insert before them would fail, and every later refresh with it.
         for key in &stale {
             match t.map.remove(key) {
                 Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
@@ -373,6 +369,12 @@ impl Intercept {
                 }
             }
             t.current.remove(key);
+        }
+        for key in &new {
+            t.map.insert(key, target_flags::REDIRECT, 0).map_err(|e| {
+                InterceptError::bpf("adding a provider address to PROVIDER_TARGETS", &e)
+            })?;
+            t.current.insert(*key);
         }
         if !new.is_empty() || !stale.is_empty() {
             tracing::debug!(
