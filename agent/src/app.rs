@@ -190,6 +190,39 @@ pub fn sd_notify(state: &str) {
     }
 }
 
+/// How often to tell systemd the agent is alive, when its unit sets
+/// `WatchdogSec=` (systemd passes `WATCHDOG_USEC`, and `WATCHDOG_PID` when
+/// the watchdog is another process's): a third of the timeout. `None`
+/// when there is no watchdog for this process.
+fn watchdog_interval(usec: Option<&str>, pid: Option<&str>, me: u32) -> Option<Duration> {
+    if pid.is_some_and(|p| p.trim().parse::<u32>().ok() != Some(me)) {
+        return None;
+    }
+    let usec: u64 = usec?.trim().parse().ok().filter(|&u| u > 0)?;
+    Some(Duration::from_micros(usec / 3).max(Duration::from_millis(10)))
+}
+
+/// Feeds systemd's watchdog from the async runtime that serves every
+/// connection: a worker wedged (a deadlock, a task that never yields) or
+/// the process stopped starves it, and systemd kills the agent, which takes
+/// its programs with it, so jobs' connections go direct again instead of
+/// to a listener nobody serves (fail open).
+fn spawn_watchdog() -> Option<tokio::task::JoinHandle<()>> {
+    let every = watchdog_interval(
+        std::env::var("WATCHDOG_USEC").ok().as_deref(),
+        std::env::var("WATCHDOG_PID").ok().as_deref(),
+        std::process::id(),
+    )?;
+    Some(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            sd_notify("WATCHDOG=1");
+        }
+    }))
+}
+
 pub(crate) fn parse_overrides(cfg: &Config) -> BTreeMap<String, Vec<SocketAddr>> {
     cfg.resolver
         .overrides
@@ -395,6 +428,7 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         "ready"
     );
     sd_notify("READY=1");
+    let watchdog = spawn_watchdog();
 
     tokio::select! {
         _ = term.recv() => info!("SIGTERM: shutting down"),
@@ -430,11 +464,16 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     // or a run shorter than the export interval would end with none.
     let _ = health();
     drop(state);
+    // systemd stops watching once the stop begins; a stop that takes long
+    // is TimeoutStopSec's business.
     let written = ledger_writer.shutdown(Duration::from_secs(30));
     // The exporters' last export and the audit log's flush happen whatever
     // the ledger's outcome.
     if let Err(e) = exporter.shutdown(Duration::from_secs(10)).await {
         warn!(error = %e, "export shutdown");
+    }
+    if let Some(w) = watchdog {
+        w.abort();
     }
     let written = written?;
     info!(records = written, "ledger flushed; bye");
@@ -556,6 +595,23 @@ fn bind_v6_only(addr: SocketAddr) -> std::io::Result<TcpListener> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_watchdog_is_fed_three_times_per_timeout_for_this_process_only() {
+        use super::watchdog_interval as w;
+        use std::time::Duration;
+        assert_eq!(w(Some("30000000"), None, 7), Some(Duration::from_secs(10)));
+        assert_eq!(
+            w(Some("30000000"), Some("7"), 7),
+            Some(Duration::from_secs(10))
+        );
+        assert_eq!(w(Some("30000000"), Some("8"), 7), None, "another's");
+        assert_eq!(w(None, None, 7), None, "no watchdog");
+        for bad in ["0", "", "x", "-5"] {
+            assert_eq!(w(Some(bad), None, 7), None, "{bad:?}");
+        }
+        assert_eq!(w(Some("3"), None, 7), Some(Duration::from_millis(10)));
+    }
+
     use super::*;
 
     #[tokio::test]

@@ -31,6 +31,8 @@ pub struct AgentOptions {
     /// agent is stopped (SIGSTOP) there, signalled, and continued, so the
     /// signal lands at that point of start-up whatever the machine's speed.
     pub sigterm_at: Option<&'static str>,
+    /// More environment for the agent (`NOTIFY_SOCKET`, ...).
+    pub env: Vec<(String, String)>,
 }
 
 pub struct Agent {
@@ -101,6 +103,7 @@ impl Agent {
             });
         }
         let mut child = cmd
+            .envs(opts.env.iter().map(|(k, v)| (k, v)))
             .arg("--config")
             .arg(&config_path)
             .arg("run")

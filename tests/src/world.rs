@@ -143,6 +143,7 @@ impl World {
             join_cgroup: agent_in_cgroup,
             listen: listen.map(str::to_owned),
             sigterm_at,
+            env: Vec::new(),
         });
         World {
             agent,

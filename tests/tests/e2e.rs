@@ -406,6 +406,48 @@ fn sigkill_fails_open() {
     );
 }
 
+/// Under systemd (`Type=notify`, `WatchdogSec=`): the agent says it is
+/// ready, feeds the watchdog while it runs, and says it is stopping.
+#[test]
+#[ignore = "needs root, cgroup v2 and BPF"]
+fn under_systemd_the_agent_says_ready_feeds_the_watchdog_and_says_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    use tollgate_e2e::agent::{Agent, AgentOptions};
+    let cg = tollgate_e2e::cgroup::TestCgroup::create("watchdog");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify");
+    let sock = UnixDatagram::bind(&path).expect("the notify socket");
+    sock.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut agent = Agent::start(AgentOptions {
+        cgroup: cg.path().to_path_buf(),
+        env: vec![
+            ("NOTIFY_SOCKET".into(), path.to_str().unwrap().into()),
+            // 0.6 s: fed every 0.2 s.
+            ("WATCHDOG_USEC".into(), "600000".into()),
+        ],
+        ..Default::default()
+    });
+    let next = || {
+        let mut buf = [0u8; 256];
+        let n = sock.recv(&mut buf).expect("a notification within 30 s");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    assert_eq!(next(), "READY=1");
+    for _ in 0..3 {
+        assert_eq!(next(), "WATCHDOG=1");
+    }
+    assert!(agent.terminate().expect("running").success());
+    let mut rest = Vec::new();
+    sock.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut buf = [0u8; 256];
+    while let Ok(n) = sock.recv(&mut buf) {
+        rest.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    assert!(rest.contains(&"STOPPING=1".to_owned()), "{rest:?}");
+}
+
 #[test]
 #[ignore = "needs root, cgroup v2 and BPF"]
 fn a_sigterm_during_start_up_stops_the_agent_cleanly_once_it_is_up() {

@@ -28,6 +28,7 @@ fn main() {
         join_cgroup: false,
         listen: None,
         sigterm_at: None,
+        env: Vec::new(),
     });
     let mut env = agent.trust_env();
     for (k, v) in [
