@@ -412,7 +412,8 @@ fn interaction_usage(u: &Value) -> Option<Usage> {
 }
 
 /// The Interactions API's answer: a JSON interaction (`model`, `usage`),
-/// or a stream whose lifecycle events (`interaction.completed`) carry the
+/// or a stream whose lifecycle events (`interaction.completed`, or the
+/// legacy `interaction.complete` sent when steps are disabled) carry the
 /// interaction.
 struct InteractionParser {
     sse: Option<SseReader>,
@@ -443,8 +444,10 @@ impl InteractionParser {
         }
         // Counts only from the end of the interaction: a stream's earlier
         // events (and an interaction still running) may carry some that
-        // are not final.
-        let last = event.is_none_or(|e| e == "interaction.completed")
+        // are not final. `interaction.complete` is the final event's legacy
+        // name (streams with steps disabled).
+        let last = event
+            .is_none_or(|e| matches!(e, "interaction.completed" | "interaction.complete"))
             && !matches!(
                 i.get("status").and_then(Value::as_str),
                 Some("in_progress" | "queued")
@@ -1255,6 +1258,23 @@ mod tests {
             body,
         );
         assert!(n.is_some_and(|n| n > 8), "{n:?}");
+    }
+
+    /// The legacy stream event names (`interaction.start`,
+    /// `interaction.complete`, sent when steps are disabled): the final
+    /// event's interaction carries the counts as `interaction.completed`'s does.
+    #[test]
+    fn a_legacy_interaction_complete_event_gives_the_counts() {
+        let i = Gemini.request(&request(
+            "POST",
+            "/v1beta/interactions",
+            br#"{"model":"gemini-3-pro-preview","input":"hi","stream":true}"#,
+        ));
+        let legacy = "event: interaction.start\ndata: {\"event_type\":\"interaction.start\",\"interaction\":{\"id\":\"i1\",\"status\":\"in_progress\"}}\n\n\
+                      event: interaction.complete\ndata: {\"event_type\":\"interaction.complete\",\"interaction\":{\"id\":\"i1\",\"status\":\"completed\",\"usage\":{\"total_input_tokens\":7,\"total_output_tokens\":9,\"total_tokens\":16}}}\n\n";
+        let p = parse_split(&Gemini, &i, "text/event-stream", legacy.as_bytes(), &[50]);
+        let u = p.usage.expect("usage from interaction.complete");
+        assert_eq!((u.input_tokens, u.output_tokens), (7, 9));
     }
 
     /// The tier that served a request: the Gemini API's
