@@ -9,11 +9,23 @@ use serde_json::Value;
 
 use super::sse::SseReader;
 use super::{
-    JsonBody, ParsedUsage, Provider, RequestInfo, RequestView, UsageParser, str_at, u64_at,
+    Count, JsonBody, ParsedUsage, Provider, RequestInfo, RequestView, UsageParser, str_at,
 };
 use crate::meter::Usage;
 
 pub struct Anthropic;
+
+/// A Messages API request body, as far as it is read (the messages are
+/// skipped, not built).
+#[derive(serde::Deserialize, Default)]
+#[serde(default)]
+struct WireRequest {
+    model: Option<Value>,
+    stream: Option<Value>,
+    max_tokens: Count,
+    /// The legacy Text Completions API's cap.
+    max_tokens_to_sample: Count,
+}
 
 /// A Messages API request (`op`): the model named by the caller (Claude on
 /// Vertex AI names it in the URL) or the body's, whether it streams, and
@@ -23,19 +35,15 @@ pub(crate) fn messages_request(
     model: Option<String>,
     body: Option<&[u8]>,
 ) -> RequestInfo {
-    let body: Option<Value> = body.and_then(|b| serde_json::from_slice(b).ok());
+    let body = body
+        .and_then(super::parse_object::<WireRequest>)
+        .unwrap_or_default();
     RequestInfo {
         operation: op,
         metered: true,
-        model: model.or_else(|| body.as_ref().and_then(|v| str_at(v, &["model"]))),
-        streaming: body
-            .as_ref()
-            .and_then(|v| v.get("stream"))
-            .and_then(Value::as_bool)
-            .unwrap_or(false),
-        max_output_tokens: body.as_ref().and_then(|v| {
-            u64_at(v, &["max_tokens"]).or_else(|| u64_at(v, &["max_tokens_to_sample"]))
-        }),
+        model: model.or_else(|| body.model.as_ref()?.as_str().map(str::to_owned)),
+        streaming: body.stream.as_ref().and_then(Value::as_bool) == Some(true),
+        max_output_tokens: body.max_tokens.0.or(body.max_tokens_to_sample.0),
         injected_usage: false,
         ..Default::default()
     }
@@ -320,6 +328,84 @@ fn usage_tier(u: &Value) -> Option<String> {
         .and_then(super::service_tier)
 }
 
+/// A Messages API answer, as far as it is read: the content is walked for
+/// its text without being built (a tool's input is skipped).
+#[derive(serde::Deserialize, Default)]
+#[serde(default)]
+struct WireMessage {
+    model: Option<Value>,
+    usage: Option<Value>,
+    content: ContentText,
+}
+
+impl WireMessage {
+    fn parsed(self) -> ParsedUsage {
+        let mut raw = Raw::default();
+        let mut service_tier = None;
+        if let Some(u) = &self.usage {
+            raw.merge(u);
+            service_tier = usage_tier(u);
+        }
+        ParsedUsage {
+            usage: raw.usage(),
+            response_model: self
+                .model
+                .as_ref()
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+            output_text: self.content.0,
+            service_tier,
+            uplift_percent: raw.uplift_percent(),
+            ..Default::default()
+        }
+    }
+}
+
+/// The text of a `content` array's blocks (`text`, then `thinking`),
+/// bounded as [`super::push_text`] bounds it. Anything but an array, and
+/// any block but an object, has none.
+#[derive(Default)]
+struct ContentText(String);
+
+impl<'de> serde::Deserialize<'de> for ContentText {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(serde::Deserialize, Default)]
+        #[serde(default)]
+        struct Block {
+            text: Option<Value>,
+            thinking: Option<Value>,
+        }
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ContentText;
+            super::lenient_visits!(integers, objects);
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<ContentText, A::Error> {
+                let mut text = String::new();
+                while let Some(block) = a.next_element::<super::ObjectOr<Block>>()? {
+                    for t in block.0.iter().flat_map(|b| [&b.text, &b.thinking]) {
+                        if let Some(t) = t.as_ref().and_then(Value::as_str) {
+                            super::push_text(&mut text, t);
+                        }
+                    }
+                }
+                Ok(ContentText(text))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// What a Messages API JSON answer bills (Bedrock's InvokeModel answers
+/// with Claude's too); nothing when it is not JSON.
+pub(crate) fn message_json(body: &[u8]) -> ParsedUsage {
+    super::parse_json::<WireMessage>(body)
+        .map(WireMessage::parsed)
+        .unwrap_or_default()
+}
+
 struct JsonParser {
     body: JsonBody,
     /// count_tokens and batch submissions bill nothing themselves.
@@ -332,7 +418,7 @@ impl UsageParser for JsonParser {
     }
 
     fn finish(&mut self) -> ParsedUsage {
-        let Some(v) = self.body.take() else {
+        let Some(m) = self.body.bytes().and_then(super::parse_json::<WireMessage>) else {
             return ParsedUsage::default();
         };
         if self.free {
@@ -341,33 +427,7 @@ impl UsageParser for JsonParser {
                 ..Default::default()
             };
         }
-        let mut raw = Raw::default();
-        let mut service_tier = None;
-        if let Some(u) = v.get("usage") {
-            raw.merge(u);
-            service_tier = usage_tier(u);
-        }
-        let mut text = String::new();
-        for block in v
-            .get("content")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
-            for k in ["text", "thinking"] {
-                if let Some(t) = block.get(k).and_then(Value::as_str) {
-                    super::push_text(&mut text, t);
-                }
-            }
-        }
-        ParsedUsage {
-            usage: raw.usage(),
-            response_model: str_at(&v, &["model"]),
-            output_text: text,
-            service_tier,
-            uplift_percent: raw.uplift_percent(),
-            ..Default::default()
-        }
+        m.parsed()
     }
 }
 
@@ -569,6 +629,110 @@ mod tests {
                 .request(&request("GET", "/v1/models", b""))
                 .metered
         );
+    }
+
+    /// The body is read member by member: a member of an unexpected type
+    /// is missing, never the parse; a repeated member's last value wins;
+    /// a body that is not a JSON object names nothing.
+    #[test]
+    fn request_members_of_odd_types_lose_only_themselves() {
+        let chat = |body: &[u8]| Anthropic.request(&request("POST", "/v1/messages", body));
+        let i = chat(br#"{"model":5,"stream":"yes","max_tokens":"x","max_tokens_to_sample":9}"#);
+        assert_eq!(
+            (i.model, i.streaming, i.max_output_tokens),
+            (None, false, Some(9))
+        );
+        let i = chat(br#"{"model":"a","model":"b","stream":true,"max_tokens":-1,"max_tokens_to_sample":null}"#);
+        assert_eq!(
+            (i.model.as_deref(), i.streaming, i.max_output_tokens),
+            (Some("b"), true, None)
+        );
+        for body in [&b"[1,2]"[..], b"not json", b"", b"{\"model\":\"m\""] {
+            let i = chat(body);
+            assert_eq!(
+                (i.model, i.streaming, i.max_output_tokens),
+                (None, false, None)
+            );
+        }
+        // Claude on Vertex AI: the URL's model wins over the body's.
+        let i = messages_request(
+            "chat",
+            Some("url".into()),
+            Some(br#"{"model":"body","max_tokens":3.0}"#),
+        );
+        assert_eq!(
+            (i.model.as_deref(), i.max_output_tokens),
+            (Some("url"), None)
+        );
+    }
+
+    /// A JSON answer is read as the whole document was: odd members lose
+    /// only themselves, the text of `text` and `thinking` blocks is kept
+    /// for an estimate, and a free call is free whenever the body is JSON.
+    #[test]
+    fn response_members_of_odd_types_lose_only_themselves() {
+        let chat =
+            |body: &[u8]| parse_split(&Anthropic, &info("chat"), "application/json", body, &[7]);
+        let p = chat(br#"{"model":["m"],"usage":"none","content":"text"}"#);
+        assert_eq!(p, ParsedUsage::default());
+        let p = chat(
+            br#"{"model":"a","model":"b","content":[1,[2],{"text":5},{"type":"text","text":"x"},{"type":"thinking","thinking":"y","text":"z"},{"type":"tool_use","input":{"text":"no"}}],
+                "usage":{"input_tokens":"1","output_tokens":2,"service_tier":"priority"}}"#,
+        );
+        assert_eq!(p.response_model.as_deref(), Some("b"));
+        assert_eq!(p.output_text, "xzy");
+        assert_eq!(
+            p.usage.map(|u| (u.input_tokens, u.output_tokens)),
+            Some((0, 2))
+        );
+        assert_eq!(p.service_tier.as_deref(), Some("priority"));
+        let p = chat(br#"{"usage":null,"content":null,"model":null}"#);
+        assert_eq!(p, ParsedUsage::default());
+        for (body, usage) in [
+            (&b"[1]"[..], Some(Usage::default())),
+            (b"7", Some(Usage::default())),
+            (b"{\"input_tokens\":", None),
+            (b"", None),
+        ] {
+            let p = parse_split(
+                &Anthropic,
+                &info("count_tokens"),
+                "application/json",
+                body,
+                &[],
+            );
+            assert_eq!(p.usage, usage, "{}", String::from_utf8_lossy(body));
+            assert_eq!(chat(body), ParsedUsage::default());
+        }
+    }
+
+    /// A request or answer is read without building what is not read (a
+    /// whole `Value` of a body costs some 16 times its size): the
+    /// messages, a tool's input.
+    #[test]
+    fn bodies_are_read_without_building_them() {
+        use crate::providers::testing::{finish_peak, padded_object, peak_alloc};
+        let body = padded_object(r#""model":"m","max_tokens":5,"stream":true"#, 1 << 20);
+        let (i, peak) = peak_alloc(|| Anthropic.request(&request("POST", "/v1/messages", &body)));
+        assert_eq!(
+            (i.model.as_deref(), i.max_output_tokens, i.streaming),
+            (Some("m"), Some(5), true)
+        );
+        assert!(peak < body.len() / 8, "the request cost {peak} bytes");
+        let body = padded_object(
+            r#""model":"m","content":[{"type":"text","text":"hi"},{"type":"tool_use","input":{"xs":[1,2,3]}}],"usage":{"input_tokens":3,"output_tokens":4}"#,
+            1 << 20,
+        );
+        let (p, peak) = finish_peak(&Anthropic, &info("chat"), "application/json", &body);
+        assert_eq!(
+            p.usage.map(|u| (u.input_tokens, u.output_tokens)),
+            Some((3, 4))
+        );
+        assert_eq!(
+            (p.response_model.as_deref(), p.output_text.as_str()),
+            (Some("m"), "hi")
+        );
+        assert!(peak < body.len() / 8, "the answer cost {peak} bytes");
     }
 
     /// With server-side compaction the top-level counts leave the

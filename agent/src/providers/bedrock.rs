@@ -22,7 +22,9 @@ use serde_json::Value;
 
 use super::anthropic::Anthropic;
 use super::eventstream::{DecodeError, Decoder, Message};
-use super::{JsonBody, ParsedUsage, Provider, RequestInfo, RequestView, UsageParser, u64_at};
+use super::{
+    Count, JsonBody, ObjectOr, ParsedUsage, Provider, RequestInfo, RequestView, UsageParser,
+};
 use crate::meter::Usage;
 
 pub struct Bedrock;
@@ -67,19 +69,61 @@ fn other_api(req: &RequestView<'_>) -> Option<RequestInfo> {
     None
 }
 
-/// The output cap, in whichever shape the model family spells it.
-fn max_output(body: &Value) -> Option<u64> {
-    [
-        &["inferenceConfig", "maxTokens"][..],
-        &["max_tokens"],
-        &["max_completion_tokens"],
-        &["max_gen_len"],
-        &["textGenerationConfig", "maxTokenCount"],
-        &["inferenceConfig", "max_new_tokens"],
-        &["maxTokens"],
-    ]
-    .iter()
-    .find_map(|p| u64_at(body, p))
+/// A request body, as far as it is read: the output cap, in whichever
+/// shape the model family spells it (the messages are skipped, not built).
+#[derive(serde::Deserialize, Default)]
+#[serde(default)]
+struct WireRequest {
+    /// Converse's (`maxTokens`) and Nova's InvokeModel body's
+    /// (`max_new_tokens`).
+    #[serde(rename = "inferenceConfig")]
+    inference_config: ObjectOr<WireInferenceConfig>,
+    max_tokens: Count,
+    max_completion_tokens: Count,
+    /// Llama.
+    max_gen_len: Count,
+    /// Titan Text.
+    #[serde(rename = "textGenerationConfig")]
+    text_generation_config: ObjectOr<WireTextGenerationConfig>,
+    /// AI21 Jurassic-2.
+    #[serde(rename = "maxTokens")]
+    max_tokens_camel: Count,
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(default)]
+struct WireInferenceConfig {
+    #[serde(rename = "maxTokens")]
+    max_tokens: Count,
+    max_new_tokens: Count,
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(default)]
+struct WireTextGenerationConfig {
+    #[serde(rename = "maxTokenCount")]
+    max_token_count: Count,
+}
+
+impl WireRequest {
+    /// The output cap: the first spelling that holds a count.
+    fn max_output(&self) -> Option<u64> {
+        let inference = self.inference_config.0.as_ref();
+        [
+            inference.map_or(Count(None), |c| c.max_tokens),
+            self.max_tokens,
+            self.max_completion_tokens,
+            self.max_gen_len,
+            self.text_generation_config
+                .0
+                .as_ref()
+                .map_or(Count(None), |c| c.max_token_count),
+            inference.map_or(Count(None), |c| c.max_new_tokens),
+            self.max_tokens_camel,
+        ]
+        .into_iter()
+        .find_map(|c| c.0)
+    }
 }
 
 impl Provider for Bedrock {
@@ -120,8 +164,8 @@ impl Provider for Bedrock {
         let max_output_tokens = match operation {
             "chat" => req
                 .body
-                .and_then(|b| serde_json::from_slice::<Value>(b).ok())
-                .and_then(|v| max_output(&v)),
+                .and_then(super::parse_object::<WireRequest>)
+                .and_then(|r| r.max_output()),
             _ => None,
         };
         RequestInfo {
@@ -147,7 +191,6 @@ impl Provider for Bedrock {
                 body: Vec::new(),
                 overflowed: false,
                 free: info.operation == "count_tokens",
-                status,
                 from_headers: header_usage(headers),
             })
         }
@@ -167,11 +210,12 @@ fn usage(input: u64, output: u64, cache_read: u64, cache_write: u64) -> Usage {
     }
 }
 
-/// The tier that served a Converse request (`serviceTier.type`:
-/// `default`, `priority`, `flex`, `reserved`), from its body or the
-/// stream's `metadata` event.
-fn converse_tier(v: &Value) -> Option<String> {
-    v.pointer("/serviceTier/type")
+/// The tier that served a Converse request, from the `serviceTier` of its
+/// body or of the stream's `metadata` event (its `type`: `default`,
+/// `priority`, `flex`, `reserved`).
+fn converse_tier(service_tier: &Value) -> Option<String> {
+    service_tier
+        .get("type")
         .and_then(Value::as_str)
         .and_then(super::service_tier)
 }
@@ -238,16 +282,14 @@ fn header_usage(h: &HeaderMap) -> Option<Usage> {
     ))
 }
 
-/// What the Anthropic adapter reads out of an Anthropic-shaped body.
-fn anthropic_json(status: u16, body: &[u8]) -> ParsedUsage {
-    let info = RequestInfo {
-        operation: "chat",
-        metered: true,
-        ..Default::default()
-    };
-    let mut p = Anthropic.response_parser(&info, status, &HeaderMap::new());
-    p.feed(body);
-    p.finish()
+/// A Converse answer, as far as it is read (the output message is
+/// skipped, not built).
+#[derive(serde::Deserialize, Default)]
+#[serde(default)]
+struct WireConverse {
+    usage: Option<Value>,
+    #[serde(rename = "serviceTier")]
+    service_tier: Option<Value>,
 }
 
 /// Converse, InvokeModel and CountTokens JSON bodies.
@@ -255,7 +297,6 @@ struct JsonParser {
     body: Vec<u8>,
     overflowed: bool,
     free: bool,
-    status: u16,
     from_headers: Option<Usage>,
 }
 
@@ -274,10 +315,10 @@ impl UsageParser for JsonParser {
 
     fn finish(&mut self) -> ParsedUsage {
         let body = std::mem::take(&mut self.body);
-        let v: Option<Value> = if self.overflowed {
+        let v: Option<WireConverse> = if self.overflowed {
             None
         } else {
-            serde_json::from_slice(&body).ok()
+            super::parse_json(&body)
         };
         if self.free && v.is_some() {
             return ParsedUsage {
@@ -285,19 +326,18 @@ impl UsageParser for JsonParser {
                 ..Default::default()
             };
         }
-        if let Some(u) = v
-            .as_ref()
-            .and_then(|v| v.get("usage"))
-            .and_then(converse_usage)
+        if let Some(v) = &v
+            && let Some(u) = v.usage.as_ref().and_then(converse_usage)
         {
             return ParsedUsage {
                 usage: Some(u),
-                service_tier: v.as_ref().and_then(converse_tier),
+                service_tier: v.service_tier.as_ref().and_then(converse_tier),
                 ..Default::default()
             };
         }
+        // InvokeModel with Claude: an Anthropic Messages answer.
         let mut found = if v.is_some() {
-            anthropic_json(self.status, &body)
+            super::anthropic::message_json(&body)
         } else {
             ParsedUsage::default()
         };
@@ -367,7 +407,7 @@ impl StreamParser {
                 if let Some(u) = v.get("usage").and_then(converse_usage) {
                     self.converse = Some(u);
                 }
-                if let Some(t) = converse_tier(&v) {
+                if let Some(t) = v.get("serviceTier").and_then(converse_tier) {
                     self.tier = Some(t);
                 }
             }
@@ -741,6 +781,120 @@ mod tests {
             p.response_model.as_deref(),
             Some("claude-3-5-sonnet-20240620")
         );
+    }
+
+    /// Each family's output cap is read member by member: one of an
+    /// unexpected type is missing and the next spelling is tried.
+    #[test]
+    fn request_members_of_odd_types_lose_only_themselves() {
+        let cap = |body: &[u8]| {
+            Bedrock
+                .request(&request("POST", "/model/m/converse", body))
+                .max_output_tokens
+        };
+        for (body, want) in [
+            (
+                &br#"{"inferenceConfig":{"maxTokens":"x","max_new_tokens":5},"maxTokens":6}"#[..],
+                Some(5),
+            ),
+            (br#"{"inferenceConfig":[1],"maxTokens":7}"#, Some(7)),
+            (
+                br#"{"inferenceConfig":{"maxTokens":8},"max_tokens":1}"#,
+                Some(8),
+            ),
+            (
+                br#"{"max_tokens":-1,"max_completion_tokens":2,"max_gen_len":3}"#,
+                Some(2),
+            ),
+            (
+                br#"{"max_gen_len":3.5,"textGenerationConfig":{"maxTokenCount":4}}"#,
+                Some(4),
+            ),
+            (br#"{"textGenerationConfig":"x","maxTokens":null}"#, None),
+            (br#"{"max_tokens":1,"max_tokens":2}"#, Some(2)),
+            (b"[1]", None),
+            (b"not json", None),
+        ] {
+            assert_eq!(cap(body), want, "{}", String::from_utf8_lossy(body));
+        }
+    }
+
+    /// A JSON answer is read as the whole document was: odd members lose
+    /// only themselves; a free call is free whenever the body is JSON.
+    #[test]
+    fn response_members_of_odd_types_lose_only_themselves() {
+        let p = json(
+            br#"{"usage":{"inputTokens":3,"outputTokens":"4"},"serviceTier":{"type":"flex"}}"#,
+        );
+        assert_eq!(
+            p.usage.map(|u| (u.input_tokens, u.output_tokens)),
+            Some((3, 0))
+        );
+        assert_eq!(p.service_tier.as_deref(), Some("flex"));
+        let p =
+            json(br#"{"usage":{"inputTokens":3},"serviceTier":"flex","usage":{"outputTokens":4}}"#);
+        assert_eq!(
+            p.usage.map(|u| (u.input_tokens, u.output_tokens)),
+            Some((0, 4))
+        );
+        assert_eq!(p.service_tier, None);
+        let p = json(
+            br#"{"usage":"x","serviceTier":{"type":"flex"},"model":"m","content":[{"text":"t"}]}"#,
+        );
+        assert_eq!((p.usage, p.service_tier), (None, None));
+        assert_eq!(
+            (p.response_model.as_deref(), p.output_text.as_str()),
+            (Some("m"), "t")
+        );
+        for (body, usage) in [
+            (&b"[1]"[..], Some(Usage::default())),
+            (b"{}", Some(Usage::default())),
+            (b"{\"inputTokens\":", None),
+        ] {
+            let p = parse_split(
+                &Bedrock,
+                &info("count_tokens"),
+                "application/json",
+                body,
+                &[],
+            );
+            assert_eq!(p.usage, usage, "{}", String::from_utf8_lossy(body));
+            assert_eq!(json(body), ParsedUsage::default());
+        }
+    }
+
+    /// A request or answer is read without building what is not read (a
+    /// whole `Value` of a body costs some 16 times its size).
+    #[test]
+    fn bodies_are_read_without_building_them() {
+        use crate::providers::testing::{finish_peak, padded_object, peak_alloc};
+        let body = padded_object(r#""inferenceConfig":{"maxTokens":5}"#, 1 << 20);
+        let (i, peak) =
+            peak_alloc(|| Bedrock.request(&request("POST", "/model/m/converse", &body)));
+        assert_eq!(i.max_output_tokens, Some(5));
+        assert!(peak < body.len() / 8, "the request cost {peak} bytes");
+        for (members, input) in [
+            (
+                r#""usage":{"inputTokens":3,"outputTokens":4},"serviceTier":{"type":"flex"}"#,
+                3,
+            ),
+            // InvokeModel with Claude: read by the Anthropic adapter.
+            (
+                r#""model":"m","usage":{"input_tokens":5,"output_tokens":4}"#,
+                5,
+            ),
+        ] {
+            let body = padded_object(members, 1 << 20);
+            let (p, peak) = finish_peak(&Bedrock, &info("chat"), "application/json", &body);
+            assert_eq!(
+                p.usage.map(|u| (u.input_tokens, u.output_tokens)),
+                Some((input, 4))
+            );
+            assert!(
+                peak < body.len() / 8,
+                "the answer cost {peak} bytes: {members}"
+            );
+        }
     }
 
     #[test]

@@ -32,7 +32,7 @@ use super::anthropic;
 use super::openai::{self, OpenAi};
 use super::sse::SseReader;
 use super::{
-    JsonBody, ParsedUsage, Provider, RequestInfo, RequestView, UsageParser, str_at, u64_at,
+    Count, JsonBody, ObjectOr, ParsedUsage, Provider, RequestInfo, RequestView, UsageParser, str_at,
 };
 use crate::config::ApiKind;
 use crate::meter::Usage;
@@ -193,18 +193,62 @@ fn is_openai_compat(path: &str) -> bool {
     )
 }
 
-/// The output cap a generateContent body asks for (per candidate, times
-/// the number of candidates), in either JSON field spelling.
-fn max_output(body: &Value) -> Option<u64> {
-    let cfg = body
-        .get("generationConfig")
-        .or_else(|| body.get("generation_config"))?;
-    let per = u64_at(cfg, &["maxOutputTokens"]).or_else(|| u64_at(cfg, &["max_output_tokens"]))?;
-    let n = u64_at(cfg, &["candidateCount"])
-        .or_else(|| u64_at(cfg, &["candidate_count"]))
-        .unwrap_or(1)
-        .max(1);
-    Some(per.saturating_mul(n))
+/// A generateContent request body, as far as it is read (the contents are
+/// skipped, not built): its `generationConfig`, in either JSON spelling.
+/// A member that is there, even as `null`, is the one read.
+#[derive(serde::Deserialize, Default)]
+#[serde(default)]
+struct WireGenerateRequest {
+    #[serde(
+        rename = "generationConfig",
+        deserialize_with = "super::present_member"
+    )]
+    generation_config_camel: Option<ObjectOr<WireGenerationConfig>>,
+    #[serde(deserialize_with = "super::present_member")]
+    generation_config: Option<ObjectOr<WireGenerationConfig>>,
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(default)]
+struct WireGenerationConfig {
+    #[serde(rename = "maxOutputTokens")]
+    max_output_tokens_camel: Count,
+    max_output_tokens: Count,
+    #[serde(rename = "candidateCount")]
+    candidate_count_camel: Count,
+    candidate_count: Count,
+}
+
+impl WireGenerateRequest {
+    /// The output cap (per candidate, times the number of candidates).
+    fn max_output(&self) -> Option<u64> {
+        let cfg = self
+            .generation_config_camel
+            .as_ref()
+            .or(self.generation_config.as_ref())?
+            .0
+            .as_ref()?;
+        let per = cfg.max_output_tokens_camel.0.or(cfg.max_output_tokens.0)?;
+        let n = cfg
+            .candidate_count_camel
+            .0
+            .or(cfg.candidate_count.0)
+            .unwrap_or(1)
+            .max(1);
+        Some(per.saturating_mul(n))
+    }
+}
+
+/// An Interactions API create body, as far as it is read (the input is
+/// skipped, not built).
+#[derive(serde::Deserialize, Default)]
+#[serde(default)]
+struct WireInteractionRequest {
+    /// Absent when an agent is named instead.
+    model: Option<Value>,
+    stream: Option<Value>,
+    generation_config: ObjectOr<WireGenerationConfig>,
+    background: Option<Value>,
 }
 
 impl Provider for Gemini {
@@ -263,19 +307,21 @@ impl Provider for Gemini {
             // are in the body.
             let body = req
                 .body
-                .and_then(|b| serde_json::from_slice::<Value>(b).ok());
-            let field = |k: &str| body.as_ref().and_then(|v| v.get(k));
+                .and_then(super::parse_object::<WireInteractionRequest>)
+                .unwrap_or_default();
             return RequestInfo {
                 operation: "interaction",
                 metered: true,
-                model: field("model").and_then(Value::as_str).map(str::to_owned),
-                streaming: field("stream").and_then(Value::as_bool).unwrap_or(false),
-                max_output_tokens: field("generation_config")
-                    .and_then(|g| g.get("max_output_tokens"))
-                    .and_then(Value::as_u64),
+                model: body
+                    .model
+                    .as_ref()
+                    .and_then(Value::as_str)
+                    .map(str::to_owned),
+                streaming: body.stream.as_ref().and_then(Value::as_bool) == Some(true),
+                max_output_tokens: body.generation_config.0.and_then(|g| g.max_output_tokens.0),
                 // Deep Think and Deep Research run so: answered at once,
                 // the usage in a later retrieval.
-                background: field("background").and_then(Value::as_bool) == Some(true),
+                background: body.background.as_ref().and_then(Value::as_bool) == Some(true),
                 ..Default::default()
             };
         }
@@ -296,8 +342,8 @@ impl Provider for Gemini {
         };
         let max_output_tokens = if operation == "generate_content" {
             req.body
-                .and_then(|b| serde_json::from_slice::<Value>(b).ok())
-                .and_then(|v| max_output(&v))
+                .and_then(super::parse_object::<WireGenerateRequest>)
+                .and_then(|r| r.max_output())
         } else {
             None
         };
@@ -1258,6 +1304,92 @@ mod tests {
             body,
         );
         assert!(n.is_some_and(|n| n > 8), "{n:?}");
+    }
+
+    /// Request bodies are read member by member: a member of an
+    /// unexpected type is missing, never the parse; a repeated member's
+    /// last value wins.
+    #[test]
+    fn request_members_of_odd_types_lose_only_themselves() {
+        let interaction =
+            |body: &[u8]| Gemini.request(&request("POST", "/v1beta/interactions", body));
+        let i = interaction(
+            br#"{"model":5,"stream":"yes","generation_config":{"max_output_tokens":"9"},"background":"true"}"#,
+        );
+        assert_eq!(
+            (i.model, i.streaming, i.max_output_tokens, i.background),
+            (None, false, None, false)
+        );
+        let i = interaction(
+            br#"{"model":"a","model":"b","stream":true,"generation_config":{"max_output_tokens":9,"candidate_count":2},"background":true}"#,
+        );
+        assert_eq!(
+            (
+                i.model.as_deref(),
+                i.streaming,
+                i.max_output_tokens,
+                i.background
+            ),
+            (Some("b"), true, Some(9), true)
+        );
+        for body in [&br#"{"generation_config":[9]}"#[..], b"[1]", b"no"] {
+            let i = interaction(body);
+            assert_eq!(
+                (i.operation, i.model, i.max_output_tokens),
+                ("interaction", None, None)
+            );
+        }
+        let cap = |body: &[u8]| {
+            Gemini
+                .request(&request(
+                    "POST",
+                    "/v1beta/models/gemini-2.5-flash:generateContent",
+                    body,
+                ))
+                .max_output_tokens
+        };
+        for (body, want) in [
+            (&br#"{"generationConfig":{"maxOutputTokens":"5","max_output_tokens":5,"candidate_count":3}}"#[..], Some(15)),
+            (br#"{"generationConfig":{"maxOutputTokens":4,"candidateCount":0}}"#, Some(4)),
+            (br#"{"generationConfig":{"maxOutputTokens":4,"candidateCount":"2","candidate_count":2}}"#, Some(8)),
+            // A camelCase member that is there, even as null, is the one read.
+            (br#"{"generationConfig":null,"generation_config":{"max_output_tokens":5}}"#, None),
+            (br#"{"generationConfig":[1],"generation_config":{"max_output_tokens":5}}"#, None),
+            (br#"{"generation_config":{"max_output_tokens":5},"generation_config":{"max_output_tokens":6}}"#, Some(6)),
+            (br#"{"generation_config":{"max_output_tokens":5,"max_output_tokens":6}}"#, Some(6)),
+            (b"[1]", None),
+        ] {
+            assert_eq!(cap(body), want, "{}", String::from_utf8_lossy(body));
+        }
+    }
+
+    /// A request is read without building what is not read (a whole
+    /// `Value` of a body costs some 16 times its size): the contents.
+    #[test]
+    fn request_bodies_are_read_without_building_them() {
+        use crate::providers::testing::{padded_object, peak_alloc};
+        for (path, members) in [
+            (
+                "/v1beta/interactions",
+                r#""model":"m","generation_config":{"max_output_tokens":5}"#,
+            ),
+            (
+                "/v1beta/models/m:generateContent",
+                r#""generationConfig":{"maxOutputTokens":5}"#,
+            ),
+        ] {
+            let body = padded_object(members, 1 << 20);
+            let (i, peak) = peak_alloc(|| Gemini.request(&request("POST", path, &body)));
+            assert_eq!(
+                (i.model.as_deref(), i.max_output_tokens),
+                (Some("m"), Some(5)),
+                "{path}"
+            );
+            assert!(
+                peak < body.len() / 8,
+                "{path}: the request cost {peak} bytes"
+            );
+        }
     }
 
     /// The legacy stream event names (`interaction.start`,

@@ -189,17 +189,52 @@ impl StreamOptions {
     }
 }
 
-/// Deserializes a member so that an explicit `null` is `Some(Value::Null)`
-/// and only a missing member (with `#[serde(default)]`) is `None`.
-pub(crate) fn present_member<'de, D: serde::Deserializer<'de>>(
+/// Deserializes a member so that an explicit `null` is `Some(…)` (for a
+/// `Value`, `Some(Value::Null)`) and only a missing member (with
+/// `#[serde(default)]`) is `None`.
+pub(crate) fn present_member<'de, D: serde::Deserializer<'de>, T: serde::Deserialize<'de>>(
     d: D,
-) -> Result<Option<Value>, D::Error> {
-    <Value as serde::Deserialize>::deserialize(d).map(Some)
+) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
+}
+
+/// Parses a JSON object into `T`, a struct of the members an adapter
+/// reads (each of a lenient type: `Option<Value>`, [`Count`],
+/// [`ObjectOr`]): serde skips the others without building them, where a
+/// whole `Value` of a body costs some 16 times its size. `None` when
+/// `body` is not a JSON object. A body the typed parse refuses (a
+/// repeated member) is read as a whole document, whose last member wins,
+/// as everywhere else.
+pub(crate) fn parse_object<T: serde::de::DeserializeOwned>(body: &[u8]) -> Option<T> {
+    // (A derived struct would also take an array, by position.)
+    let object = body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
+    if !object {
+        return None;
+    }
+    if let Ok(t) = serde_json::from_slice::<T>(body) {
+        return Some(t);
+    }
+    let v = serde_json::from_slice::<Value>(body).ok()?;
+    T::deserialize(&v).ok()
+}
+
+/// As [`parse_object`], but any other JSON value (an array, a number)
+/// reads as `T::default()`, having none of the members: `None` only when
+/// `body` is not JSON (the test of parsers that bill a JSON answer
+/// whatever it holds).
+pub(crate) fn parse_json<T: serde::de::DeserializeOwned + Default>(body: &[u8]) -> Option<T> {
+    parse_object(body).or_else(|| {
+        serde_json::from_slice::<serde::de::IgnoredAny>(body)
+            .is_ok()
+            .then(T::default)
+    })
 }
 
 /// The `Visitor` methods of a lenient member for the JSON values it does
-/// not take: each reads as `Default` (nothing), arrays and objects are
-/// skipped without being built.
+/// not take: each reads as `Default` (nothing); arrays and objects are
+/// skipped without being built. Floats, booleans, strings and nulls are
+/// always among them; integers, arrays and objects when named
+/// (`integers`, `arrays`, `objects`).
 macro_rules! lenient_visits {
     ($($kind:ident),*) => {
         fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -220,11 +255,13 @@ macro_rules! lenient_visits {
         fn visit_none<E>(self) -> Result<Self::Value, E> {
             Ok(Default::default())
         }
+        $($crate::providers::lenient_visits!(@ $kind);)*
+    };
+    (@ arrays) => {
         fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<Self::Value, A::Error> {
             while a.next_element::<serde::de::IgnoredAny>()?.is_some() {}
             Ok(Default::default())
         }
-        $(lenient_visits!(@ $kind);)*
     };
     (@ integers) => {
         fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
@@ -245,6 +282,9 @@ macro_rules! lenient_visits {
     };
 }
 
+// (So that adapters can name it, and it can name itself from theirs.)
+pub(crate) use lenient_visits;
+
 /// A JSON number member read leniently: a non-negative integer is
 /// `Some`, any other JSON value (a string, a float, an object...) is
 /// `None` and skipped without being built. An unexpected type loses only
@@ -257,7 +297,7 @@ impl<'de> serde::Deserialize<'de> for Count {
         struct V;
         impl<'de> serde::de::Visitor<'de> for V {
             type Value = Count;
-            lenient_visits!(objects);
+            lenient_visits!(arrays, objects);
             fn visit_u64<E>(self, v: u64) -> Result<Count, E> {
                 Ok(Count(Some(v)))
             }
@@ -289,7 +329,7 @@ impl<'de, T: serde::Deserialize<'de>> serde::Deserialize<'de> for ObjectOr<T> {
         struct V<T>(std::marker::PhantomData<T>);
         impl<'de, T: serde::Deserialize<'de>> serde::de::Visitor<'de> for V<T> {
             type Value = ObjectOr<T>;
-            lenient_visits!(integers);
+            lenient_visits!(integers, arrays);
             fn visit_map<A: serde::de::MapAccess<'de>>(
                 self,
                 a: A,
@@ -561,35 +601,10 @@ pub struct Head {
 }
 
 impl Head {
-    /// Parses `body`; `None` when it is not a JSON object. A body the
-    /// typed parse refuses (a repeated member) is read as a whole
-    /// document, whose last member wins, as everywhere else.
+    /// Parses `body`; `None` when it is not a JSON object (see
+    /// [`parse_object`]).
     pub fn parse(body: &[u8]) -> Option<Head> {
-        // (A derived struct would also take an array, by position.)
-        let object = body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
-        if object && let Ok(h) = serde_json::from_slice::<Head>(body) {
-            return Some(h);
-        }
-        let Value::Object(mut o) = serde_json::from_slice::<Value>(body).ok()? else {
-            return None;
-        };
-        let mut take = |k: &str| o.remove(k).filter(|v| !v.is_null());
-        let service_tier = take("service_tier");
-        Some(Head {
-            service_tier,
-            model: take("model"),
-            usage: take("usage")
-                .and_then(|u| serde::Deserialize::deserialize(&u).ok())
-                .unwrap_or_default(),
-            stream: take("stream"),
-            max_completion_tokens: take("max_completion_tokens"),
-            max_output_tokens: take("max_output_tokens"),
-            max_tokens: take("max_tokens"),
-            background: take("background"),
-            id: take("id"),
-            status: take("status"),
-            stream_options: o.remove("stream_options"),
-        })
+        parse_object(body)
     }
 
     pub fn model(&self) -> Option<String> {
@@ -674,15 +689,6 @@ pub fn content_type(headers: &HeaderMap) -> String {
                 .to_ascii_lowercase()
         })
         .unwrap_or_default()
-}
-
-/// Reads a non-negative integer field.
-pub(crate) fn u64_at(v: &serde_json::Value, path: &[&str]) -> Option<u64> {
-    let mut cur = v;
-    for p in path {
-        cur = cur.get(p)?;
-    }
-    cur.as_u64()
 }
 
 /// Reads a string field.

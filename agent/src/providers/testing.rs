@@ -1,5 +1,6 @@
 //! Test helpers shared by every adapter's tests: build a request view,
-//! and feed a fixture to a parser split at given offsets.
+//! feed a fixture to a parser split at given offsets, and measure what a
+//! parse allocates.
 
 use http::{HeaderMap, HeaderValue, Method};
 
@@ -92,4 +93,110 @@ pub fn usage_seen_after(
         }
     }
     None
+}
+
+/// The allocator of the library's tests: the system's, counting the bytes
+/// each thread holds, so that a test can bound what a parse allocates
+/// (libtest runs each test on a thread of its own, so others' allocations
+/// do not count).
+struct Counting;
+
+thread_local! {
+    /// Bytes this thread allocated and has not freed (negative when it
+    /// freed what another thread allocated).
+    static LIVE: std::cell::Cell<isize> = const { std::cell::Cell::new(0) };
+    /// The most `LIVE` has been since [`peak_alloc`] reset it.
+    static PEAK: std::cell::Cell<isize> = const { std::cell::Cell::new(0) };
+}
+
+fn count(by: isize) {
+    // (`try_with`: never panic inside the allocator, even while the
+    // thread's locals are torn down.)
+    let _ = LIVE.try_with(|live| {
+        let n = live.get().saturating_add(by);
+        live.set(n);
+        let _ = PEAK.try_with(|p| p.set(p.get().max(n)));
+    });
+}
+
+// SAFETY: every call is passed to `System` unchanged; only the counters,
+// which never allocate, are touched besides.
+unsafe impl std::alloc::GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: std::alloc::Layout) -> *mut u8 {
+        let p = unsafe { std::alloc::System.alloc(l) };
+        if !p.is_null() {
+            count(l.size() as isize);
+        }
+        p
+    }
+
+    unsafe fn alloc_zeroed(&self, l: std::alloc::Layout) -> *mut u8 {
+        let p = unsafe { std::alloc::System.alloc_zeroed(l) };
+        if !p.is_null() {
+            count(l.size() as isize);
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, p: *mut u8, l: std::alloc::Layout) {
+        unsafe { std::alloc::System.dealloc(p, l) };
+        count(-(l.size() as isize));
+    }
+
+    unsafe fn realloc(&self, p: *mut u8, l: std::alloc::Layout, new: usize) -> *mut u8 {
+        let q = unsafe { std::alloc::System.realloc(p, l, new) };
+        if !q.is_null() {
+            count(new as isize - l.size() as isize);
+        }
+        q
+    }
+}
+
+#[global_allocator]
+static COUNTING: Counting = Counting;
+
+/// Runs `f`; gives what it returned and the most bytes it held at once.
+pub fn peak_alloc<R>(f: impl FnOnce() -> R) -> (R, usize) {
+    let base = LIVE.with(std::cell::Cell::get);
+    PEAK.with(|p| p.set(base));
+    let r = f();
+    let peak = PEAK.with(std::cell::Cell::get);
+    (r, peak.saturating_sub(base).max(0) as usize)
+}
+
+/// A JSON object of about `size` bytes: `members` (each `"key":value`,
+/// comma-separated) after a `"padding"` member, an array of small numbers,
+/// which costs some 16 times its size when built as a `serde_json::Value`.
+pub fn padded_object(members: &str, size: usize) -> Vec<u8> {
+    let mut b = Vec::with_capacity(size + members.len() + 32);
+    b.extend_from_slice(b"{\"padding\":[0");
+    while b.len() < size {
+        b.extend_from_slice(b",0");
+    }
+    b.extend_from_slice(b"]");
+    if !members.is_empty() {
+        b.push(b',');
+        b.extend_from_slice(members.as_bytes());
+    }
+    b.push(b'}');
+    b
+}
+
+/// Feeds `body` whole to a parser and gives what it found and the most
+/// bytes the parser's `finish` held at once: the body itself is already
+/// gathered by then.
+pub fn finish_peak(
+    p: &dyn Provider,
+    info: &RequestInfo,
+    content_type: &str,
+    body: &[u8],
+) -> (ParsedUsage, usize) {
+    let mut h = HeaderMap::new();
+    h.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_str(content_type).expect("content type"),
+    );
+    let mut parser = p.response_parser(info, 200, &h);
+    parser.feed(body);
+    peak_alloc(|| parser.finish())
 }
