@@ -1112,7 +1112,8 @@ fn canonical_lower(lower: &str) -> &str {
 }
 
 /// `name` without one trailing snapshot or alias marker: `-latest`,
-/// `-YYYY-MM-DD`, `-YYYYMMDD`, `-MMDD`, `-NNN`.
+/// `-YYYY-MM-DD`, `-YYYYMMDD`, `-MMDD`, `-NNN`, or the `-0` of a version
+/// `N.0` (Anthropic's `claude-sonnet-4-0` is `claude-sonnet-4`).
 fn strip_snapshot(name: &str) -> Option<&str> {
     if let Some(head) = name.strip_suffix("-latest") {
         return Some(head);
@@ -1121,6 +1122,14 @@ fn strip_snapshot(name: &str) -> Option<&str> {
     let (head, last) = name.rsplit_once('-')?;
     if !digits(last) {
         return None;
+    }
+    if last == "0" {
+        // Only after a major version (one or two digits): elsewhere a
+        // `-0` is no version's minor.
+        let major = head.rsplit_once('-').map(|(_, m)| m);
+        return major
+            .is_some_and(|m| m.len() <= 2 && digits(m))
+            .then_some(head);
     }
     if last.len() == 2 {
         // -YYYY-MM-DD
@@ -1333,6 +1342,47 @@ mod tests {
             ),
             anthropic("claude-haiku-4-5")
         );
+    }
+
+    /// Anthropic's aliases of the .0 versions (`claude-sonnet-4-0`, as its
+    /// models page lists them) are those models; a `-0` that follows no
+    /// version number, and other trailing numbers, are not stripped.
+    #[test]
+    fn point_zero_aliases_resolve_to_their_version() {
+        let book = PriceBook::builtin();
+        let anthropic = |m: &str| book.price_at("anthropic", m, NOW);
+        for (alias, model) in [
+            ("claude-sonnet-4-0", "claude-sonnet-4"),
+            ("claude-opus-4-0", "claude-opus-4"),
+        ] {
+            assert!(anthropic(alias).is_some(), "{alias} should be priced");
+            assert_eq!(anthropic(alias), anthropic(model), "{alias}");
+        }
+        assert_eq!(
+            book.price_at("bedrock", "anthropic.claude-opus-4-0", NOW),
+            anthropic("claude-opus-4")
+        );
+        // Neighbours keep their own prices.
+        let input = |m: &str| anthropic(m).map(|p| p.input);
+        assert_eq!(input("claude-3-5-sonnet"), Some(3.00));
+        assert_eq!(input("claude-3-5-haiku"), Some(0.80));
+        assert_ne!(
+            anthropic("claude-sonnet-4-0"),
+            anthropic("claude-3-5-sonnet")
+        );
+        assert_eq!(
+            anthropic("claude-3-5-sonnet-latest"),
+            anthropic("claude-3-5-sonnet")
+        );
+        assert_ne!(anthropic("claude-opus-4-1"), None);
+        assert_eq!(
+            book.price_at("openai", "gpt-4-0613", NOW),
+            book.price_at("openai", "gpt-4", NOW)
+        );
+        for unknown in ["claude-sonnet-0", "claude-opus-4-0-9", "o1-0"] {
+            assert_eq!(anthropic(unknown), None, "{unknown} must not be priced");
+        }
+        assert_eq!(book.price_at("openai", "o1-0", NOW), None);
     }
 
     #[test]
