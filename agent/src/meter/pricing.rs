@@ -1060,12 +1060,13 @@ impl<'a> std::ops::Deref for PriceOrder<'a> {
 /// lower case, percent-escapes of `:` and `/` decoded, the last path
 /// segment (`models/gemini-2.5-flash`, ARNs, `openai/gpt-4o`), no `@date`
 /// (Vertex), and for Bedrock ids no `-vN:M` version and no region/vendor
-/// prefix (`us.anthropic.claude-...-v1:0` → `claude-...`).
+/// prefix (`us.anthropic.claude-...-v1:0` → `claude-...`), and Azure's
+/// `gpt-35-` as OpenAI's `gpt-3.5-`.
 fn canonical(model: &str) -> Cow<'_, str> {
     let t = model.trim();
     // Borrowed unless there is something to lower-case or decode (the
     // usual model name is used as it came, with no allocation).
-    if t.bytes().any(|b| b.is_ascii_uppercase() || b == b'%') {
+    let c = if t.bytes().any(|b| b.is_ascii_uppercase() || b == b'%') {
         let lower = t
             .to_ascii_lowercase()
             .replace("%3a", ":")
@@ -1073,6 +1074,12 @@ fn canonical(model: &str) -> Cow<'_, str> {
         Cow::Owned(canonical_lower(&lower).to_string())
     } else {
         Cow::Borrowed(canonical_lower(t))
+    };
+    // Azure's model names have no dots: its deployments of GPT-3.5 answer
+    // as `gpt-35-turbo`, the model OpenAI calls `gpt-3.5-turbo`.
+    match c.strip_prefix("gpt-35-") {
+        Some(rest) => Cow::Owned(format!("gpt-3.5-{rest}")),
+        None => c,
     }
 }
 
@@ -1383,6 +1390,27 @@ mod tests {
             assert_eq!(anthropic(unknown), None, "{unknown} must not be priced");
         }
         assert_eq!(book.price_at("openai", "o1-0", NOW), None);
+    }
+
+    /// Azure names GPT-3.5 without its dot (`gpt-35-turbo`, the model an
+    /// Azure deployment answers as): priced as the same OpenAI name, and
+    /// left unpriced where that is.
+    #[test]
+    fn azure_gpt_35_names_are_priced_as_gpt_3_5() {
+        let book = PriceBook::builtin();
+        for (azure, openai) in [
+            ("gpt-35-turbo", "gpt-3.5-turbo"),
+            ("GPT-35-Turbo", "gpt-3.5-turbo"),
+            ("gpt-35-turbo-0125", "gpt-3.5-turbo-0125"),
+            ("gpt-35-turbo-16k", "gpt-3.5-turbo-16k"),
+            ("gpt-35-turbo-instruct", "gpt-3.5-turbo-instruct"),
+        ] {
+            let want = book.price_at("openai", openai, NOW);
+            assert_eq!(book.price_at("azure-openai", azure, NOW), want, "{azure}");
+            assert_eq!(book.price_at("openai", azure, NOW), want, "{azure}");
+        }
+        assert!(book.knows("azure-openai", "gpt-35-turbo"));
+        assert!(book.knows("azure-openai", "gpt-35-turbo-0125"));
     }
 
     #[test]
