@@ -4,6 +4,10 @@
 //! Keeps only the current partial line and the current event's data, both
 //! bounded: an event larger than the bound is dropped and counted.
 
+/// The UTF-8 byte order mark, which the SSE spec strips once from the
+/// start of a stream.
+const BOM: &[u8] = b"\xEF\xBB\xBF";
+
 /// One dispatched event.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Event {
@@ -26,6 +30,9 @@ pub struct SseReader {
     /// its other lines are ignored up to the blank line that ends it, so
     /// no part of it is taken for the whole.
     dropped: bool,
+    /// How much of a leading [`BOM`] has been read (and held back) while
+    /// the stream may still start with one; `None` once it cannot.
+    bom: Option<usize>,
 }
 
 impl Default for SseReader {
@@ -46,11 +53,31 @@ impl SseReader {
             oversized: 0,
             skipping: false,
             dropped: false,
+            bom: Some(0),
         }
     }
 
+    /// `chunk` without the part of a leading [`BOM`] it holds. Bytes held
+    /// back as its start that turn out not to be one go to the line.
+    fn skip_bom<'a>(&mut self, mut chunk: &'a [u8]) -> &'a [u8] {
+        while let Some(n) = self.bom {
+            let Some(&b) = chunk.first() else {
+                break;
+            };
+            if b == BOM[n] {
+                chunk = &chunk[1..];
+                self.bom = (n + 1 < BOM.len()).then_some(n + 1);
+            } else {
+                self.bom = None;
+                self.push_line_bytes(&BOM[..n]);
+            }
+        }
+        chunk
+    }
+
     /// Feeds bytes; calls `on_event` for each complete event.
-    pub fn feed(&mut self, mut chunk: &[u8], on_event: &mut dyn FnMut(Event)) {
+    pub fn feed(&mut self, chunk: &[u8], on_event: &mut dyn FnMut(Event)) {
+        let mut chunk = self.skip_bom(chunk);
         while !chunk.is_empty() {
             if self.last_was_cr && chunk[0] == b'\n' {
                 // The LF of a CRLF split across chunks.
@@ -83,6 +110,10 @@ impl SseReader {
 
     /// Dispatches a final event that was not followed by a blank line.
     pub fn finish(&mut self, on_event: &mut dyn FnMut(Event)) {
+        if let Some(n) = self.bom.take() {
+            // The stream ended inside what could have been a mark.
+            self.push_line_bytes(&BOM[..n]);
+        }
         if self.skipping {
             // The stream ended inside an over-long line: the event goes.
             self.skipping = false;
@@ -212,6 +243,44 @@ mod tests {
         assert_eq!(ev[0].data, "{\"a\":1}");
         assert_eq!(ev[1].data, "x\ny");
         assert_eq!(ev[2].data, "[DONE]");
+    }
+
+    /// The SSE spec strips one UTF-8 byte order mark at the start of the
+    /// stream: it is no part of the first field's name (the first event,
+    /// Anthropic's `message_start` with the input counts, was lost), also
+    /// when it arrives split across reads. Only one, and only there.
+    #[test]
+    fn a_leading_byte_order_mark_is_skipped() {
+        let input = b"\xEF\xBB\xBFdata: {\"type\":\"message_start\"}\n\nevent: x\ndata: 2\n\n";
+        let want = vec![
+            Event {
+                event: None,
+                data: "{\"type\":\"message_start\"}".into(),
+            },
+            Event {
+                event: Some("x".into()),
+                data: "2".into(),
+            },
+        ];
+        assert_eq!(all(input, &[]), want);
+        for at in 0..input.len() {
+            assert_eq!(all(input, &[at]), want, "split at {at}");
+        }
+        assert_eq!(all(input, &[1, 2]), want);
+        // A second mark, a broken one, or one later is kept as it came.
+        for input in [
+            &b"\xEF\xBB\xBF\xEF\xBB\xBFdata: 1\n\n"[..],
+            b"\xEF\xBBdata: 1\n\n",
+            b"\xEFdata: 1\n\n",
+        ] {
+            for at in 0..input.len() {
+                assert_eq!(all(input, &[at]), [], "{input:?} split at {at}");
+            }
+        }
+        let later = all(b"data: 1\n\n\xEF\xBB\xBFdata: 2\n\n", &[]);
+        assert_eq!(later.len(), 1);
+        // A stream of a partial mark alone ends with nothing.
+        assert_eq!(all(b"\xEF\xBB", &[1]), []);
     }
 
     #[test]
