@@ -74,7 +74,9 @@ pub fn call(method: &http::Method, path: &str) -> Option<RequestInfo> {
 }
 
 /// A session's `usage` (or a `session.usage` event's), normalised as the
-/// Messages API's: input includes cache reads and writes.
+/// Messages API's: input includes cache reads and writes. Writes come from
+/// `cache_creation`'s split by lifetime, else the flat
+/// `cache_creation_input_tokens`.
 fn usage_of(u: &Value) -> Option<Usage> {
     let f = |k: &str| u.get(k).and_then(Value::as_u64);
     let input = f("input_tokens");
@@ -87,12 +89,16 @@ fn usage_of(u: &Value) -> Option<Usage> {
         u.get("cache_creation")
             .and_then(|c| c.get(k))
             .and_then(Value::as_u64)
-            .unwrap_or(0)
     };
-    let (w5m, w1h) = (
+    let (w5m, w1h) = match (
         creation("ephemeral_5m_input_tokens"),
         creation("ephemeral_1h_input_tokens"),
-    );
+    ) {
+        // No breakdown by lifetime: the flat count (as the Messages API's
+        // usage has it), at the 5-minute rate, the default lifetime.
+        (None, None) => (f("cache_creation_input_tokens").unwrap_or(0), 0),
+        (w5m, w1h) => (w5m.unwrap_or(0), w1h.unwrap_or(0)),
+    };
     let written = w5m.saturating_add(w1h);
     Some(Usage {
         input_tokens: input
@@ -430,5 +436,29 @@ mod tests {
             [("sesn_a", None), ("sesn_b", Some("claude-sonnet-4-6"))]
         );
         assert!(p.sessions.iter().all(|s| s.seen_by == SessionsCall::List));
+    }
+
+    /// A usage object with only the flat `cache_creation_input_tokens`
+    /// (as the Messages API's `usage` may be) still has its cache writes,
+    /// as 5-minute ones; the breakdown, when there, is the one read.
+    #[test]
+    fn flat_cache_writes_count_when_the_breakdown_is_absent() {
+        let writes = |u: &str| {
+            let u = usage_of(&serde_json::from_str(u).expect("json")).expect("usage");
+            (
+                u.input_tokens,
+                u.cache_write_input_tokens,
+                u.cache_write_1h_input_tokens,
+            )
+        };
+        let flat = r#"{"input_tokens":10,"output_tokens":5,"cache_read_input_tokens":3,"cache_creation_input_tokens":7}"#;
+        assert_eq!(writes(flat), (20, 7, 0));
+        let both = r#"{"input_tokens":10,"output_tokens":5,"cache_creation_input_tokens":7,
+            "cache_creation":{"ephemeral_5m_input_tokens":2,"ephemeral_1h_input_tokens":5}}"#;
+        assert_eq!(writes(both), (17, 7, 5));
+        let hour = r#"{"input_tokens":10,"cache_creation_input_tokens":7,"cache_creation":{"ephemeral_1h_input_tokens":4}}"#;
+        assert_eq!(writes(hour), (14, 4, 4));
+        let none = r#"{"input_tokens":10,"cache_creation":{},"cache_creation_input_tokens":"7"}"#;
+        assert_eq!(writes(none), (10, 0, 0));
     }
 }
