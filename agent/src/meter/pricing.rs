@@ -117,7 +117,8 @@ pub struct ModelPrice {
     /// override of a catalogued model the catalogue's ratio to `input`).
     #[serde(default)]
     pub cached_input: Option<f64>,
-    /// Input tokens written to a prompt cache (default: as `cached_input`).
+    /// Input tokens written to a prompt cache (default: `input`, or for an
+    /// override of a catalogued model the catalogue's ratio to `input`).
     #[serde(default)]
     pub cache_write: Option<f64>,
     /// Cache writes kept for an hour (Anthropic; default: `cache_write`,
