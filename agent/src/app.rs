@@ -308,12 +308,14 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
                 ledger_dropped: l.dropped + l.rejected + l.refused,
                 bodies_too_long: p.body_too_long,
                 bodies_over_budget: p.over_buffer_budget,
+                responses_over_budget: crate::providers::responses_over_budget(),
                 bodies_stalled: p.body_stalled,
                 background_waiting: p.background_waiting,
                 up: true,
             }
         })
     };
+    crate::providers::set_response_budget(cfg.proxy.max_buffered_response_bytes);
     let mut resource = crate::export::ResourceInfo::from_host();
     resource.runner_name = std::env::var("RUNNER_NAME").ok().filter(|s| !s.is_empty());
     let (exporter, export_sink) = crate::export::start(&cfg.export, resource, health.clone())?;

@@ -149,6 +149,11 @@ pub struct ProxyConfig {
     /// Most bytes of request bodies the agent holds at once, across all
     /// connections; a body that would pass it is forwarded unparsed.
     pub max_buffered_request_bytes: usize,
+    /// Most bytes of JSON answers (non-streaming responses, read whole
+    /// for their usage) the agent holds at once, across all connections;
+    /// an answer that would pass it is forwarded without being read, and
+    /// its record estimated.
+    pub max_buffered_response_bytes: usize,
     /// A request body that pauses this long mid-way (a stalled or slow
     /// client) stops being held: it is forwarded as it arrives, unparsed,
     /// so it does not keep its share of `max_buffered_request_bytes`.
@@ -176,6 +181,7 @@ impl Default for ProxyConfig {
             drain_secs: 30,
             max_request_body: 32 << 20,
             max_buffered_request_bytes: 128 << 20,
+            max_buffered_response_bytes: 128 << 20,
             request_body_stall_secs: 10,
             worker_threads: 1,
         }

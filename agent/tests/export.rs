@@ -94,6 +94,7 @@ fn health() -> Arc<dyn Fn() -> HealthSnapshot + Send + Sync> {
         ledger_dropped: 6,
         bodies_too_long: 7,
         bodies_over_budget: 8,
+        responses_over_budget: 13,
         bodies_stalled: 9,
         background_waiting: 12,
         up: true,
@@ -262,6 +263,12 @@ fn assert_health(points: &[Point]) {
             8.0,
         ),
         (
+            "tollgate.responses.body_over_budget",
+            "{response}",
+            "counter",
+            13.0,
+        ),
+        (
             "tollgate.requests.body_stalled",
             "{request}",
             "counter",
@@ -378,6 +385,7 @@ async fn default_generation(t: Transport) {
             "tollgate.requests.body_too_long",
             "tollgate.requests.body_over_budget",
             "tollgate.requests.body_stalled",
+            "tollgate.responses.body_over_budget",
             "tollgate.requests.background_waiting",
             "tollgate.up",
         ]),

@@ -10,6 +10,11 @@
 //! an exec changes (the same program run again with other arguments
 //! changes only the second).
 //!
+//! The CI job is the nearest environment naming one, walking up from the
+//! process: what the job says of itself. A job can name another repository
+//! in a child's environment; only the kernel's fields (pid, uid, cgroup)
+//! are beyond its reach. The README says so (What is recorded).
+//!
 //! A process that started after the connect (its pid was reused between
 //! the connect and the attribution) is not read at all: the record keeps
 //! what the kernel said at connect time.

@@ -281,7 +281,7 @@ type HealthFigure = (
 );
 
 /// Health counters (monotonic).
-const HEALTH_COUNTERS: [HealthFigure; 11] = [
+const HEALTH_COUNTERS: [HealthFigure; 12] = [
     (
         sc::M_CONN_INTERCEPTED,
         "{connection}",
@@ -341,6 +341,12 @@ const HEALTH_COUNTERS: [HealthFigure; 11] = [
         "{request}",
         "Request bodies forwarded unparsed because proxy.max_buffered_request_bytes was held (model and usage from the response).",
         |h| h.bodies_over_budget,
+    ),
+    (
+        sc::M_RESPONSES_OVER_BUDGET,
+        "{response}",
+        "JSON answers not read for their usage because proxy.max_buffered_response_bytes was held (their records are estimated).",
+        |h| h.responses_over_budget,
     ),
     (
         sc::M_BODIES_STALLED,

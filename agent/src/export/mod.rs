@@ -84,6 +84,9 @@ pub struct HealthSnapshot {
     /// Request bodies forwarded unparsed because the agent already held
     /// `proxy.max_buffered_request_bytes` of request bodies.
     pub bodies_over_budget: u64,
+    /// JSON answers not read for their usage because the agent already
+    /// held `proxy.max_buffered_response_bytes` of them.
+    pub responses_over_budget: u64,
     /// Request bodies forwarded unparsed because they paused longer than
     /// `proxy.request_body_stall_secs`.
     pub bodies_stalled: u64,

@@ -81,6 +81,7 @@ pub const M_LEDGER_ERRORS: &str = "tollgate.ledger.errors";
 pub const M_LEDGER_DROPPED: &str = "tollgate.ledger.dropped";
 pub const M_BODIES_TOO_LONG: &str = "tollgate.requests.body_too_long";
 pub const M_BODIES_OVER_BUDGET: &str = "tollgate.requests.body_over_budget";
+pub const M_RESPONSES_OVER_BUDGET: &str = "tollgate.responses.body_over_budget";
 pub const M_BODIES_STALLED: &str = "tollgate.requests.body_stalled";
 pub const M_BACKGROUND_WAITING: &str = "tollgate.requests.background_waiting";
 pub const M_UP: &str = "tollgate.up";

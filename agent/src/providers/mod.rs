@@ -23,6 +23,8 @@ pub mod sse;
 #[cfg(test)]
 pub(crate) mod testing;
 
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
 use http::{HeaderMap, Method};
 use serde_json::Value;
 
@@ -629,11 +631,74 @@ impl Head {
     }
 }
 
+/// Bytes of JSON response bodies that [`JsonBody`]s hold together, and
+/// their bound (`proxy.max_buffered_response_bytes`): each response's
+/// limit alone does not bound the agent, since many large answers at once
+/// (embeddings of big batches) would each hold up to it.
+pub struct ResponseBudget {
+    held: AtomicUsize,
+    max: AtomicUsize,
+    /// Responses left unparsed because the bound was reached.
+    over: AtomicU64,
+}
+
+impl ResponseBudget {
+    pub const fn new(max: usize) -> ResponseBudget {
+        ResponseBudget {
+            held: AtomicUsize::new(0),
+            max: AtomicUsize::new(max),
+            over: AtomicU64::new(0),
+        }
+    }
+
+    /// Takes `n` bytes if they fit under the bound.
+    fn take(&self, n: usize) -> bool {
+        let max = self.max.load(Ordering::Relaxed);
+        self.held
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
+                held.checked_add(n).filter(|&t| t <= max)
+            })
+            .is_ok()
+    }
+
+    fn give_back(&self, n: usize) {
+        self.held.fetch_sub(n, Ordering::Relaxed);
+    }
+
+    /// Bytes held now.
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::Relaxed)
+    }
+}
+
+/// The agent's one response budget.
+static RESPONSE_BUDGET: ResponseBudget = ResponseBudget::new(128 << 20);
+
+/// Sets the bound of the bytes all JSON response bodies hold at once.
+pub fn set_response_budget(bytes: usize) {
+    RESPONSE_BUDGET.max.store(bytes, Ordering::Relaxed);
+}
+
+/// Responses left unparsed because `proxy.max_buffered_response_bytes`
+/// were held (their records are estimated), since start.
+pub fn responses_over_budget() -> u64 {
+    RESPONSE_BUDGET.over.load(Ordering::Relaxed)
+}
+
 /// Accumulates a JSON response body up to a bound and parses it at the end.
 pub struct JsonBody {
     buf: Vec<u8>,
     limit: usize,
     overflowed: bool,
+    budget: &'static ResponseBudget,
+    /// Bytes taken from `budget`, given back on drop.
+    held: usize,
+}
+
+impl Drop for JsonBody {
+    fn drop(&mut self) {
+        self.release();
+    }
 }
 
 impl JsonBody {
@@ -641,10 +706,24 @@ impl JsonBody {
     pub const DEFAULT_LIMIT: usize = 16 << 20;
 
     pub fn new(limit: usize) -> Self {
+        Self::within(limit, &RESPONSE_BUDGET)
+    }
+
+    /// As [`JsonBody::new`], holding its bytes against `budget`.
+    pub fn within(limit: usize, budget: &'static ResponseBudget) -> Self {
         JsonBody {
             buf: Vec::new(),
             limit,
             overflowed: false,
+            budget,
+            held: 0,
+        }
+    }
+
+    fn release(&mut self) {
+        if self.held > 0 {
+            self.budget.give_back(self.held);
+            self.held = 0;
         }
     }
 
@@ -652,11 +731,23 @@ impl JsonBody {
         if self.overflowed {
             return;
         }
-        if self.buf.len() + chunk.len() > self.limit {
+        let fits = self.buf.len() + chunk.len() <= self.limit;
+        if !(fits && self.budget.take(chunk.len())) {
+            if fits {
+                let n = self.budget.over.fetch_add(1, Ordering::Relaxed);
+                if n.is_power_of_two() || n == 0 {
+                    tracing::warn!(
+                        unparsed = n + 1,
+                        "the agent holds proxy.max_buffered_response_bytes of JSON answers: this answer is not read for its usage (its record is estimated)"
+                    );
+                }
+            }
             self.overflowed = true;
             self.buf = Vec::new();
+            self.release();
             return;
         }
+        self.held += chunk.len();
         self.buf.extend_from_slice(chunk);
     }
 
@@ -672,6 +763,7 @@ impl JsonBody {
         }
         let v = serde_json::from_slice(&self.buf).ok();
         self.buf = Vec::new();
+        self.release();
         v
     }
 }
@@ -698,4 +790,38 @@ pub(crate) fn str_at(v: &serde_json::Value, path: &[&str]) -> Option<String> {
         cur = cur.get(p)?;
     }
     cur.as_str().map(str::to_owned)
+}
+
+#[cfg(test)]
+mod budget_tests {
+    use super::{JsonBody, ResponseBudget};
+    use std::sync::atomic::Ordering;
+
+    #[test]
+    fn json_answers_hold_their_bytes_against_one_budget() {
+        static B: ResponseBudget = ResponseBudget::new(100);
+        let mut a = JsonBody::within(1000, &B);
+        a.feed(&[b' '; 60]);
+        assert_eq!(B.held(), 60);
+        // A second answer that would pass the bound is not read.
+        let mut b = JsonBody::within(1000, &B);
+        b.feed(&[b' '; 30]);
+        b.feed(&[b' '; 20]);
+        assert!(b.bytes().is_none());
+        assert_eq!(B.over.load(Ordering::Relaxed), 1);
+        assert_eq!(B.held(), 60, "what it had taken is given back");
+        b.feed(b"more");
+        assert_eq!(B.held(), 60, "and it takes nothing more");
+        drop(a);
+        assert_eq!(B.held(), 0, "an answer gives its bytes back when done");
+        let mut c = JsonBody::within(1000, &B);
+        c.feed(b"{\"a\":1}");
+        assert!(c.take().is_some());
+        assert_eq!(B.held(), 0, "once parsed");
+        // Over its own limit: unread, but not for the budget.
+        let mut d = JsonBody::within(10, &B);
+        d.feed(&[b' '; 20]);
+        assert!(d.bytes().is_none());
+        assert_eq!(B.over.load(Ordering::Relaxed), 1);
+    }
 }
