@@ -315,7 +315,13 @@ impl Attributor {
             let Some(ppid) = p.ppid().filter(|pp| *pp > 1 && *pp != cur.0) else {
                 break;
             };
-            let Some(pstart) = Proc::new(&self.proc_root, ppid).start_time() else {
+            // A parent that started after its child is another process
+            // with the parent's pid (the parent exited and the pid was
+            // reused as the walk read it): its environment is not the job's.
+            let Some(pstart) = Proc::new(&self.proc_root, ppid)
+                .start_time()
+                .filter(|&s| s <= cur.1)
+            else {
                 break;
             };
             cur = (ppid, pstart);

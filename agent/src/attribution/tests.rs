@@ -59,6 +59,40 @@ const GITHUB: &[(&str, &str)] = &[
 ];
 
 #[test]
+fn a_parent_pid_reused_by_a_later_process_lends_no_job() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let root = t.path();
+    // The child's parent exited and its pid went to a process that
+    // started after the child, in another job.
+    write_proc(
+        root,
+        &FakeProc {
+            pid: 50,
+            ppid: 1,
+            start: 30,
+            env: GITHUB,
+            args: &["bash"],
+            exe: "/usr/bin/bash",
+        },
+    );
+    write_proc(
+        root,
+        &FakeProc {
+            pid: 60,
+            ppid: 50,
+            start: 20,
+            env: &[("HOME", "/home/runner")],
+            args: &["python3", "orphan.py"],
+            exe: "/usr/bin/python3",
+        },
+    );
+    let a = Attributor::new(root.to_path_buf()).of(60, 1001, 77, "python3");
+    assert_eq!(a.exe.as_deref(), Some("/usr/bin/python3"), "read");
+    assert_eq!(a.repository, None, "{a:?}");
+    assert_eq!(a.ci_system, None);
+}
+
+#[test]
 fn child_without_vars_inherits_the_job_of_its_parent() {
     let t = tempfile::tempdir().expect("tempdir");
     let root = t.path();
