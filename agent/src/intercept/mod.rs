@@ -252,7 +252,10 @@ impl Intercept {
     /// Loads the embedded object, fills CONFIG (agent tgid, its netns cookie,
     /// listeners 127.0.0.1/`listen_v4` and ::1 on `listen_port`, ENABLED)
     /// and attaches every program to `settings.cgroup`. Several agents may
-    /// attach to different cgroups (or the same one) at once.
+    /// attach to different cgroups (or the same one) at once, but each
+    /// exempts only its own process: an agent inside a cgroup another one
+    /// intercepts has its upstream connections sent to that other agent
+    /// (the README's troubleshooting says so).
     pub fn attach(settings: &InterceptSettings) -> Result<Intercept, InterceptError> {
         if !Path::new("/sys/kernel/btf/vmlinux").exists() {
             return Err(InterceptError::NoBtf);
