@@ -106,7 +106,9 @@ fn clear_failures(other: &rusqlite::Connection) {
 
 /// Makes inserts into the ledger at `path` fail, from a second connection,
 /// whenever `when` holds (SQL over `NEW` and the table `fail_flag`, which
-/// starts with one row). Returns that connection.
+/// starts with one row), with an error that is not about the record (an
+/// integer overflow inside the trigger: `SQLITE_ERROR`, as a failing disk
+/// or a lock is not the record's either). Returns that connection.
 fn inject_failures(path: &Path, when: &str) -> rusqlite::Connection {
     let other = rusqlite::Connection::open(path).expect("second connection");
     other
@@ -115,10 +117,22 @@ fn inject_failures(path: &Path, when: &str) -> rusqlite::Connection {
              INSERT INTO fail_flag VALUES (1);
              CREATE TRIGGER inject BEFORE INSERT ON requests
              WHEN {when}
-             BEGIN SELECT RAISE(ABORT, 'injected failure'); END;"
+             BEGIN SELECT abs(-9223372036854775807 - 1); END;"
         ))
         .expect("trigger");
     other
+}
+
+/// Makes the ledger refuse, for what they hold, the records for which
+/// `when` holds (a constraint, as SQLite reports a CHECK it fails).
+fn inject_refusal(other: &rusqlite::Connection, when: &str) {
+    other
+        .execute_batch(&format!(
+            "CREATE TRIGGER refuse BEFORE INSERT ON requests
+             WHEN {when}
+             BEGIN SELECT RAISE(ABORT, 'refused'); END;"
+        ))
+        .expect("trigger");
 }
 
 fn strip_id(mut r: UsageRecord) -> UsageRecord {
@@ -466,10 +480,8 @@ fn a_record_the_ledger_refuses_is_set_aside_and_the_others_are_written() {
     // Every insert fails while the flag is set (an outage: nothing is set
     // aside then); the poisoned record always, as a record SQLite refuses
     // for what it holds would.
-    let other = inject_failures(
-        &path,
-        "(SELECT count(*) FROM fail_flag) > 0 OR NEW.model = 'poison'",
-    );
+    let other = inject_failures(&path, "(SELECT count(*) FROM fail_flag) > 0");
+    inject_refusal(&other, "NEW.model = 'poison'");
     let n = 1100;
     let poison = 300;
     for i in 0..n {
@@ -488,11 +500,21 @@ fn a_record_the_ledger_refuses_is_set_aside_and_the_others_are_written() {
     wait_for("all but one", || h.stats().written == n - 1);
     let s = h.stats();
     assert_eq!((s.refused, s.queued), (1, 0), "{s:?}");
-    // Later records are not held back either.
+    // Later records are not held back either, nor is a refused record
+    // that comes alone (a piece of one record, all of it refused).
     h.submit(sample(5000));
-    assert_eq!(w.shutdown(Duration::from_secs(30)).expect("shutdown"), n);
+    wait_for("the later one", || h.stats().written == n);
+    let mut alone = sample(5001);
+    alone.model = Some("poison".into());
+    h.submit(alone);
+    wait_for("the lone one set aside", || h.stats().refused == 2);
+    h.submit(sample(5002));
+    assert_eq!(
+        w.shutdown(Duration::from_secs(30)).expect("shutdown"),
+        n + 1
+    );
     let mut want = starts_of((0..n).filter(|&i| i != poison));
-    want.extend(starts_of(5000..5001));
+    want.extend(starts_of([5000, 5002]));
     assert_eq!(starts_in(&path), want);
 }
 

@@ -12,9 +12,9 @@
 //! a lock held from outside) at most `max_backlog` records wait in memory,
 //! and what comes beyond is counted as dropped and logged, so that an
 //! outage costs records, counted, rather than the agent's memory. A record
-//! that SQLite refuses for what it holds (a constraint, a type) while the
-//! others around it are written is set aside, counted as refused and
-//! logged whole, so that it cannot hold back every later record. A panic
+//! that SQLite refuses for what it holds (a constraint, a type: an error
+//! about the record, not the disk or a lock) is set aside, counted as
+//! refused and logged whole, so that it cannot hold back every later one. A panic
 //! in the writer (a bug) rolls back its transaction, is logged and counted
 //! as a write error, and the writer carries on with the records it held.
 //! A ledger file deleted or moved away while the agent runs is noticed
@@ -66,8 +66,8 @@ pub struct LedgerStats {
     /// (the ledger could not be written for a while).
     pub dropped: u64,
     /// Records the ledger refused for what they held (a constraint or a
-    /// type SQLite would refuse every time), while other records were
-    /// written: each is logged whole, at error level, instead.
+    /// type SQLite would refuse every time): each is logged whole, at
+    /// error level, instead.
     pub refused: u64,
 }
 
@@ -504,16 +504,15 @@ fn run(
 /// After a piece failed as a whole: writes its records one statement each
 /// and sets aside those the ledger refuses for what they hold, logging each
 /// whole (what it would have stored: no secrets), so that one such record
-/// does not hold back every later one. `Err` when nothing could be written
-/// (the ledger, not a record, is the trouble): the piece waits for a retry.
+/// does not hold back every later one. `Err` when the ledger, not a
+/// record, is the trouble (the disk, a lock): the piece waits for a retry.
 fn set_aside_refused(
     ledger: &mut Ledger,
     piece: &[Arc<UsageRecord>],
     s: &Shared,
 ) -> Result<(), ()> {
-    let refused = match ledger.insert_each(piece) {
-        Ok(refused) if refused.len() < piece.len() => refused,
-        _ => return Err(()),
+    let Ok(refused) = ledger.insert_each(piece) else {
+        return Err(());
     };
     s.written
         .fetch_add((piece.len() - refused.len()) as u64, Ordering::Relaxed);
