@@ -418,15 +418,17 @@ impl UsageParser for JsonParser {
     }
 
     fn finish(&mut self) -> ParsedUsage {
-        let Some(m) = self.body.bytes().and_then(super::parse_json::<WireMessage>) else {
-            return ParsedUsage::default();
-        };
+        // Free whatever the answer holds, or whether it was read (past the
+        // budget of answers held it is not).
         if self.free {
             return ParsedUsage {
                 usage: Some(Usage::default()),
                 ..Default::default()
             };
         }
+        let Some(m) = self.body.bytes().and_then(super::parse_json::<WireMessage>) else {
+            return ParsedUsage::default();
+        };
         m.parsed()
     }
 }
@@ -691,8 +693,10 @@ mod tests {
         for (body, usage) in [
             (&b"[1]"[..], Some(Usage::default())),
             (b"7", Some(Usage::default())),
-            (b"{\"input_tokens\":", None),
-            (b"", None),
+            // Cut, empty or unread (past the budget of answers held):
+            // still free.
+            (b"{\"input_tokens\":", Some(Usage::default())),
+            (b"", Some(Usage::default())),
         ] {
             let p = parse_split(
                 &Anthropic,

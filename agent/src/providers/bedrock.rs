@@ -188,8 +188,7 @@ impl Provider for Bedrock {
             Box::new(StreamParser::new(status))
         } else {
             Box::new(JsonParser {
-                body: Vec::new(),
-                overflowed: false,
+                body: JsonBody::new(JsonBody::DEFAULT_LIMIT),
                 free: info.operation == "count_tokens",
                 from_headers: header_usage(headers),
             })
@@ -294,38 +293,27 @@ struct WireConverse {
 
 /// Converse, InvokeModel and CountTokens JSON bodies.
 struct JsonParser {
-    body: Vec<u8>,
-    overflowed: bool,
+    body: JsonBody,
     free: bool,
     from_headers: Option<Usage>,
 }
 
 impl UsageParser for JsonParser {
     fn feed(&mut self, chunk: &[u8]) {
-        if self.overflowed {
-            return;
-        }
-        if self.body.len() + chunk.len() > JsonBody::DEFAULT_LIMIT {
-            self.overflowed = true;
-            self.body = Vec::new();
-            return;
-        }
-        self.body.extend_from_slice(chunk);
+        self.body.feed(chunk);
     }
 
     fn finish(&mut self) -> ParsedUsage {
-        let body = std::mem::take(&mut self.body);
-        let v: Option<WireConverse> = if self.overflowed {
-            None
-        } else {
-            super::parse_json(&body)
-        };
-        if self.free && v.is_some() {
+        // CountTokens bills nothing, whatever its answer holds (or whether
+        // it was read: past the budget of answers held it is not).
+        if self.free {
             return ParsedUsage {
                 usage: Some(Usage::default()),
                 ..Default::default()
             };
         }
+        let body = self.body.bytes();
+        let v: Option<WireConverse> = body.and_then(super::parse_json);
         if let Some(v) = &v
             && let Some(u) = v.usage.as_ref().and_then(converse_usage)
         {
@@ -336,10 +324,9 @@ impl UsageParser for JsonParser {
             };
         }
         // InvokeModel with Claude: an Anthropic Messages answer.
-        let mut found = if v.is_some() {
-            super::anthropic::message_json(&body)
-        } else {
-            ParsedUsage::default()
+        let mut found = match (v.is_some(), body) {
+            (true, Some(body)) => super::anthropic::message_json(body),
+            _ => ParsedUsage::default(),
         };
         if found.usage.is_none() {
             found.usage = self.from_headers;
@@ -849,7 +836,8 @@ mod tests {
         for (body, usage) in [
             (&b"[1]"[..], Some(Usage::default())),
             (b"{}", Some(Usage::default())),
-            (b"{\"inputTokens\":", None),
+            // Cut or unread (past the budget of answers held): still free.
+            (b"{\"inputTokens\":", Some(Usage::default())),
         ] {
             let p = parse_split(
                 &Bedrock,

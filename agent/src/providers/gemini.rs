@@ -684,7 +684,7 @@ impl UsageParser for InlinedParser {
         let mut tally = super::batch::BatchTally::default();
         let Some(bytes) = self.body.bytes() else {
             tracing::debug!(
-                "a Gemini batch larger than 16 MiB: its inlined responses are not read"
+                "a Gemini batch larger than 16 MiB, or read while the agent held proxy.max_buffered_response_bytes of answers: its inlined responses are not read (a later read counts them)"
             );
             return ParsedUsage {
                 usage: Some(Usage::default()),
@@ -982,8 +982,8 @@ pub struct ArraySplitter {
     depth: u32,
     in_string: bool,
     escape: bool,
-    elem: Vec<u8>,
-    limit: usize,
+    /// The element being read, held against the response budget.
+    elem: JsonBody,
     skipping: bool,
     /// Elements dropped because they exceeded the bound.
     pub oversized: u64,
@@ -991,14 +991,19 @@ pub struct ArraySplitter {
 
 impl ArraySplitter {
     pub fn new(limit: usize) -> Self {
+        Self::within(JsonBody::new(limit))
+    }
+
+    /// As [`ArraySplitter::new`], the element held in `elem` (a
+    /// [`JsonBody`] on a budget of the test's).
+    fn within(elem: JsonBody) -> Self {
         ArraySplitter {
             top: Top::Start,
             in_elem: false,
             depth: 0,
             in_string: false,
             escape: false,
-            elem: Vec::new(),
-            limit,
+            elem,
             skipping: false,
             oversized: 0,
         }
@@ -1077,7 +1082,7 @@ impl ArraySplitter {
         if self.in_elem && self.depth == 0 && !self.in_string {
             self.end(&[], on_elem);
         }
-        self.elem = Vec::new();
+        self.elem.reset();
         self.in_elem = false;
         self.top = Top::Done;
     }
@@ -1086,25 +1091,23 @@ impl ArraySplitter {
         if self.skipping {
             return;
         }
-        if self.elem.len() + b.len() > self.limit {
+        self.elem.feed(b);
+        if self.elem.bytes().is_none() {
+            // Past its bound, or past the budget of all answers held.
             self.skipping = true;
             self.oversized += 1;
-            self.elem = Vec::new();
-            return;
+            self.elem.reset();
         }
-        self.elem.extend_from_slice(b);
     }
 
     fn end(&mut self, tail: &[u8], on_elem: &mut dyn FnMut(&[u8])) {
         self.append(tail);
-        if !self.skipping {
-            on_elem(&self.elem);
+        if !self.skipping
+            && let Some(elem) = self.elem.bytes()
+        {
+            on_elem(elem);
         }
-        if self.elem.capacity() > 1 << 20 {
-            self.elem = Vec::new();
-        } else {
-            self.elem.clear();
-        }
+        self.elem.reset();
         self.skipping = false;
         self.in_elem = false;
         self.depth = 0;
@@ -1857,6 +1860,31 @@ mod tests {
             elements(b"[{\"a\":1},{\"b\"", &[]),
             vec![b"{\"a\":1}".to_vec()]
         );
+    }
+
+    #[test]
+    fn array_elements_are_held_against_the_budget_of_answers() {
+        static B: crate::providers::ResponseBudget = crate::providers::ResponseBudget::new(100);
+        let mut s = ArraySplitter::within(JsonBody::within(1000, &B));
+        let mut got = Vec::new();
+        let obj = |n: usize| format!("{{\"a\":\"{}\"}}", "x".repeat(n));
+        // Two elements of 60 and 50 bytes: one at a time, both fit.
+        s.feed(format!("[{},{}", obj(52), obj(42)).as_bytes(), &mut |e| {
+            got.push(e.len())
+        });
+        s.feed(b"]", &mut |e| got.push(e.len()));
+        assert_eq!(got, [60, 50]);
+        assert_eq!(B.held(), 0);
+        // One of 150 bytes, fed in pieces: past the budget, skipped.
+        let mut s = ArraySplitter::within(JsonBody::within(1000, &B));
+        let big = obj(142);
+        for piece in big.as_bytes().chunks(40) {
+            s.feed(piece, &mut |e| got.push(e.len()));
+        }
+        s.finish(&mut |e| got.push(e.len()));
+        assert_eq!(got, [60, 50], "not read");
+        assert_eq!(s.oversized, 1);
+        assert_eq!(B.held(), 0, "nothing kept");
     }
 
     #[test]

@@ -751,6 +751,18 @@ impl JsonBody {
         self.buf.extend_from_slice(chunk);
     }
 
+    /// Empties the buffer for the next body, giving its bytes back (a
+    /// large buffer's memory too).
+    pub fn reset(&mut self) {
+        if self.buf.capacity() > 1 << 20 {
+            self.buf = Vec::new();
+        } else {
+            self.buf.clear();
+        }
+        self.overflowed = false;
+        self.release();
+    }
+
     /// The bytes gathered, or `None` when the body was too large.
     pub fn bytes(&self) -> Option<&[u8]> {
         (!self.overflowed).then_some(&self.buf[..])

@@ -262,11 +262,12 @@ impl ProxyState {
     ) -> Self {
         let background = TaskTracker::new();
         let mut http = auto::Builder::new(TrackedExecutor(background.clone()));
-        // A client that sends its request and then shuts its writing side
-        // still gets its answer, as it would from the provider.
-        http.http1()
-            .timer(hyper_util::rt::TokioTimer::new())
-            .half_close(true);
+        // `half_close` stays off: with it, a client that hangs up while
+        // waiting for the answer's head is not seen until the answer is
+        // written (its input then goes unestimated, the upstream request
+        // runs on); a client that shuts only its writing side after the
+        // request (rare; no SDK does) is taken as gone.
+        http.http1().timer(hyper_util::rt::TokioTimer::new());
         // An HTTP/2 client gone silent (a host that vanished) is found by
         // pings and its connection closed, instead of held for ever.
         http.http2()
@@ -1236,22 +1237,6 @@ mod tests {
             .await
             .expect("then the connection ends")
             .unwrap();
-    }
-
-    #[tokio::test]
-    async fn a_client_that_shuts_its_writing_side_after_the_request_gets_the_answer() {
-        let host = "api.openai.com";
-        let (state, agent_ca, server, _dir) = intercepting(host).await;
-        let (mut tls, task) = intercepted_client(state.clone(), &agent_ca, host).await;
-        tls.write_all(GET_MODELS).await.unwrap();
-        // close_notify, then the TCP write side.
-        tls.shutdown().await.unwrap();
-        let mut got = Vec::new();
-        let _ = tokio::time::timeout(Duration::from_secs(30), tls.read_to_end(&mut got)).await;
-        let got = String::from_utf8_lossy(&got);
-        assert!(got.starts_with("HTTP/1.1 200"), "answered: {got:?}");
-        assert_eq!(server.served.load(Ordering::SeqCst), 1);
-        let _ = tokio::time::timeout(Duration::from_secs(30), task).await;
     }
 
     #[tokio::test]
