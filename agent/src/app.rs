@@ -203,8 +203,9 @@ fn watchdog_interval(usec: Option<&str>, pid: Option<&str>, me: u32) -> Option<D
 }
 
 /// Feeds systemd's watchdog from the async runtime that serves every
-/// connection: a worker wedged (a deadlock, a task that never yields) or
-/// the process stopped starves it, and systemd kills the agent, which takes
+/// connection: the runtime wedged (with the default single worker, any
+/// task that blocks it: a deadlock, a loop that never yields) or the
+/// process stopped starves it, and systemd kills the agent, which takes
 /// its programs with it, so jobs' connections go direct again instead of
 /// to a listener nobody serves (fail open).
 fn spawn_watchdog() -> Option<tokio::task::JoinHandle<()>> {

@@ -3,13 +3,15 @@
 //! Six rules, applied to each whitespace-separated token:
 //! 1. a value after a sensitive name: `--api-key X`, `--token=X`,
 //!    `Authorization: Bearer X`, `x-api-key:X`, `OPENAI_API_KEY=X`,
-//!    `?key=X&...`, `"api_key": "X"`, `api_key = "X"`, `Cookie: a=b; c=d`.
-//!    `name=X` as a whole argument takes the rest of it (`;`, `,`, `)` and
-//!    `&` are the value's own once the shell's quoting is gone); a name
+//!    `?key=X&...`, `"api_key": "X"`, `api_key = "X"` (quoted: `token :
+//!    parse` is prose), `Cookie: a=b; c=d`. `name=X` as a whole argument,
+//!    or after a flag's `=` (`--from-literal=password=X`), takes the rest
+//!    of it (`;`, `,`, `)` and `&` are the value's own once the shell's
+//!    quoting is gone); a name
 //!    whose last word says it is about the secret rather than the secret
 //!    (`--token-limit`, `--key-id`, `--secret-name`, `--api-key-file`) is
-//!    not sensitive, and a flag is never taken as a value
-//!    (`--password-stdin -u me`);
+//!    not sensitive, and a flag (`--name`, `-u`) is never taken as a value
+//!    (`--password-stdin -u me`), though a value starting with `-` is;
 //! 2. the secret of a URL's user info (`https://user:X@host`, with a `/`
 //!    in it too; `https://TOKEN@host` for a user part of 20 or more
 //!    letters and digits);
@@ -17,8 +19,9 @@
 //!    `AKIA…`, `ghp_…`, JWTs, Google OAuth `ya29.…`, AWS session tokens
 //!    `IQoJ…`, …) wherever it appears, and a whole argument of 32 or more
 //!    hexadecimal digits (Azure keys; commit ids go too);
-//! 4. the password of `-u user:PASSWORD`, `-uuser:PASSWORD`,
-//!    `--user[=]user:PASSWORD` and `-x user:PASSWORD@proxy` (curl);
+//! 4. the password of `-u user:PASSWORD` (not a `uid:gid`), and of curl's
+//!    `-uuser:PASSWORD`, `-U…`, `--user=user:PASSWORD` and
+//!    `-x[ ]user:PASSWORD@proxy`;
 //! 5. a whole argument that looks random: 24 or more characters of
 //!    base64 or base64url, mixing upper and lower case and digits the way
 //!    random text does (a key passed positionally, as in `aws configure
@@ -33,7 +36,8 @@
 //!    `podman`, `helm`, `az` (and other registry and cloud CLIs) after
 //!    `login`, of `sshpass` and `twine`; attached `-pX` of `sshpass`,
 //!    those logins and `mysql` (whose `-p db` prompts); `redis-cli -a X`;
-//!    `curl -b X`; `gh secret set NAME --body X`. Elsewhere `-p` is a port.
+//!    `curl -b X`; `gh secret set NAME --body X`; each also as `-p=X`,
+//!    `--body=X` or attached (`-bX`). Elsewhere `-p` is a port.
 //!
 //! It errs towards redacting too much: a value after a sensitive flag goes
 //! whatever it is (`--sort-key name`). Counts such as `--max-tokens 100`
@@ -204,6 +208,8 @@ enum Pending {
     Auth,
     /// A Cookie value: redact tokens while they end with `;`.
     Cookie,
+    /// After `name =`: redact the next token if it is quoted.
+    Quoted,
 }
 
 fn pending_for(name: &str) -> Pending {
@@ -247,6 +253,19 @@ fn redact_whole(tok: &str) -> Option<String> {
         &tok[..lead_end],
         &tok[trail_start..]
     ))
+}
+
+/// Whether a name that follows `before` starts its argument: nothing but
+/// quotes before it, or a flag's `--flag=` (`--from-literal=password=X`).
+fn starts_the_argument(before: &str) -> bool {
+    let b = before.trim_start_matches(['"', '\'']);
+    b.is_empty()
+        || (b.starts_with('-')
+            && b.ends_with('=')
+            && b[..b.len() - 1]
+                .trim_start_matches('-')
+                .bytes()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.')))
 }
 
 /// Rule 1 inside one token, and rule 2. Returns the new token and what the
@@ -304,9 +323,8 @@ fn scan_token(tok: &str) -> (String, Pending) {
         // quoting is gone, so `;`, `,`, `)` and `&` are the value's own.
         // Only a closing quote at the very end is kept (an argument that
         // was one word of a longer quoted string).
-        let whole_argument = !quoted
-            && at(j - 1) == Some('=')
-            && tok[..byte(start)].chars().all(|c| c == '"' || c == '\'');
+        let whole_argument =
+            !quoted && at(j - 1) == Some('=') && starts_the_argument(&tok[..byte(start)]);
         if whole_argument {
             j = chars.len();
             while j > value_start && matches!(at(j - 1), Some('"' | '\'')) {
@@ -346,7 +364,7 @@ fn scan_token(tok: &str) -> (String, Pending) {
 /// characters or more with letters and digits).
 fn url_secret(tok: &str, auth_start: usize) -> Option<(usize, usize)> {
     let rest = &tok[auth_start..];
-    let host_end = rest.find('/').unwrap_or(rest.len());
+    let host_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
     if let Some(at) = rest[..host_end].rfind('@') {
         let info = &rest[..at];
         return match info.find(':') {
@@ -542,27 +560,77 @@ impl Tool {
         })
     }
 
-    /// Whether `flag`, given alone, takes a secret as the next argument.
-    fn takes_secret(self, flag: &str) -> Option<Pending> {
-        match (self, flag) {
-            (Tool::Login { armed: true } | Tool::Sshpass | Tool::Twine, "-p") => {
-                Some(Pending::Value)
-            }
-            (Tool::RedisCli, "-a") => Some(Pending::Value),
-            (Tool::Curl, "-b") => Some(Pending::Cookie),
-            (Tool::Gh { armed: true }, "-b" | "--body") => Some(Pending::Value),
-            _ => None,
+    /// The flags of this tool that take a secret: given alone (the next
+    /// argument is the secret), and short ones that carry it attached
+    /// (`-pX`); any of them with `=` (`--body=X`, `-p=X`) carries it too.
+    fn secret_flags(self) -> (&'static [&'static str], &'static [&'static str]) {
+        match self {
+            Tool::Login { armed: true } | Tool::Sshpass | Tool::Twine => (&["-p"], &["-p"]),
+            Tool::Mysql => (&[], &["-p"]),
+            Tool::RedisCli => (&["-a"], &["-a"]),
+            Tool::Curl => (&["-b"], &["-b"]),
+            Tool::Gh { armed: true } => (&["-b", "--body"], &["-b"]),
+            Tool::Login { armed: false } | Tool::Gh { armed: false } => (&[], &[]),
         }
     }
 
-    /// The length of a flag that carries its secret attached (`-pX`).
-    fn attached_secret(self, tok: &str) -> Option<usize> {
-        let attached = matches!(
-            self,
-            Tool::Sshpass | Tool::Mysql | Tool::Login { armed: true }
-        );
-        (attached && tok.len() > 2 && tok.starts_with("-p") && !tok.contains('=')).then_some(2)
+    /// What comes after `flag`, given alone, when it takes a secret.
+    fn takes_secret(self, flag: &str) -> Option<Pending> {
+        self.secret_flags().0.contains(&flag).then_some(match self {
+            Tool::Curl => Pending::Cookie,
+            _ => Pending::Value,
+        })
     }
+
+    /// Where the secret starts in an argument that carries it attached
+    /// (`-pX`, `-p=X`, `--body=X`).
+    fn attached_secret(self, tok: &str) -> Option<usize> {
+        let (alone, attached) = self.secret_flags();
+        alone.iter().chain(attached).find_map(|f| {
+            let rest = tok.strip_prefix(f)?;
+            if let Some(v) = rest.strip_prefix('=') {
+                return (!v.is_empty()).then_some(f.len() + 1);
+            }
+            (!rest.is_empty() && attached.contains(f)).then_some(f.len())
+        })
+    }
+}
+
+/// `user:[REDACTED]` for a `user:password` argument; `None` for one with
+/// no colon, or a `uid:gid` (`docker run -u 1000:1000`).
+fn user_password(value: &str) -> Option<String> {
+    let (user, password) = value.split_once(':')?;
+    let numeric = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if numeric(user) && numeric(password) {
+        return None;
+    }
+    Some(format!("{user}:{REDACTED}"))
+}
+
+/// `user:[REDACTED]@proxy` for a `user:password@proxy` argument (curl's
+/// `-x`, with no scheme: one with a scheme is rule 2's).
+fn proxy_password(value: &str) -> Option<String> {
+    if value.contains("://") {
+        return None;
+    }
+    let (info, host) = value.rsplit_once('@')?;
+    let (user, _) = info.split_once(':')?;
+    Some(format!("{user}:{REDACTED}@{host}"))
+}
+
+/// Whether `tok` is a flag rather than a value that starts with `-`: a
+/// long flag (`--name`, `--name=…`: letters, digits, `-`, `_`, `.`) or a
+/// single letter (`-u`). A key or password may start with `-` too.
+fn is_flag_word(tok: &str) -> bool {
+    if let Some(long) = tok.strip_prefix("--") {
+        let name = long.split('=').next().unwrap_or("");
+        return name.starts_with(|c: char| c.is_ascii_alphabetic())
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    }
+    let b = tok.as_bytes();
+    b.len() == 2 && b[0] == b'-' && b[1].is_ascii_alphabetic()
 }
 
 /// The trailing name of `tok` (`OpenAI(api_key` → `api_key`).
@@ -586,7 +654,7 @@ pub fn redact_cmdline(s: &str) -> String {
     let mut proxy_flag = false;
     // The previous token ended with a sensitive name (`OpenAI(api_key`):
     // a lone `=` or `:` makes the next token its value.
-    let mut named: Option<Pending> = None;
+    let mut named = false;
     let mut tool: Option<Tool> = None;
     let mut rest = s;
     while !rest.is_empty() {
@@ -602,9 +670,19 @@ pub fn redact_cmdline(s: &str) -> String {
         let tok = &rest[..end];
         rest = &rest[end..];
 
-        // A flag is never a value: `--password-stdin -u me`.
-        if pending != Pending::None && is_flag(tok) {
+        // A flag is never a value: `--password-stdin -u me`. (A value
+        // that merely starts with `-`, `-Xq7b…`, still is.)
+        if pending != Pending::None && is_flag_word(tok) {
             pending = Pending::None;
+        }
+        // After `api_key =`: only a quoted value (`"X"`), not a word
+        // (`token : parse`).
+        if pending == Pending::Quoted {
+            pending = if tok.starts_with(['"', '\'']) {
+                Pending::Value
+            } else {
+                Pending::None
+            };
         }
         if pending != Pending::None {
             if pending == Pending::Auth && is_scheme(tok) {
@@ -626,11 +704,9 @@ pub fn redact_cmdline(s: &str) -> String {
             continue;
         }
 
-        if let Some(p) = named.take()
-            && matches!(tok, "=" | ":")
-        {
+        if std::mem::take(&mut named) && matches!(tok, "=" | ":") {
             out.push_str(tok);
-            pending = p;
+            pending = Pending::Quoted;
             continue;
         }
         if let Some(t) = Tool::named(tok) {
@@ -655,29 +731,32 @@ pub fn redact_cmdline(s: &str) -> String {
             pending = pending_for(tok);
             continue;
         }
-        // curl's `-uUSER:PASSWORD`, `--user=USER:PASSWORD`.
-        if let Some(value) = ["--user=", "--proxy-user=", "-u"]
-            .iter()
-            .find_map(|f| tok.strip_prefix(f).filter(|v| !v.is_empty()))
-            && let Some((user, _)) = value.split_once(':')
-        {
-            out.push_str(&tok[..tok.len() - value.len()]);
-            out.push_str(user);
-            out.push(':');
-            out.push_str(REDACTED);
-            continue;
+        // curl's `-uUSER:PASSWORD`, `--user=USER:PASSWORD`, `-U…`, and
+        // `-xUSER:PASSWORD@proxy`.
+        if tool == Some(Tool::Curl) {
+            if let Some(value) = ["--user=", "--proxy-user=", "-u", "-U"]
+                .iter()
+                .find_map(|f| tok.strip_prefix(f).filter(|v| !v.is_empty()))
+                && let Some(r) = user_password(value)
+            {
+                out.push_str(&tok[..tok.len() - value.len()]);
+                out.push_str(&r);
+                continue;
+            }
+            if let Some(value) = ["--proxy=", "--preproxy=", "-x"]
+                .iter()
+                .find_map(|f| tok.strip_prefix(f).filter(|v| !v.is_empty()))
+                && let Some(r) = proxy_password(value)
+            {
+                out.push_str(&tok[..tok.len() - value.len()]);
+                out.push_str(&r);
+                continue;
+            }
         }
         if proxy_flag {
             proxy_flag = false;
-            if let Some((info, host)) = tok.rsplit_once('@')
-                && let Some((user, _)) = info.split_once(':')
-                && !tok.contains("://")
-            {
-                out.push_str(user);
-                out.push(':');
-                out.push_str(REDACTED);
-                out.push('@');
-                out.push_str(host);
+            if let Some(r) = proxy_password(tok) {
+                out.push_str(&r);
                 continue;
             }
         }
@@ -688,10 +767,8 @@ pub fn redact_cmdline(s: &str) -> String {
         }
         if user_flag {
             user_flag = false;
-            if let Some((user, _)) = tok.split_once(':') {
-                out.push_str(user);
-                out.push(':');
-                out.push_str(REDACTED);
+            if let Some(r) = user_password(tok) {
+                out.push_str(&r);
                 continue;
             }
         }
@@ -707,10 +784,7 @@ pub fn redact_cmdline(s: &str) -> String {
         let (scanned, next) = scan_token(tok);
         out.push_str(&redact_key_shapes(&scanned));
         pending = next;
-        let name = trailing_name(tok);
-        if pending == Pending::None && is_sensitive_name(name) && !is_flag(tok) {
-            named = Some(pending_for(name));
-        }
+        named = pending == Pending::None && !is_flag(tok) && is_sensitive_name(trailing_name(tok));
         if pending == Pending::None
             && tok
                 .trim_matches(|c| c == '"' || c == '\'')
@@ -1100,6 +1174,60 @@ mod tests {
             &["Hunter2secret"],
             &["OpenAI(api_key = \""],
         ),
+        // A value that starts with `-` but is no flag.
+        (
+            "tool --api-key -Xq7bT2mN9vLc4RzW8kPd3HsY6fJg run",
+            &["Xq7bT2mN9vLc4RzW8kPd3HsY6fJg"],
+            &["--api-key ", " run"],
+        ),
+        ("tool --password -p4ssW0rd! run", &["p4ssW0rd!"], &[" run"]),
+        (
+            "az login -u x -p -StartDash9",
+            &["StartDash9"],
+            &["-u x -p "],
+        ),
+        // Attached and `=` forms of the tools' flags.
+        (
+            "gh secret set X --body=Hunter2secret",
+            &["Hunter2secret"],
+            &["--body="],
+        ),
+        (
+            "gh secret set X -bHunter2secret",
+            &["Hunter2secret"],
+            &["-b"],
+        ),
+        (
+            "docker login -p=Hunter2secret r.io",
+            &["Hunter2secret"],
+            &["-p=", " r.io"],
+        ),
+        (
+            "twine upload -pHunter2secret dist",
+            &["Hunter2secret"],
+            &["-p", " dist"],
+        ),
+        (
+            "curl -bsid=Hunter2secret https://h",
+            &["Hunter2secret"],
+            &["curl -b"],
+        ),
+        (
+            "curl -Uu:Hunter2secret https://h",
+            &["Hunter2secret"],
+            &["-Uu:"],
+        ),
+        (
+            "curl -xu:Hunter2secret@proxy:8080 https://h",
+            &["Hunter2secret"],
+            &["-xu:", "@proxy:8080"],
+        ),
+        // `name=value` after a flag's `=`: the value runs to the end too.
+        (
+            "kubectl create secret generic s --from-literal=password=Pa,ssHunter",
+            &["Pa,", "ssHunter"],
+            &["--from-literal=password="],
+        ),
         // A URL's user info: a token alone, a password with `/` in it.
         (
             "git clone https://h2xkqv7aalongpersonaltoken4z@dev.azure.com/org/p",
@@ -1191,7 +1319,14 @@ mod tests {
             "redis-cli -h cache -p 6379 ping",
             "docker run -p 8080:80 -v /a:/b nginx",
             "ssh -p 2222 runner@host",
-            // User info that is no secret, `@` in paths, ports.
+            // uid:gid, not user:password.
+            "docker run -u 1000:1000 --user=1000:1000 img",
+            "docker run --user=app img",
+            // A name, a lone `=` or `:`, and a word that is not quoted.
+            "git commit -m token : parse",
+            "echo fix: key = lookup",
+            // User info that is no secret, `@` in paths and queries, ports.
+            "curl https://api.example.com?email=user1234567890abcdef@example.com",
             "npm install https://registry.npmjs.org/@types/node",
             "curl https://host.example.com:8443/api/@scope/pkg",
             "git clone https://git@github.com/o/r",

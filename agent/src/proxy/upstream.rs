@@ -828,11 +828,17 @@ fn adapt_h1(req: &mut Request<ProxyBody>, authority: &str) {
 
 fn adapt_h2(req: &mut Request<ProxyBody>, authority: &str) {
     // `te: trailers` is the one TE that HTTP/2 allows (RFC 9113 §8.2.2),
-    // and gRPC servers refuse a request without it.
-    let trailers = req
-        .headers()
-        .get(header::TE)
-        .is_some_and(|v| v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"trailers"));
+    // and gRPC servers refuse a request without it: kept, alone, if the
+    // client's TE names it among others.
+    let trailers = req.headers().get_all(header::TE).iter().any(|v| {
+        v.as_bytes().split(|&b| b == b',').any(|c| {
+            c.split(|&b| b == b';')
+                .next()
+                .unwrap_or(c)
+                .trim_ascii()
+                .eq_ignore_ascii_case(b"trailers")
+        })
+    });
     strip_hop_by_hop(req.headers_mut());
     if trailers {
         req.headers_mut()
@@ -868,7 +874,7 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn te_trailers_goes_on_to_an_http2_upstream_and_no_other_te() {
+    fn te_trailers_goes_on_to_an_http2_upstream_alone_and_no_other_te() {
         let req = |te: &str| {
             let mut r = Request::new(ProxyBody::default());
             r.headers_mut().insert(header::TE, te.parse().unwrap());
@@ -878,6 +884,9 @@ pub(crate) mod tests {
         adapt_h2(&mut r, "api.example.com");
         assert_eq!(r.headers().get(header::TE).unwrap(), "trailers");
         let mut r = req("gzip, trailers");
+        adapt_h2(&mut r, "api.example.com");
+        assert_eq!(r.headers().get(header::TE).unwrap(), "trailers");
+        let mut r = req("gzip");
         adapt_h2(&mut r, "api.example.com");
         assert!(r.headers().get(header::TE).is_none());
         let mut r = req("trailers");
