@@ -647,11 +647,9 @@ fn trailing_name(tok: &str) -> &str {
 pub fn redact_cmdline(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 16);
     let mut pending = Pending::None;
-    // The previous token was curl's `-u`: this one is `user:password`.
-    let mut user_flag = false;
-    // The previous token was curl's `-x`: this one may be
-    // `user:password@proxy`.
-    let mut proxy_flag = false;
+    // The previous token was `-u` (this one may be `user:password`) or
+    // curl's `-x` (`user:password@proxy`): how to redact this one.
+    let mut credentials: Option<fn(&str) -> Option<String>> = None;
     // The previous token ended with a sensitive name (`OpenAI(api_key`):
     // a lone `=` or `:` makes the next token its value.
     let mut named = false;
@@ -733,48 +731,36 @@ pub fn redact_cmdline(s: &str) -> String {
         }
         // curl's `-uUSER:PASSWORD`, `--user=USER:PASSWORD`, `-U…`, and
         // `-xUSER:PASSWORD@proxy`.
-        if tool == Some(Tool::Curl) {
-            if let Some(value) = ["--user=", "--proxy-user=", "-u", "-U"]
+        const USER: &[&str] = &["--user=", "--proxy-user=", "-u", "-U"];
+        const PROXY: &[&str] = &["--proxy=", "--preproxy=", "-x"];
+        let attached = |flags: &[&str], rule: fn(&str) -> Option<String>| {
+            let value = flags
                 .iter()
-                .find_map(|f| tok.strip_prefix(f).filter(|v| !v.is_empty()))
-                && let Some(r) = user_password(value)
-            {
-                out.push_str(&tok[..tok.len() - value.len()]);
-                out.push_str(&r);
-                continue;
-            }
-            if let Some(value) = ["--proxy=", "--preproxy=", "-x"]
-                .iter()
-                .find_map(|f| tok.strip_prefix(f).filter(|v| !v.is_empty()))
-                && let Some(r) = proxy_password(value)
-            {
-                out.push_str(&tok[..tok.len() - value.len()]);
-                out.push_str(&r);
-                continue;
-            }
-        }
-        if proxy_flag {
-            proxy_flag = false;
-            if let Some(r) = proxy_password(tok) {
-                out.push_str(&r);
-                continue;
-            }
-        }
-        if matches!(tok, "-x" | "--proxy" | "--preproxy") {
-            out.push_str(tok);
-            proxy_flag = true;
+                .find_map(|f| tok.strip_prefix(f).filter(|v| !v.is_empty()))?;
+            Some(format!(
+                "{}{}",
+                &tok[..tok.len() - value.len()],
+                rule(value)?
+            ))
+        };
+        if tool == Some(Tool::Curl)
+            && let Some(r) =
+                attached(USER, user_password).or_else(|| attached(PROXY, proxy_password))
+        {
+            out.push_str(&r);
             continue;
         }
-        if user_flag {
-            user_flag = false;
-            if let Some(r) = user_password(tok) {
-                out.push_str(&r);
-                continue;
-            }
+        if let Some(r) = credentials.take().and_then(|rule| rule(tok)) {
+            out.push_str(&r);
+            continue;
         }
-        if matches!(tok, "-u" | "--user" | "--proxy-user" | "-U") {
+        credentials = match tok {
+            "-u" | "--user" | "--proxy-user" | "-U" => Some(user_password),
+            "-x" | "--proxy" | "--preproxy" => Some(proxy_password),
+            _ => None,
+        };
+        if credentials.is_some() {
             out.push_str(tok);
-            user_flag = true;
             continue;
         }
         if is_long_hex(tok) || looks_random(tok) {
