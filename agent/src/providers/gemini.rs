@@ -258,7 +258,10 @@ impl Provider for Gemini {
 
     fn request(&self, req: &RequestView<'_>) -> RequestInfo {
         if is_openai_compat(req.path) {
-            return OpenAi.request(req);
+            return RequestInfo {
+                thoughts_beside_completion: true,
+                ..OpenAi.request(req)
+            };
         }
         let unmetered = RequestInfo {
             operation: "other",
@@ -1750,6 +1753,87 @@ mod tests {
             &[],
         );
         assert_eq!(e.usage.map(|u| u.input_tokens), Some(4));
+    }
+
+    /// Gemini's OpenAI-compatible endpoint has been seen to leave thoughts
+    /// out of `completion_tokens` and count them only in `total_tokens`
+    /// (and seen to count them in, with `reasoning_tokens`): the output is
+    /// at least `total - prompt`, in JSON answers and streams alike.
+    #[test]
+    fn openai_compatible_thoughts_counted_only_in_the_total_are_output() {
+        let compat = Gemini.request(&request(
+            "POST",
+            "/v1beta/openai/chat/completions",
+            br#"{"model":"gemini-3-flash-preview","messages":[]}"#,
+        ));
+        assert!(compat.thoughts_beside_completion);
+        let counts = |p: ParsedUsage| {
+            p.usage
+                .map(|u| (u.input_tokens, u.output_tokens, u.reasoning_tokens))
+        };
+        let json = |usage: &str| {
+            format!(r#"{{"model":"gemini-3-flash-preview","choices":[],"usage":{usage}}}"#)
+        };
+        for (usage, want) in [
+            // Thoughts beside: 1016 - 20 - 424 = 572 of them.
+            (
+                r#"{"prompt_tokens":20,"completion_tokens":424,"total_tokens":1016}"#,
+                (20, 996, 572),
+            ),
+            // Thoughts inside, said so: as OpenAI counts them.
+            (
+                r#"{"prompt_tokens":20,"completion_tokens":996,"total_tokens":1016,"completion_tokens_details":{"reasoning_tokens":572}}"#,
+                (20, 996, 572),
+            ),
+            // No thoughts: the total adds up.
+            (
+                r#"{"prompt_tokens":8,"completion_tokens":3,"total_tokens":11}"#,
+                (8, 3, 0),
+            ),
+            // A total short of the sum changes nothing.
+            (
+                r#"{"prompt_tokens":8,"completion_tokens":3,"total_tokens":2}"#,
+                (8, 3, 0),
+            ),
+        ] {
+            let p = parse_split(
+                &Gemini,
+                &compat,
+                "application/json",
+                json(usage).as_bytes(),
+                &[],
+            );
+            assert_eq!(counts(p), Some(want), "{usage}");
+        }
+        // A stream with usage in every chunk (as reported): the last one.
+        let sse = "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":1,\"total_tokens\":60}}\n\n\
+                   data: {\"choices\":[{\"delta\":{\"content\":\"b\"}}],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":2,\"total_tokens\":103}}\n\ndata: [DONE]\n\n";
+        let streaming = RequestInfo {
+            streaming: true,
+            ..compat.clone()
+        };
+        let p = parse_split(
+            &Gemini,
+            &streaming,
+            "text/event-stream",
+            sse.as_bytes(),
+            &[40],
+        );
+        assert_eq!(counts(p), Some((9, 94, 92)));
+        // The same answer from OpenAI's own API: its totals add up, and one
+        // that did not would not be read as thoughts.
+        let p = parse_split(
+            &super::OpenAi,
+            &super::OpenAi.request(&request(
+                "POST",
+                "/v1/chat/completions",
+                br#"{"model":"gpt-5","messages":[]}"#,
+            )),
+            "application/json",
+            json(r#"{"prompt_tokens":20,"completion_tokens":424,"total_tokens":1016}"#).as_bytes(),
+            &[],
+        );
+        assert_eq!(counts(p), Some((20, 424, 0)));
     }
 
     #[test]

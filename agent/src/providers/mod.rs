@@ -91,6 +91,10 @@ pub struct RequestInfo {
     /// (Vertex AI's text embedding models, per character): recorded with
     /// its counts and `cost_usd: null`, never at a token price.
     pub not_token_priced: bool,
+    /// The host may count thoughts only in `total_tokens`, beside the
+    /// completion (Gemini's OpenAI-compatible endpoint): see
+    /// `openai::WireUsage::usage_for`.
+    pub thoughts_beside_completion: bool,
 }
 
 /// Calls that bill no tokens themselves (a batch submission, a file

@@ -274,9 +274,15 @@ impl Provider for OpenAi {
         } else if !has_usage(info.operation) {
             Box::new(super::NoUsage)
         } else if super::content_type(headers) == "text/event-stream" {
-            Box::new(StreamParser::default())
+            Box::new(StreamParser {
+                thoughts_beside: info.thoughts_beside_completion,
+                ..StreamParser::default()
+            })
         } else {
-            Box::new(JsonParser(JsonBody::new(JsonBody::DEFAULT_LIMIT)))
+            Box::new(JsonParser(
+                JsonBody::new(JsonBody::DEFAULT_LIMIT),
+                info.thoughts_beside_completion,
+            ))
         }
     }
 }
@@ -284,9 +290,15 @@ impl Provider for OpenAi {
 /// Usage from an OpenAI `usage` object, in either the chat/completions
 /// shape (`prompt_tokens`) or the Responses shape (`input_tokens`).
 pub fn usage_from(u: &Value) -> Option<Usage> {
+    usage_from_for(u, false)
+}
+
+/// [`usage_from`], for a host that may count thoughts beside the
+/// completion (see [`WireUsage::usage_for`]).
+fn usage_from_for(u: &Value, thoughts_beside: bool) -> Option<Usage> {
     serde::Deserialize::deserialize(u)
         .ok()
-        .and_then(|w: ObjectOr<WireUsage>| w.0?.usage())
+        .and_then(|w: ObjectOr<WireUsage>| w.0?.usage_for(thoughts_beside))
 }
 
 /// An OpenAI `usage` object as it arrives, in the chat/completions names
@@ -318,6 +330,16 @@ struct WireDetails {
 impl WireUsage {
     /// The usage, when the object names its input tokens.
     pub fn usage(&self) -> Option<Usage> {
+        self.usage_for(false)
+    }
+
+    /// The usage; with `thoughts_beside`, for a host that may leave its
+    /// thoughts out of `completion_tokens` and count them only in
+    /// `total_tokens` with no `reasoning_tokens` (Gemini's
+    /// OpenAI-compatible endpoint has been seen to, and seen not to): the
+    /// output is then at least `total - prompt`, the excess reasoning. Where
+    /// the total adds up, nothing changes.
+    pub fn usage_for(&self, thoughts_beside: bool) -> Option<Usage> {
         let detail = |d: &ObjectOr<WireDetails>, f: fn(&WireDetails) -> Count| {
             d.0.as_ref().and_then(|d| f(d).0)
         };
@@ -340,9 +362,17 @@ impl WireUsage {
         // output). xAI counts it beside the output (total = input + output
         // + reasoning) and bills it at the output rate: the total says
         // which.
+        let mut reasoning = reasoning;
         if reasoning > 0
             && self.total_tokens.0 == Some(input.saturating_add(output).saturating_add(reasoning))
         {
+            output = output.saturating_add(reasoning);
+        } else if thoughts_beside
+            && reasoning == 0
+            && let Some(total) = self.total_tokens.0
+            && total > input.saturating_add(output)
+        {
+            reasoning = total - input.saturating_add(output);
             output = output.saturating_add(reasoning);
         }
         Some(Usage {
@@ -621,8 +651,9 @@ fn tier_of(v: &Value) -> Option<String> {
         .and_then(super::service_tier)
 }
 
-/// Reads a whole (bounded) JSON body.
-struct JsonParser(JsonBody);
+/// Reads a whole (bounded) JSON body; the flag: thoughts may be counted
+/// beside the completion (see [`WireUsage::usage_for`]).
+struct JsonParser(JsonBody, bool);
 
 impl UsageParser for JsonParser {
     fn feed(&mut self, chunk: &[u8]) {
@@ -633,7 +664,7 @@ impl UsageParser for JsonParser {
         // The usual case: usage and model, without building the choices.
         // (Not for a failed response, whose error the whole document says.)
         if let Some(h) = self.0.bytes().and_then(super::Head::parse)
-            && let Some(usage) = h.usage.0.as_ref().and_then(WireUsage::usage)
+            && let Some(usage) = h.usage.0.as_ref().and_then(|u| u.usage_for(self.1))
             && h.status.as_ref().and_then(Value::as_str) != Some("failed")
         {
             let (response_id, response_status) = h.id_and_status();
@@ -677,7 +708,7 @@ impl UsageParser for JsonParser {
         }
         let (response_id, response_status) = id_and_status(&v);
         ParsedUsage {
-            usage: v.get("usage").and_then(usage_from),
+            usage: v.get("usage").and_then(|u| usage_from_for(u, self.1)),
             response_model: str_at(&v, &["model"]),
             output_text: text,
             service_tier: tier_of(&v),
@@ -697,6 +728,9 @@ impl UsageParser for JsonParser {
 struct StreamParser {
     sse: SseReader,
     found: ParsedUsage,
+    /// Thoughts may be counted beside the completion (see
+    /// [`WireUsage::usage_for`]).
+    thoughts_beside: bool,
 }
 
 impl Default for StreamParser {
@@ -707,6 +741,7 @@ impl Default for StreamParser {
         StreamParser {
             sse: SseReader::new(JsonBody::DEFAULT_LIMIT),
             found: ParsedUsage::default(),
+            thoughts_beside: false,
         }
     }
 }
@@ -752,7 +787,7 @@ struct StreamDelta<'a> {
 }
 
 impl StreamParser {
-    fn on_event(found: &mut ParsedUsage, data: &str) {
+    fn on_event(found: &mut ParsedUsage, data: &str, thoughts_beside: bool) {
         if data == "[DONE]" {
             return;
         }
@@ -790,12 +825,16 @@ impl StreamParser {
             let (model, usage, tier) = match &ev.response {
                 Some(r) if r.is_object() => (
                     r.get("model"),
-                    r.get("usage").and_then(usage_from),
+                    r.get("usage")
+                        .and_then(|u| usage_from_for(u, thoughts_beside)),
                     tier_of(r),
                 ),
                 _ => (
                     ev.model.as_ref(),
-                    ev.usage.0.as_ref().and_then(WireUsage::usage),
+                    ev.usage
+                        .0
+                        .as_ref()
+                        .and_then(|u| u.usage_for(thoughts_beside)),
                     ev.service_tier
                         .as_ref()
                         .and_then(Value::as_str)
@@ -843,7 +882,10 @@ impl StreamParser {
         {
             found.response_model = Some(m);
         }
-        if let Some(u) = obj.get("usage").and_then(usage_from) {
+        if let Some(u) = obj
+            .get("usage")
+            .and_then(|u| usage_from_for(u, thoughts_beside))
+        {
             found.usage = Some(u);
         }
     }
@@ -853,19 +895,20 @@ impl StreamParser {
 /// SSE stream, one per text message) into `found`: the model, usage and
 /// service tier of `response.completed` and its kin.
 pub fn websocket_event(found: &mut ParsedUsage, data: &str) {
-    StreamParser::on_event(found, data);
+    StreamParser::on_event(found, data, false);
 }
 
 impl UsageParser for StreamParser {
     fn feed(&mut self, chunk: &[u8]) {
-        let found = &mut self.found;
+        let (found, beside) = (&mut self.found, self.thoughts_beside);
         self.sse
-            .feed(chunk, &mut |e| Self::on_event(found, &e.data));
+            .feed(chunk, &mut |e| Self::on_event(found, &e.data, beside));
     }
 
     fn finish(&mut self) -> ParsedUsage {
-        let found = &mut self.found;
-        self.sse.finish(&mut |e| Self::on_event(found, &e.data));
+        let (found, beside) = (&mut self.found, self.thoughts_beside);
+        self.sse
+            .finish(&mut |e| Self::on_event(found, &e.data, beside));
         std::mem::take(&mut self.found)
     }
 }
@@ -1550,6 +1593,7 @@ event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{
         StreamParser::on_event(
             &mut found,
             r#"{"choices":[{"delta":{"content":[1]}}],"model":"m","usage":{"prompt_tokens":3,"completion_tokens":2}}"#,
+            false,
         );
         assert_eq!(
             found.usage.map(|u| (u.input_tokens, u.output_tokens)),
@@ -1560,6 +1604,7 @@ event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{
         StreamParser::on_event(
             &mut found,
             r#"{"type":"response.output_text.delta","delta":"hi \"x\""}"#,
+            false,
         );
         assert_eq!(found.output_text, "hi \"x\"");
     }
@@ -1673,7 +1718,7 @@ event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{
             );
             assert_eq!(h.model().as_deref(), Some("m"), "the rest survives {usage}");
             let mut found = ParsedUsage::default();
-            StreamParser::on_event(&mut found, &body);
+            StreamParser::on_event(&mut found, &body, false);
             assert_eq!(got(found.usage), *want, "stream event {usage}");
         }
     }
