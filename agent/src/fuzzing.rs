@@ -106,8 +106,9 @@ const RESPONSE_OPS: [&str; 5] = [
     "generate_content",
     crate::providers::batch::OPERATION,
 ];
-const BATCH_FORMATS: [crate::providers::batch::Format; 4] = [
+const BATCH_FORMATS: [crate::providers::batch::Format; 5] = [
     crate::providers::batch::Format::OpenAi,
+    crate::providers::batch::Format::OpenAiThoughtsBeside,
     crate::providers::batch::Format::Anthropic,
     crate::providers::batch::Format::GeminiLines,
     crate::providers::batch::Format::GeminiInlined,

@@ -364,7 +364,14 @@ fn scan_token(tok: &str) -> (String, Pending) {
 /// characters or more with letters and digits).
 fn url_secret(tok: &str, auth_start: usize) -> Option<(usize, usize)> {
     let rest = &tok[auth_start..];
-    let host_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    // The authority ends at the first `/`, or at a `?` or `#` before it
+    // with no `:` ahead of it (a query: `host?email=a@b`); after a `:` they
+    // may be a password's (`root:Pa#ss@db`).
+    let slash = rest.find('/').unwrap_or(rest.len());
+    let host_end = match rest[..slash].find(['?', '#']) {
+        Some(q) if !rest[..q].contains(':') => q,
+        _ => slash,
+    };
     if let Some(at) = rest[..host_end].rfind('@') {
         let info = &rest[..at];
         return match info.find(':') {
@@ -534,7 +541,8 @@ impl Tool {
     /// The tool an argument runs, by its file name.
     fn named(tok: &str) -> Option<Tool> {
         let name = tok.trim_matches(|c| c == '"' || c == '\'');
-        let name = name.rsplit('/').next().unwrap_or(name);
+        let name = name.rsplit(['/', '\\']).next().unwrap_or(name);
+        let name = name.strip_suffix(".exe").unwrap_or(name);
         Some(match name {
             "docker" | "podman" | "buildah" | "skopeo" | "nerdctl" | "helm" | "oras" | "crane"
             | "regctl" | "az" | "cf" => Tool::Login { armed: false },
@@ -597,8 +605,11 @@ impl Tool {
 }
 
 /// `user:[REDACTED]` for a `user:password` argument; `None` for one with
-/// no colon, or a `uid:gid` (`docker run -u 1000:1000`).
+/// no colon, a `uid:gid` (`docker run -u 1000:1000`) or a URL.
 fn user_password(value: &str) -> Option<String> {
+    if value.contains("://") {
+        return None; // a URL (`redis-cli -u redis://…`): rule 2's
+    }
     let (user, password) = value.split_once(':')?;
     let numeric = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
     if numeric(user) && numeric(password) {
@@ -622,6 +633,9 @@ fn proxy_password(value: &str) -> Option<String> {
 /// long flag (`--name`, `--name=…`: letters, digits, `-`, `_`, `.`) or a
 /// single letter (`-u`). A key or password may start with `-` too.
 fn is_flag_word(tok: &str) -> bool {
+    if tok == "--" {
+        return true;
+    }
     if let Some(long) = tok.strip_prefix("--") {
         let name = long.split('=').next().unwrap_or("");
         return name.starts_with(|c: char| c.is_ascii_alphabetic())
@@ -651,8 +665,13 @@ pub fn redact_cmdline(s: &str) -> String {
     // curl's `-x` (`user:password@proxy`): how to redact this one.
     let mut credentials: Option<fn(&str) -> Option<String>> = None;
     // The previous token ended with a sensitive name (`OpenAI(api_key`):
-    // a lone `=` or `:` makes the next token its value.
-    let mut named = false;
+    // a lone `=` or `:` makes the next token its value, as that name's
+    // (an Authorization's scheme kept, a Cookie's pairs), if the value is
+    // quoted or the name opened a quote (`"password = X"`); not a bare
+    // word after a bare name (`token : parse` is prose).
+    let mut named: Option<(Pending, bool)> = None;
+    // What a quoted value after `name =` is (see `Pending::Quoted`).
+    let mut quoted_as = Pending::Value;
     let mut tool: Option<Tool> = None;
     let mut rest = s;
     while !rest.is_empty() {
@@ -677,7 +696,7 @@ pub fn redact_cmdline(s: &str) -> String {
         // (`token : parse`).
         if pending == Pending::Quoted {
             pending = if tok.starts_with(['"', '\'']) {
-                Pending::Value
+                quoted_as
             } else {
                 Pending::None
             };
@@ -702,9 +721,16 @@ pub fn redact_cmdline(s: &str) -> String {
             continue;
         }
 
-        if std::mem::take(&mut named) && matches!(tok, "=" | ":") {
+        if let Some((as_, opened_quote)) = named.take()
+            && matches!(tok, "=" | ":")
+        {
             out.push_str(tok);
-            pending = Pending::Quoted;
+            pending = if opened_quote {
+                as_
+            } else {
+                quoted_as = as_;
+                Pending::Quoted
+            };
             continue;
         }
         if let Some(t) = Tool::named(tok) {
@@ -743,9 +769,12 @@ pub fn redact_cmdline(s: &str) -> String {
                 rule(value)?
             ))
         };
-        if tool == Some(Tool::Curl)
-            && let Some(r) =
-                attached(USER, user_password).or_else(|| attached(PROXY, proxy_password))
+        // `--user=U:P` and `--proxy-user=U:P` whatever the tool (wget,
+        // hurl, curl under another name); the short forms only for curl.
+        let curl = tool == Some(Tool::Curl);
+        if let Some(r) = attached(&USER[..2], user_password)
+            .or_else(|| curl.then(|| attached(USER, user_password)).flatten())
+            .or_else(|| curl.then(|| attached(PROXY, proxy_password)).flatten())
         {
             out.push_str(&r);
             continue;
@@ -770,7 +799,9 @@ pub fn redact_cmdline(s: &str) -> String {
         let (scanned, next) = scan_token(tok);
         out.push_str(&redact_key_shapes(&scanned));
         pending = next;
-        named = pending == Pending::None && !is_flag(tok) && is_sensitive_name(trailing_name(tok));
+        let name = trailing_name(tok);
+        named = (pending == Pending::None && !is_flag(tok) && is_sensitive_name(name))
+            .then(|| (pending_for(name), tok.starts_with(['"', '\''])));
         if pending == Pending::None
             && tok
                 .trim_matches(|c| c == '"' || c == '\'')
@@ -1214,6 +1245,39 @@ mod tests {
             &["Pa,", "ssHunter"],
             &["--from-literal=password="],
         ),
+        // Quoted, a name and its value with spaces about `=` or `:`.
+        (
+            "echo \"password = Hunter2secret\" >> ~/.pypirc",
+            &["Hunter2secret"],
+            &["echo \"password = "],
+        ),
+        (
+            "curl -H \"Authorization : Basic dXNlcjpwYXNzd2Q\" https://h",
+            &["dXNlcjpwYXNzd2Q"],
+            &["Authorization : Basic "],
+        ),
+        // curl on Windows runners; --user= for any tool.
+        (
+            "curl.exe -ualice:Hunter2secret https://h",
+            &["Hunter2secret"],
+            &["-ualice:"],
+        ),
+        (
+            "wget --user=alice:Hunter2secret https://h",
+            &["Hunter2secret"],
+            &["--user=alice:"],
+        ),
+        // `#` and `?` in a URL's password.
+        (
+            "mysql mysql://root:Pa#ssHunter@db:3306/app",
+            &["Pa#ssHunter", "ssHunter"],
+            &["mysql://root:", "@db:3306/app"],
+        ),
+        (
+            "redis-cli -u redis://:p?wHunter@host",
+            &["wHunter"],
+            &["@host"],
+        ),
         // A URL's user info: a token alone, a password with `/` in it.
         (
             "git clone https://h2xkqv7aalongpersonaltoken4z@dev.azure.com/org/p",
@@ -1310,6 +1374,7 @@ mod tests {
             "docker run --user=app img",
             // A name, a lone `=` or `:`, and a word that is not quoted.
             "git commit -m token : parse",
+            "tool --token -- run",
             "echo fix: key = lookup",
             // User info that is no secret, `@` in paths and queries, ports.
             "curl https://api.example.com?email=user1234567890abcdef@example.com",

@@ -58,6 +58,10 @@ pub enum Format {
     /// "body"}}` per line.
     #[default]
     OpenAi,
+    /// OpenAI's format from a host that may count thoughts only in
+    /// `total_tokens` (Gemini's OpenAI-compatible endpoint; see
+    /// `openai::WireUsage::usage_for`).
+    OpenAiThoughtsBeside,
     /// Anthropic's results: `{"custom_id", "result": {"type", "message"}}`
     /// per line.
     Anthropic,
@@ -200,6 +204,10 @@ pub fn parser(results: &super::BatchResults, status: u16) -> Box<dyn UsageParser
     let claims = results.claims.clone();
     match results.format {
         Format::OpenAi => Box::new(ResultsParser::new(super::openai::batch_result_line, claims)),
+        Format::OpenAiThoughtsBeside => Box::new(ResultsParser::new(
+            super::openai::batch_result_line_thoughts_beside,
+            claims,
+        )),
         Format::Anthropic => Box::new(ResultsParser::new(
             super::anthropic::batch_result_line,
             claims,

@@ -258,10 +258,20 @@ impl Provider for Gemini {
 
     fn request(&self, req: &RequestView<'_>) -> RequestInfo {
         if is_openai_compat(req.path) {
-            return RequestInfo {
-                thoughts_beside_completion: true,
-                ..OpenAi.request(req)
-            };
+            let mut info = OpenAi.request(req);
+            // Gemini models only (`gemini-…`, Vertex's `google/gemini-…`),
+            // not the partner models Vertex serves there.
+            let gemini = info.model.as_deref().is_none_or(|m| {
+                let m = m.strip_prefix("google/").unwrap_or(m);
+                m.starts_with("gemini") || m.starts_with("models/gemini")
+            });
+            info.thoughts_beside_completion = gemini;
+            if let Some(b) = &mut info.batch
+                && b.format == super::batch::Format::OpenAi
+            {
+                b.format = super::batch::Format::OpenAiThoughtsBeside;
+            }
+            return info;
         }
         let unmetered = RequestInfo {
             operation: "other",
@@ -1143,7 +1153,10 @@ mod tests {
         let compat = Gemini.request(&request("GET", "/v1beta/openai/files/f1/content", b""));
         assert_eq!(
             compat.batch.map(|b| (b.id, b.format)),
-            Some(("f1".to_string(), crate::providers::batch::Format::OpenAi))
+            Some((
+                "f1".to_string(),
+                crate::providers::batch::Format::OpenAiThoughtsBeside
+            ))
         );
         for (m, path) in [
             ("GET", "/v1beta/batches"),
@@ -1767,6 +1780,27 @@ mod tests {
             br#"{"model":"gemini-3-flash-preview","messages":[]}"#,
         ));
         assert!(compat.thoughts_beside_completion);
+        let vertex = |model: &str| {
+            Gemini
+                .request(&request(
+                    "POST",
+                    "/v1/projects/a/locations/us-central1/endpoints/openapi/chat/completions",
+                    format!(r#"{{"model":"{model}","messages":[]}}"#).as_bytes(),
+                ))
+                .thoughts_beside_completion
+        };
+        assert!(vertex("google/gemini-2.5-flash"));
+        assert!(
+            !vertex("meta/llama-3.1-8b-instruct-maas"),
+            "partner models: as OpenAI"
+        );
+        // Batch results read there, line by line.
+        let line = br#"{"custom_id":"a","response":{"status_code":200,"body":{"model":"gemini-2.5-flash","usage":{"prompt_tokens":20,"completion_tokens":424,"total_tokens":1016}}}}"#;
+        let u = crate::providers::openai::batch_result_line_thoughts_beside(line).expect("a line");
+        assert_eq!(
+            (u.usage.output_tokens, u.usage.reasoning_tokens),
+            (996, 572)
+        );
         let counts = |p: ParsedUsage| {
             p.usage
                 .map(|u| (u.input_tokens, u.output_tokens, u.reasoning_tokens))

@@ -111,6 +111,16 @@ struct WireBatchBody {
 /// building the answer's content. A request the batch could not serve (an
 /// error status, no body) bills nothing.
 pub(crate) fn batch_result_line(line: &[u8]) -> Option<super::batch::LineUsage> {
+    batch_line(line, false)
+}
+
+/// [`batch_result_line`] for a host that may count thoughts beside the
+/// completion (see [`WireUsage::usage_for`]).
+pub(crate) fn batch_result_line_thoughts_beside(line: &[u8]) -> Option<super::batch::LineUsage> {
+    batch_line(line, true)
+}
+
+fn batch_line(line: &[u8], thoughts_beside: bool) -> Option<super::batch::LineUsage> {
     let l: WireBatchLine = serde_json::from_slice(line).ok()?;
     let r = l.response.0?;
     if r.status_code.0.is_some_and(|c| !(200..300).contains(&c)) {
@@ -123,7 +133,7 @@ pub(crate) fn batch_result_line(line: &[u8]) -> Option<super::batch::LineUsage> 
             .as_ref()
             .and_then(Value::as_str)
             .map(str::to_string),
-        usage: body.usage.0?.usage()?,
+        usage: body.usage.0?.usage_for(thoughts_beside)?,
         uplift_percent: 0,
     })
 }
