@@ -6,6 +6,7 @@
 
 pub mod app;
 pub mod attribution;
+pub mod budget;
 pub mod ca;
 pub mod check;
 pub mod cli;

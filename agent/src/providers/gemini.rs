@@ -696,9 +696,15 @@ impl UsageParser for InlinedParser {
     fn finish(&mut self) -> ParsedUsage {
         let mut tally = super::batch::BatchTally::default();
         let Some(bytes) = self.body.bytes() else {
-            tracing::debug!(
-                "a Gemini batch larger than 16 MiB, or read while the agent held proxy.max_buffered_response_bytes of answers: its inlined responses are not read (a later read counts them)"
-            );
+            if self.body.over_budget() {
+                tracing::debug!(
+                    "a Gemini batch read while the agent held proxy.max_buffered_response_bytes of answers: its inlined responses are not read (a later read counts them)"
+                );
+            } else {
+                tracing::debug!(
+                    "a Gemini batch larger than 16 MiB: its inlined responses are not read"
+                );
+            }
             return ParsedUsage {
                 usage: Some(Usage::default()),
                 ..Default::default()
@@ -1982,8 +1988,8 @@ mod tests {
 
     #[test]
     fn array_elements_are_held_against_the_budget_of_answers() {
-        static B: crate::providers::ResponseBudget = crate::providers::ResponseBudget::new(100);
-        let mut s = ArraySplitter::within(JsonBody::within(1000, &B));
+        let b = crate::budget::BodyBudget::new(100);
+        let mut s = ArraySplitter::within(JsonBody::within(1000, &b));
         let mut got = Vec::new();
         let obj = |n: usize| format!("{{\"a\":\"{}\"}}", "x".repeat(n));
         // Two elements of 60 and 50 bytes: one at a time, both fit.
@@ -1992,9 +1998,9 @@ mod tests {
         });
         s.feed(b"]", &mut |e| got.push(e.len()));
         assert_eq!(got, [60, 50]);
-        assert_eq!(B.held(), 0);
+        assert_eq!(b.used(), 0);
         // One of 150 bytes, fed in pieces: past the budget, skipped.
-        let mut s = ArraySplitter::within(JsonBody::within(1000, &B));
+        let mut s = ArraySplitter::within(JsonBody::within(1000, &b));
         let big = obj(142);
         for piece in big.as_bytes().chunks(40) {
             s.feed(piece, &mut |e| got.push(e.len()));
@@ -2002,7 +2008,7 @@ mod tests {
         s.finish(&mut |e| got.push(e.len()));
         assert_eq!(got, [60, 50], "not read");
         assert_eq!(s.oversized, 1);
-        assert_eq!(B.held(), 0, "nothing kept");
+        assert_eq!(b.used(), 0, "nothing kept");
     }
 
     #[test]

@@ -23,7 +23,10 @@ pub mod sse;
 #[cfg(test)]
 pub(crate) mod testing;
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use crate::budget::{BodyBudget, BodyLease};
 
 use http::{HeaderMap, Method};
 use serde_json::Value;
@@ -635,58 +638,28 @@ impl Head {
     }
 }
 
-/// Bytes of JSON response bodies that [`JsonBody`]s hold together, and
-/// their bound (`proxy.max_buffered_response_bytes`): each response's
-/// limit alone does not bound the agent, since many large answers at once
-/// (embeddings of big batches) would each hold up to it.
-pub struct ResponseBudget {
-    held: AtomicUsize,
-    max: AtomicUsize,
-    /// Responses left unparsed because the bound was reached.
-    over: AtomicU64,
-}
+/// The budget of the bytes all [`JsonBody`]s hold together
+/// (`proxy.max_buffered_response_bytes`): each answer's limit alone does
+/// not bound the agent, since many large answers at once (embeddings of
+/// big batches) would each hold up to it.
+static RESPONSE_BUDGET: OnceLock<Arc<BodyBudget>> = OnceLock::new();
+/// Answers left unread because that budget was held.
+static RESPONSES_OVER_BUDGET: AtomicU64 = AtomicU64::new(0);
 
-impl ResponseBudget {
-    pub const fn new(max: usize) -> ResponseBudget {
-        ResponseBudget {
-            held: AtomicUsize::new(0),
-            max: AtomicUsize::new(max),
-            over: AtomicU64::new(0),
-        }
-    }
-
-    /// Takes `n` bytes if they fit under the bound.
-    fn take(&self, n: usize) -> bool {
-        let max = self.max.load(Ordering::Relaxed);
-        self.held
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
-                held.checked_add(n).filter(|&t| t <= max)
-            })
-            .is_ok()
-    }
-
-    fn give_back(&self, n: usize) {
-        self.held.fetch_sub(n, Ordering::Relaxed);
-    }
-
-    /// Bytes held now.
-    pub fn held(&self) -> usize {
-        self.held.load(Ordering::Relaxed)
-    }
-}
-
-/// The agent's one response budget.
-static RESPONSE_BUDGET: ResponseBudget = ResponseBudget::new(128 << 20);
-
-/// Sets the bound of the bytes all JSON response bodies hold at once.
+/// Sets the bound of the bytes all JSON answers hold at once; before the
+/// first answer is read (later calls change nothing).
 pub fn set_response_budget(bytes: usize) {
-    RESPONSE_BUDGET.max.store(bytes, Ordering::Relaxed);
+    let _ = RESPONSE_BUDGET.set(BodyBudget::new(bytes));
+}
+
+fn response_budget() -> &'static Arc<BodyBudget> {
+    RESPONSE_BUDGET.get_or_init(|| BodyBudget::new(128 << 20))
 }
 
 /// Responses left unparsed because `proxy.max_buffered_response_bytes`
 /// were held (their records are estimated), since start.
 pub fn responses_over_budget() -> u64 {
-    RESPONSE_BUDGET.over.load(Ordering::Relaxed)
+    RESPONSES_OVER_BUDGET.load(Ordering::Relaxed)
 }
 
 /// Accumulates a JSON response body up to a bound and parses it at the end.
@@ -694,15 +667,10 @@ pub struct JsonBody {
     buf: Vec<u8>,
     limit: usize,
     overflowed: bool,
-    budget: &'static ResponseBudget,
-    /// Bytes taken from `budget`, given back on drop.
-    held: usize,
-}
-
-impl Drop for JsonBody {
-    fn drop(&mut self) {
-        self.release();
-    }
+    /// The budget was held when the body came (not its own limit).
+    over_budget: bool,
+    /// Its bytes, taken from the response budget; given back on drop.
+    lease: BodyLease,
 }
 
 impl JsonBody {
@@ -710,24 +678,17 @@ impl JsonBody {
     pub const DEFAULT_LIMIT: usize = 16 << 20;
 
     pub fn new(limit: usize) -> Self {
-        Self::within(limit, &RESPONSE_BUDGET)
+        Self::within(limit, response_budget())
     }
 
     /// As [`JsonBody::new`], holding its bytes against `budget`.
-    pub fn within(limit: usize, budget: &'static ResponseBudget) -> Self {
+    pub fn within(limit: usize, budget: &Arc<BodyBudget>) -> Self {
         JsonBody {
             buf: Vec::new(),
             limit,
             overflowed: false,
-            budget,
-            held: 0,
-        }
-    }
-
-    fn release(&mut self) {
-        if self.held > 0 {
-            self.budget.give_back(self.held);
-            self.held = 0;
+            over_budget: false,
+            lease: budget.lease(),
         }
     }
 
@@ -736,9 +697,10 @@ impl JsonBody {
             return;
         }
         let fits = self.buf.len() + chunk.len() <= self.limit;
-        if !(fits && self.budget.take(chunk.len())) {
+        if !(fits && self.lease.grow(chunk.len())) {
             if fits {
-                let n = self.budget.over.fetch_add(1, Ordering::Relaxed);
+                self.over_budget = true;
+                let n = RESPONSES_OVER_BUDGET.fetch_add(1, Ordering::Relaxed);
                 if n.is_power_of_two() || n == 0 {
                     tracing::warn!(
                         unparsed = n + 1,
@@ -748,11 +710,15 @@ impl JsonBody {
             }
             self.overflowed = true;
             self.buf = Vec::new();
-            self.release();
+            self.lease.release();
             return;
         }
-        self.held += chunk.len();
         self.buf.extend_from_slice(chunk);
+    }
+
+    /// Whether the body went unread because the budget was held.
+    pub fn over_budget(&self) -> bool {
+        self.over_budget
     }
 
     /// Empties the buffer for the next body, giving its bytes back (a
@@ -764,7 +730,8 @@ impl JsonBody {
             self.buf.clear();
         }
         self.overflowed = false;
-        self.release();
+        self.over_budget = false;
+        self.lease.release();
     }
 
     /// The bytes gathered, or `None` when the body was too large.
@@ -779,7 +746,7 @@ impl JsonBody {
         }
         let v = serde_json::from_slice(&self.buf).ok();
         self.buf = Vec::new();
-        self.release();
+        self.lease.release();
         v
     }
 }
@@ -810,34 +777,34 @@ pub(crate) fn str_at(v: &serde_json::Value, path: &[&str]) -> Option<String> {
 
 #[cfg(test)]
 mod budget_tests {
-    use super::{JsonBody, ResponseBudget};
-    use std::sync::atomic::Ordering;
+    use super::JsonBody;
+    use crate::budget::BodyBudget;
 
     #[test]
     fn json_answers_hold_their_bytes_against_one_budget() {
-        static B: ResponseBudget = ResponseBudget::new(100);
-        let mut a = JsonBody::within(1000, &B);
+        let b = BodyBudget::new(100);
+        let mut a = JsonBody::within(1000, &b);
         a.feed(&[b' '; 60]);
-        assert_eq!(B.held(), 60);
+        assert_eq!(b.used(), 60);
         // A second answer that would pass the bound is not read.
-        let mut b = JsonBody::within(1000, &B);
-        b.feed(&[b' '; 30]);
-        b.feed(&[b' '; 20]);
-        assert!(b.bytes().is_none());
-        assert_eq!(B.over.load(Ordering::Relaxed), 1);
-        assert_eq!(B.held(), 60, "what it had taken is given back");
-        b.feed(b"more");
-        assert_eq!(B.held(), 60, "and it takes nothing more");
+        let mut c = JsonBody::within(1000, &b);
+        c.feed(&[b' '; 30]);
+        c.feed(&[b' '; 20]);
+        assert!(c.bytes().is_none());
+        assert!(c.over_budget());
+        assert_eq!(b.used(), 60, "what it had taken is given back");
+        c.feed(b"more");
+        assert_eq!(b.used(), 60, "and it takes nothing more");
         drop(a);
-        assert_eq!(B.held(), 0, "an answer gives its bytes back when done");
-        let mut c = JsonBody::within(1000, &B);
-        c.feed(b"{\"a\":1}");
-        assert!(c.take().is_some());
-        assert_eq!(B.held(), 0, "once parsed");
+        assert_eq!(b.used(), 0, "an answer gives its bytes back when done");
+        let mut d = JsonBody::within(1000, &b);
+        d.feed(b"{\"a\":1}");
+        assert!(d.take().is_some());
+        assert_eq!(b.used(), 0, "once parsed");
         // Over its own limit: unread, but not for the budget.
-        let mut d = JsonBody::within(10, &B);
-        d.feed(&[b' '; 20]);
-        assert!(d.bytes().is_none());
-        assert_eq!(B.over.load(Ordering::Relaxed), 1);
+        let mut e = JsonBody::within(10, &b);
+        e.feed(&[b' '; 20]);
+        assert!(e.bytes().is_none());
+        assert!(!e.over_budget());
     }
 }

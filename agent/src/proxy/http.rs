@@ -140,7 +140,7 @@ async fn read_bounded(
     mut body: Incoming,
     limit: usize,
     stall: Duration,
-    lease: &mut super::budget::BodyLease,
+    lease: &mut crate::budget::BodyLease,
 ) -> Result<(Vec<Bytes>, Option<(Incoming, Unread)>), hyper::Error> {
     let mut chunks = Vec::new();
     let mut size = 0usize;
@@ -1272,7 +1272,7 @@ struct Draft {
     /// body is: to the response's end, or until the provider's usage is
     /// read (then no estimate will need it), or the handler's end for an
     /// unmetered request.
-    lease: super::budget::BodyLease,
+    lease: crate::budget::BodyLease,
     started: Instant,
     started_ms: i64,
     method: String,

@@ -8,7 +8,7 @@
 //! exporter I/O before forwarding bytes.
 
 pub mod batches;
-pub mod budget;
+
 pub mod clienthello;
 mod http;
 pub mod parked;
@@ -194,7 +194,7 @@ pub struct ProxyState {
     /// A body pausing this long mid-way is forwarded as it arrives.
     pub body_stall: Duration,
     /// Request bodies held across all connections.
-    pub body_budget: Arc<budget::BodyBudget>,
+    pub body_budget: Arc<crate::budget::BodyBudget>,
     /// Prices for `cost_usd`.
     pub prices: Arc<crate::meter::pricing::PriceBook>,
     /// In-flight counting for `tollgate top` (a no-op unless set).
@@ -284,7 +284,7 @@ impl ProxyState {
             stats: ProxyStats::default(),
             max_request_body,
             body_stall: Duration::from_secs(10),
-            body_budget: budget::BodyBudget::new(max_request_body.saturating_mul(4)),
+            body_budget: crate::budget::BodyBudget::new(max_request_body.saturating_mul(4)),
             prices: Arc::new(crate::meter::pricing::PriceBook::builtin()),
             live: crate::control::LiveHandle::default(),
             untrusted: Untrusted::default(),
@@ -385,7 +385,7 @@ impl ProxyState {
     /// Holds at most `bytes` of request bodies across all connections
     /// (default: four times `max_request_body`).
     pub fn with_max_buffered(mut self, bytes: usize) -> Self {
-        self.body_budget = budget::BodyBudget::new(bytes);
+        self.body_budget = crate::budget::BodyBudget::new(bytes);
         self
     }
 

@@ -36,7 +36,7 @@ pub(super) struct FrameReader {
     limit: usize,
     /// The share of the agent's body budget the message being read holds,
     /// when its bytes count against the budget.
-    lease: Option<super::budget::BodyLease>,
+    lease: Option<crate::budget::BodyLease>,
     /// A Close frame was seen.
     closed: bool,
     /// The frame header read so far (2 to 14 bytes).
@@ -75,7 +75,7 @@ enum Kind {
 }
 
 impl FrameReader {
-    pub(super) fn new(limit: usize, lease: Option<super::budget::BodyLease>) -> Self {
+    pub(super) fn new(limit: usize, lease: Option<crate::budget::BodyLease>) -> Self {
         FrameReader {
             limit,
             lease,
@@ -413,7 +413,7 @@ pub(super) mod tests {
     /// back at its end either way. A Close frame is noted.
     #[test]
     fn a_message_past_the_body_budget_is_passed_over_and_its_share_given_back() {
-        let budget = super::super::budget::BodyBudget::new(100);
+        let budget = crate::budget::BodyBudget::new(100);
         let mut r = FrameReader::new(MAX_MESSAGE, Some(budget.lease()));
         let mut got = Vec::new();
         let mut on = |m: Message<'_>| {

@@ -1,5 +1,7 @@
-//! The memory budget for request bodies held by the agent: all connections
-//! together hold at most `proxy.max_buffered_request_bytes` of them.
+//! Memory budgets for what the agent holds across connections: request
+//! bodies (at most `proxy.max_buffered_request_bytes` together, the
+//! proxy's) and JSON answers read whole for their usage (at most
+//! `proxy.max_buffered_response_bytes`, the providers' `JsonBody`).
 //!
 //! A request body is read whole (up to `proxy.max_request_body`) to find
 //! the model and to add the usage request, and kept until the response
