@@ -10,6 +10,7 @@
 pub mod batches;
 
 pub mod clienthello;
+mod first_bytes;
 mod http;
 pub mod parked;
 pub mod rewind;
@@ -58,6 +59,9 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a connection that has not sent its first request when the
 /// drain begins may take to send it (one request is then served).
 const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(2);
+/// How long a client may stay silent after its TLS handshake: hyper's own
+/// HTTP/1 header timer (30 s) starts only once the first bytes have come.
+const FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest wait for a connection's attribution (/proc reads, which a
 /// process whose memory map is locked can hold up): past it the
 /// connection goes on with what the kernel said at connect time.
@@ -193,6 +197,9 @@ pub struct ProxyState {
     pub max_request_body: usize,
     /// A body pausing this long mid-way is forwarded as it arrives.
     pub body_stall: Duration,
+    /// A client that sends nothing this long after its TLS handshake is
+    /// closed ([`FIRST_BYTES_TIMEOUT`]).
+    pub first_bytes_timeout: Duration,
     /// Request bodies held across all connections.
     pub body_budget: Arc<crate::budget::BodyBudget>,
     /// Prices for `cost_usd`.
@@ -284,6 +291,7 @@ impl ProxyState {
             stats: ProxyStats::default(),
             max_request_body,
             body_stall: Duration::from_secs(10),
+            first_bytes_timeout: FIRST_BYTES_TIMEOUT,
             body_budget: crate::budget::BodyBudget::new(max_request_body.saturating_mul(4)),
             prices: Arc::new(crate::meter::pricing::PriceBook::builtin()),
             live: crate::control::LiveHandle::default(),
@@ -712,6 +720,7 @@ async fn handle_conn(state: Arc<ProxyState>, tcp: TcpStream, peer: SocketAddr) {
                 http::handle(ctx.clone(), req)
             })
         };
+        let (tls, silent) = first_bytes::FirstBytes::new(tls, state.first_bytes_timeout);
         let conn = state
             .http
             .serve_connection_with_upgrades(TokioIo::new(tls), service)
@@ -720,6 +729,10 @@ async fn handle_conn(state: Arc<ProxyState>, tcp: TcpStream, peer: SocketAddr) {
         let ended = tokio::select! {
             r = conn.as_mut() => Some(r),
             _ = state.draining.cancelled() => None,
+            () = silent => {
+                debug!("no request after the TLS handshake in time: closing");
+                return;
+            }
         };
         // A connection accepted as the drain began (queued, or in its
         // handshake) has not sent its request yet, and a graceful shutdown
@@ -1233,6 +1246,39 @@ mod tests {
         let got = String::from_utf8_lossy(&got);
         assert!(got.starts_with("HTTP/1.1 200"), "answered: {got:?}");
         assert_eq!(server.served.load(Ordering::SeqCst), 1);
+        tokio::time::timeout(Duration::from_secs(30), task)
+            .await
+            .expect("then the connection ends")
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_client_silent_after_its_handshake_is_closed() {
+        let host = "api.openai.com";
+        let (mut state, agent_ca, server, _dir) = intercepting(host).await;
+        Arc::get_mut(&mut state).unwrap().first_bytes_timeout = Duration::from_millis(300);
+        let (mut tls, task) = intercepted_client(state.clone(), &agent_ca, host).await;
+        tokio::time::timeout(Duration::from_secs(30), task)
+            .await
+            .expect("the agent closes the silent connection")
+            .unwrap();
+        let mut got = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(30), tls.read_to_end(&mut got)).await;
+        assert!(read.is_ok(), "the client sees the connection end");
+        assert!(got.is_empty(), "nothing was answered: {got:?}");
+        assert_eq!(server.served.load(Ordering::SeqCst), 0);
+
+        // A client that speaks in time is served, however long its
+        // answer then takes to come (here a request after 500 ms, when
+        // the first bytes came before the deadline).
+        let (mut tls, task) = intercepted_client(state.clone(), &agent_ca, host).await;
+        tls.write_all(&GET_MODELS[..4]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        tls.write_all(&GET_MODELS[4..]).await.unwrap();
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(30), tls.read_to_end(&mut got)).await;
+        let got = String::from_utf8_lossy(&got);
+        assert!(got.starts_with("HTTP/1.1 200"), "answered: {got:?}");
         tokio::time::timeout(Duration::from_secs(30), task)
             .await
             .expect("then the connection ends")
