@@ -5,7 +5,10 @@
 //! `PROVIDER_TARGETS` current, redirecting every address a lookup gave in
 //! the last hour (rotating DNS, see [`Remembered`]). Must never: redirect an address this host
 //! has no route to (see [`redirected_addresses`]), stall start-up on a broken DNS (a
-//! timeout per host, all hosts at once), drop addresses that resolved
+//! timeout per host, all hosts at once), leave a host that no lookup
+//! answered (DNS not up yet at boot, a lost reply) out until the next
+//! refresh (such hosts are looked up again from 5 s on, the wait doubling
+//! up to the refresh), drop addresses that resolved
 //! before because one refresh failed, or pile up blocked lookups: a
 //! getaddrinfo call cannot be cancelled, so a host whose last lookup is
 //! still blocked in its thread is not looked up again until it returns.
@@ -37,6 +40,9 @@ const HTTPS_PORT: u16 = 443;
 const PER_HOST_TIMEOUT: Duration = Duration::from_secs(3);
 /// Lookups in flight at once (each occupies a blocking thread in getaddrinfo).
 const CONCURRENCY: usize = 64;
+/// First wait before hosts that no lookup has answered yet (DNS not up
+/// at boot, a lost reply) are looked up again, doubling up to the refresh.
+const RETRY_FIRST: Duration = Duration::from_secs(5);
 
 /// Resolves every host (A and AAAA, port 443) with the system resolver
 /// (`tokio::net::lookup_host`), except hosts in `overrides`, which are taken
@@ -89,6 +95,24 @@ pub async fn resolve_targets(
     out
 }
 
+/// The hosts of `hosts` (wildcards and overridden hosts aside) that no
+/// lookup has answered: not redirected until one does.
+fn unanswered(
+    hosts: &[String],
+    overrides: &BTreeMap<String, Vec<SocketAddr>>,
+    answers: &Answers,
+) -> Vec<String> {
+    hosts
+        .iter()
+        .filter(|h| {
+            !is_wildcard(h)
+                && !overrides.contains_key(*h)
+                && answers.get(*h).is_none_or(Vec::is_empty)
+        })
+        .cloned()
+        .collect()
+}
+
 /// How long an address stays redirected after a lookup last returned it:
 /// an hour, and at least three refreshes.
 fn remember_for(refresh: Duration) -> Duration {
@@ -127,12 +151,25 @@ impl Remembered {
         now: Instant,
         keep: Duration,
     ) -> BTreeMap<String, Vec<SocketAddr>> {
-        self.answers = resolved;
-        for (host, addrs) in &self.answers {
+        self.answers = BTreeMap::new();
+        self.add(resolved, now, keep)
+    }
+
+    /// As [`Remembered::merge`], for lookups of some hosts only (a retry
+    /// of those without an answer): the other hosts' answers stay as they
+    /// were, and so does when their addresses were last seen.
+    fn add(
+        &mut self,
+        resolved: BTreeMap<String, Vec<SocketAddr>>,
+        now: Instant,
+        keep: Duration,
+    ) -> BTreeMap<String, Vec<SocketAddr>> {
+        for (host, addrs) in resolved {
             let seen = self.seen.entry(host.clone()).or_default();
-            for a in addrs {
+            for a in &addrs {
                 seen.insert(*a, now);
             }
+            self.answers.insert(host, addrs);
         }
         self.seen.retain(|_, seen| {
             seen.retain(|_, at| now.saturating_duration_since(*at) <= keep);
@@ -249,8 +286,9 @@ pub(crate) fn has_route(addr: &SocketAddr) -> bool {
 
 /// Spawns the periodic refresh: it applies `initial` at once (a no-op when
 /// the caller already did), then every `refresh` re-resolves and calls
-/// `intercept.set_targets` with the union; it stops when `shutdown` turns
-/// true (or its sender is dropped).
+/// `intercept.set_targets` with the union; hosts no lookup has answered
+/// yet are looked up again sooner (see [`RETRY_FIRST`]). It stops when
+/// `shutdown` turns true (or its sender is dropped).
 pub fn spawn_refresh(
     intercept: Arc<Intercept>,
     known: KnownAddresses,
@@ -258,34 +296,98 @@ pub fn spawn_refresh(
     overrides: BTreeMap<String, Vec<SocketAddr>>,
     refresh: Duration,
     initial: BTreeMap<String, Vec<SocketAddr>>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
+    let lookups = Lookups {
+        hosts,
+        overrides,
+        refresh: refresh.max(Duration::from_secs(1)),
+        retry_first: RETRY_FIRST,
+    };
     tokio::spawn(async move {
-        let mut remembered = Remembered::default();
-        let keep = remember_for(refresh);
-        apply(
-            &intercept,
-            &known,
-            &remembered.merge(initial, Instant::now(), keep),
-        );
-        let refresh = refresh.max(Duration::from_secs(1));
-        let stop = &mut shutdown;
-        while unless_stopped(tokio::time::sleep(refresh), stop)
-            .await
-            .is_some()
-        {
-            let lookups = resolve_targets(&hosts, &overrides, remembered.answers());
-            let Some(next) = unless_stopped(lookups, stop).await else {
-                break;
-            };
-            apply(
-                &intercept,
-                &known,
-                &remembered.merge(next, Instant::now(), keep),
-            );
-        }
+        lookups
+            .run(
+                initial,
+                shutdown,
+                |hosts, overrides, previous| async move {
+                    resolve_targets(&hosts, &overrides, &previous).await
+                },
+                |targets| apply(&intercept, &known, targets),
+            )
+            .await;
         tracing::debug!("resolver refresh stopped");
     })
+}
+
+/// What the refresh looks up, and how often.
+struct Lookups {
+    hosts: Vec<String>,
+    overrides: BTreeMap<String, Vec<SocketAddr>>,
+    refresh: Duration,
+    retry_first: Duration,
+}
+
+type Answers = BTreeMap<String, Vec<SocketAddr>>;
+
+impl Lookups {
+    /// The refresh loop: `resolve(hosts, overrides, previous)` as
+    /// [`resolve_targets`], `apply` given every address to redirect after
+    /// each lookup that changed something.
+    async fn run<R, F>(
+        &self,
+        initial: Answers,
+        mut stop: watch::Receiver<bool>,
+        mut resolve: R,
+        mut apply: impl FnMut(&Answers),
+    ) where
+        R: FnMut(Vec<String>, Answers, Answers) -> F,
+        F: std::future::Future<Output = Answers>,
+    {
+        let mut remembered = Remembered::default();
+        let keep = remember_for(self.refresh);
+        apply(&remembered.merge(initial, Instant::now(), keep));
+        let stop = &mut stop;
+        let mut next_refresh = tokio::time::Instant::now() + self.refresh;
+        let mut retry = self.retry_first;
+        loop {
+            let missing = unanswered(&self.hosts, &self.overrides, remembered.answers());
+            let wake = if missing.is_empty() {
+                retry = self.retry_first;
+                next_refresh
+            } else {
+                next_refresh.min(tokio::time::Instant::now() + retry)
+            };
+            if unless_stopped(tokio::time::sleep_until(wake), stop)
+                .await
+                .is_none()
+            {
+                return;
+            }
+            if wake == next_refresh {
+                next_refresh = tokio::time::Instant::now() + self.refresh;
+                let lookups = resolve(
+                    self.hosts.clone(),
+                    self.overrides.clone(),
+                    remembered.answers().clone(),
+                );
+                let Some(next) = unless_stopped(lookups, stop).await else {
+                    return;
+                };
+                apply(&remembered.merge(next, Instant::now(), keep));
+            } else {
+                retry = (retry * 2).min(self.refresh);
+                let lookups = resolve(missing, Answers::new(), Answers::new());
+                let Some(found) = unless_stopped(lookups, stop).await else {
+                    return;
+                };
+                if !found.is_empty() {
+                    let hosts: Vec<&String> = found.keys().collect();
+                    tracing::info!(?hosts, "provider hosts resolved on a retry");
+                    apply(&remembered.add(found, Instant::now(), keep));
+                }
+            }
+        }
+    }
 }
 
 fn apply(
@@ -389,6 +491,136 @@ fn is_wildcard(host: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hosts_without_an_answer_are_those_to_retry() {
+        let hosts: Vec<String> = ["a.test", "b.test", "c.test", "*.d.test", "e.test"]
+            .map(String::from)
+            .into();
+        let overrides = BTreeMap::from([("e.test".to_owned(), vec![])]);
+        let answers = BTreeMap::from([
+            ("a.test".to_owned(), vec![sa("10.0.0.1:443")]),
+            ("b.test".to_owned(), vec![]),
+        ]);
+        assert_eq!(
+            unanswered(&hosts, &overrides, &answers),
+            vec!["b.test".to_owned(), "c.test".to_owned()],
+            "an empty answer is none; wildcards are never looked up, overridden hosts never by DNS"
+        );
+    }
+
+    #[test]
+    fn a_retry_adds_its_answers_and_leaves_the_others_as_they_were() {
+        let t0 = Instant::now();
+        let keep = Duration::from_secs(3600);
+        let mut r = Remembered::default();
+        r.merge(
+            BTreeMap::from([("a.test".to_owned(), vec![sa("10.0.0.1:443")])]),
+            t0,
+            keep,
+        );
+        let all = r.add(
+            BTreeMap::from([("b.test".to_owned(), vec![sa("10.0.0.2:443")])]),
+            t0 + Duration::from_secs(3000),
+            keep,
+        );
+        assert_eq!(all.len(), 2, "{all:?}");
+        assert_eq!(
+            r.answers().len(),
+            2,
+            "a's answer is kept for the next fallback"
+        );
+        // a.test was last seen at t0: a full lookup 3601 s after it, which
+        // no longer returns its address, forgets it; b's stays.
+        let all = r.merge(BTreeMap::new(), t0 + Duration::from_secs(3601), keep);
+        assert_eq!(
+            all,
+            BTreeMap::from([("b.test".to_owned(), vec![sa("10.0.0.2:443")])]),
+            "the retry did not count as seeing a.test again"
+        );
+    }
+
+    /// The refresh loop with a lookup that answers `a.test` from its
+    /// second call on and never `b.test`: (the hosts of each call, every
+    /// set of targets applied).
+    async fn run_lookups(
+        initial: Answers,
+        calls_wanted: usize,
+    ) -> (Vec<Vec<String>>, Vec<Answers>) {
+        let lookups = Lookups {
+            hosts: vec!["a.test".to_owned(), "b.test".to_owned()],
+            overrides: BTreeMap::new(),
+            refresh: Duration::from_secs(3600),
+            retry_first: Duration::from_millis(20),
+        };
+        let calls = Arc::new(Mutex::new(Vec::<Vec<String>>::new()));
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let applied = Arc::new(Mutex::new(Vec::new()));
+        let run = lookups.run(
+            initial,
+            stop_rx,
+            |hosts, _, _| {
+                let calls = calls.clone();
+                async move {
+                    let mut calls = calls.lock().unwrap();
+                    calls.push(hosts.clone());
+                    let mut out = Answers::new();
+                    if calls.len() >= 2 && hosts.iter().any(|h| h == "a.test") {
+                        out.insert("a.test".to_owned(), vec![sa("10.0.0.1:443")]);
+                    }
+                    out
+                }
+            },
+            |targets| applied.lock().unwrap().push(targets.clone()),
+        );
+        let watch = async {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            while calls.lock().unwrap().len() < calls_wanted
+                && tokio::time::Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            stop_tx.send(true).unwrap();
+        };
+        tokio::join!(run, watch);
+        let calls = calls.lock().unwrap().clone();
+        let applied = applied.lock().unwrap().clone();
+        (calls, applied)
+    }
+
+    #[tokio::test]
+    async fn hosts_no_lookup_answered_are_looked_up_again_before_the_refresh() {
+        let (calls, applied) = run_lookups(Answers::new(), 3).await;
+        let both = vec!["a.test".to_owned(), "b.test".to_owned()];
+        assert_eq!(
+            calls[..3],
+            [both.clone(), both, vec!["b.test".to_owned()]],
+            "both retried, then only the one still without an answer"
+        );
+        assert_eq!(
+            applied.last().unwrap(),
+            &BTreeMap::from([("a.test".to_owned(), vec![sa("10.0.0.1:443")])]),
+            "a.test is redirected from its first answer on"
+        );
+        assert_eq!(
+            applied.len(),
+            2,
+            "applied at start and when a.test answered: {applied:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn hosts_all_answered_wait_for_the_refresh() {
+        let initial = BTreeMap::from([
+            ("a.test".to_owned(), vec![sa("10.0.0.1:443")]),
+            ("b.test".to_owned(), vec![sa("10.0.0.2:443")]),
+        ]);
+        let run = run_lookups(initial, 1);
+        // The loop retries after 20 ms when a host is missing; with every
+        // host answered it must not look anything up for an hour.
+        let within = tokio::time::timeout(Duration::from_millis(500), run).await;
+        assert!(within.is_err(), "no lookup before the refresh: {within:?}");
+    }
 
     fn sa(s: &str) -> SocketAddr {
         s.parse().unwrap()
