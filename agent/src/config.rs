@@ -292,6 +292,19 @@ pub fn parse_override_addr(s: &str) -> Result<SocketAddr, String> {
         .map_err(|_| format!("`{s}` is not an IP address or IP:port"))
 }
 
+/// The dotted key a TOML error is about (`proxy.drain_secs`), if any. The
+/// `toml` crate keeps it private and shows it only in its `Display` of an
+/// error without the input (with the input it quotes the line instead,
+/// which may hold a secret).
+fn toml_key(e: &toml::de::Error) -> Option<String> {
+    let mut bare = e.clone();
+    bare.set_input(None);
+    let shown = bare.to_string();
+    let key = shown.trim_end().lines().last()?.strip_prefix("in `")?;
+    let key = key.strip_suffix('`')?;
+    (!key.is_empty()).then(|| key.to_owned())
+}
+
 /// serde's message without the value it could not take: `invalid type:
 /// string "Bearer sk-…", expected a map` quotes what the file held, which
 /// may be a header value or a key. Strings (`"…"`, with serde's escapes)
@@ -377,7 +390,10 @@ impl Config {
     pub fn parse(text: &str) -> Result<Config, String> {
         toml::from_str::<Config>(text).map_err(|e| {
             let message = without_values(e.message().trim_end());
-            let message = message.as_str();
+            let message = match toml_key(&e) {
+                Some(key) => format!("`{key}`: {message}"),
+                None => message,
+            };
             match e.span() {
                 Some(span) => {
                     let before = &text[..span.start.min(text.len())];
@@ -606,6 +622,17 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("ledger.retention_days"), "{e}");
+    }
+
+    #[test]
+    fn a_value_of_the_wrong_type_names_its_key_but_not_the_value() {
+        let e =
+            Config::parse("[proxy]\nlisten = \"127.0.0.1:1\"\ndrain_secs = \"30s\"\n").unwrap_err();
+        assert!(e.contains("line 3"), "{e}");
+        assert!(e.contains("`proxy.drain_secs`"), "{e}");
+        assert!(!e.contains("30s"), "{e}");
+        let e = Config::parse("[export.otlp.headers]\nx-key = 5\n").unwrap_err();
+        assert!(e.contains("`export.otlp.headers.x-key`"), "{e}");
     }
 
     #[test]
