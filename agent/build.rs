@@ -73,5 +73,10 @@ fn main() -> anyhow::Result<()> {
         std::fs::write(&object, b"")
             .with_context(|| format!("cannot write {}", object.display()))?;
     }
+    // Tests that inspect the object are reported as ignored without one.
+    println!("cargo::rustc-check-cfg=cfg(aya_build_skip)");
+    if std::fs::metadata(&object).map(|m| m.len()).unwrap_or(0) == 0 {
+        println!("cargo:rustc-cfg=aya_build_skip");
+    }
     Ok(())
 }

@@ -377,13 +377,20 @@ fn trust_rotate_replaces_the_ca_and_installs_the_new_one() {
 }
 
 /// A config for `check` under `dir`: its own state directory, a free port,
-/// a control socket nobody answers, and no OTLP export.
+/// a control socket nobody answers, no OTLP export, and every catalogue
+/// host at a loopback address (no DNS query leaves the machine).
 fn check_config(dir: &std::path::Path) -> std::path::PathBuf {
     let cfg = dir.join("t.toml");
+    let mut overrides = String::from("[resolver.overrides]\n");
+    for h in tollgate::providers::catalogue::provider_hosts(&tollgate::config::Config::default()) {
+        if !h.host.contains('*') {
+            overrides += &format!("{:?} = [\"127.0.0.9\"]\n", h.host);
+        }
+    }
     std::fs::write(
         &cfg,
         format!(
-            "state_dir = {:?}\n[proxy]\nlisten = \"127.0.0.1:0\"\n[control]\nsocket = {:?}\n[export.otlp]\nenabled = false\n",
+            "state_dir = {:?}\n[proxy]\nlisten = \"127.0.0.1:0\"\n[control]\nsocket = {:?}\n[export.otlp]\nenabled = false\n{overrides}",
             dir.join("state"),
             dir.join("control.sock")
         ),
@@ -461,6 +468,7 @@ fn check_reports_every_check_and_changes_nothing() {
         ("ledger", "ok"),
         ("upstream", "ok"),
         ("listener", "ok"),
+        ("providers", "ok"),
         ("collector", "skip"),
     ] {
         assert_eq!(level_of(&lines, name), want, "{name}: {out}");
@@ -577,12 +585,29 @@ fn check_as_another_user_fails_on_root_and_skips_the_kernel() {
 }
 
 /// A cgroup the test makes under the hierarchy's root and removes when
-/// dropped (its processes have exited by then).
+/// dropped, even when the test fails (a process it left is killed first).
 struct ChildCgroup(std::path::PathBuf);
 
 impl Drop for ChildCgroup {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir(&self.0);
+        for _ in 0..100 {
+            if !self.0.exists() {
+                return;
+            }
+            let procs = std::fs::read_to_string(self.0.join("cgroup.procs")).unwrap_or_default();
+            if procs.trim().is_empty() && std::fs::remove_dir(&self.0).is_ok() {
+                return;
+            }
+            for pid in procs
+                .split_whitespace()
+                .filter_map(|p| p.parse::<i32>().ok())
+            {
+                // SAFETY: plain kill(2) of a process this test started.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        eprintln!("warning: could not remove {}", self.0.display());
     }
 }
 

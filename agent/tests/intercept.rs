@@ -109,6 +109,10 @@ impl ChildCgroup {
 impl Drop for ChildCgroup {
     fn drop(&mut self) {
         for _ in 0..100 {
+            // Already removed (by `remove_now`).
+            if !self.path.exists() {
+                return;
+            }
             let procs = fs::read_to_string(self.procs()).unwrap_or_default();
             if procs.trim().is_empty() && fs::remove_dir(&self.path).is_ok() {
                 return;

@@ -310,15 +310,15 @@ mod tests {
 
     #[test]
     fn netns_cookie_is_readable() {
-        // SO_NETNS_COOKIE needs no privilege; it only fails on kernels < 5.14.
-        if let Ok(cookie) = own_netns_cookie() {
-            assert_ne!(cookie, 0, "a namespace cookie is never 0");
-            assert_eq!(
-                own_netns_cookie().unwrap(),
-                cookie,
-                "same namespace, same cookie"
-            );
-        }
+        // SO_NETNS_COOKIE needs no privilege, and the agent cannot start
+        // without it (kernels before 5.14 lack it, and `check` says so).
+        let cookie = own_netns_cookie().expect("SO_NETNS_COOKIE (Linux >= 5.14)");
+        assert_ne!(cookie, 0, "a namespace cookie is never 0");
+        assert_eq!(
+            own_netns_cookie().unwrap(),
+            cookie,
+            "same namespace, same cookie"
+        );
     }
 
     #[test]

@@ -53,6 +53,23 @@ pub async fn resolve_targets(
     overrides: &BTreeMap<String, Vec<SocketAddr>>,
     previous: &BTreeMap<String, Vec<SocketAddr>>,
 ) -> BTreeMap<String, Vec<SocketAddr>> {
+    resolve_targets_with(hosts, overrides, previous, |host| {
+        (host, HTTPS_PORT).to_socket_addrs()
+    })
+    .await
+}
+
+/// [`resolve_targets`] with `lookup` in place of the system resolver.
+async fn resolve_targets_with<F, I>(
+    hosts: &[String],
+    overrides: &BTreeMap<String, Vec<SocketAddr>>,
+    previous: &BTreeMap<String, Vec<SocketAddr>>,
+    lookup: F,
+) -> BTreeMap<String, Vec<SocketAddr>>
+where
+    F: Fn(&str) -> std::io::Result<I> + Send + Sync + 'static,
+    I: Iterator<Item = SocketAddr>,
+{
     let mut out = BTreeMap::new();
     let mut to_look_up = Vec::new();
     for host in hosts {
@@ -70,10 +87,7 @@ pub async fn resolve_targets(
             .or_insert_with(|| normalise(addrs.iter().copied()));
     }
 
-    let results = look_up_all(to_look_up, PER_HOST_TIMEOUT, in_flight(), |host| {
-        (host, HTTPS_PORT).to_socket_addrs()
-    })
-    .await;
+    let results = look_up_all(to_look_up, PER_HOST_TIMEOUT, in_flight(), lookup).await;
 
     for (host, result) in results {
         match result {
@@ -660,9 +674,14 @@ mod tests {
         assert_eq!(got[host], [sa("192.0.2.2:443")]);
     }
 
+    /// A lookup that fails as getaddrinfo does for a name that does not
+    /// exist (the tests send no query to the host's DNS).
+    fn no_such_host(_: &str) -> std::io::Result<std::vec::IntoIter<SocketAddr>> {
+        Err(std::io::Error::other("Name or service not known"))
+    }
+
     #[tokio::test]
     async fn a_host_whose_lookups_fail_keeps_its_last_answer_not_everything_remembered() {
-        // `.invalid` never resolves (RFC 6761).
         let host = "gone.invalid".to_owned();
         let keep = Duration::from_secs(3600);
         let t0 = Instant::now();
@@ -681,8 +700,13 @@ mod tests {
         assert_eq!(r.answers()[&host], [sa("192.0.2.2:443")]);
         // Now its lookups fail: the last answer is kept, and the address
         // seen before it expires on time.
-        let next =
-            resolve_targets(std::slice::from_ref(&host), &BTreeMap::new(), r.answers()).await;
+        let next = resolve_targets_with(
+            std::slice::from_ref(&host),
+            &BTreeMap::new(),
+            r.answers(),
+            no_such_host,
+        )
+        .await;
         assert_eq!(next[&host], [sa("192.0.2.2:443")]);
         let got = r.merge(next, at(70), keep);
         assert_eq!(got[&host], [sa("192.0.2.2:443")]);
@@ -761,10 +785,9 @@ mod tests {
 
     #[tokio::test]
     async fn failure_keeps_previous_addresses() {
-        // `.invalid` never resolves (RFC 6761).
         let hosts = vec!["gone.invalid".to_owned(), "never.invalid".to_owned()];
         let previous = BTreeMap::from([("gone.invalid".to_owned(), vec![sa("10.1.2.3:443")])]);
-        let out = resolve_targets(&hosts, &BTreeMap::new(), &previous).await;
+        let out = resolve_targets_with(&hosts, &BTreeMap::new(), &previous, no_such_host).await;
         assert_eq!(out.get("gone.invalid"), Some(&vec![sa("10.1.2.3:443")]));
         assert!(
             !out.contains_key("never.invalid"),

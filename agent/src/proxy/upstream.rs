@@ -1080,10 +1080,11 @@ pub(crate) mod tests {
         let silent = silent.listen(0).unwrap();
         let blackhole = silent.local_addr().unwrap();
         // Fill the accept queue (never accepted): further SYNs are dropped.
+        // A loopback handshake is the kernel's alone (no task to schedule),
+        // so one not done in 2 s is a dropped SYN, not a slow host.
         let mut queued = Vec::new();
         loop {
-            match tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(blackhole))
-                .await
+            match tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(blackhole)).await
             {
                 Ok(Ok(s)) => queued.push(s),
                 Ok(Err(e)) => panic!("filling the accept queue: {e}"),
