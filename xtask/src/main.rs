@@ -59,20 +59,21 @@ enum Cmd {
     },
 }
 
-/// Versions of the Python SDKs the end-to-end tests drive.
-const PY_REQUIREMENTS: &[&str] = &[
-    "openai==3.57.0",
-    "anthropic==2.14.0",
-    "google-genai==3.6.1",
-    "boto3==1.44.8",
-];
-/// Versions of the Node SDKs, installed under target/e2e-node. openai 7
-/// declares Node 22 or later; these machines have Node 20, so the newest 6
-/// (which declares no bound) is what a job on them would run.
+/// The Python SDKs the end-to-end tests drive, and everything they pull
+/// in, pinned (`pip freeze` of a fresh virtualenv with openai, anthropic,
+/// google-genai and boto3).
+const PY_LOCK: &str = "tests/e2e/requirements.txt";
+/// The Node SDKs (openai, @anthropic-ai/sdk) and their dependencies: a
+/// package.json with exact versions and its package-lock.json, copied to
+/// target/e2e-node for `npm ci`. openai 7 declares Node 22 or later; these
+/// machines have Node 20, so the newest 6 (which declares no bound) is
+/// what a job on them would run.
+const NODE_LOCK_DIR: &str = "tests/e2e/node";
+/// The Node SDKs, as `name@version`: what the marker check looks for.
 const NODE_REQUIREMENTS: &[&str] = &["openai@6.49.0", "@anthropic-ai/sdk@1.14.0"];
 /// The oldest Node the Node SDKs above run on.
 const NODE_MIN_MAJOR: u32 = 20;
-/// What the SDK virtualenv must import (PY_REQUIREMENTS' modules).
+/// What the SDK virtualenv must import (the SDKs of PY_LOCK).
 const PY_IMPORTS: &str = "import openai, anthropic, google.genai, boto3";
 /// Debian packages the tests use, by the command that proves them present.
 const APT: &[(&str, &str)] = &[
@@ -115,6 +116,48 @@ fn run(cmd: &mut Command) -> Result<()> {
         bail!("{cmd:?} failed: {st}");
     }
     Ok(())
+}
+
+/// [`run`], tried up to three times, 5 and 15 s apart: for the steps that
+/// fetch from the network (a registry's passing error must not fail a CI
+/// run of an hour).
+fn run_retried(cmd: &mut Command) -> Result<()> {
+    let mut waits = [5u64, 15].into_iter();
+    loop {
+        match run(cmd) {
+            Ok(()) => return Ok(()),
+            Err(e) => match waits.next() {
+                Some(secs) => {
+                    eprintln!("xtask: {e:#}; trying again in {secs} s");
+                    std::thread::sleep(std::time::Duration::from_secs(secs));
+                }
+                None => {
+                    return Err(e.context(
+                        "a download failed three times: check the network or the registry proxy, then run again",
+                    ));
+                }
+            },
+        }
+    }
+}
+
+/// Why this host cannot run the kernel tests (cgroup v2 and BTF; root is
+/// checked apart), if it cannot. The tests check the same in
+/// `tollgate_e2e::kernel_test_unavailable`.
+fn kernel_unavailable() -> Option<String> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let cgroup2 = mountinfo.lines().any(|l| {
+        l.split(" - ")
+            .nth(1)
+            .is_some_and(|t| t.starts_with("cgroup2 "))
+    });
+    if !cgroup2 {
+        return Some("no cgroup v2 mount in /proc/self/mountinfo".into());
+    }
+    if !Path::new("/sys/kernel/btf/vmlinux").exists() {
+        return Some("no kernel BTF (/sys/kernel/btf/vmlinux)".into());
+    }
+    None
 }
 
 fn quiet_ok(cmd: &mut Command) -> bool {
@@ -183,11 +226,16 @@ fn setup() -> Result<()> {
     Ok(())
 }
 
-/// `apt-get ARGS`, never waiting at a prompt.
+/// `apt-get ARGS`, never waiting at a prompt; it waits up to 5 minutes
+/// for another apt (a machine's own start-up jobs) to let go of the lock,
+/// and retries downloads.
 fn apt_get(args: &[&str]) -> Result<()> {
-    run(Command::new("apt-get")
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .args(args))
+    run_retried(
+        Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["-o", "DPkg::Lock::Timeout=300", "-o", "Acquire::Retries=3"])
+            .args(args),
+    )
 }
 
 /// The components rustup lists as installed for `toolchain` (the active
@@ -220,11 +268,18 @@ fn setup_build() -> Result<()> {
         .into_iter()
         .filter(|c| !active.contains(c))
         .collect();
-    if !missing.is_empty() && !active.is_empty() {
-        run(Command::new("rustup")
-            .current_dir(root())
-            .args(["component", "add"])
-            .args(&missing))?;
+    if active.is_empty() {
+        bail!(
+            "`rustup component list --installed` failed: is the toolchain of rust-toolchain.toml installed (`rustup show`)?"
+        );
+    }
+    if !missing.is_empty() {
+        run_retried(
+            Command::new("rustup")
+                .current_dir(root())
+                .args(["component", "add"])
+                .args(&missing),
+        )?;
     }
     let nightly = Command::new("rustup")
         .args(["run", "nightly", "rustc", "--version"])
@@ -232,7 +287,7 @@ fn setup_build() -> Result<()> {
         .map(|o| o.status.success())
         .unwrap_or(false);
     if !nightly {
-        run(Command::new("rustup").args([
+        run_retried(Command::new("rustup").args([
             "toolchain",
             "install",
             "nightly",
@@ -242,7 +297,7 @@ fn setup_build() -> Result<()> {
             "rust-src",
         ]))?;
     } else if !rustup_components(Some("nightly"))?.contains("rust-src") {
-        run(Command::new("rustup").args([
+        run_retried(Command::new("rustup").args([
             "component",
             "add",
             "rust-src",
@@ -257,7 +312,7 @@ fn setup_build() -> Result<()> {
         .map(|o| String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION))
         .unwrap_or(false);
     if !ok {
-        run(Command::new("cargo").args([
+        run_retried(Command::new("cargo").args([
             "install",
             "bpf-linker",
             "--version",
@@ -299,7 +354,9 @@ fn setup_sdks() -> Result<()> {
     // 4. The SDK virtualenv for the end-to-end tests.
     let venv = root().join("target/e2e-venv");
     let marker = venv.join(".tollgate-requirements");
-    let want = PY_REQUIREMENTS.join("\n");
+    let lock = root().join(PY_LOCK);
+    let want =
+        std::fs::read_to_string(&lock).with_context(|| format!("reading {}", lock.display()))?;
     // The marker says which pins were installed; the import says they
     // still work (an interpreter the venv points at may have gone).
     if std::fs::read_to_string(&marker).ok().as_deref() != Some(want.as_str())
@@ -307,19 +364,19 @@ fn setup_sdks() -> Result<()> {
     {
         let _ = std::fs::remove_file(&marker);
         make_venv(&venv)?;
-        run(Command::new(venv.join("bin/pip"))
-            .args(["install", "--quiet", "--disable-pip-version-check"])
-            .args(PY_REQUIREMENTS))?;
+        run_retried(
+            Command::new(venv.join("bin/pip"))
+                .args(["install", "--quiet", "--disable-pip-version-check", "-r"])
+                .arg(&lock),
+        )?;
         std::fs::write(&marker, want)?;
     }
-    // 5. The Node SDKs (Node and npm come with the machine image; install
-    // them from Debian when missing).
+    // 5. The Node SDKs. Node and npm come with the machine image; Debian's
+    // own nodejs (18) is too old for them, so a missing one is reported.
     if !have("node") || !have("npm") {
-        if !is_root() {
-            bail!("node and npm are missing: run `sudo apt-get install -y nodejs npm`");
-        }
-        apt_get(&["update"])?;
-        apt_get(&["install", "-y", "nodejs", "npm"])?;
+        bail!(
+            "node and npm are missing: install Node.js {NODE_MIN_MAJOR} or later with its npm (NodeSource's packages, or nvm)"
+        );
     }
     let major = Command::new("node")
         .arg("--version")
@@ -336,7 +393,10 @@ fn setup_sdks() -> Result<()> {
     }
     let node = root().join("target/e2e-node");
     let marker = node.join(".tollgate-requirements");
-    let want = NODE_REQUIREMENTS.join("\n");
+    let locks = root().join(NODE_LOCK_DIR);
+    let manifest = std::fs::read_to_string(locks.join("package.json"))?;
+    let lock = std::fs::read_to_string(locks.join("package-lock.json"))?;
+    let want = format!("{manifest}{lock}");
     if std::fs::read_to_string(&marker).ok().as_deref() != Some(want.as_str())
         || !NODE_REQUIREMENTS
             .iter()
@@ -344,16 +404,14 @@ fn setup_sdks() -> Result<()> {
     {
         let _ = std::fs::remove_file(&marker);
         std::fs::create_dir_all(&node)?;
-        if !node.join("package.json").exists() {
-            std::fs::write(
-                node.join("package.json"),
-                "{\"name\":\"tollgate-e2e-node\",\"private\":true}\n",
-            )?;
-        }
-        run(Command::new("npm")
-            .current_dir(&node)
-            .args(["install", "--no-audit", "--no-fund", "--loglevel=error"])
-            .args(NODE_REQUIREMENTS))?;
+        std::fs::write(node.join("package.json"), &manifest)?;
+        std::fs::write(node.join("package-lock.json"), &lock)?;
+        run_retried(Command::new("npm").current_dir(&node).args([
+            "ci",
+            "--no-audit",
+            "--no-fund",
+            "--loglevel=error",
+        ]))?;
         std::fs::write(&marker, want)?;
     }
     Ok(())
@@ -390,28 +448,40 @@ fn cargo() -> Command {
 }
 
 fn test(no_lint: bool, args: &[String]) -> Result<()> {
-    if !is_root() && std::env::var_os("TOLLGATE_REQUIRE_KERNEL_TESTS").is_some() {
-        bail!(
-            "TOLLGATE_REQUIRE_KERNEL_TESTS is set (as .ci/run sets it) but this is not root: \
-             the kernel end-to-end tests would only be reported as ignored; run as root"
-        );
+    let required = std::env::var_os("TOLLGATE_REQUIRE_KERNEL_TESTS").is_some();
+    if required {
+        if !is_root() {
+            bail!(
+                "TOLLGATE_REQUIRE_KERNEL_TESTS is set (as .ci/run sets it) but this is not root: \
+                 the kernel end-to-end tests would only be reported as ignored; run as root"
+            );
+        }
+        // Said before an hour of building, not by every kernel test after.
+        if let Some(why) = kernel_unavailable() {
+            bail!(
+                "TOLLGATE_REQUIRE_KERNEL_TESTS is set but this host cannot run the kernel tests: {why}"
+            );
+        }
     }
+    // In CI a Cargo.lock that does not match the manifests is an error, not
+    // something to rewrite quietly.
+    let locked: &[&str] = if required { &["--locked"] } else { &[] };
     setup()?;
     warn_if_disk_low();
     if !no_lint {
         run(cargo().args(["fmt", "--all", "--check"]))?;
-        run(cargo().args([
-            "clippy",
-            "--workspace",
-            "--all-targets",
-            "--",
-            "-D",
-            "warnings",
-        ]))?;
+        run(cargo()
+            .args(["clippy", "--workspace", "--all-targets"])
+            .args(locked)
+            .args(["--", "-D", "warnings"]))?;
     }
-    run(cargo().args(["build", "-p", "tollgate"]))?;
+    // No separate `cargo build -p tollgate`: the test build makes
+    // target/debug/tollgate (the agent's CLI tests run it), and a build of
+    // the package alone resolves other features, so it compiled the agent
+    // and its OpenTelemetry crates a second time.
     let mut t = cargo();
     t.args(["test", "--workspace"])
+        .args(locked)
         .env("TOLLGATE_BIN", root().join("target/debug/tollgate"))
         .env("TOLLGATE_PYTHON", root().join("target/e2e-venv/bin/python"))
         .env(
@@ -433,11 +503,6 @@ fn test(no_lint: bool, args: &[String]) -> Result<()> {
             "xtask: running as root: the kernel end-to-end tests (#[ignore]d for plain cargo test) run too"
         );
         t.arg("--include-ignored");
-    } else if std::env::var_os("TOLLGATE_REQUIRE_KERNEL_TESTS").is_some() {
-        bail!(
-            "TOLLGATE_REQUIRE_KERNEL_TESTS is set (as .ci/run sets it) but this is not root: \
-             the kernel end-to-end tests would only be reported as ignored; run as root"
-        );
     } else {
         eprintln!(
             "xtask: not root: the kernel end-to-end tests are reported as ignored (they need root, cgroup v2 and BPF), and with them the few #[ignore]d tests that need a JDK, tmux or a cgroup v2 host (each names what it needs); run as root to include them"
@@ -641,6 +706,44 @@ fn main() -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::{available_gib, commit_seed, make_venv, node_major, node_package_installed};
+
+    #[test]
+    fn the_lock_files_pin_the_sdks_the_tests_drive() {
+        let root = super::root();
+        let manifest =
+            std::fs::read_to_string(root.join(super::NODE_LOCK_DIR).join("package.json")).unwrap();
+        let lock =
+            std::fs::read_to_string(root.join(super::NODE_LOCK_DIR).join("package-lock.json"))
+                .unwrap();
+        for r in super::NODE_REQUIREMENTS {
+            let (name, version) = r.rsplit_once('@').unwrap();
+            assert!(
+                manifest.contains(&format!("\"{name}\": \"{version}\"")),
+                "package.json pins {r}"
+            );
+            assert!(
+                lock.contains(&format!(
+                    "\"node_modules/{name}\": {{\n      \"version\": \"{version}\""
+                )),
+                "package-lock.json has {r}"
+            );
+        }
+        let py = std::fs::read_to_string(root.join(super::PY_LOCK)).unwrap();
+        for sdk in ["openai", "anthropic", "google-genai", "boto3"] {
+            assert!(
+                py.lines().any(|l| l.starts_with(&format!("{sdk}=="))),
+                "{} pins {sdk}",
+                super::PY_LOCK
+            );
+        }
+        assert!(
+            py.lines()
+                .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+                .all(|l| l.contains("==")),
+            "every line of {} is a pin",
+            super::PY_LOCK
+        );
+    }
 
     #[test]
     fn the_seed_comes_from_the_commit_id() {
