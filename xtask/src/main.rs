@@ -296,14 +296,20 @@ fn setup_build() -> Result<()> {
             "--component",
             "rust-src",
         ]))?;
-    } else if !rustup_components(Some("nightly"))?.contains("rust-src") {
-        run_retried(Command::new("rustup").args([
-            "component",
-            "add",
-            "rust-src",
-            "--toolchain",
-            "nightly",
-        ]))?;
+    }
+    // rust-src for build-std; clippy and rustfmt lint the eBPF crate,
+    // which only nightly builds.
+    let have_nightly = rustup_components(Some("nightly"))?;
+    let missing: Vec<&str> = ["rust-src", "clippy", "rustfmt"]
+        .into_iter()
+        .filter(|c| !have_nightly.contains(c))
+        .collect();
+    if !missing.is_empty() {
+        run_retried(
+            Command::new("rustup")
+                .args(["component", "add", "--toolchain", "nightly"])
+                .args(&missing),
+        )?;
     }
     // 2. bpf-linker (links the eBPF object; 0.10.4 uses rustc's own LLVM).
     let ok = Command::new("bpf-linker")
@@ -472,6 +478,26 @@ fn test(no_lint: bool, args: &[String]) -> Result<()> {
         run(cargo().args(["fmt", "--all", "--check"]))?;
         run(cargo()
             .args(["clippy", "--workspace", "--all-targets"])
+            .args(locked)
+            .args(["--", "-D", "warnings"]))?;
+        // The kernel programs are outside the workspace and built for
+        // bpfel-unknown-none with nightly: their own pass.
+        let ebpf = || {
+            let mut c = Command::new("cargo");
+            c.current_dir(root().join("agent-ebpf"))
+                .env_remove("RUSTUP_TOOLCHAIN")
+                .arg("+nightly");
+            c
+        };
+        run(ebpf().args(["fmt", "--check"]))?;
+        run(ebpf()
+            .args([
+                "clippy",
+                "--target",
+                "bpfel-unknown-none",
+                "-Z",
+                "build-std=core",
+            ])
             .args(locked)
             .args(["--", "-D", "warnings"]))?;
     }
