@@ -719,7 +719,31 @@ fn fuzz(seconds: u64, target: Option<String>) -> Result<()> {
     Ok(())
 }
 
+/// Puts cargo's bin directory (`$CARGO_HOME/bin`, else ~/.cargo/bin) on
+/// PATH when it is missing there (`sudo` without the README's `env PATH=...`,
+/// a CI shell that did not source ~/.cargo/env): bpf-linker, installed
+/// there, must be found by the check below and by the eBPF build.
+fn cargo_bin_on_path() {
+    let bin = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .map(|h| h.join("bin"));
+    let Some(bin) = bin.filter(|b| b.is_dir()) else {
+        return;
+    };
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    if std::env::split_paths(&path).any(|p| p == bin) {
+        return;
+    }
+    let joined = std::env::join_paths(std::iter::once(bin).chain(std::env::split_paths(&path)));
+    if let Ok(joined) = joined {
+        // SAFETY: at the start of main, before any thread is spawned.
+        unsafe { std::env::set_var("PATH", joined) };
+    }
+}
+
 fn main() -> Result<()> {
+    cargo_bin_on_path();
     match Cli::parse().cmd {
         Cmd::Setup => setup(),
         Cmd::Fuzz { seconds, target } => fuzz(seconds, target),
