@@ -623,20 +623,43 @@ fn sigterm_mid_stream_keeps_the_record_of_an_http2_client() {
 fn a_client_that_leaves_before_the_answer_still_has_its_input_counted() {
     let w = World::start("early-hangup", 27);
     let client = w.client(&[]);
+    // The client leaves once the fake provider has the whole request (the
+    // test opens `leave` then), whatever the time that took; the answer's
+    // head waits for a gate the test never opens.
+    let leave = client.dir().join("leave");
     let script = r#"
-import openai
-# Long enough for the handshake and the agent's first upstream connection
-# on a loaded machine; the answer's head comes far later.
-c = openai.OpenAI(api_key="sk-test", max_retries=0, timeout=3.0)
-try:
-    c.chat.completions.create(model="gpt-4o-mini", max_tokens=50,
-        messages=[{"role": "user", "content": "summarise this: " + "lorem ipsum dolor " * 300}],
-        extra_headers={"x-fake-head-delay-ms": "20000"})
-    raise SystemExit("answered before the timeout")
-except openai.APITimeoutError:
-    pass
+import os, pathlib, sys, threading, time, traceback, openai
+here = pathlib.Path(__file__).parent
+c = openai.OpenAI(api_key="sk-test", max_retries=0, timeout=600)
+def ask():
+    try:
+        c.chat.completions.create(model="gpt-4o-mini", max_tokens=50,
+            messages=[{"role": "user", "content": "summarise this: " + "lorem ipsum dolor " * 300}],
+            extra_headers={"x-fake-hold-head": str(here / "answer")})
+        print("answered before the client left", file=sys.stderr)
+    except Exception:
+        traceback.print_exc()
+    sys.stderr.flush()
+    os._exit(1)
+threading.Thread(target=ask, daemon=True).start()
+while not (here / "leave").exists():
+    time.sleep(0.02)
+# Gone at once, without closing anything first (as a killed job).
+os._exit(0)
 "#;
-    ok(&client.python(script), "python early hang-up");
+    let out = std::thread::scope(|sc| {
+        let running = sc.spawn(|| client.python(script));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while w.fake.requests() == 0 && !running.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let arrived = w.fake.requests() == 1;
+        std::fs::write(&leave, "").expect("leave");
+        let out = running.join().expect("client thread");
+        assert!(arrived, "the request never reached the provider: {out:?}");
+        out
+    });
+    ok(&out, "python early hang-up");
     let rows = w.agent.wait_for_records(1);
     let r = &rows[0];
     assert_eq!(s(r, "error"), "client_disconnected", "{r}");
