@@ -1178,14 +1178,22 @@ fn a_request_past_the_body_budget_is_forwarded_unparsed_and_still_counted() {
         ),
     );
     let client = w.client(&[]);
+    // Each stream that is to run while another request is read holds
+    // after its first chunk until the script opens its gate, once that
+    // request is done: no race with the stream's end.
     let script = r#"
-import json, threading, time, urllib.request
-def call(model, stream, delay=None, words=1000, opened=None):
+import json, pathlib, threading, time, urllib.request
+here = pathlib.Path(__file__).parent
+def hold(name):
+    return "1:" + str(here / name)
+def release(name):
+    (here / name).write_text("go")
+def call(model, stream, held=None, words=1000, opened=None):
     body = {"model": model, "messages": [{"role": "user", "content": "word " * words}],
             "max_tokens": 10, "stream": stream}
     h = {"Content-Type": "application/json", "Authorization": "Bearer sk-test-BUDGET-1"}
-    if delay:
-        h["x-fake-chunk-delay-ms"] = str(delay)
+    if held:
+        h["x-fake-hold"] = hold(held)
     req = urllib.request.Request("https://api.openai.com/v1/chat/completions",
         data=json.dumps(body).encode(), headers=h)
     resp = urllib.request.urlopen(req, timeout=60)
@@ -1197,11 +1205,12 @@ def call(model, stream, delay=None, words=1000, opened=None):
 out = {}
 a_open = threading.Event()
 def a():
-    out["a"] = call("gpt-4o-mini", True, 300, opened=a_open)
+    out["a"] = call("gpt-4o-mini", True, "a", opened=a_open)
 t = threading.Thread(target=a)
 t.start()
 assert a_open.wait(30), "stream a never answered"
 out["b"] = json.loads(call("gpt-4o", False))["usage"]
+release("a")
 t.join()
 out["c"] = json.loads(call("gpt-4.1", False))["usage"]
 out["a"] = "[DONE]" in out["a"]
@@ -1209,11 +1218,12 @@ out["a"] = "[DONE]" in out["a"]
 # it does not hold the budget while its stream runs.
 d_open = threading.Event()
 def d():
-    out["d"] = "[DONE]" in call("gpt-4.1-nano", True, 300, words=1400, opened=d_open)
+    out["d"] = "[DONE]" in call("gpt-4.1-nano", True, "d", words=1400, opened=d_open)
 t = threading.Thread(target=d)
 t.start()
 assert d_open.wait(30), "stream d never answered"
 out["e"] = json.loads(call("gpt-4.1-mini", False))["usage"]
+release("d")
 t.join()
 # An Anthropic stream reports its input tokens in its first event: from
 # then on its body is not needed for an estimate and gives its share back
@@ -1223,7 +1233,7 @@ def f():
     body = {"model": "claude-sonnet-4-5", "max_tokens": 10, "stream": True,
             "messages": [{"role": "user", "content": "word " * 1000}]}
     h = {"Content-Type": "application/json", "x-api-key": "sk-ant-BUDGET-2",
-         "anthropic-version": "2023-06-01", "x-fake-chunk-delay-ms": "300"}
+         "anthropic-version": "2023-06-01", "x-fake-hold": hold("f")}
     req = urllib.request.Request("https://api.anthropic.com/v1/messages",
         data=json.dumps(body).encode(), headers=h)
     resp = urllib.request.urlopen(req, timeout=60)
@@ -1239,14 +1249,17 @@ t = threading.Thread(target=f)
 t.start()
 assert started.wait(30), "no message_start"
 out["g"] = json.loads(call("gpt-4-turbo", False))["usage"]
+release("f")
 t.join()
 # A body that pauses mid-way longer than request_body_stall_secs is
-# forwarded as it arrives instead of held.
+# forwarded as it arrives instead of held. Its rest comes once the agent
+# has said so (the test opens `stalled` then).
 head = b'{"model": "o3-mini", "max_tokens": 10, "messages": [{"role": "user", "content": "'
 tail = b'slow body"}]}'
 def slow():
     yield head
-    time.sleep(2.5)
+    while not (here / "stalled").exists():
+        time.sleep(0.02)
     yield tail
 req = urllib.request.Request("https://api.openai.com/v1/chat/completions", data=slow(),
     headers={"Content-Type": "application/json", "Authorization": "Bearer sk-test-BUDGET-1",
@@ -1254,7 +1267,20 @@ req = urllib.request.Request("https://api.openai.com/v1/chat/completions", data=
 out["h"] = json.loads(urllib.request.urlopen(req, timeout=60).read())["usage"]
 print(json.dumps(out))
 "#;
-    let out = ok(&client.python(script), "python urllib");
+    let out = std::thread::scope(|sc| {
+        let running = sc.spawn(|| client.python(script));
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !w.agent.log().contains(
+            "request body paused longer than proxy.request_body_stall_secs: forwarded unparsed",
+        ) && !running.is_finished()
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::fs::write(client.dir().join("stalled"), "").expect("stalled");
+        running.join().expect("client thread")
+    });
+    let out = ok(&out, "python urllib");
     let got: Value = serde_json::from_str(out.trim()).expect("client JSON");
     assert_eq!(
         (&got["a"], &got["d"], &got["f"]),
