@@ -322,10 +322,9 @@ fn openai_background_responses_are_recorded_when_their_result_is_seen() {
     // row, with the provider's counts; a cancelled one is its own row.
     let mut w = World::start("background", 46);
     let client = w.client(&[]);
-    ok(
-        &client.python(
-            r#"
-import time, openai
+    let script = r#"
+import pathlib, time, openai
+here = pathlib.Path(__file__).parent
 c = openai.OpenAI(api_key="sk-test-BACKGROUND-SECRET", max_retries=0)
 r = c.responses.create(model="gpt-5.4", input="write a long story about otters in space",
     background=True, max_output_tokens=300)
@@ -342,8 +341,10 @@ x = c.responses.create(model="gpt-5.4", input="never mind this one", background=
 y = c.responses.cancel(x.id)
 assert y.status == "cancelled", y.status
 # A background stream the client leaves, and resumes with a retrieval.
+# It holds after its first delta (a gate never opened): it cannot end
+# before the client leaves.
 s = c.responses.create(model="gpt-5.4", input="stream a long story", background=True, stream=True,
-    max_output_tokens=50, extra_headers={"x-fake-chunk-delay-ms": "50"})
+    max_output_tokens=50, extra_headers={"x-fake-hold": "3:" + str(here / "never")})
 sid, seen = None, 0
 for ev in s:
     seen = ev.sequence_number
@@ -352,9 +353,10 @@ for ev in s:
     if ev.type == "response.output_text.delta":
         break
 s.close()
-# (The agent notices the job left, and the record waits, before a resume
-# on a new connection could; give it a moment on a loaded machine.)
-time.sleep(0.5)
+# The resume comes once the agent has parked the left stream's record
+# (the test opens `parked` then).
+while not (here / "parked").exists():
+    time.sleep(0.02)
 done = None
 for ev in c.responses.retrieve(sid, stream=True, starting_after=seen):
     if ev.type == "response.completed":
@@ -362,10 +364,27 @@ for ev in c.responses.retrieve(sid, stream=True, starting_after=seen):
 assert done is not None and done.usage.output_tokens == 50, done
 z = c.responses.create(model="gpt-5.4", input="fetched some other way", background=True)
 assert z.status == "queued"
-"#,
-        ),
-        "python openai background responses",
-    );
+"#;
+    // The agent parks a left stream's record when it sees the job leave,
+    // and only then lets go of the stream upstream (see `MeteredBody`'s
+    // drop in agent/src/proxy/http.rs): once the fake provider saw the
+    // stream dropped, the record waits for the resume.
+    let out = std::thread::scope(|sc| {
+        let running = sc.spawn(|| client.python(script));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while w.fake.streams_cut() == 0
+            && !running.is_finished()
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let cut = w.fake.streams_cut();
+        std::fs::write(client.dir().join("parked"), "").expect("parked");
+        let out = running.join().expect("client thread");
+        assert_eq!(cut, 1, "the left stream was not let go: {out:?}");
+        out
+    });
+    ok(&out, "python openai background responses");
     let reported = w.fake.reported();
     assert_eq!(reported.len(), 2, "{reported:#?}");
     let rows = w.agent.wait_for_records(3);
