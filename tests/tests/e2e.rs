@@ -295,7 +295,7 @@ s.close()
 #[test]
 #[ignore = "needs root, cgroup v2 and BPF"]
 fn non_provider_sni_is_passed_through_undecrypted() {
-    let w = World::start("passthru", 3);
+    let mut w = World::start("passthru", 3);
     let client = w.client(&[]);
     let ca = w.pki.ca_path();
     let ca = ca.to_str().unwrap();
@@ -320,9 +320,11 @@ fn non_provider_sni_is_passed_through_undecrypted() {
         "https://api.openai.com/v1/models",
     ]);
     assert!(!out.status.success(), "provider SNI must be intercepted");
-    // Nothing was metered.
-    std::thread::sleep(Duration::from_millis(300));
-    assert!(w.agent.report_json().is_empty());
+    // Nothing was metered: stopped, the agent has written every record.
+    let status = w.agent.terminate().expect("agent was running");
+    assert!(status.success(), "{status}; log:\n{}", w.agent.log());
+    let rows = w.agent.report_json();
+    assert!(rows.is_empty(), "{rows:#?}");
 }
 
 #[test]

@@ -470,7 +470,7 @@ fn claude_managed_agents_sessions_are_recorded_as_they_grow() {
     // The loop runs at Anthropic: what the job sees is each session's
     // cumulative usage. Each growth the agent sees is one row; repeated
     // polls add nothing; the rows add up to the session's own total.
-    let w = World::start("managed-agents", 48);
+    let mut w = World::start("managed-agents", 48);
     let client = w.client(&[]);
     let out = ok(
         &client.python(
@@ -514,8 +514,11 @@ print(json.dumps(final.usage.model_dump(mode="json")))
         assert_eq!(s(r, "model"), "claude-opus-4-6", "{r}");
         assert!(r["cost_usd"].as_f64().is_some_and(|c| c > 0.0), "{r}");
     }
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    assert_eq!(w.agent.report_json().len(), 2, "nothing more");
+    // Nothing more: stopped, the agent has written every record.
+    let status = w.agent.terminate().expect("agent was running");
+    assert!(status.success(), "{status}; log:\n{}", w.agent.log());
+    let rows = w.agent.report_json();
+    assert_eq!(rows.len(), 2, "nothing more: {rows:#?}");
     assert_no_secret(&w, "FAKE-SESSIONS-SECRET");
 }
 
@@ -525,7 +528,7 @@ fn batch_results_are_recorded_once_per_model_at_the_batch_rates() {
     // A batch's submission bills nothing; its results do, at half price.
     // Each SDK submits a batch, waits for it, reads its results twice: the
     // rows are the results' usage per model, once.
-    let w = World::start("batches", 49);
+    let mut w = World::start("batches", 49);
     let client = w.client(&[]);
     let out = ok(
         &client.python(
@@ -645,7 +648,9 @@ print(json.dumps(seen))
             "the {op} row: {all:#?}"
         );
     }
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    // Stopped, the agent has written every record.
+    let status = w.agent.terminate().expect("agent was running");
+    assert!(status.success(), "{status}; log:\n{}", w.agent.log());
     let again = w
         .agent
         .report_json()
@@ -662,7 +667,7 @@ fn openai_evals_runs_are_recorded_as_they_grow() {
     // An Evals run samples and grades at OpenAI: what the job sees is the
     // run's usage per model. Each growth the agent sees is a row; the rows
     // add up to the run's own totals, per model.
-    let w = World::start("evals", 50);
+    let mut w = World::start("evals", 50);
     let client = w.client(&[]);
     let out = ok(
         &client.python(
@@ -704,8 +709,11 @@ print(json.dumps({u.run_model_name: [u.prompt_tokens, u.completion_tokens, u.cac
         assert_eq!(s(r, "provider"), "openai", "{r}");
         assert!(r["cost_usd"].as_f64().is_some_and(|c| c > 0.0), "{r}");
     }
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    assert_eq!(w.agent.report_json().len(), 3, "nothing more");
+    // Nothing more: stopped, the agent has written every record.
+    let status = w.agent.terminate().expect("agent was running");
+    assert!(status.success(), "{status}; log:\n{}", w.agent.log());
+    let rows = w.agent.report_json();
+    assert_eq!(rows.len(), 3, "nothing more: {rows:#?}");
     assert_no_secret(&w, "FAKE-EVALS-SECRET");
 }
 
