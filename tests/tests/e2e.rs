@@ -984,24 +984,78 @@ fn top_shows_the_live_spend_of_the_running_agent() {
 import openai
 c = openai.OpenAI(api_key="sk-test", max_retries=0)
 for _ in range(3):
-    c.chat.completions.create(model="gpt-4o-mini", max_tokens=4, messages=[{"role": "user", "content": "hi"}])
+    c.chat.completions.create(model="gpt-4o", max_tokens=40, messages=[{"role": "user", "content": "hi"}])
 "#,
         ),
         "python",
     );
-    w.agent.wait_for_records(3);
-    let sock = w.agent.control_socket();
-    let out = w
-        .agent
-        .command(&["top", "--once", "--socket", sock.to_str().unwrap()]);
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
+    let rows = w.agent.wait_for_records(3);
+    assert_eq!(rows.len(), 3, "{rows:#?}");
+    // The spend top is to show, with its four decimals.
+    let spend = format!(
+        "{:.4}",
+        rows.iter()
+            .map(|r| r["cost_usd"].as_f64().unwrap())
+            .sum::<f64>()
     );
-    assert!(text.contains("python"), "{text}");
-    assert!(text.contains("acme/widgets"), "{text}");
+    assert_ne!(spend, "0.0000", "{rows:#?}");
+    // The live view takes each record just after the ledger does: ask
+    // again (bounded) until it has all three and none in flight.
+    let sock = w.agent.control_socket();
+    let top = || {
+        let out = w
+            .agent
+            .command(&["top", "--once", "--socket", sock.to_str().unwrap()]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut text = top();
+    while !text.contains("requests 3  in flight 0") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        text = top();
+    }
+    // The totals line: "requests 3  in flight 0  tok/s R  spend $S  errors 0"
+    // (the rate depends on the time, the rest does not).
+    let totals: Vec<&str> = text
+        .lines()
+        .find(|l| l.starts_with("requests "))
+        .unwrap_or_else(|| panic!("no totals line in\n{text}"))
+        .split_whitespace()
+        .collect();
+    assert_eq!(totals.len(), 11, "{text}");
+    assert_eq!(
+        totals[..6],
+        ["requests", "3", "in", "flight", "0", "tok/s"],
+        "{text}"
+    );
+    assert_eq!(
+        totals[7..],
+        ["spend", format!("${spend}").as_str(), "errors", "0"],
+        "{text}"
+    );
+    // The job's row and the process's: 0 in flight, 3 requests, the spend,
+    // no error.
+    let row = |first: &dyn Fn(&str) -> bool| -> Vec<String> {
+        text.lines()
+            .map(|l| l.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
+            .find(|c| c.first().is_some_and(|c| first(c)))
+            .unwrap_or_else(|| panic!("no such row in\n{text}"))
+    };
+    let job = row(&|c| c == "acme/widgets");
+    assert_eq!(job.len(), 7, "{text}");
+    assert_eq!(job[..4], ["acme/widgets", "lint", "0", "3"], "{text}");
+    assert_eq!(job[5..], [spend.as_str(), "0"], "{text}");
+    let process = row(&|c| c.parse::<u32>().is_ok());
+    assert_eq!(process.len(), 8, "{text}");
+    assert!(process[1].starts_with("python"), "{text}");
+    assert_eq!(process[2..5], ["lint", "0", "3"], "{text}");
+    assert_eq!(process[6..], [spend.as_str(), "0"], "{text}");
 }
 
 #[test]
