@@ -857,6 +857,32 @@ except openai.APIStatusError as e:
     assert!(r["cost_usd"].as_f64().is_some_and(|c| c > 0.0), "{r}");
 }
 
+/// The thread that accepts and holds the silent upstream's connections:
+/// stopped and joined when dropped too, so that a test that fails first
+/// does not leave it holding the listener and its sockets.
+struct Holder {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<usize>>,
+}
+
+impl Holder {
+    /// Stops the thread; how many connections it held.
+    fn stop(mut self) -> usize {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let thread = self.thread.take().expect("running");
+        thread.join().expect("holder thread")
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 #[test]
 #[ignore = "needs root, cgroup v2 and BPF"]
 fn a_client_that_leaves_while_the_agent_is_still_connecting_is_not_billed() {
@@ -866,9 +892,9 @@ fn a_client_that_leaves_while_the_agent_is_still_connecting_is_not_billed() {
     let silent = std::net::TcpListener::bind((silent_ip, 443)).expect("silent listener");
     silent.set_nonblocking(true).expect("nonblocking");
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let holder = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
+    let holder = Holder {
+        stop: stop.clone(),
+        thread: Some(std::thread::spawn(move || {
             let mut held = Vec::new();
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 match silent.accept() {
@@ -881,7 +907,7 @@ fn a_client_that_leaves_while_the_agent_is_still_connecting_is_not_billed() {
                 held.push(conn);
             }
             held.len()
-        })
+        })),
     };
     // A bare line lands in the harness's [resolver.overrides] table.
     let w = World::start_with(
@@ -911,8 +937,7 @@ fn a_client_that_leaves_while_the_agent_is_still_connecting_is_not_billed() {
         &body,
         "https://silent.test/v1/chat/completions",
     ]);
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let held = holder.join().expect("holder thread");
+    let held = holder.stop();
     assert_eq!(out.status.code(), Some(28), "curl timed out: {out:?}");
     assert!(held >= 1, "the agent connected to the silent upstream");
     let rows = w.agent.wait_for_records(1);
