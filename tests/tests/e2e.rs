@@ -512,18 +512,20 @@ for i in range(20):
     assert_eq!(total, (1..=20).sum::<u64>());
 }
 
-/// Runs a stream of 400 chunks 50 ms apart (far longer than the agent's
-/// 5 s drain) in a client in the cgroup, calls `during` once it is under
-/// way, and returns what the client printed and how it ended.
+/// Runs a stream of 400 chunks that holds after its 10th (on a gate never
+/// opened: it outlives the agent's 5 s drain however slow the machine) in
+/// a client in the cgroup, calls `during` once it is under way, and
+/// returns what the client printed and how it ended.
 fn during_a_long_stream(w: &mut World, during: impl FnOnce(&mut World)) -> std::process::Output {
     let client = w.client(&[]);
     let marker = client.dir().join("streaming");
+    let hold = format!("10:{}", client.dir().join("never").display());
     let script = format!(
         r#"
 import openai, pathlib
 c = openai.OpenAI(api_key="sk-test", max_retries=0)
 s = c.chat.completions.create(model="gpt-4o-mini", messages=[{{"role": "user", "content": "long"}}],
-    max_tokens=400, stream=True, extra_headers={{"x-fake-chunk-delay-ms": "50"}})
+    max_tokens=400, stream=True, extra_headers={{"x-fake-hold": {hold:?}}})
 for i, ch in enumerate(s):
     if i == 5:
         pathlib.Path({marker:?}).write_text("yes")
@@ -575,6 +577,9 @@ fn sigterm_mid_stream_keeps_the_record_of_an_http2_client() {
     let mut w = World::start("sigstream-h2", 36);
     let client = w.client(&[]);
     let out_file = client.dir().join("stream.txt");
+    // After its 10th chunk the stream holds on a gate never opened: it
+    // outlives the agent's drain however slow the machine.
+    let hold = format!("x-fake-hold: 10:{}", client.dir().join("never").display());
     let body = r#"{"model":"gpt-4o-mini","max_tokens":400,"stream":true,"messages":[{"role":"user","content":"long"}]}"#;
     let out = std::thread::scope(|sc| {
         let running = sc.spawn(|| {
@@ -592,7 +597,7 @@ fn sigterm_mid_stream_keeps_the_record_of_an_http2_client() {
                 "-H",
                 "Authorization: Bearer sk-test",
                 "-H",
-                "x-fake-chunk-delay-ms: 50",
+                &hold,
                 "-d",
                 body,
                 "https://api.openai.com/v1/chat/completions",
