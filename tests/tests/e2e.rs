@@ -985,18 +985,26 @@ fn a_second_sigterm_cuts_the_drain_short_and_keeps_the_record() {
 fn client_hangup_mid_stream_still_gets_the_provider_count() {
     let w = World::start("hangup", 7);
     let client = w.client(&[]);
+    // The stream holds after its 5th chunk until the agent has seen the
+    // client leave: it cannot end (and be recorded whole) first.
     let script = r#"
-import openai
+import openai, pathlib
+here = pathlib.Path(__file__).parent
 c = openai.OpenAI(api_key="sk-test", max_retries=0)
 s = c.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "count"}],
     max_tokens=40, stream=True, stream_options={"include_usage": True},
-    extra_headers={"x-fake-chunk-delay-ms": "20"})
+    extra_headers={"x-fake-hold": "5:" + str(here / "left")})
 for i, ch in enumerate(s):
     if i == 3:
         break
 s.close()
 "#;
     ok(&client.python(script), "python hang-up");
+    let left = w
+        .agent
+        .wait_for_log("the client left before the response ended");
+    std::fs::write(client.dir().join("left"), "").expect("left");
+    assert!(left, "{}", w.agent.log());
     let rows = w.agent.wait_for_records(1);
     assert_eq!(rows.len(), 1, "{rows:#?}");
     assert_eq!(u(&rows[0], "output_tokens"), 40, "{}", rows[0]);
