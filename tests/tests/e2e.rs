@@ -1183,24 +1183,28 @@ c.chat.completions.create(model="gpt-4o-mini", max_tokens=3, messages=[{"role": 
 fn a_stream_whose_client_left_gives_its_body_budget_back_once_counted() {
     // Room for one ≈5 KB body at a time. An Anthropic stream's client
     // leaves after the response's head, before the first event; the agent
-    // reads the rest (30 s of events) for the provider's count, and once
-    // the first event has counted the input, gives the body's share of the
-    // budget back.
+    // reads the rest for the provider's count, and once the first event
+    // has counted the input, gives the body's share of the budget back.
+    // The stream's first event waits for the test to see the client gone
+    // (gate `left`), the rest for the next request to be done (gate
+    // `done`): no race with the hang-up or with the stream's end.
     let w = World::start_with(
         "hangup-budget",
         33,
         "proxy.max_request_body = 6000\nproxy.max_buffered_request_bytes = 8000\n".to_string(),
     );
     let client = w.client(&[]);
+    let gate = |name: &str| std::fs::write(client.dir().join(name), "").expect("gate");
     ok(
         &client.python(
             r#"
-import json, urllib.request
+import json, pathlib, urllib.request
+here = pathlib.Path(__file__).parent
 body = {"model": "claude-sonnet-4-5", "max_tokens": 100, "stream": True,
         "messages": [{"role": "user", "content": "word " * 1000}]}
 h = {"Content-Type": "application/json", "x-api-key": "sk-ant-HANGUP-1",
-     "anthropic-version": "2023-06-01", "x-fake-chunk-delay-ms": "300",
-     "x-fake-first-chunk-delay-ms": "2000"}
+     "anthropic-version": "2023-06-01",
+     "x-fake-hold": "0:" + str(here / "left") + ",1:" + str(here / "done")}
 req = urllib.request.Request("https://api.anthropic.com/v1/messages",
     data=json.dumps(body).encode(), headers=h)
 urllib.request.urlopen(req, timeout=60).close()
@@ -1208,12 +1212,11 @@ urllib.request.urlopen(req, timeout=60).close()
         ),
         "python anthropic hang-up",
     );
-    assert!(
-        w.agent
-            .wait_for_log("the client left before the response ended"),
-        "no drain after the hang-up: {}",
-        w.agent.log()
-    );
+    let left = w
+        .agent
+        .wait_for_log("the client left before the response ended");
+    gate("left");
+    assert!(left, "no drain after the hang-up: {}", w.agent.log());
     // The first event reaches the drain and counts the input.
     assert!(
         w.agent
@@ -1221,8 +1224,8 @@ urllib.request.urlopen(req, timeout=60).close()
         "{}",
         w.agent.log()
     );
-    // The drain runs on for about 30 s; this body fits only if the
-    // stream's share was given back.
+    // The drain waits for the rest; this body fits only if the stream's
+    // share was given back.
     ok(
         &client.python(
             r#"
@@ -1237,6 +1240,7 @@ urllib.request.urlopen(req, timeout=60).read()
         ),
         "python openai after the hang-up",
     );
+    gate("done");
     let rows = w.agent.wait_for_records(1);
     let r = tollgate_e2e::row_with(&rows, "response_model", "gpt-4o-2024-07-18");
     assert_eq!(r["model"], "gpt-4o", "read whole, not over budget: {r}");
