@@ -1067,20 +1067,34 @@ fn http2_client_through_the_agent() {
     // 150 streams at once, from two client connections (curl opens at
     // most 100 streams on one): the agent's upstream HTTP/2 connection
     // carries 100, and the rest wait for one more connection instead of
-    // each opening their own.
+    // each opening their own. Each stream holds after its first chunk
+    // until the fake provider has all 150 requests (gate `all`), so they
+    // are open at once however slowly curl starts them.
     let before = w.fake.connections();
+    let requests_before = w.fake.requests();
     const BURST: usize = 150;
+    let all = client.dir().join("all");
     let body = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"h2 burst"}],"max_tokens":40,"stream":true}"#;
     let urls = " -o /dev/null https://api.openai.com/v1/chat/completions".repeat(BURST / 2);
     let curl = format!(
         "curl -sS --http2 --parallel --parallel-max 100 -w '%{{http_version}}\\n' \
-         -H 'Content-Type: application/json' -H 'x-fake-chunk-delay-ms: 25' -d '{body}'{urls}"
+         -H 'Content-Type: application/json' -H 'x-fake-hold: 1:{}' -d '{body}'{urls}",
+        all.display()
     );
     let script = format!("{curl} & a=$!; {curl} & b=$!; wait $a && wait $b");
-    let out = ok(
-        &client.run(&["sh", "-c", &script]),
-        "2 × curl --http2 --parallel",
-    );
+    let out = std::thread::scope(|sc| {
+        let running = sc.spawn(|| client.run(&["sh", "-c", &script]));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while w.fake.requests() - requests_before < BURST
+            && !running.is_finished()
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        std::fs::write(&all, "").expect("all");
+        running.join().expect("client thread")
+    });
+    let out = ok(&out, "2 × curl --http2 --parallel");
     let versions: Vec<&str> = out.lines().collect();
     assert_eq!(versions.len(), BURST, "{out}");
     assert!(versions.iter().all(|v| *v == "2"), "{out}");
