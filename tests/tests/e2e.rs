@@ -801,15 +801,20 @@ fn a_job_that_leaves_a_websocket_response_early_still_has_the_providers_count() 
     // The job reads the text of a Responses API WebSocket answer and resets
     // the connection before `response.completed`: the provider bills the
     // whole answer, and the agent reads on to record its count.
+    // The fake sends `response.completed` once the test, having seen the
+    // job gone, opens the gate `finish`: only an agent that reads on can
+    // have the count, however slowly the job left.
     let w = World::start("ws-leave-early", 45);
     let client = w.client(&[]);
     ok(
         &client.python(
             r#"
-import json, socket, struct
+import json, pathlib, socket, struct
 from websockets.sync.client import connect
-ws = connect("wss://api.openai.com/v1/responses",
-    additional_headers={"Authorization": "Bearer sk-test"}, open_timeout=10)
+here = pathlib.Path(__file__).parent
+ws = connect("wss://api.openai.com/v1/responses", open_timeout=10,
+    additional_headers={"Authorization": "Bearer sk-test",
+                        "x-fake-hold-finish": str(here / "finish")})
 ws.send(json.dumps({"type": "response.create", "model": "slow-finish",
     "input": "answer and let me leave early"}))
 while json.loads(ws.recv(timeout=10))["type"] != "response.output_text.delta":
@@ -824,6 +829,7 @@ os._exit(0)
         ),
         "python websocket leaving early",
     );
+    std::fs::write(client.dir().join("finish"), "").expect("finish");
     let reported = w.fake.reported();
     assert_eq!(reported.len(), 1, "{reported:#?}");
     let rows = w.agent.wait_for_records(1);
