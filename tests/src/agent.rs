@@ -132,10 +132,16 @@ impl Agent {
         let stderr = child.stderr.take().expect("stderr");
         let log = Arc::new(Mutex::new(String::new()));
         let (tx, rx) = mpsc::channel();
+        let (caught_up_tx, caught_up) = mpsc::channel();
         let log2 = log.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
+                // The harness's own mark (see `caught_up`): not the agent's.
+                if line == CAUGHT_UP {
+                    let _ = caught_up_tx.send(());
+                    continue;
+                }
                 // Into the log first: a test that starts once the ready
                 // line is seen may read the log straight away.
                 {
@@ -168,8 +174,8 @@ impl Agent {
                 let pid = agent.pid().expect("running") as i32;
                 // SAFETY: signals to our own child, by pid.
                 unsafe { libc::kill(pid, libc::SIGSTOP) };
-                // Let the log reader take what was written before the stop.
-                std::thread::sleep(Duration::from_millis(300));
+                // The log then holds all it wrote before the stop.
+                caught_up_after_stop(pid, &caught_up);
                 agent.ready_before_sigterm = Some(agent.log().contains("\"message\":\"ready\""));
                 unsafe {
                     libc::kill(pid, libc::SIGTERM);
@@ -328,6 +334,49 @@ impl Agent {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+}
+
+/// A line the harness writes into the agent's log pipe; the log reader
+/// takes it as a mark, not as the agent's.
+const CAUGHT_UP: &str = "tollgate-e2e: the log reader has caught up";
+
+/// Once the agent `pid` (sent SIGSTOP) has stopped, returns when the log
+/// reader has taken every line it wrote: the pipe is first in, first out,
+/// so a mark written into it after the agent's lines reaches the reader
+/// after them. (If the agent exited instead, the caller sees that next.)
+fn caught_up_after_stop(pid: i32, caught_up: &mpsc::Receiver<()>) {
+    // Stopped, not merely signalled: WNOWAIT leaves the state (or an exit)
+    // for `Child` to collect.
+    // SAFETY: a zeroed siginfo_t for waitid to fill; our own child, by pid.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    loop {
+        let r = unsafe {
+            libc::waitid(
+                libc::P_PID,
+                pid as libc::id_t,
+                &mut info,
+                libc::WSTOPPED | libc::WEXITED | libc::WNOWAIT,
+            )
+        };
+        if r == 0 {
+            break;
+        }
+        let e = std::io::Error::last_os_error();
+        assert_eq!(e.kind(), std::io::ErrorKind::Interrupted, "waitid: {e}");
+    }
+    if info.si_code != libc::CLD_STOPPED {
+        return;
+    }
+    // The write end of the agent's stderr pipe, opened anew.
+    let mut pipe = std::fs::OpenOptions::new()
+        .write(true)
+        .open(format!("/proc/{pid}/fd/2"))
+        .expect("the agent's log pipe");
+    std::io::Write::write_all(&mut pipe, format!("{CAUGHT_UP}\n").as_bytes())
+        .expect("write the mark");
+    caught_up
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the log reader took the mark");
 }
 
 impl Drop for Agent {

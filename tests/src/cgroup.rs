@@ -61,9 +61,10 @@ impl TestCgroup {
 impl TestCgroup {
     /// Removes the (empty) cgroup directory, as systemd does when a service
     /// stops; `rmdir` may fail briefly (EBUSY) just after its last process
-    /// was reaped, so it is tried again for up to a second.
+    /// was reaped, so it is tried again for up to 10 s (the kernel lets go
+    /// of the cgroup later on a loaded host).
     pub fn remove_now(&self) {
-        for _ in 0..50 {
+        for _ in 0..500 {
             match std::fs::remove_dir(&self.path) {
                 Ok(()) => return,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,

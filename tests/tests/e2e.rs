@@ -295,7 +295,7 @@ s.close()
 #[test]
 #[ignore = "needs root, cgroup v2 and BPF"]
 fn non_provider_sni_is_passed_through_undecrypted() {
-    let w = World::start("passthru", 3);
+    let mut w = World::start("passthru", 3);
     let client = w.client(&[]);
     let ca = w.pki.ca_path();
     let ca = ca.to_str().unwrap();
@@ -320,9 +320,11 @@ fn non_provider_sni_is_passed_through_undecrypted() {
         "https://api.openai.com/v1/models",
     ]);
     assert!(!out.status.success(), "provider SNI must be intercepted");
-    // Nothing was metered.
-    std::thread::sleep(Duration::from_millis(300));
-    assert!(w.agent.report_json().is_empty());
+    // Nothing was metered: stopped, the agent has written every record.
+    let status = w.agent.terminate().expect("agent was running");
+    assert!(status.success(), "{status}; log:\n{}", w.agent.log());
+    let rows = w.agent.report_json();
+    assert!(rows.is_empty(), "{rows:#?}");
 }
 
 #[test]
@@ -510,18 +512,20 @@ for i in range(20):
     assert_eq!(total, (1..=20).sum::<u64>());
 }
 
-/// Runs a stream of 400 chunks 50 ms apart (far longer than the agent's
-/// 5 s drain) in a client in the cgroup, calls `during` once it is under
-/// way, and returns what the client printed and how it ended.
+/// Runs a stream of 400 chunks that holds after its 10th (on a gate never
+/// opened: it outlives the agent's 5 s drain however slow the machine) in
+/// a client in the cgroup, calls `during` once it is under way, and
+/// returns what the client printed and how it ended.
 fn during_a_long_stream(w: &mut World, during: impl FnOnce(&mut World)) -> std::process::Output {
     let client = w.client(&[]);
     let marker = client.dir().join("streaming");
+    let hold = format!("10:{}", client.dir().join("never").display());
     let script = format!(
         r#"
 import openai, pathlib
 c = openai.OpenAI(api_key="sk-test", max_retries=0)
 s = c.chat.completions.create(model="gpt-4o-mini", messages=[{{"role": "user", "content": "long"}}],
-    max_tokens=400, stream=True, extra_headers={{"x-fake-chunk-delay-ms": "50"}})
+    max_tokens=400, stream=True, extra_headers={{"x-fake-hold": {hold:?}}})
 for i, ch in enumerate(s):
     if i == 5:
         pathlib.Path({marker:?}).write_text("yes")
@@ -573,6 +577,9 @@ fn sigterm_mid_stream_keeps_the_record_of_an_http2_client() {
     let mut w = World::start("sigstream-h2", 36);
     let client = w.client(&[]);
     let out_file = client.dir().join("stream.txt");
+    // After its 10th chunk the stream holds on a gate never opened: it
+    // outlives the agent's drain however slow the machine.
+    let hold = format!("x-fake-hold: 10:{}", client.dir().join("never").display());
     let body = r#"{"model":"gpt-4o-mini","max_tokens":400,"stream":true,"messages":[{"role":"user","content":"long"}]}"#;
     let out = std::thread::scope(|sc| {
         let running = sc.spawn(|| {
@@ -590,7 +597,7 @@ fn sigterm_mid_stream_keeps_the_record_of_an_http2_client() {
                 "-H",
                 "Authorization: Bearer sk-test",
                 "-H",
-                "x-fake-chunk-delay-ms: 50",
+                &hold,
                 "-d",
                 body,
                 "https://api.openai.com/v1/chat/completions",
@@ -623,20 +630,43 @@ fn sigterm_mid_stream_keeps_the_record_of_an_http2_client() {
 fn a_client_that_leaves_before_the_answer_still_has_its_input_counted() {
     let w = World::start("early-hangup", 27);
     let client = w.client(&[]);
+    // The client leaves once the fake provider has the whole request (the
+    // test opens `leave` then), whatever the time that took; the answer's
+    // head waits for a gate the test never opens.
+    let leave = client.dir().join("leave");
     let script = r#"
-import openai
-# Long enough for the handshake and the agent's first upstream connection
-# on a loaded machine; the answer's head comes far later.
-c = openai.OpenAI(api_key="sk-test", max_retries=0, timeout=3.0)
-try:
-    c.chat.completions.create(model="gpt-4o-mini", max_tokens=50,
-        messages=[{"role": "user", "content": "summarise this: " + "lorem ipsum dolor " * 300}],
-        extra_headers={"x-fake-head-delay-ms": "20000"})
-    raise SystemExit("answered before the timeout")
-except openai.APITimeoutError:
-    pass
+import os, pathlib, sys, threading, time, traceback, openai
+here = pathlib.Path(__file__).parent
+c = openai.OpenAI(api_key="sk-test", max_retries=0, timeout=600)
+def ask():
+    try:
+        c.chat.completions.create(model="gpt-4o-mini", max_tokens=50,
+            messages=[{"role": "user", "content": "summarise this: " + "lorem ipsum dolor " * 300}],
+            extra_headers={"x-fake-hold-head": str(here / "answer")})
+        print("answered before the client left", file=sys.stderr)
+    except Exception:
+        traceback.print_exc()
+    sys.stderr.flush()
+    os._exit(1)
+threading.Thread(target=ask, daemon=True).start()
+while not (here / "leave").exists():
+    time.sleep(0.02)
+# Gone at once, without closing anything first (as a killed job).
+os._exit(0)
 "#;
-    ok(&client.python(script), "python early hang-up");
+    let out = std::thread::scope(|sc| {
+        let running = sc.spawn(|| client.python(script));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while w.fake.requests() == 0 && !running.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let arrived = w.fake.requests() == 1;
+        std::fs::write(&leave, "").expect("leave");
+        let out = running.join().expect("client thread");
+        assert!(arrived, "the request never reached the provider: {out:?}");
+        out
+    });
+    ok(&out, "python early hang-up");
     let rows = w.agent.wait_for_records(1);
     let r = &rows[0];
     assert_eq!(s(r, "error"), "client_disconnected", "{r}");
@@ -771,15 +801,20 @@ fn a_job_that_leaves_a_websocket_response_early_still_has_the_providers_count() 
     // The job reads the text of a Responses API WebSocket answer and resets
     // the connection before `response.completed`: the provider bills the
     // whole answer, and the agent reads on to record its count.
+    // The fake sends `response.completed` once the test, having seen the
+    // job gone, opens the gate `finish`: only an agent that reads on can
+    // have the count, however slowly the job left.
     let w = World::start("ws-leave-early", 45);
     let client = w.client(&[]);
     ok(
         &client.python(
             r#"
-import json, socket, struct
+import json, pathlib, socket, struct
 from websockets.sync.client import connect
-ws = connect("wss://api.openai.com/v1/responses",
-    additional_headers={"Authorization": "Bearer sk-test"}, open_timeout=10)
+here = pathlib.Path(__file__).parent
+ws = connect("wss://api.openai.com/v1/responses", open_timeout=10,
+    additional_headers={"Authorization": "Bearer sk-test",
+                        "x-fake-hold-finish": str(here / "finish")})
 ws.send(json.dumps({"type": "response.create", "model": "slow-finish",
     "input": "answer and let me leave early"}))
 while json.loads(ws.recv(timeout=10))["type"] != "response.output_text.delta":
@@ -794,6 +829,7 @@ os._exit(0)
         ),
         "python websocket leaving early",
     );
+    std::fs::write(client.dir().join("finish"), "").expect("finish");
     let reported = w.fake.reported();
     assert_eq!(reported.len(), 1, "{reported:#?}");
     let rows = w.agent.wait_for_records(1);
@@ -832,6 +868,32 @@ except openai.APIStatusError as e:
     assert!(r["cost_usd"].as_f64().is_some_and(|c| c > 0.0), "{r}");
 }
 
+/// The thread that accepts and holds the silent upstream's connections:
+/// stopped and joined when dropped too, so that a test that fails first
+/// does not leave it holding the listener and its sockets.
+struct Holder {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<usize>>,
+}
+
+impl Holder {
+    /// Stops the thread; how many connections it held.
+    fn stop(mut self) -> usize {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let thread = self.thread.take().expect("running");
+        thread.join().expect("holder thread")
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 #[test]
 #[ignore = "needs root, cgroup v2 and BPF"]
 fn a_client_that_leaves_while_the_agent_is_still_connecting_is_not_billed() {
@@ -841,9 +903,9 @@ fn a_client_that_leaves_while_the_agent_is_still_connecting_is_not_billed() {
     let silent = std::net::TcpListener::bind((silent_ip, 443)).expect("silent listener");
     silent.set_nonblocking(true).expect("nonblocking");
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let holder = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
+    let holder = Holder {
+        stop: stop.clone(),
+        thread: Some(std::thread::spawn(move || {
             let mut held = Vec::new();
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 match silent.accept() {
@@ -856,7 +918,7 @@ fn a_client_that_leaves_while_the_agent_is_still_connecting_is_not_billed() {
                 held.push(conn);
             }
             held.len()
-        })
+        })),
     };
     // A bare line lands in the harness's [resolver.overrides] table.
     let w = World::start_with(
@@ -886,8 +948,7 @@ fn a_client_that_leaves_while_the_agent_is_still_connecting_is_not_billed() {
         &body,
         "https://silent.test/v1/chat/completions",
     ]);
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let held = holder.join().expect("holder thread");
+    let held = holder.stop();
     assert_eq!(out.status.code(), Some(28), "curl timed out: {out:?}");
     assert!(held >= 1, "the agent connected to the silent upstream");
     let rows = w.agent.wait_for_records(1);
@@ -930,18 +991,26 @@ fn a_second_sigterm_cuts_the_drain_short_and_keeps_the_record() {
 fn client_hangup_mid_stream_still_gets_the_provider_count() {
     let w = World::start("hangup", 7);
     let client = w.client(&[]);
+    // The stream holds after its 5th chunk until the agent has seen the
+    // client leave: it cannot end (and be recorded whole) first.
     let script = r#"
-import openai
+import openai, pathlib
+here = pathlib.Path(__file__).parent
 c = openai.OpenAI(api_key="sk-test", max_retries=0)
 s = c.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "count"}],
     max_tokens=40, stream=True, stream_options={"include_usage": True},
-    extra_headers={"x-fake-chunk-delay-ms": "20"})
+    extra_headers={"x-fake-hold": "5:" + str(here / "left")})
 for i, ch in enumerate(s):
     if i == 3:
         break
 s.close()
 "#;
     ok(&client.python(script), "python hang-up");
+    let left = w
+        .agent
+        .wait_for_log("the client left before the response ended");
+    std::fs::write(client.dir().join("left"), "").expect("left");
+    assert!(left, "{}", w.agent.log());
     let rows = w.agent.wait_for_records(1);
     assert_eq!(rows.len(), 1, "{rows:#?}");
     assert_eq!(u(&rows[0], "output_tokens"), 40, "{}", rows[0]);
@@ -959,24 +1028,78 @@ fn top_shows_the_live_spend_of_the_running_agent() {
 import openai
 c = openai.OpenAI(api_key="sk-test", max_retries=0)
 for _ in range(3):
-    c.chat.completions.create(model="gpt-4o-mini", max_tokens=4, messages=[{"role": "user", "content": "hi"}])
+    c.chat.completions.create(model="gpt-4o", max_tokens=40, messages=[{"role": "user", "content": "hi"}])
 "#,
         ),
         "python",
     );
-    w.agent.wait_for_records(3);
-    let sock = w.agent.control_socket();
-    let out = w
-        .agent
-        .command(&["top", "--once", "--socket", sock.to_str().unwrap()]);
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
+    let rows = w.agent.wait_for_records(3);
+    assert_eq!(rows.len(), 3, "{rows:#?}");
+    // The spend top is to show, with its four decimals.
+    let spend = format!(
+        "{:.4}",
+        rows.iter()
+            .map(|r| r["cost_usd"].as_f64().unwrap())
+            .sum::<f64>()
     );
-    assert!(text.contains("python"), "{text}");
-    assert!(text.contains("acme/widgets"), "{text}");
+    assert_ne!(spend, "0.0000", "{rows:#?}");
+    // The live view takes each record just after the ledger does: ask
+    // again (bounded) until it has all three and none in flight.
+    let sock = w.agent.control_socket();
+    let top = || {
+        let out = w
+            .agent
+            .command(&["top", "--once", "--socket", sock.to_str().unwrap()]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut text = top();
+    while !text.contains("requests 3  in flight 0") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        text = top();
+    }
+    // The totals line: "requests 3  in flight 0  tok/s R  spend $S  errors 0"
+    // (the rate depends on the time, the rest does not).
+    let totals: Vec<&str> = text
+        .lines()
+        .find(|l| l.starts_with("requests "))
+        .unwrap_or_else(|| panic!("no totals line in\n{text}"))
+        .split_whitespace()
+        .collect();
+    assert_eq!(totals.len(), 11, "{text}");
+    assert_eq!(
+        totals[..6],
+        ["requests", "3", "in", "flight", "0", "tok/s"],
+        "{text}"
+    );
+    assert_eq!(
+        totals[7..],
+        ["spend", format!("${spend}").as_str(), "errors", "0"],
+        "{text}"
+    );
+    // The job's row and the process's: 0 in flight, 3 requests, the spend,
+    // no error.
+    let row = |first: &dyn Fn(&str) -> bool| -> Vec<String> {
+        text.lines()
+            .map(|l| l.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
+            .find(|c| c.first().is_some_and(|c| first(c)))
+            .unwrap_or_else(|| panic!("no such row in\n{text}"))
+    };
+    let job = row(&|c| c == "acme/widgets");
+    assert_eq!(job.len(), 7, "{text}");
+    assert_eq!(job[..4], ["acme/widgets", "lint", "0", "3"], "{text}");
+    assert_eq!(job[5..], [spend.as_str(), "0"], "{text}");
+    let process = row(&|c| c.parse::<u32>().is_ok());
+    assert_eq!(process.len(), 8, "{text}");
+    assert!(process[1].starts_with("python"), "{text}");
+    assert_eq!(process[2..5], ["lint", "0", "3"], "{text}");
+    assert_eq!(process[6..], [spend.as_str(), "0"], "{text}");
 }
 
 #[test]
@@ -1066,24 +1189,28 @@ c.chat.completions.create(model="gpt-4o-mini", max_tokens=3, messages=[{"role": 
 fn a_stream_whose_client_left_gives_its_body_budget_back_once_counted() {
     // Room for one ≈5 KB body at a time. An Anthropic stream's client
     // leaves after the response's head, before the first event; the agent
-    // reads the rest (30 s of events) for the provider's count, and once
-    // the first event has counted the input, gives the body's share of the
-    // budget back.
+    // reads the rest for the provider's count, and once the first event
+    // has counted the input, gives the body's share of the budget back.
+    // The stream's first event waits for the test to see the client gone
+    // (gate `left`), the rest for the next request to be done (gate
+    // `done`): no race with the hang-up or with the stream's end.
     let w = World::start_with(
         "hangup-budget",
         33,
         "proxy.max_request_body = 6000\nproxy.max_buffered_request_bytes = 8000\n".to_string(),
     );
     let client = w.client(&[]);
+    let gate = |name: &str| std::fs::write(client.dir().join(name), "").expect("gate");
     ok(
         &client.python(
             r#"
-import json, urllib.request
+import json, pathlib, urllib.request
+here = pathlib.Path(__file__).parent
 body = {"model": "claude-sonnet-4-5", "max_tokens": 100, "stream": True,
         "messages": [{"role": "user", "content": "word " * 1000}]}
 h = {"Content-Type": "application/json", "x-api-key": "sk-ant-HANGUP-1",
-     "anthropic-version": "2023-06-01", "x-fake-chunk-delay-ms": "300",
-     "x-fake-first-chunk-delay-ms": "2000"}
+     "anthropic-version": "2023-06-01",
+     "x-fake-hold": "0:" + str(here / "left") + ",1:" + str(here / "done")}
 req = urllib.request.Request("https://api.anthropic.com/v1/messages",
     data=json.dumps(body).encode(), headers=h)
 urllib.request.urlopen(req, timeout=60).close()
@@ -1091,12 +1218,11 @@ urllib.request.urlopen(req, timeout=60).close()
         ),
         "python anthropic hang-up",
     );
-    assert!(
-        w.agent
-            .wait_for_log("the client left before the response ended"),
-        "no drain after the hang-up: {}",
-        w.agent.log()
-    );
+    let left = w
+        .agent
+        .wait_for_log("the client left before the response ended");
+    gate("left");
+    assert!(left, "no drain after the hang-up: {}", w.agent.log());
     // The first event reaches the drain and counts the input.
     assert!(
         w.agent
@@ -1104,8 +1230,8 @@ urllib.request.urlopen(req, timeout=60).close()
         "{}",
         w.agent.log()
     );
-    // The drain runs on for about 30 s; this body fits only if the
-    // stream's share was given back.
+    // The drain waits for the rest; this body fits only if the stream's
+    // share was given back.
     ok(
         &client.python(
             r#"
@@ -1120,6 +1246,7 @@ urllib.request.urlopen(req, timeout=60).read()
         ),
         "python openai after the hang-up",
     );
+    gate("done");
     let rows = w.agent.wait_for_records(1);
     let r = tollgate_e2e::row_with(&rows, "response_model", "gpt-4o-2024-07-18");
     assert_eq!(r["model"], "gpt-4o", "read whole, not over budget: {r}");
@@ -1155,14 +1282,22 @@ fn a_request_past_the_body_budget_is_forwarded_unparsed_and_still_counted() {
         ),
     );
     let client = w.client(&[]);
+    // Each stream that is to run while another request is read holds
+    // after its first chunk until the script opens its gate, once that
+    // request is done: no race with the stream's end.
     let script = r#"
-import json, threading, time, urllib.request
-def call(model, stream, delay=None, words=1000, opened=None):
+import json, pathlib, threading, time, urllib.request
+here = pathlib.Path(__file__).parent
+def hold(name):
+    return "1:" + str(here / name)
+def release(name):
+    (here / name).write_text("go")
+def call(model, stream, held=None, words=1000, opened=None):
     body = {"model": model, "messages": [{"role": "user", "content": "word " * words}],
             "max_tokens": 10, "stream": stream}
     h = {"Content-Type": "application/json", "Authorization": "Bearer sk-test-BUDGET-1"}
-    if delay:
-        h["x-fake-chunk-delay-ms"] = str(delay)
+    if held:
+        h["x-fake-hold"] = hold(held)
     req = urllib.request.Request("https://api.openai.com/v1/chat/completions",
         data=json.dumps(body).encode(), headers=h)
     resp = urllib.request.urlopen(req, timeout=60)
@@ -1174,11 +1309,12 @@ def call(model, stream, delay=None, words=1000, opened=None):
 out = {}
 a_open = threading.Event()
 def a():
-    out["a"] = call("gpt-4o-mini", True, 300, opened=a_open)
+    out["a"] = call("gpt-4o-mini", True, "a", opened=a_open)
 t = threading.Thread(target=a)
 t.start()
 assert a_open.wait(30), "stream a never answered"
 out["b"] = json.loads(call("gpt-4o", False))["usage"]
+release("a")
 t.join()
 out["c"] = json.loads(call("gpt-4.1", False))["usage"]
 out["a"] = "[DONE]" in out["a"]
@@ -1186,11 +1322,12 @@ out["a"] = "[DONE]" in out["a"]
 # it does not hold the budget while its stream runs.
 d_open = threading.Event()
 def d():
-    out["d"] = "[DONE]" in call("gpt-4.1-nano", True, 300, words=1400, opened=d_open)
+    out["d"] = "[DONE]" in call("gpt-4.1-nano", True, "d", words=1400, opened=d_open)
 t = threading.Thread(target=d)
 t.start()
 assert d_open.wait(30), "stream d never answered"
 out["e"] = json.loads(call("gpt-4.1-mini", False))["usage"]
+release("d")
 t.join()
 # An Anthropic stream reports its input tokens in its first event: from
 # then on its body is not needed for an estimate and gives its share back
@@ -1200,7 +1337,7 @@ def f():
     body = {"model": "claude-sonnet-4-5", "max_tokens": 10, "stream": True,
             "messages": [{"role": "user", "content": "word " * 1000}]}
     h = {"Content-Type": "application/json", "x-api-key": "sk-ant-BUDGET-2",
-         "anthropic-version": "2023-06-01", "x-fake-chunk-delay-ms": "300"}
+         "anthropic-version": "2023-06-01", "x-fake-hold": hold("f")}
     req = urllib.request.Request("https://api.anthropic.com/v1/messages",
         data=json.dumps(body).encode(), headers=h)
     resp = urllib.request.urlopen(req, timeout=60)
@@ -1216,14 +1353,17 @@ t = threading.Thread(target=f)
 t.start()
 assert started.wait(30), "no message_start"
 out["g"] = json.loads(call("gpt-4-turbo", False))["usage"]
+release("f")
 t.join()
 # A body that pauses mid-way longer than request_body_stall_secs is
-# forwarded as it arrives instead of held.
+# forwarded as it arrives instead of held. Its rest comes once the agent
+# has said so (the test opens `stalled` then).
 head = b'{"model": "o3-mini", "max_tokens": 10, "messages": [{"role": "user", "content": "'
 tail = b'slow body"}]}'
 def slow():
     yield head
-    time.sleep(2.5)
+    while not (here / "stalled").exists():
+        time.sleep(0.02)
     yield tail
 req = urllib.request.Request("https://api.openai.com/v1/chat/completions", data=slow(),
     headers={"Content-Type": "application/json", "Authorization": "Bearer sk-test-BUDGET-1",
@@ -1231,7 +1371,20 @@ req = urllib.request.Request("https://api.openai.com/v1/chat/completions", data=
 out["h"] = json.loads(urllib.request.urlopen(req, timeout=60).read())["usage"]
 print(json.dumps(out))
 "#;
-    let out = ok(&client.python(script), "python urllib");
+    let out = std::thread::scope(|sc| {
+        let running = sc.spawn(|| client.python(script));
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !w.agent.log().contains(
+            "request body paused longer than proxy.request_body_stall_secs: forwarded unparsed",
+        ) && !running.is_finished()
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::fs::write(client.dir().join("stalled"), "").expect("stalled");
+        running.join().expect("client thread")
+    });
+    let out = ok(&out, "python urllib");
     let got: Value = serde_json::from_str(out.trim()).expect("client JSON");
     assert_eq!(
         (&got["a"], &got["d"], &got["f"]),

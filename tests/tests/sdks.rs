@@ -322,10 +322,9 @@ fn openai_background_responses_are_recorded_when_their_result_is_seen() {
     // row, with the provider's counts; a cancelled one is its own row.
     let mut w = World::start("background", 46);
     let client = w.client(&[]);
-    ok(
-        &client.python(
-            r#"
-import time, openai
+    let script = r#"
+import pathlib, time, openai
+here = pathlib.Path(__file__).parent
 c = openai.OpenAI(api_key="sk-test-BACKGROUND-SECRET", max_retries=0)
 r = c.responses.create(model="gpt-5.4", input="write a long story about otters in space",
     background=True, max_output_tokens=300)
@@ -342,8 +341,10 @@ x = c.responses.create(model="gpt-5.4", input="never mind this one", background=
 y = c.responses.cancel(x.id)
 assert y.status == "cancelled", y.status
 # A background stream the client leaves, and resumes with a retrieval.
+# It holds after its first delta (a gate never opened): it cannot end
+# before the client leaves.
 s = c.responses.create(model="gpt-5.4", input="stream a long story", background=True, stream=True,
-    max_output_tokens=50, extra_headers={"x-fake-chunk-delay-ms": "50"})
+    max_output_tokens=50, extra_headers={"x-fake-hold": "3:" + str(here / "never")})
 sid, seen = None, 0
 for ev in s:
     seen = ev.sequence_number
@@ -352,9 +353,10 @@ for ev in s:
     if ev.type == "response.output_text.delta":
         break
 s.close()
-# (The agent notices the job left, and the record waits, before a resume
-# on a new connection could; give it a moment on a loaded machine.)
-time.sleep(0.5)
+# The resume comes once the agent has parked the left stream's record
+# (the test opens `parked` then).
+while not (here / "parked").exists():
+    time.sleep(0.02)
 done = None
 for ev in c.responses.retrieve(sid, stream=True, starting_after=seen):
     if ev.type == "response.completed":
@@ -362,10 +364,27 @@ for ev in c.responses.retrieve(sid, stream=True, starting_after=seen):
 assert done is not None and done.usage.output_tokens == 50, done
 z = c.responses.create(model="gpt-5.4", input="fetched some other way", background=True)
 assert z.status == "queued"
-"#,
-        ),
-        "python openai background responses",
-    );
+"#;
+    // The agent parks a left stream's record when it sees the job leave,
+    // and only then lets go of the stream upstream (see `MeteredBody`'s
+    // drop in agent/src/proxy/http.rs): once the fake provider saw the
+    // stream dropped, the record waits for the resume.
+    let out = std::thread::scope(|sc| {
+        let running = sc.spawn(|| client.python(script));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while w.fake.streams_cut() == 0
+            && !running.is_finished()
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let cut = w.fake.streams_cut();
+        std::fs::write(client.dir().join("parked"), "").expect("parked");
+        let out = running.join().expect("client thread");
+        assert_eq!(cut, 1, "the left stream was not let go: {out:?}");
+        out
+    });
+    ok(&out, "python openai background responses");
     let reported = w.fake.reported();
     assert_eq!(reported.len(), 2, "{reported:#?}");
     let rows = w.agent.wait_for_records(3);
@@ -451,7 +470,7 @@ fn claude_managed_agents_sessions_are_recorded_as_they_grow() {
     // The loop runs at Anthropic: what the job sees is each session's
     // cumulative usage. Each growth the agent sees is one row; repeated
     // polls add nothing; the rows add up to the session's own total.
-    let w = World::start("managed-agents", 48);
+    let mut w = World::start("managed-agents", 48);
     let client = w.client(&[]);
     let out = ok(
         &client.python(
@@ -495,8 +514,11 @@ print(json.dumps(final.usage.model_dump(mode="json")))
         assert_eq!(s(r, "model"), "claude-opus-4-6", "{r}");
         assert!(r["cost_usd"].as_f64().is_some_and(|c| c > 0.0), "{r}");
     }
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    assert_eq!(w.agent.report_json().len(), 2, "nothing more");
+    // Nothing more: stopped, the agent has written every record.
+    let status = w.agent.terminate().expect("agent was running");
+    assert!(status.success(), "{status}; log:\n{}", w.agent.log());
+    let rows = w.agent.report_json();
+    assert_eq!(rows.len(), 2, "nothing more: {rows:#?}");
     assert_no_secret(&w, "FAKE-SESSIONS-SECRET");
 }
 
@@ -506,7 +528,7 @@ fn batch_results_are_recorded_once_per_model_at_the_batch_rates() {
     // A batch's submission bills nothing; its results do, at half price.
     // Each SDK submits a batch, waits for it, reads its results twice: the
     // rows are the results' usage per model, once.
-    let w = World::start("batches", 49);
+    let mut w = World::start("batches", 49);
     let client = w.client(&[]);
     let out = ok(
         &client.python(
@@ -626,7 +648,9 @@ print(json.dumps(seen))
             "the {op} row: {all:#?}"
         );
     }
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    // Stopped, the agent has written every record.
+    let status = w.agent.terminate().expect("agent was running");
+    assert!(status.success(), "{status}; log:\n{}", w.agent.log());
     let again = w
         .agent
         .report_json()
@@ -643,7 +667,7 @@ fn openai_evals_runs_are_recorded_as_they_grow() {
     // An Evals run samples and grades at OpenAI: what the job sees is the
     // run's usage per model. Each growth the agent sees is a row; the rows
     // add up to the run's own totals, per model.
-    let w = World::start("evals", 50);
+    let mut w = World::start("evals", 50);
     let client = w.client(&[]);
     let out = ok(
         &client.python(
@@ -685,8 +709,11 @@ print(json.dumps({u.run_model_name: [u.prompt_tokens, u.completion_tokens, u.cac
         assert_eq!(s(r, "provider"), "openai", "{r}");
         assert!(r["cost_usd"].as_f64().is_some_and(|c| c > 0.0), "{r}");
     }
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    assert_eq!(w.agent.report_json().len(), 3, "nothing more");
+    // Nothing more: stopped, the agent has written every record.
+    let status = w.agent.terminate().expect("agent was running");
+    assert!(status.success(), "{status}; log:\n{}", w.agent.log());
+    let rows = w.agent.report_json();
+    assert_eq!(rows.len(), 3, "nothing more: {rows:#?}");
     assert_no_secret(&w, "FAKE-EVALS-SECRET");
 }
 
@@ -1040,20 +1067,34 @@ fn http2_client_through_the_agent() {
     // 150 streams at once, from two client connections (curl opens at
     // most 100 streams on one): the agent's upstream HTTP/2 connection
     // carries 100, and the rest wait for one more connection instead of
-    // each opening their own.
+    // each opening their own. Each stream holds after its first chunk
+    // until the fake provider has all 150 requests (gate `all`), so they
+    // are open at once however slowly curl starts them.
     let before = w.fake.connections();
+    let requests_before = w.fake.requests();
     const BURST: usize = 150;
+    let all = client.dir().join("all");
     let body = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"h2 burst"}],"max_tokens":40,"stream":true}"#;
     let urls = " -o /dev/null https://api.openai.com/v1/chat/completions".repeat(BURST / 2);
     let curl = format!(
         "curl -sS --http2 --parallel --parallel-max 100 -w '%{{http_version}}\\n' \
-         -H 'Content-Type: application/json' -H 'x-fake-chunk-delay-ms: 25' -d '{body}'{urls}"
+         -H 'Content-Type: application/json' -H 'x-fake-hold: 1:{}' -d '{body}'{urls}",
+        all.display()
     );
     let script = format!("{curl} & a=$!; {curl} & b=$!; wait $a && wait $b");
-    let out = ok(
-        &client.run(&["sh", "-c", &script]),
-        "2 × curl --http2 --parallel",
-    );
+    let out = std::thread::scope(|sc| {
+        let running = sc.spawn(|| client.run(&["sh", "-c", &script]));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while w.fake.requests() - requests_before < BURST
+            && !running.is_finished()
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        std::fs::write(&all, "").expect("all");
+        running.join().expect("client thread")
+    });
+    let out = ok(&out, "2 × curl --http2 --parallel");
     let versions: Vec<&str> = out.lines().collect();
     assert_eq!(versions.len(), BURST, "{out}");
     assert!(versions.iter().all(|v| *v == "2"), "{out}");

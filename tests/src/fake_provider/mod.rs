@@ -7,9 +7,10 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
@@ -56,10 +57,21 @@ pub struct Reported {
 pub struct FakeProvider {
     pub addr: SocketAddr,
     pub reported: Arc<Mutex<Vec<Reported>>>,
-    /// TLS connections accepted so far (on every address it serves).
-    connections: Arc<AtomicUsize>,
+    counts: Arc<Counts>,
     rt: Option<tokio::runtime::Runtime>,
     acceptor: tokio_rustls::TlsAcceptor,
+}
+
+/// What the fake has seen so far (on every address it serves), for tests
+/// that wait for a point of an exchange instead of sleeping.
+#[derive(Debug, Default)]
+pub(crate) struct Counts {
+    /// TLS connections accepted.
+    connections: AtomicUsize,
+    /// Requests whose body the fake has read whole.
+    requests: AtomicUsize,
+    /// Streamed answers dropped before their end: the peer left mid-way.
+    cut: AtomicUsize,
 }
 
 pub(crate) type Body = BoxBody<Bytes, Infallible>;
@@ -73,12 +85,15 @@ pub(crate) struct Call {
     pub headers: hyper::HeaderMap,
     pub body: Value,
     pub log: Log,
+    pub counts: Arc<Counts>,
 }
 
 impl Call {
     /// How a stream is paced: the gap between chunks
-    /// (`x-fake-chunk-delay-ms`) and a wait before the first chunk, after
-    /// the head (`x-fake-first-chunk-delay-ms`).
+    /// (`x-fake-chunk-delay-ms`), a wait before the first chunk, after
+    /// the head (`x-fake-first-chunk-delay-ms`), and gates the test opens
+    /// (`x-fake-hold: N:PATH[,N:PATH...]`: chunk N, 0 the first, waits
+    /// until the file PATH exists).
     pub fn delay(&self) -> Pacing {
         let ms = |name: &str| {
             Duration::from_millis(
@@ -89,9 +104,22 @@ impl Call {
                     .unwrap_or(0),
             )
         };
+        let holds = self
+            .headers
+            .get("x-fake-hold")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .split(',')
+            .filter_map(|h| {
+                let (n, path) = h.trim().split_once(':')?;
+                Some((n.parse().ok()?, PathBuf::from(path)))
+            })
+            .collect();
         Pacing {
             first: ms("x-fake-first-chunk-delay-ms"),
             gap: ms("x-fake-chunk-delay-ms"),
+            holds,
+            counts: Some(self.counts.clone()),
         }
     }
 
@@ -158,19 +186,44 @@ pub(crate) fn json_for(call: &Call, v: Value) -> Response<Body> {
         .expect("response")
 }
 
-/// A streamed response of `chunks`, one frame each, `delay` apart.
+/// Waits until the file at `path` exists: a gate the test opens by
+/// writing it. Bounded, so that a test that failed before opening it does
+/// not hold the fake's answer for ever.
+pub(crate) async fn gate(path: &std::path::Path) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !path.exists() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The pace of a streamed response (see [`Call::delay`]).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Pacing {
+    pub first: Duration,
+    pub gap: Duration,
+    /// (chunk index, file): that chunk waits until the file exists.
+    pub holds: Vec<(usize, PathBuf)>,
+    /// Where a stream dropped before its end is counted.
+    pub counts: Option<Arc<Counts>>,
+}
+
+/// Counts a stream as cut if it is dropped before its last chunk went out.
+struct Unfinished(Option<Arc<Counts>>);
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        if let Some(c) = &self.0 {
+            c.cut.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// A streamed response of `chunks`, one frame each, paced by `pace`.
 ///
 /// Chunks are produced as they are sent, not before the first: a real
 /// provider sends its first event as soon as it has it, and a fake that
 /// built a whole 500-event stream first made time to first chunk grow
 /// with the stream's length (for the direct path and the agent alike).
-/// The pace of a streamed response (see [`Call::delay`]).
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct Pacing {
-    pub first: Duration,
-    pub gap: Duration,
-}
-
 pub(crate) fn stream_response<I>(content_type: &str, chunks: I, pace: Pacing) -> Response<Body>
 where
     I: IntoIterator<Item = Vec<u8>>,
@@ -179,18 +232,30 @@ where
     // The first chunk goes out with the headers unless `pace.first` holds
     // it back; `pace.gap` is the gap between chunks (so time to first
     // chunk measures the path, not the timer wheel's rounding of a sleep).
+    let unfinished = Unfinished(pace.counts.clone());
+    let pace = Arc::new(pace);
     let stream = futures_util::stream::unfold(
-        (chunks.into_iter(), true),
-        move |(mut it, first)| async move {
-            let c = it.next()?;
-            let wait = if first { pace.first } else { pace.gap };
-            if !wait.is_zero() {
-                tokio::time::sleep(wait).await;
+        (chunks.into_iter(), 0usize, unfinished),
+        move |(mut it, i, mut unfinished)| {
+            let pace = pace.clone();
+            async move {
+                let Some(c) = it.next() else {
+                    // The end: not cut.
+                    unfinished.0.take();
+                    return None;
+                };
+                let wait = if i == 0 { pace.first } else { pace.gap };
+                if !wait.is_zero() {
+                    tokio::time::sleep(wait).await;
+                }
+                for (_, path) in pace.holds.iter().filter(|(n, _)| *n == i) {
+                    gate(path).await;
+                }
+                Some((
+                    Ok::<_, Infallible>(Frame::data(Bytes::from(c))),
+                    (it, i + 1, unfinished),
+                ))
             }
-            Some((
-                Ok::<_, Infallible>(Frame::data(Bytes::from(c))),
-                (it, false),
-            ))
         },
     );
     Response::builder()
@@ -216,7 +281,12 @@ where
 /// (HTTP/1.1) or resets the stream (HTTP/2) without an answer.
 type Dropped = Box<dyn std::error::Error + Send + Sync>;
 
-async fn handle(req: Request<Incoming>, sni: String, log: Log) -> Result<Response<Body>, Dropped> {
+async fn handle(
+    req: Request<Incoming>,
+    sni: String,
+    log: Log,
+    counts: Arc<Counts>,
+) -> Result<Response<Body>, Dropped> {
     if canned::wanted(&req) {
         return Ok(canned::answer(req.into_body()).await);
     }
@@ -254,6 +324,7 @@ async fn handle(req: Request<Incoming>, sni: String, log: Log) -> Result<Respons
         Ok(b) => b.to_bytes(),
         Err(_) => return Ok(json_response(400, json!({"error":{"message":"bad body"}}))),
     };
+    counts.requests.fetch_add(1, Ordering::SeqCst);
     // (A file upload is multipart, not JSON.)
     if let Some(answer) = batches::answer(&method, &path, &sni, Some(&body)) {
         return Ok(answer);
@@ -283,6 +354,14 @@ async fn handle(req: Request<Incoming>, sni: String, log: Log) -> Result<Respons
     {
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
+    // `x-fake-hold-head: PATH`: the answer's head waits until the file
+    // PATH exists (a slow generation that ends when the test says).
+    if let Some(path) = headers
+        .get("x-fake-hold-head")
+        .and_then(|v| v.to_str().ok())
+    {
+        gate(std::path::Path::new(path)).await;
+    }
     let call = Call {
         sni: sni.clone(),
         path,
@@ -290,6 +369,7 @@ async fn handle(req: Request<Incoming>, sni: String, log: Log) -> Result<Respons
         headers,
         body,
         log,
+        counts,
     };
     let host = sni.as_str();
     let vertex = host.ends_with("-aiplatform.googleapis.com");
@@ -314,7 +394,7 @@ async fn serve(
     listener: tokio::net::TcpListener,
     acceptor: tokio_rustls::TlsAcceptor,
     rep: Log,
-    connections: Arc<AtomicUsize>,
+    counts: Arc<Counts>,
 ) {
     loop {
         let Ok((tcp, _)) = listener.accept().await else {
@@ -324,14 +404,16 @@ async fn serve(
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let rep = rep.clone();
-        let connections = connections.clone();
+        let counts = counts.clone();
         tokio::spawn(async move {
             let Ok(tls) = acceptor.accept(tcp).await else {
                 return;
             };
-            connections.fetch_add(1, Ordering::SeqCst);
+            counts.connections.fetch_add(1, Ordering::SeqCst);
             let sni = tls.get_ref().1.server_name().unwrap_or("").to_string();
-            let svc = hyper::service::service_fn(move |req| handle(req, sni.clone(), rep.clone()));
+            let svc = hyper::service::service_fn(move |req| {
+                handle(req, sni.clone(), rep.clone(), counts.clone())
+            });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection_with_upgrades(TokioIo::new(tls), svc)
                 .await;
@@ -385,17 +467,17 @@ impl FakeProvider {
             .unwrap_or_else(|e| panic!("fake provider cannot listen on {addr}: {e}"));
         let addr = listener.local_addr().expect("addr");
         let reported = Arc::new(Mutex::new(Vec::new()));
-        let connections = Arc::new(AtomicUsize::new(0));
+        let counts = Arc::new(Counts::default());
         rt.spawn(serve(
             listener,
             acceptor.clone(),
             reported.clone(),
-            connections.clone(),
+            counts.clone(),
         ));
         FakeProvider {
             addr,
             reported,
-            connections,
+            counts,
             rt: Some(rt),
             acceptor,
         }
@@ -414,14 +496,26 @@ impl FakeProvider {
             listener,
             self.acceptor.clone(),
             self.reported.clone(),
-            self.connections.clone(),
+            self.counts.clone(),
         ));
         bound
     }
 
     /// TLS connections accepted so far.
     pub fn connections(&self) -> usize {
-        self.connections.load(Ordering::SeqCst)
+        self.counts.connections.load(Ordering::SeqCst)
+    }
+
+    /// Requests whose body the fake has read whole so far: from then on
+    /// the provider "has" the request.
+    pub fn requests(&self) -> usize {
+        self.counts.requests.load(Ordering::SeqCst)
+    }
+
+    /// Streamed answers dropped before their end so far (their reader
+    /// went away; see `x-fake-hold` to keep a stream from ending first).
+    pub fn streams_cut(&self) -> usize {
+        self.counts.cut.load(Ordering::SeqCst)
     }
 
     pub fn reported(&self) -> Vec<Reported> {

@@ -5,7 +5,9 @@
 //!   with `response.created`, a text delta and `response.completed` with
 //!   usage (logged as reported); the model `bad-model` gets an `error`
 //!   event (404), `silent-model` no answer at all, and `slow-finish` its
-//!   `response.completed` a second after the text. When the handshake offers `permessage-deflate`, the fake
+//!   `response.completed` a second after the text (or, when the handshake
+//!   has `x-fake-hold-finish: PATH`, once the file PATH exists). When the
+//!   handshake offers `permessage-deflate`, the fake
 //!   accepts it and compresses every message it sends, as real servers
 //!   may.
 //! - Anything else, as realtime APIs use (OpenAI Realtime, Gemini Live): a
@@ -49,6 +51,11 @@ pub(crate) fn accept(mut req: Request<Incoming>, sni: String, log: Log) -> Respo
             .iter()
             .filter_map(|v| v.to_str().ok())
             .any(|v| v.contains("permessage-deflate"));
+    let finish = req
+        .headers()
+        .get("x-fake-hold-finish")
+        .and_then(|v| v.to_str().ok())
+        .map(std::path::PathBuf::from);
     let upgrade = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
         let Ok(io) = upgrade.await else {
@@ -56,7 +63,7 @@ pub(crate) fn accept(mut req: Request<Incoming>, sni: String, log: Log) -> Respo
         };
         let mut io = TokioIo::new(io);
         if responses {
-            serve_responses(&mut io, deflate, sni, path, log).await;
+            serve_responses(&mut io, deflate, finish, sni, path, log).await;
             return;
         }
         if send(&mut io, b"ready").await.is_err() {
@@ -97,6 +104,7 @@ pub(crate) fn accept(mut req: Request<Incoming>, sni: String, log: Log) -> Respo
 async fn serve_responses<S: AsyncRead + AsyncWrite + Unpin>(
     io: &mut S,
     deflate: bool,
+    finish: Option<std::path::PathBuf>,
     sni: String,
     path: String,
     log: Log,
@@ -164,8 +172,14 @@ async fn serve_responses<S: AsyncRead + AsyncWrite + Unpin>(
                 // byte the client sends meanwhile is lost to its next
                 // frame: the turn is for clients that only read.)
                 let mut byte = [0u8; 1];
+                let wait = async {
+                    match &finish {
+                        Some(path) => super::gate(path).await,
+                        None => tokio::time::sleep(std::time::Duration::from_secs(1)).await,
+                    }
+                };
                 tokio::select! {
-                    _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                    _ = wait => {}
                     r = io.read(&mut byte) => {
                         if matches!(r, Ok(0) | Err(_)) {
                             return;
