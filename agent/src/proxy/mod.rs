@@ -440,6 +440,9 @@ impl ProxyState {
 /// How long cut connections and background work get to write their
 /// records once the drain time is over.
 const STOP_GRACE: Duration = Duration::from_secs(5);
+/// How long, in all, records still being counted then get (their local
+/// estimates are CPU work that ends; see [`finish`]).
+const RECORD_GRACE: Duration = Duration::from_secs(30);
 
 /// Accepts on every listener until `shutdown` turns true, then drains:
 /// in-flight requests and streams get up to `drain` to finish; what is
@@ -543,18 +546,47 @@ pub async fn serve(
     }
     // Cut whatever is left; cut requests write their records on the way out.
     state.stopping.cancel();
-    let grace = tokio::time::Instant::now() + STOP_GRACE;
-    if tokio::time::timeout_at(grace, tracker.wait())
+    finish(&tracker, &state.background, STOP_GRACE, RECORD_GRACE).await;
+}
+
+/// Waits for the cut connections (up to `stop_grace`), then for the
+/// background work, which is where their records are written (up to
+/// `record_grace` in all): a record whose local estimate still runs (the
+/// tokenizer's tables load on first use, seconds on a busy host) would
+/// otherwise reach the ledger after it closed, and be lost.
+async fn finish(
+    connections: &TaskTracker,
+    background: &TaskTracker,
+    stop_grace: Duration,
+    record_grace: Duration,
+) {
+    let start = tokio::time::Instant::now();
+    if tokio::time::timeout_at(start + stop_grace, connections.wait())
         .await
         .is_err()
-        || tokio::time::timeout_at(grace, state.background.wait())
-            .await
-            .is_err()
     {
         warn!(
-            connections = tracker.len(),
-            background = state.background.len(),
+            connections = connections.len(),
             "some connections did not stop in time"
+        );
+    }
+    if tokio::time::timeout_at(start + stop_grace, background.wait())
+        .await
+        .is_ok()
+    {
+        return;
+    }
+    info!(
+        tasks = background.len(),
+        "waiting for the records still being counted"
+    );
+    if tokio::time::timeout_at(start + record_grace, background.wait())
+        .await
+        .is_err()
+    {
+        warn!(
+            tasks = background.len(),
+            "some records were still being counted when the agent stopped; they are lost"
         );
     }
 }
@@ -1282,6 +1314,33 @@ mod tests {
             .await
             .expect("then the connection ends")
             .unwrap();
+    }
+
+    #[tokio::test]
+    async fn records_still_being_counted_are_waited_for_past_the_stop_grace() {
+        let connections = TaskTracker::new();
+        let background = TaskTracker::new();
+        connections.close();
+        let written = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        {
+            let written = written.clone();
+            background.spawn_blocking(move || {
+                std::thread::sleep(Duration::from_millis(600));
+                written.store(true, Ordering::SeqCst);
+            });
+        }
+        background.close();
+        finish(
+            &connections,
+            &background,
+            Duration::from_millis(50),
+            Duration::from_secs(60),
+        )
+        .await;
+        assert!(
+            written.load(Ordering::SeqCst),
+            "the record outlasting the stop grace was waited for"
+        );
     }
 
     #[tokio::test]
