@@ -317,7 +317,18 @@ fn without_values(message: &str) -> String {
         let (head, tail) = rest.split_at(i);
         out.push_str(head);
         let quote = tail.as_bytes()[0];
-        let value = quote == b'"' || head.ends_with("unknown variant ");
+        // serde shows values of other types in backticks after their
+        // kind (``integer `5` ``): a header or key may be all digits.
+        let value = quote == b'"'
+            || [
+                "unknown variant ",
+                "integer ",
+                "floating point ",
+                "boolean ",
+                "character ",
+            ]
+            .iter()
+            .any(|kind| head.ends_with(kind));
         // The closing quote: for strings, the first one not escaped.
         let mut end = None;
         let mut escaped = false;
@@ -631,8 +642,16 @@ mod tests {
         assert!(e.contains("line 3"), "{e}");
         assert!(e.contains("`proxy.drain_secs`"), "{e}");
         assert!(!e.contains("30s"), "{e}");
-        let e = Config::parse("[export.otlp.headers]\nx-key = 5\n").unwrap_err();
+        let e = Config::parse("[export.otlp.headers]\nx-key = 123456789\n").unwrap_err();
         assert!(e.contains("`export.otlp.headers.x-key`"), "{e}");
+        assert!(!e.contains("123456789"), "{e}");
+        for (text, value) in [
+            ("[proxy]\ndrain_secs = 1.5\n", "1.5"),
+            ("[proxy]\nlisten = true\n", "true"),
+        ] {
+            let e = Config::parse(text).unwrap_err();
+            assert!(!e.contains(value), "{e}");
+        }
     }
 
     #[test]

@@ -138,10 +138,18 @@ impl Agent {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
                 // The harness's own mark (see `caught_up`): not the agent's.
-                if line == CAUGHT_UP {
-                    let _ = caught_up_tx.send(());
-                    continue;
-                }
+                // A line longer than a pipe's atomic write may have been
+                // cut by the stop, the mark then ends its first part.
+                let line = match line.strip_suffix(CAUGHT_UP) {
+                    Some(rest) => {
+                        let _ = caught_up_tx.send(());
+                        if rest.is_empty() {
+                            continue;
+                        }
+                        rest.to_owned()
+                    }
+                    None => line,
+                };
                 // Into the log first: a test that starts once the ready
                 // line is seen may read the log straight away.
                 {
@@ -319,10 +327,12 @@ impl Agent {
         self.wait_exit()
     }
 
-    /// Waits for the agent to exit on its own (bounded: SIGKILL after 30 s).
+    /// Waits for the agent to exit on its own (bounded: SIGKILL after 90 s,
+    /// past what a stop may take: the 5 s drain these agents have, 30 s for
+    /// records still being counted, the ledger's flush).
     pub fn wait_exit(&mut self) -> Option<ExitStatus> {
         let mut c = self.child.take()?;
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + Duration::from_secs(90);
         loop {
             if let Ok(Some(s)) = c.try_wait() {
                 return Some(s);

@@ -1312,9 +1312,11 @@ def a():
     out["a"] = call("gpt-4o-mini", True, "a", opened=a_open)
 t = threading.Thread(target=a)
 t.start()
-assert a_open.wait(30), "stream a never answered"
-out["b"] = json.loads(call("gpt-4o", False))["usage"]
-release("a")
+try:
+    assert a_open.wait(30), "stream a never answered"
+    out["b"] = json.loads(call("gpt-4o", False))["usage"]
+finally:
+    release("a")
 t.join()
 out["c"] = json.loads(call("gpt-4.1", False))["usage"]
 out["a"] = "[DONE]" in out["a"]
@@ -1325,9 +1327,11 @@ def d():
     out["d"] = "[DONE]" in call("gpt-4.1-nano", True, "d", words=1400, opened=d_open)
 t = threading.Thread(target=d)
 t.start()
-assert d_open.wait(30), "stream d never answered"
-out["e"] = json.loads(call("gpt-4.1-mini", False))["usage"]
-release("d")
+try:
+    assert d_open.wait(30), "stream d never answered"
+    out["e"] = json.loads(call("gpt-4.1-mini", False))["usage"]
+finally:
+    release("d")
 t.join()
 # An Anthropic stream reports its input tokens in its first event: from
 # then on its body is not needed for an estimate and gives its share back
@@ -1351,9 +1355,11 @@ def f():
     out["f"] = "message_stop" in (got + resp.read()).decode()
 t = threading.Thread(target=f)
 t.start()
-assert started.wait(30), "no message_start"
-out["g"] = json.loads(call("gpt-4-turbo", False))["usage"]
-release("f")
+try:
+    assert started.wait(30), "no message_start"
+    out["g"] = json.loads(call("gpt-4-turbo", False))["usage"]
+finally:
+    release("f")
 t.join()
 # A body that pauses mid-way longer than request_body_stall_secs is
 # forwarded as it arrives instead of held. Its rest comes once the agent

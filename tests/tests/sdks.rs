@@ -1082,7 +1082,7 @@ fn http2_client_through_the_agent() {
         all.display()
     );
     let script = format!("{curl} & a=$!; {curl} & b=$!; wait $a && wait $b");
-    let out = std::thread::scope(|sc| {
+    let (out, arrived) = std::thread::scope(|sc| {
         let running = sc.spawn(|| client.run(&["sh", "-c", &script]));
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
         while w.fake.requests() - requests_before < BURST
@@ -1091,10 +1091,15 @@ fn http2_client_through_the_agent() {
         {
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
+        let arrived = w.fake.requests() - requests_before;
         std::fs::write(&all, "").expect("all");
-        running.join().expect("client thread")
+        (running.join().expect("client thread"), arrived)
     });
     let out = ok(&out, "2 × curl --http2 --parallel");
+    assert_eq!(
+        arrived, BURST,
+        "every stream of the burst reached the provider while all were held open"
+    );
     let versions: Vec<&str> = out.lines().collect();
     assert_eq!(versions.len(), BURST, "{out}");
     assert!(versions.iter().all(|v| *v == "2"), "{out}");

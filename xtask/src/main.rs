@@ -133,7 +133,7 @@ fn run_retried(cmd: &mut Command) -> Result<()> {
                 }
                 None => {
                     return Err(e.context(
-                        "a download failed three times: check the network or the registry proxy, then run again",
+                        "failed three times (a download?): check the network or the registry proxy, then run again",
                     ));
                 }
             },
@@ -318,7 +318,8 @@ fn setup_build() -> Result<()> {
         .map(|o| String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION))
         .unwrap_or(false);
     if !ok {
-        run_retried(Command::new("cargo").args([
+        // A compile of minutes that fails for reasons of its own: once.
+        run(Command::new("cargo").args([
             "install",
             "bpf-linker",
             "--version",
@@ -368,7 +369,8 @@ fn setup_sdks() -> Result<()> {
     if std::fs::read_to_string(&marker).ok().as_deref() != Some(want.as_str())
         || !quiet_ok(Command::new(venv.join("bin/python")).args(["-c", PY_IMPORTS]))
     {
-        let _ = std::fs::remove_file(&marker);
+        // Afresh: packages an earlier lock brought must not stay.
+        let _ = std::fs::remove_dir_all(&venv);
         make_venv(&venv)?;
         run_retried(
             Command::new(venv.join("bin/pip"))
