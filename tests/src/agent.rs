@@ -317,7 +317,7 @@ impl Agent {
         }
     }
 
-    /// SIGTERM, then wait (bounded, SIGKILL after 30 s).
+    /// SIGTERM, then wait (bounded: see `wait_exit`).
     pub fn terminate(&mut self) -> Option<ExitStatus> {
         if let Some(c) = &self.child {
             unsafe {
