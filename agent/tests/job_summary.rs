@@ -289,6 +289,122 @@ fn github_hook_never_fails_the_job() {
     assert!(!summary.exists(), "nothing written on failure");
 }
 
+/// `run_script`, failing the test (and killing what the script started)
+/// if it has not ended within 60 s.
+fn run_script_bounded(script: &str, env: &[(&str, &str)]) -> (std::process::ExitStatus, String) {
+    use std::os::unix::process::CommandExt;
+    let bin_dir = Path::new(env!("CARGO_BIN_EXE_tollgate"))
+        .parent()
+        .expect("bin dir")
+        .to_path_buf();
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_else(|_| "/usr/bin:/bin".into())
+    );
+    let log = tempfile::NamedTempFile::new().expect("log");
+    let mut c = Command::new("bash");
+    c.arg("-e")
+        .arg(repo_root().join(script))
+        .env_clear()
+        .env("PATH", path)
+        .env("TOLLGATE_SETTLE_SECS", "0")
+        .current_dir(repo_root())
+        .stdout(log.reopen().expect("log"))
+        .stderr(log.reopen().expect("log"))
+        .process_group(0);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let mut child = c.spawn().expect("run bash");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            // SAFETY: the process group this test started.
+            unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+            let _ = child.wait();
+            panic!(
+                "{script} still running after 60 s: {}",
+                std::fs::read_to_string(log.path()).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    (status, std::fs::read_to_string(log.path()).expect("log"))
+}
+
+#[test]
+fn github_hook_never_hangs_the_runner() {
+    let r = recorded_run();
+    let summary = r.dir.path().join("summary.md");
+    let (s, c) = (
+        summary.display().to_string(),
+        r.config.display().to_string(),
+    );
+    // A FIFO where job-started.sh leaves its note (RUNNER_TEMP is the
+    // job's to write): neither hook may wait on it.
+    let temp = r.dir.path().join("runner-temp");
+    std::fs::create_dir(&temp).expect("runner temp");
+    let note = temp.join("tollgate-job-started");
+    assert!(
+        Command::new("mkfifo")
+            .arg(&note)
+            .status()
+            .expect("mkfifo")
+            .success()
+    );
+    let t = temp.display().to_string();
+    let mut env = github_env(&s, &c, "100");
+    env.push(("RUNNER_TEMP", &t));
+    let (status, out) = run_script_bounded(GITHUB_HOOK, &env);
+    assert!(status.success(), "{out}");
+    assert_eq!(
+        std::fs::read_to_string(&summary).expect("summary"),
+        TABLE,
+        "{out}"
+    );
+    let (status, out) = run_script_bounded("deploy/github/job-started.sh", &env);
+    assert!(status.success(), "{out}");
+    assert!(note.is_file(), "the note replaced the FIFO: {out}");
+
+    // A report that never ends (a stalled disk): given up after
+    // TOLLGATE_REPORT_TIMEOUT. A settle time that is not a number is
+    // refused, not slept.
+    let stub = r.dir.path().join("tollgate");
+    std::fs::write(&stub, "#!/bin/sh\nexec sleep 600\n").expect("stub");
+    std::fs::set_permissions(&stub, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    let summary2 = r.dir.path().join("summary2.md");
+    let (s2, b) = (summary2.display().to_string(), stub.display().to_string());
+    let mut env = github_env(&s2, &c, "100");
+    env.extend([
+        ("TOLLGATE", b.as_str()),
+        ("TOLLGATE_REPORT_TIMEOUT", "1"),
+        ("TOLLGATE_SETTLE_SECS", "infinity"),
+    ]);
+    for script in [GITHUB_HOOK, GITLAB_SCRIPT] {
+        let mut env = env.clone();
+        let out_file = r.dir.path().join("spend.md").display().to_string();
+        env.extend([
+            ("CI_PROJECT_PATH", "acme/app"),
+            ("CI_PIPELINE_ID", "100"),
+            ("CI_JOB_NAME", "test"),
+            ("TOLLGATE_SPEND_FILE", out_file.as_str()),
+        ]);
+        let (status, out) = run_script_bounded(script, &env);
+        assert!(status.success(), "{script}: {out}");
+        assert!(out.contains("did not finish in time"), "{script}: {out}");
+        assert!(
+            out.contains("TOLLGATE_SETTLE_SECS=infinity"),
+            "{script}: {out}"
+        );
+    }
+    assert!(!summary2.exists(), "nothing written");
+}
+
 #[test]
 fn gitlab_script_writes_the_table_file() {
     let r = recorded_run();

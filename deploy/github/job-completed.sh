@@ -21,13 +21,18 @@
 # (no tollgate, no ledger, no permission: a note in the hook's log only).
 #
 # Reading the ledger as the runner user. The agent runs as root and owns
-# /var/lib/tollgate/ledger.sqlite; `tollgate report` only needs to read it
-# (it opens the ledger read-only when it may not write it). With the default
-# modes (state directory 0755, ledger 0644) any user can read it and there is
-# nothing to do. If you made the state directory private, either
-#   - give the runner's group read access:
-#       chgrp -R runner /var/lib/tollgate
-#       chmod g+rx /var/lib/tollgate && chmod g+r /var/lib/tollgate/ledger.sqlite*
+# /var/lib/tollgate/ledger.sqlite; `tollgate report` opens it read-only. With
+# the default modes (state directory 0755, ledger 0644) any user can read it
+# and there is nothing to do. Whichever way the runner user reads it, the
+# jobs (which run as that user) can read every repository's rows too.
+# If you made the state directory private, either
+#   - give the runner's group read access with ACLs (systemd resets the
+#     state directory's owner and mode at every start of the agent, so a
+#     chgrp or chmod does not last; ACLs do):
+#       setfacl -m g:runner:rx /var/lib/tollgate
+#       setfacl -m g:runner:r /var/lib/tollgate/ledger.sqlite*
+#     and keep the mode you chose with a drop-in
+#     (systemctl edit tollgate: [Service] StateDirectoryMode=0750);
 #   - or let the runner user run exactly `tollgate report` as root, without a
 #     password (visudo -f /etc/sudoers.d/tollgate):
 #       runner ALL=(root) NOPASSWD: /usr/local/bin/tollgate report *
@@ -40,7 +45,9 @@
 #   TOLLGATE              the tollgate binary (default: `tollgate` on PATH)
 #   TOLLGATE_CONFIG       a config file for --config (default: tollgate's own)
 #   TOLLGATE_SETTLE_SECS  seconds to let the agent write the last records
-#                         (default 1)
+#                         (0 to 99, default 1)
+#   TOLLGATE_REPORT_TIMEOUT  seconds `tollgate report` (and sudo) may take
+#                         before it is given up (1 to 999, default 60)
 #
 # Without job-started.sh, matrix legs of one job that ran one after another
 # on this runner share one summary.
@@ -51,6 +58,31 @@ set -u
 set +e +o pipefail
 
 log() { echo "tollgate job summary: $*" >&2; }
+
+# A whole number of seconds from variable $1, within 0..$2, else $3.
+seconds() {
+    local v="${!1:-$3}"
+    case "$v" in
+    '' | *[!0-9]*) ;;
+    *) if [ "$v" -le "$2" ]; then echo "$v" && return; fi ;;
+    esac
+    log "$1=$v is not a number of seconds up to $2; using $3"
+    echo "$3"
+}
+
+# "$@", given up after TOLLGATE_REPORT_TIMEOUT: a report stuck on a stalled
+# disk, or a sudo waiting on a directory service, must not hold the runner.
+bounded() {
+    if command -v timeout >/dev/null 2>&1; then
+        local limit
+        limit="$(seconds TOLLGATE_REPORT_TIMEOUT 999 60)"
+        # `timeout 0` would wait for ever.
+        [ "$limit" -ge 1 ] || limit=60
+        timeout -k 5 "$limit" "$@"
+    else
+        "$@"
+    fi
+}
 
 main() {
     local summary="${GITHUB_STEP_SUMMARY:-}"
@@ -70,7 +102,7 @@ main() {
         log "${TOLLGATE:-tollgate} is not installed; no spend summary"
         return 0
     fi
-    sleep "${TOLLGATE_SETTLE_SECS:-1}" 2>/dev/null || true
+    sleep "$(seconds TOLLGATE_SETTLE_SECS 99 1)"
 
     # `report` first, so a sudoers rule for `tollgate report *` matches.
     local args=(report --repository "$GITHUB_REPOSITORY" --run-id "$GITHUB_RUN_ID"
@@ -87,7 +119,9 @@ main() {
         args+=(--run-attempt "$GITHUB_RUN_ATTEMPT")
     fi
     local started="${RUNNER_TEMP:-}/tollgate-job-started" since=""
-    if [ -n "${RUNNER_TEMP:-}" ] && [ -r "$started" ]; then
+    # A regular file only: the job can write RUNNER_TEMP, and reading a
+    # FIFO placed there would wait for ever.
+    if [ -n "${RUNNER_TEMP:-}" ] && [ -f "$started" ] && [ ! -L "$started" ] && [ -r "$started" ]; then
         since="$(head -c 64 "$started")"
         case "$since" in
         [0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-9][0-9]:[0-9][0-9]:[0-9][0-9]Z)
@@ -97,12 +131,16 @@ main() {
     fi
 
     local table rc
-    table="$("$bin" "${args[@]}")"
+    table="$(bounded "$bin" "${args[@]}")"
     rc=$?
     if [ "$rc" -eq 77 ] && command -v sudo >/dev/null 2>&1; then
         log "the ledger is not readable by $(id -un); trying sudo -n"
-        table="$(sudo -n "$bin" "${args[@]}")"
+        table="$(bounded sudo -n "$bin" "${args[@]}")"
         rc=$?
+    fi
+    if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+        log "tollgate report did not finish in time; no spend summary"
+        return 0
     fi
     if [ "$rc" -ne 0 ]; then
         log "tollgate report failed (exit $rc); see the message above"

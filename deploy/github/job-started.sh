@@ -16,6 +16,8 @@ set -u
 set +e +o pipefail
 
 if [ -n "${RUNNER_TEMP:-}" ] && [ -d "${RUNNER_TEMP}" ]; then
+    # Anew: whatever is at that path (a FIFO would block the write) goes.
+    rm -f "$RUNNER_TEMP/tollgate-job-started" 2>/dev/null
     date -u +%Y-%m-%dT%H:%M:%SZ >"$RUNNER_TEMP/tollgate-job-started" 2>/dev/null ||
         echo "tollgate job start: cannot write $RUNNER_TEMP/tollgate-job-started" >&2
 else

@@ -3,8 +3,10 @@
 # upload as an artifact (GitLab CI, and any CI system with the same idea).
 #
 # Use it in the job's after_script, on a runner host where the tollgate agent
-# runs (shell executor; for the Docker executor, mount the tollgate binary and
-# /var/lib/tollgate read-only into the job's container):
+# runs (shell executor). Not in the Docker executor's job containers: the
+# ledger would have to be mounted in, and /var/lib/tollgate also holds the
+# local CA's key, which a job running as root in its container could then
+# read.
 #
 #   my-job:
 #     after_script:
@@ -35,7 +37,9 @@
 #   TOLLGATE              the tollgate binary (default: `tollgate` on PATH)
 #   TOLLGATE_CONFIG       a config file for --config (default: tollgate's own)
 #   TOLLGATE_SETTLE_SECS  seconds to let the agent write the last records
-#                         (default 1)
+#                         (0 to 99, default 1)
+#   TOLLGATE_REPORT_TIMEOUT  seconds `tollgate report` (and sudo) may take
+#                         before it is given up (1 to 999, default 60)
 
 set -u
 # GitLab runs job scripts with `set -eo pipefail`: every failure here is handled,
@@ -43,6 +47,31 @@ set -u
 set +e +o pipefail
 
 log() { echo "tollgate spend summary: $*" >&2; }
+
+# A whole number of seconds from variable $1, within 0..$2, else $3.
+seconds() {
+    local v="${!1:-$3}"
+    case "$v" in
+    '' | *[!0-9]*) ;;
+    *) if [ "$v" -le "$2" ]; then echo "$v" && return; fi ;;
+    esac
+    log "$1=$v is not a number of seconds up to $2; using $3"
+    echo "$3"
+}
+
+# "$@", given up after TOLLGATE_REPORT_TIMEOUT: a report stuck on a stalled
+# disk, or a sudo waiting on a directory service, must not hold the job.
+bounded() {
+    if command -v timeout >/dev/null 2>&1; then
+        local limit
+        limit="$(seconds TOLLGATE_REPORT_TIMEOUT 999 60)"
+        # `timeout 0` would wait for ever.
+        [ "$limit" -ge 1 ] || limit=60
+        timeout -k 5 "$limit" "$@"
+    else
+        "$@"
+    fi
+}
 
 main() {
     local out="${1:-${TOLLGATE_SPEND_FILE:-${CI_PROJECT_DIR:-.}/tollgate-spend.md}}"
@@ -58,7 +87,7 @@ main() {
         log "${TOLLGATE:-tollgate} is not installed; no spend summary"
         return 0
     fi
-    sleep "${TOLLGATE_SETTLE_SECS:-1}" 2>/dev/null || true
+    sleep "$(seconds TOLLGATE_SETTLE_SECS 99 1)"
 
     # `report` first, so a sudoers rule for `tollgate report *` matches.
     local args=(report --repository "$repo" --run-id "$run" --job "$job"
@@ -74,12 +103,16 @@ main() {
     fi
 
     local table rc
-    table="$("$bin" "${args[@]}")"
+    table="$(bounded "$bin" "${args[@]}")"
     rc=$?
     if [ "$rc" -eq 77 ] && command -v sudo >/dev/null 2>&1; then
         log "the ledger is not readable by $(id -un); trying sudo -n"
-        table="$(sudo -n "$bin" "${args[@]}")"
+        table="$(bounded sudo -n "$bin" "${args[@]}")"
         rc=$?
+    fi
+    if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+        log "tollgate report did not finish in time; no spend summary"
+        return 0
     fi
     if [ "$rc" -ne 0 ]; then
         log "tollgate report failed (exit $rc); see the message above"
