@@ -170,9 +170,9 @@ const TABLE: &str = "\
 
 const NONE: &str = "tollgate: no LLM API calls in this job.\n";
 
-/// `bash SCRIPT ARGS` with a clean environment: the built tollgate first
-/// on PATH, and `env`.
-fn run_script(script: &str, args: &[&str], env: &[(&str, &str)]) -> Output {
+/// `bash -e SCRIPT ARGS` with a clean environment: the built tollgate
+/// first on PATH, no settle time, and `env`.
+fn script_command(script: &str, args: &[&str], env: &[(&str, &str)]) -> Command {
     let bin_dir = Path::new(env!("CARGO_BIN_EXE_tollgate"))
         .parent()
         .expect("bin dir")
@@ -194,7 +194,13 @@ fn run_script(script: &str, args: &[&str], env: &[(&str, &str)]) -> Output {
     for (k, v) in env {
         c.env(k, v);
     }
-    c.output().expect("run bash")
+    c
+}
+
+fn run_script(script: &str, args: &[&str], env: &[(&str, &str)]) -> Output {
+    script_command(script, args, env)
+        .output()
+        .expect("run bash")
 }
 
 fn text(o: &Output) -> String {
@@ -293,29 +299,11 @@ fn github_hook_never_fails_the_job() {
 /// if it has not ended within 60 s.
 fn run_script_bounded(script: &str, env: &[(&str, &str)]) -> (std::process::ExitStatus, String) {
     use std::os::unix::process::CommandExt;
-    let bin_dir = Path::new(env!("CARGO_BIN_EXE_tollgate"))
-        .parent()
-        .expect("bin dir")
-        .to_path_buf();
-    let path = format!(
-        "{}:{}",
-        bin_dir.display(),
-        std::env::var("PATH").unwrap_or_else(|_| "/usr/bin:/bin".into())
-    );
     let log = tempfile::NamedTempFile::new().expect("log");
-    let mut c = Command::new("bash");
-    c.arg("-e")
-        .arg(repo_root().join(script))
-        .env_clear()
-        .env("PATH", path)
-        .env("TOLLGATE_SETTLE_SECS", "0")
-        .current_dir(repo_root())
-        .stdout(log.reopen().expect("log"))
+    let mut c = script_command(script, &[], env);
+    c.stdout(log.reopen().expect("log"))
         .stderr(log.reopen().expect("log"))
         .process_group(0);
-    for (k, v) in env {
-        c.env(k, v);
-    }
     let mut child = c.spawn().expect("run bash");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     let status = loop {
