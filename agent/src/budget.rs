@@ -17,7 +17,8 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-/// Bytes of request bodies held, against a bound.
+/// Bytes held across connections (request bodies, or JSON answers),
+/// against a bound.
 #[derive(Debug)]
 pub struct BodyBudget {
     used: AtomicUsize,
@@ -46,7 +47,7 @@ impl BodyBudget {
     }
 }
 
-/// Bytes one request holds; given back on drop.
+/// Bytes one request body (or one answer) holds; given back on drop.
 #[derive(Debug)]
 pub struct BodyLease {
     budget: Arc<BodyBudget>,

@@ -75,18 +75,9 @@ impl Agent {
         for (h, addrs) in &opts.overrides {
             toml += &format!("{h:?} = {addrs:?}\n");
         }
-        // The rest of the built-in catalogue goes to a loopback address
-        // where nothing listens: the agent looks none of it up in the
-        // host's DNS (no query leaves the machine, and a lost reply does not
-        // hold its start for the lookup timeout).
-        let unused = crate::provider_ip(249).to_string();
-        for h in
-            tollgate::providers::catalogue::provider_hosts(&tollgate::config::Config::default())
-        {
-            if !h.host.contains('*') && !opts.overrides.iter().any(|(o, _)| *o == h.host) {
-                toml += &format!("{:?} = [{unused:?}]\n", h.host);
-            }
-        }
+        // The rest of the built-in catalogue: nowhere.
+        let overridden: Vec<&str> = opts.overrides.iter().map(|(h, _)| h.as_str()).collect();
+        toml += &crate::catalogue_elsewhere(&overridden, &crate::provider_ip(249).to_string());
         toml += &extra.join("\n");
         toml.push('\n');
         std::fs::write(&config_path, toml).expect("write config");

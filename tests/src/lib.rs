@@ -48,6 +48,19 @@ pub fn kernel_test_unavailable() -> Option<String> {
     None
 }
 
+/// `[resolver.overrides]` lines sending every built-in catalogue host but
+/// `except` to `addr`, a loopback address where nothing listens: an agent
+/// given them looks none up in the host's DNS (no query leaves the
+/// machine, and a lost reply does not hold its start for the lookup
+/// timeout).
+pub fn catalogue_elsewhere(except: &[&str], addr: &str) -> String {
+    tollgate::providers::catalogue::builtin_hosts()
+        .into_iter()
+        .filter(|h| !except.contains(&h.as_str()))
+        .map(|h| format!("{h:?} = [{addr:?}]\n"))
+        .collect()
+}
+
 /// A loopback address unique to this process and `n`, used as a provider
 /// address (inside 127.77.0.0-127.140.255.255, loopback only).
 pub fn provider_ip(n: u8) -> std::net::Ipv4Addr {

@@ -126,6 +126,15 @@ pub fn provider_hosts(cfg: &Config) -> Vec<ProviderHost> {
         .collect()
 }
 
+/// The built-in catalogue's host names (no `[[providers]]`, no wildcards):
+/// what a test or benchmark overrides so that no lookup reaches the DNS.
+pub fn builtin_hosts() -> Vec<String> {
+    provider_hosts(&Config::default())
+        .into_iter()
+        .map(|h| h.host)
+        .collect()
+}
+
 /// The API spoken by `host`, if it is a provider host.
 pub fn lookup<'a>(hosts: &'a [ProviderHost], host: &str) -> Option<&'a ProviderHost> {
     let host = host.trim_end_matches('.');

@@ -44,17 +44,9 @@ impl BenchAgent {
     pub fn start(spec: AgentSpec<'_>) -> Result<BenchAgent> {
         std::fs::create_dir_all(spec.state_dir)?;
         let config = spec.state_dir.join("bench.toml");
-        // The rest of the catalogue at a loopback address where nothing
-        // listens: no lookup in the host's DNS (whose lost replies cost
-        // this host's agent 3 s of its start to ready).
-        let mut others = String::new();
-        for h in
-            tollgate::providers::catalogue::provider_hosts(&tollgate::config::Config::default())
-        {
-            if !h.host.contains('*') && h.host != "api.openai.com" {
-                others += &format!("{:?} = [\"127.0.0.9\"]\n", h.host);
-            }
-        }
+        // The rest of the catalogue nowhere: no lookup in the host's DNS
+        // (whose lost replies cost this host's agent 3 s of its start).
+        let others = tollgate_e2e::catalogue_elsewhere(&["api.openai.com"], "127.0.0.9");
         let toml = format!(
             "state_dir = {state:?}\n\
              [log]\nlevel = \"info\"\nformat = \"json\"\n\
