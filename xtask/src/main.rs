@@ -1,8 +1,9 @@
 //! `cargo xtask`: make a fresh machine ready, build, test, demo, bench.
 //!
 //! Owns: everything the build and the tests need that cargo does not bring
-//! (the nightly rust-src, bpf-linker, Debian packages, the SDK virtualenv,
-//! the benchmark's peer gateways).
+//! (the nightly rust-src, bpf-linker, llvm-tools, Debian packages, the SDK
+//! virtualenv, the benchmark's peer gateways), and the profile-guided
+//! release build (`dist`).
 //! Must never: be needed by the agent at run time; install what is already
 //! there (every step checks first, so a second `setup` takes seconds).
 
@@ -11,6 +12,8 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+
+mod dist;
 
 #[derive(Parser)]
 #[command(name = "xtask", about = "tollgate's developer tasks")]
@@ -46,13 +49,25 @@ enum Cmd {
         /// usage_filter, token_split); all when absent.
         target: Option<String>,
     },
-    /// Build in release mode, install the peer gateways (LiteLLM,
+    /// Build the agent as shipped, target/dist/tollgate: profile-guided
+    /// (an instrumented build, trained on the bench's load and the SDK
+    /// tests, then a build with the profile; needs root), or a plain
+    /// release build with `--plain`.
+    Dist {
+        /// A plain `cargo build --release`, without a profile (no root).
+        #[arg(long)]
+        plain: bool,
+    },
+    /// Build the agent as `dist` does, install the peer gateways (LiteLLM,
     /// mitmproxy, tiktoken) under target/bench-venv, and run the benchmark
     /// suite: prints a table, writes target/bench/results.json (needs root).
     Bench {
         /// A smaller version of every row (under 2 minutes).
         #[arg(long)]
         quick: bool,
+        /// Bench a plain release build of the agent (no profile).
+        #[arg(long)]
+        plain: bool,
         /// Extra arguments for tollgate-bench (`--rows latency,tokens`, ...).
         #[arg(last = true)]
         args: Vec<String>,
@@ -264,7 +279,9 @@ fn setup_build() -> Result<()> {
     // 1. clippy and rustfmt for the active toolchain (`test` lints), and
     // the nightly toolchain with rust-src (the eBPF build uses build-std).
     let active = rustup_components(None)?;
-    let missing: Vec<&str> = ["clippy", "rustfmt"]
+    // llvm-tools: the llvm-profdata of rustc's own LLVM, which `dist`
+    // merges the training's profile with.
+    let missing: Vec<&str> = ["clippy", "rustfmt", "llvm-tools"]
         .into_iter()
         .filter(|c| !active.contains(c))
         .collect();
@@ -635,7 +652,7 @@ fn venv(dir: &Path, reqs: &[&str]) -> Result<()> {
     Ok(())
 }
 
-fn bench(quick: bool, args: &[String]) -> Result<()> {
+fn bench(quick: bool, plain: bool, args: &[String]) -> Result<()> {
     if !is_root() {
         bail!(
             "the benchmark loads eBPF programs: run it as root (e.g. `sudo -E env PATH=\"$PATH\" cargo xtask bench`; \
@@ -651,7 +668,8 @@ fn bench(quick: bool, args: &[String]) -> Result<()> {
             eprintln!("xtask: warning: cannot install {reqs:?}: {e:#}; its rows will say SKIP");
         }
     }
-    run(cargo().args(["build", "--release", "-p", "tollgate", "--bin", "tollgate"]))?;
+    // The agent as shipped: what users run is what the table is about.
+    let agent = dist::dist(plain, false)?;
     run(cargo().args([
         "build",
         "--release",
@@ -661,7 +679,16 @@ fn bench(quick: bool, args: &[String]) -> Result<()> {
         "tollgate-bench",
     ]))?;
     let mut b = Command::new(root().join("target/release/tollgate-bench"));
-    b.env("TOLLGATE_BIN", root().join("target/release/tollgate"))
+    let build = if plain {
+        "plain release build (cargo xtask bench --plain)".to_owned()
+    } else {
+        format!(
+            "profile-guided, as `cargo xtask dist` builds it ({})",
+            dist::PROFILE
+        )
+    };
+    b.env("TOLLGATE_BIN", &agent)
+        .env("TOLLGATE_BENCH_AGENT_BUILD", build)
         .env("TOLLGATE_BENCH_VENV", &venvs)
         .arg("--out")
         .arg(root().join("target/bench/results.json"));
@@ -756,7 +783,8 @@ fn main() -> Result<()> {
         Cmd::Fuzz { seconds, target } => fuzz(seconds, target),
         Cmd::Test { no_lint, args } => test(no_lint, &args),
         Cmd::Demo => demo(),
-        Cmd::Bench { quick, args } => bench(quick, &args),
+        Cmd::Dist { plain } => dist::dist(plain, false).map(|_| ()),
+        Cmd::Bench { quick, plain, args } => bench(quick, plain, &args),
     }
 }
 

@@ -58,7 +58,8 @@ struct Cli {
     no_peers: bool,
     /// Diagnostic: write row 1's per-request latencies of part A (µs,
     /// direct and tollgate, in the order sent) to this JSON file, to look
-    /// at the tail.
+    /// at the tail, and part B's (all four targets; round r sends target i
+    /// at position (i − r) mod 4) next to it as FILE.partb.json.
     #[arg(long)]
     latency_samples: Option<PathBuf>,
 }
@@ -104,6 +105,10 @@ fn main() -> ExitCode {
         Ok(mut e) => {
             e.no_peers = cli.no_peers;
             e.latency_samples = cli.latency_samples.clone();
+            // Set by `cargo xtask bench`: how the agent under test was built.
+            if let Some(b) = std::env::var_os("TOLLGATE_BENCH_AGENT_BUILD") {
+                e.note(format!("agent build: {}", b.to_string_lossy()));
+            }
             e
         }
         Err(e) => {

@@ -8,9 +8,11 @@
 //! Added latency is the difference of quantiles: p50(through) − p50(direct)
 //! and p99(through) − p99(direct). Two client runs: part A alternates
 //! direct and tollgate only (tollgate's targets); part B adds mitmproxy and
-//! LiteLLM to the rotation (the ratios), since a peer's own work after each
-//! answer (LiteLLM's logging callbacks) slows whatever runs next. The
-//! peers run only for part B.
+//! LiteLLM to the rotation (the ratios). Between two of tollgate's requests
+//! part B runs ≈12 ms of the peers' Python, which leaves every path cold
+//! (caches, predictors), so tollgate's added time there is larger than in
+//! part A whichever target ran just before it (`--latency-samples` writes
+//! part B's samples too, to check that). The peers run only for part B.
 
 use std::time::{Duration, Instant};
 
@@ -130,6 +132,11 @@ impl Row for Latency {
         if all.len() > pair.len() {
             let rounds = if env.quick { 200 } else { 1500 };
             let b = self.measure(env, &all, rounds, 20)?;
+            if let Some(p) = &env.latency_samples {
+                let p = p.with_extension("partb.json");
+                std::fs::write(&p, b.by_target.to_string())
+                    .with_context(|| format!("writing {}", p.display()))?;
+            }
             let (d50, d99) = (b.q("direct", 0.5), b.q("direct", 0.99));
             let tb = b.q("tollgate", 0.5) - d50;
             // A ratio needs a positive denominator: below 1 µs counts as 1 µs.
