@@ -24,28 +24,46 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
-use super::{cargo, is_root, kernel_unavailable, root, run, setup_build, setup_sdks};
+use super::{
+    cargo, is_root, kernel_unavailable, root, run, run_retried, rustup_components, setup_build,
+    setup_sdks, warn_if_disk_low,
+};
 
 /// What the build writes.
 pub const DIST_BIN: &str = "target/dist/tollgate";
 /// The merged training profile.
 pub const PROFILE: &str = "target/pgo/tollgate.profdata";
 
-/// Builds target/dist/tollgate and returns its path: with a profile unless
-/// `plain` (then it is `cargo build --release`'s binary, copied).
-pub fn dist(plain: bool, locked: bool) -> Result<PathBuf> {
-    let locked: &[&str] = if locked { &["--locked"] } else { &[] };
+/// A plain release build of the agent (target/release/tollgate), with the
+/// user's own RUSTFLAGS if any.
+pub fn plain_build() -> Result<PathBuf> {
+    setup_build()?;
+    run(cargo().args([
+        "build",
+        "--release",
+        "--locked",
+        "-p",
+        "tollgate",
+        "--bin",
+        "tollgate",
+    ]))?;
+    Ok(root().join("target/release/tollgate"))
+}
+
+/// Builds target/dist/tollgate and returns its path: profile-guided, or
+/// the plain release build when `plain`. `retrain` trains again even when
+/// the profile is newer than the instrumented build.
+///
+/// Builds are `--locked`: what is shipped is what Cargo.lock says.
+pub fn dist(plain: bool, retrain: bool) -> Result<PathBuf> {
     let out = root().join(DIST_BIN);
     if plain {
-        setup_build()?;
-        run(cargo()
-            .args(["build", "--release", "-p", "tollgate", "--bin", "tollgate"])
-            .args(locked))?;
-        install(&root().join("target/release/tollgate"), &out)?;
+        install(&plain_build()?, &out)?;
         eprintln!("xtask: {} (plain release build, no profile)", out.display());
         return Ok(out);
     }
-    // Before any building: the training loads the agent's programs.
+    // Before any building: the training loads the agent's programs, and
+    // drives it with the SDKs.
     if !is_root() {
         bail!(
             "the profile-guided build trains on the agent intercepting real connections, which needs root: \
@@ -59,46 +77,65 @@ pub fn dist(plain: bool, locked: bool) -> Result<PathBuf> {
         );
     }
     setup_build()?;
+    setup_sdks().context(
+        "the profile-guided build trains on the SDK tests, which need the SDKs; `cargo xtask dist --plain` does not",
+    )?;
+    warn_if_disk_low();
+    let profdata = llvm_profdata()?;
     let pgo = root().join("target/pgo");
     let raw = pgo.join("raw");
     let profile = root().join(PROFILE);
-    let profdata = llvm_profdata()?;
 
     // 1. The instrumented agent (its own target directory: other flags).
     // Build scripts and proc macros are instrumented too (RUSTFLAGS reach
     // them in a build for the host); what they write while building is
     // cleared before the training.
-    run(cargo()
-        .env("CARGO_TARGET_DIR", pgo.join("gen"))
-        .env("RUSTFLAGS", format!("-Cprofile-generate={}", raw.display()))
-        .args(["build", "--release", "-p", "tollgate", "--bin", "tollgate"])
-        .args(locked))?;
+    run(with_rustflags(
+        cargo().env("CARGO_TARGET_DIR", pgo.join("gen")),
+        &format!("-Cprofile-generate={}", raw.display()),
+    )
+    .args([
+        "build",
+        "--release",
+        "--locked",
+        "-p",
+        "tollgate",
+        "--bin",
+        "tollgate",
+    ]))?;
     let instrumented = pgo.join("gen/release/tollgate");
 
     // 2. Train, unless the profile is newer than the instrumented build.
-    if fresh(&profile, &instrumented) {
+    // A training that fails leaves the old profile older than the build,
+    // so the next run trains again.
+    if !retrain && fresh(&profile, &instrumented) {
         eprintln!(
-            "xtask: {} is newer than the instrumented build: not retrained",
+            "xtask: {} is newer than the instrumented build: not retrained (`--retrain` to train again)",
             profile.display()
         );
     } else {
-        train(&instrumented, &raw, locked)?;
+        train(&instrumented, &raw)?;
         merge(&profdata, &raw, &profile)?;
     }
 
     // 3. The optimised agent. The profile's path is in RUSTFLAGS, and rustc
     // lists the file among each crate's inputs: a new profile rebuilds.
-    run(cargo()
-        .env("CARGO_TARGET_DIR", pgo.join("use"))
-        .env(
-            "RUSTFLAGS",
-            format!(
-                "-Cprofile-use={} -Cllvm-args=-pgo-warn-missing-function=false",
-                profile.display()
-            ),
-        )
-        .args(["build", "--release", "-p", "tollgate", "--bin", "tollgate"])
-        .args(locked))?;
+    run(with_rustflags(
+        cargo().env("CARGO_TARGET_DIR", pgo.join("use")),
+        &format!(
+            "-Cprofile-use={} -Cllvm-args=-pgo-warn-missing-function=false",
+            profile.display()
+        ),
+    )
+    .args([
+        "build",
+        "--release",
+        "--locked",
+        "-p",
+        "tollgate",
+        "--bin",
+        "tollgate",
+    ]))?;
     install(&pgo.join("use/release/tollgate"), &out)?;
     eprintln!(
         "xtask: {} (profile-guided; profile {})",
@@ -108,26 +145,45 @@ pub fn dist(plain: bool, locked: bool) -> Result<PathBuf> {
     Ok(out)
 }
 
+/// `cmd` with `flags` after the user's own RUSTFLAGS. CARGO_ENCODED_RUSTFLAGS
+/// would take precedence over RUSTFLAGS and drop the profile flags: it is
+/// read into RUSTFLAGS instead.
+fn with_rustflags<'a>(cmd: &'a mut Command, flags: &str) -> &'a mut Command {
+    let own = match std::env::var("CARGO_ENCODED_RUSTFLAGS") {
+        Ok(e) if !e.is_empty() => e.split('\x1f').collect::<Vec<_>>().join(" "),
+        _ => std::env::var("RUSTFLAGS").unwrap_or_default(),
+    };
+    let all = if own.trim().is_empty() {
+        flags.to_owned()
+    } else {
+        format!("{} {flags}", own.trim())
+    };
+    cmd.env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .env("RUSTFLAGS", all)
+}
+
 /// Runs the instrumented agent under the training load; each agent writes
-/// its counts into `raw` when it exits.
-fn train(agent: &Path, raw: &Path, locked: &[&str]) -> Result<()> {
+/// its counts into `raw` when it exits. Every part must succeed: a part
+/// that ran nothing would leave its code laid out as cold, slower than in
+/// a plain build, under a binary that says it is profile-guided.
+fn train(agent: &Path, raw: &Path) -> Result<()> {
     let _ = std::fs::remove_dir_all(raw);
     std::fs::create_dir_all(raw).with_context(|| format!("creating {}", raw.display()))?;
     // a) The benchmark's own load (quick rows, no peers): the request path
     // at volume, HTTP/1.1 and streams.
-    run(cargo()
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "tollgate-e2e",
-            "--bin",
-            "tollgate-bench",
-        ])
-        .args(locked))?;
+    run(cargo().args([
+        "build",
+        "--release",
+        "--locked",
+        "-p",
+        "tollgate-e2e",
+        "--bin",
+        "tollgate-bench",
+    ]))?;
     run(Command::new(root().join("target/release/tollgate-bench"))
         .env("TOLLGATE_BIN", agent)
         .env("TOLLGATE_BENCH_VENV", root().join("target/bench-venv"))
+        .env_remove("LLVM_PROFILE_FILE")
         .arg("--out")
         .arg(root().join("target/pgo/training.json"))
         .args([
@@ -136,31 +192,27 @@ fn train(agent: &Path, raw: &Path, locked: &[&str]) -> Result<()> {
             "--rows",
             "latency,streaming,throughput",
         ]))
-    .context("training load (the bench's rows 1-3)")?;
+    .context("training on the bench's rows 1-3 with the instrumented agent")?;
     // b) The official SDKs through the agent, one test per provider and
-    // API shape (HTTP/2, gzip, Bedrock's event stream, batches, ...). The
-    // tests check the agent as they go; one that fails under the slower
-    // instrumented build still trained it, so a failure is reported, not
-    // fatal.
-    setup_sdks()?;
-    // A debug build of the tests (the agent under training is the
+    // API shape (HTTP/2, gzip, Bedrock's event stream, batches, ...), as a
+    // debug build of the tests (the agent under training is the
     // instrumented release binary), resolved as `cargo xtask test`
     // resolves the workspace, so the two share their build.
-    let sdks = run(cargo()
-        .args(["test", "--workspace", "--test", "sdks"])
-        .args(locked)
+    run(cargo()
+        .args(["test", "--locked", "--workspace", "--test", "sdks"])
         .env("TOLLGATE_BIN", agent)
         .env("TOLLGATE_PYTHON", root().join("target/e2e-venv/bin/python"))
         .env(
             "TOLLGATE_NODE_MODULES",
             root().join("target/e2e-node/node_modules"),
         )
-        .args(["--", "--include-ignored"]));
-    if let Err(e) = sdks {
-        eprintln!(
-            "xtask: warning: an SDK test failed with the instrumented agent ({e:#}); its requests still count for the profile"
-        );
-    }
+        .env_remove("LLVM_PROFILE_FILE")
+        .args(["--", "--include-ignored"]))
+    .context(
+        "training on the SDK tests with the instrumented agent (a test that failed may not have run its \
+         provider's code, which would then be laid out as cold: no profile was written; run again, or \
+         `cargo xtask dist --plain`)",
+    )?;
     Ok(())
 }
 
@@ -175,7 +227,7 @@ fn merge(profdata: &Path, raw: &Path, profile: &Path) -> Result<()> {
     files.sort();
     if files.is_empty() {
         bail!(
-            "the training wrote no profile into {}: did the agent exit by a signal it could not catch?",
+            "the training wrote no profile into {}: every instrumented agent was killed before it could exit?",
             raw.display()
         );
     }
@@ -217,8 +269,8 @@ fn install(from: &Path, to: &Path) -> Result<()> {
 }
 
 /// The llvm-profdata of the active toolchain's LLVM (rustup's `llvm-tools`
-/// component, which setup installs): another LLVM's cannot be relied on to
-/// read or write the profile format this rustc uses.
+/// component, added here when missing: only `dist` needs it): another
+/// LLVM's cannot be relied on to read the profile format this rustc writes.
 fn llvm_profdata() -> Result<PathBuf> {
     let rustc = |arg: &str| -> Result<String> {
         let o = Command::new("rustc")
@@ -237,9 +289,16 @@ fn llvm_profdata() -> Result<PathBuf> {
         .find_map(|l| l.strip_prefix("host: ").map(str::to_owned))
         .context("`rustc -vV` names no host")?;
     let p = Path::new(sysroot.trim()).join(format!("lib/rustlib/{host}/bin/llvm-profdata"));
+    if !p.exists() && !rustup_components(None)?.contains("llvm-tools") {
+        run_retried(Command::new("rustup").current_dir(root()).args([
+            "component",
+            "add",
+            "llvm-tools",
+        ]))?;
+    }
     if !p.exists() {
         bail!(
-            "{} is missing: `rustup component add llvm-tools` (cargo xtask setup adds it)",
+            "{} is missing (rustup's llvm-tools component, which `rustup component add llvm-tools` installs)",
             p.display()
         );
     }

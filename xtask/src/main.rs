@@ -57,6 +57,10 @@ enum Cmd {
         /// A plain `cargo build --release`, without a profile (no root).
         #[arg(long)]
         plain: bool,
+        /// Train again even when the profile is newer than the
+        /// instrumented build.
+        #[arg(long)]
+        retrain: bool,
     },
     /// Build the agent as `dist` does, install the peer gateways (LiteLLM,
     /// mitmproxy, tiktoken) under target/bench-venv, and run the benchmark
@@ -279,9 +283,7 @@ fn setup_build() -> Result<()> {
     // 1. clippy and rustfmt for the active toolchain (`test` lints), and
     // the nightly toolchain with rust-src (the eBPF build uses build-std).
     let active = rustup_components(None)?;
-    // llvm-tools: the llvm-profdata of rustc's own LLVM, which `dist`
-    // merges the training's profile with.
-    let missing: Vec<&str> = ["clippy", "rustfmt", "llvm-tools"]
+    let missing: Vec<&str> = ["clippy", "rustfmt"]
         .into_iter()
         .filter(|c| !active.contains(c))
         .collect();
@@ -466,9 +468,12 @@ fn node_package_installed(dir: &Path, requirement: &str) -> bool {
     })
 }
 
+/// Cargo in the workspace, building under its target/ (where every task
+/// looks for what it built) whatever CARGO_TARGET_DIR says.
 fn cargo() -> Command {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    c.current_dir(root());
+    c.current_dir(root())
+        .env("CARGO_TARGET_DIR", root().join("target"));
     c
 }
 
@@ -669,7 +674,12 @@ fn bench(quick: bool, plain: bool, args: &[String]) -> Result<()> {
         }
     }
     // The agent as shipped: what users run is what the table is about.
-    let agent = dist::dist(plain, false)?;
+    // (`--plain`: the release build as it is, leaving target/dist alone.)
+    let agent = if plain {
+        dist::plain_build()?
+    } else {
+        dist::dist(false, false)?
+    };
     run(cargo().args([
         "build",
         "--release",
@@ -783,7 +793,7 @@ fn main() -> Result<()> {
         Cmd::Fuzz { seconds, target } => fuzz(seconds, target),
         Cmd::Test { no_lint, args } => test(no_lint, &args),
         Cmd::Demo => demo(),
-        Cmd::Dist { plain } => dist::dist(plain, false).map(|_| ()),
+        Cmd::Dist { plain, retrain } => dist::dist(plain, retrain).map(|_| ()),
         Cmd::Bench { quick, plain, args } => bench(quick, plain, &args),
     }
 }
