@@ -33,20 +33,22 @@ use super::{
 pub const DIST_BIN: &str = "target/dist/tollgate";
 /// The merged training profile.
 pub const PROFILE: &str = "target/pgo/tollgate.profdata";
+/// Cargo's arguments for the agent's release build, in every stage.
+const BUILD_AGENT: &[&str] = &[
+    "build",
+    "--release",
+    "--locked",
+    "-p",
+    "tollgate",
+    "--bin",
+    "tollgate",
+];
 
 /// A plain release build of the agent (target/release/tollgate), with the
 /// user's own RUSTFLAGS if any.
 pub fn plain_build() -> Result<PathBuf> {
     setup_build()?;
-    run(cargo().args([
-        "build",
-        "--release",
-        "--locked",
-        "-p",
-        "tollgate",
-        "--bin",
-        "tollgate",
-    ]))?;
+    run(cargo().args(BUILD_AGENT))?;
     Ok(root().join("target/release/tollgate"))
 }
 
@@ -94,15 +96,7 @@ pub fn dist(plain: bool, retrain: bool) -> Result<PathBuf> {
         cargo().env("CARGO_TARGET_DIR", pgo.join("gen")),
         &format!("-Cprofile-generate={}", raw.display()),
     )
-    .args([
-        "build",
-        "--release",
-        "--locked",
-        "-p",
-        "tollgate",
-        "--bin",
-        "tollgate",
-    ]))?;
+    .args(BUILD_AGENT))?;
     let instrumented = pgo.join("gen/release/tollgate");
 
     // 2. Train, unless the profile is newer than the instrumented build.
@@ -127,15 +121,7 @@ pub fn dist(plain: bool, retrain: bool) -> Result<PathBuf> {
             profile.display()
         ),
     )
-    .args([
-        "build",
-        "--release",
-        "--locked",
-        "-p",
-        "tollgate",
-        "--bin",
-        "tollgate",
-    ]))?;
+    .args(BUILD_AGENT))?;
     install(&pgo.join("use/release/tollgate"), &out)?;
     eprintln!(
         "xtask: {} (profile-guided; profile {})",
