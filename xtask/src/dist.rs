@@ -135,17 +135,27 @@ pub fn dist(plain: bool, retrain: bool) -> Result<PathBuf> {
 /// would take precedence over RUSTFLAGS and drop the profile flags: it is
 /// read into RUSTFLAGS instead.
 fn with_rustflags<'a>(cmd: &'a mut Command, flags: &str) -> &'a mut Command {
-    let own = match std::env::var("CARGO_ENCODED_RUSTFLAGS") {
-        Ok(e) if !e.is_empty() => e.split('\x1f').collect::<Vec<_>>().join(" "),
-        _ => std::env::var("RUSTFLAGS").unwrap_or_default(),
+    let all = rustflags(
+        std::env::var("CARGO_ENCODED_RUSTFLAGS").ok().as_deref(),
+        std::env::var("RUSTFLAGS").ok().as_deref(),
+        flags,
+    );
+    cmd.env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .env("RUSTFLAGS", all)
+}
+
+/// RUSTFLAGS for a stage: the user's (the encoded form first, as cargo
+/// reads it) and then `flags`.
+fn rustflags(encoded: Option<&str>, plain: Option<&str>, flags: &str) -> String {
+    let own = match encoded {
+        Some(e) if !e.is_empty() => e.split('\x1f').collect::<Vec<_>>().join(" "),
+        _ => plain.unwrap_or_default().to_owned(),
     };
-    let all = if own.trim().is_empty() {
+    if own.trim().is_empty() {
         flags.to_owned()
     } else {
         format!("{} {flags}", own.trim())
-    };
-    cmd.env_remove("CARGO_ENCODED_RUSTFLAGS")
-        .env("RUSTFLAGS", all)
+    }
 }
 
 /// Runs the instrumented agent under the training load; each agent writes
@@ -295,7 +305,27 @@ fn llvm_profdata() -> Result<PathBuf> {
 mod tests {
     use std::path::Path;
 
-    use super::{fresh, merge};
+    use super::{fresh, merge, rustflags};
+
+    #[test]
+    fn the_users_own_rustflags_are_kept_before_the_profile_flags() {
+        let p = "-Cprofile-generate=/t/raw";
+        assert_eq!(rustflags(None, None, p), p);
+        assert_eq!(rustflags(None, Some("  "), p), p);
+        assert_eq!(
+            rustflags(None, Some("-Ctarget-cpu=x86-64-v2"), p),
+            "-Ctarget-cpu=x86-64-v2 -Cprofile-generate=/t/raw"
+        );
+        // Cargo reads the encoded form first, and so does the stage.
+        assert_eq!(
+            rustflags(Some("-C\x1fdebuginfo=1"), Some("-Cignored"), p),
+            "-C debuginfo=1 -Cprofile-generate=/t/raw"
+        );
+        assert_eq!(
+            rustflags(Some(""), Some("-Cx"), p),
+            "-Cx -Cprofile-generate=/t/raw"
+        );
+    }
 
     #[test]
     fn a_profile_is_fresh_only_when_written_after_the_instrumented_build() {
