@@ -80,7 +80,7 @@ pub fn dist(plain: bool, retrain: bool) -> Result<PathBuf> {
     }
     setup_build()?;
     setup_sdks().context(
-        "the profile-guided build trains on the SDK tests, which need the SDKs; `cargo xtask dist --plain` does not",
+        "the profile-guided build trains on the end-to-end tests, which need the SDKs; `cargo xtask dist --plain` does not",
     )?;
     warn_if_disk_low();
     let profdata = llvm_profdata()?;
@@ -166,7 +166,8 @@ fn train(agent: &Path, raw: &Path) -> Result<()> {
     let _ = std::fs::remove_dir_all(raw);
     std::fs::create_dir_all(raw).with_context(|| format!("creating {}", raw.display()))?;
     // a) The benchmark's own load (quick rows, no peers): the request path
-    // at volume, HTTP/1.1 and streams.
+    // at volume, HTTP/1.1 and streams, and with an OTLP exporter (row 7),
+    // which records every request into its instruments.
     run(cargo().args([
         "build",
         "--release",
@@ -186,16 +187,18 @@ fn train(agent: &Path, raw: &Path) -> Result<()> {
             "--quick",
             "--no-peers",
             "--rows",
-            "latency,streaming,throughput",
+            "latency,streaming,throughput,collector",
         ]))
-    .context("training on the bench's rows 1-3 with the instrumented agent")?;
-    // b) The official SDKs through the agent, one test per provider and
-    // API shape (HTTP/2, gzip, Bedrock's event stream, batches, ...), as a
+    .context("training on the bench's rows 1-3 and 7 with the instrumented agent")?;
+    // b) The end-to-end tests: the official SDKs through the agent, one
+    // test per provider and API shape (HTTP/2, gzip, Bedrock's event
+    // stream, batches, ...), WebSockets, pass-through, the OTLP export. A
     // debug build of the tests (the agent under training is the
     // instrumented release binary), resolved as `cargo xtask test`
     // resolves the workspace, so the two share their build.
     run(cargo()
-        .args(["test", "--locked", "--workspace", "--test", "sdks"])
+        .args(["test", "--locked", "--workspace"])
+        .args(["--test", "sdks", "--test", "e2e", "--test", "export_e2e"])
         .env("TOLLGATE_BIN", agent)
         .env("TOLLGATE_PYTHON", root().join("target/e2e-venv/bin/python"))
         .env(
@@ -205,8 +208,8 @@ fn train(agent: &Path, raw: &Path) -> Result<()> {
         .env_remove("LLVM_PROFILE_FILE")
         .args(["--", "--include-ignored"]))
     .context(
-        "training on the SDK tests with the instrumented agent (a test that failed may not have run its \
-         provider's code, which would then be laid out as cold: no profile was written; run again, or \
+        "training on the end-to-end tests with the instrumented agent (a test that failed may not have run \
+         its part of the agent, which would then be laid out as cold: no profile was written; run again, or \
          `cargo xtask dist --plain`)",
     )?;
     Ok(())

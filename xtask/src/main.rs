@@ -50,9 +50,9 @@ enum Cmd {
         target: Option<String>,
     },
     /// Build the agent as shipped, target/dist/tollgate: profile-guided
-    /// (an instrumented build, trained on the bench's load and the SDK
-    /// tests, then a build with the profile; needs root), or a plain
-    /// release build with `--plain`.
+    /// (an instrumented build, trained on the bench's load and the
+    /// end-to-end tests, then a build with the profile; needs root), or a
+    /// plain release build with `--plain`.
     Dist {
         /// A plain `cargo build --release`, without a profile (no root).
         #[arg(long)]
