@@ -13,7 +13,7 @@
 //! job's own work) whenever requests are apart, which is how LLM calls
 //! arrive. Laying out the hot code by a profile shrinks that footprint:
 //! in paired bench runs (README, Performance) the added time to first chunk
-//! fell by about a third and the agent's CPU per request by about a fifth.
+//! fell by about a third and the agent's CPU per request by about a quarter.
 //!
 //! The training drives every provider adapter, not only the benchmark's
 //! OpenAI load: code no training request ran is laid out as cold, so an
@@ -26,7 +26,7 @@ use anyhow::{Context, Result, bail};
 
 use super::{
     cargo, is_root, kernel_unavailable, root, run, run_retried, rustup_components, setup_build,
-    setup_sdks, warn_if_disk_low,
+    setup_sdks, warn_if_disk_below,
 };
 
 /// What the build writes.
@@ -44,9 +44,15 @@ const BUILD_AGENT: &[&str] = &[
     "tollgate",
 ];
 
+/// What the training reads besides the instrumented agent: a change to
+/// any file under these (the tests, the fake provider, the bench's rows,
+/// this file) trains again.
+const TRAINING_INPUTS: &[&str] = &["tests/src", "tests/tests", "xtask/src/dist.rs"];
+
 /// A plain release build of the agent (target/release/tollgate), with the
 /// user's own RUSTFLAGS if any.
 pub fn plain_build() -> Result<PathBuf> {
+    kernel_programs_wanted()?;
     setup_build()?;
     run(cargo().args(BUILD_AGENT))?;
     Ok(root().join("target/release/tollgate"))
@@ -54,10 +60,11 @@ pub fn plain_build() -> Result<PathBuf> {
 
 /// Builds target/dist/tollgate and returns its path: profile-guided, or
 /// the plain release build when `plain`. `retrain` trains again even when
-/// the profile is newer than the instrumented build.
+/// the profile is newer than the instrumented build and the training's
+/// inputs. `task` (`dist`, `bench`) is named in the advice to use `--plain`.
 ///
 /// Builds are `--locked`: what is shipped is what Cargo.lock says.
-pub fn dist(plain: bool, retrain: bool) -> Result<PathBuf> {
+pub fn dist(plain: bool, retrain: bool, task: &str) -> Result<PathBuf> {
     let out = root().join(DIST_BIN);
     if plain {
         install(&plain_build()?, &out)?;
@@ -69,20 +76,27 @@ pub fn dist(plain: bool, retrain: bool) -> Result<PathBuf> {
     if !is_root() {
         bail!(
             "the profile-guided build trains on the agent intercepting real connections, which needs root: \
-             run `cargo xtask dist` as root, or `cargo xtask dist --plain` for a release build without a profile"
+             run `cargo xtask {task}` as root, or `cargo xtask {task} --plain` for a release build without a profile"
         );
     }
     if let Some(why) = kernel_unavailable() {
         bail!(
             "the profile-guided build trains on the agent intercepting real connections, and this host cannot: \
-             {why}; `cargo xtask dist --plain` builds without a profile"
+             {why}; `cargo xtask {task} --plain` builds without a profile"
         );
     }
     setup_build()?;
-    setup_sdks().context(
-        "the profile-guided build trains on the end-to-end tests, which need the SDKs; `cargo xtask dist --plain` does not",
-    )?;
-    warn_if_disk_low();
+    setup_sdks().with_context(|| {
+        format!(
+            "the profile-guided build trains on the end-to-end tests, which need the SDKs; `cargo xtask {task} --plain` does not"
+        )
+    })?;
+    kernel_programs_wanted()?;
+    warn_if_disk_below(
+        "the profile-guided build (two release builds under target/pgo, the tests' debug build)",
+        "8 GiB",
+        10,
+    );
     let profdata = llvm_profdata()?;
     let pgo = root().join("target/pgo");
     let raw = pgo.join("raw");
@@ -99,12 +113,14 @@ pub fn dist(plain: bool, retrain: bool) -> Result<PathBuf> {
     .args(BUILD_AGENT))?;
     let instrumented = pgo.join("gen/release/tollgate");
 
-    // 2. Train, unless the profile is newer than the instrumented build.
-    // A training that fails leaves the old profile older than the build,
-    // so the next run trains again.
-    if !retrain && fresh(&profile, &instrumented) {
+    // 2. Train, unless the profile is newer than the instrumented build and
+    // every file of the training. A training that fails leaves the old
+    // profile older than those, so the next run trains again.
+    let mut inputs = vec![instrumented.clone()];
+    inputs.extend(TRAINING_INPUTS.iter().map(|p| root().join(p)));
+    if !retrain && fresh(&profile, &inputs) {
         eprintln!(
-            "xtask: {} is newer than the instrumented build: not retrained (`--retrain` to train again)",
+            "xtask: {} is newer than the instrumented build and the training's files: not retrained (`--retrain` to train again)",
             profile.display()
         );
     } else {
@@ -129,6 +145,17 @@ pub fn dist(plain: bool, retrain: bool) -> Result<PathBuf> {
         profile.display()
     );
     Ok(out)
+}
+
+/// A binary to ship or to bench must intercept: AYA_BUILD_SKIP (a build
+/// without the kernel programs, for linting) is refused.
+fn kernel_programs_wanted() -> Result<()> {
+    if std::env::var_os("AYA_BUILD_SKIP").is_some() {
+        bail!(
+            "AYA_BUILD_SKIP is set: the agent would be built without its kernel programs and could not intercept; unset it"
+        );
+    }
+    Ok(())
 }
 
 /// `cmd` with `flags` after the user's own RUSTFLAGS. CARGO_ENCODED_RUSTFLAGS
@@ -246,13 +273,25 @@ fn merge(profdata: &Path, raw: &Path, profile: &Path) -> Result<()> {
     Ok(())
 }
 
-/// `a` exists and was written after `b`.
-fn fresh(a: &Path, b: &Path) -> bool {
-    let t = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    match (t(a), t(b)) {
-        (Some(a), Some(b)) => a > b,
-        _ => false,
+/// `a` exists and was written after every file under `inputs` (files, or
+/// directories walked whole), all of which exist.
+fn fresh(a: &Path, inputs: &[PathBuf]) -> bool {
+    let Some(a) = std::fs::metadata(a).and_then(|m| m.modified()).ok() else {
+        return false;
+    };
+    inputs.iter().all(|p| newest(p).is_some_and(|t| a > t))
+}
+
+/// The latest modification time of `p` or of anything under it.
+fn newest(p: &Path) -> Option<std::time::SystemTime> {
+    let meta = std::fs::symlink_metadata(p).ok()?;
+    let mut t = meta.modified().ok()?;
+    if meta.is_dir() {
+        for e in std::fs::read_dir(p).ok()? {
+            t = t.max(newest(&e.ok()?.path())?);
+        }
     }
+    Some(t)
 }
 
 /// Copies the built binary to `to` (through a temporary name, so a running
@@ -331,28 +370,33 @@ mod tests {
     }
 
     #[test]
-    fn a_profile_is_fresh_only_when_written_after_the_instrumented_build() {
+    fn a_profile_is_fresh_only_when_written_after_the_build_and_the_training() {
         let dir = tempfile::tempdir().unwrap();
         let (profile, build) = (dir.path().join("p"), dir.path().join("b"));
-        assert!(!fresh(&profile, &build), "neither exists");
+        let tests = dir.path().join("tests");
+        let inputs = [build.clone(), tests.clone()];
+        let at = |p: &std::path::Path, secs: u64| {
+            let t = std::time::SystemTime::now() + std::time::Duration::from_secs(secs);
+            std::fs::File::open(p).unwrap().set_modified(t).unwrap();
+        };
+        assert!(!fresh(&profile, &inputs), "nothing exists");
         std::fs::write(&build, "b").unwrap();
-        assert!(!fresh(&profile, &build), "no profile yet");
+        std::fs::create_dir_all(tests.join("src")).unwrap();
+        std::fs::write(tests.join("src/row.rs"), "r").unwrap();
+        assert!(!fresh(&profile, &inputs), "no profile yet");
         std::fs::write(&profile, "p").unwrap();
-        let later = std::time::SystemTime::now() + std::time::Duration::from_secs(5);
-        std::fs::File::options()
-            .write(true)
-            .open(&profile)
-            .unwrap()
-            .set_modified(later)
-            .unwrap();
-        assert!(fresh(&profile, &build), "profile written after the build");
-        std::fs::File::options()
-            .write(true)
-            .open(&build)
-            .unwrap()
-            .set_modified(later + std::time::Duration::from_secs(5))
-            .unwrap();
-        assert!(!fresh(&profile, &build), "the build changed since");
+        at(&profile, 5);
+        assert!(fresh(&profile, &inputs), "profile written after both");
+        at(&build, 10);
+        assert!(!fresh(&profile, &inputs), "the build changed since");
+        at(&profile, 15);
+        assert!(fresh(&profile, &inputs));
+        at(&tests.join("src/row.rs"), 20);
+        assert!(!fresh(&profile, &inputs), "a training file changed since");
+        assert!(
+            !fresh(&profile, &[dir.path().join("gone")]),
+            "an input that does not exist"
+        );
     }
 
     #[test]

@@ -208,6 +208,12 @@ const TEST_BUILD_WARN_GIB: u64 = 6;
 /// space fails minutes later with a bare LLVM I/O error in the middle of
 /// the compiler's output.
 fn warn_if_disk_low() {
+    warn_if_disk_below("a clean test build", TEST_BUILD_TAKES, TEST_BUILD_WARN_GIB);
+}
+
+/// `warn_if_disk_low` for a build (`what`) that takes `takes` under
+/// target/, warning below `warn_gib` GiB free.
+fn warn_if_disk_below(what: &str, takes: &str, warn_gib: u64) {
     let target = root().join("target");
     let _ = std::fs::create_dir_all(&target);
     let Ok(out) = Command::new("df").args(["-Pk"]).arg(&target).output() else {
@@ -216,10 +222,10 @@ fn warn_if_disk_low() {
     let Some(avail_gib) = available_gib(&String::from_utf8_lossy(&out.stdout)) else {
         return;
     };
-    if avail_gib < TEST_BUILD_WARN_GIB {
+    if avail_gib < warn_gib {
         eprintln!(
-            "xtask: WARNING: only {avail_gib} GiB free on the filesystem of {}; a clean test \
-             build takes about {TEST_BUILD_TAKES} there. If the build fails with 'No space left \
+            "xtask: WARNING: only {avail_gib} GiB free on the filesystem of {}; {what} \
+             takes about {takes} there. If the build fails with 'No space left \
              on device', free space (cargo clean removes old builds) and run again.",
             target.display()
         );
@@ -678,7 +684,7 @@ fn bench(quick: bool, plain: bool, args: &[String]) -> Result<()> {
     let agent = if plain {
         dist::plain_build()?
     } else {
-        dist::dist(false, false)?
+        dist::dist(false, false, "bench")?
     };
     run(cargo().args([
         "build",
@@ -793,7 +799,7 @@ fn main() -> Result<()> {
         Cmd::Fuzz { seconds, target } => fuzz(seconds, target),
         Cmd::Test { no_lint, args } => test(no_lint, &args),
         Cmd::Demo => demo(),
-        Cmd::Dist { plain, retrain } => dist::dist(plain, retrain).map(|_| ()),
+        Cmd::Dist { plain, retrain } => dist::dist(plain, retrain, "dist").map(|_| ()),
         Cmd::Bench { quick, plain, args } => bench(quick, plain, &args),
     }
 }
