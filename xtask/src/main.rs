@@ -58,7 +58,7 @@ enum Cmd {
         #[arg(long)]
         plain: bool,
         /// Train again even when the profile is newer than the
-        /// instrumented build.
+        /// instrumented build and every file of the training.
         #[arg(long)]
         retrain: bool,
     },
