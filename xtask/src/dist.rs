@@ -26,7 +26,7 @@ use anyhow::{Context, Result, bail};
 
 use super::{
     cargo, is_root, kernel_unavailable, root, run, run_retried, rustup_components, setup_build,
-    setup_sdks, warn_if_disk_below,
+    setup_sdks, warn_if_disk_below, with_agent_and_sdks,
 };
 
 /// What the build writes.
@@ -223,15 +223,9 @@ fn train(agent: &Path, raw: &Path) -> Result<()> {
     // debug build of the tests (the agent under training is the
     // instrumented release binary), resolved as `cargo xtask test`
     // resolves the workspace, so the two share their build.
-    run(cargo()
+    run(with_agent_and_sdks(&mut cargo(), agent)
         .args(["test", "--locked", "--workspace"])
         .args(["--test", "sdks", "--test", "e2e", "--test", "export_e2e"])
-        .env("TOLLGATE_BIN", agent)
-        .env("TOLLGATE_PYTHON", root().join("target/e2e-venv/bin/python"))
-        .env(
-            "TOLLGATE_NODE_MODULES",
-            root().join("target/e2e-node/node_modules"),
-        )
         .env_remove("LLVM_PROFILE_FILE")
         .args(["--", "--include-ignored"]))
     .context(

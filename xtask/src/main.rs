@@ -541,14 +541,9 @@ fn test(no_lint: bool, args: &[String]) -> Result<()> {
     // the package alone resolves other features, so it compiled the agent
     // and its OpenTelemetry crates a second time.
     let mut t = cargo();
-    t.args(["test", "--workspace"])
-        .args(locked)
-        .env("TOLLGATE_BIN", root().join("target/debug/tollgate"))
-        .env("TOLLGATE_PYTHON", root().join("target/e2e-venv/bin/python"))
-        .env(
-            "TOLLGATE_NODE_MODULES",
-            root().join("target/e2e-node/node_modules"),
-        );
+    with_agent_and_sdks(&mut t, &root().join("target/debug/tollgate"))
+        .args(["test", "--workspace"])
+        .args(locked);
     match proptest_seed() {
         Ok(seed) => {
             eprintln!(
@@ -619,9 +614,21 @@ fn demo() -> Result<()> {
     }
     setup()?;
     run(cargo().args(["build", "-p", "tollgate", "-p", "tollgate-e2e", "--bins"]))?;
-    run(Command::new(root().join("target/debug/tollgate-demo"))
-        .env("TOLLGATE_BIN", root().join("target/debug/tollgate"))
-        .env("TOLLGATE_PYTHON", root().join("target/e2e-venv/bin/python")))
+    run(with_agent_and_sdks(
+        &mut Command::new(root().join("target/debug/tollgate-demo")),
+        &root().join("target/debug/tollgate"),
+    ))
+}
+
+/// `cmd` with the variables by which the tests and the demo find the agent
+/// under test (`agent`) and the SDKs `setup` installed under target/.
+fn with_agent_and_sdks<'a>(cmd: &'a mut Command, agent: &Path) -> &'a mut Command {
+    cmd.env("TOLLGATE_BIN", agent)
+        .env("TOLLGATE_PYTHON", root().join("target/e2e-venv/bin/python"))
+        .env(
+            "TOLLGATE_NODE_MODULES",
+            root().join("target/e2e-node/node_modules"),
+        )
 }
 
 /// Makes the virtualenv `dir` unless it has pip. A half-made one (python3
