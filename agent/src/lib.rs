@@ -15,6 +15,7 @@ pub mod control;
 pub mod export;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod hugetext;
 pub mod intercept;
 pub mod ledger;
 pub mod meter;
