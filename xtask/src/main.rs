@@ -61,6 +61,10 @@ enum Cmd {
         /// instrumented build and every file of the training.
         #[arg(long)]
         retrain: bool,
+        /// Profile-guided only: skip BOLT's layout of the hot code (and so
+        /// its huge pages).
+        #[arg(long, conflicts_with = "plain")]
+        no_bolt: bool,
     },
     /// Build the agent as `dist` does, install the peer gateways (LiteLLM,
     /// mitmproxy, tiktoken) under target/bench-venv, and run the benchmark
@@ -688,10 +692,17 @@ fn bench(quick: bool, plain: bool, args: &[String]) -> Result<()> {
     }
     // The agent as shipped: what users run is what the table is about.
     // (`--plain`: the release build as it is, leaving target/dist alone.)
-    let agent = if plain {
-        dist::plain_build()?
+    let (agent, build) = if plain {
+        (
+            dist::plain_build()?,
+            "plain release build (cargo xtask bench --plain)".to_owned(),
+        )
     } else {
-        dist::dist(false, false, "bench")?
+        let built = dist::dist(false, false, false, "bench")?;
+        (
+            built.path,
+            format!("{}, as `cargo xtask dist` builds it", built.kind),
+        )
     };
     run(cargo().args([
         "build",
@@ -702,14 +713,6 @@ fn bench(quick: bool, plain: bool, args: &[String]) -> Result<()> {
         "tollgate-bench",
     ]))?;
     let mut b = Command::new(root().join("target/release/tollgate-bench"));
-    let build = if plain {
-        "plain release build (cargo xtask bench --plain)".to_owned()
-    } else {
-        format!(
-            "profile-guided, as `cargo xtask dist` builds it ({})",
-            dist::PROFILE
-        )
-    };
     b.env("TOLLGATE_BIN", &agent)
         .env("TOLLGATE_BENCH_AGENT_BUILD", build)
         .env("TOLLGATE_BENCH_VENV", &venvs)
@@ -806,7 +809,11 @@ fn main() -> Result<()> {
         Cmd::Fuzz { seconds, target } => fuzz(seconds, target),
         Cmd::Test { no_lint, args } => test(no_lint, &args),
         Cmd::Demo => demo(),
-        Cmd::Dist { plain, retrain } => dist::dist(plain, retrain, "dist").map(|_| ()),
+        Cmd::Dist {
+            plain,
+            retrain,
+            no_bolt,
+        } => dist::dist(plain, retrain, no_bolt, "dist").map(|_| ()),
         Cmd::Bench { quick, plain, args } => bench(quick, plain, &args),
     }
 }

@@ -44,6 +44,10 @@ impl Row for Memory {
         let agent = env.agent.as_ref().context("agent")?;
         let idle = agent.rss_kib().context("no VmRSS for the agent")? as f64 / 1024.0;
         let ready_ms = agent.ready_after.as_secs_f64() * 1000.0;
+        let huge = match agent.huge_code_kib() {
+            Some(0) | None => "none".to_owned(),
+            Some(k) => format!("{:.0} MiB", k as f64 / 1024.0),
+        };
         let target = env.tollgate_target("/v1/chat/completions")?;
         // One answer without usage: the agent counts it locally, which
         // loads the o200k_base tables (built on first need, kept).
@@ -103,7 +107,7 @@ impl Row for Memory {
                 Goal::AtMost(IDLE_MAX_MIB),
             )
             .note(format!(
-                "start to ready: {ready_ms:.0} ms (CA loaded, programs attached)"
+                "start to ready: {ready_ms:.0} ms (CA loaded, programs attached); code on huge pages: {huge}"
             )),
             Figure::info(
                 "agent RSS after its first local token count",
