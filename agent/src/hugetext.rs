@@ -31,13 +31,16 @@ const BOLT_ORIGINAL_TEXT: &[u8] = b".bolt.org.text";
 /// What [`advise`] did.
 #[derive(Debug)]
 pub enum Outcome {
-    /// The hot code (`bytes` of it, rounded up to whole huge pages) is
-    /// advised onto huge pages; the kernel maps them as it faults them in.
+    /// The hot code (`bytes` of it, in whole huge pages) is advised onto
+    /// huge pages. The kernel maps them where it can: code already read in
+    /// on small pages is merged later by khugepaged, on kernels that keep
+    /// read-only files in huge pages (`CONFIG_READ_ONLY_THP_FOR_FS`).
     Advised { bytes: u64 },
     /// This build's code was not laid out for huge pages (not a
     /// `cargo xtask dist` build with BOLT): nothing done.
     NotLaidOut,
-    /// The kernel has no transparent huge pages, or they are off.
+    /// The kernel has no transparent huge pages, they are off, or the code
+    /// was not loaded where huge pages could map it.
     Unavailable(String),
     /// Reading the binary or the advice failed.
     Failed(String),
@@ -61,11 +64,13 @@ pub fn advise() -> Outcome {
             return Outcome::Unavailable(format!("no transparent huge pages in this kernel ({e})"));
         }
     }
-    let Some(bias) = load_bias() else {
+    let Some((bias, segments)) = program_layout() else {
         return Outcome::Failed("the program's load address is unknown".into());
     };
-    let (start, len) = hot;
-    let addr = bias.wrapping_add(start);
+    let (addr, len) = match advised_range(hot, bias, &segments) {
+        Ok(r) => r,
+        Err(why) => return Outcome::Unavailable(why),
+    };
     // SAFETY: advice only; the range is this program's own mapped code,
     // which MADV_HUGEPAGE neither moves nor changes.
     let r = unsafe { libc::madvise(addr as *mut libc::c_void, len as usize, libc::MADV_HUGEPAGE) };
@@ -119,10 +124,36 @@ fn hot_text(exe: &File) -> io::Result<Option<(u64, u64)>> {
     }
     Ok(match text {
         Some((addr, size, align)) if rewritten && align >= HUGE && addr % HUGE == 0 && size > 0 => {
-            Some((addr, size.div_ceil(HUGE) * HUGE))
+            size.checked_next_multiple_of(HUGE).map(|len| (addr, len))
         }
         _ => None,
     })
+}
+
+/// Where to advise, at run time: the hot code (`hot`, link-time address
+/// and length in whole huge pages) moved by the load `bias`, cut back to
+/// the huge pages that lie inside its executable segment (`segments`:
+/// link-time start and end of each), so that nothing past the program's
+/// code (the heap, when it follows) is advised.
+fn advised_range(
+    (start, len): (u64, u64),
+    bias: u64,
+    segments: &[(u64, u64)],
+) -> Result<(u64, u64), String> {
+    let Some(&(_, seg_end)) = segments.iter().find(|(a, b)| (*a..*b).contains(&start)) else {
+        return Err("the hot code is in no executable segment".into());
+    };
+    let end = start.saturating_add(len).min(seg_end - seg_end % HUGE);
+    if end <= start {
+        return Err("the hot code's segment ends before a whole huge page".into());
+    }
+    let addr = bias.wrapping_add(start);
+    if addr % HUGE != 0 {
+        return Err(format!(
+            "the program was loaded at {bias:#x}, where no huge page can map its code"
+        ));
+    }
+    Ok((addr, end - start))
 }
 
 /// Whether the kernel's THP mode (`always [madvise] never`) takes advice.
@@ -130,23 +161,38 @@ fn thp_allows_advice(mode: &str) -> bool {
     mode.contains("[always]") || mode.contains("[madvise]")
 }
 
-/// Where the program itself (not a shared library) was loaded: the first
-/// object `dl_iterate_phdr` reports.
-fn load_bias() -> Option<u64> {
+/// Where the program itself (not a shared library) was loaded, and the
+/// link-time start and end of its executable segments: the first object
+/// `dl_iterate_phdr` reports.
+fn program_layout() -> Option<(u64, Vec<(u64, u64)>)> {
+    type Layout = Option<(u64, Vec<(u64, u64)>)>;
     unsafe extern "C" fn first(
         info: *mut libc::dl_phdr_info,
         _size: libc::size_t,
         data: *mut libc::c_void,
     ) -> libc::c_int {
-        // SAFETY: the loader passes a valid info; `data` is the Option
-        // below, alive for the whole iteration.
-        unsafe { *(data as *mut Option<u64>) = Some((*info).dlpi_addr) };
+        // SAFETY: the loader passes a valid info whose `dlpi_phdr` points
+        // at `dlpi_phnum` program headers; `data` is the Layout below,
+        // alive for the whole iteration.
+        unsafe {
+            let info = &*info;
+            let mut exec = Vec::new();
+            if !info.dlpi_phdr.is_null() {
+                for i in 0..usize::from(info.dlpi_phnum) {
+                    let ph = &*info.dlpi_phdr.add(i);
+                    if ph.p_type == libc::PT_LOAD && ph.p_flags & libc::PF_X != 0 {
+                        exec.push((ph.p_vaddr, ph.p_vaddr.saturating_add(ph.p_memsz)));
+                    }
+                }
+            }
+            *(data as *mut Layout) = Some((info.dlpi_addr, exec));
+        }
         1 // stop: the program comes first
     }
-    let mut bias: Option<u64> = None;
+    let mut layout: Layout = None;
     // SAFETY: `first` only writes through `data`, which outlives the call.
-    unsafe { libc::dl_iterate_phdr(Some(first), &mut bias as *mut _ as *mut libc::c_void) };
-    bias
+    unsafe { libc::dl_iterate_phdr(Some(first), &mut layout as *mut _ as *mut libc::c_void) };
+    layout
 }
 
 fn u16_at(b: &[u8], at: usize) -> u16 {
@@ -243,6 +289,30 @@ mod tests {
     }
 
     #[test]
+    fn the_advice_stays_inside_the_code_segment_and_on_huge_page_bounds() {
+        let two = 2 << 20;
+        let hot = (0x1a0_0000, 2 * two);
+        let segment = [
+            (0xb8_a580, 0x189_57e0),
+            (0x1a0_0000, 0x1a0_0000 + 0x8e_f2c0),
+        ];
+        // PIE loaded on a 2 MiB boundary: the hot code's two huge pages.
+        assert_eq!(
+            advised_range(hot, 0x5555_5540_0000, &segment),
+            Ok((0x5555_5540_0000 + 0x1a0_0000, 2 * two))
+        );
+        // A segment that ends 1.5 MiB into the second page: only the first.
+        let short = [(0x1a0_0000, 0x1a0_0000 + two + (3 << 19))];
+        assert_eq!(advised_range(hot, 0, &short), Ok((0x1a0_0000, two)));
+        // Nothing whole: refused, not advised past the segment.
+        let shorter = [(0x1a0_0000, 0x1a0_0000 + (3 << 19))];
+        assert!(advised_range(hot, 0, &shorter).is_err());
+        // Loaded on a 4 KiB boundary only, or hot code outside the segments.
+        assert!(advised_range(hot, 0x5555_5540_1000, &segment).is_err());
+        assert!(advised_range(hot, 0, &segment[..1]).is_err());
+    }
+
+    #[test]
     fn a_file_that_is_not_elf_is_left_alone() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("x");
@@ -257,7 +327,8 @@ mod tests {
     fn the_program_is_found_where_it_was_loaded() {
         // A position-independent program (as Rust links them) is mapped
         // from the start of its file at its load bias.
-        let bias = load_bias().unwrap();
+        let (bias, exec) = program_layout().unwrap();
+        assert!(!exec.is_empty(), "the test binary has executable segments");
         let exe = std::fs::read_link("/proc/self/exe").unwrap();
         let exe = exe.to_str().unwrap();
         let maps = std::fs::read_to_string("/proc/self/maps").unwrap();

@@ -175,7 +175,11 @@ pub fn dist(plain: bool, retrain: bool, no_bolt: bool, task: &str) -> Result<Bui
     // 4. BOLT: the hot code gathered and aligned for huge pages.
     let (built, kind) = match bolt {
         Ok(tools) => (
-            bolt_layout(&tools, &optimised, retrain)?,
+            bolt_layout(&tools, &optimised, retrain).with_context(|| {
+                format!(
+                    "laying the agent out with BOLT (`cargo xtask {task} --no-bolt` builds the profile-guided agent without it)"
+                )
+            })?,
             format!("profile-guided, laid out by BOLT ({PROFILE}, {BOLT_PROFILE})"),
         ),
         Err(why) => {
@@ -262,7 +266,7 @@ fn bolt_layout(tools: &Bolt, input: &Path, retrain: bool) -> Result<PathBuf> {
     inputs.extend(TRAINING_INPUTS.iter().map(|p| root().join(p)));
     if !retrain && fresh(&profile, &inputs) {
         eprintln!(
-            "xtask: {} is newer than the profile-guided build and the training's files: not retrained",
+            "xtask: {} is newer than the profile-guided build and the training's files: not retrained (`--retrain` to train again)",
             profile.display()
         );
     } else {
@@ -300,7 +304,7 @@ fn bolt_layout(tools: &Bolt, input: &Path, retrain: bool) -> Result<PathBuf> {
         .with_context(|| format!("running {}", out.display()))?;
     if !v.status.success() {
         bail!(
-            "{} --version failed after BOLT's layout ({}): `cargo xtask dist --no-bolt` builds without it",
+            "{} --version failed after BOLT's layout ({})",
             out.display(),
             v.status
         );
@@ -309,7 +313,7 @@ fn bolt_layout(tools: &Bolt, input: &Path, retrain: bool) -> Result<PathBuf> {
 }
 
 /// How BOLT lays the agent out: blocks and functions by the profile, cold
-/// parts of functions split off, identical code folded, debug info kept
+/// parts of functions split off, debug info kept
 /// (rewritten to the new addresses). No identical-code folding: Rust may
 /// compare function addresses, which folding would make equal.
 const BOLT_LAYOUT: &[&str] = &[
@@ -451,7 +455,9 @@ fn merge(mut tool: Command, ext: &str, raw: &Path, profile: &Path) -> Result<()>
             raw.display()
         );
     }
-    let partial = PathBuf::from(format!("{}.partial", profile.display()));
+    let mut partial = profile.as_os_str().to_owned();
+    partial.push(".partial");
+    let partial = PathBuf::from(partial);
     run(tool.arg("-o").arg(&partial).args(&files))?;
     std::fs::rename(&partial, profile)
         .with_context(|| format!("renaming {} to {}", partial.display(), profile.display()))?;

@@ -76,6 +76,9 @@ enum Cmd {
         /// Bench a plain release build of the agent (no profile).
         #[arg(long)]
         plain: bool,
+        /// Bench the profile-guided build without BOLT's layout.
+        #[arg(long, conflicts_with = "plain")]
+        no_bolt: bool,
         /// Extra arguments for tollgate-bench (`--rows latency,tokens`, ...).
         #[arg(last = true)]
         args: Vec<String>,
@@ -674,7 +677,7 @@ fn venv(dir: &Path, reqs: &[&str]) -> Result<()> {
     Ok(())
 }
 
-fn bench(quick: bool, plain: bool, args: &[String]) -> Result<()> {
+fn bench(quick: bool, plain: bool, no_bolt: bool, args: &[String]) -> Result<()> {
     if !is_root() {
         bail!(
             "the benchmark loads eBPF programs: run it as root (e.g. `sudo -E env PATH=\"$PATH\" cargo xtask bench`; \
@@ -698,7 +701,7 @@ fn bench(quick: bool, plain: bool, args: &[String]) -> Result<()> {
             "plain release build (cargo xtask bench --plain)".to_owned(),
         )
     } else {
-        let built = dist::dist(false, false, false, "bench")?;
+        let built = dist::dist(false, false, no_bolt, "bench")?;
         (
             built.path,
             format!("{}, as `cargo xtask dist` builds it", built.kind),
@@ -814,7 +817,12 @@ fn main() -> Result<()> {
             retrain,
             no_bolt,
         } => dist::dist(plain, retrain, no_bolt, "dist").map(|_| ()),
-        Cmd::Bench { quick, plain, args } => bench(quick, plain, &args),
+        Cmd::Bench {
+            quick,
+            plain,
+            no_bolt,
+            args,
+        } => bench(quick, plain, no_bolt, &args),
     }
 }
 
