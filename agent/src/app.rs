@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use crate::attribution::Attributor;
 use crate::ca::{CaStatus, LocalCa};
@@ -158,18 +158,6 @@ pub fn run_blocking(cfg: Config) -> Result<(), AppError> {
     rt.block_on(run(cfg))
 }
 
-fn log_hugetext(outcome: crate::hugetext::Outcome) {
-    use crate::hugetext::Outcome;
-    match outcome {
-        Outcome::Advised { bytes } => info!(mib = bytes >> 20, "hot code advised onto huge pages"),
-        Outcome::NotLaidOut => debug!(
-            "hot code not laid out for huge pages (not a `cargo xtask dist` build with BOLT)"
-        ),
-        Outcome::Unavailable(why) => info!(%why, "hot code stays on small pages"),
-        Outcome::Failed(why) => warn!(%why, "could not advise the hot code onto huge pages"),
-    }
-}
-
 fn raise_nofile_limit() {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
     if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
@@ -263,7 +251,6 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     let mut term = signal(SignalKind::terminate()).map_err(AppError::Runtime)?;
     let mut int = signal(SignalKind::interrupt()).map_err(AppError::Runtime)?;
     raise_nofile_limit();
-    log_hugetext(crate::hugetext::advise());
     // At most 755 (the umask only takes bits away): a directory we create
     // passes the check below.
     std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o755)

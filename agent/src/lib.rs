@@ -15,7 +15,6 @@ pub mod control;
 pub mod export;
 #[doc(hidden)]
 pub mod fuzzing;
-pub mod hugetext;
 pub mod intercept;
 pub mod ledger;
 pub mod meter;

@@ -1,12 +1,11 @@
 //! `cargo xtask dist`: the agent binary as shipped, built with
-//! profile-guided optimisation (PGO) and laid out by BOLT.
+//! profile-guided optimisation (PGO).
 //!
-//! Owns: the stages under target/pgo/ (an instrumented build, a training
-//! run of it, a build that uses the profile; then BOLT's instrumented copy
-//! of that build, the same training, and BOLT's layout of it) and the
+//! Owns: the three-stage build under target/pgo/ (an instrumented build, a
+//! training run of that build, a build that uses the profile) and the
 //! result, target/dist/tollgate.
 //! Must never: ship a binary built from another commit's profile without
-//! saying so (each profile is retrained whenever the build it profiles
+//! saying so (the profile is retrained whenever the instrumented build
 //! changes), or hide a training run that produced nothing.
 //!
 //! Why: the agent's request path touches TLS and HTTP on two connections
@@ -15,13 +14,6 @@
 //! arrive. Laying out the hot code by a profile shrinks that footprint:
 //! in paired bench runs (README, Performance) the added time to first chunk
 //! fell by about a third and the agent's CPU per request by about a quarter.
-//! BOLT then gathers the hot functions (≈3 MiB) at the front of `.text`,
-//! aligned to 2 MiB, which the agent advises onto huge pages at start
-//! (agent/src/hugetext.rs): on a virtual machine every instruction-TLB miss
-//! is a two-level page walk. That took about a seventh more off the added
-//! time to first chunk; BOLT's layout alone made no difference this host
-//! could show. BOLT comes from Debian's `bolt-N` for rustc's LLVM N; where
-//! it cannot be had, the build is profile-guided only, with a warning.
 //!
 //! The training drives every provider adapter, not only the benchmark's
 //! OpenAI load: code no training request ran is laid out as cold, so an
@@ -33,22 +25,14 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 
 use super::{
-    apt_get, cargo, have, is_root, kernel_unavailable, root, run, run_retried, rustup_components,
-    setup_build, setup_sdks, warn_if_disk_below, with_agent_and_sdks,
+    cargo, is_root, kernel_unavailable, root, run, run_retried, rustup_components, setup_build,
+    setup_sdks, warn_if_disk_below, with_agent_and_sdks,
 };
 
 /// What the build writes.
 pub const DIST_BIN: &str = "target/dist/tollgate";
 /// The merged training profile.
 pub const PROFILE: &str = "target/pgo/tollgate.profdata";
-/// BOLT's profile of the profile-guided build, from the same training.
-pub const BOLT_PROFILE: &str = "target/pgo/tollgate.fdata";
-
-/// What `dist` built: where, and how (named in the bench's results).
-pub struct Built {
-    pub path: PathBuf,
-    pub kind: String,
-}
 /// Cargo's arguments for the agent's release build, in every stage.
 const BUILD_AGENT: &[&str] = &[
     "build",
@@ -74,21 +58,18 @@ pub fn plain_build() -> Result<PathBuf> {
     Ok(root().join("target/release/tollgate"))
 }
 
-/// Builds target/dist/tollgate: profile-guided and laid out by BOLT, or
-/// profile-guided only with `no_bolt` (or where BOLT cannot be had, with a
-/// warning), or the plain release build when `plain`. `retrain` trains
-/// again even when the profiles are newer than the builds they profile and
-/// the training's inputs. `task` (`dist`, `bench`) is named in the advice
-/// to use `--plain`.
+/// Builds target/dist/tollgate and returns its path: profile-guided, or
+/// the plain release build when `plain`. `retrain` trains again even when
+/// the profile is newer than the instrumented build and the training's
+/// inputs. `task` (`dist`, `bench`) is named in the advice to use `--plain`.
 ///
 /// Builds are `--locked`: what is shipped is what Cargo.lock says.
-pub fn dist(plain: bool, retrain: bool, no_bolt: bool, task: &str) -> Result<Built> {
+pub fn dist(plain: bool, retrain: bool, task: &str) -> Result<PathBuf> {
     let out = root().join(DIST_BIN);
     if plain {
         install(&plain_build()?, &out)?;
-        let kind = "plain release build, no profile".to_owned();
-        eprintln!("xtask: {} ({kind})", out.display());
-        return Ok(Built { path: out, kind });
+        eprintln!("xtask: {} (plain release build, no profile)", out.display());
+        return Ok(out);
     }
     // Before any building: the training loads the agent's programs, and
     // drives it with the SDKs.
@@ -144,209 +125,26 @@ pub fn dist(plain: bool, retrain: bool, no_bolt: bool, task: &str) -> Result<Bui
         );
     } else {
         train(&instrumented, &raw)?;
-        let mut tool = Command::new(&profdata);
-        tool.arg("merge");
-        merge(tool, "profraw", &raw, &profile)?;
+        merge(&profdata, &raw, &profile)?;
     }
 
     // 3. The optimised agent. The profile's path is in RUSTFLAGS, and rustc
     // lists the file among each crate's inputs: a new profile rebuilds.
-    // Linked with its relocations kept when BOLT is to rewrite it.
-    let bolt = if no_bolt {
-        Err("--no-bolt".to_owned())
-    } else {
-        bolt_tools()
-    };
-    let relocs = if bolt.is_ok() {
-        " -Clink-arg=-Wl,--emit-relocs"
-    } else {
-        ""
-    };
     run(with_rustflags(
         cargo().env("CARGO_TARGET_DIR", pgo.join("use")),
         &format!(
-            "-Cprofile-use={} -Cllvm-args=-pgo-warn-missing-function=false{relocs}",
+            "-Cprofile-use={} -Cllvm-args=-pgo-warn-missing-function=false",
             profile.display()
         ),
     )
     .args(BUILD_AGENT))?;
-    let optimised = pgo.join("use/release/tollgate");
-
-    // 4. BOLT: the hot code gathered and aligned for huge pages.
-    let (built, kind) = match bolt {
-        Ok(tools) => (
-            bolt_layout(&tools, &optimised, retrain).with_context(|| {
-                format!(
-                    "laying the agent out with BOLT (`cargo xtask {task} --no-bolt` builds the profile-guided agent without it)"
-                )
-            })?,
-            format!("profile-guided, laid out by BOLT ({PROFILE}, {BOLT_PROFILE})"),
-        ),
-        Err(why) => {
-            eprintln!(
-                "xtask: warning: not laid out by BOLT ({why}): the agent is profile-guided only, and its hot code stays on small pages"
-            );
-            (
-                optimised,
-                format!("profile-guided ({PROFILE}), not laid out by BOLT: {why}"),
-            )
-        }
-    };
-    install(&built, &out)?;
-    eprintln!("xtask: {} ({kind})", out.display());
-    Ok(Built { path: out, kind })
-}
-
-/// BOLT's tools, of the LLVM that rustc is built on.
-struct Bolt {
-    bolt: PathBuf,
-    merge_fdata: PathBuf,
-}
-
-/// BOLT for rustc's LLVM major version, from Debian's `bolt-N` package
-/// (installed here when missing, as root with apt); why not, otherwise.
-/// Another LLVM's BOLT may not read what this rustc writes.
-fn bolt_tools() -> std::result::Result<Bolt, String> {
-    let vv = Command::new("rustc")
-        .current_dir(root())
-        .arg("-vV")
-        .output()
-        .map_err(|e| format!("running rustc: {e}"))?;
-    let major = llvm_major(&String::from_utf8_lossy(&vv.stdout))
-        .ok_or("`rustc -vV` names no LLVM version")?;
-    let bin = PathBuf::from(format!("/usr/lib/llvm-{major}/bin"));
-    let tools = Bolt {
-        bolt: bin.join("llvm-bolt"),
-        merge_fdata: bin.join("merge-fdata"),
-    };
-    let present = |t: &Bolt| t.bolt.exists() && t.merge_fdata.exists();
-    if !present(&tools) {
-        let package = format!("bolt-{major}");
-        if !(have("apt-get") && is_root()) {
-            return Err(format!(
-                "{} is missing: install Debian's {package} (rustc's LLVM is {major})",
-                tools.bolt.display()
-            ));
-        }
-        apt_get(&["update"])
-            .and_then(|_| apt_get(&["install", "-y", &package]))
-            .map_err(|e| format!("`apt-get install {package}` failed: {e:#}"))?;
-        if !present(&tools) {
-            return Err(format!(
-                "{package} is installed but {} is not there",
-                tools.bolt.display()
-            ));
-        }
-    }
-    Ok(tools)
-}
-
-/// The LLVM major version in `rustc -vV`'s output.
-fn llvm_major(vv: &str) -> Option<u32> {
-    vv.lines()
-        .find_map(|l| l.strip_prefix("LLVM version: "))?
-        .split('.')
-        .next()?
-        .trim()
-        .parse()
-        .ok()
-}
-
-/// Rewrites the profile-guided `input` with BOLT: instrumented, trained on
-/// the same load as the profile (unless its profile is newer than `input`
-/// and the training's files), then laid out by that profile. The hot
-/// functions go first in `.text`, aligned to a 2 MiB page, where the agent
-/// advises them onto huge pages at start (agent/src/hugetext.rs).
-fn bolt_layout(tools: &Bolt, input: &Path, retrain: bool) -> Result<PathBuf> {
-    let dir = root().join("target/pgo/bolt");
-    let raw = dir.join("raw");
-    let profile = root().join(BOLT_PROFILE);
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let mut inputs = vec![input.to_path_buf()];
-    inputs.extend(TRAINING_INPUTS.iter().map(|p| root().join(p)));
-    if !retrain && fresh(&profile, &inputs) {
-        eprintln!(
-            "xtask: {} is newer than the profile-guided build and the training's files: not retrained (`--retrain` to train again)",
-            profile.display()
-        );
-    } else {
-        let instrumented = dir.join("tollgate.instrumented");
-        bolt(
-            Command::new(&tools.bolt)
-                .arg(input)
-                .arg("-instrument")
-                .arg("-o")
-                .arg(&instrumented)
-                .arg(format!(
-                    "--instrumentation-file={}",
-                    raw.join("tollgate.fdata").display()
-                ))
-                .arg("--instrumentation-file-append-pid"),
-            &dir.join("instrument.log"),
-        )?;
-        train(&instrumented, &raw)?;
-        merge(Command::new(&tools.merge_fdata), "fdata", &raw, &profile)?;
-    }
-    let out = dir.join("tollgate");
-    bolt(
-        Command::new(&tools.bolt)
-            .arg(input)
-            .arg("-o")
-            .arg(&out)
-            .arg(format!("-data={}", profile.display()))
-            .args(BOLT_LAYOUT),
-        &dir.join("layout.log"),
-    )?;
-    // What was rewritten starts and runs.
-    let v = Command::new(&out)
-        .arg("--version")
-        .output()
-        .with_context(|| format!("running {}", out.display()))?;
-    if !v.status.success() {
-        bail!(
-            "{} --version failed after BOLT's layout ({})",
-            out.display(),
-            v.status
-        );
-    }
+    install(&pgo.join("use/release/tollgate"), &out)?;
+    eprintln!(
+        "xtask: {} (profile-guided; profile {})",
+        out.display(),
+        profile.display()
+    );
     Ok(out)
-}
-
-/// How BOLT lays the agent out: blocks and functions by the profile, cold
-/// parts of functions split off, debug info kept
-/// (rewritten to the new addresses). No identical-code folding: Rust may
-/// compare function addresses, which folding would make equal.
-const BOLT_LAYOUT: &[&str] = &[
-    "-reorder-blocks=ext-tsp",
-    "-reorder-functions=cdsort",
-    "-split-functions",
-    "-split-all-cold",
-    "-split-eh",
-    "-use-gnu-stack",
-    "-update-debug-sections",
-];
-
-/// Runs a BOLT command with its (long) output in `log`; on failure, the
-/// error names the log and quotes its end.
-fn bolt(cmd: &mut Command, log: &Path) -> Result<()> {
-    eprintln!("xtask: {cmd:?} > {}", log.display());
-    let f = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
-    let status = cmd
-        .stdout(f.try_clone()?)
-        .stderr(f)
-        .status()
-        .with_context(|| format!("running {:?}", cmd.get_program()))?;
-    if !status.success() {
-        let text = std::fs::read_to_string(log).unwrap_or_default();
-        let tail: Vec<&str> = text.lines().rev().take(10).collect();
-        bail!(
-            "{:?} failed ({status}); its output is in {}, ending:\n{}",
-            cmd.get_program(),
-            log.display(),
-            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-        );
-    }
-    Ok(())
 }
 
 /// A binary to ship or to bench must intercept: AYA_BUILD_SKIP (a build
@@ -438,15 +236,13 @@ fn train(agent: &Path, raw: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Merges the training's raw counts (`*.{ext}` in `raw`) into `profile`
-/// with `tool` (`llvm-profdata merge`, BOLT's `merge-fdata`), which takes
-/// `-o OUT` and the files. Written whole, then renamed, so a failed merge
-/// leaves no half profile to be taken as fresh.
-fn merge(mut tool: Command, ext: &str, raw: &Path, profile: &Path) -> Result<()> {
+/// Merges the training's raw counts into `profile` (written whole, then
+/// renamed, so a failed merge leaves no half profile to be taken as fresh).
+fn merge(profdata: &Path, raw: &Path, profile: &Path) -> Result<()> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(raw)
         .with_context(|| format!("reading {}", raw.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == ext))
+        .filter(|p| p.extension().is_some_and(|x| x == "profraw"))
         .collect();
     files.sort();
     if files.is_empty() {
@@ -455,10 +251,12 @@ fn merge(mut tool: Command, ext: &str, raw: &Path, profile: &Path) -> Result<()>
             raw.display()
         );
     }
-    let mut partial = profile.as_os_str().to_owned();
-    partial.push(".partial");
-    let partial = PathBuf::from(partial);
-    run(tool.arg("-o").arg(&partial).args(&files))?;
+    let partial = profile.with_extension("profdata.partial");
+    run(Command::new(profdata)
+        .arg("merge")
+        .arg("-o")
+        .arg(&partial)
+        .args(&files))?;
     std::fs::rename(&partial, profile)
         .with_context(|| format!("renaming {} to {}", partial.display(), profile.display()))?;
     eprintln!(
@@ -541,9 +339,9 @@ fn llvm_profdata() -> Result<PathBuf> {
 
 #[cfg(test)]
 mod tests {
-    use std::process::Command;
+    use std::path::Path;
 
-    use super::{fresh, llvm_major, merge, rustflags};
+    use super::{fresh, merge, rustflags};
 
     #[test]
     fn the_users_own_rustflags_are_kept_before_the_profile_flags() {
@@ -596,27 +394,13 @@ mod tests {
     }
 
     #[test]
-    fn bolt_is_of_the_llvm_rustc_names() {
-        let vv = "rustc 1.95.0 (59807616e 2026-04-14)\nhost: x86_64-unknown-linux-gnu\nrelease: 1.95.0\nLLVM version: 22.1.2\n";
-        assert_eq!(llvm_major(vv), Some(22));
-        assert_eq!(llvm_major("rustc 1.95.0\n"), None);
-        assert_eq!(llvm_major("LLVM version: x.1\n"), None);
-    }
-
-    #[test]
     fn a_training_that_wrote_nothing_is_an_error_and_leaves_no_profile() {
         let dir = tempfile::tempdir().unwrap();
         let raw = dir.path().join("raw");
         std::fs::create_dir(&raw).unwrap();
         std::fs::write(raw.join("notes.txt"), "not a profile").unwrap();
         let profile = dir.path().join("tollgate.profdata");
-        let e = merge(
-            Command::new("/nonexistent/llvm-profdata"),
-            "profraw",
-            &raw,
-            &profile,
-        )
-        .unwrap_err();
+        let e = merge(Path::new("/nonexistent/llvm-profdata"), &raw, &profile).unwrap_err();
         assert!(format!("{e:#}").contains("wrote no profile"), "{e:#}");
         assert!(!profile.exists());
     }

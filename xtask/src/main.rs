@@ -61,10 +61,6 @@ enum Cmd {
         /// instrumented build and every file of the training.
         #[arg(long)]
         retrain: bool,
-        /// Profile-guided only: skip BOLT's layout of the hot code (and so
-        /// its huge pages).
-        #[arg(long, conflicts_with = "plain")]
-        no_bolt: bool,
     },
     /// Build the agent as `dist` does, install the peer gateways (LiteLLM,
     /// mitmproxy, tiktoken) under target/bench-venv, and run the benchmark
@@ -76,9 +72,6 @@ enum Cmd {
         /// Bench a plain release build of the agent (no profile).
         #[arg(long)]
         plain: bool,
-        /// Bench the profile-guided build without BOLT's layout.
-        #[arg(long, conflicts_with = "plain")]
-        no_bolt: bool,
         /// Extra arguments for tollgate-bench (`--rows latency,tokens`, ...).
         #[arg(last = true)]
         args: Vec<String>,
@@ -677,7 +670,7 @@ fn venv(dir: &Path, reqs: &[&str]) -> Result<()> {
     Ok(())
 }
 
-fn bench(quick: bool, plain: bool, no_bolt: bool, args: &[String]) -> Result<()> {
+fn bench(quick: bool, plain: bool, args: &[String]) -> Result<()> {
     if !is_root() {
         bail!(
             "the benchmark loads eBPF programs: run it as root (e.g. `sudo -E env PATH=\"$PATH\" cargo xtask bench`; \
@@ -695,17 +688,10 @@ fn bench(quick: bool, plain: bool, no_bolt: bool, args: &[String]) -> Result<()>
     }
     // The agent as shipped: what users run is what the table is about.
     // (`--plain`: the release build as it is, leaving target/dist alone.)
-    let (agent, build) = if plain {
-        (
-            dist::plain_build()?,
-            "plain release build (cargo xtask bench --plain)".to_owned(),
-        )
+    let agent = if plain {
+        dist::plain_build()?
     } else {
-        let built = dist::dist(false, false, no_bolt, "bench")?;
-        (
-            built.path,
-            format!("{}, as `cargo xtask dist` builds it", built.kind),
-        )
+        dist::dist(false, false, "bench")?
     };
     run(cargo().args([
         "build",
@@ -716,6 +702,14 @@ fn bench(quick: bool, plain: bool, no_bolt: bool, args: &[String]) -> Result<()>
         "tollgate-bench",
     ]))?;
     let mut b = Command::new(root().join("target/release/tollgate-bench"));
+    let build = if plain {
+        "plain release build (cargo xtask bench --plain)".to_owned()
+    } else {
+        format!(
+            "profile-guided, as `cargo xtask dist` builds it ({})",
+            dist::PROFILE
+        )
+    };
     b.env("TOLLGATE_BIN", &agent)
         .env("TOLLGATE_BENCH_AGENT_BUILD", build)
         .env("TOLLGATE_BENCH_VENV", &venvs)
@@ -812,17 +806,8 @@ fn main() -> Result<()> {
         Cmd::Fuzz { seconds, target } => fuzz(seconds, target),
         Cmd::Test { no_lint, args } => test(no_lint, &args),
         Cmd::Demo => demo(),
-        Cmd::Dist {
-            plain,
-            retrain,
-            no_bolt,
-        } => dist::dist(plain, retrain, no_bolt, "dist").map(|_| ()),
-        Cmd::Bench {
-            quick,
-            plain,
-            no_bolt,
-            args,
-        } => bench(quick, plain, no_bolt, &args),
+        Cmd::Dist { plain, retrain } => dist::dist(plain, retrain, "dist").map(|_| ()),
+        Cmd::Bench { quick, plain, args } => bench(quick, plain, &args),
     }
 }
 

@@ -146,16 +146,6 @@ impl BenchAgent {
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
     }
 
-    /// File-backed memory mapped with huge pages (FilePmdMapped), KiB: the
-    /// agent's hot code, when a `dist` build laid it out for them and the
-    /// kernel took the advice.
-    pub fn huge_code_kib(&self) -> Option<u64> {
-        let s = std::fs::read_to_string(format!("/proc/{}/smaps_rollup", self.pid)).ok()?;
-        s.lines()
-            .find_map(|l| l.strip_prefix("FilePmdMapped:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-    }
-
     /// Resident memory now (VmRSS), KiB.
     pub fn rss_kib(&self) -> Option<u64> {
         self.status_kib("VmRSS:")

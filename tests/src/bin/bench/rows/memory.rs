@@ -44,7 +44,6 @@ impl Row for Memory {
         let agent = env.agent.as_ref().context("agent")?;
         let idle = agent.rss_kib().context("no VmRSS for the agent")? as f64 / 1024.0;
         let ready_ms = agent.ready_after.as_secs_f64() * 1000.0;
-
         let target = env.tollgate_target("/v1/chat/completions")?;
         // One answer without usage: the agent counts it locally, which
         // loads the o200k_base tables (built on first need, kept).
@@ -55,13 +54,6 @@ impl Row for Memory {
         std::thread::sleep(Duration::from_secs(2));
         let agent = env.agent.as_ref().context("agent")?;
         let counted = agent.rss_kib().context("no VmRSS for the agent")? as f64 / 1024.0;
-        // A few seconds after start: code read in before the agent's advice
-        // is merged onto huge pages by khugepaged, later.
-        let huge = match agent.huge_code_kib() {
-            Some(0) => "none yet".to_owned(),
-            Some(k) => format!("{:.0} MiB", k as f64 / 1024.0),
-            None => "unknown (no smaps_rollup)".to_owned(),
-        };
         // Streams last 100 ms × 400 chunks = 40 s: longer than opening
         // them all (bounded by open_secs) plus the hold.
         let open_secs = if env.quick { 10 } else { 30 };
@@ -119,7 +111,7 @@ impl Row for Memory {
                 "MiB",
             )
             .note(format!(
-                "{:.1} MiB for the o200k_base tables, loaded on first need (a response without usage); code on huge pages: {huge}",
+                "{:.1} MiB for the o200k_base tables, loaded on first need (a response without usage)",
                 counted - idle
             )),
             Figure::goal(
