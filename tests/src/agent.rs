@@ -11,6 +11,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+/// How long the ledger must stay unchanged before [`Agent::wait_for_records`]
+/// takes its records as final: several of the writer's 50 ms batch windows.
+pub const SETTLE: Duration = Duration::from_millis(300);
+
 #[derive(Default)]
 pub struct AgentOptions {
     pub cgroup: PathBuf,
@@ -285,17 +289,29 @@ impl Agent {
             .expect("an array")
     }
 
-    /// Waits (bounded) until the ledger holds at least `n` records; the
-    /// writer batches in the background.
+    /// Waits (bounded) until the ledger holds at least `n` records (the
+    /// writer batches in the background), then until no further record has
+    /// come for [`SETTLE`], and returns them all: a caller that asserts an
+    /// exact count then also sees a record counted twice, or one written
+    /// late by the end of a connection.
     pub fn wait_for_records(&self, n: usize) -> Vec<Value> {
         let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
+        let mut r = loop {
             let r = self.report_json();
             if r.len() >= n || Instant::now() > deadline {
-                return r;
+                break r;
             }
             std::thread::sleep(Duration::from_millis(100));
+        };
+        while Instant::now() < deadline {
+            std::thread::sleep(SETTLE);
+            let again = self.report_json();
+            if again.len() == r.len() {
+                break;
+            }
+            r = again;
         }
+        r
     }
 
     /// SIGKILL, then wait for the process to be gone.
