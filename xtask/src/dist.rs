@@ -25,8 +25,8 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 
 use super::{
-    cargo, is_root, kernel_unavailable, root, run, run_retried, rustup_components, setup_build,
-    setup_sdks, warn_if_disk_below, with_agent_and_sdks,
+    bench_suite, cargo, is_root, kernel_unavailable, root, run, run_retried, rustup_components,
+    setup_build, setup_sdks, warn_if_disk_below, with_agent_and_sdks,
 };
 
 /// What the build writes.
@@ -195,18 +195,8 @@ fn train(agent: &Path, raw: &Path) -> Result<()> {
     // a) The benchmark's own load (quick rows, no peers): the request path
     // at volume, HTTP/1.1 and streams, and with an OTLP exporter (row 7),
     // which records every request into its instruments.
-    run(cargo().args([
-        "build",
-        "--release",
-        "--locked",
-        "-p",
-        "tollgate-e2e",
-        "--bin",
-        "tollgate-bench",
-    ]))?;
-    run(Command::new(root().join("target/release/tollgate-bench"))
+    run(bench_suite()?
         .env("TOLLGATE_BIN", agent)
-        .env("TOLLGATE_BENCH_VENV", root().join("target/bench-venv"))
         .env_remove("LLVM_PROFILE_FILE")
         .arg("--out")
         .arg(root().join("target/pgo/training.json"))

@@ -670,6 +670,23 @@ fn venv(dir: &Path, reqs: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// The benchmark suite's binary, built (release, `--locked`) and ready to
+/// run with the peers' virtualenvs under target/bench-venv.
+fn bench_suite() -> Result<Command> {
+    run(cargo().args([
+        "build",
+        "--release",
+        "--locked",
+        "-p",
+        "tollgate-e2e",
+        "--bin",
+        "tollgate-bench",
+    ]))?;
+    let mut b = Command::new(root().join("target/release/tollgate-bench"));
+    b.env("TOLLGATE_BENCH_VENV", root().join("target/bench-venv"));
+    Ok(b)
+}
+
 fn bench(quick: bool, plain: bool, args: &[String]) -> Result<()> {
     if !is_root() {
         bail!(
@@ -688,31 +705,23 @@ fn bench(quick: bool, plain: bool, args: &[String]) -> Result<()> {
     }
     // The agent as shipped: what users run is what the table is about.
     // (`--plain`: the release build as it is, leaving target/dist alone.)
-    let agent = if plain {
-        dist::plain_build()?
+    let (agent, build) = if plain {
+        (
+            dist::plain_build()?,
+            "plain release build (cargo xtask bench --plain)".to_owned(),
+        )
     } else {
-        dist::dist(false, false, "bench")?
-    };
-    run(cargo().args([
-        "build",
-        "--release",
-        "-p",
-        "tollgate-e2e",
-        "--bin",
-        "tollgate-bench",
-    ]))?;
-    let mut b = Command::new(root().join("target/release/tollgate-bench"));
-    let build = if plain {
-        "plain release build (cargo xtask bench --plain)".to_owned()
-    } else {
-        format!(
-            "profile-guided, as `cargo xtask dist` builds it ({})",
-            dist::PROFILE
+        (
+            dist::dist(false, false, "bench")?,
+            format!(
+                "profile-guided, as `cargo xtask dist` builds it ({})",
+                dist::PROFILE
+            ),
         )
     };
+    let mut b = bench_suite()?;
     b.env("TOLLGATE_BIN", &agent)
         .env("TOLLGATE_BENCH_AGENT_BUILD", build)
-        .env("TOLLGATE_BENCH_VENV", &venvs)
         .arg("--out")
         .arg(root().join("target/bench/results.json"));
     if quick {
