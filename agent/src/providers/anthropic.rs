@@ -59,6 +59,14 @@ impl Provider for Anthropic {
             return info;
         }
         let path = req.path.trim_end_matches('/');
+        if req.method == http::Method::POST && path.ends_with("/chat/completions") {
+            // The OpenAI SDK compatibility layer (`base_url` ending in
+            // `/v1/`): OpenAI's format, Anthropic's models and prices. It
+            // takes `stream_options`, so usage is asked for as on OpenAI.
+            let mut info = super::openai::OpenAi.request(req);
+            info.wire = Some(crate::config::ApiKind::Openai);
+            return info;
+        }
         if let Some(id) = batch_results_id(req.method, path) {
             return RequestInfo {
                 operation: super::batch::OPERATION,

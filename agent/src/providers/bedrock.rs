@@ -219,7 +219,9 @@ fn converse_tier(service_tier: &Value) -> Option<String> {
         .and_then(super::service_tier)
 }
 
-/// Usage from a Converse `usage` object (JSON body or `metadata` event).
+/// Usage from a Converse `usage` object (JSON body or `metadata` event),
+/// or from an Amazon Nova InvokeModel answer's, which names its cache
+/// counts `cacheReadInputTokenCount` and `cacheWriteInputTokenCount`.
 /// `cacheDetails` splits the cache writes by how long they are kept; the
 /// hour-long part is priced higher.
 pub fn converse_usage(u: &Value) -> Option<Usage> {
@@ -231,8 +233,12 @@ pub fn converse_usage(u: &Value) -> Option<Usage> {
     let mut out = usage(
         input.unwrap_or(0),
         output.unwrap_or(0),
-        f("cacheReadInputTokens").unwrap_or(0),
-        f("cacheWriteInputTokens").unwrap_or(0),
+        f("cacheReadInputTokens")
+            .or_else(|| f("cacheReadInputTokenCount"))
+            .unwrap_or(0),
+        f("cacheWriteInputTokens")
+            .or_else(|| f("cacheWriteInputTokenCount"))
+            .unwrap_or(0),
     );
     let hour: u64 = u
         .get("cacheDetails")
@@ -244,6 +250,18 @@ pub fn converse_usage(u: &Value) -> Option<Usage> {
         .fold(0, u64::saturating_add);
     out.cache_write_1h_input_tokens = hour.min(out.cache_write_input_tokens);
     Some(out)
+}
+
+/// The model a prompt router sent a Converse request to (`trace.
+/// promptRouter.invokedModelId` of the answer or of the stream's
+/// `metadata` event): the request names only the router. An ARN gives its
+/// last part, the model or inference profile id (not the account's ARN).
+fn routed_model(trace: &Value) -> Option<String> {
+    let id = trace
+        .pointer("/promptRouter/invokedModelId")
+        .and_then(Value::as_str)?;
+    let id = id.rsplit('/').next().unwrap_or(id);
+    (!id.is_empty()).then(|| id.to_string())
 }
 
 /// Usage from `amazon-bedrock-invocationMetrics`.
@@ -287,6 +305,7 @@ fn header_usage(h: &HeaderMap) -> Option<Usage> {
 #[serde(default)]
 struct WireConverse {
     usage: Option<Value>,
+    trace: Option<Value>,
     #[serde(rename = "serviceTier")]
     service_tier: Option<Value>,
 }
@@ -320,6 +339,7 @@ impl UsageParser for JsonParser {
             return ParsedUsage {
                 usage: Some(u),
                 service_tier: v.service_tier.as_ref().and_then(converse_tier),
+                response_model: v.trace.as_ref().and_then(routed_model),
                 ..Default::default()
             };
         }
@@ -342,6 +362,8 @@ struct StreamParser {
     converse: Option<Usage>,
     /// The metadata event's `serviceTier`.
     tier: Option<String>,
+    /// The model a prompt router chose (the metadata event's `trace`).
+    routed: Option<String>,
     /// From the last chunk's invocation metrics.
     metrics: Option<Usage>,
     /// The Anthropic adapter's stream parser, fed the decoded chunk events.
@@ -368,6 +390,7 @@ impl StreamParser {
             decoder: Decoder::default(),
             converse: None,
             tier: None,
+            routed: None,
             metrics: None,
             anthropic: Anthropic.response_parser(&info, status, &sse),
             text: String::new(),
@@ -396,6 +419,9 @@ impl StreamParser {
                 }
                 if let Some(t) = v.get("serviceTier").and_then(converse_tier) {
                     self.tier = Some(t);
+                }
+                if let Some(m) = v.get("trace").and_then(routed_model) {
+                    self.routed = Some(m);
                 }
             }
             Some("contentBlockDelta") => {
@@ -486,7 +512,7 @@ impl UsageParser for StreamParser {
         };
         ParsedUsage {
             usage: if corrupt { None } else { usage },
-            response_model: a.response_model,
+            response_model: self.routed.take().or(a.response_model),
             output_text: text,
             partial: partial && !corrupt,
             error: self.error.take().or(a.error),
@@ -910,6 +936,50 @@ mod tests {
             &[],
         );
         assert_eq!(e.usage.map(|u| u.input_tokens), Some(17));
+    }
+
+    #[test]
+    fn a_prompt_routers_choice_is_the_response_model() {
+        let mut h = HeaderMap::new();
+        h.insert("content-type", "application/json".parse().unwrap());
+        let answer = br#"{"output":{"message":{"role":"assistant","content":[{"text":"Hi."}]}},"stopReason":"end_turn","usage":{"inputTokens":30,"outputTokens":5},"trace":{"promptRouter":{"invokedModelId":"arn:aws:bedrock:us-east-1:123456789012:inference-profile/us.anthropic.claude-3-5-haiku-20241022-v1:0"}}}"#;
+        let p = parse_split_with(&Bedrock, &info("chat"), &h, answer, &[]);
+        let model = p.response_model.expect("the routed model");
+        assert_eq!(model, "us.anthropic.claude-3-5-haiku-20241022-v1:0");
+        let prices = crate::meter::pricing::PriceBook::builtin();
+        assert!(prices.knows("bedrock", &model), "{model}");
+        // The stream's metadata event says the same.
+        let meta = encode_frame(
+            &[(":event-type", "metadata"), (":message-type", "event")],
+            br#"{"usage":{"inputTokens":30,"outputTokens":5},"metrics":{"latencyMs":100},"trace":{"promptRouter":{"invokedModelId":"us.anthropic.claude-3-5-haiku-20241022-v1:0"}}}"#,
+        );
+        let mut sh = HeaderMap::new();
+        sh.insert("content-type", EVENTSTREAM.parse().unwrap());
+        let s = parse_split_with(&Bedrock, &info("chat"), &sh, &meta, &[5]);
+        assert_eq!(
+            s.response_model.as_deref(),
+            Some("us.anthropic.claude-3-5-haiku-20241022-v1:0")
+        );
+    }
+
+    #[test]
+    fn invoke_nova_reads_its_cache_counts() {
+        // Amazon Nova's InvokeModel answer: Converse's token names, but
+        // the cache counts as the invocation metrics spell them.
+        let mut h = HeaderMap::new();
+        h.insert("content-type", "application/json".parse().unwrap());
+        let nova = br#"{"output":{"message":{"role":"assistant","content":[{"text":"Hi."}]}},"stopReason":"end_turn","usage":{"inputTokens":100,"outputTokens":20,"totalTokens":1620,"cacheReadInputTokenCount":1000,"cacheWriteInputTokenCount":500}}"#;
+        let p = parse_split_with(&Bedrock, &info("chat"), &h, nova, &[7]);
+        let u = p.usage.expect("usage");
+        assert_eq!(
+            (
+                u.input_tokens,
+                u.cached_input_tokens,
+                u.cache_write_input_tokens,
+                u.output_tokens
+            ),
+            (1600, 1000, 500, 20)
+        );
     }
 
     #[test]

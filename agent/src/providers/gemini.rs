@@ -259,6 +259,10 @@ impl Provider for Gemini {
     fn request(&self, req: &RequestView<'_>) -> RequestInfo {
         if is_openai_compat(req.path) {
             let mut info = OpenAi.request(req);
+            // Read (and estimated) as OpenAI's, recorded as Gemini's; no
+            // `stream_options` is added there.
+            info.wire = Some(crate::config::ApiKind::Openai);
+            info.refuses_stream_options = true;
             // Gemini models only (`gemini-…`, Vertex's `google/gemini-…`),
             // not the partner models Vertex serves there.
             let gemini = info.model.as_deref().is_none_or(|m| {
@@ -405,6 +409,7 @@ impl Provider for Gemini {
         let free = matches!(info.operation, "count_tokens" | "batch");
         let mut found = Found::new(free);
         found.service_tier = header_tier(headers);
+        found.ok_status = (200..300).contains(&status);
         if super::content_type(headers) == "text/event-stream" {
             Box::new(SseParser {
                 sse: SseReader::new(JsonBody::DEFAULT_LIMIT),
@@ -794,8 +799,12 @@ struct Found {
     /// counts so far (cumulative, and some chunks carry only the prompt's).
     finished: bool,
     /// The provider's error status, from an error object that ended a
-    /// body after responses (a stream's mid-way `{"error": ...}`).
+    /// body after responses (a stream's mid-way `{"error": ...}`), or
+    /// that was all of a successful status's body.
     error: Option<String>,
+    /// The response's status was a success: an error object in its body
+    /// is the provider's own error even before any response.
+    ok_status: bool,
     /// The tier that served the request: the Gemini API's
     /// `x-gemini-service-tier` header, or Vertex AI's
     /// `usageMetadata.trafficType` (`ON_DEMAND_PRIORITY` → `priority`).
@@ -818,11 +827,12 @@ impl Found {
         let answered = self.usage.is_some() || self.generating;
         self.any = true;
         if let Some(e) = v.get("error") {
-            if answered {
+            if answered || self.ok_status {
                 self.error = e
                     .get("status")
                     .and_then(Value::as_str)
-                    .and_then(super::error_type);
+                    .and_then(super::error_type)
+                    .or_else(|| Some("error".to_string()));
             }
             return;
         }
@@ -2085,10 +2095,20 @@ mod tests {
             &[],
         );
         assert_eq!(e.usage, None);
+        // An error body with its error status: the status says it all.
+        let mut h = http::HeaderMap::new();
+        h.insert(
+            http::header::CONTENT_TYPE,
+            "application/json".parse().unwrap(),
+        );
         for op in ["generate_content", "embeddings"] {
-            let p = parse(op, "application/json; charset=UTF-8", ERR_JSON, &[]);
-            assert_eq!(p, ParsedUsage::default(), "{op}");
+            let mut p = Gemini.response_parser(&info(op), 429, &h);
+            p.feed(ERR_JSON);
+            assert_eq!(p.finish(), ParsedUsage::default(), "{op}");
         }
+        // The same body under a success status is the provider's error.
+        let p = parse("generate_content", "application/json", ERR_JSON, &[]);
+        assert_eq!((p.usage, p.error.is_some()), (None, true), "{p:?}");
         // An error in the middle of an array stream keeps what came before.
         let mid = br#"[{"usageMetadata":{"promptTokenCount":3,"candidatesTokenCount":1}},
 {"error":{"code":503,"message":"The model is overloaded.","status":"UNAVAILABLE"}}]"#;
@@ -2141,11 +2161,12 @@ mod tests {
         let blocked_stream = br#"[{"candidates":[{"content":{"parts":[{"text":"a"}]}}],"usageMetadata":{"promptTokenCount":5}},
 {"promptFeedback":{"blockReason":"OTHER"},"usageMetadata":{"promptTokenCount":5,"candidatesTokenCount":1}}]"#;
         assert!(!parse("generate_content", "application/json", blocked_stream, &[]).partial);
-        // An error status that is not an identifier is not recorded.
+        // An error status that is not an identifier is not recorded as
+        // it came: the record says only that there was one.
         let odd = br#"[{"candidates":[],"usageMetadata":{"promptTokenCount":3}},
 {"error":{"code":500,"status":"a b <c>"}}]"#;
         let o = parse("generate_content", "application/json", odd, &[]);
-        assert_eq!((o.partial, o.error), (true, None));
+        assert_eq!((o.partial, o.error.as_deref()), (true, Some("error")));
     }
 
     #[test]

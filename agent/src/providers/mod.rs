@@ -73,6 +73,13 @@ pub struct RequestInfo {
     /// on a Vertex AI host configured as Gemini): its parsers, estimates,
     /// name and prices are used from here on.
     pub api: Option<crate::config::ApiKind>,
+    /// The API whose format the request and its answer have when the
+    /// provider serves another API's under its own name and prices
+    /// (OpenAI's on Anthropic's and Gemini's OpenAI-compatible endpoints,
+    /// Anthropic's Messages API on DeepSeek's `/anthropic`): that API's
+    /// adapter rewrites, filters and reads them, and estimates their
+    /// input, while the record keeps the provider (`api`, else the host's).
+    pub wire: Option<crate::config::ApiKind>,
     /// The request asked to run in the background (the Responses API's
     /// `background: true`): its answer is usually the response `queued`,
     /// whose usage comes later, in a retrieval of it.
@@ -123,6 +130,12 @@ impl RequestInfo {
     /// does not count it, and in flight while it runs.
     pub fn own_row(&self) -> bool {
         self.retrieves.is_none() && !self.sessions.is_some() && self.batch.is_none()
+    }
+
+    /// The API whose format the request has: [`RequestInfo::wire`], else
+    /// the API that serves it (`api`, else the host's, `host`).
+    pub fn format(&self, host: crate::config::ApiKind) -> crate::config::ApiKind {
+        self.wire.or(self.api).unwrap_or(host)
     }
 }
 

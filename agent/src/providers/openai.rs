@@ -180,6 +180,14 @@ impl Provider for OpenAi {
                 ..Default::default()
             };
         }
+        if req.path.starts_with("/anthropic/") {
+            // Anthropic's Messages API on an OpenAI-compatible host
+            // (DeepSeek's `/anthropic`, what Claude Code is pointed at):
+            // read as Anthropic's, recorded and priced as the host's.
+            let mut info = super::anthropic::Anthropic.request(req);
+            info.wire = Some(crate::config::ApiKind::Anthropic);
+            return info;
+        }
         let op = operation(req.path);
         if !has_usage(op) {
             return RequestInfo {
@@ -776,6 +784,38 @@ struct StreamEvent<'a> {
     /// Chat completion chunks carry the tier that serves the stream.
     #[serde(default)]
     service_tier: Option<Value>,
+    /// A chunk that ends the stream with the provider's error.
+    #[serde(default)]
+    error: Option<Value>,
+    /// The Responses API's `error` event: `{"type":"error","code":…}`.
+    #[serde(default, rename = "type")]
+    kind: Option<Value>,
+    #[serde(default)]
+    code: Option<Value>,
+}
+
+/// The provider's error type of a stream event: a chat chunk's `error`
+/// object (its `code`, else its `type`), or the Responses API's `error`
+/// event (its `code`), sanitised.
+fn stream_error(
+    error: Option<&Value>,
+    kind: Option<&Value>,
+    code: Option<&Value>,
+) -> Option<String> {
+    if let Some(e) = error.filter(|e| e.is_object()) {
+        return ["code", "type"]
+            .into_iter()
+            .find_map(|k| e.get(k).and_then(Value::as_str))
+            .and_then(super::error_type)
+            .or_else(|| Some("error".to_string()));
+    }
+    if kind.and_then(Value::as_str) == Some("error") {
+        return code
+            .and_then(Value::as_str)
+            .and_then(super::error_type)
+            .or_else(|| Some("error".to_string()));
+    }
+    None
 }
 
 #[derive(serde::Deserialize)]
@@ -819,6 +859,9 @@ impl StreamParser {
             }
             if let Some(Value::String(t)) = &ev.delta {
                 super::push_text(&mut found.output_text, t);
+            }
+            if let Some(e) = stream_error(ev.error.as_ref(), ev.kind.as_ref(), ev.code.as_ref()) {
+                found.error = Some(e);
             }
             if let Some(r) = ev.response.as_ref().filter(|r| r.is_object()) {
                 let (id, status) = id_and_status(r);
@@ -882,6 +925,9 @@ impl StreamParser {
         }
         if let Some(t) = v.get("delta").and_then(Value::as_str) {
             super::push_text(&mut found.output_text, t);
+        }
+        if let Some(e) = stream_error(v.get("error"), v.get("type"), v.get("code")) {
+            found.error = Some(e);
         }
         let obj = v.get("response").filter(|r| r.is_object()).unwrap_or(&v);
         if let Some(t) = tier_of(obj) {

@@ -1125,9 +1125,10 @@ pub(super) async fn handle(
     }
     read_retrieval_only_if_it_settles(state, &ctx.provider.host, &mut info);
     claim_batch_results(state, &ctx.provider.host, &parts.headers, &mut info);
-    // The API that serves the request from here on (Claude on a Vertex AI
-    // host is Anthropic's).
-    let adapter = info.api.map_or(adapter, adapter_for);
+    // The API whose format the request has from here on (Claude on a
+    // Vertex AI host is Anthropic's; the OpenAI-compatible endpoint of
+    // Anthropic's host, OpenAI's).
+    let adapter = info.wire.or(info.api).map_or(adapter, adapter_for);
     if ctx.provider.refuses_stream_options {
         info.refuses_stream_options = true;
     }
@@ -1421,8 +1422,9 @@ impl Draft {
             return;
         }
         let mut parsed = parsed;
-        let api = self.info.api.unwrap_or(self.ctx.provider.api);
-        let provider = adapter_for(api).name();
+        let provider = adapter_for(self.info.api.unwrap_or(self.ctx.provider.api)).name();
+        // The API whose format the body has, for its estimate.
+        let api = self.info.format(self.ctx.provider.api);
         if let Some(m) = parsed.response_model.as_mut() {
             crate::meter::cap_owned(m, crate::meter::MAX_MODEL_NAME);
         }
@@ -1430,8 +1432,18 @@ impl Draft {
         // The model whose encoding counts an estimate.
         let model =
             estimate::tokenizer_model(parsed.response_model.as_deref(), self.info.model.as_deref());
+        // A successful status whose body the provider ended with its own
+        // error before any count or output (Anthropic's `overloaded_error`
+        // as the first event): refused, as an error status would have
+        // been, so nothing is estimated.
+        let refused = ok
+            && parsed.usage.is_none()
+            && parsed.error.is_some()
+            && parsed.output_text.is_empty()
+            && parsed.estimated == (0, 0);
         // An unanswered request has no usage: its input is estimated.
         let estimated = (ok || self.unanswered)
+            && !refused
             && match parsed.usage {
                 None => {
                     // Counted earlier (a parked record's request, and the
@@ -1726,7 +1738,7 @@ impl Draft {
         let key = parked_key(&ctx.provider.host, &id);
         let body = self.body.clone();
         let text = first.output_text.clone();
-        let api = self.info.api.unwrap_or(ctx.provider.api);
+        let api = self.info.format(ctx.provider.api);
         let model =
             estimate::tokenizer_model(first.response_model.as_deref(), self.info.model.as_deref())
                 .map(str::to_string);
@@ -2221,6 +2233,176 @@ mod tests {
             }),
             provider: ctx.provider.clone(),
         })
+    }
+
+    /// The record of a POST of `body` to `path` on `host` (of `api`),
+    /// answered 200 with `answer` of content type `ct`, as the handler
+    /// reads and records it.
+    fn answered(
+        host: &str,
+        api: crate::config::ApiKind,
+        path: &str,
+        body: &[u8],
+        ct: &str,
+        answer: &[u8],
+    ) -> Arc<UsageRecord> {
+        let (ctx, keep, _dir) = test_ctx(host, api);
+        let mut d = WsMeter::new(ctx.clone(), path.into()).draft(None, Some(body));
+        d.info = adapter_for(api).request(&crate::providers::testing::request("POST", path, body));
+        let adapter = adapter_for(d.info.format(api));
+        d.status = 200;
+        let mut headers = http::HeaderMap::new();
+        headers.insert(header::CONTENT_TYPE, ct.parse().unwrap());
+        let mut p = adapter.response_parser(&d.info, 200, &headers);
+        p.feed(answer);
+        d.record(p.finish(), None);
+        keep.0.lock().unwrap().pop().expect("a record")
+    }
+
+    #[test]
+    fn another_apis_format_on_a_providers_host_is_read_as_that_apis() {
+        use crate::config::ApiKind;
+        // Gemini's OpenAI-compatible endpoint: no usage in the stream (none
+        // is asked for there), so the input is estimated from the body,
+        // read as OpenAI's.
+        let body = br#"{"model":"gemini-2.5-flash","stream":true,"messages":[{"role":"user","content":"Why is the sky blue on a clear afternoon? Answer in one paragraph."}]}"#;
+        let sse = b"data: {\"choices\":[{\"delta\":{\"content\":\"Rayleigh scattering.\"}}],\"model\":\"gemini-2.5-flash\"}\n\ndata: [DONE]\n\n";
+        let r = answered(
+            "generativelanguage.googleapis.com",
+            ApiKind::Gemini,
+            "/v1beta/openai/chat/completions",
+            body,
+            "text/event-stream",
+            sse,
+        );
+        assert_eq!(
+            (r.provider.as_str(), r.operation.as_str()),
+            ("gemini", "chat")
+        );
+        assert!(r.estimated, "{r:?}");
+        assert!(r.usage.input_tokens > 10, "{:?}", r.usage);
+        assert!(r.usage.output_tokens > 0, "{:?}", r.usage);
+        assert!(r.cost_usd.is_some_and(|c| c > 0.0), "{r:?}");
+
+        // Anthropic's OpenAI SDK compatibility layer: OpenAI's format,
+        // Anthropic's name and prices; usage is asked for upstream.
+        let body = br#"{"model":"claude-sonnet-4-5","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+        let mut info = adapter_for(ApiKind::Anthropic).request(
+            &crate::providers::testing::request("POST", "/v1/chat/completions", body),
+        );
+        assert_eq!(info.wire, Some(ApiKind::Openai));
+        let rewritten = adapter_for(info.format(ApiKind::Anthropic))
+            .rewrite_request(&mut info, body)
+            .expect("stream_options added");
+        assert!(info.injected_usage);
+        assert!(
+            std::str::from_utf8(&rewritten)
+                .unwrap()
+                .contains(r#""include_usage":true"#),
+            "{rewritten:?}"
+        );
+        let sse = b"data: {\"choices\":[{\"delta\":{\"content\":\"Hello\"}}],\"model\":\"claude-sonnet-4-5\"}\n\n\
+                    data: {\"choices\":[],\"usage\":{\"prompt_tokens\":1200,\"completion_tokens\":40,\"total_tokens\":1240}}\n\ndata: [DONE]\n\n";
+        let r = answered(
+            "api.anthropic.com",
+            ApiKind::Anthropic,
+            "/v1/chat/completions",
+            body,
+            "text/event-stream",
+            sse,
+        );
+        assert_eq!(
+            (r.provider.as_str(), r.operation.as_str()),
+            ("anthropic", "chat")
+        );
+        assert_eq!((r.usage.input_tokens, r.usage.output_tokens), (1200, 40));
+        assert!(!r.estimated);
+        assert!(r.cost_usd.is_some_and(|c| c > 0.0), "{r:?}");
+
+        // DeepSeek's Anthropic-compatible `/anthropic` on its OpenAI host:
+        // Anthropic's events, recorded as the host's provider.
+        let body = br#"{"model":"deepseek-chat","max_tokens":1024,"stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+        let sse = b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"model\":\"deepseek-chat\",\"usage\":{\"input_tokens\":5000,\"output_tokens\":1}}}\n\n\
+                    event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Hi\"}}\n\n\
+                    event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":800}}\n\n\
+                    event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
+        let r = answered(
+            "api.deepseek.com",
+            ApiKind::Openai,
+            "/anthropic/v1/messages",
+            body,
+            "text/event-stream",
+            sse,
+        );
+        assert_eq!(
+            (r.provider.as_str(), r.operation.as_str()),
+            ("openai", "chat")
+        );
+        assert_eq!(r.model.as_deref(), Some("deepseek-chat"));
+        assert_eq!((r.usage.input_tokens, r.usage.output_tokens), (5000, 800));
+        assert!(!r.estimated);
+    }
+
+    #[test]
+    fn a_stream_the_provider_ends_with_an_error_before_any_count_is_not_estimated() {
+        use crate::config::ApiKind;
+        let chat = br#"{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"Summarise the failing test log in three sentences, please."}]}"#;
+        let messages = br#"{"model":"claude-sonnet-4-5","max_tokens":100,"stream":true,"messages":[{"role":"user","content":"Summarise the failing test log in three sentences, please."}]}"#;
+        let gemini = br#"{"contents":[{"role":"user","parts":[{"text":"Summarise the failing test log in three sentences, please."}]}]}"#;
+        /// Host, API, path, request body, answer, the error recorded.
+        type Case<'a> = (&'a str, ApiKind, &'a str, &'a [u8], &'a [u8], &'a str);
+        let cases: [Case<'_>; 4] = [
+            (
+                "api.anthropic.com",
+                ApiKind::Anthropic,
+                "/v1/messages",
+                messages,
+                b"event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}\n\n",
+                "overloaded_error",
+            ),
+            (
+                "api.openai.com",
+                ApiKind::Openai,
+                "/v1/chat/completions",
+                chat,
+                b"data: {\"error\":{\"message\":\"The server had an error\",\"type\":\"server_error\",\"code\":null}}\n\n",
+                "server_error",
+            ),
+            (
+                "api.openai.com",
+                ApiKind::Openai,
+                "/v1/responses",
+                br#"{"model":"gpt-4o-mini","stream":true,"input":"Summarise the failing test log in three sentences, please."}"#,
+                b"event: error\ndata: {\"type\":\"error\",\"code\":\"ERR_SOMETHING\",\"message\":\"Something went wrong\",\"param\":null,\"sequence_number\":1}\n\n",
+                "ERR_SOMETHING",
+            ),
+            (
+                "generativelanguage.googleapis.com",
+                ApiKind::Gemini,
+                "/v1beta/models/gemini-2.5-flash:streamGenerateContent",
+                gemini,
+                b"data: {\"error\":{\"code\":503,\"message\":\"The model is overloaded.\",\"status\":\"UNAVAILABLE\"}}\n\n",
+                "UNAVAILABLE",
+            ),
+        ];
+        for (host, api, path, body, answer, error) in cases {
+            let r = answered(host, api, path, body, "text/event-stream", answer);
+            assert_eq!(r.error.as_deref(), Some(error), "{path}: {r:?}");
+            assert!(!r.estimated, "{path}: {r:?}");
+            assert_eq!(r.usage, crate::meter::Usage::default(), "{path}");
+            assert!(r.cost_usd.is_none_or(|c| c == 0.0), "{path}: {r:?}");
+        }
+        // The same request cut by the client with nothing streamed is
+        // still estimated: only the provider's own error refuses it.
+        let r = answered(
+            "api.openai.com",
+            ApiKind::Openai,
+            "/v1/chat/completions",
+            chat,
+            "text/event-stream",
+            b"",
+        );
+        assert!(r.estimated && r.usage.input_tokens > 10, "{r:?}");
     }
 
     /// The record of an answered Anthropic request of 100,000 input tokens
