@@ -1109,6 +1109,36 @@ async fn spans(t: Transport) {
         .expect("shutdown");
 }
 
+/// A collector whose traces pipeline stalls still gets the last metrics at
+/// shutdown: the metrics are shut down first, within the time given.
+async fn stalled_traces(t: Transport) {
+    let rx = receiver(t).await;
+    rx.stall_traces();
+    let mut cfg = config(&rx.endpoint(), protocol(t));
+    cfg.otlp.traces = true;
+    // An export may take longer than the shutdown has.
+    cfg.otlp.timeout_secs = Some(10);
+    let (exporter, sink) = start(&cfg).await;
+    sink.submit(rec(1, "openai", "api.openai.com", "chat", "gpt-4o", 1200, 340).into());
+    // (The shutdown's error says the traces did not go; what matters is
+    // that the metrics did.)
+    let _ = exporter.shutdown(Duration::from_secs(4)).await;
+    let points = rx.points();
+    let tokens = named(&points, "gen_ai.client.token.usage");
+    assert!(!tokens.is_empty(), "no metrics after shutdown: {points:?}");
+    assert!(rx.spans().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_stalled_traces_leave_the_last_metrics_their_time() {
+    stalled_traces(Transport::Grpc).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_stalled_traces_leave_the_last_metrics_their_time() {
+    stalled_traces(Transport::Http).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_one_span_per_request_with_genai_attributes() {
     spans(Transport::Grpc).await;

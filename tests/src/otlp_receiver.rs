@@ -144,7 +144,13 @@ struct Store {
     received: Mutex<Vec<Received>>,
     traces: Mutex<Vec<ExportTraceServiceRequest>>,
     notify: Notify,
+    /// Trace exports are held unanswered (a traces pipeline that stalls).
+    stall_traces: std::sync::atomic::AtomicBool,
 }
+
+/// How long a stalled trace export is held: longer than any exporter's
+/// timeout in the tests.
+const TRACES_STALL: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl Store {
     fn push(&self, r: Received) {
@@ -225,6 +231,13 @@ impl TraceService for GrpcTraces {
         &self,
         request: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        if self
+            .0
+            .stall_traces
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            tokio::time::sleep(TRACES_STALL).await;
+        }
         self.0.push_traces(request.into_inner());
         Ok(tonic::Response::new(ExportTraceServiceResponse {
             partial_success: None,
@@ -301,6 +314,13 @@ impl OtlpReceiver {
             store,
             stop: Some(stop),
         }
+    }
+
+    /// From now on, trace exports are held unanswered (metrics are not).
+    pub fn stall_traces(&self) {
+        self.store
+            .stall_traces
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn transport(&self) -> Transport {
@@ -454,6 +474,12 @@ async fn http_export(store: &Store, req: Request<hyper::body::Incoming>) -> Resp
         Err(_) => return reply(StatusCode::BAD_REQUEST, "body"),
     };
     if traces {
+        if store
+            .stall_traces
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            tokio::time::sleep(TRACES_STALL).await;
+        }
         return match ExportTraceServiceRequest::decode(body) {
             Ok(r) => {
                 store.push_traces(r);

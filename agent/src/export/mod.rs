@@ -428,16 +428,18 @@ impl Exporter {
         let mp = self.meter_provider.take();
         let tp = self.tracer_provider.take();
         if mp.is_some() || tp.is_some() {
-            let left = deadline.saturating_duration_since(Instant::now());
             let r = blocking_until(deadline, "shutdown", move || {
                 let mut errs = Vec::new();
-                if let Some(tp) = tp
-                    && let Err(e) = tp.shutdown_with_timeout(left)
+                // The metrics first: they are what the exporter is for,
+                // and a slow traces endpoint must not use up their time.
+                let left = || deadline.saturating_duration_since(Instant::now());
+                if let Some(mp) = mp
+                    && let Err(e) = mp.shutdown_with_timeout(left())
                 {
                     errs.push(e.to_string());
                 }
-                if let Some(mp) = mp
-                    && let Err(e) = mp.shutdown_with_timeout(left)
+                if let Some(tp) = tp
+                    && let Err(e) = tp.shutdown_with_timeout(left())
                 {
                     errs.push(e.to_string());
                 }

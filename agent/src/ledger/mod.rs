@@ -220,6 +220,19 @@ pub struct Ledger {
     select_sql: String,
     /// (device, inode) of the file when it was opened.
     file_id: Option<(u64, u64)>,
+    /// Opened as an immutable file (no agent had it open): how the file
+    /// looked then, to see an agent start writing it during a walk.
+    immutable: Option<FileStamp>,
+}
+
+/// What shows that a file read as immutable has changed: its identity,
+/// length and modification time.
+type FileStamp = Option<((u64, u64), u64, std::time::SystemTime)>;
+
+fn stamp(path: &Path) -> FileStamp {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some(((m.dev(), m.ino()), m.len(), m.modified().ok()?))
 }
 
 impl std::fmt::Debug for Ledger {
@@ -284,6 +297,7 @@ impl Ledger {
             insert_sql: schema::insert_sql(),
             select_sql: schema::select_sql(),
             file_id: crate::file_id(path),
+            immutable: None,
         })
     }
 
@@ -339,7 +353,9 @@ impl Ledger {
     /// restarted after an upgrade) is read as it is, the columns it lacks
     /// as their defaults; an empty one (version 0) is refused. When the
     /// agent is stopped (no `-wal` file) and the directory is not writable,
-    /// the file is opened as immutable.
+    /// the file is opened as immutable; an agent that starts writing it
+    /// during a walk ([`Ledger::for_each`]) is seen, and the walk goes on
+    /// through an ordinary read-only connection.
     pub fn open_read_only(path: &Path) -> Result<Ledger, LedgerError> {
         let err = |e| LedgerError::classify(path, e);
         let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
@@ -351,9 +367,11 @@ impl Ledger {
         // an immutable file, which creates nothing (a read-only connection
         // to a WAL database would leave `-wal` and `-shm` files behind,
         // and cannot open one in a directory it may not write).
+        let mut immutable = None;
         let conn = if wal_path(path).exists() {
             Connection::open_with_flags(path, flags).map_err(err)?
         } else {
+            immutable = Some(stamp(path));
             let escaped = path
                 .to_string_lossy()
                 .replace('%', "%25")
@@ -389,7 +407,16 @@ impl Ledger {
             insert_sql: schema::insert_sql(),
             select_sql: schema::select_sql_for(found),
             file_id: crate::file_id(path),
+            immutable,
         })
+    }
+
+    /// Opened as immutable, and an agent has since opened the file (its
+    /// `-wal` is there) or changed it.
+    fn written_since_opened(&self) -> bool {
+        self.immutable
+            .as_ref()
+            .is_some_and(|then| wal_path(&self.path).exists() || stamp(&self.path) != *then)
     }
 
     /// The file this ledger writes.
@@ -560,20 +587,42 @@ impl Ledger {
         // Every row id is above i64::MIN: the first page starts at `since`.
         let mut after = (filter.since_ms.unwrap_or(i64::MIN), i64::MIN);
         let mut page = Vec::with_capacity(WALK_PAGE);
+        // An immutable file that an agent began to write (a `-wal` file
+        // came, or the file changed: its checkpoints rewrite pages under
+        // an immutable reader, which would read rows twice, skip some, or
+        // see a malformed file): the walk goes on from where it was
+        // through an ordinary read-only connection, which sees the
+        // agent's writes as they are made.
+        let mut ordinary: Option<Connection> = None;
         loop {
-            {
-                let mut stmt = self.conn.prepare_cached(&sql).map_err(err)?;
+            let conn = ordinary.as_ref().unwrap_or(&self.conn);
+            let read = (|| -> rusqlite::Result<()> {
+                let mut stmt = conn.prepare_cached(&sql)?;
                 let mut refs: Vec<&dyn rusqlite::ToSql> =
                     params.iter().map(|b| b.as_ref()).collect();
                 refs.push(&after.0);
                 refs.push(&after.1);
-                let mut rows = stmt.query(refs.as_slice()).map_err(err)?;
-                while let Some(row) = rows.next().map_err(err)? {
-                    page.push(schema::from_row(row).map_err(err)?);
+                let mut rows = stmt.query(refs.as_slice())?;
+                while let Some(row) = rows.next()? {
+                    page.push(schema::from_row(row)?);
                 }
                 // The statement is reset here, which ends its read
                 // transaction before `f` runs.
+                Ok(())
+            })();
+            if ordinary.is_none() && self.written_since_opened() {
+                tracing::debug!(path = %self.path.display(), "the ledger is being written: reading on through a read-only connection");
+                page.clear();
+                let c = Connection::open_with_flags(
+                    &self.path,
+                    OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                )
+                .map_err(err)?;
+                c.busy_timeout(BUSY_TIMEOUT).map_err(err)?;
+                ordinary = Some(c);
+                continue;
             }
+            read.map_err(err)?;
             let full = page.len() == WALK_PAGE;
             for r in page.drain(..) {
                 after = (r.started_at_ms, r.id.unwrap_or(i64::MAX));

@@ -1070,3 +1070,53 @@ fn a_walk_holds_no_snapshot_while_its_caller_works_and_skips_later_rows() {
     // (The rows written during the first walk are in this one.)
     assert_eq!(n, (0..total).filter(|i| (i / 3) >= 100).count() + resets);
 }
+
+/// `report` started while the agent was stopped reads the ledger as an
+/// immutable file; the agent starting during the walk (pruning, writing,
+/// checkpointing: rewriting pages under the reader) must not make the walk
+/// read a row twice, skip one, or fail as if the file were not a ledger.
+#[test]
+fn a_walk_of_a_stopped_ledger_survives_the_agent_starting() {
+    const ROWS: u64 = 3000;
+    // The agent keeps the file open (its `-wal` is there), or has already
+    // stopped again by the next page (only the file's change shows).
+    for agent_stays in [true, false] {
+        let t = tempfile::tempdir().expect("tempdir");
+        let path = t.path().join("ledger.sqlite");
+        {
+            let mut l = Ledger::open(&path).expect("create");
+            let recs: Vec<UsageRecord> = (0..ROWS).map(sample).collect();
+            l.insert_batch(&recs).expect("insert");
+        }
+        assert!(!wal_path(&path).exists());
+        let r = Ledger::open_read_only(&path).expect("read-only");
+        assert!(r.immutable.is_some());
+        let mut seen = Vec::new();
+        let mut agent = None;
+        r.for_each(&Filter::default(), |rec| {
+            seen.push(rec.id.expect("id"));
+            if seen.len() == 300 {
+                let mut a = Ledger::open(&path).expect("the agent opens");
+                // Its retention prune at start: the oldest 1000 rows.
+                let cutoff = 1_700_000_000_000 + 1000;
+                while a.prune_before(cutoff, 0, 250).expect("prune") > 0 {}
+                let recs: Vec<UsageRecord> = (ROWS..ROWS + 500).map(sample).collect();
+                a.insert_batch(&recs).expect("insert");
+                a.checkpoint().expect("checkpoint");
+                if agent_stays {
+                    agent = Some(a);
+                }
+            }
+            Ok(())
+        })
+        .unwrap_or_else(|e| panic!("agent stays {agent_stays}: {e}"));
+        drop(agent);
+        // Each row once, in order: the two pages read before (the agent
+        // started during the second), then every row that was there when
+        // the walk began and was not pruned; none written after it began.
+        let mut want: Vec<i64> = (1..=2 * WALK_PAGE as i64).collect();
+        want.extend(1001..=ROWS as i64);
+        assert_eq!(seen.len(), want.len(), "agent stays {agent_stays}");
+        assert!(seen == want, "agent stays {agent_stays}: rows out of place");
+    }
+}
