@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use tollgate::export::semconv::{DURATION_BUCKETS, TOKEN_BUCKETS};
 use tollgate::export::{
-    ExportConfig, Exporter, HealthSnapshot, OtlpProtocol, ResourceInfo, Semconv, start_with_env,
+    ExportConfig, Exporter, HealthSnapshot, OtlpProtocol, OtlpTemporality, ResourceInfo, Semconv,
+    start_with_env,
 };
 use tollgate::meter::{Attribution, RecordSink, Usage, UsageRecord};
 use tollgate_e2e::otlp_receiver::{Kind, OtlpReceiver, Point, PointValue, Transport, Value};
@@ -816,6 +817,76 @@ async fn high_cardinality(t: Transport) {
         .shutdown(Duration::from_secs(10))
         .await
         .expect("shutdown");
+}
+
+/// `cardinality_limit` bounds the series each metric keeps: past it, new
+/// attribute sets are reported as the overflow series. Under cumulative
+/// temporality the sets stay until the agent restarts; under delta, a set
+/// with nothing in an export interval is dropped, so a later job gets its
+/// own series again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cardinality_limit_bounds_each_metrics_series() {
+    let job = |seq: i64, job: &str| {
+        let mut r = rec(seq, "openai", "api.openai.com", "chat", "gpt-4o", 3, 4);
+        r.who = Attribution {
+            job: Some(job.into()),
+            ..who()
+        }
+        .into();
+        r
+    };
+    let jobs_of = |pts: &[Point]| -> (BTreeSet<String>, bool) {
+        let mut jobs = BTreeSet::new();
+        let mut overflow = false;
+        for p in named(pts, "tollgate.requests") {
+            match attr(p, "cicd.pipeline.task.name") {
+                Some(Value::Str(j)) => {
+                    jobs.insert(j.clone());
+                }
+                _ => overflow |= attr(p, "otel.metric.overflow") == Some(&Value::Bool(true)),
+            }
+        }
+        (jobs, overflow)
+    };
+    for temporality in [OtlpTemporality::Cumulative, OtlpTemporality::Delta] {
+        let rx = receiver(Transport::Http).await;
+        let mut cfg = config(&rx.endpoint(), protocol(Transport::Http));
+        cfg.otlp.cardinality_limit = Some(4);
+        cfg.otlp.temporality = Some(temporality);
+        let (exporter, sink) = start(&cfg).await;
+        for i in 0..10 {
+            sink.submit(job(i, &format!("job-{i}")).into());
+        }
+        exporter.flush(FLUSH).await.expect("flush");
+        let (jobs, overflow) = jobs_of(&rx.latest());
+        assert!(
+            !jobs.is_empty() && jobs.len() <= 4,
+            "{temporality:?}: {jobs:?}"
+        );
+        assert!(overflow, "{temporality:?}: no overflow series");
+        // The first jobs end; under delta their series go once an export
+        // interval passes without them, and a later job gets its own.
+        sink.submit(job(10, "late-job").into());
+        exporter.flush(FLUSH).await.expect("flush");
+        sink.submit(job(11, "later-job").into());
+        let before = rx.received().len();
+        exporter.flush(FLUSH).await.expect("flush");
+        let next: Vec<Point> = rx
+            .points()
+            .into_iter()
+            .filter(|p| p.request >= before)
+            .collect();
+        let (jobs, _) = jobs_of(&next);
+        assert_eq!(
+            jobs.contains("later-job"),
+            temporality == OtlpTemporality::Delta,
+            "{temporality:?}: {jobs:?}"
+        );
+        exporter
+            .shutdown(Duration::from_secs(10))
+            .await
+            .expect("shutdown");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -49,6 +49,11 @@ impl Default for ExportConfig {
     }
 }
 
+/// Attribute sets one metric keeps by default (the SDK's own default).
+pub const DEFAULT_CARDINALITY_LIMIT: usize = 2000;
+/// The most `cardinality_limit` may be.
+pub const MAX_CARDINALITY_LIMIT: usize = 1_000_000;
+
 /// `[export.otlp]`. Every key but `include_high_cardinality`, `traces` and
 /// `headers` falls back to the standard OTEL_* variable named beside it.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -88,6 +93,12 @@ pub struct OtlpConfig {
     /// `cicd.pipeline.task.run.id`) to every request metric. Off by
     /// default: each run then makes new time series.
     pub include_high_cardinality: bool,
+    /// Most attribute sets (time series) one metric keeps; measurements
+    /// with a new set past it are reported with `otel.metric.overflow =
+    /// true` instead. Under cumulative temporality the sets last until the
+    /// agent restarts; under delta, a set with no measurement in an export
+    /// interval is dropped. Default 2000 (the SDK's), 1 to 1000000.
+    pub cardinality_limit: Option<usize>,
     /// Which generation of the GenAI semantic conventions to emit:
     /// `default` (`gen_ai.client.token.usage`, ...) or
     /// `gen_ai_latest_experimental` (`gen_ai.client.inference.*`). Env:
@@ -209,6 +220,14 @@ impl ExportConfig {
         }
         if o.interval_secs == Some(0) {
             return bad("otlp.interval_secs", "must be at least 1".into());
+        }
+        if o.cardinality_limit
+            .is_some_and(|n| !(1..=MAX_CARDINALITY_LIMIT).contains(&n))
+        {
+            return bad(
+                "otlp.cardinality_limit",
+                format!("must be 1 to {MAX_CARDINALITY_LIMIT}"),
+            );
         }
         let a = &self.audit_log;
         if let Some(p) = &a.path
@@ -388,6 +407,7 @@ impl ExportConfig {
             interval,
             semconv,
             include_high_cardinality: o.include_high_cardinality,
+            cardinality_limit: o.cardinality_limit.unwrap_or(DEFAULT_CARDINALITY_LIMIT),
             traces: o.traces,
             service_name: env("OTEL_SERVICE_NAME").unwrap_or_else(|| "tollgate".into()),
             env_headers_ignored,
@@ -408,6 +428,7 @@ pub struct ResolvedOtlp {
     pub interval: Duration,
     pub semconv: Semconv,
     pub include_high_cardinality: bool,
+    pub cardinality_limit: usize,
     pub traces: bool,
     /// `OTEL_SERVICE_NAME`, else `tollgate`.
     pub service_name: String,
@@ -433,6 +454,7 @@ impl std::fmt::Debug for ResolvedOtlp {
             .field("interval", &self.interval)
             .field("semconv", &self.semconv)
             .field("include_high_cardinality", &self.include_high_cardinality)
+            .field("cardinality_limit", &self.cardinality_limit)
             .field("traces", &self.traces)
             .field("service_name", &self.service_name)
             .field("env_headers_ignored", &self.env_headers_ignored)

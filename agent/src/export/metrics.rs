@@ -23,6 +23,58 @@ pub(crate) struct Instruments {
     high_cardinality: bool,
     cost: Counter<f64>,
     requests: Counter<u64>,
+    watch: Option<Mutex<CardinalityWatch>>,
+}
+
+/// Counts the attribute sets the request metrics have seen, under
+/// cumulative temporality (where the SDK keeps every set until the agent
+/// restarts), and warns once when the next new set would pass the limit:
+/// from then on new jobs' measurements go to the `otel.metric.overflow`
+/// series, and the backend can no longer tell them apart.
+pub(crate) struct CardinalityWatch {
+    /// Hashes of the sets seen, at most `sets` of them.
+    seen: std::collections::HashSet<u64>,
+    /// Sets that fit: the limit over the series one set makes in the
+    /// instrument that makes most (`gen_ai.token.type` input and output).
+    sets: usize,
+    limit: usize,
+    warned: bool,
+}
+
+impl CardinalityWatch {
+    pub(crate) fn new(limit: usize, semconv: Semconv) -> Self {
+        let per_set = match semconv {
+            Semconv::Default => 2,
+            Semconv::LatestExperimental => 1,
+        };
+        CardinalityWatch {
+            seen: Default::default(),
+            sets: (limit / per_set).max(1),
+            limit,
+            warned: false,
+        }
+    }
+
+    /// Notes one measurement's attribute set; true the first time a set
+    /// did not fit.
+    fn note(&mut self, attrs: &[KeyValue]) -> bool {
+        use std::hash::{Hash, Hasher};
+        if self.warned {
+            return false;
+        }
+        let mut h = std::hash::DefaultHasher::new();
+        for kv in attrs {
+            kv.key.as_str().hash(&mut h);
+            kv.value.as_str().hash(&mut h);
+        }
+        let h = h.finish();
+        if self.seen.contains(&h) || self.seen.len() < self.sets {
+            self.seen.insert(h);
+            return false;
+        }
+        self.warned = true;
+        true
+    }
 }
 
 enum Generation {
@@ -74,7 +126,12 @@ fn token_counter(meter: &Meter, name: &'static str, description: &'static str) -
 }
 
 impl Instruments {
-    pub(crate) fn new(meter: &Meter, semconv: Semconv, high_cardinality: bool) -> Instruments {
+    pub(crate) fn new(
+        meter: &Meter,
+        semconv: Semconv,
+        high_cardinality: bool,
+        watch: Option<CardinalityWatch>,
+    ) -> Instruments {
         let generation = match semconv {
             Semconv::Default => Generation::Default {
                 token_usage: tokens(
@@ -165,6 +222,7 @@ impl Instruments {
                 .with_unit("{request}")
                 .with_description("Requests to LLM providers that tollgate metered.")
                 .build(),
+            watch: watch.map(Mutex::new),
         }
     }
 
@@ -177,6 +235,28 @@ impl Instruments {
             Some(e) => sc::with(&attrs, e.clone()),
             None => attrs.clone(),
         };
+        if let Some(w) = &self.watch
+            && w.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .note(&with_error)
+        {
+            let limit = w.lock().unwrap_or_else(|p| p.into_inner()).limit;
+            tracing::warn!(
+                limit,
+                high_cardinality = self.high_cardinality,
+                "the request metrics have as many attribute sets (jobs, repositories, models{}) as export.otlp.cardinality_limit lets a metric keep under cumulative temporality: new ones are exported as otel.metric.overflow=true until the agent restarts; raise the limit, set export.otlp.temporality = \"delta\"{}",
+                if self.high_cardinality {
+                    ", processes, runs"
+                } else {
+                    ""
+                },
+                if self.high_cardinality {
+                    ", or turn include_high_cardinality off"
+                } else {
+                    ""
+                },
+            );
+        }
         let seconds = rec.duration_ms as f64 / 1000.0;
         let ttfc = rec
             .ttfb_ms
@@ -480,6 +560,32 @@ mod tests {
     use std::sync::atomic::AtomicU64;
 
     use super::*;
+
+    #[test]
+    fn the_cardinality_watch_speaks_once_when_a_set_does_not_fit() {
+        let set = |job: &str, error: Option<&str>| {
+            let mut v = vec![KeyValue::new("cicd.pipeline.task.name", job.to_string())];
+            if let Some(e) = error {
+                v.push(KeyValue::new("error.type", e.to_string()));
+            }
+            v
+        };
+        // Default generation: two series (input, output) per set.
+        let mut w = CardinalityWatch::new(6, Semconv::Default);
+        assert!(!w.note(&set("a", None)));
+        assert!(!w.note(&set("b", None)));
+        assert!(!w.note(&set("b", Some("timeout"))));
+        // Sets already seen never count again.
+        for _ in 0..10 {
+            assert!(!w.note(&set("a", None)));
+        }
+        assert!(w.note(&set("c", None)), "the fourth set does not fit");
+        assert!(!w.note(&set("d", None)), "said once");
+        let mut latest = CardinalityWatch::new(2, Semconv::LatestExperimental);
+        assert!(!latest.note(&set("a", None)));
+        assert!(!latest.note(&set("b", None)));
+        assert!(latest.note(&set("c", None)));
+    }
 
     /// A health function that counts its calls and reports the count.
     fn counting() -> (HealthFn, Arc<AtomicU64>) {

@@ -265,8 +265,19 @@ pub fn start_with_env(
             let mp = otlp::meter_provider(r, res.clone())?;
             let meter = mp.meter("tollgate");
             metrics::register_health(&meter, health, shared.clone(), r.interval);
-            let instruments =
-                metrics::Instruments::new(&meter, r.semconv, r.include_high_cardinality);
+            let cumulative = r.temporality == config::OtlpTemporality::Cumulative;
+            let instruments = metrics::Instruments::new(
+                &meter,
+                r.semconv,
+                r.include_high_cardinality,
+                cumulative.then(|| metrics::CardinalityWatch::new(r.cardinality_limit, r.semconv)),
+            );
+            if cumulative && r.include_high_cardinality {
+                warn!(
+                    limit = r.cardinality_limit,
+                    "export.otlp.include_high_cardinality under cumulative temporality: every process and run makes series that last until the agent restarts, and past export.otlp.cardinality_limit new ones are exported only as otel.metric.overflow=true; set export.otlp.temporality = \"delta\" if the collector takes it"
+                );
+            }
             let spans = if r.traces {
                 let tp = otlp::tracer_provider(r, res)?;
                 let tracer = tp.tracer("tollgate");

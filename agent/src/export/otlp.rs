@@ -233,9 +233,18 @@ pub(crate) fn meter_provider(
     let reader = PeriodicReader::builder(exporter)
         .with_interval(r.interval)
         .build();
+    let limit = r.cardinality_limit;
     Ok(SdkMeterProvider::builder()
         .with_resource(resource)
         .with_reader(reader)
+        // Every instrument: only the limit, its name, unit and buckets
+        // stay the instrument's own.
+        .with_view(move |_: &opentelemetry_sdk::metrics::Instrument| {
+            opentelemetry_sdk::metrics::Stream::builder()
+                .with_cardinality_limit(limit)
+                .build()
+                .ok()
+        })
         .build())
 }
 

@@ -38,6 +38,7 @@ fn the_whole_table_parses_and_unknown_keys_are_errors() {
         timeout_secs = 3
         interval_secs = 15
         include_high_cardinality = true
+        cardinality_limit = 5000
         semconv = "gen_ai_latest_experimental"
         traces = true
         [audit_log]
@@ -50,6 +51,7 @@ fn the_whole_table_parses_and_unknown_keys_are_errors() {
     assert_eq!(c.queue, 100);
     assert_eq!(c.otlp.protocol, Some(OtlpProtocol::Grpc));
     assert_eq!(c.otlp.temporality, Some(OtlpTemporality::Delta));
+    assert_eq!(c.otlp.cardinality_limit, Some(5000));
     assert_eq!(c.otlp.semconv, Some(Semconv::LatestExperimental));
     assert_eq!(c.audit_log.keep, 3);
     for bad in [
@@ -83,6 +85,14 @@ fn validate_names_the_key_and_never_echoes_a_header_value() {
         ),
         ("[otlp]\ntimeout_secs = 0", "export.otlp.timeout_secs"),
         ("[otlp]\ninterval_secs = 0", "export.otlp.interval_secs"),
+        (
+            "[otlp]\ncardinality_limit = 0",
+            "export.otlp.cardinality_limit",
+        ),
+        (
+            "[otlp]\ncardinality_limit = 1000001",
+            "export.otlp.cardinality_limit",
+        ),
         (
             "[otlp]\nheaders = { \"bad key\" = \"v\" }",
             "export.otlp.headers",
