@@ -988,33 +988,47 @@ fn a_second_sigterm_cuts_the_drain_short_and_keeps_the_record() {
 
 #[test]
 #[ignore = "needs root, cgroup v2 and BPF"]
-fn client_hangup_mid_stream_still_gets_the_provider_count() {
+fn a_stream_the_client_leaves_is_cut_upstream_and_counted_as_far_as_it_went() {
     let w = World::start("hangup", 7);
     let client = w.client(&[]);
-    // The stream holds after its 5th chunk until the agent has seen the
-    // client leave: it cannot end (and be recorded whole) first.
+    // The stream holds after its 5th chunk (a gate the test never opens):
+    // it cannot end before the client leaves. Without the agent the
+    // provider would see the client go and stop generating; through it,
+    // it must see the same.
     let script = r#"
 import openai, pathlib
 here = pathlib.Path(__file__).parent
 c = openai.OpenAI(api_key="sk-test", max_retries=0)
 s = c.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "count"}],
     max_tokens=40, stream=True, stream_options={"include_usage": True},
-    extra_headers={"x-fake-hold": "5:" + str(here / "left")})
+    extra_headers={"x-fake-hold": "5:" + str(here / "never")})
 for i, ch in enumerate(s):
     if i == 3:
         break
 s.close()
 "#;
     ok(&client.python(script), "python hang-up");
-    let left = w
-        .agent
-        .wait_for_log("the client left before the response ended");
-    std::fs::write(client.dir().join("left"), "").expect("left");
-    assert!(left, "{}", w.agent.log());
+    assert!(
+        w.agent
+            .wait_for_log("the client left a stream before its end: cut upstream"),
+        "{}",
+        w.agent.log()
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while w.fake.streams_cut() == 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(w.fake.streams_cut(), 1, "the provider's stream went on");
     let rows = w.agent.wait_for_records(1);
     assert_eq!(rows.len(), 1, "{rows:#?}");
-    assert_eq!(u(&rows[0], "output_tokens"), 40, "{}", rows[0]);
-    assert_eq!(s(&rows[0], "error"), "client_disconnected", "{}", rows[0]);
+    let r = &rows[0];
+    assert_eq!(s(r, "error"), "client_disconnected", "{r}");
+    // The usage chunk never came: what streamed is estimated, the input
+    // from the request body.
+    assert_eq!(r["estimated"], true, "{r}");
+    assert!(u(r, "input_tokens") > 0, "{r}");
+    let out = u(r, "output_tokens");
+    assert!(out > 0 && out < 40, "only what streamed: {r}");
 }
 
 #[test]
@@ -1186,21 +1200,18 @@ c.chat.completions.create(model="gpt-4o-mini", max_tokens=3, messages=[{"role": 
 
 #[test]
 #[ignore = "needs root, cgroup v2 and BPF"]
-fn a_stream_whose_client_left_gives_its_body_budget_back_once_counted() {
+fn a_stream_whose_client_left_gives_its_body_budget_back() {
     // Room for one ≈5 KB body at a time. An Anthropic stream's client
-    // leaves after the response's head, before the first event; the agent
-    // reads the rest for the provider's count, and once the first event
-    // has counted the input, gives the body's share of the budget back.
-    // The stream's first event waits for the test to see the client gone
-    // (gate `left`), the rest for the next request to be done (gate
-    // `done`): no race with the hang-up or with the stream's end.
+    // leaves after the response's head, before the first event (which
+    // waits on a gate never opened); the agent cuts the stream upstream,
+    // records it, and gives the body's share of the budget back: the next
+    // request's body fits once that record is written.
     let w = World::start_with(
         "hangup-budget",
         33,
         "proxy.max_request_body = 6000\nproxy.max_buffered_request_bytes = 8000\n".to_string(),
     );
     let client = w.client(&[]);
-    let gate = |name: &str| std::fs::write(client.dir().join(name), "").expect("gate");
     ok(
         &client.python(
             r#"
@@ -1210,7 +1221,7 @@ body = {"model": "claude-sonnet-4-5", "max_tokens": 100, "stream": True,
         "messages": [{"role": "user", "content": "word " * 1000}]}
 h = {"Content-Type": "application/json", "x-api-key": "sk-ant-HANGUP-1",
      "anthropic-version": "2023-06-01",
-     "x-fake-hold": "0:" + str(here / "left") + ",1:" + str(here / "done")}
+     "x-fake-hold": "0:" + str(here / "never")}
 req = urllib.request.Request("https://api.anthropic.com/v1/messages",
     data=json.dumps(body).encode(), headers=h)
 urllib.request.urlopen(req, timeout=60).close()
@@ -1218,20 +1229,15 @@ urllib.request.urlopen(req, timeout=60).close()
         ),
         "python anthropic hang-up",
     );
-    let left = w
-        .agent
-        .wait_for_log("the client left before the response ended");
-    gate("left");
-    assert!(left, "no drain after the hang-up: {}", w.agent.log());
-    // The first event reaches the drain and counts the input.
     assert!(
         w.agent
-            .wait_for_log("the provider counted the request: its body is let go"),
+            .wait_for_log("the client left a stream before its end: cut upstream"),
         "{}",
         w.agent.log()
     );
-    // The drain waits for the rest; this body fits only if the stream's
-    // share was given back.
+    // Its record (the input estimated from the body it holds till then).
+    let rows = w.agent.wait_for_records(1);
+    assert_eq!(rows.len(), 1, "{rows:#?}");
     ok(
         &client.python(
             r#"
@@ -1246,8 +1252,13 @@ urllib.request.urlopen(req, timeout=60).read()
         ),
         "python openai after the hang-up",
     );
-    gate("done");
-    let rows = w.agent.wait_for_records(1);
+    let rows = w.agent.wait_for_records(2);
+    let left = tollgate_e2e::row_with(&rows, "model", "claude-sonnet-4-5");
+    assert_eq!(s(left, "error"), "client_disconnected", "{left}");
+    assert!(
+        u(left, "input_tokens") > 900,
+        "estimated from the body: {left}"
+    );
     let r = tollgate_e2e::row_with(&rows, "response_model", "gpt-4o-2024-07-18");
     assert_eq!(r["model"], "gpt-4o", "read whole, not over budget: {r}");
     assert!(

@@ -1906,8 +1906,9 @@ pub(super) fn unpark_all(state: &ProxyState) {
 
 /// The response body on its way to the client: every chunk is handed to
 /// the adapter's parser as it passes; the record is emitted exactly once,
-/// when the body ends, fails, or the client hangs up (then the rest of the
-/// upstream response is read, bounded, to get the provider's count).
+/// when the body ends, fails, or the client hangs up (then a stream is cut
+/// upstream, and the rest of any other answer is read, bounded, to get the
+/// provider's count).
 struct MeteredBody {
     inner: Option<UpstreamBody>,
     parser: Option<Box<dyn UsageParser>>,
@@ -2024,8 +2025,10 @@ impl Drop for MeteredBody {
         else {
             return;
         };
-        // The client went away (or the agent is stopping) before the end:
-        // keep reading upstream so the record gets the provider's own count.
+        // The client went away (or the agent is stopping) before the end
+        // of an answer that is not a stream: keep reading upstream so the
+        // record gets the provider's own count (such an answer comes in
+        // one piece, with its counts, at its end).
         let state = draft.ctx.state.clone();
         // A background stream goes on at the provider whatever the client
         // does, and the client resumes it with a retrieval: its record
@@ -2044,6 +2047,34 @@ impl Drop for MeteredBody {
             || !read_on
         {
             draft.emit(parser.finish(), Some(hangup_error(&state).into()));
+            return;
+        }
+        if draft.info.streaming {
+            // A stream the client left is cut upstream, here: the provider
+            // sees the client go, as it would have without the agent, and
+            // stops generating. (Read on, it would generate, and bill, the
+            // rest of an answer nobody reads.) The record keeps what the
+            // provider counted so far and estimates what streamed.
+            let mut error = Some(hangup_error(&state).to_string());
+            // hyper drops a body it has read to its Content-Length without
+            // polling it to the end: one that has ended was not left.
+            match futures_util::FutureExt::now_or_never(inner.frame()) {
+                Some(None) => error = None,
+                Some(Some(Ok(f))) => {
+                    if let Some(d) = f.data_ref() {
+                        parser.feed(d);
+                    }
+                }
+                Some(Some(Err(_))) | None => {}
+            }
+            if error.is_some() {
+                debug!(
+                    host = draft.ctx.provider.host.as_str(),
+                    "the client left a stream before its end: cut upstream"
+                );
+            }
+            drop(inner);
+            draft.emit(parser.finish(), error);
             return;
         }
         debug!(
