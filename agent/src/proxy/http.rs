@@ -1154,6 +1154,11 @@ pub(super) async fn handle(
     } else {
         None
     };
+    // An HTTP/2 request read whole can be made again, for a stream the
+    // provider refuses unprocessed (see `Upstream::send_again`).
+    let replay = whole
+        .clone()
+        .filter(|_| parts.version == http::Version::HTTP_2);
     let up_body: ProxyBody = match (whole, rest) {
         (Some(b), _) => boxed(Full::new(b)),
         (None, Some(rest)) => {
@@ -1176,6 +1181,28 @@ pub(super) async fn handle(
     }
     .boxed_unsync();
     let authority = authority(&parts, &ctx.provider.host);
+    let again = replay.map(|body| {
+        let (method, uri, headers, sent) = (
+            parts.method.clone(),
+            parts.uri.clone(),
+            parts.headers.clone(),
+            sent.clone(),
+        );
+        move || {
+            let mut r = Request::new(
+                Sending {
+                    inner: boxed(Full::new(body.clone())),
+                    sent: sent.clone(),
+                }
+                .boxed_unsync(),
+            );
+            *r.method_mut() = method.clone();
+            *r.uri_mut() = uri.clone();
+            *r.version_mut() = http::Version::HTTP_2;
+            *r.headers_mut() = headers.clone();
+            r
+        }
+    });
     let draft = Draft {
         ctx: ctx.clone(),
         body: kept_body,
@@ -1200,7 +1227,15 @@ pub(super) async fn handle(
     let up_req = Request::from_parts(parts, up_body);
     let resp = match state
         .upstream
-        .send(ctx.origin.dst, &ctx.provider.host, &authority, up_req)
+        .send_again(
+            ctx.origin.dst,
+            &ctx.provider.host,
+            &authority,
+            up_req,
+            again
+                .as_ref()
+                .map(|f| f as &(dyn Fn() -> Request<ProxyBody> + Send + Sync)),
+        )
         .await
     {
         Ok(r) => r,
@@ -1212,8 +1247,9 @@ pub(super) async fn handle(
                 // read it and bill its input, as when the client leaves;
                 // it is estimated. (A request a closing pooled connection
                 // gave back unsent was sent again by `Upstream::send`; one
-                // hyper had begun to write is estimated too.)
-                draft.unanswered = draft.sent.load(Ordering::Relaxed);
+                // hyper had begun to write is estimated too. One the
+                // provider refused unprocessed is not.)
+                draft.unanswered = draft.sent.load(Ordering::Relaxed) && !e.unprocessed();
                 let counting = draft.unanswered && draft.body.is_some();
                 draft.record_off_worker(
                     ParsedUsage::default(),

@@ -34,6 +34,20 @@ const MAX_IDLE_PER_KEY: usize = 64;
 /// queue past the peer's limit instead of failing, which is what this
 /// avoids).
 const MAX_STREAMS_PER_H2: usize = 100;
+/// An HTTP/2 stream the provider refused before processing it: reset
+/// with `REFUSED_STREAM`, or beyond the last stream its GOAWAY accepted
+/// (which h2 reports the same way).
+fn refused(e: &hyper::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(h2) = s.downcast_ref::<h2::Error>() {
+            return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+        }
+        source = s.source();
+    }
+    false
+}
+
 /// Times a request that a closing connection gave back unsent is sent
 /// again (each time on a connection that is not closed, or a new one).
 const MAX_UNSENT_RETRIES: usize = 2;
@@ -51,7 +65,13 @@ pub enum UpstreamError {
         message: String,
     },
     #[error("HTTP to {host}: {message}")]
-    Http { host: String, message: String },
+    Http {
+        host: String,
+        message: String,
+        /// The provider refused the request before processing it (an
+        /// HTTP/2 stream reset with `REFUSED_STREAM`): nothing to bill.
+        unprocessed: bool,
+    },
 }
 
 impl UpstreamError {
@@ -63,6 +83,17 @@ impl UpstreamError {
             UpstreamError::Tls { .. } => "upstream_tls",
             UpstreamError::Http { .. } => "upstream_http",
         }
+    }
+
+    /// The provider said it did not process the request.
+    pub fn unprocessed(&self) -> bool {
+        matches!(
+            self,
+            UpstreamError::Http {
+                unprocessed: true,
+                ..
+            }
+        )
     }
 }
 
@@ -482,7 +513,23 @@ impl Upstream {
         addr: SocketAddr,
         host: &str,
         authority: &str,
+        req: Request<ProxyBody>,
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
+        self.send_again(addr, host, authority, req, None).await
+    }
+
+    /// [`Upstream::send`], with `again` to make the request anew (its body
+    /// read whole): an HTTP/2 stream the provider refused (`REFUSED_STREAM`,
+    /// or past the last stream of its GOAWAY: RFC 9113 §8.7, the request
+    /// was not processed) is sent again, as one a closing connection gave
+    /// back unsent is.
+    pub async fn send_again(
+        &self,
+        addr: SocketAddr,
+        host: &str,
+        authority: &str,
         mut req: Request<ProxyBody>,
+        again: Option<&(dyn Fn() -> Request<ProxyBody> + Send + Sync)>,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let key = PoolKey {
             addr,
@@ -492,6 +539,7 @@ impl Upstream {
         let http_err = |e: hyper::Error| UpstreamError::Http {
             host: host.to_string(),
             message: e.to_string(),
+            unprocessed: refused(&e),
         };
         let mut retries = 0;
         loop {
@@ -516,8 +564,8 @@ impl Upstream {
                         _stream: guard,
                     }));
                 }
-                Err(mut e) => match e.take_message() {
-                    Some(unsent) if retries < MAX_UNSENT_RETRIES => {
+                Err(mut e) => match (e.take_message(), again) {
+                    (Some(unsent), _) if retries < MAX_UNSENT_RETRIES => {
                         retries += 1;
                         tracing::debug!(
                             host,
@@ -525,6 +573,15 @@ impl Upstream {
                             "upstream connection closed before the request went out; sending it on another"
                         );
                         req = unsent;
+                    }
+                    (None, Some(make)) if retries < MAX_UNSENT_RETRIES && refused(e.error()) => {
+                        retries += 1;
+                        tracing::debug!(
+                            host,
+                            error = %e.error(),
+                            "the provider refused the stream unprocessed; sending it again"
+                        );
+                        req = make();
                     }
                     _ => return Err(http_err(e.into_error())),
                 },
@@ -640,6 +697,7 @@ impl Upstream {
         let http_err = |e: hyper::Error| UpstreamError::Http {
             host: host.to_string(),
             message: e.to_string(),
+            unprocessed: false,
         };
         let io = TokioIo::new(self.connect_tls(&key).await?);
         let (mut s, conn) = http1::Builder::new()
@@ -661,6 +719,7 @@ impl Upstream {
         let http_err = |e: hyper::Error| UpstreamError::Http {
             host: key.host.clone(),
             message: e.to_string(),
+            unprocessed: false,
         };
         if h2 {
             let (s, conn) = http2::Builder::new(TokioExecutor::new())
@@ -1170,6 +1229,132 @@ pub(crate) mod tests {
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(&body[..], b"{\"model\":\"m\"}", "the body went out whole");
         assert_eq!(served.load(Ordering::SeqCst), 1, "sent once");
+    }
+
+    /// An HTTP/2 provider that resets the first `refuse` streams with
+    /// `REFUSED_STREAM` and echoes the body of the others: (address, its
+    /// CA, streams refused, requests served).
+    async fn refusing_h2_server(
+        host: &str,
+        refuse: usize,
+    ) -> (
+        SocketAddr,
+        crate::ca::LocalCa,
+        tempfile::TempDir,
+        Arc<AtomicUsize>,
+        Arc<AtomicUsize>,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let (ca, _) = crate::ca::LocalCa::load_or_create(dir.path(), &[host.to_string()])
+            .expect("a CA for the test server");
+        let server_config = ca.server_config(host).await.unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (refused, served) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (r, sv) = (refused.clone(), served.clone());
+        tokio::spawn(async move {
+            let acceptor = tokio_rustls::TlsAcceptor::from(server_config);
+            loop {
+                let Ok((sock, _)) = listener.accept().await else {
+                    return;
+                };
+                let (acceptor, r, sv) = (acceptor.clone(), r.clone(), sv.clone());
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(sock).await else {
+                        return;
+                    };
+                    let Ok(mut conn) = h2::server::handshake(tls).await else {
+                        return;
+                    };
+                    while let Some(Ok((req, mut respond))) = conn.accept().await {
+                        if r.fetch_add(1, Ordering::SeqCst) < refuse {
+                            respond.send_reset(h2::Reason::REFUSED_STREAM);
+                            continue;
+                        }
+                        r.fetch_sub(1, Ordering::SeqCst);
+                        let sv = sv.clone();
+                        tokio::spawn(async move {
+                            let mut body = req.into_body();
+                            let mut got = Vec::new();
+                            while let Some(Ok(chunk)) = body.data().await {
+                                let _ = body.flow_control().release_capacity(chunk.len());
+                                got.extend_from_slice(&chunk);
+                            }
+                            sv.fetch_add(1, Ordering::SeqCst);
+                            let Ok(mut send) = respond.send_response(Response::new(()), false)
+                            else {
+                                return;
+                            };
+                            let _ = send.send_data(bytes::Bytes::from(got), true);
+                        });
+                    }
+                });
+            }
+        });
+        (addr, ca, dir, refused, served)
+    }
+
+    /// A stream the provider refuses unprocessed (RFC 9113 §8.7) is sent
+    /// again when the request can be made anew; a streamed request cannot,
+    /// and gets the error.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_h2_stream_the_provider_refused_is_sent_again() {
+        use http_body_util::{BodyExt, Full};
+        let host = "api.openai.com";
+        let make = || {
+            Request::builder()
+                .method("POST")
+                .version(Version::HTTP_2)
+                .uri(format!("https://{host}/v1/chat/completions"))
+                .body(
+                    Full::new(bytes::Bytes::from_static(b"{\"model\":\"m\"}"))
+                        .map_err(|e| match e {})
+                        .boxed_unsync(),
+                )
+                .unwrap()
+        };
+        let (addr, ca, _dir, refused, served) = refusing_h2_server(host, 1).await;
+        let up = Upstream::new(Some(ca.cert_path())).unwrap();
+        let resp = up
+            .send_again(addr, host, host, make(), Some(&make))
+            .await
+            .expect("sent again");
+        assert_eq!(resp.status(), 200);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"{\"model\":\"m\"}");
+        assert_eq!(
+            (
+                refused.load(Ordering::SeqCst),
+                served.load(Ordering::SeqCst)
+            ),
+            (1, 1)
+        );
+
+        let (addr, ca, _dir, refused, served) = refusing_h2_server(host, 1).await;
+        let up = Upstream::new(Some(ca.cert_path())).unwrap();
+        let err = match up.send(addr, host, host, make()).await {
+            Ok(_) => panic!("a refused stream that cannot be made again succeeded"),
+            Err(e) => e,
+        };
+        assert_eq!(err.kind(), "upstream_http", "{err}");
+        assert!(err.unprocessed(), "{err}");
+        assert_eq!(
+            (
+                refused.load(Ordering::SeqCst),
+                served.load(Ordering::SeqCst)
+            ),
+            (1, 0)
+        );
+
+        // A provider that keeps refusing: tried a bounded number of times.
+        let (addr, ca, _dir, refused, _) = refusing_h2_server(host, usize::MAX).await;
+        let up = Upstream::new(Some(ca.cert_path())).unwrap();
+        assert!(
+            up.send_again(addr, host, host, make(), Some(&make))
+                .await
+                .is_err()
+        );
+        assert_eq!(refused.load(Ordering::SeqCst), 1 + MAX_UNSENT_RETRIES);
     }
 
     /// A burst of HTTP/2 requests to a provider with no open connection
