@@ -54,6 +54,10 @@ where
 struct Sending {
     inner: ProxyBody,
     sent: Arc<std::sync::atomic::AtomicBool>,
+    /// Set when the client's side of the body failed (the job left while
+    /// its body was still being forwarded): the request never reached the
+    /// provider whole.
+    client_failed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Body for Sending {
@@ -65,7 +69,11 @@ impl Body for Sending {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         self.sent.store(true, Ordering::Relaxed);
-        Pin::new(&mut self.inner).poll_frame(cx)
+        let frame = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Err(_))) = &frame {
+            self.client_failed.store(true, Ordering::Relaxed);
+        }
+        frame
     }
 
     fn is_end_stream(&self) -> bool {
@@ -1175,9 +1183,11 @@ pub(super) async fn handle(
         (None, None) => boxed(Full::new(Bytes::new())),
     };
     let sent = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let client_failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let up_body: ProxyBody = Sending {
         inner: up_body,
         sent: sent.clone(),
+        client_failed: client_failed.clone(),
     }
     .boxed_unsync();
     let authority = authority(&parts, &ctx.provider.host);
@@ -1193,6 +1203,7 @@ pub(super) async fn handle(
                 Sending {
                     inner: boxed(Full::new(body.clone())),
                     sent: sent.clone(),
+                    client_failed: Arc::default(),
                 }
                 .boxed_unsync(),
             );
@@ -1239,6 +1250,30 @@ pub(super) async fn handle(
         .await
     {
         Ok(r) => r,
+        Err(_) if client_failed.load(Ordering::Relaxed) => {
+            // The job's body failed while it was forwarded (it left): not
+            // the provider's failure, and not a request the provider had
+            // whole, so nothing is estimated.
+            debug!(
+                host = ctx.provider.host.as_str(),
+                "the client's request body ended early; the upstream request was abandoned"
+            );
+            if info.metered {
+                let mut draft = draft;
+                draft.unanswered = false;
+                draft.record_off_worker(
+                    ParsedUsage::default(),
+                    Some(hangup_error(state).to_string()),
+                    false,
+                );
+            }
+            return Ok(error_response(
+                StatusCode::BAD_REQUEST,
+                "tollgate_request_body_incomplete",
+                "the request body ended before it was whole",
+                false,
+            ));
+        }
         Err(e) => {
             if info.metered {
                 let mut draft = draft;

@@ -1322,6 +1322,34 @@ mod tests {
             .unwrap();
     }
 
+    /// A job that leaves while its (long, forwarded as it arrives) body is
+    /// on its way: the upstream request fails, but that is the job's doing,
+    /// not the provider's.
+    #[tokio::test]
+    async fn a_client_that_leaves_mid_upload_is_not_an_upstream_failure() {
+        let host = "api.openai.com";
+        let (state, agent_ca, server, _dir) = intercepting(host).await;
+        let (mut tls, task) = intercepted_client(state.clone(), &agent_ca, host).await;
+        let head = "POST /v1/chat/completions HTTP/1.1\r\nhost: api.openai.com\r\n\
+                    content-type: application/json\r\ncontent-length: 3000000\r\n\r\n";
+        tls.write_all(head.as_bytes()).await.unwrap();
+        let chunk = vec![b' '; 64 * 1024];
+        for _ in 0..24 {
+            tls.write_all(&chunk).await.unwrap();
+        }
+        tls.flush().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        drop(tls);
+        tokio::time::timeout(Duration::from_secs(30), task)
+            .await
+            .expect("the connection ends")
+            .unwrap();
+        // (The request's record is written after the connection's task.)
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(server.served.load(Ordering::SeqCst), 0);
+        assert_eq!(state.snapshot().upstream_errors, 0);
+    }
+
     #[tokio::test]
     async fn a_client_silent_after_its_handshake_is_closed() {
         let host = "api.openai.com";
