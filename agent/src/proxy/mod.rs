@@ -104,6 +104,8 @@ const FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(30);
 /// process whose memory map is locked can hold up): past it the
 /// connection goes on with what the kernel said at connect time.
 const ATTRIBUTION_TIMEOUT: Duration = Duration::from_secs(2);
+/// Attribution reads running at once (see `ProxyState::attribution_slots`).
+const ATTRIBUTION_SLOTS: usize = 16;
 /// Strikes after which a client (see [`ClientKey`]) passes through.
 const UNTRUSTED: u8 = 2;
 /// Clients remembered at most (the key holds a path a job chooses).
@@ -249,6 +251,11 @@ pub struct ProxyState {
     /// hang-up in the handshake one (an interrupted client must not turn
     /// metering off for its executable); a completed handshake clears them.
     untrusted: Untrusted,
+    /// Blocking threads that may read /proc for attribution at once: a
+    /// read stuck on a process whose memory map is locked (a hung FUSE or
+    /// NFS mount) holds its thread, and new connections from it must not
+    /// take the whole blocking pool (which the record estimates share).
+    attribution_slots: Arc<tokio::sync::Semaphore>,
     /// (provider, model) pairs already warned about as unpriced.
     unpriced_seen: Mutex<Seen>,
     /// (model, tier) pairs already warned about as priced at the standard
@@ -334,6 +341,7 @@ impl ProxyState {
             prices: Arc::new(crate::meter::pricing::PriceBook::builtin()),
             live: crate::control::LiveHandle::default(),
             untrusted: Untrusted::default(),
+            attribution_slots: Arc::new(tokio::sync::Semaphore::new(ATTRIBUTION_SLOTS)),
             unpriced_seen: Mutex::default(),
             tier_unpriced_seen: Mutex::default(),
             http,
@@ -710,9 +718,18 @@ async fn handle_conn(state: Arc<ProxyState>, tcp: TcpStream, peer: SocketAddr) {
                 comm: origin.comm.clone(),
                 connected_boot_ns: origin.connected_boot_ns,
             };
-            let read = tokio::task::spawn_blocking(move || st.attributor.attribute(&caller));
+            let read = async move {
+                // The slot goes with the read: one stuck keeps it.
+                let slot = st.attribution_slots.clone().acquire_owned().await.ok()?;
+                tokio::task::spawn_blocking(move || {
+                    let _slot = slot;
+                    st.attributor.attribute(&caller)
+                })
+                .await
+                .ok()
+            };
             match tokio::time::timeout(ATTRIBUTION_TIMEOUT, read).await {
-                Ok(Ok(who)) => who,
+                Ok(Some(who)) => who,
                 outcome => {
                     if outcome.is_err() {
                         warn!(pid = origin.tgid, "reading the process's details took too long; the connection goes on with what the kernel saw at connect time");
@@ -1310,6 +1327,32 @@ mod tests {
         state.draining.cancel();
         let (mut tls, task) = intercepted_client(state.clone(), &agent_ca, host).await;
         tokio::time::sleep(Duration::from_millis(200)).await;
+        tls.write_all(GET_MODELS).await.unwrap();
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(30), tls.read_to_end(&mut got)).await;
+        let got = String::from_utf8_lossy(&got);
+        assert!(got.starts_with("HTTP/1.1 200"), "answered: {got:?}");
+        assert_eq!(server.served.load(Ordering::SeqCst), 1);
+        tokio::time::timeout(Duration::from_secs(30), task)
+            .await
+            .expect("then the connection ends")
+            .unwrap();
+    }
+
+    /// Every attribution slot held (reads stuck on /proc): a new
+    /// connection waits at most the attribution timeout for one, then goes
+    /// on with what the kernel saw at connect time.
+    #[tokio::test]
+    async fn a_connection_goes_on_when_every_attribution_slot_is_stuck() {
+        let host = "api.openai.com";
+        let (state, agent_ca, server, _dir) = intercepting(host).await;
+        let _stuck = state
+            .attribution_slots
+            .clone()
+            .acquire_many_owned(ATTRIBUTION_SLOTS as u32)
+            .await
+            .unwrap();
+        let (mut tls, task) = intercepted_client(state.clone(), &agent_ca, host).await;
         tls.write_all(GET_MODELS).await.unwrap();
         let mut got = Vec::new();
         let _ = tokio::time::timeout(Duration::from_secs(30), tls.read_to_end(&mut got)).await;
