@@ -333,11 +333,12 @@ async fn tunnel(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<Proxy
 
 /// Copies both directions of a metered WebSocket, each byte forwarded as
 /// it arrives and then shown to the meter. The job's side ending (or
-/// failing) half-closes the provider's; the provider's side ending ends
-/// the relay. When the job is gone while responses are still open, the
-/// provider's side is read on, unsent, as an HTTP response is after a
-/// hang-up ([`DRAIN_AFTER_HANGUP`], [`DRAIN_MAX_BYTES`]), so that their
-/// usage is the provider's own. The meter then records what is left open.
+/// failing) half-closes the provider's, as the job's own close would have
+/// without the agent; the provider's side ending ends the relay. A job
+/// that can no longer be written to (killed, reset) ends the relay at
+/// once: the provider's connection goes as the job's would have, and the
+/// provider stops generating what nobody reads. The meter then records
+/// what is left open, estimated.
 async fn relay_metered<C, U>(client: C, upstream: U, meter: WsMeter) -> std::io::Result<()>
 where
     C: tokio::io::AsyncRead + tokio::io::AsyncWrite,
@@ -369,43 +370,16 @@ where
                 return;
             }
         }
-        // The job's side ended. After its Close frame (or with nothing
-        // open) the provider is told at once; a job that vanished with
-        // responses open leaves the provider's side open while the agent
-        // reads on for their counts (a provider takes a half-close as the
-        // client gone, and stops).
-        let drain = {
-            let mut m = lock();
-            let drain = !m.job_closed() && m.waiting();
-            m.job_ended();
-            if drain {
-                m.draining = true;
-            }
-            drain
-        };
-        if !drain {
-            let _ = tokio::time::timeout(Duration::from_secs(5), up_wr.shutdown()).await;
-        }
+        // The job's side ended (its Close frame, or it vanished): the
+        // provider is told at once, as it would have been without the
+        // agent, and what it still sends before it closes is read.
+        lock().job_ended();
+        let _ = tokio::time::timeout(Duration::from_secs(5), up_wr.shutdown()).await;
     };
     let answers = async {
         let mut buf = vec![0u8; 16 * 1024];
-        // Once the job has left (its side ended without a close, or it
-        // cannot be written to): until when, and how many bytes were read
-        // since.
-        let mut deadline = None;
-        let mut drained = 0usize;
         loop {
-            if deadline.is_none() && lock().draining() {
-                deadline = Some(tokio::time::Instant::now() + DRAIN_AFTER_HANGUP);
-            }
-            let read = match deadline {
-                None => up_rd.read(&mut buf).await,
-                Some(at) => match tokio::time::timeout_at(at, up_rd.read(&mut buf)).await {
-                    Ok(r) => r,
-                    Err(_) => return,
-                },
-            };
-            let n = match read {
+            let n = match up_rd.read(&mut buf).await {
                 Ok(0) | Err(_) => {
                     lock().provider_gone();
                     let _ =
@@ -415,40 +389,34 @@ where
                 Ok(n) => n,
             };
             // Written while the job takes it (one that only half-closed
-            // still reads); once a write fails or stalls while draining,
-            // read for nobody.
-            let job_gone = lock().job_is_gone();
-            if !job_gone {
-                let write = async {
-                    client_wr.write_all(&buf[..n]).await?;
-                    client_wr.flush().await
-                };
-                let sent = match deadline {
-                    None => write.await,
-                    Some(_) => tokio::time::timeout(Duration::from_secs(5), write)
-                        .await
-                        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into())),
-                };
-                if sent.is_err() {
-                    lock().job_gone();
-                }
-            }
+            // still reads); a job that cannot be written to is gone, and
+            // the relay ends.
+            let write = async {
+                client_wr.write_all(&buf[..n]).await?;
+                client_wr.flush().await
+            };
+            let job_left = lock().job_has_ended();
+            let sent = if job_left {
+                tokio::time::timeout(Duration::from_secs(5), write)
+                    .await
+                    .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+            } else {
+                write.await
+            };
             let mut m = lock();
             m.provider_sent(&buf[..n]);
-            if m.draining() {
-                drained += n;
-                if drained > DRAIN_MAX_BYTES || !m.waiting() {
-                    return;
-                }
+            if sent.is_err() {
+                m.job_ended();
+                return;
             }
         }
     };
     tokio::pin!(asks, answers);
     let mut asks_done = false;
     loop {
-        if asks_done || lock().draining() {
-            // The job is gone or closing: the provider's close, or the
-            // counts of what is open, for at most the hang-up drain.
+        if asks_done {
+            // The job's side ended and the provider was told: its close,
+            // or what it sends first, for at most the hang-up bound.
             let _ = tokio::time::timeout(DRAIN_AFTER_HANGUP, &mut answers).await;
             break;
         }
@@ -484,11 +452,6 @@ struct WsMeter {
     open: std::collections::HashMap<String, WsOpen>,
     /// Which side sent a Close frame first, or could no longer be reached.
     ended_by: Option<WsSide>,
-    /// The job can no longer be written to.
-    job_gone: bool,
-    /// The job has left (its side ended without a Close frame, or cannot
-    /// be written to) with responses open.
-    draining: bool,
     /// Requests not tracked (over [`WS_MAX_OPEN`]), said once.
     dropped: u64,
     /// A direction's framing was found broken (and said so).
@@ -614,8 +577,6 @@ impl WsMeter {
             asked: Default::default(),
             open: Default::default(),
             ended_by: None,
-            job_gone: false,
-            draining: false,
             dropped: 0,
             unreadable: false,
         }
@@ -659,11 +620,6 @@ impl WsMeter {
         }
     }
 
-    /// Requests or responses are still open: their usage may yet come.
-    fn waiting(&self) -> bool {
-        !self.open.is_empty() || self.asked.values().any(|q| !q.is_empty())
-    }
-
     fn asked_count(&self) -> usize {
         self.asked
             .values()
@@ -671,17 +627,10 @@ impl WsMeter {
             .sum()
     }
 
-    /// The job's side can no longer be written to.
-    fn job_gone(&mut self) {
-        self.job_gone = true;
-        self.draining = true;
-        self.job_ended();
-    }
-
-    /// The job has left with responses open: the provider is read for
-    /// their counts, within the hang-up drain's bounds.
-    fn draining(&self) -> bool {
-        self.draining
+    /// Requests or responses are still open: their usage may yet come.
+    #[cfg(test)]
+    fn waiting(&self) -> bool {
+        !self.open.is_empty() || self.asked.values().any(|q| !q.is_empty())
     }
 
     /// The job's side ended first (for the records of what is open).
@@ -689,13 +638,9 @@ impl WsMeter {
         self.ended_by.get_or_insert(WsSide::Job);
     }
 
-    fn job_is_gone(&self) -> bool {
-        self.job_gone
-    }
-
-    /// The job sent a Close frame: it is closing, not vanishing.
-    fn job_closed(&self) -> bool {
-        self.client.closed()
+    /// The job's side has ended (what is written to it now may stall).
+    fn job_has_ended(&self) -> bool {
+        self.ended_by == Some(WsSide::Job)
     }
 
     /// The provider's side ended or failed.
