@@ -38,6 +38,8 @@ pub enum AppError {
         "the state directory {path} {why}: whoever can write it can replace the CA key and the ledger; make it owned by root and writable by root only (chmod 755)"
     )]
     StateDirUnsafe { path: String, why: String },
+    #[error("the state directory {path} belongs to root: run this command as root (sudo)")]
+    StateDirOfRoot { path: String },
     #[error(
         "cannot listen on {addr}: {source} (is another tollgate running? set [proxy] listen to a free port)"
     )]
@@ -74,7 +76,7 @@ impl AppError {
                 NOPERM
             }
             AppError::StateDir { .. } => UNAVAILABLE,
-            AppError::StateDirUnsafe { .. } => NOPERM,
+            AppError::StateDirUnsafe { .. } | AppError::StateDirOfRoot { .. } => NOPERM,
             AppError::Listen { .. } => UNAVAILABLE,
             AppError::SelfInterceptedInPidNamespace { .. } => UNAVAILABLE,
             AppError::Ca(e) => e.exit_code(),
@@ -518,6 +520,12 @@ pub(crate) fn check_state_dir(dir: &std::path::Path, owner: u32) -> Result<(), A
         path: dir.display().to_string(),
         source,
     })?;
+    if meta.uid() == 0 && owner != 0 && meta.mode() & 0o022 == 0 {
+        // As it should be, for a command run as another user.
+        return Err(AppError::StateDirOfRoot {
+            path: dir.display().to_string(),
+        });
+    }
     let why = if meta.uid() != owner {
         format!("is owned by uid {}, not {owner}", meta.uid())
     } else if meta.mode() & 0o022 != 0 {
@@ -684,7 +692,13 @@ mod tests {
         }
         set(0o755).unwrap();
         let e = check_state_dir(t.path(), me.wrapping_add(1)).expect_err("someone else's");
-        assert!(e.to_string().contains("owned by uid"), "{e}");
+        if me == 0 {
+            // Root's, as it should be: the command is run as another user.
+            assert!(e.to_string().contains("run this command as root"), "{e}");
+        } else {
+            assert!(e.to_string().contains("owned by uid"), "{e}");
+        }
+        assert_eq!(e.exit_code(), crate::exit::NOPERM);
     }
 
     #[test]

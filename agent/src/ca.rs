@@ -55,6 +55,7 @@ const LEAF_REMINT: Duration = Duration::from_secs(30 * 86_400);
 pub const SYSTEM_BUNDLES: &[&str] = &[
     "/etc/ssl/certs/ca-certificates.crt",
     "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/ca-bundle.pem",
     "/etc/ssl/cert.pem",
 ];
 
@@ -493,6 +494,12 @@ impl LocalCa {
     pub fn write_bundle(&self) -> Result<&Path, CaError> {
         let mut out = String::new();
         let mut has_ca = false;
+        if !SYSTEM_BUNDLES.iter().any(|b| Path::new(b).exists()) {
+            tracing::warn!(
+                looked_at = ?SYSTEM_BUNDLES,
+                "no system trust bundle found: bundle.pem holds the local CA only, and a client given it as SSL_CERT_FILE or REQUESTS_CA_BUNDLE (tollgate trust env) trusts no other server; install the distribution's CA certificates (ca-certificates)"
+            );
+        }
         for sys in SYSTEM_BUNDLES {
             match fs::read(sys) {
                 Ok(bytes) => {

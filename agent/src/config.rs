@@ -597,13 +597,23 @@ pub fn validate_host(h: &str) -> Result<(), String> {
                 && !l.starts_with('-')
                 && !l.ends_with('-')
         });
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
+    if !ok {
+        return Err(format!(
             "`{h}` is not an exact host name (wildcards, schemes and ports are not allowed)"
-        ))
+        ));
     }
+    // A name whose last label is all digits is an IPv4 address (TLS
+    // clients send no SNI for one, and the CA cannot name it): a host name
+    // is needed.
+    if h.rsplit('.')
+        .next()
+        .is_some_and(|l| l.bytes().all(|b| b.is_ascii_digit()))
+    {
+        return Err(format!(
+            "`{h}` is an IP address, not a host name: clients send no server name for an address, so it cannot be metered; give the provider's host name"
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -838,6 +848,29 @@ api = "azure-openai"
                         e.contains("providers[0].hosts") && e.contains("one label"),
                         "{e}"
                     );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn an_ip_address_is_not_a_provider_host() {
+        for (host, ok) in [
+            ("10.0.0.5", false),
+            ("192.168.1.300", false),
+            ("llm.10", false),
+            ("10.llm.example", true),
+            ("llm-1.corp.example", true),
+        ] {
+            let c = Config::parse(&format!(
+                "[[providers]]\nhosts = [\"{host}\"]\napi = \"openai\"\n"
+            ))
+            .expect("parses");
+            match c.validate() {
+                Ok(()) => assert!(ok, "{host} accepted"),
+                Err(e) => {
+                    assert!(!ok, "{host}: {e}");
+                    assert!(e.to_string().contains("IP address"), "{e}");
                 }
             }
         }
