@@ -127,6 +127,26 @@ const UNIT_READ_ONLY: &[&str] = &[
     "/run/user",
 ];
 
+/// Why `path` (or where its symlinks lead, `resolved`) is no place for
+/// what the agent writes under the systemd unit's sandbox: under a private
+/// /tmp, or a directory the unit makes read-only. `instead` is where to
+/// put it.
+fn sandboxed(path: &Path, resolved: Option<&Path>, instead: &str) -> Vec<String> {
+    let under = |d: &&&str| path.starts_with(d) || resolved.is_some_and(|r| r.starts_with(d));
+    let mut warnings = Vec::new();
+    if let Some(tmp) = ["/tmp", "/var/tmp"].iter().find(under) {
+        warnings.push(format!(
+            "under {tmp}, which the systemd unit makes private to the agent (PrivateTmp) and discards at stop; put it under {instead}"
+        ));
+    }
+    if let Some(ro) = UNIT_READ_ONLY.iter().find(under) {
+        warnings.push(format!(
+            "under {ro}, which the systemd unit makes read-only; put it under {instead}"
+        ));
+    }
+    warnings
+}
+
 /// `[export.audit_log]`: whether `run` can open the file (or create it
 /// and its directory), creating nothing.
 fn audit_log(cfg: &Config) -> Outcome {
@@ -173,19 +193,7 @@ fn audit_log(cfg: &Config) -> Outcome {
         Some(r) => format!("{} (that is, {})", path.display(), r.display()),
         None => path.display().to_string(),
     };
-    let under =
-        |d: &&&str| path.starts_with(d) || resolved.as_ref().is_some_and(|r| r.starts_with(d));
-    let mut warnings = Vec::new();
-    if let Some(tmp) = ["/tmp", "/var/tmp"].iter().find(under) {
-        warnings.push(format!(
-            "under {tmp}, which the systemd unit makes private to the agent (PrivateTmp) and discards at stop; put it under /var/log/tollgate/"
-        ));
-    }
-    if let Some(ro) = UNIT_READ_ONLY.iter().find(under) {
-        warnings.push(format!(
-            "under {ro}, which the systemd unit makes read-only; put it under /var (e.g. /var/log/tollgate/)"
-        ));
-    }
+    let warnings = sandboxed(path, resolved.as_deref(), "/var/log/tollgate/");
     if !warnings.is_empty() {
         return outcome(
             Level::Warn,
@@ -276,7 +284,46 @@ fn cgroup_only(cfg: &Config) -> Outcome {
 }
 
 fn state_dir(cfg: &Config) -> Outcome {
+    let unit = UNIT_FILES.iter().map(Path::new).find(|p| p.exists());
+    state_dir_under(cfg, unit)
+}
+
+/// Where the systemd unit is installed (README: Install on a runner).
+const UNIT_FILES: &[&str] = &[
+    "/etc/systemd/system/tollgate.service",
+    "/usr/lib/systemd/system/tollgate.service",
+    "/lib/systemd/system/tollgate.service",
+];
+
+/// [`state_dir`], with the systemd unit installed at `unit`, if it is.
+fn state_dir_under(cfg: &Config, unit: Option<&Path>) -> Outcome {
     let dir = &cfg.state_dir;
+    // Under the unit's sandbox, the agent's CA and ledger must outlive it
+    // and be the ones the commands run from a shell see.
+    if let Some(unit) = unit {
+        let resolved = dir
+            .ancestors()
+            .find(|p| p.exists())
+            .and_then(|p| std::fs::canonicalize(p).ok())
+            .filter(|r| r != dir);
+        let warnings = sandboxed(
+            dir,
+            resolved.as_deref(),
+            "/var/lib (the default is /var/lib/tollgate)",
+        );
+        if !warnings.is_empty() {
+            return outcome(
+                Level::Warn,
+                "state directory",
+                format!(
+                    "{}: {} (the unit: {})",
+                    dir.display(),
+                    warnings.join("; "),
+                    unit.display()
+                ),
+            );
+        }
+    }
     if !dir.exists() {
         return outcome(
             Level::Ok,
@@ -687,6 +734,29 @@ pub fn render(outcomes: &[Outcome]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_state_dir_the_units_sandbox_hides_is_warned_about_where_the_unit_is() {
+        let cfg = |dir: &str| Config {
+            state_dir: dir.into(),
+            ..Config::default()
+        };
+        let unit = Some(Path::new("/etc/systemd/system/tollgate.service"));
+        for (dir, why) in [
+            ("/tmp/tollgate", "PrivateTmp"),
+            ("/etc/tollgate/state", "read-only"),
+            ("/home/ci/tollgate", "read-only"),
+        ] {
+            let o = state_dir_under(&cfg(dir), unit);
+            assert_eq!(o.level, Level::Warn, "{dir}: {o:?}");
+            assert!(o.detail.contains(why), "{dir}: {o:?}");
+            // Without the unit (a test, a container), no sandbox applies.
+            let o = state_dir_under(&cfg(dir), None);
+            assert_ne!(o.level, Level::Warn, "{dir}: {o:?}");
+        }
+        let o = state_dir_under(&cfg("/var/lib/tollgate-not-there"), unit);
+        assert_eq!(o.level, Level::Ok, "{o:?}");
+    }
 
     #[test]
     fn endpoints_give_host_and_port() {
