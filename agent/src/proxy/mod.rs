@@ -110,6 +110,8 @@ const ATTRIBUTION_SLOTS: usize = 16;
 const UNTRUSTED: u8 = 2;
 /// Clients remembered at most (the key holds a path a job chooses).
 const MAX_UNTRUSTED_PAIRS: usize = 4096;
+/// Clients of one cgroup (one job, on most runners) in that table.
+const MAX_UNTRUSTED_PER_CGROUP: usize = 64;
 /// How long a client that rejected the CA passes through after its last
 /// connection (or strike): then it is intercepted again (a client that
 /// still rejects the CA fails one connection, which SDKs retry).
@@ -861,6 +863,9 @@ async fn handle_conn(state: Arc<ProxyState>, tcp: TcpStream, peer: SocketAddr) {
 /// job's clients, or the same program in another job, are not affected.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct ClientKey {
+    /// The job's cgroup (also in `scope`): what no process in it can
+    /// choose.
+    cgroup: u64,
     scope: String,
     exe: String,
     host: String,
@@ -884,6 +889,7 @@ fn job_scope(who: &crate::meter::Attribution) -> String {
 impl ClientKey {
     fn of(who: &crate::meter::Attribution, comm: &str, host: &str) -> ClientKey {
         ClientKey {
+            cgroup: who.cgroup_id,
             scope: job_scope(who),
             exe: who.exe.clone().unwrap_or_else(|| comm.to_string()),
             host: host.to_string(),
@@ -934,6 +940,17 @@ impl Untrusted {
 
     fn strike_at(&self, key: &ClientKey, strikes: u8, now: Instant) -> bool {
         let mut map = self.map();
+        // One cgroup holds at most MAX_UNTRUSTED_PER_CGROUP clients, its
+        // oldest going first: a job that invents clients (names, CI ids)
+        // churns its own entries, and cannot fill the table for others.
+        if !map.contains_key(key) {
+            let mut mine = map.iter().filter(|(k, _)| k.cgroup == key.cgroup);
+            if mine.clone().count() >= MAX_UNTRUSTED_PER_CGROUP
+                && let Some(oldest) = mine.min_by_key(|(_, (_, at))| *at).map(|(k, _)| k.clone())
+            {
+                map.remove(&oldest);
+            }
+        }
         if map.len() >= MAX_UNTRUSTED_PAIRS && !map.contains_key(key) {
             map.retain(|_, (_, at)| now.saturating_duration_since(*at) < UNTRUSTED_FOR);
             if map.len() >= MAX_UNTRUSTED_PAIRS {
@@ -1030,8 +1047,14 @@ async fn splice(
 mod tests {
     use super::*;
 
+    /// Client `i` of the job `scope` (`CGROUP/RUN/JOB_ID/JOB`).
     fn client(i: usize, scope: &str) -> ClientKey {
         ClientKey {
+            cgroup: scope
+                .split('/')
+                .next()
+                .and_then(|c| c.parse().ok())
+                .unwrap_or(0),
             scope: scope.to_string(),
             exe: format!("/bin/x{i}"),
             host: "api.openai.com".to_string(),
@@ -1057,12 +1080,40 @@ mod tests {
             "already passing: no second warning"
         );
         assert!(u.strike(&k(1), UNTRUSTED), "an alert at once");
-        for i in 2..MAX_UNTRUSTED_PAIRS + 10 {
+        // One job's many clients: it churns only its own entries.
+        for i in 2..200 {
             u.strike(&k(i), 1);
         }
+        assert_eq!(u.map().len(), MAX_UNTRUSTED_PER_CGROUP);
+        assert!(
+            u.strike(&k(500), UNTRUSTED),
+            "its newest client still counts"
+        );
+        // Many jobs: the table is bounded.
+        for i in 0..MAX_UNTRUSTED_PAIRS + 10 {
+            u.strike(&client(0, &format!("{}/1/1/x", 100 + i)), 1);
+        }
         assert_eq!(u.map().len(), MAX_UNTRUSTED_PAIRS);
-        assert!(!u.strike(&k(MAX_UNTRUSTED_PAIRS + 20), UNTRUSTED));
-        assert!(!u.passes_through(&k(MAX_UNTRUSTED_PAIRS + 20)));
+        let late = client(0, "99999/1/1/x");
+        assert!(!u.strike(&late, UNTRUSTED));
+        assert!(!u.passes_through(&late));
+    }
+
+    #[test]
+    fn one_job_inventing_clients_cannot_crowd_out_anothers() {
+        let u = Untrusted::default();
+        let theirs = client(0, "8/77/1/build");
+        assert!(u.strike(&theirs, UNTRUSTED));
+        // A job in cgroup 7 strikes with thousands of invented names.
+        for i in 0..2 * MAX_UNTRUSTED_PAIRS {
+            u.strike(&client(i, &format!("7/{i}/1/flood")), UNTRUSTED);
+        }
+        assert!(
+            u.passes_through(&theirs),
+            "the other job's client keeps passing"
+        );
+        // And a client the other job starts later is still learned.
+        assert!(u.strike(&client(1, "8/77/1/build"), UNTRUSTED));
     }
 
     #[test]
@@ -1091,7 +1142,7 @@ mod tests {
         assert!(!u.passes_through_at(&mine, later));
         // When full, expired entries make room.
         for i in 1..MAX_UNTRUSTED_PAIRS {
-            u.strike_at(&client(i, "s"), 1, t0);
+            u.strike_at(&client(0, &format!("{}/s", 1000 + i)), 1, t0);
         }
         assert!(u.strike_at(&client(0, "new"), UNTRUSTED, later + Duration::from_secs(1)));
     }
