@@ -944,7 +944,7 @@ impl Untrusted {
         // oldest going first: a job that invents clients (names, CI ids)
         // churns its own entries, and cannot fill the table for others.
         if !map.contains_key(key) {
-            let mut mine = map.iter().filter(|(k, _)| k.cgroup == key.cgroup);
+            let mine = map.iter().filter(|(k, _)| k.cgroup == key.cgroup);
             if mine.clone().count() >= MAX_UNTRUSTED_PER_CGROUP
                 && let Some(oldest) = mine.min_by_key(|(_, (_, at))| *at).map(|(k, _)| k.clone())
             {
