@@ -198,6 +198,17 @@ fn is_scheme(word: &str) -> bool {
     SCHEMES.iter().any(|s| w.eq_ignore_ascii_case(s))
 }
 
+/// A word that may be an Authorization scheme this module does not know:
+/// letters, `-` and `_` only (a credential has digits or other signs, as a
+/// rule), not closing its quoted argument.
+fn scheme_shaped(word: &str) -> bool {
+    let w = word.trim_start_matches(['"', '\'']);
+    (2..=32).contains(&w.len())
+        && w.starts_with(|c: char| c.is_ascii_alphabetic())
+        && w.bytes()
+            .all(|b| b.is_ascii_alphabetic() || b == b'-' || b == b'_')
+}
+
 /// What the next token is, after a sensitive name with no value attached.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Pending {
@@ -711,6 +722,10 @@ pub fn redact_cmdline(s: &str) -> String {
                 out.push_str(&r);
                 pending = if pending == Pending::Cookie && tok.ends_with(';') {
                     Pending::Cookie
+                } else if pending == Pending::Auth && scheme_shaped(tok) {
+                    // A scheme not in SCHEMES (`Api-Key`, `OAuth`, `SSWS`):
+                    // redacted too, and the credential is the next word.
+                    Pending::Value
                 } else {
                     Pending::None
                 };
@@ -905,6 +920,16 @@ mod tests {
             "curl -H x-goog-api-key: Zq9SECRETzq9",
             &["Zq9SECRETzq9"],
             &[],
+        ),
+        (
+            "curl -H 'Authorization: Api-Key abcd1234.EfGhSECRET' https://app.example",
+            &["abcd1234.EfGhSECRET"],
+            &["https://app.example"],
+        ),
+        (
+            "curl -H Authorization: OAuth 3f2a9c1e-7b4d-4e8a-9c2b-1d5e6f7a8b9c -d {}",
+            &["3f2a9c1e-7b4d-4e8a-9c2b-1d5e6f7a8b9c"],
+            &["-d {}"],
         ),
         (
             "curl -H Proxy-Authorization: Basic Zq9SECRETzq9",
