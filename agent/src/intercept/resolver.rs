@@ -169,6 +169,21 @@ impl Remembered {
         self.add(resolved, now, keep)
     }
 
+    /// The hosts of `resolved` that gave an address not remembered, having
+    /// given others before: their DNS rotates through a pool the agent has
+    /// not seen whole yet.
+    fn rotating(&self, resolved: &Answers) -> Vec<String> {
+        resolved
+            .iter()
+            .filter(|(host, addrs)| {
+                self.seen
+                    .get(*host)
+                    .is_some_and(|seen| addrs.iter().any(|a| !seen.contains_key(a)))
+            })
+            .map(|(host, _)| host.clone())
+            .collect()
+    }
+
     /// As [`Remembered::merge`], for lookups of some hosts only (a retry
     /// of those without an answer): the other hosts' answers stay as they
     /// were, and so does when their addresses were last seen.
@@ -317,6 +332,7 @@ pub fn spawn_refresh(
         overrides,
         refresh: refresh.max(Duration::from_secs(1)),
         retry_first: RETRY_FIRST,
+        rotating_every: ROTATING_EVERY,
     };
     tokio::spawn(async move {
         lookups
@@ -339,7 +355,12 @@ struct Lookups {
     overrides: BTreeMap<String, Vec<SocketAddr>>,
     refresh: Duration,
     retry_first: Duration,
+    /// How often a host whose DNS rotates is looked up between refreshes.
+    rotating_every: Duration,
 }
+
+/// See [`Lookups::rotating_every`].
+const ROTATING_EVERY: Duration = Duration::from_secs(30);
 
 type Answers = BTreeMap<String, Vec<SocketAddr>>;
 
@@ -363,14 +384,25 @@ impl Lookups {
         let stop = &mut stop;
         let mut next_refresh = tokio::time::Instant::now() + self.refresh;
         let mut retry = self.retry_first;
+        // Hosts whose last lookup gave an address not seen before (DNS
+        // rotating through a pool), looked up again every
+        // `self.rotating_every` until one gives nothing new: a job's own
+        // lookup may get any address of the pool, and a connection to one
+        // not yet redirected goes direct for its whole life.
+        let mut rotating: Vec<String> = Vec::new();
+        let rotating_every = self.rotating_every.min(self.refresh);
+        let mut next_rotating = next_refresh;
         loop {
             let missing = unanswered(&self.hosts, &self.overrides, remembered.answers());
-            let wake = if missing.is_empty() {
+            let mut wake = next_refresh;
+            if missing.is_empty() {
                 retry = self.retry_first;
-                next_refresh
             } else {
-                next_refresh.min(tokio::time::Instant::now() + retry)
-            };
+                wake = wake.min(tokio::time::Instant::now() + retry);
+            }
+            if !rotating.is_empty() {
+                wake = wake.min(next_rotating);
+            }
             if unless_stopped(tokio::time::sleep_until(wake), stop)
                 .await
                 .is_none()
@@ -387,18 +419,32 @@ impl Lookups {
                 let Some(next) = unless_stopped(lookups, stop).await else {
                     return;
                 };
+                rotating = remembered.rotating(&next);
+                next_rotating = tokio::time::Instant::now() + rotating_every;
                 apply(&remembered.merge(next, Instant::now(), keep));
-            } else {
+                continue;
+            }
+            // Between refreshes: the hosts still without an answer and the
+            // rotating ones, together.
+            if !missing.is_empty() {
                 retry = (retry * 2).min(self.refresh);
-                let lookups = resolve(missing, Answers::new(), Answers::new());
-                let Some(found) = unless_stopped(lookups, stop).await else {
-                    return;
-                };
-                if !found.is_empty() {
-                    let hosts: Vec<&String> = found.keys().collect();
-                    tracing::info!(?hosts, "provider hosts resolved on a retry");
-                    apply(&remembered.add(found, Instant::now(), keep));
-                }
+            }
+            let mut hosts = missing.clone();
+            hosts.extend(rotating.iter().filter(|h| !missing.contains(h)).cloned());
+            next_rotating = tokio::time::Instant::now() + rotating_every;
+            let lookups = resolve(hosts, Answers::new(), Answers::new());
+            let Some(found) = unless_stopped(lookups, stop).await else {
+                return;
+            };
+            // Those still showing new addresses are looked up again.
+            let still = remembered.rotating(&found);
+            rotating.retain(|h| still.contains(h));
+            let answered: Vec<&String> = found.keys().filter(|h| missing.contains(h)).collect();
+            if !answered.is_empty() {
+                tracing::info!(hosts = ?answered, "provider hosts resolved on a retry");
+            }
+            if !found.is_empty() {
+                apply(&remembered.add(found, Instant::now(), keep));
             }
         }
     }
@@ -566,6 +612,7 @@ mod tests {
             overrides: BTreeMap::new(),
             refresh: Duration::from_secs(3600),
             retry_first: Duration::from_millis(20),
+            rotating_every: ROTATING_EVERY,
         };
         let calls = Arc::new(Mutex::new(Vec::<Vec<String>>::new()));
         let (stop_tx, stop_rx) = watch::channel(false);
@@ -638,6 +685,58 @@ mod tests {
 
     fn sa(s: &str) -> SocketAddr {
         s.parse().unwrap()
+    }
+
+    /// A host whose DNS answers each lookup with the next address of a
+    /// pool of six: once a refresh shows it rotating, it is looked up again
+    /// between refreshes until every address of the pool is redirected,
+    /// and then left alone until the next refresh.
+    #[tokio::test]
+    async fn a_host_whose_dns_rotates_is_looked_up_until_its_pool_is_known() {
+        let pool: Vec<SocketAddr> = (1..=6).map(|i| sa(&format!("10.0.0.{i}:443"))).collect();
+        let lookups = Lookups {
+            hosts: vec!["a.test".to_owned()],
+            overrides: BTreeMap::new(),
+            refresh: Duration::from_secs(2),
+            retry_first: Duration::from_millis(20),
+            rotating_every: Duration::from_millis(20),
+        };
+        let calls = Arc::new(Mutex::new(0usize));
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let applied = Arc::new(Mutex::new(Vec::<Answers>::new()));
+        let initial = BTreeMap::from([("a.test".to_owned(), vec![pool[0]])]);
+        let run = lookups.run(
+            initial,
+            stop_rx,
+            |hosts, _, _| {
+                let (calls, pool) = (calls.clone(), pool.clone());
+                async move {
+                    let mut n = calls.lock().unwrap();
+                    *n += 1;
+                    let mut out = Answers::new();
+                    if hosts.iter().any(|h| h == "a.test") {
+                        out.insert("a.test".to_owned(), vec![pool[*n % pool.len()]]);
+                    }
+                    out
+                }
+            },
+            |targets| applied.lock().unwrap().push(targets.clone()),
+        );
+        let watch = async {
+            // One refresh (2 s), the lookups it starts, and time to spare.
+            tokio::time::sleep(Duration::from_millis(3500)).await;
+            stop_tx.send(true).unwrap();
+        };
+        tokio::join!(run, watch);
+        let last = applied.lock().unwrap().last().cloned().unwrap();
+        assert_eq!(
+            last["a.test"], pool,
+            "every address of the pool is redirected"
+        );
+        // The refresh, then one lookup per new address until one showed
+        // nothing new: not a lookup every 20 ms for the rest of the second.
+        let calls = *calls.lock().unwrap();
+        assert!((6..=8).contains(&calls), "{calls} lookups");
     }
 
     #[test]

@@ -1369,15 +1369,13 @@ mod tests {
     const GET_MODELS: &[u8] =
         b"GET /v1/models HTTP/1.1\r\nhost: api.openai.com\r\nconnection: close\r\n\r\n";
 
-    #[tokio::test]
-    async fn a_connection_whose_request_comes_after_the_drain_began_is_served() {
-        let host = "api.openai.com";
-        let (state, agent_ca, server, _dir) = intercepting(host).await;
-        // The drain has begun by the time the client's request arrives (a
-        // connection queued, or in its handshake, at SIGTERM).
-        state.draining.cancel();
-        let (mut tls, task) = intercepted_client(state.clone(), &agent_ca, host).await;
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    /// Sends [`GET_MODELS`] on `tls`: answered 200 by `server` (its first
+    /// request), then the connection's task ends.
+    async fn get_models_is_answered(
+        mut tls: tokio_rustls::client::TlsStream<TcpStream>,
+        task: tokio::task::JoinHandle<()>,
+        server: &upstream::tests::EchoServer,
+    ) {
         tls.write_all(GET_MODELS).await.unwrap();
         let mut got = Vec::new();
         let _ = tokio::time::timeout(Duration::from_secs(30), tls.read_to_end(&mut got)).await;
@@ -1388,6 +1386,18 @@ mod tests {
             .await
             .expect("then the connection ends")
             .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_connection_whose_request_comes_after_the_drain_began_is_served() {
+        let host = "api.openai.com";
+        let (state, agent_ca, server, _dir) = intercepting(host).await;
+        // The drain has begun by the time the client's request arrives (a
+        // connection queued, or in its handshake, at SIGTERM).
+        state.draining.cancel();
+        let (tls, task) = intercepted_client(state.clone(), &agent_ca, host).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        get_models_is_answered(tls, task, &server).await;
     }
 
     /// Every attribution slot held (reads stuck on /proc): a new
@@ -1403,17 +1413,8 @@ mod tests {
             .acquire_many_owned(ATTRIBUTION_SLOTS as u32)
             .await
             .unwrap();
-        let (mut tls, task) = intercepted_client(state.clone(), &agent_ca, host).await;
-        tls.write_all(GET_MODELS).await.unwrap();
-        let mut got = Vec::new();
-        let _ = tokio::time::timeout(Duration::from_secs(30), tls.read_to_end(&mut got)).await;
-        let got = String::from_utf8_lossy(&got);
-        assert!(got.starts_with("HTTP/1.1 200"), "answered: {got:?}");
-        assert_eq!(server.served.load(Ordering::SeqCst), 1);
-        tokio::time::timeout(Duration::from_secs(30), task)
-            .await
-            .expect("then the connection ends")
-            .unwrap();
+        let (tls, task) = intercepted_client(state.clone(), &agent_ca, host).await;
+        get_models_is_answered(tls, task, &server).await;
     }
 
     /// A job that leaves while its (long, forwarded as it arrives) body is
