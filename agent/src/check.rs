@@ -299,8 +299,9 @@ const UNIT_FILES: &[&str] = &[
 fn state_dir_under(cfg: &Config, unit: Option<&Path>) -> Outcome {
     let dir = &cfg.state_dir;
     // Under the unit's sandbox, the agent's CA and ledger must outlive it
-    // and be the ones the commands run from a shell see.
-    if let Some(unit) = unit {
+    // and be the ones the commands run from a shell see: a warning, unless
+    // a failure below says more.
+    let sandbox = unit.and_then(|unit| {
         let resolved = dir
             .ancestors()
             .find(|p| p.exists())
@@ -311,25 +312,21 @@ fn state_dir_under(cfg: &Config, unit: Option<&Path>) -> Outcome {
             resolved.as_deref(),
             "/var/lib (the default is /var/lib/tollgate)",
         );
-        if !warnings.is_empty() {
-            return outcome(
-                Level::Warn,
-                "state directory",
-                format!(
-                    "{}: {} (the unit: {})",
-                    dir.display(),
-                    warnings.join("; "),
-                    unit.display()
-                ),
-            );
-        }
-    }
+        (!warnings.is_empty()).then(|| {
+            format!(
+                "{}: {} (the unit: {})",
+                dir.display(),
+                warnings.join("; "),
+                unit.display()
+            )
+        })
+    });
+    let fine = |detail: String| match &sandbox {
+        Some(w) => outcome(Level::Warn, "state directory", w.clone()),
+        None => outcome(Level::Ok, "state directory", detail),
+    };
     if !dir.exists() {
-        return outcome(
-            Level::Ok,
-            "state directory",
-            format!("{} (created at the first start)", dir.display()),
-        );
+        return fine(format!("{} (created at the first start)", dir.display()));
     }
     // `run` runs as root: the directory must be root's.
     if let Err(e) = crate::app::check_state_dir(dir, 0) {
@@ -348,7 +345,7 @@ fn state_dir_under(cfg: &Config, unit: Option<&Path>) -> Outcome {
             ),
         );
     }
-    outcome(Level::Ok, "state directory", dir.display().to_string())
+    fine(dir.display().to_string())
 }
 
 /// Whether this process, by its effective ids, may write `path`.
@@ -756,6 +753,15 @@ mod tests {
         }
         let o = state_dir_under(&cfg("/var/lib/tollgate-not-there"), unit);
         assert_eq!(o.level, Level::Ok, "{o:?}");
+        // A failure says more than the sandbox's warning.
+        let t = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(
+            t.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o777),
+        )
+        .unwrap();
+        let o = state_dir_under(&cfg(t.path().to_str().unwrap()), unit);
+        assert_eq!(o.level, Level::Fail, "{o:?}");
     }
 
     #[test]

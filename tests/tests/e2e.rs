@@ -1202,6 +1202,41 @@ c.chat.completions.create(model="gpt-4o-mini", max_tokens=3, messages=[{"role": 
 
 #[test]
 #[ignore = "needs root, cgroup v2 and BPF"]
+fn a_client_that_leaves_at_the_finish_still_gets_the_providers_count() {
+    // The client breaks at the chunk with `finish_reason` (a common loop),
+    // before the usage chunk, which the fake holds until the test has
+    // seen the agent read on: the generation is over, so reading on costs
+    // the provider nothing and gives its own count.
+    let w = World::start("hangup-finish", 51);
+    let client = w.client(&[]);
+    let script = r#"
+import openai, pathlib
+here = pathlib.Path(__file__).parent
+c = openai.OpenAI(api_key="sk-test", max_retries=0)
+s = c.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "count"}],
+    max_tokens=5, stream=True, stream_options={"include_usage": True},
+    extra_headers={"x-fake-hold": "7:" + str(here / "usage")})
+for ch in s:
+    if ch.choices and ch.choices[0].finish_reason:
+        break
+s.close()
+"#;
+    ok(&client.python(script), "python leaves at the finish");
+    let reading = w
+        .agent
+        .wait_for_log("the client left before the response ended: reading the rest");
+    std::fs::write(client.dir().join("usage"), "").expect("usage gate");
+    assert!(reading, "{}", w.agent.log());
+    let rows = w.agent.wait_for_records(1);
+    assert_eq!(rows.len(), 1, "{rows:#?}");
+    let r = &rows[0];
+    assert_eq!(r["estimated"], false, "the provider's own count: {r}");
+    assert_eq!(u(r, "output_tokens"), 5, "{r}");
+    assert_eq!(s(r, "error"), "client_disconnected", "{r}");
+}
+
+#[test]
+#[ignore = "needs root, cgroup v2 and BPF"]
 fn a_stream_whose_client_left_gives_its_body_budget_back() {
     // Room for one ≈5 KB body at a time. An Anthropic stream's client
     // leaves after the response's head, before the first event (which

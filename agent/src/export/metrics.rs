@@ -235,12 +235,11 @@ impl Instruments {
             Some(e) => sc::with(&attrs, e.clone()),
             None => attrs.clone(),
         };
-        if let Some(w) = &self.watch
-            && w.lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .note(&with_error)
-        {
-            let limit = w.lock().unwrap_or_else(|p| p.into_inner()).limit;
+        let full = self.watch.as_ref().and_then(|w| {
+            let mut w = w.lock().unwrap_or_else(|p| p.into_inner());
+            w.note(&attrs).then_some(w.limit)
+        });
+        if let Some(limit) = full {
             tracing::warn!(
                 limit,
                 high_cardinality = self.high_cardinality,

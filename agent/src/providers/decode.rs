@@ -206,6 +206,14 @@ impl UsageParser for Decoding {
             (None, None) => false,
         }
     }
+
+    fn generation_over(&self) -> bool {
+        match (self.dec.as_ref(), self.pending_deflate.as_ref()) {
+            (Some(d), _) => d.out_ref().inner.generation_over(),
+            (None, Some(inner)) => inner.generation_over(),
+            (None, None) => false,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -553,6 +553,14 @@ pub trait UsageParser: Send {
     fn usage_seen(&self) -> bool {
         false
     }
+
+    /// The stream has shown its answer's generation over (OpenAI's
+    /// `finish_reason`), though it has not ended: what follows (the usage
+    /// chunk) costs the provider nothing more to send. The default,
+    /// `false`, is always correct.
+    fn generation_over(&self) -> bool {
+        false
+    }
 }
 
 /// One provider API.

@@ -749,6 +749,8 @@ struct StreamParser {
     /// Thoughts may be counted beside the completion (see
     /// [`WireUsage::usage_for`]).
     thoughts_beside: bool,
+    /// An event showed the generation over.
+    ended: bool,
 }
 
 impl Default for StreamParser {
@@ -760,6 +762,7 @@ impl Default for StreamParser {
             sse: SseReader::new(JsonBody::DEFAULT_LIMIT),
             found: ParsedUsage::default(),
             thoughts_beside: false,
+            ended: false,
         }
     }
 }
@@ -822,6 +825,9 @@ fn stream_error(
 struct StreamChoice<'a> {
     #[serde(default, borrow)]
     delta: Option<StreamDelta<'a>>,
+    /// Set on a choice's last chunk: its generation is over.
+    #[serde(default)]
+    finish_reason: Option<Value>,
     #[serde(default, borrow)]
     text: Option<std::borrow::Cow<'a, str>>,
 }
@@ -837,14 +843,19 @@ struct StreamDelta<'a> {
 }
 
 impl StreamParser {
-    fn on_event(found: &mut ParsedUsage, data: &str, thoughts_beside: bool) {
+    /// Reads one event into `found`; true when it shows the answer's
+    /// generation over (a choice's `finish_reason`, the Responses API's
+    /// last response event, `[DONE]`).
+    fn on_event(found: &mut ParsedUsage, data: &str, thoughts_beside: bool) -> bool {
         if data == "[DONE]" {
-            return;
+            return true;
         }
+        let mut ended = false;
         if data.starts_with('{')
             && let Ok(ev) = serde_json::from_str::<StreamEvent<'_>>(data)
         {
             for c in &ev.choices {
+                ended |= c.finish_reason.is_some();
                 if let Some(d) = &c.delta {
                     for t in [&d.content, &d.reasoning_content, &d.refusal]
                         .into_iter()
@@ -872,6 +883,10 @@ impl StreamParser {
                     if status.as_deref() == Some("failed") {
                         found.error = failure_of(r);
                     }
+                    ended |= matches!(
+                        status.as_deref(),
+                        Some("completed" | "incomplete" | "failed" | "cancelled")
+                    );
                     found.response_status = status;
                 }
             }
@@ -906,10 +921,10 @@ impl StreamParser {
             if let Some(u) = usage {
                 found.usage = Some(u);
             }
-            return;
+            return ended;
         }
         let Ok(v) = serde_json::from_str::<Value>(data) else {
-            return;
+            return false;
         };
         if let Some(choices) = v.get("choices").and_then(Value::as_array) {
             for c in choices {
@@ -944,6 +959,7 @@ impl StreamParser {
         {
             found.usage = Some(u);
         }
+        false
     }
 }
 
@@ -956,16 +972,22 @@ pub fn websocket_event(found: &mut ParsedUsage, data: &str) {
 
 impl UsageParser for StreamParser {
     fn feed(&mut self, chunk: &[u8]) {
-        let (found, beside) = (&mut self.found, self.thoughts_beside);
-        self.sse
-            .feed(chunk, &mut |e| Self::on_event(found, &e.data, beside));
+        let (found, beside, ended) = (&mut self.found, self.thoughts_beside, &mut self.ended);
+        self.sse.feed(chunk, &mut |e| {
+            *ended |= Self::on_event(found, &e.data, beside);
+        });
     }
 
     fn finish(&mut self) -> ParsedUsage {
         let (found, beside) = (&mut self.found, self.thoughts_beside);
-        self.sse
-            .finish(&mut |e| Self::on_event(found, &e.data, beside));
+        self.sse.finish(&mut |e| {
+            Self::on_event(found, &e.data, beside);
+        });
         std::mem::take(&mut self.found)
+    }
+
+    fn generation_over(&self) -> bool {
+        self.ended
     }
 }
 

@@ -30,6 +30,8 @@ use crate::providers::{
 /// upstream response is read to learn the provider's count.
 const DRAIN_AFTER_HANGUP: Duration = Duration::from_secs(60);
 const DRAIN_MAX_BYTES: usize = 64 << 20;
+/// Frames already there that a stream's hang-up reads before it cuts.
+const READY_FRAMES_AT_HANGUP: usize = 64;
 
 /// Per-connection context.
 pub(super) struct ConnCtx {
@@ -2066,32 +2068,47 @@ impl Drop for MeteredBody {
             return;
         }
         if draft.info.streaming {
-            // A stream the client left is cut upstream, here: the provider
-            // sees the client go, as it would have without the agent, and
-            // stops generating. (Read on, it would generate, and bill, the
-            // rest of an answer nobody reads.) The record keeps what the
-            // provider counted so far and estimates what streamed.
-            let mut error = Some(hangup_error(&state).to_string());
-            // hyper drops a body it has read to its Content-Length without
-            // polling it to the end: one that has ended was not left.
-            match futures_util::FutureExt::now_or_never(inner.frame()) {
-                Some(None) => error = None,
-                Some(Some(Ok(f))) => {
-                    if let Some(d) = f.data_ref() {
-                        parser.feed(d);
+            // What has already arrived is read first: a stream the client
+            // left at its very end (after `[DONE]`) was not cut short.
+            let mut ended = false;
+            for _ in 0..READY_FRAMES_AT_HANGUP {
+                match futures_util::FutureExt::now_or_never(inner.frame()) {
+                    Some(None) => ended = true,
+                    Some(Some(Ok(f))) => {
+                        if let Some(d) = f.data_ref() {
+                            parser.feed(d);
+                        }
+                        ended = inner.is_end_stream();
+                        if !ended && !parser.generation_over() {
+                            continue;
+                        }
                     }
+                    Some(Some(Err(_))) | None => {}
                 }
-                Some(Some(Err(_))) | None => {}
+                break;
             }
-            if error.is_some() {
+            if ended {
+                draft.emit(parser.finish(), None);
+                return;
+            }
+            if !parser.generation_over() {
+                // A stream the client left is cut upstream, here: the
+                // provider sees the client go, as it would have without
+                // the agent, and stops generating. (Read on, it would
+                // generate, and bill, the rest of an answer nobody reads.)
+                // The record keeps what the provider counted so far and
+                // estimates what streamed.
                 debug!(
                     host = draft.ctx.provider.host.as_str(),
                     "the client left a stream before its end: cut upstream"
                 );
+                drop(inner);
+                draft.emit(parser.finish(), Some(hangup_error(&state).into()));
+                return;
             }
-            drop(inner);
-            draft.emit(parser.finish(), error);
-            return;
+            // Its generation is over (the client left at the finish, before
+            // the usage chunk): reading on costs the provider nothing, and
+            // gives its count.
         }
         debug!(
             host = draft.ctx.provider.host.as_str(),
@@ -3399,8 +3416,9 @@ mod tests {
     }
 
     /// The relay itself: a job that half-closes without a Close frame
-    /// while a response is open still gets the rest of it (it may still be
-    /// reading), the provider's side is not closed under the response, and
+    /// while a response is open has the provider told at once (it sees
+    /// the end of the job's side, as it would without the agent); what the
+    /// provider still sends reaches the job (it may still be reading), and
     /// the record has the provider's count.
     #[tokio::test]
     async fn a_job_that_half_closes_still_gets_the_open_response() {
@@ -3418,9 +3436,13 @@ mod tests {
             .await
             .unwrap();
         job.shutdown().await.unwrap();
-        // Let the relay (on this one-thread runtime) take the job's end in.
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        // The provider's side stays open: it finishes the response.
+        // The provider sees the job's side end.
+        let mut buf = [0u8; 64];
+        let eof = tokio::time::timeout(Duration::from_secs(30), provider.read(&mut buf))
+            .await
+            .expect("the provider is told");
+        assert_eq!(eof.unwrap(), 0, "the end of the job's side");
+        // It still finishes the response it had under way.
         let completed_frame = ws_text(completed("resp_1", "gpt-5.4", 12, 34), None);
         provider.write_all(&completed_frame).await.unwrap();
         let mut seen = Vec::new();

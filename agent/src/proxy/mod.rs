@@ -1211,6 +1211,15 @@ mod tests {
         fn submit(&self, _rec: Arc<crate::meter::UsageRecord>) {}
     }
 
+    /// Keeps what it is given.
+    #[derive(Default)]
+    struct Kept(StdMutex<Vec<Arc<crate::meter::UsageRecord>>>);
+    impl RecordSink for Kept {
+        fn submit(&self, rec: Arc<crate::meter::UsageRecord>) {
+            self.0.lock().unwrap().push(rec);
+        }
+    }
+
     fn state_with(origins: Arc<dyn OriginSource>) -> ProxyState {
         let dir = tempfile::tempdir().unwrap();
         let (ca, _) = LocalCa::load_or_create(dir.path(), &["api.openai.com".to_owned()]).unwrap();
@@ -1341,6 +1350,19 @@ mod tests {
         upstream::tests::EchoServer,
         tempfile::TempDir,
     ) {
+        intercepting_into(host, Arc::new(Discard)).await
+    }
+
+    /// [`intercepting`], its records given to `sink`.
+    async fn intercepting_into(
+        host: &str,
+        sink: Arc<dyn RecordSink>,
+    ) -> (
+        Arc<ProxyState>,
+        LocalCa,
+        upstream::tests::EchoServer,
+        tempfile::TempDir,
+    ) {
         let server = upstream::tests::echo_server(host).await;
         let dir = tempfile::tempdir().unwrap();
         let (ca, _) = LocalCa::load_or_create(dir.path(), &[host.to_owned()]).unwrap();
@@ -1360,7 +1382,7 @@ mod tests {
                 refuses_stream_options: false,
             }],
             Attributor::new("/proc".into()),
-            Arc::new(Discard),
+            sink,
             1 << 20,
         );
         (Arc::new(state), agent_ca, server, dir)
@@ -1423,7 +1445,8 @@ mod tests {
     #[tokio::test]
     async fn a_client_that_leaves_mid_upload_is_not_an_upstream_failure() {
         let host = "api.openai.com";
-        let (state, agent_ca, server, _dir) = intercepting(host).await;
+        let kept = Arc::new(Kept::default());
+        let (state, agent_ca, server, _dir) = intercepting_into(host, kept.clone()).await;
         let (mut tls, task) = intercepted_client(state.clone(), &agent_ca, host).await;
         let head = "POST /v1/chat/completions HTTP/1.1\r\nhost: api.openai.com\r\n\
                     content-type: application/json\r\ncontent-length: 3000000\r\n\r\n";
@@ -1443,6 +1466,15 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(server.served.load(Ordering::SeqCst), 0);
         assert_eq!(state.snapshot().upstream_errors, 0);
+        let recs = kept.0.lock().unwrap().clone();
+        assert_eq!(recs.len(), 1, "{recs:?}");
+        assert_eq!(recs[0].error.as_deref(), Some("client_disconnected"));
+        assert!(
+            !recs[0].estimated,
+            "never whole at the provider: {:?}",
+            recs[0]
+        );
+        assert_eq!(recs[0].status, 0);
     }
 
     #[tokio::test]

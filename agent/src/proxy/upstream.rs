@@ -35,8 +35,10 @@ const MAX_IDLE_PER_KEY: usize = 64;
 /// avoids).
 const MAX_STREAMS_PER_H2: usize = 100;
 /// An HTTP/2 stream the provider refused before processing it: reset
-/// with `REFUSED_STREAM`, or beyond the last stream its GOAWAY accepted
-/// (which h2 reports the same way).
+/// with `REFUSED_STREAM` (RFC 9113 §8.7). (A stream past the last one a
+/// GOAWAY accepted is reported by h2 with the GOAWAY's own reason, usually
+/// `NO_ERROR`, as are streams the closing connection took down after it
+/// processed them: the two cannot be told apart, and neither is retried.)
 fn refused(e: &hyper::Error) -> bool {
     let mut source = std::error::Error::source(e);
     while let Some(s) = source {
@@ -519,10 +521,9 @@ impl Upstream {
     }
 
     /// [`Upstream::send`], with `again` to make the request anew (its body
-    /// read whole): an HTTP/2 stream the provider refused (`REFUSED_STREAM`,
-    /// or past the last stream of its GOAWAY: RFC 9113 §8.7, the request
-    /// was not processed) is sent again, as one a closing connection gave
-    /// back unsent is.
+    /// read whole): an HTTP/2 stream the provider refused with
+    /// `REFUSED_STREAM` (RFC 9113 §8.7: the request was not processed) is
+    /// sent again, as one a closing connection gave back unsent is.
     pub async fn send_again(
         &self,
         addr: SocketAddr,
