@@ -585,8 +585,19 @@ impl Ledger {
         sql.push_str(&clauses.join(" AND "));
         sql.push_str(&format!(" ORDER BY started_at_ms, id LIMIT {WALK_PAGE}"));
         // Every row id is above i64::MIN: the first page starts at `since`.
-        let mut after = (filter.since_ms.unwrap_or(i64::MIN), i64::MIN);
-        let mut page = Vec::with_capacity(WALK_PAGE);
+        // (The start time as SQLite holds it: a row edited to hold another
+        // type there still has its place in the order.)
+        let mut after = (
+            rusqlite::types::Value::Integer(filter.since_ms.unwrap_or(i64::MIN)),
+            i64::MIN,
+        );
+        // Each row's place, and the record, or why it could not be read (a
+        // value that does not fit its column: the agent writes none, but a
+        // file edited by hand may hold one): such a row is left out and
+        // counted, not the end of the walk.
+        type Read = (rusqlite::types::Value, i64, Result<UsageRecord, String>);
+        let mut page: Vec<Read> = Vec::with_capacity(WALK_PAGE);
+        let mut unreadable: (u64, Option<(i64, String)>) = (0, None);
         // An immutable file that an agent began to write (a `-wal` file
         // came, or the file changed: its checkpoints rewrite pages under
         // an immutable reader, which would read rows twice, skip some, or
@@ -604,7 +615,8 @@ impl Ledger {
                 refs.push(&after.1);
                 let mut rows = stmt.query(refs.as_slice())?;
                 while let Some(row) = rows.next()? {
-                    page.push(schema::from_row(row)?);
+                    let (id, at) = (row.get(0)?, row.get(1)?);
+                    page.push((at, id, schema::from_row(row).map_err(|e| e.to_string())));
                 }
                 // The statement is reset here, which ends its read
                 // transaction before `f` runs.
@@ -624,11 +636,26 @@ impl Ledger {
             }
             read.map_err(err)?;
             let full = page.len() == WALK_PAGE;
-            for r in page.drain(..) {
-                after = (r.started_at_ms, r.id.unwrap_or(i64::MAX));
-                f(r).map_err(LedgerError::Output)?;
+            for (at, id, r) in page.drain(..) {
+                after = (at, id);
+                match r {
+                    Ok(r) => f(r).map_err(LedgerError::Output)?,
+                    Err(e) => {
+                        unreadable.0 += 1;
+                        unreadable.1.get_or_insert((id, e));
+                    }
+                }
             }
             if !full {
+                if let (n @ 1.., Some((id, why))) = unreadable {
+                    tracing::warn!(
+                        rows = n,
+                        first = id,
+                        error = %why,
+                        path = %self.path.display(),
+                        "ledger rows that do not fit their columns were left out (the agent writes none: was the file edited?)"
+                    );
+                }
                 return Ok(());
             }
         }

@@ -1120,3 +1120,44 @@ fn a_walk_of_a_stopped_ledger_survives_the_agent_starting() {
         assert!(seen == want, "agent stays {agent_stays}: rows out of place");
     }
 }
+
+/// A row whose values do not fit their columns (the agent writes none; a
+/// file edited by hand may hold one) is left out of a walk, which goes on
+/// past it, across pages too: one odd row does not cost the whole report.
+#[test]
+fn a_walk_leaves_out_rows_that_do_not_fit_and_goes_on() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let path = t.path().join("ledger.sqlite");
+    const ROWS: i64 = 600;
+    {
+        let mut l = Ledger::open(&path).expect("create");
+        let recs: Vec<UsageRecord> = (0..ROWS as u64).map(sample).collect();
+        l.insert_batch(&recs).expect("insert");
+    }
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    // Odd rows, some where a page ends or starts (pages of WALK_PAGE).
+    let page = WALK_PAGE as i64;
+    let odd: [(i64, &str); 5] = [
+        (3, "status = 70000"),
+        (page, "pid = -1"),
+        (page + 1, "cost_usd = 'n/a'"),
+        (2 * page, "input_tokens = 1.5"),
+        (2 * page + 1, "started_at_ms = 'yesterday'"),
+    ];
+    for (id, set) in odd {
+        conn.execute(&format!("UPDATE requests SET {set} WHERE id = {id}"), [])
+            .unwrap();
+    }
+    drop(conn);
+    let r = Ledger::open_read_only(&path).expect("read-only");
+    let mut seen = Vec::new();
+    r.for_each(&Filter::default(), |rec| {
+        seen.push(rec.id.unwrap());
+        Ok(())
+    })
+    .expect("the walk goes on past odd rows");
+    let want: Vec<i64> = (1..=ROWS)
+        .filter(|id| !odd.iter().any(|(o, _)| o == id))
+        .collect();
+    assert_eq!(seen, want);
+}
