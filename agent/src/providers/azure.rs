@@ -69,6 +69,13 @@ impl Provider for AzureOpenAi {
 
     fn request(&self, req: &RequestView<'_>) -> RequestInfo {
         let mut info = OpenAi.request(req);
+        if info.wire == Some(crate::config::ApiKind::Anthropic) {
+            // Claude in Microsoft Foundry (`/anthropic/v1/messages` on the
+            // resource's host): Anthropic's, as Claude on Bedrock and
+            // Vertex AI is, recorded and priced as `anthropic`.
+            info.api = Some(crate::config::ApiKind::Anthropic);
+            return info;
+        }
         if info.metered && info.model.is_none() {
             info.model = deployment(req.path);
         }

@@ -2405,6 +2405,25 @@ mod tests {
         assert_eq!(r.model.as_deref(), Some("deepseek-chat"));
         assert_eq!((r.usage.input_tokens, r.usage.output_tokens), (5000, 800));
         assert!(!r.estimated);
+
+        // Claude in Microsoft Foundry, on an Azure OpenAI resource's host:
+        // Anthropic's, priced as Anthropic's (as on Bedrock and Vertex AI).
+        let body = br#"{"model":"claude-sonnet-4-5","max_tokens":1024,"stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+        let claude = String::from_utf8_lossy(sse).replace("deepseek-chat", "claude-sonnet-4-5");
+        let r = answered(
+            "myres.services.ai.azure.com",
+            ApiKind::AzureOpenai,
+            "/anthropic/v1/messages",
+            body,
+            "text/event-stream",
+            claude.as_bytes(),
+        );
+        assert_eq!(
+            (r.provider.as_str(), r.operation.as_str()),
+            ("anthropic", "chat")
+        );
+        assert_eq!((r.usage.input_tokens, r.usage.output_tokens), (5000, 800));
+        assert!(r.cost_usd.is_some_and(|c| c > 0.0), "{r:?}");
     }
 
     #[test]
