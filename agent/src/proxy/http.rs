@@ -1083,7 +1083,7 @@ pub(super) async fn handle(
     // The API whose format the request has from here on (Claude on a
     // Vertex AI host is Anthropic's; the OpenAI-compatible endpoint of
     // Anthropic's host, OpenAI's).
-    let adapter = info.wire.or(info.api).map_or(adapter, adapter_for);
+    let adapter = adapter_for(info.format(ctx.provider.api));
     if ctx.provider.refuses_stream_options {
         info.refuses_stream_options = true;
     }
@@ -1111,9 +1111,9 @@ pub(super) async fn handle(
     };
     // An HTTP/2 request read whole can be made again, for a stream the
     // provider refuses unprocessed (see `Upstream::send_again`).
-    let replay = whole
-        .clone()
-        .filter(|_| parts.version == http::Version::HTTP_2);
+    let replay = (parts.version == http::Version::HTTP_2)
+        .then(|| whole.clone())
+        .flatten();
     let up_body: ProxyBody = match (whole, rest) {
         (Some(b), _) => boxed(Full::new(b)),
         (None, Some(rest)) => {
@@ -2073,19 +2073,25 @@ impl Drop for MeteredBody {
             let mut ended = false;
             for _ in 0..READY_FRAMES_AT_HANGUP {
                 match futures_util::FutureExt::now_or_never(inner.frame()) {
-                    Some(None) => ended = true,
+                    Some(None) => {
+                        ended = true;
+                        break;
+                    }
                     Some(Some(Ok(f))) => {
                         if let Some(d) = f.data_ref() {
                             parser.feed(d);
                         }
-                        ended = inner.is_end_stream();
-                        if !ended && !parser.generation_over() {
-                            continue;
+                        if inner.is_end_stream() {
+                            ended = true;
+                            break;
+                        }
+                        if parser.generation_over() {
+                            break;
                         }
                     }
-                    Some(Some(Err(_))) | None => {}
+                    // Nothing more yet, or the upstream failed.
+                    Some(Some(Err(_))) | None => break,
                 }
-                break;
             }
             if ended {
                 draft.emit(parser.finish(), None);
