@@ -1110,7 +1110,7 @@ pub(super) async fn handle(
         None
     };
     // An HTTP/2 request read whole can be made again, for a stream the
-    // provider refuses unprocessed (see `Upstream::send_again`).
+    // provider refuses unprocessed (see `Upstream::send`).
     let replay = (parts.version == http::Version::HTTP_2)
         .then(|| whole.clone())
         .flatten();
@@ -1185,7 +1185,7 @@ pub(super) async fn handle(
     let up_req = Request::from_parts(parts, up_body);
     let resp = match state
         .upstream
-        .send_again(
+        .send(
             ctx.origin.dst,
             &ctx.provider.host,
             &authority,

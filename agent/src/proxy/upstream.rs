@@ -509,22 +509,11 @@ impl Upstream {
     /// closing an idle keep-alive connection as it is reused) gives the
     /// request back unsent: it is sent again, on another connection, up to
     /// [`MAX_UNSENT_RETRIES`] times. A request hyper began to write is
-    /// never sent twice.
-    pub async fn send(
-        &self,
-        addr: SocketAddr,
-        host: &str,
-        authority: &str,
-        req: Request<ProxyBody>,
-    ) -> Result<Response<UpstreamBody>, UpstreamError> {
-        self.send_again(addr, host, authority, req, None).await
-    }
-
-    /// [`Upstream::send`], with `again` to make the request anew (its body
-    /// read whole): an HTTP/2 stream the provider refused with
+    /// never sent twice. With `again`, which makes the request anew (its
+    /// body read whole), an HTTP/2 stream the provider refused with
     /// `REFUSED_STREAM` (RFC 9113 §8.7: the request was not processed) is
-    /// sent again, as one a closing connection gave back unsent is.
-    pub async fn send_again(
+    /// sent again too.
+    pub async fn send(
         &self,
         addr: SocketAddr,
         host: &str,
@@ -1083,7 +1072,7 @@ pub(crate) mod tests {
             let up = &up;
             async move {
                 let err = up
-                    .send(refused, host, host, post(host, b"{}"))
+                    .send(refused, host, host, post(host, b"{}"), None)
                     .await
                     .err()
                     .expect(why);
@@ -1113,7 +1102,7 @@ pub(crate) mod tests {
         };
         assert_eq!(up.candidates(&key), vec![refused, server.addr]);
         let resp = up
-            .send(refused, host, host, post(host, b"{\"ok\":1}"))
+            .send(refused, host, host, post(host, b"{\"ok\":1}"), None)
             .await
             .expect("sent to the host's other address");
         assert_eq!(resp.status(), 200);
@@ -1158,7 +1147,7 @@ pub(crate) mod tests {
             .insert(host.into(), vec![blackhole, server.addr]);
         let resp = tokio::time::timeout(
             Duration::from_secs(60),
-            up.send(blackhole, host, host, post(host, b"{}")),
+            up.send(blackhole, host, host, post(host, b"{}"), None),
         )
         .await
         .expect("the other address was not tried while the first waited")
@@ -1223,7 +1212,7 @@ pub(crate) mod tests {
         close.send(()).unwrap();
 
         let resp = up
-            .send(addr, host, host, post(host, b"{\"model\":\"m\"}"))
+            .send(addr, host, host, post(host, b"{\"model\":\"m\"}"), None)
             .await
             .expect("sent again on a new connection");
         assert_eq!(resp.status(), 200);
@@ -1317,7 +1306,7 @@ pub(crate) mod tests {
         let (addr, ca, _dir, refused, served) = refusing_h2_server(host, 1).await;
         let up = Upstream::new(Some(ca.cert_path())).unwrap();
         let resp = up
-            .send_again(addr, host, host, make(), Some(&make))
+            .send(addr, host, host, make(), Some(&make))
             .await
             .expect("sent again");
         assert_eq!(resp.status(), 200);
@@ -1333,7 +1322,7 @@ pub(crate) mod tests {
 
         let (addr, ca, _dir, refused, served) = refusing_h2_server(host, 1).await;
         let up = Upstream::new(Some(ca.cert_path())).unwrap();
-        let err = match up.send(addr, host, host, make()).await {
+        let err = match up.send(addr, host, host, make(), None).await {
             Ok(_) => panic!("a refused stream that cannot be made again succeeded"),
             Err(e) => e,
         };
@@ -1351,7 +1340,7 @@ pub(crate) mod tests {
         let (addr, ca, _dir, refused, _) = refusing_h2_server(host, usize::MAX).await;
         let up = Upstream::new(Some(ca.cert_path())).unwrap();
         assert!(
-            up.send_again(addr, host, host, make(), Some(&make))
+            up.send(addr, host, host, make(), Some(&make))
                 .await
                 .is_err()
         );
@@ -1402,7 +1391,8 @@ pub(crate) mod tests {
                     .uri("https://api.openai.com/v1/models")
                     .body(Empty::new().map_err(|e| match e {}).boxed_unsync())
                     .unwrap();
-                up.send(addr, "api.openai.com", "api.openai.com", req).await
+                up.send(addr, "api.openai.com", "api.openai.com", req, None)
+                    .await
             }));
         }
         for t in tasks {
