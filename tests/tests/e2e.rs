@@ -1232,7 +1232,8 @@ s.close()
     let r = &rows[0];
     assert_eq!(r["estimated"], false, "the provider's own count: {r}");
     assert_eq!(u(r, "output_tokens"), 5, "{r}");
-    assert_eq!(s(r, "error"), "client_disconnected", "{r}");
+    // The client had the whole answer: leaving early lost nothing.
+    assert!(r["error"].is_null(), "{r}");
 }
 
 #[test]

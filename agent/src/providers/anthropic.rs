@@ -457,6 +457,9 @@ struct StreamState {
     /// The type of an `error` event.
     error: Option<String>,
     service_tier: Option<String>,
+    /// A `message_delta` with a `stop_reason`, or `message_stop`, came:
+    /// the answer's generation is over.
+    over: bool,
 }
 
 impl StreamState {
@@ -477,12 +480,18 @@ impl StreamState {
                 }
             }
             Some("message_delta") => {
+                if v.pointer("/delta/stop_reason")
+                    .is_some_and(|r| !r.is_null())
+                {
+                    self.over = true;
+                }
                 if let Some(u) = v.get("usage") {
                     self.raw.merge(u);
                     self.service_tier = usage_tier(u).or(self.service_tier.take());
                     self.final_usage = true;
                 }
             }
+            Some("message_stop") => self.over = true,
             Some("content_block_delta") => {
                 let d = v.get("delta");
                 for k in ["text", "thinking", "partial_json"] {
@@ -511,6 +520,10 @@ impl UsageParser for StreamParser {
 
     fn usage_seen(&self) -> bool {
         self.state.raw.usage().is_some()
+    }
+
+    fn generation_over(&self) -> bool {
+        self.state.over
     }
 
     fn finish(&mut self) -> ParsedUsage {
@@ -874,6 +887,28 @@ mod tests {
             None,
         );
         assert_eq!(json, None);
+    }
+
+    /// A stream's generation is over at `message_delta` with its
+    /// `stop_reason` (only `message_stop` follows), not at one without.
+    #[test]
+    fn a_streams_generation_is_over_at_its_stop_reason() {
+        use crate::providers::testing::{end_of_event_with, generation_over_after};
+        let sse = "text/event-stream";
+        assert_eq!(
+            generation_over_after(&Anthropic, &info("chat"), sse, MSG_SSE),
+            Some(end_of_event_with(MSG_SSE, r#""stop_reason":"tool_use""#))
+        );
+        // A delta without a stop reason; then only `message_stop` ends it.
+        let body = b"event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":null},\"usage\":{\"output_tokens\":3}}\n\nevent: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
+        assert_eq!(
+            generation_over_after(&Anthropic, &info("chat"), sse, body),
+            Some(body.len())
+        );
+        assert_eq!(
+            generation_over_after(&Anthropic, &info("chat"), "application/json", MSG_JSON),
+            None
+        );
     }
 
     /// Where the fixture's final counts (message_delta) begin.

@@ -110,6 +110,14 @@ impl UsageParser for Parser {
         self.0.feed(chunk);
     }
 
+    fn usage_seen(&self) -> bool {
+        self.0.usage_seen()
+    }
+
+    fn generation_over(&self) -> bool {
+        self.0.generation_over()
+    }
+
     fn finish(&mut self) -> ParsedUsage {
         let mut p = self.0.finish();
         if p.response_model.as_deref() == Some("") {
@@ -270,6 +278,18 @@ mod tests {
             })
         );
         assert_eq!(p.response_model.as_deref(), Some("gpt-4o-2024-11-20"));
+    }
+
+    /// Azure's wrapper of the OpenAI parser passes on that the generation
+    /// is over at `finish_reason`, so a client that leaves there does not
+    /// cut the usage chunk off.
+    #[test]
+    fn the_wrapper_passes_on_generation_over() {
+        use crate::providers::testing::{end_of_event_with, generation_over_after};
+        assert_eq!(
+            generation_over_after(&AzureOpenAi, &info("chat"), "text/event-stream", CHAT_SSE),
+            Some(end_of_event_with(CHAT_SSE, r#""finish_reason":"stop""#))
+        );
     }
 
     #[test]

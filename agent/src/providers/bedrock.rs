@@ -371,6 +371,9 @@ struct StreamParser {
     text: String,
     /// The exception that ended the stream.
     error: Option<String>,
+    /// Converse's `messageStop` came (its `metadata`, with the counts,
+    /// follows).
+    stopped: bool,
 }
 
 impl StreamParser {
@@ -395,6 +398,7 @@ impl StreamParser {
             anthropic: Anthropic.response_parser(&info, status, &sse),
             text: String::new(),
             error: None,
+            stopped: false,
         }
     }
 
@@ -435,6 +439,7 @@ impl StreamParser {
                     }
                 }
             }
+            Some("messageStop") => self.stopped = true,
             Some("chunk") => self.on_chunk(&v),
             _ => {}
         }
@@ -489,6 +494,10 @@ impl UsageParser for StreamParser {
         for m in msgs {
             self.on_message(m);
         }
+    }
+
+    fn generation_over(&self) -> bool {
+        self.stopped || self.anthropic.generation_over()
     }
 
     fn finish(&mut self) -> ParsedUsage {
@@ -980,6 +989,25 @@ mod tests {
             ),
             (1600, 1000, 500, 20)
         );
+    }
+
+    /// A Converse stream's generation is over at `messageStop` (its
+    /// `metadata`, with the counts, follows); an InvokeModel stream of
+    /// Claude's at Anthropic's stop reason (its `message_stop`, with the
+    /// invocation metrics, follows).
+    #[test]
+    fn a_streams_generation_is_over_before_its_counts() {
+        use crate::providers::testing::generation_over_after;
+        let over = |body| generation_over_after(&Bedrock, &info("chat"), EVENTSTREAM, body);
+        let at = over(CONVERSE_STREAM).expect("over at messageStop");
+        let has = |b: &[u8], s: &str| b.windows(s.len()).any(|w| w == s.as_bytes());
+        assert!(has(&CONVERSE_STREAM[..at], "messageStop"));
+        assert!(!has(&CONVERSE_STREAM[..at], "metadata"));
+        assert!(has(&CONVERSE_STREAM[at..], "metadata"));
+        let at = over(INVOKE_STREAM).expect("over at the stop reason");
+        assert!(at < INVOKE_STREAM.len(), "before the last chunk");
+        // The throttled stream ends in an exception: never over.
+        assert_eq!(over(THROTTLED_STREAM), None);
     }
 
     #[test]

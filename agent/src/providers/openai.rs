@@ -1184,6 +1184,26 @@ event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{
         assert_eq!(p.response_model.as_deref(), Some("gpt-4o-mini-2024-07-18"));
     }
 
+    /// A chat stream's generation is over at the chunk with its
+    /// `finish_reason` (the usage chunk follows), not before.
+    #[test]
+    fn a_streams_generation_is_over_at_its_finish_reason() {
+        use crate::providers::testing::{end_of_event_with, generation_over_after};
+        let info = RequestInfo {
+            operation: "chat",
+            metered: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            generation_over_after(&OpenAi, &info, "text/event-stream", CHAT_SSE),
+            Some(end_of_event_with(CHAT_SSE, r#""finish_reason":"stop""#))
+        );
+        assert_eq!(
+            generation_over_after(&OpenAi, &info, "application/json", CHAT_JSON),
+            None
+        );
+    }
+
     #[test]
     fn stream_usage_from_final_chunk() {
         let p = parse("text/event-stream; charset=utf-8", CHAT_SSE, &[]);

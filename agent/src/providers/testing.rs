@@ -95,6 +95,47 @@ pub fn usage_seen_after(
     None
 }
 
+/// Feeds `body` (of `content_type`) a byte at a time and returns how many
+/// bytes the parser had taken when it first said `generation_over`, and
+/// that it still said so at the end.
+pub fn generation_over_after(
+    p: &dyn Provider,
+    info: &RequestInfo,
+    content_type: &str,
+    body: &[u8],
+) -> Option<usize> {
+    let mut h = HeaderMap::new();
+    h.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_str(content_type).expect("content type"),
+    );
+    let mut parser = super::decode::decoding(None, p.response_parser(info, 200, &h));
+    let mut first = None;
+    for (i, b) in body.iter().enumerate() {
+        parser.feed(std::slice::from_ref(b));
+        if parser.generation_over() {
+            first.get_or_insert(i + 1);
+        } else {
+            assert!(first.is_none(), "generation_over went back to false");
+        }
+    }
+    first
+}
+
+/// The end of the first SSE event (its blank line included) in `body`
+/// that contains `needle`.
+pub fn end_of_event_with(body: &[u8], needle: &str) -> usize {
+    let at = body
+        .windows(needle.len())
+        .position(|w| w == needle.as_bytes())
+        .expect("needle in body");
+    at + body[at..]
+        .windows(2)
+        .position(|w| w == b"\n\n")
+        .expect("event end")
+        + 2
+}
+
 /// The allocator of the library's tests: the system's, counting the bytes
 /// each thread holds, so that a test can bound what a parse allocates
 /// (libtest runs each test on a thread of its own, so others' allocations

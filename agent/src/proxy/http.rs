@@ -2121,6 +2121,9 @@ impl Drop for MeteredBody {
             "the client left before the response ended: reading the rest for the provider's count"
         );
         draft.release_body_once_counted(parser.as_ref());
+        // A stream left after its generation was over had its whole answer:
+        // what follows (the counts, the end) is no loss, and no error.
+        let whole = parser.generation_over();
         state.background.clone().spawn(async move {
             let mut read = 0usize;
             let deadline = tokio::time::Instant::now() + DRAIN_AFTER_HANGUP;
@@ -2140,7 +2143,7 @@ impl Drop for MeteredBody {
                 match frame {
                     Ok(Some(Ok(f))) => {
                         if let Some(d) = f.data_ref() {
-                            if !d.is_empty() {
+                            if !d.is_empty() && !whole {
                                 error = Some("client_disconnected".to_string());
                             }
                             read += d.len();
@@ -2706,6 +2709,197 @@ mod tests {
         assert_eq!(got, answer.as_bytes());
         assert_eq!(ctx.state.parked.len(), 1);
         assert!(rows(&keep).is_empty());
+    }
+
+    /// A streaming answer from a provider on the other end of a pipe, sent
+    /// as the test sends its events on the returned channel (dropping it
+    /// ends the answer), read through a `MeteredBody` of a chat request on
+    /// `ctx`'s host with `api`'s adapter; `cut` says when the provider saw
+    /// its answer dropped (its connection went).
+    async fn metered_stream(
+        ctx: &Arc<ConnCtx>,
+        api: crate::config::ApiKind,
+    ) -> (
+        MeteredBody,
+        tokio::sync::mpsc::Sender<Bytes>,
+        tokio::sync::oneshot::Receiver<()>,
+    ) {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(16);
+        let (cut_tx, cut) = tokio::sync::oneshot::channel();
+        let (agent_io, provider_io) = tokio::io::duplex(1 << 16);
+        tokio::spawn(async move {
+            let events = futures_util::stream::poll_fn(move |cx| {
+                rx.poll_recv(cx)
+                    .map(|b| b.map(|b| Ok::<_, std::convert::Infallible>(Frame::data(b))))
+            });
+            let body = Arc::new(std::sync::Mutex::new(Some(events)));
+            let svc = hyper::service::service_fn(move |_req| {
+                let events = body.lock().unwrap().take().expect("one request");
+                async move {
+                    Ok::<_, std::convert::Infallible>(
+                        Response::builder()
+                            .header("content-type", "text/event-stream")
+                            .body(http_body_util::StreamBody::new(events))
+                            .unwrap(),
+                    )
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(provider_io), svc)
+                .await;
+            let _ = cut_tx.send(());
+        });
+        let (mut send, conn) = hyper::client::conn::http1::handshake::<_, Full<Bytes>>(
+            hyper_util::rt::TokioIo::new(agent_io),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        let (path, body): (&str, &[u8]) = match api {
+            crate::config::ApiKind::Anthropic => (
+                "/v1/messages",
+                br#"{"model":"claude-sonnet-4-5","max_tokens":1024,"stream":true,"messages":[{"role":"user","content":"tell me a long story about otters"}]}"#,
+            ),
+            _ => (
+                "/v1/chat/completions",
+                br#"{"model":"gpt-4o-mini","stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"tell me a long story about otters"}]}"#,
+            ),
+        };
+        let resp = send
+            .send_request(
+                Request::post(path)
+                    .header("host", ctx.provider.host.as_str())
+                    .body(Full::new(Bytes::from_static(body)))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        let (parts, upstream) = resp.into_parts();
+        let mut d = WsMeter::new(ctx.clone(), path.into()).draft(None, Some(body));
+        d.info = adapter_for(api).request(&crate::providers::testing::request("POST", path, body));
+        assert!(d.info.streaming);
+        d.method = "POST".into();
+        d.status = 200;
+        let parser = adapter_for(api).response_parser(&d.info, 200, &parts.headers);
+        let metered = MeteredBody {
+            inner: Some(super::super::upstream::UpstreamBody::for_test(upstream)),
+            parser: Some(parser),
+            filter: None,
+            draft: Some(d),
+        };
+        (metered, tx, cut)
+    }
+
+    /// Reads `body` until what came ends with `end` (the events the test
+    /// sent), as a client does before it leaves.
+    async fn read_until(body: &mut MeteredBody, end: &[u8]) {
+        use http_body_util::BodyExt;
+        let mut got = Vec::new();
+        while !got.ends_with(end) {
+            let frame = tokio::time::timeout(Duration::from_secs(30), body.frame())
+                .await
+                .expect("the events the provider sent")
+                .expect("not the end")
+                .unwrap();
+            got.extend_from_slice(frame.data_ref().expect("data"));
+        }
+    }
+
+    /// The record `keep` gets, once it has one (a read-on writes it later).
+    async fn one_record(keep: &Keep) -> Row {
+        for _ in 0..3000 {
+            let got = rows(keep);
+            if !got.is_empty() {
+                assert_eq!(got.len(), 1, "{got:?}");
+                return got[0].clone();
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("no record in 30 s");
+    }
+
+    const OPENAI_EVENTS: [&str; 4] = [
+        "data: {\"model\":\"gpt-4o-mini-2024-07-18\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Once upon a time, an otter named Pebble lived by the river\"},\"finish_reason\":null}],\"usage\":null}\n\n",
+        "data: {\"model\":\"gpt-4o-mini-2024-07-18\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}],\"usage\":null}\n\n",
+        "data: {\"model\":\"gpt-4o-mini-2024-07-18\",\"choices\":[],\"usage\":{\"prompt_tokens\":21,\"completion_tokens\":250,\"total_tokens\":271}}\n\n",
+        "data: [DONE]\n\n",
+    ];
+
+    /// A client that leaves a stream mid-generation: the stream is cut
+    /// upstream at once (the provider sees its connection go, as it would
+    /// without the agent), and the record is `client_disconnected`,
+    /// estimated from what streamed.
+    #[tokio::test]
+    async fn a_stream_left_mid_generation_is_cut_upstream() {
+        let (ctx, keep, _dir) = test_ctx("api.openai.com", crate::config::ApiKind::Openai);
+        let (mut body, tx, cut) = metered_stream(&ctx, crate::config::ApiKind::Openai).await;
+        tx.send(Bytes::from_static(OPENAI_EVENTS[0].as_bytes()))
+            .await
+            .unwrap();
+        read_until(&mut body, OPENAI_EVENTS[0].as_bytes()).await;
+        drop(body);
+        tokio::time::timeout(Duration::from_secs(30), cut)
+            .await
+            .expect("the provider sees the stream cut")
+            .unwrap();
+        let (model, input, output, _, error, estimated) = one_record(&keep).await;
+        assert_eq!(model, "gpt-4o-mini");
+        assert_eq!(error.as_deref(), Some("client_disconnected"));
+        assert!(estimated);
+        assert!(input > 0 && output > 0 && output < 250, "{input} {output}");
+    }
+
+    /// A client that leaves at the `finish_reason`, before the usage chunk:
+    /// the generation is over, so the rest is read on and the record has
+    /// the provider's count and no error (the client had the whole
+    /// answer); the provider is not cut.
+    #[tokio::test]
+    async fn a_stream_left_at_its_finish_is_read_on_for_the_count() {
+        let (ctx, keep, _dir) = test_ctx("api.openai.com", crate::config::ApiKind::Openai);
+        let (mut body, tx, _cut) = metered_stream(&ctx, crate::config::ApiKind::Openai).await;
+        for e in &OPENAI_EVENTS[..2] {
+            tx.send(Bytes::from_static(e.as_bytes())).await.unwrap();
+        }
+        read_until(&mut body, OPENAI_EVENTS[1].as_bytes()).await;
+        drop(body);
+        for e in &OPENAI_EVENTS[2..] {
+            tx.send(Bytes::from_static(e.as_bytes()))
+                .await
+                .expect("not cut");
+        }
+        drop(tx);
+        let (_, input, output, _, error, estimated) = one_record(&keep).await;
+        assert_eq!((input, output, estimated), (21, 250, false));
+        assert_eq!(error, None);
+    }
+
+    /// A client that leaves an Anthropic stream after its `message_delta`
+    /// (the stop reason and final counts) but before `message_stop` and the
+    /// end: nothing is cut short, so the record has no error and the
+    /// provider's count.
+    #[tokio::test]
+    async fn a_stream_left_after_its_last_count_is_not_an_error() {
+        let (ctx, keep, _dir) = test_ctx("api.anthropic.com", crate::config::ApiKind::Anthropic);
+        let (mut body, tx, _cut) = metered_stream(&ctx, crate::config::ApiKind::Anthropic).await;
+        let events = [
+            "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"model\":\"claude-sonnet-4-5-20250929\",\"usage\":{\"input_tokens\":40,\"output_tokens\":1}}}\n\n",
+            "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Pebble the otter\"}}\n\n",
+            "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":300}}\n\n",
+        ];
+        for e in events {
+            tx.send(Bytes::from_static(e.as_bytes())).await.unwrap();
+        }
+        read_until(&mut body, events[2].as_bytes()).await;
+        drop(body);
+        tx.send(Bytes::from_static(
+            b"event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+        ))
+        .await
+        .expect("not cut");
+        drop(tx);
+        let (_, input, output, _, error, estimated) = one_record(&keep).await;
+        assert_eq!((input, output, estimated), (40, 300, false));
+        assert_eq!(error, None);
     }
 
     /// A Managed Agents call writes one row per session that grew since
