@@ -642,24 +642,76 @@ fn upstream(cfg: &Config) -> Outcome {
     }
 }
 
+/// The environment file the systemd unit reads (`EnvironmentFile=`),
+/// where the README puts the service's `OTEL_*` variables.
+const UNIT_ENV_FILE: &str = "/etc/tollgate/env";
+
 fn collector(cfg: &Config) -> Outcome {
-    let resolved = match cfg.export.resolve(&|k: &str| std::env::var(k).ok()) {
+    collector_with(cfg, Path::new(UNIT_ENV_FILE), &|k: &str| {
+        std::env::var(k).ok()
+    })
+}
+
+/// [`collector`], with the service's variables in `env_file` when it
+/// exists (the service sees those, not this shell's, which `sudo` drops
+/// anyway), else in `shell`.
+fn collector_with(
+    cfg: &Config,
+    env_file: &Path,
+    shell: &dyn Fn(&str) -> Option<String>,
+) -> Outcome {
+    let (file_vars, source) = match std::fs::read_to_string(env_file) {
+        Ok(text) => (Some(parse_env_file(&text)), env_file.display().to_string()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => (
+            None,
+            "this shell's OTEL_* variables; a service's own environment may differ".to_string(),
+        ),
+        Err(e) => {
+            return outcome(
+                Level::Warn,
+                "collector",
+                format!(
+                    "cannot read {}, which the service's OTEL_* variables come from: {e}",
+                    env_file.display()
+                ),
+            );
+        }
+    };
+    let lookup = |k: &str| match &file_vars {
+        Some(vars) => vars.get(k).cloned(),
+        None => shell(k),
+    };
+    let resolved = match cfg.export.resolve(&lookup) {
         Ok(Some(r)) => r,
         Ok(None) => {
             return outcome(
                 Level::Skip,
                 "collector",
-                "OTLP export is off (by the config and this shell's OTEL_* variables; a service's own environment may differ)",
+                format!("OTLP export is off (by the config and {source})"),
             );
         }
-        Err((key, why)) => return outcome(Level::Fail, "collector", format!("{key}: {why}")),
+        Err((key, why)) => {
+            return outcome(
+                Level::Fail,
+                "collector",
+                format!("{key} (from {source}): {why}"),
+            );
+        }
     };
+    let ignored = resolved.env_headers_ignored.map(|var| {
+        format!(
+            "; {var} (from {source}) is not sent, since export.otlp.endpoint is set in the config: set the endpoint in the environment too and remove it from the config"
+        )
+    });
     let shown = crate::export::endpoint_for_logs(&resolved.endpoint);
     let Some(addr) = endpoint_addr(&resolved.endpoint) else {
         return outcome(
             Level::Warn,
             "collector",
-            format!("cannot tell the host and port of {shown}"),
+            format!(
+                "cannot tell the host and port of {shown}{}",
+                ignored.unwrap_or_default()
+            ),
         );
     };
     let reachable = lookup_all(vec![addr.clone()], Duration::from_secs(5))
@@ -667,21 +719,58 @@ fn collector(cfg: &Config) -> Outcome {
         .unwrap_or_default()
         .iter()
         .any(|a| std::net::TcpStream::connect_timeout(a, Duration::from_secs(3)).is_ok());
-    if reachable {
-        outcome(
+    match (reachable, ignored) {
+        (true, None) => outcome(
             Level::Ok,
             "collector",
             format!("{shown} accepts connections"),
-        )
-    } else {
-        outcome(
+        ),
+        (true, Some(ignored)) => outcome(
+            Level::Warn,
+            "collector",
+            format!("{shown} accepts connections{ignored}"),
+        ),
+        (false, ignored) => outcome(
             Level::Warn,
             "collector",
             format!(
-                "{shown} does not accept connections: metrics wait and are retried, the ledger is unaffected"
+                "{shown} does not accept connections: metrics wait and are retried, the ledger is unaffected{}",
+                ignored.unwrap_or_default()
             ),
-        )
+        ),
     }
+}
+
+/// The variables of a systemd environment file: `KEY=value` lines, `#`
+/// and `;` comments, values optionally in single or double quotes. Lines
+/// systemd would ignore are left out.
+fn parse_env_file(text: &str) -> std::collections::HashMap<String, String> {
+    let mut vars = std::collections::HashMap::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
+            continue;
+        }
+        let Some((key, value)) = line.split_once('=') else {
+            continue;
+        };
+        let key = key.trim();
+        let valid = key.chars().next().is_some_and(|c| !c.is_ascii_digit())
+            && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid {
+            continue;
+        }
+        let value = value.trim();
+        let value = match value.as_bytes() {
+            [b'"', .., b'"'] if value.len() >= 2 => value[1..value.len() - 1]
+                .replace("\\\"", "\"")
+                .replace("\\\\", "\\"),
+            [b'\'', .., b'\''] if value.len() >= 2 => value[1..value.len() - 1].to_string(),
+            _ => value.to_string(),
+        };
+        vars.insert(key.to_string(), value);
+    }
+    vars
 }
 
 /// `host:port` of an `http(s)://host[:port]/...` URL (the scheme's port
@@ -762,6 +851,88 @@ mod tests {
         .unwrap();
         let o = state_dir_under(&cfg(t.path().to_str().unwrap()), unit);
         assert_eq!(o.level, Level::Fail, "{o:?}");
+    }
+
+    /// The collector is checked with the service's variables, from the
+    /// unit's environment file when there is one, and says where a bad
+    /// value is and when its headers would not be sent.
+    #[test]
+    fn the_collector_is_checked_with_the_services_environment_file() {
+        let t = tempfile::tempdir().unwrap();
+        let file = t.path().join("env");
+        // A port nothing listens on.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = closed.local_addr().unwrap().port();
+        drop(closed);
+        let shell = |k: &str| {
+            (k == "OTEL_EXPORTER_OTLP_ENDPOINT").then(|| "http://from-the-shell:4318".to_string())
+        };
+        let check = |text: Option<&str>, cfg: &Config| {
+            match text {
+                Some(t) => std::fs::write(&file, t).unwrap(),
+                None => {
+                    let _ = std::fs::remove_file(&file);
+                }
+            }
+            collector_with(cfg, &file, &shell)
+        };
+        let plain = Config::default();
+        // No file: this shell's variables.
+        let o = check(None, &plain);
+        assert!(o.detail.contains("from-the-shell"), "{o:?}");
+        // The file's, not the shell's.
+        let o = check(
+            Some(&format!(
+                "# the service's\nRUNNER_NAME=r1\nOTEL_EXPORTER_OTLP_ENDPOINT=\"http://127.0.0.1:{port}\"\n"
+            )),
+            &plain,
+        );
+        assert_eq!(o.level, Level::Warn, "{o:?}");
+        assert!(
+            o.detail.contains(&format!("127.0.0.1:{port}/v1/metrics")),
+            "{o:?}"
+        );
+        assert!(o.detail.contains("does not accept"), "{o:?}");
+        let o = check(Some("RUNNER_NAME=r1\n"), &plain);
+        assert_eq!(o.level, Level::Skip, "{o:?}");
+        assert!(o.detail.contains(file.to_str().unwrap()), "{o:?}");
+        // A value `run` would exit 64 on fails here, naming the file.
+        let o = check(
+            Some(&format!(
+                "OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:{port}\nOTEL_EXPORTER_OTLP_PROTOCOL=thrift\n"
+            )),
+            &plain,
+        );
+        assert_eq!(o.level, Level::Fail, "{o:?}");
+        assert!(o.detail.contains("OTEL_EXPORTER_OTLP_PROTOCOL"), "{o:?}");
+        assert!(o.detail.contains(file.to_str().unwrap()), "{o:?}");
+        // Headers the file holds for an endpoint the config overrides.
+        let mut named = Config::default();
+        named.export.otlp.endpoint = Some(format!("http://127.0.0.1:{port}"));
+        let o = check(
+            Some("OTEL_EXPORTER_OTLP_HEADERS='x-api-key=SECRET-9'\n"),
+            &named,
+        );
+        assert_eq!(o.level, Level::Warn, "{o:?}");
+        assert!(o.detail.contains("OTEL_EXPORTER_OTLP_HEADERS"), "{o:?}");
+        assert!(o.detail.contains("is not sent"), "{o:?}");
+        assert!(!o.detail.contains("SECRET-9"), "{o:?}");
+        let o = check(Some("RUNNER_NAME=r1\n"), &named);
+        assert!(!o.detail.contains("is not sent"), "{o:?}");
+    }
+
+    #[test]
+    fn environment_files_are_read_as_systemd_reads_them() {
+        let vars = parse_env_file(
+            "# comment\n; also\n\nA=1\n  B = two words \nC=\"quoted \\\"x\\\"\"\nD='single'\nexport E=5\n9F=6\nnoequals\nG=a=b\n",
+        );
+        let get = |k: &str| vars.get(k).map(String::as_str);
+        assert_eq!(get("A"), Some("1"));
+        assert_eq!(get("B"), Some("two words"));
+        assert_eq!(get("C"), Some("quoted \"x\""));
+        assert_eq!(get("D"), Some("single"));
+        assert_eq!(get("G"), Some("a=b"));
+        assert_eq!(vars.len(), 5, "{vars:?}");
     }
 
     #[test]

@@ -302,7 +302,7 @@ pub fn start_with_env(
             if let Some(var) = r.env_headers_ignored {
                 warn!(
                     variable = var,
-                    "headers from the environment are not sent: export.otlp.endpoint is set in the config, and they may be meant for another collector; put them in export.otlp.headers"
+                    "headers from the environment are not sent: export.otlp.endpoint is set in the config, and they may be meant for another collector; set the endpoint in the environment too (OTEL_EXPORTER_OTLP_ENDPOINT, in /etc/tollgate/env) and remove it from the config"
                 );
             }
             info!(
