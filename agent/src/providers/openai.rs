@@ -28,6 +28,47 @@ fn prepend_member(body: &[u8], member: &[u8]) -> Option<bytes::Bytes> {
     Some(bytes::Bytes::from(out))
 }
 
+/// `body` (a JSON object) with `"include_usage":true` in its
+/// `stream_options` (the last such member, which the provider reads): put
+/// in front of the options' members, over a `null` or non-`true` value
+/// already there, or as a new `stream_options` when there is none. Every
+/// other byte stays as the client sent it (keys in their order, numbers as
+/// written). `None` when the options already ask for usage, or when the
+/// body or its `stream_options` is not an object (the provider refuses
+/// that itself).
+fn splice_include_usage(body: &[u8]) -> Option<bytes::Bytes> {
+    let text = std::str::from_utf8(body).ok()?;
+    let top: Members = serde_json::from_str(text).ok()?;
+    let Some(i) = top.0.iter().rposition(|m| m.key == "stream_options") else {
+        return prepend_member(body, br#""stream_options":{"include_usage":true}"#);
+    };
+    let raw = top.0[i].value.get();
+    let at = raw.as_ptr() as usize - text.as_ptr() as usize;
+    let splice = |from: usize, to: usize, with: &[u8]| {
+        let mut out = Vec::with_capacity(body.len() + with.len());
+        out.extend_from_slice(&body[..from]);
+        out.extend_from_slice(with);
+        out.extend_from_slice(&body[to..]);
+        Some(bytes::Bytes::from(out))
+    };
+    if raw == "null" {
+        return splice(at, at + raw.len(), br#"{"include_usage":true}"#);
+    }
+    let opts: Members = serde_json::from_str(raw).ok()?;
+    match opts.0.iter().rposition(|m| m.key == "include_usage") {
+        Some(j) if opts.0[j].value.get() == "true" => None,
+        Some(j) => {
+            let v = opts.0[j].value.get();
+            let from = at + (v.as_ptr() as usize - raw.as_ptr() as usize);
+            splice(from, from + v.len(), b"true")
+        }
+        None => {
+            let inner = prepend_member(raw.as_bytes(), br#""include_usage":true"#)?;
+            splice(at, at + raw.len(), &inner)
+        }
+    }
+}
+
 /// The operation a POST path names. Paths are matched by suffix so that
 /// hosts that mount the API under a prefix (`/openai/v1/...`, `/api/v1/...`)
 /// work. Batch submissions and file uploads are recorded as such with no
@@ -254,24 +295,13 @@ impl Provider for OpenAi {
                 return Some(out);
             }
             StreamOptions::AsksForUsage => return None,
-            // Present without it, or not read: the whole document.
+            // Present without it, or not read: spliced into the client's
+            // own `stream_options`, the rest of the bytes as they came.
             StreamOptions::Other | StreamOptions::Unread => {}
         }
-        let mut v: Value = serde_json::from_slice(body).ok()?;
-        let obj = v.as_object_mut()?;
-        let opts = obj
-            .entry("stream_options")
-            .or_insert_with(|| Value::Object(Default::default()));
-        if opts.is_null() {
-            *opts = Value::Object(Default::default());
-        }
-        let opts = opts.as_object_mut()?;
-        if opts.get("include_usage").and_then(Value::as_bool) == Some(true) {
-            return None;
-        }
-        opts.insert("include_usage".into(), Value::Bool(true));
+        let out = splice_include_usage(body)?;
         info.injected_usage = true;
-        serde_json::to_vec(&v).ok().map(bytes::Bytes::from)
+        Some(out)
     }
 
     fn response_filter(&self, info: &RequestInfo) -> Option<Box<dyn super::BodyFilter>> {
@@ -1483,23 +1513,45 @@ event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{
             &out.unwrap()[..],
             br#"{"stream_options":{"include_usage":true} }"#
         );
-        // Options without include_usage, or null: set through the document.
-        for body in [
-            &br#"{"stream":true,"stream_options":{"include_usage":false,"x":1}}"#[..],
-            br#"{"stream":true,"stream_options":null}"#,
+        // Options without include_usage, or null, or asking for none: it is
+        // spliced into the client's own options, and every other byte
+        // (a schema's key order, which strict structured outputs generate
+        // in; numbers as written) stays as it came.
+        let schema = r#""response_format":{"type":"json_schema","json_schema":{"strict":true,"schema":{"type":"object","properties":{"reasoning":{"type":"string"},"answer":{"type":"number"}}}}},"temperature":0.10,"seed":123456789012345678901"#;
+        for (options, spliced) in [
+            (
+                r#"{"include_obfuscation":false}"#,
+                r#"{"include_usage":true,"include_obfuscation":false}"#,
+            ),
+            (
+                r#"{ "include_usage" : false, "x":1 }"#,
+                r#"{ "include_usage" : true, "x":1 }"#,
+            ),
+            (r#"{}"#, r#"{"include_usage":true}"#),
+            (r#"null"#, r#"{"include_usage":true}"#),
         ] {
-            let (out, injected) = rewrite(body);
-            let v: Value = serde_json::from_slice(&out.expect("rewritten")).unwrap();
-            assert_eq!(v["stream_options"]["include_usage"], true, "{v}");
+            let body = format!(r#"{{"stream":true,"stream_options": {options},{schema}}}"#);
+            let (out, injected) = rewrite(body.as_bytes());
+            assert_eq!(
+                std::str::from_utf8(&out.expect("rewritten")).unwrap(),
+                format!(r#"{{"stream":true,"stream_options": {spliced},{schema}}}"#)
+            );
             assert!(injected);
         }
-        // A repeated member is read as the provider would (last wins) and
-        // rewritten as one document, never spliced in front of it.
+        // A repeated member is read as the provider would (last wins): the
+        // last is the one spliced into, never a new one in front.
         let (out, _) = rewrite(
             br#"{"stream_options":{"include_usage":true},"stream":true,"stream_options":{}}"#,
         );
-        let v: Value = serde_json::from_slice(&out.expect("rewritten")).unwrap();
-        assert_eq!(v["stream_options"]["include_usage"], true, "{v}");
+        assert_eq!(
+            &out.expect("rewritten")[..],
+            br#"{"stream_options":{"include_usage":true},"stream":true,"stream_options":{"include_usage":true}}"#
+        );
+        // Options that are not an object are the provider's to refuse.
+        assert_eq!(
+            rewrite(br#"{"stream":true,"stream_options":"yes"}"#),
+            (None, false)
+        );
         // Not an object: left alone.
         assert_eq!(rewrite(br#"[{"stream":true}]"#), (None, false));
         assert_eq!(rewrite(b"not json"), (None, false));
