@@ -20,11 +20,12 @@
 //! `ManyRequests`), count a result another read claimed, or count a line
 //! that did not arrive whole.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::{ParsedUsage, UsageParser};
-use crate::meter::Usage;
 use crate::meter::pricing::ManyRequests;
+use crate::meter::{MAX_MODEL_NAME, Usage};
 
 /// The operation recorded for a batch's results.
 pub const OPERATION: &str = "batch_results";
@@ -36,6 +37,14 @@ pub const TIER: &str = crate::meter::pricing::BATCH_TIER;
 /// The longest result line read (a longer one is passed on, counted as a
 /// line, and its usage left out, logged at debug).
 pub const MAX_LINE: usize = 16 << 20;
+
+/// The most models (with their uplifts) a read sums apart. Results name
+/// whatever model their file says, so one read could name a new one on
+/// every line; past this many, the results of models not seen yet are
+/// summed in one more tally without a model ([`BatchTally::result`]):
+/// their tokens are counted (at an unknown cost, as any result without a
+/// model), and a read holds at most this many tallies plus that one.
+pub const MAX_MODELS: usize = 256;
 
 /// What one result says was billed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -143,7 +152,29 @@ pub struct BatchTally {
     pub counted_before: u64,
     /// Lines too long to read (their usage left out).
     pub too_long: u64,
+    /// In the order their models were first read; filled by
+    /// [`BatchTally::result`] only (it keeps an index of them).
     pub models: Vec<ModelTally>,
+    index: ModelIndex,
+}
+
+/// Where each tally of [`BatchTally::models`] is, by its model (capped to
+/// [`MAX_MODEL_NAME`], as the ledger keeps it) and uplift.
+#[derive(Clone, Default, PartialEq, Eq)]
+struct ModelIndex {
+    at: HashMap<(Option<String>, u32), usize>,
+    /// The tally of the results of models past [`MAX_MODELS`].
+    overflow: Option<usize>,
+}
+
+impl std::fmt::Debug for ModelIndex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // What it holds is in the tallies themselves.
+        f.debug_struct("ModelIndex")
+            .field("len", &self.at.len())
+            .field("overflow", &self.overflow)
+            .finish()
+    }
 }
 
 impl BatchTally {
@@ -164,7 +195,13 @@ impl BatchTally {
     }
 
     /// Result `index`, read whole: what it bills, if anything, counts
-    /// when this read claims it.
+    /// when this read claims it, in the tally of its model (its name
+    /// capped to [`MAX_MODEL_NAME`]) and uplift. Once [`MAX_MODELS`]
+    /// tallies are held, a result of a model not seen yet is summed in
+    /// the tally without a model of its uplift when there is one, else in
+    /// one overflow tally without a model (made by the first such result,
+    /// with its uplift: a tally without a model has no price, so the
+    /// uplift of the others there changes no cost).
     pub(crate) fn result(&mut self, index: u64, bills: Option<LineUsage>, claims: &Claims) {
         self.lines = self.lines.max(index + 1);
         let Some(line) = bills else { return };
@@ -172,24 +209,42 @@ impl BatchTally {
             self.counted_before += 1;
             return;
         }
-        let found = self
-            .models
-            .iter_mut()
-            .find(|m| m.model == line.model && m.uplift_percent == line.uplift_percent);
-        let m = match found {
-            Some(m) => m,
+        let mut model = line.model;
+        if let Some(name) = model.as_mut() {
+            crate::meter::cap_owned(name, MAX_MODEL_NAME);
+        }
+        let key = (model, line.uplift_percent);
+        let at = match self.index.at.get(&key) {
+            Some(&at) => at,
+            None if self.models.len() < MAX_MODELS => self.push(key),
             None => {
-                self.models.push(ModelTally {
-                    model: line.model,
-                    uplift_percent: line.uplift_percent,
-                    ..Default::default()
-                });
-                self.models.last_mut().expect("just pushed")
+                let unnamed = (None, line.uplift_percent);
+                match self.index.at.get(&unnamed).copied().or(self.index.overflow) {
+                    Some(at) => at,
+                    None => {
+                        let at = self.push(unnamed);
+                        self.index.overflow = Some(at);
+                        at
+                    }
+                }
             }
         };
+        let m = &mut self.models[at];
         m.usage = m.usage.zip_with(&line.usage, u64::saturating_add);
         m.requests.add(line.usage);
         m.results += 1;
+    }
+
+    /// A new tally for `key` (model, uplift), indexed: its place.
+    fn push(&mut self, key: (Option<String>, u32)) -> usize {
+        let at = self.models.len();
+        self.models.push(ModelTally {
+            model: key.0.clone(),
+            uplift_percent: key.1,
+            ..Default::default()
+        });
+        self.index.at.insert(key, at);
+        at
     }
 }
 
@@ -511,6 +566,103 @@ mod tests {
                 .map(|u| u.input_tokens)
                 .collect::<Vec<_>>(),
             [150_000, 150_000]
+        );
+    }
+
+    /// `n` lines, line `i` of model `name(i)` billing `i + 1` input tokens.
+    fn lines_of(n: u64, name: impl Fn(u64) -> String) -> Vec<u8> {
+        let mut body = String::new();
+        for i in 0..n {
+            body.push_str(&format!(
+                "{{\"model\":\"{}\",\"usage\":{}}}\n",
+                name(i),
+                i + 1
+            ));
+        }
+        body.into_bytes()
+    }
+
+    #[test]
+    fn models_past_the_bound_are_summed_together_and_nothing_is_lost() {
+        let n = 12_000;
+        let t = parse(&Claims::default(), &lines_of(n, |i| format!("m-{i}")));
+        assert_eq!(t.models.len(), MAX_MODELS + 1);
+        // The first models each have their own tally, in the order read.
+        for (i, m) in t.models[..MAX_MODELS].iter().enumerate() {
+            assert_eq!(m.model.as_deref(), Some(format!("m-{i}").as_str()));
+            assert_eq!((m.usage.input_tokens, m.results), (i as u64 + 1, 1));
+        }
+        // The rest in one tally without a model.
+        let rest = &t.models[MAX_MODELS];
+        assert_eq!(rest.model, None);
+        assert_eq!(rest.results, n - MAX_MODELS as u64);
+        let input: u64 = t.models.iter().map(|m| m.usage.input_tokens).sum();
+        let output: u64 = t.models.iter().map(|m| m.usage.output_tokens).sum();
+        let results: u64 = t.models.iter().map(|m| m.results).sum();
+        assert_eq!(input, n * (n + 1) / 2, "every token counted");
+        assert_eq!((output, results, t.lines), (n, n, n));
+        // A model seen before the bound still has its own tally after it.
+        let mut p = ResultsParser::new(read, Claims::default());
+        p.feed(&lines_of(n, |i| format!("m-{i}")));
+        p.feed(b"{\"model\":\"m-3\",\"usage\":1000}\n{\"usage\":5}\n");
+        let t = p.finish().batch.unwrap();
+        assert_eq!(t.models.len(), MAX_MODELS + 1);
+        assert_eq!(t.models[3].usage.input_tokens, 4 + 1000);
+        assert_eq!(t.models[MAX_MODELS].results, n - MAX_MODELS as u64 + 1);
+    }
+
+    #[test]
+    fn results_of_a_model_merge_into_its_one_tally() {
+        let t = parse(
+            &Claims::default(),
+            &lines_of(3_000, |i| format!("m-{}", i % 3)),
+        );
+        assert_eq!(t.models.len(), 3);
+        for (i, m) in t.models.iter().enumerate() {
+            assert_eq!(m.model.as_deref(), Some(format!("m-{i}").as_str()));
+            assert_eq!(m.results, 1_000);
+        }
+        let input: u64 = t.models.iter().map(|m| m.usage.input_tokens).sum();
+        assert_eq!(input, 3_000 * 3_001 / 2);
+        // The same model at another uplift is a tally of its own.
+        let mut t = BatchTally::default();
+        for (i, uplift) in [0, 10, 0, 10].into_iter().enumerate() {
+            let line = LineUsage {
+                model: Some("claude".into()),
+                usage: Usage {
+                    input_tokens: 1,
+                    ..Default::default()
+                },
+                uplift_percent: uplift,
+            };
+            t.result(i as u64, Some(line), &Claims::default());
+        }
+        let tallies: Vec<_> = t
+            .models
+            .iter()
+            .map(|m| (m.uplift_percent, m.results))
+            .collect();
+        assert_eq!(tallies, [(0, 2), (10, 2)]);
+    }
+
+    #[test]
+    fn an_overlong_model_name_is_capped_and_names_past_the_cap_merge() {
+        let long = "x".repeat(MAX_MODEL_NAME);
+        let t = parse(
+            &Claims::default(),
+            &lines_of(4, |i| format!("{long}{}", "é".repeat(i as usize + 1))),
+        );
+        assert_eq!(t.models.len(), 1, "{:?}", t.sums());
+        assert_eq!(t.models[0].model.as_deref(), Some(long.as_str()));
+        assert_eq!(t.models[0].results, 4);
+        // Capped at a character boundary.
+        let t = parse(
+            &Claims::default(),
+            &lines_of(1, |_| format!("{}é", "x".repeat(MAX_MODEL_NAME - 1))),
+        );
+        assert_eq!(
+            t.models[0].model.as_deref(),
+            Some("x".repeat(MAX_MODEL_NAME - 1).as_str())
         );
     }
 }
