@@ -181,6 +181,16 @@ pub fn estimate_input(api: ApiKind, body: &[u8]) -> Option<u64> {
 /// Azure, Gemini or Bedrock request does not name it); the body's own
 /// `model` is used when `model` is `None`.
 pub fn estimate_input_for(api: ApiKind, model: Option<&str>, body: &[u8]) -> Option<u64> {
+    // A body of millions of tiny values would take many times its size as
+    // a document: not estimated (no request the providers take holds that
+    // many; their token limits stop far short of it).
+    if !crate::providers::whole_value_affordable(body) {
+        tracing::debug!(
+            bytes = body.len(),
+            "request body of over a million JSON values: its input is not estimated"
+        );
+        return None;
+    }
     let v: Value = serde_json::from_slice(body).ok()?;
     let obj = v.as_object()?;
     let model = model.or_else(|| obj.get("model").and_then(Value::as_str));

@@ -236,8 +236,48 @@ pub(crate) fn parse_object<T: serde::de::DeserializeOwned>(body: &[u8]) -> Optio
     if let Ok(t) = serde_json::from_slice::<T>(body) {
         return Some(t);
     }
+    if !whole_value_affordable(body) {
+        return None;
+    }
     let v = serde_json::from_slice::<Value>(body).ok()?;
     T::deserialize(&v).ok()
+}
+
+/// Most JSON values a body may hold for the agent to build it whole as a
+/// `Value` (about 32 bytes a value, besides the strings): a body of
+/// millions of small values (`[0,0,0,…]`, 2 bytes each in the text) would
+/// otherwise take 16 times its size.
+pub(crate) const MAX_WHOLE_VALUES: usize = 1 << 20;
+
+/// Whether `body` holds at most [`MAX_WHOLE_VALUES`] JSON values, counted
+/// as the commas, colons and opening brackets outside strings (one pass,
+/// nothing built).
+pub(crate) fn whole_value_affordable(body: &[u8]) -> bool {
+    let mut values = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for &b in body {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b',' | b':' | b'[' | b'{' => {
+                values += 1;
+                if values > MAX_WHOLE_VALUES {
+                    return false;
+                }
+            }
+            _ => {}
+        }
+    }
+    true
 }
 
 /// As [`parse_object`], but any other JSON value (an array, a number)
@@ -794,6 +834,57 @@ pub(crate) fn str_at(v: &serde_json::Value, path: &[&str]) -> Option<String> {
         cur = cur.get(p)?;
     }
     cur.as_str().map(str::to_owned)
+}
+
+#[cfg(test)]
+mod whole_value_tests {
+    use super::{MAX_WHOLE_VALUES, whole_value_affordable};
+    use crate::providers::testing::peak_alloc;
+
+    /// A body of many tiny values (token ids, a repeated member) is
+    /// neither parsed whole as a head nor estimated whole: what it costs
+    /// stays near its size, where a `Value` would take 16 times it.
+    #[test]
+    fn a_body_of_millions_of_tiny_values_is_not_built_whole() {
+        let ids = vec!["0"; MAX_WHOLE_VALUES + 10].join(",");
+        // The repeated `model` makes the typed head parse refuse it.
+        let body = format!(r#"{{"model":"m","model":"text-embedding-3-small","input":[{ids}]}}"#);
+        assert!(!whole_value_affordable(body.as_bytes()));
+        #[derive(serde::Deserialize)]
+        struct Head {
+            #[allow(dead_code)]
+            model: Option<String>,
+        }
+        let (head, peak) = peak_alloc(|| super::parse_object::<Head>(body.as_bytes()));
+        assert!(head.is_none());
+        assert!(peak < body.len(), "{peak} bytes held for {}", body.len());
+        let (n, peak) = peak_alloc(|| {
+            crate::meter::estimate::estimate_input(crate::config::ApiKind::Openai, body.as_bytes())
+        });
+        assert_eq!(n, None);
+        assert!(peak < body.len(), "{peak} bytes held for {}", body.len());
+        // Under the bound, the same shape is estimated (one token an id),
+        // and a repeated member is read as the provider reads it.
+        let ids = vec!["0"; 1000].join(",");
+        let small = format!(r#"{{"model":"m","model":"text-embedding-3-small","input":[{ids}]}}"#);
+        assert!(whole_value_affordable(small.as_bytes()));
+        let n = crate::meter::estimate::estimate_input(
+            crate::config::ApiKind::Openai,
+            small.as_bytes(),
+        );
+        assert_eq!(n, Some(1000));
+    }
+
+    #[test]
+    fn values_are_counted_outside_strings_only() {
+        let commas = ",".repeat(MAX_WHOLE_VALUES + 10);
+        // Commas and brackets inside a string (escaped quotes included)
+        // are text, not values.
+        let text = format!(r#"{{"content":"a \"{commas}[{{ \\"}}"#);
+        assert!(whole_value_affordable(text.as_bytes()));
+        let arrays = "[".repeat(MAX_WHOLE_VALUES + 1);
+        assert!(!whole_value_affordable(arrays.as_bytes()));
+    }
 }
 
 #[cfg(test)]
