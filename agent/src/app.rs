@@ -113,9 +113,29 @@ impl RecordSink for crate::ledger::LedgerHandle {
 /// never see SIGTERM: it would run on until SIGKILL and lose what the
 /// ledger had not written. Unblocked here, before any thread starts, so
 /// every thread inherits the cleared mask.
-/// (SIGHUP is left as found: the agent does not handle it, and unblocking
-/// it would turn a pending hang-up into an abrupt exit.)
+/// (SIGHUP is left as found: the agent only logs it (it does not reload),
+/// and a pending one is logged once it is unblocked by whoever blocked it.)
 const SHUTDOWN_SIGNALS: [libc::c_int; 2] = [libc::SIGTERM, libc::SIGINT];
+
+/// How long the ledger's last batch may take to write at a stop.
+const LEDGER_FLUSH: Duration = Duration::from_secs(30);
+/// How long the exporters' last export may take at a stop.
+const EXPORT_FLUSH: Duration = Duration::from_secs(10);
+
+/// The sd_notify message of a stop that drains for `drain`: `STOPPING=1`,
+/// and the most the stop can take (the drain, the grace of cut requests'
+/// records, the ledger's and the exporters' flushes, and a margin) as
+/// `EXTEND_TIMEOUT_USEC`, which raises systemd's stop timeout to it when
+/// that is larger.
+fn stopping_message(drain: Duration) -> String {
+    let bound = drain
+        + proxy::STOP_GRACE
+        + proxy::RECORD_GRACE
+        + LEDGER_FLUSH
+        + EXPORT_FLUSH
+        + Duration::from_secs(15);
+    format!("STOPPING=1\nEXTEND_TIMEOUT_USEC={}", bound.as_micros())
+}
 
 /// A signal set holding `signals`.
 fn signal_set(signals: &[libc::c_int]) -> libc::sigset_t {
@@ -252,6 +272,10 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     // instead of killing it half-started.
     let mut term = signal(SignalKind::terminate()).map_err(AppError::Runtime)?;
     let mut int = signal(SignalKind::interrupt()).map_err(AppError::Runtime)?;
+    // A hang-up (a habitual `kill -HUP`, `systemctl kill -s HUP`) would
+    // otherwise end the agent at once, without a drain or the ledger's
+    // flush: it is caught and said not to reload.
+    let mut hup = signal(SignalKind::hangup()).map_err(AppError::Runtime)?;
     raise_nofile_limit();
     // At most 755 (the umask only takes bits away): a directory we create
     // passes the check below.
@@ -435,11 +459,26 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     sd_notify("READY=1");
     let watchdog = spawn_watchdog();
 
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM: shutting down"),
-        _ = int.recv() => info!("SIGINT: shutting down"),
+    loop {
+        tokio::select! {
+            _ = term.recv() => {
+                info!("SIGTERM: shutting down");
+                break;
+            }
+            _ = int.recv() => {
+                info!("SIGINT: shutting down");
+                break;
+            }
+            _ = hup.recv() => warn!(
+                "SIGHUP: ignored; the agent does not reload its config or CA: restart it (systemctl restart tollgate) to apply changes"
+            ),
+        }
     }
-    sd_notify("STOPPING=1");
+    // systemd's TimeoutStopSec (120 s in the shipped unit) would SIGKILL a
+    // stop that takes longer, losing the records of the drain's cut
+    // requests and the ledger's last batch: the stop's own bound is asked
+    // for (a larger `proxy.drain_secs`).
+    sd_notify(&stopping_message(drain));
     // Stop redirecting first, while the listeners still accept: new
     // connections then go direct, and none is sent to a closed port. The
     // resolver stops before the map is cleared, so it cannot fill it
@@ -471,10 +510,10 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     drop(state);
     // systemd stops watching once the stop begins; a stop that takes long
     // is TimeoutStopSec's business.
-    let written = ledger_writer.shutdown(Duration::from_secs(30));
+    let written = ledger_writer.shutdown(LEDGER_FLUSH);
     // The exporters' last export and the audit log's flush happen whatever
     // the ledger's outcome.
-    if let Err(e) = exporter.shutdown(Duration::from_secs(10)).await {
+    if let Err(e) = exporter.shutdown(EXPORT_FLUSH).await {
         warn!(error = %e, "export shutdown");
     }
     if let Some(w) = watchdog {
@@ -606,6 +645,39 @@ fn bind_v6_only(addr: SocketAddr) -> std::io::Result<TcpListener> {
 
 #[cfg(test)]
 mod tests {
+    /// A stop asks systemd for as long as it can take, so a drain longer
+    /// than the unit's TimeoutStopSec allows is not SIGKILLed; the shipped
+    /// unit's own timeout covers the default drain without asking.
+    #[test]
+    fn a_stop_asks_for_what_it_can_take() {
+        use std::time::Duration;
+        let usec = |drain: u64| -> u64 {
+            let m = super::stopping_message(Duration::from_secs(drain));
+            let mut lines = m.lines();
+            assert_eq!(lines.next(), Some("STOPPING=1"));
+            lines
+                .next()
+                .and_then(|l| l.strip_prefix("EXTEND_TIMEOUT_USEC="))
+                .and_then(|v| v.parse().ok())
+                .expect("EXTEND_TIMEOUT_USEC")
+        };
+        // The drain, 35 s for cut requests' records, 40 s of flushes.
+        assert!(usec(600) >= (600 + 75) * 1_000_000, "{}", usec(600));
+        assert_eq!(usec(600) - usec(30), 570 * 1_000_000);
+        let unit = include_str!("../../deploy/systemd/tollgate.service");
+        let stop_secs: u64 = unit
+            .lines()
+            .find_map(|l| l.strip_prefix("TimeoutStopSec="))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("TimeoutStopSec in the unit");
+        let default_drain = crate::config::Config::default().proxy.drain_secs;
+        assert!(
+            usec(default_drain) <= stop_secs * 1_000_000,
+            "the unit's TimeoutStopSec={stop_secs} is below a default stop ({} us)",
+            usec(default_drain)
+        );
+    }
+
     #[test]
     fn the_watchdog_is_fed_three_times_per_timeout_for_this_process_only() {
         use super::watchdog_interval as w;

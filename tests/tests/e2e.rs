@@ -492,6 +492,12 @@ fn a_sigterm_during_start_up_stops_the_agent_cleanly_once_it_is_up() {
 #[ignore = "needs root, cgroup v2 and BPF"]
 fn sigterm_flushes_every_record() {
     let mut w = World::start("sigterm", 6);
+    // A hang-up first: said not to reload, and the agent goes on serving
+    // (by default SIGHUP would end it at once, with nothing flushed).
+    let pid = w.agent.pid().expect("agent running") as i32;
+    // SAFETY: a signal to the test's own agent, by its pid.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+    assert!(w.agent.wait_for_log("SIGHUP: ignored"), "{}", w.agent.log());
     let client = w.client(&[]);
     let script = r#"
 import openai

@@ -487,10 +487,10 @@ impl ProxyState {
 
 /// How long cut connections and background work get to write their
 /// records once the drain time is over.
-const STOP_GRACE: Duration = Duration::from_secs(5);
+pub(crate) const STOP_GRACE: Duration = Duration::from_secs(5);
 /// How long, in all, records still being counted then get (their local
 /// estimates are CPU work that ends; see [`finish`]).
-const RECORD_GRACE: Duration = Duration::from_secs(30);
+pub(crate) const RECORD_GRACE: Duration = Duration::from_secs(30);
 
 /// Accepts on every listener until `shutdown` turns true, then drains:
 /// in-flight requests and streams get up to `drain` to finish; what is
