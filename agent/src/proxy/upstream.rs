@@ -998,7 +998,6 @@ pub(crate) mod tests {
     }
 
     pub(crate) async fn echo_server(host: &str) -> EchoServer {
-        use http_body_util::{BodyExt, Full};
         let dir = tempfile::tempdir().unwrap();
         let (ca, _) = crate::ca::LocalCa::load_or_create(dir.path(), &[host.to_string()])
             .expect("a CA for the test server");
@@ -1006,8 +1005,26 @@ pub(crate) mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let served = Arc::new(AtomicUsize::new(0));
-        let counted = served.clone();
-        let task = tokio::spawn(async move {
+        let task = spawn_echo(listener, server_config, served.clone());
+        EchoServer {
+            addr,
+            served,
+            ca,
+            _dir: dir,
+            task,
+        }
+    }
+
+    /// Accepts TLS connections on `listener` with `server_config` and
+    /// answers each HTTP/1.1 request with a 200 echoing its body, counting
+    /// the requests in `counted`.
+    fn spawn_echo(
+        listener: tokio::net::TcpListener,
+        server_config: Arc<rustls::ServerConfig>,
+        counted: Arc<AtomicUsize>,
+    ) -> tokio::task::JoinHandle<()> {
+        use http_body_util::{BodyExt, Full};
+        tokio::spawn(async move {
             let acceptor = tokio_rustls::TlsAcceptor::from(server_config);
             loop {
                 let Ok((sock, _)) = listener.accept().await else {
@@ -1031,14 +1048,7 @@ pub(crate) mod tests {
                         .await;
                 });
             }
-        });
-        EchoServer {
-            addr,
-            served,
-            ca,
-            _dir: dir,
-            task,
-        }
+        })
     }
 
     fn post(host: &str, body: &'static [u8]) -> Request<ProxyBody> {
@@ -1412,5 +1422,220 @@ pub(crate) mod tests {
             "no key left marked as opening"
         );
         server.abort();
+    }
+
+    /// A CA of the test's own, unconstrained (the agent's CA carries name
+    /// constraints, which would fail a leaf for another host for another
+    /// reason), with its certificate in a PEM file as `upstream.extra_ca`
+    /// names one.
+    struct TestCa {
+        issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+        pem: std::path::PathBuf,
+        _dir: tempfile::TempDir,
+    }
+
+    impl TestCa {
+        fn new(name: &str) -> TestCa {
+            let mut params = rcgen::CertificateParams::default();
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, name);
+            params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            params.key_usages = vec![
+                rcgen::KeyUsagePurpose::KeyCertSign,
+                rcgen::KeyUsagePurpose::CrlSign,
+            ];
+            let now = time::OffsetDateTime::now_utc();
+            params.not_before = now - time::Duration::days(60);
+            params.not_after = now + time::Duration::days(60);
+            let issuer =
+                rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap())
+                    .unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            let pem = dir.path().join("ca.pem");
+            std::fs::write(&pem, issuer.pem()).unwrap();
+            TestCa {
+                issuer,
+                pem,
+                _dir: dir,
+            }
+        }
+
+        /// A server presenting a leaf this CA signed for `san` alone (its
+        /// common name is `cn`, which verification must not look at), valid
+        /// from `not_before` to `not_after` days from now, answering as
+        /// [`spawn_echo`] does.
+        async fn serve(&self, cn: &str, san: &str, not_before: i64, not_after: i64) -> TestServer {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let mut params = rcgen::CertificateParams::default();
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, cn);
+            params.subject_alt_names =
+                vec![rcgen::SanType::DnsName(san.to_string().try_into().unwrap())];
+            let now = time::OffsetDateTime::now_utc();
+            params.not_before = now + time::Duration::days(not_before);
+            params.not_after = now + time::Duration::days(not_after);
+            params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+            params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+            params.use_authority_key_identifier_extension = true;
+            let leaf = params.signed_by(&key, &self.issuer).unwrap();
+            let key = rustls_pki_types::PrivateKeyDer::from(
+                rustls_pki_types::PrivatePkcs8KeyDer::from(key.serialize_der()),
+            );
+            let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+                rustls::crypto::aws_lc_rs::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![leaf.der().clone()], key)
+            .unwrap();
+            // The echo service speaks HTTP/1.1: an HTTP/2 client's key
+            // gets it through ALPN.
+            cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let served = Arc::new(AtomicUsize::new(0));
+            let task = spawn_echo(listener, Arc::new(cfg), served.clone());
+            TestServer { addr, served, task }
+        }
+    }
+
+    struct TestServer {
+        addr: SocketAddr,
+        served: Arc<AtomicUsize>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl Drop for TestServer {
+        fn drop(&mut self) {
+            self.task.abort();
+        }
+    }
+
+    /// Sends a POST for `host` to `server` as an HTTP/1.1 client's request
+    /// and as an HTTP/2 client's (the two TLS configurations), each on a
+    /// new connection (a failed handshake pools nothing).
+    async fn send_as_both(
+        up: &Upstream,
+        server: &TestServer,
+        host: &str,
+    ) -> Vec<Result<Response<UpstreamBody>, UpstreamError>> {
+        let mut out = Vec::new();
+        for version in [Version::HTTP_11, Version::HTTP_2] {
+            let mut req = post(host, b"{\"model\":\"m\"}");
+            *req.version_mut() = version;
+            // A hang guard only: a refused handshake ends at once.
+            let sent = tokio::time::timeout(
+                Duration::from_secs(30),
+                up.send(server.addr, host, host, req, None),
+            )
+            .await
+            .expect("the send did not hang");
+            out.push(sent);
+        }
+        out
+    }
+
+    /// Every result is the TLS error for `host` at `server`, for the
+    /// reason `why` (a fragment of rustls's message), and nothing reached
+    /// the server's HTTP service.
+    fn assert_refused(
+        sent: Vec<Result<Response<UpstreamBody>, UpstreamError>>,
+        server: &TestServer,
+        host: &str,
+        why: &str,
+    ) {
+        assert_eq!(sent.len(), 2);
+        for sent in sent {
+            match sent {
+                Ok(resp) => panic!(
+                    "a certificate that should fail ({why}) was accepted: answered {}",
+                    resp.status()
+                ),
+                Err(UpstreamError::Tls {
+                    host: h,
+                    addr,
+                    message,
+                }) => {
+                    assert_eq!((h.as_str(), addr), (host, server.addr));
+                    assert!(message.contains(why), "expected {why:?}: {message}");
+                }
+                Err(other) => panic!("expected a TLS error ({why}), got {other:?}"),
+            }
+        }
+        assert_eq!(server.served.load(Ordering::SeqCst), 0, "no request served");
+    }
+
+    /// The control for the tests below: a leaf from the extra CA, for the
+    /// host asked for and in its validity period, is accepted and the
+    /// request answered (so their server, leaf and extra CA work, and what
+    /// fails there is the one thing each changes).
+    #[tokio::test]
+    async fn an_upstream_certificate_that_verifies_for_the_host_is_accepted() {
+        use http_body_util::BodyExt;
+        let host = "api.openai.com";
+        let ca = TestCa::new("upstream test CA");
+        let server = ca.serve(host, host, -1, 30).await;
+        let up = Upstream::new(Some(&ca.pem)).unwrap();
+        for sent in send_as_both(&up, &server, host).await {
+            let resp = sent.expect("a certificate that verifies is accepted");
+            assert_eq!(resp.status(), 200);
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(&body[..], b"{\"model\":\"m\"}");
+        }
+        assert_eq!(server.served.load(Ordering::SeqCst), 2);
+    }
+
+    /// A leaf for the host from a CA that is neither a webpki root nor the
+    /// extra CA is refused, with or without an extra CA configured, and
+    /// when its CA bears the extra CA's very name.
+    #[tokio::test]
+    async fn an_upstream_certificate_from_an_untrusted_ca_is_refused() {
+        let host = "api.openai.com";
+        let trusted = TestCa::new("upstream test CA");
+        let rogue = TestCa::new("rogue CA");
+        let server = rogue.serve(host, host, -1, 30).await;
+        for extra_ca in [None, Some(trusted.pem.as_path())] {
+            let up = Upstream::new(extra_ca).unwrap();
+            let sent = send_as_both(&up, &server, host).await;
+            assert_refused(sent, &server, host, "UnknownIssuer");
+        }
+        // Found by its name among the roots, the impostor's signature
+        // does not verify with the trusted CA's key.
+        let impostor = TestCa::new("upstream test CA");
+        let server = impostor.serve(host, host, -1, 30).await;
+        let up = Upstream::new(Some(&trusted.pem)).unwrap();
+        let sent = send_as_both(&up, &server, host).await;
+        assert_refused(sent, &server, host, "BadSignature");
+    }
+
+    /// A leaf from the extra CA for another host (another provider's,
+    /// though its common name is the host asked for) is refused: the
+    /// certificate must verify for the SNI, not merely chain to a root.
+    #[tokio::test]
+    async fn an_upstream_certificate_for_another_host_is_refused() {
+        let host = "api.openai.com";
+        let ca = TestCa::new("upstream test CA");
+        let server = ca.serve(host, "api.anthropic.com", -1, 30).await;
+        let up = Upstream::new(Some(&ca.pem)).unwrap();
+        let sent = send_as_both(&up, &server, host).await;
+        assert_refused(sent, &server, host, "certificate not valid for name");
+    }
+
+    /// A leaf from the extra CA for the host, but expired (or not valid
+    /// yet), is refused.
+    #[tokio::test]
+    async fn an_expired_upstream_certificate_is_refused() {
+        let host = "api.openai.com";
+        let ca = TestCa::new("upstream test CA");
+        let up = Upstream::new(Some(&ca.pem)).unwrap();
+        let expired = ca.serve(host, host, -30, -1).await;
+        let sent = send_as_both(&up, &expired, host).await;
+        assert_refused(sent, &expired, host, "certificate expired");
+        let early = ca.serve(host, host, 1, 30).await;
+        let sent = send_as_both(&up, &early, host).await;
+        assert_refused(sent, &early, host, "certificate not valid yet");
     }
 }
