@@ -218,6 +218,20 @@ impl Agent {
         self.state_dir.path().join("control.sock")
     }
 
+    /// Every byte the ledger holds on disk: the database file and its
+    /// write-ahead log, where a running agent's recent rows are until a
+    /// checkpoint (a scan of the database file alone would miss them).
+    pub fn ledger_raw(&self) -> Vec<u8> {
+        let dir = self.state_dir.path().join("state");
+        let mut raw = std::fs::read(dir.join("ledger.sqlite")).expect("ledger file");
+        match std::fs::read(dir.join("ledger.sqlite-wal")) {
+            Ok(wal) => raw.extend_from_slice(&wal),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => panic!("ledger WAL: {e}"),
+        }
+        raw
+    }
+
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(|c| c.id())
     }
