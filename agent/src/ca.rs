@@ -361,7 +361,14 @@ impl LocalCa {
                 "the local CA predates intermediate certificates: Java does not apply a trusted root's own name constraints, so for JVMs a stolen ca.key is unconstrained; replace it with `tollgate trust rotate`, then restart the agent"
             );
         }
-        ca.write_bundle()?;
+        // The agent serves without it (a full disk at a restart must not
+        // keep it down): the clients given bundle.pem are the ones told.
+        if let Err(e) = ca.write_bundle() {
+            tracing::warn!(
+                error = %e,
+                "cannot write bundle.pem: clients given it (tollgate trust env) may not trust this CA until it is written at the next start"
+            );
+        }
         Ok((ca, status))
     }
 
@@ -490,7 +497,8 @@ impl LocalCa {
     }
 
     /// (Re)writes `bundle.pem` atomically: the first system bundle that
-    /// exists (unless it already holds this CA) followed by this CA.
+    /// exists (unless it already holds this CA) followed by this CA. A
+    /// file that already holds exactly that is left as it is.
     pub fn write_bundle(&self) -> Result<&Path, CaError> {
         let mut out = String::new();
         let mut has_ca = false;
@@ -525,7 +533,12 @@ impl LocalCa {
                 out.push('\n');
             }
         }
-        write_atomic(&self.bundle_path, out.as_bytes(), 0o644)?;
+        let unchanged = fs::read(&self.bundle_path).is_ok_and(|b| b == out.as_bytes())
+            && fs::metadata(&self.bundle_path)
+                .is_ok_and(|m| m.permissions().mode() & 0o777 == 0o644);
+        if !unchanged {
+            write_atomic(&self.bundle_path, out.as_bytes(), 0o644)?;
+        }
         Ok(&self.bundle_path)
     }
 }
@@ -1251,6 +1264,36 @@ mod tests {
             "a subset of the covered hosts reuses the CA"
         );
         assert_eq!(ca2.cert_pem(), ca.cert_pem());
+    }
+
+    /// A start that changes nothing does not write bundle.pem again (a
+    /// full disk would fail it), and one that cannot write it still starts.
+    #[test]
+    fn the_bundle_is_written_only_when_it_changes_and_a_failure_is_not_fatal() {
+        use std::os::unix::fs::MetadataExt;
+        let t = tempfile::tempdir().expect("tempdir");
+        let h = hosts(&["api.openai.com"]);
+        let (ca, _) = LocalCa::load_or_create(t.path(), &h).expect("create");
+        let ino = || fs::metadata(ca.bundle_path()).expect("bundle").ino();
+        let first = ino();
+        LocalCa::load_or_create(t.path(), &h).expect("load");
+        assert_eq!(ino(), first, "rewritten unchanged");
+        // A changed file is written again.
+        fs::write(ca.bundle_path(), "stale").unwrap();
+        LocalCa::load_or_create(t.path(), &h).expect("load");
+        assert!(
+            fs::read_to_string(ca.bundle_path())
+                .unwrap()
+                .ends_with(ca.cert_pem())
+        );
+        // A bundle that cannot be written (a directory in its place here; a
+        // full disk in the field) leaves the CA loaded.
+        fs::remove_file(ca.bundle_path()).unwrap();
+        fs::create_dir(ca.bundle_path()).unwrap();
+        fs::write(ca.bundle_path().join("x"), "keeps the rename out").unwrap();
+        let (again, st) = LocalCa::load_or_create(t.path(), &h).expect("starts anyway");
+        assert_eq!(st, CaStatus::Loaded);
+        assert_eq!(again.cert_pem(), ca.cert_pem());
     }
 
     #[test]
