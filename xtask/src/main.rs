@@ -554,11 +554,17 @@ fn test(no_lint: bool, args: &[String]) -> Result<()> {
         Err(why) => eprintln!("xtask: property tests draw from a fresh seed per test: {why}"),
     }
     t.arg("--");
-    if is_root() {
+    let unavailable = kernel_unavailable();
+    if is_root() && unavailable.is_none() {
         eprintln!(
             "xtask: running as root: the kernel end-to-end tests (#[ignore]d for plain cargo test) run too"
         );
         t.arg("--include-ignored");
+    } else if let Some(why) = unavailable.filter(|_| is_root()) {
+        // (With TOLLGATE_REQUIRE_KERNEL_TESTS this host was refused above.)
+        eprintln!(
+            "xtask: root, but this host cannot run the kernel end-to-end tests ({why}): they are reported as ignored, with the few #[ignore]d tests that need a JDK, tmux or a cgroup v2 host"
+        );
     } else {
         eprintln!(
             "xtask: not root: the kernel end-to-end tests are reported as ignored (they need root, cgroup v2 and BPF), and with them the few #[ignore]d tests that need a JDK, tmux or a cgroup v2 host (each names what it needs); run as root to include them"
