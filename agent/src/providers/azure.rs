@@ -306,8 +306,8 @@ mod tests {
     fn error_has_no_usage() {
         assert_eq!(parse("application/json", ERR_JSON, &[]).usage, None);
         for body in [&b""[..], b"{", b"\xff", b"data: {\n\n"] {
-            let _ = parse("application/json", body, &[]);
-            let _ = parse("text/event-stream", body, &[]);
+            assert_eq!(parse("application/json", body, &[]).usage, None);
+            assert_eq!(parse("text/event-stream", body, &[]).usage, None);
         }
     }
 

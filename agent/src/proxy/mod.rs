@@ -1462,8 +1462,14 @@ mod tests {
             .await
             .expect("the connection ends")
             .unwrap();
-        // (The request's record is written after the connection's task.)
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // (The request's record is written after the connection's task:
+        // waited for, bounded.)
+        for _ in 0..3000 {
+            if !kept.0.lock().unwrap().is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         assert_eq!(server.served.load(Ordering::SeqCst), 0);
         assert_eq!(state.snapshot().upstream_errors, 0);
         let recs = kept.0.lock().unwrap().clone();
