@@ -519,11 +519,16 @@ impl UsageParser for StreamParser {
             (None, Some(u), _) => (Some(u), a.partial),
             (None, None, m) => (m, false),
         };
+        // Every frame read before the damage passed its checksums: its
+        // counts stand. When they are not final, the record says the
+        // stream could not be read (`content_decoding_failed`, estimated
+        // as any unreadable answer); it is not the provider's error.
         ParsedUsage {
-            usage: if corrupt { None } else { usage },
+            undecodable: corrupt && (usage.is_none() || partial),
+            usage,
             response_model: self.routed.take().or(a.response_model),
             output_text: text,
-            partial: partial && !corrupt,
+            partial,
             error: self.error.take().or(a.error),
             service_tier: self.tier.take().or(a.service_tier),
             ..ParsedUsage::default()
@@ -1073,7 +1078,7 @@ mod tests {
     }
 
     #[test]
-    fn corrupt_or_cut_streams_give_no_usage() {
+    fn corrupt_or_cut_streams_give_no_usage_past_the_damage() {
         // The metadata frame is the last one; damage each part of it.
         let mut starts = Vec::new();
         let mut i = 0;
@@ -1090,12 +1095,27 @@ mod tests {
         ] {
             let mut s = CONVERSE_STREAM.to_vec();
             s[at] ^= 0x10;
-            assert_eq!(stream(&s, &[]).usage, None, "flip at {at}");
+            let p = stream(&s, &[]);
+            assert_eq!(p.usage, None, "flip at {at}");
+            assert!(p.undecodable, "flip at {at}");
         }
         // Damage early in the stream also stops everything after it.
         let mut early = CONVERSE_STREAM.to_vec();
         early[20] ^= 1;
-        assert_eq!(stream(&early, &[]), ParsedUsage::default());
+        assert_eq!(
+            stream(&early, &[]),
+            ParsedUsage {
+                undecodable: true,
+                ..ParsedUsage::default()
+            }
+        );
+        // Damage after the metadata frame: its checked counts stand.
+        let mut after = CONVERSE_STREAM.to_vec();
+        after.extend_from_slice(b"\0\0\0\x20\0\0\0\0garbage-after-the-last-frame....");
+        let p = stream(&after, &[]);
+        assert_eq!(p.usage, stream(CONVERSE_STREAM, &[]).usage);
+        assert!(p.usage.is_some() && !p.partial);
+        assert!(!p.undecodable, "its counts are final");
         // Truncated inside the metadata frame.
         let cut = stream(&CONVERSE_STREAM[..CONVERSE_STREAM.len() - 5], &[]);
         assert_eq!(cut.usage, None);

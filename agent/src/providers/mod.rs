@@ -443,8 +443,10 @@ pub struct ParsedUsage {
     /// (OpenAI `service_tier`: `default`, `flex`, `priority`, `scale`):
     /// see [`service_tier`].
     pub service_tier: Option<String>,
-    /// The body could not be decoded (see [`decode::UNDECODABLE`]) and no
-    /// usage was read from what did.
+    /// The body could not be decoded (see [`decode::UNDECODABLE`]: a
+    /// compression the agent does not read or a corrupt one, or a Bedrock
+    /// event stream whose framing broke) and no final usage was read from
+    /// what did.
     pub undecodable: bool,
     /// The percentage the provider adds to every rate for where the
     /// request ran (Anthropic's US-only inference, `inference_geo: "us"`:
@@ -588,8 +590,7 @@ pub trait UsageParser: Send {
     /// `message_start`, Gemini's `usageMetadata`), so `finish` will return
     /// some: the request body kept for a local estimate can go before the
     /// stream ends. Once true, stays true. The default, `false`, is always
-    /// correct; a parser that may still drop what it read (Bedrock drops
-    /// usage from a corrupt stream) keeps it.
+    /// correct; a parser that may still drop what it read keeps it.
     fn usage_seen(&self) -> bool {
         false
     }
