@@ -1277,6 +1277,7 @@ pub(super) async fn handle(
         parser: Some(parser),
         filter,
         draft: Some(draft),
+        trailers: None,
     };
     Ok(Response::from_parts(rparts, boxed(metered)))
 }
@@ -1933,6 +1934,9 @@ struct MeteredBody {
     /// Undoes what the agent added to the request (see `BodyFilter`).
     filter: Option<Box<dyn BodyFilter>>,
     draft: Option<Draft>,
+    /// Trailers that came while the filter held bytes back: sent after
+    /// those (nothing may follow trailers).
+    trailers: Option<Frame<Bytes>>,
 }
 
 impl MeteredBody {
@@ -1952,6 +1956,9 @@ impl Body for MeteredBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = &mut *self;
+        if let Some(t) = this.trailers.take() {
+            return Poll::Ready(Some(Ok(t)));
+        }
         loop {
             let Some(inner) = this.inner.as_mut() else {
                 return Poll::Ready(None);
@@ -1959,6 +1966,16 @@ impl Body for MeteredBody {
             match Pin::new(inner).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
                     let Some(data) = frame.data_ref() else {
+                        // Trailers end the body: what the filter holds
+                        // goes first.
+                        if let Some(mut f) = this.filter.take() {
+                            let mut out = Vec::new();
+                            f.finish(&mut out);
+                            if !out.is_empty() {
+                                this.trailers = Some(frame);
+                                return Poll::Ready(Some(Ok(Frame::data(Bytes::from(out)))));
+                            }
+                        }
                         return Poll::Ready(Some(Ok(frame)));
                     };
                     if let Some(d) = this.draft.as_mut()
@@ -2017,6 +2034,9 @@ impl Body for MeteredBody {
     }
 
     fn is_end_stream(&self) -> bool {
+        if self.trailers.is_some() {
+            return false;
+        }
         match &self.inner {
             None => self.filter.is_none(),
             // A filter may still hold bytes back: only the next poll knows.
@@ -2694,6 +2714,7 @@ mod tests {
             parser: Some(parser),
             filter: None,
             draft: Some(draft),
+            trailers: None,
         };
         let mut got = Vec::new();
         while let Some(frame) = metered.frame().await {
@@ -2724,13 +2745,33 @@ mod tests {
         tokio::sync::mpsc::Sender<Bytes>,
         tokio::sync::oneshot::Receiver<()>,
     ) {
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(16);
+        let (frames, rx) = tokio::sync::mpsc::channel::<Frame<Bytes>>(16);
+        let (tx, mut events) = tokio::sync::mpsc::channel::<Bytes>(16);
+        tokio::spawn(async move {
+            while let Some(e) = events.recv().await {
+                if frames.send(Frame::data(e)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let (body, cut) = metered_frames(ctx, api, rx, false).await;
+        (body, tx, cut)
+    }
+
+    /// As [`metered_stream`], sent as frames (trailers too); `injected`:
+    /// as the agent had added `include_usage` (its filter undoes it).
+    async fn metered_frames(
+        ctx: &Arc<ConnCtx>,
+        api: crate::config::ApiKind,
+        mut rx: tokio::sync::mpsc::Receiver<Frame<Bytes>>,
+        injected: bool,
+    ) -> (MeteredBody, tokio::sync::oneshot::Receiver<()>) {
         let (cut_tx, cut) = tokio::sync::oneshot::channel();
         let (agent_io, provider_io) = tokio::io::duplex(1 << 16);
         tokio::spawn(async move {
             let events = futures_util::stream::poll_fn(move |cx| {
                 rx.poll_recv(cx)
-                    .map(|b| b.map(|b| Ok::<_, std::convert::Infallible>(Frame::data(b))))
+                    .map(|f| f.map(Ok::<_, std::convert::Infallible>))
             });
             let body = Arc::new(std::sync::Mutex::new(Some(events)));
             let svc = hyper::service::service_fn(move |_req| {
@@ -2739,6 +2780,8 @@ mod tests {
                     Ok::<_, std::convert::Infallible>(
                         Response::builder()
                             .header("content-type", "text/event-stream")
+                            // (HTTP/1.1 sends only trailers declared.)
+                            .header("trailer", "x-trailer")
                             .body(http_body_util::StreamBody::new(events))
                             .unwrap(),
                     )
@@ -2769,6 +2812,7 @@ mod tests {
             .send_request(
                 Request::post(path)
                     .header("host", ctx.provider.host.as_str())
+                    .header("te", "trailers")
                     .body(Full::new(Bytes::from_static(body)))
                     .unwrap(),
             )
@@ -2781,13 +2825,56 @@ mod tests {
         d.method = "POST".into();
         d.status = 200;
         let parser = adapter_for(api).response_parser(&d.info, 200, &parts.headers);
+        d.info.injected_usage = injected;
+        let filter = adapter_for(api).response_filter(&d.info);
         let metered = MeteredBody {
             inner: Some(super::super::upstream::UpstreamBody::for_test(upstream)),
             parser: Some(parser),
-            filter: None,
+            filter,
             draft: Some(d),
+            trailers: None,
         };
-        (metered, tx, cut)
+        (metered, cut)
+    }
+
+    /// Trailers that come while the usage filter holds the last event
+    /// back (it had no blank line after it) go after that event: nothing
+    /// the job is owed is left behind them.
+    #[tokio::test]
+    async fn trailers_wait_for_what_the_filter_holds() {
+        use http_body_util::BodyExt;
+        let (ctx, _keep, _dir) = test_ctx("api.openai.com", crate::config::ApiKind::Openai);
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let (mut body, _cut) = metered_frames(&ctx, crate::config::ApiKind::Openai, rx, true).await;
+        let first = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Once\"}}]}\n\n";
+        let last = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"the end\"}}]}";
+        for f in [
+            Frame::data(Bytes::from_static(first.as_bytes())),
+            Frame::data(Bytes::from_static(last.as_bytes())),
+            Frame::trailers({
+                let mut t = http::HeaderMap::new();
+                t.insert("x-trailer", http::HeaderValue::from_static("1"));
+                t
+            }),
+        ] {
+            tx.send(f).await.unwrap();
+        }
+        drop(tx);
+        let mut data = Vec::new();
+        let mut trailers = None;
+        while let Some(f) = tokio::time::timeout(Duration::from_secs(30), body.frame())
+            .await
+            .expect("the answer ends")
+        {
+            let f = f.unwrap();
+            assert!(trailers.is_none(), "a frame after the trailers: {f:?}");
+            match f.into_data() {
+                Ok(d) => data.extend_from_slice(&d),
+                Err(f) => trailers = Some(f.into_trailers().expect("trailers")),
+            }
+        }
+        assert_eq!(String::from_utf8(data).unwrap(), format!("{first}{last}"));
+        assert_eq!(trailers.expect("trailers")["x-trailer"], "1");
     }
 
     /// Reads `body` until what came ends with `end` (the events the test
