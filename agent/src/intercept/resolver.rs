@@ -649,7 +649,7 @@ mod tests {
         (calls, applied)
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn hosts_no_lookup_answered_are_looked_up_again_before_the_refresh() {
         let (calls, applied) = run_lookups(Answers::new(), 3).await;
         let both = vec!["a.test".to_owned(), "b.test".to_owned()];
@@ -670,7 +670,7 @@ mod tests {
         );
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn hosts_all_answered_wait_for_the_refresh() {
         let initial = BTreeMap::from([
             ("a.test".to_owned(), vec![sa("10.0.0.1:443")]),
@@ -678,8 +678,11 @@ mod tests {
         ]);
         let run = run_lookups(initial, 1);
         // The loop retries after 20 ms when a host is missing; with every
-        // host answered it must not look anything up for an hour.
-        let within = tokio::time::timeout(Duration::from_millis(500), run).await;
+        // host answered it must not look anything up until the hour's
+        // refresh: none in the 29 s before the harness gives up waiting
+        // for one at 30 s (the clock is paused: it jumps from timer to
+        // timer, so those seconds pass at once, and exactly).
+        let within = tokio::time::timeout(Duration::from_secs(29), run).await;
         assert!(within.is_err(), "no lookup before the refresh: {within:?}");
     }
 
@@ -691,7 +694,7 @@ mod tests {
     /// pool of six: once a refresh shows it rotating, it is looked up again
     /// between refreshes until every address of the pool is redirected,
     /// and then left alone until the next refresh.
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_host_whose_dns_rotates_is_looked_up_until_its_pool_is_known() {
         let pool: Vec<SocketAddr> = (1..=6).map(|i| sa(&format!("10.0.0.{i}:443"))).collect();
         let lookups = Lookups {
@@ -723,7 +726,8 @@ mod tests {
             |targets| applied.lock().unwrap().push(targets.clone()),
         );
         let watch = async {
-            // One refresh (2 s), the lookups it starts, and time to spare.
+            // One refresh (2 s), the lookups it starts, and time to spare
+            // before the next (paused time: exactly 3.5 s pass).
             tokio::time::sleep(Duration::from_millis(3500)).await;
             stop_tx.send(true).unwrap();
         };
