@@ -491,6 +491,7 @@ fn check_reports_every_check_and_changes_nothing() {
 }
 
 #[test]
+#[ignore = "needs root: `trust env` makes the CA only as root"]
 fn check_fails_on_an_unsafe_state_dir_and_a_taken_port_and_sees_an_existing_ca() {
     use std::os::unix::fs::PermissionsExt as _;
     let dir = tempfile::tempdir().unwrap();
@@ -503,11 +504,7 @@ fn check_fails_on_an_unsafe_state_dir_and_a_taken_port_and_sees_an_existing_ca()
         .args(["trust", "env"])
         .output()
         .unwrap();
-    if !o.status.success() {
-        // A user who may not create the CA: nothing more to see here.
-        assert!(!is_root(), "{}", text(&o));
-        return;
-    }
+    assert!(o.status.success(), "{}", text(&o));
     // And a ledger, as the agent opens it.
     tollgate::ledger::Ledger::open(&dir.path().join("state/ledger.sqlite")).unwrap();
     let (lines, out, _) = check(&cfg);

@@ -567,7 +567,7 @@ fn test(no_lint: bool, args: &[String]) -> Result<()> {
         );
     } else {
         eprintln!(
-            "xtask: not root: the kernel end-to-end tests are reported as ignored (they need root, cgroup v2 and BPF), and with them the few #[ignore]d tests that need a JDK, tmux or a cgroup v2 host (each names what it needs); run as root to include them"
+            "xtask: not root: the kernel end-to-end tests are reported as ignored (they need root, cgroup v2 and BPF), and with them the few #[ignore]d tests that need root, a JDK, tmux or a cgroup v2 host (each names what it needs; all run as root); run as root to include them"
         );
     }
     t.args(args);
