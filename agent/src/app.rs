@@ -191,13 +191,30 @@ fn raise_nofile_limit() {
 }
 
 /// Tells systemd (Type=notify) about a state change, when NOTIFY_SOCKET is set.
+/// The socket is made once and kept: out of descriptors, the agent can
+/// still say it is stopping, and whether the watchdog is fed is the
+/// agent's own judgement (see [`spawn_watchdog`]), not a side effect of
+/// a socket it could not open.
 pub fn sd_notify(state: &str) {
+    static SOCKET: std::sync::Mutex<Option<std::os::unix::net::UnixDatagram>> =
+        std::sync::Mutex::new(None);
     let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
         return;
     };
-    let sock = match std::os::unix::net::UnixDatagram::unbound() {
-        Ok(s) => s,
-        Err(_) => return,
+    let mut kept = SOCKET.lock().unwrap_or_else(|e| e.into_inner());
+    if kept.is_none() {
+        // A send waits for room in the receiver's queue: bounded, since
+        // it runs on the worker that serves every connection (a service
+        // manager that stops reading must not stall the proxy).
+        *kept = std::os::unix::net::UnixDatagram::unbound()
+            .and_then(|s| {
+                s.set_write_timeout(Some(Duration::from_millis(100)))?;
+                Ok(s)
+            })
+            .ok();
+    }
+    let Some(sock) = kept.as_ref() else {
+        return;
     };
     let bytes = path.as_encoded_bytes();
     let r = if let Some(name) = bytes.strip_prefix(b"@") {
@@ -225,12 +242,15 @@ fn watchdog_interval(usec: Option<&str>, pid: Option<&str>, me: u32) -> Option<D
 }
 
 /// Feeds systemd's watchdog from the async runtime that serves every
-/// connection: the runtime wedged (with the default single worker, any
-/// task that blocks it: a deadlock, a loop that never yields) or the
-/// process stopped starves it, and systemd kills the agent, which takes
-/// its programs with it, so jobs' connections go direct again instead of
-/// to a listener nobody serves (fail open).
-fn spawn_watchdog() -> Option<tokio::task::JoinHandle<()>> {
+/// connection, while `healthy`: the runtime wedged (with the default
+/// single worker, any task that blocks it: a deadlock, a loop that never
+/// yields), the process stopped, or the listeners failing to accept (see
+/// [`proxy::AcceptHealth`]) starves it, and systemd kills the agent, which
+/// takes its programs with it, so jobs' connections go direct again
+/// instead of to a listener nobody serves (fail open).
+fn spawn_watchdog(
+    healthy: impl Fn() -> bool + Send + 'static,
+) -> Option<tokio::task::JoinHandle<()>> {
     let every = watchdog_interval(
         std::env::var("WATCHDOG_USEC").ok().as_deref(),
         std::env::var("WATCHDOG_PID").ok().as_deref(),
@@ -239,9 +259,18 @@ fn spawn_watchdog() -> Option<tokio::task::JoinHandle<()>> {
     Some(tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut said = false;
         loop {
             tick.tick().await;
-            sd_notify("WATCHDOG=1");
+            if healthy() {
+                sd_notify("WATCHDOG=1");
+                said = false;
+            } else if !said {
+                warn!(
+                    "the listeners have failed to accept for 15 s: the watchdog is no longer fed, and systemd restarts the agent"
+                );
+                said = true;
+            }
         }
     }))
 }
@@ -457,7 +486,14 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         "ready"
     );
     sd_notify("READY=1");
-    let watchdog = spawn_watchdog();
+    let watchdog = {
+        let state = Arc::downgrade(&state);
+        spawn_watchdog(move || {
+            state
+                .upgrade()
+                .is_none_or(|s| s.accept_health.healthy(std::time::Instant::now()))
+        })
+    };
 
     loop {
         tokio::select! {

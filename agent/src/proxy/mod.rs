@@ -227,6 +227,61 @@ fn inc(a: &AtomicU64) {
     a.fetch_add(1, Ordering::Relaxed);
 }
 
+/// Whether the listeners still accept: a streak of `accept` failures
+/// (EMFILE, ENFILE, ENOMEM: the backlog fills and jobs' connections hang)
+/// that has gone on for [`AcceptHealth::FAILING_FOR`] makes the agent
+/// unhealthy, and its systemd watchdog is no longer fed, so it is
+/// restarted (its programs go with it: jobs go direct meanwhile). A streak
+/// ends at a connection accepted, or when no accept has failed for
+/// [`AcceptHealth::QUIET`] (none may have come to try).
+#[derive(Debug, Default)]
+pub struct AcceptHealth {
+    /// (first failure of the streak, last failure), if one is on.
+    streak: std::sync::Mutex<Option<(std::time::Instant, std::time::Instant)>>,
+}
+
+impl AcceptHealth {
+    /// How long accepts may keep failing before the agent is unhealthy.
+    pub const FAILING_FOR: Duration = Duration::from_secs(15);
+    /// A streak with no failure for this long is over.
+    pub const QUIET: Duration = Duration::from_secs(2);
+
+    /// An accept failed at `now`; true when it starts a streak (to log).
+    pub fn failed(&self, now: std::time::Instant) -> bool {
+        let mut s = self.streak.lock().unwrap_or_else(|e| e.into_inner());
+        match s.as_mut() {
+            Some((_, last)) if now.saturating_duration_since(*last) < Self::QUIET => {
+                *last = now;
+                false
+            }
+            _ => {
+                *s = Some((now, now));
+                true
+            }
+        }
+    }
+
+    /// A connection was accepted.
+    pub fn accepted(&self) {
+        let mut s = self.streak.lock().unwrap_or_else(|e| e.into_inner());
+        if s.is_some() {
+            *s = None;
+        }
+    }
+
+    /// False while accepts have been failing for [`Self::FAILING_FOR`].
+    pub fn healthy(&self, now: std::time::Instant) -> bool {
+        let s = self.streak.lock().unwrap_or_else(|e| e.into_inner());
+        match *s {
+            Some((first, last)) => {
+                now.saturating_duration_since(last) >= Self::QUIET
+                    || now.saturating_duration_since(first) < Self::FAILING_FOR
+            }
+            None => true,
+        }
+    }
+}
+
 /// Everything a connection needs, shared by all of them.
 pub struct ProxyState {
     pub origins: Arc<dyn OriginSource>,
@@ -236,6 +291,8 @@ pub struct ProxyState {
     pub attributor: Attributor,
     pub sink: Arc<dyn RecordSink>,
     pub stats: ProxyStats,
+    /// Whether the listeners still accept (the watchdog's second test).
+    pub accept_health: AcceptHealth,
     pub max_request_body: usize,
     /// A body pausing this long mid-way is forwarded as it arrives.
     pub body_stall: Duration,
@@ -336,6 +393,7 @@ impl ProxyState {
             attributor,
             sink,
             stats: ProxyStats::default(),
+            accept_health: AcceptHealth::default(),
             max_request_body,
             body_stall: Duration::from_secs(10),
             first_bytes_timeout: FIRST_BYTES_TIMEOUT,
@@ -522,11 +580,21 @@ pub async fn serve(
                     }
                     r = l.accept() => match r {
                         Ok((tcp, peer)) => {
+                            state.accept_health.accepted();
                             tracker.spawn(handle_conn(state.clone(), tcp, peer));
                         }
                         Err(e) => {
-                            // EMFILE and friends: back off instead of spinning.
-                            warn!(error = %e, "accept failed");
+                            // EMFILE and friends: back off instead of
+                            // spinning; said once a streak (the watchdog
+                            // restarts an agent whose streak goes on).
+                            if state.accept_health.failed(std::time::Instant::now()) {
+                                warn!(
+                                    error = %e,
+                                    "accept failed: jobs' connections wait in the backlog; if this goes on for 15 s, the watchdog (under systemd) restarts the agent"
+                                );
+                            } else {
+                                debug!(error = %e, "accept failed again");
+                            }
                             tokio::time::sleep(Duration::from_millis(50)).await;
                         }
                     }
@@ -1040,6 +1108,40 @@ async fn splice(
         }
         // Nothing is metered here: at the end of the drain it just closes.
         _ = stopping.cancelled() => {}
+    }
+}
+
+#[cfg(test)]
+mod accept_health_tests {
+    use super::AcceptHealth;
+    use std::time::{Duration, Instant};
+
+    /// Accepts failing without a break for 15 s make the agent unhealthy;
+    /// an accepted connection, or 2 s without a failure, ends the streak.
+    #[test]
+    fn accepts_failing_for_a_while_make_the_agent_unhealthy() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let h = AcceptHealth::default();
+        assert!(h.healthy(t0));
+        // Failing every 50 ms (the loop's back-off) for 15 s.
+        assert!(h.failed(at(0)), "a streak starts");
+        let mut ms = 0;
+        while ms < 15_000 {
+            ms += 50;
+            assert!(!h.failed(at(ms)), "the same streak");
+            assert_eq!(h.healthy(at(ms)), ms < 15_000, "at {ms} ms");
+        }
+        assert!(!h.healthy(at(15_100)));
+        // Nothing failed for 2 s (no connection came to try): over.
+        assert!(h.healthy(at(17_000)));
+        assert!(h.failed(at(17_000)), "a new streak");
+        assert!(h.healthy(at(17_050)));
+        // A connection accepted ends a streak at once.
+        assert!(!h.failed(at(18_000)));
+        h.accepted();
+        assert!(h.failed(at(33_500)), "after an accept, a new streak");
+        assert!(h.healthy(at(33_600)));
     }
 }
 
