@@ -26,10 +26,13 @@ fn run(protocol: &str, n: u8, interval_secs: u64) {
             OtlpReceiver::http().await
         }
     });
+    let audit = tempfile::tempdir().unwrap();
+    let audit_log = audit.path().join("usage.jsonl");
     let toml = format!(
-        "[export.otlp]\nendpoint = {:?}\nprotocol = {:?}\ninterval_secs = {interval_secs}\n",
+        "[export.otlp]\nendpoint = {:?}\nprotocol = {:?}\ninterval_secs = {interval_secs}\n[export.audit_log]\npath = {:?}\n",
         receiver.endpoint(),
-        protocol
+        protocol,
+        audit_log
     );
     let mut w = World::start_with(&format!("otlp{n}"), n, toml);
     let client = w.client(GITHUB_ENV);
@@ -37,12 +40,12 @@ fn run(protocol: &str, n: u8, interval_secs: u64) {
         &client.python(
             r#"
 import openai, anthropic
-o = openai.OpenAI(api_key="sk-test", max_retries=0)
+o = openai.OpenAI(api_key="sk-test-OTLPSECRET-1", max_retries=0)
 o.chat.completions.create(model="gpt-4o-mini", max_tokens=5, messages=[{"role": "user", "content": "a b c"}])
 for _ in o.chat.completions.create(model="gpt-4o-mini", max_tokens=7, stream=True,
         messages=[{"role": "user", "content": "d e f g"}]):
     pass
-a = anthropic.Anthropic(api_key="sk-ant-test", max_retries=0)
+a = anthropic.Anthropic(api_key="sk-ant-test-OTLPSECRET-2", max_retries=0)
 a.messages.create(model="claude-sonnet-4-5", max_tokens=4, messages=[{"role": "user", "content": "h i"}])
 # QUIC's first datagram to the provider is refused (and counted).
 import socket
@@ -82,6 +85,15 @@ except OSError:
     // SIGTERM flushes the exporter before exit.
     let status = w.agent.terminate().expect("running");
     assert!(status.success(), "agent exit: {status}\n{}", w.agent.log());
+
+    // No key the clients sent reaches an export (the metrics, their
+    // transport's headers, spans) or the audit log, which do hold the rows.
+    let exported = format!("{:?}{:?}", receiver.received(), receiver.spans());
+    let audited = std::fs::read_to_string(&audit_log).expect("the audit log");
+    for (what, text) in [("OTLP", &exported), ("audit log", &audited)] {
+        assert!(text.contains("widgets"), "{what} holds the rows");
+        assert!(!text.contains("OTLPSECRET"), "a key reached the {what}");
+    }
 
     let points = receiver.latest();
     assert!(
