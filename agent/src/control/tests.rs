@@ -357,3 +357,63 @@ fn bind_replaces_a_stale_socket_and_refuses_other_files() {
         .collect();
     assert_eq!(names, ["c.sock"], "{names:?}");
 }
+
+/// The socket is root's by its mode, and by the peer's credentials too: a
+/// socket made world-writable by mistake (or a descriptor passed on) still
+/// answers root and the agent's own user only.
+#[tokio::test]
+#[ignore = "needs root: connects as another user (nobody)"]
+async fn a_client_of_another_user_is_refused_whatever_the_sockets_mode() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let sock = dir.path().join("c.sock");
+    let server = ControlServer::bind(&ControlConfig {
+        socket: sock.clone(),
+    })
+    .expect("bind");
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(server.run(Arc::new(LiveState::new()), stop_rx));
+    // What the agent answers a bad request, as the user `uid`.
+    let ask = |uid: Option<u32>| {
+        let sock = sock.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut cmd = std::process::Command::new("python3");
+            cmd.args([
+                "-c",
+                "import socket, sys\n\
+                 s = socket.socket(socket.AF_UNIX)\n\
+                 s.connect(sys.argv[1])\n\
+                 s.sendall(b'not a request\\n')\n\
+                 got = b''\n\
+                 while True:\n\
+                 \x20   try:\n\
+                 \x20       b = s.recv(4096)\n\
+                 \x20   except ConnectionResetError:\n\
+                 \x20       break\n\
+                 \x20   if not b: break\n\
+                 \x20   got += b\n\
+                 sys.stdout.write(got.decode())\n",
+            ])
+            .arg(&sock);
+            if let Some(uid) = uid {
+                cmd.uid(uid).gid(uid);
+            }
+            let out = cmd.output().expect("python3");
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8(out.stdout).unwrap()
+        })
+    };
+    let root = ask(None).await.unwrap();
+    assert!(root.contains("error"), "root is answered: {root:?}");
+    let nobody = ask(Some(65534)).await.unwrap();
+    assert_eq!(nobody, "", "another user is not answered");
+    stop_tx.send(true).unwrap();
+    task.await.unwrap().unwrap();
+}
