@@ -92,9 +92,11 @@ impl ChildCgroup {
     }
 
     /// Removes the (empty) directory, as systemd does when a service stops;
-    /// `rmdir` may fail briefly just after the last process was reaped.
+    /// `rmdir` may fail briefly (EBUSY) just after the last process was
+    /// reaped, so it is tried again for up to 10 s, as the harness's
+    /// `TestCgroup` does (the kernel lets go later on a loaded host).
     fn remove_now(&self) {
-        for _ in 0..50 {
+        for _ in 0..500 {
             match fs::remove_dir(&self.path) {
                 Ok(()) => return,
                 Err(e) if e.kind() == ErrorKind::NotFound => return,
@@ -108,7 +110,8 @@ impl ChildCgroup {
 
 impl Drop for ChildCgroup {
     fn drop(&mut self) {
-        for _ in 0..100 {
+        // (Up to 10 s, as `remove_now`.)
+        for _ in 0..500 {
             // Already removed (by `remove_now`).
             if !self.path.exists() {
                 return;

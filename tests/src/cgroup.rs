@@ -90,7 +90,9 @@ impl Drop for TestCgroup {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        for _ in 0..50 {
+        // Up to 10 s, as `remove_now`: the kernel lets go of a cgroup
+        // later on a loaded host.
+        for _ in 0..500 {
             if std::fs::remove_dir(&self.path).is_ok() || !self.path.exists() {
                 return;
             }
