@@ -605,18 +605,23 @@ fn a_cgroup_that_does_not_exist_yet_is_attached_once_created() {
 }
 
 /// A full set of addresses can be replaced by another full set (a
-/// refresh near the bound: the stale ones must go before the new come in).
-/// Map entries only: no connection is made to any of them.
+/// refresh near the bound: the stale ones must go before the new come in):
+/// then an address of the new set is redirected, and one of the old set
+/// only goes direct.
 #[test]
 #[ignore = "needs root, cgroup v2 and BPF"]
 fn a_full_target_set_is_replaced_by_another() {
     let cg = ChildCgroup::create("full");
     let agent = Agent::bind();
+    // An address of the old set, where a connection that goes direct lands;
+    // every address of both sets has its port.
+    let old = TcpListener::bind("127.201.0.5:0").expect("bind 127.201.0.5");
+    let port = old.local_addr().unwrap().port();
     let set = |base: u8| -> BTreeSet<SocketAddr> {
         (0..agent_common::MAX_TARGETS)
             .map(|i| {
                 let ip = Ipv4Addr::new(127, base, (i >> 8) as u8, i as u8);
-                SocketAddr::from((ip, 443))
+                SocketAddr::from((ip, port))
             })
             .collect()
     };
@@ -625,6 +630,20 @@ fn a_full_target_set_is_replaced_by_another() {
     intercept
         .set_targets(&set(202))
         .expect("another full set in its place");
+    let dial = Dial {
+        family: "4",
+        host: "127.202.0.5",
+        port,
+        dst: SocketAddr::from((Ipv4Addr::new(127, 202, 0, 5), port)),
+        peername: "127.202.0.5",
+    };
+    check_redirect(&cg, &intercept, &agent.v4, &dial, |p| p);
+    let child = spawn_client(&cg, "4", "127.201.0.5", port, "tcp");
+    let (mut s, _) = accept(&old, "an address of the old set (direct)");
+    read_hello(&mut s);
+    drop(s);
+    assert_eq!(finish(child), format!("peer 127.201.0.5 {port}"));
+    assert_nothing_pending(&agent.v4, "the agent listener (an old address)");
 }
 
 /// The agent's own connects are left alone, UDP included: glibc ranks the
