@@ -386,15 +386,15 @@ async fn a_client_of_another_user_is_refused_whatever_the_sockets_mode() {
                 "import socket, sys\n\
                  s = socket.socket(socket.AF_UNIX)\n\
                  s.connect(sys.argv[1])\n\
-                 s.sendall(b'not a request\\n')\n\
                  got = b''\n\
-                 while True:\n\
-                 \x20   try:\n\
+                 try:\n\
+                 \x20   s.sendall(b'not a request\\n')\n\
+                 \x20   while True:\n\
                  \x20       b = s.recv(4096)\n\
-                 \x20   except ConnectionResetError:\n\
-                 \x20       break\n\
-                 \x20   if not b: break\n\
-                 \x20   got += b\n\
+                 \x20       if not b: break\n\
+                 \x20       got += b\n\
+                 except (BrokenPipeError, ConnectionResetError):\n\
+                 \x20   pass\n\
                  sys.stdout.write(got.decode())\n",
             ])
             .arg(&sock);
