@@ -58,6 +58,10 @@ pub struct RequestInfo {
     pub streaming: bool,
     /// The output cap the request asked for, if any (budget reservations).
     pub max_output_tokens: Option<u64>,
+    /// How many choices an OpenAI chat or completions request asked for
+    /// (its `n`; 0 when it did not say, which is 1): a stream's generation
+    /// is over when that many have finished.
+    pub choices: u32,
     /// The agent asked the provider for usage the client did not ask for
     /// (OpenAI `stream_options.include_usage`): the response filter removes
     /// what the client would not otherwise have received.
@@ -659,6 +663,8 @@ pub struct Head {
     pub max_completion_tokens: Option<Value>,
     pub max_output_tokens: Option<Value>,
     pub max_tokens: Option<Value>,
+    /// OpenAI chat and completions: how many choices to generate.
+    pub n: Option<Value>,
     /// `Some(Value::Null)` for an explicit `null`, `None` when missing.
     #[serde(deserialize_with = "present_member")]
     pub stream_options: Option<Value>,

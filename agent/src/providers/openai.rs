@@ -261,12 +261,18 @@ impl Provider for OpenAi {
                 .and_then(|h| h.background.as_ref())
                 .and_then(Value::as_bool)
                 .unwrap_or(false);
+        let choices = head
+            .as_ref()
+            .and_then(|h| h.n.as_ref())
+            .and_then(Value::as_u64)
+            .map_or(0, |n| u32::try_from(n).unwrap_or(u32::MAX));
         RequestInfo {
             operation: op,
             metered: true,
             model,
             streaming,
             max_output_tokens: max_out,
+            choices,
             injected_usage: false,
             stream_options,
             refuses_stream_options: false,
@@ -324,6 +330,7 @@ impl Provider for OpenAi {
         } else if super::content_type(headers) == "text/event-stream" {
             Box::new(StreamParser {
                 thoughts_beside: info.thoughts_beside_completion,
+                choices: Choices::of(info.choices),
                 ..StreamParser::default()
             })
         } else {
@@ -781,6 +788,31 @@ struct StreamParser {
     thoughts_beside: bool,
     /// An event showed the generation over.
     ended: bool,
+    /// The chat choices seen, and which have finished.
+    choices: Choices,
+}
+
+/// The choices of a chat stream (`n` of them, interleaved): its generation
+/// is over when `n` of them have a `finish_reason`, not at the first.
+#[derive(Default)]
+struct Choices {
+    /// The request's `n` (at least 1).
+    wanted: u32,
+    /// The indexes of the choices that have finished.
+    finished: std::collections::BTreeSet<u64>,
+}
+
+impl Choices {
+    fn of(n: u32) -> Choices {
+        Choices {
+            wanted: n.max(1),
+            finished: Default::default(),
+        }
+    }
+
+    fn all_finished(&self) -> bool {
+        self.finished.len() as u64 >= u64::from(self.wanted.max(1))
+    }
 }
 
 impl Default for StreamParser {
@@ -793,6 +825,7 @@ impl Default for StreamParser {
             found: ParsedUsage::default(),
             thoughts_beside: false,
             ended: false,
+            choices: Choices::of(1),
         }
     }
 }
@@ -853,6 +886,9 @@ fn stream_error(
 
 #[derive(serde::Deserialize)]
 struct StreamChoice<'a> {
+    /// Which of the `n` choices (0 when a server leaves it out).
+    #[serde(default)]
+    index: Option<Value>,
     #[serde(default, borrow)]
     delta: Option<StreamDelta<'a>>,
     /// Set on a choice's last chunk: its generation is over.
@@ -877,6 +913,18 @@ impl StreamParser {
     /// generation over (a choice's `finish_reason`, the Responses API's
     /// last response event, `[DONE]`).
     fn on_event(found: &mut ParsedUsage, data: &str, thoughts_beside: bool) -> bool {
+        Self::on_event_of(found, data, thoughts_beside, &mut Choices::of(1))
+    }
+
+    /// [`Self::on_event`], with the stream's `choices` so far: a choice's
+    /// `finish_reason` ends the generation once as many choices as the
+    /// request asked for have one.
+    fn on_event_of(
+        found: &mut ParsedUsage,
+        data: &str,
+        thoughts_beside: bool,
+        choices: &mut Choices,
+    ) -> bool {
         if data == "[DONE]" {
             return true;
         }
@@ -885,7 +933,16 @@ impl StreamParser {
             && let Ok(ev) = serde_json::from_str::<StreamEvent<'_>>(data)
         {
             for c in &ev.choices {
-                ended |= c.finish_reason.is_some();
+                // (Some compatible servers send `""` on every chunk.)
+                let finished = c
+                    .finish_reason
+                    .as_ref()
+                    .is_some_and(|r| !r.is_null() && r.as_str() != Some(""));
+                if finished {
+                    let index = c.index.as_ref().and_then(Value::as_u64).unwrap_or(0);
+                    choices.finished.insert(index);
+                    ended |= choices.all_finished();
+                }
                 if let Some(d) = &c.delta {
                     for t in [&d.content, &d.reasoning_content, &d.refusal]
                         .into_iter()
@@ -1002,9 +1059,14 @@ pub fn websocket_event(found: &mut ParsedUsage, data: &str) {
 
 impl UsageParser for StreamParser {
     fn feed(&mut self, chunk: &[u8]) {
-        let (found, beside, ended) = (&mut self.found, self.thoughts_beside, &mut self.ended);
+        let (found, beside, ended, choices) = (
+            &mut self.found,
+            self.thoughts_beside,
+            &mut self.ended,
+            &mut self.choices,
+        );
         self.sse.feed(chunk, &mut |e| {
-            *ended |= Self::on_event(found, &e.data, beside);
+            *ended |= Self::on_event_of(found, &e.data, beside, choices);
         });
     }
 
@@ -1231,6 +1293,39 @@ event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{
         assert_eq!(
             generation_over_after(&OpenAi, &info, "application/json", CHAT_JSON),
             None
+        );
+        // `n = 2`: over when both choices have finished, not at the first
+        // (choice 1's first chunk coming after choice 0 finished).
+        let chunk = |i: u8, finish: &str| {
+            format!(
+                "data: {{\"choices\":[{{\"index\":{i},\"delta\":{{\"content\":\"x\"}},\"finish_reason\":{finish}}}]}}\n\n"
+            )
+        };
+        let two = [
+            chunk(0, "null"),
+            chunk(0, "\"stop\""),
+            chunk(1, "\"\""),
+            chunk(1, "null"),
+            chunk(1, "\"length\""),
+        ]
+        .concat();
+        let asked = |n: &str| {
+            OpenAi.request(&crate::providers::testing::request(
+                "POST",
+                "/v1/chat/completions",
+                format!(r#"{{"model":"m","stream":true,"n":{n},"messages":[]}}"#).as_bytes(),
+            ))
+        };
+        assert_eq!(asked("2").choices, 2);
+        assert_eq!(
+            generation_over_after(&OpenAi, &asked("2"), "text/event-stream", two.as_bytes()),
+            Some(two.len())
+        );
+        // Asked for one (or not said): over at its finish.
+        let first = chunk(0, "null").len() + chunk(0, "\"stop\"").len();
+        assert_eq!(
+            generation_over_after(&OpenAi, &asked("1"), "text/event-stream", two.as_bytes()),
+            Some(first)
         );
     }
 
