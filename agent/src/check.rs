@@ -647,32 +647,41 @@ fn upstream(cfg: &Config) -> Outcome {
 const UNIT_ENV_FILE: &str = "/etc/tollgate/env";
 
 fn collector(cfg: &Config) -> Outcome {
-    collector_with(cfg, Path::new(UNIT_ENV_FILE), &|k: &str| {
+    // Under the installed unit the service's variables are its
+    // environment file's (this shell's, which `sudo` drops anyway, are
+    // not the service's); without it, an agent run by hand has the shell's.
+    let unit = UNIT_FILES.iter().map(Path::new).find(|p| p.exists());
+    collector_with(cfg, unit.map(|_| Path::new(UNIT_ENV_FILE)), &|k: &str| {
         std::env::var(k).ok()
     })
 }
 
-/// [`collector`], with the service's variables in `env_file` when it
-/// exists (the service sees those, not this shell's, which `sudo` drops
-/// anyway), else in `shell`.
+/// [`collector`], with the service's variables in `env_file` when there
+/// is one (none when it does not exist), else in `shell`.
 fn collector_with(
     cfg: &Config,
-    env_file: &Path,
+    env_file: Option<&Path>,
     shell: &dyn Fn(&str) -> Option<String>,
 ) -> Outcome {
-    let (file_vars, source) = match std::fs::read_to_string(env_file) {
-        Ok(text) => (Some(parse_env_file(&text)), env_file.display().to_string()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => (
+    let read = env_file.map(|f| (f, std::fs::read_to_string(f)));
+    let (file_vars, source) = match read {
+        Some((f, Ok(text))) => (Some(parse_env_file(&text)), f.display().to_string()),
+        None => (
             None,
             "this shell's OTEL_* variables; a service's own environment may differ".to_string(),
         ),
-        Err(e) => {
+        // (The unit's file is optional: without it the service has none.)
+        Some((f, Err(e))) if e.kind() == std::io::ErrorKind::NotFound => (
+            Some(Default::default()),
+            format!("the unit's environment, without {}", f.display()),
+        ),
+        Some((f, Err(e))) => {
             return outcome(
                 Level::Warn,
                 "collector",
                 format!(
                     "cannot read {}, which the service's OTEL_* variables come from: {e}",
-                    env_file.display()
+                    f.display()
                 ),
             );
         }
@@ -741,34 +750,128 @@ fn collector_with(
     }
 }
 
-/// The variables of a systemd environment file: `KEY=value` lines, `#`
-/// and `;` comments, values optionally in single or double quotes. Lines
-/// systemd would ignore are left out.
+/// The variables of a systemd environment file, read as systemd reads
+/// one (its `env-file.c`): `KEY=value` assignments, `#` and `;` comment
+/// lines, values that start (or go on, after a closing quote) with single
+/// quotes (literal) or double quotes (where `\\"`, `\\\\`, `` \\` `` and `\\$`
+/// are unescaped), parts joined, a backslash escaping the next character
+/// outside quotes,
+/// a backslash at a line's end continuing it, and whitespace around keys
+/// and unquoted values dropped. Assignments to names that are not valid
+/// (`export K=v`) are left out, as systemd leaves them.
 fn parse_env_file(text: &str) -> std::collections::HashMap<String, String> {
+    #[derive(Clone, Copy, PartialEq)]
+    enum St {
+        PreKey,
+        Key,
+        PreValue,
+        Value,
+        ValueEscape,
+        Single,
+        Double,
+        DoubleEscape,
+        Comment,
+        CommentEscape,
+    }
     let mut vars = std::collections::HashMap::new();
-    for line in text.lines() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
-            continue;
+    let (mut key, mut value) = (String::new(), String::new());
+    // Bytes of `value` up to its last character that is not trailing
+    // whitespace (an escaped or quoted space is kept).
+    let mut kept = 0;
+    let mut st = St::PreKey;
+    let valid = |k: &str| {
+        k.chars().next().is_some_and(|c| !c.is_ascii_digit())
+            && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    };
+    let mut emit = |key: &mut String, value: &mut String, kept: &mut usize| {
+        value.truncate(*kept);
+        let k = key.trim_end();
+        if valid(k) {
+            vars.insert(k.to_string(), std::mem::take(value));
         }
-        let Some((key, value)) = line.split_once('=') else {
-            continue;
+        key.clear();
+        value.clear();
+        *kept = 0;
+    };
+    for c in text.chars() {
+        st = match (st, c) {
+            (St::PreKey, '#' | ';') => St::Comment,
+            (St::PreKey, c) if c.is_whitespace() => St::PreKey,
+            (St::PreKey, c) => {
+                key.push(c);
+                St::Key
+            }
+            (St::Key, '\n') => {
+                key.clear();
+                St::PreKey
+            }
+            (St::Key, '=') => St::PreValue,
+            (St::Key, c) => {
+                key.push(c);
+                St::Key
+            }
+            (St::PreValue | St::Value, '\n') => {
+                emit(&mut key, &mut value, &mut kept);
+                St::PreKey
+            }
+            // Quotes open only where a value (or a part of it) starts.
+            (St::PreValue, '\'') => St::Single,
+            (St::PreValue, '"') => St::Double,
+            (St::PreValue | St::Value, '\\') => St::ValueEscape,
+            (St::PreValue, c) if c.is_whitespace() => St::PreValue,
+            (St::PreValue | St::Value, c) => {
+                value.push(c);
+                if !c.is_whitespace() {
+                    kept = value.len();
+                }
+                St::Value
+            }
+            // A backslash before a line's end continues the value.
+            (St::ValueEscape, '\n') => St::Value,
+            (St::ValueEscape, c) => {
+                value.push(c);
+                kept = value.len();
+                St::Value
+            }
+            (St::Single, '\'') => {
+                kept = value.len();
+                St::PreValue
+            }
+            (St::Single, c) => {
+                value.push(c);
+                St::Single
+            }
+            (St::Double, '"') => {
+                kept = value.len();
+                St::PreValue
+            }
+            (St::Double, '\\') => St::DoubleEscape,
+            (St::Double, c) => {
+                value.push(c);
+                St::Double
+            }
+            (St::DoubleEscape, '"' | '\\' | '`' | '$') => {
+                value.push(c);
+                St::Double
+            }
+            (St::DoubleEscape, '\n') => St::Double,
+            (St::DoubleEscape, c) => {
+                value.push('\\');
+                value.push(c);
+                St::Double
+            }
+            // (An escaped line end does not continue a comment: systemd
+            // 254 on.)
+            (St::Comment, '\\') => St::CommentEscape,
+            (St::Comment | St::CommentEscape, '\n') => St::PreKey,
+            (St::Comment | St::CommentEscape, _) => St::Comment,
         };
-        let key = key.trim();
-        let valid = key.chars().next().is_some_and(|c| !c.is_ascii_digit())
-            && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-        if !valid {
-            continue;
-        }
-        let value = value.trim();
-        let value = match value.as_bytes() {
-            [b'"', .., b'"'] if value.len() >= 2 => value[1..value.len() - 1]
-                .replace("\\\"", "\"")
-                .replace("\\\\", "\\"),
-            [b'\'', .., b'\''] if value.len() >= 2 => value[1..value.len() - 1].to_string(),
-            _ => value.to_string(),
-        };
-        vars.insert(key.to_string(), value);
+    }
+    if matches!(
+        st,
+        St::PreValue | St::Value | St::ValueEscape | St::Single | St::Double | St::DoubleEscape
+    ) {
+        emit(&mut key, &mut value, &mut kept);
     }
     vars
 }
@@ -874,11 +977,16 @@ mod tests {
                     let _ = std::fs::remove_file(&file);
                 }
             }
-            collector_with(cfg, &file, &shell)
+            collector_with(cfg, Some(&file), &shell)
         };
         let plain = Config::default();
-        // No file: this shell's variables.
+        // The unit's file missing: the service has no variables.
         let o = check(None, &plain);
+        assert_eq!(o.level, Level::Skip, "{o:?}");
+        assert!(o.detail.contains("without"), "{o:?}");
+        // No unit installed: the shell's, whatever file there is.
+        std::fs::write(&file, "OTEL_EXPORTER_OTLP_PROTOCOL=thrift\n").unwrap();
+        let o = collector_with(&plain, None, &shell);
         assert!(o.detail.contains("from-the-shell"), "{o:?}");
         // The file's, not the shell's.
         let o = check(
@@ -923,16 +1031,40 @@ mod tests {
 
     #[test]
     fn environment_files_are_read_as_systemd_reads_them() {
-        let vars = parse_env_file(
-            "# comment\n; also\n\nA=1\n  B = two words \nC=\"quoted \\\"x\\\"\"\nD='single'\nexport E=5\n9F=6\nnoequals\nG=a=b\n",
-        );
+        let vars = parse_env_file(concat!(
+            "# comment \\\n",
+            "; also\n\n",
+            "A=1\n",
+            "  B = two words \n",
+            "C=\"quoted \\\"x\\\" \\$HOME \\n\"\n",
+            "D='single \\ $x'\n",
+            "export E=5\n",
+            "9F=6\n",
+            "noequals\n",
+            "G=a=b # not a comment\n",
+            "H=\"a\"'b'c \"d\"\n",
+            "I=one\\ two\\\\ \\\n",
+            "  three\n",
+            "J=it's\n",
+            "K=\"multi\n",
+            "line\"\n",
+            "L=",
+        ));
         let get = |k: &str| vars.get(k).map(String::as_str);
         assert_eq!(get("A"), Some("1"));
         assert_eq!(get("B"), Some("two words"));
-        assert_eq!(get("C"), Some("quoted \"x\""));
-        assert_eq!(get("D"), Some("single"));
-        assert_eq!(get("G"), Some("a=b"));
-        assert_eq!(vars.len(), 5, "{vars:?}");
+        assert_eq!(get("C"), Some("quoted \"x\" $HOME \\n"));
+        assert_eq!(get("D"), Some("single \\ $x"));
+        assert_eq!(get("G"), Some("a=b # not a comment"));
+        // Quoted parts join where a value starts; a quote inside an
+        // unquoted part is a character.
+        assert_eq!(get("H"), Some("abc \"d\""), "parts joined");
+        assert_eq!(get("I"), Some("one two\\   three"), "escapes, continuation");
+        assert_eq!(get("J"), Some("it's"));
+        assert_eq!(get("K"), Some("multi\nline"));
+        assert_eq!(get("L"), Some(""));
+        // The comment's escaped line end does not continue it: `A` is read.
+        assert_eq!(vars.len(), 10, "{vars:?}");
     }
 
     #[test]
