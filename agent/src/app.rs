@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::attribution::Attributor;
 use crate::ca::{CaStatus, LocalCa};
@@ -61,6 +61,10 @@ pub enum AppError {
     SelfInterceptedInPidNamespace { cgroup: String },
     #[error("cannot start the async runtime: {0}")]
     Runtime(std::io::Error),
+    #[error(
+        "the listeners failed to accept for 15 s (out of file descriptors? see LimitNOFILE): stopped to be restarted"
+    )]
+    CannotAccept,
     #[error(transparent)]
     Export(#[from] crate::export::ExportError),
 }
@@ -84,6 +88,7 @@ impl AppError {
             AppError::Intercept(e) => e.exit_code(),
             AppError::Upstream(_) => USAGE,
             AppError::Runtime(_) => SOFTWARE,
+            AppError::CannotAccept => UNAVAILABLE,
             AppError::Export(e) => e.exit_code(),
         }
     }
@@ -113,8 +118,8 @@ impl RecordSink for crate::ledger::LedgerHandle {
 /// never see SIGTERM: it would run on until SIGKILL and lose what the
 /// ledger had not written. Unblocked here, before any thread starts, so
 /// every thread inherits the cleared mask.
-/// (SIGHUP is left as found: the agent only logs it (it does not reload),
-/// and a pending one is logged once it is unblocked by whoever blocked it.)
+/// (SIGHUP is left as found: the agent only logs it, as it does not
+/// reload; one blocked by the parent stays blocked, and is never seen.)
 const SHUTDOWN_SIGNALS: [libc::c_int; 2] = [libc::SIGTERM, libc::SIGINT];
 
 /// How long the ledger's last batch may take to write at a stop.
@@ -192,14 +197,12 @@ fn raise_nofile_limit() {
 
 /// Tells systemd (Type=notify) about a state change, when NOTIFY_SOCKET is set.
 /// The socket is made once and kept: out of descriptors, the agent can
-/// still say it is stopping, and whether the watchdog is fed is the
-/// agent's own judgement (see [`spawn_watchdog`]), not a side effect of
-/// a socket it could not open.
-pub fn sd_notify(state: &str) {
+/// still say it is stopping. False when the message could not be sent.
+pub fn sd_notify(state: &str) -> bool {
     static SOCKET: std::sync::Mutex<Option<std::os::unix::net::UnixDatagram>> =
         std::sync::Mutex::new(None);
     let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
-        return;
+        return true;
     };
     let mut kept = SOCKET.lock().unwrap_or_else(|e| e.into_inner());
     if kept.is_none() {
@@ -214,7 +217,7 @@ pub fn sd_notify(state: &str) {
             .ok();
     }
     let Some(sock) = kept.as_ref() else {
-        return;
+        return false;
     };
     let bytes = path.as_encoded_bytes();
     let r = if let Some(name) = bytes.strip_prefix(b"@") {
@@ -226,7 +229,9 @@ pub fn sd_notify(state: &str) {
     };
     if let Err(e) = r {
         warn!(error = %e, "sd_notify failed");
+        return false;
     }
+    true
 }
 
 /// How often to tell systemd the agent is alive, when its unit sets
@@ -242,15 +247,13 @@ fn watchdog_interval(usec: Option<&str>, pid: Option<&str>, me: u32) -> Option<D
 }
 
 /// Feeds systemd's watchdog from the async runtime that serves every
-/// connection, while `healthy`: the runtime wedged (with the default
-/// single worker, any task that blocks it: a deadlock, a loop that never
-/// yields), the process stopped, or the listeners failing to accept (see
-/// [`proxy::AcceptHealth`]) starves it, and systemd kills the agent, which
-/// takes its programs with it, so jobs' connections go direct again
-/// instead of to a listener nobody serves (fail open).
-fn spawn_watchdog(
-    healthy: impl Fn() -> bool + Send + 'static,
-) -> Option<tokio::task::JoinHandle<()>> {
+/// connection: the runtime wedged (with the default single worker, any
+/// task that blocks it: a deadlock, a loop that never yields) or the
+/// process stopped starves it, and systemd kills the agent, which takes
+/// its programs with it, so jobs' connections go direct again instead of
+/// to a listener nobody serves (fail open). (Listeners that fail to accept
+/// are the agent's own to notice: see [`proxy::AcceptHealth`].)
+fn spawn_watchdog() -> Option<tokio::task::JoinHandle<()>> {
     let every = watchdog_interval(
         std::env::var("WATCHDOG_USEC").ok().as_deref(),
         std::env::var("WATCHDOG_PID").ok().as_deref(),
@@ -259,18 +262,9 @@ fn spawn_watchdog(
     Some(tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut said = false;
         loop {
             tick.tick().await;
-            if healthy() {
-                sd_notify("WATCHDOG=1");
-                said = false;
-            } else if !said {
-                warn!(
-                    "the listeners have failed to accept for 15 s: the watchdog is no longer fed, and systemd restarts the agent"
-                );
-                said = true;
-            }
+            let _ = sd_notify("WATCHDOG=1");
         }
     }))
 }
@@ -485,15 +479,27 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         state_dir = %cfg.state_dir.display(),
         "ready"
     );
-    sd_notify("READY=1");
-    let watchdog = {
+    let _ = sd_notify("READY=1");
+    let watchdog = spawn_watchdog();
+    // Listeners that keep failing to accept (out of descriptors): jobs'
+    // connections wait in the backlog. The agent stops as for SIGTERM
+    // (draining, flushing) and exits 69 for its supervisor to restart it.
+    let accepts_failing = {
         let state = Arc::downgrade(&state);
-        spawn_watchdog(move || {
-            state
-                .upgrade()
-                .is_none_or(|s| s.accept_health.healthy(std::time::Instant::now()))
-        })
+        async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                if state
+                    .upgrade()
+                    .is_some_and(|s| !s.accept_health.healthy(std::time::Instant::now()))
+                {
+                    return;
+                }
+            }
+        }
     };
+    tokio::pin!(accepts_failing);
+    let mut cannot_accept = false;
 
     loop {
         tokio::select! {
@@ -508,13 +514,27 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
             _ = hup.recv() => warn!(
                 "SIGHUP: ignored; the agent does not reload its config or CA: restart it (systemctl restart tollgate) to apply changes"
             ),
+            _ = &mut accepts_failing => {
+                error!(
+                    "the listeners have failed to accept for 15 s: stopping (drain, ledger flush) to exit 69, for the supervisor to restart the agent"
+                );
+                cannot_accept = true;
+                break;
+            }
         }
     }
     // systemd's TimeoutStopSec (120 s in the shipped unit) would SIGKILL a
     // stop that takes longer, losing the records of the drain's cut
     // requests and the ledger's last batch: the stop's own bound is asked
     // for (a larger `proxy.drain_secs`).
-    sd_notify(&stopping_message(drain));
+    // (Tried for up to a second: off the request path now, and a lost
+    // extension would have a long drain SIGKILLed.)
+    let stopping = stopping_message(drain);
+    for _ in 0..10 {
+        if sd_notify(&stopping) {
+            break;
+        }
+    }
     // Stop redirecting first, while the listeners still accept: new
     // connections then go direct, and none is sent to a closed port. The
     // resolver stops before the map is cleared, so it cannot fill it
@@ -557,6 +577,9 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     }
     let written = written?;
     info!(records = written, "ledger flushed; bye");
+    if cannot_accept {
+        return Err(AppError::CannotAccept);
+    }
     Ok(())
 }
 

@@ -230,9 +230,9 @@ fn inc(a: &AtomicU64) {
 /// Whether the listeners still accept: a streak of `accept` failures
 /// (EMFILE, ENFILE, ENOMEM: the backlog fills and jobs' connections hang)
 /// that has gone on for [`AcceptHealth::FAILING_FOR`] makes the agent
-/// unhealthy, and its systemd watchdog is no longer fed, so it is
-/// restarted (its programs go with it: jobs go direct meanwhile). A streak
-/// ends at a connection accepted, or when no accept has failed for
+/// unhealthy, and it stops (draining, flushing) to be restarted (its
+/// programs go with it: jobs go direct meanwhile). A streak ends at a
+/// connection accepted, or when no accept has failed for
 /// [`AcceptHealth::QUIET`] (none may have come to try).
 #[derive(Debug, Default)]
 pub struct AcceptHealth {
@@ -291,7 +291,7 @@ pub struct ProxyState {
     pub attributor: Attributor,
     pub sink: Arc<dyn RecordSink>,
     pub stats: ProxyStats,
-    /// Whether the listeners still accept (the watchdog's second test).
+    /// Whether the listeners still accept (else the agent stops).
     pub accept_health: AcceptHealth,
     pub max_request_body: usize,
     /// A body pausing this long mid-way is forwarded as it arrives.
@@ -590,7 +590,7 @@ pub async fn serve(
                             if state.accept_health.failed(std::time::Instant::now()) {
                                 warn!(
                                     error = %e,
-                                    "accept failed: jobs' connections wait in the backlog; if this goes on for 15 s, the watchdog (under systemd) restarts the agent"
+                                    "accept failed: jobs' connections wait in the backlog; if this goes on for 15 s, the agent stops to be restarted"
                                 );
                             } else {
                                 debug!(error = %e, "accept failed again");
