@@ -364,10 +364,17 @@ impl LocalCa {
         // The agent serves without it (a full disk at a restart must not
         // keep it down): the clients given bundle.pem are the ones told.
         if let Err(e) = ca.write_bundle() {
-            tracing::warn!(
-                error = %e,
-                "cannot write bundle.pem: clients given it (tollgate trust env) may not trust this CA until it is written at the next start"
-            );
+            if status == CaStatus::Loaded {
+                tracing::warn!(
+                    error = %e,
+                    "cannot write bundle.pem: it is as an earlier start left it (this CA, with the system's roots of then), or missing"
+                );
+            } else {
+                tracing::error!(
+                    error = %e,
+                    "cannot write bundle.pem, which still holds the previous CA: clients given it (tollgate trust env) do not trust this one until it is written (at the next start, or by `tollgate trust install`)"
+                );
+            }
         }
         Ok((ca, status))
     }

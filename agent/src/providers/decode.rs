@@ -195,7 +195,9 @@ impl UsageParser for Decoding {
             (None, Some(inner)) => inner.finish(),
             (None, None) => ParsedUsage::default(),
         };
-        parsed.undecodable = self.failed && parsed.usage.is_none();
+        // (The inner parser may have found its own body unreadable: a
+        // Bedrock event stream whose framing broke.)
+        parsed.undecodable |= self.failed && parsed.usage.is_none();
         parsed
     }
 
