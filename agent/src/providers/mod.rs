@@ -720,8 +720,20 @@ pub fn set_response_budget(bytes: usize) {
     let _ = RESPONSE_BUDGET.set(BodyBudget::new(bytes));
 }
 
-fn response_budget() -> &'static Arc<BodyBudget> {
+pub(crate) fn response_budget() -> &'static Arc<BodyBudget> {
     RESPONSE_BUDGET.get_or_init(|| BodyBudget::new(128 << 20))
+}
+
+/// Counts an answer (or a stream's event) left unread because the
+/// response budget was held, and says so at powers of two.
+pub(crate) fn count_over_budget() {
+    let n = RESPONSES_OVER_BUDGET.fetch_add(1, Ordering::Relaxed);
+    if n.is_power_of_two() || n == 0 {
+        tracing::warn!(
+            unparsed = n + 1,
+            "the agent holds proxy.max_buffered_response_bytes of answers: this answer (or a stream's event) is not read for its usage (its record is estimated)"
+        );
+    }
 }
 
 /// Responses left unparsed because `proxy.max_buffered_response_bytes`
@@ -768,13 +780,7 @@ impl JsonBody {
         if !(fits && self.lease.grow(chunk.len())) {
             if fits {
                 self.over_budget = true;
-                let n = RESPONSES_OVER_BUDGET.fetch_add(1, Ordering::Relaxed);
-                if n.is_power_of_two() || n == 0 {
-                    tracing::warn!(
-                        unparsed = n + 1,
-                        "the agent holds proxy.max_buffered_response_bytes of JSON answers: this answer is not read for its usage (its record is estimated)"
-                    );
-                }
+                count_over_budget();
             }
             self.overflowed = true;
             self.buf = Vec::new();

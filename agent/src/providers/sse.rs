@@ -2,7 +2,16 @@
 //! chunk boundary (inside a line, inside a CRLF, inside a UTF-8 sequence).
 //!
 //! Keeps only the current partial line and the current event's data, both
-//! bounded: an event larger than the bound is dropped and counted.
+//! bounded: an event larger than the bound is dropped and counted. What an
+//! event holds past [`SseReader::FREE`] is taken from the response budget
+//! (`proxy.max_buffered_response_bytes`, shared with the JSON answers), so
+//! that many streams carrying large events at once (the Responses API's
+//! last event repeats the whole response) cannot take the agent's memory:
+//! an event the budget cannot hold is dropped, as an oversized one is.
+
+use std::sync::Arc;
+
+use crate::budget::{BodyBudget, BodyLease};
 
 /// The UTF-8 byte order mark, which the SSE spec strips once from the
 /// start of a stream.
@@ -33,6 +42,10 @@ pub struct SseReader {
     /// How much of a leading [`BOM`] has been read (and held back) while
     /// the stream may still start with one; `None` once it cannot.
     bom: Option<usize>,
+    /// What the current event holds past [`Self::FREE`].
+    lease: BodyLease,
+    /// Events dropped because the response budget was held.
+    pub over_budget: u64,
 }
 
 impl Default for SseReader {
@@ -42,7 +55,17 @@ impl Default for SseReader {
 }
 
 impl SseReader {
+    /// What an event may hold without the response budget (most events are
+    /// a few hundred bytes).
+    pub const FREE: usize = 64 << 10;
+
     pub fn new(limit: usize) -> Self {
+        Self::within(limit, super::response_budget())
+    }
+
+    /// As [`SseReader::new`], holding what is past [`Self::FREE`] against
+    /// `budget`.
+    pub fn within(limit: usize, budget: &Arc<BodyBudget>) -> Self {
         SseReader {
             line: Vec::new(),
             event: None,
@@ -54,7 +77,25 @@ impl SseReader {
             skipping: false,
             dropped: false,
             bom: Some(0),
+            lease: budget.lease(),
+            over_budget: 0,
         }
+    }
+
+    /// Takes from the budget what the event holds past [`Self::FREE`];
+    /// false (the event must go) when the budget cannot hold it.
+    fn charge(&mut self, more: usize) -> bool {
+        let held = self.line.len() + self.data.len() + more;
+        let owed = held.saturating_sub(Self::FREE);
+        if owed <= self.lease.bytes() {
+            return true;
+        }
+        if self.lease.grow(owed - self.lease.bytes()) {
+            return true;
+        }
+        self.over_budget += 1;
+        super::count_over_budget();
+        false
     }
 
     /// `chunk` without the part of a leading [`BOM`] it holds. Bytes held
@@ -128,7 +169,7 @@ impl SseReader {
         if self.skipping {
             return;
         }
-        if self.line.len() + b.len() > self.limit {
+        if self.line.len() + b.len() > self.limit || !self.charge(b.len()) {
             self.skipping = true;
             self.line.clear();
             return;
@@ -166,7 +207,8 @@ impl SseReader {
         };
         match field {
             b"data" => {
-                if self.data.len() + value.len() + 1 > self.limit {
+                // (The line it comes from is still charged: it goes next.)
+                if self.data.len() + value.len() + 1 > self.limit || !self.charge(value.len() + 1) {
                     self.drop_event();
                     return;
                 }
@@ -193,6 +235,7 @@ impl SseReader {
     fn clear_event(&mut self) {
         self.event = None;
         self.has_data = false;
+        self.lease.release();
         // A large event's buffer is not kept for the rest of the stream.
         if self.data.capacity() > 1 << 20 {
             self.data = Vec::new();
@@ -218,6 +261,38 @@ impl SseReader {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// An event past [`SseReader::FREE`] takes its bytes from the budget
+    /// while it is read and gives them back once dispatched; one the
+    /// budget cannot hold is dropped, counted, and the stream goes on.
+    #[test]
+    fn large_events_are_held_against_the_response_budget() {
+        let budget = BodyBudget::new(256 << 10);
+        let mut r = SseReader::within(16 << 20, &budget);
+        let mut got = Vec::new();
+        let event = |n: usize| format!("data: {}\n\n", "x".repeat(n)).into_bytes();
+        // Small: nothing taken.
+        r.feed(&event(100), &mut |e| got.push(e.data.len()));
+        assert_eq!(budget.used(), 0);
+        // 200 KiB, in pieces: taken while read, given back when dispatched.
+        let big = event(200 << 10);
+        r.feed(&big[..150 << 10], &mut |e| got.push(e.data.len()));
+        assert!(budget.used() > 0, "held while read");
+        r.feed(&big[150 << 10..], &mut |e| got.push(e.data.len()));
+        assert_eq!(budget.used(), 0, "given back");
+        // Another reader holds most of the budget: a large event is dropped.
+        let mut other = budget.lease();
+        assert!(other.grow(200 << 10));
+        r.feed(&event(200 << 10), &mut |e| got.push(e.data.len()));
+        assert_eq!(r.over_budget, 1);
+        assert_eq!(budget.used(), 200 << 10, "nothing kept for it");
+        // ...and the stream goes on.
+        r.feed(&event(10), &mut |e| got.push(e.data.len()));
+        r.finish(&mut |e| got.push(e.data.len()));
+        assert_eq!(got, [100, 200 << 10, 10]);
+        other.release();
+        assert_eq!(budget.used(), 0);
+    }
 
     fn all(input: &[u8], splits: &[usize]) -> Vec<Event> {
         let mut r = SseReader::default();
