@@ -228,9 +228,9 @@ pub(crate) fn present_member<'de, D: serde::Deserializer<'de>, T: serde::Deseria
 /// reads (each of a lenient type: `Option<Value>`, [`Count`],
 /// [`ObjectOr`]): serde skips the others without building them, where a
 /// whole `Value` of a body costs some 16 times its size. `None` when
-/// `body` is not a JSON object. A body the typed parse refuses (a
-/// repeated member) is read as a whole document, whose last member wins,
-/// as everywhere else.
+/// `body` is not a JSON object. A body the typed parse refuses for a
+/// repeated member is read with the last of each, as the provider reads
+/// it.
 pub(crate) fn parse_object<T: serde::de::DeserializeOwned>(body: &[u8]) -> Option<T> {
     // (A derived struct would also take an array, by position.)
     let object = body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
@@ -240,11 +240,49 @@ pub(crate) fn parse_object<T: serde::de::DeserializeOwned>(body: &[u8]) -> Optio
     if let Ok(t) = serde_json::from_slice::<T>(body) {
         return Some(t);
     }
+    // A repeated member (which a derived struct refuses): the last of
+    // each is kept, as the provider reads it. At the top level, the object
+    // is read again with its values as raw text (a copy of the body, no
+    // document built); deeper, as a whole document, when it is not so
+    // large in values that it would take many times its size.
+    if let Some(t) = last_members_only(body) {
+        return Some(t);
+    }
     if !whole_value_affordable(body) {
         return None;
     }
     let v = serde_json::from_slice::<Value>(body).ok()?;
     T::deserialize(&v).ok()
+}
+
+/// `body` (a JSON object whose top-level members repeat) read into `T`
+/// with the last of each member; `None` when none repeats or `T` still
+/// refuses it.
+fn last_members_only<T: serde::de::DeserializeOwned>(body: &[u8]) -> Option<T> {
+    let text = std::str::from_utf8(body).ok()?;
+    let members: Members = serde_json::from_str(text).ok()?;
+    let mut last = std::collections::HashMap::new();
+    for (i, m) in members.0.iter().enumerate() {
+        last.insert(m.key.as_ref(), i);
+    }
+    if last.len() == members.0.len() {
+        return None;
+    }
+    let mut once = String::with_capacity(body.len());
+    once.push('{');
+    for (i, m) in members.0.iter().enumerate() {
+        if last.get(m.key.as_ref()) != Some(&i) {
+            continue;
+        }
+        if once.len() > 1 {
+            once.push(',');
+        }
+        once.push_str(&serde_json::to_string(m.key.as_ref()).ok()?);
+        once.push(':');
+        once.push_str(m.value.get());
+    }
+    once.push('}');
+    serde_json::from_str::<T>(&once).ok()
 }
 
 /// Most JSON values a body may hold for the agent to build it whole as a
@@ -849,13 +887,81 @@ pub(crate) fn str_at(v: &serde_json::Value, path: &[&str]) -> Option<String> {
     cur.as_str().map(str::to_owned)
 }
 
+/// The top-level members of a JSON object, each value kept as its raw text
+/// (borrowed from the input, so where it sits is known). Keys are borrowed
+/// unless they contain escapes.
+#[derive(Debug)]
+pub(crate) struct Members<'a>(pub(crate) Vec<Member<'a>>);
+
+#[derive(Debug)]
+pub(crate) struct Member<'a> {
+    pub(crate) key: std::borrow::Cow<'a, str>,
+    pub(crate) value: &'a serde_json::value::RawValue,
+}
+
+impl Members<'_> {
+    /// Where member `i`'s value ends in `data` (the text it was parsed from).
+    pub(crate) fn end_in(&self, data: &str, i: usize) -> usize {
+        let v = self.0[i].value.get();
+        v.as_ptr() as usize - data.as_ptr() as usize + v.len()
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Members<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Members<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut out = Vec::new();
+                while let Some(Key(key)) = a.next_key()? {
+                    out.push(Member {
+                        key,
+                        value: a.next_value()?,
+                    });
+                }
+                Ok(Members(out))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// An object key, borrowed from the input when it has no escapes.
+pub(crate) struct Key<'a>(pub(crate) std::borrow::Cow<'a, str>);
+
+impl<'de> serde::Deserialize<'de> for Key<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(std::borrow::Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Key<'de>, E> {
+                Ok(Key(std::borrow::Cow::Owned(v.to_string())))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
 #[cfg(test)]
 mod whole_value_tests {
     use super::{MAX_WHOLE_VALUES, whole_value_affordable};
     use crate::providers::testing::peak_alloc;
 
-    /// A body of many tiny values (token ids, a repeated member) is
-    /// neither parsed whole as a head nor estimated whole: what it costs
+    /// A body of many tiny values (token ids) with a repeated member is
+    /// read with the last of each, and not estimated: what either costs
     /// stays near its size, where a `Value` would take 16 times it.
     #[test]
     fn a_body_of_millions_of_tiny_values_is_not_built_whole() {
@@ -865,12 +971,19 @@ mod whole_value_tests {
         assert!(!whole_value_affordable(body.as_bytes()));
         #[derive(serde::Deserialize)]
         struct Head {
-            #[allow(dead_code)]
             model: Option<String>,
         }
         let (head, peak) = peak_alloc(|| super::parse_object::<Head>(body.as_bytes()));
-        assert!(head.is_none());
-        assert!(peak < body.len(), "{peak} bytes held for {}", body.len());
+        assert_eq!(
+            head.and_then(|h| h.model).as_deref(),
+            Some("text-embedding-3-small"),
+            "the last member, as the provider reads it"
+        );
+        assert!(
+            peak < 2 * body.len(),
+            "{peak} bytes held for {}",
+            body.len()
+        );
         let (n, peak) = peak_alloc(|| {
             crate::meter::estimate::estimate_input(crate::config::ApiKind::Openai, body.as_bytes())
         });

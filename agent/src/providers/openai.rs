@@ -5,8 +5,8 @@ use serde_json::Value;
 
 use super::sse::SseReader;
 use super::{
-    Count, JsonBody, ObjectOr, ParsedUsage, Provider, RequestInfo, RequestView, StreamOptions,
-    UsageParser, str_at,
+    Count, JsonBody, Members, ObjectOr, ParsedUsage, Provider, RequestInfo, RequestView,
+    StreamOptions, UsageParser, str_at,
 };
 use crate::meter::Usage;
 
@@ -567,74 +567,6 @@ fn rewrite_event(ev: &[u8]) -> Option<std::borrow::Cow<'_, [u8]>> {
     out.extend_from_slice(&ev[..data_start + cut_from]);
     out.extend_from_slice(&ev[data_start + cut_to..]);
     Some(Cow::Owned(out))
-}
-
-/// The top-level members of a JSON object, each value kept as its raw text
-/// (borrowed from the input, so where it sits is known). Keys are borrowed
-/// unless they contain escapes.
-#[derive(Debug)]
-struct Members<'a>(Vec<Member<'a>>);
-
-#[derive(Debug)]
-struct Member<'a> {
-    key: std::borrow::Cow<'a, str>,
-    value: &'a serde_json::value::RawValue,
-}
-
-impl Members<'_> {
-    /// Where member `i`'s value ends in `data` (the text it was parsed from).
-    fn end_in(&self, data: &str, i: usize) -> usize {
-        let v = self.0[i].value.get();
-        v.as_ptr() as usize - data.as_ptr() as usize + v.len()
-    }
-}
-
-impl<'de> serde::Deserialize<'de> for Members<'de> {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> serde::de::Visitor<'de> for V {
-            type Value = Members<'de>;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a JSON object")
-            }
-            fn visit_map<A: serde::de::MapAccess<'de>>(
-                self,
-                mut a: A,
-            ) -> Result<Self::Value, A::Error> {
-                let mut out = Vec::new();
-                while let Some(Key(key)) = a.next_key()? {
-                    out.push(Member {
-                        key,
-                        value: a.next_value()?,
-                    });
-                }
-                Ok(Members(out))
-            }
-        }
-        d.deserialize_map(V)
-    }
-}
-
-/// An object key, borrowed from the input when it has no escapes.
-struct Key<'a>(std::borrow::Cow<'a, str>);
-
-impl<'de> serde::Deserialize<'de> for Key<'de> {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> serde::de::Visitor<'de> for V {
-            type Value = Key<'de>;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a string")
-            }
-            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Key<'de>, E> {
-                Ok(Key(std::borrow::Cow::Borrowed(v)))
-            }
-            fn visit_str<E>(self, v: &str) -> Result<Key<'de>, E> {
-                Ok(Key(std::borrow::Cow::Owned(v.to_string())))
-            }
-        }
-        d.deserialize_str(V)
-    }
 }
 
 impl super::BodyFilter for UsageChunkFilter {
