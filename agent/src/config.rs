@@ -150,9 +150,10 @@ pub struct ProxyConfig {
     /// connections; a body that would pass it is forwarded unparsed.
     pub max_buffered_request_bytes: usize,
     /// Most bytes of JSON answers (non-streaming responses, read whole
-    /// for their usage) the agent holds at once, across all connections;
-    /// an answer that would pass it is forwarded without being read, and
-    /// its record estimated.
+    /// for their usage) and of large stream events (past 64 KiB each) the
+    /// agent holds at once, across all connections; an answer or event
+    /// that would pass it is forwarded without being read, and its record
+    /// estimated.
     pub max_buffered_response_bytes: usize,
     /// A request body that pauses this long mid-way (a stalled or slow
     /// client) stops being held: it is forwarded as it arrives, unparsed,

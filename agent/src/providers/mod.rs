@@ -291,6 +291,10 @@ fn last_members_only<T: serde::de::DeserializeOwned>(body: &[u8]) -> Option<T> {
 /// otherwise take 16 times its size.
 pub(crate) const MAX_WHOLE_VALUES: usize = 1 << 20;
 
+/// Most top-level members [`Members`] lists (bodies and events have tens;
+/// a list costs about 40 bytes a member).
+pub(crate) const MAX_MEMBERS: usize = 1 << 16;
+
 /// Whether `body` holds at most [`MAX_WHOLE_VALUES`] JSON values, counted
 /// as the commas, colons and opening brackets outside strings (one pass,
 /// nothing built).
@@ -921,6 +925,11 @@ impl<'de> serde::Deserialize<'de> for Members<'de> {
             ) -> Result<Self::Value, A::Error> {
                 let mut out = Vec::new();
                 while let Some(Key(key)) = a.next_key()? {
+                    // (A list of millions of members would take many
+                    // times the body's size.)
+                    if out.len() >= MAX_MEMBERS {
+                        return Err(serde::de::Error::custom("too many members"));
+                    }
                     out.push(Member {
                         key,
                         value: a.next_value()?,
@@ -957,7 +966,7 @@ impl<'de> serde::Deserialize<'de> for Key<'de> {
 
 #[cfg(test)]
 mod whole_value_tests {
-    use super::{MAX_WHOLE_VALUES, whole_value_affordable};
+    use super::{MAX_MEMBERS, MAX_WHOLE_VALUES, whole_value_affordable};
     use crate::providers::testing::peak_alloc;
 
     /// A body of many tiny values (token ids) with a repeated member is
@@ -999,6 +1008,27 @@ mod whole_value_tests {
             small.as_bytes(),
         );
         assert_eq!(n, Some(1000));
+    }
+
+    /// A body of millions of top-level members with a repeat is not
+    /// listed member by member (that list would take many times the
+    /// body): it is left unread, as before.
+    #[test]
+    fn millions_of_members_are_not_listed() {
+        let mut body = String::from(r#"{"model":"a","model":"b""#);
+        for i in 0..MAX_WHOLE_VALUES + 10 {
+            body.push_str(&format!(",\"k{i}\":0"));
+        }
+        const { assert!(MAX_MEMBERS < MAX_WHOLE_VALUES) };
+        body.push('}');
+        #[derive(serde::Deserialize)]
+        struct Head {
+            #[allow(dead_code)]
+            model: Option<String>,
+        }
+        let (head, peak) = peak_alloc(|| super::parse_object::<Head>(body.as_bytes()));
+        assert!(head.is_none());
+        assert!(peak < body.len(), "{peak} bytes held for {}", body.len());
     }
 
     #[test]

@@ -6,8 +6,10 @@
 //! event holds past [`SseReader::FREE`] is taken from the response budget
 //! (`proxy.max_buffered_response_bytes`, shared with the JSON answers), so
 //! that many streams carrying large events at once (the Responses API's
-//! last event repeats the whole response) cannot take the agent's memory:
-//! an event the budget cannot hold is dropped, as an oversized one is.
+//! last event repeats the whole response) do not each buffer up to the
+//! event bound: an event the budget cannot hold is dropped, as an
+//! oversized one is. (Not charged: the first [`SseReader::FREE`] of each
+//! event, and the copy and parse of an event as it is handed on.)
 
 use std::sync::Arc;
 
@@ -46,6 +48,12 @@ pub struct SseReader {
     lease: BodyLease,
     /// Events dropped because the response budget was held.
     pub over_budget: u64,
+    /// The current event is being dropped for the budget (not counted as
+    /// oversized too).
+    budget_failed: bool,
+    /// The current line of a dropped event has bytes (it is not the blank
+    /// line that ends the event); the bytes themselves are not kept.
+    dropped_line: bool,
 }
 
 impl Default for SseReader {
@@ -79,6 +87,8 @@ impl SseReader {
             bom: Some(0),
             lease: budget.lease(),
             over_budget: 0,
+            budget_failed: false,
+            dropped_line: false,
         }
     }
 
@@ -94,6 +104,7 @@ impl SseReader {
             return true;
         }
         self.over_budget += 1;
+        self.budget_failed = true;
         super::count_over_budget();
         false
     }
@@ -169,9 +180,15 @@ impl SseReader {
         if self.skipping {
             return;
         }
+        if self.dropped {
+            // The rest of a dropped event is not kept (nor charged): only
+            // whether a line is blank, which ends the event, matters.
+            self.dropped_line |= !b.is_empty();
+            return;
+        }
         if self.line.len() + b.len() > self.limit || !self.charge(b.len()) {
             self.skipping = true;
-            self.line.clear();
+            self.line = Vec::new();
             return;
         }
         self.line.extend_from_slice(b);
@@ -183,16 +200,16 @@ impl SseReader {
             self.drop_event();
             return;
         }
-        let line = std::mem::take(&mut self.line);
-        if line.is_empty() {
-            if self.dropped {
+        if self.dropped {
+            if !std::mem::take(&mut self.dropped_line) {
+                // The blank line: the dropped event is over.
                 self.dropped = false;
-            } else {
-                self.dispatch(on_event);
             }
             return;
         }
-        if self.dropped {
+        let line = std::mem::take(&mut self.line);
+        if line.is_empty() {
+            self.dispatch(on_event);
             return;
         }
         if line[0] == b':' {
@@ -223,9 +240,10 @@ impl SseReader {
         }
     }
 
-    /// Drops the current event, counted, and ignores the rest of it.
+    /// Drops the current event, counted (as oversized, unless the budget
+    /// dropped it), and ignores the rest of it.
     fn drop_event(&mut self) {
-        if !self.dropped {
+        if !self.dropped && !std::mem::take(&mut self.budget_failed) {
             self.oversized += 1;
         }
         self.dropped = true;
@@ -236,8 +254,9 @@ impl SseReader {
         self.event = None;
         self.has_data = false;
         self.lease.release();
-        // A large event's buffer is not kept for the rest of the stream.
-        if self.data.capacity() > 1 << 20 {
+        // A large event's buffer is not kept for the rest of the stream
+        // (what it held past FREE was charged; its memory goes with it).
+        if self.data.capacity() > Self::FREE {
             self.data = Vec::new();
         } else {
             self.data.clear();
@@ -253,6 +272,7 @@ impl SseReader {
             });
         }
         self.dropped = false;
+        self.dropped_line = false;
         self.clear_event();
     }
 }
@@ -280,12 +300,18 @@ mod tests {
         assert!(budget.used() > 0, "held while read");
         r.feed(&big[150 << 10..], &mut |e| got.push(e.data.len()));
         assert_eq!(budget.used(), 0, "given back");
-        // Another reader holds most of the budget: a large event is dropped.
+        // Another reader holds most of the budget: a large event is dropped
+        // (counted once, for the budget), and the rest of it, a second
+        // large line, is neither kept nor charged while it streams.
         let mut other = budget.lease();
         assert!(other.grow(200 << 10));
-        r.feed(&event(200 << 10), &mut |e| got.push(e.data.len()));
-        assert_eq!(r.over_budget, 1);
+        let line = format!("data: {}\n", "y".repeat(200 << 10));
+        r.feed(line.as_bytes(), &mut |e| got.push(e.data.len()));
         assert_eq!(budget.used(), 200 << 10, "nothing kept for it");
+        r.feed(line.as_bytes(), &mut |e| got.push(e.data.len()));
+        assert_eq!(budget.used(), 200 << 10, "nor for the rest of it");
+        r.feed(b"\n", &mut |e| got.push(e.data.len()));
+        assert_eq!((r.over_budget, r.oversized), (1, 0));
         // ...and the stream goes on.
         r.feed(&event(10), &mut |e| got.push(e.data.len()));
         r.finish(&mut |e| got.push(e.data.len()));
