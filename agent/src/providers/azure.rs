@@ -17,7 +17,7 @@
 use http::HeaderMap;
 
 use super::openai::OpenAi;
-use super::{ParsedUsage, Provider, RequestInfo, RequestView, UsageParser};
+use super::{Provider, RequestInfo, RequestView, UsageParser};
 
 pub struct AzureOpenAi;
 
@@ -97,33 +97,10 @@ impl Provider for AzureOpenAi {
         status: u16,
         headers: &HeaderMap,
     ) -> Box<dyn UsageParser> {
-        Box::new(Parser(OpenAi.response_parser(info, status, headers)))
-    }
-}
-
-/// The OpenAI parser, minus Azure's quirk: a stream's first chunk (the
-/// prompt filter results) names the model as `""`.
-struct Parser(Box<dyn UsageParser>);
-
-impl UsageParser for Parser {
-    fn feed(&mut self, chunk: &[u8]) {
-        self.0.feed(chunk);
-    }
-
-    fn usage_seen(&self) -> bool {
-        self.0.usage_seen()
-    }
-
-    fn generation_over(&self) -> bool {
-        self.0.generation_over()
-    }
-
-    fn finish(&mut self) -> ParsedUsage {
-        let mut p = self.0.finish();
-        if p.response_model.as_deref() == Some("") {
-            p.response_model = None;
-        }
-        p
+        // (The first chunk of Azure's streams, the prompt filter results,
+        // names the model as `""`: the OpenAI stream parser skips an empty
+        // model.)
+        OpenAi.response_parser(info, status, headers)
     }
 }
 
@@ -131,6 +108,7 @@ impl UsageParser for Parser {
 mod tests {
     use super::*;
     use crate::meter::Usage;
+    use crate::providers::ParsedUsage;
     use crate::providers::testing::{parse_split, request};
     use proptest::prelude::*;
 
@@ -280,11 +258,10 @@ mod tests {
         assert_eq!(p.response_model.as_deref(), Some("gpt-4o-2024-11-20"));
     }
 
-    /// Azure's wrapper of the OpenAI parser passes on that the generation
-    /// is over at `finish_reason`, so a client that leaves there does not
-    /// cut the usage chunk off.
+    /// An Azure stream's generation is over at `finish_reason`, so a
+    /// client that leaves there does not cut the usage chunk off.
     #[test]
-    fn the_wrapper_passes_on_generation_over() {
+    fn a_streams_generation_is_over_at_its_finish_reason() {
         use crate::providers::testing::{end_of_event_with, generation_over_after};
         assert_eq!(
             generation_over_after(&AzureOpenAi, &info("chat"), "text/event-stream", CHAT_SSE),
