@@ -284,8 +284,7 @@ fn cgroup_only(cfg: &Config) -> Outcome {
 }
 
 fn state_dir(cfg: &Config) -> Outcome {
-    let unit = UNIT_FILES.iter().map(Path::new).find(|p| p.exists());
-    state_dir_under(cfg, unit)
+    state_dir_under(cfg, installed_unit())
 }
 
 /// Where the systemd unit is installed (README: Install on a runner).
@@ -294,6 +293,11 @@ const UNIT_FILES: &[&str] = &[
     "/usr/lib/systemd/system/tollgate.service",
     "/lib/systemd/system/tollgate.service",
 ];
+
+/// The systemd unit's file, when it is installed.
+fn installed_unit() -> Option<&'static Path> {
+    UNIT_FILES.iter().map(Path::new).find(|p| p.exists())
+}
 
 /// [`state_dir`], with the systemd unit installed at `unit`, if it is.
 fn state_dir_under(cfg: &Config, unit: Option<&Path>) -> Outcome {
@@ -650,10 +654,8 @@ fn collector(cfg: &Config) -> Outcome {
     // Under the installed unit the service's variables are its
     // environment file's (this shell's, which `sudo` drops anyway, are
     // not the service's); without it, an agent run by hand has the shell's.
-    let unit = UNIT_FILES.iter().map(Path::new).find(|p| p.exists());
-    collector_with(cfg, unit.map(|_| Path::new(UNIT_ENV_FILE)), &|k: &str| {
-        std::env::var(k).ok()
-    })
+    let env_file = installed_unit().map(|_| Path::new(UNIT_ENV_FILE));
+    collector_with(cfg, env_file, &|k: &str| std::env::var(k).ok())
 }
 
 /// [`collector`], with the service's variables in `env_file` when there
