@@ -564,8 +564,8 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     // or a run shorter than the export interval would end with none.
     let _ = health();
     drop(state);
-    // systemd stops watching once the stop begins; a stop that takes long
-    // is TimeoutStopSec's business.
+    // systemd stops watching once the stop begins; the stop's bound is
+    // what `stopping_message` asked for.
     let written = ledger_writer.shutdown(LEDGER_FLUSH);
     // The exporters' last export and the audit log's flush happen whatever
     // the ledger's outcome.
