@@ -2204,12 +2204,7 @@ fn hangup_error(state: &ProxyState) -> &'static str {
 mod tests {
     use super::*;
 
-    struct Keep(std::sync::Mutex<Vec<Arc<UsageRecord>>>);
-    impl crate::meter::RecordSink for Keep {
-        fn submit(&self, rec: Arc<UsageRecord>) {
-            self.0.lock().unwrap().push(rec);
-        }
-    }
+    use super::super::tests::Kept as Keep;
 
     struct NoOrigins;
     impl super::super::OriginSource for NoOrigins {
@@ -2276,7 +2271,7 @@ mod tests {
     ) -> (Arc<ConnCtx>, Arc<Keep>, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
         let (ca, _) = crate::ca::LocalCa::load_or_create(dir.path(), &[host.to_owned()]).unwrap();
-        let keep = Arc::new(Keep(Default::default()));
+        let keep = Arc::new(Keep::default());
         let state = ProxyState::new(
             Arc::new(NoOrigins),
             Arc::new(ca),

@@ -238,6 +238,8 @@ fn inc(a: &AtomicU64) {
 pub struct AcceptHealth {
     /// (first failure of the streak, last failure), if one is on.
     streak: std::sync::Mutex<Option<(std::time::Instant, std::time::Instant)>>,
+    /// Whether `streak` may be on: an accept that succeeds reads only this.
+    failing: std::sync::atomic::AtomicBool,
 }
 
 impl AcceptHealth {
@@ -256,16 +258,17 @@ impl AcceptHealth {
             }
             _ => {
                 *s = Some((now, now));
+                self.failing.store(true, Ordering::Relaxed);
                 true
             }
         }
     }
 
-    /// A connection was accepted.
+    /// A connection was accepted (on the request path: a load, unless a
+    /// streak is on).
     pub fn accepted(&self) {
-        let mut s = self.streak.lock().unwrap_or_else(|e| e.into_inner());
-        if s.is_some() {
-            *s = None;
+        if self.failing.load(Ordering::Relaxed) && self.failing.swap(false, Ordering::Relaxed) {
+            *self.streak.lock().unwrap_or_else(|e| e.into_inner()) = None;
         }
     }
 
@@ -1313,9 +1316,10 @@ mod tests {
         fn submit(&self, _rec: Arc<crate::meter::UsageRecord>) {}
     }
 
-    /// Keeps what it is given.
+    /// Keeps what it is given (the proxy's tests' record sink, `http`'s
+    /// too).
     #[derive(Default)]
-    struct Kept(StdMutex<Vec<Arc<crate::meter::UsageRecord>>>);
+    pub(crate) struct Kept(pub(crate) StdMutex<Vec<Arc<crate::meter::UsageRecord>>>);
     impl RecordSink for Kept {
         fn submit(&self, rec: Arc<crate::meter::UsageRecord>) {
             self.0.lock().unwrap().push(rec);
