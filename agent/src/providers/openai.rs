@@ -43,7 +43,7 @@ fn splice_include_usage(body: &[u8]) -> Option<bytes::Bytes> {
         return prepend_member(body, br#""stream_options":{"include_usage":true}"#);
     };
     let raw = top.0[i].value.get();
-    let at = raw.as_ptr() as usize - text.as_ptr() as usize;
+    let at = top.end_in(text, i) - raw.len();
     let splice = |from: usize, to: usize, with: &[u8]| {
         let mut out = Vec::with_capacity(body.len() + with.len());
         out.extend_from_slice(&body[..from]);
@@ -58,9 +58,8 @@ fn splice_include_usage(body: &[u8]) -> Option<bytes::Bytes> {
     match opts.0.iter().rposition(|m| m.key == "include_usage") {
         Some(j) if opts.0[j].value.get() == "true" => None,
         Some(j) => {
-            let v = opts.0[j].value.get();
-            let from = at + (v.as_ptr() as usize - raw.as_ptr() as usize);
-            splice(from, from + v.len(), b"true")
+            let to = at + opts.end_in(raw, j);
+            splice(to - opts.0[j].value.get().len(), to, b"true")
         }
         None => {
             let inner = prepend_member(raw.as_bytes(), br#""include_usage":true"#)?;
