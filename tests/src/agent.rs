@@ -98,7 +98,13 @@ impl Agent {
         // Every agent starts with SIGTERM and SIGINT blocked, as under a
         // supervisor that waits for signals itself: the agent must unblock
         // them, or the SIGTERM tests see a SIGKILL after 30 s.
-        // SAFETY: only pthread_sigmask (async-signal-safe) runs after fork.
+        // It is killed when the test's thread ends, so that a harness
+        // killed mid-test (a CI timeout) leaves no agent behind (`Drop`
+        // does not run then); the cgroup is swept by the next run
+        // (`TestCgroup::create`). The `sh` of `join_cgroup` keeps the
+        // setting across its exec.
+        // SAFETY: only pthread_sigmask and prctl (async-signal-safe) run
+        // after fork.
         unsafe {
             cmd.pre_exec(|| {
                 let mut set: libc::sigset_t = std::mem::zeroed();
@@ -106,6 +112,9 @@ impl Agent {
                 libc::sigaddset(&mut set, libc::SIGTERM);
                 libc::sigaddset(&mut set, libc::SIGINT);
                 libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
                 Ok(())
             });
         }

@@ -23,6 +23,8 @@ static SEQ: AtomicU32 = AtomicU32::new(0);
 impl TestCgroup {
     pub fn create(label: &str) -> TestCgroup {
         let root = cgroup2_root().expect("no cgroup v2 hierarchy in /proc/mounts");
+        static SWEPT: std::sync::Once = std::sync::Once::new();
+        SWEPT.call_once(|| sweep(&root));
         let name = format!(
             "tollgate-test-{}-{}-{}",
             label,
@@ -55,6 +57,41 @@ impl TestCgroup {
             .lines()
             .filter_map(|l| l.trim().parse().ok())
             .collect()
+    }
+}
+
+/// The pid of the test process that made `name`
+/// (`tollgate-test-LABEL-PID-SEQ`), if it is one of ours.
+fn owner(name: &str) -> Option<i32> {
+    let rest = name.strip_prefix("tollgate-test-")?;
+    let mut fields = rest.rsplitn(3, '-');
+    let (_seq, pid, _label) = (fields.next()?, fields.next()?, fields.next()?);
+    pid.parse().ok()
+}
+
+/// Removes the test cgroups a killed run left behind: those whose test
+/// process is gone (a harness SIGKILLed by a CI timeout runs no `Drop`).
+/// A concurrent run's cgroups are left alone, as their process lives.
+/// Whatever is still in a swept cgroup is killed first; its agents have
+/// already died with their test thread (`PR_SET_PDEATHSIG`).
+fn sweep(root: &Path) {
+    let Ok(dir) = std::fs::read_dir(root) else {
+        return;
+    };
+    for entry in dir.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(owner) else {
+            continue;
+        };
+        if pid <= 0 || Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let stale = TestCgroup { path: entry.path() };
+        eprintln!(
+            "note: removing {}, left behind by a test run that died",
+            stale.path.display()
+        );
+        drop(stale);
     }
 }
 
@@ -102,5 +139,41 @@ impl Drop for TestCgroup {
             "warning: could not remove test cgroup {}",
             self.path.display()
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_owner_is_read_from_the_name() {
+        assert_eq!(owner("tollgate-test-curl-4242-7"), Some(4242));
+        assert_eq!(owner("tollgate-test-two-words-4242-0"), Some(4242));
+        assert_eq!(owner("tollgate-test-ns-4242"), None);
+        assert_eq!(owner("tollgate-test-x-notapid-0"), None);
+        assert_eq!(owner("system.slice"), None);
+    }
+
+    #[test]
+    #[ignore = "needs root and cgroup v2 (cargo xtask test runs it as root)"]
+    fn a_dead_runs_cgroups_are_swept_and_a_live_runs_kept() {
+        let root = cgroup2_root().expect("cgroup v2");
+        // A pid that is gone: a child that has been reaped.
+        let mut child = std::process::Command::new("true").spawn().expect("true");
+        let dead = child.id();
+        child.wait().expect("wait");
+        let stale = root.join(format!("tollgate-test-sweep-{dead}-0"));
+        let live = root.join(format!("tollgate-test-sweep-{}-999999", std::process::id()));
+        std::fs::create_dir(&stale).expect("stale cgroup");
+        std::fs::create_dir(&live).expect("live cgroup");
+        // Removed whatever the assertions say.
+        let _stale = TestCgroup {
+            path: stale.clone(),
+        };
+        let _live = TestCgroup { path: live.clone() };
+        sweep(&root);
+        assert!(!stale.exists(), "a dead run's cgroup was left");
+        assert!(live.exists(), "a live run's cgroup was swept");
     }
 }

@@ -437,6 +437,55 @@ fn sigkill_fails_open() {
     );
 }
 
+/// A harness killed mid-test (a CI timeout) runs no `Drop`: the agent a
+/// test started must not outlive the test's thread, or every timeout
+/// leaves an agent running on the runner.
+#[test]
+#[ignore = "needs root, cgroup v2 and BPF"]
+fn an_agent_does_not_outlive_the_test_thread_that_started_it() {
+    use tollgate_e2e::agent::{Agent, AgentOptions};
+    let cg = tollgate_e2e::cgroup::TestCgroup::create("orphan");
+    let cgroup = cg.path().to_path_buf();
+    let (pid, state) = std::thread::spawn(move || {
+        let agent = Agent::start(AgentOptions {
+            cgroup,
+            ..Default::default()
+        });
+        let started = (
+            agent.pid().expect("running") as i32,
+            agent.state_dir.path().to_owned(),
+        );
+        // As if the harness died here: nothing stops it.
+        std::mem::forget(agent);
+        started
+    })
+    .join()
+    .expect("the starting thread");
+    // Killed or not, reaped (and the state directory removed) at the end.
+    struct Reap(i32, std::path::PathBuf);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            unsafe {
+                libc::kill(self.0, libc::SIGKILL);
+                libc::waitpid(self.0, std::ptr::null_mut(), 0);
+            }
+            let _ = std::fs::remove_dir_all(&self.1);
+        }
+    }
+    let _reap = Reap(pid, state);
+    // Dead: a zombie (its parent, this process, has not reaped it) or gone.
+    let dead = || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| s.rsplit(") ").next().is_some_and(|r| r.starts_with('Z')))
+            .unwrap_or(true)
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !dead() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(dead(), "the agent outlived the thread that started it");
+}
+
 /// Under systemd (`Type=notify`, `WatchdogSec=`): the agent says it is
 /// ready, feeds the watchdog while it runs, and says it is stopping, with
 /// how long the stop may take.

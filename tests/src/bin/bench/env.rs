@@ -243,10 +243,17 @@ pub fn spawn_in(cmd: &mut Command, cg: &TestCgroup) -> Result<Child> {
         .open(cg.procs_file())
         .with_context(|| format!("open {}", cg.procs_file().display()))?;
     let fd = procs.as_raw_fd();
-    // SAFETY: only async-signal-safe calls (write) between fork and exec.
+    // Each child is also killed when the bench dies by SIGKILL, which its
+    // signal watcher (`cleanup`) cannot catch; its cgroup is then swept by
+    // the next run (`TestCgroup::create`). Every call is on the main thread.
+    // SAFETY: only async-signal-safe calls (write, prctl) between fork and
+    // exec.
     unsafe {
         cmd.pre_exec(move || {
             if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
