@@ -668,107 +668,137 @@ fn trailing_name(tok: &str) -> &str {
     &tok[start..]
 }
 
-/// Redacts secrets in a command line (see the module docs for the rules).
+/// Redacts secrets in a command line (see the module docs for the rules),
+/// one whitespace-separated word after another.
 pub fn redact_cmdline(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 16);
-    let mut pending = Pending::None;
-    // The previous token was `-u` (this one may be `user:password`) or
-    // curl's `-x` (`user:password@proxy`): how to redact this one.
-    let mut credentials: Option<fn(&str) -> Option<String>> = None;
-    // The previous token ended with a sensitive name (`OpenAI(api_key`):
-    // a lone `=` or `:` makes the next token its value, as that name's
-    // (an Authorization's scheme kept, a Cookie's pairs), if the value is
-    // quoted or the name opened a quote (`"password = X"`); not a bare
-    // word after a bare name (`token : parse` is prose).
-    let mut named: Option<(Pending, bool)> = None;
-    // What a quoted value after `name =` is (see `Pending::Quoted`).
-    let mut quoted_as = Pending::Value;
-    let mut tool: Option<Tool> = None;
-    let mut rest = s;
-    while !rest.is_empty() {
-        let ws = rest
-            .find(|c: char| !c.is_whitespace())
-            .unwrap_or(rest.len());
-        out.push_str(&rest[..ws]);
-        rest = &rest[ws..];
-        if rest.is_empty() {
-            break;
-        }
-        let end = rest.find(char::is_whitespace).unwrap_or(rest.len());
-        let tok = &rest[..end];
-        rest = &rest[end..];
+    let mut r = Redactor::default();
+    r.words(s, &mut out);
+    out
+}
 
+/// What the words read so far say about the next one.
+struct Redactor {
+    pending: Pending,
+    /// The previous token was `-u` (this one may be `user:password`) or
+    /// curl's `-x` (`user:password@proxy`): how to redact this one.
+    credentials: Option<fn(&str) -> Option<String>>,
+    /// The previous token ended with a sensitive name (`OpenAI(api_key`):
+    /// a lone `=` or `:` makes the next token its value, as that name's
+    /// (an Authorization's scheme kept, a Cookie's pairs), if the value is
+    /// quoted or the name opened a quote (`"password = X"`); not a bare
+    /// word after a bare name (`token : parse` is prose).
+    named: Option<(Pending, bool)>,
+    /// What a quoted value after `name =` is (see `Pending::Quoted`).
+    quoted_as: Pending,
+    tool: Option<Tool>,
+}
+
+impl Default for Redactor {
+    fn default() -> Self {
+        Redactor {
+            pending: Pending::None,
+            credentials: None,
+            named: None,
+            quoted_as: Pending::Value,
+            tool: None,
+        }
+    }
+}
+
+impl Redactor {
+    /// Redacts the whitespace-separated words of `s` into `out`, keeping
+    /// the whitespace.
+    fn words(&mut self, s: &str, out: &mut String) {
+        let mut rest = s;
+        while !rest.is_empty() {
+            let ws = rest
+                .find(|c: char| !c.is_whitespace())
+                .unwrap_or(rest.len());
+            out.push_str(&rest[..ws]);
+            rest = &rest[ws..];
+            if rest.is_empty() {
+                break;
+            }
+            let end = rest.find(char::is_whitespace).unwrap_or(rest.len());
+            self.token(&rest[..end], out);
+            rest = &rest[end..];
+        }
+    }
+
+    /// Redacts one word into `out`.
+    fn token(&mut self, tok: &str, out: &mut String) {
         // A flag is never a value: `--password-stdin -u me`. (A value
         // that merely starts with `-`, `-Xq7b…`, still is.)
-        if pending != Pending::None && is_flag_word(tok) {
-            pending = Pending::None;
+        if self.pending != Pending::None && is_flag_word(tok) {
+            self.pending = Pending::None;
         }
         // After `api_key =`: only a quoted value (`"X"`), not a word
         // (`token : parse`).
-        if pending == Pending::Quoted {
-            pending = if tok.starts_with(['"', '\'']) {
-                quoted_as
+        if self.pending == Pending::Quoted {
+            self.pending = if tok.starts_with(['"', '\'']) {
+                self.quoted_as
             } else {
                 Pending::None
             };
         }
-        if pending != Pending::None {
-            if pending == Pending::Auth && is_scheme(tok) {
+        if self.pending != Pending::None {
+            if self.pending == Pending::Auth && is_scheme(tok) {
                 out.push_str(tok);
-                pending = Pending::Value;
-                continue;
+                self.pending = Pending::Value;
+                return;
             }
             if let Some(r) = redact_whole(tok) {
                 out.push_str(&r);
-                pending = if pending == Pending::Cookie && tok.ends_with(';') {
+                self.pending = if self.pending == Pending::Cookie && tok.ends_with(';') {
                     Pending::Cookie
-                } else if pending == Pending::Auth && scheme_shaped(tok) {
+                } else if self.pending == Pending::Auth && scheme_shaped(tok) {
                     // A scheme not in SCHEMES (`Api-Key`, `OAuth`, `SSWS`):
                     // redacted too, and the credential is the next word.
                     Pending::Value
                 } else {
                     Pending::None
                 };
-                continue;
+                return;
             }
             out.push_str(tok);
-            pending = Pending::None;
-            continue;
+            self.pending = Pending::None;
+            return;
         }
 
-        if let Some((as_, opened_quote)) = named.take()
+        if let Some((as_, opened_quote)) = self.named.take()
             && matches!(tok, "=" | ":")
         {
             out.push_str(tok);
-            pending = if opened_quote {
+            self.pending = if opened_quote {
                 as_
             } else {
-                quoted_as = as_;
+                self.quoted_as = as_;
                 Pending::Quoted
             };
-            continue;
+            return;
         }
         if let Some(t) = Tool::named(tok) {
-            tool = Some(t);
-        } else if let Some(t) = tool
+            self.tool = Some(t);
+        } else if let Some(t) = self.tool
             && !is_flag(tok)
         {
-            tool = t.after(tok);
+            self.tool = t.after(tok);
         }
-        if let Some(p) = tool.and_then(|t| t.takes_secret(tok)) {
+        if let Some(p) = self.tool.and_then(|t| t.takes_secret(tok)) {
             out.push_str(tok);
-            pending = p;
-            continue;
+            self.pending = p;
+            return;
         }
-        if let Some(n) = tool.and_then(|t| t.attached_secret(tok)) {
+        if let Some(n) = self.tool.and_then(|t| t.attached_secret(tok)) {
             out.push_str(&tok[..n]);
             out.push_str(REDACTED);
-            continue;
+            return;
         }
         if is_flag(tok) && !tok.contains(['=', ':']) && is_sensitive_name(tok) {
             out.push_str(tok);
-            pending = pending_for(tok);
-            continue;
+            self.pending = pending_for(tok);
+            return;
         }
         // curl's `-uUSER:PASSWORD`, `--user=USER:PASSWORD`, `-U…`, and
         // `-xUSER:PASSWORD@proxy`.
@@ -786,46 +816,45 @@ pub fn redact_cmdline(s: &str) -> String {
         };
         // `--user=U:P` and `--proxy-user=U:P` whatever the tool (wget,
         // hurl, curl under another name); the short forms only for curl.
-        let curl = tool == Some(Tool::Curl);
+        let curl = self.tool == Some(Tool::Curl);
         if let Some(r) = attached(&USER[..2], user_password)
             .or_else(|| curl.then(|| attached(USER, user_password)).flatten())
             .or_else(|| curl.then(|| attached(PROXY, proxy_password)).flatten())
         {
             out.push_str(&r);
-            continue;
+            return;
         }
-        if let Some(r) = credentials.take().and_then(|rule| rule(tok)) {
+        if let Some(r) = self.credentials.take().and_then(|rule| rule(tok)) {
             out.push_str(&r);
-            continue;
+            return;
         }
-        credentials = match tok {
+        self.credentials = match tok {
             "-u" | "--user" | "--proxy-user" | "-U" => Some(user_password),
             "-x" | "--proxy" | "--preproxy" => Some(proxy_password),
             _ => None,
         };
-        if credentials.is_some() {
+        if self.credentials.is_some() {
             out.push_str(tok);
-            continue;
+            return;
         }
         if is_long_hex(tok) || looks_random(tok) {
             out.push_str(&redact_whole(tok).unwrap_or_else(|| REDACTED.to_string()));
-            continue;
+            return;
         }
         let (scanned, next) = scan_token(tok);
         out.push_str(&redact_key_shapes(&scanned));
-        pending = next;
+        self.pending = next;
         let name = trailing_name(tok);
-        named = (pending == Pending::None && !is_flag(tok) && is_sensitive_name(name))
+        self.named = (self.pending == Pending::None && !is_flag(tok) && is_sensitive_name(name))
             .then(|| (pending_for(name), tok.starts_with(['"', '\''])));
-        if pending == Pending::None
+        if self.pending == Pending::None
             && tok
                 .trim_matches(|c| c == '"' || c == '\'')
                 .eq_ignore_ascii_case("bearer")
         {
-            pending = Pending::Value;
+            self.pending = Pending::Value;
         }
     }
-    out
 }
 
 #[cfg(test)]
