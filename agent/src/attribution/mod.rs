@@ -40,7 +40,7 @@ use ci::{CiJob, CiVars};
 use procfs::Proc;
 use teams::TeamRule;
 
-pub use redact::{REDACTED, redact_cmdline};
+pub use redact::{REDACTED, redact_args, redact_cmdline};
 
 /// The inode number of the initial pid namespace (the kernel's
 /// `PROC_PID_INIT_INO`).
@@ -279,7 +279,7 @@ impl Attributor {
             cmdline_hash,
             cmdline: p
                 .cmdline()
-                .map(|c| truncate(redact_cmdline(&c), CMDLINE_KEEP)),
+                .map(|args| truncate(redact_args(&args), CMDLINE_KEEP)),
             cgroup_path: cg.as_deref().and_then(cgroup::unified_path),
             container_id: cg
                 .as_deref()

@@ -65,13 +65,13 @@ impl Proc {
             .filter(|s| !s.is_empty())
     }
 
-    /// Arguments, NUL-separated in the file, joined by spaces (not redacted).
-    /// A hash of the raw command line (0 when it cannot be read): an exec
-    /// of the same program with other arguments changes it. The bytes
-    /// themselves are not kept.
+    /// A hash of the raw command line (0 when it cannot be read, or reads
+    /// empty: a zombie, or a process whose main thread has exited, has no
+    /// memory to read it from): an exec of the same program with other
+    /// arguments changes it. The bytes themselves are not kept.
     pub(super) fn cmdline_hash(&self) -> u64 {
         use std::hash::{Hash, Hasher};
-        let Some(raw) = self.read("cmdline", CMDLINE_MAX) else {
+        let Some(raw) = self.read("cmdline", CMDLINE_MAX).filter(|r| !r.is_empty()) else {
             return 0;
         };
         let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -79,18 +79,15 @@ impl Proc {
         h.finish()
     }
 
-    pub(super) fn cmdline(&self) -> Option<String> {
+    /// The arguments, NUL-separated in the file (not redacted).
+    pub(super) fn cmdline(&self) -> Option<Vec<String>> {
         let raw = self.read("cmdline", CMDLINE_MAX)?;
         let args: Vec<String> = raw
             .split(|b| *b == 0)
             .filter(|a| !a.is_empty())
             .map(|a| String::from_utf8_lossy(a).into_owned())
             .collect();
-        if args.is_empty() {
-            None
-        } else {
-            Some(args.join(" "))
-        }
+        (!args.is_empty()).then_some(args)
     }
 
     /// Reads a file that may hold secrets, up to `max` bytes, so that no

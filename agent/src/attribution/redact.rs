@@ -54,6 +54,7 @@ const SENSITIVE_WORDS: &[&str] = &[
     "token",
     "password",
     "passwd",
+    "passphrase",
     "pwd",
     "pass",
     "secret",
@@ -78,6 +79,7 @@ const SENSITIVE_ENDINGS: &[&str] = &[
     "secret",
     "password",
     "passwd",
+    "passphrase",
     "authorization",
     "credentials",
     "cookie",
@@ -312,12 +314,19 @@ fn scan_token(tok: &str) -> (String, Pending) {
             i += 1;
         }
         let name = &tok[byte(start)..byte(i)];
-        // Optional closing quote, then the separator.
+        // Optional closing quote (and a subscript's `]`:
+        // `os.environ['OPENAI_API_KEY']=X`), then the separator; a quoted
+        // name may be a call's argument too (`setdefault('API_KEY','X')`).
+        let quoted_name = start > 0 && matches!(at(start - 1), Some('"' | '\''));
         let mut j = i;
         if matches!(at(j), Some('"' | '\'')) {
             j += 1;
+            if at(j) == Some(']') {
+                j += 1;
+            }
         }
-        if !matches!(at(j), Some('=' | ':')) {
+        let argument = quoted_name && at(j) == Some(',');
+        if !argument && !matches!(at(j), Some('=' | ':')) {
             continue;
         }
         j += 1;
@@ -348,8 +357,18 @@ fn scan_token(tok: &str) -> (String, Pending) {
         let value = &tok[byte(value_start)..byte(j)];
         if value.is_empty() {
             if at(j).is_none() || (at(j + 1).is_none() && matches!(at(j), Some('"' | '\''))) {
-                pending = pending_for(name);
+                // After a call's `,`, only a quoted next word is the value
+                // (`putenv('API_KEY', name)` passes a variable).
+                pending = if argument {
+                    Pending::Quoted
+                } else {
+                    pending_for(name)
+                };
             }
+            i = j;
+            continue;
+        }
+        if argument && !quoted {
             i = j;
             continue;
         }
@@ -658,14 +677,40 @@ fn is_flag_word(tok: &str) -> bool {
     b.len() == 2 && b[0] == b'-' && b[1].is_ascii_alphabetic()
 }
 
-/// The trailing name of `tok` (`OpenAI(api_key` → `api_key`).
+/// The trailing name of `tok` (`OpenAI(api_key` → `api_key`), also
+/// quoted or subscripted (`env['API_KEY']` → `API_KEY`).
 fn trailing_name(tok: &str) -> &str {
+    let tok = tok.strip_suffix(']').unwrap_or(tok);
+    let tok = tok.strip_suffix(['"', '\'']).unwrap_or(tok);
     let start = tok
         .char_indices()
         .rev()
         .find(|(_, c)| !is_ident(*c))
         .map_or(0, |(i, c)| i + c.len_utf8());
     &tok[start..]
+}
+
+/// A name written as an identifier (`openai_api_key`, `npmAuthToken`,
+/// `gpg.passphrase`), not in capitals (an environment variable's name,
+/// `env -u OPENAI_API_KEY cmd`), whose last word is the secret: given as a
+/// bare word, the next word is its value (`papermill -p openai_api_key X`,
+/// `yarn config set npmAuthToken X`). A plain word (`token`) is not one:
+/// `token : parse` is prose.
+fn names_a_value(name: &str) -> bool {
+    let b = name.as_bytes();
+    let identifier = name.contains(['_', '.'])
+        || b.windows(2)
+            .any(|w| w[0].is_ascii_lowercase() && w[1].is_ascii_uppercase());
+    let capitals = !b.iter().any(u8::is_ascii_lowercase);
+    let compact: String = name
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    identifier
+        && !capitals
+        && is_sensitive_name(name)
+        && SENSITIVE_ENDINGS.iter().any(|e| compact.ends_with(e))
 }
 
 /// Redacts secrets in a command line (see the module docs for the rules),
@@ -675,6 +720,50 @@ pub fn redact_cmdline(s: &str) -> String {
     let mut r = Redactor::default();
     r.words(s, &mut out);
     out
+}
+
+/// Redacts an argument vector (`/proc/PID/cmdline`), joined by spaces.
+/// The words of each argument go by the rules of [`redact_cmdline`], but
+/// where the words cannot tell, the argument does: the value of a
+/// sensitive flag is the whole next argument (`--password`, `two words`),
+/// and the value of a sensitive `name=` that starts an argument runs to
+/// its end (`--db-password=correct horse battery`), though not after an
+/// environment variable's name in capitals, which starts a shell command
+/// more often than a value with spaces (`sh -c "API_KEY=X run.sh"`).
+pub fn redact_args<S: AsRef<str>>(args: &[S]) -> String {
+    let mut out = String::new();
+    let mut r = Redactor::default();
+    for (i, arg) in args.iter().enumerate() {
+        if i > 0 {
+            out.push(' ');
+        }
+        r.argument(arg.as_ref(), &mut out);
+    }
+    out
+}
+
+/// Where the value of a sensitive `name=` that starts `arg` begins
+/// (`--db-password=`, `-Dgpg.passphrase=`, `password=`, a flag's
+/// `--from-literal=password=`); not after a name in capitals.
+fn assigned_at_start(arg: &str) -> Option<usize> {
+    let word = arg.split(char::is_whitespace).next().unwrap_or("");
+    let mut from = 0;
+    for _ in 0..2 {
+        let eq = from + word[from..].find('=')?;
+        let name = word[from..eq].trim_start_matches('-');
+        if name.is_empty() || !name.chars().all(is_ident) {
+            return None;
+        }
+        if is_sensitive_name(name) {
+            let capitals = !name.bytes().any(|b| b.is_ascii_lowercase());
+            return (!capitals || word.starts_with('-')).then_some(eq + 1);
+        }
+        if !word.starts_with('-') {
+            return None;
+        }
+        from = eq + 1;
+    }
+    None
 }
 
 /// What the words read so far say about the next one.
@@ -688,7 +777,10 @@ struct Redactor {
     /// (an Authorization's scheme kept, a Cookie's pairs), if the value is
     /// quoted or the name opened a quote (`"password = X"`); not a bare
     /// word after a bare name (`token : parse` is prose).
-    named: Option<(Pending, bool)>,
+    /// The third: the name was a bare word that names a value by itself
+    /// (see `names_a_value`), so the next word is its value even with no
+    /// `=` between them.
+    named: Option<(Pending, bool, bool)>,
     /// What a quoted value after `name =` is (see `Pending::Quoted`).
     quoted_as: Pending,
     tool: Option<Tool>,
@@ -707,6 +799,58 @@ impl Default for Redactor {
 }
 
 impl Redactor {
+    /// Redacts one argument of an argument vector into `out` (see
+    /// [`redact_args`]).
+    fn argument(&mut self, arg: &str, out: &mut String) {
+        let first = arg.split_whitespace().next().unwrap_or("");
+        let several = arg.split_whitespace().nth(1).is_some();
+        if several && !is_flag_word(first) {
+            match self.pending {
+                Pending::Value | Pending::Cookie => {
+                    out.push_str(REDACTED);
+                    self.pending = Pending::None;
+                    return;
+                }
+                Pending::Auth => {
+                    if is_scheme(first) {
+                        out.push_str(first);
+                        out.push(' ');
+                    }
+                    out.push_str(REDACTED);
+                    self.pending = Pending::None;
+                    return;
+                }
+                Pending::Quoted | Pending::None => {}
+            }
+        }
+        // A header with a sensitive name (`-H "Authorization: Bearer X"`):
+        // its value runs to the end of the argument, a scheme kept.
+        if several
+            && self.pending == Pending::None
+            && let Some(name) = first.strip_suffix(':')
+            && !name.is_empty()
+            && name.chars().all(is_ident)
+            && is_sensitive_name(name)
+        {
+            let value = arg[arg.find(first).unwrap_or(0) + first.len()..].trim_start();
+            out.push_str(&arg[..arg.len() - value.len()]);
+            self.pending = pending_for(name);
+            self.argument(value, out);
+            return;
+        }
+        if several
+            && self.pending == Pending::None
+            && let Some(at) = assigned_at_start(arg)
+        {
+            out.push_str(&arg[..at]);
+            out.push_str(REDACTED);
+            self.named = None;
+            self.credentials = None;
+            return;
+        }
+        self.words(arg, out);
+    }
+
     /// Redacts the whitespace-separated words of `s` into `out`, keeping
     /// the whitespace.
     fn words(&mut self, s: &str, out: &mut String) {
@@ -766,17 +910,24 @@ impl Redactor {
             return;
         }
 
-        if let Some((as_, opened_quote)) = self.named.take()
-            && matches!(tok, "=" | ":")
-        {
-            out.push_str(tok);
-            self.pending = if opened_quote {
-                as_
-            } else {
-                self.quoted_as = as_;
-                Pending::Quoted
-            };
-            return;
+        if let Some((as_, opened_quote, bare)) = self.named.take() {
+            if matches!(tok, "=" | ":") {
+                out.push_str(tok);
+                self.pending = if opened_quote {
+                    as_
+                } else {
+                    self.quoted_as = as_;
+                    Pending::Quoted
+                };
+                return;
+            }
+            if bare
+                && !is_flag_word(tok)
+                && let Some(r) = redact_whole(tok)
+            {
+                out.push_str(&r);
+                return;
+            }
         }
         if let Some(t) = Tool::named(tok) {
             self.tool = Some(t);
@@ -844,9 +995,20 @@ impl Redactor {
         let (scanned, next) = scan_token(tok);
         out.push_str(&redact_key_shapes(&scanned));
         self.pending = next;
+        if next == Pending::Quoted {
+            self.quoted_as = Pending::Value;
+        }
         let name = trailing_name(tok);
         self.named = (self.pending == Pending::None && !is_flag(tok) && is_sensitive_name(name))
-            .then(|| (pending_for(name), tok.starts_with(['"', '\''])));
+            .then(|| {
+                // Bare: the word is the name, quotes aside, or ends with it
+                // after a path (`//registry.npmjs.org/:_authToken`).
+                let bare = tok.ends_with(name)
+                    && !tok.starts_with(['"', '\''])
+                    && !tok.contains(['(', '[', '{'])
+                    && names_a_value(name);
+                (pending_for(name), tok.starts_with(['"', '\'']), bare)
+            });
         if self.pending == Pending::None
             && tok
                 .trim_matches(|c| c == '"' || c == '\'')
@@ -1343,6 +1505,79 @@ mod tests {
             &["pa/ssHunter", "ssHunter"],
             &["postgres://u:", "@db/x"],
         ),
+        // Code that sets a key: subscripts, calls, quoted names.
+        (
+            "python -c import os;os.environ['AZURE_OPENAI_API_KEY']='0123456789abcdef';main()",
+            &["0123456789abcdef"],
+            &["os.environ['AZURE_OPENAI_API_KEY']='", "';main()"],
+        ),
+        (
+            "node -e process.env[\"MISTRAL_API_KEY\"]=\"Hunter2secret\";run()",
+            &["Hunter2secret"],
+            &["process.env[\"MISTRAL_API_KEY\"]="],
+        ),
+        (
+            "ruby -e ENV['OPENAI_API_KEY']='mysecretkey123';x",
+            &["mysecretkey123"],
+            &["ENV['OPENAI_API_KEY']="],
+        ),
+        (
+            "python -c os.environ.setdefault('OPENAI_API_KEY','mysecretkey123')",
+            &["mysecretkey123"],
+            &["setdefault('OPENAI_API_KEY','"],
+        ),
+        (
+            "python -c os.putenv('OPENAI_API_KEY', 'mysecretkey123'); main()",
+            &["mysecretkey123"],
+            &["os.putenv('OPENAI_API_KEY',", "main()"],
+        ),
+        (
+            "python -c os.environ['OPENAI_API_KEY'] = 'mysecretkey123'",
+            &["mysecretkey123"],
+            &["os.environ['OPENAI_API_KEY'] = "],
+        ),
+        (
+            "python -c x = {\"api_key\" : \"mysecretkey123\"}",
+            &["mysecretkey123"],
+            &["{\"api_key\" : "],
+        ),
+        // A name written as an identifier, its value the next word.
+        (
+            "papermill in.ipynb out.ipynb -p openai_api_key Tr0ub4dor-and-3 -p n 5",
+            &["Tr0ub4dor-and-3"],
+            &["-p openai_api_key ", " -p n 5"],
+        ),
+        (
+            "yarn config set npmAuthToken mysecretkey123",
+            &["mysecretkey123"],
+            &["npmAuthToken "],
+        ),
+        (
+            "npm config set //registry.npmjs.org/:_authToken mysecretkey123",
+            &["mysecretkey123"],
+            &["//registry.npmjs.org/:_authToken "],
+        ),
+        (
+            "aws configure set aws_secret_access_key lowercaseonlysecret",
+            &["lowercaseonlysecret"],
+            &["aws_secret_access_key "],
+        ),
+        // Passphrases.
+        (
+            "python eval.py --passphrase correcthorse",
+            &["correcthorse"],
+            &["--passphrase "],
+        ),
+        (
+            "mvn deploy -Dgpg.passphrase=correcthorse",
+            &["correcthorse"],
+            &["-Dgpg.passphrase="],
+        ),
+        (
+            "env GPG_PASSPHRASE=correcthorse make",
+            &["correcthorse"],
+            &["GPG_PASSPHRASE=", " make"],
+        ),
     ];
 
     #[test]
@@ -1436,11 +1671,107 @@ mod tests {
             "curl https://host.example.com:8443/api/@scope/pkg",
             "git clone https://git@github.com/o/r",
             "docker pull ubuntu:22.04@sha256:0123abcd",
+            // A variable's name in capitals passed by name, not a value;
+            // a call that passes a variable, not a literal.
+            "env -u OPENAI_API_KEY python run.py",
+            "docker run -e OPENAI_API_KEY myimage",
+            "python -c os.putenv('OPENAI_API_KEY', key)",
+            // An identifier that names something else.
+            "pytest -k test_token_refresh tests/unit",
             "",
             "   ",
         ] {
             assert_eq!(redact_cmdline(s), s);
         }
+    }
+
+    /// (argument vector, secrets that must not survive, text that must
+    /// survive): values with spaces in one argument.
+    const ARGS: &[(&[&str], &[&str], &[&str])] = &[
+        (
+            &["python3", "eval.py", "--db-password=correct horse battery"],
+            &["correct", "horse", "battery"],
+            &["python3 eval.py --db-password="],
+        ),
+        (
+            &["tool", "--password", "two words", "--model", "m"],
+            &["two", "words"],
+            &["tool --password ", " --model m"],
+        ),
+        (
+            &["curl", "-H", "Authorization: Bearer abc def", "https://h"],
+            &["abc", "def"],
+            &["Authorization: Bearer ", " https://h"],
+        ),
+        (
+            &["tool", "--authorization", "Bearer abc def"],
+            &["abc", "def"],
+            &["--authorization Bearer "],
+        ),
+        (
+            &["psql", "password=my secret pw host=db"],
+            &["my", "secret", "pw"],
+            &["psql password="],
+        ),
+        (
+            &["mvn", "-Dgpg.passphrase=two words", "deploy"],
+            &["two", "words"],
+            &["-Dgpg.passphrase=", " deploy"],
+        ),
+        (
+            &[
+                "kubectl",
+                "create",
+                "secret",
+                "generic",
+                "s",
+                "--from-literal=password=a b",
+            ],
+            &["a b"],
+            &["--from-literal=password="],
+        ),
+        (
+            &["curl", "-b", "a=1; b=2", "https://h"],
+            &["a=1", "b=2"],
+            &["curl -b ", " https://h"],
+        ),
+    ];
+
+    #[test]
+    fn an_argument_with_spaces_is_one_value() {
+        for (args, secrets, kept) in ARGS {
+            let out = redact_args(args);
+            for s in *secrets {
+                assert!(
+                    !out.contains(s),
+                    "secret `{s}` survived in `{out}` (from {args:?})"
+                );
+            }
+            for k in *kept {
+                assert!(out.contains(k), "`{k}` lost in `{out}` (from {args:?})");
+            }
+        }
+        // Each argument of the harmless kind is kept, and a shell command
+        // that starts with a variable in capitals keeps its command.
+        for (args, joined) in [
+            (
+                &["python", "train.py", "--max-tokens", "100"][..],
+                "python train.py --max-tokens 100",
+            ),
+            (
+                &["sh", "-c", "exec python run.py --model gpt-4o"][..],
+                "sh -c exec python run.py --model gpt-4o",
+            ),
+            (
+                &["git", "commit", "-m", "fix: parse the token limit"][..],
+                "git commit -m fix: parse the token limit",
+            ),
+        ] {
+            assert_eq!(redact_args(args), joined);
+        }
+        let out = redact_args(&["sh", "-c", "OPENAI_API_KEY=Hunter2secret python run.py"]);
+        assert!(!out.contains("Hunter2secret"), "{out}");
+        assert!(out.contains("python run.py"), "{out}");
     }
 
     #[test]
@@ -1490,6 +1821,9 @@ mod tests {
             let line = words.join(" ");
             let once = redact_cmdline(&line);
             proptest::prop_assert_eq!(redact_cmdline(&once), once.clone(), "from `{}`", line);
+            // The same words as arguments, some holding two or three.
+            let args: Vec<String> = words.chunks(1 + words.len() % 3).map(|c| c.join(" ")).collect();
+            let _ = redact_args(&args);
         }
     }
 
@@ -1510,6 +1844,7 @@ mod tests {
             "x=\u{0}",
         ] {
             let _ = redact_cmdline(s);
+            let _ = redact_args(&[s, s, "--token", s, "Authorization:", s]);
         }
         assert_eq!(redact_cmdline("--token \"\" x"), "--token \"\" x");
         // A value holding the marker is still read by the other rules.

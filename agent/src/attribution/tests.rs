@@ -324,6 +324,44 @@ fn an_exiting_process_keeps_its_cached_facts() {
 }
 
 #[test]
+fn a_zombie_keeps_its_cached_facts() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let root = t.path();
+    proc_200(root, 5, "acme/a", "a", "/bin/a");
+    let at = Attributor::new(root.to_path_buf());
+    assert_eq!(who(&at.of(200, 0, 0, "a")).1, Some("/bin/a"));
+    // A zombie (or a process whose main thread has exited): its cmdline
+    // reads empty, its environ and exe cannot be read at all.
+    std::fs::write(root.join("200/cmdline"), b"").expect("empty cmdline");
+    std::fs::remove_file(root.join("200/exe")).expect("rm exe");
+    std::fs::remove_file(root.join("200/environ")).expect("rm environ");
+    assert_eq!(
+        who(&at.of(200, 0, 0, "a")),
+        (Some("acme/a"), Some("/bin/a"), Some("a"))
+    );
+}
+
+#[test]
+fn a_value_with_spaces_in_one_argument_is_redacted_whole() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let root = t.path();
+    write_proc(
+        root,
+        &FakeProc {
+            pid: 200,
+            ppid: 1,
+            start: 5,
+            env: &[],
+            args: &["python3", "eval.py", "--db-password=correct horse battery"],
+            exe: "/usr/bin/python3",
+        },
+    );
+    let at = Attributor::new(root.to_path_buf());
+    let cmdline = at.of(200, 0, 0, "python3").cmdline.expect("cmdline");
+    assert_eq!(cmdline, "python3 eval.py --db-password=[REDACTED]");
+}
+
+#[test]
 fn a_missing_process_gives_the_kernel_fields_only() {
     let t = tempfile::tempdir().expect("tempdir");
     let at = Attributor::new(t.path().to_path_buf());
