@@ -99,7 +99,37 @@ impl CiVars {
 
     /// The job identity, if these variables name a CI system.
     pub(super) fn identify(&self) -> Option<CiJob> {
-        if self.is("GITHUB_ACTIONS", "true") || self.get("GITHUB_REPOSITORY").is_some() {
+        let jenkins_tag = self
+            .get("BUILD_TAG")
+            .is_some_and(|t| t.starts_with("jenkins-"));
+        let jenkins_build = self.get("BUILD_ID").is_some() || self.get("BUILD_NUMBER").is_some();
+        // A system's own marker first, then the variables that merely hint
+        // at one: a GitLab job whose release tool sets `GITHUB_REPOSITORY`
+        // is a GitLab job.
+        let system = if self.is("GITHUB_ACTIONS", "true") {
+            System::GitHub
+        } else if self.is("GITLAB_CI", "true") {
+            System::GitLab
+        } else if self.is("BUILDKITE", "true") {
+            System::Buildkite
+        } else if self.is("TF_BUILD", "true") {
+            System::Azure
+        } else if self.is("CIRCLECI", "true") {
+            System::Circle
+        } else if jenkins_tag {
+            System::Jenkins
+        } else if self.get("GITHUB_REPOSITORY").is_some() {
+            System::GitHub
+        } else if self.get("CI_PROJECT_PATH").is_some() {
+            System::GitLab
+        } else if self.get("BUILDKITE_BUILD_ID").is_some() {
+            System::Buildkite
+        } else if self.get("JENKINS_URL").is_some() && jenkins_build {
+            System::Jenkins
+        } else {
+            return None;
+        };
+        if system == System::GitHub {
             return Some(CiJob {
                 system: "github-actions",
                 repository: self.get("GITHUB_REPOSITORY"),
@@ -113,7 +143,7 @@ impl CiVars {
                 runner: self.get("RUNNER_NAME"),
             });
         }
-        if self.is("GITLAB_CI", "true") || self.get("CI_PROJECT_PATH").is_some() {
+        if system == System::GitLab {
             return Some(CiJob {
                 system: "gitlab",
                 repository: self.get("CI_PROJECT_PATH"),
@@ -128,7 +158,7 @@ impl CiVars {
                 runner: self.get("CI_RUNNER_DESCRIPTION"),
             });
         }
-        if self.is("BUILDKITE", "true") || self.get("BUILDKITE_BUILD_ID").is_some() {
+        if system == System::Buildkite {
             return Some(CiJob {
                 system: "buildkite",
                 repository: self
@@ -144,7 +174,7 @@ impl CiVars {
                 runner: self.get("BUILDKITE_AGENT_NAME"),
             });
         }
-        if self.is("TF_BUILD", "true") {
+        if system == System::Azure {
             return Some(CiJob {
                 system: "azure-pipelines",
                 // `owner/name` for GitHub repositories, the repository name
@@ -166,7 +196,7 @@ impl CiVars {
                 runner: self.get("AGENT_NAME"),
             });
         }
-        if self.is("CIRCLECI", "true") {
+        if system == System::Circle {
             let repository = match (
                 self.get("CIRCLE_PROJECT_USERNAME"),
                 self.get("CIRCLE_PROJECT_REPONAME"),
@@ -192,29 +222,33 @@ impl CiVars {
                 runner: self.get("CIRCLE_NODE_INDEX"),
             });
         }
-        let jenkins_tag = self
-            .get("BUILD_TAG")
-            .is_some_and(|t| t.starts_with("jenkins-"));
-        let jenkins_build = self.get("BUILD_ID").is_some() || self.get("BUILD_NUMBER").is_some();
-        if jenkins_tag || (self.get("JENKINS_URL").is_some() && jenkins_build) {
-            return Some(CiJob {
-                system: "jenkins",
-                repository: self.get("GIT_URL").and_then(|r| repo_path(&r)),
-                // The pipeline (`folder/pipeline/branch` for multibranch).
-                workflow: self.get("JOB_NAME"),
-                job: self.get("STAGE_NAME"),
-                job_id: None,
-                run_id: self.get("BUILD_NUMBER").or_else(|| self.get("BUILD_ID")),
-                run_attempt: None,
-                ref_name: self
-                    .get("BRANCH_NAME")
-                    .or_else(|| self.get("GIT_BRANCH"))
-                    .map(|r| short_ref(&r)),
-                runner: self.get("NODE_NAME"),
-            });
-        }
-        None
+        Some(CiJob {
+            system: "jenkins",
+            repository: self.get("GIT_URL").and_then(|r| repo_path(&r)),
+            // The pipeline (`folder/pipeline/branch` for multibranch).
+            workflow: self.get("JOB_NAME"),
+            job: self.get("STAGE_NAME"),
+            job_id: None,
+            run_id: self.get("BUILD_NUMBER").or_else(|| self.get("BUILD_ID")),
+            run_attempt: None,
+            ref_name: self
+                .get("BRANCH_NAME")
+                .or_else(|| self.get("GIT_BRANCH"))
+                .map(|r| short_ref(&r)),
+            runner: self.get("NODE_NAME"),
+        })
     }
+}
+
+/// The CI system a job's variables name.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum System {
+    GitHub,
+    GitLab,
+    Buildkite,
+    Azure,
+    Circle,
+    Jenkins,
 }
 
 /// A branch or tag without `refs/heads/`, `refs/tags/`, `refs/` or a
@@ -288,6 +322,61 @@ mod tests {
         let j = v.identify().expect("github");
         assert_eq!(j.system, "github-actions");
         assert_eq!(j.repository.as_deref(), Some("acme/app"));
+    }
+
+    #[test]
+    fn a_systems_own_marker_beats_another_systems_hint() {
+        for (list, system, repository) in [
+            (
+                &[
+                    ("GITLAB_CI", "true"),
+                    ("CI_PROJECT_PATH", "g/p"),
+                    ("GITHUB_REPOSITORY", "acme/mirror"),
+                ][..],
+                "gitlab",
+                Some("g/p"),
+            ),
+            (
+                &[
+                    ("BUILDKITE", "true"),
+                    ("BUILDKITE_REPO", "git@github.com:acme/app.git"),
+                    ("CI_PROJECT_PATH", "g/p"),
+                ][..],
+                "buildkite",
+                Some("acme/app"),
+            ),
+            (
+                &[
+                    ("TF_BUILD", "True"),
+                    ("BUILD_REPOSITORY_NAME", "acme/app"),
+                    ("GITHUB_REPOSITORY", "acme/mirror"),
+                ][..],
+                "azure-pipelines",
+                Some("acme/app"),
+            ),
+            (
+                &[
+                    ("BUILD_TAG", "jenkins-app-7"),
+                    ("GIT_URL", "https://git.example.com/acme/app.git"),
+                    ("GITHUB_REPOSITORY", "acme/mirror"),
+                ][..],
+                "jenkins",
+                Some("acme/app"),
+            ),
+            // A hint alone still names its system.
+            (
+                &[("GITHUB_REPOSITORY", "acme/app")][..],
+                "github-actions",
+                Some("acme/app"),
+            ),
+        ] {
+            let j = vars(list).identify().expect("a job");
+            assert_eq!(
+                (j.system, j.repository.as_deref()),
+                (system, repository),
+                "{list:?}"
+            );
+        }
     }
 
     #[test]
