@@ -34,6 +34,12 @@ const MAX_IDLE_PER_KEY: usize = 64;
 /// queue past the peer's limit instead of failing, which is what this
 /// avoids).
 const MAX_STREAMS_PER_H2: usize = 100;
+
+/// The receive window of each upstream HTTP/2 stream (hyper's default):
+/// what the provider may send ahead of a job that reads slowly. The
+/// connection's window is this times `MAX_STREAMS_PER_H2`, so that at most
+/// 200 MiB wait in one connection when every stream's job stops reading.
+const H2_STREAM_WINDOW: u32 = 2 << 20;
 /// An HTTP/2 stream the provider refused before processing it: reset
 /// with `REFUSED_STREAM` (RFC 9113 §8.7). (A stream past the last one a
 /// GOAWAY accepted is reported by h2 with the GOAWAY's own reason, usually
@@ -712,9 +718,16 @@ impl Upstream {
             unprocessed: false,
         };
         if h2 {
+            // Every stream may hold its whole window unread (a job that
+            // stops reading a large answer): the connection's window is
+            // the sum of its streams', so that stalled streams of some jobs
+            // never stop the provider sending on the others'. hyper's
+            // default connection window (5 MiB) was used up by three.
             let (s, conn) = http2::Builder::new(TokioExecutor::new())
                 .timer(hyper_util::rt::TokioTimer::new())
                 .keep_alive_interval(Duration::from_secs(30))
+                .initial_stream_window_size(H2_STREAM_WINDOW)
+                .initial_connection_window_size(H2_STREAM_WINDOW * MAX_STREAMS_PER_H2 as u32)
                 .handshake(io)
                 .await
                 .map_err(http_err)?;
@@ -1292,6 +1305,124 @@ pub(crate) mod tests {
             }
         });
         (addr, ca, dir, refused, served)
+    }
+
+    /// An h2 server whose `/big` answers 3 MiB and anything else 5 bytes,
+    /// with windows of its own far larger than the agent's; it counts the
+    /// bytes it has sent.
+    async fn h2_big_server(
+        host: &str,
+    ) -> (
+        SocketAddr,
+        crate::ca::LocalCa,
+        tempfile::TempDir,
+        Arc<AtomicUsize>,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let (ca, _) = crate::ca::LocalCa::load_or_create(dir.path(), &[host.to_string()])
+            .expect("a CA for the test server");
+        let server_config = ca.server_config(host).await.unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let sent = Arc::new(AtomicUsize::new(0));
+        let counted = sent.clone();
+        tokio::spawn(async move {
+            let acceptor = tokio_rustls::TlsAcceptor::from(server_config);
+            loop {
+                let Ok((sock, _)) = listener.accept().await else {
+                    return;
+                };
+                let (acceptor, counted) = (acceptor.clone(), counted.clone());
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(sock).await else {
+                        return;
+                    };
+                    let Ok(mut conn) = h2::server::Builder::new()
+                        .initial_window_size(16 << 20)
+                        .initial_connection_window_size(64 << 20)
+                        .handshake(tls)
+                        .await
+                    else {
+                        return;
+                    };
+                    while let Some(Ok((req, mut respond))) = conn.accept().await {
+                        let counted = counted.clone();
+                        tokio::spawn(async move {
+                            let mut data = if req.uri().path() == "/big" {
+                                bytes::Bytes::from(vec![b'x'; 3 << 20])
+                            } else {
+                                bytes::Bytes::from_static(b"small")
+                            };
+                            let Ok(mut send) = respond.send_response(Response::new(()), false)
+                            else {
+                                return;
+                            };
+                            while !data.is_empty() {
+                                send.reserve_capacity(data.len());
+                                let Some(Ok(room)) =
+                                    std::future::poll_fn(|cx| send.poll_capacity(cx)).await
+                                else {
+                                    return;
+                                };
+                                let chunk = data.split_to(room.min(data.len()));
+                                counted.fetch_add(chunk.len(), Ordering::SeqCst);
+                                if send.send_data(chunk, data.is_empty()).is_err() {
+                                    return;
+                                }
+                            }
+                        });
+                    }
+                });
+            }
+        });
+        (addr, ca, dir, sent)
+    }
+
+    /// Large answers that jobs do not read (stopped or slow clients) hold
+    /// their streams' windows, never the whole connection's: another job's
+    /// answer on the same pooled connection still arrives.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stalled_large_answers_do_not_stop_the_others_on_their_connection() {
+        use http_body_util::BodyExt;
+        let host = "api.openai.com";
+        let (addr, ca, _dir, sent) = h2_big_server(host).await;
+        let up = Upstream::new(Some(ca.cert_path())).unwrap();
+        let get = |path: &str| {
+            Request::builder()
+                .version(Version::HTTP_2)
+                .uri(format!("https://{host}{path}"))
+                .body(
+                    http_body_util::Empty::new()
+                        .map_err(|e| match e {})
+                        .boxed_unsync(),
+                )
+                .unwrap()
+        };
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            held.push(up.send(addr, host, host, get("/big"), None).await.unwrap());
+        }
+        assert_eq!(
+            up.lock().idle.values().map(Vec::len).sum::<usize>(),
+            1,
+            "the three share one connection"
+        );
+        // Until the provider has sent what the windows let it: 6 MiB (two
+        // per stream), or 5 MiB with hyper's connection window, all of it.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while sent.load(Ordering::SeqCst) < 5 << 20 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let small = up
+            .send(addr, host, host, get("/small"), None)
+            .await
+            .unwrap();
+        let body = tokio::time::timeout(Duration::from_secs(20), small.into_body().collect())
+            .await
+            .expect("the small answer never came: the unread streams hold the connection's window")
+            .expect("the small answer");
+        assert_eq!(&body.to_bytes()[..], b"small");
+        drop(held);
     }
 
     /// A stream the provider refuses unprocessed (RFC 9113 §8.7) is sent
