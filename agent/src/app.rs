@@ -99,7 +99,17 @@ pub fn log_ca_status(status: &CaStatus) {
     match status {
         CaStatus::Loaded => {}
         CaStatus::Created => info!("created the local CA"),
-        CaStatus::Regenerated { added_hosts } => warn!(
+        CaStatus::Regenerated {
+            unusable: Some(reason),
+            ..
+        } => warn!(
+            %reason,
+            "the local CA was unusable: created a new one. Run `tollgate trust install` (and refresh `tollgate trust env`) again"
+        ),
+        CaStatus::Regenerated {
+            added_hosts,
+            unusable: None,
+        } => warn!(
             hosts = ?added_hosts,
             "the provider hosts changed beyond what the CA's name constraints allow: created a new CA. Run `tollgate trust install` (and refresh `tollgate trust env`) again"
         ),

@@ -77,10 +77,14 @@ pub enum CaStatus {
     Loaded,
     /// No CA existed; a new one was created.
     Created,
-    /// The existing CA did not cover every host (or was unusable) and was
-    /// replaced; the old certificate is kept as `ca.crt.old`. Clients must
-    /// trust the new one: run `tollgate trust install` again.
-    Regenerated { added_hosts: Vec<String> },
+    /// The existing CA did not cover every host (or was unusable: why, in
+    /// `unusable`) and was replaced; the old certificate is kept as
+    /// `ca.crt.old`. Clients must trust the new one: run `tollgate trust
+    /// install` again.
+    Regenerated {
+        added_hosts: Vec<String>,
+        unusable: Option<String>,
+    },
 }
 
 /// Errors of the CA. Each says what failed, where, and what to do.
@@ -185,21 +189,46 @@ struct Minter {
     chain: Vec<CertificateDer<'static>>,
     /// The key of every leaf this process mints; never written.
     leaf_key: KeyPair,
-    cache: Mutex<HashMap<String, (Instant, Arc<rustls::ServerConfig>)>>,
+    cache: Mutex<HashMap<String, Minted>>,
     provider: Arc<rustls::crypto::CryptoProvider>,
     /// When the CA (root or intermediate, the earlier) ends, in Unix
     /// seconds: no leaf outlives it, however long the agent runs.
     ca_not_after: i64,
+    /// When the CA (root or intermediate, the later) starts, in Unix
+    /// seconds.
+    ca_not_before: i64,
+}
+
+/// A cached leaf's server configuration, with when it was minted (on the
+/// monotonic clock) and its validity (Unix seconds, on the wall clock it
+/// was minted by).
+struct Minted {
+    made: Instant,
+    not_before: i64,
+    not_after: i64,
+    config: Arc<rustls::ServerConfig>,
+}
+
+impl Minted {
+    /// Whether it is still the one to present at wall-clock time `now`:
+    /// minted less than `LEAF_REMINT` ago, and valid at `now` with an hour
+    /// to spare. A wall clock that stepped since (a runner that booted with
+    /// its clock hours off, then corrected by NTP) would otherwise keep a
+    /// leaf that clients take as not yet valid, or expired, for 30 days.
+    fn fresh(&self, now: i64) -> bool {
+        self.made.elapsed() < LEAF_REMINT && self.not_before <= now && now + 3600 < self.not_after
+    }
 }
 
 impl Minter {
     fn new(
         issuer: Issuer<'static, KeyPair>,
         chain: Vec<CertificateDer<'static>>,
-        ca_not_after: i64,
+        (ca_not_before, ca_not_after): (i64, i64),
     ) -> Result<Minter, CaError> {
         Ok(Minter {
             ca_not_after,
+            ca_not_before,
             issuer,
             chain,
             leaf_key: KeyPair::generate()?,
@@ -208,8 +237,9 @@ impl Minter {
         })
     }
 
-    /// A leaf for `host` (which the caller checked is covered).
-    fn leaf(&self, host: &str) -> Result<CertificateDer<'static>, CaError> {
+    /// A leaf for `host` (which the caller checked is covered), with its
+    /// validity (Unix seconds).
+    fn leaf(&self, host: &str) -> Result<(CertificateDer<'static>, i64, i64), CaError> {
         let mut params = CertificateParams::default();
         let mut serial = [0u8; 16];
         self.provider
@@ -236,17 +266,26 @@ impl Minter {
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         params.use_authority_key_identifier_extension = true;
-        Ok(params.signed_by(&self.leaf_key, &self.issuer)?.into())
+        let (not_before, not_after) = (
+            params.not_before.unix_timestamp(),
+            params.not_after.unix_timestamp(),
+        );
+        Ok((
+            params.signed_by(&self.leaf_key, &self.issuer)?.into(),
+            not_before,
+            not_after,
+        ))
     }
 
     /// The server configuration for `host`: minted once, then cached (and
     /// minted again after `LEAF_REMINT`).
     fn server_config(&self, host: &str) -> Result<Arc<rustls::ServerConfig>, CaError> {
-        let cached = |cache: &HashMap<String, (Instant, Arc<rustls::ServerConfig>)>| {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let cached = |cache: &HashMap<String, Minted>| {
             cache
                 .get(host)
-                .filter(|(made, _)| made.elapsed() < LEAF_REMINT)
-                .map(|(_, cfg)| Arc::clone(cfg))
+                .filter(|m| m.fresh(now))
+                .map(|m| Arc::clone(&m.config))
         };
         if let Some(cfg) = cached(&self.cache.lock().unwrap_or_else(|p| p.into_inner())) {
             return Ok(cfg);
@@ -255,7 +294,8 @@ impl Minter {
         // not wait for a signature. Two first connections to one host may
         // both mint; the first stored is kept, so every connection to a
         // host presents one leaf.
-        let mut certs = vec![self.leaf(host)?];
+        let (leaf, not_before, not_after) = self.leaf(host)?;
+        let mut certs = vec![leaf];
         certs.extend(self.chain.iter().cloned());
         let key = rustls_pki_types::PrivateKeyDer::from(
             rustls_pki_types::PrivatePkcs8KeyDer::from(self.leaf_key.serialize_der()),
@@ -272,7 +312,15 @@ impl Minter {
             return Ok(cfg);
         }
         let cfg = Arc::new(cfg);
-        cache.insert(host.to_string(), (Instant::now(), Arc::clone(&cfg)));
+        cache.insert(
+            host.to_string(),
+            Minted {
+                made: Instant::now(),
+                not_before,
+                not_after,
+                config: Arc::clone(&cfg),
+            },
+        );
         Ok(cfg)
     }
 }
@@ -341,13 +389,24 @@ impl LocalCa {
                     "the local CA does not cover every provider host; generating a new one"
                 );
                 let ca = LocalCa::build(&dir, create(&dir, &wanted, true)?)?;
-                (ca, CaStatus::Regenerated { added_hosts: added })
+                (
+                    ca,
+                    CaStatus::Regenerated {
+                        added_hosts: added,
+                        unusable: None,
+                    },
+                )
             }
             Existing::Unusable(reason) => {
-                tracing::warn!(%reason, dir = %dir.display(), "the local CA is unusable; generating a new one");
                 let ca = LocalCa::build(&dir, create(&dir, &wanted, true)?)?;
                 let added_hosts = wanted.iter().cloned().collect();
-                (ca, CaStatus::Regenerated { added_hosts })
+                (
+                    ca,
+                    CaStatus::Regenerated {
+                        added_hosts,
+                        unusable: Some(reason),
+                    },
+                )
             }
             Existing::Absent | Existing::Usable(_) => {
                 let ca = LocalCa::build(&dir, create(&dir, &wanted, false)?)?;
@@ -355,6 +414,13 @@ impl LocalCa {
             }
         };
         drop(lock);
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        if now < ca.minter.ca_not_before {
+            tracing::warn!(
+                behind_secs = ca.minter.ca_not_before - now,
+                "the clock is before the local CA's start: is the time right (NTP)? The CA is kept; clients whose clocks are right accept its certificates"
+            );
+        }
         if ca.minter.chain.is_empty() {
             tracing::warn!(
                 dir = %dir.display(),
@@ -412,20 +478,23 @@ impl LocalCa {
             source: io::Error::new(io::ErrorKind::InvalidData, reason),
         };
         let root = parse_cert(&files.root_pem).map_err(|r| unparsable(cert_path.clone(), r))?;
-        let (issuer, chain, not_after) = match &files.intermediate_pem {
+        let (issuer, chain, validity) = match &files.intermediate_pem {
             Some(pem) => {
                 let int =
                     parse_cert(pem).map_err(|r| unparsable(dir.join(INTERMEDIATE_FILE), r))?;
                 (
                     Issuer::from_ca_cert_pem(pem, files.key)?,
                     vec![int.der],
-                    root.not_after.min(int.not_after),
+                    (
+                        root.not_before.max(int.not_before),
+                        root.not_after.min(int.not_after),
+                    ),
                 )
             }
             None => (
                 Issuer::from_ca_cert_pem(&files.root_pem, files.key)?,
                 Vec::new(),
-                root.not_after,
+                (root.not_before, root.not_after),
             ),
         };
         Ok(LocalCa {
@@ -434,15 +503,21 @@ impl LocalCa {
             cert_pem: files.root_pem,
             cert_der: root.der,
             covered: root.covered,
-            minter: Minter::new(issuer, chain, not_after)?,
+            minter: Minter::new(issuer, chain, validity)?,
         })
     }
 
     /// Mints a leaf for one covered host and verifies it, with the chain
-    /// the proxy sends, against the root alone, as a client would.
+    /// the proxy sends, against the root alone, as a client would; at the
+    /// CA's start if the clock is before it (a runner that booted with its
+    /// clock behind: the CA is not replaced for that, see `load_or_create`).
     fn self_check(&self) -> Result<(), String> {
         let host = self.covered.iter().next().ok_or("no host is covered")?;
-        let leaf = self.minter.leaf(host).map_err(|e| e.to_string())?;
+        let (leaf, _, _) = self.minter.leaf(host).map_err(|e| e.to_string())?;
+        let now = rustls_pki_types::UnixTime::now().as_secs();
+        let at = rustls_pki_types::UnixTime::since_unix_epoch(std::time::Duration::from_secs(
+            now.max(u64::try_from(self.minter.ca_not_before).unwrap_or(0) + 60),
+        ));
         let mut roots = rustls::RootCertStore::empty();
         roots
             .add(self.cert_der.clone())
@@ -457,13 +532,7 @@ impl LocalCa {
             rustls_pki_types::ServerName::try_from(host.clone()).map_err(|e| e.to_string())?;
         use rustls::client::danger::ServerCertVerifier as _;
         verifier
-            .verify_server_cert(
-                &leaf,
-                &self.minter.chain,
-                &name,
-                &[],
-                rustls_pki_types::UnixTime::now(),
-            )
+            .verify_server_cert(&leaf, &self.minter.chain, &name, &[], at)
             .map(|_| ())
             .map_err(|e| format!("a leaf it signs does not verify against its root: {e}"))
     }
@@ -837,6 +906,7 @@ struct ParsedCa {
     der: CertificateDer<'static>,
     covered: BTreeSet<String>,
     public_key: Vec<u8>,
+    not_before: i64,
     not_after: i64,
     is_ca: bool,
     /// Constrained as tollgate makes its CAs: critical name constraints,
@@ -848,6 +918,19 @@ struct ParsedCa {
 
 fn parse_cert(pem: &str) -> Result<ParsedCa, String> {
     use x509_parser::extensions::GeneralName;
+    // One certificate and nothing else: the whole file is what `trust
+    // install` puts in the trust stores, and what is checked is its first
+    // certificate only.
+    let mut rest = pem.as_bytes();
+    let mut blocks = 0;
+    while blocks < 2 && matches!(rustls_pki_types::pem::from_buf(&mut rest), Ok(Some(_))) {
+        blocks += 1;
+    }
+    if blocks > 1 {
+        return Err(
+            "holds more than one PEM block (only the CA's certificate belongs there)".into(),
+        );
+    }
     let der = CertificateDer::from_pem_slice(pem.as_bytes())
         .map_err(|e| format!("not a PEM certificate: {e}"))?;
     let (_, x509) = x509_parser::parse_x509_certificate(der.as_ref())
@@ -880,6 +963,7 @@ fn parse_cert(pem: &str) -> Result<ParsedCa, String> {
     }
     Ok(ParsedCa {
         public_key: x509.public_key().subject_public_key.data.to_vec(),
+        not_before: x509.validity().not_before.timestamp(),
         not_after: x509.validity().not_after.timestamp(),
         der: der.clone(),
         covered,
@@ -1035,6 +1119,124 @@ mod tests {
         Arc::new(rustls::crypto::aws_lc_rs::default_provider())
     }
 
+    /// Replaces the CA in `state` with one of the same hosts whose
+    /// validity starts `shift` from now, as a CA made by a clock that was
+    /// `shift` ahead of this one.
+    fn plant_shifted(state: &Path, hosts: &[String], shift: time::Duration) {
+        LocalCa::load_or_create(state, hosts).expect("a CA");
+        let wanted: BTreeSet<String> = hosts.iter().cloned().collect();
+        let dir = state.join(CA_DIR);
+        let root_key = KeyPair::generate().unwrap();
+        let mut rp = ca_params_named(&wanted, "tollgate local CA", 1);
+        rp.not_before += shift;
+        rp.not_after += shift;
+        let root_pem = rp.self_signed(&root_key).unwrap().pem();
+        let root = Issuer::new(rp, root_key);
+        let key = KeyPair::generate().unwrap();
+        let mut ip = ca_params_named(&wanted, "tollgate local CA intermediate", 0);
+        ip.use_authority_key_identifier_extension = true;
+        ip.not_before += shift;
+        ip.not_after += shift;
+        let int_pem = ip.signed_by(&key, &root).unwrap().pem();
+        write_atomic(&dir.join(KEY_FILE), key.serialize_pem().as_bytes(), 0o600).unwrap();
+        write_atomic(&dir.join(INTERMEDIATE_FILE), int_pem.as_bytes(), 0o644).unwrap();
+        write_atomic(&dir.join(CERT_FILE), root_pem.as_bytes(), 0o644).unwrap();
+    }
+
+    /// A runner whose clock came up behind (before NTP set it) finds a CA
+    /// that starts after its clock: the CA is kept, not replaced (which
+    /// would leave every trust store with the old one).
+    #[test]
+    fn a_ca_that_starts_after_the_clock_is_kept() {
+        let t = tempfile::tempdir().unwrap();
+        let h = hosts(&["api.openai.com"]);
+        plant_shifted(t.path(), &h, time::Duration::days(2));
+        let before = fs::read_to_string(t.path().join("ca/ca.crt")).unwrap();
+        let (ca, st) = LocalCa::load_or_create(t.path(), &h).expect("loads");
+        assert_eq!(st, CaStatus::Loaded);
+        assert_eq!(ca.cert_pem(), before);
+        // One that has ended is still replaced.
+        plant_shifted(t.path(), &h, time::Duration::days(-3660));
+        let (_, st) = LocalCa::load_or_create(t.path(), &h).expect("loads");
+        assert!(
+            matches!(
+                st,
+                CaStatus::Regenerated {
+                    unusable: Some(_),
+                    ..
+                }
+            ),
+            "{st:?}"
+        );
+    }
+
+    /// Only the CA's own certificate goes to the trust stores: a `ca.crt`
+    /// with more in it (a restore, a careless `cat >>`) is replaced.
+    #[test]
+    fn a_ca_file_with_more_than_the_certificate_is_replaced() {
+        let t = tempfile::tempdir().unwrap();
+        let h = hosts(&["api.openai.com"]);
+        LocalCa::load_or_create(t.path(), &h).expect("a CA");
+        let other_key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::default();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.distinguished_name
+            .push(DnType::CommonName, "an unconstrained root");
+        let other = p.self_signed(&other_key).unwrap().pem();
+        let crt = t.path().join("ca/ca.crt");
+        let mut text = fs::read_to_string(&crt).unwrap();
+        text.push_str(&other);
+        fs::write(&crt, &text).unwrap();
+        let (ca, st) = LocalCa::load_or_create(t.path(), &h).expect("loads");
+        assert!(
+            matches!(&st, CaStatus::Regenerated { unusable: Some(r), .. } if r.contains("more than one PEM block")),
+            "{st:?}"
+        );
+        assert!(!ca.cert_pem().contains(other.trim()));
+        let bundle = fs::read_to_string(ca.bundle_path()).unwrap();
+        assert!(
+            !bundle.contains(other.trim()),
+            "the other root reached bundle.pem"
+        );
+    }
+
+    /// A cached leaf is minted again when the wall clock stepped out of
+    /// its validity (or is within an hour of its end), not only after 30
+    /// days on the monotonic clock.
+    #[tokio::test]
+    async fn a_cached_leaf_outside_its_validity_by_the_wall_clock_is_minted_again() {
+        let t = tempfile::tempdir().unwrap();
+        let (ca, _) = LocalCa::load_or_create(t.path(), &hosts(&["api.openai.com"])).unwrap();
+        let first = ca.server_config("api.openai.com").await.unwrap();
+        let again = ca.server_config("api.openai.com").await.unwrap();
+        assert!(Arc::ptr_eq(&first, &again), "cached while valid");
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let minted = |not_before: i64, not_after: i64| Minted {
+            made: Instant::now(),
+            not_before,
+            not_after,
+            config: Arc::clone(&first),
+        };
+        assert!(minted(now - 3600, now + 86_400).fresh(now));
+        // Minted by a clock that was ahead: not yet valid now.
+        assert!(!minted(now + 7200, now + 86_400).fresh(now));
+        // Within an hour of its end.
+        assert!(!minted(now - 3600, now + 1800).fresh(now));
+        // And the proxy's cache acts on it.
+        ca.minter
+            .cache
+            .lock()
+            .unwrap()
+            .get_mut("api.openai.com")
+            .expect("cached")
+            .not_before = now + 7200;
+        let third = ca.server_config("api.openai.com").await.unwrap();
+        assert!(
+            !Arc::ptr_eq(&first, &third),
+            "a leaf not valid yet was presented"
+        );
+    }
+
     fn verifier(ca: &LocalCa) -> Arc<rustls::client::WebPkiServerVerifier> {
         let mut roots = rustls::RootCertStore::empty();
         roots
@@ -1134,9 +1336,10 @@ mod tests {
         let (mut ca, _) =
             LocalCa::load_or_create(t.path(), &hosts(&["api.openai.com"])).expect("create");
         let leaf_end = |ca: &LocalCa| {
-            let der = ca.minter.leaf("api.openai.com").expect("leaf");
+            let (der, _, not_after) = ca.minter.leaf("api.openai.com").expect("leaf");
             let (_, x) = x509_parser::parse_x509_certificate(&der).expect("parse");
-            x.validity().not_after.timestamp()
+            assert_eq!(x.validity().not_after.timestamp(), not_after);
+            not_after
         };
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
         // A fresh CA: the leaf's own year.
@@ -1313,7 +1516,8 @@ mod tests {
         assert_eq!(
             st,
             CaStatus::Regenerated {
-                added_hosts: hosts(&["api.x.ai"])
+                added_hosts: hosts(&["api.x.ai"]),
+                unusable: None,
             }
         );
         assert_ne!(ca.cert_pem(), ca2.cert_pem());
