@@ -150,6 +150,12 @@ pub fn provider_name<'a>(provider: &'a str, host: &str) -> Cow<'a, str> {
         "api.moonshot.ai" => Some("moonshot_ai"),
         "generativelanguage.googleapis.com" => Some("gcp.gemini"),
         h if h.ends_with("aiplatform.googleapis.com") => Some("gcp.vertex_ai"),
+        // Bedrock's Anthropic and OpenAI routes, read by those adapters.
+        h if (h.starts_with("bedrock-runtime.") || h.starts_with("bedrock-mantle."))
+            && (h.ends_with(".amazonaws.com") || h.ends_with(".api.aws")) =>
+        {
+            Some("aws.bedrock")
+        }
         _ => None,
     };
     if let Some(p) = by_host {
@@ -245,10 +251,11 @@ pub fn request_attributes(rec: &UsageRecord, high_cardinality: bool) -> Vec<KeyV
         GEN_AI_OPERATION_NAME,
         operation(&rec.operation).0.into_owned(),
     ));
-    out.push(KeyValue::new(
-        GEN_AI_PROVIDER_NAME,
-        provider_name(&rec.provider, &rec.host).into_owned(),
-    ));
+    let provider = provider_name(&rec.provider, &rec.host);
+    // OpenAI's own attribute, for OpenAI and Azure OpenAI only (not an
+    // OpenAI-format route of another provider, such as Bedrock's).
+    let openai = matches!(provider.as_ref(), "openai" | "azure.ai.openai");
+    out.push(KeyValue::new(GEN_AI_PROVIDER_NAME, provider.into_owned()));
     if let Some(m) = rec.model.as_deref().filter(|m| !m.is_empty()) {
         out.push(KeyValue::new(GEN_AI_REQUEST_MODEL, m.to_string()));
     }
@@ -262,9 +269,7 @@ pub fn request_attributes(rec: &UsageRecord, high_cardinality: bool) -> Vec<KeyV
     if rec.estimated {
         out.push(KeyValue::new(TOLLGATE_ESTIMATED, true));
     }
-    if matches!(rec.provider.as_str(), "openai" | "azure-openai")
-        && let Some(t) = rec.service_tier.as_deref().filter(|t| !t.is_empty())
-    {
+    if openai && let Some(t) = rec.service_tier.as_deref().filter(|t| !t.is_empty()) {
         out.push(KeyValue::new(OPENAI_RESPONSE_SERVICE_TIER, t.to_string()));
     }
     scope_attributes(&rec.who, &mut out);

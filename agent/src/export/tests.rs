@@ -449,6 +449,19 @@ fn providers_map_to_the_registry_values() {
             "aws.bedrock",
         ),
         ("azure-openai", "acme.openai.azure.com", "azure.ai.openai"),
+        // Bedrock's Anthropic and OpenAI routes.
+        (
+            "anthropic",
+            "bedrock-runtime.us-east-1.amazonaws.com",
+            "aws.bedrock",
+        ),
+        (
+            "openai",
+            "bedrock-runtime.us-east-1.amazonaws.com",
+            "aws.bedrock",
+        ),
+        ("openai", "bedrock-mantle.us-east-1.api.aws", "aws.bedrock"),
+        ("openai", "mantle.example.com", "openai"),
         ("openai", "api.mistral.ai", "mistral_ai"),
         ("openai", "api.groq.com", "groq"),
         ("openai", "api.deepseek.com", "deepseek"),

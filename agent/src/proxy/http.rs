@@ -1531,15 +1531,24 @@ impl Draft {
                 && crate::providers::gemini::vertex_regional(&self.path),
             uplift_percent: parsed.uplift_percent,
         };
-        let cost = match &parsed.requests {
+        let price = |provider: &str| match &parsed.requests {
             // Many requests' sums (batch results): priced request by
             // request where the rates depend on the prompt's size.
             Some(many) => prices.cost_of_many(provider, &models, self.started_ms, many, serving),
             None => prices.cost_of_any(provider, &models, self.started_ms, &usage, serving),
-        }
-        // A call the provider prices by something else than tokens takes
-        // only a price the config gives it.
-        .filter(|c| !counts_unknown && (!self.info.not_token_priced || c.configured));
+        };
+        // Another API's format on a Bedrock host (`/anthropic/`,
+        // `/openai/`): Bedrock's prices first, the config's `provider =
+        // "bedrock"` entries among them, then that API's provider's.
+        let on_bedrock =
+            self.ctx.provider.api == crate::config::ApiKind::Bedrock && provider != "bedrock";
+        let cost = on_bedrock
+            .then(|| price("bedrock"))
+            .flatten()
+            .or_else(|| price(provider))
+            // A call the provider prices by something else than tokens takes
+            // only a price the config gives it.
+            .filter(|c| !counts_unknown && (!self.info.not_token_priced || c.configured));
         if let (Some(c), Some(tier), Some(m)) = (cost, service_tier.as_deref(), priced)
             && c.tier_unpriced
             && (usage.input_tokens > 0 || usage.output_tokens > 0)
@@ -2269,6 +2278,16 @@ mod tests {
         api: crate::config::ApiKind,
         batches_read: &[(String, String)],
     ) -> (Arc<ConnCtx>, Arc<Keep>, tempfile::TempDir) {
+        test_ctx_with(host, api, batches_read, None)
+    }
+
+    /// As [`test_ctx_after`], with `prices` instead of the built-in ones.
+    fn test_ctx_with(
+        host: &str,
+        api: crate::config::ApiKind,
+        batches_read: &[(String, String)],
+        prices: Option<crate::meter::pricing::PriceBook>,
+    ) -> (Arc<ConnCtx>, Arc<Keep>, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
         let (ca, _) = crate::ca::LocalCa::load_or_create(dir.path(), &[host.to_owned()]).unwrap();
         let keep = Arc::new(Keep::default());
@@ -2285,6 +2304,10 @@ mod tests {
             keep.clone(),
             1 << 20,
         );
+        let state = match prices {
+            Some(p) => state.with_prices(Arc::new(p)),
+            None => state,
+        };
         state.batches_read(batches_read);
         let state = Arc::new(state);
         let ctx = Arc::new(ConnCtx {
@@ -3458,6 +3481,31 @@ mod tests {
         let global = cost("global.anthropic.claude-sonnet-4-5-20250929-v1:0");
         assert!((global - 0.3).abs() < 1e-9, "{global}");
         assert!((regional - 0.33).abs() < 1e-9, "{regional}");
+    }
+
+    /// A price the config gives for Bedrock applies to Bedrock's Anthropic
+    /// route too, though the record says `anthropic`; without one, the
+    /// route has Anthropic's price.
+    #[test]
+    fn bedrocks_own_prices_apply_to_its_anthropic_route() {
+        let host = "bedrock-runtime.us-east-1.amazonaws.com";
+        let model = "global.anthropic.claude-sonnet-4-5-20250929-v1:0";
+        let cfg: crate::meter::pricing::PricingConfig = toml::from_str(&format!(
+            "[[models]]\nprovider = \"bedrock\"\nmodel = \"{model}\"\ninput = 1.0\noutput = 1.0\n"
+        ))
+        .expect("pricing");
+        cfg.validate().expect("valid");
+        let prices = crate::meter::pricing::PriceBook::new(&cfg);
+        let (ctx, keep, _dir) =
+            test_ctx_with(host, crate::config::ApiKind::Bedrock, &[], Some(prices));
+        let r = anthropic_record(&ctx, &keep, model, 0);
+        assert_eq!(r.provider, "anthropic");
+        let cost = r.cost_usd.expect("priced");
+        assert!((cost - 0.1).abs() < 1e-9, "{cost}");
+        // Another model of the route: Anthropic's price, as before.
+        let other = anthropic_record(&ctx, &keep, "global.anthropic.claude-opus-4-6-v1", 0);
+        let cost = other.cost_usd.expect("priced");
+        assert!((cost - 0.5).abs() < 1e-9, "{cost}");
     }
 
     fn ws_text(json: serde_json::Value, mask: Option<[u8; 4]>) -> Vec<u8> {
