@@ -784,11 +784,45 @@ impl PriceBook {
                     .and_then(|v| v.last().copied())
             })
             .collect();
+        // A dated entry for a name the table does not hold by itself (a
+        // Bedrock id priced through Anthropic's table, a model priced by
+        // its family) starts from the prices that name had: until its date
+        // the name costs what it did, not the entry's future price. Not
+        // when an undated entry gives the name its price.
+        let undated = |m: &ModelPrice| {
+            cfg.models.iter().any(|u| {
+                u.effective.is_none()
+                    && u.provider == m.provider
+                    && canonical(&u.model) == canonical(&m.model)
+            })
+        };
+        let inherited: Vec<(String, String, Versions)> = cfg
+            .models
+            .iter()
+            .filter(|m| m.effective.is_some() && !undated(m))
+            .filter(|m| {
+                !book
+                    .tables
+                    .get(&m.provider)
+                    .is_some_and(|t| t.contains_key(canonical(&m.model).as_ref()))
+            })
+            .filter_map(|m| {
+                let v = book.versions(&m.provider, &m.model)?.clone();
+                Some((m.provider.clone(), canonical(&m.model).into_owned(), v))
+            })
+            .collect();
         for m in cfg.models.iter().filter(|m| m.effective.is_none()) {
             book.tables
                 .entry(m.provider.clone())
                 .or_default()
                 .remove(canonical(&m.model).as_ref());
+        }
+        for (provider, key, versions) in inherited {
+            book.tables
+                .entry(provider)
+                .or_default()
+                .entry(key)
+                .or_insert(versions);
         }
         for (m, base) in cfg.models.iter().zip(&bases) {
             book.insert(m, base.as_ref(), true);
@@ -1673,6 +1707,67 @@ output = 10.0
                 .map(|p| p.input)
         };
         assert_eq!((s(NOW), s(jan)), (Some(3.0), Some(2.0)));
+    }
+
+    /// A dated entry for a name the table holds only through another
+    /// (Bedrock's id through Anthropic's table, a model through its
+    /// family) takes effect on its date; before it, the name keeps the
+    /// price it had.
+    #[test]
+    fn a_dated_price_for_a_name_priced_through_another_waits_for_its_date() {
+        let builtin = PriceBook::builtin();
+        let id = "us.anthropic.claude-sonnet-4-5-20250929-v1:0";
+        let book = book_of(
+            r#"
+[[models]]
+provider = "bedrock"
+model = "us.anthropic.claude-sonnet-4-5-20250929-v1:0"
+effective = "2099-01-01"
+input = 1.0
+output = 1.0
+
+[[models]]
+provider = "openai"
+model = "gpt-5.1-codex-max"
+effective = "2099-01-01"
+input = 0.5
+output = 1.0
+"#,
+        );
+        let later = parse_date_ms("2099-01-02").expect("date");
+        let input = |b: &PriceBook, p: &str, m: &str, at| b.price_at(p, m, at).map(|p| p.input);
+        assert_eq!(
+            input(&book, "bedrock", id, NOW),
+            input(&builtin, "bedrock", id, NOW)
+        );
+        assert!(input(&builtin, "bedrock", id, NOW).is_some_and(|i| i > 1.0));
+        assert_eq!(input(&book, "bedrock", id, later), Some(1.0));
+        let codex = "gpt-5.1-codex-max";
+        assert_eq!(
+            input(&book, "openai", codex, NOW),
+            input(&builtin, "openai", codex, NOW)
+        );
+        assert!(input(&builtin, "openai", codex, NOW).is_some_and(|i| i > 0.5));
+        assert_eq!(input(&book, "openai", codex, later), Some(0.5));
+        // With an undated price of its own, the name has that one now.
+        let book = book_of(
+            r#"
+[[models]]
+provider = "openai"
+model = "gpt-5.1-codex-max"
+input = 0.25
+output = 1.0
+
+[[models]]
+provider = "openai"
+model = "gpt-5.1-codex-max"
+effective = "2099-01-01"
+input = 0.5
+output = 1.0
+"#,
+        );
+        assert_eq!(input(&book, "openai", codex, NOW), Some(0.25));
+        assert_eq!(input(&book, "openai", codex, later), Some(0.5));
     }
 
     fn book_of(toml_text: &str) -> PriceBook {
