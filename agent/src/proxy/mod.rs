@@ -832,6 +832,7 @@ async fn handle_conn(state: Arc<ProxyState>, tcp: TcpStream, peer: SocketAddr) {
             }
         };
         let acceptor = tokio_rustls::TlsAcceptor::from(server_config);
+        let began = Instant::now();
         // A client that stalls mid-handshake must not hold its task, its
         // socket and its origin entry for ever.
         let handshake = tokio::time::timeout(HELLO_TIMEOUT, acceptor.accept(Rewind::new(prefix, tcp)));
@@ -847,7 +848,7 @@ async fn handle_conn(state: Arc<ProxyState>, tcp: TcpStream, peer: SocketAddr) {
                     }
                 };
                 inc(&state.stats.client_rejected_ca);
-                if state.untrusted.strike(&key, strikes) {
+                if state.untrusted.strike(&key, strikes, began) {
                     warn!(
                         exe = %key.exe, host = %key.host, error = %e,
                         "the client does not trust the tollgate CA (pinned or bundled roots?); its later connections to this host from this job pass through uncounted (until it makes none for 10 minutes). See `tollgate trust env`"
@@ -1004,12 +1005,13 @@ impl Untrusted {
         }
     }
 
-    /// Adds `strikes`; true when this makes the client pass through.
-    fn strike(&self, key: &ClientKey, strikes: u8) -> bool {
-        self.strike_at(key, strikes, Instant::now())
+    /// Adds `strikes` for a handshake that `began` then; true when this
+    /// makes the client pass through.
+    fn strike(&self, key: &ClientKey, strikes: u8, began: Instant) -> bool {
+        self.strike_at(key, strikes, began, Instant::now())
     }
 
-    fn strike_at(&self, key: &ClientKey, strikes: u8, now: Instant) -> bool {
+    fn strike_at(&self, key: &ClientKey, strikes: u8, began: Instant, now: Instant) -> bool {
         let mut map = self.map();
         // One cgroup holds at most MAX_UNTRUSTED_PER_CGROUP clients, its
         // oldest going first: a job that invents clients (names, CI ids)
@@ -1031,6 +1033,12 @@ impl Untrusted {
         let (n, at) = map.entry(key.clone()).or_insert((0, now));
         if now.saturating_duration_since(*at) >= UNTRUSTED_FOR {
             *n = 0;
+        }
+        // A hang-up in a handshake that began before the last strike came
+        // is one interruption seen twice (a client that gave up on several
+        // connections at once, a cancelled pool), not a second try.
+        if strikes < UNTRUSTED && *n > 0 && began < *at {
+            return false;
         }
         let before = *n;
         *n = n.saturating_add(strikes).min(UNTRUSTED);
@@ -1170,37 +1178,43 @@ mod tests {
     fn strikes_add_up_clear_on_success_and_are_bounded() {
         let u = Untrusted::default();
         let k = |i: usize| client(i, "7/4242/1/lint");
-        assert!(!u.strike(&k(0), 1));
+        assert!(!u.strike(&k(0), 1, Instant::now()));
         u.clear(&k(0));
         assert!(
-            !u.strike(&k(0), 1),
+            !u.strike(&k(0), 1, Instant::now()),
             "a success in between forgets the first"
         );
-        assert!(u.strike(&k(0), 1), "the second hang-up in a row");
+        assert!(
+            u.strike(&k(0), 1, Instant::now()),
+            "the second hang-up in a row"
+        );
         assert!(u.passes_through(&k(0)));
         u.clear(&k(0));
         assert!(u.passes_through(&k(0)), "a pair that passes through stays");
         assert!(
-            !u.strike(&k(0), UNTRUSTED),
+            !u.strike(&k(0), UNTRUSTED, Instant::now()),
             "already passing: no second warning"
         );
-        assert!(u.strike(&k(1), UNTRUSTED), "an alert at once");
+        assert!(
+            u.strike(&k(1), UNTRUSTED, Instant::now()),
+            "an alert at once"
+        );
         // One job's many clients: it churns only its own entries.
         for i in 2..200 {
-            u.strike(&k(i), 1);
+            u.strike(&k(i), 1, Instant::now());
         }
         assert_eq!(u.map().len(), MAX_UNTRUSTED_PER_CGROUP);
         assert!(
-            u.strike(&k(500), UNTRUSTED),
+            u.strike(&k(500), UNTRUSTED, Instant::now()),
             "its newest client still counts"
         );
         // Many jobs: the table is bounded.
         for i in 0..MAX_UNTRUSTED_PAIRS + 10 {
-            u.strike(&client(0, &format!("{}/1/1/x", 100 + i)), 1);
+            u.strike(&client(0, &format!("{}/1/1/x", 100 + i)), 1, Instant::now());
         }
         assert_eq!(u.map().len(), MAX_UNTRUSTED_PAIRS);
         let late = client(0, "99999/1/1/x");
-        assert!(!u.strike(&late, UNTRUSTED));
+        assert!(!u.strike(&late, UNTRUSTED, Instant::now()));
         assert!(!u.passes_through(&late));
     }
 
@@ -1208,17 +1222,21 @@ mod tests {
     fn one_job_inventing_clients_cannot_crowd_out_anothers() {
         let u = Untrusted::default();
         let theirs = client(0, "8/77/1/build");
-        assert!(u.strike(&theirs, UNTRUSTED));
+        assert!(u.strike(&theirs, UNTRUSTED, Instant::now()));
         // A job in cgroup 7 strikes with thousands of invented names.
         for i in 0..2 * MAX_UNTRUSTED_PAIRS {
-            u.strike(&client(i, &format!("7/{i}/1/flood")), UNTRUSTED);
+            u.strike(
+                &client(i, &format!("7/{i}/1/flood")),
+                UNTRUSTED,
+                Instant::now(),
+            );
         }
         assert!(
             u.passes_through(&theirs),
             "the other job's client keeps passing"
         );
         // And a client the other job starts later is still learned.
-        assert!(u.strike(&client(1, "8/77/1/build"), UNTRUSTED));
+        assert!(u.strike(&client(1, "8/77/1/build"), UNTRUSTED, Instant::now()));
     }
 
     #[test]
@@ -1226,7 +1244,7 @@ mod tests {
         let u = Untrusted::default();
         let t0 = Instant::now();
         let mine = client(0, "7/4242/1/lint");
-        assert!(u.strike_at(&mine, UNTRUSTED, t0));
+        assert!(u.strike_at(&mine, UNTRUSTED, t0, t0));
         assert!(u.passes_through_at(&mine, t0 + Duration::from_secs(60)));
         // Each connection keeps it passing: a long job's pinned client
         // keeps working.
@@ -1243,13 +1261,40 @@ mod tests {
         // a new rejection starts afresh (a hang-up alone is not enough).
         let later = t0 + UNTRUSTED_FOR;
         assert!(!u.passes_through_at(&mine, later));
-        assert!(!u.strike_at(&mine, 1, later));
+        assert!(!u.strike_at(&mine, 1, later, later));
         assert!(!u.passes_through_at(&mine, later));
         // When full, expired entries make room.
         for i in 1..MAX_UNTRUSTED_PAIRS {
-            u.strike_at(&client(0, &format!("{}/s", 1000 + i)), 1, t0);
+            u.strike_at(&client(0, &format!("{}/s", 1000 + i)), 1, t0, t0);
         }
-        assert!(u.strike_at(&client(0, "new"), UNTRUSTED, later + Duration::from_secs(1)));
+        assert!(u.strike_at(
+            &client(0, "new"),
+            UNTRUSTED,
+            later + Duration::from_secs(1),
+            later + Duration::from_secs(1)
+        ));
+    }
+
+    /// Hang-ups of handshakes that overlapped (a client that gave up on
+    /// several connections at once) are one strike, not two: only a
+    /// hang-up of a handshake that began after the last strike adds.
+    #[test]
+    fn overlapping_hang_ups_are_one_strike() {
+        let u = Untrusted::default();
+        let mine = client(0, "7/4242/1/lint");
+        let t0 = Instant::now();
+        let (a, b) = (t0, t0 + Duration::from_millis(5));
+        // Both handshakes began before either hung up.
+        assert!(!u.strike_at(&mine, 1, a, t0 + Duration::from_millis(100)));
+        assert!(!u.strike_at(&mine, 1, b, t0 + Duration::from_millis(101)));
+        assert!(!u.passes_through_at(&mine, t0 + Duration::from_millis(200)));
+        // A later try that hangs up too: that is two.
+        let c = t0 + Duration::from_secs(1);
+        assert!(u.strike_at(&mine, 1, c, c + Duration::from_millis(50)));
+        // An alert counts whenever its handshake began.
+        let other = client(0, "7/4242/1/test");
+        assert!(!u.strike_at(&other, 1, t0, t0 + Duration::from_millis(100)));
+        assert!(u.strike_at(&other, UNTRUSTED, t0, t0 + Duration::from_millis(101)));
     }
 
     #[test]
