@@ -372,26 +372,32 @@ pub fn trust(cfg: &Config, cmd: &TrustCommand) -> Result<(), CmdError> {
                     ca.cert_path().display()
                 );
             }
-            for line in trust::install(&ca, root)? {
+            let report = trust::install(&ca, root)?;
+            for line in &report.lines {
                 println!("{line}");
             }
+            report.finish()?;
         }
         TrustCommand::Rotate { root } => {
             check_state_dir(cfg)?;
             let hosts: Vec<String> = provider_hosts(cfg).into_iter().map(|h| h.host).collect();
             let ca = LocalCa::rotate(&cfg.state_dir, &hosts)?;
             println!("replaced the local CA in {}", ca.cert_path().display());
-            for line in trust::install(&ca, root)? {
+            let report = trust::install(&ca, root)?;
+            for line in &report.lines {
                 println!("{line}");
             }
             println!(
                 "restart the agent now (systemctl restart tollgate): until then it signs with the old CA, which clients no longer trust"
             );
+            report.finish()?;
         }
         TrustCommand::Uninstall { root } => {
-            for line in trust::uninstall(&cfg.state_dir, root)? {
+            let report = trust::uninstall(&cfg.state_dir, root)?;
+            for line in &report.lines {
                 println!("{line}");
             }
+            report.finish()?;
         }
         TrustCommand::Env { format } => {
             // Only paths are printed: an existing CA is not opened (no key,

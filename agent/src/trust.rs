@@ -59,15 +59,46 @@ pub enum TrustError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error(
-        "`{command}` failed ({status}): {stderr}; the CA file is in place, fix the error and run `tollgate trust install` again"
-    )]
+    #[error("`{command}` failed ({status}): {stderr}; {advice}")]
     Command {
         command: String,
         status: String,
         stderr: String,
+        /// What to do, for the command that ran it.
+        advice: &'static str,
     },
+    /// Some steps of `install` or `uninstall` could not be done (the rest
+    /// were, and were printed).
+    #[error("{}", failed.join("; "))]
+    Incomplete { failed: Vec<String> },
 }
+
+/// What `install` or `uninstall` did, one line each, and what it could
+/// not do.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub lines: Vec<String>,
+    pub failed: Vec<String>,
+}
+
+impl Report {
+    /// An error when a step failed.
+    pub fn finish(self) -> Result<(), TrustError> {
+        if self.failed.is_empty() {
+            Ok(())
+        } else {
+            Err(TrustError::Incomplete {
+                failed: self.failed,
+            })
+        }
+    }
+}
+
+/// What `trust install` says after a command failed.
+const INSTALL_AGAIN: &str =
+    "the CA file is in place, fix the error and run `tollgate trust install` again";
+/// What `trust uninstall` says after a command failed.
+const UNINSTALL_AGAIN: &str = "fix the error and run `tollgate trust uninstall` again";
 
 impl TrustError {
     /// Process exit code (see `crate::exit`).
@@ -75,7 +106,9 @@ impl TrustError {
         match self {
             TrustError::Ca(e) => e.exit_code(),
             TrustError::Permission { .. } => crate::exit::NOPERM,
-            TrustError::Io { .. } | TrustError::Command { .. } => crate::exit::UNAVAILABLE,
+            TrustError::Io { .. } | TrustError::Command { .. } | TrustError::Incomplete { .. } => {
+                crate::exit::UNAVAILABLE
+            }
         }
     }
 
@@ -266,7 +299,7 @@ fn command_line(program: &Path, args: &[&str]) -> String {
     s
 }
 
-fn run_checked(program: &Path, args: &[&str]) -> Result<String, TrustError> {
+fn run_checked(program: &Path, args: &[&str], advice: &'static str) -> Result<String, TrustError> {
     let out = run(program, args)?;
     if out.ok {
         Ok(out.text)
@@ -275,6 +308,7 @@ fn run_checked(program: &Path, args: &[&str]) -> Result<String, TrustError> {
             command: command_line(program, args),
             status: out.status,
             stderr: out.text,
+            advice,
         })
     }
 }
@@ -293,11 +327,35 @@ fn java_store(root: &Path) -> Result<Vec<String>, String> {
     }
 }
 
-fn keytool_delete(keytool: &Path, store: &[String], alias: &str) -> Result<bool, TrustError> {
+/// What a `keytool -delete` did.
+#[derive(Debug, PartialEq, Eq)]
+enum Deletion {
+    Deleted,
+    /// The alias was not there.
+    Absent,
+    /// Anything else (another store password, a keytool without
+    /// `-cacerts`): the alias may still be there.
+    Failed(String),
+}
+
+impl Deletion {
+    fn of(ok: bool, text: &str) -> Deletion {
+        if ok {
+            Deletion::Deleted
+        } else if text.contains("does not exist") {
+            Deletion::Absent
+        } else {
+            Deletion::Failed(text.to_string())
+        }
+    }
+}
+
+fn keytool_delete(keytool: &Path, store: &[String], alias: &str) -> Result<Deletion, TrustError> {
     let mut args: Vec<&str> = vec!["-delete", "-noprompt", "-alias", alias];
     args.extend(store.iter().map(String::as_str));
     args.extend(["-storepass", CACERTS_PASSWORD]);
-    Ok(run(keytool, &args)?.ok)
+    let out = run(keytool, &args)?;
+    Ok(Deletion::of(out.ok, &out.text))
 }
 
 /// Whether the system trust store under `root` trusts a CA.
@@ -360,8 +418,9 @@ pub fn installed(cert_pem: &str, root: &Path) -> Installed {
 
 /// Adds the CA to the trust stores under `root` ("/" for this host) and
 /// rewrites `bundle.pem`. Returns what was done, one line each.
-pub fn install(ca: &LocalCa, root: &Path) -> Result<Vec<String>, TrustError> {
+pub fn install(ca: &LocalCa, root: &Path) -> Result<Report, TrustError> {
     let mut lines = Vec::new();
+    let mut failed = Vec::new();
     let host = is_host_root(root);
 
     let dir = under(root, DEBIAN_ANCHORS);
@@ -379,13 +438,14 @@ pub fn install(ca: &LocalCa, root: &Path) -> Result<Vec<String>, TrustError> {
     }
 
     if host {
+        let trusted = || matches!(installed(ca.cert_pem(), root), Installed::Yes { .. });
         match find_program("update-ca-certificates") {
             Some(p) => {
-                run_checked(&p, &[])?;
+                run_checked(&p, &[], INSTALL_AGAIN)?;
                 lines.push("ran update-ca-certificates: the system store trusts the CA".into());
             }
-            None if !rhel => lines.push(
-                "update-ca-certificates not found: install the ca-certificates package and run it"
+            None if !rhel && !trusted() => failed.push(
+                "update-ca-certificates not found, and the system store does not trust the CA: install the ca-certificates package and run `tollgate trust install` again"
                     .into(),
             ),
             None => {}
@@ -393,12 +453,13 @@ pub fn install(ca: &LocalCa, root: &Path) -> Result<Vec<String>, TrustError> {
         if rhel {
             match find_program("update-ca-trust") {
                 Some(p) => {
-                    run_checked(&p, &["extract"])?;
+                    run_checked(&p, &["extract"], INSTALL_AGAIN)?;
                     lines.push("ran update-ca-trust extract".into());
                 }
-                None => {
-                    lines.push("update-ca-trust not found: run it to refresh the RHEL store".into())
-                }
+                None if !trusted() => failed.push(
+                    "update-ca-trust not found, and the system store does not trust the CA: run `update-ca-trust extract`".into(),
+                ),
+                None => {}
             }
         }
     } else {
@@ -417,6 +478,7 @@ pub fn install(ca: &LocalCa, root: &Path) -> Result<Vec<String>, TrustError> {
             // rotation `update-ca-certificates` sees the anchor's name
             // unchanged and does not call the hook, so JVMs would go on
             // trusting the old CA.
+            // A failure shows in the import that follows.
             keytool_delete(&keytool, &store, JAVA_ALIAS)?;
             keytool_delete(&keytool, &store, DEBIAN_JAVA_ALIAS)?;
             let cert = ca.cert_path().to_string_lossy().into_owned();
@@ -454,7 +516,7 @@ pub fn install(ca: &LocalCa, root: &Path) -> Result<Vec<String>, TrustError> {
         "wrote {} (system roots + the CA); `tollgate trust env` prints the variables for Node, Python, curl and AWS SDKs",
         bundle.display()
     ));
-    Ok(lines)
+    Ok(Report { lines, failed })
 }
 
 fn remove_if_present(path: &Path) -> Result<bool, TrustError> {
@@ -467,8 +529,9 @@ fn remove_if_present(path: &Path) -> Result<bool, TrustError> {
 
 /// Removes what `install` added under `root`; running it twice is harmless.
 /// The CA itself stays in `state_dir/ca`.
-pub fn uninstall(state_dir: &Path, root: &Path) -> Result<Vec<String>, TrustError> {
+pub fn uninstall(state_dir: &Path, root: &Path) -> Result<Report, TrustError> {
     let mut lines = Vec::new();
+    let mut failed = Vec::new();
     let host = is_host_root(root);
 
     let debian = under(root, DEBIAN_ANCHORS).join(ANCHOR_NAME);
@@ -488,18 +551,22 @@ pub fn uninstall(state_dir: &Path, root: &Path) -> Result<Vec<String>, TrustErro
     if host {
         if removed_debian || stale_link {
             match find_program("update-ca-certificates") {
-                Some(p) => {
-                    run_checked(&p, &["--fresh"])?;
-                    lines.push("ran update-ca-certificates --fresh".into());
-                }
-                None => lines.push(
-                    "update-ca-certificates not found: the system store was not refreshed".into(),
+                // A failure is said at the end: Java's store is cleaned
+                // whatever happens here.
+                Some(p) => match run_checked(&p, &["--fresh"], UNINSTALL_AGAIN) {
+                    Ok(_) => lines.push("ran update-ca-certificates --fresh".into()),
+                    Err(e) => failed.push(e.to_string()),
+                },
+                None => failed.push(
+                    "update-ca-certificates not found: the system store was not refreshed and may still trust the CA".into(),
                 ),
             }
         }
         if removed_rhel && let Some(p) = find_program("update-ca-trust") {
-            run_checked(&p, &["extract"])?;
-            lines.push("ran update-ca-trust extract".into());
+            match run_checked(&p, &["extract"], UNINSTALL_AGAIN) {
+                Ok(_) => lines.push("ran update-ca-trust extract".into()),
+                Err(e) => failed.push(e.to_string()),
+            }
         }
     } else if removed_debian || removed_rhel || stale_link {
         lines.push(format!(
@@ -509,20 +576,28 @@ pub fn uninstall(state_dir: &Path, root: &Path) -> Result<Vec<String>, TrustErro
     }
 
     if let (Some(keytool), Ok(store)) = (find_program("keytool"), java_store(root)) {
-        let ours = keytool_delete(&keytool, &store, JAVA_ALIAS)?;
-        let hooks = keytool_delete(&keytool, &store, DEBIAN_JAVA_ALIAS)?;
-        lines.push(if ours || hooks {
-            "removed the CA from Java cacerts".into()
-        } else {
-            "the CA was not in Java cacerts".into()
-        });
+        let mut removed = false;
+        for alias in [JAVA_ALIAS, DEBIAN_JAVA_ALIAS] {
+            match keytool_delete(&keytool, &store, alias)? {
+                Deletion::Deleted => removed = true,
+                Deletion::Absent => {}
+                Deletion::Failed(why) => failed.push(format!(
+                    "could not remove `{alias}` from Java cacerts ({why}): JVMs may still trust the CA; remove it with keytool -delete -alias '{alias}'"
+                )),
+            }
+        }
+        if removed {
+            lines.push("removed the CA from Java cacerts".into());
+        } else if failed.iter().all(|f| !f.contains("Java cacerts")) {
+            lines.push("the CA was not in Java cacerts".into());
+        }
     }
 
     lines.push(format!(
         "the CA stays in {}; delete that directory to discard its key",
         state_dir.join("ca").display()
     ));
-    Ok(lines)
+    Ok(Report { lines, failed })
 }
 
 #[cfg(test)]
@@ -642,8 +717,9 @@ mod tests {
             }
         }
 
-        let lines = install(&ca, &root).expect("install");
-        let text = lines.join("\n");
+        let report = install(&ca, &root).expect("install");
+        assert!(report.failed.is_empty(), "{:?}", report.failed);
+        let text = report.lines.join("\n");
         let anchor = root.join(DEBIAN_ANCHORS).join(ANCHOR_NAME);
         assert_eq!(
             std::fs::read_to_string(&anchor).expect("anchor"),
@@ -663,8 +739,9 @@ mod tests {
             assert!(keytool_list(kt, &ks, JAVA_ALIAS));
         }
 
-        let lines = uninstall(&t.path().join("state"), &root).expect("uninstall");
-        let text = lines.join("\n");
+        let report = uninstall(&t.path().join("state"), &root).expect("uninstall");
+        assert!(report.failed.is_empty(), "{:?}", report.failed);
+        let text = report.lines.join("\n");
         assert!(!anchor.exists());
         assert!(text.contains("removed"), "{text}");
         if let Some(kt) = &keytool {
@@ -673,8 +750,67 @@ mod tests {
         }
         let text = uninstall(&t.path().join("state"), &root)
             .expect("idempotent")
+            .lines
             .join("\n");
         assert!(text.contains("was not present"), "{text}");
+    }
+
+    #[test]
+    fn a_keytool_deletion_is_told_from_an_absent_alias_and_a_failure() {
+        assert_eq!(Deletion::of(true, ""), Deletion::Deleted);
+        assert_eq!(
+            Deletion::of(
+                false,
+                "keytool error: java.lang.Exception: Alias <tollgate-local-ca> does not exist"
+            ),
+            Deletion::Absent
+        );
+        assert!(matches!(
+            Deletion::of(
+                false,
+                "keytool error: java.io.IOException: keystore password was incorrect"
+            ),
+            Deletion::Failed(_)
+        ));
+    }
+
+    /// `uninstall` with a Java cacerts keytool cannot open (another store
+    /// password: any failure) says so and fails, rather than reporting
+    /// the CA absent while JVMs still trust it.
+    #[test]
+    #[ignore = "needs a JDK (keytool on PATH; cargo xtask setup installs one)"]
+    fn uninstall_fails_when_java_cacerts_cannot_be_cleaned() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let ca = ca(&t.path().join("state"));
+        let root = t.path().join("root");
+        let kt = find_program("keytool").expect("keytool on PATH");
+        let ks = root.join(DEBIAN_CACERTS);
+        std::fs::create_dir_all(ks.parent().expect("parent")).expect("java dir");
+        let out = Command::new(&kt)
+            .args(["-importcert", "-noprompt", "-alias", JAVA_ALIAS, "-file"])
+            .arg(ca.cert_path())
+            .arg("-keystore")
+            .arg(&ks)
+            .args(["-storepass", "not-changeit"])
+            .output()
+            .expect("keytool runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let report = uninstall(&t.path().join("state"), &root).expect("uninstall runs");
+        let text = report.lines.join("\n");
+        assert!(!text.contains("was not in Java cacerts"), "{text}");
+        assert_eq!(report.failed.len(), 2, "{:?}", report.failed);
+        assert!(
+            report.failed[0].contains("JVMs may still trust the CA"),
+            "{:?}",
+            report.failed
+        );
+        assert!(!report.failed.join(" ").contains(CACERTS_PASSWORD));
+        let err = report.finish().expect_err("a failure");
+        assert_eq!(err.exit_code(), crate::exit::UNAVAILABLE);
     }
 
     #[test]
@@ -726,8 +862,10 @@ mod tests {
             command: "update-ca-certificates".into(),
             status: "exit status: 1".into(),
             stderr: "boom".into(),
+            advice: UNINSTALL_AGAIN,
         };
         assert_eq!(e.exit_code(), crate::exit::UNAVAILABLE);
         assert!(e.to_string().contains("boom"));
+        assert!(e.to_string().contains("trust uninstall` again"), "{e}");
     }
 }
