@@ -174,11 +174,19 @@ pub fn provider_name<'a>(provider: &'a str, host: &str) -> Cow<'a, str> {
 /// `error.type` when the request failed: the HTTP status for a non-2xx
 /// answer; else the record's error when it is an identifier
 /// (`client_disconnected`, `timeout`, ...), `_OTHER` when it is prose.
+/// Record errors that say what the agent could not meter, not that the
+/// request failed.
+const METERING_ONLY: &[&str] = &["usage_missing", crate::providers::decode::UNDECODABLE];
+
 pub fn error_type(rec: &UsageRecord) -> Option<Cow<'_, str>> {
     if rec.status != 0 && !(200..300).contains(&rec.status) {
         return Some(Cow::Owned(rec.status.to_string()));
     }
     match &rec.error {
+        // What the agent could not count, on an answer that succeeded: the
+        // request did not fail (the ledger keeps why its counts are
+        // missing or estimated).
+        Some(e) if rec.status != 0 && METERING_ONLY.contains(&e.as_str()) => None,
         Some(e) if is_identifier(e) => Some(Cow::Borrowed(e)),
         Some(_) => Some(Cow::Borrowed("_OTHER")),
         None if rec.status == 0 => Some(Cow::Borrowed("_OTHER")),

@@ -505,6 +505,12 @@ fn error_type_is_low_cardinality() {
         "prose is not an error type"
     );
     assert_eq!(sc::error_type(&record(0, None)).as_deref(), Some("_OTHER"));
+    // A 200 the agent could not count is no failed request.
+    assert_eq!(sc::error_type(&record(200, Some("usage_missing"))), None);
+    assert_eq!(
+        sc::error_type(&record(200, Some("content_decoding_failed"))),
+        None
+    );
 }
 
 #[test]
