@@ -565,6 +565,53 @@ fn a_cgroup_removed_and_created_again_is_intercepted_again() {
     assert!(matches!(intercept.follow_cgroup(), CgroupChange::Unchanged));
 }
 
+/// The agent's follower attaches to a cgroup created anew as its directory
+/// appears (an inotify watch on the parent), not at its next look: with
+/// looks an hour apart, the new cgroup is still intercepted.
+#[test]
+#[ignore = "needs root, cgroup v2 and BPF"]
+fn a_cgroup_created_again_is_attached_to_as_it_appears() {
+    let cg = ChildCgroup::create("watched");
+    let agent = Agent::bind();
+    let provider = TcpListener::bind("127.0.0.77:0").expect("bind 127.0.0.77");
+    let provider_addr = provider.local_addr().unwrap();
+    let port = provider_addr.port();
+    let intercept = std::sync::Arc::new(attach(&cg, &agent, &[provider_addr]));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let follow = {
+        let _in_rt = rt.enter();
+        tollgate::intercept::spawn_cgroup_follow(intercept.clone(), Duration::from_secs(3600), stop)
+    };
+    let driver = thread::spawn(move || rt.block_on(follow));
+    let attached_to = |id: Option<u64>| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while intercept.attached_cgroup_id() != id && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(10));
+        }
+        intercept.attached_cgroup_id() == id
+    };
+    assert!(attached_to(Some(cg.id())));
+    cg.remove_now();
+    assert!(attached_to(None), "the removal was not noticed");
+    fs::create_dir(&cg.path).expect("create the cgroup again");
+    assert!(
+        attached_to(Some(cg.id())),
+        "the new cgroup was not attached to as it appeared"
+    );
+    let child = spawn_client(&cg, "4", "127.0.0.77", port, "tcp");
+    let (mut s, _) = accept(&agent.v4, "the agent listener (new cgroup)");
+    read_hello(&mut s);
+    drop(s);
+    assert_eq!(finish(child), format!("peer 127.0.0.77 {port}"));
+    assert_nothing_pending(&provider, "the provider listener");
+    stop_tx.send(true).expect("stop");
+    driver.join().expect("follower").expect("follower task");
+}
+
 /// A service's cgroup that does not exist when the agent starts (the
 /// runner has not started yet): attaching waits for it.
 #[test]

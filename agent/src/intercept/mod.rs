@@ -17,6 +17,7 @@ mod error;
 mod keys;
 mod programs;
 pub mod resolver;
+mod watch;
 
 use std::{
     collections::{BTreeSet, HashSet},
@@ -162,11 +163,15 @@ pub fn verify_kernel() -> Result<usize, InterceptError> {
     programs::verify_all()
 }
 
-/// How often the agent looks whether its cgroup was replaced.
+/// How often the agent looks whether its cgroup was replaced, besides
+/// when its parent directory says so.
 pub const CGROUP_FOLLOW_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// Calls [`Intercept::follow_cgroup`] every `every` and logs what changed,
-/// until `stop` turns true (or its sender is dropped).
+/// Calls [`Intercept::follow_cgroup`] as soon as the cgroup's directory is
+/// created or removed (an inotify watch on its parent: a service's cgroup
+/// made anew at its restart is attached to before its first job connects),
+/// and every `every` besides; logs what changed, until `stop` turns true
+/// (or its sender is dropped).
 pub fn spawn_cgroup_follow(
     intercept: std::sync::Arc<Intercept>,
     every: std::time::Duration,
@@ -174,10 +179,35 @@ pub fn spawn_cgroup_follow(
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut last_error = None;
-        while unless_stopped(tokio::time::sleep(every), &mut stop)
-            .await
-            .is_some()
-        {
+        let mut parent = watch::ParentWatch::new(&intercept.cgroup);
+        // The first look is at once: what changed between the attach and
+        // the watch.
+        let mut first = true;
+        let mut next = |parent: &mut Option<watch::ParentWatch>| {
+            let parent = parent.take();
+            let now = std::mem::take(&mut first);
+            async move {
+                if now {
+                    return parent;
+                }
+                let Some(w) = parent else {
+                    tokio::time::sleep(every).await;
+                    return None;
+                };
+                tokio::select! {
+                    _ = tokio::time::sleep(every) => Some(w),
+                    r = w.changed() => match r {
+                        Ok(()) => Some(w),
+                        Err(e) => {
+                            tracing::debug!(error = %e, "the intercepted cgroup's parent is no longer watched; looking every few seconds only");
+                            None
+                        }
+                    },
+                }
+            }
+        };
+        while let Some(kept) = unless_stopped(next(&mut parent), &mut stop).await {
+            parent = kept;
             let cgroup = intercept.cgroup.display().to_string();
             match intercept.follow_cgroup() {
                 CgroupChange::Unchanged => {}
@@ -312,6 +342,12 @@ impl Intercept {
             ebpf: Mutex::new(ebpf),
             attached: Mutex::new(Attached { cgroup_id, links }),
         })
+    }
+
+    /// The id of the cgroup the programs are attached to (its directory's
+    /// inode number); `None` while its directory does not exist.
+    pub fn attached_cgroup_id(&self) -> Option<u64> {
+        lock(&self.attached).cgroup_id
     }
 
     /// Follows the cgroup directory the programs are attached to. The
