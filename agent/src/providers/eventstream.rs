@@ -6,7 +6,15 @@
 //! those 8 bytes, headers, payload, CRC32 of everything before it.
 //!
 //! Owns: framing only; what a frame means is the adapter's business.
-//! Must never: panic on any input, or buffer more than one frame (bounded).
+//! Must never: panic on any input, or buffer more than one frame (bounded),
+//! or hold more than [`Decoder::FREE`] of a frame outside the response
+//! budget: a larger frame takes the rest from `proxy.max_buffered_response_bytes`,
+//! and one the budget cannot hold is passed over unread (counted), as an
+//! SSE event is.
+
+use std::sync::Arc;
+
+use crate::budget::{BodyBudget, BodyLease};
 
 /// Bytes of the prelude: two lengths and their CRC.
 const PRELUDE: usize = 12;
@@ -69,6 +77,12 @@ pub struct Decoder {
     frame_len: Option<usize>,
     max_frame: usize,
     error: Option<DecodeError>,
+    /// What the current frame holds past [`Self::FREE`].
+    lease: BodyLease,
+    /// Bytes still to pass over of a frame the budget could not hold.
+    skip: usize,
+    /// Frames passed over because the response budget was held.
+    pub over_budget: u64,
 }
 
 impl Default for Decoder {
@@ -81,12 +95,24 @@ impl Decoder {
     /// Frames larger than this are refused (Bedrock's are a few KiB).
     pub const DEFAULT_MAX_FRAME: usize = 16 << 20;
 
+    /// What a frame may hold without the response budget.
+    pub const FREE: usize = 64 << 10;
+
     pub fn new(max_frame: usize) -> Self {
+        Self::within(max_frame, super::response_budget())
+    }
+
+    /// As [`Decoder::new`], holding what a frame has past [`Self::FREE`]
+    /// against `budget`.
+    pub fn within(max_frame: usize, budget: &Arc<BodyBudget>) -> Self {
         Decoder {
             buf: Vec::new(),
             frame_len: None,
             max_frame,
             error: None,
+            lease: budget.lease(),
+            skip: 0,
+            over_budget: 0,
         }
     }
 
@@ -99,6 +125,12 @@ impl Decoder {
     /// After an error, further input is ignored.
     pub fn feed(&mut self, mut chunk: &[u8], on_message: &mut dyn FnMut(Message)) {
         while !chunk.is_empty() && self.error.is_none() {
+            if self.skip > 0 {
+                let n = self.skip.min(chunk.len());
+                self.skip -= n;
+                chunk = &chunk[n..];
+                continue;
+            }
             let want = self.frame_len.unwrap_or(PRELUDE);
             let need = want - self.buf.len();
             let take = need.min(chunk.len());
@@ -115,13 +147,24 @@ impl Decoder {
             }
             if self.frame_len.is_none() {
                 match self.check_prelude() {
-                    Ok(len) => self.frame_len = Some(len),
+                    Ok(len) if self.lease.grow(len.saturating_sub(Self::FREE)) => {
+                        self.frame_len = Some(len)
+                    }
+                    Ok(len) => {
+                        // Its prelude was checked: the next frame starts
+                        // `len` bytes from this one's start.
+                        self.skip = len - PRELUDE;
+                        self.buf = Vec::new();
+                        self.over_budget += 1;
+                        super::count_over_budget();
+                    }
                     Err(e) => self.fail(e),
                 }
                 continue;
             }
             let frame = std::mem::take(&mut self.buf);
             self.frame_len = None;
+            self.lease.release();
             match decode_frame(&frame) {
                 Ok(m) => on_message(m),
                 Err(e) => self.fail(e),
@@ -134,7 +177,7 @@ impl Decoder {
         if let Some(e) = &self.error {
             return Err(e.clone());
         }
-        if !self.buf.is_empty() {
+        if !self.buf.is_empty() || self.skip > 0 {
             self.fail(DecodeError::Truncated);
             return Err(DecodeError::Truncated);
         }
@@ -145,6 +188,8 @@ impl Decoder {
         self.error = Some(e);
         self.buf = Vec::new();
         self.frame_len = None;
+        self.skip = 0;
+        self.lease.release();
     }
 
     /// Checks the 12-byte prelude in `buf`; returns the frame length.
@@ -432,6 +477,40 @@ mod tests {
         let (msgs, r) = decode(&s[..s.len() - 1], &[]);
         assert_eq!(msgs.len(), 2);
         assert_eq!(r, Err(DecodeError::Truncated));
+    }
+
+    /// A frame past `Decoder::FREE` takes the rest from the response
+    /// budget while it is read, and gives it back once decoded; one the
+    /// budget cannot hold is passed over, counted, and the next frame is
+    /// read.
+    #[test]
+    fn a_large_frame_is_held_against_the_budget_or_passed_over() {
+        let big = encode_frame(&[(":event-type", "chunk")], &vec![b'x'; 200 << 10]);
+        let small = encode_frame(&[(":event-type", "metadata")], b"{}");
+        let stream = [big.clone(), small.clone(), big, small].concat();
+        for (budget, decoded, passed_over) in [(1 << 20, 4, 0), (100 << 10, 2, 2)] {
+            let budget = BodyBudget::new(budget);
+            let mut d = Decoder::within(Decoder::DEFAULT_MAX_FRAME, &budget);
+            let mut got = Vec::new();
+            // Cut anywhere: in 1000-byte pieces.
+            for piece in stream.chunks(1000) {
+                d.feed(piece, &mut |m| {
+                    got.push(m.payload.len());
+                    assert!(budget.used() <= (200 << 10), "more than one frame held");
+                });
+            }
+            assert_eq!(d.finish(), Ok(()));
+            assert_eq!(got.len(), decoded, "{got:?}");
+            assert_eq!(d.over_budget, passed_over);
+            assert!(got.contains(&2), "the small frames are read");
+            assert_eq!(budget.used(), 0, "given back");
+        }
+        // A stream that ends inside a frame passed over is truncated.
+        let budget = BodyBudget::new(0);
+        let mut d = Decoder::within(Decoder::DEFAULT_MAX_FRAME, &budget);
+        let big = encode_frame(&[(":event-type", "chunk")], &vec![b'x'; 200 << 10]);
+        d.feed(&big[..big.len() - 1], &mut |_| panic!("passed over"));
+        assert_eq!(d.finish(), Err(DecodeError::Truncated));
     }
 
     /// A prelude (with a valid CRC) claiming `total` bytes of frame and
