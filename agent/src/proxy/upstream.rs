@@ -35,11 +35,14 @@ const MAX_IDLE_PER_KEY: usize = 64;
 /// avoids).
 const MAX_STREAMS_PER_H2: usize = 100;
 
-/// The receive window of each upstream HTTP/2 stream (hyper's default):
-/// what the provider may send ahead of a job that reads slowly. The
-/// connection's window is this times `MAX_STREAMS_PER_H2`, so that at most
-/// 200 MiB wait in one connection when every stream's job stops reading.
-const H2_STREAM_WINDOW: u32 = 2 << 20;
+/// The receive window of each upstream HTTP/2 stream: what the provider
+/// may send ahead of a job that reads slowly, and so what an answer a job
+/// stops reading holds in the agent (hyper's default is 2 MiB). 512 KiB
+/// keeps a download at 10 MB/s over a 50 ms path; LLM answers and streams
+/// are far smaller. The connection's window is this times
+/// `MAX_STREAMS_PER_H2` (50 MiB), so that no set of stalled streams stops
+/// the others on their connection.
+const H2_STREAM_WINDOW: u32 = 512 << 10;
 /// An HTTP/2 stream the provider refused before processing it: reset
 /// with `REFUSED_STREAM` (RFC 9113 §8.7). (A stream past the last one a
 /// GOAWAY accepted is reported by h2 with the GOAWAY's own reason, usually
@@ -1407,10 +1410,13 @@ pub(crate) mod tests {
             1,
             "the three share one connection"
         );
-        // Until the provider has sent what the windows let it: 6 MiB (two
-        // per stream), or 5 MiB with hyper's connection window, all of it.
+        // Until the provider has sent what the windows let it: each
+        // stream's window (1.5 MiB in all), or all of a connection window
+        // too small for them.
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while sent.load(Ordering::SeqCst) < 5 << 20 && std::time::Instant::now() < deadline {
+        while sent.load(Ordering::SeqCst) < 3 * H2_STREAM_WINDOW as usize
+            && std::time::Instant::now() < deadline
+        {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let small = up
