@@ -272,14 +272,21 @@ struct Output {
 }
 
 fn run(program: &Path, args: &[&str]) -> Result<Output, TrustError> {
+    // In English, whatever the locale: keytool's "does not exist" is read.
     let out = Command::new(program)
         .args(args)
+        .env("LC_ALL", "C")
+        .env("LANG", "C")
         .output()
         .map_err(|e| TrustError::io("run", program, e))?;
-    let mut text = String::from_utf8_lossy(&out.stderr).trim().to_string();
-    if text.is_empty() {
-        text = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    }
+    // Both streams: keytool says what went wrong on stdout, and a JVM may
+    // write its own notes (JAVA_TOOL_OPTIONS) on stderr.
+    let text = [&out.stderr, &out.stdout]
+        .iter()
+        .map(|b| String::from_utf8_lossy(b).trim().to_string())
+        .filter(|t| !t.is_empty())
+        .collect::<Vec<_>>()
+        .join("\n");
     // Keep the message short: the last few lines say what went wrong.
     let lines: Vec<&str> = text.lines().collect();
     let text = lines[lines.len().saturating_sub(4)..].join(" / ");
@@ -351,7 +358,14 @@ impl Deletion {
 }
 
 fn keytool_delete(keytool: &Path, store: &[String], alias: &str) -> Result<Deletion, TrustError> {
-    let mut args: Vec<&str> = vec!["-delete", "-noprompt", "-alias", alias];
+    let mut args: Vec<&str> = vec![
+        "-J-Duser.language=en",
+        "-J-Duser.country=US",
+        "-delete",
+        "-noprompt",
+        "-alias",
+        alias,
+    ];
     args.extend(store.iter().map(String::as_str));
     args.extend(["-storepass", CACERTS_PASSWORD]);
     let out = run(keytool, &args)?;
@@ -483,6 +497,8 @@ pub fn install(ca: &LocalCa, root: &Path) -> Result<Report, TrustError> {
             keytool_delete(&keytool, &store, DEBIAN_JAVA_ALIAS)?;
             let cert = ca.cert_path().to_string_lossy().into_owned();
             let mut args: Vec<&str> = vec![
+                "-J-Duser.language=en",
+                "-J-Duser.country=US",
                 "-importcert",
                 "-noprompt",
                 "-trustcacerts",
@@ -548,6 +564,9 @@ pub fn uninstall(state_dir: &Path, root: &Path) -> Result<Report, TrustError> {
     }
 
     let stale_link = under(root, DEBIAN_LINK).symlink_metadata().is_ok();
+    // RHEL's store does not read the Debian anchor directory (install
+    // writes both): no update-ca-certificates there is no failure.
+    let rhel = under(root, RHEL_ANCHORS).is_dir();
     if host {
         if removed_debian || stale_link {
             match find_program("update-ca-certificates") {
@@ -557,15 +576,21 @@ pub fn uninstall(state_dir: &Path, root: &Path) -> Result<Report, TrustError> {
                     Ok(_) => lines.push("ran update-ca-certificates --fresh".into()),
                     Err(e) => failed.push(e.to_string()),
                 },
-                None => failed.push(
+                None if !rhel => failed.push(
                     "update-ca-certificates not found: the system store was not refreshed and may still trust the CA".into(),
                 ),
+                None => {}
             }
         }
-        if removed_rhel && let Some(p) = find_program("update-ca-trust") {
-            match run_checked(&p, &["extract"], UNINSTALL_AGAIN) {
-                Ok(_) => lines.push("ran update-ca-trust extract".into()),
-                Err(e) => failed.push(e.to_string()),
+        if removed_rhel {
+            match find_program("update-ca-trust") {
+                Some(p) => match run_checked(&p, &["extract"], UNINSTALL_AGAIN) {
+                    Ok(_) => lines.push("ran update-ca-trust extract".into()),
+                    Err(e) => failed.push(e.to_string()),
+                },
+                None => failed.push(
+                    "update-ca-trust not found: the system store was not refreshed and may still trust the CA".into(),
+                ),
             }
         }
     } else if removed_debian || removed_rhel || stale_link {
@@ -772,6 +797,21 @@ mod tests {
             ),
             Deletion::Failed(_)
         ));
+    }
+
+    /// keytool says an alias is absent on stdout; a JVM's own note
+    /// (`Picked up JAVA_TOOL_OPTIONS`) on stderr must not hide it.
+    #[test]
+    fn a_message_on_stdout_is_read_past_notes_on_stderr() {
+        let out = run(
+            Path::new("/bin/sh"),
+            &[
+                "-c",
+                "echo 'Picked up JAVA_TOOL_OPTIONS: -Xmx1g' >&2; echo 'keytool error: java.lang.Exception: Alias <tollgate-local-ca> does not exist'; exit 1",
+            ],
+        )
+        .expect("sh runs");
+        assert_eq!(Deletion::of(out.ok, &out.text), Deletion::Absent);
     }
 
     /// `uninstall` with a Java cacerts keytool cannot open (another store
