@@ -784,22 +784,29 @@ impl PriceBook {
                     .and_then(|v| v.last().copied())
             })
             .collect();
+        for m in cfg.models.iter().filter(|m| m.effective.is_none()) {
+            book.tables
+                .entry(m.provider.clone())
+                .or_default()
+                .remove(canonical(&m.model).as_ref());
+        }
+        let undated = cfg
+            .models
+            .iter()
+            .zip(&bases)
+            .filter(|(m, _)| m.effective.is_none());
+        for (m, base) in undated {
+            book.insert(m, base.as_ref(), true);
+        }
         // A dated entry for a name the table does not hold by itself (a
         // Bedrock id priced through Anthropic's table, a model priced by
-        // its family) starts from the prices that name had: until its date
-        // the name costs what it did, not the entry's future price. Not
-        // when an undated entry gives the name its price.
-        let undated = |m: &ModelPrice| {
-            cfg.models.iter().any(|u| {
-                u.effective.is_none()
-                    && u.provider == m.provider
-                    && canonical(&u.model) == canonical(&m.model)
-            })
-        };
+        // its family) starts from the prices that name has, the undated
+        // entries' included: until its date the name costs what it did,
+        // not the entry's future price.
         let inherited: Vec<(String, String, Versions)> = cfg
             .models
             .iter()
-            .filter(|m| m.effective.is_some() && !undated(m))
+            .filter(|m| m.effective.is_some())
             .filter(|m| {
                 !book
                     .tables
@@ -811,12 +818,6 @@ impl PriceBook {
                 Some((m.provider.clone(), canonical(&m.model).into_owned(), v))
             })
             .collect();
-        for m in cfg.models.iter().filter(|m| m.effective.is_none()) {
-            book.tables
-                .entry(m.provider.clone())
-                .or_default()
-                .remove(canonical(&m.model).as_ref());
-        }
         for (provider, key, versions) in inherited {
             book.tables
                 .entry(provider)
@@ -824,7 +825,12 @@ impl PriceBook {
                 .entry(key)
                 .or_insert(versions);
         }
-        for (m, base) in cfg.models.iter().zip(&bases) {
+        let dated = cfg
+            .models
+            .iter()
+            .zip(&bases)
+            .filter(|(m, _)| m.effective.is_some());
+        for (m, base) in dated {
             book.insert(m, base.as_ref(), true);
         }
         book
@@ -1768,6 +1774,26 @@ output = 1.0
         );
         assert_eq!(input(&book, "openai", codex, NOW), Some(0.25));
         assert_eq!(input(&book, "openai", codex, later), Some(0.5));
+        // An undated price of the name it resolves through holds until the
+        // date too.
+        let book = book_of(
+            r#"
+[[models]]
+provider = "anthropic"
+model = "claude-sonnet-4-5"
+input = 2.7
+output = 10.0
+
+[[models]]
+provider = "bedrock"
+model = "us.anthropic.claude-sonnet-4-5-20250929-v1:0"
+effective = "2099-01-01"
+input = 1.0
+output = 1.0
+"#,
+        );
+        assert_eq!(input(&book, "bedrock", id, NOW), Some(2.7));
+        assert_eq!(input(&book, "bedrock", id, later), Some(1.0));
     }
 
     fn book_of(toml_text: &str) -> PriceBook {
