@@ -711,6 +711,11 @@ async fn finish(
 }
 
 async fn handle_conn(state: Arc<ProxyState>, tcp: TcpStream, peer: SocketAddr) {
+    // When the client's attempt began, as far as the agent can tell: its
+    // handshake's hang-up counts against it only if this is after the last
+    // strike (attribution and minting may take seconds before the TLS
+    // handshake itself).
+    let began = Instant::now();
     inc(&state.stats.accepted);
     let found = match tcp.local_addr() {
         Ok(local) => state.origins.origin(peer, local),
@@ -832,7 +837,6 @@ async fn handle_conn(state: Arc<ProxyState>, tcp: TcpStream, peer: SocketAddr) {
             }
         };
         let acceptor = tokio_rustls::TlsAcceptor::from(server_config);
-        let began = Instant::now();
         // A client that stalls mid-handshake must not hold its task, its
         // socket and its origin entry for ever.
         let handshake = tokio::time::timeout(HELLO_TIMEOUT, acceptor.accept(Rewind::new(prefix, tcp)));
