@@ -199,6 +199,19 @@ struct Minter {
     ca_not_before: i64,
 }
 
+/// Whether the kernel says the clock is synchronised (`adjtimex`: not
+/// `TIME_ERROR`, no `STA_UNSYNC`); `None` when it cannot tell.
+fn clock_synchronised() -> Option<bool> {
+    // SAFETY: `adjtimex` with `modes` 0 only reads into `tx`.
+    let mut tx: libc::timex = unsafe { std::mem::zeroed() };
+    let state = unsafe { libc::adjtimex(&mut tx) };
+    match state {
+        -1 => None,
+        libc::TIME_ERROR => Some(false),
+        _ => Some(tx.status & libc::STA_UNSYNC == 0),
+    }
+}
+
 /// A cached leaf's server configuration, with when it was minted (on the
 /// monotonic clock) and its validity (Unix seconds, on the wall clock it
 /// was minted by).
@@ -206,6 +219,8 @@ struct Minted {
     made: Instant,
     not_before: i64,
     not_after: i64,
+    /// Its end is the CA's: minting again would not make it last longer.
+    capped: bool,
     config: Arc<rustls::ServerConfig>,
 }
 
@@ -216,7 +231,9 @@ impl Minted {
     /// its clock hours off, then corrected by NTP) would otherwise keep a
     /// leaf that clients take as not yet valid, or expired, for 30 days.
     fn fresh(&self, now: i64) -> bool {
-        self.made.elapsed() < LEAF_REMINT && self.not_before <= now && now + 3600 < self.not_after
+        self.made.elapsed() < LEAF_REMINT
+            && self.not_before <= now
+            && (now + 3600 < self.not_after || self.capped)
     }
 }
 
@@ -240,6 +257,15 @@ impl Minter {
     /// A leaf for `host` (which the caller checked is covered), with its
     /// validity (Unix seconds).
     fn leaf(&self, host: &str) -> Result<(CertificateDer<'static>, i64, i64), CaError> {
+        self.leaf_at(host, time::OffsetDateTime::now_utc())
+    }
+
+    /// As [`Minter::leaf`], valid around `now`.
+    fn leaf_at(
+        &self,
+        host: &str,
+        now: time::OffsetDateTime,
+    ) -> Result<(CertificateDer<'static>, i64, i64), CaError> {
         let mut params = CertificateParams::default();
         let mut serial = [0u8; 16];
         self.provider
@@ -248,7 +274,6 @@ impl Minter {
             .map_err(|_| CaError::Generate(rcgen::Error::RingUnspecified))?;
         serial[0] &= 0x7f;
         params.serial_number = Some(serial.to_vec().into());
-        let now = time::OffsetDateTime::now_utc();
         params.not_before = now - time::Duration::hours(1);
         params.not_after = (now + time::Duration::days(LEAF_VALIDITY_DAYS))
             .min(time::OffsetDateTime::from_unix_timestamp(self.ca_not_after).unwrap_or(now));
@@ -318,6 +343,7 @@ impl Minter {
                 made: Instant::now(),
                 not_before,
                 not_after,
+                capped: not_after >= self.ca_not_after,
                 config: Arc::clone(&cfg),
             },
         );
@@ -340,6 +366,15 @@ impl LocalCa {
     pub fn load_or_create(
         state_dir: &Path,
         hosts: &[String],
+    ) -> Result<(LocalCa, CaStatus), CaError> {
+        Self::load_or_create_with(state_dir, hosts, clock_synchronised() != Some(true))
+    }
+
+    /// As [`LocalCa::load_or_create`], told whether the clock may be wrong.
+    fn load_or_create_with(
+        state_dir: &Path,
+        hosts: &[String],
+        clock_unsure: bool,
     ) -> Result<(LocalCa, CaStatus), CaError> {
         let wanted = normalize_hosts(hosts)?;
         let dir = state_dir.join(CA_DIR);
@@ -366,7 +401,7 @@ impl LocalCa {
                 // Checked whole: a leaf it mints must verify against the
                 // root (a crash between writing the files of a new CA
                 // leaves an intermediate that the root did not sign).
-                Ok(ca) => match ca.self_check() {
+                Ok(ca) => match ca.self_check(clock_unsure) {
                     Ok(()) => Existing::Built(Box::new(ca)),
                     Err(reason) => Existing::Unusable(reason),
                 },
@@ -508,15 +543,28 @@ impl LocalCa {
     }
 
     /// Mints a leaf for one covered host and verifies it, with the chain
-    /// the proxy sends, against the root alone, as a client would; at the
-    /// CA's start if the clock is before it (a runner that booted with its
-    /// clock behind: the CA is not replaced for that, see `load_or_create`).
-    fn self_check(&self) -> Result<(), String> {
+    /// the proxy sends, against the root alone, as a client would. With
+    /// `clock_unsure` (the kernel does not say the clock is synchronised: a
+    /// runner booted before NTP set it), at the CA's start if the clock is
+    /// before it: such a CA is not replaced for that (see
+    /// `load_or_create`). With a synchronised clock, a CA that starts later
+    /// was made by a clock that was ahead, and is replaced.
+    fn self_check(&self, clock_unsure: bool) -> Result<(), String> {
         let host = self.covered.iter().next().ok_or("no host is covered")?;
-        let (leaf, _, _) = self.minter.leaf(host).map_err(|e| e.to_string())?;
-        let now = rustls_pki_types::UnixTime::now().as_secs();
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let at = if clock_unsure {
+            now.max(self.minter.ca_not_before + 60)
+        } else {
+            now
+        };
+        let at_time = time::OffsetDateTime::from_unix_timestamp(at)
+            .map_err(|e| format!("the CA's dates are out of range: {e}"))?;
+        let (leaf, _, _) = self
+            .minter
+            .leaf_at(host, at_time)
+            .map_err(|e| e.to_string())?;
         let at = rustls_pki_types::UnixTime::since_unix_epoch(std::time::Duration::from_secs(
-            now.max(u64::try_from(self.minter.ca_not_before).unwrap_or(0) + 60),
+            u64::try_from(at).unwrap_or(0),
         ));
         let mut roots = rustls::RootCertStore::empty();
         roots
@@ -921,12 +969,9 @@ fn parse_cert(pem: &str) -> Result<ParsedCa, String> {
     // One certificate and nothing else: the whole file is what `trust
     // install` puts in the trust stores, and what is checked is its first
     // certificate only.
-    let mut rest = pem.as_bytes();
-    let mut blocks = 0;
-    while blocks < 2 && matches!(rustls_pki_types::pem::from_buf(&mut rest), Ok(Some(_))) {
-        blocks += 1;
-    }
-    if blocks > 1 {
+    // Every block counts, whatever its label (`TRUSTED CERTIFICATE`, a
+    // key) and however malformed.
+    if pem.matches("-----BEGIN").count() > 1 {
         return Err(
             "holds more than one PEM block (only the CA's certificate belongs there)".into(),
         );
@@ -1145,16 +1190,31 @@ mod tests {
 
     /// A runner whose clock came up behind (before NTP set it) finds a CA
     /// that starts after its clock: the CA is kept, not replaced (which
-    /// would leave every trust store with the old one).
+    /// would leave every trust store with the old one), however far behind
+    /// the clock is; with a synchronised clock, the CA is what is wrong,
+    /// and it is replaced.
     #[test]
-    fn a_ca_that_starts_after_the_clock_is_kept() {
+    fn a_ca_that_starts_after_the_clock_is_kept_while_the_clock_is_unsure() {
         let t = tempfile::tempdir().unwrap();
         let h = hosts(&["api.openai.com"]);
-        plant_shifted(t.path(), &h, time::Duration::days(2));
-        let before = fs::read_to_string(t.path().join("ca/ca.crt")).unwrap();
-        let (ca, st) = LocalCa::load_or_create(t.path(), &h).expect("loads");
-        assert_eq!(st, CaStatus::Loaded);
-        assert_eq!(ca.cert_pem(), before);
+        for days in [2, 800] {
+            plant_shifted(t.path(), &h, time::Duration::days(days));
+            let before = fs::read_to_string(t.path().join("ca/ca.crt")).unwrap();
+            let (ca, st) = LocalCa::load_or_create_with(t.path(), &h, true).expect("loads");
+            assert_eq!(st, CaStatus::Loaded, "{days} days");
+            assert_eq!(ca.cert_pem(), before);
+        }
+        let (_, st) = LocalCa::load_or_create_with(t.path(), &h, false).expect("loads");
+        assert!(
+            matches!(
+                st,
+                CaStatus::Regenerated {
+                    unusable: Some(_),
+                    ..
+                }
+            ),
+            "{st:?}"
+        );
         // One that has ended is still replaced.
         plant_shifted(t.path(), &h, time::Duration::days(-3660));
         let (_, st) = LocalCa::load_or_create(t.path(), &h).expect("loads");
@@ -1211,17 +1271,20 @@ mod tests {
         let again = ca.server_config("api.openai.com").await.unwrap();
         assert!(Arc::ptr_eq(&first, &again), "cached while valid");
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
-        let minted = |not_before: i64, not_after: i64| Minted {
+        let minted = |not_before: i64, not_after: i64, capped: bool| Minted {
             made: Instant::now(),
             not_before,
             not_after,
+            capped,
             config: Arc::clone(&first),
         };
-        assert!(minted(now - 3600, now + 86_400).fresh(now));
+        assert!(minted(now - 3600, now + 86_400, false).fresh(now));
         // Minted by a clock that was ahead: not yet valid now.
-        assert!(!minted(now + 7200, now + 86_400).fresh(now));
+        assert!(!minted(now + 7200, now + 86_400, false).fresh(now));
         // Within an hour of its end.
-        assert!(!minted(now - 3600, now + 1800).fresh(now));
+        assert!(!minted(now - 3600, now + 1800, false).fresh(now));
+        // Unless that is the CA's end too: a new one would end as soon.
+        assert!(minted(now - 3600, now + 1800, true).fresh(now));
         // And the proxy's cache acts on it.
         ca.minter
             .cache
@@ -1730,7 +1793,7 @@ mod tests {
         assert_eq!(st, CaStatus::Loaded);
         assert_eq!(fs::read(t.path().join("ca/ca.crt")).expect("crt"), before);
         assert!(ca.minter.chain.is_empty(), "no intermediate to send");
-        assert!(ca.self_check().is_ok());
+        assert!(ca.self_check(false).is_ok());
     }
 
     #[test]
@@ -1748,7 +1811,7 @@ mod tests {
         let (ca, st) = LocalCa::load_or_create(t.path(), &h).expect("replaced");
         assert!(matches!(st, CaStatus::Regenerated { .. }), "{st:?}");
         assert_ne!(ca.cert_der().as_ref(), old_root.as_slice());
-        assert!(ca.self_check().is_ok());
+        assert!(ca.self_check(false).is_ok());
     }
 
     #[test]
