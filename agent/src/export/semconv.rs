@@ -151,7 +151,8 @@ pub fn provider_name<'a>(provider: &'a str, host: &str) -> Cow<'a, str> {
         "generativelanguage.googleapis.com" => Some("gcp.gemini"),
         h if h.ends_with("aiplatform.googleapis.com") => Some("gcp.vertex_ai"),
         // Bedrock's Anthropic and OpenAI routes, read by those adapters.
-        h if (h.starts_with("bedrock-runtime.") || h.starts_with("bedrock-mantle."))
+        // (`bedrock-runtime-fips.`, VPC endpoints' `vpce-….bedrock-runtime.`.)
+        h if (h.contains("bedrock-runtime") || h.contains("bedrock-mantle"))
             && (h.ends_with(".amazonaws.com") || h.ends_with(".api.aws")) =>
         {
             Some("aws.bedrock")

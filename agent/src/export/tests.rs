@@ -461,6 +461,16 @@ fn providers_map_to_the_registry_values() {
             "aws.bedrock",
         ),
         ("openai", "bedrock-mantle.us-east-1.api.aws", "aws.bedrock"),
+        (
+            "anthropic",
+            "bedrock-runtime-fips.us-east-1.amazonaws.com",
+            "aws.bedrock",
+        ),
+        (
+            "anthropic",
+            "vpce-0a1b-x.bedrock-runtime.us-east-1.vpce.amazonaws.com",
+            "aws.bedrock",
+        ),
         ("openai", "mantle.example.com", "openai"),
         ("openai", "api.mistral.ai", "mistral_ai"),
         ("openai", "api.groq.com", "groq"),
