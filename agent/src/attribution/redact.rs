@@ -149,7 +149,7 @@ const ALNUM_TAILS: &[&str] = &[
 /// `--secret-name prod/openai`, `--api-key-file PATH`).
 const NOT_THE_SECRET: &[&str] = &[
     "id", "ids", "limit", "limits", "budget", "name", "names", "count", "size", "file", "files",
-    "path", "dir", "type", "length", "len", "ttl", "timeout", "env", "region", "version",
+    "path", "dir", "type", "length", "len", "ttl", "timeout", "env", "region", "version", "fd",
 ];
 
 /// Whether `name` (a flag, header, variable or parameter name) names a secret.
@@ -223,6 +223,9 @@ enum Pending {
     Cookie,
     /// After `name =`: redact the next token if it is quoted.
     Quoted,
+    /// Inside a quoted value that went on past its first word (`"api_key":
+    /// "correct horse"`): redact up to this closing quote.
+    UntilQuote(char),
 }
 
 fn pending_for(name: &str) -> Pending {
@@ -381,6 +384,14 @@ fn scan_token(tok: &str) -> (String, Pending) {
         out.push_str(REDACTED);
         copied = byte(j);
         i = j;
+        // A quoted value that does not close in this word goes on in the
+        // next ones (`"password": "correct horse"`).
+        if quoted
+            && at(j).is_none()
+            && let Some(q) = at(value_start - 1)
+        {
+            pending = Pending::UntilQuote(q);
+        }
     }
     out.push_str(&tok[copied..]);
     (out, pending)
@@ -659,6 +670,23 @@ fn proxy_password(value: &str) -> Option<String> {
     Some(format!("{user}:{REDACTED}@{host}"))
 }
 
+/// A flag whose value is a script: `-c` of a shell or Python (`sh -c`,
+/// `bash -lc`, `bash -euc`).
+fn is_script_flag(arg: &str) -> bool {
+    arg.len() <= 6
+        && arg.ends_with('c')
+        && arg
+            .strip_prefix('-')
+            .is_some_and(|f| !f.starts_with('-') && f.bytes().all(|b| b.is_ascii_alphabetic()))
+}
+
+/// A name written as an HTTP header's (`Authorization`, `X-Api-Key`,
+/// `Cookie`), not a word of prose (`auth`, `token`).
+fn is_header_name(name: &str) -> bool {
+    let l = name.to_ascii_lowercase();
+    name.contains('-') || l.ends_with("authorization") || l.ends_with("cookie")
+}
+
 /// Whether `tok` is a flag rather than a value that starts with `-`: a
 /// long flag (`--name`, `--name=…`: letters, digits, `-`, `_`, `.`) or a
 /// single letter (`-u`). A key or password may start with `-` too.
@@ -725,11 +753,13 @@ pub fn redact_cmdline(s: &str) -> String {
 /// Redacts an argument vector (`/proc/PID/cmdline`), joined by spaces.
 /// The words of each argument go by the rules of [`redact_cmdline`], but
 /// where the words cannot tell, the argument does: the value of a
-/// sensitive flag is the whole next argument (`--password`, `two words`),
-/// and the value of a sensitive `name=` that starts an argument runs to
-/// its end (`--db-password=correct horse battery`), though not after an
-/// environment variable's name in capitals, which starts a shell command
-/// more often than a value with spaces (`sh -c "API_KEY=X run.sh"`).
+/// sensitive flag is the whole next argument (`--password`, `two words`);
+/// a value redacted at the end of an argument's first word runs to the
+/// argument's end (`--db-password=correct horse`, `PGPASSWORD=a b`, `-u
+/// me:a b`, `-pa b`); a header's value, after `-H`, to its end; a quoted
+/// value to its closing quote, within the argument. A shell's script (the
+/// argument after `-c`) is read word by word: its first word may be an
+/// assignment before a command (`sh -c "API_KEY=X run.sh"`).
 pub fn redact_args<S: AsRef<str>>(args: &[S]) -> String {
     let mut out = String::new();
     let mut r = Redactor::default();
@@ -740,30 +770,6 @@ pub fn redact_args<S: AsRef<str>>(args: &[S]) -> String {
         r.argument(arg.as_ref(), &mut out);
     }
     out
-}
-
-/// Where the value of a sensitive `name=` that starts `arg` begins
-/// (`--db-password=`, `-Dgpg.passphrase=`, `password=`, a flag's
-/// `--from-literal=password=`); not after a name in capitals.
-fn assigned_at_start(arg: &str) -> Option<usize> {
-    let word = arg.split(char::is_whitespace).next().unwrap_or("");
-    let mut from = 0;
-    for _ in 0..2 {
-        let eq = from + word[from..].find('=')?;
-        let name = word[from..eq].trim_start_matches('-');
-        if name.is_empty() || !name.chars().all(is_ident) {
-            return None;
-        }
-        if is_sensitive_name(name) {
-            let capitals = !name.bytes().any(|b| b.is_ascii_lowercase());
-            return (!capitals || word.starts_with('-')).then_some(eq + 1);
-        }
-        if !word.starts_with('-') {
-            return None;
-        }
-        from = eq + 1;
-    }
-    None
 }
 
 /// What the words read so far say about the next one.
@@ -784,6 +790,11 @@ struct Redactor {
     /// What a quoted value after `name =` is (see `Pending::Quoted`).
     quoted_as: Pending,
     tool: Option<Tool>,
+    /// The previous argument was `-c` (a shell's, Python's): this one is a
+    /// script.
+    script_next: bool,
+    /// The previous argument was `-H` or `--header`: this one is a header.
+    header_next: bool,
 }
 
 impl Default for Redactor {
@@ -794,6 +805,8 @@ impl Default for Redactor {
             named: None,
             quoted_as: Pending::Value,
             tool: None,
+            script_next: false,
+            header_next: false,
         }
     }
 }
@@ -802,9 +815,26 @@ impl Redactor {
     /// Redacts one argument of an argument vector into `out` (see
     /// [`redact_args`]).
     fn argument(&mut self, arg: &str, out: &mut String) {
+        let script = std::mem::take(&mut self.script_next);
+        let header = std::mem::take(&mut self.header_next);
+        self.script_next = is_script_flag(arg);
+        self.header_next = matches!(arg, "-H" | "--header" | "--proxy-header");
+        self.argument_words(arg, script, header, out);
+        // A quoted value ends with its argument at the latest.
+        if matches!(self.pending, Pending::UntilQuote(_)) {
+            self.pending = Pending::None;
+        }
+    }
+
+    fn argument_words(&mut self, arg: &str, script: bool, header: bool, out: &mut String) {
+        let lead = arg.len() - arg.trim_start().len();
         let first = arg.split_whitespace().next().unwrap_or("");
         let several = arg.split_whitespace().nth(1).is_some();
-        if several && !is_flag_word(first) {
+        if !several || script {
+            self.words(arg, out);
+            return;
+        }
+        if !is_flag_word(first) {
             match self.pending {
                 Pending::Value | Pending::Cookie => {
                     out.push_str(REDACTED);
@@ -820,35 +850,37 @@ impl Redactor {
                     self.pending = Pending::None;
                     return;
                 }
-                Pending::Quoted | Pending::None => {}
+                Pending::Quoted | Pending::UntilQuote(_) | Pending::None => {}
             }
         }
         // A header with a sensitive name (`-H "Authorization: Bearer X"`):
-        // its value runs to the end of the argument, a scheme kept.
-        if several
-            && self.pending == Pending::None
+        // its value runs to the end of the argument, a scheme kept. Only
+        // after `-H`, or for a header's name (`X-Api-Key:`): `auth: fix
+        // login` in a message is prose.
+        if self.pending == Pending::None
             && let Some(name) = first.strip_suffix(':')
             && !name.is_empty()
             && name.chars().all(is_ident)
             && is_sensitive_name(name)
+            && (header || is_header_name(name))
         {
-            let value = arg[arg.find(first).unwrap_or(0) + first.len()..].trim_start();
+            let value = arg[lead + first.len()..].trim_start();
             out.push_str(&arg[..arg.len() - value.len()]);
             self.pending = pending_for(name);
-            self.argument(value, out);
+            self.argument_words(value, false, false, out);
             return;
         }
-        if several
-            && self.pending == Pending::None
-            && let Some(at) = assigned_at_start(arg)
-        {
-            out.push_str(&arg[..at]);
-            out.push_str(REDACTED);
+        // The first word, then: a value redacted to its end goes on to the
+        // argument's end.
+        out.push_str(&arg[..lead]);
+        self.token(first, out);
+        if out.ends_with(REDACTED) || matches!(self.pending, Pending::UntilQuote(_)) {
+            self.pending = Pending::None;
             self.named = None;
             self.credentials = None;
             return;
         }
-        self.words(arg, out);
+        self.words(&arg[lead + first.len()..], out);
     }
 
     /// Redacts the whitespace-separated words of `s` into `out`, keeping
@@ -859,7 +891,10 @@ impl Redactor {
             let ws = rest
                 .find(|c: char| !c.is_whitespace())
                 .unwrap_or(rest.len());
-            out.push_str(&rest[..ws]);
+            // Inside a quoted value, its spaces go with it.
+            if !matches!(self.pending, Pending::UntilQuote(_)) {
+                out.push_str(&rest[..ws]);
+            }
             rest = &rest[ws..];
             if rest.is_empty() {
                 break;
@@ -872,6 +907,15 @@ impl Redactor {
 
     /// Redacts one word into `out`.
     fn token(&mut self, tok: &str, out: &mut String) {
+        if let Pending::UntilQuote(q) = self.pending {
+            // The value goes on to its closing quote; what follows is read
+            // as a word of its own (`horse","token":"X"}`).
+            if let Some(i) = tok.find(q) {
+                self.pending = Pending::None;
+                self.token(&tok[i..], out);
+            }
+            return;
+        }
         // A flag is never a value: `--password-stdin -u me`. (A value
         // that merely starts with `-`, `-Xq7b…`, still is.)
         if self.pending != Pending::None && is_flag_word(tok) {
@@ -887,6 +931,17 @@ impl Redactor {
             };
         }
         if self.pending != Pending::None {
+            // A quoted value that does not close in this word goes on in
+            // the next ones (`"password": "correct horse"`).
+            if matches!(self.pending, Pending::Value | Pending::Cookie)
+                && let Some(q) = tok.chars().next().filter(|c| matches!(c, '"' | '\''))
+                && !tok[1..].contains(q)
+            {
+                out.push(q);
+                out.push_str(REDACTED);
+                self.pending = Pending::UntilQuote(q);
+                return;
+            }
             if self.pending == Pending::Auth && is_scheme(tok) {
                 out.push_str(tok);
                 self.pending = Pending::Value;
@@ -1725,15 +1780,76 @@ mod tests {
                 "secret",
                 "generic",
                 "s",
-                "--from-literal=password=a b",
+                "--from-literal=password=Tr0ub4dor horsebattery",
             ],
-            &["a b"],
+            &["Tr0ub4dor", "horsebattery"],
             &["--from-literal=password="],
         ),
         (
-            &["curl", "-b", "a=1; b=2", "https://h"],
-            &["a=1", "b=2"],
+            &["curl", "-b", "a=Tr0ub4dor; b=horsebattery", "https://h"],
+            &["Tr0ub4dor", "horsebattery"],
             &["curl -b ", " https://h"],
+        ),
+        // A quoted value with spaces inside one argument.
+        (
+            &[
+                "curl",
+                "-d",
+                "{\"password\": \"correct horse battery staple\", \"model\": \"m\"}",
+                "https://h",
+            ],
+            &["correct", "horse", "battery", "staple"],
+            &[
+                "{\"password\": \"[REDACTED]\", \"model\": \"m\"}",
+                " https://h",
+            ],
+        ),
+        (
+            &["sh", "-c", "PGPASSWORD='correct horse' psql -h db"],
+            &["correct", "horse"],
+            &["PGPASSWORD='[REDACTED]' psql -h db"],
+        ),
+        (
+            &[
+                "python",
+                "-c",
+                "OpenAI(api_key='my secret key').models.list()",
+            ],
+            &["my", "secret", "key'"],
+            &["OpenAI(api_key='[REDACTED]').models.list()"],
+        ),
+        // Whatever rule redacts an argument's first word to its end.
+        (
+            &["env", "PGPASSWORD=correct horse battery", "psql"],
+            &["correct", "horse", "battery"],
+            &["env PGPASSWORD=[REDACTED] psql"],
+        ),
+        (
+            &["docker", "run", "-e", "DB_PASSWORD=correct horse", "img"],
+            &["correct", "horse"],
+            &["-e DB_PASSWORD=[REDACTED] img"],
+        ),
+        (
+            &["curl", "-u", "me:correct horse", "https://h"],
+            &["correct", "horse"],
+            &["-u me:[REDACTED] https://h"],
+        ),
+        (
+            &["sshpass", "-pcorrect horse", "ssh", "h"],
+            &["correct", "horse"],
+            &["-p[REDACTED] ssh h"],
+        ),
+        (
+            &[
+                "papermill",
+                "a.ipynb",
+                "b.ipynb",
+                "-p",
+                "db_password",
+                "correct horse battery",
+            ],
+            &["correct", "horse", "battery"],
+            &["-p db_password [REDACTED]"],
         ),
     ];
 
@@ -1772,6 +1888,26 @@ mod tests {
         let out = redact_args(&["sh", "-c", "OPENAI_API_KEY=Hunter2secret python run.py"]);
         assert!(!out.contains("Hunter2secret"), "{out}");
         assert!(out.contains("python run.py"), "{out}");
+        // A script's words are words: its command survives an assignment.
+        let out = redact_args(&[
+            "sh",
+            "-c",
+            "token=$(cat /run/secrets/t); python -m pytest tests",
+        ]);
+        assert!(out.contains("python -m pytest tests"), "{out}");
+        // Prose that starts with a sensitive word and a colon is not a
+        // header: more than its next words survive.
+        let out = redact_args(&[
+            "aider",
+            "--message",
+            "auth: migrate the login form to OAuth2",
+        ]);
+        assert!(out.contains("login form to OAuth2"), "{out}");
+        // A descriptor's number is no secret.
+        assert_eq!(
+            redact_args(&["gpg", "--passphrase-fd", "0", "--batch"]),
+            "gpg --passphrase-fd 0 --batch"
+        );
     }
 
     #[test]
