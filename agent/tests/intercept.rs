@@ -73,7 +73,8 @@ impl ChildCgroup {
         static SEQ: AtomicU32 = AtomicU32::new(0);
         let root = cgroup2_root().unwrap_or_else(|e| panic!("{NEEDS}: {e}"));
         let path = root.join(format!(
-            "tollgate-test-{tag}-{}-{}",
+            "tollgate-test-{tag}-{}-{}-{}",
+            fs::metadata("/proc/self/ns/pid").map_or(0, |m| m.ino()),
             std::process::id(),
             SEQ.fetch_add(1, Ordering::Relaxed)
         ));

@@ -103,10 +103,11 @@ impl Agent {
         // does not run then); the cgroup is swept by the next run
         // (`TestCgroup::create`). The `sh` of `join_cgroup` keeps the
         // setting across its exec.
-        // SAFETY: only pthread_sigmask and prctl (async-signal-safe) run
-        // after fork.
+        let parent = std::process::id() as libc::pid_t;
+        // SAFETY: only pthread_sigmask, prctl, getppid and _exit
+        // (async-signal-safe) run after fork.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 let mut set: libc::sigset_t = std::mem::zeroed();
                 libc::sigemptyset(&mut set);
                 libc::sigaddset(&mut set, libc::SIGTERM);
@@ -114,6 +115,10 @@ impl Agent {
                 libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                // The parent died before the setting took: no signal will come.
+                if libc::getppid() != parent {
+                    libc::_exit(1);
                 }
                 Ok(())
             });

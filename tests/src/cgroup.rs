@@ -26,8 +26,9 @@ impl TestCgroup {
         static SWEPT: std::sync::Once = std::sync::Once::new();
         SWEPT.call_once(|| sweep(&root));
         let name = format!(
-            "tollgate-test-{}-{}-{}",
+            "tollgate-test-{}-{}-{}-{}",
             label,
+            pid_namespace(),
             std::process::id(),
             SEQ.fetch_add(1, Ordering::Relaxed)
         );
@@ -60,18 +61,33 @@ impl TestCgroup {
     }
 }
 
-/// The pid of the test process that made `name`
-/// (`tollgate-test-LABEL-PID-SEQ`), if it is one of ours.
-fn owner(name: &str) -> Option<i32> {
+/// The inode of this process's pid namespace: pids name processes only
+/// within one.
+pub fn pid_namespace() -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self/ns/pid").map_or(0, |m| m.ino())
+}
+
+/// The pid namespace and pid of the test process that made `name`
+/// (`tollgate-test-LABEL-PIDNS-PID-SEQ`), if it is one of ours.
+fn owner(name: &str) -> Option<(u64, i32)> {
     let rest = name.strip_prefix("tollgate-test-")?;
-    let mut fields = rest.rsplitn(3, '-');
-    let (_seq, pid, _label) = (fields.next()?, fields.next()?, fields.next()?);
-    pid.parse().ok()
+    let mut fields = rest.rsplitn(4, '-');
+    let (seq, pid, ns, _label) = (
+        fields.next()?,
+        fields.next()?,
+        fields.next()?,
+        fields.next()?,
+    );
+    seq.parse::<u32>().ok()?;
+    Some((ns.parse().ok()?, pid.parse().ok()?))
 }
 
 /// Removes the test cgroups a killed run left behind: those whose test
 /// process is gone (a harness SIGKILLed by a CI timeout runs no `Drop`).
-/// A concurrent run's cgroups are left alone, as their process lives.
+/// A concurrent run's cgroups are left alone, as their process lives, and
+/// so are those of runs in other pid namespaces (a container sharing the
+/// cgroup tree), whose pids mean nothing here.
 /// Whatever is still in a swept cgroup is killed first; its agents have
 /// already died with their test thread (`PR_SET_PDEATHSIG`).
 fn sweep(root: &Path) {
@@ -80,10 +96,10 @@ fn sweep(root: &Path) {
     };
     for entry in dir.flatten() {
         let name = entry.file_name();
-        let Some(pid) = name.to_str().and_then(owner) else {
+        let Some((ns, pid)) = name.to_str().and_then(owner) else {
             continue;
         };
-        if pid <= 0 || Path::new(&format!("/proc/{pid}")).exists() {
+        if ns != pid_namespace() || pid <= 0 || Path::new(&format!("/proc/{pid}")).exists() {
             continue;
         }
         let stale = TestCgroup { path: entry.path() };
@@ -148,10 +164,11 @@ mod tests {
 
     #[test]
     fn the_owner_is_read_from_the_name() {
-        assert_eq!(owner("tollgate-test-curl-4242-7"), Some(4242));
-        assert_eq!(owner("tollgate-test-two-words-4242-0"), Some(4242));
+        assert_eq!(owner("tollgate-test-curl-99-4242-7"), Some((99, 4242)));
+        assert_eq!(owner("tollgate-test-two-words-99-4242-0"), Some((99, 4242)));
         assert_eq!(owner("tollgate-test-ns-4242"), None);
-        assert_eq!(owner("tollgate-test-x-notapid-0"), None);
+        assert_eq!(owner("tollgate-test-x-99-notapid-0"), None);
+        assert_eq!(owner("tollgate-test-x-99-4242-notaseq"), None);
         assert_eq!(owner("system.slice"), None);
     }
 
@@ -163,17 +180,25 @@ mod tests {
         let mut child = std::process::Command::new("true").spawn().expect("true");
         let dead = child.id();
         child.wait().expect("wait");
-        let stale = root.join(format!("tollgate-test-sweep-{dead}-0"));
-        let live = root.join(format!("tollgate-test-sweep-{}-999999", std::process::id()));
-        std::fs::create_dir(&stale).expect("stale cgroup");
-        std::fs::create_dir(&live).expect("live cgroup");
+        let ns = pid_namespace();
+        let stale = root.join(format!("tollgate-test-sweep-{ns}-{dead}-0"));
+        let live = root.join(format!(
+            "tollgate-test-sweep-{ns}-{}-999999",
+            std::process::id()
+        ));
+        // Another pid namespace's: its pid means nothing here.
+        let elsewhere = root.join(format!("tollgate-test-sweep-{}-{dead}-1", ns + 1));
+        for d in [&stale, &live, &elsewhere] {
+            std::fs::create_dir(d).expect("test cgroup");
+        }
         // Removed whatever the assertions say.
-        let _stale = TestCgroup {
-            path: stale.clone(),
-        };
-        let _live = TestCgroup { path: live.clone() };
+        let _kept: Vec<TestCgroup> = [&stale, &live, &elsewhere]
+            .into_iter()
+            .map(|d| TestCgroup { path: d.clone() })
+            .collect();
         sweep(&root);
         assert!(!stale.exists(), "a dead run's cgroup was left");
         assert!(live.exists(), "a live run's cgroup was swept");
+        assert!(elsewhere.exists(), "another namespace's cgroup was swept");
     }
 }

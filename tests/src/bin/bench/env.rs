@@ -246,8 +246,9 @@ pub fn spawn_in(cmd: &mut Command, cg: &TestCgroup) -> Result<Child> {
     // Each child is also killed when the bench dies by SIGKILL, which its
     // signal watcher (`cleanup`) cannot catch; its cgroup is then swept by
     // the next run (`TestCgroup::create`). Every call is on the main thread.
-    // SAFETY: only async-signal-safe calls (write, prctl) between fork and
-    // exec.
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: only async-signal-safe calls (write, prctl, getppid, _exit)
+    // between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
             if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
@@ -255,6 +256,10 @@ pub fn spawn_in(cmd: &mut Command, cg: &TestCgroup) -> Result<Child> {
             }
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                 return Err(std::io::Error::last_os_error());
+            }
+            // The parent died before the setting took: no signal will come.
+            if libc::getppid() != parent {
+                libc::_exit(1);
             }
             Ok(())
         });
