@@ -1188,6 +1188,16 @@ mod tests {
         write_atomic(&dir.join(CERT_FILE), root_pem.as_bytes(), 0o644).unwrap();
     }
 
+    fn replaced_as_unusable(st: &CaStatus) -> bool {
+        matches!(
+            st,
+            CaStatus::Regenerated {
+                unusable: Some(_),
+                ..
+            }
+        )
+    }
+
     /// A runner whose clock came up behind (before NTP set it) finds a CA
     /// that starts after its clock: the CA is kept, not replaced (which
     /// would leave every trust store with the old one), however far behind
@@ -1205,29 +1215,11 @@ mod tests {
             assert_eq!(ca.cert_pem(), before);
         }
         let (_, st) = LocalCa::load_or_create_with(t.path(), &h, false).expect("loads");
-        assert!(
-            matches!(
-                st,
-                CaStatus::Regenerated {
-                    unusable: Some(_),
-                    ..
-                }
-            ),
-            "{st:?}"
-        );
+        assert!(replaced_as_unusable(&st), "{st:?}");
         // One that has ended is still replaced.
         plant_shifted(t.path(), &h, time::Duration::days(-3660));
         let (_, st) = LocalCa::load_or_create(t.path(), &h).expect("loads");
-        assert!(
-            matches!(
-                st,
-                CaStatus::Regenerated {
-                    unusable: Some(_),
-                    ..
-                }
-            ),
-            "{st:?}"
-        );
+        assert!(replaced_as_unusable(&st), "{st:?}");
     }
 
     /// Only the CA's own certificate goes to the trust stores: a `ca.crt`
