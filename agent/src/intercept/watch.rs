@@ -69,17 +69,19 @@ impl ParentWatch {
                 Ok(events) => events?,
                 Err(_would_block) => continue,
             };
-            if events.iter().any(|e| {
-                e.mask.contains(AddWatchFlags::IN_Q_OVERFLOW)
-                    || e.name.as_deref() == Some(self.name.as_os_str())
-            }) {
-                return Ok(());
-            }
+            // First: a watch that ended says so even when the cgroup's own
+            // event came in the same read (the caller looks either way).
             if events
                 .iter()
                 .any(|e| e.mask.contains(AddWatchFlags::IN_IGNORED))
             {
                 return Err(std::io::Error::other("the watched directory went away"));
+            }
+            if events.iter().any(|e| {
+                e.mask.contains(AddWatchFlags::IN_Q_OVERFLOW)
+                    || e.name.as_deref() == Some(self.name.as_os_str())
+            }) {
+                return Ok(());
             }
         }
     }
