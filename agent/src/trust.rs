@@ -271,12 +271,24 @@ struct Output {
     text: String,
 }
 
+/// The command `run` runs: in English, whatever the locale (keytool's
+/// "does not exist" is read), and without a JVM's option variables, which
+/// a JVM echoes ("Picked up JAVA_TOOL_OPTIONS: ...") and which may hold a
+/// password (`-Djavax.net.ssl.trustStorePassword=`); keytool needs none
+/// of them to edit a keystore.
+fn command(program: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(program);
+    c.args(args).env("LC_ALL", "C").env("LANG", "C");
+    for v in JVM_OPTION_VARIABLES {
+        c.env_remove(v);
+    }
+    c
+}
+
+const JVM_OPTION_VARIABLES: [&str; 3] = ["JAVA_TOOL_OPTIONS", "_JAVA_OPTIONS", "JDK_JAVA_OPTIONS"];
+
 fn run(program: &Path, args: &[&str]) -> Result<Output, TrustError> {
-    // In English, whatever the locale: keytool's "does not exist" is read.
-    let out = Command::new(program)
-        .args(args)
-        .env("LC_ALL", "C")
-        .env("LANG", "C")
+    let out = command(program, args)
         .output()
         .map_err(|e| TrustError::io("run", program, e))?;
     // Both streams: keytool says what went wrong on stdout, and a JVM may
@@ -287,8 +299,12 @@ fn run(program: &Path, args: &[&str]) -> Result<Output, TrustError> {
         .filter(|t| !t.is_empty())
         .collect::<Vec<_>>()
         .join("\n");
-    // Keep the message short: the last few lines say what went wrong.
-    let lines: Vec<&str> = text.lines().collect();
+    // Keep the message short: the last few lines say what went wrong. A
+    // JVM's echo of its options (set some other way) is none of them.
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("Picked up "))
+        .collect();
     let text = lines[lines.len().saturating_sub(4)..].join(" / ");
     Ok(Output {
         ok: out.status.success(),
@@ -812,6 +828,26 @@ mod tests {
         )
         .expect("sh runs");
         assert_eq!(Deletion::of(out.ok, &out.text), Deletion::Absent);
+        // A JVM's echo of its options, which may hold a password, is left
+        // out of the message; and keytool is run without them.
+        let out = run(
+            Path::new("/bin/sh"),
+            &[
+                "-c",
+                "echo 'Picked up _JAVA_OPTIONS: -Djavax.net.ssl.keyStorePassword=Hunter2' >&2; echo \"opts=$JAVA_TOOL_OPTIONS$_JAVA_OPTIONS$JDK_JAVA_OPTIONS.\"; exit 1",
+            ],
+        )
+        .expect("sh runs");
+        assert_eq!(out.text, "opts=.");
+        let c = command(Path::new("keytool"), &["-list"]);
+        let removed: Vec<_> = c
+            .get_envs()
+            .filter(|(_, v)| v.is_none())
+            .map(|(k, _)| k.to_string_lossy().into_owned())
+            .collect();
+        for v in JVM_OPTION_VARIABLES {
+            assert!(removed.iter().any(|r| r == v), "{v} in {removed:?}");
+        }
     }
 
     /// `uninstall` with a Java cacerts keytool cannot open (another store

@@ -39,6 +39,10 @@
 //!    `curl -b X`; `gh secret set NAME --body X`; each also as `-p=X`,
 //!    `--body=X` or attached (`-bX`). Elsewhere `-p` is a port.
 //!
+//! A quoted value (`api_key='a,b'`, `"password": "a b"`) runs to its
+//! closing quote: the first one not escaped and not followed by a letter
+//! or digit (`'don't tell'` is one value).
+//!
 //! It errs towards redacting too much: a value after a sensitive flag goes
 //! whatever it is (`--sort-key name`). Counts such as `--max-tokens 100`
 //! are kept.
@@ -246,6 +250,17 @@ fn is_value_end(c: char) -> bool {
     matches!(c, '&' | ';' | ',' | '"' | '\'' | '}' | ')' | '>')
 }
 
+/// Where a quoted value that opened before `from` closes in `chars`: the
+/// first `q` not escaped by a backslash and not followed by a letter or digit
+/// (`'don't'` closes at its end, `"a,b"` past its comma).
+fn closing_quote(chars: &[char], from: usize, q: char) -> Option<usize> {
+    (from..chars.len()).find(|&k| {
+        chars[k] == q
+            && (k == 0 || chars[k - 1] != '\\')
+            && !chars.get(k + 1).is_some_and(|c| c.is_alphanumeric())
+    })
+}
+
 /// Replaces a whole token, keeping surrounding quotes and closing
 /// punctuation. `None` if nothing is left to replace.
 fn redact_whole(tok: &str) -> Option<String> {
@@ -354,8 +369,23 @@ fn scan_token(tok: &str) -> (String, Pending) {
                 j -= 1;
             }
         }
-        while !whole_argument && at(j).is_some_and(|c| !is_value_end(c)) {
-            j += 1;
+        // A quoted value runs to its closing quote (`api_key='a,b'`), or
+        // to the word's end if it closes in a later word.
+        let closes = if quoted {
+            let q = at(value_start - 1).unwrap_or('"');
+            let quote_chars: Vec<char> = chars.iter().map(|(_, c)| *c).collect();
+            Some(closing_quote(&quote_chars, value_start, q))
+        } else {
+            None
+        };
+        match closes {
+            Some(Some(k)) => j = k,
+            Some(None) => j = chars.len(),
+            None => {
+                while !whole_argument && at(j).is_some_and(|c| !is_value_end(c)) {
+                    j += 1;
+                }
+            }
         }
         let value = &tok[byte(value_start)..byte(j)];
         if value.is_empty() {
@@ -671,13 +701,32 @@ fn proxy_password(value: &str) -> Option<String> {
 }
 
 /// A flag whose value is a script: `-c` of a shell or Python (`sh -c`,
-/// `bash -lc`, `bash -euc`).
+/// `bash -lc`, `bash -euc`, `bash -ce`, `bash -cex`).
 fn is_script_flag(arg: &str) -> bool {
     arg.len() <= 6
-        && arg.ends_with('c')
-        && arg
-            .strip_prefix('-')
-            .is_some_and(|f| !f.starts_with('-') && f.bytes().all(|b| b.is_ascii_alphabetic()))
+        && arg.strip_prefix('-').is_some_and(|f| {
+            f.contains('c') && !f.starts_with('-') && f.bytes().all(|b| b.is_ascii_alphabetic())
+        })
+}
+
+/// A sensitive word that is also a word of prose (`auth: fix login`,
+/// `key: value`, `token: parse`): as the first word of an argument, it
+/// does not make the rest of the argument a value unless it is a header.
+/// Other sensitive names (`password:`, `db_password:`, `api_key:`) do.
+fn is_prose_word(name: &str) -> bool {
+    const PROSE: &[&str] = &[
+        "auth",
+        "token",
+        "key",
+        "pass",
+        "bearer",
+        "signature",
+        "sig",
+        "secret",
+        "credential",
+        "credentials",
+    ];
+    PROSE.iter().any(|w| name.eq_ignore_ascii_case(w))
 }
 
 /// A name written as an HTTP header's (`Authorization`, `X-Api-Key`,
@@ -817,7 +866,8 @@ impl Redactor {
     fn argument(&mut self, arg: &str, out: &mut String) {
         let script = std::mem::take(&mut self.script_next);
         let header = std::mem::take(&mut self.header_next);
-        self.script_next = is_script_flag(arg);
+        // `sh -c -- SCRIPT`: the script is still to come.
+        self.script_next = is_script_flag(arg) || (script && arg == "--");
         self.header_next = matches!(arg, "-H" | "--header" | "--proxy-header");
         self.argument_words(arg, script, header, out);
         // A quoted value ends with its argument at the latest.
@@ -857,12 +907,17 @@ impl Redactor {
         // its value runs to the end of the argument, a scheme kept. Only
         // after `-H`, or for a header's name (`X-Api-Key:`): `auth: fix
         // login` in a message is prose.
+        // `--header=X-Api-Key: X` is a header too.
+        let (header, named) = match first.strip_prefix("--header=") {
+            Some(h) => (true, h),
+            None => (header, first),
+        };
         if self.pending == Pending::None
-            && let Some(name) = first.strip_suffix(':')
+            && let Some(name) = named.strip_suffix(':')
             && !name.is_empty()
             && name.chars().all(is_ident)
             && is_sensitive_name(name)
-            && (header || is_header_name(name))
+            && (header || is_header_name(name) || !is_prose_word(name))
         {
             let value = arg[lead + first.len()..].trim_start();
             out.push_str(&arg[..arg.len() - value.len()]);
@@ -870,12 +925,25 @@ impl Redactor {
             self.argument_words(value, false, false, out);
             return;
         }
+        // `Authorization:Bearer X Y`: the scheme kept, the rest redacted.
+        if self.pending == Pending::None
+            && let Some((name, scheme)) = named.split_once(':')
+            && name.chars().all(is_ident)
+            && is_auth_name(name)
+            && is_scheme(scheme)
+        {
+            out.push_str(&arg[..lead + first.len()]);
+            out.push(' ');
+            out.push_str(REDACTED);
+            return;
+        }
         // The first word, then: a value redacted to its end goes on to the
         // argument's end.
         out.push_str(&arg[..lead]);
         self.token(first, out);
-        if out.ends_with(REDACTED) || matches!(self.pending, Pending::UntilQuote(_)) {
-            self.pending = Pending::None;
+        // A quoted value goes on to its closing quote, and what follows it
+        // is read on (`{"password":"a b","model":"m"}`).
+        if self.pending == Pending::None && out.ends_with(REDACTED) {
             self.named = None;
             self.credentials = None;
             return;
@@ -910,8 +978,10 @@ impl Redactor {
         if let Pending::UntilQuote(q) = self.pending {
             // The value goes on to its closing quote; what follows is read
             // as a word of its own (`horse","token":"X"}`).
-            if let Some(i) = tok.find(q) {
+            let chars: Vec<char> = tok.chars().collect();
+            if let Some(k) = closing_quote(&chars, 0, q) {
                 self.pending = Pending::None;
+                let i: usize = chars[..k].iter().map(|c| c.len_utf8()).sum();
                 self.token(&tok[i..], out);
             }
             return;
@@ -935,7 +1005,7 @@ impl Redactor {
             // the next ones (`"password": "correct horse"`).
             if matches!(self.pending, Pending::Value | Pending::Cookie)
                 && let Some(q) = tok.chars().next().filter(|c| matches!(c, '"' | '\''))
-                && !tok[1..].contains(q)
+                && closing_quote(&tok.chars().collect::<Vec<_>>(), 1, q).is_none()
             {
                 out.push(q);
                 out.push_str(REDACTED);
@@ -1633,6 +1703,23 @@ mod tests {
             &["correcthorse"],
             &["GPG_PASSPHRASE=", " make"],
         ),
+        // A quoted value runs to its closing quote, past `,` and `;`, an
+        // escaped quote and a quote inside a word.
+        (
+            "python -c OpenAI(api_key='Zq9,SECRET;zq9') run",
+            &["SECRET", "zq9"],
+            &["OpenAI(api_key='[REDACTED]') run"],
+        ),
+        (
+            "tool --password \"Zq9\\\"SECRET zq9\" run",
+            &["SECRET", "zq9"],
+            &["--password \"[REDACTED]\" run"],
+        ),
+        (
+            "tool --password 'don't tell' run",
+            &["tell"],
+            &["--password '[REDACTED]' run"],
+        ),
     ];
 
     #[test]
@@ -1743,6 +1830,39 @@ mod tests {
     /// (argument vector, secrets that must not survive, text that must
     /// survive): values with spaces in one argument.
     const ARGS: &[(&[&str], &[&str], &[&str])] = &[
+        // A sensitive name that is no word of prose, first in an
+        // argument: the rest of it is the value.
+        (
+            &["echo", "db_password: correct horse battery staple"],
+            &["correct", "horse", "battery", "staple"],
+            &["echo db_password: "],
+        ),
+        // A quoted value that closes within the argument: what follows is
+        // read on.
+        (
+            &[
+                "curl",
+                "-d",
+                "{\"password\":\"correct horse\",\"model\":\"gpt-4o\"}",
+            ],
+            &["correct", "horse"],
+            &["\"model\":\"gpt-4o\"}"],
+        ),
+        (
+            &["curl", "--header=X-Api-Key: correct horse", "https://h"],
+            &["correct", "horse"],
+            &["--header=X-Api-Key: ", " https://h"],
+        ),
+        (
+            &[
+                "curl",
+                "-H",
+                "Authorization:Bearer correct horse",
+                "https://h",
+            ],
+            &["correct", "horse"],
+            &["-H Authorization:Bearer ", " https://h"],
+        ),
         (
             &["python3", "eval.py", "--db-password=correct horse battery"],
             &["correct", "horse", "battery"],
@@ -1885,9 +2005,21 @@ mod tests {
         ] {
             assert_eq!(redact_args(args), joined);
         }
-        let out = redact_args(&["sh", "-c", "OPENAI_API_KEY=Hunter2secret python run.py"]);
-        assert!(!out.contains("Hunter2secret"), "{out}");
-        assert!(out.contains("python run.py"), "{out}");
+        for args in [
+            &["sh", "-c", "OPENAI_API_KEY=Hunter2secret python run.py"][..],
+            &["bash", "-cex", "OPENAI_API_KEY=Hunter2secret python run.py"][..],
+            &["bash", "-ce", "OPENAI_API_KEY=Hunter2secret python run.py"][..],
+            &[
+                "sh",
+                "-c",
+                "--",
+                "OPENAI_API_KEY=Hunter2secret python run.py",
+            ][..],
+        ] {
+            let out = redact_args(args);
+            assert!(!out.contains("Hunter2secret"), "{out}");
+            assert!(out.contains("python run.py"), "{out} from {args:?}");
+        }
         // A script's words are words: its command survives an assignment.
         let out = redact_args(&[
             "sh",
@@ -1952,6 +2084,7 @@ mod tests {
                 "Cookie:", "a=b;", "https://u:p/w@h/x", "https://h2xkqv7aalongpersonaltoken4z@h",
                 "postgres://u:1/2@db", "u:pw@proxy", "sk-Zq9SECRETzq9abcdefgh", "[REDACTED]",
                 "Xq7bT2mN9vLc4RzW8kPd3HsY6fJg", "value", "4096", "é", "",
+                "'don't", "do'", "'a", "b'", "\"x,y\"", "api_key='a,b'", "\\\"", "a\\\"b",
             ]), 0..12)
         ) {
             let line = words.join(" ");
