@@ -251,14 +251,37 @@ fn is_value_end(c: char) -> bool {
 }
 
 /// Where a quoted value that opened before `from` closes in `chars`: the
-/// first `q` not escaped by a backslash and not followed by a letter or digit
-/// (`'don't'` closes at its end, `"a,b"` past its comma).
+/// first `q` not followed by a letter or digit (`'don't'` closes at its
+/// end, `"a,b"` past its comma) and, for `"`, not escaped by an odd number
+/// of backslashes (`"a\\"` closes, `"a\""` does not; in a shell's `'…'` a
+/// backslash is a backslash). A shell's way of putting `'` in a
+/// single-quoted word, `'it'\''s'` or `'it'"'"'s'`, goes on.
 fn closing_quote(chars: &[char], from: usize, q: char) -> Option<usize> {
-    (from..chars.len()).find(|&k| {
-        chars[k] == q
-            && (k == 0 || chars[k - 1] != '\\')
-            && !chars.get(k + 1).is_some_and(|c| c.is_alphanumeric())
-    })
+    let mut k = from;
+    while k < chars.len() {
+        if chars[k] != q {
+            k += 1;
+            continue;
+        }
+        if q == '\'' {
+            let rest = &chars[k + 1..];
+            if rest.starts_with(&['\\', '\'', '\'']) {
+                k += 4;
+                continue;
+            }
+            if rest.starts_with(&['"', '\'', '"', '\'']) {
+                k += 5;
+                continue;
+            }
+        }
+        let escapes = chars[..k].iter().rev().take_while(|c| **c == '\\').count();
+        let escaped = q == '"' && escapes % 2 == 1;
+        if !escaped && !chars.get(k + 1).is_some_and(|c| c.is_alphanumeric()) {
+            return Some(k);
+        }
+        k += 1;
+    }
+    None
 }
 
 /// Replaces a whole token, keeping surrounding quotes and closing
@@ -709,24 +732,16 @@ fn is_script_flag(arg: &str) -> bool {
         })
 }
 
-/// A sensitive word that is also a word of prose (`auth: fix login`,
-/// `key: value`, `token: parse`): as the first word of an argument, it
-/// does not make the rest of the argument a value unless it is a header.
-/// Other sensitive names (`password:`, `db_password:`, `api_key:`) do.
-fn is_prose_word(name: &str) -> bool {
-    const PROSE: &[&str] = &[
-        "auth",
-        "token",
-        "key",
-        "pass",
-        "bearer",
-        "signature",
-        "sig",
-        "secret",
-        "credential",
-        "credentials",
-    ];
-    PROSE.iter().any(|w| name.eq_ignore_ascii_case(w))
+/// A name written as an identifier (`db_password`, `api-key`,
+/// `gpg.passphrase`, `clientSecret`), not a word (`Password`, `hotkey`,
+/// `PWD`, `auth`): as the first word of an argument with a colon, it makes
+/// the rest of the argument its value (`db_password: a b`), where a word
+/// is prose (`password: minimum length is now 12`).
+fn is_identifier(name: &str) -> bool {
+    let b = name.as_bytes();
+    name.contains(['_', '-', '.'])
+        || b.windows(2)
+            .any(|w| w[0].is_ascii_lowercase() && w[1].is_ascii_uppercase())
 }
 
 /// A name written as an HTTP header's (`Authorization`, `X-Api-Key`,
@@ -774,11 +789,9 @@ fn trailing_name(tok: &str) -> &str {
 /// `yarn config set npmAuthToken X`). A plain word (`token`) is not one:
 /// `token : parse` is prose.
 fn names_a_value(name: &str) -> bool {
-    let b = name.as_bytes();
-    let identifier = name.contains(['_', '.'])
-        || b.windows(2)
-            .any(|w| w[0].is_ascii_lowercase() && w[1].is_ascii_uppercase());
-    let capitals = !b.iter().any(u8::is_ascii_lowercase);
+    // `-` aside: `--api-key` is a flag's name, handled as a flag.
+    let identifier = name.contains(['_', '.']) || is_identifier(name) && !name.contains('-');
+    let capitals = !name.bytes().any(|b| b.is_ascii_lowercase());
     let compact: String = name
         .chars()
         .filter(char::is_ascii_alphanumeric)
@@ -908,7 +921,10 @@ impl Redactor {
         // after `-H`, or for a header's name (`X-Api-Key:`): `auth: fix
         // login` in a message is prose.
         // `--header=X-Api-Key: X` is a header too.
-        let (header, named) = match first.strip_prefix("--header=") {
+        let (header, named) = match first
+            .strip_prefix("--header=")
+            .or_else(|| first.strip_prefix("--proxy-header="))
+        {
             Some(h) => (true, h),
             None => (header, first),
         };
@@ -917,7 +933,7 @@ impl Redactor {
             && !name.is_empty()
             && name.chars().all(is_ident)
             && is_sensitive_name(name)
-            && (header || is_header_name(name) || !is_prose_word(name))
+            && (header || is_header_name(name) || is_identifier(name))
         {
             let value = arg[lead + first.len()..].trim_start();
             out.push_str(&arg[..arg.len() - value.len()]);
@@ -925,11 +941,13 @@ impl Redactor {
             self.argument_words(value, false, false, out);
             return;
         }
-        // `Authorization:Bearer X Y`: the scheme kept, the rest redacted.
+        // `Authorization:Bearer X Y`: the scheme kept, the rest redacted
+        // (not `auth:token refresh retries`, unless after `-H`).
         if self.pending == Pending::None
             && let Some((name, scheme)) = named.split_once(':')
             && name.chars().all(is_ident)
             && is_auth_name(name)
+            && (header || is_header_name(name))
             && is_scheme(scheme)
         {
             out.push_str(&arg[..lead + first.len()]);
@@ -1005,12 +1023,28 @@ impl Redactor {
             // the next ones (`"password": "correct horse"`).
             if matches!(self.pending, Pending::Value | Pending::Cookie)
                 && let Some(q) = tok.chars().next().filter(|c| matches!(c, '"' | '\''))
-                && closing_quote(&tok.chars().collect::<Vec<_>>(), 1, q).is_none()
+                && !tok.contains(REDACTED)
             {
-                out.push(q);
-                out.push_str(REDACTED);
-                self.pending = Pending::UntilQuote(q);
-                return;
+                let chars: Vec<char> = tok.chars().collect();
+                match closing_quote(&chars, 1, q) {
+                    None => {
+                        out.push(q);
+                        out.push_str(REDACTED);
+                        self.pending = Pending::UntilQuote(q);
+                        return;
+                    }
+                    // A quoted value and more after it in one word
+                    // (`"X").models.list()`): the rest is read on.
+                    Some(k) if k > 1 && self.pending == Pending::Value => {
+                        out.push(q);
+                        out.push_str(REDACTED);
+                        self.pending = Pending::None;
+                        let i: usize = chars[..k].iter().map(|c| c.len_utf8()).sum();
+                        self.token(&tok[i..], out);
+                        return;
+                    }
+                    Some(_) => {}
+                }
             }
             if self.pending == Pending::Auth && is_scheme(tok) {
                 out.push_str(tok);
@@ -1864,6 +1898,38 @@ mod tests {
             &["-H Authorization:Bearer ", " https://h"],
         ),
         (
+            &[
+                "curl",
+                "--proxy-header=Proxy-Authorization: Basic correct horse",
+                "https://h",
+            ],
+            &["correct", "horse"],
+            &["Proxy-Authorization: Basic ", " https://h"],
+        ),
+        // A JSON value that ends in an escaped backslash closes there.
+        (
+            &[
+                "curl",
+                "-d",
+                "{\"client_secret\":\"Zq9\\\\\",\"refresh_token\":\"SECRETrefresh\"}",
+                "https://h",
+            ],
+            &["Zq9", "SECRETrefresh"],
+            &["\"refresh_token\":\"[REDACTED]\"}"],
+        ),
+        // In a shell's single quotes a backslash is a backslash, and
+        // `'\''` puts a quote in the value.
+        (
+            &["sh", "-c", "PGPASSWORD='Zq9\\' psql -h db -c 'select 1'"],
+            &["Zq9"],
+            &["psql -h db -c 'select 1'"],
+        ),
+        (
+            &["sh", "-c", "PGPASSWORD='it'\\''s a secret' psql -h db"],
+            &["secret"],
+            &["psql -h db"],
+        ),
+        (
             &["python3", "eval.py", "--db-password=correct horse battery"],
             &["correct", "horse", "battery"],
             &["python3 eval.py --db-password="],
@@ -2035,6 +2101,56 @@ mod tests {
             "auth: migrate the login form to OAuth2",
         ]);
         assert!(out.contains("login form to OAuth2"), "{out}");
+        // A word with a colon that starts a message is prose, however
+        // sensitive: only the word after it may go.
+        for (args, kept) in [
+            (
+                &[
+                    "git",
+                    "commit",
+                    "-m",
+                    "Password: minimum length is now 12 characters",
+                ][..],
+                "length is now 12 characters",
+            ),
+            (
+                &[
+                    "gh",
+                    "pr",
+                    "create",
+                    "--title",
+                    "hotkey: add ctrl+s to save",
+                ][..],
+                "to save",
+            ),
+            (
+                &[
+                    "git",
+                    "commit",
+                    "-m",
+                    "auth:token refresh now retries on 401",
+                ][..],
+                "now retries on 401",
+            ),
+        ] {
+            let out = redact_args(args);
+            assert!(out.contains(kept), "{out} from {args:?}");
+        }
+        // A quoted value and more in its word: the rest is kept, and a
+        // second pass changes nothing.
+        for line in [
+            "python -c client = OpenAI(api_key = \"abc123\").models.list(); print(1) and more",
+            "tool --token \"abc123\",next and more",
+        ] {
+            let out = redact_cmdline(line);
+            assert!(!out.contains("abc123"), "{out}");
+            assert!(
+                out.contains("\").models.list(); print(1) and more")
+                    || out.contains("\",next and more"),
+                "{out}"
+            );
+            assert_eq!(redact_cmdline(&out), out);
+        }
         // A descriptor's number is no secret.
         assert_eq!(
             redact_args(&["gpg", "--passphrase-fd", "0", "--batch"]),
