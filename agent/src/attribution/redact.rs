@@ -39,9 +39,14 @@
 //!    `curl -b X`; `gh secret set NAME --body X`; each also as `-p=X`,
 //!    `--body=X` or attached (`-bX`). Elsewhere `-p` is a port.
 //!
+//! 7. SQL's `PASSWORD 'X'` and `IDENTIFIED BY 'X'` (`psql -c`, `mysql -e`).
+//!
 //! A quoted value (`api_key='a,b'`, `"password": "a b"`) runs to its
 //! closing quote: the first one not escaped and not followed by a letter
-//! or digit (`'don't tell'` is one value).
+//! or digit (`'don't tell'` is one value). In a shell's script (`sh -c`)
+//! or a flattened line, a value redacted at the end of a word inside
+//! quotes still open runs to where they close, whichever rule found it
+//! (`-H 'X-Api-Key: a b'`, `-u "me:a b"`, `mysql -p'a b'`).
 //!
 //! It errs towards redacting too much: a value after a sensitive flag goes
 //! whatever it is (`--sort-key name`). Counts such as `--max-tokens 100`
@@ -709,7 +714,9 @@ fn user_password(value: &str) -> Option<String> {
     if numeric(user) && numeric(password) {
         return None;
     }
-    Some(format!("{user}:{REDACTED}"))
+    // A closing quote stays (`"me:pw"` in a script).
+    let quotes = &password[password.trim_end_matches(['"', '\'']).len()..];
+    Some(format!("{user}:{REDACTED}{quotes}"))
 }
 
 /// `user:[REDACTED]@proxy` for a `user:password@proxy` argument (curl's
@@ -834,6 +841,25 @@ pub fn redact_args<S: AsRef<str>>(args: &[S]) -> String {
     out
 }
 
+/// The shell quote open after `tok`, given the one open before it: `'…'`
+/// takes everything literally, `"…"` and bare words honour `\`.
+fn quote_after(mut open: Option<char>, tok: &str) -> Option<char> {
+    let mut chars = tok.chars();
+    while let Some(c) = chars.next() {
+        match (open, c) {
+            (Some('\''), '\'') => open = None,
+            (Some('\''), _) => {}
+            (_, '\\') => {
+                chars.next();
+            }
+            (None, '"' | '\'') => open = Some(c),
+            (Some('"'), '"') => open = None,
+            _ => {}
+        }
+    }
+    open
+}
+
 /// What the words read so far say about the next one.
 struct Redactor {
     pending: Pending,
@@ -857,6 +883,19 @@ struct Redactor {
     script_next: bool,
     /// The previous argument was `-H` or `--header`: this one is a header.
     header_next: bool,
+    /// The shell quote open after the words read so far in this argument.
+    quote: Option<char>,
+    /// The previous word was SQL's `PASSWORD` or `IDENTIFIED BY`'s `BY`:
+    /// a quoted word next is a password.
+    sql: SqlWord,
+}
+
+/// Where SQL's password clauses have got to.
+#[derive(Clone, Copy, PartialEq, Eq, Default)]
+enum SqlWord {
+    #[default]
+    None,
+    Identified,
 }
 
 impl Default for Redactor {
@@ -869,6 +908,8 @@ impl Default for Redactor {
             tool: None,
             script_next: false,
             header_next: false,
+            quote: None,
+            sql: SqlWord::None,
         }
     }
 }
@@ -881,6 +922,8 @@ impl Redactor {
         let header = std::mem::take(&mut self.header_next);
         // `sh -c -- SCRIPT`: the script is still to come.
         self.script_next = is_script_flag(arg) || (script && arg == "--");
+        // An argument's quotes are its own.
+        self.quote = None;
         self.header_next = matches!(arg, "-H" | "--header" | "--proxy-header");
         self.argument_words(arg, script, header, out);
         // A quoted value ends with its argument at the latest.
@@ -958,7 +1001,7 @@ impl Redactor {
         // The first word, then: a value redacted to its end goes on to the
         // argument's end.
         out.push_str(&arg[..lead]);
-        self.token(first, out);
+        self.word(first, out);
         // A quoted value goes on to its closing quote, and what follows it
         // is read on (`{"password":"a b","model":"m"}`).
         if self.pending == Pending::None && out.ends_with(REDACTED) {
@@ -986,8 +1029,38 @@ impl Redactor {
                 break;
             }
             let end = rest.find(char::is_whitespace).unwrap_or(rest.len());
-            self.token(&rest[..end], out);
+            self.word(&rest[..end], out);
             rest = &rest[end..];
+        }
+    }
+
+    /// Redacts one word into `out`, and follows a shell's quoting across
+    /// words: a value redacted at the end of a word inside quotes that
+    /// are still open goes on to where they close (`-H 'X-Api-Key: a b'`,
+    /// `curl -u "me:a b"`, `mysql -p'a b'` in a script).
+    fn word(&mut self, tok: &str, out: &mut String) {
+        let before = out.len();
+        let inside = matches!(self.pending, Pending::UntilQuote(_));
+        self.token(tok, out);
+        self.quote = quote_after(self.quote, tok);
+        if let Some(q) = self.quote
+            && !inside
+            && self.pending == Pending::None
+            && !tok.contains(REDACTED)
+            && out[before..].ends_with(REDACTED)
+        {
+            self.pending = Pending::UntilQuote(q);
+        }
+    }
+
+    /// The rest of a word after a quoted value, from its closing quote:
+    /// read on only if there is more than the quote and punctuation,
+    /// which are no word of their own (such as a program's name).
+    fn after_value(&mut self, rest: &str, out: &mut String) {
+        if rest.chars().any(char::is_alphanumeric) {
+            self.token(rest, out);
+        } else {
+            out.push_str(rest);
         }
     }
 
@@ -1000,10 +1073,11 @@ impl Redactor {
             if let Some(k) = closing_quote(&chars, 0, q) {
                 self.pending = Pending::None;
                 let i: usize = chars[..k].iter().map(|c| c.len_utf8()).sum();
-                self.token(&tok[i..], out);
+                self.after_value(&tok[i..], out);
             }
             return;
         }
+        let sql = std::mem::take(&mut self.sql);
         // A flag is never a value: `--password-stdin -u me`. (A value
         // that merely starts with `-`, `-Xq7b…`, still is.)
         if self.pending != Pending::None && is_flag_word(tok) {
@@ -1019,6 +1093,8 @@ impl Redactor {
             };
         }
         if self.pending != Pending::None {
+            // The name this value is for has had it.
+            self.named = None;
             // A quoted value that does not close in this word goes on in
             // the next ones (`"password": "correct horse"`).
             if matches!(self.pending, Pending::Value | Pending::Cookie)
@@ -1040,7 +1116,7 @@ impl Redactor {
                         out.push_str(REDACTED);
                         self.pending = Pending::None;
                         let i: usize = chars[..k].iter().map(|c| c.len_utf8()).sum();
-                        self.token(&tok[i..], out);
+                        self.after_value(&tok[i..], out);
                         return;
                     }
                     Some(_) => {}
@@ -1101,8 +1177,9 @@ impl Redactor {
             return;
         }
         if let Some(n) = self.tool.and_then(|t| t.attached_secret(tok)) {
+            // Its quotes stay (`-p'pass word'` in a script).
             out.push_str(&tok[..n]);
-            out.push_str(REDACTED);
+            out.push_str(&redact_whole(&tok[n..]).unwrap_or_else(|| REDACTED.to_string()));
             return;
         }
         if is_flag(tok) && !tok.contains(['=', ':']) && is_sensitive_name(tok) {
@@ -1168,12 +1245,20 @@ impl Redactor {
                     && names_a_value(name);
                 (pending_for(name), tok.starts_with(['"', '\'']), bare)
             });
-        if self.pending == Pending::None
-            && tok
-                .trim_matches(|c| c == '"' || c == '\'')
-                .eq_ignore_ascii_case("bearer")
-        {
+        let bare = tok.trim_matches(|c| c == '"' || c == '\'');
+        if self.pending == Pending::None && bare.eq_ignore_ascii_case("bearer") {
             self.pending = Pending::Value;
+        }
+        // SQL: `ALTER USER ci WITH PASSWORD 'X'`, `IDENTIFIED BY 'X'`.
+        if self.pending == Pending::None {
+            if bare.eq_ignore_ascii_case("password")
+                || (sql == SqlWord::Identified && bare.eq_ignore_ascii_case("by"))
+            {
+                self.pending = Pending::Quoted;
+                self.quoted_as = Pending::Value;
+            } else if bare.eq_ignore_ascii_case("identified") {
+                self.sql = SqlWord::Identified;
+            }
         }
     }
 }
@@ -1929,6 +2014,41 @@ mod tests {
             &["secret"],
             &["psql -h db"],
         ),
+        // In a script, a value redacted inside quotes goes on to where
+        // they close, whatever rule found it.
+        (
+            &[
+                "sh",
+                "-c",
+                "curl -H 'X-Api-Key: correct horse' -u \"me:battery staple\" https://h && echo done",
+            ],
+            &["correct", "horse", "battery", "staple"],
+            &["curl -H 'X-Api-Key: [REDACTED]' -u \"me:[REDACTED]\" https://h && echo done"],
+        ),
+        (
+            &["bash", "-c", "mysql -p'correct horse' db < dump.sql"],
+            &["correct", "horse"],
+            &["mysql -p'[REDACTED]' db < dump.sql"],
+        ),
+        // SQL's password clauses.
+        (
+            &[
+                "psql",
+                "-c",
+                "ALTER USER ci WITH PASSWORD 'correct horse'; SELECT 1",
+            ],
+            &["correct", "horse"],
+            &["PASSWORD '[REDACTED]'; SELECT 1"],
+        ),
+        (
+            &[
+                "mysql",
+                "-e",
+                "CREATE USER ci IDENTIFIED BY 'correct horse'",
+            ],
+            &["correct", "horse"],
+            &["IDENTIFIED BY '[REDACTED]'"],
+        ),
         (
             &["python3", "eval.py", "--db-password=correct horse battery"],
             &["correct", "horse", "battery"],
@@ -2200,7 +2320,7 @@ mod tests {
                 "Cookie:", "a=b;", "https://u:p/w@h/x", "https://h2xkqv7aalongpersonaltoken4z@h",
                 "postgres://u:1/2@db", "u:pw@proxy", "sk-Zq9SECRETzq9abcdefgh", "[REDACTED]",
                 "Xq7bT2mN9vLc4RzW8kPd3HsY6fJg", "value", "4096", "é", "",
-                "'don't", "do'", "'a", "b'", "\"x,y\"", "api_key='a,b'", "\\\"", "a\\\"b",
+                "'don't", "do'", "'X-Api-Key:", "\"me:a", "-p'a", "PASSWORD", "IDENTIFIED", "BY", "'a", "b'", "\"x,y\"", "api_key='a,b'", "\\\"", "a\\\"b",
             ]), 0..12)
         ) {
             let line = words.join(" ");
