@@ -61,7 +61,7 @@ pub const SYSTEM_BUNDLES: &[&str] = &[
 
 const KEY_FILE: &str = "ca.key";
 pub(crate) const CERT_FILE: &str = "ca.crt";
-const OLD_CERT_FILE: &str = "ca.crt.old";
+pub(crate) const OLD_CERT_FILE: &str = "ca.crt.old";
 /// The intermediate certificate, which `ca.key` belongs to.
 const INTERMEDIATE_FILE: &str = "intermediate.crt";
 const HOSTS_FILE: &str = "hosts.json";

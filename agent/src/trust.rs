@@ -470,10 +470,13 @@ pub fn install(ca: &LocalCa, root: &Path) -> Result<Report, TrustError> {
     if host {
         let trusted = || matches!(installed(ca.cert_pem(), root), Installed::Yes { .. });
         match find_program("update-ca-certificates") {
-            Some(p) => {
-                run_checked(&p, &[], INSTALL_AGAIN)?;
-                lines.push("ran update-ca-certificates: the system store trusts the CA".into());
-            }
+            // A failure is said at the end: Java's store and bundle.pem
+            // are done whatever happens here.
+            Some(p) => match run_checked(&p, &[], INSTALL_AGAIN) {
+                Ok(_) => lines
+                    .push("ran update-ca-certificates: the system store trusts the CA".into()),
+                Err(e) => failed.push(e.to_string()),
+            },
             None if !rhel && !trusted() => failed.push(
                 "update-ca-certificates not found, and the system store does not trust the CA: install the ca-certificates package and run `tollgate trust install` again"
                     .into(),
@@ -482,10 +485,10 @@ pub fn install(ca: &LocalCa, root: &Path) -> Result<Report, TrustError> {
         }
         if rhel {
             match find_program("update-ca-trust") {
-                Some(p) => {
-                    run_checked(&p, &["extract"], INSTALL_AGAIN)?;
-                    lines.push("ran update-ca-trust extract".into());
-                }
+                Some(p) => match run_checked(&p, &["extract"], INSTALL_AGAIN) {
+                    Ok(_) => lines.push("ran update-ca-trust extract".into()),
+                    Err(e) => failed.push(e.to_string()),
+                },
                 None if !trusted() => failed.push(
                     "update-ca-trust not found, and the system store does not trust the CA: run `update-ca-trust extract`".into(),
                 ),
@@ -508,9 +511,15 @@ pub fn install(ca: &LocalCa, root: &Path) -> Result<Report, TrustError> {
             // rotation `update-ca-certificates` sees the anchor's name
             // unchanged and does not call the hook, so JVMs would go on
             // trusting the old CA.
-            // A failure shows in the import that follows.
-            keytool_delete(&keytool, &store, JAVA_ALIAS)?;
-            keytool_delete(&keytool, &store, DEBIAN_JAVA_ALIAS)?;
+            let mut cleared = true;
+            for alias in [JAVA_ALIAS, DEBIAN_JAVA_ALIAS] {
+                if let Deletion::Failed(why) = keytool_delete(&keytool, &store, alias)? {
+                    cleared = false;
+                    failed.push(format!(
+                        "could not remove an older `{alias}` from Java cacerts ({why}): JVMs may trust a CA other than this one; fix the error and run `tollgate trust install` again"
+                    ));
+                }
+            }
             let cert = ca.cert_path().to_string_lossy().into_owned();
             let mut args: Vec<&str> = vec![
                 "-J-Duser.language=en",
@@ -530,13 +539,14 @@ pub fn install(ca: &LocalCa, root: &Path) -> Result<Report, TrustError> {
                 lines.push(format!(
                     "imported the CA into Java cacerts as `{JAVA_ALIAS}`"
                 ));
-            } else if out.text.contains("already exists") {
+            } else if cleared && out.text.contains("already exists") {
+                // The certificate itself is there under another alias.
                 lines.push(
                     "Java cacerts already trusts the CA (added by the system store's hook)".into(),
                 );
             } else {
-                lines.push(format!(
-                    "warning: could not import the CA into Java cacerts ({}): {}",
+                failed.push(format!(
+                    "could not import the CA into Java cacerts ({}): {}; JVMs will not trust it: fix the error and run `tollgate trust install` again",
                     out.status, out.text
                 ));
             }
@@ -583,8 +593,22 @@ pub fn uninstall(state_dir: &Path, root: &Path) -> Result<Report, TrustError> {
     // RHEL's store does not read the Debian anchor directory (install
     // writes both): no update-ca-certificates there is no failure.
     let rhel = under(root, RHEL_ANCHORS).is_dir();
+    // A bundle that still holds the CA (or the one it replaced) with the
+    // anchors gone: an earlier uninstall whose refresh failed. Refreshed
+    // again, not reported clean.
+    let ca_dir = state_dir.join("ca");
+    let certs: Vec<String> = [crate::ca::CERT_FILE, crate::ca::OLD_CERT_FILE]
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(ca_dir.join(f)).ok())
+        .collect();
+    let trusted = || {
+        certs
+            .iter()
+            .any(|pem| matches!(installed(pem, root), Installed::Yes { .. }))
+    };
+    let still_trusted = trusted();
     if host {
-        if removed_debian || stale_link {
+        if removed_debian || stale_link || (still_trusted && !rhel) {
             match find_program("update-ca-certificates") {
                 // A failure is said at the end: Java's store is cleaned
                 // whatever happens here.
@@ -598,7 +622,7 @@ pub fn uninstall(state_dir: &Path, root: &Path) -> Result<Report, TrustError> {
                 None => {}
             }
         }
-        if removed_rhel {
+        if removed_rhel || (still_trusted && rhel) {
             match find_program("update-ca-trust") {
                 Some(p) => match run_checked(&p, &["extract"], UNINSTALL_AGAIN) {
                     Ok(_) => lines.push("ran update-ca-trust extract".into()),
@@ -609,7 +633,12 @@ pub fn uninstall(state_dir: &Path, root: &Path) -> Result<Report, TrustError> {
                 ),
             }
         }
-    } else if removed_debian || removed_rhel || stale_link {
+        if trusted() {
+            failed.push(
+                "the system bundle still holds the CA after the refresh: remove the certificate named tollgate from the trust store's sources and refresh it".into(),
+            );
+        }
+    } else if removed_debian || removed_rhel || stale_link || still_trusted {
         lines.push(format!(
             "root is {}: removed files only; run `update-ca-certificates --fresh` inside that root",
             root.display()
@@ -887,6 +916,81 @@ mod tests {
         assert!(!report.failed.join(" ").contains(CACERTS_PASSWORD));
         let err = report.finish().expect_err("a failure");
         assert_eq!(err.exit_code(), crate::exit::UNAVAILABLE);
+    }
+
+    /// `install` with a Java cacerts keytool cannot open fails (exit 69)
+    /// after doing the rest, rather than saying it is done while JVMs do
+    /// not trust the CA.
+    #[test]
+    #[ignore = "needs a JDK (keytool on PATH; cargo xtask setup installs one)"]
+    fn install_fails_when_java_cacerts_cannot_take_the_ca() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let ca = ca(&t.path().join("state"));
+        let root = t.path().join("root");
+        let kt = find_program("keytool").expect("keytool on PATH");
+        let ks = root.join(DEBIAN_CACERTS);
+        std::fs::create_dir_all(ks.parent().expect("parent")).expect("java dir");
+        let other = t.path().join("other.crt");
+        std::fs::write(&other, ca_other(t.path())).expect("write");
+        let out = Command::new(&kt)
+            .args(["-importcert", "-noprompt", "-alias", "other", "-file"])
+            .arg(&other)
+            .arg("-keystore")
+            .arg(&ks)
+            .args(["-storepass", "not-changeit"])
+            .output()
+            .expect("keytool runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let report = install(&ca, &root).expect("install runs");
+        assert!(
+            report.failed.iter().any(|f| f.contains("could not import")),
+            "{:?}",
+            report.failed
+        );
+        // The rest is done all the same.
+        assert!(root.join(DEBIAN_ANCHORS).join(ANCHOR_NAME).exists());
+        assert!(ca.bundle_path().exists());
+        assert!(!report.failed.join(" ").contains(CACERTS_PASSWORD));
+        let err = report.finish().expect_err("a failure");
+        assert_eq!(err.exit_code(), crate::exit::UNAVAILABLE);
+    }
+
+    /// An uninstall whose store refresh failed removed the anchor but left
+    /// the bundle trusting the CA: the next uninstall says the store must
+    /// be refreshed, not that nothing was there.
+    #[test]
+    fn uninstall_again_refreshes_a_store_that_still_trusts_the_ca() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let state = t.path().join("state");
+        let mine = ca(&state);
+        let root = t.path().join("root");
+        let bundle = root.join(crate::ca::SYSTEM_BUNDLES[0].trim_start_matches('/'));
+        std::fs::create_dir_all(bundle.parent().expect("dir")).expect("dirs");
+        std::fs::write(
+            &bundle,
+            format!("{}\n{}", ca_other(t.path()), mine.cert_pem()),
+        )
+        .expect("bundle");
+        let text = uninstall(&state, &root)
+            .expect("uninstall runs")
+            .lines
+            .join("\n");
+        assert!(text.contains("was not present"), "{text}");
+        assert!(
+            text.contains("run `update-ca-certificates --fresh` inside that root"),
+            "{text}"
+        );
+        // A store that no longer holds it needs nothing.
+        std::fs::write(&bundle, ca_other(t.path())).expect("bundle");
+        let text = uninstall(&state, &root)
+            .expect("uninstall runs")
+            .lines
+            .join("\n");
+        assert!(!text.contains("inside that root"), "{text}");
     }
 
     #[test]
