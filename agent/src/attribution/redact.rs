@@ -74,11 +74,22 @@ const SENSITIVE_WORDS: &[&str] = &[
     "bearer",
     "cookie",
     "signature",
+    "creds",
+    "pat",
 ];
 
 /// Names sensitive only as a whole: `sig` (Azure Storage SAS URLs,
 /// `...&sig=...`), not `--sig-proxy`.
-const SENSITIVE_NAMES: &[&str] = &["sig"];
+/// keytool's and jarsigner's store and key passwords too.
+const SENSITIVE_NAMES: &[&str] = &[
+    "sig",
+    "storepass",
+    "keypass",
+    "srcstorepass",
+    "deststorepass",
+    "srckeypass",
+    "destkeypass",
+];
 
 /// Endings that make a name sensitive once separators are removed
 /// (`OPENAIAPIKEY`, `hftoken`, `clientsecret`).
@@ -92,6 +103,7 @@ const SENSITIVE_ENDINGS: &[&str] = &[
     "authorization",
     "credentials",
     "cookie",
+    "authident",
 ];
 
 /// Authorization schemes kept in front of the redacted credential.
@@ -159,6 +171,7 @@ const ALNUM_TAILS: &[&str] = &[
 const NOT_THE_SECRET: &[&str] = &[
     "id", "ids", "limit", "limits", "budget", "name", "names", "count", "size", "file", "files",
     "path", "dir", "type", "length", "len", "ttl", "timeout", "env", "region", "version", "fd",
+    "stdin",
 ];
 
 /// Whether `name` (a flag, header, variable or parameter name) names a secret.
@@ -168,6 +181,11 @@ pub(super) fn is_sensitive_name(name: &str) -> bool {
         .to_ascii_lowercase();
     if lower.is_empty() {
         return false;
+    }
+    // Vault's AppRole `secret_id=X` is the credential; `--secret-id` (AWS)
+    // names a secret.
+    if !name.starts_with('-') && matches!(lower.as_str(), "secret_id" | "secretid") {
+        return true;
     }
     let mut words = lower.split(['-', '_', '.']);
     if words.clone().count() > 1
@@ -205,7 +223,7 @@ fn is_cookie_name(name: &str) -> bool {
 }
 
 fn is_scheme(word: &str) -> bool {
-    let w = word.trim_matches(|c| c == '"' || c == '\'');
+    let w = word.trim_matches(|c| matches!(c, '"' | '\'' | '`'));
     SCHEMES.iter().any(|s| w.eq_ignore_ascii_case(s))
 }
 
@@ -213,7 +231,7 @@ fn is_scheme(word: &str) -> bool {
 /// letters, `-` and `_` only (a credential has digits or other signs, as a
 /// rule), not closing its quoted argument.
 fn scheme_shaped(word: &str) -> bool {
-    let w = word.trim_start_matches(['"', '\'']);
+    let w = word.trim_start_matches(['"', '\'', '`']);
     (2..=32).contains(&w.len())
         && w.starts_with(|c: char| c.is_ascii_alphabetic())
         && w.bytes()
@@ -298,10 +316,10 @@ fn redact_whole(tok: &str) -> Option<String> {
         return Some(redact_key_shapes(&scan_token(tok).0));
     }
     let lead_end = tok
-        .find(|c: char| !matches!(c, '"' | '\'' | '[' | '(' | '{'))
+        .find(|c: char| !matches!(c, '"' | '\'' | '`' | '[' | '(' | '{'))
         .unwrap_or(tok.len());
     let trail_start = tok
-        .rfind(|c: char| !matches!(c, '"' | '\'' | ',' | ';' | ')' | '}' | ']'))
+        .rfind(|c: char| !matches!(c, '"' | '\'' | '`' | ',' | ';' | ')' | '}' | ']'))
         .map(|i| i + tok[i..].chars().next().map_or(1, char::len_utf8))
         .unwrap_or(lead_end);
     if trail_start <= lead_end {
@@ -330,25 +348,19 @@ fn starts_the_argument(before: &str) -> bool {
 /// Rule 1 inside one token, and rule 2. Returns the new token and what the
 /// next token is, if a sensitive name ends this one without a value.
 fn scan_token(tok: &str) -> (String, Pending) {
+    let urls = redact_urls(tok);
+    let tok: &str = &urls;
     let mut out = String::with_capacity(tok.len());
     let mut pending = Pending::None;
     let chars: Vec<(usize, char)> = tok.char_indices().collect();
+    let plain: Vec<char> = chars.iter().map(|(_, c)| *c).collect();
     let at = |i: usize| chars.get(i).map(|(_, c)| *c);
     let byte = |i: usize| chars.get(i).map_or(tok.len(), |(b, _)| *b);
+    let is_quote = |c: Option<char>| matches!(c, Some('"' | '\''));
+    // `\"` in a script's double-quoted JSON (`"{\"password\":\"X\"}"`).
+    let escaped_quote = |i: usize| at(i) == Some('\\') && is_quote(at(i + 1));
     let mut i = 0;
     let mut copied = 0; // bytes of `tok` already in `out`
-    // Rule 2: https://user:PASSWORD@host, https://TOKEN@host
-    if let Some(scheme_end) = tok.find("://")
-        && let Some((secret_start, secret_end)) = url_secret(tok, scheme_end + 3)
-    {
-        out.push_str(&tok[..secret_start]);
-        out.push_str(REDACTED);
-        copied = secret_end;
-        i = chars
-            .iter()
-            .position(|(b, _)| *b >= copied)
-            .unwrap_or(chars.len());
-    }
     while i < chars.len() {
         let Some(c) = at(i) else { break };
         if !is_ident(c) {
@@ -363,16 +375,21 @@ fn scan_token(tok: &str) -> (String, Pending) {
         // Optional closing quote (and a subscript's `]`:
         // `os.environ['OPENAI_API_KEY']=X`), then the separator; a quoted
         // name may be a call's argument too (`setdefault('API_KEY','X')`).
-        let quoted_name = start > 0 && matches!(at(start - 1), Some('"' | '\''));
+        let quoted_name = start > 0 && is_quote(at(start - 1));
         let mut j = i;
-        if matches!(at(j), Some('"' | '\'')) {
+        if is_quote(at(j)) {
             j += 1;
             if at(j) == Some(']') {
                 j += 1;
             }
+        } else if escaped_quote(j) {
+            j += 2;
         }
         let argument = quoted_name && at(j) == Some(',');
-        if !argument && !matches!(at(j), Some('=' | ':')) {
+        // `token::tests` is a path, not a name and its value.
+        let path = at(j) == Some(':') && at(j + 1) == Some(':');
+        if path || (!argument && !matches!(at(j), Some('=' | ':'))) {
+            i = if path { j + 2 } else { i };
             continue;
         }
         j += 1;
@@ -380,7 +397,11 @@ fn scan_token(tok: &str) -> (String, Pending) {
             i = j;
             continue;
         }
-        let quoted = matches!(at(j), Some('"' | '\''));
+        let escaped = escaped_quote(j);
+        let quoted = is_quote(at(j)) || escaped;
+        if escaped {
+            j += 1;
+        }
         if quoted {
             j += 1;
         }
@@ -399,10 +420,12 @@ fn scan_token(tok: &str) -> (String, Pending) {
         }
         // A quoted value runs to its closing quote (`api_key='a,b'`), or
         // to the word's end if it closes in a later word.
-        let closes = if quoted {
+        let closes = if escaped {
             let q = at(value_start - 1).unwrap_or('"');
-            let quote_chars: Vec<char> = chars.iter().map(|(_, c)| *c).collect();
-            Some(closing_quote(&quote_chars, value_start, q))
+            Some((value_start..chars.len()).find(|&k| at(k) == Some('\\') && at(k + 1) == Some(q)))
+        } else if quoted {
+            let q = at(value_start - 1).unwrap_or('"');
+            Some(closing_quote(&plain, value_start, q))
         } else {
             None
         };
@@ -453,6 +476,35 @@ fn scan_token(tok: &str) -> (String, Pending) {
     }
     out.push_str(&tok[copied..]);
     (out, pending)
+}
+
+/// Rule 2 for every URL in a word (`{"ok":"https://a/cb","db":"postgres://
+/// u:X@db"}`). A URL's authority is read within its first 2 KiB, and at
+/// most 256 URLs in a word, so that a word of them costs what its length
+/// does.
+fn redact_urls(tok: &str) -> std::borrow::Cow<'_, str> {
+    if !tok.contains("://") {
+        return std::borrow::Cow::Borrowed(tok);
+    }
+    let mut out = String::with_capacity(tok.len());
+    let (mut copied, mut from) = (0, 0);
+    for _ in 0..256 {
+        let Some(i) = tok[from..].find("://") else {
+            break;
+        };
+        let auth = from + i + 3;
+        let end = tok.floor_char_boundary(auth.saturating_add(2048).min(tok.len()));
+        match url_secret(&tok[..end], auth) {
+            Some((start, stop)) => {
+                out.push_str(&tok[copied..start]);
+                out.push_str(REDACTED);
+                (copied, from) = (stop, stop);
+            }
+            None => from = auth,
+        }
+    }
+    out.push_str(&tok[copied..]);
+    std::borrow::Cow::Owned(out)
 }
 
 /// The byte range of the secret in a URL's user info, the authority
@@ -644,7 +696,7 @@ impl Tool {
         let name = name.strip_suffix(".exe").unwrap_or(name);
         Some(match name {
             "docker" | "podman" | "buildah" | "skopeo" | "nerdctl" | "helm" | "oras" | "crane"
-            | "regctl" | "az" | "cf" => Tool::Login { armed: false },
+            | "regctl" | "az" | "cf" | "oc" => Tool::Login { armed: false },
             "sshpass" => Tool::Sshpass,
             "twine" => Tool::Twine,
             "mysql" | "mysqldump" | "mysqladmin" | "mysqlimport" | "mysqlcheck" | "mariadb"
@@ -804,10 +856,12 @@ fn names_a_value(name: &str) -> bool {
         .filter(char::is_ascii_alphanumeric)
         .map(|c| c.to_ascii_lowercase())
         .collect();
-    identifier
-        && !capitals
-        && is_sensitive_name(name)
-        && SENSITIVE_ENDINGS.iter().any(|e| compact.ends_with(e))
+    // npm's `_auth` (`npm config set _auth X`).
+    name == "_auth"
+        || (identifier
+            && !capitals
+            && is_sensitive_name(name)
+            && SENSITIVE_ENDINGS.iter().any(|e| compact.ends_with(e)))
 }
 
 /// Redacts secrets in a command line (see the module docs for the rules),
@@ -842,9 +896,15 @@ pub fn redact_args<S: AsRef<str>>(args: &[S]) -> String {
 }
 
 /// The shell quote open after `tok`, given the one open before it: `'…'`
-/// takes everything literally, `"…"` and bare words honour `\`.
+/// takes everything literally, `"…"` and bare words honour `\`. An
+/// apostrophe outside quotes in a word of letters, followed by a letter
+/// (`didn't`, `it's`, not `-p'pw`), is taken for prose, not a quote that
+/// opens: in a script it would be a syntax error, in a flattened line it
+/// is a message's.
 fn quote_after(mut open: Option<char>, tok: &str) -> Option<char> {
-    let mut chars = tok.chars();
+    let mut chars = tok.chars().peekable();
+    let mut prev = ' ';
+    let mut letters = true; // the word so far is letters only
     while let Some(c) = chars.next() {
         match (open, c) {
             (Some('\''), '\'') => open = None,
@@ -852,10 +912,16 @@ fn quote_after(mut open: Option<char>, tok: &str) -> Option<char> {
             (_, '\\') => {
                 chars.next();
             }
+            (None, '\'')
+                if letters
+                    && prev.is_alphabetic()
+                    && chars.peek().is_some_and(|n| n.is_alphabetic()) => {}
             (None, '"' | '\'') => open = Some(c),
             (Some('"'), '"') => open = None,
             _ => {}
         }
+        letters &= c.is_alphabetic() || (c == '\'' && open.is_none());
+        prev = c;
     }
     open
 }
@@ -885,17 +951,27 @@ struct Redactor {
     header_next: bool,
     /// The shell quote open after the words read so far in this argument.
     quote: Option<char>,
-    /// The previous word was SQL's `PASSWORD` or `IDENTIFIED BY`'s `BY`:
-    /// a quoted word next is a password.
+    /// Where SQL's password clauses have got to.
     sql: SqlWord,
+    /// Inside a script's `#` comment, to the end of its line: its quotes
+    /// are no shell's.
+    comment: bool,
+    /// A word so far was `secret` or `put-parameter` (`az keyvault secret
+    /// set --value X`, `aws ssm put-parameter --value X`).
+    secret_context: bool,
 }
 
-/// Where SQL's password clauses have got to.
+/// Where SQL's password clauses have got to: `ALTER USER ci WITH PASSWORD
+/// 'X'`, `IDENTIFIED [WITH plugin] BY 'X'`, `SET PASSWORD FOR u = 'X'`.
 #[derive(Clone, Copy, PartialEq, Eq, Default)]
 enum SqlWord {
     #[default]
     None,
     Identified,
+    IdentifiedWith,
+    AfterPassword,
+    PasswordFor,
+    PasswordUser,
 }
 
 impl Default for Redactor {
@@ -910,6 +986,8 @@ impl Default for Redactor {
             header_next: false,
             quote: None,
             sql: SqlWord::None,
+            comment: false,
+            secret_context: false,
         }
     }
 }
@@ -924,6 +1002,7 @@ impl Redactor {
         self.script_next = is_script_flag(arg) || (script && arg == "--");
         // An argument's quotes are its own.
         self.quote = None;
+        self.comment = false;
         self.header_next = matches!(arg, "-H" | "--header" | "--proxy-header");
         self.argument_words(arg, script, header, out);
         // A quoted value ends with its argument at the latest.
@@ -1024,6 +1103,9 @@ impl Redactor {
             if !matches!(self.pending, Pending::UntilQuote(_)) {
                 out.push_str(&rest[..ws]);
             }
+            if rest[..ws].contains('\n') {
+                self.comment = false;
+            }
             rest = &rest[ws..];
             if rest.is_empty() {
                 break;
@@ -1041,7 +1123,13 @@ impl Redactor {
     fn word(&mut self, tok: &str, out: &mut String) {
         let before = out.len();
         let inside = matches!(self.pending, Pending::UntilQuote(_));
+        if self.quote.is_none() && !inside && tok.starts_with('#') {
+            self.comment = true;
+        }
         self.token(tok, out);
+        if self.comment {
+            return;
+        }
         self.quote = quote_after(self.quote, tok);
         if let Some(q) = self.quote
             && !inside
@@ -1082,6 +1170,34 @@ impl Redactor {
         // that merely starts with `-`, `-Xq7b…`, still is.)
         if self.pending != Pending::None && is_flag_word(tok) {
             self.pending = Pending::None;
+        }
+        // Not a value but more of the structure: an object (`"auth":
+        // {"password": "X"}`), a key of its own (`"token": "secret":`), or
+        // a build secret's spec (`--secret id=npmrc,src=.npmrc`).
+        if matches!(
+            self.pending,
+            Pending::Value | Pending::Auth | Pending::Cookie
+        ) && (tok.starts_with('{') || is_json_key(tok) || is_secret_spec(tok))
+        {
+            self.pending = Pending::None;
+        }
+        // The quote that closes a script's string before the value: in
+        // `'Authorization: Bearer '"$TOKEN"` the value is what follows it.
+        if matches!(
+            self.pending,
+            Pending::Value | Pending::Auth | Pending::Cookie
+        ) && let Some(q) = self.quote
+            && let Some(rest) = tok.strip_prefix(q)
+        {
+            out.push(q);
+            if rest.is_empty() {
+                self.pending = Pending::None;
+            } else {
+                let quote = self.quote.take();
+                self.token(rest, out);
+                self.quote = quote;
+            }
+            return;
         }
         // After `api_key =`: only a quoted value (`"X"`), not a word
         // (`token : parse`).
@@ -1145,6 +1261,12 @@ impl Redactor {
             return;
         }
 
+        if sql == SqlWord::IdentifiedWith {
+            // `IDENTIFIED WITH mysql_native_password BY 'X'`: a plugin.
+            out.push_str(tok);
+            self.sql = SqlWord::Identified;
+            return;
+        }
         if let Some((as_, opened_quote, bare)) = self.named.take() {
             if matches!(tok, "=" | ":") {
                 out.push_str(tok);
@@ -1180,6 +1302,19 @@ impl Redactor {
             // Its quotes stay (`-p'pass word'` in a script).
             out.push_str(&tok[..n]);
             out.push_str(&redact_whole(&tok[n..]).unwrap_or_else(|| REDACTED.to_string()));
+            return;
+        }
+        if self.secret_context && tok == "--value" {
+            out.push_str(tok);
+            self.pending = Pending::Value;
+            return;
+        }
+        if self.secret_context
+            && let Some(v) = tok.strip_prefix("--value=")
+            && !v.is_empty()
+        {
+            out.push_str("--value=");
+            out.push_str(REDACTED);
             return;
         }
         if is_flag(tok) && !tok.contains(['=', ':']) && is_sensitive_name(tok) {
@@ -1249,18 +1384,56 @@ impl Redactor {
         if self.pending == Pending::None && bare.eq_ignore_ascii_case("bearer") {
             self.pending = Pending::Value;
         }
-        // SQL: `ALTER USER ci WITH PASSWORD 'X'`, `IDENTIFIED BY 'X'`.
         if self.pending == Pending::None {
-            if bare.eq_ignore_ascii_case("password")
-                || (sql == SqlWord::Identified && bare.eq_ignore_ascii_case("by"))
-            {
-                self.pending = Pending::Quoted;
-                self.quoted_as = Pending::Value;
-            } else if bare.eq_ignore_ascii_case("identified") {
-                self.sql = SqlWord::Identified;
-            }
+            self.sql_word(sql, bare);
+        }
+        if matches!(tok, "secret" | "secrets" | "put-parameter") {
+            self.secret_context = true;
         }
     }
+
+    /// SQL's password clauses (see [`SqlWord`]), after `word`.
+    fn sql_word(&mut self, sql: SqlWord, word: &str) {
+        let is = |w: &str| word.eq_ignore_ascii_case(w);
+        let mut quoted_next = || {
+            self.pending = Pending::Quoted;
+            self.quoted_as = Pending::Value;
+        };
+        match sql {
+            _ if is("password") => {
+                quoted_next();
+                self.sql = SqlWord::AfterPassword;
+            }
+            SqlWord::Identified if is("by") => quoted_next(),
+            SqlWord::Identified if is("with") => self.sql = SqlWord::IdentifiedWith,
+            SqlWord::AfterPassword if is("for") => self.sql = SqlWord::PasswordFor,
+            SqlWord::PasswordFor => self.sql = SqlWord::PasswordUser,
+            SqlWord::PasswordUser if word == "=" => quoted_next(),
+            _ if is("identified") => self.sql = SqlWord::Identified,
+            _ => {}
+        }
+    }
+}
+
+/// A JSON object's key by itself (`"token":`, `"secret":`): the next
+/// word is its value, not the value of a key before it.
+fn is_json_key(tok: &str) -> bool {
+    let Some(inner) = tok
+        .strip_suffix(':')
+        .and_then(|t| t.strip_suffix(['"', '\'']))
+        .map(|t| t.trim_end_matches('\\'))
+    else {
+        return false;
+    };
+    let name = inner.trim_start_matches(['"', '\'', '\\', '{', ',']);
+    name.len() < inner.len() && !name.is_empty() && name.chars().all(is_ident)
+}
+
+/// A BuildKit secret's spec (`docker build --secret id=npmrc,src=.npmrc`,
+/// `id=tok,env=TOKEN`): where the secret is, not what it is.
+fn is_secret_spec(tok: &str) -> bool {
+    (tok.starts_with("id=") || tok.starts_with("type="))
+        && ["src=", "source=", "env="].iter().any(|k| tok.contains(k))
 }
 
 #[cfg(test)]
@@ -2276,6 +2449,209 @@ mod tests {
             redact_args(&["gpg", "--passphrase-fd", "0", "--batch"]),
             "gpg --passphrase-fd 0 --batch"
         );
+    }
+
+    /// What real CI steps pass (found by a review): secrets in scripts'
+    /// escaped JSON, nested objects, SQL, comments, second URLs, template
+    /// literals and the flags of more tools.
+    const CI_STEPS: &[(&[&str], &[&str], &[&str])] = &[
+        (
+            &[
+                "bash",
+                "-c",
+                "curl -d \"{\\\"password\\\":\\\"Zq9SECRET\\\"}\" https://h",
+            ],
+            &["Zq9SECRET"],
+            &["https://h"],
+        ),
+        (
+            &["curl", "-d", "{\"auth\": {\"password\": \"Zq9SECRET\"}}"],
+            &["Zq9SECRET"],
+            &["{\"auth\": {\"password\": "],
+        ),
+        (
+            &[
+                "mysql",
+                "-e",
+                "ALTER USER 'root'@'localhost' IDENTIFIED WITH mysql_native_password BY 'Zq9 SECRET'",
+            ],
+            &["Zq9", "SECRET"],
+            &["mysql_native_password BY '[REDACTED]'"],
+        ),
+        (
+            &["mysql", "-e", "SET PASSWORD FOR 'ci'@'%' = 'Zq9SECRET'"],
+            &["Zq9SECRET"],
+            &["SET PASSWORD FOR 'ci'@'%' = "],
+        ),
+        (
+            &[
+                "bash",
+                "-e",
+                "-c",
+                "# don't print the password\ncurl -u 'ci:correct horse' https://h",
+            ],
+            &["correct", "horse"],
+            &["https://h"],
+        ),
+        (
+            &[
+                "curl",
+                "-d",
+                "{\"ok\":\"https://a.example/cb\",\"db\":\"postgres://ci:Zq9SECRET@db/app\"}",
+            ],
+            &["Zq9SECRET"],
+            &["https://a.example/cb", "@db/app"],
+        ),
+        (
+            &[
+                "node",
+                "-e",
+                "fetch(u, {headers: {Authorization: `Bearer Zq9SECRET`}})",
+            ],
+            &["Zq9SECRET"],
+            &["Authorization: `Bearer "],
+        ),
+        (
+            &[
+                "keytool",
+                "-importkeystore",
+                "-srcstorepass",
+                "Zq9SECRET",
+                "-deststorepass",
+                "Zq9OTHER",
+            ],
+            &["Zq9SECRET", "Zq9OTHER"],
+            &["-srcstorepass ", "-deststorepass "],
+        ),
+        (
+            &[
+                "skopeo",
+                "copy",
+                "--src-creds",
+                "ci:Zq9SECRET",
+                "docker://a",
+                "docker://b",
+            ],
+            &["Zq9SECRET"],
+            &["docker://a docker://b"],
+        ),
+        (
+            &[
+                "vault",
+                "write",
+                "auth/approle/login",
+                "role_id=r1",
+                "secret_id=Zq9SECRET",
+            ],
+            &["Zq9SECRET"],
+            &["role_id=r1 secret_id="],
+        ),
+        (
+            &["npm", "config", "set", "_auth", "Zq9SECRET"],
+            &["Zq9SECRET"],
+            &["npm config set _auth "],
+        ),
+        (
+            &["env", "GITHUB_PAT=Zq9SECRET", "make"],
+            &["Zq9SECRET"],
+            &["GITHUB_PAT=", " make"],
+        ),
+        (
+            &["oc", "login", "-u", "u", "-p", "Zq9SECRET", "https://api"],
+            &["Zq9SECRET"],
+            &["-p [REDACTED] https://api"],
+        ),
+        (
+            &[
+                "az",
+                "keyvault",
+                "secret",
+                "set",
+                "--vault-name",
+                "v",
+                "--name",
+                "n",
+                "--value",
+                "Zq9SECRET",
+            ],
+            &["Zq9SECRET"],
+            &["--name n --value "],
+        ),
+        (
+            &[
+                "aws",
+                "ssm",
+                "put-parameter",
+                "--name",
+                "/x",
+                "--value=Zq9SECRET",
+            ],
+            &["Zq9SECRET"],
+            &["--name /x --value="],
+        ),
+    ];
+
+    #[test]
+    fn ci_steps_keep_no_secret_and_most_of_their_text() {
+        for (args, secrets, kept) in CI_STEPS {
+            let out = redact_args(args);
+            for s in *secrets {
+                assert!(
+                    !out.contains(s),
+                    "secret `{s}` survived in `{out}` (from {args:?})"
+                );
+            }
+            for k in *kept {
+                assert!(out.contains(k), "`{k}` lost in `{out}` (from {args:?})");
+            }
+        }
+        // The rest of a script after a quoted scheme and a variable.
+        let out = redact_args(&[
+            "bash",
+            "-e",
+            "-c",
+            "curl -H 'Authorization: Bearer '\"$TOKEN\" https://api/x -o out.json && ./deploy.sh prod",
+        ]);
+        assert!(
+            out.contains("https://api/x -o out.json && ./deploy.sh prod"),
+            "{out}"
+        );
+        for args in [
+            &[
+                "docker",
+                "login",
+                "--username",
+                "AWS",
+                "--password-stdin",
+                "123456789012.dkr.ecr.us-east-1.amazonaws.com",
+            ][..],
+            &[
+                "docker",
+                "buildx",
+                "build",
+                "--secret",
+                "id=npmrc,src=.npmrc",
+                ".",
+            ][..],
+            &["cargo", "test", "--", "token::tests"][..],
+            &[
+                "aws",
+                "secretsmanager",
+                "get-secret-value",
+                "--secret-id",
+                "prod/openai",
+            ][..],
+        ] {
+            assert_eq!(redact_args(args), args.join(" "));
+        }
+        // An apostrophe in prose opens no quote.
+        let line = "slack-notify --message Build didn't pass --token=abc --channel '#ci'";
+        let once = redact_cmdline(line);
+        assert!(
+            once.contains("--channel '#ci'") && !once.contains("abc"),
+            "{once}"
+        );
+        assert_eq!(redact_cmdline(&once), once);
     }
 
     #[test]
