@@ -192,6 +192,26 @@ pub fn usage_filter(data: &[u8]) {
     assert!(out.len() < data.len(), "the filter only removes");
 }
 
+/// A process's command line as `/proc/PID/cmdline` gives it (arguments
+/// split at NUL, any bytes, any job's choosing): redaction never panics,
+/// and whatever comes before them, a provider key passed as an argument
+/// of its own and the value of a sensitive flag never survive. (That a
+/// second pass changes nothing is the unit tests' property, on their
+/// words: a flattened line of any bytes has lost its arguments' bounds.)
+pub fn command_lines(data: &[u8]) {
+    use crate::attribution::{redact_args, redact_cmdline};
+    const KEY: &str = "sk-proj-FuzzCanary0123456789abcdef";
+    const VALUE: &str = "FuzzCanaryValue";
+    let text = String::from_utf8_lossy(data);
+    let mut args: Vec<&str> = text.split('\0').collect();
+    args.extend([KEY, "--api-key", VALUE]);
+    let out = redact_args(&args);
+    if !text.contains("FuzzCanary") {
+        assert!(!out.contains("FuzzCanary"), "a canary survived in {out:?}");
+    }
+    let _ = redact_cmdline(&text.replace('\0', " "));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -200,11 +220,12 @@ mod tests {
     type Target = (&'static str, fn(&[u8]));
 
     /// Every target, by its fuzz name.
-    const TARGETS: [Target; 4] = [
+    const TARGETS: [Target; 5] = [
         ("client_hello", client_hello),
         ("requests", requests),
         ("response_parsers", response_parsers),
         ("usage_filter", usage_filter),
+        ("command_lines", command_lines),
     ];
 
     fn fixtures() -> Vec<Vec<u8>> {

@@ -39,14 +39,14 @@ enum Cmd {
     /// Set up, build, and run the agent against a local simulated provider
     /// with real clients, then print the spend report (needs root).
     Demo,
-    /// Fuzz the parsers that read bytes from the network and the token
-    /// counter against tiktoken (cargo-fuzz, nightly). Each target runs for
-    /// `--seconds`.
+    /// Fuzz the parsers that read bytes from the network, the token
+    /// counter against tiktoken and command-line redaction (cargo-fuzz,
+    /// nightly). Each target runs for `--seconds`.
     Fuzz {
         #[arg(long, default_value_t = 60)]
         seconds: u64,
         /// One target (client_hello, requests, response_parsers,
-        /// usage_filter, token_split); all when absent.
+        /// usage_filter, token_split, command_lines); all when absent.
         target: Option<String>,
     },
     /// Build the agent as shipped, target/dist/tollgate: profile-guided
@@ -742,6 +742,7 @@ const FUZZ_TARGETS: &[&str] = &[
     "response_parsers",
     "usage_filter",
     "token_split",
+    "command_lines",
 ];
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
