@@ -183,16 +183,21 @@ pub fn spawn_cgroup_follow(
         // The first look is at once: what changed between the attach and
         // the watch.
         let mut first = true;
+        let cgroup = intercept.cgroup.clone();
         let mut next = |parent: &mut Option<watch::ParentWatch>| {
             let parent = parent.take();
             let now = std::mem::take(&mut first);
+            let cgroup = cgroup.clone();
             async move {
                 if now {
                     return parent;
                 }
                 let Some(w) = parent else {
+                    // Without a watch (its directory went, a slice the
+                    // runner removes and makes again), one is tried again
+                    // at each look.
                     tokio::time::sleep(every).await;
-                    return None;
+                    return watch::ParentWatch::new(&cgroup);
                 };
                 tokio::select! {
                     _ = tokio::time::sleep(every) => Some(w),

@@ -96,8 +96,15 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let cgroup = t.path().join("runner.service");
         let w = ParentWatch::new(&cgroup).expect("a watch");
-        // A sibling first (read and passed over), then the name.
+        // A sibling alone does not wake it (read and passed over)...
         std::fs::create_dir(t.path().join("other.service")).unwrap();
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(300), w.changed())
+                .await
+                .is_err(),
+            "a sibling's creation woke the watch"
+        );
+        // ...the name does.
         std::fs::create_dir(&cgroup).unwrap();
         tokio::time::timeout(std::time::Duration::from_secs(20), w.changed())
             .await
