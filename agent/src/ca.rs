@@ -212,6 +212,27 @@ fn clock_synchronised() -> Option<bool> {
     }
 }
 
+/// How long after boot a clock the kernel does not call synchronised may
+/// still be behind: a runner booted before NTP set the time. Later, NTP
+/// has had its chance; and many hosts never tell the kernel the clock is
+/// synchronised (no NTP daemon that disciplines it, a one-off `sntp`), so
+/// that alone is no sign of a clock that is behind.
+const CLOCK_GRACE: Duration = Duration::from_secs(15 * 60);
+
+/// Whether the clock may be behind (see [`CLOCK_GRACE`]): then a CA that
+/// starts after it is kept rather than replaced.
+fn clock_may_be_behind() -> bool {
+    clock_synchronised() != Some(true) && booted_within(CLOCK_GRACE)
+}
+
+/// Whether the host booted less than `d` ago (`CLOCK_BOOTTIME`).
+fn booted_within(d: Duration) -> bool {
+    // SAFETY: `clock_gettime` only writes into `ts`.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    let ok = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) } == 0;
+    ok && u64::try_from(ts.tv_sec).is_ok_and(|up| up < d.as_secs())
+}
+
 /// A cached leaf's server configuration, with when it was minted (on the
 /// monotonic clock) and its validity (Unix seconds, on the wall clock it
 /// was minted by).
@@ -367,7 +388,7 @@ impl LocalCa {
         state_dir: &Path,
         hosts: &[String],
     ) -> Result<(LocalCa, CaStatus), CaError> {
-        Self::load_or_create_with(state_dir, hosts, clock_synchronised() != Some(true))
+        Self::load_or_create_with(state_dir, hosts, clock_may_be_behind())
     }
 
     /// As [`LocalCa::load_or_create`], told whether the clock may be wrong.
@@ -453,7 +474,7 @@ impl LocalCa {
         if now < ca.minter.ca_not_before {
             tracing::warn!(
                 behind_secs = ca.minter.ca_not_before - now,
-                "the clock is before the local CA's start: is the time right (NTP)? The CA is kept; clients whose clocks are right accept its certificates"
+                "the clock is before the local CA's start, soon after boot: the CA is kept, and clients on this host refuse its certificates until the clock passes its start (is NTP setting the time?); if the clock is right, the CA was made by a clock that was ahead: replace it with `tollgate trust rotate`"
             );
         }
         if ca.minter.chain.is_empty() {
@@ -544,10 +565,9 @@ impl LocalCa {
 
     /// Mints a leaf for one covered host and verifies it, with the chain
     /// the proxy sends, against the root alone, as a client would. With
-    /// `clock_unsure` (the kernel does not say the clock is synchronised: a
-    /// runner booted before NTP set it), at the CA's start if the clock is
-    /// before it: such a CA is not replaced for that (see
-    /// `load_or_create`). With a synchronised clock, a CA that starts later
+    /// `clock_unsure` (the clock may be behind: see [`CLOCK_GRACE`]), at
+    /// the CA's start if the clock is before it: such a CA is not replaced
+    /// for that (see `load_or_create`). Otherwise a CA that starts later
     /// was made by a clock that was ahead, and is replaced.
     fn self_check(&self, clock_unsure: bool) -> Result<(), String> {
         let host = self.covered.iter().next().ok_or("no host is covered")?;
@@ -850,6 +870,9 @@ pub struct CaInspection {
     pub single_level: bool,
     /// The root certificate, PEM, when it parses.
     pub cert_pem: Option<String>,
+    /// Seconds until the CA starts, when the clock is before it (and may
+    /// be behind, else the CA is `unusable`); 0 once it has started.
+    pub starts_in_secs: i64,
 }
 
 impl CaInspection {
@@ -864,6 +887,15 @@ impl CaInspection {
 /// Inspects the CA under `state_dir` for `hosts`; `None` when there is
 /// none yet.
 pub fn inspect(state_dir: &Path, hosts: &[String]) -> Result<Option<CaInspection>, CaError> {
+    inspect_with(state_dir, hosts, clock_may_be_behind())
+}
+
+/// As [`inspect`], told whether the clock may be behind.
+fn inspect_with(
+    state_dir: &Path,
+    hosts: &[String],
+    clock_unsure: bool,
+) -> Result<Option<CaInspection>, CaError> {
     let dir = state_dir.join(CA_DIR);
     // As `run` would judge them: the owner is the state directory's (which
     // `check` judges on its own line: root's).
@@ -912,10 +944,22 @@ pub fn inspect(state_dir: &Path, hosts: &[String]) -> Result<Option<CaInspection
                 )
             })?;
         }
-        Ok((root.covered.clone(), root.not_after.min(signing.not_after)))
+        // As the self-check judges it at the next start.
+        let not_before = root.not_before.max(signing.not_before);
+        if now < not_before && !clock_unsure {
+            return Err(format!(
+                "it starts {} s after the clock: made by a clock that was ahead",
+                not_before - now
+            ));
+        }
+        Ok((
+            root.covered.clone(),
+            root.not_after.min(signing.not_after),
+            not_before,
+        ))
     })();
     Ok(Some(match verdict {
-        Ok((covered, not_after)) => CaInspection {
+        Ok((covered, not_after, not_before)) => CaInspection {
             unusable: None,
             hosts_missing: wanted
                 .iter()
@@ -925,6 +969,7 @@ pub fn inspect(state_dir: &Path, hosts: &[String]) -> Result<Option<CaInspection
             days_left: (not_after - now).div_euclid(86_400),
             single_level: int_pem.is_none(),
             cert_pem: Some(cert_pem),
+            starts_in_secs: (not_before - now).max(0),
         },
         Err(why) => CaInspection {
             unusable: Some(why),
@@ -932,6 +977,7 @@ pub fn inspect(state_dir: &Path, hosts: &[String]) -> Result<Option<CaInspection
             days_left: 0,
             single_level: int_pem.is_none(),
             cert_pem: parsed.is_ok().then_some(cert_pem),
+            starts_in_secs: 0,
         },
     }))
 }
@@ -1220,6 +1266,39 @@ mod tests {
         plant_shifted(t.path(), &h, time::Duration::days(-3660));
         let (_, st) = LocalCa::load_or_create(t.path(), &h).expect("loads");
         assert!(replaced_as_unusable(&st), "{st:?}");
+    }
+
+    /// `check` judges a CA that starts after the clock as the next start
+    /// will: replaced unless the clock may be behind, and then kept with
+    /// the wait shown.
+    #[test]
+    fn inspect_judges_a_ca_that_starts_after_the_clock_as_a_start_would() {
+        let t = tempfile::tempdir().unwrap();
+        let h = hosts(&["api.openai.com"]);
+        plant_shifted(t.path(), &h, time::Duration::days(2));
+        let sure = inspect_with(t.path(), &h, false).unwrap().expect("a CA");
+        assert!(sure.replaced_at_start(), "{sure:?}");
+        assert!(
+            sure.unusable
+                .as_deref()
+                .is_some_and(|u| u.contains("ahead")),
+            "{sure:?}"
+        );
+        let unsure = inspect_with(t.path(), &h, true).unwrap().expect("a CA");
+        assert!(!unsure.replaced_at_start(), "{unsure:?}");
+        assert!(unsure.starts_in_secs > 86_400, "{unsure:?}");
+        // A CA that has started shows no wait.
+        let t = tempfile::tempdir().unwrap();
+        LocalCa::load_or_create(t.path(), &h).unwrap();
+        let fine = inspect_with(t.path(), &h, false).unwrap().expect("a CA");
+        assert_eq!(fine.starts_in_secs, 0);
+        assert!(!fine.replaced_at_start(), "{fine:?}");
+    }
+
+    #[test]
+    fn only_a_host_just_booted_may_have_a_clock_behind() {
+        assert!(booted_within(Duration::from_secs(u64::MAX / 4)));
+        assert!(!booted_within(Duration::ZERO));
     }
 
     /// Only the CA's own certificate goes to the trust stores: a `ca.crt`

@@ -391,7 +391,16 @@ fn local_ca(cfg: &Config, hosts: &[String]) -> (Outcome, CaForTrust) {
             )
         }
         Ok(Some(ca)) => {
-            let o = if ca.single_level {
+            let o = if ca.starts_in_secs > 0 {
+                outcome(
+                    Level::Warn,
+                    "local CA",
+                    format!(
+                        "starts in {} s, after the clock, soon after boot: clients on this host refuse its certificates until the clock passes it (is NTP setting the time?); if the clock is right, run `tollgate trust rotate`",
+                        ca.starts_in_secs
+                    ),
+                )
+            } else if ca.single_level {
                 outcome(
                     Level::Warn,
                     "local CA",
