@@ -386,8 +386,26 @@ fn scan_token(tok: &str) -> (String, Pending) {
             j += 2;
         }
         let argument = quoted_name && at(j) == Some(',');
-        // `token::tests` is a path, not a name and its value.
-        let path = at(j) == Some(':') && at(j + 1) == Some(':');
+        // `token::tests` is a path, not a name and its value: a lower-case
+        // segment after it (`token::tests`, `auth::login(`), the name at
+        // the word's start or after another `::` (not `api_token::Zq9`,
+        // `name=api_token::x`).
+        let path = at(j) == Some(':')
+            && at(j + 1) == Some(':')
+            && (start == 0
+                || (start >= 2 && at(start - 1) == Some(':') && at(start - 2) == Some(':')))
+            && {
+                let mut k = j + 2;
+                while at(k)
+                    .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+                {
+                    k += 1;
+                }
+                k > j + 2
+                    && (at(k).is_none()
+                        || at(k) == Some('(')
+                        || (at(k) == Some(':') && at(k + 1) == Some(':')))
+            };
         if path || (!argument && !matches!(at(j), Some('=' | ':'))) {
             i = if path { j + 2 } else { i };
             continue;
@@ -439,6 +457,12 @@ fn scan_token(tok: &str) -> (String, Pending) {
             }
         }
         let value = &tok[byte(value_start)..byte(j)];
+        // `https://x-access-token:[REDACTED]@github.com/o/r`: the URL's
+        // password, redacted already; its host and path stay.
+        if value.starts_with(&format!("{REDACTED}@")) {
+            i = j;
+            continue;
+        }
         if value.is_empty() {
             if at(j).is_none() || (at(j + 1).is_none() && matches!(at(j), Some('"' | '\''))) {
                 // After a call's `,`, only a quoted next word is the value
@@ -479,19 +503,15 @@ fn scan_token(tok: &str) -> (String, Pending) {
 }
 
 /// Rule 2 for every URL in a word (`{"ok":"https://a/cb","db":"postgres://
-/// u:X@db"}`). A URL's authority is read within its first 2 KiB, and at
-/// most 256 URLs in a word, so that a word of them costs what its length
-/// does.
+/// u:X@db"}`). A URL's authority is read within its first 2 KiB, so that
+/// a word of them costs at most 2 KiB a URL.
 fn redact_urls(tok: &str) -> std::borrow::Cow<'_, str> {
     if !tok.contains("://") {
         return std::borrow::Cow::Borrowed(tok);
     }
     let mut out = String::with_capacity(tok.len());
     let (mut copied, mut from) = (0, 0);
-    for _ in 0..256 {
-        let Some(i) = tok[from..].find("://") else {
-            break;
-        };
+    while let Some(i) = tok[from..].find("://") {
         let auth = from + i + 3;
         let end = tok.floor_char_boundary(auth.saturating_add(2048).min(tok.len()));
         match url_secret(&tok[..end], auth) {
@@ -956,6 +976,12 @@ struct Redactor {
     /// Inside a script's `#` comment, to the end of its line: its quotes
     /// are no shell's.
     comment: bool,
+    /// The pending value was named by a word of prose (`Password:`,
+    /// `Bearer`), not an identifier or a header.
+    prose: bool,
+    /// The value this word redacted was such a one: it does not run on to
+    /// where the quotes around it close.
+    prose_value: bool,
     /// A word so far was `secret` or `put-parameter` (`az keyvault secret
     /// set --value X`, `aws ssm put-parameter --value X`).
     secret_context: bool,
@@ -988,6 +1014,8 @@ impl Default for Redactor {
             sql: SqlWord::None,
             comment: false,
             secret_context: false,
+            prose: false,
+            prose_value: false,
         }
     }
 }
@@ -1133,6 +1161,7 @@ impl Redactor {
         self.quote = quote_after(self.quote, tok);
         if let Some(q) = self.quote
             && !inside
+            && !self.prose_value
             && self.pending == Pending::None
             && !tok.contains(REDACTED)
             && out[before..].ends_with(REDACTED)
@@ -1166,18 +1195,24 @@ impl Redactor {
             return;
         }
         let sql = std::mem::take(&mut self.sql);
+        self.prose_value = false;
+        if self.pending == Pending::None {
+            self.prose = false;
+        }
         // A flag is never a value: `--password-stdin -u me`. (A value
         // that merely starts with `-`, `-Xq7b…`, still is.)
         if self.pending != Pending::None && is_flag_word(tok) {
             self.pending = Pending::None;
+            self.prose = false;
         }
-        // Not a value but more of the structure: an object (`"auth":
-        // {"password": "X"}`), a key of its own (`"token": "secret":`), or
+        // Not a value but more of the structure: an object's brace or key
+        // (`"auth": {"password": "X"}`, `"token": "secret":`; a value that
+        // starts with `{` is a value: `-p {Zq9`), or
         // a build secret's spec (`--secret id=npmrc,src=.npmrc`).
         if matches!(
             self.pending,
             Pending::Value | Pending::Auth | Pending::Cookie
-        ) && (tok.starts_with('{') || is_json_key(tok) || is_secret_spec(tok))
+        ) && (tok == "{" || is_json_key(tok) || is_secret_spec(tok))
         {
             self.pending = Pending::None;
         }
@@ -1188,6 +1223,9 @@ impl Redactor {
             Pending::Value | Pending::Auth | Pending::Cookie
         ) && let Some(q) = self.quote
             && let Some(rest) = tok.strip_prefix(q)
+            // Else the tracked quote went wrong (a heredoc's `runners'`)
+            // and this one opens the value: read below.
+            && (rest.is_empty() || rest.starts_with(['"', '$', '`']))
         {
             out.push(q);
             if rest.is_empty() {
@@ -1211,6 +1249,7 @@ impl Redactor {
         if self.pending != Pending::None {
             // The name this value is for has had it.
             self.named = None;
+            self.prose_value = std::mem::take(&mut self.prose);
             // A quoted value that does not close in this word goes on in
             // the next ones (`"password": "correct horse"`).
             if matches!(self.pending, Pending::Value | Pending::Cookie)
@@ -1366,6 +1405,11 @@ impl Redactor {
         let (scanned, next) = scan_token(tok);
         out.push_str(&redact_key_shapes(&scanned));
         self.pending = next;
+        // `Password:` or `Token:` in a message, not `api_key:` or a
+        // header's `X-Api-Key:`: its value is a word, not the rest of a
+        // quoted string (see `word`).
+        let said = trailing_name(tok.trim_end_matches([':', '=']));
+        self.prose = next != Pending::None && !is_identifier(said) && !is_header_name(said);
         if next == Pending::Quoted {
             self.quoted_as = Pending::Value;
         }
@@ -1383,6 +1427,7 @@ impl Redactor {
         let bare = tok.trim_matches(|c| c == '"' || c == '\'');
         if self.pending == Pending::None && bare.eq_ignore_ascii_case("bearer") {
             self.pending = Pending::Value;
+            self.prose = true;
         }
         if self.pending == Pending::None {
             self.sql_word(sql, bare);
@@ -2644,6 +2689,68 @@ mod tests {
         ] {
             assert_eq!(redact_args(args), args.join(" "));
         }
+        // (A review of the fixes:) a value that starts with `{` is a
+        // value; a quote after a heredoc's apostrophe opens the value; a
+        // name and `::` before a value; a git URL's token.
+        for (args, secret) in [
+            (
+                &["mysql", "--password", "{Zq9SECRET!x", "db"][..],
+                "Zq9SECRET",
+            ),
+            (
+                &[
+                    "gh",
+                    "secret",
+                    "set",
+                    "CFG",
+                    "--body",
+                    "{\"url\":\"Zq9SECRET\"}",
+                ][..],
+                "Zq9SECRET",
+            ),
+            (
+                &[
+                    "bash",
+                    "-c",
+                    "cat > n <<EOF\nthe runners' disks\nEOF\nsshpass -p 'Zq9 SECRET' ssh host",
+                ][..],
+                "SECRET",
+            ),
+            (
+                &["tool", "--config", "api_token::Zq9SECRETvalue"][..],
+                "Zq9SECRETvalue",
+            ),
+            (
+                &["echo", "::set-output name=api_token::zq9secretvalue"][..],
+                "zq9secretvalue",
+            ),
+        ] {
+            let out = redact_args(args);
+            assert!(!out.contains(secret), "`{secret}` survived in `{out}`");
+        }
+        let out = redact_args(&[
+            "git",
+            "clone",
+            "https://x-access-token:Zq9SECRET@github.com/o/r.git",
+            "dir",
+        ]);
+        assert_eq!(
+            out,
+            "git clone https://x-access-token:[REDACTED]@github.com/o/r.git dir"
+        );
+        // Prose in a script's quotes loses a word, not the rest.
+        let out = redact_args(&[
+            "bash",
+            "-c",
+            "git commit -m \"Password: minimum length is now 12\" && git push",
+        ]);
+        assert!(out.contains("length is now 12\" && git push"), "{out}");
+        // Every URL in a word, however many come first.
+        let many = format!(
+            "{}postgres://ci:Zq9SECRET@db",
+            "https://a.example/x,".repeat(300)
+        );
+        assert!(!redact_args(&["curl", "-d", &many]).contains("Zq9SECRET"));
         // An apostrophe in prose opens no quote.
         let line = "slack-notify --message Build didn't pass --token=abc --channel '#ci'";
         let once = redact_cmdline(line);
