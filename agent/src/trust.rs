@@ -337,9 +337,15 @@ fn run_checked(program: &Path, args: &[&str], advice: &'static str) -> Result<St
 }
 
 /// The keytool arguments that select the keystore, or why there is none.
-fn java_store(root: &Path) -> Result<Vec<String>, String> {
+fn java_store(root: &Path, keytool: &Path) -> Result<Vec<String>, String> {
     if is_host_root(root) {
-        Ok(vec!["-cacerts".into()])
+        // The file, where it can be found: JDK 8's keytool has no
+        // `-cacerts` (every install would fail on it), and for later ones
+        // it is the file `-cacerts` means.
+        Ok(match cacerts_of(keytool) {
+            Some(ks) => vec!["-keystore".into(), ks.to_string_lossy().into_owned()],
+            None => vec!["-cacerts".into()],
+        })
     } else {
         let ks = under(root, DEBIAN_CACERTS);
         if ks.is_file() {
@@ -348,6 +354,18 @@ fn java_store(root: &Path) -> Result<Vec<String>, String> {
             Err(format!("no Java cacerts at {}", ks.display()))
         }
     }
+}
+
+/// The cacerts of the JDK a keytool belongs to, links followed
+/// (`/usr/bin/keytool` → `/usr/lib/jvm/java-8-openjdk-amd64/jre/bin/keytool`):
+/// `lib/security/cacerts` beside its `bin`, or under `jre/` (JDK 8).
+fn cacerts_of(keytool: &Path) -> Option<PathBuf> {
+    let real = std::fs::canonicalize(keytool).ok()?;
+    let home = real.parent()?.parent()?;
+    ["lib/security/cacerts", "jre/lib/security/cacerts"]
+        .iter()
+        .map(|p| home.join(p))
+        .find(|p| p.exists())
 }
 
 /// What a `keytool -delete` did.
@@ -502,10 +520,10 @@ pub fn install(ca: &LocalCa, root: &Path) -> Result<Report, TrustError> {
         ));
     }
 
-    match (find_program("keytool"), java_store(root)) {
-        (None, _) => lines.push("keytool not found: Java trust store left alone".into()),
-        (Some(_), Err(why)) => lines.push(format!("{why}: Java trust store left alone")),
-        (Some(keytool), Ok(store)) => {
+    match find_program("keytool").map(|k| (java_store(root, &k), k)) {
+        None => lines.push("keytool not found: Java trust store left alone".into()),
+        Some((Err(why), _)) => lines.push(format!("{why}: Java trust store left alone")),
+        Some((Ok(store), keytool)) => {
             // Replace an older tollgate CA under the same alias, and under
             // the alias Debian's ca-certificates-java hook gave it: after a
             // rotation `update-ca-certificates` sees the anchor's name
@@ -645,7 +663,9 @@ pub fn uninstall(state_dir: &Path, root: &Path) -> Result<Report, TrustError> {
         ));
     }
 
-    if let (Some(keytool), Ok(store)) = (find_program("keytool"), java_store(root)) {
+    if let Some(keytool) = find_program("keytool")
+        && let Ok(store) = java_store(root, &keytool)
+    {
         let mut removed = false;
         for alias in [JAVA_ALIAS, DEBIAN_JAVA_ALIAS] {
             match keytool_delete(&keytool, &store, alias)? {
@@ -991,6 +1011,40 @@ mod tests {
             .lines
             .join("\n");
         assert!(!text.contains("inside that root"), "{text}");
+    }
+
+    /// JDK 8's keytool has no `-cacerts`: the store is found as a file
+    /// from where keytool lives, its links followed.
+    #[test]
+    fn a_keytools_cacerts_is_found_beside_it_or_under_jre() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let jdk8 = t.path().join("java-8/jre");
+        std::fs::create_dir_all(jdk8.join("bin")).expect("bin");
+        std::fs::create_dir_all(jdk8.join("lib/security")).expect("security");
+        std::fs::write(jdk8.join("bin/keytool"), "").expect("keytool");
+        std::fs::write(jdk8.join("lib/security/cacerts"), "").expect("cacerts");
+        let bin = t.path().join("usr/bin");
+        std::fs::create_dir_all(&bin).expect("usr/bin");
+        std::os::unix::fs::symlink(jdk8.join("bin/keytool"), bin.join("keytool")).expect("link");
+        let found = cacerts_of(&bin.join("keytool")).expect("found");
+        assert_eq!(
+            found,
+            std::fs::canonicalize(jdk8.join("lib/security/cacerts")).expect("real")
+        );
+        // The JDK's own bin, with the store under jre/.
+        let jdk = t.path().join("java-8");
+        std::fs::create_dir_all(jdk.join("bin")).expect("bin");
+        std::fs::write(jdk.join("bin/keytool"), "").expect("keytool");
+        assert!(
+            cacerts_of(&jdk.join("bin/keytool"))
+                .is_some_and(|p| p.ends_with("java-8/jre/lib/security/cacerts"))
+        );
+        // None beside it: `-cacerts` is left to keytool.
+        assert_eq!(cacerts_of(&t.path().join("nowhere/bin/keytool")), None);
+        assert_eq!(
+            java_store(Path::new("/"), &t.path().join("nowhere/bin/keytool")),
+            Ok(vec!["-cacerts".to_string()])
+        );
     }
 
     #[test]
