@@ -899,21 +899,15 @@ mod tests {
         }
     }
 
-    /// `uninstall` with a Java cacerts keytool cannot open (another store
-    /// password: any failure) says so and fails, rather than reporting
-    /// the CA absent while JVMs still trust it.
-    #[test]
-    #[ignore = "needs a JDK (keytool on PATH; cargo xtask setup installs one)"]
-    fn uninstall_fails_when_java_cacerts_cannot_be_cleaned() {
-        let t = tempfile::tempdir().expect("tempdir");
-        let ca = ca(&t.path().join("state"));
-        let root = t.path().join("root");
+    /// A Java cacerts under `root` with `cert` as `alias`, made with a
+    /// store password other than the one tollgate uses.
+    fn foreign_cacerts(root: &Path, alias: &str, cert: &Path) {
         let kt = find_program("keytool").expect("keytool on PATH");
         let ks = root.join(DEBIAN_CACERTS);
         std::fs::create_dir_all(ks.parent().expect("parent")).expect("java dir");
         let out = Command::new(&kt)
-            .args(["-importcert", "-noprompt", "-alias", JAVA_ALIAS, "-file"])
-            .arg(ca.cert_path())
+            .args(["-importcert", "-noprompt", "-alias", alias, "-file"])
+            .arg(cert)
             .arg("-keystore")
             .arg(&ks)
             .args(["-storepass", "not-changeit"])
@@ -924,6 +918,18 @@ mod tests {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
+    }
+
+    /// `uninstall` with a Java cacerts keytool cannot open (another store
+    /// password: any failure) says so and fails, rather than reporting
+    /// the CA absent while JVMs still trust it.
+    #[test]
+    #[ignore = "needs a JDK (keytool on PATH; cargo xtask setup installs one)"]
+    fn uninstall_fails_when_java_cacerts_cannot_be_cleaned() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let ca = ca(&t.path().join("state"));
+        let root = t.path().join("root");
+        foreign_cacerts(&root, JAVA_ALIAS, ca.cert_path());
         let report = uninstall(&t.path().join("state"), &root).expect("uninstall runs");
         let text = report.lines.join("\n");
         assert!(!text.contains("was not in Java cacerts"), "{text}");
@@ -947,24 +953,9 @@ mod tests {
         let t = tempfile::tempdir().expect("tempdir");
         let ca = ca(&t.path().join("state"));
         let root = t.path().join("root");
-        let kt = find_program("keytool").expect("keytool on PATH");
-        let ks = root.join(DEBIAN_CACERTS);
-        std::fs::create_dir_all(ks.parent().expect("parent")).expect("java dir");
         let other = t.path().join("other.crt");
         std::fs::write(&other, ca_other(t.path())).expect("write");
-        let out = Command::new(&kt)
-            .args(["-importcert", "-noprompt", "-alias", "other", "-file"])
-            .arg(&other)
-            .arg("-keystore")
-            .arg(&ks)
-            .args(["-storepass", "not-changeit"])
-            .output()
-            .expect("keytool runs");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        foreign_cacerts(&root, "other", &other);
         let report = install(&ca, &root).expect("install runs");
         assert!(
             report.failed.iter().any(|f| f.contains("could not import")),
