@@ -1,6 +1,6 @@
 //! Redaction of secrets in command lines, before they are stored or logged.
 //!
-//! Six rules, applied to each whitespace-separated token:
+//! Seven rules, applied to each whitespace-separated token:
 //! 1. a value after a sensitive name: `--api-key X`, `--token=X`,
 //!    `Authorization: Bearer X`, `x-api-key:X`, `OPENAI_API_KEY=X`,
 //!    `?key=X&...`, `"api_key": "X"`, `api_key = "X"` (quoted: `token :
@@ -14,7 +14,7 @@
 //!    (`--password-stdin -u me`), though a value starting with `-` is;
 //! 2. the secret of a URL's user info (`https://user:X@host`, with a `/`
 //!    in it too; `https://TOKEN@host` for a user part of 20 or more
-//!    letters and digits);
+//!    letters and digits), of every URL in a word;
 //! 3. anything shaped like a provider or forge key (`sk-…`, `AIza…`,
 //!    `AKIA…`, `ghp_…`, JWTs, Google OAuth `ya29.…`, AWS session tokens
 //!    `IQoJ…`, …) wherever it appears, and a whole argument of 32 or more
@@ -36,17 +36,22 @@
 //!    `podman`, `helm`, `az` (and other registry and cloud CLIs) after
 //!    `login`, of `sshpass` and `twine`; attached `-pX` of `sshpass`,
 //!    those logins and `mysql` (whose `-p db` prompts); `redis-cli -a X`;
-//!    `curl -b X`; `gh secret set NAME --body X`; each also as `-p=X`,
-//!    `--body=X` or attached (`-bX`). Elsewhere `-p` is a port.
+//!    `curl -b X`; `gh secret set NAME --body X`; `--value X` once
+//!    `secret` or `put-parameter` was said (`az keyvault secret set`,
+//!    `aws ssm put-parameter`); each also as `-p=X`, `--body=X` or
+//!    attached (`-bX`). Elsewhere `-p` is a port.
 //!
-//! 7. SQL's `PASSWORD 'X'` and `IDENTIFIED BY 'X'` (`psql -c`, `mysql -e`).
+//! 7. SQL's `PASSWORD 'X'`, `IDENTIFIED [WITH plugin] BY 'X'` and `SET
+//!    PASSWORD FOR u = 'X'` (`psql -c`, `mysql -e`).
 //!
 //! A quoted value (`api_key='a,b'`, `"password": "a b"`) runs to its
 //! closing quote: the first one not escaped and not followed by a letter
 //! or digit (`'don't tell'` is one value). In a shell's script (`sh -c`)
 //! or a flattened line, a value redacted at the end of a word inside
 //! quotes still open runs to where they close, whichever rule found it
-//! (`-H 'X-Api-Key: a b'`, `-u "me:a b"`, `mysql -p'a b'`).
+//! (`-H 'X-Api-Key: a b'`, `-u "me:a b"`, `mysql -p'a b'`), unless a word
+//! of prose named it (`"Password: at least 12"`); `#` comments and
+//! apostrophes in words (`didn't`) open no quote.
 //!
 //! It errs towards redacting too much: a value after a sensitive flag goes
 //! whatever it is (`--sort-key name`). Counts such as `--max-tokens 100`
