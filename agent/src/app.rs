@@ -452,9 +452,16 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         refresh_stop_rx,
     );
 
+    let ca = Arc::new(ca);
+    // A CA kept at boot though it starts after the clock: said again, as an
+    // error, if the clock has not passed its start once the grace is over.
+    tokio::spawn({
+        let ca = Arc::clone(&ca);
+        async move { ca.recheck_start_after_boot().await }
+    });
     let state = ProxyState::new(
         intercept.clone(),
-        Arc::new(ca),
+        ca,
         upstream,
         hosts,
         Attributor::new("/proc".into())

@@ -227,10 +227,23 @@ fn clock_may_be_behind() -> bool {
 
 /// Whether the host booted less than `d` ago (`CLOCK_BOOTTIME`).
 fn booted_within(d: Duration) -> bool {
+    uptime().is_some_and(|up| up < d)
+}
+
+/// Time since boot (`CLOCK_BOOTTIME`).
+fn uptime() -> Option<Duration> {
     // SAFETY: `clock_gettime` only writes into `ts`.
     let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
     let ok = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) } == 0;
-    ok && u64::try_from(ts.tv_sec).is_ok_and(|up| up < d.as_secs())
+    ok.then(|| Duration::from_secs(u64::try_from(ts.tv_sec).unwrap_or(0)))
+}
+
+/// When to look again at a CA kept though it starts after the clock
+/// (`now` < `ca_not_before`, Unix seconds): once [`CLOCK_GRACE`] after
+/// boot has passed, `up` being the time since boot. `None` for a CA that
+/// has started.
+fn recheck_in(now: i64, ca_not_before: i64, up: Duration) -> Option<Duration> {
+    (now < ca_not_before).then(|| CLOCK_GRACE.saturating_sub(up))
 }
 
 /// A cached leaf's server configuration, with when it was minted (on the
@@ -603,6 +616,27 @@ impl LocalCa {
             .verify_server_cert(&leaf, &self.minter.chain, &name, &[], at)
             .map(|_| ())
             .map_err(|e| format!("a leaf it signs does not verify against its root: {e}"))
+    }
+
+    /// For a CA kept at boot though it starts after the clock: waits until
+    /// the grace after boot is over, then says, as an error, if the clock
+    /// is still before the CA's start (the CA, not the clock, is what is
+    /// wrong, and clients on this host refuse its certificates). Returns at
+    /// once for a CA that has started.
+    pub async fn recheck_start_after_boot(&self) {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let starts = self.minter.ca_not_before;
+        let Some(wait) = recheck_in(now, starts, uptime().unwrap_or(CLOCK_GRACE)) else {
+            return;
+        };
+        tokio::time::sleep(wait).await;
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        if now < starts {
+            tracing::error!(
+                ahead_secs = starts - now,
+                "15 minutes after boot the clock is still before the local CA's start: the CA was made by a clock that was ahead, and clients on this host refuse its certificates; replace it with `tollgate trust rotate` (then `tollgate trust install`) and restart the agent"
+            );
+        }
     }
 
     /// `state_dir/ca/ca.crt`.
@@ -1293,6 +1327,19 @@ mod tests {
         let fine = inspect_with(t.path(), &h, false).unwrap().expect("a CA");
         assert_eq!(fine.starts_in_secs, 0);
         assert!(!fine.replaced_at_start(), "{fine:?}");
+    }
+
+    #[test]
+    fn a_ca_kept_at_boot_is_looked_at_again_after_the_grace() {
+        let up = Duration::from_secs(60);
+        assert_eq!(recheck_in(1000, 999, up), None, "started");
+        assert_eq!(recheck_in(1000, 1000, up), None, "starts now");
+        assert_eq!(recheck_in(1000, 5000, up), Some(CLOCK_GRACE - up));
+        assert_eq!(
+            recheck_in(1000, 5000, CLOCK_GRACE * 2),
+            Some(Duration::ZERO),
+            "after the grace: at once"
+        );
     }
 
     #[test]

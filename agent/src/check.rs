@@ -396,8 +396,13 @@ fn local_ca(cfg: &Config, hosts: &[String]) -> (Outcome, CaForTrust) {
                     Level::Warn,
                     "local CA",
                     format!(
-                        "starts in {} s, after the clock, soon after boot: clients on this host refuse its certificates until the clock passes it (is NTP setting the time?); if the clock is right, run `tollgate trust rotate`",
-                        ca.starts_in_secs
+                        "starts in {} s, after the clock, soon after boot: clients on this host refuse its certificates until the clock passes it (is NTP setting the time?); if the clock is right, run `tollgate trust rotate`{}",
+                        ca.starts_in_secs,
+                        if ca.single_level {
+                            " (which also replaces a CA made before intermediates)"
+                        } else {
+                            ""
+                        }
                     ),
                 )
             } else if ca.single_level {
