@@ -14,7 +14,9 @@
 //!    (`--password-stdin -u me`), though a value starting with `-` is;
 //! 2. the secret of a URL's user info (`https://user:X@host`, with a `/`
 //!    in it too; `https://TOKEN@host` for a user part of 20 or more
-//!    letters and digits), of every URL in a word;
+//!    letters and digits), of every URL in a word, and a segment of its
+//!    path that looks random (rule 5: a webhook's token, Slack's,
+//!    Discord's, Telegram's `/botID:TOKEN/`);
 //! 3. anything shaped like a provider or forge key (`sk-…`, `AIza…`,
 //!    `AKIA…`, `ghp_…`, JWTs, Google OAuth `ya29.…`, AWS session tokens
 //!    `IQoJ…`, …) wherever it appears, and a whole argument of 32 or more
@@ -36,13 +38,18 @@
 //!    `podman`, `helm`, `az` (and other registry and cloud CLIs) after
 //!    `login`, of `sshpass` and `twine`; attached `-pX` of `sshpass`,
 //!    those logins and `mysql` (whose `-p db` prompts); `redis-cli -a X`;
-//!    `curl -b X`; `gh secret set NAME --body X`; `--value X` once
+//!    `curl -b X`; `gh secret set NAME --body X`; `mongosh -p X` (and
+//!    MongoDB's tools); `poetry`, `uv` and `vsce publish -p X`; `dotnet
+//!    nuget push -k X`; HTTPie's `-a user:X`; `--value X` once
 //!    `secret` or `put-parameter` was said (`az keyvault secret set`,
 //!    `aws ssm put-parameter`); each also as `-p=X`, `--body=X` or
 //!    attached (`-bX`). Elsewhere `-p` is a port.
 //!
 //! 7. SQL's `PASSWORD 'X'`, `IDENTIFIED [WITH plugin] BY 'X'` and `SET
 //!    PASSWORD FOR u = 'X'` (`psql -c`, `mysql -e`).
+//!
+//! A JSON pair (`{"name": "OPENAI_API_KEY", "value": "X"}`: Kubernetes
+//! env, ECS overrides) has its value redacted, not its `value` key.
 //!
 //! A quoted value (`api_key='a,b'`, `"password": "a b"`) runs to its
 //! closing quote: the first one not escaped and not followed by a letter
@@ -81,6 +88,7 @@ const SENSITIVE_WORDS: &[&str] = &[
     "signature",
     "creds",
     "pat",
+    "pw",
 ];
 
 /// Names sensitive only as a whole: `sig` (Azure Storage SAS URLs,
@@ -94,6 +102,8 @@ const SENSITIVE_NAMES: &[&str] = &[
     "deststorepass",
     "srckeypass",
     "destkeypass",
+    "requirepass",
+    "masterauth",
 ];
 
 /// Endings that make a name sensitive once separators are removed
@@ -109,6 +119,7 @@ const SENSITIVE_ENDINGS: &[&str] = &[
     "credentials",
     "cookie",
     "authident",
+    "pw",
 ];
 
 /// Authorization schemes kept in front of the redacted credential.
@@ -159,6 +170,11 @@ const KEY_SHAPES: &[(&str, usize)] = &[
     ("eyJ", 20),
     ("ya29.", 20),
     ("IQoJ", 20),
+    ("hvs.", 20),
+    ("hvb.", 20),
+    ("squ_", 30),
+    ("sqp_", 30),
+    ("sqa_", 30),
 ];
 
 /// Prefixes whose keys are letters and digits only: their tail stops at
@@ -168,6 +184,7 @@ const KEY_SHAPES: &[(&str, usize)] = &[
 const ALNUM_TAILS: &[&str] = &[
     "gsk_", "xai-", "pplx-", "fw_", "r8_", "hf_", "ghp_", "gho_", "ghu_", "ghs_", "ghr_",
     "sk_live_", "sk_test_", "rk_live_", "rk_test_", "csk-", "dop_v1_", "NRAK-", "bkua_", "npm_",
+    "squ_", "sqp_", "sqa_",
 ];
 
 /// Last words that make a sensitive name about something else: the
@@ -420,6 +437,20 @@ fn scan_token(tok: &str) -> (String, Pending) {
             i = j;
             continue;
         }
+        // `{"name":"OPENAI_API_KEY","value":"X"}` (Kubernetes env, ECS
+        // overrides, Terraform variables): the pair's value is the value.
+        if argument {
+            let key: String = (j..j + 8).filter_map(at).collect();
+            if key.len() == 8
+                && key.is_ascii()
+                && is_quote(key.chars().next())
+                && key[1..6].eq_ignore_ascii_case("value")
+                && is_quote(key.chars().nth(6))
+                && key.ends_with(':')
+            {
+                j += 8;
+            }
+        }
         let escaped = escaped_quote(j);
         let quoted = is_quote(at(j)) || escaped;
         if escaped {
@@ -519,14 +550,38 @@ fn redact_urls(tok: &str) -> std::borrow::Cow<'_, str> {
     while let Some(i) = tok[from..].find("://") {
         let auth = from + i + 3;
         let end = tok.floor_char_boundary(auth.saturating_add(2048).min(tok.len()));
-        match url_secret(&tok[..end], auth) {
-            Some((start, stop)) => {
-                out.push_str(&tok[copied..start]);
-                out.push_str(REDACTED);
-                (copied, from) = (stop, stop);
-            }
-            None => from = auth,
+        if let Some((start, stop)) = url_secret(&tok[..end], auth) {
+            out.push_str(&tok[copied..start]);
+            out.push_str(REDACTED);
+            copied = stop;
         }
+        // The path, to the query: a segment that looks random is a token
+        // (Slack's and Discord's webhooks, Telegram's `/botID:TOKEN/`).
+        let url_end = tok[auth..end]
+            .find(|c: char| {
+                c.is_whitespace() || matches!(c, '"' | '\'' | '<' | '>' | '`' | '?' | '#' | ',')
+            })
+            .map_or(end, |e| auth + e);
+        let after = copied.max(auth).min(url_end);
+        if let Some(p) = tok[after..url_end].find('/') {
+            let path = after + p + 1;
+            let mut seg = path;
+            for (k, c) in tok[path..url_end]
+                .char_indices()
+                .chain(std::iter::once((url_end - path, '/')))
+            {
+                if c == '/' || c == ':' {
+                    let at = path + k;
+                    if looks_random(&tok[seg..at]) {
+                        out.push_str(&tok[copied..seg]);
+                        out.push_str(REDACTED);
+                        copied = at;
+                    }
+                    seg = at + c.len_utf8();
+                }
+            }
+        }
+        from = url_end.max(auth).max(copied);
     }
     out.push_str(&tok[copied..]);
     std::borrow::Cow::Owned(out)
@@ -711,6 +766,14 @@ enum Tool {
     Curl,
     /// `gh secret set NAME --body VALUE` (`-b`), once `secret` is seen.
     Gh { armed: bool },
+    /// MongoDB's shell and tools: `-p PASSWORD`.
+    Mongo,
+    /// `poetry publish`, `uv publish`, `vsce publish`: `-p PASSWORD`.
+    Publish { armed: bool },
+    /// `dotnet nuget push -k KEY`.
+    Nuget { armed: bool },
+    /// HTTPie: `http -a user:PASSWORD`.
+    Httpie,
 }
 
 impl Tool {
@@ -729,6 +792,12 @@ impl Tool {
             "redis-cli" | "valkey-cli" => Tool::RedisCli,
             "curl" => Tool::Curl,
             "gh" => Tool::Gh { armed: false },
+            "mongosh" | "mongo" | "mongodump" | "mongorestore" | "mongoexport" | "mongoimport" => {
+                Tool::Mongo
+            }
+            "poetry" | "uv" | "vsce" => Tool::Publish { armed: false },
+            "dotnet" | "nuget" => Tool::Nuget { armed: false },
+            "http" | "https" => Tool::Httpie,
             _ => return None,
         })
     }
@@ -739,6 +808,8 @@ impl Tool {
         Some(match (self, tok) {
             (Tool::Login { .. }, "login" | "auth") => Tool::Login { armed: true },
             (Tool::Gh { .. }, "secret") => Tool::Gh { armed: true },
+            (Tool::Publish { .. }, "publish") => Tool::Publish { armed: true },
+            (Tool::Nuget { .. }, "push") => Tool::Nuget { armed: true },
             (Tool::Sshpass, _) => return None,
             (t, _) => t,
         })
@@ -754,7 +825,13 @@ impl Tool {
             Tool::RedisCli => (&["-a"], &["-a"]),
             Tool::Curl => (&["-b"], &["-b"]),
             Tool::Gh { armed: true } => (&["-b", "--body"], &["-b"]),
-            Tool::Login { armed: false } | Tool::Gh { armed: false } => (&[], &[]),
+            Tool::Mongo | Tool::Publish { armed: true } => (&["-p"], &[]),
+            Tool::Nuget { armed: true } => (&["-k"], &[]),
+            Tool::Login { armed: false }
+            | Tool::Gh { armed: false }
+            | Tool::Publish { armed: false }
+            | Tool::Nuget { armed: false }
+            | Tool::Httpie => (&[], &[]),
         }
     }
 
@@ -1210,6 +1287,16 @@ impl Redactor {
             self.pending = Pending::None;
             self.prose = false;
         }
+        // `"name": "API_KEY", "value": "X"`: the value comes after its key.
+        if matches!(self.pending, Pending::Value | Pending::Quoted) && is_json_key(tok) && {
+            let k = tok
+                .trim_end_matches(':')
+                .trim_matches(['"', '\'', '\\', '{', ',']);
+            k.eq_ignore_ascii_case("value")
+        } {
+            out.push_str(tok);
+            return;
+        }
         // Not a value but more of the structure: an object's brace or key
         // (`"auth": {"password": "X"}`, `"token": "secret":`; a value that
         // starts with `{` is a value: `-p {Zq9`), or
@@ -1396,6 +1483,7 @@ impl Redactor {
         }
         self.credentials = match tok {
             "-u" | "--user" | "--proxy-user" | "-U" => Some(user_password),
+            "-a" if self.tool == Some(Tool::Httpie) => Some(user_password),
             "-x" | "--proxy" | "--preproxy" => Some(proxy_password),
             _ => None,
         };
@@ -2751,6 +2839,98 @@ mod tests {
             "https://a.example/x,".repeat(300)
         );
         assert!(!redact_args(&["curl", "-d", &many]).contains("Zq9SECRET"));
+        // (A last review:) pairs, webhooks, more tools, Redis, Vault and
+        // Sonar tokens, `pw`.
+        for (args, secret) in [
+            (
+                &[
+                    "kubectl",
+                    "patch",
+                    "deployment",
+                    "app",
+                    "-p",
+                    "{\"env\":[{\"name\":\"OPENAI_API_KEY\",\"value\":\"Zq9SECRET\"}]}",
+                ][..],
+                "Zq9SECRET",
+            ),
+            (
+                &[
+                    "curl",
+                    "-d",
+                    "{\"name\": \"DB_PASSWORD\", \"value\": \"Zq9SECRET\"}",
+                ][..],
+                "Zq9SECRET",
+            ),
+            (
+                &[
+                    "curl",
+                    "-X",
+                    "POST",
+                    "https://hooks.slack.com/services/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",
+                ][..],
+                "pZ4kR9vXq2LmT7bN8cYwH3dF",
+            ),
+            (
+                &[
+                    "mongosh",
+                    "mongodb://db:27017",
+                    "-u",
+                    "root",
+                    "-p",
+                    "Zq9SECRET",
+                ][..],
+                "Zq9SECRET",
+            ),
+            (
+                &["poetry", "publish", "-u", "u", "-p", "Zq9SECRET"][..],
+                "Zq9SECRET",
+            ),
+            (
+                &["dotnet", "nuget", "push", "a.nupkg", "-k", "zq9secretkey"][..],
+                "zq9secretkey",
+            ),
+            (
+                &["http", "-a", "user:Zq9SECRET", "example.com"][..],
+                "Zq9SECRET",
+            ),
+            (
+                &["redis-server", "--requirepass", "Zq9SECRET"][..],
+                "Zq9SECRET",
+            ),
+            (
+                &["vault", "login", "hvs.CAESIGk3bXq9zTq8rP7mN2vL5cK1"][..],
+                "CAESIGk3bXq9zTq8rP7mN2vL5cK1",
+            ),
+            (
+                &[
+                    "mvn",
+                    "sonar:sonar",
+                    "-Dsonar.token=squ_3f9a0c1d2e3f4a5b6c7d8e9f0a1b2c3d4e5f6a7b",
+                ][..],
+                "3f9a0c1d2e3f",
+            ),
+            (
+                &["terraform", "apply", "-var", "admin_pw=Zq9SECRET"][..],
+                "Zq9SECRET",
+            ),
+        ] {
+            let out = redact_args(args);
+            assert!(!out.contains(secret), "`{secret}` survived in `{out}`");
+        }
+        // A URL's ordinary path stays.
+        for args in [
+            &[
+                "curl",
+                "https://api.github.com/repos/acme/widgets/releases/latest",
+            ][..],
+            &[
+                "curl",
+                "https://registry.npmjs.org/@types/node/-/node-22.10.1.tgz",
+            ][..],
+            &["poetry", "install", "-p", "3.11"][..],
+        ] {
+            assert_eq!(redact_args(args), args.join(" "));
+        }
         // An apostrophe in prose opens no quote.
         let line = "slack-notify --message Build didn't pass --token=abc --channel '#ci'";
         let once = redact_cmdline(line);
