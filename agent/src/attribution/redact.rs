@@ -295,33 +295,39 @@ fn is_value_end(c: char) -> bool {
     matches!(c, '&' | ';' | ',' | '"' | '\'' | '}' | ')' | '>')
 }
 
-/// Where a quoted value that opened before `from` closes in `chars`: the
+/// Where a quoted value that opened before `from` closes in `chars` (a
+/// word's `char_indices`; the index into them is returned): the
 /// first `q` not followed by a letter or digit (`'don't'` closes at its
 /// end, `"a,b"` past its comma) and, for `"`, not escaped by an odd number
 /// of backslashes (`"a\\"` closes, `"a\""` does not; in a shell's `'…'` a
 /// backslash is a backslash). A shell's way of putting `'` in a
 /// single-quoted word, `'it'\''s'` or `'it'"'"'s'`, goes on.
-fn closing_quote(chars: &[char], from: usize, q: char) -> Option<usize> {
+fn closing_quote(chars: &[(usize, char)], from: usize, q: char) -> Option<usize> {
+    let at = |k: usize| chars.get(k).map(|(_, c)| *c);
     let mut k = from;
     while k < chars.len() {
-        if chars[k] != q {
+        if at(k) != Some(q) {
             k += 1;
             continue;
         }
+        let follows = |s: &str| s.chars().enumerate().all(|(n, c)| at(k + 1 + n) == Some(c));
         if q == '\'' {
-            let rest = &chars[k + 1..];
-            if rest.starts_with(&['\\', '\'', '\'']) {
+            if follows("\\''") {
                 k += 4;
                 continue;
             }
-            if rest.starts_with(&['"', '\'', '"', '\'']) {
+            if follows("\"'\"'") {
                 k += 5;
                 continue;
             }
         }
-        let escapes = chars[..k].iter().rev().take_while(|c| **c == '\\').count();
+        let escapes = chars[..k]
+            .iter()
+            .rev()
+            .take_while(|(_, c)| *c == '\\')
+            .count();
         let escaped = q == '"' && escapes % 2 == 1;
-        if !escaped && !chars.get(k + 1).is_some_and(|c| c.is_alphanumeric()) {
+        if !escaped && !at(k + 1).is_some_and(char::is_alphanumeric) {
             return Some(k);
         }
         k += 1;
@@ -375,7 +381,6 @@ fn scan_token(tok: &str) -> (String, Pending) {
     let mut out = String::with_capacity(tok.len());
     let mut pending = Pending::None;
     let chars: Vec<(usize, char)> = tok.char_indices().collect();
-    let plain: Vec<char> = chars.iter().map(|(_, c)| *c).collect();
     let at = |i: usize| chars.get(i).map(|(_, c)| *c);
     let byte = |i: usize| chars.get(i).map_or(tok.len(), |(b, _)| *b);
     let is_quote = |c: Option<char>| matches!(c, Some('"' | '\''));
@@ -479,7 +484,7 @@ fn scan_token(tok: &str) -> (String, Pending) {
             Some((value_start..chars.len()).find(|&k| at(k) == Some('\\') && at(k + 1) == Some(q)))
         } else if quoted {
             let q = at(value_start - 1).unwrap_or('"');
-            Some(closing_quote(&plain, value_start, q))
+            Some(closing_quote(&chars, value_start, q))
         } else {
             None
         };
@@ -899,10 +904,14 @@ fn is_script_flag(arg: &str) -> bool {
 /// the rest of the argument its value (`db_password: a b`), where a word
 /// is prose (`password: minimum length is now 12`).
 fn is_identifier(name: &str) -> bool {
-    let b = name.as_bytes();
-    name.contains(['_', '-', '.'])
-        || b.windows(2)
-            .any(|w| w[0].is_ascii_lowercase() && w[1].is_ascii_uppercase())
+    name.contains(['_', '-', '.']) || is_camel_case(name)
+}
+
+/// `npmAuthToken`, `clientSecret`: a lower-case letter, then a capital.
+fn is_camel_case(name: &str) -> bool {
+    name.as_bytes()
+        .windows(2)
+        .any(|w| w[0].is_ascii_lowercase() && w[1].is_ascii_uppercase())
 }
 
 /// A name written as an HTTP header's (`Authorization`, `X-Api-Key`,
@@ -950,8 +959,8 @@ fn trailing_name(tok: &str) -> &str {
 /// `yarn config set npmAuthToken X`). A plain word (`token`) is not one:
 /// `token : parse` is prose.
 fn names_a_value(name: &str) -> bool {
-    // `-` aside: `--api-key` is a flag's name, handled as a flag.
-    let identifier = name.contains(['_', '.']) || is_identifier(name) && !name.contains('-');
+    // Not by `-`: `--api-key` is a flag's name, handled as a flag.
+    let identifier = name.contains(['_', '.']) || is_camel_case(name);
     let capitals = !name.bytes().any(|b| b.is_ascii_lowercase());
     let compact: String = name
         .chars()
@@ -1268,11 +1277,10 @@ impl Redactor {
         if let Pending::UntilQuote(q) = self.pending {
             // The value goes on to its closing quote; what follows is read
             // as a word of its own (`horse","token":"X"}`).
-            let chars: Vec<char> = tok.chars().collect();
+            let chars: Vec<(usize, char)> = tok.char_indices().collect();
             if let Some(k) = closing_quote(&chars, 0, q) {
                 self.pending = Pending::None;
-                let i: usize = chars[..k].iter().map(|c| c.len_utf8()).sum();
-                self.after_value(&tok[i..], out);
+                self.after_value(&tok[chars[k].0..], out);
             }
             return;
         }
@@ -1348,7 +1356,7 @@ impl Redactor {
                 && let Some(q) = tok.chars().next().filter(|c| matches!(c, '"' | '\''))
                 && !tok.contains(REDACTED)
             {
-                let chars: Vec<char> = tok.chars().collect();
+                let chars: Vec<(usize, char)> = tok.char_indices().collect();
                 match closing_quote(&chars, 1, q) {
                     None => {
                         out.push(q);
@@ -1362,8 +1370,7 @@ impl Redactor {
                         out.push(q);
                         out.push_str(REDACTED);
                         self.pending = Pending::None;
-                        let i: usize = chars[..k].iter().map(|c| c.len_utf8()).sum();
-                        self.after_value(&tok[i..], out);
+                        self.after_value(&tok[chars[k].0..], out);
                         return;
                     }
                     Some(_) => {}
