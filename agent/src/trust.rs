@@ -587,6 +587,34 @@ fn remove_if_present(path: &Path) -> Result<bool, TrustError> {
     }
 }
 
+/// Which system stores an uninstall refreshes.
+#[derive(Debug, PartialEq, Eq)]
+struct Refresh {
+    /// `update-ca-certificates --fresh`.
+    debian: bool,
+    /// `update-ca-trust extract`.
+    rhel: bool,
+}
+
+impl Refresh {
+    /// A store is refreshed when its anchor was removed now, a link to
+    /// the Debian anchor is left, or the system bundle still trusts the
+    /// CA (an earlier uninstall whose refresh failed): then the store the
+    /// system uses (`rhel_system`: it has RHEL's anchor directory).
+    fn needed(
+        removed_debian: bool,
+        removed_rhel: bool,
+        stale_link: bool,
+        rhel_system: bool,
+        still_trusted: bool,
+    ) -> Refresh {
+        Refresh {
+            debian: removed_debian || stale_link || (still_trusted && !rhel_system),
+            rhel: removed_rhel || (still_trusted && rhel_system),
+        }
+    }
+}
+
 /// Removes what `install` added under `root`; running it twice is harmless.
 /// The CA itself stays in `state_dir/ca`.
 pub fn uninstall(state_dir: &Path, root: &Path) -> Result<Report, TrustError> {
@@ -624,9 +652,9 @@ pub fn uninstall(state_dir: &Path, root: &Path) -> Result<Report, TrustError> {
             .iter()
             .any(|pem| matches!(installed(pem, root), Installed::Yes { .. }))
     };
-    let still_trusted = trusted();
+    let refresh = Refresh::needed(removed_debian, removed_rhel, stale_link, rhel, trusted());
     if host {
-        if removed_debian || stale_link || (still_trusted && !rhel) {
+        if refresh.debian {
             match find_program("update-ca-certificates") {
                 // A failure is said at the end: Java's store is cleaned
                 // whatever happens here.
@@ -640,7 +668,7 @@ pub fn uninstall(state_dir: &Path, root: &Path) -> Result<Report, TrustError> {
                 None => {}
             }
         }
-        if removed_rhel || (still_trusted && rhel) {
+        if refresh.rhel {
             match find_program("update-ca-trust") {
                 Some(p) => match run_checked(&p, &["extract"], UNINSTALL_AGAIN) {
                     Ok(_) => lines.push("ran update-ca-trust extract".into()),
@@ -656,11 +684,18 @@ pub fn uninstall(state_dir: &Path, root: &Path) -> Result<Report, TrustError> {
                 "the system bundle still holds the CA after the refresh: remove the certificate named tollgate from the trust store's sources and refresh it".into(),
             );
         }
-    } else if removed_debian || removed_rhel || stale_link || still_trusted {
-        lines.push(format!(
-            "root is {}: removed files only; run `update-ca-certificates --fresh` inside that root",
-            root.display()
-        ));
+    } else {
+        for (needed, command) in [
+            (refresh.debian, "update-ca-certificates --fresh"),
+            (refresh.rhel, "update-ca-trust extract"),
+        ] {
+            if needed {
+                lines.push(format!(
+                    "root is {}: removed files only; run `{command}` inside that root",
+                    root.display()
+                ));
+            }
+        }
     }
 
     if let Some(keytool) = find_program("keytool")
@@ -968,6 +1003,22 @@ mod tests {
         assert!(!report.failed.join(" ").contains(CACERTS_PASSWORD));
         let err = report.finish().expect_err("a failure");
         assert_eq!(err.exit_code(), crate::exit::UNAVAILABLE);
+    }
+
+    #[test]
+    fn an_uninstall_refreshes_the_stores_that_need_it() {
+        let r = |d, r, link, rhel, trusted| {
+            let x = Refresh::needed(d, r, link, rhel, trusted);
+            (x.debian, x.rhel)
+        };
+        assert_eq!(r(false, false, false, false, false), (false, false));
+        assert_eq!(r(true, false, false, false, false), (true, false));
+        assert_eq!(r(false, false, true, false, false), (true, false));
+        assert_eq!(r(true, true, false, true, false), (true, true));
+        // Nothing removed now, the bundle still trusting the CA: the store
+        // this system uses.
+        assert_eq!(r(false, false, false, false, true), (true, false));
+        assert_eq!(r(false, false, false, true, true), (false, true));
     }
 
     /// An uninstall whose store refresh failed removed the anchor but left
