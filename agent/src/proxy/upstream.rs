@@ -1013,12 +1013,57 @@ pub(crate) mod tests {
         }
     }
 
-    pub(crate) async fn echo_server(host: &str) -> EchoServer {
+    /// A loopback listener for a TLS server of `host`, with a leaf from a
+    /// CA of its own (which the client is given to trust).
+    async fn tls_listener(
+        host: &str,
+    ) -> (
+        tokio::net::TcpListener,
+        Arc<rustls::ServerConfig>,
+        crate::ca::LocalCa,
+        tempfile::TempDir,
+    ) {
         let dir = tempfile::tempdir().unwrap();
         let (ca, _) = crate::ca::LocalCa::load_or_create(dir.path(), &[host.to_string()])
             .expect("a CA for the test server");
         let server_config = ca.server_config(host).await.unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        (listener, server_config, ca, dir)
+    }
+
+    /// Accepts TLS connections on `listener` with `server_config`, each
+    /// handed to `serve` on a task of its own.
+    fn serve_tls<F, Fut>(
+        listener: tokio::net::TcpListener,
+        server_config: Arc<rustls::ServerConfig>,
+        serve: F,
+    ) -> tokio::task::JoinHandle<()>
+    where
+        F: Fn(tokio_rustls::server::TlsStream<tokio::net::TcpStream>) -> Fut
+            + Send
+            + Sync
+            + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let serve = Arc::new(serve);
+        tokio::spawn(async move {
+            let acceptor = tokio_rustls::TlsAcceptor::from(server_config);
+            loop {
+                let Ok((sock, _)) = listener.accept().await else {
+                    return;
+                };
+                let (acceptor, serve) = (acceptor.clone(), serve.clone());
+                tokio::spawn(async move {
+                    if let Ok(tls) = acceptor.accept(sock).await {
+                        serve(tls).await;
+                    }
+                });
+            }
+        })
+    }
+
+    pub(crate) async fn echo_server(host: &str) -> EchoServer {
+        let (listener, server_config, ca, dir) = tls_listener(host).await;
         let addr = listener.local_addr().unwrap();
         let served = Arc::new(AtomicUsize::new(0));
         let task = spawn_echo(listener, server_config, served.clone());
@@ -1040,29 +1085,20 @@ pub(crate) mod tests {
         counted: Arc<AtomicUsize>,
     ) -> tokio::task::JoinHandle<()> {
         use http_body_util::{BodyExt, Full};
-        tokio::spawn(async move {
-            let acceptor = tokio_rustls::TlsAcceptor::from(server_config);
-            loop {
-                let Ok((sock, _)) = listener.accept().await else {
-                    return;
-                };
-                let (acceptor, counted) = (acceptor.clone(), counted.clone());
-                tokio::spawn(async move {
-                    let Ok(tls) = acceptor.accept(sock).await else {
-                        return;
-                    };
-                    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                        let counted = counted.clone();
-                        async move {
-                            let body = req.into_body().collect().await?.to_bytes();
-                            counted.fetch_add(1, Ordering::SeqCst);
-                            Ok::<_, hyper::Error>(Response::new(Full::new(body)))
-                        }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(tls), svc)
-                        .await;
+        serve_tls(listener, server_config, move |tls| {
+            let counted = counted.clone();
+            async move {
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let counted = counted.clone();
+                    async move {
+                        let body = req.into_body().collect().await?.to_bytes();
+                        counted.fetch_add(1, Ordering::SeqCst);
+                        Ok::<_, hyper::Error>(Response::new(Full::new(body)))
+                    }
                 });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await;
             }
         })
     }
@@ -1260,51 +1296,37 @@ pub(crate) mod tests {
         Arc<AtomicUsize>,
         Arc<AtomicUsize>,
     ) {
-        let dir = tempfile::tempdir().unwrap();
-        let (ca, _) = crate::ca::LocalCa::load_or_create(dir.path(), &[host.to_string()])
-            .expect("a CA for the test server");
-        let server_config = ca.server_config(host).await.unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (listener, server_config, ca, dir) = tls_listener(host).await;
         let addr = listener.local_addr().unwrap();
         let (refused, served) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
         let (r, sv) = (refused.clone(), served.clone());
-        tokio::spawn(async move {
-            let acceptor = tokio_rustls::TlsAcceptor::from(server_config);
-            loop {
-                let Ok((sock, _)) = listener.accept().await else {
+        serve_tls(listener, server_config, move |tls| {
+            let (r, sv) = (r.clone(), sv.clone());
+            async move {
+                let Ok(mut conn) = h2::server::handshake(tls).await else {
                     return;
                 };
-                let (acceptor, r, sv) = (acceptor.clone(), r.clone(), sv.clone());
-                tokio::spawn(async move {
-                    let Ok(tls) = acceptor.accept(sock).await else {
-                        return;
-                    };
-                    let Ok(mut conn) = h2::server::handshake(tls).await else {
-                        return;
-                    };
-                    while let Some(Ok((req, mut respond))) = conn.accept().await {
-                        if r.fetch_add(1, Ordering::SeqCst) < refuse {
-                            respond.send_reset(h2::Reason::REFUSED_STREAM);
-                            continue;
-                        }
-                        r.fetch_sub(1, Ordering::SeqCst);
-                        let sv = sv.clone();
-                        tokio::spawn(async move {
-                            let mut body = req.into_body();
-                            let mut got = Vec::new();
-                            while let Some(Ok(chunk)) = body.data().await {
-                                let _ = body.flow_control().release_capacity(chunk.len());
-                                got.extend_from_slice(&chunk);
-                            }
-                            sv.fetch_add(1, Ordering::SeqCst);
-                            let Ok(mut send) = respond.send_response(Response::new(()), false)
-                            else {
-                                return;
-                            };
-                            let _ = send.send_data(bytes::Bytes::from(got), true);
-                        });
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    if r.fetch_add(1, Ordering::SeqCst) < refuse {
+                        respond.send_reset(h2::Reason::REFUSED_STREAM);
+                        continue;
                     }
-                });
+                    r.fetch_sub(1, Ordering::SeqCst);
+                    let sv = sv.clone();
+                    tokio::spawn(async move {
+                        let mut body = req.into_body();
+                        let mut got = Vec::new();
+                        while let Some(Ok(chunk)) = body.data().await {
+                            let _ = body.flow_control().release_capacity(chunk.len());
+                            got.extend_from_slice(&chunk);
+                        }
+                        sv.fetch_add(1, Ordering::SeqCst);
+                        let Ok(mut send) = respond.send_response(Response::new(()), false) else {
+                            return;
+                        };
+                        let _ = send.send_data(bytes::Bytes::from(got), true);
+                    });
+                }
             }
         });
         (addr, ca, dir, refused, served)
@@ -1321,61 +1343,47 @@ pub(crate) mod tests {
         tempfile::TempDir,
         Arc<AtomicUsize>,
     ) {
-        let dir = tempfile::tempdir().unwrap();
-        let (ca, _) = crate::ca::LocalCa::load_or_create(dir.path(), &[host.to_string()])
-            .expect("a CA for the test server");
-        let server_config = ca.server_config(host).await.unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (listener, server_config, ca, dir) = tls_listener(host).await;
         let addr = listener.local_addr().unwrap();
         let sent = Arc::new(AtomicUsize::new(0));
         let counted = sent.clone();
-        tokio::spawn(async move {
-            let acceptor = tokio_rustls::TlsAcceptor::from(server_config);
-            loop {
-                let Ok((sock, _)) = listener.accept().await else {
+        serve_tls(listener, server_config, move |tls| {
+            let counted = counted.clone();
+            async move {
+                let Ok(mut conn) = h2::server::Builder::new()
+                    .initial_window_size(16 << 20)
+                    .initial_connection_window_size(64 << 20)
+                    .handshake(tls)
+                    .await
+                else {
                     return;
                 };
-                let (acceptor, counted) = (acceptor.clone(), counted.clone());
-                tokio::spawn(async move {
-                    let Ok(tls) = acceptor.accept(sock).await else {
-                        return;
-                    };
-                    let Ok(mut conn) = h2::server::Builder::new()
-                        .initial_window_size(16 << 20)
-                        .initial_connection_window_size(64 << 20)
-                        .handshake(tls)
-                        .await
-                    else {
-                        return;
-                    };
-                    while let Some(Ok((req, mut respond))) = conn.accept().await {
-                        let counted = counted.clone();
-                        tokio::spawn(async move {
-                            let mut data = if req.uri().path() == "/big" {
-                                bytes::Bytes::from(vec![b'x'; 3 << 20])
-                            } else {
-                                bytes::Bytes::from_static(b"small")
-                            };
-                            let Ok(mut send) = respond.send_response(Response::new(()), false)
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    let counted = counted.clone();
+                    tokio::spawn(async move {
+                        let mut data = if req.uri().path() == "/big" {
+                            bytes::Bytes::from(vec![b'x'; 3 << 20])
+                        } else {
+                            bytes::Bytes::from_static(b"small")
+                        };
+                        let Ok(mut send) = respond.send_response(Response::new(()), false) else {
+                            return;
+                        };
+                        while !data.is_empty() {
+                            send.reserve_capacity(data.len());
+                            let Some(Ok(room)) =
+                                std::future::poll_fn(|cx| send.poll_capacity(cx)).await
                             else {
                                 return;
                             };
-                            while !data.is_empty() {
-                                send.reserve_capacity(data.len());
-                                let Some(Ok(room)) =
-                                    std::future::poll_fn(|cx| send.poll_capacity(cx)).await
-                                else {
-                                    return;
-                                };
-                                let chunk = data.split_to(room.min(data.len()));
-                                counted.fetch_add(chunk.len(), Ordering::SeqCst);
-                                if send.send_data(chunk, data.is_empty()).is_err() {
-                                    return;
-                                }
+                            let chunk = data.split_to(room.min(data.len()));
+                            counted.fetch_add(chunk.len(), Ordering::SeqCst);
+                            if send.send_data(chunk, data.is_empty()).is_err() {
+                                return;
                             }
-                        });
-                    }
-                });
+                        }
+                    });
+                }
             }
         });
         (addr, ca, dir, sent)
