@@ -626,6 +626,23 @@ fn shutdown_gives_up_at_its_deadline_and_says_so() {
 }
 
 #[test]
+fn a_writer_dropped_without_shutdown_stops_retrying_a_failing_ledger() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let path = t.path().join("ledger.sqlite");
+    let (w, h) = LedgerWriter::start(&path, 1024, 1 << 20).expect("start");
+    let _other = inject_failures(&path, "1");
+    for i in 0..3 {
+        h.submit(sample(i));
+    }
+    wait_for("a failed write", || h.stats().errors >= 1);
+    drop(w);
+    // Only `h` is left holding the shared state once the thread gave up.
+    wait_for("the writer thread to give up", || !h.writer_thread_holds(1));
+    assert_eq!(h.stats().written, 0);
+    assert_eq!(h.stats().queued, 3, "{:?}", h.stats());
+}
+
+#[test]
 fn a_file_that_is_not_sqlite_is_a_clear_error() {
     let t = tempfile::tempdir().expect("tempdir");
     let path = t.path().join("ledger.sqlite");

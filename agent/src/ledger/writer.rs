@@ -47,6 +47,14 @@ const IDLE_POLL: Duration = Duration::from_millis(50);
 const YIELD_EVERY: usize = 8;
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How long a writer dropped without `shutdown` (an error path of the
+/// agent's start, a test) keeps trying a failing ledger before it gives up
+/// and logs what it held.
+const DROP_GRACE: Duration = if cfg!(test) {
+    Duration::from_millis(300)
+} else {
+    Duration::from_secs(10)
+};
 
 /// Counters of the writer, for `/metrics` and logs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -184,7 +192,15 @@ impl LedgerWriter {
             .name("tollgate-ledger".into())
             .spawn(move || {
                 let outcome = supervise(&mut ledger, &rx, &thread_shared);
-                let _ = done_tx.send(outcome);
+                // Nobody waits when the writer was dropped without
+                // `shutdown`: what it could not write is logged here.
+                if let Err(mpsc::SendError(Err((unwritten, reason)))) = done_tx.send(outcome) {
+                    tracing::error!(
+                        unwritten,
+                        reason = %reason,
+                        "the ledger writer stopped with usage records it could not write"
+                    );
+                }
             })
             .map_err(LedgerError::Thread)?;
         Ok((
@@ -224,8 +240,10 @@ impl LedgerWriter {
 }
 
 impl Drop for LedgerWriter {
-    /// Without `shutdown`, the thread still drains what it has and exits.
+    /// Without `shutdown`, the thread still drains what it has and exits;
+    /// while the ledger fails it retries for [`DROP_GRACE`], not for ever.
     fn drop(&mut self) {
+        lock(&self.shared.deadline).get_or_insert_with(|| Instant::now() + DROP_GRACE);
         self.shared.closed.store(true, Ordering::SeqCst);
     }
 }
@@ -284,6 +302,13 @@ impl LedgerHandle {
     #[cfg(test)]
     pub(super) fn plant_panic_at(&self, n: usize) {
         self.shared.panic_at.store(n, Ordering::SeqCst);
+    }
+
+    /// Tests: whether the writer thread still runs (it holds a reference
+    /// to the shared state, as do the writer and every handle).
+    #[cfg(test)]
+    pub(super) fn writer_thread_holds(&self, others: usize) -> bool {
+        Arc::strong_count(&self.shared) > others
     }
 
     /// Tests: whether the planted panic is still to come.
