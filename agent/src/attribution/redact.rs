@@ -43,10 +43,21 @@
 //!    nuget push -k X`; HTTPie's `-a user:X`; `--value X` once
 //!    `secret` or `put-parameter` was said (`az keyvault secret set`,
 //!    `aws ssm put-parameter`); each also as `-p=X`, `--body=X` or
-//!    attached (`-bX`). Elsewhere `-p` is a port.
+//!    attached (`-bX`). Elsewhere `-p` is a port. And secrets by their
+//!    place: `htpasswd -b FILE USER X` (`-nb USER X`), `mysqladmin
+//!    password X`, `redis-cli AUTH [USER] X` (every word to the command's
+//!    end) and `CONFIG SET requirepass X`, a here-string after a flag that
+//!    reads one from stdin (`--with-token <<< X`, `--password-stdin <<<
+//!    X`), and a `.netrc` line's `login U password X`. A tool's command
+//!    ends at `&&`, `||`, `;`, `|` and `&`.
 //!
-//! 7. SQL's `PASSWORD 'X'`, `IDENTIFIED [WITH plugin] BY 'X'` and `SET
-//!    PASSWORD FOR u = 'X'` (`psql -c`, `mysql -e`).
+//! 7. SQL's `PASSWORD 'X'`, `PASSWORD('X')`, `IDENTIFIED [WITH plugin]
+//!    BY 'X'` and `SET PASSWORD FOR u = 'X'` (`psql -c`, `mysql -e`).
+//!
+//! A sensitive name's tuple or list value (`auth=('ci', 'X')`,
+//! `API_TOKEN=(a b)`) goes to its closing bracket. Go's MySQL DSNs, which
+//! have no scheme, lose their password as a URL does (`u:X@tcp(db)/app`).
+//! SonarQube's `sonar.login` is a token.
 //!
 //! A JSON pair (`{"name": "OPENAI_API_KEY", "value": "X"}`: Kubernetes
 //! env, ECS overrides) has its value redacted, not its `value` key.
@@ -217,7 +228,8 @@ pub(super) fn is_sensitive_name(name: &str) -> bool {
     {
         return false;
     }
-    if SENSITIVE_NAMES.contains(&lower.as_str()) {
+    // SonarQube's `-Dsonar.login=TOKEN` (its `sonar.password` is a word's).
+    if SENSITIVE_NAMES.contains(&lower.as_str()) || lower.ends_with("sonar.login") {
         return true;
     }
     if lower
@@ -275,6 +287,9 @@ enum Pending {
     /// Inside a quoted value that went on past its first word (`"api_key":
     /// "correct horse"`): redact up to this closing quote.
     UntilQuote(char),
+    /// Inside a tuple or list value that went on past its first word
+    /// (`auth=('ci', 'X')`, `TOKENS=(a b)`): redact up to this bracket.
+    UntilClose(char),
 }
 
 fn pending_for(name: &str) -> Pending {
@@ -377,7 +392,8 @@ fn starts_the_argument(before: &str) -> bool {
 /// next token is, if a sensitive name ends this one without a value.
 fn scan_token(tok: &str) -> (String, Pending) {
     let urls = redact_urls(tok);
-    let tok: &str = &urls;
+    let dsns = redact_dsns(&urls);
+    let tok: &str = &dsns;
     let mut out = String::with_capacity(tok.len());
     let mut pending = Pending::None;
     let chars: Vec<(usize, char)> = tok.char_indices().collect();
@@ -433,7 +449,12 @@ fn scan_token(tok: &str) -> (String, Pending) {
                         || at(k) == Some('(')
                         || (at(k) == Some(':') && at(k + 1) == Some(':')))
             };
-        if path || (!argument && !matches!(at(j), Some('=' | ':'))) {
+        // SQL's `PASSWORD('X')`, `OLD_PASSWORD('X')`.
+        let call = !quoted_name
+            && at(j) == Some('(')
+            && is_quote(at(j + 1))
+            && name.to_ascii_lowercase().ends_with("password");
+        if path || (!argument && !call && !matches!(at(j), Some('=' | ':'))) {
             i = if path { j + 2 } else { i };
             continue;
         }
@@ -475,6 +496,31 @@ fn scan_token(tok: &str) -> (String, Pending) {
             j = chars.len();
             while j > value_start && matches!(at(j - 1), Some('"' | '\'')) {
                 j -= 1;
+            }
+        }
+        // A tuple or list (`auth=('ci', 'X')`, `TOKENS=(a b)`): what is
+        // inside the brackets, in later words too.
+        if !quoted
+            && let Some(open @ ('(' | '[')) = at(value_start)
+            && !tok[byte(value_start)..].starts_with(REDACTED)
+        {
+            let close = if open == '(' { ')' } else { ']' };
+            let end = (value_start + 1..chars.len()).find(|&k| at(k) == Some(close));
+            if !(whole_argument && end.is_some()) {
+                out.push_str(&tok[copied..byte(value_start + 1)]);
+                out.push_str(REDACTED);
+                match end {
+                    Some(k) => {
+                        copied = byte(k);
+                        i = k;
+                    }
+                    None => {
+                        copied = tok.len();
+                        i = chars.len();
+                        pending = Pending::UntilClose(close);
+                    }
+                }
+                continue;
             }
         }
         // A quoted value runs to its closing quote (`api_key='a,b'`), or
@@ -587,6 +633,43 @@ fn redact_urls(tok: &str) -> std::borrow::Cow<'_, str> {
             }
         }
         from = url_end.max(auth).max(copied);
+    }
+    out.push_str(&tok[copied..]);
+    std::borrow::Cow::Owned(out)
+}
+
+/// Go's MySQL DSNs, which have no scheme: the password of
+/// `user:PASSWORD@tcp(db:3306)/app` (`@unix(`, `@udp(` too). The user
+/// starts after a quote, `=` or the like, and has no `//` (a URL's is
+/// rule 2's).
+fn redact_dsns(tok: &str) -> std::borrow::Cow<'_, str> {
+    const NETS: &[&str] = &["tcp(", "tcp4(", "tcp6(", "unix(", "udp("];
+    if !tok.contains("@tcp") && !tok.contains("@unix(") && !tok.contains("@udp(") {
+        return std::borrow::Cow::Borrowed(tok);
+    }
+    let mut out = String::with_capacity(tok.len());
+    let (mut copied, mut from) = (0, 0);
+    while let Some(k) = tok[from..].find('@') {
+        let at = from + k;
+        if NETS.iter().any(|n| tok[at + 1..].starts_with(n)) {
+            // Each stretch is looked at once: linear in the word.
+            let start = tok[from..at]
+                .rfind(|c: char| {
+                    c.is_whitespace() || matches!(c, '"' | '\'' | '=' | '`' | ',' | ';' | '{' | '[')
+                })
+                .map_or(from, |d| from + d + 1);
+            let info = &tok[start..at];
+            if let Some(colon) = info.find(':')
+                && !info.contains("//")
+                && colon + 1 < info.len()
+                && !info[colon + 1..].starts_with(REDACTED)
+            {
+                out.push_str(&tok[copied..start + colon + 1]);
+                out.push_str(REDACTED);
+                copied = at;
+            }
+        }
+        from = at + 1;
     }
     out.push_str(&tok[copied..]);
     std::borrow::Cow::Owned(out)
@@ -750,6 +833,11 @@ fn is_wrapper(c: char) -> bool {
     )
 }
 
+/// A shell operator that ends a command (`&&`, `||`, `;`, `|`).
+fn is_command_end(tok: &str) -> bool {
+    matches!(tok, "&&" | "||" | ";" | "|" | "&")
+}
+
 fn is_flag(tok: &str) -> bool {
     tok.len() > 1 && tok.starts_with('-') && !tok[1..].starts_with(|c: char| c.is_ascii_digit())
 }
@@ -765,8 +853,19 @@ enum Tool {
     Twine,
     /// `mysql -pPASSWORD` (attached only: `-p db` prompts).
     Mysql,
-    /// `redis-cli -a PASSWORD`.
-    RedisCli,
+    /// `mysqladmin -pPASSWORD`, and its `password NEW` command.
+    Mysqladmin { password: bool },
+    /// `redis-cli -a PASSWORD`, and its commands `AUTH [user] PASSWORD`
+    /// (every word after `AUTH`, to the command's end) and `CONFIG SET
+    /// requirepass PASSWORD`.
+    RedisCli { auth: bool, next: bool },
+    /// `htpasswd -b FILE USER PASSWORD`, `htpasswd -nb USER PASSWORD`:
+    /// positional words after the flags, counted.
+    Htpasswd {
+        batch: bool,
+        no_file: bool,
+        seen: u8,
+    },
     /// `curl -b COOKIES`, `curl -x user:PASSWORD@proxy`.
     Curl,
     /// `gh secret set NAME --body VALUE` (`-b`), once `secret` is seen.
@@ -792,9 +891,19 @@ impl Tool {
             | "regctl" | "az" | "cf" | "oc" => Tool::Login { armed: false },
             "sshpass" => Tool::Sshpass,
             "twine" => Tool::Twine,
-            "mysql" | "mysqldump" | "mysqladmin" | "mysqlimport" | "mysqlcheck" | "mariadb"
-            | "mariadb-dump" => Tool::Mysql,
-            "redis-cli" | "valkey-cli" => Tool::RedisCli,
+            "mysql" | "mysqldump" | "mysqlimport" | "mysqlcheck" | "mariadb" | "mariadb-dump" => {
+                Tool::Mysql
+            }
+            "mysqladmin" | "mariadb-admin" => Tool::Mysqladmin { password: false },
+            "redis-cli" | "valkey-cli" => Tool::RedisCli {
+                auth: false,
+                next: false,
+            },
+            "htpasswd" => Tool::Htpasswd {
+                batch: false,
+                no_file: false,
+                seen: 0,
+            },
             "curl" => Tool::Curl,
             "gh" => Tool::Gh { armed: false },
             "mongosh" | "mongo" | "mongodump" | "mongorestore" | "mongoexport" | "mongoimport" => {
@@ -810,14 +919,74 @@ impl Tool {
     /// After `tok`, an argument of this tool that is not a flag's value:
     /// `None` once the tool runs another program (`sshpass -p X ssh -p 22`).
     fn after(self, tok: &str) -> Option<Tool> {
+        if is_command_end(tok) || (tok.len() > 1 && tok.ends_with(';')) {
+            return None;
+        }
         Some(match (self, tok) {
             (Tool::Login { .. }, "login" | "auth") => Tool::Login { armed: true },
             (Tool::Gh { .. }, "secret") => Tool::Gh { armed: true },
             (Tool::Publish { .. }, "publish") => Tool::Publish { armed: true },
             (Tool::Nuget { .. }, "push") => Tool::Nuget { armed: true },
             (Tool::Sshpass, _) => return None,
+            (Tool::Mysqladmin { .. }, _) => Tool::Mysqladmin {
+                password: tok == "password",
+            },
+            (Tool::RedisCli { auth, .. }, _) => Tool::RedisCli {
+                auth: auth || tok.eq_ignore_ascii_case("auth"),
+                next: tok.eq_ignore_ascii_case("requirepass")
+                    || tok.eq_ignore_ascii_case("masterauth"),
+            },
+            // Numbers are `-C COST` and `-r ROUNDS` values.
+            (
+                Tool::Htpasswd {
+                    batch,
+                    no_file,
+                    seen,
+                },
+                _,
+            ) => Tool::Htpasswd {
+                batch,
+                no_file,
+                seen: seen.saturating_add(u8::from(!tok.bytes().all(|b| b.is_ascii_digit()))),
+            },
             (t, _) => t,
         })
+    }
+
+    /// After `flag`, a flag of this tool: `htpasswd`'s `-b` and `-n`
+    /// (in a cluster too: `-nbB`).
+    fn flag(self, flag: &str) -> Tool {
+        match self {
+            Tool::Htpasswd {
+                batch,
+                no_file,
+                seen,
+            } if !flag.starts_with("--")
+                && flag[1..].bytes().all(|b| b.is_ascii_alphanumeric()) =>
+            {
+                Tool::Htpasswd {
+                    batch: batch || flag.contains('b'),
+                    no_file: no_file || flag.contains('n'),
+                    seen,
+                }
+            }
+            t => t,
+        }
+    }
+
+    /// Whether the next word that is not a flag is a secret by its place
+    /// (`mysqladmin password X`, `redis-cli AUTH X`, `htpasswd -b f u X`).
+    fn positional_secret(self, tok: &str) -> bool {
+        match self {
+            Tool::Mysqladmin { password } => password,
+            Tool::RedisCli { auth, next } => (auth || next) && !is_command_end(tok),
+            Tool::Htpasswd {
+                batch: true,
+                no_file,
+                seen,
+            } => seen == if no_file { 1 } else { 2 } && !tok.bytes().all(|b| b.is_ascii_digit()),
+            _ => false,
+        }
     }
 
     /// The flags of this tool that take a secret: given alone (the next
@@ -826,8 +995,8 @@ impl Tool {
     fn secret_flags(self) -> (&'static [&'static str], &'static [&'static str]) {
         match self {
             Tool::Login { armed: true } | Tool::Sshpass | Tool::Twine => (&["-p"], &["-p"]),
-            Tool::Mysql => (&[], &["-p"]),
-            Tool::RedisCli => (&["-a"], &["-a"]),
+            Tool::Mysql | Tool::Mysqladmin { .. } => (&[], &["-p"]),
+            Tool::RedisCli { .. } => (&["-a"], &["-a"]),
             Tool::Curl => (&["-b"], &["-b"]),
             Tool::Gh { armed: true } => (&["-b", "--body"], &["-b"]),
             Tool::Mongo | Tool::Publish { armed: true } => (&["-p"], &[]),
@@ -836,7 +1005,8 @@ impl Tool {
             | Tool::Gh { armed: false }
             | Tool::Publish { armed: false }
             | Tool::Nuget { armed: false }
-            | Tool::Httpie => (&[], &[]),
+            | Tool::Httpie
+            | Tool::Htpasswd { .. } => (&[], &[]),
         }
     }
 
@@ -1076,6 +1246,12 @@ struct Redactor {
     /// A word so far was `secret` or `put-parameter` (`az keyvault secret
     /// set --value X`, `aws ssm put-parameter --value X`).
     secret_context: bool,
+    /// A flag so far reads a secret from standard input
+    /// (`--password-stdin`, `--with-token`): a here-string's word is one.
+    stdin_secret: bool,
+    /// A `.netrc` line (`machine h login u password X`): 2 after `login`,
+    /// 1 after its user; `password` then names the next word.
+    netrc: u8,
 }
 
 /// Where SQL's password clauses have got to: `ALTER USER ci WITH PASSWORD
@@ -1105,6 +1281,8 @@ impl Default for Redactor {
             sql: SqlWord::None,
             comment: false,
             secret_context: false,
+            stdin_secret: false,
+            netrc: 0,
             prose: false,
             prose_value: false,
         }
@@ -1112,6 +1290,14 @@ impl Default for Redactor {
 }
 
 impl Redactor {
+    /// Inside a value that runs on over words, to a quote or a bracket.
+    fn inside_value(&self) -> bool {
+        matches!(
+            self.pending,
+            Pending::UntilQuote(_) | Pending::UntilClose(_)
+        )
+    }
+
     /// Redacts one argument of an argument vector into `out` (see
     /// [`redact_args`]).
     fn argument(&mut self, arg: &str, out: &mut String) {
@@ -1125,7 +1311,7 @@ impl Redactor {
         self.header_next = matches!(arg, "-H" | "--header" | "--proxy-header");
         self.argument_words(arg, script, header, out);
         // A quoted value ends with its argument at the latest.
-        if matches!(self.pending, Pending::UntilQuote(_)) {
+        if self.inside_value() {
             self.pending = Pending::None;
         }
     }
@@ -1154,7 +1340,10 @@ impl Redactor {
                     self.pending = Pending::None;
                     return;
                 }
-                Pending::Quoted | Pending::UntilQuote(_) | Pending::None => {}
+                Pending::Quoted
+                | Pending::UntilQuote(_)
+                | Pending::UntilClose(_)
+                | Pending::None => {}
             }
         }
         // A header with a sensitive name (`-H "Authorization: Bearer X"`):
@@ -1219,7 +1408,7 @@ impl Redactor {
                 .find(|c: char| !c.is_whitespace())
                 .unwrap_or(rest.len());
             // Inside a quoted value, its spaces go with it.
-            if !matches!(self.pending, Pending::UntilQuote(_)) {
+            if !self.inside_value() {
                 out.push_str(&rest[..ws]);
             }
             if rest[..ws].contains('\n') {
@@ -1241,7 +1430,7 @@ impl Redactor {
     /// `curl -u "me:a b"`, `mysql -p'a b'` in a script).
     fn word(&mut self, tok: &str, out: &mut String) {
         let before = out.len();
-        let inside = matches!(self.pending, Pending::UntilQuote(_));
+        let inside = self.inside_value();
         if self.quote.is_none() && !inside && tok.starts_with('#') {
             self.comment = true;
         }
@@ -1281,6 +1470,27 @@ impl Redactor {
             if let Some(k) = closing_quote(&chars, 0, q) {
                 self.pending = Pending::None;
                 self.after_value(&tok[chars[k].0..], out);
+            }
+            return;
+        }
+        if let Pending::UntilClose(c) = self.pending {
+            if let Some(k) = tok.find(c) {
+                self.pending = Pending::None;
+                self.after_value(&tok[k..], out);
+            }
+            return;
+        }
+        // A here-string is no value itself (`--with-token <<< X`), and
+        // after `--password-stdin` or `--with-token` its word is one.
+        if let Some(rest) = tok.strip_prefix("<<<")
+            && (self.pending != Pending::None || self.stdin_secret)
+        {
+            out.push_str("<<<");
+            if self.pending == Pending::None {
+                self.pending = Pending::Value;
+            }
+            if !rest.is_empty() {
+                self.token(rest, out);
             }
             return;
         }
@@ -1424,12 +1634,21 @@ impl Redactor {
                 return;
             }
         }
-        if let Some(t) = Tool::named(tok) {
+        // `htpasswd -b /etc/nginx/htpasswd u X`: the file is no new tool.
+        if let Some(t) = Tool::named(tok)
+            && !matches!(self.tool, Some(Tool::Htpasswd { .. }))
+        {
             self.tool = Some(t);
         } else if let Some(t) = self.tool
             && !is_flag(tok)
         {
             self.tool = t.after(tok);
+            if t.positional_secret(tok) {
+                out.push_str(&redact_whole(tok).unwrap_or_else(|| REDACTED.to_string()));
+                return;
+            }
+        } else if let Some(t) = self.tool {
+            self.tool = Some(t.flag(tok));
         }
         if let Some(p) = self.tool.and_then(|t| t.takes_secret(tok)) {
             out.push_str(tok);
@@ -1441,6 +1660,9 @@ impl Redactor {
             out.push_str(&tok[..n]);
             out.push_str(&redact_whole(&tok[n..]).unwrap_or_else(|| REDACTED.to_string()));
             return;
+        }
+        if tok == "--with-token" || (tok.starts_with("--") && tok.ends_with("-stdin")) {
+            self.stdin_secret = true;
         }
         if self.secret_context && tok == "--value" {
             out.push_str(tok);
@@ -1535,6 +1757,17 @@ impl Redactor {
         if matches!(tok, "secret" | "secrets" | "put-parameter") {
             self.secret_context = true;
         }
+        self.netrc = match (self.netrc, bare) {
+            (_, "login") => 2,
+            (2, _) => 1,
+            (1, "password" | "passwd") => {
+                if matches!(self.pending, Pending::None | Pending::Quoted) {
+                    self.pending = Pending::Value;
+                }
+                0
+            }
+            _ => 0,
+        };
     }
 
     /// SQL's password clauses (see [`SqlWord`]), after `word`.
@@ -2492,6 +2725,163 @@ mod tests {
                 assert!(out.contains(k), "`{k}` lost in `{out}` (from {args:?})");
             }
         }
+    }
+
+    #[test]
+    fn secrets_by_their_place_here_strings_dsns_and_tuples() {
+        let pw = "Zq9hunter2x";
+        assert_args_redacted(&[
+            // htpasswd's password is its last positional word in batch
+            // mode, and its file may be called htpasswd.
+            (
+                &["htpasswd", "-b", "/etc/nginx/htpasswd", "ci", pw],
+                &[pw],
+                &["/etc/nginx/htpasswd ci "],
+            ),
+            (&["htpasswd", "-nbB", "ci", pw], &[pw], &["-nbB ci "]),
+            (
+                &["htpasswd", "-bc", "-C", "12", "f", "ci", pw],
+                &[pw],
+                &["-C 12 f ci "],
+            ),
+            // Without -b, htpasswd prompts: nothing to redact.
+            (&["htpasswd", "-c", "f", "ci"], &[], &["htpasswd -c f ci"]),
+            (
+                &[
+                    "sh",
+                    "-c",
+                    "htpasswd -nb ci Zq9hunter2x; htpasswd -b f ci Zq9other22",
+                ],
+                &[pw, "Zq9other22"],
+                &["-nb ci ", "; htpasswd -b f ci "],
+            ),
+            // A here-string after a flag that reads stdin.
+            (
+                &[
+                    "bash",
+                    "-c",
+                    "gh auth login --with-token <<< ghx_Zq9hunter2x",
+                ],
+                &[pw],
+                &["--with-token <<< "],
+            ),
+            (
+                &[
+                    "bash",
+                    "-c",
+                    "docker login -u me --password-stdin <<<'Zq9hunter2x' reg.io",
+                ],
+                &[pw],
+                &["<<<'", "' reg.io"],
+            ),
+            (
+                &["bash", "-c", "grep -c x <<< \"$LOG\""],
+                &[],
+                &["grep -c x <<< \"$LOG\""],
+            ),
+            // A .netrc line, and mysqladmin's password command.
+            (
+                &[
+                    "bash",
+                    "-c",
+                    "echo 'machine github.com login ci password Zq9hunter2x' > ~/.netrc",
+                ],
+                &[pw],
+                &["machine github.com login ci password ", "' > ~/.netrc"],
+            ),
+            (
+                &["mysqladmin", "-u", "root", "password", pw],
+                &[pw],
+                &["-u root password "],
+            ),
+            (
+                &["mysqladmin", "-pZq9hunter2x", "status"],
+                &[pw],
+                &["status"],
+            ),
+            // redis-cli's AUTH, to the command's end, and CONFIG SET.
+            (
+                &["redis-cli", "AUTH", "default", pw],
+                &["default", pw],
+                &["redis-cli AUTH "],
+            ),
+            (
+                &["sh", "-c", "redis-cli auth Zq9hunter2x && redis-cli ping"],
+                &[pw],
+                &[" && redis-cli ping"],
+            ),
+            (
+                &["redis-cli", "CONFIG", "SET", "requirepass", pw],
+                &[pw],
+                &["CONFIG SET requirepass "],
+            ),
+            (&["redis-cli", "GET", "user:42"], &[], &["GET user:42"]),
+            // SQL's PASSWORD('X').
+            (
+                &["mysql", "-e", "SET PASSWORD = PASSWORD('Zq9hunter2x')"],
+                &[pw],
+                &["SET PASSWORD = PASSWORD('"],
+            ),
+            // A tuple or list value, in one word or several.
+            (
+                &[
+                    "python",
+                    "-c",
+                    "requests.get(u, auth=('ci', 'Zq9hunter2x'))",
+                ],
+                &[pw],
+                &["requests.get(u, auth=(", "))"],
+            ),
+            (
+                &[
+                    "python",
+                    "-c",
+                    "requests.get(u,auth=('ci','correcthorse'),timeout=5)",
+                ],
+                &["correcthorse"],
+                &["get(u,auth=(", "),timeout=5)"],
+            ),
+            (
+                &["bash", "-c", "API_TOKEN=(Zq9hunter2x b) && run"],
+                &[pw],
+                &[") && run"],
+            ),
+            // Go's MySQL DSNs have no scheme.
+            (
+                &[
+                    "app",
+                    "--dsn",
+                    "ci:Zq9hunter2x@tcp(db:3306)/app?parseTime=true",
+                ],
+                &[pw],
+                &["ci:", "@tcp(db:3306)/app?parseTime=true"],
+            ),
+            (
+                &[
+                    "bash",
+                    "-c",
+                    "DSN='ci:Zq9hunter2x@unix(/run/mysqld.sock)/app' go test ./...",
+                ],
+                &[pw],
+                &["DSN='ci:", "@unix(/run/mysqld.sock)/app' go test ./..."],
+            ),
+            (
+                &[
+                    "migrate",
+                    "-database",
+                    "mysql://ci:Zq9hunter2x@tcp(db:3306)/app",
+                ],
+                &[pw],
+                &["mysql://ci:", "@tcp(db:3306)/app"],
+            ),
+            (&["ssh", "git@tcp(x)"], &[], &["git@tcp(x)"]),
+            // SonarQube's login is a token whatever its shape.
+            (
+                &["sonar-scanner", "-Dsonar.login=Zq9hunter2x"],
+                &[pw],
+                &["-Dsonar.login="],
+            ),
+        ]);
     }
 
     #[test]
