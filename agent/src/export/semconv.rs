@@ -145,7 +145,7 @@ pub fn provider_name<'a>(provider: &'a str, host: &str) -> Cow<'a, str> {
         "api.mistral.ai" => Some("mistral_ai"),
         "api.groq.com" => Some("groq"),
         "api.deepseek.com" => Some("deepseek"),
-        "api.x.ai" => Some("x_ai"),
+        "api.x.ai" | "us.api.x.ai" => Some("x_ai"),
         "api.perplexity.ai" => Some("perplexity"),
         "api.moonshot.ai" => Some("moonshot_ai"),
         "generativelanguage.googleapis.com" => Some("gcp.gemini"),

@@ -476,6 +476,7 @@ fn providers_map_to_the_registry_values() {
         ("openai", "api.groq.com", "groq"),
         ("openai", "api.deepseek.com", "deepseek"),
         ("openai", "API.X.AI.", "x_ai"),
+        ("openai", "us.api.x.ai", "x_ai"),
         ("openai", "openrouter.ai", "openai"),
         ("openai", "llm-gateway.internal", "openai"),
         ("cohere", "api.cohere.com", "cohere"),
