@@ -962,6 +962,12 @@ impl UsageParser for SseParser {
     fn usage_seen(&self) -> bool {
         self.found.seen()
     }
+
+    /// A candidate's `finishReason` (or a blocked prompt): what follows
+    /// costs the provider nothing more.
+    fn generation_over(&self) -> bool {
+        self.found.finished
+    }
 }
 
 /// A plain JSON body: one object, or (streamGenerateContent without
@@ -985,6 +991,12 @@ impl UsageParser for JsonParser {
 
     fn usage_seen(&self) -> bool {
         self.found.seen()
+    }
+
+    /// A candidate's `finishReason` (or a blocked prompt): what follows
+    /// costs the provider nothing more.
+    fn generation_over(&self) -> bool {
+        self.found.finished
     }
 }
 
@@ -1148,6 +1160,41 @@ impl ArraySplitter {
 
 #[cfg(test)]
 mod tests {
+    /// A candidate's `finishReason` ends the generation: a client that
+    /// leaves then has had its whole answer (not a cut stream).
+    #[test]
+    fn the_generation_is_over_at_a_finish_reason() {
+        let info = RequestInfo {
+            operation: "generate_content",
+            metered: true,
+            streaming: true,
+            ..Default::default()
+        };
+        let mut h = http::HeaderMap::new();
+        h.insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("text/event-stream"),
+        );
+        let first = b"data: {\"candidates\":[{\"content\":{\"parts\":[{\"text\":\"Hel\"}],\"role\":\"model\"}}],\"modelVersion\":\"gemini-2.5-flash\"}\n\n";
+        let last = b"data: {\"candidates\":[{\"content\":{\"parts\":[{\"text\":\"lo\"}],\"role\":\"model\"},\"finishReason\":\"STOP\"}],\"usageMetadata\":{\"promptTokenCount\":3,\"candidatesTokenCount\":2,\"totalTokenCount\":5}}\n\n";
+        let mut p = Gemini.response_parser(&info, 200, &h);
+        p.feed(first);
+        assert!(!p.generation_over());
+        p.feed(last);
+        assert!(p.generation_over());
+        h.insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json"),
+        );
+        let mut p = Gemini.response_parser(&info, 200, &h);
+        p.feed(b"[");
+        p.feed(&first[6..first.len() - 2]);
+        assert!(!p.generation_over());
+        p.feed(b",");
+        p.feed(&last[6..last.len() - 2]);
+        assert!(p.generation_over());
+    }
+
     #[test]
     fn batch_results_inlined_or_in_a_responses_file_are_read_per_model() {
         use crate::providers::testing::{parse_split, request};

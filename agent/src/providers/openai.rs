@@ -671,10 +671,18 @@ impl UsageParser for JsonParser {
         let mut text = String::new();
         if let Some(choices) = v.get("choices").and_then(Value::as_array) {
             for c in choices {
-                for p in ["/message/content", "/message/reasoning_content", "/text"] {
+                for p in [
+                    "/message/content",
+                    "/message/reasoning_content",
+                    "/message/refusal",
+                    "/text",
+                ] {
                     if let Some(t) = c.pointer(p).and_then(Value::as_str) {
                         super::push_text(&mut text, t);
                     }
+                }
+                if let Some(m) = c.get("message") {
+                    push_calls(&mut text, m);
                 }
             }
         }
@@ -688,6 +696,14 @@ impl UsageParser for JsonParser {
                 {
                     if let Some(t) = part.get("text").and_then(Value::as_str) {
                         super::push_text(&mut text, t);
+                    }
+                }
+                // A `function_call` item's name and arguments.
+                if item.get("type").and_then(Value::as_str) == Some("function_call") {
+                    for k in ["name", "arguments"] {
+                        if let Some(t) = item.get(k).and_then(Value::as_str) {
+                            super::push_text(&mut text, t);
+                        }
                     }
                 }
             }
@@ -837,6 +853,55 @@ struct StreamDelta<'a> {
     reasoning_content: Option<std::borrow::Cow<'a, str>>,
     #[serde(default, borrow)]
     refusal: Option<std::borrow::Cow<'a, str>>,
+    /// A tool call's name and arguments, streamed in pieces: output the
+    /// provider charges for like text (an agent loop's usual turn).
+    #[serde(default, borrow)]
+    tool_calls: Option<Vec<StreamToolCall<'a>>>,
+    /// The legacy `function_call`.
+    #[serde(default, borrow)]
+    function_call: Option<StreamFunction<'a>>,
+}
+
+#[derive(serde::Deserialize)]
+struct StreamToolCall<'a> {
+    #[serde(default, borrow)]
+    function: Option<StreamFunction<'a>>,
+}
+
+#[derive(serde::Deserialize)]
+struct StreamFunction<'a> {
+    #[serde(default, borrow)]
+    name: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default, borrow)]
+    arguments: Option<std::borrow::Cow<'a, str>>,
+}
+
+impl StreamFunction<'_> {
+    fn texts(&self) -> impl Iterator<Item = &str> {
+        [&self.name, &self.arguments]
+            .into_iter()
+            .flatten()
+            .map(|t| t.as_ref())
+    }
+}
+
+/// A tool call's (or legacy function call's) name and arguments in a
+/// chat message or delta that was not read as typed: text to estimate.
+fn push_calls(text: &mut String, message: &Value) {
+    let calls = message
+        .get("tool_calls")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c.get("function"))
+        .chain(message.get("function_call"));
+    for f in calls {
+        for k in ["name", "arguments"] {
+            if let Some(t) = f.get(k).and_then(Value::as_str) {
+                super::push_text(text, t);
+            }
+        }
+    }
 }
 
 impl StreamParser {
@@ -880,6 +945,16 @@ impl StreamParser {
                         .flatten()
                     {
                         super::push_text(&mut found.output_text, t);
+                    }
+                    let calls = d
+                        .tool_calls
+                        .iter()
+                        .flatten()
+                        .filter_map(|c| c.function.as_ref());
+                    for f in calls.chain(d.function_call.as_ref()) {
+                        for t in f.texts() {
+                            super::push_text(&mut found.output_text, t);
+                        }
                     }
                 }
                 if let Some(t) = &c.text {
@@ -950,6 +1025,9 @@ impl StreamParser {
                     if let Some(t) = c.pointer(&format!("/delta/{k}")).and_then(Value::as_str) {
                         super::push_text(&mut found.output_text, t);
                     }
+                }
+                if let Some(d) = c.get("delta") {
+                    push_calls(&mut found.output_text, d);
                 }
                 if let Some(t) = c.get("text").and_then(Value::as_str) {
                     super::push_text(&mut found.output_text, t);
@@ -1031,6 +1109,50 @@ mod tests {
             ..Default::default()
         };
         crate::providers::testing::parse_split(&OpenAi, &info, ct, body, splits)
+    }
+
+    /// A tool call's name and arguments are output to estimate when no
+    /// usage comes (Azure's older api-versions, a stream cut short), in a
+    /// stream's deltas (typed, and as read untyped), the legacy
+    /// `function_call`, a whole chat message and a Responses API item.
+    #[test]
+    fn tool_calls_are_output_text() {
+        let args = r#"{\"cmd\":\"cargo test\"}"#;
+        let sse = format!(
+            "data: {{\"choices\":[{{\"index\":0,\"delta\":{{\"role\":\"assistant\",\"tool_calls\":[{{\"index\":0,\"id\":\"call_1\",\"type\":\"function\",\"function\":{{\"name\":\"run_shell\",\"arguments\":\"\"}}}}]}},\"finish_reason\":null}}]}}\n\n\
+             data: {{\"choices\":[{{\"index\":0,\"delta\":{{\"tool_calls\":[{{\"index\":0,\"function\":{{\"arguments\":\"{args}\"}}}}]}},\"finish_reason\":null}}]}}\n\n\
+             data: {{\"choices\":[{{\"index\":0,\"delta\":{{}},\"finish_reason\":\"tool_calls\"}}]}}\n\ndata: [DONE]\n\n"
+        );
+        let want = r#"run_shell{"cmd":"cargo test"}"#;
+        for at in [0, 40, 200, sse.len() - 3] {
+            let p = parse("text/event-stream", sse.as_bytes(), &[at]);
+            assert_eq!(p.output_text, want, "split at {at}");
+            assert!(p.usage.is_none());
+        }
+        // A chunk the typed reading refuses (a number where text goes) is
+        // read untyped, its calls too; and the legacy `function_call`.
+        let odd = format!(
+            "data: {{\"choices\":[{{\"text\":5,\"delta\":{{\"tool_calls\":[{{\"function\":{{\"name\":\"run_shell\",\"arguments\":\"{args}\"}}}}]}}}}]}}\n\n\
+             data: {{\"choices\":[{{\"delta\":{{\"function_call\":{{\"name\":\"f\",\"arguments\":\"{{}}\"}}}}}}]}}\n\n"
+        );
+        let p = parse("text/event-stream", odd.as_bytes(), &[]);
+        assert_eq!(p.output_text, format!("{want}f{{}}"));
+        // A whole answer without usage.
+        let json = br#"{"choices":[{"message":{"role":"assistant","content":null,"tool_calls":[{"id":"c","type":"function","function":{"name":"run_shell","arguments":"{\"cmd\":\"ls\"}"}}]}}]}"#;
+        assert_eq!(
+            parse("application/json", json, &[]).output_text,
+            r#"run_shell{"cmd":"ls"}"#
+        );
+        let refused = br#"{"choices":[{"message":{"role":"assistant","content":null,"refusal":"I can't help with that."}}]}"#;
+        assert_eq!(
+            parse("application/json", refused, &[]).output_text,
+            "I can't help with that."
+        );
+        let responses = br#"{"object":"response","output":[{"type":"function_call","name":"run_shell","arguments":"{\"cmd\":\"ls\"}"},{"type":"message","content":[{"type":"output_text","text":"done"}]}]}"#;
+        assert_eq!(
+            parse("application/json", responses, &[]).output_text,
+            r#"run_shell{"cmd":"ls"}done"#
+        );
     }
 
     #[test]

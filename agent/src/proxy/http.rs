@@ -2370,6 +2370,44 @@ mod tests {
         keep.0.lock().unwrap().pop().expect("a record")
     }
 
+    /// An agent loop's usual turn is a tool call: streamed without usage
+    /// (an Azure api-version before 2024-09-01 gets no `include_usage`),
+    /// its arguments are the output estimated; ended by the provider's
+    /// error after them, it is no refusal before any output, so the input
+    /// the provider read is estimated too.
+    #[test]
+    fn a_tool_call_stream_without_usage_has_its_output_estimated() {
+        use crate::config::ApiKind;
+        let body = br#"{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"Run the failing test file and read its log."}]}"#;
+        let call = "data: {\"model\":\"gpt-4o-2024-08-06\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"tool_calls\":[{\"index\":0,\"id\":\"call_1\",\"type\":\"function\",\"function\":{\"name\":\"run_shell\",\"arguments\":\"{\\\"cmd\\\":\\\"cargo test --workspace 2>&1 | tail -n 200\\\"}\"}}]},\"finish_reason\":null}]}\n\n";
+        let end = "data: {\"model\":\"gpt-4o-2024-08-06\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"tool_calls\"}]}\n\ndata: [DONE]\n\n";
+        let r = answered(
+            "myres.openai.azure.com",
+            ApiKind::AzureOpenai,
+            "/openai/deployments/gpt-4o/chat/completions",
+            body,
+            "text/event-stream",
+            format!("{call}{end}").as_bytes(),
+        );
+        assert!(r.estimated, "{r:?}");
+        assert!(r.usage.output_tokens >= 10, "{:?}", r.usage);
+        assert_eq!(r.error, None);
+
+        let failed = "data: {\"error\":{\"message\":\"The server had an error while processing your request.\",\"type\":\"server_error\",\"param\":null,\"code\":null}}\n\n";
+        let r = answered(
+            "api.openai.com",
+            ApiKind::Openai,
+            "/v1/chat/completions",
+            body,
+            "text/event-stream",
+            format!("{call}{failed}").as_bytes(),
+        );
+        assert_eq!(r.error.as_deref(), Some("server_error"));
+        assert!(r.estimated, "{r:?}");
+        assert!(r.usage.input_tokens > 5, "{:?}", r.usage);
+        assert!(r.usage.output_tokens >= 10, "{:?}", r.usage);
+    }
+
     #[test]
     fn another_apis_format_on_a_providers_host_is_read_as_that_apis() {
         use crate::config::ApiKind;
