@@ -879,6 +879,15 @@ impl Found {
                 if let Some(t) = p.get("text").and_then(Value::as_str) {
                     super::push_text(&mut self.text, t);
                 }
+                // A function call's name and arguments are output too.
+                if let Some(f) = p.get("functionCall") {
+                    if let Some(n) = f.get("name").and_then(Value::as_str) {
+                        super::push_text(&mut self.text, n);
+                    }
+                    if let Some(a) = f.get("args").filter(|a| !a.is_null()) {
+                        super::push_text(&mut self.text, &a.to_string());
+                    }
+                }
             }
         }
     }
@@ -1180,6 +1189,10 @@ mod tests {
         let mut p = Gemini.response_parser(&info, 200, &h);
         p.feed(first);
         assert!(!p.generation_over());
+        // (A function call's name and arguments are output text.)
+        let mut c = Gemini.response_parser(&info, 200, &h);
+        c.feed(b"data: {\"candidates\":[{\"content\":{\"parts\":[{\"functionCall\":{\"name\":\"run_shell\",\"args\":{\"cmd\":\"ls\"}}}],\"role\":\"model\"}}]}\n\n");
+        assert_eq!(c.finish().output_text, r#"run_shell{"cmd":"ls"}"#);
         p.feed(last);
         assert!(p.generation_over());
         h.insert(
