@@ -32,6 +32,7 @@ const KNOWN: &[&str] = &[
     "BUILDKITE_AGENT_NAME",
     "TF_BUILD",
     "BUILD_REPOSITORY_NAME",
+    "BUILD_REPOSITORY_URI",
     "BUILD_DEFINITIONNAME",
     "SYSTEM_JOBDISPLAYNAME",
     "AGENT_JOBNAME",
@@ -84,10 +85,11 @@ impl CiVars {
         }
     }
 
+    /// The first of a name given twice (a raw `execve` can), as getenv(3)
+    /// and the job's own tools read it.
     fn get(&self, name: &str) -> Option<String> {
         self.vars
             .iter()
-            .rev()
             .find(|(k, _)| *k == name)
             .map(|(_, v)| v.clone())
     }
@@ -177,9 +179,14 @@ impl CiVars {
         if system == System::Azure {
             return Some(CiJob {
                 system: "azure-pipelines",
-                // `owner/name` for GitHub repositories, the repository name
-                // for Azure Repos.
-                repository: self.get("BUILD_REPOSITORY_NAME"),
+                // `owner/name` for GitHub repositories; for Azure Repos,
+                // whose name is the repository's alone, `org/project/name`
+                // from its URL.
+                repository: self
+                    .get("BUILD_REPOSITORY_NAME")
+                    .filter(|n| n.contains('/'))
+                    .or_else(|| self.get("BUILD_REPOSITORY_URI").and_then(|u| repo_path(&u)))
+                    .or_else(|| self.get("BUILD_REPOSITORY_NAME")),
                 workflow: self.get("BUILD_DEFINITIONNAME"),
                 job: self
                     .get("SYSTEM_JOBDISPLAYNAME")
@@ -263,15 +270,44 @@ fn short_ref(r: &str) -> String {
 
 /// `owner/name` from a git remote (`https://user:token@host/owner/name.git`,
 /// `git@host:owner/name.git`); credentials never survive, in the user part
-/// or in a query string (`...name.git?access_token=...`).
+/// or in a query string (`...name.git?access_token=...`). The forges whose
+/// URLs put more than the repository's path there give the same name over
+/// HTTP and SSH: Bitbucket Server's `/scm/PROJ/name.git` is `PROJ/name`,
+/// Azure Repos' `dev.azure.com/org/project/_git/name`,
+/// `ssh.dev.azure.com:v3/org/project/name` and
+/// `org.visualstudio.com/[DefaultCollection/]project/_git/name` are
+/// `org/project/name`.
 fn repo_path(url: &str) -> Option<String> {
     let url = url.split(['?', '#']).next().unwrap_or_default();
-    let rest = match url.split_once("://") {
-        Some((_, r)) => r.split_once('/')?.1,
-        None => url.split_once(':')?.1,
+    let (authority, rest) = match url.split_once("://") {
+        Some((_, r)) => r.split_once('/')?,
+        None => url.split_once(':')?,
     };
-    let p = rest.trim_matches('/').trim_end_matches(".git");
-    (!p.is_empty() && !p.contains('@')).then(|| p.to_string())
+    let host = authority.rsplit('@').next().unwrap_or_default();
+    let host = host
+        .split(':')
+        .next()
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    let mut p = rest.trim_matches('/').trim_end_matches(".git").to_string();
+    if p.contains('@') {
+        return None;
+    }
+    let azure_ssh = host == "ssh.dev.azure.com" || host == "vs-ssh.visualstudio.com";
+    if azure_ssh && let Some(r) = p.strip_prefix("v3/") {
+        p = r.to_string();
+    } else if host == "dev.azure.com" || host.ends_with(".visualstudio.com") {
+        p = p.replacen("/_git/", "/", 1);
+        if let Some(org) = host.strip_suffix(".visualstudio.com") {
+            let r = p.strip_prefix("DefaultCollection/").unwrap_or(&p);
+            p = format!("{org}/{r}");
+        }
+    } else if let Some(r) = p.strip_prefix("scm/")
+        && r.contains('/')
+    {
+        p = r.to_string();
+    }
+    (!p.is_empty()).then_some(p)
 }
 
 /// A CI job, as recorded in `Attribution`.
@@ -432,5 +468,72 @@ mod tests {
         ] {
             assert_eq!(repo_path(url).as_deref(), Some("acme/lib"), "{url}");
         }
+    }
+
+    /// Forges whose remotes hold more than the repository's path name it
+    /// the same way over HTTP and SSH.
+    #[test]
+    fn repositories_from_self_hosted_and_azure_remotes() {
+        for (url, want) in [
+            ("https://bitbucket.acme.com/scm/proj/app.git", "proj/app"),
+            ("ssh://git@bitbucket.acme.com:7999/proj/app.git", "proj/app"),
+            ("https://dev.azure.com/acme/proj/_git/app", "acme/proj/app"),
+            (
+                "https://acme@dev.azure.com/acme/proj/_git/app",
+                "acme/proj/app",
+            ),
+            ("git@ssh.dev.azure.com:v3/acme/proj/app", "acme/proj/app"),
+            (
+                "https://acme.visualstudio.com/DefaultCollection/proj/_git/app",
+                "acme/proj/app",
+            ),
+            (
+                "https://acme.visualstudio.com/proj/_git/app",
+                "acme/proj/app",
+            ),
+            (
+                "acme@vs-ssh.visualstudio.com:v3/acme/proj/app",
+                "acme/proj/app",
+            ),
+            // A repository that is itself called `scm` keeps its name.
+            ("https://github.com/scm/tools.git", "scm/tools"),
+            ("https://git.example.com/scm.git", "scm"),
+        ] {
+            assert_eq!(repo_path(url).as_deref(), Some(want), "{url}");
+        }
+        // Azure Pipelines on Azure Repos: BUILD_REPOSITORY_NAME is the
+        // name alone; on GitHub it is owner/name.
+        let azure = |name: &str, uri: &str| {
+            vars(&[
+                ("TF_BUILD", "True"),
+                ("BUILD_REPOSITORY_NAME", name),
+                ("BUILD_REPOSITORY_URI", uri),
+            ])
+            .identify()
+            .expect("azure")
+            .repository
+        };
+        assert_eq!(
+            azure("app", "https://acme@dev.azure.com/acme/proj/_git/app").as_deref(),
+            Some("acme/proj/app")
+        );
+        assert_eq!(
+            azure("acme/app", "https://github.com/acme/app").as_deref(),
+            Some("acme/app")
+        );
+    }
+
+    /// A name given twice in one environment (a raw `execve`): the first,
+    /// as getenv(3) and the job's own tools read it.
+    #[test]
+    fn a_variable_given_twice_is_read_as_getenv_reads_it() {
+        let j = vars(&[
+            ("GITHUB_ACTIONS", "true"),
+            ("GITHUB_REPOSITORY", "acme/app"),
+            ("GITHUB_REPOSITORY", "other/decoy"),
+        ])
+        .identify()
+        .expect("github");
+        assert_eq!(j.repository.as_deref(), Some("acme/app"));
     }
 }

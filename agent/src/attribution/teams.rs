@@ -2,8 +2,10 @@
 //!
 //! A pattern is matched against the whole repository (`owner/name`, or a
 //! GitLab `group/sub/project`), ignoring ASCII case: `*` matches any run of
-//! characters without `/`, `**` matches anything (including `/`), every
-//! other character matches itself.
+//! characters without `/`, `**` matches anything (including `/`), and as
+//! a whole segment no segment too (`acme/**/ml-*` matches `acme/ml-eval`,
+//! `**/ml-*` matches `ml-eval`, as in gitignore); every other character
+//! matches itself.
 
 use serde::Deserialize;
 
@@ -75,6 +77,9 @@ enum Tok {
     Star,
     /// `**`: any bytes.
     Globstar,
+    /// `**/` at the start, `/**/` inside: any run of whole segments, none
+    /// too (nothing at the start, one `/` inside).
+    Segments,
 }
 
 /// `pattern` against all of `text`, ASCII case-insensitively. Works on
@@ -84,6 +89,18 @@ pub fn glob_match(pattern: &str, text: &str) -> bool {
     let pb = pattern.as_bytes();
     let mut i = 0;
     while i < pb.len() {
+        let at_start = i == 0 && pb.starts_with(b"**/");
+        if at_start || pb[i..].starts_with(b"/**/") {
+            // `**/x` matches `x`; `a/**/x` matches `a/x`: what is left to
+            // match starts after a `/` (or at the start), as it would with
+            // no segment between.
+            if !at_start {
+                toks.push(Tok::Byte(b'/'));
+            }
+            toks.push(Tok::Segments);
+            i += if at_start { 3 } else { 4 };
+            continue;
+        }
         if pb[i] == b'*' {
             if pb.get(i + 1) == Some(&b'*') {
                 toks.push(Tok::Globstar);
@@ -107,6 +124,14 @@ pub fn glob_match(pattern: &str, text: &str) -> bool {
             Tok::Byte(b) => {
                 for j in 0..t.len() {
                     next[j + 1] = m[j] && t[j] == b;
+                }
+            }
+            Tok::Segments => {
+                // Nothing, or any run that ends with `/`.
+                let mut started = false;
+                for j in 0..=t.len() {
+                    next[j] = m[j] || (started && j > 0 && t[j - 1] == b'/');
+                    started |= m[j];
                 }
             }
             Tok::Star | Tok::Globstar => {
@@ -145,6 +170,12 @@ mod tests {
             ("acme/**", "acme/sub/group/proj"),
             ("**", "anything/at/all"),
             ("**/docs", "a/b/docs"),
+            // A whole-segment `**` matches no segment too.
+            ("**/docs", "docs"),
+            ("acme/**/ml-*", "acme/ml-eval"),
+            ("acme/**/ml-*", "acme/sub/ml-eval"),
+            ("acme/**/x", "acme/a/b/x"),
+            ("ACME/**/X", "acme/x"),
             ("a*b*c", "axxbyyc"),
             ("grüppe/*", "grüppe/x"),
         ];
@@ -158,6 +189,11 @@ mod tests {
             ("acme/**", "acme"),
             ("*/infra", "a/b/infra"),
             ("acme/web-*", "acme/api"),
+            ("acme/**/ml-*", "acme/sub/other"),
+            ("acme/**/x", "acmex"),
+            ("acme/**/x", "acme/bx"),
+            ("acme/**/x", "acme//x/y"),
+            ("**/docs", "mydocs"),
             ("", "x"),
         ];
         for (p, t) in no {
