@@ -156,8 +156,9 @@ pub struct ProxyConfig {
     /// estimated.
     pub max_buffered_response_bytes: usize,
     /// A request body that pauses this long mid-way (a stalled or slow
-    /// client) stops being held: it is forwarded as it arrives, unparsed,
-    /// so it does not keep its share of `max_buffered_request_bytes`.
+    /// client), or is not whole within 3 times this long (trickled in),
+    /// stops being held: it is forwarded as it arrives, unparsed, so it
+    /// does not keep its share of `max_buffered_request_bytes`.
     pub request_body_stall_secs: u64,
     /// Threads that run connections; 0 = one per CPU. One keeps the
     /// agent's share of a small runner bounded and costs the least CPU per

@@ -1,11 +1,14 @@
-//! An I/O stream that says when its first bytes have been read: how the
-//! proxy closes a client that finishes its TLS handshake and then sends
-//! nothing. hyper's HTTP/1 header timer starts only once it knows the
-//! connection is HTTP/1, which takes the first bytes; an HTTP/2 client
-//! sends its preface at once, so a connection kept open and idle after
-//! that (a pre-warmed pool) is not affected.
+//! An I/O stream that says when the bytes that tell HTTP/1 from HTTP/2
+//! have been read: how the proxy closes a client that finishes its TLS
+//! handshake and then sends nothing, or only part of HTTP/2's preface.
+//! hyper's HTTP/1 header timer starts only once it knows the connection is
+//! HTTP/1, and its HTTP/2 pings once it has the whole preface; until then
+//! nothing of hyper's times the connection out. An HTTP/2 client sends its
+//! preface at once, so a connection kept open and idle after that (a
+//! pre-warmed pool) is not affected.
 //!
-//! It never delays, buffers or inspects what it reads.
+//! It never delays or buffers what it reads; it compares the first bytes
+//! with the preface, nothing more.
 
 use std::io;
 use std::pin::Pin;
@@ -16,15 +19,22 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio::sync::Notify;
 
+/// What an HTTP/2 client sends first.
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
 pub struct FirstBytes<T> {
     inner: T,
-    /// Told once, at the first read that gave bytes.
+    /// Told once, when the bytes read tell the protocol: a byte that
+    /// differs from the preface (HTTP/1), or the whole preface.
     seen: Option<Arc<Notify>>,
+    /// Bytes of the preface read so far.
+    matched: usize,
 }
 
 impl<T> FirstBytes<T> {
     /// The stream, and a future that ends when `within` has gone by
-    /// before the stream's first bytes were read (and never otherwise).
+    /// before the bytes that tell the protocol were read (and never
+    /// otherwise).
     pub fn new(
         inner: T,
         within: Duration,
@@ -43,6 +53,7 @@ impl<T> FirstBytes<T> {
             FirstBytes {
                 inner,
                 seen: Some(seen),
+                matched: 0,
             },
             silent,
         )
@@ -57,10 +68,22 @@ impl<T: AsyncRead + Unpin> AsyncRead for FirstBytes<T> {
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if buf.filled().len() > before
-            && let Some(seen) = self.seen.take()
-        {
-            seen.notify_one();
+        if self.seen.is_some() {
+            let mut told = false;
+            for &b in &buf.filled()[before..] {
+                if b != PREFACE[self.matched] {
+                    told = true;
+                    break;
+                }
+                self.matched += 1;
+                if self.matched == PREFACE.len() {
+                    told = true;
+                    break;
+                }
+            }
+            if told && let Some(seen) = self.seen.take() {
+                seen.notify_one();
+            }
         }
         polled
     }
@@ -93,6 +116,48 @@ mod tests {
                 .await
                 .is_err(),
             "bytes were read: the wait never ends"
+        );
+    }
+
+    /// Part of HTTP/2's preface tells nothing yet: hyper waits for the
+    /// rest with no timer of its own, so the wait goes on. The whole
+    /// preface, or a byte that differs from it, ends it.
+    #[tokio::test]
+    async fn only_the_bytes_that_tell_the_protocol_cancel_the_wait() {
+        // (A wait that ends does so after 200 ms; one that never ends is
+        // given 500 ms to show it.)
+        let read = |sent: &'static [u8], wait: u64| async move {
+            let (a, mut b) = tokio::io::duplex(64);
+            let (mut stream, silent) = FirstBytes::new(a, Duration::from_millis(200));
+            b.write_all(sent).await.unwrap();
+            let mut got = vec![0u8; sent.len()];
+            stream.read_exact(&mut got).await.unwrap();
+            let ended = tokio::time::timeout(Duration::from_millis(wait), silent)
+                .await
+                .is_ok();
+            (ended, stream, b)
+        };
+        for partial in [&b"P"[..], b"PRI * HTTP/2.0\r\n", &PREFACE[..23]] {
+            assert!(
+                read(partial, 30_000).await.0,
+                "{partial:?} tells nothing yet"
+            );
+        }
+        for told in [&b"PO"[..], b"GET / HTTP/1.1\r\n", PREFACE] {
+            assert!(!read(told, 500).await.0, "{told:?} tells the protocol");
+        }
+        // Told over several reads.
+        let (a, mut b) = tokio::io::duplex(64);
+        let (mut stream, silent) = FirstBytes::new(a, Duration::from_millis(200));
+        let mut got = [0u8; 12];
+        b.write_all(&PREFACE[..12]).await.unwrap();
+        stream.read_exact(&mut got).await.unwrap();
+        b.write_all(&PREFACE[12..]).await.unwrap();
+        stream.read_exact(&mut got).await.unwrap();
+        assert!(
+            tokio::time::timeout(Duration::from_millis(500), silent)
+                .await
+                .is_err()
         );
     }
 }

@@ -139,9 +139,16 @@ enum Unread {
     TooLong,
     /// The agent holds `proxy.max_buffered_request_bytes` of bodies.
     OverBudget,
-    /// The client paused longer than `proxy.request_body_stall_secs`.
+    /// The client paused longer than `proxy.request_body_stall_secs`, or
+    /// its body was not whole within [`BODY_READ_FACTOR`] times that.
     Stalled,
 }
+
+/// A body read for its content must be whole within this many times
+/// `proxy.request_body_stall_secs`: a client that trickles it, a byte
+/// just before each pause would count as a stall, would otherwise hold
+/// its share of the body budget for as long as it went on.
+const BODY_READ_FACTOR: u32 = 3;
 
 /// Reads up to `limit` bytes of a body, each taken from `lease` first.
 /// Returns the frames read and, when the body was longer or the budget
@@ -154,16 +161,20 @@ async fn read_bounded(
 ) -> Result<(Vec<Bytes>, Option<(Incoming, Unread)>), hyper::Error> {
     let mut chunks = Vec::new();
     let mut size = 0usize;
+    let deadline = tokio::time::Instant::now() + stall * BODY_READ_FACTOR;
     loop {
         // A client that stops mid-body must not keep its share of the
         // budget for as long as it keeps the connection. A frame already
         // there (most bodies arrive with their head) needs no timer.
         let next = match body.frame().now_or_never() {
             Some(next) => next,
-            None => match tokio::time::timeout(stall, body.frame()).await {
-                Ok(next) => next,
-                Err(_) => return Ok((chunks, Some((body, Unread::Stalled)))),
-            },
+            None => {
+                let until = deadline.min(tokio::time::Instant::now() + stall);
+                match tokio::time::timeout_at(until, body.frame()).await {
+                    Ok(next) => next,
+                    Err(_) => return Ok((chunks, Some((body, Unread::Stalled)))),
+                }
+            }
         };
         let Some(frame) = next else { break };
         let frame = frame?;

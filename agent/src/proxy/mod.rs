@@ -1565,6 +1565,44 @@ mod tests {
             .unwrap();
     }
 
+    /// A body trickled in, a byte before each pause would count as a
+    /// stall, is still let go once it has taken 3 stall times: its share
+    /// of the body budget is not held for as long as the client goes on.
+    #[tokio::test]
+    async fn a_trickled_body_is_let_go_after_three_stall_times() {
+        let host = "api.openai.com";
+        let (mut state, agent_ca, server, _dir) = intercepting(host).await;
+        Arc::get_mut(&mut state).unwrap().body_stall = Duration::from_secs(1);
+        let (mut tls, task) = intercepted_client(state.clone(), &agent_ca, host).await;
+        let head = "POST /v1/chat/completions HTTP/1.1\r\nhost: api.openai.com\r\n\
+                    content-type: application/json\r\ncontent-length: 4096\r\n\
+                    connection: close\r\n\r\n";
+        tls.write_all(head.as_bytes()).await.unwrap();
+        tls.write_all(&[b' '; 2048]).await.unwrap();
+        tls.flush().await.unwrap();
+        // A byte every 0.3 s, for up to 60 s: never a pause of 1 s.
+        let mut sent = 2048;
+        while state.snapshot().body_stalled == 0 && sent < 2048 + 200 {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            tls.write_all(b" ").await.unwrap();
+            tls.flush().await.unwrap();
+            sent += 1;
+        }
+        assert_eq!(
+            state.snapshot().body_stalled,
+            1,
+            "still held after {sent} bytes"
+        );
+        assert_eq!(state.body_budget.used(), 0, "its share was given back");
+        // It went upstream as it arrived, and goes on to its end.
+        tls.write_all(&vec![b' '; 4096 - sent]).await.unwrap();
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(30), tls.read_to_end(&mut got)).await;
+        assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 200"));
+        assert_eq!(server.served.load(Ordering::SeqCst), 1);
+        let _ = tokio::time::timeout(Duration::from_secs(30), task).await;
+    }
+
     #[tokio::test]
     async fn a_connection_whose_request_comes_after_the_drain_began_is_served() {
         let host = "api.openai.com";
