@@ -123,6 +123,32 @@ pub fn decoding(encoding: Option<&str>, inner: Box<dyn UsageParser>) -> Box<dyn 
     })
 }
 
+/// A whole request body in `encoding`, decoded, for reading (the model,
+/// the usage request, a local estimate): `None` for an encoding the agent
+/// does not read (a list of them too), a corrupt body, or one that decodes
+/// to more than `limit` bytes.
+pub fn decode_whole(encoding: &str, body: &[u8], limit: usize) -> Option<Vec<u8>> {
+    use std::io::Read;
+    let enc = encoding.trim().to_ascii_lowercase();
+    let reader: Box<dyn Read + '_> = match enc.as_str() {
+        "gzip" | "x-gzip" => Box::new(flate2::read::MultiGzDecoder::new(body)),
+        "deflate" if !body.is_empty() && is_zlib_header(body) => {
+            Box::new(flate2::read::ZlibDecoder::new(body))
+        }
+        "deflate" => Box::new(flate2::read::DeflateDecoder::new(body)),
+        "br" => Box::new(brotli_decompressor::Decompressor::new(body, 4096)),
+        "zstd" => {
+            let mut d = zstd::stream::read::Decoder::new(body).ok()?;
+            d.window_log_max(ZSTD_WINDOW_LOG_MAX).ok()?;
+            Box::new(d)
+        }
+        _ => return None,
+    };
+    let mut out = Vec::new();
+    reader.take(limit as u64 + 1).read_to_end(&mut out).ok()?;
+    (out.len() <= limit).then_some(out)
+}
+
 /// A zlib header (RFC 1950): CM = 8 in the first byte's low nibble, a
 /// window of at most 32 KiB, and the first two bytes, read as a big-endian
 /// number, a multiple of 31. A raw deflate stream rarely passes all three
@@ -327,6 +353,45 @@ mod tests {
             p.feed(c);
         }
         p.finish()
+    }
+
+    /// A request body is decoded whole, in every encoding the agent
+    /// reads, and refused past its bound, corrupt or in another encoding.
+    #[test]
+    fn whole_bodies_decode_within_their_bound() {
+        let plain = br#"{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hello hello hello hello"}]}"#;
+        let gz = encode("gzip", plain);
+        for (enc, body) in [
+            ("gzip", gz.clone()),
+            (" GZIP ", gz.clone()),
+            ("deflate", encode("deflate", plain)),
+            ("deflate", encode("raw-deflate", plain)),
+            ("zstd", encode("zstd", plain)),
+            ("br", encode("br", plain)),
+        ] {
+            assert_eq!(
+                decode_whole(enc, &body, 1 << 20).as_deref(),
+                Some(&plain[..]),
+                "{enc}"
+            );
+        }
+        assert_eq!(
+            decode_whole("gzip", &gz, plain.len()).as_deref(),
+            Some(&plain[..])
+        );
+        assert_eq!(
+            decode_whole("gzip", &gz, plain.len() - 1),
+            None,
+            "over the bound"
+        );
+        assert_eq!(
+            decode_whole("gzip", &gz[..gz.len() / 2], 1 << 20),
+            None,
+            "cut"
+        );
+        assert_eq!(decode_whole("gzip", plain, 1 << 20), None, "not gzip");
+        assert_eq!(decode_whole("gzip, br", &gz, 1 << 20), None, "a list");
+        assert_eq!(decode_whole("compress", &gz, 1 << 20), None, "unknown");
     }
 
     #[test]

@@ -1079,6 +1079,27 @@ pub(super) async fn handle(
     } else {
         (None, chunks)
     };
+    // A compressed body is read decoded; it goes upstream as the client
+    // sent it unless the agent rewrites it (then plain, its
+    // Content-Encoding gone), so a signature over its bytes still holds.
+    let mut sent_as = None;
+    if let Some(enc) = parts
+        .headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .filter(|e| !e.trim().eq_ignore_ascii_case("identity"))
+        && let Some(b) = whole.as_ref()
+    {
+        match crate::providers::decode::decode_whole(enc, b, state.max_request_body) {
+            Some(plain) if lease.grow(plain.len().saturating_sub(b.len())) => {
+                sent_as = whole.replace(Bytes::from(plain));
+            }
+            _ => debug!(
+                encoding = enc,
+                "a request body the agent could not decode (an encoding it does not read, corrupt, longer than proxy.max_request_body decoded, or past the body budget): forwarded as sent, unread"
+            ),
+        }
+    }
     let mut info = adapter.request(&RequestView {
         method: &parts.method,
         path: parts.uri.path(),
@@ -1104,6 +1125,9 @@ pub(super) async fn handle(
     {
         whole = Some(new);
         parts.headers.remove(header::CONTENT_LENGTH);
+        if sent_as.take().is_some() {
+            parts.headers.remove(header::CONTENT_ENCODING);
+        }
     }
     if info.injected_usage || info.batch.is_some() {
         // The response filter works on plain bytes; the client gets the
@@ -1120,6 +1144,9 @@ pub(super) async fn handle(
     } else {
         None
     };
+    // What goes upstream: the client's own bytes, if they were decoded
+    // only to be read.
+    let whole = sent_as.or(whole);
     // An HTTP/2 request read whole can be made again, for a stream the
     // provider refuses unprocessed (see `Upstream::send`).
     let replay = (parts.version == http::Version::HTTP_2)

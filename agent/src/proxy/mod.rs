@@ -1603,6 +1603,73 @@ mod tests {
         let _ = tokio::time::timeout(Duration::from_secs(30), task).await;
     }
 
+    /// A compressed request body is read decoded (its model, a local
+    /// estimate), and goes upstream as the client sent it, unless the
+    /// agent rewrites it: then plain, without its Content-Encoding.
+    #[tokio::test]
+    async fn a_compressed_request_body_is_read_and_forwarded_as_sent_unless_rewritten() {
+        use std::io::Write as _;
+        let host = "api.openai.com";
+        let kept = Arc::new(Kept::default());
+        let (state, agent_ca, _server, _dir) = intercepting_into(host, kept.clone()).await;
+        let gzip = |plain: &[u8]| {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+            e.write_all(plain).unwrap();
+            e.finish().unwrap()
+        };
+        // (head, body) as the provider got them, echoed.
+        let send = |body: Vec<u8>| {
+            let state = state.clone();
+            let agent_ca = &agent_ca;
+            async move {
+                let (mut tls, task) = intercepted_client(state, agent_ca, host).await;
+                let head = format!(
+                    "POST /v1/chat/completions HTTP/1.1\r\nhost: api.openai.com\r\n\
+                     content-type: application/json\r\ncontent-encoding: gzip\r\n\
+                     content-length: {}\r\nconnection: close\r\n\r\n",
+                    body.len()
+                );
+                tls.write_all(head.as_bytes()).await.unwrap();
+                tls.write_all(&body).await.unwrap();
+                let mut got = Vec::new();
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(30), tls.read_to_end(&mut got)).await;
+                let _ = tokio::time::timeout(Duration::from_secs(30), task).await;
+                let end = got
+                    .windows(4)
+                    .position(|w| w == b"\r\n\r\n")
+                    .expect("a response")
+                    + 4;
+                let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+                (head, got[end..].to_vec())
+            }
+        };
+        let streamed = br#"{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"Summarise the failing tests."}]}"#;
+        let (head, body) = send(gzip(streamed)).await;
+        assert!(!head.contains("x-echo-content-encoding"), "{head}");
+        let body = String::from_utf8(body).expect("plain JSON upstream");
+        assert!(body.contains(r#""include_usage":true"#), "{body}");
+        let whole = br#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Summarise the failing tests."}]}"#;
+        let gz = gzip(whole);
+        let (head, body) = send(gz.clone()).await;
+        assert!(head.contains("x-echo-content-encoding: gzip"), "{head}");
+        assert_eq!(body, gz, "forwarded as sent");
+        for _ in 0..3000 {
+            if kept.0.lock().unwrap().len() == 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let recs = kept.0.lock().unwrap().clone();
+        let mut models: Vec<_> = recs.iter().map(|r| r.model.as_deref()).collect();
+        models.sort();
+        assert_eq!(models, [Some("gpt-4o"), Some("gpt-4o-mini")], "{recs:#?}");
+        assert!(
+            recs.iter().all(|r| r.estimated && r.usage.input_tokens > 3),
+            "the input estimated from the decoded body: {recs:#?}"
+        );
+    }
+
     #[tokio::test]
     async fn a_connection_whose_request_comes_after_the_drain_began_is_served() {
         let host = "api.openai.com";

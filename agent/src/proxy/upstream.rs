@@ -1077,8 +1077,9 @@ pub(crate) mod tests {
     }
 
     /// Accepts TLS connections on `listener` with `server_config` and
-    /// answers each HTTP/1.1 request with a 200 echoing its body, counting
-    /// the requests in `counted`.
+    /// answers each HTTP/1.1 request with a 200 echoing its body (and its
+    /// Content-Encoding, as `x-echo-content-encoding`), counting the
+    /// requests in `counted`.
     fn spawn_echo(
         listener: tokio::net::TcpListener,
         server_config: Arc<rustls::ServerConfig>,
@@ -1091,9 +1092,15 @@ pub(crate) mod tests {
                 let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                     let counted = counted.clone();
                     async move {
+                        // (What the request's body was sent in, said back.)
+                        let encoding = req.headers().get(http::header::CONTENT_ENCODING).cloned();
                         let body = req.into_body().collect().await?.to_bytes();
                         counted.fetch_add(1, Ordering::SeqCst);
-                        Ok::<_, hyper::Error>(Response::new(Full::new(body)))
+                        let mut resp = Response::new(Full::new(body));
+                        if let Some(e) = encoding {
+                            resp.headers_mut().insert("x-echo-content-encoding", e);
+                        }
+                        Ok::<_, hyper::Error>(resp)
                     }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
