@@ -458,16 +458,32 @@ fn committed_rows_survive_a_crash() {
     assert_eq!(rows.len(), 150);
 }
 
-#[test]
-fn failed_writes_are_retried_not_dropped() {
+/// A writer whose inserts fail whenever `when` holds (see
+/// `inject_failures`), handed `n` records, and the connection that makes
+/// them fail.
+fn failing_writer(
+    when: &str,
+    n: u64,
+) -> (
+    tempfile::TempDir,
+    LedgerWriter,
+    LedgerHandle,
+    rusqlite::Connection,
+) {
     let t = tempfile::tempdir().expect("tempdir");
     let path = t.path().join("ledger.sqlite");
     let (w, h) = LedgerWriter::start(&path, 1024, 1 << 20).expect("start");
-    // Make inserts fail from outside until the flag row is removed.
-    let other = inject_failures(&path, "(SELECT count(*) FROM fail_flag) > 0");
-    for i in 0..10 {
+    let other = inject_failures(&path, when);
+    for i in 0..n {
         h.submit(sample(i));
     }
+    (t, w, h, other)
+}
+
+#[test]
+fn failed_writes_are_retried_not_dropped() {
+    // Inserts fail from outside until the flag row is removed.
+    let (_t, w, h, other) = failing_writer("(SELECT count(*) FROM fail_flag) > 0", 10);
     wait_for("a failed write", || h.stats().errors >= 1);
     assert_eq!(h.stats().written, 0);
     clear_failures(&other);
@@ -612,13 +628,7 @@ fn a_ledger_deleted_or_moved_away_while_running_is_started_anew() {
 
 #[test]
 fn shutdown_gives_up_at_its_deadline_and_says_so() {
-    let t = tempfile::tempdir().expect("tempdir");
-    let path = t.path().join("ledger.sqlite");
-    let (w, h) = LedgerWriter::start(&path, 1024, 1 << 20).expect("start");
-    let _other = inject_failures(&path, "1");
-    for i in 0..3 {
-        h.submit(sample(i));
-    }
+    let (_t, w, _h, _other) = failing_writer("1", 3);
     let e = w
         .shutdown(Duration::from_millis(300))
         .expect_err("cannot write");
@@ -627,13 +637,7 @@ fn shutdown_gives_up_at_its_deadline_and_says_so() {
 
 #[test]
 fn a_writer_dropped_without_shutdown_stops_retrying_a_failing_ledger() {
-    let t = tempfile::tempdir().expect("tempdir");
-    let path = t.path().join("ledger.sqlite");
-    let (w, h) = LedgerWriter::start(&path, 1024, 1 << 20).expect("start");
-    let _other = inject_failures(&path, "1");
-    for i in 0..3 {
-        h.submit(sample(i));
-    }
+    let (_t, w, h, _other) = failing_writer("1", 3);
     wait_for("a failed write", || h.stats().errors >= 1);
     drop(w);
     // Only `h` is left holding the shared state once the thread gave up.
