@@ -180,6 +180,8 @@ pub enum Transport {
 /// A running receiver; stopped on drop.
 pub struct OtlpReceiver {
     transport: Transport,
+    /// Over TLS (`https://`).
+    tls: bool,
     addr: SocketAddr,
     store: Arc<Store>,
     stop: Option<oneshot::Sender<()>>,
@@ -268,6 +270,68 @@ impl OtlpReceiver {
         });
         OtlpReceiver {
             transport: Transport::Grpc,
+            tls: false,
+            addr,
+            store,
+            stop: Some(stop),
+        }
+    }
+
+    /// [`OtlpReceiver::grpc`] over TLS (HTTP/2 by ALPN), its certificate
+    /// for 127.0.0.1 signed by `pki`'s CA: a collector the exporter
+    /// trusts only through the host's store (`SSL_CERT_FILE`).
+    pub async fn grpc_tls(pki: &crate::pki::TestPki) -> OtlpReceiver {
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+        let leaf = pki.leaf("127.0.0.1");
+        let certs: Vec<CertificateDer<'static>> =
+            rustls_pemfile::certs(&mut leaf.cert_pem.as_bytes())
+                .collect::<Result<_, _>>()
+                .expect("leaf pem");
+        let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut leaf.key_pem.as_bytes())
+            .expect("key pem")
+            .expect("a key");
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .expect("the receiver's certificate");
+        cfg.alpn_protocols = vec![b"h2".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the gRPC receiver on 127.0.0.1:0");
+        let addr = listener.local_addr().expect("receiver address");
+        let store = Arc::new(Store::default());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let svc = MetricsServiceServer::new(GrpcService(store.clone()));
+        let traces = TraceServiceServer::new(GrpcTraces(store.clone()));
+        // Handshakes that fail (an exporter that refuses the certificate)
+        // are dropped: nothing reaches the service then.
+        let incoming =
+            futures_util::stream::unfold((listener, acceptor), |(l, acceptor)| async move {
+                loop {
+                    let Ok((tcp, _)) = l.accept().await else {
+                        continue;
+                    };
+                    if let Ok(tls) = acceptor.accept(tcp).await {
+                        return Some((Ok::<_, std::io::Error>(Tls(tls)), (l, acceptor)));
+                    }
+                }
+            });
+        tokio::spawn(async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(svc)
+                .add_service(traces)
+                .serve_with_incoming_shutdown(incoming, async {
+                    let _ = stopped.await;
+                })
+                .await;
+        });
+        OtlpReceiver {
+            transport: Transport::Grpc,
+            tls: true,
             addr,
             store,
             stop: Some(stop),
@@ -310,6 +374,7 @@ impl OtlpReceiver {
         });
         OtlpReceiver {
             transport: Transport::Http,
+            tls: false,
             addr,
             store,
             stop: Some(stop),
@@ -335,6 +400,7 @@ impl OtlpReceiver {
     /// for gRPC, `http://127.0.0.1:PORT/v1/metrics` for OTLP/HTTP.
     pub fn endpoint(&self) -> String {
         match self.transport {
+            Transport::Grpc if self.tls => format!("https://{}", self.addr),
             Transport::Grpc => format!("http://{}", self.addr),
             Transport::Http => format!("http://{}/v1/metrics", self.addr),
         }
@@ -424,6 +490,46 @@ impl OtlpReceiver {
                 return pred(&self.received());
             }
         }
+    }
+}
+
+/// A TLS connection to the gRPC receiver, as tonic's server takes one.
+struct Tls(tokio_rustls::server::TlsStream<tokio::net::TcpStream>);
+
+impl tonic::transport::server::Connected for Tls {
+    type ConnectInfo = ();
+    fn connect_info(&self) -> Self::ConnectInfo {}
+}
+
+impl tokio::io::AsyncRead for Tls {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Tls {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
     }
 }
 

@@ -70,6 +70,25 @@ impl World {
         Self::start_opts(label, n, extra_toml, &[b"h2", b"http/1.1"])
     }
 
+    /// As [`World::start_with`], with more environment for the agent.
+    pub fn start_with_env(
+        label: &str,
+        n: u8,
+        extra_toml: String,
+        env: Vec<(String, String)>,
+    ) -> World {
+        Self::start_inner(
+            label,
+            n,
+            extra_toml,
+            &[b"h2", b"http/1.1"],
+            false,
+            None,
+            None,
+            env,
+        )
+    }
+
     /// As [`World::start_with`], with the fake provider offering only `alpn`.
     pub fn start_opts(label: &str, n: u8, extra_toml: String, alpn: &[&[u8]]) -> World {
         Self::start_full(label, n, extra_toml, alpn, false, None)
@@ -86,6 +105,7 @@ impl World {
             false,
             None,
             Some(at),
+            Vec::new(),
         )
     }
 
@@ -99,7 +119,16 @@ impl World {
         agent_in_cgroup: bool,
         listen: Option<&str>,
     ) -> World {
-        Self::start_inner(label, n, extra_toml, alpn, agent_in_cgroup, listen, None)
+        Self::start_inner(
+            label,
+            n,
+            extra_toml,
+            alpn,
+            agent_in_cgroup,
+            listen,
+            None,
+            Vec::new(),
+        )
     }
 
     fn start_inner(
@@ -110,6 +139,7 @@ impl World {
         agent_in_cgroup: bool,
         listen: Option<&str>,
         sigterm_at: Option<&'static str>,
+        env: Vec<(String, String)>,
     ) -> World {
         if let Some(why) = crate::kernel_test_unavailable() {
             panic!("needs root, cgroup v2 and BPF: {why}");
@@ -143,7 +173,7 @@ impl World {
             join_cgroup: agent_in_cgroup,
             listen: listen.map(str::to_owned),
             sigterm_at,
-            env: Vec::new(),
+            env,
         });
         World {
             agent,

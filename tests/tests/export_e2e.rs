@@ -231,6 +231,54 @@ fn otlp_http_metrics_match_the_ledger() {
     run("http/protobuf", 22, 1);
 }
 
+/// A gRPC collector over TLS whose certificate the host's store trusts
+/// (here `SSL_CERT_FILE`, as a runner's own CA bundle would): the
+/// exporter's handshake succeeds and the metrics arrive.
+#[test]
+#[ignore = "needs root, cgroup v2 and BPF"]
+fn otlp_grpc_over_tls_trusts_the_hosts_store() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let pki = tollgate_e2e::pki::TestPki::new();
+    let receiver = rt.block_on(OtlpReceiver::grpc_tls(&pki));
+    let toml = format!(
+        "[export.otlp]\nendpoint = {:?}\nprotocol = \"grpc\"\ninterval_secs = 1\ntimeout_secs = 5\n",
+        receiver.endpoint()
+    );
+    let ca = pki.ca_path().display().to_string();
+    let mut w = World::start_with_env("otlptls", 52, toml, vec![("SSL_CERT_FILE".into(), ca)]);
+    let client = w.client(GITHUB_ENV);
+    ok(
+        &client.python(
+            r#"
+import openai
+o = openai.OpenAI(api_key="sk-test", max_retries=0)
+o.chat.completions.create(model="gpt-4o-mini", max_tokens=3, messages=[{"role": "user", "content": "x"}])
+"#,
+        ),
+        "python client",
+    );
+    let got =
+        rt.block_on(receiver.wait_until(std::time::Duration::from_secs(60), |r| !r.is_empty()));
+    let log = w.agent.log();
+    assert!(got, "no export arrived over TLS:\n{log}");
+    let status = w.agent.terminate().expect("running");
+    assert!(status.success(), "agent exit: {status}\n{}", w.agent.log());
+    assert!(
+        receiver
+            .points()
+            .iter()
+            .any(|p| p.name == "gen_ai.client.token.usage"),
+        "{:#?}",
+        receiver.points()
+    );
+    drop(w);
+    drop(rt);
+}
+
 #[test]
 #[ignore = "needs root, cgroup v2 and BPF"]
 fn unreachable_collector_loses_no_ledger_row() {

@@ -193,6 +193,23 @@ fn http_client(r: &ResolvedOtlp) -> Result<HeaderClient, ExportError> {
     })
 }
 
+/// A gRPC exporter to an `https://` collector trusts the host's CA store
+/// (`SSL_CERT_FILE` and `SSL_CERT_DIR` too): tonic's own TLS default
+/// trusts nothing, so every export to a TLS collector failed its
+/// handshake. OTLP/HTTP's client has the host's store already.
+fn with_roots<B: WithTonicConfig>(b: B, r: &ResolvedOtlp) -> B {
+    if r.endpoint
+        .get(..8)
+        .is_some_and(|s| s.eq_ignore_ascii_case("https://"))
+    {
+        b.with_tls_config(
+            opentelemetry_otlp::tonic_types::transport::ClientTlsConfig::new().with_native_roots(),
+        )
+    } else {
+        b
+    }
+}
+
 fn need_runtime(r: &ResolvedOtlp) -> Result<(), ExportError> {
     if r.protocol == OtlpProtocol::Grpc && tokio::runtime::Handle::try_current().is_err() {
         return Err(ExportError::NoRuntime);
@@ -212,14 +229,17 @@ pub(crate) fn meter_provider(
         OtlpTemporality::LowMemory => Temporality::LowMemory,
     };
     let exporter = match r.protocol {
-        OtlpProtocol::Grpc => MetricExporter::builder()
-            .with_tonic()
-            .with_protocol(Protocol::Grpc)
-            .with_endpoint(r.endpoint.clone())
-            .with_timeout(r.timeout)
-            .with_interceptor(interceptor(r)?)
-            .with_temporality(temporality)
-            .build(),
+        OtlpProtocol::Grpc => with_roots(
+            MetricExporter::builder()
+                .with_tonic()
+                .with_protocol(Protocol::Grpc)
+                .with_endpoint(r.endpoint.clone())
+                .with_timeout(r.timeout)
+                .with_interceptor(interceptor(r)?),
+            r,
+        )
+        .with_temporality(temporality)
+        .build(),
         OtlpProtocol::HttpProtobuf => MetricExporter::builder()
             .with_http()
             .with_protocol(Protocol::HttpBinary)
@@ -256,13 +276,16 @@ pub(crate) fn tracer_provider(
 ) -> Result<SdkTracerProvider, ExportError> {
     need_runtime(r)?;
     let exporter = match r.protocol {
-        OtlpProtocol::Grpc => SpanExporter::builder()
-            .with_tonic()
-            .with_protocol(Protocol::Grpc)
-            .with_endpoint(r.endpoint.clone())
-            .with_timeout(r.timeout)
-            .with_interceptor(interceptor(r)?)
-            .build(),
+        OtlpProtocol::Grpc => with_roots(
+            SpanExporter::builder()
+                .with_tonic()
+                .with_protocol(Protocol::Grpc)
+                .with_endpoint(r.endpoint.clone())
+                .with_timeout(r.timeout)
+                .with_interceptor(interceptor(r)?),
+            r,
+        )
+        .build(),
         OtlpProtocol::HttpProtobuf => SpanExporter::builder()
             .with_http()
             .with_protocol(Protocol::HttpBinary)
