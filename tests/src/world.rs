@@ -60,6 +60,18 @@ pub struct World {
     pub cg: TestCgroup,
 }
 
+/// How the agent of a [`World`] starts (see [`AgentOptions`]).
+#[derive(Default)]
+struct How<'a> {
+    /// Inside the cgroup it intercepts.
+    in_cgroup: bool,
+    /// Its `proxy.listen`.
+    listen: Option<&'a str>,
+    sigterm_at: Option<&'static str>,
+    /// More environment.
+    env: Vec<(String, String)>,
+}
+
 impl World {
     /// Starts everything; `n` picks this test's loopback address.
     pub fn start(label: &str, n: u8) -> World {
@@ -82,10 +94,10 @@ impl World {
             n,
             extra_toml,
             &[b"h2", b"http/1.1"],
-            false,
-            None,
-            None,
-            env,
+            How {
+                env,
+                ..How::default()
+            },
         )
     }
 
@@ -102,10 +114,10 @@ impl World {
             n,
             String::new(),
             &[b"h2", b"http/1.1"],
-            false,
-            None,
-            Some(at),
-            Vec::new(),
+            How {
+                sigterm_at: Some(at),
+                ..How::default()
+            },
         )
     }
 
@@ -124,23 +136,15 @@ impl World {
             n,
             extra_toml,
             alpn,
-            agent_in_cgroup,
-            listen,
-            None,
-            Vec::new(),
+            How {
+                in_cgroup: agent_in_cgroup,
+                listen,
+                ..How::default()
+            },
         )
     }
 
-    fn start_inner(
-        label: &str,
-        n: u8,
-        extra_toml: String,
-        alpn: &[&[u8]],
-        agent_in_cgroup: bool,
-        listen: Option<&str>,
-        sigterm_at: Option<&'static str>,
-        env: Vec<(String, String)>,
-    ) -> World {
+    fn start_inner(label: &str, n: u8, extra_toml: String, alpn: &[&[u8]], how: How<'_>) -> World {
         if let Some(why) = crate::kernel_test_unavailable() {
             panic!("needs root, cgroup v2 and BPF: {why}");
         }
@@ -170,10 +174,10 @@ impl World {
                 "{extra_toml}\n[[providers]]\nhosts = [{AZURE_HOST:?}]\napi = \"azure-openai\"\n[[providers]]\nhosts = [{VERTEX_HOST:?}]\napi = \"gemini\"\n\
                  [[providers]]\nhosts = [{CODESTRAL_HOST:?}]\napi = \"openai\"\nstream_usage = false\n"
             ),
-            join_cgroup: agent_in_cgroup,
-            listen: listen.map(str::to_owned),
-            sigterm_at,
-            env,
+            join_cgroup: how.in_cgroup,
+            listen: how.listen.map(str::to_owned),
+            sigterm_at: how.sigterm_at,
+            env: how.env,
         });
         World {
             agent,
