@@ -357,7 +357,12 @@ async fn default_generation(t: Transport) {
         0,
     );
     d.cost_usd = Some(0.0001);
-    for r in [a, b, c, d] {
+    // A 200 whose counts are unknown (no usage, nothing to estimate from):
+    // timed, but no token counts (the conventions: MUST NOT report usage
+    // then), where zeros would pull every percentile down.
+    let mut e = rec(5, "openai", "api.openai.com", "chat", "gpt-4o-mini", 0, 0);
+    e.error = Some("usage_missing".into());
+    for r in [a, b, c, d, e] {
         sink.submit(r.into());
     }
     exporter.flush(FLUSH).await.expect("flush");
@@ -394,7 +399,8 @@ async fn default_generation(t: Transport) {
     );
 
     // gen_ai.client.token.usage: histogram of {token}, input and output per
-    // request (embeddings: input only; the 429 carried no usage).
+    // request (embeddings: input only; the 429 carried no usage, the
+    // usage_missing answer no known counts).
     let usage = named(&pts, "gen_ai.client.token.usage");
     for p in &usage {
         assert_eq!(p.unit, "{token}");
@@ -467,7 +473,7 @@ async fn default_generation(t: Transport) {
         assert_eq!(hist(p).2, DURATION_BUCKETS.to_vec());
         total += hist(p).0;
     }
-    assert_eq!(total, 4);
+    assert_eq!(total, 5);
     let failed: Vec<_> = dur
         .iter()
         .filter(|p| attr(p, "error.type").is_some())
@@ -518,7 +524,7 @@ async fn default_generation(t: Transport) {
 
     // tollgate.requests: one per record, error.type on the failure.
     let reqs = named(&pts, "tollgate.requests");
-    assert_eq!(sum(&reqs), 4.0);
+    assert_eq!(sum(&reqs), 5.0);
     for p in &reqs {
         assert_eq!(p.unit, "{request}");
         assert!(matches!(
@@ -557,7 +563,7 @@ async fn default_generation(t: Transport) {
     .await
     .expect("shutdown returns")
     .expect("clean shutdown");
-    assert_eq!(stats.metrics_recorded, 4);
+    assert_eq!(stats.metrics_recorded, 5);
     assert_eq!(stats.metrics_dropped, 0);
 }
 

@@ -409,7 +409,12 @@ impl ExportConfig {
             include_high_cardinality: o.include_high_cardinality,
             cardinality_limit: o.cardinality_limit.unwrap_or(DEFAULT_CARDINALITY_LIMIT),
             traces: o.traces,
-            service_name: env("OTEL_SERVICE_NAME").unwrap_or_else(|| "tollgate".into()),
+            // As the specification ranks them: OTEL_SERVICE_NAME, then
+            // OTEL_RESOURCE_ATTRIBUTES' service.name, then ours.
+            service_name: env("OTEL_SERVICE_NAME")
+                .filter(|n| !n.trim().is_empty())
+                .or_else(|| env("OTEL_RESOURCE_ATTRIBUTES").and_then(|a| resource_service_name(&a)))
+                .unwrap_or_else(|| "tollgate".into()),
             env_headers_ignored,
             env_header_names,
         }))
@@ -557,6 +562,17 @@ pub fn parse_env_headers(s: &str) -> Result<Vec<(String, String)>, String> {
         out.push((k, v));
     }
     Ok(out)
+}
+
+/// `service.name` from `OTEL_RESOURCE_ATTRIBUTES` (`k=v,k=v`, values
+/// percent-encoded).
+fn resource_service_name(attrs: &str) -> Option<String> {
+    attrs
+        .split(',')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| k.trim() == "service.name")
+        .and_then(|(_, v)| percent_decode(v.trim()))
+        .filter(|v| !v.is_empty())
 }
 
 fn percent_decode(s: &str) -> Option<String> {

@@ -266,8 +266,18 @@ impl Instruments {
         // Token counts exist for operations that carry usage, and for any
         // other operation that reported some (never invented for a batch
         // submission or an upload).
+        // A success whose counts are unknown (no usage came and nothing
+        // could be estimated: `usage_missing`, an undecodable answer) has
+        // none: the conventions say not to report usage then, and zeros
+        // would pull every percentile down.
+        let unknown = !any_tokens
+            && !rec.estimated
+            && rec
+                .error
+                .as_deref()
+                .is_some_and(|e| sc::METERING_ONLY.contains(&e));
         let has_usage = match class {
-            OpClass::Inference | OpClass::Embeddings => error.is_none() || any_tokens,
+            OpClass::Inference | OpClass::Embeddings => (error.is_none() && !unknown) || any_tokens,
             OpClass::Other => any_tokens,
         };
 

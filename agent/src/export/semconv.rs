@@ -177,7 +177,7 @@ pub fn provider_name<'a>(provider: &'a str, host: &str) -> Cow<'a, str> {
 /// (`client_disconnected`, `timeout`, ...), `_OTHER` when it is prose.
 /// Record errors that say what the agent could not meter, not that the
 /// request failed.
-const METERING_ONLY: &[&str] = &["usage_missing", crate::providers::decode::UNDECODABLE];
+pub(crate) const METERING_ONLY: &[&str] = &["usage_missing", crate::providers::decode::UNDECODABLE];
 
 pub fn error_type(rec: &UsageRecord) -> Option<Cow<'_, str>> {
     if rec.status != 0 && !(200..300).contains(&rec.status) {

@@ -193,6 +193,20 @@ fn config_beats_signal_specific_env_beats_generic_env() {
     assert_eq!(r.interval, Duration::from_millis(5000));
     assert_eq!(r.temporality, OtlpTemporality::Delta);
     assert_eq!(r.service_name, "tollgate-fleet");
+    // Without OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES' service.name.
+    let attrs = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318"),
+        (
+            "OTEL_RESOURCE_ATTRIBUTES",
+            "deployment.environment.name=prod, service.name=ci%20llm-spend",
+        ),
+    ];
+    assert_eq!(
+        resolve(&c, &attrs).expect("on").service_name,
+        "ci llm-spend"
+    );
+    let both = [attrs[0], attrs[1], ("OTEL_SERVICE_NAME", "named")];
+    assert_eq!(resolve(&c, &both).expect("on").service_name, "named");
     assert_eq!(
         r.headers,
         BTreeMap::from([
