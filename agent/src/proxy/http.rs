@@ -1600,7 +1600,17 @@ impl Draft {
             );
         }
         // Where the request ran may add to every rate (US-only inference).
-        let cost_usd = cost.map(|c| c.usd);
+        // A batch's submission and a file's upload bill nothing themselves
+        // (the batch bills its requests when their results are read): a
+        // cost of 0, not an unknown one that would mark every total as
+        // counting the priced requests only.
+        let bills_nothing = matches!(self.info.operation, "batch" | "file_upload")
+            && usage.input_tokens == 0
+            && usage.output_tokens == 0
+            && !counts_unknown;
+        let cost_usd = cost
+            .map(|c| c.usd)
+            .or_else(|| bills_nothing.then_some(0.0));
         if cost_usd.is_none() && (usage.input_tokens > 0 || usage.output_tokens > 0) {
             self.ctx
                 .state
@@ -2413,6 +2423,43 @@ mod tests {
     /// its arguments are the output estimated; ended by the provider's
     /// error after them, it is no refusal before any output, so the input
     /// the provider read is estimated too.
+    /// A batch submission and a file upload bill nothing themselves: a
+    /// cost of 0 (a total over them stays whole), not an unknown one.
+    #[test]
+    fn a_batch_submission_and_a_file_upload_cost_nothing() {
+        use crate::config::ApiKind;
+        let batch = answered(
+            "api.openai.com",
+            ApiKind::Openai,
+            "/v1/batches",
+            br#"{"input_file_id":"file-abc","endpoint":"/v1/chat/completions","completion_window":"24h"}"#,
+            "application/json",
+            br#"{"id":"batch_abc","object":"batch","status":"validating"}"#,
+        );
+        assert_eq!(batch.operation, "batch");
+        assert_eq!(batch.cost_usd, Some(0.0), "{batch:?}");
+        let upload = answered(
+            "api.openai.com",
+            ApiKind::Openai,
+            "/v1/files",
+            b"--x\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n--x--\r\n",
+            "application/json",
+            br#"{"id":"file-abc","object":"file","purpose":"batch"}"#,
+        );
+        assert_eq!(upload.operation, "file_upload");
+        assert_eq!(upload.cost_usd, Some(0.0), "{upload:?}");
+        // An image, priced by something else than tokens: unknown still.
+        let image = answered(
+            "api.openai.com",
+            ApiKind::Openai,
+            "/v1/images/generations",
+            br#"{"model":"dall-e-3","prompt":"a lighthouse"}"#,
+            "application/json",
+            br#"{"created":1,"data":[{"url":"https://x/y.png"}]}"#,
+        );
+        assert_eq!(image.cost_usd, None, "{image:?}");
+    }
+
     #[test]
     fn a_tool_call_stream_without_usage_has_its_output_estimated() {
         use crate::config::ApiKind;
