@@ -339,9 +339,28 @@ pub fn report(cfg: &Config, args: &ReportArgs) -> Result<(), CmdError> {
             Ok(())
         })?;
     }
+    // Nothing to show: say why, where "no requests recorded yet" would
+    // mislead (a ledger that is not there, filters that matched nothing).
+    let mut text = summary.render(format);
+    if summary.is_empty() && matches!(format, ReportFormat::Table | ReportFormat::Markdown) {
+        text = match &ledger {
+            None if std::fs::metadata(&path).is_err() => format!(
+                "{}{}: nothing has been recorded there (is the agent running, with this config's state_dir?)\n",
+                report::NO_LEDGER,
+                path.display()
+            ),
+            Some(l) if filter != crate::ledger::Filter::default() => match l.count()? {
+                0 => text,
+                n => format!(
+                    "no requests match these filters ({n} requests in the ledger; names match exactly, case included)\n"
+                ),
+            },
+            _ => text,
+        };
+    }
     use std::io::Write as _;
     std::io::stdout()
-        .write_all(summary.render(format).as_bytes())
+        .write_all(text.as_bytes())
         .map_err(output)?;
     Ok(())
 }

@@ -244,6 +244,11 @@ impl Summary {
 
     /// Renders the summary as a table, CSV or Markdown (JSON is the
     /// records themselves: see [`JsonWriter`]).
+    /// No record was added.
+    pub fn is_empty(&self) -> bool {
+        self.records == 0
+    }
+
     pub fn render(&self, format: ReportFormat) -> String {
         match format {
             ReportFormat::Table | ReportFormat::Json => table(self),
@@ -344,6 +349,10 @@ fn md_cell(s: &str) -> String {
     }
     out
 }
+
+/// How `tollgate report` starts its one line when there is no ledger
+/// file at all (the job-summary scripts look for it).
+pub const NO_LEDGER: &str = "no ledger at ";
 
 fn markdown(summary: &Summary) -> String {
     if summary.records == 0 {

@@ -115,7 +115,15 @@ fn report_on_an_empty_state_dir() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", text(&o));
-    assert!(text(&o).contains("no requests recorded"), "{}", text(&o));
+    // No ledger at all: not "nothing recorded yet", but where it looked.
+    let ledger = dir.path().join("state").join("ledger.sqlite");
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        format!(
+            "no ledger at {}: nothing has been recorded there (is the agent running, with this config's state_dir?)\n",
+            ledger.display()
+        )
+    );
     let o = tollgate()
         .arg("--config")
         .arg(&cfg)
@@ -125,6 +133,50 @@ fn report_on_an_empty_state_dir() {
     assert!(o.status.success(), "{}", text(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v, serde_json::json!([]));
+}
+
+/// Filters that match none of the ledger's rows say so, with the count,
+/// where "no requests recorded yet" would read as an empty ledger.
+#[test]
+fn report_filters_that_match_nothing_say_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    let cfg = dir.path().join("t.toml");
+    std::fs::write(&cfg, format!("state_dir = {state:?}\n")).unwrap();
+    let mut ledger = tollgate::ledger::Ledger::open(&state.join("ledger.sqlite")).unwrap();
+    let mut rec = tollgate::meter::UsageRecord {
+        started_at_ms: 1_700_000_000_000,
+        provider: "openai".into(),
+        operation: "chat".into(),
+        status: 200,
+        ..Default::default()
+    };
+    let mut who = tollgate::meter::Attribution::default();
+    who.repository = Some("acme/app".into());
+    rec.who = who.into();
+    ledger.insert_batch(&[rec]).unwrap();
+    drop(ledger);
+    let report = |args: &[&str]| {
+        let o = tollgate()
+            .arg("--config")
+            .arg(&cfg)
+            .arg("report")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", text(&o));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    for format in [&[][..], &["--markdown"]] {
+        let out = report(&[&["--repository", "Acme/App"], format].concat());
+        assert_eq!(
+            out,
+            "no requests match these filters (1 requests in the ledger; names match exactly, case included)\n"
+        );
+    }
+    let out = report(&["--repository", "acme/app", "--by", "repository"]);
+    assert!(out.contains("acme/app"), "{out}");
 }
 
 #[test]

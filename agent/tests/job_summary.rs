@@ -169,6 +169,8 @@ const TABLE: &str = "\
 ";
 
 const NONE: &str = "tollgate: no LLM API calls in this job.\n";
+const UNKNOWN: &str =
+    "tollgate: spend unknown: no ledger on this runner (is the tollgate agent running?).\n";
 
 /// `bash -e SCRIPT ARGS` with a clean environment: the built tollgate
 /// first on PATH, no settle time, and `env`.
@@ -253,7 +255,8 @@ fn github_hook_without_calls_writes_one_line() {
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(std::fs::read_to_string(&summary).expect("summary"), NONE);
 
-    // No ledger at all (the agent never ran): the same line.
+    // No ledger at all (the agent never ran): the spend is unknown, and
+    // the summary says so rather than "no calls".
     let empty = r.dir.path().join("empty.toml");
     std::fs::write(
         &empty,
@@ -267,7 +270,11 @@ fn github_hook_without_calls_writes_one_line() {
     let (s2, e) = (summary2.display().to_string(), empty.display().to_string());
     let o = run_script(GITHUB_HOOK, &[], &github_env(&s2, &e, "100"));
     assert!(o.status.success(), "{}", text(&o));
-    assert_eq!(std::fs::read_to_string(&summary2).expect("summary"), NONE);
+    assert_eq!(
+        std::fs::read_to_string(&summary2).expect("summary"),
+        UNKNOWN
+    );
+    assert!(text(&o).contains("no ledger at "), "{}", text(&o));
 }
 
 #[test]

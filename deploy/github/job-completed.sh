@@ -17,8 +17,10 @@
 # legs share the run id and the job name; the runner and the start time tell
 # them apart) and appends
 # the table to "$GITHUB_STEP_SUMMARY"; when the job made no LLM API calls it
-# appends one short line instead. It never fails the job: every path exits 0
-# (no tollgate, no ledger, no permission: a note in the hook's log only).
+# appends one short line instead, and another when there is no ledger at all
+# (the agent has not run: the spend is unknown, not nil). It never fails the
+# job: every path exits 0 (no tollgate, no permission: a note in the hook's
+# log only).
 #
 # Reading the ledger as the runner user. The agent runs as root and owns
 # /var/lib/tollgate/ledger.sqlite; `tollgate report` opens it read-only. With
@@ -153,6 +155,12 @@ main() {
             printf '### LLM API spend (tollgate)\n\n'
             printf '%s\n' "$table"
         } >>"$summary" || log "cannot write $summary"
+        ;;
+    'no ledger at '*)
+        # Not "no calls": nothing measured this job's calls.
+        log "$table"
+        printf 'tollgate: spend unknown: no ledger on this runner (is the tollgate agent running?).\n' >>"$summary" ||
+            log "cannot write $summary"
         ;;
     *)
         printf 'tollgate: no LLM API calls in this job.\n' >>"$summary" ||

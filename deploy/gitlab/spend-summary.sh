@@ -20,8 +20,9 @@
 # --markdown` and writes
 # the table to the output file (first argument, else $TOLLGATE_SPEND_FILE,
 # else tollgate-spend.md in $CI_PROJECT_DIR or the current directory); when the
-# job made no LLM API calls the file holds one short line. It never fails the
-# job: every path exits 0.
+# job made no LLM API calls the file holds one short line, and another when
+# there is no ledger at all (the agent has not run: the spend is unknown, not
+# nil). It never fails the job: every path exits 0.
 #
 # Other CI systems: set TOLLGATE_REPOSITORY, TOLLGATE_RUN_ID and TOLLGATE_JOB,
 # and TOLLGATE_JOB_ID when the system has job ids (they win over the CI_
@@ -126,6 +127,12 @@ main() {
             printf '### LLM API spend (tollgate)\n\n'
             printf '%s\n' "$table"
         } >"$out" || written=no
+        ;;
+    'no ledger at '*)
+        # Not "no calls": nothing measured this job's calls.
+        log "$table"
+        printf 'tollgate: spend unknown: no ledger on this runner (is the tollgate agent running?).\n' >"$out" ||
+            written=no
         ;;
     *)
         printf 'tollgate: no LLM API calls in this job.\n' >"$out" || written=no

@@ -193,7 +193,7 @@ fn wal_path(path: &Path) -> PathBuf {
 }
 
 /// Which rows `query` returns. Empty filter: all rows.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Filter {
     /// Requests started at or after this Unix millisecond.
     pub since_ms: Option<i64>,
@@ -492,6 +492,14 @@ impl Ledger {
     }
 
     /// Records matching `filter`, oldest first, with `id` filled.
+    /// Rows in the ledger, whatever they hold.
+    pub fn count(&self) -> Result<u64, LedgerError> {
+        self.conn
+            .query_row("SELECT count(*) FROM requests", [], |r| r.get::<_, i64>(0))
+            .map(|n| n.max(0) as u64)
+            .map_err(|e| LedgerError::classify(&self.path, e))
+    }
+
     pub fn query(&self, filter: &Filter) -> Result<Vec<UsageRecord>, LedgerError> {
         let mut out = Vec::new();
         self.for_each(filter, |r| {
