@@ -152,9 +152,11 @@ fn report_filters_that_match_nothing_say_so() {
         status: 200,
         ..Default::default()
     };
-    let mut who = tollgate::meter::Attribution::default();
-    who.repository = Some("acme/app".into());
-    rec.who = who.into();
+    rec.who = tollgate::meter::Attribution {
+        repository: Some("acme/app".into()),
+        ..Default::default()
+    }
+    .into();
     ledger.insert_batch(&[rec]).unwrap();
     drop(ledger);
     let report = |args: &[&str]| {

@@ -1608,9 +1608,7 @@ impl Draft {
             && usage.input_tokens == 0
             && usage.output_tokens == 0
             && !counts_unknown;
-        let cost_usd = cost
-            .map(|c| c.usd)
-            .or_else(|| bills_nothing.then_some(0.0));
+        let cost_usd = cost.map(|c| c.usd).or_else(|| bills_nothing.then_some(0.0));
         if cost_usd.is_none() && (usage.input_tokens > 0 || usage.output_tokens > 0) {
             self.ctx
                 .state
