@@ -256,6 +256,18 @@ fn watchdog_interval(usec: Option<&str>, pid: Option<&str>, me: u32) -> Option<D
     Some(Duration::from_micros(usec / 3).max(Duration::from_millis(10)))
 }
 
+/// How often the agent looks whether jobs' provider connections come only
+/// from other network namespaces (see [`only_other_network_namespaces`]).
+const NETNS_LOOK_EVERY: Duration = Duration::from_secs(60);
+
+/// Provider connections came from other network namespaces (left alone,
+/// as a container's with its own network is) and none from the agent's:
+/// the host's jobs are not intercepted, which an agent in a container's
+/// network namespace would explain.
+fn only_other_network_namespaces(s: &crate::intercept::InterceptStats) -> bool {
+    s.redirected == 0 && s.other_netns >= 3
+}
+
 /// Feeds systemd's watchdog from the async runtime that serves every
 /// connection: the runtime wedged (with the default single worker, any
 /// task that blocks it: a deadlock, a loop that never yields) or the
@@ -415,6 +427,11 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
             "the agent runs in a pid namespace of its own: the kernel reports the host's pids, which this /proc does not show, so requests are recorded with the kernel's fields only (pid, uid, cgroup, comm), without their executable, job and repository; run it with the host's pid namespace (docker run --pid=host)"
         );
     }
+    if intercept::in_host_network_namespace() == Some(false) {
+        warn!(
+            "the agent runs in a network namespace other than the host's: only connections made in its own network namespace are intercepted, so the host's jobs are not; run it with the host's network (docker run --network=host)"
+        );
+    }
     // `validate` admits only IPv4 loopback addresses; any of 127.0.0.0/8
     // works, and the kernel must send connections to the one we bound.
     let listen_v4 = match cfg.proxy.listen.ip() {
@@ -488,6 +505,30 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     };
     let drain = Duration::from_secs(cfg.proxy.drain_secs);
     let proxy_task = tokio::spawn(proxy::serve(listeners, state.clone(), shutdown_rx, drain));
+    // Jobs that connect only from other network namespaces: the agent is
+    // likely in a container's, where `check` cannot always tell.
+    tokio::spawn({
+        let intercept = Arc::downgrade(&intercept);
+        async move {
+            let mut every = tokio::time::interval(NETNS_LOOK_EVERY);
+            every.tick().await;
+            loop {
+                every.tick().await;
+                let Some(i) = intercept.upgrade() else { return };
+                let s = i.stats();
+                if only_other_network_namespaces(&s) {
+                    warn!(
+                        from_other_namespaces = s.other_netns,
+                        "connections to provider addresses came only from network namespaces other than the agent's, and were left alone: if the jobs run in the host's network, the agent must too (docker run --network=host); jobs in containers with networks of their own are not intercepted"
+                    );
+                    return;
+                }
+                if s.redirected > 0 {
+                    return;
+                }
+            }
+        }
+    });
 
     info!(
         listen = %SocketAddr::from((listen_v4, port)),
@@ -721,6 +762,24 @@ fn bind_v6_only(addr: SocketAddr) -> std::io::Result<TcpListener> {
 
 #[cfg(test)]
 mod tests {
+    /// Provider connections only from other network namespaces (three or
+    /// more, none redirected) are what an agent in a container's network
+    /// sees; one redirected connection says the agent's own namespace has
+    /// jobs.
+    #[test]
+    fn only_other_network_namespaces_is_told() {
+        use crate::intercept::InterceptStats;
+        let s = |redirected, other_netns| InterceptStats {
+            redirected,
+            other_netns,
+            ..Default::default()
+        };
+        assert!(super::only_other_network_namespaces(&s(0, 3)));
+        assert!(!super::only_other_network_namespaces(&s(0, 2)));
+        assert!(!super::only_other_network_namespaces(&s(1, 50)));
+        assert!(!super::only_other_network_namespaces(&s(0, 0)));
+    }
+
     /// A stop asks systemd for as long as it can take, so a drain longer
     /// than the unit's TimeoutStopSec allows is not SIGKILLed; the shipped
     /// unit's own timeout covers the default drain without asking.

@@ -204,9 +204,25 @@ fn audit_log(cfg: &Config) -> Outcome {
     outcome(Level::Ok, "audit log", format!("{shown} can be written"))
 }
 
-/// The cgroup check, and whether the agent sees the host's pids (both say
-/// whether it runs in the host's namespaces).
+/// The cgroup check, whether the agent sees the host's pids and whether
+/// it shares the host's network (they say whether it runs in the host's
+/// namespaces).
 fn cgroup(cfg: &Config) -> Outcome {
+    let o = cgroup_and_pids(cfg);
+    if o.level != Level::Fail && crate::intercept::in_host_network_namespace() == Some(false) {
+        return outcome(
+            Level::Warn,
+            "cgroup",
+            format!(
+                "{}; this runs in a network namespace other than the host's, and only connections made in its own are intercepted, so the host's jobs would not be: run the agent with the host's network (docker run --network=host)",
+                o.detail
+            ),
+        );
+    }
+    o
+}
+
+fn cgroup_and_pids(cfg: &Config) -> Outcome {
     let o = cgroup_only(cfg);
     if crate::attribution::in_initial_pid_namespace() != Some(false) || o.level == Level::Fail {
         return o;

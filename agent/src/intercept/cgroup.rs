@@ -183,6 +183,32 @@ pub fn holds_process(dir: &Path, pid: u32) -> io::Result<bool> {
     Ok(false)
 }
 
+/// Whether this process runs in the network namespace of the host's init
+/// (pid 1 as the host's pid namespace shows it): the programs intercept
+/// only connections from the agent's own network namespace, so an agent
+/// in a container's (docker without `--network=host`) intercepts none of
+/// the host's jobs. `None` when it cannot tell: in a pid namespace of its
+/// own (pid 1 is the container's init), or without the right to look at
+/// pid 1's namespaces (not root).
+pub fn in_host_network_namespace() -> Option<bool> {
+    if crate::attribution::in_initial_pid_namespace() != Some(true) {
+        return None;
+    }
+    same_network_namespace(Path::new("/proc/self"), Path::new("/proc/1"))
+}
+
+/// Whether the processes at the two /proc entries share their network
+/// namespace (`None` when one cannot be read).
+fn same_network_namespace(a: &Path, b: &Path) -> Option<bool> {
+    use std::os::unix::fs::MetadataExt as _;
+    let id = |p: &Path| {
+        std::fs::metadata(p.join("ns/net"))
+            .ok()
+            .map(|m| (m.dev(), m.ino()))
+    };
+    Some(id(a)? == id(b)?)
+}
+
 /// The cookie of the network namespace this process runs in, as
 /// `bpf_get_netns_cookie` reports it for sockets created here.
 pub(crate) fn own_netns_cookie() -> Result<u64, InterceptError> {
@@ -229,6 +255,37 @@ mod tests {
             root: root.into(),
             mount_point: PathBuf::from(mount_point),
         })
+    }
+
+    /// This process shares its own network namespace, and a process the
+    /// test starts in a new one (`unshare -n`, root only) does not.
+    #[test]
+    fn network_namespaces_are_told_apart() {
+        let me = Path::new("/proc/self");
+        assert_eq!(same_network_namespace(me, me), Some(true));
+        assert_eq!(same_network_namespace(me, Path::new("/proc/no-such")), None);
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped the other-namespace half: needs root for unshare -n");
+            return;
+        }
+        let mut child = std::process::Command::new("unshare")
+            .args(["-n", "sleep", "30"])
+            .spawn()
+            .expect("unshare -n sleep");
+        let other = Path::new("/proc").join(child.id().to_string());
+        // unshare execs sleep once the namespace is made.
+        let mut told = None;
+        for _ in 0..500 {
+            let comm = std::fs::read_to_string(other.join("comm")).unwrap_or_default();
+            if comm.trim() == "sleep" {
+                told = same_network_namespace(me, &other);
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(told, Some(false));
     }
 
     #[test]

@@ -32,7 +32,7 @@ use aya::{
     maps::{HashMap, MapData, PerCpuArray},
 };
 
-pub use cgroup::{cgroup2_root, holds_process, is_hierarchy_root};
+pub use cgroup::{cgroup2_root, holds_process, in_host_network_namespace, is_hierarchy_root};
 pub use error::InterceptError;
 
 /// Where and how to attach.
