@@ -883,8 +883,11 @@ impl PriceBook {
         let canons: Vec<Cow<'_, str>> = models
             .iter()
             // Resolving a name costs time quadratic in its dashes: a name
-            // no model has is not looked at.
-            .filter(|m| m.len() <= super::MAX_MODEL_NAME)
+            // no model has is not looked at. Nor is one that may have been
+            // cut at the cap (the proxy caps names before pricing them,
+            // at a character boundary): priced by its prefix, it would
+            // take its family's price.
+            .filter(|m| m.len() + 4 <= super::MAX_MODEL_NAME)
             .map(|m| canonical(m))
             .filter(|c| !c.is_empty())
             .collect();
@@ -1255,8 +1258,18 @@ mod tests {
                 .is_some()
         );
         // Would resolve to the gpt-4o family by its prefix.
-        let long = format!("gpt-4o-{}", "x".repeat(crate::meter::MAX_MODEL_NAME));
+        let mut long = format!("gpt-4o-{}", "x".repeat(crate::meter::MAX_MODEL_NAME));
         assert!(book.price_at("openai", &long, NOW).is_none());
+        // The same name capped, as the proxy caps it before pricing.
+        crate::meter::cap_owned(&mut long, crate::meter::MAX_MODEL_NAME);
+        assert!(book.price_at("openai", &long, NOW).is_none(), "capped");
+        let mut accented = format!("gpt-4o-{}", "é".repeat(200));
+        crate::meter::cap_owned(&mut accented, crate::meter::MAX_MODEL_NAME);
+        assert!(accented.len() < crate::meter::MAX_MODEL_NAME);
+        assert!(
+            book.price_at("openai", &accented, NOW).is_none(),
+            "capped short of the cap"
+        );
         // Dashes everywhere: the name is refused before any lookup.
         let dashed = "a-".repeat(500_000);
         assert!(book.price_at("openai", &dashed, NOW).is_none());

@@ -23,7 +23,7 @@ pub struct AzureOpenAi;
 
 /// The deployment named in `/openai/deployments/{deployment}/...`,
 /// percent-decoded.
-fn deployment(path: &str) -> Option<String> {
+pub(crate) fn deployment(path: &str) -> Option<String> {
     let name = path
         .strip_prefix("/openai/deployments/")?
         .split('/')

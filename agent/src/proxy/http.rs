@@ -1537,10 +1537,16 @@ impl Draft {
             .or_else(|| {
                 (ok && parsed.usage.is_none() && !estimated).then(|| "usage_missing".to_string())
             });
+        // Azure serves the deployment its path names, whatever model the
+        // body names (LangChain sends both, and they may differ): a
+        // deployment's price is found by the deployment.
+        let deployment = (provider == "azure-openai")
+            .then(|| crate::providers::azure::deployment(&self.path))
+            .flatten();
         let models = crate::meter::pricing::price_order(
             provider,
             parsed.response_model.as_deref(),
-            self.info.model.as_deref(),
+            deployment.as_deref().or(self.info.model.as_deref()),
         );
         let priced = models.first().copied();
         let prices = &self.ctx.state.prices;
@@ -2403,7 +2409,20 @@ mod tests {
         ct: &str,
         answer: &[u8],
     ) -> Arc<UsageRecord> {
-        let (ctx, keep, _dir) = test_ctx(host, api);
+        answered_priced(None, host, api, path, body, ct, answer)
+    }
+
+    /// As [`answered`], priced by `prices` instead of the built-in book.
+    fn answered_priced(
+        prices: Option<crate::meter::pricing::PriceBook>,
+        host: &str,
+        api: crate::config::ApiKind,
+        path: &str,
+        body: &[u8],
+        ct: &str,
+        answer: &[u8],
+    ) -> Arc<UsageRecord> {
+        let (ctx, keep, _dir) = test_ctx_with(host, api, &[], prices);
         let mut d = WsMeter::new(ctx.clone(), path.into()).draft(None, Some(body));
         d.info = adapter_for(api).request(&crate::providers::testing::request("POST", path, body));
         let adapter = adapter_for(d.info.format(api));
@@ -2421,6 +2440,29 @@ mod tests {
     /// its arguments are the output estimated; ended by the provider's
     /// error after them, it is no refusal before any output, so the input
     /// the provider read is estimated too.
+    /// Azure serves the deployment the path names whatever model the body
+    /// names (LangChain sends both): a deployment priced under
+    /// `azure-openai` is priced so, as the README says.
+    #[test]
+    fn an_azure_deployments_price_wins_over_the_model_the_body_names() {
+        use crate::config::ApiKind;
+        let cfg: crate::meter::pricing::PricingConfig = toml::from_str(
+            "[[models]]\nprovider = \"azure-openai\"\nmodel = \"prod-eu\"\ninput = 9.0\noutput = 9.0\n",
+        )
+        .unwrap();
+        let r = answered_priced(
+            Some(crate::meter::pricing::PriceBook::new(&cfg)),
+            "acme.openai.azure.com",
+            ApiKind::AzureOpenai,
+            "/openai/deployments/prod-eu/chat/completions",
+            br#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#,
+            "application/json",
+            br#"{"model":"gpt-4o-2024-11-20","choices":[],"usage":{"prompt_tokens":1000000,"completion_tokens":0,"total_tokens":1000000}}"#,
+        );
+        assert_eq!(r.model.as_deref(), Some("gpt-4o"), "the model asked for");
+        assert_eq!(r.cost_usd, Some(9.0), "{r:?}");
+    }
+
     /// A batch submission and a file upload bill nothing themselves: a
     /// cost of 0 (a total over them stays whole), not an unknown one.
     #[test]
