@@ -289,7 +289,8 @@ enum Pending {
     UntilQuote(char),
     /// Inside a tuple or list value that went on past its first word
     /// (`auth=('ci', 'X')`, `TOKENS=(a b)`): redact up to this bracket.
-    UntilClose(char),
+    /// The bracket, and how many are open (nested: `auth=(user(), 'X')`).
+    UntilClose(char, u8),
 }
 
 fn pending_for(name: &str) -> Pending {
@@ -308,6 +309,29 @@ fn is_ident(c: char) -> bool {
 
 fn is_value_end(c: char) -> bool {
     matches!(c, '&' | ';' | ',' | '"' | '\'' | '}' | ')' | '>')
+}
+
+/// Where the bracket `close` that ends a value with `depth` brackets open
+/// comes in `chars` (its index among them), counting `open`s and `close`s
+/// as it goes; else `None`, and how many are open at the end (at most
+/// 255).
+fn closing_bracket(
+    chars: impl Iterator<Item = char>,
+    open: char,
+    close: char,
+    mut depth: u8,
+) -> (Option<usize>, u8) {
+    for (n, c) in chars.enumerate() {
+        if c == open {
+            depth = depth.saturating_add(1);
+        } else if c == close {
+            depth = depth.saturating_sub(1);
+            if depth == 0 {
+                return (Some(n), 0);
+            }
+        }
+    }
+    (None, depth)
 }
 
 /// Where a quoted value that opened before `from` closes in `chars` (a
@@ -361,10 +385,18 @@ fn redact_whole(tok: &str) -> Option<String> {
     let lead_end = tok
         .find(|c: char| !matches!(c, '"' | '\'' | '`' | '[' | '(' | '{'))
         .unwrap_or(tok.len());
-    let trail_start = tok
+    let mut trail_start = tok
         .rfind(|c: char| !matches!(c, '"' | '\'' | '`' | ',' | ';' | ')' | '}' | ']'))
         .map(|i| i + tok[i..].chars().next().map_or(1, char::len_utf8))
         .unwrap_or(lead_end);
+    // An escaped quote (`\"`) keeps its backslash: without it, a second
+    // pass would read the quote as one that closes.
+    if trail_start > lead_end
+        && tok[..trail_start].ends_with('\\')
+        && tok[trail_start..].starts_with(['"', '\''])
+    {
+        trail_start -= 1;
+    }
     if trail_start <= lead_end {
         return None;
     }
@@ -505,7 +537,13 @@ fn scan_token(tok: &str) -> (String, Pending) {
             && !tok[byte(value_start)..].starts_with(REDACTED)
         {
             let close = if open == '(' { ')' } else { ']' };
-            let end = (value_start + 1..chars.len()).find(|&k| at(k) == Some(close));
+            let (end, depth) = closing_bracket(
+                chars[value_start + 1..].iter().map(|(_, c)| *c),
+                open,
+                close,
+                1,
+            );
+            let end = end.map(|k| value_start + 1 + k);
             if !(whole_argument && end.is_some()) {
                 out.push_str(&tok[copied..byte(value_start + 1)]);
                 out.push_str(REDACTED);
@@ -517,7 +555,7 @@ fn scan_token(tok: &str) -> (String, Pending) {
                     None => {
                         copied = tok.len();
                         i = chars.len();
-                        pending = Pending::UntilClose(close);
+                        pending = Pending::UntilClose(close, depth);
                     }
                 }
                 continue;
@@ -647,29 +685,42 @@ fn redact_dsns(tok: &str) -> std::borrow::Cow<'_, str> {
     if !tok.contains("@tcp") && !tok.contains("@unix(") && !tok.contains("@udp(") {
         return std::borrow::Cow::Borrowed(tok);
     }
+    let is_user = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.');
+    let is_delimiter = |c: char| {
+        c.is_whitespace() || matches!(c, '"' | '\'' | '=' | '`' | ',' | ';' | '{' | '[' | '(')
+    };
     let mut out = String::with_capacity(tok.len());
-    let (mut copied, mut from) = (0, 0);
-    while let Some(k) = tok[from..].find('@') {
-        let at = from + k;
-        if NETS.iter().any(|n| tok[at + 1..].starts_with(n)) {
-            // Each stretch is looked at once: linear in the word.
-            let start = tok[from..at]
-                .rfind(|c: char| {
-                    c.is_whitespace() || matches!(c, '"' | '\'' | '=' | '`' | ',' | ';' | '{' | '[')
-                })
-                .map_or(from, |d| from + d + 1);
-            let info = &tok[start..at];
-            if let Some(colon) = info.find(':')
-                && !info.contains("//")
-                && colon + 1 < info.len()
-                && !info[colon + 1..].starts_with(REDACTED)
-            {
-                out.push_str(&tok[copied..start + colon + 1]);
-                out.push_str(REDACTED);
-                copied = at;
-            }
+    let mut copied = 0;
+    // The `@` before the network is the driver's (the last before it: a
+    // password may hold `@`, `=`, `,`, `;` or quotes).
+    for (at, _) in tok.match_indices('@') {
+        if at < copied || !NETS.iter().any(|n| tok[at + 1..].starts_with(n)) {
+            continue;
         }
-        from = at + 1;
+        // The user: the first run of user characters after a delimiter
+        // (or the start) that a `:` follows, between the last DSN and this
+        // `@`. Each character is looked at once: linear in the word.
+        let region = &tok[copied..at];
+        let mut colon = None;
+        // In a run of user characters that began after a delimiter or at
+        // the start; the character before was a delimiter.
+        let (mut anchored, mut after_delimiter) = (false, true);
+        for (k, c) in region.char_indices() {
+            if c == ':' && anchored {
+                colon = Some(copied + k);
+                break;
+            }
+            anchored = is_user(c) && (anchored || after_delimiter);
+            after_delimiter = is_delimiter(c);
+        }
+        let Some(colon) = colon else { continue };
+        let password = &tok[colon + 1..at];
+        // (`mysql://u:X@tcp(...)` is a URL's, redacted as one already.)
+        if !password.is_empty() && !password.starts_with("//") && !password.starts_with(REDACTED) {
+            out.push_str(&tok[copied..colon + 1]);
+            out.push_str(REDACTED);
+            copied = at;
+        }
     }
     out.push_str(&tok[copied..]);
     std::borrow::Cow::Owned(out)
@@ -860,11 +911,13 @@ enum Tool {
     /// requirepass PASSWORD`.
     RedisCli { auth: bool, next: bool },
     /// `htpasswd -b FILE USER PASSWORD`, `htpasswd -nb USER PASSWORD`:
-    /// positional words after the flags, counted.
+    /// positional words after the flags, counted (not the values of
+    /// `-C COST` and `-r ROUNDS`: `value_next`).
     Htpasswd {
         batch: bool,
         no_file: bool,
         seen: u8,
+        value_next: bool,
     },
     /// `curl -b COOKIES`, `curl -x user:PASSWORD@proxy`.
     Curl,
@@ -903,6 +956,7 @@ impl Tool {
                 batch: false,
                 no_file: false,
                 seen: 0,
+                value_next: false,
             },
             "curl" => Tool::Curl,
             "gh" => Tool::Gh { armed: false },
@@ -919,9 +973,6 @@ impl Tool {
     /// After `tok`, an argument of this tool that is not a flag's value:
     /// `None` once the tool runs another program (`sshpass -p X ssh -p 22`).
     fn after(self, tok: &str) -> Option<Tool> {
-        if is_command_end(tok) || (tok.len() > 1 && tok.ends_with(';')) {
-            return None;
-        }
         Some(match (self, tok) {
             (Tool::Login { .. }, "login" | "auth") => Tool::Login { armed: true },
             (Tool::Gh { .. }, "secret") => Tool::Gh { armed: true },
@@ -936,18 +987,19 @@ impl Tool {
                 next: tok.eq_ignore_ascii_case("requirepass")
                     || tok.eq_ignore_ascii_case("masterauth"),
             },
-            // Numbers are `-C COST` and `-r ROUNDS` values.
             (
                 Tool::Htpasswd {
                     batch,
                     no_file,
                     seen,
+                    value_next,
                 },
                 _,
             ) => Tool::Htpasswd {
                 batch,
                 no_file,
-                seen: seen.saturating_add(u8::from(!tok.bytes().all(|b| b.is_ascii_digit()))),
+                seen: seen.saturating_add(u8::from(!value_next)),
+                value_next: false,
             },
             (t, _) => t,
         })
@@ -961,6 +1013,7 @@ impl Tool {
                 batch,
                 no_file,
                 seen,
+                ..
             } if !flag.starts_with("--")
                 && flag[1..].bytes().all(|b| b.is_ascii_alphanumeric()) =>
             {
@@ -968,6 +1021,8 @@ impl Tool {
                     batch: batch || flag.contains('b'),
                     no_file: no_file || flag.contains('n'),
                     seen,
+                    // `-C COST`, `-r ROUNDS` (alone or ending a cluster).
+                    value_next: flag.ends_with(['C', 'r']),
                 }
             }
             t => t,
@@ -977,14 +1032,18 @@ impl Tool {
     /// Whether the next word that is not a flag is a secret by its place
     /// (`mysqladmin password X`, `redis-cli AUTH X`, `htpasswd -b f u X`).
     fn positional_secret(self, tok: &str) -> bool {
+        if is_command_end(tok) {
+            return false;
+        }
         match self {
             Tool::Mysqladmin { password } => password,
-            Tool::RedisCli { auth, next } => (auth || next) && !is_command_end(tok),
+            Tool::RedisCli { auth, next } => auth || next,
             Tool::Htpasswd {
                 batch: true,
                 no_file,
                 seen,
-            } => seen == if no_file { 1 } else { 2 } && !tok.bytes().all(|b| b.is_ascii_digit()),
+                value_next: false,
+            } => seen == if no_file { 1 } else { 2 },
             _ => false,
         }
     }
@@ -1249,9 +1308,14 @@ struct Redactor {
     /// A flag so far reads a secret from standard input
     /// (`--password-stdin`, `--with-token`): a here-string's word is one.
     stdin_secret: bool,
-    /// A `.netrc` line (`machine h login u password X`): 2 after `login`,
-    /// 1 after its user; `password` then names the next word.
+    /// Where a `.netrc` line (`machine h login u password X`, `default
+    /// login u password X`) has got to: 4 after `machine`, 3 after its
+    /// host or `default`, 2 after `login`, 1 after its user; `password`
+    /// then names the next word.
     netrc: u8,
+    /// Reading the words of one argument of an argument vector (not a
+    /// script): the shell split none of them, so none ends a command.
+    in_argument: bool,
 }
 
 /// Where SQL's password clauses have got to: `ALTER USER ci WITH PASSWORD
@@ -1283,6 +1347,7 @@ impl Default for Redactor {
             secret_context: false,
             stdin_secret: false,
             netrc: 0,
+            in_argument: false,
             prose: false,
             prose_value: false,
         }
@@ -1294,7 +1359,7 @@ impl Redactor {
     fn inside_value(&self) -> bool {
         matches!(
             self.pending,
-            Pending::UntilQuote(_) | Pending::UntilClose(_)
+            Pending::UntilQuote(_) | Pending::UntilClose(..)
         )
     }
 
@@ -1309,7 +1374,9 @@ impl Redactor {
         self.quote = None;
         self.comment = false;
         self.header_next = matches!(arg, "-H" | "--header" | "--proxy-header");
+        self.in_argument = !script && arg.split_whitespace().nth(1).is_some();
         self.argument_words(arg, script, header, out);
+        self.in_argument = false;
         // A quoted value ends with its argument at the latest.
         if self.inside_value() {
             self.pending = Pending::None;
@@ -1342,7 +1409,7 @@ impl Redactor {
                 }
                 Pending::Quoted
                 | Pending::UntilQuote(_)
-                | Pending::UntilClose(_)
+                | Pending::UntilClose(..)
                 | Pending::None => {}
             }
         }
@@ -1413,6 +1480,12 @@ impl Redactor {
             }
             if rest[..ws].contains('\n') {
                 self.comment = false;
+                // A new line of a script is a new command (outside quotes).
+                if self.quote.is_none() && !self.inside_value() {
+                    self.tool = None;
+                    self.stdin_secret = false;
+                    self.netrc = 0;
+                }
             }
             rest = &rest[ws..];
             if rest.is_empty() {
@@ -1431,6 +1504,7 @@ impl Redactor {
     fn word(&mut self, tok: &str, out: &mut String) {
         let before = out.len();
         let inside = self.inside_value();
+        let open = self.quote;
         if self.quote.is_none() && !inside && tok.starts_with('#') {
             self.comment = true;
         }
@@ -1438,7 +1512,28 @@ impl Redactor {
         if self.comment {
             return;
         }
+        // A command ends at the shell's operators, or with a word ending
+        // in `;`: where the shell reads them, outside quotes and not inside
+        // one argument of an argument vector (`-H 'Content-Type: a; b'`).
+        if open.is_none()
+            && !self.in_argument
+            && (is_command_end(tok) || (tok.len() > 1 && tok.ends_with(';')))
+        {
+            self.tool = None;
+            self.stdin_secret = false;
+            self.netrc = 0;
+        }
         self.quote = quote_after(self.quote, tok);
+        // A redaction that took a closing quote with it (`'don't` read as
+        // one value, `'[REDACTED]`) gives the quote back, so that a second
+        // pass tracks the quotes as this one did.
+        if self.quote.is_none()
+            && !inside
+            && !self.inside_value()
+            && let Some(q) = quote_after(open, &out[before..])
+        {
+            out.push(q);
+        }
         if let Some(q) = self.quote
             && !inside
             && !self.prose_value
@@ -1473,10 +1568,16 @@ impl Redactor {
             }
             return;
         }
-        if let Pending::UntilClose(c) = self.pending {
-            if let Some(k) = tok.find(c) {
-                self.pending = Pending::None;
-                self.after_value(&tok[k..], out);
+        if let Pending::UntilClose(close, depth) = self.pending {
+            let open = if close == ')' { '(' } else { '[' };
+            let (end, depth) = closing_bracket(tok.chars(), open, close, depth);
+            match end {
+                Some(n) => {
+                    self.pending = Pending::None;
+                    let k = tok.char_indices().nth(n).map_or(tok.len(), |(b, _)| b);
+                    self.after_value(&tok[k..], out);
+                }
+                None => self.pending = Pending::UntilClose(close, depth),
             }
             return;
         }
@@ -1635,8 +1736,17 @@ impl Redactor {
             }
         }
         // `htpasswd -b /etc/nginx/htpasswd u X`: the file is no new tool.
+        let htpasswd_file = matches!(
+            self.tool,
+            Some(Tool::Htpasswd {
+                no_file: false,
+                seen: 0,
+                value_next: false,
+                ..
+            })
+        );
         if let Some(t) = Tool::named(tok)
-            && !matches!(self.tool, Some(Tool::Htpasswd { .. }))
+            && !htpasswd_file
         {
             self.tool = Some(t);
         } else if let Some(t) = self.tool
@@ -1758,9 +1868,11 @@ impl Redactor {
             self.secret_context = true;
         }
         self.netrc = match (self.netrc, bare) {
-            (_, "login") => 2,
+            (_, "machine") => 4,
+            (4, _) | (_, "default") => 3,
+            (3, "login") => 2,
             (2, _) => 1,
-            (1, "password" | "passwd") => {
+            (1 | 3, "password" | "passwd") => {
                 if matches!(self.pending, Pending::None | Pending::Quoted) {
                     self.pending = Pending::Value;
                 }
@@ -2875,6 +2987,152 @@ mod tests {
                 &["mysql://ci:", "@tcp(db:3306)/app"],
             ),
             (&["ssh", "git@tcp(x)"], &[], &["git@tcp(x)"]),
+            // A password with `=`, `,`, quotes or `@` in it: the user is
+            // the first name a `:` follows, the `@` the one before `tcp(`.
+            (
+                &["app", "--dsn", "ci:Zq9hunter2xQ==@tcp(db:3306)/app"],
+                &["Zq9hunter2xQ=="],
+                &["ci:", "@tcp(db:3306)/app"],
+            ),
+            (
+                &["bash", "-c", "DB_DSN='ci:pa=ss,w;o@rd@tcp(db)/app' ./run"],
+                &["pa=ss", "w;o@rd"],
+                &["DB_DSN='ci:", "@tcp(db)/app' ./run"],
+            ),
+            // Nested brackets inside a tuple.
+            (
+                &[
+                    "python",
+                    "-c",
+                    "requests.get(u, auth=(user(), 'correcthorse'))",
+                ],
+                &["correcthorse"],
+                &["auth=(", "))"],
+            ),
+            (
+                &[
+                    "python",
+                    "-c",
+                    "f(auth=(os.getenv('U'), 'correcthorse'), timeout=5)",
+                ],
+                &["correcthorse"],
+                &["), timeout=5)"],
+            ),
+            (
+                &["python", "-c", "f(auth=(a, g(b), 'correcthorse'))"],
+                &["correcthorse"],
+                &["f(auth=("],
+            ),
+            // A `;` inside one argument, or inside quotes, ends no command:
+            // the tool's flags still take their secrets after it.
+            (
+                &[
+                    "mysql",
+                    "-u",
+                    "root",
+                    "-e",
+                    "CREATE DATABASE app;",
+                    "-phunter2pass",
+                ],
+                &["hunter2pass"],
+                &["CREATE DATABASE app; -p"],
+            ),
+            (
+                &[
+                    "curl",
+                    "-H",
+                    "Content-Type: text/plain; charset=utf-8",
+                    "-b",
+                    "sid=hunter2pass",
+                    "https://x",
+                ],
+                &["hunter2pass"],
+                &["charset=utf-8 -b "],
+            ),
+            (
+                &[
+                    "sh",
+                    "-c",
+                    "curl -H 'Content-Type: text/plain; charset=utf-8' -b sid=hunter2pass https://x",
+                ],
+                &["hunter2pass"],
+                &["charset=utf-8' -b "],
+            ),
+            // A new line of a script is a new command: htpasswd's counting
+            // ends there, and a later tool is read as itself.
+            (
+                &[
+                    "sh",
+                    "-c",
+                    "htpasswd -b /etc/nginx/htpasswd ci Zq9hunter2x\ndocker login -u me -p hunter2pass reg.io",
+                ],
+                &[pw, "hunter2pass"],
+                &["docker login -u me -p "],
+            ),
+            (
+                &[
+                    "sh",
+                    "-c",
+                    "htpasswd -c f ci\ndocker login -u me -p hunter2pass reg.io",
+                ],
+                &["hunter2pass"],
+                &["htpasswd -c f ci\n"],
+            ),
+            // An all-digit password is one unless it is -C's or -r's value.
+            (
+                &["htpasswd", "-nb", "ci", "12345678"],
+                &["12345678"],
+                &["-nb ci "],
+            ),
+            (
+                &["htpasswd", "-nbC", "12", "ci", pw],
+                &[pw],
+                &["-nbC 12 ci "],
+            ),
+            // No over-redaction once the command has ended.
+            (
+                &["sh", "-c", "redis-cli ping\necho auth done\nmake test"],
+                &[],
+                &["echo auth done\nmake test"],
+            ),
+            (
+                &["sh", "-c", "redis-cli auth Zq9hunter2x\nnpm test"],
+                &[pw],
+                &["\nnpm test"],
+            ),
+            (
+                &[
+                    "sh",
+                    "-c",
+                    "docker login --password-stdin <<< \"$P\"; grep -c x <<< hello",
+                ],
+                &[],
+                &["grep -c x <<< hello"],
+            ),
+            (
+                &[
+                    "sh",
+                    "-c",
+                    "mysqladmin -u root password Zq9hunter2x && echo done",
+                ],
+                &[pw],
+                &[" && echo done"],
+            ),
+            // A login and a password in prose are no .netrc line.
+            (
+                &["git", "commit", "-m", "fix login form password field"],
+                &[],
+                &["fix login form password field"],
+            ),
+            (
+                &[
+                    "sh",
+                    "-c",
+                    "printf 'default login ci password Zq9hunter2x\\n' > ~/.netrc",
+                ],
+                &[pw],
+                &["default login ci password "],
+            ),
             // SonarQube's login is a token whatever its shape.
             (
                 &["sonar-scanner", "-Dsonar.login=Zq9hunter2x"],
@@ -3336,6 +3594,21 @@ mod tests {
             "{once}"
         );
         assert_eq!(redact_cmdline(&once), once);
+    }
+
+    /// Lines where the first pass's quotes and the second's had differed
+    /// (found by the property test below): a value that took its closing
+    /// quote with it, an escaped quote that lost its backslash.
+    #[test]
+    fn a_second_pass_changes_nothing() {
+        for line in [
+            "api_key 'don't \" Cookie: \"",
+            "\"me:a Bearer \\\" --password \"",
+            "'don't curl api_key='a,b' a=b; -uci:pw",
+        ] {
+            let once = redact_cmdline(line);
+            assert_eq!(redact_cmdline(&once), once, "from `{line}`");
+        }
     }
 
     #[test]
