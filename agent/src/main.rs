@@ -9,27 +9,34 @@ use tollgate::config::{Config, LogFormat};
 use tollgate::{app, exit};
 use tracing_subscriber::EnvFilter;
 
-/// `RUST_LOG` if it is a valid filter, else `log.level`, else `info`. The
-/// exporter library's debug lines show the collector's whole URL, which
-/// may hold a vendor's ingest key: it logs at most at info, unless the
-/// filter names it itself.
+/// The exporter libraries' log targets (`otel_debug!` logs under the
+/// crate's package name, with its hyphens). Their debug lines show the
+/// collector's whole URL, which may hold a vendor's ingest key.
+const EXPORTER_TARGETS: &[&str] = &["opentelemetry-otlp", "opentelemetry-http"];
+
+/// `RUST_LOG` if it is a valid filter, else `log.level`, else `info`; the
+/// exporter libraries at info at most (see [`EXPORTER_TARGETS`]), unless
+/// the filter names them itself.
 fn log_filter(rust_log: Option<String>, level: &str) -> EnvFilter {
-    let (filter, spec) = match rust_log {
+    let (mut filter, spec) = match rust_log {
         Some(v) if EnvFilter::try_new(&v).is_ok() => (EnvFilter::new(&v), v),
         _ => match EnvFilter::try_new(level) {
             Ok(f) => (f, level.to_string()),
             Err(_) => (EnvFilter::new("info"), "info".into()),
         },
     };
-    if spec.contains("opentelemetry_otlp") {
-        filter
-    } else {
-        filter.add_directive(
-            "opentelemetry_otlp=info"
-                .parse()
-                .expect("a valid directive"),
-        )
+    // Only where the filter lets debug through somewhere: a quieter
+    // filter is not raised to info for them.
+    let verbose = filter
+        .max_level_hint()
+        .is_none_or(|l| l > tracing::level_filters::LevelFilter::INFO);
+    for target in EXPORTER_TARGETS {
+        if verbose && !spec.contains(target) {
+            let directive = format!("{target}=info").parse().expect("a valid directive");
+            filter = filter.add_directive(directive);
+        }
     }
+    filter
 }
 
 fn init_logging(cfg: &Config) {
@@ -80,28 +87,75 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::log_filter;
+    use tracing_subscriber::layer::SubscriberExt as _;
+
+    /// Whether an event of `target` at `level` gets through `filter`.
+    fn passes(filter: tracing_subscriber::EnvFilter, target: &str, level: tracing::Level) -> bool {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        struct Count(Arc<AtomicUsize>);
+        impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Count {
+            fn on_event(
+                &self,
+                _: &tracing::Event<'_>,
+                _: tracing_subscriber::layer::Context<'_, S>,
+            ) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let n = Arc::new(AtomicUsize::new(0));
+        let subscriber = tracing_subscriber::registry()
+            .with(filter)
+            .with(Count(n.clone()));
+        tracing::subscriber::with_default(subscriber, || {
+            // (The target must be a literal; the cases name it.)
+            match (target, level) {
+                ("opentelemetry-otlp", tracing::Level::DEBUG) => {
+                    tracing::debug!(target: "opentelemetry-otlp", "x")
+                }
+                ("opentelemetry-otlp", tracing::Level::INFO) => {
+                    tracing::info!(target: "opentelemetry-otlp", "x")
+                }
+                ("opentelemetry-http", tracing::Level::DEBUG) => {
+                    tracing::debug!(target: "opentelemetry-http", "x")
+                }
+                ("tollgate", tracing::Level::DEBUG) => tracing::debug!(target: "tollgate", "x"),
+                _ => unreachable!("no such case"),
+            }
+        });
+        n.load(Ordering::SeqCst) == 1
+    }
 
     #[test]
-    fn the_exporter_library_logs_at_most_info_unless_named() {
-        for (rust_log, level) in [
-            (None, "debug"),
-            (Some("trace".to_string()), "info"),
-            (Some("not a [filter".to_string()), "debug"),
-            (None, "not a [filter"),
-        ] {
-            let f = log_filter(rust_log.clone(), level).to_string();
-            assert!(
-                f.contains("opentelemetry_otlp=info"),
-                "{rust_log:?} {level}: {f}"
-            );
-        }
-        let f = log_filter(None, "debug,opentelemetry_otlp=debug").to_string();
-        assert!(f.contains("opentelemetry_otlp=debug"), "{f}");
-        assert!(!f.contains("opentelemetry_otlp=info"), "{f}");
-        let f = log_filter(Some("warn".into()), "debug").to_string();
+    fn the_exporter_libraries_log_at_most_info_unless_named() {
+        use tracing::Level;
+        let f = || log_filter(None, "debug");
+        assert!(!passes(f(), "opentelemetry-otlp", Level::DEBUG));
+        assert!(!passes(f(), "opentelemetry-http", Level::DEBUG));
+        assert!(passes(f(), "opentelemetry-otlp", Level::INFO));
         assert!(
-            f.contains("warn") && !f.contains("debug"),
-            "RUST_LOG first: {f}"
+            passes(f(), "tollgate", Level::DEBUG),
+            "the rest stays at debug"
         );
+        // RUST_LOG first, an invalid one ignored.
+        assert!(!passes(
+            log_filter(Some("trace".into()), "info"),
+            "opentelemetry-otlp",
+            Level::DEBUG
+        ));
+        assert!(!passes(
+            log_filter(Some("not a [filter".into()), "debug"),
+            "opentelemetry-otlp",
+            Level::DEBUG
+        ));
+        // A quieter filter is not raised for them.
+        assert!(!passes(
+            log_filter(None, "warn"),
+            "opentelemetry-otlp",
+            Level::INFO
+        ));
+        // Named in the filter: as it says.
+        let named = log_filter(None, "debug,opentelemetry-otlp=debug");
+        assert!(passes(named, "opentelemetry-otlp", Level::DEBUG));
     }
 }
