@@ -1068,13 +1068,25 @@ pub fn price_order<'a>(
     response: Option<&'a str>,
     request: Option<&'a str>,
 ) -> PriceOrder<'a> {
+    price_order_with(provider, response, request, None)
+}
+
+/// [`price_order`], with the Azure deployment the request's path names
+/// first (Azure serves it, whatever model the body names), then the
+/// body's model and the response's.
+pub fn price_order_with<'a>(
+    provider: &str,
+    response: Option<&'a str>,
+    request: Option<&'a str>,
+    deployment: Option<&'a str>,
+) -> PriceOrder<'a> {
     let order = if provider == "azure-openai" {
-        [request, response]
+        [deployment, request, response]
     } else {
-        [response, request]
+        [response, request, None]
     };
     let mut out = PriceOrder {
-        names: [""; 2],
+        names: [""; 3],
         len: 0,
     };
     for name in order.into_iter().flatten() {
@@ -1088,7 +1100,7 @@ pub fn price_order<'a>(
 /// the stack (one is made per record).
 #[derive(Debug, Clone, Copy)]
 pub struct PriceOrder<'a> {
-    names: [&'a str; 2],
+    names: [&'a str; 3],
     len: usize,
 }
 

@@ -798,6 +798,10 @@ struct Found {
     /// usage read with it is final. A stream cut before that has only the
     /// counts so far (cumulative, and some chunks carry only the prompt's).
     finished: bool,
+    /// Candidates (by `index`) that have streamed without their
+    /// `finishReason` yet (`candidateCount` above 1): the generation is
+    /// over once none is left. At most 64 kept.
+    open_candidates: std::collections::BTreeSet<u64>,
     /// The provider's error status, from an error object that ended a
     /// body after responses (a stream's mid-way `{"error": ...}`), or
     /// that was all of a successful status's body.
@@ -868,11 +872,15 @@ impl Found {
         let candidates = v.get("candidates").and_then(Value::as_array);
         self.generating |= candidates.is_some();
         for c in candidates.into_iter().flatten() {
+            let index = c.get("index").and_then(Value::as_u64).unwrap_or(0);
             if c.get("finishReason")
                 .and_then(Value::as_str)
                 .is_some_and(|r| !r.is_empty())
             {
                 self.finished = true;
+                self.open_candidates.remove(&index);
+            } else if self.open_candidates.len() < 64 {
+                self.open_candidates.insert(index);
             }
             let parts = c.pointer("/content/parts").and_then(Value::as_array);
             for p in parts.into_iter().flatten() {
@@ -975,7 +983,7 @@ impl UsageParser for SseParser {
     /// A candidate's `finishReason` (or a blocked prompt): what follows
     /// costs the provider nothing more.
     fn generation_over(&self) -> bool {
-        self.found.finished
+        self.found.finished && self.found.open_candidates.is_empty()
     }
 }
 
@@ -1005,7 +1013,7 @@ impl UsageParser for JsonParser {
     /// A candidate's `finishReason` (or a blocked prompt): what follows
     /// costs the provider nothing more.
     fn generation_over(&self) -> bool {
-        self.found.finished
+        self.found.finished && self.found.open_candidates.is_empty()
     }
 }
 
@@ -1195,6 +1203,13 @@ mod tests {
         assert_eq!(c.finish().output_text, r#"run_shell{"cmd":"ls"}"#);
         p.feed(last);
         assert!(p.generation_over());
+        // Two candidates: over when both have finished.
+        let mut two = Gemini.response_parser(&info, 200, &h);
+        two.feed(b"data: {\"candidates\":[{\"index\":0,\"content\":{\"parts\":[{\"text\":\"a\"}]}},{\"index\":1,\"content\":{\"parts\":[{\"text\":\"b\"}]}}]}\n\n");
+        two.feed(b"data: {\"candidates\":[{\"index\":0,\"content\":{\"parts\":[{\"text\":\"c\"}]},\"finishReason\":\"STOP\"}]}\n\n");
+        assert!(!two.generation_over(), "candidate 1 still generates");
+        two.feed(b"data: {\"candidates\":[{\"index\":1,\"content\":{\"parts\":[{\"text\":\"d\"}]},\"finishReason\":\"STOP\"}]}\n\n");
+        assert!(two.generation_over());
         h.insert(
             http::header::CONTENT_TYPE,
             http::HeaderValue::from_static("application/json"),

@@ -1543,10 +1543,11 @@ impl Draft {
         let deployment = (provider == "azure-openai")
             .then(|| crate::providers::azure::deployment(&self.path))
             .flatten();
-        let models = crate::meter::pricing::price_order(
+        let models = crate::meter::pricing::price_order_with(
             provider,
             parsed.response_model.as_deref(),
-            deployment.as_deref().or(self.info.model.as_deref()),
+            self.info.model.as_deref(),
+            deployment.as_deref(),
         );
         let priced = models.first().copied();
         let prices = &self.ctx.state.prices;
@@ -2461,6 +2462,17 @@ mod tests {
         );
         assert_eq!(r.model.as_deref(), Some("gpt-4o"), "the model asked for");
         assert_eq!(r.cost_usd, Some(9.0), "{r:?}");
+        // An unpriced deployment, and no model in the answer: the body's
+        // model still prices it.
+        let r = answered(
+            "acme.openai.azure.com",
+            ApiKind::AzureOpenai,
+            "/openai/deployments/prod-eu/chat/completions",
+            br#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#,
+            "application/json",
+            br#"{"choices":[],"usage":{"prompt_tokens":1000000,"completion_tokens":0,"total_tokens":1000000}}"#,
+        );
+        assert!(r.cost_usd.is_some_and(|c| c > 0.0), "{r:?}");
     }
 
     /// A batch submission and a file upload bill nothing themselves: a
