@@ -254,27 +254,7 @@ impl OtlpReceiver {
             .await
             .expect("bind the gRPC receiver on 127.0.0.1:0");
         let addr = listener.local_addr().expect("receiver address");
-        let store = Arc::new(Store::default());
-        let (stop, stopped) = oneshot::channel::<()>();
-        let svc = MetricsServiceServer::new(GrpcService(store.clone()));
-        let traces = TraceServiceServer::new(GrpcTraces(store.clone()));
-        let incoming = tokio_stream_from(listener);
-        tokio::spawn(async move {
-            let _ = tonic::transport::Server::builder()
-                .add_service(svc)
-                .add_service(traces)
-                .serve_with_incoming_shutdown(incoming, async {
-                    let _ = stopped.await;
-                })
-                .await;
-        });
-        OtlpReceiver {
-            transport: Transport::Grpc,
-            tls: false,
-            addr,
-            store,
-            stop: Some(stop),
-        }
+        serve_grpc(tokio_stream_from(listener), addr, false)
     }
 
     /// [`OtlpReceiver::grpc`] over TLS (HTTP/2 by ALPN), its certificate
@@ -303,10 +283,6 @@ impl OtlpReceiver {
             .await
             .expect("bind the gRPC receiver on 127.0.0.1:0");
         let addr = listener.local_addr().expect("receiver address");
-        let store = Arc::new(Store::default());
-        let (stop, stopped) = oneshot::channel::<()>();
-        let svc = MetricsServiceServer::new(GrpcService(store.clone()));
-        let traces = TraceServiceServer::new(GrpcTraces(store.clone()));
         // Handshakes that fail (an exporter that refuses the certificate)
         // are dropped: nothing reaches the service then.
         let incoming =
@@ -320,22 +296,7 @@ impl OtlpReceiver {
                     }
                 }
             });
-        tokio::spawn(async move {
-            let _ = tonic::transport::Server::builder()
-                .add_service(svc)
-                .add_service(traces)
-                .serve_with_incoming_shutdown(incoming, async {
-                    let _ = stopped.await;
-                })
-                .await;
-        });
-        OtlpReceiver {
-            transport: Transport::Grpc,
-            tls: true,
-            addr,
-            store,
-            stop: Some(stop),
-        }
+        serve_grpc(incoming, addr, true)
     }
 
     /// An OTLP/HTTP endpoint (`POST /v1/metrics` and `/v1/traces`,
@@ -490,6 +451,40 @@ impl OtlpReceiver {
                 return pred(&self.received());
             }
         }
+    }
+}
+
+/// The gRPC `MetricsService` and `TraceService` on the connections of
+/// `incoming` (at `addr`), until the receiver is dropped.
+fn serve_grpc<I, IO>(incoming: I, addr: SocketAddr, tls: bool) -> OtlpReceiver
+where
+    I: futures_util::Stream<Item = std::io::Result<IO>> + Send + 'static,
+    IO: tokio::io::AsyncRead
+        + tokio::io::AsyncWrite
+        + tonic::transport::server::Connected
+        + Unpin
+        + Send
+        + 'static,
+{
+    let store = Arc::new(Store::default());
+    let (stop, stopped) = oneshot::channel::<()>();
+    let svc = MetricsServiceServer::new(GrpcService(store.clone()));
+    let traces = TraceServiceServer::new(GrpcTraces(store.clone()));
+    tokio::spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .add_service(svc)
+            .add_service(traces)
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = stopped.await;
+            })
+            .await;
+    });
+    OtlpReceiver {
+        transport: Transport::Grpc,
+        tls,
+        addr,
+        store,
+        stop: Some(stop),
     }
 }
 
