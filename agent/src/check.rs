@@ -739,6 +739,9 @@ fn collector_with(
             );
         }
     };
+    if let Err(why) = crate::export::check_tls_files(&resolved) {
+        return outcome(Level::Fail, "collector", why);
+    }
     let ignored = resolved.env_headers_ignored.map(|var| {
         format!(
             "; {var} (from {source}) is not sent, since export.otlp.endpoint is set in the config: set the endpoint in the environment too and remove it from the config"
@@ -1059,6 +1062,19 @@ mod tests {
         assert!(!o.detail.contains("SECRET-9"), "{o:?}");
         let o = check(Some("RUNNER_NAME=r1\n"), &named);
         assert!(!o.detail.contains("is not sent"), "{o:?}");
+        // A collector CA file the agent could not read fails the check,
+        // naming the variable that set it.
+        let missing = t.path().join("no-ca.pem");
+        let o = check(
+            Some(&format!(
+                "OTEL_EXPORTER_OTLP_CERTIFICATE={}\n",
+                missing.display()
+            )),
+            &named,
+        );
+        assert_eq!(o.level, Level::Fail, "{o:?}");
+        assert!(o.detail.contains("OTEL_EXPORTER_OTLP_CERTIFICATE"), "{o:?}");
+        assert!(o.detail.contains("no-ca.pem"), "{o:?}");
     }
 
     #[test]

@@ -261,30 +261,26 @@ impl OtlpReceiver {
     /// for 127.0.0.1 signed by `pki`'s CA: a collector the exporter
     /// trusts only through the host's store (`SSL_CERT_FILE`).
     pub async fn grpc_tls(pki: &crate::pki::TestPki) -> OtlpReceiver {
-        use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-        let leaf = pki.leaf("127.0.0.1");
-        let certs: Vec<CertificateDer<'static>> =
-            rustls_pemfile::certs(&mut leaf.cert_pem.as_bytes())
-                .collect::<Result<_, _>>()
-                .expect("leaf pem");
-        let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut leaf.key_pem.as_bytes())
-            .expect("key pem")
-            .expect("a key");
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .expect("versions")
-            .with_no_client_auth()
-            .with_single_cert(certs, key)
-            .expect("the receiver's certificate");
-        cfg.alpn_protocols = vec![b"h2".to_vec()];
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+        OtlpReceiver::grpc_over(tls_acceptor(pki, None, &[b"h2"])).await
+    }
+
+    /// [`OtlpReceiver::grpc_tls`] that asks for a client certificate
+    /// signed by `client_ca` (mutual TLS) and refuses a handshake without.
+    pub async fn grpc_mtls(
+        pki: &crate::pki::TestPki,
+        client_ca: &crate::pki::TestPki,
+    ) -> OtlpReceiver {
+        OtlpReceiver::grpc_over(tls_acceptor(pki, Some(client_ca), &[b"h2"])).await
+    }
+
+    async fn grpc_over(acceptor: tokio_rustls::TlsAcceptor) -> OtlpReceiver {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind the gRPC receiver on 127.0.0.1:0");
         let addr = listener.local_addr().expect("receiver address");
-        // Handshakes that fail (an exporter that refuses the certificate)
-        // are dropped: nothing reaches the service then.
+        // Handshakes that fail (an exporter that refuses the certificate,
+        // or shows none when one is asked for) are dropped: nothing
+        // reaches the service then.
         let incoming =
             futures_util::stream::unfold((listener, acceptor), |(l, acceptor)| async move {
                 loop {
@@ -299,10 +295,29 @@ impl OtlpReceiver {
         serve_grpc(incoming, addr, true)
     }
 
+    /// [`OtlpReceiver::http`] over TLS, asking for a client certificate
+    /// signed by `client_ca` (mutual TLS) and refusing a handshake without.
+    pub async fn http_mtls(
+        pki: &crate::pki::TestPki,
+        client_ca: &crate::pki::TestPki,
+    ) -> OtlpReceiver {
+        OtlpReceiver::http_over(Some(tls_acceptor(
+            pki,
+            Some(client_ca),
+            &[b"h2", b"http/1.1"],
+        )))
+        .await
+    }
+
     /// An OTLP/HTTP endpoint (`POST /v1/metrics` and `/v1/traces`,
     /// `application/x-protobuf`) on 127.0.0.1:0. Other paths answer 404,
     /// other content types 415.
     pub async fn http() -> OtlpReceiver {
+        OtlpReceiver::http_over(None).await
+    }
+
+    async fn http_over(acceptor: Option<tokio_rustls::TlsAcceptor>) -> OtlpReceiver {
+        let tls = acceptor.is_some();
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind the OTLP/HTTP receiver on 127.0.0.1:0");
@@ -320,22 +335,36 @@ impl OtlpReceiver {
                     },
                 };
                 let st = st.clone();
+                let acceptor = acceptor.clone();
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| {
                         let st = st.clone();
                         async move { Ok::<_, Infallible>(http_export(&st, req).await) }
                     });
-                    let _ = hyper_util::server::conn::auto::Builder::new(
+                    let builder = hyper_util::server::conn::auto::Builder::new(
                         hyper_util::rt::TokioExecutor::new(),
-                    )
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                    .await;
+                    );
+                    match acceptor {
+                        // A failed handshake is dropped: nothing arrives.
+                        Some(a) => {
+                            if let Ok(tls) = a.accept(stream).await {
+                                let _ = builder
+                                    .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                                    .await;
+                            }
+                        }
+                        None => {
+                            let _ = builder
+                                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                                .await;
+                        }
+                    }
                 });
             }
         });
         OtlpReceiver {
             transport: Transport::Http,
-            tls: false,
+            tls,
             addr,
             store,
             stop: Some(stop),
@@ -363,6 +392,7 @@ impl OtlpReceiver {
         match self.transport {
             Transport::Grpc if self.tls => format!("https://{}", self.addr),
             Transport::Grpc => format!("http://{}", self.addr),
+            Transport::Http if self.tls => format!("https://{}/v1/metrics", self.addr),
             Transport::Http => format!("http://{}/v1/metrics", self.addr),
         }
     }
@@ -468,8 +498,15 @@ where
 {
     let store = Arc::new(Store::default());
     let (stop, stopped) = oneshot::channel::<()>();
-    let svc = MetricsServiceServer::new(GrpcService(store.clone()));
-    let traces = TraceServiceServer::new(GrpcTraces(store.clone()));
+    use tonic::codec::CompressionEncoding::{Gzip, Zstd};
+    // A collector accepts gzip and zstd; tonic answers UNIMPLEMENTED to an
+    // encoding a service does not accept.
+    let svc = MetricsServiceServer::new(GrpcService(store.clone()))
+        .accept_compressed(Gzip)
+        .accept_compressed(Zstd);
+    let traces = TraceServiceServer::new(GrpcTraces(store.clone()))
+        .accept_compressed(Gzip)
+        .accept_compressed(Zstd);
     tokio::spawn(async move {
         let _ = tonic::transport::Server::builder()
             .add_service(svc)
@@ -486,6 +523,48 @@ where
         store,
         stop: Some(stop),
     }
+}
+
+/// A TLS acceptor with a leaf for 127.0.0.1 from `pki`, asking for a
+/// client certificate from `client_ca` when given one.
+fn tls_acceptor(
+    pki: &crate::pki::TestPki,
+    client_ca: Option<&crate::pki::TestPki>,
+    alpn: &[&[u8]],
+) -> tokio_rustls::TlsAcceptor {
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let leaf = pki.leaf("127.0.0.1");
+    let certs: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut leaf.cert_pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .expect("leaf pem");
+    let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut leaf.key_pem.as_bytes())
+        .expect("key pem")
+        .expect("a key");
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .expect("versions");
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in rustls_pemfile::certs(&mut ca.ca_pem.as_bytes()) {
+                roots.add(c.expect("client CA pem")).expect("client CA");
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .expect("client verifier");
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut cfg = builder
+        .with_single_cert(certs, key)
+        .expect("the receiver's certificate");
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    tokio_rustls::TlsAcceptor::from(Arc::new(cfg))
 }
 
 /// A TLS connection to the gRPC receiver, as tonic's server takes one.
@@ -570,9 +649,38 @@ async fn http_export(store: &Store, req: Request<hyper::body::Incoming>) -> Resp
             )
         })
         .collect();
+    let encoding = req
+        .headers()
+        .get(hyper::header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_ascii_lowercase();
     let body = match req.into_body().collect().await {
         Ok(b) => b.to_bytes(),
         Err(_) => return reply(StatusCode::BAD_REQUEST, "body"),
+    };
+    // A collector decodes gzip and zstd bodies (the encoding stays in the
+    // received headers for tests to look at).
+    let body = match encoding.as_str() {
+        "" | "identity" => body,
+        "gzip" => {
+            use std::io::Read;
+            let mut out = Vec::new();
+            match flate2::read::GzDecoder::new(&body[..]).read_to_end(&mut out) {
+                Ok(_) => Bytes::from(out),
+                Err(_) => return reply(StatusCode::BAD_REQUEST, "bad gzip"),
+            }
+        }
+        "zstd" => match zstd::stream::decode_all(&body[..]) {
+            Ok(out) => Bytes::from(out),
+            Err(_) => return reply(StatusCode::BAD_REQUEST, "bad zstd"),
+        },
+        _ => {
+            return reply(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unknown content-encoding",
+            );
+        }
     };
     if traces {
         if store

@@ -279,6 +279,144 @@ o.chat.completions.create(model="gpt-4o-mini", max_tokens=3, messages=[{"role": 
     drop(rt);
 }
 
+/// Writes a client certificate from `ca` and its key into `ca`'s dir.
+fn client_identity(ca: &tollgate_e2e::pki::TestPki) -> (String, String) {
+    let leaf = ca.leaf("tollgate-agent");
+    let (cert, key) = (ca.path().join("client.pem"), ca.path().join("client.key"));
+    std::fs::write(&cert, &leaf.cert_pem).expect("write client cert");
+    std::fs::write(&key, &leaf.key_pem).expect("write client key");
+    (cert.display().to_string(), key.display().to_string())
+}
+
+/// One chat completion through the agent; then the export's arrival.
+fn one_request_then_wait(
+    w: &mut World,
+    rt: &tokio::runtime::Runtime,
+    receiver: &OtlpReceiver,
+) -> bool {
+    let client = w.client(GITHUB_ENV);
+    ok(
+        &client.python(
+            r#"
+import openai
+o = openai.OpenAI(api_key="sk-test", max_retries=0)
+o.chat.completions.create(model="gpt-4o-mini", max_tokens=3, messages=[{"role": "user", "content": "x"}])
+"#,
+        ),
+        "python client",
+    );
+    rt.block_on(receiver.wait_until(std::time::Duration::from_secs(60), |r| !r.is_empty()))
+}
+
+/// An OTLP/HTTP collector that asks for a client certificate, with a
+/// server certificate only `ca_file` trusts (not the host's store): the
+/// config names the CA and the client pair, the environment asks for
+/// gzip, and the metrics arrive gzip-encoded.
+#[test]
+#[ignore = "needs root, cgroup v2 and BPF"]
+fn otlp_http_over_mutual_tls_with_gzip_from_the_environment() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let server_ca = tollgate_e2e::pki::TestPki::new();
+    let client_ca = tollgate_e2e::pki::TestPki::new();
+    let (cert, key) = client_identity(&client_ca);
+    let receiver = rt.block_on(OtlpReceiver::http_mtls(&server_ca, &client_ca));
+    let toml = format!(
+        "[export.otlp]\nendpoint = {:?}\ninterval_secs = 1\ntimeout_secs = 5\nca_file = {:?}\nclient_cert = {cert:?}\nclient_key = {key:?}\n",
+        receiver.endpoint(),
+        server_ca.ca_path().display().to_string(),
+    );
+    let mut w = World::start_with_env(
+        "otlpmtls",
+        53,
+        toml,
+        vec![("OTEL_EXPORTER_OTLP_COMPRESSION".into(), "gzip".into())],
+    );
+    let got = one_request_then_wait(&mut w, &rt, &receiver);
+    assert!(got, "no export arrived over mutual TLS:\n{}", w.agent.log());
+    let status = w.agent.terminate().expect("running");
+    assert!(status.success(), "agent exit: {status}\n{}", w.agent.log());
+    let received = receiver.received();
+    assert!(
+        received.iter().all(|r| r
+            .headers
+            .iter()
+            .any(|(k, v)| k == "content-encoding" && v == "gzip")),
+        "{:?}",
+        received.iter().map(|r| &r.headers).collect::<Vec<_>>()
+    );
+    assert!(
+        receiver
+            .points()
+            .iter()
+            .any(|p| p.name == "gen_ai.client.token.usage"),
+        "{:#?}",
+        receiver.points()
+    );
+    drop(w);
+    drop(rt);
+}
+
+/// The same over gRPC, with the CA and the client pair from the standard
+/// variables and zstd from the config: the handshake shows the client
+/// certificate and the exports arrive zstd-encoded.
+#[test]
+#[ignore = "needs root, cgroup v2 and BPF"]
+fn otlp_grpc_over_mutual_tls_with_zstd_from_the_config() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let server_ca = tollgate_e2e::pki::TestPki::new();
+    let client_ca = tollgate_e2e::pki::TestPki::new();
+    let (cert, key) = client_identity(&client_ca);
+    let receiver = rt.block_on(OtlpReceiver::grpc_mtls(&server_ca, &client_ca));
+    let toml = format!(
+        "[export.otlp]\nendpoint = {:?}\nprotocol = \"grpc\"\ninterval_secs = 1\ntimeout_secs = 5\ncompression = \"zstd\"\n",
+        receiver.endpoint()
+    );
+    let mut w = World::start_with_env(
+        "otlpmtlsg",
+        54,
+        toml,
+        vec![
+            (
+                "OTEL_EXPORTER_OTLP_CERTIFICATE".into(),
+                server_ca.ca_path().display().to_string(),
+            ),
+            ("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE".into(), cert),
+            ("OTEL_EXPORTER_OTLP_CLIENT_KEY".into(), key),
+        ],
+    );
+    let got = one_request_then_wait(&mut w, &rt, &receiver);
+    assert!(got, "no export arrived over mutual TLS:\n{}", w.agent.log());
+    let status = w.agent.terminate().expect("running");
+    assert!(status.success(), "agent exit: {status}\n{}", w.agent.log());
+    let received = receiver.received();
+    assert!(
+        received.iter().all(|r| r
+            .headers
+            .iter()
+            .any(|(k, v)| k == "grpc-encoding" && v == "zstd")),
+        "{:?}",
+        received.iter().map(|r| &r.headers).collect::<Vec<_>>()
+    );
+    assert!(
+        receiver
+            .points()
+            .iter()
+            .any(|p| p.name == "gen_ai.client.token.usage"),
+        "{:#?}",
+        receiver.points()
+    );
+    drop(w);
+    drop(rt);
+}
+
 #[test]
 #[ignore = "needs root, cgroup v2 and BPF"]
 fn unreachable_collector_loses_no_ledger_row() {

@@ -107,6 +107,48 @@ pub struct OtlpConfig {
     /// Also export one span per request with the GenAI span attributes
     /// (never prompt or completion content).
     pub traces: bool,
+    /// `gzip`, `zstd` or `none` (the default). Env:
+    /// `OTEL_EXPORTER_OTLP_METRICS_COMPRESSION`,
+    /// `OTEL_EXPORTER_OTLP_COMPRESSION`.
+    pub compression: Option<OtlpCompression>,
+    /// PEM file of the CA certificates an `https://` collector is checked
+    /// against, instead of the host's store. Env:
+    /// `OTEL_EXPORTER_OTLP_METRICS_CERTIFICATE`,
+    /// `OTEL_EXPORTER_OTLP_CERTIFICATE`.
+    pub ca_file: Option<PathBuf>,
+    /// PEM file of the client certificate (chain) for a collector that asks
+    /// for one (mutual TLS); with `client_key`. Env:
+    /// `OTEL_EXPORTER_OTLP_[METRICS_]CLIENT_CERTIFICATE`.
+    pub client_cert: Option<PathBuf>,
+    /// PEM file of `client_cert`'s private key. Env:
+    /// `OTEL_EXPORTER_OTLP_[METRICS_]CLIENT_KEY`.
+    pub client_key: Option<PathBuf>,
+}
+
+/// Compression of OTLP exports.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum OtlpCompression {
+    None,
+    Gzip,
+    Zstd,
+}
+
+/// A TLS file for the collector connection, and where it was named (the
+/// config key or the variable), for errors.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFile {
+    pub path: PathBuf,
+    pub source: String,
+}
+
+/// TLS settings for an `https://` collector, resolved.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OtlpTls {
+    /// Trust these CAs instead of the host's store.
+    pub ca_file: Option<TlsFile>,
+    /// Client certificate and key (mutual TLS).
+    pub identity: Option<(TlsFile, TlsFile)>,
 }
 
 /// Header map whose values never appear in logs or `Debug` output.
@@ -220,6 +262,35 @@ impl ExportConfig {
         }
         if o.interval_secs == Some(0) {
             return bad("otlp.interval_secs", "must be at least 1".into());
+        }
+        for (k, p) in [
+            ("ca_file", &o.ca_file),
+            ("client_cert", &o.client_cert),
+            ("client_key", &o.client_key),
+        ] {
+            if let Some(p) = p
+                && !p.is_absolute()
+            {
+                return bad(
+                    &format!("otlp.{k}"),
+                    format!("`{}` must be an absolute path", p.display()),
+                );
+            }
+        }
+        match (&o.client_cert, &o.client_key) {
+            (Some(_), None) => {
+                return bad(
+                    "otlp.client_key",
+                    "is needed with otlp.client_cert (the certificate's private key)".into(),
+                );
+            }
+            (None, Some(_)) => {
+                return bad(
+                    "otlp.client_cert",
+                    "is needed with otlp.client_key (the key's certificate)".into(),
+                );
+            }
+            _ => {}
         }
         if o.cardinality_limit
             .is_some_and(|n| !(1..=MAX_CARDINALITY_LIMIT).contains(&n))
@@ -389,6 +460,8 @@ impl ExportConfig {
             Some(s) => Duration::from_secs(s),
             None => millis("OTEL_METRIC_EXPORT_INTERVAL")?.unwrap_or(DEFAULT_INTERVAL),
         };
+        let compression = resolve_compression(o.compression, &env)?;
+        let tls = resolve_tls(o, &env)?;
         let semconv = o.semconv.unwrap_or_else(|| {
             let opted_in = env("OTEL_SEMCONV_STABILITY_OPT_IN")
                 .is_some_and(|v| v.split(',').any(|t| t.trim() == GEN_AI_LATEST));
@@ -409,6 +482,8 @@ impl ExportConfig {
             include_high_cardinality: o.include_high_cardinality,
             cardinality_limit: o.cardinality_limit.unwrap_or(DEFAULT_CARDINALITY_LIMIT),
             traces: o.traces,
+            compression,
+            tls,
             // As the specification ranks them: OTEL_SERVICE_NAME, then
             // OTEL_RESOURCE_ATTRIBUTES' service.name, then ours.
             service_name: env("OTEL_SERVICE_NAME")
@@ -435,6 +510,9 @@ pub struct ResolvedOtlp {
     pub include_high_cardinality: bool,
     pub cardinality_limit: usize,
     pub traces: bool,
+    pub compression: OtlpCompression,
+    /// CA and client certificate files, for an `https://` collector.
+    pub tls: OtlpTls,
     /// `OTEL_SERVICE_NAME`, else `tollgate`.
     pub service_name: String,
     /// The headers variable left unused because the endpoint comes from
@@ -461,11 +539,133 @@ impl std::fmt::Debug for ResolvedOtlp {
             .field("include_high_cardinality", &self.include_high_cardinality)
             .field("cardinality_limit", &self.cardinality_limit)
             .field("traces", &self.traces)
+            .field("compression", &self.compression)
+            .field("tls", &self.tls)
             .field("service_name", &self.service_name)
             .field("env_headers_ignored", &self.env_headers_ignored)
             .field("env_header_names", &self.env_header_names)
             .finish()
     }
+}
+
+/// The compression: the config's, else the metrics variable's, else the
+/// generic one's, else none. The exporter library reads the variables
+/// itself when it is given no compression, so a `none` in the config
+/// cannot turn off one a variable asks for: that is an error naming the
+/// variable rather than a setting silently not applied.
+fn resolve_compression(
+    config: Option<OtlpCompression>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<OtlpCompression, (String, String)> {
+    let mut from_env = None;
+    for var in [
+        "OTEL_EXPORTER_OTLP_METRICS_COMPRESSION",
+        "OTEL_EXPORTER_OTLP_COMPRESSION",
+    ] {
+        let Some(v) = env(var) else { continue };
+        let c = match v.trim().to_ascii_lowercase().as_str() {
+            "none" => OtlpCompression::None,
+            "gzip" => OtlpCompression::Gzip,
+            "zstd" => OtlpCompression::Zstd,
+            other => {
+                return Err((var.into(), format!("`{other}`: use gzip, zstd or none")));
+            }
+        };
+        if config == Some(OtlpCompression::None) && c != OtlpCompression::None {
+            return Err((
+                "export.otlp.compression".into(),
+                format!(
+                    "`none` cannot turn off the compression {var} asks for (the exporter \
+                     library reads the variable itself): remove the variable from the \
+                     service's environment, or set it to none"
+                ),
+            ));
+        }
+        from_env.get_or_insert(c);
+    }
+    Ok(config.or(from_env).unwrap_or(OtlpCompression::None))
+}
+
+/// The CA file and client identity: each from the config if it names it,
+/// else from the metrics variables, else from the generic ones. The
+/// certificate and its key come as a pair from one place.
+fn resolve_tls(
+    o: &OtlpConfig,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<OtlpTls, (String, String)> {
+    let from_config = |key: &str, p: &Option<PathBuf>| {
+        p.as_ref().map(|p| TlsFile {
+            path: p.clone(),
+            source: format!("export.otlp.{key}"),
+        })
+    };
+    let from_env = |var: &str| -> Result<Option<TlsFile>, (String, String)> {
+        match env(var) {
+            None => Ok(None),
+            Some(v) => {
+                let path = PathBuf::from(v.trim());
+                if !path.is_absolute() {
+                    return Err((
+                        var.into(),
+                        format!("`{}` must be an absolute path", path.display()),
+                    ));
+                }
+                Ok(Some(TlsFile {
+                    path,
+                    source: var.into(),
+                }))
+            }
+        }
+    };
+    let ca_file = match from_config("ca_file", &o.ca_file) {
+        Some(f) => Some(f),
+        None => match from_env("OTEL_EXPORTER_OTLP_METRICS_CERTIFICATE")? {
+            Some(f) => Some(f),
+            None => from_env("OTEL_EXPORTER_OTLP_CERTIFICATE")?,
+        },
+    };
+    let identity = match (
+        from_config("client_cert", &o.client_cert),
+        from_config("client_key", &o.client_key),
+    ) {
+        (Some(c), Some(k)) => Some((c, k)),
+        (Some(_), None) | (None, Some(_)) => {
+            return Err((
+                "export.otlp.client_cert".into(),
+                "client_cert and client_key go together".into(),
+            ));
+        }
+        (None, None) => {
+            let mut pair = None;
+            for prefix in ["OTEL_EXPORTER_OTLP_METRICS_", "OTEL_EXPORTER_OTLP_"] {
+                let (cv, kv) = (
+                    format!("{prefix}CLIENT_CERTIFICATE"),
+                    format!("{prefix}CLIENT_KEY"),
+                );
+                match (from_env(&cv)?, from_env(&kv)?) {
+                    (Some(c), Some(k)) => {
+                        pair = Some((c, k));
+                        break;
+                    }
+                    (Some(_), None) => {
+                        return Err((
+                            cv,
+                            format!("is set but {kv} is not (the certificate's private key)"),
+                        ));
+                    }
+                    (None, Some(_)) => {
+                        return Err((
+                            kv,
+                            format!("is set but {cv} is not (the key's certificate)"),
+                        ));
+                    }
+                    (None, None) => {}
+                }
+            }
+            pair
+        }
+    };
+    Ok(OtlpTls { ca_file, identity })
 }
 
 /// A collector URL as logs show it: scheme, host and port, and of the path

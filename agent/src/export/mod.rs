@@ -43,6 +43,12 @@ use spans::SpanMaker;
 
 pub use audit::rotated as rotated_audit_path;
 pub(crate) use config::endpoint_for_logs;
+
+/// Reads and checks the collector's TLS files (`ca_file`, `client_cert`,
+/// `client_key`) as the agent does at start; the error names the setting.
+pub(crate) fn check_tls_files(r: &ResolvedOtlp) -> Result<(), String> {
+    otlp::tls_material(r).map(|_| ()).map_err(|e| e.to_string())
+}
 pub use config::{
     AuditLogConfig, ExportConfig, Headers, OtlpConfig, OtlpProtocol, OtlpTemporality, ResolvedOtlp,
     Semconv, parse_env_headers,
@@ -305,12 +311,28 @@ pub fn start_with_env(
                     "headers from the environment are not sent: export.otlp.endpoint is set in the config, and they may be meant for another collector; set the endpoint in the environment too (OTEL_EXPORTER_OTLP_ENDPOINT, in /etc/tollgate/env) and remove it from the config"
                 );
             }
+            let tls_files = r
+                .tls
+                .ca_file
+                .iter()
+                .chain(r.tls.identity.iter().flat_map(|(c, k)| [c, k]))
+                .map(|f| f.source.as_str())
+                .collect::<Vec<_>>();
+            if !tls_files.is_empty() && !otlp::is_https(&r.endpoint) {
+                warn!(
+                    settings = ?tls_files,
+                    "TLS files are set for the collector but its endpoint is not https://: they are not used"
+                );
+            }
             info!(
                 endpoint = %config::endpoint_for_logs(&r.endpoint),
                 protocol = ?r.protocol,
                 interval = ?r.interval,
                 semconv = ?r.semconv,
                 traces = r.traces,
+                compression = ?r.compression,
+                ca_file = r.tls.ca_file.as_ref().map(|f| f.path.display().to_string()),
+                client_cert = r.tls.identity.as_ref().map(|(c, _)| c.path.display().to_string()),
                 headers = ?r.headers.keys().collect::<Vec<_>>(),
                 "OTLP export on"
             );

@@ -20,7 +20,7 @@ use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider, Temporality};
 use opentelemetry_sdk::trace::SdkTracerProvider;
 
-use super::config::{OtlpProtocol, OtlpTemporality, ResolvedOtlp};
+use super::config::{OtlpCompression, OtlpProtocol, OtlpTemporality, ResolvedOtlp, TlsFile};
 use super::{ExportError, ResourceInfo, semconv as sc};
 
 /// The resource every metric and span carries.
@@ -153,6 +153,67 @@ impl HttpClient for HeaderClient {
     }
 }
 
+/// The PEM files of `[export.otlp]`'s TLS settings, read and checked at
+/// start: a file that cannot be read, holds no certificate, or a key that
+/// is not the certificate's, stops the agent with the file's key or
+/// variable named, instead of failing every export's handshake later.
+#[derive(Default)]
+pub(super) struct TlsMaterial {
+    /// PEM of the CAs to trust instead of the host's store.
+    pub(super) ca: Option<Vec<u8>>,
+    /// PEM of the client certificate chain, and of its key.
+    pub(super) identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+pub(super) fn tls_material(r: &ResolvedOtlp) -> Result<TlsMaterial, ExportError> {
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let err = |f: &TlsFile, message: String| ExportError::Config {
+        key: f.source.clone(),
+        message: format!("`{}`: {message}", f.path.display()),
+    };
+    let read = |f: &TlsFile| std::fs::read(&f.path).map_err(|e| err(f, e.to_string()));
+    let certs = |f: &TlsFile, pem: &[u8]| -> Result<Vec<CertificateDer<'static>>, ExportError> {
+        let certs = rustls_pemfile::certs(&mut &pem[..])
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| err(f, format!("bad PEM: {e}")))?;
+        if certs.is_empty() {
+            return Err(err(f, "no CERTIFICATE block found".into()));
+        }
+        Ok(certs)
+    };
+    let mut out = TlsMaterial::default();
+    if let Some(f) = &r.tls.ca_file {
+        let pem = read(f)?;
+        let mut roots = rustls::RootCertStore::empty();
+        for c in certs(f, &pem)? {
+            roots
+                .add(c)
+                .map_err(|e| err(f, format!("not a usable CA certificate: {e}")))?;
+        }
+        out.ca = Some(pem);
+    }
+    if let Some((cf, kf)) = &r.tls.identity {
+        let (cert_pem, key_pem) = (read(cf)?, read(kf)?);
+        let chain = certs(cf, &cert_pem)?;
+        let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut &key_pem[..])
+            .map_err(|e| err(kf, format!("bad PEM: {e}")))?
+            .ok_or_else(|| err(kf, "no PRIVATE KEY block found".into()))?;
+        rustls::sign::CertifiedKey::from_der(
+            chain,
+            key,
+            &rustls::crypto::aws_lc_rs::default_provider(),
+        )
+        .map_err(|e| {
+            err(
+                kf,
+                format!("not a usable key for {}: {e}", cf.path.display()),
+            )
+        })?;
+        out.identity = Some((cert_pem, key_pem));
+    }
+    Ok(out)
+}
+
 fn http_client(r: &ResolvedOtlp) -> Result<HeaderClient, ExportError> {
     let mut headers = http::HeaderMap::new();
     for (k, v) in &r.headers {
@@ -168,15 +229,26 @@ fn http_client(r: &ResolvedOtlp) -> Result<HeaderClient, ExportError> {
         headers.insert(name, val);
     }
     let timeout = r.timeout;
+    let tls = tls_material(r)?;
     // Built on a thread of its own: reqwest's blocking client may not be
     // created inside an async runtime.
     let inner = std::thread::Builder::new()
         .name("tollgate-otlp-client".into())
         .spawn(move || {
-            reqwest::blocking::Client::builder()
+            let mut b = reqwest::blocking::Client::builder()
                 .timeout(timeout)
-                .connect_timeout(timeout)
-                .build()
+                .connect_timeout(timeout);
+            if let Some(ca) = &tls.ca {
+                b = b.tls_certs_only(reqwest::Certificate::from_pem_bundle(ca)?);
+            }
+            if let Some((cert, key)) = &tls.identity {
+                // reqwest takes one PEM holding both.
+                let mut pem = key.clone();
+                pem.push(b'\n');
+                pem.extend_from_slice(cert);
+                b = b.identity(reqwest::Identity::from_pem(&pem)?);
+            }
+            b.build()
         })
         .map_err(ExportError::Thread)?
         .join()
@@ -194,19 +266,56 @@ fn http_client(r: &ResolvedOtlp) -> Result<HeaderClient, ExportError> {
 }
 
 /// A gRPC exporter to an `https://` collector trusts the host's CA store
-/// (`SSL_CERT_FILE` and `SSL_CERT_DIR` too): tonic's own TLS default
-/// trusts nothing, so every export to a TLS collector failed its
+/// (`SSL_CERT_FILE` and `SSL_CERT_DIR` too), or only `ca_file` when one is
+/// set, and shows the client certificate when one is set: tonic's own TLS
+/// default trusts nothing, so every export to a TLS collector failed its
 /// handshake. OTLP/HTTP's client has the host's store already.
-fn with_roots<B: WithTonicConfig>(b: B, r: &ResolvedOtlp) -> B {
-    if r.endpoint
+fn with_tls<B: WithTonicConfig>(b: B, r: &ResolvedOtlp) -> Result<B, ExportError> {
+    use opentelemetry_otlp::tonic_types::transport::{Certificate, ClientTlsConfig, Identity};
+    if !is_https(&r.endpoint) {
+        return Ok(b);
+    }
+    let tls = tls_material(r)?;
+    let mut cfg = ClientTlsConfig::new();
+    cfg = match tls.ca {
+        Some(ca) => cfg.ca_certificate(Certificate::from_pem(ca)),
+        None => cfg.with_native_roots(),
+    };
+    if let Some((cert, key)) = tls.identity {
+        cfg = cfg.identity(Identity::from_pem(cert, key));
+    }
+    Ok(b.with_tls_config(cfg))
+}
+
+pub(crate) fn is_https(endpoint: &str) -> bool {
+    endpoint
         .get(..8)
         .is_some_and(|s| s.eq_ignore_ascii_case("https://"))
-    {
-        b.with_tls_config(
-            opentelemetry_otlp::tonic_types::transport::ClientTlsConfig::new().with_native_roots(),
-        )
-    } else {
-        b
+}
+
+/// The library's compression for `c` (none: the library is given none).
+fn compression(c: OtlpCompression) -> Option<opentelemetry_otlp::Compression> {
+    match c {
+        OtlpCompression::None => None,
+        OtlpCompression::Gzip => Some(opentelemetry_otlp::Compression::Gzip),
+        OtlpCompression::Zstd => Some(opentelemetry_otlp::Compression::Zstd),
+    }
+}
+
+/// A gRPC exporter builder with `with_tls` and the resolved compression.
+fn tonic_config<B: WithTonicConfig>(b: B, r: &ResolvedOtlp) -> Result<B, ExportError> {
+    let b = with_tls(b, r)?;
+    Ok(match compression(r.compression) {
+        Some(c) => b.with_compression(c),
+        None => b,
+    })
+}
+
+/// An HTTP exporter builder with the resolved compression.
+fn http_config<B: WithHttpConfig>(b: B, r: &ResolvedOtlp) -> B {
+    match compression(r.compression) {
+        Some(c) => b.with_compression(c),
+        None => b,
     }
 }
 
@@ -229,7 +338,7 @@ pub(crate) fn meter_provider(
         OtlpTemporality::LowMemory => Temporality::LowMemory,
     };
     let exporter = match r.protocol {
-        OtlpProtocol::Grpc => with_roots(
+        OtlpProtocol::Grpc => tonic_config(
             MetricExporter::builder()
                 .with_tonic()
                 .with_protocol(Protocol::Grpc)
@@ -237,17 +346,20 @@ pub(crate) fn meter_provider(
                 .with_timeout(r.timeout)
                 .with_interceptor(interceptor(r)?),
             r,
+        )?
+        .with_temporality(temporality)
+        .build(),
+        OtlpProtocol::HttpProtobuf => http_config(
+            MetricExporter::builder()
+                .with_http()
+                .with_protocol(Protocol::HttpBinary)
+                .with_endpoint(r.endpoint.clone())
+                .with_timeout(r.timeout)
+                .with_http_client(http_client(r)?),
+            r,
         )
         .with_temporality(temporality)
         .build(),
-        OtlpProtocol::HttpProtobuf => MetricExporter::builder()
-            .with_http()
-            .with_protocol(Protocol::HttpBinary)
-            .with_endpoint(r.endpoint.clone())
-            .with_timeout(r.timeout)
-            .with_http_client(http_client(r)?)
-            .with_temporality(temporality)
-            .build(),
     }
     .map_err(|e| ExportError::Build(e.to_string()))?;
     let reader = PeriodicReader::builder(exporter)
@@ -276,7 +388,7 @@ pub(crate) fn tracer_provider(
 ) -> Result<SdkTracerProvider, ExportError> {
     need_runtime(r)?;
     let exporter = match r.protocol {
-        OtlpProtocol::Grpc => with_roots(
+        OtlpProtocol::Grpc => tonic_config(
             SpanExporter::builder()
                 .with_tonic()
                 .with_protocol(Protocol::Grpc)
@@ -284,15 +396,18 @@ pub(crate) fn tracer_provider(
                 .with_timeout(r.timeout)
                 .with_interceptor(interceptor(r)?),
             r,
+        )?
+        .build(),
+        OtlpProtocol::HttpProtobuf => http_config(
+            SpanExporter::builder()
+                .with_http()
+                .with_protocol(Protocol::HttpBinary)
+                .with_endpoint(traces_endpoint(&r.endpoint))
+                .with_timeout(r.timeout)
+                .with_http_client(http_client(r)?),
+            r,
         )
         .build(),
-        OtlpProtocol::HttpProtobuf => SpanExporter::builder()
-            .with_http()
-            .with_protocol(Protocol::HttpBinary)
-            .with_endpoint(traces_endpoint(&r.endpoint))
-            .with_timeout(r.timeout)
-            .with_http_client(http_client(r)?)
-            .build(),
     }
     .map_err(|e| ExportError::Build(e.to_string()))?;
     Ok(SdkTracerProvider::builder()

@@ -702,3 +702,270 @@ mod audit_log {
         );
     }
 }
+
+fn otlp_on(extra: &str) -> ExportConfig {
+    parse(&format!("[otlp]\nendpoint = \"https://c:4318\"\n{extra}"))
+}
+
+#[test]
+fn compression_comes_from_the_config_then_the_metrics_variable_then_the_generic_one() {
+    let c = otlp_on("");
+    assert_eq!(
+        resolve(&c, &[]).expect("on").compression,
+        OtlpCompression::None
+    );
+    let generic = [("OTEL_EXPORTER_OTLP_COMPRESSION", "GZIP")];
+    assert_eq!(
+        resolve(&c, &generic).expect("on").compression,
+        OtlpCompression::Gzip
+    );
+    let both = [
+        ("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip"),
+        ("OTEL_EXPORTER_OTLP_METRICS_COMPRESSION", "zstd"),
+    ];
+    assert_eq!(
+        resolve(&c, &both).expect("on").compression,
+        OtlpCompression::Zstd
+    );
+    let configured = otlp_on("compression = \"zstd\"");
+    assert_eq!(
+        resolve(&configured, &generic).expect("on").compression,
+        OtlpCompression::Zstd
+    );
+    // The metrics variable's none beats the generic one's gzip.
+    let off = [
+        ("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip"),
+        ("OTEL_EXPORTER_OTLP_METRICS_COMPRESSION", "none"),
+    ];
+    assert_eq!(
+        resolve(&c, &off).expect("on").compression,
+        OtlpCompression::None
+    );
+    let err = c
+        .resolve(&env_of(&[("OTEL_EXPORTER_OTLP_COMPRESSION", "brotli")]))
+        .expect_err("brotli");
+    assert_eq!(err.0, "OTEL_EXPORTER_OTLP_COMPRESSION");
+    assert!(err.1.contains("gzip, zstd or none"), "{}", err.1);
+    // The library would compress anyway: the config's none is refused
+    // with the variable named, never silently not applied.
+    let none = otlp_on("compression = \"none\"");
+    let err = none.resolve(&env_of(&generic)).expect_err("none vs gzip");
+    assert_eq!(err.0, "export.otlp.compression");
+    assert!(
+        err.1.contains("OTEL_EXPORTER_OTLP_COMPRESSION"),
+        "{}",
+        err.1
+    );
+    let agreeing = [("OTEL_EXPORTER_OTLP_COMPRESSION", "none")];
+    assert_eq!(
+        resolve(&none, &agreeing).expect("on").compression,
+        OtlpCompression::None
+    );
+    assert!(toml::from_str::<ExportConfig>("[otlp]\ncompression = \"lz4\"").is_err());
+}
+
+#[test]
+fn tls_files_come_from_the_config_or_the_variables_and_the_pair_stays_together() {
+    let c = otlp_on(
+        "ca_file = \"/etc/ca.pem\"\nclient_cert = \"/etc/c.pem\"\nclient_key = \"/etc/k.pem\"",
+    );
+    c.validate().expect("valid");
+    let env = [
+        ("OTEL_EXPORTER_OTLP_CERTIFICATE", "/env/ca.pem"),
+        ("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE", "/env/c.pem"),
+        ("OTEL_EXPORTER_OTLP_CLIENT_KEY", "/env/k.pem"),
+    ];
+    let tls = resolve(&c, &env).expect("on").tls;
+    assert_eq!(
+        tls.ca_file.as_ref().expect("ca").path,
+        std::path::Path::new("/etc/ca.pem")
+    );
+    assert_eq!(tls.ca_file.expect("ca").source, "export.otlp.ca_file");
+    let (cert, key) = tls.identity.expect("identity");
+    assert_eq!(cert.path, std::path::Path::new("/etc/c.pem"));
+    assert_eq!(key.source, "export.otlp.client_key");
+
+    let bare = otlp_on("");
+    let tls = resolve(&bare, &env).expect("on").tls;
+    assert_eq!(
+        tls.ca_file.expect("ca").source,
+        "OTEL_EXPORTER_OTLP_CERTIFICATE"
+    );
+    let (cert, key) = tls.identity.expect("identity");
+    assert_eq!(cert.path, std::path::Path::new("/env/c.pem"));
+    assert_eq!(key.source, "OTEL_EXPORTER_OTLP_CLIENT_KEY");
+    // The metrics variables beat the generic ones, as a pair.
+    let mut metrics = env.to_vec();
+    metrics.push(("OTEL_EXPORTER_OTLP_METRICS_CERTIFICATE", "/m/ca.pem"));
+    metrics.push(("OTEL_EXPORTER_OTLP_METRICS_CLIENT_CERTIFICATE", "/m/c.pem"));
+    metrics.push(("OTEL_EXPORTER_OTLP_METRICS_CLIENT_KEY", "/m/k.pem"));
+    let tls = resolve(&bare, &metrics).expect("on").tls;
+    assert_eq!(
+        tls.ca_file.expect("ca").path,
+        std::path::Path::new("/m/ca.pem")
+    );
+    assert_eq!(
+        tls.identity.expect("identity").1.path,
+        std::path::Path::new("/m/k.pem")
+    );
+    assert_eq!(resolve(&bare, &[]).expect("on").tls, OtlpTls::default());
+
+    // Half a pair, in either place, and relative paths, are errors.
+    let err = bare
+        .resolve(&env_of(&[(
+            "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE",
+            "/c.pem",
+        )]))
+        .expect_err("cert without key");
+    assert_eq!(err.0, "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE");
+    assert!(err.1.contains("OTEL_EXPORTER_OTLP_CLIENT_KEY"), "{}", err.1);
+    let err = bare
+        .resolve(&env_of(&[(
+            "OTEL_EXPORTER_OTLP_METRICS_CLIENT_KEY",
+            "/k.pem",
+        )]))
+        .expect_err("key without cert");
+    assert_eq!(err.0, "OTEL_EXPORTER_OTLP_METRICS_CLIENT_KEY");
+    let err = bare
+        .resolve(&env_of(&[("OTEL_EXPORTER_OTLP_CERTIFICATE", "ca.pem")]))
+        .expect_err("relative");
+    assert_eq!(err.0, "OTEL_EXPORTER_OTLP_CERTIFICATE");
+    for (toml, key) in [
+        ("client_cert = \"/c.pem\"", "export.otlp.client_key"),
+        ("client_key = \"/k.pem\"", "export.otlp.client_cert"),
+        ("ca_file = \"ca.pem\"", "export.otlp.ca_file"),
+    ] {
+        let err = otlp_on(toml).validate().expect_err(toml);
+        assert_eq!(err.0, key, "{toml}");
+    }
+}
+
+/// A CA, and a leaf it signed, as PEM files in `dir`.
+fn write_pki(
+    dir: &std::path::Path,
+) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let mut ca = CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_key = KeyPair::generate().expect("key");
+    let ca_cert = ca.self_signed(&ca_key).expect("ca");
+    let issuer = Issuer::new(ca, ca_key);
+    let leaf_key = KeyPair::generate().expect("key");
+    let leaf = CertificateParams::new(vec!["tollgate-client".into()])
+        .expect("params")
+        .signed_by(&leaf_key, &issuer)
+        .expect("leaf");
+    let (ca_p, cert_p, key_p) = (dir.join("ca.pem"), dir.join("c.pem"), dir.join("k.pem"));
+    std::fs::write(&ca_p, ca_cert.pem()).expect("write");
+    std::fs::write(&cert_p, leaf.pem()).expect("write");
+    std::fs::write(&key_p, leaf_key.serialize_pem()).expect("write");
+    (ca_p, cert_p, key_p)
+}
+
+#[test]
+fn tls_files_are_read_and_checked_at_start_with_the_setting_named() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (ca, cert, key) = write_pki(dir.path());
+    let file = |p: &std::path::Path, source: &str| TlsFile {
+        path: p.to_path_buf(),
+        source: source.into(),
+    };
+    let mut r = resolve(&otlp_on(""), &[]).expect("on");
+    r.tls = OtlpTls {
+        ca_file: Some(file(&ca, "export.otlp.ca_file")),
+        identity: Some((
+            file(&cert, "export.otlp.client_cert"),
+            file(&key, "export.otlp.client_key"),
+        )),
+    };
+    let m = super::otlp::tls_material(&r).expect("a good CA and pair");
+    assert!(m.ca.is_some() && m.identity.is_some());
+
+    let missing = dir.path().join("missing.pem");
+    let other_key = dir.path().join("other.pem");
+    std::fs::write(
+        &other_key,
+        rcgen::KeyPair::generate().expect("key").serialize_pem(),
+    )
+    .expect("write");
+    let cases: Vec<(OtlpTls, &str, &str)> = vec![
+        (
+            OtlpTls {
+                ca_file: Some(file(&missing, "OTEL_EXPORTER_OTLP_CERTIFICATE")),
+                identity: None,
+            },
+            "OTEL_EXPORTER_OTLP_CERTIFICATE",
+            "No such file",
+        ),
+        (
+            OtlpTls {
+                ca_file: Some(file(&key, "export.otlp.ca_file")),
+                identity: None,
+            },
+            "export.otlp.ca_file",
+            "no CERTIFICATE block",
+        ),
+        (
+            OtlpTls {
+                ca_file: None,
+                identity: Some((
+                    file(&cert, "export.otlp.client_cert"),
+                    file(&cert, "export.otlp.client_key"),
+                )),
+            },
+            "export.otlp.client_key",
+            "no PRIVATE KEY block",
+        ),
+        (
+            OtlpTls {
+                ca_file: None,
+                identity: Some((
+                    file(&cert, "export.otlp.client_cert"),
+                    file(&other_key, "export.otlp.client_key"),
+                )),
+            },
+            "export.otlp.client_key",
+            "not a usable key",
+        ),
+    ];
+    for (tls, key, msg) in cases {
+        r.tls = tls;
+        match super::otlp::tls_material(&r) {
+            Err(super::ExportError::Config { key: k, message }) => {
+                assert_eq!(k, key, "{message}");
+                assert!(message.contains(msg), "{key}: {message}");
+            }
+            Err(e) => panic!("{key}: not a config error: {e}"),
+            Ok(_) => panic!("{key}: accepted"),
+        }
+    }
+}
+
+#[test]
+fn the_exporters_build_with_each_compression() {
+    // The library refuses a compression whose feature it was built
+    // without: this fails if a feature is dropped from Cargo.toml.
+    for c in ["gzip", "zstd", "none"] {
+        let cfg = parse(&format!(
+            "[otlp]\nendpoint = \"http://127.0.0.1:1\"\ntimeout_secs = 1\ncompression = \"{c}\"\ntraces = true"
+        ));
+        let r = resolve(&cfg, &[]).expect("on");
+        let res = super::otlp::resource(&super::ResourceInfo::default(), "t");
+        super::otlp::meter_provider(&r, res.clone()).unwrap_or_else(|e| panic!("{c}: {e}"));
+        super::otlp::tracer_provider(&r, res).unwrap_or_else(|e| panic!("{c}: {e}"));
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let _g = rt.enter();
+    for c in ["gzip", "zstd"] {
+        let cfg = parse(&format!(
+            "[otlp]\nendpoint = \"http://127.0.0.1:1\"\ntimeout_secs = 1\nprotocol = \"grpc\"\ncompression = \"{c}\"\ntraces = true"
+        ));
+        let r = resolve(&cfg, &[]).expect("on");
+        let res = super::otlp::resource(&super::ResourceInfo::default(), "t");
+        super::otlp::meter_provider(&r, res.clone()).unwrap_or_else(|e| panic!("{c}: {e}"));
+        super::otlp::tracer_provider(&r, res).unwrap_or_else(|e| panic!("{c}: {e}"));
+    }
+}
