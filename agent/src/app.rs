@@ -67,6 +67,8 @@ pub enum AppError {
     CannotAccept,
     #[error(transparent)]
     Export(#[from] crate::export::ExportError),
+    #[error(transparent)]
+    Presence(#[from] crate::presence::PresenceError),
 }
 
 impl AppError {
@@ -90,6 +92,12 @@ impl AppError {
             AppError::Runtime(_) => SOFTWARE,
             AppError::CannotAccept => UNAVAILABLE,
             AppError::Export(e) => e.exit_code(),
+            AppError::Presence(crate::presence::PresenceError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::PermissionDenied =>
+            {
+                NOPERM
+            }
+            AppError::Presence(_) => UNAVAILABLE,
         }
     }
 }
@@ -331,6 +339,9 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
             source,
         })?;
     check_state_dir(&cfg.state_dir, nix::unistd::geteuid().as_raw())?;
+    // Held until the agent exits: `report` tells from it whether anything
+    // is counting, and a second agent on this state directory stops here.
+    let _presence = crate::presence::hold(&cfg.state_dir)?;
 
     let hosts = provider_hosts(&cfg);
     let host_names: Vec<String> = hosts.iter().map(|h| h.host.clone()).collect();

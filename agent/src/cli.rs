@@ -224,6 +224,40 @@ pub enum CmdError {
     Top(#[from] crate::control::top::TopError),
     #[error("{0} checks failed")]
     ChecksFailed(usize),
+    #[error("cannot write the output: {0}")]
+    Output(std::io::Error),
+}
+
+/// Standard output for a command: a write that fails (a full disk, a
+/// closed pipe) is an error with exit code 74, not a panic. The first
+/// failure is kept and the command's work goes on (a trust change is
+/// finished even when its messages cannot be shown).
+#[derive(Default)]
+struct Out {
+    failed: Option<std::io::Error>,
+}
+
+impl Out {
+    fn say(&mut self, text: &str) {
+        use std::io::Write as _;
+        if self.failed.is_none() {
+            let mut o = std::io::stdout().lock();
+            if let Err(e) = o.write_all(text.as_bytes()).and_then(|_| o.flush()) {
+                self.failed = Some(e);
+            }
+        }
+    }
+
+    fn line(&mut self, line: &str) {
+        self.say(&format!("{line}\n"));
+    }
+
+    fn done(self) -> Result<(), CmdError> {
+        match self.failed {
+            Some(e) => Err(CmdError::Output(e)),
+            None => Ok(()),
+        }
+    }
 }
 
 impl CmdError {
@@ -235,6 +269,7 @@ impl CmdError {
             CmdError::App(e) => e.exit_code(),
             CmdError::Top(e) => e.exit_code(),
             CmdError::ChecksFailed(_) => crate::exit::UNAVAILABLE,
+            CmdError::Output(_) => crate::exit::IOERR,
         }
     }
 }
@@ -279,7 +314,9 @@ pub fn check(cfg: &Config, config_path: Option<&Path>) -> Result<(), CmdError> {
             dns_timeout: std::time::Duration::from_secs(5),
         },
     );
-    print!("{}", crate::check::render(&outcomes));
+    let mut out = Out::default();
+    out.say(&crate::check::render(&outcomes));
+    out.done()?;
     match outcomes
         .iter()
         .filter(|o| o.level == crate::check::Level::Fail)
@@ -320,6 +357,17 @@ pub fn report(cfg: &Config, args: &ReportArgs) -> Result<(), CmdError> {
     } else {
         ReportFormat::Table
     };
+    // A ledger no agent writes to now: what it holds is real, but calls
+    // made while the agent is stopped are not in it.
+    let stopped = ledger.is_some()
+        && crate::presence::recording(&cfg.state_dir) == crate::presence::Recording::No;
+    if stopped {
+        eprintln!(
+            "tollgate: warning: {}{}: the agent is not running (calls made while it is stopped are not counted)",
+            report::NO_AGENT,
+            path.display()
+        );
+    }
     let output = crate::ledger::LedgerError::Output;
     // The records are read one at a time, never all held: JSON is written
     // as they come, the other formats add them up per group.
@@ -349,11 +397,29 @@ pub fn report(cfg: &Config, args: &ReportArgs) -> Result<(), CmdError> {
                 report::NO_LEDGER,
                 path.display()
             ),
+            Some(_) if stopped => format!(
+                "{}{}: nothing is counting calls on this host (is the tollgate agent running?)\n",
+                report::NO_AGENT,
+                path.display()
+            ),
             Some(l) if filter != crate::ledger::Filter::default() => match l.count()? {
                 0 => text,
-                n => format!(
-                    "no requests match these filters ({n} requests in the ledger; names match exactly, case included)\n"
-                ),
+                n => {
+                    // The hint about names only where names were given.
+                    let names = filter
+                        != crate::ledger::Filter {
+                            since_ms: filter.since_ms,
+                            ..Default::default()
+                        };
+                    format!(
+                        "no requests match these filters ({n} requests in the ledger{})\n",
+                        if names {
+                            "; names match exactly, case included"
+                        } else {
+                            ""
+                        }
+                    )
+                }
             },
             _ => text,
         };
@@ -371,13 +437,15 @@ pub fn top(cfg: &Config, args: &TopArgs) -> Result<(), CmdError> {
     if args.once {
         let text =
             crate::control::top::once(socket).map_err(crate::control::top::TopError::from)?;
-        print!("{text}");
-        return Ok(());
+        let mut out = Out::default();
+        out.say(&text);
+        return out.done();
     }
     Ok(crate::control::top::run(socket)?)
 }
 
 pub fn trust(cfg: &Config, cmd: &TrustCommand) -> Result<(), CmdError> {
+    let mut out = Out::default();
     match cmd {
         TrustCommand::Install { root } => {
             check_state_dir(cfg)?;
@@ -386,14 +454,14 @@ pub fn trust(cfg: &Config, cmd: &TrustCommand) -> Result<(), CmdError> {
             if replaced {
                 // Said first: the new CA is on disk whatever happens next,
                 // and a running agent signs with the CA it loaded at start.
-                println!(
+                out.line(&format!(
                     "replaced the local CA in {} (it did not cover every provider host, or could not be used); restart the agent now if it runs (systemctl restart tollgate): until then it signs with the old CA, which clients no longer trust",
                     ca.cert_path().display()
-                );
+                ));
             }
             let report = trust::install(&ca, root)?;
             for line in &report.lines {
-                println!("{line}");
+                out.line(line);
             }
             report.finish()?;
         }
@@ -401,20 +469,23 @@ pub fn trust(cfg: &Config, cmd: &TrustCommand) -> Result<(), CmdError> {
             check_state_dir(cfg)?;
             let hosts: Vec<String> = provider_hosts(cfg).into_iter().map(|h| h.host).collect();
             let ca = LocalCa::rotate(&cfg.state_dir, &hosts)?;
-            println!("replaced the local CA in {}", ca.cert_path().display());
+            out.line(&format!(
+                "replaced the local CA in {}",
+                ca.cert_path().display()
+            ));
             let report = trust::install(&ca, root)?;
             for line in &report.lines {
-                println!("{line}");
+                out.line(line);
             }
-            println!(
-                "restart the agent now (systemctl restart tollgate): until then it signs with the old CA, which clients no longer trust"
+            out.line(
+                "restart the agent now (systemctl restart tollgate): until then it signs with the old CA, which clients no longer trust",
             );
             report.finish()?;
         }
         TrustCommand::Uninstall { root } => {
             let report = trust::uninstall(&cfg.state_dir, root)?;
             for line in &report.lines {
-                println!("{line}");
+                out.line(line);
             }
             report.finish()?;
         }
@@ -442,10 +513,10 @@ pub fn trust(cfg: &Config, cmd: &TrustCommand) -> Result<(), CmdError> {
                 EnvFormatArg::Shell => EnvFormat::Shell,
                 EnvFormatArg::Dotenv => EnvFormat::Dotenv,
             };
-            print!("{}", trust::env_lines(&published, f));
+            out.say(&trust::env_lines(&published, f));
         }
     }
-    Ok(())
+    out.done()
 }
 
 #[cfg(test)]

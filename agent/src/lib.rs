@@ -18,6 +18,7 @@ pub mod fuzzing;
 pub mod intercept;
 pub mod ledger;
 pub mod meter;
+pub mod presence;
 pub mod providers;
 pub mod proxy;
 pub mod report;

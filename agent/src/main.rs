@@ -41,8 +41,13 @@ fn log_filter(rust_log: Option<String>, level: &str) -> EnvFilter {
 
 fn init_logging(cfg: &Config) {
     let filter = log_filter(std::env::var("RUST_LOG").ok(), &cfg.log.level);
+    // Colours only on a terminal: under systemd (journald), in a CI hook's
+    // log or a file, escape codes would be kept as text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     match cfg.log.format {
         LogFormat::Json => builder.json().flatten_event(true).init(),

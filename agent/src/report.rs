@@ -353,6 +353,10 @@ fn md_cell(s: &str) -> String {
 /// How `tollgate report` starts its one line when there is no ledger
 /// file at all (the job-summary scripts look for it).
 pub const NO_LEDGER: &str = "no ledger at ";
+/// How a report with nothing to show starts when the ledger is there but
+/// no agent is recording to it (the job summary scripts look for it: the
+/// spend is unknown then, not nil).
+pub const NO_AGENT: &str = "no agent is recording to ";
 
 fn markdown(summary: &Summary) -> String {
     if summary.records == 0 {
@@ -423,6 +427,14 @@ fn csv_field(s: &str) -> String {
     }
 }
 
+/// A cost for CSV: ten decimals, trailing zeros dropped. Six had shown
+/// a small known cost (an embeddings group: 1.6e-7) as 0.000000.
+fn csv_cost(c: f64) -> String {
+    let s = format!("{c:.10}");
+    let s = s.trim_end_matches('0');
+    s.strip_suffix('.').unwrap_or(s).to_string()
+}
+
 fn csv(summary: &Summary) -> String {
     let mut out: Vec<String> = summary
         .by
@@ -451,7 +463,7 @@ fn csv(summary: &Summary) -> String {
         f.push(if g.priced == 0 {
             String::new()
         } else {
-            format!("{:.6}", g.cost)
+            csv_cost(g.cost)
         });
         f.push(g.priced.to_string());
         text += &(f.join(",") + "\n");
@@ -1011,10 +1023,24 @@ mod tests {
         );
         assert_eq!(lines.len(), 4, "{c}");
         assert!(
-            lines.contains(&"acme/app,\"claude, \"\"x\"\"\",1,1,1,0.500000,1"),
+            lines.contains(&"acme/app,\"claude, \"\"x\"\"\",1,1,1,0.5,1"),
             "{c}"
         );
         assert!(lines.contains(&"acme/lib,gpt-4o,1,5,2,,0"), "{c}");
+        // A small known cost is not shown as zero.
+        let small = rec(
+            "a/b",
+            "j",
+            "/bin/x",
+            "text-embedding-3-small",
+            8,
+            0,
+            Some(1.6e-7),
+        );
+        let c = render_by(&[small], ReportFormat::Csv, &[GroupBy::Model]);
+        assert!(c.contains(",0.00000016,1"), "{c}");
+        assert_eq!(super::csv_cost(2.0), "2");
+        assert_eq!(super::csv_cost(0.0), "0");
         // A cell a spreadsheet would run as a formula is not one.
         let evil = vec![rec(
             "acme/app",

@@ -156,6 +156,13 @@ main() {
             printf '%s\n' "$table"
         } >>"$summary" || log "cannot write $summary"
         ;;
+    'no agent is recording to '*)
+        # The ledger is there, but the agent is stopped: the job's calls
+        # were not counted, so the spend is unknown, not nil.
+        log "$table"
+        printf 'tollgate: spend unknown: the tollgate agent is not running on this runner.\n' >>"$summary" ||
+            log "cannot write $summary"
+        ;;
     'no ledger at '*)
         # Not "no calls": nothing measured this job's calls.
         log "$table"

@@ -80,7 +80,7 @@ main() {
     local run="${TOLLGATE_RUN_ID:-${CI_PIPELINE_ID:-}}"
     local job="${TOLLGATE_JOB:-${CI_JOB_NAME:-}}"
     if [ -z "$repo" ] || [ -z "$run" ] || [ -z "$job" ]; then
-        log "CI_PROJECT_PATH, CI_PIPELINE_ID or CI_JOB_NAME is not set; cannot tell which job to summarise"
+        log "CI_PROJECT_PATH, CI_PIPELINE_ID or CI_JOB_NAME is not set (on another CI system, set TOLLGATE_REPOSITORY, TOLLGATE_RUN_ID and TOLLGATE_JOB); cannot tell which job to summarise"
         return 0
     fi
     local bin
@@ -127,6 +127,13 @@ main() {
             printf '### LLM API spend (tollgate)\n\n'
             printf '%s\n' "$table"
         } >"$out" || written=no
+        ;;
+    'no agent is recording to '*)
+        # The ledger is there, but the agent is stopped: the job's calls
+        # were not counted, so the spend is unknown, not nil.
+        log "$table"
+        printf 'tollgate: spend unknown: the tollgate agent is not running on this runner.\n' >"$out" ||
+            written=no
         ;;
     'no ledger at '*)
         # Not "no calls": nothing measured this job's calls.

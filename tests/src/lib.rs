@@ -22,7 +22,6 @@ pub use fake_provider::{FakeProvider, Reported};
 pub use pki::TestPki;
 pub use world::World;
 
-/// Why a kernel test cannot run here, or `None` when it can.
 /// The ledger row (from `report --json`) whose `key` is `value`; panics,
 /// listing the rows, when there is none.
 pub fn row_with<'a>(
@@ -35,6 +34,7 @@ pub fn row_with<'a>(
         .unwrap_or_else(|| panic!("no row with {key} = {value}: {rows:#?}"))
 }
 
+/// Why a kernel test cannot run here, or `None` when it can.
 pub fn kernel_test_unavailable() -> Option<String> {
     if unsafe { libc::geteuid() } != 0 {
         return Some("needs root".into());

@@ -1660,3 +1660,181 @@ print(json.dumps(out))
     drop(w);
     drop(rt);
 }
+
+/// `report` run by a user the ledger refuses says which part refused it
+/// (the file's mode, or a directory on its path), without SQLite's
+/// internal URI, and exits 77.
+#[test]
+#[ignore = "needs root (runs report as another user with setpriv)"]
+fn report_names_what_refused_a_user_the_ledger() {
+    use std::os::unix::fs::PermissionsExt;
+    let t = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(t.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let state = t.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    let ledger = state.join("ledger.sqlite");
+    rusqlite::Connection::open(&ledger)
+        .and_then(|c| c.execute_batch("CREATE TABLE x (a INTEGER);"))
+        .expect("an SQLite file");
+    let config = t.path().join("tollgate.toml");
+    std::fs::write(
+        &config,
+        format!("state_dir = {:?}\n", state.display().to_string()),
+    )
+    .unwrap();
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let report = || {
+        std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(tollgate_e2e::tollgate_bin())
+            .arg("--config")
+            .arg(&config)
+            .arg("report")
+            .output()
+            .expect("setpriv runs")
+    };
+    for (dir_mode, file_mode, says) in [
+        (0o755, 0o600, "the file's owner and mode"),
+        (0o700, 0o644, "a directory on its path"),
+    ] {
+        std::fs::set_permissions(&state, std::fs::Permissions::from_mode(dir_mode)).unwrap();
+        std::fs::set_permissions(&ledger, std::fs::Permissions::from_mode(file_mode)).unwrap();
+        let out = report();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(77),
+            "{dir_mode:o}/{file_mode:o}: {err}"
+        );
+        assert!(err.contains(says), "{dir_mode:o}/{file_mode:o}: {err}");
+        assert!(!err.contains("file:"), "SQLite's URI: {err}");
+    }
+}
+
+/// Text logs written to a pipe or a file (journald, a CI hook's log) carry
+/// no terminal escape codes. `trust env` on a new state directory makes
+/// the CA there and logs it.
+#[test]
+#[ignore = "needs root (makes a CA in a temp state directory)"]
+fn text_logs_off_a_terminal_have_no_escape_codes() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let config = t.path().join("tollgate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir = {:?}\n[log]\nformat = \"text\"\nlevel = \"info\"\n",
+            t.path().join("state").display().to_string()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(tollgate_e2e::tollgate_bin())
+        .arg("--config")
+        .arg(&config)
+        .args(["trust", "env"])
+        .env_remove("NO_COLOR")
+        .output()
+        .expect("tollgate runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("created the local CA"), "{err}");
+    assert!(!err.contains('\x1b'), "escape codes: {err:?}");
+    // Output that cannot be written (a full disk, a closed pipe) exits
+    // 74 with a message, not a panic (101).
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .expect("/dev/full");
+    let out = std::process::Command::new(tollgate_e2e::tollgate_bin())
+        .arg("--config")
+        .arg(&config)
+        .args(["trust", "env"])
+        .stdout(full)
+        .output()
+        .expect("tollgate runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(74), "{err}");
+    assert!(err.contains("cannot write the output"), "{err}");
+}
+
+/// The job-summary scripts (`deploy/github/job-completed.sh`,
+/// `deploy/gitlab/spend-summary.sh`) against a real agent's ledger: the
+/// job's table while the agent runs; once it is stopped, "spend unknown"
+/// for a job with no rows (nothing was counting), never "no calls".
+#[test]
+#[ignore = "needs root, cgroup v2 and BPF"]
+fn job_summary_scripts_tell_no_calls_from_an_agent_that_is_not_running() {
+    let mut w = World::start("summary", 55);
+    let client = w.client(GITHUB_ENV);
+    ok(
+        &client.python(
+            r#"
+import openai
+o = openai.OpenAI(api_key="sk-test", max_retries=0)
+o.chat.completions.create(model="gpt-4o-mini", max_tokens=3, messages=[{"role": "user", "content": "x"}])
+"#,
+        ),
+        "python client",
+    );
+    w.agent.wait_for_records(1);
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out_dir = tempfile::tempdir().expect("tempdir");
+    let config = w.agent.config_path.clone();
+    // (github summary text, gitlab file text) for one run id.
+    let summaries = |run: &str| -> (String, String) {
+        let gh = out_dir.path().join(format!("gh-{run}.md"));
+        let gl = out_dir.path().join(format!("gl-{run}.md"));
+        let common = |c: &mut std::process::Command| {
+            c.env_clear()
+                .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+                .env("TOLLGATE", tollgate_e2e::tollgate_bin())
+                .env("TOLLGATE_CONFIG", &config)
+                .env("TOLLGATE_SETTLE_SECS", "0");
+        };
+        let mut c = std::process::Command::new("bash");
+        c.arg(root.join("deploy/github/job-completed.sh"));
+        common(&mut c);
+        c.env("GITHUB_STEP_SUMMARY", &gh)
+            .env("GITHUB_REPOSITORY", "acme/widgets")
+            .env("GITHUB_RUN_ID", run)
+            .env("GITHUB_JOB", "lint");
+        let o = c.output().expect("job-completed.sh runs");
+        assert!(o.status.success(), "{o:?}");
+        let mut c = std::process::Command::new("bash");
+        c.arg(root.join("deploy/gitlab/spend-summary.sh")).arg(&gl);
+        common(&mut c);
+        c.env("TOLLGATE_REPOSITORY", "acme/widgets")
+            .env("TOLLGATE_RUN_ID", run)
+            .env("TOLLGATE_JOB", "lint");
+        let o = c.output().expect("spend-summary.sh runs");
+        assert!(o.status.success(), "{o:?}");
+        (
+            std::fs::read_to_string(&gh).unwrap_or_default(),
+            std::fs::read_to_string(&gl).unwrap_or_default(),
+        )
+    };
+    for text in <[String; 2]>::from(summaries("4242")) {
+        assert!(
+            text.contains("LLM API spend") && text.contains("gpt-4o-mini"),
+            "{text}"
+        );
+    }
+    for text in <[String; 2]>::from(summaries("1")) {
+        assert_eq!(text, "tollgate: no LLM API calls in this job.\n");
+    }
+    let status = w.agent.terminate().expect("running");
+    assert!(status.success(), "agent exit: {status}\n{}", w.agent.log());
+    for text in <[String; 2]>::from(summaries("2")) {
+        assert_eq!(
+            text,
+            "tollgate: spend unknown: the tollgate agent is not running on this runner.\n"
+        );
+    }
+    // What was recorded is still shown, and report warns that nothing is
+    // counting now.
+    for text in <[String; 2]>::from(summaries("4242")) {
+        assert!(text.contains("gpt-4o-mini"), "{text}");
+    }
+    let o = w.agent.command(&["report"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("no agent is recording to"), "{err}");
+}

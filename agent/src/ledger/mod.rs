@@ -42,11 +42,14 @@ const WALK_PAGE: usize = 256;
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
     #[error(
-        "permission denied: cannot open the ledger {}: {source}; run tollgate as root or fix the permissions of its directory",
+        "permission denied: cannot open the ledger {}: {refused}; run tollgate as root (sudo), or change that",
         path.display()
     )]
     Permission {
         path: PathBuf,
+        /// Which was refused, the file or a directory on its path (SQLite's
+        /// own message names its internal URI, not what to change).
+        refused: &'static str,
         source: rusqlite::Error,
     },
     #[error(
@@ -141,9 +144,17 @@ impl LedgerError {
             Some(ErrorCode::NotADatabase | ErrorCode::DatabaseCorrupt) => {
                 LedgerError::NotADatabase { path, source }
             }
-            Some(ErrorCode::PermissionDenied) => LedgerError::Permission { path, source },
+            Some(ErrorCode::PermissionDenied) => LedgerError::Permission {
+                refused: refused_part(&path),
+                path,
+                source,
+            },
             Some(ErrorCode::CannotOpen | ErrorCode::ReadOnly) if permission_denied(&path) => {
-                LedgerError::Permission { path, source }
+                LedgerError::Permission {
+                    refused: refused_part(&path),
+                    path,
+                    source,
+                }
             }
             _ => LedgerError::Sqlite { path, source },
         }
@@ -159,6 +170,18 @@ fn refuses_the_record(e: &rusqlite::Error) -> bool {
             e.sqlite_error_code(),
             Some(ErrorCode::ConstraintViolation | ErrorCode::TypeMismatch | ErrorCode::TooBig)
         ),
+    }
+}
+
+/// What refused this user `path`: a directory on the way (the file cannot
+/// even be looked at), or the file's own mode.
+fn refused_part(path: &Path) -> &'static str {
+    match std::fs::metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            "a directory on its path does not let this user in"
+        }
+        Ok(_) => "the file's owner and mode do not let this user open it",
+        Err(_) => "its directory does not let this user create files in it",
     }
 }
 
