@@ -370,6 +370,9 @@ pub struct WireUsage {
     input_tokens_details: ObjectOr<WireDetails>,
     completion_tokens_details: ObjectOr<WireDetails>,
     output_tokens_details: ObjectOr<WireDetails>,
+    /// DeepSeek's cache reads, beside (or instead of) the OpenAI-shaped
+    /// `prompt_tokens_details.cached_tokens`.
+    prompt_cache_hit_tokens: Count,
 }
 
 #[derive(serde::Deserialize, Default, Debug)]
@@ -405,6 +408,7 @@ impl WireUsage {
             .unwrap_or(0);
         let cached = detail(&self.prompt_tokens_details, |d| d.cached_tokens)
             .or_else(|| detail(&self.input_tokens_details, |d| d.cached_tokens))
+            .or(self.prompt_cache_hit_tokens.0)
             .unwrap_or(0);
         let written = detail(&self.prompt_tokens_details, |d| d.cache_write_tokens)
             .or_else(|| detail(&self.input_tokens_details, |d| d.cache_write_tokens))
@@ -1963,6 +1967,16 @@ event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{
             (
                 r#"{"prompt_tokens":10,"prompt_tokens_details":"7","input_tokens_details":{"cached_tokens":3}}"#,
                 Some((10, 0, 3, 0)),
+            ),
+            // DeepSeek's own cache fields (its KV cache guide): the hits
+            // are cache reads when no OpenAI-shaped detail says otherwise.
+            (
+                r#"{"prompt_tokens":1000,"completion_tokens":10,"total_tokens":1010,"prompt_cache_hit_tokens":900,"prompt_cache_miss_tokens":100}"#,
+                Some((1000, 10, 900, 0)),
+            ),
+            (
+                r#"{"prompt_tokens":1000,"completion_tokens":10,"prompt_cache_hit_tokens":900,"prompt_tokens_details":{"cached_tokens":896}}"#,
+                Some((1000, 10, 896, 0)),
             ),
             (r#"[9,4]"#, None),
             (r#""9""#, None),
