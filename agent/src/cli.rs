@@ -424,6 +424,13 @@ pub fn report(cfg: &Config, args: &ReportArgs) -> Result<(), CmdError> {
             _ => text,
         };
     }
+    if stopped && !summary.is_empty() && format == ReportFormat::Markdown {
+        // A job summary shows what was counted, and says that the count
+        // may be short.
+        text.push_str(
+            "\n_The tollgate agent is not running now: calls made while it is stopped are not counted._\n",
+        );
+    }
     use std::io::Write as _;
     std::io::stdout()
         .write_all(text.as_bytes())

@@ -1817,6 +1817,7 @@ o.chat.completions.create(model="gpt-4o-mini", max_tokens=3, messages=[{"role": 
             text.contains("LLM API spend") && text.contains("gpt-4o-mini"),
             "{text}"
         );
+        assert!(!text.contains("not counted"), "{text}");
     }
     for text in <[String; 2]>::from(summaries("1")) {
         assert_eq!(text, "tollgate: no LLM API calls in this job.\n");
@@ -1833,6 +1834,7 @@ o.chat.completions.create(model="gpt-4o-mini", max_tokens=3, messages=[{"role": 
     // counting now.
     for text in <[String; 2]>::from(summaries("4242")) {
         assert!(text.contains("gpt-4o-mini"), "{text}");
+        assert!(text.contains("are not counted"), "{text}");
     }
     let o = w.agent.command(&["report"]);
     let err = String::from_utf8_lossy(&o.stderr);
