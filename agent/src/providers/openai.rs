@@ -178,9 +178,16 @@ fn batch_line(line: &[u8], thoughts_beside: bool) -> Option<super::batch::LineUs
     })
 }
 
-/// Operations whose responses carry token usage.
+/// Operations whose responses may carry token usage: image generation
+/// and edits with GPT image models (`usage.input_tokens`/`output_tokens`,
+/// JSON or the stream's `image_generation.completed`), and transcriptions
+/// with token-billed models (`usage.type = "tokens"`) too. (DALL-E and
+/// `whisper-1` report none: their records have no tokens, as before.)
 fn has_usage(op: &str) -> bool {
-    matches!(op, "chat" | "text_completion" | "embeddings" | "responses")
+    matches!(
+        op,
+        "chat" | "text_completion" | "embeddings" | "responses" | "image" | "audio"
+    )
 }
 
 impl Provider for OpenAi {
@@ -324,7 +331,15 @@ impl Provider for OpenAi {
             super::batch::parser(b, status)
         } else if info.sessions.is_some() {
             Box::new(super::evals::RunParser::new(info))
-        } else if !has_usage(info.operation) {
+        } else if !has_usage(info.operation)
+            || (matches!(info.operation, "image" | "audio")
+                && !matches!(
+                    super::content_type(headers).as_str(),
+                    "application/json" | "text/event-stream"
+                ))
+        {
+            // Speech comes back as audio, a transcription as text or
+            // subtitles when asked: nothing to read, and not held.
             Box::new(super::NoUsage)
         } else if super::content_type(headers) == "text/event-stream" {
             Box::new(StreamParser {

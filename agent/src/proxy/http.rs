@@ -1446,8 +1446,11 @@ impl Draft {
         // A retrieval, a Managed Agents call count nothing themselves
         // (what they settle or show counts on its own); nor does a record
         // with nothing left to count (a parked one, counted already).
+        // Images and audio are not estimated: their tokens are pixels and
+        // sound, which a text tokenizer cannot count.
         let counting = ok
             && (parsed.usage.is_none() || parsed.partial)
+            && !matches!(self.info.operation, "image" | "audio")
             && self.info.own_row()
             && (self.body.is_some() || !parsed.output_text.is_empty());
         self.record_off_worker(parsed, error, counting);
@@ -1498,9 +1501,12 @@ impl Draft {
             && parsed.error.is_some()
             && parsed.output_text.is_empty()
             && parsed.estimated == (0, 0);
-        // An unanswered request has no usage: its input is estimated.
+        // An unanswered request has no usage: its input is estimated
+        // (never an image's or audio's, which a text tokenizer cannot
+        // count).
         let estimated = (ok || self.unanswered)
             && !refused
+            && !matches!(self.info.operation, "image" | "audio")
             && match parsed.usage {
                 None => {
                     // Counted earlier (a parked record's request, and the
@@ -2510,6 +2516,84 @@ mod tests {
             br#"{"created":1,"data":[{"url":"https://x/y.png"}]}"#,
         );
         assert_eq!(image.cost_usd, None, "{image:?}");
+        // Nor estimated from its prompt: no tokens are billed.
+        assert!(!image.estimated, "{image:?}");
+        assert_eq!(
+            (image.usage.input_tokens, image.usage.output_tokens),
+            (0, 0)
+        );
+    }
+
+    /// GPT image models and token-billed transcriptions report their
+    /// usage; it is read (it had been thrown away with the model), and
+    /// speech, which reports none, is not estimated from its text.
+    #[test]
+    fn image_and_audio_usage_is_read_and_never_estimated() {
+        use crate::config::ApiKind;
+        let image = answered(
+            "api.openai.com",
+            ApiKind::Openai,
+            "/v1/images/generations",
+            br#"{"model":"gpt-image-1","prompt":"a lighthouse at dusk","size":"1024x1024"}"#,
+            "application/json",
+            br#"{"created":1,"data":[{"b64_json":"iVBORw0KGgo="}],"usage":{"input_tokens":50,"output_tokens":4160,"total_tokens":4210,"input_tokens_details":{"text_tokens":50,"image_tokens":0}}}"#,
+        );
+        assert_eq!(image.operation, "image");
+        assert_eq!(image.model.as_deref(), Some("gpt-image-1"));
+        assert_eq!(
+            (image.usage.input_tokens, image.usage.output_tokens),
+            (50, 4160)
+        );
+        assert!(!image.estimated, "{image:?}");
+        let stream = concat!(
+            "event: image_generation.partial_image\n",
+            "data: {\"type\":\"image_generation.partial_image\",\"b64_json\":\"iVBORw0KGgo=\",\"partial_image_index\":0}\n\n",
+            "event: image_generation.completed\n",
+            "data: {\"type\":\"image_generation.completed\",\"b64_json\":\"iVBORw0KGgo=\",\"usage\":{\"input_tokens\":20,\"output_tokens\":272,\"total_tokens\":292}}\n\n",
+        );
+        let streamed = answered(
+            "api.openai.com",
+            ApiKind::Openai,
+            "/v1/images/generations",
+            br#"{"model":"gpt-image-1","prompt":"a lighthouse","stream":true,"partial_images":1}"#,
+            "text/event-stream",
+            stream.as_bytes(),
+        );
+        assert_eq!(
+            (streamed.usage.input_tokens, streamed.usage.output_tokens),
+            (20, 272),
+            "{streamed:?}"
+        );
+        let transcription = answered(
+            "api.openai.com",
+            ApiKind::Openai,
+            "/v1/audio/transcriptions",
+            b"--b\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\ngpt-4o-transcribe\r\n--b--\r\n",
+            "application/json",
+            br#"{"text":"Hello.","usage":{"type":"tokens","input_tokens":14,"input_token_details":{"text_tokens":0,"audio_tokens":14},"output_tokens":45,"total_tokens":59}}"#,
+        );
+        assert_eq!(transcription.operation, "audio");
+        assert_eq!(
+            (
+                transcription.usage.input_tokens,
+                transcription.usage.output_tokens
+            ),
+            (14, 45)
+        );
+        let speech = answered(
+            "api.openai.com",
+            ApiKind::Openai,
+            "/v1/audio/speech",
+            br#"{"model":"gpt-4o-mini-tts","input":"The build is green.","voice":"alloy"}"#,
+            "audio/mpeg",
+            b"\xff\xfb\x90\x64\x00\x00",
+        );
+        assert_eq!(speech.model.as_deref(), Some("gpt-4o-mini-tts"));
+        assert!(!speech.estimated, "{speech:?}");
+        assert_eq!(
+            (speech.usage.input_tokens, speech.usage.output_tokens),
+            (0, 0)
+        );
     }
 
     #[test]
