@@ -1,14 +1,22 @@
-//! Whether an agent is recording to a state directory: a running agent
-//! holds `STATE_DIR/agent.lock` (mode 0644, holding its pid) with an
-//! exclusive `flock` for its whole life; the kernel lets go when it exits,
-//! however it exits. `tollgate report` takes a shared lock without waiting
-//! to tell "no calls were made" from "nothing was counting them".
+//! Whether an agent is recording to a state directory, and that only one
+//! does.
 //!
-//! Owns: the lock file. Must never: block (every lock is tried, never
-//! waited for), or be held by any command but `run`.
+//! - `STATE_DIR/agent.lock` (mode 0600, root's): a running agent holds it
+//!   with an exclusive `flock` for its whole life, and the kernel lets go
+//!   when it exits, however it exits. A second agent on the directory
+//!   stops at start. Only root can open the file, so no job can hold an
+//!   agent off by locking it.
+//! - `STATE_DIR/agent.pid` (mode 0644): the agent's pid, its start time
+//!   (`/proc/PID/stat`'s field 22) and its pid namespace. Readers
+//!   (`tollgate report`, as the runner user) take no lock: an agent is
+//!   recording when that process still lives with that start time (a
+//!   reused pid has another). From another pid namespace, or where
+//!   /proc hides other users' processes, nothing is claimed.
+//!
+//! Owns: both files. Must never: block, or let a reader affect the agent.
 
 use std::fs::{File, OpenOptions, TryLockError};
-use std::io::{Read as _, Seek as _, Write as _};
+use std::io::Write as _;
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 
@@ -17,10 +25,15 @@ pub fn lock_path(state_dir: &Path) -> PathBuf {
     state_dir.join("agent.lock")
 }
 
+/// The file that tells readers which process the agent is.
+pub fn pid_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("agent.pid")
+}
+
 /// The running agent's hold on its state directory; let go when dropped.
 #[derive(Debug)]
 pub struct Presence {
-    _file: File,
+    _lock: Option<File>,
 }
 
 /// Why the hold could not be taken.
@@ -39,81 +52,190 @@ pub enum PresenceError {
     },
 }
 
+/// What `agent.pid` says: a process, when it started, in which pid
+/// namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Mark {
+    pid: u32,
+    start: u64,
+    pid_ns: String,
+}
+
+impl Mark {
+    fn of_self() -> Option<Mark> {
+        let pid = std::process::id();
+        Some(Mark {
+            pid,
+            start: start_time(pid).ok()??,
+            pid_ns: own_pid_ns()?,
+        })
+    }
+
+    fn parse(text: &str) -> Option<Mark> {
+        let mut it = text.split_whitespace();
+        let m = Mark {
+            pid: it.next()?.parse().ok()?,
+            start: it.next()?.parse().ok()?,
+            pid_ns: it.next()?.to_string(),
+        };
+        it.next().is_none().then_some(m)
+    }
+
+    fn line(&self) -> String {
+        format!("{} {} {}\n", self.pid, self.start, self.pid_ns)
+    }
+}
+
+/// `/proc/PID/stat`'s start time (field 22): `Ok(None)` when the process
+/// does not exist, an error when /proc does not say (hidden, unreadable).
+fn start_time(pid: u32) -> std::io::Result<Option<u64>> {
+    let stat = match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    // Fields after the command name, which may hold spaces and ')'.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .ok_or_else(|| std::io::Error::other("unreadable stat"))?;
+    // `rest` starts at field 3 (state): field 22 is its 20th.
+    rest.split_whitespace()
+        .nth(19)
+        .and_then(|f| f.parse().ok())
+        .map(Some)
+        .ok_or_else(|| std::io::Error::other("unreadable stat"))
+}
+
+fn own_pid_ns() -> Option<String> {
+    std::fs::read_link("/proc/self/ns/pid")
+        .ok()
+        .map(|p| p.to_string_lossy().into_owned())
+        .filter(|s| !s.contains(char::is_whitespace))
+}
+
 /// Takes the state directory for this agent: an error when another agent
-/// holds it.
+/// holds it. Where the file system has no locks, the agent goes on
+/// without the single-agent check (a warning says so).
 pub fn hold(state_dir: &Path) -> Result<Presence, PresenceError> {
     let path = lock_path(state_dir);
-    let io = |source| PresenceError::Io {
-        path: path.clone(),
+    let io = |path: &Path, source| PresenceError::Io {
+        path: path.to_path_buf(),
         source,
     };
-    let mut file = OpenOptions::new()
+    let file = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
-        .mode(0o644)
+        .mode(0o600)
         .open(&path)
-        .map_err(io)?;
-    match file.try_lock() {
-        Ok(()) => {}
+        .map_err(|e| io(&path, e))?;
+    // Root's alone, whatever made it: a lock anyone could take would let
+    // them hold the next agent off.
+    file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .map_err(|e| io(&path, e))?;
+    let lock = match file.try_lock() {
+        Ok(()) => Some(file),
         Err(TryLockError::WouldBlock) => {
-            let mut text = String::new();
-            let _ = file.read_to_string(&mut text);
+            let pid = std::fs::read_to_string(pid_path(state_dir))
+                .ok()
+                .and_then(|t| Mark::parse(&t))
+                .filter(|m| start_time(m.pid).ok().flatten() == Some(m.start))
+                .map(|m| m.pid);
             return Err(PresenceError::Running {
                 dir: state_dir.to_path_buf(),
-                pid: text.trim().parse().ok(),
+                pid,
             });
         }
-        Err(TryLockError::Error(e)) => return Err(io(e)),
+        Err(TryLockError::Error(e)) => {
+            tracing::warn!(
+                path = %path.display(),
+                error = %e,
+                "cannot lock the state directory (a file system without locks?): a second agent on it would not be stopped"
+            );
+            None
+        }
+    };
+    // For readers: written whole, then renamed over the old one.
+    if let Some(mark) = Mark::of_self() {
+        let pid_file = pid_path(state_dir);
+        let tmp = state_dir.join(".agent.pid.tmp");
+        let write = || -> std::io::Result<()> {
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o644)
+                .open(&tmp)?;
+            f.write_all(mark.line().as_bytes())?;
+            std::fs::rename(&tmp, &pid_file)
+        };
+        write().map_err(|e| io(&pid_file, e))?;
     }
-    // The pid, for the message above: written only under the lock.
-    file.set_len(0)
-        .and_then(|_| file.rewind())
-        .and_then(|_| writeln!(file, "{}", std::process::id()))
-        .map_err(io)?;
-    Ok(Presence { _file: file })
+    Ok(Presence { _lock: lock })
 }
 
 /// Whether an agent is recording to a state directory, as far as this
 /// user can tell.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Recording {
-    /// An agent holds the directory.
+    /// The agent that wrote `agent.pid` still runs.
     Yes,
-    /// The lock file is there and nobody holds it: no agent runs with
-    /// this state directory.
+    /// It has exited: no agent runs with this state directory.
     No,
-    /// No lock file (an agent from before it, or none ever), or it cannot
-    /// be read: nothing is claimed.
+    /// No `agent.pid` (an agent from before it, or none ever), another
+    /// pid namespace, or /proc does not say: nothing is claimed.
     Unknown,
 }
 
-/// Tries a shared lock on the state directory's lock file, never waiting.
+/// Reads `agent.pid` and /proc; takes no lock and never waits.
 pub fn recording(state_dir: &Path) -> Recording {
-    let Ok(file) = File::open(lock_path(state_dir)) else {
+    let Some(mark) = std::fs::read_to_string(pid_path(state_dir))
+        .ok()
+        .and_then(|t| Mark::parse(&t))
+    else {
         return Recording::Unknown;
     };
-    match file.try_lock_shared() {
-        // Let go at once (and on drop): a report must not hold an agent
-        // off.
-        Ok(()) => {
-            let _ = file.unlock();
-            Recording::No
-        }
-        Err(TryLockError::WouldBlock) => Recording::Yes,
-        Err(TryLockError::Error(_)) => Recording::Unknown,
+    if own_pid_ns().as_deref() != Some(mark.pid_ns.as_str()) {
+        return Recording::Unknown;
+    }
+    match start_time(mark.pid) {
+        Ok(Some(s)) if s == mark.start => Recording::Yes,
+        Ok(_) => Recording::No,
+        Err(_) => Recording::Unknown,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt as _;
+
+    /// `hold`, tried again for a moment while refused: another test's
+    /// fork carries a copy of the lock's descriptor until its exec, which
+    /// keeps a dropped lock held for that long.
+    fn hold_soon(dir: &Path) -> Presence {
+        for _ in 0..100 {
+            match hold(dir) {
+                Ok(p) => return p,
+                Err(PresenceError::Running { .. }) => {
+                    std::thread::sleep(std::time::Duration::from_millis(10))
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        panic!("the lock was never let go")
+    }
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+    }
 
     #[test]
     fn a_held_directory_is_recording_and_refuses_a_second_agent() {
         let t = tempfile::tempdir().unwrap();
-        assert_eq!(recording(t.path()), Recording::Unknown, "no lock file");
+        assert_eq!(recording(t.path()), Recording::Unknown, "no pid file");
         let held = hold(t.path()).expect("the first agent");
         assert_eq!(recording(t.path()), Recording::Yes);
         match hold(t.path()) {
@@ -124,18 +246,70 @@ mod tests {
         }
         let text = hold(t.path()).unwrap_err().to_string();
         assert!(text.contains("another tollgate agent"), "{text}");
+        assert_eq!(mode(&lock_path(t.path())), 0o600);
+        assert_eq!(mode(&pid_path(t.path())), 0o644);
         drop(held);
-        assert_eq!(recording(t.path()), Recording::No, "the agent stopped");
-        // A report's look does not hold the next agent off.
-        let again = hold(t.path()).expect("the next agent starts");
-        assert_eq!(recording(t.path()), Recording::Yes);
+        let again = hold_soon(t.path());
         drop(again);
-        let mode = std::fs::metadata(lock_path(t.path()))
-            .unwrap()
-            .permissions();
-        assert_eq!(
-            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
-            0o644
+        // A lock file an earlier version left readable is made root's.
+        std::fs::set_permissions(lock_path(t.path()), std::fs::Permissions::from_mode(0o644))
+            .unwrap();
+        drop(hold_soon(t.path()));
+        assert_eq!(mode(&lock_path(t.path())), 0o600);
+    }
+
+    /// A reader's look, or a lock a reader takes on the readable file,
+    /// never holds the agent off: readers lock nothing, and the lock
+    /// file is not theirs to open.
+    #[test]
+    fn readers_take_no_lock() {
+        let t = tempfile::tempdir().unwrap();
+        drop(hold_soon(t.path()));
+        let pid_file = File::open(pid_path(t.path())).unwrap();
+        pid_file
+            .try_lock_shared()
+            .expect("a reader locks agent.pid");
+        let _ = recording(t.path());
+        let held = hold_soon(t.path());
+        drop(held);
+    }
+
+    /// A process that has exited, or a reused pid (another start time),
+    /// is not recording; a mark from another pid namespace, or one that
+    /// does not parse, claims nothing.
+    #[test]
+    fn a_dead_or_reused_pid_is_not_recording() {
+        let t = tempfile::tempdir().unwrap();
+        let ns = own_pid_ns().expect("this process's pid namespace");
+        let me = Mark::of_self().expect("own mark");
+        let write = |text: String| std::fs::write(pid_path(t.path()), text).unwrap();
+        write(me.line());
+        assert_eq!(recording(t.path()), Recording::Yes);
+        write(
+            Mark {
+                start: me.start + 1,
+                ..me.clone()
+            }
+            .line(),
         );
+        assert_eq!(recording(t.path()), Recording::No, "a reused pid");
+        // Above any pid_max: no such process. (Not a child that exited:
+        // a fork here would carry the other tests' lock files until its
+        // exec.)
+        let dead = u32::MAX - 1;
+        write(format!("{dead} 1 {ns}\n"));
+        assert_eq!(recording(t.path()), Recording::No, "an exited process");
+        write(format!("{} {} pid:[1]\n", me.pid, me.start));
+        assert_eq!(recording(t.path()), Recording::Unknown, "another pid ns");
+        write("garbage\n".into());
+        assert_eq!(recording(t.path()), Recording::Unknown);
+    }
+
+    #[test]
+    fn the_start_time_of_a_live_process_is_read_and_a_missing_one_is_none() {
+        let me = std::process::id();
+        let s = start_time(me).unwrap().expect("this process");
+        assert!(s > 0);
+        assert_eq!(start_time(u32::MAX - 1).unwrap(), None);
     }
 }
