@@ -1063,15 +1063,15 @@ mod tests {
         let o = check(Some("RUNNER_NAME=r1\n"), &named);
         assert!(!o.detail.contains("is not sent"), "{o:?}");
         // A collector CA file the agent could not read fails the check,
-        // naming the variable that set it.
+        // naming the variable that set it; for an http:// collector it
+        // is not used, nor read.
         let missing = t.path().join("no-ca.pem");
-        let o = check(
-            Some(&format!(
-                "OTEL_EXPORTER_OTLP_CERTIFICATE={}\n",
-                missing.display()
-            )),
-            &named,
-        );
+        let ca_var = format!("OTEL_EXPORTER_OTLP_CERTIFICATE={}\n", missing.display());
+        let o = check(Some(&ca_var), &named);
+        assert_ne!(o.level, Level::Fail, "{o:?}");
+        let mut tls = Config::default();
+        tls.export.otlp.endpoint = Some(format!("https://127.0.0.1:{port}"));
+        let o = check(Some(&ca_var), &tls);
         assert_eq!(o.level, Level::Fail, "{o:?}");
         assert!(o.detail.contains("OTEL_EXPORTER_OTLP_CERTIFICATE"), "{o:?}");
         assert!(o.detail.contains("no-ca.pem"), "{o:?}");

@@ -460,7 +460,7 @@ impl ExportConfig {
             Some(s) => Duration::from_secs(s),
             None => millis("OTEL_METRIC_EXPORT_INTERVAL")?.unwrap_or(DEFAULT_INTERVAL),
         };
-        let compression = resolve_compression(o.compression, &env)?;
+        let (compression, traces_compression) = resolve_compression(o.compression, o.traces, &env)?;
         let tls = resolve_tls(o, &env)?;
         let semconv = o.semconv.unwrap_or_else(|| {
             let opted_in = env("OTEL_SEMCONV_STABILITY_OPT_IN")
@@ -483,6 +483,7 @@ impl ExportConfig {
             cardinality_limit: o.cardinality_limit.unwrap_or(DEFAULT_CARDINALITY_LIMIT),
             traces: o.traces,
             compression,
+            traces_compression,
             tls,
             // As the specification ranks them: OTEL_SERVICE_NAME, then
             // OTEL_RESOURCE_ATTRIBUTES' service.name, then ours.
@@ -511,6 +512,9 @@ pub struct ResolvedOtlp {
     pub cardinality_limit: usize,
     pub traces: bool,
     pub compression: OtlpCompression,
+    /// The spans' compression (`..._TRACES_COMPRESSION` before the
+    /// generic variable); `None` when spans are off.
+    pub traces_compression: OtlpCompression,
     /// CA and client certificate files, for an `https://` collector.
     pub tls: OtlpTls,
     /// `OTEL_SERVICE_NAME`, else `tollgate`.
@@ -540,6 +544,7 @@ impl std::fmt::Debug for ResolvedOtlp {
             .field("cardinality_limit", &self.cardinality_limit)
             .field("traces", &self.traces)
             .field("compression", &self.compression)
+            .field("traces_compression", &self.traces_compression)
             .field("tls", &self.tls)
             .field("service_name", &self.service_name)
             .field("env_headers_ignored", &self.env_headers_ignored)
@@ -548,47 +553,75 @@ impl std::fmt::Debug for ResolvedOtlp {
     }
 }
 
-/// The compression: the config's, else the metrics variable's, else the
-/// generic one's, else none. The exporter library reads the variables
-/// itself when it is given no compression, so a `none` in the config
-/// cannot turn off one a variable asks for: that is an error naming the
-/// variable rather than a setting silently not applied.
-fn resolve_compression(
-    config: Option<OtlpCompression>,
-    env: &dyn Fn(&str) -> Option<String>,
-) -> Result<OtlpCompression, (String, String)> {
-    let mut from_env = None;
-    for var in [
-        "OTEL_EXPORTER_OTLP_METRICS_COMPRESSION",
-        "OTEL_EXPORTER_OTLP_COMPRESSION",
-    ] {
-        let Some(v) = env(var) else { continue };
-        let c = match v.trim().to_ascii_lowercase().as_str() {
-            "none" => OtlpCompression::None,
-            "gzip" => OtlpCompression::Gzip,
-            "zstd" => OtlpCompression::Zstd,
-            other => {
-                return Err((var.into(), format!("`{other}`: use gzip, zstd or none")));
-            }
-        };
-        if config == Some(OtlpCompression::None) && c != OtlpCompression::None {
-            return Err((
-                "export.otlp.compression".into(),
-                format!(
-                    "`none` cannot turn off the compression {var} asks for (the exporter \
-                     library reads the variable itself): remove the variable from the \
-                     service's environment, or set it to none"
-                ),
-            ));
-        }
-        from_env.get_or_insert(c);
+/// A compression variable's value as the exporter library reads it:
+/// whole, in any case; `None` for one it would not take.
+fn compression_value(v: &str) -> Option<OtlpCompression> {
+    match v.to_ascii_lowercase().as_str() {
+        "none" => Some(OtlpCompression::None),
+        "gzip" => Some(OtlpCompression::Gzip),
+        "zstd" => Some(OtlpCompression::Zstd),
+        _ => None,
     }
-    Ok(config.or(from_env).unwrap_or(OtlpCompression::None))
 }
 
-/// The CA file and client identity: each from the config if it names it,
-/// else from the metrics variables, else from the generic ones. The
-/// certificate and its key come as a pair from one place.
+/// The compression of metrics and of spans: the config's, else the
+/// signal's variable (`..._METRICS_COMPRESSION`, `..._TRACES_COMPRESSION`),
+/// else the generic one, else none; a value the library would not take
+/// is an error naming its variable (the traces one only when spans are
+/// exported). The library reads the variables itself when it is given no
+/// compression, so a `none` in the config cannot turn off one a signal's
+/// variables ask for: that is an error naming the variable, rather than a
+/// setting silently not applied.
+fn resolve_compression(
+    config: Option<OtlpCompression>,
+    traces: bool,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<(OtlpCompression, OtlpCompression), (String, String)> {
+    type Found = Option<(&'static str, OtlpCompression)>;
+    let signal = |var: &'static str| -> Result<Found, (String, String)> {
+        for v in [var, "OTEL_EXPORTER_OTLP_COMPRESSION"] {
+            let Some(value) = env(v) else { continue };
+            let Some(c) = compression_value(&value) else {
+                return Err((
+                    v.into(),
+                    format!("`{}`: use gzip, zstd or none", value.trim()),
+                ));
+            };
+            return Ok(Some((v, c)));
+        }
+        Ok(None)
+    };
+    let metrics = signal("OTEL_EXPORTER_OTLP_METRICS_COMPRESSION")?;
+    let spans = if traces {
+        signal("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION")?
+    } else {
+        None
+    };
+    if config == Some(OtlpCompression::None) {
+        for (var, c) in metrics.into_iter().chain(spans) {
+            if c != OtlpCompression::None {
+                return Err((
+                    "export.otlp.compression".into(),
+                    format!(
+                        "`none` cannot turn off the compression {var} asks for (the exporter \
+                         library reads the variable itself): remove the variable from the \
+                         service's environment, or set it to none"
+                    ),
+                ));
+            }
+        }
+    }
+    let pick = |from_env: Found| {
+        config
+            .or(from_env.map(|(_, c)| c))
+            .unwrap_or(OtlpCompression::None)
+    };
+    Ok((pick(metrics), pick(spans)))
+}
+
+/// The CA file and client identity: from the config if it names them,
+/// else each from its metrics variable, else from the generic one; a
+/// certificate without its key (or the other way) is an error.
 fn resolve_tls(
     o: &OtlpConfig,
     env: &dyn Fn(&str) -> Option<String>,
@@ -636,33 +669,38 @@ fn resolve_tls(
             ));
         }
         (None, None) => {
-            let mut pair = None;
-            for prefix in ["OTEL_EXPORTER_OTLP_METRICS_", "OTEL_EXPORTER_OTLP_"] {
-                let (cv, kv) = (
-                    format!("{prefix}CLIENT_CERTIFICATE"),
-                    format!("{prefix}CLIENT_KEY"),
-                );
-                match (from_env(&cv)?, from_env(&kv)?) {
-                    (Some(c), Some(k)) => {
-                        pair = Some((c, k));
-                        break;
-                    }
-                    (Some(_), None) => {
-                        return Err((
-                            cv,
-                            format!("is set but {kv} is not (the certificate's private key)"),
-                        ));
-                    }
-                    (None, Some(_)) => {
-                        return Err((
-                            kv,
-                            format!("is set but {cv} is not (the key's certificate)"),
-                        ));
-                    }
-                    (None, None) => {}
+            // Each variable on its own, the metrics one first, as the
+            // specification resolves them; then the two must pair up.
+            let first = |a: &str, b: &str| -> Result<Option<TlsFile>, (String, String)> {
+                Ok(match from_env(a)? {
+                    Some(f) => Some(f),
+                    None => from_env(b)?,
+                })
+            };
+            let cert = first(
+                "OTEL_EXPORTER_OTLP_METRICS_CLIENT_CERTIFICATE",
+                "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE",
+            )?;
+            let key = first(
+                "OTEL_EXPORTER_OTLP_METRICS_CLIENT_KEY",
+                "OTEL_EXPORTER_OTLP_CLIENT_KEY",
+            )?;
+            match (cert, key) {
+                (Some(c), Some(k)) => Some((c, k)),
+                (Some(c), None) => {
+                    return Err((
+                        c.source,
+                        "is set but OTEL_EXPORTER_OTLP[_METRICS]_CLIENT_KEY is not (the certificate's private key)".into(),
+                    ));
                 }
+                (None, Some(k)) => {
+                    return Err((
+                        k.source,
+                        "is set but OTEL_EXPORTER_OTLP[_METRICS]_CLIENT_CERTIFICATE is not (the key's certificate)".into(),
+                    ));
+                }
+                (None, None) => None,
             }
-            pair
         }
     };
     Ok(OtlpTls { ca_file, identity })

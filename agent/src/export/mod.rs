@@ -47,6 +47,9 @@ pub(crate) use config::endpoint_for_logs;
 /// Reads and checks the collector's TLS files (`ca_file`, `client_cert`,
 /// `client_key`) as the agent does at start; the error names the setting.
 pub(crate) fn check_tls_files(r: &ResolvedOtlp) -> Result<(), String> {
+    if !otlp::is_https(&r.endpoint) {
+        return Ok(());
+    }
     otlp::tls_material(r).map(|_| ()).map_err(|e| e.to_string())
 }
 pub use config::{
@@ -141,6 +144,11 @@ fn hostname() -> Option<String> {
 pub enum ExportError {
     #[error("invalid export setting {key}: {message}")]
     Config { key: String, message: String },
+    /// A collector TLS file that cannot be used (yet): exit 69, so that
+    /// systemd starts the agent again (a certificate an issuer writes
+    /// after boot), where a bad setting's 64 stops it for good.
+    #[error("unusable collector TLS file, from {key}: {message}")]
+    TlsFile { key: String, message: String },
     #[error(
         "OTLP over gRPC needs a Tokio runtime: start the exporter from inside the agent's runtime"
     )]
@@ -173,7 +181,7 @@ impl ExportError {
             {
                 crate::exit::NOPERM
             }
-            ExportError::AuditLog { .. } => crate::exit::UNAVAILABLE,
+            ExportError::AuditLog { .. } | ExportError::TlsFile { .. } => crate::exit::UNAVAILABLE,
             _ => crate::exit::SOFTWARE,
         }
     }

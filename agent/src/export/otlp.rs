@@ -167,7 +167,7 @@ pub(super) struct TlsMaterial {
 
 pub(super) fn tls_material(r: &ResolvedOtlp) -> Result<TlsMaterial, ExportError> {
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-    let err = |f: &TlsFile, message: String| ExportError::Config {
+    let err = |f: &TlsFile, message: String| ExportError::TlsFile {
         key: f.source.clone(),
         message: format!("`{}`: {message}", f.path.display()),
     };
@@ -229,7 +229,13 @@ fn http_client(r: &ResolvedOtlp) -> Result<HeaderClient, ExportError> {
         headers.insert(name, val);
     }
     let timeout = r.timeout;
-    let tls = tls_material(r)?;
+    // An http:// collector takes no TLS files (the start-up log says they
+    // are not used): they are not read either.
+    let tls = if is_https(&r.endpoint) {
+        tls_material(r)?
+    } else {
+        TlsMaterial::default()
+    };
     // Built on a thread of its own: reqwest's blocking client may not be
     // created inside an async runtime.
     let inner = std::thread::Builder::new()
@@ -302,18 +308,22 @@ fn compression(c: OtlpCompression) -> Option<opentelemetry_otlp::Compression> {
     }
 }
 
-/// A gRPC exporter builder with `with_tls` and the resolved compression.
-fn tonic_config<B: WithTonicConfig>(b: B, r: &ResolvedOtlp) -> Result<B, ExportError> {
+/// A gRPC exporter builder with `with_tls` and compression `c`.
+fn tonic_config<B: WithTonicConfig>(
+    b: B,
+    r: &ResolvedOtlp,
+    c: OtlpCompression,
+) -> Result<B, ExportError> {
     let b = with_tls(b, r)?;
-    Ok(match compression(r.compression) {
+    Ok(match compression(c) {
         Some(c) => b.with_compression(c),
         None => b,
     })
 }
 
-/// An HTTP exporter builder with the resolved compression.
-fn http_config<B: WithHttpConfig>(b: B, r: &ResolvedOtlp) -> B {
-    match compression(r.compression) {
+/// An HTTP exporter builder with compression `c`.
+fn http_config<B: WithHttpConfig>(b: B, c: OtlpCompression) -> B {
+    match compression(c) {
         Some(c) => b.with_compression(c),
         None => b,
     }
@@ -346,6 +356,7 @@ pub(crate) fn meter_provider(
                 .with_timeout(r.timeout)
                 .with_interceptor(interceptor(r)?),
             r,
+            r.compression,
         )?
         .with_temporality(temporality)
         .build(),
@@ -356,7 +367,7 @@ pub(crate) fn meter_provider(
                 .with_endpoint(r.endpoint.clone())
                 .with_timeout(r.timeout)
                 .with_http_client(http_client(r)?),
-            r,
+            r.compression,
         )
         .with_temporality(temporality)
         .build(),
@@ -396,6 +407,7 @@ pub(crate) fn tracer_provider(
                 .with_timeout(r.timeout)
                 .with_interceptor(interceptor(r)?),
             r,
+            r.traces_compression,
         )?
         .build(),
         OtlpProtocol::HttpProtobuf => http_config(
@@ -405,7 +417,7 @@ pub(crate) fn tracer_provider(
                 .with_endpoint(traces_endpoint(&r.endpoint))
                 .with_timeout(r.timeout)
                 .with_http_client(http_client(r)?),
-            r,
+            r.traces_compression,
         )
         .build(),
     }

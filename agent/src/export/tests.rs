@@ -762,6 +762,51 @@ fn compression_comes_from_the_config_then_the_metrics_variable_then_the_generic_
         OtlpCompression::None
     );
     assert!(toml::from_str::<ExportConfig>("[otlp]\ncompression = \"lz4\"").is_err());
+    // Spans: the traces variable, then the generic one (what the library
+    // itself would read), passed explicitly.
+    let spans = otlp_on("traces = true");
+    let r = resolve(
+        &spans,
+        &[
+            ("OTEL_EXPORTER_OTLP_METRICS_COMPRESSION", "zstd"),
+            ("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "gzip"),
+        ],
+    )
+    .expect("on");
+    assert_eq!(
+        (r.compression, r.traces_compression),
+        (OtlpCompression::Zstd, OtlpCompression::Gzip)
+    );
+    let r = resolve(&spans, &generic).expect("on");
+    assert_eq!(r.traces_compression, OtlpCompression::Gzip);
+    // none in the config against the traces variable: refused, naming it
+    // (only when spans are exported).
+    let none_spans = otlp_on("traces = true\ncompression = \"none\"");
+    let traces_gzip = [("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "gzip")];
+    let err = none_spans
+        .resolve(&env_of(&traces_gzip))
+        .expect_err("none vs the traces variable");
+    assert!(
+        err.1.contains("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION"),
+        "{}",
+        err.1
+    );
+    assert_eq!(
+        resolve(&none, &traces_gzip).expect("no spans").compression,
+        OtlpCompression::None
+    );
+    // The metrics variable's none shadows the generic gzip for metrics,
+    // so without spans nothing would be compressed: accepted.
+    assert_eq!(
+        resolve(&none, &off).expect("on").compression,
+        OtlpCompression::None
+    );
+    // A value with spaces is not one the library takes: an error, not a
+    // silently different reading.
+    let err = c
+        .resolve(&env_of(&[("OTEL_EXPORTER_OTLP_COMPRESSION", " gzip")]))
+        .expect_err("spaces");
+    assert_eq!(err.0, "OTEL_EXPORTER_OTLP_COMPRESSION");
 }
 
 #[test]
@@ -818,7 +863,27 @@ fn tls_files_come_from_the_config_or_the_variables_and_the_pair_stays_together()
         )]))
         .expect_err("cert without key");
     assert_eq!(err.0, "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE");
-    assert!(err.1.contains("OTEL_EXPORTER_OTLP_CLIENT_KEY"), "{}", err.1);
+    assert!(err.1.contains("_CLIENT_KEY is not"), "{}", err.1);
+    // Each variable on its own: a metrics certificate and a generic key
+    // pair up, as the specification resolves them.
+    let mixed = resolve(
+        &bare,
+        &[
+            ("OTEL_EXPORTER_OTLP_METRICS_CLIENT_CERTIFICATE", "/m/c.pem"),
+            ("OTEL_EXPORTER_OTLP_CLIENT_KEY", "/k.pem"),
+        ],
+    )
+    .expect("on")
+    .tls
+    .identity
+    .expect("a pair");
+    assert_eq!(
+        (mixed.0.source.as_str(), mixed.1.source.as_str()),
+        (
+            "OTEL_EXPORTER_OTLP_METRICS_CLIENT_CERTIFICATE",
+            "OTEL_EXPORTER_OTLP_CLIENT_KEY"
+        )
+    );
     let err = bare
         .resolve(&env_of(&[(
             "OTEL_EXPORTER_OTLP_METRICS_CLIENT_KEY",
@@ -931,11 +996,15 @@ fn tls_files_are_read_and_checked_at_start_with_the_setting_named() {
     for (tls, key, msg) in cases {
         r.tls = tls;
         match super::otlp::tls_material(&r) {
-            Err(super::ExportError::Config { key: k, message }) => {
+            Err(e @ super::ExportError::TlsFile { .. }) => {
+                assert_eq!(e.exit_code(), crate::exit::UNAVAILABLE, "restartable");
+                let super::ExportError::TlsFile { key: k, message } = e else {
+                    unreachable!()
+                };
                 assert_eq!(k, key, "{message}");
                 assert!(message.contains(msg), "{key}: {message}");
             }
-            Err(e) => panic!("{key}: not a config error: {e}"),
+            Err(e) => panic!("{key}: not a TLS file error: {e}"),
             Ok(_) => panic!("{key}: accepted"),
         }
     }
@@ -954,6 +1023,17 @@ fn the_exporters_build_with_each_compression() {
         super::otlp::meter_provider(&r, res.clone()).unwrap_or_else(|e| panic!("{c}: {e}"));
         super::otlp::tracer_provider(&r, res).unwrap_or_else(|e| panic!("{c}: {e}"));
     }
+    // TLS files the start-up log says an http:// collector does not use
+    // are not read either: a missing one stops nothing.
+    let plain = parse("[otlp]\nendpoint = \"http://127.0.0.1:1\"\ntimeout_secs = 1");
+    let r = resolve(
+        &plain,
+        &[("OTEL_EXPORTER_OTLP_CERTIFICATE", "/nonexistent/ca.pem")],
+    )
+    .expect("on");
+    let res = super::otlp::resource(&super::ResourceInfo::default(), "t");
+    super::otlp::meter_provider(&r, res).expect("no TLS file is read for http://");
+    assert_eq!(super::check_tls_files(&r), Ok(()));
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
