@@ -261,6 +261,15 @@ impl Provider for OpenAi {
             ),
             None => (None, false, None),
         };
+        // Image edits and transcriptions are multipart forms: their model
+        // and stream flag are form fields.
+        let (model, streaming) = match (&head, req.body) {
+            (None, Some(body)) if matches!(op, "image" | "audio") => (
+                multipart_field(body, "model"),
+                multipart_field(body, "stream").is_some_and(|v| v == "true"),
+            ),
+            _ => (model, streaming),
+        };
         let background = op == "responses"
             && head
                 .as_ref()
@@ -331,15 +340,14 @@ impl Provider for OpenAi {
             super::batch::parser(b, status)
         } else if info.sessions.is_some() {
             Box::new(super::evals::RunParser::new(info))
-        } else if !has_usage(info.operation)
-            || (matches!(info.operation, "image" | "audio")
-                && !matches!(
-                    super::content_type(headers).as_str(),
-                    "application/json" | "text/event-stream"
-                ))
-        {
-            // Speech comes back as audio, a transcription as text or
-            // subtitles when asked: nothing to read, and not held.
+        } else if matches!(info.operation, "image" | "audio") && (200..300).contains(&status) {
+            match super::content_type(headers).as_str() {
+                "application/json" | "text/event-stream" => Box::new(MediaUsage::default()),
+                // Speech comes back as audio, a transcription as text or
+                // subtitles when asked: nothing to read, and not held.
+                _ => Box::new(super::NoUsage),
+            }
+        } else if !has_usage(info.operation) {
             Box::new(super::NoUsage)
         } else if super::content_type(headers) == "text/event-stream" {
             Box::new(StreamParser {
@@ -354,6 +362,99 @@ impl Provider for OpenAi {
             ))
         }
     }
+}
+
+/// A short text field of a `multipart/form-data` body (`model`, `stream`):
+/// the value after the part whose header names it, up to the line's end;
+/// `None` when there is none, or it is longer than a model name may be.
+fn multipart_field(body: &[u8], name: &str) -> Option<String> {
+    if !body.starts_with(b"--") {
+        return None;
+    }
+    let needle = format!("name=\"{name}\"");
+    let finder = memchr::memmem::Finder::new(needle.as_bytes());
+    let mut from = 0;
+    while let Some(at) = finder.find(&body[from..]) {
+        let after = from + at + needle.len();
+        from = after;
+        // The name ends the parameter (not `name="model_x"`), and the
+        // part's headers end at a blank line.
+        if !matches!(body.get(after), Some(b'\r' | b'\n' | b';')) {
+            continue;
+        }
+        let rest = &body[after..];
+        let head_end = memchr::memmem::find(rest, b"\r\n\r\n")?;
+        let value = &rest[head_end + 4..];
+        let line = value.split(|&b| b == b'\r').next()?;
+        if line.len() > crate::meter::MAX_MODEL_NAME {
+            return None;
+        }
+        return std::str::from_utf8(line).ok().map(str::to_string);
+    }
+    None
+}
+
+/// How much of an image's or audio's answer [`MediaUsage`] keeps: the end,
+/// where the usage is.
+const MEDIA_TAIL: usize = 64 * 1024;
+
+/// Images and audio: the usage at the end of the answer (a JSON object's
+/// last member, or the stream's last event), after what may be megabytes
+/// of base64 image data, which is never held: only the last
+/// [`MEDIA_TAIL`] bytes are. An answer with no token usage (DALL-E,
+/// `whisper-1`'s `duration` usage) counts no tokens and is no error, as
+/// before these operations were read.
+#[derive(Default)]
+struct MediaUsage {
+    tail: Vec<u8>,
+}
+
+impl UsageParser for MediaUsage {
+    fn feed(&mut self, chunk: &[u8]) {
+        if chunk.len() >= MEDIA_TAIL {
+            self.tail.clear();
+            self.tail
+                .extend_from_slice(&chunk[chunk.len() - MEDIA_TAIL..]);
+            return;
+        }
+        self.tail.extend_from_slice(chunk);
+        if self.tail.len() > 2 * MEDIA_TAIL {
+            let cut = self.tail.len() - MEDIA_TAIL;
+            self.tail.drain(..cut);
+        }
+    }
+
+    fn finish(&mut self) -> ParsedUsage {
+        ParsedUsage {
+            usage: Some(last_usage(&self.tail).unwrap_or_default()),
+            ..Default::default()
+        }
+    }
+}
+
+/// The last `"usage"` member in `b` whose value is a token usage. A
+/// `"usage"` inside a string has its quotes escaped (`\"usage\"`), and
+/// base64 has none: neither is taken.
+fn last_usage(b: &[u8]) -> Option<Usage> {
+    const KEY: &[u8] = b"\"usage\"";
+    let mut end = b.len();
+    while let Some(i) = memchr::memmem::rfind(&b[..end], KEY) {
+        end = i;
+        if i > 0 && b[i - 1] == b'\\' {
+            continue;
+        }
+        let rest = b[i + KEY.len()..].trim_ascii_start();
+        let Some(value) = rest.strip_prefix(b":") else {
+            continue;
+        };
+        let mut values = serde_json::Deserializer::from_slice(value).into_iter::<Value>();
+        if let Some(Ok(v)) = values.next()
+            && let Some(u) = usage_from(&v)
+        {
+            return Some(u);
+        }
+    }
+    None
 }
 
 /// Usage from an OpenAI `usage` object, in either the chat/completions
@@ -1172,6 +1273,80 @@ mod tests {
             parse("application/json", responses, &[]).output_text,
             r#"run_shell{"cmd":"ls"}done"#
         );
+    }
+
+    /// An image's usage is read from the answer's end, wherever the
+    /// pieces are cut, and over base64 longer than the tail kept; a
+    /// multipart form's field is found before or after the file.
+    #[test]
+    fn media_usage_is_read_from_the_end_and_form_fields_anywhere() {
+        use crate::providers::testing::parse_split;
+        let info = RequestInfo {
+            operation: "image",
+            metered: true,
+            ..Default::default()
+        };
+        let mut body = br#"{"data":[{"b64_json":""#.to_vec();
+        body.resize(body.len() + 3 * MEDIA_TAIL, b'Q');
+        body.extend_from_slice(
+            br#""}],"usage":{"input_tokens":7,"output_tokens":272},"size":"1024x1024"}"#,
+        );
+        let n = body.len();
+        for splits in [
+            vec![],
+            vec![n - 30],
+            vec![n - 80, n - 60],
+            vec![5, MEDIA_TAIL, 2 * MEDIA_TAIL + 9],
+        ] {
+            let u = parse_split(&OpenAi, &info, "application/json", &body, &splits)
+                .usage
+                .expect("usage");
+            assert_eq!((u.input_tokens, u.output_tokens), (7, 272), "{splits:?}");
+        }
+        // A "usage" inside a string is escaped, and not taken.
+        let none = parse_split(
+            &OpenAi,
+            &info,
+            "application/json",
+            br#"{"data":[{"revised_prompt":"say \"usage\":{\"input_tokens\":9}"}]}"#,
+            &[],
+        );
+        assert_eq!(none.usage.map(|u| u.input_tokens), Some(0));
+        assert_eq!(none.error, None);
+
+        let form = |parts: &[(&str, &str)]| {
+            let mut b = Vec::new();
+            for (name, value) in parts {
+                b.extend_from_slice(
+                    format!(
+                        "--x\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n"
+                    )
+                    .as_bytes(),
+                );
+            }
+            b.extend_from_slice(b"--x--\r\n");
+            b
+        };
+        let b = form(&[
+            ("file", "RIFF...."),
+            ("model_hint", "no"),
+            ("model", "gpt-4o-transcribe"),
+            ("stream", "true"),
+        ]);
+        assert_eq!(
+            multipart_field(&b, "model").as_deref(),
+            Some("gpt-4o-transcribe")
+        );
+        assert_eq!(multipart_field(&b, "stream").as_deref(), Some("true"));
+        let info = OpenAi.request(&crate::providers::testing::request(
+            "POST",
+            "/v1/audio/transcriptions",
+            &b,
+        ));
+        assert_eq!(info.model.as_deref(), Some("gpt-4o-transcribe"));
+        assert!(info.streaming);
+        assert_eq!(multipart_field(&form(&[("prompt", "x")]), "model"), None);
+        assert_eq!(multipart_field(b"{\"model\":\"x\"}", "model"), None);
     }
 
     #[test]

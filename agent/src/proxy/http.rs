@@ -2574,6 +2574,11 @@ mod tests {
         );
         assert_eq!(transcription.operation, "audio");
         assert_eq!(
+            transcription.model.as_deref(),
+            Some("gpt-4o-transcribe"),
+            "the form's model field"
+        );
+        assert_eq!(
             (
                 transcription.usage.input_tokens,
                 transcription.usage.output_tokens
@@ -2590,6 +2595,57 @@ mod tests {
         );
         assert_eq!(speech.model.as_deref(), Some("gpt-4o-mini-tts"));
         assert!(!speech.estimated, "{speech:?}");
+        assert_eq!(speech.error, None);
+        // Models that report no token usage: no tokens, and no error.
+        let dalle = answered(
+            "api.openai.com",
+            ApiKind::Openai,
+            "/v1/images/generations",
+            br#"{"model":"dall-e-3","prompt":"a lighthouse"}"#,
+            "application/json",
+            br#"{"created":1,"data":[{"url":"https://x/y.png","revised_prompt":"A \"usage\": lighthouse"}]}"#,
+        );
+        assert_eq!(dalle.error, None, "{dalle:?}");
+        assert_eq!(
+            (dalle.usage.input_tokens, dalle.usage.output_tokens),
+            (0, 0)
+        );
+        let whisper = answered(
+            "api.openai.com",
+            ApiKind::Openai,
+            "/v1/audio/translations",
+            b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.mp3\"\r\n\r\nID3\r\n--b\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper-1\r\n--b--\r\n",
+            "application/json",
+            br#"{"text":"Hello.","usage":{"type":"duration","seconds":9}}"#,
+        );
+        assert_eq!(whisper.error, None, "{whisper:?}");
+        assert_eq!(
+            whisper.model.as_deref(),
+            Some("whisper-1"),
+            "after the file"
+        );
+        assert_eq!(whisper.usage.input_tokens, 0);
+        // A large image's answer: its usage follows 17 MiB of base64,
+        // past any body the agent holds.
+        let mut big = br#"{"created":1,"data":[{"b64_json":""#.to_vec();
+        big.resize(big.len() + (17 << 20), b'A');
+        big.extend_from_slice(
+            br#""}],"usage":{"input_tokens":60,"output_tokens":6240,"total_tokens":6300},"quality":"high"}"#,
+        );
+        let large = answered(
+            "api.openai.com",
+            ApiKind::Openai,
+            "/v1/images/generations",
+            br#"{"model":"gpt-image-1","prompt":"a lighthouse","quality":"high"}"#,
+            "application/json",
+            &big,
+        );
+        assert_eq!(
+            (large.usage.input_tokens, large.usage.output_tokens),
+            (60, 6240),
+            "{:?}",
+            large.error
+        );
         assert_eq!(
             (speech.usage.input_tokens, speech.usage.output_tokens),
             (0, 0)
