@@ -431,11 +431,9 @@ pub fn report(cfg: &Config, args: &ReportArgs) -> Result<(), CmdError> {
             "\n_The tollgate agent is not running now: calls made while it is stopped are not counted._\n",
         );
     }
-    use std::io::Write as _;
-    std::io::stdout()
-        .write_all(text.as_bytes())
-        .map_err(output)?;
-    Ok(())
+    let mut out = Out::default();
+    out.say(&text);
+    out.done()
 }
 
 /// `tollgate top`: the live view, or one plain snapshot with `--once`.

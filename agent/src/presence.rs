@@ -89,20 +89,12 @@ impl Mark {
 /// `/proc/PID/stat`'s start time (field 22): `Ok(None)` when the process
 /// does not exist, an error when /proc does not say (hidden, unreadable).
 fn start_time(pid: u32) -> std::io::Result<Option<u64>> {
-    let stat = match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+    let stat = match std::fs::read(format!("/proc/{pid}/stat")) {
         Ok(s) => s,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
     };
-    // Fields after the command name, which may hold spaces and ')'.
-    let rest = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r)
-        .ok_or_else(|| std::io::Error::other("unreadable stat"))?;
-    // `rest` starts at field 3 (state): field 22 is its 20th.
-    rest.split_whitespace()
-        .nth(19)
-        .and_then(|f| f.parse().ok())
+    crate::attribution::procfs::parse_start_time(&stat)
         .map(Some)
         .ok_or_else(|| std::io::Error::other("unreadable stat"))
 }

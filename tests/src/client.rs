@@ -143,6 +143,14 @@ impl Client {
 }
 
 /// Asserts success and returns stdout, showing stderr on failure.
+/// A Python script that makes one chat completion with the `openai` SDK
+/// (`gpt-4o-mini`, 3 tokens at most), for tests about what follows it.
+pub const ONE_CHAT: &str = r#"
+import openai
+o = openai.OpenAI(api_key="sk-test", max_retries=0)
+o.chat.completions.create(model="gpt-4o-mini", max_tokens=3, messages=[{"role": "user", "content": "x"}])
+"#;
+
 pub fn ok(out: &Output, what: &str) -> String {
     assert!(
         out.status.success(),

@@ -1766,13 +1766,7 @@ fn job_summary_scripts_tell_no_calls_from_an_agent_that_is_not_running() {
     let mut w = World::start("summary", 55);
     let client = w.client(GITHUB_ENV);
     ok(
-        &client.python(
-            r#"
-import openai
-o = openai.OpenAI(api_key="sk-test", max_retries=0)
-o.chat.completions.create(model="gpt-4o-mini", max_tokens=3, messages=[{"role": "user", "content": "x"}])
-"#,
-        ),
+        &client.python(tollgate_e2e::client::ONE_CHAT),
         "python client",
     );
     w.agent.wait_for_records(1);

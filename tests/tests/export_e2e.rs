@@ -253,13 +253,7 @@ fn one_export_over_tls(
     let mut w = World::start_with_env(name, n, toml, env);
     let client = w.client(GITHUB_ENV);
     ok(
-        &client.python(
-            r#"
-import openai
-o = openai.OpenAI(api_key="sk-test", max_retries=0)
-o.chat.completions.create(model="gpt-4o-mini", max_tokens=3, messages=[{"role": "user", "content": "x"}])
-"#,
-        ),
+        &client.python(tollgate_e2e::client::ONE_CHAT),
         "python client",
     );
     let got =

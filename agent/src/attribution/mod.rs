@@ -26,7 +26,7 @@
 
 mod cgroup;
 mod ci;
-mod procfs;
+pub(crate) mod procfs;
 mod redact;
 pub mod teams;
 

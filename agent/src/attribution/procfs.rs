@@ -155,7 +155,7 @@ fn wipe(b: &mut [u8]) {
 
 /// Field 22 of `/proc/PID/stat`. `comm` (field 2) may hold spaces and
 /// parentheses, so fields are counted after its last `)`.
-pub(super) fn parse_start_time(stat: &[u8]) -> Option<u64> {
+pub(crate) fn parse_start_time(stat: &[u8]) -> Option<u64> {
     let close = stat.iter().rposition(|b| *b == b')')?;
     let rest = std::str::from_utf8(&stat[close + 1..]).ok()?;
     // After ")": field 3 (state) is index 0, so field 22 is index 19.

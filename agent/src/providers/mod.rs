@@ -128,6 +128,13 @@ impl UsageParser for NoUsage {
 }
 
 impl RequestInfo {
+    /// Its counts may be estimated locally when the provider gives none:
+    /// not an image's or audio's, whose tokens are pixels and sound, which
+    /// a text tokenizer cannot count.
+    pub fn estimable(&self) -> bool {
+        !matches!(self.operation, "image" | "audio")
+    }
+
     /// The request is a row of its own (not a retrieval that settles a
     /// parked record, a Managed Agents call that shows sessions' growth,
     /// or a read of batch results): it is estimated when the provider

@@ -1446,11 +1446,9 @@ impl Draft {
         // A retrieval, a Managed Agents call count nothing themselves
         // (what they settle or show counts on its own); nor does a record
         // with nothing left to count (a parked one, counted already).
-        // Images and audio are not estimated: their tokens are pixels and
-        // sound, which a text tokenizer cannot count.
         let counting = ok
             && (parsed.usage.is_none() || parsed.partial)
-            && !matches!(self.info.operation, "image" | "audio")
+            && self.info.estimable()
             && self.info.own_row()
             && (self.body.is_some() || !parsed.output_text.is_empty());
         self.record_off_worker(parsed, error, counting);
@@ -1501,12 +1499,10 @@ impl Draft {
             && parsed.error.is_some()
             && parsed.output_text.is_empty()
             && parsed.estimated == (0, 0);
-        // An unanswered request has no usage: its input is estimated
-        // (never an image's or audio's, which a text tokenizer cannot
-        // count).
+        // An unanswered request has no usage: its input is estimated.
         let estimated = (ok || self.unanswered)
             && !refused
-            && !matches!(self.info.operation, "image" | "audio")
+            && self.info.estimable()
             && match parsed.usage {
                 None => {
                     // Counted earlier (a parked record's request, and the
