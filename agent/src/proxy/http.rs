@@ -150,6 +150,37 @@ enum Unread {
 /// its share of the body budget for as long as it went on.
 const BODY_READ_FACTOR: u32 = 3;
 
+/// A request body at least this long is read on a blocking thread: up to
+/// `proxy.max_request_body` (32 MiB) of JSON scanning takes tens of
+/// milliseconds, which on the agent's one worker would stall every other
+/// connection's stream. Below it, the hop to another thread costs more
+/// than the read.
+const READ_ASIDE: usize = 1 << 20;
+
+/// A compressed request body at least this long is decoded on a blocking
+/// thread: JSON inflates 5-20 times, so it may decode to [`READ_ASIDE`]
+/// and more.
+const DECODE_ASIDE: usize = 64 << 10;
+
+/// `read(…)` on a blocking thread when `big`, in place otherwise. A panic
+/// in `read` goes on in the caller, as it would have in place; `None` only
+/// when the runtime is shutting down and the thread never ran it.
+async fn aside<T: Send + 'static>(
+    big: bool,
+    read: impl FnOnce() -> T + Send + 'static,
+) -> Option<T> {
+    if !big {
+        return Some(read());
+    }
+    match tokio::task::spawn_blocking(read).await {
+        Ok(t) => Some(t),
+        Err(e) => match e.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            Err(_) => None,
+        },
+    }
+}
+
 /// Reads up to `limit` bytes of a body, each taken from `lease` first.
 /// Returns the frames read and, when the body was longer or the budget
 /// spent, the rest still to stream and why.
@@ -1090,7 +1121,13 @@ pub(super) async fn handle(
         .filter(|e| !e.trim().eq_ignore_ascii_case("identity"))
         && let Some(b) = whole.as_ref()
     {
-        match crate::providers::decode::decode_whole(enc, b, state.max_request_body) {
+        let (enc_owned, body, limit) = (enc.to_owned(), b.clone(), state.max_request_body);
+        let plain = aside(b.len() >= DECODE_ASIDE, move || {
+            crate::providers::decode::decode_whole(&enc_owned, &body, limit)
+        })
+        .await
+        .flatten();
+        match plain {
             Some(plain) if lease.grow(plain.len().saturating_sub(b.len())) => {
                 sent_as = whole.replace(Bytes::from(plain));
             }
@@ -1100,13 +1137,37 @@ pub(super) async fn handle(
             ),
         }
     }
-    let mut info = adapter.request(&RequestView {
-        method: &parts.method,
-        path: parts.uri.path(),
-        query: parts.uri.query(),
-        headers: &parts.headers,
-        body: whole.as_deref(),
-    });
+    let mut info = match whole.as_ref().filter(|b| b.len() >= READ_ASIDE) {
+        // A large body is read on a blocking thread (a copy of the head,
+        // the body shared), not on the worker its neighbours' streams
+        // run on.
+        Some(body) => {
+            let (method, uri, headers, body) = (
+                parts.method.clone(),
+                parts.uri.clone(),
+                parts.headers.clone(),
+                body.clone(),
+            );
+            aside(true, move || {
+                adapter.request(&RequestView {
+                    method: &method,
+                    path: uri.path(),
+                    query: uri.query(),
+                    headers: &headers,
+                    body: Some(&body),
+                })
+            })
+            .await
+            .unwrap_or_default()
+        }
+        None => adapter.request(&RequestView {
+            method: &parts.method,
+            path: parts.uri.path(),
+            query: parts.uri.query(),
+            headers: &parts.headers,
+            body: whole.as_deref(),
+        }),
+    };
     if let Some(m) = info.model.as_mut() {
         crate::meter::cap_owned(m, crate::meter::MAX_MODEL_NAME);
     }
@@ -2269,6 +2330,48 @@ mod tests {
     use super::*;
 
     use super::super::tests::Kept as Keep;
+
+    /// A large body's read leaves the worker free: on a runtime with one
+    /// thread, the read waits for a task of that runtime to run, which it
+    /// could not if the read held the thread (it gives up after 30 s and
+    /// says so, rather than hang). A small body is read in place.
+    #[test]
+    fn a_large_body_is_read_off_the_worker_a_small_one_in_place() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (tx, rx) = std::sync::mpsc::channel::<()>();
+            let neighbour = tokio::spawn(async move {
+                tokio::task::yield_now().await;
+                tx.send(()).unwrap();
+            });
+            let saw = aside(true, move || {
+                rx.recv_timeout(Duration::from_secs(30)).is_ok()
+            })
+            .await;
+            assert_eq!(saw, Some(true), "the worker ran nothing while the read ran");
+            neighbour.await.unwrap();
+            let worker = std::thread::current().id();
+            let here = aside(false, move || std::thread::current().id()).await;
+            assert_eq!(here, Some(worker));
+            let there = aside(true, move || std::thread::current().id()).await;
+            assert_ne!(there, Some(worker));
+        });
+    }
+
+    /// A read that panics on its thread panics in the caller, as it would
+    /// have in place (a connection's task ends; nothing is left waiting).
+    #[test]
+    #[should_panic(expected = "a read that failed")]
+    fn a_panic_in_a_read_aside_reaches_the_caller() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(aside(true, || -> () { panic!("a read that failed") }));
+    }
 
     struct NoOrigins;
     impl super::super::OriginSource for NoOrigins {

@@ -1518,6 +1518,20 @@ mod tests {
         upstream::tests::EchoServer,
         tempfile::TempDir,
     ) {
+        intercepting_with(host, sink, 1 << 20).await
+    }
+
+    /// [`intercepting_into`], request bodies read up to `max_request_body`.
+    async fn intercepting_with(
+        host: &str,
+        sink: Arc<dyn RecordSink>,
+        max_request_body: usize,
+    ) -> (
+        Arc<ProxyState>,
+        LocalCa,
+        upstream::tests::EchoServer,
+        tempfile::TempDir,
+    ) {
         let server = upstream::tests::echo_server(host).await;
         let dir = tempfile::tempdir().unwrap();
         let (ca, _) = LocalCa::load_or_create(dir.path(), &[host.to_owned()]).unwrap();
@@ -1538,7 +1552,7 @@ mod tests {
             }],
             Attributor::new("/proc".into()),
             sink,
-            1 << 20,
+            max_request_body,
         );
         (Arc::new(state), agent_ca, server, dir)
     }
@@ -1611,7 +1625,7 @@ mod tests {
         use std::io::Write as _;
         let host = "api.openai.com";
         let kept = Arc::new(Kept::default());
-        let (state, agent_ca, _server, _dir) = intercepting_into(host, kept.clone()).await;
+        let (state, agent_ca, _server, _dir) = intercepting_with(host, kept.clone(), 4 << 20).await;
         let gzip = |plain: &[u8]| {
             let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
             e.write_all(plain).unwrap();
@@ -1654,8 +1668,25 @@ mod tests {
         let (head, body) = send(gz.clone()).await;
         assert!(head.contains("x-echo-content-encoding: gzip"), "{head}");
         assert_eq!(body, gz, "forwarded as sent");
+        // One large enough to be decoded and read off the worker (see
+        // `http::aside`): ≈2 MiB of varied words, ≈0.5 MiB compressed.
+        let mut words = String::new();
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        while words.len() < 2 << 20 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            words.push_str(&format!("w{:x} ", x % 100_000));
+        }
+        let large =
+            format!(r#"{{"model":"gpt-4.1","messages":[{{"role":"user","content":"{words}"}}]}}"#);
+        let gz = gzip(large.as_bytes());
+        assert!(gz.len() >= 64 << 10, "{}", gz.len());
+        let (head, body) = send(gz.clone()).await;
+        assert!(head.contains("x-echo-content-encoding: gzip"), "{head}");
+        assert_eq!(body, gz, "forwarded as sent");
         for _ in 0..3000 {
-            if kept.0.lock().unwrap().len() == 2 {
+            if kept.0.lock().unwrap().len() == 3 {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -1663,7 +1694,16 @@ mod tests {
         let recs = kept.0.lock().unwrap().clone();
         let mut models: Vec<_> = recs.iter().map(|r| r.model.as_deref()).collect();
         models.sort();
-        assert_eq!(models, [Some("gpt-4o"), Some("gpt-4o-mini")], "{recs:#?}");
+        assert_eq!(
+            models,
+            [Some("gpt-4.1"), Some("gpt-4o"), Some("gpt-4o-mini")],
+            "{recs:#?}"
+        );
+        let large = recs.iter().find(|r| r.model.as_deref() == Some("gpt-4.1"));
+        assert!(
+            large.is_some_and(|r| r.usage.input_tokens > 100_000),
+            "the large body read whole: {large:#?}"
+        );
         assert!(
             recs.iter().all(|r| r.estimated && r.usage.input_tokens > 3),
             "the input estimated from the decoded body: {recs:#?}"
