@@ -262,6 +262,11 @@ pub fn assert_row_matches(row: &Value, rep: &Reported) {
         rep.reasoning_tokens,
         "reasoning{ctx}"
     );
+    assert_eq!(
+        u(row, "web_searches"),
+        rep.web_searches,
+        "web searches{ctx}"
+    );
     assert_eq!(row["streaming"], rep.stream, "streaming{ctx}");
     assert_eq!(row["estimated"], false, "estimated{ctx}");
     assert!(

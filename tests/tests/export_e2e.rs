@@ -46,7 +46,8 @@ for _ in o.chat.completions.create(model="gpt-4o-mini", max_tokens=7, stream=Tru
         messages=[{"role": "user", "content": "d e f g"}]):
     pass
 a = anthropic.Anthropic(api_key="sk-ant-test-OTLPSECRET-2", max_retries=0)
-a.messages.create(model="claude-sonnet-4-5", max_tokens=4, messages=[{"role": "user", "content": "h i"}])
+a.messages.create(model="claude-sonnet-4-5", max_tokens=4, messages=[{"role": "user", "content": "h i"}],
+    tools=[{"type": "web_search_20250305", "name": "web_search"}])
 # QUIC's first datagram to the provider is refused (and counted).
 import socket
 u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -199,6 +200,15 @@ except OSError:
         (cost - ledger_cost).abs() < 1e-9,
         "exported {cost} vs ledger {ledger_cost}"
     );
+    // The Claude request's two web searches, as the ledger has them.
+    let searches: f64 = points
+        .iter()
+        .filter(|p| p.name == "tollgate.web_searches")
+        .inspect(|p| assert_eq!(p.unit, "{search}"))
+        .map(|p| p.value.number().unwrap())
+        .sum();
+    assert_eq!(searches, 2.0, "{points:#?}");
+    assert_eq!(searches, ledger_sum("web_searches"));
     let own = |name: &str| {
         points
             .iter()

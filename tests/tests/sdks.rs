@@ -217,6 +217,86 @@ assert t.input_tokens > 0
     assert_no_secret(&w, "SECRETANT");
 }
 
+/// Server-side web searches, as the official SDKs ask for them: Claude's
+/// `web_search` tool (a JSON answer and a stream) and Gemini's Google
+/// Search grounding (2.5, billed by the grounded prompt; 3, by the
+/// distinct query). Each request is recorded with the searches the
+/// provider reported, and costs the search fee on top of the same
+/// tokens asked without the tool.
+#[test]
+#[ignore = "needs root, cgroup v2 and BPF"]
+fn web_searches_are_recorded_and_priced_beside_the_tokens() {
+    let w = World::start("web-search", 56);
+    let client = w.client(&[]);
+    ok(
+        &client.python(
+            r#"
+import anthropic
+from google import genai
+from google.genai import types
+c = anthropic.Anthropic(api_key="sk-ant-api03-SECRETSEARCH", max_retries=0)
+ask = dict(model="claude-sonnet-4-5", max_tokens=6,
+    messages=[{"role": "user", "content": "what changed in the kernel this week"}])
+search = [{"type": "web_search_20250305", "name": "web_search", "max_uses": 5}]
+m = c.messages.create(**ask, tools=search)
+assert m.usage.server_tool_use.web_search_requests == 2, m.usage
+c.messages.create(**ask)
+with c.messages.stream(**ask, tools=search) as s:
+    text = "".join(s.text_stream)
+    final = s.get_final_message()
+assert final.usage.server_tool_use.web_search_requests == 2, final.usage
+g = genai.Client(api_key="AIzaSyFAKE-SEARCH-SECRET")
+grounded = types.GenerateContentConfig(max_output_tokens=4,
+    tools=[types.Tool(google_search=types.GoogleSearch())])
+for model in ["gemini-2.5-flash", "gemini-3-pro-preview"]:
+    r = g.models.generate_content(model=model, contents="who maintains aya", config=grounded)
+    assert r.candidates[0].grounding_metadata.web_search_queries, r
+n = 0
+for ch in g.models.generate_content_stream(model="gemini-3-pro-preview",
+        contents="who maintains aya", config=grounded):
+    n += 1
+assert n == 4, n
+"#,
+        ),
+        "python anthropic and google-genai with web search",
+    );
+    let rows = w.assert_ledger_matches_provider(6);
+    let searches: Vec<u64> = rows
+        .iter()
+        .map(|r| r["web_searches"].as_u64().unwrap())
+        .collect();
+    assert_eq!(searches, [2, 0, 2, 1, 2, 2], "{rows:#?}");
+    let cost = |r: &Value| r["cost_usd"].as_f64().expect("priced");
+    let fee = cost(&rows[0]) - cost(&rows[1]);
+    assert!((fee - 2.0 * 10.0 / 1000.0).abs() < 1e-9, "{fee}: {rows:#?}");
+    // Gemini: the tokens' cost, from a price book of the same catalogue,
+    // plus the fee.
+    let book = tollgate::meter::pricing::PriceBook::builtin();
+    let gemini = |r: &Value, per_1k: f64| {
+        let n = |k: &str| r[k].as_u64().unwrap();
+        let usage = tollgate::meter::Usage {
+            input_tokens: n("input_tokens"),
+            output_tokens: n("output_tokens"),
+            cached_input_tokens: n("cached_input_tokens"),
+            reasoning_tokens: n("reasoning_tokens"),
+            ..Default::default()
+        };
+        let started = r["started_at_ms"].as_i64().unwrap();
+        let tokens = book
+            .cost("gemini", s(r, "model"), started, &usage)
+            .expect("priced");
+        let fee = cost(r) - tokens;
+        assert!(
+            (fee - r["web_searches"].as_f64().unwrap() * per_1k / 1000.0).abs() < 1e-9,
+            "{fee}: {r}"
+        );
+    };
+    gemini(&rows[3], 35.0);
+    gemini(&rows[4], 14.0);
+    assert_no_secret(&w, "SECRETSEARCH");
+    assert_no_secret(&w, "FAKE-SEARCH-SECRET");
+}
+
 #[test]
 #[ignore = "needs root, cgroup v2 and BPF"]
 fn an_anthropic_stream_ended_by_an_error_event_records_the_error_and_estimates_its_output() {

@@ -23,6 +23,7 @@ pub(crate) struct Instruments {
     high_cardinality: bool,
     cost: Counter<f64>,
     requests: Counter<u64>,
+    web_searches: Counter<u64>,
     watch: Option<Mutex<CardinalityWatch>>,
 }
 
@@ -222,6 +223,13 @@ impl Instruments {
                 .with_unit("{request}")
                 .with_description("Requests to LLM providers that tollgate metered.")
                 .build(),
+            web_searches: meter
+                .u64_counter(sc::M_WEB_SEARCHES)
+                .with_unit("{search}")
+                .with_description(
+                    "Web searches the providers ran for the requests and bill by the thousand.",
+                )
+                .build(),
             watch: watch.map(Mutex::new),
         }
     }
@@ -354,6 +362,9 @@ impl Instruments {
         }
 
         self.requests.add(1, &with_error);
+        if rec.usage.web_searches > 0 {
+            self.web_searches.add(rec.usage.web_searches, &attrs);
+        }
         if let Some(c) = rec.cost_usd.filter(|c| c.is_finite() && *c >= 0.0) {
             self.cost.add(c, &attrs);
         }

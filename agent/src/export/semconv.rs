@@ -69,6 +69,7 @@ pub const M_EMBEDDINGS_INPUT_TOKENS: &str = "gen_ai.client.embeddings.operation.
 // tollgate's own.
 pub const M_COST: &str = "tollgate.cost";
 pub const M_REQUESTS: &str = "tollgate.requests";
+pub const M_WEB_SEARCHES: &str = "tollgate.web_searches";
 pub const M_CONN_INTERCEPTED: &str = "tollgate.connections.intercepted";
 pub const M_CONN_PASSTHROUGH: &str = "tollgate.connections.passthrough";
 pub const M_CONN_REFUSED: &str = "tollgate.connections.refused";

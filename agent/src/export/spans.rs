@@ -87,6 +87,9 @@ impl SpanMaker {
                 ));
             }
         }
+        if u.web_searches > 0 {
+            attrs.push(KeyValue::new("tollgate.web_searches", int(u.web_searches)));
+        }
         if let Some(c) = rec.cost_usd {
             attrs.push(KeyValue::new("tollgate.cost_usd", c));
         }

@@ -13,7 +13,7 @@ use rusqlite::{Connection, Row, ToSql};
 use crate::meter::{Attribution, Usage, UsageRecord};
 
 /// The schema version this build writes (SQLite `user_version`).
-pub const SCHEMA_VERSION: i64 = 5;
+pub const SCHEMA_VERSION: i64 = 6;
 
 /// The oldest schema version whose builds may still read and write a file
 /// of this build's schema: every migration since only added columns with
@@ -86,6 +86,10 @@ CREATE TABLE tollgate_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
     r#"
 CREATE INDEX requests_batch_results ON requests (started_at_ms) WHERE operation = 'batch_results';
 "#,
+    // Web searches billed by the thousand beside the tokens.
+    r#"
+ALTER TABLE requests ADD COLUMN web_searches INTEGER NOT NULL DEFAULT 0;
+"#,
 ];
 
 /// Every column but `id`, in the order `bind` writes and `from_row` reads.
@@ -131,6 +135,7 @@ pub const COLUMNS: &[&str] = &[
     "team",
     "cache_write_1h_input_tokens",
     "service_tier",
+    "web_searches",
 ];
 
 /// What `migrate` found.
@@ -258,6 +263,7 @@ const ADDED: &[(&str, i64, &str)] = &[
     ("team", 2, "NULL"),
     ("cache_write_1h_input_tokens", 3, "0"),
     ("service_tier", 4, "NULL"),
+    ("web_searches", 6, "0"),
 ];
 
 /// The select of a file at schema `version` (read-only opens cannot
@@ -294,6 +300,7 @@ pub fn bind<R>(r: &UsageRecord, f: impl FnOnce(&[&dyn ToSql]) -> R) -> R {
         count(u.cache_write_input_tokens),
         count(u.reasoning_tokens),
         count(u.cache_write_1h_input_tokens),
+        count(u.web_searches),
     ];
     let ttfb = r.ttfb_ms.map(count);
     f(&[
@@ -338,6 +345,7 @@ pub fn bind<R>(r: &UsageRecord, f: impl FnOnce(&[&dyn ToSql]) -> R) -> R {
         &w.team,
         &tokens[5],
         &r.service_tier,
+        &tokens[6],
     ])
 }
 
@@ -365,6 +373,7 @@ pub fn from_row(row: &Row<'_>) -> rusqlite::Result<UsageRecord> {
             cache_write_input_tokens: uncount(row.get(c(15))?),
             reasoning_tokens: uncount(row.get(c(16))?),
             cache_write_1h_input_tokens: uncount(row.get(c(39))?),
+            web_searches: uncount(row.get(c(41))?),
         },
         estimated: row.get(c(17))?,
         cost_usd: row.get(c(18))?,
@@ -463,6 +472,38 @@ mod tests {
             oldest_compatible(&conn).expect("meta"),
             Some(OLDEST_COMPATIBLE)
         );
+    }
+
+    /// A version 5 ledger (the last without web searches) keeps its rows,
+    /// which read as no searches; a record's searches are written and
+    /// read back; a select of a version 5 file (read-only, not migrated)
+    /// reads them as 0.
+    #[test]
+    fn a_version_5_ledger_gains_web_searches_and_they_round_trip() {
+        let mut conn = Connection::open_in_memory().expect("memory db");
+        version_2_with_one_row(&conn);
+        for (i, step) in MIGRATIONS.iter().enumerate().take(5).skip(2) {
+            conn.execute_batch(step).expect("step");
+            conn.pragma_update(None, "user_version", i as i64 + 1)
+                .expect("version");
+        }
+        let old: i64 = conn
+            .query_row(&select_sql_for(5), [], |r| r.get(COLUMNS.len()))
+            .expect("a version 5 file reads");
+        assert_eq!(old, 0);
+        migrate(&mut conn).expect("migrates");
+        let mut r = UsageRecord::default();
+        r.usage.web_searches = 7;
+        bind(&r, |v| conn.execute(&insert_sql(), v)).expect("insert");
+        let rows: Vec<UsageRecord> = conn
+            .prepare(&select_sql())
+            .expect("select")
+            .query_map([], from_row)
+            .expect("query")
+            .collect::<Result<_, _>>()
+            .expect("rows");
+        let searches: Vec<u64> = rows.iter().map(|r| r.usage.web_searches).collect();
+        assert_eq!(searches, [0, 7]);
     }
 
     #[test]

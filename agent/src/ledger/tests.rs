@@ -32,6 +32,7 @@ pub(crate) fn sample(i: u64) -> UsageRecord {
             cache_write_input_tokens: 3,
             reasoning_tokens: 7,
             cache_write_1h_input_tokens: 2,
+            web_searches: 0,
         },
         estimated: i.is_multiple_of(3),
         cost_usd: if i.is_multiple_of(5) {
@@ -822,6 +823,7 @@ prop_compose! {
                 input_tokens: usage.0, output_tokens: usage.1, cached_input_tokens: usage.2,
                 cache_write_input_tokens: usage.3, reasoning_tokens: usage.4,
                 cache_write_1h_input_tokens: 0,
+                web_searches: 0,
             },
             estimated: tail.0, cost_usd: tail.1, error: tail.2, who: who.into(),
             service_tier: tail.3,

@@ -152,6 +152,41 @@ pub struct ModelPrice {
     /// an override of a catalogued model, else none.
     #[serde(default)]
     pub bedrock_regional_premium: Option<f64>,
+    /// USD per 1,000 web searches the provider ran for a request (see
+    /// `Usage::web_searches`). Absent: the catalogue's for an override of
+    /// a catalogued model, else the provider's list price
+    /// ([`default_web_search`]).
+    #[serde(default)]
+    pub web_search: Option<f64>,
+}
+
+/// Anthropic's web search tool: $10 per 1,000 searches, beside the tokens
+/// of the results (platform.claude.com/docs/en/agents-and-tools/tool-use/
+/// web-search-tool). Web fetches bill tokens only.
+pub const ANTHROPIC_WEB_SEARCH: f64 = 10.0;
+/// OpenAI's `web_search` tool: $10 per 1,000 calls on every model, its
+/// content billed as input tokens (platform.openai.com/docs/pricing,
+/// built-in tools). `web_search_preview` on a non-reasoning model is $25:
+/// priced here at $10 it is under-counted (override per model).
+pub const OPENAI_WEB_SEARCH: f64 = 10.0;
+/// Grounding with Google Search for Gemini 3 models: $14 per 1,000 search
+/// queries (ai.google.dev/gemini-api/docs/pricing).
+pub const GEMINI_3_WEB_SEARCH: f64 = 14.0;
+/// Grounding with Google Search for earlier Gemini models: $35 per 1,000
+/// grounded prompts (same page).
+pub const GEMINI_2_WEB_SEARCH: f64 = 35.0;
+
+/// The list price of 1,000 web searches of `model` of `provider` (each
+/// provider's free allowances, which a response does not show, are not
+/// taken off: the cost is at most what is billed).
+pub fn default_web_search(provider: &str, model: &str) -> f64 {
+    match provider {
+        "anthropic" | "bedrock" => ANTHROPIC_WEB_SEARCH,
+        "openai" | "azure-openai" => OPENAI_WEB_SEARCH,
+        "gemini" if crate::providers::gemini::bills_each_query(model) => GEMINI_3_WEB_SEARCH,
+        "gemini" => GEMINI_2_WEB_SEARCH,
+        _ => 0.0,
+    }
 }
 
 /// `flex = { input = ..., output = ... }`: the rates of a request served
@@ -299,6 +334,16 @@ fn validate_entries(prefix: &str, entries: &[ModelPrice]) -> Result<(), (String,
                 prices.push((format!("{name}.{field}"), v));
             }
         }
+        if let Some(v) = m.web_search
+            && !(v.is_finite() && v >= 0.0)
+        {
+            return Err((
+                key("web_search"),
+                format!(
+                    "{v} is not a price: give a finite, non-negative number of USD per 1,000 searches"
+                ),
+            ));
+        }
         for (field, v) in prices {
             if let Some(v) = v
                 && !(v.is_finite() && v >= 0.0)
@@ -376,6 +421,8 @@ pub struct Price {
     /// The price is the config's (`[[pricing.models]]`), not the
     /// catalogue's.
     pub configured: bool,
+    /// USD per 1,000 web searches, in every tier and batch alike.
+    pub web_search: f64,
 }
 
 /// The share Vertex AI adds to every rate of a Claude model released
@@ -462,6 +509,7 @@ impl Price {
             bedrock_regional: self.bedrock_regional,
             vertex_regional: self.vertex_regional,
             configured: self.configured,
+            web_search: self.web_search,
         }
     }
 }
@@ -558,6 +606,10 @@ impl Price {
                 }
             },
             configured,
+            web_search: m
+                .web_search
+                .or(base.map(|b| b.web_search))
+                .unwrap_or_else(|| default_web_search(&m.provider, &m.model)),
         };
         // An entry's own rates; else, for an override of a catalogued
         // model, the catalogue's, scaled as the override scales input and
@@ -609,6 +661,7 @@ impl Price {
             bedrock_regional: self.bedrock_regional,
             vertex_regional: self.vertex_regional,
             configured: self.configured,
+            web_search: self.web_search,
         };
         // A long prompt in a tier: the long-context rates, scaled as the
         // tier scales input and output.
@@ -628,7 +681,8 @@ impl Price {
     ///
     /// A request whose prompt (`input_tokens`, which includes cache reads
     /// and writes) is larger than the long-context threshold is priced
-    /// whole at the long-context rates.
+    /// whole at the long-context rates. Web searches add
+    /// `web_searches · web_search / 1000`.
     pub fn cost(&self, u: &Usage) -> f64 {
         let r = match self.long {
             Some(LongRates { above, rates: l }) if u.input_tokens > above => [
@@ -661,6 +715,7 @@ impl Price {
             + plain_out as f64 * r[4]
             + reasoning as f64 * r[5])
             / 1e6
+            + u.web_searches as f64 * self.web_search / 1e3
     }
 }
 
@@ -1255,6 +1310,7 @@ mod tests {
             cache_write_input_tokens: write,
             reasoning_tokens: reasoning,
             cache_write_1h_input_tokens: 0,
+            web_searches: 0,
         }
     }
 
@@ -2357,6 +2413,65 @@ output = 15.0
         assert_eq!(p.map(|p| p.input), Some(2.5));
     }
 
+    /// Web searches are billed by the thousand beside the tokens, at each
+    /// provider's list price (Gemini's by the model's scheme), the same in
+    /// a batch and a tier; an entry's own `web_search` replaces it, and an
+    /// override of a catalogued model without one keeps the catalogue's.
+    #[test]
+    fn web_searches_are_priced_by_the_thousand_beside_the_tokens() {
+        let book = PriceBook::builtin();
+        let searched = Usage {
+            input_tokens: 1000,
+            output_tokens: 100,
+            web_searches: 3,
+            ..Usage::default()
+        };
+        let plain = Usage {
+            web_searches: 0,
+            ..searched
+        };
+        for (provider, model, per_1k) in [
+            ("anthropic", "claude-sonnet-4-5", 10.0),
+            ("openai", "gpt-4.1", 10.0),
+            ("gemini", "gemini-2.5-flash", 35.0),
+            ("gemini", "gemini-3-pro-preview", 14.0),
+        ] {
+            let with = book.cost(provider, model, NOW, &searched).expect(model);
+            let without = book.cost(provider, model, NOW, &plain).expect(model);
+            assert!(
+                close(with - without, 3.0 * per_1k / 1000.0),
+                "{model}: {with} vs {without}"
+            );
+            let p = book.price_at(provider, model, NOW).unwrap();
+            let batch = p.in_tier(Some(BATCH_TIER)).unwrap();
+            assert!(
+                close(
+                    batch.cost(&searched) - batch.cost(&plain),
+                    3.0 * per_1k / 1000.0
+                ),
+                "{model}: the search fee is not halved in a batch"
+            );
+        }
+        let own = book_of(
+            "[[models]]\nprovider = \"anthropic\"\nmodel = \"claude-sonnet-4-5\"\ninput = 3\noutput = 15\nweb_search = 25\n",
+        );
+        let p = own.price_at("anthropic", "claude-sonnet-4-5", NOW).unwrap();
+        assert!(close(p.web_search, 25.0), "{p:?}");
+        let kept = book_of(
+            "[[models]]\nprovider = \"gemini\"\nmodel = \"gemini-2.5-flash\"\ninput = 1\noutput = 1\n",
+        );
+        let p = kept.price_at("gemini", "gemini-2.5-flash", NOW).unwrap();
+        assert!(close(p.web_search, 35.0), "{p:?}");
+        let new = book_of(
+            "[[models]]\nprovider = \"gemini\"\nmodel = \"gemini-4-ultra\"\ninput = 1\noutput = 1\n",
+        );
+        let p = new.price_at("gemini", "gemini-4-ultra", NOW).unwrap();
+        assert!(
+            close(p.web_search, 14.0),
+            "a later Gemini bills by the query: {p:?}"
+        );
+    }
+
     #[test]
     fn validation_names_the_key() {
         let base = ModelPrice {
@@ -2373,6 +2488,7 @@ output = 15.0
             flex: None,
             priority: None,
             bedrock_regional_premium: None,
+            web_search: None,
         };
         let check = |m: ModelPrice| {
             PricingConfig {
@@ -2403,6 +2519,13 @@ output = 15.0
             ..base.clone()
         });
         assert_eq!(e.0, "pricing.models[1].cache_write", "{e:?}");
+        let e = check(ModelPrice {
+            web_search: Some(-10.0),
+            model: "y".into(),
+            ..base.clone()
+        });
+        assert_eq!(e.0, "pricing.models[1].web_search", "{e:?}");
+        assert!(e.1.contains("per 1,000 searches"), "{e:?}");
         for bad in ["2025-13-01", "2025-02-30", "25-01-01", "2025/01/01", "x"] {
             let e = check(ModelPrice {
                 effective: Some(bad.into()),
@@ -2486,6 +2609,7 @@ output = 15.0
                     output_tokens: output,
                     reasoning_tokens: reasoning,
                     cache_write_1h_input_tokens: write / 2,
+                    web_searches: 0,
                 }
             })
     }
@@ -2505,6 +2629,7 @@ output = 15.0
             bedrock_regional: 1.0,
             vertex_regional: 1.0,
             configured: false,
+            web_search: 0.0,
         })
     }
 
@@ -2517,6 +2642,7 @@ output = 15.0
             reasoning_tokens: a.reasoning_tokens + b.reasoning_tokens,
             cache_write_1h_input_tokens: a.cache_write_1h_input_tokens
                 + b.cache_write_1h_input_tokens,
+            web_searches: 0,
         }
     }
 

@@ -7,6 +7,9 @@ use serde::{Deserialize, Serialize};
 /// `cache_write_input_tokens`; `output_tokens` is every output token, with
 /// the subset `reasoning_tokens`. `cache_write_1h_input_tokens` is the
 /// part of the cache writes kept for an hour (Anthropic), priced higher.
+/// `web_searches` is not a token count: the web searches the provider ran
+/// for the request and bills by the thousand, in the unit it bills them
+/// (see [`Usage::web_searches`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Usage {
     pub input_tokens: u64,
@@ -16,6 +19,16 @@ pub struct Usage {
     pub reasoning_tokens: u64,
     #[serde(default)]
     pub cache_write_1h_input_tokens: u64,
+    /// Billed web searches: Anthropic's
+    /// `usage.server_tool_use.web_search_requests`; OpenAI's Responses
+    /// `web_search_call` items that searched (opening or reading a page
+    /// is not billed); Gemini 3's distinct non-empty
+    /// `groundingMetadata.webSearchQueries`, and for earlier Gemini
+    /// models, which bill the grounded prompt, 1 when the answer was
+    /// grounded in a search. Their result text is billed as input tokens,
+    /// already counted there.
+    #[serde(default)]
+    pub web_searches: u64,
 }
 
 impl Usage {
@@ -34,6 +47,7 @@ impl Usage {
                 self.cache_write_1h_input_tokens,
                 other.cache_write_1h_input_tokens,
             ),
+            web_searches: f(self.web_searches, other.web_searches),
         }
     }
 }

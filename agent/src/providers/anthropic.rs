@@ -210,6 +210,10 @@ struct Raw {
     iterations_have_message: bool,
     /// `inference_geo: "us"`: US-only inference, billed at 1.1 times.
     us_only: bool,
+    /// `server_tool_use.web_search_requests`: the web searches billed
+    /// (cumulative in a stream, as the token counts are; web fetches
+    /// bill tokens only).
+    web_searches: Option<u64>,
 }
 
 impl Raw {
@@ -223,6 +227,10 @@ impl Raw {
             .and_then(Value::as_u64)
             .or(self.cache_creation_1h);
         self.output = f("output_tokens").or(self.output);
+        self.web_searches = u
+            .pointer("/server_tool_use/web_search_requests")
+            .and_then(Value::as_u64)
+            .or(self.web_searches);
         if let Some(geo) = u.get("inference_geo").and_then(Value::as_str) {
             self.us_only = geo.eq_ignore_ascii_case("us");
         }
@@ -285,6 +293,7 @@ impl Raw {
             // The top level's thinking is of its own passes, within the
             // sum's output.
             sum.reasoning_tokens = self.thinking.unwrap_or(0).min(top).min(sum.output_tokens);
+            sum.web_searches = self.web_searches.unwrap_or(0);
             return Some(sum);
         }
         if self.input.is_none() && self.output.is_none() {
@@ -304,6 +313,7 @@ impl Raw {
             cache_write_input_tokens: write,
             reasoning_tokens: self.thinking.unwrap_or(0).min(output),
             cache_write_1h_input_tokens: self.cache_creation_1h.unwrap_or(0).min(write),
+            web_searches: self.web_searches.unwrap_or(0),
         })
     }
 }
@@ -977,6 +987,42 @@ mod tests {
         assert_eq!(p.usage.unwrap().input_tokens, u64::MAX);
     }
 
+    /// `usage.server_tool_use.web_search_requests` is the searches billed:
+    /// read from a JSON answer, and from a stream's last `message_delta`
+    /// (cumulative, as its token counts are: not summed); web fetches
+    /// bill nothing apart.
+    #[test]
+    fn web_searches_are_read_from_server_tool_use() {
+        let body = br#"{"type":"message","model":"claude-sonnet-4-5","usage":{"input_tokens":9000,"output_tokens":400,"server_tool_use":{"web_search_requests":3,"web_fetch_requests":2}}}"#;
+        let u = parse_split(&Anthropic, &info("chat"), "application/json", body, &[])
+            .usage
+            .expect("usage");
+        assert_eq!((u.input_tokens, u.web_searches), (9000, 3));
+        let sse = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"model\":\"m\",\"usage\":{\"input_tokens\":10,\"output_tokens\":1}}}\n\n\
+                   event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":5,\"server_tool_use\":{\"web_search_requests\":1}}}\n\n\
+                   event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"input_tokens\":5200,\"output_tokens\":90,\"server_tool_use\":{\"web_search_requests\":2}}}\n\n";
+        for split in [vec![], vec![17, 200, 333]] {
+            let u = parse_split(
+                &Anthropic,
+                &info("chat"),
+                "text/event-stream",
+                sse.as_bytes(),
+                &split,
+            )
+            .usage
+            .expect("usage");
+            assert_eq!(
+                (u.input_tokens, u.output_tokens, u.web_searches),
+                (5200, 90, 2)
+            );
+        }
+        let none = br#"{"usage":{"input_tokens":1,"output_tokens":1,"server_tool_use":null}}"#;
+        let u = parse_split(&Anthropic, &info("chat"), "application/json", none, &[])
+            .usage
+            .expect("usage");
+        assert_eq!(u.web_searches, 0);
+    }
+
     #[test]
     fn hour_long_cache_writes_are_read() {
         let body = br#"{"type":"message","model":"claude-sonnet-4-5","usage":{"input_tokens":10,"cache_creation_input_tokens":300,"cache_read_input_tokens":0,"cache_creation":{"ephemeral_5m_input_tokens":100,"ephemeral_1h_input_tokens":200},"output_tokens":5}}"#;
@@ -1023,6 +1069,7 @@ mod tests {
                 cache_write_input_tokens: 200,
                 reasoning_tokens: 0,
                 cache_write_1h_input_tokens: 0,
+                web_searches: 0,
             }
         );
         assert_eq!(

@@ -253,6 +253,7 @@ mod tests {
                 cache_write_input_tokens: 0,
                 reasoning_tokens: 0,
                 cache_write_1h_input_tokens: 0,
+                web_searches: 0,
             })
         );
         assert_eq!(p.response_model.as_deref(), Some("gpt-4o-2024-11-20"));

@@ -204,6 +204,7 @@ fn usage(input: u64, output: u64, cache_read: u64, cache_write: u64) -> Usage {
         output_tokens: output,
         cached_input_tokens: cache_read,
         cache_write_input_tokens: cache_write,
+        web_searches: 0,
         reasoning_tokens: 0,
         cache_write_1h_input_tokens: 0,
     }
@@ -725,6 +726,7 @@ mod tests {
                 cache_write_input_tokens: 200,
                 reasoning_tokens: 0,
                 cache_write_1h_input_tokens: 0,
+                web_searches: 0,
             })
         );
     }
@@ -785,6 +787,7 @@ mod tests {
                 cache_write_input_tokens: 0,
                 reasoning_tokens: 0,
                 cache_write_1h_input_tokens: 0,
+                web_searches: 0,
             })
         );
         assert_eq!(p.output_text, "Hello, ünïcødé world.");
@@ -802,6 +805,7 @@ mod tests {
                 cache_write_input_tokens: 0,
                 reasoning_tokens: 0,
                 cache_write_1h_input_tokens: 0,
+                web_searches: 0,
             })
         );
         assert_eq!(
@@ -1027,6 +1031,7 @@ mod tests {
                 cache_write_input_tokens: 300,
                 reasoning_tokens: 0,
                 cache_write_1h_input_tokens: 0,
+                web_searches: 0,
             })
         );
         assert_eq!(
@@ -1054,6 +1059,7 @@ mod tests {
                 cache_write_input_tokens: 0,
                 reasoning_tokens: 0,
                 cache_write_1h_input_tokens: 0,
+                web_searches: 0,
             })
         );
         assert_eq!(p.output_text, "Hello world");

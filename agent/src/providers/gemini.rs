@@ -408,6 +408,7 @@ impl Provider for Gemini {
         }
         let free = matches!(info.operation, "count_tokens" | "batch");
         let mut found = Found::new(free);
+        found.request_model.clone_from(&info.model);
         found.service_tier = header_tier(headers);
         found.ok_status = (200..300).contains(&status);
         if super::content_type(headers) == "text/event-stream" {
@@ -472,6 +473,7 @@ fn interaction_usage(u: &Value) -> Option<Usage> {
         cache_write_input_tokens: 0,
         reasoning_tokens: thoughts.min(output),
         cache_write_1h_input_tokens: 0,
+        web_searches: 0,
     })
 }
 
@@ -779,8 +781,28 @@ pub fn usage_from(m: &Value) -> Option<Usage> {
         cache_write_input_tokens: 0,
         reasoning_tokens: thoughts,
         cache_write_1h_input_tokens: 0,
+        web_searches: 0,
     })
 }
+
+/// Whether `model` bills grounding with Google Search by the query
+/// (Gemini 3 and later: each distinct non-empty query the model ran)
+/// rather than by the grounded prompt (Gemini 2.x and earlier: one per
+/// request grounded, however many queries).
+pub(crate) fn bills_each_query(model: &str) -> bool {
+    let m = model.to_ascii_lowercase();
+    let Some(at) = m.find("gemini-") else {
+        return false;
+    };
+    let major: String = m[at + 7..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    major.parse::<u32>().is_ok_and(|n| n >= 3)
+}
+
+/// The most distinct search queries kept for one request.
+const MAX_SEARCH_QUERIES: usize = 1024;
 
 /// What the responses of one body said so far.
 #[derive(Default)]
@@ -813,6 +835,13 @@ struct Found {
     /// `x-gemini-service-tier` header, or Vertex AI's
     /// `usageMetadata.trafficType` (`ON_DEMAND_PRIORITY` → `priority`).
     service_tier: Option<String>,
+    /// The distinct non-empty `groundingMetadata.webSearchQueries` of
+    /// every candidate of every response (a stream may send them on any
+    /// chunk, or split), at most [`MAX_SEARCH_QUERIES`].
+    search_queries: std::collections::BTreeSet<String>,
+    /// The request's model, which says how searches are billed (else the
+    /// response's).
+    request_model: Option<String>,
 }
 
 impl Found {
@@ -882,6 +911,14 @@ impl Found {
             } else if self.open_candidates.len() < 64 {
                 self.open_candidates.insert(index);
             }
+            let queries = c
+                .pointer("/groundingMetadata/webSearchQueries")
+                .and_then(Value::as_array);
+            for q in queries.into_iter().flatten().filter_map(Value::as_str) {
+                if !q.trim().is_empty() && self.search_queries.len() < MAX_SEARCH_QUERIES {
+                    self.search_queries.insert(q.to_owned());
+                }
+            }
             let parts = c.pointer("/content/parts").and_then(Value::as_array);
             for p in parts.into_iter().flatten() {
                 if let Some(t) = p.get("text").and_then(Value::as_str) {
@@ -906,6 +943,18 @@ impl Found {
         }
     }
 
+    /// The searches billed: the distinct queries for a model billed by
+    /// the query, else 1 for a grounded answer.
+    fn web_searches(&self) -> u64 {
+        let n = self.search_queries.len() as u64;
+        let model = self.request_model.as_deref().or(self.model.as_deref());
+        if model.is_some_and(bills_each_query) {
+            n
+        } else {
+            n.min(1)
+        }
+    }
+
     /// `take` will give usage.
     fn seen(&self) -> bool {
         self.usage.is_some() || (self.free && self.any)
@@ -915,7 +964,10 @@ impl Found {
         let usage = if self.free && self.any {
             Some(Usage::default())
         } else {
-            self.usage
+            self.usage.map(|u| Usage {
+                web_searches: self.web_searches(),
+                ..u
+            })
         };
         // Usage without the final counts: a generate stream that ended
         // before a finishReason, or with an error.
@@ -1579,6 +1631,56 @@ mod tests {
         out
     }
 
+    /// Grounding with Google Search: Gemini 3 bills each distinct
+    /// non-empty query (over every candidate and chunk of a stream, which
+    /// may send them on any chunk), earlier models the grounded answer
+    /// once; the request's model decides, else the response's.
+    #[test]
+    fn grounded_answers_count_their_web_searches_by_the_models_scheme() {
+        let chunks = "data: {\"candidates\":[{\"content\":{\"parts\":[{\"text\":\"a\"}]},\"groundingMetadata\":{\"webSearchQueries\":[\"rust tls\",\"\"]}}],\"modelVersion\":\"MODEL\"}\n\n\
+                      data: {\"candidates\":[{\"content\":{\"parts\":[{\"text\":\"b\"}]},\"finishReason\":\"STOP\",\"groundingMetadata\":{\"webSearchQueries\":[\"rust tls\",\"aya ebpf\",\"  \",7]}}],\"usageMetadata\":{\"promptTokenCount\":30,\"candidatesTokenCount\":5,\"toolUsePromptTokenCount\":900}}\n\n";
+        for (model, searches) in [
+            ("gemini-3-pro-preview", 2),
+            ("gemini-3.1-flash", 2),
+            ("gemini-2.5-flash", 1),
+            ("gemini-2.0-flash", 1),
+        ] {
+            let body = chunks.replace("MODEL", model);
+            let u = parse(
+                "generate_content",
+                "text/event-stream",
+                body.as_bytes(),
+                &[50, 260],
+            )
+            .usage
+            .expect("usage");
+            assert_eq!((u.input_tokens, u.web_searches), (930, searches), "{model}");
+            let by_request = RequestInfo {
+                model: Some(model.into()),
+                ..info("generate_content")
+            };
+            let other = chunks.replace("MODEL", "something-else");
+            let u = parse_split(
+                &Gemini,
+                &by_request,
+                "text/event-stream",
+                other.as_bytes(),
+                &[],
+            )
+            .usage
+            .expect("usage");
+            assert_eq!(u.web_searches, searches, "{model} named by the request");
+        }
+        let ungrounded = br#"{"candidates":[{"finishReason":"STOP","groundingMetadata":{"webSearchQueries":[]}}],"modelVersion":"gemini-3-pro-preview","usageMetadata":{"promptTokenCount":3,"candidatesTokenCount":4}}"#;
+        let u = parse("generate_content", "application/json", ungrounded, &[])
+            .usage
+            .expect("usage");
+        assert_eq!(u.web_searches, 0);
+        assert!(bills_each_query("publishers/google/models/gemini-3-flash"));
+        assert!(!bills_each_query("gemini-1.5-pro"));
+        assert!(!bills_each_query("gemma-3-27b-it"));
+    }
+
     #[test]
     fn classifies_requests() {
         let body =
@@ -1978,6 +2080,7 @@ mod tests {
                 cache_write_input_tokens: 0,
                 reasoning_tokens: 482,
                 cache_write_1h_input_tokens: 0,
+                web_searches: 0,
             })
         );
         assert_eq!(p.response_model.as_deref(), Some("gemini-2.5-flash"));
@@ -2014,6 +2117,7 @@ mod tests {
                 cache_write_input_tokens: 0,
                 reasoning_tokens: 186,
                 cache_write_1h_input_tokens: 0,
+                web_searches: 0,
             })
         );
         assert_eq!(p.response_model.as_deref(), Some("gemini-2.5-flash"));

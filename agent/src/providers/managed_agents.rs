@@ -110,6 +110,7 @@ fn usage_of(u: &Value) -> Option<Usage> {
         cache_write_input_tokens: written,
         cache_write_1h_input_tokens: w1h,
         reasoning_tokens: 0,
+        web_searches: 0,
     })
 }
 

@@ -724,6 +724,9 @@ pub struct Head {
     pub background: Option<Value>,
     pub id: Option<Value>,
     pub status: Option<Value>,
+    /// The Responses API: the web searches billed among a response's
+    /// `output` items, counted as they are skipped.
+    pub output: openai::WebSearchCalls,
 }
 
 impl Head {

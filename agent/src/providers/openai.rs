@@ -465,6 +465,74 @@ pub fn usage_from(u: &Value) -> Option<Usage> {
 
 /// [`usage_from`], for a host that may count thoughts beside the
 /// completion (see [`WireUsage::usage_for`]).
+/// Whether one item of a Responses `output` is a billed web search: a
+/// `web_search_call` whose action searched (opening a page or finding in
+/// it is not billed; an item without an action, as `web_search_preview`
+/// gave them, searched) and that did not fail.
+fn billed_search(kind: Option<&str>, action: Option<&str>, status: Option<&str>) -> bool {
+    kind == Some("web_search_call")
+        && action.is_none_or(|a| a == "search")
+        && status != Some("failed")
+}
+
+/// The billed web searches of a Responses object (see [`billed_search`]).
+fn web_searches_in(response: &Value) -> u64 {
+    let items = response.get("output").and_then(Value::as_array);
+    items.into_iter().flatten().fold(0, |n, item| {
+        let s = |p: &str| item.pointer(p).and_then(Value::as_str);
+        n + u64::from(billed_search(s("/type"), s("/action/type"), s("/status")))
+    })
+}
+
+/// The billed web searches of a Responses `output`, counted as it is read
+/// (see [`billed_search`]), the items otherwise skipped, not built. Any
+/// other JSON reads as none.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct WebSearchCalls(pub u64);
+
+impl<'de> serde::Deserialize<'de> for WebSearchCalls {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(serde::Deserialize, Default)]
+        #[serde(default)]
+        struct Item {
+            #[serde(rename = "type")]
+            kind: Option<Value>,
+            action: ObjectOr<Action>,
+            status: Option<Value>,
+        }
+        #[derive(serde::Deserialize, Default)]
+        #[serde(default)]
+        struct Action {
+            #[serde(rename = "type")]
+            kind: Option<Value>,
+        }
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = WebSearchCalls;
+            super::lenient_visits!(integers, objects);
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<WebSearchCalls, A::Error> {
+                let mut n = 0u64;
+                while let Some(ObjectOr(item)) = a.next_element::<ObjectOr<Item>>()? {
+                    let Some(i) = item else { continue };
+                    let s =
+                        |v: &Option<Value>| v.as_ref().and_then(Value::as_str).map(str::to_owned);
+                    let action = i.action.0.and_then(|a| s(&a.kind));
+                    n += u64::from(billed_search(
+                        s(&i.kind).as_deref(),
+                        action.as_deref(),
+                        s(&i.status).as_deref(),
+                    ));
+                }
+                Ok(WebSearchCalls(n))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 fn usage_from_for(u: &Value, thoughts_beside: bool) -> Option<Usage> {
     serde::Deserialize::deserialize(u)
         .ok()
@@ -557,6 +625,7 @@ impl WireUsage {
             cache_write_input_tokens: written.min(input - cached.min(input)),
             reasoning_tokens: reasoning.min(output),
             cache_write_1h_input_tokens: 0,
+            web_searches: 0,
         })
     }
 }
@@ -770,10 +839,11 @@ impl UsageParser for JsonParser {
         // The usual case: usage and model, without building the choices.
         // (Not for a failed response, whose error the whole document says.)
         if let Some(h) = self.0.bytes().and_then(super::Head::parse)
-            && let Some(usage) = h.usage.0.as_ref().and_then(|u| u.usage_for(self.1))
+            && let Some(mut usage) = h.usage.0.as_ref().and_then(|u| u.usage_for(self.1))
             && h.status.as_ref().and_then(Value::as_str) != Some("failed")
         {
             let (response_id, response_status) = h.id_and_status();
+            usage.web_searches = h.output.0;
             return ParsedUsage {
                 usage: Some(usage),
                 response_model: h.model(),
@@ -830,7 +900,13 @@ impl UsageParser for JsonParser {
         }
         let (response_id, response_status) = id_and_status(&v);
         ParsedUsage {
-            usage: v.get("usage").and_then(|u| usage_from_for(u, self.1)),
+            usage: v
+                .get("usage")
+                .and_then(|u| usage_from_for(u, self.1))
+                .map(|u| Usage {
+                    web_searches: web_searches_in(&v),
+                    ..u
+                }),
             response_model: str_at(&v, &["model"]),
             output_text: text,
             service_tier: tier_of(&v),
@@ -1107,7 +1183,11 @@ impl StreamParser {
                 Some(r) if r.is_object() => (
                     r.get("model"),
                     r.get("usage")
-                        .and_then(|u| usage_from_for(u, thoughts_beside)),
+                        .and_then(|u| usage_from_for(u, thoughts_beside))
+                        .map(|u| Usage {
+                            web_searches: web_searches_in(r),
+                            ..u
+                        }),
                     tier_of(r),
                 ),
                 _ => (
@@ -1173,7 +1253,10 @@ impl StreamParser {
             .get("usage")
             .and_then(|u| usage_from_for(u, thoughts_beside))
         {
-            found.usage = Some(u);
+            found.usage = Some(Usage {
+                web_searches: web_searches_in(obj),
+                ..u
+            });
         }
         false
     }
@@ -1229,6 +1312,49 @@ mod tests {
             ..Default::default()
         };
         crate::providers::testing::parse_split(&OpenAi, &info, ct, body, splits)
+    }
+
+    /// A Responses answer's `web_search_call` items that searched are the
+    /// searches billed: in a JSON answer (read without building its
+    /// items), in one the fast read cannot take (a repeated member), in
+    /// the stream's `response.completed`; opening a page, finding in it
+    /// and a failed call are not billed.
+    #[test]
+    fn web_search_calls_that_searched_are_counted() {
+        let output = r#"[{"type":"web_search_call","id":"ws_1","status":"completed","action":{"type":"search","query":"tollgate"}},
+            {"type":"web_search_call","id":"ws_2","status":"completed","action":{"type":"open_page","url":"https://x"}},
+            {"type":"web_search_call","id":"ws_3","status":"completed","action":{"type":"find_in_page","pattern":"y"}},
+            {"type":"web_search_call","id":"ws_4","status":"failed","action":{"type":"search"}},
+            {"type":"web_search_call","id":"ws_5","status":"completed"},
+            {"type":"message","content":[{"type":"output_text","text":"web_search_call"}]},
+            "odd", 7, {"type":{"odd":1}}]"#;
+        let usage = r#"{"input_tokens":12000,"output_tokens":300}"#;
+        let json =
+            format!(r#"{{"object":"response","model":"gpt-5","output":{output},"usage":{usage}}}"#);
+        let u = parse("application/json", json.as_bytes(), &[])
+            .usage
+            .expect("usage");
+        assert_eq!((u.input_tokens, u.web_searches), (12000, 2));
+        let repeated = format!(
+            r#"{{"object":"response","model":"gpt-5","model":"gpt-5","output":{output},"usage":{usage}}}"#
+        );
+        let u = parse("application/json", repeated.as_bytes(), &[])
+            .usage
+            .expect("usage");
+        assert_eq!(u.web_searches, 2);
+        let sse = format!(
+            "event: response.output_item.done\ndata: {{\"type\":\"response.output_item.done\",\"item\":{{\"type\":\"web_search_call\",\"status\":\"completed\",\"action\":{{\"type\":\"search\"}}}}}}\n\n\
+             event: response.completed\ndata: {{\"type\":\"response.completed\",\"response\":{{\"model\":\"gpt-5\",\"status\":\"completed\",\"output\":{},\"usage\":{usage}}}}}\n\n",
+            output.replace('\n', "")
+        );
+        let u = parse("text/event-stream", sse.as_bytes(), &[40, 300])
+            .usage
+            .expect("usage");
+        assert_eq!(u.web_searches, 2, "counted once, from the response");
+        let chat = parse("application/json", CHAT_JSON, &[])
+            .usage
+            .expect("usage");
+        assert_eq!(chat.web_searches, 0);
     }
 
     /// A tool call's name and arguments are output to estimate when no
@@ -1518,6 +1644,7 @@ event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{
                 cache_write_input_tokens: 0,
                 reasoning_tokens: 2,
                 cache_write_1h_input_tokens: 0,
+                web_searches: 0,
             })
         );
         assert_eq!(p.response_model.as_deref(), Some("gpt-4o-mini-2024-07-18"));
@@ -1630,6 +1757,7 @@ event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{
                 cache_write_input_tokens: 0,
                 reasoning_tokens: 5,
                 cache_write_1h_input_tokens: 0,
+                web_searches: 0,
             }
         );
         let s = parse(

@@ -56,10 +56,30 @@ pub(crate) async fn handle(call: Call) -> hyper::Response<Body> {
         Some((base, version)) => format!("{base}-{version}"),
         None => format!("{model}-20250929"),
     };
+    // A `web_search_*` server tool: the fake ran `max_uses` searches (at
+    // most 2), and says so in `usage.server_tool_use`.
+    let searches = v
+        .get("tools")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .find(|t| {
+            t.get("type")
+                .and_then(Value::as_str)
+                .is_some_and(|t| t.starts_with("web_search_"))
+        })
+        .map_or(0, |t| {
+            t.get("max_uses")
+                .and_then(Value::as_u64)
+                .unwrap_or(2)
+                .min(2)
+        });
+    let server_tool_use = json!({"web_search_requests": searches, "web_fetch_requests": 0});
     call.record(Reported {
         api: "anthropic",
         model: model.clone(),
         stream,
+        web_searches: searches,
         input_tokens: input + CACHE_READ + CACHE_WRITE,
         output_tokens: out,
         cached_input_tokens: CACHE_READ,
@@ -73,7 +93,8 @@ pub(crate) async fn handle(call: Call) -> hyper::Response<Body> {
             &call,
             json!({"id":"msg_fake","type":"message","role":"assistant","model":resp_model,
                 "content":[{"type":"text","text":text.join(" ")}],"stop_reason":"end_turn","stop_sequence":null,
-                "usage":{"input_tokens":input,"cache_creation_input_tokens":CACHE_WRITE,"cache_read_input_tokens":CACHE_READ,"output_tokens":out}}),
+                "usage":{"input_tokens":input,"cache_creation_input_tokens":CACHE_WRITE,"cache_read_input_tokens":CACHE_READ,"output_tokens":out,
+                    "server_tool_use":server_tool_use}}),
         );
     }
     let mut ev = vec![
@@ -115,7 +136,7 @@ pub(crate) async fn handle(call: Call) -> hyper::Response<Body> {
     ev.push((
         Some("message_delta"),
         json!({"type":"message_delta","delta":{"stop_reason":"end_turn","stop_sequence":null},
-        "usage":{"output_tokens":out}})
+        "usage":{"output_tokens":out,"server_tool_use":server_tool_use}})
         .to_string(),
     ));
     ev.push((

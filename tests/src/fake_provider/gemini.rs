@@ -43,10 +43,27 @@ pub(crate) async fn handle(call: Call) -> hyper::Response<Body> {
             json!({"error":{"code":404,"message":"unknown method","status":"NOT_FOUND"}}),
         );
     }
+    // The `googleSearch` tool: the answer is grounded in two queries (one
+    // of them run twice, and an empty one, as Gemini 3 lists them), sent
+    // on the first chunk of a stream. Billed by the query from Gemini 3,
+    // by the grounded prompt before.
+    let grounded = v
+        .get("tools")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .any(|t| t.get("googleSearch").is_some() || t.get("google_search").is_some());
+    let queries = json!(["tollgate agent", "", "ebpf cgroup hooks", "tollgate agent"]);
+    let by_query = model.starts_with("gemini-3");
     call.record(Reported {
         api: "gemini",
         model: model.clone(),
         stream,
+        web_searches: match (grounded, by_query) {
+            (false, _) => 0,
+            (true, true) => 2,
+            (true, false) => 1,
+        },
         input_tokens: prompt,
         output_tokens: out + THOUGHTS,
         reasoning_tokens: THOUGHTS,
@@ -61,6 +78,9 @@ pub(crate) async fn handle(call: Call) -> hyper::Response<Body> {
         let mut c = json!({"content":{"parts":[{"text":text}],"role":"model"},"index":0});
         if let Some(f) = finish {
             c["finishReason"] = json!(f);
+        }
+        if grounded && (text.starts_with("tok") || !stream) {
+            c["groundingMetadata"] = json!({"webSearchQueries": queries});
         }
         json!({"candidates":[c],"usageMetadata":usage,"modelVersion":model,"responseId":"fake"})
     };

@@ -50,6 +50,8 @@ pub struct Reported {
     pub cached_input_tokens: u64,
     pub cache_write_input_tokens: u64,
     pub reasoning_tokens: u64,
+    /// Web searches billed (the request asked for a search tool).
+    pub web_searches: u64,
     /// False when a stream was sent without usage.
     pub usage_sent: bool,
 }
