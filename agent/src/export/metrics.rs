@@ -345,11 +345,36 @@ impl Instruments {
                     OpClass::Inference | OpClass::Other
                         if class == OpClass::Inference || any_tokens =>
                     {
-                        // tollgate's counts are not broken down by modality.
-                        let m =
-                            sc::with(&attrs, KeyValue::new(sc::GEN_AI_TOKEN_MODALITY, "unknown"));
-                        usage_input.add(u.input_tokens, &m);
-                        usage_output.add(u.output_tokens, &m);
+                        // The audio and image parts the provider split
+                        // out; the rest is of no known modality (text,
+                        // mostly, but a provider that does not split
+                        // may count images in it).
+                        let modality = |m: &'static str| {
+                            sc::with(&attrs, KeyValue::new(sc::GEN_AI_TOKEN_MODALITY, m))
+                        };
+                        let m = modality("unknown");
+                        let (audio_in, image_in) = (
+                            u.audio_input_tokens.min(u.input_tokens),
+                            u.image_input_tokens
+                                .min(u.input_tokens.saturating_sub(u.audio_input_tokens)),
+                        );
+                        let (audio_out, image_out) = (
+                            u.audio_output_tokens.min(u.output_tokens),
+                            u.image_output_tokens
+                                .min(u.output_tokens.saturating_sub(u.audio_output_tokens)),
+                        );
+                        usage_input.add(u.input_tokens - audio_in - image_in, &m);
+                        usage_output.add(u.output_tokens - audio_out - image_out, &m);
+                        for (counter, n, kind) in [
+                            (usage_input, audio_in, "audio"),
+                            (usage_input, image_in, "image"),
+                            (usage_output, audio_out, "audio"),
+                            (usage_output, image_out, "image"),
+                        ] {
+                            if n > 0 {
+                                counter.add(n, &modality(kind));
+                            }
+                        }
                         usage_cache_read.add(u.cached_input_tokens, &m);
                         usage_cache_write.add(u.cache_write_input_tokens, &m);
                         usage_reasoning.add(u.reasoning_tokens, &m);
@@ -631,42 +656,113 @@ mod tests {
         assert_eq!(calls.load(Ordering::SeqCst), 2);
     }
 
+    use opentelemetry_sdk::metrics::ManualReader;
+    use opentelemetry_sdk::metrics::reader::MetricReader;
+
+    /// A manual reader the test keeps a handle of while the provider owns
+    /// it.
+    #[derive(Debug, Clone)]
+    struct Shared(Arc<ManualReader>);
+
+    impl MetricReader for Shared {
+        fn register_pipeline(&self, p: std::sync::Weak<opentelemetry_sdk::metrics::Pipeline>) {
+            self.0.register_pipeline(p)
+        }
+        fn collect(
+            &self,
+            rm: &mut opentelemetry_sdk::metrics::data::ResourceMetrics,
+        ) -> opentelemetry_sdk::error::OTelSdkResult {
+            self.0.collect(rm)
+        }
+        fn force_flush(&self) -> opentelemetry_sdk::error::OTelSdkResult {
+            self.0.force_flush()
+        }
+        fn shutdown_with_timeout(&self, t: Duration) -> opentelemetry_sdk::error::OTelSdkResult {
+            self.0.shutdown_with_timeout(t)
+        }
+        fn temporality(
+            &self,
+            k: opentelemetry_sdk::metrics::InstrumentKind,
+        ) -> opentelemetry_sdk::metrics::Temporality {
+            self.0.temporality(k)
+        }
+    }
+
+    /// A meter provider read by hand, and its reader.
+    fn read_by_hand() -> (opentelemetry_sdk::metrics::SdkMeterProvider, Shared) {
+        let reader = Shared(Arc::new(ManualReader::builder().build()));
+        let mp = opentelemetry_sdk::metrics::SdkMeterProvider::builder()
+            .with_reader(reader.clone())
+            .build();
+        (mp, reader)
+    }
+
+    /// Under the newer conventions, the usage counters split the audio
+    /// and image tokens a provider reported from the rest, by
+    /// `gen_ai.token.modality`.
+    #[test]
+    fn usage_counters_split_audio_and_image_tokens_by_modality() {
+        use opentelemetry::metrics::MeterProvider as _;
+        use opentelemetry_sdk::metrics::data::{AggregatedMetrics, MetricData, ResourceMetrics};
+        let (mp, reader) = read_by_hand();
+        let i = Instruments::new(&mp.meter("t"), Semconv::LatestExperimental, false, None);
+        let mut rec = UsageRecord {
+            operation: "chat".into(),
+            status: 200,
+            ..UsageRecord::default()
+        };
+        rec.usage.input_tokens = 120;
+        rec.usage.audio_input_tokens = 100;
+        rec.usage.output_tokens = 300;
+        rec.usage.image_output_tokens = 250;
+        i.record(&rec);
+        let mut rm = ResourceMetrics::default();
+        reader.collect(&mut rm).expect("collect");
+        let mut got = Vec::new();
+        for m in rm.scope_metrics().flat_map(|s| s.metrics()) {
+            if let AggregatedMetrics::U64(MetricData::Sum(sum)) = m.data()
+                && m.name().starts_with("gen_ai.client.inference.usage.")
+            {
+                for p in sum.data_points() {
+                    let modality = p
+                        .attributes()
+                        .find(|kv| kv.key.as_str() == sc::GEN_AI_TOKEN_MODALITY)
+                        .map(|kv| kv.value.to_string());
+                    if p.value() > 0 {
+                        got.push((
+                            m.name().to_string(),
+                            modality.unwrap_or_default(),
+                            p.value(),
+                        ));
+                    }
+                }
+            }
+        }
+        got.sort();
+        let want = |n: &str, m: &str, v: u64| {
+            (
+                format!("gen_ai.client.inference.usage.{n}"),
+                m.to_string(),
+                v,
+            )
+        };
+        assert_eq!(
+            got,
+            [
+                want("input_tokens", "audio", 100),
+                want("input_tokens", "unknown", 20),
+                want("output_tokens", "image", 250),
+                want("output_tokens", "unknown", 50),
+            ]
+        );
+    }
+
     #[test]
     fn a_collection_reads_health_once_and_reports_every_figure() {
         use opentelemetry::metrics::MeterProvider as _;
         use opentelemetry_sdk::metrics::data::ResourceMetrics;
-        use opentelemetry_sdk::metrics::reader::MetricReader;
-        use opentelemetry_sdk::metrics::{ManualReader, SdkMeterProvider};
 
-        #[derive(Debug, Clone)]
-        struct Shared(Arc<ManualReader>);
-        impl MetricReader for Shared {
-            fn register_pipeline(&self, p: std::sync::Weak<opentelemetry_sdk::metrics::Pipeline>) {
-                self.0.register_pipeline(p)
-            }
-            fn collect(&self, rm: &mut ResourceMetrics) -> opentelemetry_sdk::error::OTelSdkResult {
-                self.0.collect(rm)
-            }
-            fn force_flush(&self) -> opentelemetry_sdk::error::OTelSdkResult {
-                self.0.force_flush()
-            }
-            fn shutdown_with_timeout(
-                &self,
-                t: Duration,
-            ) -> opentelemetry_sdk::error::OTelSdkResult {
-                self.0.shutdown_with_timeout(t)
-            }
-            fn temporality(
-                &self,
-                k: opentelemetry_sdk::metrics::InstrumentKind,
-            ) -> opentelemetry_sdk::metrics::Temporality {
-                self.0.temporality(k)
-            }
-        }
-        let reader = Shared(Arc::new(ManualReader::builder().build()));
-        let mp = SdkMeterProvider::builder()
-            .with_reader(reader.clone())
-            .build();
+        let (mp, reader) = read_by_hand();
         let (f, calls) = counting();
         register_health(&mp.meter("t"), f, Arc::default(), Duration::from_secs(60));
         let mut rm = ResourceMetrics::default();

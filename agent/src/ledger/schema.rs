@@ -86,9 +86,15 @@ CREATE TABLE tollgate_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
     r#"
 CREATE INDEX requests_batch_results ON requests (started_at_ms) WHERE operation = 'batch_results';
 "#,
-    // Web searches billed by the thousand beside the tokens.
+    // Web searches billed by the thousand beside the tokens, and the
+    // audio and image parts of the input and output, billed at their own
+    // rates.
     r#"
 ALTER TABLE requests ADD COLUMN web_searches INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE requests ADD COLUMN audio_input_tokens INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE requests ADD COLUMN image_input_tokens INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE requests ADD COLUMN audio_output_tokens INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE requests ADD COLUMN image_output_tokens INTEGER NOT NULL DEFAULT 0;
 "#,
 ];
 
@@ -136,6 +142,10 @@ pub const COLUMNS: &[&str] = &[
     "cache_write_1h_input_tokens",
     "service_tier",
     "web_searches",
+    "audio_input_tokens",
+    "image_input_tokens",
+    "audio_output_tokens",
+    "image_output_tokens",
 ];
 
 /// What `migrate` found.
@@ -264,6 +274,10 @@ const ADDED: &[(&str, i64, &str)] = &[
     ("cache_write_1h_input_tokens", 3, "0"),
     ("service_tier", 4, "NULL"),
     ("web_searches", 6, "0"),
+    ("audio_input_tokens", 6, "0"),
+    ("image_input_tokens", 6, "0"),
+    ("audio_output_tokens", 6, "0"),
+    ("image_output_tokens", 6, "0"),
 ];
 
 /// The select of a file at schema `version` (read-only opens cannot
@@ -301,6 +315,10 @@ pub fn bind<R>(r: &UsageRecord, f: impl FnOnce(&[&dyn ToSql]) -> R) -> R {
         count(u.reasoning_tokens),
         count(u.cache_write_1h_input_tokens),
         count(u.web_searches),
+        count(u.audio_input_tokens),
+        count(u.image_input_tokens),
+        count(u.audio_output_tokens),
+        count(u.image_output_tokens),
     ];
     let ttfb = r.ttfb_ms.map(count);
     f(&[
@@ -346,6 +364,10 @@ pub fn bind<R>(r: &UsageRecord, f: impl FnOnce(&[&dyn ToSql]) -> R) -> R {
         &tokens[5],
         &r.service_tier,
         &tokens[6],
+        &tokens[7],
+        &tokens[8],
+        &tokens[9],
+        &tokens[10],
     ])
 }
 
@@ -374,6 +396,10 @@ pub fn from_row(row: &Row<'_>) -> rusqlite::Result<UsageRecord> {
             reasoning_tokens: uncount(row.get(c(16))?),
             cache_write_1h_input_tokens: uncount(row.get(c(39))?),
             web_searches: uncount(row.get(c(41))?),
+            audio_input_tokens: uncount(row.get(c(42))?),
+            image_input_tokens: uncount(row.get(c(43))?),
+            audio_output_tokens: uncount(row.get(c(44))?),
+            image_output_tokens: uncount(row.get(c(45))?),
         },
         estimated: row.get(c(17))?,
         cost_usd: row.get(c(18))?,
@@ -474,12 +500,12 @@ mod tests {
         );
     }
 
-    /// A version 5 ledger (the last without web searches) keeps its rows,
-    /// which read as no searches; a record's searches are written and
-    /// read back; a select of a version 5 file (read-only, not migrated)
-    /// reads them as 0.
+    /// A version 5 ledger (the last without web searches and the audio
+    /// and image counts) keeps its rows, which read as none; a record's
+    /// counts are written and read back; a select of a version 5 file
+    /// (read-only, not migrated) reads them as 0.
     #[test]
-    fn a_version_5_ledger_gains_web_searches_and_they_round_trip() {
+    fn a_version_5_ledger_gains_web_searches_and_modalities_and_they_round_trip() {
         let mut conn = Connection::open_in_memory().expect("memory db");
         version_2_with_one_row(&conn);
         for (i, step) in MIGRATIONS.iter().enumerate().take(5).skip(2) {
@@ -494,6 +520,10 @@ mod tests {
         migrate(&mut conn).expect("migrates");
         let mut r = UsageRecord::default();
         r.usage.web_searches = 7;
+        r.usage.audio_input_tokens = 11;
+        r.usage.image_input_tokens = 12;
+        r.usage.audio_output_tokens = 13;
+        r.usage.image_output_tokens = 14;
         bind(&r, |v| conn.execute(&insert_sql(), v)).expect("insert");
         let rows: Vec<UsageRecord> = conn
             .prepare(&select_sql())
@@ -504,6 +534,7 @@ mod tests {
             .expect("rows");
         let searches: Vec<u64> = rows.iter().map(|r| r.usage.web_searches).collect();
         assert_eq!(searches, [0, 7]);
+        assert_eq!(rows[1].usage, r.usage, "every count read back");
     }
 
     #[test]

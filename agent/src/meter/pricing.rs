@@ -158,6 +158,18 @@ pub struct ModelPrice {
     /// ([`default_web_search`]).
     #[serde(default)]
     pub web_search: Option<f64>,
+    /// Audio and image input tokens (default: `input`, or the catalogue's
+    /// ratio to `input` for an override of a catalogued model).
+    #[serde(default)]
+    pub audio_input: Option<f64>,
+    #[serde(default)]
+    pub image_input: Option<f64>,
+    /// Audio and image output tokens (default: `output`, or the
+    /// catalogue's ratio to `output`).
+    #[serde(default)]
+    pub audio_output: Option<f64>,
+    #[serde(default)]
+    pub image_output: Option<f64>,
 }
 
 /// Anthropic's web search tool: $10 per 1,000 searches, beside the tokens
@@ -302,6 +314,10 @@ fn validate_entries(prefix: &str, entries: &[ModelPrice]) -> Result<(), (String,
             ("cache_write".into(), m.cache_write),
             ("cache_write_1h".into(), m.cache_write_1h),
             ("reasoning".into(), m.reasoning),
+            ("audio_input".into(), m.audio_input),
+            ("image_input".into(), m.image_input),
+            ("audio_output".into(), m.audio_output),
+            ("image_output".into(), m.image_output),
         ];
         let extra: [(&str, Option<&dyn GivenRates>); 3] = [
             ("long_context", long.map(|l| l as &dyn GivenRates)),
@@ -423,6 +439,11 @@ pub struct Price {
     pub configured: bool,
     /// USD per 1,000 web searches, in every tier and batch alike.
     pub web_search: f64,
+    /// The rates of audio input, image input, audio output and image
+    /// output tokens as multiples of the input or output rate in force
+    /// (standard, a tier's, the long-context one, a batch's), so that
+    /// they follow those as cache reads do.
+    pub modal: [f64; 4],
 }
 
 /// The share Vertex AI adds to every rate of a Claude model released
@@ -510,6 +531,7 @@ impl Price {
             vertex_regional: self.vertex_regional,
             configured: self.configured,
             web_search: self.web_search,
+            modal: self.modal,
         }
     }
 }
@@ -610,6 +632,16 @@ impl Price {
                 .web_search
                 .or(base.map(|b| b.web_search))
                 .unwrap_or_else(|| default_web_search(&m.provider, &m.model)),
+            modal: {
+                let own = [
+                    m.audio_input.map(|r| ratio(r, m.input)),
+                    m.image_input.map(|r| ratio(r, m.input)),
+                    m.audio_output.map(|r| ratio(r, m.output)),
+                    m.image_output.map(|r| ratio(r, m.output)),
+                ];
+                let from = base.map_or([1.0; 4], |b| b.modal);
+                [0, 1, 2, 3].map(|i| own[i].unwrap_or(from[i]))
+            },
         };
         // An entry's own rates; else, for an override of a catalogued
         // model, the catalogue's, scaled as the override scales input and
@@ -662,6 +694,7 @@ impl Price {
             vertex_regional: self.vertex_regional,
             configured: self.configured,
             web_search: self.web_search,
+            modal: self.modal,
         };
         // A long prompt in a tier: the long-context rates, scaled as the
         // tier scales input and output.
@@ -682,8 +715,20 @@ impl Price {
     /// A request whose prompt (`input_tokens`, which includes cache reads
     /// and writes) is larger than the long-context threshold is priced
     /// whole at the long-context rates. Web searches add
-    /// `web_searches · web_search / 1000`.
+    /// `web_searches · web_search / 1000` ([`Price::search_fee`]).
     pub fn cost(&self, u: &Usage) -> f64 {
+        self.token_cost(u) + self.search_fee(u)
+    }
+
+    /// The web searches' fee alone: the same in every tier and batch, and
+    /// not raised by a regional premium or an uplift, which are
+    /// surcharges on the tokens.
+    pub fn search_fee(&self, u: &Usage) -> f64 {
+        u.web_searches as f64 * self.web_search / 1e3
+    }
+
+    /// [`Price::cost`] without the web searches' fee.
+    fn token_cost(&self, u: &Usage) -> f64 {
         let r = match self.long {
             Some(LongRates { above, rates: l }) if u.input_tokens > above => [
                 l.input,
@@ -705,17 +750,27 @@ impl Price {
         let cached = u.cached_input_tokens.min(u.input_tokens);
         let write = u.cache_write_input_tokens.min(u.input_tokens - cached);
         let write_1h = u.cache_write_1h_input_tokens.min(write);
-        let plain_in = u.input_tokens - cached - write;
+        let rest_in = u.input_tokens - cached - write;
+        let audio_in = u.audio_input_tokens.min(rest_in);
+        let image_in = u.image_input_tokens.min(rest_in - audio_in);
+        let plain_in = rest_in - audio_in - image_in;
         let reasoning = u.reasoning_tokens.min(u.output_tokens);
-        let plain_out = u.output_tokens - reasoning;
+        let rest_out = u.output_tokens - reasoning;
+        let audio_out = u.audio_output_tokens.min(rest_out);
+        let image_out = u.image_output_tokens.min(rest_out - audio_out);
+        let plain_out = rest_out - audio_out - image_out;
+        let [m_audio_in, m_image_in, m_audio_out, m_image_out] = self.modal;
         (plain_in as f64 * r[0]
+            + audio_in as f64 * r[0] * m_audio_in
+            + image_in as f64 * r[0] * m_image_in
             + cached as f64 * r[1]
             + (write - write_1h) as f64 * r[2]
             + write_1h as f64 * r[3]
             + plain_out as f64 * r[4]
+            + audio_out as f64 * r[4] * m_audio_out
+            + image_out as f64 * r[4] * m_image_out
             + reasoning as f64 * r[5])
             / 1e6
-            + u.web_searches as f64 * self.web_search / 1e3
     }
 }
 
@@ -755,11 +810,19 @@ impl Price {
     /// of them; one set lower, in `[[pricing.models]]`, is not applied to
     /// them), the long ones each as itself.
     pub fn cost_of_many(&self, m: &ManyRequests) -> f64 {
+        self.token_cost_of_many(m) + self.search_fee_of_many(m)
+    }
+
+    fn token_cost_of_many(&self, m: &ManyRequests) -> f64 {
         let short = Price {
             long: None,
             ..*self
         };
-        short.cost(&m.short) + m.long.iter().map(|u| self.cost(u)).sum::<f64>()
+        short.token_cost(&m.short) + m.long.iter().map(|u| self.token_cost(u)).sum::<f64>()
+    }
+
+    fn search_fee_of_many(&self, m: &ManyRequests) -> f64 {
+        self.search_fee(&m.short) + m.long.iter().map(|u| self.search_fee(u)).sum::<f64>()
     }
 }
 
@@ -1007,7 +1070,9 @@ impl PriceBook {
         usage: &Usage,
         serving: Serving<'_>,
     ) -> Option<Cost> {
-        self.cost_with(provider, models, started_at_ms, serving, |p| p.cost(usage))
+        self.cost_with(provider, models, started_at_ms, serving, |p| {
+            (p.token_cost(usage), p.search_fee(usage))
+        })
     }
 
     /// As [`PriceBook::cost_of_any`] for the usage of many requests
@@ -1021,7 +1086,7 @@ impl PriceBook {
         serving: Serving<'_>,
     ) -> Option<Cost> {
         self.cost_with(provider, models, started_at_ms, serving, |p| {
-            p.cost_of_many(many)
+            (p.token_cost_of_many(many), p.search_fee_of_many(many))
         })
     }
 
@@ -1031,10 +1096,11 @@ impl PriceBook {
         models: &[&str],
         started_at_ms: i64,
         serving: Serving<'_>,
-        cost: impl Fn(&Price) -> f64,
+        cost: impl Fn(&Price) -> (f64, f64),
     ) -> Option<Cost> {
         let p = self.price_of_any_at(provider, models, started_at_ms)?;
-        let (usd, tier_unpriced) = match p.in_tier(serving.tier) {
+        // The tokens, and the web searches' fee.
+        let ((usd, fee), tier_unpriced) = match p.in_tier(serving.tier) {
             Some(t) => (cost(&t), false),
             None => (cost(&p), true),
         };
@@ -1047,7 +1113,7 @@ impl PriceBook {
         }
         let uplift = 1.0 + f64::from(serving.uplift_percent) / 100.0;
         Some(Cost {
-            usd: usd * regional * uplift,
+            usd: usd * regional * uplift + fee,
             tier_unpriced,
             configured: p.configured,
         })
@@ -1311,6 +1377,10 @@ mod tests {
             reasoning_tokens: reasoning,
             cache_write_1h_input_tokens: 0,
             web_searches: 0,
+            audio_input_tokens: 0,
+            image_input_tokens: 0,
+            audio_output_tokens: 0,
+            image_output_tokens: 0,
         }
     }
 
@@ -2413,6 +2483,92 @@ output = 15.0
         assert_eq!(p.map(|p| p.input), Some(2.5));
     }
 
+    /// Audio and image tokens are priced at the model's own rates for
+    /// them, beside the text at `input` and `output`; those rates follow
+    /// a batch's discount; an override of a catalogued model keeps the
+    /// catalogue's ratios, and a model without them prices them as text.
+    #[test]
+    fn audio_and_image_tokens_are_priced_at_their_own_rates() {
+        let book = PriceBook::builtin();
+        let u = |input, audio_in, image_in, output, audio_out, image_out| Usage {
+            input_tokens: input,
+            audio_input_tokens: audio_in,
+            image_input_tokens: image_in,
+            output_tokens: output,
+            audio_output_tokens: audio_out,
+            image_output_tokens: image_out,
+            ..Usage::default()
+        };
+        let cost =
+            |b: &PriceBook, model: &str, x: &Usage| b.cost("openai", model, NOW, x).expect(model);
+        // gpt-audio: text 2.50 / 10, audio 32 / 64.
+        let c = cost(
+            &book,
+            "gpt-audio-2025-08-28",
+            &u(1_000_000, 400_000, 0, 1_000_000, 300_000, 0),
+        );
+        assert!(
+            close(c, 0.6 * 2.5 + 0.4 * 32.0 + 0.7 * 10.0 + 0.3 * 64.0),
+            "{c}"
+        );
+        // gpt-image-1: text 5, image 10 in, image 40 out.
+        let c = cost(
+            &book,
+            "gpt-image-1",
+            &u(1_000_000, 0, 800_000, 1_000_000, 0, 1_000_000),
+        );
+        assert!(close(c, 0.2 * 5.0 + 0.8 * 10.0 + 40.0), "{c}");
+        // gpt-4o-transcribe: audio 6 in, text 2.50 in, 10 out.
+        let c = cost(
+            &book,
+            "gpt-4o-transcribe",
+            &u(1_000_000, 900_000, 0, 100_000, 0, 0),
+        );
+        assert!(close(c, 0.1 * 2.5 + 0.9 * 6.0 + 0.1 * 10.0), "{c}");
+        // More audio than input is capped at the input.
+        let c = cost(&book, "gpt-audio", &u(1_000_000, 5_000_000, 0, 0, 0, 0));
+        assert!(close(c, 32.0), "{c}");
+        // Gemini: audio input, and image output.
+        let c = book
+            .cost(
+                "gemini",
+                "gemini-2.5-flash",
+                NOW,
+                &u(1_000_000, 1_000_000, 0, 0, 0, 0),
+            )
+            .unwrap();
+        assert!(close(c, 1.0), "{c}");
+        let c = book
+            .cost(
+                "gemini",
+                "gemini-2.5-flash-image",
+                NOW,
+                &u(0, 0, 0, 1_290, 0, 1_290),
+            )
+            .unwrap();
+        assert!(close(c, 1290.0 * 30.0 / 1e6), "{c}");
+        // A batch halves them with the rest.
+        let p = book.price_at("openai", "gpt-audio", NOW).unwrap();
+        let x = u(1_000_000, 400_000, 0, 1_000_000, 300_000, 0);
+        let batch = p.in_tier(Some(BATCH_TIER)).unwrap();
+        assert!(close(batch.cost(&x), p.cost(&x) / 2.0));
+        // A model without modality rates: as text.
+        let c = cost(&book, "gpt-4o", &u(1_000_000, 1_000_000, 0, 0, 0, 0));
+        assert!(close(c, 2.5), "{c}");
+        // An override keeps the catalogue's ratios (audio at 12.8 times
+        // input), or gives its own.
+        let half = book_of(
+            "[[models]]\nprovider = \"openai\"\nmodel = \"gpt-audio\"\ninput = 1.25\noutput = 5\n",
+        );
+        let c = cost(&half, "gpt-audio", &u(1_000_000, 1_000_000, 0, 0, 0, 0));
+        assert!(close(c, 16.0), "{c}");
+        let own = book_of(
+            "[[models]]\nprovider = \"openai\"\nmodel = \"gpt-audio\"\ninput = 1.25\noutput = 5\naudio_input = 20\n",
+        );
+        let c = cost(&own, "gpt-audio", &u(1_000_000, 1_000_000, 0, 0, 0, 0));
+        assert!(close(c, 20.0), "{c}");
+    }
+
     /// Web searches are billed by the thousand beside the tokens, at each
     /// provider's list price (Gemini's by the model's scheme), the same in
     /// a batch and a tier; an entry's own `web_search` replaces it, and an
@@ -2452,6 +2608,25 @@ output = 15.0
                 "{model}: the search fee is not halved in a batch"
             );
         }
+        // A regional premium or an uplift raises the tokens, not the fee.
+        for serving in [
+            Serving {
+                uplift_percent: 10,
+                ..Serving::default()
+            },
+            Serving {
+                vertex_regional: true,
+                ..Serving::default()
+            },
+        ] {
+            let at = |u: &Usage| {
+                book.cost_of_any("anthropic", &["claude-sonnet-4-5"], NOW, u, serving)
+                    .expect("priced")
+                    .usd
+            };
+            let fee = at(&searched) - at(&plain);
+            assert!(close(fee, 3.0 * 10.0 / 1000.0), "{serving:?}: {fee}");
+        }
         let own = book_of(
             "[[models]]\nprovider = \"anthropic\"\nmodel = \"claude-sonnet-4-5\"\ninput = 3\noutput = 15\nweb_search = 25\n",
         );
@@ -2489,6 +2664,10 @@ output = 15.0
             priority: None,
             bedrock_regional_premium: None,
             web_search: None,
+            audio_input: None,
+            image_input: None,
+            audio_output: None,
+            image_output: None,
         };
         let check = |m: ModelPrice| {
             PricingConfig {
@@ -2526,6 +2705,12 @@ output = 15.0
         });
         assert_eq!(e.0, "pricing.models[1].web_search", "{e:?}");
         assert!(e.1.contains("per 1,000 searches"), "{e:?}");
+        let e = check(ModelPrice {
+            audio_output: Some(f64::NAN),
+            model: "y".into(),
+            ..base.clone()
+        });
+        assert_eq!(e.0, "pricing.models[1].audio_output", "{e:?}");
         for bad in ["2025-13-01", "2025-02-30", "25-01-01", "2025/01/01", "x"] {
             let e = check(ModelPrice {
                 effective: Some(bad.into()),
@@ -2610,6 +2795,10 @@ output = 15.0
                     reasoning_tokens: reasoning,
                     cache_write_1h_input_tokens: write / 2,
                     web_searches: 0,
+                    audio_input_tokens: 0,
+                    image_input_tokens: 0,
+                    audio_output_tokens: 0,
+                    image_output_tokens: 0,
                 }
             })
     }
@@ -2630,6 +2819,7 @@ output = 15.0
             vertex_regional: 1.0,
             configured: false,
             web_search: 0.0,
+            modal: [1.0; 4],
         })
     }
 
@@ -2643,6 +2833,10 @@ output = 15.0
             cache_write_1h_input_tokens: a.cache_write_1h_input_tokens
                 + b.cache_write_1h_input_tokens,
             web_searches: 0,
+            audio_input_tokens: 0,
+            image_input_tokens: 0,
+            audio_output_tokens: 0,
+            image_output_tokens: 0,
         }
     }
 

@@ -29,6 +29,19 @@ pub struct Usage {
     /// already counted there.
     #[serde(default)]
     pub web_searches: u64,
+    /// The parts of the input (beside its cache reads and writes) and of
+    /// the output (beside its reasoning) that are audio or images, where
+    /// the provider says so: priced at the model's own rates for them
+    /// (OpenAI's audio and image models, Gemini's audio input and image
+    /// output), else as the rest.
+    #[serde(default)]
+    pub audio_input_tokens: u64,
+    #[serde(default)]
+    pub image_input_tokens: u64,
+    #[serde(default)]
+    pub audio_output_tokens: u64,
+    #[serde(default)]
+    pub image_output_tokens: u64,
 }
 
 impl Usage {
@@ -48,6 +61,10 @@ impl Usage {
                 other.cache_write_1h_input_tokens,
             ),
             web_searches: f(self.web_searches, other.web_searches),
+            audio_input_tokens: f(self.audio_input_tokens, other.audio_input_tokens),
+            image_input_tokens: f(self.image_input_tokens, other.image_input_tokens),
+            audio_output_tokens: f(self.audio_output_tokens, other.audio_output_tokens),
+            image_output_tokens: f(self.image_output_tokens, other.image_output_tokens),
         }
     }
 }

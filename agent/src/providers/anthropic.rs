@@ -314,6 +314,10 @@ impl Raw {
             reasoning_tokens: self.thinking.unwrap_or(0).min(output),
             cache_write_1h_input_tokens: self.cache_creation_1h.unwrap_or(0).min(write),
             web_searches: self.web_searches.unwrap_or(0),
+            audio_input_tokens: 0,
+            image_input_tokens: 0,
+            audio_output_tokens: 0,
+            image_output_tokens: 0,
         })
     }
 }
@@ -1070,6 +1074,10 @@ mod tests {
                 reasoning_tokens: 0,
                 cache_write_1h_input_tokens: 0,
                 web_searches: 0,
+                audio_input_tokens: 0,
+                image_input_tokens: 0,
+                audio_output_tokens: 0,
+                image_output_tokens: 0,
             }
         );
         assert_eq!(

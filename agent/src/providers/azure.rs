@@ -254,6 +254,10 @@ mod tests {
                 reasoning_tokens: 0,
                 cache_write_1h_input_tokens: 0,
                 web_searches: 0,
+                audio_input_tokens: 0,
+                image_input_tokens: 0,
+                audio_output_tokens: 0,
+                image_output_tokens: 0,
             })
         );
         assert_eq!(p.response_model.as_deref(), Some("gpt-4o-2024-11-20"));

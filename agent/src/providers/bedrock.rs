@@ -207,6 +207,10 @@ fn usage(input: u64, output: u64, cache_read: u64, cache_write: u64) -> Usage {
         web_searches: 0,
         reasoning_tokens: 0,
         cache_write_1h_input_tokens: 0,
+        audio_input_tokens: 0,
+        image_input_tokens: 0,
+        audio_output_tokens: 0,
+        image_output_tokens: 0,
     }
 }
 
@@ -727,6 +731,10 @@ mod tests {
                 reasoning_tokens: 0,
                 cache_write_1h_input_tokens: 0,
                 web_searches: 0,
+                audio_input_tokens: 0,
+                image_input_tokens: 0,
+                audio_output_tokens: 0,
+                image_output_tokens: 0,
             })
         );
     }
@@ -788,6 +796,10 @@ mod tests {
                 reasoning_tokens: 0,
                 cache_write_1h_input_tokens: 0,
                 web_searches: 0,
+                audio_input_tokens: 0,
+                image_input_tokens: 0,
+                audio_output_tokens: 0,
+                image_output_tokens: 0,
             })
         );
         assert_eq!(p.output_text, "Hello, ünïcødé world.");
@@ -806,6 +818,10 @@ mod tests {
                 reasoning_tokens: 0,
                 cache_write_1h_input_tokens: 0,
                 web_searches: 0,
+                audio_input_tokens: 0,
+                image_input_tokens: 0,
+                audio_output_tokens: 0,
+                image_output_tokens: 0,
             })
         );
         assert_eq!(
@@ -1032,6 +1048,10 @@ mod tests {
                 reasoning_tokens: 0,
                 cache_write_1h_input_tokens: 0,
                 web_searches: 0,
+                audio_input_tokens: 0,
+                image_input_tokens: 0,
+                audio_output_tokens: 0,
+                image_output_tokens: 0,
             })
         );
         assert_eq!(
@@ -1060,6 +1080,10 @@ mod tests {
                 reasoning_tokens: 0,
                 cache_write_1h_input_tokens: 0,
                 web_searches: 0,
+                audio_input_tokens: 0,
+                image_input_tokens: 0,
+                audio_output_tokens: 0,
+                image_output_tokens: 0,
             })
         );
         assert_eq!(p.output_text, "Hello world");

@@ -474,6 +474,10 @@ fn interaction_usage(u: &Value) -> Option<Usage> {
         reasoning_tokens: thoughts.min(output),
         cache_write_1h_input_tokens: 0,
         web_searches: 0,
+        audio_input_tokens: 0,
+        image_input_tokens: 0,
+        audio_output_tokens: 0,
+        image_output_tokens: 0,
     })
 }
 
@@ -614,6 +618,8 @@ fn batch_results(method: &http::Method, path: &str) -> Option<super::BatchResult
 struct WireBatchResponse {
     model_version: Option<Value>,
     usage_metadata: Option<Value>,
+    /// The searches it was grounded in.
+    candidates: GroundingQueries,
 }
 
 /// A batch result, inlined (`{"response": {…}, "metadata"}`) or a line of
@@ -630,13 +636,18 @@ impl WireBatchResult {
     /// nothing.
     fn bills(&self) -> Option<super::batch::LineUsage> {
         let r = self.response.0.as_ref()?;
+        let model = r
+            .model_version
+            .as_ref()
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        let searches = billed_searches(r.candidates.0.len(), [model.as_deref(), None]);
         Some(super::batch::LineUsage {
-            model: r
-                .model_version
-                .as_ref()
-                .and_then(Value::as_str)
-                .map(str::to_string),
-            usage: usage_from(r.usage_metadata.as_ref()?)?,
+            usage: Usage {
+                web_searches: searches,
+                ..usage_from(r.usage_metadata.as_ref()?)?
+            },
+            model,
             uplift_percent: 0,
         })
     }
@@ -774,6 +785,20 @@ pub fn usage_from(m: &Value) -> Option<Usage> {
         .saturating_add(f("toolUsePromptTokenCount").unwrap_or(0));
     let thoughts = f("thoughtsTokenCount").unwrap_or(0);
     let output = candidates.unwrap_or(0).saturating_add(thoughts);
+    // `[{modality, tokenCount}]`: the audio and image parts.
+    let by_modality = |k: &str, modality: &str| {
+        m.get(k)
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter(|d| d.get("modality").and_then(Value::as_str) == Some(modality))
+            .filter_map(|d| d.get("tokenCount").and_then(Value::as_u64))
+            .fold(0u64, u64::saturating_add)
+    };
+    let uncached = |modality: &str| {
+        by_modality("promptTokensDetails", modality)
+            .saturating_sub(by_modality("cacheTokensDetails", modality))
+    };
     Some(Usage {
         input_tokens: input,
         output_tokens: output,
@@ -782,6 +807,11 @@ pub fn usage_from(m: &Value) -> Option<Usage> {
         reasoning_tokens: thoughts,
         cache_write_1h_input_tokens: 0,
         web_searches: 0,
+        // Beside the cache reads, which the prompt's counts include.
+        audio_input_tokens: uncached("AUDIO").min(input),
+        image_input_tokens: uncached("IMAGE").min(input),
+        audio_output_tokens: by_modality("candidatesTokensDetails", "AUDIO").min(output),
+        image_output_tokens: by_modality("candidatesTokensDetails", "IMAGE").min(output),
     })
 }
 
@@ -790,15 +820,103 @@ pub fn usage_from(m: &Value) -> Option<Usage> {
 /// rather than by the grounded prompt (Gemini 2.x and earlier: one per
 /// request grounded, however many queries).
 pub(crate) fn bills_each_query(model: &str) -> bool {
+    gemini_major(model).is_some_and(|n| n >= 3)
+}
+
+/// The major version a model name gives (`gemini-3-pro-preview`: 3), if
+/// it gives one (`gemini-flash-latest` does not).
+fn gemini_major(model: &str) -> Option<u32> {
     let m = model.to_ascii_lowercase();
-    let Some(at) = m.find("gemini-") else {
-        return false;
-    };
+    let at = m.find("gemini-")?;
     let major: String = m[at + 7..]
         .chars()
         .take_while(char::is_ascii_digit)
         .collect();
-    major.parse::<u32>().is_ok_and(|n| n >= 3)
+    major.parse().ok()
+}
+
+/// The searches billed for an answer grounded in `queries` (distinct,
+/// non-empty) by `models` (the response's first: the one that ran, where
+/// the request's may be an alias): each query from Gemini 3 on, else the
+/// grounded prompt once.
+fn billed_searches(queries: usize, models: [Option<&str>; 2]) -> u64 {
+    let n = queries as u64;
+    let model = models
+        .into_iter()
+        .flatten()
+        .find(|m| gemini_major(m).is_some());
+    if model.is_some_and(bills_each_query) {
+        n
+    } else {
+        n.min(1)
+    }
+}
+
+/// The distinct non-empty `groundingMetadata.webSearchQueries` of every
+/// candidate, read member by member (a repeated member is no error, the
+/// rest of a candidate is skipped, not built); any other JSON reads as
+/// none.
+#[derive(Debug, Default)]
+struct GroundingQueries(std::collections::BTreeSet<String>);
+
+impl GroundingQueries {
+    /// Keeps the non-empty strings of `queries`, up to the bound.
+    fn add(&mut self, queries: &Value) {
+        for q in queries
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+        {
+            if !q.trim().is_empty() && self.0.len() < MAX_SEARCH_QUERIES {
+                self.0.insert(q.to_owned());
+            }
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for GroundingQueries {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::{MapAccess, SeqAccess, Visitor};
+        /// The queries of one candidate's `groundingMetadata`, or of the
+        /// candidate (`nested`: its `groundingMetadata` member first).
+        struct Member<'q>(&'q mut GroundingQueries, bool);
+        impl<'de> serde::de::DeserializeSeed<'de> for Member<'_> {
+            type Value = ();
+            fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+                d.deserialize_any(self)
+            }
+        }
+        impl<'de> Visitor<'de> for Member<'_> {
+            type Value = ();
+            super::lenient_visits!(integers, arrays);
+            fn visit_map<A: MapAccess<'de>>(self, a: A) -> Result<(), A::Error> {
+                let (found, nested) = (self.0, self.1);
+                super::visit_members(a, |k, a| match (k, nested) {
+                    ("groundingMetadata", true) => {
+                        a.next_value_seed(Member(&mut *found, false))?;
+                        Ok(true)
+                    }
+                    ("webSearchQueries", false) => {
+                        found.add(&a.next_value::<Value>()?);
+                        Ok(true)
+                    }
+                    _ => Ok(false),
+                })
+            }
+        }
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = GroundingQueries;
+            super::lenient_visits!(integers, objects);
+            fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<GroundingQueries, A::Error> {
+                let mut found = GroundingQueries::default();
+                while a.next_element_seed(Member(&mut found, true))?.is_some() {}
+                Ok(found)
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// The most distinct search queries kept for one request.
@@ -838,7 +956,7 @@ struct Found {
     /// The distinct non-empty `groundingMetadata.webSearchQueries` of
     /// every candidate of every response (a stream may send them on any
     /// chunk, or split), at most [`MAX_SEARCH_QUERIES`].
-    search_queries: std::collections::BTreeSet<String>,
+    search_queries: GroundingQueries,
     /// The request's model, which says how searches are billed (else the
     /// response's).
     request_model: Option<String>,
@@ -911,13 +1029,8 @@ impl Found {
             } else if self.open_candidates.len() < 64 {
                 self.open_candidates.insert(index);
             }
-            let queries = c
-                .pointer("/groundingMetadata/webSearchQueries")
-                .and_then(Value::as_array);
-            for q in queries.into_iter().flatten().filter_map(Value::as_str) {
-                if !q.trim().is_empty() && self.search_queries.len() < MAX_SEARCH_QUERIES {
-                    self.search_queries.insert(q.to_owned());
-                }
+            if let Some(q) = c.pointer("/groundingMetadata/webSearchQueries") {
+                self.search_queries.add(q);
             }
             let parts = c.pointer("/content/parts").and_then(Value::as_array);
             for p in parts.into_iter().flatten() {
@@ -946,13 +1059,10 @@ impl Found {
     /// The searches billed: the distinct queries for a model billed by
     /// the query, else 1 for a grounded answer.
     fn web_searches(&self) -> u64 {
-        let n = self.search_queries.len() as u64;
-        let model = self.request_model.as_deref().or(self.model.as_deref());
-        if model.is_some_and(bills_each_query) {
-            n
-        } else {
-            n.min(1)
-        }
+        billed_searches(
+            self.search_queries.0.len(),
+            [self.model.as_deref(), self.request_model.as_deref()],
+        )
     }
 
     /// `take` will give usage.
@@ -1631,6 +1741,29 @@ mod tests {
         out
     }
 
+    /// `usageMetadata`'s per-modality details: the audio and image parts
+    /// of the prompt, beside their cache reads, and of the answer.
+    #[test]
+    fn audio_input_and_image_output_are_read_from_the_modality_details() {
+        let body = br#"{"candidates":[{"finishReason":"STOP"}],"usageMetadata":{"promptTokenCount":1000,
+            "cachedContentTokenCount":300,"candidatesTokenCount":1300,
+            "promptTokensDetails":[{"modality":"TEXT","tokenCount":100},{"modality":"AUDIO","tokenCount":800},{"modality":"IMAGE","tokenCount":100}],
+            "cacheTokensDetails":[{"modality":"AUDIO","tokenCount":300}],
+            "candidatesTokensDetails":[{"modality":"IMAGE","tokenCount":1290},{"modality":"TEXT","tokenCount":10}]}}"#;
+        let u = parse("generate_content", "application/json", body, &[])
+            .usage
+            .expect("usage");
+        assert_eq!(
+            (
+                u.audio_input_tokens,
+                u.image_input_tokens,
+                u.image_output_tokens,
+                u.audio_output_tokens
+            ),
+            (500, 100, 1290, 0)
+        );
+    }
+
     /// Grounding with Google Search: Gemini 3 bills each distinct
     /// non-empty query (over every candidate and chunk of a stream, which
     /// may send them on any chunk), earlier models the grounded answer
@@ -1676,6 +1809,25 @@ mod tests {
             .usage
             .expect("usage");
         assert_eq!(u.web_searches, 0);
+        // The response's model is the one that ran: an alias the request
+        // named does not decide.
+        let alias = RequestInfo {
+            model: Some("gemini-flash-latest".into()),
+            ..info("generate_content")
+        };
+        let body = chunks.replace("MODEL", "gemini-3-flash-preview");
+        let u = parse_split(&Gemini, &alias, "text/event-stream", body.as_bytes(), &[])
+            .usage
+            .expect("usage");
+        assert_eq!(u.web_searches, 2);
+        // A batch's result line, read member by member (a repeated member
+        // is no error).
+        let line = br#"{"key":"a","response":{"candidates":[{"finishReason":"STOP","groundingMetadata":{"webSearchQueries":["q1","q2",""],"webSearchQueries":["q1","q2","q3"]}},7,null],"modelVersion":"gemini-3-pro-preview","usageMetadata":{"promptTokenCount":10,"candidatesTokenCount":5}}}"#;
+        let l = batch_result_line(line).expect("billed");
+        assert_eq!((l.usage.input_tokens, l.usage.web_searches), (10, 3));
+        let old = String::from_utf8_lossy(line).replace("gemini-3-pro-preview", "gemini-2.5-flash");
+        let l = batch_result_line(old.as_bytes()).expect("billed");
+        assert_eq!(l.usage.web_searches, 1);
         assert!(bills_each_query("publishers/google/models/gemini-3-flash"));
         assert!(!bills_each_query("gemini-1.5-pro"));
         assert!(!bills_each_query("gemma-3-27b-it"));
@@ -2081,6 +2233,10 @@ mod tests {
                 reasoning_tokens: 482,
                 cache_write_1h_input_tokens: 0,
                 web_searches: 0,
+                audio_input_tokens: 0,
+                image_input_tokens: 0,
+                audio_output_tokens: 0,
+                image_output_tokens: 0,
             })
         );
         assert_eq!(p.response_model.as_deref(), Some("gemini-2.5-flash"));
@@ -2118,6 +2274,10 @@ mod tests {
                 reasoning_tokens: 186,
                 cache_write_1h_input_tokens: 0,
                 web_searches: 0,
+                audio_input_tokens: 0,
+                image_input_tokens: 0,
+                audio_output_tokens: 0,
+                image_output_tokens: 0,
             })
         );
         assert_eq!(p.response_model.as_deref(), Some("gemini-2.5-flash"));

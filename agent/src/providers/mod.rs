@@ -400,6 +400,50 @@ macro_rules! lenient_visits {
 // (So that adapters can name it, and it can name itself from theirs.)
 pub(crate) use lenient_visits;
 
+/// Reads a JSON object's members one by one: `on(name, access)` reads the
+/// value of a member it wants and returns true; every other value is
+/// skipped without being built. A repeated member is read each time (the
+/// last wins, as the providers read it) instead of failing the parse, as
+/// a derived struct would.
+pub(crate) fn visit_members<'de, A: serde::de::MapAccess<'de>>(
+    mut a: A,
+    mut on: impl FnMut(&str, &mut A) -> Result<bool, A::Error>,
+) -> Result<(), A::Error> {
+    while let Some(k) = a.next_key::<std::borrow::Cow<'de, str>>()? {
+        if !on(&k, &mut a)? {
+            a.next_value::<serde::de::IgnoredAny>()?;
+        }
+    }
+    Ok(())
+}
+
+/// An object's `type` member, when it is a string; `None` for anything
+/// else (another JSON value, an object without it), never an error.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub(crate) struct TypeOf(pub Option<String>);
+
+impl<'de> serde::Deserialize<'de> for TypeOf {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = TypeOf;
+            lenient_visits!(integers, arrays);
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, a: A) -> Result<TypeOf, A::Error> {
+                let mut kind = None;
+                visit_members(a, |k, a| {
+                    if k != "type" {
+                        return Ok(false);
+                    }
+                    kind = a.next_value::<Option<Value>>()?;
+                    Ok(true)
+                })?;
+                Ok(TypeOf(kind.and_then(|v| v.as_str().map(str::to_owned))))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 /// A JSON number member read leniently: a non-negative integer is
 /// `Some`, any other JSON value (a string, a float, an object...) is
 /// `None` and skipped without being built. An unexpected type loses only

@@ -144,6 +144,8 @@ struct WireBatchResponse {
 struct WireBatchBody {
     model: Option<Value>,
     usage: ObjectOr<WireUsage>,
+    /// A Responses answer's searches (see [`WebSearchCalls`]).
+    output: WebSearchCalls,
 }
 
 /// A line of a batch's output file: `{"custom_id", "response":
@@ -173,7 +175,10 @@ fn batch_line(line: &[u8], thoughts_beside: bool) -> Option<super::batch::LineUs
             .as_ref()
             .and_then(Value::as_str)
             .map(str::to_string),
-        usage: body.usage.0?.usage_for(thoughts_beside)?,
+        usage: Usage {
+            web_searches: body.output.0,
+            ..body.usage.0?.usage_for(thoughts_beside)?
+        },
         uplift_percent: 0,
     })
 }
@@ -342,7 +347,10 @@ impl Provider for OpenAi {
             Box::new(super::evals::RunParser::new(info))
         } else if matches!(info.operation, "image" | "audio") && (200..300).contains(&status) {
             match super::content_type(headers).as_str() {
-                "application/json" | "text/event-stream" => Box::new(MediaUsage::default()),
+                "application/json" | "text/event-stream" => Box::new(MediaUsage {
+                    image: info.operation == "image",
+                    ..MediaUsage::default()
+                }),
                 // Speech comes back as audio, a transcription as text or
                 // subtitles when asked: nothing to read, and not held.
                 _ => Box::new(super::NoUsage),
@@ -407,6 +415,10 @@ const MEDIA_TAIL: usize = 64 * 1024;
 #[derive(Default)]
 struct MediaUsage {
     tail: Vec<u8>,
+    /// An image operation: its output is the image, unless the usage
+    /// splits it (`output_tokens_details.image_tokens`, since
+    /// gpt-image-1.5; gpt-image-1 gives no split).
+    image: bool,
 }
 
 impl UsageParser for MediaUsage {
@@ -425,8 +437,12 @@ impl UsageParser for MediaUsage {
     }
 
     fn finish(&mut self) -> ParsedUsage {
+        let mut usage = last_usage(&self.tail).unwrap_or_default();
+        if self.image && usage.image_output_tokens == 0 {
+            usage.image_output_tokens = usage.output_tokens;
+        }
         ParsedUsage {
-            usage: Some(last_usage(&self.tail).unwrap_or_default()),
+            usage: Some(usage),
             ..Default::default()
         }
     }
@@ -463,8 +479,6 @@ pub fn usage_from(u: &Value) -> Option<Usage> {
     usage_from_for(u, false)
 }
 
-/// [`usage_from`], for a host that may count thoughts beside the
-/// completion (see [`WireUsage::usage_for`]).
 /// Whether one item of a Responses `output` is a billed web search: a
 /// `web_search_call` whose action searched (opening a page or finding in
 /// it is not billed; an item without an action, as `web_search_preview`
@@ -492,19 +506,40 @@ pub struct WebSearchCalls(pub u64);
 
 impl<'de> serde::Deserialize<'de> for WebSearchCalls {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(serde::Deserialize, Default)]
-        #[serde(default)]
-        struct Item {
-            #[serde(rename = "type")]
-            kind: Option<Value>,
-            action: ObjectOr<Action>,
-            status: Option<Value>,
-        }
-        #[derive(serde::Deserialize, Default)]
-        #[serde(default)]
-        struct Action {
-            #[serde(rename = "type")]
-            kind: Option<Value>,
+        /// Whether one `output` item is a billed search: its `type`,
+        /// `status` and action's `type` read member by member.
+        #[derive(Default)]
+        struct Item(bool);
+        impl<'de> serde::Deserialize<'de> for Item {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                struct V;
+                impl<'de> serde::de::Visitor<'de> for V {
+                    type Value = Item;
+                    super::lenient_visits!(integers, arrays);
+                    fn visit_map<A: serde::de::MapAccess<'de>>(
+                        self,
+                        a: A,
+                    ) -> Result<Item, A::Error> {
+                        let (mut kind, mut status) = (None::<Value>, None::<Value>);
+                        let mut action = super::TypeOf(None);
+                        super::visit_members(a, |k, a| {
+                            match k {
+                                "type" => kind = a.next_value()?,
+                                "status" => status = a.next_value()?,
+                                "action" => action = a.next_value()?,
+                                _ => return Ok(false),
+                            }
+                            Ok(true)
+                        })?;
+                        Ok(Item(billed_search(
+                            kind.as_ref().and_then(Value::as_str),
+                            action.0.as_deref(),
+                            status.as_ref().and_then(Value::as_str),
+                        )))
+                    }
+                }
+                d.deserialize_any(V)
+            }
         }
         struct V;
         impl<'de> serde::de::Visitor<'de> for V {
@@ -515,16 +550,8 @@ impl<'de> serde::Deserialize<'de> for WebSearchCalls {
                 mut a: A,
             ) -> Result<WebSearchCalls, A::Error> {
                 let mut n = 0u64;
-                while let Some(ObjectOr(item)) = a.next_element::<ObjectOr<Item>>()? {
-                    let Some(i) = item else { continue };
-                    let s =
-                        |v: &Option<Value>| v.as_ref().and_then(Value::as_str).map(str::to_owned);
-                    let action = i.action.0.and_then(|a| s(&a.kind));
-                    n += u64::from(billed_search(
-                        s(&i.kind).as_deref(),
-                        action.as_deref(),
-                        s(&i.status).as_deref(),
-                    ));
+                while let Some(Item(billed)) = a.next_element::<Item>()? {
+                    n += u64::from(billed);
                 }
                 Ok(WebSearchCalls(n))
             }
@@ -533,6 +560,8 @@ impl<'de> serde::Deserialize<'de> for WebSearchCalls {
     }
 }
 
+/// [`usage_from`], for a host that may count thoughts beside the
+/// completion (see [`WireUsage::usage_for`]).
 fn usage_from_for(u: &Value, thoughts_beside: bool) -> Option<Usage> {
     serde::Deserialize::deserialize(u)
         .ok()
@@ -554,6 +583,9 @@ pub struct WireUsage {
     input_tokens_details: ObjectOr<WireDetails>,
     completion_tokens_details: ObjectOr<WireDetails>,
     output_tokens_details: ObjectOr<WireDetails>,
+    /// A token-billed transcription's split of its input (`audio_tokens`,
+    /// `text_tokens`), under this singular name.
+    input_token_details: ObjectOr<WireDetails>,
     /// DeepSeek's cache reads, beside (or instead of) the OpenAI-shaped
     /// `prompt_tokens_details.cached_tokens`.
     prompt_cache_hit_tokens: Count,
@@ -566,6 +598,11 @@ struct WireDetails {
     /// Prompt tokens written to the cache (billed apart since GPT-5.6).
     cache_write_tokens: Count,
     reasoning_tokens: Count,
+    /// Audio and image tokens: of the input (audio chat models,
+    /// transcriptions, image edits' input images) or of the output (audio
+    /// answers, generated images).
+    audio_tokens: Count,
+    image_tokens: Count,
 }
 
 impl WireUsage {
@@ -600,6 +637,21 @@ impl WireUsage {
         let reasoning = detail(&self.completion_tokens_details, |d| d.reasoning_tokens)
             .or_else(|| detail(&self.output_tokens_details, |d| d.reasoning_tokens))
             .unwrap_or(0);
+        let of_input = |f: fn(&WireDetails) -> Count| {
+            [
+                &self.prompt_tokens_details,
+                &self.input_tokens_details,
+                &self.input_token_details,
+            ]
+            .into_iter()
+            .find_map(|d| detail(d, f))
+            .unwrap_or(0)
+        };
+        let of_output = |f: fn(&WireDetails) -> Count| {
+            detail(&self.completion_tokens_details, f)
+                .or_else(|| detail(&self.output_tokens_details, f))
+                .unwrap_or(0)
+        };
         // OpenAI counts reasoning inside the output (total = input +
         // output). xAI counts it beside the output (total = input + output
         // + reasoning) and bills it at the output rate: the total says
@@ -626,6 +678,10 @@ impl WireUsage {
             reasoning_tokens: reasoning.min(output),
             cache_write_1h_input_tokens: 0,
             web_searches: 0,
+            audio_input_tokens: of_input(|d| d.audio_tokens).min(input),
+            image_input_tokens: of_input(|d| d.image_tokens).min(input),
+            audio_output_tokens: of_output(|d| d.audio_tokens).min(output),
+            image_output_tokens: of_output(|d| d.image_tokens).min(output),
         })
     }
 }
@@ -1355,6 +1411,30 @@ mod tests {
             .usage
             .expect("usage");
         assert_eq!(chat.web_searches, 0);
+        // A member repeated inside an item is read as the provider reads
+        // it (the last wins), and the answer's head is still read: the
+        // fast read, over a body too large to be read again whole.
+        let big = format!("[{}]", vec!["0"; (1 << 20) + 10].join(","));
+        let repeated = format!(
+            r#"{{"model":"gpt-5","output":[{{"type":"message","type":"message","content":{big}}},
+            {{"type":"web_search_call","status":"failed","status":"completed","action":{{"type":"open_page","type":"search"}}}}],
+            "usage":{usage}}}"#
+        );
+        let h = crate::providers::Head::parse(repeated.as_bytes()).expect("the head is read");
+        assert_eq!((h.model().as_deref(), h.output.0), (Some("gpt-5"), 1));
+        assert!(h.usage.0.is_some());
+        for odd in ["null", "{}", "\"x\"", "[[[[1]]], null, 2, {\"type\": []}]"] {
+            let body = format!(r#"{{"model":"gpt-5","output":{odd},"usage":{usage}}}"#);
+            let h = crate::providers::Head::parse(body.as_bytes()).expect(odd);
+            assert_eq!(h.output.0, 0, "{odd}");
+        }
+        // A batch's Responses line counts its searches too.
+        let line = format!(
+            r#"{{"custom_id":"a","response":{{"status_code":200,"body":{{"object":"response","model":"gpt-5","output":{output},"usage":{usage}}}}}}}"#,
+            output = output.replace('\n', "")
+        );
+        let l = batch_result_line(line.as_bytes()).expect("billed");
+        assert_eq!(l.usage.web_searches, 2);
     }
 
     /// A tool call's name and arguments are output to estimate when no
@@ -1399,6 +1479,60 @@ mod tests {
             parse("application/json", responses, &[]).output_text,
             r#"run_shell{"cmd":"ls"}done"#
         );
+    }
+
+    /// The audio and image parts of a usage are read as each API gives
+    /// them: an audio chat answer's prompt and completion details, an
+    /// image answer's input details (its output is the image, unless
+    /// split), a transcription's `input_token_details`; capped at their
+    /// totals.
+    #[test]
+    fn audio_and_image_tokens_are_read_apart() {
+        use crate::providers::testing::parse_split;
+        let chat = br#"{"model":"gpt-audio","usage":{"prompt_tokens":120,"completion_tokens":300,
+            "prompt_tokens_details":{"cached_tokens":0,"audio_tokens":100,"text_tokens":20},
+            "completion_tokens_details":{"audio_tokens":250,"text_tokens":50,"reasoning_tokens":0}}}"#;
+        let u = parse("application/json", chat, &[]).usage.expect("usage");
+        assert_eq!(
+            (
+                u.audio_input_tokens,
+                u.audio_output_tokens,
+                u.image_input_tokens,
+                u.image_output_tokens
+            ),
+            (100, 250, 0, 0)
+        );
+        let media = |op: &'static str, body: &[u8]| {
+            let info = RequestInfo {
+                operation: op,
+                metered: true,
+                ..Default::default()
+            };
+            parse_split(&OpenAi, &info, "application/json", body, &[])
+                .usage
+                .expect("usage")
+        };
+        let image =
+            br#"{"data":[{"b64_json":"QUFB"}],"usage":{"input_tokens":50,"output_tokens":4160,
+            "input_tokens_details":{"text_tokens":10,"image_tokens":40},"total_tokens":4210}}"#;
+        let u = media("image", image);
+        assert_eq!((u.image_input_tokens, u.image_output_tokens), (40, 4160));
+        let split = br#"{"data":[],"usage":{"input_tokens":50,"output_tokens":4200,
+            "input_tokens_details":{"text_tokens":50,"image_tokens":0},
+            "output_tokens_details":{"image_tokens":4160,"text_tokens":40}}}"#;
+        assert_eq!(media("image", split).image_output_tokens, 4160);
+        let transcript =
+            br#"{"text":"hello","usage":{"type":"tokens","input_tokens":180,"output_tokens":12,
+            "total_tokens":192,"input_token_details":{"audio_tokens":170,"text_tokens":10}}}"#;
+        let u = media("audio", transcript);
+        assert_eq!(
+            (u.audio_input_tokens, u.image_output_tokens, u.output_tokens),
+            (170, 0, 12)
+        );
+        let odd = br#"{"usage":{"prompt_tokens":5,"completion_tokens":1,
+            "prompt_tokens_details":{"audio_tokens":900},"completion_tokens_details":{"audio_tokens":"x"}}}"#;
+        let u = parse("application/json", odd, &[]).usage.expect("usage");
+        assert_eq!((u.audio_input_tokens, u.audio_output_tokens), (5, 0));
     }
 
     /// An image's usage is read from the answer's end, wherever the
@@ -1645,6 +1779,10 @@ event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{
                 reasoning_tokens: 2,
                 cache_write_1h_input_tokens: 0,
                 web_searches: 0,
+                audio_input_tokens: 0,
+                image_input_tokens: 0,
+                audio_output_tokens: 0,
+                image_output_tokens: 0,
             })
         );
         assert_eq!(p.response_model.as_deref(), Some("gpt-4o-mini-2024-07-18"));
@@ -1758,6 +1896,10 @@ event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{
                 reasoning_tokens: 5,
                 cache_write_1h_input_tokens: 0,
                 web_searches: 0,
+                audio_input_tokens: 0,
+                image_input_tokens: 0,
+                audio_output_tokens: 0,
+                image_output_tokens: 0,
             }
         );
         let s = parse(

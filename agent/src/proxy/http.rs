@@ -162,6 +162,13 @@ const READ_ASIDE: usize = 1 << 20;
 /// and more.
 const DECODE_ASIDE: usize = 64 << 10;
 
+/// The most large bodies read at once: each may decode to
+/// `proxy.max_request_body` before the body budget is asked for it (its
+/// decoded size is not known before), so this bounds that overshoot near
+/// what it was when the one worker read them itself, in turn.
+const ASIDE_AT_ONCE: usize = 2;
+static ASIDE_SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(ASIDE_AT_ONCE);
+
 /// `read(…)` on a blocking thread when `big`, in place otherwise. A panic
 /// in `read` goes on in the caller, as it would have in place; `None` only
 /// when the runtime is shutting down and the thread never ran it.
@@ -172,6 +179,8 @@ async fn aside<T: Send + 'static>(
     if !big {
         return Some(read());
     }
+    // (Never closed.)
+    let _slot = ASIDE_SLOTS.acquire().await.ok();
     match tokio::task::spawn_blocking(read).await {
         Ok(t) => Some(t),
         Err(e) => match e.try_into_panic() {
