@@ -267,6 +267,16 @@ pub fn assert_row_matches(row: &Value, rep: &Reported) {
         rep.web_searches,
         "web searches{ctx}"
     );
+    assert_eq!(
+        u(row, "audio_input_tokens"),
+        rep.audio_input_tokens,
+        "audio input{ctx}"
+    );
+    assert_eq!(
+        u(row, "audio_output_tokens"),
+        rep.audio_output_tokens,
+        "audio output{ctx}"
+    );
     assert_eq!(row["streaming"], rep.stream, "streaming{ctx}");
     assert_eq!(row["estimated"], false, "estimated{ctx}");
     assert!(

@@ -297,6 +297,40 @@ assert n == 4, n
     assert_no_secret(&w, "FAKE-SEARCH-SECRET");
 }
 
+/// An audio chat model through the official SDK: spoken input and a
+/// spoken answer are recorded apart from the text, and priced at the
+/// model's audio rates (gpt-audio: 32 and 64 per million against 2.50 and
+/// 10 for text).
+#[test]
+#[ignore = "needs root, cgroup v2 and BPF"]
+fn audio_tokens_are_recorded_and_priced_at_their_own_rates() {
+    let w = World::start("audio", 57);
+    let client = w.client(&[]);
+    ok(
+        &client.python(
+            r#"
+import openai
+o = openai.OpenAI(api_key="sk-proj-SECRETAUDIO", max_retries=0)
+r = o.chat.completions.create(model="gpt-audio", max_tokens=8,
+    modalities=["text", "audio"], audio={"voice": "alloy", "format": "wav"},
+    messages=[{"role": "user", "content": [{"type": "text", "text": "what did I say"},
+        {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}}]}])
+assert r.choices[0].message.audio.transcript, r
+assert r.usage.prompt_tokens_details.audio_tokens == 50, r.usage
+assert r.usage.completion_tokens_details.audio_tokens == 6, r.usage
+"#,
+        ),
+        "python openai audio",
+    );
+    let rows = w.assert_ledger_matches_provider(1);
+    let r = &rows[0];
+    let n = |k: &str| r[k].as_f64().unwrap();
+    let want = ((n("input_tokens") - 50.0) * 2.5 + 50.0 * 32.0 + 2.0 * 10.0 + 6.0 * 64.0) / 1e6;
+    let got = r["cost_usd"].as_f64().expect("priced");
+    assert!((got - want).abs() < 1e-12, "{got} != {want}: {r}");
+    assert_no_secret(&w, "SECRETAUDIO");
+}
+
 #[test]
 #[ignore = "needs root, cgroup v2 and BPF"]
 fn an_anthropic_stream_ended_by_an_error_event_records_the_error_and_estimates_its_output() {

@@ -52,6 +52,9 @@ pub struct Reported {
     pub reasoning_tokens: u64,
     /// Web searches billed (the request asked for a search tool).
     pub web_searches: u64,
+    /// The audio parts of the input and output (an audio chat model).
+    pub audio_input_tokens: u64,
+    pub audio_output_tokens: u64,
     /// False when a stream was sent without usage.
     pub usage_sent: bool,
 }

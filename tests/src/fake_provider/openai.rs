@@ -138,7 +138,24 @@ pub(crate) async fn handle(call: Call) -> hyper::Response<Body> {
         .get("messages")
         .and_then(Value::as_array)
         .map_or(0, |a| a.len() as u64);
-    let pt = (text_words(v.get("messages").unwrap_or(&Value::Null)) + 3 * n_msgs).max(1);
+    // An audio chat model: each `input_audio` part is 50 audio tokens of
+    // the prompt, and with `modalities: ["text", "audio"]` three quarters
+    // of the answer is audio (its transcript the rest).
+    let audio_parts = v
+        .get("messages")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m.get("content").and_then(Value::as_array))
+        .flatten()
+        .filter(|p| p.get("type").and_then(Value::as_str) == Some("input_audio"))
+        .count() as u64;
+    let audio_in = 50 * audio_parts;
+    let speaks = v
+        .get("modalities")
+        .and_then(Value::as_array)
+        .is_some_and(|m| m.iter().any(|m| m.as_str() == Some("audio")));
+    let pt = (text_words(v.get("messages").unwrap_or(&Value::Null)) + 3 * n_msgs).max(1) + audio_in;
     let ct = v
         .get("max_tokens")
         .or_else(|| v.get("max_completion_tokens"))
@@ -166,14 +183,18 @@ pub(crate) async fn handle(call: Call) -> hyper::Response<Body> {
         })
         .unwrap_or("default")
         .to_string();
+    let audio_out = if speaks { ct - ct / 4 } else { 0 };
     let usage = json!({"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct,
-        "prompt_tokens_details": {"cached_tokens": 0}, "completion_tokens_details": {"reasoning_tokens": 0}});
+        "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": audio_in, "text_tokens": pt - audio_in},
+        "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": audio_out, "text_tokens": ct - audio_out}});
     call.record(Reported {
         api: "openai",
         model: model.clone(),
         stream,
         input_tokens: pt,
         output_tokens: ct,
+        audio_input_tokens: audio_in,
+        audio_output_tokens: audio_out,
         usage_sent: !stream || include_usage || mistral,
         ..Default::default()
     });
@@ -188,6 +209,11 @@ pub(crate) async fn handle(call: Call) -> hyper::Response<Body> {
         let mut body = json!({"id":"chatcmpl-fake","object":"chat.completion","created":1,"model":resp_model,
             "choices":[{"index":0,"message":{"role":"assistant","content":answer},"finish_reason":"stop"}],
             "usage": usage, "service_tier": service_tier});
+        if speaks {
+            body["choices"][0]["message"]["content"] = Value::Null;
+            body["choices"][0]["message"]["audio"] =
+                json!({"id":"audio_fake","data":"UklGRg==","expires_at":1,"transcript":answer});
+        }
         // Some OpenAI-compatible servers omit usage.
         if call.headers.contains_key("x-fake-no-usage") {
             body.as_object_mut().expect("object").remove("usage");
