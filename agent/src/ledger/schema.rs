@@ -13,7 +13,7 @@ use rusqlite::{Connection, Row, ToSql};
 use crate::meter::{Attribution, Usage, UsageRecord};
 
 /// The schema version this build writes (SQLite `user_version`).
-pub const SCHEMA_VERSION: i64 = 6;
+pub const SCHEMA_VERSION: i64 = 7;
 
 /// The oldest schema version whose builds may still read and write a file
 /// of this build's schema: every migration since only added columns with
@@ -86,11 +86,13 @@ CREATE TABLE tollgate_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
     r#"
 CREATE INDEX requests_batch_results ON requests (started_at_ms) WHERE operation = 'batch_results';
 "#,
-    // Web searches billed by the thousand beside the tokens, and the
-    // audio and image parts of the input and output, billed at their own
-    // rates.
+    // Web searches billed by the thousand beside the tokens.
     r#"
 ALTER TABLE requests ADD COLUMN web_searches INTEGER NOT NULL DEFAULT 0;
+"#,
+    // The audio and image parts of the input and output, billed at their
+    // own rates.
+    r#"
 ALTER TABLE requests ADD COLUMN audio_input_tokens INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE requests ADD COLUMN image_input_tokens INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE requests ADD COLUMN audio_output_tokens INTEGER NOT NULL DEFAULT 0;
@@ -274,10 +276,10 @@ const ADDED: &[(&str, i64, &str)] = &[
     ("cache_write_1h_input_tokens", 3, "0"),
     ("service_tier", 4, "NULL"),
     ("web_searches", 6, "0"),
-    ("audio_input_tokens", 6, "0"),
-    ("image_input_tokens", 6, "0"),
-    ("audio_output_tokens", 6, "0"),
-    ("image_output_tokens", 6, "0"),
+    ("audio_input_tokens", 7, "0"),
+    ("image_input_tokens", 7, "0"),
+    ("audio_output_tokens", 7, "0"),
+    ("image_output_tokens", 7, "0"),
 ];
 
 /// The select of a file at schema `version` (read-only opens cannot
@@ -517,6 +519,13 @@ mod tests {
             .query_row(&select_sql_for(5), [], |r| r.get(COLUMNS.len()))
             .expect("a version 5 file reads");
         assert_eq!(old, 0);
+        // Version 6 (web searches alone), as this build's predecessor left
+        // it, then the rest.
+        conn.execute_batch(MIGRATIONS[5]).expect("step 6");
+        conn.pragma_update(None, "user_version", 6)
+            .expect("version");
+        conn.query_row(&select_sql_for(6), [], |_| Ok(()))
+            .expect("a version 6 file reads");
         migrate(&mut conn).expect("migrates");
         let mut r = UsageRecord::default();
         r.usage.web_searches = 7;

@@ -440,10 +440,46 @@ pub struct Price {
     /// USD per 1,000 web searches, in every tier and batch alike.
     pub web_search: f64,
     /// The rates of audio input, image input, audio output and image
-    /// output tokens as multiples of the input or output rate in force
+    /// output tokens: multiples of the input or output rate in force
     /// (standard, a tier's, the long-context one, a batch's), so that
-    /// they follow those as cache reads do.
-    pub modal: [f64; 4],
+    /// they follow those as cache reads do; or, where the text rate is 0,
+    /// rates of their own.
+    pub modal: [ModalRate; 4],
+}
+
+/// One of [`Price::modal`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ModalRate {
+    /// This many times the text rate in force.
+    Times(f64),
+    /// USD per million tokens (the text rate is 0).
+    Usd(f64),
+}
+
+impl ModalRate {
+    /// `rate` (USD per million) of a model whose text rate is `text`.
+    fn of(rate: f64, text: f64) -> ModalRate {
+        if text > 0.0 {
+            ModalRate::Times(rate / text)
+        } else {
+            ModalRate::Usd(rate)
+        }
+    }
+
+    /// The rate beside a text rate `text` in force.
+    fn at(self, text: f64) -> f64 {
+        match self {
+            ModalRate::Times(k) => text * k,
+            ModalRate::Usd(r) => r,
+        }
+    }
+
+    fn times(self, f: f64) -> ModalRate {
+        match self {
+            ModalRate::Times(k) => ModalRate::Times(k),
+            ModalRate::Usd(r) => ModalRate::Usd(r * f),
+        }
+    }
 }
 
 /// The share Vertex AI adds to every rate of a Claude model released
@@ -531,7 +567,7 @@ impl Price {
             vertex_regional: self.vertex_regional,
             configured: self.configured,
             web_search: self.web_search,
-            modal: self.modal,
+            modal: self.modal.map(|m| m.times(f)),
         }
     }
 }
@@ -634,12 +670,12 @@ impl Price {
                 .unwrap_or_else(|| default_web_search(&m.provider, &m.model)),
             modal: {
                 let own = [
-                    m.audio_input.map(|r| ratio(r, m.input)),
-                    m.image_input.map(|r| ratio(r, m.input)),
-                    m.audio_output.map(|r| ratio(r, m.output)),
-                    m.image_output.map(|r| ratio(r, m.output)),
+                    m.audio_input.map(|r| ModalRate::of(r, m.input)),
+                    m.image_input.map(|r| ModalRate::of(r, m.input)),
+                    m.audio_output.map(|r| ModalRate::of(r, m.output)),
+                    m.image_output.map(|r| ModalRate::of(r, m.output)),
                 ];
-                let from = base.map_or([1.0; 4], |b| b.modal);
+                let from = base.map_or([ModalRate::Times(1.0); 4], |b| b.modal);
                 [0, 1, 2, 3].map(|i| own[i].unwrap_or(from[i]))
             },
         };
@@ -761,14 +797,14 @@ impl Price {
         let plain_out = rest_out - audio_out - image_out;
         let [m_audio_in, m_image_in, m_audio_out, m_image_out] = self.modal;
         (plain_in as f64 * r[0]
-            + audio_in as f64 * r[0] * m_audio_in
-            + image_in as f64 * r[0] * m_image_in
+            + audio_in as f64 * m_audio_in.at(r[0])
+            + image_in as f64 * m_image_in.at(r[0])
             + cached as f64 * r[1]
             + (write - write_1h) as f64 * r[2]
             + write_1h as f64 * r[3]
             + plain_out as f64 * r[4]
-            + audio_out as f64 * r[4] * m_audio_out
-            + image_out as f64 * r[4] * m_image_out
+            + audio_out as f64 * m_audio_out.at(r[4])
+            + image_out as f64 * m_image_out.at(r[4])
             + reasoning as f64 * r[5])
             / 1e6
     }
@@ -2567,6 +2603,34 @@ output = 15.0
         );
         let c = cost(&own, "gpt-audio", &u(1_000_000, 1_000_000, 0, 0, 0, 0));
         assert!(close(c, 20.0), "{c}");
+        // The first audio preview snapshot kept its launch price.
+        let c = cost(
+            &book,
+            "gpt-4o-audio-preview-2024-10-01",
+            &u(1_000_000, 1_000_000, 0, 0, 0, 0),
+        );
+        assert!(close(c, 100.0), "{c}");
+        let c = cost(
+            &book,
+            "gpt-4o-audio-preview-2024-12-17",
+            &u(1_000_000, 1_000_000, 0, 0, 0, 0),
+        );
+        assert!(close(c, 40.0), "{c}");
+        // A model whose text is free still pays its audio and image rates.
+        let free_text = book_of(
+            "[[models]]\nprovider = \"openai\"\nmodel = \"my-transcriber\"\ninput = 0\noutput = 0\naudio_input = 6\nimage_output = 40\n",
+        );
+        let x = u(1_000_000, 1_000_000, 0, 1_000_000, 0, 1_000_000);
+        assert!(close(cost(&free_text, "my-transcriber", &x), 46.0));
+        let p = free_text.price_at("openai", "my-transcriber", NOW).unwrap();
+        assert!(close(p.in_tier(Some(BATCH_TIER)).unwrap().cost(&x), 23.0));
+        // Summed with others (a batch), one request's audio is priced as
+        // its own: the parsers keep it beside the cache reads.
+        let cached_audio = crate::providers::openai::usage_from(&serde_json::json!({
+            "prompt_tokens": 1000, "completion_tokens": 0,
+            "prompt_tokens_details": {"cached_tokens": 1000, "audio_tokens": 1000}}))
+        .unwrap();
+        assert_eq!(cached_audio.audio_input_tokens, 0);
     }
 
     /// Web searches are billed by the thousand beside the tokens, at each
@@ -2819,7 +2883,7 @@ output = 15.0
             vertex_regional: 1.0,
             configured: false,
             web_search: 0.0,
-            modal: [1.0; 4],
+            modal: [ModalRate::Times(1.0); 4],
         })
     }
 

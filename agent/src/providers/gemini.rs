@@ -612,14 +612,41 @@ fn batch_results(method: &http::Method, path: &str) -> Option<super::BatchResult
     Some(super::BatchResults::new(id, format))
 }
 
-/// A GenerateContent response, as far as a batch result is read.
-#[derive(serde::Deserialize, Default)]
-#[serde(default, rename_all = "camelCase")]
+/// A GenerateContent response, as far as a batch result is read, member
+/// by member (a repeated member is read again, not an error).
+#[derive(Default)]
 struct WireBatchResponse {
     model_version: Option<Value>,
     usage_metadata: Option<Value>,
     /// The searches it was grounded in.
     candidates: GroundingQueries,
+}
+
+impl<'de> serde::Deserialize<'de> for WireBatchResponse {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = WireBatchResponse;
+            super::lenient_visits!(integers, arrays);
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                a: A,
+            ) -> Result<WireBatchResponse, A::Error> {
+                let mut r = WireBatchResponse::default();
+                super::visit_members(a, |k, a| {
+                    match k {
+                        "modelVersion" => r.model_version = a.next_value()?,
+                        "usageMetadata" => r.usage_metadata = a.next_value()?,
+                        "candidates" => r.candidates = a.next_value()?,
+                        _ => return Ok(false),
+                    }
+                    Ok(true)
+                })?;
+                Ok(r)
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// A batch result, inlined (`{"response": {…}, "metadata"}`) or a line of
@@ -799,19 +826,26 @@ pub fn usage_from(m: &Value) -> Option<Usage> {
         by_modality("promptTokensDetails", modality)
             .saturating_sub(by_modality("cacheTokensDetails", modality))
     };
+    let cached = f("cachedContentTokenCount").unwrap_or(0).min(input);
+    let fresh = input - cached;
+    let audio_in = uncached("AUDIO").min(fresh);
+    let spoken = output - thoughts.min(output);
+    let audio_out = by_modality("candidatesTokensDetails", "AUDIO").min(spoken);
     Some(Usage {
         input_tokens: input,
         output_tokens: output,
-        cached_input_tokens: f("cachedContentTokenCount").unwrap_or(0).min(input),
+        cached_input_tokens: cached,
         cache_write_input_tokens: 0,
         reasoning_tokens: thoughts,
         cache_write_1h_input_tokens: 0,
         web_searches: 0,
-        // Beside the cache reads, which the prompt's counts include.
-        audio_input_tokens: uncached("AUDIO").min(input),
-        image_input_tokens: uncached("IMAGE").min(input),
-        audio_output_tokens: by_modality("candidatesTokensDetails", "AUDIO").min(output),
-        image_output_tokens: by_modality("candidatesTokensDetails", "IMAGE").min(output),
+        // Beside the cache reads, which the prompt's counts include, and
+        // beside the thoughts.
+        audio_input_tokens: audio_in,
+        image_input_tokens: uncached("IMAGE").min(fresh - audio_in),
+        audio_output_tokens: audio_out,
+        image_output_tokens: by_modality("candidatesTokensDetails", "IMAGE")
+            .min(spoken - audio_out),
     })
 }
 
@@ -1828,6 +1862,9 @@ mod tests {
         let old = String::from_utf8_lossy(line).replace("gemini-3-pro-preview", "gemini-2.5-flash");
         let l = batch_result_line(old.as_bytes()).expect("billed");
         assert_eq!(l.usage.web_searches, 1);
+        let twice = br#"{"key":"a","response":{"candidates":[],"candidates":[{"groundingMetadata":{"webSearchQueries":["q"]}}],"modelVersion":"gemini-2.5-flash","usageMetadata":{"promptTokenCount":10,"candidatesTokenCount":5}}}"#;
+        let l = batch_result_line(twice).expect("a repeated member is no error");
+        assert_eq!((l.usage.input_tokens, l.usage.web_searches), (10, 1));
         assert!(bills_each_query("publishers/google/models/gemini-3-flash"));
         assert!(!bills_each_query("gemini-1.5-pro"));
         assert!(!bills_each_query("gemma-3-27b-it"));

@@ -669,19 +669,27 @@ impl WireUsage {
             reasoning = total - input.saturating_add(output);
             output = output.saturating_add(reasoning);
         }
+        let (cached, written) = (cached.min(input), written.min(input - cached.min(input)));
+        let fresh = input - cached - written;
+        let audio_in = of_input(|d| d.audio_tokens).min(fresh);
+        let spoken = output - reasoning.min(output);
+        let audio_out = of_output(|d| d.audio_tokens).min(spoken);
         Some(Usage {
             input_tokens: input,
             output_tokens: output,
-            cached_input_tokens: cached.min(input),
+            cached_input_tokens: cached,
             // Part of the input, as cache reads are.
-            cache_write_input_tokens: written.min(input - cached.min(input)),
+            cache_write_input_tokens: written,
             reasoning_tokens: reasoning.min(output),
             cache_write_1h_input_tokens: 0,
             web_searches: 0,
-            audio_input_tokens: of_input(|d| d.audio_tokens).min(input),
-            image_input_tokens: of_input(|d| d.image_tokens).min(input),
-            audio_output_tokens: of_output(|d| d.audio_tokens).min(output),
-            image_output_tokens: of_output(|d| d.image_tokens).min(output),
+            // Within the input beside its cache reads and writes (the
+            // cached share of the audio is not split out: it is priced as
+            // cache reads), and within the output beside its reasoning.
+            audio_input_tokens: audio_in,
+            image_input_tokens: of_input(|d| d.image_tokens).min(fresh - audio_in),
+            audio_output_tokens: audio_out,
+            image_output_tokens: of_output(|d| d.image_tokens).min(spoken - audio_out),
         })
     }
 }

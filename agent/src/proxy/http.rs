@@ -180,7 +180,13 @@ async fn aside<T: Send + 'static>(
         return Some(read());
     }
     // (Never closed.)
-    let _slot = ASIDE_SLOTS.acquire().await.ok();
+    // The read holds its slot to its end: a caller that goes away (the
+    // client hung up) does not stop it.
+    let slot = ASIDE_SLOTS.acquire().await.ok();
+    let read = move || {
+        let _slot = slot;
+        read()
+    };
     match tokio::task::spawn_blocking(read).await {
         Ok(t) => Some(t),
         Err(e) => match e.try_into_panic() {
@@ -2368,6 +2374,48 @@ mod tests {
             let there = aside(true, move || std::thread::current().id()).await;
             assert_ne!(there, Some(worker));
         });
+    }
+
+    /// At most [`ASIDE_AT_ONCE`] large reads run at once, also when their
+    /// callers went away (a client that hung up) while they ran.
+    #[test]
+    fn large_reads_run_a_few_at_once_even_when_their_callers_left() {
+        use std::sync::atomic::AtomicUsize;
+        static NOW: AtomicUsize = AtomicUsize::new(0);
+        static PEAK: AtomicUsize = AtomicUsize::new(0);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let reads: Vec<_> = (0..6)
+                .map(|_| {
+                    tokio::spawn(aside(true, || {
+                        let n = NOW.fetch_add(1, Ordering::SeqCst) + 1;
+                        PEAK.fetch_max(n, Ordering::SeqCst);
+                        std::thread::sleep(Duration::from_millis(200));
+                        NOW.fetch_sub(1, Ordering::SeqCst);
+                    }))
+                })
+                .collect();
+            // The callers of the first reads (slots are granted in turn)
+            // leave once those have begun; the others wait on.
+            while NOW.load(Ordering::SeqCst) < ASIDE_AT_ONCE {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let mut reads = reads.into_iter();
+            for r in reads.by_ref().take(ASIDE_AT_ONCE) {
+                r.abort();
+            }
+            for r in reads {
+                r.await.expect("a read that waited ran");
+            }
+            while NOW.load(Ordering::SeqCst) > 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
+        let peak = PEAK.load(Ordering::SeqCst);
+        assert_eq!(peak, ASIDE_AT_ONCE, "{peak} at once");
     }
 
     /// A read that panics on its thread panics in the caller, as it would
