@@ -455,6 +455,16 @@ pub(crate) fn version_2_with_one_row(conn: &Connection) {
 mod tests {
     use super::*;
 
+    /// Every row of the file, read back.
+    fn all_rows(conn: &Connection) -> Vec<UsageRecord> {
+        conn.prepare(&select_sql())
+            .expect("select")
+            .query_map([], from_row)
+            .expect("query")
+            .collect::<Result<_, _>>()
+            .expect("rows")
+    }
+
     #[test]
     fn columns_match_the_table() {
         let mut conn = Connection::open_in_memory().expect("memory db");
@@ -486,13 +496,7 @@ mod tests {
             .expect("v3 value");
         assert_eq!(oldest_compatible(&conn).expect("no meta yet"), None);
         migrate(&mut conn).expect("migrates");
-        let rows: Vec<UsageRecord> = conn
-            .prepare(&select_sql())
-            .expect("select")
-            .query_map([], from_row)
-            .expect("query")
-            .collect::<Result<_, _>>()
-            .expect("rows");
+        let rows: Vec<UsageRecord> = all_rows(&conn);
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].usage.cache_write_1h_input_tokens, 30);
         assert_eq!(rows[0].service_tier, None);
@@ -534,13 +538,7 @@ mod tests {
         r.usage.audio_output_tokens = 13;
         r.usage.image_output_tokens = 14;
         bind(&r, |v| conn.execute(&insert_sql(), v)).expect("insert");
-        let rows: Vec<UsageRecord> = conn
-            .prepare(&select_sql())
-            .expect("select")
-            .query_map([], from_row)
-            .expect("query")
-            .collect::<Result<_, _>>()
-            .expect("rows");
+        let rows: Vec<UsageRecord> = all_rows(&conn);
         let searches: Vec<u64> = rows.iter().map(|r| r.usage.web_searches).collect();
         assert_eq!(searches, [0, 7]);
         assert_eq!(rows[1].usage, r.usage, "every count read back");
@@ -551,12 +549,7 @@ mod tests {
         let mut conn = Connection::open_in_memory().expect("memory db");
         version_2_with_one_row(&conn);
         migrate(&mut conn).expect("migrates");
-        let mut stmt = conn.prepare(&select_sql()).expect("select");
-        let rows: Vec<UsageRecord> = stmt
-            .query_map([], from_row)
-            .expect("query")
-            .collect::<Result<_, _>>()
-            .expect("rows");
+        let rows = all_rows(&conn);
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].usage.cache_write_input_tokens, 40);
         assert_eq!(rows[0].usage.cache_write_1h_input_tokens, 0);

@@ -2565,24 +2565,17 @@ output = 15.0
         let c = cost(&book, "gpt-audio", &u(1_000_000, 5_000_000, 0, 0, 0, 0));
         assert!(close(c, 32.0), "{c}");
         // Gemini: audio input, and image output.
-        let c = book
-            .cost(
-                "gemini",
-                "gemini-2.5-flash",
-                NOW,
-                &u(1_000_000, 1_000_000, 0, 0, 0, 0),
-            )
-            .unwrap();
-        assert!(close(c, 1.0), "{c}");
-        let c = book
-            .cost(
-                "gemini",
+        for (model, x, want) in [
+            ("gemini-2.5-flash", u(1_000_000, 1_000_000, 0, 0, 0, 0), 1.0),
+            (
                 "gemini-2.5-flash-image",
-                NOW,
-                &u(0, 0, 0, 1_290, 0, 1_290),
-            )
-            .unwrap();
-        assert!(close(c, 1290.0 * 30.0 / 1e6), "{c}");
+                u(0, 0, 0, 1_290, 0, 1_290),
+                1290.0 * 30.0 / 1e6,
+            ),
+        ] {
+            let c = book.cost("gemini", model, NOW, &x).unwrap();
+            assert!(close(c, want), "{model}: {c}");
+        }
         // A batch halves them with the rest.
         let p = book.price_at("openai", "gpt-audio", NOW).unwrap();
         let x = u(1_000_000, 400_000, 0, 1_000_000, 300_000, 0);
