@@ -353,16 +353,7 @@ impl Instruments {
                             sc::with(&attrs, KeyValue::new(sc::GEN_AI_TOKEN_MODALITY, m))
                         };
                         let m = modality("unknown");
-                        let (audio_in, image_in) = (
-                            u.audio_input_tokens.min(u.input_tokens),
-                            u.image_input_tokens
-                                .min(u.input_tokens.saturating_sub(u.audio_input_tokens)),
-                        );
-                        let (audio_out, image_out) = (
-                            u.audio_output_tokens.min(u.output_tokens),
-                            u.image_output_tokens
-                                .min(u.output_tokens.saturating_sub(u.audio_output_tokens)),
-                        );
+                        let [audio_in, image_in, audio_out, image_out] = u.media();
                         usage_input.add(u.input_tokens - audio_in - image_in, &m);
                         usage_output.add(u.output_tokens - audio_out - image_out, &m);
                         for (counter, n, kind) in [

@@ -786,15 +786,10 @@ impl Price {
         let cached = u.cached_input_tokens.min(u.input_tokens);
         let write = u.cache_write_input_tokens.min(u.input_tokens - cached);
         let write_1h = u.cache_write_1h_input_tokens.min(write);
-        let rest_in = u.input_tokens - cached - write;
-        let audio_in = u.audio_input_tokens.min(rest_in);
-        let image_in = u.image_input_tokens.min(rest_in - audio_in);
-        let plain_in = rest_in - audio_in - image_in;
+        let [audio_in, image_in, audio_out, image_out] = u.media();
+        let plain_in = u.input_tokens - cached - write - audio_in - image_in;
         let reasoning = u.reasoning_tokens.min(u.output_tokens);
-        let rest_out = u.output_tokens - reasoning;
-        let audio_out = u.audio_output_tokens.min(rest_out);
-        let image_out = u.image_output_tokens.min(rest_out - audio_out);
-        let plain_out = rest_out - audio_out - image_out;
+        let plain_out = u.output_tokens - reasoning - audio_out - image_out;
         let [m_audio_in, m_image_in, m_audio_out, m_image_out] = self.modal;
         (plain_in as f64 * r[0]
             + audio_in as f64 * m_audio_in.at(r[0])

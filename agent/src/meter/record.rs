@@ -45,6 +45,25 @@ pub struct Usage {
 }
 
 impl Usage {
+    /// The audio and image parts, `[audio input, image input, audio
+    /// output, image output]`, each within what is left of the input
+    /// beside its cache reads and writes, and of the output beside its
+    /// reasoning, in that order: an inconsistent count never makes the
+    /// parts more than their whole.
+    pub fn media(&self) -> [u64; 4] {
+        let cached = self.cached_input_tokens.min(self.input_tokens);
+        let write = self
+            .cache_write_input_tokens
+            .min(self.input_tokens - cached);
+        let rest_in = self.input_tokens - cached - write;
+        let audio_in = self.audio_input_tokens.min(rest_in);
+        let image_in = self.image_input_tokens.min(rest_in - audio_in);
+        let rest_out = self.output_tokens - self.reasoning_tokens.min(self.output_tokens);
+        let audio_out = self.audio_output_tokens.min(rest_out);
+        let image_out = self.image_output_tokens.min(rest_out - audio_out);
+        [audio_in, image_in, audio_out, image_out]
+    }
+
     /// Each count of `self` and `other` combined by `f`, field by field.
     pub fn zip_with(&self, other: &Usage, f: impl Fn(u64, u64) -> u64) -> Usage {
         Usage {

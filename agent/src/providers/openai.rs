@@ -489,12 +489,18 @@ fn billed_search(kind: Option<&str>, action: Option<&str>, status: Option<&str>)
         && status != Some("failed")
 }
 
-/// The billed web searches of a Responses object (see [`billed_search`]).
-fn web_searches_in(response: &Value) -> u64 {
-    let items = response.get("output").and_then(Value::as_array);
-    items.into_iter().flatten().fold(0, |n, item| {
-        let s = |p: &str| item.pointer(p).and_then(Value::as_str);
-        n + u64::from(billed_search(s("/type"), s("/action/type"), s("/status")))
+/// The usage of a Responses object already built as a `Value` (a
+/// stream's `response.completed`, an answer the fast read could not take),
+/// with its billed web searches (read by [`WebSearchCalls`]).
+fn response_usage(response: &Value, thoughts_beside: bool) -> Option<Usage> {
+    let usage = usage_from_for(response.get("usage")?, thoughts_beside)?;
+    let searches = response
+        .get("output")
+        .and_then(|o| <WebSearchCalls as serde::Deserialize>::deserialize(o).ok())
+        .unwrap_or_default();
+    Some(Usage {
+        web_searches: searches.0,
+        ..usage
     })
 }
 
@@ -964,13 +970,7 @@ impl UsageParser for JsonParser {
         }
         let (response_id, response_status) = id_and_status(&v);
         ParsedUsage {
-            usage: v
-                .get("usage")
-                .and_then(|u| usage_from_for(u, self.1))
-                .map(|u| Usage {
-                    web_searches: web_searches_in(&v),
-                    ..u
-                }),
+            usage: response_usage(&v, self.1),
             response_model: str_at(&v, &["model"]),
             output_text: text,
             service_tier: tier_of(&v),
@@ -1246,12 +1246,7 @@ impl StreamParser {
             let (model, usage, tier) = match &ev.response {
                 Some(r) if r.is_object() => (
                     r.get("model"),
-                    r.get("usage")
-                        .and_then(|u| usage_from_for(u, thoughts_beside))
-                        .map(|u| Usage {
-                            web_searches: web_searches_in(r),
-                            ..u
-                        }),
+                    response_usage(r, thoughts_beside),
                     tier_of(r),
                 ),
                 _ => (
@@ -1313,14 +1308,8 @@ impl StreamParser {
         {
             found.response_model = Some(m);
         }
-        if let Some(u) = obj
-            .get("usage")
-            .and_then(|u| usage_from_for(u, thoughts_beside))
-        {
-            found.usage = Some(Usage {
-                web_searches: web_searches_in(obj),
-                ..u
-            });
+        if let Some(u) = response_usage(obj, thoughts_beside) {
+            found.usage = Some(u);
         }
         false
     }

@@ -179,9 +179,8 @@ async fn aside<T: Send + 'static>(
     if !big {
         return Some(read());
     }
-    // (Never closed.)
     // The read holds its slot to its end: a caller that goes away (the
-    // client hung up) does not stop it.
+    // client hung up) does not stop it. (The semaphore is never closed.)
     let slot = ASIDE_SLOTS.acquire().await.ok();
     let read = move || {
         let _slot = slot;
