@@ -122,6 +122,25 @@ pub struct Point {
 pub struct Received {
     pub headers: Vec<(String, String)>,
     pub request: ExportMetricsServiceRequest,
+    /// DER of the certificate the exporter showed, over mutual TLS.
+    pub client_cert: Option<Vec<u8>>,
+}
+
+/// What a TLS connection's handshake told the receiver: the client's
+/// certificate (DER), when it showed one.
+#[derive(Debug, Clone, Default)]
+pub struct ClientCert(pub Option<Vec<u8>>);
+
+impl ClientCert {
+    fn of<IO>(tls: &tokio_rustls::server::TlsStream<IO>) -> ClientCert {
+        ClientCert(
+            tls.get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(|c| c.to_vec()),
+        )
+    }
 }
 
 /// One span as received, with its resource.
@@ -215,9 +234,14 @@ impl MetricsService for GrpcService {
                 )
             })
             .collect();
+        let client_cert = request
+            .extensions()
+            .get::<ClientCert>()
+            .and_then(|c| c.0.clone());
         self.0.push(Received {
             headers,
             request: request.into_inner(),
+            client_cert,
         });
         Ok(tonic::Response::new(ExportMetricsServiceResponse {
             partial_success: None,
@@ -254,14 +278,14 @@ impl OtlpReceiver {
             .await
             .expect("bind the gRPC receiver on 127.0.0.1:0");
         let addr = listener.local_addr().expect("receiver address");
-        serve_grpc(tokio_stream_from(listener), addr, false)
+        serve_grpc(tokio_stream_from(listener), addr, false, None)
     }
 
     /// [`OtlpReceiver::grpc`] over TLS (HTTP/2 by ALPN), its certificate
     /// for 127.0.0.1 signed by `pki`'s CA: a collector the exporter
     /// trusts only through the host's store (`SSL_CERT_FILE`).
     pub async fn grpc_tls(pki: &crate::pki::TestPki) -> OtlpReceiver {
-        OtlpReceiver::grpc_over(tls_acceptor(pki, None, &[b"h2"])).await
+        OtlpReceiver::grpc_over(tls_acceptor(pki, None, &[b"h2"]), None).await
     }
 
     /// [`OtlpReceiver::grpc_tls`] that asks for a client certificate
@@ -270,10 +294,21 @@ impl OtlpReceiver {
         pki: &crate::pki::TestPki,
         client_ca: &crate::pki::TestPki,
     ) -> OtlpReceiver {
-        OtlpReceiver::grpc_over(tls_acceptor(pki, Some(client_ca), &[b"h2"])).await
+        OtlpReceiver::grpc_over(tls_acceptor(pki, Some(client_ca), &[b"h2"]), None).await
     }
 
-    async fn grpc_over(acceptor: tokio_rustls::TlsAcceptor) -> OtlpReceiver {
+    /// [`OtlpReceiver::grpc_mtls`] that ends each connection after `age`
+    /// (gRPC's `max_connection_age`, as load balancers do), so that the
+    /// exporter shakes hands again with the certificate it has then.
+    pub async fn grpc_mtls_reconnecting(
+        pki: &crate::pki::TestPki,
+        client_ca: &crate::pki::TestPki,
+        age: Duration,
+    ) -> OtlpReceiver {
+        OtlpReceiver::grpc_over(tls_acceptor(pki, Some(client_ca), &[b"h2"]), Some(age)).await
+    }
+
+    async fn grpc_over(acceptor: tokio_rustls::TlsAcceptor, age: Option<Duration>) -> OtlpReceiver {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind the gRPC receiver on 127.0.0.1:0");
@@ -292,7 +327,7 @@ impl OtlpReceiver {
                     }
                 }
             });
-        serve_grpc(incoming, addr, true)
+        serve_grpc(incoming, addr, true, age)
     }
 
     /// [`OtlpReceiver::http`] over TLS, asking for a client certificate
@@ -337,10 +372,12 @@ impl OtlpReceiver {
                 let st = st.clone();
                 let acceptor = acceptor.clone();
                 tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req| {
-                        let st = st.clone();
-                        async move { Ok::<_, Infallible>(http_export(&st, req).await) }
-                    });
+                    let svc = |cert: ClientCert| {
+                        hyper::service::service_fn(move |req| {
+                            let (st, cert) = (st.clone(), cert.0.clone());
+                            async move { Ok::<_, Infallible>(http_export(&st, req, cert).await) }
+                        })
+                    };
                     let builder = hyper_util::server::conn::auto::Builder::new(
                         hyper_util::rt::TokioExecutor::new(),
                     );
@@ -348,6 +385,7 @@ impl OtlpReceiver {
                         // A failed handshake is dropped: nothing arrives.
                         Some(a) => {
                             if let Ok(tls) = a.accept(stream).await {
+                                let svc = svc(ClientCert::of(&tls));
                                 let _ = builder
                                     .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
                                     .await;
@@ -355,7 +393,10 @@ impl OtlpReceiver {
                         }
                         None => {
                             let _ = builder
-                                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                                .serve_connection(
+                                    hyper_util::rt::TokioIo::new(stream),
+                                    svc(ClientCert::default()),
+                                )
                                 .await;
                         }
                     }
@@ -486,7 +527,12 @@ impl OtlpReceiver {
 
 /// The gRPC `MetricsService` and `TraceService` on the connections of
 /// `incoming` (at `addr`), until the receiver is dropped.
-fn serve_grpc<I, IO>(incoming: I, addr: SocketAddr, tls: bool) -> OtlpReceiver
+fn serve_grpc<I, IO>(
+    incoming: I,
+    addr: SocketAddr,
+    tls: bool,
+    age: Option<Duration>,
+) -> OtlpReceiver
 where
     I: futures_util::Stream<Item = std::io::Result<IO>> + Send + 'static,
     IO: tokio::io::AsyncRead
@@ -508,7 +554,11 @@ where
         .accept_compressed(Gzip)
         .accept_compressed(Zstd);
     tokio::spawn(async move {
-        let _ = tonic::transport::Server::builder()
+        let mut server = tonic::transport::Server::builder();
+        if let Some(age) = age {
+            server = server.max_connection_age(age);
+        }
+        let _ = server
             .add_service(svc)
             .add_service(traces)
             .serve_with_incoming_shutdown(incoming, async {
@@ -571,8 +621,10 @@ fn tls_acceptor(
 struct Tls(tokio_rustls::server::TlsStream<tokio::net::TcpStream>);
 
 impl tonic::transport::server::Connected for Tls {
-    type ConnectInfo = ();
-    fn connect_info(&self) -> Self::ConnectInfo {}
+    type ConnectInfo = ClientCert;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        ClientCert::of(&self.0)
+    }
 }
 
 impl tokio::io::AsyncRead for Tls {
@@ -616,7 +668,11 @@ fn tokio_stream_from(
     })
 }
 
-async fn http_export(store: &Store, req: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+async fn http_export(
+    store: &Store,
+    req: Request<hyper::body::Incoming>,
+    client_cert: Option<Vec<u8>>,
+) -> Response<Full<Bytes>> {
     let reply = |status: StatusCode, body: &'static str| {
         Response::builder()
             .status(status)
@@ -715,7 +771,11 @@ async fn http_export(store: &Store, req: Request<hyper::body::Incoming>) -> Resp
             );
         }
     };
-    store.push(Received { headers, request });
+    store.push(Received {
+        headers,
+        request,
+        client_cert,
+    });
     let resp = ExportMetricsServiceResponse {
         partial_success: None,
     };

@@ -377,6 +377,101 @@ fn otlp_grpc_over_mutual_tls_with_zstd_from_the_config() {
     );
 }
 
+/// DER of the first certificate in `pem`.
+fn der(pem: &str) -> Vec<u8> {
+    rustls_pemfile::certs(&mut pem.as_bytes())
+        .next()
+        .expect("a certificate")
+        .expect("PEM")
+        .to_vec()
+}
+
+/// Writes `body` to `path` as certificate issuers do: a new file renamed
+/// over the old one.
+fn renew(path: &str, body: &str) {
+    let tmp = format!("{path}.tmp");
+    std::fs::write(&tmp, body).expect("write");
+    std::fs::rename(&tmp, path).expect("rename");
+}
+
+/// A client certificate renewed on disk while the agent runs (as
+/// cert-manager, step or Vault renew one) is the one the collector sees at
+/// the next handshake, with no restart; a renewal that leaves a broken
+/// file is logged, and exports go on with the last good pair. The
+/// collector ends each connection after a second (gRPC's
+/// `max_connection_age`), so that the exporter shakes hands again.
+#[test]
+#[ignore = "needs root, cgroup v2 and BPF"]
+fn a_renewed_client_certificate_reaches_the_collector_without_a_restart() {
+    let rt = runtime();
+    let server_ca = tollgate_e2e::pki::TestPki::new();
+    let client_ca = tollgate_e2e::pki::TestPki::new();
+    let (cert, key) = client_identity(&client_ca);
+    let first = der(&std::fs::read_to_string(&cert).expect("read"));
+    let receiver = rt.block_on(OtlpReceiver::grpc_mtls_reconnecting(
+        &server_ca,
+        &client_ca,
+        std::time::Duration::from_secs(1),
+    ));
+    let toml = format!(
+        "[export.otlp]\nendpoint = {:?}\nprotocol = \"grpc\"\ninterval_secs = 1\ntimeout_secs = 5\nca_file = {:?}\nclient_cert = {cert:?}\nclient_key = {key:?}\n",
+        receiver.endpoint(),
+        server_ca.ca_path().display().to_string(),
+    );
+    let mut w = World::start_with("otlprenew", 58, toml);
+    let shown = |r: &[tollgate_e2e::otlp_receiver::Received], c: &[u8]| {
+        r.iter().any(|r| r.client_cert.as_deref() == Some(c))
+    };
+    let wait = std::time::Duration::from_secs(60);
+    assert!(
+        rt.block_on(receiver.wait_until(wait, |r| shown(r, &first))),
+        "no export with the first certificate:\n{}",
+        w.agent.log()
+    );
+
+    // Renewed with a new key: the key first, then the certificate.
+    let renewed = client_ca.leaf("tollgate-agent-renewed");
+    renew(&key, &renewed.key_pem);
+    renew(&cert, &renewed.cert_pem);
+    let second = der(&renewed.cert_pem);
+    assert!(
+        rt.block_on(receiver.wait_until(wait, |r| shown(r, &second))),
+        "no export with the renewed certificate:\n{}",
+        w.agent.log()
+    );
+
+    // A renewal that breaks off half-way: the renewed pair goes on.
+    let half = &renewed.cert_pem[..renewed.cert_pem.len() / 2];
+    std::fs::write(&cert, half).expect("write");
+    let before = receiver.received().len();
+    assert!(
+        rt.block_on(receiver.wait_until(wait, |r| r.len() >= before + 3)),
+        "exports stopped after a broken renewal:\n{}",
+        w.agent.log()
+    );
+    let after = receiver.received();
+    assert!(
+        after[before..]
+            .iter()
+            .all(|r| r.client_cert.as_deref() == Some(second.as_slice())),
+        "an export after the broken renewal showed another certificate"
+    );
+    let status = w.agent.terminate().expect("running");
+    assert!(status.success(), "agent exit: {status}\n{}", w.agent.log());
+    let log = w.agent.log();
+    assert!(
+        log.contains("client certificate changed on disk and was loaded again"),
+        "{log}"
+    );
+    assert!(
+        log.contains("client certificate changed on disk but cannot be used"),
+        "{log}"
+    );
+    assert!(!log.contains("PRIVATE KEY-----"), "key material in the log");
+    drop(w);
+    drop(rt);
+}
+
 #[test]
 #[ignore = "needs root, cgroup v2 and BPF"]
 fn unreachable_collector_loses_no_ledger_row() {

@@ -4,7 +4,8 @@
 //!
 //! Owns: `[export]` (`config`), the names and attributes of what is
 //! exported (`semconv`), the instruments (`metrics`), the spans (`spans`),
-//! the OTLP pipeline (`otlp`), the queues and workers between the request
+//! the OTLP pipeline (`otlp`) and its TLS to the collector, files
+//! reloaded when renewed (`tls`), the queues and workers between the request
 //! path and all of these (`pipeline`), and the audit log (`audit`).
 //!
 //! Must never: let exporter I/O slow a request. The request path calls
@@ -25,6 +26,7 @@ pub mod semconv;
 mod spans;
 #[cfg(test)]
 mod tests;
+mod tls;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -50,7 +52,7 @@ pub(crate) fn check_tls_files(r: &ResolvedOtlp) -> Result<(), String> {
     if !otlp::is_https(&r.endpoint) {
         return Ok(());
     }
-    otlp::tls_material(r).map(|_| ()).map_err(|e| e.to_string())
+    tls::check_files(r).map_err(|e| e.to_string())
 }
 pub use config::{
     AuditLogConfig, ExportConfig, Headers, OtlpConfig, OtlpProtocol, OtlpTemporality, ResolvedOtlp,

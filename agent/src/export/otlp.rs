@@ -20,7 +20,7 @@ use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider, Temporality};
 use opentelemetry_sdk::trace::SdkTracerProvider;
 
-use super::config::{OtlpCompression, OtlpProtocol, OtlpTemporality, ResolvedOtlp, TlsFile};
+use super::config::{OtlpCompression, OtlpProtocol, OtlpTemporality, ResolvedOtlp};
 use super::{ExportError, ResourceInfo, semconv as sc};
 
 /// The resource every metric and span carries.
@@ -153,67 +153,6 @@ impl HttpClient for HeaderClient {
     }
 }
 
-/// The PEM files of `[export.otlp]`'s TLS settings, read and checked at
-/// start: a file that cannot be read, holds no certificate, or a key that
-/// is not the certificate's, stops the agent with the file's key or
-/// variable named, instead of failing every export's handshake later.
-#[derive(Default)]
-pub(super) struct TlsMaterial {
-    /// PEM of the CAs to trust instead of the host's store.
-    pub(super) ca: Option<Vec<u8>>,
-    /// PEM of the client certificate chain, and of its key.
-    pub(super) identity: Option<(Vec<u8>, Vec<u8>)>,
-}
-
-pub(super) fn tls_material(r: &ResolvedOtlp) -> Result<TlsMaterial, ExportError> {
-    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-    let err = |f: &TlsFile, message: String| ExportError::TlsFile {
-        key: f.source.clone(),
-        message: format!("`{}`: {message}", f.path.display()),
-    };
-    let read = |f: &TlsFile| std::fs::read(&f.path).map_err(|e| err(f, e.to_string()));
-    let certs = |f: &TlsFile, pem: &[u8]| -> Result<Vec<CertificateDer<'static>>, ExportError> {
-        let certs = rustls_pemfile::certs(&mut &pem[..])
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| err(f, format!("bad PEM: {e}")))?;
-        if certs.is_empty() {
-            return Err(err(f, "no CERTIFICATE block found".into()));
-        }
-        Ok(certs)
-    };
-    let mut out = TlsMaterial::default();
-    if let Some(f) = &r.tls.ca_file {
-        let pem = read(f)?;
-        let mut roots = rustls::RootCertStore::empty();
-        for c in certs(f, &pem)? {
-            roots
-                .add(c)
-                .map_err(|e| err(f, format!("not a usable CA certificate: {e}")))?;
-        }
-        out.ca = Some(pem);
-    }
-    if let Some((cf, kf)) = &r.tls.identity {
-        let (cert_pem, key_pem) = (read(cf)?, read(kf)?);
-        let chain = certs(cf, &cert_pem)?;
-        let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut &key_pem[..])
-            .map_err(|e| err(kf, format!("bad PEM: {e}")))?
-            .ok_or_else(|| err(kf, "no PRIVATE KEY block found".into()))?;
-        rustls::sign::CertifiedKey::from_der(
-            chain,
-            key,
-            &rustls::crypto::aws_lc_rs::default_provider(),
-        )
-        .map_err(|e| {
-            err(
-                kf,
-                format!("not a usable key for {}: {e}", cf.path.display()),
-            )
-        })?;
-        out.identity = Some((cert_pem, key_pem));
-    }
-    Ok(out)
-}
-
 fn http_client(r: &ResolvedOtlp) -> Result<HeaderClient, ExportError> {
     let mut headers = http::HeaderMap::new();
     for (k, v) in &r.headers {
@@ -230,11 +169,12 @@ fn http_client(r: &ResolvedOtlp) -> Result<HeaderClient, ExportError> {
     }
     let timeout = r.timeout;
     // An http:// collector takes no TLS files (the start-up log says they
-    // are not used): they are not read either.
+    // are not used): they are not read either. reqwest offers h2 and
+    // HTTP/1.1 by ALPN, as it does with its own TLS.
     let tls = if is_https(&r.endpoint) {
-        tls_material(r)?
+        Some(super::tls::client_config(r, &[b"h2", b"http/1.1"])?)
     } else {
-        TlsMaterial::default()
+        None
     };
     // Built on a thread of its own: reqwest's blocking client may not be
     // created inside an async runtime.
@@ -244,15 +184,8 @@ fn http_client(r: &ResolvedOtlp) -> Result<HeaderClient, ExportError> {
             let mut b = reqwest::blocking::Client::builder()
                 .timeout(timeout)
                 .connect_timeout(timeout);
-            if let Some(ca) = &tls.ca {
-                b = b.tls_certs_only(reqwest::Certificate::from_pem_bundle(ca)?);
-            }
-            if let Some((cert, key)) = &tls.identity {
-                // reqwest takes one PEM holding both.
-                let mut pem = key.clone();
-                pem.push(b'\n');
-                pem.extend_from_slice(cert);
-                b = b.identity(reqwest::Identity::from_pem(&pem)?);
+            if let Some(tls) = tls {
+                b = b.tls_backend_preconfigured(tls);
             }
             b.build()
         })
@@ -271,26 +204,21 @@ fn http_client(r: &ResolvedOtlp) -> Result<HeaderClient, ExportError> {
     })
 }
 
-/// A gRPC exporter to an `https://` collector trusts the host's CA store
-/// (`SSL_CERT_FILE` and `SSL_CERT_DIR` too), or only `ca_file` when one is
-/// set, and shows the client certificate when one is set: tonic's own TLS
-/// default trusts nothing, so every export to a TLS collector failed its
-/// handshake. OTLP/HTTP's client has the host's store already.
+/// A gRPC exporter to an `https://` collector connects through
+/// [`super::tls::grpc_channel`]: the host's CA store (`SSL_CERT_FILE` and
+/// `SSL_CERT_DIR` too) or only `ca_file` when one is set, and the client
+/// certificate when one is set, each read again when it changes on disk
+/// (tonic's own TLS takes them once).
 fn with_tls<B: WithTonicConfig>(b: B, r: &ResolvedOtlp) -> Result<B, ExportError> {
-    use opentelemetry_otlp::tonic_types::transport::{Certificate, ClientTlsConfig, Identity};
     if !is_https(&r.endpoint) {
         return Ok(b);
     }
-    let tls = tls_material(r)?;
-    let mut cfg = ClientTlsConfig::new();
-    cfg = match tls.ca {
-        Some(ca) => cfg.ca_certificate(Certificate::from_pem(ca)),
-        None => cfg.with_native_roots(),
-    };
-    if let Some((cert, key)) = tls.identity {
-        cfg = cfg.identity(Identity::from_pem(cert, key));
-    }
-    Ok(b.with_tls_config(cfg))
+    let cfg = super::tls::client_config(r, &[b"h2"])?;
+    Ok(b.with_channel(super::tls::grpc_channel(
+        &r.endpoint,
+        Arc::new(cfg),
+        r.timeout,
+    )?))
 }
 
 pub(crate) fn is_https(endpoint: &str) -> bool {

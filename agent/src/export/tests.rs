@@ -943,8 +943,7 @@ fn tls_files_are_read_and_checked_at_start_with_the_setting_named() {
             file(&key, "export.otlp.client_key"),
         )),
     };
-    let m = super::otlp::tls_material(&r).expect("a good CA and pair");
-    assert!(m.ca.is_some() && m.identity.is_some());
+    super::tls::check_files(&r).expect("a good CA and pair");
 
     let missing = dir.path().join("missing.pem");
     let other_key = dir.path().join("other.pem");
@@ -995,7 +994,7 @@ fn tls_files_are_read_and_checked_at_start_with_the_setting_named() {
     ];
     for (tls, key, msg) in cases {
         r.tls = tls;
-        match super::otlp::tls_material(&r) {
+        match super::tls::check_files(&r) {
             Err(e @ super::ExportError::TlsFile { .. }) => {
                 assert_eq!(e.exit_code(), crate::exit::UNAVAILABLE, "restartable");
                 let super::ExportError::TlsFile { key: k, message } = e else {

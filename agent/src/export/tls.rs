@@ -1,0 +1,713 @@
+//! TLS to an `https://` collector: the CA file and the client certificate
+//! pair of `[export.otlp]`, read and checked at start, and read again when
+//! they change on disk, so that a certificate an issuer renews (cert-manager,
+//! step, Vault, a cron job) reaches the next handshake without a restart.
+//!
+//! Owns: the rustls client configuration both transports use (OTLP/HTTP's
+//! reqwest client takes it preconfigured; gRPC connects through
+//! [`GrpcTlsConnector`]), the trust used when no CA file is set (the host's
+//! store, `SSL_CERT_FILE` and `SSL_CERT_DIR` included), and the check of
+//! the files for `tollgate check` and start-up.
+//!
+//! Must never: stop exports because a renewed file is half-written or bad
+//! (the last good certificate, key or CA goes on being used and a warning
+//! names the file), read a file on every handshake when it has not changed
+//! (one `stat` each), or put key material into a log or an error.
+
+use std::future::Future;
+use std::os::unix::fs::MetadataExt;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::{ResolvesClientCert, WebPkiServerVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::sign::CertifiedKey;
+use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
+use tracing::{info, warn};
+
+use super::ExportError;
+use super::config::{ResolvedOtlp, TlsFile};
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+fn file_error(f: &TlsFile, message: String) -> ExportError {
+    ExportError::TlsFile {
+        key: f.source.clone(),
+        message: format!("`{}`: {message}", f.path.display()),
+    }
+}
+
+fn read(f: &TlsFile) -> Result<Vec<u8>, ExportError> {
+    std::fs::read(&f.path).map_err(|e| file_error(f, e.to_string()))
+}
+
+fn certs(f: &TlsFile, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, ExportError> {
+    let certs = rustls_pemfile::certs(&mut &pem[..])
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| file_error(f, format!("bad PEM: {e}")))?;
+    if certs.is_empty() {
+        return Err(file_error(f, "no CERTIFICATE block found".into()));
+    }
+    Ok(certs)
+}
+
+/// The verifier trusting the CAs of `files[0]` only.
+fn load_ca(files: &[TlsFile]) -> Result<Arc<WebPkiServerVerifier>, ExportError> {
+    let f = &files[0];
+    let mut roots = rustls::RootCertStore::empty();
+    for c in certs(f, &read(f)?)? {
+        roots
+            .add(c)
+            .map_err(|e| file_error(f, format!("not a usable CA certificate: {e}")))?;
+    }
+    WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+        .build()
+        .map_err(|e| file_error(f, format!("not a usable CA certificate: {e}")))
+}
+
+/// The client certificate chain of `files[0]` with the key of `files[1]`,
+/// checked to be the certificate's.
+fn load_identity(files: &[TlsFile]) -> Result<Arc<CertifiedKey>, ExportError> {
+    let (cf, kf) = (&files[0], &files[1]);
+    let chain = certs(cf, &read(cf)?)?;
+    let key_pem = read(kf)?;
+    let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut &key_pem[..])
+        .map_err(|e| file_error(kf, format!("bad PEM: {e}")))?
+        .ok_or_else(|| file_error(kf, "no PRIVATE KEY block found".into()))?;
+    CertifiedKey::from_der(chain, key, &provider())
+        .map(Arc::new)
+        .map_err(|e| {
+            file_error(
+                kf,
+                format!("not a usable key for {}: {e}", cf.path.display()),
+            )
+        })
+}
+
+/// What `stat` says of a file: a renewal that writes in place or renames
+/// a new file over the old (or swaps a symlink, as Kubernetes does) changes
+/// it. A file that cannot be stat'ed has none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+fn stamp(f: &TlsFile) -> Option<Stamp> {
+    let m = std::fs::metadata(&f.path).ok()?;
+    Some(Stamp {
+        dev: m.dev(),
+        ino: m.ino(),
+        len: m.len(),
+        mtime: (m.mtime(), m.mtime_nsec()),
+        ctime: (m.ctime(), m.ctime_nsec()),
+    })
+}
+
+type Loader<T> = fn(&[TlsFile]) -> Result<T, ExportError>;
+
+/// A value loaded from files, loaded again when one of them changes. A
+/// load that fails keeps the value before it, and is not tried again
+/// until the files change once more.
+struct Watched<T> {
+    files: Vec<TlsFile>,
+    /// What is loaded, for the log: "client certificate".
+    what: &'static str,
+    load: Loader<T>,
+    state: Mutex<WatchState<T>>,
+}
+
+struct WatchState<T> {
+    current: T,
+    /// The files' stamps when `current` was loaded.
+    loaded: Vec<Option<Stamp>>,
+    /// The stamps of the last load that failed.
+    refused: Option<Vec<Option<Stamp>>>,
+}
+
+impl<T: Clone> Watched<T> {
+    /// Loads `files` now: at start a file that cannot be used is an error.
+    fn new(files: Vec<TlsFile>, what: &'static str, load: Loader<T>) -> Result<Self, ExportError> {
+        let loaded = files.iter().map(stamp).collect();
+        let current = load(&files)?;
+        Ok(Watched {
+            files,
+            what,
+            load,
+            state: Mutex::new(WatchState {
+                current,
+                loaded,
+                refused: None,
+            }),
+        })
+    }
+
+    fn paths(&self) -> String {
+        self.files
+            .iter()
+            .map(|f| f.path.display().to_string())
+            .collect::<Vec<_>>()
+            .join(" and ")
+    }
+
+    /// The value, loaded again first when the files changed since.
+    fn get(&self) -> T {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let now: Vec<Option<Stamp>> = self.files.iter().map(stamp).collect();
+        if now != s.loaded && s.refused.as_ref() != Some(&now) {
+            match (self.load)(&self.files) {
+                Ok(v) => {
+                    info!(
+                        "export: the collector {} changed on disk and was loaded again from {}",
+                        self.what,
+                        self.paths()
+                    );
+                    s.current = v;
+                    s.loaded = now;
+                    s.refused = None;
+                }
+                Err(e) => {
+                    warn!(
+                        "export: the collector {} changed on disk but cannot be used ({e}); \
+                         exports go on with the one loaded before, and it is read again when it changes",
+                        self.what
+                    );
+                    s.refused = Some(now);
+                }
+            }
+        }
+        s.current.clone()
+    }
+}
+
+/// The client certificate shown to a collector that asks for one.
+struct ClientIdentity(Watched<Arc<CertifiedKey>>);
+
+impl std::fmt::Debug for ClientIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientIdentity")
+            .field("files", &self.0.paths())
+            .finish()
+    }
+}
+
+impl ResolvesClientCert for ClientIdentity {
+    fn resolve(&self, _hints: &[&[u8]], _schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.get())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// Trust for the collector's certificate: the CA file's, reloaded when it
+/// changes, or the host's store loaded once.
+enum Trust {
+    File(Watched<Arc<WebPkiServerVerifier>>),
+    Host(Arc<WebPkiServerVerifier>),
+}
+
+impl Trust {
+    fn verifier(&self) -> Arc<WebPkiServerVerifier> {
+        match self {
+            Trust::File(w) => w.get(),
+            Trust::Host(v) => v.clone(),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct CollectorVerifier {
+    trust: Trust,
+    /// For the signature checks, which need no roots.
+    provider: Arc<CryptoProvider>,
+}
+
+impl std::fmt::Debug for Trust {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Trust::File(w) => write!(f, "Trust::File({})", w.paths()),
+            Trust::Host(_) => f.write_str("Trust::Host"),
+        }
+    }
+}
+
+impl ServerCertVerifier for CollectorVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.trust
+            .verifier()
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// The host's CA store, as OpenSSL would find it (`SSL_CERT_FILE` and
+/// `SSL_CERT_DIR` first).
+fn host_trust() -> Result<Arc<WebPkiServerVerifier>, ExportError> {
+    let found = rustls_native_certs::load_native_certs();
+    let mut roots = rustls::RootCertStore::empty();
+    let (added, _) = roots.add_parsable_certificates(found.certs);
+    if added == 0 {
+        let why = found
+            .errors
+            .first()
+            .map(|e| format!(" ({e})"))
+            .unwrap_or_default();
+        return Err(ExportError::Build(format!(
+            "no CA certificate found in the host's store{why}: set export.otlp.ca_file \
+             (or OTEL_EXPORTER_OTLP_CERTIFICATE) to the collector's CA"
+        )));
+    }
+    WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+        .build()
+        .map_err(|e| ExportError::Build(format!("the host's CA store: {e}")))
+}
+
+/// Reads and checks the TLS files `r` names, as at start: the error names
+/// the setting or variable a file came from.
+pub(super) fn check_files(r: &ResolvedOtlp) -> Result<(), ExportError> {
+    if let Some(f) = &r.tls.ca_file {
+        load_ca(std::slice::from_ref(f))?;
+    }
+    if let Some((c, k)) = &r.tls.identity {
+        load_identity(&[c.clone(), k.clone()])?;
+    }
+    Ok(())
+}
+
+/// The rustls configuration for an `https://` collector, offering `alpn`:
+/// the CA file's trust (else the host's) and the client pair when set,
+/// each read again when it changes. Sessions are not resumed when a
+/// client certificate is shown, so that a renewed one is what the next
+/// connection proves.
+pub(super) fn client_config(r: &ResolvedOtlp, alpn: &[&[u8]]) -> Result<ClientConfig, ExportError> {
+    let trust = match &r.tls.ca_file {
+        Some(f) => Trust::File(Watched::new(vec![f.clone()], "CA file", load_ca)?),
+        None => Trust::Host(host_trust()?),
+    };
+    let provider = provider();
+    let verifier = Arc::new(CollectorVerifier {
+        trust,
+        provider: provider.clone(),
+    });
+    let builder = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ExportError::Build(format!("TLS: {e}")))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier);
+    let mut cfg = match &r.tls.identity {
+        Some((c, k)) => {
+            let id = Watched::new(
+                vec![c.clone(), k.clone()],
+                "client certificate",
+                load_identity,
+            )?;
+            let mut cfg = builder.with_client_cert_resolver(Arc::new(ClientIdentity(id)));
+            cfg.resumption = rustls::client::Resumption::disabled();
+            cfg
+        }
+        None => builder.with_no_client_auth(),
+    };
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(cfg)
+}
+
+/// Connects tonic's channel to an `https://` collector over TCP and TLS
+/// with [`client_config`]: tonic's own TLS takes its files once.
+#[derive(Clone)]
+pub(super) struct GrpcTlsConnector {
+    tls: tokio_rustls::TlsConnector,
+}
+
+impl GrpcTlsConnector {
+    pub(super) fn new(config: Arc<ClientConfig>) -> Self {
+        GrpcTlsConnector {
+            tls: tokio_rustls::TlsConnector::from(config),
+        }
+    }
+}
+
+type Connecting = Pin<
+    Box<
+        dyn Future<
+                Output = std::io::Result<
+                    hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
+                >,
+            > + Send,
+    >,
+>;
+
+impl tower_service::Service<http::Uri> for GrpcTlsConnector {
+    type Response = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+    type Error = std::io::Error;
+    type Future = Connecting;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let tls = self.tls.clone();
+        Box::pin(async move {
+            let bad =
+                |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidInput, m.to_string());
+            let host = uri
+                .host()
+                .ok_or_else(|| bad("the collector endpoint has no host"))?;
+            let host = host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string();
+            let port = uri.port_u16().unwrap_or(443);
+            let name = ServerName::try_from(host.clone())
+                .map_err(|_| bad("the collector endpoint's host is not a valid TLS name"))?;
+            let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+            let _ = tcp.set_nodelay(true);
+            let stream = tls.connect(name, tcp).await?;
+            Ok(hyper_util::rt::TokioIo::new(stream))
+        })
+    }
+}
+
+/// A gRPC channel to the `https://` collector `endpoint` through
+/// [`GrpcTlsConnector`]: tonic is given the same address as `http://` (so
+/// that it adds no TLS of its own) and `https://` as the requests' origin.
+pub(super) fn grpc_channel(
+    endpoint: &str,
+    config: Arc<ClientConfig>,
+    timeout: Duration,
+) -> Result<tonic::transport::Channel, ExportError> {
+    let bad = |m: String| ExportError::Config {
+        key: "export.otlp.endpoint".into(),
+        message: m,
+    };
+    let uri: http::Uri = endpoint
+        .parse()
+        .map_err(|e| bad(format!("`{endpoint}` is not a URL: {e}")))?;
+    let authority = uri
+        .authority()
+        .ok_or_else(|| bad(format!("`{endpoint}` has no host")))?
+        .clone();
+    let origin: http::Uri = format!("https://{authority}")
+        .parse()
+        .map_err(|e| bad(format!("`{endpoint}`: {e}")))?;
+    let plain = tonic::transport::Endpoint::from_shared(format!("http://{authority}"))
+        .map_err(|e| bad(format!("`{endpoint}`: {e}")))?;
+    Ok(plain
+        .origin(origin)
+        .timeout(timeout)
+        .connect_timeout(timeout)
+        .connect_with_connector_lazy(GrpcTlsConnector::new(config)))
+}
+
+#[cfg(test)]
+mod tests {
+    //! Real handshakes on loopback between [`client_config`] and a rustls
+    //! server that asks for a client certificate, with the files renewed
+    //! between them as an issuer would.
+
+    use std::path::{Path, PathBuf};
+
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+
+    use super::*;
+    use crate::export::config::{OtlpTls, ResolvedOtlp};
+
+    struct Ca {
+        issuer: Issuer<'static, KeyPair>,
+        pem: String,
+    }
+
+    fn ca() -> Ca {
+        let mut p = CertificateParams::new(Vec::<String>::new()).expect("params");
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let key = KeyPair::generate().expect("key");
+        let pem = p.self_signed(&key).expect("ca").pem();
+        Ca {
+            issuer: Issuer::new(p, key),
+            pem,
+        }
+    }
+
+    /// A certificate for `name` signed by `ca`, and its key, as PEM.
+    fn leaf(ca: &Ca, name: &str) -> (String, String) {
+        let key = KeyPair::generate().expect("key");
+        let cert = CertificateParams::new(vec![name.to_string()])
+            .expect("params")
+            .signed_by(&key, &ca.issuer)
+            .expect("leaf");
+        (cert.pem(), key.serialize_pem())
+    }
+
+    /// The DNS name a leaf from [`leaf`] is for.
+    fn name_in(der: &[u8]) -> String {
+        let (_, cert) = x509_parser::parse_x509_certificate(der).expect("a certificate");
+        let san = cert
+            .subject_alternative_name()
+            .expect("extensions")
+            .expect("a SAN");
+        match &san.value.general_names[0] {
+            x509_parser::extensions::GeneralName::DNSName(n) => n.to_string(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn der(pem: &str) -> Vec<u8> {
+        rustls_pemfile::certs(&mut pem.as_bytes())
+            .next()
+            .expect("a certificate")
+            .expect("pem")
+            .to_vec()
+    }
+
+    /// Writes `body` to `path` as issuers do: a new file renamed over it.
+    fn renew(path: &Path, body: &str) {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, body).expect("write");
+        std::fs::rename(&tmp, path).expect("rename");
+    }
+
+    fn file(path: &Path, source: &str) -> TlsFile {
+        TlsFile {
+            path: path.to_path_buf(),
+            source: source.into(),
+        }
+    }
+
+    /// A server for 127.0.0.1 with a certificate from `server_ca`, asking
+    /// for a client certificate from `client_ca`.
+    fn acceptor(server_ca: &Ca, client_ca: &Ca) -> tokio_rustls::TlsAcceptor {
+        let (cert, key) = leaf(server_ca, "127.0.0.1");
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from(der(&client_ca.pem)))
+            .expect("client CA");
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            provider(),
+        )
+        .build()
+        .expect("client verifier");
+        let key = rustls_pemfile::private_key(&mut key.as_bytes())
+            .expect("pem")
+            .expect("key");
+        let cfg = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(vec![CertificateDer::from(der(&cert))], key)
+            .expect("server certificate");
+        tokio_rustls::TlsAcceptor::from(Arc::new(cfg))
+    }
+
+    /// One handshake: the client certificate the server saw, or why either
+    /// side failed.
+    async fn handshake(
+        cfg: &Arc<ClientConfig>,
+        acceptor: &tokio_rustls::TlsAcceptor,
+    ) -> Result<String, String> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let acceptor = acceptor.clone();
+        let server = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.expect("accept");
+            let mut tls = acceptor.accept(tcp).await.map_err(|e| e.to_string())?;
+            // TLS 1.3: the server checks the client's certificate after the
+            // client's side is done; a byte back says it was accepted.
+            tokio::io::AsyncWriteExt::write_all(&mut tls, b"k")
+                .await
+                .map_err(|e| e.to_string())?;
+            let seen = tls.get_ref().1.peer_certificates().map(|c| name_in(&c[0]));
+            seen.ok_or_else(|| "no client certificate".to_string())
+        });
+        let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let name = ServerName::try_from("127.0.0.1").expect("name");
+        let client = async {
+            let mut tls = tokio_rustls::TlsConnector::from(cfg.clone())
+                .connect(name, tcp)
+                .await
+                .map_err(|e| format!("client: {e}"))?;
+            let mut b = [0u8; 1];
+            tokio::io::AsyncReadExt::read_exact(&mut tls, &mut b)
+                .await
+                .map_err(|e| format!("client read: {e}"))?;
+            Ok::<_, String>(())
+        };
+        let client = client.await;
+        let server = server.await.expect("server task");
+        client?;
+        server
+    }
+
+    fn otlp(ca: Option<TlsFile>, identity: Option<(TlsFile, TlsFile)>) -> ResolvedOtlp {
+        let cfg: crate::export::config::ExportConfig =
+            toml::from_str("[otlp]\nendpoint = \"https://127.0.0.1:4318/v1/metrics\"")
+                .expect("parses");
+        let mut r = cfg.resolve(&|_: &str| None).expect("resolves").expect("on");
+        r.tls = OtlpTls {
+            ca_file: ca,
+            identity,
+        };
+        r
+    }
+
+    fn paths(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+        (dir.join("ca.pem"), dir.join("c.pem"), dir.join("k.pem"))
+    }
+
+    #[tokio::test]
+    async fn a_renewed_client_certificate_is_shown_at_the_next_handshake() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (ca_p, cert_p, key_p) = paths(dir.path());
+        let (server_ca, client_ca) = (ca(), ca());
+        let acceptor = acceptor(&server_ca, &client_ca);
+        std::fs::write(&ca_p, &server_ca.pem).expect("write");
+        let (a_cert, a_key) = leaf(&client_ca, "runner-a");
+        renew(&cert_p, &a_cert);
+        renew(&key_p, &a_key);
+        let r = otlp(
+            Some(file(&ca_p, "export.otlp.ca_file")),
+            Some((
+                file(&cert_p, "export.otlp.client_cert"),
+                file(&key_p, "export.otlp.client_key"),
+            )),
+        );
+        let cfg = Arc::new(client_config(&r, &[b"h2"]).expect("config"));
+        assert_eq!(handshake(&cfg, &acceptor).await, Ok("runner-a".into()));
+        assert_eq!(handshake(&cfg, &acceptor).await, Ok("runner-a".into()));
+
+        // Renewed with a new key, the certificate first: between the two
+        // writes the pair does not match, and the last good one is shown.
+        let (b_cert, b_key) = leaf(&client_ca, "runner-b");
+        renew(&cert_p, &b_cert);
+        assert_eq!(handshake(&cfg, &acceptor).await, Ok("runner-a".into()));
+        renew(&key_p, &b_key);
+        assert_eq!(handshake(&cfg, &acceptor).await, Ok("runner-b".into()));
+
+        // A half-written file, then a missing one: the last good pair.
+        std::fs::write(&cert_p, &b_cert[..b_cert.len() / 2]).expect("write");
+        assert_eq!(handshake(&cfg, &acceptor).await, Ok("runner-b".into()));
+        std::fs::remove_file(&cert_p).expect("remove");
+        assert_eq!(handshake(&cfg, &acceptor).await, Ok("runner-b".into()));
+
+        // Written whole again (a certificate for the same key).
+        let key = KeyPair::from_pem(&b_key).expect("key");
+        let c_cert = CertificateParams::new(vec!["runner-c".to_string()])
+            .expect("params")
+            .signed_by(&key, &client_ca.issuer)
+            .expect("leaf")
+            .pem();
+        renew(&cert_p, &c_cert);
+        assert_eq!(handshake(&cfg, &acceptor).await, Ok("runner-c".into()));
+    }
+
+    #[tokio::test]
+    async fn a_renewed_ca_file_is_trusted_at_the_next_handshake() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (ca_p, cert_p, key_p) = paths(dir.path());
+        let (old_ca, new_ca, client_ca) = (ca(), ca(), ca());
+        let (cert, key) = leaf(&client_ca, "runner");
+        std::fs::write(&cert_p, &cert).expect("write");
+        std::fs::write(&key_p, &key).expect("write");
+        renew(&ca_p, &old_ca.pem);
+        let r = otlp(
+            Some(file(&ca_p, "OTEL_EXPORTER_OTLP_CERTIFICATE")),
+            Some((file(&cert_p, "c"), file(&key_p, "k"))),
+        );
+        let cfg = Arc::new(client_config(&r, &[]).expect("config"));
+        // The collector moved to a certificate from a new CA.
+        let moved = acceptor(&new_ca, &client_ca);
+        let err = handshake(&cfg, &moved).await.expect_err("not trusted yet");
+        assert!(err.starts_with("client:"), "{err}");
+        // The CA file is renewed to hold both.
+        renew(&ca_p, &format!("{}{}", old_ca.pem, new_ca.pem));
+        assert_eq!(handshake(&cfg, &moved).await, Ok("runner".into()));
+        assert_eq!(
+            handshake(&cfg, &acceptor(&old_ca, &client_ca)).await,
+            Ok("runner".into())
+        );
+        // A CA file that is not one keeps the CAs before it.
+        renew(&ca_p, &key);
+        assert_eq!(handshake(&cfg, &moved).await, Ok("runner".into()));
+    }
+
+    #[test]
+    fn the_files_are_checked_when_the_config_is_made() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (ca_p, cert_p, key_p) = paths(dir.path());
+        let client_ca = ca();
+        let (cert, _) = leaf(&client_ca, "runner");
+        let (_, other_key) = leaf(&client_ca, "other");
+        std::fs::write(&ca_p, &client_ca.pem).expect("write");
+        std::fs::write(&cert_p, &cert).expect("write");
+        std::fs::write(&key_p, &other_key).expect("write");
+        let r = otlp(
+            Some(file(&ca_p, "export.otlp.ca_file")),
+            Some((
+                file(&cert_p, "export.otlp.client_cert"),
+                file(&key_p, "export.otlp.client_key"),
+            )),
+        );
+        match client_config(&r, &[]) {
+            Err(ExportError::TlsFile { key, message }) => {
+                assert_eq!(key, "export.otlp.client_key");
+                assert!(message.contains("not a usable key"), "{message}");
+                assert!(!message.contains("PRIVATE KEY-----"), "{message}");
+            }
+            Err(e) => panic!("not a TLS file error: {e}"),
+            Ok(_) => panic!("a key that is not the certificate's was taken"),
+        }
+    }
+}
