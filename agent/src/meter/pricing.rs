@@ -2549,6 +2549,16 @@ output = 15.0
             &u(1_000_000, 0, 800_000, 1_000_000, 0, 1_000_000),
         );
         assert!(close(c, 0.2 * 5.0 + 0.8 * 10.0 + 40.0), "{c}");
+        // Its successors, a dated snapshot of gpt-image-2 and ChatGPT's
+        // alias: image 8 in, and 30 or 32 out.
+        for (model, out) in [
+            ("gpt-image-2-2026-04-21", 30.0),
+            ("gpt-image-1.5", 32.0),
+            ("chatgpt-image-latest", 32.0),
+        ] {
+            let c = cost(&book, model, &u(1_000_000, 0, 800_000, 500_000, 0, 500_000));
+            assert!(close(c, 0.2 * 5.0 + 0.8 * 8.0 + 0.5 * out), "{model}: {c}");
+        }
         // gpt-4o-transcribe: audio 6 in, text 2.50 in, 10 out.
         let c = cost(
             &book,
