@@ -218,11 +218,13 @@ assert t.input_tokens > 0
 }
 
 /// Server-side web searches, as the official SDKs ask for them: Claude's
-/// `web_search` tool (a JSON answer and a stream) and Gemini's Google
+/// `web_search` tool (a JSON answer and a stream), Gemini's Google
 /// Search grounding (2.5, billed by the grounded prompt; 3, by the
-/// distinct query). Each request is recorded with the searches the
-/// provider reported, and costs the search fee on top of the same
-/// tokens asked without the tool.
+/// distinct query), and OpenAI's Responses `web_search` and earlier
+/// `web_search_preview` tools (a JSON answer and a stream; the preview
+/// tool is $25 per 1,000 on GPT-4.1, $10 on GPT-5). Each request is
+/// recorded with the searches the provider reported, and costs the
+/// search fee on top of the tokens.
 #[test]
 #[ignore = "needs root, cgroup v2 and BPF"]
 fn web_searches_are_recorded_and_priced_beside_the_tokens() {
@@ -256,23 +258,33 @@ for ch in g.models.generate_content_stream(model="gemini-3-pro-preview",
         contents="who maintains aya", config=grounded):
     n += 1
 assert n == 4, n
+import openai
+o = openai.OpenAI(api_key="sk-proj-SECRETSEARCH", max_retries=0)
+ask = dict(input="what changed in aya this week", max_output_tokens=5)
+for model, tool in [("gpt-4.1", "web_search_preview"), ("gpt-4.1", "web_search"),
+        ("gpt-5", "web_search_preview")]:
+    r = o.responses.create(model=model, tools=[{"type": tool}], **ask)
+    assert [i.type for i in r.output].count("web_search_call") == 3, r.output
+done = [e.response for e in o.responses.create(model="gpt-4.1", stream=True,
+    tools=[{"type": "web_search_preview"}], **ask) if e.type == "response.completed"]
+assert len(done) == 1 and done[0].usage.input_tokens > 200, done
 "#,
         ),
-        "python anthropic and google-genai with web search",
+        "python anthropic, google-genai and openai with web search",
     );
-    let rows = w.assert_ledger_matches_provider(6);
+    let rows = w.assert_ledger_matches_provider(10);
     let searches: Vec<u64> = rows
         .iter()
         .map(|r| r["web_searches"].as_u64().unwrap())
         .collect();
-    assert_eq!(searches, [2, 0, 2, 1, 2, 2], "{rows:#?}");
+    assert_eq!(searches, [2, 0, 2, 1, 2, 2, 2, 2, 2, 2], "{rows:#?}");
     let cost = |r: &Value| r["cost_usd"].as_f64().expect("priced");
     let fee = cost(&rows[0]) - cost(&rows[1]);
     assert!((fee - 2.0 * 10.0 / 1000.0).abs() < 1e-9, "{fee}: {rows:#?}");
-    // Gemini: the tokens' cost, from a price book of the same catalogue,
+    // Gemini and OpenAI: the tokens' cost, from a price book of the same catalogue,
     // plus the fee.
     let book = tollgate::meter::pricing::PriceBook::builtin();
-    let gemini = |r: &Value, per_1k: f64| {
+    let fee_is = |provider: &str, r: &Value, per_1k: f64| {
         let n = |k: &str| r[k].as_u64().unwrap();
         let usage = tollgate::meter::Usage {
             input_tokens: n("input_tokens"),
@@ -283,7 +295,7 @@ assert n == 4, n
         };
         let started = r["started_at_ms"].as_i64().unwrap();
         let tokens = book
-            .cost("gemini", s(r, "model"), started, &usage)
+            .cost(provider, s(r, "model"), started, &usage)
             .expect("priced");
         let fee = cost(r) - tokens;
         assert!(
@@ -291,8 +303,13 @@ assert n == 4, n
             "{fee}: {r}"
         );
     };
-    gemini(&rows[3], 35.0);
-    gemini(&rows[4], 14.0);
+    fee_is("gemini", &rows[3], 35.0);
+    fee_is("gemini", &rows[4], 14.0);
+    // OpenAI: the preview tool on GPT-4.1 (JSON and stream), the current
+    // tool, and the preview tool on a reasoning model.
+    for (row, per_1k) in [(6, 25.0), (7, 10.0), (8, 10.0), (9, 25.0)] {
+        fee_is("openai", &rows[row], per_1k);
+    }
     assert_no_secret(&w, "SECRETSEARCH");
     assert_no_secret(&w, "FAKE-SEARCH-SECRET");
 }

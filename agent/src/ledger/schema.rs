@@ -398,6 +398,7 @@ pub fn from_row(row: &Row<'_>) -> rusqlite::Result<UsageRecord> {
             reasoning_tokens: uncount(row.get(c(16))?),
             cache_write_1h_input_tokens: uncount(row.get(c(39))?),
             web_searches: uncount(row.get(c(41))?),
+            web_searches_preview: 0,
             audio_input_tokens: uncount(row.get(c(42))?),
             image_input_tokens: uncount(row.get(c(43))?),
             audio_output_tokens: uncount(row.get(c(44))?),

@@ -158,6 +158,13 @@ pub struct ModelPrice {
     /// ([`default_web_search`]).
     #[serde(default)]
     pub web_search: Option<f64>,
+    /// USD per 1,000 searches made by OpenAI's `web_search_preview` tool
+    /// (see `Usage::web_searches_preview`). Absent: the catalogue's for an
+    /// override of a catalogued model, else $25 for OpenAI's non-reasoning
+    /// models and `web_search` for the rest
+    /// ([`default_web_search_preview`]).
+    #[serde(default)]
+    pub web_search_preview: Option<f64>,
     /// Audio and image input tokens (default: `input`, or the catalogue's
     /// ratio to `input` for an override of a catalogued model).
     #[serde(default)]
@@ -178,9 +185,14 @@ pub struct ModelPrice {
 pub const ANTHROPIC_WEB_SEARCH: f64 = 10.0;
 /// OpenAI's `web_search` tool: $10 per 1,000 calls on every model, its
 /// content billed as input tokens (platform.openai.com/docs/pricing,
-/// built-in tools). `web_search_preview` on a non-reasoning model is $25:
-/// priced here at $10 it is under-counted (override per model).
+/// built-in tools), and its earlier `web_search_preview` on reasoning
+/// models (o-series, GPT-5) too.
 pub const OPENAI_WEB_SEARCH: f64 = 10.0;
+/// OpenAI's `web_search_preview` tool on a non-reasoning model (GPT-4o,
+/// GPT-4.1): $25 per 1,000 calls, its content tokens free (same page;
+/// where the usage counts them as input they are priced as input here, so
+/// the cost of such a request can be over by their input price).
+pub const OPENAI_WEB_SEARCH_PREVIEW_NON_REASONING: f64 = 25.0;
 /// Grounding with Google Search for Gemini 3 models: $14 per 1,000 search
 /// queries (ai.google.dev/gemini-api/docs/pricing).
 pub const GEMINI_3_WEB_SEARCH: f64 = 14.0;
@@ -191,6 +203,21 @@ pub const GEMINI_2_WEB_SEARCH: f64 = 35.0;
 /// The list price of 1,000 web searches of `model` of `provider` (each
 /// provider's free allowances, which a response does not show, are not
 /// taken off: the cost is at most what is billed).
+/// The list price of 1,000 searches by OpenAI's `web_search_preview` tool
+/// of `model` of `provider`, whose `web_search` rate is `web_search`: $25
+/// on OpenAI's (and Azure's) non-reasoning models, else `web_search`.
+pub fn default_web_search_preview(provider: &str, model: &str, web_search: f64) -> f64 {
+    let model = model.rsplit('/').next().unwrap_or(model);
+    let non_reasoning = ["gpt-4o", "gpt-4.1", "chatgpt-4o"]
+        .iter()
+        .any(|p| model.starts_with(p));
+    if matches!(provider, "openai" | "azure-openai") && non_reasoning {
+        OPENAI_WEB_SEARCH_PREVIEW_NON_REASONING
+    } else {
+        web_search
+    }
+}
+
 pub fn default_web_search(provider: &str, model: &str) -> f64 {
     match provider {
         "anthropic" | "bedrock" => ANTHROPIC_WEB_SEARCH,
@@ -350,15 +377,20 @@ fn validate_entries(prefix: &str, entries: &[ModelPrice]) -> Result<(), (String,
                 prices.push((format!("{name}.{field}"), v));
             }
         }
-        if let Some(v) = m.web_search
-            && !(v.is_finite() && v >= 0.0)
-        {
-            return Err((
-                key("web_search"),
-                format!(
-                    "{v} is not a price: give a finite, non-negative number of USD per 1,000 searches"
-                ),
-            ));
+        for (field, v) in [
+            ("web_search", m.web_search),
+            ("web_search_preview", m.web_search_preview),
+        ] {
+            if let Some(v) = v
+                && !(v.is_finite() && v >= 0.0)
+            {
+                return Err((
+                    key(field),
+                    format!(
+                        "{v} is not a price: give a finite, non-negative number of USD per 1,000 searches"
+                    ),
+                ));
+            }
         }
         for (field, v) in prices {
             if let Some(v) = v
@@ -439,6 +471,8 @@ pub struct Price {
     pub configured: bool,
     /// USD per 1,000 web searches, in every tier and batch alike.
     pub web_search: f64,
+    /// USD per 1,000 searches by OpenAI's `web_search_preview` tool.
+    pub web_search_preview: f64,
     /// The rates of audio input, image input, audio output and image
     /// output tokens: multiples of the input or output rate in force
     /// (standard, a tier's, the long-context one, a batch's), so that
@@ -567,6 +601,7 @@ impl Price {
             vertex_regional: self.vertex_regional,
             configured: self.configured,
             web_search: self.web_search,
+            web_search_preview: self.web_search_preview,
             modal: self.modal.map(|m| m.times(f)),
         }
     }
@@ -622,6 +657,10 @@ impl Price {
                 ratio(b.reasoning, b.output),
             )
         });
+        let web_search = m
+            .web_search
+            .or(base.map(|b| b.web_search))
+            .unwrap_or_else(|| default_web_search(&m.provider, &m.model));
         let cache_write = m.cache_write.unwrap_or(m.input * write);
         let mut p = Price {
             effective_ms: m
@@ -664,10 +703,11 @@ impl Price {
                 }
             },
             configured,
-            web_search: m
-                .web_search
-                .or(base.map(|b| b.web_search))
-                .unwrap_or_else(|| default_web_search(&m.provider, &m.model)),
+            web_search,
+            web_search_preview: m
+                .web_search_preview
+                .or(base.map(|b| b.web_search_preview))
+                .unwrap_or_else(|| default_web_search_preview(&m.provider, &m.model, web_search)),
             modal: {
                 let own = [
                     m.audio_input.map(|r| ModalRate::of(r, m.input)),
@@ -730,6 +770,7 @@ impl Price {
             vertex_regional: self.vertex_regional,
             configured: self.configured,
             web_search: self.web_search,
+            web_search_preview: self.web_search_preview,
             modal: self.modal,
         };
         // A long prompt in a tier: the long-context rates, scaled as the
@@ -760,7 +801,10 @@ impl Price {
     /// not raised by a regional premium or an uplift, which are
     /// surcharges on the tokens.
     pub fn search_fee(&self, u: &Usage) -> f64 {
-        u.web_searches as f64 * self.web_search / 1e3
+        let preview = u.web_searches_preview.min(u.web_searches);
+        ((u.web_searches - preview) as f64 * self.web_search
+            + preview as f64 * self.web_search_preview)
+            / 1e3
     }
 
     /// [`Price::cost`] without the web searches' fee.
@@ -1408,6 +1452,7 @@ mod tests {
             reasoning_tokens: reasoning,
             cache_write_1h_input_tokens: 0,
             web_searches: 0,
+            web_searches_preview: 0,
             audio_input_tokens: 0,
             image_input_tokens: 0,
             audio_output_tokens: 0,
@@ -2709,6 +2754,52 @@ output = 15.0
         );
     }
 
+    /// Searches by OpenAI's `web_search_preview` tool cost $25 per 1,000
+    /// on the non-reasoning models (GPT-4o, GPT-4.1, dated or not, on
+    /// OpenAI or Azure) and the `web_search` rate elsewhere; an entry's own
+    /// `web_search_preview` replaces it; more preview searches than
+    /// searches are capped.
+    #[test]
+    fn preview_searches_are_priced_by_the_model_kind() {
+        let book = PriceBook::builtin();
+        let u = |searches, preview| Usage {
+            input_tokens: 1000,
+            web_searches: searches,
+            web_searches_preview: preview,
+            ..Usage::default()
+        };
+        let fee = |b: &PriceBook, provider: &str, model: &str, x: &Usage| {
+            b.cost(provider, model, NOW, x).expect(model)
+                - b.cost(provider, model, NOW, &u(0, 0)).expect(model)
+        };
+        for (provider, model, per_1k) in [
+            ("openai", "gpt-4.1", 25.0),
+            ("openai", "gpt-4o-mini-2024-07-18", 25.0),
+            ("azure-openai", "gpt-4o", 25.0),
+            ("openai", "gpt-5", 10.0),
+            ("openai", "o3", 10.0),
+            ("anthropic", "claude-sonnet-4-5", 10.0),
+        ] {
+            let f = fee(&book, provider, model, &u(4, 4));
+            assert!(close(f, 4.0 * per_1k / 1e3), "{model}: {f}");
+        }
+        // Two by the current tool, two by the preview one.
+        let f = fee(&book, "openai", "gpt-4.1", &u(4, 2));
+        assert!(close(f, (2.0 * 10.0 + 2.0 * 25.0) / 1e3), "{f}");
+        let f = fee(&book, "openai", "gpt-4.1", &u(1, 9));
+        assert!(close(f, 25.0 / 1e3), "capped: {f}");
+        let own = book_of(
+            "[[models]]\nprovider = \"openai\"\nmodel = \"gpt-4.1\"\ninput = 2\noutput = 8\nweb_search_preview = 30\n",
+        );
+        let f = fee(&own, "openai", "gpt-4.1", &u(2, 2));
+        assert!(close(f, 2.0 * 30.0 / 1e3), "{f}");
+        let kept = book_of(
+            "[[models]]\nprovider = \"openai\"\nmodel = \"gpt-4.1\"\ninput = 2\noutput = 8\n",
+        );
+        let p = kept.price_at("openai", "gpt-4.1", NOW).unwrap();
+        assert!(close(p.web_search_preview, 25.0), "{p:?}");
+    }
+
     #[test]
     fn validation_names_the_key() {
         let base = ModelPrice {
@@ -2726,6 +2817,7 @@ output = 15.0
             priority: None,
             bedrock_regional_premium: None,
             web_search: None,
+            web_search_preview: None,
             audio_input: None,
             image_input: None,
             audio_output: None,
@@ -2857,6 +2949,7 @@ output = 15.0
                     reasoning_tokens: reasoning,
                     cache_write_1h_input_tokens: write / 2,
                     web_searches: 0,
+                    web_searches_preview: 0,
                     audio_input_tokens: 0,
                     image_input_tokens: 0,
                     audio_output_tokens: 0,
@@ -2881,6 +2974,7 @@ output = 15.0
             vertex_regional: 1.0,
             configured: false,
             web_search: 0.0,
+            web_search_preview: 0.0,
             modal: [ModalRate::Times(1.0); 4],
         })
     }
@@ -2895,6 +2989,7 @@ output = 15.0
             cache_write_1h_input_tokens: a.cache_write_1h_input_tokens
                 + b.cache_write_1h_input_tokens,
             web_searches: 0,
+            web_searches_preview: 0,
             audio_input_tokens: 0,
             image_input_tokens: 0,
             audio_output_tokens: 0,

@@ -29,6 +29,13 @@ pub struct Usage {
     /// already counted there.
     #[serde(default)]
     pub web_searches: u64,
+    /// Of `web_searches`, those OpenAI's earlier `web_search_preview` tool
+    /// made (the only search tool a Responses object lists in its
+    /// `tools`): billed at their own rate on non-reasoning models. Not a
+    /// ledger column (the row's `cost_usd` holds its price); the audit
+    /// log has it.
+    #[serde(default)]
+    pub web_searches_preview: u64,
     /// The parts of the input (beside its cache reads and writes) and of
     /// the output (beside its reasoning) that are audio or images, where
     /// the provider says so: priced at the model's own rates for them
@@ -80,6 +87,7 @@ impl Usage {
                 other.cache_write_1h_input_tokens,
             ),
             web_searches: f(self.web_searches, other.web_searches),
+            web_searches_preview: f(self.web_searches_preview, other.web_searches_preview),
             audio_input_tokens: f(self.audio_input_tokens, other.audio_input_tokens),
             image_input_tokens: f(self.image_input_tokens, other.image_input_tokens),
             audio_output_tokens: f(self.audio_output_tokens, other.audio_output_tokens),

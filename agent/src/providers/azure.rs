@@ -254,6 +254,7 @@ mod tests {
                 reasoning_tokens: 0,
                 cache_write_1h_input_tokens: 0,
                 web_searches: 0,
+                web_searches_preview: 0,
                 audio_input_tokens: 0,
                 image_input_tokens: 0,
                 audio_output_tokens: 0,

@@ -474,6 +474,7 @@ fn interaction_usage(u: &Value) -> Option<Usage> {
         reasoning_tokens: thoughts.min(output),
         cache_write_1h_input_tokens: 0,
         web_searches: 0,
+        web_searches_preview: 0,
         audio_input_tokens: 0,
         image_input_tokens: 0,
         audio_output_tokens: 0,
@@ -839,6 +840,7 @@ pub fn usage_from(m: &Value) -> Option<Usage> {
         reasoning_tokens: thoughts,
         cache_write_1h_input_tokens: 0,
         web_searches: 0,
+        web_searches_preview: 0,
         // Beside the cache reads, which the prompt's counts include, and
         // beside the thoughts.
         audio_input_tokens: audio_in,
@@ -2270,6 +2272,7 @@ mod tests {
                 reasoning_tokens: 482,
                 cache_write_1h_input_tokens: 0,
                 web_searches: 0,
+                web_searches_preview: 0,
                 audio_input_tokens: 0,
                 image_input_tokens: 0,
                 audio_output_tokens: 0,
@@ -2311,6 +2314,7 @@ mod tests {
                 reasoning_tokens: 186,
                 cache_write_1h_input_tokens: 0,
                 web_searches: 0,
+                web_searches_preview: 0,
                 audio_input_tokens: 0,
                 image_input_tokens: 0,
                 audio_output_tokens: 0,

@@ -111,6 +111,7 @@ fn usage_of(u: &Value) -> Option<Usage> {
         cache_write_1h_input_tokens: w1h,
         reasoning_tokens: 0,
         web_searches: 0,
+        web_searches_preview: 0,
         audio_input_tokens: 0,
         image_input_tokens: 0,
         audio_output_tokens: 0,

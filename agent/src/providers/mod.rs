@@ -769,8 +769,10 @@ pub struct Head {
     pub id: Option<Value>,
     pub status: Option<Value>,
     /// The Responses API: the web searches billed among a response's
-    /// `output` items, counted as they are skipped.
+    /// `output` items, counted as they are skipped, and the search tools
+    /// its `tools` lists.
     pub output: openai::WebSearchCalls,
+    pub tools: openai::SearchTools,
 }
 
 impl Head {

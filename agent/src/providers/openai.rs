@@ -144,8 +144,10 @@ struct WireBatchResponse {
 struct WireBatchBody {
     model: Option<Value>,
     usage: ObjectOr<WireUsage>,
-    /// A Responses answer's searches (see [`WebSearchCalls`]).
+    /// A Responses answer's searches (see [`WebSearchCalls`]), and the
+    /// search tools it lists.
     output: WebSearchCalls,
+    tools: SearchTools,
 }
 
 /// A line of a batch's output file: `{"custom_id", "response":
@@ -175,10 +177,9 @@ fn batch_line(line: &[u8], thoughts_beside: bool) -> Option<super::batch::LineUs
             .as_ref()
             .and_then(Value::as_str)
             .map(str::to_string),
-        usage: Usage {
-            web_searches: body.output.0,
-            ..body.usage.0?.usage_for(thoughts_beside)?
-        },
+        usage: body
+            .output
+            .billed(body.tools, body.usage.0?.usage_for(thoughts_beside)?),
         uplift_percent: 0,
     })
 }
@@ -498,10 +499,64 @@ fn response_usage(response: &Value, thoughts_beside: bool) -> Option<Usage> {
         .get("output")
         .and_then(|o| <WebSearchCalls as serde::Deserialize>::deserialize(o).ok())
         .unwrap_or_default();
-    Some(Usage {
-        web_searches: searches.0,
-        ..usage
-    })
+    let tools = response
+        .get("tools")
+        .and_then(|t| <SearchTools as serde::Deserialize>::deserialize(t).ok())
+        .unwrap_or_default();
+    Some(searches.billed(tools, usage))
+}
+
+/// The web search tools a Responses object lists in its `tools`: the
+/// current `web_search` (and its dated names) and the earlier
+/// `web_search_preview`, which OpenAI bills apart on non-reasoning
+/// models. Any other JSON reads as none.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SearchTools {
+    pub current: bool,
+    pub preview: bool,
+}
+
+impl<'de> serde::Deserialize<'de> for SearchTools {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = SearchTools;
+            super::lenient_visits!(integers, objects);
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<SearchTools, A::Error> {
+                let mut t = SearchTools::default();
+                while let Some(super::TypeOf(kind)) = a.next_element()? {
+                    let kind = kind.as_deref().unwrap_or("");
+                    if kind.starts_with("web_search_preview") {
+                        t.preview = true;
+                    } else if kind == "web_search" || kind.starts_with("web_search_2") {
+                        t.current = true;
+                    }
+                }
+                Ok(t)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl WebSearchCalls {
+    /// `usage` with these searches, counted as `web_search_preview`'s when
+    /// that is the only search tool `tools` lists (with both listed, the
+    /// searches are priced as the current tool's, the lower price).
+    pub fn billed(self, tools: SearchTools, usage: Usage) -> Usage {
+        Usage {
+            web_searches: self.0,
+            web_searches_preview: if tools.preview && !tools.current {
+                self.0
+            } else {
+                0
+            },
+            ..usage
+        }
+    }
 }
 
 /// The billed web searches of a Responses `output`, counted as it is read
@@ -689,6 +744,7 @@ impl WireUsage {
             reasoning_tokens: reasoning.min(output),
             cache_write_1h_input_tokens: 0,
             web_searches: 0,
+            web_searches_preview: 0,
             // Within the input beside its cache reads and writes (the
             // cached share of the audio is not split out: it is priced as
             // cache reads), and within the output beside its reasoning.
@@ -909,13 +965,12 @@ impl UsageParser for JsonParser {
         // The usual case: usage and model, without building the choices.
         // (Not for a failed response, whose error the whole document says.)
         if let Some(h) = self.0.bytes().and_then(super::Head::parse)
-            && let Some(mut usage) = h.usage.0.as_ref().and_then(|u| u.usage_for(self.1))
+            && let Some(usage) = h.usage.0.as_ref().and_then(|u| u.usage_for(self.1))
             && h.status.as_ref().and_then(Value::as_str) != Some("failed")
         {
             let (response_id, response_status) = h.id_and_status();
-            usage.web_searches = h.output.0;
             return ParsedUsage {
-                usage: Some(usage),
+                usage: Some(h.output.billed(h.tools, usage)),
                 response_model: h.model(),
                 service_tier: h.service_tier(),
                 response_id,
@@ -1434,6 +1489,62 @@ mod tests {
         assert_eq!(l.usage.web_searches, 2);
     }
 
+    /// The searches of a response whose `tools` lists only
+    /// `web_search_preview` (or a dated name of it) are that tool's, in a
+    /// JSON answer, a stream's `response.completed` and a batch line; with
+    /// `web_search` listed too, or alone, or no tools, they are not.
+    #[test]
+    fn searches_of_the_preview_tool_are_told_apart() {
+        let output = r#"[{"type":"web_search_call","status":"completed","action":{"type":"search"}},{"type":"web_search_call","status":"completed"}]"#;
+        let usage = r#"{"input_tokens":900,"output_tokens":30}"#;
+        for (tools, preview) in [
+            (
+                r#"[{"type":"web_search_preview","search_context_size":"medium"}]"#,
+                2,
+            ),
+            (
+                r#"[{"type":"function","name":"f"},{"type":"web_search_preview_2025_03_11"}]"#,
+                2,
+            ),
+            (r#"[{"type":"web_search"}]"#, 0),
+            (
+                r#"[{"type":"web_search_2025_08_26"},{"type":"web_search_preview"}]"#,
+                0,
+            ),
+            ("[]", 0),
+            (r#"{"type":"web_search_preview"}"#, 0),
+            (r#"[7, "web_search_preview", {"type": 1}]"#, 0),
+        ] {
+            let json = format!(
+                r#"{{"object":"response","model":"gpt-4.1","tools":{tools},"output":{output},"usage":{usage}}}"#
+            );
+            let u = parse("application/json", json.as_bytes(), &[])
+                .usage
+                .expect("usage");
+            assert_eq!(
+                (u.web_searches, u.web_searches_preview),
+                (2, preview),
+                "{tools}"
+            );
+            let sse = format!(
+                "event: response.completed\ndata: {{\"type\":\"response.completed\",\"response\":{{\"model\":\"gpt-4.1\",\"status\":\"completed\",\"tools\":{tools},\"output\":{output},\"usage\":{usage}}}}}\n\n"
+            );
+            let u = parse("text/event-stream", sse.as_bytes(), &[17])
+                .usage
+                .expect("usage");
+            assert_eq!(
+                (u.web_searches, u.web_searches_preview),
+                (2, preview),
+                "stream {tools}"
+            );
+            let line = format!(
+                r#"{{"custom_id":"a","response":{{"status_code":200,"body":{{"model":"gpt-4.1","tools":{tools},"output":{output},"usage":{usage}}}}}}}"#
+            );
+            let l = batch_result_line(line.as_bytes()).expect("billed");
+            assert_eq!(l.usage.web_searches_preview, preview, "batch {tools}");
+        }
+    }
+
     /// A tool call's name and arguments are output to estimate when no
     /// usage comes (Azure's older api-versions, a stream cut short), in a
     /// stream's deltas (typed, and as read untyped), the legacy
@@ -1776,6 +1887,7 @@ event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{
                 reasoning_tokens: 2,
                 cache_write_1h_input_tokens: 0,
                 web_searches: 0,
+                web_searches_preview: 0,
                 audio_input_tokens: 0,
                 image_input_tokens: 0,
                 audio_output_tokens: 0,
@@ -1893,6 +2005,7 @@ event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{
                 reasoning_tokens: 5,
                 cache_write_1h_input_tokens: 0,
                 web_searches: 0,
+                web_searches_preview: 0,
                 audio_input_tokens: 0,
                 image_input_tokens: 0,
                 audio_output_tokens: 0,

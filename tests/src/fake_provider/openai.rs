@@ -1,7 +1,8 @@
 //! The fake's OpenAI chat completions (JSON and SSE, with and without
-//! `stream_options.include_usage`), and the Responses API's background
-//! mode over HTTP (`POST …/responses` with `background: true`, then
-//! `background`'s retrievals).
+//! `stream_options.include_usage`), the Responses API (`POST …/responses`,
+//! JSON and SSE, with the `web_search` and `web_search_preview` tools
+//! searching), and its background mode over HTTP (`background: true`,
+//! then `background`'s retrievals).
 
 use serde_json::{Value, json};
 
@@ -21,6 +22,113 @@ fn response_object(id: &str, model: &str, status: &str, usage: Value, text: &str
         "model":model,"output":output,"usage":usage,"error":null,"incomplete_details":null,
         "instructions":null,"metadata":{},"parallel_tool_calls":true,"temperature":1.0,
         "tool_choice":"auto","tools":[],"top_p":1.0})
+}
+
+/// The `web_search_call` items a request with a web search tool gets, as
+/// the API gives them: two searches and a page opened (not billed).
+fn search_calls() -> Vec<Value> {
+    vec![
+        json!({"type":"web_search_call","id":"ws_fake_1","status":"completed",
+            "action":{"type":"search","query":"tollgate ebpf"}}),
+        json!({"type":"web_search_call","id":"ws_fake_2","status":"completed",
+            "action":{"type":"open_page","url":"https://example.com/"}}),
+        json!({"type":"web_search_call","id":"ws_fake_3","status":"completed",
+            "action":{"type":"search","query":"tollgate aya"}}),
+    ]
+}
+
+/// Input tokens a search's results add, billed as input.
+const SEARCH_RESULT_TOKENS: u64 = 100;
+
+/// `POST …/responses` answered at once, in JSON or as a stream: the
+/// request's web search tool (`web_search` or `web_search_preview`)
+/// searches twice, and the response lists the request's `tools`, as the
+/// API does.
+fn create(call: &Call) -> hyper::Response<Body> {
+    let v = &call.body;
+    let model = v
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or("gpt-5.4")
+        .to_string();
+    let tools = v.get("tools").cloned().unwrap_or_else(|| json!([]));
+    let searched = tools.as_array().is_some_and(|t| {
+        t.iter().any(|t| {
+            t.get("type")
+                .and_then(Value::as_str)
+                .is_some_and(|k| k.starts_with("web_search"))
+        })
+    });
+    let web_searches = if searched { 2 } else { 0 };
+    let input_tokens = match v.get("input") {
+        Some(Value::String(s)) => words(s),
+        Some(other) => text_words(other),
+        None => 0,
+    }
+    .max(1)
+        + web_searches * SEARCH_RESULT_TOKENS;
+    let output_tokens = v
+        .get("max_output_tokens")
+        .and_then(Value::as_u64)
+        .unwrap_or(7)
+        .clamp(1, 2000);
+    let id = background::next_id("resp_fake");
+    let usage = json!({"input_tokens":input_tokens,"input_tokens_details":{"cached_tokens":0},
+        "output_tokens":output_tokens,"output_tokens_details":{"reasoning_tokens":0},
+        "total_tokens":input_tokens + output_tokens});
+    let text = vec!["tok"; output_tokens as usize].join(" ");
+    let calls = if searched { search_calls() } else { vec![] };
+    let object = |status: &str, usage: Value, text: &str| {
+        let mut o = response_object(&id, &model, status, usage, text);
+        o["background"] = json!(false);
+        o["tools"] = tools.clone();
+        let mut output = calls.clone();
+        output.extend(o["output"].as_array().cloned().unwrap_or_default());
+        o["output"] = Value::Array(output);
+        o
+    };
+    let stream = v.get("stream").and_then(Value::as_bool) == Some(true);
+    call.record(Reported {
+        api: "openai",
+        model: model.clone(),
+        stream,
+        input_tokens,
+        output_tokens,
+        web_searches,
+        usage_sent: true,
+        ..Default::default()
+    });
+    if !stream {
+        return json_for(call, object("completed", usage, &text));
+    }
+    let mut seq = 0u64;
+    let mut event = |kind: &'static str, mut data: Value| {
+        data["type"] = json!(kind);
+        data["sequence_number"] = json!(seq);
+        seq += 1;
+        (Some(kind), data.to_string())
+    };
+    let mut events = vec![event(
+        "response.created",
+        json!({"response": object("in_progress", Value::Null, "")}),
+    )];
+    for (i, item) in calls.iter().enumerate() {
+        events.push(event(
+            "response.output_item.done",
+            json!({"output_index": i, "item": item}),
+        ));
+    }
+    for _ in 0..output_tokens {
+        events.push(event(
+            "response.output_text.delta",
+            json!({"item_id":"msg_fake","output_index":calls.len(),"content_index":0,"delta":"tok "}),
+        ));
+    }
+    events.push(event(
+        "response.completed",
+        json!({"response": object("completed", usage, &text)}),
+    ));
+    stream_response("text/event-stream", sse(events), call.delay())
 }
 
 /// `POST …/responses` in background mode: answered `queued` at once.
@@ -104,6 +212,9 @@ pub(crate) async fn handle(call: Call) -> hyper::Response<Body> {
         && call.body.get("background").and_then(Value::as_bool) == Some(true)
     {
         return create_background(&call);
+    }
+    if call.path.trim_end_matches('/').ends_with("/responses") {
+        return create(&call);
     }
     if !call.path.ends_with("/chat/completions") {
         return json_response(
