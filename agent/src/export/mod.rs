@@ -278,7 +278,8 @@ pub fn start_with_env(
         None => None,
         Some(r) => {
             let res = otlp::resource(&resource, &r.service_name);
-            let mp = otlp::meter_provider(r, res.clone())?;
+            let tls = otlp::collector_tls(r)?;
+            let mp = otlp::meter_provider(r, res.clone(), tls.as_ref())?;
             let meter = mp.meter("tollgate");
             metrics::register_health(&meter, health, shared.clone(), r.interval);
             let cumulative = r.temporality == config::OtlpTemporality::Cumulative;
@@ -295,7 +296,7 @@ pub fn start_with_env(
                 );
             }
             let spans = if r.traces {
-                let tp = otlp::tracer_provider(r, res)?;
+                let tp = otlp::tracer_provider(r, res, tls.as_ref())?;
                 let tracer = tp.tracer("tollgate");
                 tracer_provider = Some(tp);
                 Some(SpanMaker {

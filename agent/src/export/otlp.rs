@@ -21,7 +21,9 @@ use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider, Temporality};
 use opentelemetry_sdk::trace::SdkTracerProvider;
 
 use super::config::{OtlpCompression, OtlpProtocol, OtlpTemporality, ResolvedOtlp};
+use super::tls::CollectorTls;
 use super::{ExportError, ResourceInfo, semconv as sc};
+use rustls::ClientConfig;
 
 /// The resource every metric and span carries.
 pub(crate) fn resource(info: &ResourceInfo, service_name: &str) -> Resource {
@@ -101,6 +103,9 @@ struct HeaderClient {
     inner: Option<reqwest::blocking::Client>,
     remove: Vec<http::HeaderName>,
     headers: http::HeaderMap,
+    /// An `https://` collector's TLS files, refreshed before each export
+    /// (on the SDK's thread, not the agent's runtime).
+    tls: Option<CollectorTls>,
 }
 
 impl std::fmt::Debug for HeaderClient {
@@ -146,6 +151,9 @@ impl HttpClient for HeaderClient {
         for (k, v) in &self.headers {
             request.headers_mut().insert(k.clone(), v.clone());
         }
+        if let Some(tls) = &self.tls {
+            tls.refresh();
+        }
         match &self.inner {
             Some(c) => c.send_bytes(request).await,
             None => Err("the OTLP HTTP client is shut down".into()),
@@ -153,7 +161,7 @@ impl HttpClient for HeaderClient {
     }
 }
 
-fn http_client(r: &ResolvedOtlp) -> Result<HeaderClient, ExportError> {
+fn http_client(r: &ResolvedOtlp, tls: Option<&CollectorTls>) -> Result<HeaderClient, ExportError> {
     let mut headers = http::HeaderMap::new();
     for (k, v) in &r.headers {
         let name = http::HeaderName::from_bytes(k.as_bytes()).map_err(|_| ExportError::Config {
@@ -168,14 +176,7 @@ fn http_client(r: &ResolvedOtlp) -> Result<HeaderClient, ExportError> {
         headers.insert(name, val);
     }
     let timeout = r.timeout;
-    // An http:// collector takes no TLS files (the start-up log says they
-    // are not used): they are not read either. reqwest offers h2 and
-    // HTTP/1.1 by ALPN, as it does with its own TLS.
-    let tls = if is_https(&r.endpoint) {
-        Some(super::tls::client_config(r, &[b"h2", b"http/1.1"])?)
-    } else {
-        None
-    };
+    let config = tls.map(|t| ClientConfig::clone(&t.config()));
     // Built on a thread of its own: reqwest's blocking client may not be
     // created inside an async runtime.
     let inner = std::thread::Builder::new()
@@ -184,8 +185,8 @@ fn http_client(r: &ResolvedOtlp) -> Result<HeaderClient, ExportError> {
             let mut b = reqwest::blocking::Client::builder()
                 .timeout(timeout)
                 .connect_timeout(timeout);
-            if let Some(tls) = tls {
-                b = b.tls_backend_preconfigured(tls);
+            if let Some(config) = config {
+                b = b.tls_backend_preconfigured(config);
             }
             b.build()
         })
@@ -201,6 +202,7 @@ fn http_client(r: &ResolvedOtlp) -> Result<HeaderClient, ExportError> {
             .filter_map(|k| http::HeaderName::from_bytes(k.as_bytes()).ok())
             .collect(),
         headers,
+        tls: tls.cloned(),
     })
 }
 
@@ -209,16 +211,26 @@ fn http_client(r: &ResolvedOtlp) -> Result<HeaderClient, ExportError> {
 /// `SSL_CERT_DIR` too) or only `ca_file` when one is set, and the client
 /// certificate when one is set, each read again when it changes on disk
 /// (tonic's own TLS takes them once).
-fn with_tls<B: WithTonicConfig>(b: B, r: &ResolvedOtlp) -> Result<B, ExportError> {
-    if !is_https(&r.endpoint) {
-        return Ok(b);
+fn with_tls<B: WithTonicConfig>(
+    b: B,
+    r: &ResolvedOtlp,
+    tls: Option<&CollectorTls>,
+) -> Result<B, ExportError> {
+    match tls {
+        Some(tls) => Ok(b.with_channel(super::tls::grpc_channel(&r.endpoint, tls, r.timeout)?)),
+        None => Ok(b),
     }
-    let cfg = super::tls::client_config(r, &[b"h2"])?;
-    Ok(b.with_channel(super::tls::grpc_channel(
-        &r.endpoint,
-        Arc::new(cfg),
-        r.timeout,
-    )?))
+}
+
+/// The TLS of `r`'s collector, for both exporters: `None` for an
+/// `http://` one, whose TLS files (the start-up log says they are not
+/// used) are not read either.
+pub(crate) fn collector_tls(r: &ResolvedOtlp) -> Result<Option<CollectorTls>, ExportError> {
+    if is_https(&r.endpoint) {
+        CollectorTls::new(r).map(Some)
+    } else {
+        Ok(None)
+    }
 }
 
 pub(crate) fn is_https(endpoint: &str) -> bool {
@@ -241,8 +253,9 @@ fn tonic_config<B: WithTonicConfig>(
     b: B,
     r: &ResolvedOtlp,
     c: OtlpCompression,
+    tls: Option<&CollectorTls>,
 ) -> Result<B, ExportError> {
-    let b = with_tls(b, r)?;
+    let b = with_tls(b, r, tls)?;
     Ok(match compression(c) {
         Some(c) => b.with_compression(c),
         None => b,
@@ -268,6 +281,7 @@ fn need_runtime(r: &ResolvedOtlp) -> Result<(), ExportError> {
 pub(crate) fn meter_provider(
     r: &ResolvedOtlp,
     resource: Resource,
+    tls: Option<&CollectorTls>,
 ) -> Result<SdkMeterProvider, ExportError> {
     need_runtime(r)?;
     let temporality = match r.temporality {
@@ -285,6 +299,7 @@ pub(crate) fn meter_provider(
                 .with_interceptor(interceptor(r)?),
             r,
             r.compression,
+            tls,
         )?
         .with_temporality(temporality)
         .build(),
@@ -294,7 +309,7 @@ pub(crate) fn meter_provider(
                 .with_protocol(Protocol::HttpBinary)
                 .with_endpoint(r.endpoint.clone())
                 .with_timeout(r.timeout)
-                .with_http_client(http_client(r)?),
+                .with_http_client(http_client(r, tls)?),
             r.compression,
         )
         .with_temporality(temporality)
@@ -324,6 +339,7 @@ pub(crate) fn meter_provider(
 pub(crate) fn tracer_provider(
     r: &ResolvedOtlp,
     resource: Resource,
+    tls: Option<&CollectorTls>,
 ) -> Result<SdkTracerProvider, ExportError> {
     need_runtime(r)?;
     let exporter = match r.protocol {
@@ -336,6 +352,7 @@ pub(crate) fn tracer_provider(
                 .with_interceptor(interceptor(r)?),
             r,
             r.traces_compression,
+            tls,
         )?
         .build(),
         OtlpProtocol::HttpProtobuf => http_config(
@@ -344,7 +361,7 @@ pub(crate) fn tracer_provider(
                 .with_protocol(Protocol::HttpBinary)
                 .with_endpoint(traces_endpoint(&r.endpoint))
                 .with_timeout(r.timeout)
-                .with_http_client(http_client(r)?),
+                .with_http_client(http_client(r, tls)?),
             r.traces_compression,
         )
         .build(),

@@ -1019,8 +1019,8 @@ fn the_exporters_build_with_each_compression() {
         ));
         let r = resolve(&cfg, &[]).expect("on");
         let res = super::otlp::resource(&super::ResourceInfo::default(), "t");
-        super::otlp::meter_provider(&r, res.clone()).unwrap_or_else(|e| panic!("{c}: {e}"));
-        super::otlp::tracer_provider(&r, res).unwrap_or_else(|e| panic!("{c}: {e}"));
+        super::otlp::meter_provider(&r, res.clone(), None).unwrap_or_else(|e| panic!("{c}: {e}"));
+        super::otlp::tracer_provider(&r, res, None).unwrap_or_else(|e| panic!("{c}: {e}"));
     }
     // TLS files the start-up log says an http:// collector does not use
     // are not read either: a missing one stops nothing.
@@ -1031,7 +1031,7 @@ fn the_exporters_build_with_each_compression() {
     )
     .expect("on");
     let res = super::otlp::resource(&super::ResourceInfo::default(), "t");
-    super::otlp::meter_provider(&r, res).expect("no TLS file is read for http://");
+    super::otlp::meter_provider(&r, res, None).expect("no TLS file is read for http://");
     assert_eq!(super::check_tls_files(&r), Ok(()));
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -1044,7 +1044,7 @@ fn the_exporters_build_with_each_compression() {
         ));
         let r = resolve(&cfg, &[]).expect("on");
         let res = super::otlp::resource(&super::ResourceInfo::default(), "t");
-        super::otlp::meter_provider(&r, res.clone()).unwrap_or_else(|e| panic!("{c}: {e}"));
-        super::otlp::tracer_provider(&r, res).unwrap_or_else(|e| panic!("{c}: {e}"));
+        super::otlp::meter_provider(&r, res.clone(), None).unwrap_or_else(|e| panic!("{c}: {e}"));
+        super::otlp::tracer_provider(&r, res, None).unwrap_or_else(|e| panic!("{c}: {e}"));
     }
 }

@@ -1,25 +1,31 @@
 //! TLS to an `https://` collector: the CA file and the client certificate
 //! pair of `[export.otlp]`, read and checked at start, and read again when
 //! they change on disk, so that a certificate an issuer renews (cert-manager,
-//! step, Vault, a cron job) reaches the next handshake without a restart.
+//! step, Vault, a cron job) reaches the next connection without a restart.
 //!
-//! Owns: the rustls client configuration both transports use (OTLP/HTTP's
-//! reqwest client takes it preconfigured; gRPC connects through
-//! [`GrpcTlsConnector`]), the trust used when no CA file is set (the host's
-//! store, `SSL_CERT_FILE` and `SSL_CERT_DIR` included), and the check of
-//! the files for `tollgate check` and start-up.
+//! Owns: [`CollectorTls`], the rustls client configuration both transports
+//! use (OTLP/HTTP's reqwest client takes it preconfigured; gRPC connects
+//! through [`GrpcTlsConnector`]), built once for the metrics and the traces
+//! exporters; the trust used when no CA file is set (the host's store,
+//! `SSL_CERT_FILE` and `SSL_CERT_DIR` included); and the check of the files
+//! for `tollgate check` and start-up.
 //!
 //! Must never: stop exports because a renewed file is half-written or bad
 //! (the last good certificate, key or CA goes on being used and a warning
-//! names the file), read a file on every handshake when it has not changed
-//! (one `stat` each), or put key material into a log or an error.
+//! names the file); touch the files inside a handshake or on the agent's
+//! runtime threads ([`CollectorTls::refresh`] runs before a connection, off
+//! them: a blocking pool thread for gRPC, the exporter's own thread for
+//! OTLP/HTTP); read a file that has not changed (one `stat` each, unless a
+//! file was changed so recently that a write could still be under way);
+//! or put key material into a log or an error.
 
 use std::future::Future;
+use std::hash::{Hash, Hasher};
 use std::os::unix::fs::MetadataExt;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::{ResolvesClientCert, WebPkiServerVerifier};
@@ -30,7 +36,7 @@ use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
 use tracing::{info, warn};
 
 use super::ExportError;
-use super::config::{ResolvedOtlp, TlsFile};
+use super::config::{OtlpProtocol, ResolvedOtlp, TlsFile};
 
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
@@ -43,10 +49,6 @@ fn file_error(f: &TlsFile, message: String) -> ExportError {
     }
 }
 
-fn read(f: &TlsFile) -> Result<Vec<u8>, ExportError> {
-    std::fs::read(&f.path).map_err(|e| file_error(f, e.to_string()))
-}
-
 fn certs(f: &TlsFile, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, ExportError> {
     let certs = rustls_pemfile::certs(&mut &pem[..])
         .collect::<Result<Vec<_>, _>>()
@@ -57,11 +59,11 @@ fn certs(f: &TlsFile, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, Export
     Ok(certs)
 }
 
-/// The verifier trusting the CAs of `files[0]` only.
-fn load_ca(files: &[TlsFile]) -> Result<Arc<WebPkiServerVerifier>, ExportError> {
+/// The verifier trusting the CAs of `files[0]` (read as `pem[0]`) only.
+fn parse_ca(files: &[TlsFile], pem: &[Vec<u8>]) -> Result<Arc<WebPkiServerVerifier>, ExportError> {
     let f = &files[0];
     let mut roots = rustls::RootCertStore::empty();
-    for c in certs(f, &read(f)?)? {
+    for c in certs(f, &pem[0])? {
         roots
             .add(c)
             .map_err(|e| file_error(f, format!("not a usable CA certificate: {e}")))?;
@@ -73,11 +75,10 @@ fn load_ca(files: &[TlsFile]) -> Result<Arc<WebPkiServerVerifier>, ExportError> 
 
 /// The client certificate chain of `files[0]` with the key of `files[1]`,
 /// checked to be the certificate's.
-fn load_identity(files: &[TlsFile]) -> Result<Arc<CertifiedKey>, ExportError> {
+fn parse_identity(files: &[TlsFile], pem: &[Vec<u8>]) -> Result<Arc<CertifiedKey>, ExportError> {
     let (cf, kf) = (&files[0], &files[1]);
-    let chain = certs(cf, &read(cf)?)?;
-    let key_pem = read(kf)?;
-    let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut &key_pem[..])
+    let chain = certs(cf, &pem[0])?;
+    let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut &pem[1][..])
         .map_err(|e| file_error(kf, format!("bad PEM: {e}")))?
         .ok_or_else(|| file_error(kf, "no PRIVATE KEY block found".into()))?;
     CertifiedKey::from_der(chain, key, &provider())
@@ -113,40 +114,82 @@ fn stamp(f: &TlsFile) -> Option<Stamp> {
     })
 }
 
-type Loader<T> = fn(&[TlsFile]) -> Result<T, ExportError>;
+/// How recent a change must be for a file to be read again though its
+/// stamp is the same: file times move in steps of a few milliseconds, so
+/// a write still under way when the file was read can end with the same
+/// stamp.
+const RACY: Duration = Duration::from_secs(2);
 
-/// A value loaded from files, loaded again when one of them changes. A
-/// load that fails keeps the value before it, and is not tried again
-/// until the files change once more.
+/// Whether a stamp is too recent to vouch for the file's content.
+fn racy(stamps: &[Option<Stamp>]) -> bool {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    stamps
+        .iter()
+        .flatten()
+        .any(|s| s.mtime.0.max(s.ctime.0) + RACY.as_secs() as i64 >= now)
+}
+
+type Parser<T> = fn(&[TlsFile], &[Vec<u8>]) -> Result<T, ExportError>;
+
+/// The files' bytes, or the first that cannot be read.
+fn read_all(files: &[TlsFile]) -> Result<Vec<Vec<u8>>, ExportError> {
+    files
+        .iter()
+        .map(|f| std::fs::read(&f.path).map_err(|e| file_error(f, e.to_string())))
+        .collect()
+}
+
+/// A digest of what a read found, to tell a change of content from a
+/// change of stamp alone (not a secret: it never leaves the process).
+fn digest(read: &Result<Vec<Vec<u8>>, ExportError>) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    match read {
+        Ok(files) => files.hash(&mut h),
+        Err(e) => e.to_string().hash(&mut h),
+    }
+    h.finish()
+}
+
+/// A value parsed from files, parsed again when their content changes. A
+/// parse that fails keeps the value before it (and is not tried again
+/// until the content changes once more).
 struct Watched<T> {
     files: Vec<TlsFile>,
-    /// What is loaded, for the log: "client certificate".
+    /// What is parsed, for the log: "client certificate".
     what: &'static str,
-    load: Loader<T>,
+    parse: Parser<T>,
     state: Mutex<WatchState<T>>,
 }
 
 struct WatchState<T> {
     current: T,
-    /// The files' stamps when `current` was loaded.
-    loaded: Vec<Option<Stamp>>,
-    /// The stamps of the last load that failed.
-    refused: Option<Vec<Option<Stamp>>>,
+    /// The files' stamps when last read.
+    stamps: Vec<Option<Stamp>>,
+    /// The stamps were too recent to vouch for what was read: read again.
+    racy: bool,
+    /// [`digest`] of the last read.
+    seen: u64,
 }
 
 impl<T: Clone> Watched<T> {
-    /// Loads `files` now: at start a file that cannot be used is an error.
-    fn new(files: Vec<TlsFile>, what: &'static str, load: Loader<T>) -> Result<Self, ExportError> {
-        let loaded = files.iter().map(stamp).collect();
-        let current = load(&files)?;
+    /// Reads and parses `files` now: at start a file that cannot be used
+    /// is an error.
+    fn new(files: Vec<TlsFile>, what: &'static str, parse: Parser<T>) -> Result<Self, ExportError> {
+        let stamps: Vec<_> = files.iter().map(stamp).collect();
+        let read = read_all(&files);
+        let seen = digest(&read);
+        let current = parse(&files, &read?)?;
         Ok(Watched {
             files,
             what,
-            load,
+            parse,
             state: Mutex::new(WatchState {
                 current,
-                loaded,
-                refused: None,
+                racy: racy(&stamps),
+                stamps,
+                seen,
             }),
         })
     }
@@ -159,38 +202,56 @@ impl<T: Clone> Watched<T> {
             .join(" and ")
     }
 
-    /// The value, loaded again first when the files changed since.
-    fn get(&self) -> T {
-        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let now: Vec<Option<Stamp>> = self.files.iter().map(stamp).collect();
-        if now != s.loaded && s.refused.as_ref() != Some(&now) {
-            match (self.load)(&self.files) {
-                Ok(v) => {
-                    info!(
-                        "export: the collector {} changed on disk and was loaded again from {}",
-                        self.what,
-                        self.paths()
-                    );
-                    s.current = v;
-                    s.loaded = now;
-                    s.refused = None;
-                }
-                Err(e) => {
-                    warn!(
-                        "export: the collector {} changed on disk but cannot be used ({e}); \
-                         exports go on with the one loaded before, and it is read again when it changes",
-                        self.what
-                    );
-                    s.refused = Some(now);
-                }
+    fn lock(&self) -> std::sync::MutexGuard<'_, WatchState<T>> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The value as last parsed: no I/O.
+    fn current(&self) -> T {
+        self.lock().current.clone()
+    }
+
+    /// Reads the files again when their stamps changed (or were too
+    /// recent), and parses them when their content changed. Blocking I/O,
+    /// done without the lock held.
+    fn refresh(&self) {
+        let stamps: Vec<_> = self.files.iter().map(stamp).collect();
+        {
+            let s = self.lock();
+            if s.stamps == stamps && !s.racy {
+                return;
             }
         }
-        s.current.clone()
+        let read = read_all(&self.files);
+        let seen = digest(&read);
+        let parsed = read.and_then(|bytes| (self.parse)(&self.files, &bytes));
+        let mut s = self.lock();
+        s.racy = racy(&stamps);
+        s.stamps = stamps;
+        if s.seen == seen {
+            return;
+        }
+        s.seen = seen;
+        match parsed {
+            Ok(v) => {
+                info!(
+                    "export: the collector {} changed on disk and was loaded again from {}",
+                    self.what,
+                    self.paths()
+                );
+                s.current = v;
+            }
+            Err(e) => warn!(
+                "export: the collector {} changed on disk but cannot be used ({e}); \
+                 exports go on with the one loaded before, and it is read again when it changes",
+                self.what
+            ),
+        }
     }
 }
 
 /// The client certificate shown to a collector that asks for one.
-struct ClientIdentity(Watched<Arc<CertifiedKey>>);
+struct ClientIdentity(Arc<Watched<Arc<CertifiedKey>>>);
 
 impl std::fmt::Debug for ClientIdentity {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -202,7 +263,7 @@ impl std::fmt::Debug for ClientIdentity {
 
 impl ResolvesClientCert for ClientIdentity {
     fn resolve(&self, _hints: &[&[u8]], _schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
-        Some(self.0.get())
+        Some(self.0.current())
     }
 
     fn has_certs(&self) -> bool {
@@ -213,24 +274,17 @@ impl ResolvesClientCert for ClientIdentity {
 /// Trust for the collector's certificate: the CA file's, reloaded when it
 /// changes, or the host's store loaded once.
 enum Trust {
-    File(Watched<Arc<WebPkiServerVerifier>>),
+    File(Arc<Watched<Arc<WebPkiServerVerifier>>>),
     Host(Arc<WebPkiServerVerifier>),
 }
 
 impl Trust {
     fn verifier(&self) -> Arc<WebPkiServerVerifier> {
         match self {
-            Trust::File(w) => w.get(),
+            Trust::File(w) => w.current(),
             Trust::Host(v) => v.clone(),
         }
     }
-}
-
-#[derive(Debug)]
-struct CollectorVerifier {
-    trust: Trust,
-    /// For the signature checks, which need no roots.
-    provider: Arc<CryptoProvider>,
 }
 
 impl std::fmt::Debug for Trust {
@@ -240,6 +294,13 @@ impl std::fmt::Debug for Trust {
             Trust::Host(_) => f.write_str("Trust::Host"),
         }
     }
+}
+
+#[derive(Debug)]
+struct CollectorVerifier {
+    trust: Trust,
+    /// For the signature checks, which need no roots.
+    provider: Arc<CryptoProvider>,
 }
 
 impl ServerCertVerifier for CollectorVerifier {
@@ -317,78 +378,131 @@ fn host_trust() -> Result<Arc<WebPkiServerVerifier>, ExportError> {
 /// the setting or variable a file came from.
 pub(super) fn check_files(r: &ResolvedOtlp) -> Result<(), ExportError> {
     if let Some(f) = &r.tls.ca_file {
-        load_ca(std::slice::from_ref(f))?;
+        let files = std::slice::from_ref(f);
+        parse_ca(files, &read_all(files)?)?;
     }
     if let Some((c, k)) = &r.tls.identity {
-        load_identity(&[c.clone(), k.clone()])?;
+        let files = [c.clone(), k.clone()];
+        parse_identity(&files, &read_all(&files)?)?;
     }
     Ok(())
 }
 
-/// The rustls configuration for an `https://` collector, offering `alpn`:
-/// the CA file's trust (else the host's) and the client pair when set,
-/// each read again when it changes. Sessions are not resumed when a
-/// client certificate is shown, so that a renewed one is what the next
-/// connection proves.
-pub(super) fn client_config(r: &ResolvedOtlp, alpn: &[&[u8]]) -> Result<ClientConfig, ExportError> {
-    let trust = match &r.tls.ca_file {
-        Some(f) => Trust::File(Watched::new(vec![f.clone()], "CA file", load_ca)?),
-        None => Trust::Host(host_trust()?),
-    };
-    let provider = provider();
-    let verifier = Arc::new(CollectorVerifier {
-        trust,
-        provider: provider.clone(),
-    });
-    let builder = ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| ExportError::Build(format!("TLS: {e}")))?
-        .dangerous()
-        .with_custom_certificate_verifier(verifier);
-    let mut cfg = match &r.tls.identity {
-        Some((c, k)) => {
-            let id = Watched::new(
+/// The TLS of an `https://` collector, built once for the metrics and
+/// the traces exporters: the CA file's trust (else the host's) and the
+/// client pair when set, each read again by [`CollectorTls::refresh`]
+/// when it changes. Sessions are never resumed, so that every connection
+/// checks the collector against the CAs of the moment and proves the
+/// client certificate of the moment (exports are far apart: a full
+/// handshake costs nothing that matters).
+#[derive(Clone)]
+pub(crate) struct CollectorTls {
+    config: Arc<ClientConfig>,
+    ca: Option<Arc<Watched<Arc<WebPkiServerVerifier>>>>,
+    identity: Option<Arc<Watched<Arc<CertifiedKey>>>>,
+}
+
+impl std::fmt::Debug for CollectorTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CollectorTls")
+            .field("ca", &self.ca.as_ref().map(|w| w.paths()))
+            .field("identity", &self.identity.as_ref().map(|w| w.paths()))
+            .finish()
+    }
+}
+
+impl CollectorTls {
+    /// Reads the files `r` names (an error names the setting), offering
+    /// by ALPN what `r.protocol` speaks: h2 for gRPC, h2 and HTTP/1.1 for
+    /// OTLP/HTTP (as reqwest's own TLS does).
+    pub(crate) fn new(r: &ResolvedOtlp) -> Result<CollectorTls, ExportError> {
+        let ca = match &r.tls.ca_file {
+            Some(f) => Some(Arc::new(Watched::new(
+                vec![f.clone()],
+                "CA file",
+                parse_ca,
+            )?)),
+            None => None,
+        };
+        let identity = match &r.tls.identity {
+            Some((c, k)) => Some(Arc::new(Watched::new(
                 vec![c.clone(), k.clone()],
                 "client certificate",
-                load_identity,
-            )?;
-            let mut cfg = builder.with_client_cert_resolver(Arc::new(ClientIdentity(id)));
-            cfg.resumption = rustls::client::Resumption::disabled();
-            cfg
+                parse_identity,
+            )?)),
+            None => None,
+        };
+        let trust = match &ca {
+            Some(w) => Trust::File(w.clone()),
+            None => Trust::Host(host_trust()?),
+        };
+        let provider = provider();
+        let verifier = Arc::new(CollectorVerifier {
+            trust,
+            provider: provider.clone(),
+        });
+        let builder = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| ExportError::Build(format!("TLS: {e}")))?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier);
+        let mut cfg = match &identity {
+            Some(w) => builder.with_client_cert_resolver(Arc::new(ClientIdentity(w.clone()))),
+            None => builder.with_no_client_auth(),
+        };
+        cfg.resumption = rustls::client::Resumption::disabled();
+        cfg.alpn_protocols = match r.protocol {
+            OtlpProtocol::Grpc => vec![b"h2".to_vec()],
+            OtlpProtocol::HttpProtobuf => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+        };
+        Ok(CollectorTls {
+            config: Arc::new(cfg),
+            ca,
+            identity,
+        })
+    }
+
+    pub(crate) fn config(&self) -> Arc<ClientConfig> {
+        self.config.clone()
+    }
+
+    /// Reads the files again if they changed on disk (blocking: call it
+    /// off the agent's runtime threads), so that the next handshake uses
+    /// what they hold now.
+    pub(crate) fn refresh(&self) {
+        for w in self.ca.iter() {
+            w.refresh();
         }
-        None => builder.with_no_client_auth(),
-    };
-    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    Ok(cfg)
-}
-
-/// Connects tonic's channel to an `https://` collector over TCP and TLS
-/// with [`client_config`]: tonic's own TLS takes its files once.
-#[derive(Clone)]
-pub(super) struct GrpcTlsConnector {
-    tls: tokio_rustls::TlsConnector,
-}
-
-impl GrpcTlsConnector {
-    pub(super) fn new(config: Arc<ClientConfig>) -> Self {
-        GrpcTlsConnector {
-            tls: tokio_rustls::TlsConnector::from(config),
+        for w in self.identity.iter() {
+            w.refresh();
         }
     }
 }
 
-type Connecting = Pin<
-    Box<
-        dyn Future<
-                Output = std::io::Result<
-                    hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
-                >,
-            > + Send,
-    >,
->;
+/// Connects tonic's channel to an `https://` collector: TCP by hyper's
+/// connector (each resolved address in turn, the next tried after 300 ms,
+/// as tonic's own), then TLS with [`CollectorTls`], its files refreshed
+/// first on the blocking pool. (tonic's own TLS reads its files once.)
+#[derive(Clone)]
+pub(super) struct GrpcTlsConnector {
+    tls: CollectorTls,
+    tcp: hyper_util::client::legacy::connect::HttpConnector,
+}
+
+impl GrpcTlsConnector {
+    pub(super) fn new(tls: CollectorTls) -> Self {
+        let mut tcp = hyper_util::client::legacy::connect::HttpConnector::new();
+        tcp.enforce_http(false);
+        tcp.set_nodelay(true);
+        GrpcTlsConnector { tls, tcp }
+    }
+}
+
+type TlsIo = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+type Connecting = Pin<Box<dyn Future<Output = std::io::Result<TlsIo>> + Send>>;
 
 impl tower_service::Service<http::Uri> for GrpcTlsConnector {
-    type Response = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+    type Response = TlsIo;
     type Error = std::io::Error;
     type Future = Connecting;
 
@@ -398,33 +512,39 @@ impl tower_service::Service<http::Uri> for GrpcTlsConnector {
 
     fn call(&mut self, uri: http::Uri) -> Self::Future {
         let tls = self.tls.clone();
+        let mut tcp = self.tcp.clone();
         Box::pin(async move {
             let bad =
                 |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidInput, m.to_string());
             let host = uri
                 .host()
-                .ok_or_else(|| bad("the collector endpoint has no host"))?;
-            let host = host
+                .ok_or_else(|| bad("the collector endpoint has no host"))?
                 .trim_start_matches('[')
                 .trim_end_matches(']')
                 .to_string();
-            let port = uri.port_u16().unwrap_or(443);
-            let name = ServerName::try_from(host.clone())
+            let name = ServerName::try_from(host)
                 .map_err(|_| bad("the collector endpoint's host is not a valid TLS name"))?;
-            let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
-            let _ = tcp.set_nodelay(true);
-            let stream = tls.connect(name, tcp).await?;
+            let files = tls.clone();
+            let _ = tokio::task::spawn_blocking(move || files.refresh()).await;
+            let stream = tower_service::Service::call(&mut tcp, uri)
+                .await
+                .map_err(std::io::Error::other)?
+                .into_inner();
+            let stream = tokio_rustls::TlsConnector::from(tls.config())
+                .connect(name, stream)
+                .await?;
             Ok(hyper_util::rt::TokioIo::new(stream))
         })
     }
 }
 
 /// A gRPC channel to the `https://` collector `endpoint` through
-/// [`GrpcTlsConnector`]: tonic is given the same address as `http://` (so
-/// that it adds no TLS of its own) and `https://` as the requests' origin.
+/// [`GrpcTlsConnector`]: tonic is given the same host and port as
+/// `http://` (so that it adds no TLS of its own; the port made explicit,
+/// 443 when the endpoint has none) and `https://` as the requests' origin.
 pub(super) fn grpc_channel(
     endpoint: &str,
-    config: Arc<ClientConfig>,
+    tls: &CollectorTls,
     timeout: Duration,
 ) -> Result<tonic::transport::Channel, ExportError> {
     let bad = |m: String| ExportError::Config {
@@ -436,23 +556,24 @@ pub(super) fn grpc_channel(
         .map_err(|e| bad(format!("`{endpoint}` is not a URL: {e}")))?;
     let authority = uri
         .authority()
-        .ok_or_else(|| bad(format!("`{endpoint}` has no host")))?
-        .clone();
+        .ok_or_else(|| bad(format!("`{endpoint}` has no host")))?;
     let origin: http::Uri = format!("https://{authority}")
         .parse()
         .map_err(|e| bad(format!("`{endpoint}`: {e}")))?;
-    let plain = tonic::transport::Endpoint::from_shared(format!("http://{authority}"))
-        .map_err(|e| bad(format!("`{endpoint}`: {e}")))?;
+    let port = authority.port_u16().unwrap_or(443);
+    let plain =
+        tonic::transport::Endpoint::from_shared(format!("http://{}:{port}", authority.host()))
+            .map_err(|e| bad(format!("`{endpoint}`: {e}")))?;
     Ok(plain
         .origin(origin)
         .timeout(timeout)
         .connect_timeout(timeout)
-        .connect_with_connector_lazy(GrpcTlsConnector::new(config)))
+        .connect_with_connector_lazy(GrpcTlsConnector::new(tls.clone())))
 }
 
 #[cfg(test)]
 mod tests {
-    //! Real handshakes on loopback between [`client_config`] and a rustls
+    //! Real handshakes on loopback between [`CollectorTls`] and a rustls
     //! server that asks for a client certificate, with the files renewed
     //! between them as an issuer would.
 
@@ -550,12 +671,14 @@ mod tests {
         tokio_rustls::TlsAcceptor::from(Arc::new(cfg))
     }
 
-    /// One handshake: the client certificate the server saw, or why either
-    /// side failed.
+    /// One handshake, the files refreshed first as a connection does: the
+    /// client certificate the server saw, or why either side failed.
     async fn handshake(
-        cfg: &Arc<ClientConfig>,
+        tls: &CollectorTls,
         acceptor: &tokio_rustls::TlsAcceptor,
     ) -> Result<String, String> {
+        tls.refresh();
+        let cfg = tls.config();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -575,7 +698,7 @@ mod tests {
         let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
         let name = ServerName::try_from("127.0.0.1").expect("name");
         let client = async {
-            let mut tls = tokio_rustls::TlsConnector::from(cfg.clone())
+            let mut tls = tokio_rustls::TlsConnector::from(cfg)
                 .connect(name, tcp)
                 .await
                 .map_err(|e| format!("client: {e}"))?;
@@ -624,23 +747,23 @@ mod tests {
                 file(&key_p, "export.otlp.client_key"),
             )),
         );
-        let cfg = Arc::new(client_config(&r, &[b"h2"]).expect("config"));
-        assert_eq!(handshake(&cfg, &acceptor).await, Ok("runner-a".into()));
-        assert_eq!(handshake(&cfg, &acceptor).await, Ok("runner-a".into()));
+        let tls = CollectorTls::new(&r).expect("config");
+        assert_eq!(handshake(&tls, &acceptor).await, Ok("runner-a".into()));
+        assert_eq!(handshake(&tls, &acceptor).await, Ok("runner-a".into()));
 
         // Renewed with a new key, the certificate first: between the two
         // writes the pair does not match, and the last good one is shown.
         let (b_cert, b_key) = leaf(&client_ca, "runner-b");
         renew(&cert_p, &b_cert);
-        assert_eq!(handshake(&cfg, &acceptor).await, Ok("runner-a".into()));
+        assert_eq!(handshake(&tls, &acceptor).await, Ok("runner-a".into()));
         renew(&key_p, &b_key);
-        assert_eq!(handshake(&cfg, &acceptor).await, Ok("runner-b".into()));
+        assert_eq!(handshake(&tls, &acceptor).await, Ok("runner-b".into()));
 
         // A half-written file, then a missing one: the last good pair.
         std::fs::write(&cert_p, &b_cert[..b_cert.len() / 2]).expect("write");
-        assert_eq!(handshake(&cfg, &acceptor).await, Ok("runner-b".into()));
+        assert_eq!(handshake(&tls, &acceptor).await, Ok("runner-b".into()));
         std::fs::remove_file(&cert_p).expect("remove");
-        assert_eq!(handshake(&cfg, &acceptor).await, Ok("runner-b".into()));
+        assert_eq!(handshake(&tls, &acceptor).await, Ok("runner-b".into()));
 
         // Written whole again (a certificate for the same key).
         let key = KeyPair::from_pem(&b_key).expect("key");
@@ -650,7 +773,23 @@ mod tests {
             .expect("leaf")
             .pem();
         renew(&cert_p, &c_cert);
-        assert_eq!(handshake(&cfg, &acceptor).await, Ok("runner-c".into()));
+        assert_eq!(handshake(&tls, &acceptor).await, Ok("runner-c".into()));
+
+        // Rewritten in place with a certificate of the same length, within
+        // the same tick of the file clock: the content tells the change.
+        // (Signatures vary in length: made until one has the length.)
+        let d_cert = (0..200)
+            .map(|_| {
+                CertificateParams::new(vec!["runner-d".to_string()])
+                    .expect("params")
+                    .signed_by(&key, &client_ca.issuer)
+                    .expect("leaf")
+                    .pem()
+            })
+            .find(|d| d.len() == c_cert.len())
+            .expect("a certificate of the same length");
+        std::fs::write(&cert_p, &d_cert).expect("write in place");
+        assert_eq!(handshake(&tls, &acceptor).await, Ok("runner-d".into()));
     }
 
     #[tokio::test]
@@ -666,21 +805,21 @@ mod tests {
             Some(file(&ca_p, "OTEL_EXPORTER_OTLP_CERTIFICATE")),
             Some((file(&cert_p, "c"), file(&key_p, "k"))),
         );
-        let cfg = Arc::new(client_config(&r, &[]).expect("config"));
+        let tls = CollectorTls::new(&r).expect("config");
         // The collector moved to a certificate from a new CA.
         let moved = acceptor(&new_ca, &client_ca);
-        let err = handshake(&cfg, &moved).await.expect_err("not trusted yet");
+        let err = handshake(&tls, &moved).await.expect_err("not trusted yet");
         assert!(err.starts_with("client:"), "{err}");
         // The CA file is renewed to hold both.
         renew(&ca_p, &format!("{}{}", old_ca.pem, new_ca.pem));
-        assert_eq!(handshake(&cfg, &moved).await, Ok("runner".into()));
+        assert_eq!(handshake(&tls, &moved).await, Ok("runner".into()));
         assert_eq!(
-            handshake(&cfg, &acceptor(&old_ca, &client_ca)).await,
+            handshake(&tls, &acceptor(&old_ca, &client_ca)).await,
             Ok("runner".into())
         );
         // A CA file that is not one keeps the CAs before it.
         renew(&ca_p, &key);
-        assert_eq!(handshake(&cfg, &moved).await, Ok("runner".into()));
+        assert_eq!(handshake(&tls, &moved).await, Ok("runner".into()));
     }
 
     #[test]
@@ -700,7 +839,7 @@ mod tests {
                 file(&key_p, "export.otlp.client_key"),
             )),
         );
-        match client_config(&r, &[]) {
+        match CollectorTls::new(&r) {
             Err(ExportError::TlsFile { key, message }) => {
                 assert_eq!(key, "export.otlp.client_key");
                 assert!(message.contains("not a usable key"), "{message}");

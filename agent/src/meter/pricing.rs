@@ -200,9 +200,6 @@ pub const GEMINI_3_WEB_SEARCH: f64 = 14.0;
 /// grounded prompts (same page).
 pub const GEMINI_2_WEB_SEARCH: f64 = 35.0;
 
-/// The list price of 1,000 web searches of `model` of `provider` (each
-/// provider's free allowances, which a response does not show, are not
-/// taken off: the cost is at most what is billed).
 /// The list price of 1,000 searches by OpenAI's `web_search_preview` tool
 /// of `model` of `provider`, whose `web_search` rate is `web_search`: $25
 /// on OpenAI's (and Azure's) non-reasoning models, else `web_search`.
@@ -218,6 +215,9 @@ pub fn default_web_search_preview(provider: &str, model: &str, web_search: f64) 
     }
 }
 
+/// The list price of 1,000 web searches of `model` of `provider` (each
+/// provider's free allowances, which a response does not show, are not
+/// taken off: the cost is at most what is billed).
 pub fn default_web_search(provider: &str, model: &str) -> f64 {
     match provider {
         "anthropic" | "bedrock" => ANTHROPIC_WEB_SEARCH,
@@ -704,10 +704,15 @@ impl Price {
             },
             configured,
             web_search,
-            web_search_preview: m
-                .web_search_preview
-                .or(base.map(|b| b.web_search_preview))
-                .unwrap_or_else(|| default_web_search_preview(&m.provider, &m.model, web_search)),
+            // An entry that sets `web_search` but not the preview rate: the
+            // preview rate follows it where the model has no rate of its
+            // own for the preview tool.
+            web_search_preview: m.web_search_preview.unwrap_or_else(|| {
+                match (m.web_search, base) {
+                    (None, Some(b)) => b.web_search_preview,
+                    _ => default_web_search_preview(&m.provider, &m.model, web_search),
+                }
+            }),
             modal: {
                 let own = [
                     m.audio_input.map(|r| ModalRate::of(r, m.input)),
@@ -792,7 +797,8 @@ impl Price {
     /// A request whose prompt (`input_tokens`, which includes cache reads
     /// and writes) is larger than the long-context threshold is priced
     /// whole at the long-context rates. Web searches add
-    /// `web_searches · web_search / 1000` ([`Price::search_fee`]).
+    /// `web_searches · web_search / 1000`, those of OpenAI's preview tool
+    /// at `web_search_preview` instead ([`Price::search_fee`]).
     pub fn cost(&self, u: &Usage) -> f64 {
         self.token_cost(u) + self.search_fee(u)
     }
@@ -2798,6 +2804,15 @@ output = 15.0
         );
         let p = kept.price_at("openai", "gpt-4.1", NOW).unwrap();
         assert!(close(p.web_search_preview, 25.0), "{p:?}");
+        // An entry's own `web_search` is the preview rate of a reasoning
+        // model too; a non-reasoning one keeps $25 for the preview tool.
+        let own = book_of(
+            "[[models]]\nprovider = \"openai\"\nmodel = \"o3\"\ninput = 2\noutput = 8\nweb_search = 0\n\n[[models]]\nprovider = \"openai\"\nmodel = \"gpt-4o\"\ninput = 2\noutput = 8\nweb_search = 12\n",
+        );
+        let p = own.price_at("openai", "o3", NOW).unwrap();
+        assert_eq!((p.web_search, p.web_search_preview), (0.0, 0.0));
+        let p = own.price_at("openai", "gpt-4o", NOW).unwrap();
+        assert_eq!((p.web_search, p.web_search_preview), (12.0, 25.0));
     }
 
     #[test]
