@@ -761,18 +761,50 @@ fn collector_with(
     let reachable = lookup_all(vec![addr.clone()], Duration::from_secs(5))
         .remove(&addr)
         .unwrap_or_default()
-        .iter()
-        .any(|a| std::net::TcpStream::connect_timeout(a, Duration::from_secs(3)).is_ok());
-    match (reachable, ignored) {
+        .into_iter()
+        .find(|a| std::net::TcpStream::connect_timeout(a, Duration::from_secs(3)).is_ok());
+    // Over TLS, a handshake as the exporters make it: a collector whose
+    // certificate the agent does not trust, or that refuses its client
+    // certificate, takes connections and still gets no metrics.
+    let tls = match reachable {
+        Some(a) if crate::export::is_https(&resolved.endpoint) => Some(
+            crate::export::probe_collector_tls(
+                &resolved,
+                a,
+                Duration::from_secs(5),
+                Duration::from_millis(1500),
+            )
+            .map(|()| match &resolved.tls.ca_file {
+                Some(f) => format!(", and its certificate is trusted by {}", f.source),
+                None => ", and the host's CA store trusts its certificate".to_string(),
+            }),
+        ),
+        _ => None,
+    };
+    let trusted = match tls {
+        Some(Err(why)) => {
+            return outcome(
+                Level::Warn,
+                "collector",
+                format!(
+                    "{shown} accepts connections, but a TLS handshake failed: {why}; metrics are not exported until it is fixed, the ledger is unaffected{}",
+                    ignored.unwrap_or_default()
+                ),
+            );
+        }
+        Some(Ok(t)) => t,
+        None => String::new(),
+    };
+    match (reachable.is_some(), ignored) {
         (true, None) => outcome(
             Level::Ok,
             "collector",
-            format!("{shown} accepts connections"),
+            format!("{shown} accepts connections{trusted}"),
         ),
         (true, Some(ignored)) => outcome(
             Level::Warn,
             "collector",
-            format!("{shown} accepts connections{ignored}"),
+            format!("{shown} accepts connections{trusted}{ignored}"),
         ),
         (false, ignored) => outcome(
             Level::Warn,
@@ -1075,6 +1107,40 @@ mod tests {
         assert_eq!(o.level, Level::Fail, "{o:?}");
         assert!(o.detail.contains("OTEL_EXPORTER_OTLP_CERTIFICATE"), "{o:?}");
         assert!(o.detail.contains("no-ca.pem"), "{o:?}");
+        // An https:// collector that takes connections but speaks no TLS
+        // (a plain listener that hangs up): a warning that the handshake
+        // failed, after the connection was taken.
+        let plain_tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let tcp_port = plain_tcp.local_addr().unwrap().port();
+        let hang_up = std::thread::spawn(move || {
+            if let Ok((c, _)) = plain_tcp.accept() {
+                drop(c);
+            }
+            if let Ok((c, _)) = plain_tcp.accept() {
+                drop(c);
+            }
+        });
+        let ca = t.path().join("ca.pem");
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        std::fs::write(&ca, params.self_signed(&key).unwrap().pem()).unwrap();
+        let mut tls = Config::default();
+        tls.export.otlp.endpoint = Some(format!("https://127.0.0.1:{tcp_port}"));
+        let o = check(
+            Some(&format!(
+                "OTEL_EXPORTER_OTLP_CERTIFICATE={}\n",
+                ca.display()
+            )),
+            &tls,
+        );
+        hang_up.join().unwrap();
+        assert_eq!(o.level, Level::Warn, "{o:?}");
+        assert!(
+            o.detail
+                .contains("accepts connections, but a TLS handshake failed"),
+            "{o:?}"
+        );
     }
 
     #[test]

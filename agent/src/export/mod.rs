@@ -54,10 +54,22 @@ pub(crate) fn check_tls_files(r: &ResolvedOtlp) -> Result<(), String> {
     }
     tls::check_files(r).map_err(|e| e.to_string())
 }
+/// Shakes hands with `r`'s `https://` collector at `addr` as the
+/// exporters would (see `tls::probe`): `tollgate check`.
+pub(crate) fn probe_collector_tls(
+    r: &ResolvedOtlp,
+    addr: std::net::SocketAddr,
+    timeout: Duration,
+    wait: Duration,
+) -> Result<(), String> {
+    tls::probe(r, addr, timeout, wait)
+}
+
 pub use config::{
     AuditLogConfig, ExportConfig, Headers, OtlpConfig, OtlpProtocol, OtlpTemporality, ResolvedOtlp,
     Semconv, parse_env_headers,
 };
+pub(crate) use otlp::is_https;
 
 use crate::meter::RecordSink;
 

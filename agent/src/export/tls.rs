@@ -479,6 +479,82 @@ impl CollectorTls {
     }
 }
 
+/// Shakes hands with `r`'s `https://` collector at `addr` as the
+/// exporters would (its files, its ALPN), then waits up to `wait` for
+/// the collector to refuse the client certificate (TLS 1.3 says so after
+/// the client's side is done). Blocking. The error says what to fix.
+pub(crate) fn probe(
+    r: &ResolvedOtlp,
+    addr: std::net::SocketAddr,
+    timeout: Duration,
+    wait: Duration,
+) -> Result<(), String> {
+    use std::io::Read;
+    let tls = CollectorTls::new(r).map_err(|e| e.to_string())?;
+    let uri: http::Uri = r
+        .endpoint
+        .parse()
+        .map_err(|e| format!("`{}` is not a URL: {e}", r.endpoint))?;
+    let host = uri
+        .host()
+        .unwrap_or_default()
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    let name = ServerName::try_from(host)
+        .map_err(|_| "the endpoint's host is not a valid TLS name".to_string())?;
+    let trust = match &r.tls.ca_file {
+        Some(f) => format!("{} ({})", f.source, f.path.display()),
+        None => "the host's CA store".to_string(),
+    };
+    let tcp = std::net::TcpStream::connect_timeout(&addr, timeout)
+        .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+    let _ = tcp.set_read_timeout(Some(timeout));
+    let _ = tcp.set_write_timeout(Some(timeout));
+    let conn =
+        rustls::ClientConnection::new(tls.config(), name).map_err(|e| format!("TLS: {e}"))?;
+    let mut s = rustls::StreamOwned::new(conn, tcp);
+    let explain = |e: std::io::Error| -> String {
+        let text = e.to_string();
+        let inner = e
+            .get_ref()
+            .and_then(|i| i.downcast_ref::<rustls::Error>())
+            .cloned();
+        match inner {
+            Some(rustls::Error::InvalidCertificate(why)) => format!(
+                "its certificate is not trusted by {trust} ({why:?}): set export.otlp.ca_file \
+                 (or OTEL_EXPORTER_OTLP_CERTIFICATE) to the CA that issued it"
+            ),
+            Some(rustls::Error::AlertReceived(alert)) => {
+                let shown = if r.tls.identity.is_some() {
+                    "the client certificate shown was refused"
+                } else {
+                    "it may want a client certificate: set export.otlp.client_cert and client_key"
+                };
+                format!("the collector ended the handshake ({alert:?}): {shown}")
+            }
+            _ => format!("TLS handshake failed: {text}"),
+        }
+    };
+    while s.conn.is_handshaking() {
+        s.conn.complete_io(&mut s.sock).map_err(explain)?;
+    }
+    let _ = s.sock.set_read_timeout(Some(wait));
+    let mut b = [0u8; 1];
+    match s.read(&mut b) {
+        Ok(_) => {}
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) => {}
+        // (A collector that closes without a word took the handshake.)
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {}
+        Err(e) => return Err(explain(e)),
+    }
+    Ok(())
+}
+
 /// Connects tonic's channel to an `https://` collector: TCP by hyper's
 /// connector (each resolved address in turn, the next tried after 300 ms,
 /// as tonic's own), then TLS with [`CollectorTls`], its files refreshed
@@ -820,6 +896,81 @@ mod tests {
         // A CA file that is not one keeps the CAs before it.
         renew(&ca_p, &key);
         assert_eq!(handshake(&tls, &moved).await, Ok("runner".into()));
+    }
+
+    /// A server that takes every connection with `acceptor`, answering a
+    /// byte after a handshake that succeeded; its address.
+    async fn serve(acceptor: tokio_rustls::TlsAcceptor) -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    if let Ok(mut tls) = acceptor.accept(tcp).await {
+                        let _ = tokio::io::AsyncWriteExt::write_all(&mut tls, b"k").await;
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    /// `tollgate check`'s handshake: taken, or refused with what to fix
+    /// (a collector certificate the CA file does not vouch for, a client
+    /// certificate missing or refused).
+    #[tokio::test]
+    async fn the_probe_says_why_a_handshake_fails() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (ca_p, cert_p, key_p) = paths(dir.path());
+        let (server_ca, client_ca, stranger) = (ca(), ca(), ca());
+        let addr = serve(acceptor(&server_ca, &client_ca)).await;
+        let (cert, key) = leaf(&client_ca, "runner");
+        std::fs::write(&ca_p, &server_ca.pem).expect("write");
+        std::fs::write(&cert_p, &cert).expect("write");
+        std::fs::write(&key_p, &key).expect("write");
+        let other_ca = dir.path().join("other-ca.pem");
+        std::fs::write(&other_ca, &stranger.pem).expect("write");
+        let (s_cert, s_key) = leaf(&stranger, "runner");
+        let (s_cert_p, s_key_p) = (dir.path().join("s.pem"), dir.path().join("s.key"));
+        std::fs::write(&s_cert_p, &s_cert).expect("write");
+        std::fs::write(&s_key_p, &s_key).expect("write");
+        let pair = |c: &Path, k: &Path| {
+            Some((
+                file(c, "export.otlp.client_cert"),
+                file(k, "export.otlp.client_key"),
+            ))
+        };
+        let cases = [
+            (Some(&ca_p), pair(&cert_p, &key_p), None),
+            (
+                Some(&other_ca),
+                pair(&cert_p, &key_p),
+                Some("is not trusted by export.otlp.ca_file"),
+            ),
+            (Some(&ca_p), None, Some("set export.otlp.client_cert")),
+            (
+                Some(&ca_p),
+                pair(&s_cert_p, &s_key_p),
+                Some("the client certificate shown was refused"),
+            ),
+        ];
+        for (ca_file, identity, want) in cases {
+            let r = otlp(ca_file.map(|p| file(p, "export.otlp.ca_file")), identity);
+            let got = tokio::task::spawn_blocking(move || {
+                probe(&r, addr, Duration::from_secs(5), Duration::from_secs(2))
+            })
+            .await
+            .expect("probe");
+            match (want, got) {
+                (None, Ok(())) => {}
+                (Some(w), Err(e)) => assert!(e.contains(w), "want {w:?}: {e}"),
+                (want, got) => panic!("want {want:?}, got {got:?}"),
+            }
+        }
     }
 
     #[test]
