@@ -40,17 +40,55 @@ fn search_calls() -> Vec<Value> {
 /// Input tokens a search's results add, billed as input.
 const SEARCH_RESULT_TOKENS: u64 = 100;
 
+/// What a Responses request asks for, as the fake answers it.
+struct Asked {
+    model: String,
+    /// The input's words (at least 1), and what searches added.
+    input_tokens: u64,
+    /// `max_output_tokens`, 7 when not given.
+    output_tokens: u64,
+    usage: Value,
+    text: String,
+}
+
+/// [`Asked`] of request `v`, whose input grew by `extra_input` tokens.
+fn asked(v: &Value, extra_input: u64) -> Asked {
+    let model = v
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or("gpt-5.4")
+        .to_string();
+    let input_tokens = match v.get("input") {
+        Some(Value::String(s)) => words(s),
+        Some(other) => text_words(other),
+        None => 0,
+    }
+    .max(1)
+        + extra_input;
+    let output_tokens = v
+        .get("max_output_tokens")
+        .and_then(Value::as_u64)
+        .unwrap_or(7)
+        .clamp(1, 2000);
+    let usage = json!({"input_tokens":input_tokens,"input_tokens_details":{"cached_tokens":0},
+        "output_tokens":output_tokens,"output_tokens_details":{"reasoning_tokens":0},
+        "total_tokens":input_tokens + output_tokens});
+    let text = vec!["tok"; output_tokens as usize].join(" ");
+    Asked {
+        model,
+        input_tokens,
+        output_tokens,
+        usage,
+        text,
+    }
+}
+
 /// `POST …/responses` answered at once, in JSON or as a stream: the
 /// request's web search tool (`web_search` or `web_search_preview`)
 /// searches twice, and the response lists the request's `tools`, as the
 /// API does.
 fn create(call: &Call) -> hyper::Response<Body> {
     let v = &call.body;
-    let model = v
-        .get("model")
-        .and_then(Value::as_str)
-        .unwrap_or("gpt-5.4")
-        .to_string();
     let tools = v.get("tools").cloned().unwrap_or_else(|| json!([]));
     let searched = tools.as_array().is_some_and(|t| {
         t.iter().any(|t| {
@@ -60,23 +98,14 @@ fn create(call: &Call) -> hyper::Response<Body> {
         })
     });
     let web_searches = if searched { 2 } else { 0 };
-    let input_tokens = match v.get("input") {
-        Some(Value::String(s)) => words(s),
-        Some(other) => text_words(other),
-        None => 0,
-    }
-    .max(1)
-        + web_searches * SEARCH_RESULT_TOKENS;
-    let output_tokens = v
-        .get("max_output_tokens")
-        .and_then(Value::as_u64)
-        .unwrap_or(7)
-        .clamp(1, 2000);
+    let Asked {
+        model,
+        input_tokens,
+        output_tokens,
+        usage,
+        text,
+    } = asked(v, web_searches * SEARCH_RESULT_TOKENS);
     let id = background::next_id("resp_fake");
-    let usage = json!({"input_tokens":input_tokens,"input_tokens_details":{"cached_tokens":0},
-        "output_tokens":output_tokens,"output_tokens_details":{"reasoning_tokens":0},
-        "total_tokens":input_tokens + output_tokens});
-    let text = vec!["tok"; output_tokens as usize].join(" ");
     let calls = if searched { search_calls() } else { vec![] };
     let object = |status: &str, usage: Value, text: &str| {
         let mut o = response_object(&id, &model, status, usage, text);
@@ -134,27 +163,14 @@ fn create(call: &Call) -> hyper::Response<Body> {
 /// `POST …/responses` in background mode: answered `queued` at once.
 fn create_background(call: &Call) -> hyper::Response<Body> {
     let v = &call.body;
-    let model = v
-        .get("model")
-        .and_then(Value::as_str)
-        .unwrap_or("gpt-5.4")
-        .to_string();
-    let input_tokens = match v.get("input") {
-        Some(Value::String(s)) => words(s),
-        Some(other) => text_words(other),
-        None => 0,
-    }
-    .max(1);
-    let output_tokens = v
-        .get("max_output_tokens")
-        .and_then(Value::as_u64)
-        .unwrap_or(7)
-        .clamp(1, 2000);
+    let Asked {
+        model,
+        input_tokens,
+        output_tokens,
+        usage,
+        text,
+    } = asked(v, 0);
     let id = background::next_id("resp_fake");
-    let usage = json!({"input_tokens":input_tokens,"input_tokens_details":{"cached_tokens":0},
-        "output_tokens":output_tokens,"output_tokens_details":{"reasoning_tokens":0},
-        "total_tokens":input_tokens + output_tokens});
-    let text = vec!["tok"; output_tokens as usize].join(" ");
     let running = response_object(&id, &model, "queued", Value::Null, "");
     let stream = v.get("stream").and_then(Value::as_bool) == Some(true);
     let mut seq = 0u64;
