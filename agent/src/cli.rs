@@ -411,12 +411,26 @@ pub fn report(cfg: &Config, args: &ReportArgs) -> Result<(), CmdError> {
                             since_ms: filter.since_ms,
                             ..Default::default()
                         };
+                    let other_case = if names {
+                        l.names_in_other_case(&filter)?
+                    } else {
+                        Vec::new()
+                    };
+                    let like = other_case
+                        .iter()
+                        .map(|(option, name)| format!("{option} {name:?}"))
+                        .collect::<Vec<_>>();
                     format!(
-                        "no requests match these filters ({n} requests in the ledger{})\n",
+                        "no requests match these filters ({n} requests in the ledger{}{})\n",
                         if names {
                             "; names match exactly, case included"
                         } else {
                             ""
+                        },
+                        if like.is_empty() {
+                            String::new()
+                        } else {
+                            format!(": {} would match", like.join(", "))
                         }
                     )
                 }

@@ -113,6 +113,15 @@ fn openai_python_sdk_is_counted_streaming_and_not() {
         table.contains("acme/widgets") && table.contains("gpt-4o-mini"),
         "{table}"
     );
+    // A repository named in another case matches nothing, and the
+    // report says which name would.
+    let other = w.agent.command(&["report", "--repository", "ACME/Widgets"]);
+    let other = String::from_utf8_lossy(&other.stdout);
+    assert!(
+        other.contains("no requests match these filters")
+            && other.contains(r#"--repository "acme/widgets" would match"#),
+        "{other}"
+    );
 }
 
 #[test]

@@ -514,7 +514,6 @@ impl Ledger {
         Ok(refused)
     }
 
-    /// Records matching `filter`, oldest first, with `id` filled.
     /// Rows in the ledger, whatever they hold.
     pub fn count(&self) -> Result<u64, LedgerError> {
         self.conn
@@ -523,6 +522,40 @@ impl Ledger {
             .map_err(|e| LedgerError::classify(&self.path, e))
     }
 
+    /// For a filter that matched nothing: the repository, job and runner
+    /// names in the ledger that differ from the filter's only in case
+    /// (ASCII), at most three each, with the `report` option that takes
+    /// them. A scan of the table: only for a report that found nothing.
+    pub fn names_in_other_case(
+        &self,
+        filter: &Filter,
+    ) -> Result<Vec<(&'static str, String)>, LedgerError> {
+        let err = |e| LedgerError::classify(&self.path, e);
+        let mut out = Vec::new();
+        for (option, column, value) in [
+            ("--repository", "repository", &filter.repository),
+            ("--job", "job", &filter.job),
+            ("--runner", "runner", &filter.runner),
+        ] {
+            let Some(value) = value else { continue };
+            let mut stmt = self
+                .conn
+                .prepare(&format!(
+                    "SELECT DISTINCT {column} FROM requests \
+                     WHERE {column} = ?1 COLLATE NOCASE AND {column} != ?1 LIMIT 3"
+                ))
+                .map_err(err)?;
+            let names = stmt
+                .query_map([value], |r| r.get::<_, String>(0))
+                .map_err(err)?;
+            for n in names {
+                out.push((option, n.map_err(err)?));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Records matching `filter`, oldest first, with `id` filled.
     pub fn query(&self, filter: &Filter) -> Result<Vec<UsageRecord>, LedgerError> {
         let mut out = Vec::new();
         self.for_each(filter, |r| {

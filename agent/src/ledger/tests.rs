@@ -227,6 +227,36 @@ fn round_trips_every_field_and_filters() {
     assert_eq!(sync, 1, "synchronous=NORMAL");
 }
 
+/// A filter that matched nothing names what it would have matched in
+/// another case (for `report`'s hint), and nothing for an exact name or
+/// one that is not there at all.
+#[test]
+fn names_in_another_case_are_found_for_a_filter_that_matched_nothing() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let mut l = Ledger::open(&t.path().join("ledger.sqlite")).expect("opens");
+    l.insert_batch(&[sample(1), sample(2)]).expect("insert");
+    let f = Filter {
+        repository: Some("ACME/App".into()),
+        job: Some("TEST".into()),
+        runner: Some("runner-7".into()),
+        ..Filter::default()
+    };
+    assert!(l.query(&f).expect("query").is_empty());
+    assert_eq!(
+        l.names_in_other_case(&f).expect("names"),
+        [
+            ("--repository", "acme/app".to_string()),
+            ("--job", "test".to_string())
+        ]
+    );
+    let none = Filter {
+        repository: Some("acme/app".into()),
+        job: Some("lint".into()),
+        ..Filter::default()
+    };
+    assert!(l.names_in_other_case(&none).expect("names").is_empty());
+}
+
 #[test]
 fn writer_writes_ten_thousand_records() {
     let t = tempfile::tempdir().expect("tempdir");
