@@ -766,10 +766,20 @@ fn collector_with(
     // Over TLS, a handshake as the exporters make it: a collector whose
     // certificate the agent does not trust, or that refuses its client
     // certificate, takes connections and still gets no metrics.
+    // The host's store as the service finds it: its environment file's
+    // SSL_CERT_FILE and SSL_CERT_DIR, not this shell's.
+    let store = match &file_vars {
+        Some(vars) => crate::export::HostStore::Given {
+            file: vars.get("SSL_CERT_FILE").map(std::path::PathBuf::from),
+            dir: vars.get("SSL_CERT_DIR").map(std::path::PathBuf::from),
+        },
+        None => crate::export::HostStore::Process,
+    };
     let tls = match reachable {
         Some(a) if crate::export::is_https(&resolved.endpoint) => Some(
             crate::export::probe_collector_tls(
                 &resolved,
+                &store,
                 a,
                 Duration::from_secs(5),
                 Duration::from_millis(1500),

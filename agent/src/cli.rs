@@ -430,7 +430,7 @@ pub fn report(cfg: &Config, args: &ReportArgs) -> Result<(), CmdError> {
                         if like.is_empty() {
                             String::new()
                         } else {
-                            format!(": {} would match", like.join(", "))
+                            format!(": {} is in the ledger", like.join(", "))
                         }
                     )
                 }

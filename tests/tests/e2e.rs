@@ -119,7 +119,7 @@ fn openai_python_sdk_is_counted_streaming_and_not() {
     let other = String::from_utf8_lossy(&other.stdout);
     assert!(
         other.contains("no requests match these filters")
-            && other.contains(r#"--repository "acme/widgets" would match"#),
+            && other.contains(r#"--repository "acme/widgets" is in the ledger"#),
         "{other}"
     );
 }

@@ -58,12 +58,15 @@ pub(crate) fn check_tls_files(r: &ResolvedOtlp) -> Result<(), String> {
 /// exporters would (see `tls::probe`): `tollgate check`.
 pub(crate) fn probe_collector_tls(
     r: &ResolvedOtlp,
+    store: &HostStore,
     addr: std::net::SocketAddr,
     timeout: Duration,
     wait: Duration,
 ) -> Result<(), String> {
-    tls::probe(r, addr, timeout, wait)
+    tls::probe(r, store, addr, timeout, wait)
 }
+
+pub(crate) use tls::HostStore;
 
 pub use config::{
     AuditLogConfig, ExportConfig, Headers, OtlpConfig, OtlpProtocol, OtlpTemporality, ResolvedOtlp,

@@ -161,6 +161,10 @@ struct Watched<T> {
     what: &'static str,
     parse: Parser<T>,
     state: Mutex<WatchState<T>>,
+    /// Held by a refresh from its `stat` to its parse, so that two
+    /// exporters refreshing at once cannot store an older read over a
+    /// newer one (never taken by a handshake).
+    refreshing: Mutex<()>,
 }
 
 struct WatchState<T> {
@@ -191,6 +195,7 @@ impl<T: Clone> Watched<T> {
                 stamps,
                 seen,
             }),
+            refreshing: Mutex::new(()),
         })
     }
 
@@ -213,8 +218,9 @@ impl<T: Clone> Watched<T> {
 
     /// Reads the files again when their stamps changed (or were too
     /// recent), and parses them when their content changed. Blocking I/O,
-    /// done without the lock held.
+    /// done without the state's lock held (handshakes read it).
     fn refresh(&self) {
+        let _one_at_a_time = self.refreshing.lock().unwrap_or_else(|p| p.into_inner());
         let stamps: Vec<_> = self.files.iter().map(stamp).collect();
         {
             let s = self.lock();
@@ -352,10 +358,51 @@ impl ServerCertVerifier for CollectorVerifier {
     }
 }
 
-/// The host's CA store, as OpenSSL would find it (`SSL_CERT_FILE` and
-/// `SSL_CERT_DIR` first).
-fn host_trust() -> Result<Arc<WebPkiServerVerifier>, ExportError> {
-    let found = rustls_native_certs::load_native_certs();
+/// Where the host's CA store is looked for.
+#[derive(Debug, Clone, Default)]
+pub(crate) enum HostStore {
+    /// As OpenSSL finds it from this process's environment
+    /// (`SSL_CERT_FILE` and `SSL_CERT_DIR` first): the agent's.
+    #[default]
+    Process,
+    /// The service's `SSL_CERT_FILE` and `SSL_CERT_DIR`, for `tollgate
+    /// check`, which runs in another environment (a set one is used
+    /// instead of the system's locations, as OpenSSL does).
+    Given {
+        file: Option<std::path::PathBuf>,
+        dir: Option<std::path::PathBuf>,
+    },
+}
+
+/// The certificates of the PEM file `file` and of the files in `dir`.
+fn certs_at(
+    file: Option<&std::path::Path>,
+    dir: Option<&std::path::Path>,
+) -> rustls_native_certs::CertificateResult {
+    let mut out = rustls_native_certs::CertificateResult::default();
+    let mut paths: Vec<std::path::PathBuf> = file.map(|f| f.to_path_buf()).into_iter().collect();
+    if let Some(d) = dir
+        && let Ok(entries) = std::fs::read_dir(d)
+    {
+        paths.extend(entries.flatten().map(|e| e.path()).filter(|p| p.is_file()));
+    }
+    for p in paths {
+        if let Ok(pem) = std::fs::read(&p) {
+            out.certs
+                .extend(rustls_pemfile::certs(&mut &pem[..]).flatten());
+        }
+    }
+    out
+}
+
+/// The host's CA store, found as `store` says.
+fn host_trust(store: &HostStore) -> Result<Arc<WebPkiServerVerifier>, ExportError> {
+    let found = match store {
+        HostStore::Given { file, dir } if file.is_some() || dir.is_some() => {
+            certs_at(file.as_deref(), dir.as_deref())
+        }
+        _ => rustls_native_certs::load_native_certs(),
+    };
     let mut roots = rustls::RootCertStore::empty();
     let (added, _) = roots.add_parsable_certificates(found.certs);
     if added == 0 {
@@ -416,6 +463,14 @@ impl CollectorTls {
     /// by ALPN what `r.protocol` speaks: h2 for gRPC, h2 and HTTP/1.1 for
     /// OTLP/HTTP (as reqwest's own TLS does).
     pub(crate) fn new(r: &ResolvedOtlp) -> Result<CollectorTls, ExportError> {
+        CollectorTls::with_store(r, &HostStore::Process)
+    }
+
+    /// [`CollectorTls::new`], with the host's store found as `store` says.
+    pub(crate) fn with_store(
+        r: &ResolvedOtlp,
+        store: &HostStore,
+    ) -> Result<CollectorTls, ExportError> {
         let ca = match &r.tls.ca_file {
             Some(f) => Some(Arc::new(Watched::new(
                 vec![f.clone()],
@@ -434,7 +489,7 @@ impl CollectorTls {
         };
         let trust = match &ca {
             Some(w) => Trust::File(w.clone()),
-            None => Trust::Host(host_trust()?),
+            None => Trust::Host(host_trust(store)?),
         };
         let provider = provider();
         let verifier = Arc::new(CollectorVerifier {
@@ -485,12 +540,14 @@ impl CollectorTls {
 /// the client's side is done). Blocking. The error says what to fix.
 pub(crate) fn probe(
     r: &ResolvedOtlp,
+    store: &HostStore,
     addr: std::net::SocketAddr,
     timeout: Duration,
     wait: Duration,
 ) -> Result<(), String> {
+    use rustls::{AlertDescription as A, CertificateError as C};
     use std::io::Read;
-    let tls = CollectorTls::new(r).map_err(|e| e.to_string())?;
+    let tls = CollectorTls::with_store(r, store).map_err(|e| e.to_string())?;
     let uri: http::Uri = r
         .endpoint
         .parse()
@@ -521,11 +578,27 @@ pub(crate) fn probe(
             .and_then(|i| i.downcast_ref::<rustls::Error>())
             .cloned();
         match inner {
-            Some(rustls::Error::InvalidCertificate(why)) => format!(
+            Some(rustls::Error::InvalidCertificate(
+                why @ (C::UnknownIssuer | C::BadSignature | C::BadEncoding),
+            )) => format!(
                 "its certificate is not trusted by {trust} ({why:?}): set export.otlp.ca_file \
                  (or OTEL_EXPORTER_OTLP_CERTIFICATE) to the CA that issued it"
             ),
-            Some(rustls::Error::AlertReceived(alert)) => {
+            Some(rustls::Error::InvalidCertificate(why)) => format!(
+                "its certificate was refused ({why:?}): check the endpoint's host name and the \
+                 collector's certificate (its names, its dates)"
+            ),
+            Some(rustls::Error::AlertReceived(
+                alert @ (A::BadCertificate
+                | A::UnknownCA
+                | A::CertificateRequired
+                | A::CertificateUnknown
+                | A::CertificateExpired
+                | A::CertificateRevoked
+                | A::AccessDenied
+                | A::DecryptError
+                | A::HandshakeFailure),
+            )) => {
                 let shown = if r.tls.identity.is_some() {
                     "the client certificate shown was refused"
                 } else {
@@ -556,8 +629,9 @@ pub(crate) fn probe(
 }
 
 /// Connects tonic's channel to an `https://` collector: TCP by hyper's
-/// connector (each resolved address in turn, the next tried after 300 ms,
-/// as tonic's own), then TLS with [`CollectorTls`], its files refreshed
+/// connector, as tonic's own (the connect timeout shared among the
+/// addresses a name resolves to, the other family tried after 300 ms),
+/// then TLS with [`CollectorTls`], its files refreshed
 /// first on the blocking pool. (tonic's own TLS reads its files once.)
 #[derive(Clone)]
 pub(super) struct GrpcTlsConnector {
@@ -566,10 +640,13 @@ pub(super) struct GrpcTlsConnector {
 }
 
 impl GrpcTlsConnector {
-    pub(super) fn new(tls: CollectorTls) -> Self {
+    pub(super) fn new(tls: CollectorTls, timeout: Duration) -> Self {
         let mut tcp = hyper_util::client::legacy::connect::HttpConnector::new();
         tcp.enforce_http(false);
         tcp.set_nodelay(true);
+        // Shared among the addresses a name resolves to, so that one that
+        // drops packets leaves time for the next (as tonic sets it).
+        tcp.set_connect_timeout(Some(timeout));
         GrpcTlsConnector { tls, tcp }
     }
 }
@@ -644,7 +721,7 @@ pub(super) fn grpc_channel(
         .origin(origin)
         .timeout(timeout)
         .connect_timeout(timeout)
-        .connect_with_connector_lazy(GrpcTlsConnector::new(tls.clone())))
+        .connect_with_connector_lazy(GrpcTlsConnector::new(tls.clone(), timeout)))
 }
 
 #[cfg(test)]
@@ -961,7 +1038,41 @@ mod tests {
         for (ca_file, identity, want) in cases {
             let r = otlp(ca_file.map(|p| file(p, "export.otlp.ca_file")), identity);
             let got = tokio::task::spawn_blocking(move || {
-                probe(&r, addr, Duration::from_secs(5), Duration::from_secs(2))
+                probe(
+                    &r,
+                    &HostStore::Process,
+                    addr,
+                    Duration::from_secs(5),
+                    Duration::from_secs(2),
+                )
+            })
+            .await
+            .expect("probe");
+            match (want, got) {
+                (None, Ok(())) => {}
+                (Some(w), Err(e)) => assert!(e.contains(w), "want {w:?}: {e}"),
+                (want, got) => panic!("want {want:?}, got {got:?}"),
+            }
+        }
+        // Without a CA file, the host's store as the service would find it
+        // (its SSL_CERT_FILE), not this process's.
+        for (bundle, want) in [
+            (&ca_p, None),
+            (&other_ca, Some("is not trusted by the host's CA store")),
+        ] {
+            let r = otlp(None, pair(&cert_p, &key_p));
+            let store = HostStore::Given {
+                file: Some(bundle.clone()),
+                dir: None,
+            };
+            let got = tokio::task::spawn_blocking(move || {
+                probe(
+                    &r,
+                    &store,
+                    addr,
+                    Duration::from_secs(5),
+                    Duration::from_secs(2),
+                )
             })
             .await
             .expect("probe");

@@ -525,7 +525,8 @@ impl Ledger {
     /// For a filter that matched nothing: the repository, job and runner
     /// names in the ledger that differ from the filter's only in case
     /// (ASCII), at most three each, with the `report` option that takes
-    /// them. A scan of the table: only for a report that found nothing.
+    /// them; anywhere in the ledger (the filter's other terms are not
+    /// applied). A scan of the table: only for a report that found nothing.
     pub fn names_in_other_case(
         &self,
         filter: &Filter,
