@@ -174,7 +174,7 @@ fn report_filters_that_match_nothing_say_so() {
         let out = report(&[&["--repository", "Acme/App"], format].concat());
         assert_eq!(
             out,
-            "no requests match these filters (1 requests in the ledger; names match exactly, case included)\n"
+            "no requests match these filters (1 requests in the ledger; names match exactly, case included: --repository \"acme/app\" is in the ledger)\n"
         );
     }
     let out = report(&["--repository", "acme/app", "--by", "repository"]);
