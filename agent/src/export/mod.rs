@@ -54,19 +54,10 @@ pub(crate) fn check_tls_files(r: &ResolvedOtlp) -> Result<(), String> {
     }
     tls::check_files(r).map_err(|e| e.to_string())
 }
-/// Shakes hands with `r`'s `https://` collector at `addr` as the
-/// exporters would (see `tls::probe`): `tollgate check`.
-pub(crate) fn probe_collector_tls(
-    r: &ResolvedOtlp,
-    store: &HostStore,
-    addr: std::net::SocketAddr,
-    timeout: Duration,
-    wait: Duration,
-) -> Result<(), String> {
-    tls::probe(r, store, addr, timeout, wait)
-}
 
-pub(crate) use tls::HostStore;
+/// `tollgate check`'s TLS handshake with an `https://` collector, and
+/// where it looks for the host's CA store.
+pub(crate) use tls::{HostStore, probe as probe_collector_tls};
 
 pub use config::{
     AuditLogConfig, ExportConfig, Headers, OtlpConfig, OtlpProtocol, OtlpTemporality, ResolvedOtlp,
