@@ -302,12 +302,10 @@ impl std::fmt::Debug for Trust {
     }
 }
 
+/// Checks the collector's certificate against the trust of the moment:
+/// every check is the current [`WebPkiServerVerifier`]'s.
 #[derive(Debug)]
-struct CollectorVerifier {
-    trust: Trust,
-    /// For the signature checks, which need no roots.
-    provider: Arc<CryptoProvider>,
-}
+struct CollectorVerifier(Trust);
 
 impl ServerCertVerifier for CollectorVerifier {
     fn verify_server_cert(
@@ -318,7 +316,7 @@ impl ServerCertVerifier for CollectorVerifier {
         ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        self.trust
+        self.0
             .verifier()
             .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
     }
@@ -329,12 +327,7 @@ impl ServerCertVerifier for CollectorVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        self.0.verifier().verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -343,18 +336,11 @@ impl ServerCertVerifier for CollectorVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        self.0.verifier().verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.0.verifier().supported_verify_schemes()
     }
 }
 
@@ -491,16 +477,11 @@ impl CollectorTls {
             Some(w) => Trust::File(w.clone()),
             None => Trust::Host(host_trust(store)?),
         };
-        let provider = provider();
-        let verifier = Arc::new(CollectorVerifier {
-            trust,
-            provider: provider.clone(),
-        });
-        let builder = ClientConfig::builder_with_provider(provider)
+        let builder = ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| ExportError::Build(format!("TLS: {e}")))?
             .dangerous()
-            .with_custom_certificate_verifier(verifier);
+            .with_custom_certificate_verifier(Arc::new(CollectorVerifier(trust)));
         let mut cfg = match &identity {
             Some(w) => builder.with_client_cert_resolver(Arc::new(ClientIdentity(w.clone()))),
             None => builder.with_no_client_auth(),
