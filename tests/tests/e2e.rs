@@ -850,17 +850,18 @@ os._exit(0)
 #[test]
 #[ignore = "needs root, cgroup v2 and BPF"]
 fn websocket_apis_pass_through_the_agent() {
-    // A realtime API (OpenAI Realtime, Gemini Live) over WebSocket: the
-    // handshake goes upstream with its Upgrade headers, and after the 101
-    // the two connections are joined. The client trusts only the agent's
-    // CA, so a handshake that succeeds went through the agent.
+    // A WebSocket API tollgate does not meter (Realtime translation,
+    // Gemini Live): the handshake goes upstream with its Upgrade headers,
+    // and after the 101 the two connections are joined. The client trusts
+    // only the agent's CA, so a handshake that succeeds went through the
+    // agent.
     let w = World::start("websocket", 38);
     let client = w.client(&[]);
     ok(
         &client.python(
             r#"
 from websockets.sync.client import connect
-with connect("wss://api.openai.com/v1/realtime?model=gpt-realtime",
+with connect("wss://api.openai.com/v1/realtime/translations?model=gpt-realtime-translate",
         additional_headers={"Authorization": "Bearer sk-test"}, open_timeout=10) as ws:
     assert ws.recv(timeout=10) == "ready"
     for text in ("hello realtime", "x" * 70000):
@@ -882,7 +883,7 @@ assert r.usage.completion_tokens == 3, r.usage
         "{}",
         w.agent.log()
     );
-    // The WebSocket is not metered (yet): the one record, written after
+    // The WebSocket is not metered: the one record, written after
     // anything the WebSocket could have left, is the chat's.
     let rows = w.agent.wait_for_records(1);
     assert_eq!(rows.len(), 1, "{rows:#?}");

@@ -348,6 +348,91 @@ assert r.usage.completion_tokens_details.audio_tokens == 6, r.usage
     assert_no_secret(&w, "SECRETAUDIO");
 }
 
+/// The OpenAI Realtime API through the official SDK's
+/// `client.realtime.connect()`: the transcription of the job's audio and
+/// every response (the one turn detection starts, the one the job asks
+/// for) are each a record with the provider's usage, the audio and its
+/// cache reads priced at their own rates; a response the job leaves
+/// behind is recorded as such.
+#[test]
+#[ignore = "needs root, cgroup v2 and BPF"]
+fn realtime_sessions_are_recorded_response_by_response() {
+    let w = World::start("realtime", 59);
+    let client = w.client(&[]);
+    ok(
+        &client.python(
+            r#"
+import base64, faulthandler, openai
+faulthandler.dump_traceback_later(60, exit=True)
+c = openai.OpenAI(api_key="sk-proj-SECRETREALTIME", max_retries=0)
+done = []
+def until(conn, kind):
+    for ev in conn:
+        if ev.type == kind:
+            return ev
+with c.realtime.connect(model="gpt-realtime-mini") as conn:
+    conn.session.update(session={"type": "realtime",
+        "audio": {"input": {"transcription": {"model": "gpt-4o-transcribe"}}}})
+    conn.input_audio_buffer.append(audio=base64.b64encode(b"\0" * 24000).decode())
+    conn.input_audio_buffer.commit()
+    t = until(conn, "conversation.item.input_audio_transcription.completed")
+    assert t.usage.input_tokens == 32, t.usage
+    done.append(until(conn, "response.done").response.usage)
+    conn.conversation.item.create(item={"type": "message", "role": "user",
+        "content": [{"type": "input_text", "text": "and again"}]})
+    conn.response.create()
+    done.append(until(conn, "response.done").response.usage)
+    # Left before it ends.
+    conn.response.create(response={"metadata": {"fake": "hang"}})
+    until(conn, "response.output_audio_transcript.delta")
+assert [u.input_token_details.cached_tokens for u in done] == [0, 800], done
+"#,
+        ),
+        "python openai realtime",
+    );
+    let reported = w.fake.reported();
+    assert_eq!(reported.len(), 3, "{reported:#?}");
+    let rows = w.agent.wait_for_records(4);
+    assert_eq!(rows.len(), 4, "{rows:#?}");
+    for (row, rep) in rows.iter().zip(&reported) {
+        tollgate_e2e::world::assert_row_matches(row, rep);
+        assert_eq!(s(row, "path"), "/v1/realtime", "{row}");
+    }
+    assert_eq!(s(&rows[0], "operation"), "audio");
+    for r in &rows[1..] {
+        assert_eq!(s(r, "operation"), "realtime", "{r}");
+        assert_eq!(s(r, "model"), "gpt-realtime-mini", "{r}");
+    }
+    let cost = |r: &Value| {
+        r["cost_usd"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("unpriced: {r}"))
+    };
+    let close = |got: f64, want: f64, r: &Value| {
+        assert!((got - want).abs() < 1e-12, "{got} != {want}: {r}");
+    };
+    // gpt-4o-transcribe: audio in 6, text out 10.
+    close(cost(&rows[0]), (32.0 * 6.0 + 5.0 * 10.0) / 1e6, &rows[0]);
+    // gpt-realtime-mini: text 0.60 / 0.06 cached / 2.40, audio 10 / 0.30
+    // cached / 20. The second turn read 200 text and 600 audio tokens
+    // from the cache.
+    close(
+        cost(&rows[1]),
+        (210.0 * 0.60 + 700.0 * 10.0 + 40.0 * 2.40 + 301.0 * 20.0) / 1e6,
+        &rows[1],
+    );
+    close(
+        cost(&rows[2]),
+        (20.0 * 0.60 + 200.0 * 10.0 + 200.0 * 0.06 + 600.0 * 0.30 + 40.0 * 2.40 + 302.0 * 20.0)
+            / 1e6,
+        &rows[2],
+    );
+    let left = &rows[3];
+    assert_eq!(s(left, "error"), "client_disconnected", "{left}");
+    assert_eq!(left["input_tokens"], 0, "{left}");
+    assert_no_secret(&w, "SECRETREALTIME");
+}
+
 #[test]
 #[ignore = "needs root, cgroup v2 and BPF"]
 fn an_anthropic_stream_ended_by_an_error_event_records_the_error_and_estimates_its_output() {

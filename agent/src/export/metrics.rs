@@ -354,19 +354,27 @@ impl Instruments {
                         };
                         let m = modality("unknown");
                         let [audio_in, image_in, audio_out, image_out] = u.media();
+                        // The cache reads' audio and images are the
+                        // input's as well.
+                        let [cached_audio, cached_image] = u.cached_media();
+                        let (audio_in, image_in) =
+                            (audio_in + cached_audio, image_in + cached_image);
                         usage_input.add(u.input_tokens - audio_in - image_in, &m);
                         usage_output.add(u.output_tokens - audio_out - image_out, &m);
+                        usage_cache_read
+                            .add(u.cached_input_tokens - cached_audio - cached_image, &m);
                         for (counter, n, kind) in [
                             (usage_input, audio_in, "audio"),
                             (usage_input, image_in, "image"),
                             (usage_output, audio_out, "audio"),
                             (usage_output, image_out, "image"),
+                            (usage_cache_read, cached_audio, "audio"),
+                            (usage_cache_read, cached_image, "image"),
                         ] {
                             if n > 0 {
                                 counter.add(n, &modality(kind));
                             }
                         }
-                        usage_cache_read.add(u.cached_input_tokens, &m);
                         usage_cache_write.add(u.cache_write_input_tokens, &m);
                         usage_reasoning.add(u.reasoning_tokens, &m);
                         op_input.record(u.input_tokens, &with_error);
@@ -702,10 +710,13 @@ mod tests {
             status: 200,
             ..UsageRecord::default()
         };
-        rec.usage.input_tokens = 120;
+        rec.usage.input_tokens = 1120;
         rec.usage.audio_input_tokens = 100;
         rec.usage.output_tokens = 300;
         rec.usage.image_output_tokens = 250;
+        // A Realtime turn's cache reads: audio, mostly.
+        rec.usage.cached_input_tokens = 1000;
+        rec.usage.cached_audio_input_tokens = 900;
         i.record(&rec);
         let mut rm = ResourceMetrics::default();
         reader.collect(&mut rm).expect("collect");
@@ -740,8 +751,10 @@ mod tests {
         assert_eq!(
             got,
             [
-                want("input_tokens", "audio", 100),
-                want("input_tokens", "unknown", 20),
+                want("cache_read.input_tokens", "audio", 900),
+                want("cache_read.input_tokens", "unknown", 100),
+                want("input_tokens", "audio", 1000),
+                want("input_tokens", "unknown", 120),
                 want("output_tokens", "image", 250),
                 want("output_tokens", "unknown", 50),
             ]

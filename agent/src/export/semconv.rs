@@ -111,11 +111,12 @@ pub enum OpClass {
 }
 
 /// `gen_ai.operation.name` for tollgate's operation, and its class. The
-/// well-known values are used where one applies (the OpenAI Responses API
-/// and Bedrock Converse are `chat`); other operations keep tollgate's name.
+/// well-known values are used where one applies (the OpenAI Responses and
+/// Realtime APIs and Bedrock Converse are `chat`); other operations keep
+/// tollgate's name.
 pub fn operation(op: &str) -> (Cow<'_, str>, OpClass) {
     let (name, class) = match op {
-        "chat" | "responses" | "messages" | "converse" | "converse_stream" => {
+        "chat" | "responses" | "realtime" | "messages" | "converse" | "converse_stream" => {
             ("chat", OpClass::Inference)
         }
         "text_completion" | "completions" => ("text_completion", OpClass::Inference),

@@ -403,6 +403,8 @@ pub fn from_row(row: &Row<'_>) -> rusqlite::Result<UsageRecord> {
             image_input_tokens: uncount(row.get(c(43))?),
             audio_output_tokens: uncount(row.get(c(44))?),
             image_output_tokens: uncount(row.get(c(45))?),
+            cached_audio_input_tokens: 0,
+            cached_image_input_tokens: 0,
         },
         estimated: row.get(c(17))?,
         cost_usd: row.get(c(18))?,

@@ -38,6 +38,8 @@ pub(crate) fn sample(i: u64) -> UsageRecord {
             image_input_tokens: 0,
             audio_output_tokens: 0,
             image_output_tokens: 0,
+            cached_audio_input_tokens: 0,
+            cached_image_input_tokens: 0,
         },
         estimated: i.is_multiple_of(3),
         cost_usd: if i.is_multiple_of(5) {
@@ -864,6 +866,8 @@ prop_compose! {
                 image_input_tokens: 0,
                 audio_output_tokens: 0,
                 image_output_tokens: 0,
+                cached_audio_input_tokens: 0,
+                cached_image_input_tokens: 0,
             },
             estimated: tail.0, cost_usd: tail.1, error: tail.2, who: who.into(),
             service_tier: tail.3,

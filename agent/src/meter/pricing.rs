@@ -177,6 +177,13 @@ pub struct ModelPrice {
     pub audio_output: Option<f64>,
     #[serde(default)]
     pub image_output: Option<f64>,
+    /// Cache reads of audio and image tokens (default: `cached_input`, or
+    /// the catalogue's ratio to `cached_input` for an override of a
+    /// catalogued model).
+    #[serde(default)]
+    pub cached_audio_input: Option<f64>,
+    #[serde(default)]
+    pub cached_image_input: Option<f64>,
 }
 
 /// Anthropic's web search tool: $10 per 1,000 searches, beside the tokens
@@ -345,6 +352,8 @@ fn validate_entries(prefix: &str, entries: &[ModelPrice]) -> Result<(), (String,
             ("image_input".into(), m.image_input),
             ("audio_output".into(), m.audio_output),
             ("image_output".into(), m.image_output),
+            ("cached_audio_input".into(), m.cached_audio_input),
+            ("cached_image_input".into(), m.cached_image_input),
         ];
         let extra: [(&str, Option<&dyn GivenRates>); 3] = [
             ("long_context", long.map(|l| l as &dyn GivenRates)),
@@ -479,6 +488,11 @@ pub struct Price {
     /// they follow those as cache reads do; or, where the text rate is 0,
     /// rates of their own.
     pub modal: [ModalRate; 4],
+    /// The rates of audio and image cache reads: multiples of the cache
+    /// read rate in force, or, where that is 0, rates of their own. By
+    /// default the same multiples of it as the audio and image input rates
+    /// are of the input rate.
+    pub cached_modal: [ModalRate; 2],
 }
 
 /// One of [`Price::modal`].
@@ -603,6 +617,7 @@ impl Price {
             web_search: self.web_search,
             web_search_preview: self.web_search_preview,
             modal: self.modal.map(|m| m.times(f)),
+            cached_modal: self.cached_modal.map(|m| m.times(f)),
         }
     }
 }
@@ -723,7 +738,21 @@ impl Price {
                 let from = base.map_or([ModalRate::Times(1.0); 4], |b| b.modal);
                 [0, 1, 2, 3].map(|i| own[i].unwrap_or(from[i]))
             },
+            cached_modal: [ModalRate::Times(1.0); 2],
         };
+        let own = [m.cached_audio_input, m.cached_image_input]
+            .map(|r| r.map(|r| ModalRate::of(r, p.cached_input)));
+        // Else the catalogue's; else discounted as the text is: audio at
+        // k times the input rate is read from the cache at k times the
+        // cache read rate.
+        let from = base.map_or(
+            [0, 1].map(|i| match p.modal[i] {
+                ModalRate::Times(k) => ModalRate::Times(k),
+                ModalRate::Usd(_) => ModalRate::Times(1.0),
+            }),
+            |b| b.cached_modal,
+        );
+        p.cached_modal = [0, 1].map(|i| own[i].unwrap_or(from[i]));
         // An entry's own rates; else, for an override of a catalogued
         // model, the catalogue's, scaled as the override scales input and
         // output.
@@ -777,6 +806,7 @@ impl Price {
             web_search: self.web_search,
             web_search_preview: self.web_search_preview,
             modal: self.modal,
+            cached_modal: self.cached_modal,
         };
         // A long prompt in a tier: the long-context rates, scaled as the
         // tier scales input and output.
@@ -841,10 +871,14 @@ impl Price {
         let reasoning = u.reasoning_tokens.min(u.output_tokens);
         let plain_out = u.output_tokens - reasoning - audio_out - image_out;
         let [m_audio_in, m_image_in, m_audio_out, m_image_out] = self.modal;
+        let [cached_audio, cached_image] = u.cached_media();
+        let [m_cached_audio, m_cached_image] = self.cached_modal;
         (plain_in as f64 * r[0]
             + audio_in as f64 * m_audio_in.at(r[0])
             + image_in as f64 * m_image_in.at(r[0])
-            + cached as f64 * r[1]
+            + (cached - cached_audio - cached_image) as f64 * r[1]
+            + cached_audio as f64 * m_cached_audio.at(r[1])
+            + cached_image as f64 * m_cached_image.at(r[1])
             + (write - write_1h) as f64 * r[2]
             + write_1h as f64 * r[3]
             + plain_out as f64 * r[4]
@@ -1463,6 +1497,8 @@ mod tests {
             image_input_tokens: 0,
             audio_output_tokens: 0,
             image_output_tokens: 0,
+            cached_audio_input_tokens: 0,
+            cached_image_input_tokens: 0,
         }
     }
 
@@ -1698,7 +1734,7 @@ mod tests {
         assert_eq!(p("gpt-5.1-codex-mini"), Some(0.25));
         for unknown in [
             "gpt-4o-mini-search-preview",
-            "gpt-4o-realtime-preview",
+            "gpt-4o-mini-tts",
             "gpt-5.9",
             "gpt-3.5-turbo-16k",
             "o3-deep-research",
@@ -2565,6 +2601,115 @@ output = 15.0
         assert_eq!(p.map(|p| p.input), Some(2.5));
     }
 
+    /// The Realtime models are each their own, snapshots resolve to their
+    /// family, and their cache reads of audio and images are priced at
+    /// their own rates; where an entry gives none, cached audio and images
+    /// are discounted as its text is (Gemini's audio: 10 % of its input
+    /// rate), and an override keeps the catalogue's.
+    #[test]
+    fn realtime_models_price_their_cached_audio_apart() {
+        let book = PriceBook::builtin();
+        let rates = |m: &str| {
+            let p = book.price_at("openai", m, NOW).expect(m);
+            (p.input, p.output)
+        };
+        assert_eq!(rates("gpt-realtime-2025-08-28"), (4.0, 16.0));
+        assert_eq!(rates("gpt-realtime-mini-2025-12-15"), (0.6, 2.4));
+        assert_eq!(rates("gpt-realtime-2.1-mini"), (0.6, 2.4));
+        assert_eq!(rates("gpt-realtime-2"), (4.0, 24.0));
+        assert_eq!(rates("gpt-realtime-2.1"), (4.0, 24.0));
+        assert_eq!(rates("gpt-realtime-1.5"), (4.0, 16.0));
+        assert_eq!(rates("gpt-4o-realtime-preview-2025-06-03"), (5.0, 20.0));
+        assert_eq!(rates("gpt-4o-mini-realtime-preview-2024-12-17"), (0.6, 2.4));
+        assert!(!book.knows("openai", "gpt-realtime-9"));
+        // A conversation's later turn: mostly cache reads, mostly audio.
+        let turn = Usage {
+            input_tokens: 10_000,
+            cached_input_tokens: 9_000,
+            cached_audio_input_tokens: 8_000,
+            cached_image_input_tokens: 500,
+            audio_input_tokens: 600,
+            output_tokens: 1_000,
+            audio_output_tokens: 800,
+            ..Usage::default()
+        };
+        let cost = |b: &PriceBook, p: &str, m: &str| b.cost(p, m, NOW, &turn).expect(m);
+        // gpt-realtime-mini: text 0.60 / 0.06 / 2.40, audio 10 / 0.30 /
+        // 20, images 0.80 / 0.08.
+        let want = (400.0 * 0.60
+            + 600.0 * 10.0
+            + 500.0 * 0.06
+            + 8_000.0 * 0.30
+            + 500.0 * 0.08
+            + 200.0 * 2.40
+            + 800.0 * 20.0)
+            / 1e6;
+        let c = cost(&book, "openai", "gpt-realtime-mini");
+        assert!(close(c, want), "{c} against {want}");
+        // The launch snapshot's audio: 100 / 20 / 200.
+        let want = (400.0 * 5.0
+            + 600.0 * 100.0
+            + 500.0 * 2.5
+            + 8_000.0 * 20.0
+            + 500.0 * 2.5
+            + 200.0 * 20.0
+            + 800.0 * 200.0)
+            / 1e6;
+        let c = cost(&book, "openai", "gpt-4o-realtime-preview-2024-10-01");
+        assert!(close(c, want), "{c} against {want}");
+        // An override at half the text rates keeps the ratios.
+        let half = book_of(
+            "[[models]]\nprovider = \"openai\"\nmodel = \"gpt-realtime-mini\"\ninput = 0.30\ncached_input = 0.03\noutput = 1.20\n",
+        );
+        let c = cost(&half, "openai", "gpt-realtime-mini");
+        let full = cost(&book, "openai", "gpt-realtime-mini");
+        assert!(close(c, full / 2.0), "{c} against {full}");
+        // An entry's own rate for cached audio, and the default: the
+        // audio's ratio to the input, applied to the cache read rate.
+        let own = book_of(
+            "[[models]]\nprovider = \"openai\"\nmodel = \"my-voice\"\ninput = 1\ncached_input = 0.5\noutput = 1\naudio_input = 8\ncached_audio_input = 1\n",
+        );
+        let only_cached_audio = Usage {
+            input_tokens: 1_000_000,
+            cached_input_tokens: 1_000_000,
+            cached_audio_input_tokens: 1_000_000,
+            ..Usage::default()
+        };
+        let c = own
+            .cost("openai", "my-voice", NOW, &only_cached_audio)
+            .unwrap();
+        assert!(close(c, 1.0), "{c}");
+        let ratio = book_of(
+            "[[models]]\nprovider = \"openai\"\nmodel = \"my-voice\"\ninput = 1\ncached_input = 0.5\noutput = 1\naudio_input = 8\n",
+        );
+        let c = ratio
+            .cost("openai", "my-voice", NOW, &only_cached_audio)
+            .unwrap();
+        assert!(close(c, 4.0), "{c}");
+        // A batch halves them with the rest.
+        let p = book.price_at("openai", "gpt-realtime-mini", NOW).unwrap();
+        let batch = p.in_tier(Some(BATCH_TIER)).unwrap();
+        assert!(close(batch.cost(&turn), p.cost(&turn) / 2.0));
+        // Gemini reports its cache reads by modality.
+        let u = crate::providers::gemini::usage_from(&serde_json::json!({
+            "promptTokenCount": 1000, "candidatesTokenCount": 10,
+            "cachedContentTokenCount": 800,
+            "promptTokensDetails": [{"modality": "TEXT", "tokenCount": 100},
+                {"modality": "AUDIO", "tokenCount": 900}],
+            "cacheTokensDetails": [{"modality": "AUDIO", "tokenCount": 750},
+                {"modality": "TEXT", "tokenCount": 50}]}))
+        .unwrap();
+        assert_eq!(
+            (u.cached_audio_input_tokens, u.audio_input_tokens),
+            (750, 150)
+        );
+        // And its cached audio costs 10 % of its audio input rate ($1).
+        let c = book
+            .cost("gemini", "gemini-2.5-flash", NOW, &only_cached_audio)
+            .unwrap();
+        assert!(close(c, 0.10), "{c}");
+    }
+
     /// Audio and image tokens are priced at the model's own rates for
     /// them, beside the text at `input` and `output`; those rates follow
     /// a batch's discount; an override of a catalogued model keeps the
@@ -2837,6 +2982,8 @@ output = 15.0
             image_input: None,
             audio_output: None,
             image_output: None,
+            cached_audio_input: None,
+            cached_image_input: None,
         };
         let check = |m: ModelPrice| {
             PricingConfig {
@@ -2969,6 +3116,8 @@ output = 15.0
                     image_input_tokens: 0,
                     audio_output_tokens: 0,
                     image_output_tokens: 0,
+                    cached_audio_input_tokens: 0,
+                    cached_image_input_tokens: 0,
                 }
             })
     }
@@ -2991,6 +3140,7 @@ output = 15.0
             web_search: 0.0,
             web_search_preview: 0.0,
             modal: [ModalRate::Times(1.0); 4],
+            cached_modal: [ModalRate::Times(1.0); 2],
         })
     }
 
@@ -3009,6 +3159,8 @@ output = 15.0
             image_input_tokens: 0,
             audio_output_tokens: 0,
             image_output_tokens: 0,
+            cached_audio_input_tokens: 0,
+            cached_image_input_tokens: 0,
         }
     }
 

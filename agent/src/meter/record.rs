@@ -49,6 +49,16 @@ pub struct Usage {
     pub audio_output_tokens: u64,
     #[serde(default)]
     pub image_output_tokens: u64,
+    /// Of the cache reads, those that are audio or images, where the
+    /// provider says so (a Realtime response's
+    /// `input_token_details.cached_tokens_details`): priced at the model's
+    /// cached rates for them, else as the other cache reads. Not ledger
+    /// columns (the row's `cost_usd` holds their price); the audit log has
+    /// them.
+    #[serde(default)]
+    pub cached_audio_input_tokens: u64,
+    #[serde(default)]
+    pub cached_image_input_tokens: u64,
 }
 
 impl Usage {
@@ -69,6 +79,16 @@ impl Usage {
         let audio_out = self.audio_output_tokens.min(rest_out);
         let image_out = self.image_output_tokens.min(rest_out - audio_out);
         [audio_in, image_in, audio_out, image_out]
+    }
+
+    /// The audio and image parts of the cache reads, `[audio, image]`,
+    /// within them: an inconsistent count never makes the parts more than
+    /// their whole.
+    pub fn cached_media(&self) -> [u64; 2] {
+        let cached = self.cached_input_tokens.min(self.input_tokens);
+        let audio = self.cached_audio_input_tokens.min(cached);
+        let image = self.cached_image_input_tokens.min(cached - audio);
+        [audio, image]
     }
 
     /// Each count of `self` and `other` combined by `f`, field by field.
@@ -92,6 +112,14 @@ impl Usage {
             image_input_tokens: f(self.image_input_tokens, other.image_input_tokens),
             audio_output_tokens: f(self.audio_output_tokens, other.audio_output_tokens),
             image_output_tokens: f(self.image_output_tokens, other.image_output_tokens),
+            cached_audio_input_tokens: f(
+                self.cached_audio_input_tokens,
+                other.cached_audio_input_tokens,
+            ),
+            cached_image_input_tokens: f(
+                self.cached_image_input_tokens,
+                other.cached_image_input_tokens,
+            ),
         }
     }
 }

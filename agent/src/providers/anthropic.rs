@@ -319,6 +319,8 @@ impl Raw {
             image_input_tokens: 0,
             audio_output_tokens: 0,
             image_output_tokens: 0,
+            cached_audio_input_tokens: 0,
+            cached_image_input_tokens: 0,
         })
     }
 }
@@ -1080,6 +1082,8 @@ mod tests {
                 image_input_tokens: 0,
                 audio_output_tokens: 0,
                 image_output_tokens: 0,
+                cached_audio_input_tokens: 0,
+                cached_image_input_tokens: 0,
             }
         );
         assert_eq!(

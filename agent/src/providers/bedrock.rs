@@ -212,6 +212,8 @@ fn usage(input: u64, output: u64, cache_read: u64, cache_write: u64) -> Usage {
         image_input_tokens: 0,
         audio_output_tokens: 0,
         image_output_tokens: 0,
+        cached_audio_input_tokens: 0,
+        cached_image_input_tokens: 0,
     }
 }
 
@@ -737,6 +739,8 @@ mod tests {
                 image_input_tokens: 0,
                 audio_output_tokens: 0,
                 image_output_tokens: 0,
+                cached_audio_input_tokens: 0,
+                cached_image_input_tokens: 0,
             })
         );
     }
@@ -803,6 +807,8 @@ mod tests {
                 image_input_tokens: 0,
                 audio_output_tokens: 0,
                 image_output_tokens: 0,
+                cached_audio_input_tokens: 0,
+                cached_image_input_tokens: 0,
             })
         );
         assert_eq!(p.output_text, "Hello, ünïcødé world.");
@@ -826,6 +832,8 @@ mod tests {
                 image_input_tokens: 0,
                 audio_output_tokens: 0,
                 image_output_tokens: 0,
+                cached_audio_input_tokens: 0,
+                cached_image_input_tokens: 0,
             })
         );
         assert_eq!(
@@ -1057,6 +1065,8 @@ mod tests {
                 image_input_tokens: 0,
                 audio_output_tokens: 0,
                 image_output_tokens: 0,
+                cached_audio_input_tokens: 0,
+                cached_image_input_tokens: 0,
             })
         );
         assert_eq!(
@@ -1090,6 +1100,8 @@ mod tests {
                 image_input_tokens: 0,
                 audio_output_tokens: 0,
                 image_output_tokens: 0,
+                cached_audio_input_tokens: 0,
+                cached_image_input_tokens: 0,
             })
         );
         assert_eq!(p.output_text, "Hello world");

@@ -479,6 +479,8 @@ fn interaction_usage(u: &Value) -> Option<Usage> {
         image_input_tokens: 0,
         audio_output_tokens: 0,
         image_output_tokens: 0,
+        cached_audio_input_tokens: 0,
+        cached_image_input_tokens: 0,
     })
 }
 
@@ -830,6 +832,7 @@ pub fn usage_from(m: &Value) -> Option<Usage> {
     let cached = f("cachedContentTokenCount").unwrap_or(0).min(input);
     let fresh = input - cached;
     let audio_in = uncached("AUDIO").min(fresh);
+    let cached_audio = by_modality("cacheTokensDetails", "AUDIO").min(cached);
     let spoken = output - thoughts.min(output);
     let audio_out = by_modality("candidatesTokensDetails", "AUDIO").min(spoken);
     Some(Usage {
@@ -848,6 +851,9 @@ pub fn usage_from(m: &Value) -> Option<Usage> {
         audio_output_tokens: audio_out,
         image_output_tokens: by_modality("candidatesTokensDetails", "IMAGE")
             .min(spoken - audio_out),
+        cached_audio_input_tokens: cached_audio,
+        cached_image_input_tokens: by_modality("cacheTokensDetails", "IMAGE")
+            .min(cached - cached_audio),
     })
 }
 
@@ -2277,6 +2283,8 @@ mod tests {
                 image_input_tokens: 0,
                 audio_output_tokens: 0,
                 image_output_tokens: 0,
+                cached_audio_input_tokens: 0,
+                cached_image_input_tokens: 0,
             })
         );
         assert_eq!(p.response_model.as_deref(), Some("gemini-2.5-flash"));
@@ -2319,6 +2327,8 @@ mod tests {
                 image_input_tokens: 0,
                 audio_output_tokens: 0,
                 image_output_tokens: 0,
+                cached_audio_input_tokens: 0,
+                cached_image_input_tokens: 0,
             })
         );
         assert_eq!(p.response_model.as_deref(), Some("gemini-2.5-flash"));

@@ -116,6 +116,8 @@ fn usage_of(u: &Value) -> Option<Usage> {
         image_input_tokens: 0,
         audio_output_tokens: 0,
         image_output_tokens: 0,
+        cached_audio_input_tokens: 0,
+        cached_image_input_tokens: 0,
     })
 }
 

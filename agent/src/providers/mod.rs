@@ -129,10 +129,10 @@ impl UsageParser for NoUsage {
 
 impl RequestInfo {
     /// Its counts may be estimated locally when the provider gives none:
-    /// not an image's or audio's, whose tokens are pixels and sound, which
-    /// a text tokenizer cannot count.
+    /// not an image's, audio's or Realtime response's, whose tokens are
+    /// pixels and sound, which a text tokenizer cannot count.
     pub fn estimable(&self) -> bool {
-        !matches!(self.operation, "image" | "audio")
+        !matches!(self.operation, "image" | "audio" | "realtime")
     }
 
     /// The request is a row of its own (not a retrieval that settles a

@@ -645,8 +645,11 @@ pub struct WireUsage {
     completion_tokens_details: ObjectOr<WireDetails>,
     output_tokens_details: ObjectOr<WireDetails>,
     /// A token-billed transcription's split of its input (`audio_tokens`,
-    /// `text_tokens`), under this singular name.
+    /// `text_tokens`), and a Realtime response's (with its cache reads),
+    /// under this singular name.
     input_token_details: ObjectOr<WireDetails>,
+    /// A Realtime response's split of its output.
+    output_token_details: ObjectOr<WireDetails>,
     /// DeepSeek's cache reads, beside (or instead of) the OpenAI-shaped
     /// `prompt_tokens_details.cached_tokens`.
     prompt_cache_hit_tokens: Count,
@@ -662,6 +665,16 @@ struct WireDetails {
     /// Audio and image tokens: of the input (audio chat models,
     /// transcriptions, image edits' input images) or of the output (audio
     /// answers, generated images).
+    audio_tokens: Count,
+    image_tokens: Count,
+    /// Of the cache reads, the audio and image tokens (a Realtime
+    /// response's).
+    cached_tokens_details: ObjectOr<WireCachedDetails>,
+}
+
+#[derive(serde::Deserialize, Default, Debug)]
+#[serde(default)]
+struct WireCachedDetails {
     audio_tokens: Count,
     image_tokens: Count,
 }
@@ -690,6 +703,7 @@ impl WireUsage {
             .unwrap_or(0);
         let cached = detail(&self.prompt_tokens_details, |d| d.cached_tokens)
             .or_else(|| detail(&self.input_tokens_details, |d| d.cached_tokens))
+            .or_else(|| detail(&self.input_token_details, |d| d.cached_tokens))
             .or(self.prompt_cache_hit_tokens.0)
             .unwrap_or(0);
         let written = detail(&self.prompt_tokens_details, |d| d.cache_write_tokens)
@@ -711,7 +725,18 @@ impl WireUsage {
         let of_output = |f: fn(&WireDetails) -> Count| {
             detail(&self.completion_tokens_details, f)
                 .or_else(|| detail(&self.output_tokens_details, f))
+                .or_else(|| detail(&self.output_token_details, f))
                 .unwrap_or(0)
+        };
+        let of_cached = |f: fn(&WireCachedDetails) -> Count| {
+            [
+                &self.prompt_tokens_details,
+                &self.input_tokens_details,
+                &self.input_token_details,
+            ]
+            .into_iter()
+            .find_map(|d| f(d.0.as_ref()?.cached_tokens_details.0.as_ref()?).0)
+            .unwrap_or(0)
         };
         // OpenAI counts reasoning inside the output (total = input +
         // output). xAI counts it beside the output (total = input + output
@@ -732,7 +757,16 @@ impl WireUsage {
         }
         let (cached, written) = (cached.min(input), written.min(input - cached.min(input)));
         let fresh = input - cached - written;
-        let audio_in = of_input(|d| d.audio_tokens).min(fresh);
+        // The audio and image counts of the input include their cache
+        // reads where those are split out (a Realtime response's).
+        let cached_audio = of_cached(|d| d.audio_tokens).min(cached);
+        let cached_image = of_cached(|d| d.image_tokens).min(cached - cached_audio);
+        let audio_in = of_input(|d| d.audio_tokens)
+            .saturating_sub(cached_audio)
+            .min(fresh);
+        let image_in = of_input(|d| d.image_tokens)
+            .saturating_sub(cached_image)
+            .min(fresh - audio_in);
         let spoken = output - reasoning.min(output);
         let audio_out = of_output(|d| d.audio_tokens).min(spoken);
         Some(Usage {
@@ -745,13 +779,15 @@ impl WireUsage {
             cache_write_1h_input_tokens: 0,
             web_searches: 0,
             web_searches_preview: 0,
-            // Within the input beside its cache reads and writes (the
-            // cached share of the audio is not split out: it is priced as
-            // cache reads), and within the output beside its reasoning.
+            // Within the input beside its cache reads and writes, and
+            // within the output beside its reasoning; the cache reads'
+            // share of audio and images where the usage splits it.
             audio_input_tokens: audio_in,
-            image_input_tokens: of_input(|d| d.image_tokens).min(fresh - audio_in),
+            image_input_tokens: image_in,
             audio_output_tokens: audio_out,
             image_output_tokens: of_output(|d| d.image_tokens).min(spoken - audio_out),
+            cached_audio_input_tokens: cached_audio,
+            cached_image_input_tokens: cached_image,
         })
     }
 }
@@ -1892,6 +1928,8 @@ event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{
                 image_input_tokens: 0,
                 audio_output_tokens: 0,
                 image_output_tokens: 0,
+                cached_audio_input_tokens: 0,
+                cached_image_input_tokens: 0,
             })
         );
         assert_eq!(p.response_model.as_deref(), Some("gpt-4o-mini-2024-07-18"));
@@ -2010,6 +2048,8 @@ event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{
                 image_input_tokens: 0,
                 audio_output_tokens: 0,
                 image_output_tokens: 0,
+                cached_audio_input_tokens: 0,
+                cached_image_input_tokens: 0,
             }
         );
         let s = parse(

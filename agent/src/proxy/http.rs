@@ -289,33 +289,86 @@ fn is_upgrade(req: &Request<Incoming>) -> bool {
             .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
 }
 
-/// Whether a WebSocket handshake opens the OpenAI Responses API's
-/// WebSocket mode (`GET /v1/responses`, Azure's `/openai/v1/responses`,
-/// Bedrock's `/openai/v1/responses` and `/v1/responses`), whose responses
-/// are metered as they pass.
-fn metered_websocket(api: crate::config::ApiKind, path: &str) -> bool {
+/// The OpenAI API a metered WebSocket speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WsApi {
+    /// The Responses API's WebSocket mode.
+    Responses,
+    /// The Realtime API (voice and text sessions, and the sideband
+    /// socket of a WebRTC or SIP call).
+    Realtime,
+}
+
+impl WsApi {
+    fn name(self) -> &'static str {
+        match self {
+            WsApi::Responses => "Responses API",
+            WsApi::Realtime => "Realtime API",
+        }
+    }
+}
+
+/// Which metered API a WebSocket handshake opens, if any: the OpenAI
+/// Responses API's WebSocket mode (`GET /v1/responses`, Azure's
+/// `/openai/v1/responses`, Bedrock's `/openai/v1/responses` and
+/// `/v1/responses`) or the OpenAI Realtime API (`/v1/realtime`, Azure's
+/// `/openai/realtime` and `/openai/v1/realtime`). Their responses are
+/// metered as they pass. Realtime translation (`/v1/realtime/translations`)
+/// reports no usage and is passed through.
+fn metered_websocket(api: crate::config::ApiKind, path: &str) -> Option<WsApi> {
     use crate::config::ApiKind;
     let path = path.trim_end_matches('/');
-    path.ends_with("/responses")
-        && match api {
-            ApiKind::Openai | ApiKind::AzureOpenai => true,
-            ApiKind::Bedrock => path.starts_with("/openai/") || path.starts_with("/v1/"),
-            ApiKind::Anthropic | ApiKind::Gemini => false,
-        }
+    let (openai, bedrock) = match api {
+        ApiKind::Openai | ApiKind::AzureOpenai => (true, false),
+        ApiKind::Bedrock => (
+            path.starts_with("/openai/") || path.starts_with("/v1/"),
+            true,
+        ),
+        ApiKind::Anthropic | ApiKind::Gemini => (false, false),
+    };
+    if !openai {
+        None
+    } else if path.ends_with("/responses") {
+        Some(WsApi::Responses)
+    } else if path.ends_with("/realtime") && !bedrock {
+        Some(WsApi::Realtime)
+    } else {
+        None
+    }
+}
+
+/// The model a Realtime handshake names in its query: `model=` (OpenAI,
+/// Azure's `/openai/v1/realtime`), else Azure's `deployment=`.
+fn realtime_model(query: Option<&str>) -> Option<String> {
+    let pairs = || {
+        query
+            .unwrap_or("")
+            .split('&')
+            .filter_map(|kv| kv.split_once('='))
+    };
+    ["model", "deployment"].into_iter().find_map(|want| {
+        pairs()
+            .find(|(k, v)| *k == want && !v.is_empty())
+            .map(|(_, v)| {
+                let v = v.replace('+', " ");
+                capped_model(&percent_encoding::percent_decode_str(&v).decode_utf8_lossy())
+            })
+    })
 }
 
 /// Passes a protocol switch through: the handshake goes upstream on a
 /// connection of its own, and after the provider's `101` the client's
 /// connection and the provider's are joined until either ends or the
 /// agent stops. The Responses API's WebSocket mode is metered as it
-/// passes (see [`WsMeter`]); realtime APIs (OpenAI Realtime, Gemini Live)
-/// are not.
+/// passes, and so is the OpenAI Realtime API (see [`WsMeter`]); Gemini
+/// Live and Realtime translation are not.
 async fn tunnel(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<ProxyBody> {
     let state = &ctx.state;
     let client_side = hyper::upgrade::on(&mut req);
     let (mut parts, body) = req.into_parts();
     let metered = metered_websocket(ctx.provider.api, parts.uri.path());
-    if metered {
+    let url_model = realtime_model(parts.uri.query());
+    if metered.is_some() {
         // Messages compressed by `permessage-deflate` could not be read:
         // the offer is not passed on, and the two ends talk uncompressed.
         parts.headers.remove(header::SEC_WEBSOCKET_EXTENSIONS);
@@ -348,7 +401,7 @@ async fn tunnel(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<Proxy
     // Extensions the provider accepted all the same (it was offered none)
     // leave its messages unread: their responses are recorded without
     // usage, when they end.
-    let meter = metered.then(|| WsMeter::new(ctx.clone(), path));
+    let meter = metered.map(|api| WsMeter::new(ctx.clone(), path, api, url_model));
     state.background.spawn(async move {
         let (client, upstream) = match tokio::join!(client_side, upstream_side) {
             (Ok(c), Ok(u)) => (c, u),
@@ -358,7 +411,11 @@ async fn tunnel(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<Proxy
             }
         };
         if let Some(meter) = meter {
-            debug!(pid, "Responses API WebSocket: metered as it passes");
+            debug!(
+                pid,
+                api = meter.api.name(),
+                "WebSocket: metered as it passes"
+            );
             tokio::select! {
                 r = relay_metered(
                     hyper_util::rt::TokioIo::new(client),
@@ -499,9 +556,29 @@ where
 /// one lane are answered in order), responses told apart by their id, so
 /// parallel lanes and the successors the provider starts by itself
 /// (steering) are each counted once.
+///
+/// On a Realtime API socket every response (`response.created` to
+/// `response.done`, whether the job asked for it or the provider's turn
+/// detection started it) is one record, of the session's model, with the
+/// usage of its `response.done`: its text, audio and image tokens, cached
+/// or not. A transcription of the job's audio that reports usage
+/// (`conversation.item.input_audio_transcription.completed`) is one
+/// record of the session's transcription model. The job's messages (its
+/// audio, mostly) are not read.
 struct WsMeter {
     ctx: Arc<ConnCtx>,
     path: String,
+    api: WsApi,
+    /// Realtime: the model (or Azure deployment) the handshake named, the
+    /// records' request model.
+    url_model: Option<String>,
+    /// Realtime: the model `session.created` and `session.updated` name,
+    /// the records' response model (the request model of a socket whose
+    /// handshake named none: a call's sideband, `?call_id=`).
+    session_model: Option<String>,
+    /// Realtime: the model transcribing the job's audio, when the session
+    /// has one.
+    transcription_model: Option<String>,
     client: super::websocket::FrameReader,
     provider: super::websocket::FrameReader,
     /// `response.create`s sent and not answered yet, per lane.
@@ -576,6 +653,63 @@ struct WsResponseHead<'a> {
     error: Option<serde_json::Value>,
 }
 
+/// A Realtime API server event, as far as the meter reads it.
+#[derive(serde::Deserialize)]
+struct RtEvent<'a> {
+    #[serde(default, borrow, rename = "type")]
+    kind: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default, borrow)]
+    response_id: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default)]
+    response: Option<RtResponse>,
+    #[serde(default)]
+    session: Option<serde_json::Value>,
+    #[serde(default, borrow)]
+    delta: Option<std::borrow::Cow<'a, str>>,
+    /// A transcription's usage.
+    #[serde(default)]
+    usage: Option<serde_json::Value>,
+}
+
+/// A Realtime response (`response.created`, `response.done`): its id,
+/// status and usage; its output is skipped unread.
+#[derive(serde::Deserialize)]
+struct RtResponse {
+    #[serde(default)]
+    id: Option<serde_json::Value>,
+    #[serde(default)]
+    status: Option<serde_json::Value>,
+    #[serde(default)]
+    status_details: Option<serde_json::Value>,
+    #[serde(default)]
+    usage: Option<serde_json::Value>,
+}
+
+/// The model a Realtime session object names, and the model transcribing
+/// its input audio (`audio.input.transcription.model`; before the API's
+/// general release, `input_audio_transcription.model`), `None` when
+/// transcription is off.
+fn realtime_session_models(
+    session: &serde_json::Value,
+) -> (Option<String>, Option<Option<String>>) {
+    let model = session
+        .get("model")
+        .and_then(serde_json::Value::as_str)
+        .filter(|m| !m.is_empty())
+        .map(capped_model);
+    let transcription = session
+        .pointer("/audio/input")
+        .and_then(|i| i.get("transcription"))
+        .or_else(|| session.get("input_audio_transcription"))
+        .map(|t| {
+            t.get("model")
+                .and_then(serde_json::Value::as_str)
+                .filter(|m| !m.is_empty())
+                .map(capped_model)
+        });
+    (model, transcription)
+}
+
 /// The error type an `error` member names (`code`, else `type`).
 fn ws_error_type(error: Option<&serde_json::Value>) -> Option<String> {
     let e = error?;
@@ -599,11 +733,11 @@ fn is_response_create(prefix: &[u8]) -> bool {
 }
 
 /// The response id in the first bytes of a `response.completed`,
-/// `.incomplete` or `.failed` event.
+/// `.incomplete` or `.failed` event (a Realtime `response.done`).
 fn terminal_event_id(prefix: &[u8]) -> Option<String> {
     let text = String::from_utf8_lossy(prefix);
     let squeezed: String = text.chars().filter(|c| !c.is_whitespace()).collect();
-    let terminal = ["completed", "incomplete", "failed"]
+    let terminal = ["completed", "incomplete", "failed", "done"]
         .iter()
         .any(|k| squeezed.contains(&format!("\"type\":\"response.{k}\"")));
     if !terminal {
@@ -621,17 +755,26 @@ fn capped_model(m: &str) -> String {
 }
 
 impl WsMeter {
-    fn new(ctx: Arc<ConnCtx>, path: String) -> Self {
+    fn new(ctx: Arc<ConnCtx>, path: String, api: WsApi, url_model: Option<String>) -> Self {
         use super::websocket::{FrameReader, MAX_MESSAGE};
         // The job's messages count against the body budget while they are
         // read (the job controls their size and pace); the provider's are
-        // bounded as its HTTP answers are.
+        // bounded as its HTTP answers are. A Realtime job's are not read at
+        // all (only their framing, for the Close): they are its audio.
         let lease = ctx.state.body_budget.lease();
+        let client_limit = match api {
+            WsApi::Responses => MAX_MESSAGE.min(ctx.state.max_request_body),
+            WsApi::Realtime => 0,
+        };
         WsMeter {
-            client: FrameReader::new(MAX_MESSAGE.min(ctx.state.max_request_body), Some(lease)),
+            client: FrameReader::new(client_limit, Some(lease)),
             provider: FrameReader::new(MAX_MESSAGE, None),
             ctx,
             path,
+            api,
+            url_model: url_model.filter(|_| api == WsApi::Realtime),
+            session_model: None,
+            transcription_model: None,
             asked: Default::default(),
             open: Default::default(),
             ended_by: None,
@@ -644,6 +787,20 @@ impl WsMeter {
     /// without a request), with the request kept for an estimate when its
     /// share of the body budget permits.
     fn draft(&self, model: Option<String>, body: Option<&[u8]>) -> Draft {
+        let operation = match self.api {
+            WsApi::Responses => "responses",
+            WsApi::Realtime => "realtime",
+        };
+        self.draft_of(operation, model, body)
+    }
+
+    /// [`WsMeter::draft`], of an operation named.
+    fn draft_of(
+        &self,
+        operation: &'static str,
+        model: Option<String>,
+        body: Option<&[u8]>,
+    ) -> Draft {
         let state = &self.ctx.state;
         let mut lease = state.body_budget.lease();
         let body = body
@@ -658,10 +815,10 @@ impl WsMeter {
             method: "GET".to_string(),
             path: self.path.clone(),
             info: RequestInfo {
-                operation: "responses",
+                operation,
                 metered: true,
                 model,
-                streaming: true,
+                streaming: operation != "audio",
                 // OpenAI's API on an OpenAI, Bedrock or custom host; Azure
                 // OpenAI keeps its own name and prices.
                 api: (self.ctx.provider.api != crate::config::ApiKind::AzureOpenai)
@@ -717,6 +874,16 @@ impl WsMeter {
     }
 
     fn client_sent(&mut self, bytes: &[u8]) {
+        if self.api == WsApi::Realtime {
+            // Read for its framing alone: every response is the
+            // provider's to announce.
+            self.client.feed(bytes, &mut |_| {});
+            if self.client.closed() {
+                self.ended_by.get_or_insert(WsSide::Job);
+            }
+            self.note_unreadable();
+            return;
+        }
         // (lane, model, the message) of each request read.
         type Ask = (Option<String>, Option<String>, Option<Vec<u8>>);
         let mut asks: Vec<Ask> = Vec::new();
@@ -750,7 +917,8 @@ impl WsMeter {
                 if self.dropped == 1 {
                     warn!(
                         host = self.ctx.provider.host.as_str(),
-                        "a Responses API WebSocket has {WS_MAX_OPEN} requests unanswered: further ones on it are not recorded"
+                        "a {} WebSocket has {WS_MAX_OPEN} requests unanswered: further ones on it are not recorded",
+                        self.api.name()
                     );
                 }
                 continue;
@@ -840,7 +1008,8 @@ impl WsMeter {
         self.unreadable = true;
         warn!(
             host = self.ctx.provider.host.as_str(),
-            "a Responses API WebSocket broke the framing rules in {side}"
+            "a {} WebSocket broke the framing rules in {side}",
+            self.api.name()
         );
     }
 
@@ -862,6 +1031,10 @@ impl WsMeter {
     }
 
     fn on_provider_event(&mut self, text: &str) {
+        if self.api == WsApi::Realtime {
+            self.on_realtime_event(text);
+            return;
+        }
         let Ok(ev) = serde_json::from_str::<WsProviderEvent<'_>>(text) else {
             return;
         };
@@ -968,6 +1141,119 @@ impl WsMeter {
         }
     }
 
+    /// A Realtime response's request model.
+    fn realtime_model(&self) -> Option<String> {
+        self.url_model
+            .clone()
+            .or_else(|| self.session_model.clone())
+    }
+
+    /// One Realtime API server event.
+    fn on_realtime_event(&mut self, text: &str) {
+        let Ok(ev) = serde_json::from_str::<RtEvent<'_>>(text) else {
+            return;
+        };
+        let id = ev
+            .response
+            .as_ref()
+            .and_then(|r| r.id.as_ref())
+            .and_then(serde_json::Value::as_str)
+            .or(ev.response_id.as_deref())
+            .map(|id| crate::meter::cap(id, 128).to_string());
+        match ev.kind.as_deref() {
+            Some("session.created" | "session.updated") => {
+                let Some(session) = ev.session.as_ref() else {
+                    return;
+                };
+                let (model, transcription) = realtime_session_models(session);
+                if model.is_some() {
+                    self.session_model = model;
+                }
+                if let Some(t) = transcription {
+                    self.transcription_model = t;
+                }
+            }
+            Some("response.created") => {
+                let Some(id) = id else { return };
+                if self.open.contains_key(&id) || self.open.len() >= WS_MAX_OPEN {
+                    return;
+                }
+                let draft = self.draft(self.realtime_model(), None);
+                self.open.insert(
+                    id,
+                    WsOpen {
+                        draft,
+                        lane: None,
+                        text: String::new(),
+                    },
+                );
+            }
+            Some("response.done") => {
+                let (mut draft, streamed) = match id.as_ref().and_then(|id| self.open.remove(id)) {
+                    Some(o) => (o.draft, o.text),
+                    // Its `response.created` went unseen (too many open,
+                    // or not read): timed from here.
+                    None => (self.draft(self.realtime_model(), None), String::new()),
+                };
+                draft.status = 200;
+                let response = ev.response.as_ref();
+                let mut parsed = ParsedUsage {
+                    output_text: streamed,
+                    usage: response
+                        .and_then(|r| r.usage.as_ref())
+                        .and_then(crate::providers::openai::usage_from),
+                    response_model: self.session_model.clone(),
+                    ..ParsedUsage::default()
+                };
+                // Cancelled (the job's interruption, or its
+                // `response.cancel`) and incomplete responses are billed
+                // for what they used and are no error; a failed one is.
+                if response
+                    .and_then(|r| r.status.as_ref())
+                    .and_then(serde_json::Value::as_str)
+                    == Some("failed")
+                {
+                    let details = response.and_then(|r| r.status_details.as_ref());
+                    parsed.error = ws_error_type(details.and_then(|d| d.get("error")))
+                        .or_else(|| Some("response_failed".to_string()));
+                }
+                draft.emit(parsed, None);
+            }
+            Some("conversation.item.input_audio_transcription.completed") => {
+                // Billed on its own, at the transcription model's rates;
+                // one billed by the second (`whisper-1`) has no tokens.
+                let Some(usage) = ev.usage.as_ref() else {
+                    return;
+                };
+                let mut draft = self.draft_of("audio", self.transcription_model.clone(), None);
+                draft.status = 200;
+                let parsed = ParsedUsage {
+                    usage: crate::providers::openai::usage_from(usage),
+                    ..ParsedUsage::default()
+                };
+                draft.emit(parsed, None);
+            }
+            // Text as it streams (an estimate's, were the response never
+            // to end); audio (`response.output_audio.delta`, base64) is
+            // not text. The first piece of either is the response's first
+            // output.
+            Some(k) if k.ends_with(".delta") => {
+                let Some(o) = id.as_ref().and_then(|id| self.open.get_mut(id)) else {
+                    return;
+                };
+                o.draft
+                    .ttfb_ms
+                    .get_or_insert_with(|| o.draft.started.elapsed().as_millis() as u64);
+                if !k.ends_with("audio.delta")
+                    && let Some(d) = ev.delta.as_deref()
+                {
+                    crate::providers::push_text(&mut o.text, d);
+                }
+            }
+            _ => {}
+        }
+    }
+
     /// Records what is still open as the connection ends: why it ended,
     /// and (off the async workers) estimates from the request and the
     /// text that streamed.
@@ -983,11 +1269,12 @@ impl WsMeter {
         for (_, o) in self.open.drain() {
             let mut draft = o.draft;
             draft.unanswered = true;
+            let counting = draft.info.estimable();
             let parsed = ParsedUsage {
                 output_text: o.text,
                 ..ParsedUsage::default()
             };
-            draft.record_off_worker(parsed, Some(why.to_string()), true);
+            draft.record_off_worker(parsed, Some(why.to_string()), counting);
         }
         for (_, q) in self.asked.drain() {
             for mut draft in q {
@@ -2441,7 +2728,11 @@ mod tests {
     /// records.
     fn ws_meter() -> (WsMeter, Arc<Keep>, tempfile::TempDir) {
         let (ctx, keep, dir) = test_ctx("api.openai.com", crate::config::ApiKind::Openai);
-        (WsMeter::new(ctx, "/v1/responses".into()), keep, dir)
+        (
+            WsMeter::new(ctx, "/v1/responses".into(), WsApi::Responses, None),
+            keep,
+            dir,
+        )
     }
 
     /// A connection's context for `host` of `api`, and what it records.
@@ -2457,7 +2748,8 @@ mod tests {
         error: Option<String>,
     ) -> bool {
         let adapter = crate::providers::adapter_for(api);
-        let mut d = WsMeter::new(ctx.clone(), path.into()).draft(None, None);
+        let mut d =
+            WsMeter::new(ctx.clone(), path.into(), WsApi::Responses, None).draft(None, None);
         d.info = adapter.request(&crate::providers::testing::request("GET", path, b""));
         claim_batch_results(
             &ctx.state,
@@ -2585,7 +2877,8 @@ mod tests {
         answer: &[u8],
     ) -> Arc<UsageRecord> {
         let (ctx, keep, _dir) = test_ctx_with(host, api, &[], prices);
-        let mut d = WsMeter::new(ctx.clone(), path.into()).draft(None, Some(body));
+        let mut d =
+            WsMeter::new(ctx.clone(), path.into(), WsApi::Responses, None).draft(None, Some(body));
         d.info = adapter_for(api).request(&crate::providers::testing::request("POST", path, body));
         let adapter = adapter_for(d.info.format(api));
         d.status = 200;
@@ -3013,8 +3306,8 @@ mod tests {
         model: &str,
         uplift_percent: u32,
     ) -> Arc<UsageRecord> {
-        let mut d =
-            WsMeter::new(ctx.clone(), "/v1/messages".into()).draft(Some(model.into()), None);
+        let mut d = WsMeter::new(ctx.clone(), "/v1/messages".into(), WsApi::Responses, None)
+            .draft(Some(model.into()), None);
         d.info.api = Some(crate::config::ApiKind::Anthropic);
         d.status = 200;
         let usage = crate::meter::Usage {
@@ -3044,7 +3337,7 @@ mod tests {
     /// answered 200.
     fn background_draft(ctx: &Arc<ConnCtx>) -> Draft {
         let body = br#"{"model":"gpt-4o-mini","input":"write a long story about otters","background":true}"#;
-        let mut d = WsMeter::new(ctx.clone(), "/v1/responses".into())
+        let mut d = WsMeter::new(ctx.clone(), "/v1/responses".into(), WsApi::Responses, None)
             .draft(Some("gpt-4o-mini".into()), Some(body));
         d.method = "POST".into();
         d.info.background = true;
@@ -3068,7 +3361,13 @@ mod tests {
             assert_eq!(info.retrieves, None);
             return;
         }
-        let mut d = WsMeter::new(ctx.clone(), "/v1/responses/x".into()).draft(None, None);
+        let mut d = WsMeter::new(
+            ctx.clone(),
+            "/v1/responses/x".into(),
+            WsApi::Responses,
+            None,
+        )
+        .draft(None, None);
         d.info = info;
         d.status = 200;
         d.emit(answer, None);
@@ -3117,7 +3416,13 @@ mod tests {
         assert!(settles_something(&ctx.state, "api.openai.com", "resp_2"));
         assert!(!settles_something(&ctx.state, "api.x.ai", "resp_2"));
         // A retrieval whose answer names another response settles nothing.
-        let mut d = WsMeter::new(ctx.clone(), "/v1/responses/x".into()).draft(None, None);
+        let mut d = WsMeter::new(
+            ctx.clone(),
+            "/v1/responses/x".into(),
+            WsApi::Responses,
+            None,
+        )
+        .draft(None, None);
         d.info.retrieves = Some("resp_2".into());
         d.status = 200;
         d.emit(answer("resp_3", "completed", Some((1, 1))), None);
@@ -3307,7 +3612,8 @@ mod tests {
             .await
             .unwrap();
         let (parts, upstream) = resp.into_parts();
-        let mut d = WsMeter::new(ctx.clone(), path.into()).draft(None, Some(body));
+        let mut d =
+            WsMeter::new(ctx.clone(), path.into(), WsApi::Responses, None).draft(None, Some(body));
         d.info = adapter_for(api).request(&crate::providers::testing::request("POST", path, body));
         assert!(d.info.streaming);
         d.method = "POST".into();
@@ -3488,7 +3794,8 @@ mod tests {
         let other = another_job(&ctx, "lister");
         let show =
             |by: &Arc<ConnCtx>, call: SessionsCall, snaps: &[(&str, Option<&str>, u64, u64)]| {
-                let mut d = WsMeter::new(by.clone(), "/v1/sessions".into()).draft(None, None);
+                let mut d = WsMeter::new(by.clone(), "/v1/sessions".into(), WsApi::Responses, None)
+                    .draft(None, None);
                 d.info = crate::providers::managed_agents::call(&http::Method::GET, "/v1/sessions")
                     .unwrap();
                 d.info.sessions = call.clone();
@@ -3762,7 +4069,8 @@ mod tests {
         let poller = another_job(&ctx, "poller");
         let adapter = crate::providers::adapter_for(crate::config::ApiKind::Openai);
         let show = |by: &Arc<ConnCtx>, method: &str, path: &str, run: &str, usage: &str| {
-            let mut d = WsMeter::new(by.clone(), path.into()).draft(None, None);
+            let mut d =
+                WsMeter::new(by.clone(), path.into(), WsApi::Responses, None).draft(None, None);
             d.info = adapter.request(&crate::providers::testing::request(method, path, b"{}"));
             d.status = 200;
             let body = format!(
@@ -3918,7 +4226,8 @@ mod tests {
         assert_eq!((got[1].1, got[1].5), (40, false));
 
         // Not asked for the background: written as it is.
-        let mut d = WsMeter::new(ctx.clone(), "/v1/responses".into()).draft(None, None);
+        let mut d = WsMeter::new(ctx.clone(), "/v1/responses".into(), WsApi::Responses, None)
+            .draft(None, None);
         d.status = 200;
         d.emit(answer("resp_f", "queued", None), None);
         assert_eq!(rows(&keep).len(), 6);
@@ -4025,6 +4334,246 @@ mod tests {
             ev["stream_id"] = l.into();
         }
         ws_text(ev, None)
+    }
+
+    /// A meter of a Realtime API WebSocket on api.openai.com opened with
+    /// `?model=` `url_model`, and what it records.
+    fn rt_meter(url_model: Option<&str>) -> (WsMeter, Arc<Keep>, tempfile::TempDir) {
+        let (ctx, keep, dir) = test_ctx("api.openai.com", crate::config::ApiKind::Openai);
+        let meter = WsMeter::new(
+            ctx,
+            "/v1/realtime".into(),
+            WsApi::Realtime,
+            url_model.map(str::to_string),
+        );
+        (meter, keep, dir)
+    }
+
+    fn rt_done(id: &str, status: &str, usage: serde_json::Value) -> Vec<u8> {
+        ws_text(
+            serde_json::json!({"type": "response.done", "event_id": "event_9",
+                "response": {"object": "realtime.response", "id": id, "status": status,
+                    "output": [{"type": "message", "content": [
+                        {"type": "output_audio", "transcript": "hello there"}]}],
+                    "usage": usage}}),
+            None,
+        )
+    }
+
+    #[test]
+    fn realtime_handshakes_are_told_apart_and_name_their_model() {
+        use crate::config::ApiKind;
+        let m = |api, path| metered_websocket(api, path);
+        assert_eq!(m(ApiKind::Openai, "/v1/realtime"), Some(WsApi::Realtime));
+        assert_eq!(m(ApiKind::Openai, "/v1/realtime/"), Some(WsApi::Realtime));
+        assert_eq!(
+            m(ApiKind::AzureOpenai, "/openai/realtime"),
+            Some(WsApi::Realtime)
+        );
+        assert_eq!(
+            m(ApiKind::AzureOpenai, "/openai/v1/realtime"),
+            Some(WsApi::Realtime)
+        );
+        assert_eq!(m(ApiKind::Openai, "/v1/responses"), Some(WsApi::Responses));
+        assert_eq!(m(ApiKind::Openai, "/v1/realtime/translations"), None);
+        assert_eq!(m(ApiKind::Bedrock, "/openai/v1/realtime"), None);
+        assert_eq!(
+            m(
+                ApiKind::Gemini,
+                "/ws/google.ai.generativelanguage.v1beta.GenerativeService.BidiGenerateContent"
+            ),
+            None
+        );
+        assert_eq!(m(ApiKind::Anthropic, "/v1/realtime"), None);
+        assert_eq!(
+            realtime_model(Some("model=gpt-realtime-2.1")).as_deref(),
+            Some("gpt-realtime-2.1")
+        );
+        assert_eq!(
+            realtime_model(Some(
+                "api-version=2024-10-01-preview&deployment=voice%20prod"
+            ))
+            .as_deref(),
+            Some("voice prod")
+        );
+        assert_eq!(
+            realtime_model(Some("deployment=d&model=gpt-realtime")).as_deref(),
+            Some("gpt-realtime"),
+            "model= first"
+        );
+        assert_eq!(realtime_model(Some("call_id=rtc_1&model=")), None);
+        assert_eq!(realtime_model(None), None);
+    }
+
+    /// Every Realtime response is one record of the session's model with
+    /// its `response.done` usage, text, audio and image tokens and their
+    /// cache reads apart and priced at their own rates, whether the job
+    /// asked for it or turn detection did; a cancelled one is billed and
+    /// no error, a failed one is an error. The job's messages (audio) are
+    /// never read, and an input transcription's usage is a record of the
+    /// transcription model.
+    #[test]
+    fn each_realtime_response_is_one_record_with_its_audio_apart() {
+        let (mut meter, keep, _dir) = rt_meter(Some("gpt-realtime"));
+        // The job's audio and its ask: passed over, not read.
+        let audio = "A".repeat(64 * 1024);
+        let mut job = ws_text(
+            serde_json::json!({"type": "input_audio_buffer.append", "audio": audio}),
+            Some([9, 8, 7, 6]),
+        );
+        job.extend(ws_text(
+            serde_json::json!({"type": "response.create"}),
+            Some([1, 2, 3, 4]),
+        ));
+        meter.client_sent(&job);
+        let mut provider = ws_text(
+            serde_json::json!({"type": "session.created", "session": {"type": "realtime",
+                "model": "gpt-realtime-2025-08-28",
+                "audio": {"input": {"transcription": {"model": "gpt-4o-transcribe"}}}}}),
+            None,
+        );
+        provider.extend(ws_text(
+            serde_json::json!({"type": "response.created",
+                "response": {"object": "realtime.response", "id": "resp_1", "status": "in_progress"}}),
+            None,
+        ));
+        provider.extend(ws_text(
+            serde_json::json!({"type": "response.output_audio.delta", "response_id": "resp_1",
+                "delta": "UklGRiQAAABXQVZFZm10IBAAAAABAAEA"}),
+            None,
+        ));
+        provider.extend(ws_text(
+            serde_json::json!({"type": "response.output_audio_transcript.delta",
+                "response_id": "resp_1", "delta": "hello there"}),
+            None,
+        ));
+        provider.extend(rt_done(
+            "resp_1",
+            "completed",
+            serde_json::json!({"total_tokens": 1600, "input_tokens": 1000, "output_tokens": 600,
+                "input_token_details": {"text_tokens": 200, "audio_tokens": 800, "image_tokens": 0,
+                    "cached_tokens": 500,
+                    "cached_tokens_details": {"text_tokens": 100, "audio_tokens": 400}},
+                "output_token_details": {"text_tokens": 100, "audio_tokens": 500}}),
+        ));
+        // Turn detection starts one by itself, and the job interrupts it.
+        provider.extend(ws_text(
+            serde_json::json!({"type": "response.created", "response": {"id": "resp_2"}}),
+            None,
+        ));
+        provider.extend(rt_done(
+            "resp_2",
+            "cancelled",
+            serde_json::json!({"input_tokens": 300, "output_tokens": 20,
+                "input_token_details": {"audio_tokens": 300},
+                "output_token_details": {"audio_tokens": 20}}),
+        ));
+        provider.extend(ws_text(
+            serde_json::json!({"type": "response.created", "response": {"id": "resp_3"}}),
+            None,
+        ));
+        provider.extend(rt_done(
+            "resp_3",
+            "failed",
+            serde_json::json!({"input_tokens": 0, "output_tokens": 0}),
+        ));
+        // Not billed, not a record: an error about a job's event.
+        provider.extend(ws_text(
+            serde_json::json!({"type": "error", "error": {"type": "invalid_request_error",
+                "code": "invalid_value"}}),
+            None,
+        ));
+        provider.extend(ws_text(
+            serde_json::json!({"type": "conversation.item.input_audio_transcription.completed",
+                "item_id": "item_1", "transcript": "hi",
+                "usage": {"type": "tokens", "total_tokens": 30, "input_tokens": 25,
+                    "input_token_details": {"text_tokens": 0, "audio_tokens": 25},
+                    "output_tokens": 5}}),
+            None,
+        ));
+        for piece in provider.chunks(7) {
+            meter.provider_sent(piece);
+        }
+        drop(meter);
+        assert_eq!(
+            rows(&keep),
+            vec![
+                ("gpt-realtime".into(), 1000, 600, 200, None, false),
+                ("gpt-realtime".into(), 300, 20, 200, None, false),
+                (
+                    "gpt-realtime".into(),
+                    0,
+                    0,
+                    200,
+                    Some("response_failed".into()),
+                    false
+                ),
+                ("gpt-4o-transcribe".into(), 25, 5, 200, None, false),
+            ]
+        );
+        let records = keep.0.lock().unwrap();
+        let first = &records[0];
+        assert_eq!(first.operation, "realtime");
+        assert_eq!(
+            first.response_model.as_deref(),
+            Some("gpt-realtime-2025-08-28")
+        );
+        assert!(first.streaming);
+        let u = &first.usage;
+        assert_eq!(
+            (
+                u.cached_input_tokens,
+                u.cached_audio_input_tokens,
+                u.cached_image_input_tokens
+            ),
+            (500, 400, 0)
+        );
+        assert_eq!((u.audio_input_tokens, u.audio_output_tokens), (400, 500));
+        // gpt-realtime: text 4 / 0.40 cached / 16, audio 32 / 0.40 / 64.
+        let want = (100.0 * 4.0 + 400.0 * 32.0 + 500.0 * 0.40 + 100.0 * 16.0 + 500.0 * 64.0) / 1e6;
+        let cost = first.cost_usd.unwrap();
+        assert!((cost - want).abs() < 1e-9, "{cost} against {want}");
+        assert!(first.ttfb_ms.is_some(), "timed to its first audio");
+        assert_eq!(records[3].operation, "audio");
+        assert_eq!(records[3].usage.audio_input_tokens, 25);
+        assert!(records[3].cost_usd.is_some_and(|c| c > 0.0));
+    }
+
+    /// The handshake's model until the session names one; a response open
+    /// when the socket ends is recorded with why, and never estimated
+    /// from its transcript (its tokens are sound); a job that sends a
+    /// Close ends the socket on its side.
+    #[test]
+    fn a_realtime_response_left_open_is_recorded_unestimated() {
+        let (mut meter, keep, _dir) = rt_meter(Some("gpt-realtime-mini"));
+        meter.provider_sent(&ws_text(
+            serde_json::json!({"type": "response.created", "response": {"id": "resp_1"}}),
+            None,
+        ));
+        meter.provider_sent(&ws_text(
+            serde_json::json!({"type": "response.output_text.delta", "response_id": "resp_1",
+                "delta": "a long answer that the job will never hear the end of"}),
+            None,
+        ));
+        meter.client_sent(&super::super::websocket::tests::frame(
+            true,
+            0x8,
+            b"",
+            Some([1, 2, 3, 4]),
+        ));
+        assert!(meter.job_has_ended());
+        drop(meter);
+        assert_eq!(
+            rows(&keep),
+            vec![(
+                "gpt-realtime-mini".into(),
+                0,
+                0,
+                0,
+                Some("client_disconnected".into()),
+                false
+            )]
+        );
     }
 
     /// Responses are told apart by id and paired with their requests by

@@ -10,9 +10,25 @@
 //!   handshake offers `permessage-deflate`, the fake
 //!   accepts it and compresses every message it sends, as real servers
 //!   may.
-//! - Anything else, as realtime APIs use (OpenAI Realtime, Gemini Live): a
-//!   text frame `ready` from the server, then every text frame the client
-//!   sends comes back upper-cased, until the client closes.
+//! - `/v1/realtime` (any path ending `/realtime`): the OpenAI Realtime
+//!   API. `session.created` names the handshake's `model=` (or
+//!   `gpt-realtime-2025-08-28`); a `session.update` that sets an input
+//!   transcription model is answered `session.updated`. The job's
+//!   `input_audio_buffer.append`s are counted, and its
+//!   `input_audio_buffer.commit` is answered with
+//!   `input_audio_buffer.committed`, the transcription's
+//!   `conversation.item.input_audio_transcription.completed` with token
+//!   usage (when the session has a transcription model) and, as server
+//!   turn detection would, a response. A `response.create` is answered
+//!   with a response too: `response.created`, an audio delta, a transcript
+//!   delta and `response.done` with usage split into text and audio and,
+//!   from the second response on, cache reads (all logged as reported);
+//!   one whose `response.metadata.fake` is `hang` gets no
+//!   `response.done`.
+//! - Anything else, as the other realtime APIs use (Gemini Live, Realtime
+//!   translation): a text frame `ready` from the server, then every text
+//!   frame the client sends comes back upper-cased, until the client
+//!   closes.
 
 use base64::Engine as _;
 use http_body_util::BodyExt as _;
@@ -44,6 +60,14 @@ pub(crate) fn accept(mut req: Request<Incoming>, sni: String, log: Log) -> Respo
     let accept = base64::engine::general_purpose::STANDARD.encode(sha1.finish().as_ref());
     let path = req.uri().path().to_string();
     let responses = path.trim_end_matches('/').ends_with("/responses");
+    let realtime = path.trim_end_matches('/').ends_with("/realtime");
+    let url_model = req
+        .uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("model="))
+        .map(str::to_string);
     let deflate = responses
         && req
             .headers()
@@ -64,6 +88,10 @@ pub(crate) fn accept(mut req: Request<Incoming>, sni: String, log: Log) -> Respo
         let mut io = TokioIo::new(io);
         if responses {
             serve_responses(&mut io, deflate, finish, sni, path, log).await;
+            return;
+        }
+        if realtime {
+            serve_realtime(&mut io, url_model, sni, path, log).await;
             return;
         }
         if send(&mut io, b"ready").await.is_err() {
@@ -198,6 +226,159 @@ async fn serve_responses<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
     }
+}
+
+/// The OpenAI Realtime API (see the module's doc).
+async fn serve_realtime<S: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut S,
+    url_model: Option<String>,
+    sni: String,
+    path: String,
+    log: Log,
+) {
+    let model = url_model.unwrap_or_else(|| "gpt-realtime-2025-08-28".into());
+    let session = |transcription: &Option<String>| {
+        json!({"type": "realtime", "object": "realtime.session", "id": "sess_fake",
+            "model": model,
+            "audio": {"input": {"transcription": transcription.as_ref().map(|m| json!({"model": m})),
+                "turn_detection": {"type": "server_vad"}}}})
+    };
+    let mut transcription: Option<String> = None;
+    if send_json(
+        io,
+        json!({"type": "session.created", "session": session(&transcription)}),
+    )
+    .await
+    .is_err()
+    {
+        return;
+    }
+    let (mut appended, mut turn) = (0usize, 0u64);
+    let report = |r: Reported| log.lock().unwrap().push(r);
+    while let Ok(Some((opcode, payload))) = recv(io).await {
+        match opcode {
+            0x1 => {}
+            0x8 => {
+                let _ = io.write_all(&[0x88, 0]).await;
+                let _ = io.flush().await;
+                return;
+            }
+            _ => continue,
+        }
+        let Ok(ev) = serde_json::from_slice::<serde_json::Value>(&payload) else {
+            continue;
+        };
+        let mut out = Vec::new();
+        let mut respond = None;
+        match ev["type"].as_str().unwrap_or("") {
+            "session.update" => {
+                if let Some(m) = ev
+                    .pointer("/session/audio/input/transcription/model")
+                    .and_then(|m| m.as_str())
+                {
+                    transcription = Some(m.to_string());
+                }
+                out.push(json!({"type": "session.updated", "session": session(&transcription)}));
+            }
+            "input_audio_buffer.append" => {
+                appended += ev["audio"].as_str().map_or(0, str::len);
+            }
+            "input_audio_buffer.commit" => {
+                out.push(json!({"type": "input_audio_buffer.committed", "item_id": "item_1"}));
+                if let Some(m) = &transcription {
+                    let audio = (appended / 1000).max(1) as u64;
+                    report(Reported {
+                        api: "openai",
+                        sni: sni.clone(),
+                        path: path.clone(),
+                        model: m.clone(),
+                        input_tokens: audio,
+                        output_tokens: 5,
+                        audio_input_tokens: audio,
+                        usage_sent: true,
+                        ..Reported::default()
+                    });
+                    out.push(
+                        json!({"type": "conversation.item.input_audio_transcription.completed",
+                        "item_id": "item_1", "content_index": 0, "transcript": "hello",
+                        "usage": {"type": "tokens", "total_tokens": audio + 5,
+                            "input_tokens": audio,
+                            "input_token_details": {"text_tokens": 0, "audio_tokens": audio},
+                            "output_tokens": 5}}),
+                    );
+                }
+                // Server turn detection answers the committed turn.
+                respond = Some(false);
+            }
+            "response.create" => {
+                respond = Some(
+                    ev.pointer("/response/metadata/fake")
+                        .and_then(|v| v.as_str())
+                        == Some("hang"),
+                );
+            }
+            _ => {}
+        }
+        if let Some(hang) = respond {
+            turn += 1;
+            let id = format!("resp_rt_{turn}");
+            out.push(json!({"type": "response.created", "response": {
+                "object": "realtime.response", "id": id, "status": "in_progress", "output": []}}));
+            out.push(
+                json!({"type": "response.output_audio.delta", "response_id": id,
+                "item_id": "item_a", "output_index": 0, "content_index": 0,
+                "delta": "UklGRiQAAABXQVZFZm10IBAAAAABAAEAQB8AAIA+AAACABAAZGF0YQAAAAA="}),
+            );
+            out.push(
+                json!({"type": "response.output_audio_transcript.delta", "response_id": id,
+                "item_id": "item_a", "output_index": 0, "content_index": 0,
+                "delta": "spoken back"}),
+            );
+            if !hang {
+                // Each turn reads the conversation so far: from the second
+                // on, the earlier turns' 800 tokens (600 of them audio)
+                // from the cache.
+                let (text, audio) = (200 + 10 * turn, 600 + 100 * turn);
+                let cached = if turn > 1 { (200, 600) } else { (0, 0) };
+                let (out_text, out_audio) = (40, 300 + turn);
+                report(Reported {
+                    api: "openai",
+                    sni: sni.clone(),
+                    path: path.clone(),
+                    model: model.clone(),
+                    stream: true,
+                    input_tokens: text + audio,
+                    output_tokens: out_text + out_audio,
+                    cached_input_tokens: cached.0 + cached.1,
+                    audio_input_tokens: audio - cached.1,
+                    audio_output_tokens: out_audio,
+                    usage_sent: true,
+                    ..Reported::default()
+                });
+                out.push(json!({"type": "response.done", "event_id": "event_done", "response": {
+                    "object": "realtime.response", "id": id, "status": "completed",
+                    "status_details": null,
+                    "output": [{"type": "message", "role": "assistant", "content": [
+                        {"type": "output_audio", "transcript": "spoken back"}]}],
+                    "usage": {"total_tokens": text + audio + out_text + out_audio,
+                        "input_tokens": text + audio, "output_tokens": out_text + out_audio,
+                        "input_token_details": {"text_tokens": text, "audio_tokens": audio,
+                            "image_tokens": 0, "cached_tokens": cached.0 + cached.1,
+                            "cached_tokens_details": {"text_tokens": cached.0,
+                                "audio_tokens": cached.1, "image_tokens": 0}},
+                        "output_token_details": {"text_tokens": out_text, "audio_tokens": out_audio}}}}));
+            }
+        }
+        for e in out {
+            if send_json(io, e).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+async fn send_json<W: AsyncWrite + Unpin>(io: &mut W, v: serde_json::Value) -> std::io::Result<()> {
+    send(io, v.to_string().as_bytes()).await
 }
 
 /// One text message compressed by `permessage-deflate` (RSV1 set; no
