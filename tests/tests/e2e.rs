@@ -915,14 +915,16 @@ def completed(conn):
         if ev.type == "response.completed":
             usage.append((ev.response.usage.input_tokens, ev.response.usage.output_tokens))
             return
-with c.responses.connect() as conn:
+# (A handshake has taken over the library's default 10 s on a loaded CI
+# host: 30 s here.)
+with c.responses.connect(websocket_connection_options={"open_timeout": 30}) as conn:
     conn.response.create(model="gpt-5.4", input="first turn over the socket")
     completed(conn)
     conn.response.create(model="bad-model", input="no such model")
     for ev in conn:
         if ev.type == "error":
             break
-with c.responses.connect(websocket_connection_options={"max_size": 1 << 24}) as conn:
+with c.responses.connect(websocket_connection_options={"max_size": 1 << 24, "open_timeout": 30}) as conn:
     conn.response.create(model="gpt-6-sol", input="second")
     completed(conn)
     # Asked for and never answered (the fake ignores this model): the

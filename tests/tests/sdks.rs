@@ -433,6 +433,80 @@ assert [u.input_token_details.cached_tokens for u in done] == [0, 800], done
     assert_no_secret(&w, "SECRETREALTIME");
 }
 
+/// Gemini Live through the official google-genai SDK's
+/// `client.aio.live.connect()`: each turn of the model (a text turn, a
+/// spoken one) is a record of the `setup`'s model with the turn's usage,
+/// its audio priced at its own rates, whether the usage came with the
+/// turn's end or after it; a turn the job leaves is recorded as such.
+#[test]
+#[ignore = "needs root, cgroup v2 and BPF"]
+fn gemini_live_sessions_are_recorded_turn_by_turn() {
+    let w = World::start("gemini-live", 60);
+    let client = w.client(&[]);
+    ok(
+        &client.python(
+            r#"
+import asyncio, faulthandler
+from google import genai
+faulthandler.dump_traceback_later(60, exit=True)
+async def main():
+    c = genai.Client(api_key="AIzaSyLIVESECRET0123456789abcdefghijklm")
+    prompts = []
+    async def turn(s):
+        async for m in s.receive():
+            if m.usage_metadata:
+                prompts.append(m.usage_metadata.prompt_token_count)
+    async with c.aio.live.connect(model="gemini-3.8-live",
+            config={"response_modalities": ["AUDIO"]}) as s:
+        await s.send_client_content(turns={"role": "user", "parts": [{"text": "hello"}]},
+            turn_complete=True)
+        await turn(s)
+        await s.send_realtime_input(audio={"data": b"\0" * 6000, "mime_type": "audio/pcm;rate=16000"})
+        await s.send_realtime_input(audio_stream_end=True)
+        await turn(s)
+        # A turn left before it ends; the spoken turn's usage, which came
+        # after its end, is read before it.
+        await s.send_client_content(turns={"role": "user", "parts": [{"text": "hang"}]},
+            turn_complete=True)
+        async for m in s.receive():
+            if m.usage_metadata:
+                prompts.append(m.usage_metadata.prompt_token_count)
+            if m.server_content and m.server_content.output_transcription:
+                break
+    assert prompts == [100, 280], prompts
+asyncio.run(main())
+"#,
+        ),
+        "python google-genai live",
+    );
+    let reported = w.fake.reported();
+    assert_eq!(reported.len(), 2, "{reported:#?}");
+    let rows = w.agent.wait_for_records(3);
+    assert_eq!(rows.len(), 3, "{rows:#?}");
+    for (row, rep) in rows.iter().zip(&reported) {
+        tollgate_e2e::world::assert_row_matches(row, rep);
+        assert_eq!(s(row, "operation"), "live", "{row}");
+        assert_eq!(s(row, "provider"), "gemini", "{row}");
+    }
+    // gemini-3.8-live: text 0.75, audio 3 in; audio 12 out.
+    let cost = |r: &Value| {
+        r["cost_usd"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("unpriced: {r}"))
+    };
+    for (r, want) in [
+        (&rows[0], (100.0 * 0.75 + 201.0 * 12.0) / 1e6),
+        (&rows[1], (200.0 * 0.75 + 80.0 * 3.0 + 202.0 * 12.0) / 1e6),
+    ] {
+        assert!((cost(r) - want).abs() < 1e-12, "{} != {want}: {r}", cost(r));
+    }
+    let left = &rows[2];
+    assert_eq!(s(left, "model"), "gemini-3.8-live", "{left}");
+    assert_eq!(s(left, "error"), "client_disconnected", "{left}");
+    assert!(left["cost_usd"].is_null(), "unknown, not free: {left}");
+    assert_no_secret(&w, "LIVESECRET");
+}
+
 #[test]
 #[ignore = "needs root, cgroup v2 and BPF"]
 fn an_anthropic_stream_ended_by_an_error_event_records_the_error_and_estimates_its_output() {

@@ -122,6 +122,7 @@ pub fn operation(op: &str) -> (Cow<'_, str>, OpClass) {
         "text_completion" | "completions" => ("text_completion", OpClass::Inference),
         "generate_content"
         | "interaction"
+        | "live"
         | "stream_generate_content"
         | "generateContent"
         | "streamGenerateContent" => ("generate_content", OpClass::Inference),

@@ -35,6 +35,8 @@ const VARIANT_WORDS: &[&str] = &[
     "realtime",
     "audio",
     "transcribe",
+    "whisper",
+    "translate",
     "tts",
     "search",
     "image",
@@ -177,9 +179,12 @@ pub struct ModelPrice {
     pub audio_output: Option<f64>,
     #[serde(default)]
     pub image_output: Option<f64>,
-    /// Cache reads of audio and image tokens (default: `cached_input`, or
-    /// the catalogue's ratio to `cached_input` for an override of a
-    /// catalogued model).
+    /// Cache reads of audio and image tokens (default: the catalogue's
+    /// ratio to `cached_input` for an override of a catalogued model; else
+    /// `cached_input` for OpenAI and Azure OpenAI, whose cached audio and
+    /// images cost as cached text does on most models, and for other
+    /// providers `cached_input` times the audio or image input rate's
+    /// ratio to `input`, as Gemini discounts them).
     #[serde(default)]
     pub cached_audio_input: Option<f64>,
     #[serde(default)]
@@ -742,13 +747,17 @@ impl Price {
         };
         let own = [m.cached_audio_input, m.cached_image_input]
             .map(|r| r.map(|r| ModalRate::of(r, p.cached_input)));
-        // Else the catalogue's; else discounted as the text is: audio at
-        // k times the input rate is read from the cache at k times the
-        // cache read rate.
+        // Else the catalogue's; else OpenAI's cached audio and images
+        // cost as its cached text (gpt-realtime: $0.40 each), and other
+        // providers' are discounted as their text is: audio at k times
+        // the input rate is read from the cache at k times the cache read
+        // rate (Gemini 2.5 Flash: $0.10 against $1).
+        let provider = m.provider.trim().to_ascii_lowercase();
+        let openai = matches!(provider.as_str(), "openai" | "azure-openai");
         let from = base.map_or(
             [0, 1].map(|i| match p.modal[i] {
-                ModalRate::Times(k) => ModalRate::Times(k),
-                ModalRate::Usd(_) => ModalRate::Times(1.0),
+                ModalRate::Times(k) if !openai => ModalRate::Times(k),
+                _ => ModalRate::Times(1.0),
             }),
             |b| b.cached_modal,
         );
@@ -2622,6 +2631,25 @@ output = 15.0
         assert_eq!(rates("gpt-4o-realtime-preview-2025-06-03"), (5.0, 20.0));
         assert_eq!(rates("gpt-4o-mini-realtime-preview-2024-12-17"), (0.6, 2.4));
         assert!(!book.knows("openai", "gpt-realtime-9"));
+        // Billed by the minute: not the speech model's tokens.
+        assert!(!book.knows("openai", "gpt-realtime-whisper"));
+        assert!(!book.knows("openai", "gpt-realtime-translate"));
+        // Gemini Live: each its own, snapshots by their family.
+        let gemini = |m: &str| book.price_at("gemini", m, NOW).map(|p| (p.input, p.output));
+        assert_eq!(gemini("gemini-3.8-live"), Some((0.75, 4.5)));
+        assert_eq!(
+            gemini("gemini-2.5-flash-native-audio-preview-12-2025"),
+            Some((0.5, 2.0))
+        );
+        assert_eq!(
+            gemini("gemini-2.5-flash-native-audio-latest"),
+            Some((0.5, 2.0))
+        );
+        assert_eq!(
+            gemini("gemini-live-2.5-flash-native-audio"),
+            Some((0.5, 2.0))
+        );
+        assert_ne!(gemini("gemini-3.8-live"), gemini("gemini-3.8-flash"));
         // A conversation's later turn: mostly cache reads, mostly audio.
         let turn = Usage {
             input_tokens: 10_000,
@@ -2679,13 +2707,23 @@ output = 15.0
             .cost("openai", "my-voice", NOW, &only_cached_audio)
             .unwrap();
         assert!(close(c, 1.0), "{c}");
-        let ratio = book_of(
+        let plain = book_of(
             "[[models]]\nprovider = \"openai\"\nmodel = \"my-voice\"\ninput = 1\ncached_input = 0.5\noutput = 1\naudio_input = 8\n",
         );
-        let c = ratio
+        let c = plain
             .cost("openai", "my-voice", NOW, &only_cached_audio)
             .unwrap();
-        assert!(close(c, 4.0), "{c}");
+        assert!(
+            close(c, 0.5),
+            "OpenAI's cached audio costs as its cached text: {c}"
+        );
+        let ratio = book_of(
+            "[[models]]\nprovider = \"gemini\"\nmodel = \"my-voice\"\ninput = 1\ncached_input = 0.5\noutput = 1\naudio_input = 8\n",
+        );
+        let c = ratio
+            .cost("gemini", "my-voice", NOW, &only_cached_audio)
+            .unwrap();
+        assert!(close(c, 4.0), "discounted as the text: {c}");
         // A batch halves them with the rest.
         let p = book.price_at("openai", "gpt-realtime-mini", NOW).unwrap();
         let batch = p.in_tier(Some(BATCH_TIER)).unwrap();

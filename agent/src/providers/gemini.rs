@@ -806,7 +806,9 @@ impl UsageParser for InlinedParser {
 pub fn usage_from(m: &Value) -> Option<Usage> {
     let f = |k: &str| m.get(k).and_then(Value::as_u64);
     let prompt = f("promptTokenCount");
-    let candidates = f("candidatesTokenCount");
+    // Gemini Live on the Gemini API names the output `responseTokenCount`
+    // (and its split `responseTokensDetails`).
+    let candidates = f("candidatesTokenCount").or_else(|| f("responseTokenCount"));
     if prompt.is_none() && candidates.is_none() && f("totalTokenCount").is_none() {
         return None;
     }
@@ -834,7 +836,12 @@ pub fn usage_from(m: &Value) -> Option<Usage> {
     let audio_in = uncached("AUDIO").min(fresh);
     let cached_audio = by_modality("cacheTokensDetails", "AUDIO").min(cached);
     let spoken = output - thoughts.min(output);
-    let audio_out = by_modality("candidatesTokensDetails", "AUDIO").min(spoken);
+    let output_details = if m.get("candidatesTokensDetails").is_some() {
+        "candidatesTokensDetails"
+    } else {
+        "responseTokensDetails"
+    };
+    let audio_out = by_modality(output_details, "AUDIO").min(spoken);
     Some(Usage {
         input_tokens: input,
         output_tokens: output,
@@ -849,8 +856,7 @@ pub fn usage_from(m: &Value) -> Option<Usage> {
         audio_input_tokens: audio_in,
         image_input_tokens: uncached("IMAGE").min(fresh - audio_in),
         audio_output_tokens: audio_out,
-        image_output_tokens: by_modality("candidatesTokensDetails", "IMAGE")
-            .min(spoken - audio_out),
+        image_output_tokens: by_modality(output_details, "IMAGE").min(spoken - audio_out),
         cached_audio_input_tokens: cached_audio,
         cached_image_input_tokens: by_modality("cacheTokensDetails", "IMAGE")
             .min(cached - cached_audio),

@@ -129,10 +129,11 @@ impl UsageParser for NoUsage {
 
 impl RequestInfo {
     /// Its counts may be estimated locally when the provider gives none:
-    /// not an image's, audio's or Realtime response's, whose tokens are
-    /// pixels and sound, which a text tokenizer cannot count.
+    /// not an image's, audio's, Realtime response's or Gemini Live turn's,
+    /// whose tokens are pixels and sound, which a text tokenizer cannot
+    /// count.
     pub fn estimable(&self) -> bool {
-        !matches!(self.operation, "image" | "audio" | "realtime")
+        !matches!(self.operation, "image" | "audio" | "realtime" | "live")
     }
 
     /// The request is a row of its own (not a retrieval that settles a

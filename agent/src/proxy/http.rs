@@ -297,6 +297,9 @@ enum WsApi {
     /// The Realtime API (voice and text sessions, and the sideband
     /// socket of a WebRTC or SIP call).
     Realtime,
+    /// Gemini Live (`BidiGenerateContent`, on the Gemini API and Vertex
+    /// AI).
+    GeminiLive,
 }
 
 impl WsApi {
@@ -304,6 +307,7 @@ impl WsApi {
         match self {
             WsApi::Responses => "Responses API",
             WsApi::Realtime => "Realtime API",
+            WsApi::GeminiLive => "Gemini Live",
         }
     }
 }
@@ -313,11 +317,18 @@ impl WsApi {
 /// `/openai/v1/responses`, Bedrock's `/openai/v1/responses` and
 /// `/v1/responses`) or the OpenAI Realtime API (`/v1/realtime`, Azure's
 /// `/openai/realtime` and `/openai/v1/realtime`). Their responses are
-/// metered as they pass. Realtime translation (`/v1/realtime/translations`)
-/// reports no usage and is passed through.
+/// metered as they pass; so is Gemini Live (`…GenerativeService.BidiGenerateContent`
+/// and its `…Constrained` form for ephemeral tokens, Vertex AI's
+/// `…LlmBidiService/BidiGenerateContent`). Realtime translation
+/// (`/v1/realtime/translations`) reports no usage and is passed through.
 fn metered_websocket(api: crate::config::ApiKind, path: &str) -> Option<WsApi> {
     use crate::config::ApiKind;
     let path = path.trim_end_matches('/');
+    if api == ApiKind::Gemini {
+        return (path.ends_with("BidiGenerateContent")
+            || path.ends_with("BidiGenerateContentConstrained"))
+        .then_some(WsApi::GeminiLive);
+    }
     let (openai, bedrock) = match api {
         ApiKind::Openai | ApiKind::AzureOpenai => (true, false),
         ApiKind::Bedrock => (
@@ -330,7 +341,14 @@ fn metered_websocket(api: crate::config::ApiKind, path: &str) -> Option<WsApi> {
         None
     } else if path.ends_with("/responses") {
         Some(WsApi::Responses)
-    } else if path.ends_with("/realtime") && !bedrock {
+    } else if path.ends_with("/realtime")
+        && !bedrock
+        && (api != ApiKind::AzureOpenai
+            || path == "/openai/realtime"
+            || path == "/openai/v1/realtime")
+    {
+        // (On an Azure host only Azure OpenAI's own routes: other
+        // realtime services there, such as Voice Live, bill otherwise.)
         Some(WsApi::Realtime)
     } else {
         None
@@ -360,8 +378,8 @@ fn realtime_model(query: Option<&str>) -> Option<String> {
 /// connection of its own, and after the provider's `101` the client's
 /// connection and the provider's are joined until either ends or the
 /// agent stops. The Responses API's WebSocket mode is metered as it
-/// passes, and so is the OpenAI Realtime API (see [`WsMeter`]); Gemini
-/// Live and Realtime translation are not.
+/// passes, and so are the OpenAI Realtime API and Gemini Live (see
+/// [`WsMeter`]); Realtime translation is not.
 async fn tunnel(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<ProxyBody> {
     let state = &ctx.state;
     let client_side = hyper::upgrade::on(&mut req);
@@ -565,6 +583,12 @@ where
 /// (`conversation.item.input_audio_transcription.completed`) is one
 /// record of the session's transcription model. The job's messages (its
 /// audio, mostly) are not read.
+///
+/// On a Gemini Live socket each turn of the model (from its first output
+/// to the `usageMetadata` that counts it) is one record, of the model the
+/// job's `setup` message named, with that usage. Only the job's first
+/// message (its `setup`) is read; Gemini's messages arrive in binary
+/// frames and are read as text.
 struct WsMeter {
     ctx: Arc<ConnCtx>,
     path: String,
@@ -579,6 +603,9 @@ struct WsMeter {
     /// Realtime: the model transcribing the job's audio, when the session
     /// has one.
     transcription_model: Option<String>,
+    /// Gemini Live: the last `usageMetadata` recorded, to tell a repeat of
+    /// it from the next turn's.
+    last_live_usage: Option<serde_json::Value>,
     client: super::websocket::FrameReader,
     provider: super::websocket::FrameReader,
     /// `response.create`s sent and not answered yet, per lane.
@@ -653,6 +680,48 @@ struct WsResponseHead<'a> {
     error: Option<serde_json::Value>,
 }
 
+/// The longest Gemini Live `setup` message read for its model.
+const GEMINI_SETUP_LIMIT: usize = 1 << 20;
+
+/// The model a Gemini Live `setup` message names (`models/gemini-…`, or
+/// Vertex AI's `projects/…/publishers/google/models/gemini-…`), by its
+/// id.
+fn live_setup_model(message: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Setup {
+        setup: Inner,
+    }
+    #[derive(serde::Deserialize)]
+    struct Inner {
+        model: String,
+    }
+    let s: Setup = serde_json::from_slice(message).ok()?;
+    let id = s.setup.model.rsplit("models/").next()?.trim();
+    (!id.is_empty()).then(|| capped_model(id))
+}
+
+/// A Gemini Live server message, as far as the meter reads it (the
+/// output itself, audio mostly, is skipped unread).
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct LiveMessage {
+    #[serde(default, alias = "server_content")]
+    server_content: Option<LiveContent>,
+    #[serde(default, alias = "tool_call")]
+    tool_call: Option<serde::de::IgnoredAny>,
+    #[serde(default, alias = "usage_metadata")]
+    usage_metadata: Option<serde_json::Value>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct LiveContent {
+    #[serde(default, alias = "model_turn")]
+    model_turn: Option<serde::de::IgnoredAny>,
+    #[serde(default, alias = "output_transcription")]
+    output_transcription: Option<serde::de::IgnoredAny>,
+}
+
 /// A Realtime API server event, as far as the meter reads it.
 #[derive(serde::Deserialize)]
 struct RtEvent<'a> {
@@ -664,8 +733,6 @@ struct RtEvent<'a> {
     response: Option<RtResponse>,
     #[serde(default)]
     session: Option<serde_json::Value>,
-    #[serde(default, borrow)]
-    delta: Option<std::borrow::Cow<'a, str>>,
     /// A transcription's usage.
     #[serde(default)]
     usage: Option<serde_json::Value>,
@@ -765,16 +832,27 @@ impl WsMeter {
         let client_limit = match api {
             WsApi::Responses => MAX_MESSAGE.min(ctx.state.max_request_body),
             WsApi::Realtime => 0,
+            // Its `setup` (tools and instructions included); then nothing.
+            WsApi::GeminiLive => GEMINI_SETUP_LIMIT.min(ctx.state.max_request_body),
         };
+        let (mut client, mut provider) = (
+            FrameReader::new(client_limit, (client_limit > 0).then_some(lease)),
+            FrameReader::new(MAX_MESSAGE, None),
+        );
+        if api == WsApi::GeminiLive {
+            client = client.binary_as_text();
+            provider = provider.binary_as_text();
+        }
         WsMeter {
-            client: FrameReader::new(client_limit, Some(lease)),
-            provider: FrameReader::new(MAX_MESSAGE, None),
+            client,
+            provider,
             ctx,
             path,
             api,
             url_model: url_model.filter(|_| api == WsApi::Realtime),
             session_model: None,
             transcription_model: None,
+            last_live_usage: None,
             asked: Default::default(),
             open: Default::default(),
             ended_by: None,
@@ -790,6 +868,7 @@ impl WsMeter {
         let operation = match self.api {
             WsApi::Responses => "responses",
             WsApi::Realtime => "realtime",
+            WsApi::GeminiLive => "live",
         };
         self.draft_of(operation, model, body)
     }
@@ -820,8 +899,9 @@ impl WsMeter {
                 model,
                 streaming: operation != "audio",
                 // OpenAI's API on an OpenAI, Bedrock or custom host; Azure
-                // OpenAI keeps its own name and prices.
-                api: (self.ctx.provider.api != crate::config::ApiKind::AzureOpenai)
+                // OpenAI keeps its own name and prices, as Gemini does.
+                api: (self.api != WsApi::GeminiLive
+                    && self.ctx.provider.api != crate::config::ApiKind::AzureOpenai)
                     .then_some(crate::config::ApiKind::Openai),
                 ..RequestInfo::default()
             },
@@ -874,6 +954,29 @@ impl WsMeter {
     }
 
     fn client_sent(&mut self, bytes: &[u8]) {
+        if self.api == WsApi::GeminiLive {
+            let mut model = None;
+            let mut read = false;
+            self.client.feed(bytes, &mut |msg| {
+                if !read && let super::websocket::Message::Text(m) = msg {
+                    model = live_setup_model(m);
+                }
+                read = true;
+            });
+            if read {
+                // Its first message is its `setup`: the rest (its audio
+                // and video, mostly) is not read.
+                self.client.set_limit(0);
+                if self.url_model.is_none() {
+                    self.url_model = model;
+                }
+            }
+            if self.client.closed() {
+                self.ended_by.get_or_insert(WsSide::Job);
+            }
+            self.note_unreadable();
+            return;
+        }
         if self.api == WsApi::Realtime {
             // Read for its framing alone: every response is the
             // provider's to announce.
@@ -999,7 +1102,17 @@ impl WsMeter {
             return;
         }
         let side = if self.provider.broken() {
-            "the provider's messages: responses from here on are recorded when the socket ends, estimated"
+            match self.api {
+                WsApi::Responses => {
+                    "the provider's messages: responses from here on are recorded when the socket ends, estimated"
+                }
+                WsApi::Realtime | WsApi::GeminiLive => {
+                    "the provider's messages: what is open is recorded when the socket ends, uncounted, and later responses are not recorded"
+                }
+            }
+        } else if self.api != WsApi::Responses {
+            // Its job's messages are not read.
+            return;
         } else if self.client.broken() {
             "the job's messages: responses from here on are recorded without the model asked for"
         } else {
@@ -1031,9 +1144,10 @@ impl WsMeter {
     }
 
     fn on_provider_event(&mut self, text: &str) {
-        if self.api == WsApi::Realtime {
-            self.on_realtime_event(text);
-            return;
+        match self.api {
+            WsApi::Realtime => return self.on_realtime_event(text),
+            WsApi::GeminiLive => return self.on_live_message(text),
+            WsApi::Responses => {}
         }
         let Ok(ev) = serde_json::from_str::<WsProviderEvent<'_>>(text) else {
             return;
@@ -1141,6 +1255,50 @@ impl WsMeter {
         }
     }
 
+    /// One Gemini Live server message: the model's output opens a turn,
+    /// and a `usageMetadata` ends it with its counts (in the message that
+    /// completes the turn, or one of its own). A repeat of the usage just
+    /// recorded, with no output between, is not counted again.
+    fn on_live_message(&mut self, text: &str) {
+        const TURN: &str = "";
+        let Ok(m) = serde_json::from_str::<LiveMessage>(text) else {
+            return;
+        };
+        let output = m.tool_call.is_some()
+            || m.server_content
+                .as_ref()
+                .is_some_and(|c| c.model_turn.is_some() || c.output_transcription.is_some());
+        if output && !self.open.contains_key(TURN) {
+            let mut draft = self.draft(self.url_model.clone(), None);
+            // Answered: if it never ends, its cost is unknown, not 0.
+            draft.status = 200;
+            self.open.insert(
+                TURN.to_string(),
+                WsOpen {
+                    draft,
+                    lane: None,
+                    text: String::new(),
+                },
+            );
+        }
+        let Some(usage) = m.usage_metadata else {
+            return;
+        };
+        let open = self.open.remove(TURN);
+        if open.is_none() && self.last_live_usage.as_ref() == Some(&usage) {
+            debug!("a Gemini Live usage repeated: counted once");
+            return;
+        }
+        let mut draft = open.map_or_else(|| self.draft(self.url_model.clone(), None), |o| o.draft);
+        draft.status = 200;
+        let parsed = ParsedUsage {
+            usage: crate::providers::gemini::usage_from(&usage),
+            ..ParsedUsage::default()
+        };
+        self.last_live_usage = Some(usage);
+        draft.emit(parsed, None);
+    }
+
     /// A Realtime response's request model.
     fn realtime_model(&self) -> Option<String> {
         self.url_model
@@ -1161,7 +1319,12 @@ impl WsMeter {
             .or(ev.response_id.as_deref())
             .map(|id| crate::meter::cap(id, 128).to_string());
         match ev.kind.as_deref() {
-            Some("session.created" | "session.updated") => {
+            Some(
+                "session.created"
+                | "session.updated"
+                | "transcription_session.created"
+                | "transcription_session.updated",
+            ) => {
                 let Some(session) = ev.session.as_ref() else {
                     return;
                 };
@@ -1178,7 +1341,10 @@ impl WsMeter {
                 if self.open.contains_key(&id) || self.open.len() >= WS_MAX_OPEN {
                     return;
                 }
-                let draft = self.draft(self.realtime_model(), None);
+                let mut draft = self.draft(self.realtime_model(), None);
+                // Answered: if it never ends, its cost is unknown (its
+                // tokens are sound, not estimated), not 0.
+                draft.status = 200;
                 self.open.insert(
                     id,
                     WsOpen {
@@ -1227,16 +1393,20 @@ impl WsMeter {
                 };
                 let mut draft = self.draft_of("audio", self.transcription_model.clone(), None);
                 draft.status = 200;
+                let by_time =
+                    usage.get("type").and_then(serde_json::Value::as_str) == Some("duration");
+                // Billed by the second: no tokens, and no error.
+                draft.info.not_token_priced |= by_time;
                 let parsed = ParsedUsage {
-                    usage: crate::providers::openai::usage_from(usage),
+                    usage: crate::providers::openai::usage_from(usage)
+                        .or_else(|| by_time.then(crate::meter::record::Usage::default)),
                     ..ParsedUsage::default()
                 };
                 draft.emit(parsed, None);
             }
-            // Text as it streams (an estimate's, were the response never
-            // to end); audio (`response.output_audio.delta`, base64) is
-            // not text. The first piece of either is the response's first
-            // output.
+            // The response's first output (audio or text): its time to
+            // first byte. What streams is not kept: a response that never
+            // ends is not estimated (its tokens are sound).
             Some(k) if k.ends_with(".delta") => {
                 let Some(o) = id.as_ref().and_then(|id| self.open.get_mut(id)) else {
                     return;
@@ -1244,11 +1414,6 @@ impl WsMeter {
                 o.draft
                     .ttfb_ms
                     .get_or_insert_with(|| o.draft.started.elapsed().as_millis() as u64);
-                if !k.ends_with("audio.delta")
-                    && let Some(d) = ev.delta.as_deref()
-                {
-                    crate::providers::push_text(&mut o.text, d);
-                }
             }
             _ => {}
         }
@@ -4377,12 +4542,13 @@ mod tests {
         assert_eq!(m(ApiKind::Openai, "/v1/responses"), Some(WsApi::Responses));
         assert_eq!(m(ApiKind::Openai, "/v1/realtime/translations"), None);
         assert_eq!(m(ApiKind::Bedrock, "/openai/v1/realtime"), None);
+        assert_eq!(m(ApiKind::AzureOpenai, "/voice-live/realtime"), None);
         assert_eq!(
             m(
                 ApiKind::Gemini,
                 "/ws/google.ai.generativelanguage.v1beta.GenerativeService.BidiGenerateContent"
             ),
-            None
+            Some(WsApi::GeminiLive)
         );
         assert_eq!(m(ApiKind::Anthropic, "/v1/realtime"), None);
         assert_eq!(
@@ -4564,16 +4730,233 @@ mod tests {
         assert!(meter.job_has_ended());
         drop(meter);
         assert_eq!(
+            keep.0.lock().unwrap()[0].cost_usd,
+            None,
+            "unknown, not free"
+        );
+        assert_eq!(
             rows(&keep),
             vec![(
                 "gpt-realtime-mini".into(),
                 0,
                 0,
-                0,
+                200,
                 Some("client_disconnected".into()),
                 false
             )]
         );
+    }
+
+    /// A transcription session (`?intent=transcription`) names its model
+    /// in `transcription_session.*` events; a transcription billed by the
+    /// second is a row with no tokens, no price and no error.
+    #[test]
+    fn realtime_transcription_sessions_name_their_model() {
+        let (mut meter, keep, _dir) = rt_meter(None);
+        let mut provider = ws_text(
+            serde_json::json!({"type": "transcription_session.updated", "session": {
+                "input_audio_transcription": {"model": "gpt-4o-mini-transcribe"}}}),
+            None,
+        );
+        let done = |usage: serde_json::Value| {
+            ws_text(
+                serde_json::json!({"type": "conversation.item.input_audio_transcription.completed",
+                    "item_id": "item_1", "transcript": "hi", "usage": usage}),
+                None,
+            )
+        };
+        provider.extend(done(
+            serde_json::json!({"type": "tokens", "input_tokens": 40,
+            "input_token_details": {"audio_tokens": 40}, "output_tokens": 4}),
+        ));
+        provider.extend(ws_text(
+            serde_json::json!({"type": "session.updated", "session": {
+                "audio": {"input": {"transcription": {"model": "whisper-1"}}}}}),
+            None,
+        ));
+        provider.extend(done(
+            serde_json::json!({"type": "duration", "seconds": 2.5}),
+        ));
+        meter.provider_sent(&provider);
+        drop(meter);
+        assert_eq!(
+            rows(&keep),
+            vec![
+                ("gpt-4o-mini-transcribe".into(), 40, 4, 200, None, false),
+                ("whisper-1".into(), 0, 0, 200, None, false),
+            ]
+        );
+        let records = keep.0.lock().unwrap();
+        assert!(records[0].cost_usd.is_some_and(|c| c > 0.0));
+        assert_eq!(records[1].cost_usd, None);
+        assert!(
+            records
+                .iter()
+                .all(|r| r.operation == "audio" && !r.streaming)
+        );
+    }
+
+    /// A meter of a Gemini Live socket on the Gemini API, and what it
+    /// records.
+    fn live_meter() -> (WsMeter, Arc<Keep>, tempfile::TempDir) {
+        let (ctx, keep, dir) = test_ctx(
+            "generativelanguage.googleapis.com",
+            crate::config::ApiKind::Gemini,
+        );
+        let path = "/ws/google.ai.generativelanguage.v1beta.GenerativeService.BidiGenerateContent";
+        (
+            WsMeter::new(ctx, path.into(), WsApi::GeminiLive, None),
+            keep,
+            dir,
+        )
+    }
+
+    /// A binary frame of `json`, as Gemini sends its messages.
+    fn ws_binary(json: serde_json::Value, mask: Option<[u8; 4]>) -> Vec<u8> {
+        super::super::websocket::tests::frame(true, 0x2, json.to_string().as_bytes(), mask)
+    }
+
+    #[test]
+    fn gemini_live_handshakes_and_setup_models_are_read() {
+        use crate::config::ApiKind;
+        let m = |path| metered_websocket(ApiKind::Gemini, path);
+        for path in [
+            "/ws/google.ai.generativelanguage.v1beta.GenerativeService.BidiGenerateContent",
+            "/ws/google.ai.generativelanguage.v1.GenerativeService.BidiGenerateContent",
+            "/ws/google.ai.generativelanguage.v1alpha.GenerativeService.BidiGenerateContentConstrained",
+            "/ws/google.cloud.aiplatform.v1beta1.LlmBidiService/BidiGenerateContent",
+        ] {
+            assert_eq!(m(path), Some(WsApi::GeminiLive), "{path}");
+        }
+        assert_eq!(
+            m("/v1beta/models/gemini-2.5-flash:streamGenerateContent"),
+            None
+        );
+        assert_eq!(m("/v1/realtime"), None);
+        let setup = |model: &str| {
+            live_setup_model(
+                serde_json::json!({"setup": {"model": model}})
+                    .to_string()
+                    .as_bytes(),
+            )
+        };
+        assert_eq!(
+            setup("models/gemini-3.8-live").as_deref(),
+            Some("gemini-3.8-live")
+        );
+        assert_eq!(
+            setup("projects/p/locations/us-central1/publishers/google/models/gemini-live-2.5-flash-native-audio")
+                .as_deref(),
+            Some("gemini-live-2.5-flash-native-audio")
+        );
+        assert_eq!(setup("gemini-3.8-live").as_deref(), Some("gemini-3.8-live"));
+        assert_eq!(setup("models/"), None);
+        assert_eq!(live_setup_model(br#"{"clientContent":{}}"#), None);
+        assert_eq!(live_setup_model(b"not json"), None);
+    }
+
+    /// Each Gemini Live turn is one record of the `setup`'s model with
+    /// the usage that ends it (in the turn's last message or one of its
+    /// own, `responseTokenCount` as the Gemini API names the output), a
+    /// repeat of that usage is not counted twice, the job's audio is never
+    /// read, and a turn open when the socket ends is recorded with why and
+    /// no tokens.
+    #[test]
+    fn each_gemini_live_turn_is_one_record() {
+        let (mut meter, keep, _dir) = live_meter();
+        let mut job = ws_text(
+            serde_json::json!({"setup": {"model": "models/gemini-3.8-live",
+                "generationConfig": {"responseModalities": ["AUDIO"]}}}),
+            Some([1, 2, 3, 4]),
+        );
+        job.extend(ws_text(
+            serde_json::json!({"realtimeInput": {"audio": {"data": "A".repeat(40_000),
+                "mimeType": "audio/pcm;rate=16000"}}}),
+            Some([5, 6, 7, 8]),
+        ));
+        for piece in job.chunks(1000) {
+            meter.client_sent(piece);
+        }
+        let usage = |prompt: u64, audio_in: u64, out: u64| {
+            serde_json::json!({"promptTokenCount": prompt, "responseTokenCount": out,
+                "totalTokenCount": prompt + out,
+                "promptTokensDetails": [{"modality": "TEXT", "tokenCount": prompt - audio_in},
+                    {"modality": "AUDIO", "tokenCount": audio_in}],
+                "responseTokensDetails": [{"modality": "AUDIO", "tokenCount": out}]})
+        };
+        let mut provider = ws_binary(serde_json::json!({"setupComplete": {}}), None);
+        let audio_part = serde_json::json!({"serverContent": {"modelTurn": {"parts": [
+            {"inlineData": {"mimeType": "audio/pcm;rate=24000", "data": "B".repeat(20_000)}}]}}});
+        // Turn 1: usage with the turn's end.
+        provider.extend(ws_binary(audio_part.clone(), None));
+        provider.extend(ws_binary(
+            serde_json::json!({"serverContent": {"turnComplete": true},
+                "usageMetadata": usage(500, 300, 120)}),
+            None,
+        ));
+        // Repeated on its own: not counted again.
+        provider.extend(ws_binary(
+            serde_json::json!({"usageMetadata": usage(500, 300, 120)}),
+            None,
+        ));
+        // Turn 2: its end, then its usage in a message of its own.
+        provider.extend(ws_binary(audio_part.clone(), None));
+        provider.extend(ws_binary(
+            serde_json::json!({"serverContent": {"outputTranscription": {"text": "yes"}}}),
+            None,
+        ));
+        provider.extend(ws_binary(
+            serde_json::json!({"serverContent": {"turnComplete": true}}),
+            None,
+        ));
+        provider.extend(ws_binary(
+            serde_json::json!({"usageMetadata": usage(700, 400, 90)}),
+            None,
+        ));
+        // Turn 3: interrupted, and the socket ends before its usage.
+        provider.extend(ws_binary(audio_part, None));
+        provider.extend(ws_binary(
+            serde_json::json!({"serverContent": {"interrupted": true}}),
+            None,
+        ));
+        for piece in provider.chunks(4096) {
+            meter.provider_sent(piece);
+        }
+        meter.job_ended();
+        drop(meter);
+        assert_eq!(
+            rows(&keep),
+            vec![
+                ("gemini-3.8-live".into(), 500, 120, 200, None, false),
+                ("gemini-3.8-live".into(), 700, 90, 200, None, false),
+                (
+                    "gemini-3.8-live".into(),
+                    0,
+                    0,
+                    200,
+                    Some("client_disconnected".into()),
+                    false
+                ),
+            ]
+        );
+        let records = keep.0.lock().unwrap();
+        let first = &records[0];
+        assert_eq!(
+            (first.operation.as_str(), first.provider.as_str()),
+            ("live", "gemini")
+        );
+        assert_eq!(
+            (
+                first.usage.audio_input_tokens,
+                first.usage.audio_output_tokens
+            ),
+            (300, 120)
+        );
+        assert_eq!(records[2].cost_usd, None, "unknown, not free");
+        // gemini-3.8-live: text 0.75, audio 3 in; audio 12 out.
+        let want = (200.0 * 0.75 + 300.0 * 3.0 + 120.0 * 12.0) / 1e6;
+        let cost = first.cost_usd.expect("priced");
+        assert!((cost - want).abs() < 1e-12, "{cost} against {want}");
     }
 
     /// Responses are told apart by id and paired with their requests by

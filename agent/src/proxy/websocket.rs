@@ -1,15 +1,16 @@
 //! WebSocket frames (RFC 6455) read as they pass through the agent, for
 //! metering the APIs that answer over a WebSocket (the OpenAI Responses
-//! API's WebSocket mode).
+//! API's WebSocket mode, the OpenAI Realtime API, Gemini Live).
 //!
 //! Owns: splitting a byte stream (either direction, masked or not) into
-//! whole text messages. Must never: change, hold back or reorder a byte
-//! (the relay forwards every byte before it is read here), or keep more
-//! of one message than its limit or its lease of the agent's body budget
-//! allows: a longer message, a compressed one (`permessage-deflate`,
-//! RSV1) and a binary one are passed over unread (a text one is reported
-//! as such), and a stream that breaks the framing rules is no longer read
-//! at all.
+//! whole text messages (and binary ones, for an API that sends its JSON
+//! in them). Must never: change, hold back or reorder a byte (the relay
+//! forwards every byte before it is read here), or keep more of one
+//! message than its limit or its lease of the agent's body budget allows:
+//! a longer message, a compressed one (`permessage-deflate`, RSV1) and a
+//! binary one not read as text are passed over unread (a text one is
+//! reported as such), and a stream that breaks the framing rules is no
+//! longer read at all.
 
 /// The longest text message read (the Responses API's last event repeats
 /// the whole response, as over HTTP).
@@ -34,6 +35,9 @@ pub(super) const PREFIX: usize = 256;
 /// pieces of any size.
 pub(super) struct FrameReader {
     limit: usize,
+    /// Binary messages are read as text is (an API that sends its JSON in
+    /// binary frames: Gemini Live).
+    binary_as_text: bool,
     /// The share of the agent's body budget the message being read holds,
     /// when its bytes count against the budget.
     lease: Option<crate::budget::BodyLease>,
@@ -78,6 +82,7 @@ impl FrameReader {
     pub(super) fn new(limit: usize, lease: Option<crate::budget::BodyLease>) -> Self {
         FrameReader {
             limit,
+            binary_as_text: false,
             lease,
             closed: false,
             head: Vec::with_capacity(14),
@@ -88,6 +93,18 @@ impl FrameReader {
             kind: None,
             broken: false,
         }
+    }
+
+    /// Reads binary messages as text messages.
+    pub(super) fn binary_as_text(mut self) -> Self {
+        self.binary_as_text = true;
+        self
+    }
+
+    /// Reads messages up to `limit` bytes from here on (a message under
+    /// way included).
+    pub(super) fn set_limit(&mut self, limit: usize) {
+        self.limit = limit;
     }
 
     /// Whether the stream broke the framing rules (then nothing more is
@@ -175,9 +192,10 @@ impl FrameReader {
             0x8..=0xa if fin && len <= 125 => self.closed |= opcode == 0x8,
             // A text or binary message starts; none may be under way.
             0x1 | 0x2 if self.kind.is_none() => {
-                self.kind = Some(match (opcode, rsv1) {
-                    (0x1, false) => Kind::Text,
-                    (0x1, true) => Kind::TextSkipped,
+                let text = opcode == 0x1 || self.binary_as_text;
+                self.kind = Some(match (text, rsv1) {
+                    (true, false) => Kind::Text,
+                    (true, true) => Kind::TextSkipped,
                     _ => Kind::Skipped,
                 });
                 self.message.clear();
@@ -226,8 +244,11 @@ impl FrameReader {
         if self.kind != Some(Kind::Text) {
             return;
         }
-        let over_budget = self.lease.as_mut().is_some_and(|l| !l.grow(bytes.len()));
-        if over_budget || self.message.len() + bytes.len() > self.limit {
+        // (The limit first: a message over it takes nothing from the
+        // budget, even for a moment.)
+        if self.message.len() + bytes.len() > self.limit
+            || self.lease.as_mut().is_some_and(|l| !l.grow(bytes.len()))
+        {
             self.skip_message();
             return;
         }

@@ -25,7 +25,15 @@
 //!   from the second response on, cache reads (all logged as reported);
 //!   one whose `response.metadata.fake` is `hang` gets no
 //!   `response.done`.
-//! - Anything else, as the other realtime APIs use (Gemini Live, Realtime
+//! - A path ending `BidiGenerateContent`: Gemini Live, every message in a
+//!   binary frame as Google's servers send them. The `setup` is answered
+//!   `setupComplete`; a `clientContent` turn, or the end of the job's
+//!   `realtimeInput` audio (`audioStreamEnd`), with a turn of audio and its
+//!   transcription, then `usageMetadata` (logged as reported): with the
+//!   `turnComplete` in the first turn, in a message after it from the
+//!   second on. A turn whose text is `hang` gets its audio and nothing
+//!   more.
+//! - Anything else, as the other realtime APIs use (Realtime
 //!   translation): a text frame `ready` from the server, then every text
 //!   frame the client sends comes back upper-cased, until the client
 //!   closes.
@@ -61,6 +69,7 @@ pub(crate) fn accept(mut req: Request<Incoming>, sni: String, log: Log) -> Respo
     let path = req.uri().path().to_string();
     let responses = path.trim_end_matches('/').ends_with("/responses");
     let realtime = path.trim_end_matches('/').ends_with("/realtime");
+    let live = path.ends_with("BidiGenerateContent");
     let url_model = req
         .uri()
         .query()
@@ -92,6 +101,10 @@ pub(crate) fn accept(mut req: Request<Incoming>, sni: String, log: Log) -> Respo
         }
         if realtime {
             serve_realtime(&mut io, url_model, sni, path, log).await;
+            return;
+        }
+        if live {
+            serve_live(&mut io, sni, path, log).await;
             return;
         }
         if send(&mut io, b"ready").await.is_err() {
@@ -371,6 +384,114 @@ async fn serve_realtime<S: AsyncRead + AsyncWrite + Unpin>(
         }
         for e in out {
             if send_json(io, e).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Gemini Live (see the module's doc).
+async fn serve_live<S: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut S,
+    sni: String,
+    path: String,
+    log: Log,
+) {
+    let (mut model, mut turn, mut audio) = (String::new(), 0u64, 0usize);
+    while let Ok(Some((opcode, payload))) = recv(io).await {
+        match opcode {
+            0x1 | 0x2 => {}
+            // The SDK's keepalive.
+            0x9 => {
+                if write_frame(io, 0x8a, &payload).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            0x8 => {
+                let _ = io.write_all(&[0x88, 0]).await;
+                let _ = io.flush().await;
+                return;
+            }
+            _ => continue,
+        }
+        let Ok(ev) = serde_json::from_slice::<serde_json::Value>(&payload) else {
+            continue;
+        };
+        let mut out = Vec::new();
+        let mut answer = None;
+        if let Some(m) = ev.pointer("/setup/model").and_then(|m| m.as_str()) {
+            model = m.rsplit("models/").next().unwrap_or(m).to_string();
+            out.push(json!({"setupComplete": {}}));
+        }
+        if let Some(c) = ev.get("clientContent").or_else(|| ev.get("client_content")) {
+            let text: String = c["turns"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .flat_map(|t| t["parts"].as_array().into_iter().flatten())
+                .filter_map(|p| p["text"].as_str())
+                .collect();
+            answer = Some(text);
+        }
+        if let Some(r) = ev.get("realtimeInput").or_else(|| ev.get("realtime_input")) {
+            audio += r
+                .pointer("/audio/data")
+                .and_then(|d| d.as_str())
+                .map_or(0, str::len);
+            if r.get("audioStreamEnd")
+                .or_else(|| r.get("audio_stream_end"))
+                == Some(&json!(true))
+            {
+                answer = Some(String::new());
+            }
+        }
+        if let Some(text) = answer {
+            turn += 1;
+            out.push(
+                json!({"serverContent": {"modelTurn": {"parts": [{"inlineData": {
+                "mimeType": "audio/pcm;rate=24000",
+                "data": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"}}]}}}),
+            );
+            out.push(json!({"serverContent": {"outputTranscription": {"text": "spoken back"}}}));
+            if text != "hang" {
+                // Each turn re-reads the session: its prompt grows.
+                let heard = (audio / 100) as u64;
+                let (prompt_text, spoken) = (100 * turn, 200 + turn);
+                let usage = json!({"promptTokenCount": prompt_text + heard,
+                    "responseTokenCount": spoken,
+                    "totalTokenCount": prompt_text + heard + spoken,
+                    "promptTokensDetails": [{"modality": "TEXT", "tokenCount": prompt_text},
+                        {"modality": "AUDIO", "tokenCount": heard}],
+                    "responseTokensDetails": [{"modality": "AUDIO", "tokenCount": spoken}]});
+                log.lock().unwrap().push(Reported {
+                    api: "gemini",
+                    sni: sni.clone(),
+                    path: path.clone(),
+                    model: model.clone(),
+                    stream: true,
+                    input_tokens: prompt_text + heard,
+                    output_tokens: spoken,
+                    audio_input_tokens: heard,
+                    audio_output_tokens: spoken,
+                    usage_sent: true,
+                    ..Reported::default()
+                });
+                if turn == 1 {
+                    out.push(
+                        json!({"serverContent": {"turnComplete": true}, "usageMetadata": usage}),
+                    );
+                } else {
+                    out.push(json!({"serverContent": {"turnComplete": true}}));
+                    out.push(json!({"usageMetadata": usage}));
+                }
+            }
+        }
+        for e in out {
+            if write_frame(io, 0x82, e.to_string().as_bytes())
+                .await
+                .is_err()
+            {
                 return;
             }
         }
