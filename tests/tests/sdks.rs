@@ -1310,6 +1310,56 @@ const Anthropic = require("@anthropic-ai/sdk");
     assert_no_secret(&w, "node-SECRET");
 }
 
+/// The Node SDK's Realtime client (`OpenAIRealtimeWS`, on the `ws`
+/// package): each response on the socket is a record with the provider's
+/// usage.
+#[test]
+#[ignore = "needs root, cgroup v2 and BPF"]
+fn node_openai_realtime_over_a_websocket() {
+    let w = World::start("node-realtime", 61);
+    let client = w.client(&[]);
+    let out = ok(
+        &client.node(
+            r#"
+const OpenAI = require("openai");
+const { OpenAIRealtimeWS } = require("openai/realtime/ws");
+(async () => {
+  const client = new OpenAI({ apiKey: "sk-node-RTSECRET", maxRetries: 0 });
+  const rt = await OpenAIRealtimeWS.create(client, { model: "gpt-realtime" });
+  const inputs = [];
+  await new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error("no answer in 60 s")), 60000);
+    rt.on("error", (e) => reject(e));
+    rt.socket.on("error", (e) => reject(e));
+    rt.socket.on("open", () => {
+      rt.send({ type: "conversation.item.create", item: { type: "message", role: "user",
+        content: [{ type: "input_text", text: "hi from node" }] } });
+      rt.send({ type: "response.create" });
+    });
+    rt.on("response.done", (ev) => {
+      inputs.push(ev.response.usage.input_tokens);
+      if (inputs.length === 2) { clearTimeout(timer); resolve(); }
+      else rt.send({ type: "response.create" });
+    });
+  });
+  rt.close();
+  console.log(JSON.stringify(inputs));
+})().catch((e) => { console.error(e); process.exit(1); });
+"#,
+        ),
+        "node openai realtime",
+    );
+    let got: Value = serde_json::from_str(out.trim()).expect("node output");
+    assert_eq!(got, serde_json::json!([910, 1020]), "{got}");
+    let rows = w.assert_ledger_matches_provider(2);
+    for r in &rows {
+        assert_eq!(s(r, "operation"), "realtime", "{r}");
+        assert!(s(r, "exe").contains("node"), "{r}");
+        assert!(r["cost_usd"].as_f64().is_some_and(|c| c > 0.0), "{r}");
+    }
+    assert_no_secret(&w, "RTSECRET");
+}
+
 #[test]
 #[ignore = "needs root, cgroup v2 and BPF"]
 fn an_answer_whose_counts_cannot_be_known_has_no_cost_not_a_cost_of_zero() {

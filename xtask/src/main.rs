@@ -82,14 +82,15 @@ enum Cmd {
 /// in, pinned (`pip freeze` of a fresh virtualenv with openai, anthropic,
 /// google-genai and boto3).
 const PY_LOCK: &str = "tests/e2e/requirements.txt";
-/// The Node SDKs (openai, @anthropic-ai/sdk) and their dependencies: a
+/// The Node SDKs (openai, @anthropic-ai/sdk, and ws for openai's Realtime
+/// client) and their dependencies: a
 /// package.json with exact versions and its package-lock.json, copied to
 /// target/e2e-node for `npm ci`. openai 7 declares Node 22 or later; these
 /// machines have Node 20, so the newest 6 (which declares no bound) is
 /// what a job on them would run.
 const NODE_LOCK_DIR: &str = "tests/e2e/node";
 /// The Node SDKs, as `name@version`: what the marker check looks for.
-const NODE_REQUIREMENTS: &[&str] = &["openai@6.49.0", "@anthropic-ai/sdk@1.14.0"];
+const NODE_REQUIREMENTS: &[&str] = &["openai@6.49.0", "@anthropic-ai/sdk@1.14.0", "ws@8.23.0"];
 /// The oldest Node the Node SDKs above run on.
 const NODE_MIN_MAJOR: u32 = 20;
 /// What the SDK virtualenv must import (the SDKs of PY_LOCK).

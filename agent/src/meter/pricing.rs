@@ -181,10 +181,10 @@ pub struct ModelPrice {
     pub image_output: Option<f64>,
     /// Cache reads of audio and image tokens (default: the catalogue's
     /// ratio to `cached_input` for an override of a catalogued model; else
-    /// `cached_input` for OpenAI and Azure OpenAI, whose cached audio and
-    /// images cost as cached text does on most models, and for other
-    /// providers `cached_input` times the audio or image input rate's
-    /// ratio to `input`, as Gemini discounts them).
+    /// for OpenAI's and Azure OpenAI's audio `cached_input`, as their
+    /// cached audio costs as cached text on most models, and otherwise
+    /// `cached_input` times the audio or image input rate's ratio to
+    /// `input`, as Gemini discounts both and OpenAI its images).
     #[serde(default)]
     pub cached_audio_input: Option<f64>,
     #[serde(default)]
@@ -747,16 +747,18 @@ impl Price {
         };
         let own = [m.cached_audio_input, m.cached_image_input]
             .map(|r| r.map(|r| ModalRate::of(r, p.cached_input)));
-        // Else the catalogue's; else OpenAI's cached audio and images
-        // cost as its cached text (gpt-realtime: $0.40 each), and other
-        // providers' are discounted as their text is: audio at k times
-        // the input rate is read from the cache at k times the cache read
-        // rate (Gemini 2.5 Flash: $0.10 against $1).
+        // Else the catalogue's; else OpenAI's cached audio costs as its
+        // cached text (gpt-realtime: $0.40 each), and the rest is
+        // discounted as the text is: audio at k times the input rate is
+        // read from the cache at k times the cache read rate (Gemini 2.5
+        // Flash: $0.10 against $1).
         let provider = m.provider.trim().to_ascii_lowercase();
         let openai = matches!(provider.as_str(), "openai" | "azure-openai");
         let from = base.map_or(
             [0, 1].map(|i| match p.modal[i] {
-                ModalRate::Times(k) if !openai => ModalRate::Times(k),
+                // (OpenAI's cached images are discounted as its text:
+                // gpt-image-1.5's $2 against $8.)
+                ModalRate::Times(k) if !(openai && i == 0) => ModalRate::Times(k),
                 _ => ModalRate::Times(1.0),
             }),
             |b| b.cached_modal,
@@ -2724,6 +2726,18 @@ output = 15.0
             .cost("gemini", "my-voice", NOW, &only_cached_audio)
             .unwrap();
         assert!(close(c, 4.0), "discounted as the text: {c}");
+        // OpenAI's cached images are discounted as its text (gpt-image-1.5:
+        // image input $8, cached $2).
+        let only_cached_images = Usage {
+            input_tokens: 1_000_000,
+            cached_input_tokens: 1_000_000,
+            cached_image_input_tokens: 1_000_000,
+            ..Usage::default()
+        };
+        let c = book
+            .cost("openai", "gpt-image-1.5", NOW, &only_cached_images)
+            .unwrap();
+        assert!(close(c, 2.0), "{c}");
         // A batch halves them with the rest.
         let p = book.price_at("openai", "gpt-realtime-mini", NOW).unwrap();
         let batch = p.in_tier(Some(BATCH_TIER)).unwrap();
@@ -2741,6 +2755,13 @@ output = 15.0
             (u.cached_audio_input_tokens, u.audio_input_tokens),
             (750, 150)
         );
+        // Video frames count with the images.
+        let u = crate::providers::gemini::usage_from(&serde_json::json!({
+            "promptTokenCount": 1000, "responseTokenCount": 10,
+            "promptTokensDetails": [{"modality": "TEXT", "tokenCount": 100},
+                {"modality": "VIDEO", "tokenCount": 600}, {"modality": "IMAGE", "tokenCount": 300}]}))
+        .unwrap();
+        assert_eq!((u.image_input_tokens, u.output_tokens), (900, 10));
         // And its cached audio costs 10 % of its audio input rate ($1).
         let c = book
             .cost("gemini", "gemini-2.5-flash", NOW, &only_cached_audio)

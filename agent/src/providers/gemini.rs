@@ -817,13 +817,18 @@ pub fn usage_from(m: &Value) -> Option<Usage> {
         .saturating_add(f("toolUsePromptTokenCount").unwrap_or(0));
     let thoughts = f("thoughtsTokenCount").unwrap_or(0);
     let output = candidates.unwrap_or(0).saturating_add(thoughts);
-    // `[{modality, tokenCount}]`: the audio and image parts.
+    // `[{modality, tokenCount}]`: the audio and image parts (video frames
+    // with the images: the models that price them apart price both
+    // alike).
     let by_modality = |k: &str, modality: &str| {
         m.get(k)
             .and_then(Value::as_array)
             .into_iter()
             .flatten()
-            .filter(|d| d.get("modality").and_then(Value::as_str) == Some(modality))
+            .filter(|d| {
+                let m = d.get("modality").and_then(Value::as_str);
+                m == Some(modality) || (modality == "IMAGE" && m == Some("VIDEO"))
+            })
             .filter_map(|d| d.get("tokenCount").and_then(Value::as_u64))
             .fold(0u64, u64::saturating_add)
     };

@@ -606,6 +606,8 @@ struct WsMeter {
     /// Gemini Live: the last `usageMetadata` recorded, to tell a repeat of
     /// it from the next turn's.
     last_live_usage: Option<serde_json::Value>,
+    /// Gemini Live: the job's `setup` went by.
+    setup_seen: bool,
     client: super::websocket::FrameReader,
     provider: super::websocket::FrameReader,
     /// `response.create`s sent and not answered yet, per lane.
@@ -700,6 +702,19 @@ fn live_setup_model(message: &[u8]) -> Option<String> {
     (!id.is_empty()).then(|| capped_model(id))
 }
 
+/// The model named in the first bytes of a Gemini Live `setup` too long to
+/// read whole (`{"setup":{"model":"models/…"`, as the SDKs write it).
+fn live_prefix_model(prefix: &[u8]) -> Option<String> {
+    let text = String::from_utf8_lossy(prefix);
+    let squeezed: String = text.chars().filter(|c| !c.is_whitespace()).collect();
+    let rest = &squeezed[squeezed.find("\"setup\":{")?..];
+    let at = rest.find("\"model\":\"")? + 9;
+    let model = &rest[at..];
+    let model = &model[..model.find('"')?];
+    let id = model.rsplit("models/").next()?;
+    (!id.is_empty()).then(|| capped_model(id))
+}
+
 /// A Gemini Live server message, as far as the meter reads it (the
 /// output itself, audio mostly, is skipped unread).
 #[derive(serde::Deserialize)]
@@ -718,8 +733,6 @@ struct LiveMessage {
 struct LiveContent {
     #[serde(default, alias = "model_turn")]
     model_turn: Option<serde::de::IgnoredAny>,
-    #[serde(default, alias = "output_transcription")]
-    output_transcription: Option<serde::de::IgnoredAny>,
 }
 
 /// A Realtime API server event, as far as the meter reads it.
@@ -853,6 +866,7 @@ impl WsMeter {
             session_model: None,
             transcription_model: None,
             last_live_usage: None,
+            setup_seen: false,
             asked: Default::default(),
             open: Default::default(),
             ended_by: None,
@@ -955,21 +969,30 @@ impl WsMeter {
 
     fn client_sent(&mut self, bytes: &[u8]) {
         if self.api == WsApi::GeminiLive {
-            let mut model = None;
-            let mut read = false;
+            let mut setup = None;
+            let seen = self.setup_seen;
             self.client.feed(bytes, &mut |msg| {
-                if !read && let super::websocket::Message::Text(m) = msg {
-                    model = live_setup_model(m);
+                if !seen && setup.is_none() {
+                    setup = Some(match msg {
+                        super::websocket::Message::Text(m) => live_setup_model(m),
+                        // Too long to read whole: the SDKs write the model
+                        // first.
+                        super::websocket::Message::Unread(prefix) => live_prefix_model(prefix),
+                    });
                 }
-                read = true;
             });
-            if read {
+            if let Some(model) = setup {
                 // Its first message is its `setup`: the rest (its audio
                 // and video, mostly) is not read.
+                self.setup_seen = true;
                 self.client.set_limit(0);
-                if self.url_model.is_none() {
-                    self.url_model = model;
+                if model.is_none() {
+                    warn!(
+                        host = self.ctx.provider.host.as_str(),
+                        "a Gemini Live setup named no model the agent could read: its turns are recorded without one, unpriced"
+                    );
                 }
+                self.url_model = model;
             }
             if self.client.closed() {
                 self.ended_by.get_or_insert(WsSide::Job);
@@ -1264,10 +1287,11 @@ impl WsMeter {
         let Ok(m) = serde_json::from_str::<LiveMessage>(text) else {
             return;
         };
+        // (Not its transcription, which may come after the turn's usage.)
         let output = m.tool_call.is_some()
             || m.server_content
                 .as_ref()
-                .is_some_and(|c| c.model_turn.is_some() || c.output_transcription.is_some());
+                .is_some_and(|c| c.model_turn.is_some());
         if output && !self.open.contains_key(TURN) {
             let mut draft = self.draft(self.url_model.clone(), None);
             // Answered: if it never ends, its cost is unknown, not 0.
@@ -1281,9 +1305,15 @@ impl WsMeter {
                 },
             );
         }
-        let Some(usage) = m.usage_metadata else {
+        let Some(raw) = m.usage_metadata else {
             return;
         };
+        // A usage with no counts (Vertex's `trafficType` alone) ends no
+        // turn.
+        let Some(counts) = crate::providers::gemini::usage_from(&raw) else {
+            return;
+        };
+        let usage = raw;
         let open = self.open.remove(TURN);
         if open.is_none() && self.last_live_usage.as_ref() == Some(&usage) {
             debug!("a Gemini Live usage repeated: counted once");
@@ -1292,7 +1322,7 @@ impl WsMeter {
         let mut draft = open.map_or_else(|| self.draft(self.url_model.clone(), None), |o| o.draft);
         draft.status = 200;
         let parsed = ParsedUsage {
-            usage: crate::providers::gemini::usage_from(&usage),
+            usage: Some(counts),
             ..ParsedUsage::default()
         };
         self.last_live_usage = Some(usage);
@@ -4851,6 +4881,20 @@ mod tests {
         );
         assert_eq!(setup("gemini-3.8-live").as_deref(), Some("gemini-3.8-live"));
         assert_eq!(setup("models/"), None);
+        // A setup too long to read whole: from its first bytes.
+        assert_eq!(
+            live_prefix_model(br#"{"setup": {"model": "models/gemini-3.8-live", "systemInstruction": {"parts": [{"text": "#)
+                .as_deref(),
+            Some("gemini-3.8-live")
+        );
+        assert_eq!(
+            live_prefix_model(br#"{"setup": {"systemInstruction": "#),
+            None
+        );
+        assert_eq!(
+            live_prefix_model(br#"{"setup": {"model": "models/gemini-3"#),
+            None
+        );
         assert_eq!(live_setup_model(br#"{"clientContent":{}}"#), None);
         assert_eq!(live_setup_model(b"not json"), None);
     }
@@ -4911,6 +4955,16 @@ mod tests {
         ));
         provider.extend(ws_binary(
             serde_json::json!({"usageMetadata": usage(700, 400, 90)}),
+            None,
+        ));
+        // A transcription arriving after its turn's usage, and a usage with
+        // no counts: neither opens nor ends a turn.
+        provider.extend(ws_binary(
+            serde_json::json!({"serverContent": {"outputTranscription": {"text": " late"}}}),
+            None,
+        ));
+        provider.extend(ws_binary(
+            serde_json::json!({"usageMetadata": {"trafficType": "ON_DEMAND"}}),
             None,
         ));
         // Turn 3: interrupted, and the socket ends before its usage.
