@@ -151,19 +151,7 @@ async fn serve_responses<S: AsyncRead + AsyncWrite + Unpin>(
     log: Log,
 ) {
     let mut turn = 0u64;
-    while let Ok(Some((opcode, payload))) = recv(io).await {
-        match opcode {
-            0x1 => {}
-            0x8 => {
-                let _ = io.write_all(&[0x88, 0]).await;
-                let _ = io.flush().await;
-                return;
-            }
-            _ => continue,
-        }
-        let Ok(ev) = serde_json::from_slice::<serde_json::Value>(&payload) else {
-            continue;
-        };
+    while let Some(ev) = next_json(io).await {
         if ev["type"] != "response.create" {
             continue;
         }
@@ -268,19 +256,7 @@ async fn serve_realtime<S: AsyncRead + AsyncWrite + Unpin>(
     }
     let (mut appended, mut turn) = (0usize, 0u64);
     let report = |r: Reported| log.lock().unwrap().push(r);
-    while let Ok(Some((opcode, payload))) = recv(io).await {
-        match opcode {
-            0x1 => {}
-            0x8 => {
-                let _ = io.write_all(&[0x88, 0]).await;
-                let _ = io.flush().await;
-                return;
-            }
-            _ => continue,
-        }
-        let Ok(ev) = serde_json::from_slice::<serde_json::Value>(&payload) else {
-            continue;
-        };
+    while let Some(ev) = next_json(io).await {
         let mut out = Vec::new();
         let mut respond = None;
         match ev["type"].as_str().unwrap_or("") {
@@ -398,26 +374,7 @@ async fn serve_live<S: AsyncRead + AsyncWrite + Unpin>(
     log: Log,
 ) {
     let (mut model, mut turn, mut audio) = (String::new(), 0u64, 0usize);
-    while let Ok(Some((opcode, payload))) = recv(io).await {
-        match opcode {
-            0x1 | 0x2 => {}
-            // The SDK's keepalive.
-            0x9 => {
-                if write_frame(io, 0x8a, &payload).await.is_err() {
-                    return;
-                }
-                continue;
-            }
-            0x8 => {
-                let _ = io.write_all(&[0x88, 0]).await;
-                let _ = io.flush().await;
-                return;
-            }
-            _ => continue,
-        }
-        let Ok(ev) = serde_json::from_slice::<serde_json::Value>(&payload) else {
-            continue;
-        };
+    while let Some(ev) = next_json(io).await {
         let mut out = Vec::new();
         let mut answer = None;
         if let Some(m) = ev.pointer("/setup/model").and_then(|m| m.as_str()) {
@@ -500,6 +457,31 @@ async fn serve_live<S: AsyncRead + AsyncWrite + Unpin>(
 
 async fn send_json<W: AsyncWrite + Unpin>(io: &mut W, v: serde_json::Value) -> std::io::Result<()> {
     send(io, v.to_string().as_bytes()).await
+}
+
+/// The client's next message read as JSON (from a text or binary frame),
+/// its pings answered and anything else passed over; `None` once it
+/// closes (its Close answered) or the connection ends.
+async fn next_json<S: AsyncRead + AsyncWrite + Unpin>(io: &mut S) -> Option<serde_json::Value> {
+    loop {
+        let (opcode, payload) = recv(io).await.ok()??;
+        match opcode {
+            0x1 | 0x2 => {}
+            0x9 => {
+                write_frame(io, 0x8a, &payload).await.ok()?;
+                continue;
+            }
+            0x8 => {
+                let _ = io.write_all(&[0x88, 0]).await;
+                let _ = io.flush().await;
+                return None;
+            }
+            _ => continue,
+        }
+        if let Ok(ev) = serde_json::from_slice(&payload) {
+            return Some(ev);
+        }
+    }
 }
 
 /// One text message compressed by `permessage-deflate` (RSV1 set; no
