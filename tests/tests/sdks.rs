@@ -507,6 +507,45 @@ asyncio.run(main())
     assert_no_secret(&w, "LIVESECRET");
 }
 
+/// Transcriptions through the Python SDK: `whisper-1`, billed by the
+/// second, is priced by the length its usage reports; `gpt-4o-transcribe`
+/// by its audio and text tokens.
+#[test]
+#[ignore = "needs root, cgroup v2 and BPF"]
+fn transcriptions_are_priced_by_their_length_or_their_tokens() {
+    let w = World::start("transcriptions", 62);
+    let client = w.client(&[]);
+    ok(
+        &client.python(
+            r#"
+import io, openai
+o = openai.OpenAI(api_key="sk-proj-SECRETWHISPER", max_retries=0)
+for m in ["whisper-1", "gpt-4o-transcribe"]:
+    r = o.audio.transcriptions.create(model=m,
+        file=("a.wav", io.BytesIO(b"RIFF" + b"\0" * 4000), "audio/wav"))
+    assert r.text == "hello from the fake", r
+"#,
+        ),
+        "python openai transcriptions",
+    );
+    let rows = w.assert_ledger_matches_provider(2);
+    let cost = |r: &Value| {
+        r["cost_usd"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("unpriced: {r}"))
+    };
+    for (r, want) in [
+        // $0.006 a minute, 2.5 s.
+        (&rows[0], 2.5 / 60.0 * 0.006),
+        // 2 text and 38 audio tokens in ($2.50, $6), 6 out ($10).
+        (&rows[1], (2.0 * 2.5 + 38.0 * 6.0 + 6.0 * 10.0) / 1e6),
+    ] {
+        assert_eq!(s(r, "operation"), "audio", "{r}");
+        assert!((cost(r) - want).abs() < 1e-12, "{} != {want}: {r}", cost(r));
+    }
+    assert_no_secret(&w, "SECRETWHISPER");
+}
+
 #[test]
 #[ignore = "needs root, cgroup v2 and BPF"]
 fn an_anthropic_stream_ended_by_an_error_event_records_the_error_and_estimates_its_output() {

@@ -405,6 +405,7 @@ pub fn from_row(row: &Row<'_>) -> rusqlite::Result<UsageRecord> {
             image_output_tokens: uncount(row.get(c(45))?),
             cached_audio_input_tokens: 0,
             cached_image_input_tokens: 0,
+            audio_duration_ms: 0,
         },
         estimated: row.get(c(17))?,
         cost_usd: row.get(c(18))?,

@@ -40,6 +40,7 @@ pub(crate) fn sample(i: u64) -> UsageRecord {
             image_output_tokens: 0,
             cached_audio_input_tokens: 0,
             cached_image_input_tokens: 0,
+            audio_duration_ms: 0,
         },
         estimated: i.is_multiple_of(3),
         cost_usd: if i.is_multiple_of(5) {
@@ -868,6 +869,7 @@ prop_compose! {
                 image_output_tokens: 0,
                 cached_audio_input_tokens: 0,
                 cached_image_input_tokens: 0,
+                audio_duration_ms: 0,
             },
             estimated: tail.0, cost_usd: tail.1, error: tail.2, who: who.into(),
             service_tier: tail.3,

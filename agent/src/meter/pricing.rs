@@ -189,6 +189,12 @@ pub struct ModelPrice {
     pub cached_audio_input: Option<f64>,
     #[serde(default)]
     pub cached_image_input: Option<f64>,
+    /// USD per minute of audio, for a model billed by its length (see
+    /// `Usage::audio_duration_ms`). Absent: the catalogue's for an
+    /// override of a catalogued model, else none (such a request is then
+    /// unpriced).
+    #[serde(default)]
+    pub audio_per_minute: Option<f64>,
 }
 
 /// Anthropic's web search tool: $10 per 1,000 searches, beside the tokens
@@ -359,6 +365,7 @@ fn validate_entries(prefix: &str, entries: &[ModelPrice]) -> Result<(), (String,
             ("image_output".into(), m.image_output),
             ("cached_audio_input".into(), m.cached_audio_input),
             ("cached_image_input".into(), m.cached_image_input),
+            ("audio_per_minute".into(), m.audio_per_minute),
         ];
         let extra: [(&str, Option<&dyn GivenRates>); 3] = [
             ("long_context", long.map(|l| l as &dyn GivenRates)),
@@ -493,6 +500,8 @@ pub struct Price {
     /// they follow those as cache reads do; or, where the text rate is 0,
     /// rates of their own.
     pub modal: [ModalRate; 4],
+    /// USD per minute of audio billed by its length (0: none).
+    pub audio_per_minute: f64,
     /// The rates of audio and image cache reads: multiples of the cache
     /// read rate in force, or, where that is 0, rates of their own. By
     /// default the same multiples of it as the audio and image input rates
@@ -623,6 +632,7 @@ impl Price {
             web_search_preview: self.web_search_preview,
             modal: self.modal.map(|m| m.times(f)),
             cached_modal: self.cached_modal.map(|m| m.times(f)),
+            audio_per_minute: self.audio_per_minute * f,
         }
     }
 }
@@ -744,6 +754,10 @@ impl Price {
                 [0, 1, 2, 3].map(|i| own[i].unwrap_or(from[i]))
             },
             cached_modal: [ModalRate::Times(1.0); 2],
+            audio_per_minute: m
+                .audio_per_minute
+                .or(base.map(|b| b.audio_per_minute))
+                .unwrap_or(0.0),
         };
         let own = [m.cached_audio_input, m.cached_image_input]
             .map(|r| r.map(|r| ModalRate::of(r, p.cached_input)));
@@ -818,6 +832,7 @@ impl Price {
             web_search_preview: self.web_search_preview,
             modal: self.modal,
             cached_modal: self.cached_modal,
+            audio_per_minute: self.audio_per_minute,
         };
         // A long prompt in a tier: the long-context rates, scaled as the
         // tier scales input and output.
@@ -841,7 +856,7 @@ impl Price {
     /// `web_searches · web_search / 1000`, those of OpenAI's preview tool
     /// at `web_search_preview` instead ([`Price::search_fee`]).
     pub fn cost(&self, u: &Usage) -> f64 {
-        self.token_cost(u) + self.search_fee(u)
+        self.token_cost(u) + self.search_fee(u) + self.duration_fee(u)
     }
 
     /// The web searches' fee alone: the same in every tier and batch, and
@@ -852,6 +867,17 @@ impl Price {
         ((u.web_searches - preview) as f64 * self.web_search
             + preview as f64 * self.web_search_preview)
             / 1e3
+    }
+
+    /// The fee for audio billed by its length.
+    pub fn duration_fee(&self, u: &Usage) -> f64 {
+        u.audio_duration_ms as f64 / 60_000.0 * self.audio_per_minute
+    }
+
+    /// `u` has audio billed by its length and this price has no rate for
+    /// it: its cost is unknown, not 0.
+    pub fn lacks_duration_rate(&self, u: &Usage) -> bool {
+        u.audio_duration_ms > 0 && self.audio_per_minute <= 0.0
     }
 
     /// [`Price::cost`] without the web searches' fee.
@@ -1181,6 +1207,7 @@ impl PriceBook {
         usage: &Usage,
     ) -> Option<f64> {
         self.price_at(provider, model, started_at_ms)
+            .filter(|p| !p.lacks_duration_rate(usage))
             .map(|p| p.cost(usage))
     }
 
@@ -1196,8 +1223,18 @@ impl PriceBook {
         usage: &Usage,
         serving: Serving<'_>,
     ) -> Option<Cost> {
+        if usage.audio_duration_ms > 0
+            && self
+                .price_of_any_at(provider, models, started_at_ms)
+                .is_none_or(|p| p.lacks_duration_rate(usage))
+        {
+            return None;
+        }
         self.cost_with(provider, models, started_at_ms, serving, |p| {
-            (p.token_cost(usage), p.search_fee(usage))
+            (
+                p.token_cost(usage),
+                p.search_fee(usage) + p.duration_fee(usage),
+            )
         })
     }
 
@@ -1510,6 +1547,7 @@ mod tests {
             image_output_tokens: 0,
             cached_audio_input_tokens: 0,
             cached_image_input_tokens: 0,
+            audio_duration_ms: 0,
         }
     }
 
@@ -2633,8 +2671,11 @@ output = 15.0
         assert_eq!(rates("gpt-4o-realtime-preview-2025-06-03"), (5.0, 20.0));
         assert_eq!(rates("gpt-4o-mini-realtime-preview-2024-12-17"), (0.6, 2.4));
         assert!(!book.knows("openai", "gpt-realtime-9"));
-        // Billed by the minute: not the speech model's tokens.
-        assert!(!book.knows("openai", "gpt-realtime-whisper"));
+        // Billed by the minute: never the speech model's tokens.
+        let whisper = book
+            .price_at("openai", "gpt-realtime-whisper", NOW)
+            .unwrap();
+        assert_eq!((whisper.input, whisper.audio_per_minute), (0.0, 0.017));
         assert!(!book.knows("openai", "gpt-realtime-translate"));
         // Gemini Live: each its own, snapshots by their family.
         let gemini = |m: &str| book.price_at("gemini", m, NOW).map(|p| (p.input, p.output));
@@ -2726,6 +2767,21 @@ output = 15.0
             .cost("gemini", "my-voice", NOW, &only_cached_audio)
             .unwrap();
         assert!(close(c, 4.0), "discounted as the text: {c}");
+        // Audio billed by its length: at the model's rate a minute; a
+        // model without one leaves the cost unknown, never 0.
+        let spoken = Usage {
+            audio_duration_ms: 90_000,
+            ..Usage::default()
+        };
+        let c = book.cost("openai", "whisper-1", NOW, &spoken).unwrap();
+        assert!(close(c, 0.009), "{c}");
+        assert_eq!(book.cost("openai", "gpt-4o-transcribe", NOW, &spoken), None);
+        assert_eq!(book.cost("openai", "no-such-model", NOW, &spoken), None);
+        let own = book_of(
+            "[[models]]\nprovider = \"openai\"\nmodel = \"whisper-1\"\ninput = 0\noutput = 0\naudio_per_minute = 0.01\n",
+        );
+        let c = own.cost("openai", "whisper-1", NOW, &spoken).unwrap();
+        assert!(close(c, 0.015), "{c}");
         // OpenAI's cached images are discounted as its text (gpt-image-1.5:
         // image input $8, cached $2).
         let only_cached_images = Usage {
@@ -3043,6 +3099,7 @@ output = 15.0
             image_output: None,
             cached_audio_input: None,
             cached_image_input: None,
+            audio_per_minute: None,
         };
         let check = |m: ModelPrice| {
             PricingConfig {
@@ -3177,6 +3234,7 @@ output = 15.0
                     image_output_tokens: 0,
                     cached_audio_input_tokens: 0,
                     cached_image_input_tokens: 0,
+                    audio_duration_ms: 0,
                 }
             })
     }
@@ -3200,6 +3258,7 @@ output = 15.0
             web_search_preview: 0.0,
             modal: [ModalRate::Times(1.0); 4],
             cached_modal: [ModalRate::Times(1.0); 2],
+            audio_per_minute: 0.0,
         })
     }
 
@@ -3220,6 +3279,7 @@ output = 15.0
             image_output_tokens: 0,
             cached_audio_input_tokens: 0,
             cached_image_input_tokens: 0,
+            audio_duration_ms: 0,
         }
     }
 

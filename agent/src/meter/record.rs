@@ -59,6 +59,13 @@ pub struct Usage {
     pub cached_audio_input_tokens: u64,
     #[serde(default)]
     pub cached_image_input_tokens: u64,
+    /// Audio billed by its length, in milliseconds: a transcription that
+    /// reports `usage: {"type": "duration", "seconds": …}` (`whisper-1`
+    /// over HTTP, a Realtime session's minute-billed transcription model).
+    /// Priced at the model's `audio_per_minute`. Not a ledger column (the
+    /// row's `cost_usd` holds its price); the audit log has it.
+    #[serde(default)]
+    pub audio_duration_ms: u64,
 }
 
 impl Usage {
@@ -120,6 +127,7 @@ impl Usage {
                 self.cached_image_input_tokens,
                 other.cached_image_input_tokens,
             ),
+            audio_duration_ms: f(self.audio_duration_ms, other.audio_duration_ms),
         }
     }
 }

@@ -321,6 +321,7 @@ impl Raw {
             image_output_tokens: 0,
             cached_audio_input_tokens: 0,
             cached_image_input_tokens: 0,
+            audio_duration_ms: 0,
         })
     }
 }
@@ -1084,6 +1085,7 @@ mod tests {
                 image_output_tokens: 0,
                 cached_audio_input_tokens: 0,
                 cached_image_input_tokens: 0,
+                audio_duration_ms: 0,
             }
         );
         assert_eq!(

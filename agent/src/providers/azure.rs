@@ -261,6 +261,7 @@ mod tests {
                 image_output_tokens: 0,
                 cached_audio_input_tokens: 0,
                 cached_image_input_tokens: 0,
+                audio_duration_ms: 0,
             })
         );
         assert_eq!(p.response_model.as_deref(), Some("gpt-4o-2024-11-20"));

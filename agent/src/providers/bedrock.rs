@@ -214,6 +214,7 @@ fn usage(input: u64, output: u64, cache_read: u64, cache_write: u64) -> Usage {
         image_output_tokens: 0,
         cached_audio_input_tokens: 0,
         cached_image_input_tokens: 0,
+        audio_duration_ms: 0,
     }
 }
 
@@ -741,6 +742,7 @@ mod tests {
                 image_output_tokens: 0,
                 cached_audio_input_tokens: 0,
                 cached_image_input_tokens: 0,
+                audio_duration_ms: 0,
             })
         );
     }
@@ -809,6 +811,7 @@ mod tests {
                 image_output_tokens: 0,
                 cached_audio_input_tokens: 0,
                 cached_image_input_tokens: 0,
+                audio_duration_ms: 0,
             })
         );
         assert_eq!(p.output_text, "Hello, ünïcødé world.");
@@ -834,6 +837,7 @@ mod tests {
                 image_output_tokens: 0,
                 cached_audio_input_tokens: 0,
                 cached_image_input_tokens: 0,
+                audio_duration_ms: 0,
             })
         );
         assert_eq!(
@@ -1067,6 +1071,7 @@ mod tests {
                 image_output_tokens: 0,
                 cached_audio_input_tokens: 0,
                 cached_image_input_tokens: 0,
+                audio_duration_ms: 0,
             })
         );
         assert_eq!(
@@ -1102,6 +1107,7 @@ mod tests {
                 image_output_tokens: 0,
                 cached_audio_input_tokens: 0,
                 cached_image_input_tokens: 0,
+                audio_duration_ms: 0,
             })
         );
         assert_eq!(p.output_text, "Hello world");

@@ -481,6 +481,7 @@ fn interaction_usage(u: &Value) -> Option<Usage> {
         image_output_tokens: 0,
         cached_audio_input_tokens: 0,
         cached_image_input_tokens: 0,
+        audio_duration_ms: 0,
     })
 }
 
@@ -865,6 +866,8 @@ pub fn usage_from(m: &Value) -> Option<Usage> {
         cached_audio_input_tokens: cached_audio,
         cached_image_input_tokens: by_modality("cacheTokensDetails", "IMAGE")
             .min(cached - cached_audio),
+
+        audio_duration_ms: 0,
     })
 }
 
@@ -2296,6 +2299,7 @@ mod tests {
                 image_output_tokens: 0,
                 cached_audio_input_tokens: 0,
                 cached_image_input_tokens: 0,
+                audio_duration_ms: 0,
             })
         );
         assert_eq!(p.response_model.as_deref(), Some("gemini-2.5-flash"));
@@ -2340,6 +2344,7 @@ mod tests {
                 image_output_tokens: 0,
                 cached_audio_input_tokens: 0,
                 cached_image_input_tokens: 0,
+                audio_duration_ms: 0,
             })
         );
         assert_eq!(p.response_model.as_deref(), Some("gemini-2.5-flash"));

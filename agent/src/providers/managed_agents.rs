@@ -118,6 +118,7 @@ fn usage_of(u: &Value) -> Option<Usage> {
         image_output_tokens: 0,
         cached_audio_input_tokens: 0,
         cached_image_input_tokens: 0,
+        audio_duration_ms: 0,
     })
 }
 

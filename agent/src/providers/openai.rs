@@ -653,6 +653,9 @@ pub struct WireUsage {
     /// DeepSeek's cache reads, beside (or instead of) the OpenAI-shaped
     /// `prompt_tokens_details.cached_tokens`.
     prompt_cache_hit_tokens: Count,
+    /// A transcription billed by the second (`"type": "duration"`): its
+    /// length.
+    seconds: Option<Value>,
 }
 
 #[derive(serde::Deserialize, Default, Debug)]
@@ -695,7 +698,18 @@ impl WireUsage {
         let detail = |d: &ObjectOr<WireDetails>, f: fn(&WireDetails) -> Count| {
             d.0.as_ref().and_then(|d| f(d).0)
         };
-        let input = self.prompt_tokens.0.or(self.input_tokens.0)?;
+        let Some(input) = self.prompt_tokens.0.or(self.input_tokens.0) else {
+            // Billed by the second: the length, and no tokens.
+            let s = self
+                .seconds
+                .as_ref()?
+                .as_f64()
+                .filter(|s| s.is_finite() && *s >= 0.0)?;
+            return Some(Usage {
+                audio_duration_ms: (s * 1000.0).round().min(u64::MAX as f64) as u64,
+                ..Usage::default()
+            });
+        };
         let mut output = self
             .completion_tokens
             .0
@@ -788,6 +802,7 @@ impl WireUsage {
             image_output_tokens: of_output(|d| d.image_tokens).min(spoken - audio_out),
             cached_audio_input_tokens: cached_audio,
             cached_image_input_tokens: cached_image,
+            audio_duration_ms: 0,
         })
     }
 }
@@ -1679,6 +1694,32 @@ mod tests {
         assert_eq!((u.audio_input_tokens, u.audio_output_tokens), (5, 0));
     }
 
+    /// A transcription billed by the second (`whisper-1`) reports its
+    /// length: read as such, with no tokens; a length that is no number
+    /// is no usage.
+    #[test]
+    fn a_transcription_billed_by_the_second_reports_its_length() {
+        use crate::providers::testing::parse_split;
+        let info = RequestInfo {
+            operation: "audio",
+            metered: true,
+            ..Default::default()
+        };
+        let body = br#"{"text":"hello there","usage":{"type":"duration","seconds":90.25}}"#;
+        let u = parse_split(&OpenAi, &info, "application/json", body, &[20])
+            .usage
+            .expect("usage");
+        assert_eq!(
+            (u.audio_duration_ms, u.input_tokens, u.output_tokens),
+            (90_250, 0, 0)
+        );
+        for bad in [r#""x""#, "-1", "null"] {
+            let v: Value =
+                serde_json::from_str(&format!(r#"{{"type":"duration","seconds":{bad}}}"#)).unwrap();
+            assert_eq!(usage_from(&v), None, "{bad}");
+        }
+    }
+
     /// An image's usage is read from the answer's end, wherever the
     /// pieces are cut, and over base64 longer than the tail kept; a
     /// multipart form's field is found before or after the file.
@@ -1930,6 +1971,7 @@ event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{
                 image_output_tokens: 0,
                 cached_audio_input_tokens: 0,
                 cached_image_input_tokens: 0,
+                audio_duration_ms: 0,
             })
         );
         assert_eq!(p.response_model.as_deref(), Some("gpt-4o-mini-2024-07-18"));
@@ -2050,6 +2092,7 @@ event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{
                 image_output_tokens: 0,
                 cached_audio_input_tokens: 0,
                 cached_image_input_tokens: 0,
+                audio_duration_ms: 0,
             }
         );
         let s = parse(

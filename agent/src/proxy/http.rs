@@ -1423,13 +1423,9 @@ impl WsMeter {
                 };
                 let mut draft = self.draft_of("audio", self.transcription_model.clone(), None);
                 draft.status = 200;
-                let by_time =
-                    usage.get("type").and_then(serde_json::Value::as_str) == Some("duration");
-                // Billed by the second: no tokens, and no error.
-                draft.info.not_token_priced |= by_time;
+                // Tokens, or the length of audio billed by the second.
                 let parsed = ParsedUsage {
-                    usage: crate::providers::openai::usage_from(usage)
-                        .or_else(|| by_time.then(crate::meter::record::Usage::default)),
+                    usage: crate::providers::openai::usage_from(usage),
                     ..ParsedUsage::default()
                 };
                 draft.emit(parsed, None);
@@ -4779,7 +4775,7 @@ mod tests {
 
     /// A transcription session (`?intent=transcription`) names its model
     /// in `transcription_session.*` events; a transcription billed by the
-    /// second is a row with no tokens, no price and no error.
+    /// second is a row with no tokens and no error, priced by its length.
     #[test]
     fn realtime_transcription_sessions_name_their_model() {
         let (mut meter, keep, _dir) = rt_meter(None);
@@ -4818,7 +4814,10 @@ mod tests {
         );
         let records = keep.0.lock().unwrap();
         assert!(records[0].cost_usd.is_some_and(|c| c > 0.0));
-        assert_eq!(records[1].cost_usd, None);
+        // whisper-1: $0.006 a minute.
+        assert_eq!(records[1].usage.audio_duration_ms, 2500);
+        let c = records[1].cost_usd.expect("priced by the minute");
+        assert!((c - 2.5 / 60.0 * 0.006).abs() < 1e-12, "{c}");
         assert!(
             records
                 .iter()

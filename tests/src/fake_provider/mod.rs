@@ -330,9 +330,12 @@ async fn handle(
         Err(_) => return Ok(json_response(400, json!({"error":{"message":"bad body"}}))),
     };
     counts.requests.fetch_add(1, Ordering::SeqCst);
-    // (A file upload is multipart, not JSON.)
+    // (A file upload is multipart, not JSON; so is a transcription.)
     if let Some(answer) = batches::answer(&method, &path, &sni, Some(&body)) {
         return Ok(answer);
+    }
+    if path.ends_with("/audio/transcriptions") {
+        return Ok(openai::transcription(&body, &sni, &path, &log));
     }
     let Ok(body) = serde_json::from_slice::<Value>(&body) else {
         return Ok(json_response(

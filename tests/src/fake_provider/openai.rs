@@ -1,8 +1,8 @@
 //! The fake's OpenAI chat completions (JSON and SSE, with and without
 //! `stream_options.include_usage`), the Responses API (`POST …/responses`,
 //! JSON and SSE, with the `web_search` and `web_search_preview` tools
-//! searching), and its background mode over HTTP (`background: true`,
-//! then `background`'s retrievals).
+//! searching), its background mode over HTTP (`background: true`, then
+//! `background`'s retrievals), and transcriptions (multipart forms).
 
 use serde_json::{Value, json};
 
@@ -390,4 +390,42 @@ pub(crate) async fn handle(call: Call) -> hyper::Response<Body> {
         sse(events),
         call.delay(),
     )
+}
+
+/// `POST …/audio/transcriptions` (a multipart form): `whisper-1` is billed
+/// by the second (`usage` of type `duration`: 2.5 s), any other model by
+/// its tokens (38 of audio and 2 of prompt text in, 6 out), logged as
+/// reported.
+pub(crate) fn transcription(
+    body: &[u8],
+    sni: &str,
+    path: &str,
+    log: &super::Log,
+) -> hyper::Response<Body> {
+    let text = String::from_utf8_lossy(body);
+    let model = text
+        .split("name=\"model\"")
+        .nth(1)
+        .and_then(|rest| rest.trim_start_matches(['\r', '\n']).split("\r\n").next())
+        .unwrap_or("")
+        .to_string();
+    let by_time = model == "whisper-1";
+    log.lock().unwrap().push(Reported {
+        api: "openai",
+        sni: sni.to_string(),
+        path: path.to_string(),
+        model: model.clone(),
+        input_tokens: if by_time { 0 } else { 40 },
+        output_tokens: if by_time { 0 } else { 6 },
+        audio_input_tokens: if by_time { 0 } else { 38 },
+        usage_sent: true,
+        ..Reported::default()
+    });
+    let usage = if by_time {
+        json!({"type": "duration", "seconds": 2.5})
+    } else {
+        json!({"type": "tokens", "input_tokens": 40, "output_tokens": 6, "total_tokens": 46,
+            "input_token_details": {"audio_tokens": 38, "text_tokens": 2}})
+    };
+    json_response(200, json!({"text": "hello from the fake", "usage": usage}))
 }
