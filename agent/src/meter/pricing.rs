@@ -500,8 +500,9 @@ pub struct Price {
     /// they follow those as cache reads do; or, where the text rate is 0,
     /// rates of their own.
     pub modal: [ModalRate; 4],
-    /// USD per minute of audio billed by its length (0: none).
-    pub audio_per_minute: f64,
+    /// USD per minute of audio billed by its length, when the model is
+    /// billed so (`Some(0.0)`: free).
+    pub audio_per_minute: Option<f64>,
     /// The rates of audio and image cache reads: multiples of the cache
     /// read rate in force, or, where that is 0, rates of their own. By
     /// default the same multiples of it as the audio and image input rates
@@ -632,7 +633,7 @@ impl Price {
             web_search_preview: self.web_search_preview,
             modal: self.modal.map(|m| m.times(f)),
             cached_modal: self.cached_modal.map(|m| m.times(f)),
-            audio_per_minute: self.audio_per_minute * f,
+            audio_per_minute: self.audio_per_minute.map(|r| r * f),
         }
     }
 }
@@ -754,10 +755,7 @@ impl Price {
                 [0, 1, 2, 3].map(|i| own[i].unwrap_or(from[i]))
             },
             cached_modal: [ModalRate::Times(1.0); 2],
-            audio_per_minute: m
-                .audio_per_minute
-                .or(base.map(|b| b.audio_per_minute))
-                .unwrap_or(0.0),
+            audio_per_minute: m.audio_per_minute.or(base.and_then(|b| b.audio_per_minute)),
         };
         let own = [m.cached_audio_input, m.cached_image_input]
             .map(|r| r.map(|r| ModalRate::of(r, p.cached_input)));
@@ -871,13 +869,23 @@ impl Price {
 
     /// The fee for audio billed by its length.
     pub fn duration_fee(&self, u: &Usage) -> f64 {
-        u.audio_duration_ms as f64 / 60_000.0 * self.audio_per_minute
+        u.audio_duration_ms as f64 / 60_000.0 * self.audio_per_minute.unwrap_or(0.0)
     }
 
-    /// `u` has audio billed by its length and this price has no rate for
-    /// it: its cost is unknown, not 0.
-    pub fn lacks_duration_rate(&self, u: &Usage) -> bool {
-        u.audio_duration_ms > 0 && self.audio_per_minute <= 0.0
+    /// This price cannot give `u`'s cost (unknown, not 0): `u` has audio
+    /// billed by its length and the model no rate for it, or the model is
+    /// billed by the minute alone (no token rates) and `u` reports no
+    /// length (a transcription answered as plain text, with no usage).
+    pub fn cannot_price(&self, u: &Usage) -> bool {
+        match self.audio_per_minute {
+            None => u.audio_duration_ms > 0,
+            Some(_) => {
+                let by_minute_alone = [self.input, self.output, self.cached_input]
+                    .iter()
+                    .all(|r| *r == 0.0);
+                by_minute_alone && u.audio_duration_ms == 0
+            }
+        }
     }
 
     /// [`Price::cost`] without the web searches' fee.
@@ -965,6 +973,12 @@ impl Price {
         self.token_cost_of_many(m) + self.search_fee_of_many(m)
     }
 
+    /// [`Price::cannot_price`] for any of many requests.
+    fn cannot_price_many(&self, m: &ManyRequests) -> bool {
+        (m.short != Usage::default() && self.cannot_price(&m.short))
+            || m.long.iter().any(|u| self.cannot_price(u))
+    }
+
     fn token_cost_of_many(&self, m: &ManyRequests) -> f64 {
         let short = Price {
             long: None,
@@ -974,7 +988,8 @@ impl Price {
     }
 
     fn search_fee_of_many(&self, m: &ManyRequests) -> f64 {
-        self.search_fee(&m.short) + m.long.iter().map(|u| self.search_fee(u)).sum::<f64>()
+        let fees = |u: &Usage| self.search_fee(u) + self.duration_fee(u);
+        fees(&m.short) + m.long.iter().map(fees).sum::<f64>()
     }
 }
 
@@ -1207,7 +1222,7 @@ impl PriceBook {
         usage: &Usage,
     ) -> Option<f64> {
         self.price_at(provider, model, started_at_ms)
-            .filter(|p| !p.lacks_duration_rate(usage))
+            .filter(|p| !p.cannot_price(usage))
             .map(|p| p.cost(usage))
     }
 
@@ -1223,10 +1238,9 @@ impl PriceBook {
         usage: &Usage,
         serving: Serving<'_>,
     ) -> Option<Cost> {
-        if usage.audio_duration_ms > 0
-            && self
-                .price_of_any_at(provider, models, started_at_ms)
-                .is_none_or(|p| p.lacks_duration_rate(usage))
+        if self
+            .price_of_any_at(provider, models, started_at_ms)
+            .is_some_and(|p| p.cannot_price(usage))
         {
             return None;
         }
@@ -1248,6 +1262,12 @@ impl PriceBook {
         many: &ManyRequests,
         serving: Serving<'_>,
     ) -> Option<Cost> {
+        if self
+            .price_of_any_at(provider, models, started_at_ms)
+            .is_some_and(|p| p.cannot_price_many(many))
+        {
+            return None;
+        }
         self.cost_with(provider, models, started_at_ms, serving, |p| {
             (p.token_cost_of_many(many), p.search_fee_of_many(many))
         })
@@ -2675,7 +2695,10 @@ output = 15.0
         let whisper = book
             .price_at("openai", "gpt-realtime-whisper", NOW)
             .unwrap();
-        assert_eq!((whisper.input, whisper.audio_per_minute), (0.0, 0.017));
+        assert_eq!(
+            (whisper.input, whisper.audio_per_minute),
+            (0.0, Some(0.017))
+        );
         assert!(!book.knows("openai", "gpt-realtime-translate"));
         // Gemini Live: each its own, snapshots by their family.
         let gemini = |m: &str| book.price_at("gemini", m, NOW).map(|p| (p.input, p.output));
@@ -2782,6 +2805,35 @@ output = 15.0
         );
         let c = own.cost("openai", "whisper-1", NOW, &spoken).unwrap();
         assert!(close(c, 0.015), "{c}");
+        // A model billed by the minute alone, answered with no length (a
+        // transcription as plain text): unknown too, not 0.
+        assert_eq!(book.cost("openai", "whisper-1", NOW, &Usage::default()), None);
+        let serving = Serving::default();
+        assert_eq!(
+            book.cost_of_any("openai", &["whisper-1"], NOW, &Usage::default(), serving),
+            None
+        );
+        // Free where the config says so.
+        let free = book_of(
+            "[[models]]\nprovider = \"openai\"\nmodel = \"whisper-1\"\ninput = 0\noutput = 0\naudio_per_minute = 0\n",
+        );
+        assert_eq!(free.cost("openai", "whisper-1", NOW, &spoken), Some(0.0));
+        // Many together: the fee of each length, or unknown.
+        let many = ManyRequests {
+            short: Usage {
+                audio_duration_ms: 120_000,
+                ..Usage::default()
+            },
+            long: Vec::new(),
+        };
+        let c = book
+            .cost_of_many("openai", &["whisper-1"], NOW, &many, serving)
+            .expect("priced");
+        assert!(close(c.usd, 0.012), "{}", c.usd);
+        assert_eq!(
+            book.cost_of_many("openai", &["gpt-4o-transcribe"], NOW, &many, serving),
+            None
+        );
         // OpenAI's cached images are discounted as its text (gpt-image-1.5:
         // image input $8, cached $2).
         let only_cached_images = Usage {
@@ -3258,7 +3310,7 @@ output = 15.0
             web_search_preview: 0.0,
             modal: [ModalRate::Times(1.0); 4],
             cached_modal: [ModalRate::Times(1.0); 2],
-            audio_per_minute: 0.0,
+            audio_per_minute: None,
         })
     }
 

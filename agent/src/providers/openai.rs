@@ -699,14 +699,15 @@ impl WireUsage {
             d.0.as_ref().and_then(|d| f(d).0)
         };
         let Some(input) = self.prompt_tokens.0.or(self.input_tokens.0) else {
-            // Billed by the second: the length, and no tokens.
+            // Billed by the second: the length (up to a day: more is no
+            // length a request has), and no tokens.
             let s = self
                 .seconds
                 .as_ref()?
                 .as_f64()
-                .filter(|s| s.is_finite() && *s >= 0.0)?;
+                .filter(|s| (0.0..=86_400.0).contains(s))?;
             return Some(Usage {
-                audio_duration_ms: (s * 1000.0).round().min(u64::MAX as f64) as u64,
+                audio_duration_ms: (s * 1000.0).ceil() as u64,
                 ..Usage::default()
             });
         };
@@ -1713,7 +1714,7 @@ mod tests {
             (u.audio_duration_ms, u.input_tokens, u.output_tokens),
             (90_250, 0, 0)
         );
-        for bad in [r#""x""#, "-1", "null"] {
+        for bad in [r#""x""#, "-1", "null", "1e300"] {
             let v: Value =
                 serde_json::from_str(&format!(r#"{{"type":"duration","seconds":{bad}}}"#)).unwrap();
             assert_eq!(usage_from(&v), None, "{bad}");

@@ -2171,7 +2171,9 @@ impl Draft {
             && usage.output_tokens == 0
             && !counts_unknown;
         let cost_usd = cost.map(|c| c.usd).or_else(|| bills_nothing.then_some(0.0));
-        if cost_usd.is_none() && (usage.input_tokens > 0 || usage.output_tokens > 0) {
+        if cost_usd.is_none()
+            && (usage.input_tokens > 0 || usage.output_tokens > 0 || usage.audio_duration_ms > 0)
+        {
             self.ctx
                 .state
                 .stats
