@@ -1238,17 +1238,13 @@ impl PriceBook {
         usage: &Usage,
         serving: Serving<'_>,
     ) -> Option<Cost> {
-        if self
-            .price_of_any_at(provider, models, started_at_ms)
-            .is_some_and(|p| p.cannot_price(usage))
-        {
-            return None;
-        }
         self.cost_with(provider, models, started_at_ms, serving, |p| {
-            (
-                p.token_cost(usage),
-                p.search_fee(usage) + p.duration_fee(usage),
-            )
+            (!p.cannot_price(usage)).then(|| {
+                (
+                    p.token_cost(usage),
+                    p.search_fee(usage) + p.duration_fee(usage),
+                )
+            })
         })
     }
 
@@ -1262,14 +1258,9 @@ impl PriceBook {
         many: &ManyRequests,
         serving: Serving<'_>,
     ) -> Option<Cost> {
-        if self
-            .price_of_any_at(provider, models, started_at_ms)
-            .is_some_and(|p| p.cannot_price_many(many))
-        {
-            return None;
-        }
         self.cost_with(provider, models, started_at_ms, serving, |p| {
-            (p.token_cost_of_many(many), p.search_fee_of_many(many))
+            (!p.cannot_price_many(many))
+                .then(|| (p.token_cost_of_many(many), p.search_fee_of_many(many)))
         })
     }
 
@@ -1279,13 +1270,14 @@ impl PriceBook {
         models: &[&str],
         started_at_ms: i64,
         serving: Serving<'_>,
-        cost: impl Fn(&Price) -> (f64, f64),
+        cost: impl Fn(&Price) -> Option<(f64, f64)>,
     ) -> Option<Cost> {
         let p = self.price_of_any_at(provider, models, started_at_ms)?;
-        // The tokens, and the web searches' fee.
+        // The tokens, and the fees (web searches, audio by the minute);
+        // none when this price cannot give the cost.
         let ((usd, fee), tier_unpriced) = match p.in_tier(serving.tier) {
-            Some(t) => (cost(&t), false),
-            None => (cost(&p), true),
+            Some(t) => (cost(&t)?, false),
+            None => (cost(&p)?, true),
         };
         let mut regional = 1.0;
         if serving.bedrock_regional {
@@ -2807,7 +2799,10 @@ output = 15.0
         assert!(close(c, 0.015), "{c}");
         // A model billed by the minute alone, answered with no length (a
         // transcription as plain text): unknown too, not 0.
-        assert_eq!(book.cost("openai", "whisper-1", NOW, &Usage::default()), None);
+        assert_eq!(
+            book.cost("openai", "whisper-1", NOW, &Usage::default()),
+            None
+        );
         let serving = Serving::default();
         assert_eq!(
             book.cost_of_any("openai", &["whisper-1"], NOW, &Usage::default(), serving),
