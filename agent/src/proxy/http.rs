@@ -1,6 +1,16 @@
 //! The HTTP side of an intercepted connection: read the request (bounded),
 //! let the adapter classify it, forward it upstream, and meter the response
-//! as it streams back.
+//! as it streams back; and the WebSockets a job opens to a provider,
+//! joined to the provider's and metered as they pass where the API is one
+//! tollgate reads (the Responses API's WebSocket mode, the OpenAI Realtime
+//! API, Gemini Live; see [`WsMeter`]).
+//!
+//! Must never: hold back, reorder or change what the provider sends beyond
+//! what metering needs and the client cannot tell (a stream's
+//! `include_usage` splice, taken out again before the client sees it; a
+//! metered WebSocket's `permessage-deflate` offer), forward a request to
+//! another host than the one its TLS handshake named, or lose a record:
+//! a request that ends without an answer is recorded with why.
 
 use std::convert::Infallible;
 use std::pin::Pin;
