@@ -1016,36 +1016,8 @@ mod tests {
                 Some("the client certificate shown was refused"),
             ),
         ];
-        for (ca_file, identity, want) in cases {
-            let r = otlp(ca_file.map(|p| file(p, "export.otlp.ca_file")), identity);
-            let got = tokio::task::spawn_blocking(move || {
-                probe(
-                    &r,
-                    &HostStore::Process,
-                    addr,
-                    Duration::from_secs(5),
-                    Duration::from_secs(2),
-                )
-            })
-            .await
-            .expect("probe");
-            match (want, got) {
-                (None, Ok(())) => {}
-                (Some(w), Err(e)) => assert!(e.contains(w), "want {w:?}: {e}"),
-                (want, got) => panic!("want {want:?}, got {got:?}"),
-            }
-        }
-        // Without a CA file, the host's store as the service would find it
-        // (its SSL_CERT_FILE), not this process's.
-        for (bundle, want) in [
-            (&ca_p, None),
-            (&other_ca, Some("is not trusted by the host's CA store")),
-        ] {
-            let r = otlp(None, pair(&cert_p, &key_p));
-            let store = HostStore::Given {
-                file: Some(bundle.clone()),
-                dir: None,
-            };
+        // A probe of `addr`, and whether it failed as `want` says.
+        let expect = |r, store, want: Option<&'static str>| async move {
             let got = tokio::task::spawn_blocking(move || {
                 probe(
                     &r,
@@ -1062,6 +1034,22 @@ mod tests {
                 (Some(w), Err(e)) => assert!(e.contains(w), "want {w:?}: {e}"),
                 (want, got) => panic!("want {want:?}, got {got:?}"),
             }
+        };
+        for (ca_file, identity, want) in cases {
+            let r = otlp(ca_file.map(|p| file(p, "export.otlp.ca_file")), identity);
+            expect(r, HostStore::Process, want).await;
+        }
+        // Without a CA file, the host's store as the service would find it
+        // (its SSL_CERT_FILE), not this process's.
+        for (bundle, want) in [
+            (&ca_p, None),
+            (&other_ca, Some("is not trusted by the host's CA store")),
+        ] {
+            let store = HostStore::Given {
+                file: Some(bundle.clone()),
+                dir: None,
+            };
+            expect(otlp(None, pair(&cert_p, &key_p)), store, want).await;
         }
     }
 

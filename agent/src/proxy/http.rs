@@ -603,8 +603,9 @@ struct WsMeter {
     ctx: Arc<ConnCtx>,
     path: String,
     api: WsApi,
-    /// Realtime: the model (or Azure deployment) the handshake named, the
-    /// records' request model.
+    /// The records' request model: on a Realtime socket the model (or
+    /// Azure deployment) the handshake named, on a Gemini Live one the
+    /// model its `setup` named.
     url_model: Option<String>,
     /// Realtime: the model `session.created` and `session.updated` name,
     /// the records' response model (the request model of a socket whose
@@ -613,9 +614,9 @@ struct WsMeter {
     /// Realtime: the model transcribing the job's audio, when the session
     /// has one.
     transcription_model: Option<String>,
-    /// Gemini Live: the last `usageMetadata` recorded, to tell a repeat of
-    /// it from the next turn's.
-    last_live_usage: Option<serde_json::Value>,
+    /// Gemini Live: the last turn's counts recorded, to tell a repeat of
+    /// its `usageMetadata` from the next turn's.
+    last_live_usage: Option<crate::meter::record::Usage>,
     /// Gemini Live: the job's `setup` went by.
     setup_seen: bool,
     client: super::websocket::FrameReader,
@@ -1303,40 +1304,47 @@ impl WsMeter {
                 .as_ref()
                 .is_some_and(|c| c.model_turn.is_some());
         if output && !self.open.contains_key(TURN) {
-            let mut draft = self.draft(self.url_model.clone(), None);
-            // Answered: if it never ends, its cost is unknown, not 0.
-            draft.status = 200;
-            self.open.insert(
-                TURN.to_string(),
-                WsOpen {
-                    draft,
-                    lane: None,
-                    text: String::new(),
-                },
-            );
+            self.open_answered(TURN.to_string(), self.url_model.clone());
         }
-        let Some(raw) = m.usage_metadata else {
-            return;
-        };
         // A usage with no counts (Vertex's `trafficType` alone) ends no
         // turn.
-        let Some(counts) = crate::providers::gemini::usage_from(&raw) else {
+        let Some(usage) = m
+            .usage_metadata
+            .as_ref()
+            .and_then(crate::providers::gemini::usage_from)
+        else {
             return;
         };
-        let usage = raw;
         let open = self.open.remove(TURN);
-        if open.is_none() && self.last_live_usage.as_ref() == Some(&usage) {
+        if open.is_none() && self.last_live_usage == Some(usage) {
             debug!("a Gemini Live usage repeated: counted once");
             return;
         }
         let mut draft = open.map_or_else(|| self.draft(self.url_model.clone(), None), |o| o.draft);
         draft.status = 200;
+        self.last_live_usage = Some(usage);
         let parsed = ParsedUsage {
-            usage: Some(counts),
+            usage: Some(usage),
             ..ParsedUsage::default()
         };
-        self.last_live_usage = Some(usage);
         draft.emit(parsed, None);
+    }
+
+    /// A response (Realtime) or turn (Gemini Live) the provider started,
+    /// open under `key` until its usage ends it. Answered: if it never
+    /// ends, its cost is unknown (its tokens are sound, not estimated),
+    /// not 0.
+    fn open_answered(&mut self, key: String, model: Option<String>) {
+        let mut draft = self.draft(model, None);
+        draft.status = 200;
+        self.open.insert(
+            key,
+            WsOpen {
+                draft,
+                lane: None,
+                text: String::new(),
+            },
+        );
     }
 
     /// A Realtime response's request model.
@@ -1381,18 +1389,7 @@ impl WsMeter {
                 if self.open.contains_key(&id) || self.open.len() >= WS_MAX_OPEN {
                     return;
                 }
-                let mut draft = self.draft(self.realtime_model(), None);
-                // Answered: if it never ends, its cost is unknown (its
-                // tokens are sound, not estimated), not 0.
-                draft.status = 200;
-                self.open.insert(
-                    id,
-                    WsOpen {
-                        draft,
-                        lane: None,
-                        text: String::new(),
-                    },
-                );
+                self.open_answered(id, self.realtime_model());
             }
             Some("response.done") => {
                 let (mut draft, streamed) = match id.as_ref().and_then(|id| self.open.remove(id)) {
